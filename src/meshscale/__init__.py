@@ -1,0 +1,3 @@
+"""meshscale: a decentralized compute mesh."""
+
+__version__ = "0.1.0"
