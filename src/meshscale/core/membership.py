@@ -1,0 +1,1151 @@
+"""Membership and failure detection: SWIM with the Lifeguard refinements.
+
+Papers: Das, Gupta and Motivala, "SWIM: Scalable Weakly-consistent Infection-style
+Process Group Membership Protocol" (DSN 2002), and Dadgar, Phillips and Currey,
+"Lifeguard: Local Health Awareness for More Accurate Failure Detection" (2017), as
+realised in HashiCorp memberlist.
+
+Each period a node probes one member, chosen in random-order round robin. No ack within
+the probe timeout -> it asks k other members to probe indirectly (they answer with a nack
+when they could not reach the target either). No ack by the end of the period -> the
+member is *suspected*; a suspected member that does not refute (by gossiping a higher
+incarnation) before its suspicion timeout is declared *dead*. Membership changes ride on
+every probe and ack and on a faster gossip round, each retransmitted ~ mult * log10(N)
+times; a periodic push/pull of full state with one random member repairs what gossip
+missed.
+
+Lifeguard adds: a local health multiplier (a node whose own probes fail, or which is
+refuted, stretches its probe interval and timeout instead of accusing others); a
+suspicion timeout that starts at ``max`` and shrinks towards ``min`` with each
+independent confirmation; nacks, so a prober can tell "target is gone" from "I am
+slow"; and the buddy system (a suspected member is told so directly when probed).
+
+Departures from memberlist, and why:
+
+- A member that receives a ping from a node it holds dead piggybacks that Dead message
+  on its ack, so a node that was paused or partitioned learns it at once and refutes,
+  rather than waiting for a push/pull.
+- Every node periodically tries a push/pull with a random dead (not left) member, as
+  Serf's reconnect does, so two sides of a healed partition find each other again.
+- No TCP fallback ping: a lossy path costs a suspicion (which is refuted), not a second
+  transport.
+
+This module is sans-I/O (see ``core/outputs.py``): it is fed datagrams, stream messages
+and timer ticks with ``now`` and hands back bytes to send and events for the layer
+above. It draws randomness only from the ``random.Random`` it is given.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from enum import IntEnum
+from typing import Annotated
+
+import msgspec
+
+from meshscale.core.outputs import Event, Output, SendDatagram, StreamRequest
+from meshscale.core.vivaldi import Coordinate, VivaldiClient, VivaldiConfig, estimate_rtt, is_valid
+from meshscale.core.wire import (
+    ENVELOPE_OVERHEAD,
+    WireError,
+    decode_envelope,
+    encode_envelope,
+)
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    """Every knob of the protocol. Defaults suit a mesh spanning a few regions with
+    inter-region RTTs up to ~200 ms; all durations are in seconds."""
+
+    probe_interval: float = 0.5
+    """Period of the probe round (SWIM's protocol period T')."""
+    probe_timeout: float = 0.25
+    """Wait for a direct ack before asking for indirect probes. Must exceed the worst
+    RTT between two members; the rest of the period is left for indirect probes."""
+    indirect_checks: int = 3
+    """k: members asked to probe a target indirectly."""
+    suspicion_mult: float = 2.0
+    """Minimum suspicion timeout = suspicion_mult * log10(N) * probe_interval."""
+    suspicion_max_mult: float = 4.0
+    """Lifeguard: a suspicion starts at suspicion_max_mult * min and shrinks to min as
+    independent confirmations arrive."""
+    suspicion_confirmations: int = 3
+    """Lifeguard's K: confirmations expected before the timeout reaches its minimum."""
+    gossip_interval: float = 0.1
+    """Period of the gossip round; a round with nothing to say sends nothing."""
+    gossip_nodes: int = 3
+    """Fan-out of the gossip round."""
+    gossip_to_dead_s: float = 30.0
+    """Keep gossiping to a member this long after it was declared dead, so a node that
+    was wrongly declared dead hears of it and refutes."""
+    retransmit_mult: int = 4
+    """Each update is sent retransmit_mult * ceil(log10(N + 1)) times."""
+    push_pull_interval: float = 30.0
+    """Full-state exchange with one random member; scaled up with log2(N) beyond 32
+    members, as memberlist does."""
+    reconnect_interval: float = 5.0
+    """Try a push/pull with one random dead (not left) member this often."""
+    reconnect_timeout: float = 3600.0
+    """Stop trying to reconnect to a member dead this long."""
+    dead_reap_s: float = 3600.0
+    """Forget a dead or left member this long after its death."""
+    join_retry_interval: float = 1.0
+    """While a node knows no live member, retry its seeds this often."""
+    join_max_attempts: int = 0
+    """Stop retrying the seeds after this many rounds (0: keep trying)."""
+    leave_propagate_s: float = 1.0
+    """After a graceful leave, how long the driver should keep the node running so the
+    leave message spreads."""
+    lifeguard: bool = True
+    """Lifeguard on (health multiplier, nacks, dynamic suspicion, buddy system) or plain
+    SWIM (fixed suspicion timeout of min)."""
+    awareness_max: int = 8
+    """Largest local health multiplier (timeouts are scaled by score + 1)."""
+    max_payload_bytes: int = 1367
+    """Largest datagram payload before sealing: a 1,400-byte datagram minus the 33
+    bytes of AES-256-GCM sealing (version, key id, nonce, tag)."""
+    max_stream_bytes: int = 8 * 1024 * 1024
+    """Largest push/pull message accepted."""
+    max_members: int = 100_000
+    """Refuse to track more members than this (a bound against hostile input)."""
+    max_pending_broadcasts: int = 4096
+    """Bound on the gossip queue; the oldest, most-retransmitted updates go first."""
+    max_meta_bytes: int = 512
+    """Bound on a node's encoded metadata, so an alive message fits in a datagram."""
+    vivaldi: VivaldiConfig = field(default_factory=VivaldiConfig)
+
+
+# --------------------------------------------------------------------------- wire
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Addr = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Inc = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class NodeMeta(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """What a node says about itself; updates propagate with a higher incarnation."""
+
+    region: str = ""
+    zone: str = ""
+    labels: dict[str, str] = {}
+    capacity: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    """Free-form service endpoints and flags (for example the HTTP address)."""
+
+
+class Ping(msgspec.Struct, tag=1, array_like=True):
+    seq: Seq
+    target: Name
+    source: Name
+    source_addr: Addr
+
+
+class IndirectPing(msgspec.Struct, tag=2, array_like=True):
+    seq: Seq
+    target: Name
+    target_addr: Addr
+    source: Name
+    source_addr: Addr
+    nack: bool
+
+
+class Ack(msgspec.Struct, tag=3, array_like=True):
+    seq: Seq
+    source: Name
+    coord: Coordinate | None = None
+
+
+class Nack(msgspec.Struct, tag=4, array_like=True):
+    seq: Seq
+
+
+class Alive(msgspec.Struct, tag=5, array_like=True):
+    node: Name
+    inc: Inc
+    addr: Addr
+    meta: NodeMeta
+
+
+class Suspect(msgspec.Struct, tag=6, array_like=True):
+    node: Name
+    inc: Inc
+    source: Name
+
+
+class Dead(msgspec.Struct, tag=7, array_like=True):
+    node: Name
+    inc: Inc
+    source: Name
+    """Equal to ``node`` when the node left gracefully."""
+
+
+class NodeState(msgspec.Struct, array_like=True):
+    name: Name
+    addr: Addr
+    inc: Inc
+    state: int
+    meta: NodeMeta
+
+
+class PushPull(msgspec.Struct, tag=8, array_like=True):
+    source: Name
+    join: bool
+    states: list[NodeState]
+
+
+GossipMessage = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead
+_gossip_decoder = msgspec.msgpack.Decoder(GossipMessage)
+_stream_decoder = msgspec.msgpack.Decoder(PushPull)
+_encode = msgspec.msgpack.encode
+
+
+class State(IntEnum):
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class MemberJoined(Event):
+    name: str
+    addr: str
+    meta: NodeMeta
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberAlive(Event):
+    """A suspected or dead member is alive again (it refuted, or came back)."""
+
+    name: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSuspect(Event):
+    name: str
+    incarnation: int
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class MemberDown(Event):
+    """A member was declared dead (failure, not a graceful leave)."""
+
+    name: str
+    incarnation: int
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class MemberLeft(Event):
+    name: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberUpdated(Event):
+    name: str
+    meta: NodeMeta
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberReaped(Event):
+    """A long-dead member was forgotten."""
+
+    name: str
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(slots=True)
+class Member:
+    name: str
+    addr: str
+    inc: int
+    state: State
+    meta: NodeMeta
+    state_since: float
+    coord: Coordinate | None = None
+
+
+def suspicion_min_timeout(config: MembershipConfig, n: int) -> float:
+    """memberlist's suspicionTimeout: grows with log10 of the mesh size."""
+    scale = max(1.0, math.log10(max(1, n)))
+    return config.suspicion_mult * scale * config.probe_interval
+
+
+def retransmit_limit(config: MembershipConfig, n: int) -> int:
+    return config.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
+
+
+def push_pull_period(config: MembershipConfig, n: int) -> float:
+    if n <= 32:
+        return config.push_pull_interval
+    mult = math.ceil(math.log2(n) - math.log2(32)) + 1
+    return mult * config.push_pull_interval
+
+
+class _Suspicion:
+    """Lifeguard's dynamic suspicion timer for one member."""
+
+    __slots__ = ("confirmations", "k", "max_s", "min_s", "start", "timer")
+
+    def __init__(self, source: str, k: int, min_s: float, max_s: float, start: float) -> None:
+        self.confirmations = {source}
+        self.k = k
+        self.min_s = min_s
+        self.max_s = max_s
+        self.start = start
+        self.timer: _Timer | None = None
+
+    def timeout(self) -> float:
+        if self.k < 1:
+            return self.min_s
+        n = len(self.confirmations) - 1
+        frac = math.log(n + 1) / math.log(self.k + 1)
+        return max(self.min_s, self.max_s - frac * (self.max_s - self.min_s))
+
+    def deadline(self) -> float:
+        return self.start + self.timeout()
+
+
+class _Timer:
+    __slots__ = ("active", "at", "fn")
+
+    def __init__(self, at: float, fn: Callable[[float], None]) -> None:
+        self.at = at
+        self.fn = fn
+        self.active = True
+
+
+class _Broadcast:
+    __slots__ = ("data", "key", "order", "transmits")
+
+    def __init__(self, key: str, data: bytes, order: int) -> None:
+        self.key = key
+        self.data = data
+        self.order = order
+        self.transmits = 0
+
+
+@dataclass(slots=True)
+class _Probe:
+    seq: int
+    target: str
+    sent: float
+    acked: bool = False
+    nacks: int = 0
+    expected_nacks: int = 0
+    timeout_timer: _Timer | None = None
+
+
+@dataclass(slots=True)
+class _Relay:
+    """An indirect probe we are carrying out for someone else."""
+
+    origin_seq: int
+    origin_addr: str
+    nack: bool
+    timer: _Timer | None = None
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+class Membership:
+    """One node's view of the mesh. Drive it as described in ``core/outputs.py``."""
+
+    def __init__(
+        self,
+        name: str,
+        addr: str,
+        meta: NodeMeta,
+        *,
+        config: MembershipConfig | None = None,
+        rng: random.Random,
+        now: float,
+        incarnation: int = 0,
+    ) -> None:
+        self.config = config or MembershipConfig()
+        self._now = now
+        self.name = name
+        self.addr = addr
+        self.rng = rng
+        self._check_meta(meta)
+        self.members: dict[str, Member] = {
+            name: Member(name, addr, incarnation, State.ALIVE, meta, now)
+        }
+        self.vivaldi = VivaldiClient(self.config.vivaldi, rng)
+        self.awareness = 0
+        self.stats: dict[str, int] = {}
+        self._outputs: list[Output] = []
+        self._timers: list[tuple[float, int, _Timer]] = []
+        self._timer_seq = 0
+        self._seq = 0
+        self._probes: dict[int, _Probe] = {}
+        self._relays: dict[int, _Relay] = {}
+        self._probe_order: list[str] = []
+        self._probe_index = 0
+        self._current_probe: _Probe | None = None
+        self._suspicions: dict[str, _Suspicion] = {}
+        self._broadcasts: dict[str, _Broadcast] = {}
+        self._broadcast_order = 0
+        self._gossip_timer: _Timer | None = None
+        self._gossip_phase = rng.uniform(0, self.config.gossip_interval)
+        self._alive_count = 1
+        self._seeds: list[str] = []
+        self._join_attempts = 0
+        self._joined = False
+        self._join_pending: set[str] = set()
+        self._left = False
+        self.left_at: float | None = None
+        self._stopped = False
+        # Stagger the first rounds so a mesh started at once does not probe in lockstep.
+        self._at(now + rng.uniform(0, self.config.probe_interval), self._probe_tick)
+        self._at(now + rng.uniform(0, self.config.push_pull_interval), self._push_pull_tick)
+        self._at(now + rng.uniform(0, self.config.reconnect_interval), self._reconnect_tick)
+        self._queue_alive(self.members[name])
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def incarnation(self) -> int:
+        return self.members[self.name].inc
+
+    @property
+    def meta(self) -> NodeMeta:
+        return self.members[self.name].meta
+
+    def alive_count(self) -> int:
+        return self._alive_count
+
+    def live_members(self) -> list[Member]:
+        """Members believed alive or suspect (including this node)."""
+        return [m for m in self.members.values() if m.state <= State.SUSPECT]
+
+    def state_of(self, name: str) -> State | None:
+        m = self.members.get(name)
+        return None if m is None else m.state
+
+    def join(self, seeds: Iterable[str], now: float) -> None:
+        """Join through seed addresses: a push/pull with each (retried while alone)."""
+        self._now = now
+        self._seeds = [s for s in seeds if s != self.addr]
+        self._join_attempts = 0
+        self._join_round(now)
+
+    def leave(self, now: float) -> None:
+        """Leave gracefully: tell the mesh, then the driver stops us after
+        ``config.leave_propagate_s``."""
+        self._now = now
+        if self._left:
+            return
+        me = self.members[self.name]
+        me.inc += 1
+        self._left = True
+        self.left_at = now
+        self._queue_broadcast(me.name, _encode(Dead(me.name, me.inc, me.name)))
+        self._gossip_now(now)
+
+    def update_meta(self, meta: NodeMeta, now: float) -> None:
+        """Change this node's metadata; spreads with a higher incarnation."""
+        self._now = now
+        self._check_meta(meta)
+        me = self.members[self.name]
+        me.meta = meta
+        me.inc += 1
+        self._queue_alive(me)
+        self._emit(MemberUpdated(me.name, meta, me.inc))
+
+    def install_view(self, members: Iterable[tuple[str, str, int, NodeMeta]], now: float) -> None:
+        """Start from an already converged view (name, addr, incarnation, meta) with
+        nothing to gossip: lets a simulator measure a 10,000-node mesh's failure
+        detection without first simulating 10,000 joins."""
+        self._now = now
+        for name, addr, inc, meta in members:
+            if name != self.name and name not in self.members:
+                self._add_member(Alive(name, inc, addr, meta), now)
+                self._set_state(self.members[name], State.ALIVE, now)
+        self._broadcasts.clear()
+        self._joined = True
+
+    def coordinate(self) -> Coordinate:
+        return self.vivaldi.coordinate
+
+    def estimate_rtt_to(self, name: str) -> float | None:
+        m = self.members.get(name)
+        if name == self.name:
+            return 0.0
+        if m is None or m.coord is None:
+            return None
+        return estimate_rtt(self.vivaldi.coordinate, m.coord)
+
+    def health_score(self) -> int:
+        return self.awareness
+
+    # ------------------------------------------------------------------ driver contract
+
+    def drain(self) -> list[Output]:
+        out = self._outputs
+        self._outputs = []
+        return out
+
+    def next_deadline(self) -> float | None:
+        timers = self._timers
+        while timers and not timers[0][2].active:
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
+
+    def on_timer(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, timer = heapq.heappop(timers)
+            if timer.active:
+                timer.active = False
+                self._now = now
+                timer.fn(now)
+
+    def handle_datagram(self, src: str, payload: bytes, now: float) -> None:
+        self._now = now
+        try:
+            raws = decode_envelope(payload, self.config.max_payload_bytes)
+        except WireError as exc:
+            self._count("rejected." + exc.reason)
+            return
+        self._count_n("bytes_in", len(payload))
+        self._count("packets_in")
+        for raw in raws:
+            try:
+                msg = _gossip_decoder.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self._count("rejected.malformed")
+                continue
+            self._dispatch(msg, src, now)
+
+    def handle_stream(self, src: str, payload: bytes, now: float) -> bytes | None:
+        self._now = now
+        msg = self._decode_stream(payload)
+        if msg is None:
+            return None
+        self._merge_remote(msg, now)
+        if msg.join:
+            self._count("joins_served")
+        return _encode(PushPull(self.name, False, self._snapshot()))
+
+    def handle_stream_reply(self, src: str, payload: bytes, now: float) -> None:
+        self._now = now
+        msg = self._decode_stream(payload)
+        if msg is None:
+            return
+        self._join_pending.discard(src)
+        self._merge_remote(msg, now)
+        if not self._joined and msg.source != self.name:
+            self._joined = True
+
+    def stream_failed(self, dst: str, now: float) -> None:
+        self._now = now
+        self._count("stream_failures")
+        if dst in self._join_pending:
+            self._join_pending.discard(dst)
+            if not self._join_pending and not self._joined:
+                self._schedule_join_retry(now)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _count(self, key: str) -> None:
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+    def _count_n(self, key: str, n: int) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def _emit(self, event: Event) -> None:
+        self._outputs.append(event)
+
+    def _at(self, at: float, fn: Callable[[float], None]) -> _Timer:
+        timer = _Timer(at, fn)
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (at, self._timer_seq, timer))
+        return timer
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _scale(self, t: float) -> float:
+        return t * (self.awareness + 1)
+
+    def _apply_awareness(self, delta: int) -> None:
+        if not self.config.lifeguard or delta == 0:
+            return
+        score = min(max(self.awareness + delta, 0), self.config.awareness_max - 1)
+        if score != self.awareness:
+            self.awareness = score
+            self._count("awareness_changes")
+
+    def _check_meta(self, meta: NodeMeta) -> None:
+        size = len(_encode(meta))
+        if size > self.config.max_meta_bytes:
+            raise ValueError(
+                f"node metadata is {size} bytes, more than max_meta_bytes="
+                f"{self.config.max_meta_bytes}"
+            )
+
+    def _decode_stream(self, payload: bytes) -> PushPull | None:
+        if len(payload) > self.config.max_stream_bytes:
+            self._count("rejected.oversized")
+            return None
+        try:
+            msg = _stream_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._count("rejected.malformed")
+            return None
+        if len(msg.states) > self.config.max_members:
+            self._count("rejected.oversized")
+            return None
+        self._count("push_pull_in")
+        return msg
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(self, addr: str, first: bytes | None, now: float) -> None:
+        """Send one datagram: ``first`` (if any) plus as many queued broadcasts as fit."""
+        budget = self.config.max_payload_bytes - ENVELOPE_OVERHEAD
+        msgs: list[bytes] = []
+        if first is not None:
+            msgs.append(first)
+            budget -= len(first)
+        msgs.extend(self._take_broadcasts(budget))
+        if not msgs:
+            return
+        payload = encode_envelope(msgs)
+        assert len(payload) <= self.config.max_payload_bytes, len(payload)
+        self._count("packets_out")
+        self._count_n("bytes_out", len(payload))
+        self._outputs.append(SendDatagram(addr, payload))
+
+    def _take_broadcasts(self, budget: int) -> list[bytes]:
+        if not self._broadcasts or budget <= 2:
+            return []
+        limit = retransmit_limit(self.config, self._alive_count)
+        # Fewest transmissions first, newest first among equals (memberlist's order).
+        queue = sorted(self._broadcasts.values(), key=lambda b: (b.transmits, -b.order))
+        out: list[bytes] = []
+        for b in queue:
+            size = len(b.data) + 2
+            if size > budget:
+                continue
+            budget -= size
+            out.append(b.data)
+            b.transmits += 1
+            if b.transmits >= limit:
+                del self._broadcasts[b.key]
+            if budget <= 8:
+                break
+        return out
+
+    def _queue_broadcast(self, key: str, data: bytes) -> None:
+        """Queue an update about member ``key``; it replaces any older one about it."""
+        self._broadcast_order += 1
+        self._broadcasts[key] = _Broadcast(key, data, self._broadcast_order)
+        if len(self._broadcasts) > self.config.max_pending_broadcasts:
+            victim = max(self._broadcasts.values(), key=lambda b: (b.transmits, -b.order))
+            del self._broadcasts[victim.key]
+            self._count("broadcasts_shed")
+        if self._gossip_timer is None:
+            self._schedule_gossip()
+
+    def _queue_alive(self, m: Member) -> None:
+        self._queue_broadcast(m.name, _encode(Alive(m.name, m.inc, m.addr, m.meta)))
+
+    # ------------------------------------------------------------------ gossip round
+
+    def _schedule_gossip(self) -> None:
+        # Keep a fixed phase so an idle-then-busy gossip round is indistinguishable from
+        # a ticker that fires every interval and sends nothing when it has nothing.
+        now = self._now
+        interval = self.config.gossip_interval
+        k = math.floor((now - self._gossip_phase) / interval) + 1
+        self._gossip_timer = self._at(self._gossip_phase + k * interval, self._gossip_tick)
+
+    def _gossip_tick(self, now: float) -> None:
+        self._gossip_timer = None
+        self._gossip_now(now)
+        if self._broadcasts and not self._stopped:
+            self._schedule_gossip()
+
+    def _gossip_now(self, now: float) -> None:
+        if not self._broadcasts:
+            return
+        targets = self._random_members(
+            self.config.gossip_nodes,
+            lambda m: m.state <= State.SUSPECT
+            or (m.state == State.DEAD and now - m.state_since < self.config.gossip_to_dead_s),
+        )
+        for m in targets:
+            if not self._broadcasts:
+                break
+            self._send(m.addr, None, now)
+            self._count("gossip_out")
+
+    def _random_members(self, k: int, pred: Callable[[Member], bool]) -> list[Member]:
+        """Up to k distinct random members (not self) satisfying pred."""
+        names = self._probe_order
+        n = len(names)
+        if n == 0 or k <= 0:
+            return []
+        chosen: list[Member] = []
+        seen: set[str] = set()
+        # Sample by random index into the probe list: O(k) expected for large meshes.
+        for _ in range(3 * k + 3):
+            name = names[self.rng.randrange(n)]
+            if name in seen:
+                continue
+            seen.add(name)
+            m = self.members.get(name)
+            if m is not None and pred(m):
+                chosen.append(m)
+                if len(chosen) == k:
+                    return chosen
+        # Small or sparse view: fall back to a full scan.
+        rest = [
+            self.members[nm]
+            for nm in names
+            if nm not in seen and nm in self.members and pred(self.members[nm])
+        ]
+        need = k - len(chosen)
+        if len(rest) <= need:
+            chosen.extend(rest)
+        else:
+            chosen.extend(self.rng.sample(rest, need))
+        return chosen
+
+    # ------------------------------------------------------------------ probing
+
+    def _probe_tick(self, now: float) -> None:
+        if self._stopped:
+            return
+        self._finish_probe(now)
+        interval = self._scale(self.config.probe_interval)
+        self._at(now + interval, self._probe_tick)
+        if self._left:
+            return
+        target = self._next_probe_target()
+        if target is None:
+            return
+        seq = self._next_seq()
+        probe = _Probe(seq, target.name, now)
+        self._current_probe = probe
+        self._probes[seq] = probe
+        self._count("probes")
+        ping = Ping(seq, target.name, self.name, self.addr)
+        extra: list[bytes] = [_encode(ping)]
+        if self.config.lifeguard and target.state == State.SUSPECT:
+            # Buddy system: tell a suspected member it is suspected, so it can refute.
+            extra.append(_encode(Suspect(target.name, target.inc, self.name)))
+        self._send_many(target.addr, extra, now)
+        probe.timeout_timer = self._at(
+            now + self._scale(self.config.probe_timeout),
+            partial(self._probe_timeout, probe),
+        )
+
+    def _send_many(self, addr: str, msgs: list[bytes], now: float) -> None:
+        first = msgs[0]
+        if len(msgs) == 1:
+            self._send(addr, first, now)
+            return
+        budget = self.config.max_payload_bytes - ENVELOPE_OVERHEAD - sum(len(m) + 2 for m in msgs)
+        payload = encode_envelope([*msgs, *self._take_broadcasts(budget)])
+        self._count("packets_out")
+        self._count_n("bytes_out", len(payload))
+        self._outputs.append(SendDatagram(addr, payload))
+
+    def _next_probe_target(self) -> Member | None:
+        order = self._probe_order
+        for _ in range(len(order) + 1):
+            if self._probe_index >= len(order):
+                self.rng.shuffle(order)
+                self._probe_index = 0
+                if not order:
+                    return None
+            name = order[self._probe_index]
+            self._probe_index += 1
+            m = self.members.get(name)
+            if m is not None and m.state <= State.SUSPECT and name != self.name:
+                return m
+        return None
+
+    def _probe_timeout(self, probe: _Probe, now: float) -> None:
+        """No direct ack in time: ask k members to probe indirectly."""
+        if probe.acked or self._current_probe is not probe:
+            return
+        target = self.members.get(probe.target)
+        if target is None or target.state > State.SUSPECT:
+            return
+        relays = self._random_members(
+            self.config.indirect_checks,
+            lambda m: m.state == State.ALIVE and m.name != probe.target,
+        )
+        want_nack = self.config.lifeguard
+        for relay in relays:
+            msg = IndirectPing(probe.seq, target.name, target.addr, self.name, self.addr, want_nack)
+            self._send(relay.addr, _encode(msg), now)
+            self._count("indirect_probes")
+        if want_nack:
+            probe.expected_nacks = len(relays)
+
+    def _finish_probe(self, now: float) -> None:
+        """End of a probe period: judge the probe that ran in it."""
+        probe = self._current_probe
+        self._current_probe = None
+        if probe is None:
+            return
+        self._probes.pop(probe.seq, None)
+        if probe.acked:
+            return
+        if probe.timeout_timer is not None:
+            probe.timeout_timer.active = False
+        target = self.members.get(probe.target)
+        if target is None or target.state > State.SUSPECT:
+            return
+        if probe.expected_nacks > 0:
+            self._apply_awareness(max(0, probe.expected_nacks - probe.nacks))
+        else:
+            self._apply_awareness(1)
+        self._count("probe_failures")
+        self._on_suspect(Suspect(target.name, target.inc, self.name), now)
+
+    # ------------------------------------------------------------------ receiving
+
+    def _dispatch(self, msg: GossipMessage, src: str, now: float) -> None:
+        if isinstance(msg, Ping):
+            self._on_ping(msg, now)
+        elif isinstance(msg, Ack):
+            self._on_ack(msg, now)
+        elif isinstance(msg, Alive):
+            self._on_alive(msg, now)
+        elif isinstance(msg, Suspect):
+            self._on_suspect(msg, now)
+        elif isinstance(msg, Dead):
+            self._on_dead(msg, now)
+        elif isinstance(msg, IndirectPing):
+            self._on_indirect_ping(msg, now)
+        else:
+            self._on_nack(msg)
+
+    def _on_ping(self, msg: Ping, now: float) -> None:
+        self._count("pings_in")
+        if msg.target != self.name:
+            # Sent to an address that is now someone else: a name mismatch is not an ack.
+            self._count("rejected.wrong_target")
+            return
+        if self._left:
+            return
+        ack = _encode(Ack(msg.seq, self.name, self.vivaldi.coordinate))
+        sender = self.members.get(msg.source)
+        if sender is not None and sender.state == State.DEAD:
+            # The sender is back from a pause or a partition: tell it at once.
+            self._send_many(
+                msg.source_addr, [ack, _encode(Dead(sender.name, sender.inc, self.name))], now
+            )
+            return
+        self._send(msg.source_addr, ack, now)
+
+    def _on_ack(self, msg: Ack, now: float) -> None:
+        relay = self._relays.pop(msg.seq, None)
+        if relay is not None:
+            if relay.timer is not None:
+                relay.timer.active = False
+            self._send(relay.origin_addr, _encode(Ack(relay.origin_seq, msg.source)), now)
+            return
+        probe = self._probes.get(msg.seq)
+        if probe is None or probe.acked:
+            return
+        probe.acked = True
+        if probe.timeout_timer is not None:
+            probe.timeout_timer.active = False
+        if self._current_probe is probe:
+            self._apply_awareness(-1)
+        self._count("acks")
+        if msg.coord is not None and msg.source == probe.target:
+            rtt = now - probe.sent
+            if is_valid(msg.coord, self.config.vivaldi):
+                self.vivaldi.update(probe.target, msg.coord, rtt)
+                member = self.members.get(probe.target)
+                if member is not None:
+                    member.coord = msg.coord
+
+    def _on_nack(self, msg: Nack) -> None:
+        probe = self._probes.get(msg.seq)
+        if probe is not None:
+            probe.nacks += 1
+
+    def _on_indirect_ping(self, msg: IndirectPing, now: float) -> None:
+        self._count("relays")
+        if len(self._relays) >= 1024:
+            self._count("relays_shed")
+            return
+        seq = self._next_seq()
+        relay = _Relay(msg.seq, msg.source_addr, msg.nack)
+        self._relays[seq] = relay
+        self._send(msg.target_addr, _encode(Ping(seq, msg.target, self.name, self.addr)), now)
+
+        def expire(t: float, seq: int = seq) -> None:
+            r = self._relays.pop(seq, None)
+            if r is not None and r.nack:
+                self._send(r.origin_addr, _encode(Nack(r.origin_seq)), t)
+
+        relay.timer = self._at(now + self.config.probe_timeout, expire)
+
+    # ------------------------------------------------------------------ state machine
+
+    def _set_state(self, m: Member, state: State, now: float) -> None:
+        was_live = m.state <= State.SUSPECT
+        is_live = state <= State.SUSPECT
+        m.state = state
+        m.state_since = now
+        if was_live and not is_live:
+            self._alive_count -= 1
+        elif is_live and not was_live:
+            self._alive_count += 1
+        assert self._alive_count >= 1
+
+    def _add_member(self, msg: Alive, now: float) -> Member | None:
+        if len(self.members) >= self.config.max_members:
+            self._count("rejected.too_many_members")
+            return None
+        m = Member(msg.node, msg.addr, msg.inc, State.DEAD, msg.meta, now)
+        self.members[msg.node] = m
+        # Insert at a random position so a newcomer is probed within one round.
+        pos = self.rng.randint(self._probe_index, len(self._probe_order))
+        self._probe_order.insert(pos, msg.node)
+        return m
+
+    def _on_alive(self, msg: Alive, now: float) -> None:
+        if msg.node == self.name:
+            me = self.members[self.name]
+            if msg.inc > me.inc or (msg.inc == me.inc and msg.meta != me.meta):
+                # Someone gossips an older life of ours (we restarted): outbid it.
+                self._refute(msg.inc, now)
+            return
+        m = self.members.get(msg.node)
+        new = m is None
+        if m is None:
+            m = self._add_member(msg, now)
+            if m is None:
+                return
+        elif msg.inc <= m.inc:
+            return
+        elif m.addr != msg.addr and m.state <= State.SUSPECT:
+            # Two live nodes claim one name: keep the one we know until it dies.
+            self._count("rejected.name_conflict")
+            return
+        was = m.state
+        meta_changed = m.meta != msg.meta
+        m.inc = msg.inc
+        m.addr = msg.addr
+        m.meta = msg.meta
+        self._cancel_suspicion(m.name)
+        if was != State.ALIVE or new:
+            self._set_state(m, State.ALIVE, now)
+        self._queue_broadcast(m.name, _encode(msg))
+        if new:
+            self._emit(MemberJoined(m.name, m.addr, m.meta, m.inc))
+        elif was != State.ALIVE:
+            self._emit(MemberAlive(m.name, m.inc))
+            if meta_changed:
+                self._emit(MemberUpdated(m.name, m.meta, m.inc))
+        elif meta_changed:
+            self._emit(MemberUpdated(m.name, m.meta, m.inc))
+
+    def _on_suspect(self, msg: Suspect, now: float) -> None:
+        m = self.members.get(msg.node)
+        if m is None or msg.inc < m.inc:
+            return
+        if msg.node == self.name:
+            if not self._left:
+                self._refute(msg.inc, now)
+            return
+        if m.state == State.SUSPECT:
+            sus = self._suspicions.get(m.name)
+            if sus is not None and msg.source not in sus.confirmations:
+                sus.confirmations.add(msg.source)
+                self._count("suspicion_confirmations")
+                self._arm_suspicion(m.name, sus)
+                self._queue_broadcast(m.name, _encode(msg))
+            return
+        if m.state != State.ALIVE:
+            return
+        m.inc = msg.inc
+        self._set_state(m, State.SUSPECT, now)
+        self._count("suspicions")
+        n = self._alive_count
+        min_s = suspicion_min_timeout(self.config, n)
+        if self.config.lifeguard:
+            k = self.config.suspicion_confirmations
+            if n - 2 < k:
+                k = 0
+            max_s = self.config.suspicion_max_mult * min_s
+        else:
+            k, max_s = 0, min_s
+        sus = _Suspicion(msg.source, k, min_s, max_s, now)
+        self._suspicions[m.name] = sus
+        self._arm_suspicion(m.name, sus)
+        self._queue_broadcast(m.name, _encode(msg))
+        self._emit(MemberSuspect(m.name, m.inc, msg.source))
+
+    def _arm_suspicion(self, name: str, sus: _Suspicion) -> None:
+        if sus.timer is not None:
+            sus.timer.active = False
+
+        def fire(now: float, name: str = name, sus: _Suspicion = sus) -> None:
+            m = self.members.get(name)
+            if m is None or m.state != State.SUSPECT or self._suspicions.get(name) is not sus:
+                return
+            self._on_dead(Dead(name, m.inc, self.name), now)
+
+        sus.timer = self._at(sus.deadline(), fire)
+
+    def _cancel_suspicion(self, name: str) -> None:
+        sus = self._suspicions.pop(name, None)
+        if sus is not None and sus.timer is not None:
+            sus.timer.active = False
+
+    def _on_dead(self, msg: Dead, now: float) -> None:
+        m = self.members.get(msg.node)
+        if m is None or msg.inc < m.inc:
+            return
+        if m.state > State.SUSPECT:
+            return
+        if msg.node == self.name:
+            if not self._left:
+                self._refute(msg.inc, now)
+            return
+        m.inc = msg.inc
+        self._cancel_suspicion(m.name)
+        left = msg.source == msg.node
+        self._set_state(m, State.LEFT if left else State.DEAD, now)
+        self._queue_broadcast(m.name, _encode(msg))
+        if left:
+            self._emit(MemberLeft(m.name, m.inc))
+        else:
+            self._count("deaths")
+            self._emit(MemberDown(m.name, m.inc, msg.source))
+
+    def _refute(self, inc: int, now: float) -> None:
+        me = self.members[self.name]
+        me.inc = max(me.inc, inc) + 1
+        self._count("refutations")
+        self._apply_awareness(1)
+        self._queue_alive(me)
+
+    # ------------------------------------------------------------------ push/pull, join
+
+    def _snapshot(self) -> list[NodeState]:
+        return [
+            NodeState(m.name, m.addr, m.inc, int(m.state), m.meta) for m in self.members.values()
+        ]
+
+    def _merge_remote(self, msg: PushPull, now: float) -> None:
+        for st in msg.states:
+            try:
+                state = State(st.state)
+            except ValueError:
+                self._count("rejected.malformed")
+                continue
+            if state == State.ALIVE:
+                self._on_alive(Alive(st.name, st.inc, st.addr, st.meta), now)
+            elif state == State.LEFT:
+                if st.name not in self.members:
+                    continue
+                self._on_dead(Dead(st.name, st.inc, st.name), now)
+            else:
+                # A remote "dead" is only a suspicion here (memberlist does the same):
+                # it may be stale, and a suspicion can still be refuted.
+                self._on_suspect(Suspect(st.name, st.inc, msg.source), now)
+
+    def _push_pull_with(self, addr: str, join: bool) -> None:
+        payload = _encode(PushPull(self.name, join, self._snapshot()))
+        self._count("push_pull_out")
+        self._outputs.append(StreamRequest(addr, payload))
+
+    def _push_pull_tick(self, now: float) -> None:
+        if self._stopped:
+            return
+        self._at(now + push_pull_period(self.config, self._alive_count), self._push_pull_tick)
+        if self._left:
+            return
+        peers = self._random_members(1, lambda m: m.state == State.ALIVE)
+        if peers:
+            self._push_pull_with(peers[0].addr, False)
+
+    def _reconnect_tick(self, now: float) -> None:
+        if self._stopped:
+            return
+        self._at(now + self.config.reconnect_interval, self._reconnect_tick)
+        self._reap(now)
+        if self._left:
+            return
+        dead = [
+            m
+            for m in self.members.values()
+            if m.state == State.DEAD and now - m.state_since < self.config.reconnect_timeout
+        ]
+        if dead:
+            target = dead[self.rng.randrange(len(dead))]
+            self._count("reconnects")
+            self._push_pull_with(target.addr, False)
+
+    def _reap(self, now: float) -> None:
+        gone = [
+            m.name
+            for m in self.members.values()
+            if m.state > State.SUSPECT and now - m.state_since > self.config.dead_reap_s
+        ]
+        for name in gone:
+            del self.members[name]
+            self._probe_order.remove(name)
+            self._probe_index = min(self._probe_index, len(self._probe_order))
+            self._emit(MemberReaped(name))
+
+    def _join_round(self, now: float) -> None:
+        self._join_attempts += 1
+        self._join_pending = set(self._seeds)
+        for seed in self._seeds:
+            self._push_pull_with(seed, True)
+
+    def _schedule_join_retry(self, now: float) -> None:
+        limit = self.config.join_max_attempts
+        if limit and self._join_attempts >= limit:
+            self._count("join_gave_up")
+            return
+        self._at(now + self.config.join_retry_interval, self._join_retry)
+
+    def _join_retry(self, now: float) -> None:
+        if self._joined or self._alive_count > 1 or self._left:
+            return
+        self._join_round(now)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def stop(self) -> None:
+        """Stop all rounds (after a leave has propagated, or at shutdown)."""
+        self._stopped = True
+        for _, _, t in self._timers:
+            t.active = False
+        self._timers.clear()

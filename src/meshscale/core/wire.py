@@ -1,0 +1,49 @@
+"""Wire envelope shared by every datagram protocol.
+
+A datagram is one MessagePack array ``[version, [msg, msg, ...]]`` where each ``msg`` is
+a tagged msgspec Struct encoded on its own. Encoding messages one by one lets a sender
+pack as many as fit in one datagram (memberlist's "compound message") and lets a receiver
+drop one malformed message without losing the rest. Sizes are checked before decoding:
+nothing oversized is parsed.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+# Bytes the envelope adds around its messages: fixarray(2) + version (<=2 bytes)
+# + array16 header (3 bytes). A conservative constant keeps the packer simple.
+ENVELOPE_OVERHEAD = 6
+
+
+class WireError(Exception):
+    """A payload that cannot be accepted; ``reason`` is a short counter label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+_envelope_decoder = msgspec.msgpack.Decoder(tuple[int, list[msgspec.Raw]])
+
+
+def encode_envelope(messages: list[bytes]) -> bytes:
+    """Wrap already-encoded messages into one datagram payload."""
+    return msgspec.msgpack.encode((PROTOCOL_VERSION, [msgspec.Raw(m) for m in messages]))
+
+
+def decode_envelope(payload: bytes, max_size: int, max_messages: int = 256) -> list[msgspec.Raw]:
+    """Split a datagram payload into its raw messages, or raise ``WireError``."""
+    if len(payload) > max_size:
+        raise WireError("oversized", f"{len(payload)} > {max_size} bytes")
+    try:
+        version, raws = _envelope_decoder.decode(payload)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise WireError("malformed", str(exc)) from None
+    if version != PROTOCOL_VERSION:
+        raise WireError("version", f"protocol version {version}, expected {PROTOCOL_VERSION}")
+    if len(raws) > max_messages:
+        raise WireError("oversized", f"{len(raws)} messages > {max_messages}")
+    return raws

@@ -1,0 +1,334 @@
+"""Unit tests of the SWIM + Lifeguard state machine, with no driver: messages are
+handed from one protocol object to another by hand."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshscale.core.membership import (
+    Ack,
+    Alive,
+    Dead,
+    MemberDown,
+    MemberJoined,
+    MemberLeft,
+    MemberSuspect,
+    MemberUpdated,
+    Membership,
+    MembershipConfig,
+    NodeMeta,
+    Ping,
+    State,
+    Suspect,
+    retransmit_limit,
+    suspicion_min_timeout,
+)
+from meshscale.core.outputs import SendDatagram, StreamRequest
+from meshscale.core.wire import decode_envelope, encode_envelope
+
+
+def make(name: str, now: float = 0.0, **cfg: object) -> Membership:
+    config = MembershipConfig(**cfg)  # type: ignore[arg-type]
+    return Membership(name, name, NodeMeta(region="r1", zone="z1"), config=config,
+                      rng=random.Random(name), now=now)
+
+
+def datagrams(m: Membership) -> list[SendDatagram]:
+    return [o for o in m.drain() if isinstance(o, SendDatagram)]
+
+
+def messages(payload: bytes) -> list[object]:
+    dec = msgspec.msgpack.Decoder(Ping | Ack | Alive | Suspect | Dead)
+    out: list[object] = []
+    for raw in decode_envelope(payload, 1400):
+        try:
+            out.append(dec.decode(raw))
+        except msgspec.ValidationError:
+            out.append(raw)
+    return out
+
+
+def converged(names: list[str], **cfg: object) -> dict[str, Membership]:
+    nodes = {n: make(n, **cfg) for n in names}
+    view = [(n, n, 0, nodes[n].meta) for n in names]
+    for m in nodes.values():
+        m.install_view(view, 0.0)
+        m.drain()
+    return nodes
+
+
+def pump(nodes: dict[str, Membership], until: float, down: set[str] = frozenset(),  # type: ignore[assignment]
+         start: float = 0.0) -> list[tuple[float, str, object]]:
+    """A minimal lossless driver with 1 ms delivery, to exercise whole exchanges."""
+    import heapq
+
+    events: list[tuple[float, str, object]] = []
+    heap: list[tuple[float, int, str, str, str, bytes]] = []
+    seq = 0
+    now = start
+
+    def route(name: str) -> None:
+        nonlocal seq
+        for o in nodes[name].drain():
+            seq += 1
+            if isinstance(o, SendDatagram):
+                heapq.heappush(heap, (now + 0.001, seq, "dg", name, o.addr, o.payload))
+            elif isinstance(o, StreamRequest):
+                heapq.heappush(heap, (now + 0.002, seq, "st", name, o.addr, o.payload))
+            else:
+                events.append((now, name, o))
+
+    while True:
+        deadlines = [(m.next_deadline(), n) for n, m in nodes.items() if n not in down]
+        nxt = min((d, n) for d, n in deadlines if d is not None)
+        t_msg = heap[0][0] if heap else float("inf")
+        t = min(nxt[0], t_msg)
+        if t > until:
+            break
+        now = t
+        if t_msg <= nxt[0]:
+            _, _, kind, src, dst, payload = heapq.heappop(heap)
+            if dst in down:
+                if kind == "st":
+                    nodes[src].stream_failed(dst, now)
+                    route(src)
+                continue
+            if kind == "dg":
+                nodes[dst].handle_datagram(src, payload, now)
+            elif kind == "st":
+                reply = nodes[dst].handle_stream(src, payload, now)
+                if reply is not None:
+                    seq += 1
+                    heapq.heappush(heap, (now + 0.001, seq, "sr", dst, src, reply))
+            else:
+                nodes[dst].handle_stream_reply(src, payload, now)
+            route(dst)
+        else:
+            nodes[nxt[1]].on_timer(now)
+            route(nxt[1])
+    return events
+
+
+def test_suspicion_timeout_scales_with_log_n() -> None:
+    c = MembershipConfig()
+    assert suspicion_min_timeout(c, 10) == pytest.approx(c.suspicion_mult * c.probe_interval)
+    assert suspicion_min_timeout(c, 1000) == pytest.approx(3 * c.suspicion_mult * c.probe_interval)
+    assert retransmit_limit(c, 10) < retransmit_limit(c, 10_000)
+
+
+def test_ping_gets_ack_with_coordinate() -> None:
+    a, b = make("a"), make("b")
+    b.handle_datagram("a", encode_envelope([msgspec.msgpack.encode(Ping(7, "b", "a", "a"))]), 1.0)
+    out = datagrams(b)
+    assert len(out) == 1 and out[0].addr == "a"
+    acks = [m for m in messages(out[0].payload) if isinstance(m, Ack)]
+    assert acks and acks[0].seq == 7 and acks[0].coord is not None
+
+
+def test_ping_for_another_name_is_not_acked() -> None:
+    b = make("b")
+    b.handle_datagram("a", encode_envelope([msgspec.msgpack.encode(Ping(7, "zz", "a", "a"))]), 1.0)
+    assert not any(isinstance(m, Ack) for o in datagrams(b) for m in messages(o.payload))
+    assert b.stats["rejected.wrong_target"] == 1
+
+
+def test_join_through_seed_gives_both_full_view() -> None:
+    nodes = {n: make(n) for n in ["s", "a", "b", "c"]}
+    for n in ["a", "b", "c"]:
+        nodes[n].join(["s"], 0.0)
+    pump(nodes, 5.0)
+    for m in nodes.values():
+        assert m.alive_count() == 4
+        assert {x.name for x in m.live_members()} == set(nodes)
+
+
+def test_crashed_node_is_declared_dead_by_all() -> None:
+    nodes = converged([f"n{i}" for i in range(8)])
+    events = pump(nodes, 15.0, down={"n3"})
+    for name, m in nodes.items():
+        if name != "n3":
+            assert m.state_of("n3") == State.DEAD, name
+    downs = {n for (_, n, e) in events if isinstance(e, MemberDown) and e.name == "n3"}
+    assert downs == set(nodes) - {"n3"}
+    # Nobody else was ever suspected on a lossless network.
+    assert not [e for (_, _, e) in events if isinstance(e, MemberSuspect) and e.name != "n3"]
+
+
+def test_suspected_node_refutes_with_higher_incarnation() -> None:
+    b = make("b")
+    b.handle_datagram("a", encode_envelope([msgspec.msgpack.encode(Suspect("b", 0, "a"))]), 1.0)
+    assert b.incarnation == 1
+    assert b.stats["refutations"] == 1
+    assert b.health_score() == 1  # Lifeguard: being refuted means we may be the slow one
+    sent = [m for o in datagrams(b) for m in messages(o.payload)]  # nobody to send to yet
+    assert sent == []
+
+
+def test_suspicion_without_refutation_becomes_dead_after_timeout() -> None:
+    nodes = converged(["a", "b", "c", "d"])
+    a = nodes["a"]
+    a.handle_datagram("c", encode_envelope([msgspec.msgpack.encode(Suspect("b", 0, "c"))]), 1.0)
+    assert a.state_of("b") == State.SUSPECT
+    evs = a.drain()
+    assert any(isinstance(e, MemberSuspect) for e in evs)
+    # With fewer than K+2 live members, Lifeguard uses the minimum timeout.
+    t_min = suspicion_min_timeout(a.config, 4)
+    a.on_timer(1.0 + t_min - 0.01)
+    assert a.state_of("b") == State.SUSPECT
+    a.on_timer(1.0 + t_min + 0.01)
+    assert a.state_of("b") == State.DEAD
+
+
+def test_confirmations_shorten_suspicion() -> None:
+    names = [f"n{i}" for i in range(20)]
+    nodes = converged(names)
+    a = nodes["n0"]
+
+    def suspect(src: str, t: float) -> None:
+        a.handle_datagram(src, encode_envelope([msgspec.msgpack.encode(Suspect("n1", 0, src))]), t)
+
+    suspect("n2", 1.0)
+    t_min = suspicion_min_timeout(a.config, 20)
+    t_max = a.config.suspicion_max_mult * t_min
+    a.on_timer(1.0 + t_min + 0.01)
+    assert a.state_of("n1") == State.SUSPECT  # one accuser: still far from max
+    for i, src in enumerate(["n3", "n4", "n5"]):
+        suspect(src, 1.0 + 0.01 * i)
+    # A repeated accuser is not a new confirmation.
+    suspect("n3", 1.1)
+    assert a.stats["suspicion_confirmations"] == 3
+    a.on_timer(1.0 + t_min + 0.05)
+    assert a.state_of("n1") == State.DEAD
+    assert t_max > t_min
+
+
+def test_lifeguard_off_uses_fixed_min_timeout() -> None:
+    nodes = converged([f"n{i}" for i in range(20)], lifeguard=False)
+    a = nodes["n0"]
+    a.handle_datagram("n2", encode_envelope([msgspec.msgpack.encode(Suspect("n1", 0, "n2"))]), 1.0)
+    a.on_timer(1.0 + suspicion_min_timeout(a.config, 20) + 0.01)
+    assert a.state_of("n1") == State.DEAD
+
+
+def test_old_incarnation_is_ignored_and_newer_alive_revives() -> None:
+    nodes = converged(["a", "b", "c"])
+    a = nodes["a"]
+    a.handle_datagram("c", encode_envelope([msgspec.msgpack.encode(Dead("b", 0, "c"))]), 1.0)
+    assert a.state_of("b") == State.DEAD
+    a.handle_datagram("c", encode_envelope([msgspec.msgpack.encode(Alive("b", 0, "b", NodeMeta()))]), 1.1)
+    assert a.state_of("b") == State.DEAD
+    a.handle_datagram("c", encode_envelope([msgspec.msgpack.encode(Alive("b", 1, "b", NodeMeta()))]), 1.2)
+    assert a.state_of("b") == State.ALIVE
+
+
+def test_graceful_leave_is_left_not_dead() -> None:
+    nodes = converged(["a", "b", "c", "d"])
+    nodes["b"].leave(0.5)
+    events = pump(nodes, 3.0, start=0.5)
+    nodes["b"].stop()
+    for n in ["a", "c", "d"]:
+        assert nodes[n].state_of("b") == State.LEFT
+    assert any(isinstance(e, MemberLeft) for (_, _, e) in events)
+    assert not any(isinstance(e, MemberDown) for (_, _, e) in events)
+
+
+def test_metadata_update_propagates() -> None:
+    nodes = converged([f"n{i}" for i in range(10)])
+    nodes["n4"].update_meta(NodeMeta(region="r9", zone="z", labels={"gpu": "a100"}), 0.5)
+    events = pump(nodes, 4.0, start=0.5)
+    for n, m in nodes.items():
+        assert m.members["n4"].meta.labels == {"gpu": "a100"}, n
+    assert sum(isinstance(e, MemberUpdated) for (_, _, e) in events) >= 9
+
+
+def test_packets_fit_one_datagram_even_with_many_updates() -> None:
+    a = make("a")
+    big_meta = NodeMeta(region="r", zone="z", labels={f"k{i}": "v" * 20 for i in range(12)})
+    view = [(f"n{i}", f"n{i}", 0, NodeMeta()) for i in range(50)]
+    a.install_view(view, 0.0)
+    for i in range(50):
+        a.handle_datagram(
+            "x", encode_envelope([msgspec.msgpack.encode(Alive(f"n{i}", 1, f"n{i}", big_meta))]), 0.1
+        )
+    a.on_timer(1.0)
+    out = datagrams(a)
+    assert out, "gossip round sent nothing"
+    assert all(len(o.payload) <= a.config.max_payload_bytes for o in out)
+    assert max(len(m) for o in out for m in [messages(o.payload)]) > 1  # packed, not one each
+
+
+def test_metadata_over_bound_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_meta_bytes"):
+        Membership("a", "a", NodeMeta(labels={"x": "y" * 600}), rng=random.Random(1), now=0.0)
+
+
+def test_new_member_event_and_unknown_suspect_ignored() -> None:
+    a = make("a")
+    a.handle_datagram("x", encode_envelope([msgspec.msgpack.encode(Suspect("ghost", 3, "x"))]), 0.1)
+    assert a.state_of("ghost") is None
+    a.handle_datagram("x", encode_envelope([msgspec.msgpack.encode(Alive("b", 2, "b", NodeMeta()))]), 0.2)
+    assert any(isinstance(e, MemberJoined) and e.name == "b" for e in a.drain())
+
+
+def test_paused_node_learns_it_was_declared_dead_from_an_ack() -> None:
+    nodes = converged(["a", "b", "c"])
+    a = nodes["a"]
+    a.handle_datagram("c", encode_envelope([msgspec.msgpack.encode(Dead("b", 0, "c"))]), 1.0)
+    a.drain()
+    a.handle_datagram("b", encode_envelope([msgspec.msgpack.encode(Ping(1, "a", "b", "b"))]), 2.0)
+    sent = [m for o in datagrams(a) for m in messages(o.payload)]
+    assert any(isinstance(m, Ack) for m in sent)
+    assert any(isinstance(m, Dead) and m.node == "b" for m in sent)
+
+
+def test_malformed_and_oversized_input_is_counted_and_dropped() -> None:
+    a = make("a")
+    a.handle_datagram("x", b"\xff\x00garbage", 0.1)
+    a.handle_datagram("x", b"\x00" * 5000, 0.1)
+    a.handle_datagram("x", msgspec.msgpack.encode((99, [])), 0.1)
+    a.handle_datagram("x", encode_envelope([msgspec.msgpack.encode([42, "unknown tag"]), msgspec.msgpack.encode(Alive("b", 1, "b", NodeMeta()))]), 0.1)
+    assert a.stats["rejected.malformed"] == 2
+    assert a.stats["rejected.oversized"] == 1
+    assert a.stats["rejected.version"] == 1
+    assert a.state_of("b") == State.ALIVE  # the good message in a bad packet still counts
+    assert a.handle_stream("x", b"\x93garbage", 0.2) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=1500))
+def test_random_datagrams_never_raise(payload: bytes) -> None:
+    a = make("a")
+    a.handle_datagram("x", payload, 0.5)
+    a.handle_stream("x", payload, 0.5)
+    a.on_timer(2.0)
+    assert a.state_of("a") == State.ALIVE
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["alive", "suspect", "dead"]),
+                          st.sampled_from(["b", "c", "a"]), st.integers(0, 5)), max_size=30))
+def test_incarnations_never_go_backwards(ops: list[tuple[str, str, int]]) -> None:
+    nodes = converged(["a", "b", "c"])
+    a = nodes["a"]
+    seen: dict[str, int] = {n: 0 for n in nodes}
+    t = 1.0
+    for kind, node, inc in ops:
+        msg: object
+        if kind == "alive":
+            msg = Alive(node, inc, node, NodeMeta())
+        elif kind == "suspect":
+            msg = Suspect(node, inc, "c")
+        else:
+            msg = Dead(node, inc, "c")
+        a.handle_datagram("c", encode_envelope([msgspec.msgpack.encode(msg)]), t)
+        t += 0.01
+        for n, m in a.members.items():
+            assert m.inc >= seen[n]
+            seen[n] = m.inc
+        assert a.state_of("a") == State.ALIVE
+        assert a.alive_count() == sum(1 for m in a.members.values() if m.state <= State.SUSPECT)
