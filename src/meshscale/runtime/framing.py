@@ -1,0 +1,54 @@
+"""Length-prefixed frames over asyncio streams: a 4-byte big-endian length, then the payload.
+
+The length is checked against a bound before any of the body is read, so a peer cannot
+make us buffer more than ``max_size`` bytes by announcing a huge frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+MAX_FRAME = 4 * 1024 * 1024
+_LENGTH_LIMIT = 2**32 - 1
+
+
+class FrameTooLarge(Exception):
+    """A frame's announced (or requested) length exceeds the bound."""
+
+    def __init__(self, size: int, max_size: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {max_size}")
+        self.size = size
+        self.max_size = max_size
+
+
+def encode_frame(payload: bytes, *, max_size: int = MAX_FRAME) -> bytes:
+    """``payload`` with its length prefix; refuses frames the peer would refuse."""
+    size = len(payload)
+    if size > min(max_size, _LENGTH_LIMIT):
+        raise FrameTooLarge(size, max_size)
+    return HEADER.pack(size) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader, max_size: int = MAX_FRAME) -> bytes:
+    """Read one frame.
+
+    Raises ``FrameTooLarge`` (the body is left unread: close the connection) or
+    ``asyncio.IncompleteReadError`` if the stream ends early. An ``IncompleteReadError``
+    whose ``partial`` is empty means the peer closed cleanly between frames.
+    """
+    header = await reader.readexactly(HEADER_SIZE)
+    (size,) = HEADER.unpack(header)
+    if size > max_size:
+        raise FrameTooLarge(size, max_size)
+    return await reader.readexactly(size)
+
+
+async def write_frame(
+    writer: asyncio.StreamWriter, payload: bytes, *, max_size: int = MAX_FRAME
+) -> None:
+    """Write one frame and wait for the transport's buffer to drain (back-pressure)."""
+    writer.write(encode_frame(payload, max_size=max_size))
+    await writer.drain()

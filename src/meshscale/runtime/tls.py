@@ -1,0 +1,126 @@
+"""TLS 1.3 contexts for node-to-node streams, mutually authenticated against the bundle CA.
+
+Nodes are addressed by IP:port and found by gossip, so a client cannot check the server's
+certificate against a host name; both sides instead require a certificate chaining to
+the cluster CA. Knowing *which* node is on the other end is the caller's job: read the
+certificate's CN with ``peer_name`` and compare it with the member it meant to reach.
+
+Python's ssl module can only load a certificate chain from a file. The node's key is
+therefore handed to OpenSSL through an anonymous in-memory file (``memfd_create``) where
+the platform has one, else through a 0600 file in a private 0700 temp directory that is
+removed as soon as it is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import ssl
+import tempfile
+from collections.abc import Iterator
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from meshscale.runtime.bundle import Bundle
+
+
+class TLSConfigError(ValueError):
+    """The node certificate or key cannot be used with this bundle."""
+
+
+@contextlib.contextmanager
+def _pem_file(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can open that holds ``data``, gone when the block exits."""
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None and os.path.isdir("/proc/self/fd"):
+        fd = memfd_create("meshscale-tls", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.write(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    directory = tempfile.mkdtemp(prefix="meshscale-tls-")  # mode 0700
+    try:
+        path = os.path.join(directory, "chain.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield path
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _check_node_cert(bundle: Bundle, cert_pem: bytes) -> None:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise TLSConfigError("node certificate is not a PEM certificate") from None
+    ca = x509.load_pem_x509_certificate(bundle.ca_cert_pem)
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise TLSConfigError(
+            f"node certificate was not issued by this bundle's CA ({bundle.path})"
+        ) from None
+
+
+def _base_context(protocol: int, bundle: Bundle, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    _check_node_cert(bundle, cert_pem)
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    ctx.load_verify_locations(cadata=bundle.ca_cert_pem.decode("ascii"))
+    chain = cert_pem.rstrip(b"\n") + b"\n" + key_pem
+    try:
+        with _pem_file(chain) as path:
+            ctx.load_cert_chain(path)
+    except ssl.SSLError as e:
+        raise TLSConfigError(f"node certificate and key cannot be loaded: {e}") from None
+    return ctx
+
+
+def server_context(bundle: Bundle, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """A TLS 1.3 server context that requires a client certificate from the bundle's CA."""
+    ctx = _base_context(ssl.PROTOCOL_TLS_SERVER, bundle, cert_pem, key_pem)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    # No session resumption: every connection presents and verifies certificates.
+    ctx.num_tickets = 0
+    return ctx
+
+
+def client_context(bundle: Bundle, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """A TLS 1.3 client context: presents our cert, requires one from the bundle's CA.
+
+    Host names are not checked (peers are dialled by IP:port); use ``peer_name``.
+    """
+    ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT, bundle, cert_pem, key_pem)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The CN of the verified peer certificate, or None if there is none.
+
+    With asyncio: ``peer_name(writer.get_extra_info("ssl_object"))``.
+    """
+    if ssl_object is None:
+        return None
+    try:
+        cert = ssl_object.getpeercert()
+    except (ValueError, ssl.SSLError):  # handshake not done
+        return None
+    if not cert:
+        return None
+    subject = cert.get("subject", ())
+    if not isinstance(subject, tuple):
+        return None
+    for rdn in subject:
+        for pair in rdn:
+            if len(pair) == 2 and pair[0] == "commonName" and isinstance(pair[1], str):
+                return pair[1]
+    return None

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshscale.runtime.framing import (
+    MAX_FRAME,
+    FrameTooLarge,
+    encode_frame,
+    read_frame,
+    write_frame,
+)
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout=10)
+
+    return asyncio.run(bounded())
+
+
+def _reader(data: bytes, *, eof: bool = True) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+def test_default_max() -> None:
+    assert MAX_FRAME == 4 * 1024 * 1024
+
+
+def test_encode_layout() -> None:
+    assert encode_frame(b"abc") == b"\x00\x00\x00\x03abc"
+    assert encode_frame(b"") == b"\x00\x00\x00\x00"
+
+
+@given(st.lists(st.binary(max_size=2000), max_size=8))
+def test_round_trip(payloads: list[bytes]) -> None:
+    async def go() -> list[bytes]:
+        reader = _reader(b"".join(encode_frame(p) for p in payloads))
+        return [await read_frame(reader, 4096) for _ in payloads]
+
+    assert run(go()) == payloads
+
+
+def test_oversize_is_refused_without_reading_the_body() -> None:
+    async def go() -> bytes:
+        # Header announces max+1; only part of the body has arrived and no EOF: a reader
+        # that tried to read the body would hang here.
+        reader = _reader(struct.pack(">I", 101) + b"BODY", eof=False)
+        with pytest.raises(FrameTooLarge) as info:
+            await read_frame(reader, 100)
+        assert (info.value.size, info.value.max_size) == (101, 100)
+        return await reader.read(4)
+
+    assert run(go()) == b"BODY"
+
+
+def test_huge_announced_length() -> None:
+    async def go() -> None:
+        with pytest.raises(FrameTooLarge):
+            await read_frame(_reader(b"\xff\xff\xff\xff", eof=False))
+
+    run(go())
+
+
+def test_exactly_max_is_accepted() -> None:
+    async def go() -> bytes:
+        return await read_frame(_reader(encode_frame(b"x" * 100)), 100)
+
+    assert run(go()) == b"x" * 100
+
+
+def test_encode_refuses_oversize() -> None:
+    with pytest.raises(FrameTooLarge):
+        encode_frame(b"x" * 11, max_size=10)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x00", b"\x00\x00\x00", b"\x00\x00\x00\x05abc", b"\x00\x00\x00\x05"],
+)
+def test_truncation(data: bytes) -> None:
+    async def go() -> None:
+        with pytest.raises(asyncio.IncompleteReadError):
+            await read_frame(_reader(data), 100)
+
+    run(go())
+
+
+def test_clean_eof_between_frames() -> None:
+    async def go() -> None:
+        reader = _reader(encode_frame(b"last"))
+        assert await read_frame(reader) == b"last"
+        with pytest.raises(asyncio.IncompleteReadError) as info:
+            await read_frame(reader)
+        assert info.value.partial == b""
+
+    run(go())
+
+
+def test_write_frame_over_tcp() -> None:
+    async def go() -> list[bytes]:
+        received: list[bytes] = []
+        done = asyncio.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    received.append(await read_frame(reader))
+            except asyncio.IncompleteReadError:
+                done.set()
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            await write_frame(writer, b"one")
+            await write_frame(writer, b"")
+            await write_frame(writer, b"z" * 100_000)
+            writer.close()
+            await writer.wait_closed()
+            await done.wait()
+        return received
+
+    assert run(go()) == [b"one", b"", b"z" * 100_000]

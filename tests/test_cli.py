@@ -1,0 +1,172 @@
+"""The `meshscale` command, run as a user runs it: a subprocess of the installed script."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from meshscale.runtime.bundle import load_bundle
+
+MESHSCALE = Path(sys.executable).parent / "meshscale"
+
+
+def cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "MESHSCALE_BUNDLE"}
+    return subprocess.run(
+        [str(MESHSCALE), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert result.returncode == code, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("meshscale: error: ")
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "bundle"
+    result = cli("init", path)
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_script_is_installed() -> None:
+    assert MESHSCALE.exists()
+
+
+def test_init_makes_the_files(bundle_dir: Path) -> None:
+    for name in ("bundle.json", "ca.pem", "ca.key", "keyring.json", "token"):
+        assert (bundle_dir / name).is_file()
+    for name in ("ca.key", "keyring.json", "token"):
+        assert stat.S_IMODE((bundle_dir / name).stat().st_mode) == 0o600
+    load_bundle(bundle_dir)
+
+
+def test_init_refuses_existing_then_force(bundle_dir: Path) -> None:
+    before = load_bundle(bundle_dir).cluster_id
+    line = assert_one_line_error(cli("init", bundle_dir))
+    assert "--force" in line
+    assert cli("init", bundle_dir, "--force").returncode == 0
+    assert load_bundle(bundle_dir).cluster_id != before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("init", "--nope", "x"),
+        ("--bogus",),
+        ("no-such-command",),
+        ("init",),
+        ("token",),  # no --bundle and no MESHSCALE_BUNDLE
+        ("cert", "issue", "--bundle", "x"),
+        ("cert", "issue", "--bundle", "x", "--name", "n", "--out", "o", "--days", "zero"),
+        ("keys", "frobnicate"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args: tuple[str, ...]) -> None:
+    assert_one_line_error(cli(*args))
+
+
+def test_no_command_prints_help_and_one_error_line() -> None:
+    result = cli()
+    assert_one_line_error(result)
+    assert "Usage:" in result.stdout
+
+
+def test_help_exits_0() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    assert "init" in result.stdout and result.stderr == ""
+
+
+@pytest.mark.parametrize("command", [("token",), ("keys", "list"), ("keys", "rotate")])
+def test_missing_bundle_dir(tmp_path: Path, command: tuple[str, ...]) -> None:
+    line = assert_one_line_error(cli(*command, "--bundle", tmp_path / "nope"))
+    assert "nope" in line
+
+
+def test_broken_bundle_names_the_file(bundle_dir: Path) -> None:
+    (bundle_dir / "keyring.json").write_text("{oops")
+    line = assert_one_line_error(cli("token", "--bundle", bundle_dir))
+    assert "keyring.json" in line
+
+
+def test_empty_dir_is_not_a_bundle(tmp_path: Path) -> None:
+    line = assert_one_line_error(cli("token", "--bundle", tmp_path))
+    assert "bundle.json" in line
+
+
+def test_token_prints_the_token(bundle_dir: Path) -> None:
+    result = cli("token", "--bundle", bundle_dir)
+    assert result.returncode == 0
+    assert result.stdout.strip() == load_bundle(bundle_dir).token
+
+
+def test_bundle_from_environment(bundle_dir: Path) -> None:
+    result = cli("token", env={"MESHSCALE_BUNDLE": str(bundle_dir)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == load_bundle(bundle_dir).token
+
+
+def test_keys_rotate_changes_the_primary(bundle_dir: Path) -> None:
+    before = load_bundle(bundle_dir).keyring
+    listed = cli("keys", "list", "--bundle", bundle_dir).stdout.split()
+    assert listed == [before.primary_id, "primary"]
+    result = cli("keys", "rotate", "--bundle", bundle_dir)
+    assert result.returncode == 0, result.stderr
+    after = load_bundle(bundle_dir).keyring
+    assert after.primary != before.primary
+    assert before.primary in after.accepted
+    assert after.primary_id in result.stdout
+    listed = cli("keys", "list", "--bundle", bundle_dir).stdout.split()
+    assert listed == [after.primary_id, "primary", before.primary_id, "accepted"]
+
+
+def test_cert_issue(bundle_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "certs"
+    result = cli(
+        "cert", "issue", "--bundle", bundle_dir, "--name", "edge-1",
+        "--host", "10.0.0.7", "--host", "edge-1.local", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    cert = x509.load_pem_x509_certificate((out / "edge-1.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((bundle_dir / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert stat.S_IMODE((out / "edge-1.key").stat().st_mode) == 0o600
+    # Refuses to overwrite without --force.
+    again = cli("cert", "issue", "--bundle", bundle_dir, "--name", "edge-1", "--out", out)
+    assert "already exists" in assert_one_line_error(again)
+
+
+def test_cert_issue_bad_name(bundle_dir: Path, tmp_path: Path) -> None:
+    result = cli("cert", "issue", "--bundle", bundle_dir, "--name", "../x", "--out", tmp_path)
+    assert "invalid node name" in assert_one_line_error(result)
+
+
+def test_cert_issue_without_ca_key(bundle_dir: Path, tmp_path: Path) -> None:
+    (bundle_dir / "ca.key").unlink()
+    result = cli("cert", "issue", "--bundle", bundle_dir, "--name", "n1", "--out", tmp_path)
+    assert "ca.key" in assert_one_line_error(result)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("meshscale.sim.demo") is not None,
+    reason="the demo exists; running it is the demo's own test",
+)
+def test_demo_missing_is_one_line_exit_1() -> None:
+    assert_one_line_error(cli("demo"), code=1)
