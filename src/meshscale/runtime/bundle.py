@@ -413,6 +413,11 @@ def _parse_keyring(path: Path) -> Keyring:
         raise BundleError(f"{path}: {e}") from None
 
 
+def load_keyring(path: Path) -> Keyring:
+    """Read just the keyring of the bundle in ``path`` (nodes re-read it on rotation)."""
+    return _parse_keyring(Path(path) / KEYRING_JSON)
+
+
 def _parse_token(path: Path) -> str:
     raw = _require(path, private=True)
     try:

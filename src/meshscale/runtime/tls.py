@@ -13,6 +13,7 @@ removed as soon as it is loaded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -124,3 +125,33 @@ def peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
             if len(pair) == 2 and pair[0] == "commonName" and isinstance(pair[1], str):
                 return pair[1]
     return None
+
+
+# -- connection set-up ------------------------------------------------------------------
+
+GREETING = b"MSH1"
+"""Sent by the server in clear as soon as it is ready for the TLS handshake; the client
+starts TLS only after reading it. The server stops reading before it sends the greeting,
+so no byte of the handshake can be consumed by the plain-TCP layer (a race some event
+loops, uvloop among them, otherwise have when upgrading an accepted connection)."""
+
+
+async def connect_tls(
+    host: str,
+    port: int,
+    ctx: ssl.SSLContext,
+    *,
+    handshake_timeout: float = 5.0,
+    limit: int = 2**16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a TCP connection to a node, wait for its greeting, then start TLS."""
+    reader, writer = await asyncio.open_connection(host, port, limit=limit)
+    try:
+        greeting = await reader.readexactly(len(GREETING))
+        if greeting != GREETING:
+            raise ConnectionError(f"{host}:{port} is not a meshscale node")
+        await writer.start_tls(ctx, ssl_handshake_timeout=handshake_timeout)
+    except BaseException:
+        writer.transport.abort()
+        raise
+    return reader, writer

@@ -1,0 +1,105 @@
+"""Stream frames between nodes and from clients to nodes: schemas only, no I/O.
+
+A TCP (TLS) connection carries length-prefixed frames (``runtime/framing.py``); each
+frame body is one MessagePack array ``[version, message]`` where ``message`` is a tagged
+msgspec Struct from ``StreamMessage``. Decoding checks the size before parsing, then the
+version, then the schema; anything else raises ``WireError`` with a short reason that the
+receiver counts (``rejected_messages{reason=...}``) before closing the connection.
+
+- ``PushPullFrame``: membership anti-entropy; ``payload`` is a sealed (keyring) push/pull
+  message, so a peer with the cluster's certificate but not its gossip key still cannot
+  join.
+- ``RpcRequest`` / ``RpcResponse``: a client (or node) calls a named method; every request
+  carries the cluster's admin token.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from meshscale.core.wire import WireError
+
+STREAM_PROTOCOL_VERSION = 1
+
+Method = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Token = Annotated[str, msgspec.Meta(max_length=512)]
+RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class PushPullFrame(msgspec.Struct, tag="pushpull", array_like=True):
+    payload: bytes
+
+
+class RpcRequest(msgspec.Struct, tag="req", array_like=True):
+    id: RequestId
+    method: Method
+    token: Token
+    args: dict[str, Any] = {}
+
+
+class RpcResponse(msgspec.Struct, tag="resp", array_like=True):
+    id: RequestId
+    ok: bool
+    result: Any = None
+    error: str = ""
+
+
+StreamMessage = PushPullFrame | RpcRequest | RpcResponse
+
+_outer_decoder = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
+_message_decoder = msgspec.msgpack.Decoder(StreamMessage)
+
+
+def encode_stream_message(msg: StreamMessage) -> bytes:
+    return msgspec.msgpack.encode((STREAM_PROTOCOL_VERSION, msg))
+
+
+def decode_stream_message(data: bytes, max_size: int) -> StreamMessage:
+    """Parse one frame body, or raise ``WireError`` (reason: oversized, malformed,
+    version or unknown)."""
+    if len(data) > max_size:
+        raise WireError("oversized", f"{len(data)} > {max_size} bytes")
+    try:
+        version, raw = _outer_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise WireError("malformed", str(exc)) from None
+    if version != STREAM_PROTOCOL_VERSION:
+        raise WireError("version", f"stream version {version}")
+    try:
+        return _message_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        # A well-formed array whose tag we do not know is "unknown"; anything else malformed.
+        reason = "unknown" if "Invalid value" in str(exc) and "$[0]" in str(exc) else "malformed"
+        raise WireError(reason, str(exc)) from None
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise WireError("malformed", str(exc)) from None
+
+
+# ------------------------------------------------------------------ RPC result schemas
+
+
+class MemberInfo(msgspec.Struct, omit_defaults=True):
+    """One row of ``members``: a member as the asked node sees it."""
+
+    name: str
+    address: str
+    region: str
+    zone: str
+    state: str
+    """``alive``, ``suspect``, ``dead`` or ``left``."""
+    incarnation: int
+    rtt_ms: float | None = None
+    labels: dict[str, str] = {}
+
+
+class EventInfo(msgspec.Struct, omit_defaults=True):
+    """A recent membership event on the asked node (wall-clock ``ts``)."""
+
+    seq: int
+    ts: float
+    event: str
+    name: str
+    incarnation: int = 0
+    source: str = ""

@@ -1,0 +1,288 @@
+"""A local mesh of real node processes on 127.0.0.1 (``meshscale up``, tests, benchmarks).
+
+``LocalMesh`` makes a throw-away bundle and one data dir per node under its directory,
+spawns ``python -m meshscale node start`` per node (node 0 is the seed the others join;
+node i listens on base_port + i, UDP and TCP), waits until every node sees every other
+alive, and writes ``mesh.json``. ``stop()`` sends SIGTERM to every node it started, waits,
+then SIGKILLs stragglers. Children run in their own session (a Ctrl-C in the terminal
+reaches only the launcher, which stops them in order) and, on Linux, get SIGTERM from the
+kernel if the launcher itself dies (PR_SET_PDEATHSIG), so no node outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshscale.runtime.bundle import init_bundle, load_bundle, write_public
+from meshscale.runtime.client import ClientCredentials, RpcConnection, RpcError
+from meshscale.runtime.latency import RegionPair, format_latency
+
+DEFAULT_REGIONS = ("eu-west", "us-east")
+ZONES_PER_REGION = 3
+HOST = "127.0.0.1"
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    region: str
+    zone: str
+    port: int
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "region": self.region,
+            "zone": self.zone,
+            "address": self.address,
+            "http": None,
+            "pid": self.proc.pid if self.proc is not None else None,
+            "data_dir": str(self.data_dir),
+        }
+
+
+def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child before exec
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _port_free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                return False
+    return True
+
+
+def find_free_base_port(n: int, start: int = 20000, end: int = 60000) -> int:
+    """A base port P such that P..P+n-1 are free for both TCP and UDP right now."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(start, end - n)
+        if all(_port_free(base + i) for i in range(n)):
+            return base
+    raise OSError(f"no run of {n} free ports found")
+
+
+def node_command(
+    node: NodeProcess,
+    bundle: Path,
+    seeds: list[str],
+    latency: str = "",
+    extra: list[str] | None = None,
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "meshscale",
+        "node",
+        "start",
+        "--name",
+        node.name,
+        "--region",
+        node.region,
+        "--zone",
+        node.zone,
+        "--bind",
+        node.address,
+        "--data-dir",
+        str(node.data_dir),
+        "--bundle",
+        str(bundle),
+    ]
+    for seed in seeds:
+        cmd += ["--join", seed]
+    if latency:
+        cmd += ["--latency", latency]
+    return cmd + list(extra or [])
+
+
+def spawn_node(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start one node process; its stdout and stderr go to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        env = {k: v for k, v in os.environ.items() if k != "MESHSCALE_BUNDLE"}
+        env["PYTHONUNBUFFERED"] = "1"
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_set_pdeathsig,
+        )
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """SIGTERM every process, wait up to ``timeout``, then SIGKILL the stragglers."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+                p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait()
+
+
+class LocalMesh:
+    def __init__(
+        self,
+        directory: Path,
+        nodes: int,
+        *,
+        regions: list[str] | None = None,
+        latency: dict[RegionPair, float] | None = None,
+        base_port: int = 0,
+        node_args: list[str] | None = None,
+    ) -> None:
+        if nodes < 1:
+            raise ValueError("--nodes must be at least 1")
+        self.directory = Path(directory)
+        self.n = nodes
+        self.regions = list(regions or DEFAULT_REGIONS)
+        self.latency = dict(latency or {})
+        self.base_port = base_port or find_free_base_port(nodes)
+        if not 1 <= self.base_port <= 65535 - nodes + 1:
+            raise ValueError(f"--base-port {self.base_port} leaves no room for {nodes} nodes")
+        self.node_args = list(node_args or [])
+        self.bundle_path = self.directory / "bundle"
+        self.nodes: list[NodeProcess] = []
+        per_region: dict[str, int] = {}
+        for i in range(nodes):
+            region = self.regions[i % len(self.regions)]
+            k = per_region.get(region, 0)
+            per_region[region] = k + 1
+            zone = f"{region}-z{k % ZONES_PER_REGION + 1}"
+            self.nodes.append(
+                NodeProcess(
+                    name=f"node-{i}",
+                    region=region,
+                    zone=zone,
+                    port=self.base_port + i,
+                    data_dir=self.directory / "nodes" / f"node-{i}",
+                )
+            )
+
+    @property
+    def mesh_json(self) -> Path:
+        return self.directory / "mesh.json"
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not (self.bundle_path / "bundle.json").exists():
+            init_bundle(self.bundle_path)
+        seed = self.nodes[0].address
+        spec = format_latency(self.latency)
+        for i, node in enumerate(self.nodes):
+            cmd = node_command(
+                node, self.bundle_path, [] if i == 0 else [seed], spec, self.node_args
+            )
+            node.log_path = node.data_dir.parent / f"{node.name}.log"
+            node.proc = spawn_node(cmd, node.log_path)
+        self.write_mesh_json()
+
+    def write_mesh_json(self) -> None:
+        data = {"bundle": str(self.bundle_path), "nodes": [n.to_json() for n in self.nodes]}
+        write_public(self.mesh_json, (json.dumps(data, indent=2) + "\n").encode())
+
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [n.proc for n in self.nodes if n.proc is not None]
+
+    def exited(self) -> list[NodeProcess]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is not None]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        stop_processes(self.processes(), timeout)
+
+    def credentials(self) -> ClientCredentials:
+        return ClientCredentials.from_bundle(load_bundle(self.bundle_path))
+
+    def wait_converged(
+        self, timeout: float, cancelled: Callable[[], bool] | None = None
+    ) -> list[dict[str, Any]]:
+        """Wait until every node sees all N alive; returns node 0's members."""
+        addresses = [n.address for n in self.nodes]
+        return asyncio.run(
+            wait_converged(addresses, self.credentials(), timeout, self.exited, cancelled)
+        )
+
+
+class Interrupted(Exception):
+    """Waiting was cancelled (the launcher got a signal)."""
+
+
+async def views(conns: list[RpcConnection]) -> list[list[dict[str, Any]] | None]:
+    async def one(c: RpcConnection) -> list[dict[str, Any]] | None:
+        try:
+            result: list[dict[str, Any]] = await c.call("members")
+            return result
+        except RpcError:
+            return None
+
+    return list(await asyncio.gather(*(one(c) for c in conns)))
+
+
+async def wait_converged(
+    addresses: list[str],
+    creds: ClientCredentials,
+    timeout: float,
+    exited: Callable[[], list[NodeProcess]] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    poll_s: float = 0.2,
+) -> list[dict[str, Any]]:
+    n = len(addresses)
+    conns = [RpcConnection(a, creds, timeout=2.0) for a in addresses]
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if cancelled is not None and cancelled():
+                raise Interrupted
+            if exited is not None and exited():
+                names = ", ".join(x.name for x in exited())
+                raise RuntimeError(f"node process exited during startup: {names}")
+            vs = await views(conns)
+            if all(v is not None and sum(1 for m in v if m["state"] == "alive") == n for v in vs):
+                first = vs[0]
+                assert first is not None
+                return first
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the mesh did not converge to {n} alive nodes in {timeout:g}s")
+            await asyncio.sleep(poll_s)
+    finally:
+        for c in conns:
+            await c.close()

@@ -1,0 +1,780 @@
+"""The node agent: an asyncio driver of ``core.membership.Membership`` over real sockets.
+
+The agent decides nothing. It moves bytes, keeps one timer and calls ``core/`` (see
+``core/outputs.py``): after every call into the protocol it drains the outputs
+(datagrams to send, streams to open, events to log) and re-arms a single
+``loop.call_later`` at ``next_deadline()``. ``now`` is ``time.monotonic()``.
+
+Transports, on one host:port number (TCP and UDP ports are separate namespaces):
+
+- UDP: probes and gossip. Every datagram is sealed with the keyring's primary
+  (AES-256-GCM) and opened with any installed key; one that does not open is dropped
+  and counted in ``rejected_messages{reason}``.
+- TCP: TLS 1.3, both sides presenting a certificate from the cluster CA. A connection
+  carries length-prefixed frames (``framing.py``) of ``core.rpc`` messages: push/pull
+  (sealed with the keyring too, so the gossip key is needed to join) and RPCs, which
+  must carry the cluster's admin token. A malformed, oversized, unknown or
+  unauthenticated frame is counted and the connection closed.
+
+Bounds (``AgentConfig``): connections overall and per peer IP, frame size, handshake,
+read and stream timeouts, outgoing streams in flight (excess streams are shed: counted
+and reported to the protocol as failed), recent-events buffer.
+
+Key rotation: the agent re-reads the bundle's ``keyring.json`` when it changes (checked
+every second). New keys open messages at once, but a new primary is only used to seal
+``key_switch_delay_s`` after it was first seen, so every node has it before anyone uses
+it and the mesh switches keys without a dead member.
+
+Latency emulation (for ``meshscale up`` on one machine only; off unless configured):
+given ``emulated_latency`` = {(region_a, region_b): rtt_s}, a datagram to a member of
+another region is held for rtt/2 before it is sent, and a stream to one is opened after
+rtt (the request and reply legs together).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import random
+import signal
+import ssl
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import msgspec
+
+from meshscale.core.membership import (
+    Member,
+    MemberAlive,
+    MemberDown,
+    MemberJoined,
+    MemberLeft,
+    Membership,
+    MembershipConfig,
+    MemberSuspect,
+    MemberUpdated,
+    NodeMeta,
+    State,
+)
+from meshscale.core.outputs import Event, SendDatagram, StreamRequest
+from meshscale.core.rpc import (
+    EventInfo,
+    MemberInfo,
+    PushPullFrame,
+    RpcRequest,
+    RpcResponse,
+    StreamMessage,
+    decode_stream_message,
+    encode_stream_message,
+)
+from meshscale.core.wire import WireError
+from meshscale.runtime.bundle import Bundle, BundleError, load_keyring
+from meshscale.runtime.framing import FrameTooLarge, read_frame, write_frame
+from meshscale.runtime.identity import Identity, write_identity
+from meshscale.runtime.keyring import Keyring, SealError
+from meshscale.runtime.latency import RegionPair
+from meshscale.runtime.tls import GREETING, client_context, connect_tls, server_context
+
+RpcHandler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
+
+STATE_NAMES = {
+    State.ALIVE: "alive",
+    State.SUSPECT: "suspect",
+    State.DEAD: "dead",
+    State.LEFT: "left",
+}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Runtime bounds and timeouts of the agent (the protocol's are in MembershipConfig)."""
+
+    max_connections: int = 256
+    """Concurrent TCP connections accepted, overall."""
+    max_connections_per_ip: int = 64
+    """Concurrent TCP connections accepted from one IP address."""
+    max_frame_bytes: int = 8 * 1024 * 1024 + 1024
+    """Largest frame accepted (a full push/pull of a large mesh, plus framing)."""
+    max_datagram_bytes: int = 65_507
+    handshake_timeout_s: float = 5.0
+    idle_timeout_s: float = 30.0
+    """Close an inbound connection that sends no frame for this long."""
+    stream_timeout_s: float = 10.0
+    """A whole outgoing push/pull exchange (connect, TLS, request, reply)."""
+    max_streams_in_flight: int = 32
+    """Outgoing push/pulls at once; more are shed and reported as failed."""
+    max_rpc_in_flight: int = 64
+    """Inbound RPCs executing at once; more are refused with an error."""
+    recent_events: int = 1024
+    key_check_interval_s: float = 1.0
+    key_switch_delay_s: float = 5.0
+    leave_timeout_s: float = 2.0
+    """Longest wait for a graceful leave to spread before shutdown."""
+
+
+@dataclass
+class _Keys:
+    """Keys in use: ``open_ring`` opens (every key seen), ``seal_ring`` seals."""
+
+    open_ring: Keyring
+    seal_ring: Keyring
+    pending_primary: bytes | None = None
+    switch_at: float = 0.0
+    mtime_ns: int = 0
+
+
+@dataclass
+class AgentStats:
+    rejected: Counter[str] = field(default_factory=Counter)
+    runtime: Counter[str] = field(default_factory=Counter)
+
+
+class JsonLog:
+    """Structured log lines: one JSON object per line on a text stream."""
+
+    def __init__(self, node: str, stream: Any = None) -> None:
+        self.node = node
+        self.stream = stream if stream is not None else sys.stderr
+
+    def __call__(self, level: str, event: str, **fields: Any) -> None:
+        rec = {"ts": round(time.time(), 6), "level": level, "node": self.node, "event": event}
+        rec.update(fields)
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write(json.dumps(rec, default=str) + "\n")
+            self.stream.flush()
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); ValueError if malformed."""
+    host, sep, port_s = addr.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"invalid address {addr!r}: use HOST:PORT")
+    return host, int(port_s)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int] | Any) -> None:
+        self.agent._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like: the protocol's timeouts deal with it.
+        self.agent.stats.runtime["udp_errors"] += 1
+
+
+class _AcceptProtocol(asyncio.Protocol):
+    """A fresh TCP connection before TLS: the agent pauses it, sends the greeting
+    (``tls.GREETING``) and upgrades it; a client that speaks first is refused."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.early_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        tcp.pause_reading()
+        self.agent._on_accept(tcp, self)
+
+    def data_received(self, data: bytes) -> None:
+        # A client must wait for our greeting before it speaks.
+        self.early_data = True
+
+
+class NodeAgent:
+    """One node: a ``Membership`` driven over UDP and mutually-authenticated TLS."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        data_dir: Path,
+        bundle: Bundle,
+        cert_pem: bytes,
+        key_pem: bytes,
+        bind: str,
+        advertise: str | None = None,
+        meta: NodeMeta | None = None,
+        seeds: list[str] | None = None,
+        config: MembershipConfig | None = None,
+        agent_config: AgentConfig | None = None,
+        emulated_latency: dict[RegionPair, float] | None = None,
+        log: Callable[..., None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.identity = identity
+        self.name = identity.name
+        self.data_dir = Path(data_dir)
+        self.bundle = bundle
+        self.bind_host, self.port = split_addr(bind)
+        self.addr = advertise or bind
+        self.meta = meta or NodeMeta()
+        self.seeds = list(seeds or [])
+        self.config = config or MembershipConfig()
+        self.cfg = agent_config or AgentConfig()
+        self.latency = dict(emulated_latency or {})
+        self.log = log or JsonLog(self.name)
+        self.rng = rng or random.Random()
+        self.stats = AgentStats()
+        self.events: deque[EventInfo] = deque(maxlen=self.cfg.recent_events)
+        self._event_seq = 0
+        self._server_ctx = server_context(bundle, cert_pem, key_pem)
+        self._client_ctx = client_context(bundle, cert_pem, key_pem)
+        self._keys = _Keys(open_ring=bundle.keyring, seal_ring=bundle.keyring)
+        with contextlib.suppress(OSError):
+            self._keys.mtime_ns = (bundle.path / "keyring.json").stat().st_mtime_ns
+        self._rpc: dict[str, RpcHandler] = {}
+        self._rpc_in_flight = 0
+        self._conns = 0
+        self._conns_by_ip: Counter[str] = Counter()
+        self._streams_in_flight = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._region_by_addr: dict[str, str] = {}
+        self._saved_inc = identity.incarnation
+        self._udp: asyncio.DatagramTransport | None = None
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.membership: Membership | None = None
+        self.started_at = time.time()
+        self._register_builtin_rpcs()
+
+    # ------------------------------------------------------------------ public API
+
+    def register_rpc(self, method: str, handler: RpcHandler) -> None:
+        """Serve ``method``: ``handler(args)`` returns (or awaits) a msgpack-able result;
+        raising ``ValueError`` sends its message back as the error."""
+        if method in self._rpc:
+            raise ValueError(f"RPC method {method!r} is already registered")
+        self._rpc[method] = handler
+
+    @property
+    def m(self) -> Membership:
+        assert self.membership is not None, "agent not started"
+        return self.membership
+
+    async def start(self) -> None:
+        """Bind the sockets, then join. Raises OSError if the address is taken."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self), local_addr=(self.bind_host, self.port)
+        )
+        self._udp = transport
+        if self.port == 0:
+            self.port = transport.get_extra_info("sockname")[1]
+            host = split_addr(self.addr)[0]
+            self.addr = f"{host}:{self.port}"
+        try:
+            self._server = await loop.create_server(
+                lambda: _AcceptProtocol(self), self.bind_host, self.port, backlog=256
+            )
+        except OSError:
+            transport.close()
+            raise
+        now = time.monotonic()
+        self.membership = Membership(
+            self.name,
+            self.addr,
+            self.meta,
+            config=self.config,
+            rng=self.rng,
+            now=now,
+            incarnation=self.identity.incarnation,
+        )
+        self.log(
+            "info",
+            "started",
+            address=self.addr,
+            incarnation=self.identity.incarnation,
+            region=self.meta.region,
+            zone=self.meta.zone,
+            seeds=self.seeds,
+            key=self._keys.seal_ring.primary_id,
+            emulated_latency=bool(self.latency),
+        )
+        if self.seeds:
+            self.m.join(self.seeds, now)
+        self._pump()
+        self._spawn(self._housekeeping())
+
+    async def leave_and_stop(self) -> None:
+        """Graceful leave: tell the mesh, give it time to spread, then close."""
+        if self.membership is None:
+            return
+        now = time.monotonic()
+        self.m.leave(now)
+        self._pump()
+        self.log("info", "leaving", incarnation=self.m.incarnation)
+        wait = min(self.config.leave_propagate_s, self.cfg.leave_timeout_s)
+        await asyncio.sleep(wait)
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self.membership is not None:
+            self.m.stop()
+            self._save_incarnation()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._server is not None:
+            self._server.close()
+        if self._udp is not None:
+            self._udp.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.log("info", "stopped")
+
+    # ------------------------------------------------------------------ driving core
+
+    def _pump(self) -> None:
+        """Drain the protocol's outputs and re-arm the single timer."""
+        m = self.membership
+        if m is None:
+            return
+        for out in m.drain():
+            if isinstance(out, SendDatagram):
+                self._send_datagram(out.addr, out.payload)
+            elif isinstance(out, StreamRequest):
+                self._start_stream(out.addr, out.payload)
+            else:
+                self._on_event(out)
+        deadline = m.next_deadline()
+        if deadline == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None and self._loop is not None:
+            # +1 ms: loop timers have millisecond resolution; never fire before the deadline.
+            delay = max(0.0, deadline - time.monotonic()) + 0.001
+            self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.membership is None:
+            return
+        self.membership.on_timer(time.monotonic())
+        self._pump()
+
+    def _reject(self, reason: str) -> None:
+        self.stats.rejected[reason] += 1
+
+    # ------------------------------------------------------------------ UDP
+
+    def _on_datagram(self, data: bytes, addr: Any) -> None:
+        if self.membership is None:
+            return
+        if len(data) > self.cfg.max_datagram_bytes:
+            self._reject("oversized")
+            return
+        try:
+            plain = self._keys.open_ring.open(data)
+        except SealError as e:
+            self._reject(e.reason)
+            return
+        src = f"{addr[0]}:{addr[1]}"
+        self.membership.handle_datagram(src, plain, time.monotonic())
+        self._pump()
+
+    def _send_datagram(self, addr: str, payload: bytes) -> None:
+        if self._udp is None or self._udp.is_closing():
+            return
+        try:
+            sealed = self._keys.seal_ring.seal(payload)
+            target = split_addr(addr)
+        except (SealError, ValueError):
+            self.stats.runtime["send_errors"] += 1
+            return
+        delay = self._delay_to(addr)
+        if delay > 0 and self._loop is not None:
+            self._loop.call_later(delay, self._sendto, sealed, target)
+        else:
+            self._sendto(sealed, target)
+
+    def _sendto(self, data: bytes, target: tuple[str, int]) -> None:
+        if self._udp is not None and not self._udp.is_closing():
+            try:
+                self._udp.sendto(data, target)
+            except OSError:
+                self.stats.runtime["send_errors"] += 1
+
+    def _delay_to(self, addr: str) -> float:
+        """Emulated one-way delay to ``addr`` (half the configured RTT)."""
+        if not self.latency:
+            return 0.0
+        region = self._region_by_addr.get(addr)
+        if region is None or region == self.meta.region:
+            return 0.0
+        return self.latency.get((self.meta.region, region), 0.0) / 2
+
+    # ------------------------------------------------------------------ outgoing streams
+
+    def _start_stream(self, addr: str, payload: bytes) -> None:
+        if self._streams_in_flight >= self.cfg.max_streams_in_flight:
+            self.stats.runtime["streams_shed"] += 1
+            assert self._loop is not None
+            self._loop.call_soon(self._stream_done, addr, None)
+            return
+        self._streams_in_flight += 1
+        self._spawn(self._stream(addr, payload))
+
+    async def _stream(self, addr: str, payload: bytes) -> None:
+        reply: bytes | None = None
+        try:
+            async with asyncio.timeout(self.cfg.stream_timeout_s):
+                reply = await self._push_pull(addr, payload)
+        except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError, FrameTooLarge):
+            self.stats.runtime["stream_errors"] += 1
+        except WireError as e:
+            self._reject(e.reason)
+        except SealError as e:
+            self._reject(e.reason)
+        finally:
+            self._streams_in_flight -= 1
+        self._stream_done(addr, reply)
+
+    async def _push_pull(self, addr: str, payload: bytes) -> bytes:
+        delay = 2 * self._delay_to(addr)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        host, port = split_addr(addr)
+        reader, writer = await connect_tls(
+            host, port, self._client_ctx, handshake_timeout=self.cfg.handshake_timeout_s
+        )
+        try:
+            frame = PushPullFrame(self._keys.seal_ring.seal(payload))
+            await write_frame(
+                writer, encode_stream_message(frame), max_size=self.cfg.max_frame_bytes
+            )
+            data = await read_frame(reader, self.cfg.max_frame_bytes)
+            msg = decode_stream_message(data, self.cfg.max_frame_bytes)
+            if not isinstance(msg, PushPullFrame):
+                raise WireError("unexpected", type(msg).__name__)
+            return self._keys.open_ring.open(msg.payload)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _stream_done(self, addr: str, reply: bytes | None) -> None:
+        if self.membership is None:
+            return
+        now = time.monotonic()
+        if reply is None:
+            self.membership.stream_failed(addr, now)
+        else:
+            self.membership.handle_stream_reply(addr, reply, now)
+        self._pump()
+
+    # ------------------------------------------------------------------ inbound TCP
+
+    def _on_accept(self, raw: asyncio.Transport, accept: _AcceptProtocol) -> None:
+        peer = raw.get_extra_info("peername")
+        ip = str(peer[0]) if peer else "?"
+        if (
+            self._conns >= self.cfg.max_connections
+            or self._conns_by_ip[ip] >= self.cfg.max_connections_per_ip
+        ):
+            self._reject("too_many_connections")
+            raw.abort()
+            return
+        self._conns += 1
+        self._conns_by_ip[ip] += 1
+        self._spawn(self._serve(raw, accept, ip, peer))
+
+    async def _serve(
+        self, raw: asyncio.Transport, accept: _AcceptProtocol, ip: str, peer: Any
+    ) -> None:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            assert self._loop is not None
+            reader = asyncio.StreamReader(limit=2**16)
+            proto = asyncio.StreamReaderProtocol(reader)
+            raw.pause_reading()
+            if accept.early_data or raw.is_closing():
+                self._reject("protocol")
+                return
+            raw.write(GREETING)
+            try:
+                tls = await self._loop.start_tls(
+                    raw,
+                    proto,
+                    self._server_ctx,
+                    server_side=True,
+                    ssl_handshake_timeout=self.cfg.handshake_timeout_s,
+                )
+            except (ssl.SSLError, OSError, TimeoutError, ConnectionError):
+                self._reject("tls")
+                return
+            if tls is None:
+                self._reject("tls")
+                return
+            proto.connection_made(tls)
+            writer = asyncio.StreamWriter(tls, proto, reader, self._loop)
+            await self._serve_connection(reader, writer, peer)
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            self.stats.runtime["connection_errors"] += 1
+        finally:
+            self._conns -= 1
+            self._conns_by_ip[ip] -= 1
+            if self._conns_by_ip[ip] <= 0:
+                del self._conns_by_ip[ip]
+            if writer is not None:
+                writer.close()
+            else:
+                raw.abort()
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any
+    ) -> None:
+        src = f"{peer[0]}:{peer[1]}" if peer else "?"
+        while True:
+            try:
+                async with asyncio.timeout(self.cfg.idle_timeout_s):
+                    data = await read_frame(reader, self.cfg.max_frame_bytes)
+            except asyncio.IncompleteReadError as e:
+                if e.partial:
+                    self._reject("truncated")
+                return
+            except FrameTooLarge:
+                self._reject("oversized")
+                return
+            except TimeoutError:
+                return
+            try:
+                msg = decode_stream_message(data, self.cfg.max_frame_bytes)
+            except WireError as e:
+                self._reject(e.reason)
+                return
+            reply = await self._handle_message(msg, src)
+            if reply is None:
+                return
+            await write_frame(
+                writer, encode_stream_message(reply), max_size=self.cfg.max_frame_bytes
+            )
+
+    async def _handle_message(self, msg: StreamMessage, src: str) -> StreamMessage | None:
+        if isinstance(msg, PushPullFrame):
+            if self.membership is None:
+                return None
+            try:
+                plain = self._keys.open_ring.open(msg.payload)
+            except SealError as e:
+                self._reject(e.reason)
+                return None
+            out = self.membership.handle_stream(src, plain, time.monotonic())
+            self._pump()
+            if out is None:
+                self._reject("malformed")
+                return None
+            return PushPullFrame(self._keys.seal_ring.seal(out))
+        if isinstance(msg, RpcRequest):
+            if not self.bundle.check_token(msg.token):
+                self._reject("unauthorized")
+                return RpcResponse(msg.id, False, error="unauthorized: wrong admin token")
+            return await self._call_rpc(msg)
+        self._reject("unexpected")
+        return None
+
+    async def _call_rpc(self, req: RpcRequest) -> RpcResponse:
+        handler = self._rpc.get(req.method)
+        if handler is None:
+            self._reject("unknown_method")
+            return RpcResponse(req.id, False, error=f"unknown method {req.method!r}")
+        if self._rpc_in_flight >= self.cfg.max_rpc_in_flight:
+            self.stats.runtime["rpc_shed"] += 1
+            return RpcResponse(req.id, False, error="busy: too many requests in flight")
+        self._rpc_in_flight += 1
+        try:
+            result = handler(req.args)
+            if inspect.isawaitable(result):
+                result = await result
+            return RpcResponse(req.id, True, result=msgspec.to_builtins(result))
+        except (ValueError, TypeError, KeyError) as e:
+            return RpcResponse(req.id, False, error=str(e) or type(e).__name__)
+        finally:
+            self._rpc_in_flight -= 1
+
+    # ------------------------------------------------------------------ events, keys, disk
+
+    def _on_event(self, ev: Event) -> None:
+        kind = {
+            MemberJoined: "member_joined",
+            MemberAlive: "member_alive",
+            MemberSuspect: "member_suspect",
+            MemberDown: "member_down",
+            MemberLeft: "member_left",
+            MemberUpdated: "member_updated",
+        }.get(type(ev), type(ev).__name__)
+        name = str(getattr(ev, "name", ""))
+        inc = int(getattr(ev, "incarnation", 0))
+        source = str(getattr(ev, "source", ""))
+        self._event_seq += 1
+        self.events.append(EventInfo(self._event_seq, time.time(), kind, name, inc, source))
+        level = "warning" if isinstance(ev, MemberDown | MemberSuspect) else "info"
+        fields: dict[str, Any] = {"member": name, "incarnation": inc}
+        if source:
+            fields["source"] = source
+        if isinstance(ev, MemberJoined):
+            fields["address"] = ev.addr
+        self.log(level, kind, **fields)
+        if isinstance(ev, MemberJoined | MemberUpdated | MemberAlive):
+            self._region_by_addr = {
+                mm.addr: mm.meta.region for mm in self.m.members.values() if mm.name != self.name
+            }
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.key_check_interval_s)
+            self._check_keyring()
+            self._save_incarnation()
+
+    def _check_keyring(self) -> None:
+        keys = self._keys
+        now = time.monotonic()
+        path = self.bundle.path / "keyring.json"
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            mtime = keys.mtime_ns
+        if mtime != keys.mtime_ns:
+            keys.mtime_ns = mtime
+            try:
+                new = load_keyring(self.bundle.path)
+            except (BundleError, OSError) as e:
+                self.log("error", "keyring_unreadable", error=str(e))
+                new = None
+            if new is not None:
+                seal_key = keys.seal_ring.primary
+                # Keep opening with the key we seal with until we switch away from it.
+                keys.open_ring = Keyring(new.primary, [*new.accepted, seal_key])
+                if new.primary != seal_key:
+                    keys.pending_primary = new.primary
+                    keys.switch_at = now + self.cfg.key_switch_delay_s
+                self.log(
+                    "info",
+                    "keyring_reloaded",
+                    keys=new.key_ids(),
+                    switch_in_s=self.cfg.key_switch_delay_s if keys.pending_primary else 0,
+                )
+        if keys.pending_primary is not None and now >= keys.switch_at:
+            keys.seal_ring = Keyring(keys.pending_primary)
+            keys.pending_primary = None
+            self.log("info", "key_switched", key=keys.seal_ring.primary_id)
+
+    def _save_incarnation(self) -> None:
+        if self.membership is None:
+            return
+        inc = self.membership.incarnation
+        if inc != self._saved_inc:
+            try:
+                write_identity(self.data_dir, Identity(self.name, inc, self.identity.created))
+                self._saved_inc = inc
+            except Exception as e:
+                self.log("error", "identity_write_failed", error=str(e))
+
+    def _spawn(self, coro: Any) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ built-in RPCs
+
+    def _register_builtin_rpcs(self) -> None:
+        self.register_rpc("members", self._rpc_members)
+        self.register_rpc("stats", self._rpc_stats)
+        self.register_rpc("events", self._rpc_events)
+
+    def member_infos(self) -> list[MemberInfo]:
+        out = []
+        for mm in sorted(self.m.members.values(), key=lambda x: x.name):
+            out.append(self._member_info(mm))
+        return out
+
+    def _member_info(self, mm: Member) -> MemberInfo:
+        rtt = self.m.estimate_rtt_to(mm.name)
+        return MemberInfo(
+            name=mm.name,
+            address=mm.addr,
+            region=mm.meta.region,
+            zone=mm.meta.zone,
+            state=STATE_NAMES.get(mm.state, str(mm.state)),
+            incarnation=mm.inc,
+            rtt_ms=None if rtt is None else round(rtt * 1000, 3),
+            labels=dict(mm.meta.labels),
+        )
+
+    def _rpc_members(self, args: dict[str, Any]) -> list[MemberInfo]:
+        return self.member_infos()
+
+    def rejected_messages(self) -> dict[str, int]:
+        out: Counter[str] = Counter(self.stats.rejected)
+        if self.membership is not None:
+            for key, n in self.membership.stats.items():
+                if key.startswith("rejected."):
+                    out[key.removeprefix("rejected.")] += n
+        return dict(out)
+
+    def _rpc_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "address": self.addr,
+            "pid": os.getpid(),
+            "incarnation": self.m.incarnation,
+            "alive": self.m.alive_count(),
+            "health": self.m.health_score(),
+            "membership": dict(self.m.stats),
+            "rejected_messages": self.rejected_messages(),
+            "runtime": dict(self.stats.runtime),
+            "connections": self._conns,
+            "streams_in_flight": self._streams_in_flight,
+            "seal_key": self._keys.seal_ring.primary_id,
+            "keys": self._keys.open_ring.key_ids(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }
+
+    def _rpc_events(self, args: dict[str, Any]) -> list[EventInfo]:
+        since = args.get("since", 0)
+        if not isinstance(since, int):
+            raise ValueError("'since' must be an integer")
+        return [e for e in self.events if e.seq > since]
+
+
+async def run_agent(agent: NodeAgent) -> None:
+    """Start ``agent`` and run until SIGTERM or SIGINT, then leave gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    await stop.wait()
+    agent.log("info", "signal", action="leave")
+    await agent.leave_and_stop()
+
+
+def run_forever(agent: NodeAgent) -> None:
+    """Run ``agent`` on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        asyncio.run(run_agent(agent))
+        return
+    uvloop.run(run_agent(agent))
