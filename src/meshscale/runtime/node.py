@@ -40,6 +40,7 @@ import json
 import os
 import random
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -85,6 +86,8 @@ from meshscale.runtime.tls import GREETING, client_context, connect_tls, server_
 
 RpcHandler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
 
+UNAUTHORIZED = "unauthorized"
+
 STATE_NAMES = {
     State.ALIVE: "alive",
     State.SUSPECT: "suspect",
@@ -104,6 +107,8 @@ class AgentConfig:
     max_frame_bytes: int = 8 * 1024 * 1024 + 1024
     """Largest frame accepted (a full push/pull of a large mesh, plus framing)."""
     max_datagram_bytes: int = 65_507
+    udp_buffer_bytes: int = 2 * 1024 * 1024
+    """Requested UDP receive buffer (SO_RCVBUF)."""
     handshake_timeout_s: float = 5.0
     idle_timeout_s: float = 30.0
     """Close an inbound connection that sends no frame for this long."""
@@ -272,6 +277,12 @@ class NodeAgent:
             lambda: _UdpProtocol(self), local_addr=(self.bind_host, self.port)
         )
         self._udp = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # A burst (a push/pull's worth of gossip, or a flood) should queue, not drop;
+            # memberlist asks for 2 MB too. The kernel caps it at net.core.rmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.cfg.udp_buffer_bytes)
         if self.port == 0:
             self.port = transport.get_extra_info("sockname")[1]
             host = split_addr(self.addr)[0]
@@ -569,6 +580,8 @@ class NodeAgent:
             await write_frame(
                 writer, encode_stream_message(reply), max_size=self.cfg.max_frame_bytes
             )
+            if isinstance(reply, RpcResponse) and reply.error.startswith(UNAUTHORIZED):
+                return  # an unauthenticated peer gets one answer, then the door
 
     async def _handle_message(self, msg: StreamMessage, src: str) -> StreamMessage | None:
         if isinstance(msg, PushPullFrame):
@@ -588,7 +601,7 @@ class NodeAgent:
         if isinstance(msg, RpcRequest):
             if not self.bundle.check_token(msg.token):
                 self._reject("unauthorized")
-                return RpcResponse(msg.id, False, error="unauthorized: wrong admin token")
+                return RpcResponse(msg.id, False, error=f"{UNAUTHORIZED}: wrong admin token")
             return await self._call_rpc(msg)
         self._reject("unexpected")
         return None
