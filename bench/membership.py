@@ -1,0 +1,186 @@
+"""Membership benchmark in the simulator: failure detection, dissemination, load,
+false positives and Vivaldi accuracy for a mesh of N nodes.
+
+    python bench/membership.py --nodes 1000 --seed 1 --json out.json [--quick]
+
+Scenarios (all on the default MembershipConfig, three regions 80-190 ms apart unless
+said otherwise; the mesh starts converged):
+
+- steady state: datagrams and bytes per node per second over a quiet window;
+- dissemination: one node changes its metadata; time until every node has it;
+- detection: a node crashes silently; time until the first / every live node marks it
+  dead (median of three crashes);
+- false_positives_loss5: 300 virtual s at 5% uniform datagram loss; live nodes marked
+  dead by anyone (distinct nodes);
+- false_positives_slow: 300 virtual s with 5% of nodes slow (every input they get is
+  handled 2 s * U(0.5, 1.5) late, the CPU-starved member of the Lifeguard paper);
+  *healthy* nodes marked dead by anyone (distinct nodes). The slow nodes themselves
+  are not counted: a node that answers 2 s late is failing its probes for real.
+  The same scenario with Lifeguard off is printed for comparison;
+- vivaldi_median_rel_err: five regions (25-220 ms), 120 virtual s of probing, median
+  |estimate - true| / true RTT over node pairs.
+
+``--quick`` runs every scenario shorter (for tests). Prints a table; writes JSON with
+exactly the keys listed in KEYS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from meshscale.core.membership import MembershipConfig
+from meshscale.sim.scenarios import SwimMesh
+from meshscale.sim.topology import Topology
+
+KEYS = (
+    "nodes",
+    "detect_first_s",
+    "detect_all_s",
+    "disseminate_all_s",
+    "msgs_per_node_per_s",
+    "bytes_per_node_per_s",
+    "false_positives_loss5",
+    "false_positives_slow",
+    "vivaldi_median_rel_err",
+    "sim_events_per_s",
+    "wall_s",
+)
+
+
+class Clock:
+    """Sums simulator events and the wall time spent running them."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.wall = 0.0
+
+    def run(self, mesh: SwimMesh, fn: object) -> object:
+        t0 = time.perf_counter()
+        e0 = mesh.sim.events_processed
+        result = fn()  # type: ignore[operator]
+        self.wall += time.perf_counter() - t0
+        self.events += mesh.sim.events_processed - e0
+        return result
+
+
+def steady_detect_disseminate(n: int, seed: int, quick: bool, clock: Clock) -> dict[str, float]:
+    mesh = SwimMesh(n, seed=seed)
+    warm, window = (5.0, 10.0) if quick else (10.0, 30.0)
+    clock.run(mesh, lambda: mesh.sim.run_until(warm))
+    before = mesh.sim.stats.totals()
+    msgs0 = before.datagrams_sent + before.streams_sent
+    bytes0 = before.bytes_sent + before.stream_bytes_sent
+    clock.run(mesh, lambda: mesh.sim.run_until(warm + window))
+    after = mesh.sim.stats.totals()
+    msgs = (after.datagrams_sent + after.streams_sent - msgs0) / (n * window)
+    nbytes = (after.bytes_sent + after.stream_bytes_sent - bytes0) / (n * window)
+
+    dissem = []
+    for i in range(1 if quick else 3):
+        origin = mesh.names[(i * 11 + 2) % n]
+        dissem.append(clock.run(mesh, lambda o=origin: mesh.disseminate(o)))
+        clock.run(mesh, lambda: mesh.sim.run_until(mesh.sim.now + 3.0))
+    firsts, alls = [], []
+    for i in range(1 if quick else 3):
+        victim = mesh.names[(i * 7 + 1) % n]
+        first, all_s = clock.run(mesh, lambda v=victim: mesh.detect(v))  # type: ignore[misc]
+        firsts.append(first)
+        alls.append(all_s)
+        clock.run(mesh, lambda: mesh.sim.run_until(mesh.sim.now + 3.0))
+    return {
+        "msgs_per_node_per_s": msgs,
+        "bytes_per_node_per_s": nbytes,
+        "disseminate_all_s": statistics.median(dissem),  # type: ignore[type-var]
+        "detect_first_s": statistics.median(firsts),
+        "detect_all_s": statistics.median(alls),
+    }
+
+
+def false_positives_loss(n: int, seed: int, duration: float, clock: Clock) -> int:
+    mesh = SwimMesh(n, seed=seed + 1000, loss=0.05)
+    clock.run(mesh, lambda: mesh.sim.run_until(duration))
+    return len({subject for _, _, subject in mesh.false_downs()})
+
+
+def false_positives_slow(n: int, seed: int, duration: float, lifeguard: bool,
+                         clock: Clock) -> tuple[int, int]:
+    mesh = SwimMesh(n, seed=seed + 2000, config=MembershipConfig(lifeguard=lifeguard))
+    slow = set(mesh.names[: max(1, n // 20)])
+    for name in slow:
+        mesh.sim.set_slow(name, 2.0)
+    clock.run(mesh, lambda: mesh.sim.run_until(duration))
+    downs = {subject for _, _, subject in mesh.false_downs()}
+    return len(downs - slow), len(downs & slow)
+
+
+def vivaldi_error(n: int, seed: int, duration: float, clock: Clock) -> float:
+    mesh = SwimMesh(n, seed=seed + 3000, topology=Topology.five_regions())
+    clock.run(mesh, lambda: mesh.sim.run_until(duration))
+    return statistics.median(mesh.vivaldi_errors())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="shorter scenarios, for tests")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--skip-slow-off", action="store_true",
+                    help="do not run the Lifeguard-off comparison")
+    args = ap.parse_args(argv)
+    if args.nodes < 5:
+        ap.error("--nodes must be at least 5")
+    t0 = time.perf_counter()
+    clock = Clock()
+    n, seed = args.nodes, args.seed
+    fp_duration = 60.0 if args.quick else 300.0
+    res: dict[str, float | int | None] = {"nodes": n}
+    res.update(steady_detect_disseminate(n, seed, args.quick, clock))
+    res["false_positives_loss5"] = false_positives_loss(n, seed, fp_duration, clock)
+    healthy_on, slow_on = false_positives_slow(n, seed, fp_duration, True, clock)
+    res["false_positives_slow"] = healthy_on
+    off: tuple[int, int] | None = None
+    if not args.skip_slow_off:
+        off = false_positives_slow(n, seed, fp_duration, False, clock)
+    res["vivaldi_median_rel_err"] = vivaldi_error(n, seed, 60.0 if args.quick else 120.0, clock)
+    res["sim_events_per_s"] = clock.events / clock.wall if clock.wall else 0.0
+    res["wall_s"] = time.perf_counter() - t0
+    assert tuple(res) == KEYS or set(res) == set(KEYS)
+
+    rows = [
+        ("nodes", f"{n}", ""),
+        ("detect_first_s", f"{res['detect_first_s']:.2f}", "crash -> first node marks it dead"),
+        ("detect_all_s", f"{res['detect_all_s']:.2f}", "crash -> every live node does"),
+        ("disseminate_all_s", f"{res['disseminate_all_s']:.2f}", "metadata change -> every node"),
+        ("msgs_per_node_per_s", f"{res['msgs_per_node_per_s']:.2f}", "datagrams + streams sent"),
+        ("bytes_per_node_per_s", f"{res['bytes_per_node_per_s']:.0f}", "before sealing"),
+        ("false_positives_loss5", f"{res['false_positives_loss5']}",
+         f"{fp_duration:.0f} s at 5% loss"),
+        ("false_positives_slow", f"{healthy_on}",
+         f"healthy nodes, {fp_duration:.0f} s, 5% slow (slow ones marked dead: {slow_on})"),
+    ]
+    if off is not None:
+        rows.append(("  same, Lifeguard off", f"{off[0]}",
+                     f"healthy nodes (slow ones marked dead: {off[1]})"))
+    rows += [
+        ("vivaldi_median_rel_err", f"{res['vivaldi_median_rel_err']:.3f}", "five regions"),
+        ("sim_events_per_s", f"{res['sim_events_per_s']:.0f}", "wall clock"),
+        ("wall_s", f"{res['wall_s']:.1f}", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'metric':<{width}}  {'value':>10}  note")
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>10}  {note}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({k: res[k] for k in KEYS}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
