@@ -17,10 +17,10 @@ from meshscale.core.membership import (
     MemberDown,
     MemberJoined,
     MemberLeft,
-    MemberSuspect,
-    MemberUpdated,
     Membership,
     MembershipConfig,
+    MemberSuspect,
+    MemberUpdated,
     NodeMeta,
     Ping,
     State,
@@ -122,7 +122,7 @@ def test_suspicion_timeout_scales_with_log_n() -> None:
 
 
 def test_ping_gets_ack_with_coordinate() -> None:
-    a, b = make("a"), make("b")
+    b = make("b")
     b.handle_datagram("a", encode_envelope([msgspec.msgpack.encode(Ping(7, "b", "a", "a"))]), 1.0)
     out = datagrams(b)
     assert len(out) == 1 and out[0].addr == "a"
@@ -169,7 +169,7 @@ def test_suspected_node_refutes_with_higher_incarnation() -> None:
     assert sent == []
 
 
-def test_suspicion_without_refutation_becomes_dead_after_timeout() -> None:
+def test_suspicion_without_refutation_becomes_dead_after_timeout_and_last_chance() -> None:
     nodes = converged(["a", "b", "c", "d"])
     a = nodes["a"]
     a.handle_datagram("c", encode_envelope([msgspec.msgpack.encode(Suspect("b", 0, "c"))]), 1.0)
@@ -181,7 +181,32 @@ def test_suspicion_without_refutation_becomes_dead_after_timeout() -> None:
     a.on_timer(1.0 + t_min - 0.01)
     assert a.state_of("b") == State.SUSPECT
     a.on_timer(1.0 + t_min + 0.01)
+    # Timeout reached: a last-chance ping (carrying the suspicion) goes to b first.
+    sent = [(o.addr, m) for o in datagrams(a) for m in messages(o.payload)]
+    assert any(addr == "b" and isinstance(m, Ping) for addr, m in sent)
+    assert any(addr == "b" and isinstance(m, Suspect) and m.node == "b" for addr, m in sent)
+    assert a.state_of("b") == State.SUSPECT
+    a.on_timer(1.0 + t_min + 0.02 + a.config.probe_timeout)
     assert a.state_of("b") == State.DEAD
+
+
+def test_last_chance_ack_saves_a_live_suspect() -> None:
+    nodes = converged(["a", "b", "c", "d"])
+    a, b = nodes["a"], nodes["b"]
+    a.handle_datagram("c", encode_envelope([msgspec.msgpack.encode(Suspect("b", 0, "c"))]), 1.0)
+    a.drain()
+    t = 1.0 + suspicion_min_timeout(a.config, 4) + 0.01
+    a.on_timer(t)
+    for o in datagrams(a):
+        if o.addr == "b":
+            b.handle_datagram("a", o.payload, t + 0.001)
+    for o in datagrams(b):
+        if o.addr == "a":
+            a.handle_datagram("b", o.payload, t + 0.002)
+    # b refuted (incarnation 1) and its alive message rode back on the ack.
+    assert b.incarnation == 1
+    assert a.state_of("b") == State.ALIVE
+    assert a.members["b"].inc == 1
 
 
 def test_confirmations_shorten_suspicion() -> None:
@@ -203,6 +228,7 @@ def test_confirmations_shorten_suspicion() -> None:
     suspect("n3", 1.1)
     assert a.stats["suspicion_confirmations"] == 3
     a.on_timer(1.0 + t_min + 0.05)
+    a.on_timer(1.0 + t_min + 0.06 + a.config.probe_timeout)  # after the last chance
     assert a.state_of("n1") == State.DEAD
     assert t_max > t_min
 
@@ -212,7 +238,7 @@ def test_lifeguard_off_uses_fixed_min_timeout() -> None:
     a = nodes["n0"]
     a.handle_datagram("n2", encode_envelope([msgspec.msgpack.encode(Suspect("n1", 0, "n2"))]), 1.0)
     a.on_timer(1.0 + suspicion_min_timeout(a.config, 20) + 0.01)
-    assert a.state_of("n1") == State.DEAD
+    assert a.state_of("n1") == State.DEAD  # plain SWIM: no last chance
 
 
 def test_old_incarnation_is_ignored_and_newer_alive_revives() -> None:

@@ -42,8 +42,8 @@ import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
 from enum import IntEnum
+from functools import partial
 from typing import Annotated
 
 import msgspec
@@ -112,6 +112,11 @@ class MembershipConfig:
     lifeguard: bool = True
     """Lifeguard on (health multiplier, nacks, dynamic suspicion, buddy system) or plain
     SWIM (fixed suspicion timeout of min)."""
+    last_chance_probes: int = 2
+    """Lifeguard on: before declaring dead a suspect that fewer than K others confirmed,
+    ping it directly (twice, with the suspicion attached); a member that answers is
+    given more time to refute, at most this many times. A well-confirmed death skips
+    it; a lone accuser pays one probe timeout."""
     awareness_max: int = 8
     """Largest local health multiplier (timeouts are scaled by score + 1)."""
     max_payload_bytes: int = 1367
@@ -309,7 +314,7 @@ def push_pull_period(config: MembershipConfig, n: int) -> float:
 class _Suspicion:
     """Lifeguard's dynamic suspicion timer for one member."""
 
-    __slots__ = ("confirmations", "k", "max_s", "min_s", "start", "timer")
+    __slots__ = ("answered", "confirmations", "k", "last_chances", "max_s", "min_s", "start", "timer")
 
     def __init__(self, source: str, k: int, min_s: float, max_s: float, start: float) -> None:
         self.confirmations = {source}
@@ -318,6 +323,8 @@ class _Suspicion:
         self.max_s = max_s
         self.start = start
         self.timer: _Timer | None = None
+        self.last_chances = 0
+        self.answered = False
 
     def timeout(self) -> float:
         if self.k < 1:
@@ -404,6 +411,7 @@ class Membership:
         self._timer_seq = 0
         self._seq = 0
         self._probes: dict[int, _Probe] = {}
+        self._last_chance: dict[int, str] = {}
         self._relays: dict[int, _Relay] = {}
         self._probe_order: list[str] = []
         self._probe_index = 0
@@ -881,6 +889,12 @@ class Membership:
                 relay.timer.active = False
             self._send(relay.origin_addr, _encode(Ack(relay.origin_seq, msg.source)), now)
             return
+        lc_name = self._last_chance.pop(msg.seq, None)
+        if lc_name is not None:
+            sus = self._suspicions.get(lc_name)
+            if sus is not None and msg.source == lc_name:
+                sus.answered = True
+            return
         probe = self._probes.get(msg.seq)
         if probe is None or probe.acked:
             return
@@ -1020,19 +1034,57 @@ class Membership:
     def _arm_suspicion(self, name: str, sus: _Suspicion) -> None:
         if sus.timer is not None:
             sus.timer.active = False
+        sus.timer = self._at(sus.deadline(), partial(self._suspicion_expired, name, sus))
 
-        def fire(now: float, name: str = name, sus: _Suspicion = sus) -> None:
-            m = self.members.get(name)
-            if m is None or m.state != State.SUSPECT or self._suspicions.get(name) is not sus:
-                return
-            self._on_dead(Dead(name, m.inc, self.name), now)
+    def _suspicion_expired(self, name: str, sus: _Suspicion, now: float) -> None:
+        m = self.members.get(name)
+        if m is None or m.state != State.SUSPECT or self._suspicions.get(name) is not sus:
+            return
+        lone = len(sus.confirmations) <= max(sus.k, 1)  # fewer than K confirmations
+        if self.config.lifeguard and lone and sus.last_chances < self.config.last_chance_probes:
+            # Last chance: ping the suspect ourselves, telling it it is suspected. A live
+            # node answers, refutes, and its new incarnation rides back on the ack. This
+            # catches the rare refutation that gossip failed to bring us.
+            sus.last_chances += 1
+            sus.answered = False
+            for _ in range(2):
+                seq = self._next_seq()
+                self._last_chance[seq] = name
+                msgs = [
+                    _encode(Ping(seq, name, self.name, self.addr)),
+                    _encode(Suspect(name, m.inc, self.name)),
+                ]
+                self._send_many(m.addr, msgs, now)
+            self._count("last_chance_probes")
+            sus.timer = self._at(
+                now + self._scale(self.config.probe_timeout),
+                partial(self._last_chance_over, name, sus),
+            )
+            return
+        self._on_dead(Dead(name, m.inc, self.name), now)
 
-        sus.timer = self._at(sus.deadline(), fire)
+    def _forget_last_chance(self, name: str) -> None:
+        for seq in [k for k, v in self._last_chance.items() if v == name]:
+            del self._last_chance[seq]
+
+    def _last_chance_over(self, name: str, sus: _Suspicion, now: float) -> None:
+        self._forget_last_chance(name)
+        m = self.members.get(name)
+        if m is None or m.state != State.SUSPECT or self._suspicions.get(name) is not sus:
+            return
+        if sus.answered:
+            # It is alive; give its refutation time to reach us before asking again.
+            self._count("last_chance_saved")
+            sus.timer = self._at(now + sus.min_s, partial(self._suspicion_expired, name, sus))
+            return
+        self._on_dead(Dead(name, m.inc, self.name), now)
 
     def _cancel_suspicion(self, name: str) -> None:
         sus = self._suspicions.pop(name, None)
         if sus is not None and sus.timer is not None:
             sus.timer.active = False
+        if self._last_chance:
+            self._forget_last_chance(name)
 
     def _on_dead(self, msg: Dead, now: float) -> None:
         m = self.members.get(msg.node)
