@@ -973,8 +973,9 @@ class Membership:
                 return
         elif msg.inc <= m.inc:
             return
-        elif m.addr != msg.addr and m.state <= State.SUSPECT:
-            # Two live nodes claim one name: keep the one we know until it dies.
+        elif m.addr != msg.addr and m.state == State.ALIVE:
+            # Two live nodes claim one name: keep the one we know until it is suspected
+            # (a node restarted on a new port takes over once its old address fails).
             self._count("rejected.name_conflict")
             return
         was = m.state
@@ -996,12 +997,11 @@ class Membership:
             self._emit(MemberUpdated(m.name, m.meta, m.inc))
 
     def _on_suspect(self, msg: Suspect, now: float) -> None:
+        if msg.node == self.name:
+            self._accused(msg.inc, now)
+            return
         m = self.members.get(msg.node)
         if m is None or msg.inc < m.inc:
-            return
-        if msg.node == self.name:
-            if not self._left:
-                self._refute(msg.inc, now)
             return
         if m.state == State.SUSPECT:
             sus = self._suspicions.get(m.name)
@@ -1087,14 +1087,13 @@ class Membership:
             self._forget_last_chance(name)
 
     def _on_dead(self, msg: Dead, now: float) -> None:
+        if msg.node == self.name:
+            self._accused(msg.inc, now)
+            return
         m = self.members.get(msg.node)
         if m is None or msg.inc < m.inc:
             return
         if m.state > State.SUSPECT:
-            return
-        if msg.node == self.name:
-            if not self._left:
-                self._refute(msg.inc, now)
             return
         m.inc = msg.inc
         self._cancel_suspicion(m.name)
@@ -1106,6 +1105,20 @@ class Membership:
         else:
             self._count("deaths")
             self._emit(MemberDown(m.name, m.inc, msg.source))
+
+    def _accused(self, inc: int, now: float) -> None:
+        """Someone says we are suspect or dead at incarnation ``inc``."""
+        if self._left:
+            return
+        me = self.members[self.name]
+        if inc >= me.inc:
+            self._refute(inc, now)
+        elif me.name not in self._broadcasts:
+            # A stale accusation: its sender missed our refutation. Gossip our current
+            # incarnation again (it rides on our next ack to that sender), rather than
+            # stay silent as memberlist does and let the sender's timer run out.
+            self._count("reasserted")
+            self._queue_alive(me)
 
     def _refute(self, inc: int, now: float) -> None:
         me = self.members[self.name]

@@ -68,13 +68,14 @@ def decode_stream_message(data: bytes, max_size: int) -> StreamMessage:
     if version != STREAM_PROTOCOL_VERSION:
         raise WireError("version", f"stream version {version}")
     try:
-        return _message_decoder.decode(raw)
+        msg: StreamMessage = _message_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         # A well-formed array whose tag we do not know is "unknown"; anything else malformed.
         reason = "unknown" if "Invalid value" in str(exc) and "$[0]" in str(exc) else "malformed"
         raise WireError(reason, str(exc)) from None
     except (msgspec.DecodeError, ValueError) as exc:
         raise WireError("malformed", str(exc)) from None
+    return msg
 
 
 # ------------------------------------------------------------------ RPC result schemas
