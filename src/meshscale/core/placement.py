@@ -1,0 +1,235 @@
+"""Replica placement: which live nodes hold an object, computed by any node from its view.
+
+Rendezvous hashing after Thaler and Ravishankar, "Using Name-Based Mappings to Increase Hit
+Rates", IEEE/ACM Transactions on Networking, 1998 (highest random weight, HRW): every node
+scores every (object, node) pair with the same hash and the object lives on the
+highest-scoring nodes. No ring, no tokens and no lookup service, so any node derives the
+same replica set from the same membership view, and a node that joins or leaves moves only
+the objects whose set it enters or leaves. Spreading the replicas over failure domains
+follows Cassandra's ``NetworkTopologyStrategy`` (replicas spread over data centres, and
+over racks within one), with regions in the role of data centres and zones in the role of
+racks. Departures from both:
+
+- Residency first. Nodes in regions the object's residency rule does not allow are never
+  candidates; when no live node is allowed the call refuses with ``PlacementError`` naming
+  the rule, and never falls back to a node elsewhere.
+- No per-region replica counts to configure, unlike Cassandra. Replicas are picked one at
+  a time, each the node whose region, then whose zone, holds the fewest replicas chosen so
+  far, HRW rank breaking ties (*least-loaded failure domain first*). With at least R
+  allowed regions every replica is in its own region; with fewer, the regions are filled
+  as evenly as their nodes allow (2 regions and R = 4 give 2 + 2, not 3 + 1, so losing
+  either region leaves half the copies) and within a region the zones are used evenly.
+  Regions come before zones because a region is the larger failure domain (power, network
+  and jurisdiction fail together). When a residency rule confines data to one region every
+  candidate has the same region count, the first key never decides, and the rule reduces
+  to spreading over that region's zones, which is exactly what such data needs, so there is
+  no special case. The cost of region-first is write latency across regions; a policy that
+  wants replicas close together says so with a narrower residency rule, and reads go to the
+  nearest replica rather than to the primary.
+- Fewer allowed nodes than R is not an error here: all of them are returned and the caller
+  decides with ``check_quorum`` whether that meets its write quorum W (Dynamo's sloppy
+  quorum and hinted handoff are the replication layer's business, not placement's).
+
+Minimal disruption. The first replica, the primary, is always the top HRW node, so primaries
+are exactly as balanced and as stable as plain rendezvous hashing. For the whole set two
+properties hold, and the tests check both:
+
+1. Removing (or adding) a node that is not in an object's set leaves that set, and its
+   order, unchanged. Proof: each pick is the minimum, over the nodes not yet picked, of a
+   key that depends only on the node and the replicas picked before it. A node that is
+   never the minimum can be taken away without changing any minimum, so by induction every
+   pick is the same. Adding a node is the same statement read backwards.
+2. Removing a node that is in the set keeps every other member: the set loses that node
+   and gains at most one (none when no allowed node is left to take its place), so
+   re-replication copies one replica's worth of data. Sketch (the property test checks
+   it; this is not a line-by-line proof): within a region the key orders nodes by
+   (replicas already in the zone, HRW rank), a round robin over the region's zones that
+   does not depend on other regions, and the picks take a prefix of each region's sequence,
+   filling regions evenly. Removing a node from region s deletes it from s's sequence and
+   moves each later node of its zone up one round but never ahead of the node it follows,
+   so s's sequence only gets worse: s never gains a pick at another region's expense, other
+   regions keep their prefixes, and s's shorter prefix still holds s's other members.
+   The order of the survivors may change (a new primary when the primary left).
+
+Identical inputs in any order give the identical list: candidates are deduplicated by name
+and ranked by score, then by name, before anything else looks at them. Scores come from
+BLAKE2b, never Python's ``hash()``, which is salted per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+__all__ = [
+    "MAX_REPLICAS",
+    "Candidate",
+    "PlacementError",
+    "Residency",
+    "check_quorum",
+    "hrw_score",
+    "replica_set",
+]
+
+MAX_REPLICAS = 16
+"""Largest replica count a policy may ask for; placement is O(R * N) and R is small."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A live node as the membership view sees it."""
+
+    name: str
+    region: str
+    zone: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a candidate node needs a non-empty name")
+        if "\0" in self.name:
+            # The score hashes object_id + NUL + name; a NUL in a name could make two
+            # different pairs hash the same bytes.
+            raise ValueError(f"node name {self.name!r} contains a NUL character")
+        # Frozen all the way down: a view entry must not change under a placement.
+        object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
+
+
+@dataclass(frozen=True)
+class Residency:
+    """Where a data object or task may live: the allowed regions, and its data class."""
+
+    regions: frozenset[str] | None = None
+    """Allowed regions; ``None`` means anywhere. An empty set allows nowhere."""
+    data_class: str | None = None
+    """e.g. ``"pii"``; informational, carried into error messages."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.regions, str):
+            raise TypeError("Residency.regions takes a set of region names, not one string")
+        if self.regions is not None and not isinstance(self.regions, frozenset):
+            object.__setattr__(self, "regions", frozenset(self.regions))
+
+    def allows(self, region: str) -> bool:
+        return self.regions is None or region in self.regions
+
+    def describe(self) -> str:
+        where = "any" if self.regions is None else _braces(self.regions, sep=",")
+        cls = f" (class {self.data_class})" if self.data_class else ""
+        return f"residency regions={where}{cls}"
+
+
+class PlacementError(ValueError):
+    """A placement request that cannot be met; ``rule`` names the rule that refused it."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+def hrw_score(object_id: str, node: str) -> int:
+    """The rendezvous weight of ``node`` for ``object_id``: a 64-bit unsigned integer.
+
+    BLAKE2b with an 8-byte digest over the UTF-8 of ``object_id + "\\0" + node``, read
+    big-endian. Stable across processes, machines and Python versions, because every node
+    of the mesh must compute the same number.
+    """
+    data = f"{object_id}\0{node}".encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def replica_set(
+    object_id: str,
+    candidates: Iterable[Candidate],
+    replicas: int,
+    residency: Residency | None = None,
+) -> list[Candidate]:
+    """The nodes that hold ``object_id``, in priority order (the first is the primary).
+
+    Returns ``min(replicas, allowed nodes)`` candidates; fewer than ``replicas`` is not an
+    error here, see ``check_quorum``. Raises ``ValueError`` if ``replicas`` is outside
+    1..``MAX_REPLICAS`` or two candidates share a name but differ, and ``PlacementError``
+    when there is no live node at all (rule ``"replicas"``) or none that ``residency``
+    allows (rule ``"residency"``).
+    """
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise ValueError(f"replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
+    live = _dedupe(candidates)
+    if not live:
+        raise PlacementError(
+            "replicas", f"cannot place {object_id!r}: no live node in the membership view"
+        )
+    rule = residency if residency is not None else Residency()
+    allowed = [c for c in live if rule.allows(c.region)]
+    if not allowed:
+        assert rule.regions is not None  # "anywhere" allows every live node
+        raise PlacementError(
+            "residency",
+            f"cannot place {object_id!r}: no live node in regions {_braces(rule.regions)} "
+            f"allowed by {rule.describe()}; live nodes are in "
+            f"{_braces({c.region for c in live})}",
+        )
+    ranked = sorted(allowed, key=lambda c: (-hrw_score(object_id, c.name), c.name))
+    chosen = _spread(ranked, replicas)
+    assert len(chosen) == min(replicas, len(allowed))
+    assert len({c.name for c in chosen}) == len(chosen)
+    assert all(rule.allows(c.region) for c in chosen), "residency rule broken"
+    return chosen
+
+
+def check_quorum(chosen: Sequence[Candidate], w: int) -> None:
+    """Refuse, with rule ``"replicas"``, a write whose replica set cannot reach quorum ``w``."""
+    if w < 1:
+        raise ValueError(f"write quorum must be at least 1, got {w}")
+    if len(chosen) < w:
+        where = _braces({c.region for c in chosen}) if chosen else "{}"
+        raise PlacementError(
+            "replicas",
+            f"write quorum W={w} cannot be met: only {len(chosen)} allowed live node(s) "
+            f"(regions {where}) to place replicas on",
+        )
+
+
+def _spread(ranked: Sequence[Candidate], replicas: int) -> list[Candidate]:
+    """Pick ``replicas`` nodes from ``ranked`` (HRW order), least-loaded failure domain first.
+
+    Each pick minimises (replicas already in the node's region, replicas already in its
+    zone, HRW rank). The key depends only on the node and the picks before it, which is
+    what keeps property 1 of the module docstring.
+    """
+    remaining = list(ranked)
+    chosen: list[Candidate] = []
+    in_region: dict[str, int] = {}
+    in_zone: dict[tuple[str, str], int] = {}
+    while remaining and len(chosen) < replicas:
+        best_i = 0
+        best_key: tuple[int, int] | None = None
+        for i, c in enumerate(remaining):
+            key = (in_region.get(c.region, 0), in_zone.get((c.region, c.zone), 0))
+            if best_key is None or key < best_key:
+                best_i, best_key = i, key
+                if key == (0, 0):
+                    break  # nothing beats a fresh region, and later ranks lose ties
+        pick = remaining.pop(best_i)
+        chosen.append(pick)
+        in_region[pick.region] = in_region.get(pick.region, 0) + 1
+        zone = (pick.region, pick.zone)
+        in_zone[zone] = in_zone.get(zone, 0) + 1
+    return chosen
+
+
+def _dedupe(candidates: Iterable[Candidate]) -> list[Candidate]:
+    by_name: dict[str, Candidate] = {}
+    for c in candidates:
+        seen = by_name.setdefault(c.name, c)
+        if seen != c:
+            # Choosing one would make the answer depend on input order; a view has one
+            # entry per node, so this is the caller's bug.
+            raise ValueError(f"two different candidates named {c.name!r}: {seen} and {c}")
+    return list(by_name.values())
+
+
+def _braces(names: Iterable[str], sep: str = ", ") -> str:
+    return "{" + sep.join(sorted(names)) + "}"
