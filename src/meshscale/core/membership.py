@@ -225,6 +225,8 @@ class State(IntEnum):
     LEFT = 3
 
 
+_STATES = tuple(State)
+
 # --------------------------------------------------------------------------- events
 
 
@@ -292,6 +294,9 @@ class Member:
     meta: NodeMeta
     state_since: float
     coord: Coordinate | None = None
+    shared: bool = False
+    """True while this record is shared, read-only, by many nodes' views (a simulator's
+    converged start); a node copies it before changing it."""
 
 
 def suspicion_min_timeout(config: MembershipConfig, n: int) -> float:
@@ -412,6 +417,8 @@ class Membership:
         self._seq = 0
         self._probes: dict[int, _Probe] = {}
         self._last_chance: dict[int, str] = {}
+        # Members dead or left, in the order they went (a dict: ordered, O(1) removal).
+        self._down: dict[str, None] = {}
         self._relays: dict[int, _Relay] = {}
         self._probe_order: list[str] = []
         self._probe_index = 0
@@ -431,7 +438,9 @@ class Membership:
         self._stopped = False
         # Stagger the first rounds so a mesh started at once does not probe in lockstep.
         self._at(now + rng.uniform(0, self.config.probe_interval), self._probe_tick)
-        self._at(now + rng.uniform(0, self.config.push_pull_interval), self._push_pull_tick)
+        self._push_pull_timer = self._at(
+            now + rng.uniform(0, self.config.push_pull_interval), self._push_pull_tick
+        )
         self._at(now + rng.uniform(0, self.config.reconnect_interval), self._reconnect_tick)
         self._queue_alive(self.members[name])
 
@@ -495,8 +504,32 @@ class Membership:
             if name != self.name and name not in self.members:
                 self._add_member(Alive(name, inc, addr, meta), now)
                 self._set_state(self.members[name], State.ALIVE, now)
+        self._after_install(now)
+
+    def install_shared_view(
+        self, records: dict[str, Member], order: list[str], now: float
+    ) -> None:
+        """Like ``install_view``, but the records (marked ``shared``) are shared with
+        other nodes and copied only when this node changes one: a 10,000-node
+        converged start then costs 10,000 dicts of pointers, not 10^8 records."""
+        self._now = now
+        mine = self.members[self.name]
+        self.members = dict(records)
+        self.members[self.name] = mine
+        self._probe_order = [n for n in order if n != self.name]
+        self._probe_index = 0
+        self._alive_count = 1 + sum(
+            1 for n, m in records.items() if n != self.name and m.state <= State.SUSPECT
+        )
+        self._after_install(now)
+
+    def _after_install(self, now: float) -> None:
         self._broadcasts.clear()
         self._joined = True
+        # Spread the first full-state exchange over the period this mesh size calls for.
+        self._push_pull_timer.active = False
+        period = push_pull_period(self.config, self._alive_count)
+        self._push_pull_timer = self._at(now + self.rng.uniform(0, period), self._push_pull_tick)
 
     def coordinate(self) -> Coordinate:
         return self.vivaldi.coordinate
@@ -792,14 +825,19 @@ class Membership:
         self._outputs.append(SendDatagram(addr, payload))
 
     def _next_probe_target(self) -> Member | None:
+        # Random-order round robin, shuffled lazily (one Fisher-Yates step per probe),
+        # so a large view is never reshuffled in one go.
         order = self._probe_order
-        for _ in range(len(order) + 1):
-            if self._probe_index >= len(order):
-                self.rng.shuffle(order)
-                self._probe_index = 0
-                if not order:
+        n = len(order)
+        for _ in range(n + 1):
+            if self._probe_index >= n:
+                if n == 0:
                     return None
-            name = order[self._probe_index]
+                self._probe_index = 0
+            i = self._probe_index
+            j = self.rng.randrange(i, n)
+            order[i], order[j] = order[j], order[i]
+            name = order[i]
             self._probe_index += 1
             m = self.members.get(name)
             if m is not None and m.state <= State.SUSPECT and name != self.name:
@@ -910,7 +948,7 @@ class Membership:
                 self.vivaldi.update(probe.target, msg.coord, rtt)
                 member = self.members.get(probe.target)
                 if member is not None:
-                    member.coord = msg.coord
+                    self._own(member).coord = msg.coord
 
     def _on_nack(self, msg: Nack) -> None:
         probe = self._probes.get(msg.seq)
@@ -937,14 +975,17 @@ class Membership:
     # ------------------------------------------------------------------ state machine
 
     def _set_state(self, m: Member, state: State, now: float) -> None:
+        assert not m.shared, "copy a shared record before changing it"
         was_live = m.state <= State.SUSPECT
         is_live = state <= State.SUSPECT
         m.state = state
         m.state_since = now
         if was_live and not is_live:
             self._alive_count -= 1
+            self._down[m.name] = None
         elif is_live and not was_live:
             self._alive_count += 1
+            self._down.pop(m.name, None)
         assert self._alive_count >= 1
 
     def _add_member(self, msg: Alive, now: float) -> Member | None:
@@ -957,6 +998,14 @@ class Membership:
         pos = self.rng.randint(self._probe_index, len(self._probe_order))
         self._probe_order.insert(pos, msg.node)
         return m
+
+    def _own(self, m: Member) -> Member:
+        """Copy-on-write for records shared between views (see ``install_shared_view``)."""
+        if not m.shared:
+            return m
+        mine = Member(m.name, m.addr, m.inc, m.state, m.meta, m.state_since, m.coord)
+        self.members[m.name] = mine
+        return mine
 
     def _on_alive(self, msg: Alive, now: float) -> None:
         if msg.node == self.name:
@@ -978,6 +1027,7 @@ class Membership:
             # (a node restarted on a new port takes over once its old address fails).
             self._count("rejected.name_conflict")
             return
+        m = self._own(m)
         was = m.state
         meta_changed = m.meta != msg.meta
         m.inc = msg.inc
@@ -1013,6 +1063,7 @@ class Membership:
             return
         if m.state != State.ALIVE:
             return
+        m = self._own(m)
         m.inc = msg.inc
         self._set_state(m, State.SUSPECT, now)
         self._count("suspicions")
@@ -1095,6 +1146,7 @@ class Membership:
             return
         if m.state > State.SUSPECT:
             return
+        m = self._own(m)
         m.inc = msg.inc
         self._cancel_suspicion(m.name)
         left = msg.source == msg.node
@@ -1136,11 +1188,10 @@ class Membership:
 
     def _merge_remote(self, msg: PushPull, now: float) -> None:
         for st in msg.states:
-            try:
-                state = State(st.state)
-            except ValueError:
+            if not 0 <= st.state < len(_STATES):
                 self._count("rejected.malformed")
                 continue
+            state = _STATES[st.state]
             if state == State.ALIVE:
                 self._on_alive(Alive(st.name, st.inc, st.addr, st.meta), now)
             elif state == State.LEFT:
@@ -1160,7 +1211,9 @@ class Membership:
     def _push_pull_tick(self, now: float) -> None:
         if self._stopped:
             return
-        self._at(now + push_pull_period(self.config, self._alive_count), self._push_pull_tick)
+        self._push_pull_timer = self._at(
+            now + push_pull_period(self.config, self._alive_count), self._push_pull_tick
+        )
         if self._left:
             return
         peers = self._random_members(1, lambda m: m.state == State.ALIVE)
@@ -1172,11 +1225,11 @@ class Membership:
             return
         self._at(now + self.config.reconnect_interval, self._reconnect_tick)
         self._reap(now)
-        if self._left:
+        if self._left or not self._down:
             return
         dead = [
             m
-            for m in self.members.values()
+            for m in map(self.members.__getitem__, self._down)
             if m.state == State.DEAD and now - m.state_since < self.config.reconnect_timeout
         ]
         if dead:
@@ -1186,11 +1239,12 @@ class Membership:
 
     def _reap(self, now: float) -> None:
         gone = [
-            m.name
-            for m in self.members.values()
-            if m.state > State.SUSPECT and now - m.state_since > self.config.dead_reap_s
+            name
+            for name in self._down
+            if now - self.members[name].state_since > self.config.dead_reap_s
         ]
         for name in gone:
+            del self._down[name]
             del self.members[name]
             self._probe_order.remove(name)
             self._probe_index = min(self._probe_index, len(self._probe_order))

@@ -8,11 +8,13 @@ live node dead, does every node hold the same view.
 
 from __future__ import annotations
 
+import gc
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from meshscale.core.membership import (
+    Member,
     MemberAlive,
     MemberDown,
     MemberJoined,
@@ -72,9 +74,16 @@ class SwimMesh:
         for name in self.names:
             self.sim.add_node(name, self.placements[name], self._factory)
         if converged:
-            view = [(n, n, 0, metas[n]) for n in self.names]
+            records = {
+                n: Member(n, n, 0, State.ALIVE, metas[n], 0.0, shared=True) for n in self.names
+            }
             for name in self.names:
-                self.sim.call(name, lambda p, now: _install(p, view, now))
+                self.sim.call(name, lambda p, now: _install(p, records, self.names, now))
+            if nodes >= 2000:
+                # Ten thousand views of ten thousand members are long-lived containers:
+                # keep the cyclic GC from walking them over and over.
+                gc.collect()
+                gc.freeze()
         else:
             seed_node = self.names[0]
             for name in self.names[1:]:
@@ -236,9 +245,9 @@ class SwimMesh:
         return errs
 
 
-def _install(p: DrivenProtocol, view: list[tuple[str, str, int, NodeMeta]], now: float) -> None:
+def _install(p: DrivenProtocol, records: dict[str, Member], order: list[str], now: float) -> None:
     assert isinstance(p, Membership)
-    p.install_view(view, now)
+    p.install_shared_view(records, order, now)
 
 
 def _join(p: DrivenProtocol, seeds: list[str], now: float) -> None:

@@ -1,0 +1,34 @@
+"""The membership benchmark runs end to end in --quick mode and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_membership_bench_quick_writes_exact_keys(tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "membership.py"), "--nodes", "40", "--quick",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert list(data) == [
+        "nodes", "detect_first_s", "detect_all_s", "disseminate_all_s", "msgs_per_node_per_s",
+        "bytes_per_node_per_s", "false_positives_loss5", "false_positives_slow",
+        "vivaldi_median_rel_err", "sim_events_per_s", "wall_s",
+    ]
+    assert data["nodes"] == 40
+    assert 0 < data["detect_first_s"] <= data["detect_all_s"] < 60
+    assert data["false_positives_loss5"] == 0
+    assert "detect_all_s" in proc.stdout  # the table
