@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 import subprocess
@@ -162,11 +161,3 @@ def test_cert_issue_without_ca_key(bundle_dir: Path, tmp_path: Path) -> None:
     (bundle_dir / "ca.key").unlink()
     result = cli("cert", "issue", "--bundle", bundle_dir, "--name", "n1", "--out", tmp_path)
     assert "ca.key" in assert_one_line_error(result)
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("meshscale.sim.demo") is not None,
-    reason="the demo exists; running it is the demo's own test",
-)
-def test_demo_missing_is_one_line_exit_1() -> None:
-    assert_one_line_error(cli("demo"), code=1)
