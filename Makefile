@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff check src tests bench $(wildcard examples)
 	$(BIN)/mypy --strict src/meshscale/core src/meshscale/sim
 
 test: lint
