@@ -1,0 +1,1132 @@
+"""A node's durable local storage: immutable objects as files, index and KV in SQLite.
+
+    <data_dir>/objects/ab/cd/b2b-abcd...   one file per object, named by its BLAKE2b-256
+    <data_dir>/tmp/<random>.part           objects being written; removed on open
+    <data_dir>/meta.sqlite3                object index, KV (WAL, synchronous=FULL)
+    <data_dir>/storage.lock                flock: one LocalStore per data dir
+
+An object becomes visible only through its index row, and the row is written last: the
+bytes go to a temp file (hashed as they stream in, never held whole), the file is fsynced,
+its hash checked, renamed into place, the directory fsynced, and only then is the row
+committed. A crash at any point leaves either nothing visible or the whole object, never a
+half-written one that looks whole; a crash between rename and row leaves an orphan file
+that nothing serves (``sweep_orphans`` reclaims it). When ``commit`` returns, the object
+survives a power cut, so a replica may be acknowledged then and not before.
+
+Deletes go the other way: the row first, then the file. Bounds (object size, total bytes,
+free disk left, concurrent writers, KV key and value sizes) are checked and refused with a
+``StorageError`` whose ``reason`` is a short machine word and whose message names the bound.
+
+Everything is synchronous and safe to call from several threads (e.g. ``asyncio.to_thread``):
+the SQLite connection and the publish step are behind one lock, byte counters behind
+another. A single ``ObjectWriter`` belongs to one thread at a time.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Final
+
+__all__ = [
+    "OBJECT_ID_PREFIX",
+    "LocalStore",
+    "ObjectMeta",
+    "ObjectWriter",
+    "StorageConfig",
+    "StorageError",
+    "object_id_of",
+]
+
+OBJECT_ID_PREFIX: Final = "b2b-"
+"""Object id = this prefix + lowercase hex BLAKE2b-256 of the object's bytes."""
+DIGEST_SIZE: Final = 32
+OBJECT_ID_RE: Final = re.compile(r"b2b-[0-9a-f]{64}")
+
+MAX_KV_KEY_BYTES: Final = 1024
+MAX_KV_VALUE_BYTES: Final = 1024 * 1024
+MAX_KV_TS_BYTES: Final = 512
+MAX_PAGE: Final = 10_000
+"""Largest ``limit`` a listing call honours; larger requests are clipped."""
+MAX_META_FIELD_BYTES: Final = 4096
+"""Bound on data_class, hint_for and the encoded residency list of one object."""
+
+OBJECTS_DIR: Final = "objects"
+TMP_DIR: Final = "tmp"
+DB_FILE: Final = "meta.sqlite3"
+LOCK_FILE: Final = "storage.lock"
+TMP_SUFFIX: Final = ".part"
+SCHEMA_VERSION: Final = 1
+
+_NO_SPACE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS objects (
+    id         TEXT PRIMARY KEY,
+    size       INTEGER NOT NULL,
+    replicas   INTEGER NOT NULL,
+    data_class TEXT,
+    residency  TEXT,
+    hint_for   TEXT,
+    created    REAL NOT NULL,
+    pinned     INTEGER NOT NULL,
+    expires    REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS objects_hint ON objects(hint_for) WHERE hint_for IS NOT NULL;
+CREATE INDEX IF NOT EXISTS objects_expires ON objects(expires)
+    WHERE expires IS NOT NULL AND pinned = 0;
+CREATE TABLE IF NOT EXISTS kv (
+    key   TEXT PRIMARY KEY,
+    value BLOB,
+    ts    TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+_META_COLUMNS: Final = (
+    "id, size, replicas, data_class, residency, hint_for, created, pinned, expires"
+)
+
+
+class StorageError(Exception):
+    """A storage operation was refused or failed; ``reason`` is one of
+
+    ``disk_full``, ``quota``, ``hash_mismatch``, ``too_large``, ``not_found``, ``corrupt``,
+    ``bad_id``, ``busy``; the message is one line that names the object or the bound.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    object_id: str
+    size: int
+    replicas: int
+    data_class: str | None
+    residency: tuple[str, ...] | None
+    hint_for: str | None
+    """Set when we hold the object only on behalf of that node (hinted handoff)."""
+    created: float
+    pinned: bool
+    expires: float | None
+    """With ``pinned`` False, the object is a GC candidate once ``now >= expires``."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    max_object_bytes: int = 8 * 1024**3
+    max_total_bytes: int | None = None
+    """Quota on the bytes of all objects, committed plus in flight; None = disk only."""
+    min_free_bytes: int = 256 * 1024**2
+    """Refuse a write that would leave less free disk space than this."""
+    chunk_bytes: int = 1024 * 1024
+    """Read size of ``read_chunks``; free space is re-checked every this many bytes written."""
+    max_concurrent_writes: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_object_bytes < 0:
+            raise ValueError(f"max_object_bytes must be >= 0, not {self.max_object_bytes}")
+        if self.max_total_bytes is not None and self.max_total_bytes < 0:
+            raise ValueError(f"max_total_bytes must be >= 0, not {self.max_total_bytes}")
+        if self.min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes must be >= 0, not {self.min_free_bytes}")
+        if self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, not {self.chunk_bytes}")
+        if self.max_concurrent_writes < 1:
+            raise ValueError(
+                f"max_concurrent_writes must be >= 1, not {self.max_concurrent_writes}"
+            )
+
+
+def object_id_of(data: bytes) -> str:
+    """The id of an object with these bytes."""
+    return OBJECT_ID_PREFIX + hashlib.blake2b(data, digest_size=DIGEST_SIZE).hexdigest()
+
+
+def _check_id(object_id: object) -> str:
+    # Before any path is built from it: an id is exactly prefix + 64 lowercase hex digits.
+    if not isinstance(object_id, str) or OBJECT_ID_RE.fullmatch(object_id) is None:
+        raise StorageError("bad_id", f"not an object id: {object_id!r:.100}")
+    return object_id
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """os.write until all of ``data`` is written (a module function so tests can fail it)."""
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _clip(limit: int) -> int:
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
+    return min(limit, MAX_PAGE)
+
+
+def _prefix_upper(prefix: str) -> str | None:
+    """The smallest string above every string that starts with ``prefix`` (None: no bound)."""
+    chars = list(prefix)
+    while chars:
+        c = ord(chars.pop()) + 1
+        if c == 0xD800:  # surrogates cannot be stored; the next code point is U+E000
+            c = 0xE000
+        if c <= 0x10FFFF:
+            return "".join(chars) + chr(c)
+    return None
+
+
+def _is_no_space(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in _NO_SPACE_ERRNOS
+    if isinstance(e, sqlite3.OperationalError):
+        return "full" in str(e).lower()
+    return False
+
+
+def _text_field(name: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str or None, not {type(value).__name__}")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_META_FIELD_BYTES:
+        raise StorageError("too_large", f"{name} is longer than {MAX_META_FIELD_BYTES} bytes")
+    return value
+
+
+class ObjectWriter:
+    """Streams one object to disk; see ``LocalStore.writer``.
+
+    ``write`` hashes and appends each chunk, checking size, quota and free space as it goes;
+    on any failure the writer aborts itself (temp file removed) before raising. ``commit``
+    makes the object durable and visible. As a context manager, leaving the block without
+    ``commit`` (normally or by an exception) aborts.
+    """
+
+    def __init__(
+        self,
+        store: LocalStore,
+        tmp_path: Path,
+        fd: int,
+        *,
+        declared_size: int | None,
+        replicas: int,
+        data_class: str | None,
+        residency: tuple[str, ...] | None,
+        hint_for: str | None,
+        pinned: bool,
+        created: float,
+        expires: float | None,
+    ) -> None:
+        self._store = store
+        self._tmp_path = tmp_path
+        self._fd: int | None = fd
+        self._hash = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self._declared = declared_size
+        self._replicas = replicas
+        self._data_class = data_class
+        self._residency = residency
+        self._hint_for = hint_for
+        self._pinned = pinned
+        self._created = created
+        self._expires = expires
+        self.written = 0
+        """Bytes written so far."""
+        self.reserved = declared_size or 0
+        """Bytes counted against the quota for this writer (max of declared and written)."""
+        self._outstanding = declared_size or 0  # declared, not yet admitted
+        self._unchecked = 0
+        self._done = False
+
+    @property
+    def closed(self) -> bool:
+        return self._done
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        if self._done:
+            raise ValueError("write to a committed or aborted ObjectWriter")
+        assert self._fd is not None
+        view = memoryview(chunk).cast("B")
+        n = len(view)
+        if n == 0:
+            return
+        try:
+            self._store._admit_bytes(self, n)
+            try:
+                _write_all(self._fd, view)
+            except OSError as e:
+                if _is_no_space(e):
+                    raise StorageError(
+                        "disk_full",
+                        f"disk full writing object at {self.written} bytes: {e.strerror or e}",
+                    ) from None
+                if e.errno == errno.EFBIG:
+                    raise StorageError(
+                        "too_large", f"file too large at {self.written} bytes: {e.strerror}"
+                    ) from None
+                raise
+        except BaseException:
+            self.abort()
+            raise
+        self._hash.update(view)
+        self.written += n
+
+    def commit(self, expected_id: str | None = None) -> ObjectMeta:
+        """Make the object durable and visible; return its metadata.
+
+        With ``expected_id``, the bytes must hash to it (else ``hash_mismatch`` and nothing
+        is kept). If the object is already stored, the two metadata are merged (see
+        ``LocalStore.writer``) and the new copy is dropped.
+        """
+        if self._done:
+            raise ValueError("commit of a committed or aborted ObjectWriter")
+        assert self._fd is not None
+        try:
+            if expected_id is not None:
+                _check_id(expected_id)
+            if self._declared is not None and self.written != self._declared:
+                raise StorageError(
+                    "hash_mismatch",
+                    f"object is {self.written} bytes, {self._declared} were declared",
+                )
+            object_id = OBJECT_ID_PREFIX + self._hash.hexdigest()
+            if expected_id is not None and object_id != expected_id:
+                raise StorageError(
+                    "hash_mismatch", f"bytes hash to {object_id}, expected {expected_id}"
+                )
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                if _is_no_space(e):
+                    raise StorageError(
+                        "disk_full", f"disk full flushing {object_id}: {e.strerror or e}"
+                    ) from None
+                raise
+            os.close(self._fd)
+            self._fd = None
+            meta = ObjectMeta(
+                object_id=object_id,
+                size=self.written,
+                replicas=self._replicas,
+                data_class=self._data_class,
+                residency=self._residency,
+                hint_for=self._hint_for,
+                created=self._created,
+                pinned=self._pinned,
+                expires=self._expires,
+            )
+            stored = self._store._publish(self._tmp_path, meta)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        self._store._release(self)
+        return stored
+
+    def abort(self) -> None:
+        """Drop the temp file; idempotent. Nothing of this write remains."""
+        if self._done:
+            return
+        self._done = True
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp_path)
+        self._store._release(self)
+
+    def __enter__(self) -> ObjectWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+
+class LocalStore:
+    """The object store and KV of one node's data directory; see the module docstring."""
+
+    def __init__(self, data_dir: Path, config: StorageConfig | None = None) -> None:
+        self.config = config if config is not None else StorageConfig()
+        self.data_dir = Path(data_dir)
+        self.objects_dir = self.data_dir / OBJECTS_DIR
+        self.tmp_dir = self.data_dir / TMP_DIR
+        self._db_lock = threading.Lock()  # the connection and the publish/delete steps
+        self._acct_lock = threading.Lock()  # byte counters and the set of writers
+        self._writers: set[ObjectWriter] = set()
+        self._inflight_reserved = 0
+        self._inflight_outstanding = 0  # declared by writers but not yet written
+        self._quarantined = 0
+        self._closed = False
+        try:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.objects_dir.mkdir(mode=0o700, exist_ok=True)
+            self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise self._os_error(f"{self.data_dir}: cannot create data dir", e) from None
+        self._lock_fd = self._take_dir_lock()
+        try:
+            self._clean_tmp()
+            self._db = self._open_db()
+            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM objects")
+            self._count, self._committed_bytes = row.fetchone()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    # -- open / close ------------------------------------------------------------------
+
+    def _take_dir_lock(self) -> int:
+        # Two stores on one directory would delete each other's temp files on open.
+        path = self.data_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StorageError(
+                "busy", f"{self.data_dir}: storage is already open in another store or process"
+            ) from None
+        return fd
+
+    def _clean_tmp(self) -> None:
+        # Anything here is a write that never committed: invisible by construction.
+        for entry in os.scandir(self.tmp_dir):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(entry.path)
+
+    def _open_db(self) -> sqlite3.Connection:
+        path = self.data_dir / DB_FILE
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        except sqlite3.Error as e:
+            raise StorageError("corrupt", f"{path}: cannot open: {e}") from None
+        try:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StorageError("corrupt", f"{path}: cannot use WAL mode (got {mode})")
+            db.execute("PRAGMA synchronous=FULL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StorageError(
+                    "corrupt", f"{path}: schema version {version} is newer than {SCHEMA_VERSION}"
+                )
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as e:
+            db.close()
+            if _is_no_space(e):
+                raise StorageError("disk_full", f"{path}: {e}") from None
+            raise StorageError("corrupt", f"{path}: {e}") from None
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        """Abort writes in flight, close the database and release the directory. Idempotent."""
+        if self._closed:
+            return
+        with self._acct_lock:
+            writers = list(self._writers)
+        for w in writers:
+            w.abort()
+        with self._db_lock:
+            self._closed = True
+            self._db.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> LocalStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("LocalStore is closed")
+
+    # -- errors and disk space ------------------------------------------------------------
+
+    @staticmethod
+    def _os_error(what: str, e: OSError) -> StorageError | OSError:
+        if _is_no_space(e):
+            return StorageError("disk_full", f"{what}: {e.strerror or e}")
+        return e
+
+    def _free_bytes(self) -> int:
+        st = os.statvfs(self.data_dir)
+        return st.f_bavail * st.f_frsize
+
+    def _check_free(self, need: int, others_outstanding: int) -> None:
+        free = self._free_bytes()
+        left = free - others_outstanding - need
+        if left < self.config.min_free_bytes:
+            raise StorageError(
+                "disk_full",
+                f"disk full: writing {need} more bytes would leave {max(left, 0)} of "
+                f"{free} free bytes, below min_free_bytes={self.config.min_free_bytes}",
+            )
+
+    # -- writers ---------------------------------------------------------------------------
+
+    def writer(
+        self,
+        *,
+        now: float,
+        replicas: int = 3,
+        data_class: str | None = None,
+        residency: Sequence[str] | None = None,
+        hint_for: str | None = None,
+        pinned: bool = True,
+        ttl_s: float | None = None,
+        size: int | None = None,
+    ) -> ObjectWriter:
+        """Start a streaming write. ``now`` is the driver's clock (wall seconds).
+
+        ``size``, when known (e.g. from a transfer header), is checked against the bounds
+        up front and reserved against the quota and free space, so a write that cannot fit
+        is refused before a byte moves; writing more than declared is ``too_large``,
+        committing fewer is ``hash_mismatch``.
+
+        The object is a GC candidate once ``now + ttl_s`` has passed, unless pinned.
+
+        Re-writing an object that is already stored merges the two metadata: pinned if
+        either is, the later expiry (none if either has none), the larger replica count,
+        not a hint if either is not; data class and residency of the first write stay.
+        """
+        self._check_open()
+        if not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"replicas must be an int >= 1, not {replicas!r}")
+        if not math.isfinite(now):
+            raise ValueError(f"now must be finite, not {now!r}")
+        if ttl_s is not None and not (math.isfinite(ttl_s) and ttl_s >= 0):
+            raise ValueError(f"ttl_s must be finite and >= 0, not {ttl_s!r}")
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise ValueError(f"size must be an int >= 0, not {size!r}")
+        data_class = _text_field("data_class", data_class)
+        hint_for = _text_field("hint_for", hint_for)
+        res: tuple[str, ...] | None = None
+        if residency is not None:
+            if isinstance(residency, str):
+                raise TypeError("residency must be a sequence of region names, not a str")
+            res = tuple(residency)
+            for r in res:
+                if not isinstance(r, str):
+                    raise TypeError(f"residency entries must be str, not {type(r).__name__}")
+            _text_field("residency", json.dumps(res))
+        cfg = self.config
+        if size is not None and size > cfg.max_object_bytes:
+            raise StorageError(
+                "too_large",
+                f"object of {size} bytes exceeds max_object_bytes={cfg.max_object_bytes}",
+            )
+        declared = size or 0
+        with self._acct_lock:
+            if len(self._writers) >= cfg.max_concurrent_writes:
+                raise StorageError(
+                    "busy",
+                    f"{len(self._writers)} writes in flight, "
+                    f"max_concurrent_writes={cfg.max_concurrent_writes}",
+                )
+            self._check_quota(declared)
+            self._check_free(declared, self._inflight_outstanding)
+            tmp_path = self.tmp_dir / (secrets.token_hex(16) + TMP_SUFFIX)
+            try:
+                fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise self._os_error(f"{tmp_path}: cannot create", e) from None
+            w = ObjectWriter(
+                self,
+                tmp_path,
+                fd,
+                declared_size=size,
+                replicas=replicas,
+                data_class=data_class,
+                residency=res,
+                hint_for=hint_for,
+                pinned=bool(pinned),
+                created=now,
+                expires=None if ttl_s is None else now + ttl_s,
+            )
+            self._writers.add(w)
+            self._inflight_reserved += declared
+            self._inflight_outstanding += declared
+        return w
+
+    def _check_quota(self, extra: int) -> None:
+        # Caller holds _acct_lock.
+        cap = self.config.max_total_bytes
+        if cap is None:
+            return
+        used = self._committed_bytes + self._inflight_reserved
+        if used + extra > cap:
+            raise StorageError(
+                "quota",
+                f"quota reached: {used} bytes stored or in flight + {extra} more "
+                f"exceeds max_total_bytes={cap}",
+            )
+
+    def _admit_bytes(self, w: ObjectWriter, n: int) -> None:
+        """Account ``n`` more bytes for ``w`` or raise; called before they are written."""
+        cfg = self.config
+        new_written = w.written + n
+        if new_written > cfg.max_object_bytes:
+            raise StorageError(
+                "too_large", f"object exceeds max_object_bytes={cfg.max_object_bytes}"
+            )
+        if w._declared is not None and new_written > w._declared:
+            raise StorageError(
+                "too_large", f"object exceeds its declared size of {w._declared} bytes"
+            )
+        with self._acct_lock:
+            extra = max(0, new_written - w.reserved)
+            if extra:
+                self._check_quota(extra)
+            w._unchecked += n
+            if w._unchecked >= cfg.chunk_bytes or w.written == 0:
+                self._check_free(n, self._inflight_outstanding - w._outstanding)
+                w._unchecked = 0
+            self._inflight_reserved += extra
+            w.reserved += extra
+            used = min(n, w._outstanding)
+            w._outstanding -= used
+            self._inflight_outstanding -= used
+
+    def _release(self, w: ObjectWriter) -> None:
+        with self._acct_lock:
+            if w not in self._writers:
+                return
+            self._writers.discard(w)
+            self._inflight_reserved -= w.reserved
+            self._inflight_outstanding -= w._outstanding
+            w._outstanding = 0
+            assert self._inflight_reserved >= 0 and self._inflight_outstanding >= 0
+
+    def object_path(self, object_id: str) -> Path:
+        """Where the object's file lives (whether or not it exists)."""
+        h = _check_id(object_id)[len(OBJECT_ID_PREFIX) :]
+        return self.objects_dir / h[:2] / h[2:4] / object_id
+
+    def _publish(self, tmp_path: Path, meta: ObjectMeta) -> ObjectMeta:
+        """Rename the fsynced temp file into place and commit its index row."""
+        final = self.object_path(meta.object_id)
+        with self._db_lock:
+            self._check_open()
+            old = self._meta_locked(meta.object_id)
+            created_file = False
+            try:
+                self._make_dirs(final.parent)
+                if old is not None and final.exists():
+                    os.unlink(tmp_path)  # the same bytes are already durable
+                else:
+                    os.chmod(tmp_path, 0o400)
+                    os.replace(tmp_path, final)
+                    created_file = True
+                    _fsync_dir(final.parent)
+                stored = meta if old is None else self._merge(old, meta)
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute(
+                        f"INSERT OR REPLACE INTO objects ({_META_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        self._row(stored),
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+            except (OSError, sqlite3.Error) as e:
+                if created_file and old is None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(final)
+                if _is_no_space(e):
+                    raise StorageError(
+                        "disk_full", f"disk full committing {meta.object_id}: {e}"
+                    ) from None
+                raise
+            if old is None:
+                with self._acct_lock:
+                    self._count += 1
+                    self._committed_bytes += meta.size
+        return stored
+
+    def _make_dirs(self, leaf: Path) -> None:
+        # objects/ab/cd: fsync each parent whose entry we create, so the path survives.
+        for d in (leaf.parent, leaf):
+            if not d.is_dir():
+                with contextlib.suppress(FileExistsError):
+                    d.mkdir(mode=0o700)
+                _fsync_dir(d.parent)
+
+    @staticmethod
+    def _merge(old: ObjectMeta, new: ObjectMeta) -> ObjectMeta:
+        expires = (
+            None if old.expires is None or new.expires is None else max(old.expires, new.expires)
+        )
+        hint = None if old.hint_for is None or new.hint_for is None else old.hint_for
+        return ObjectMeta(
+            object_id=old.object_id,
+            size=old.size,
+            replicas=max(old.replicas, new.replicas),
+            data_class=old.data_class,
+            residency=old.residency,
+            hint_for=hint,
+            created=old.created,
+            pinned=old.pinned or new.pinned,
+            expires=expires,
+        )
+
+    @staticmethod
+    def _row(m: ObjectMeta) -> tuple[object, ...]:
+        residency = None if m.residency is None else json.dumps(list(m.residency))
+        return (
+            m.object_id,
+            m.size,
+            m.replicas,
+            m.data_class,
+            residency,
+            m.hint_for,
+            m.created,
+            int(m.pinned),
+            m.expires,
+        )
+
+    @staticmethod
+    def _from_row(row: tuple[object, ...]) -> ObjectMeta:
+        oid, size, replicas, data_class, residency, hint_for, created, pinned, expires = row
+        assert isinstance(oid, str) and isinstance(size, int) and isinstance(replicas, int)
+        assert isinstance(created, float | int) and isinstance(pinned, int)
+        assert data_class is None or isinstance(data_class, str)
+        assert hint_for is None or isinstance(hint_for, str)
+        assert expires is None or isinstance(expires, float | int)
+        res: tuple[str, ...] | None = None
+        if residency is not None:
+            assert isinstance(residency, str)
+            res = tuple(json.loads(residency))
+        return ObjectMeta(
+            object_id=oid,
+            size=size,
+            replicas=replicas,
+            data_class=data_class,
+            residency=res,
+            hint_for=hint_for,
+            created=float(created),
+            pinned=bool(pinned),
+            expires=None if expires is None else float(expires),
+        )
+
+    def put_bytes(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        now: float,
+        replicas: int = 3,
+        data_class: str | None = None,
+        residency: Sequence[str] | None = None,
+        hint_for: str | None = None,
+        pinned: bool = True,
+        ttl_s: float | None = None,
+        expected_id: str | None = None,
+    ) -> ObjectMeta:
+        """Store ``data`` whole; same keywords as ``writer``, plus ``expected_id``."""
+        view = memoryview(data).cast("B")
+        step = self.config.chunk_bytes
+        with self.writer(
+            now=now,
+            replicas=replicas,
+            data_class=data_class,
+            residency=residency,
+            hint_for=hint_for,
+            pinned=pinned,
+            ttl_s=ttl_s,
+            size=len(view),
+        ) as w:
+            for i in range(0, len(view), step):
+                w.write(view[i : i + step])
+            return w.commit(expected_id)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _meta_locked(self, object_id: str) -> ObjectMeta | None:
+        row = self._db.execute(
+            f"SELECT {_META_COLUMNS} FROM objects WHERE id = ?", (object_id,)
+        ).fetchone()
+        return None if row is None else self._from_row(row)
+
+    def meta(self, object_id: str) -> ObjectMeta | None:
+        _check_id(object_id)
+        with self._db_lock:
+            self._check_open()
+            return self._meta_locked(object_id)
+
+    def has(self, object_id: str) -> bool:
+        """Whether the index lists the object (its file is not stat'ed)."""
+        return self.meta(object_id) is not None
+
+    def _require(self, object_id: str) -> ObjectMeta:
+        m = self.meta(object_id)
+        if m is None:
+            raise StorageError("not_found", f"object {object_id} is not stored here")
+        return m
+
+    def open_read(self, object_id: str) -> BinaryIO:
+        """The object's file, open for reading; the caller closes it.
+
+        The bytes are not verified here (``read_chunks`` does that). ``not_found`` if the
+        index does not list it; ``corrupt`` if it does but the file is gone (quarantine it).
+        A file that is deleted while open stays readable to the holder.
+        """
+        self._require(object_id)
+        try:
+            return open(self.object_path(object_id), "rb")
+        except FileNotFoundError:
+            raise StorageError(
+                "corrupt", f"object {object_id} is indexed but its file is missing"
+            ) from None
+
+    def read_chunks(
+        self, object_id: str, *, verify: bool = True, chunk_bytes: int | None = None
+    ) -> Iterator[bytes]:
+        """Stream the object's bytes in chunks of at most ``chunk_bytes``.
+
+        With ``verify``, the bytes are hashed as they go and ``StorageError("corrupt")`` is
+        raised after the last chunk (or as soon as the file is longer than indexed) if they
+        are not the object. Chunks already yielded then came from a bad copy: a caller that
+        forwards them must buffer, or be able to retract what it sent (e.g. fail the
+        transfer so the receiver's own hash check drops it), and should quarantine the copy.
+        ``not_found`` / ``corrupt`` for a missing object or file are raised on first
+        iteration.
+        """
+        step = chunk_bytes if chunk_bytes is not None else self.config.chunk_bytes
+        if step < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, not {step}")
+        meta = self._require(object_id)
+        f = self.open_read(object_id)
+        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        n = 0
+        with f:
+            while True:
+                chunk = f.read(step)
+                if not chunk:
+                    break
+                n += len(chunk)
+                if verify:
+                    if n > meta.size:
+                        raise StorageError(
+                            "corrupt", f"object {object_id} file is longer than {meta.size} bytes"
+                        )
+                    h.update(chunk)
+                yield chunk
+        if verify and (n != meta.size or OBJECT_ID_PREFIX + h.hexdigest() != object_id):
+            raise StorageError(
+                "corrupt", f"object {object_id}: stored bytes do not match the id ({n} bytes)"
+            )
+
+    def read_bytes(self, object_id: str) -> bytes:
+        """The whole object, verified (for small objects; large ones use ``read_chunks``)."""
+        return b"".join(self.read_chunks(object_id, verify=True))
+
+    def verify(self, object_id: str) -> bool:
+        """Re-hash the stored file; False if it is missing or not the object's bytes."""
+        try:
+            for _ in self.read_chunks(object_id, verify=True):
+                pass
+        except StorageError as e:
+            if e.reason == "corrupt":
+                return False
+            raise
+        return True
+
+    # -- removal -------------------------------------------------------------------------------
+
+    def _remove(self, object_id: str) -> bool:
+        path = self.object_path(object_id)
+        with self._db_lock:
+            self._check_open()
+            old = self._meta_locked(object_id)
+            if old is not None:
+                # Row first: once it is gone nothing serves the file, even after a crash.
+                self._db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
+                with self._acct_lock:
+                    self._count -= 1
+                    self._committed_bytes -= old.size
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return old is not None
+
+    def delete(self, object_id: str) -> None:
+        """Remove the object; ``not_found`` if it is not stored."""
+        _check_id(object_id)
+        if not self._remove(object_id):
+            raise StorageError("not_found", f"object {object_id} is not stored here")
+
+    def quarantine(self, object_id: str) -> None:
+        """Drop a corrupt copy (file and row) so repair can fetch a good one. Idempotent."""
+        _check_id(object_id)
+        self._remove(object_id)
+        with self._acct_lock:
+            self._quarantined += 1
+
+    def sweep_orphans(self) -> dict[str, int]:
+        """Reconcile files and index (a full scan, for startup checks and tests).
+
+        Removes object files that have no index row (a crash between rename and row) and
+        rows whose file is gone; returns how many of each.
+        """
+        files = 0
+        rows = 0
+        indexed = set(self.ids())
+        seen: set[str] = set()
+        for dirpath, _dirs, names in os.walk(self.objects_dir):
+            for name in names:
+                if name in indexed:
+                    seen.add(name)
+                    continue
+                with self._db_lock:
+                    self._check_open()
+                    if OBJECT_ID_RE.fullmatch(name) and self._meta_locked(name) is not None:
+                        continue  # committed since we listed
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(dirpath, name))
+                files += 1
+        for oid in indexed - seen:
+            if not self.object_path(oid).exists():
+                self._remove(oid)
+                rows += 1
+        return {"orphan_files": files, "missing_files": rows}
+
+    # -- listing and policy -------------------------------------------------------------------
+
+    def list(self, *, after: str = "", limit: int = 1000) -> list[ObjectMeta]:
+        """Objects with id > ``after``, in id order, at most ``limit`` (clipped to MAX_PAGE)."""
+        limit = _clip(limit)
+        with self._db_lock:
+            self._check_open()
+            rows = self._db.execute(
+                f"SELECT {_META_COLUMNS} FROM objects WHERE id > ? ORDER BY id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [self._from_row(r) for r in rows]
+
+    def ids(self, *, after: str = "") -> Iterator[str]:
+        """Every stored id in order, read in pages (no cursor is held between yields)."""
+        while True:
+            with self._db_lock:
+                self._check_open()
+                page = [
+                    r[0]
+                    for r in self._db.execute(
+                        "SELECT id FROM objects WHERE id > ? ORDER BY id LIMIT ?",
+                        (after, MAX_PAGE),
+                    )
+                ]
+            yield from page
+            if len(page) < MAX_PAGE:
+                return
+            after = page[-1]
+
+    def hinted(self, *, after: str = "", limit: int = 1000) -> builtins.list[ObjectMeta]:
+        """Objects held on behalf of another node, in id order."""
+        limit = _clip(limit)
+        with self._db_lock:
+            self._check_open()
+            rows = self._db.execute(
+                f"SELECT {_META_COLUMNS} FROM objects WHERE hint_for IS NOT NULL AND id > ? "
+                "ORDER BY id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [self._from_row(r) for r in rows]
+
+    def _update(self, object_id: str, sql: str, args: tuple[object, ...]) -> None:
+        _check_id(object_id)
+        with self._db_lock:
+            self._check_open()
+            cur = self._db.execute(sql, (*args, object_id))
+            if cur.rowcount == 0:
+                raise StorageError("not_found", f"object {object_id} is not stored here")
+
+    def set_hint(self, object_id: str, hint_for: str | None) -> None:
+        """Mark the object as held for ``hint_for`` (or, with None, as our own replica)."""
+        hint_for = _text_field("hint_for", hint_for)
+        self._update(object_id, "UPDATE objects SET hint_for = ? WHERE id = ?", (hint_for,))
+
+    def set_pinned(self, object_id: str, pinned: bool, *, expires: float | None = None) -> None:
+        """Pin (never a GC candidate) or unpin with an optional absolute expiry."""
+        if expires is not None and not math.isfinite(expires):
+            raise ValueError(f"expires must be finite, not {expires!r}")
+        self._update(
+            object_id,
+            "UPDATE objects SET pinned = ?, expires = ? WHERE id = ?",
+            (int(bool(pinned)), expires),
+        )
+
+    def expired(self, now: float, *, limit: int = 1000) -> builtins.list[str]:
+        """Unpinned objects whose TTL has run out by ``now``, soonest-expired first."""
+        limit = _clip(limit)
+        with self._db_lock:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT id FROM objects WHERE pinned = 0 AND expires IS NOT NULL "
+                "AND expires <= ? ORDER BY expires, id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def stats(self) -> dict[str, int]:
+        with self._db_lock:
+            self._check_open()
+            hinted, unpinned = self._db.execute(
+                "SELECT COUNT(hint_for), COALESCE(SUM(pinned = 0), 0) FROM objects"
+            ).fetchone()
+            kv_keys, kv_tombstones = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(value IS NULL), 0) FROM kv"
+            ).fetchone()
+        with self._acct_lock:
+            out = {
+                "objects": self._count,
+                "bytes": self._committed_bytes,
+                "hinted": hinted,
+                "unpinned": unpinned,
+                "writes_in_flight": len(self._writers),
+                "bytes_in_flight": self._inflight_reserved,
+                "quarantined": self._quarantined,
+                "kv_keys": kv_keys,
+                "kv_tombstones": kv_tombstones,
+            }
+        out["free_bytes"] = self._free_bytes()
+        return out
+
+    # -- KV ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_key(key: str) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"KV key must be a str, not {type(key).__name__}")
+        try:
+            n = len(key.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise StorageError("bad_id", f"KV key is not valid UTF-8: {key!r:.100}") from None
+        if n > MAX_KV_KEY_BYTES:
+            raise StorageError("too_large", f"KV key of {n} bytes exceeds {MAX_KV_KEY_BYTES} bytes")
+
+    def kv_get(self, key: str) -> tuple[bytes | None, str] | None:
+        """(value, ts) — value None for a tombstone — or None if the key was never written."""
+        self._check_key(key)
+        with self._db_lock:
+            self._check_open()
+            row = self._db.execute("SELECT value, ts FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def kv_put(self, key: str, value: bytes | None, ts: str) -> bool:
+        """Last-writer-wins: store (value, ts) only if ``ts`` sorts after the stored ts.
+
+        ``ts`` is an opaque string that sorts in time order (``HLCTimestamp.encode()``);
+        an equal ts does not apply (HLC timestamps carry the node name, so equal means the
+        same write). ``value`` None writes a tombstone. Returns whether it applied; the
+        write is durable when this returns.
+        """
+        self._check_key(key)
+        if not isinstance(ts, str) or not ts:
+            raise ValueError("KV timestamp must be a non-empty str")
+        try:
+            ts_len = len(ts.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError(f"KV timestamp is not valid UTF-8: {ts!r:.100}") from None
+        if ts_len > MAX_KV_TS_BYTES:
+            raise StorageError(
+                "too_large", f"KV timestamp of {ts_len} bytes exceeds {MAX_KV_TS_BYTES} bytes"
+            )
+        if value is not None:
+            value = bytes(value)
+            if len(value) > MAX_KV_VALUE_BYTES:
+                raise StorageError(
+                    "too_large",
+                    f"KV value of {len(value)} bytes exceeds {MAX_KV_VALUE_BYTES} bytes",
+                )
+        with self._db_lock:
+            self._check_open()
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO kv (key, value, ts) VALUES (?, ?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value, ts = excluded.ts "
+                    "WHERE excluded.ts > kv.ts",
+                    (key, value, ts),
+                )
+            except sqlite3.OperationalError as e:
+                if _is_no_space(e):
+                    raise StorageError("disk_full", f"disk full writing KV key: {e}") from None
+                raise
+            return cur.rowcount > 0
+
+    def kv_scan(
+        self, prefix: str = "", limit: int = 1000, *, after: str | None = None
+    ) -> builtins.list[tuple[str, bytes | None, str]]:
+        """Keys starting with ``prefix`` in key order (tombstones included, value None);
+        ``after`` continues a previous page from its last key."""
+        self._check_key(prefix)
+        limit = _clip(limit)
+        low = prefix if after is None or after < prefix else after
+        op = ">" if after is not None and after >= prefix else ">="
+        upper = _prefix_upper(prefix)
+        sql = f"SELECT key, value, ts FROM kv WHERE key {op} ?"
+        args: list[object] = [low]
+        if upper is not None:
+            sql += " AND key < ?"
+            args.append(upper)
+        sql += " ORDER BY key LIMIT ?"
+        args.append(limit)
+        with self._db_lock:
+            self._check_open()
+            rows = self._db.execute(sql, args).fetchall()
+        return [(k, v, t) for k, v, t in rows]
+
+    def kv_purge_tombstones(self, before_ts: str, *, limit: int = 1000) -> int:
+        """Forget tombstones older than ``before_ts``; returns how many.
+
+        Only safe once every replica has seen the delete (a grace period, as in Cassandra):
+        a purged key accepts an older write again.
+        """
+        limit = _clip(limit)
+        with self._db_lock:
+            self._check_open()
+            cur = self._db.execute(
+                "DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE value IS NULL "
+                "AND ts < ? LIMIT ?)",
+                (before_ts, limit),
+            )
+            return cur.rowcount

@@ -1,0 +1,641 @@
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshscale.runtime import storage
+from meshscale.runtime.storage import (
+    MAX_KV_KEY_BYTES,
+    MAX_KV_VALUE_BYTES,
+    LocalStore,
+    ObjectMeta,
+    StorageConfig,
+    StorageError,
+    object_id_of,
+)
+
+NOW = 1_700_000_000.0
+NO_FREE_LIMIT = StorageConfig(min_free_bytes=0)
+
+
+def open_store(path: Path, **kw: object) -> LocalStore:
+    cfg = StorageConfig(**{"min_free_bytes": 0, **kw})  # type: ignore[arg-type]
+    return LocalStore(path, cfg)
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def object_files(store: LocalStore) -> list[Path]:
+    return files_under(store.objects_dir)
+
+
+def assert_nothing_left(store: LocalStore) -> None:
+    assert store.stats()["objects"] == 0
+    assert store.stats()["writes_in_flight"] == 0
+    assert store.stats()["bytes_in_flight"] == 0
+    assert list(store.ids()) == []
+    assert object_files(store) == []
+    assert files_under(store.tmp_dir) == []
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LocalStore]:
+    s = open_store(tmp_path / "data")
+    yield s
+    s.close()
+
+
+# -- objects ------------------------------------------------------------------------------
+
+
+def test_object_id_is_prefixed_blake2b_256() -> None:
+    oid = object_id_of(b"hello")
+    assert oid.startswith("b2b-") and len(oid) == 4 + 64
+    assert oid == object_id_of(b"hello") != object_id_of(b"hellp")
+
+
+def test_small_round_trip(store: LocalStore) -> None:
+    meta = store.put_bytes(
+        b"hello", now=NOW, replicas=2, data_class="pii", residency=["eu-west", "eu-central"]
+    )
+    assert meta == ObjectMeta(
+        object_id=object_id_of(b"hello"),
+        size=5,
+        replicas=2,
+        data_class="pii",
+        residency=("eu-west", "eu-central"),
+        hint_for=None,
+        created=NOW,
+        pinned=True,
+        expires=None,
+    )
+    assert store.has(meta.object_id)
+    assert store.meta(meta.object_id) == meta
+    assert store.read_bytes(meta.object_id) == b"hello"
+    with store.open_read(meta.object_id) as f:
+        assert f.read() == b"hello"
+    assert store.verify(meta.object_id)
+    assert store.stats()["objects"] == 1 and store.stats()["bytes"] == 5
+    assert files_under(store.tmp_dir) == []
+
+
+def test_empty_object(store: LocalStore) -> None:
+    meta = store.put_bytes(b"", now=NOW)
+    assert meta.size == 0
+    assert store.read_bytes(meta.object_id) == b""
+    assert store.verify(meta.object_id)
+
+
+def test_multi_chunk_streaming_write_and_read(tmp_path: Path) -> None:
+    store = open_store(tmp_path, chunk_bytes=256 * 1024)
+    chunk = 64 * 1024
+    blocks = [os.urandom(chunk) for _ in range(80)]  # 5 MiB
+    expected = object_id_of(b"".join(blocks))
+    with store.writer(now=NOW) as w:
+        for i, b in enumerate(blocks):
+            w.write(b)
+            assert w.written == (i + 1) * chunk
+            assert not store.has(expected)  # invisible until commit
+        meta = w.commit(expected)
+    assert meta.object_id == expected and meta.size == 80 * chunk
+    chunks = list(store.read_chunks(expected))
+    assert all(len(c) <= 256 * 1024 for c in chunks) and len(chunks) == 20
+    assert b"".join(chunks) == b"".join(blocks)
+    assert store.verify(expected)
+    path = store.object_path(expected)
+    assert path.parent.parent.parent == store.objects_dir
+    assert path.parent.name == expected[6:8] and path.parent.parent.name == expected[4:6]
+    store.close()
+
+
+def test_same_object_twice_is_stored_once_and_metadata_merges(store: LocalStore) -> None:
+    a = store.put_bytes(b"x" * 10, now=NOW, replicas=2, pinned=False, ttl_s=10, hint_for="n2")
+    b = store.put_bytes(b"x" * 10, now=NOW + 5, replicas=3, pinned=False, ttl_s=10)
+    assert a.object_id == b.object_id
+    assert b.replicas == 3 and b.hint_for is None and b.expires == NOW + 15
+    assert b.created == NOW
+    assert store.stats()["objects"] == 1 and store.stats()["bytes"] == 10
+    assert len(object_files(store)) == 1
+
+
+def test_expected_id_mismatch_leaves_nothing(store: LocalStore) -> None:
+    wrong = object_id_of(b"something else")
+    with pytest.raises(StorageError) as ei, store.writer(now=NOW) as w:
+        w.write(b"a" * 1000)
+        w.commit(wrong)
+    assert ei.value.reason == "hash_mismatch"
+    assert wrong in str(ei.value)
+    assert not store.has(wrong) and not store.has(object_id_of(b"a" * 1000))
+    assert_nothing_left(store)
+    with pytest.raises(StorageError) as ei:
+        store.put_bytes(b"abc", now=NOW, expected_id=wrong)
+    assert ei.value.reason == "hash_mismatch"
+    assert_nothing_left(store)
+
+
+def test_declared_size_shortfall_and_excess(store: LocalStore) -> None:
+    with pytest.raises(StorageError) as ei, store.writer(now=NOW, size=10) as w:
+        w.write(b"12345")
+        w.commit()
+    assert ei.value.reason == "hash_mismatch"
+    with pytest.raises(StorageError) as ei, store.writer(now=NOW, size=4) as w:
+        w.write(b"12345")
+    assert ei.value.reason == "too_large"
+    assert_nothing_left(store)
+
+
+def test_abort_and_exception_leave_nothing(store: LocalStore) -> None:
+    w = store.writer(now=NOW)
+    w.write(b"partial")
+    assert len(files_under(store.tmp_dir)) == 1
+    w.abort()
+    w.abort()  # idempotent
+    assert w.closed
+    with pytest.raises(ValueError):
+        w.write(b"more")
+    assert_nothing_left(store)
+
+    with pytest.raises(RuntimeError), store.writer(now=NOW) as w2:
+        w2.write(b"partial")
+        raise RuntimeError("boom")
+    assert_nothing_left(store)
+
+    with store.writer(now=NOW) as w3:  # left without commit
+        w3.write(b"partial")
+    assert_nothing_left(store)
+
+
+def test_restart_serves_committed_objects(tmp_path: Path) -> None:
+    s1 = open_store(tmp_path)
+    metas = [
+        s1.put_bytes(os.urandom(n), now=NOW, hint_for="n9" if n == 3 else None)
+        for n in (1, 3, 70_000)
+    ]
+    s1.kv_put("dataset/latest", metas[0].object_id.encode(), "0001")
+    s1.close()
+    s2 = open_store(tmp_path)
+    for m in metas:
+        assert s2.meta(m.object_id) == m
+        assert s2.verify(m.object_id)
+    assert s2.stats()["objects"] == 3 and s2.stats()["hinted"] == 1
+    assert s2.stats()["bytes"] == sum(m.size for m in metas)
+    assert s2.kv_get("dataset/latest") == (metas[0].object_id.encode(), "0001")
+    s2.close()
+
+
+def test_second_store_on_same_dir_is_refused(store: LocalStore) -> None:
+    with pytest.raises(StorageError) as ei:
+        LocalStore(store.data_dir, NO_FREE_LIMIT)
+    assert ei.value.reason == "busy"
+
+
+def test_tmp_leftovers_are_removed_on_open_and_never_visible(tmp_path: Path) -> None:
+    s1 = open_store(tmp_path)
+    s1.close()
+    data = b"half an object"
+    (tmp_path / "tmp" / "deadbeef.part").write_bytes(data)
+    s2 = open_store(tmp_path)
+    assert files_under(s2.tmp_dir) == []
+    assert not s2.has(object_id_of(data))
+    assert s2.stats()["objects"] == 0
+    s2.close()
+
+
+def test_crash_mid_write_in_a_real_process(tmp_path: Path) -> None:
+    # The child writes half an object and one whole one, then dies without closing.
+    script = f"""
+import os, signal
+from pathlib import Path
+from meshscale.runtime.storage import LocalStore, StorageConfig
+s = LocalStore(Path({str(tmp_path)!r}), StorageConfig(min_free_bytes=0))
+s.put_bytes(b"whole", now=1.0)
+w = s.writer(now=1.0)
+w.write(b"x" * 100_000)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert files_under(tmp_path / "tmp") != []  # the crash left a temp file behind
+    s = open_store(tmp_path)
+    assert files_under(s.tmp_dir) == []
+    assert list(s.ids()) == [object_id_of(b"whole")]
+    assert s.read_bytes(object_id_of(b"whole")) == b"whole"
+    assert not s.has(object_id_of(b"x" * 100_000))
+    s.close()
+
+
+def test_orphan_file_from_crash_before_index_is_invisible_and_swept(store: LocalStore) -> None:
+    data = b"renamed but never indexed"
+    oid = object_id_of(data)
+    path = store.object_path(oid)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    assert not store.has(oid)
+    with pytest.raises(StorageError) as ei:
+        store.open_read(oid)
+    assert ei.value.reason == "not_found"
+    kept = store.put_bytes(b"kept", now=NOW)
+    assert store.sweep_orphans() == {"orphan_files": 1, "missing_files": 0}
+    assert not path.exists()
+    assert store.read_bytes(kept.object_id) == b"kept"
+    # And a later put of the same bytes stores them properly.
+    assert store.put_bytes(data, now=NOW).object_id == oid
+    assert store.read_bytes(oid) == data
+
+
+def test_corruption_is_detected_and_quarantined(store: LocalStore) -> None:
+    data = os.urandom(300_000)
+    oid = store.put_bytes(data, now=NOW).object_id
+    path = store.object_path(oid)
+    os.chmod(path, 0o600)
+    with open(path, "r+b") as f:
+        f.seek(123_456)
+        b = f.read(1)
+        f.seek(123_456)
+        f.write(bytes([b[0] ^ 0x01]))
+    assert not store.verify(oid)
+    with pytest.raises(StorageError) as ei:
+        for _ in store.read_chunks(oid):
+            pass
+    assert ei.value.reason == "corrupt"
+    assert len(b"".join(store.read_chunks(oid, verify=False))) == len(data)
+    store.quarantine(oid)
+    assert not store.has(oid) and not path.exists()
+    assert store.stats()["quarantined"] == 1 and store.stats()["bytes"] == 0
+    with pytest.raises(StorageError) as ei:
+        store.verify(oid)
+    assert ei.value.reason == "not_found"
+    # Repair: a good copy can be stored again.
+    store.put_bytes(data, now=NOW, expected_id=oid)
+    assert store.verify(oid)
+
+
+def test_truncated_or_missing_file_is_corrupt(store: LocalStore) -> None:
+    oid = store.put_bytes(b"0123456789", now=NOW).object_id
+    path = store.object_path(oid)
+    os.chmod(path, 0o600)
+    path.write_bytes(b"01234")
+    assert not store.verify(oid)
+    path.write_bytes(b"0123456789!")
+    assert not store.verify(oid)
+    path.unlink()
+    assert not store.verify(oid)
+    with pytest.raises(StorageError) as ei:
+        store.open_read(oid)
+    assert ei.value.reason == "corrupt"
+    assert store.sweep_orphans() == {"orphan_files": 0, "missing_files": 1}
+    assert not store.has(oid)
+
+
+def test_delete(store: LocalStore) -> None:
+    oid = store.put_bytes(b"bye", now=NOW).object_id
+    store.delete(oid)
+    assert not store.has(oid) and object_files(store) == []
+    assert store.stats()["bytes"] == 0
+    with pytest.raises(StorageError) as ei:
+        store.delete(oid)
+    assert ei.value.reason == "not_found"
+    with pytest.raises(StorageError) as ei:
+        list(store.read_chunks(oid))
+    assert ei.value.reason == "not_found"
+
+
+def test_reader_of_deleted_object_keeps_its_bytes(store: LocalStore) -> None:
+    oid = store.put_bytes(b"still here", now=NOW).object_id
+    with store.open_read(oid) as f:
+        store.delete(oid)
+        assert f.read() == b"still here"
+
+
+# -- bounds ---------------------------------------------------------------------------------
+
+
+def test_quota_is_refused_naming_the_bound(tmp_path: Path) -> None:
+    store = open_store(tmp_path, max_total_bytes=1000)
+    store.put_bytes(b"a" * 600, now=NOW)
+    with pytest.raises(StorageError) as ei:
+        store.put_bytes(b"b" * 500, now=NOW)  # size declared: refused up front
+    assert ei.value.reason == "quota" and "max_total_bytes=1000" in str(ei.value)
+    with pytest.raises(StorageError) as ei, store.writer(now=NOW) as w:  # streamed
+        for _ in range(10):
+            w.write(b"c" * 100)
+    assert ei.value.reason == "quota" and "max_total_bytes=1000" in str(ei.value)
+    assert w.closed
+    assert files_under(store.tmp_dir) == []
+    assert store.stats()["objects"] == 1 and store.stats()["bytes_in_flight"] == 0
+    # Concurrent writers share the quota.
+    w1 = store.writer(now=NOW, size=300)
+    with pytest.raises(StorageError) as ei:
+        store.writer(now=NOW, size=300)
+    assert ei.value.reason == "quota"
+    w1.write(b"d" * 300)
+    w1.commit()
+    store.delete(object_id_of(b"a" * 600))
+    store.put_bytes(b"e" * 700, now=NOW)  # room again after the delete
+    store.close()
+
+
+def test_object_size_bound(tmp_path: Path) -> None:
+    store = open_store(tmp_path, max_object_bytes=100)
+    with pytest.raises(StorageError) as ei:
+        store.writer(now=NOW, size=101)
+    assert ei.value.reason == "too_large" and "max_object_bytes=100" in str(ei.value)
+    with pytest.raises(StorageError) as ei, store.writer(now=NOW) as w:
+        w.write(b"x" * 60)
+        w.write(b"x" * 60)
+    assert ei.value.reason == "too_large"
+    assert_nothing_left(store)
+    store.put_bytes(b"x" * 100, now=NOW)
+    store.close()
+
+
+def test_disk_full_when_free_space_below_minimum(tmp_path: Path) -> None:
+    st_ = os.statvfs(tmp_path)
+    free = st_.f_bavail * st_.f_frsize
+    store = LocalStore(tmp_path / "data", StorageConfig(min_free_bytes=free + 10**15))
+    with pytest.raises(StorageError) as ei:
+        store.put_bytes(b"x", now=NOW)
+    assert ei.value.reason == "disk_full" and "min_free_bytes" in str(ei.value)
+    with pytest.raises(StorageError) as ei:
+        store.writer(now=NOW)
+    assert ei.value.reason == "disk_full"
+    assert_nothing_left(store)
+    store.close()
+
+
+def test_disk_full_during_write(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    free = [10 * 1024 * 1024]
+    monkeypatch.setattr(store, "_free_bytes", lambda: free[0])
+    with pytest.raises(StorageError) as ei, store.writer(now=NOW) as w:
+        for _ in range(100):
+            w.write(b"x" * (1024 * 1024))  # chunk_bytes: every write re-checks
+            free[0] -= 1024 * 1024
+    assert ei.value.reason == "disk_full"
+    assert 5 <= w.written // (1024 * 1024) <= 10
+    assert_nothing_left(store)
+
+
+def test_enospc_aborts_cleanly(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = storage._write_all
+    calls = [0]
+
+    def failing(fd: int, data: memoryview) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(storage, "_write_all", failing)
+    with pytest.raises(StorageError) as ei, store.writer(now=NOW) as w:
+        for _ in range(5):
+            w.write(b"y" * 1000)
+    assert ei.value.reason == "disk_full" and "No space left" in str(ei.value)
+    assert_nothing_left(store)
+
+
+def test_bounded_concurrent_writers(tmp_path: Path) -> None:
+    store = open_store(tmp_path, max_concurrent_writes=2)
+    w1, w2 = store.writer(now=NOW), store.writer(now=NOW)
+    with pytest.raises(StorageError) as ei:
+        store.writer(now=NOW)
+    assert ei.value.reason == "busy" and "max_concurrent_writes=2" in str(ei.value)
+    w1.abort()
+    w3 = store.writer(now=NOW)
+    w2.write(b"2")
+    w2.commit()
+    w3.abort()
+    assert store.stats()["writes_in_flight"] == 0
+    store.close()
+
+
+def test_close_aborts_writes_in_flight(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    w = store.writer(now=NOW)
+    w.write(b"zz")
+    store.close()
+    assert w.closed
+    assert files_under(tmp_path / "tmp") == []
+    with pytest.raises(ValueError):
+        store.has(object_id_of(b"zz"))
+
+
+def test_concurrent_threads(store: LocalStore) -> None:
+    datas = [os.urandom(5000 + i) for i in range(32)]
+    errors: list[BaseException] = []
+
+    def put(d: bytes) -> None:
+        try:
+            m = store.put_bytes(d, now=NOW)
+            assert store.read_bytes(m.object_id) == d
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=put, args=(d,)) for d in datas * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    assert sorted(store.ids()) == sorted(object_id_of(d) for d in datas)
+    assert store.stats()["bytes"] == sum(len(d) for d in datas)
+    assert store.stats()["bytes_in_flight"] == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "b2b-",
+        "../../etc/passwd",
+        "b2b-" + "0" * 63,
+        "b2b-" + "0" * 65,
+        "b2b-" + "A" * 64,
+        "b2b-" + "0" * 62 + "/x",
+        "b2b-../" + "0" * 61,
+        "sha-" + "0" * 64,
+        "b2b-" + "0" * 64 + "\n",
+    ],
+)
+def test_bad_ids_are_rejected(store: LocalStore, bad: str) -> None:
+    for call in (
+        store.has,
+        store.meta,
+        store.open_read,
+        store.verify,
+        store.delete,
+        store.quarantine,
+        store.object_path,
+        lambda oid: list(store.read_chunks(oid)),
+        lambda oid: store.set_hint(oid, "n1"),
+    ):
+        with pytest.raises(StorageError) as ei:
+            call(bad)
+        assert ei.value.reason == "bad_id"
+    with pytest.raises(StorageError) as ei:
+        store.put_bytes(b"x", now=NOW, expected_id=bad)
+    assert ei.value.reason == "bad_id"
+    assert_nothing_left(store)
+
+
+# -- listing, hints, TTL ------------------------------------------------------------------
+
+
+def test_list_is_paged_by_id(store: LocalStore) -> None:
+    ids = sorted(store.put_bytes(bytes([i]), now=NOW).object_id for i in range(25))
+    pages: list[str] = []
+    after = ""
+    while True:
+        page = store.list(after=after, limit=10)
+        if not page:
+            break
+        pages.extend(m.object_id for m in page)
+        after = page[-1].object_id
+    assert pages == ids == list(store.ids())
+    assert store.list(limit=0) == []
+
+
+def test_hints(store: LocalStore) -> None:
+    mine = store.put_bytes(b"mine", now=NOW).object_id
+    theirs = store.put_bytes(b"theirs", now=NOW, hint_for="node-7").object_id
+    assert [m.object_id for m in store.hinted()] == [theirs]
+    assert store.stats()["hinted"] == 1
+    store.set_hint(mine, "node-8")
+    store.set_hint(theirs, None)
+    assert store.meta(mine).hint_for == "node-8"  # type: ignore[union-attr]
+    assert store.meta(theirs).hint_for is None  # type: ignore[union-attr]
+    with pytest.raises(StorageError) as ei:
+        store.set_hint(object_id_of(b"absent"), None)
+    assert ei.value.reason == "not_found"
+
+
+def test_ttl_and_expired(store: LocalStore) -> None:
+    short = store.put_bytes(b"short", now=NOW, pinned=False, ttl_s=10).object_id
+    long = store.put_bytes(b"long", now=NOW, pinned=False, ttl_s=100).object_id
+    pinned = store.put_bytes(b"pinned", now=NOW, pinned=True, ttl_s=1).object_id
+    store.put_bytes(b"forever", now=NOW, pinned=False)
+    assert store.meta(short).expires == NOW + 10  # type: ignore[union-attr]
+    assert store.expired(NOW + 5) == []
+    assert store.expired(NOW + 10) == [short]
+    assert store.expired(NOW + 1000) == [short, long]
+    assert pinned not in store.expired(NOW + 1000)
+    store.set_pinned(pinned, False, expires=NOW + 50)
+    assert store.expired(NOW + 1000) == [short, pinned, long]
+    store.set_pinned(short, True)
+    assert store.expired(NOW + 1000) == [pinned, long]
+
+
+# -- KV ------------------------------------------------------------------------------------
+
+
+def test_kv_last_writer_wins(store: LocalStore) -> None:
+    assert store.kv_get("k") is None
+    assert store.kv_put("k", b"v2", "0002")
+    assert not store.kv_put("k", b"v1", "0001")  # older: ignored
+    assert not store.kv_put("k", b"same-ts", "0002")  # equal: ignored
+    assert store.kv_get("k") == (b"v2", "0002")
+    assert store.kv_put("k", None, "0003")  # newer tombstone wins
+    assert store.kv_get("k") == (None, "0003")
+    assert not store.kv_put("k", b"late", "0002")  # older write cannot resurrect it
+    assert store.kv_get("k") == (None, "0003")
+    assert store.kv_put("k", b"v4", "0004")
+    assert store.kv_get("k") == (b"v4", "0004")
+    assert store.kv_put("dead", None, "0001")  # tombstone for a key never seen
+    assert store.kv_get("dead") == (None, "0001")
+    assert store.stats()["kv_keys"] == 2 and store.stats()["kv_tombstones"] == 1
+
+
+def test_kv_with_hlc_timestamps(store: LocalStore) -> None:
+    from meshscale.core.hlc import HLCTimestamp
+
+    early = HLCTimestamp(wall_ns=10**18, logical=5, node="b").encode()
+    late = HLCTimestamp(wall_ns=10**18, logical=5, node="c").encode()
+    later = HLCTimestamp(wall_ns=10**18 + 1, logical=0, node="a").encode()
+    assert store.kv_put("k", b"c", late)
+    assert not store.kv_put("k", b"b", early)
+    assert store.kv_put("k", b"a", later)
+    assert store.kv_get("k") == (b"a", later)
+
+
+def test_kv_scan_by_prefix(store: LocalStore) -> None:
+    for k in ["a", "task/1", "task/2", "task/10", "task0", "tas", "task/\U0010ffff", "u"]:
+        store.kv_put(k, k.encode(), "01")
+    store.kv_put("task/2", None, "02")
+    got = store.kv_scan("task/")
+    assert [k for k, _, _ in got] == ["task/1", "task/10", "task/2", "task/\U0010ffff"]
+    assert got[2] == ("task/2", None, "02")
+    assert [k for k, _, _ in store.kv_scan("task/", limit=2)] == ["task/1", "task/10"]
+    assert [k for k, _, _ in store.kv_scan("task/", after="task/10")] == [
+        "task/2",
+        "task/\U0010ffff",
+    ]
+    assert len(store.kv_scan()) == 8
+    assert store.kv_purge_tombstones("03") == 1
+    assert store.kv_get("task/2") is None
+
+
+def test_kv_bounds(store: LocalStore) -> None:
+    with pytest.raises(StorageError) as ei:
+        store.kv_put("k" * (MAX_KV_KEY_BYTES + 1), b"", "1")
+    assert ei.value.reason == "too_large"
+    with pytest.raises(StorageError) as ei:
+        store.kv_put("k", b"x" * (MAX_KV_VALUE_BYTES + 1), "1")
+    assert ei.value.reason == "too_large"
+    assert store.kv_put("k" * MAX_KV_KEY_BYTES, b"x" * MAX_KV_VALUE_BYTES, "1")
+    with pytest.raises(ValueError):
+        store.kv_put("k", b"", "")
+
+
+# -- properties ------------------------------------------------------------------------------
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(max_size=5000), chunk=st.integers(min_value=1, max_value=700))
+def test_round_trip_property(store: LocalStore, data: bytes, chunk: int) -> None:
+    with store.writer(now=NOW) as w:
+        for i in range(0, len(data), chunk):
+            w.write(data[i : i + chunk])
+        meta = w.commit()
+    assert meta.object_id == object_id_of(data) and meta.size == len(data)
+    assert store.read_bytes(meta.object_id) == data
+    assert b"".join(store.read_chunks(meta.object_id, chunk_bytes=chunk)) == data
+
+
+_keys = st.text(alphabet=st.sampled_from("ab/\x00é\U0010ffff"), max_size=4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(_keys, st.none() | st.binary(max_size=4), st.integers(0, 20)), max_size=30
+    ),
+    prefix=_keys,
+)
+def test_kv_matches_a_dict_model(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, bytes | None, int]], prefix: str
+) -> None:
+    store = open_store(tmp_path_factory.mktemp("kv"))
+    model: dict[str, tuple[bytes | None, str]] = {}
+    for key, value, t in ops:
+        ts = f"{t:04d}"
+        applies = key not in model or ts > model[key][1]
+        assert store.kv_put(key, value, ts) == applies
+        if applies:
+            model[key] = (value, ts)
+    for key, (value, ts) in model.items():
+        assert store.kv_get(key) == (value, ts)
+    expected = sorted((k, v, t) for k, (v, t) in model.items() if k.startswith(prefix))
+    assert store.kv_scan(prefix) == expected
+    store.close()
