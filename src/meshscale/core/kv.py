@@ -1,0 +1,219 @@
+"""Replicated key-value decisions: last-writer-wins records and tunable consistency.
+
+The small mutable part of the data model (named references, policies, task records) after
+DeCandia et al., "Dynamo", SOSP 2007: a key lives on N replicas chosen by rendezvous
+hashing (``placement.replica_set``), a write or read waits for ONE, QUORUM or ALL of
+them, and a read writes the winning record back to replicas that answered with an older
+one (read repair). Departures from Dynamo: no vector clocks and no siblings; conflicts
+resolve by last-writer-wins on hybrid logical clock timestamps (``core/hlc.py``), as
+Cassandra does with wall-clock cell timestamps. Deletes are tombstones (``value is
+None``) so that a delete can win over an older write.
+
+What LWW allows, and callers must know:
+
+- Concurrent writes to one key: one wins, silently; the other is lost without an error.
+  Use the KV for values that are *replaced* (a reference, a policy, a task's state), not
+  for counters, sets or appends: a read-modify-write is not atomic and will lose updates.
+- "Last" is by HLC timestamp, which respects causality (a write that saw another is
+  later) but between causally unrelated writers follows physical clocks, so a writer
+  whose clock runs ahead by up to the HLC ``max_offset_s`` wins over a write made slightly
+  later in real time. Bigger skew is refused by the clock (``ClockSkewError``).
+- QUORUM reads and writes (R + W > N) see the latest acknowledged write only while the
+  replica set is stable; after membership changes the sets move and a QUORUM read may miss
+  a write made to the old set until repair catches up (sloppy quorum, as in Dynamo).
+- Equal timestamps are impossible between distinct writers (the node name is part of the
+  timestamp); the same writer never issues a timestamp twice.
+
+This module is sans-I/O: ``KVCoordinator`` tracks one operation's replies and decides; the
+driver sends the requests, feeds the replies and applies the read repairs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from meshscale.core.hlc import HLCTimestamp
+from meshscale.core.placement import Candidate, Residency, replica_set
+
+__all__ = [
+    "Consistency",
+    "KVCoordinator",
+    "KVOutcome",
+    "KVRecord",
+    "kv_replicas",
+    "lww_merge",
+    "merge_optional",
+]
+
+KV_NAMESPACE = "kv\0"
+"""Prefix of the placement id of a key, so a key never shares a score with an object id."""
+
+
+class KVRecord(msgspec.Struct, frozen=True, array_like=True):
+    """One version of a key; ``value is None`` is a tombstone (a delete)."""
+
+    key: str
+    value: bytes | None
+    ts: HLCTimestamp
+
+
+def lww_merge(a: KVRecord, b: KVRecord) -> KVRecord:
+    """The record that wins: the higher timestamp (node name breaks a tie of time, as
+    ``HLCTimestamp`` orders). Commutative, associative and idempotent, so replicas that
+    merge the same records in any order converge."""
+    if a.key != b.key:
+        raise ValueError(f"cannot merge records of different keys {a.key!r} and {b.key!r}")
+    if a.ts == b.ts and a.value != b.value:
+        # One writer never reuses a timestamp: two values under one timestamp is a bug
+        # or a forgery. Pick deterministically so replicas still converge.
+        return a if (a.value or b"") >= (b.value or b"") else b
+    return a if a.ts >= b.ts else b
+
+
+def merge_optional(a: KVRecord | None, b: KVRecord | None) -> KVRecord | None:
+    """``lww_merge`` where ``None`` (no record) loses to anything."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return lww_merge(a, b)
+
+
+class Consistency(enum.Enum):
+    ONE = "one"
+    QUORUM = "quorum"
+    ALL = "all"
+
+    def required(self, n_replicas: int) -> int:
+        """Replies needed out of ``n_replicas``."""
+        if n_replicas < 1:
+            raise ValueError(f"need at least one replica, got {n_replicas}")
+        if self is Consistency.ONE:
+            return 1
+        if self is Consistency.QUORUM:
+            return n_replicas // 2 + 1
+        return n_replicas
+
+
+def kv_replicas(
+    key: str,
+    candidates: Iterable[Candidate],
+    n: int = 3,
+    residency: Residency | None = None,
+) -> list[str]:
+    """The nodes that hold ``key``, primary first (``placement.replica_set`` over the live
+    view; ``PlacementError`` when none is allowed)."""
+    return [c.name for c in replica_set(KV_NAMESPACE + key, candidates, n, residency)]
+
+
+@dataclass(frozen=True)
+class KVOutcome:
+    """How one operation ended."""
+
+    ok: bool
+    record: KVRecord | None = None
+    """For a get: the winning record (``None``: no replica has the key)."""
+    stale: tuple[str, ...] = ()
+    """For a get: replicas that answered with an older record or none (read repair)."""
+    reason: str = ""
+
+
+@dataclass
+class KVCoordinator:
+    """One get or put against ``replicas`` at a ``consistency`` level.
+
+    Build with ``for_get`` / ``for_put``; send the request to every node of ``replicas``;
+    feed ``on_reply`` (get: the record or ``None``; put: ``None``, meaning acknowledged)
+    and ``on_failure``; read ``outcome`` once it is not ``None``. Replies after the
+    outcome still refine ``read_repair()`` (the driver may wait for all of them). The
+    deadline is the driver's: ``expire()`` fails an undecided operation.
+    """
+
+    key: str
+    replicas: tuple[str, ...]
+    consistency: Consistency
+    write: KVRecord | None = None
+    replies: dict[str, KVRecord | None] = field(default_factory=dict)
+    failures: set[str] = field(default_factory=set)
+    outcome: KVOutcome | None = None
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            raise ValueError("a KV operation needs at least one replica")
+        if len(set(self.replicas)) != len(self.replicas):
+            raise ValueError(f"replicas listed twice: {self.replicas}")
+        if self.write is not None and self.write.key != self.key:
+            raise ValueError("the record's key is not the operation's key")
+
+    @classmethod
+    def for_get(cls, key: str, replicas: Iterable[str], consistency: Consistency) -> KVCoordinator:
+        return cls(key, tuple(replicas), consistency)
+
+    @classmethod
+    def for_put(
+        cls, record: KVRecord, replicas: Iterable[str], consistency: Consistency
+    ) -> KVCoordinator:
+        return cls(record.key, tuple(replicas), consistency, write=record)
+
+    @property
+    def required(self) -> int:
+        return self.consistency.required(len(self.replicas))
+
+    def on_reply(self, node: str, record: KVRecord | None) -> None:
+        if node not in self.replicas or node in self.replies or node in self.failures:
+            return
+        if record is not None and record.key != self.key:
+            self.on_failure(node)  # a reply about another key: treat as garbage
+            return
+        self.replies[node] = record
+        self._decide()
+
+    def on_failure(self, node: str) -> None:
+        if node not in self.replicas or node in self.replies:
+            return
+        self.failures.add(node)
+        self._decide()
+
+    def expire(self) -> None:
+        if self.outcome is None:
+            self.outcome = KVOutcome(
+                False, reason=f"timeout: {len(self.replies)} of {self.required} replies "
+                f"({self.consistency.name})"
+            )
+
+    def winner(self) -> KVRecord | None:
+        best: KVRecord | None = None
+        for rec in self.replies.values():
+            best = merge_optional(best, rec)
+        if self.write is not None:
+            best = merge_optional(best, self.write)
+        return best
+
+    def read_repair(self) -> list[tuple[str, KVRecord]]:
+        """(replica, record to write) for every replier that is behind the winner."""
+        best = self.winner()
+        if best is None or self.write is not None:
+            return []
+        return [(n, best) for n in self.replicas
+                if n in self.replies and self.replies[n] != best]
+
+    def _decide(self) -> None:
+        if self.outcome is not None:
+            return
+        need = self.required
+        if len(self.replies) >= need:
+            if self.write is not None:
+                self.outcome = KVOutcome(True, self.write)
+            else:
+                self.outcome = KVOutcome(
+                    True, self.winner(), tuple(n for n, _ in self.read_repair())
+                )
+        elif len(self.replicas) - len(self.failures) < need:
+            self.outcome = KVOutcome(
+                False, reason=f"{len(self.failures)} of {len(self.replicas)} replicas failed; "
+                f"{self.consistency.name} needs {need}"
+            )

@@ -1,0 +1,869 @@
+"""Replication of immutable objects: quorum writes, hinted handoff, repair and handoff.
+
+After DeCandia et al., "Dynamo: Amazon's Highly Available Key-value Store", SOSP 2007.
+One ``ReplicaManager`` per node decides; its driver moves bytes and keeps the store. A
+write goes to the object's replica set (``placement.replica_set`` over the live view);
+a target that fails is stood in for by the next allowed node in rendezvous order, which
+keeps a *hinted* copy (Dynamo's sloppy quorum); the write is acknowledged once W distinct
+durable copies exist, hinted ones included. Departures from Dynamo, and why:
+
+- Residency before availability. A stand-in is only ever chosen among nodes whose region
+  the object's residency rule allows; when no such node is left the write fails with a
+  reason, it is never placed elsewhere. Every ``Transfer`` asserts it.
+- One mechanism for anti-entropy, re-replication and hinted handoff. Objects are
+  immutable, so there are no versions to reconcile, only copies to count. Each node,
+  periodically and promptly after a view change, tells every peer p what it believes
+  both of them should hold: a ``Digest`` (count and XOR of per-id hashes) of the local ids
+  whose replica set, under the *current* view, contains both nodes. p compares it with
+  its own side; on a mismatch the ids follow in bounded pages (``Offer``), p answers which
+  it lacks (``OfferReply.missing``) and the sender queues a ``Transfer`` for each. A copy
+  held by a node outside the replica set (a hint, or a copy left behind by a view change)
+  is offered to the set every round and dropped (``DropLocal``) once every member of the
+  current set has confirmed holding it. This replaces Dynamo's Merkle trees per key range
+  (we have no ranges: placement is rendezvous hashing) with one digest per node pair, and
+  Dynamo's separate hint store with the inventory itself: a hint is just a copy whose
+  holder is not in the set.
+- Confirmations that allow a drop are *keep* confirmations: the peer holds the object and
+  considers itself in the replica set under its own view. A peer that holds it but thinks
+  it is not responsible answers ``not_mine``, so two nodes with different views cannot
+  each drop their copy counting on the other. Confirmations are forgotten when the peer
+  leaves the view and only count when newer than our last view change.
+- Reads are the driver's job: ``read_sources`` names where to read, in replica-set order,
+  known holders first and this node first if it holds a copy. Read repair: the driver
+  verifies the content hash of what it read; a corrupt *local* copy is deleted and
+  reported with ``object_removed``, and anti-entropy refills it from a peer. No read
+  quorum is needed because objects are immutable and content-addressed: any copy that
+  hashes right is the object.
+- Garbage collection (pins, TTL) is the store's business; the manager only needs to be
+  told with ``object_removed``.
+
+Sans-I/O (see ``core/outputs.py``): inputs carry ``now``, outputs are collected with
+``drain()``, time moves through ``next_deadline()`` / ``on_timer(now)``, randomness comes
+only from the ``random.Random`` given. Messages between managers are ``SendMessage``
+outputs (deliver reliably, e.g. over a stream; losing one is tolerated) and arrive with
+``handle_message``. Every queue is bounded by ``ReplicationConfig``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import msgspec
+
+from meshscale.core.outputs import Event
+from meshscale.core.placement import (
+    MAX_REPLICAS,
+    Candidate,
+    PlacementError,
+    Residency,
+    check_quorum,
+    hrw_score,
+    replica_set,
+)
+from meshscale.core.wire import WireError
+
+__all__ = [
+    "REPLICATION_PROTOCOL_VERSION",
+    "DigestMsg",
+    "DigestReply",
+    "DropLocal",
+    "ObjRef",
+    "ObjectPolicy",
+    "Offer",
+    "OfferReply",
+    "PutAcked",
+    "PutFailed",
+    "ReplicaManager",
+    "ReplicationConfig",
+    "ReplicationOutput",
+    "ReplicationOverloaded",
+    "SendMessage",
+    "Transfer",
+    "UnderReplicated",
+    "decode_message",
+    "encode_message",
+]
+
+REPLICATION_PROTOCOL_VERSION = 1
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """Every knob and bound of the replication layer; durations in seconds."""
+
+    sync_interval: float = 10.0
+    """Period of the digest exchange with every peer (jittered +-20%)."""
+    view_change_delay: float = 0.5
+    """After a view change, wait this long (to batch a burst of changes) and then sync
+    with every peer at once instead of waiting for the next period."""
+    put_timeout: float = 10.0
+    """A write not acknowledged by then fails."""
+    max_pending_puts: int = 1024
+    """Writes in flight that this node coordinates; more are refused."""
+    max_stand_ins: int = 8
+    """Per write: how many stand-in (hinted) nodes may be tried after failures."""
+    max_concurrent_transfers: int = 8
+    """Repair and handoff transfers in flight from this node (writes not counted: they
+    are bounded by ``max_pending_puts``)."""
+    max_repair_queue: int = 10_000
+    """Queued repair transfers; beyond it the lowest-priority are shed (the next sync
+    round finds them again)."""
+    transfer_timeout: float = 120.0
+    """A repair transfer the driver never reported is forgotten after this long."""
+    page_size: int = 256
+    """Object references per ``Offer`` page."""
+    max_ids_per_round: int = 4096
+    """Object references offered to one peer per round; the rest wait for the next."""
+    max_peers_per_round: int = 256
+    """Peers synced per periodic round (rotating), bounding a round's messages."""
+    max_message_bytes: int = 1 << 20
+    """Largest replication message accepted."""
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class ObjectPolicy:
+    """How many copies an object wants and where it may live."""
+
+    replicas: int = 3
+    residency: Residency | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.replicas <= MAX_REPLICAS:
+            raise ValueError(f"replicas must be between 1 and {MAX_REPLICAS}, got {self.replicas}")
+
+    def allows(self, region: str) -> bool:
+        return self.residency is None or self.residency.allows(region)
+
+    def __repr__(self) -> str:
+        # Sorted, so a trace that prints a policy is the same in every process
+        # (frozenset order depends on the per-process string hash seed).
+        if self.residency is None:
+            return f"ObjectPolicy(replicas={self.replicas})"
+        regions = self.residency.regions
+        where = "*" if regions is None else ",".join(sorted(regions))
+        return f"ObjectPolicy(replicas={self.replicas}, regions={where})"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """Deliver ``payload`` to the ``ReplicaManager`` of ``dst`` (its ``handle_message``).
+    One-way; a lost message costs a round, never correctness."""
+
+    dst: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer(Event):
+    """Copy object ``oid`` to ``dst`` (which may be this node: store it locally), then
+    report ``transfer_done(req_id, dst, oid, ok, now)``. The receiving driver commits it
+    durably and reports ``object_added(oid, policy, hint_for, now)`` to its own manager.
+    ``req_id`` is the write's id, or ``None`` for repair and handoff."""
+
+    dst: str
+    oid: str
+    req_id: int | None
+    policy: ObjectPolicy
+    hint_for: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DropLocal(Event):
+    """Delete the local copy of ``oid`` (every member of its replica set has it), then
+    report ``object_removed``."""
+
+    oid: str
+
+
+@dataclass(frozen=True, slots=True)
+class PutAcked(Event):
+    req_id: int
+    oid: str
+    nodes: tuple[str, ...]
+    """The nodes holding a durable copy when the quorum was reached."""
+
+
+@dataclass(frozen=True, slots=True)
+class PutFailed(Event):
+    req_id: int
+    oid: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnderReplicated(Event):
+    """After a view change, a locally held object has fewer allowed live nodes than its
+    policy wants (reported by every holder, once per change of state)."""
+
+    oid: str
+    live_replicas: int
+    wanted: int
+
+
+ReplicationOutput = SendMessage | Event
+
+
+class ReplicationOverloaded(RuntimeError):
+    """A bound was hit (``max_pending_puts``); the request is refused, nothing was done."""
+
+
+# --------------------------------------------------------------------------- wire
+
+Oid = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Region = Annotated[str, msgspec.Meta(max_length=128)]
+Round = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class ObjRef(msgspec.Struct, frozen=True, array_like=True):
+    """An object id with the policy a peer needs to decide whether it should hold it."""
+
+    oid: Oid
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=MAX_REPLICAS)]
+    regions: Annotated[list[Region], msgspec.Meta(max_length=256)] | None = None
+    data_class: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+    def policy(self) -> ObjectPolicy:
+        if self.regions is None and self.data_class is None:
+            return ObjectPolicy(self.replicas)
+        regions = None if self.regions is None else frozenset(self.regions)
+        return ObjectPolicy(self.replicas, Residency(regions, self.data_class))
+
+
+class DigestMsg(msgspec.Struct, tag=1, array_like=True):
+    """What the sender holds that both it and the receiver should hold."""
+
+    round: Round
+    count: Annotated[int, msgspec.Meta(ge=0)]
+    digest: Annotated[bytes, msgspec.Meta(max_length=32)]
+
+
+class DigestReply(msgspec.Struct, tag=2, array_like=True):
+    round: Round
+    match: bool
+
+
+class Offer(msgspec.Struct, tag=3, array_like=True):
+    """A page of objects the sender believes the receiver should hold."""
+
+    round: Round
+    page: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)]
+    refs: Annotated[list[ObjRef], msgspec.Meta(max_length=4096)]
+
+
+class OfferReply(msgspec.Struct, tag=4, array_like=True):
+    """Of an ``Offer`` page: ids the receiver lacks and should hold (``missing``), ids it
+    does not consider its own (``not_mine``); every other id it holds and keeps."""
+
+    round: Round
+    page: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)]
+    missing: Annotated[list[Oid], msgspec.Meta(max_length=4096)]
+    not_mine: Annotated[list[Oid], msgspec.Meta(max_length=4096)]
+
+
+ReplicationMessage = DigestMsg | DigestReply | Offer | OfferReply
+
+_outer_decoder = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
+_message_decoder = msgspec.msgpack.Decoder(ReplicationMessage)
+
+
+def encode_message(msg: ReplicationMessage) -> bytes:
+    """``[version, message]`` as MessagePack, like the stream frames of ``core/rpc.py``."""
+    return msgspec.msgpack.encode((REPLICATION_PROTOCOL_VERSION, msg))
+
+
+def decode_message(data: bytes, max_size: int) -> ReplicationMessage:
+    """Parse one message or raise ``WireError`` (oversized, malformed, version)."""
+    if len(data) > max_size:
+        raise WireError("oversized", f"{len(data)} > {max_size} bytes")
+    try:
+        version, raw = _outer_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise WireError("malformed", str(exc)) from None
+    if version != REPLICATION_PROTOCOL_VERSION:
+        raise WireError("version", f"replication version {version}")
+    try:
+        msg: ReplicationMessage = _message_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise WireError("malformed", str(exc)) from None
+    return msg
+
+
+def _ref(oid: str, policy: ObjectPolicy) -> ObjRef:
+    res = policy.residency
+    if res is None:
+        return ObjRef(oid, policy.replicas)
+    regions = None if res.regions is None else sorted(res.regions)
+    return ObjRef(oid, policy.replicas, regions, res.data_class)
+
+
+def _id_hash(oid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(oid.encode(), digest_size=16).digest(), "big")
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(slots=True)
+class _Local:
+    """A copy this node holds."""
+
+    oid: str
+    policy: ObjectPolicy
+    hint_for: str | None
+    h: int
+    confirmed: dict[str, float] = field(default_factory=dict)
+    """Peer -> when it last confirmed holding (and keeping) this object."""
+    failed_at: float = float("-inf")
+    """When a member of its replica set last left the view (repair priority)."""
+    rs: tuple[str, ...] = ()
+    rs_version: int = -1
+    under: bool = False
+    dropping: bool = False
+
+
+@dataclass(slots=True)
+class _Put:
+    req_id: int
+    oid: str
+    policy: ObjectPolicy
+    w: int
+    deadline: float
+    ranked: list[str]
+    """Allowed live nodes in HRW order at the start: where stand-ins come from."""
+    tried: set[str]
+    outstanding: dict[str, str | None]
+    """dst -> the replica-set member it stands in for (None: it is a member)."""
+    durable: list[str] = field(default_factory=list)
+    stand_ins: int = 0
+
+
+@dataclass(slots=True)
+class _PeerRound:
+    round: int
+    started: float
+    pair: list[str]
+    pages: dict[int, list[str]] = field(default_factory=dict)
+    next_page: int = 0
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class ReplicaManager:
+    """One node's replication decisions. Drive it as described in the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        config: ReplicationConfig | None = None,
+        rng: random.Random,
+        now: float,
+    ) -> None:
+        self.name = name
+        self.config = config or ReplicationConfig()
+        self.rng = rng
+        self.stats: dict[str, int] = {}
+        self._outputs: list[ReplicationOutput] = []
+        self._view: dict[str, Candidate] = {}
+        self._view_version = 0
+        self._view_since = now
+        self._peers: list[str] = []
+        self._peer_cursor = 0
+        self._inv: dict[str, _Local] = {}
+        self._puts: dict[int, _Put] = {}
+        self._put_deadlines: list[tuple[float, int]] = []
+        self._rounds: dict[str, _PeerRound] = {}
+        self._round_seq = 0
+        self._repair_heap: list[tuple[tuple[int, float, str, str], str, str]] = []
+        self._repair_queued: set[tuple[str, str]] = set()
+        self._inflight: dict[tuple[str, str], float] = {}
+        self._next_sync = now + self.rng.uniform(0.0, self.config.sync_interval)
+        self._prompt_at: float | None = None
+        self._prompt_peers: set[str] = set()
+
+    # ------------------------------------------------------------------ driver contract
+
+    def drain(self) -> list[ReplicationOutput]:
+        out = self._outputs
+        self._outputs = []
+        return out
+
+    def next_deadline(self) -> float | None:
+        times = [self._next_sync]
+        if self._prompt_at is not None:
+            times.append(self._prompt_at)
+        heap = self._put_deadlines
+        while heap and heap[0][1] not in self._puts:
+            heapq.heappop(heap)
+        if heap:
+            times.append(heap[0][0])
+        if self._inflight:
+            times.append(min(self._inflight.values()) + self.config.transfer_timeout)
+        return min(times)
+
+    def on_timer(self, now: float) -> None:
+        heap = self._put_deadlines
+        while heap and heap[0][0] <= now:
+            _, req_id = heapq.heappop(heap)
+            put = self._puts.pop(req_id, None)
+            if put is not None:
+                self._fail(put, f"timeout: {len(put.durable)} of W={put.w} copies durable "
+                                f"after {self.config.put_timeout} s")
+        expired = [k for k, t in self._inflight.items() if t + self.config.transfer_timeout <= now]
+        for k in expired:
+            del self._inflight[k]
+            self._count("transfers_expired")
+        if now >= self._next_sync:
+            self._next_sync = now + self.config.sync_interval * self.rng.uniform(0.8, 1.2)
+            self._periodic_round(now)
+        elif self._prompt_at is not None and now >= self._prompt_at:
+            self._prompt_at = None
+            peers = sorted(self._prompt_peers)
+            self._prompt_peers.clear()
+            self._sync(peers, now)
+        self._pump(now)
+
+    # ------------------------------------------------------------------ view & inventory
+
+    def set_view(self, candidates: Iterable[Candidate], now: float) -> None:
+        """The live view changed (alive and suspect members, this node included)."""
+        view = {c.name: c for c in candidates}
+        if self.name not in view:
+            raise ValueError(f"the view of {self.name!r} must include itself")
+        if view == self._view:
+            return
+        removed = [n for n in self._view if n not in view]
+        added = [n for n in view if n not in self._view]
+        if removed:
+            for loc in self._inv.values():
+                old = self._rs_of_local(loc)
+                for r in removed:
+                    loc.confirmed.pop(r, None)
+                    if r in old:
+                        loc.failed_at = now
+            for r in removed:
+                self._rounds.pop(r, None)
+        self._view = view
+        self._view_version += 1
+        self._view_since = now
+        self._peers = sorted(n for n in view if n != self.name)
+        self._count("view_changes")
+        # Promptly re-check with everyone: the replica sets of some objects moved.
+        self._prompt(self._peers, now)
+        for oid in sorted(self._inv):
+            self._check_under(oid, self._inv[oid])
+        if added or removed:
+            self._pump(now)
+
+    def object_added(
+        self, oid: str, policy: ObjectPolicy, hint_for: str | None, now: float
+    ) -> None:
+        """The store committed a copy of ``oid`` (or already had one)."""
+        loc = self._inv.get(oid)
+        if loc is not None:
+            if loc.dropping:
+                loc.dropping = False  # a fresh copy arrived before the drop: keep it
+            if loc.hint_for is not None and hint_for is None:
+                loc.hint_for = None
+            return
+        loc = _Local(oid, policy, hint_for, _id_hash(oid))
+        self._inv[oid] = loc
+        self._count("objects_added")
+        if self.name not in self._rs_of_local(loc):
+            # A hint or a stray copy: hand it off soon rather than at the next period.
+            self._prompt(self._rs_of_local(loc), now)
+        self._check_under(oid, loc)
+
+    def object_removed(self, oid: str, now: float) -> None:
+        """The store no longer holds ``oid`` (dropped, collected or found corrupt)."""
+        if self._inv.pop(oid, None) is not None:
+            self._count("objects_removed")
+
+    def holds(self, oid: str) -> bool:
+        return oid in self._inv
+
+    def inventory(self) -> list[str]:
+        return sorted(self._inv)
+
+    def confirmed_holders(self, oid: str) -> list[str]:
+        loc = self._inv.get(oid)
+        return [] if loc is None else sorted(loc.confirmed)
+
+    # ------------------------------------------------------------------ writes
+
+    def begin_put(self, req_id: int, oid: str, policy: ObjectPolicy, w: int, now: float) -> None:
+        """Coordinate a write of ``oid`` (whose bytes the driver holds) with quorum ``w``.
+
+        Raises ``PlacementError`` (rule ``residency`` or ``replicas``) when the live view
+        cannot meet the policy, ``ValueError`` on a bad ``w`` or a reused ``req_id``, and
+        ``ReplicationOverloaded`` when too many writes are in flight. Otherwise emits one
+        ``Transfer`` per replica-set member; ``PutAcked`` or ``PutFailed`` follows.
+        """
+        if req_id in self._puts:
+            raise ValueError(f"write {req_id} is already in flight")
+        if not 1 <= w <= policy.replicas:
+            raise ValueError(f"write quorum W={w} must be between 1 and replicas={policy.replicas}")
+        if len(self._puts) >= self.config.max_pending_puts:
+            self._count("puts_refused.overloaded")
+            raise ReplicationOverloaded(
+                f"{len(self._puts)} writes in flight (max_pending_puts="
+                f"{self.config.max_pending_puts})"
+            )
+        chosen = replica_set(oid, self._view.values(), policy.replicas, policy.residency)
+        check_quorum(chosen, w)
+        allowed = [c for c in self._view.values() if policy.allows(c.region)]
+        ranked = [c.name for c in sorted(allowed, key=lambda c: (-hrw_score(oid, c.name), c.name))]
+        targets = [c.name for c in chosen]
+        put = _Put(req_id, oid, policy, w, now + self.config.put_timeout, ranked,
+                   set(targets), {t: None for t in targets})
+        self._puts[req_id] = put
+        heapq.heappush(self._put_deadlines, (put.deadline, req_id))
+        self._count("puts")
+        for t in targets:
+            self._transfer(t, oid, req_id, policy, None)
+
+    def transfer_done(
+        self, req_id: int | None, dst: str, oid: str, ok: bool, now: float
+    ) -> None:
+        """The driver finished a ``Transfer``: ``ok`` means ``dst`` holds a durable copy."""
+        if req_id is None:
+            if self._inflight.pop((dst, oid), None) is None:
+                return
+            self._count("repairs_done" if ok else "repairs_failed")
+            self._pump(now)
+            return
+        put = self._puts.get(req_id)
+        if put is None or put.oid != oid or dst not in put.outstanding:
+            return  # acknowledged, failed or timed out already
+        stands_for = put.outstanding.pop(dst)
+        if ok:
+            if dst not in put.durable:
+                put.durable.append(dst)
+            if len(put.durable) >= put.w:
+                del self._puts[req_id]
+                self._count("puts_acked")
+                self._outputs.append(PutAcked(req_id, oid, tuple(put.durable)))
+            return
+        self._count("put_transfers_failed")
+        target = stands_for if stands_for is not None else dst
+        holder = self._next_stand_in(put)
+        if holder is not None:
+            put.tried.add(holder)
+            put.stand_ins += 1
+            put.outstanding[holder] = target
+            self._count("hints_sent")
+            self._transfer(holder, oid, req_id, put.policy, target)
+            return
+        if len(put.durable) + len(put.outstanding) < put.w:
+            del self._puts[req_id]
+            self._fail(put, f"only {len(put.durable)} of W={put.w} copies durable and no "
+                            f"other node allowed by {_describe(put.policy)} left to try")
+
+    def _next_stand_in(self, put: _Put) -> str | None:
+        if put.stand_ins >= self.config.max_stand_ins:
+            return None
+        for name in put.ranked:
+            if name not in put.tried and name in self._view:
+                return name
+        return None
+
+    def _fail(self, put: _Put, reason: str) -> None:
+        self._count("puts_failed")
+        self._outputs.append(PutFailed(put.req_id, put.oid, reason))
+
+    # ------------------------------------------------------------------ reads
+
+    def read_sources(self, oid: str, policy: ObjectPolicy, now: float) -> list[str]:
+        """Where to read ``oid``: this node first if it holds a copy, then the replica set
+        in order, members known to hold it first; then other known holders. Raises
+        ``PlacementError`` when no live node is allowed to hold it."""
+        chosen = [c.name for c in replica_set(oid, self._view.values(), policy.replicas,
+                                              policy.residency)]
+        loc = self._inv.get(oid)
+        known = set(loc.confirmed) if loc is not None else set()
+        out: list[str] = [self.name] if loc is not None else []
+        out += [n for n in chosen if n in known and n not in out]
+        out += [n for n in chosen if n not in out]
+        out += [n for n in sorted(known) if n not in out and n in self._view]
+        return out
+
+    # ------------------------------------------------------------------ messages
+
+    def handle_message(self, src: str, payload: bytes, now: float) -> None:
+        try:
+            msg = decode_message(payload, self.config.max_message_bytes)
+        except WireError as exc:
+            self._count("rejected." + exc.reason)
+            return
+        if src == self.name:
+            self._count("rejected.self")
+            return
+        if isinstance(msg, DigestMsg):
+            self._on_digest(src, msg, now)
+        elif isinstance(msg, DigestReply):
+            self._on_digest_reply(src, msg, now)
+        elif isinstance(msg, Offer):
+            self._on_offer(src, msg, now)
+        else:
+            self._on_offer_reply(src, msg, now)
+        self._pump(now)
+
+    def _send(self, dst: str, msg: ReplicationMessage) -> None:
+        self._count("messages_out")
+        self._outputs.append(SendMessage(dst, encode_message(msg)))
+
+    def _on_digest(self, src: str, msg: DigestMsg, now: float) -> None:
+        count, h = self._pair_digest(self._pair_set(src))
+        match = count == msg.count and h == msg.digest
+        self._send(src, DigestReply(msg.round, match))
+        if not match and src in self._view:
+            # We may hold something the sender lacks: check from our side soon, unless we
+            # did lately (two nodes whose views differ would otherwise ping-pong).
+            mine = self._rounds.get(src)
+            if mine is None or mine.started + self.config.sync_interval / 4 <= now:
+                self._prompt([src], now)
+
+    def _on_digest_reply(self, src: str, msg: DigestReply, now: float) -> None:
+        st = self._rounds.get(src)
+        if st is None or st.round != msg.round:
+            return
+        if msg.match:
+            for oid in st.pair:
+                loc = self._inv.get(oid)
+                if loc is not None:
+                    loc.confirmed[src] = now
+            self._check_drops(now)
+            return
+        self._count("digest_mismatches")
+        # Unconfirmed first: they are the likely difference.
+        pair = sorted(st.pair, key=lambda o: (src in self._inv[o].confirmed, o)
+                      if o in self._inv else (True, o))
+        self._offer(src, st, pair)
+
+    def _on_offer(self, src: str, msg: Offer, now: float) -> None:
+        missing: list[str] = []
+        not_mine: list[str] = []
+        here = self._view.get(self.name)
+        for ref in msg.refs:
+            policy = ref.policy()
+            if here is None or not policy.allows(here.region):
+                self._count("offers_refused.residency")
+                not_mine.append(ref.oid)
+                continue
+            try:
+                rs = self._rs(ref.oid, policy)
+            except PlacementError:
+                not_mine.append(ref.oid)
+                continue
+            mine = self.name in rs
+            if not mine:
+                not_mine.append(ref.oid)
+            elif ref.oid not in self._inv or self._inv[ref.oid].dropping:
+                missing.append(ref.oid)
+        self._send(src, OfferReply(msg.round, msg.page, missing, not_mine))
+
+    def _on_offer_reply(self, src: str, msg: OfferReply, now: float) -> None:
+        st = self._rounds.get(src)
+        if st is None or st.round != msg.round:
+            return
+        ids = st.pages.pop(msg.page, None)
+        if ids is None:
+            return
+        missing = set(msg.missing)
+        not_mine = set(msg.not_mine)
+        for oid in ids:
+            loc = self._inv.get(oid)
+            if loc is None or loc.dropping:
+                continue
+            if oid in missing:
+                self._queue_repair(src, oid, loc)
+            elif oid in not_mine:
+                loc.confirmed.pop(src, None)
+            else:
+                loc.confirmed[src] = now
+        self._check_drops(now)
+
+    # ------------------------------------------------------------------ anti-entropy
+
+    def _prompt(self, peers: Iterable[str], now: float) -> None:
+        new = [p for p in peers if p != self.name and p in self._view]
+        if not new:
+            return
+        self._prompt_peers.update(new)
+        at = now + self.config.view_change_delay
+        if self._prompt_at is None or at < self._prompt_at:
+            self._prompt_at = at
+
+    def _periodic_round(self, now: float) -> None:
+        self._prompt_at = None
+        self._prompt_peers.clear()
+        peers = self._peers
+        if not peers:
+            return
+        k = min(len(peers), self.config.max_peers_per_round)
+        start = self._peer_cursor % len(peers)
+        chosen = [peers[(start + i) % len(peers)] for i in range(k)]
+        self._peer_cursor = start + k
+        self._sync(chosen, now)
+        self._check_drops(now)
+
+    def _sync(self, peers: list[str], now: float) -> None:
+        """Start a digest round with each peer: pair set by digest, handoffs by offer."""
+        if not peers:
+            return
+        wanted = set(peers)
+        pair: dict[str, list[str]] = {p: [] for p in peers}
+        handoff: dict[str, list[str]] = {p: [] for p in peers}
+        for oid in sorted(self._inv):
+            loc = self._inv[oid]
+            if loc.dropping:
+                continue
+            rs = self._rs_of_local(loc)
+            mine = self.name in rs
+            for p in rs:
+                if p in wanted:
+                    (pair if mine else handoff)[p].append(oid)
+        for p in peers:
+            if not pair[p] and not handoff[p]:
+                continue
+            self._round_seq += 1
+            st = _PeerRound(self._round_seq, now, pair[p])
+            self._rounds[p] = st
+            self._count("sync_rounds")
+            if pair[p]:
+                count, h = self._pair_digest(pair[p])
+                self._send(p, DigestMsg(st.round, count, h))
+            if handoff[p]:
+                self._offer(p, st, handoff[p])
+
+    def _offer(self, peer: str, st: _PeerRound, oids: list[str]) -> None:
+        budget = self.config.max_ids_per_round - sum(len(v) for v in st.pages.values())
+        oids = oids[: max(0, budget)]
+        size = self.config.page_size
+        for i in range(0, len(oids), size):
+            chunk = oids[i : i + size]
+            page = st.next_page
+            st.next_page += 1
+            st.pages[page] = chunk
+            refs = [_ref(o, self._inv[o].policy) for o in chunk]
+            self._count("offer_pages")
+            self._send(peer, Offer(st.round, page, refs))
+
+    def _pair_set(self, peer: str) -> list[str]:
+        """Local ids whose replica set contains both this node and ``peer``."""
+        out = []
+        for oid, loc in self._inv.items():
+            if loc.dropping:
+                continue
+            rs = self._rs_of_local(loc)
+            if peer in rs and self.name in rs:
+                out.append(oid)
+        return out
+
+    def _pair_digest(self, oids: list[str]) -> tuple[int, bytes]:
+        acc = 0
+        for oid in oids:
+            loc = self._inv.get(oid)
+            acc ^= loc.h if loc is not None else _id_hash(oid)
+        return len(oids), acc.to_bytes(16, "big")
+
+    def _check_drops(self, now: float) -> None:
+        """Drop copies this node holds outside the replica set once every member keeps one."""
+        busy = {p.oid for p in self._puts.values()}
+        for oid in sorted(self._inv):
+            loc = self._inv[oid]
+            if loc.dropping:
+                continue
+            rs = self._rs_of_local(loc)
+            if not rs or self.name in rs:
+                continue
+            if oid in busy:
+                continue  # a write of it is in flight from here: keep the bytes around
+            if all(loc.confirmed.get(p, float("-inf")) >= self._view_since for p in rs):
+                loc.dropping = True
+                self._count("drops")
+                self._outputs.append(DropLocal(oid))
+
+    # ------------------------------------------------------------------ repair queue
+
+    def _queue_repair(self, dst: str, oid: str, loc: _Local) -> None:
+        key = (dst, oid)
+        if key in self._repair_queued or key in self._inflight:
+            return
+        if len(self._repair_queued) >= self.config.max_repair_queue:
+            self._count("repairs_shed")
+            return
+        prio = (len(loc.confirmed), -loc.failed_at, oid, dst)
+        heapq.heappush(self._repair_heap, (prio, dst, oid))
+        self._repair_queued.add(key)
+
+    def _pump(self, now: float) -> None:
+        heap = self._repair_heap
+        while heap and len(self._inflight) < self.config.max_concurrent_transfers:
+            _, dst, oid = heapq.heappop(heap)
+            self._repair_queued.discard((dst, oid))
+            loc = self._inv.get(oid)
+            if loc is None or loc.dropping or dst not in self._view:
+                continue
+            if dst not in self._rs_of_local(loc) or (dst, oid) in self._inflight:
+                continue
+            self._inflight[(dst, oid)] = now
+            self._count("repairs_started")
+            self._transfer(dst, oid, None, loc.policy, None)
+
+    def _transfer(
+        self, dst: str, oid: str, req_id: int | None, policy: ObjectPolicy, hint_for: str | None
+    ) -> None:
+        node = self._view.get(dst)
+        assert node is not None, f"transfer of {oid} to {dst}, which is not in the view"
+        # The residency invariant: no copy ever goes to a region the policy disallows.
+        assert policy.allows(node.region), f"residency: {oid} must not go to {node.region}"
+        self._outputs.append(Transfer(dst, oid, req_id, policy, hint_for))
+
+    # ------------------------------------------------------------------ placement cache
+
+    def _rs(self, oid: str, policy: ObjectPolicy) -> tuple[str, ...]:
+        chosen = replica_set(oid, self._view.values(), policy.replicas, policy.residency)
+        return tuple(c.name for c in chosen)
+
+    def _rs_of_local(self, loc: _Local) -> tuple[str, ...]:
+        """The replica set of a local object under the current view (cached per view);
+        empty when no live node is allowed to hold it."""
+        if loc.rs_version != self._view_version:
+            try:
+                loc.rs = self._rs(loc.oid, loc.policy) if self._view else ()
+            except PlacementError:
+                loc.rs = ()
+            loc.rs_version = self._view_version
+        return loc.rs
+
+    def _check_under(self, oid: str, loc: _Local) -> None:
+        rs = self._rs_of_local(loc)
+        under = len(rs) < loc.policy.replicas
+        if under and not loc.under:
+            self._outputs.append(UnderReplicated(oid, len(rs), loc.policy.replicas))
+        loc.under = under
+
+    # ------------------------------------------------------------------ misc
+
+    def _count(self, key: str) -> None:
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+
+def _describe(policy: ObjectPolicy) -> str:
+    return policy.residency.describe() if policy.residency is not None else "the policy"
