@@ -70,7 +70,10 @@ def lww_merge(a: KVRecord, b: KVRecord) -> KVRecord:
     if a.ts == b.ts and a.value != b.value:
         # One writer never reuses a timestamp: two values under one timestamp is a bug
         # or a forgery. Pick deterministically so replicas still converge.
-        return a if (a.value or b"") >= (b.value or b"") else b
+        def rank(r: KVRecord) -> tuple[bool, bytes]:
+            return (r.value is not None, r.value or b"")
+
+        return a if rank(a) >= rank(b) else b
     return a if a.ts >= b.ts else b
 
 

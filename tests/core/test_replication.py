@@ -1,0 +1,403 @@
+"""ReplicaManager, hand-driven: no simulator, messages and transfers moved by the test."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import pytest
+
+from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set
+from meshscale.core.replication import (
+    DigestMsg,
+    DropLocal,
+    ObjectPolicy,
+    Offer,
+    OfferReply,
+    PutAcked,
+    PutFailed,
+    ReplicaManager,
+    ReplicationConfig,
+    ReplicationOverloaded,
+    SendMessage,
+    Transfer,
+    UnderReplicated,
+    decode_message,
+    encode_message,
+)
+from meshscale.core.wire import WireError
+
+VIEW = [
+    Candidate("eu1", "eu", "eu-a"),
+    Candidate("eu2", "eu", "eu-b"),
+    Candidate("eu3", "eu", "eu-c"),
+    Candidate("us1", "us", "us-a"),
+    Candidate("us2", "us", "us-b"),
+    Candidate("ap1", "ap", "ap-a"),
+    Candidate("ap2", "ap", "ap-b"),
+]
+REGION = {c.name: c.region for c in VIEW}
+EU = ObjectPolicy(3, Residency(frozenset({"eu"}), "pii"))
+ANY = ObjectPolicy(3)
+CFG = ReplicationConfig(sync_interval=5.0, view_change_delay=0.2, put_timeout=4.0)
+
+
+def manager(name: str, view: list[Candidate] = VIEW, cfg: ReplicationConfig = CFG) -> ReplicaManager:
+    m = ReplicaManager(name, config=cfg, rng=random.Random(name), now=0.0)
+    m.set_view(view, 0.0)
+    m.drain()
+    return m
+
+
+def names(cands: list[Candidate]) -> list[str]:
+    return [c.name for c in cands]
+
+
+def transfers(outs: list[object]) -> list[Transfer]:
+    return [o for o in outs if isinstance(o, Transfer)]
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def test_put_sends_to_the_replica_set_and_acks_at_w() -> None:
+    m = manager("us1")
+    m.begin_put(1, "obj", ANY, 2, 0.0)
+    ts = transfers(m.drain())
+    expected = names(replica_set("obj", VIEW, 3))
+    assert [t.dst for t in ts] == expected
+    assert all(t.req_id == 1 and t.hint_for is None for t in ts)
+    m.transfer_done(1, expected[0], "obj", True, 0.1)
+    assert m.drain() == []
+    m.transfer_done(1, expected[2], "obj", True, 0.2)
+    assert m.drain() == [PutAcked(1, "obj", (expected[0], expected[2]))]
+    # A late completion of the acknowledged write changes nothing.
+    m.transfer_done(1, expected[1], "obj", False, 0.3)
+    assert m.drain() == []
+
+
+def test_put_refused_synchronously_naming_the_rule() -> None:
+    m = manager("us1")
+    with pytest.raises(PlacementError) as exc:
+        m.begin_put(1, "obj", ObjectPolicy(3, Residency(frozenset({"mars"}))), 1, 0.0)
+    assert exc.value.rule == "residency"
+    with pytest.raises(PlacementError) as exc:
+        m.begin_put(2, "obj", ObjectPolicy(4, Residency(frozenset({"ap"}))), 3, 0.0)
+    assert exc.value.rule == "replicas"
+    with pytest.raises(ValueError):
+        m.begin_put(3, "obj", ANY, 4, 0.0)
+    assert m.drain() == []
+
+
+def test_failed_target_gets_a_hinted_stand_in_inside_the_residency_rule() -> None:
+    m = manager("eu1")
+    m.begin_put(7, "pii-doc", EU, 3, 0.0)
+    targets = [t.dst for t in transfers(m.drain())]
+    assert sorted(targets) == ["eu1", "eu2", "eu3"]
+    # Every eu node is a target, so a failure has no stand-in: the write fails, and
+    # nothing is ever sent outside eu.
+    m.transfer_done(7, "eu1", "pii-doc", True, 0.1)
+    m.transfer_done(7, "eu2", "pii-doc", False, 0.1)
+    outs = m.drain()
+    assert not transfers(outs)
+    assert len(outs) == 1 and isinstance(outs[0], PutFailed)
+    assert "residency regions={eu}" in outs[0].reason
+    # With a fourth eu node, the stand-in is that node, never one in another region.
+    m = manager("eu1", [*VIEW, Candidate("eu4", "eu", "eu-a")])
+    m.begin_put(8, "pii-doc", EU, 3, 0.0)
+    first = [t.dst for t in transfers(m.drain())]
+    m.transfer_done(8, first[0], "pii-doc", False, 0.1)
+    (hint,) = transfers(m.drain())
+    assert hint.dst == ({"eu1", "eu2", "eu3", "eu4"} - set(first)).pop()
+    assert hint.hint_for == first[0]
+
+
+def test_hinted_copy_counts_toward_w() -> None:
+    m = manager("us1")
+    m.begin_put(1, "obj", ObjectPolicy(2), 2, 0.0)
+    first = [t.dst for t in transfers(m.drain())]
+    m.transfer_done(1, first[0], "obj", True, 0.1)
+    m.transfer_done(1, first[1], "obj", False, 0.2)
+    (hint,) = transfers(m.drain())
+    assert hint.hint_for == first[1] and hint.dst not in first and hint.req_id == 1
+    m.transfer_done(1, hint.dst, "obj", True, 0.3)
+    assert m.drain() == [PutAcked(1, "obj", (first[0], hint.dst))]
+
+
+def test_failed_stand_in_is_replaced_by_the_next_for_the_same_target() -> None:
+    m = manager("us1")
+    m.begin_put(1, "obj", ObjectPolicy(1), 1, 0.0)
+    (t,) = transfers(m.drain())
+    m.transfer_done(1, t.dst, "obj", False, 0.1)
+    (h1,) = transfers(m.drain())
+    m.transfer_done(1, h1.dst, "obj", False, 0.2)
+    (h2,) = transfers(m.drain())
+    assert h2.hint_for == t.dst and h2.dst not in (t.dst, h1.dst)
+
+
+def test_put_times_out() -> None:
+    m = manager("us1")
+    m.begin_put(1, "obj", ANY, 2, 0.0)
+    m.drain()
+    assert m.next_deadline() is not None and m.next_deadline() <= CFG.put_timeout
+    m.on_timer(CFG.put_timeout)
+    fails = [o for o in m.drain() if isinstance(o, PutFailed)]
+    assert len(fails) == 1 and "timeout" in fails[0].reason
+
+
+def test_too_many_pending_puts_are_refused() -> None:
+    m = manager("us1", cfg=ReplicationConfig(max_pending_puts=2))
+    m.begin_put(1, "a", ANY, 1, 0.0)
+    m.begin_put(2, "b", ANY, 1, 0.0)
+    with pytest.raises(ReplicationOverloaded):
+        m.begin_put(3, "c", ANY, 1, 0.0)
+    with pytest.raises(ValueError):
+        m.begin_put(1, "d", ANY, 1, 0.0)
+
+
+# --------------------------------------------------------------------------- a tiny mesh
+
+
+class Mesh:
+    """Managers wired together by the test: messages delivered at once (unless a node is
+    down), transfers executed at once."""
+
+    def __init__(self, view: list[Candidate] = VIEW) -> None:
+        self.view = list(view)
+        self.m = {c.name: manager(c.name, view) for c in view}
+        self.down: set[str] = set()
+        self.now = 0.0
+        self.sent_transfers: list[Transfer] = []
+        self.drops: list[tuple[str, str]] = []
+
+    def add(self, node: str, oid: str, policy: ObjectPolicy, hint_for: str | None = None) -> None:
+        self.m[node].object_added(oid, policy, hint_for, self.now)
+
+    def holders(self, oid: str) -> set[str]:
+        return {n for n, m in self.m.items() if m.holds(oid)}
+
+    def set_view(self, view: list[Candidate]) -> None:
+        for n, m in self.m.items():
+            if n not in self.down:
+                m.set_view(view, self.now)
+
+    def run(self, until: float, step: float = 0.1) -> None:
+        while self.now < until:
+            self.now = round(self.now + step, 6)
+            for n in sorted(self.m):
+                if n in self.down:
+                    continue
+                m = self.m[n]
+                d = m.next_deadline()
+                if d is not None and d <= self.now:
+                    m.on_timer(self.now)
+            self.flush()
+
+    def flush(self) -> None:
+        busy = True
+        while busy:
+            busy = False
+            for n in sorted(self.m):
+                if n in self.down:
+                    continue
+                for out in self.m[n].drain():
+                    busy = True
+                    self.route(n, out)
+
+    def route(self, src: str, out: object) -> None:
+        if isinstance(out, SendMessage):
+            if out.dst not in self.down:
+                self.m[out.dst].handle_message(src, out.payload, self.now)
+        elif isinstance(out, Transfer):
+            assert out.policy.allows(REGION.get(out.dst, "eu"))
+            self.sent_transfers.append(out)
+            ok = out.dst not in self.down
+            if ok:
+                self.m[out.dst].object_added(out.oid, out.policy, out.hint_for, self.now)
+            self.m[src].transfer_done(out.req_id, out.dst, out.oid, ok, self.now)
+        elif isinstance(out, DropLocal):
+            self.drops.append((src, out.oid))
+            self.m[src].object_removed(out.oid, self.now)
+
+
+def test_anti_entropy_fills_a_missing_replica() -> None:
+    mesh = Mesh()
+    rs = names(replica_set("obj", VIEW, 3))
+    mesh.add(rs[0], "obj", ANY)
+    mesh.run(12.0)
+    assert mesh.holders("obj") == set(rs)
+    assert all(t.req_id is None for t in mesh.sent_transfers)
+
+
+def test_re_replication_after_a_death_and_residency_kept() -> None:
+    view = [*VIEW, Candidate("eu4", "eu", "eu-a")]
+    mesh = Mesh(view)
+    rs = names(replica_set("doc", view, 3, EU.residency))
+    for n in rs:
+        mesh.add(n, "doc", EU)
+    mesh.run(6.0)
+    victim = rs[0]
+    mesh.down.add(victim)
+    smaller = [c for c in view if c.name != victim]
+    mesh.set_view(smaller)
+    mesh.run(mesh.now + 3.0)  # prompt after a view change, well before the period
+    new_rs = names(replica_set("doc", smaller, 3, EU.residency))
+    assert mesh.holders("doc") - {victim} == set(new_rs)
+    assert all(REGION.get(t.dst, "eu") == "eu" for t in mesh.sent_transfers)
+
+
+def test_hinted_copy_handed_off_when_target_returns_then_dropped() -> None:
+    mesh = Mesh()
+    rs = names(replica_set("obj", VIEW, 3))
+    target = rs[1]
+    stand_in = next(n for n in sorted(mesh.m) if n not in rs)
+    for n in rs:
+        if n != target:
+            mesh.add(n, "obj", ANY)
+    mesh.add(stand_in, "obj", ANY, hint_for=target)
+    mesh.down.add(target)
+    mesh.run(12.0)
+    # The target is still in the view (not yet declared dead): the hint is kept.
+    assert stand_in in mesh.holders("obj") and target not in mesh.holders("obj")
+    mesh.down.discard(target)
+    mesh.run(mesh.now + 12.0)
+    assert mesh.holders("obj") == set(rs)
+    assert (stand_in, "obj") in mesh.drops
+
+
+def test_copy_outside_the_set_is_not_dropped_while_a_member_disagrees() -> None:
+    # eu1 holds a copy but is not in the set under its view; one member (eu3) has a
+    # different view in which it is not responsible and answers not_mine.
+    pol = ObjectPolicy(2, Residency(frozenset({"eu"})))
+    m = manager("eu1")
+    view = [c for c in VIEW if c.region == "eu"]
+    rs = names(replica_set("x", view, 2, pol.residency))
+    holder = next(n for n in ["eu1", "eu2", "eu3"] if n not in rs)
+    m = manager(holder)
+    m.object_added("x", pol, None, 0.0)
+    m.on_timer(1.0)
+    offers: dict[str, Offer] = {}
+    for out in m.drain():
+        if isinstance(out, SendMessage):
+            msg = decode_message(out.payload, 1 << 20)
+            if isinstance(msg, Offer):
+                offers[out.dst] = msg
+    assert set(offers) == set(rs)
+    a, b = rs
+    m.handle_message(a, encode_message(OfferReply(offers[a].round, offers[a].page, [], [])), 1.1)
+    m.handle_message(b, encode_message(OfferReply(offers[b].round, offers[b].page, [], ["x"])), 1.1)
+    assert not any(isinstance(o, DropLocal) for o in m.drain())
+    assert m.confirmed_holders("x") == [a]
+
+
+def test_missing_reply_queues_bounded_repairs_fewest_copies_first() -> None:
+    cfg = ReplicationConfig(max_concurrent_transfers=2, sync_interval=5.0)
+    m = manager("us1", cfg=cfg)
+    oids = [f"o{i}" for i in range(10)]
+    mine = [o for o in oids if "us1" in names(replica_set(o, VIEW, 7))]
+    for o in oids:
+        m.object_added(o, ObjectPolicy(7), None, 0.0)
+    assert mine == oids  # 7 replicas over 7 nodes: everyone holds everything
+    m.on_timer(m.next_deadline() or 0.0)
+    digests = {}
+    for out in m.drain():
+        if isinstance(out, SendMessage):
+            msg = decode_message(out.payload, 1 << 20)
+            if isinstance(msg, DigestMsg):
+                digests[out.dst] = msg
+    assert set(digests) == {c.name for c in VIEW} - {"us1"}
+    # ap1 says its side differs; us1 offers the ids; ap1 says it misses all of them.
+    from meshscale.core.replication import DigestReply
+
+    m.handle_message("ap1", encode_message(DigestReply(digests["ap1"].round, False)), 1.0)
+    (offer_out,) = [o for o in m.drain() if isinstance(o, SendMessage)]
+    offer = decode_message(offer_out.payload, 1 << 20)
+    assert isinstance(offer, Offer) and sorted(r.oid for r in offer.refs) == oids
+    m.handle_message("ap1", encode_message(OfferReply(offer.round, offer.page, oids, [])), 1.1)
+    ts = transfers(m.drain())
+    assert len(ts) == 2 and all(t.dst == "ap1" and t.req_id is None for t in ts)
+    m.transfer_done(None, "ap1", ts[0].oid, True, 1.2)
+    assert len(transfers(m.drain())) == 1
+
+
+def test_digest_match_confirms_without_listing_ids() -> None:
+    a, b = manager("eu1"), manager("eu2")
+    pol = ObjectPolicy(3, Residency(frozenset({"eu"})))
+    for m in (a, b):
+        m.object_added("d", pol, None, 0.0)
+    a.on_timer(a.next_deadline() or 0.0)
+    outs = [o for o in a.drain() if isinstance(o, SendMessage) and o.dst == "eu2"]
+    (digest,) = outs
+    b.handle_message("eu1", digest.payload, 1.0)
+    (reply,) = [o for o in b.drain() if isinstance(o, SendMessage)]
+    a.handle_message("eu2", reply.payload, 1.1)
+    assert a.drain() == []
+    assert a.confirmed_holders("d") == ["eu2"]
+
+
+def test_offer_outside_residency_is_refused_by_the_receiver() -> None:
+    m = manager("us1")
+    from meshscale.core.replication import ObjRef
+
+    m.handle_message("eu1", encode_message(Offer(1, 0, [ObjRef("p", 3, ["eu"], "pii")])), 0.5)
+    (out,) = m.drain()
+    assert isinstance(out, SendMessage)
+    reply = decode_message(out.payload, 1 << 20)
+    assert isinstance(reply, OfferReply) and reply.not_mine == ["p"] and reply.missing == []
+    assert m.stats["offers_refused.residency"] == 1
+
+
+def test_garbage_messages_are_counted_and_dropped() -> None:
+    m = manager("us1")
+    m.handle_message("eu1", b"\xc1", 0.1)
+    m.handle_message("eu1", msgspec.msgpack.encode((99, [1, 1, 0, b""])), 0.1)
+    m.handle_message("eu1", b"x" * (CFG.max_message_bytes + 1), 0.1)
+    m.handle_message("eu1", msgspec.msgpack.encode((1, [3, 0, 0, [["", 99]]])), 0.1)
+    assert m.drain() == []
+    assert m.stats["rejected.malformed"] == 2
+    assert m.stats["rejected.version"] == 1
+    assert m.stats["rejected.oversized"] == 1
+    with pytest.raises(WireError):
+        decode_message(b"", 10)
+
+
+def test_under_replicated_reported_once_per_state_change() -> None:
+    m = manager("eu1")
+    m.object_added("d", EU, None, 0.0)
+    assert m.drain() == []
+    smaller = [c for c in VIEW if c.name != "eu3"]
+    m.set_view(smaller, 1.0)
+    unders = [o for o in m.drain() if isinstance(o, UnderReplicated)]
+    assert unders == [UnderReplicated("d", 2, 3)]
+    m.set_view([c for c in smaller if c.name != "us2"], 2.0)
+    assert not [o for o in m.drain() if isinstance(o, UnderReplicated)]
+
+
+def test_read_sources_self_first_then_known_holders() -> None:
+    m = manager("ap2")
+    rs = names(replica_set("obj", VIEW, 3))
+    assert m.read_sources("obj", ANY, 0.0) == rs
+    m.object_added("obj", ANY, None, 0.0)
+    srcs = m.read_sources("obj", ANY, 0.0)
+    assert srcs[0] == "ap2" and set(srcs[1:]) >= set(rs) - {"ap2"}
+    with pytest.raises(PlacementError):
+        m.read_sources("obj", ObjectPolicy(1, Residency(frozenset({"mars"}))), 0.0)
+
+
+def test_same_inputs_same_outputs() -> None:
+    def run() -> list[object]:
+        mesh = Mesh()
+        for i in range(20):
+            mesh.add(mesh.view[i % 7].name, f"o{i}", ANY)
+        log: list[object] = []
+        orig = mesh.route
+
+        def spy(src: str, out: object) -> None:
+            log.append((src, out))
+            orig(src, out)
+
+        mesh.route = spy  # type: ignore[method-assign]
+        mesh.run(15.0)
+        return log
+
+    assert run() == run()
