@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshscale.runtime.client import ClientCredentials, RpcConnection, RpcError
+from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.runtime.launcher import LocalMesh
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from meshscale.runtime.bundle import load_bundle
+from meshscale.trust.bundle import load_bundle
 
 MESHSCALE = Path(sys.executable).parent / "meshscale"
 

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import typer
 
 import meshscale
-from meshscale.runtime.bundle import (
+from meshscale.trust.bundle import (
     BundleError,
     init_bundle,
     issue_node_cert,
@@ -31,7 +31,7 @@ from meshscale.runtime.bundle import (
     write_private,
     write_public,
 )
-from meshscale.runtime.keyring import KeyringError
+from meshscale.trust.keyring import KeyringError
 
 try:  # typer >= 0.22 vendors click
     from typer._click import exceptions as _click_exc
@@ -205,7 +205,7 @@ def _parse_labels(labels: list[str] | None) -> dict[str, str]:
 
 
 def _parse_addr(value: str, flag: str) -> str:
-    from meshscale.runtime.node import split_addr
+    from meshscale.trust.framing import split_addr
 
     try:
         host, port = split_addr(value)
@@ -245,7 +245,7 @@ def node_start_cmd(
     from meshscale.runtime.identity import IdentityError, node_certificate, start_identity
     from meshscale.runtime.latency import parse_latency
     from meshscale.runtime.node import NodeAgent, run_forever
-    from meshscale.runtime.tls import TLSConfigError
+    from meshscale.trust.tls import TLSConfigError
 
     bind = _parse_addr(bind, "--bind")
     host = bind.rpartition(":")[0]
@@ -286,8 +286,8 @@ def node_start_cmd(
 
 
 def _client_creds(bundle: Path) -> Any:
-    from meshscale.runtime.client import ClientCredentials
-    from meshscale.runtime.tls import TLSConfigError
+    from meshscale.client.rpc import ClientCredentials
+    from meshscale.trust.tls import TLSConfigError
 
     try:
         return ClientCredentials.from_bundle(load_bundle(bundle))
@@ -329,7 +329,7 @@ def members_cmd(
     """List the members as one node sees them, with the estimated RTT from it."""
     import json
 
-    from meshscale.runtime.client import RpcError, call
+    from meshscale.client.rpc import RpcError, call
 
     addr = _parse_addr(node, "--node")
     creds = _client_creds(bundle)

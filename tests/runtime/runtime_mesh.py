@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from meshscale.client.rpc import ClientCredentials, RpcError, call
 from meshscale.core.membership import MembershipConfig, suspicion_min_timeout
-from meshscale.runtime.bundle import load_bundle
-from meshscale.runtime.client import ClientCredentials, RpcError, call
+from meshscale.trust.bundle import load_bundle
 
 T = TypeVar("T")
 CONFIG = MembershipConfig()

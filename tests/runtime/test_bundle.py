@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshscale.runtime.bundle import (
+from meshscale.trust.bundle import (
     BUNDLE_FILES,
     PRIVATE_FILES,
     Bundle,
@@ -22,7 +22,7 @@ from meshscale.runtime.bundle import (
     rotate_keys,
     write_private,
 )
-from meshscale.runtime.keyring import MAX_ROTATION_KEEP, Keyring, SealError
+from meshscale.trust.keyring import MAX_ROTATION_KEEP, Keyring, SealError
 
 
 def _mode(path: Path) -> int:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshscale.runtime.framing import (
+from meshscale.trust.framing import (
     MAX_FRAME,
     FrameTooLarge,
     encode_frame,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshscale.runtime.keyring import (
+from meshscale.trust.keyring import (
     DEFAULT_MAX_SEALED_SIZE,
     MAX_ROTATION_KEEP,
     SEAL_OVERHEAD,

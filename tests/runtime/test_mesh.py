@@ -24,13 +24,13 @@ import msgspec
 import pytest
 from runtime_mesh import CONFIG, Mesh, detection_bound, pid_alive, wait_for
 
+from meshscale.client.rpc import ClientCredentials, RpcError, call
 from meshscale.core.membership import suspicion_min_timeout
 from meshscale.core.rpc import PushPullFrame, RpcRequest, encode_stream_message
-from meshscale.runtime.bundle import init_bundle, load_bundle
-from meshscale.runtime.client import ClientCredentials, RpcError, call
-from meshscale.runtime.framing import HEADER
-from meshscale.runtime.keyring import Keyring
-from meshscale.runtime.tls import GREETING, connect_tls
+from meshscale.trust.bundle import init_bundle, load_bundle
+from meshscale.trust.framing import HEADER
+from meshscale.trust.keyring import Keyring
+from meshscale.trust.tls import GREETING, connect_tls
 
 N = 5
 MESHSCALE = Path(sys.executable).parent / "meshscale"

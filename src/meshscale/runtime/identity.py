@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from meshscale.runtime.bundle import (
+from meshscale.trust.bundle import (
     NODE_NAME_RE,
     Bundle,
     BundleError,

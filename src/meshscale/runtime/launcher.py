@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshscale.runtime.bundle import init_bundle, load_bundle, write_public
-from meshscale.runtime.client import ClientCredentials, RpcConnection, RpcError
+from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.runtime.latency import RegionPair, format_latency
+from meshscale.trust.bundle import init_bundle, load_bundle, write_public
 
 DEFAULT_REGIONS = ("eu-west", "us-east")
 ZONES_PER_REGION = 3

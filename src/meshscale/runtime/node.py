@@ -77,12 +77,12 @@ from meshscale.core.rpc import (
     encode_stream_message,
 )
 from meshscale.core.wire import WireError
-from meshscale.runtime.bundle import Bundle, BundleError, load_keyring
-from meshscale.runtime.framing import FrameTooLarge, read_frame, write_frame
 from meshscale.runtime.identity import Identity, write_identity
-from meshscale.runtime.keyring import Keyring, SealError
 from meshscale.runtime.latency import RegionPair
-from meshscale.runtime.tls import GREETING, client_context, connect_tls, server_context
+from meshscale.trust.bundle import Bundle, BundleError, load_keyring
+from meshscale.trust.framing import FrameTooLarge, read_frame, split_addr, write_frame
+from meshscale.trust.keyring import Keyring, SealError
+from meshscale.trust.tls import GREETING, client_context, connect_tls, server_context
 
 RpcHandler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
 
@@ -155,15 +155,6 @@ class JsonLog:
         with contextlib.suppress(OSError, ValueError):
             self.stream.write(json.dumps(rec, default=str) + "\n")
             self.stream.flush()
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port); ValueError if malformed."""
-    host, sep, port_s = addr.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise ValueError(f"invalid address {addr!r}: use HOST:PORT")
-    return host, int(port_s)
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):

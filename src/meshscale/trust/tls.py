@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from meshscale.runtime.bundle import Bundle
+from meshscale.trust.bundle import Bundle
 
 
 class TLSConfigError(ValueError):

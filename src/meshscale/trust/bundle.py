@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshscale.runtime.keyring import Keyring, KeyringError
+from meshscale.trust.keyring import Keyring, KeyringError
 
 FORMAT_VERSION = 1
 

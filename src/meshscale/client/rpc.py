@@ -21,10 +21,9 @@ from meshscale.core.rpc import (
     encode_stream_message,
 )
 from meshscale.core.wire import WireError
-from meshscale.runtime.bundle import Bundle, BundleError, issue_node_cert
-from meshscale.runtime.framing import FrameTooLarge, read_frame, write_frame
-from meshscale.runtime.node import split_addr
-from meshscale.runtime.tls import client_context, connect_tls
+from meshscale.trust.bundle import Bundle, BundleError, issue_node_cert
+from meshscale.trust.framing import FrameTooLarge, read_frame, split_addr, write_frame
+from meshscale.trust.tls import client_context, connect_tls
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 

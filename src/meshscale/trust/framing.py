@@ -52,3 +52,12 @@ async def write_frame(
     """Write one frame and wait for the transport's buffer to drain (back-pressure)."""
     writer.write(encode_frame(payload, max_size=max_size))
     await writer.drain()
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); ValueError if malformed."""
+    host, sep, port_s = addr.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"invalid address {addr!r}: use HOST:PORT")
+    return host, int(port_s)

@@ -1,0 +1,921 @@
+"""The data plane in the simulator: membership + replication + a toy store per node.
+
+``DataNode`` is a composite ``DrivenProtocol``: it holds a ``Membership`` and a
+``ReplicaManager`` and plays the driver for the latter, as the runtime agent will. Datagrams
+go to membership. Streams carry a one-byte tag and an 8-byte stream id: membership
+push/pull, a replication message, an object transfer (the bytes), or a KV operation. The
+stream id makes replies and failures exact: the engine reports ``stream_failed(dst)``
+only by peer, but every exchange to one peer times out after the same delay, so the
+oldest one still pending is the one that failed.
+
+The node's store lives in ``ctx.disk`` (it survives crash and restart): ``objects`` maps an
+id to ``(bytes, policy, hint_for)`` and ``kv`` maps a key to its ``KVRecord``. A restarted
+node reports every object it still has with ``object_added`` and rejoins the mesh.
+
+``DataMesh`` builds a mesh of these, offers ``put`` / ``kv_put`` / ``kv_get`` and fault
+injection, and checks the invariants the issue names: an acknowledged write is never lost
+while fewer than R nodes are down for good; every object is back at full replication
+within a bound once faults stop; every copy of a residency-restricted object sits in an
+allowed region at every moment (an observer checks each ``Transfer`` and each commit);
+KV replicas converge. ``chaos_run`` is the randomized scenario the tests run per seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import msgspec
+
+from meshscale.core.hlc import ClockSkewError, HybridLogicalClock
+from meshscale.core.kv import (
+    Consistency,
+    KVCoordinator,
+    KVRecord,
+    kv_replicas,
+    merge_optional,
+)
+from meshscale.core.membership import (
+    Member,
+    Membership,
+    MembershipConfig,
+    NodeMeta,
+    State,
+)
+from meshscale.core.outputs import DrivenProtocol, Event, Output, SendDatagram, StreamRequest
+from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set
+from meshscale.core.replication import (
+    DropLocal,
+    ObjectPolicy,
+    ObjRef,
+    PutAcked,
+    PutFailed,
+    ReplicaManager,
+    ReplicationConfig,
+    ReplicationOverloaded,
+    SendMessage,
+    Transfer,
+)
+from meshscale.sim.engine import NodeContext, Simulator
+from meshscale.sim.topology import Topology
+
+__all__ = [
+    "ChaosReport",
+    "DataMesh",
+    "DataNode",
+    "KVDone",
+    "ObjectCommitted",
+    "PutRefused",
+    "chaos_run",
+    "object_id",
+]
+
+TAG_MEMBERSHIP = 1
+TAG_REPLICATION = 2
+TAG_OBJECT = 3
+TAG_KV = 4
+_HDR = struct.Struct(">BQ")
+_OK = b"\x01"
+_KV_GET = 0
+_KV_PUT = 1
+
+
+def object_id(data: bytes) -> str:
+    """Content address of an object: BLAKE2b-256 of its bytes, hex."""
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectCommitted(Event):
+    """This node stored a copy of ``oid`` (its region is in ``region``)."""
+
+    oid: str
+    region: str
+    hint_for: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PutRefused(Event):
+    """``begin_put`` refused the write synchronously (placement rule or overload)."""
+
+    req_id: int
+    oid: str
+    rule: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class KVDone(Event):
+    op_id: int
+    key: str
+    ok: bool
+    record: KVRecord | None
+    replicas: tuple[str, ...]
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- frames
+
+
+class ObjectFrame(msgspec.Struct, array_like=True):
+    ref: ObjRef
+    data: bytes
+    hint_for: str | None = None
+
+
+class KVFrame(msgspec.Struct, array_like=True):
+    op: int
+    key: str
+    record: KVRecord | None = None
+
+
+class KVReply(msgspec.Struct, array_like=True):
+    ok: bool
+    record: KVRecord | None = None
+
+
+_object_decoder = msgspec.msgpack.Decoder(ObjectFrame)
+_kv_decoder = msgspec.msgpack.Decoder(KVFrame)
+_kv_reply_decoder = msgspec.msgpack.Decoder(KVReply)
+_encode = msgspec.msgpack.encode
+
+
+def _to_ref(oid: str, policy: ObjectPolicy) -> ObjRef:
+    res = policy.residency
+    if res is None:
+        return ObjRef(oid, policy.replicas)
+    regions = None if res.regions is None else sorted(res.regions)
+    return ObjRef(oid, policy.replicas, regions, res.data_class)
+
+
+@dataclass(slots=True)
+class Stored:
+    data: bytes
+    policy: ObjectPolicy
+    hint_for: str | None
+
+
+@dataclass(slots=True)
+class _KVOp:
+    op_id: int
+    coord: KVCoordinator
+    deadline: float
+    reported: bool = False
+    repaired: set[str] = field(default_factory=set)
+
+
+# --------------------------------------------------------------------------- node
+
+
+class DataNode:
+    """Membership + replication + store of one simulated node (a ``DrivenProtocol``)."""
+
+    def __init__(
+        self,
+        ctx: NodeContext,
+        meta: NodeMeta,
+        *,
+        membership_config: MembershipConfig,
+        replication_config: ReplicationConfig,
+        seeds: list[str],
+        kv_timeout: float = 5.0,
+    ) -> None:
+        self.name = ctx.name
+        self.region = ctx.region
+        self.disk = ctx.disk
+        inc = int(self.disk.get("incarnation", -1)) + 1
+        self.disk["incarnation"] = inc
+        self.objects: dict[str, Stored] = self.disk.setdefault("objects", {})
+        self.kv: dict[str, KVRecord] = self.disk.setdefault("kv", {})
+        self.membership = Membership(
+            ctx.name, ctx.name, meta, config=membership_config, rng=ctx.rng, now=ctx.now,
+            incarnation=inc,
+        )
+        self.replicas = ReplicaManager(
+            ctx.name, config=replication_config, rng=random.Random(ctx.rng.getrandbits(64)),
+            now=ctx.now,
+        )
+        self.hlc = HybridLogicalClock(ctx.name)
+        self.kv_timeout = kv_timeout
+        self._out: list[Output] = []
+        self._sid = 0
+        self._pending: dict[int, tuple[int, str, Any]] = {}
+        self._by_dst: dict[str, deque[int]] = {}
+        self._put_bytes: dict[int, bytes] = {}
+        self._kv_ops: dict[int, _KVOp] = {}
+        self._view_dirty = True
+        for oid in sorted(self.objects):
+            s = self.objects[oid]
+            self.replicas.object_added(oid, s.policy, s.hint_for, ctx.now)
+        if ctx.restarts:
+            self.membership.join([s for s in seeds if s != ctx.name][:3], ctx.now)
+        self._settle(ctx.now)
+
+    # ------------------------------------------------------------------ driver contract
+
+    def handle_datagram(self, src: str, payload: bytes, now: float) -> None:
+        self.membership.handle_datagram(src, payload, now)
+        self._settle(now)
+
+    def handle_stream(self, src: str, payload: bytes, now: float) -> bytes | None:
+        if len(payload) < _HDR.size:
+            return None
+        tag, sid = _HDR.unpack_from(payload)
+        body = payload[_HDR.size :]
+        reply = b""
+        if tag == TAG_MEMBERSHIP:
+            reply = self.membership.handle_stream(src, body, now) or b""
+        elif tag == TAG_REPLICATION:
+            self.replicas.handle_message(src, body, now)
+        elif tag == TAG_OBJECT:
+            reply = self._receive_object(src, body, now)
+        elif tag == TAG_KV:
+            reply = self._receive_kv(src, body, now)
+        else:
+            return None
+        self._settle(now)
+        return _HDR.pack(tag, sid) + reply
+
+    def handle_stream_reply(self, src: str, payload: bytes, now: float) -> None:
+        if len(payload) < _HDR.size:
+            return
+        _, sid = _HDR.unpack_from(payload)
+        pending = self._pop(sid)
+        if pending is None:
+            return
+        kind, dst, info = pending
+        body = payload[_HDR.size :]
+        if kind == TAG_MEMBERSHIP:
+            if body:
+                self.membership.handle_stream_reply(src, body, now)
+            else:
+                self.membership.stream_failed(dst, now)
+        elif kind == TAG_OBJECT:
+            req_id, oid = info
+            self.replicas.transfer_done(req_id, dst, oid, body == _OK, now)
+        elif kind == TAG_KV:
+            self._kv_reply(info, dst, body, now)
+        self._settle(now)
+
+    def stream_failed(self, dst: str, now: float) -> None:
+        q = self._by_dst.get(dst)
+        while q:
+            sid = q.popleft()
+            pending = self._pending.pop(sid, None)
+            if pending is None:
+                continue
+            kind, _, info = pending
+            if kind == TAG_MEMBERSHIP:
+                self.membership.stream_failed(dst, now)
+            elif kind == TAG_OBJECT:
+                req_id, oid = info
+                self.replicas.transfer_done(req_id, dst, oid, False, now)
+            elif kind == TAG_KV:
+                op = self._kv_ops.get(info)
+                if op is not None:
+                    op.coord.on_failure(dst)
+                    self._kv_progress(op, now)
+            break
+        self._settle(now)
+
+    def next_deadline(self) -> float | None:
+        times = [t for t in (self.membership.next_deadline(), self.replicas.next_deadline())
+                 if t is not None]
+        times.extend(op.deadline for op in self._kv_ops.values())
+        return min(times) if times else None
+
+    def on_timer(self, now: float) -> None:
+        d = self.membership.next_deadline()
+        if d is not None and d <= now:
+            self.membership.on_timer(now)
+        self._settle(now)
+        d = self.replicas.next_deadline()
+        if d is not None and d <= now:
+            self.replicas.on_timer(now)
+        for op in [op for op in self._kv_ops.values() if op.deadline <= now]:
+            op.coord.expire()
+            self._kv_progress(op, now)
+            self._kv_ops.pop(op.op_id, None)
+        self._settle(now)
+
+    def drain(self) -> list[Output]:
+        out = self._out
+        self._out = []
+        return out
+
+    # ------------------------------------------------------------------ local requests
+
+    def start_put(self, req_id: int, data: bytes, policy: ObjectPolicy, w: int, now: float) -> None:
+        oid = object_id(data)
+        try:
+            self.replicas.begin_put(req_id, oid, policy, w, now)
+        except PlacementError as exc:
+            self._out.append(PutRefused(req_id, oid, exc.rule, str(exc)))
+        except (ReplicationOverloaded, ValueError) as exc:
+            self._out.append(PutRefused(req_id, oid, "overload", str(exc)))
+        else:
+            self._put_bytes[req_id] = data
+        self._settle(now)
+
+    def kv_put(self, op_id: int, key: str, value: bytes | None, c: Consistency, now: float) -> None:
+        record = KVRecord(key, value, self.hlc.now(now))
+        self._kv_start(op_id, key, c, record, now)
+
+    def kv_get(self, op_id: int, key: str, c: Consistency, now: float) -> None:
+        self._kv_start(op_id, key, c, None, now)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _stream(self, dst: str, tag: int, body: bytes, info: Any) -> None:
+        self._sid += 1
+        sid = self._sid
+        self._pending[sid] = (tag, dst, info)
+        self._by_dst.setdefault(dst, deque()).append(sid)
+        self._out.append(StreamRequest(dst, _HDR.pack(tag, sid) + body))
+
+    def _pop(self, sid: int) -> tuple[int, str, Any] | None:
+        pending = self._pending.pop(sid, None)
+        if pending is not None:
+            q = self._by_dst.get(pending[1])
+            if q is not None:
+                with contextlib.suppress(ValueError):
+                    q.remove(sid)
+        return pending
+
+    def _candidates(self) -> list[Candidate]:
+        return [
+            Candidate(m.name, m.meta.region, m.meta.zone)
+            for m in self.membership.live_members()
+        ]
+
+    def _settle(self, now: float) -> None:
+        """Move outputs between the parts until both are quiet."""
+        for _ in range(10_000):
+            busy = False
+            for out in self.membership.drain():
+                busy = True
+                if isinstance(out, StreamRequest):
+                    self._stream(out.addr, TAG_MEMBERSHIP, out.payload, None)
+                elif isinstance(out, SendDatagram):
+                    self._out.append(out)
+                else:
+                    self._view_dirty = True
+                    self._out.append(out)
+            if self._view_dirty:
+                self._view_dirty = False
+                self.replicas.set_view(self._candidates(), now)
+            for rout in self.replicas.drain():
+                busy = True
+                self._execute(rout, now)
+            if not busy:
+                return
+        raise AssertionError(f"{self.name}: outputs did not settle")
+
+    def _execute(self, out: SendMessage | Event, now: float) -> None:
+        if isinstance(out, SendMessage):
+            self._stream(out.dst, TAG_REPLICATION, out.payload, None)
+            return
+        self._out.append(out)
+        if isinstance(out, Transfer):
+            data: bytes | None = None
+            if out.req_id is not None:
+                data = self._put_bytes.get(out.req_id)
+            if data is None and out.oid in self.objects:
+                data = self.objects[out.oid].data
+            if data is None:
+                self.replicas.transfer_done(out.req_id, out.dst, out.oid, False, now)
+            elif out.dst == self.name:
+                self._commit(out.oid, data, out.policy, out.hint_for, now)
+                self.replicas.transfer_done(out.req_id, out.dst, out.oid, True, now)
+            else:
+                frame = ObjectFrame(_to_ref(out.oid, out.policy), data, out.hint_for)
+                self._stream(out.dst, TAG_OBJECT, _encode(frame), (out.req_id, out.oid))
+        elif isinstance(out, DropLocal):
+            self.objects.pop(out.oid, None)
+            self.replicas.object_removed(out.oid, now)
+        elif isinstance(out, PutAcked | PutFailed):
+            self._put_bytes.pop(out.req_id, None)
+
+    def _commit(
+        self, oid: str, data: bytes, policy: ObjectPolicy, hint_for: str | None, now: float
+    ) -> None:
+        if object_id(data) != oid:
+            return  # corrupt in flight: refuse (the sender sees a failure)
+        if oid not in self.objects:
+            self.objects[oid] = Stored(data, policy, hint_for)
+            self._out.append(ObjectCommitted(oid, self.region, hint_for))
+        self.replicas.object_added(oid, policy, hint_for, now)
+
+    def _receive_object(self, src: str, body: bytes, now: float) -> bytes:
+        try:
+            frame = _object_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return b""
+        policy = frame.ref.policy()
+        if not policy.allows(self.region):
+            return b""  # the residency rule is checked by the receiver too
+        self._commit(frame.ref.oid, frame.data, policy, frame.hint_for, now)
+        return _OK if frame.ref.oid in self.objects else b""
+
+    # ------------------------------------------------------------------ KV
+
+    def _kv_apply(self, record: KVRecord) -> None:
+        merged = merge_optional(self.kv.get(record.key), record)
+        assert merged is not None
+        self.kv[record.key] = merged
+
+    def _receive_kv(self, src: str, body: bytes, now: float) -> bytes:
+        try:
+            frame = _kv_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return _encode(KVReply(False))
+        if frame.op == _KV_PUT and frame.record is not None and frame.record.key == frame.key:
+            try:
+                self.hlc.update(frame.record.ts, now)
+            except (ClockSkewError, ValueError):
+                return _encode(KVReply(False))
+            self._kv_apply(frame.record)
+            return _encode(KVReply(True))
+        return _encode(KVReply(True, self.kv.get(frame.key)))
+
+    def _kv_start(
+        self, op_id: int, key: str, c: Consistency, record: KVRecord | None, now: float
+    ) -> None:
+        try:
+            reps = kv_replicas(key, self._candidates())
+        except PlacementError as exc:
+            self._out.append(KVDone(op_id, key, False, None, (), str(exc)))
+            return
+        coord = (KVCoordinator.for_put(record, reps, c) if record is not None
+                 else KVCoordinator.for_get(key, reps, c))
+        op = _KVOp(op_id, coord, now + self.kv_timeout)
+        self._kv_ops[op_id] = op
+        for r in reps:
+            if r == self.name:
+                if record is not None:
+                    self._kv_apply(record)
+                    coord.on_reply(r, None)
+                else:
+                    coord.on_reply(r, self.kv.get(key))
+            else:
+                frame = KVFrame(_KV_PUT if record is not None else _KV_GET, key, record)
+                self._stream(r, TAG_KV, _encode(frame), op_id)
+        self._kv_progress(op, now)
+        self._settle(now)
+
+    def _kv_reply(self, op_id: int, dst: str, body: bytes, now: float) -> None:
+        op = self._kv_ops.get(op_id)
+        if op is None:
+            return
+        try:
+            reply = _kv_reply_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            op.coord.on_failure(dst)
+        else:
+            if not reply.ok:
+                op.coord.on_failure(dst)
+            elif op.coord.write is not None:
+                op.coord.on_reply(dst, None)
+            else:
+                op.coord.on_reply(dst, reply.record)
+        self._kv_progress(op, now)
+
+    def _kv_progress(self, op: _KVOp, now: float) -> None:
+        outcome = op.coord.outcome
+        if outcome is None:
+            return
+        if not op.reported:
+            op.reported = True
+            self._out.append(KVDone(op.op_id, op.coord.key, outcome.ok, outcome.record,
+                                    op.coord.replicas, outcome.reason))
+        # Read repair, also for replies that come after the outcome.
+        for node, rec in op.coord.read_repair():
+            if node in op.repaired:
+                continue
+            op.repaired.add(node)
+            if node == self.name:
+                self._kv_apply(rec)
+            else:
+                self._stream(node, TAG_KV, _encode(KVFrame(_KV_PUT, rec.key, rec)), -1)
+        answered = len(op.coord.replies) + len(op.coord.failures)
+        if answered == len(op.coord.replicas):
+            self._kv_ops.pop(op.op_id, None)
+
+
+# --------------------------------------------------------------------------- mesh
+
+
+@dataclass
+class PutResult:
+    req_id: int
+    oid: str
+    acked: bool
+    detail: str
+    """Acked: the holders; failed or refused: the reason."""
+
+
+@dataclass
+class _Acked:
+    oid: str
+    policy: ObjectPolicy
+    at: float
+    nodes: tuple[str, ...]
+
+
+class DataMesh:
+    """A simulated mesh of ``DataNode``s named ``n0 .. n{N-1}``."""
+
+    def __init__(
+        self,
+        nodes: int = 12,
+        *,
+        seed: int,
+        topology: Topology | None = None,
+        membership_config: MembershipConfig | None = None,
+        replication_config: ReplicationConfig | None = None,
+        record_trace: bool = False,
+    ) -> None:
+        self.topology = topology or Topology.three_regions()
+        self.mconfig = membership_config or MembershipConfig()
+        self.rconfig = replication_config or ReplicationConfig(
+            sync_interval=3.0, put_timeout=8.0, view_change_delay=0.3
+        )
+        self.sim = Simulator(self.topology, seed, record_trace=record_trace)
+        self.names = [f"n{i}" for i in range(nodes)]
+        self.placements = dict(zip(self.names, self.topology.place(nodes), strict=True))
+        self.metas = {n: NodeMeta(p.region, p.zone) for n, p in self.placements.items()}
+        self.policies: dict[str, ObjectPolicy] = {}
+        self.results: dict[int, PutResult] = {}
+        self.acked: dict[str, _Acked] = {}
+        self.kv_done: dict[int, KVDone] = {}
+        self.kv_acked: list[tuple[float, KVDone]] = []
+        self.violations: list[str] = []
+        """Residency breaches seen by the observer."""
+        self.loss_events: list[str] = []
+        self.down_for_good: set[str] = set()
+        self.crashed: set[str] = set()
+        self._req = 0
+        self.sim.observers.append(self._observe)
+        for name in self.names:
+            self.sim.add_node(name, self.placements[name], self._factory)
+        records = {
+            n: Member(n, n, 0, State.ALIVE, self.metas[n], 0.0, shared=True) for n in self.names
+        }
+        for name in self.names:
+            self.sim.call(name, lambda p, now: _install(p, records, self.names, now))
+
+    def _factory(self, ctx: NodeContext) -> DrivenProtocol:
+        return DataNode(
+            ctx, self.metas[ctx.name], membership_config=self.mconfig,
+            replication_config=self.rconfig, seeds=self.names,
+        )
+
+    def node(self, name: str) -> DataNode:
+        proto = self.sim.protocol(name)
+        assert isinstance(proto, DataNode)
+        return proto
+
+    # ------------------------------------------------------------------ observation
+
+    def _observe(self, t: float, node: str, ev: Event) -> None:
+        if isinstance(ev, Transfer):
+            region = self.placements[ev.dst].region
+            if not ev.policy.allows(region):
+                self.violations.append(f"{t:.3f} {node}: Transfer of {ev.oid} to {ev.dst} in {region}")
+        elif isinstance(ev, ObjectCommitted):
+            policy = self.policies.get(ev.oid)
+            if policy is not None and not policy.allows(ev.region):
+                self.violations.append(f"{t:.3f} {node}: copy of {ev.oid} committed in {ev.region}")
+        elif isinstance(ev, PutAcked):
+            self.results[ev.req_id] = PutResult(ev.req_id, ev.oid, True, ",".join(ev.nodes))
+            self.acked.setdefault(ev.oid, _Acked(ev.oid, self.policies[ev.oid], t, ev.nodes))
+        elif isinstance(ev, PutFailed):
+            self.results[ev.req_id] = PutResult(ev.req_id, ev.oid, False, ev.reason)
+        elif isinstance(ev, PutRefused):
+            self.results[ev.req_id] = PutResult(ev.req_id, ev.oid, False, f"{ev.rule}: {ev.reason}")
+        elif isinstance(ev, KVDone):
+            self.kv_done[ev.op_id] = ev
+            if ev.ok:
+                self.kv_acked.append((t, ev))
+
+    # ------------------------------------------------------------------ requests
+
+    def put_async(self, node: str, data: bytes, policy: ObjectPolicy, w: int) -> int:
+        self._req += 1
+        req = self._req
+        self.policies.setdefault(object_id(data), policy)
+        self.sim.call(node, lambda p, now: _start_put(p, req, data, policy, w, now))
+        return req
+
+    def put(self, node: str, data: bytes, policy: ObjectPolicy, w: int,
+            timeout: float = 30.0) -> PutResult:
+        req = self.put_async(node, data, policy, w)
+        self.sim.run_until_true(lambda: req in self.results, self.sim.now + timeout, 0.05)
+        return self.results.get(req, PutResult(req, object_id(data), False, "no answer"))
+
+    def kv_async(self, node: str, key: str, value: bytes | None, c: Consistency,
+                 *, get: bool = False) -> int:
+        self._req += 1
+        op = self._req
+        if get:
+            self.sim.call(node, lambda p, now: _kv(p, op, key, None, c, now, True))
+        else:
+            self.sim.call(node, lambda p, now: _kv(p, op, key, value, c, now, False))
+        return op
+
+    def kv_get(self, node: str, key: str, c: Consistency = Consistency.ALL,
+               timeout: float = 10.0) -> KVDone | None:
+        op = self.kv_async(node, key, None, c, get=True)
+        self.sim.run_until_true(lambda: op in self.kv_done, self.sim.now + timeout, 0.05)
+        return self.kv_done.get(op)
+
+    # ------------------------------------------------------------------ faults
+
+    def crash(self, name: str, *, for_good: bool = False) -> None:
+        self.sim.crash(name)
+        self.crashed.add(name)
+        if for_good:
+            self.down_for_good.add(name)
+
+    def restart(self, name: str) -> None:
+        assert name not in self.down_for_good, f"{name} is down for good"
+        self.crashed.discard(name)
+        self.sim.restart(name)
+
+    def up(self) -> list[str]:
+        return [n for n in self.names if self.sim.is_up(n)]
+
+    # ------------------------------------------------------------------ invariants
+
+    def holders(self, oid: str) -> set[str]:
+        """Nodes whose disk holds ``oid`` (crashed ones included: disks survive)."""
+        return {n for n in self.names if oid in self._disk_objects(n)}
+
+    def _disk_objects(self, name: str) -> dict[str, Stored]:
+        objects: dict[str, Stored] = self.node(name).disk.get("objects", {})
+        return objects
+
+    def truth_view(self) -> list[Candidate]:
+        return [Candidate(n, self.metas[n].region, self.metas[n].zone) for n in self.up()]
+
+    def expected_holders(self, oid: str) -> list[str]:
+        policy = self.acked[oid].policy
+        try:
+            chosen = replica_set(oid, self.truth_view(), policy.replicas, policy.residency)
+        except PlacementError:
+            return []
+        return [c.name for c in chosen]
+
+    def lost(self) -> list[str]:
+        """Acknowledged objects with no copy outside the nodes that are down for good."""
+        return sorted(
+            oid for oid in self.acked if not (self.holders(oid) - self.down_for_good)
+        )
+
+    def under_replicated(self) -> list[str]:
+        """Acknowledged objects some member of whose true replica set lacks a copy."""
+        return sorted(
+            oid for oid in self.acked
+            if not set(self.expected_holders(oid)) <= self.holders(oid)
+        )
+
+    def stray_copies(self) -> list[tuple[str, str]]:
+        """(node, oid): live copies outside the true replica set."""
+        out = []
+        for oid in sorted(self.acked):
+            want = set(self.expected_holders(oid))
+            out += [(n, oid) for n in sorted(self.holders(oid) - want) if self.sim.is_up(n)]
+        return out
+
+    def residency_breaches_on_disk(self) -> list[tuple[str, str]]:
+        out = []
+        for n in self.names:
+            region = self.metas[n].region
+            out += [(n, oid) for oid, s in sorted(self._disk_objects(n).items())
+                    if not s.policy.allows(region)]
+        return out
+
+    def kv_divergent(self, keys: list[str]) -> list[str]:
+        """Keys whose live true replicas do not all hold the same record."""
+        bad = []
+        for key in keys:
+            try:
+                reps = kv_replicas(key, self.truth_view())
+            except PlacementError:
+                continue
+            recs = {repr(self.node(r).kv.get(key)) for r in reps}
+            if len(recs) > 1:
+                bad.append(key)
+        return bad
+
+
+def _install(p: DrivenProtocol, records: dict[str, Member], order: list[str], now: float) -> None:
+    assert isinstance(p, DataNode)
+    p.membership.install_shared_view(records, order, now)
+    p._view_dirty = True
+    p._settle(now)
+
+
+def _start_put(p: DrivenProtocol, req: int, data: bytes, policy: ObjectPolicy, w: int,
+               now: float) -> None:
+    assert isinstance(p, DataNode)
+    p.start_put(req, data, policy, w, now)
+
+
+def _kv(p: DrivenProtocol, op: int, key: str, value: bytes | None, c: Consistency, now: float,
+        get: bool) -> None:
+    assert isinstance(p, DataNode)
+    if get:
+        p.kv_get(op, key, c, now)
+    else:
+        p.kv_put(op, key, value, c, now)
+
+
+# --------------------------------------------------------------------------- chaos
+
+
+@dataclass
+class ChaosReport:
+    seed: int
+    acked: int
+    failed: int
+    lost: list[str]
+    """Acknowledged objects lost although fewer than R nodes went down for good."""
+    under_replicated: list[str]
+    """Objects not back at full replication by the bound after faults stopped."""
+    repaired_after_s: float
+    """Seconds after faults stopped until every object was at full replication."""
+    residency_violations: list[str]
+    stray_copies: int
+    kv_divergent: list[str]
+    kv_lost: list[str]
+    down_for_good: list[str]
+    trace_hash: str
+    events: int
+    faults: list[str] = field(default_factory=list)
+
+
+def chaos_run(
+    seed: int,
+    *,
+    nodes: int = 12,
+    objects: int = 40,
+    keys: int = 8,
+    fault_until: float = 80.0,
+    repair_bound_s: float = 40.0,
+    replicas: int = 3,
+) -> ChaosReport:
+    """Random crashes, restarts, pauses and partitions over a 12-node, 3-region mesh, with
+    writes before and during the faults; at most ``replicas - 1`` nodes go down for good.
+
+    Objects written before the faults use W=2 and have time to reach full replication;
+    objects written during the faults use W=R (hinted copies count), so that losing R-1
+    nodes for good can never take every acknowledged copy.
+    """
+    mesh = DataMesh(nodes, seed=seed)
+    sim = mesh.sim
+    rng = random.Random(f"chaos/{seed}")
+    regions = list(mesh.topology.regions)
+    faults: list[str] = []
+
+    def policy_for(i: int) -> ObjectPolicy:
+        if i % 4 == 0:
+            region = regions[(i // 4) % len(regions)]
+            return ObjectPolicy(replicas, Residency(frozenset({region}), "pii"))
+        return ObjectPolicy(replicas)
+
+    def put_random(i: int, w: int) -> None:
+        up = mesh.up()
+        if not up:
+            return
+        node = up[rng.randrange(len(up))]
+        mesh.put_async(node, f"object-{seed}-{i}".encode(), policy_for(i), w)
+
+    key_names = [f"ref/{k}" for k in range(keys)]
+
+    def kv_random(j: int) -> None:
+        up = mesh.up()
+        node = up[rng.randrange(len(up))]
+        key = key_names[rng.randrange(len(key_names))]
+        mesh.kv_async(node, key, f"v{j}".encode(), Consistency.QUORUM)
+
+    sim.run_until(2.0)
+    before = objects // 2
+    for i in range(before):
+        sim.at(2.0 + 8.0 * i / before, partial(put_random, i, 2))
+    for j in range(keys * 2):
+        sim.at(2.0 + 8.0 * j / (keys * 2), partial(kv_random, j))
+    sim.run_until(15.0)
+
+    # Faults: one every ~3 s until fault_until.
+    transient: dict[str, float] = {}
+    t = 15.0
+    during = objects - before
+    for i in range(during):
+        sim.at(16.0 + (fault_until - 20.0) * i / during, partial(put_random, before + i, replicas))
+    for j in range(keys * 2):
+        sim.at(16.0 + (fault_until - 20.0) * j / (keys * 2), partial(kv_random, 100 + j))
+
+    def inject() -> None:
+        now = sim.now
+        for n, until in sorted(transient.items()):
+            if until <= now:
+                del transient[n]
+                mesh.restart(n)
+                faults.append(f"{now:.1f} restart {n}")
+        up = [n for n in mesh.up() if n not in transient]
+        if len(up) <= 6:
+            return
+        roll = rng.random()
+        victim = up[rng.randrange(len(up))]
+        if roll < 0.3 and len(transient) < 2:
+            transient[victim] = now + rng.uniform(5.0, 20.0)
+            mesh.crash(victim)
+            faults.append(f"{now:.1f} crash {victim}")
+        elif roll < 0.4 and len(mesh.down_for_good) < replicas - 1:
+            mesh.crash(victim, for_good=True)
+            faults.append(f"{now:.1f} crash-for-good {victim}")
+        elif roll < 0.7:
+            d = rng.uniform(1.0, 8.0)
+            sim.pause(victim, d)
+            faults.append(f"{now:.1f} pause {victim} {d:.1f}")
+        elif roll < 0.85:
+            cut = list(up)
+            rng.shuffle(cut)
+            side = cut[: rng.randint(1, len(cut) // 2)]
+            sim.partition(side, [n for n in mesh.names if n not in side])
+            heal_at = now + rng.uniform(3.0, 12.0)
+            sim.at(min(heal_at, fault_until), sim.heal)
+            faults.append(f"{now:.1f} partition {','.join(sorted(side))}")
+        # else: a quiet interval
+
+    while t < fault_until:
+        sim.at(t, inject)
+        t += rng.uniform(2.0, 4.0)
+
+    def periodic_loss_check() -> None:
+        for oid in mesh.lost():
+            mesh.loss_events.append(f"{sim.now:.3f} acked object {oid} has no surviving copy")
+
+    for k in range(int(fault_until + repair_bound_s)):
+        sim.at(float(k), periodic_loss_check)
+
+    sim.run_until(fault_until)
+    sim.heal()
+    for n in sorted(transient):
+        mesh.restart(n)
+        faults.append(f"{sim.now:.1f} restart {n}")
+    transient.clear()
+    t_stop = sim.now
+    done = sim.run_until_true(lambda: not mesh.under_replicated(), t_stop + repair_bound_s, 0.5)
+    repaired_after = sim.now - t_stop if done else float("inf")
+    under = mesh.under_replicated()
+    # Let hand-offs finish their drops, then KV: read every key at ALL (read repair).
+    sim.run_until(max(sim.now, t_stop + repair_bound_s))
+    kv_lost: list[str] = []
+    for key in key_names:
+        node = mesh.up()[0]
+        res = mesh.kv_get(node, key, Consistency.ALL)
+        if res is None or not res.ok:
+            res = mesh.kv_get(node, key, Consistency.ALL)
+        sim.run_until(sim.now + 2.0)
+        # An acknowledged QUORUM write survives if at most one of its replicas went down
+        # for good (then a replica that acknowledged it is still there).
+        newest = None
+        for _, ev in mesh.kv_acked:
+            if ev.key != key or ev.record is None or ev.record.value is None:
+                continue
+            if ev.record.ts.node == "" or len(set(ev.replicas) & mesh.down_for_good) > 1:
+                continue
+            if newest is None or ev.record.ts > newest:
+                newest = ev.record.ts
+        if newest is not None and (res is None or res.record is None or res.record.ts < newest):
+            kv_lost.append(key)
+    return ChaosReport(
+        seed=seed,
+        acked=len(mesh.acked),
+        failed=sum(1 for r in mesh.results.values() if not r.acked),
+        lost=sorted(set(mesh.lost())) + mesh.loss_events,
+        under_replicated=under,
+        repaired_after_s=repaired_after,
+        residency_violations=mesh.violations + [
+            f"on disk: {n} {o}" for n, o in mesh.residency_breaches_on_disk()
+        ],
+        stray_copies=len(mesh.stray_copies()),
+        kv_divergent=mesh.kv_divergent(key_names),
+        kv_lost=kv_lost,
+        down_for_good=sorted(mesh.down_for_good),
+        trace_hash=sim.trace_hash(),
+        events=sim.events_processed,
+        faults=faults,
+    )
+
