@@ -647,7 +647,7 @@ class ReplicaManager:
                 loc = self._inv.get(oid)
                 if loc is not None:
                     loc.confirmed[src] = now
-            self._check_drops(now)
+            self._check_drops(now, st.pair)
             return
         self._count("digest_mismatches")
         # Unconfirmed first: they are the likely difference.
@@ -696,7 +696,7 @@ class ReplicaManager:
                 loc.confirmed.pop(src, None)
             else:
                 loc.confirmed[src] = now
-        self._check_drops(now)
+        self._check_drops(now, ids)
 
     # ------------------------------------------------------------------ anti-entropy
 
@@ -782,12 +782,13 @@ class ReplicaManager:
             acc ^= loc.h if loc is not None else _id_hash(oid)
         return len(oids), acc.to_bytes(16, "big")
 
-    def _check_drops(self, now: float) -> None:
-        """Drop copies this node holds outside the replica set once every member keeps one."""
+    def _check_drops(self, now: float, oids: Iterable[str] | None = None) -> None:
+        """Drop copies this node holds outside the replica set once every member keeps one
+        (all local copies, or only ``oids``: those whose confirmations just changed)."""
         busy = {p.oid for p in self._puts.values()}
-        for oid in sorted(self._inv):
-            loc = self._inv[oid]
-            if loc.dropping:
+        for oid in sorted(self._inv) if oids is None else oids:
+            loc = self._inv.get(oid)
+            if loc is None or loc.dropping:
                 continue
             rs = self._rs_of_local(loc)
             if not rs or self.name in rs:

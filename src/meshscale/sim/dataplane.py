@@ -914,8 +914,8 @@ def chaos_run(
             kv_lost.append(key)
     stats: dict[str, int] = {}
     for n in mesh.names:
-        for k, v in mesh.node(n).replicas.stats.items():
-            stats[k] = stats.get(k, 0) + v
+        for counter, v in mesh.node(n).replicas.stats.items():
+            stats[counter] = stats.get(counter, 0) + v
     return ChaosReport(
         seed=seed,
         acked=len(mesh.acked),
