@@ -77,6 +77,7 @@ from meshscale.core.rpc import (
     encode_stream_message,
 )
 from meshscale.core.wire import WireError
+from meshscale.runtime.dataplane import DataPlane
 from meshscale.runtime.identity import Identity, write_identity
 from meshscale.runtime.latency import RegionPair
 from meshscale.trust.bundle import Bundle, BundleError, load_keyring
@@ -207,6 +208,7 @@ class NodeAgent:
         emulated_latency: dict[RegionPair, float] | None = None,
         log: Callable[..., None] | None = None,
         rng: random.Random | None = None,
+        dataplane: bool = True,
     ) -> None:
         self.identity = identity
         self.name = identity.name
@@ -222,6 +224,10 @@ class NodeAgent:
         self.log = log or JsonLog(self.name)
         self.rng = rng or random.Random()
         self.stats = AgentStats()
+        self.event_listeners: list[Callable[[Event], None]] = []
+        """Called with every membership event (the data plane follows the view)."""
+        self.dataplane: DataPlane | None = None
+        self._with_dataplane = dataplane
         self.events: deque[EventInfo] = deque(maxlen=self.cfg.recent_events)
         self._event_seq = 0
         self._server_ctx = server_context(bundle, cert_pem, key_pem)
@@ -310,6 +316,9 @@ class NodeAgent:
             self.m.join(self.seeds, now)
         self._pump()
         self._spawn(self._housekeeping())
+        if self._with_dataplane:
+            self.dataplane = DataPlane(self)
+            await self.dataplane.start()
 
     async def leave_and_stop(self) -> None:
         """Graceful leave: tell the mesh, give it time to spread, then close."""
@@ -324,6 +333,9 @@ class NodeAgent:
         await self.stop()
 
     async def stop(self) -> None:
+        if self.dataplane is not None:
+            await self.dataplane.stop()
+            self.dataplane = None
         if self.membership is not None:
             self.m.stop()
             self._save_incarnation()
@@ -610,9 +622,13 @@ class NodeAgent:
             result = handler(req.args)
             if inspect.isawaitable(result):
                 result = await result
-            return RpcResponse(req.id, True, result=msgspec.to_builtins(result))
+            return RpcResponse(req.id, True, result=msgspec.to_builtins(result, builtin_types=(bytes, bytearray, memoryview)))
         except (ValueError, TypeError, KeyError) as e:
             return RpcResponse(req.id, False, error=str(e) or type(e).__name__)
+        except Exception as e:  # a handler bug must not take the connection down
+            self.stats.runtime["rpc_errors"] += 1
+            self.log("error", "rpc_failed", method=req.method, error=repr(e))
+            return RpcResponse(req.id, False, error=f"internal error: {type(e).__name__}: {e}")
         finally:
             self._rpc_in_flight -= 1
 
@@ -639,6 +655,8 @@ class NodeAgent:
         if isinstance(ev, MemberJoined):
             fields["address"] = ev.addr
         self.log(level, kind, **fields)
+        for listener in self.event_listeners:
+            listener(ev)
         if isinstance(ev, MemberJoined | MemberUpdated | MemberAlive):
             self._region_by_addr = {
                 mm.addr: mm.meta.region for mm in self.m.members.values() if mm.name != self.name

@@ -1,0 +1,759 @@
+"""The node's data plane: the driver of ``core.replication`` and ``core.kv``.
+
+Decisions (where copies go, when to repair, hand off or drop, who wins a KV race) are
+made in ``core/``; this module only moves bytes and keeps the disk:
+
+- the local store (``runtime.storage.LocalStore``: files under their hash, SQLite index,
+  fsync before anything is acknowledged);
+- node-to-node transfers over the agent's mutual-TLS connections, chunked RPCs
+  (``obj.rw_begin`` / ``obj.rw_chunk`` / ``obj.rw_end``); the receiver commits with the
+  expected id, so a corrupt or truncated transfer never becomes a visible object;
+- the client-facing RPCs ``obj.*`` and ``kv.*`` (see ``client/mesh.py``).
+
+Reads: a node serves a read from its own copy after checking its hash (a corrupt copy is
+quarantined and reported, so anti-entropy refills it) or, when it has none, proxies the
+bytes from a node that has one. The client checks the hash of the whole object again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.core.hlc import HLCTimestamp, HybridLogicalClock
+from meshscale.core.kv import Consistency, KVCoordinator, KVRecord, kv_replicas
+from meshscale.core.membership import (
+    MemberAlive,
+    MemberDown,
+    MemberJoined,
+    MemberLeft,
+    MemberUpdated,
+    State,
+)
+from meshscale.core.outputs import Event
+from meshscale.core.placement import Candidate, PlacementError, Residency, check_quorum, replica_set
+from meshscale.core.replication import (
+    DropLocal,
+    ObjectPolicy,
+    PutAcked,
+    PutFailed,
+    ReplicaManager,
+    ReplicationConfig,
+    SendMessage,
+    Transfer,
+    UnderReplicated,
+)
+from meshscale.runtime.storage import (
+    LocalStore,
+    ObjectMeta,
+    ObjectWriter,
+    StorageConfig,
+    StorageError,
+)
+
+if TYPE_CHECKING:
+    from meshscale.runtime.node import NodeAgent
+
+
+@dataclass(frozen=True)
+class DataPlaneConfig:
+    """Bounds of the data plane driver (the protocol's are in ReplicationConfig)."""
+
+    chunk_bytes: int = 1024 * 1024
+    """Largest chunk of one put/read/transfer RPC."""
+    max_uploads: int = 64
+    """Uploads (client puts and incoming replica transfers) open at once."""
+    upload_idle_s: float = 60.0
+    """An upload with no chunk for this long is aborted and forgotten."""
+    put_wait_s: float = 30.0
+    """How long ``obj.put_end`` waits for the write quorum."""
+    max_transfers: int = 8
+    """Outgoing object transfers at once."""
+    rpc_timeout_s: float = 30.0
+    kv_replicas: int = 3
+    kv_timeout_s: float = 5.0
+    read_source_cache: int = 1024
+    gc_interval_s: float = 30.0
+    storage: StorageConfig = field(default_factory=lambda: StorageConfig(min_free_bytes=64 << 20))
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+
+
+@dataclass
+class _Upload:
+    writer: ObjectWriter
+    size: int
+    policy: ObjectPolicy
+    w: int
+    expected_id: str | None
+    hint_for: str | None
+    client: bool
+    received: int = 0
+    last: float = field(default_factory=time.monotonic)
+
+
+def policy_of(meta: ObjectMeta) -> ObjectPolicy:
+    residency = None
+    if meta.residency is not None or meta.data_class is not None:
+        regions = frozenset(meta.residency) if meta.residency is not None else None
+        residency = Residency(regions, meta.data_class)
+    return ObjectPolicy(meta.replicas, residency)
+
+
+def _policy(replicas: int, residency: list[str] | None, data_class: str | None) -> ObjectPolicy:
+    res = None
+    if residency is not None or data_class is not None:
+        res = Residency(frozenset(residency) if residency is not None else None, data_class)
+    return ObjectPolicy(int(replicas), res)
+
+
+class DataPlane:
+    """Objects and KV on one node; created and started by ``NodeAgent``."""
+
+    def __init__(self, agent: NodeAgent, config: DataPlaneConfig | None = None) -> None:
+        self.agent = agent
+        self.cfg = config or DataPlaneConfig()
+        self.store: LocalStore | None = None
+        self.rm: ReplicaManager | None = None
+        self.hlc = HybridLogicalClock(agent.name)
+        self._uploads: dict[str, _Upload] = {}
+        self._upload_ids = itertools.count(1)
+        self._req_ids = itertools.count(1)
+        self._puts: dict[int, asyncio.Future[tuple[str, tuple[str, ...]]]] = {}
+        self._conns: dict[str, RpcConnection] = {}
+        self._sources: OrderedDict[str, str] = OrderedDict()
+        self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.stats: dict[str, int] = {}
+        self._creds: ClientCredentials | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        agent = self.agent
+        self.store = await asyncio.to_thread(LocalStore, agent.data_dir / "store", self.cfg.storage)
+        now = time.monotonic()
+        self.rm = ReplicaManager(
+            agent.name, config=self.cfg.replication, rng=random.Random(agent.rng.random()), now=now
+        )
+        after = ""
+        while True:
+            page = await asyncio.to_thread(self.store.list, after=after, limit=1000)
+            for meta in page:
+                self.rm.object_added(meta.object_id, policy_of(meta), meta.hint_for, now)
+            if len(page) < 1000:
+                break
+            after = page[-1].object_id
+        self._creds = ClientCredentials(agent._client_ctx, agent.bundle.token)
+        self.rm.set_view(self._view(), now)
+        for name, fn in {
+            "obj.put_begin": self._rpc_put_begin,
+            "obj.put_chunk": self._rpc_put_chunk,
+            "obj.put_end": self._rpc_put_end,
+            "obj.put_abort": self._rpc_put_abort,
+            "obj.rw_begin": self._rpc_rw_begin,
+            "obj.rw_chunk": self._rpc_put_chunk,
+            "obj.rw_end": self._rpc_rw_end,
+            "obj.read": self._rpc_read,
+            "obj.read_local": self._rpc_read_local,
+            "obj.local_stat": self._rpc_local_stat,
+            "obj.local_list": self._rpc_local_list,
+            "obj.stat": self._rpc_stat,
+            "obj.list": self._rpc_list,
+            "obj.corrupt_local": self._rpc_corrupt_local,
+            "repl.msg": self._rpc_repl_msg,
+            "kv.put": self._rpc_kv_put,
+            "kv.delete": self._rpc_kv_delete,
+            "kv.get": self._rpc_kv_get,
+            "kv.apply": self._rpc_kv_apply,
+            "kv.read": self._rpc_kv_read,
+            "dp.stats": self._rpc_stats,
+        }.items():
+            agent.register_rpc(name, fn)
+        agent.event_listeners.append(self._on_member_event)
+        agent._spawn(self._housekeeping())
+        self._pump()
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for conn in list(self._conns.values()):
+            with contextlib.suppress(Exception):
+                await conn.close()
+        for up in self._uploads.values():
+            with contextlib.suppress(Exception):
+                up.writer.abort()
+        self._uploads.clear()
+        if self.store is not None:
+            self.store.close()
+
+    # ------------------------------------------------------------------ driving core
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def _view(self) -> list[Candidate]:
+        return [
+            Candidate(m.name, m.meta.region, m.meta.zone)
+            for m in self.agent.m.members.values()
+            if m.state <= State.SUSPECT
+        ]
+
+    def _addr(self, name: str) -> str | None:
+        m = self.agent.m.members.get(name)
+        return None if m is None else m.addr
+
+    def _on_member_event(self, ev: Event) -> None:
+        if self.rm is None:
+            return
+        if isinstance(ev, MemberJoined | MemberAlive | MemberDown | MemberLeft | MemberUpdated):
+            self.rm.set_view(self._view(), time.monotonic())
+            self._pump()
+
+    def _pump(self) -> None:
+        rm = self.rm
+        if rm is None:
+            return
+        for out in rm.drain():
+            if isinstance(out, SendMessage):
+                self.agent._spawn(self._send_repl(out.dst, out.payload))
+            elif isinstance(out, Transfer):
+                self.agent._spawn(self._transfer(out))
+            elif isinstance(out, DropLocal):
+                self.agent._spawn(self._drop(out.oid))
+            elif isinstance(out, PutAcked):
+                fut = self._puts.pop(out.req_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result((out.oid, out.nodes))
+            elif isinstance(out, PutFailed):
+                fut = self._puts.pop(out.req_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(ValueError(f"put of {out.oid} failed: {out.reason}"))
+            elif isinstance(out, UnderReplicated):
+                self._count("under_replicated_events")
+                self.agent.log("warning", "under_replicated", object=out.oid,
+                               live=out.live_replicas, wanted=out.wanted)
+            elif isinstance(out, Event):
+                self.agent.log("info", type(out).__name__)
+        deadline = rm.next_deadline()
+        if deadline == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            delay = max(0.0, deadline - time.monotonic()) + 0.001
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.rm is not None:
+            self.rm.on_timer(time.monotonic())
+        self._pump()
+
+    # ------------------------------------------------------------------ node-to-node
+
+    def _conn(self, name: str) -> RpcConnection:
+        addr = self._addr(name)
+        if addr is None:
+            raise RpcError(f"{name}: not a member")
+        conn = self._conns.get(name)
+        if conn is None or conn.addr != addr:
+            assert self._creds is not None
+            conn = RpcConnection(addr, self._creds, self.cfg.rpc_timeout_s)
+            self._conns[name] = conn
+        return conn
+
+    async def _call(self, name: str, method: str, args: dict[str, Any]) -> Any:
+        if name == self.agent.name:
+            handler = self.agent._rpc[method]
+            result = handler(args)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        return await self._conn(name).call(method, args)
+
+    async def _send_repl(self, dst: str, payload: bytes) -> None:
+        try:
+            await self._call(dst, "repl.msg", {"src": self.agent.name, "payload": payload})
+        except (RpcError, ValueError) as e:
+            self._count("repl_send_failed")
+            self.agent.log("debug", "repl_send_failed", peer=dst, error=str(e))
+
+    def _rpc_repl_msg(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.rm is not None
+        self.rm.handle_message(str(args["src"]), bytes(args["payload"]), time.monotonic())
+        self._pump()
+        return {}
+
+    async def _transfer(self, t: Transfer) -> None:
+        ok = False
+        async with self._transfer_sem:
+            try:
+                if t.dst == self.agent.name:
+                    assert self.store is not None
+                    ok = await asyncio.to_thread(self.store.has, t.oid)
+                else:
+                    ok = await self._push_object(t)
+            except (RpcError, StorageError, ValueError, OSError) as e:
+                self._count("transfers_failed")
+                self.agent.log("warning", "transfer_failed", object=t.oid, peer=t.dst, error=str(e))
+        if ok:
+            self._count("transfers_ok")
+        assert self.rm is not None
+        self.rm.transfer_done(t.req_id, t.dst, t.oid, ok, time.monotonic())
+        self._pump()
+
+    async def _push_object(self, t: Transfer) -> bool:
+        store = self.store
+        assert store is not None
+        meta = await asyncio.to_thread(store.meta, t.oid)
+        if meta is None:
+            return False
+        res = t.policy.residency
+        conn = RpcConnection(self._addr(t.dst) or "", self._creds, self.cfg.rpc_timeout_s)  # type: ignore[arg-type]
+        try:
+            begin = await conn.call("obj.rw_begin", {
+                "id": t.oid, "size": meta.size, "replicas": t.policy.replicas,
+                "residency": sorted(res.regions) if res is not None and res.regions is not None else None,
+                "data_class": res.data_class if res is not None else None,
+                "hint_for": t.hint_for,
+            })
+            if begin.get("have"):
+                return True
+            upload = begin["upload"]
+            it = store.read_chunks(t.oid, verify=True, chunk_bytes=self.cfg.chunk_bytes)
+            try:
+                while True:
+                    chunk = await asyncio.to_thread(next, it, None)
+                    if chunk is None:
+                        break
+                    await conn.call("obj.rw_chunk", {"upload": upload, "data": chunk})
+            except StorageError:
+                # Our copy is corrupt: the receiver's commit would refuse it anyway.
+                await self._quarantine(t.oid)
+                with contextlib.suppress(RpcError):
+                    await conn.call("obj.put_abort", {"upload": upload})
+                return False
+            await conn.call("obj.rw_end", {"upload": upload})
+            self._count("bytes_sent", meta.size)
+            return True
+        finally:
+            await conn.close()
+
+    async def _drop(self, oid: str) -> None:
+        assert self.store is not None and self.rm is not None
+        with contextlib.suppress(StorageError):
+            await asyncio.to_thread(self.store.delete, oid)
+        self.rm.object_removed(oid, time.monotonic())
+        self._count("dropped")
+        self._pump()
+
+    async def _quarantine(self, oid: str) -> None:
+        assert self.store is not None and self.rm is not None
+        with contextlib.suppress(StorageError):
+            await asyncio.to_thread(self.store.quarantine, oid)
+        self.rm.object_removed(oid, time.monotonic())
+        self._count("quarantined")
+        self.agent.log("warning", "corrupt_copy_quarantined", object=oid)
+        self._pump()
+
+    # ------------------------------------------------------------------ uploads
+
+    def _check_placement(self, policy: ObjectPolicy, w: int) -> None:
+        try:
+            chosen = replica_set("", self._view(), policy.replicas, policy.residency)
+            check_quorum(chosen, w)
+        except PlacementError as e:
+            detail = str(e)
+            if detail.startswith("cannot place"):
+                detail = detail.split(": ", 1)[-1]
+            raise PlacementError(e.rule, f"{e.rule} rule: {detail}") from None
+
+    def _new_upload(self, args: dict[str, Any], *, client: bool) -> str:
+        assert self.store is not None
+        self._expire_uploads()
+        if len(self._uploads) >= self.cfg.max_uploads:
+            raise ValueError(f"busy: {self.cfg.max_uploads} uploads already open")
+        size = int(args["size"])
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        policy = _policy(int(args.get("replicas") or 3), args.get("residency"), args.get("data_class"))
+        w = int(args.get("w") or min(2, policy.replicas))
+        if not 1 <= w <= policy.replicas:
+            raise ValueError(f"w must be between 1 and replicas={policy.replicas}, got {w}")
+        if client:
+            try:
+                self._check_placement(policy, w)
+            except PlacementError as e:
+                raise ValueError(f"refused: {e}") from None
+        res = policy.residency
+        writer = self.store.writer(
+            now=time.time(), size=size, replicas=policy.replicas,
+            data_class=res.data_class if res is not None else None,
+            residency=sorted(res.regions) if res is not None and res.regions is not None else None,
+            hint_for=args.get("hint_for"),
+        )
+        upload = f"{self.agent.name}-{next(self._upload_ids)}"
+        self._uploads[upload] = _Upload(writer, size, policy, w, args.get("id"), args.get("hint_for"), client)
+        return upload
+
+    def _expire_uploads(self) -> None:
+        now = time.monotonic()
+        for key, up in list(self._uploads.items()):
+            if now - up.last > self.cfg.upload_idle_s:
+                up.writer.abort()
+                del self._uploads[key]
+                self._count("uploads_expired")
+
+    def _upload(self, args: dict[str, Any]) -> tuple[str, _Upload]:
+        key = str(args["upload"])
+        up = self._uploads.get(key)
+        if up is None:
+            raise ValueError(f"unknown or expired upload {key!r}")
+        return key, up
+
+    def _rpc_put_begin(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"upload": self._new_upload(args, client=True), "chunk_bytes": self.cfg.chunk_bytes}
+
+    async def _rpc_put_chunk(self, args: dict[str, Any]) -> dict[str, Any]:
+        key, up = self._upload(args)
+        data = bytes(args["data"])
+        if len(data) > self.cfg.chunk_bytes:
+            up.writer.abort()
+            del self._uploads[key]
+            raise ValueError(f"chunk of {len(data)} bytes is over chunk_bytes={self.cfg.chunk_bytes}")
+        if up.received + len(data) > up.size:
+            up.writer.abort()
+            del self._uploads[key]
+            raise ValueError(f"more bytes than the declared size {up.size}; upload aborted")
+        up.last = time.monotonic()
+        try:
+            await asyncio.to_thread(up.writer.write, data)
+        except StorageError as e:
+            self._uploads.pop(key, None)
+            raise ValueError(f"{e.reason}: {e}") from None
+        up.received += len(data)
+        return {"received": up.received}
+
+    async def _commit(self, key: str, up: _Upload) -> ObjectMeta:
+        self._uploads.pop(key, None)
+        if up.received != up.size:
+            up.writer.abort()
+            raise ValueError(f"truncated upload: {up.received} of {up.size} bytes; nothing stored")
+        try:
+            meta = await asyncio.to_thread(up.writer.commit, up.expected_id)
+        except StorageError as e:
+            raise ValueError(f"{e.reason}: {e}") from None
+        assert self.rm is not None
+        self.rm.object_added(meta.object_id, up.policy, up.hint_for, time.monotonic())
+        return meta
+
+    async def _rpc_put_end(self, args: dict[str, Any]) -> dict[str, Any]:
+        key, up = self._upload(args)
+        meta = await self._commit(key, up)
+        assert self.rm is not None
+        req = next(self._req_ids)
+        fut: asyncio.Future[tuple[str, tuple[str, ...]]] = asyncio.get_running_loop().create_future()
+        self._puts[req] = fut
+        try:
+            self.rm.begin_put(req, meta.object_id, up.policy, up.w, time.monotonic())
+        except PlacementError as e:
+            self._puts.pop(req, None)
+            raise ValueError(f"refused: {e}") from None
+        self._pump()
+        try:
+            oid, nodes = await asyncio.wait_for(fut, self.cfg.put_wait_s)
+        except TimeoutError:
+            self._puts.pop(req, None)
+            raise ValueError(f"put of {meta.object_id} timed out waiting for W={up.w}") from None
+        return {"id": oid, "size": meta.size, "nodes": list(nodes)}
+
+    def _rpc_put_abort(self, args: dict[str, Any]) -> dict[str, Any]:
+        up = self._uploads.pop(str(args["upload"]), None)
+        if up is not None:
+            up.writer.abort()
+        return {}
+
+    async def _rpc_rw_begin(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        oid = str(args["id"])
+        if await asyncio.to_thread(self.store.has, oid):
+            return {"have": True}
+        return {"upload": self._new_upload(args, client=False)}
+
+    async def _rpc_rw_end(self, args: dict[str, Any]) -> dict[str, Any]:
+        key, up = self._upload(args)
+        meta = await self._commit(key, up)
+        self._count("bytes_received", meta.size)
+        self._pump()
+        return {"id": meta.object_id}
+
+    # ------------------------------------------------------------------ reads
+
+    async def _local_verified(self, oid: str) -> ObjectMeta | None:
+        store = self.store
+        assert store is not None
+        meta = await asyncio.to_thread(store.meta, oid)
+        if meta is None:
+            return None
+        if not await asyncio.to_thread(store.verify, oid):
+            await self._quarantine(oid)
+            return None
+        return meta
+
+    def _read_range(self, oid: str, offset: int, length: int) -> bytes:
+        assert self.store is not None
+        with self.store.open_read(oid) as f:
+            f.seek(offset)
+            return f.read(length)
+
+    async def _rpc_read_local(self, args: dict[str, Any]) -> dict[str, Any]:
+        oid, offset = str(args["id"]), int(args["offset"])
+        length = min(int(args["length"]), self.cfg.chunk_bytes)
+        assert self.store is not None
+        meta = await asyncio.to_thread(self.store.meta, oid)
+        if meta is None:
+            raise ValueError(f"unknown object id {oid}")
+        if offset == 0 and await self._local_verified(oid) is None:
+            raise ValueError(f"corrupt copy of {oid} here; try another replica")
+        try:
+            data = await asyncio.to_thread(self._read_range, oid, offset, length)
+        except StorageError as e:
+            raise ValueError(f"{e.reason}: {oid}") from None
+        return {"data": data, "size": meta.size}
+
+    async def _rpc_read(self, args: dict[str, Any]) -> dict[str, Any]:
+        oid = str(args["id"])
+        assert self.store is not None
+        if await asyncio.to_thread(self.store.has, oid):
+            with contextlib.suppress(ValueError):
+                return await self._rpc_read_local(args)
+        src = self._sources.get(oid)
+        tried: list[str] = []
+        if src is not None:
+            try:
+                return dict(await self._call(src, "obj.read_local", args))
+            except (RpcError, ValueError):
+                tried.append(src)
+                self._sources.pop(oid, None)
+        for holder in await self._holders(oid):
+            if holder in tried or holder == self.agent.name:
+                continue
+            try:
+                result = dict(await self._call(holder, "obj.read_local", args))
+            except (RpcError, ValueError):
+                continue
+            self._sources[oid] = holder
+            while len(self._sources) > self.cfg.read_source_cache:
+                self._sources.popitem(last=False)
+            return result
+        raise ValueError(f"unknown object id {oid}: no live node holds a good copy")
+
+    async def _holders(self, oid: str) -> list[str]:
+        """Live nodes that hold ``oid``, replica-set members first."""
+        stats = await self._fan_out("obj.local_stat", {"id": oid})
+        return [name for name, st in stats.items() if st]
+
+    async def _fan_out(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+        names = [c.name for c in self._view()]
+
+        async def one(name: str) -> Any:
+            try:
+                return await asyncio.wait_for(self._call(name, method, args), self.cfg.rpc_timeout_s)
+            except (RpcError, ValueError, TimeoutError):
+                return None
+
+        results = await asyncio.gather(*(one(n) for n in names))
+        return dict(zip(names, results, strict=True))
+
+    # ------------------------------------------------------------------ listing
+
+    def _describe(self, meta: ObjectMeta) -> dict[str, Any]:
+        policy = policy_of(meta)
+        try:
+            rs = [c.name for c in replica_set(meta.object_id, self._view(), policy.replicas,
+                                              policy.residency)]
+        except PlacementError:
+            rs = []
+        return {
+            "id": meta.object_id, "size": meta.size, "replicas": meta.replicas,
+            "data_class": meta.data_class,
+            "residency": list(meta.residency) if meta.residency is not None else None,
+            "replica_set": rs,
+        }
+
+    async def _rpc_local_stat(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        assert self.store is not None
+        meta = await asyncio.to_thread(self.store.meta, str(args["id"]))
+        return None if meta is None else self._describe(meta)
+
+    async def _rpc_local_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        assert self.store is not None
+        limit = min(int(args.get("limit") or 1000), 10_000)
+        page = await asyncio.to_thread(self.store.list, after=str(args.get("after") or ""), limit=limit)
+        return [self._describe(m) for m in page]
+
+    async def _rpc_stat(self, args: dict[str, Any]) -> dict[str, Any]:
+        oid = str(args["id"])
+        stats = await self._fan_out("obj.local_stat", {"id": oid})
+        holders = sorted(n for n, st in stats.items() if st)
+        if not holders:
+            raise ValueError(f"unknown object id {oid}: no live node holds it")
+        desc = dict(next(st for st in stats.values() if st))
+        desc["holders"] = holders
+        return desc
+
+    async def _rpc_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        limit = min(int(args.get("limit") or 1000), 10_000)
+        after = str(args.get("after") or "")
+        pages = await self._fan_out("obj.local_list", {"after": after, "limit": limit})
+        merged: dict[str, dict[str, Any]] = {}
+        for node, page in pages.items():
+            for desc in page or []:
+                entry = merged.setdefault(desc["id"], {**desc, "holders": []})
+                entry["holders"].append(node)
+        ids = sorted(merged)[:limit]
+        out = []
+        for oid in ids:
+            e = merged[oid]
+            e["holders"] = sorted(e["holders"])
+            want = min(e["replicas"], len(e["replica_set"])) if e["replica_set"] else e["replicas"]
+            good = [h for h in e["holders"] if h in e["replica_set"]]
+            e["health"] = "ok" if len(good) >= want and want == e["replicas"] else "under-replicated"
+            out.append(e)
+        nxt = ids[-1] if len(merged) > limit else None
+        return {"objects": out, "next": nxt}
+
+    async def _rpc_corrupt_local(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Check every local copy's hash now (an operator's scrub); returns what was bad."""
+        assert self.store is not None
+        bad = []
+        for oid in list(await asyncio.to_thread(lambda: list(self.store.ids()))):  # type: ignore[union-attr]
+            if not await asyncio.to_thread(self.store.verify, oid):
+                await self._quarantine(oid)
+                bad.append(oid)
+        return {"quarantined": bad}
+
+    async def _rpc_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None and self.rm is not None
+        st = await asyncio.to_thread(self.store.stats)
+        return {"store": st, "dataplane": dict(self.stats), "replication": dict(self.rm.stats),
+                "uploads": len(self._uploads)}
+
+    # ------------------------------------------------------------------ KV
+
+    def _consistency(self, args: dict[str, Any]) -> Consistency:
+        try:
+            return Consistency(str(args.get("consistency") or "quorum").lower())
+        except ValueError:
+            raise ValueError("consistency must be one of one, quorum, all") from None
+
+    async def _kv_write(self, key: str, value: bytes | None, consistency: Consistency) -> str:
+        if len(key.encode()) > 1024:
+            raise ValueError("key is longer than 1024 bytes")
+        ts = self.hlc.now(time.time())
+        rec = KVRecord(key, value, ts)
+        replicas = kv_replicas(key, self._view(), self.cfg.kv_replicas)
+        coord = KVCoordinator.for_put(rec, replicas, consistency)
+        await self._kv_round(coord, "kv.apply", {"key": key, "value": value, "ts": ts.encode()})
+        if coord.outcome is None or not coord.outcome.ok:
+            reason = coord.outcome.reason if coord.outcome else "no outcome"
+            raise ValueError(f"kv write of {key!r} failed: {reason}")
+        return ts.encode()
+
+    async def _kv_round(self, coord: KVCoordinator, method: str, args: dict[str, Any]) -> None:
+        async def one(name: str) -> None:
+            try:
+                res = await asyncio.wait_for(self._call(name, method, args), self.cfg.kv_timeout_s)
+            except (RpcError, ValueError, TimeoutError):
+                coord.on_failure(name)
+                return
+            if method == "kv.read":
+                rec = None
+                if res is not None:
+                    rec = KVRecord(coord.key, res["value"], HLCTimestamp.decode(res["ts"]))
+                    with contextlib.suppress(Exception):
+                        self.hlc.update(rec.ts, time.time())
+                coord.on_reply(name, rec)
+            else:
+                coord.on_reply(name, None)
+
+        await asyncio.gather(*(one(n) for n in coord.replicas))
+        if coord.outcome is None:
+            coord.expire()
+
+    async def _rpc_kv_put(self, args: dict[str, Any]) -> dict[str, Any]:
+        value = args.get("value")
+        if value is None:
+            raise ValueError("kv put needs a value (use kv.delete to delete)")
+        return {"ts": await self._kv_write(str(args["key"]), bytes(value), self._consistency(args))}
+
+    async def _rpc_kv_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"ts": await self._kv_write(str(args["key"]), None, self._consistency(args))}
+
+    async def _rpc_kv_get(self, args: dict[str, Any]) -> dict[str, Any]:
+        key = str(args["key"])
+        consistency = self._consistency(args)
+        replicas = kv_replicas(key, self._view(), self.cfg.kv_replicas)
+        coord = KVCoordinator.for_get(key, replicas, consistency)
+        await self._kv_round(coord, "kv.read", {"key": key})
+        if coord.outcome is None or not coord.outcome.ok:
+            reason = coord.outcome.reason if coord.outcome else "no outcome"
+            raise ValueError(f"kv read of {key!r} failed: {reason}")
+        for node, rec in coord.read_repair():
+            self._count("kv_read_repairs")
+            self.agent._spawn(self._call(node, "kv.apply", {
+                "key": rec.key, "value": rec.value, "ts": rec.ts.encode()}))
+        best = coord.winner()
+        if best is None:
+            return {"value": None, "ts": None}
+        return {"value": best.value, "ts": best.ts.encode()}
+
+    async def _rpc_kv_apply(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        key, ts = str(args["key"]), str(args["ts"])
+        value = args.get("value")
+        stamp = HLCTimestamp.decode(ts)
+        with contextlib.suppress(Exception):
+            self.hlc.update(stamp, time.time())
+        try:
+            applied = await asyncio.to_thread(
+                self.store.kv_put, key, None if value is None else bytes(value), ts
+            )
+        except StorageError as e:
+            raise ValueError(f"{e.reason}: {e}") from None
+        return {"applied": applied}
+
+    async def _rpc_kv_read(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        assert self.store is not None
+        got = await asyncio.to_thread(self.store.kv_get, str(args["key"]))
+        if got is None:
+            return None
+        value, ts = got
+        return {"value": value, "ts": ts}
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.gc_interval_s)
+            self._expire_uploads()
+            store = self.store
+            if store is None or self.rm is None:
+                continue
+            for oid in await asyncio.to_thread(store.expired, time.time()):
+                with contextlib.suppress(StorageError):
+                    await asyncio.to_thread(store.delete, oid)
+                self.rm.object_removed(oid, time.monotonic())
+                self._count("gc_expired")
+            self._pump()

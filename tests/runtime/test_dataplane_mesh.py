@@ -1,0 +1,245 @@
+"""The data plane on real node processes: replicated puts, a SIGKILL, re-replication,
+restart, corruption detected and repaired on read, refusals and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meshscale.client.rpc import RpcConnection, RpcError
+from meshscale.runtime.launcher import LocalMesh
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def oid_of(data: bytes) -> str:
+    return "b2b-" + hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    m = LocalMesh(tmp_path_factory.mktemp("dp"), 5, regions=["eu-west", "us-east", "ap-south"])
+    m.start()
+    try:
+        m.wait_converged(60)
+        yield m
+    finally:
+        m.stop()
+        assert not [n for n in m.nodes if n.proc is not None and n.proc.poll() is None]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def put(c: RpcConnection, data: bytes, **policy: Any) -> dict[str, Any]:
+    up = await c.call("obj.put_begin", {"size": len(data), "replicas": 3, "w": 2, **policy})
+    cb = up["chunk_bytes"]
+    for i in range(0, len(data), cb):
+        await c.call("obj.put_chunk", {"upload": up["upload"], "data": data[i : i + cb]})
+    result: dict[str, Any] = await c.call("obj.put_end", {"upload": up["upload"]})
+    return result
+
+
+async def read_all(c: RpcConnection, oid: str) -> bytes:
+    out = bytearray()
+    size = None
+    while size is None or len(out) < size:
+        r = await c.call("obj.read", {"id": oid, "offset": len(out), "length": 1 << 20})
+        size = r["size"]
+        out += r["data"]
+        if not r["data"] and len(out) < size:
+            raise AssertionError("short read")
+    return bytes(out)
+
+
+async def wait_all_healthy(c: RpcConnection, oids: set[str], deadline_s: float) -> list[dict[str, Any]]:
+    end = time.monotonic() + deadline_s
+    listing: list[dict[str, Any]] = []
+    while time.monotonic() < end:
+        listing = (await c.call("obj.list", {"after": "", "limit": 10_000}))["objects"]
+        by_id = {o["id"]: o for o in listing}
+        if all(o in by_id and by_id[o]["health"] == "ok" for o in oids):
+            return listing
+        await asyncio.sleep(0.5)
+    bad = [o for o in listing if o["id"] in oids and o["health"] != "ok"]
+    raise AssertionError(f"{len(bad)} objects not back to full replication: {bad[:3]}")
+
+
+def test_put_200_objects_kill_one_node_read_back_restore_rf_restart(mesh: LocalMesh) -> None:
+    creds = mesh.credentials()
+    rng = random.Random(7)
+    sizes = [rng.randint(1_000, 64_000) for _ in range(190)]
+    sizes += [rng.randint(1_000_000, 5_000_000) for _ in range(8)] + [50_000_000, 20_000_000]
+    blobs = {}
+
+    async def phase1() -> None:
+        conns = [RpcConnection(n.address, creds, 60) for n in mesh.nodes]
+        for i, size in enumerate(sizes):
+            data = rng.randbytes(size)
+            res = await put(conns[i % 5], data)
+            assert res["id"] == oid_of(data)
+            assert len(res["nodes"]) >= 2
+            blobs[res["id"]] = data
+        await wait_all_healthy(conns[0], set(blobs), 60)
+        for c in conns:
+            await c.close()
+
+    run(phase1())
+    victim = mesh.nodes[3]
+    assert victim.proc is not None
+    victim_objects = {
+        p.name for p in (victim.data_dir / "store" / "objects").rglob("b2b-*")
+    }
+    assert victim_objects, "the victim held no objects: nothing is tested"
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+
+    async def phase2() -> None:
+        c = RpcConnection(mesh.nodes[0].address, creds, 60)
+        # Every object still reads back, right away, with the right hash.
+        for oid, data in blobs.items():
+            got = await read_all(c, oid)
+            assert oid_of(got) == oid
+            assert got == data
+        # The replication factor comes back on the four survivors.
+        listing = await wait_all_healthy(c, set(blobs), 120)
+        for o in listing:
+            assert victim.name not in o["holders"]
+            assert len(o["holders"]) >= 3
+        await c.close()
+
+    run(phase2())
+
+    # Restart the victim from the same data dir: it serves what it had.
+    from meshscale.runtime.launcher import node_command, spawn_node
+
+    cmd = node_command(victim, mesh.bundle_path, [mesh.nodes[0].address], "", [])
+    victim.proc = spawn_node(cmd, victim.data_dir.parent / "node-3-restart.log")
+
+    async def phase3() -> None:
+        c = RpcConnection(victim.address, creds, 60)
+        end = time.monotonic() + 60
+        served = 0
+        while time.monotonic() < end:
+            try:
+                for name in sorted(victim_objects)[:20]:
+                    r = await c.call("obj.read_local", {"id": name, "offset": 0, "length": 1 << 20})
+                    assert r["size"] == len(blobs[name])
+                    assert r["data"] == blobs[name][: 1 << 20]
+                    served += 1
+                break
+            except RpcError:
+                await c.close()
+                await asyncio.sleep(0.5)
+        assert served >= min(20, len(victim_objects))
+        await c.close()
+
+    run(phase3())
+
+
+def test_flipped_byte_is_detected_and_repaired_on_read(mesh: LocalMesh) -> None:
+    creds = mesh.credentials()
+    data = os.urandom(300_000)
+
+    async def go() -> None:
+        c0 = RpcConnection(mesh.nodes[0].address, creds, 60)
+        res = await put(c0, data)
+        oid = res["id"]
+        await wait_all_healthy(c0, {oid}, 60)
+        st = await c0.call("obj.stat", {"id": oid})
+        holder = next(n for n in mesh.nodes if n.name in st["holders"] and n.proc
+                      and n.proc.poll() is None)
+        blob = next((holder.data_dir / "store" / "objects").rglob(oid))
+        os.chmod(blob, 0o600)
+        raw = bytearray(blob.read_bytes())
+        raw[1234] ^= 0xFF
+        blob.write_bytes(bytes(raw))
+        ch = RpcConnection(holder.address, creds, 60)
+        # The holder's own read notices, quarantines its copy and serves a good one.
+        got = await read_all(ch, oid)
+        assert got == data
+        stats = await ch.call("dp.stats", {})
+        assert stats["dataplane"].get("quarantined", 0) >= 1
+        # Anti-entropy refills the quarantined copy: healthy again, file re-created good.
+        await wait_all_healthy(c0, {oid}, 60)
+        await c0.close()
+        await ch.close()
+
+    run(go())
+
+
+def test_residency_refusal_and_bad_input(mesh: LocalMesh) -> None:
+    creds = mesh.credentials()
+
+    async def go() -> None:
+        c = RpcConnection(mesh.nodes[0].address, creds, 30)
+        with pytest.raises(RpcError, match="residency") as e:
+            await c.call("obj.put_begin", {"size": 10, "replicas": 3, "w": 2,
+                                           "residency": ["mars"], "data_class": "pii"})
+        assert "mars" in str(e.value)
+        # Residency honoured: every copy of an eu-west-only object sits in eu-west.
+        res = await put(c, b"patient-records" * 100, replicas=1, w=1, residency=["eu-west"],
+                        data_class="pii")
+        st = await c.call("obj.stat", {"id": res["id"]})
+        eu = {n.name for n in mesh.nodes if n.region == "eu-west"}
+        assert set(st["holders"]) <= eu
+        # Truncated upload: nothing becomes visible.
+        data = b"x" * 5000
+        up = await c.call("obj.put_begin", {"size": len(data), "replicas": 3, "w": 2})
+        await c.call("obj.put_chunk", {"upload": up["upload"], "data": data[:100]})
+        with pytest.raises(RpcError, match="truncated"):
+            await c.call("obj.put_end", {"upload": up["upload"]})
+        with pytest.raises(RpcError, match="unknown object id"):
+            await c.call("obj.stat", {"id": oid_of(data)})
+        # More bytes than declared: refused, aborted.
+        up = await c.call("obj.put_begin", {"size": 10, "replicas": 3, "w": 2})
+        with pytest.raises(RpcError, match="declared size"):
+            await c.call("obj.put_chunk", {"upload": up["upload"], "data": b"y" * 11})
+        # Oversized chunk.
+        up = await c.call("obj.put_begin", {"size": 3 << 20, "replicas": 3, "w": 2})
+        with pytest.raises(RpcError, match="chunk"):
+            await c.call("obj.put_chunk", {"upload": up["upload"], "data": b"z" * (2 << 20)})
+        # Wrong hash on a replica transfer: refused, nothing visible.
+        up = await c.call("obj.rw_begin", {"id": oid_of(b"good"), "size": 4, "replicas": 3})
+        await c.call("obj.rw_chunk", {"upload": up["upload"], "data": b"evil"})
+        with pytest.raises(RpcError, match="hash"):
+            await c.call("obj.rw_end", {"upload": up["upload"]})
+        with pytest.raises(RpcError, match="unknown object id"):
+            await c.call("obj.read", {"id": oid_of(b"good"), "offset": 0, "length": 10})
+        with pytest.raises(RpcError, match="unknown object id"):
+            await c.call("obj.read", {"id": "b2b-" + "0" * 64, "offset": 0, "length": 10})
+        await c.close()
+
+    run(go())
+
+
+def test_kv_quorum_put_get_delete(mesh: LocalMesh) -> None:
+    creds = mesh.credentials()
+
+    async def go() -> None:
+        a = RpcConnection(mesh.nodes[0].address, creds, 30)
+        b = RpcConnection(mesh.nodes[2].address, creds, 30)
+        await a.call("kv.put", {"key": "dataset/latest", "value": b"v1", "consistency": "quorum"})
+        await b.call("kv.put", {"key": "dataset/latest", "value": b"v2", "consistency": "quorum"})
+        got = await a.call("kv.get", {"key": "dataset/latest", "consistency": "quorum"})
+        assert got["value"] == b"v2"
+        await a.call("kv.delete", {"key": "dataset/latest", "consistency": "all"})
+        got = await b.call("kv.get", {"key": "dataset/latest", "consistency": "one"})
+        assert got["value"] is None
+        with pytest.raises(RpcError, match="consistency"):
+            await a.call("kv.get", {"key": "k", "consistency": "most"})
+        await a.close()
+        await b.close()
+
+    run(go())
+
+
