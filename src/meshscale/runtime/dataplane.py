@@ -76,6 +76,10 @@ class DataPlaneConfig:
     """How long ``obj.put_end`` waits for the write quorum."""
     max_transfers: int = 8
     """Outgoing object transfers at once."""
+    max_idle_per_peer: int = 4
+    """Idle transfer connections kept open per peer."""
+    inline_bytes: int = 256 * 1024
+    """Objects up to this size travel in one RPC (put and replica transfer)."""
     rpc_timeout_s: float = 30.0
     kv_replicas: int = 3
     kv_timeout_s: float = 5.0
@@ -127,6 +131,7 @@ class DataPlane:
         self._req_ids = itertools.count(1)
         self._puts: dict[int, asyncio.Future[tuple[str, tuple[str, ...]]]] = {}
         self._conns: dict[str, RpcConnection] = {}
+        self._idle: dict[str, list[RpcConnection]] = {}
         self._sources: OrderedDict[str, str] = OrderedDict()
         self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
         self._timer: asyncio.TimerHandle | None = None
@@ -161,6 +166,8 @@ class DataPlane:
             "obj.rw_begin": self._rpc_rw_begin,
             "obj.rw_chunk": self._rpc_put_chunk,
             "obj.rw_end": self._rpc_rw_end,
+            "obj.rw_small": self._rpc_rw_small,
+            "obj.put_small": self._rpc_put_small,
             "obj.read": self._rpc_read,
             "obj.read_local": self._rpc_read_local,
             "obj.local_stat": self._rpc_local_stat,
@@ -184,6 +191,9 @@ class DataPlane:
     async def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        for conn in [c for idle in self._idle.values() for c in idle]:
+            with contextlib.suppress(Exception):
+                await conn.close()
         for conn in list(self._conns.values()):
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -320,14 +330,21 @@ class DataPlane:
         if meta is None:
             return False
         res = t.policy.residency
-        conn = RpcConnection(self._addr(t.dst) or "", self._creds, self.cfg.rpc_timeout_s)  # type: ignore[arg-type]
+        conn = self._checkout(t.dst)
+        header = {
+            "id": t.oid, "size": meta.size, "replicas": t.policy.replicas,
+            "residency": sorted(res.regions) if res is not None and res.regions is not None else None,
+            "data_class": res.data_class if res is not None else None,
+            "hint_for": t.hint_for,
+        }
         try:
-            begin = await conn.call("obj.rw_begin", {
-                "id": t.oid, "size": meta.size, "replicas": t.policy.replicas,
-                "residency": sorted(res.regions) if res is not None and res.regions is not None else None,
-                "data_class": res.data_class if res is not None else None,
-                "hint_for": t.hint_for,
-            })
+            if meta.size <= self.cfg.inline_bytes:
+                # Small object: one round trip, bytes inline, verified before sending.
+                data = await asyncio.to_thread(self.store.read_bytes, t.oid)  # type: ignore[union-attr]
+                await conn.call("obj.rw_small", {**header, "data": data})
+                self._count("bytes_sent", meta.size)
+                return True
+            begin = await conn.call("obj.rw_begin", header)
             if begin.get("have"):
                 return True
             upload = begin["upload"]
@@ -347,8 +364,32 @@ class DataPlane:
             await conn.call("obj.rw_end", {"upload": upload})
             self._count("bytes_sent", meta.size)
             return True
-        finally:
+        except BaseException:
             await conn.close()
+            raise
+        finally:
+            self._checkin(t.dst, conn)
+
+    def _checkout(self, name: str) -> RpcConnection:
+        """A connection to ``name`` for one transfer: idle ones are reused (a TLS
+        handshake costs more than a small object's whole transfer)."""
+        addr = self._addr(name)
+        if addr is None:
+            raise RpcError(f"{name}: not a member")
+        idle = self._idle.get(name)
+        while idle:
+            conn = idle.pop()
+            if conn.addr == addr:
+                return conn
+        assert self._creds is not None
+        return RpcConnection(addr, self._creds, self.cfg.rpc_timeout_s)
+
+    def _checkin(self, name: str, conn: RpcConnection) -> None:
+        idle = self._idle.setdefault(name, [])
+        if len(idle) < self.cfg.max_idle_per_peer and conn._writer is not None:
+            idle.append(conn)
+        else:
+            self.agent._spawn(conn.close())
 
     async def _drop(self, oid: str) -> None:
         assert self.store is not None and self.rm is not None
@@ -428,7 +469,7 @@ class DataPlane:
     async def _rpc_put_chunk(self, args: dict[str, Any]) -> dict[str, Any]:
         key, up = self._upload(args)
         data = bytes(args["data"])
-        if len(data) > self.cfg.chunk_bytes:
+        if len(data) > max(self.cfg.chunk_bytes, self.cfg.inline_bytes):
             up.writer.abort()
             del self._uploads[key]
             raise ValueError(f"chunk of {len(data)} bytes is over chunk_bytes={self.cfg.chunk_bytes}")
@@ -490,6 +531,38 @@ class DataPlane:
         if await asyncio.to_thread(self.store.has, oid):
             return {"have": True}
         return {"upload": self._new_upload(args, client=False)}
+
+    async def _rpc_rw_small(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A whole small replica in one call (bounded by ``inline_bytes``)."""
+        data = bytes(args["data"])
+        if len(data) > self.cfg.inline_bytes or len(data) != int(args["size"]):
+            raise ValueError(f"inline object of {len(data)} bytes does not match its size or "
+                             f"is over inline_bytes={self.cfg.inline_bytes}")
+        assert self.store is not None
+        if await asyncio.to_thread(self.store.has, str(args["id"])):
+            return {"id": args["id"]}
+        key = self._new_upload(args, client=False)
+        up = self._uploads[key]
+        try:
+            await asyncio.to_thread(up.writer.write, data)
+        except StorageError as e:
+            self._uploads.pop(key, None)
+            raise ValueError(f"{e.reason}: {e}") from None
+        up.received = len(data)
+        meta = await self._commit(key, up)
+        self._count("bytes_received", meta.size)
+        self._pump()
+        return {"id": meta.object_id}
+
+    async def _rpc_put_small(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A client put of a small object in one call: begin, chunk and end at once."""
+        data = bytes(args["data"])
+        if len(data) > self.cfg.inline_bytes:
+            raise ValueError(f"inline put of {len(data)} bytes is over inline_bytes="
+                             f"{self.cfg.inline_bytes}; use obj.put_begin")
+        key = self._new_upload({**args, "size": len(data)}, client=True)
+        await self._rpc_put_chunk({"upload": key, "data": data})
+        return await self._rpc_put_end({"upload": key})
 
     async def _rpc_rw_end(self, args: dict[str, Any]) -> dict[str, Any]:
         key, up = self._upload(args)
