@@ -55,7 +55,7 @@ async def put(c: RpcConnection, data: bytes, replicas: int = 3, w: int = 2) -> s
 async def get(c: RpcConnection, oid: str) -> int:
     got, size = 0, None
     while size is None or got < size:
-        r = await c.call("obj.read", {"id": oid, "offset": got, "length": 1 << 20})
+        r = await c.call("obj.read", {"id": oid, "offset": got, "length": 4 << 20})
         size = r["size"]
         got += len(r["data"])
     return got
@@ -116,9 +116,17 @@ async def measure(mesh: LocalMesh, quick: bool) -> dict[str, float]:
     # Read through a node that holds no copy of the object (RF 3 of 4 nodes).
     reader_for: dict[str, RpcConnection] = {}
     for oid in oids:
-        st = await c0.call("obj.stat", {"id": oid})
-        outsider = next(n for n in mesh.nodes if n.name not in st["holders"])
-        reader_for[oid] = RpcConnection(outsider.address, creds, 120)
+        # The coordinator's own copy is dropped once the replica set confirms it.
+        deadline = time.perf_counter() + 60
+        while True:
+            st = await c0.call("obj.stat", {"id": oid})
+            outsiders = [n for n in mesh.nodes if n.name not in st["holders"]]
+            if outsiders or time.perf_counter() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        if not outsiders:
+            raise RuntimeError(f"every node still holds {oid}: cannot measure a remote read")
+        reader_for[oid] = RpcConnection(outsiders[0].address, creds, 120)
     t0 = time.perf_counter()
     for oid in oids:
         await get(reader_for[oid], oid)

@@ -66,8 +66,8 @@ if TYPE_CHECKING:
 class DataPlaneConfig:
     """Bounds of the data plane driver (the protocol's are in ReplicationConfig)."""
 
-    chunk_bytes: int = 1024 * 1024
-    """Largest chunk of one put/read/transfer RPC."""
+    chunk_bytes: int = 4 * 1024 * 1024
+    """Largest chunk of one put/read/transfer RPC (frames are bounded at 8 MB)."""
     max_uploads: int = 64
     """Uploads (client puts and incoming replica transfers) open at once."""
     upload_idle_s: float = 60.0
