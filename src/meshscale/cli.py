@@ -13,9 +13,11 @@ Import heavy modules inside the command so ``meshscale --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -424,6 +426,261 @@ def up_cmd(
     finally:
         mesh.stop()
     typer.echo("stopped", err=True)
+
+
+# -- data plane: objects and KV -----------------------------------------------------------
+
+kv_app = _typer("Read and write the mesh's replicated key-value space.")
+app.add_typer(kv_app, name="kv")
+
+NodeOption = Annotated[str, typer.Option("--node", help="HOST:PORT of the node to go through.")]
+TimeoutOption = Annotated[
+    float, typer.Option("--timeout", min=0.1, help="Seconds for each request.")
+]
+PROGRESS_MIN_BYTES = 8 * 1024 * 1024
+
+
+class ConsistencyLevel(StrEnum):
+    one = "one"
+    quorum = "quorum"
+    all = "all"
+
+
+ConsistencyOption = Annotated[
+    ConsistencyLevel,
+    typer.Option("--consistency", case_sensitive=False, help="Replicas that must answer."),
+]
+
+
+@contextlib.contextmanager
+def _data_plane(node: str, bundle: Path, timeout: float) -> Iterator[Any]:
+    """A connected ``Mesh``; client errors become one-line ``CliError``s."""
+    from meshscale.client.mesh import ConnectError, IntegrityError, MeshError, connect
+
+    addr = _parse_addr(node, "--node")
+    try:
+        mesh = connect(addr, bundle=bundle, timeout=timeout)
+    except ConnectError as e:
+        raise CliError(str(e)) from None
+    try:
+        yield mesh
+    except IntegrityError as e:
+        raise CliError(str(e), exit_code=1) from None
+    except MeshError as e:
+        raise CliError(str(e)) from None
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise CliError(f"{where}{e.strerror or e}") from None
+    finally:
+        mesh.close()
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr, shown once the transfer is known to be large."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._progress: Any = None
+        self._task: Any = None
+        self._off = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._progress is None:
+            if total <= PROGRESS_MIN_BYTES or self._off:
+                return
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            console = Console(stderr=True)
+            if not console.is_terminal:  # no bar (and no stray output) in logs and pipes
+                self._off = True
+                return
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.label, total=total)
+        self._progress.update(self._task, completed=done, total=total)
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _parse_residency(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    regions = [r.strip() for r in value.split(",")]
+    if not all(regions):
+        raise CliError(f"--residency {value!r}: give comma-separated region names")
+    return regions
+
+
+@app.command("put")
+def put_cmd(
+    bundle: BundleOption,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="File to store; - reads stdin.")],
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Copies to keep.")] = 3,
+    w: Annotated[int, typer.Option("--w", min=1, help="Copies durable before put returns.")] = 2,
+    residency: Annotated[
+        str | None,
+        typer.Option("--residency", help="Regions copies may live in, e.g. eu-west,eu-central."),
+    ] = None,
+    data_class: Annotated[
+        str | None, typer.Option("--class", help="Data class, e.g. pii or telemetry.")
+    ] = None,
+    node: NodeOption = "127.0.0.1:7946",
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Store a file (- for stdin) as an object; prints its id on the last line of stdout."""
+    if w > replicas:
+        raise CliError(f"--w {w} is more than --replicas {replicas}")
+    regions = _parse_residency(residency)
+    source: Any = file
+    if str(file) == "-":
+        source = sys.stdin.buffer
+    elif not file.exists():
+        raise CliError(f"{file}: no such file")
+    elif file.is_dir():
+        raise CliError(f"{file}: is a directory")
+    with _data_plane(node, bundle, timeout) as mesh, _ProgressBar(f"put {file.name}") as bar:
+        ref = mesh.put(
+            source, replicas=replicas, w=w, data_class=data_class, residency=regions, progress=bar
+        )
+    typer.echo(ref.id)
+
+
+@app.command("get")
+def get_cmd(
+    bundle: BundleOption,
+    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b2b-...).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="File to write (replaced atomically).")
+    ],
+    node: NodeOption = "127.0.0.1:7946",
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Fetch an object to a file; nothing is written unless the bytes match the id."""
+    from meshscale.client.mesh import OBJECT_ID_RE
+
+    if OBJECT_ID_RE.fullmatch(object_id) is None:
+        raise CliError(f"not an object id: {object_id!r} (expected b2b- and 64 hex digits)")
+    if output.is_dir():
+        raise CliError(f"-o {output}: is a directory")
+    with _data_plane(node, bundle, timeout) as mesh, _ProgressBar(f"get {output.name}") as bar:
+        mesh.get(object_id, path=output, progress=bar)
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _objects_table(rows: list[Any]) -> str:
+    header = ("ID", "SIZE", "REPLICAS", "HOLDERS", "HEALTH")
+    lines = [header]
+    for o in rows:
+        lines.append(
+            (
+                o.id[:16] + "…",
+                _human_size(o.size),
+                str(o.replicas),
+                ",".join(o.holders) or "-",
+                o.health or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip() for row in lines
+    )
+
+
+@app.command("objects")
+def objects_cmd(
+    bundle: BundleOption,
+    node: NodeOption = "127.0.0.1:7946",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """List every object in the mesh with its holders and health."""
+    import json
+
+    import msgspec
+
+    with _data_plane(node, bundle, timeout) as mesh:
+        rows = mesh.objects()
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(rows), indent=2))
+    else:
+        typer.echo(_objects_table(rows))
+
+
+@kv_app.command("get")
+def kv_get_cmd(
+    bundle: BundleOption,
+    key: Annotated[str, typer.Argument(metavar="KEY")],
+    consistency: ConsistencyOption = ConsistencyLevel.quorum,
+    node: NodeOption = "127.0.0.1:7946",
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Print a key's value (exit 1 if it has none)."""
+    with _data_plane(node, bundle, timeout) as mesh:
+        value = mesh.kv.get(key, consistency.value)
+    if value is None:
+        raise CliError(f"no value for key {key!r}", exit_code=1)
+    out = sys.stdout.buffer
+    out.write(value if value.endswith(b"\n") else value + b"\n")
+    out.flush()
+
+
+@kv_app.command("put")
+def kv_put_cmd(
+    bundle: BundleOption,
+    key: Annotated[str, typer.Argument(metavar="KEY")],
+    value: Annotated[str, typer.Argument(metavar="VALUE", help="The value; - reads stdin.")],
+    consistency: ConsistencyOption = ConsistencyLevel.quorum,
+    node: NodeOption = "127.0.0.1:7946",
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Set a key."""
+    data = sys.stdin.buffer.read() if value == "-" else value.encode("utf-8")
+    with _data_plane(node, bundle, timeout) as mesh:
+        mesh.kv.put(key, data, consistency.value)
+
+
+@kv_app.command("delete")
+def kv_delete_cmd(
+    bundle: BundleOption,
+    key: Annotated[str, typer.Argument(metavar="KEY")],
+    consistency: ConsistencyOption = ConsistencyLevel.quorum,
+    node: NodeOption = "127.0.0.1:7946",
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Delete a key."""
+    with _data_plane(node, bundle, timeout) as mesh:
+        mesh.kv.delete(key, consistency.value)
 
 
 # -- entry point ----------------------------------------------------------------------

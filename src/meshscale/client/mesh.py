@@ -1,0 +1,893 @@
+"""The user's handle on a mesh: objects (put/get/stat/list) and the replicated KV.
+
+``connect(address)`` returns a ``Mesh``: a blocking API whose calls run on an asyncio loop
+in a private background thread, so it works the same in a plain script and inside Jupyter
+(whose own loop is already running). ``await connect_async(address)`` returns an
+``AsyncMesh`` for code that already runs on an event loop; ``Mesh`` is a thin wrapper over
+it, so both share one implementation.
+
+Everything goes over the wire to one node (``client/rpc.py``: mutual TLS with a short-lived
+certificate from the cluster bundle, plus the admin token); that node fans out to the
+rest. The client never trusts the node with integrity: an object's id is the BLAKE2b-256
+of its bytes, computed here while uploading (and compared with the id the node returns)
+and again while downloading (a mismatch raises ``IntegrityError``; a download to a path
+then leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import re
+import stat
+import tempfile
+import threading
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, Final, Literal, TypeVar, overload
+
+import msgspec
+
+from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.trust.bundle import BundleError, load_bundle
+from meshscale.trust.framing import split_addr
+from meshscale.trust.keyring import KeyringError
+from meshscale.trust.tls import TLSConfigError
+
+__all__ = [
+    "KV",
+    "AsyncKV",
+    "AsyncMesh",
+    "ConnectError",
+    "Consistency",
+    "IntegrityError",
+    "Mesh",
+    "MeshError",
+    "ObjectInfo",
+    "ObjectNotFoundError",
+    "ObjectRef",
+    "connect",
+    "connect_async",
+    "object_id",
+]
+
+BUNDLE_ENV: Final = "MESHSCALE_BUNDLE"
+OBJECT_ID_PREFIX: Final = "b2b-"
+DIGEST_SIZE: Final = 32
+OBJECT_ID_RE: Final = re.compile(r"b2b-[0-9a-f]{64}")
+DEFAULT_READ_BYTES: Final = 1024 * 1024
+"""Bytes asked for per ``obj.read`` until a ``put`` tells us the node's chunk size."""
+MAX_CHUNK_BYTES: Final = 32 * 1024 * 1024
+"""Largest chunk size we accept from a node (it must fit in one RPC frame)."""
+LIST_PAGE: Final = 500
+SPOOL_BYTES: Final = 8 * 1024 * 1024
+"""A non-seekable stream is spooled (its size must be known up front); beyond this many
+bytes the spool moves from memory to a temp file."""
+ABORT_TIMEOUT_S: Final = 5.0
+
+Consistency = Literal["one", "quorum", "all"]
+CONSISTENCY_LEVELS: Final = ("one", "quorum", "all")
+Progress = Callable[[int, int], None]
+"""``progress(done_bytes, total_bytes)``; with ``Mesh`` it runs on the client's thread."""
+
+T = TypeVar("T")
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+class MeshError(Exception):
+    """A request to the mesh failed: the node refused it or could not be reached."""
+
+
+class ConnectError(MeshError):
+    """No usable connection: no bundle, a bundle that cannot be used, or no node there."""
+
+
+class ObjectNotFoundError(MeshError):
+    """No live node holds the object."""
+
+
+class IntegrityError(MeshError):
+    """Bytes do not hash to the object's id (or their size is not the object's size)."""
+
+
+# -- ids and refs -----------------------------------------------------------------------
+
+
+def object_id(data: bytes | bytearray | memoryview) -> str:
+    """The id of an object with these bytes: ``b2b-`` + hex BLAKE2b-256."""
+    return OBJECT_ID_PREFIX + hashlib.blake2b(data, digest_size=DIGEST_SIZE).hexdigest()
+
+
+def _new_hash() -> Any:
+    return hashlib.blake2b(digest_size=DIGEST_SIZE)
+
+
+def _check_id(value: object) -> str:
+    if not isinstance(value, str) or OBJECT_ID_RE.fullmatch(value) is None:
+        raise ValueError(f"not an object id: {value!r:.100} (expected b2b- and 64 hex digits)")
+    return value
+
+
+class ObjectRef(msgspec.Struct, frozen=True):
+    """A stored object: its content id and size. Immutable, hashable, picklable and
+    msgspec-encodable, so it can be passed around (and to tasks) in place of the bytes."""
+
+    id: str
+    size: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        if self.size < 0:
+            raise ValueError(f"object size must be >= 0, not {self.size}")
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class ObjectInfo(msgspec.Struct, frozen=True):
+    """What the mesh knows about an object (``stat``, ``objects``)."""
+
+    id: str
+    size: int
+    replicas: int
+    data_class: str | None = None
+    residency: tuple[str, ...] | None = None
+    holders: tuple[str, ...] = ()
+    """Live nodes that hold a copy now."""
+    replica_set: tuple[str, ...] = ()
+    """Nodes that should hold a copy, from the current view and the object's policy."""
+    health: str | None = None
+    """``ok`` or ``under-replicated`` (``objects`` only; ``stat`` leaves it None)."""
+
+    @property
+    def ref(self) -> ObjectRef:
+        return ObjectRef(self.id, self.size)
+
+
+def _ref_parts(ref: ObjectRef | str) -> tuple[str, int | None]:
+    if isinstance(ref, ObjectRef):
+        return ref.id, ref.size
+    return _check_id(ref), None
+
+
+# -- argument checks --------------------------------------------------------------------
+
+
+def _check_consistency(consistency: str) -> str:
+    if consistency not in CONSISTENCY_LEVELS:
+        raise ValueError(
+            f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}, not {consistency!r}"
+        )
+    return consistency
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a KV key is a non-empty string, not {key!r:.100}")
+    return key
+
+
+def _check_policy(
+    replicas: int, w: int, data_class: str | None, residency: Sequence[str] | None
+) -> list[str] | None:
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be an integer >= 1, not {replicas!r}")
+    if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= replicas:
+        raise ValueError(f"w must be an integer from 1 to replicas ({replicas}), not {w!r}")
+    if data_class is not None and (not isinstance(data_class, str) or not data_class):
+        raise ValueError(f"data_class must be a non-empty string or None, not {data_class!r}")
+    if residency is None:
+        return None
+    if isinstance(residency, str | bytes):
+        raise ValueError(
+            f"residency is a list of regions, not the string {residency!r}; "
+            f"write residency=[{residency!r}]"
+        )
+    regions = list(residency)
+    if not regions or not all(isinstance(r, str) and r.strip() for r in regions):
+        raise ValueError(f"residency must list at least one region name, not {regions!r}")
+    return [r.strip() for r in regions]
+
+
+# -- credentials ----------------------------------------------------------------------
+
+
+def _credentials(bundle: str | Path | None) -> ClientCredentials:
+    if bundle is None:
+        bundle = os.environ.get(BUNDLE_ENV) or None
+    if bundle is None:
+        raise ConnectError(
+            f"no cluster bundle: pass bundle=DIR or set {BUNDLE_ENV} "
+            "(`meshscale init DIR` makes one; `meshscale up` prints it)"
+        )
+    try:
+        return ClientCredentials.from_bundle(load_bundle(Path(bundle).expanduser()))
+    except (BundleError, KeyringError, TLSConfigError) as e:
+        raise ConnectError(str(e)) from None
+    except OSError as e:
+        raise ConnectError(f"{bundle}: cannot read the bundle: {e.strerror or e}") from None
+
+
+def _check_address(address: str) -> str:
+    try:
+        host, port = split_addr(address)
+    except (ValueError, AttributeError):
+        raise ConnectError(f"invalid node address {address!r}: use HOST:PORT") from None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- upload sources ---------------------------------------------------------------------
+
+
+class _Source:
+    """Bytes to upload, read in order, with their size known before the first read."""
+
+    size: int = 0
+
+    async def read(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    async def check_exhausted(self) -> None:
+        """Raise if more bytes follow the announced size (a file that grew meanwhile)."""
+
+    def close(self) -> None:
+        """Release what the source opened."""
+
+
+class _BytesSource(_Source):
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self.size = len(self._view)
+        self._pos = 0
+
+    async def read(self, n: int) -> bytes:
+        chunk = bytes(self._view[self._pos : self._pos + n])
+        self._pos += len(chunk)
+        return chunk
+
+
+class _FileSource(_Source):
+    """A binary file object; reads run in a worker thread so they never block the loop."""
+
+    def __init__(self, f: BinaryIO, size: int, *, name: str, owned: bool) -> None:
+        self._f = f
+        self.size = size
+        self._name = name
+        self._owned = owned
+
+    async def read(self, n: int) -> bytes:
+        chunk = await asyncio.to_thread(self._f.read, n)
+        if not isinstance(chunk, bytes | bytearray):
+            raise TypeError(f"{self._name}: put() needs a binary stream (open it with 'rb')")
+        return bytes(chunk)
+
+    async def check_exhausted(self) -> None:
+        if await self.read(1):
+            raise MeshError(f"{self._name}: grew while it was being uploaded; try again")
+
+    def close(self) -> None:
+        if self._owned:
+            self._f.close()
+
+
+def _stream_size(f: BinaryIO) -> int | None:
+    try:
+        if not f.seekable():
+            return None
+        pos = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(pos)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return end - pos
+
+
+def _spool(f: BinaryIO) -> tuple[BinaryIO, int]:
+    # Returned open: the upload source closes it.
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, prefix="meshscale-put-")  # noqa: SIM115
+    try:
+        while chunk := f.read(DEFAULT_READ_BYTES):
+            if not isinstance(chunk, bytes | bytearray):
+                raise TypeError("put() needs a binary stream (open it with 'rb')")
+            spool.write(chunk)
+        size = spool.tell()
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return spool, size  # type: ignore[return-value]
+
+
+async def _open_source(data: bytes | bytearray | memoryview | str | Path | BinaryIO) -> _Source:
+    if isinstance(data, bytes | bytearray | memoryview):
+        return _BytesSource(data)
+    if isinstance(data, str | os.PathLike):
+        path = Path(data).expanduser()
+        f = await asyncio.to_thread(open, path, "rb")
+        try:
+            st = os.fstat(f.fileno())
+        except BaseException:
+            f.close()
+            raise
+        if stat.S_ISREG(st.st_mode):
+            return _FileSource(f, st.st_size, name=str(path), owned=True)
+        # A pipe or device (e.g. /dev/stdin) has no size up front: spool it.
+        with f:
+            spooled, size = await asyncio.to_thread(_spool, f)
+        return _FileSource(spooled, size, name=str(path), owned=True)
+    if hasattr(data, "read"):
+        name = str(getattr(data, "name", "stream"))
+        remaining = _stream_size(data)
+        if remaining is not None:
+            return _FileSource(data, remaining, name=name, owned=False)
+        spooled, size = await asyncio.to_thread(_spool, data)
+        return _FileSource(spooled, size, name=name, owned=True)
+    raise TypeError(
+        f"put() takes bytes, a file path or a binary file object, not {type(data).__name__}"
+    )
+
+
+# -- download sinks ---------------------------------------------------------------------
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it, which races with other threads; Linux shows it.
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+class _PathSink:
+    """A temp file next to the destination, renamed over it only once verified."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        if not path.parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no such directory", str(path.parent))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        self.tmp = Path(tmp)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            self._f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    async def write(self, chunk: bytes) -> None:
+        await asyncio.to_thread(self._f.write, chunk)
+
+    def _finish(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    async def commit(self) -> None:
+        await asyncio.to_thread(self._finish)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# -- the async client -------------------------------------------------------------------
+
+
+class AsyncMesh:
+    """A connection to a mesh through one node, for use on an asyncio event loop.
+
+    Make one with ``await connect_async(address)``. Calls on one ``AsyncMesh`` may run
+    concurrently; they share one connection, one request at a time.
+    """
+
+    def __init__(self, address: str, creds: ClientCredentials, timeout: float) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._conn = RpcConnection(address, creds, timeout=timeout)
+        self._read_bytes = DEFAULT_READ_BYTES
+        self.kv = AsyncKV(self)
+
+    async def _call(self, method: str, args: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self._conn.call(method, args)
+        except RpcError as e:
+            msg = str(e)
+            if "unknown object id" in msg:
+                raise ObjectNotFoundError(msg) from None
+            if f"unknown method {method!r}" in msg:
+                msg += " (this node does not serve it; is it an older version?)"
+            raise MeshError(msg) from None
+        except asyncio.CancelledError:
+            # A reply may still be on its way: never reuse this connection for another call.
+            await self._conn.close()
+            raise
+
+    async def _call_dict(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+        result = await self._call(method, args)
+        if not isinstance(result, dict):
+            raise MeshError(f"{self.address}: unexpected reply to {method}: {result!r:.200}")
+        return result
+
+    async def ping(self) -> None:
+        """One round trip (TLS and token included); ``ConnectError`` if it fails."""
+        try:
+            await self._conn.call("members")
+        except RpcError as e:
+            detail = str(e).removeprefix(f"{self.address}: ")
+            raise ConnectError(f"cannot use node {self.address}: {detail}") from None
+
+    # -- objects
+
+    async def put(
+        self,
+        data: bytes | bytearray | memoryview | str | Path | BinaryIO,
+        *,
+        replicas: int = 3,
+        w: int = 2,
+        data_class: str | None = None,
+        residency: Sequence[str] | None = None,
+        progress: Progress | None = None,
+    ) -> ObjectRef:
+        """Store an object; returns once ``w`` of its ``replicas`` copies are durable.
+
+        ``data`` is bytes, a file path (``str`` or ``Path``; streamed, never read whole)
+        or a binary file object (read from its current position). ``residency`` lists the
+        regions its copies may live in; a rule the mesh cannot meet is refused, never
+        bent. ``progress(sent, total)`` is called after each chunk.
+        """
+        regions = _check_policy(replicas, w, data_class, residency)
+        source = await _open_source(data)
+        try:
+            return await self._upload(source, replicas, w, data_class, regions, progress)
+        finally:
+            source.close()
+
+    async def _upload(
+        self,
+        source: _Source,
+        replicas: int,
+        w: int,
+        data_class: str | None,
+        residency: list[str] | None,
+        progress: Progress | None,
+    ) -> ObjectRef:
+        total = source.size
+        begin = await self._call_dict(
+            "obj.put_begin",
+            {
+                "size": total,
+                "replicas": replicas,
+                "w": w,
+                "data_class": data_class,
+                "residency": residency,
+            },
+        )
+        upload, chunk_bytes = begin.get("upload"), begin.get("chunk_bytes")
+        if not isinstance(upload, str) or not isinstance(chunk_bytes, int):
+            raise MeshError(f"{self.address}: unexpected reply to obj.put_begin: {begin!r:.200}")
+        try:
+            if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
+                raise MeshError(f"{self.address}: unusable chunk size {chunk_bytes}")
+            self._read_bytes = chunk_bytes  # reads may ask for as much (spec: <= chunk_bytes)
+            h = _new_hash()
+            sent = 0
+            if progress is not None:
+                progress(0, total)
+            while sent < total:
+                chunk = await source.read(min(chunk_bytes, total - sent))
+                if not chunk:
+                    raise MeshError(
+                        f"upload source ended after {sent} of {total} bytes "
+                        "(did the file shrink while being uploaded?)"
+                    )
+                h.update(chunk)
+                await self._call_dict("obj.put_chunk", {"upload": upload, "data": chunk})
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent, total)
+            await source.check_exhausted()
+            end = await self._call_dict("obj.put_end", {"upload": upload})
+        except BaseException:
+            await self._abort(upload)
+            raise
+        expected = OBJECT_ID_PREFIX + h.hexdigest()
+        if end.get("id") != expected or end.get("size") != total:
+            raise IntegrityError(
+                f"{self.address} stored {end.get('id')!r} ({end.get('size')} bytes) but the "
+                f"data sent was {expected} ({total} bytes)"
+            )
+        return ObjectRef(expected, total)
+
+    async def _abort(self, upload: str) -> None:
+        # Best effort: the node also drops an upload that goes quiet.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            async with asyncio.timeout(ABORT_TIMEOUT_S):
+                await self._conn.call("obj.put_abort", {"upload": upload})
+
+    @overload
+    async def get(
+        self, ref: ObjectRef | str, *, path: None = None, progress: Progress | None = None
+    ) -> bytes: ...
+
+    @overload
+    async def get(
+        self, ref: ObjectRef | str, *, path: str | Path, progress: Progress | None = None
+    ) -> Path: ...
+
+    async def get(
+        self,
+        ref: ObjectRef | str,
+        *,
+        path: str | Path | None = None,
+        progress: Progress | None = None,
+    ) -> bytes | Path:
+        """The object's bytes, verified against its id; with ``path``, stream them to
+        that file instead (via a temp file next to it, renamed into place only once the
+        whole object is verified) and return the path."""
+        if path is None:
+            buf = bytearray()
+
+            async def append(chunk: bytes) -> None:
+                buf.extend(chunk)
+
+            await self._read_object(ref, append, progress)
+            return bytes(buf)
+        dest = Path(path).expanduser()
+        sink = await asyncio.to_thread(_PathSink, dest)
+        try:
+            await self._read_object(ref, sink.write, progress)
+            await sink.commit()
+        except BaseException:
+            sink.discard()
+            raise
+        return dest
+
+    async def _read_object(
+        self,
+        ref: ObjectRef | str,
+        sink: Callable[[bytes], Awaitable[None]],
+        progress: Progress | None,
+    ) -> None:
+        oid, size = _ref_parts(ref)
+        h = _new_hash()
+        offset = 0
+        while size is None or offset < size:
+            want = self._read_bytes if size is None else min(self._read_bytes, size - offset)
+            reply = await self._call_dict("obj.read", {"id": oid, "offset": offset, "length": want})
+            data, reported = reply.get("data"), reply.get("size")
+            if not isinstance(data, bytes) or not isinstance(reported, int):
+                raise MeshError(f"{self.address}: unexpected reply to obj.read: {reply!r:.200}")
+            if size is None:
+                size = reported
+            elif reported != size:
+                raise IntegrityError(f"{oid}: the mesh has {reported} bytes, the ref says {size}")
+            if len(data) > want or offset + len(data) > size:
+                raise IntegrityError(f"{oid}: {self.address} sent more bytes than asked for")
+            if not data and offset < size:
+                raise MeshError(f"{oid}: {self.address} sent no bytes at offset {offset}/{size}")
+            h.update(data)
+            await sink(data)
+            offset += len(data)
+            if progress is not None:
+                progress(offset, size)
+        if OBJECT_ID_PREFIX + h.hexdigest() != oid:
+            raise IntegrityError(f"{oid}: the bytes read do not match the object id")
+
+    async def stat(self, ref: ObjectRef | str) -> ObjectInfo:
+        """Size, policy and where the copies are; ``ObjectNotFoundError`` if none is live."""
+        oid, _ = _ref_parts(ref)
+        return self._info(await self._call_dict("obj.stat", {"id": oid}), "obj.stat")
+
+    def _info(self, row: Any, method: str) -> ObjectInfo:
+        try:
+            return msgspec.convert(row, ObjectInfo)
+        except msgspec.ValidationError as e:
+            raise MeshError(f"{self.address}: unexpected reply to {method}: {e}") from None
+
+    async def iter_objects(self, page_size: int = LIST_PAGE) -> AsyncGenerator[ObjectInfo, None]:
+        """Every object in the mesh, in id order, fetched a page at a time."""
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, not {page_size}")
+        after = ""
+        while True:
+            page = await self._call_dict("obj.list", {"after": after, "limit": page_size})
+            rows, nxt = page.get("objects"), page.get("next")
+            if not isinstance(rows, list):
+                raise MeshError(f"{self.address}: unexpected reply to obj.list: {page!r:.200}")
+            for row in rows:
+                yield self._info(row, "obj.list")
+            if not nxt or not rows:
+                return
+            if not isinstance(nxt, str) or nxt <= after:
+                raise MeshError(f"{self.address}: obj.list did not advance past {after!r}")
+            after = nxt
+
+    async def objects(self) -> list[ObjectInfo]:
+        """Every object in the mesh with its holders and health."""
+        return [info async for info in self.iter_objects()]
+
+    # -- lifecycle
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def __aenter__(self) -> AsyncMesh:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncKV:
+    """The mesh's replicated key-value space (last writer wins on HLC timestamps).
+
+    ``consistency``: ``one`` (any replica), ``quorum`` (a majority; read-your-writes
+    when both sides use it) or ``all``.
+    """
+
+    def __init__(self, mesh: AsyncMesh) -> None:
+        self._mesh = mesh
+
+    async def get(self, key: str, consistency: Consistency = "quorum") -> bytes | None:
+        """The value, or None if the key has none (never set, or deleted)."""
+        reply = await self._mesh._call_dict(
+            "kv.get", {"key": _check_key(key), "consistency": _check_consistency(consistency)}
+        )
+        value = reply.get("value")
+        if value is not None and not isinstance(value, bytes):
+            raise MeshError(f"{self._mesh.address}: unexpected reply to kv.get: {reply!r:.200}")
+        return value
+
+    async def put(self, key: str, value: bytes | str, consistency: Consistency = "quorum") -> str:
+        """Set ``key`` (a str value is stored as UTF-8); returns the write's timestamp."""
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"a KV value is bytes or str, not {type(value).__name__}")
+        reply = await self._mesh._call_dict(
+            "kv.put",
+            {
+                "key": _check_key(key),
+                "value": bytes(value),
+                "consistency": _check_consistency(consistency),
+            },
+        )
+        return str(reply.get("ts"))
+
+    async def delete(self, key: str, consistency: Consistency = "quorum") -> str:
+        """Delete ``key`` (a tombstone that wins over older writes); returns its timestamp."""
+        reply = await self._mesh._call_dict(
+            "kv.delete", {"key": _check_key(key), "consistency": _check_consistency(consistency)}
+        )
+        return str(reply.get("ts"))
+
+
+async def connect_async(
+    address: str, *, bundle: str | Path | None = None, timeout: float = 30.0
+) -> AsyncMesh:
+    """Connect to the mesh through the node at ``address`` (``HOST:PORT``).
+
+    ``bundle`` is the cluster bundle directory (default: ``$MESHSCALE_BUNDLE``); it must
+    hold ``ca.key`` so the client can issue its own short-lived certificate. ``timeout``
+    bounds each request. Raises ``ConnectError`` if the node cannot be used.
+    """
+    if timeout <= 0:
+        raise ValueError(f"timeout must be > 0, not {timeout}")
+    addr = _check_address(address)
+    creds = await asyncio.to_thread(_credentials, bundle)
+    mesh = AsyncMesh(addr, creds, timeout)
+    try:
+        await mesh.ping()
+    except BaseException:
+        await mesh.close()
+        raise
+    return mesh
+
+
+# -- the blocking client ---------------------------------------------------------------
+
+
+class _LoopThread:
+    """An asyncio loop running in a daemon thread; ``run`` blocks on a coroutine there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name="meshscale-client", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError(
+                "a Mesh cannot be called from its own callbacks (e.g. progress); "
+                "use AsyncMesh there"
+            )
+        if self.loop.is_closed() or not self._thread.is_alive():
+            coro.close()
+            raise MeshError("this Mesh is closed")
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()  # e.g. Ctrl-C: stop the request (an upload is aborted)
+            raise
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop) -> None:
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(loop.stop)
+
+
+class Mesh:
+    """A connection to a mesh through one node, with a blocking API.
+
+    Make one with ``connect(address)``; use it as a context manager or ``close()`` it.
+    Safe to share between threads. See ``AsyncMesh`` for what each method does.
+    """
+
+    def __init__(self, runner: _LoopThread, inner: AsyncMesh) -> None:
+        self._runner = runner
+        self._inner = inner
+        self.kv = KV(self)
+        self._closed = False
+        weakref.finalize(self, _stop_loop, runner.loop)
+
+    @property
+    def address(self) -> str:
+        return self._inner.address
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise MeshError("this Mesh is closed")
+        return self._runner.run(coro)
+
+    def put(
+        self,
+        data: bytes | bytearray | memoryview | str | Path | BinaryIO,
+        *,
+        replicas: int = 3,
+        w: int = 2,
+        data_class: str | None = None,
+        residency: Sequence[str] | None = None,
+        progress: Progress | None = None,
+    ) -> ObjectRef:
+        """Store an object; returns once ``w`` of ``replicas`` copies are durable.
+        ``data``: bytes, a file path (str or Path; streamed) or a binary file object."""
+        return self._run(
+            self._inner.put(
+                data,
+                replicas=replicas,
+                w=w,
+                data_class=data_class,
+                residency=residency,
+                progress=progress,
+            )
+        )
+
+    @overload
+    def get(
+        self, ref: ObjectRef | str, *, path: None = None, progress: Progress | None = None
+    ) -> bytes: ...
+
+    @overload
+    def get(
+        self, ref: ObjectRef | str, *, path: str | Path, progress: Progress | None = None
+    ) -> Path: ...
+
+    def get(
+        self,
+        ref: ObjectRef | str,
+        *,
+        path: str | Path | None = None,
+        progress: Progress | None = None,
+    ) -> bytes | Path:
+        """The object's verified bytes; with ``path``, streamed to that file (atomically)."""
+        if path is None:
+            return self._run(self._inner.get(ref, progress=progress))
+        return self._run(self._inner.get(ref, path=path, progress=progress))
+
+    def stat(self, ref: ObjectRef | str) -> ObjectInfo:
+        return self._run(self._inner.stat(ref))
+
+    def iter_objects(self, page_size: int = LIST_PAGE) -> Iterator[ObjectInfo]:
+        """Every object in the mesh, a page at a time."""
+        it = self._inner.iter_objects(page_size)
+
+        async def step() -> ObjectInfo:
+            return await it.__anext__()
+
+        try:
+            while True:
+                try:
+                    item = self._run(step())
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            if not self._closed:
+                self._run(it.aclose())
+
+    def objects(self) -> list[ObjectInfo]:
+        return list(self.iter_objects())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            with contextlib.suppress(Exception):
+                self._runner.run(self._inner.close())
+        finally:
+            self._closed = True
+            self._runner.stop()
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Mesh {self.address} {state}>"
+
+
+class KV:
+    """Blocking view of the mesh's KV space; see ``AsyncKV``."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+
+    def get(self, key: str, consistency: Consistency = "quorum") -> bytes | None:
+        return self._mesh._run(self._mesh._inner.kv.get(key, consistency))
+
+    def put(self, key: str, value: bytes | str, consistency: Consistency = "quorum") -> str:
+        return self._mesh._run(self._mesh._inner.kv.put(key, value, consistency))
+
+    def delete(self, key: str, consistency: Consistency = "quorum") -> str:
+        return self._mesh._run(self._mesh._inner.kv.delete(key, consistency))
+
+
+def connect(address: str, *, bundle: str | Path | None = None, timeout: float = 30.0) -> Mesh:
+    """Connect to the mesh through the node at ``address`` (``HOST:PORT``), blocking API.
+
+    ``bundle``: the cluster bundle directory (default ``$MESHSCALE_BUNDLE``). ``timeout``
+    bounds each request, in seconds. Raises ``ConnectError`` if the node cannot be used.
+    """
+    runner = _LoopThread()
+    try:
+        inner = runner.run(connect_async(address, bundle=bundle, timeout=timeout))
+    except BaseException:
+        runner.stop()
+        raise
+    return Mesh(runner, inner)
