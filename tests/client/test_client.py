@@ -206,7 +206,8 @@ class LyingNode:
 @pytest.fixture
 def liar(tmp_path: Path) -> Iterator[tuple[Mesh, LyingNode]]:
     bundle = init_bundle(tmp_path / "bundle")
-    node = LyingNode(load_bundle(bundle.path), os.urandom(10_000))
+    # Larger than SMALL_PUT_BYTES, so puts take the chunked path.
+    node = LyingNode(load_bundle(bundle.path), os.urandom(100_000))
     address = node.start()
     try:
         with connect(address, bundle=bundle.path, timeout=10) as mesh:
@@ -243,7 +244,7 @@ def test_put_checks_the_id_the_node_returns(liar: tuple[Mesh, LyingNode]) -> Non
     mesh, node = liar
     with pytest.raises(IntegrityError, match=object_id(node.data)):
         mesh.put(node.data)
-    assert node.calls.count("obj.put_chunk") == 3  # 10,000 bytes in chunks of <= 4096
+    assert node.calls.count("obj.put_chunk") == 25  # 100,000 bytes in chunks of <= 4096
 
 
 def test_a_failed_upload_is_aborted(liar: tuple[Mesh, LyingNode]) -> None:

@@ -60,6 +60,8 @@ BUNDLE_ENV: Final = "MESHSCALE_BUNDLE"
 OBJECT_ID_PREFIX: Final = "b2b-"
 DIGEST_SIZE: Final = 32
 OBJECT_ID_RE: Final = re.compile(r"b2b-[0-9a-f]{64}")
+SMALL_PUT_BYTES = 64 * 1024
+"""Objects up to this size are put in one round trip (``obj.put_small``)."""
 DEFAULT_READ_BYTES: Final = 1024 * 1024
 """Bytes asked for per ``obj.read`` until a ``put`` tells us the node's chunk size."""
 MAX_CHUNK_BYTES: Final = 32 * 1024 * 1024
@@ -465,6 +467,8 @@ class AsyncMesh:
         progress: Progress | None,
     ) -> ObjectRef:
         total = source.size
+        if total <= SMALL_PUT_BYTES:
+            return await self._upload_small(source, replicas, w, data_class, residency, progress)
         begin = await self._call_dict(
             "obj.put_begin",
             {
@@ -509,6 +513,36 @@ class AsyncMesh:
                 f"{self.address} stored {end.get('id')!r} ({end.get('size')} bytes) but the "
                 f"data sent was {expected} ({total} bytes)"
             )
+        return ObjectRef(expected, total)
+
+    async def _upload_small(
+        self,
+        source: _Source,
+        replicas: int,
+        w: int,
+        data_class: str | None,
+        residency: list[str] | None,
+        progress: Progress | None,
+    ) -> ObjectRef:
+        """A small object in one round trip (``obj.put_small``)."""
+        total = source.size
+        data = await source.read(total) if total else b""
+        if len(data) != total:
+            raise MeshError(f"upload source ended after {len(data)} of {total} bytes")
+        await source.check_exhausted()
+        expected = object_id(data)
+        end = await self._call_dict(
+            "obj.put_small",
+            {"data": data, "replicas": replicas, "w": w, "data_class": data_class,
+             "residency": residency},
+        )
+        if end.get("id") != expected or end.get("size") != total:
+            raise IntegrityError(
+                f"{self.address} stored {end.get('id')!r} ({end.get('size')} bytes) but the "
+                f"data sent was {expected} ({total} bytes)"
+            )
+        if progress is not None:
+            progress(total, total)
         return ObjectRef(expected, total)
 
     async def _abort(self, upload: str) -> None:

@@ -72,7 +72,7 @@ class DataPlaneConfig:
     """Uploads (client puts and incoming replica transfers) open at once."""
     upload_idle_s: float = 60.0
     """An upload with no chunk for this long is aborted and forgotten."""
-    put_wait_s: float = 30.0
+    put_wait_s: float = 25.0
     """How long ``obj.put_end`` waits for the write quorum."""
     max_transfers: int = 8
     """Outgoing object transfers at once."""
@@ -704,7 +704,9 @@ class DataPlane:
             good = [h for h in e["holders"] if h in e["replica_set"]]
             e["health"] = "ok" if len(good) >= want and want == e["replicas"] else "under-replicated"
             out.append(e)
-        nxt = ids[-1] if len(merged) > limit else None
+        # A node that filled its page may hold more beyond it, even if the merge did not.
+        more = len(merged) > limit or any(len(p or []) >= limit for p in pages.values())
+        nxt = ids[-1] if more and ids else None
         return {"objects": out, "next": nxt}
 
     async def _rpc_corrupt_local(self, args: dict[str, Any]) -> dict[str, Any]:
