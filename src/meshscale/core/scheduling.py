@@ -1,0 +1,1249 @@
+"""Where work runs: feasibility, cost scoring, batch sampling with late binding, stealing.
+
+After Ousterhout, Wendell, Zaharia and Stoica, "Sparrow: Distributed, Low Latency
+Scheduling", SOSP 2013, and Zaharia et al., "Delay Scheduling", EuroSys 2010. The node a
+task is submitted to owns it (Ray's ownership, NSDI 2021): it computes the feasible set
+from its local, possibly stale, view of the mesh, scores every feasible node by estimated
+cost, sends *reservations* (probes) to a few of the cheapest ones, and hands the task to
+whichever probed node asks for it first (late binding). Sparrow's arguments carry over:
+a reservation is cheap, a queued reservation does not commit the task, so a stale load
+view costs a round trip rather than a stampede. Departures from Sparrow, and why:
+
+- Cost, not queue length, chooses the probes. Sparrow probes workers uniformly at random
+  and compares queue lengths; we rank feasible nodes by an estimated completion cost
+  (``score``: bytes to move / bandwidth + Vivaldi RTT + expected queue wait + an energy
+  term), keep the ``pool_size`` cheapest, and draw ``probes_per_task`` (Sparrow's d = 2)
+  of them with probability proportional to ``exp(-(cost - best) / sample_temperature_s)``.
+  The draw is what keeps many submitters with the same stale view off one node: nodes of
+  nearly equal cost are equally likely; a node that *looks* much cheaper gets more probes,
+  but late binding means it only takes what its free slots can run, and the second probe
+  of each task lands elsewhere. A submitter also adds its own outstanding reservations and
+  bindings to each node's load while it draws, so a batch spreads even before any gossip.
+- Batch sampling across the tasks of one ``submit`` (Sparrow's job): a worker's request
+  on a reservation of batch B may be answered with *any* unbound task of B that it may
+  legally run, the probed task first, then the one whose inputs it holds most of.
+- Hard constraints first (Sparrow's per-task constraints): a node is a candidate only if
+  the task's residency rule, the residency rule of every input object, the placement mode
+  (``central``, ``regions``), the required labels and the node's total resources allow it.
+  When none is left the submit is refused with ``SchedulingError`` naming the rule. The
+  owner re-checks the rule at every binding (the view may have changed), so a task never
+  runs where a rule forbids, whoever asked for it (a thief included).
+- Locality by delay scheduling. In ``data`` mode, when some feasible active node holds the
+  most input bytes (a *holder*), the probes go to holders only and only holders may bind
+  the task for ``locality_wait_s``; after that the task is re-probed over every feasible
+  node. So a task runs where its data is whenever a holder frees a slot within the wait.
+- Energy: a standby node costs ``wake_penalty_s`` (it is only chosen when active nodes
+  look busier than that), an idle active node costs ``idle_penalty_s`` (busy nodes with a
+  free slot win ties, so load packs and idle nodes can go to standby).
+- Work stealing: an idle worker (free slots, nothing queued) asks a peer whose gossiped
+  queue is long for some of its queued reservations, naming objects it holds; the victim
+  hands over reservations from the tail of its queue, those whose inputs the thief holds
+  first. The thief then asks the owner like any other worker.
+- Failures: when a node leaves the view (``node_down`` or ``set_view``), tasks bound to
+  it are re-placed, up to ``max_retries`` times; a reservation or a binding whose answer
+  never comes is re-probed after ``probe_timeout_s`` / ``run_timeout_s``. A task may thus
+  *run* more than once (a node thought dead may still finish), but its owner accepts one
+  result per task id and drops the rest (idempotency), remembering finished ids (bounded).
+- Not here: taking over the tasks of a dead *owner* (records in the replicated KV), and
+  proactive cancellation of the reservations of a task already bound (a worker learns it
+  with ``NoTask``; Sparrow measured little gain from cancelling).
+
+Sans-I/O like ``core/replication.py``: inputs carry ``now``; outputs (``SendMessage`` to
+another node's ``Scheduler.handle_message``, and events) are collected with ``drain()``;
+time moves through ``next_deadline()`` / ``on_timer(now)``; randomness comes only from the
+``random.Random`` given. One ``Scheduler`` per node plays both roles: owner of the tasks
+submitted to it, and worker for the reservations it receives. Every queue is bounded by
+``SchedulingConfig``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import msgspec
+
+from meshscale.core.outputs import Event
+from meshscale.core.placement import Candidate, PlacementError, Residency
+from meshscale.core.vivaldi import Coordinate, estimate_rtt
+from meshscale.core.wire import WireError
+
+__all__ = [
+    "SCHEDULING_PROTOCOL_VERSION",
+    "Central",
+    "CostBreakdown",
+    "DataLocal",
+    "InRegions",
+    "InputRef",
+    "Load",
+    "NearSource",
+    "NodeState",
+    "PlacementMode",
+    "Resources",
+    "RunTask",
+    "Scheduler",
+    "SchedulingConfig",
+    "SchedulingError",
+    "SchedulingOutput",
+    "SchedulingOverloaded",
+    "SendMessage",
+    "TaskBound",
+    "TaskFailed",
+    "TaskFinished",
+    "TaskSpec",
+    "decode_message",
+    "encode_message",
+    "exclusion",
+    "feasible",
+    "local_bytes",
+    "score",
+]
+
+SCHEDULING_PROTOCOL_VERSION = 1
+
+TaskId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Oid = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+RegionName = Annotated[str, msgspec.Meta(max_length=128)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+# --------------------------------------------------------------------------- data
+
+
+class Resources(msgspec.Struct, frozen=True, array_like=True):
+    """An amount of node resources: a task's demand or a node's capacity."""
+
+    cpus: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 1.0
+    memory_mb: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] = 0
+    gpus: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 0
+
+    def fits_in(self, other: Resources) -> bool:
+        return (
+            self.cpus <= other.cpus + 1e-9
+            and self.memory_mb <= other.memory_mb
+            and self.gpus <= other.gpus
+        )
+
+    def minus(self, other: Resources) -> Resources:
+        return Resources(
+            max(0.0, self.cpus - other.cpus),
+            max(0, self.memory_mb - other.memory_mb),
+            max(0, self.gpus - other.gpus),
+        )
+
+    def plus(self, other: Resources) -> Resources:
+        return Resources(
+            self.cpus + other.cpus, self.memory_mb + other.memory_mb, self.gpus + other.gpus
+        )
+
+    def describe(self) -> str:
+        return f"{self.cpus:g} cpu, {self.memory_mb} MB, {self.gpus} gpu"
+
+
+class Load(msgspec.Struct, frozen=True, array_like=True):
+    """A node's gossiped load summary (stale by the gossip delay)."""
+
+    running: Count = 0
+    queued: Count = 0
+    """Reservations waiting in the node's queue."""
+    free_cpus: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 0.0
+
+
+class DataLocal(msgspec.Struct, frozen=True, tag="data"):
+    """Run where the inputs are (the default for tasks)."""
+
+
+class NearSource(msgspec.Struct, frozen=True, tag="near-source"):
+    """Run on or close to ``source`` (where a stream's records enter)."""
+
+    source: NodeName
+
+
+class Central(msgspec.Struct, frozen=True, tag="central"):
+    """Run in one named region."""
+
+    region: RegionName
+
+
+class InRegions(msgspec.Struct, frozen=True, tag="regions"):
+    """Run in one of the listed regions (labels are the task's ``labels``)."""
+
+    regions: frozenset[RegionName]
+
+
+PlacementMode = DataLocal | NearSource | Central | InRegions
+
+
+class InputRef(msgspec.Struct, frozen=True, array_like=True):
+    """An input object of a task: its id, size in bytes, where replicas are, its rule."""
+
+    oid: Oid
+    size: Annotated[int, msgspec.Meta(ge=0)] = 0
+    holders: Annotated[tuple[NodeName, ...], msgspec.Meta(max_length=64)] = ()
+    residency: Residency | None = None
+
+
+class TaskSpec(msgspec.Struct, frozen=True):
+    """What the owner knows about a task when placing it."""
+
+    task_id: TaskId
+    cpus: Annotated[float, msgspec.Meta(gt=0.0, le=1e6)] = 1.0
+    memory_mb: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] = 0
+    gpus: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 0
+    labels: dict[str, str] = {}
+    """Labels a node must carry, each with exactly this value."""
+    residency: Residency | None = None
+    inputs: Annotated[tuple[InputRef, ...], msgspec.Meta(max_length=256)] = ()
+    placement: PlacementMode = DataLocal()
+    payload: bytes = b""
+    """Opaque to the scheduler (the runtime's pickled call)."""
+
+    @property
+    def demand(self) -> Resources:
+        return Resources(self.cpus, self.memory_mb, self.gpus)
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """A node as the local view sees it: membership entry plus gossiped resources/load."""
+
+    member: Candidate
+    capacity: Resources
+    load: Load = field(default_factory=Load)
+    standby: bool = False
+    """Advertised standby: takes work only once woken (costs ``wake_penalty_s``)."""
+    coord: Coordinate | None = None
+    bandwidth_bps: float = 1e9
+    """Bits per second the node can pull input objects at."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.bandwidth_bps) and self.bandwidth_bps > 0):
+            raise ValueError(f"bandwidth_bps must be finite and > 0, got {self.bandwidth_bps}")
+
+    @property
+    def name(self) -> str:
+        return self.member.name
+
+    @property
+    def region(self) -> str:
+        return self.member.region
+
+
+@dataclass(frozen=True)
+class CostBreakdown:
+    """Estimated cost (seconds) of running a task on a node; lower is better."""
+
+    transfer_s: float
+    latency_s: float
+    queue_s: float
+    energy_s: float
+
+    @property
+    def total(self) -> float:
+        return self.transfer_s + self.latency_s + self.queue_s + self.energy_s
+
+    def describe(self) -> str:
+        return (f"total={self.total:.3f}s transfer={self.transfer_s:.3f} "
+                f"latency={self.latency_s:.3f} queue={self.queue_s:.3f} "
+                f"energy={self.energy_s:.3f}")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    """Every knob and bound of the scheduler; durations in seconds."""
+
+    probes_per_task: int = 2
+    """Reservations per task (Sparrow's d); 1..8."""
+    pool_size: int = 8
+    """Probes are drawn among this many cheapest candidates (at least d)."""
+    sample_temperature_s: float = 0.05
+    """Cost difference at which a candidate is e times less likely to be probed."""
+    mean_task_s: float = 1.0
+    """Expected task duration, for the queue-wait estimate."""
+    idle_penalty_s: float = 0.005
+    """Energy term of an idle active node (busy nodes with a free slot win ties)."""
+    wake_penalty_s: float = 2.0
+    """Energy term of a standby node (woken only when active ones look this busy)."""
+    locality_wait_s: float = 3.0
+    """Delay scheduling: how long a data task waits for a holder before going wide."""
+    probe_timeout_s: float = 2.0
+    """An unbound task is re-probed after this long."""
+    run_timeout_s: float = 60.0
+    """A bound task with no result after this long is re-placed."""
+    max_retries: int = 3
+    """Re-placements of one task (after node loss or timeout) before it fails."""
+    max_pending_tasks: int = 10_000
+    """Tasks this node owns and has no result for; more are refused."""
+    max_batch: int = 1024
+    """Tasks per ``submit``."""
+    max_reservations: int = 10_000
+    """Reservations queued at this node as a worker; more are dropped (and counted)."""
+    reservation_ttl_s: float = 30.0
+    """A queued reservation older than this is dropped (its owner has re-probed)."""
+    ask_timeout_s: float = 2.0
+    """A ``GetTask`` with no answer after this long releases its slot."""
+    max_concurrent_asks: int = 64
+    steal_interval_s: float = 0.5
+    """An idle worker tries to steal at most this often."""
+    max_steal: int = 4
+    """Reservations handed over per steal."""
+    max_steal_hint: int = 64
+    """Object ids a thief names in a steal request."""
+    max_finished_remembered: int = 100_000
+    """Finished task ids remembered to drop duplicate results."""
+    sweep_interval_s: float = 0.25
+    """Period of the timeout sweep."""
+    max_message_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.probes_per_task <= 8:
+            raise ValueError(f"probes_per_task must be in 1..8, got {self.probes_per_task}")
+        if self.pool_size < self.probes_per_task:
+            raise ValueError("pool_size must be >= probes_per_task")
+        for name in ("sample_temperature_s", "mean_task_s", "probe_timeout_s", "run_timeout_s",
+                     "reservation_ttl_s", "ask_timeout_s", "steal_interval_s",
+                     "sweep_interval_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {v}")
+        for name in ("idle_penalty_s", "wake_penalty_s", "locality_wait_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {v}")
+        for name in ("max_retries", "max_steal", "max_steal_hint"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("max_pending_tasks", "max_batch", "max_reservations",
+                     "max_concurrent_asks", "max_finished_remembered", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+# --------------------------------------------------------------------------- feasibility
+
+
+class SchedulingError(PlacementError):
+    """No node may legally run the task; ``rule`` names what refused it: ``nodes`` (empty
+    view), ``residency`` (the task's rule), ``input-residency`` (an input's rule),
+    ``mode`` (the placement mode), ``labels``, ``resources``."""
+
+
+def _regions(nodes: Iterable[NodeState]) -> str:
+    return "{" + ", ".join(sorted({n.region for n in nodes})) + "}"
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+
+
+def _mode_allows(mode: PlacementMode, region: str) -> bool:
+    if isinstance(mode, Central):
+        return region == mode.region
+    if isinstance(mode, InRegions):
+        return region in mode.regions
+    return True
+
+
+def _mode_describe(mode: PlacementMode) -> str:
+    if isinstance(mode, Central):
+        return f"central placement in region {mode.region!r}"
+    if isinstance(mode, InRegions):
+        return f"placement in regions {{{', '.join(sorted(mode.regions))}}}"
+    if isinstance(mode, NearSource):
+        return f"near-source placement (source {mode.source!r})"
+    return "data placement"
+
+
+def _in_residency(res: Residency) -> Callable[[NodeState], bool]:
+    return lambda n: res.allows(n.region)
+
+
+def _in_mode(mode: PlacementMode) -> Callable[[NodeState], bool]:
+    return lambda n: _mode_allows(mode, n.region)
+
+
+def _has_labels(want: Mapping[str, str]) -> Callable[[NodeState], bool]:
+    return lambda n: all(n.member.labels.get(k) == v for k, v in want.items())
+
+
+def _fits(demand: Resources) -> Callable[[NodeState], bool]:
+    return lambda n: demand.fits_in(n.capacity)
+
+
+def _filters(task: TaskSpec) -> list[tuple[str, str, Callable[[NodeState], bool]]]:
+    """(rule, what, predicate) in the order they are applied."""
+    out: list[tuple[str, str, Callable[[NodeState], bool]]] = []
+    if task.residency is not None:
+        out.append(("residency", f"the task's {task.residency.describe()}",
+                    _in_residency(task.residency)))
+    for inp in task.inputs:
+        if inp.residency is not None:
+            out.append(("input-residency", f"input {inp.oid!r}'s {inp.residency.describe()}",
+                        _in_residency(inp.residency)))
+    if isinstance(task.placement, Central | InRegions):
+        out.append(("mode", _mode_describe(task.placement), _in_mode(task.placement)))
+    if task.labels:
+        out.append(("labels", f"labels {_labels(task.labels)}", _has_labels(dict(task.labels))))
+    out.append(("resources", f"resources {task.demand.describe()}", _fits(task.demand)))
+    return out
+
+
+def exclusion(task: TaskSpec, node: NodeState) -> tuple[str, str] | None:
+    """The first rule that forbids ``node`` for ``task`` as (rule, what), or ``None``."""
+    for rule, what, pred in _filters(task):
+        if not pred(node):
+            return rule, what
+    return None
+
+
+def feasible(task: TaskSpec, nodes: Iterable[NodeState]) -> list[NodeState]:
+    """The nodes of ``nodes`` that may run ``task`` (sorted by name).
+
+    Raises ``SchedulingError`` naming the first rule that leaves no node: the task's
+    residency, then each input's residency, then the placement mode, labels, resources.
+    Capacity is the node's *total* resources: a busy node is feasible (the task queues).
+    """
+    by_name: dict[str, NodeState] = {}
+    for n in nodes:
+        by_name.setdefault(n.name, n)
+    remaining = [by_name[k] for k in sorted(by_name)]
+    if not remaining:
+        raise SchedulingError("nodes", f"cannot place task {task.task_id!r}: no live node "
+                                       "in the view")
+    for rule, what, pred in _filters(task):
+        kept = [n for n in remaining if pred(n)]
+        if not kept:
+            if rule == "resources":
+                biggest = max(remaining, key=lambda n: (n.capacity.cpus, n.capacity.memory_mb,
+                                                        n.capacity.gpus))
+                detail = (f"the largest of the {len(remaining)} remaining node(s) has "
+                          f"{biggest.capacity.describe()}")
+            else:
+                detail = (f"the {len(remaining)} remaining node(s) are in regions "
+                          f"{_regions(remaining)}")
+            raise SchedulingError(
+                rule, f"cannot place task {task.task_id!r}: no node satisfies {what}; {detail}"
+            )
+        remaining = kept
+    return remaining
+
+
+def local_bytes(task: TaskSpec, node: str) -> int:
+    """Input bytes of ``task`` already held by ``node``."""
+    return sum(i.size for i in task.inputs if node in i.holders)
+
+
+def score(
+    task: TaskSpec,
+    node: NodeState,
+    origin: Coordinate | None,
+    config: SchedulingConfig,
+    *,
+    extra_tasks: float = 0.0,
+) -> CostBreakdown:
+    """Estimated cost of running ``task`` on ``node``.
+
+    - transfer: input bytes the node does not hold, over its bandwidth;
+    - latency: Vivaldi RTT from ``origin`` (the submitter, or the source in near-source
+      mode) to the node, 0 when either coordinate is unknown;
+    - queue: tasks ahead of this one (gossiped queue + ``extra_tasks`` the caller knows
+      about + this one, minus free slots) * ``mean_task_s`` / the node's cpus;
+    - energy: ``wake_penalty_s`` for a standby node, ``idle_penalty_s`` for an idle one.
+    """
+    total_in = sum(i.size for i in task.inputs)
+    missing = total_in - local_bytes(task, node.name)
+    transfer_s = missing * 8.0 / node.bandwidth_bps
+    latency_s = 0.0
+    if origin is not None and node.coord is not None:
+        try:
+            latency_s = max(0.0, estimate_rtt(origin, node.coord))
+        except ValueError:
+            latency_s = 0.0  # coordinates of different dimensionality: unknown
+    load = node.load
+    slots = max(1.0, node.capacity.cpus)
+    free_slots = load.free_cpus / task.cpus
+    ahead = load.queued + extra_tasks + 1.0 - free_slots
+    queue_s = max(0.0, ahead) * config.mean_task_s / slots
+    if node.standby:
+        energy_s = config.wake_penalty_s
+    elif load.running == 0 and load.queued == 0:
+        energy_s = config.idle_penalty_s
+    else:
+        energy_s = 0.0
+    return CostBreakdown(transfer_s, latency_s, queue_s, energy_s)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """Deliver ``payload`` to the ``Scheduler`` of ``dst`` (its ``handle_message``).
+    One-way; a lost message costs a timeout, never correctness."""
+
+    dst: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RunTask(Event):
+    """Worker side: run ``task`` (for ``owner``), then call ``task_finished``."""
+
+    owner: str
+    task: TaskSpec
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskBound(Event):
+    """Owner side: ``task_id`` was handed to ``node`` (the scores that won)."""
+
+    task_id: str
+    node: str
+    region: str
+    attempt: int
+    cost: CostBreakdown
+    local: bool
+    """The node holds input bytes of the task."""
+    restricted: bool
+    """Delay scheduling was in force: only holders could bind."""
+    stolen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFinished(Event):
+    """Owner side: the one accepted result of ``task_id``."""
+
+    task_id: str
+    node: str
+    attempt: int
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailed(Event):
+    """Owner side: ``task_id`` will not run (retries exhausted, or no node may run it)."""
+
+    task_id: str
+    reason: str
+
+
+SchedulingOutput = SendMessage | Event
+
+
+class SchedulingOverloaded(RuntimeError):
+    """A bound was hit (``max_pending_tasks``); the submit is refused, nothing was done."""
+
+
+# --------------------------------------------------------------------------- wire
+
+
+class Reserve(msgspec.Struct, tag=1, array_like=True):
+    """Owner -> worker: a reservation for one task of batch ``batch``."""
+
+    batch: Count
+    hint: TaskId
+    demand: Resources
+    inputs: Annotated[list[Oid], msgspec.Meta(max_length=256)] = []
+
+
+class ResRef(msgspec.Struct, array_like=True):
+    """A reservation handed over by a steal."""
+
+    owner: NodeName
+    batch: Count
+    hint: TaskId
+    demand: Resources
+    inputs: Annotated[list[Oid], msgspec.Meta(max_length=256)] = []
+
+
+class GetTask(msgspec.Struct, tag=2, array_like=True):
+    """Worker -> owner: I have ``free`` set aside; give me a task of ``batch``."""
+
+    ask: Count
+    batch: Count
+    hint: TaskId
+    free: Resources
+    stolen: bool = False
+
+
+class Grant(msgspec.Struct, tag=3, array_like=True):
+    ask: Count
+    task: TaskSpec
+    attempt: Count
+
+
+class NoTask(msgspec.Struct, tag=4, array_like=True):
+    ask: Count
+
+
+class Result(msgspec.Struct, tag=5, array_like=True):
+    task_id: TaskId
+    attempt: Count
+    ok: bool
+    detail: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+
+
+class Steal(msgspec.Struct, tag=6, array_like=True):
+    free: Resources
+    holds: Annotated[list[Oid], msgspec.Meta(max_length=1024)] = []
+
+
+class StealReply(msgspec.Struct, tag=7, array_like=True):
+    reservations: Annotated[list[ResRef], msgspec.Meta(max_length=1024)]
+
+
+SchedulingMessage = Reserve | GetTask | Grant | NoTask | Result | Steal | StealReply
+
+_outer_decoder = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
+_message_decoder = msgspec.msgpack.Decoder(SchedulingMessage)
+
+
+def encode_message(msg: SchedulingMessage) -> bytes:
+    """``[version, message]`` as MessagePack."""
+    return msgspec.msgpack.encode((SCHEDULING_PROTOCOL_VERSION, msg))
+
+
+def decode_message(data: bytes, max_size: int) -> SchedulingMessage:
+    """Parse one message or raise ``WireError`` (oversized, malformed, version)."""
+    if len(data) > max_size:
+        raise WireError("oversized", f"{len(data)} > {max_size} bytes")
+    try:
+        version, raw = _outer_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise WireError("malformed", str(exc)) from None
+    if version != SCHEDULING_PROTOCOL_VERSION:
+        raise WireError("version", f"scheduling version {version}")
+    try:
+        msg: SchedulingMessage = _message_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise WireError("malformed", str(exc)) from None
+    return msg
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(slots=True)
+class _Task:
+    """A task this node owns and has no result for."""
+
+    spec: TaskSpec
+    batch: int
+    order: int
+    holders: frozenset[str]
+    """Nodes holding the most input bytes (empty: no inputs, or not data mode)."""
+    node: str | None = None
+    """Bound to (None: waiting for a worker)."""
+    attempt: int = 0
+    placements: int = 0
+    probes: set[str] = field(default_factory=set)
+    probed_at: float = 0.0
+    local_until: float = float("-inf")
+    bound_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _Reservation:
+    owner: str
+    batch: int
+    hint: str
+    demand: Resources
+    inputs: list[str]
+    expires: float
+    stolen: bool = False
+
+
+@dataclass(slots=True)
+class _Ask:
+    res: _Reservation
+    deadline: float
+
+
+def _holders(task: TaskSpec, view: Mapping[str, NodeState]) -> frozenset[str]:
+    """Nodes of ``view`` holding the most input bytes of a ``data``-mode task (empty when
+    no node holds any, or in another mode: there the data does not choose the node)."""
+    if not isinstance(task.placement, DataLocal) or not task.inputs:
+        return frozenset()
+    held = {n: local_bytes(task, n) for n in view}
+    most = max(held.values(), default=0)
+    if most <= 0:
+        # Zero-byte inputs still say where the data is: count objects instead.
+        held = {n: sum(1 for i in task.inputs if n in i.holders) for n in view}
+        most = max(held.values(), default=0)
+        if most <= 0:
+            return frozenset()
+    return frozenset(n for n, b in held.items() if b == most)
+
+
+def _weighted_sample(
+    scored: Sequence[tuple[float, str]], k: int, temperature: float, rng: random.Random
+) -> list[str]:
+    """Draw ``k`` distinct names (all when fewer) from ``scored`` (cost, name), sorted by
+    cost, each with weight ``exp(-(cost - best) / temperature)``."""
+    if not scored:
+        return []
+    best = scored[0][0]
+    items = [(math.exp(-min(700.0, (c - best) / temperature)), n) for c, n in scored]
+    picks: list[str] = []
+    while items and len(picks) < k:
+        total = sum(w for w, _ in items)
+        r = rng.random() * total
+        idx = len(items) - 1
+        for i, (w, _) in enumerate(items):
+            r -= w
+            if r < 0:
+                idx = i
+                break
+        picks.append(items.pop(idx)[1])
+    return picks
+
+
+# --------------------------------------------------------------------------- scheduler
+
+
+class Scheduler:
+    """One node's scheduling decisions, as owner and as worker. See the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        capacity: Resources,
+        *,
+        config: SchedulingConfig | None = None,
+        rng: random.Random,
+        now: float,
+    ) -> None:
+        self.name = name
+        self.capacity = capacity
+        self.config = config or SchedulingConfig()
+        self.rng = rng
+        self.stats: dict[str, int] = {}
+        self._outputs: list[SchedulingOutput] = []
+        self._view: dict[str, NodeState] = {}
+        self._held: set[str] = set()
+        # owner side
+        self._tasks: dict[str, _Task] = {}
+        self._batches: dict[int, list[str]] = {}
+        self._batch_seq = 0
+        self._order = 0
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self._probes_on: dict[str, int] = {}
+        self._bound_on: dict[str, int] = {}
+        # worker side
+        self._queue: deque[_Reservation] = deque()
+        self._asks: dict[int, _Ask] = {}
+        self._ask_seq = 0
+        self._running: dict[tuple[str, str, int], Resources] = {}
+        self._free = capacity
+        self._next_sweep = now + self.config.sweep_interval_s
+        self._next_steal = now
+        self._inbox: deque[tuple[str, SchedulingMessage]] = deque()
+        self._delivering = False
+
+    # ------------------------------------------------------------------ driver contract
+
+    def drain(self) -> list[SchedulingOutput]:
+        out = self._outputs
+        self._outputs = []
+        return out
+
+    def next_deadline(self) -> float:
+        return self._next_sweep
+
+    def on_timer(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.config.sweep_interval_s
+        self._sweep_owner(now)
+        self._sweep_worker(now)
+        self._pump(now)
+        self._maybe_steal(now)
+
+    # ------------------------------------------------------------------ view
+
+    def set_view(self, nodes: Iterable[NodeState], now: float) -> None:
+        """The local view changed (live nodes with gossiped load; this node included).
+        Nodes that left it are handled as by ``node_down``."""
+        view = {n.name: n for n in nodes}
+        gone = [n for n in self._view if n not in view]
+        self._view = view
+        for name in gone:
+            self._lost(name, now)
+
+    def node_down(self, name: str, now: float) -> None:
+        """Membership declared ``name`` dead: re-place its tasks, drop its reservations."""
+        self._view.pop(name, None)
+        self._lost(name, now)
+
+    def objects_held(self, oids: Iterable[str]) -> None:
+        """The objects this node stores (named in steal requests)."""
+        self._held = set(oids)
+
+    def view(self) -> list[NodeState]:
+        return [self._view[k] for k in sorted(self._view)]
+
+    # ------------------------------------------------------------------ owner
+
+    def submit(self, tasks: Sequence[TaskSpec], now: float) -> int:
+        """Accept ``tasks`` as one batch, or refuse all of them.
+
+        Raises ``SchedulingError`` (the first task no node may run, with the rule),
+        ``ValueError`` (empty or oversized batch, a task id already pending or repeated),
+        ``SchedulingOverloaded``. Returns the batch id; ``TaskBound`` and then
+        ``TaskFinished`` (or ``TaskFailed``) follow for each task.
+        """
+        if not tasks:
+            raise ValueError("submit needs at least one task")
+        if len(tasks) > self.config.max_batch:
+            raise ValueError(f"{len(tasks)} tasks in one batch (max_batch="
+                             f"{self.config.max_batch})")
+        ids = [t.task_id for t in tasks]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a task id appears twice in the batch")
+        for tid in ids:
+            if tid in self._tasks:
+                raise ValueError(f"task {tid!r} is already pending")
+        if len(self._tasks) + len(tasks) > self.config.max_pending_tasks:
+            self._count("submits_refused.overloaded")
+            raise SchedulingOverloaded(
+                f"{len(self._tasks)} tasks pending (max_pending_tasks="
+                f"{self.config.max_pending_tasks})")
+        view = self._view.values()
+        for t in tasks:
+            try:
+                feasible(t, view)
+            except SchedulingError as exc:
+                self._count("submits_refused." + exc.rule)
+                raise
+        self._batch_seq += 1
+        batch = self._batch_seq
+        self._batches[batch] = list(ids)
+        for t in tasks:
+            self._order += 1
+            self._tasks[t.task_id] = _Task(t, batch, self._order, _holders(t, self._view))
+            self._count("tasks_submitted")
+        for tid in ids:
+            self._place(self._tasks[tid], now)
+        self._deliver(now)
+        return batch
+
+    def pending(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def owner_state(self, task_id: str) -> tuple[str | None, int] | None:
+        """(bound node or None, attempt) of a pending task."""
+        t = self._tasks.get(task_id)
+        return None if t is None else (t.node, t.attempt)
+
+    # ------------------------------------------------------------------ worker
+
+    def task_finished(
+        self, owner: str, task_id: str, attempt: int, ok: bool, detail: str, now: float
+    ) -> None:
+        """The driver finished running a ``RunTask``: report it to its owner, free slots."""
+        demand = self._running.pop((owner, task_id, attempt), None)
+        if demand is None:
+            return  # not ours (a previous incarnation's), or reported twice
+        self._free = self._free.plus(demand)
+        assert self._free.fits_in(self.capacity)
+        self._count("tasks_run")
+        self._send(owner, Result(task_id, attempt, ok, detail[:4096]))
+        self._pump(now)
+        self._deliver(now)
+
+    def load(self) -> Load:
+        """This node's load summary, for gossip."""
+        return Load(len(self._running), len(self._queue), self._free.cpus)
+
+    def running(self) -> list[tuple[str, str, int]]:
+        return sorted(self._running)
+
+    def idle(self, now: float) -> None:
+        """Try to steal now if idle (otherwise the sweep tries every ``steal_interval_s``)."""
+        self._next_steal = now
+        self._maybe_steal(now)
+        self._deliver(now)
+
+    # ------------------------------------------------------------------ messages
+
+    def handle_message(self, src: str, payload: bytes, now: float) -> None:
+        try:
+            msg = decode_message(payload, self.config.max_message_bytes)
+        except WireError as exc:
+            self._count("rejected." + exc.reason)
+            return
+        self._inbox.append((src, msg))
+        self._deliver(now)
+
+    def _deliver(self, now: float) -> None:
+        """Process queued messages, self-addressed ones included, without recursion."""
+        if self._delivering:
+            return
+        self._delivering = True
+        try:
+            while self._inbox:
+                src, msg = self._inbox.popleft()
+                self._dispatch(src, msg, now)
+        finally:
+            self._delivering = False
+
+    def _dispatch(self, src: str, msg: SchedulingMessage, now: float) -> None:
+        if isinstance(msg, Reserve):
+            self._on_reserve(src, msg, now)
+        elif isinstance(msg, GetTask):
+            self._on_get(src, msg, now)
+        elif isinstance(msg, Grant):
+            self._on_grant(src, msg, now)
+        elif isinstance(msg, NoTask):
+            self._on_no_task(src, msg, now)
+        elif isinstance(msg, Result):
+            self._on_result(src, msg, now)
+        elif isinstance(msg, Steal):
+            self._on_steal(src, msg, now)
+        else:
+            self._on_steal_reply(src, msg, now)
+
+    def _send(self, dst: str, msg: SchedulingMessage) -> None:
+        if dst == self.name:
+            self._inbox.append((dst, msg))
+        else:
+            self._outputs.append(SendMessage(dst, encode_message(msg)))
+
+    # ------------------------------------------------------------------ owner internals
+
+    def _origin(self, spec: TaskSpec) -> Coordinate | None:
+        if isinstance(spec.placement, NearSource):
+            src = self._view.get(spec.placement.source)
+            if src is not None and src.coord is not None:
+                return src.coord
+        me = self._view.get(self.name)
+        return None if me is None else me.coord
+
+    def _extra(self, name: str) -> float:
+        """Work this owner sent to ``name`` that gossip may not show yet."""
+        d = self.config.probes_per_task
+        return self._bound_on.get(name, 0) + self._probes_on.get(name, 0) / d
+
+    def _place(self, t: _Task, now: float) -> None:
+        """Send ``probes_per_task`` reservations for unbound task ``t``."""
+        assert t.node is None
+        cfg = self.config
+        try:
+            nodes = feasible(t.spec, self._view.values())
+        except SchedulingError as exc:
+            t.placements += 1
+            t.probed_at = now
+            self._count("place_infeasible")
+            if t.placements > cfg.max_retries + 1:
+                self._fail(t, f"{exc.rule}: {exc}")
+            return
+        active = [n for n in nodes if not n.standby]
+        if t.placements == 0:
+            t.holders = _holders(t.spec, self._view)
+            if any(n.name in t.holders for n in active) and cfg.locality_wait_s > 0:
+                t.local_until = now + cfg.locality_wait_s
+        t.placements += 1
+        restricted = now < t.local_until
+        pool = [n for n in active if n.name in t.holders] if restricted else nodes
+        if not pool:
+            pool = nodes  # every holder left the view: go wide now
+            t.local_until = float("-inf")
+        origin = self._origin(t.spec)
+        scored = sorted(
+            (score(t.spec, n, origin, cfg, extra_tasks=self._extra(n.name)).total, n.name)
+            for n in pool
+        )
+        scored = scored[: max(cfg.pool_size, cfg.probes_per_task)]
+        picks = _weighted_sample(scored, cfg.probes_per_task, cfg.sample_temperature_s,
+                                 self.rng)
+        t.probed_at = now
+        inputs = [i.oid for i in t.spec.inputs]
+        for name in picks:
+            if name not in t.probes:
+                t.probes.add(name)
+                self._probes_on[name] = self._probes_on.get(name, 0) + 1
+            self._count("probes_sent")
+            self._send(name, Reserve(t.batch, t.spec.task_id, t.spec.demand, inputs))
+
+    def _unprobe(self, t: _Task) -> None:
+        for name in t.probes:
+            c = self._probes_on.get(name, 0) - 1
+            if c > 0:
+                self._probes_on[name] = c
+            else:
+                self._probes_on.pop(name, None)
+        t.probes.clear()
+
+    def _unbind(self, t: _Task) -> None:
+        if t.node is not None:
+            c = self._bound_on.get(t.node, 0) - 1
+            if c > 0:
+                self._bound_on[t.node] = c
+            else:
+                self._bound_on.pop(t.node, None)
+            t.node = None
+
+    def _eligible(self, t: _Task, worker: str, free: Resources, now: float) -> bool:
+        if t.node is not None or not t.spec.demand.fits_in(free):
+            return False
+        state = self._view.get(worker)
+        if state is None or exclusion(t.spec, state) is not None:
+            return False
+        return not (now < t.local_until and worker not in t.holders)
+
+    def _on_get(self, src: str, msg: GetTask, now: float) -> None:
+        ids = self._batches.get(msg.batch)
+        chosen: _Task | None = None
+        if ids:
+            hinted = self._tasks.get(msg.hint)
+            if (hinted is not None and hinted.batch == msg.batch
+                    and self._eligible(hinted, src, msg.free, now)):
+                chosen = hinted
+            else:
+                best: tuple[int, int] | None = None
+                for tid in ids:
+                    t = self._tasks.get(tid)
+                    if t is None or not self._eligible(t, src, msg.free, now):
+                        continue
+                    key = (-local_bytes(t.spec, src), t.order)
+                    if best is None or key < best:
+                        best, chosen = key, t
+        if chosen is None:
+            self._count("no_task")
+            self._send(src, NoTask(msg.ask))
+            return
+        state = self._view[src]
+        assert exclusion(chosen.spec, state) is None, "binding would break a placement rule"
+        self._unprobe(chosen)
+        chosen.node = src
+        chosen.attempt += 1
+        chosen.bound_at = now
+        self._bound_on[src] = self._bound_on.get(src, 0) + 1
+        cost = score(chosen.spec, state, self._origin(chosen.spec), self.config)
+        self._count("bound_stolen" if msg.stolen else "bound")
+        self._outputs.append(TaskBound(
+            chosen.spec.task_id, src, state.region, chosen.attempt, cost,
+            local_bytes(chosen.spec, src) > 0, now < chosen.local_until, msg.stolen))
+        self._send(src, Grant(msg.ask, chosen.spec, chosen.attempt))
+
+    def _on_result(self, src: str, msg: Result, now: float) -> None:
+        t = self._tasks.pop(msg.task_id, None)
+        if t is None:
+            self._count("results_duplicate" if msg.task_id in self._done else "results_unknown")
+            return
+        self._unprobe(t)
+        self._unbind(t)
+        self._forget(t)
+        self._count("results")
+        self._outputs.append(TaskFinished(msg.task_id, src, msg.attempt, msg.ok, msg.detail))
+
+    def _forget(self, t: _Task) -> None:
+        ids = self._batches.get(t.batch)
+        if ids is not None:
+            ids.remove(t.spec.task_id)
+            if not ids:
+                del self._batches[t.batch]
+        self._done[t.spec.task_id] = None
+        while len(self._done) > self.config.max_finished_remembered:
+            self._done.popitem(last=False)
+
+    def _fail(self, t: _Task, reason: str) -> None:
+        self._tasks.pop(t.spec.task_id, None)
+        self._unprobe(t)
+        self._unbind(t)
+        self._forget(t)
+        self._count("tasks_failed")
+        self._outputs.append(TaskFailed(t.spec.task_id, reason))
+
+    def _replace(self, t: _Task, why: str, now: float) -> None:
+        """``t``'s binding is lost: place it again, or fail it after ``max_retries``."""
+        self._unbind(t)
+        if t.attempt > self.config.max_retries:
+            self._fail(t, f"{why}; gave up after {t.attempt} attempts")
+            return
+        self._count("replaced")
+        self._place(t, now)
+
+    def _lost(self, name: str, now: float) -> None:
+        # owner side
+        for tid in sorted(self._tasks, key=lambda k: self._tasks[k].order):
+            t = self._tasks.get(tid)
+            if t is None:
+                continue
+            if t.node == name:
+                self._replace(t, f"node {name} left the view", now)
+            elif t.node is None and name in t.probes:
+                t.probes.discard(name)
+                c = self._probes_on.get(name, 0) - 1
+                if c > 0:
+                    self._probes_on[name] = c
+                else:
+                    self._probes_on.pop(name, None)
+                if not t.probes:
+                    self._place(t, now)
+        # worker side: the owner is gone; its tasks will be re-run by whoever takes over
+        self._queue = deque(r for r in self._queue if r.owner != name)
+        for ask_id in [a for a, ask in self._asks.items() if ask.res.owner == name]:
+            self._release(ask_id)
+        self._pump(now)
+        self._deliver(now)
+
+    def _sweep_owner(self, now: float) -> None:
+        cfg = self.config
+        for tid in sorted(self._tasks, key=lambda k: self._tasks[k].order):
+            t = self._tasks.get(tid)
+            if t is None:
+                continue
+            if t.node is None:
+                if now - t.probed_at >= cfg.probe_timeout_s:
+                    self._count("reprobed")
+                    self._place(t, now)
+            elif now - t.bound_at >= cfg.run_timeout_s:
+                self._replace(t, f"no result from {t.node} within {cfg.run_timeout_s} s", now)
+
+    # ------------------------------------------------------------------ worker internals
+
+    def _on_reserve(self, src: str, msg: Reserve, now: float) -> None:
+        if len(self._queue) >= self.config.max_reservations:
+            self._count("reservations_dropped")
+            return
+        if not msg.demand.fits_in(self.capacity):
+            self._count("reservations_unfit")
+            return
+        self._queue.append(_Reservation(src, msg.batch, msg.hint, msg.demand, list(msg.inputs),
+                                        now + self.config.reservation_ttl_s))
+        self._count("reservations")
+        self._pump(now)
+
+    def _pump(self, now: float) -> None:
+        """Turn queued reservations into ``GetTask`` requests while resources are free."""
+        cfg = self.config
+        if not self._queue or len(self._asks) >= cfg.max_concurrent_asks:
+            return
+        kept: deque[_Reservation] = deque()
+        while self._queue:
+            res = self._queue.popleft()
+            if res.expires <= now:
+                self._count("reservations_expired")
+                continue
+            if len(self._asks) < cfg.max_concurrent_asks and res.demand.fits_in(self._free):
+                self._ask_seq += 1
+                self._asks[self._ask_seq] = _Ask(res, now + cfg.ask_timeout_s)
+                self._free = self._free.minus(res.demand)
+                self._send(res.owner, GetTask(self._ask_seq, res.batch, res.hint, res.demand,
+                                              res.stolen))
+            else:
+                kept.append(res)  # first fit: a big reservation does not block small ones
+        self._queue = kept
+
+    def _release(self, ask_id: int) -> _Ask | None:
+        ask = self._asks.pop(ask_id, None)
+        if ask is not None:
+            self._free = self._free.plus(ask.res.demand)
+            assert self._free.fits_in(self.capacity)
+        return ask
+
+    def _on_grant(self, src: str, msg: Grant, now: float) -> None:
+        ask = self._release(msg.ask)
+        if ask is None or ask.res.owner != src:
+            # Timed out meanwhile: run it anyway if it fits (the owner counts on us; a
+            # duplicate run is harmless, a dropped grant costs a run_timeout).
+            self._count("grants_late")
+        demand = msg.task.demand
+        key = (src, msg.task.task_id, msg.attempt)
+        if not demand.fits_in(self._free) or key in self._running:
+            self._count("grants_refused")
+            self._pump(now)
+            return
+        self._free = self._free.minus(demand)
+        self._running[key] = demand
+        self._outputs.append(RunTask(src, msg.task, msg.attempt))
+        self._pump(now)
+
+    def _on_no_task(self, src: str, msg: NoTask, now: float) -> None:
+        self._release(msg.ask)
+        self._pump(now)
+
+    def _sweep_worker(self, now: float) -> None:
+        for ask_id in [a for a, ask in self._asks.items() if ask.deadline <= now]:
+            self._release(ask_id)
+            self._count("asks_timed_out")
+        if self._queue and self._queue[0].expires <= now:
+            self._queue = deque(r for r in self._queue if r.expires > now)
+
+    def _maybe_steal(self, now: float) -> None:
+        cfg = self.config
+        if (now < self._next_steal or self._queue or self._asks or cfg.max_steal == 0
+                or self._free.cpus < 1.0 - 1e-9):
+            return
+        self._next_steal = now + cfg.steal_interval_s
+        victims = [(n.load.queued, n.name) for n in self._view.values()
+                   if n.name != self.name and n.load.queued > 0]
+        if not victims:
+            return
+        victims.sort(key=lambda v: v[1])
+        total = sum(q for q, _ in victims)
+        r = self.rng.random() * total
+        victim = victims[-1][1]
+        for q, name in victims:
+            r -= q
+            if r < 0:
+                victim = name
+                break
+        hint = sorted(self._held)[: cfg.max_steal_hint]
+        self._count("steal_requests")
+        self._send(victim, Steal(self._free, hint))
+
+    def _on_steal(self, src: str, msg: Steal, now: float) -> None:
+        if not self._queue:
+            self._send(src, StealReply([]))
+            return
+        holds = set(msg.holds)
+        # Keep the head of the queue (next to run here); give from the tail, reservations
+        # whose inputs the thief holds first.
+        cands = list(enumerate(self._queue))[1:]
+        cands.sort(key=lambda ir: (-len(holds.intersection(ir[1].inputs)), -ir[0]))
+        give: list[int] = []
+        room = msg.free
+        for i, res in cands:
+            if len(give) >= self.config.max_steal:
+                break
+            if res.demand.fits_in(room):
+                give.append(i)
+                room = room.minus(res.demand)
+        given = set(give)
+        out = [ResRef(r.owner, r.batch, r.hint, r.demand, r.inputs)
+               for i, r in enumerate(self._queue) if i in given]
+        self._queue = deque(r for i, r in enumerate(self._queue) if i not in given)
+        if out:
+            self._count("reservations_given", len(out))
+        else:
+            self._count("steal_empty")
+        self._send(src, StealReply(out))
+
+    def _on_steal_reply(self, src: str, msg: StealReply, now: float) -> None:
+        for ref in msg.reservations[: self.config.max_steal]:
+            if len(self._queue) >= self.config.max_reservations:
+                break
+            if not ref.demand.fits_in(self.capacity):
+                continue
+            self._queue.appendleft(_Reservation(ref.owner, ref.batch, ref.hint, ref.demand,
+                                                list(ref.inputs),
+                                                now + self.config.reservation_ttl_s, True))
+            self._count("reservations_stolen")
+        self._pump(now)
+
+    # ------------------------------------------------------------------ misc
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
