@@ -551,7 +551,7 @@ def test_stream_success_round_trip_time() -> None:
     b = proto(sim, "b", Toy)
     a = proto(sim, "a", Toy)
     assert [(src, p) for _, src, p in b.streams] == [("a", b"hello")]
-    assert 1.5 * rtt * (1 - j) <= b.streams[0][0] <= 1.5 * rtt * (1 + j)
+    assert rtt * 1.5 * (1 - j) <= b.streams[0][0] <= rtt * 1.5 * (1 + j)
     assert [(src, p) for _, src, p in a.replies] == [("b", b"re:hello")]
     assert 2 * rtt * (1 - j) <= a.replies[0][0] <= 2 * rtt * (1 + j)
     assert a.failures == []
