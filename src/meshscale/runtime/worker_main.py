@@ -1,0 +1,312 @@
+"""The worker process of the compute plane's execution engine, and its wire format.
+
+A worker is a fresh interpreter started by ``WorkerPool`` (``python -m
+meshscale.runtime.worker_main FD PARENT_PID``). It inherits exactly one descriptor
+besides stdio: its end of a ``socketpair`` to the pool. Nothing of the agent — event loop,
+sockets, threads, TLS state — crosses into it, because it was never forked from the agent.
+
+The worker runs one task at a time on its main thread, with no event loop: read a frame,
+run, write a frame. Functions arrive at most once per worker, keyed by content hash, and
+are kept in an LRU of unpickled callables. The pool mirrors that LRU exactly (same
+inserts, same evictions, in the same order), so it knows which function bytes a worker
+needs without asking.
+
+Frames, both ways: ``>II`` (envelope length, body length), an envelope (a msgspec Struct
+as MessagePack) and a body of raw bytes (function pickle + argument pickle; a result
+pickle; a traceback). Both lengths are checked against bounds before anything is read.
+
+This module is imported by the pool too (for the message types), so it stays light:
+no asyncio, nothing from the rest of meshscale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import struct
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle  # type: ignore[import-untyped]
+import msgspec
+
+FRAME_HEADER = struct.Struct(">II")
+MAX_ENVELOPE = 64 * 1024
+MAX_TRACEBACK = 64 * 1024
+# Body bound for replies: a result, or a (truncated) traceback.
+REPLY_SLACK = MAX_TRACEBACK
+
+# failure kinds a worker reports (the pool adds timeout / worker_crashed / cancelled)
+KIND_RAISED = "raised"
+KIND_MEMORY = "memory"
+KIND_UNPICKLABLE = "unpicklable"
+KIND_TOO_LARGE = "too_large"
+KIND_MISSING = "missing_function"
+
+
+def function_id(pickled: bytes | memoryview) -> str:
+    """Content id of a pickled function: BLAKE2b-256, hex."""
+    return hashlib.blake2b(pickled, digest_size=32).hexdigest()
+
+
+# --- messages ---------------------------------------------------------------------------
+
+
+class Init(msgspec.Struct, tag="init", array_like=True):
+    """Pool -> worker, once: bounds and import path."""
+
+    max_function_bytes: int
+    max_arg_bytes: int
+    max_result_bytes: int
+    max_cached_functions: int
+    sys_path: list[str]
+
+
+class Task(msgspec.Struct, tag="task", array_like=True):
+    """Pool -> worker. Body: ``fn_len`` bytes of function pickle (0 = use the cache),
+    then the pickled ``(args, kwargs)``."""
+
+    fn_id: str
+    fn_len: int
+    memory_mb: int | None = None
+    # Ids to drop from the cache first. The pool owns the LRU policy; the worker follows,
+    # so the two views cannot drift even when a function fails to unpickle.
+    evict: tuple[str, ...] = ()
+
+
+class Ready(msgspec.Struct, tag="ready", array_like=True):
+    pid: int
+
+
+class Done(msgspec.Struct, tag="done", array_like=True):
+    """Worker -> pool. Body: the pickled result."""
+
+
+class Failed(msgspec.Struct, tag="failed", array_like=True):
+    """Worker -> pool. Body: traceback text (UTF-8)."""
+
+    kind: str
+    message: str
+
+
+ToWorker = Init | Task
+FromWorker = Ready | Done | Failed
+
+_to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
+from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)
+encoder = msgspec.msgpack.Encoder()
+
+
+def frame_header(envelope: bytes, body_len: int) -> bytes:
+    return FRAME_HEADER.pack(len(envelope), body_len) + envelope
+
+
+# --- the worker -------------------------------------------------------------------------
+
+
+class _Closed(Exception):
+    """The pool closed its end: exit quietly."""
+
+
+def _recv_exact(sock: socket.socket, n: int) -> memoryview:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise _Closed
+        got += k
+    return view
+
+
+def _send(sock: socket.socket, msg: Ready | Done | Failed, body: bytes = b"") -> None:
+    env = encoder.encode(msg)
+    head = frame_header(env, len(body))
+    if len(body) < 64 * 1024:
+        sock.sendall(head + body)
+    else:
+        sock.sendall(head)
+        sock.sendall(body)
+
+
+def _set_parent_death_signal(parent_pid: int) -> None:
+    """Linux: die with SIGKILL when the agent dies, even if it is SIGKILLed itself."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    # The parent may have died before prctl took effect.
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _address_space_bytes() -> int:
+    """Current virtual size of this process (Linux /proc); 0 if unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Worker:
+    """The task loop. Kept as a class so the LRU and bounds are plain attributes."""
+
+    def __init__(self, sock: socket.socket, init: Init) -> None:
+        self.sock = sock
+        self.init = init
+        self.functions: dict[str, Callable[..., Any]] = {}
+        self.max_body = init.max_function_bytes + init.max_arg_bytes
+
+    def serve(self) -> None:
+        import resource
+
+        soft_as, hard_as = resource.getrlimit(resource.RLIMIT_AS)
+        while True:
+            head = _recv_exact(self.sock, FRAME_HEADER.size)
+            env_len, body_len = FRAME_HEADER.unpack(head)
+            if env_len > MAX_ENVELOPE or body_len > self.max_body:
+                # The pool checks the same bounds, so this is a bug or corruption: stop.
+                raise SystemExit(f"frame too large ({env_len}, {body_len})")
+            msg = _to_worker_decoder.decode(_recv_exact(self.sock, env_len))
+            body = _recv_exact(self.sock, body_len) if body_len else memoryview(b"")
+            if not isinstance(msg, Task):
+                raise SystemExit("unexpected message")
+            limited = msg.memory_mb is not None
+            if limited:
+                assert msg.memory_mb is not None
+                # The limit is on growth: what the task may add to the worker's current
+                # address space. An absolute cap would count the interpreter's own mappings.
+                cap = _address_space_bytes() + msg.memory_mb * (1 << 20)
+                if hard_as != resource.RLIM_INFINITY:
+                    cap = min(cap, hard_as)
+                resource.setrlimit(resource.RLIMIT_AS, (cap, hard_as))
+            try:
+                reply, out = self.run(msg, body)
+            finally:
+                if limited:
+                    resource.setrlimit(resource.RLIMIT_AS, (soft_as, hard_as))
+            del body
+            _send(self.sock, reply, out)
+
+    def _function(self, msg: Task, body: memoryview) -> Callable[..., Any] | Failed:
+        for old in msg.evict:
+            self.functions.pop(old, None)
+        if msg.fn_len == 0:
+            fn = self.functions.get(msg.fn_id)
+            if fn is None:
+                return Failed(KIND_MISSING, f"function {msg.fn_id} is not cached here")
+            return fn
+        raw = body[: msg.fn_len]
+        if function_id(raw) != msg.fn_id:
+            return Failed(KIND_UNPICKLABLE, f"function bytes do not hash to {msg.fn_id}")
+        try:
+            loaded: Any = cloudpickle.loads(raw)
+        except BaseException as e:
+            return Failed(
+                KIND_UNPICKLABLE, _short(f"cannot unpickle function: {type(e).__name__}: {e}")
+            )
+        if not callable(loaded):
+            return Failed(KIND_UNPICKLABLE, f"unpickled object is not callable: {type(loaded)!r}")
+        self.functions[msg.fn_id] = loaded
+        # The pool evicts before it sends; this bound only guards against a pool bug.
+        if len(self.functions) > self.init.max_cached_functions:
+            self.functions.pop(next(iter(self.functions)))
+        return loaded  # type: ignore[no-any-return]
+
+    def run(self, msg: Task, body: memoryview) -> tuple[Done | Failed, bytes]:
+        try:
+            fn = self._function(msg, body)
+            if isinstance(fn, Failed):
+                return fn, b""
+            try:
+                args, kwargs = cloudpickle.loads(body[msg.fn_len :])
+            except MemoryError:
+                raise
+            except BaseException as e:
+                return Failed(KIND_UNPICKLABLE, _short(f"cannot unpickle arguments: {e!r}")), b""
+            result = fn(*args, **kwargs)
+            del args, kwargs
+            try:
+                out = cloudpickle.dumps(result, protocol=5)
+            except MemoryError:
+                raise
+            except BaseException as e:
+                return Failed(KIND_UNPICKLABLE, _short(f"cannot pickle result: {e!r}")), b""
+            del result
+            if len(out) > self.init.max_result_bytes:
+                return Failed(
+                    KIND_TOO_LARGE,
+                    f"result of {len(out)} bytes exceeds max_result_bytes="
+                    f"{self.init.max_result_bytes}",
+                ), b""
+            return Done(), out
+        except MemoryError as e:
+            tb = _traceback_text(e)
+            return Failed(KIND_MEMORY, _short(f"MemoryError: {e}")), tb
+        except BaseException as e:
+            # SystemExit and KeyboardInterrupt from user code fail the task, not the worker.
+            tb = _traceback_text(e)
+            return Failed(KIND_RAISED, _short(f"{type(e).__name__}: {e}")), tb
+
+
+def _short(text: str, limit: int = 4096) -> str:
+    """Messages ride in the envelope, which has a small bound."""
+    return text if len(text) <= limit else text[: limit - 15] + "...(truncated)"
+
+
+def _traceback_text(e: BaseException) -> bytes:
+    try:
+        text = "".join(traceback.format_exception(e))
+    except BaseException:
+        text = f"{type(e).__name__}: (traceback unavailable)"
+    raw = text.encode("utf-8", "replace")
+    if len(raw) > MAX_TRACEBACK:
+        raw = b"...(truncated)...\n" + raw[-(MAX_TRACEBACK - 32) :]
+    return raw
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    fd, parent_pid = int(args[0]), int(args[1])
+    _set_parent_death_signal(parent_pid)
+    # Ctrl-C in the agent's terminal is the agent's to handle; it closes the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    code = 0
+    try:
+        head = _recv_exact(sock, FRAME_HEADER.size)
+        env_len, body_len = FRAME_HEADER.unpack(head)
+        if env_len > MAX_ENVELOPE * 16 or body_len != 0:
+            raise SystemExit("bad init frame")
+        init = _to_worker_decoder.decode(_recv_exact(sock, env_len))
+        if not isinstance(init, Init):
+            raise SystemExit("expected init")
+        # The agent's import path, after our own (so functions pickled by reference to
+        # a module the agent can import resolve here too, as with multiprocessing).
+        sys.path.extend(p for p in init.sys_path if p not in sys.path)
+        _send(sock, Ready(os.getpid()))
+        Worker(sock, init).serve()
+    except (_Closed, BrokenPipeError, ConnectionResetError):
+        pass
+    except SystemExit as e:
+        print(f"meshscale worker {os.getpid()}: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        # Skip interpreter teardown: nothing here needs flushing, and a user module's
+        # atexit hooks or hung threads must not keep a retired worker alive.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
