@@ -1,0 +1,654 @@
+"""The compute plane's decisions in the simulator: schedulers, slots, stale views, faults.
+
+``ComputeNode`` is a ``DrivenProtocol`` holding one ``core.scheduling.Scheduler`` and
+playing its driver: scheduling messages travel as one-way streams (the engine's TCP
+model), a ``RunTask`` occupies the node's slots for the task's simulated duration and then
+reports ``task_finished``. Tasks a node owns are kept on its disk until their result, so a
+restarted owner submits its unfinished ones again (a result of an earlier attempt still
+counts: the owner accepts the first).
+
+``ComputeMesh`` builds the mesh and plays gossip and failure detection as an *oracle with
+delays* rather than running SWIM: every ``gossip_s`` it snapshots each node's load and
+hands the snapshot to every node ``gossip_delay_s`` later (so every view is stale), and a
+crashed node is reported with ``node_down`` to everyone ``detect_s`` after the crash (a
+paused or partitioned node is not). Vivaldi coordinates are synthetic (one axis per
+region, the access latency as height). Membership itself is tested elsewhere; this
+harness tests the scheduling decisions on top of a view with the same failure modes
+(stale loads, late detection).
+
+Observers check, on every event: every ``TaskBound`` and every ``RunTask`` happens on a
+node that the task's residency, its inputs' residency, its mode, labels and resources
+allow (checked against the true topology, not the view); a data task bound while some
+holder of its inputs had a free slot at submit time is bound to a holder (locality);
+every accepted task gets exactly one result. ``chaos_run`` and ``herd_run`` are the
+scenarios the tests run per seed; ``naive_herd`` is the baseline ``herd_run`` is compared
+with (each submitter pushes to the least-loaded node of the same stale view).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+from meshscale.core.outputs import DrivenProtocol, Event, Output, StreamRequest
+from meshscale.core.placement import Candidate, Residency, replica_set
+from meshscale.core.scheduling import (
+    Central,
+    DataLocal,
+    InputRef,
+    InRegions,
+    Load,
+    NearSource,
+    NodeState,
+    PlacementMode,
+    Resources,
+    RunTask,
+    Scheduler,
+    SchedulingConfig,
+    SchedulingError,
+    SendMessage,
+    TaskBound,
+    TaskFailed,
+    TaskFinished,
+    TaskSpec,
+    exclusion,
+    feasible,
+    local_bytes,
+)
+from meshscale.core.vivaldi import Coordinate
+from meshscale.sim.engine import NodeContext, Simulator
+from meshscale.sim.topology import Topology
+
+__all__ = [
+    "ComputeMesh",
+    "ComputeNode",
+    "ComputeReport",
+    "HerdReport",
+    "chaos_run",
+    "herd_run",
+    "naive_herd",
+    "stale_view",
+]
+
+
+# --------------------------------------------------------------------------- node
+
+
+class ComputeNode:
+    """One simulated node: a ``Scheduler`` plus slots that run tasks for a duration."""
+
+    def __init__(self, ctx: NodeContext, mesh: ComputeMesh) -> None:
+        self.name = ctx.name
+        self.mesh = mesh
+        self.disk = ctx.disk
+        self.owned: dict[str, TaskSpec] = self.disk.setdefault("owned", {})
+        self.sched = Scheduler(ctx.name, mesh.capacity[ctx.name], config=mesh.config,
+                               rng=ctx.rng, now=ctx.now)
+        self.sched.objects_held(sorted(mesh.objects_on.get(ctx.name, ())))
+        self._runs: list[tuple[float, int, str, str, int]] = []
+        self._seq = 0
+        self._out: list[Output] = []
+        self.streams_failed = 0
+
+    # driver contract
+    def handle_datagram(self, src: str, payload: bytes, now: float) -> None:
+        return None
+
+    def handle_stream(self, src: str, payload: bytes, now: float) -> bytes | None:
+        self.sched.handle_message(src, payload, now)
+        self._settle(now)
+        return None
+
+    def handle_stream_reply(self, src: str, payload: bytes, now: float) -> None:
+        return None
+
+    def stream_failed(self, dst: str, now: float) -> None:
+        self.streams_failed += 1  # a lost message: the scheduler's timeouts cover it
+
+    def next_deadline(self) -> float | None:
+        d = self.sched.next_deadline()
+        if self._runs:
+            d = min(d, self._runs[0][0])
+        return d
+
+    def on_timer(self, now: float) -> None:
+        while self._runs and self._runs[0][0] <= now:
+            _, _, owner, tid, attempt = heapq.heappop(self._runs)
+            self.sched.task_finished(owner, tid, attempt, True, "", now)
+        self.sched.on_timer(now)
+        self._settle(now)
+
+    def drain(self) -> list[Output]:
+        out = self._out
+        self._out = []
+        return out
+
+    # local requests
+    def submit(self, tasks: Sequence[TaskSpec], now: float) -> None:
+        self.sched.submit(tasks, now)  # raises before anything is recorded
+        for t in tasks:
+            self.owned[t.task_id] = t
+        self._settle(now)
+
+    def recover(self, now: float) -> None:
+        """After a restart: submit again the tasks owned before the crash."""
+        for tid in sorted(self.owned):
+            spec = self.owned[tid]
+            try:
+                self.sched.submit([spec], now)
+            except SchedulingError as exc:
+                del self.owned[tid]
+                self._out.append(TaskFailed(tid, f"{exc.rule}: {exc}"))
+        self._settle(now)
+
+    def _settle(self, now: float) -> None:
+        for o in self.sched.drain():
+            if isinstance(o, SendMessage):
+                self._out.append(StreamRequest(o.dst, o.payload))
+                continue
+            if isinstance(o, RunTask):
+                self._seq += 1
+                end = now + self.mesh.durations.get(o.task.task_id, 1.0)
+                heapq.heappush(self._runs, (end, self._seq, o.owner, o.task.task_id, o.attempt))
+            elif isinstance(o, TaskFinished | TaskFailed):
+                self.owned.pop(o.task_id, None)
+            self._out.append(o)
+
+
+# --------------------------------------------------------------------------- mesh
+
+
+@dataclass
+class _Binding:
+    t: float
+    node: str
+    local: bool
+
+
+class ComputeMesh:
+    """A simulated mesh of ``ComputeNode``s named ``n0 .. n{N-1}``."""
+
+    def __init__(
+        self,
+        nodes: int = 12,
+        *,
+        seed: int,
+        topology: Topology | None = None,
+        cpus: float = 4.0,
+        config: SchedulingConfig | None = None,
+        labels: dict[str, dict[str, str]] | None = None,
+        objects: dict[str, tuple[int, Residency | None]] | None = None,
+        gossip_s: float = 1.0,
+        gossip_delay_s: float = 0.3,
+        detect_s: float = 2.0,
+        record_trace: bool = False,
+    ) -> None:
+        self.topology = topology or Topology.three_regions()
+        self.config = config or SchedulingConfig(run_timeout_s=20.0)
+        self.sim = Simulator(self.topology, seed, record_trace=record_trace)
+        self.names = [f"n{i}" for i in range(nodes)]
+        self.placements = dict(zip(self.names, self.topology.place(nodes), strict=True))
+        labels = labels or {}
+        self.candidates = {
+            n: Candidate(n, p.region, p.zone, labels.get(n, {}))
+            for n, p in self.placements.items()
+        }
+        self.capacity = {n: Resources(cpus, 16_000, 1 if "gpu" in labels.get(n, {}) else 0)
+                         for n in self.names}
+        regions = list(self.topology.regions)
+        self.coords = {
+            n: Coordinate(
+                vec=tuple(0.07 if r == p.region else 0.0 for r in regions),
+                height=0.001 + p.access_s, error=0.1)
+            for n, p in self.placements.items()
+        }
+        # Objects: size, residency and holders (three replicas, by the data plane's rule).
+        self.objects: dict[str, InputRef] = {}
+        self.objects_on: dict[str, set[str]] = {n: set() for n in self.names}
+        view = list(self.candidates.values())
+        for oid, (size, res) in sorted((objects or {}).items()):
+            holders = tuple(c.name for c in replica_set(oid, view, 3, res))
+            self.objects[oid] = InputRef(oid, size, holders, res)
+            for h in holders:
+                self.objects_on[h].add(oid)
+        self.durations: dict[str, float] = {}
+        self.specs: dict[str, TaskSpec] = {}
+        self.owner: dict[str, str] = {}
+        self.refused: dict[str, str] = {}
+        self.bindings: dict[str, list[_Binding]] = {}
+        self.runs: dict[str, list[str]] = {}
+        self.results: dict[str, list[Event]] = {}
+        self.violations: list[str] = []
+        self.holder_free_at_submit: dict[str, bool] = {}
+        self.detected_down: set[str] = set()
+        self.down_for_good: set[str] = set()
+        self.gossip_s = gossip_s
+        self.gossip_delay_s = gossip_delay_s
+        self.detect_s = detect_s
+        self.gossip_on = True
+        self._last_load: dict[str, Load] = {}
+        self.sim.observers.append(self._observe)
+        for name in self.names:
+            self.sim.add_node(name, self.placements[name], self._factory)
+        snapshot = self.snapshot()
+        for name in self.names:
+            self.sim.call(name, partial(_set_view, snapshot))
+        self.sim.at(gossip_s, self._gossip)
+
+    def _factory(self, ctx: NodeContext) -> DrivenProtocol:
+        return ComputeNode(ctx, self)
+
+    def node(self, name: str) -> ComputeNode:
+        proto = self.sim.protocol(name)
+        assert isinstance(proto, ComputeNode)
+        return proto
+
+    def up(self) -> list[str]:
+        return [n for n in self.names if self.sim.is_up(n)]
+
+    # ------------------------------------------------------------------ gossip, detection
+
+    def state_of(self, name: str, load: Load | None = None) -> NodeState:
+        if load is None:
+            load = self.node(name).sched.load() if self.sim.is_up(name) else Load()
+        return NodeState(self.candidates[name], self.capacity[name], load,
+                         coord=self.coords[name], bandwidth_bps=1e9)
+
+    def snapshot(self) -> list[NodeState]:
+        """What gossip says now: every node not (yet) detected dead, with its load (the
+        last one it advertised, for a crashed node nobody has noticed yet)."""
+        out = []
+        for n in self.names:
+            if n in self.detected_down:
+                continue
+            if self.sim.is_up(n):
+                self._last_load[n] = self.node(n).sched.load()
+            out.append(self.state_of(n, self._last_load.get(n, Load())))
+        return out
+
+    def install_view(self, view: list[NodeState]) -> None:
+        for n in self.up():
+            self.sim.call(n, partial(_set_view, view))
+
+    def _gossip(self) -> None:
+        if self.gossip_on:
+            snap = self.snapshot()
+            self.sim.at(self.sim.now + self.gossip_delay_s, partial(self._deliver, snap))
+        self.sim.at(self.sim.now + self.gossip_s, self._gossip)
+
+    def _deliver(self, snap: list[NodeState]) -> None:
+        if self.gossip_on:
+            view = [s for s in snap if s.name not in self.detected_down]
+            self.install_view(view)
+
+    # ------------------------------------------------------------------ faults
+
+    def crash(self, name: str, *, for_good: bool = False) -> None:
+        self.sim.crash(name)
+        if for_good:
+            self.down_for_good.add(name)
+        self.sim.at(self.sim.now + self.detect_s, partial(self._detect, name))
+
+    def _detect(self, name: str) -> None:
+        if self.sim.is_up(name) or name in self.detected_down:
+            return
+        self.detected_down.add(name)
+        for n in self.up():
+            self.sim.call(n, partial(_node_down, name))
+
+    def restart(self, name: str) -> None:
+        assert name not in self.down_for_good
+        self.sim.restart(name)
+        self.detected_down.discard(name)
+        view = [s for s in self.snapshot() if s.name not in self.detected_down]
+        self.sim.call(name, partial(_set_view, view))
+        self.sim.call(name, _recover)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, node: str, tasks: Sequence[TaskSpec],
+               durations: Sequence[float] | None = None) -> str | None:
+        """Submit a batch at ``node`` now; returns the refusal (``rule: message``) or None.
+        (A paused node takes the request when it resumes: then the refusal, if any, is
+        only recorded in ``refused``.)"""
+        for i, t in enumerate(tasks):
+            self.durations[t.task_id] = 1.0 if durations is None else durations[i]
+            self.holder_free_at_submit[t.task_id] = self._holder_free(t)
+            # Registered first: the owner may bind a task to itself within the call.
+            self.specs[t.task_id] = t
+            self.owner[t.task_id] = node
+        self.sim.call(node, partial(_submit, list(tasks), self._refuse))
+        return self.refused.get(tasks[0].task_id)
+
+    def _refuse(self, tasks: list[TaskSpec], reason: str) -> None:
+        for t in tasks:
+            self.refused[t.task_id] = reason
+            del self.specs[t.task_id]
+            del self.owner[t.task_id]
+            self.holder_free_at_submit.pop(t.task_id, None)
+
+    def _holder_free(self, t: TaskSpec) -> bool:
+        """Truth at submit: some live holder of ``t``'s inputs may run it and has a free slot."""
+        if not t.inputs or not isinstance(t.placement, DataLocal):
+            return False
+        best = max(local_bytes(t, n) for n in self.names)
+        if best <= 0:
+            return False
+        for n in self.up():
+            if local_bytes(t, n) != best or exclusion(t, self.state_of(n)) is not None:
+                continue
+            if self.node(n).sched.load().free_cpus >= t.cpus:
+                return True
+        return False
+
+    # ------------------------------------------------------------------ observation
+
+    def _check_rules(self, t: float, where: str, tid: str, node: str) -> None:
+        spec = self.specs.get(tid)
+        if spec is None:
+            return
+        why = exclusion(spec, self.state_of(node, Load()))
+        if why is not None:
+            self.violations.append(f"{t:.3f} {where} {tid} on {node} "
+                                   f"({self.candidates[node].region}) breaks {why[0]}: {why[1]}")
+
+    def _observe(self, t: float, node: str, ev: Event) -> None:
+        if isinstance(ev, TaskBound):
+            self._check_rules(t, "bound", ev.task_id, ev.node)
+            spec = self.specs.get(ev.task_id)
+            local = spec is not None and _holds_most(spec, ev.node, self.names)
+            self.bindings.setdefault(ev.task_id, []).append(_Binding(t, ev.node, local))
+        elif isinstance(ev, RunTask):
+            self._check_rules(t, "run", ev.task.task_id, node)
+            self.runs.setdefault(ev.task.task_id, []).append(node)
+        elif isinstance(ev, TaskFinished | TaskFailed):
+            self.results.setdefault(ev.task_id, []).append(ev)
+
+    # ------------------------------------------------------------------ invariants
+
+    def locality(self) -> tuple[int, int]:
+        """(bound to a holder, bound) over data tasks whose holder had a free slot at
+        submit time (first binding of each)."""
+        eligible = [tid for tid, free in self.holder_free_at_submit.items()
+                    if free and tid in self.bindings]
+        local = sum(1 for tid in eligible if self.bindings[tid][0].local)
+        return local, len(eligible)
+
+    def orphaned(self) -> list[str]:
+        """Accepted tasks whose owner is down for good (no takeover yet: not counted)."""
+        return sorted(tid for tid, o in self.owner.items() if o in self.down_for_good)
+
+    def result_problems(self) -> list[str]:
+        """Accepted tasks (of owners not down for good) without exactly one result."""
+        out = []
+        orphans = set(self.orphaned())
+        for tid in sorted(self.specs):
+            n = len(self.results.get(tid, []))
+            if n > 1 or (n == 0 and tid not in orphans):
+                out.append(f"{tid}: {n} results")
+        return out
+
+    def all_done(self) -> bool:
+        orphans = set(self.orphaned())
+        return all(tid in self.results or tid in orphans for tid in self.specs)
+
+
+def _holds_most(spec: TaskSpec, node: str, names: list[str]) -> bool:
+    best = max(local_bytes(spec, n) for n in names)
+    return best > 0 and local_bytes(spec, node) == best
+
+
+def _set_view(view: list[NodeState], p: DrivenProtocol, now: float) -> None:
+    assert isinstance(p, ComputeNode)
+    p.sched.set_view(view, now)
+    p._settle(now)
+
+
+def _node_down(name: str, p: DrivenProtocol, now: float) -> None:
+    assert isinstance(p, ComputeNode)
+    p.sched.node_down(name, now)
+    p._settle(now)
+
+
+def _recover(p: DrivenProtocol, now: float) -> None:
+    assert isinstance(p, ComputeNode)
+    p.recover(now)
+
+
+def _submit(tasks: list[TaskSpec], refuse: Callable[[list[TaskSpec], str], None],
+            p: DrivenProtocol, now: float) -> None:
+    assert isinstance(p, ComputeNode)
+    try:
+        p.submit(tasks, now)
+    except SchedulingError as exc:
+        refuse(tasks, f"{exc.rule}: {exc}")
+
+
+# --------------------------------------------------------------------------- chaos
+
+
+@dataclass
+class ComputeReport:
+    seed: int
+    submitted: int
+    refused: int
+    finished: int
+    failed: int
+    orphaned: int
+    residency_violations: list[str]
+    result_problems: list[str]
+    locality: tuple[int, int]
+    reruns: int
+    """Tasks that ran more than once (at-least-once execution; one result each)."""
+    trace_hash: str
+    events: int
+    faults: list[str] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _random_task(rng: random.Random, i: int, seed: int, mesh: ComputeMesh,
+                 regions: list[str]) -> TaskSpec:
+    oids = sorted(mesh.objects)
+    roll = rng.random()
+    inputs: tuple[InputRef, ...] = ()
+    mode: PlacementMode = DataLocal()
+    if roll < 0.6:
+        inputs = tuple(mesh.objects[o] for o in rng.sample(oids, rng.choice((1, 1, 2))))
+    elif roll < 0.7:
+        mode = NearSource(mesh.names[rng.randrange(len(mesh.names))])
+    elif roll < 0.8:
+        mode = Central(regions[rng.randrange(len(regions))])
+    elif roll < 0.9:
+        mode = InRegions(frozenset(rng.sample(regions, 2)))
+    residency = None
+    if rng.random() < 0.2:
+        residency = Residency(frozenset({regions[rng.randrange(len(regions))]}), "pii")
+    labels = {"gpu": "yes"} if rng.random() < 0.05 else {}
+    return TaskSpec(f"s{seed}-t{i}", cpus=float(rng.choice((1, 1, 1, 2))), labels=labels,
+                    residency=residency, inputs=inputs, placement=mode, gpus=len(labels))
+
+
+def chaos_run(
+    seed: int,
+    *,
+    nodes: int = 12,
+    tasks: int = 120,
+    fault_until: float = 30.0,
+    settle_s: float = 90.0,
+) -> ComputeReport:
+    """Tasks of every placement mode (some with residency, some with inputs whose residency
+    is restricted, a few needing a GPU) submitted from random live nodes while nodes crash
+    (some for good), restart, pause and get partitioned; then faults stop and the mesh runs
+    until every task has its result."""
+    rng = random.Random(f"compute-chaos/{seed}")
+    topo = Topology.three_regions()
+    regions = list(topo.regions)
+    objects: dict[str, tuple[int, Residency | None]] = {}
+    for k in range(24):
+        res = Residency(frozenset({regions[k % 3]}), "pii") if k % 4 == 0 else None
+        objects[f"obj{k}"] = (rng.choice((1, 10, 100, 500)) * 1_000_000, res)
+    labels = {f"n{i}": {"gpu": "yes"} for i in (1, 6)}
+    mesh = ComputeMesh(nodes, seed=seed, topology=topo, labels=labels, objects=objects)
+    sim = mesh.sim
+    faults: list[str] = []
+
+    def submit(i: int) -> None:
+        up = [n for n in mesh.up() if n not in mesh.detected_down]
+        if not up:
+            return
+        node = up[rng.randrange(len(up))]
+        spec = _random_task(rng, i, seed, mesh, regions)
+        mesh.submit(node, [spec], [rng.uniform(0.2, 2.5)])
+
+    for i in range(tasks):
+        sim.at(1.0 + (fault_until - 2.0) * i / tasks, partial(submit, i))
+
+    transient: dict[str, float] = {}
+
+    def inject() -> None:
+        now = sim.now
+        for n, until in sorted(transient.items()):
+            if until <= now:
+                del transient[n]
+                mesh.restart(n)
+                faults.append(f"{now:.1f} restart {n}")
+        up = [n for n in mesh.up() if n not in transient]
+        if len(up) <= nodes // 2:
+            return
+        roll = rng.random()
+        victim = up[rng.randrange(len(up))]
+        if roll < 0.3 and len(transient) < 2:
+            transient[victim] = now + rng.uniform(3.0, 10.0)
+            mesh.crash(victim)
+            faults.append(f"{now:.1f} crash {victim}")
+        elif roll < 0.4 and len(mesh.down_for_good) < 2:
+            mesh.crash(victim, for_good=True)
+            faults.append(f"{now:.1f} crash-for-good {victim}")
+        elif roll < 0.7:
+            d = rng.uniform(0.5, 4.0)
+            sim.pause(victim, d)
+            faults.append(f"{now:.1f} pause {victim} {d:.1f}")
+        elif roll < 0.85:
+            cut = list(up)
+            rng.shuffle(cut)
+            side = cut[: rng.randint(1, len(cut) // 3)]
+            sim.partition(side, [n for n in mesh.names if n not in side])
+            sim.at(min(now + rng.uniform(1.0, 5.0), fault_until), sim.heal)
+            faults.append(f"{now:.1f} partition {','.join(sorted(side))}")
+
+    t = 3.0
+    while t < fault_until:
+        sim.at(t, inject)
+        t += rng.uniform(1.5, 3.5)
+    sim.run_until(fault_until)
+    sim.heal()
+    for n in sorted(transient):
+        mesh.restart(n)
+        faults.append(f"{sim.now:.1f} restart {n}")
+    sim.run_until_true(mesh.all_done, sim.now + settle_s, 0.5)
+    stats: dict[str, int] = {}
+    for n in mesh.names:
+        for key, count in mesh.node(n).sched.stats.items():
+            stats[key] = stats.get(key, 0) + count
+    results = [evs[0] for evs in mesh.results.values()]
+    return ComputeReport(
+        seed=seed,
+        submitted=len(mesh.specs) + len(mesh.refused),
+        refused=len(mesh.refused),
+        finished=sum(1 for e in results if isinstance(e, TaskFinished)),
+        failed=sum(1 for e in results if isinstance(e, TaskFailed)),
+        orphaned=len(mesh.orphaned()),
+        residency_violations=list(mesh.violations),
+        result_problems=mesh.result_problems(),
+        locality=mesh.locality(),
+        reruns=sum(1 for r in mesh.runs.values() if len(r) > 1),
+        trace_hash=sim.trace_hash(),
+        events=sim.events_processed,
+        faults=faults,
+        stats=stats,
+    )
+
+
+# --------------------------------------------------------------------------- herd
+
+
+@dataclass
+class HerdReport:
+    seed: int
+    tasks: int
+    nodes: int
+    per_node: dict[str, int]
+    """Tasks bound (first binding) per node."""
+    finished: int
+    makespan_s: float
+    trace_hash: str
+
+    @property
+    def fair_share(self) -> float:
+        return self.tasks / self.nodes
+
+    @property
+    def max_over_fair(self) -> float:
+        return max(self.per_node.values(), default=0) / self.fair_share
+
+
+def stale_view(mesh: ComputeMesh, cold: str, busy: Load) -> list[NodeState]:
+    """A view gossiped when every node but ``cold`` was busy (``busy``) and ``cold`` idle."""
+    cap = mesh.capacity[cold].cpus
+    return [mesh.state_of(n, Load(0, 0, cap) if n == cold else busy) for n in mesh.names]
+
+
+def herd_run(
+    seed: int,
+    *,
+    nodes: int = 12,
+    tasks_per_node: int = 8,
+    cpus: float = 4.0,
+    cold: str = "n5",
+    deadline_s: float = 60.0,
+) -> HerdReport:
+    """Every node submits ``tasks_per_node`` one-second tasks at the same instant, all
+    holding the same stale view in which ``cold`` is the only idle node (truth: all idle)."""
+    mesh = ComputeMesh(nodes, seed=seed, cpus=cpus)
+    sim = mesh.sim
+    sim.run_until(1.5)
+    view = stale_view(mesh, cold, Load(int(cpus), int(cpus), 0.0))
+    mesh.install_view(view)
+    t0 = sim.now
+    for n in mesh.names:
+        batch = [TaskSpec(f"h{seed}-{n}-{k}") for k in range(tasks_per_node)]
+        assert mesh.submit(n, batch) is None
+    sim.run_until_true(mesh.all_done, t0 + deadline_s, 0.05)
+    per_node = {n: 0 for n in mesh.names}
+    for b in mesh.bindings.values():
+        per_node[b[0].node] += 1
+    done = [e for evs in mesh.results.values() for e in evs if isinstance(e, TaskFinished)]
+    return HerdReport(seed, len(mesh.specs), nodes, per_node, len(done), sim.now - t0,
+                      sim.trace_hash())
+
+
+def naive_herd(
+    view: Sequence[NodeState], submitters: Sequence[str], tasks_per_node: int,
+    pick: Callable[[TaskSpec, Sequence[NodeState], dict[str, int]], str] | None = None,
+) -> dict[str, int]:
+    """Baseline: each submitter pushes each task to the least-loaded feasible node of the
+    same stale view (queued + running - free cpus, plus what it pushed itself; ties by
+    name). Returns tasks per node."""
+
+    def least_loaded(t: TaskSpec, v: Sequence[NodeState], mine: dict[str, int]) -> str:
+        nodes = feasible(t, v)
+        return min(nodes, key=lambda s: (s.load.queued + s.load.running - s.load.free_cpus
+                                         + mine.get(s.name, 0), s.name)).name
+
+    choose = pick or least_loaded
+    per_node: dict[str, int] = {s.name: 0 for s in view}
+    for sub in submitters:
+        mine: dict[str, int] = {}
+        for k in range(tasks_per_node):
+            n = choose(TaskSpec(f"naive-{sub}-{k}"), view, mine)
+            mine[n] = mine.get(n, 0) + 1
+            per_node[n] += 1
+    return per_node
