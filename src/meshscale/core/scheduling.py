@@ -386,7 +386,7 @@ def _filters(task: TaskSpec) -> list[tuple[str, str, Callable[[NodeState], bool]
                     _in_residency(task.residency)))
     for inp in task.inputs:
         if inp.residency is not None:
-            out.append(("input-residency", f"input {inp.oid!r}'s {inp.residency.describe()}",
+            out.append(("input-residency", f"input {inp.oid!r}: {inp.residency.describe()}",
                         _in_residency(inp.residency)))
     if isinstance(task.placement, Central | InRegions):
         out.append(("mode", _mode_describe(task.placement), _in_mode(task.placement)))

@@ -1,0 +1,403 @@
+"""Scheduling decisions without I/O: feasibility and refusal reasons, scoring, sampling,
+late binding, locality, stealing, re-placement, idempotent results, the wire."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from meshscale.core.placement import Candidate, PlacementError, Residency
+from meshscale.core.scheduling import (
+    Central,
+    InputRef,
+    InRegions,
+    Load,
+    NearSource,
+    NodeState,
+    Resources,
+    RunTask,
+    Scheduler,
+    SchedulingConfig,
+    SchedulingError,
+    SendMessage,
+    TaskBound,
+    TaskFailed,
+    TaskFinished,
+    TaskSpec,
+    decode_message,
+    encode_message,
+    feasible,
+    score,
+)
+from meshscale.core.vivaldi import Coordinate
+from meshscale.core.wire import WireError
+
+CAP = Resources(4.0, 8000, 0)
+CFG = SchedulingConfig()
+
+
+def node(name: str, region: str = "eu", *, load: Load | None = None, cap: Resources = CAP,
+         labels: dict[str, str] | None = None, standby: bool = False,
+         x: float = 0.0) -> NodeState:
+    return NodeState(Candidate(name, region, f"{region}-a", labels or {}), cap,
+                     load if load is not None else Load(0, 0, cap.cpus), standby,
+                     Coordinate((x, 0.0), 0.0001, 0.1))
+
+
+def names(nodes: Sequence[NodeState]) -> list[str]:
+    return [n.name for n in nodes]
+
+
+# --------------------------------------------------------------------------- feasibility
+
+MESH = [node("a", "eu"), node("b", "eu", labels={"gpu": "a100"}, cap=Resources(8, 64000, 1)),
+        node("c", "us"), node("d", "ap")]
+
+
+def test_feasible_filters_by_every_rule() -> None:
+    assert names(feasible(TaskSpec("t"), MESH)) == ["a", "b", "c", "d"]
+    eu = Residency(frozenset({"eu"}), "pii")
+    assert names(feasible(TaskSpec("t", residency=eu), MESH)) == ["a", "b"]
+    inp = InputRef("o1", 10, ("c",), Residency(frozenset({"us", "eu"})))
+    assert names(feasible(TaskSpec("t", inputs=(inp,)), MESH)) == ["a", "b", "c"]
+    assert names(feasible(TaskSpec("t", placement=Central("us")), MESH)) == ["c"]
+    assert names(feasible(TaskSpec("t", placement=InRegions(frozenset({"us", "ap"}))),
+                          MESH)) == ["c", "d"]
+    assert names(feasible(TaskSpec("t", labels={"gpu": "a100"}), MESH)) == ["b"]
+    assert names(feasible(TaskSpec("t", cpus=6), MESH)) == ["b"]
+    # Busy nodes are feasible: capacity is total, the task queues.
+    busy = [node("a", load=Load(4, 9, 0.0))]
+    assert names(feasible(TaskSpec("t"), busy)) == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("task", "rule", "words"),
+    [
+        (TaskSpec("t", residency=Residency(frozenset({"mars"}), "pii")), "residency",
+         ["residency regions={mars}", "pii", "{ap, eu, us}"]),
+        (TaskSpec("t", inputs=(InputRef("o9", 1, (), Residency(frozenset({"mars"}))),)),
+         "input-residency", ["input 'o9': residency regions={mars}"]),
+        (TaskSpec("t", residency=Residency(frozenset({"eu"})),
+                  inputs=(InputRef("o9", 1, (), Residency(frozenset({"us"}))),)),
+         "input-residency", ["input 'o9'", "{eu}"]),
+        (TaskSpec("t", residency=Residency(frozenset({"eu"})), placement=Central("us")),
+         "mode", ["central placement in region 'us'"]),
+        (TaskSpec("t", labels={"gpu": "h100"}), "labels", ["gpu=h100"]),
+        (TaskSpec("t", cpus=64), "resources", ["64 cpu", "largest", "8 cpu"]),
+        (TaskSpec("t", gpus=1, placement=Central("us")), "resources", ["1 gpu"]),
+    ],
+)
+def test_refusal_names_the_rule(task: TaskSpec, rule: str, words: list[str]) -> None:
+    with pytest.raises(SchedulingError) as info:
+        feasible(task, MESH)
+    assert info.value.rule == rule
+    assert isinstance(info.value, PlacementError)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+
+
+def test_empty_view_is_refused() -> None:
+    with pytest.raises(SchedulingError) as info:
+        feasible(TaskSpec("t"), [])
+    assert info.value.rule == "nodes"
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def test_score_terms() -> None:
+    inp = InputRef("o", 125_000_000, ("a",))  # 1 Gbit
+    t = TaskSpec("t", inputs=(inp,))
+    here = Coordinate((0.0, 0.0), 0.0001, 0.1)
+    a = score(t, node("a", x=0.0), here, CFG)
+    b = score(t, node("b", x=0.1), here, CFG)
+    assert a.transfer_s == 0.0 and b.transfer_s == pytest.approx(1.0)
+    assert b.latency_s == pytest.approx(0.1002)
+    assert a.total < b.total
+    # Queue wait: queued * mean / cpus, plus one for us when no slot is free.
+    q = score(TaskSpec("t"), node("q", load=Load(4, 8, 0.0)), None, CFG)
+    assert q.queue_s == pytest.approx((8 + 1) * CFG.mean_task_s / 4)
+    free = score(TaskSpec("t"), node("f", load=Load(2, 0, 2.0)), None, CFG)
+    assert free.queue_s == 0.0 and free.energy_s == 0.0
+    # Energy: idle costs a little, standby a lot; busy-with-a-free-slot wins a tie.
+    idle = score(TaskSpec("t"), node("i"), None, CFG)
+    assert idle.energy_s == CFG.idle_penalty_s and idle.total > free.total
+    sb = score(TaskSpec("t"), node("s", standby=True), None, CFG)
+    assert sb.energy_s == CFG.wake_penalty_s
+    assert "total=" in sb.describe()
+
+
+def test_near_source_scores_latency_from_the_source() -> None:
+    view = [node("me", x=0.0), node("src", x=0.5), node("near", x=0.49), node("far", x=0.0)]
+    s = Scheduler("me", CAP, config=SchedulingConfig(pool_size=2, probes_per_task=1,
+                                                      sample_temperature_s=0.001),
+                  rng=random.Random(1), now=0.0)
+    s.set_view(view, 0.0)
+    s.submit([TaskSpec("t", placement=NearSource("src"))], 0.0)
+    probes = [o.dst for o in s.drain() if isinstance(o, SendMessage)]
+    assert probes and set(probes) <= {"src", "near"}
+
+
+# --------------------------------------------------------------------------- a tiny driver
+
+
+class Net:
+    """Delivers messages between schedulers in FIFO order; runs tasks on request."""
+
+    def __init__(self, view: list[NodeState], cfg: SchedulingConfig = CFG, seed: int = 0,
+                 caps: dict[str, Resources] | None = None) -> None:
+        caps = caps or {}
+        self.s = {n.name: Scheduler(n.name, caps.get(n.name, n.capacity), config=cfg,
+                                    rng=random.Random(f"{seed}/{n.name}"), now=0.0)
+                  for n in view}
+        for s in self.s.values():
+            s.set_view(view, 0.0)
+        self.events: list[tuple[str, object]] = []
+        self.running: list[tuple[str, RunTask]] = []
+        self.down: set[str] = set()
+
+    def pump(self, now: float = 0.0) -> None:
+        moved = True
+        while moved:
+            moved = False
+            for name, s in self.s.items():
+                if name in self.down:
+                    s.drain()
+                    continue
+                for o in s.drain():
+                    moved = True
+                    if isinstance(o, SendMessage):
+                        if o.dst not in self.down:
+                            self.s[o.dst].handle_message(name, o.payload, now)
+                    elif isinstance(o, RunTask):
+                        self.running.append((name, o))
+                        self.events.append((name, o))
+                    else:
+                        self.events.append((name, o))
+
+    def finish_all(self, now: float = 0.0) -> None:
+        while self.running:
+            runs, self.running = self.running, []
+            for name, r in runs:
+                if name not in self.down:
+                    self.s[name].task_finished(r.owner, r.task.task_id, r.attempt, True, "",
+                                               now)
+            self.pump(now)
+
+    def of(self, kind: type) -> list[object]:
+        return [e for _, e in self.events if isinstance(e, kind)]
+
+
+def test_late_binding_gives_each_task_to_one_node_and_one_result() -> None:
+    view = [node(f"n{i}") for i in range(6)]
+    net = Net(view)
+    tasks = [TaskSpec(f"t{i}") for i in range(20)]
+    net.s["n0"].submit(tasks, 0.0)
+    net.pump()
+    net.finish_all()
+    bound = net.of(TaskBound)
+    done = net.of(TaskFinished)
+    assert sorted(b.task_id for b in bound) == sorted(t.task_id for t in tasks)  # type: ignore[attr-defined]
+    assert sorted(d.task_id for d in done) == sorted(t.task_id for t in tasks)  # type: ignore[attr-defined]
+    assert not net.s["n0"].pending()
+    st = net.s["n0"].stats
+    assert st["probes_sent"] == 2 * len(tasks)
+
+
+def test_submit_refuses_the_whole_batch_with_the_rule() -> None:
+    net = Net([node("a", "eu"), node("b", "us")])
+    bad = TaskSpec("t2", residency=Residency(frozenset({"ap"})))
+    with pytest.raises(SchedulingError) as info:
+        net.s["a"].submit([TaskSpec("t1"), bad], 0.0)
+    assert info.value.rule == "residency" and "'t2'" in str(info.value)
+    assert net.s["a"].pending() == [] and net.s["a"].drain() == []
+    with pytest.raises(ValueError):
+        net.s["a"].submit([TaskSpec("x"), TaskSpec("x")], 0.0)
+
+
+def test_binding_never_breaks_residency_even_for_a_thief() -> None:
+    # b (us) holds a reservation it steals; the owner must not give it an eu-only task.
+    view = [node("a", "eu"), node("b", "us")]
+    net = Net(view)
+    eu = Residency(frozenset({"eu"}))
+    net.s["a"].submit([TaskSpec(f"t{i}", residency=eu) for i in range(12)], 0.0)
+    net.pump()
+    net.s["b"].idle(0.0)
+    net.pump()
+    net.finish_all()
+    for b in net.of(TaskBound):
+        assert b.region == "eu"  # type: ignore[attr-defined]
+    assert len(net.of(TaskFinished)) == 12
+
+
+def test_locality_only_holders_bind_while_waiting() -> None:
+    view = [node(f"n{i}") for i in range(8)]
+    net = Net(view)
+    inp = InputRef("big", 10_000_000, ("n3", "n5"))
+    net.s["n0"].submit([TaskSpec(f"t{i}", inputs=(inp,)) for i in range(6)], 0.0)
+    probes = {o.dst for o in net.s["n0"].drain() if isinstance(o, SendMessage)}
+    assert probes <= {"n3", "n5"}
+    net = Net(view)
+    net.s["n0"].submit([TaskSpec(f"t{i}", inputs=(inp,)) for i in range(6)], 0.0)
+    net.pump()
+    net.finish_all()
+    for b in net.of(TaskBound):
+        assert b.node in ("n3", "n5") and b.local and b.restricted  # type: ignore[attr-defined]
+
+
+def test_locality_goes_wide_after_the_wait() -> None:
+    cfg = SchedulingConfig(locality_wait_s=1.0, probe_timeout_s=0.5)
+    view = [node("a"), node("h"), node("c")]
+    net = Net(view, cfg)
+    inp = InputRef("o", 1000, ("h",))
+    net.down.add("h")  # the holder never answers (not yet detected)
+    net.s["a"].submit([TaskSpec("t", inputs=(inp,))], 0.0)
+    net.pump(0.0)
+    for t in (0.5, 1.0, 1.5, 2.0):
+        net.s["a"].on_timer(t)
+        net.pump(t)
+    bound = net.of(TaskBound)
+    assert bound and bound[0].node in ("a", "c") and not bound[0].restricted  # type: ignore[attr-defined]
+
+
+def test_herd_one_owner_spreads_its_batch() -> None:
+    # One submitter, all nodes look idle: its own reservations spread the batch.
+    view = [node(f"n{i}") for i in range(8)]
+    s = Scheduler("n0", CAP, rng=random.Random(3), now=0.0)
+    s.set_view(view, 0.0)
+    s.submit([TaskSpec(f"t{i}") for i in range(32)], 0.0)
+    per: dict[str, int] = {}
+    for o in s.drain():
+        if isinstance(o, SendMessage):
+            per[o.dst] = per.get(o.dst, 0) + 1
+    assert len(per) >= 6 and max(per.values()) <= 2 * 64 / 8
+
+
+def test_steal_prefers_reservations_whose_inputs_the_thief_holds() -> None:
+    cfg = SchedulingConfig(max_steal=1)
+    view = [node("o"), node("v", cap=Resources(1, 1000, 0)), node("t")]
+    net = Net(view, cfg)
+    v = net.s["v"]
+    # v gets three reservations directly (bypassing sampling); it is busy with the first.
+    from meshscale.core.scheduling import Reserve
+    for i, oid in enumerate(("x", "z", "y", "w")):
+        v.handle_message("o", encode_message(Reserve(1, f"t{i}", Resources(1, 0, 0), [oid])), 0.0)
+    assert len(v._queue) == 3  # the first became a GetTask
+    net.s["t"].objects_held(["y"])
+    net.s["t"]._maybe_steal(0.0)  # no gossip of v's queue yet: nothing to steal
+    assert net.s["t"].stats.get("steal_requests", 0) == 0
+    net.s["t"].set_view([node("o"), node("v", load=Load(1, 3, 0.0)), node("t")], 0.0)
+    net.s["t"].idle(0.0)
+    v.drain()  # drop the pending GetTask to o: only the steal matters here
+    outs = net.s["t"].drain()
+    steal = [o for o in outs if isinstance(o, SendMessage) and o.dst == "v"]
+    assert steal
+    v.handle_message("t", steal[0].payload, 0.0)
+    reply = [o for o in v.drain() if isinstance(o, SendMessage) and o.dst == "t"]
+    msg = decode_message(reply[0].payload, 1 << 20)
+    # The head (t1, next to run at v) stays; of the rest, the one with y goes.
+    assert [r.hint for r in msg.reservations] == ["t2"]  # type: ignore[union-attr]
+
+
+def test_node_down_replaces_bound_tasks_and_results_are_idempotent() -> None:
+    view = [node("a"), node("b"), node("c")]
+    net = Net(view, SchedulingConfig(probes_per_task=1, pool_size=2, max_retries=2))
+    net.s["a"].submit([TaskSpec("t")], 0.0)
+    net.pump()
+    (first,) = net.of(TaskBound)
+    victim = first.node  # type: ignore[attr-defined]
+    if victim == "a":
+        pytest.skip("bound locally in this seed")
+    runs = list(net.running)
+    net.running.clear()
+    net.s["a"].node_down(victim, 1.0)
+    net.pump(1.0)
+    bound = net.of(TaskBound)
+    assert len(bound) == 2 and bound[1].node != victim and bound[1].attempt == 2  # type: ignore[attr-defined]
+    # The "dead" node finishes after all (it was only slow): its result wins, the
+    # re-run's result is dropped.
+    name, r = runs[0]
+    net.s[name].task_finished(r.owner, r.task.task_id, r.attempt, True, "", 2.0)
+    net.pump(2.0)
+    net.finish_all(3.0)
+    done = net.of(TaskFinished)
+    assert len(done) == 1 and done[0].attempt == 1  # type: ignore[attr-defined]
+    assert net.s["a"].stats.get("results_duplicate") == 1
+
+
+def test_retries_are_bounded() -> None:
+    cfg = SchedulingConfig(probes_per_task=1, pool_size=1, max_retries=1)
+    small = Resources(0.5, 0, 0)  # the owner cannot run the task itself
+    net = Net([node("a", cap=small), node("b"), node("c")], cfg)
+    s = net.s["a"]
+    s.submit([TaskSpec("t")], 0.0)
+    net.pump()
+    (b1,) = net.of(TaskBound)
+    s.node_down(b1.node, 1.0)  # type: ignore[attr-defined]
+    net.pump(1.0)
+    b2 = net.of(TaskBound)[-1]
+    assert b2.node != b1.node  # type: ignore[attr-defined]
+    s.node_down(b2.node, 2.0)  # type: ignore[attr-defined]
+    net.pump(2.0)
+    failed = net.of(TaskFailed)
+    assert len(failed) == 1 and "gave up after 2 attempts" in failed[0].reason  # type: ignore[attr-defined]
+
+
+def test_run_timeout_replaces_a_silent_binding() -> None:
+    cfg = SchedulingConfig(run_timeout_s=5.0)
+    net = Net([node("a"), node("b")], cfg)
+    net.s["a"].submit([TaskSpec("t")], 0.0)
+    net.pump()
+    net.running.clear()  # the run's result is lost
+    net.s["a"].on_timer(5.0)
+    net.pump(5.0)
+    assert [b.attempt for b in net.of(TaskBound)] == [1, 2]  # type: ignore[attr-defined]
+    net.finish_all(6.0)
+    assert len(net.of(TaskFinished)) == 1
+
+
+def test_bounds_are_enforced() -> None:
+    from meshscale.core.scheduling import SchedulingOverloaded
+    s = Scheduler("a", CAP, config=SchedulingConfig(max_pending_tasks=2, max_batch=2),
+                  rng=random.Random(0), now=0.0)
+    s.set_view([node("a")], 0.0)
+    with pytest.raises(ValueError):
+        s.submit([TaskSpec(f"t{i}") for i in range(3)], 0.0)
+    s.submit([TaskSpec("t0"), TaskSpec("t1")], 0.0)
+    with pytest.raises(SchedulingOverloaded):
+        s.submit([TaskSpec("t2")], 0.0)
+    with pytest.raises(ValueError):
+        SchedulingConfig(probes_per_task=0)
+    with pytest.raises(ValueError):
+        SchedulingConfig(pool_size=1, probes_per_task=2)
+
+
+def test_wire_roundtrip_and_garbage() -> None:
+    from meshscale.core.scheduling import Grant
+    spec = TaskSpec("t", 2.0, 100, 0, {"k": "v"}, Residency(frozenset({"eu"}), "pii"),
+                    (InputRef("o", 5, ("a",), Residency(frozenset({"eu"}))),),
+                    InRegions(frozenset({"eu"})), b"\x00fn")
+    msg = Grant(7, spec, 2)
+    assert decode_message(encode_message(msg), 1 << 20) == msg
+    for bad in (b"", b"\xc1", encode_message(msg)[:-3]):
+        with pytest.raises(WireError):
+            decode_message(bad, 1 << 20)
+    with pytest.raises(WireError):
+        decode_message(encode_message(msg), 4)
+    s = Scheduler("a", CAP, rng=random.Random(0), now=0.0)
+    s.handle_message("x", b"garbage", 0.0)
+    assert s.stats == {"rejected.malformed": 1}
+
+
+def test_same_seed_same_decisions() -> None:
+    def run(seed: int) -> list[str]:
+        view = [node(f"n{i}", load=Load(i % 3, i % 2, 4.0 - i % 3)) for i in range(10)]
+        s = Scheduler("n0", CAP, rng=random.Random(seed), now=0.0)
+        s.set_view(view, 0.0)
+        s.submit([TaskSpec(f"t{i}") for i in range(16)], 0.0)
+        return [o.dst for o in s.drain() if isinstance(o, SendMessage)]
+
+    assert run(5) == run(5)
+    assert run(5) != run(6)
