@@ -378,8 +378,10 @@ class ComputeMesh:
         return local, len(eligible)
 
     def orphaned(self) -> list[str]:
-        """Accepted tasks whose owner is down for good (no takeover yet: not counted)."""
-        return sorted(tid for tid, o in self.owner.items() if o in self.down_for_good)
+        """Accepted tasks without a result whose owner is down for good (no takeover of a
+        dead owner's tasks yet: they are not counted as lost)."""
+        return sorted(tid for tid, o in self.owner.items()
+                      if o in self.down_for_good and tid not in self.results)
 
     def result_problems(self) -> list[str]:
         """Accepted tasks (of owners not down for good) without exactly one result."""
