@@ -768,6 +768,7 @@ class Scheduler:
         self._sweep_worker(now)
         self._pump(now)
         self._maybe_steal(now)
+        self._deliver(now)  # self-addressed reservations and requests queued above
 
     # ------------------------------------------------------------------ view
 
