@@ -205,9 +205,10 @@ def test_residency_refusal_and_bad_input(mesh: LocalMesh) -> None:
         with pytest.raises(RpcError, match="declared size"):
             await c.call("obj.put_chunk", {"upload": up["upload"], "data": b"y" * 11})
         # Oversized chunk.
-        up = await c.call("obj.put_begin", {"size": 3 << 20, "replicas": 3, "w": 2})
+        up = await c.call("obj.put_begin", {"size": 7 << 20, "replicas": 3, "w": 2})
+        over = up["chunk_bytes"] + 1
         with pytest.raises(RpcError, match="chunk"):
-            await c.call("obj.put_chunk", {"upload": up["upload"], "data": b"z" * (2 << 20)})
+            await c.call("obj.put_chunk", {"upload": up["upload"], "data": b"z" * over})
         # Wrong hash on a replica transfer: refused, nothing visible.
         up = await c.call("obj.rw_begin", {"id": oid_of(b"good"), "size": 4, "replicas": 3})
         await c.call("obj.rw_chunk", {"upload": up["upload"], "data": b"evil"})
