@@ -244,3 +244,33 @@ def test_kv_quorum_put_get_delete(mesh: LocalMesh) -> None:
     run(go())
 
 
+
+
+def test_ttl_objects_are_collected_everywhere_pinned_ones_stay(mesh: LocalMesh) -> None:
+    creds = mesh.credentials()
+
+    async def go() -> None:
+        c = RpcConnection(mesh.nodes[1].address, creds, 30)
+        short = await c.call("obj.put_small", {"data": os.urandom(5000), "replicas": 3, "w": 3,
+                                               "ttl_s": 2.0})
+        kept = await c.call("obj.put_small", {"data": os.urandom(5000), "replicas": 3, "w": 3})
+        st = await c.call("obj.stat", {"id": short["id"]})
+        assert len(st["holders"]) >= 3  # replicated, with the same expiry on every copy
+        end = time.monotonic() + 30
+        gone = False
+        while time.monotonic() < end:
+            try:
+                await c.call("obj.stat", {"id": short["id"]})
+            except RpcError as e:
+                assert "unknown object id" in str(e)
+                gone = True
+                break
+            await asyncio.sleep(0.5)
+        assert gone, "a TTL'd object must be collected from every holder"
+        st = await c.call("obj.stat", {"id": kept["id"]})
+        assert len(st["holders"]) >= 3
+        with pytest.raises(RpcError, match="ttl_s"):
+            await c.call("obj.put_small", {"data": b"x", "ttl_s": -1})
+        await c.close()
+
+    run(go())

@@ -84,7 +84,9 @@ class DataPlaneConfig:
     kv_replicas: int = 3
     kv_timeout_s: float = 5.0
     read_source_cache: int = 1024
-    gc_interval_s: float = 30.0
+    gc_interval_s: float = 5.0
+    """How often expired (TTL'd, unpinned) objects are collected."""
+    max_ttl_s: float = 10 * 365 * 86400.0
     storage: StorageConfig = field(default_factory=lambda: StorageConfig(min_free_bytes=64 << 20))
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
@@ -336,7 +338,12 @@ class DataPlane:
             "residency": sorted(res.regions) if res is not None and res.regions is not None else None,
             "data_class": res.data_class if res is not None else None,
             "hint_for": t.hint_for,
+            "expires": None if meta.pinned else meta.expires,
         }
+        if header["expires"] is not None and header["expires"] <= time.time():
+            # Expired here: collect it rather than spread it.
+            await self._drop(t.oid)
+            return False
         try:
             if meta.size <= self.cfg.inline_bytes:
                 # Small object: one round trip, bytes inline, verified before sending.
@@ -438,11 +445,22 @@ class DataPlane:
             except PlacementError as e:
                 raise ValueError(f"refused: {e}") from None
         res = policy.residency
+        now = time.time()
+        ttl_s: float | None = None
+        if args.get("ttl_s") is not None:
+            ttl_s = float(args["ttl_s"])
+            if not 0 < ttl_s <= self.cfg.max_ttl_s:
+                raise ValueError(f"ttl_s must be in (0, {self.cfg.max_ttl_s:g}], got {ttl_s:g}")
+        elif args.get("expires") is not None:
+            # A replica of an object with a TTL: same expiry on every copy.
+            ttl_s = float(args["expires"]) - now
+            if ttl_s <= 0:
+                raise ValueError(f"expired: {args.get('id')} expired before it arrived")
         writer = self.store.writer(
-            now=time.time(), size=size, replicas=policy.replicas,
+            now=now, size=size, replicas=policy.replicas,
             data_class=res.data_class if res is not None else None,
             residency=sorted(res.regions) if res is not None and res.regions is not None else None,
-            hint_for=args.get("hint_for"),
+            hint_for=args.get("hint_for"), pinned=ttl_s is None, ttl_s=ttl_s,
         )
         upload = f"{self.agent.name}-{next(self._upload_ids)}"
         self._uploads[upload] = _Upload(writer, size, policy, w, args.get("id"), args.get("hint_for"), client)
