@@ -65,7 +65,7 @@ from meshscale.core.placement import (
     hrw_score,
     replica_set,
 )
-from meshscale.core.wire import WireError
+from meshscale.core.wire import VersionedCodec, WireError
 
 __all__ = [
     "REPLICATION_PROTOCOL_VERSION",
@@ -276,30 +276,17 @@ class OfferReply(msgspec.Struct, tag=4, array_like=True):
 
 ReplicationMessage = DigestMsg | DigestReply | Offer | OfferReply
 
-_outer_decoder = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
-_message_decoder = msgspec.msgpack.Decoder(ReplicationMessage)
+_codec: VersionedCodec[ReplicationMessage] = VersionedCodec("replication", REPLICATION_PROTOCOL_VERSION, ReplicationMessage)
 
 
 def encode_message(msg: ReplicationMessage) -> bytes:
-    """``[version, message]`` as MessagePack, like the stream frames of ``core/rpc.py``."""
-    return msgspec.msgpack.encode((REPLICATION_PROTOCOL_VERSION, msg))
+    """``[version, message]`` as MessagePack."""
+    return _codec.encode(msg)
 
 
 def decode_message(data: bytes, max_size: int) -> ReplicationMessage:
     """Parse one message or raise ``WireError`` (oversized, malformed, version)."""
-    if len(data) > max_size:
-        raise WireError("oversized", f"{len(data)} > {max_size} bytes")
-    try:
-        version, raw = _outer_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-        raise WireError("malformed", str(exc)) from None
-    if version != REPLICATION_PROTOCOL_VERSION:
-        raise WireError("version", f"replication version {version}")
-    try:
-        msg: ReplicationMessage = _message_decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-        raise WireError("malformed", str(exc)) from None
-    return msg
+    return _codec.decode(data, max_size)
 
 
 def _ref(oid: str, policy: ObjectPolicy) -> ObjRef:

@@ -70,7 +70,7 @@ import msgspec
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.vivaldi import Coordinate, estimate_rtt
-from meshscale.core.wire import WireError
+from meshscale.core.wire import VersionedCodec, WireError
 
 __all__ = [
     "SCHEDULING_PROTOCOL_VERSION",
@@ -604,30 +604,17 @@ class StealReply(msgspec.Struct, tag=7, array_like=True):
 
 SchedulingMessage = Reserve | GetTask | Grant | NoTask | Result | Steal | StealReply
 
-_outer_decoder = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
-_message_decoder = msgspec.msgpack.Decoder(SchedulingMessage)
+_codec: VersionedCodec[SchedulingMessage] = VersionedCodec("scheduling", SCHEDULING_PROTOCOL_VERSION, SchedulingMessage)
 
 
 def encode_message(msg: SchedulingMessage) -> bytes:
     """``[version, message]`` as MessagePack."""
-    return msgspec.msgpack.encode((SCHEDULING_PROTOCOL_VERSION, msg))
+    return _codec.encode(msg)
 
 
 def decode_message(data: bytes, max_size: int) -> SchedulingMessage:
     """Parse one message or raise ``WireError`` (oversized, malformed, version)."""
-    if len(data) > max_size:
-        raise WireError("oversized", f"{len(data)} > {max_size} bytes")
-    try:
-        version, raw = _outer_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
-        raise WireError("malformed", str(exc)) from None
-    if version != SCHEDULING_PROTOCOL_VERSION:
-        raise WireError("version", f"scheduling version {version}")
-    try:
-        msg: SchedulingMessage = _message_decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
-        raise WireError("malformed", str(exc)) from None
-    return msg
+    return _codec.decode(data, max_size)
 
 
 # --------------------------------------------------------------------------- state

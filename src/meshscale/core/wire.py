@@ -9,7 +9,11 @@ nothing oversized is parsed.
 
 from __future__ import annotations
 
+from typing import Any, Generic, TypeVar
+
 import msgspec
+
+M = TypeVar("M")
 
 PROTOCOL_VERSION = 1
 
@@ -47,3 +51,32 @@ def decode_envelope(payload: bytes, max_size: int, max_messages: int = 256) -> l
     if len(raws) > max_messages:
         raise WireError("oversized", f"{len(raws)} messages > {max_messages}")
     return raws
+
+
+class VersionedCodec(Generic[M]):
+    """One message per payload, ``[version, message]``: the stream protocols' framing
+    (replication, scheduling). ``decode`` checks the size before parsing and raises
+    ``WireError`` with reason oversized, malformed or version."""
+
+    def __init__(self, name: str, version: int, message_type: Any) -> None:
+        self.name = name
+        self.version = version
+        self._outer = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
+        self._inner: msgspec.msgpack.Decoder[M] = msgspec.msgpack.Decoder(message_type)
+
+    def encode(self, msg: M) -> bytes:
+        return msgspec.msgpack.encode((self.version, msg))
+
+    def decode(self, data: bytes, max_size: int) -> M:
+        if len(data) > max_size:
+            raise WireError("oversized", f"{len(data)} > {max_size} bytes")
+        try:
+            version, raw = self._outer.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+            raise WireError("malformed", str(exc)) from None
+        if version != self.version:
+            raise WireError("version", f"{self.name} version {version}, expected {self.version}")
+        try:
+            return self._inner.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+            raise WireError("malformed", str(exc)) from None
