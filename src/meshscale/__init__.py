@@ -1,7 +1,8 @@
 """meshscale: a decentralized compute mesh.
 
-``meshscale.connect(address)`` returns a ``Mesh`` (see ``meshscale.client``). The client
-is imported on first use, so ``import meshscale`` (and the node agent) stay light.
+``meshscale.connect(address)`` returns a ``Mesh`` with tasks (see ``meshscale.client``);
+``@meshscale.task`` makes a function submittable. The client is imported on first use, so
+``import meshscale`` (and the node agent) stay light.
 """
 
 from __future__ import annotations
@@ -15,25 +16,44 @@ if TYPE_CHECKING:
         Mesh,
         MeshError,
         ObjectRef,
+    )
+    from meshscale.client.tasks import (
+        Future,
+        TaskError,
+        TaskSubmitError,
+        as_completed,
         connect,
         connect_async,
+        task,
     )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncMesh",
+    "Future",
     "IntegrityError",
     "Mesh",
     "MeshError",
     "ObjectRef",
+    "TaskError",
+    "TaskSubmitError",
     "__version__",
+    "as_completed",
     "connect",
     "connect_async",
+    "task",
 ]
+
+_FROM_TASKS = frozenset({"Future", "TaskError", "TaskSubmitError", "as_completed", "connect",
+                         "connect_async", "task"})
 
 
 def __getattr__(name: str) -> Any:
+    if name in _FROM_TASKS:
+        from meshscale.client import tasks
+
+        return getattr(tasks, name)
     if name in __all__ and name != "__version__":
         from meshscale.client import mesh
 

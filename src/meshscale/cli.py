@@ -683,6 +683,47 @@ def kv_delete_cmd(
         mesh.kv.delete(key, consistency.value)
 
 
+def _tasks_table(rows: list[dict[str, Any]]) -> str:
+    header = ("TASK", "STATE", "NODE", "OWNER", "REASON")
+    lines = [header]
+    for r in rows:
+        reason = r.get("reason") or ""
+        if r.get("state") == "failed" and r.get("error"):
+            reason = f"{reason} error: {r['error']}".strip()
+        lines.append((str(r["task_id"])[:16], str(r["state"]), r.get("node") or "-",
+                      r.get("owner") or "-", reason or "-"))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip() for row in lines
+    )
+
+
+@app.command("tasks")
+def tasks_cmd(
+    bundle: BundleOption,
+    node: NodeOption = "127.0.0.1:7946",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Newest N tasks.")] = 100,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """List the tasks a node owns (newest first): state, node it ran on, and why there."""
+    import json
+
+    from meshscale.client.rpc import RpcError, call
+
+    addr = _parse_addr(node, "--node")
+    creds = _client_creds(bundle)
+    try:
+        rows: list[dict[str, Any]] = call(addr, creds, "task.list", {"limit": limit},
+                                          timeout=timeout)
+    except RpcError as e:
+        raise CliError(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        typer.echo(_tasks_table(rows))
+
+
 # -- entry point ----------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""What users import: ``connect`` to a mesh, then put/get objects and use the KV space.
+"""What users import: ``connect`` to a mesh, then put/get objects, use the KV space and
+run tasks (``@task``, ``mesh.submit``, ``mesh.map``; see ``tasks.py``).
 
 The client talks to nodes only over the wire (``rpc.py``); it never imports the runtime.
 """
@@ -15,24 +16,46 @@ from meshscale.client.mesh import (
     ObjectInfo,
     ObjectNotFoundError,
     ObjectRef,
+    object_id,
+)
+from meshscale.client.tasks import (
+    AsyncTaskMesh,
+    Future,
+    TaskCancelledError,
+    TaskError,
+    TaskFunction,
+    TaskMesh,
+    TaskSubmitError,
+    as_completed,
     connect,
     connect_async,
-    object_id,
+    default_mesh,
+    task,
 )
 
 __all__ = [
     "KV",
     "AsyncKV",
     "AsyncMesh",
+    "AsyncTaskMesh",
     "ConnectError",
     "Consistency",
+    "Future",
     "IntegrityError",
     "Mesh",
     "MeshError",
     "ObjectInfo",
     "ObjectNotFoundError",
     "ObjectRef",
+    "TaskCancelledError",
+    "TaskError",
+    "TaskFunction",
+    "TaskMesh",
+    "TaskSubmitError",
+    "as_completed",
     "connect",
     "connect_async",
+    "default_mesh",
     "object_id",
+    "task",
 ]

@@ -319,6 +319,10 @@ class NodeAgent:
         if self._with_dataplane:
             self.dataplane = DataPlane(self)
             await self.dataplane.start()
+            from meshscale.runtime.compute import ComputePlane
+
+            self.compute: ComputePlane | None = ComputePlane(self)
+            await self.compute.start()
 
     async def leave_and_stop(self) -> None:
         """Graceful leave: tell the mesh, give it time to spread, then close."""
@@ -333,6 +337,10 @@ class NodeAgent:
         await self.stop()
 
     async def stop(self) -> None:
+        compute = getattr(self, "compute", None)
+        if compute is not None:
+            await compute.stop()
+            self.compute = None
         if self.dataplane is not None:
             await self.dataplane.stop()
             self.dataplane = None

@@ -1,0 +1,700 @@
+"""Tasks: run plain Python functions on the mesh and get their results back.
+
+::
+
+    import meshscale
+
+    @meshscale.task(cpus=1)
+    def count_words(text: bytes) -> int:
+        return len(text.split())
+
+    mesh = meshscale.connect("127.0.0.1:7946")
+    ref = mesh.put(b"to be or not to be")
+    fut = count_words.submit(ref)          # runs where the object is
+    print(fut.result())                    # 6
+    futs = mesh.map(count_words, [ref] * 100)
+    print(sum(f.result() for f in meshscale.as_completed(futs)))
+
+How a call travels (the node side is ``runtime/compute.py``):
+
+- The function is pickled once per process with cloudpickle, *by value* for code that is
+  not an installed package (the nodes cannot import your script or test module), and its
+  id is the BLAKE2b-256 of those bytes. A submit names the function by id only; the node
+  answers ``need function <id>`` the first time, and the bytes go once.
+- ``ObjectRef`` arguments are passed by reference: an ``ObjectRef`` given directly as a
+  positional or keyword argument is listed as a task input, so the scheduler places the
+  task near the object, and the function receives **the object's bytes** in its place
+  (fetched by the node that runs it, never through this client). An ``ObjectRef`` nested
+  inside another argument (a list, a dict) is passed as the ``ObjectRef`` itself.
+- Other arguments are pickled with the call (at most 512 KiB: put larger data with
+  ``mesh.put`` and pass the ref). A function or argument that cannot be pickled fails at
+  submit with ``TaskSubmitError``; so does a task no node may run (the error names the
+  rule: resources, labels, residency, an input's residency, placement mode) and an
+  input object no live node holds.
+- Results come back pickled: small ones inline, large ones as an object the client
+  fetches (and verifies) like ``get``. A function that raised makes ``Future.result()``
+  raise ``TaskError`` carrying the remote traceback.
+- The submitting node owns the task; the task id is an idempotency key (the first
+  result wins, even if a node failure makes the task run twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import sys
+import sysconfig
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final, Generic, ParamSpec, TypeVar
+
+import cloudpickle  # type: ignore[import-untyped]
+
+from meshscale.client.mesh import (
+    AsyncMesh,
+    Mesh,
+    MeshError,
+    ObjectRef,
+    _check_address,
+    _credentials,
+    _LoopThread,
+)
+from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
+
+__all__ = [
+    "AsyncTaskMesh",
+    "Future",
+    "TaskCancelledError",
+    "TaskError",
+    "TaskFunction",
+    "TaskMesh",
+    "TaskSubmitError",
+    "as_completed",
+    "connect",
+    "connect_async",
+    "default_mesh",
+    "function_id",
+    "pickle_function",
+    "task",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+SUBMIT_BATCH: Final = 512
+"""Tasks per ``task.submit`` request."""
+MAX_ARGS_BYTES: Final = 512 * 1024
+WAIT_POLL_S: Final = 10.0
+"""Longest single wait the client asks a node for (it clamps to its own bound)."""
+TASK_CONNECTIONS: Final = 4
+"""Extra connections for task calls, so a long wait never holds up a submit or a get."""
+TERMINAL: Final = frozenset({"done", "failed", "cancelled"})
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+class TaskSubmitError(MeshError):
+    """A task was refused at submit: unpicklable, too large, no node may run it, or an
+    input object no live node holds. Nothing of the batch was submitted."""
+
+
+class TaskError(MeshError):
+    """The task did not produce a value. ``kind`` is ``raised`` (the function raised;
+    ``traceback`` is the remote one), ``timeout``, ``memory``, ``worker_crashed``,
+    ``unschedulable``, ``input`` (an input object could not be read), ``cancelled``..."""
+
+    def __init__(self, task_id: str, kind: str, message: str, traceback: str = "",
+                 node: str = "") -> None:
+        text = f"task {task_id} failed ({kind or 'error'}): {message}"
+        if node:
+            text += f" on {node}"
+        if traceback:
+            text += "\n\nRemote traceback:\n" + traceback.rstrip()
+        super().__init__(text)
+        self.task_id = task_id
+        self.kind = kind
+        self.message = message
+        self.traceback = traceback
+        self.node = node
+
+
+class TaskCancelledError(TaskError):
+    """The task was cancelled."""
+
+
+# -- pickling ---------------------------------------------------------------------------
+
+
+def function_id(pickled: bytes) -> str:
+    """Content id of a pickled function: BLAKE2b-256, hex (as the nodes compute it)."""
+    return hashlib.blake2b(pickled, digest_size=32).hexdigest()
+
+
+_INSTALLED = tuple(
+    str(Path(p).resolve())
+    for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib",
+                                                     "platlib")}
+    if p
+)
+
+
+def _by_value(module_name: str) -> bool:
+    """Whether a function's module must travel by value: the nodes can import installed
+    packages and meshscale, not the user's own scripts and modules."""
+    if module_name in ("__main__", "builtins") or module_name.split(".")[0] == "meshscale":
+        return module_name == "__main__"
+    mod = sys.modules.get(module_name)
+    path = getattr(mod, "__file__", None)
+    if mod is None or path is None:
+        return False
+    resolved = str(Path(path).resolve())
+    return not resolved.startswith(_INSTALLED)
+
+
+def _make_call(fn: Callable[..., Any]) -> Callable[[bytes, list[bytes]], Any]:
+    """The callable the worker runs: unpickles the call, puts each input object's bytes
+    where its ``ObjectRef`` was, calls ``fn``. Nested, so cloudpickle ships it by value."""
+
+    def _meshscale_call(payload: bytes, inputs: list[bytes]) -> Any:
+        import cloudpickle as _cp
+
+        args, kwargs, slots = _cp.loads(payload)
+        args = list(args)
+        for where, i in slots:
+            if isinstance(where, int):
+                args[where] = inputs[i]
+            else:
+                kwargs[where] = inputs[i]
+        return fn(*args, **kwargs)
+
+    _meshscale_call.__name__ = getattr(fn, "__name__", "task")
+    return _meshscale_call
+
+
+_pickle_lock = threading.Lock()
+_pickled: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
+
+
+def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
+    """``(function_id, bytes)`` of the call wrapper around ``fn``, computed once per
+    process. Raises ``TaskSubmitError`` naming what could not be pickled."""
+    with _pickle_lock:
+        hit = _pickled.get(fn)
+        if hit is not None:
+            return hit
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        if not callable(fn):
+            raise TaskSubmitError(f"{name} is not callable (a {type(fn).__name__})")
+        module_name = getattr(fn, "__module__", None) or "__main__"
+        registered = False
+        mod = sys.modules.get(module_name)
+        if module_name != "__main__" and mod is not None and _by_value(module_name):
+            with contextlib.suppress(ValueError):
+                cloudpickle.register_pickle_by_value(mod)
+                registered = True
+        try:
+            data: bytes = cloudpickle.dumps(_make_call(fn), protocol=5)
+        except Exception as e:
+            raise TaskSubmitError(
+                f"cannot pickle function {name}: {type(e).__name__}: {e}") from None
+        finally:
+            if registered:
+                with contextlib.suppress(ValueError):
+                    cloudpickle.unregister_pickle_by_value(mod)
+        out = (function_id(data), data)
+        with contextlib.suppress(TypeError):  # not weak-referenceable: not cached
+            _pickled[fn] = out
+        return out
+
+
+def _pickle_call(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[bytes, list[str]]:
+    """The pickled ``(args, kwargs, slots)`` with top-level ObjectRefs taken out, and
+    the input object ids (``slots`` maps each position/keyword to an input index)."""
+    inputs: list[str] = []
+    index: dict[str, int] = {}
+    slots: list[tuple[int | str, int]] = []
+
+    def take(ref: ObjectRef) -> int:
+        if ref.id not in index:
+            index[ref.id] = len(inputs)
+            inputs.append(ref.id)
+        return index[ref.id]
+
+    plain_args: list[Any] = []
+    for i, a in enumerate(args):
+        if isinstance(a, ObjectRef):
+            slots.append((i, take(a)))
+            plain_args.append(None)
+        else:
+            plain_args.append(a)
+    plain_kwargs: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if isinstance(v, ObjectRef):
+            slots.append((k, take(v)))
+            plain_kwargs[k] = None
+        else:
+            plain_kwargs[k] = v
+    try:
+        data: bytes = cloudpickle.dumps((tuple(plain_args), plain_kwargs, slots), protocol=5)
+    except Exception as e:
+        raise TaskSubmitError(f"cannot pickle arguments: {type(e).__name__}: {e}") from None
+    if len(data) > MAX_ARGS_BYTES:
+        raise TaskSubmitError(
+            f"arguments of {len(data)} bytes exceed {MAX_ARGS_BYTES} bytes; put large data "
+            "with mesh.put() and pass the ObjectRef")
+    return data, inputs
+
+
+# -- task options -----------------------------------------------------------------------
+
+
+class TaskFunction(Generic[P, R]):
+    """A function made into a task by ``@meshscale.task``. Calling it runs it here;
+    ``.submit(...)`` runs it on the mesh (the last ``meshscale.connect()``)."""
+
+    def __init__(self, fn: Callable[P, R], *, cpus: float = 1, memory_mb: int | None = None,
+                 gpus: int = 0, labels: dict[str, str] | None = None,
+                 residency: Sequence[str] | None = None, retries: int = 3,
+                 timeout_s: float | None = None, placement: Any = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"@task needs a function, not {type(fn).__name__}")
+        if not cpus > 0:
+            raise ValueError(f"cpus must be > 0, not {cpus!r}")
+        if memory_mb is not None and memory_mb < 1:
+            raise ValueError(f"memory_mb must be >= 1 or None, not {memory_mb!r}")
+        if gpus < 0 or retries < 0:
+            raise ValueError("gpus and retries must be >= 0")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 or None, not {timeout_s!r}")
+        if isinstance(residency, str):
+            raise ValueError(f"residency is a list of regions: write residency=[{residency!r}]")
+        self.fn = fn
+        self.cpus = float(cpus)
+        self.memory_mb = memory_mb
+        self.gpus = gpus
+        self.labels = dict(labels or {})
+        self.residency = None if residency is None else list(residency)
+        self.retries = retries
+        self.timeout_s = timeout_s
+        self.placement = placement
+        self.__name__ = getattr(fn, "__name__", "task")
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def options(self, **overrides: Any) -> TaskFunction[P, R]:
+        """A copy with some options changed (``cpus``, ``residency``, ...)."""
+        opts: dict[str, Any] = {
+            "cpus": self.cpus, "memory_mb": self.memory_mb, "gpus": self.gpus,
+            "labels": self.labels, "residency": self.residency, "retries": self.retries,
+            "timeout_s": self.timeout_s, "placement": self.placement,
+        }
+        unknown = set(overrides) - set(opts)
+        if unknown:
+            raise TypeError(f"unknown task options: {', '.join(sorted(unknown))}")
+        opts.update(overrides)
+        return TaskFunction(self.fn, **opts)
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> Future:
+        """Run on the default mesh (the last ``meshscale.connect()``)."""
+        return default_mesh().submit(self, *args, **kwargs)
+
+    def _wire(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, bytes, dict[str, Any]]:
+        fn_id, fn_bytes = pickle_function(self.fn)
+        payload, inputs = _pickle_call(args, kwargs)
+        return fn_id, fn_bytes, {
+            "task_id": uuid.uuid4().hex, "fn_id": fn_id, "fn": None, "args": payload,
+            "inputs": inputs, "cpus": self.cpus, "memory_mb": self.memory_mb or 0,
+            "gpus": self.gpus, "labels": self.labels, "residency": self.residency,
+            "retries": self.retries, "timeout_s": self.timeout_s,
+            "placement": self.placement,
+        }
+
+    def __repr__(self) -> str:
+        return f"<task {self.__name__} cpus={self.cpus:g}>"
+
+
+def task(
+    fn: Callable[P, R] | None = None, *, cpus: float = 1, memory_mb: int | None = None,
+    gpus: int = 0, labels: dict[str, str] | None = None,
+    residency: Sequence[str] | None = None, retries: int = 3,
+    timeout_s: float | None = None, placement: Any = None,
+) -> Any:
+    """Make ``fn`` a task: ``@task`` or ``@task(cpus=2, residency=["eu-west"])``.
+
+    ``placement``: ``None``/``"data"`` (run where the input objects are), or
+    ``{"mode": "central", "region": R}``, ``{"mode": "regions", "regions": [...]}``.
+    ``retries``: re-runs after a worker crash or a lost result (node loss is retried by
+    the scheduler). ``timeout_s``: the worker is killed after this long."""
+    def wrap(f: Callable[P, R]) -> TaskFunction[P, R]:
+        return TaskFunction(f, cpus=cpus, memory_mb=memory_mb, gpus=gpus, labels=labels,
+                            residency=residency, retries=retries, timeout_s=timeout_s,
+                            placement=placement)
+
+    return wrap if fn is None else wrap(fn)
+
+
+def _as_task(f: Any) -> TaskFunction[Any, Any]:
+    if isinstance(f, TaskFunction):
+        return f
+    if callable(f):
+        return TaskFunction(f)
+    raise TypeError(f"submit needs a function or a @task, not {type(f).__name__}")
+
+
+# -- futures ----------------------------------------------------------------------------
+
+
+class Future:
+    """The eventual result of one task. ``result()``, ``done()`` and ``cancel()`` block
+    (from a ``TaskMesh``); on an ``AsyncTaskMesh`` await ``result_async()`` or the future."""
+
+    def __init__(self, mesh: AsyncTaskMesh, task_id: str, name: str,
+                 runner: _LoopThread | None) -> None:
+        self.task_id = task_id
+        self.name = name
+        self._mesh = mesh
+        self._runner = runner
+        self._outcome: dict[str, Any] | None = None
+        self._value: Any = None
+        self._loaded = False
+
+    @property
+    def node(self) -> str | None:
+        """The node that ran it, once known."""
+        return None if self._outcome is None else str(self._outcome.get("node") or "") or None
+
+    def _run(self, coro: Any) -> Any:
+        if self._runner is None:
+            coro.close()
+            raise RuntimeError("this future belongs to an AsyncTaskMesh: await it instead")
+        return self._runner.run(coro)
+
+    def done(self) -> bool:
+        if self._outcome is None:
+            self._run(self._mesh._poll([self], 0.0))
+        return self._outcome is not None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's return value; raises ``TaskError`` if it failed (with the remote
+        traceback when it raised) and ``TimeoutError`` after ``timeout`` seconds."""
+        return self._run(self.result_async(timeout))
+
+    def cancel(self) -> bool:
+        """Cancel if not finished (a running task's worker is killed)."""
+        return bool(self._run(self.cancel_async()))
+
+    async def cancel_async(self) -> bool:
+        if self._outcome is not None:
+            return False
+        reply = await self._mesh._tcall("task.cancel", {"task_id": self.task_id})
+        if reply.get("cancelled"):
+            self._outcome = {"state": "cancelled", "error": "cancelled", "kind": "cancelled"}
+            return True
+        return False
+
+    async def result_async(self, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._outcome is None:
+            left = WAIT_POLL_S if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"task {self.task_id} not finished after {timeout}s")
+            await self._mesh._poll([self], min(left, WAIT_POLL_S))
+        return await self._load()
+
+    def __await__(self) -> Any:
+        return self.result_async().__await__()
+
+    async def _load(self) -> Any:
+        if self._loaded:
+            return self._value
+        o = self._outcome
+        assert o is not None
+        state = o.get("state")
+        if state != "done":
+            cls = TaskCancelledError if state == "cancelled" else TaskError
+            raise cls(self.task_id, str(o.get("kind") or ""), str(o.get("error") or ""),
+                      str(o.get("traceback") or ""), str(o.get("node") or ""))
+        data = o.get("value")
+        ref = o.get("ref")
+        if data is None and ref is not None:
+            data = await self._mesh.get(ObjectRef(str(ref["id"]), int(ref["size"])))
+        if not isinstance(data, bytes):
+            raise MeshError(f"task {self.task_id}: the node returned no value")
+        try:
+            self._value = cloudpickle.loads(data)
+        except Exception as e:
+            raise TaskError(self.task_id, "unpicklable",
+                            f"cannot unpickle the result here: {type(e).__name__}: {e}") from None
+        self._loaded = True
+        return self._value
+
+    def __repr__(self) -> str:
+        state = "pending" if self._outcome is None else self._outcome.get("state")
+        return f"<Future {self.name} {self.task_id} {state}>"
+
+
+# -- meshes with tasks ------------------------------------------------------------------
+
+
+class AsyncTaskMesh(AsyncMesh):
+    """``AsyncMesh`` plus tasks: ``submit``, ``map``, ``wait``, ``as_completed``."""
+
+    def __init__(self, address: str, creds: ClientCredentials, timeout: float) -> None:
+        super().__init__(address, creds, timeout)
+        self._creds = creds
+        self._idle_conns: list[RpcConnection] = []
+        self._conn_sem = asyncio.Semaphore(TASK_CONNECTIONS)
+        self._fns_sent: set[str] = set()
+        self.runner: _LoopThread | None = None
+
+    async def _tcall(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+        """A task RPC on one of the extra connections."""
+        async with self._conn_sem:
+            conn = (self._idle_conns.pop() if self._idle_conns
+                    else RpcConnection(self.address, self._creds, timeout=self.timeout))
+            ok = False
+            try:
+                result = await conn.call(method, args)
+                ok = True
+            except RpcError as e:
+                ok = conn._writer is not None
+                raise MeshError(str(e)) from None
+            finally:
+                if ok:
+                    self._idle_conns.append(conn)
+                else:
+                    await conn.close()
+        if not isinstance(result, dict):
+            raise MeshError(f"{self.address}: unexpected reply to {method}: {result!r:.200}")
+        return result
+
+    async def submit(self, f: Any, *args: Any, **kwargs: Any) -> Future:
+        """Run ``f(*args, **kwargs)`` on the mesh; returns its ``Future``."""
+        return (await self.submit_many(f, [(args, kwargs)]))[0]
+
+    async def map(self, f: Any, iterable: Iterable[Any],
+                  progress: bool | Callable[[int, int], None] = False) -> list[Future]:
+        """One task per item (``f(item)``), submitted in batches; returns the futures in
+        order. ``progress``: True prints a line to stderr, or ``progress(done, total)``."""
+        return await self.submit_many(f, [((x,), {}) for x in iterable], progress=progress)
+
+    async def submit_many(
+        self, f: Any, calls: Sequence[tuple[Sequence[Any], dict[str, Any]]],
+        progress: bool | Callable[[int, int], None] = False,
+    ) -> list[Future]:
+        tf = _as_task(f)
+        wires: list[dict[str, Any]] = []
+        fn_bytes = b""
+        for a, kw in calls:
+            _, fn_bytes, wire = tf._wire(a, kw)
+            wires.append(wire)
+        report: Callable[[int, int], None] | None
+        if progress is True:
+            def report(done: int, total: int) -> None:
+                sys.stderr.write(f"\rsubmitted {done}/{total} {tf.__name__}")
+                if done == total:
+                    sys.stderr.write("\n")
+                sys.stderr.flush()
+        else:
+            report = progress or None
+        futures: list[Future] = []
+        for start in range(0, len(wires), SUBMIT_BATCH):
+            batch = wires[start:start + SUBMIT_BATCH]
+            await self._submit_batch(batch, fn_bytes)
+            futures += [Future(self, w["task_id"], tf.__name__, self.runner) for w in batch]
+            if report is not None:
+                report(len(futures), len(wires))
+        return futures
+
+    async def _submit_batch(self, batch: list[dict[str, Any]], fn_bytes: bytes) -> None:
+        fn_id = batch[0]["fn_id"]
+        if fn_id in self._fns_sent:
+            for w in batch:
+                w["fn"] = None
+        for attempt in range(2):
+            try:
+                await self._tcall("task.submit", {"tasks": batch})
+                self._fns_sent.add(fn_id)
+                return
+            except MeshError as e:
+                msg = str(e)
+                if f"need function {fn_id}" in msg and attempt == 0:
+                    batch[0]["fn"] = fn_bytes  # the node asked: send the bytes once
+                    continue
+                detail = msg.removeprefix(f"{self.address}: ")
+                raise TaskSubmitError(f"submit refused: {detail}") from None
+
+    async def _poll(self, futures: Sequence[Future], timeout: float) -> None:
+        """Ask the node for the outcomes of those futures not yet resolved; waits up to
+        ``timeout`` for at least one."""
+        pending = [f for f in futures if f._outcome is None]
+        if not pending:
+            return
+        by_id = {f.task_id: f for f in pending}
+        ids = list(by_id)[:4096]
+        reply = await self._tcall("task.wait", {"task_ids": ids, "timeout_s": timeout})
+        for r in reply.get("results") or []:
+            fut = by_id.get(str(r.get("task_id")))
+            if fut is not None and r.get("state") in TERMINAL:
+                fut._outcome = dict(r)
+        for tid in reply.get("unknown") or []:
+            fut = by_id.get(str(tid))
+            if fut is not None:
+                fut._outcome = {"state": "failed", "kind": "unknown",
+                                "error": "no node knows this task (its record was lost)"}
+
+    async def wait(self, futures: Iterable[Future], timeout: float | None = None
+                   ) -> tuple[list[Future], list[Future]]:
+        """(done, not_done) once all are done or ``timeout`` passed."""
+        futs = list(futures)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pending = [f for f in futs if f._outcome is None]
+            left = WAIT_POLL_S if deadline is None else deadline - time.monotonic()
+            if not pending or left <= 0:
+                return [f for f in futs if f._outcome is not None], pending
+            await self._poll(pending, min(left, WAIT_POLL_S))
+
+    async def as_completed(self, futures: Iterable[Future], timeout: float | None = None
+                           ) -> AsyncIterator[Future]:
+        futs = list(futures)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: set[int] = set()
+        while True:
+            for f in futs:
+                if f._outcome is not None and id(f) not in seen:
+                    seen.add(id(f))
+                    yield f
+            pending = [f for f in futs if f._outcome is None]
+            if not pending:
+                return
+            left = WAIT_POLL_S if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(pending)} tasks not finished after {timeout}s")
+            await self._poll(pending, min(left, WAIT_POLL_S))
+
+    async def tasks(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The node's task records, newest first (state, node, placement reason)."""
+        rows = await self._call("task.list", {"limit": limit})
+        if not isinstance(rows, list):
+            raise MeshError(f"{self.address}: unexpected reply to task.list")
+        return [dict(r) for r in rows]
+
+    async def close(self) -> None:
+        for conn in self._idle_conns:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        self._idle_conns.clear()
+        await super().close()
+
+
+class TaskMesh(Mesh):
+    """``Mesh`` plus tasks (blocking): ``submit``, ``map``, ``wait``, ``tasks``."""
+
+    _inner: AsyncTaskMesh
+
+    def __init__(self, runner: _LoopThread, inner: AsyncTaskMesh) -> None:
+        super().__init__(runner, inner)
+        inner.runner = runner
+
+    def submit(self, f: Any, *args: Any, **kwargs: Any) -> Future:
+        """Run ``f(*args, **kwargs)`` on the mesh (``f``: a function or a ``@task``)."""
+        return self._run(self._inner.submit(f, *args, **kwargs))
+
+    def map(self, f: Any, iterable: Iterable[Any],
+            progress: bool | Callable[[int, int], None] = False) -> list[Future]:
+        """One task per item, submitted in batches; the futures in order."""
+        items = list(iterable)
+        return self._run(self._inner.map(f, items, progress=progress))
+
+    def wait(self, futures: Iterable[Future], timeout: float | None = None
+             ) -> tuple[list[Future], list[Future]]:
+        """(done, not_done) once all are done or ``timeout`` passed."""
+        return self._run(self._inner.wait(list(futures), timeout))
+
+    def tasks(self, limit: int = 1000) -> list[dict[str, Any]]:
+        return self._run(self._inner.tasks(limit))
+
+
+def as_completed(futures: Iterable[Future], timeout: float | None = None) -> Iterator[Future]:
+    """Yield futures (of blocking meshes) as their tasks finish, in completion order."""
+    futs = list(futures)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen: set[int] = set()
+    while True:
+        for f in futs:
+            if f._outcome is not None and id(f) not in seen:
+                seen.add(id(f))
+                yield f
+        pending = [f for f in futs if f._outcome is None]
+        if not pending:
+            return
+        left = WAIT_POLL_S if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{len(pending)} tasks not finished after {timeout}s")
+        groups: dict[int, list[Future]] = {}
+        for f in pending:
+            groups.setdefault(id(f._mesh), []).append(f)
+        for group in groups.values():
+            group[0]._run(group[0]._mesh._poll(group, min(left, WAIT_POLL_S) if len(groups) == 1
+                                               else 0.05))
+
+
+# -- connecting -------------------------------------------------------------------------
+
+_default_lock = threading.Lock()
+_default: TaskMesh | None = None
+
+
+def default_mesh() -> TaskMesh:
+    """The mesh of the last ``meshscale.connect()`` still open."""
+    with _default_lock:
+        mesh = _default
+    if mesh is None or mesh._closed:
+        raise MeshError("no mesh to submit to: call meshscale.connect(address) first "
+                        "(or use mesh.submit(f, ...))")
+    return mesh
+
+
+async def connect_async(
+    address: str, *, bundle: str | Path | None = None, timeout: float = 30.0
+) -> AsyncTaskMesh:
+    """Like ``client.mesh.connect_async``, with tasks."""
+    if timeout <= 0:
+        raise ValueError(f"timeout must be > 0, not {timeout}")
+    addr = _check_address(address)
+    creds = await asyncio.to_thread(_credentials, bundle)
+    mesh = AsyncTaskMesh(addr, creds, timeout)
+    try:
+        await mesh.ping()
+    except BaseException:
+        await mesh.close()
+        raise
+    return mesh
+
+
+def connect(address: str, *, bundle: str | Path | None = None, timeout: float = 30.0
+            ) -> TaskMesh:
+    """Connect to the mesh through the node at ``address`` (blocking API, with tasks);
+    it becomes the default mesh of ``@task(...).submit``. Raises ``ConnectError``."""
+    global _default
+    runner = _LoopThread()
+    try:
+        inner = runner.run(connect_async(address, bundle=bundle, timeout=timeout))
+    except BaseException:
+        runner.stop()
+        raise
+    mesh = TaskMesh(runner, inner)
+    with _default_lock:
+        _default = mesh
+    return mesh
+

@@ -1,0 +1,970 @@
+"""The node's compute plane: the driver of ``core.scheduling`` and the warm ``WorkerPool``.
+
+Decisions (which node runs a task, late binding, re-placement, one result per task id)
+are made by ``core.scheduling.Scheduler``; this module moves bytes and keeps records,
+the way ``dataplane.py`` drives ``core.replication``:
+
+- one ``Scheduler`` and one ``WorkerPool`` (one warm process per CPU of capacity) per
+  node, one timer, ``_pump`` after every call into the scheduler;
+- ``SendMessage`` goes to the peer's ``sched.msg`` RPC. Each message carries the
+  sender's ``Load`` and capacity, and every ``load_interval_s`` (1 s) a node sends its own
+  to every live peer (``sched.load``), so the view's loads are at most ~1 s stale even
+  when no scheduling traffic flows; late binding makes a stale view cost a round trip,
+  not a wrong placement;
+- ``RunTask``: the worker node fetches the task's input objects itself (local store
+  first, else ``obj.read`` proxies from a holder: never through the client), runs the
+  function in the pool (fetching its bytes from the owner, or the function object, if
+  no worker has it), stores the result (inline up to ``inline_result_bytes``, otherwise
+  as a replicated object through the data plane's put path), tells the owner
+  (``task.done``) and only then reports ``task_finished`` to the scheduler;
+- task records (Ray's ownership): the node a task is submitted to owns its record, kept
+  in memory (bounded; old finished records are evicted) and written to the replicated
+  KV (``task/<id>``, msgpack ``TaskRecord``) at submit and when it ends. The pickled
+  function is stored as an object (its id is ``b2b-`` + the function id) and the
+  arguments ride in the record, so when the owner dies any node asked for the task's
+  result re-submits it from the KV record and becomes its owner. Task ids are
+  idempotency keys: the first result accepted wins, later ones are dropped.
+
+Calling convention with the client (``client/tasks.py``): the function the client ships
+is a wrapper ``call(args_bytes, inputs)``; the node hands the worker
+``pickle((args_bytes, [bytes of each input object]), {})``, built from plain bytes so the
+agent never unpickles user data; the wrapper puts each object's bytes where its
+``ObjectRef`` was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import pickle
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.core.membership import (
+    MemberAlive,
+    MemberDown,
+    MemberJoined,
+    MemberLeft,
+    MemberUpdated,
+    State,
+)
+from meshscale.core.outputs import Event
+from meshscale.core.placement import Candidate, Residency
+from meshscale.core.scheduling import (
+    Central,
+    DataLocal,
+    InputRef,
+    InRegions,
+    Load,
+    NearSource,
+    NodeState,
+    PlacementMode,
+    Resources,
+    RunTask,
+    Scheduler,
+    SchedulingConfig,
+    SchedulingError,
+    SchedulingOverloaded,
+    SendMessage,
+    TaskBound,
+    TaskFailed,
+    TaskFinished,
+    TaskSpec,
+)
+from meshscale.runtime.workers import (
+    FunctionNotCached,
+    PoolBusy,
+    PoolClosed,
+    PoolConfig,
+    WorkerPool,
+    function_id,
+)
+from meshscale.runtime.workers import TaskFailed as WorkerTaskFailed
+
+if TYPE_CHECKING:
+    from meshscale.runtime.node import NodeAgent
+
+TERMINAL = frozenset({"done", "failed", "cancelled"})
+KV_PREFIX = "task/"
+CPUS_ENV = "MESHSCALE_CPUS"
+"""Overrides the node's CPU capacity (and pool size) when its meta does not set one."""
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    inline_result_bytes: int = 256 * 1024
+    """Results up to this size (pickled) live in the task record; larger become objects."""
+    max_args_bytes: int = 512 * 1024
+    """Pickled arguments of one task (they ride in the KV record, bounded at 1 MiB)."""
+    max_inputs: int = 64
+    max_records: int = 50_000
+    """Task records kept in memory; the oldest finished ones are evicted beyond this."""
+    max_functions: int = 256
+    """Function bytes kept by an owner for workers that ask (LRU)."""
+    max_function_bytes: int = 16 << 20
+    max_wait_s: float = 20.0
+    """Longest ``task.result`` / ``task.wait`` wait (below the client's RPC timeout)."""
+    max_wait_ids: int = 4096
+    load_interval_s: float = 1.0
+    rpc_timeout_s: float = 30.0
+    input_cache_s: float = 5.0
+    """How long a resolved input (size, holders, policy) is reused by submits."""
+    persist: bool = True
+    """Write task records to the replicated KV."""
+    result_replicas: int = 3
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+
+
+class TaskRecord(msgspec.Struct, omit_defaults=True):
+    """A task's record: in memory at its owner and, msgpack-encoded, in the KV."""
+
+    task_id: str
+    owner: str
+    fn_id: str
+    state: str = "pending"
+    node: str = ""
+    args: bytes | None = None
+    inputs: list[str] = []
+    cpus: float = 1.0
+    memory_mb: int = 0
+    gpus: int = 0
+    labels: dict[str, str] = {}
+    residency: list[str] | None = None
+    data_class: str | None = None
+    placement: dict[str, Any] | None = None
+    retries: int = 3
+    timeout_s: float | None = None
+    value: bytes | None = None
+    ref: dict[str, Any] | None = None
+    error: str = ""
+    kind: str = ""
+    traceback: str = ""
+    reason: str = ""
+    submitted: float = 0.0
+    finished: float = 0.0
+    attempts: int = 0
+
+
+_record_encoder = msgspec.msgpack.Encoder()
+_record_decoder = msgspec.msgpack.Decoder(TaskRecord)
+
+
+class _Payload(msgspec.Struct, array_like=True):
+    """``TaskSpec.payload``: what the worker node needs besides the scheduler's fields."""
+
+    fn_id: str
+    args: bytes
+    inputs: list[str]
+    timeout_s: float | None
+    memory_mb: int
+
+
+@dataclass
+class _Entry:
+    rec: TaskRecord
+    resubmit: bool = False
+    crash_retries: int = 0
+    waiters: int = 0
+
+
+def _oid_of(data: bytes) -> str:
+    return "b2b-" + hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+def _total_memory_mb() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) >> 20
+    except (ValueError, OSError, AttributeError):
+        return 1 << 20
+
+
+def _placement(raw: Any) -> PlacementMode:
+    """The wire form of a placement mode: None / "data" / {"mode": ..., ...}."""
+    if raw is None or raw == "data":
+        return DataLocal()
+    if isinstance(raw, str):
+        raw = {"mode": raw}
+    if not isinstance(raw, dict):
+        raise ValueError(f"placement must be a mode name or a dict, not {raw!r:.80}")
+    mode = raw.get("mode", "data")
+    if mode == "data":
+        return DataLocal()
+    if mode == "central":
+        return Central(str(raw["region"]))
+    if mode == "regions":
+        return InRegions(frozenset(str(r) for r in raw["regions"]))
+    if mode == "near-source":
+        return NearSource(str(raw["source"]))
+    raise ValueError(f"unknown placement mode {mode!r} (data, central, regions, near-source)")
+
+
+class ComputePlane:
+    """Tasks on one node: owner of what is submitted here, worker for what it is granted."""
+
+    def __init__(self, agent: NodeAgent, config: ComputeConfig | None = None) -> None:
+        self.agent = agent
+        self.cfg = config or ComputeConfig()
+        meta_cap = dict(agent.meta.capacity)
+        env_cpus = os.environ.get(CPUS_ENV)
+        cpus = meta_cap.get("cpus") or (float(env_cpus) if env_cpus else None) \
+            or float(os.cpu_count() or 1)
+        self.capacity = Resources(
+            float(cpus),
+            int(meta_cap.get("memory_mb") or _total_memory_mb()),
+            int(meta_cap.get("gpus") or 0),
+        )
+        self.pool = WorkerPool(PoolConfig(workers=max(1, int(cpus))))
+        self.sched: Scheduler | None = None
+        self.stats: dict[str, int] = {}
+        self._records: OrderedDict[str, _Entry] = OrderedDict()
+        self._fns: OrderedDict[str, bytes] = OrderedDict()
+        self._fns_stored: set[str] = set()
+        self._inputs: dict[str, tuple[InputRef, float]] = {}
+        self._loads: dict[str, tuple[Load, Resources]] = {}
+        self._conns: dict[str, RpcConnection] = {}
+        self._creds: ClientCredentials | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tick: asyncio.Future[None] | None = None
+        self._running: dict[str, str] = {}  # owner/task_id -> pool task id
+        self._adopting: dict[str, asyncio.Task[None]] = {}
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        agent = self.agent
+        self._creds = ClientCredentials(agent._client_ctx, agent.bundle.token)
+        await self.pool.start()
+        self.sched = Scheduler(agent.name, self.capacity, config=self.cfg.scheduling,
+                               rng=random.Random(agent.rng.random()), now=time.monotonic())
+        self.sched.set_view(self._view(), time.monotonic())
+        for name, fn in {
+            "sched.msg": self._rpc_sched_msg,
+            "sched.load": self._rpc_sched_load,
+            "task.submit": self._rpc_submit,
+            "task.result": self._rpc_result,
+            "task.wait": self._rpc_wait,
+            "task.cancel": self._rpc_cancel,
+            "task.list": self._rpc_list,
+            "task.done": self._rpc_done,
+            "task.fn": self._rpc_fn,
+            "task.kill": self._rpc_kill,
+            "task.stats": self._rpc_stats,
+        }.items():
+            agent.register_rpc(name, fn)
+        agent.event_listeners.append(self._on_member_event)
+        agent._spawn(self._gossip_load())
+        self._pump()
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.sched = None
+        for conn in list(self._conns.values()):
+            with contextlib.suppress(Exception):
+                await conn.close()
+        await self.pool.close()
+
+    # ------------------------------------------------------------------ driving core
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def _view(self) -> list[NodeState]:
+        out = []
+        for m in self.agent.m.members.values():
+            if m.state > State.SUSPECT:
+                continue
+            if m.name == self.agent.name:
+                load = self.sched.load() if self.sched is not None else Load(0, 0, self.capacity.cpus)
+                cap = self.capacity
+            else:
+                load, cap = self._loads.get(m.name, (Load(0, 0, 0.0), self._peer_capacity(m.meta.capacity)))
+            out.append(NodeState(
+                Candidate(m.name, m.meta.region, m.meta.zone, dict(m.meta.labels)),
+                cap, load, coord=m.coord if m.name != self.agent.name else self.agent.m.coordinate(),
+            ))
+        return out
+
+    def _peer_capacity(self, meta_cap: dict[str, float]) -> Resources:
+        # Until the peer's own report arrives, assume it is like this machine.
+        return Resources(
+            float(meta_cap.get("cpus") or self.capacity.cpus),
+            int(meta_cap.get("memory_mb") or self.capacity.memory_mb),
+            int(meta_cap.get("gpus") or 0),
+        )
+
+    def _refresh_view(self) -> None:
+        if self.sched is not None:
+            self.sched.set_view(self._view(), time.monotonic())
+            self._pump()
+
+    def _on_member_event(self, ev: Event) -> None:
+        if isinstance(ev, MemberDown | MemberLeft):
+            self._loads.pop(str(getattr(ev, "name", "")), None)
+        if isinstance(ev, MemberJoined | MemberAlive | MemberDown | MemberLeft | MemberUpdated):
+            self._refresh_view()
+
+    def _pump(self) -> None:
+        sched = self.sched
+        if sched is None:
+            return
+        for out in sched.drain():
+            if isinstance(out, SendMessage):
+                self.agent._spawn(self._send(out.dst, out.payload))
+            elif isinstance(out, RunTask):
+                self.agent._spawn(self._run(out))
+            elif isinstance(out, TaskBound):
+                self._on_bound(out)
+            elif isinstance(out, TaskFinished):
+                self._on_finished(out)
+            elif isinstance(out, TaskFailed):
+                self._on_failed(out)
+        deadline = sched.next_deadline()
+        if deadline == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        delay = max(0.0, deadline - time.monotonic()) + 0.001
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.sched is not None:
+            self.sched.on_timer(time.monotonic())
+        self._pump()
+
+    # ------------------------------------------------------------------ node-to-node
+
+    def _conn(self, name: str) -> RpcConnection:
+        m = self.agent.m.members.get(name)
+        if m is None:
+            raise RpcError(f"{name}: not a member")
+        conn = self._conns.get(name)
+        if conn is None or conn.addr != m.addr:
+            assert self._creds is not None
+            conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s)
+            self._conns[name] = conn
+        return conn
+
+    async def _call(self, name: str, method: str, args: dict[str, Any],
+                    *, dedicated: bool = False) -> Any:
+        if name == self.agent.name:
+            result = self.agent._rpc[method](args)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        if not dedicated:
+            return await self._conn(name).call(method, args)
+        # Long waits get their own connection so they do not hold up scheduling messages.
+        m = self.agent.m.members.get(name)
+        if m is None:
+            raise RpcError(f"{name}: not a member")
+        assert self._creds is not None
+        conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s)
+        try:
+            return await conn.call(method, args)
+        finally:
+            await conn.close()
+
+    def _load_args(self) -> dict[str, Any]:
+        assert self.sched is not None
+        ld, cap = self.sched.load(), self.capacity
+        return {"src": self.agent.name, "load": [ld.running, ld.queued, ld.free_cpus],
+                "cap": [cap.cpus, cap.memory_mb, cap.gpus]}
+
+    def _note_load(self, src: str, args: dict[str, Any]) -> None:
+        try:
+            r, q, f = args["load"]
+            c, mem, g = args["cap"]
+            self._loads[src] = (Load(int(r), int(q), max(0.0, float(f))),
+                                Resources(float(c), int(mem), int(g)))
+        except (KeyError, TypeError, ValueError):
+            self._count("bad_load")
+
+    async def _send(self, dst: str, payload: bytes) -> None:
+        if self.sched is None:
+            return
+        try:
+            await self._call(dst, "sched.msg", {**self._load_args(), "payload": payload})
+        except (RpcError, ValueError) as e:
+            self._count("sched_send_failed")
+            self.agent.log("debug", "sched_send_failed", peer=dst, error=str(e))
+
+    def _rpc_sched_msg(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.sched is None:
+            raise ValueError("compute plane not running")
+        src = str(args["src"])
+        self._note_load(src, args)
+        self.sched.handle_message(src, bytes(args["payload"]), time.monotonic())
+        self._pump()
+        return {}
+
+    def _rpc_sched_load(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.sched is None:
+            raise ValueError("compute plane not running")
+        self._note_load(str(args["src"]), args)
+        return self._load_args()
+
+    async def _gossip_load(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.load_interval_s)
+            if self.sched is None:
+                return
+            peers = [m.name for m in self.agent.m.members.values()
+                     if m.state <= State.SUSPECT and m.name != self.agent.name]
+
+            async def one(name: str) -> None:
+                try:
+                    reply = await asyncio.wait_for(
+                        self._call(name, "sched.load", self._load_args()),
+                        self.cfg.load_interval_s * 2)
+                    self._note_load(name, reply)
+                except (RpcError, ValueError, TimeoutError):
+                    pass
+
+            await asyncio.gather(*(one(n) for n in peers))
+            self._refresh_view()
+
+    # ------------------------------------------------------------------ local data plane
+
+    async def _local(self, method: str, args: dict[str, Any]) -> Any:
+        handler = self.agent._rpc.get(method)
+        if handler is None:
+            raise ValueError(f"{method} is not served here (no data plane)")
+        result = handler(args)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    async def _read_object(self, oid: str) -> bytes:
+        buf = bytearray()
+        size: int | None = None
+        while size is None or len(buf) < size:
+            r = await self._local("obj.read", {"id": oid, "offset": len(buf), "length": 4 << 20})
+            size = int(r["size"])
+            data = bytes(r["data"])
+            if not data and len(buf) < size:
+                raise ValueError(f"short read of {oid}")
+            buf += data
+        if _oid_of(bytes(buf)) != oid:
+            raise ValueError(f"{oid}: bytes read do not match the id")
+        return bytes(buf)
+
+    async def _put_object(self, data: bytes) -> dict[str, Any]:
+        replicas = self.cfg.result_replicas
+        w = min(2, replicas)
+        if len(data) <= 256 * 1024:
+            r = await self._local("obj.put_small", {"data": data, "replicas": replicas, "w": w})
+        else:
+            up = await self._local("obj.put_begin", {"size": len(data), "replicas": replicas,
+                                                     "w": w})
+            step = int(up["chunk_bytes"])
+            for i in range(0, len(data), step):
+                await self._local("obj.put_chunk", {"upload": up["upload"],
+                                                    "data": data[i:i + step]})
+            r = await self._local("obj.put_end", {"upload": up["upload"]})
+        return {"id": str(r["id"]), "size": int(r["size"])}
+
+    async def _kv_put(self, rec: TaskRecord) -> None:
+        if not self.cfg.persist:
+            return
+        try:
+            await self._local("kv.put", {"key": KV_PREFIX + rec.task_id,
+                                         "value": _record_encoder.encode(rec),
+                                         "consistency": "quorum"})
+        except (ValueError, RpcError) as e:
+            self._count("kv_write_failed")
+            self.agent.log("warning", "task_record_write_failed", task=rec.task_id, error=str(e))
+
+    async def _kv_get(self, task_id: str) -> TaskRecord | None:
+        try:
+            r = await self._local("kv.get", {"key": KV_PREFIX + task_id, "consistency": "quorum"})
+        except (ValueError, RpcError):
+            return None
+        if r.get("value") is None:
+            return None
+        try:
+            return _record_decoder.decode(bytes(r["value"]))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._count("kv_bad_record")
+            return None
+
+    # ------------------------------------------------------------------ owner: submit
+
+    async def _input_ref(self, oid: str) -> InputRef:
+        now = time.monotonic()
+        hit = self._inputs.get(oid)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        try:
+            st = await self._local("obj.stat", {"id": oid})
+        except ValueError as e:
+            raise ValueError(f"input object {oid} not found: {e}") from None
+        res = None
+        if st.get("residency") is not None or st.get("data_class") is not None:
+            regions = st.get("residency")
+            res = Residency(frozenset(regions) if regions is not None else None,
+                            st.get("data_class"))
+        ref = InputRef(oid, int(st["size"]), tuple(st.get("holders") or ())[:64], res)
+        if len(self._inputs) > 10_000:
+            self._inputs.clear()
+        self._inputs[oid] = (ref, now + self.cfg.input_cache_s)
+        return ref
+
+    def _remember_fn(self, fn_id: str, data: bytes) -> None:
+        self._fns[fn_id] = data
+        self._fns.move_to_end(fn_id)
+        while len(self._fns) > self.cfg.max_functions:
+            self._fns.popitem(last=False)
+
+    async def _ensure_fn_stored(self, fn_id: str, data: bytes) -> None:
+        """The function as an object (``b2b-<fn_id>``), so another node can re-run it."""
+        if fn_id in self._fns_stored or not self.cfg.persist:
+            return
+        ref = await self._put_object(data)
+        assert ref["id"] == "b2b-" + fn_id
+        self._fns_stored.add(fn_id)
+
+    def _record_from_wire(self, t: dict[str, Any]) -> TaskRecord:
+        task_id = str(t["task_id"])
+        if not task_id or len(task_id) > 256:
+            raise ValueError("task_id must be 1..256 characters")
+        args = bytes(t.get("args") or b"")
+        if len(args) > self.cfg.max_args_bytes:
+            raise ValueError(
+                f"task {task_id}: arguments of {len(args)} bytes exceed "
+                f"{self.cfg.max_args_bytes} bytes; put large data with mesh.put() and pass "
+                "the ObjectRef")
+        inputs = [str(o) for o in (t.get("inputs") or [])]
+        if len(inputs) > self.cfg.max_inputs:
+            raise ValueError(f"task {task_id}: {len(inputs)} inputs (max {self.cfg.max_inputs})")
+        residency = t.get("residency")
+        if isinstance(residency, str):
+            residency = [residency]
+        placement = t.get("placement")
+        if isinstance(placement, str):
+            placement = {"mode": placement}
+        _placement(placement)  # validate now
+        timeout = t.get("timeout_s")
+        return TaskRecord(
+            task_id=task_id, owner=self.agent.name, fn_id=str(t["fn_id"]), args=args,
+            inputs=inputs, cpus=float(t.get("cpus") or 1.0),
+            memory_mb=int(t.get("memory_mb") or 0), gpus=int(t.get("gpus") or 0),
+            labels={str(k): str(v) for k, v in (t.get("labels") or {}).items()},
+            residency=None if residency is None else [str(r) for r in residency],
+            data_class=t.get("data_class"), placement=placement,
+            retries=int(t["retries"]) if t.get("retries") is not None else 3,
+            timeout_s=None if timeout is None else float(timeout),
+            submitted=time.time(),
+        )
+
+    async def _spec(self, rec: TaskRecord) -> TaskSpec:
+        refs = list(await asyncio.gather(*(self._input_ref(o) for o in rec.inputs)))
+        res = None
+        if rec.residency is not None or rec.data_class is not None:
+            res = Residency(frozenset(rec.residency) if rec.residency is not None else None,
+                            rec.data_class)
+        payload = msgspec.msgpack.encode(_Payload(
+            rec.fn_id, rec.args or b"", rec.inputs, rec.timeout_s, rec.memory_mb))
+        try:
+            return TaskSpec(
+                task_id=rec.task_id, cpus=rec.cpus, memory_mb=rec.memory_mb, gpus=rec.gpus,
+                labels=dict(rec.labels), residency=res, inputs=tuple(refs),
+                placement=_placement(rec.placement), payload=payload)
+        except (msgspec.ValidationError, TypeError) as e:
+            raise ValueError(f"task {rec.task_id}: {e}") from None
+
+    async def _rpc_submit(self, args: dict[str, Any]) -> dict[str, Any]:
+        sched = self.sched
+        if sched is None:
+            raise ValueError("compute plane not running")
+        wire = list(args.get("tasks") or [])
+        if not wire:
+            raise ValueError("task.submit needs at least one task")
+        if len(wire) > sched.config.max_batch:
+            raise ValueError(f"{len(wire)} tasks in one submit (max {sched.config.max_batch})")
+        # Functions first: a missing one is asked for before anything is resolved.
+        fresh: dict[str, bytes] = {}
+        for t in wire:
+            fn_id, fn = str(t["fn_id"]), t.get("fn")
+            if fn is not None:
+                data = bytes(fn)
+                if len(data) > self.cfg.max_function_bytes:
+                    raise ValueError(f"function of {len(data)} bytes exceeds "
+                                     f"{self.cfg.max_function_bytes} bytes")
+                if function_id(data) != fn_id:
+                    raise ValueError(f"function bytes do not hash to {fn_id}")
+                fresh[fn_id] = data
+            elif fn_id not in self._fns and fn_id not in fresh:
+                raise ValueError(f"need function {fn_id}")
+        for fn_id, data in fresh.items():
+            self._remember_fn(fn_id, data)
+        recs = [self._record_from_wire(t) for t in wire]
+        new = [r for r in recs if r.task_id not in self._records]
+        accepted = [r.task_id for r in recs]
+        if not new:
+            return {"accepted": accepted}
+        specs = await asyncio.gather(*(self._spec(r) for r in new))
+        try:
+            sched.submit(list(specs), time.monotonic())
+        except SchedulingError as e:
+            raise ValueError(f"refused by the {e.rule} rule: {e}") from None
+        except SchedulingOverloaded as e:
+            raise ValueError(f"busy: {e}") from None
+        for r in new:
+            self._records[r.task_id] = _Entry(r)
+        self._evict()
+        self._pump()
+        # Durable before acknowledged: function object and records, so the tasks survive
+        # this node (the scheduler has already started placing them).
+        fns = {r.fn_id for r in new}
+        await asyncio.gather(*(self._ensure_fn_stored(f, self._fns[f]) for f in fns
+                               if f in self._fns))
+        await self._persist_many(new)
+        self._count("tasks_submitted", len(new))
+        return {"accepted": accepted}
+
+    async def _persist_many(self, recs: list[TaskRecord]) -> None:
+        sem = asyncio.Semaphore(32)
+
+        async def one(r: TaskRecord) -> None:
+            async with sem:
+                await self._kv_put(r)
+
+        await asyncio.gather(*(one(r) for r in recs))
+
+    def _evict(self) -> None:
+        excess = len(self._records) - self.cfg.max_records
+        if excess <= 0:
+            return
+        for tid in list(self._records):
+            if excess <= 0:
+                break
+            e = self._records[tid]
+            if e.rec.state in TERMINAL and not e.waiters:
+                del self._records[tid]
+                excess -= 1
+
+    # ------------------------------------------------------------------ owner: events
+
+    def _on_bound(self, ev: TaskBound) -> None:
+        e = self._records.get(ev.task_id)
+        if e is None or e.rec.state in TERMINAL:
+            return
+        r = e.rec
+        r.state, r.node, r.attempts = "running", ev.node, ev.attempt
+        flags = [f for f, on in (("local", ev.local), ("delay-scheduled", ev.restricted),
+                                 ("stolen", ev.stolen)) if on]
+        r.reason = f"{ev.node} ({ev.region}): {ev.cost.describe()}" + (
+            f" [{', '.join(flags)}]" if flags else "")
+
+    def _on_finished(self, ev: TaskFinished) -> None:
+        e = self._records.get(ev.task_id)
+        if e is None or e.rec.state in TERMINAL:
+            return
+        # The scheduler accepted a result but no outcome reached us (task.done was lost),
+        # or the worker crashed and the task has retries left: run it again.
+        if e.resubmit or e.crash_retries < e.rec.retries:
+            e.resubmit = False
+            e.crash_retries += 1
+            self._count("resubmitted")
+            self.agent._spawn(self._resubmit(e))
+        else:
+            self._finish(e, "failed", error=f"result lost: {ev.detail or 'no outcome'}",
+                         kind="lost")
+
+    async def _resubmit(self, e: _Entry) -> None:
+        assert self.sched is not None
+        e.rec.state = "pending"
+        try:
+            spec = await self._spec(e.rec)
+            self.sched.submit([spec], time.monotonic())
+        except (ValueError, SchedulingOverloaded) as exc:
+            self._finish(e, "failed", error=str(exc), kind="refused")
+        self._pump()
+
+    def _on_failed(self, ev: TaskFailed) -> None:
+        e = self._records.get(ev.task_id)
+        if e is None or e.rec.state in TERMINAL:
+            return
+        self._finish(e, "failed", error=ev.reason, kind="unschedulable")
+
+    def _finish(self, e: _Entry, state: str, *, value: bytes | None = None,
+                ref: dict[str, Any] | None = None, error: str = "", kind: str = "",
+                traceback: str = "", node: str | None = None) -> None:
+        r = e.rec
+        assert r.state not in TERMINAL
+        r.state, r.value, r.ref, r.error, r.kind, r.traceback = (
+            state, value, ref, error, kind, traceback)
+        if node:
+            r.node = node
+        r.finished = time.time()
+        r.args = None  # not needed any more; keeps memory and the KV record small
+        self._count("tasks_" + state)
+        self._wake()
+        self.agent._spawn(self._kv_put(msgspec.structs.replace(r)))
+
+    def _wake(self) -> None:
+        tick, self._tick = self._tick, None
+        if tick is not None and not tick.done():
+            tick.set_result(None)
+
+    async def _changed(self, timeout: float) -> None:
+        if self._tick is None:
+            self._tick = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._tick), timeout)
+
+    # ------------------------------------------------------------------ owner: RPCs
+
+    async def _rpc_done(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A worker's outcome for a task we own; the first one wins."""
+        e = self._records.get(str(args["task_id"]))
+        if e is None or e.rec.state in TERMINAL:
+            self._count("outcomes_duplicate")
+            return {"accepted": False}
+        if args.get("ok"):
+            ref = args.get("ref")
+            self._finish(e, "done", value=args.get("value"),
+                         ref=None if ref is None else dict(ref), node=str(args["node"]))
+        elif args.get("kind") == "worker_crashed" and e.crash_retries < e.rec.retries:
+            e.resubmit = True  # the scheduler's TaskFinished follows: run it again then
+            return {"accepted": True}
+        else:
+            self._finish(e, "failed", error=str(args.get("error") or ""),
+                         kind=str(args.get("kind") or ""),
+                         traceback=str(args.get("traceback") or ""), node=str(args["node"]))
+        return {"accepted": True}
+
+    def _rpc_fn(self, args: dict[str, Any]) -> dict[str, Any]:
+        data = self._fns.get(str(args["fn_id"]))
+        if data is None:
+            raise ValueError(f"function {args['fn_id']} is not cached here")
+        return {"fn": data}
+
+    @staticmethod
+    def _view_of(r: TaskRecord) -> dict[str, Any]:
+        return {"task_id": r.task_id, "state": r.state, "value": r.value, "ref": r.ref,
+                "error": r.error, "kind": r.kind, "traceback": r.traceback, "node": r.node,
+                "owner": r.owner, "reason": r.reason}
+
+    async def _lookup(self, task_id: str, wait_s: float) -> dict[str, Any] | None:
+        """A task this node does not own: from the KV, the live owner, or adopted."""
+        rec = await self._kv_get(task_id)
+        if rec is None:
+            return None
+        if rec.state in TERMINAL:
+            return self._view_of(rec)
+        owner = self.agent.m.members.get(rec.owner)
+        if rec.owner != self.agent.name and owner is not None and owner.state <= State.SUSPECT:
+            try:
+                return dict(await self._call(rec.owner, "task.result",
+                                             {"task_id": task_id, "timeout_s": wait_s},
+                                             dedicated=wait_s > 0))
+            except (RpcError, ValueError):
+                pass
+        await self._adopt(rec)
+        return None
+
+    async def _adopt(self, rec: TaskRecord) -> None:
+        """The owner is dead and the task unfinished: this node owns it now."""
+        tid = rec.task_id
+        if tid in self._records:
+            return
+        task = self._adopting.get(tid)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._adopt_now(rec))
+            self._adopting[tid] = task
+            task.add_done_callback(lambda _t: self._adopting.pop(tid, None))
+        await asyncio.shield(task)
+
+    async def _adopt_now(self, rec: TaskRecord) -> None:
+        assert self.sched is not None
+        old_owner = rec.owner
+        rec = msgspec.structs.replace(rec, owner=self.agent.name, state="pending", node="")
+        e = _Entry(rec)
+        self._records[rec.task_id] = e
+        self._count("tasks_adopted")
+        self.agent.log("info", "task_adopted", task=rec.task_id, previous_owner=old_owner)
+        if rec.args is None:
+            self._finish(e, "failed", error=f"owner {old_owner} died and the record has no "
+                                            "arguments to re-run it", kind="lost")
+            return
+        if rec.fn_id not in self._fns:
+            try:
+                data = await self._read_object("b2b-" + rec.fn_id)
+            except (ValueError, RpcError) as exc:
+                self._finish(e, "failed", error=f"owner {old_owner} died; its function "
+                                                f"object is unreadable: {exc}", kind="lost")
+                return
+            self._remember_fn(rec.fn_id, data)
+            self._fns_stored.add(rec.fn_id)
+        try:
+            spec = await self._spec(rec)
+            self.sched.submit([spec], time.monotonic())
+        except (ValueError, SchedulingOverloaded) as exc:
+            self._finish(e, "failed", error=str(exc), kind="refused")
+            return
+        self._pump()
+        await self._kv_put(rec)
+
+    async def _rpc_result(self, args: dict[str, Any]) -> dict[str, Any]:
+        tid = str(args["task_id"])
+        wait_s = min(max(0.0, float(args.get("timeout_s") or 0.0)), self.cfg.max_wait_s)
+        deadline = time.monotonic() + wait_s
+        e = self._records.get(tid)
+        if e is None:
+            found = await self._lookup(tid, wait_s)
+            if found is not None:
+                return found
+            e = self._records.get(tid)
+            if e is None:
+                raise ValueError(f"unknown task {tid}")
+        e.waiters += 1
+        try:
+            while e.rec.state not in TERMINAL:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                await self._changed(left)
+        finally:
+            e.waiters -= 1
+        return self._view_of(e.rec)
+
+    async def _rpc_wait(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Outcomes of those of ``task_ids`` that are terminal; waits up to ``timeout_s``
+        for at least one. Ids this node does not own are looked up once (KV, owner)."""
+        ids = [str(t) for t in (args.get("task_ids") or [])][: self.cfg.max_wait_ids]
+        wait_s = min(max(0.0, float(args.get("timeout_s") or 0.0)), self.cfg.max_wait_s)
+        deadline = time.monotonic() + wait_s
+        out: list[dict[str, Any]] = []
+        unknown: list[str] = []
+        foreign = [t for t in ids if t not in self._records]
+        for tid in foreign:
+            found = await self._lookup(tid, 0.0)
+            if found is not None and found["state"] in TERMINAL:
+                out.append(found)
+            elif found is None and tid not in self._records:
+                unknown.append(tid)
+        local = [t for t in ids if t in self._records]
+        while True:
+            done = [self._view_of(self._records[t].rec) for t in local
+                    if t in self._records and self._records[t].rec.state in TERMINAL]
+            left = deadline - time.monotonic()
+            if done or out or unknown or left <= 0:
+                return {"results": out + done, "unknown": unknown}
+            await self._changed(left)
+
+    async def _rpc_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        tid = str(args["task_id"])
+        e = self._records.get(tid)
+        if e is None:
+            raise ValueError(f"unknown task {tid} (cancel it at the node it was submitted to)")
+        if e.rec.state in TERMINAL:
+            return {"cancelled": False, "state": e.rec.state}
+        node = e.rec.node
+        self._finish(e, "cancelled", error="cancelled", kind="cancelled")
+        if node:
+            with contextlib.suppress(RpcError, ValueError):
+                await self._call(node, "task.kill", {"owner": self.agent.name, "task_id": tid})
+        return {"cancelled": True, "state": "cancelled"}
+
+    def _rpc_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        limit = min(int(args.get("limit") or 1000), 10_000)
+        out = []
+        for e in reversed(self._records.values()):
+            r = e.rec
+            out.append({"task_id": r.task_id, "state": r.state, "node": r.node,
+                        "owner": r.owner, "reason": r.reason, "submitted": r.submitted,
+                        "finished": r.finished, "error": r.error[:200]})
+            if len(out) >= limit:
+                break
+        return out
+
+    async def _rpc_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.sched is not None
+        ld = self.sched.load()
+        return {"compute": dict(self.stats), "scheduling": dict(self.sched.stats),
+                "pool": self.pool.stats(), "records": len(self._records),
+                "load": [ld.running, ld.queued, ld.free_cpus],
+                "capacity": [self.capacity.cpus, self.capacity.memory_mb, self.capacity.gpus]}
+
+    # ------------------------------------------------------------------ worker
+
+    async def _rpc_kill(self, args: dict[str, Any]) -> dict[str, Any]:
+        key = f"{args['owner']}/{args['task_id']}"
+        pool_id = self._running.get(key)
+        if pool_id is None:
+            return {"killed": False}
+        return {"killed": await self.pool.cancel(pool_id)}
+
+    async def _function(self, owner: str, fn_id: str) -> bytes:
+        data = self._fns.get(fn_id)
+        if data is not None:
+            return data
+        try:
+            data = bytes((await self._call(owner, "task.fn", {"fn_id": fn_id}))["fn"])
+        except (RpcError, ValueError, KeyError):
+            data = await self._read_object("b2b-" + fn_id)
+        if function_id(data) != fn_id:
+            raise ValueError(f"function bytes do not hash to {fn_id}")
+        return data
+
+    async def _run(self, rt: RunTask) -> None:
+        spec, owner = rt.task, rt.owner
+        outcome: dict[str, Any] = {"task_id": spec.task_id, "node": self.agent.name,
+                                   "attempt": rt.attempt}
+        key = f"{owner}/{spec.task_id}"
+        pool_id = f"{key}/{rt.attempt}"
+        try:
+            p = msgspec.msgpack.decode(spec.payload, type=_Payload)
+            inputs = list(await asyncio.gather(*(self._read_object(o) for o in p.inputs)))
+            call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
+            self._running[key] = pool_id
+            kw: dict[str, Any] = {"timeout_s": p.timeout_s,
+                                  "memory_mb": p.memory_mb or None, "task_id": pool_id}
+            try:
+                result = await self.pool.run(p.fn_id, None, call_args, **kw)
+            except FunctionNotCached:
+                fn = await self._function(owner, p.fn_id)
+                result = await self.pool.run(p.fn_id, fn, call_args, **kw)
+            if len(result) <= self.cfg.inline_result_bytes:
+                outcome.update(ok=True, value=result)
+            else:
+                outcome.update(ok=True, ref=await self._put_object(result))
+        except WorkerTaskFailed as e:
+            outcome.update(ok=False, kind=e.kind, error=e.message, traceback=e.traceback)
+        except (PoolBusy, PoolClosed) as e:
+            outcome.update(ok=False, kind="worker_crashed", error=f"{type(e).__name__}: {e}")
+        except (ValueError, RpcError, msgspec.DecodeError, msgspec.ValidationError) as e:
+            outcome.update(ok=False, kind="input", error=str(e))
+        finally:
+            self._running.pop(key, None)
+        for attempt in range(3):
+            try:
+                await self._call(owner, "task.done", outcome)
+                break
+            except (RpcError, ValueError) as e:
+                self._count("outcome_send_failed")
+                if attempt == 2 or owner not in self.agent.m.members:
+                    self.agent.log("warning", "outcome_lost", task=spec.task_id, owner=owner,
+                                   error=str(e))
+                    break
+                await asyncio.sleep(0.2 * (attempt + 1))
+        if self.sched is not None:
+            detail = "" if outcome.get("ok") else str(outcome.get("error", ""))[:200]
+            self.sched.task_finished(owner, spec.task_id, rt.attempt, bool(outcome.get("ok")),
+                                     detail, time.monotonic())
+            self._pump()

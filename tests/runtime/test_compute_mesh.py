@@ -1,0 +1,205 @@
+"""The compute plane on real node processes (5 nodes, 3 regions): many small tasks over
+objects spread across nodes, a SIGKILLed worker node mid-run, a dead owner, remote
+tracebacks, refusals at submit and the ``tasks`` CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meshscale.cli import main as cli_main
+from meshscale.client.mesh import ObjectRef
+from meshscale.client.tasks import (
+    Future,
+    TaskError,
+    TaskMesh,
+    TaskSubmitError,
+    as_completed,
+    connect,
+    task,
+)
+from meshscale.runtime.launcher import LocalMesh
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    m = LocalMesh(tmp_path_factory.mktemp("cp"), 5, regions=["eu-west", "us-east", "ap-south"])
+    m.start()
+    try:
+        m.wait_converged(60)
+        yield m
+    finally:
+        m.stop()
+        assert not [n for n in m.nodes if n.proc is not None and n.proc.poll() is None]
+
+
+@pytest.fixture(scope="module")
+def client(mesh: LocalMesh) -> Iterator[TaskMesh]:
+    c = connect(mesh.nodes[0].address, bundle=mesh.bundle_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def digest(data: bytes, k: int) -> tuple[int, int, str]:
+    return k, len(data), hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def nap(k: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return k * k
+
+
+def boom(x: int) -> int:
+    if x > 0:
+        raise ZeroDivisionError(f"boom {x}")
+    return x
+
+
+def wait_until(cond: Any, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_1000_tasks_over_spread_objects_exactly_once(client: TaskMesh, mesh: LocalMesh) -> None:
+    rng = random.Random(3)
+    blobs = [rng.randbytes(rng.randint(100, 20_000)) for _ in range(20)]
+    refs = [client.put(b) for b in blobs]
+    futs = client.map(task(digest), [], progress=False)
+    assert futs == []
+    calls = [(refs[i % len(refs)], i) for i in range(1000)]
+    tf = task(digest)
+    futs = []
+    for start in range(0, len(calls), 250):
+        futs += [client.submit(tf, r, k) for r, k in calls[start:start + 5]]
+        futs += client._run(client._inner.submit_many(
+            tf, [((r, k), {}) for r, k in calls[start + 5:start + 250]]))
+    assert len({f.task_id for f in futs}) == 1000
+    _done, pending = client.wait(futs, timeout=150)
+    assert not pending
+    seen = set()
+    for f in as_completed(futs):
+        k, n, h = f.result()
+        blob = blobs[k % len(blobs)]
+        assert (n, h) == (len(blob), hashlib.blake2b(blob, digest_size=8).hexdigest())
+        seen.add(k)
+    assert seen == set(range(1000))
+    stats = client._run(client._inner._tcall("task.stats", {}))
+    assert stats["compute"].get("tasks_done", 0) >= 1000
+    assert stats["compute"].get("tasks_failed", 0) == 0
+    nodes = {f.node for f in futs}
+    assert len(nodes) >= 3, nodes  # spread over the mesh, where the objects are
+
+
+def test_task_that_raises_returns_its_traceback(client: TaskMesh) -> None:
+    fut = client.submit(boom, 7)
+    with pytest.raises(TaskError) as ei:
+        fut.result(timeout=60)
+    err = ei.value
+    assert err.kind == "raised"
+    assert "ZeroDivisionError: boom 7" in err.traceback
+    assert "in boom" in err.traceback
+    assert client.submit(boom, 0).result(timeout=60) == 0
+
+
+def test_refusals_at_submit(client: TaskMesh) -> None:
+    lock = threading.Lock()
+
+    def holds_lock() -> bool:
+        return lock.locked()
+
+    with pytest.raises(TaskSubmitError, match="cannot pickle function"):
+        client.submit(holds_lock)
+    missing = ObjectRef("b2b-" + "ab" * 32, 10)
+    with pytest.raises(TaskSubmitError, match=r"input object .* not found"):
+        client.submit(digest, missing, 1)
+    with pytest.raises(TaskSubmitError, match="resources"):
+        client.submit(task(cpus=999)(digest), b"x", 1)
+    with pytest.raises(TaskSubmitError, match="residency"):
+        client.submit(task(residency=["mars"])(digest), b"x", 1)
+    with pytest.raises(TaskSubmitError, match="labels"):
+        client.submit(task(labels={"gpu": "a100"})(digest), b"x", 1)
+    # the connection is still good
+    assert client.submit(digest, b"ok", 2).result(timeout=60)[0] == 2
+
+
+def test_residency_is_kept(client: TaskMesh) -> None:
+    tf = task(residency=["ap-south"])(digest)
+    futs = client.map(tf, [b"a", b"b", b"c", b"d"])
+    client.wait(futs, timeout=60)
+    regions = {n.name: n.region for n in client._run(_members(client))}
+    assert {regions[f.node or ""] for f in futs} == {"ap-south"}
+
+
+async def _members(client: TaskMesh) -> list[Any]:
+    from types import SimpleNamespace
+
+    rows = await client._inner._call("members", {})
+    return [SimpleNamespace(name=r["name"], region=r["region"]) for r in rows]
+
+
+def test_tasks_cli_shows_placement_reasons(
+    client: TaskMesh, mesh: LocalMesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.submit(digest, b"cli", 5).result(timeout=60)
+    args = ["tasks", "--node", mesh.nodes[0].address, "--bundle", str(mesh.bundle_path)]
+    assert cli_main([*args, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["state"] in ("done", "failed", "cancelled", "pending", "running")
+                        for r in rows)
+    done = [r for r in rows if r["state"] == "done"]
+    assert done and all("total=" in r["reason"] and r["node"] for r in done)
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "REASON" in out and "total=" in out
+
+
+def test_sigkill_worker_node_mid_run(client: TaskMesh, mesh: LocalMesh) -> None:
+    victim = mesh.nodes[3]
+    futs = [client.submit(nap, k, 0.5) for k in range(60)]
+    # wait until the victim has started some of them, then kill it
+    wait_until(lambda: any(r["node"] == victim.name for r in client.tasks(200)), 30,
+               "a task on the victim")
+    assert victim.proc is not None
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait()
+    results = [f.result(timeout=120) for f in futs]
+    assert results == [k * k for k in range(60)]
+    assert all(f.node != victim.name for f in futs)
+    stats = client._run(client._inner._tcall("task.stats", {}))
+    assert stats["scheduling"].get("replaced", 0) >= 1  # its tasks were placed again
+
+
+def test_owner_dies_another_node_answers(client: TaskMesh, mesh: LocalMesh) -> None:
+    owner_node = mesh.nodes[4]
+    other = connect(mesh.nodes[1].address, bundle=mesh.bundle_path)
+    owner = connect(owner_node.address, bundle=mesh.bundle_path)
+    try:
+        futs = [owner.submit(nap, k, 2.0) for k in range(4)]
+        assert owner_node.proc is not None
+        os.kill(owner_node.proc.pid, signal.SIGKILL)
+        owner_node.proc.wait()
+        # Ask another node: the record is in the KV; the owner is dead, so it takes over.
+        adopted = [Future(other._inner, f.task_id, f.name, other._runner) for f in futs]
+        assert [f.result(timeout=120) for f in adopted] == [k * k for k in range(4)]
+        stats = other._run(other._inner._tcall("task.stats", {}))
+        assert stats["compute"].get("tasks_adopted", 0) == 4
+    finally:
+        other.close()
+        owner.close()
