@@ -1,0 +1,120 @@
+"""Client side of tasks without a mesh: pickling, function ids, ObjectRef slots, options,
+errors, and the calling convention the nodes rely on (``call(args_bytes, inputs)``)."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import threading
+from typing import Any
+
+import cloudpickle
+import pytest
+
+import meshscale
+from meshscale.client import tasks as t
+from meshscale.client.mesh import MeshError, ObjectRef
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def sizes(blob: bytes, other: Any, *, extra: bytes = b"") -> tuple[int, Any, int]:
+    return len(blob), other, len(extra)
+
+
+def run_like_a_worker(fn_bytes: bytes, args_bytes: bytes, inputs: list[bytes]) -> Any:
+    """What the node does: plain pickle of bytes around the client's args, then call."""
+    call_args = pickle.dumps(((args_bytes, inputs), {}), protocol=5)
+    fn = cloudpickle.loads(fn_bytes)
+    args, kwargs = pickle.loads(call_args)
+    return fn(*args, **kwargs)
+
+
+def test_function_id_is_blake2b_of_the_pickled_bytes_and_cached() -> None:
+    fid, data = t.pickle_function(add)
+    assert fid == hashlib.blake2b(data, digest_size=32).hexdigest()
+    assert t.pickle_function(add) == (fid, data)  # pickled once per process
+
+
+def test_refs_are_inputs_and_replaced_by_bytes() -> None:
+    r1 = ObjectRef("b2b-" + "1" * 64, 3)
+    r2 = ObjectRef("b2b-" + "2" * 64, 5)
+    nested = [r1]
+    payload, inputs = t._pickle_call((r1, nested), {"extra": r2})
+    assert inputs == [r1.id, r2.id]
+    _, fn_bytes = t.pickle_function(sizes)
+    out = run_like_a_worker(fn_bytes, payload, [b"abc", b"12345"])
+    assert out == (3, [r1], 5)  # a nested ref stays a ref
+
+
+def test_same_ref_twice_is_one_input() -> None:
+    r = ObjectRef("b2b-" + "3" * 64, 1)
+    payload, inputs = t._pickle_call((r, r), {})
+    assert inputs == [r.id]
+    _, fn_bytes = t.pickle_function(add)
+    assert run_like_a_worker(fn_bytes, payload, [b"x"]) == b"xx"
+
+
+def test_closure_travels_by_value() -> None:
+    k = 41
+
+    def plus_k(x: int) -> int:
+        return x + k
+
+    _, fn_bytes = t.pickle_function(plus_k)
+    payload, _ = t._pickle_call((1,), {})
+    assert run_like_a_worker(fn_bytes, payload, []) == 42
+
+
+def test_unpicklable_function_and_arguments_are_refused() -> None:
+    lock = threading.Lock()
+
+    def uses_lock() -> bool:
+        return lock.locked()
+
+    with pytest.raises(t.TaskSubmitError, match=r"cannot pickle function .*uses_lock: TypeError"):
+        t.pickle_function(uses_lock)
+    with pytest.raises(t.TaskSubmitError, match="cannot pickle arguments"):
+        t._pickle_call((threading.Lock(),), {})
+    with pytest.raises(t.TaskSubmitError, match="exceed"):
+        t._pickle_call((b"x" * (t.MAX_ARGS_BYTES + 1),), {})
+
+
+def test_task_decorator_options_and_local_call() -> None:
+    @meshscale.task(cpus=2, residency=["eu-west"], retries=1)
+    def mul(a: int, b: int) -> int:
+        return a * b
+
+    assert mul(3, 4) == 12
+    assert mul.cpus == 2.0 and mul.residency == ["eu-west"] and mul.retries == 1
+    bigger = mul.options(cpus=4)
+    assert bigger.cpus == 4.0 and mul.cpus == 2.0
+    with pytest.raises(TypeError, match="unknown task options"):
+        mul.options(cpu=1)
+    with pytest.raises(ValueError, match="residency is a list"):
+        meshscale.task(residency="eu-west")(add)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cpus"):
+        meshscale.task(cpus=0)(add)
+    fid, _, wire = mul._wire((1, 2), {})
+    assert wire["fn_id"] == fid and wire["fn"] is None and wire["cpus"] == 2.0
+    assert wire["residency"] == ["eu-west"] and len(wire["task_id"]) == 32
+
+
+def test_submit_without_a_mesh_says_connect_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(t, "_default", None)
+    with pytest.raises(MeshError, match="connect"):
+        meshscale.task(add).submit(1)
+
+
+def test_task_error_carries_the_remote_traceback() -> None:
+    e = t.TaskError("abc", "raised", "ValueError: no", "Traceback...\nValueError: no\n", "n1")
+    assert e.traceback.endswith("ValueError: no\n")
+    assert "Remote traceback" in str(e) and "on n1" in str(e)
+    assert issubclass(t.TaskCancelledError, t.TaskError)
+
+
+def test_public_names() -> None:
+    for name in ("task", "as_completed", "Future", "TaskError", "TaskSubmitError", "connect"):
+        assert getattr(meshscale, name) is getattr(t, name)
