@@ -1055,7 +1055,14 @@ class Membership:
             return
         if m.state == State.SUSPECT:
             sus = self._suspicions.get(m.name)
-            if sus is not None and msg.source not in sus.confirmations:
+            # Count (and re-gossip) at most K confirmations, as memberlist does: beyond
+            # K the timeout is already at its minimum, and re-gossiping every further
+            # accuser of a slow node costs O(N) messages each.
+            if (
+                sus is not None
+                and msg.source not in sus.confirmations
+                and len(sus.confirmations) <= sus.k
+            ):
                 sus.confirmations.add(msg.source)
                 self._count("suspicion_confirmations")
                 self._arm_suspicion(m.name, sus)
