@@ -19,7 +19,6 @@ import pytest
 from meshscale.cli import main as cli_main
 from meshscale.client.mesh import ObjectRef
 from meshscale.client.tasks import (
-    Future,
     TaskError,
     TaskMesh,
     TaskSubmitError,
@@ -139,6 +138,17 @@ def test_refusals_at_submit(client: TaskMesh) -> None:
     assert client.submit(digest, b"ok", 2).result(timeout=60)[0] == 2
 
 
+def big_result(blob: bytes, n: int) -> bytes:
+    return blob * n
+
+
+def test_large_result_travels_as_an_object(client: TaskMesh) -> None:
+    blob = random.Random(5).randbytes(100_000)
+    ref = client.put(blob)
+    out = client.submit(big_result, ref, 4).result(timeout=60)  # ~400 KB: stored as an object
+    assert out == blob * 4
+
+
 def test_residency_is_kept(client: TaskMesh) -> None:
     tf = task(residency=["ap-south"])(digest)
     futs = client.map(tf, [b"a", b"b", b"c", b"d"])
@@ -174,8 +184,10 @@ def test_sigkill_worker_node_mid_run(client: TaskMesh, mesh: LocalMesh) -> None:
     victim = mesh.nodes[3]
     futs = [client.submit(nap, k, 0.5) for k in range(60)]
     # wait until the victim has started some of them, then kill it
-    wait_until(lambda: any(r["node"] == victim.name for r in client.tasks(200)), 30,
-               "a task on the victim")
+    ids = {f.task_id for f in futs}
+    wait_until(lambda: any(r["task_id"] in ids and r["state"] == "running"
+                           and r["node"] == victim.name for r in client.tasks(200)), 30,
+               "a task running on the victim")
     assert victim.proc is not None
     os.kill(victim.proc.pid, signal.SIGKILL)
     victim.proc.wait()
@@ -196,7 +208,7 @@ def test_owner_dies_another_node_answers(client: TaskMesh, mesh: LocalMesh) -> N
         os.kill(owner_node.proc.pid, signal.SIGKILL)
         owner_node.proc.wait()
         # Ask another node: the record is in the KV; the owner is dead, so it takes over.
-        adopted = [Future(other._inner, f.task_id, f.name, other._runner) for f in futs]
+        adopted = [other.future(f.task_id) for f in futs]
         assert [f.result(timeout=120) for f in adopted] == [k * k for k in range(4)]
         stats = other._run(other._inner._tcall("task.stats", {}))
         assert stats["compute"].get("tasks_adopted", 0) == 4

@@ -582,6 +582,11 @@ class AsyncTaskMesh(AsyncMesh):
                 raise TimeoutError(f"{len(pending)} tasks not finished after {timeout}s")
             await self._poll(pending, min(left, WAIT_POLL_S))
 
+    def future(self, task_id: str, name: str = "task") -> Future:
+        """A future for a task submitted earlier, perhaps through another node (say, one
+        that died: this node then takes the task over from its record in the KV)."""
+        return Future(self, task_id, name, self.runner)
+
     async def tasks(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The node's task records, newest first (state, node, placement reason)."""
         rows = await self._call("task.list", {"limit": limit})
@@ -622,7 +627,12 @@ class TaskMesh(Mesh):
         return self._run(self._inner.wait(list(futures), timeout))
 
     def tasks(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The node's task records, newest first (state, node, placement reason)."""
         return self._run(self._inner.tasks(limit))
+
+    def future(self, task_id: str, name: str = "task") -> Future:
+        """A future for a task submitted earlier, perhaps through another node."""
+        return self._inner.future(task_id, name)
 
 
 def as_completed(futures: Iterable[Future], timeout: float | None = None) -> Iterator[Future]:

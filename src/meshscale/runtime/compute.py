@@ -7,10 +7,11 @@ the way ``dataplane.py`` drives ``core.replication``:
 - one ``Scheduler`` and one ``WorkerPool`` (one warm process per CPU of capacity) per
   node, one timer, ``_pump`` after every call into the scheduler;
 - ``SendMessage`` goes to the peer's ``sched.msg`` RPC. Each message carries the
-  sender's ``Load`` and capacity, and every ``load_interval_s`` (1 s) a node sends its own
-  to every live peer (``sched.load``), so the view's loads are at most ~1 s stale even
-  when no scheduling traffic flows; late binding makes a stale view cost a round trip,
-  not a wrong placement;
+  sender's ``Load`` and capacity, and every ``load_interval_s`` (1 s) a node with recent
+  scheduling activity sends its own to every live peer (``sched.load``), so the view's
+  loads are at most ~1 s stale while work flows; an idle node stops after
+  ``gossip_idle_s`` and closes those connections (its load is zero and stays so). Late
+  binding makes a stale view cost a round trip, not a wrong placement;
 - ``RunTask``: the worker node fetches the task's input objects itself (local store
   first, else ``obj.read`` proxies from a holder: never through the client), runs the
   function in the pool (fetching its bytes from the owner, or the function object, if
@@ -114,6 +115,8 @@ class ComputeConfig:
     """Longest ``task.result`` / ``task.wait`` wait (below the client's RPC timeout)."""
     max_wait_ids: int = 4096
     load_interval_s: float = 1.0
+    gossip_idle_s: float = 5.0
+    """Load reports stop this long after the last scheduling activity on this node."""
     rpc_timeout_s: float = 30.0
     input_cache_s: float = 5.0
     """How long a resolved input (size, holders, policy) is reused by submits."""
@@ -236,13 +239,15 @@ class ComputePlane:
         self._tick: asyncio.Future[None] | None = None
         self._running: dict[str, str] = {}  # owner/task_id -> pool task id
         self._adopting: dict[str, asyncio.Task[None]] = {}
+        self._pool_ready: asyncio.Event | None = None
+        self._active_at = float("-inf")
 
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
         agent = self.agent
         self._creds = ClientCredentials(agent._client_ctx, agent.bundle.token)
-        await self.pool.start()
+        self._pool_ready = asyncio.Event()
         self.sched = Scheduler(agent.name, self.capacity, config=self.cfg.scheduling,
                                rng=random.Random(agent.rng.random()), now=time.monotonic())
         self.sched.set_view(self._view(), time.monotonic())
@@ -263,6 +268,10 @@ class ComputePlane:
         agent.event_listeners.append(self._on_member_event)
         agent._spawn(self._gossip_load())
         self._pump()
+        # Serve scheduling at once (the node is already in the membership); tasks granted
+        # here meanwhile wait for the workers.
+        await self.pool.start()
+        self._pool_ready.set()
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -318,7 +327,10 @@ class ComputePlane:
         sched = self.sched
         if sched is None:
             return
-        for out in sched.drain():
+        outs = sched.drain()
+        if outs or sched.pending() or sched.running():
+            self._active_at = time.monotonic()
+        for out in outs:
             if isinstance(out, SendMessage):
                 self.agent._spawn(self._send(out.dst, out.payload))
             elif isinstance(out, RunTask):
@@ -407,6 +419,7 @@ class ComputePlane:
             raise ValueError("compute plane not running")
         src = str(args["src"])
         self._note_load(src, args)
+        self._active_at = time.monotonic()
         self.sched.handle_message(src, bytes(args["payload"]), time.monotonic())
         self._pump()
         return {}
@@ -422,6 +435,16 @@ class ComputePlane:
             await asyncio.sleep(self.cfg.load_interval_s)
             if self.sched is None:
                 return
+            idle_s = time.monotonic() - self._active_at
+            if idle_s > self.cfg.gossip_idle_s:
+                # Nothing to schedule: an idle mesh's loads are all zero and stay so; stop
+                # the traffic and let go of the connections until work comes.
+                if self._conns and idle_s > 2 * self.cfg.gossip_idle_s:
+                    conns, self._conns = list(self._conns.values()), {}
+                    for conn in conns:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                continue
             peers = [m.name for m in self.agent.m.members.values()
                      if m.state <= State.SUSPECT and m.name != self.agent.name]
 
@@ -930,6 +953,8 @@ class ComputePlane:
         pool_id = f"{key}/{rt.attempt}"
         try:
             p = msgspec.msgpack.decode(spec.payload, type=_Payload)
+            if self._pool_ready is not None and not self._pool_ready.is_set():
+                await asyncio.wait_for(self._pool_ready.wait(), self.pool.config.start_timeout_s)
             inputs = list(await asyncio.gather(*(self._read_object(o) for o in p.inputs)))
             call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
             self._running[key] = pool_id
@@ -950,6 +975,8 @@ class ComputePlane:
             outcome.update(ok=False, kind="worker_crashed", error=f"{type(e).__name__}: {e}")
         except (ValueError, RpcError, msgspec.DecodeError, msgspec.ValidationError) as e:
             outcome.update(ok=False, kind="input", error=str(e))
+        except TimeoutError:
+            outcome.update(ok=False, kind="worker_crashed", error="workers did not start")
         finally:
             self._running.pop(key, None)
         for attempt in range(3):
