@@ -506,25 +506,64 @@ class AsyncTaskMesh(AsyncMesh):
                 sys.stderr.flush()
         else:
             report = progress or None
-        futures: list[Future] = []
-        for start in range(0, len(wires), SUBMIT_BATCH):
-            batch = wires[start:start + SUBMIT_BATCH]
-            await self._submit_batch(batch, fn_bytes)
-            futures += [Future(self, w["task_id"], tf.__name__, self.runner) for w in batch]
+        # One id prefix per submit request (``<prefix>.<n>``): the node keeps the
+        # records of a request as one KV value.
+        batches = [wires[i:i + SUBMIT_BATCH] for i in range(0, len(wires), SUBMIT_BATCH)]
+        for batch in batches:
+            if len(batch) > 1:
+                prefix = uuid.uuid4().hex
+                for n, w in enumerate(batch):
+                    w["task_id"] = f"{prefix}.{n}"
+        futures = [Future(self, w["task_id"], tf.__name__, self.runner) for w in wires]
+        by_id = {f.task_id: f for f in futures}
+        submitted = 0
+
+        async def send(batch: list[dict[str, Any]]) -> None:
+            nonlocal submitted
+            reply = await self._submit_batch(batch, fn_bytes)
+            for r in reply.get("results") or []:
+                fut = by_id.get(str(r.get("task_id")))
+                if fut is not None and fut._outcome is None and r.get("state") in TERMINAL:
+                    fut._outcome = dict(r)
+            submitted += len(batch)
             if report is not None:
-                report(len(futures), len(wires))
+                report(submitted, len(wires))
+
+        # The first request alone (it may have to carry the function), the rest
+        # concurrently on the task connections; an error stops the rest from starting.
+        if batches:
+            await send(batches[0])
+        rest = batches[1:]
+        failed: list[BaseException] = []
+
+        async def lane() -> None:
+            while rest and not failed:
+                try:
+                    await send(rest.pop(0))
+                except BaseException as e:
+                    failed.append(e)
+                    raise
+
+        if rest:
+            results = await asyncio.gather(*(lane() for _ in range(min(len(rest),
+                                                                          TASK_CONNECTIONS))),
+                                           return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
         return futures
 
-    async def _submit_batch(self, batch: list[dict[str, Any]], fn_bytes: bytes) -> None:
+    async def _submit_batch(self, batch: list[dict[str, Any]], fn_bytes: bytes
+                            ) -> dict[str, Any]:
         fn_id = batch[0]["fn_id"]
         if fn_id in self._fns_sent:
             for w in batch:
                 w["fn"] = None
         for attempt in range(2):
             try:
-                await self._tcall("task.submit", {"tasks": batch})
+                reply = await self._tcall("task.submit", {"tasks": batch})
                 self._fns_sent.add(fn_id)
-                return
+                return reply
             except MeshError as e:
                 msg = str(e)
                 if f"need function {fn_id}" in msg and attempt == 0:
@@ -532,6 +571,7 @@ class AsyncTaskMesh(AsyncMesh):
                     continue
                 detail = msg.removeprefix(f"{self.address}: ")
                 raise TaskSubmitError(f"submit refused: {detail}") from None
+        raise AssertionError("unreachable")
 
     async def _poll(self, futures: Sequence[Future], timeout: float) -> None:
         """Ask the node for the outcomes of those futures not yet resolved; waits up to

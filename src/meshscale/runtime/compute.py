@@ -93,8 +93,19 @@ from meshscale.runtime.workers import TaskFailed as WorkerTaskFailed
 if TYPE_CHECKING:
     from meshscale.runtime.node import NodeAgent
 
+BATCH_BYTES = 4 << 20
+"""Scheduling messages to one peer are sent together up to this many bytes per RPC."""
+MAX_BATCH_MESSAGES = 4096
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 KV_PREFIX = "task/"
+GROUP_PREFIX = "taskset/"
+GROUP_MAX_BYTES = 900 * 1024
+"""Largest ``taskset/`` record (the KV takes values up to 1 MiB)."""
+GROUP_FLUSH_S = 0.05
+"""Terminal states of a set's tasks are written to its record at most this often."""
+EARLY_ACK_MAX_TASKS = 16
+"""Submits of up to this many tasks are answered with the outcomes if all tasks end
+before their records are written (the answer then carries what the records would)."""
 CPUS_ENV = "MESHSCALE_CPUS"
 """Overrides the node's CPU capacity (and pool size) when its meta does not set one."""
 
@@ -158,6 +169,8 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
 
 _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(TaskRecord)
+_records_encoder = msgspec.msgpack.Encoder()
+_records_decoder = msgspec.msgpack.Decoder(list[TaskRecord])
 
 
 class _Payload(msgspec.Struct, array_like=True):
@@ -170,9 +183,31 @@ class _Payload(msgspec.Struct, array_like=True):
     memory_mb: int
 
 
+@dataclass(eq=False)
+class _Group:
+    """Records of one submit written together as ``taskset/<prefix>``."""
+
+    prefix: str
+    recs: list[TaskRecord]
+    dirty: bool = False
+    writing: bool = False
+    written: set[str] = field(default_factory=set)
+
+
+def _group_prefix(task_id: str) -> str | None:
+    """``<prefix>`` of a task id of the form ``<prefix>.<n>`` (prefix: 16..64 hex digits,
+    n: decimal), the ids ``map`` gives the tasks of one submit; else None."""
+    prefix, dot, n = task_id.rpartition(".")
+    if (not dot or not 16 <= len(prefix) <= 64 or not n.isdigit() or len(n) > 9
+            or prefix.strip("0123456789abcdef")):
+        return None
+    return prefix
+
+
 @dataclass
 class _Entry:
     rec: TaskRecord
+    group: _Group | None = None
     resubmit: bool = False
     crash_retries: int = 0
     waiters: int = 0
@@ -233,6 +268,11 @@ class ComputePlane:
         self._inputs: dict[str, tuple[InputRef, float]] = {}
         self._loads: dict[str, tuple[Load, Resources]] = {}
         self._conns: dict[str, RpcConnection] = {}
+        self._outq: dict[str, list[bytes]] = {}
+        self._group_keys: OrderedDict[str, None] = OrderedDict()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._flushing: set[str] = set()
+        self._old_peers: set[str] = set()
         self._creds: ClientCredentials | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -254,6 +294,7 @@ class ComputePlane:
         for name, fn in {
             "sched.msg": self._rpc_sched_msg,
             "sched.load": self._rpc_sched_load,
+            "sched.batch": self._rpc_sched_batch,
             "task.submit": self._rpc_submit,
             "task.result": self._rpc_result,
             "task.wait": self._rpc_wait,
@@ -332,7 +373,7 @@ class ComputePlane:
             self._active_at = time.monotonic()
         for out in outs:
             if isinstance(out, SendMessage):
-                self.agent._spawn(self._send(out.dst, out.payload))
+                self._enqueue(out.dst, out.payload)
             elif isinstance(out, RunTask):
                 self.agent._spawn(self._run(out))
             elif isinstance(out, TaskBound):
@@ -405,11 +446,48 @@ class ComputePlane:
         except (KeyError, TypeError, ValueError):
             self._count("bad_load")
 
-    async def _send(self, dst: str, payload: bytes) -> None:
+    def _enqueue(self, dst: str, payload: bytes) -> None:
+        """Queue a scheduling message for ``dst``; one sender per peer drains the queue,
+        several messages to one RPC (``sched.batch``), in order."""
+        q = self._outq.get(dst)
+        if q is None:
+            q = self._outq[dst] = []
+        q.append(payload)
+        if dst not in self._flushing:
+            self._flushing.add(dst)
+            self.agent._spawn(self._flush(dst))
+
+    async def _flush(self, dst: str) -> None:
+        try:
+            while self.sched is not None:
+                q = self._outq.pop(dst, None)
+                if not q:
+                    return
+                size, n = 0, 0
+                while n < len(q) and (n == 0 or size + len(q[n]) <= BATCH_BYTES):
+                    size += len(q[n])
+                    n += 1
+                if n < len(q):
+                    self._outq[dst] = q[n:] + self._outq.get(dst, [])
+                await self._send(dst, q[:n])
+        finally:
+            self._flushing.discard(dst)
+
+    async def _send(self, dst: str, payloads: list[bytes]) -> None:
         if self.sched is None:
             return
         try:
-            await self._call(dst, "sched.msg", {**self._load_args(), "payload": payload})
+            if len(payloads) > 1 and dst not in self._old_peers:
+                try:
+                    await self._call(dst, "sched.batch", {**self._load_args(),
+                                                          "payloads": payloads})
+                    return
+                except RpcError as e:
+                    if "unknown method" not in str(e):
+                        raise
+                    self._old_peers.add(dst)  # an older agent: one message per call
+            for payload in payloads:
+                await self._call(dst, "sched.msg", {**self._load_args(), "payload": payload})
         except (RpcError, ValueError) as e:
             self._count("sched_send_failed")
             self.agent.log("debug", "sched_send_failed", peer=dst, error=str(e))
@@ -421,6 +499,17 @@ class ComputePlane:
         self._note_load(src, args)
         self._active_at = time.monotonic()
         self.sched.handle_message(src, bytes(args["payload"]), time.monotonic())
+        self._pump()
+        return {}
+
+    def _rpc_sched_batch(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.sched is None:
+            raise ValueError("compute plane not running")
+        src = str(args["src"])
+        self._note_load(src, args)
+        now = self._active_at = time.monotonic()
+        for payload in list(args.get("payloads") or [])[:MAX_BATCH_MESSAGES]:
+            self.sched.handle_message(src, bytes(payload), now)
         self._pump()
         return {}
 
@@ -501,25 +590,40 @@ class ComputePlane:
         return {"id": str(r["id"]), "size": int(r["size"])}
 
     async def _kv_put(self, rec: TaskRecord) -> None:
+        await self._kv_put_raw(KV_PREFIX + rec.task_id, _record_encoder.encode(rec))
+
+    async def _kv_put_raw(self, key: str, value: bytes) -> None:
         if not self.cfg.persist:
             return
         try:
-            await self._local("kv.put", {"key": KV_PREFIX + rec.task_id,
-                                         "value": _record_encoder.encode(rec),
-                                         "consistency": "quorum"})
+            await self._local("kv.put", {"key": key, "value": value, "consistency": "quorum"})
         except (ValueError, RpcError) as e:
             self._count("kv_write_failed")
-            self.agent.log("warning", "task_record_write_failed", task=rec.task_id, error=str(e))
+            self.agent.log("warning", "task_record_write_failed", key=key, error=str(e))
 
-    async def _kv_get(self, task_id: str) -> TaskRecord | None:
+    async def _kv_read(self, key: str) -> bytes | None:
         try:
-            r = await self._local("kv.get", {"key": KV_PREFIX + task_id, "consistency": "quorum"})
+            r = await self._local("kv.get", {"key": key, "consistency": "quorum"})
         except (ValueError, RpcError):
             return None
-        if r.get("value") is None:
-            return None
+        value = r.get("value")
+        return None if value is None else bytes(value)
+
+    async def _kv_get(self, task_id: str) -> TaskRecord | None:
+        data = await self._kv_read(KV_PREFIX + task_id)
         try:
-            return _record_decoder.decode(bytes(r["value"]))
+            if data is not None:
+                return _record_decoder.decode(data)
+            prefix = _group_prefix(task_id)
+            if prefix is None:
+                return None
+            data = await self._kv_read(GROUP_PREFIX + prefix)
+            if data is None:
+                return None
+            for rec in _records_decoder.decode(data):
+                if rec.task_id == task_id:
+                    return rec
+            return None
         except (msgspec.DecodeError, msgspec.ValidationError):
             self._count("kv_bad_record")
             return None
@@ -646,18 +750,102 @@ class ComputePlane:
             raise ValueError(f"refused by the {e.rule} rule: {e}") from None
         except SchedulingOverloaded as e:
             raise ValueError(f"busy: {e}") from None
+        groups = self._groups_of(new)
         for r in new:
-            self._records[r.task_id] = _Entry(r)
+            self._records[r.task_id] = _Entry(r, group=groups.get(r.task_id))
         self._evict()
         self._pump()
         # Durable before acknowledged: function object and records, so the tasks survive
-        # this node (the scheduler has already started placing them).
+        # this node (the scheduler has already started placing them). A small submit
+        # whose tasks all end before their records are written is answered at once with
+        # the outcomes (the records are still written, and the final ones follow).
+        self._count("tasks_submitted", len(new))
+        persist = asyncio.get_running_loop().create_task(self._persist(new, groups))
+        if len(new) <= EARLY_ACK_MAX_TASKS:
+            while not persist.done() and not all(r.state in TERMINAL for r in new):
+                if self._tick is None:
+                    self._tick = asyncio.get_running_loop().create_future()
+                await asyncio.wait((persist, self._tick), return_when=asyncio.FIRST_COMPLETED)
+            if not persist.done():
+                self._count("acks_with_outcome")
+                self._background.add(persist)
+                persist.add_done_callback(self._background_done)
+                return {"accepted": accepted,
+                        "results": [self._view_of(r) for r in new]}
+        await persist
+        return {"accepted": accepted,
+                "results": [self._view_of(r) for r in new if r.state in TERMINAL]}
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._count("persist_failed")
+            self.agent.log("warning", "task_persist_failed", error=str(task.exception()))
+
+    async def _persist(self, new: list[TaskRecord], groups: dict[str, _Group]) -> None:
         fns = {r.fn_id for r in new}
         await asyncio.gather(*(self._ensure_fn_stored(f, self._fns[f]) for f in fns
                                if f in self._fns))
-        await self._persist_many(new)
-        self._count("tasks_submitted", len(new))
-        return {"accepted": accepted}
+        await asyncio.gather(self._persist_many([r for r in new if r.task_id not in groups]),
+                             *(self._write_group(g) for g in set(groups.values())))
+
+    # Records of one submit whose ids share a client-chosen prefix (``<prefix>.<n>``, as
+    # ``map`` names them) are written as one KV value, ``taskset/<prefix>``: one quorum
+    # write per submit instead of one per task. Lookups try ``task/<id>`` first, then the
+    # set. Terminal states reach the set record within ``GROUP_FLUSH_S`` (coalesced); an
+    # owner that dies inside that window leaves them pending there, so a node taking over
+    # runs those tasks again (as after a lost ``task.done``: the first result wins).
+
+    def _groups_of(self, new: list[TaskRecord]) -> dict[str, _Group]:
+        by_prefix: dict[str, list[TaskRecord]] = {}
+        for r in new:
+            prefix = _group_prefix(r.task_id)
+            if prefix is not None:
+                by_prefix.setdefault(prefix, []).append(r)
+        out: dict[str, _Group] = {}
+        for prefix, recs in by_prefix.items():
+            if len(recs) < 2 or prefix in self._group_keys:
+                continue  # a reused prefix must not overwrite an earlier set's record
+            if len(_records_encoder.encode(recs)) > GROUP_MAX_BYTES:
+                continue
+            self._group_keys[prefix] = None
+            while len(self._group_keys) > self.cfg.max_records:
+                self._group_keys.popitem(last=False)
+            g = _Group(prefix, recs)
+            for r in recs:
+                out[r.task_id] = g
+        return out
+
+    async def _write_group(self, g: _Group) -> None:
+        g.writing = True
+        try:
+            await self._kv_put_raw(GROUP_PREFIX + g.prefix, _records_encoder.encode(g.recs))
+        finally:
+            g.writing = False
+        self._group_changed(g, delay=False)
+
+    def _group_changed(self, g: _Group, *, delay: bool = True) -> None:
+        if delay:
+            g.dirty = True
+        if g.dirty and not g.writing:
+            g.writing = True
+            self.agent._spawn(self._flush_group(g))
+
+    async def _flush_group(self, g: _Group) -> None:
+        try:
+            while g.dirty and self.sched is not None:
+                await asyncio.sleep(GROUP_FLUSH_S)
+                g.dirty = False
+                data = _records_encoder.encode(g.recs)
+                if len(data) > GROUP_MAX_BYTES:  # large results: per-task records
+                    done = [r for r in g.recs if r.state in TERMINAL
+                            and r.task_id not in g.written]
+                    g.written.update(r.task_id for r in done)
+                    await self._persist_many([msgspec.structs.replace(r) for r in done])
+                    continue
+                await self._kv_put_raw(GROUP_PREFIX + g.prefix, data)
+        finally:
+            g.writing = False
 
     async def _persist_many(self, recs: list[TaskRecord]) -> None:
         sem = asyncio.Semaphore(32)
@@ -737,7 +925,10 @@ class ComputePlane:
         r.args = None  # not needed any more; keeps memory and the KV record small
         self._count("tasks_" + state)
         self._wake()
-        self.agent._spawn(self._kv_put(msgspec.structs.replace(r)))
+        if e.group is not None and self.cfg.persist:
+            self._group_changed(e.group)
+        else:
+            self.agent._spawn(self._kv_put(msgspec.structs.replace(r)))
 
     def _wake(self) -> None:
         tick, self._tick = self._tick, None
