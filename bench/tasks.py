@@ -1,0 +1,785 @@
+"""Compute plane benchmark: meshscale vs Ray vs Dask, four workloads, one run.
+
+    python bench/tasks.py [--quick] [--only meshscale,ray,dask] --json out.json
+
+Each system gets a 4-node cluster on 127.0.0.1, built the way a user would build it with
+the system's defaults:
+
+- meshscale: ``LocalMesh`` of 4 node processes (3 regions, no latency emulation);
+- Ray: ``ray.cluster_utils.Cluster``, a head and 3 more nodes, 1 CPU each, pinned to
+  127.0.0.1, dashboard and usage stats off;
+- Dask: ``LocalCluster(n_workers=4, threads_per_worker=1, processes=True)``.
+
+Workloads (``--quick`` sizes in brackets):
+
+- ``noop_tasks_per_s``: 10,000 [1,000] no-op tasks from one client through each system's
+  batch API (``mesh.map``, a list of ``f.remote``, ``client.map``), until all results are in;
+- ``noop_latency_p50_ms`` / ``_p99_ms``: sequential submit -> result of one no-op, 500 [200]
+  times after 20 warm-up calls;
+- ``locality_bytes_moved_mb``: 40 [8] objects of 20 MB [2 MB] spread over the four nodes,
+  then 200 [40] tasks that each read one of them (hash the bytes, then 50 ms of simulated
+  work) with the object passed as the argument. Bytes moved = the input size for every task
+  that ran on a node holding no copy of its input at the time (a node that fetched a copy
+  keeps it in Ray and Dask, so a second read there is local);
+- ``kill_one_node_makespan_s``: the same tasks again, with one node (never the one the
+  client talks to) killed hard once a third of them have finished; the clock runs from the
+  first submit to the last result;
+- ``idle_rss_mb``: the resident memory of the idle 4-node cluster, summed over its processes.
+
+Each system runs in its own try/except and always tears its cluster down: a system that
+fails (or, for meshscale, lacks the task API) is reported as ``null`` with a reason under
+``errors``, and the others still run. Prints one table (metrics x systems) and writes JSON:
+``{"meshscale": {...} | null, "ray": ..., "dask": ..., "errors": {...}, "config": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+# Pin Ray to loopback. `node_ip_address="127.0.0.1"` alone is not enough: ray.init turns a
+# loopback address into the machine's interface address (services.resolve_ip_for_localhost)
+# and then waits forever for a GCS there. With this, Ray's own address lookup answers
+# 127.0.0.1 (it is what Ray does by default on macOS and Windows).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+HOST = "127.0.0.1"
+NODES = 4
+MB = 1_000_000
+SYSTEMS = ("meshscale", "ray", "dask")
+KEYS = (
+    "noop_tasks_per_s",
+    "noop_latency_p50_ms",
+    "noop_latency_p99_ms",
+    "locality_bytes_moved_mb",
+    "kill_one_node_makespan_s",
+    "idle_rss_mb",
+)
+TASK_TIMEOUT_S = 300.0
+# Ray's per-node object store. cluster_utils defaults to 150 MiB (a test setting that
+# would spill this workload to disk); `ray start` gives 30% of RAM per node, which on one
+# machine with four nodes would overcommit it. 1 GiB holds the workload without spilling.
+RAY_OBJECT_STORE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Params:
+    noops: int
+    latency_samples: int
+    objects: int
+    object_bytes: int
+    tasks: int
+    work_s: float = 0.05
+    warmup: int = 20
+
+
+FULL = Params(noops=10_000, latency_samples=500, objects=40, object_bytes=20 * MB, tasks=200)
+QUICK = Params(noops=1_000, latency_samples=200, objects=8, object_bytes=2 * MB, tasks=40)
+
+
+class Unavailable(Exception):
+    """The system cannot be benchmarked here (missing package or API)."""
+
+
+# ---------------------------------------------------------------- task bodies (all systems)
+
+
+def noop(i: int) -> int:
+    return i
+
+
+def make_blob(i: int, size: int) -> bytes:
+    # Distinct content per object (content addressing must not dedupe them).
+    head = hashlib.blake2b(str(i).encode()).digest()
+    return (head * (size // len(head) + 1))[:size]
+
+
+def digest_and_work(blob: Any, work_s: float) -> int:
+    data = blob if isinstance(blob, bytes | bytearray | memoryview) else None
+    if data is None:
+        return -1
+    hashlib.blake2b(data).digest()
+    time.sleep(work_s)
+    return len(data)
+
+
+def meshscale_node_name() -> str:
+    """The meshscale node this worker runs under: ``MESHSCALE_NODE`` if the runtime sets it,
+    otherwise the ``--name`` of the nearest ``meshscale node start`` ancestor process."""
+    name = os.environ.get("MESHSCALE_NODE")
+    if name:
+        return name
+    pid = os.getppid()
+    for _ in range(8):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"--name" in argv:
+                return argv[argv.index(b"--name") + 1].decode()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        if pid <= 1:
+            break
+    return "?"
+
+
+def ms_read(blob: Any, work_s: float) -> tuple[str, int]:
+    return meshscale_node_name(), digest_and_work(blob, work_s)
+
+
+def ray_read(blob: Any, work_s: float) -> tuple[str, int]:
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), digest_and_work(blob, work_s)
+
+
+def ray_make(i: int, size: int) -> tuple[bytes, str]:
+    import ray
+
+    return make_blob(i, size), ray.get_runtime_context().get_node_id()
+
+
+def dask_read(blob: Any, work_s: float) -> tuple[str, int]:
+    from distributed import get_worker
+
+    return get_worker().address, digest_and_work(blob, work_s)
+
+
+# ---------------------------------------------------------------- measurement helpers
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def tree_rss_mb(root_pids: Iterable[int], exclude: set[int] | None = None
+                ) -> tuple[float, int]:
+    """RSS (MB) summed over the given processes and all their descendants, and their count."""
+    import psutil
+
+    seen: set[int] = set(exclude or ())
+    total, count = 0, 0
+    for pid in root_pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in procs:
+            if p.pid in seen:
+                continue
+            seen.add(p.pid)
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+                count += 1
+    return total / MB, count
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / MB
+
+
+def own_children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+_tracked: dict[int, float] = {}
+
+
+def track() -> None:
+    """Remember every process below this one, to check after teardown that none is left."""
+    import psutil
+
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "multiprocessing.resource_tracker" in " ".join(p.cmdline()):
+                continue  # this interpreter's helper; it exits with us
+            _tracked.setdefault(p.pid, p.create_time())
+
+
+def bytes_moved(runs: list[tuple[int, str]], holders: dict[int, set[str]], size: int,
+                caches: bool) -> int:
+    """``runs``: (object index, node it ran on) in completion order; ``holders``: nodes that
+    held each object beforehand. A read on a node without a copy moves ``size`` bytes; if
+    the system keeps fetched copies (``caches``), that node holds one afterwards."""
+    copies = {k: set(v) for k, v in holders.items()}
+    moved = 0
+    for obj, node in runs:
+        if node not in copies[obj]:
+            moved += size
+            if caches:
+                copies[obj].add(node)
+    return moved
+
+
+def settle(seconds: float = 3.0) -> None:
+    time.sleep(seconds)  # let lazily started processes (worker pools) come up before RSS
+
+
+def kill_at_third(total: int, kill: Callable[[], None]) -> Callable[[int], None]:
+    """A callback for each completion; calls ``kill`` once a third of ``total`` are done."""
+    fired = threading.Event()
+
+    def on_done(done: int) -> None:
+        if not fired.is_set() and done >= total // 3:
+            fired.set()
+            kill()
+
+    return on_done
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def run_ray(p: Params, out: dict[str, Any]) -> None:
+    try:
+        import ray
+        from ray.cluster_utils import Cluster
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    except ImportError as e:
+        raise Unavailable(f"ray not installed ({e}); pip install -e '.[bench]'") from None
+
+    before = own_children()
+    t0 = time.perf_counter()
+    node_args = {
+        "num_cpus": 1,
+        "node_ip_address": HOST,
+        "object_store_memory": RAY_OBJECT_STORE_BYTES,
+    }
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={**node_args, "include_dashboard": False},
+    )
+    try:
+        workers = [cluster.add_node(**node_args) for _ in range(NODES - 1)]
+        ray.init(address=cluster.address, _node_ip_address=HOST, include_dashboard=False,
+                 log_to_driver=False, logging_level="ERROR")
+        cluster.wait_for_nodes()
+        out["startup_s"] = round(time.perf_counter() - t0, 2)
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == NODES, f"{len(nodes)} Ray nodes alive, expected {NODES}"
+        addrs = {n["NodeManagerAddress"] for n in ray.nodes()}
+        assert addrs == {HOST}, f"Ray nodes not on loopback: {addrs}"
+        settle()
+        rss, out["idle_processes"] = tree_rss_mb([os.getpid()], exclude=before | {os.getpid()})
+        out["idle_rss_mb"] = round(rss, 1)
+
+        r_noop = ray.remote(noop)
+        r_make = ray.remote(num_returns=2)(ray_make)
+        r_read = ray.remote(ray_read)
+
+        ray.get([r_noop.remote(i) for i in range(p.warmup)], timeout=TASK_TIMEOUT_S)
+        t = time.perf_counter()
+        ray.get([r_noop.remote(i) for i in range(p.noops)], timeout=TASK_TIMEOUT_S)
+        out["noop_tasks_per_s"] = round(p.noops / (time.perf_counter() - t), 1)
+
+        lat = []
+        for i in range(p.latency_samples):
+            t = time.perf_counter()
+            ray.get(r_noop.remote(i), timeout=TASK_TIMEOUT_S)
+            lat.append((time.perf_counter() - t) * 1000)
+        out["noop_latency_p50_ms"] = round(percentile(lat, 50), 3)
+        out["noop_latency_p99_ms"] = round(percentile(lat, 99), 3)
+
+        # Objects are made by tasks pinned (softly, so lineage can rebuild them elsewhere
+        # after a node dies) to each node in turn: their primary copy lives there.
+        blobs, where = [], []
+        for i in range(p.objects):
+            strategy = NodeAffinitySchedulingStrategy(nodes[i % NODES], soft=True)
+            b, w = r_make.options(scheduling_strategy=strategy).remote(i, p.object_bytes)
+            blobs.append(b)
+            where.append(w)
+        holders = {i: {n} for i, n in enumerate(ray.get(where, timeout=TASK_TIMEOUT_S))}
+        ray.wait(blobs, num_returns=len(blobs), timeout=TASK_TIMEOUT_S, fetch_local=False)
+
+        inputs = [i % p.objects for i in range(p.tasks)]
+        refs = [r_read.remote(blobs[k], p.work_s) for k in inputs]
+        index = {r: k for r, k in zip(refs, inputs, strict=True)}
+        runs, pending = [], list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=TASK_TIMEOUT_S)
+            if not ready:
+                raise TimeoutError("locality tasks did not finish")
+            node, n = ray.get(ready[0])
+            assert n == p.object_bytes, f"task read {n} bytes"
+            runs.append((index[ready[0]], node))
+        moved = bytes_moved(runs, holders, p.object_bytes, caches=True)
+        out["locality_bytes_moved_mb"] = round(moved / MB, 1)
+        out["locality_remote_reads"] = moved // p.object_bytes
+
+        # Kill: a worker node (the driver is attached to the head), processes SIGKILLed.
+        victim = workers[0]
+        failed = 0
+
+        def kill() -> None:
+            track()
+            cluster.remove_node(victim, allow_graceful=False)
+            out["killed_node"] = getattr(victim, "node_id", victim.unique_id)
+
+        on_done = kill_at_third(p.tasks, kill)
+        t = time.perf_counter()
+        pending = [r_read.remote(blobs[k], p.work_s) for k in inputs]
+        done = 0
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=TASK_TIMEOUT_S)
+            if not ready:
+                raise TimeoutError("kill-run tasks did not finish")
+            try:
+                ray.get(ready[0])
+            except Exception:
+                failed += 1
+            done += 1
+            on_done(done)
+        out["kill_one_node_makespan_s"] = round(time.perf_counter() - t, 2)
+        out["kill_failed_tasks"] = failed
+    finally:
+        track()
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        with contextlib.suppress(Exception):
+            cluster.shutdown()
+
+
+# ---------------------------------------------------------------- Dask
+
+
+def run_dask(p: Params, out: dict[str, Any]) -> None:
+    try:
+        from distributed import Client, LocalCluster, as_completed, wait
+    except ImportError as e:
+        raise Unavailable(f"dask[distributed] not installed ({e}); pip install -e '.[bench]'") \
+            from None
+
+    before = own_children()
+    driver_before = rss_mb(os.getpid())
+    t0 = time.perf_counter()
+    cluster = LocalCluster(n_workers=NODES, threads_per_worker=1, processes=True, host=HOST,
+                           dashboard_address=None)
+    client = None
+    try:
+        client = Client(cluster)
+        client.wait_for_workers(NODES, timeout=60)
+        out["startup_s"] = round(time.perf_counter() - t0, 2)
+        settle()
+        # The scheduler and the nannies live in this (driver) process: count its growth.
+        workers_rss, n = tree_rss_mb([os.getpid()], exclude=before | {os.getpid()})
+        out["idle_processes"] = n + 1
+        out["idle_rss_mb"] = round(workers_rss + rss_mb(os.getpid()) - driver_before, 1)
+
+        addrs = sorted(client.scheduler_info()["workers"])
+        assert all(a.startswith(f"tcp://{HOST}:") for a in addrs), addrs
+
+        client.gather(client.map(noop, range(p.warmup), pure=False))
+        t = time.perf_counter()
+        client.gather(client.map(noop, range(p.noops), pure=False))
+        out["noop_tasks_per_s"] = round(p.noops / (time.perf_counter() - t), 1)
+
+        lat = []
+        for i in range(p.latency_samples):
+            t = time.perf_counter()
+            client.submit(noop, i, pure=False).result(timeout=TASK_TIMEOUT_S)
+            lat.append((time.perf_counter() - t) * 1000)
+        out["noop_latency_p50_ms"] = round(percentile(lat, 50), 3)
+        out["noop_latency_p99_ms"] = round(percentile(lat, 99), 3)
+
+        # Objects made by tasks on each worker in turn (allow_other_workers so the scheduler
+        # can recompute them elsewhere after a worker dies; scattered data could not be).
+        blobs = [
+            client.submit(make_blob, i, p.object_bytes, workers=[addrs[i % NODES]],
+                          allow_other_workers=True, pure=False)
+            for i in range(p.objects)
+        ]
+        wait(blobs, timeout=TASK_TIMEOUT_S)
+        who = client.who_has(blobs)
+        holders = {i: set(who[b.key]) for i, b in enumerate(blobs)}
+        sent0 = sum(client.run(_dask_bytes_sent).values())
+
+        inputs = [i % p.objects for i in range(p.tasks)]
+        futs = [client.submit(dask_read, blobs[k], p.work_s, pure=False) for k in inputs]
+        index = {f.key: k for f, k in zip(futs, inputs, strict=True)}
+        runs = []
+        for f in as_completed(futs, timeout=TASK_TIMEOUT_S):
+            node, n = f.result()
+            assert n == p.object_bytes, f"task read {n} bytes"
+            runs.append((index[f.key], node))
+        moved = bytes_moved(runs, holders, p.object_bytes, caches=True)
+        out["locality_bytes_moved_mb"] = round(moved / MB, 1)
+        out["locality_remote_reads"] = moved // p.object_bytes
+        out["locality_bytes_sent_counter_mb"] = round(
+            (sum(client.run(_dask_bytes_sent).values()) - sent0) / MB, 1)
+        del futs
+
+        # Kill: SIGKILL one worker process and keep its nanny from restarting it, which is
+        # what losing the machine looks like (a nanny would otherwise bring it back).
+        victim = addrs[1]
+        nanny = next(n for n in cluster.workers.values() if n.worker_address == victim)
+        pid = nanny.process.pid
+        failed = 0
+
+        def kill() -> None:
+            track()
+            nanny.restart = _no_restart  # type: ignore[method-assign]
+            nanny.instantiate = _no_instantiate  # type: ignore[method-assign]
+            os.kill(pid, signal.SIGKILL)
+            out["killed_node"] = victim
+
+        on_done = kill_at_third(p.tasks, kill)
+        t = time.perf_counter()
+        futs = [client.submit(dask_read, blobs[k], p.work_s, pure=False) for k in inputs]
+        for done, f in enumerate(as_completed(futs, timeout=TASK_TIMEOUT_S), 1):
+            try:
+                f.result()
+            except Exception:
+                failed += 1
+            on_done(done)
+        out["kill_one_node_makespan_s"] = round(time.perf_counter() - t, 2)
+        out["kill_failed_tasks"] = failed
+    finally:
+        track()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close(timeout=10)
+        with contextlib.suppress(Exception):
+            cluster.close(timeout=20)
+
+
+def _dask_bytes_sent(dask_worker: Any) -> int:
+    return int(dask_worker.transfer_outgoing_bytes_total)
+
+
+async def _no_restart(*args: Any, **kwargs: Any) -> str:
+    return "OK"
+
+
+async def _no_instantiate(*args: Any, **kwargs: Any) -> Any:
+    from distributed.core import Status
+
+    return Status.closed
+
+
+# ---------------------------------------------------------------- meshscale
+
+
+def _ms_api() -> tuple[Any, Callable[..., Any], Callable[..., Any]]:
+    """meshscale's task API, or ``Unavailable`` saying what is missing."""
+    try:
+        import meshscale
+
+        return meshscale, meshscale.task, meshscale.as_completed
+    except (ImportError, AttributeError) as e:
+        raise Unavailable(f"meshscale task API not available: {e}") from None
+
+
+def _ms_submit(mesh: Any, f: Any, *args: Any) -> Any:
+    # mesh.submit, not f.submit: f.submit goes to the *last* connect(), and this run holds
+    # one connection per node.
+    return mesh.submit(f, *args)
+
+
+def _ms_result(fut: Any) -> Any:
+    return fut.result(timeout=TASK_TIMEOUT_S)
+
+
+def _ms_gather(mesh: Any, futs: list[Any]) -> list[Any]:
+    """All results, waiting for the batch at once (one poll per round, not per future)."""
+    _, pending = mesh.wait(futs, timeout=TASK_TIMEOUT_S)
+    if pending:
+        raise TimeoutError(f"{len(pending)} meshscale tasks not finished")
+    return [_ms_result(f) for f in futs]
+
+
+def run_meshscale(p: Params, out: dict[str, Any]) -> None:
+    meshscale, task, as_completed = _ms_api()
+    from meshscale.runtime.launcher import LocalMesh
+
+    with tempfile.TemporaryDirectory(prefix="bench-tasks-") as tmp:
+        t0 = time.perf_counter()
+        lm = LocalMesh(Path(tmp), NODES, regions=["eu-west", "us-east", "ap-south"])
+        meshes: list[Any] = []
+        try:
+            # One task slot per node, as Ray (num_cpus=1) and Dask (threads_per_worker=1)
+            # get here; a node's default is the machine's CPU count.
+            old = os.environ.get("MESHSCALE_CPUS")
+            os.environ["MESHSCALE_CPUS"] = "1"
+            try:
+                lm.start()
+            finally:
+                if old is None:
+                    os.environ.pop("MESHSCALE_CPUS", None)
+                else:
+                    os.environ["MESHSCALE_CPUS"] = old
+            lm.wait_converged(60)
+            meshes = [meshscale.connect(n.address, bundle=lm.bundle_path) for n in lm.nodes]
+            mesh = meshes[0]
+            for name in ("submit", "map"):
+                if not hasattr(mesh, name):
+                    raise Unavailable(f"meshscale task API not available (no Mesh.{name})")
+            out["startup_s"] = round(time.perf_counter() - t0, 2)
+            settle()
+            rss, out["idle_processes"] = tree_rss_mb([pr.pid for pr in lm.processes()])
+            out["idle_rss_mb"] = round(rss, 1)
+
+            t_noop, t_read = task(noop), task(ms_read)
+            _ms_gather(mesh, mesh.map(t_noop, range(p.warmup)))
+            t = time.perf_counter()
+            results = _ms_gather(mesh, mesh.map(t_noop, range(p.noops)))
+            out["noop_tasks_per_s"] = round(p.noops / (time.perf_counter() - t), 1)
+            assert results == list(range(p.noops)), "mesh.map returned wrong results"
+
+            lat = []
+            for i in range(p.latency_samples):
+                t = time.perf_counter()
+                _ms_result(_ms_submit(mesh, t_noop, i))
+                lat.append((time.perf_counter() - t) * 1000)
+            out["noop_latency_p50_ms"] = round(percentile(lat, 50), 3)
+            out["noop_latency_p99_ms"] = round(percentile(lat, 99), 3)
+
+            # Objects put through each node in turn, with meshscale's default policy
+            # (3 replicas of 4 nodes, placed by rendezvous hashing).
+            refs = [meshes[i % NODES].put(make_blob(i, p.object_bytes))
+                    for i in range(p.objects)]
+            holders = {i: set(mesh.stat(r).holders) for i, r in enumerate(refs)}
+            out["object_replicas"] = statistics.mean(len(h) for h in holders.values())
+            stats0 = _ms_dp_stats(meshes)
+
+            inputs = [i % p.objects for i in range(p.tasks)]
+            futs = [_ms_submit(mesh, t_read, refs[k], p.work_s) for k in inputs]
+            index = {id(f): k for f, k in zip(futs, inputs, strict=True)}
+            runs, mismatched = [], 0
+            for f in as_completed(futs, timeout=TASK_TIMEOUT_S):
+                node, n = _ms_result(f)
+                assert n == p.object_bytes, f"task read {n} bytes (argument not resolved?)"
+                mismatched += f.node is not None and f.node != node
+                runs.append((index[id(f)], f.node or node))
+            out["task_node_mismatches"] = mismatched
+            after = {i: set(mesh.stat(r).holders) for i, r in enumerate(refs)}
+            caches = any(after[i] - holders[i] for i in holders)
+            moved = bytes_moved(runs, holders, p.object_bytes, caches=caches)
+            out["locality_bytes_moved_mb"] = round(moved / MB, 1)
+            out["locality_remote_reads"] = moved // p.object_bytes
+            stats1 = _ms_dp_stats(meshes)
+            if stats0 is not None and stats1 is not None:
+                out["locality_dp_stats_delta"] = {
+                    k: stats1.get(k, 0) - stats0.get(k, 0)
+                    for k in sorted(set(stats0) | set(stats1)) if "bytes" in k
+                }
+
+            # The same read workload on objects with one copy each (like Ray's and Dask's):
+            # this isolates placement from meshscale's default replication.
+            refs1 = [meshes[i % NODES].put(make_blob(10_000 + i, p.object_bytes), replicas=1,
+                                           w=1) for i in range(p.objects)]
+            holders1 = {i: set(mesh.stat(r).holders) for i, r in enumerate(refs1)}
+            futs = [_ms_submit(mesh, t_read, refs1[k], p.work_s) for k in inputs]
+            index = {id(f): k for f, k in zip(futs, inputs, strict=True)}
+            runs = []
+            for f in as_completed(futs, timeout=TASK_TIMEOUT_S):
+                node, n = _ms_result(f)
+                runs.append((index[id(f)], f.node or node))
+            moved = bytes_moved(runs, holders1, p.object_bytes, caches=caches)
+            out["locality_bytes_moved_mb_1_replica"] = round(moved / MB, 1)
+
+            victim = lm.nodes[1]
+            failed = 0
+
+            def kill() -> None:
+                track()
+                assert victim.proc is not None
+                victim.proc.send_signal(signal.SIGKILL)
+                out["killed_node"] = victim.name
+
+            on_done = kill_at_third(p.tasks, kill)
+            t = time.perf_counter()
+            futs = [_ms_submit(mesh, t_read, refs[k], p.work_s) for k in inputs]
+            for done, f in enumerate(as_completed(futs, timeout=TASK_TIMEOUT_S), 1):
+                try:
+                    _ms_result(f)
+                except Exception:
+                    failed += 1
+                on_done(done)
+            out["kill_one_node_makespan_s"] = round(time.perf_counter() - t, 2)
+            out["kill_failed_tasks"] = failed
+        finally:
+            track()
+            for m in meshes:
+                with contextlib.suppress(Exception):
+                    m.close()
+            lm.stop()
+
+
+def _ms_dp_stats(meshes: list[Any]) -> dict[str, int] | None:
+    """Data-plane counters summed over the live nodes (None if the RPC is unavailable)."""
+    total: dict[str, int] = {}
+    try:
+        for m in meshes:
+            with contextlib.suppress(Exception):
+                st = m._run(m._inner._call("dp.stats", {}))
+                for k, v in st.get("dataplane", {}).items():
+                    total[k] = total.get(k, 0) + int(v)
+    except Exception:
+        return None
+    return total
+
+
+# ---------------------------------------------------------------- driver
+
+RUNNERS: dict[str, Callable[[Params, dict[str, Any]], None]] = {
+    "meshscale": run_meshscale,
+    "ray": run_ray,
+    "dask": run_dask,
+}
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for pkg in ("meshscale", "ray", "dask", "distributed"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def leftovers() -> list[str]:
+    """Processes this run started (see ``track``) that are still alive after teardown."""
+    import psutil
+
+    found = []
+    for pid, created in sorted(_tracked.items()):
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{pid} {' '.join(proc.cmdline())[:120]}")
+    return found
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
+    return str(v)
+
+
+def table(results: dict[str, dict[str, Any] | None]) -> str:
+    cols = list(SYSTEMS)
+    rows = [("metric", *cols)]
+    for key in (*KEYS, "startup_s"):
+        rows.append((key, *(fmt((results.get(c) or {}).get(key)) for c in cols)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])
+                               for i, c in enumerate(r)))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+NOTES = (
+    "Every system gets one task slot per node (Ray num_cpus=1, Dask threads_per_worker=1, "
+    "meshscale MESHSCALE_CPUS=1; a meshscale node defaults to the machine's CPU count) and "
+    "otherwise its defaults: Ray's hybrid scheduler with locality-aware placement by argument "
+    "size, lineage reconstruction and max_retries=3; Dask's scheduler with work stealing and "
+    "a nanny per worker (its restart is disabled for the killed worker, as for a lost "
+    "machine). A tuned peer would differ: Ray notices a dead node through GCS health checks "
+    "(health_check_period_ms x health_check_failure_threshold, about 15 s by default), which "
+    "can be lowered; Dask's latency falls with a shorter scheduler/worker batched-send "
+    "interval and its throughput rises with more threads per worker; both would move fewer "
+    "bytes with explicit placement on the read tasks (Ray NodeAffinity, Dask workers=). "
+    "Ray's object store is 1 GiB per node (cluster_utils' 150 MiB test default would spill; "
+    "`ray start` gives 30% of RAM per node). meshscale stores objects with its default 3 "
+    "replicas on 4 nodes while Ray and Dask keep one copy where it was made (and cache "
+    "fetched copies), so locality_bytes_moved_mb compares defaults; "
+    "locality_bytes_moved_mb_1_replica is meshscale with one copy per object, the placement "
+    "comparison. Dask's idle RSS includes the driver's growth when LocalCluster starts (its "
+    "scheduler and nannies run in the driver process). All clusters share one machine."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    ap.add_argument("--json", type=Path, required=True, help="where to write the results")
+    ap.add_argument("--only", default=",".join(SYSTEMS),
+                    help="comma-separated subset of " + ",".join(SYSTEMS))
+    args = ap.parse_args(argv)
+    p = QUICK if args.quick else FULL
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(chosen) - set(SYSTEMS)
+    if unknown:
+        ap.error(f"unknown systems: {sorted(unknown)}")
+
+    results: dict[str, dict[str, Any] | None] = {s: None for s in SYSTEMS}
+    errors: dict[str, str] = {}
+    for name in chosen:
+        out: dict[str, Any] = {}
+        t = time.perf_counter()
+        print(f"[{name}] running ...", file=sys.stderr, flush=True)
+        try:
+            # Peers print their own logs (Ray's raylet-death notices); keep stdout the table.
+            with contextlib.redirect_stdout(sys.stderr):
+                RUNNERS[name](p, out)
+        except Unavailable as e:
+            errors[name] = str(e)
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        if name not in errors:
+            results[name] = {k: out.get(k) for k in KEYS} | {
+                k: v for k, v in out.items() if k not in KEYS
+            }
+        print(f"[{name}] {'failed: ' + errors[name] if name in errors else 'done'} "
+              f"in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+
+    left = leftovers()
+    deadline = time.monotonic() + 15
+    while left and time.monotonic() < deadline:  # give orphans a moment to notice
+        time.sleep(0.5)
+        left = leftovers()
+    for s in SYSTEMS:
+        if s not in chosen:
+            errors.setdefault(s, "not run (--only)")
+    doc = {
+        **results,
+        "errors": errors,
+        "config": asdict(p) | {"nodes": NODES, "quick": args.quick, "host": HOST},
+        "versions": versions(),
+        "leftover_processes": left,
+        "note": NOTES,
+    }
+    print(table(results))
+    for s, e in errors.items():
+        print(f"{s}: null ({e})")
+    if left:
+        print("WARNING: processes left behind:\n  " + "\n  ".join(left))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
