@@ -80,6 +80,7 @@ from meshscale.core.scheduling import (
     TaskFinished,
     TaskSpec,
 )
+from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.workers import (
     FunctionNotCached,
     PoolBusy,
@@ -281,8 +282,7 @@ class ComputePlane:
         self._flushing: set[str] = set()
         self._old_peers: set[str] = set()
         self._creds: ClientCredentials | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = DeadlineTimer(self._on_timer)
         self._tick: asyncio.Future[None] | None = None
         self._running: dict[str, str] = {}  # owner/task_id -> pool task id
         self._adopting: dict[str, asyncio.Task[None]] = {}
@@ -322,9 +322,7 @@ class ComputePlane:
         self._pool_ready.set()
 
     async def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         self.sched = None
         for conn in list(self._conns.values()):
             with contextlib.suppress(Exception):
@@ -389,18 +387,9 @@ class ComputePlane:
                 self._on_finished(out)
             elif isinstance(out, TaskFailed):
                 self._on_failed(out)
-        deadline = sched.next_deadline()
-        if deadline == self._timer_at and self._timer is not None:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        delay = max(0.0, deadline - time.monotonic()) + 0.001
-        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._timer.arm(sched.next_deadline())
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         if self.sched is not None:
             self.sched.on_timer(time.monotonic())
         self._pump()

@@ -50,6 +50,7 @@ from meshscale.core.replication import (
     Transfer,
     UnderReplicated,
 )
+from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.storage import (
     LocalStore,
     ObjectMeta,
@@ -136,8 +137,7 @@ class DataPlane:
         self._idle: dict[str, list[RpcConnection]] = {}
         self._sources: OrderedDict[str, str] = OrderedDict()
         self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = DeadlineTimer(self._on_timer)
         self.stats: dict[str, int] = {}
         self._creds: ClientCredentials | None = None
 
@@ -191,8 +191,7 @@ class DataPlane:
         self._pump()
 
     async def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         for conn in [c for idle in self._idle.values() for c in idle]:
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -254,20 +253,9 @@ class DataPlane:
                                live=out.live_replicas, wanted=out.wanted)
             elif isinstance(out, Event):
                 self.agent.log("info", type(out).__name__)
-        deadline = rm.next_deadline()
-        if deadline == self._timer_at and self._timer is not None:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None:
-            delay = max(0.0, deadline - time.monotonic()) + 0.001
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._timer.arm(rm.next_deadline())
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         if self.rm is not None:
             self.rm.on_timer(time.monotonic())
         self._pump()

@@ -78,6 +78,7 @@ from meshscale.core.rpc import (
 )
 from meshscale.core.wire import WireError
 from meshscale.runtime.dataplane import DataPlane
+from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
 from meshscale.runtime.latency import RegionPair
 from meshscale.trust.bundle import Bundle, BundleError, load_keyring
@@ -241,8 +242,7 @@ class NodeAgent:
         self._conns_by_ip: Counter[str] = Counter()
         self._streams_in_flight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = DeadlineTimer(self._on_timer)
         self._region_by_addr: dict[str, str] = {}
         self._saved_inc = identity.incarnation
         self._udp: asyncio.DatagramTransport | None = None
@@ -347,9 +347,7 @@ class NodeAgent:
         if self.membership is not None:
             self.m.stop()
             self._save_incarnation()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         if self._server is not None:
             self._server.close()
         if self._udp is not None:
@@ -375,21 +373,9 @@ class NodeAgent:
                 self._start_stream(out.addr, out.payload)
             else:
                 self._on_event(out)
-        deadline = m.next_deadline()
-        if deadline == self._timer_at and self._timer is not None:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None and self._loop is not None:
-            # +1 ms: loop timers have millisecond resolution; never fire before the deadline.
-            delay = max(0.0, deadline - time.monotonic()) + 0.001
-            self._timer = self._loop.call_later(delay, self._on_timer)
+        self._timer.arm(m.next_deadline())
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         if self.membership is None:
             return
         self.membership.on_timer(time.monotonic())
