@@ -27,6 +27,15 @@ Departures from memberlist, and why:
   rather than waiting for a push/pull.
 - Every node periodically tries a push/pull with a random dead (not left) member, as
   Serf's reconnect does, so two sides of a healed partition find each other again.
+- Before a suspicion that fewer than K others confirmed becomes a death, the node pings
+  the suspect itself, with the suspicion attached ("last chance"): a live node answers,
+  refutes, and its new incarnation rides back on the ack. This catches the rare
+  refutation that gossip failed to deliver to one node.
+- An accusation carrying an older incarnation than ours (its sender missed our
+  refutation) makes us gossip our current incarnation again; memberlist ignores it and
+  lets the sender's timer run out.
+- At most K confirmations of a suspicion are counted and re-gossiped (memberlist's
+  bound; without it a slow node costs O(N) broadcasts per accuser).
 - No TCP fallback ping: a lossy path costs a suspicion (which is refuted), not a second
   transport.
 
