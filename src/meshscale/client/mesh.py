@@ -19,10 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import io
 import os
-import re
 import stat
 import tempfile
 import threading
@@ -34,6 +32,7 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar, overload
 import msgspec
 
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
 from meshscale.trust.bundle import BundleError, load_bundle
 from meshscale.trust.framing import split_addr
 from meshscale.trust.keyring import KeyringError
@@ -57,9 +56,6 @@ __all__ = [
 ]
 
 BUNDLE_ENV: Final = "MESHSCALE_BUNDLE"
-OBJECT_ID_PREFIX: Final = "b2b-"
-DIGEST_SIZE: Final = 32
-OBJECT_ID_RE: Final = re.compile(r"b2b-[0-9a-f]{64}")
 SMALL_PUT_BYTES = 64 * 1024
 """Objects up to this size are put in one round trip (``obj.put_small``)."""
 DEFAULT_READ_BYTES: Final = 1024 * 1024
@@ -102,13 +98,8 @@ class IntegrityError(MeshError):
 # -- ids and refs -----------------------------------------------------------------------
 
 
-def object_id(data: bytes | bytearray | memoryview) -> str:
-    """The id of an object with these bytes: ``b2b-`` + hex BLAKE2b-256."""
-    return OBJECT_ID_PREFIX + hashlib.blake2b(data, digest_size=DIGEST_SIZE).hexdigest()
-
-
 def _new_hash() -> Any:
-    return hashlib.blake2b(digest_size=DIGEST_SIZE)
+    return new_hasher()
 
 
 def _check_id(value: object) -> str:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import pickle
 import random
@@ -57,6 +56,7 @@ from meshscale.core.membership import (
     MemberUpdated,
     State,
 )
+from meshscale.core.objects import object_id
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, Residency
 from meshscale.core.scheduling import (
@@ -218,10 +218,6 @@ class _Entry:
     resubmit: bool = False
     crash_retries: int = 0
     waiters: int = 0
-
-
-def _oid_of(data: bytes) -> str:
-    return "b2b-" + hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
 def _total_memory_mb() -> int:
@@ -566,7 +562,7 @@ class ComputePlane:
             if not data and len(buf) < size:
                 raise ValueError(f"short read of {oid}")
             buf += data
-        if _oid_of(bytes(buf)) != oid:
+        if object_id(bytes(buf)) != oid:
             raise ValueError(f"{oid}: bytes read do not match the id")
         return bytes(buf)
 

@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import secrets
 import sqlite3
 import threading
@@ -41,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Final
+
+from meshscale.core.objects import DIGEST_SIZE, OBJECT_ID_PREFIX, OBJECT_ID_RE, object_id
 
 __all__ = [
     "OBJECT_ID_PREFIX",
@@ -52,10 +53,6 @@ __all__ = [
     "object_id_of",
 ]
 
-OBJECT_ID_PREFIX: Final = "b2b-"
-"""Object id = this prefix + lowercase hex BLAKE2b-256 of the object's bytes."""
-DIGEST_SIZE: Final = 32
-OBJECT_ID_RE: Final = re.compile(r"b2b-[0-9a-f]{64}")
 
 MAX_KV_KEY_BYTES: Final = 1024
 MAX_KV_VALUE_BYTES: Final = 1024 * 1024
@@ -155,8 +152,8 @@ class StorageConfig:
 
 
 def object_id_of(data: bytes) -> str:
-    """The id of an object with these bytes."""
-    return OBJECT_ID_PREFIX + hashlib.blake2b(data, digest_size=DIGEST_SIZE).hexdigest()
+    """The id of an object with these bytes (``core.objects.object_id``)."""
+    return object_id(data)
 
 
 def _check_id(object_id: object) -> str:

@@ -23,7 +23,6 @@ KV replicas converge. ``chaos_run`` is the randomized scenario the tests run per
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
 import struct
 from collections import deque
@@ -48,6 +47,7 @@ from meshscale.core.membership import (
     NodeMeta,
     State,
 )
+from meshscale.core.objects import object_id
 from meshscale.core.outputs import DrivenProtocol, Event, Output, SendDatagram, StreamRequest
 from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set
 from meshscale.core.replication import (
@@ -86,9 +86,6 @@ _KV_GET = 0
 _KV_PUT = 1
 
 
-def object_id(data: bytes) -> str:
-    """Content address of an object: BLAKE2b-256 of its bytes, hex."""
-    return hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
 # --------------------------------------------------------------------------- events
