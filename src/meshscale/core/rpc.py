@@ -104,3 +104,4 @@ class EventInfo(msgspec.Struct, omit_defaults=True):
     name: str
     incarnation: int = 0
     source: str = ""
+    detail: str = ""

@@ -284,6 +284,8 @@ class ComputePlane:
         self._adopting: dict[str, asyncio.Task[None]] = {}
         self._pool_ready: asyncio.Event | None = None
         self._active_at = float("-inf")
+        self.observer: Any = None
+        """``observer(record, latency_s)`` is called as a task ends (``runtime/observe.py``)."""
 
     # ------------------------------------------------------------------ life cycle
 
@@ -930,6 +932,8 @@ class ComputePlane:
         r.finished = time.time()
         r.args = None  # not needed any more; keeps memory and the KV record small
         self._count("tasks_" + state)
+        if self.observer is not None:
+            self.observer(r, time.monotonic() - e.t0)
         if state == "done":
             took = time.monotonic() - e.t0
             prev = self._fn_time.get(r.fn_id)
