@@ -1,0 +1,1117 @@
+// meshscale dashboard: vanilla JS, no build step, no network access beyond this node.
+//
+// Data: GET api/v1/stream (server-sent events read through fetch(), because EventSource
+// cannot send the Authorization header), falling back to polling api/v1/snapshot once a
+// second when streaming fails. Every render is a pure function of the latest snapshot
+// plus a little smoothing state (map positions, PCA axes, the event log).
+(function () {
+  "use strict";
+
+  const API = "api/v1/";
+  const TOKEN_KEY = "meshscale.token";
+  const STALE_AFTER_MS = 3500;
+  const MAX_EVENTS = 200;
+  const MAX_OBJECT_ROWS = 300;
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const MAP_W = 800;
+  const MAP_H = 560;
+  const MAP_PAD = 46;
+  const STATE_ORDER = { dead: 0, suspect: 1, alive: 2, left: 3 };
+  // Distinct from the state colours (green / amber / red / grey) so region and state never
+  // read as each other.
+  const REGION_PALETTE = [
+    "#3b6fd4", "#8e5cc7", "#1b9e9a", "#d0589f", "#8c6b4f", "#6a8a1f",
+    "#2f4b7c", "#3fa7d6", "#b86bd6", "#5a7d9a", "#c47a3a", "#467a5c",
+  ];
+
+  const $ = (id) => document.getElementById(id);
+  const el = (tag, cls, text) => {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  };
+  const svg = (tag, attrs) => {
+    const e = document.createElementNS(SVG_NS, tag);
+    for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
+    return e;
+  };
+  const byName = (a, b) => String(a).localeCompare(String(b), undefined, { numeric: true });
+
+  const ui = {
+    snap: null,
+    lastUpdate: 0,
+    viewedKey: "",
+    events: new Map(),
+    sort: { key: "state", dir: 1 },
+    filter: "",
+    regionColors: new Map(),
+    layout: "region",
+    pcaAxes: null,
+    mapScale: null,
+    highlighted: "",
+    connStatus: "connecting",
+  };
+
+  // ---------------------------------------------------------------- token
+
+  function storeToken(t) {
+    try {
+      sessionStorage.setItem(TOKEN_KEY, t);
+      localStorage.setItem(TOKEN_KEY, t);
+    } catch (e) { /* storage disabled: keep it in memory only */ }
+  }
+
+  function forgetToken() {
+    try {
+      sessionStorage.removeItem(TOKEN_KEY);
+      localStorage.removeItem(TOKEN_KEY);
+    } catch (e) { /* ignore */ }
+  }
+
+  function initialToken() {
+    const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
+    if (m) {
+      const t = decodeURIComponent(m[1]);
+      storeToken(t);
+      // Keep the token out of the address bar, history and screenshots.
+      history.replaceState(null, "", location.pathname + location.search);
+      return t;
+    }
+    try {
+      return sessionStorage.getItem(TOKEN_KEY) || localStorage.getItem(TOKEN_KEY) || "";
+    } catch (e) {
+      return "";
+    }
+  }
+
+  let token = initialToken();
+
+  function showTokenForm(message) {
+    $("token-form").hidden = false;
+    $("token-error").textContent = message || "";
+    $("token-input").focus();
+  }
+
+  $("token-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const t = $("token-input").value.trim();
+    if (!t) return;
+    token = t;
+    storeToken(t);
+    $("token-input").value = "";
+    $("token-form").hidden = true;
+    startConnection();
+  });
+
+  $("forget-token").addEventListener("click", () => {
+    forgetToken();
+    token = "";
+    stopConnection();
+    setStatus("unauthorized", "token needed");
+    showTokenForm();
+  });
+
+  // ---------------------------------------------------------------- connection
+
+  let generation = 0; // bumps on every (re)start; stale loops notice and exit
+  let abortCtl = null;
+  let streamFailures = 0;
+  let retryTimer = null;
+
+  function setStatus(status, text) {
+    ui.connStatus = status;
+    const s = $("conn-status");
+    s.dataset.status = status;
+    s.textContent = text || status;
+  }
+
+  function stopConnection() {
+    generation += 1;
+    if (abortCtl) abortCtl.abort();
+    abortCtl = null;
+    if (retryTimer) clearTimeout(retryTimer);
+    retryTimer = null;
+  }
+
+  function startConnection() {
+    stopConnection();
+    if (!token) {
+      setStatus("unauthorized", "token needed");
+      showTokenForm();
+      return;
+    }
+    streamFailures = 0;
+    runStream(generation);
+  }
+
+  function later(gen, ms, fn) {
+    if (retryTimer) clearTimeout(retryTimer);
+    retryTimer = setTimeout(() => {
+      retryTimer = null;
+      if (gen === generation) fn();
+    }, ms);
+  }
+
+  function unauthorized() {
+    stopConnection();
+    setStatus("unauthorized", "token rejected");
+    showTokenForm("The node answered 401: that token is not accepted here.");
+  }
+
+  function authHeaders(extra) {
+    return Object.assign({ Authorization: "Bearer " + token }, extra || {});
+  }
+
+  async function runStream(gen) {
+    abortCtl = new AbortController();
+    setStatus(streamFailures ? "reconnecting" : "connecting", streamFailures ? "reconnecting" : "connecting");
+    let resp;
+    try {
+      resp = await fetch(API + "stream", {
+        headers: authHeaders({ Accept: "text/event-stream" }),
+        signal: abortCtl.signal,
+        cache: "no-store",
+      });
+    } catch (e) {
+      return streamFailed(gen);
+    }
+    if (gen !== generation) return;
+    if (resp.status === 401 || resp.status === 403) return unauthorized();
+    if (!resp.ok || !resp.body) return streamFailed(gen, true);
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (gen !== generation) return;
+        if (done) break;
+        buf += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+        let cut;
+        while ((cut = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, cut);
+          buf = buf.slice(cut + 2);
+          if (handleSseBlock(block)) {
+            streamFailures = 0;
+            setStatus("live", "live");
+          }
+        }
+        if (buf.length > 8 * 1024 * 1024) throw new Error("event larger than 8 MiB");
+      }
+    } catch (e) {
+      if (gen !== generation) return;
+    }
+    streamFailed(gen);
+  }
+
+  function handleSseBlock(block) {
+    let event = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (!line || line[0] === ":") continue;
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? "" : line.slice(colon + 1);
+      if (value[0] === " ") value = value.slice(1);
+      if (field === "event") event = value;
+      else if (field === "data") data.push(value);
+    }
+    if (!data.length || (event !== "snapshot" && event !== "message")) return false;
+    try {
+      applySnapshot(JSON.parse(data.join("\n")));
+      return true;
+    } catch (e) {
+      console.warn("meshscale: bad snapshot event", e);
+      return false;
+    }
+  }
+
+  function streamFailed(gen, hard) {
+    if (gen !== generation) return;
+    streamFailures += 1;
+    if (hard || streamFailures >= 3) {
+      // Streaming does not work here (a proxy buffering it, an old node): poll instead,
+      // and try the stream again now and then.
+      setStatus("polling", "polling");
+      runPoll(gen, Date.now() + 30000);
+      return;
+    }
+    const backoff = Math.min(8000, 500 * Math.pow(2, streamFailures - 1));
+    setStatus("reconnecting", "reconnecting");
+    later(gen, backoff, () => runStream(gen));
+  }
+
+  async function runPoll(gen, retryStreamAt) {
+    if (gen !== generation) return;
+    if (Date.now() > retryStreamAt) {
+      streamFailures = 0;
+      runStream(gen);
+      return;
+    }
+    let ok = false;
+    try {
+      abortCtl = new AbortController();
+      const resp = await fetch(API + "snapshot", {
+        headers: authHeaders(), signal: abortCtl.signal, cache: "no-store",
+      });
+      if (gen !== generation) return;
+      if (resp.status === 401 || resp.status === 403) return unauthorized();
+      if (resp.ok) {
+        applySnapshot(await resp.json());
+        ok = true;
+        setStatus("polling", "polling");
+      }
+    } catch (e) {
+      if (gen !== generation) return;
+    }
+    later(gen, ok ? 1000 : 2000, () => runPoll(gen, retryStreamAt));
+  }
+
+  setInterval(() => {
+    if (!ui.lastUpdate) return;
+    const age = Date.now() - ui.lastUpdate;
+    $("last-update").textContent = "updated " + fmtAge(age / 1000) + " ago";
+    if (age > STALE_AFTER_MS && (ui.connStatus === "live" || ui.connStatus === "polling")) {
+      setStatus("stale", "stale");
+    }
+  }, 1000);
+
+  // ---------------------------------------------------------------- snapshot
+
+  function applySnapshot(snap) {
+    if (!snap || typeof snap !== "object") return;
+    const node = snap.node || {};
+    const members = Array.isArray(snap.members) ? snap.members.slice() : [];
+    if (node.name && !members.some((m) => m.name === node.name)) {
+      members.unshift({
+        name: node.name, address: node.address, http: node.http, region: node.region,
+        zone: node.zone, state: "alive", incarnation: node.incarnation, rtt_ms: 0,
+        coord: null, load: null, labels: {},
+      });
+    }
+    snap.members = members;
+    // A restarted node numbers its events from scratch: start the log over.
+    const key = (node.name || "") + "/" + (node.incarnation || 0);
+    if (key !== ui.viewedKey) {
+      ui.viewedKey = key;
+      ui.events.clear();
+    }
+    for (const ev of snap.events || []) ui.events.set(ev.seq, ev);
+    if (ui.events.size > MAX_EVENTS) {
+      const keep = [...ui.events.keys()].sort((a, b) => b - a).slice(0, MAX_EVENTS);
+      const kept = new Map(keep.map((k) => [k, ui.events.get(k)]));
+      ui.events = kept;
+    }
+    ui.snap = snap;
+    ui.lastUpdate = Date.now();
+    $("last-update").textContent = "updated just now";
+    if (ui.connStatus === "stale") setStatus("live", "live");
+    render();
+  }
+
+  function render() {
+    const snap = ui.snap;
+    assignRegionColors(snap.members);
+    renderHeader(snap);
+    renderMap(snap);
+    renderMembers(snap);
+    renderLoad(snap);
+    renderCharts(snap);
+    renderObjects(snap);
+    renderEvents();
+  }
+
+  function assignRegionColors(members) {
+    const regions = [...new Set(members.map((m) => m.region || "?"))].sort(byName);
+    for (const r of regions) {
+      if (!ui.regionColors.has(r)) {
+        const i = ui.regionColors.size;
+        ui.regionColors.set(r, i < REGION_PALETTE.length
+          ? REGION_PALETTE[i]
+          : `hsl(${(i * 137.5) % 360}deg 45% 45%)`);
+      }
+    }
+  }
+
+  const regionColor = (r) => ui.regionColors.get(r || "?") || "#6b7a8e";
+
+  // ---------------------------------------------------------------- header
+
+  function counts(members) {
+    const c = { alive: 0, suspect: 0, dead: 0, left: 0 };
+    for (const m of members) c[m.state] = (c[m.state] || 0) + 1;
+    return c;
+  }
+
+  function renderHeader(snap) {
+    const node = snap.node || {};
+    const c = counts(snap.members);
+    const regions = new Set(snap.members.filter((m) => m.state !== "left").map((m) => m.region || "?"));
+    for (const k of ["alive", "suspect", "dead", "left"]) {
+      $("count-" + k).textContent = c[k];
+      const box = $("count-" + k).parentElement;
+      box.classList.toggle("zero", c[k] === 0);
+      box.classList.toggle("hot", c[k] > 0);
+    }
+    $("count-regions").textContent = regions.size;
+    const parts = [
+      "viewing from " + (node.name || "?"),
+      [node.region, node.zone].filter(Boolean).join(" / "),
+      node.address,
+      node.uptime_s !== undefined ? "up " + fmtAge(node.uptime_s) : "",
+      node.version ? "v" + node.version : "",
+    ].filter(Boolean);
+    $("viewed-node").textContent = parts.join("  \u00b7  ");
+    $("members-total").textContent = `${snap.members.length} known`;
+
+    const named = (state) => snap.members.filter((m) => m.state === state).map((m) => m.name).sort(byName);
+    const list = (names) => names.slice(0, 6).join(", ") + (names.length > 6 ? ` and ${names.length - 6} more` : "");
+    const objs = snap.objects || [];
+    const under = objs.filter((o) => o.under_replicated).length;
+    const health = $("health");
+    const msgs = [];
+    let level = "ok";
+    if (c.dead) {
+      level = "bad";
+      msgs.push(`${c.dead} ${c.dead === 1 ? "node" : "nodes"} dead: ${list(named("dead"))}`);
+    }
+    if (c.suspect) {
+      if (level === "ok") level = "warn";
+      msgs.push(`${c.suspect} suspect: ${list(named("suspect"))}`);
+    }
+    if (under) {
+      if (level === "ok") level = "warn";
+      msgs.push(`${under} ${under === 1 ? "object" : "objects"} under-replicated`);
+    }
+    if (level === "ok") {
+      msgs.push(`All ${c.alive} ${c.alive === 1 ? "node" : "nodes"} alive in ${regions.size} ${regions.size === 1 ? "region" : "regions"}`);
+      if (objs.length) msgs.push(`${objs.length} objects fully replicated`);
+    } else {
+      msgs.push(`${c.alive} alive`);
+    }
+    health.dataset.level = level;
+    health.textContent = msgs.join("   \u00b7   ");
+    document.title = `meshscale \u00b7 ${c.alive} alive` + (c.suspect ? ` \u00b7 ${c.suspect} suspect` : "") + (c.dead ? ` \u00b7 ${c.dead} dead` : "");
+  }
+
+  // ---------------------------------------------------------------- map
+
+  function coordVec(m) {
+    const c = m.coord;
+    if (!c || !Array.isArray(c.vec) || c.vec.length < 2) return null;
+    for (const x of c.vec) if (typeof x !== "number" || !isFinite(x)) return null;
+    return c.vec;
+  }
+
+  // Top two principal axes of the coordinate vectors (power iteration with deflation), signs
+  // kept aligned with the previous frame so the map does not flip every second.
+  function pca2(vecs) {
+    const d = vecs[0].length;
+    const n = vecs.length;
+    const mean = new Array(d).fill(0);
+    for (const v of vecs) for (let j = 0; j < d; j++) mean[j] += v[j] / n;
+    const cov = [];
+    for (let a = 0; a < d; a++) cov.push(new Array(d).fill(0));
+    for (const v of vecs) {
+      for (let a = 0; a < d; a++) {
+        const da = v[a] - mean[a];
+        for (let b = 0; b < d; b++) cov[a][b] += da * (v[b] - mean[b]);
+      }
+    }
+    const axes = [];
+    for (let k = 0; k < 2; k++) {
+      let x = (ui.pcaAxes && ui.pcaAxes[k] && ui.pcaAxes[k].length === d)
+        ? ui.pcaAxes[k].slice()
+        : Array.from({ length: d }, (_, j) => (j === k ? 1 : 0.1));
+      let lambda = 0;
+      for (let it = 0; it < 60; it++) {
+        const y = new Array(d).fill(0);
+        for (let a = 0; a < d; a++) for (let b = 0; b < d; b++) y[a] += cov[a][b] * x[b];
+        const norm = Math.hypot(...y);
+        if (norm < 1e-30) break;
+        lambda = norm;
+        x = y.map((v) => v / norm);
+      }
+      if (k === 0 && lambda > 0) {
+        for (let a = 0; a < d; a++) for (let b = 0; b < d; b++) cov[a][b] -= lambda * x[a] * x[b];
+      }
+      if (k === 1) { // orthogonalise against the first axis
+        const dot = x.reduce((s, v, j) => s + v * axes[0][j], 0);
+        x = x.map((v, j) => v - dot * axes[0][j]);
+        const norm = Math.hypot(...x) || 1;
+        x = x.map((v) => v / norm);
+      }
+      const prev = ui.pcaAxes && ui.pcaAxes[k];
+      if (prev && prev.length === d && x.reduce((s, v, j) => s + v * prev[j], 0) < 0) {
+        x = x.map((v) => -v);
+      }
+      axes.push(x);
+    }
+    ui.pcaAxes = axes;
+    return vecs.map((v) => [0, 1].map((k) => v.reduce((s, x, j) => s + (x - mean[j]) * axes[k][j], 0)));
+  }
+
+  function nodeRadius(n) {
+    if (n <= 12) return 15;
+    if (n <= 40) return 11;
+    if (n <= 100) return 8;
+    return 6;
+  }
+
+  // Sunflower (phyllotaxis) disc of k points: even density at any size.
+  function sunflower(k, spacing) {
+    const golden = Math.PI * (3 - Math.sqrt(5));
+    const pts = [];
+    for (let i = 0; i < k; i++) {
+      const rr = k === 1 ? 0 : spacing * Math.sqrt(i + 0.5);
+      pts.push([rr * Math.cos(i * golden), rr * Math.sin(i * golden)]);
+    }
+    return pts;
+  }
+
+  function regionLayout(members, r) {
+    const groups = new Map();
+    for (const m of members) {
+      const g = m.region || "?";
+      if (!groups.has(g)) groups.set(g, []);
+      groups.get(g).push(m);
+    }
+    const regions = [...groups.keys()].sort(byName);
+    const pos = new Map();
+    const cx = MAP_W / 2;
+    const cy = MAP_H / 2;
+    const spacing = r * 2.7;
+    const clusterR = Math.max(...regions.map((g) => spacing * Math.sqrt(groups.get(g).length)));
+    const ringX = regions.length > 1 ? Math.max(0, MAP_W / 2 - MAP_PAD - clusterR) : 0;
+    const ringY = regions.length > 1 ? Math.max(0, MAP_H / 2 - MAP_PAD - clusterR) : 0;
+    regions.forEach((g, i) => {
+      const a = -Math.PI / 2 + (2 * Math.PI * i) / regions.length;
+      const gx = cx + ringX * Math.cos(a);
+      const gy = cy + ringY * Math.sin(a);
+      const ms = groups.get(g).slice().sort((p, q) => byName(p.name, q.name));
+      sunflower(ms.length, spacing).forEach(([dx, dy], k) => pos.set(ms[k].name, [gx + dx, gy + dy]));
+    });
+    return pos;
+  }
+
+  // Vivaldi coordinates are seconds; `spreadMs` is the larger side of the projected
+  // bounding box. Below about a millisecond (one machine, one rack) the projection is
+  // noise, so the map groups by region instead.
+  function vivaldiLayout(members, r) {
+    const withCoord = members.filter((m) => coordVec(m));
+    if (withCoord.length < 2 || withCoord.length < members.length / 2) return null;
+    const dims = coordVec(withCoord[0]).length;
+    const usable = withCoord.filter((m) => coordVec(m).length === dims);
+    const proj = pca2(usable.map(coordVec));
+    let minX = Infinity, maxX = -Infinity, minY = Infinity, maxY = -Infinity;
+    for (const [x, y] of proj) {
+      minX = Math.min(minX, x); maxX = Math.max(maxX, x);
+      minY = Math.min(minY, y); maxY = Math.max(maxY, y);
+    }
+    const spreadMs = Math.max(maxX - minX, maxY - minY) * 1000;
+    if (ui.layout === "region" ? spreadMs < 2 : spreadMs < 1) return null;
+    const midX = (minX + maxX) / 2;
+    const midY = (minY + maxY) / 2;
+    const fit = Math.min(
+      (MAP_W - 2 * MAP_PAD) / Math.max(maxX - minX, 1e-9),
+      (MAP_H - 2 * MAP_PAD) / Math.max(maxY - minY, 1e-9),
+    );
+    // Zoom out at once, zoom in slowly: nodes never leave the canvas, the map does not pump.
+    ui.mapScale = ui.mapScale === null || fit < ui.mapScale ? fit : ui.mapScale * 0.8 + fit * 0.2;
+    const pos = new Map();
+    usable.forEach((m, i) => {
+      pos.set(m.name, [MAP_W / 2 + (proj[i][0] - midX) * ui.mapScale, MAP_H / 2 + (proj[i][1] - midY) * ui.mapScale]);
+    });
+    // Members without a coordinate sit next to the centre of their region.
+    const centre = new Map();
+    for (const m of usable) {
+      const g = m.region || "?";
+      const p = pos.get(m.name);
+      const c = centre.get(g) || [0, 0, 0];
+      centre.set(g, [c[0] + p[0], c[1] + p[1], c[2] + 1]);
+    }
+    const strays = members.filter((m) => !pos.has(m.name));
+    const offsets = sunflower(strays.length + 1, r * 2.7);
+    strays.forEach((m, i) => {
+      const c = centre.get(m.region || "?");
+      const base = c ? [c[0] / c[2], c[1] / c[2]] : [MAP_W / 2, MAP_H / 2];
+      pos.set(m.name, [base[0] + offsets[i + 1][0], base[1] + offsets[i + 1][1]]);
+    });
+    return pos;
+  }
+
+  // Push overlapping discs apart a little (nodes of one site share a coordinate).
+  function relax(pos, r) {
+    const names = [...pos.keys()];
+    const pts = names.map((n) => pos.get(n).slice());
+    const min = 2 * r + 3;
+    for (let it = 0; it < 8; it++) {
+      let moved = false;
+      for (let i = 0; i < pts.length; i++) {
+        for (let j = i + 1; j < pts.length; j++) {
+          let dx = pts[j][0] - pts[i][0];
+          let dy = pts[j][1] - pts[i][1];
+          let d = Math.hypot(dx, dy);
+          if (d >= min) continue;
+          if (d < 1e-6) { dx = Math.cos(i + j); dy = Math.sin(i + j); d = 1; }
+          const push = (min - d) / 2;
+          pts[i][0] -= (dx / d) * push; pts[i][1] -= (dy / d) * push;
+          pts[j][0] += (dx / d) * push; pts[j][1] += (dy / d) * push;
+          moved = true;
+        }
+      }
+      if (!moved) break;
+    }
+    names.forEach((n, i) => pos.set(n, [
+      Math.min(MAP_W - r - 4, Math.max(r + 4, pts[i][0])),
+      Math.min(MAP_H - r - 16, Math.max(r + 4, pts[i][1])),
+    ]));
+    return pos;
+  }
+
+  // Log scale from 1 ms (green) to 300 ms (red); the legend draws the same gradient.
+  const RTT_STOPS = [[0, [31, 157, 85]], [0.25, [139, 195, 74]], [0.5, [230, 195, 0]], [0.75, [230, 126, 0]], [1, [214, 51, 58]]];
+  function rttColor(ms) {
+    const t = Math.min(1, Math.max(0, Math.log10(Math.max(ms, 1)) / Math.log10(300)));
+    for (let i = 1; i < RTT_STOPS.length; i++) {
+      const [t1, c1] = RTT_STOPS[i];
+      const [t0, c0] = RTT_STOPS[i - 1];
+      if (t <= t1) {
+        const f = (t - t0) / (t1 - t0);
+        const c = c0.map((v, k) => Math.round(v + (c1[k] - v) * f));
+        return `rgb(${c[0]},${c[1]},${c[2]})`;
+      }
+    }
+    return "rgb(214,51,58)";
+  }
+
+  function renderMap(snap) {
+    const members = snap.members;
+    const self = (snap.node || {}).name;
+    const r = nodeRadius(members.length);
+    let pos = vivaldiLayout(members, r);
+    if (pos) {
+      ui.layout = "vivaldi";
+      $("map-mode").textContent = "placed by Vivaldi coordinates (2-D PCA projection; distance \u2248 network latency)";
+    } else {
+      ui.layout = "region";
+      ui.mapScale = null;
+      pos = regionLayout(members, r);
+      $("map-mode").textContent = "grouped by region (coordinates not spread enough to place by latency yet)";
+    }
+    pos = relax(pos, r);
+    const mapEl = $("map");
+    mapEl.classList.toggle("dense", members.length > 30);
+
+    // region halos
+    const gRegions = $("map-regions");
+    gRegions.replaceChildren();
+    const byRegion = new Map();
+    for (const m of members) {
+      if (m.state === "left") continue;
+      const g = m.region || "?";
+      if (!byRegion.has(g)) byRegion.set(g, []);
+      byRegion.get(g).push(pos.get(m.name));
+    }
+    for (const [g, pts] of [...byRegion.entries()].sort((a, b) => byName(a[0], b[0]))) {
+      const cx = pts.reduce((s, p) => s + p[0], 0) / pts.length;
+      const cy = pts.reduce((s, p) => s + p[1], 0) / pts.length;
+      const rad = Math.max(...pts.map((p) => Math.hypot(p[0] - cx, p[1] - cy))) + r + 14;
+      const color = regionColor(g);
+      gRegions.append(svg("circle", { cx, cy, r: rad, class: "region-halo", fill: color, stroke: color }));
+      const label = svg("text", {
+        x: cx, y: Math.max(14, cy - rad - 6), "text-anchor": "middle", class: "region-label", fill: color,
+      });
+      label.textContent = `${g} (${pts.length})`;
+      gRegions.append(label);
+    }
+
+    // links from this node to every other member, coloured by RTT
+    const gLinks = $("map-links");
+    gLinks.replaceChildren();
+    const sp = pos.get(self);
+    if (sp) {
+      const labelRtt = members.length <= 12;
+      for (const m of members) {
+        if (m.name === self || m.state === "left") continue;
+        const p = pos.get(m.name);
+        const hasRtt = typeof m.rtt_ms === "number" && isFinite(m.rtt_ms);
+        const line = svg("line", {
+          x1: sp[0], y1: sp[1], x2: p[0], y2: p[1],
+          class: "link" + (m.state === "dead" || !hasRtt ? " to-dead" : ""),
+          stroke: hasRtt ? rttColor(m.rtt_ms) : "#b9c0c9",
+          "data-link": m.name,
+        });
+        if (members.length > 60) line.setAttribute("stroke-opacity", "0.35");
+        gLinks.append(line);
+        if (labelRtt && hasRtt && m.state !== "dead") {
+          const t = svg("text", {
+            x: (sp[0] + p[0]) / 2, y: (sp[1] + p[1]) / 2 - 4, "text-anchor": "middle", class: "chart-tick",
+          });
+          t.textContent = fmtMs(m.rtt_ms);
+          gLinks.append(t);
+        }
+      }
+    }
+
+    // nodes: keyed, so CSS can animate their moves
+    const gNodes = $("map-nodes");
+    const existing = new Map([...gNodes.children].map((g) => [g.dataset.node, g]));
+    const order = members.slice().sort((a, b) => (STATE_ORDER[b.state] ?? 9) - (STATE_ORDER[a.state] ?? 9));
+    for (const m of order) {
+      let g = existing.get(m.name);
+      if (!g) {
+        g = svg("g", { class: "node" });
+        g.dataset.node = m.name;
+        g.append(
+          svg("circle", { class: "ring" }),
+          svg("circle", { class: "self-ring" }),
+          svg("circle", { class: "body" }),
+          svg("path", { class: "cross" }),
+          svg("text", { class: "name" }),
+        );
+        g.addEventListener("mouseenter", (ev) => showTip(ev, g.dataset.node));
+        g.addEventListener("mousemove", moveTip);
+        g.addEventListener("mouseleave", hideTip);
+        g.addEventListener("click", () => focusMember(g.dataset.node));
+        const p0 = pos.get(m.name);
+        g.style.transform = `translate(${p0[0]}px, ${p0[1]}px)`;
+      }
+      existing.delete(m.name);
+      const [x, y] = pos.get(m.name);
+      g.style.transform = `translate(${x.toFixed(1)}px, ${y.toFixed(1)}px)`;
+      g.dataset.state = m.state;
+      g.classList.toggle("self", m.name === self);
+      g.classList.toggle("highlight", m.name === ui.highlighted);
+      const [ring, selfRing, body, cross, name] = g.children;
+      ring.setAttribute("r", r + 4);
+      selfRing.setAttribute("r", m.name === self ? r + 3 : 0);
+      body.setAttribute("r", r);
+      body.setAttribute("fill", regionColor(m.region));
+      const k = r * 0.55;
+      cross.setAttribute("d", `M${-k} ${-k}L${k} ${k}M${k} ${-k}L${-k} ${k}`);
+      name.setAttribute("y", r + 13);
+      name.textContent = m.name;
+      gNodes.append(g); // draw order: alive under suspect under dead
+    }
+    for (const g of existing.values()) g.remove();
+
+    // legend: regions with counts
+    const lr = $("legend-regions");
+    lr.replaceChildren();
+    const regionCounts = new Map();
+    for (const m of members) {
+      const g = m.region || "?";
+      const c = regionCounts.get(g) || { n: 0, alive: 0 };
+      c.n += 1;
+      if (m.state === "alive") c.alive += 1;
+      regionCounts.set(g, c);
+    }
+    for (const [g, c] of [...regionCounts.entries()].sort((a, b) => byName(a[0], b[0]))) {
+      const span = el("span", "legend-region");
+      const sw = el("span", "region-swatch");
+      sw.style.background = regionColor(g);
+      span.append(sw, document.createTextNode(`${g}  ${c.alive}/${c.n} alive`));
+      span.dataset.region = g;
+      lr.append(span);
+    }
+  }
+
+  // ---------------------------------------------------------------- tooltip
+
+  function memberByName(name) {
+    return ui.snap ? ui.snap.members.find((m) => m.name === name) : null;
+  }
+
+  function showTip(ev, name) {
+    const m = memberByName(name);
+    if (!m) return;
+    const tip = $("tooltip");
+    tip.replaceChildren();
+    const line = (label, value) => {
+      const d = el("div");
+      d.append(el("span", "sub", label + " "), document.createTextNode(value));
+      tip.append(d);
+    };
+    tip.append(el("b", null, m.name));
+    line("state", m.state);
+    line("region", [m.region, m.zone].filter(Boolean).join(" / "));
+    line("address", m.address || "?");
+    if (m.http) line("http", m.http);
+    line("RTT from here", typeof m.rtt_ms === "number" ? fmtMs(m.rtt_ms) : "unknown");
+    if (m.load) line("load", `${m.load.running}/${m.load.slots} running, ${m.load.queued} queued, ${m.load.free_cpus} CPUs free`);
+    if (m.coord) line("coordinate error", Number(m.coord.error).toFixed(2));
+    line("incarnation", m.incarnation);
+    const labels = Object.entries(m.labels || {});
+    if (labels.length) line("labels", labels.map(([k, v]) => `${k}=${v}`).join(", "));
+    tip.hidden = false;
+    moveTip(ev);
+  }
+
+  function moveTip(ev) {
+    const tip = $("tooltip");
+    tip.style.left = Math.min(window.innerWidth - tip.offsetWidth - 8, ev.clientX + 14) + "px";
+    tip.style.top = Math.min(window.innerHeight - tip.offsetHeight - 8, ev.clientY + 14) + "px";
+  }
+
+  function hideTip() {
+    $("tooltip").hidden = true;
+  }
+
+  function focusMember(name) {
+    ui.highlighted = ui.highlighted === name ? "" : name;
+    for (const tr of $("members-body").children) tr.classList.toggle("highlight", tr.dataset.node === ui.highlighted);
+    for (const g of $("map-nodes").children) g.classList.toggle("highlight", g.dataset.node === ui.highlighted);
+    const row = $("members-body").querySelector(`tr[data-node="${CSS.escape(name)}"]`);
+    if (row && ui.highlighted) row.scrollIntoView({ block: "nearest" });
+  }
+
+  // ---------------------------------------------------------------- members table
+
+  const SORT_KEYS = {
+    state: (m) => [STATE_ORDER[m.state] ?? 9],
+    name: () => [],
+    region: (m) => [m.region || "", m.zone || ""],
+    rtt: (m) => [typeof m.rtt_ms === "number" ? m.rtt_ms : Infinity],
+    load: (m) => [m.load && m.load.slots ? -(m.load.running + m.load.queued) / m.load.slots : 1],
+    incarnation: (m) => [m.incarnation || 0],
+    address: (m) => [m.address || ""],
+  };
+
+  function compareMembers(a, b) {
+    const ka = SORT_KEYS[ui.sort.key](a);
+    const kb = SORT_KEYS[ui.sort.key](b);
+    for (let i = 0; i < ka.length; i++) {
+      const c = typeof ka[i] === "number" ? ka[i] - kb[i] : byName(ka[i], kb[i]);
+      if (c) return c * ui.sort.dir;
+    }
+    return byName(a.name, b.name) * (ui.sort.key === "name" ? ui.sort.dir : 1);
+  }
+
+  for (const th of document.querySelectorAll("#members th[data-sort]")) {
+    th.addEventListener("click", () => {
+      const key = th.dataset.sort;
+      ui.sort = { key, dir: ui.sort.key === key ? -ui.sort.dir : 1 };
+      for (const o of document.querySelectorAll("#members th[data-sort]")) {
+        o.classList.toggle("sorted", o === th);
+        o.dataset.dir = o === th ? String(ui.sort.dir) : "";
+      }
+      if (ui.snap) renderMembers(ui.snap);
+    });
+  }
+
+  $("members-filter").addEventListener("input", (ev) => {
+    ui.filter = ev.target.value.trim().toLowerCase();
+    if (ui.snap) renderMembers(ui.snap);
+  });
+
+  function loadBar(load, width) {
+    const wrap = el("span");
+    const bar = el("span", "bar");
+    if (width) bar.style.width = width + "px";
+    const fill = el("span");
+    const slots = load && load.slots ? load.slots : 0;
+    const frac = slots ? Math.min(1, load.running / slots) : 0;
+    fill.style.width = (frac * 100).toFixed(0) + "%";
+    bar.classList.toggle("hot", frac >= 0.9 || (load && load.queued > 0));
+    bar.append(fill);
+    wrap.append(bar);
+    const txt = el("span", "load-txt", load ? `${load.running}/${load.slots}` : "\u2013");
+    wrap.append(txt);
+    if (load && load.queued) wrap.append(el("span", "load-txt queued", `+${load.queued} queued`));
+    return wrap;
+  }
+
+  function renderMembers(snap) {
+    const self = (snap.node || {}).name;
+    const body = $("members-body");
+    const existing = new Map([...body.children].map((tr) => [tr.dataset.node, tr]));
+    const f = ui.filter;
+    const rows = snap.members
+      .filter((m) => !f || [m.name, m.region, m.zone, m.state, m.address].some((s) => String(s || "").toLowerCase().includes(f)))
+      .sort(compareMembers);
+    const frag = document.createDocumentFragment();
+    for (const m of rows) {
+      let tr = existing.get(m.name);
+      existing.delete(m.name);
+      if (!tr) {
+        tr = el("tr");
+        tr.dataset.node = m.name;
+        for (let i = 0; i < 7; i++) tr.append(el("td"));
+        tr.children[3].className = "num";
+        tr.children[5].className = "num";
+        tr.children[6].className = "mono";
+        tr.addEventListener("mouseenter", () => {
+          const g = $("map-nodes").querySelector(`g[data-node="${CSS.escape(tr.dataset.node)}"]`);
+          if (g) g.classList.add("highlight");
+        });
+        tr.addEventListener("mouseleave", () => {
+          const g = $("map-nodes").querySelector(`g[data-node="${CSS.escape(tr.dataset.node)}"]`);
+          if (g && g.dataset.node !== ui.highlighted) g.classList.remove("highlight");
+        });
+      }
+      tr.dataset.state = m.state;
+      tr.classList.toggle("self", m.name === self);
+      tr.classList.toggle("highlight", m.name === ui.highlighted);
+      const td = tr.children;
+      td[0].replaceChildren(el("span", `state-pill state-${m.state}`, m.state));
+      td[1].textContent = m.name;
+      const dot = el("span", "region-dot");
+      dot.style.background = regionColor(m.region);
+      td[2].replaceChildren(dot, document.createTextNode([m.region, m.zone && m.zone !== m.region ? m.zone : ""].filter(Boolean).join(" / ")));
+      td[3].textContent = m.name === self ? "\u2013" : typeof m.rtt_ms === "number" ? fmtMs(m.rtt_ms) : "?";
+      td[4].replaceChildren(loadBar(m.load, 56));
+      td[5].textContent = m.incarnation ?? "";
+      td[6].textContent = m.address || "";
+      frag.append(tr);
+    }
+    body.append(frag);
+    for (const tr of existing.values()) tr.remove();
+    $("members-total").textContent = rows.length === snap.members.length
+      ? `${snap.members.length} known`
+      : `${rows.length} of ${snap.members.length} shown`;
+  }
+
+  // ---------------------------------------------------------------- load panel
+
+  function renderLoad(snap) {
+    const box = $("load-bars");
+    box.replaceChildren();
+    const live = snap.members.filter((m) => m.state === "alive" || m.state === "suspect");
+    let running = 0, slots = 0, queued = 0, reporting = 0;
+    for (const m of live) {
+      if (!m.load) continue;
+      reporting += 1;
+      running += m.load.running || 0;
+      slots += m.load.slots || 0;
+      queued += m.load.queued || 0;
+    }
+    $("load-summary").textContent = reporting
+      ? `${running}/${slots} slots busy, ${queued} queued`
+      : "no load reports yet";
+    const util = (m) => (m.load && m.load.slots ? (m.load.running + m.load.queued) / m.load.slots : -1);
+    const sorted = live.slice().sort((a, b) => util(b) - util(a) || byName(a.name, b.name));
+    for (const m of sorted) {
+      const name = el("span", "lb-name");
+      const dot = el("span", "region-dot");
+      dot.style.background = regionColor(m.region);
+      name.append(dot, document.createTextNode(m.name));
+      const bar = loadBar(m.load, 0);
+      const barEl = bar.querySelector(".bar");
+      const val = el("span", "lb-val", m.load ? `${m.load.running}/${m.load.slots}${m.load.queued ? ` +${m.load.queued}q` : ""}` : "idle");
+      box.append(name, barEl, val);
+    }
+  }
+
+  // ---------------------------------------------------------------- charts
+
+  function niceMax(v) {
+    if (!(v > 0)) return 1;
+    const p = Math.pow(10, Math.floor(Math.log10(v)));
+    for (const m of [1, 2, 2.5, 5, 10]) if (v <= m * p) return m * p;
+    return 10 * p;
+  }
+
+  function drawChart(svgEl, points, series, unit) {
+    const w = Math.max(200, svgEl.clientWidth || 400);
+    const h = Math.max(80, svgEl.clientHeight || 130);
+    svgEl.setAttribute("viewBox", `0 0 ${w} ${h}`);
+    svgEl.setAttribute("preserveAspectRatio", "none");
+    svgEl.replaceChildren();
+    const left = 44, right = 8, top = 8, bottom = 18;
+    const pw = w - left - right, ph = h - top - bottom;
+    if (points.length < 2) {
+      const t = svg("text", { x: w / 2, y: h / 2, "text-anchor": "middle", class: "chart-empty" });
+      t.textContent = points.length ? "collecting\u2026" : "no data yet";
+      svgEl.append(t);
+      return;
+    }
+    const t0 = points[0].t, t1 = points[points.length - 1].t;
+    const span = Math.max(1e-9, t1 - t0);
+    let vmax = 0;
+    for (const p of points) for (const s of series) vmax = Math.max(vmax, Number(p[s.key]) || 0);
+    vmax = niceMax(vmax);
+    const X = (t) => left + ((t - t0) / span) * pw;
+    const Y = (v) => top + ph - (Math.min(v, vmax) / vmax) * ph;
+    for (const f of [0, 0.5, 1]) {
+      const y = Y(vmax * f);
+      svgEl.append(svg("line", { x1: left, x2: w - right, y1: y, y2: y, class: "axis" }));
+      const lab = svg("text", { x: left - 5, y: y + 3.5, "text-anchor": "end", class: "chart-tick" });
+      lab.textContent = fmtNum(vmax * f) + (f === 1 ? unit : "");
+      svgEl.append(lab);
+    }
+    const tl = svg("text", { x: left, y: h - 4, class: "chart-tick" });
+    tl.textContent = "\u2212" + fmtAge(span);
+    const tr = svg("text", { x: w - right, y: h - 4, "text-anchor": "end", class: "chart-tick" });
+    tr.textContent = "now";
+    svgEl.append(tl, tr);
+    for (const s of series) {
+      const pts = points
+        .filter((p) => typeof p[s.key] === "number" && isFinite(p[s.key]))
+        .map((p) => `${X(p.t).toFixed(1)},${Y(p[s.key]).toFixed(1)}`);
+      if (pts.length < 2) continue;
+      if (s.area) {
+        svgEl.append(svg("polygon", {
+          points: `${left},${top + ph} ${pts.join(" ")} ${X(t1).toFixed(1)},${top + ph}`,
+          class: "area " + s.cls,
+        }));
+      }
+      svgEl.append(svg("polyline", { points: pts.join(" "), class: "series " + s.cls }));
+    }
+  }
+
+  function renderCharts(snap) {
+    const pts = (snap.throughput || [])
+      .filter((p) => p && typeof p.t === "number")
+      .map((p) => Object.assign({}, p, { t: p.t > 1e11 ? p.t / 1000 : p.t }))
+      .sort((a, b) => a.t - b.t);
+    drawChart($("chart-throughput"), pts, [{ key: "tasks_done_per_s", cls: "tp", area: true }], "/s");
+    drawChart($("chart-latency"), pts, [
+      { key: "latency_p50_ms", cls: "p50" },
+      { key: "latency_p99_ms", cls: "p99" },
+    ], " ms");
+    const last = pts[pts.length - 1];
+    $("tp-now").textContent = last ? fmtNum(last.tasks_done_per_s || 0) + " /s" : "";
+    $("lat-now").textContent = last && typeof last.latency_p50_ms === "number"
+      ? `${fmtMs(last.latency_p50_ms)} / ${fmtMs(last.latency_p99_ms)}` : "";
+  }
+
+  // ---------------------------------------------------------------- objects
+
+  function renderObjects(snap) {
+    const objs = (snap.objects || []).slice();
+    const states = new Map(snap.members.map((m) => [m.name, m.state]));
+    objs.sort((a, b) => (b.under_replicated ? 1 : 0) - (a.under_replicated ? 1 : 0) || byName(a.id, b.id));
+    const under = objs.filter((o) => o.under_replicated).length;
+    const bytes = objs.reduce((s, o) => s + (Number(o.size) || 0), 0);
+    $("objects-summary").textContent = objs.length
+      ? `${objs.length} objects, ${fmtBytes(bytes)}` + (under ? `, ${under} under-replicated` : ", all fully replicated")
+        + (objs.length > MAX_OBJECT_ROWS ? ` (first ${MAX_OBJECT_ROWS} shown)` : "")
+      : "";
+    const body = $("objects-body");
+    body.replaceChildren();
+    if (!objs.length) {
+      const tr = el("tr");
+      const td = el("td", "objects-empty", "No objects stored yet.");
+      td.colSpan = 4;
+      tr.append(td);
+      body.append(tr);
+      return;
+    }
+    for (const o of objs.slice(0, MAX_OBJECT_ROWS)) {
+      const tr = el("tr");
+      tr.dataset.object = o.id;
+      const idTd = el("td", "mono", shortId(o.id));
+      idTd.title = o.id;
+      if (o.under_replicated) idTd.append(el("span", "badge under", "under-replicated"));
+      const cls = el("td");
+      if (o.data_class) cls.append(el("span", "badge cls", o.data_class));
+      const res = Array.isArray(o.residency) ? o.residency.join(", ") : o.residency;
+      if (res) cls.append(document.createTextNode(" " + res));
+      const chips = el("td");
+      const replicas = o.replicas || [];
+      const holders = new Set(o.holders || []);
+      for (const name of [...replicas, ...[...holders].filter((h) => !replicas.includes(h))]) {
+        const st = states.get(name);
+        let kind = "ok";
+        let why = "replica, held";
+        if (st === "dead" || st === "left") { kind = "down"; why = `on a ${st} node`; }
+        else if (!replicas.includes(name)) { kind = "extra"; why = "holds a copy outside the replica set"; }
+        else if (!holders.has(name)) { kind = "missing"; why = "should hold a replica, does not yet"; }
+        const chip = el("span", "chip " + kind, name);
+        chip.title = `${name}: ${why}`;
+        chip.dataset.node = name;
+        chips.append(chip);
+      }
+      tr.append(idTd, el("td", "num", fmtBytes(o.size)), cls, chips);
+      body.append(tr);
+    }
+  }
+
+  // ---------------------------------------------------------------- events
+
+  function eventClass(kind) {
+    const k = String(kind || "").toLowerCase();
+    if (/dead|death|fail|lost|error|refus/.test(k)) return "ev-bad";
+    if (/suspect|retry|under|stale|evict/.test(k)) return "ev-warn";
+    if (/join|alive|refut|recover|up|done|repair|replicat/.test(k)) return "ev-good";
+    return "ev-info";
+  }
+
+  function renderEvents() {
+    const list = $("events");
+    const evs = [...ui.events.values()].sort((a, b) => b.seq - a.seq);
+    const top = list.firstElementChild;
+    if (top && evs.length && top.dataset.seq === String(evs[0].seq) && list.children.length === evs.length) return;
+    list.replaceChildren();
+    if (!evs.length) {
+      list.append(el("li", "events-empty", "No events yet."));
+      return;
+    }
+    for (const ev of evs) {
+      const li = el("li", eventClass(ev.kind));
+      li.dataset.seq = ev.seq;
+      li.dataset.kind = ev.kind;
+      const detail = typeof ev.detail === "string" ? ev.detail
+        : ev.detail && typeof ev.detail === "object"
+          ? Object.entries(ev.detail).map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" ")
+          : "";
+      const d = el("span", "ev-detail");
+      if (ev.node) d.append(el("b", null, ev.node), document.createTextNode(detail ? "  " + detail : ""));
+      else d.textContent = detail;
+      d.title = d.textContent;
+      li.append(el("span", "ev-time", fmtClock(ev.time)), el("span", "ev-kind", ev.kind), d);
+      list.append(li);
+    }
+  }
+
+  // ---------------------------------------------------------------- formatting
+
+  function fmtMs(ms) {
+    if (typeof ms !== "number" || !isFinite(ms)) return "?";
+    if (ms < 1) return ms.toFixed(2) + " ms";
+    if (ms < 10) return ms.toFixed(1) + " ms";
+    return Math.round(ms) + " ms";
+  }
+
+  function fmtNum(v) {
+    if (!isFinite(v)) return "?";
+    if (Math.abs(v) >= 1e6) return (v / 1e6).toFixed(1) + "M";
+    if (Math.abs(v) >= 1e4) return (v / 1e3).toFixed(0) + "k";
+    if (Math.abs(v) >= 100 || v === Math.round(v)) return String(Math.round(v));
+    return v.toFixed(1);
+  }
+
+  function fmtAge(s) {
+    s = Math.max(0, Math.round(Number(s) || 0));
+    if (s < 60) return s + "s";
+    if (s < 3600) return Math.floor(s / 60) + "m " + (s % 60) + "s";
+    if (s < 86400) return Math.floor(s / 3600) + "h " + Math.floor((s % 3600) / 60) + "m";
+    return Math.floor(s / 86400) + "d " + Math.floor((s % 86400) / 3600) + "h";
+  }
+
+  function fmtBytes(n) {
+    n = Number(n) || 0;
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+    return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+  }
+
+  function fmtClock(t) {
+    if (typeof t !== "number") return String(t || "");
+    const d = new Date(t > 1e11 ? t : t * 1000);
+    return d.toLocaleTimeString([], { hour12: false });
+  }
+
+  function shortId(id) {
+    id = String(id || "");
+    return id.length > 20 ? id.slice(0, 16) + "\u2026" : id;
+  }
+
+  // Exposed for debugging in the console and for feeding synthetic snapshots.
+  window.meshscaleDashboard = { applySnapshot, state: ui };
+
+  startConnection();
+})();
