@@ -241,15 +241,26 @@ def node_start_cmd(
         list[str] | None, typer.Option("--join", help="HOST:PORT of a member to join; repeat.")
     ] = None,
     latency: Annotated[list[str] | None, typer.Option("--latency", help=LATENCY_HELP)] = None,
+    http: Annotated[
+        str | None,
+        typer.Option("--http", help="HOST:PORT for the HTTP API, /metrics and the dashboard."),
+    ] = None,
+    metrics_public: Annotated[
+        bool, typer.Option("--metrics-public", help="Serve /metrics without the token.")
+    ] = False,
 ) -> None:
     """Run a node in the foreground (JSON log lines on stderr); SIGTERM/SIGINT leave gracefully."""
     from meshscale.core.membership import NodeMeta
     from meshscale.runtime.identity import IdentityError, node_certificate, start_identity
     from meshscale.runtime.latency import parse_latency
-    from meshscale.runtime.node import NodeAgent, run_forever
+    from meshscale.runtime.node import AgentConfig, NodeAgent, run_forever
     from meshscale.trust.tls import TLSConfigError
 
     bind = _parse_addr(bind, "--bind")
+    if http is not None:
+        http = _parse_addr(http, "--http")
+    if metrics_public and http is None:
+        raise CliError("--metrics-public needs --http HOST:PORT")
     host = bind.rpartition(":")[0]
     if advertise is not None:
         advertise = _parse_addr(advertise, "--advertise")
@@ -278,13 +289,15 @@ def node_start_cmd(
             meta=meta,
             seeds=seeds,
             emulated_latency=emulated,
+            agent_config=AgentConfig(http=http, metrics_public=metrics_public),
         )
     except (IdentityError, TLSConfigError, ValueError) as e:
         raise CliError(str(e)) from None
     try:
         run_forever(agent)
     except OSError as e:
-        raise CliError(f"cannot listen on {bind}: {e.strerror or e}", exit_code=1) from None
+        where = bind if http is None else f"{bind} (or --http {http})"
+        raise CliError(f"cannot listen on {where}: {e.strerror or e}", exit_code=1) from None
 
 
 def _client_creds(bundle: Path) -> Any:
@@ -413,7 +426,8 @@ def up_cmd(
         for n in mesh.nodes:
             assert n.proc is not None
             typer.echo(
-                f"{n.name} listens on {n.address} (udp+tcp)  pid {n.proc.pid}  log {n.log_path}"
+                f"{n.name} listens on {n.address} (udp+tcp)  http {n.http or '-'}  "
+                f"pid {n.proc.pid}  log {n.log_path}"
             )
         typer.echo(f"mesh file: {mesh.mesh_json}")
         typer.echo(f"export MESHSCALE_BUNDLE={mesh.bundle_path}")

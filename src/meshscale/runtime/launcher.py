@@ -2,9 +2,10 @@
 
 ``LocalMesh`` makes a throw-away bundle and one data dir per node under its directory,
 spawns ``python -m meshscale node start`` per node (node 0 is the seed the others join;
-node i listens on base_port + i, UDP and TCP), waits until every node sees every other
-alive, and writes ``mesh.json``. ``stop()`` sends SIGTERM to every node it started, waits,
-then SIGKILLs stragglers. Children run in their own session (a Ctrl-C in the terminal
+node i listens on base_port + i, UDP and TCP, and serves HTTP on a second run of free
+ports, http_base + i), waits until every node sees every other alive, and writes
+``mesh.json`` (each node's address and HTTP address). ``stop()`` sends SIGTERM to every
+node it started, waits, then SIGKILLs stragglers. Children run in their own session (a Ctrl-C in the terminal
 reaches only the launcher, which stops them in order) and, on Linux, get SIGTERM from the
 kernel if the launcher itself dies (PR_SET_PDEATHSIG), so no node outlives it.
 """
@@ -43,10 +44,16 @@ class NodeProcess:
     data_dir: Path
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    http_port: int | None = None
 
     @property
     def address(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def http(self) -> str | None:
+        """HOST:PORT of the node's HTTP API and dashboard, if it serves one."""
+        return None if self.http_port is None else f"{HOST}:{self.http_port}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,7 +61,7 @@ class NodeProcess:
             "region": self.region,
             "zone": self.zone,
             "address": self.address,
-            "http": None,
+            "http": self.http,
             "pid": self.proc.pid if self.proc is not None else None,
             "data_dir": str(self.data_dir),
         }
@@ -79,13 +86,18 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def find_free_base_port(n: int, start: int = 20000, end: int = 60000) -> int:
-    """A base port P such that P..P+n-1 are free for both TCP and UDP right now."""
+def find_free_base_port(
+    n: int, start: int = 20000, end: int = 60000, avoid: range | None = None
+) -> int:
+    """A base port P such that P..P+n-1 are free for both TCP and UDP right now (and, given
+    ``avoid``, none of them in it)."""
     import random
 
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(start, end - n)
+        if avoid is not None and base < avoid.stop and avoid.start < base + n:
+            continue
         if all(_port_free(base + i) for i in range(n)):
             return base
     raise OSError(f"no run of {n} free ports found")
@@ -121,6 +133,8 @@ def node_command(
         cmd += ["--join", seed]
     if latency:
         cmd += ["--latency", latency]
+    if node.http is not None:
+        cmd += ["--http", node.http]
     return cmd + list(extra or [])
 
 
@@ -169,6 +183,7 @@ class LocalMesh:
         latency: dict[RegionPair, float] | None = None,
         base_port: int = 0,
         node_args: list[str] | None = None,
+        http: bool = True,
     ) -> None:
         if nodes < 1:
             raise ValueError("--nodes must be at least 1")
@@ -180,6 +195,9 @@ class LocalMesh:
         if not 1 <= self.base_port <= 65535 - nodes + 1:
             raise ValueError(f"--base-port {self.base_port} leaves no room for {nodes} nodes")
         self.node_args = list(node_args or [])
+        # Node i serves HTTP on H+i, a second run of free ports.
+        ports = range(self.base_port, self.base_port + nodes)
+        http_base = find_free_base_port(nodes, avoid=ports) if http else None
         self.bundle_path = self.directory / "bundle"
         self.nodes: list[NodeProcess] = []
         per_region: dict[str, int] = {}
@@ -195,6 +213,7 @@ class LocalMesh:
                     zone=zone,
                     port=self.base_port + i,
                     data_dir=self.directory / "nodes" / f"node-{i}",
+                    http_port=None if http_base is None else http_base + i,
                 )
             )
 

@@ -48,7 +48,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
@@ -85,6 +85,9 @@ from meshscale.trust.bundle import Bundle, BundleError, load_keyring
 from meshscale.trust.framing import FrameTooLarge, read_frame, split_addr, write_frame
 from meshscale.trust.keyring import Keyring, SealError
 from meshscale.trust.tls import GREETING, client_context, connect_tls, server_context
+
+if TYPE_CHECKING:
+    from meshscale.runtime.http import HttpServer
 
 RpcHandler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
 
@@ -125,6 +128,15 @@ class AgentConfig:
     key_switch_delay_s: float = 5.0
     leave_timeout_s: float = 2.0
     """Longest wait for a graceful leave to spread before shutdown."""
+    http: str | None = None
+    """HOST:PORT of the HTTP API, metrics and dashboard (``runtime/http.py``); None: off."""
+    metrics_public: bool = False
+    """Serve ``/metrics`` without the admin token (for a scraper)."""
+    max_http_streams: int = 16
+    """Concurrent ``/api/v1/stream`` clients; more get 503."""
+    idle_watts: float = 10.0
+    peak_watts: float = 65.0
+    """Power model: watts at no busy worker slot and at all of them busy."""
 
 
 @dataclass
@@ -142,6 +154,19 @@ class _Keys:
 class AgentStats:
     rejected: Counter[str] = field(default_factory=Counter)
     runtime: Counter[str] = field(default_factory=Counter)
+    messages_in: Counter[str] = field(default_factory=Counter)
+    """Messages received, by type (``gossip``, ``push_pull``, or the RPC method)."""
+    messages_out: Counter[str] = field(default_factory=Counter)
+    bytes_in: Counter[str] = field(default_factory=Counter)
+    bytes_out: Counter[str] = field(default_factory=Counter)
+
+    def count_in(self, kind: str, nbytes: int) -> None:
+        self.messages_in[kind] += 1
+        self.bytes_in[kind] += nbytes
+
+    def count_out(self, kind: str, nbytes: int) -> None:
+        self.messages_out[kind] += 1
+        self.bytes_out[kind] += nbytes
 
 
 class JsonLog:
@@ -249,6 +274,7 @@ class NodeAgent:
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.membership: Membership | None = None
+        self.http: HttpServer | None = None
         self.started_at = time.time()
         self._register_builtin_rpcs()
 
@@ -291,6 +317,11 @@ class NodeAgent:
         except OSError:
             transport.close()
             raise
+        if self.cfg.http:
+            from meshscale.runtime.http import HttpServer
+
+            self.http = HttpServer(self)
+            await self.http.start()  # before the membership: its address rides in our meta
         now = time.monotonic()
         self.membership = Membership(
             self.name,
@@ -337,6 +368,8 @@ class NodeAgent:
         await self.stop()
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         compute = getattr(self, "compute", None)
         if compute is not None:
             await compute.stop()
@@ -389,6 +422,7 @@ class NodeAgent:
     def _on_datagram(self, data: bytes, addr: Any) -> None:
         if self.membership is None:
             return
+        self.stats.count_in("gossip", len(data))
         if len(data) > self.cfg.max_datagram_bytes:
             self._reject("oversized")
             return
@@ -420,6 +454,7 @@ class NodeAgent:
         if self._udp is not None and not self._udp.is_closing():
             try:
                 self._udp.sendto(data, target)
+                self.stats.count_out("gossip", len(data))
             except OSError:
                 self.stats.runtime["send_errors"] += 1
 
@@ -467,11 +502,11 @@ class NodeAgent:
             host, port, self._client_ctx, handshake_timeout=self.cfg.handshake_timeout_s
         )
         try:
-            frame = PushPullFrame(self._keys.seal_ring.seal(payload))
-            await write_frame(
-                writer, encode_stream_message(frame), max_size=self.cfg.max_frame_bytes
-            )
+            frame = encode_stream_message(PushPullFrame(self._keys.seal_ring.seal(payload)))
+            await write_frame(writer, frame, max_size=self.cfg.max_frame_bytes)
+            self.stats.count_out("push_pull", len(frame))
             data = await read_frame(reader, self.cfg.max_frame_bytes)
+            self.stats.count_in("push_pull", len(data))
             msg = decode_stream_message(data, self.cfg.max_frame_bytes)
             if not isinstance(msg, PushPullFrame):
                 raise WireError("unexpected", type(msg).__name__)
@@ -571,14 +606,22 @@ class NodeAgent:
             except WireError as e:
                 self._reject(e.reason)
                 return
+            kind = self._message_kind(msg)
+            self.stats.count_in(kind, len(data))
             reply = await self._handle_message(msg, src)
             if reply is None:
                 return
-            await write_frame(
-                writer, encode_stream_message(reply), max_size=self.cfg.max_frame_bytes
-            )
+            out = encode_stream_message(reply)
+            await write_frame(writer, out, max_size=self.cfg.max_frame_bytes)
+            self.stats.count_out(kind, len(out))
             if isinstance(reply, RpcResponse) and reply.error.startswith(UNAUTHORIZED):
                 return  # an unauthenticated peer gets one answer, then the door
+
+    def _message_kind(self, msg: StreamMessage) -> str:
+        if isinstance(msg, RpcRequest):
+            # The method names a registered handler, so the label set stays bounded.
+            return msg.method if msg.method in self._rpc else "rpc_unknown"
+        return "push_pull" if isinstance(msg, PushPullFrame) else "other"
 
     async def _handle_message(self, msg: StreamMessage, src: str) -> StreamMessage | None:
         if isinstance(msg, PushPullFrame):
@@ -655,6 +698,11 @@ class NodeAgent:
             self._region_by_addr = {
                 mm.addr: mm.meta.region for mm in self.m.members.values() if mm.name != self.name
             }
+
+    def record_event(self, kind: str, name: str = "", detail: str = "") -> None:
+        """Add a non-membership event (a re-replication, a task retry) to the recent ones."""
+        self._event_seq += 1
+        self.events.append(EventInfo(self._event_seq, time.time(), kind, name, detail=detail))
 
     async def _housekeeping(self) -> None:
         while True:

@@ -1,0 +1,309 @@
+"""The node's HTTP server: JSON API, Prometheus metrics and the dashboard (aiohttp).
+
+Every node serves the same thing on ``AgentConfig.http`` and advertises the address in
+its membership meta (tag ``http``), so any node can point at the others:
+
+- ``/`` and ``/static/{name}``: the dashboard's files from ``runtime/dashboard/``, with no
+  auth (the page asks for the token and sends it on every API call);
+- ``/api/v1/*``: JSON, ``Authorization: Bearer <admin token>``, else 401; shapes and schemas
+  in ``openapi.py`` (served at ``/api/v1/openapi.json`` without auth);
+- ``/api/v1/stream``: server-sent events, one ``snapshot`` a second; at most
+  ``AgentConfig.max_http_streams`` at once, 503 beyond;
+- ``/metrics``: Prometheus text from a per-node registry (``observe.MeshCollector``);
+  token required unless ``AgentConfig.metrics_public``.
+
+Snapshots are built at most once a second and shared by every stream; the mesh-wide object
+listing they carry (a fan-out to every node) is reused for ``OBJECTS_TTL_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import mimetypes
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from meshscale.runtime.observe import MeshCollector, NodeObserver
+from meshscale.runtime.openapi import openapi_document
+from meshscale.trust.framing import split_addr
+
+if TYPE_CHECKING:
+    from meshscale.runtime.node import NodeAgent
+
+DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
+STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+OBJECTS_TTL_S = 5.0
+SNAPSHOT_TTL_S = 0.9
+MAX_LIMIT = 10_000
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(ValueError):
+    """A query parameter the client got wrong: 400 with the message."""
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer, not {raw[:40]!r}") from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be between {lo} and {hi}")
+    return value
+
+
+class HttpServer:
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        assert agent.cfg.http is not None
+        self.bind_host, self.port = split_addr(agent.cfg.http)
+        self.observer = NodeObserver(agent)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(MeshCollector(self.observer))
+        self.address = ""
+        self._runner: web.AppRunner | None = None
+        self._streams: set[asyncio.Task[Any]] = set()
+        self._objects: tuple[float, int, list[dict[str, Any]]] | None = None
+        self._objects_lock = asyncio.Lock()
+        self._snapshot: tuple[float, bytes] | None = None
+        self._snapshot_lock = asyncio.Lock()
+        self._openapi = json.dumps(openapi_document()).encode()
+        self._closing = False
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Bind, then advertise ``http`` in the agent's meta (before it joins)."""
+        app = web.Application(middlewares=[self._errors])
+        r = app.router
+        r.add_get("/", self._index)
+        r.add_get("/static/{name}", self._static)
+        r.add_get("/metrics", self._metrics)
+        r.add_get("/api/v1/openapi.json", self._openapi_json)
+        for path, handler in {
+            "node": self._node, "members": self._members, "objects": self._objects_api,
+            "tasks": self._tasks, "events": self._events, "throughput": self._throughput,
+            "snapshot": self._snapshot_api, "stream": self._stream,
+        }.items():
+            r.add_get(f"/api/v1/{path}", self._authed(handler))
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.bind_host, self.port, backlog=128)
+        try:
+            await site.start()
+        except OSError:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+        host = self.bind_host
+        if host in ("0.0.0.0", "::", ""):
+            host = split_addr(self.agent.addr)[0]
+        self.address = f"{host}:{self.port}"
+        meta = self.agent.meta
+        self.agent.meta = msgspec.structs.replace(meta, tags={**meta.tags, "http": self.address})
+        self.observer.start()
+        self.agent.log("info", "http_started", http=self.address,
+                       metrics_public=self.agent.cfg.metrics_public)
+
+    async def stop(self) -> None:
+        self._closing = True
+        for task in list(self._streams):
+            task.cancel()
+        await self.observer.stop()
+        if self._runner is not None:
+            with contextlib.suppress(Exception):
+                await self._runner.cleanup()
+            self._runner = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BadRequest as e:
+            return _error(400, str(e))
+        except web.HTTPException as e:
+            if e.status >= 400:
+                return _error(e.status, e.reason or "error")
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as e:  # one bad request must not take the server down
+            self.agent.log("error", "http_handler_failed", path=request.path, error=repr(e))
+            return _error(500, f"internal error: {type(e).__name__}")
+
+    def _authorized(self, request: web.Request) -> str | None:
+        """None if the bearer token is right, else why not."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            return "missing Authorization: Bearer TOKEN (meshscale token --bundle DIR)"
+        if scheme.lower() != "bearer" or not token.strip():
+            return "use Authorization: Bearer TOKEN"
+        if not self.agent.bundle.check_token(token.strip()):
+            return "wrong token"
+        return None
+
+    def _authed(self, handler: Handler) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            why = self._authorized(request)
+            if why is not None:
+                self.agent.stats.rejected["http_unauthorized"] += 1
+                return _error(401, why)
+            if self.agent.membership is None:
+                return _error(503, "node is starting")
+            return await handler(request)
+
+        return wrapped
+
+    # ------------------------------------------------------------------ dashboard files
+
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        return self._file("index.html")
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if not STATIC_NAME.match(name) or ".." in name:
+            return _error(404, "no such file")
+        return self._file(name)
+
+    def _file(self, name: str) -> web.StreamResponse:
+        path = DASHBOARD_DIR / name
+        if not path.is_file():
+            return _error(404, f"{name} not found")
+        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if name.endswith(".js"):
+            ctype = "text/javascript"
+        charset = "utf-8" if ctype.startswith("text/") or ctype.endswith(("json", "svg+xml")) \
+            else None
+        return web.Response(body=path.read_bytes(), content_type=ctype, charset=charset,
+                            headers={"Cache-Control": "no-cache"})
+
+    # ------------------------------------------------------------------ metrics, openapi
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        if not self.agent.cfg.metrics_public:
+            why = self._authorized(request)
+            if why is not None:
+                self.agent.stats.rejected["http_unauthorized"] += 1
+                return _error(401, why)
+        if self.agent.membership is None:
+            return _error(503, "node is starting")
+        self.observer._hook_compute()
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _openapi_json(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self._openapi, content_type="application/json")
+
+    # ------------------------------------------------------------------ JSON API
+
+    async def _node(self, request: web.Request) -> web.StreamResponse:
+        return _json(self.observer.node())
+
+    async def _members(self, request: web.Request) -> web.StreamResponse:
+        return _json({"members": self.observer.members()})
+
+    async def _objects_api(self, request: web.Request) -> web.StreamResponse:
+        limit = _int_param(request, "limit", 200, 1, MAX_LIMIT)
+        return _json({"objects": await self._object_list(limit)})
+
+    async def _object_list(self, limit: int) -> list[dict[str, Any]]:
+        """The mesh-wide listing (a fan-out), reused for a few seconds."""
+        async with self._objects_lock:
+            now = time.monotonic()
+            cached = self._objects
+            if cached is not None and cached[0] > now and cached[1] >= limit:
+                return cached[2][:limit]
+            objs = await self.observer.objects(max(limit, 200))
+            self._objects = (time.monotonic() + OBJECTS_TTL_S, max(limit, 200), objs)
+            return objs[:limit]
+
+    async def _tasks(self, request: web.Request) -> web.StreamResponse:
+        limit = _int_param(request, "limit", 200, 1, MAX_LIMIT)
+        return _json({"tasks": await self.observer.tasks(limit)})
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        since = _int_param(request, "since", 0, 0, 2**62)
+        return _json({"events": self.observer.events(since)})
+
+    async def _throughput(self, request: web.Request) -> web.StreamResponse:
+        return _json({"points": self.observer.throughput()})
+
+    async def snapshot(self) -> dict[str, Any]:
+        return {
+            "node": self.observer.node(),
+            "members": self.observer.members(),
+            "throughput": self.observer.throughput(120),
+            "objects": await self._object_list(200),
+            "events": self.observer.events(0, last=50),
+        }
+
+    async def _snapshot_bytes(self) -> bytes:
+        async with self._snapshot_lock:
+            cached = self._snapshot
+            now = time.monotonic()
+            if cached is not None and cached[0] > now:
+                return cached[1]
+            body = json.dumps(await self.snapshot(), separators=(",", ":")).encode()
+            self._snapshot = (time.monotonic() + SNAPSHOT_TTL_S, body)
+            return body
+
+    async def _snapshot_api(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=await self._snapshot_bytes(), content_type="application/json")
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        if len(self._streams) >= self.agent.cfg.max_http_streams:
+            self.agent.stats.runtime["http_streams_refused"] += 1
+            return _error(503, f"too many streams open on this node "
+                               f"(max {self.agent.cfg.max_http_streams})")
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        try:
+            resp = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            })
+            await resp.prepare(request)
+            while not self._closing:
+                body = await self._snapshot_bytes()
+                try:
+                    await resp.write(b"event: snapshot\ndata: " + body + b"\n\n")
+                except (ConnectionResetError, RuntimeError):
+                    break  # the client went away
+                await asyncio.sleep(1.0)
+            return resp
+        finally:
+            self._streams.discard(task)

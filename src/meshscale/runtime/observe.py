@@ -1,0 +1,483 @@
+"""What a node shows about itself: live views for the HTTP API and Prometheus metrics.
+
+``NodeObserver`` reads the agent's live state (membership, data plane, compute plane) when
+asked, and keeps only what must be accumulated over time: task latency and queue-wait
+histograms, placement decisions, a ring of one-second throughput samples and an energy
+estimate. A sampler task ticks once a second: it closes the throughput sample, integrates
+power (``idle_watts + (peak_watts - idle_watts) * utilization``, utilization = busy
+worker slots / slots) and turns counters of the data and compute planes into events
+(re-replications, task retries) in the agent's recent-events buffer.
+
+``MeshCollector`` is a prometheus_client collector over one observer, registered in a
+per-node ``CollectorRegistry``: every scrape reads the state as it is then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+import meshscale
+from meshscale.core.membership import State
+
+if TYPE_CHECKING:
+    from meshscale.runtime.node import NodeAgent
+
+STATE_NAMES = {State.ALIVE: "alive", State.SUSPECT: "suspect", State.DEAD: "dead",
+               State.LEFT: "left"}
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                     10.0, 30.0, 60.0, 300.0)
+THROUGHPUT_POINTS = 300
+MAX_SAMPLE_LATENCIES = 10_000
+"""Latencies kept for one second's percentiles (beyond this, the rest are not sampled)."""
+MAX_BOUND_PENDING = 50_000
+
+
+@dataclass
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus semantics), seconds."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS_S
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        value = max(0.0, value)
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        buckets: list[tuple[str, float]] = []
+        acc = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            acc += n
+            buckets.append((repr(bound), acc))
+        acc += self.counts[-1]
+        buckets.append(("+Inf", acc))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.total)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[idx]
+
+
+class NodeObserver:
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.latency = Histogram()
+        self.queue_wait = Histogram()
+        self.placements: Counter[str] = Counter()
+        self.tasks_ended: Counter[str] = Counter()
+        self.points: deque[dict[str, Any]] = deque(maxlen=THROUGHPUT_POINTS)
+        self.energy_j = 0.0
+        self.watts = agent.cfg.idle_watts
+        self._second_done = 0
+        self._second_lat: list[float] = []
+        self._last_tick = time.monotonic()
+        self._seen: dict[str, int] = {}
+        self._hooked: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._sampler())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    def _hook_compute(self) -> None:
+        """Attach to the compute plane once it exists (it starts after the HTTP server)."""
+        compute = getattr(self.agent, "compute", None)
+        if compute is None or compute is self._hooked:
+            return
+        self._hooked = compute
+        compute.observer = self._task_ended
+        # Queue wait and placement reasons are known when the owner binds a task to a
+        # node; the compute plane has no hook there, so wrap its handler on the instance.
+        on_bound = getattr(compute, "_on_bound", None)
+        if callable(on_bound):
+            def bound(ev: Any) -> None:
+                self._task_bound(compute, ev)
+                on_bound(ev)
+
+            compute._on_bound = bound
+
+    # ------------------------------------------------------------------ observations
+
+    def _task_ended(self, rec: Any, latency_s: float) -> None:
+        state = str(getattr(rec, "state", ""))
+        self.tasks_ended[state] += 1
+        if state == "done":
+            self.latency.observe(latency_s)
+            self._second_done += 1
+            if len(self._second_lat) < MAX_SAMPLE_LATENCIES:
+                self._second_lat.append(latency_s)
+        elif getattr(rec, "kind", "") == "unschedulable":
+            self.placements["unschedulable"] += 1
+
+    def _task_bound(self, compute: Any, ev: Any) -> None:
+        entry = getattr(compute, "_records", {}).get(getattr(ev, "task_id", ""))
+        t0 = getattr(entry, "t0", None)
+        if t0 is not None and getattr(getattr(entry, "rec", None), "state", "") == "pending":
+            self.queue_wait.observe(time.monotonic() - t0)
+        if getattr(ev, "stolen", False):
+            reason = "stolen"
+        elif getattr(ev, "restricted", False):
+            reason = "delay_scheduled"
+        elif getattr(ev, "local", False):
+            reason = "data_local"
+        else:
+            reason = "lowest_cost"
+        self.placements[reason] += 1
+
+    async def _sampler(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.tick(time.monotonic())
+            except Exception as e:  # the API must outlive a bug in a counter
+                self.agent.log("error", "observer_tick_failed", error=repr(e))
+
+    def tick(self, now: float) -> None:
+        self._hook_compute()
+        dt = max(0.0, now - self._last_tick)
+        self._last_tick = now
+        cfg = self.agent.cfg
+        self.watts = cfg.idle_watts + (cfg.peak_watts - cfg.idle_watts) * self.utilization()
+        self.energy_j += self.watts * dt
+        lat = sorted(self._second_lat)
+        self.points.append({
+            "t": round(time.time(), 3),
+            "tasks_done_per_s": round(self._second_done / dt, 3) if dt > 0 else 0.0,
+            "latency_p50_ms": round(_percentile(lat, 0.5) * 1000, 3) if lat else None,
+            "latency_p99_ms": round(_percentile(lat, 0.99) * 1000, 3) if lat else None,
+        })
+        self._second_done = 0
+        self._second_lat = []
+        self._events_from_counters()
+
+    def _events_from_counters(self) -> None:
+        dp = self.agent.dataplane
+        compute = getattr(self.agent, "compute", None)
+        watch: list[tuple[str, int, str, str]] = []
+        if dp is not None and dp.rm is not None:
+            watch.append(("re_replication", dp.rm.stats.get("repairs_started", 0),
+                          "repair transfer(s) started", "repairs"))
+            watch.append(("under_replicated", dp.stats.get("under_replicated_events", 0),
+                          "held object(s) have fewer live replicas than wanted", "under"))
+        if compute is not None:
+            watch.append(("task_retry", compute.stats.get("resubmitted", 0),
+                          "task(s) re-run after a lost worker or result", "retries"))
+            watch.append(("task_adopted", compute.stats.get("tasks_adopted", 0),
+                          "task(s) of a dead owner adopted", "adopted"))
+        for kind, value, text, key in watch:
+            before = self._seen.get(key)
+            self._seen[key] = value
+            if before is not None and value > before:
+                self.agent.record_event(kind, self.agent.name, f"{value - before} {text}")
+
+    # ------------------------------------------------------------------ live state
+
+    def utilization(self) -> float:
+        compute = getattr(self.agent, "compute", None)
+        sched = getattr(compute, "sched", None)
+        if compute is None or sched is None:
+            return 0.0
+        slots = max(1.0, float(compute.capacity.cpus))
+        return min(1.0, sched.load().running / slots)
+
+    def node(self) -> dict[str, Any]:
+        a = self.agent
+        return {
+            "name": a.name,
+            "address": a.addr,
+            "http": a.http.address if a.http is not None else None,
+            "region": a.meta.region,
+            "zone": a.meta.zone,
+            "incarnation": a.m.incarnation,
+            "uptime_s": round(time.time() - a.started_at, 3),
+            "version": meshscale.__version__,
+        }
+
+    def _loads(self) -> dict[str, dict[str, Any]]:
+        compute = getattr(self.agent, "compute", None)
+        sched = getattr(compute, "sched", None)
+        if compute is None or sched is None:
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        for name, (ld, cap) in dict(getattr(compute, "_loads", {})).items():
+            out[name] = {"running": int(ld.running), "queued": int(ld.queued),
+                         "free_cpus": float(ld.free_cpus), "slots": float(cap.cpus)}
+        own = sched.load()
+        out[self.agent.name] = {"running": int(own.running), "queued": int(own.queued),
+                                "free_cpus": float(own.free_cpus),
+                                "slots": float(compute.capacity.cpus)}
+        return out
+
+    def members(self) -> list[dict[str, Any]]:
+        m = self.agent.m
+        loads = self._loads()
+        out = []
+        for mm in sorted(m.members.values(), key=lambda x: x.name):
+            own = mm.name == self.agent.name
+            coord = m.coordinate() if own else mm.coord
+            rtt = m.estimate_rtt_to(mm.name)
+            out.append({
+                "name": mm.name,
+                "address": mm.addr,
+                "http": mm.meta.tags.get("http"),
+                "region": mm.meta.region,
+                "zone": mm.meta.zone,
+                "state": STATE_NAMES.get(mm.state, str(mm.state)),
+                "incarnation": mm.inc,
+                "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
+                "coord": None if coord is None else {
+                    "vec": [float(x) for x in coord.vec],
+                    "height": float(coord.height),
+                    "error": float(coord.error),
+                },
+                "load": loads.get(mm.name) if mm.state <= State.SUSPECT else None,
+                "labels": dict(mm.meta.labels),
+            })
+        return out
+
+    def events(self, since: int = 0, last: int | None = None) -> list[dict[str, Any]]:
+        evs = [e for e in self.agent.events if e.seq > since]
+        if last is not None:
+            evs = evs[-last:] if last > 0 else []
+        out = []
+        for e in evs:
+            detail = e.detail
+            if not detail and e.event.startswith("member_"):
+                detail = f"incarnation {e.incarnation}"
+                if e.source:
+                    detail += f", reported by {e.source}"
+            out.append({"seq": e.seq, "time": round(e.ts, 3), "kind": e.event,
+                        "node": e.name, "detail": detail})
+        return out
+
+    def throughput(self, last: int = THROUGHPUT_POINTS) -> list[dict[str, Any]]:
+        pts = list(self.points)
+        return pts[-last:] if last > 0 else []
+
+    async def tasks(self, limit: int) -> list[dict[str, Any]]:
+        compute = getattr(self.agent, "compute", None)
+        handler = self.agent._rpc.get("task.list")
+        if compute is None or handler is None:
+            return []
+        rows = handler({"limit": limit})
+        if asyncio.iscoroutine(rows):
+            rows = await rows
+        records = getattr(compute, "_records", {})
+        out = []
+        for r in rows:
+            tid = str(r.get("task_id", ""))
+            entry = records.get(tid)
+            rec = getattr(entry, "rec", None)
+            name = ""
+            if rec is not None:
+                name = rec.labels.get("name") or f"fn:{rec.fn_id[:12]}"
+            submitted = float(r.get("submitted") or 0.0)
+            finished = float(r.get("finished") or 0.0)
+            out.append({
+                "id": tid,
+                "name": name,
+                "state": str(r.get("state", "")),
+                "node": str(r.get("node") or "") or None,
+                "reason": str(r.get("reason") or ""),
+                "owner": str(r.get("owner") or ""),
+                "submitted_at": submitted,
+                "latency_ms": round((finished - submitted) * 1000, 3)
+                if finished and submitted else None,
+            })
+        return out
+
+    async def objects(self, limit: int) -> list[dict[str, Any]]:
+        handler = self.agent._rpc.get("obj.list")
+        if handler is None:
+            return []
+        res = handler({"limit": limit})
+        if asyncio.iscoroutine(res):
+            res = await res
+        out = []
+        for o in res.get("objects", []):
+            out.append({
+                "id": str(o["id"]),
+                "size": int(o["size"]),
+                "replicas": list(o.get("replica_set") or []),
+                "holders": list(o.get("holders") or []),
+                "data_class": o.get("data_class"),
+                "residency": o.get("residency"),
+                "under_replicated": o.get("health") != "ok",
+            })
+        return out
+
+    # ------------------------------------------------------------------ metric inputs
+
+    def member_states(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATE_NAMES.values(), 0)
+        for mm in self.agent.m.members.values():
+            counts[STATE_NAMES.get(mm.state, "alive")] += 1
+        return counts
+
+    def store_stats(self) -> tuple[int, int, int]:
+        """(objects, bytes, under-replicated held here) from the data plane's live state."""
+        dp = self.agent.dataplane
+        if dp is None or dp.store is None or dp.rm is None:
+            return 0, 0, 0
+        store = dp.store
+        objects = int(getattr(store, "_count", 0))
+        nbytes = int(getattr(store, "_committed_bytes", 0))
+        under = sum(1 for loc in getattr(dp.rm, "_inv", {}).values() if getattr(loc, "under", False))
+        return objects, nbytes, under
+
+
+class MeshCollector(Collector):
+    """Prometheus families read from a node's live state at scrape time."""
+
+    def __init__(self, observer: NodeObserver) -> None:
+        self.obs = observer
+
+    def collect(self) -> Iterator[Metric]:
+        obs, agent = self.obs, self.obs.agent
+        yield from self._membership(obs, agent)
+        yield from self._transport(agent)
+        yield from self._data(obs, agent)
+        yield from self._compute(obs, agent)
+        g = GaugeMetricFamily("meshscale_power_watts", "Estimated power draw now (watts).")
+        g.add_metric([], obs.watts)
+        yield g
+        c = CounterMetricFamily("meshscale_energy_joules", "Estimated energy used since start.")
+        c.add_metric([], obs.energy_j)
+        yield c
+        g = GaugeMetricFamily("meshscale_utilization_ratio", "Busy worker slots / slots.")
+        g.add_metric([], obs.utilization())
+        yield g
+
+    @staticmethod
+    def _membership(obs: NodeObserver, agent: NodeAgent) -> Iterator[Metric]:
+        info = GaugeMetricFamily("meshscale_node_info", "This node.",
+                                 labels=["node", "region", "zone", "version"])
+        info.add_metric([agent.name, agent.meta.region, agent.meta.zone,
+                         meshscale.__version__], 1)
+        yield info
+        g = GaugeMetricFamily("meshscale_members", "Members in this node's view, by state.",
+                              labels=["state"])
+        for state, n in obs.member_states().items():
+            g.add_metric([state], n)
+        yield g
+        st = agent.m.stats
+        for name, key, doc in (
+            ("meshscale_probes", "probes", "Direct probes sent."),
+            ("meshscale_indirect_probes", "indirect_probes", "Indirect probes requested."),
+            ("meshscale_probe_failures", "probe_failures", "Probes that got no ack."),
+            ("meshscale_suspicions", "suspicions", "Members this node started suspecting."),
+            ("meshscale_refutations", "refutations", "Suspicions of this node it refuted."),
+            ("meshscale_deaths", "deaths", "Members declared dead."),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(st.get(key, 0)))
+            yield c
+        g = GaugeMetricFamily("meshscale_health_score", "Lifeguard local health (0 = healthy).")
+        g.add_metric([], agent.m.health_score())
+        yield g
+
+    @staticmethod
+    def _transport(agent: NodeAgent) -> Iterator[Metric]:
+        s = agent.stats
+        for name, doc, counter in (
+            ("meshscale_messages_in", "Messages received, by type.", s.messages_in),
+            ("meshscale_messages_out", "Messages sent, by type.", s.messages_out),
+            ("meshscale_bytes_in", "Bytes received, by message type.", s.bytes_in),
+            ("meshscale_bytes_out", "Bytes sent, by message type.", s.bytes_out),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["type"])
+            for kind, n in sorted(counter.items()):
+                c.add_metric([kind], n)
+            yield c
+        c = CounterMetricFamily("meshscale_rejected_messages", "Messages dropped, by reason.",
+                                labels=["reason"])
+        for reason, n in sorted(agent.rejected_messages().items()):
+            c.add_metric([reason], n)
+        yield c
+
+    @staticmethod
+    def _data(obs: NodeObserver, agent: NodeAgent) -> Iterator[Metric]:
+        objects, nbytes, under = obs.store_stats()
+        for name, value, doc in (
+            ("meshscale_objects_stored", objects, "Objects stored on this node."),
+            ("meshscale_bytes_stored", nbytes, "Bytes of objects stored on this node."),
+            ("meshscale_objects_under_replicated", under,
+             "Objects held here with fewer allowed live nodes than their policy wants."),
+        ):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], value)
+            yield g
+        dp = agent.dataplane
+        rm_stats = dp.rm.stats if dp is not None and dp.rm is not None else {}
+        c = CounterMetricFamily("meshscale_repairs", "Re-replication transfers, by result.",
+                                labels=["result"])
+        for result, key in (("started", "repairs_started"), ("done", "repairs_done"),
+                            ("failed", "repairs_failed"), ("shed", "repairs_shed")):
+            c.add_metric([result], rm_stats.get(key, 0))
+        yield c
+
+    @staticmethod
+    def _compute(obs: NodeObserver, agent: NodeAgent) -> Iterator[Metric]:
+        compute = getattr(agent, "compute", None)
+        sched = getattr(compute, "sched", None)
+        ld = sched.load() if sched is not None else None
+        g = GaugeMetricFamily("meshscale_tasks", "Tasks on this node now, by state "
+                              "(queued: reservations waiting for a slot).", labels=["state"])
+        g.add_metric(["queued"], ld.queued if ld is not None else 0)
+        g.add_metric(["running"], ld.running if ld is not None else 0)
+        yield g
+        cstats = compute.stats if compute is not None else {}
+        c = CounterMetricFamily("meshscale_tasks_ended", "Tasks owned here that ended, by "
+                                "state.", labels=["state"])
+        for state in ("done", "failed", "cancelled"):
+            c.add_metric([state], cstats.get("tasks_" + state, 0))
+        yield c
+        c = CounterMetricFamily("meshscale_tasks_submitted", "Tasks submitted to this node.")
+        c.add_metric([], cstats.get("tasks_submitted", 0))
+        yield c
+        c = CounterMetricFamily("meshscale_task_retries", "Tasks re-run (lost worker/result).")
+        c.add_metric([], cstats.get("resubmitted", 0))
+        yield c
+        yield obs.latency.family("meshscale_task_latency_seconds",
+                                 "Submit to outcome of tasks owned here that succeeded.")
+        yield obs.queue_wait.family("meshscale_task_queue_wait_seconds",
+                                    "Submit to binding on a worker node, tasks owned here.")
+        c = CounterMetricFamily("meshscale_placement_decisions", "Task placements by reason.",
+                                labels=["reason"])
+        placements = Counter(obs.placements)
+        sstats = sched.stats if sched is not None else {}
+        for key, n in sstats.items():
+            if key.startswith("submits_refused."):
+                placements["refused_" + key.removeprefix("submits_refused.")] += n
+        placements["infeasible"] += sstats.get("place_infeasible", 0)
+        for reason in ("data_local", "lowest_cost", "delay_scheduled", "stolen"):
+            placements.setdefault(reason, 0)
+        for reason, n in sorted(placements.items()):
+            c.add_metric([reason], n)
+        yield c

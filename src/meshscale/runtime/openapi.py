@@ -1,0 +1,270 @@
+"""The OpenAPI 3.1 description of a node's HTTP API (served at ``/api/v1/openapi.json``).
+
+The schemas are JSON Schema 2020-12; the API tests validate every response body against
+them, so this document and ``runtime/http.py`` cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import meshscale
+
+_NUM_OR_NULL: dict[str, Any] = {"type": ["number", "null"]}
+_STR_OR_NULL: dict[str, Any] = {"type": ["string", "null"]}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}},
+    },
+    "Node": {
+        "type": "object",
+        "required": ["name", "address", "http", "region", "zone", "incarnation", "uptime_s",
+                     "version"],
+        "properties": {
+            "name": {"type": "string"},
+            "address": {"type": "string", "description": "HOST:PORT of gossip and TLS streams"},
+            "http": {**_STR_OR_NULL, "description": "HOST:PORT of this HTTP API"},
+            "region": {"type": "string"},
+            "zone": {"type": "string"},
+            "incarnation": {"type": "integer", "minimum": 0},
+            "uptime_s": {"type": "number", "minimum": 0},
+            "version": {"type": "string"},
+        },
+    },
+    "Coordinate": {
+        "type": "object",
+        "description": "Vivaldi network coordinate; distances in seconds.",
+        "required": ["vec", "height", "error"],
+        "properties": {
+            "vec": {"type": "array", "items": {"type": "number"}},
+            "height": {"type": "number"},
+            "error": {"type": "number"},
+        },
+    },
+    "Load": {
+        "type": "object",
+        "description": "The member's last reported load (at most ~1 s stale while work flows).",
+        "required": ["running", "queued", "free_cpus", "slots"],
+        "properties": {
+            "running": {"type": "integer", "minimum": 0},
+            "queued": {"type": "integer", "minimum": 0},
+            "free_cpus": {"type": "number", "minimum": 0},
+            "slots": {"type": "number", "minimum": 0},
+        },
+    },
+    "Member": {
+        "type": "object",
+        "required": ["name", "address", "http", "region", "zone", "state", "incarnation",
+                     "rtt_ms", "coord", "load", "labels"],
+        "properties": {
+            "name": {"type": "string"},
+            "address": {"type": "string"},
+            "http": _STR_OR_NULL,
+            "region": {"type": "string"},
+            "zone": {"type": "string"},
+            "state": {"enum": ["alive", "suspect", "dead", "left"]},
+            "incarnation": {"type": "integer", "minimum": 0},
+            "rtt_ms": {**_NUM_OR_NULL, "description": "RTT estimated from coordinates"},
+            "coord": {"oneOf": [{"$ref": "#/components/schemas/Coordinate"}, {"type": "null"}]},
+            "load": {"oneOf": [{"$ref": "#/components/schemas/Load"}, {"type": "null"}]},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "Object": {
+        "type": "object",
+        "required": ["id", "size", "replicas", "holders", "data_class", "residency",
+                     "under_replicated"],
+        "properties": {
+            "id": {"type": "string"},
+            "size": {"type": "integer", "minimum": 0},
+            "replicas": {"type": "array", "items": {"type": "string"},
+                         "description": "The replica set placement computes for the view"},
+            "holders": {"type": "array", "items": {"type": "string"},
+                        "description": "Live nodes that hold a copy"},
+            "data_class": _STR_OR_NULL,
+            "residency": {"oneOf": [{"type": "array", "items": {"type": "string"}},
+                                    {"type": "null"}]},
+            "under_replicated": {"type": "boolean"},
+        },
+    },
+    "Task": {
+        "type": "object",
+        "required": ["id", "name", "state", "node", "reason", "owner", "submitted_at",
+                     "latency_ms"],
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "state": {"enum": ["pending", "running", "done", "failed", "cancelled"]},
+            "node": {**_STR_OR_NULL, "description": "Node it runs or ran on"},
+            "reason": {"type": "string", "description": "Why it was placed there"},
+            "owner": {"type": "string"},
+            "submitted_at": {"type": "number", "description": "Unix seconds"},
+            "latency_ms": {**_NUM_OR_NULL, "description": "Submit to outcome"},
+        },
+    },
+    "Event": {
+        "type": "object",
+        "required": ["seq", "time", "kind", "node", "detail"],
+        "properties": {
+            "seq": {"type": "integer", "minimum": 1},
+            "time": {"type": "number", "description": "Unix seconds"},
+            "kind": {"type": "string", "description": (
+                "member_joined, member_alive, member_suspect, member_down, member_left, "
+                "member_updated, re_replication, under_replicated, task_retry, task_adopted")},
+            "node": {"type": "string"},
+            "detail": {"type": "string"},
+        },
+    },
+    "ThroughputPoint": {
+        "type": "object",
+        "required": ["t", "tasks_done_per_s", "latency_p50_ms", "latency_p99_ms"],
+        "properties": {
+            "t": {"type": "number", "description": "Unix seconds"},
+            "tasks_done_per_s": {"type": "number", "minimum": 0},
+            "latency_p50_ms": {**_NUM_OR_NULL, "description": "null: no task ended"},
+            "latency_p99_ms": _NUM_OR_NULL,
+        },
+    },
+}
+
+
+def _array_of(key: str, item: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": [key],
+        "properties": {key: {"type": "array",
+                             "items": {"$ref": f"#/components/schemas/{item}"}}},
+    }
+
+
+SCHEMAS["MembersResponse"] = _array_of("members", "Member")
+SCHEMAS["ObjectsResponse"] = _array_of("objects", "Object")
+SCHEMAS["TasksResponse"] = _array_of("tasks", "Task")
+SCHEMAS["EventsResponse"] = _array_of("events", "Event")
+SCHEMAS["ThroughputResponse"] = _array_of("points", "ThroughputPoint")
+SCHEMAS["Snapshot"] = {
+    "type": "object",
+    "required": ["node", "members", "throughput", "objects", "events"],
+    "properties": {
+        "node": {"$ref": "#/components/schemas/Node"},
+        "members": {"type": "array", "items": {"$ref": "#/components/schemas/Member"}},
+        "throughput": {"type": "array", "maxItems": 120,
+                       "items": {"$ref": "#/components/schemas/ThroughputPoint"}},
+        "objects": {"type": "array", "maxItems": 200,
+                    "items": {"$ref": "#/components/schemas/Object"}},
+        "events": {"type": "array", "maxItems": 50,
+                   "items": {"$ref": "#/components/schemas/Event"}},
+    },
+}
+
+PATH_SCHEMAS = {
+    "/api/v1/node": "Node",
+    "/api/v1/members": "MembersResponse",
+    "/api/v1/objects": "ObjectsResponse",
+    "/api/v1/tasks": "TasksResponse",
+    "/api/v1/events": "EventsResponse",
+    "/api/v1/throughput": "ThroughputResponse",
+    "/api/v1/snapshot": "Snapshot",
+}
+"""Every JSON endpoint and the schema of its 200 body (used by the tests too)."""
+
+_SUMMARIES = {
+    "/api/v1/node": "This node.",
+    "/api/v1/members": "Every member as this node sees it, with coordinates and load.",
+    "/api/v1/objects": "Objects in the mesh, their replica sets and holders.",
+    "/api/v1/tasks": "Tasks owned by this node, newest first, with placement reasons.",
+    "/api/v1/events": "Recent events (membership, re-replications, retries).",
+    "/api/v1/throughput": "Task throughput and latency, one point a second (last 300 s).",
+    "/api/v1/snapshot": "Everything the dashboard shows, in one body.",
+}
+
+
+def _limit_param(default: int) -> dict[str, Any]:
+    return {"name": "limit", "in": "query", "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": default}}
+
+
+_PARAMS: dict[str, list[dict[str, Any]]] = {
+    "/api/v1/objects": [_limit_param(200)],
+    "/api/v1/tasks": [_limit_param(200)],
+    "/api/v1/events": [{"name": "since", "in": "query", "required": False,
+                        "description": "Only events with a larger seq.",
+                        "schema": {"type": "integer", "minimum": 0, "default": 0}}],
+}
+
+_ERRORS: dict[str, Any] = {
+    "400": {"description": "Bad query parameter",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+    "401": {"description": "Missing or wrong bearer token",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+}
+
+
+def _operation(path: str, schema: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": _SUMMARIES[path],
+            "operationId": path.rsplit("/", 1)[-1],
+            "parameters": _PARAMS.get(path, []),
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": {"description": "OK", "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+                **_ERRORS,
+            },
+        }
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, Any] = {p: _operation(p, s) for p, s in PATH_SCHEMAS.items()}
+    paths["/api/v1/stream"] = {"get": {
+        "summary": "Server-sent events: `event: snapshot` with a Snapshot as data, once a "
+                   "second, until the client goes away.",
+        "operationId": "stream",
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": {"description": "text/event-stream of snapshot events",
+                    "content": {"text/event-stream": {
+                        "schema": {"type": "string"},
+                        "x-event-data": {"$ref": "#/components/schemas/Snapshot"}}}},
+            "401": _ERRORS["401"],
+            "503": {"description": "Too many streams open on this node",
+                    "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Error"}}}},
+        },
+    }}
+    paths["/api/v1/openapi.json"] = {"get": {
+        "summary": "This document.", "operationId": "openapi", "security": [],
+        "responses": {"200": {"description": "OpenAPI 3.1 document",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}},
+    }}
+    paths["/metrics"] = {"get": {
+        "summary": "Prometheus text format. Needs the token unless the node runs with "
+                   "--metrics-public.",
+        "operationId": "metrics",
+        "security": [{"bearer": []}, {}],
+        "responses": {"200": {"description": "Prometheus exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}},
+                      "401": _ERRORS["401"]},
+    }}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "meshscale node API",
+            "version": meshscale.__version__,
+            "description": "Every node serves the same API and can describe the whole mesh "
+                           "from its own view. Send the cluster's admin token as "
+                           "`Authorization: Bearer TOKEN` (`meshscale token --bundle DIR`).",
+        },
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
+        "paths": paths,
+        "components": {
+            "schemas": copy.deepcopy(SCHEMAS),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
