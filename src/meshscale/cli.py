@@ -442,6 +442,42 @@ def up_cmd(
     typer.echo("stopped", err=True)
 
 
+@app.command("top")
+def top_cmd(
+    http: Annotated[
+        str | None, typer.Option("--http", help="HOST:PORT of a node's HTTP API.")
+    ] = None,
+    mesh: Annotated[
+        Path | None, typer.Option("--mesh", help="mesh.json of `meshscale up` (any node).")
+    ] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option("--bundle", envvar=BUNDLE_ENV, help="Bundle with the admin token."),
+    ] = None,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.2, help="Seconds.")] = 1.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds.")] = 5.0,
+) -> None:
+    """Live view of the mesh from any node: members, load, task throughput, events."""
+    from meshscale.top import TopError, run_top, targets_from_mesh
+
+    try:
+        if (http is None) == (mesh is None):
+            raise TopError("give one of --http HOST:PORT or --mesh mesh.json", usage=True)
+        if mesh is not None:
+            addrs, mesh_bundle = targets_from_mesh(mesh)
+            bundle = bundle or mesh_bundle
+        else:
+            assert http is not None
+            addrs = [_parse_addr(http, "--http")]
+        if bundle is None:
+            raise TopError("--bundle DIR is needed for the token", usage=True)
+        run_top(addrs, load_bundle(bundle).token, once=once, interval=interval,
+                timeout=timeout)
+    except TopError as e:
+        raise CliError(str(e), USAGE_EXIT if e.usage else 1) from None
+
+
 # -- data plane: objects and KV -----------------------------------------------------------
 
 kv_app = _typer("Read and write the mesh's replicated key-value space.")
