@@ -17,6 +17,7 @@ if TYPE_CHECKING:
         MeshError,
         ObjectRef,
     )
+    from meshscale.client.streams import Record, Region, Regions
     from meshscale.client.tasks import (
         Future,
         TaskError,
@@ -36,6 +37,9 @@ __all__ = [
     "Mesh",
     "MeshError",
     "ObjectRef",
+    "Record",
+    "Region",
+    "Regions",
     "TaskError",
     "TaskSubmitError",
     "__version__",
@@ -50,6 +54,10 @@ _FROM_TASKS = frozenset({"Future", "TaskError", "TaskSubmitError", "as_completed
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("Record", "Region", "Regions"):
+        from meshscale.client import streams
+
+        return getattr(streams, name)
     if name in _FROM_TASKS:
         from meshscale.client import tasks
 

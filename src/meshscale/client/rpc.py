@@ -32,6 +32,10 @@ class RpcError(Exception):
     """An RPC failed: unreachable node, refused credentials, or an error reply."""
 
 
+class RemoteError(RpcError):
+    """The node answered, with an error (the connection is fine)."""
+
+
 @dataclass
 class ClientCredentials:
     ssl_context: ssl.SSLContext
@@ -103,7 +107,7 @@ class RpcConnection:
             await self.close()
             raise RpcError(f"{self.addr}: unexpected reply")
         if not msg.ok:
-            raise RpcError(f"{self.addr}: {msg.error}")
+            raise RemoteError(f"{self.addr}: {msg.error}")
         return msg.result
 
     async def close(self) -> None:

@@ -1,0 +1,438 @@
+"""Streams for users: publish records near where they are produced, run operators on
+them where the data is, subscribe to the results.
+
+    import meshscale
+    mesh = meshscale.connect("127.0.0.1:7946")
+    mesh.operator("sensors", detect, placement="near-source", output="alerts", batch=True)
+    s = mesh.stream("sensors")
+    s.publish("machine-7", {"temp": 81.5})
+    for rec in mesh.subscribe("alerts"):
+        print(rec.key, rec.value)
+
+A record is ``(key, value, id, ts)``: ``value`` is anything msgpack can carry (dict, list,
+str, int, float, bool, bytes, None; NumPy scalars and arrays are converted with
+``tolist()``), ``id`` is unique per record (made for you if not given), ``ts`` is when it
+was produced. Delivery is at-least-once: after a failure a record may come twice, with
+the same id; ``Subscription`` drops repeats it has seen (bounded memory of ids).
+
+``publish`` returns once the record is buffered; a background sender ships batches to
+the node and the node acknowledges once two nodes hold them. When the node's shard has
+no room (its operator is slower than the producer) the node holds its answer, the buffer
+fills, and ``publish`` blocks: a fast producer is slowed, never dropped. When the node
+dies the sender moves to the nearest other node and re-sends what was not acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+import msgspec
+
+from meshscale.client.mesh import MeshError
+from meshscale.client.rpc import RemoteError, RpcConnection, RpcError
+
+if TYPE_CHECKING:
+    from meshscale.client.mesh import Mesh
+
+__all__ = ["Operator", "Record", "Region", "Regions", "Stream", "StreamsMixin",
+           "Subscription"]
+
+
+class Record(msgspec.Struct, frozen=True):
+    key: str
+    value: Any
+    id: str
+    ts: float
+    """When the record was produced (seconds since the epoch, the producer's clock)."""
+    topic: str = ""
+    source: str = ""
+    """The node the record's shard belongs to (where it entered the mesh)."""
+    offset: int = -1
+
+
+class Region(msgspec.Struct, frozen=True):
+    """``placement=Region("cloud")``: run in this one region (central placement)."""
+
+    name: str
+
+
+class Regions(msgspec.Struct, frozen=True):
+    """``placement=Regions(["eu-west", "eu-central"])``: run in one of these regions."""
+
+    names: list[str]
+
+
+def _enc_hook(obj: Any) -> Any:
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"cannot encode a {type(obj).__name__} in a record (use plain values)")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_decoder = msgspec.msgpack.Decoder()
+
+
+def encode_value(value: Any) -> bytes:
+    try:
+        return _encoder.encode(value)
+    except (TypeError, msgspec.EncodeError) as e:
+        raise ValueError(f"cannot encode record value: {e}") from None
+
+
+def _make_operator_call(fn: Callable[..., Any], batch: bool) -> Callable[[list[Any]], Any]:
+    """What the worker runs on a batch of ``[key, value bytes, id, ts]``: returns
+    ``[(index, value bytes)]`` for the records that produced an output (None = none)."""
+
+    def _meshscale_operator(rows: list[Any]) -> list[tuple[int, bytes]]:
+        from meshscale.client.streams import Record as _Record
+        from meshscale.client.streams import _decoder as _dec
+        from meshscale.client.streams import encode_value as _encode
+
+        records = [_Record(k, _dec.decode(v), rid, ts) for k, v, rid, ts in rows]
+        if batch:
+            results = list(fn(records))
+            if len(results) != len(records):
+                raise ValueError(f"a batch operator must return one value per record "
+                                 f"({len(records)}), it returned {len(results)}")
+        else:
+            results = [fn(r) for r in records]
+        return [(i, _encode(v)) for i, v in enumerate(results) if v is not None]
+
+    _meshscale_operator.__name__ = getattr(fn, "__name__", "operator")
+    return _meshscale_operator
+
+
+def _pickle_operator(fn: Callable[..., Any], batch: bool) -> bytes:
+    from meshscale.client.tasks import TaskSubmitError, _by_value
+
+    if not callable(fn):
+        raise TaskSubmitError(f"{fn!r} is not callable")
+    import sys
+
+    module_name = getattr(fn, "__module__", None) or "__main__"
+    mod = sys.modules.get(module_name)
+    registered = False
+    if module_name != "__main__" and mod is not None and _by_value(module_name):
+        with contextlib.suppress(ValueError):
+            cloudpickle.register_pickle_by_value(mod)
+            registered = True
+    try:
+        data: bytes = cloudpickle.dumps(_make_operator_call(fn, batch), protocol=5)
+        return data
+    except Exception as e:
+        raise TaskSubmitError(f"cannot pickle operator {getattr(fn, '__name__', fn)!r}: "
+                              f"{type(e).__name__}: {e}") from None
+    finally:
+        if registered:
+            with contextlib.suppress(ValueError):
+                cloudpickle.unregister_pickle_by_value(mod)
+
+
+class _Failover:
+    """The node a stream client talks to, and where it goes when that node fails: the
+    other members, nearest first (same zone, same region, then the rest)."""
+
+    def __init__(self, mesh: Mesh, timeout: float) -> None:
+        self.mesh = mesh
+        self.creds = mesh._inner._conn.creds
+        self.timeout = timeout
+        self.order: list[str] = [mesh.address]
+        self.index = 0
+        self.conn = RpcConnection(mesh.address, self.creds, timeout)
+
+    async def learn(self) -> None:
+        with contextlib.suppress(RpcError):
+            members = await self.conn.call("members")
+            me = next((m for m in members if m["address"] == self.order[0]), None)
+
+            def rank(m: dict[str, Any]) -> tuple[int, str]:
+                if me is None:
+                    return (3, m["name"])
+                if m["region"] == me["region"] and m["zone"] == me["zone"]:
+                    return (1, m["name"])
+                return (2 if m["region"] == me["region"] else 3, m["name"])
+
+            others = sorted((m for m in members if m["address"] != self.order[0]
+                             and m["state"] in ("alive", "suspect")), key=rank)
+            self.order = [self.order[0], *[m["address"] for m in others]]
+
+    async def call(self, method: str, args: dict[str, Any], attempts: int = 0) -> Any:
+        """Call on the current node; on a connection failure move to the next one and try
+        again (up to every known node once). Errors the node answered are raised as is."""
+        tries = max(attempts, len(self.order))
+        last: Exception | None = None
+        for _ in range(tries):
+            try:
+                return await self.conn.call(method, args)
+            except RpcError as e:
+                if not _is_connection_error(e):
+                    raise
+                last = e
+                await self.conn.close()
+                self.index = (self.index + 1) % len(self.order)
+                self.conn = RpcConnection(self.order[self.index], self.creds, self.timeout)
+        raise MeshError(f"no node answered {method}: {last}")
+
+    @property
+    def address(self) -> str:
+        return self.order[self.index]
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+def _is_connection_error(e: RpcError) -> bool:
+    """The node could not be reached or went away (not: it answered with an error)."""
+    return not isinstance(e, RemoteError)
+
+
+class Stream:
+    """A producer handle for one topic (see the module docstring)."""
+
+    def __init__(self, mesh: Mesh, topic: str, *, residency: Sequence[str] | None = None,
+                 linger_s: float = 0.002, max_batch: int = 512, max_buffer: int = 10_000,
+                 timeout: float = 60.0) -> None:
+        if not topic or "/" in topic:
+            raise ValueError(f"invalid topic {topic!r}")
+        if max_buffer < 1 or max_batch < 1:
+            raise ValueError("max_buffer and max_batch must be positive")
+        self.mesh = mesh
+        self.topic = topic
+        self.residency = None if residency is None else sorted(residency)
+        self.linger_s = linger_s
+        self.max_batch = max_batch
+        self.max_buffer = max_buffer
+        self._buf: deque[list[Any]] = deque()
+        self._inflight = 0
+        self._cv = threading.Condition()
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid():x}-{time.time_ns():x}-{id(self):x}"
+        self._error: BaseException | None = None
+        self._closed = False
+        self.acked = 0
+        self.failovers = 0
+        self.nodes_used: list[str] = []
+        loop = mesh._runner.loop
+        self._wake = asyncio.Event()
+        self._route = _Failover(mesh, timeout)
+        mesh._run(self._route.learn())
+        self._sender = asyncio.run_coroutine_threadsafe(self._send_loop(), loop)
+
+    @property
+    def node(self) -> str:
+        """The address of the node records enter through now."""
+        return self._route.address
+
+    def publish(self, key: str, value: Any, id: str | None = None,
+                ts: float | None = None) -> str:
+        """Buffer one record; blocks while the buffer is full (backpressure)."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, not {type(key).__name__}")
+        rid = id if id is not None else f"{self._prefix}-{next(self._ids)}"
+        row = [key, encode_value(value), rid, time.time() if ts is None else float(ts)]
+        with self._cv:
+            while len(self._buf) + self._inflight >= self.max_buffer:
+                self._raise_if_failed()
+                self._cv.wait(0.5)
+            self._raise_if_failed()
+            self._buf.append(row)
+            kick = len(self._buf) == 1
+        if kick:
+            self.mesh._runner.loop.call_soon_threadsafe(self._wake.set)
+        return rid
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise MeshError(f"stream {self.topic!r}: {self._error}")
+        if self._closed:
+            raise MeshError(f"stream {self.topic!r} is closed")
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every published record is acknowledged by the mesh."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._buf or self._inflight:
+                self._raise_if_failed()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"{len(self._buf) + self._inflight} records not "
+                                       f"acknowledged after {timeout}s")
+                self._cv.wait(0.1 if left is None else min(left, 0.1))
+            self._raise_if_failed()
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._buf) + self._inflight
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.flush(timeout=30.0)
+        with self._cv:
+            self._closed = True
+        self.mesh._runner.loop.call_soon_threadsafe(self._wake.set)
+        with contextlib.suppress(Exception):
+            self._sender.result(timeout=5.0)
+        with contextlib.suppress(Exception):
+            self.mesh._run(self._route.close())
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _send_loop(self) -> None:
+        while True:
+            with self._cv:
+                batch = [self._buf.popleft() for _ in range(min(self.max_batch, len(self._buf)))]
+                self._inflight = len(batch)
+                closed = self._closed
+            if not batch:
+                if closed:
+                    return
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                if self.linger_s:
+                    await asyncio.sleep(self.linger_s)
+                continue
+            while True:
+                before = self._route.address
+                try:
+                    r = await self._route.call("stream.publish", {
+                        "topic": self.topic, "records": batch, "residency": self.residency})
+                    break
+                except MeshError as e:
+                    if "backpressure" in str(e):
+                        continue  # the node's wait ran out: ask again, keep the records
+                    with self._cv:
+                        self._error = e
+                        self._buf.extendleft(reversed(batch))
+                        self._inflight = 0
+                        self._cv.notify_all()
+                    return
+                except RpcError as e:
+                    if "backpressure" in str(e):
+                        continue
+                    with self._cv:
+                        self._error = MeshError(str(e))
+                        self._buf.extendleft(reversed(batch))
+                        self._inflight = 0
+                        self._cv.notify_all()
+                    return
+                finally:
+                    if self._route.address != before:
+                        self.failovers += 1
+            node = str(r.get("node"))
+            if not self.nodes_used or self.nodes_used[-1] != node:
+                self.nodes_used.append(node)
+            with self._cv:
+                self.acked += len(batch)
+                self._inflight = 0
+                self._cv.notify_all()
+
+
+class Subscription:
+    """Records of a topic from every shard, at least once, repeats dropped by id."""
+
+    def __init__(self, mesh: Mesh, topic: str, *, remember: int = 200_000,
+                 timeout: float = 30.0) -> None:
+        self.mesh = mesh
+        self.topic = topic
+        self.cursors: dict[str, int] = {}
+        self.duplicates = 0
+        self.received = 0
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._remember = remember
+        self._route = _Failover(mesh, timeout)
+        mesh._run(self._route.learn())
+
+    def poll(self, timeout: float = 1.0, max_records: int = 1000) -> list[Record]:
+        """Records that arrived since the last poll (waits up to ``timeout`` for one)."""
+        return self.mesh._run(self._poll(timeout, max_records))
+
+    async def _poll(self, timeout: float, max_records: int) -> list[Record]:
+        r = await self._route.call("stream.read", {
+            "topic": self.topic, "cursors": self.cursors, "limit": max_records,
+            "wait_s": max(0.0, min(timeout, 5.0))})
+        out: list[Record] = []
+        for source, off, key, raw, rid, ts in r["records"]:
+            if off + 1 > self.cursors.get(source, 0):
+                self.cursors[source] = off + 1
+            self.received += 1
+            if rid in self._seen:
+                self.duplicates += 1
+                continue
+            self._seen[rid] = None
+            if len(self._seen) > self._remember:
+                self._seen.popitem(last=False)
+            out.append(Record(key, _decoder.decode(raw), rid, ts, self.topic, source, off))
+        return out
+
+    def __iter__(self) -> Iterator[Record]:
+        while True:
+            yield from self.poll(timeout=1.0)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.mesh._run(self._route.close())
+
+
+class Operator(msgspec.Struct, frozen=True):
+    name: str
+    topic: str
+    output: str | None
+    placement: str
+    region: str | None
+
+
+class StreamsMixin:
+    """``stream`` / ``operator`` / ``subscribe`` on a blocking ``Mesh``."""
+
+    def stream(self, topic: str, *, residency: Sequence[str] | None = None,
+               max_buffer: int = 10_000) -> Stream:
+        """A producer for ``topic``; records enter the mesh at this mesh's node."""
+        return Stream(self, topic, residency=residency, max_buffer=max_buffer)  # type: ignore[arg-type]
+
+    def subscribe(self, topic: str) -> Subscription:
+        """Read ``topic`` from its start (what the mesh still retains), every shard."""
+        return Subscription(self, topic)  # type: ignore[arg-type]
+
+    def operator(self, topic: str, fn: Callable[..., Any], *,
+                 placement: str | Region | Regions = "near-source",
+                 output: str | None = None, name: str | None = None, batch: bool = False,
+                 batch_size: int = 256, residency: Sequence[str] | None = None,
+                 labels: dict[str, str] | None = None) -> Operator:
+        """Run ``fn`` on every record of ``topic`` (``fn(record) -> value | None``, or with
+        ``batch=True`` ``fn(list_of_records) -> list_of_values``); non-None results go to
+        ``output``. ``placement``: "near-source" (on or next to the node where records
+        enter), "central" (the region with the most nodes), ``Region(name)`` or
+        ``Regions([...])``. Raises ``MeshError`` naming the rule when nowhere fits."""
+        mode, region, regions = "near-source", None, None
+        if isinstance(placement, Region):
+            mode, region = "central", placement.name
+        elif isinstance(placement, Regions):
+            mode, regions = "regions", list(placement.names)
+        elif placement == "central":
+            mode = "central"
+        elif placement != "near-source":
+            raise ValueError(f"placement must be 'near-source', 'central', Region(...) or "
+                             f"Regions([...]), not {placement!r}")
+        data = _pickle_operator(fn, batch)
+        op_name = name or f"{getattr(fn, '__name__', 'operator')}-{topic}"
+        mesh: Mesh = self  # type: ignore[assignment]
+        r = mesh._run(mesh._inner._call_dict("stream.op_register", {
+            "name": op_name, "topic": topic, "output": output, "mode": mode, "region": region,
+            "regions": regions, "residency": None if residency is None else list(residency),
+            "labels": dict(labels or {}), "fn_bytes": data, "batch": batch_size}))
+        return Operator(op_name, topic, output, str(r["mode"]), r.get("region"))

@@ -1,0 +1,320 @@
+"""Streams: where an operator runs, who keeps a copy of a shard, and the bounded shard log.
+
+A stream is a topic of records ``(key, value, id, ts)``. A record enters the mesh at the
+node its producer talks to (its nearest node), and is appended to that node's *shard* of
+the topic: shard ``(topic, source)`` where ``source`` is the entry node. One operator
+instance per (operator, shard) reads the shard in offset order, so the records of a key
+(which a producer always sends through the same node while that node lives) keep their
+order. The model is the partitioned log of Kreps, Narkhede and Rao, "Kafka: a Distributed
+Messaging System for Log Processing", NetDB 2011, with placement taken from the mesh
+instead of from a controller. Departures, and why:
+
+- No partition leader elected by a controller: the shard's *primary* is its source node,
+  and its one *backup* is the node that near-source placement would pick if the source
+  died (``backup_for``). Every node computes both from its own view, so there is no
+  metadata service. When the source dies the backup holds the copy and serves the shard,
+  and a near-source operator for it moves to that same node: the records and the work
+  that reads them fail over together.
+- Acknowledgement at two copies (primary + backup), in memory. A record acked to its
+  producer survives the loss of either node, not of both at once; the shard log is not
+  written to disk (it is bounded, and its consumers' positions are checkpointed in the
+  replicated KV, so what a restarted operator needs is the unprocessed tail).
+- Operators are placed by the same rules as tasks (``core.scheduling.feasible``: the
+  residency rule, the mode ``near-source`` / ``central`` / ``regions``, labels,
+  resources), then ranked deterministically so that every node agrees on one runner per
+  (operator, shard) without talking: near-source by topological distance to the source
+  (the source itself, its zone, its region, then elsewhere), the others by rendezvous
+  (HRW) weight of the shard key. Vivaldi coordinates are not used here because they
+  differ slightly from node to node and two runners would result. While views disagree
+  two nodes may briefly both run an instance: delivery is at-least-once by design, and
+  record ids let consumers drop the duplicates.
+- Credit is the log's free room: a shard accepts appends only while the records not yet
+  committed by its slowest operator stay under ``max_backlog`` (and the log under its
+  byte bound), so a producer faster than its operator is slowed, never dropped. A shard
+  with no operator (a pure output topic) is bounded by retention instead: the oldest
+  records beyond ``max_records`` are evicted and counted.
+
+Sans-I/O: no clock, no sockets. The runtime (``runtime/streams.py``) drives it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from meshscale.core.placement import Candidate, PlacementError, Residency, hrw_score
+from meshscale.core.scheduling import (
+    Central,
+    InRegions,
+    NearSource,
+    NodeState,
+    PlacementMode,
+    Resources,
+    SchedulingError,
+    TaskSpec,
+    feasible,
+)
+
+__all__ = [
+    "LogEntry",
+    "OperatorPlacement",
+    "ShardLog",
+    "ShardLogConfig",
+    "backup_for",
+    "distance_class",
+    "place_operator",
+    "shard_key",
+]
+
+
+def shard_key(topic: str, source: str) -> str:
+    """The name of shard ``(topic, source)``, used as its HRW key."""
+    return f"{topic}\0{source}"
+
+
+def distance_class(node: Candidate, source: Candidate) -> int:
+    """0 the source itself, 1 same zone, 2 same region, 3 elsewhere."""
+    if node.name == source.name:
+        return 0
+    if node.region == source.region and node.zone == source.zone:
+        return 1
+    if node.region == source.region:
+        return 2
+    return 3
+
+
+@dataclass(frozen=True)
+class OperatorPlacement:
+    """What an operator asks of the node that runs it."""
+
+    name: str
+    mode: PlacementMode | None = None
+    """``None`` means near-source (the default for operators); else Central / InRegions."""
+    residency: Residency | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    cpus: float = 1.0
+
+
+def _near_rank(source: Candidate, key: str) -> Callable[[NodeState], tuple[int, int, str]]:
+    def rank(n: NodeState) -> tuple[int, int, str]:
+        return (distance_class(n.member, source), -hrw_score(key, n.name), n.name)
+
+    return rank
+
+
+def place_operator(
+    op: OperatorPlacement, topic: str, source: Candidate, alive: Sequence[NodeState]
+) -> str:
+    """The node that runs ``op`` on shard ``(topic, source)``, from the view ``alive``.
+
+    ``source`` may be missing from ``alive`` (it died): near-source placement then picks
+    the nearest allowed node, which is the shard's backup. Raises ``SchedulingError``
+    naming the rule when no live node may run it.
+    """
+    key = shard_key(topic, source.name)
+    mode = op.mode if op.mode is not None else NearSource(source.name)
+    spec = TaskSpec(
+        task_id=f"operator {op.name} on {source.name}",
+        cpus=op.cpus,
+        labels=dict(op.labels),
+        residency=op.residency,
+        placement=mode,
+    )
+    nodes = feasible(spec, alive)
+    if isinstance(mode, NearSource):
+        best = min(nodes, key=_near_rank(source, key))
+        return best.name
+    assert isinstance(mode, Central | InRegions)
+    return max(nodes, key=lambda n: (hrw_score(key, n.name), n.name)).name
+
+
+def backup_for(
+    topic: str, source: Candidate, alive: Iterable[Candidate], residency: Residency | None
+) -> str | None:
+    """The node that keeps the second copy of shard ``(topic, source)``: the nearest other
+    live node the topic's residency allows (zone, then region, then anywhere; HRW breaks
+    ties). ``None`` when there is none (a one-node mesh, or a rule that allows only the
+    source's region and nobody else lives there)."""
+    key = shard_key(topic, source.name)
+    best: tuple[int, int, str] | None = None
+    for n in alive:
+        if n.name == source.name or (residency is not None and not residency.allows(n.region)):
+            continue
+        rank = (distance_class(n, source), -hrw_score(key, n.name), n.name)
+        if best is None or rank < best:
+            best = rank
+    return None if best is None else best[2]
+
+
+def candidates_to_states(alive: Iterable[Candidate], cpus: float = 1.0) -> list[NodeState]:
+    """A view for ``place_operator`` when the caller has only membership entries."""
+    return [NodeState(member=c, capacity=Resources(cpus, 0, 0)) for c in alive]
+
+
+# --------------------------------------------------------------------------- shard log
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    offset: int
+    key: str
+    value: bytes
+    """The record's value, encoded by the producer (opaque here)."""
+    rid: str
+    """The record id: producers and operators derive it so a replay repeats it."""
+    ts: float
+    """When the record was produced (the producer's clock): end-to-end latency."""
+
+    @property
+    def size(self) -> int:
+        return len(self.value) + len(self.key) + len(self.rid) + 24
+
+
+@dataclass(frozen=True)
+class ShardLogConfig:
+    max_backlog: int = 2_000
+    """Records appended but not yet committed by the slowest operator of the topic."""
+    max_records: int = 20_000
+    """Retention: records kept in all (committed ones are dropped oldest first)."""
+    max_bytes: int = 64 * 1024 * 1024
+    """Bytes kept in all; appends beyond it wait like a full backlog."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_backlog <= self.max_records:
+            raise ValueError("need 1 <= max_backlog <= max_records")
+        if self.max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+
+
+class ShardLog:
+    """One shard of a topic: an append-only, bounded, in-memory log with offsets.
+
+    The primary appends and assigns offsets; the backup applies the primary's entries at
+    the same offsets (``apply``). Consumers read from an offset; operators commit one
+    (``commit``), which frees room. Retention drops the oldest records once every
+    registered operator committed them, or once ``max_records`` is exceeded when the
+    topic has no operator (counted in ``evicted``)."""
+
+    def __init__(self, topic: str, source: str, config: ShardLogConfig | None = None) -> None:
+        self.topic = topic
+        self.source = source
+        self.config = config or ShardLogConfig()
+        self.base = 0
+        """Offset of the first entry still held."""
+        self.entries: deque[LogEntry] = deque()
+        self.bytes = 0
+        self.committed: dict[str, int] = {}
+        """Operator name -> the next offset it still needs."""
+        self.evicted = 0
+        self.appended = 0
+
+    @property
+    def head(self) -> int:
+        """The offset the next record gets."""
+        return self.base + len(self.entries)
+
+    def low_water(self) -> int | None:
+        """The smallest committed offset over the operators, or None if there are none."""
+        return min(self.committed.values()) if self.committed else None
+
+    def backlog(self) -> int:
+        low = self.low_water()
+        return 0 if low is None else self.head - max(low, self.base)
+
+    def room(self) -> int:
+        """How many more records may be appended now (0 = the producer must wait)."""
+        cfg = self.config
+        if self.bytes >= cfg.max_bytes:
+            return 0
+        if self.low_water() is None:
+            return cfg.max_backlog  # retention evicts; never blocks a consumer-less topic
+        return max(0, cfg.max_backlog - self.backlog())
+
+    def append(self, records: Sequence[tuple[str, bytes, str, float]]) -> list[LogEntry]:
+        """Append ``(key, value, rid, ts)`` records; the caller checked ``room()``."""
+        out = []
+        for key, value, rid, ts in records:
+            e = LogEntry(self.head, key, value, rid, ts)
+            self.entries.append(e)
+            self.bytes += e.size
+            out.append(e)
+        self.appended += len(out)
+        self._retain()
+        return out
+
+    def apply(self, entries: Iterable[LogEntry]) -> int:
+        """Backup side: apply the primary's entries; returns how many were new.
+
+        Entries at or below the head are already here (a resend) and are skipped; a gap
+        (the primary's base moved past our head) restarts the copy at that offset."""
+        n = 0
+        for e in entries:
+            if e.offset < self.head:
+                continue
+            if e.offset > self.head:
+                self.entries.clear()
+                self.bytes = 0
+                self.base = e.offset
+            self.entries.append(e)
+            self.bytes += e.size
+            n += 1
+        self.appended += n
+        self._retain()
+        return n
+
+    def read(self, offset: int, limit: int, max_bytes: int = 4 * 1024 * 1024) -> list[LogEntry]:
+        """Entries from ``offset`` (clamped up to the oldest held), at most ``limit``."""
+        start = max(offset, self.base) - self.base
+        out: list[LogEntry] = []
+        size = 0
+        for i in range(start, min(len(self.entries), start + limit)):
+            e = self.entries[i]
+            if out and size + e.size > max_bytes:
+                break
+            out.append(e)
+            size += e.size
+        return out
+
+    def register(self, operator: str, offset: int | None = None) -> None:
+        """An operator consumes this shard; it starts at ``offset`` (default: the oldest
+        record still held)."""
+        if operator not in self.committed:
+            self.committed[operator] = self.base if offset is None else offset
+
+    def commit(self, operator: str, offset: int) -> None:
+        """``operator`` has durably processed everything before ``offset``."""
+        assert offset >= 0
+        prev = self.committed.get(operator)
+        if prev is None or offset > prev:
+            self.committed[operator] = min(offset, self.head)
+        self._retain()
+
+    def _retain(self) -> None:
+        low = self.low_water()
+        cfg = self.config
+        while self.entries and low is not None and self.entries[0].offset < low:
+            self._drop_oldest()
+        while len(self.entries) > cfg.max_records:
+            if low is not None and self.entries[0].offset >= low:
+                break  # never evict what an operator still needs; room() blocks instead
+            self._drop_oldest()
+            self.evicted += 1
+
+    def _drop_oldest(self) -> None:
+        e = self.entries.popleft()
+        self.bytes -= e.size
+        self.base = e.offset + 1
+
+
+def check_source_allowed(topic: str, region: str, residency: Residency | None) -> None:
+    """Refuse a record entering ``topic`` at a node of ``region`` that its rule forbids."""
+    if residency is not None and not residency.allows(region):
+        raise PlacementError(
+            "residency",
+            f"topic {topic!r} may not enter the mesh in region {region!r}: "
+            f"its {residency.describe()}",
+        )
+
+
+__all__ += ["SchedulingError", "candidates_to_states", "check_source_allowed"]

@@ -1,0 +1,770 @@
+"""The node's stream plane: shard logs, their backups, operator runners and subscriptions.
+
+The decisions are ``core.streams``'s (which node runs an operator on a shard, which node
+backs a shard up, how much a shard may hold); this module moves the records:
+
+- ``stream.publish`` (a producer, through its nearest node): the records are appended to
+  this node's shard of the topic once the shard has room (credit: the producer's call
+  waits, bounded by ``publish_wait_s``), copied to the shard's backup and acknowledged
+  when both hold them. A node the topic's residency rule forbids refuses, naming it.
+- Operators are registered once (``stream.op_register``: spec in the replicated KV under
+  ``streamop/<name>``, the pickled function as a replicated object, a notice to every live
+  node). Every ``reconcile_interval_s`` each node starts a *runner* for each (operator,
+  shard) that ``core.streams.place_operator`` gives to it, and stops the ones it no longer
+  owns. A runner resumes from the offset checkpointed in the KV
+  (``streamoff/<operator>/<source>``), long-polls the shard's holder (``stream.fetch``: the
+  source, or its backup once the source is dead), runs the function on a batch in the warm
+  worker pool, appends the outputs to its own shard of the output topic (ids derived from
+  the input ids, so a replay repeats them), then commits the offset.
+- Subscriptions (``stream.read``): the node follows every shard of the topic into a
+  bounded local mirror and answers reads from it by per-shard cursors, so a subscriber
+  long-polls one node.
+
+Every send to a node in another region is held for the emulated one-way delay when the
+mesh runs with ``--latency`` (``meshscale up`` / the demo), and its payload bytes are
+counted per topic in ``cross_region_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.core.membership import State
+from meshscale.core.placement import Candidate, PlacementError, Residency
+from meshscale.core.scheduling import (
+    Central,
+    InRegions,
+    NodeState,
+    PlacementMode,
+    Resources,
+    SchedulingError,
+)
+from meshscale.core.streams import (
+    LogEntry,
+    OperatorPlacement,
+    ShardLog,
+    ShardLogConfig,
+    backup_for,
+    check_source_allowed,
+    place_operator,
+)
+from meshscale.runtime.workers import TaskFailed, pickle_args
+
+if TYPE_CHECKING:
+    from meshscale.runtime.node import NodeAgent
+
+OP_PREFIX = "streamop/"
+OFFSET_PREFIX = "streamoff/"
+OPS_INDEX_KEY = "streamops"
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    max_topics: int = 256
+    max_operators: int = 64
+    max_record_bytes: int = 256 * 1024
+    max_publish_records: int = 2_048
+    publish_wait_s: float = 30.0
+    """How long a publish waits for room before it is refused (the producer retries)."""
+    batch_records: int = 256
+    fetch_wait_s: float = 0.5
+    follow_wait_s: float = 0.5
+    read_wait_max_s: float = 5.0
+    checkpoint_interval_s: float = 0.25
+    reconcile_interval_s: float = 0.5
+    rpc_timeout_s: float = 15.0
+    operator_timeout_s: float = 60.0
+    follower_idle_s: float = 30.0
+    mirror_records: int = 20_000
+    log: ShardLogConfig = field(default_factory=ShardLogConfig)
+
+
+@dataclass
+class OperatorSpec:
+    name: str
+    topic: str
+    output: str | None
+    mode: str
+    region: str | None
+    regions: list[str] | None
+    residency: list[str] | None
+    labels: dict[str, str]
+    fn_id: str
+    fn_object: str
+    batch: int
+
+    def placement(self) -> OperatorPlacement:
+        mode: PlacementMode | None = None
+        if self.mode == "central":
+            assert self.region is not None
+            mode = Central(self.region)
+        elif self.mode == "regions":
+            mode = InRegions(frozenset(self.regions or []))
+        res = None if self.residency is None else Residency(frozenset(self.residency))
+        return OperatorPlacement(self.name, mode, res, dict(self.labels))
+
+
+_spec_encoder = msgspec.msgpack.Encoder()
+
+
+def _spec_from(d: dict[str, Any]) -> OperatorSpec:
+    return OperatorSpec(
+        name=str(d["name"]), topic=str(d["topic"]),
+        output=None if d.get("output") is None else str(d["output"]),
+        mode=str(d.get("mode") or "near-source"),
+        region=None if d.get("region") is None else str(d["region"]),
+        regions=None if d.get("regions") is None else [str(r) for r in d["regions"]],
+        residency=None if d.get("residency") is None else [str(r) for r in d["residency"]],
+        labels={str(k): str(v) for k, v in (d.get("labels") or {}).items()},
+        fn_id=str(d["fn_id"]), fn_object=str(d["fn_object"]),
+        batch=max(1, min(int(d.get("batch") or 256), 4096)),
+    )
+
+
+def _spec_dict(s: OperatorSpec) -> dict[str, Any]:
+    return {"name": s.name, "topic": s.topic, "output": s.output, "mode": s.mode,
+            "region": s.region, "regions": s.regions, "residency": s.residency,
+            "labels": s.labels, "fn_id": s.fn_id, "fn_object": s.fn_object, "batch": s.batch}
+
+
+def _check_name(what: str, value: object, limit: int = 200) -> str:
+    if not isinstance(value, str) or not value or len(value) > limit or "\0" in value \
+            or "/" in value:
+        raise ValueError(f"{what} must be a non-empty string of at most {limit} characters "
+                         f"without '/' (got {value!r})")
+    return value
+
+
+def _entry_wire(e: LogEntry) -> list[Any]:
+    return [e.offset, e.key, e.value, e.rid, e.ts]
+
+
+def _entry_from(w: Any) -> LogEntry:
+    off, key, value, rid, ts = w
+    return LogEntry(int(off), str(key), bytes(value), str(rid), float(ts))
+
+
+class StreamPlane:
+    def __init__(self, agent: NodeAgent, config: StreamConfig | None = None) -> None:
+        self.agent = agent
+        self.cfg = config or StreamConfig()
+        self.logs: dict[tuple[str, str], ShardLog] = {}
+        self.mirrors: dict[tuple[str, str], ShardLog] = {}
+        self.topic_residency: dict[str, Residency | None] = {}
+        self.ops: dict[str, OperatorSpec] = {}
+        self._fn_bytes: dict[str, bytes] = {}
+        self.runners: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.followers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._follow_used: dict[str, float] = {}
+        self.stats: Counter[str] = Counter()
+        self.cross_region_bytes: Counter[str] = Counter()
+        self.op_stats: dict[str, Counter[str]] = {}
+        self._changed = asyncio.Condition()
+        self._conns: dict[tuple[str, str], RpcConnection] = {}
+        self._creds: ClientCredentials | None = None
+        self._known: dict[str, Candidate] = {}
+        self._backup_of: dict[tuple[str, str], str | None] = {}
+        self._repl_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._sent: dict[tuple[str, str, str], int] = {}
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        a = self.agent
+        self._creds = ClientCredentials.from_bundle(a.bundle)
+        for name, fn in {
+            "stream.publish": self._rpc_publish,
+            "stream.replicate": self._rpc_replicate,
+            "stream.fetch": self._rpc_fetch,
+            "stream.read": self._rpc_read,
+            "stream.op_register": self._rpc_op_register,
+            "stream.op_notify": self._rpc_op_notify,
+            "stream.op_list": self._rpc_op_list,
+            "stream.stats": self._rpc_stats,
+        }.items():
+            a.register_rpc(name, fn)
+        a._spawn(self._reconcile_loop())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in [*self.runners.values(), *self.followers.values()]:
+            t.cancel()
+        for conn in list(self._conns.values()):
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    # ------------------------------------------------------------------ view
+
+    def _alive(self) -> list[Candidate]:
+        out = []
+        for m in self.agent.m.members.values():
+            c = Candidate(m.name, m.meta.region, m.meta.zone, dict(m.meta.labels))
+            self._known[m.name] = c
+            if m.state <= State.SUSPECT:
+                out.append(c)
+        return out
+
+    def _states(self, alive: list[Candidate]) -> list[NodeState]:
+        return [NodeState(member=c, capacity=Resources(1e6, 1 << 40, 1 << 16)) for c in alive]
+
+    def _holder(self, topic: str, source: str, alive: list[Candidate]) -> str | None:
+        """Who serves shard (topic, source): the source while it lives, else its backup."""
+        if any(c.name == source for c in alive):
+            return source
+        src = self._known.get(source)
+        if src is None:
+            return None
+        return backup_for(topic, src, alive, self.topic_residency.get(topic))
+
+    def _region_of(self, name: str) -> str | None:
+        m = self.agent.m.members.get(name)
+        return None if m is None else m.meta.region
+
+    # ------------------------------------------------------------------ calls
+
+    def _conn(self, name: str, purpose: str) -> RpcConnection:
+        m = self.agent.m.members.get(name)
+        if m is None:
+            raise RpcError(f"{name}: not a member")
+        key = (name, purpose)
+        conn = self._conns.get(key)
+        if conn is None or conn.addr != m.addr:
+            assert self._creds is not None
+            conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s)
+            self._conns[key] = conn
+        return conn
+
+    async def _call(self, name: str, method: str, args: dict[str, Any], *,
+                    purpose: str = "ctl", topic: str | None = None,
+                    payload_bytes: int = 0) -> Any:
+        """Call ``method`` on node ``name`` (directly when it is this node). Sends to
+        another region wait the emulated one-way delay each way and are counted."""
+        if name == self.agent.name:
+            result = self.agent._rpc[method](args)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        m = self.agent.m.members.get(name)
+        cross = m is not None and m.meta.region != self.agent.meta.region
+        delay = self.agent._delay_to(m.addr) if m is not None else 0.0
+        if delay:
+            await asyncio.sleep(delay)
+        result = await self._conn(name, purpose).call(method, args)
+        if delay:
+            await asyncio.sleep(delay)
+        if cross and topic is not None:
+            got = 0
+            if isinstance(result, dict):
+                for w in result.get("entries") or ():
+                    got += len(w[2]) + len(w[1]) + len(w[3]) + 24
+            if payload_bytes + got:
+                self.cross_region_bytes[topic] += payload_bytes + got
+        return result
+
+    # ------------------------------------------------------------------ publish
+
+    def _log(self, topic: str, source: str) -> ShardLog:
+        key = (topic, source)
+        log = self.logs.get(key)
+        if log is None:
+            if len({t for t, _ in self.logs}) >= self.cfg.max_topics and \
+                    topic not in {t for t, _ in self.logs}:
+                raise ValueError(f"this node already holds {self.cfg.max_topics} topics "
+                                 "(max_topics)")
+            log = ShardLog(topic, source, self.cfg.log)
+            for op in self.ops.values():
+                if op.topic == topic:
+                    log.register(op.name)
+            self.logs[key] = log
+        return log
+
+    async def _rpc_publish(self, args: dict[str, Any]) -> dict[str, Any]:
+        topic = _check_name("topic", args.get("topic"))
+        raw = args.get("records")
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("records must be a non-empty list of [key, value, id, ts]")
+        if len(raw) > self.cfg.max_publish_records:
+            raise ValueError(f"at most {self.cfg.max_publish_records} records per publish")
+        residency = args.get("residency")
+        res = None if residency is None else Residency(frozenset(str(r) for r in residency))
+        if topic in self.topic_residency and self.topic_residency[topic] != res:
+            raise PlacementError("residency", f"topic {topic!r} was published with another "
+                                              "residency rule")
+        check_source_allowed(topic, self.agent.meta.region, res)
+        records: list[tuple[str, bytes, str, float]] = []
+        for r in raw:
+            try:
+                key, value, rid, ts = r
+                rec = (str(key), bytes(value), str(rid), float(ts))
+            except (TypeError, ValueError):
+                self.stats["publish_malformed"] += 1
+                raise ValueError("each record must be [key: str, value: bytes, id: str, "
+                                 "ts: float]") from None
+            if len(rec[1]) > self.cfg.max_record_bytes:
+                raise ValueError(f"record {rec[2]!r} has {len(rec[1])} bytes; the limit is "
+                                 f"{self.cfg.max_record_bytes} (max_record_bytes)")
+            records.append(rec)
+        self.topic_residency[topic] = res
+        entries = await self.append_local(topic, records)
+        return {"node": self.agent.name, "first": entries[0].offset, "last": entries[-1].offset}
+
+    async def append_local(self, topic: str, records: list[tuple[str, bytes, str, float]]
+                           ) -> list[LogEntry]:
+        """Append to this node's shard of ``topic`` once there is room, then copy to the
+        backup; returns when both hold the records (or only this node has them, when no
+        backup exists). Raises ValueError when room does not come in ``publish_wait_s``."""
+        log = self._log(topic, self.agent.name)
+        deadline = time.monotonic() + self.cfg.publish_wait_s
+        out: list[LogEntry] = []
+        i = 0
+        while i < len(records):
+            async with self._changed:
+                while log.room() == 0:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.stats["publish_backpressure_timeouts"] += 1
+                        raise ValueError(
+                            f"topic {topic!r} at {self.agent.name}: {log.backlog()} records "
+                            "wait for a slow operator; try again (backpressure)")
+                    self.stats["publish_waits"] += 1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), left)
+                n = min(log.room(), len(records) - i)
+                new = log.append(records[i:i + n])
+                i += n
+                self._changed.notify_all()
+            out.extend(new)
+            await self._replicate(topic, self.agent.name, log)
+        self.stats["records_in"] += len(records)
+        return out
+
+    async def _replicate(self, topic: str, source: str, log: ShardLog) -> None:
+        """Bring the backup's copy of the shard up to ``log.head``."""
+        key = (topic, source)
+        lock = self._repl_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            backup = backup_for(topic, self._known.get(source) or Candidate(
+                source, self.agent.meta.region, self.agent.meta.zone), self._alive(),
+                self.topic_residency.get(topic))
+            if backup is None:
+                self.stats["unreplicated_appends"] += 1
+                return
+            start = log.base
+            if self._backup_of.get(key) == backup:
+                start = max(log.base, self._sent.get((topic, source, backup), log.base))
+            pending = log.read(start, log.head - start, max_bytes=1 << 62)
+            if not pending:
+                return
+            payload = sum(e.size for e in pending)
+            try:
+                await self._call(backup, "stream.replicate", {
+                    "topic": topic, "source": source,
+                    "entries": [_entry_wire(e) for e in pending],
+                    "low": log.low_water(),
+                    "residency": None if self.topic_residency.get(topic) is None else
+                    sorted(self.topic_residency[topic].regions or ()),  # type: ignore[union-attr]
+                }, purpose="repl", topic=topic, payload_bytes=payload)
+            except (RpcError, ValueError) as e:
+                self.stats["replicate_failed"] += 1
+                self.agent.log("warning", "stream_replicate_failed", topic=topic,
+                               backup=backup, error=str(e))
+                self._backup_of.pop(key, None)
+                return
+            self._backup_of[key] = backup
+            self._sent[(topic, source, backup)] = pending[-1].offset + 1
+
+    async def _rpc_replicate(self, args: dict[str, Any]) -> dict[str, Any]:
+        topic = _check_name("topic", args.get("topic"))
+        source = _check_name("source", args.get("source"))
+        residency = args.get("residency")
+        if residency is not None:
+            res = Residency(frozenset(str(r) for r in residency))
+            check_source_allowed(topic, self.agent.meta.region, res)
+            self.topic_residency[topic] = res
+        else:
+            self.topic_residency.setdefault(topic, None)
+        log = self._log(topic, source)
+        n = log.apply(_entry_from(w) for w in args.get("entries") or ())
+        low = args.get("low")
+        if isinstance(low, int):
+            for op in list(log.committed):
+                log.commit(op, low)
+        self.stats["records_backed_up"] += n
+        async with self._changed:
+            self._changed.notify_all()
+        return {"head": log.head}
+
+    # ------------------------------------------------------------------ fetch
+
+    async def _rpc_fetch(self, args: dict[str, Any]) -> dict[str, Any]:
+        topic = _check_name("topic", args.get("topic"))
+        source = _check_name("source", args.get("source"))
+        offset = args.get("offset")
+        limit = max(1, min(int(args.get("limit") or 256), 4096))
+        wait = max(0.0, min(float(args.get("wait_s") or 0.0), self.cfg.read_wait_max_s))
+        op = args.get("op")
+        log = self.logs.get((topic, source))
+        if log is None:
+            return {"missing": True}
+        if isinstance(op, str) and op:
+            log.register(op)
+            committed = args.get("committed")
+            if isinstance(committed, int) and committed >= 0:
+                log.commit(op, committed)
+                async with self._changed:
+                    self._changed.notify_all()
+        start = log.base if offset is None else int(offset)
+        deadline = time.monotonic() + wait
+        while True:
+            entries = log.read(start, limit)
+            left = deadline - time.monotonic()
+            if entries or left <= 0 or self._stopping:
+                break
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+        return {"entries": [_entry_wire(e) for e in entries], "base": log.base,
+                "head": log.head}
+
+    # ------------------------------------------------------------------ operators
+
+    async def _rpc_op_register(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _check_name("operator name", args.get("name"))
+        topic = _check_name("topic", args.get("topic"))
+        output = args.get("output")
+        if output is not None:
+            _check_name("output topic", output)
+            if output == topic:
+                raise ValueError("an operator's output topic must differ from its input")
+        fn_bytes = args.get("fn_bytes")
+        if not isinstance(fn_bytes, bytes | bytearray):
+            raise ValueError("fn_bytes must be the pickled function")
+        if name not in self.ops and len(self.ops) >= self.cfg.max_operators:
+            raise ValueError(f"{self.cfg.max_operators} operators already run (max_operators)")
+        from meshscale.runtime.worker_main import function_id
+
+        fn_id = function_id(bytes(fn_bytes))
+        if args.get("fn_id") not in (None, fn_id):
+            raise ValueError("fn_bytes do not hash to fn_id")
+        stored = await self.agent.compute._put_object(bytes(fn_bytes))  # type: ignore[union-attr]
+        spec = _spec_from({**args, "fn_id": fn_id, "fn_object": stored["id"]})
+        if spec.mode not in ("near-source", "central", "regions"):
+            raise ValueError(f"placement must be near-source, central or regions, not "
+                             f"{spec.mode!r}")
+        if spec.mode == "central" and not spec.region:
+            spec.region = self._central_region()
+        # Refuse now, naming the rule, if no live node may run it (a source is needed only
+        # to rank; feasibility does not depend on it).
+        alive = self._alive()
+        me = self._known[self.agent.name]
+        try:
+            place_operator(spec.placement(), topic, me, self._states(alive))
+        except (SchedulingError, PlacementError) as e:
+            raise PlacementError(getattr(e, "rule", "placement"), str(e)) from None
+        self._fn_bytes[fn_id] = bytes(fn_bytes)
+        data = _spec_encoder.encode(_spec_dict(spec))
+        await self.agent.compute._kv_put_raw(OP_PREFIX + name, data)  # type: ignore[union-attr]
+        index = await self.agent.compute._kv_read(OPS_INDEX_KEY)  # type: ignore[union-attr]
+        names = set(msgspec.msgpack.decode(index)) if index else set()
+        if name not in names:
+            names.add(name)
+            await self.agent.compute._kv_put_raw(  # type: ignore[union-attr]
+                OPS_INDEX_KEY, _spec_encoder.encode(sorted(names)))
+        self._install(spec)
+
+        async def notify(n: str) -> None:
+            with contextlib.suppress(RpcError, ValueError, TimeoutError):
+                await self._call(n, "stream.op_notify", {"spec": _spec_dict(spec)})
+
+        await asyncio.gather(*(notify(c.name) for c in alive if c.name != self.agent.name))
+        self._reconcile()
+        return {"name": name, "fn_id": fn_id, "mode": spec.mode, "region": spec.region}
+
+    def _central_region(self) -> str:
+        """The region with the most live nodes (ties: by name): where 'central' goes when
+        no region is named."""
+        counts = Counter(c.region for c in self._alive())
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+
+    def _install(self, spec: OperatorSpec) -> None:
+        self.ops[spec.name] = spec
+        self.op_stats.setdefault(spec.name, Counter())
+        for (topic, _), log in self.logs.items():
+            if topic == spec.topic:
+                log.register(spec.name)
+
+    def _rpc_op_notify(self, args: dict[str, Any]) -> dict[str, Any]:
+        spec = _spec_from(dict(args["spec"]))
+        self._install(spec)
+        self._reconcile()
+        return {}
+
+    def _rpc_op_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"operators": [{**_spec_dict(s), "stats": dict(self.op_stats.get(s.name, {}))}
+                              for s in self.ops.values()],
+                "runners": sorted(f"{o}@{s}" for o, s in self.runners)}
+
+    async def _load_ops_from_kv(self) -> None:
+        compute = getattr(self.agent, "compute", None)
+        if compute is None:
+            return
+        index = await compute._kv_read(OPS_INDEX_KEY)
+        if not index:
+            return
+        with contextlib.suppress(Exception):
+            for name in msgspec.msgpack.decode(index):
+                if name in self.ops:
+                    continue
+                raw = await compute._kv_read(OP_PREFIX + str(name))
+                if raw:
+                    self._install(_spec_from(msgspec.msgpack.decode(raw)))
+
+    async def _reconcile_loop(self) -> None:
+        loaded_at = 0.0
+        while not self._stopping:
+            await asyncio.sleep(self.cfg.reconcile_interval_s)
+            now = time.monotonic()
+            if now - loaded_at > 5.0:
+                loaded_at = now
+                with contextlib.suppress(Exception):
+                    await self._load_ops_from_kv()
+            try:
+                self._reconcile()
+            except Exception as e:  # never let the loop die
+                self.agent.log("error", "stream_reconcile_failed", error=str(e))
+            self._expire_followers(now)
+
+    def _reconcile(self) -> None:
+        """Start the runners this node owns, stop the others."""
+        if self._stopping or self.agent.membership is None:
+            return
+        alive = self._alive()
+        states = self._states(alive)
+        sources = set(self._known)
+        want: set[tuple[str, str]] = set()
+        for spec in self.ops.values():
+            placement = spec.placement()
+            for source in sources:
+                src = self._known[source]
+                # Near-source: only shards that exist, i.e. the source is alive (its own
+                # shard) or this node holds a copy of a dead source's shard.
+                if spec.mode == "near-source" and not any(c.name == source for c in alive) \
+                        and (spec.topic, source) not in self.logs:
+                    continue
+                try:
+                    node = place_operator(placement, spec.topic, src, states)
+                except (SchedulingError, PlacementError):
+                    continue
+                if node == self.agent.name:
+                    want.add((spec.name, source))
+        for key in list(self.runners):
+            if key not in want:
+                self.runners.pop(key).cancel()
+        for key in want:
+            task = self.runners.get(key)
+            if task is None or task.done():
+                self.runners[key] = asyncio.get_running_loop().create_task(
+                    self._run_operator(key[0], key[1]))
+
+    async def _fn(self, spec: OperatorSpec) -> bytes:
+        data = self._fn_bytes.get(spec.fn_id)
+        if data is None:
+            data = await self.agent.compute._read_object(spec.fn_object)  # type: ignore[union-attr]
+            self._fn_bytes[spec.fn_id] = data
+        return data
+
+    async def _checkpoint(self, op: str, source: str, offset: int) -> None:
+        await self.agent.compute._kv_put_raw(  # type: ignore[union-attr]
+            f"{OFFSET_PREFIX}{op}/{source}", str(offset).encode())
+
+    async def _run_operator(self, op_name: str, source: str) -> None:
+        spec = self.ops[op_name]
+        st = self.op_stats.setdefault(op_name, Counter())
+        compute = self.agent.compute  # type: ignore[attr-defined]
+        raw = await compute._kv_read(f"{OFFSET_PREFIX}{op_name}/{source}")
+        offset: int | None = int(raw) if raw else None
+        st["runner_starts"] += 1
+        self.agent.log("info", "stream_operator_start", operator=op_name, source=source,
+                       offset=offset)
+        last_ckpt = time.monotonic()
+        backoff = 0.1
+        while not self._stopping:
+            alive = self._alive()
+            holder = self._holder(spec.topic, source, alive)
+            if holder is None:
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                r = await self._call(holder, "stream.fetch", {
+                    "topic": spec.topic, "source": source, "offset": offset,
+                    "limit": spec.batch, "wait_s": self.cfg.fetch_wait_s,
+                    "op": op_name, "committed": offset,
+                }, purpose=f"fetch:{op_name}:{source}", topic=spec.topic)
+            except (RpcError, ValueError, OSError) as e:
+                st["fetch_errors"] += 1
+                self.agent.log("debug", "stream_fetch_failed", operator=op_name,
+                               source=source, holder=holder, error=str(e))
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                continue
+            backoff = 0.1
+            if r.get("missing"):
+                await asyncio.sleep(0.5)
+                continue
+            entries = [_entry_from(w) for w in r["entries"]]
+            if offset is None:
+                offset = int(r["base"])
+            elif entries and entries[0].offset > offset:
+                st["records_skipped"] += entries[0].offset - offset  # evicted before read
+            if not entries:
+                continue
+            outputs = await self._apply(spec, entries, st)
+            if outputs is None:
+                await asyncio.sleep(1.0)
+                continue
+            if spec.output is not None and outputs:
+                await self.append_local(spec.output, outputs)
+            offset = entries[-1].offset + 1
+            st["records_processed"] += len(entries)
+            st["records_out"] += len(outputs)
+            now = time.monotonic()
+            if now - last_ckpt >= self.cfg.checkpoint_interval_s:
+                last_ckpt = now
+                await self._checkpoint(op_name, source, offset)
+
+    async def _apply(self, spec: OperatorSpec, entries: list[LogEntry], st: Counter[str]
+                     ) -> list[tuple[str, bytes, str, float]] | None:
+        """Run the operator over a batch; None when the batch must be retried."""
+        compute = self.agent.compute  # type: ignore[attr-defined]
+        batch = [[e.key, e.value, e.rid, e.ts] for e in entries]
+        try:
+            fn_bytes = await self._fn(spec)
+            result = await compute.pool.run(
+                spec.fn_id, fn_bytes, pickle_args(batch),
+                timeout_s=self.cfg.operator_timeout_s)
+        except TaskFailed as e:
+            st["batch_failures"] += 1
+            self.agent.log("warning", "stream_operator_failed", operator=spec.name,
+                           kind=e.kind, error=str(e)[:500])
+            if e.kind == "error":
+                # The function raised: skip nothing silently - retry the batch after a
+                # pause, so a transient failure (a missing file) can recover.
+                return None
+            return None
+        except Exception as e:
+            st["batch_failures"] += 1
+            self.agent.log("warning", "stream_operator_failed", operator=spec.name,
+                           error=f"{type(e).__name__}: {e}"[:500])
+            return None
+        import cloudpickle
+
+        produced: list[tuple[int, bytes]] = cloudpickle.loads(result)
+        out: list[tuple[str, bytes, str, float]] = []
+        for idx, value in produced:
+            e = entries[idx]
+            out.append((e.key, bytes(value), f"{spec.name}:{e.rid}", e.ts))
+        return out
+
+    # ------------------------------------------------------------------ subscribe
+
+    async def _rpc_read(self, args: dict[str, Any]) -> dict[str, Any]:
+        topic = _check_name("topic", args.get("topic"))
+        cursors = {str(k): int(v) for k, v in (args.get("cursors") or {}).items()}
+        limit = max(1, min(int(args.get("limit") or 1000), 10_000))
+        wait = max(0.0, min(float(args.get("wait_s") or 0.0), self.cfg.read_wait_max_s))
+        self._follow_used[topic] = time.monotonic()
+        self._ensure_followers(topic)
+        deadline = time.monotonic() + wait
+        while True:
+            out: list[list[Any]] = []
+            for (t, source), mirror in list(self.mirrors.items()):
+                if t != topic:
+                    continue
+                start = cursors.get(source, 0)
+                if start < mirror.base:
+                    self.stats["subscriber_gaps"] += mirror.base - start
+                for e in mirror.read(start, limit - len(out)):
+                    out.append([source, *_entry_wire(e)])
+                if len(out) >= limit:
+                    break
+            left = deadline - time.monotonic()
+            if out or left <= 0 or self._stopping:
+                return {"records": out}
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+
+    def _ensure_followers(self, topic: str) -> None:
+        for source in list(self._known) or [self.agent.name]:
+            key = (topic, source)
+            task = self.followers.get(key)
+            if task is None or task.done():
+                self.mirrors.setdefault(key, ShardLog(topic, source, ShardLogConfig(
+                    max_backlog=1, max_records=self.cfg.mirror_records,
+                    max_bytes=1 << 62)))
+                self.followers[key] = asyncio.get_running_loop().create_task(
+                    self._follow(topic, source))
+
+    def _expire_followers(self, now: float) -> None:
+        for topic, used in list(self._follow_used.items()):
+            if now - used > self.cfg.follower_idle_s:
+                del self._follow_used[topic]
+                for key in [k for k in self.followers if k[0] == topic]:
+                    self.followers.pop(key).cancel()
+                    self.mirrors.pop(key, None)
+        if self._follow_used:
+            for topic in self._follow_used:
+                self._ensure_followers(topic)
+
+    async def _follow(self, topic: str, source: str) -> None:
+        mirror = self.mirrors[(topic, source)]
+        backoff = 0.1
+        while not self._stopping:
+            holder = self._holder(topic, source, self._alive())
+            if holder is None:
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                r = await self._call(holder, "stream.fetch", {
+                    "topic": topic, "source": source,
+                    "offset": mirror.head,
+                    "limit": 1024, "wait_s": self.cfg.follow_wait_s,
+                }, purpose=f"follow:{topic}:{source}", topic=topic)
+            except (RpcError, ValueError, OSError):
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                continue
+            backoff = 0.1
+            if r.get("missing"):
+                await asyncio.sleep(0.5)
+                continue
+            entries = [_entry_from(w) for w in r["entries"]]
+            if entries:
+                mirror.apply(entries)
+                async with self._changed:
+                    self._changed.notify_all()
+
+    # ------------------------------------------------------------------ stats
+
+    def _rpc_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "node": self.agent.name,
+            "region": self.agent.meta.region,
+            "counters": dict(self.stats),
+            "cross_region_bytes": dict(self.cross_region_bytes),
+            "shards": [{"topic": t, "source": s, "base": lg.base, "head": lg.head,
+                        "backlog": lg.backlog(), "bytes": lg.bytes, "evicted": lg.evicted,
+                        "role": "primary" if s == self.agent.name else "backup"}
+                       for (t, s), lg in sorted(self.logs.items())],
+            "operators": {name: dict(c) for name, c in self.op_stats.items()},
+            "runners": sorted(f"{o}@{s}" for o, s in self.runners),
+        }
