@@ -65,6 +65,7 @@ from meshscale.client.mesh import (
     _LoopThread,
 )
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.client.streams import StreamsMixin
 
 __all__ = [
     "AsyncTaskMesh",
@@ -642,8 +643,9 @@ class AsyncTaskMesh(AsyncMesh):
         await super().close()
 
 
-class TaskMesh(Mesh):
-    """``Mesh`` plus tasks (blocking): ``submit``, ``map``, ``wait``, ``tasks``."""
+class TaskMesh(StreamsMixin, Mesh):
+    """``Mesh`` plus tasks (blocking): ``submit``, ``map``, ``wait``, ``tasks``; and
+    streams: ``stream``, ``operator``, ``subscribe`` (``client/streams.py``)."""
 
     _inner: AsyncTaskMesh
 

@@ -354,6 +354,10 @@ class NodeAgent:
 
             self.compute: ComputePlane | None = ComputePlane(self)
             await self.compute.start()
+            from meshscale.runtime.streams import StreamPlane
+
+            self.streams: StreamPlane | None = StreamPlane(self)
+            await self.streams.start()
 
     async def leave_and_stop(self) -> None:
         """Graceful leave: tell the mesh, give it time to spread, then close."""
@@ -370,6 +374,10 @@ class NodeAgent:
     async def stop(self) -> None:
         if self.http is not None:
             await self.http.stop()
+        streams = getattr(self, "streams", None)
+        if streams is not None:
+            await streams.stop()
+            self.streams = None
         compute = getattr(self, "compute", None)
         if compute is not None:
             await compute.stop()
