@@ -151,6 +151,15 @@ class NodeObserver:
         self.placements[reason] += 1
 
     async def _sampler(self) -> None:
+        # The compute plane is created after the HTTP server starts (whose address must be
+        # in the meta before the node joins): attach to it as soon as it exists, before
+        # its workers are up and any task can end.
+        deadline = time.monotonic() + 30
+        while (self.agent._with_dataplane and getattr(self.agent, "compute", None) is None
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+        self._hook_compute()
+        self._last_tick = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             try:

@@ -1,0 +1,361 @@
+"""The node HTTP API against a real 3-node mesh: every endpoint answers with the schema
+its OpenAPI document gives, /metrics parses with prometheus_client's parser and has the
+families operators need, auth is required, the SSE stream delivers snapshots, and
+``meshscale top --once`` shows the mesh."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from runtime_mesh import wait_for
+
+from meshscale.client.tasks import TaskMesh, connect
+from meshscale.runtime.launcher import (
+    LocalMesh,
+    NodeProcess,
+    find_free_base_port,
+    node_command,
+    spawn_node,
+    stop_processes,
+)
+from meshscale.runtime.openapi import PATH_SCHEMAS
+
+pytestmark = pytest.mark.timeout(180)
+
+REQUIRED_FAMILIES = {
+    "meshscale_members", "meshscale_probes", "meshscale_suspicions", "meshscale_refutations",
+    "meshscale_messages_in", "meshscale_messages_out", "meshscale_bytes_in",
+    "meshscale_bytes_out", "meshscale_rejected_messages", "meshscale_objects_stored",
+    "meshscale_bytes_stored", "meshscale_objects_under_replicated", "meshscale_repairs",
+    "meshscale_tasks", "meshscale_tasks_ended", "meshscale_task_latency_seconds",
+    "meshscale_task_queue_wait_seconds", "meshscale_placement_decisions",
+    "meshscale_energy_joules", "meshscale_power_watts",
+}
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def request(addr: str, path: str, token: str | None = None,
+            timeout: float = 10.0) -> tuple[int, str, bytes]:
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type") or "", resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    m = LocalMesh(tmp_path_factory.mktemp("http"), 3)
+    m.start()
+    try:
+        m.wait_converged(60)
+        yield m
+    finally:
+        m.stop()
+        assert not [n for n in m.nodes if n.proc is not None and n.proc.poll() is None]
+
+
+@pytest.fixture(scope="module")
+def token(mesh: LocalMesh) -> str:
+    return (mesh.bundle_path / "token").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def openapi(mesh: LocalMesh) -> dict[str, Any]:
+    status, ctype, body = request(str(mesh.nodes[1].http), "/api/v1/openapi.json")
+    assert status == 200 and ctype.startswith("application/json")
+    doc: dict[str, Any] = json.loads(body)
+    assert doc["openapi"].startswith("3.1")
+    jsonschema.Draft202012Validator.check_schema({"components": doc["components"]})
+    return doc
+
+
+@pytest.fixture(scope="module")
+def work(mesh: LocalMesh) -> Iterator[dict[str, Any]]:
+    """A few finished tasks owned by node 0 and one object, so the lists have content."""
+    client: TaskMesh = connect(mesh.nodes[0].address, bundle=mesh.bundle_path)
+    try:
+        ref = client.put(b"observability " * 100)
+        futs = [client.submit(square, i) for i in range(4)]
+        assert [f.result(timeout=60) for f in futs] == [0, 1, 4, 9]
+        yield {"object": ref.id, "tasks": [f.task_id for f in futs]}
+    finally:
+        client.close()
+
+
+def validate(doc: dict[str, Any], schema: str, body: Any) -> None:
+    root = {"$ref": f"#/components/schemas/{schema}", "components": doc["components"]}
+    jsonschema.Draft202012Validator(root).validate(body)
+
+
+def get_json(addr: str, path: str, token: str) -> Any:
+    status, ctype, body = request(addr, path, token)
+    assert status == 200, (path, status, body[:200])
+    assert ctype.startswith("application/json"), (path, ctype)
+    return json.loads(body)
+
+
+def test_every_endpoint_matches_its_schema(
+    mesh: LocalMesh, token: str, openapi: dict[str, Any], work: dict[str, Any]
+) -> None:
+    documented = {p for p in openapi["paths"] if p.startswith("/api/v1/")}
+    assert set(PATH_SCHEMAS) | {"/api/v1/stream", "/api/v1/openapi.json"} == documented
+    for node in mesh.nodes:
+        addr = str(node.http)
+        for path, schema in PATH_SCHEMAS.items():
+            validate(openapi, schema, get_json(addr, path, token))
+    addr0 = str(mesh.nodes[0].http)
+    me = get_json(addr0, "/api/v1/node", token)
+    assert (me["name"], me["address"], me["http"]) == ("node-0", mesh.nodes[0].address, addr0)
+
+
+def test_members_show_every_node_with_http_coordinates_and_load(
+    mesh: LocalMesh, token: str
+) -> None:
+    want = {n.name: n.http for n in mesh.nodes}
+
+    def view() -> list[dict[str, Any]] | None:
+        members: list[dict[str, Any]] = get_json(str(mesh.nodes[2].http), "/api/v1/members",
+                                                 token)["members"]
+        ok = all(m["coord"] is not None and m["rtt_ms"] is not None for m in members)
+        return members if ok else None
+
+    members = wait_for(view, 30, "coordinates of every member on node-2")
+    assert {m["name"]: m["http"] for m in members} == want
+    assert all(m["state"] == "alive" for m in members)
+    me = next(m for m in members if m["name"] == "node-2")
+    assert me["load"] is not None and me["load"]["slots"] > 0
+    assert {m["region"] for m in members} == {"eu-west", "us-east"}
+
+
+def test_tasks_objects_events_and_throughput_have_content(
+    mesh: LocalMesh, token: str, work: dict[str, Any], openapi: dict[str, Any]
+) -> None:
+    addr = str(mesh.nodes[0].http)
+    tasks = {t["id"]: t for t in get_json(addr, "/api/v1/tasks?limit=50", token)["tasks"]}
+    for tid in work["tasks"]:
+        t = tasks[tid]
+        assert t["state"] == "done" and t["owner"] == "node-0"
+        assert t["node"] in {n.name for n in mesh.nodes}
+        assert t["reason"] and t["latency_ms"] is not None and t["latency_ms"] >= 0
+    assert len(get_json(addr, "/api/v1/tasks?limit=2", token)["tasks"]) == 2
+
+    def listed() -> dict[str, Any] | None:
+        objs = get_json(str(mesh.nodes[1].http), "/api/v1/objects?limit=100", token)["objects"]
+        return next((o for o in objs if o["id"] == work["object"] and o["holders"]), None)
+
+    obj = wait_for(listed, 30, "the object in node-1's listing")
+    assert obj["replicas"] and set(obj["holders"]) <= {n.name for n in mesh.nodes}
+
+    events = get_json(addr, "/api/v1/events", token)["events"]
+    assert any(e["kind"] == "member_joined" for e in events)
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs)
+    later = get_json(addr, f"/api/v1/events?since={seqs[-1]}", token)["events"]
+    assert all(e["seq"] > seqs[-1] for e in later)
+
+    def busy_point() -> dict[str, Any] | None:
+        pts = get_json(addr, "/api/v1/throughput", token)["points"]
+        return next((p for p in pts if p["tasks_done_per_s"] > 0), None)
+
+    point = wait_for(busy_point, 10, "a throughput point with finished tasks")
+    assert point["latency_p50_ms"] is not None
+    assert point["latency_p99_ms"] >= point["latency_p50_ms"]
+    snap = get_json(addr, "/api/v1/snapshot", token)
+    validate(openapi, "Snapshot", snap)
+    assert any(o["id"] == work["object"] for o in snap["objects"])
+
+
+def test_metrics_parse_and_have_the_required_families(
+    mesh: LocalMesh, token: str, work: dict[str, Any]
+) -> None:
+    addr = str(mesh.nodes[0].http)
+
+    def scrape() -> dict[str, Any]:
+        status, ctype, body = request(addr, "/metrics", token)
+        assert status == 200 and ctype.startswith("text/plain")
+        return {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+    fams = scrape()
+    assert set(fams) >= REQUIRED_FAMILIES, REQUIRED_FAMILIES - set(fams)
+    states = {s.labels["state"]: s.value for s in fams["meshscale_members"].samples}
+    assert states["alive"] == 3 and states["dead"] == 0
+    ended = {s.labels["state"]: s.value for s in fams["meshscale_tasks_ended"].samples
+             if s.name.endswith("_total")}
+    assert ended["done"] >= len(work["tasks"])
+    lat_count = next(s.value for s in fams["meshscale_task_latency_seconds"].samples
+                     if s.name.endswith("_count"))
+    assert lat_count >= len(work["tasks"])
+    msgs = {s.labels["type"]: s.value for s in fams["meshscale_messages_in"].samples
+            if s.name.endswith("_total")}
+    assert msgs.get("gossip", 0) > 0
+    placed = sum(s.value for s in fams["meshscale_placement_decisions"].samples
+                 if s.name.endswith("_total"))
+    assert placed >= len(work["tasks"])
+
+    def energy() -> float:
+        fam = scrape()["meshscale_energy_joules"]
+        return next(s.value for s in fam.samples if s.name.endswith("_total"))
+
+    first = energy()
+    wait_for(lambda: energy() > first, 10, "the energy estimate to grow")
+
+
+def test_token_is_required(mesh: LocalMesh, token: str) -> None:
+    addr = str(mesh.nodes[1].http)
+    for path in [*PATH_SCHEMAS, "/api/v1/stream", "/metrics"]:
+        for bad in (None, "wrong-" + token):
+            status, ctype, body = request(addr, path, bad)
+            assert status == 401, (path, bad, status)
+            assert ctype.startswith("application/json")
+            assert json.loads(body)["error"]
+    status, _, body = request(addr, "/api/v1/node", None)
+    assert "Bearer" in json.loads(body)["error"]
+    # the dashboard page itself and the API description need no token
+    status, ctype, _ = request(addr, "/")
+    assert status == 200 and ctype.startswith("text/html")
+    assert request(addr, "/api/v1/openapi.json")[0] == 200
+
+
+def test_bad_requests_get_json_errors(mesh: LocalMesh, token: str) -> None:
+    addr = str(mesh.nodes[0].http)
+    for path, code in [
+        ("/api/v1/nope", 404),
+        ("/api/v1/objects?limit=abc", 400),
+        ("/api/v1/tasks?limit=0", 400),
+        ("/api/v1/events?since=-1", 400),
+        ("/static/..%2Fhttp.py", 404),
+        ("/static/does-not-exist.js", 404),
+    ]:
+        status, ctype, body = request(addr, path, token)
+        assert status == code, (path, status, body[:200])
+        assert ctype.startswith("application/json")
+        message = json.loads(body)["error"]
+        assert message and "\n" not in message
+
+
+def test_stream_yields_snapshots(mesh: LocalMesh, token: str, openapi: dict[str, Any]) -> None:
+    host, port = str(mesh.nodes[2].http).rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=15)
+    try:
+        conn.request("GET", "/api/v1/stream", headers={"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert (resp.getheader("Content-Type") or "").startswith("text/event-stream")
+        snaps: list[dict[str, Any]] = []
+        event = None
+        deadline = time.monotonic() + 15
+        while len(snaps) < 2 and time.monotonic() < deadline:
+            line = resp.readline().decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                assert event == "snapshot"
+                snaps.append(json.loads(line.removeprefix("data: ")))
+        assert len(snaps) == 2
+        for snap in snaps:
+            validate(openapi, "Snapshot", snap)
+            assert snap["node"]["name"] == "node-2"
+            assert len(snap["members"]) == 3
+    finally:
+        conn.close()
+
+
+def test_streams_are_bounded_and_freed_when_clients_leave(
+    mesh: LocalMesh, token: str
+) -> None:
+    host, port = str(mesh.nodes[1].http).rsplit(":", 1)
+    limit = 16  # AgentConfig.max_http_streams
+
+    def open_stream() -> tuple[http.client.HTTPConnection, int]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/api/v1/stream", headers={"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        if resp.status == 200:
+            resp.readline()  # the first event has started: the stream is counted
+        return conn, resp.status
+
+    conns: list[http.client.HTTPConnection] = []
+    try:
+        for _ in range(limit):
+            conn, status = open_stream()
+            conns.append(conn)
+            assert status == 200
+        conn, status = open_stream()
+        conns.append(conn)
+        assert status == 503
+    finally:
+        for c in conns:
+            c.close()
+
+    def reopened() -> bool:
+        conn, status = open_stream()
+        conn.close()
+        return status == 200
+
+    wait_for(reopened, 15, "a stream slot after the clients went away")
+
+
+def test_metrics_public_flag(mesh: LocalMesh, tmp_path: Path) -> None:
+    """A lone node started with --metrics-public serves /metrics without the token; the
+    API still needs it."""
+    port, http_port = find_free_base_port(1), find_free_base_port(1)
+    node = NodeProcess("solo", "eu-west", "eu-west-z1", port, tmp_path / "solo",
+                       http_port=http_port)
+    cmd = node_command(node, mesh.bundle_path, [], extra=["--metrics-public"])
+    proc = spawn_node(cmd, tmp_path / "solo.log")
+    try:
+        addr = str(node.http)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError((tmp_path / "solo.log").read_text()[-2000:])
+            try:
+                return request(addr, "/metrics", timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(up, 30, "the solo node's /metrics")
+        status, _, body = request(addr, "/metrics")
+        assert status == 200
+        fams = {f.name for f in text_string_to_metric_families(body.decode())}
+        assert fams >= REQUIRED_FAMILIES
+        assert request(addr, "/api/v1/node")[0] == 401
+    finally:
+        stop_processes([proc])
+    assert proc.poll() is not None
+
+
+def test_top_once_shows_the_mesh(mesh: LocalMesh) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "meshscale", "top", "--once", "--mesh", str(mesh.mesh_json)],
+        capture_output=True, text=True, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if k != "MESHSCALE_BUNDLE"}, "COLUMNS": "160"},
+    )
+    assert run.returncode == 0, run.stderr
+    for n in mesh.nodes:
+        assert n.name in run.stdout
+    assert "alive" in run.stdout and "member_joined" in run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "meshscale", "top", "--once"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("meshscale: error:")
