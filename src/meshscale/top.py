@@ -102,13 +102,16 @@ def render(snap: dict[str, Any]) -> RenderableType:
             str(load.get("running", "-")), str(load.get("queued", "-")),
             f"{load['slots']:g}" if "slots" in load else "-",
         )
-    points = snap.get("throughput") or []
+    points = (snap.get("throughput") or [])[-60:]
     last = points[-1] if points else {}
-    recent = [float(p["tasks_done_per_s"]) for p in points[-60:]]
+    recent = [float(p["tasks_done_per_s"]) for p in points]
+    busy = next((p for p in reversed(points) if p.get("latency_p50_ms") is not None), {})
     tput = Text.assemble(
         ("tasks ", "bold"),
-        f"{float(last.get('tasks_done_per_s', 0.0)):.1f}/s  "
-        f"p50 {_ms(last.get('latency_p50_ms'))}  p99 {_ms(last.get('latency_p99_ms'))}  ",
+        f"{float(last.get('tasks_done_per_s', 0.0)):.1f}/s now, "
+        f"{sum(recent) / max(1, len(recent)):.1f}/s over {len(recent)} s  "
+        f"last latency p50 {_ms(busy.get('latency_p50_ms'))} "
+        f"p99 {_ms(busy.get('latency_p99_ms'))}  ",
         (_sparkline(recent), "cyan"),
     )
     objs = snap.get("objects") or []

@@ -213,7 +213,7 @@ class NodeObserver:
         if compute is None or sched is None:
             return 0.0
         slots = max(1.0, float(compute.capacity.cpus))
-        return min(1.0, sched.load().running / slots)
+        return min(1.0, float(sched.load().running) / slots)
 
     def node(self) -> dict[str, Any]:
         a = self.agent
@@ -294,7 +294,7 @@ class NodeObserver:
         handler = self.agent._rpc.get("task.list")
         if compute is None or handler is None:
             return []
-        rows = handler({"limit": limit})
+        rows: Any = handler({"limit": limit})
         if asyncio.iscoroutine(rows):
             rows = await rows
         records = getattr(compute, "_records", {})
@@ -325,7 +325,7 @@ class NodeObserver:
         handler = self.agent._rpc.get("obj.list")
         if handler is None:
             return []
-        res = handler({"limit": limit})
+        res: Any = handler({"limit": limit})
         if asyncio.iscoroutine(res):
             res = await res
         out = []
