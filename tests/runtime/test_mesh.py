@@ -101,8 +101,12 @@ def test_up_converges_and_writes_mesh_json(mesh: Mesh) -> None:
     ports = [int(n["address"].rsplit(":", 1)[1]) for n in mesh.nodes]
     assert ports == list(range(ports[0], ports[0] + N))
     assert {n["region"] for n in mesh.nodes} == {"eu-west", "us-east"}
+    http_ports = [int(n["http"].rsplit(":", 1)[1]) for n in mesh.nodes]
+    assert http_ports == list(range(http_ports[0], http_ports[0] + N))
+    assert not set(http_ports) & set(ports)
     for n in mesh.nodes:
-        assert n["http"] is None and Path(n["data_dir"]).is_dir() and pid_alive(n["pid"])
+        assert n["http"].startswith("127.0.0.1:")
+        assert Path(n["data_dir"]).is_dir() and pid_alive(n["pid"])
     view = mesh.view(2)
     assert {name: m["region"] for name, m in view.items()} == {
         n["name"]: n["region"] for n in mesh.nodes
