@@ -98,6 +98,8 @@ def _make_operator_call(fn: Callable[..., Any], batch: bool) -> Callable[[list[A
         from meshscale.client.streams import _decoder as _dec
         from meshscale.client.streams import encode_value as _encode
 
+        if not rows:
+            return []  # a warm-up call: unpickling this function was the point
         records = [_Record(k, _dec.decode(v), rid, ts) for k, v, rid, ts in rows]
         if batch:
             results = list(fn(records))

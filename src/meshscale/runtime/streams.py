@@ -84,6 +84,9 @@ class StreamConfig:
     operator_timeout_s: float = 60.0
     follower_idle_s: float = 30.0
     mirror_records: int = 20_000
+    max_backup_attempts: int = 3
+    bad_backup_s: float = 10.0
+    """A backup that failed a copy is passed over this long (or until the view says)."""
     log: ShardLogConfig = field(default_factory=ShardLogConfig)
 
 
@@ -174,6 +177,7 @@ class StreamPlane:
         self._backup_of: dict[tuple[str, str], str | None] = {}
         self._repl_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._sent: dict[tuple[str, str, str], int] = {}
+        self._bad_backup: dict[str, float] = {}
         self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -244,7 +248,7 @@ class StreamPlane:
         return conn
 
     async def _call(self, name: str, method: str, args: dict[str, Any], *,
-                    purpose: str = "ctl", topic: str | None = None,
+                    purpose: str = "ctl", label: str | None = None,
                     payload_bytes: int = 0) -> Any:
         """Call ``method`` on node ``name`` (directly when it is this node). Sends to
         another region wait the emulated one-way delay each way and are counted."""
@@ -261,13 +265,13 @@ class StreamPlane:
         result = await self._conn(name, purpose).call(method, args)
         if delay:
             await asyncio.sleep(delay)
-        if cross and topic is not None:
+        if cross and label is not None:
             got = 0
             if isinstance(result, dict):
                 for w in result.get("entries") or ():
                     got += len(w[2]) + len(w[1]) + len(w[3]) + 24
             if payload_bytes + got:
-                self.cross_region_bytes[topic] += payload_bytes + got
+                self.cross_region_bytes[label] += payload_bytes + got
         return result
 
     # ------------------------------------------------------------------ publish
@@ -348,39 +352,49 @@ class StreamPlane:
         return out
 
     async def _replicate(self, topic: str, source: str, log: ShardLog) -> None:
-        """Bring the backup's copy of the shard up to ``log.head``."""
+        """Bring the backup's copy of the shard up to ``log.head``. A backup that fails
+        is passed over for ``bad_backup_s`` and the next nearest node takes its place
+        (it gets the whole retained log); with no backup left the records stay
+        acknowledged on this node alone, counted in ``unreplicated_appends``."""
         key = (topic, source)
         lock = self._repl_locks.setdefault(key, asyncio.Lock())
         async with lock:
-            backup = backup_for(topic, self._known.get(source) or Candidate(
-                source, self.agent.meta.region, self.agent.meta.zone), self._alive(),
-                self.topic_residency.get(topic))
-            if backup is None:
-                self.stats["unreplicated_appends"] += 1
+            for _ in range(self.cfg.max_backup_attempts):
+                now = time.monotonic()
+                alive = [c for c in self._alive()
+                         if now - self._bad_backup.get(c.name, -1e9) > self.cfg.bad_backup_s]
+                src = self._known.get(source) or Candidate(
+                    source, self.agent.meta.region, self.agent.meta.zone)
+                backup = backup_for(topic, src, alive, self.topic_residency.get(topic))
+                if backup is None:
+                    break
+                start = log.base
+                if self._backup_of.get(key) == backup:
+                    start = max(log.base, self._sent.get((topic, source, backup), log.base))
+                pending = log.read(start, log.head - start, max_bytes=1 << 62)
+                if not pending:
+                    return
+                res = self.topic_residency.get(topic)
+                try:
+                    await self._call(backup, "stream.replicate", {
+                        "topic": topic, "source": source,
+                        "entries": [_entry_wire(e) for e in pending],
+                        "low": log.low_water(),
+                        "residency": None if res is None or res.regions is None
+                        else sorted(res.regions),
+                    }, purpose="repl", label=f"{topic}:repl",
+                        payload_bytes=sum(e.size for e in pending))
+                except (RpcError, ValueError) as e:
+                    self.stats["replicate_failed"] += 1
+                    self.agent.log("warning", "stream_replicate_failed", topic=topic,
+                                   backup=backup, error=str(e))
+                    self._bad_backup[backup] = time.monotonic()
+                    self._backup_of.pop(key, None)
+                    continue
+                self._backup_of[key] = backup
+                self._sent[(topic, source, backup)] = pending[-1].offset + 1
                 return
-            start = log.base
-            if self._backup_of.get(key) == backup:
-                start = max(log.base, self._sent.get((topic, source, backup), log.base))
-            pending = log.read(start, log.head - start, max_bytes=1 << 62)
-            if not pending:
-                return
-            payload = sum(e.size for e in pending)
-            try:
-                await self._call(backup, "stream.replicate", {
-                    "topic": topic, "source": source,
-                    "entries": [_entry_wire(e) for e in pending],
-                    "low": log.low_water(),
-                    "residency": None if self.topic_residency.get(topic) is None else
-                    sorted(self.topic_residency[topic].regions or ()),  # type: ignore[union-attr]
-                }, purpose="repl", topic=topic, payload_bytes=payload)
-            except (RpcError, ValueError) as e:
-                self.stats["replicate_failed"] += 1
-                self.agent.log("warning", "stream_replicate_failed", topic=topic,
-                               backup=backup, error=str(e))
-                self._backup_of.pop(key, None)
-                return
-            self._backup_of[key] = backup
-            self._sent[(topic, source, backup)] = pending[-1].offset + 1
+            self.stats["unreplicated_appends"] += 1
 
     async def _rpc_replicate(self, args: dict[str, Any]) -> dict[str, Any]:
         topic = _check_name("topic", args.get("topic"))
@@ -595,6 +609,7 @@ class StreamPlane:
         st["runner_starts"] += 1
         self.agent.log("info", "stream_operator_start", operator=op_name, source=source,
                        offset=offset)
+        await self._warm(spec, st)
         last_ckpt = time.monotonic()
         backoff = 0.1
         while not self._stopping:
@@ -608,7 +623,7 @@ class StreamPlane:
                     "topic": spec.topic, "source": source, "offset": offset,
                     "limit": spec.batch, "wait_s": self.cfg.fetch_wait_s,
                     "op": op_name, "committed": offset,
-                }, purpose=f"fetch:{op_name}:{source}", topic=spec.topic)
+                }, purpose=f"fetch:{op_name}:{source}", label=f"{spec.topic}:fetch:{op_name}")
             except (RpcError, ValueError, OSError) as e:
                 st["fetch_errors"] += 1
                 self.agent.log("debug", "stream_fetch_failed", operator=op_name,
@@ -640,6 +655,21 @@ class StreamPlane:
             if now - last_ckpt >= self.cfg.checkpoint_interval_s:
                 last_ckpt = now
                 await self._checkpoint(op_name, source, offset)
+
+    async def _warm(self, spec: OperatorSpec, st: Counter[str]) -> None:
+        """Load the operator into every worker before the first record arrives (a model
+        in the closure can take seconds to unpickle on a cold worker)."""
+        compute = self.agent.compute  # type: ignore[attr-defined]
+        try:
+            fn_bytes = await self._fn(spec)
+            await asyncio.gather(*(
+                compute.pool.run(spec.fn_id, fn_bytes, pickle_args([]),
+                                 timeout_s=self.cfg.operator_timeout_s)
+                for _ in range(max(1, compute.pool.config.workers))))
+            st["runners_warm"] += 1
+        except Exception as e:  # the first real batch will report it
+            self.agent.log("warning", "stream_operator_warm_failed", operator=spec.name,
+                           error=f"{type(e).__name__}: {e}"[:300])
 
     async def _apply(self, spec: OperatorSpec, entries: list[LogEntry], st: Counter[str]
                      ) -> list[tuple[str, bytes, str, float]] | None:
@@ -738,7 +768,7 @@ class StreamPlane:
                     "topic": topic, "source": source,
                     "offset": mirror.head,
                     "limit": 1024, "wait_s": self.cfg.follow_wait_s,
-                }, purpose=f"follow:{topic}:{source}", topic=topic)
+                }, purpose=f"follow:{topic}:{source}", label=f"{topic}:follow")
             except (RpcError, ValueError, OSError):
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
