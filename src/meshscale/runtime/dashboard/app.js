@@ -314,6 +314,7 @@
     const snap = ui.snap;
     assignRegionColors(snap.members);
     renderHeader(snap);
+    for (const e of document.querySelectorAll(".viewed-name")) e.textContent = (snap.node || {}).name || "this node";
     renderMap(snap);
     renderMembers(snap);
     renderLoad(snap);
@@ -397,9 +398,14 @@
 
   // ---------------------------------------------------------------- map
 
+  // A fresh coordinate starts at error 1.5 (Serf's error_max) and drops as RTT samples
+  // arrive; above this it is still mostly a guess and would only scatter the map.
+  const SETTLED_ERROR = 1.0;
+
   function coordVec(m) {
     const c = m.coord;
     if (!c || !Array.isArray(c.vec) || c.vec.length < 2) return null;
+    if (typeof c.error === "number" && c.error > SETTLED_ERROR) return null;
     for (const x of c.vec) if (typeof x !== "number" || !isFinite(x)) return null;
     return c.vec;
   }
@@ -513,9 +519,11 @@
     if (ui.layout === "region" ? spreadMs < 2 : spreadMs < 1) return null;
     const midX = (minX + maxX) / 2;
     const midY = (minY + maxY) / 2;
+    // Labelled (small) meshes keep more margin: names and RTTs hang below the nodes.
+    const pad = members.length > 30 ? MAP_PAD : MAP_PAD + 30;
     const fit = Math.min(
-      (MAP_W - 2 * MAP_PAD) / Math.max(maxX - minX, 1e-9),
-      (MAP_H - 2 * MAP_PAD) / Math.max(maxY - minY, 1e-9),
+      (MAP_W - 2 * pad) / Math.max(maxX - minX, 1e-9),
+      (MAP_H - 2 * pad) / Math.max(maxY - minY, 1e-9),
     );
     // Zoom out at once, zoom in slowly: nodes never leave the canvas, the map does not pump.
     ui.mapScale = ui.mapScale === null || fit < ui.mapScale ? fit : ui.mapScale * 0.8 + fit * 0.2;
@@ -541,32 +549,40 @@
     return pos;
   }
 
-  // Push overlapping discs apart a little (nodes of one site share a coordinate).
-  function relax(pos, r) {
+  // Push overlapping nodes apart (nodes of one site share a coordinate). A labelled node
+  // is a box about 56 px wide ("node-12") and 2r + 26 px tall (its name and RTT below);
+  // separation is tested in units of that box, and the walls hold on every pass.
+  function relax(pos, r, labelled) {
     const names = [...pos.keys()];
     const pts = names.map((n) => pos.get(n).slice());
-    const min = 2 * r + 3;
-    for (let it = 0; it < 8; it++) {
+    const sx = labelled ? Math.max(2 * r + 3, 56) : 2 * r + 3;
+    const sy = labelled ? 2 * r + 26 : 2 * r + 3;
+    const clamp = (p) => {
+      p[0] = Math.min(MAP_W - Math.max(r, sx / 2) - 2, Math.max(Math.max(r, sx / 2) + 2, p[0]));
+      p[1] = Math.min(MAP_H - r - (labelled ? 28 : 4), Math.max(r + 4, p[1]));
+    };
+    pts.forEach(clamp);
+    for (let it = 0; it < (labelled ? 40 : 10); it++) {
       let moved = false;
       for (let i = 0; i < pts.length; i++) {
         for (let j = i + 1; j < pts.length; j++) {
-          let dx = pts[j][0] - pts[i][0];
-          let dy = pts[j][1] - pts[i][1];
-          let d = Math.hypot(dx, dy);
-          if (d >= min) continue;
-          if (d < 1e-6) { dx = Math.cos(i + j); dy = Math.sin(i + j); d = 1; }
-          const push = (min - d) / 2;
-          pts[i][0] -= (dx / d) * push; pts[i][1] -= (dy / d) * push;
-          pts[j][0] += (dx / d) * push; pts[j][1] += (dy / d) * push;
+          let nx = (pts[j][0] - pts[i][0]) / sx;
+          let ny = (pts[j][1] - pts[i][1]) / sy;
+          let d = Math.hypot(nx, ny);
+          if (d >= 1) continue;
+          if (d < 1e-6) { d = 1e-6; nx = Math.cos(i + j) * d; ny = Math.sin(i + j) * d; }
+          const push = (1 - d) / 2 + 0.01;
+          const ux = (nx / d) * push * sx;
+          const uy = (ny / d) * push * sy;
+          pts[i][0] -= ux; pts[i][1] -= uy;
+          pts[j][0] += ux; pts[j][1] += uy;
+          clamp(pts[i]); clamp(pts[j]);
           moved = true;
         }
       }
       if (!moved) break;
     }
-    names.forEach((n, i) => pos.set(n, [
-      Math.min(MAP_W - r - 4, Math.max(r + 4, pts[i][0])),
-      Math.min(MAP_H - r - 16, Math.max(r + 4, pts[i][1])),
-    ]));
+    names.forEach((n, i) => pos.set(n, pts[i]));
     return pos;
   }
 
@@ -598,15 +614,18 @@
       ui.layout = "region";
       ui.mapScale = null;
       pos = regionLayout(members, r);
-      $("map-mode").textContent = "grouped by region (coordinates not spread enough to place by latency yet)";
+      $("map-mode").textContent = "grouped by region (Vivaldi coordinates still settling, or all nodes within a millisecond)";
     }
-    pos = relax(pos, r);
-    const mapEl = $("map");
-    mapEl.classList.toggle("dense", members.length > 30);
+    const dense = members.length > 30;
+    pos = relax(pos, r, !dense);
+    $("map").classList.toggle("dense", dense);
 
     // region halos
     const gRegions = $("map-regions");
     gRegions.replaceChildren();
+    const gLabels = $("map-labels");
+    gLabels.replaceChildren();
+    const centroids = new Map();
     const byRegion = new Map();
     for (const m of members) {
       if (m.state === "left") continue;
@@ -618,21 +637,42 @@
       const cx = pts.reduce((s, p) => s + p[0], 0) / pts.length;
       const cy = pts.reduce((s, p) => s + p[1], 0) / pts.length;
       const rad = Math.max(...pts.map((p) => Math.hypot(p[0] - cx, p[1] - cy))) + r + 14;
+      centroids.set(g, [cx, cy]);
       const color = regionColor(g);
       gRegions.append(svg("circle", { cx, cy, r: rad, class: "region-halo", fill: color, stroke: color }));
       const label = svg("text", {
         x: cx, y: Math.max(14, cy - rad - 6), "text-anchor": "middle", class: "region-label", fill: color,
       });
       label.textContent = `${g} (${pts.length})`;
-      gRegions.append(label);
+      gLabels.append(label);
     }
 
     // links from this node to every other member, coloured by RTT
     const gLinks = $("map-links");
     gLinks.replaceChildren();
     const sp = pos.get(self);
-    if (sp) {
-      const labelRtt = members.length <= 12;
+    if (sp && dense) {
+      // 200 lines would hide the map: one link per region, at its median RTT.
+      for (const [g, c] of centroids) {
+        const rtts = members
+          .filter((m) => (m.region || "?") === g && m.name !== self && m.state === "alive" && typeof m.rtt_ms === "number")
+          .map((m) => m.rtt_ms).sort((a, b) => a - b);
+        if (!rtts.length) continue;
+        const med = rtts[Math.floor(rtts.length / 2)];
+        const far = Math.hypot(c[0] - sp[0], c[1] - sp[1]) > 2 * r;
+        if (far) {
+          gLinks.append(svg("line", {
+            x1: sp[0], y1: sp[1], x2: c[0], y2: c[1], class: "link region-link", stroke: rttColor(med),
+            "data-link": "region:" + g,
+          }));
+        }
+        const lx = far ? sp[0] + (c[0] - sp[0]) * 0.55 : c[0];
+        const ly = far ? sp[1] + (c[1] - sp[1]) * 0.55 : c[1] + 4;
+        const t = svg("text", { x: lx, y: ly, "text-anchor": "middle", class: "link-label" });
+        t.textContent = "~" + fmtMs(med);
+        gLabels.append(t);
+      }
+    } else if (sp) {
       for (const m of members) {
         if (m.name === self || m.state === "left") continue;
         const p = pos.get(m.name);
@@ -643,22 +683,16 @@
           stroke: hasRtt ? rttColor(m.rtt_ms) : "#b9c0c9",
           "data-link": m.name,
         });
-        if (members.length > 60) line.setAttribute("stroke-opacity", "0.35");
         gLinks.append(line);
-        if (labelRtt && hasRtt && m.state !== "dead") {
-          const t = svg("text", {
-            x: (sp[0] + p[0]) / 2, y: (sp[1] + p[1]) / 2 - 4, "text-anchor": "middle", class: "chart-tick",
-          });
-          t.textContent = fmtMs(m.rtt_ms);
-          gLinks.append(t);
-        }
       }
     }
 
     // nodes: keyed, so CSS can animate their moves
     const gNodes = $("map-nodes");
     const existing = new Map([...gNodes.children].map((g) => [g.dataset.node, g]));
-    const order = members.slice().sort((a, b) => (STATE_ORDER[b.state] ?? 9) - (STATE_ORDER[a.state] ?? 9));
+    // Draw order: alive under suspect under dead, and this node on top of all.
+    const rank = (m) => (m.name === self ? -1 : STATE_ORDER[m.state] ?? 9);
+    const order = members.slice().sort((a, b) => rank(b) - rank(a));
     for (const m of order) {
       let g = existing.get(m.name);
       if (!g) {
@@ -670,6 +704,7 @@
           svg("circle", { class: "body" }),
           svg("path", { class: "cross" }),
           svg("text", { class: "name" }),
+          svg("text", { class: "rtt" }),
         );
         g.addEventListener("mouseenter", (ev) => showTip(ev, g.dataset.node));
         g.addEventListener("mousemove", moveTip);
@@ -684,7 +719,7 @@
       g.dataset.state = m.state;
       g.classList.toggle("self", m.name === self);
       g.classList.toggle("highlight", m.name === ui.highlighted);
-      const [ring, selfRing, body, cross, name] = g.children;
+      const [ring, selfRing, body, cross, name, rtt] = g.children;
       ring.setAttribute("r", r + 4);
       selfRing.setAttribute("r", m.name === self ? r + 3 : 0);
       body.setAttribute("r", r);
@@ -693,7 +728,10 @@
       cross.setAttribute("d", `M${-k} ${-k}L${k} ${k}M${k} ${-k}L${-k} ${k}`);
       name.setAttribute("y", r + 13);
       name.textContent = m.name;
-      gNodes.append(g); // draw order: alive under suspect under dead
+      rtt.setAttribute("y", r + 25);
+      rtt.textContent = members.length <= 12 && m.name !== self && m.state !== "dead" && m.state !== "left"
+        && typeof m.rtt_ms === "number" ? fmtMs(m.rtt_ms) : "";
+      gNodes.append(g);
     }
     for (const g of existing.values()) g.remove();
 
@@ -819,7 +857,11 @@
     wrap.append(bar);
     const txt = el("span", "load-txt", load ? `${load.running}/${load.slots}` : "\u2013");
     wrap.append(txt);
-    if (load && load.queued) wrap.append(el("span", "load-txt queued", `+${load.queued} queued`));
+    if (load && load.queued) {
+      const q = el("span", "load-txt queued", `+${load.queued}q`);
+      q.title = `${load.queued} queued`;
+      wrap.append(q);
+    }
     return wrap;
   }
 
@@ -838,10 +880,9 @@
       if (!tr) {
         tr = el("tr");
         tr.dataset.node = m.name;
-        for (let i = 0; i < 7; i++) tr.append(el("td"));
+        for (let i = 0; i < 6; i++) tr.append(el("td"));
         tr.children[3].className = "num";
         tr.children[5].className = "num";
-        tr.children[6].className = "mono";
         tr.addEventListener("mouseenter", () => {
           const g = $("map-nodes").querySelector(`g[data-node="${CSS.escape(tr.dataset.node)}"]`);
           if (g) g.classList.add("highlight");
@@ -859,11 +900,14 @@
       td[1].textContent = m.name;
       const dot = el("span", "region-dot");
       dot.style.background = regionColor(m.region);
-      td[2].replaceChildren(dot, document.createTextNode([m.region, m.zone && m.zone !== m.region ? m.zone : ""].filter(Boolean).join(" / ")));
+      // LocalMesh and most clouds name zones after their region: "eu-west-z1" says both.
+      const where = m.zone && String(m.zone).startsWith(m.region || "\u0000") ? m.zone
+        : [m.region, m.zone].filter(Boolean).join(" / ");
+      td[2].replaceChildren(dot, document.createTextNode(where));
+      td[1].title = [m.address, m.http ? "http " + m.http : ""].filter(Boolean).join("  ");
       td[3].textContent = m.name === self ? "\u2013" : typeof m.rtt_ms === "number" ? fmtMs(m.rtt_ms) : "?";
-      td[4].replaceChildren(loadBar(m.load, 56));
+      td[4].replaceChildren(loadBar(m.load, 44));
       td[5].textContent = m.incarnation ?? "";
-      td[6].textContent = m.address || "";
       frag.append(tr);
     }
     body.append(frag);
@@ -947,17 +991,28 @@
     tr.textContent = "now";
     svgEl.append(tl, tr);
     for (const s of series) {
-      const pts = points
-        .filter((p) => typeof p[s.key] === "number" && isFinite(p[s.key]))
-        .map((p) => `${X(p.t).toFixed(1)},${Y(p[s.key]).toFixed(1)}`);
-      if (pts.length < 2) continue;
-      if (s.area) {
-        svgEl.append(svg("polygon", {
-          points: `${left},${top + ph} ${pts.join(" ")} ${X(t1).toFixed(1)},${top + ph}`,
-          class: "area " + s.cls,
-        }));
+      // A null value (no task ended that second) breaks the line; a lone point is a dot.
+      const runs = [[]];
+      for (const p of points) {
+        const v = p[s.key];
+        if (typeof v === "number" && isFinite(v)) runs[runs.length - 1].push([X(p.t), Y(v)]);
+        else if (runs[runs.length - 1].length) runs.push([]);
       }
-      svgEl.append(svg("polyline", { points: pts.join(" "), class: "series " + s.cls }));
+      for (const run of runs) {
+        if (!run.length) continue;
+        const coords = run.map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" ");
+        if (run.length === 1) {
+          svgEl.append(svg("circle", { cx: run[0][0], cy: run[0][1], r: 2.5, class: "dot " + s.cls }));
+          continue;
+        }
+        if (s.area) {
+          svgEl.append(svg("polygon", {
+            points: `${run[0][0].toFixed(1)},${top + ph} ${coords} ${run[run.length - 1][0].toFixed(1)},${top + ph}`,
+            class: "area " + s.cls,
+          }));
+        }
+        svgEl.append(svg("polyline", { points: coords, class: "series " + s.cls }));
+      }
     }
   }
 
@@ -974,7 +1029,7 @@
     const last = pts[pts.length - 1];
     $("tp-now").textContent = last ? fmtNum(last.tasks_done_per_s || 0) + " /s" : "";
     $("lat-now").textContent = last && typeof last.latency_p50_ms === "number"
-      ? `${fmtMs(last.latency_p50_ms)} / ${fmtMs(last.latency_p99_ms)}` : "";
+      ? `${fmtMs(last.latency_p50_ms)} \u00b7 ${fmtMs(last.latency_p99_ms)}` : "";
   }
 
   // ---------------------------------------------------------------- objects
@@ -1009,6 +1064,7 @@
       if (o.data_class) cls.append(el("span", "badge cls", o.data_class));
       const res = Array.isArray(o.residency) ? o.residency.join(", ") : o.residency;
       if (res) cls.append(document.createTextNode(" " + res));
+      if (!cls.childNodes.length) cls.append(el("span", "sub", "\u2013"));
       const chips = el("td");
       const replicas = o.replicas || [];
       const holders = new Set(o.holders || []);
@@ -1033,7 +1089,7 @@
 
   function eventClass(kind) {
     const k = String(kind || "").toLowerCase();
-    if (/dead|death|fail|lost|error|refus/.test(k)) return "ev-bad";
+    if (/dead|death|down|fail|lost|error|refus/.test(k)) return "ev-bad";
     if (/suspect|retry|under|stale|evict/.test(k)) return "ev-warn";
     if (/join|alive|refut|recover|up|done|repair|replicat/.test(k)) return "ev-good";
     return "ev-info";
