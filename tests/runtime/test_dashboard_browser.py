@@ -10,7 +10,6 @@ refresh. Screenshots are saved under ``artifacts/`` (gitignored) for a human to 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -147,7 +146,6 @@ def screenshot(driver: Any, name: str) -> Path:
 def test_dashboard_shows_the_mesh_and_a_killed_node_as_dead(
     mesh: LocalMesh, client: TaskMesh, browser: Any
 ) -> None:
-    assert shutil.which(str(CHROMIUM))
     http = mesh.nodes[0].http
     assert http, "LocalMesh nodes should serve HTTP"
     token = load_bundle(mesh.bundle_path).token

@@ -275,6 +275,14 @@
     if (age > STALE_AFTER_MS && (ui.connStatus === "live" || ui.connStatus === "polling")) {
       setStatus("stale", "stale");
     }
+    if (age > STALE_AFTER_MS && ui.snap) {
+      // Say so loudly: everything below is this node's last view, not the mesh now.
+      const name = (ui.snap.node || {}).name || "this node";
+      const health = $("health");
+      health.dataset.level = "bad";
+      health.textContent = `No update from ${name} for ${fmtAge(age / 1000)}: it may be down or unreachable `
+        + "(every node serves this dashboard: open another one). Below is its last view.";
+    }
   }, 1000);
 
   // ---------------------------------------------------------------- snapshot
@@ -660,14 +668,15 @@
         if (!rtts.length) continue;
         const med = rtts[Math.floor(rtts.length / 2)];
         const far = Math.hypot(c[0] - sp[0], c[1] - sp[1]) > 2 * r;
-        if (far) {
+        if (!far) continue; // this node's own region: the table has those RTTs
+        {
           gLinks.append(svg("line", {
             x1: sp[0], y1: sp[1], x2: c[0], y2: c[1], class: "link region-link", stroke: rttColor(med),
             "data-link": "region:" + g,
           }));
         }
-        const lx = far ? sp[0] + (c[0] - sp[0]) * 0.55 : c[0];
-        const ly = far ? sp[1] + (c[1] - sp[1]) * 0.55 : c[1] + 4;
+        const lx = sp[0] + (c[0] - sp[0]) * 0.55;
+        const ly = sp[1] + (c[1] - sp[1]) * 0.55;
         const t = svg("text", { x: lx, y: ly, "text-anchor": "middle", class: "link-label" });
         t.textContent = "~" + fmtMs(med);
         gLabels.append(t);
@@ -906,7 +915,7 @@
       td[2].replaceChildren(dot, document.createTextNode(where));
       td[1].title = [m.address, m.http ? "http " + m.http : ""].filter(Boolean).join("  ");
       td[3].textContent = m.name === self ? "\u2013" : typeof m.rtt_ms === "number" ? fmtMs(m.rtt_ms) : "?";
-      td[4].replaceChildren(loadBar(m.load, 44));
+      td[4].replaceChildren(loadBar(m.load, 36));
       td[5].textContent = m.incarnation ?? "";
       frag.append(tr);
     }
@@ -1029,7 +1038,7 @@
     const last = pts[pts.length - 1];
     $("tp-now").textContent = last ? fmtNum(last.tasks_done_per_s || 0) + " /s" : "";
     $("lat-now").textContent = last && typeof last.latency_p50_ms === "number"
-      ? `${fmtMs(last.latency_p50_ms)} \u00b7 ${fmtMs(last.latency_p99_ms)}` : "";
+      ? `p50 ${fmtMs(last.latency_p50_ms)} \u00b7 p99 ${fmtMs(last.latency_p99_ms)}` : "";
   }
 
   // ---------------------------------------------------------------- objects
