@@ -16,6 +16,7 @@ from meshscale.core.scheduling import (
     Load,
     NearSource,
     NodeState,
+    Reserve,
     Resources,
     RunTask,
     Scheduler,
@@ -262,6 +263,54 @@ def test_locality_goes_wide_after_the_wait() -> None:
     assert bound and bound[0].node in ("a", "c") and not bound[0].restricted  # type: ignore[attr-defined]
 
 
+def test_a_long_burst_is_not_reprobed_while_its_workers_ask_for_it() -> None:
+    # 200 one-cpu tasks on two one-slot nodes, one task per node per 0.1 s: the tail waits
+    # ~10 s, five probe timeouts, in the workers' queues. Those reservations are not lost,
+    # so nothing is re-probed (a re-probe per sweep per task flooded the queues).
+    one = Resources(1.0, 8000, 0)
+    net = Net([node("a", cap=one), node("b", cap=one)])
+    net.s["a"].submit([TaskSpec(f"t{i}") for i in range(200)], 0.0)
+    net.pump(0.0)
+    now = 0.0
+    while net.running:
+        now += 0.1
+        runs, net.running = net.running, []
+        for name, r in runs:
+            net.s[name].task_finished(r.owner, r.task.task_id, r.attempt, True, "", now)
+        for s in net.s.values():
+            s.on_timer(now)
+        net.pump(now)
+    assert len(net.of(TaskFinished)) == 200 and now > 4 * CFG.probe_timeout_s
+    st = net.s["a"].stats
+    assert "reprobed" not in st and st["probes_sent"] == 400
+    assert "reservations_dropped" not in net.s["b"].stats
+
+
+def test_worker_scan_stops_when_nothing_fits() -> None:
+    # A long queue and no free slot: an incoming reservation does not walk the queue.
+    one = Resources(1.0, 8000, 0)
+    w = Scheduler("w", one, config=CFG, rng=random.Random(0), now=0.0)
+    w.set_view([node("w", cap=one), node("o")], 0.0)
+    for i in range(1000):
+        w.handle_message("o", encode_message(Reserve(1, f"t{i}", Resources(1.0))), 0.0)
+    gets = [o for o in w.drain() if isinstance(o, SendMessage)]
+    assert len(gets) == 1 and w.load().queued == 999
+    calls = 0
+    real = Resources.fits_in
+
+    def counting(self: Resources, other: Resources) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(self, other)
+
+    Resources.fits_in = counting  # type: ignore[method-assign]
+    try:
+        w.handle_message("o", encode_message(Reserve(1, "late", Resources(1.0))), 0.0)
+    finally:
+        Resources.fits_in = real  # type: ignore[method-assign]
+    assert calls <= 2 and w.load().queued == 1000
+
+
 def test_herd_one_owner_spreads_its_batch() -> None:
     # One submitter, all nodes look idle: its own reservations spread the batch.
     view = [node(f"n{i}") for i in range(8)]
@@ -281,7 +330,6 @@ def test_steal_prefers_reservations_whose_inputs_the_thief_holds() -> None:
     net = Net(view, cfg)
     v = net.s["v"]
     # v gets three reservations directly (bypassing sampling); it is busy with the first.
-    from meshscale.core.scheduling import Reserve
     for i, oid in enumerate(("x", "z", "y", "w")):
         v.handle_message("o", encode_message(Reserve(1, f"t{i}", Resources(1, 0, 0), [oid])), 0.0)
     assert len(v._queue) == 3  # the first became a GetTask

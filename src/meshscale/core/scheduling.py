@@ -726,8 +726,12 @@ class Scheduler:
         self._done: OrderedDict[str, None] = OrderedDict()
         self._probes_on: dict[str, int] = {}
         self._bound_on: dict[str, int] = {}
+        self._asked_at: dict[str, float] = {}
+        """When each node last asked this owner for a task (``GetTask``)."""
         # worker side
         self._queue: deque[_Reservation] = deque()
+        self._queue_min_cpus = math.inf
+        """A lower bound of the cpus of every queued reservation (inf: queue empty)."""
         self._asks: dict[int, _Ask] = {}
         self._ask_seq = 0
         self._running: dict[tuple[str, str, int], Resources] = {}
@@ -990,6 +994,7 @@ class Scheduler:
         return not (now < t.local_until and worker not in t.holders)
 
     def _on_get(self, src: str, msg: GetTask, now: float) -> None:
+        self._asked_at[src] = now
         ids = self._batches.get(msg.batch)
         chosen: _Task | None = None
         if ids:
@@ -1064,6 +1069,7 @@ class Scheduler:
 
     def _lost(self, name: str, now: float) -> None:
         # owner side
+        self._asked_at.pop(name, None)
         for tid in sorted(self._tasks, key=lambda k: self._tasks[k].order):
             t = self._tasks.get(tid)
             if t is None:
@@ -1093,11 +1099,24 @@ class Scheduler:
             if t is None:
                 continue
             if t.node is None:
-                if now - t.probed_at >= cfg.probe_timeout_s:
+                if now - t.probed_at >= cfg.probe_timeout_s and self._probes_lost(t, now):
                     self._count("reprobed")
                     self._place(t, now)
             elif now - t.bound_at >= cfg.run_timeout_s:
                 self._replace(t, f"no result from {t.node} within {cfg.run_timeout_s} s", now)
+
+    def _probes_lost(self, t: _Task, now: float) -> bool:
+        """Whether unbound ``t``'s reservations look lost (``probe_timeout_s`` passed since
+        they were sent). Not while a probed node still asks this owner for work: its
+        queue is working through our reservations, and late binding hands any of them
+        ``t`` in turn. Re-probing those (every sweep, for every task of a long burst) made
+        a 10,000-task submit flood the workers' queues with duplicate reservations. Still
+        re-probed after ``reservation_ttl_s``, when the workers drop them anyway."""
+        cfg = self.config
+        if now - t.probed_at >= cfg.reservation_ttl_s:
+            return True
+        return not any(now - self._asked_at.get(n, -math.inf) < cfg.probe_timeout_s
+                       for n in t.probes)
 
     # ------------------------------------------------------------------ worker internals
 
@@ -1110,29 +1129,37 @@ class Scheduler:
             return
         self._queue.append(_Reservation(src, msg.batch, msg.hint, msg.demand, list(msg.inputs),
                                         now + self.config.reservation_ttl_s))
+        self._queue_min_cpus = min(self._queue_min_cpus, msg.demand.cpus)
         self._count("reservations")
         self._pump(now)
 
     def _pump(self, now: float) -> None:
-        """Turn queued reservations into ``GetTask`` requests while resources are free."""
+        """Turn queued reservations into ``GetTask`` requests while resources are free.
+
+        First fit (a big reservation does not block small ones), but the scan stops once
+        no queued reservation can fit the free cpus: with a long queue and no free slot an
+        event costs O(1), not O(queue) (which made a long burst quadratic). Expired
+        reservations met on the way are dropped; the sweep drops the rest."""
         cfg = self.config
-        if not self._queue or len(self._asks) >= cfg.max_concurrent_asks:
-            return
-        kept: deque[_Reservation] = deque()
-        while self._queue:
-            res = self._queue.popleft()
+        queue = self._queue
+        skipped: list[_Reservation] = []
+        while (queue and len(self._asks) < cfg.max_concurrent_asks
+               and self._free.cpus + 1e-9 >= self._queue_min_cpus):
+            res = queue.popleft()
             if res.expires <= now:
                 self._count("reservations_expired")
                 continue
-            if len(self._asks) < cfg.max_concurrent_asks and res.demand.fits_in(self._free):
+            if res.demand.fits_in(self._free):
                 self._ask_seq += 1
                 self._asks[self._ask_seq] = _Ask(res, now + cfg.ask_timeout_s)
                 self._free = self._free.minus(res.demand)
                 self._send(res.owner, GetTask(self._ask_seq, res.batch, res.hint, res.demand,
                                               res.stolen))
             else:
-                kept.append(res)  # first fit: a big reservation does not block small ones
-        self._queue = kept
+                skipped.append(res)
+        if not queue:  # scanned to the end: the bound is exact again
+            self._queue_min_cpus = min((r.demand.cpus for r in skipped), default=math.inf)
+        queue.extendleft(reversed(skipped))
 
     def _release(self, ask_id: int) -> _Ask | None:
         ask = self._asks.pop(ask_id, None)
@@ -1228,6 +1255,7 @@ class Scheduler:
             self._queue.appendleft(_Reservation(ref.owner, ref.batch, ref.hint, ref.demand,
                                                 list(ref.inputs),
                                                 now + self.config.reservation_ttl_s, True))
+            self._queue_min_cpus = min(self._queue_min_cpus, ref.demand.cpus)
             self._count("reservations_stolen")
         self._pump(now)
 
