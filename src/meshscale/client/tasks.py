@@ -92,6 +92,8 @@ SUBMIT_BATCH: Final = 512
 MAX_ARGS_BYTES: Final = 512 * 1024
 WAIT_POLL_S: Final = 10.0
 """Longest single wait the client asks a node for (it clamps to its own bound)."""
+WAIT_IDS: Final = 4096
+"""Task ids per ``task.wait`` request (the node's bound)."""
 TASK_CONNECTIONS: Final = 4
 """Extra connections for task calls, so a long wait never holds up a submit or a get."""
 TERMINAL: Final = frozenset({"done", "failed", "cancelled"})
@@ -574,15 +576,18 @@ class AsyncTaskMesh(AsyncMesh):
                 raise TaskSubmitError(f"submit refused: {detail}") from None
         raise AssertionError("unreachable")
 
-    async def _poll(self, futures: Sequence[Future], timeout: float) -> None:
+    async def _poll(self, futures: Sequence[Future], timeout: float, *,
+                    every: bool = False) -> None:
         """Ask the node for the outcomes of those futures not yet resolved; waits up to
-        ``timeout`` for at least one."""
+        ``timeout`` for at least one (``every``: for all of those asked about, so a
+        large ``wait`` costs a few calls, not one per completion)."""
         pending = [f for f in futures if f._outcome is None]
         if not pending:
             return
-        by_id = {f.task_id: f for f in pending}
-        ids = list(by_id)[:4096]
-        reply = await self._tcall("task.wait", {"task_ids": ids, "timeout_s": timeout})
+        by_id = {f.task_id: f for f in pending[:WAIT_IDS]}
+        ids = list(by_id)
+        reply = await self._tcall("task.wait", {"task_ids": ids, "timeout_s": timeout,
+                                                "min_done": len(ids) if every else 1})
         for r in reply.get("results") or []:
             fut = by_id.get(str(r.get("task_id")))
             if fut is not None and r.get("state") in TERMINAL:
@@ -603,7 +608,7 @@ class AsyncTaskMesh(AsyncMesh):
             left = WAIT_POLL_S if deadline is None else deadline - time.monotonic()
             if not pending or left <= 0:
                 return [f for f in futs if f._outcome is not None], pending
-            await self._poll(pending, min(left, WAIT_POLL_S))
+            await self._poll(pending, min(left, WAIT_POLL_S), every=True)
 
     async def as_completed(self, futures: Iterable[Future], timeout: float | None = None
                            ) -> AsyncIterator[Future]:
