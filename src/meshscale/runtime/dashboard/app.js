@@ -659,6 +659,7 @@
     const gLinks = $("map-links");
     gLinks.replaceChildren();
     const sp = pos.get(self);
+    const selfRegion = ((members.find((m) => m.name === self) || {}).region) || "?";
     if (sp && dense) {
       // 200 lines would hide the map: one link per region, at its median RTT.
       for (const [g, c] of centroids) {
@@ -667,8 +668,7 @@
           .map((m) => m.rtt_ms).sort((a, b) => a - b);
         if (!rtts.length) continue;
         const med = rtts[Math.floor(rtts.length / 2)];
-        const far = Math.hypot(c[0] - sp[0], c[1] - sp[1]) > 2 * r;
-        if (!far) continue; // this node's own region: the table has those RTTs
+        if (g === selfRegion) continue; // short hops inside the region: the table has them
         {
           gLinks.append(svg("line", {
             x1: sp[0], y1: sp[1], x2: c[0], y2: c[1], class: "link region-link", stroke: rttColor(med),
