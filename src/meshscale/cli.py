@@ -283,6 +283,10 @@ def node_start_cmd(
     metrics_public: Annotated[
         bool, typer.Option("--metrics-public", help="Serve /metrics without the token.")
     ] = False,
+    stream_max_backlog: Annotated[
+        int, typer.Option("--stream-max-backlog", help="Records a stream shard holds for "
+                          "its slowest operator before producers wait (backpressure).")
+    ] = 2000,
 ) -> None:
     """Run a node in the foreground (JSON log lines on stderr); SIGTERM/SIGINT leave gracefully."""
     from meshscale.core.membership import NodeMeta
@@ -292,6 +296,8 @@ def node_start_cmd(
     from meshscale.trust.tls import TLSConfigError
 
     bind = _parse_addr(bind, "--bind")
+    if not 1 <= stream_max_backlog <= 1_000_000:
+        raise CliError(f"--stream-max-backlog must be in 1..1000000, not {stream_max_backlog}")
     if http is not None:
         http = _parse_addr(http, "--http")
     if metrics_public and http is None:
@@ -324,7 +330,8 @@ def node_start_cmd(
             meta=meta,
             seeds=seeds,
             emulated_latency=emulated,
-            agent_config=AgentConfig(http=http, metrics_public=metrics_public),
+            agent_config=AgentConfig(http=http, metrics_public=metrics_public,
+                                     stream_max_backlog=stream_max_backlog),
         )
     except (IdentityError, TLSConfigError, ValueError) as e:
         raise CliError(str(e)) from None

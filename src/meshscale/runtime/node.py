@@ -132,6 +132,8 @@ class AgentConfig:
     """HOST:PORT of the HTTP API, metrics and dashboard (``runtime/http.py``); None: off."""
     metrics_public: bool = False
     """Serve ``/metrics`` without the admin token (for a scraper)."""
+    stream_max_backlog: int = 2_000
+    """Records a stream shard holds for its slowest operator before producers wait."""
     max_http_streams: int = 16
     """Concurrent ``/api/v1/stream`` clients; more get 503."""
     idle_watts: float = 10.0
@@ -343,8 +345,6 @@ class NodeAgent:
             key=self._keys.seal_ring.primary_id,
             emulated_latency=bool(self.latency),
         )
-        if self.seeds:
-            self.m.join(self.seeds, now)
         self._pump()
         self._spawn(self._housekeeping())
         if self._with_dataplane:
@@ -358,6 +358,11 @@ class NodeAgent:
 
             self.streams: StreamPlane | None = StreamPlane(self)
             await self.streams.start()
+        # Join only once every plane serves its RPCs: a member others can see must be
+        # able to answer them (a client that waits for convergence may call at once).
+        if self.seeds:
+            self.m.join(self.seeds, time.monotonic())
+            self._pump()
 
     async def leave_and_stop(self) -> None:
         """Graceful leave: tell the mesh, give it time to spread, then close."""

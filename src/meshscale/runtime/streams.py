@@ -158,7 +158,11 @@ def _entry_from(w: Any) -> LogEntry:
 class StreamPlane:
     def __init__(self, agent: NodeAgent, config: StreamConfig | None = None) -> None:
         self.agent = agent
-        self.cfg = config or StreamConfig()
+        if config is None:
+            backlog = agent.cfg.stream_max_backlog
+            config = StreamConfig(log=ShardLogConfig(
+                max_backlog=backlog, max_records=max(backlog, ShardLogConfig.max_records)))
+        self.cfg = config
         self.logs: dict[tuple[str, str], ShardLog] = {}
         self.mirrors: dict[tuple[str, str], ShardLog] = {}
         self.topic_residency: dict[str, Residency | None] = {}
