@@ -956,16 +956,42 @@ class Scheduler:
             for n in pool
         )
         scored = scored[: max(cfg.pool_size, cfg.probes_per_task)]
-        picks = _weighted_sample(scored, cfg.probes_per_task, cfg.sample_temperature_s,
-                                 self.rng)
         t.probed_at = now
         inputs = [i.oid for i in t.spec.inputs]
+        if self._bind_here(t, scored, inputs, now):
+            return
+        picks = _weighted_sample(scored, cfg.probes_per_task, cfg.sample_temperature_s,
+                                 self.rng)
         for name in picks:
             if name not in t.probes:
                 t.probes.add(name)
                 self._probes_on[name] = self._probes_on.get(name, 0) + 1
             self._count("probes_sent")
             self._send(name, Reserve(t.batch, t.spec.task_id, t.spec.demand, inputs))
+
+    def _bind_here(self, t: _Task, scored: Sequence[tuple[float, str]], inputs: list[str],
+                   now: float) -> bool:
+        """Bind ``t`` to this node at once, without reservations, when this node is one
+        of the cheapest candidates (within ``sample_temperature_s`` of the best: a likely
+        draw anyway) and, as a worker, has the resources free with nothing queued ahead.
+        Probing would only add a round trip: the local reservation would win, and the
+        remote one would come back as a wasted ``GetTask`` -> ``NoTask``. Queued
+        reservations of other owners keep their turn (the queue must be empty)."""
+        cfg = self.config
+        if (not scored or self._queue or len(self._asks) >= cfg.max_concurrent_asks
+                or not t.spec.demand.fits_in(self._free)):
+            return False
+        mine = next((c for c, n in scored if n == self.name), None)
+        if mine is None or mine - scored[0][0] > cfg.sample_temperature_s:
+            return False
+        self._ask_seq += 1
+        res = _Reservation(self.name, t.batch, t.spec.task_id, t.spec.demand, inputs,
+                           now + cfg.reservation_ttl_s)
+        self._asks[self._ask_seq] = _Ask(res, now + cfg.ask_timeout_s)
+        self._free = self._free.minus(t.spec.demand)
+        self._count("bound_here")
+        self._bind(t, self.name, self._ask_seq, False, now)
+        return True
 
     def _unprobe(self, t: _Task) -> None:
         for name in t.probes:
@@ -1015,6 +1041,9 @@ class Scheduler:
             self._count("no_task")
             self._send(src, NoTask(msg.ask))
             return
+        self._bind(chosen, src, msg.ask, msg.stolen, now)
+
+    def _bind(self, chosen: _Task, src: str, ask: int, stolen: bool, now: float) -> None:
         state = self._view[src]
         assert exclusion(chosen.spec, state) is None, "binding would break a placement rule"
         self._unprobe(chosen)
@@ -1023,11 +1052,11 @@ class Scheduler:
         chosen.bound_at = now
         self._bound_on[src] = self._bound_on.get(src, 0) + 1
         cost = score(chosen.spec, state, self._origin(chosen.spec), self.config)
-        self._count("bound_stolen" if msg.stolen else "bound")
+        self._count("bound_stolen" if stolen else "bound")
         self._outputs.append(TaskBound(
             chosen.spec.task_id, src, state.region, chosen.attempt, cost,
-            local_bytes(chosen.spec, src) > 0, now < chosen.local_until, msg.stolen))
-        self._send(src, Grant(msg.ask, chosen.spec, chosen.attempt))
+            local_bytes(chosen.spec, src) > 0, now < chosen.local_until, stolen))
+        self._send(src, Grant(ask, chosen.spec, chosen.attempt))
 
     def _on_result(self, src: str, msg: Result, now: float) -> None:
         t = self._tasks.pop(msg.task_id, None)
