@@ -492,19 +492,48 @@
       groups.get(g).push(m);
     }
     const regions = [...groups.keys()].sort(byName);
-    const pos = new Map();
+    const k = regions.length;
+    const nmax = Math.max(...regions.map((g) => groups.get(g).length));
     const cx = MAP_W / 2;
     const cy = MAP_H / 2;
-    const spacing = r * 2.7;
-    const clusterR = Math.max(...regions.map((g) => spacing * Math.sqrt(groups.get(g).length)));
-    const ringX = regions.length > 1 ? Math.max(0, MAP_W / 2 - MAP_PAD - clusterR) : 0;
-    const ringY = regions.length > 1 ? Math.max(0, MAP_H / 2 - MAP_PAD - clusterR) : 0;
+    let spacing = r * 2.7;
+    let clusterR = spacing * Math.sqrt(nmax);
+    // Regions on a ring when the clusters fit around it without touching; else on a grid
+    // of cells, with the clusters packed tighter if a cell is too small for them.
+    const ringX = Math.max(0, MAP_W / 2 - MAP_PAD - clusterR);
+    const ringY = Math.max(0, MAP_H / 2 - MAP_PAD - clusterR);
+    const chord = 2 * Math.min(ringX, ringY) * Math.sin(Math.PI / Math.max(k, 2));
+    const centres = [];
+    if (k === 1) {
+      centres.push([cx, cy]);
+    } else if (chord >= 2 * clusterR + 30) {
+      regions.forEach((_, i) => {
+        const a = -Math.PI / 2 + (2 * Math.PI * i) / k;
+        centres.push([cx + ringX * Math.cos(a), cy + ringY * Math.sin(a)]);
+      });
+    } else {
+      const cols = Math.ceil(Math.sqrt((k * MAP_W) / MAP_H));
+      const rows = Math.ceil(k / cols);
+      const cw = (MAP_W - 2 * 10) / cols;
+      const ch = (MAP_H - 2 * 10) / rows;
+      const room = Math.min(cw, ch) / 2 - 24; // label above the halo
+      if (clusterR > room) {
+        spacing = Math.max(2 * r + 1, room / Math.sqrt(nmax));
+        clusterR = spacing * Math.sqrt(nmax);
+      }
+      regions.forEach((_, i) => {
+        const row = Math.floor(i / cols);
+        const inRow = row === rows - 1 ? k - cols * (rows - 1) : cols;
+        const col = i - row * cols;
+        const x0 = (MAP_W - inRow * cw) / 2;
+        centres.push([x0 + (col + 0.5) * cw, 10 + (row + 0.5) * ch + 10]);
+      });
+    }
+    const pos = new Map();
     regions.forEach((g, i) => {
-      const a = -Math.PI / 2 + (2 * Math.PI * i) / regions.length;
-      const gx = cx + ringX * Math.cos(a);
-      const gy = cy + ringY * Math.sin(a);
+      const [gx, gy] = centres[i];
       const ms = groups.get(g).slice().sort((p, q) => byName(p.name, q.name));
-      sunflower(ms.length, spacing).forEach(([dx, dy], k) => pos.set(ms[k].name, [gx + dx, gy + dy]));
+      sunflower(ms.length, spacing).forEach(([dx, dy], j) => pos.set(ms[j].name, [gx + dx, gy + dy]));
     });
     return pos;
   }
