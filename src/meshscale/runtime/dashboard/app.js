@@ -318,8 +318,19 @@
     render();
   }
 
+  // The object listing is a mesh-wide fan-out the node caches for a few seconds; the
+  // membership is fresher, so a replica on a node now dead counts as missing at once.
+  function markUnderReplicated(snap) {
+    const states = new Map(snap.members.map((m) => [m.name, m.state]));
+    for (const o of snap.objects || []) {
+      const down = (o.replicas || []).some((n) => states.get(n) === "dead" || states.get(n) === "left");
+      o.under_replicated = Boolean(o.under_replicated) || down;
+    }
+  }
+
   function render() {
     const snap = ui.snap;
+    markUnderReplicated(snap);
     assignRegionColors(snap.members);
     renderHeader(snap);
     for (const e of document.querySelectorAll(".viewed-name")) e.textContent = (snap.node || {}).name || "this node";
