@@ -23,6 +23,7 @@ import itertools
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,21 @@ from meshscale.runtime.storage import (
 
 if TYPE_CHECKING:
     from meshscale.runtime.node import NodeAgent
+
+
+KV_STRAGGLERS_MAX = 256
+"""KV replica calls left running after their write returned (see ``_kv_round``)."""
+
+
+def _straggler_done(
+    stragglers: set[asyncio.Future[None]],
+) -> Callable[[asyncio.Future[None]], None]:
+    def done(fut: asyncio.Future[None]) -> None:
+        stragglers.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a late failure was already counted by the coordinator
+
+    return done
 
 
 @dataclass(frozen=True)
@@ -133,6 +149,7 @@ class DataPlane:
         self._upload_ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._puts: dict[int, asyncio.Future[tuple[str, tuple[str, ...]]]] = {}
+        self._kv_stragglers: set[asyncio.Future[None]] = set()
         self._conns: dict[str, RpcConnection] = {}
         self._idle: dict[str, list[RpcConnection]] = {}
         self._sources: OrderedDict[str, str] = OrderedDict()
@@ -769,7 +786,24 @@ class DataPlane:
             else:
                 coord.on_reply(name, None)
 
-        await asyncio.gather(*(one(n) for n in coord.replicas))
+        calls = [asyncio.ensure_future(one(n)) for n in coord.replicas]
+        # A write returns once its consistency level is met (W acknowledgements, or a
+        # failure that decides it); the other replicas' calls finish in the background,
+        # at most KV_STRAGGLERS_MAX of them at a time (beyond that, wait for all as a
+        # read does: its read repair needs every reply).
+        stragglers = self._kv_stragglers
+        early = method != "kv.read" and len(stragglers) < KV_STRAGGLERS_MAX
+        try:
+            pending: set[asyncio.Future[None]] = set(calls)
+            while pending and (coord.outcome is None or not early):
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            for c in calls:
+                c.cancel()
+            raise
+        for c in pending:
+            stragglers.add(c)
+            c.add_done_callback(_straggler_done(stragglers))
         if coord.outcome is None:
             coord.expire()
 
