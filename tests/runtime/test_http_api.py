@@ -40,12 +40,18 @@ REQUIRED_FAMILIES = {
     "meshscale_bytes_stored", "meshscale_objects_under_replicated", "meshscale_repairs",
     "meshscale_tasks", "meshscale_tasks_ended", "meshscale_task_latency_seconds",
     "meshscale_task_queue_wait_seconds", "meshscale_placement_decisions",
-    "meshscale_energy_joules", "meshscale_power_watts",
+    "meshscale_energy_joules", "meshscale_power_watts", "meshscale_stream_records_in",
+    "meshscale_stream_backlog", "meshscale_stream_records_processed",
+    "meshscale_stream_cross_region_bytes",
 }
 
 
 def square(x: int) -> int:
     return x * x
+
+
+def negate(rec: Any) -> int:
+    return -int(rec.value)
 
 
 def request(addr: str, path: str, token: str | None = None,
@@ -95,6 +101,12 @@ def work(mesh: LocalMesh) -> Iterator[dict[str, Any]]:
         ref = client.put(b"observability " * 100)
         futs = [client.submit(square, i) for i in range(4)]
         assert [f.result(timeout=60) for f in futs] == [0, 1, 4, 9]
+        client.operator("numbers", negate, output="negated", name="negate")
+        s = client.stream("numbers")
+        for i in range(50):
+            s.publish("k", i)
+        s.flush(30)
+        s.close()
         yield {"object": ref.id, "tasks": [f.task_id for f in futs]}
     finally:
         client.close()
@@ -359,3 +371,23 @@ def test_top_once_shows_the_mesh(mesh: LocalMesh) -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("meshscale: error:")
+
+
+def test_streams_show_operators_runners_and_shards(
+    mesh: LocalMesh, token: str, work: dict[str, Any]
+) -> None:
+    def processed() -> dict[str, Any] | None:
+        view: dict[str, Any] = get_json(str(mesh.nodes[2].http), "/api/v1/streams", token)
+        op = next((o for o in view["operators"] if o["name"] == "negate"), None)
+        return view if op is not None and op["records_processed"] >= 50 else None
+
+    view = wait_for(processed, 30, "node-2's streams view to count 50 processed records")
+    op = next(o for o in view["operators"] if o["name"] == "negate")
+    assert (op["topic"], op["output"], op["mode"]) == ("numbers", "negated", "near-source")
+    assert "node-0/node-0" in op["runners"]  # near-source: node-0 runs its own shard
+    assert view["nodes_answered"] == 3
+    primary = [sh for sh in view["shards"] if sh["topic"] == "numbers" and
+               sh["role"] == "primary"]
+    assert [(sh["node"], sh["source"], sh["head"]) for sh in primary] == [
+        ("node-0", "node-0", 50)]
+    assert any(sh["topic"] == "numbers" and sh["role"] == "backup" for sh in view["shards"])

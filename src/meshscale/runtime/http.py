@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OBJECTS_TTL_S = 5.0
+STREAMS_TIMEOUT_S = 2.0
+STREAMS_TTL_S = 2.0
 SNAPSHOT_TTL_S = 0.9
 MAX_LIMIT = 10_000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -90,6 +92,7 @@ class HttpServer:
         self._objects: tuple[float, int, list[dict[str, Any]]] | None = None
         self._objects_lock = asyncio.Lock()
         self._snapshot: tuple[float, bytes] | None = None
+        self._streams_cache: tuple[float, dict[str, Any]] | None = None
         self._snapshot_lock = asyncio.Lock()
         self._openapi = json.dumps(openapi_document()).encode()
         self._closing = False
@@ -108,6 +111,7 @@ class HttpServer:
             "node": self._node, "members": self._members, "objects": self._objects_api,
             "tasks": self._tasks, "events": self._events, "throughput": self._throughput,
             "snapshot": self._snapshot_api, "stream": self._stream,
+            "streams": self._streams_api,
         }.items():
             r.add_get(f"/api/v1/{path}", self._authed(handler))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -260,6 +264,65 @@ class HttpServer:
     async def _throughput(self, request: web.Request) -> web.StreamResponse:
         return _json({"points": self.observer.throughput()})
 
+    async def _streams_api(self, request: web.Request) -> web.StreamResponse:
+        return _json(await self.streams_view())
+
+    async def _streams_cached(self) -> dict[str, Any]:
+        """``streams_view``, reused for ``STREAMS_TTL_S`` (it asks every node)."""
+        now = time.monotonic()
+        cached = self._streams_cache
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        view = await self.streams_view()
+        self._streams_cache = (time.monotonic() + STREAMS_TTL_S, view)
+        return view
+
+    async def streams_view(self) -> dict[str, Any]:
+        """Every live node's ``stream.stats``, merged."""
+        plane = getattr(self.agent, "streams", None)
+        ops: dict[str, dict[str, Any]] = {}
+        shards: list[dict[str, Any]] = []
+        cross: dict[str, int] = {}
+        answered = 0
+        if plane is None:
+            return {"operators": [], "shards": [], "cross_region_bytes": {},
+                    "nodes_answered": 0}
+        for spec in plane.ops.values():
+            ops[spec.name] = {"name": spec.name, "topic": spec.topic, "output": spec.output,
+                              "mode": spec.mode, "region": spec.region, "runners": [],
+                              "records_processed": 0}
+        alive = [c.name for c in plane._alive()]
+
+        async def one(name: str) -> dict[str, Any] | None:
+            try:
+                r: dict[str, Any] = await asyncio.wait_for(
+                    plane._call(name, "stream.stats", {}), STREAMS_TIMEOUT_S)
+                return r
+            except Exception:
+                return None
+
+        for st in await asyncio.gather(*(one(n) for n in alive)):
+            if st is None:
+                continue
+            answered += 1
+            node = str(st.get("node"))
+            for sh in st.get("shards", []):
+                shards.append({"topic": sh["topic"], "source": sh["source"], "node": node,
+                               "role": sh["role"], "base": sh["base"], "head": sh["head"],
+                               "backlog": sh["backlog"]})
+            for label, n in st.get("cross_region_bytes", {}).items():
+                cross[label] = cross.get(label, 0) + int(n)
+            for op, counters in st.get("operators", {}).items():
+                if op in ops:
+                    ops[op]["records_processed"] += int(counters.get("records_processed", 0))
+            for r in st.get("runners", []):
+                op, _, source = str(r).partition("@")
+                if op in ops:
+                    ops[op]["runners"].append(f"{node}/{source}")
+        return {"operators": sorted(ops.values(), key=lambda o: o["name"]),
+                "shards": sorted(shards, key=lambda s: (s["topic"], s["source"], s["node"])),
+                "cross_region_bytes": cross, "nodes_answered": answered}
+
     async def snapshot(self) -> dict[str, Any]:
         return {
             "node": self.observer.node(),
@@ -267,6 +330,7 @@ class HttpServer:
             "throughput": self.observer.throughput(120),
             "objects": await self._object_list(200),
             "events": self.observer.events(0, last=50),
+            "streams": await self._streams_cached(),
         }
 
     async def _snapshot_bytes(self) -> bytes:

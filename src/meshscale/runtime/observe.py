@@ -373,6 +373,7 @@ class MeshCollector(Collector):
         yield from self._transport(agent)
         yield from self._data(obs, agent)
         yield from self._compute(obs, agent)
+        yield from self._streams(agent)
         g = GaugeMetricFamily("meshscale_power_watts", "Estimated power draw now (watts).")
         g.add_metric([], obs.watts)
         yield g
@@ -450,6 +451,43 @@ class MeshCollector(Collector):
                             ("failed", "repairs_failed"), ("shed", "repairs_shed")):
             c.add_metric([result], rm_stats.get(key, 0))
         yield c
+
+    @staticmethod
+    def _streams(agent: NodeAgent) -> Iterator[Metric]:
+        plane = getattr(agent, "streams", None)
+        counters = plane.stats if plane is not None else {}
+        for name, key, doc in (
+            ("meshscale_stream_records_in", "records_in", "Records appended to shards whose "
+             "source is this node (producers and operator outputs)."),
+            ("meshscale_stream_records_backed_up", "records_backed_up",
+             "Records copied here as another node's shard backup."),
+            ("meshscale_stream_publish_waits", "publish_waits",
+             "Times a publish waited for room (backpressure)."),
+            ("meshscale_stream_replicate_failures", "replicate_failed",
+             "Copies to a shard backup that failed (the next backup was tried)."),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], counters.get(key, 0))
+            yield c
+        g = GaugeMetricFamily("meshscale_stream_backlog", "Records a shard held here still "
+                              "waits to have processed by its slowest operator.",
+                              labels=["topic", "source", "role"])
+        c = CounterMetricFamily("meshscale_stream_cross_region_bytes", "Stream payload bytes "
+                                "this node sent to or fetched from another region.",
+                                labels=["label"])
+        p = CounterMetricFamily("meshscale_stream_records_processed", "Records processed by "
+                                "operator runners on this node.", labels=["operator"])
+        if plane is not None:
+            for (topic, source), log in plane.logs.items():
+                g.add_metric([topic, source, "primary" if source == agent.name else "backup"],
+                             log.backlog())
+            for label, n in plane.cross_region_bytes.items():
+                c.add_metric([label], n)
+            for op, st in plane.op_stats.items():
+                p.add_metric([op], st.get("records_processed", 0))
+        yield g
+        yield c
+        yield p
 
     @staticmethod
     def _compute(obs: NodeObserver, agent: NodeAgent) -> Iterator[Metric]:

@@ -141,6 +141,42 @@ def _array_of(key: str, item: str) -> dict[str, Any]:
     }
 
 
+SCHEMAS["StreamsResponse"] = {
+    "type": "object",
+    "required": ["operators", "shards", "cross_region_bytes", "nodes_answered"],
+    "properties": {
+        "operators": {"type": "array", "items": {
+            "type": "object",
+            "required": ["name", "topic", "output", "mode", "region", "runners",
+                         "records_processed"],
+            "properties": {
+                "name": {"type": "string"}, "topic": {"type": "string"},
+                "output": _STR_OR_NULL,
+                "mode": {"enum": ["near-source", "central", "regions"]},
+                "region": _STR_OR_NULL,
+                "runners": {"type": "array", "items": {"type": "string"},
+                            "description": "node/source: which node runs it on which shard"},
+                "records_processed": {"type": "integer", "minimum": 0},
+            }}},
+        "shards": {"type": "array", "items": {
+            "type": "object",
+            "required": ["topic", "source", "node", "role", "base", "head", "backlog"],
+            "properties": {
+                "topic": {"type": "string"},
+                "source": {"type": "string", "description": "Where its records entered"},
+                "node": {"type": "string", "description": "The node holding this copy"},
+                "role": {"enum": ["primary", "backup"]},
+                "base": {"type": "integer", "minimum": 0},
+                "head": {"type": "integer", "minimum": 0},
+                "backlog": {"type": "integer", "minimum": 0},
+            }}},
+        "cross_region_bytes": {"type": "object",
+                               "additionalProperties": {"type": "integer", "minimum": 0},
+                               "description": "topic:kind -> payload bytes sent between "
+                                              "regions (kinds: repl, fetch:OP, follow)"},
+        "nodes_answered": {"type": "integer", "minimum": 0},
+    },
+}
 SCHEMAS["MembersResponse"] = _array_of("members", "Member")
 SCHEMAS["ObjectsResponse"] = _array_of("objects", "Object")
 SCHEMAS["TasksResponse"] = _array_of("tasks", "Task")
@@ -148,7 +184,7 @@ SCHEMAS["EventsResponse"] = _array_of("events", "Event")
 SCHEMAS["ThroughputResponse"] = _array_of("points", "ThroughputPoint")
 SCHEMAS["Snapshot"] = {
     "type": "object",
-    "required": ["node", "members", "throughput", "objects", "events"],
+    "required": ["node", "members", "throughput", "objects", "events", "streams"],
     "properties": {
         "node": {"$ref": "#/components/schemas/Node"},
         "members": {"type": "array", "items": {"$ref": "#/components/schemas/Member"}},
@@ -158,6 +194,7 @@ SCHEMAS["Snapshot"] = {
                     "items": {"$ref": "#/components/schemas/Object"}},
         "events": {"type": "array", "maxItems": 50,
                    "items": {"$ref": "#/components/schemas/Event"}},
+        "streams": {"$ref": "#/components/schemas/StreamsResponse"},
     },
 }
 
@@ -169,6 +206,7 @@ PATH_SCHEMAS = {
     "/api/v1/events": "EventsResponse",
     "/api/v1/throughput": "ThroughputResponse",
     "/api/v1/snapshot": "Snapshot",
+    "/api/v1/streams": "StreamsResponse",
 }
 """Every JSON endpoint and the schema of its 200 body (used by the tests too)."""
 
@@ -180,6 +218,8 @@ _SUMMARIES = {
     "/api/v1/events": "Recent events (membership, re-replications, retries).",
     "/api/v1/throughput": "Task throughput and latency, one point a second (last 300 s).",
     "/api/v1/snapshot": "Everything the dashboard shows, in one body.",
+    "/api/v1/streams": "Stream operators, where they run, shards and their backlog, bytes "
+                       "that crossed regions (asked of every live node).",
 }
 
 
