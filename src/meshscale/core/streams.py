@@ -178,7 +178,8 @@ class ShardLogConfig:
     max_records: int = 20_000
     """Retention: records kept in all (committed ones are dropped oldest first)."""
     max_bytes: int = 64 * 1024 * 1024
-    """Bytes kept in all; appends beyond it wait like a full backlog."""
+    """Bytes kept in all; appends beyond it wait like a full backlog (a topic with no
+    operator evicts its oldest records instead, as for ``max_records``)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_backlog <= self.max_records:
@@ -193,8 +194,8 @@ class ShardLog:
     The primary appends and assigns offsets; the backup applies the primary's entries at
     the same offsets (``apply``). Consumers read from an offset; operators commit one
     (``commit``), which frees room. Retention drops the oldest records once every
-    registered operator committed them, or once ``max_records`` is exceeded when the
-    topic has no operator (counted in ``evicted``)."""
+    registered operator committed them, or once ``max_records`` or ``max_bytes`` is
+    exceeded when the topic has no operator (counted in ``evicted``)."""
 
     def __init__(self, topic: str, source: str, config: ShardLogConfig | None = None) -> None:
         self.topic = topic
@@ -225,10 +226,10 @@ class ShardLog:
     def room(self) -> int:
         """How many more records may be appended now (0 = the producer must wait)."""
         cfg = self.config
-        if self.bytes >= cfg.max_bytes:
-            return 0
         if self.low_water() is None:
             return cfg.max_backlog  # retention evicts; never blocks a consumer-less topic
+        if self.bytes >= cfg.max_bytes:
+            return 0
         return max(0, cfg.max_backlog - self.backlog())
 
     def append(self, records: Sequence[tuple[str, bytes, str, float]]) -> list[LogEntry]:
@@ -278,9 +279,9 @@ class ShardLog:
 
     def register(self, operator: str, offset: int | None = None) -> None:
         """An operator consumes this shard; it starts at ``offset`` (default: the oldest
-        record still held)."""
+        record still held; an offset past the head is clamped to it, as in ``commit``)."""
         if operator not in self.committed:
-            self.committed[operator] = self.base if offset is None else offset
+            self.committed[operator] = self.base if offset is None else min(offset, self.head)
 
     def commit(self, operator: str, offset: int) -> None:
         """``operator`` has durably processed everything before ``offset``."""
@@ -295,7 +296,8 @@ class ShardLog:
         cfg = self.config
         while self.entries and low is not None and self.entries[0].offset < low:
             self._drop_oldest()
-        while len(self.entries) > cfg.max_records:
+        while self.entries and (len(self.entries) > cfg.max_records
+                                or self.bytes > cfg.max_bytes):
             if low is not None and self.entries[0].offset >= low:
                 break  # never evict what an operator still needs; room() blocks instead
             self._drop_oldest()

@@ -1,0 +1,688 @@
+"""Streams without I/O: the bounded shard log (offsets, credit, commits, retention, the
+backup's copy), operator placement and the shard's backup (near-source fail-over, central
+and regional HRW spread, residency, labels), and the source residency check."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from meshscale.core.placement import Candidate, PlacementError, Residency
+from meshscale.core.scheduling import (
+    Central,
+    InRegions,
+    NodeState,
+    Resources,
+    SchedulingError,
+)
+from meshscale.core.streams import (
+    LogEntry,
+    OperatorPlacement,
+    ShardLog,
+    ShardLogConfig,
+    backup_for,
+    candidates_to_states,
+    check_source_allowed,
+    distance_class,
+    place_operator,
+    shard_key,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+def rec(i: int, value: bytes = b"v", key: str = "k") -> tuple[str, bytes, str, float]:
+    return (key, value, f"r{i}", float(i))
+
+
+def recs(start: int, n: int, value: bytes = b"v") -> list[tuple[str, bytes, str, float]]:
+    return [rec(i, value) for i in range(start, start + n)]
+
+
+def offsets(entries: Sequence[LogEntry]) -> list[int]:
+    return [e.offset for e in entries]
+
+
+def check_shape(log: ShardLog) -> None:
+    assert offsets(log.entries) == list(range(log.base, log.head))
+    assert log.head == log.base + len(log.entries)
+    assert log.bytes == sum(e.size for e in log.entries)
+
+
+def cand(name: str, region: str, zone: str | None = None,
+         labels: dict[str, str] | None = None) -> Candidate:
+    return Candidate(name, region, zone or f"{region}-a", labels or {})
+
+
+def state(c: Candidate, cpus: float = 4.0) -> NodeState:
+    return NodeState(member=c, capacity=Resources(cpus, 8000, 0))
+
+
+# eu has two zones (e1, e2 share eu-a; e3 is in eu-b), us has three nodes, ap one.
+E1 = cand("e1", "eu", "eu-a")
+E2 = cand("e2", "eu", "eu-a")
+E3 = cand("e3", "eu", "eu-b")
+U1 = cand("u1", "us", "us-a")
+U2 = cand("u2", "us", "us-b")
+U3 = cand("u3", "us", "us-c")
+A1 = cand("a1", "ap", "ap-a")
+MESH = [E1, E2, E3, U1, U2, U3, A1]
+OP = OperatorPlacement("score")
+
+
+def states(cands: Sequence[Candidate]) -> list[NodeState]:
+    return [state(c) for c in cands]
+
+
+def without(*gone: Candidate) -> list[Candidate]:
+    return [c for c in MESH if c not in gone]
+
+
+# --------------------------------------------------------------------------- shard log
+
+
+def test_offsets_are_contiguous_from_zero() -> None:
+    log = ShardLog("t", "e1")
+    assert (log.base, log.head, log.bytes) == (0, 0, 0)
+    first = log.append(recs(0, 3))
+    second = log.append(recs(3, 2))
+    assert offsets(first) == [0, 1, 2]
+    assert offsets(second) == [3, 4]
+    assert [e.rid for e in log.entries] == [f"r{i}" for i in range(5)]
+    assert log.head == 5 and log.appended == 5
+    check_shape(log)
+
+
+def test_entry_size_counts_key_value_rid_and_overhead() -> None:
+    e = LogEntry(0, "key", b"12345", "rid1", 0.0)
+    assert e.size == 3 + 5 + 4 + 24
+
+
+def test_room_shrinks_against_the_slowest_operator() -> None:
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=5, max_records=10))
+    log.register("fast")
+    log.register("slow")
+    assert log.room() == 5
+    log.append(recs(0, 2))
+    assert (log.backlog(), log.room()) == (2, 3)
+    log.commit("fast", 2)
+    assert log.room() == 3, "the slow operator still holds the backlog"
+    log.append(recs(2, 3))
+    assert (log.backlog(), log.room()) == (5, 0)
+    log.commit("slow", 1)
+    assert (log.backlog(), log.room()) == (4, 1)
+    check_shape(log)
+
+
+def test_commit_frees_room_and_retention_drops_committed_records() -> None:
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=4, max_records=8))
+    log.register("op")
+    log.append(recs(0, 4))
+    assert log.room() == 0
+    full = log.bytes
+    log.commit("op", 3)
+    assert log.room() == 3
+    assert log.base == 3 and offsets(log.entries) == [3]
+    assert log.bytes < full and log.bytes == log.entries[0].size
+    assert log.evicted == 0, "dropping committed records is not an eviction"
+    log.commit("op", 4)
+    assert (log.base, log.head, log.bytes, log.room()) == (4, 4, 0, 4)
+    check_shape(log)
+
+
+def test_commit_never_moves_back_and_is_clamped_to_the_head() -> None:
+    log = ShardLog("t", "e1")
+    log.register("op")
+    log.append(recs(0, 3))
+    log.commit("op", 2)
+    log.commit("op", 1)
+    assert log.committed["op"] == 2
+    log.commit("op", 99)
+    assert log.committed["op"] == 3
+    assert log.backlog() == 0 and log.room() == log.config.max_backlog
+
+
+def test_commit_of_an_unknown_operator_registers_it() -> None:
+    log = ShardLog("t", "e1")
+    log.append(recs(0, 3))
+    log.commit("late", 1)
+    assert log.committed == {"late": 1}
+    assert log.base == 1
+
+
+def test_operatorless_log_never_blocks_and_evicts_the_oldest() -> None:
+    cfg = ShardLogConfig(max_backlog=2, max_records=5)
+    log = ShardLog("t", "e1", cfg)
+    for i in range(12):
+        assert log.room() == cfg.max_backlog
+        log.append([rec(i)])
+    assert len(log.entries) == 5
+    assert offsets(log.entries) == list(range(7, 12))
+    assert log.evicted == 7 and log.base == 7 and log.appended == 12
+    assert log.low_water() is None and log.backlog() == 0
+    check_shape(log)
+
+
+def test_operatorless_log_is_bounded_by_bytes_and_keeps_accepting() -> None:
+    # Records of 50 bytes against a 400-byte bound, far below max_records: a consumer-less
+    # topic must evict by bytes too, never block forever.
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=3, max_records=1000, max_bytes=400))
+    for i in range(40):
+        assert log.room() > 0, f"blocked after {i} records"
+        log.append([rec(i, b"x" * 24)])
+        assert log.bytes <= 400
+    assert log.head == 40 and log.evicted == 40 - len(log.entries) > 0
+    assert offsets(log.entries)[-1] == 39
+    check_shape(log)
+
+
+def test_a_log_with_an_operator_never_evicts_uncommitted_records() -> None:
+    cfg = ShardLogConfig(max_backlog=3, max_records=3)
+    log = ShardLog("t", "e1", cfg)
+    log.register("op")
+    log.append(recs(0, 3))
+    assert log.room() == 0
+    log.append(recs(3, 4))  # a caller that ignored room(): still nothing evicted
+    assert offsets(log.entries) == list(range(7))
+    assert log.evicted == 0 and log.room() == 0
+    log.commit("op", 5)
+    assert offsets(log.entries) == [5, 6]
+    assert log.evicted == 0
+    check_shape(log)
+
+
+def test_registering_an_operator_stops_eviction_from_its_offset() -> None:
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=2, max_records=4))
+    log.append(recs(0, 6))
+    assert log.base == 2 and log.evicted == 2
+    log.register("op")
+    assert log.committed["op"] == 2 and log.backlog() == 4 and log.room() == 0
+    log.commit("op", 5)
+    assert log.base == 5 and log.room() == 1
+    log.append(recs(6, 1))
+    assert log.evicted == 2
+
+
+def test_max_bytes_makes_room_zero_until_a_commit() -> None:
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=100, max_records=100, max_bytes=100))
+    log.register("op")
+    log.append([rec(0, b"x" * 40)])  # 1 + 40 + 2 + 24 = 67 bytes
+    assert log.bytes == 67 and log.room() == 99
+    log.append([rec(1, b"x" * 40)])
+    assert log.bytes == 134 and log.backlog() == 2
+    assert log.room() == 0
+    log.commit("op", 1)
+    assert log.bytes == 67 and log.room() == 99
+    assert offsets(log.entries) == [1]
+
+
+def test_read_clamps_to_base_and_respects_limit_and_bytes() -> None:
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=3, max_records=6))
+    log.append([rec(i, b"x" * 10) for i in range(10)])
+    assert log.base == 4
+    assert offsets(log.read(0, 100)) == [4, 5, 6, 7, 8, 9]
+    assert offsets(log.read(6, 2)) == [6, 7]
+    assert offsets(log.read(8, 100)) == [8, 9]
+    assert log.read(10, 5) == [] and log.read(50, 5) == []
+    assert log.read(4, 0) == []
+    size = log.entries[0].size  # 1 + 10 + 2 + 24 = 37
+    assert offsets(log.read(4, 100, max_bytes=2 * size)) == [4, 5]
+    assert offsets(log.read(4, 100, max_bytes=2 * size + 1)) == [4, 5]
+    assert offsets(log.read(4, 100, max_bytes=2 * size - 1)) == [4]
+    assert offsets(log.read(4, 100, max_bytes=1)) == [4], "at least one entry always"
+    assert offsets(log.read(0, 100, max_bytes=0)) == [4]
+
+
+def test_register_with_and_without_offset() -> None:
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=10, max_records=10))
+    log.append(recs(0, 5))
+    log.register("a")
+    log.register("b", 3)
+    assert log.committed == {"a": 0, "b": 3}
+    assert log.low_water() == 0 and log.backlog() == 5
+    log.register("a", 4)  # already registered: keeps its position
+    assert log.committed["a"] == 0
+    log.commit("a", 4)
+    assert log.low_water() == 3 and log.base == 3 and log.backlog() == 2
+
+
+def test_register_past_the_head_is_clamped() -> None:
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=4, max_records=8))
+    log.append(recs(0, 2))
+    log.register("op", 50)
+    assert log.committed["op"] == 2
+    assert log.backlog() == 0 and log.room() == 4
+    new = log.append(recs(2, 2))
+    assert offsets(log.entries) == offsets(new) == [2, 3], "new records kept for the operator"
+    assert log.backlog() == 2 and log.room() == 2
+
+
+def test_apply_skips_resends_appends_at_same_offsets_and_restarts_at_a_gap() -> None:
+    primary = ShardLog("t", "e1", ShardLogConfig(max_backlog=5, max_records=20))
+    entries = primary.append(recs(0, 8))
+    backup = ShardLog("t", "e1", primary.config)
+    assert backup.apply(entries[:3]) == 3
+    assert offsets(backup.entries) == [0, 1, 2]
+    assert backup.apply(entries[1:5]) == 2  # 1, 2 are resent
+    assert list(backup.entries) == entries[:5]
+    assert backup.apply(entries[:5]) == 0
+    assert backup.apply([]) == 0
+    assert backup.appended == 5
+    check_shape(backup)
+    # the primary's base moved past our head: restart the copy there
+    assert backup.apply(entries[6:8]) == 2
+    assert (backup.base, backup.head) == (6, 8)
+    assert list(backup.entries) == entries[6:8]
+    check_shape(backup)
+    # an older entry after the gap is a resend now
+    assert backup.apply(entries[5:6]) == 0
+    assert backup.head == 8
+
+
+def test_apply_onto_an_empty_backup_starts_at_the_primarys_base() -> None:
+    backup = ShardLog("t", "e1")
+    e = [LogEntry(o, "k", b"v", f"r{o}", 0.0) for o in range(100, 103)]
+    assert backup.apply(e) == 3
+    assert (backup.base, backup.head) == (100, 103)
+    check_shape(backup)
+
+
+def test_apply_honours_retention() -> None:
+    backup = ShardLog("t", "e1", ShardLogConfig(max_backlog=1, max_records=3))
+    e = [LogEntry(o, "k", b"v", f"r{o}", 0.0) for o in range(6)]
+    assert backup.apply(e) == 6
+    assert offsets(backup.entries) == [3, 4, 5] and backup.evicted == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_backlog": 0}, "max_backlog"),
+        ({"max_backlog": -1}, "max_backlog"),
+        ({"max_backlog": 11, "max_records": 10}, "max_backlog"),
+        ({"max_bytes": 0}, "max_bytes"),
+        ({"max_bytes": -5}, "max_bytes"),
+    ],
+)
+def test_config_validation(kwargs: dict[str, int], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ShardLogConfig(**kwargs)
+
+
+def test_config_edges_are_valid() -> None:
+    ShardLogConfig(max_backlog=1, max_records=1, max_bytes=1)
+    ShardLogConfig(max_backlog=10, max_records=10)
+
+
+# --------------------------------------------------------------------------- log model
+
+
+class ShardLogMachine(RuleBasedStateMachine):
+    """A primary log driven by random appends (only with room), registers and commits,
+    and a backup fed random slices of everything the primary ever appended (resends,
+    gaps), checked against a model of what must still be held."""
+
+    @initialize(
+        backlog=st.integers(1, 6),
+        extra=st.integers(0, 6),
+        max_bytes=st.integers(60, 500),
+        backup_records=st.integers(1, 8),
+    )
+    def setup(self, backlog: int, extra: int, max_bytes: int, backup_records: int) -> None:
+        self.cfg = ShardLogConfig(max_backlog=backlog, max_records=backlog + extra,
+                                  max_bytes=max_bytes)
+        self.log = ShardLog("t", "src", self.cfg)
+        self.backup = ShardLog("t", "src", ShardLogConfig(max_backlog=1,
+                                                          max_records=backup_records))
+        self.history: list[LogEntry] = []
+        self.model: dict[str, int] = {}
+
+    def _check_after(self, had_ops: bool, evicted_before: int, base_before: int) -> None:
+        if had_ops:
+            assert self.log.evicted == evicted_before, "evicted while an operator needs it"
+        low = self.log.low_water()
+        if low is not None:
+            # nothing at or past the slowest operator's position was dropped by this step
+            assert self.log.base <= max(low, base_before)
+
+    @rule(n=st.integers(1, 5), size=st.integers(0, 40), key=st.sampled_from(["a", "b"]))
+    def append(self, n: int, size: int, key: str) -> None:
+        room = self.log.room()
+        assert 0 <= room <= self.cfg.max_backlog
+        if room == 0:
+            return
+        had_ops, ev, base = bool(self.log.committed), self.log.evicted, self.log.base
+        k = min(n, room)
+        i = len(self.history)
+        new = self.log.append([(key, bytes(size), f"r{j}", float(j)) for j in range(i, i + k)])
+        assert offsets(new) == list(range(i, i + k))
+        self.history.extend(new)
+        if had_ops:
+            # credit: appending only what room() allowed keeps the backlog bounded
+            assert self.log.backlog() <= self.cfg.max_backlog
+        self._check_after(had_ops, ev, base)
+
+    @rule(op=st.sampled_from(["f", "g", "h"]), data=st.data())
+    def commit(self, op: str, data: st.DataObject) -> None:
+        offset = data.draw(st.integers(0, self.log.head + 3))
+        had_ops, ev, base = bool(self.log.committed), self.log.evicted, self.log.base
+        self.log.commit(op, offset)
+        prev = self.model.get(op)
+        want = min(offset, self.log.head)
+        if prev is None or want > prev:
+            self.model[op] = want
+        assert self.log.committed == self.model
+        self._check_after(had_ops, ev, base)
+
+    @rule(op=st.sampled_from(["f", "g", "h"]), data=st.data())
+    def register(self, op: str, data: st.DataObject) -> None:
+        offset = data.draw(st.none() | st.integers(self.log.base, self.log.head + 3))
+        had_ops, ev, base = bool(self.log.committed), self.log.evicted, self.log.base
+        self.log.register(op, offset)
+        if op not in self.model:
+            self.model[op] = self.log.base if offset is None else min(offset, self.log.head)
+        assert self.log.committed == self.model
+        self._check_after(had_ops, ev, base)
+
+    @precondition(lambda self: bool(self.history))
+    @rule(data=st.data())
+    def replicate(self, data: st.DataObject) -> None:
+        lo = data.draw(st.integers(0, len(self.history) - 1))
+        hi = data.draw(st.integers(lo, len(self.history)))
+        chunk = self.history[lo:hi]
+        head = self.backup.head
+        n = self.backup.apply(chunk)
+        assert n == sum(1 for e in chunk if e.offset >= head)
+        if chunk and chunk[-1].offset >= head:
+            assert self.backup.head == chunk[-1].offset + 1
+        else:
+            assert self.backup.head == head
+
+    @invariant()
+    def shapes(self) -> None:
+        check_shape(self.log)
+        check_shape(self.backup)
+
+    @invariant()
+    def same_records_at_same_offsets(self) -> None:
+        for e in self.log.entries:
+            assert self.history[e.offset] == e
+        for e in self.backup.entries:
+            assert self.history[e.offset] == e
+
+    @invariant()
+    def uncommitted_records_are_held(self) -> None:
+        if self.model:
+            low = min(self.model.values())
+            assert self.log.low_water() == low
+            assert low <= self.log.head
+
+    @invariant()
+    def bounded(self) -> None:
+        assert self.log.head == len(self.history)
+        # an operator that joins late may find up to max_records waiting (room() is then 0)
+        assert self.log.backlog() <= self.cfg.max_records
+        if self.log.backlog() > self.cfg.max_backlog:
+            assert self.log.room() == 0
+        assert len(self.log.entries) <= self.cfg.max_records
+        assert len(self.backup.entries) <= self.backup.config.max_records
+        if not self.log.committed:
+            assert self.log.bytes <= self.cfg.max_bytes
+            assert self.log.room() == self.cfg.max_backlog
+        assert self.log.evicted <= self.log.base
+
+
+TestShardLogMachine = ShardLogMachine.TestCase
+TestShardLogMachine.settings = settings(max_examples=150, stateful_step_count=40,
+                                        deadline=None)
+
+
+# --------------------------------------------------------------------------- distance
+
+
+def test_distance_class_values() -> None:
+    assert distance_class(E1, E1) == 0
+    assert distance_class(E2, E1) == 1
+    assert distance_class(E3, E1) == 2
+    assert distance_class(U1, E1) == 3
+    # a zone name shared by two regions is not "the same zone"
+    assert distance_class(cand("x", "us", "eu-a"), E1) == 3
+    # the name decides "itself", not the location
+    assert distance_class(cand("e1", "ap", "ap-z"), E1) == 0
+
+
+def test_shard_key_distinguishes_topic_and_source() -> None:
+    assert shard_key("t", "a") != shard_key("t", "b") != shard_key("u", "a")
+    assert shard_key("ab", "c") != shard_key("a", "bc")
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def test_near_source_runs_on_a_live_feasible_source() -> None:
+    for src in MESH:
+        assert place_operator(OP, "t", src, states(MESH)) == src.name
+
+
+def test_near_source_falls_back_zone_then_region_then_elsewhere() -> None:
+    assert place_operator(OP, "t", E1, states(without(E1))) == "e2"
+    assert place_operator(OP, "t", E1, states(without(E1, E2))) == "e3"
+    far = place_operator(OP, "t", E1, states(without(E1, E2, E3)))
+    assert far in {"u1", "u2", "u3", "a1"}
+    assert place_operator(OP, "t", E1, states([A1])) == "a1"
+
+
+@pytest.mark.parametrize("gone", [(E1,), (E1, E2), (E1, E2, E3), (E1, E3)])
+def test_near_source_fail_over_is_the_backup(gone: tuple[Candidate, ...]) -> None:
+    alive = without(*gone)
+    for topic in ["t", "orders", "frames", "x" * 30]:
+        assert place_operator(OP, topic, E1, states(alive)) == \
+            backup_for(topic, E1, [*alive, E1], None)
+        assert place_operator(OP, topic, E1, states(alive)) == backup_for(topic, E1, alive, None)
+
+
+def test_backup_is_where_the_operator_goes_when_the_source_dies() -> None:
+    for src in MESH:
+        for topic in ["a", "b", "c", "d"]:
+            b = backup_for(topic, src, MESH, None)
+            assert b is not None and b != src.name
+            assert place_operator(OP, topic, src, states([c for c in MESH if c != src])) == b
+
+
+def test_near_source_respects_feasibility_of_the_source() -> None:
+    # the source cannot fit the operator: the nearest node that can runs it
+    small = [NodeState(member=E1, capacity=Resources(0.5, 8000, 0)), *states(without(E1))]
+    assert place_operator(OP, "t", E1, small) == "e2"
+    # labels: only e3 and u2 carry the label
+    labelled = [cand(c.name, c.region, c.zone, {"gpu": "yes"} if c.name in {"e3", "u2"}
+                     else {}) for c in MESH]
+    op = OperatorPlacement("infer", labels={"gpu": "yes"})
+    assert place_operator(op, "t", labelled[0], states(labelled)) == "e3"
+    assert place_operator(op, "t", labelled[3], states(labelled)) == "u2"
+    only_us = [c for c in labelled if c.name != "e3"]
+    assert place_operator(op, "t", labelled[0], states(only_us)) == "u2"
+
+
+def test_labels_no_node_has_them() -> None:
+    op = OperatorPlacement("infer", labels={"gpu": "h100"})
+    with pytest.raises(SchedulingError) as ei:
+        place_operator(op, "t", E1, states(MESH))
+    assert ei.value.rule == "labels"
+
+
+def test_near_source_with_residency_stays_in_allowed_regions() -> None:
+    op = OperatorPlacement("score", residency=Residency(frozenset({"us"})))
+    # the source is in us: it runs there; the source died: another us node
+    assert place_operator(op, "t", U1, states(MESH)) == "u1"
+    assert place_operator(op, "t", U1, states(without(U1))) in {"u2", "u3"}
+    assert place_operator(op, "t", U1, states(without(U1))) == \
+        backup_for("t", U1, MESH, op.residency)
+
+
+@given(seed=st.integers(0, 2**32 - 1), topic=st.text(min_size=1, max_size=12),
+       src_index=st.integers(0, len(MESH) - 1), drop=st.sets(st.integers(0, len(MESH) - 1)))
+@settings(max_examples=200)
+def test_placement_is_independent_of_view_order(seed: int, topic: str, src_index: int,
+                                                drop: set[int]) -> None:
+    src = MESH[src_index]
+    alive = [c for i, c in enumerate(MESH) if i not in drop]
+    if not alive:
+        return
+    shuffled = list(alive)
+    random.Random(seed).shuffle(shuffled)
+    for op in [OP, OperatorPlacement("c", mode=Central("us")),
+               OperatorPlacement("r", mode=InRegions(frozenset({"eu", "ap"})))]:
+        try:
+            want = place_operator(op, topic, src, states(alive))
+        except SchedulingError:
+            with pytest.raises(SchedulingError):
+                place_operator(op, topic, src, states(shuffled))
+            continue
+        assert place_operator(op, topic, src, states(shuffled)) == want
+        # a duplicate entry in the view changes nothing
+        assert place_operator(op, topic, src, states([*shuffled, *shuffled])) == want
+    assert backup_for(topic, src, shuffled, None) == backup_for(topic, src, alive, None)
+    if src not in alive:
+        assert place_operator(OP, topic, src, states(alive)) == backup_for(topic, src, alive,
+                                                                           None)
+
+
+def test_central_picks_only_in_its_region_and_spreads_over_shards() -> None:
+    op = OperatorPlacement("agg", mode=Central("us"))
+    chosen = {place_operator(op, "t", cand(f"s{i}", "eu"), states(MESH)) for i in range(40)}
+    assert chosen <= {"u1", "u2", "u3"}
+    assert len(chosen) > 1
+    # the source's own location does not matter: an us source need not run it itself
+    by_source = {place_operator(op, "t", c, states(MESH)) for c in (U1, U2, U3)}
+    assert by_source <= {"u1", "u2", "u3"}
+
+
+def test_central_is_the_hrw_winner_and_stable_when_others_die() -> None:
+    op = OperatorPlacement("agg", mode=Central("us"))
+    for i in range(20):
+        src = cand(f"s{i}", "ap")
+        winner = place_operator(op, "t", src, states(MESH))
+        # removing a non-winner does not move it (rendezvous hashing)
+        for c in (U1, U2, U3):
+            if c.name != winner:
+                assert place_operator(op, "t", src, states(without(c))) == winner
+
+
+def test_in_regions_picks_only_listed_regions_and_spreads() -> None:
+    op = OperatorPlacement("agg", mode=InRegions(frozenset({"eu", "ap"})))
+    chosen = {place_operator(op, "t", cand(f"s{i}", "us"), states(MESH)) for i in range(40)}
+    assert chosen <= {"e1", "e2", "e3", "a1"}
+    assert len(chosen) > 1
+
+
+def test_residency_no_live_node_meets_raises_naming_the_rule() -> None:
+    op = OperatorPlacement("score", residency=Residency(frozenset({"sa"}), "pii"))
+    with pytest.raises(SchedulingError) as ei:
+        place_operator(op, "t", E1, states(MESH))
+    assert ei.value.rule == "residency"
+    assert isinstance(ei.value, PlacementError)
+    # residency is checked before the mode
+    op2 = OperatorPlacement("score", mode=Central("zz"), residency=Residency(frozenset({"sa"})))
+    with pytest.raises(PlacementError) as ei2:
+        place_operator(op2, "t", E1, states(MESH))
+    assert ei2.value.rule == "residency"
+
+
+def test_central_region_with_no_node_raises_mode() -> None:
+    op = OperatorPlacement("agg", mode=Central("sa"))
+    with pytest.raises(SchedulingError) as ei:
+        place_operator(op, "t", E1, states(MESH))
+    assert ei.value.rule == "mode"
+    assert "sa" in str(ei.value)
+    op2 = OperatorPlacement("agg", mode=InRegions(frozenset({"sa", "af"})))
+    with pytest.raises(SchedulingError) as ei2:
+        place_operator(op2, "t", E1, states(MESH))
+    assert ei2.value.rule == "mode"
+
+
+def test_empty_view_raises_nodes() -> None:
+    with pytest.raises(SchedulingError) as ei:
+        place_operator(OP, "t", E1, [])
+    assert ei.value.rule == "nodes"
+
+
+def test_candidates_to_states_feeds_place_operator() -> None:
+    view = candidates_to_states(MESH)
+    assert [s.name for s in view] == [c.name for c in MESH]
+    assert all(s.capacity.cpus == 1.0 for s in view)
+    assert place_operator(OP, "t", E3, view) == "e3"
+    with pytest.raises(SchedulingError) as ei:
+        place_operator(OperatorPlacement("big", cpus=2.0), "t", E3, view)
+    assert ei.value.rule == "resources"
+
+
+# --------------------------------------------------------------------------- backup
+
+
+def test_backup_is_never_the_source_and_is_nearest() -> None:
+    assert backup_for("t", E1, MESH, None) == "e2"
+    assert backup_for("t", E1, without(E2), None) == "e3"
+    assert backup_for("t", E1, without(E2, E3), None) in {"u1", "u2", "u3", "a1"}
+    assert backup_for("t", E3, MESH, None) in {"e1", "e2"}
+    assert backup_for("t", A1, MESH, None) != "a1"
+    for topic in ["t", "u", "v"]:
+        for src in MESH:
+            assert backup_for(topic, src, MESH, None) != src.name
+
+
+def test_backup_ties_are_broken_by_hrw_over_the_shard() -> None:
+    # the three us nodes are each the source's region, none its zone: HRW decides, so
+    # different shards of one source spread their backups
+    src = cand("s", "us", "us-z")
+    view = [src, U1, U2, U3]
+    chosen = {backup_for(f"topic{i}", src, view, None) for i in range(40)}
+    assert chosen == {"u1", "u2", "u3"}
+
+
+def test_backup_honours_residency() -> None:
+    eu_only = Residency(frozenset({"eu"}))
+    assert backup_for("t", E1, MESH, eu_only) == "e2"
+    assert backup_for("t", E1, [E1, U1, U2, A1], eu_only) is None
+    assert backup_for("t", A1, MESH, Residency(frozenset({"ap"}))) is None
+    # the nearest node is not allowed: the nearest allowed one is picked
+    assert backup_for("t", E1, MESH, Residency(frozenset({"us"}))) in {"u1", "u2", "u3"}
+    assert backup_for("t", E1, MESH, Residency(frozenset())) is None
+
+
+def test_backup_none_in_a_one_node_mesh() -> None:
+    assert backup_for("t", E1, [E1], None) is None
+    assert backup_for("t", E1, [], None) is None
+
+
+def test_backup_is_deterministic() -> None:
+    rng = random.Random(7)
+    for i in range(30):
+        view = list(MESH)
+        rng.shuffle(view)
+        src = MESH[i % len(MESH)]
+        assert backup_for(f"t{i}", src, view, None) == backup_for(f"t{i}", src, MESH, None)
+
+
+# --------------------------------------------------------------------------- source rule
+
+
+def test_check_source_allowed() -> None:
+    check_source_allowed("t", "eu", None)
+    check_source_allowed("t", "eu", Residency(frozenset({"eu", "us"})))
+    check_source_allowed("t", "eu", Residency())
+    with pytest.raises(PlacementError) as ei:
+        check_source_allowed("orders", "us", Residency(frozenset({"eu"}), "pii"))
+    assert ei.value.rule == "residency"
+    assert "'orders'" in str(ei.value) and "'us'" in str(ei.value)
+    assert "eu" in str(ei.value) and "pii" in str(ei.value)
