@@ -1,0 +1,123 @@
+"""``examples/`` and the README's "Streams in 10 lines" snippet, each run as a user would:
+a separate Python process against a real 3-node mesh (what ``meshscale up --nodes 3
+--regions eu-west,us-east`` starts), given the mesh's ``mesh.json``."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshscale.runtime.launcher import LocalMesh
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def children_of(pids: set[int]) -> set[int]:
+    """Live processes whose parent is in ``pids`` (a node's worker pool)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) in pids and fields[0] != "Z":
+                out.add(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    m = LocalMesh(tmp_path_factory.mktemp("examples"), 3, regions=["eu-west", "us-east"])
+    m.start()
+    workers: set[int] = set()
+    try:
+        m.wait_converged(60)
+        yield m
+    finally:
+        workers = children_of({p.pid for p in m.processes()})
+        m.stop()
+        assert not [n for n in m.nodes if n.proc is not None and n.proc.poll() is None]
+        deadline = time.monotonic() + 10  # workers exit when their node does
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if alive(w)], "worker processes left behind"
+
+
+def run(args: list[str], timeout: float = 120) -> str:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_batch_residency(mesh: LocalMesh) -> None:
+    out = run([str(EXAMPLES / "batch_residency.py"), str(mesh.mesh_json)])
+    assert "mesh: 3 nodes, 2 in eu-west" in out
+    stored = re.findall(r"^stored b2b-\S+ \(\d+ bytes\) on (.+)$", out, re.M)
+    assert len(stored) == 6
+    eu = {n.name for n in mesh.nodes if n.region == "eu-west"}
+    for holders in stored:
+        assert set(holders.split(", ")) <= eu, holders
+    ran = re.findall(r"ran on (\S+) \((\S+)\)", out)
+    assert len(ran) == 6 and all(node in eu and region == "eu-west" for node, region in ran)
+    assert "map: 6 tasks, 3000 patients, all in eu-west: True" in out
+    assert re.search(r"asked to run in us-east, refused: .*input-residency rule.*"
+                     r"residency regions=\{eu-west\}", out), out
+
+
+def test_batch_residency_through_a_node_outside_the_rule(mesh: LocalMesh) -> None:
+    """ADDRESS BUNDLE form, through the us-east node: the work still runs in eu-west."""
+    us = next(n for n in mesh.nodes if n.region == "us-east")
+    out = run([str(EXAMPLES / "batch_residency.py"), us.address, str(mesh.bundle_path)])
+    assert "all in eu-west: True" in out
+    assert "refused" in out
+
+
+def test_stream_custom_model(mesh: LocalMesh) -> None:
+    out = run([str(EXAMPLES / "stream_custom_model.py"), str(mesh.mesh_json)])
+    assert re.search(r"^model trained here: accuracy \d+\.\d%", out, re.M), out
+    assert "operator pump-risk-model: pumps -> pump-risk, placement near-source" in out
+    assert "published 400 readings through" in out
+    # near-source: every reading is scored on the node it entered through (node-0)
+    assert "scored 400 / 400 readings on the mesh, on node-0 (400)" in out
+    m = re.search(r"flagged (\d+): (\d+) of (\d+) failing pumps caught", out)
+    assert m is not None, out
+    assert int(m.group(2)) >= int(m.group(3)) // 2  # the model works: at least half caught
+    assert "riskiest pumps: pump-" in out
+    # a second run against the same mesh (operator and topic already there) also works
+    again = run([str(EXAMPLES / "stream_custom_model.py"), str(mesh.mesh_json)])
+    assert "scored 400 / 400 readings" in again
+
+
+def test_readme_streams_in_10_lines(mesh: LocalMesh, tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Streams in 10 lines", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None, "no python block under 'Streams in 10 lines'"
+    lines = [ln for ln in code.group(1).splitlines() if ln.strip()]
+    assert len(lines) <= 15, f"the snippet grew to {len(lines)} lines"
+    src = code.group(1).replace("127.0.0.1:PORT", mesh.nodes[0].address)
+    src = src.replace("/tmp/mesh/bundle", str(mesh.bundle_path))
+    script = tmp_path / "snippet.py"
+    script.write_text(src)
+    out = run([str(script)], timeout=90)
+    assert out.strip().splitlines()[-1] == "machine-7 True", out
