@@ -140,6 +140,11 @@ def _pickle_operator(fn: Callable[..., Any], batch: bool) -> bytes:
                 cloudpickle.unregister_pickle_by_value(mod)
 
 
+NODE_STARTING = "node is starting"
+"""What a node answers for a method its planes do not serve yet (runtime/node.py)."""
+MAX_STARTING_RETRIES = 100
+
+
 class _Failover:
     """The node a stream client talks to, and where it goes when that node fails: the
     other members, nearest first (same zone, same region, then the rest)."""
@@ -173,12 +178,19 @@ class _Failover:
         again (up to every known node once). Errors the node answered are raised as is."""
         tries = max(attempts, len(self.order))
         last: Exception | None = None
-        for _ in range(tries):
+        starting = 0
+        while tries > 0:
             try:
                 return await self.conn.call(method, args)
             except RpcError as e:
+                if isinstance(e, RemoteError) and NODE_STARTING in str(e) and \
+                        starting < MAX_STARTING_RETRIES:
+                    starting += 1  # a node that just (re)started: its planes come up soon
+                    await asyncio.sleep(0.2)
+                    continue
                 if not _is_connection_error(e):
                     raise
+                tries -= 1
                 last = e
                 await self.conn.close()
                 self.index = (self.index + 1) % len(self.order)

@@ -101,6 +101,10 @@ STATE_NAMES = {
 }
 
 
+STARTING = "node is starting"
+"""Error prefix for a method asked before the planes that serve it have started."""
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Runtime bounds and timeouts of the agent (the protocol's are in MembershipConfig)."""
@@ -278,6 +282,8 @@ class NodeAgent:
         self.membership: Membership | None = None
         self.http: HttpServer | None = None
         self.started_at = time.time()
+        self.ready = False
+        """Every plane serves its RPCs (until then unknown methods answer STARTING)."""
         self._register_builtin_rpcs()
 
     # ------------------------------------------------------------------ public API
@@ -324,6 +330,10 @@ class NodeAgent:
 
             self.http = HttpServer(self)
             await self.http.start()  # before the membership: its address rides in our meta
+        # The epoch names this run's in-memory stream shards (runtime/streams.py): a new
+        # incarnation at every start, so a restarted node never reuses an old shard's name.
+        self.meta = msgspec.structs.replace(
+            self.meta, tags={**self.meta.tags, "epoch": str(self.identity.incarnation)})
         now = time.monotonic()
         self.membership = Membership(
             self.name,
@@ -363,6 +373,7 @@ class NodeAgent:
         if self.seeds:
             self.m.join(self.seeds, time.monotonic())
             self._pump()
+        self.ready = True
 
     async def leave_and_stop(self) -> None:
         """Graceful leave: tell the mesh, give it time to spread, then close."""
@@ -661,6 +672,9 @@ class NodeAgent:
 
     async def _call_rpc(self, req: RpcRequest) -> RpcResponse:
         handler = self._rpc.get(req.method)
+        if handler is None and not self.ready:
+            return RpcResponse(req.id, False, error=f"{STARTING}: {req.method!r} is not served "
+                                                    "yet; try again shortly")
         if handler is None:
             self._reject("unknown_method")
             return RpcResponse(req.id, False, error=f"unknown method {req.method!r}")

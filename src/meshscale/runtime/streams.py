@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,18 @@ if TYPE_CHECKING:
 OP_PREFIX = "streamop/"
 OFFSET_PREFIX = "streamoff/"
 OPS_INDEX_KEY = "streamops"
+EPOCH_TAG = "epoch"
+"""Membership tag: the incarnation the node started with (new at every start)."""
+
+
+def source_id(node: str, epoch: str) -> str:
+    return f"{node}~{epoch}"
+
+
+def split_source(sid: str) -> tuple[str, str]:
+    """``node~epoch`` -> (node, epoch)."""
+    name, sep, epoch = sid.rpartition("~")
+    return (name, epoch) if sep else (sid, "0")
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,8 @@ class StreamConfig:
     follower_idle_s: float = 30.0
     mirror_records: int = 20_000
     max_backup_attempts: int = 3
+    max_sources: int = 4_096
+    """Shard sources remembered (node epochs, live or gone), oldest forgotten first."""
     bad_backup_s: float = 10.0
     """A backup that failed a copy is passed over this long (or until the view says)."""
     log: ShardLogConfig = field(default_factory=ShardLogConfig)
@@ -178,6 +192,8 @@ class StreamPlane:
         self._conns: dict[tuple[str, str], RpcConnection] = {}
         self._creds: ClientCredentials | None = None
         self._known: dict[str, Candidate] = {}
+        self._seen_sources: OrderedDict[str, None] = OrderedDict()
+        """Shard sources (``node~epoch``) seen, most recent last (bounded)."""
         self._backup_of: dict[tuple[str, str], str | None] = {}
         self._repl_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._sent: dict[tuple[str, str, str], int] = {}
@@ -224,11 +240,44 @@ class StreamPlane:
     def _states(self, alive: list[Candidate]) -> list[NodeState]:
         return [NodeState(member=c, capacity=Resources(1e6, 1 << 40, 1 << 16)) for c in alive]
 
-    def _holder(self, topic: str, source: str, alive: list[Candidate]) -> str | None:
-        """Who serves shard (topic, source): the source while it lives, else its backup."""
-        if any(c.name == source for c in alive):
-            return source
-        src = self._known.get(source)
+    @property
+    def source_id(self) -> str:
+        """This node's own shards are named ``name~epoch``: a restarted node (a new epoch,
+        empty in-memory logs) starts new shards, and its old ones stay with their backup
+        under their old name, so no offset is ever reused."""
+        return source_id(self.agent.name, self.agent.meta.tags.get(EPOCH_TAG, "0"))
+
+    def _source_live(self, sid: str) -> bool:
+        name, epoch = split_source(sid)
+        m = self.agent.m.members.get(name)
+        return m is not None and m.state <= State.SUSPECT and \
+            m.meta.tags.get(EPOCH_TAG, "0") == epoch
+
+    def _source_candidate(self, sid: str) -> Candidate | None:
+        name, _ = split_source(sid)
+        return self._known.get(name)
+
+    def _sources(self) -> list[str]:
+        """Every shard source worth serving: live members' current epochs, shards held
+        here, and recently seen ones (a dead source's shard outlives it at its backup)."""
+        for m in self.agent.m.members.values():
+            if m.state <= State.SUSPECT:
+                sid = source_id(m.name, m.meta.tags.get(EPOCH_TAG, "0"))
+                self._seen_sources[sid] = None
+                self._seen_sources.move_to_end(sid)
+        for _, sid in self.logs:
+            self._seen_sources[sid] = None
+        while len(self._seen_sources) > self.cfg.max_sources:
+            self._seen_sources.popitem(last=False)
+        return list(self._seen_sources)
+
+    def _holder(self, topic: str, sid: str, alive: list[Candidate]) -> str | None:
+        """Who serves shard (topic, sid): its source while that epoch lives, else its
+        backup."""
+        name, _ = split_source(sid)
+        if self._source_live(sid):
+            return name
+        src = self._known.get(name)
         if src is None:
             return None
         return backup_for(topic, src, alive, self.topic_residency.get(topic))
@@ -323,14 +372,16 @@ class StreamPlane:
             records.append(rec)
         self.topic_residency[topic] = res
         entries = await self.append_local(topic, records)
-        return {"node": self.agent.name, "first": entries[0].offset, "last": entries[-1].offset}
+        return {"node": self.agent.name, "source": self.source_id, "first": entries[0].offset,
+                "last": entries[-1].offset}
 
     async def append_local(self, topic: str, records: list[tuple[str, bytes, str, float]]
                            ) -> list[LogEntry]:
         """Append to this node's shard of ``topic`` once there is room, then copy to the
         backup; returns when both hold the records (or only this node has them, when no
         backup exists). Raises ValueError when room does not come in ``publish_wait_s``."""
-        log = self._log(topic, self.agent.name)
+        sid = self.source_id
+        log = self._log(topic, sid)
         deadline = time.monotonic() + self.cfg.publish_wait_s
         out: list[LogEntry] = []
         i = 0
@@ -341,7 +392,7 @@ class StreamPlane:
                     if left <= 0:
                         self.stats["publish_backpressure_timeouts"] += 1
                         raise ValueError(
-                            f"topic {topic!r} at {self.agent.name}: {log.backlog()} records "
+                            f"topic {topic!r} at {sid}: {log.backlog()} records "
                             "wait for a slow operator; try again (backpressure)")
                     self.stats["publish_waits"] += 1
                     with contextlib.suppress(TimeoutError):
@@ -351,7 +402,7 @@ class StreamPlane:
                 i += n
                 self._changed.notify_all()
             out.extend(new)
-            await self._replicate(topic, self.agent.name, log)
+            await self._replicate(topic, sid, log)
         self.stats["records_in"] += len(records)
         return out
 
@@ -367,8 +418,8 @@ class StreamPlane:
                 now = time.monotonic()
                 alive = [c for c in self._alive()
                          if now - self._bad_backup.get(c.name, -1e9) > self.cfg.bad_backup_s]
-                src = self._known.get(source) or Candidate(
-                    source, self.agent.meta.region, self.agent.meta.zone)
+                src = self._source_candidate(source) or Candidate(
+                    self.agent.name, self.agent.meta.region, self.agent.meta.zone)
                 backup = backup_for(topic, src, alive, self.topic_residency.get(topic))
                 if backup is None:
                     break
@@ -567,23 +618,28 @@ class StreamPlane:
             return
         alive = self._alive()
         states = self._states(alive)
-        sources = set(self._known)
+        sources = self._sources()
         want: set[tuple[str, str]] = set()
         for spec in self.ops.values():
             placement = spec.placement()
-            for source in sources:
-                src = self._known[source]
-                # Near-source: only shards that exist, i.e. the source is alive (its own
-                # shard) or this node holds a copy of a dead source's shard.
-                if spec.mode == "near-source" and not any(c.name == source for c in alive) \
-                        and (spec.topic, source) not in self.logs:
+            for sid in sources:
+                src = self._source_candidate(sid)
+                if src is None:
                     continue
+                live = self._source_live(sid)
+                # Near-source: only shards that exist, i.e. the source is alive (its own
+                # shard) or this node holds a copy of a gone source's shard.
+                if spec.mode == "near-source" and not live and (spec.topic, sid) not in self.logs:
+                    continue
+                # A gone epoch's node (dead, or restarted without that shard) is not a
+                # candidate for its old shard: placement then picks its backup.
+                view = states if live else [st for st in states if st.name != src.name]
                 try:
-                    node = place_operator(placement, spec.topic, src, states)
+                    node = place_operator(placement, spec.topic, src, view)
                 except (SchedulingError, PlacementError):
                     continue
                 if node == self.agent.name:
-                    want.add((spec.name, source))
+                    want.add((spec.name, sid))
         for key in list(self.runners):
             if key not in want:
                 self.runners.pop(key).cancel()
@@ -738,7 +794,7 @@ class StreamPlane:
                     await asyncio.wait_for(self._changed.wait(), left)
 
     def _ensure_followers(self, topic: str) -> None:
-        for source in list(self._known) or [self.agent.name]:
+        for source in self._sources() or [self.source_id]:
             key = (topic, source)
             task = self.followers.get(key)
             if task is None or task.done():
@@ -797,7 +853,7 @@ class StreamPlane:
             "cross_region_bytes": dict(self.cross_region_bytes),
             "shards": [{"topic": t, "source": s, "base": lg.base, "head": lg.head,
                         "backlog": lg.backlog(), "bytes": lg.bytes, "evicted": lg.evicted,
-                        "role": "primary" if s == self.agent.name else "backup"}
+                        "role": "primary" if s == self.source_id else "backup"}
                        for (t, s), lg in sorted(self.logs.items())],
             "operators": {name: dict(c) for name, c in self.op_stats.items()},
             "runners": sorted(f"{o}@{s}" for o, s in self.runners),
