@@ -21,7 +21,6 @@ no asyncio, nothing from the rest of meshscale.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import socket
@@ -31,8 +30,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle  # type: ignore[import-untyped]
 import msgspec
+
+try:
+    # CPython's BLAKE2 builtin: hashlib would also load OpenSSL's libcrypto, ~3.5 MB of
+    # resident memory in every idle worker for a hash this module does not use.
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - another interpreter
+    from hashlib import blake2b
 
 FRAME_HEADER = struct.Struct(">II")
 MAX_ENVELOPE = 64 * 1024
@@ -50,7 +55,7 @@ KIND_MISSING = "missing_function"
 
 def function_id(pickled: bytes | memoryview) -> str:
     """Content id of a pickled function: BLAKE2b-256, hex."""
-    return hashlib.blake2b(pickled, digest_size=32).hexdigest()
+    return blake2b(pickled, digest_size=32).hexdigest()
 
 
 # --- messages ---------------------------------------------------------------------------
@@ -208,6 +213,8 @@ class Worker:
         if function_id(raw) != msg.fn_id:
             return Failed(KIND_UNPICKLABLE, f"function bytes do not hash to {msg.fn_id}")
         try:
+            import cloudpickle  # type: ignore[import-untyped]  # on first use: idle workers stay small
+
             loaded: Any = cloudpickle.loads(raw)
         except BaseException as e:
             return Failed(
@@ -226,6 +233,8 @@ class Worker:
             fn = self._function(msg, body)
             if isinstance(fn, Failed):
                 return fn, b""
+            import cloudpickle
+
             try:
                 args, kwargs = cloudpickle.loads(body[msg.fn_len :])
             except MemoryError:
