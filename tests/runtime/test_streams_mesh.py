@@ -185,6 +185,29 @@ def test_refusals_name_the_rule(client: TaskMesh, mesh: LocalMesh) -> None:
     s.flush(10)
 
 
+def test_removed_operator_stops_everywhere(client: TaskMesh, mesh: LocalMesh) -> None:
+    client.operator("rm", tag, output="rm-out", name="rm-op")
+    s = client.stream("rm")
+    for i in range(20):
+        s.publish("k", {"i": i})
+    s.flush(30)
+    collect(client.subscribe("rm-out"), lambda g: len(g) >= 20, 60)
+    assert any(r.startswith("rm-op@") for i in range(4) for r in stats(mesh, i)["runners"])
+    client.remove_operator("rm-op")
+    end = time.monotonic() + 30
+    while any(r.startswith("rm-op@") for i in range(4) for r in stats(mesh, i)["runners"]):
+        assert time.monotonic() < end, "a runner of the removed operator is still running"
+        time.sleep(0.2)
+    # Its shards no longer hold records for it: more records are accepted, not processed.
+    for i in range(20, 40):
+        s.publish("k", {"i": i})
+    s.flush(30)
+    assert "rm-op" not in stats(mesh, 0)["operators"] or not any(
+        r.startswith("rm-op@") for r in stats(mesh, 0)["runners"])
+    with pytest.raises(MeshError, match="unknown operator"):
+        client.remove_operator("rm-op")
+
+
 def test_entry_node_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
     m = start_mesh(tmp_path / "fo", 4)
     try:

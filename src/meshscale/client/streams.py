@@ -450,3 +450,8 @@ class StreamsMixin:
             "regions": regions, "residency": None if residency is None else list(residency),
             "labels": dict(labels or {}), "fn_bytes": data, "batch": batch_size}))
         return Operator(op_name, topic, output, str(r["mode"]), r.get("region"))
+
+    def remove_operator(self, name: str) -> None:
+        """Stop operator ``name`` everywhere (``MeshError`` if there is none)."""
+        mesh: Mesh = self  # type: ignore[assignment]
+        mesh._run(mesh._inner._call_dict("stream.op_remove", {"name": name}))

@@ -283,6 +283,11 @@ class ShardLog:
         if operator not in self.committed:
             self.committed[operator] = self.base if offset is None else min(offset, self.head)
 
+    def unregister(self, operator: str) -> None:
+        """``operator`` was removed: it no longer holds records back."""
+        if self.committed.pop(operator, None) is not None:
+            self._retain()
+
     def commit(self, operator: str, offset: int) -> None:
         """``operator`` has durably processed everything before ``offset``."""
         assert offset >= 0

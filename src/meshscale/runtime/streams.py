@@ -192,6 +192,7 @@ class StreamPlane:
         self._conns: dict[tuple[str, str], RpcConnection] = {}
         self._creds: ClientCredentials | None = None
         self._known: dict[str, Candidate] = {}
+        self._installed_at: dict[str, float] = {}
         self._seen_sources: OrderedDict[str, None] = OrderedDict()
         """Shard sources (``node~epoch``) seen, most recent last (bounded)."""
         self._backup_of: dict[tuple[str, str], str | None] = {}
@@ -212,6 +213,7 @@ class StreamPlane:
             "stream.read": self._rpc_read,
             "stream.op_register": self._rpc_op_register,
             "stream.op_notify": self._rpc_op_notify,
+            "stream.op_remove": self._rpc_op_remove,
             "stream.op_list": self._rpc_op_list,
             "stream.stats": self._rpc_stats,
         }.items():
@@ -565,17 +567,66 @@ class StreamPlane:
         return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
 
     def _install(self, spec: OperatorSpec) -> None:
+        if spec.name not in self.ops:
+            self._installed_at[spec.name] = time.monotonic()
         self.ops[spec.name] = spec
         self.op_stats.setdefault(spec.name, Counter())
         for (topic, _), log in self.logs.items():
             if topic == spec.topic:
                 log.register(spec.name)
 
+    def _uninstall(self, name: str) -> bool:
+        if self.ops.pop(name, None) is None:
+            return False
+        for key in [k for k in self.runners if k[0] == name]:
+            self.runners.pop(key).cancel()
+        for log in self.logs.values():
+            log.unregister(name)
+        self.agent.log("info", "stream_operator_removed", operator=name)
+        return True
+
     def _rpc_op_notify(self, args: dict[str, Any]) -> dict[str, Any]:
+        removed = args.get("removed")
+        if isinstance(removed, str):
+            self._uninstall(removed)
+            self._notify_changed()
+            return {}
         spec = _spec_from(dict(args["spec"]))
         self._install(spec)
         self._reconcile()
         return {}
+
+    def _notify_changed(self) -> None:
+        async def wake() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        self.agent._spawn(wake())
+
+    async def _rpc_op_remove(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Remove an operator everywhere: its runners stop, its shards stop holding
+        records for it (producers waiting on it are released)."""
+        name = _check_name("operator name", args.get("name"))
+        compute = self.agent.compute  # type: ignore[attr-defined]
+        index = await compute._kv_read(OPS_INDEX_KEY)
+        names = set(msgspec.msgpack.decode(index)) if index else set()
+        if name not in names and name not in self.ops:
+            raise ValueError(f"unknown operator {name!r}")
+        names.discard(name)
+        await compute._kv_put_raw(OPS_INDEX_KEY, _spec_encoder.encode(sorted(names)))
+        with contextlib.suppress(ValueError, RpcError):
+            await compute._local("kv.delete", {"key": OP_PREFIX + name,
+                                               "consistency": "quorum"})
+        self._uninstall(name)
+        self._notify_changed()
+        alive = self._alive()
+
+        async def notify(n: str) -> None:
+            with contextlib.suppress(RpcError, ValueError, TimeoutError):
+                await self._call(n, "stream.op_notify", {"removed": name})
+
+        await asyncio.gather(*(notify(c.name) for c in alive if c.name != self.agent.name))
+        return {"removed": name}
 
     def _rpc_op_list(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"operators": [{**_spec_dict(s), "stats": dict(self.op_stats.get(s.name, {}))}
@@ -590,7 +641,11 @@ class StreamPlane:
         if not index:
             return
         with contextlib.suppress(Exception):
-            for name in msgspec.msgpack.decode(index):
+            listed = {str(n) for n in msgspec.msgpack.decode(index)}
+            for name in [n for n in self.ops if n not in listed and
+                         time.monotonic() - self._installed_at.get(n, 0.0) > 30.0]:
+                self._uninstall(name)  # removed while this node missed the notice
+            for name in listed:
                 if name in self.ops:
                     continue
                 raw = await compute._kv_read(OP_PREFIX + str(name))
