@@ -164,9 +164,15 @@ def keys_list_cmd(bundle: BundleOption) -> None:
 
 
 @app.command("token")
-def token_cmd(bundle: BundleOption) -> None:
-    """Print the cluster's admin token."""
-    typer.echo(load_bundle(bundle).token)
+def token_cmd(
+    bundle: BundleOption,
+    read_only: Annotated[bool, typer.Option(
+        "--read-only", help="Print the viewers' token instead: the HTTP API, /metrics "
+        "and the dashboard accept it; the RPC port (which changes things) does not.")] = False,
+) -> None:
+    """Print the cluster's admin token (or, with --read-only, the viewers' token)."""
+    loaded = load_bundle(bundle)
+    typer.echo(loaded.read_only_token if read_only else loaded.token)
 
 
 # -- running ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from runtime_mesh import wait_for
 
+from meshscale.client.rpc import RpcError, call
 from meshscale.client.tasks import TaskMesh, connect
 from meshscale.runtime.launcher import (
     LocalMesh,
@@ -244,6 +245,28 @@ def test_token_is_required(mesh: LocalMesh, token: str) -> None:
     status, ctype, _ = request(addr, "/")
     assert status == 200 and ctype.startswith("text/html")
     assert request(addr, "/api/v1/openapi.json")[0] == 200
+
+
+
+def test_read_only_token_reads_the_api_but_not_the_rpc_port(mesh: LocalMesh) -> None:
+    from meshscale.client.rpc import ClientCredentials
+    from meshscale.trust.bundle import load_bundle
+
+    bundle = load_bundle(mesh.bundle_path)
+    viewer = bundle.read_only_token
+    assert viewer != bundle.token and bundle.token not in viewer
+    addr = str(mesh.nodes[2].http)
+    assert get_json(addr, "/api/v1/node", viewer)["name"] == "node-2"
+    assert request(addr, "/metrics", viewer)[0] == 200
+    assert request(addr, "/api/v1/node", viewer + "x")[0] == 401
+    creds = ClientCredentials.from_bundle(bundle)
+    ro = ClientCredentials(creds.ssl_context, viewer)
+    with pytest.raises(RpcError):
+        call(mesh.nodes[2].address, ro, "members", {}, timeout=10)
+    out = subprocess.run([sys.executable, "-m", "meshscale", "token", "--read-only",
+                          "--bundle", str(mesh.bundle_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == viewer
 
 
 def test_bad_requests_get_json_errors(mesh: LocalMesh, token: str) -> None:

@@ -174,7 +174,7 @@ class HttpServer:
             return "missing Authorization: Bearer TOKEN (meshscale token --bundle DIR)"
         if scheme.lower() != "bearer" or not token.strip():
             return "use Authorization: Bearer TOKEN"
-        if not self.agent.bundle.check_token(token.strip()):
+        if not self.agent.bundle.check_read_token(token.strip()):
             return "wrong token"
         return None
 

@@ -14,8 +14,10 @@ in the same directory, fsync, ``os.replace``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -54,6 +56,7 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 # No bundle file is legitimately this large; refuse rather than read without bound.
 MAX_FILE_SIZE = 1024 * 1024
 MAX_TOKEN_LENGTH = 512
+READ_ONLY_CONTEXT = b"meshscale read-only token v1"
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _DNS_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -78,6 +81,21 @@ class Bundle:
     def check_token(self, presented: str) -> bool:
         """Constant-time comparison of a presented admin token."""
         return hmac.compare_digest(presented.encode("utf-8"), self.token.encode("utf-8"))
+
+    @property
+    def read_only_token(self) -> str:
+        """A token for viewers: accepted by the HTTP API and dashboard (all reads), never by
+        the RPC port that changes things. Derived from the admin token with HMAC-SHA256,
+        so it needs no file of its own, changes when the admin token does, and does not
+        reveal it."""
+        mac = hmac.new(self.token.encode("utf-8"), READ_ONLY_CONTEXT, hashlib.sha256)
+        return "ro-" + base64.urlsafe_b64encode(mac.digest()).decode("ascii").rstrip("=")
+
+    def check_read_token(self, presented: str) -> bool:
+        """The admin token or the read-only token (constant-time for each)."""
+        ro = hmac.compare_digest(presented.encode("utf-8"),
+                                 self.read_only_token.encode("utf-8"))
+        return self.check_token(presented) | ro
 
 
 # -- atomic file writes --------------------------------------------------------------------
