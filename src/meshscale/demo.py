@@ -387,10 +387,13 @@ class Demo:
                 "site_a_rerouted_s": round(min(a_after) - kill, 2) if a_after else None,
                 "site_a_recovered_s": round(max(a_before) - kill, 2) if a_before else None,
             }
-        pipes["near-source"]["cross_region_bytes"] = bytes_for(
-            f"{TOPIC}:fetch:{NEAR_OP}", f"{NEAR_OUT}:")
-        pipes["central (cloud)"]["cross_region_bytes"] = bytes_for(
-            f"{TOPIC}:fetch:{CENTRAL_OP}", f"{CENTRAL_OUT}:")
+        for name, op, out in (("near-source", NEAR_OP, NEAR_OUT),
+                              ("central (cloud)", CENTRAL_OP, CENTRAL_OUT)):
+            raw = bytes_for(f"{TOPIC}:fetch:{op}")
+            results = bytes_for(f"{out}:")
+            pipes[name]["raw_cross_region_bytes"] = raw
+            pipes[name]["results_cross_region_bytes"] = results
+            pipes[name]["cross_region_bytes"] = raw + results
         return {
             "published": total,
             "unique_records": len(self.truth),
@@ -431,7 +434,8 @@ def render_summary(summary: dict[str, Any]) -> None:
         ("records lost", "records_missing", "{:,}"),
         ("latency p50 (ms)", "latency_p50_ms", "{:.1f}"),
         ("latency p99 (ms)", "latency_p99_ms", "{:.1f}"),
-        ("bytes across regions", "cross_region_bytes", "{:,}"),
+        ("raw readings across regions (B)", "raw_cross_region_bytes", "{:,}"),
+        ("results across regions (B)", "results_cross_region_bytes", "{:,}"),
         ("anomalies caught / injected", None, ""),
         ("false alarms", "false_alarms", "{:,}"),
         ("site A rerouted after kill (s)", "site_a_rerouted_s", "{}"),
