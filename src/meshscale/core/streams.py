@@ -34,6 +34,15 @@ instead of from a controller. Departures, and why:
   with no operator (a pure output topic) is bounded by retention instead: the oldest
   records beyond ``max_records`` are evicted and counted.
 
+- Per-key order holds within a shard. When a source dies its producer moves to another
+  node, so a key's new records enter a new shard while the old shard's unprocessed tail
+  is processed at the backup: for the length of that recovery (failure detection plus
+  the tail) old and new records of a key may interleave. Kafka avoids this with one
+  partition per key range and a leader hand-over; we trade it for no controller.
+- A restarted node starts new shards (shard sources are ``node~epoch``, the epoch being
+  the incarnation it started with), since its logs were in memory; its old shards stay
+  with their backups under their old names until processed.
+
 Sans-I/O: no clock, no sockets. The runtime (``runtime/streams.py``) drives it.
 """
 
