@@ -483,9 +483,18 @@ class StreamPlane:
         limit = max(1, min(int(args.get("limit") or 256), 4096))
         wait = max(0.0, min(float(args.get("wait_s") or 0.0), self.cfg.read_wait_max_s))
         op = args.get("op")
+        deadline = time.monotonic() + wait
         log = self.logs.get((topic, source))
-        if log is None:
-            return {"missing": True}
+        while log is None:
+            # Long-poll for a shard that does not exist yet too: its first record should
+            # not wait for the asker's retry timer.
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stopping:
+                return {"missing": True}
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+            log = self.logs.get((topic, source))
         if isinstance(op, str) and op:
             log.register(op)
             committed = args.get("committed")
@@ -494,7 +503,6 @@ class StreamPlane:
                 async with self._changed:
                     self._changed.notify_all()
         start = log.base if offset is None else int(offset)
-        deadline = time.monotonic() + wait
         while True:
             entries = log.read(start, limit)
             left = deadline - time.monotonic()
@@ -748,8 +756,7 @@ class StreamPlane:
                 continue
             backoff = 0.1
             if r.get("missing"):
-                await asyncio.sleep(0.5)
-                continue
+                continue  # the holder waited fetch_wait_s for the shard to appear
             entries = [_entry_from(w) for w in r["entries"]]
             if offset is None:
                 offset = int(r["base"])
@@ -890,8 +897,7 @@ class StreamPlane:
                 continue
             backoff = 0.1
             if r.get("missing"):
-                await asyncio.sleep(0.5)
-                continue
+                continue  # the holder waited follow_wait_s for the shard to appear
             entries = [_entry_from(w) for w in r["entries"]]
             if entries:
                 mirror.apply(entries)
