@@ -2,9 +2,10 @@
 the system chromedriver, against a real 3-node mesh (3 regions, emulated inter-region
 latency so the map is placed by Vivaldi coordinates).
 
-The page must load with no console errors, show 3 alive nodes, then show a SIGKILLed node
-as dead without a reload, within the membership detection bound plus the dashboard's own
-refresh. Screenshots are saved under ``artifacts/`` (gitignored) for a human to look at.
+The page must load with no console errors, show 3 alive nodes and the stream operator
+registered before it opened (its placement, a non-zero processed count, the nodes running
+it), then show a SIGKILLed node as dead without a reload, within the membership detection
+bound plus the dashboard's own refresh. Screenshots are saved under ``artifacts/`` (gitignored) for a human to look at.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def wait_until(cond: Callable[[], T], timeout: float, what: str, poll: float = 0
 
 def square(x: int) -> int:
     return x * x
+
+
+def double(rec: Any) -> int:
+    """The stream operator the page must show (module level: the mesh pickles it by name)."""
+    return int(rec.value) * 2
+
+
+STREAM_RECORDS = 30
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +141,17 @@ def text(driver: Any, element_id: str) -> str:
         element_id))
 
 
+def stream_ops(driver: Any) -> dict[str, dict[str, Any]]:
+    """Streams panel as the page shows it: operator name -> its row's cells."""
+    return driver.execute_script(
+        "const o = {}; for (const tr of document.querySelectorAll('#stream-ops-body tr[data-operator]'))"
+        " o[tr.dataset.operator] = {count: Number(tr.querySelector('.processed').dataset.count),"
+        " text: tr.textContent,"
+        " runners: [...tr.querySelectorAll('.chip.runner')].map(c => c.dataset.node || '')};"
+        " return o;"
+    )
+
+
 def screenshot(driver: Any, name: str) -> Path:
     """The whole page, not only the viewport."""
     ARTIFACTS.mkdir(exist_ok=True)
@@ -155,6 +175,13 @@ def test_dashboard_shows_the_mesh_and_a_killed_node_as_dead(
         client.put(os.urandom(2000 + 5000 * k))
     futs = client.map(square, range(20), progress=False)
     assert [f.result(timeout=60) for f in futs] == [k * k for k in range(20)]
+    # ... and a stream operator that has processed records
+    client.operator("readings", double, output="doubled", name="double-readings")
+    producer = client.stream("readings")
+    for k in range(STREAM_RECORDS):
+        producer.publish(f"sensor-{k % 3}", k)
+    producer.flush(30)
+    producer.close()
 
     browser.get(f"http://{http}/#token={token}")
     # the token leaves the address bar at once
@@ -177,6 +204,16 @@ def test_dashboard_shows_the_mesh_and_a_killed_node_as_dead(
         "return document.querySelector('#events li[data-seq]') !== null"), 10, "events")
     wait_until(lambda: text(browser, "conn-status") == "live", 10, "a live stream")
     assert browser.execute_script("return document.getElementById('health').dataset.level") == "ok"
+    # the streams panel: the operator, where it runs, what it has processed
+    assert browser.find_element("id", "streams-card").is_displayed()
+    op = wait_until(lambda: (stream_ops(browser).get("double-readings") or {}).get("count", 0) > 0
+                    and stream_ops(browser)["double-readings"], 30,
+                    "the streams panel to show double-readings with records processed")
+    assert "readings \u2192 doubled" in op["text"], op
+    assert "near-source" in op["text"], op
+    assert op["runners"] and set(op["runners"]) <= names, op
+    assert 0 < op["count"] <= STREAM_RECORDS, op
+    assert "1 operator" in text(browser, "streams-summary")
     errors = severe(browser)
     assert not errors, f"console errors on load: {errors}"
     screenshot(browser, "dashboard-alive.png")

@@ -51,6 +51,7 @@
     mapScale: null,
     highlighted: "",
     connStatus: "connecting",
+    counterHist: new Map(), // "op:NAME" / "x:LABEL" -> [[ms, value], ...] for rates
   };
 
   // ---------------------------------------------------------------- token
@@ -339,6 +340,7 @@
     renderLoad(snap);
     renderCharts(snap);
     renderObjects(snap);
+    renderStreams(snap);
     renderEvents();
   }
 
@@ -1132,6 +1134,299 @@
       tr.append(idTd, el("td", "num", fmtBytes(o.size)), cls, chips);
       body.append(tr);
     }
+  }
+
+  // ---------------------------------------------------------------- streams
+
+  const RATE_WINDOW_MS = 10000;
+  const MAX_STREAM_ROWS = 300;
+  const MAX_RUNNER_CHIPS = 16;
+
+  // Per-second rate of a counter over the last RATE_WINDOW_MS. The node caches its streams
+  // fan-out for a couple of seconds, so a rate between two consecutive snapshots would
+  // jump between 0 and a burst; a window smooths that. A counter going down (a node that
+  // counted some of it died) starts the history over.
+  function counterRate(key, value, now) {
+    let h = ui.counterHist.get(key);
+    if (!h || (h.length && value < h[h.length - 1][1])) h = [];
+    h.push([now, value]);
+    while (h.length > 2 && now - h[1][0] >= RATE_WINDOW_MS) h.shift();
+    ui.counterHist.set(key, h);
+    const [t0, v0] = h[0];
+    return now - t0 >= 1500 ? ((value - v0) * 1000) / (now - t0) : null;
+  }
+
+  function placementText(op) {
+    if (op.mode === "near-source") return "near-source";
+    if (op.mode === "central") return "central in " + (op.region || "?");
+    return "in " + (op.region || "its regions");
+  }
+
+  function nodeDot(region) {
+    const dot = el("span", "region-dot");
+    dot.style.background = regionColor(region);
+    return dot;
+  }
+
+  // "node-0~3" -> ["node-0", "3"]: a shard source is a node and the epoch it started with.
+  function splitSource(sid) {
+    sid = String(sid || "");
+    const i = sid.lastIndexOf("~");
+    return i < 0 ? [sid, ""] : [sid.slice(0, i), sid.slice(i + 1)];
+  }
+
+  function crossLabel(label) {
+    const i = label.indexOf(":");
+    const topic = i < 0 ? label : label.slice(0, i);
+    const kind = i < 0 ? "" : label.slice(i + 1);
+    let what = kind;
+    if (kind === "repl") what = "copied to backups";
+    else if (kind === "follow") what = "mirrored for subscribers";
+    else if (kind.startsWith("fetch:")) what = "read by " + kind.slice(6);
+    return [topic, what];
+  }
+
+  function renderStreams(snap) {
+    const card = $("streams-card");
+    const st = snap.streams;
+    if (!st || typeof st !== "object") { card.hidden = true; return; }
+    card.hidden = false;
+    const now = Date.now();
+    const members = new Map(snap.members.map((m) => [m.name, m]));
+    const stateOf = (n) => (members.get(n) || {}).state || "unknown";
+    const regionOf = (n) => (members.get(n) || {}).region;
+    const down = (n) => { const s = stateOf(n); return s === "dead" || s === "left" || s === "unknown"; };
+    const ops = (st.operators || []).slice().sort((a, b) => byName(a.name, b.name));
+    const shards = (st.shards || []).slice();
+    const cross = Object.entries(st.cross_region_bytes || {}).filter(([, v]) => Number(v) > 0);
+
+    const live = snap.members.filter((m) => m.state === "alive" || m.state === "suspect").length;
+    const answered = Number(st.nodes_answered) || 0;
+    const ans = $("streams-answered");
+    ans.textContent = `stats from ${answered} of ${live} live nodes`;
+    ans.classList.toggle("warn", answered < live);
+
+    if (!ops.length && !shards.length) {
+      $("streams-body").hidden = true;
+      $("streams-empty").hidden = false;
+      $("streams-empty").textContent = "No stream operators yet: mesh.operator(topic, fn, output=...) "
+        + "registers one, and it runs next to the shards of its topic.";
+      $("streams-summary").textContent = "";
+      return;
+    }
+    $("streams-body").hidden = false;
+    $("streams-empty").hidden = true;
+
+    // One logical shard per (topic, source): its copies (primary on the source, a backup).
+    const logical = new Map();
+    for (const sh of shards) {
+      const key = sh.topic + "\u0000" + sh.source;
+      let g = logical.get(key);
+      if (!g) {
+        g = { topic: sh.topic, source: sh.source, copies: [], head: 0, backlog: 0 };
+        logical.set(key, g);
+      }
+      g.copies.push(sh);
+      g.head = Math.max(g.head, Number(sh.head) || 0);
+      // the copy consumers read: the primary while its source lives, else the backup
+      if (sh.role === "primary" || !g.copies.some((c) => c.role === "primary")) {
+        g.backlog = Number(sh.backlog) || 0;
+      }
+    }
+    // A shard's source is "node~epoch" (a restarted node starts new shards). It is live
+    // while its node reports the primary copy; without one it is down if the node is, or
+    // if the node now reports a newer epoch's primary (the old shard lives on its backup).
+    const liveSids = new Set(shards.filter((c) => c.role === "primary").map((c) => c.source));
+    const primaryNodes = new Set([...liveSids].map((sid) => splitSource(sid)[0]));
+    const sourceDown = (sid) => {
+      if (liveSids.has(sid)) return "";
+      const name = splitSource(sid)[0];
+      if (down(name)) return stateOf(name);
+      return primaryNodes.has(name) ? "restarted" : "";
+    };
+    const sourcesOf = new Map();
+    for (const g of logical.values()) {
+      if (!sourcesOf.has(g.topic)) sourcesOf.set(g.topic, []);
+      sourcesOf.get(g.topic).push(g.source);
+    }
+
+    // ---- operators
+    let failovers = 0;
+    let orphans = 0;
+    const body = $("stream-ops-body");
+    body.replaceChildren();
+    if (!ops.length) {
+      const tr = el("tr");
+      const td = el("td", "objects-empty", "No operators registered (shards below hold published records).");
+      td.colSpan = 5;
+      tr.append(td);
+      body.append(tr);
+    }
+    for (const op of ops.slice(0, MAX_STREAM_ROWS)) {
+      const tr = el("tr");
+      tr.dataset.operator = op.name;
+      tr.append(el("td", "op-name", op.name));
+      const flow = el("td", "mono");
+      flow.append(document.createTextNode(op.topic), el("span", "arrow", " \u2192 "),
+        op.output ? document.createTextNode(op.output) : el("span", "sub", "(no output)"));
+      tr.append(flow);
+      const place = el("td");
+      const pb = el("span", "badge place place-" + op.mode, placementText(op));
+      if (op.mode !== "near-source" && op.region) pb.prepend(nodeDot(op.region));
+      place.append(pb);
+      tr.append(place);
+      const n = Number(op.records_processed) || 0;
+      const rate = counterRate("op:" + op.name, n, now);
+      const proc = el("td", "num processed");
+      proc.dataset.count = String(n);
+      proc.title = "summed over the nodes that answered (a dead node's share is no longer counted)";
+      proc.append(el("b", null, n.toLocaleString("en-US")));
+      if (rate !== null) proc.append(el("span", "rate", ` ${fmtNum(rate)}/s`));
+      tr.append(proc);
+
+      const chips = el("td", "runners");
+      const runners = (op.runners || []).map((r) => {
+        const s = String(r);
+        const i = s.indexOf("/");
+        return i < 0 ? { node: s, source: "" } : { node: s.slice(0, i), source: s.slice(i + 1) };
+      }).sort((a, b) => byName(a.source, b.source) || byName(a.node, b.node));
+      const covered = new Set(runners.map((r) => r.source));
+      const made = []; // [problem?, chip]
+      for (const r of runners) {
+        const src = splitSource(r.source)[0];
+        const gone = sourceDown(r.source);
+        const chip = el("span", "chip runner");
+        chip.dataset.node = r.node;
+        chip.dataset.source = r.source;
+        chip.append(nodeDot(regionOf(r.node)), el("b", null, r.node));
+        let kind = "local";
+        let why = `${r.node} runs ${op.name} on its own shard (${r.source}): the data does not move`;
+        if (r.node === src && !gone) {
+          chip.append(el("span", "chip-sub", " own shard"));
+        } else {
+          chip.append(el("span", "chip-sub", ` \u2190 ${src}'s shard`));
+          if (gone) {
+            kind = "failover";
+            failovers += 1;
+            chip.append(el("span", "chip-tag", op.mode === "near-source" ? "failed over" : "reads backup"));
+            why = `${src} is ${gone}: ${r.node} runs ${op.name} on its shard (${r.source}) from the backup copy`;
+          } else {
+            kind = "remote";
+            why = `${r.node} runs ${op.name} on ${src}'s shard (${r.source}), fetching the records from ${src}`
+              + (regionOf(r.node) !== regionOf(src) ? ` across regions (${regionOf(src)} \u2192 ${regionOf(r.node)})` : "");
+          }
+        }
+        chip.classList.add(kind);
+        chip.title = why;
+        made.push([kind === "failover", chip]);
+      }
+      for (const source of (sourcesOf.get(op.topic) || []).slice().sort(byName)) {
+        if (covered.has(source)) continue;
+        orphans += 1;
+        const src = splitSource(source)[0];
+        const gone = sourceDown(source);
+        const chip = el("span", "chip runner orphan");
+        chip.dataset.source = source;
+        chip.append(el("span", "chip-sub", `${src}'s shard: no runner`));
+        chip.title = `no live node runs ${op.name} on ${source} right now`
+          + (gone ? ` (${src} is ${gone}; its backup takes over at the next reconcile)` : "");
+        made.push([true, chip]);
+      }
+      // Failovers and orphans first; a big mesh folds the healthy rest into "+N more".
+      const shown = [...made.filter((m) => m[0]), ...made.filter((m) => !m[0])].map((m) => m[1]);
+      for (const chip of shown.slice(0, MAX_RUNNER_CHIPS)) chips.append(chip);
+      if (shown.length > MAX_RUNNER_CHIPS) {
+        const rest = shown.slice(MAX_RUNNER_CHIPS);
+        const more = el("span", "chip more", `+${rest.length} more`);
+        more.title = rest.map((c) => c.textContent).join("\n");
+        chips.append(more);
+      }
+      if (!chips.childNodes.length) chips.append(el("span", "sub", "no shards of " + op.topic + " yet"));
+      tr.append(chips);
+      tr.classList.toggle("has-failover", chips.querySelector(".failover, .orphan") !== null);
+      body.append(tr);
+    }
+
+    // ---- shards
+    // operators' input topics first: that is where backlog builds up
+    const inputs = new Set(ops.map((o) => o.topic));
+    const groups = [...logical.values()].sort((a, b) => (inputs.has(b.topic) - inputs.has(a.topic))
+      || byName(a.topic, b.topic) || byName(a.source, b.source));
+    const sbody = $("stream-shards-body");
+    sbody.replaceChildren();
+    let backlogged = 0;
+    for (const g of groups.slice(0, MAX_STREAM_ROWS)) {
+      const tr = el("tr");
+      tr.dataset.topic = g.topic;
+      tr.dataset.source = g.source;
+      if (g.backlog > 0) { tr.classList.add("backlogged"); backlogged += 1; }
+      const srcName = splitSource(g.source)[0];
+      const srcDown = sourceDown(g.source);
+      if (srcDown) tr.classList.add("source-down");
+      tr.append(el("td", "mono", g.topic));
+      const src = el("td");
+      src.title = g.source;
+      src.append(nodeDot(regionOf(srcName)), document.createTextNode(srcName));
+      if (srcDown) src.append(el("span", "badge down-badge", srcDown));
+      tr.append(src);
+      tr.append(el("td", "num", fmtNum(g.head)));
+      const bl = el("td", "num backlog", g.backlog ? g.backlog.toLocaleString("en-US") : "0");
+      tr.append(bl);
+      const copies = el("td");
+      for (const c of g.copies.slice().sort((a, b) => (a.role === "primary" ? -1 : 1) - (b.role === "primary" ? -1 : 1))) {
+        const chip = el("span", "chip copy " + (c.role === "primary" ? "primary" : srcDown ? "serving" : "backup"));
+        chip.append(nodeDot(regionOf(c.node)), document.createTextNode(c.node), el("span", "chip-sub", " " + c.role));
+        chip.title = `${c.node} holds the ${c.role} copy: offsets ${c.base}..${c.head}, backlog ${c.backlog}`
+          + (c.role === "backup" && srcDown ? " (serves the shard: its source is down)" : "");
+        copies.append(chip);
+      }
+      tr.append(copies);
+      sbody.append(tr);
+    }
+    if (!groups.length) {
+      const tr = el("tr");
+      const td = el("td", "objects-empty", "No shards yet: nothing published.");
+      td.colSpan = 5;
+      tr.append(td);
+      sbody.append(tr);
+    }
+    $("shards-summary").textContent = groups.length
+      ? `${groups.length}` + (backlogged ? `, ${backlogged} with backlog` : ", no backlog")
+        + (groups.length > MAX_STREAM_ROWS ? ` (first ${MAX_STREAM_ROWS} shown)` : "")
+      : "";
+
+    // ---- bytes across regions
+    const box = $("cross-bytes");
+    box.replaceChildren();
+    cross.sort((a, b) => b[1] - a[1] || byName(a[0], b[0]));
+    const maxBytes = cross.length ? Number(cross[0][1]) : 0;
+    let total = 0;
+    for (const [label, v] of cross) {
+      const bytes = Number(v) || 0;
+      total += bytes;
+      const [topic, what] = crossLabel(label);
+      const name = el("span", "xb-name");
+      name.append(el("span", "mono", topic), document.createTextNode(" " + what));
+      name.title = label;
+      const bar = el("span", "bar");
+      const fill = el("span");
+      fill.style.width = (maxBytes ? Math.max(2, (bytes / maxBytes) * 100) : 0).toFixed(0) + "%";
+      bar.append(fill);
+      const rate = counterRate("x:" + label, bytes, now);
+      const val = el("span", "xb-val", fmtBytes(bytes) + (rate ? `  ${fmtBytes(Math.round(rate))}/s` : ""));
+      box.append(name, bar, val);
+    }
+    if (!cross.length) box.append(el("div", "objects-empty", "Nothing has crossed a region boundary."));
+    $("cross-summary").textContent = cross.length ? fmtBytes(total) + " total" : "";
+
+    const parts = [`${ops.length} ${ops.length === 1 ? "operator" : "operators"}`];
+    if (failovers) parts.push(`${failovers} ${failovers === 1 ? "runner" : "runners"} failed over`);
+    if (orphans) parts.push(`${orphans} ${orphans === 1 ? "shard" : "shards"} without a runner`);
+    if (backlogged) parts.push(`${backlogged} ${backlogged === 1 ? "shard" : "shards"} with backlog`);
+    if (total) parts.push(`${fmtBytes(total)} crossed regions`);
+    const sum = $("streams-summary");
+    sum.textContent = parts.join("  \u00b7  ");
+    sum.classList.toggle("warn", failovers + orphans > 0);
   }
 
   // ---------------------------------------------------------------- events
