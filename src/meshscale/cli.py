@@ -182,8 +182,8 @@ def token_cmd(
 def demo_cmd(
     quick: Annotated[bool, typer.Option("--quick", help="A short run (~15 s of data), "
                                         "for tests.")] = False,
-    keep: Annotated[bool, typer.Option("--keep", help="Leave the mesh running after the "
-                                       "summary (prints how to stop it).")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the mesh running after the "
+                                       "summary, until Ctrl-C.")] = False,
     duration: Annotated[float | None, typer.Option("--duration", help="Seconds of sensor "
                                                    "data to generate.")] = None,
     rate: Annotated[float | None, typer.Option("--rate", help="Readings per second from "
@@ -685,6 +685,23 @@ def get_cmd(
         raise CliError(f"-o {output}: is a directory")
     with _data_plane(node, bundle, timeout) as mesh, _ProgressBar(f"get {output.name}") as bar:
         mesh.get(object_id, path=output, progress=bar)
+
+
+@app.command("delete")
+def delete_cmd(
+    bundle: BundleOption,
+    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b2b-...).")],
+    node: NodeOption = "127.0.0.1:7946",
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Delete an object from every node; repair never brings it back (tombstones)."""
+    from meshscale.client.mesh import OBJECT_ID_RE
+
+    if OBJECT_ID_RE.fullmatch(object_id) is None:
+        raise CliError(f"not an object id: {object_id!r} (expected b2b- and 64 hex digits)")
+    with _data_plane(node, bundle, timeout) as mesh:
+        holders = mesh.delete(object_id)
+    typer.echo(f"deleted {object_id} (held by {', '.join(holders) or 'no live node'})")
 
 
 def _human_size(n: int) -> str:

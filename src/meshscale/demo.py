@@ -171,18 +171,21 @@ class Demo:
             summary = self._pipeline(lm, model)
             summary["dashboard"] = url
             summary["mesh_json"] = str(lm.mesh_json)
-        finally:
             if cfg.keep:
-                self.say(f"--keep: the mesh keeps running; mesh.json: {lm.mesh_json}; stop "
-                         f"with: kill {' '.join(str(p.pid) for p in lm.processes())}")
-            else:
-                lm.stop()
-                left = [p.pid for p in lm.processes() if p.poll() is None]
-                summary["processes_left"] = left
-                if tmp is not None:
-                    import shutil
+                if not cfg.quiet:
+                    render_summary(summary)
+                self.say(f"--keep: the mesh keeps running until Ctrl-C (or SIGTERM). "
+                         f"Dashboard: {url}\n  meshscale top --mesh {lm.mesh_json}\n  "
+                         f"meshscale members --node {lm.nodes[3].address} "
+                         f"--bundle {lm.bundle_path}")
+                _wait_for_signal()
+        finally:
+            lm.stop()
+            summary["processes_left"] = [p.pid for p in lm.processes() if p.poll() is None]
+            if tmp is not None:
+                import shutil
 
-                    shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(tmp, ignore_errors=True)
         summary["wall_s"] = round(time.monotonic() - t_start, 1)
         return summary
 
@@ -406,6 +409,19 @@ class Demo:
         }
 
 
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM (the nodes die with this process: PDEATHSIG)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _printer() -> Any:
     from rich.console import Console
 
@@ -465,7 +481,7 @@ def run_live_demo(cfg: DemoConfig, json_path: Path | None = None) -> dict[str, A
     """Run the demo; prints progress and the summary table; returns the summary."""
     os.environ.setdefault("PYTHONHASHSEED", "0")
     summary = Demo(cfg).run()
-    if not cfg.quiet:
+    if not cfg.quiet and not cfg.keep:
         render_summary(summary)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
