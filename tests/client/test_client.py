@@ -524,6 +524,21 @@ def test_cli_kv(local_mesh: LocalMesh) -> None:
 
 
 @mesh_test
+def test_cli_delete(local_mesh: LocalMesh, tmp_path: Path) -> None:
+    put = node_cli(local_mesh, "put", "-", stdin=b"to be deleted " + os.urandom(8))
+    assert put.returncode == 0, put.stderr.decode()
+    oid = put.stdout.decode().splitlines()[-1]
+    gone = node_cli(local_mesh, "delete", oid, node=1)
+    assert gone.returncode == 0, gone.stderr.decode()
+    assert gone.stdout.decode().startswith(f"deleted {oid}")
+    assert_one_line_error(node_cli(local_mesh, "get", oid, "-o", tmp_path / "x"))
+    line = assert_one_line_error(node_cli(local_mesh, "delete", "b2b-" + "2" * 64))
+    assert "unknown object id" in line
+    assert_one_line_error(node_cli(local_mesh, "delete", "b2b-bogus"))
+    assert_one_line_error(node_cli(local_mesh, "delete"))
+
+
+@mesh_test
 def test_cli_errors_are_one_line(local_mesh: LocalMesh, tmp_path: Path) -> None:
     src = tmp_path / "f"
     src.write_bytes(b"x")

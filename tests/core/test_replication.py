@@ -7,11 +7,13 @@ import random
 import msgspec
 import pytest
 
+from meshscale.core.hlc import HLCTimestamp
 from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set
 from meshscale.core.replication import (
     DigestMsg,
     DropLocal,
     ObjectPolicy,
+    ObjRef,
     Offer,
     OfferReply,
     PutAcked,
@@ -20,6 +22,9 @@ from meshscale.core.replication import (
     ReplicationConfig,
     ReplicationOverloaded,
     SendMessage,
+    TombstoneDropped,
+    Tombstones,
+    TombstoneStored,
     Transfer,
     UnderReplicated,
     decode_message,
@@ -213,7 +218,8 @@ class Mesh:
             self.sent_transfers.append(out)
             ok = out.dst not in self.down
             if ok:
-                self.m[out.dst].object_added(out.oid, out.policy, out.hint_for, self.now)
+                self.m[out.dst].object_added(out.oid, out.policy, out.hint_for, self.now,
+                                             out.written)
             self.m[src].transfer_done(out.req_id, out.dst, out.oid, ok, self.now)
         elif isinstance(out, DropLocal):
             self.drops.append((src, out.oid))
@@ -401,3 +407,136 @@ def test_same_inputs_same_outputs() -> None:
         return log
 
     assert run() == run()
+
+
+# --------------------------------------------------------------------------- deletes
+
+DAY = 86400.0
+
+
+def ts(sec: float, node: str = "c") -> HLCTimestamp:
+    return HLCTimestamp(int(sec * 1e9), 0, node)
+
+
+class TombMesh(Mesh):
+    """Mesh that also records tombstone events and what each node keeps on 'disk'."""
+
+    def __init__(self, view: list[Candidate] = VIEW) -> None:
+        super().__init__(view)
+        self.kept: dict[str, dict[str, HLCTimestamp]] = {n: {} for n in self.m}
+
+    def route(self, src: str, out: object) -> None:
+        if isinstance(out, TombstoneStored):
+            self.kept[src][out.oid] = out.ts
+        elif isinstance(out, TombstoneDropped):
+            self.kept[src].pop(out.oid, None)
+        else:
+            super().route(src, out)
+
+
+def test_delete_removes_every_copy_and_a_returning_holder_drops_its_own() -> None:
+    mesh = TombMesh()
+    rs = names(replica_set("obj", VIEW, 3))
+    for n in rs:
+        mesh.m[n].object_added("obj", ANY, None, 0.0, ts(100))
+    mesh.run(6.0)
+    away = rs[2]
+    mesh.down.add(away)  # paused: still in everyone's view, misses the delete
+    coordinator = next(n for n in sorted(mesh.m) if n not in rs)
+    peers = mesh.m[coordinator].delete("obj", ANY, ts(200), mesh.now, 200.0)
+    assert set(rs) <= set(peers)
+    mesh.flush()
+    assert mesh.holders("obj") == {away}
+    assert all("obj" in mesh.kept[n] for n in rs if n != away)
+    before = len(mesh.sent_transfers)
+    mesh.down.discard(away)
+    mesh.run(mesh.now + 12.0)
+    # It came back with its copy: the copy is dropped, never spread.
+    assert mesh.holders("obj") == set()
+    assert not [t for t in mesh.sent_transfers[before:] if t.oid == "obj"]
+    assert (away, "obj") in mesh.drops
+    # The replica set keeps the tombstone; the coordinator (not a member) handed it off.
+    assert {n for n, k in mesh.kept.items() if "obj" in k} == set(rs)
+    assert mesh.m[away].tombstone("obj") == ts(200)
+
+
+def test_a_node_that_missed_the_delete_and_has_no_copy_refuses_a_stale_one() -> None:
+    mesh = TombMesh()
+    rs = names(replica_set("obj", VIEW, 3))
+    a, b, c = rs
+    for n in (a, b):
+        mesh.m[n].object_added("obj", ANY, None, 0.0, ts(100))
+    mesh.down.add(a)
+    mesh.m[b].delete("obj", ANY, ts(200), mesh.now, 200.0)
+    mesh.flush()
+    assert mesh.m[c].tombstone("obj") == ts(200)
+    assert not mesh.m[c].accepts("obj", ts(100))
+    assert mesh.m[c].accepts("obj", ts(300))
+    # A stale transfer that arrives anyway is dropped at once.
+    mesh.m[c].object_added("obj", ANY, None, mesh.now, ts(100))
+    assert DropLocal("obj") in mesh.m[c].drain()
+    assert mesh.m[c].stats["resurrections_refused"] == 1
+    mesh.down.discard(a)
+    mesh.run(12.0)
+    assert mesh.holders("obj") == set()
+
+
+def test_a_hinted_copy_outside_the_set_is_deleted_through_anti_entropy() -> None:
+    mesh = TombMesh()
+    rs = names(replica_set("obj", VIEW, 3))
+    stand_in = next(n for n in sorted(mesh.m) if n not in rs)
+    for n in rs[:2]:
+        mesh.m[n].object_added("obj", ANY, None, 0.0, ts(100))
+    mesh.m[stand_in].object_added("obj", ANY, rs[2], 0.0, ts(100))
+    mesh.down.add(rs[2])
+    mesh.m[rs[0]].delete("obj", ANY, ts(200), 0.0, 200.0)  # does not know of the hint
+    mesh.run(12.0)
+    assert mesh.holders("obj") == set()
+    assert (stand_in, "obj") in mesh.drops
+
+
+def test_the_same_bytes_put_after_the_delete_live_again() -> None:
+    mesh = TombMesh()
+    rs = names(replica_set("obj", VIEW, 3))
+    for n in rs:
+        mesh.m[n].object_added("obj", ANY, None, 0.0, ts(100))
+    mesh.m[rs[0]].delete("obj", ANY, ts(200), 0.0, 200.0)
+    mesh.flush()
+    assert mesh.holders("obj") == set()
+    # A new write (newer than the tombstone) reaches one member; anti-entropy does the rest.
+    mesh.m[rs[1]].object_added("obj", ANY, None, mesh.now, ts(300))
+    mesh.run(12.0)
+    assert mesh.holders("obj") == set(rs)
+    assert all("obj" not in k for k in mesh.kept.values())
+    assert mesh.m[rs[0]].stats.get("tombstones_superseded", 0) >= 1
+
+
+def test_tombstones_expire_after_the_grace_period_and_are_bounded() -> None:
+    cfg = ReplicationConfig(sync_interval=5.0, tombstone_grace_s=DAY, max_tombstones=2)
+    m = manager("eu1", cfg=cfg)
+    m.object_added("a", ANY, None, 0.0, ts(100))
+    m.delete("a", ANY, ts(200), 0.0, 200.0)
+    m.delete("b", ANY, ts(201), 0.0, 201.0)
+    assert m.tombstones() == ["a", "b"]
+    with pytest.raises(ReplicationOverloaded):
+        m.delete("c", ANY, ts(202), 0.0, 202.0)
+    m.delete("a", ANY, ts(203), 0.0, 203.0)  # a newer delete of a known one is fine
+    m.drain()
+    assert m.collect_tombstones(200.0 + DAY, 1.0) == 0
+    assert m.collect_tombstones(201.0 + DAY, 1.0) == 1
+    assert m.drain() == [TombstoneDropped("b")]
+    assert m.collect_tombstones(203.0 + DAY, 1.0) == 1 and m.tombstones() == []
+    # An expired tombstone received later is not kept and kills nothing.
+    m.object_added("d", ANY, None, 0.0, ts(100))
+    m.handle_message("eu2", encode_message(Tombstones([ObjRef("d", 3, deleted=ts(150).encode())])),
+                     2.0)
+    assert m.holds("d") and m.stats["tombstones_ignored.expired"] == 1
+
+
+def test_tombstone_messages_round_trip_and_bad_stamps_are_ignored() -> None:
+    msg = Tombstones([ObjRef("x", 3, ["eu"], "pii", None, ts(5).encode())])
+    assert decode_message(encode_message(msg), 1 << 20) == msg
+    m = manager("eu1")
+    m.object_added("x", EU, None, 0.0, ts(1))
+    m.handle_message("eu2", encode_message(Tombstones([ObjRef("x", 3, deleted="nope")])), 0.1)
+    assert m.holds("x") and m.stats["rejected.bad_stamp"] == 1

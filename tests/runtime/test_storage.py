@@ -639,3 +639,46 @@ def test_kv_matches_a_dict_model(
     expected = sorted((k, v, t) for k, (v, t) in model.items() if k.startswith(prefix))
     assert store.kv_scan(prefix) == expected
     store.close()
+
+
+def test_written_stamp_merges_to_the_latest(store: LocalStore) -> None:
+    m1 = store.put_bytes(b"stamped", now=NOW, written="0000000000000001-00000000-a")
+    assert m1.written == "0000000000000001-00000000-a"
+    m2 = store.put_bytes(b"stamped", now=NOW, written="0000000000000002-00000000-b")
+    assert m2.written == "0000000000000002-00000000-b"
+    store.put_bytes(b"stamped", now=NOW, written="0000000000000001-00000005-c")
+    assert store.meta(m1.object_id).written == "0000000000000002-00000000-b"  # type: ignore[union-attr]
+    assert store.put_bytes(b"unstamped", now=NOW).written is None
+
+
+def test_object_tombstones_survive_a_restart(tmp_path: Path) -> None:
+    oid = object_id_of(b"gone")
+    with open_store(tmp_path) as s:
+        s.tombstone_put(oid, "0000000000000005-00000000-a", replicas=3, data_class="pii",
+                        residency=["eu-west"])
+        s.tombstone_put(oid, "0000000000000004-00000000-b", replicas=1, data_class=None,
+                        residency=None)  # older: ignored
+    with open_store(tmp_path) as s:
+        assert s.tombstones() == [(oid, "0000000000000005-00000000-a", 3, "pii", ("eu-west",))]
+        s.tombstone_drop(oid)
+        s.tombstone_drop(oid)
+        assert s.tombstones() == []
+        with pytest.raises(StorageError):
+            s.tombstone_put("nope", "x", replicas=3, data_class=None, residency=None)
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    with open_store(tmp_path) as s:
+        meta = s.put_bytes(b"old", now=NOW)
+    db = sqlite3.connect(tmp_path / "meta.sqlite3")
+    db.execute("ALTER TABLE objects DROP COLUMN written")
+    db.execute("DROP TABLE obj_tombstones")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with open_store(tmp_path) as s:
+        got = s.meta(meta.object_id)
+        assert got is not None and got.written is None and s.read_bytes(meta.object_id) == b"old"
+        assert s.tombstones() == []

@@ -101,6 +101,7 @@ def _check(r: ChaosReport) -> None:
     assert r.kv_divergent == [] and r.kv_lost == [], (r.kv_divergent, r.kv_lost, r.faults)
     assert len(r.down_for_good) <= 2
     assert r.acked >= 30
+    assert r.deleted >= 6 and r.resurrected == [], (r.resurrected, r.faults)
 
 
 def test_chaos_one_seed_and_same_seed_same_trace() -> None:

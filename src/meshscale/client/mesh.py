@@ -616,6 +616,17 @@ class AsyncMesh:
         oid, _ = _ref_parts(ref)
         return self._info(await self._call_dict("obj.stat", {"id": oid}), "obj.stat")
 
+    async def delete(self, ref: ObjectRef | str) -> list[str]:
+        """Delete the object from every node; returns the live nodes that held a copy.
+        Copies on nodes that are away now are dropped when they come back (tombstones;
+        see the README). ``ObjectNotFoundError`` if no live node holds it."""
+        oid, _ = _ref_parts(ref)
+        reply = await self._call_dict("obj.delete", {"id": oid})
+        holders = reply.get("holders")
+        if not isinstance(holders, list):
+            raise MeshError(f"{self.address}: unexpected reply to obj.delete: {reply!r:.200}")
+        return [str(h) for h in holders]
+
     def _info(self, row: Any, method: str) -> ObjectInfo:
         try:
             return msgspec.convert(row, ObjectInfo)
@@ -844,6 +855,10 @@ class Mesh:
 
     def stat(self, ref: ObjectRef | str) -> ObjectInfo:
         return self._run(self._inner.stat(ref))
+
+    def delete(self, ref: ObjectRef | str) -> list[str]:
+        """Delete the object from every node; returns the live nodes that held a copy."""
+        return self._run(self._inner.delete(ref))
 
     def iter_objects(self, page_size: int = LIST_PAGE) -> Iterator[ObjectInfo]:
         """Every object in the mesh, a page at a time."""

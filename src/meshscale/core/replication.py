@@ -36,6 +36,17 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   hashes right is the object.
 - Garbage collection (pins, TTL) is the store's business; the manager only needs to be
   told with ``object_removed``.
+- Explicit deletes leave tombstones (Dynamo has none: its objects are versioned; this is
+  Cassandra's design). ``delete`` stamps a tombstone with an HLC timestamp; every copy
+  carries the HLC timestamp of the write that made it (``written``), and a copy written
+  before a live tombstone is dead wherever it turns up: the tombstone travels through the
+  same digests and offers as copies (a tombstone and a copy of one id hash differently, so
+  a node that comes back with a deleted copy mismatches, offers it, and is answered
+  ``deleted``), a receiver never accepts an older copy (``accepts``), and a copy written
+  *after* the tombstone (the same bytes put again) supersedes it. Tombstones are kept by
+  the replica set and handed off like copies, and expire ``tombstone_grace_s`` after their
+  timestamp (``collect_tombstones``): a node that was away longer than that and comes back
+  with a deleted copy can resurrect it, exactly as with Cassandra's gc_grace_seconds.
 
 Sans-I/O (see ``core/outputs.py``): inputs carry ``now``, outputs are collected with
 ``drain()``, time moves through ``next_deadline()`` / ``on_timer(now)``, randomness comes
@@ -55,6 +66,7 @@ from typing import Annotated
 
 import msgspec
 
+from meshscale.core.hlc import HLCTimestamp
 from meshscale.core.outputs import Event
 from meshscale.core.placement import (
     MAX_REPLICAS,
@@ -83,6 +95,9 @@ __all__ = [
     "ReplicationOutput",
     "ReplicationOverloaded",
     "SendMessage",
+    "TombstoneDropped",
+    "TombstoneStored",
+    "Tombstones",
     "Transfer",
     "UnderReplicated",
     "decode_message",
@@ -126,6 +141,13 @@ class ReplicationConfig:
     """Peers synced per periodic round (rotating), bounding a round's messages."""
     max_message_bytes: int = 1 << 20
     """Largest replication message accepted."""
+    tombstone_grace_s: float = 7 * 86400.0
+    """A tombstone is forgotten this long after its timestamp (wall clock). It must be
+    longer than any node stays away and then comes back with its disk: a copy that
+    returns after its tombstone expired is a live object again."""
+    max_tombstones: int = 1_000_000
+    """Live tombstones kept; a delete beyond it is refused (``ReplicationOverloaded``)
+    and a tombstone received beyond it still kills older copies but is not kept."""
 
 
 # --------------------------------------------------------------------------- policy
@@ -179,6 +201,26 @@ class Transfer(Event):
     req_id: int | None
     policy: ObjectPolicy
     hint_for: str | None = None
+    written: HLCTimestamp | None = None
+    """When the write that made the copy happened (carried with the bytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TombstoneStored(Event):
+    """Keep (durably) a tombstone for ``oid``: restore it after a restart with
+    ``tombstone_loaded``, or a deleted copy elsewhere can come back."""
+
+    oid: str
+    policy: ObjectPolicy
+    ts: HLCTimestamp
+
+
+@dataclass(frozen=True, slots=True)
+class TombstoneDropped(Event):
+    """Forget the stored tombstone of ``oid`` (expired, handed off, or superseded by a
+    newer write)."""
+
+    oid: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +268,9 @@ class ReplicationOverloaded(RuntimeError):
 Oid = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Region = Annotated[str, msgspec.Meta(max_length=128)]
 Round = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Stamp = Annotated[str, msgspec.Meta(max_length=320)]
+ZERO_TS = HLCTimestamp(0, 0, "")
+"""The ``written`` of a copy whose write time is unknown: older than any tombstone."""
 
 
 class ObjRef(msgspec.Struct, frozen=True, array_like=True):
@@ -235,6 +280,10 @@ class ObjRef(msgspec.Struct, frozen=True, array_like=True):
     replicas: Annotated[int, msgspec.Meta(ge=1, le=MAX_REPLICAS)]
     regions: Annotated[list[Region], msgspec.Meta(max_length=256)] | None = None
     data_class: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    written: Stamp | None = None
+    """A copy: the encoded HLC timestamp of its write."""
+    deleted: Stamp | None = None
+    """A tombstone: the encoded HLC timestamp of the delete (then ``written`` is unset)."""
 
     def policy(self) -> ObjectPolicy:
         if self.regions is None and self.data_class is None:
@@ -272,9 +321,19 @@ class OfferReply(msgspec.Struct, tag=4, array_like=True):
     page: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)]
     missing: Annotated[list[Oid], msgspec.Meta(max_length=4096)]
     not_mine: Annotated[list[Oid], msgspec.Meta(max_length=4096)]
+    deleted: Annotated[list[ObjRef], msgspec.Meta(max_length=4096)] = []
+    """Tombstones the receiver holds that are newer than what was offered."""
+    superseded: Annotated[list[Oid], msgspec.Meta(max_length=4096)] = []
+    """Offered tombstones older than a copy the receiver holds (the bytes were put again)."""
 
 
-ReplicationMessage = DigestMsg | DigestReply | Offer | OfferReply
+class Tombstones(msgspec.Struct, tag=5, array_like=True):
+    """Tombstones pushed at once by a delete (no reply: anti-entropy covers a loss)."""
+
+    refs: Annotated[list[ObjRef], msgspec.Meta(max_length=4096)]
+
+
+ReplicationMessage = DigestMsg | DigestReply | Offer | OfferReply | Tombstones
 
 _codec: VersionedCodec[ReplicationMessage] = VersionedCodec("replication", REPLICATION_PROTOCOL_VERSION, ReplicationMessage)
 
@@ -289,16 +348,29 @@ def decode_message(data: bytes, max_size: int) -> ReplicationMessage:
     return _codec.decode(data, max_size)
 
 
-def _ref(oid: str, policy: ObjectPolicy) -> ObjRef:
+def _ref(oid: str, policy: ObjectPolicy, written: HLCTimestamp | None = None,
+         deleted: HLCTimestamp | None = None) -> ObjRef:
     res = policy.residency
-    if res is None:
-        return ObjRef(oid, policy.replicas)
-    regions = None if res.regions is None else sorted(res.regions)
-    return ObjRef(oid, policy.replicas, regions, res.data_class)
+    regions = None if res is None or res.regions is None else sorted(res.regions)
+    return ObjRef(oid, policy.replicas, regions, res.data_class if res is not None else None,
+                  None if written is None or written == ZERO_TS else written.encode(),
+                  None if deleted is None else deleted.encode())
+
+
+def _loc_ref(loc: _Local) -> ObjRef:
+    if loc.tomb is not None:
+        return _ref(loc.oid, loc.policy, deleted=loc.tomb)
+    return _ref(loc.oid, loc.policy, written=loc.written)
 
 
 def _id_hash(oid: str) -> int:
     return int.from_bytes(hashlib.blake2b(oid.encode(), digest_size=16).digest(), "big")
+
+
+def _tomb_hash(oid: str, ts: HLCTimestamp) -> int:
+    # Differs from the copy's hash, so a copy on one side and a tombstone on the other
+    # (or two different tombstones) make the pair digests mismatch.
+    return _id_hash(f"{oid}\x00tomb\x00{ts.encode()}")
 
 
 # --------------------------------------------------------------------------- state
@@ -320,6 +392,10 @@ class _Local:
     rs_version: int = -1
     under: bool = False
     dropping: bool = False
+    written: HLCTimestamp = ZERO_TS
+    """A copy: when the newest write of these bytes that reached us happened."""
+    tomb: HLCTimestamp | None = None
+    """Set: this entry is a tombstone, not a copy (no bytes are held)."""
 
 
 @dataclass(slots=True)
@@ -336,6 +412,7 @@ class _Put:
     """dst -> the replica-set member it stands in for (None: it is a member)."""
     durable: list[str] = field(default_factory=list)
     stand_ins: int = 0
+    written: HLCTimestamp | None = None
 
 
 @dataclass(slots=True)
@@ -382,6 +459,11 @@ class ReplicaManager:
         self._next_sync = now + self.rng.uniform(0.0, self.config.sync_interval)
         self._prompt_at: float | None = None
         self._prompt_peers: set[str] = set()
+        self._tomb_count = 0
+        self._tomb_heap: list[tuple[float, str]] = []
+        """(expiry wall time, oid), lazily invalidated."""
+        self._wall = 0.0
+        """The latest wall clock the driver told us (``delete``, ``collect_tombstones``)."""
 
     # ------------------------------------------------------------------ driver contract
 
@@ -453,22 +535,36 @@ class ReplicaManager:
         # Promptly re-check with everyone: the replica sets of some objects moved.
         self._prompt(self._peers, now)
         for oid in sorted(self._inv):
-            self._check_under(oid, self._inv[oid])
+            if self._inv[oid].tomb is None:
+                self._check_under(oid, self._inv[oid])
         if added or removed:
             self._pump(now)
 
     def object_added(
-        self, oid: str, policy: ObjectPolicy, hint_for: str | None, now: float
+        self, oid: str, policy: ObjectPolicy, hint_for: str | None, now: float,
+        written: HLCTimestamp | None = None,
     ) -> None:
-        """The store committed a copy of ``oid`` (or already had one)."""
+        """The store committed a copy of ``oid`` (or already had one), made by a write at
+        ``written`` (None: unknown, older than any tombstone). A copy older than a live
+        tombstone here is dropped at once (``DropLocal``); a newer one supersedes it."""
+        w = ZERO_TS if written is None else written
         loc = self._inv.get(oid)
+        if loc is not None and loc.tomb is not None:
+            if w <= loc.tomb:
+                self._count("resurrections_refused")
+                self._outputs.append(DropLocal(oid))
+                return
+            self._forget_tomb(loc)
+            loc = None
         if loc is not None:
             if loc.dropping:
                 loc.dropping = False  # a fresh copy arrived before the drop: keep it
             if loc.hint_for is not None and hint_for is None:
                 loc.hint_for = None
+            if w > loc.written:
+                loc.written = w
             return
-        loc = _Local(oid, policy, hint_for, _id_hash(oid))
+        loc = _Local(oid, policy, hint_for, _id_hash(oid), written=w)
         self._inv[oid] = loc
         self._count("objects_added")
         if self.name not in self._rs_of_local(loc):
@@ -478,22 +574,147 @@ class ReplicaManager:
 
     def object_removed(self, oid: str, now: float) -> None:
         """The store no longer holds ``oid`` (dropped, collected or found corrupt)."""
-        if self._inv.pop(oid, None) is not None:
+        loc = self._inv.get(oid)
+        if loc is not None and loc.tomb is None:
+            del self._inv[oid]
             self._count("objects_removed")
 
     def holds(self, oid: str) -> bool:
-        return oid in self._inv
+        loc = self._inv.get(oid)
+        return loc is not None and loc.tomb is None
 
     def inventory(self) -> list[str]:
-        return sorted(self._inv)
+        return sorted(o for o, loc in self._inv.items() if loc.tomb is None)
 
     def confirmed_holders(self, oid: str) -> list[str]:
         loc = self._inv.get(oid)
-        return [] if loc is None else sorted(loc.confirmed)
+        return [] if loc is None or loc.tomb is not None else sorted(loc.confirmed)
+
+    # ------------------------------------------------------------------ deletes
+
+    def tombstone(self, oid: str) -> HLCTimestamp | None:
+        """The live tombstone of ``oid`` held here, if any."""
+        loc = self._inv.get(oid)
+        return None if loc is None else loc.tomb
+
+    def tombstones(self) -> list[str]:
+        return sorted(o for o, loc in self._inv.items() if loc.tomb is not None)
+
+    def accepts(self, oid: str, written: HLCTimestamp | None) -> bool:
+        """Whether a copy of ``oid`` written at ``written`` may be stored here (False: a
+        live tombstone here is newer). Drivers ask before receiving bytes."""
+        loc = self._inv.get(oid)
+        return loc is None or loc.tomb is None or (written or ZERO_TS) > loc.tomb
+
+    def delete(
+        self, oid: str, policy: ObjectPolicy, ts: HLCTimestamp, now: float, wall: float,
+        holders: Iterable[str] = (),
+    ) -> list[str]:
+        """Delete ``oid`` everywhere as of ``ts`` (an HLC timestamp from the driver's clock,
+        ``wall`` its wall time in seconds): drop the local copy, keep a tombstone, and push
+        it at once to the replica set, to ``holders`` (nodes the driver found holding a
+        copy) and to every peer known to hold one. Returns those peers. Nodes that miss
+        the push learn it through anti-entropy. Raises ``ReplicationOverloaded`` at
+        ``max_tombstones``."""
+        self._wall = max(self._wall, wall)
+        loc = self._inv.get(oid)
+        if (loc is None or loc.tomb is None) and self._tomb_count >= self.config.max_tombstones:
+            self._count("deletes_refused.overloaded")
+            raise ReplicationOverloaded(
+                f"{self._tomb_count} tombstones kept (max_tombstones="
+                f"{self.config.max_tombstones})")
+        known = set(loc.confirmed) if loc is not None and loc.tomb is None else set()
+        self._apply_tomb(oid, policy, ts, keep=True)
+        self._count("deletes")
+        try:
+            rs = set(self._rs(oid, policy))
+        except PlacementError:
+            rs = set()
+        peers = sorted((rs | known | set(holders)) & set(self._view) - {self.name})
+        ref = self._inv.get(oid)
+        msg_ref = _loc_ref(ref) if ref is not None and ref.tomb is not None else _ref(
+            oid, policy, deleted=ts)
+        for p in peers:
+            self._send(p, Tombstones([msg_ref]))
+        self._pump(now)
+        return peers
+
+    def tombstone_loaded(self, oid: str, policy: ObjectPolicy, ts: HLCTimestamp) -> None:
+        """A tombstone the driver kept (``TombstoneStored``) is back after a restart."""
+        self._apply_tomb(oid, policy, ts, keep=True, persist=False)
+
+    def collect_tombstones(self, wall: float, now: float) -> int:
+        """Forget tombstones whose grace period has passed at wall time ``wall``; returns
+        how many. Drivers call it periodically (it is cheap when nothing expires)."""
+        self._wall = max(self._wall, wall)
+        heap = self._tomb_heap
+        n = 0
+        while heap and heap[0][0] <= wall:
+            expiry, oid = heapq.heappop(heap)
+            loc = self._inv.get(oid)
+            if loc is None or loc.tomb is None or self._expiry(loc.tomb) != expiry:
+                continue
+            self._forget_tomb(loc)
+            self._count("tombstones_expired")
+            n += 1
+        return n
+
+    def _expiry(self, ts: HLCTimestamp) -> float:
+        return ts.wall_ns / 1e9 + self.config.tombstone_grace_s
+
+    def _forget_tomb(self, loc: _Local) -> None:
+        assert loc.tomb is not None
+        del self._inv[loc.oid]
+        self._tomb_count -= 1
+        self._outputs.append(TombstoneDropped(loc.oid))
+
+    def _apply_tomb(
+        self, oid: str, policy: ObjectPolicy, ts: HLCTimestamp, *, keep: bool,
+        persist: bool = True,
+    ) -> str:
+        """A tombstone for ``oid`` at ``ts`` arrived. Returns ``"older"`` (ours is newer),
+        ``"superseded"`` (we hold a copy written after it), or ``"applied"``. A copy
+        older than it is dropped; the tombstone is kept if ``keep`` (or to replace a
+        dropped copy) and not expired."""
+        if self._expiry(ts) <= self._wall:
+            self._count("tombstones_ignored.expired")
+            return "older"
+        loc = self._inv.get(oid)
+        if loc is not None and loc.tomb is not None:
+            if ts <= loc.tomb:
+                return "applied" if ts == loc.tomb else "older"
+            loc.tomb = ts
+            loc.h = _tomb_hash(oid, ts)
+            loc.confirmed.clear()
+            heapq.heappush(self._tomb_heap, (self._expiry(ts), oid))
+            if persist:
+                self._outputs.append(TombstoneStored(oid, loc.policy, ts))
+            return "applied"
+        if loc is not None:
+            if loc.written > ts:
+                return "superseded"
+            if not loc.dropping:
+                self._outputs.append(DropLocal(oid))
+            self._count("copies_deleted")
+            keep = True  # we held it: keep the tombstone so the copy does not come back
+            del self._inv[oid]
+        if not keep:
+            return "applied"
+        if self._tomb_count >= self.config.max_tombstones:
+            self._count("tombstones_shed")
+            return "applied"
+        new = _Local(oid, policy, None, _tomb_hash(oid, ts), tomb=ts)
+        self._inv[oid] = new
+        self._tomb_count += 1
+        heapq.heappush(self._tomb_heap, (self._expiry(ts), oid))
+        if persist:
+            self._outputs.append(TombstoneStored(oid, policy, ts))
+        return "applied"
 
     # ------------------------------------------------------------------ writes
 
-    def begin_put(self, req_id: int, oid: str, policy: ObjectPolicy, w: int, now: float) -> None:
+    def begin_put(self, req_id: int, oid: str, policy: ObjectPolicy, w: int, now: float,
+                  written: HLCTimestamp | None = None) -> None:
         """Coordinate a write of ``oid`` (whose bytes the driver holds) with quorum ``w``.
 
         Raises ``PlacementError`` (rule ``residency`` or ``replicas``) when the live view
@@ -517,12 +738,12 @@ class ReplicaManager:
         ranked = [c.name for c in sorted(allowed, key=lambda c: (-hrw_score(oid, c.name), c.name))]
         targets = [c.name for c in chosen]
         put = _Put(req_id, oid, policy, w, now + self.config.put_timeout, ranked,
-                   set(targets), {t: None for t in targets})
+                   set(targets), {t: None for t in targets}, written=written)
         self._puts[req_id] = put
         heapq.heappush(self._put_deadlines, (put.deadline, req_id))
         self._count("puts")
         for t in targets:
-            self._transfer(t, oid, req_id, policy, None)
+            self._transfer(t, oid, req_id, policy, None, written)
 
     def transfer_done(
         self, req_id: int | None, dst: str, oid: str, ok: bool, now: float
@@ -554,7 +775,7 @@ class ReplicaManager:
             put.stand_ins += 1
             put.outstanding[holder] = target
             self._count("hints_sent")
-            self._transfer(holder, oid, req_id, put.policy, target)
+            self._transfer(holder, oid, req_id, put.policy, target, put.written)
             return
         if len(put.durable) + len(put.outstanding) < put.w:
             del self._puts[req_id]
@@ -582,6 +803,8 @@ class ReplicaManager:
         chosen = [c.name for c in replica_set(oid, self._view.values(), policy.replicas,
                                               policy.residency)]
         loc = self._inv.get(oid)
+        if loc is not None and loc.tomb is not None:
+            loc = None
         known = set(loc.confirmed) if loc is not None else set()
         out: list[str] = [self.name] if loc is not None else []
         out += [n for n in chosen if n in known and n not in out]
@@ -606,6 +829,8 @@ class ReplicaManager:
             self._on_digest_reply(src, msg, now)
         elif isinstance(msg, Offer):
             self._on_offer(src, msg, now)
+        elif isinstance(msg, Tombstones):
+            self._on_tombstones(msg)
         else:
             self._on_offer_reply(src, msg, now)
         self._pump(now)
@@ -642,12 +867,51 @@ class ReplicaManager:
                       if o in self._inv else (True, o))
         self._offer(src, st, pair)
 
+    def _stamp(self, s: str | None) -> HLCTimestamp | None:
+        if s is None:
+            return None
+        try:
+            return HLCTimestamp.decode(s)
+        except ValueError:
+            self._count("rejected.bad_stamp")
+            return None
+
+    def _mine(self, oid: str, policy: ObjectPolicy) -> bool:
+        try:
+            return self.name in self._rs(oid, policy)
+        except PlacementError:
+            return False
+
+    def _on_tombstones(self, msg: Tombstones) -> None:
+        for ref in msg.refs:
+            ts = self._stamp(ref.deleted)
+            if ts is None:
+                continue
+            policy = ref.policy()
+            self._apply_tomb(ref.oid, policy, ts, keep=self._mine(ref.oid, policy))
+
     def _on_offer(self, src: str, msg: Offer, now: float) -> None:
         missing: list[str] = []
         not_mine: list[str] = []
+        deleted: list[ObjRef] = []
+        superseded: list[str] = []
         here = self._view.get(self.name)
         for ref in msg.refs:
             policy = ref.policy()
+            tomb = self._stamp(ref.deleted)
+            if ref.deleted is not None and tomb is None:
+                continue  # a bad stamp: ignore the ref (the sender retries next round)
+            if tomb is not None:
+                # Applied even where we may not hold the object: an older copy must go.
+                outcome = self._apply_tomb(ref.oid, policy, tomb, keep=self._mine(ref.oid, policy))
+                if outcome == "superseded":
+                    superseded.append(ref.oid)
+                    continue
+                if outcome == "older":
+                    loc = self._inv.get(ref.oid)
+                    if loc is not None and loc.tomb is not None:
+                        deleted.append(_loc_ref(loc))
+                        continue
             if here is None or not policy.allows(here.region):
                 self._count("offers_refused.residency")
                 not_mine.append(ref.oid)
@@ -658,11 +922,20 @@ class ReplicaManager:
                 not_mine.append(ref.oid)
                 continue
             mine = self.name in rs
+            loc = self._inv.get(ref.oid)
+            if tomb is None and loc is not None and loc.tomb is not None:
+                written = self._stamp(ref.written) or ZERO_TS
+                if written <= loc.tomb:
+                    deleted.append(_loc_ref(loc))  # the offered copy is deleted
+                    continue
+                self._forget_tomb(loc)  # the bytes were put again after the delete
+                self._count("tombstones_superseded")
+                loc = None
             if not mine:
                 not_mine.append(ref.oid)
-            elif ref.oid not in self._inv or self._inv[ref.oid].dropping:
+            elif tomb is None and (loc is None or loc.dropping):
                 missing.append(ref.oid)
-        self._send(src, OfferReply(msg.round, msg.page, missing, not_mine))
+        self._send(src, OfferReply(msg.round, msg.page, missing, not_mine, deleted, superseded))
 
     def _on_offer_reply(self, src: str, msg: OfferReply, now: float) -> None:
         st = self._rounds.get(src)
@@ -673,11 +946,25 @@ class ReplicaManager:
             return
         missing = set(msg.missing)
         not_mine = set(msg.not_mine)
+        answered = set(ids)
+        for ref in msg.deleted:
+            ts = self._stamp(ref.deleted)
+            if ts is not None and ref.oid in answered:
+                self._apply_tomb(ref.oid, ref.policy(), ts, keep=True)
+                answered.discard(ref.oid)
+        for oid in msg.superseded:
+            loc = self._inv.get(oid)
+            if oid in answered and loc is not None and loc.tomb is not None:
+                # A newer write of the same bytes exists: our tombstone no longer applies,
+                # and the peer's next offer brings the copy if we should hold it.
+                self._forget_tomb(loc)
+                self._count("tombstones_superseded")
+                answered.discard(oid)
         for oid in ids:
             loc = self._inv.get(oid)
-            if loc is None or loc.dropping:
+            if loc is None or loc.dropping or oid not in answered:
                 continue
-            if oid in missing:
+            if oid in missing and loc.tomb is None:
                 self._queue_repair(src, oid, loc)
             elif oid in not_mine:
                 loc.confirmed.pop(src, None)
@@ -747,7 +1034,7 @@ class ReplicaManager:
             page = st.next_page
             st.next_page += 1
             st.pages[page] = chunk
-            refs = [_ref(o, self._inv[o].policy) for o in chunk]
+            refs = [_loc_ref(self._inv[o]) for o in chunk]
             self._count("offer_pages")
             self._send(peer, Offer(st.round, page, refs))
 
@@ -783,6 +1070,11 @@ class ReplicaManager:
             if oid in busy:
                 continue  # a write of it is in flight from here: keep the bytes around
             if all(loc.confirmed.get(p, float("-inf")) >= self._view_since for p in rs):
+                if loc.tomb is not None:
+                    # Every member keeps the tombstone: a non-member need not.
+                    self._forget_tomb(loc)
+                    self._count("tombstones_handed_off")
+                    continue
                 loc.dropping = True
                 self._count("drops")
                 self._outputs.append(DropLocal(oid))
@@ -806,22 +1098,24 @@ class ReplicaManager:
             _, dst, oid = heapq.heappop(heap)
             self._repair_queued.discard((dst, oid))
             loc = self._inv.get(oid)
-            if loc is None or loc.dropping or dst not in self._view:
+            if loc is None or loc.dropping or loc.tomb is not None or dst not in self._view:
                 continue
             if dst not in self._rs_of_local(loc) or (dst, oid) in self._inflight:
                 continue
             self._inflight[(dst, oid)] = now
             self._count("repairs_started")
-            self._transfer(dst, oid, None, loc.policy, None)
+            self._transfer(dst, oid, None, loc.policy, None, loc.written)
 
     def _transfer(
-        self, dst: str, oid: str, req_id: int | None, policy: ObjectPolicy, hint_for: str | None
+        self, dst: str, oid: str, req_id: int | None, policy: ObjectPolicy, hint_for: str | None,
+        written: HLCTimestamp | None = None,
     ) -> None:
         node = self._view.get(dst)
         assert node is not None, f"transfer of {oid} to {dst}, which is not in the view"
         # The residency invariant: no copy ever goes to a region the policy disallows.
         assert policy.allows(node.region), f"residency: {oid} must not go to {node.region}"
-        self._outputs.append(Transfer(dst, oid, req_id, policy, hint_for))
+        self._outputs.append(Transfer(dst, oid, req_id, policy, hint_for,
+                                      None if written == ZERO_TS else written))
 
     # ------------------------------------------------------------------ placement cache
 

@@ -13,6 +13,12 @@ made in ``core/``; this module only moves bytes and keeps the disk:
 Reads: a node serves a read from its own copy after checking its hash (a corrupt copy is
 quarantined and reported, so anti-entropy refills it) or, when it has none, proxies the
 bytes from a node that has one. The client checks the hash of the whole object again.
+
+Deletes (``obj.delete``): the node asked finds the holders, stamps the delete with its HLC
+(after catching up with the newest write of the object it heard of) and hands it to
+``ReplicaManager.delete``, which drops copies and spreads a tombstone; tombstones are kept
+in the store (``obj_tombstones``) so a restarted node still refuses the deleted copies,
+and they expire after ``ReplicationConfig.tombstone_grace_s``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
-from meshscale.core.hlc import HLCTimestamp, HybridLogicalClock
+from meshscale.core.hlc import ClockSkewError, HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import Consistency, KVCoordinator, KVRecord, kv_replicas
 from meshscale.core.membership import (
     MemberAlive,
@@ -38,6 +44,7 @@ from meshscale.core.membership import (
     MemberUpdated,
     State,
 )
+from meshscale.core.objects import OBJECT_ID_RE
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, PlacementError, Residency, check_quorum, replica_set
 from meshscale.core.replication import (
@@ -47,7 +54,10 @@ from meshscale.core.replication import (
     PutFailed,
     ReplicaManager,
     ReplicationConfig,
+    ReplicationOverloaded,
     SendMessage,
+    TombstoneDropped,
+    TombstoneStored,
     Transfer,
     UnderReplicated,
 )
@@ -121,6 +131,16 @@ class _Upload:
     last: float = field(default_factory=time.monotonic)
 
 
+def _stamp(s: object) -> HLCTimestamp | None:
+    """An encoded HLC timestamp from a store row or a peer, or None (unknown or bad)."""
+    if not isinstance(s, str):
+        return None
+    try:
+        return HLCTimestamp.decode(s)
+    except ValueError:
+        return None
+
+
 def policy_of(meta: ObjectMeta) -> ObjectPolicy:
     residency = None
     if meta.residency is not None or meta.data_class is not None:
@@ -154,6 +174,7 @@ class DataPlane:
         self._idle: dict[str, list[RpcConnection]] = {}
         self._sources: OrderedDict[str, str] = OrderedDict()
         self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
+        self._tomb_lock = asyncio.Lock()  # tombstone writes reach the store in order
         self._timer = DeadlineTimer(self._on_timer)
         self.stats: dict[str, int] = {}
         self._creds: ClientCredentials | None = None
@@ -171,10 +192,23 @@ class DataPlane:
         while True:
             page = await asyncio.to_thread(self.store.list, after=after, limit=1000)
             for meta in page:
-                self.rm.object_added(meta.object_id, policy_of(meta), meta.hint_for, now)
+                self.rm.object_added(meta.object_id, policy_of(meta), meta.hint_for, now,
+                                     _stamp(meta.written))
             if len(page) < 1000:
                 break
             after = page[-1].object_id
+        after = ""
+        while True:
+            tombs = await asyncio.to_thread(self.store.tombstones, after=after, limit=1000)
+            for oid, ts, replicas, data_class, residency in tombs:
+                stamp = _stamp(ts)
+                if stamp is not None:
+                    self.rm.tombstone_loaded(
+                        oid, _policy(replicas, None if residency is None else list(residency),
+                                     data_class), stamp)
+            if len(tombs) < 1000:
+                break
+            after = tombs[-1][0]
         self._creds = ClientCredentials(agent._client_ctx, agent.bundle.token)
         self.rm.set_view(self._view(), now)
         for name, fn in {
@@ -194,6 +228,7 @@ class DataPlane:
             "obj.stat": self._rpc_stat,
             "obj.list": self._rpc_list,
             "obj.corrupt_local": self._rpc_corrupt_local,
+            "obj.delete": self._rpc_delete,
             "repl.msg": self._rpc_repl_msg,
             "kv.put": self._rpc_kv_put,
             "kv.delete": self._rpc_kv_delete,
@@ -256,6 +291,8 @@ class DataPlane:
                 self.agent._spawn(self._transfer(out))
             elif isinstance(out, DropLocal):
                 self.agent._spawn(self._drop(out.oid))
+            elif isinstance(out, TombstoneStored | TombstoneDropped):
+                self.agent._spawn(self._persist_tomb(out))
             elif isinstance(out, PutAcked):
                 fut = self._puts.pop(out.req_id, None)
                 if fut is not None and not fut.done():
@@ -344,6 +381,7 @@ class DataPlane:
             "data_class": res.data_class if res is not None else None,
             "hint_for": t.hint_for,
             "expires": None if meta.pinned else meta.expires,
+            "written": t.written.encode() if t.written is not None else meta.written,
         }
         if header["expires"] is not None and header["expires"] <= time.time():
             # Expired here: collect it rather than spread it.
@@ -411,6 +449,25 @@ class DataPlane:
         self._count("dropped")
         self._pump()
 
+    async def _persist_tomb(self, ev: TombstoneStored | TombstoneDropped) -> None:
+        store = self.store
+        assert store is not None
+        async with self._tomb_lock:
+            try:
+                if isinstance(ev, TombstoneStored):
+                    res = ev.policy.residency
+                    await asyncio.to_thread(
+                        store.tombstone_put, ev.oid, ev.ts.encode(), replicas=ev.policy.replicas,
+                        data_class=res.data_class if res is not None else None,
+                        residency=sorted(res.regions) if res is not None and res.regions is not None
+                        else None)
+                    self._count("tombstones_stored")
+                else:
+                    await asyncio.to_thread(store.tombstone_drop, ev.oid)
+            except (StorageError, ValueError) as e:
+                self._count("tombstone_store_failed")
+                self.agent.log("warning", "tombstone_store_failed", object=ev.oid, error=str(e))
+
     async def _quarantine(self, oid: str) -> None:
         assert self.store is not None and self.rm is not None
         with contextlib.suppress(StorageError):
@@ -461,7 +518,19 @@ class DataPlane:
             ttl_s = float(args["expires"]) - now
             if ttl_s <= 0:
                 raise ValueError(f"expired: {args.get('id')} expired before it arrived")
+        written = args.get("written")
+        if client:
+            written = self.hlc.now(now).encode()  # the write's time: a delete before it loses
+        elif written is not None:
+            stamp = _stamp(written)
+            if stamp is None:
+                raise ValueError(f"bad write timestamp {written!r:.80}")
+            assert self.rm is not None
+            if not self.rm.accepts(str(args.get("id")), stamp):
+                self._count("deleted_copies_refused")
+                raise ValueError(f"deleted: {args.get('id')} was deleted after this copy was written")
         writer = self.store.writer(
+            written=written if isinstance(written, str) else None,
             now=now, size=size, replicas=policy.replicas,
             data_class=res.data_class if res is not None else None,
             residency=sorted(res.regions) if res is not None and res.regions is not None else None,
@@ -514,12 +583,22 @@ class DataPlane:
         if up.received != up.size:
             up.writer.abort()
             raise ValueError(f"truncated upload: {up.received} of {up.size} bytes; nothing stored")
+        assert self.rm is not None
+        if up.client:
+            # Putting bytes again after they were deleted: stamp the write after the
+            # tombstone we know of, even if its clock ran ahead of ours.
+            tomb = self.rm.tombstone(up.writer.peek_id())
+            stamp = _stamp(up.writer.written_ts)
+            if tomb is not None and (stamp is None or stamp <= tomb):
+                with contextlib.suppress(ClockSkewError, ValueError):
+                    self.hlc.update(tomb, time.time())
+                up.writer.written_ts = self.hlc.now(time.time()).encode()
         try:
             meta = await asyncio.to_thread(up.writer.commit, up.expected_id)
         except StorageError as e:
             raise ValueError(f"{e.reason}: {e}") from None
-        assert self.rm is not None
-        self.rm.object_added(meta.object_id, up.policy, up.hint_for, time.monotonic())
+        self.rm.object_added(meta.object_id, up.policy, up.hint_for, time.monotonic(),
+                             _stamp(meta.written))
         return meta
 
     async def _rpc_put_end(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -631,6 +710,8 @@ class DataPlane:
     async def _rpc_read(self, args: dict[str, Any]) -> dict[str, Any]:
         oid = str(args["id"])
         assert self.store is not None
+        if self.rm is not None and self.rm.tombstone(oid) is not None:
+            raise ValueError(f"unknown object id {oid}: it was deleted")
         if await asyncio.to_thread(self.store.has, oid):
             with contextlib.suppress(ValueError):
                 return await self._rpc_read_local(args)
@@ -691,7 +772,7 @@ class DataPlane:
     async def _rpc_local_stat(self, args: dict[str, Any]) -> dict[str, Any] | None:
         assert self.store is not None
         meta = await asyncio.to_thread(self.store.meta, str(args["id"]))
-        return None if meta is None else self._describe(meta)
+        return None if meta is None else {**self._describe(meta), "written": meta.written}
 
     async def _rpc_local_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         assert self.store is not None
@@ -731,6 +812,38 @@ class DataPlane:
         more = len(merged) > limit or any(len(p or []) >= limit for p in pages.values())
         nxt = ids[-1] if more and ids else None
         return {"objects": out, "next": nxt}
+
+    async def _rpc_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Delete an object everywhere: drop every copy and leave tombstones (see the module
+        docstring). Returns the nodes that held a copy and those told at once; nodes that
+        are away now learn it from anti-entropy when they come back."""
+        assert self.rm is not None
+        oid = str(args.get("id"))
+        if OBJECT_ID_RE.fullmatch(oid) is None:
+            raise ValueError(f"not an object id: {oid!r:.100}")
+        stats = await self._fan_out("obj.local_stat", {"id": oid})
+        held = {n: st for n, st in stats.items() if st}
+        if not held:
+            if self.rm.tombstone(oid) is not None:
+                return {"id": oid, "holders": [], "notified": [], "already_deleted": True}
+            raise ValueError(f"unknown object id {oid}: no live node holds it")
+        desc = next(iter(held.values()))
+        policy = _policy(int(desc["replicas"]), desc.get("residency"), desc.get("data_class"))
+        wall = time.time()
+        for st in held.values():
+            # Stamp the delete after every write of the object we can see.
+            stamp = _stamp(st.get("written"))
+            if stamp is not None:
+                with contextlib.suppress(ClockSkewError, ValueError):
+                    self.hlc.update(stamp, wall)
+        ts = self.hlc.now(wall)
+        try:
+            notified = self.rm.delete(oid, policy, ts, time.monotonic(), wall, sorted(held))
+        except ReplicationOverloaded as e:
+            raise ValueError(f"busy: {e}") from None
+        self._count("deletes")
+        self._pump()
+        return {"id": oid, "holders": sorted(held), "notified": notified, "ts": ts.encode()}
 
     async def _rpc_corrupt_local(self, args: dict[str, Any]) -> dict[str, Any]:
         """Check every local copy's hash now (an operator's scrub); returns what was bad."""
@@ -871,4 +984,5 @@ class DataPlane:
                     await asyncio.to_thread(store.delete, oid)
                 self.rm.object_removed(oid, time.monotonic())
                 self._count("gc_expired")
+            self.rm.collect_tombstones(time.time(), time.monotonic())
             self._pump()

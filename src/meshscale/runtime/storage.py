@@ -67,7 +67,8 @@ TMP_DIR: Final = "tmp"
 DB_FILE: Final = "meta.sqlite3"
 LOCK_FILE: Final = "storage.lock"
 TMP_SUFFIX: Final = ".part"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+"""2: ``objects.written`` and the ``obj_tombstones`` table (explicit deletes)."""
 
 _NO_SPACE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -81,11 +82,19 @@ CREATE TABLE IF NOT EXISTS objects (
     hint_for   TEXT,
     created    REAL NOT NULL,
     pinned     INTEGER NOT NULL,
-    expires    REAL
+    expires    REAL,
+    written    TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS objects_hint ON objects(hint_for) WHERE hint_for IS NOT NULL;
 CREATE INDEX IF NOT EXISTS objects_expires ON objects(expires)
     WHERE expires IS NOT NULL AND pinned = 0;
+CREATE TABLE IF NOT EXISTS obj_tombstones (
+    id         TEXT PRIMARY KEY,
+    ts         TEXT NOT NULL,
+    replicas   INTEGER NOT NULL,
+    data_class TEXT,
+    residency  TEXT
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (
     key   TEXT PRIMARY KEY,
     value BLOB,
@@ -94,7 +103,7 @@ CREATE TABLE IF NOT EXISTS kv (
 """
 
 _META_COLUMNS: Final = (
-    "id, size, replicas, data_class, residency, hint_for, created, pinned, expires"
+    "id, size, replicas, data_class, residency, hint_for, created, pinned, expires, written"
 )
 
 
@@ -123,6 +132,9 @@ class ObjectMeta:
     pinned: bool
     expires: float | None
     """With ``pinned`` False, the object is a GC candidate once ``now >= expires``."""
+    written: str | None = None
+    """Encoded HLC timestamp of the newest write of these bytes that reached this node
+    (None: unknown, older than any delete). A delete stamped later kills this copy."""
 
 
 @dataclass(frozen=True)
@@ -237,8 +249,12 @@ class ObjectWriter:
         pinned: bool,
         created: float,
         expires: float | None,
+        written: str | None = None,
     ) -> None:
         self._store = store
+        self.written_ts = written
+        """Encoded HLC timestamp of the write (see ``ObjectMeta.written``); settable
+        until ``commit``."""
         self._tmp_path = tmp_path
         self._fd: int | None = fd
         self._hash = hashlib.blake2b(digest_size=DIGEST_SIZE)
@@ -291,6 +307,10 @@ class ObjectWriter:
         self._hash.update(view)
         self.written += n
 
+    def peek_id(self) -> str:
+        """The id of the bytes written so far (the object's id once all are written)."""
+        return OBJECT_ID_PREFIX + self._hash.hexdigest()
+
     def commit(self, expected_id: str | None = None) -> ObjectMeta:
         """Make the object durable and visible; return its metadata.
 
@@ -334,6 +354,7 @@ class ObjectWriter:
                 created=self._created,
                 pinned=self._pinned,
                 expires=self._expires,
+                written=self.written_ts,
             )
             stored = self._store._publish(self._tmp_path, meta)
         except BaseException:
@@ -437,6 +458,9 @@ class LocalStore:
                     "corrupt", f"{path}: schema version {version} is newer than {SCHEMA_VERSION}"
                 )
             db.executescript(_SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(objects)")}
+            if "written" not in columns:  # a version 1 store
+                db.execute("ALTER TABLE objects ADD COLUMN written TEXT")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as e:
             db.close()
@@ -511,6 +535,7 @@ class LocalStore:
         pinned: bool = True,
         ttl_s: float | None = None,
         size: int | None = None,
+        written: str | None = None,
     ) -> ObjectWriter:
         """Start a streaming write. ``now`` is the driver's clock (wall seconds).
 
@@ -523,7 +548,8 @@ class LocalStore:
 
         Re-writing an object that is already stored merges the two metadata: pinned if
         either is, the later expiry (none if either has none), the larger replica count,
-        not a hint if either is not; data class and residency of the first write stay.
+        not a hint if either is not, the later ``written`` (an encoded HLC timestamp, the
+        time of the write that made the copy); data class and residency of the first stay.
         """
         self._check_open()
         if not isinstance(replicas, int) or replicas < 1:
@@ -536,6 +562,7 @@ class LocalStore:
             raise ValueError(f"size must be an int >= 0, not {size!r}")
         data_class = _text_field("data_class", data_class)
         hint_for = _text_field("hint_for", hint_for)
+        written = _text_field("written", written)
         res: tuple[str, ...] | None = None
         if residency is not None:
             if isinstance(residency, str):
@@ -578,6 +605,7 @@ class LocalStore:
                 pinned=bool(pinned),
                 created=now,
                 expires=None if ttl_s is None else now + ttl_s,
+                written=written,
             )
             self._writers.add(w)
             self._inflight_reserved += declared
@@ -659,7 +687,7 @@ class LocalStore:
                 try:
                     self._db.execute(
                         f"INSERT OR REPLACE INTO objects ({_META_COLUMNS}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         self._row(stored),
                     )
                     self._db.execute("COMMIT")
@@ -706,6 +734,7 @@ class LocalStore:
             created=old.created,
             pinned=old.pinned or new.pinned,
             expires=expires,
+            written=max((w for w in (old.written, new.written) if w is not None), default=None),
         )
 
     @staticmethod
@@ -721,16 +750,18 @@ class LocalStore:
             m.created,
             int(m.pinned),
             m.expires,
+            m.written,
         )
 
     @staticmethod
     def _from_row(row: tuple[object, ...]) -> ObjectMeta:
-        oid, size, replicas, data_class, residency, hint_for, created, pinned, expires = row
+        oid, size, replicas, data_class, residency, hint_for, created, pinned, expires, written = row
         assert isinstance(oid, str) and isinstance(size, int) and isinstance(replicas, int)
         assert isinstance(created, float | int) and isinstance(pinned, int)
         assert data_class is None or isinstance(data_class, str)
         assert hint_for is None or isinstance(hint_for, str)
         assert expires is None or isinstance(expires, float | int)
+        assert written is None or isinstance(written, str)
         res: tuple[str, ...] | None = None
         if residency is not None:
             assert isinstance(residency, str)
@@ -745,6 +776,7 @@ class LocalStore:
             created=float(created),
             pinned=bool(pinned),
             expires=None if expires is None else float(expires),
+            written=written,
         )
 
     def put_bytes(
@@ -759,6 +791,7 @@ class LocalStore:
         pinned: bool = True,
         ttl_s: float | None = None,
         expected_id: str | None = None,
+        written: str | None = None,
     ) -> ObjectMeta:
         """Store ``data`` whole; same keywords as ``writer``, plus ``expected_id``."""
         view = memoryview(data).cast("B")
@@ -772,6 +805,7 @@ class LocalStore:
             pinned=pinned,
             ttl_s=ttl_s,
             size=len(view),
+            written=written,
         ) as w:
             for i in range(0, len(view), step):
                 w.write(view[i : i + step])
@@ -1027,6 +1061,54 @@ class LocalStore:
             }
         out["free_bytes"] = self._free_bytes()
         return out
+
+    # -- object tombstones --------------------------------------------------------------------
+
+    def tombstone_put(
+        self, object_id: str, ts: str, *, replicas: int, data_class: str | None,
+        residency: Sequence[str] | None,
+    ) -> None:
+        """Keep (durably, when this returns) the tombstone of an explicitly deleted object:
+        ``ts`` is its encoded HLC timestamp; the policy says where it belongs."""
+        _check_id(object_id)
+        if not isinstance(ts, str) or not ts or len(ts.encode()) > MAX_KV_TS_BYTES:
+            raise ValueError(f"tombstone timestamp must be a str of at most {MAX_KV_TS_BYTES} bytes")
+        data_class = _text_field("data_class", data_class)
+        res = None if residency is None else _text_field("residency", json.dumps(list(residency)))
+        with self._db_lock:
+            self._check_open()
+            try:
+                self._db.execute(
+                    "INSERT INTO obj_tombstones (id, ts, replicas, data_class, residency) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, "
+                    "replicas = excluded.replicas, data_class = excluded.data_class, "
+                    "residency = excluded.residency WHERE excluded.ts > obj_tombstones.ts",
+                    (object_id, ts, int(replicas), data_class, res),
+                )
+            except sqlite3.OperationalError as e:
+                if _is_no_space(e):
+                    raise StorageError("disk_full", f"disk full writing a tombstone: {e}") from None
+                raise
+
+    def tombstone_drop(self, object_id: str) -> None:
+        """Forget a tombstone (expired, handed off or superseded). Idempotent."""
+        _check_id(object_id)
+        with self._db_lock:
+            self._check_open()
+            self._db.execute("DELETE FROM obj_tombstones WHERE id = ?", (object_id,))
+
+    def tombstones(
+        self, *, after: str = "", limit: int = 1000
+    ) -> builtins.list[tuple[str, str, int, str | None, tuple[str, ...] | None]]:
+        """(id, ts, replicas, data_class, residency) of kept tombstones, in id order."""
+        with self._db_lock:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT id, ts, replicas, data_class, residency FROM obj_tombstones "
+                "WHERE id > ? ORDER BY id LIMIT ?", (after, _clip(limit)),
+            ).fetchall()
+        return [(i, t, r, d, None if res is None else tuple(json.loads(res)))
+                for i, t, r, d, res in rows]
 
     # -- KV ----------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from meshscale.core.hlc import ClockSkewError, HybridLogicalClock
+from meshscale.core.hlc import ClockSkewError, HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import (
     Consistency,
     KVCoordinator,
@@ -60,6 +60,8 @@ from meshscale.core.replication import (
     ReplicationConfig,
     ReplicationOverloaded,
     SendMessage,
+    TombstoneDropped,
+    TombstoneStored,
     Transfer,
 )
 from meshscale.sim.engine import NodeContext, Simulator
@@ -69,6 +71,7 @@ __all__ = [
     "ChaosReport",
     "DataMesh",
     "DataNode",
+    "DeleteDone",
     "KVDone",
     "ObjectCommitted",
     "PutRefused",
@@ -111,6 +114,14 @@ class PutRefused(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class DeleteDone(Event):
+    """This node ran a delete of ``oid`` and pushed the tombstone to ``notified``."""
+
+    oid: str
+    notified: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class KVDone(Event):
     op_id: int
     key: str
@@ -129,6 +140,7 @@ class ObjectFrame(msgspec.Struct, array_like=True):
     ref: ObjRef
     data: bytes
     hint_for: str | None = None
+    written: HLCTimestamp | None = None
 
 
 class KVFrame(msgspec.Struct, array_like=True):
@@ -161,6 +173,7 @@ class Stored:
     data: bytes
     policy: ObjectPolicy
     hint_for: str | None
+    written: HLCTimestamp | None = None
 
 
 @dataclass(slots=True)
@@ -195,6 +208,7 @@ class DataNode:
         self.disk["incarnation"] = inc
         self.objects: dict[str, Stored] = self.disk.setdefault("objects", {})
         self.kv: dict[str, KVRecord] = self.disk.setdefault("kv", {})
+        self.tombs: dict[str, tuple[ObjectPolicy, HLCTimestamp]] = self.disk.setdefault("tombs", {})
         self.membership = Membership(
             ctx.name, ctx.name, meta, config=membership_config, rng=ctx.rng, now=ctx.now,
             incarnation=inc,
@@ -214,7 +228,10 @@ class DataNode:
         self._view_dirty = True
         for oid in sorted(self.objects):
             s = self.objects[oid]
-            self.replicas.object_added(oid, s.policy, s.hint_for, ctx.now)
+            self.replicas.object_added(oid, s.policy, s.hint_for, ctx.now, s.written)
+        for oid in sorted(self.tombs):
+            policy, ts = self.tombs[oid]
+            self.replicas.tombstone_loaded(oid, policy, ts)
         if ctx.restarts:
             self.membership.join([s for s in seeds if s != ctx.name][:3], ctx.now)
         self._settle(ctx.now)
@@ -300,6 +317,7 @@ class DataNode:
         d = self.replicas.next_deadline()
         if d is not None and d <= now:
             self.replicas.on_timer(now)
+        self.replicas.collect_tombstones(now, now)  # virtual time is the wall clock here
         for op in [op for op in self._kv_ops.values() if op.deadline <= now]:
             op.coord.expire()
             self._kv_progress(op, now)
@@ -316,13 +334,20 @@ class DataNode:
     def start_put(self, req_id: int, data: bytes, policy: ObjectPolicy, w: int, now: float) -> None:
         oid = object_id(data)
         try:
-            self.replicas.begin_put(req_id, oid, policy, w, now)
+            self.replicas.begin_put(req_id, oid, policy, w, now, written=self.hlc.now(now))
         except PlacementError as exc:
             self._out.append(PutRefused(req_id, oid, exc.rule, str(exc)))
         except (ReplicationOverloaded, ValueError) as exc:
             self._out.append(PutRefused(req_id, oid, "overload", str(exc)))
         else:
             self._put_bytes[req_id] = data
+        self._settle(now)
+
+    def delete(self, oid: str, policy: ObjectPolicy, now: float) -> None:
+        """Delete ``oid`` everywhere (the mesh knows its policy, as a client's stat would)."""
+        with contextlib.suppress(ReplicationOverloaded):
+            peers = self.replicas.delete(oid, policy, self.hlc.now(now), now, now)
+            self._out.append(DeleteDone(oid, tuple(peers)))
         self._settle(now)
 
     def kv_put(self, op_id: int, key: str, value: bytes | None, c: Consistency, now: float) -> None:
@@ -393,26 +418,37 @@ class DataNode:
             if data is None:
                 self.replicas.transfer_done(out.req_id, out.dst, out.oid, False, now)
             elif out.dst == self.name:
-                self._commit(out.oid, data, out.policy, out.hint_for, now)
-                self.replicas.transfer_done(out.req_id, out.dst, out.oid, True, now)
+                self._commit(out.oid, data, out.policy, out.hint_for, now, out.written)
+                self.replicas.transfer_done(out.req_id, out.dst, out.oid,
+                                            out.oid in self.objects, now)
             else:
-                frame = ObjectFrame(_to_ref(out.oid, out.policy), data, out.hint_for)
+                frame = ObjectFrame(_to_ref(out.oid, out.policy), data, out.hint_for, out.written)
                 self._stream(out.dst, TAG_OBJECT, _encode(frame), (out.req_id, out.oid))
         elif isinstance(out, DropLocal):
             self.objects.pop(out.oid, None)
             self.replicas.object_removed(out.oid, now)
+        elif isinstance(out, TombstoneStored):
+            self.tombs[out.oid] = (out.policy, out.ts)
+        elif isinstance(out, TombstoneDropped):
+            self.tombs.pop(out.oid, None)
         elif isinstance(out, PutAcked | PutFailed):
             self._put_bytes.pop(out.req_id, None)
 
     def _commit(
-        self, oid: str, data: bytes, policy: ObjectPolicy, hint_for: str | None, now: float
+        self, oid: str, data: bytes, policy: ObjectPolicy, hint_for: str | None, now: float,
+        written: HLCTimestamp | None,
     ) -> None:
         if object_id(data) != oid:
             return  # corrupt in flight: refuse (the sender sees a failure)
-        if oid not in self.objects:
-            self.objects[oid] = Stored(data, policy, hint_for)
+        if not self.replicas.accepts(oid, written):
+            return  # deleted here after that write: refuse (the sender sees a failure)
+        old = self.objects.get(oid)
+        if old is None:
+            self.objects[oid] = Stored(data, policy, hint_for, written)
             self._out.append(ObjectCommitted(oid, self.region, hint_for))
-        self.replicas.object_added(oid, policy, hint_for, now)
+        elif written is not None and (old.written is None or written > old.written):
+            old.written = written
+        self.replicas.object_added(oid, policy, hint_for, now, written)
 
     def _receive_object(self, src: str, body: bytes, now: float) -> bytes:
         try:
@@ -422,7 +458,7 @@ class DataNode:
         policy = frame.ref.policy()
         if not policy.allows(self.region):
             return b""  # the residency rule is checked by the receiver too
-        self._commit(frame.ref.oid, frame.data, policy, frame.hint_for, now)
+        self._commit(frame.ref.oid, frame.data, policy, frame.hint_for, now, frame.written)
         return _OK if frame.ref.oid in self.objects else b""
 
     # ------------------------------------------------------------------ KV
@@ -563,6 +599,12 @@ class DataMesh:
         self.loss_events: list[str] = []
         self.down_for_good: set[str] = set()
         self.crashed: set[str] = set()
+        self.delete_requests: set[str] = set()
+        self.deleted: dict[str, tuple[float, str]] = {}
+        """Deleted object -> (when, by which node): the node ran the delete (a request to
+        a paused node that crashed before it resumed never ran, like a lost client call)."""
+        self.late_commits: list[str] = []
+        """Copies of deleted objects committed after the delete (anti-entropy removes them)."""
         self._req = 0
         self.sim.observers.append(self._observe)
         for name in self.names:
@@ -592,6 +634,8 @@ class DataMesh:
             if not ev.policy.allows(region):
                 self.violations.append(f"{t:.3f} {node}: Transfer of {ev.oid} to {ev.dst} in {region}")
         elif isinstance(ev, ObjectCommitted):
+            if ev.oid in self.deleted:
+                self.late_commits.append(f"{t:.3f} {node}: copy of deleted {ev.oid}")
             policy = self.policies.get(ev.oid)
             if policy is not None and not policy.allows(ev.region):
                 self.violations.append(f"{t:.3f} {node}: copy of {ev.oid} committed in {ev.region}")
@@ -602,6 +646,8 @@ class DataMesh:
             self.results[ev.req_id] = PutResult(ev.req_id, ev.oid, False, ev.reason)
         elif isinstance(ev, PutRefused):
             self.results[ev.req_id] = PutResult(ev.req_id, ev.oid, False, f"{ev.rule}: {ev.reason}")
+        elif isinstance(ev, DeleteDone):
+            self.deleted.setdefault(ev.oid, (t, node))
         elif isinstance(ev, KVDone):
             self.kv_done[ev.op_id] = ev
             if ev.ok:
@@ -621,6 +667,22 @@ class DataMesh:
         req = self.put_async(node, data, policy, w)
         self.sim.run_until_true(lambda: req in self.results, self.sim.now + timeout, 0.05)
         return self.results.get(req, PutResult(req, object_id(data), False, "no answer"))
+
+    def delete_async(self, node: str, oid: str) -> None:
+        """Delete an acknowledged object, coordinated by ``node``."""
+        policy = self.acked[oid].policy
+        self.delete_requests.add(oid)
+        self.sim.call(node, lambda p, now: _delete(p, oid, policy, now))
+
+    def live(self) -> list[str]:
+        """Acknowledged objects not deleted."""
+        return [oid for oid in self.acked if oid not in self.deleted]
+
+    def resurrected(self) -> list[str]:
+        """Deleted objects of which some node that is up still holds a copy (a copy on the
+        disk of a node that never returns does not count)."""
+        up = set(self.up())
+        return sorted(oid for oid in self.deleted if self.holders(oid) & up)
 
     def kv_async(self, node: str, key: str, value: bytes | None, c: Consistency,
                  *, get: bool = False) -> int:
@@ -678,20 +740,20 @@ class DataMesh:
     def lost(self) -> list[str]:
         """Acknowledged objects with no copy outside the nodes that are down for good."""
         return sorted(
-            oid for oid in self.acked if not (self.holders(oid) - self.down_for_good)
+            oid for oid in self.live() if not (self.holders(oid) - self.down_for_good)
         )
 
     def under_replicated(self) -> list[str]:
         """Acknowledged objects some member of whose true replica set lacks a copy."""
         return sorted(
-            oid for oid in self.acked
+            oid for oid in self.live()
             if not set(self.expected_holders(oid)) <= self.holders(oid)
         )
 
     def stray_copies(self) -> list[tuple[str, str]]:
         """(node, oid): live copies outside the true replica set."""
         out = []
-        for oid in sorted(self.acked):
+        for oid in sorted(self.live()):
             want = set(self.expected_holders(oid))
             out += [(n, oid) for n in sorted(self.holders(oid) - want) if self.sim.is_up(n)]
         return out
@@ -731,6 +793,11 @@ def _start_put(p: DrivenProtocol, req: int, data: bytes, policy: ObjectPolicy, w
     p.start_put(req, data, policy, w, now)
 
 
+def _delete(p: DrivenProtocol, oid: str, policy: ObjectPolicy, now: float) -> None:
+    assert isinstance(p, DataNode)
+    p.delete(oid, policy, now)
+
+
 def _kv(p: DrivenProtocol, op: int, key: str, value: bytes | None, c: Consistency, now: float,
         get: bool) -> None:
     assert isinstance(p, DataNode)
@@ -763,6 +830,12 @@ class ChaosReport:
     down_for_good: list[str]
     trace_hash: str
     events: int
+    deleted: int = 0
+    """Objects deleted during the faults."""
+    resurrected: list[str] = field(default_factory=list)
+    """Deleted objects some live node still holds after the repair bound."""
+    late_commits: int = 0
+    """Copies of deleted objects committed after their delete (later removed again)."""
     faults: list[str] = field(default_factory=list)
     replication_stats: dict[str, int] = field(default_factory=dict)
     """ReplicaManager counters summed over the nodes' last incarnations."""
@@ -777,9 +850,13 @@ def chaos_run(
     fault_until: float = 80.0,
     repair_bound_s: float = 40.0,
     replicas: int = 3,
+    deletes: int = 8,
 ) -> ChaosReport:
     """Random crashes, restarts, pauses and partitions over a 12-node, 3-region mesh, with
     writes before and during the faults; at most ``replicas - 1`` nodes go down for good.
+    During the faults ``deletes`` objects written before them are deleted, each from a
+    random live node (a crashed or paused holder misses the delete and comes back with
+    its copy); none may be held by a live node once repair is done.
 
     Objects written before the faults use W=2 and have time to reach full replication;
     objects written during the faults use W=R (hinted copies count), so that losing R-1
@@ -828,6 +905,17 @@ def chaos_run(
         sim.at(16.0 + (fault_until - 20.0) * i / during, partial(put_random, before + i, replicas))
     for j in range(keys * 2):
         sim.at(16.0 + (fault_until - 20.0) * j / (keys * 2), partial(kv_random, 100 + j))
+
+    def delete_random() -> None:
+        up = mesh.up()
+        pre = [oid for oid in sorted(mesh.live())
+               if mesh.acked[oid].at < 15.0 and oid not in mesh.delete_requests]
+        if not up or not pre:
+            return
+        mesh.delete_async(up[rng.randrange(len(up))], pre[rng.randrange(len(pre))])
+
+    for k in range(deletes):
+        sim.at(17.0 + (fault_until - 22.0) * k / max(1, deletes), delete_random)
 
     def inject() -> None:
         now = sim.now
@@ -880,7 +968,8 @@ def chaos_run(
         faults.append(f"{sim.now:.1f} restart {n}")
     transient.clear()
     t_stop = sim.now
-    done = sim.run_until_true(lambda: not mesh.under_replicated(), t_stop + repair_bound_s, 0.5)
+    done = sim.run_until_true(lambda: not mesh.under_replicated() and not mesh.resurrected(),
+                              t_stop + repair_bound_s, 0.5)
     repaired_after = sim.now - t_stop if done else float("inf")
     under = mesh.under_replicated()
     # Let hand-offs finish their drops, then KV: read every key at ALL (read repair).
@@ -930,6 +1019,9 @@ def chaos_run(
         down_for_good=sorted(mesh.down_for_good),
         trace_hash=sim.trace_hash(),
         events=sim.events_processed,
+        deleted=len(mesh.deleted),
+        resurrected=mesh.resurrected(),
+        late_commits=len(mesh.late_commits),
         faults=faults,
         replication_stats=stats,
     )
