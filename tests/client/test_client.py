@@ -36,6 +36,7 @@ from meshscale.client import (
     connect_async,
     object_id,
 )
+from meshscale.client.rpc import RpcConnection, RpcError
 from meshscale.core.rpc import (
     RpcRequest,
     RpcResponse,
@@ -521,6 +522,51 @@ def test_cli_kv(local_mesh: LocalMesh) -> None:
     assert node_cli(local_mesh, "kv", "get", "cli/k").stdout == b"from stdin\n"
     assert node_cli(local_mesh, "kv", "delete", "cli/k").returncode == 0
     assert_one_line_error(node_cli(local_mesh, "kv", "get", "cli/k"), code=1)
+
+
+def _dp_counter(local_mesh: LocalMesh, node: int, key: str) -> int:
+    async def go() -> int:
+        c = RpcConnection(local_mesh.nodes[node].address, local_mesh.credentials(), 30)
+        try:
+            stats = await c.call("dp.stats", {})
+        finally:
+            await c.close()
+        return int(stats["dataplane"].get(key, 0))
+
+    return asyncio.run(go())
+
+
+@mesh_test
+def test_get_through_a_node_without_a_copy_reads_from_the_holder(
+    local_mesh: LocalMesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import meshscale.client.mesh as client_mesh
+
+    data = os.urandom(3 * MiB)
+    with connect(local_mesh.nodes[0].address, bundle=local_mesh.bundle_path) as m:
+        ref = m.put(data, replicas=1, w=1)
+        holders = m.stat(ref).holders
+    outsider = next(i for i, n in enumerate(local_mesh.nodes) if n.name not in holders)
+    address = local_mesh.nodes[outsider].address
+    redirected = _dp_counter(local_mesh, outsider, "reads_redirected")
+    proxied = _dp_counter(local_mesh, outsider, "reads_proxied")
+    with connect(address, bundle=local_mesh.bundle_path) as m:
+        assert m.get(ref) == data
+    assert _dp_counter(local_mesh, outsider, "reads_redirected") == redirected + 1
+    assert _dp_counter(local_mesh, outsider, "reads_proxied") == proxied  # no byte relayed
+
+    class OnlyTheEntryNode(RpcConnection):
+        """As if the holders were not reachable from where the client runs."""
+
+        async def call(self, method: str, args: dict[str, Any] | None = None) -> Any:
+            if self.addr != address:
+                raise RpcError(f"{self.addr}: unreachable from here (test)")
+            return await super().call(method, args)
+
+    monkeypatch.setattr(client_mesh, "RpcConnection", OnlyTheEntryNode)
+    with connect(address, bundle=local_mesh.bundle_path) as m:
+        assert m.get(ref) == data  # relayed by the node after all
+    assert _dp_counter(local_mesh, outsider, "reads_proxied") > proxied
 
 
 @mesh_test

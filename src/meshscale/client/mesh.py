@@ -25,6 +25,7 @@ import stat
 import tempfile
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal, TypeVar, overload
@@ -59,6 +60,10 @@ BUNDLE_ENV: Final = "MESHSCALE_BUNDLE"
 SMALL_PUT_BYTES = 64 * 1024
 """Objects up to this size are put in one round trip (``obj.put_small``)."""
 DEFAULT_READ_BYTES: Final = 1024 * 1024
+MAX_REDIRECT_HOLDERS: Final = 3
+"""Holders of a redirected read tried before the node is asked to relay the bytes."""
+MAX_HOLDER_CONNECTIONS: Final = 8
+"""Connections to redirect targets kept open per ``AsyncMesh``."""
 """Bytes asked for per ``obj.read`` until a ``put`` tells us the node's chunk size."""
 MAX_CHUNK_BYTES: Final = 32 * 1024 * 1024
 """Largest chunk size we accept from a node (it must fit in one RPC frame)."""
@@ -390,6 +395,10 @@ class AsyncMesh:
         self.address = address
         self.timeout = timeout
         self._conn = RpcConnection(address, creds, timeout=timeout)
+        self._creds = creds
+        self._holders: OrderedDict[str, RpcConnection] = OrderedDict()
+        """Connections to nodes a read was redirected to (a few, least recently used
+        closed first)."""
         self._read_bytes = DEFAULT_READ_BYTES
         self.kv = AsyncKV(self)
 
@@ -589,9 +598,30 @@ class AsyncMesh:
         oid, size = _ref_parts(ref)
         h = _new_hash()
         offset = 0
+        # One hop: a node without a copy names holders instead of relaying the bytes, and
+        # we read from the first that answers over our own connection; if none does (not
+        # reachable from here, gone meanwhile), the node relays them after all.
+        source: RpcConnection | None = None
+        redirect = True
         while size is None or offset < size:
             want = self._read_bytes if size is None else min(self._read_bytes, size - offset)
-            reply = await self._call_dict("obj.read", {"id": oid, "offset": offset, "length": want})
+            args = {"id": oid, "offset": offset, "length": want}
+            reply: dict[str, Any] | None = None
+            if source is not None:
+                try:
+                    reply = await source.call("obj.read", args)
+                except (RpcError, OSError):
+                    await self._forget_holder(source)
+                    source = None
+            if reply is None:
+                reply = await self._call_dict("obj.read", {**args, "redirect": redirect})
+                redirect = False
+                if "redirect" in reply:
+                    source, reply = await self._follow(reply["redirect"], args)
+                    if reply is None:
+                        reply = await self._call_dict("obj.read", args)
+            if not isinstance(reply, dict):
+                raise MeshError(f"{self.address}: unexpected reply to obj.read: {reply!r:.200}")
             data, reported = reply.get("data"), reply.get("size")
             if not isinstance(data, bytes) or not isinstance(reported, int):
                 raise MeshError(f"{self.address}: unexpected reply to obj.read: {reply!r:.200}")
@@ -610,6 +640,37 @@ class AsyncMesh:
                 progress(offset, size)
         if OBJECT_ID_PREFIX + h.hexdigest() != oid:
             raise IntegrityError(f"{oid}: the bytes read do not match the object id")
+
+    async def _follow(
+        self, holders: object, args: dict[str, Any]
+    ) -> tuple[RpcConnection | None, dict[str, Any] | None]:
+        """Read ``args`` from the first holder named by a redirect that answers; (its
+        connection, the reply) or (None, None)."""
+        if not isinstance(holders, list):
+            raise MeshError(f"{self.address}: unexpected redirect from obj.read: {holders!r:.200}")
+        for h in holders[:MAX_REDIRECT_HOLDERS]:
+            addr = h.get("addr") if isinstance(h, dict) else None
+            if not isinstance(addr, str):
+                continue
+            conn = self._holders.pop(addr, None) or RpcConnection(addr, self._creds, self.timeout)
+            self._holders[addr] = conn
+            while len(self._holders) > MAX_HOLDER_CONNECTIONS:
+                _, old = self._holders.popitem(last=False)
+                await old.close()
+            try:
+                reply = await conn.call("obj.read", args)
+            except (RpcError, OSError):
+                await self._forget_holder(conn)
+                continue
+            if isinstance(reply, dict):
+                return conn, reply
+        return None, None
+
+    async def _forget_holder(self, conn: RpcConnection) -> None:
+        for addr, c in list(self._holders.items()):
+            if c is conn:
+                del self._holders[addr]
+        await conn.close()
 
     async def stat(self, ref: ObjectRef | str) -> ObjectInfo:
         """Size, policy and where the copies are; ``ObjectNotFoundError`` if none is live."""
@@ -659,6 +720,9 @@ class AsyncMesh:
 
     async def close(self) -> None:
         await self._conn.close()
+        while self._holders:
+            _, conn = self._holders.popitem()
+            await conn.close()
 
     async def __aenter__(self) -> AsyncMesh:
         return self

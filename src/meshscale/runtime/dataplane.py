@@ -716,10 +716,23 @@ class DataPlane:
             with contextlib.suppress(ValueError):
                 return await self._rpc_read_local(args)
         src = self._sources.get(oid)
+        if args.get("redirect"):
+            # One hop: name holders; the client reads from one over its own connection
+            # (and asks us again, without ``redirect``, if it cannot reach any).
+            names = [src] if src is not None else [
+                h for h in await self._holders(oid) if h != self.agent.name]
+            targets = [{"node": n, "addr": a} for n in names[:3]
+                       if (a := self._addr(n)) is not None]
+            if targets:
+                self._remember_source(oid, names[0])
+                self._count("reads_redirected")
+                return {"redirect": targets}
         tried: list[str] = []
         if src is not None:
             try:
-                return dict(await self._call(src, "obj.read_local", args))
+                result = dict(await self._call(src, "obj.read_local", args))
+                self._count("reads_proxied")
+                return result
             except (RpcError, ValueError):
                 tried.append(src)
                 self._sources.pop(oid, None)
@@ -730,11 +743,15 @@ class DataPlane:
                 result = dict(await self._call(holder, "obj.read_local", args))
             except (RpcError, ValueError):
                 continue
-            self._sources[oid] = holder
-            while len(self._sources) > self.cfg.read_source_cache:
-                self._sources.popitem(last=False)
+            self._remember_source(oid, holder)
+            self._count("reads_proxied")
             return result
         raise ValueError(f"unknown object id {oid}: no live node holds a good copy")
+
+    def _remember_source(self, oid: str, holder: str) -> None:
+        self._sources[oid] = holder
+        while len(self._sources) > self.cfg.read_source_cache:
+            self._sources.popitem(last=False)
 
     async def _holders(self, oid: str) -> list[str]:
         """Live nodes that hold ``oid``, replica-set members first."""
