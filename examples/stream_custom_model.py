@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
                 rid = rec.id.removeprefix(op.name + ":")
                 if rid.startswith(run + "-"):
                     results[rid] = rec.value
-                    ran_on[rec.source] += 1  # the node whose output shard it is: where it ran
+                    ran_on[rec.node] += 1  # the node whose output shard it is: where it ran
         sub.close()
 
     truth = {f"{run}-{i}": bool(label) for i, label in enumerate(y)}

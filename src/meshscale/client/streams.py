@@ -55,8 +55,14 @@ class Record(msgspec.Struct, frozen=True):
     """When the record was produced (seconds since the epoch, the producer's clock)."""
     topic: str = ""
     source: str = ""
-    """The node the record's shard belongs to (where it entered the mesh)."""
+    """The record's shard: ``node~epoch`` of the node it entered the mesh at (the epoch
+    changes when that node restarts)."""
     offset: int = -1
+
+    @property
+    def node(self) -> str:
+        """The node the record entered the mesh at (``source`` without its epoch)."""
+        return self.source.rpartition("~")[0] or self.source
 
 
 class Region(msgspec.Struct, frozen=True):
