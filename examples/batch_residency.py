@@ -39,16 +39,6 @@ def address_and_bundle(argv: list[str]) -> tuple[str, str]:
     sys.exit(f"usage: {sys.argv[0]} MESH_JSON | ADDRESS BUNDLE_DIR")
 
 
-def node_regions(address: str, bundle: str) -> dict[str, str]:
-    """Node name -> region, from the node's member list (what `meshscale members` shows;
-    the client has no `mesh.members()` yet, so this asks the node's RPC directly)."""
-    from meshscale.client.rpc import ClientCredentials, call
-    from meshscale.trust.bundle import load_bundle
-
-    creds = ClientCredentials.from_bundle(load_bundle(Path(bundle)))
-    return {m["name"]: m["region"] for m in call(address, creds, "members", timeout=10)}
-
-
 def make_records(seed: int, n: int) -> bytes:
     """CSV lines ``patient,age,systolic_bp`` (generated here, nothing to download)."""
     rng = random.Random(seed)
@@ -66,8 +56,8 @@ def summarise(blob: bytes) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     address, bundle = address_and_bundle(argv)
-    members = node_regions(address, bundle)
     with meshscale.connect(address, bundle=bundle) as mesh:
+        members = {m["name"]: m["region"] for m in mesh.members()}
         print(f"mesh: {len(members)} nodes, "
               f"{sum(r == REGION for r in members.values())} in {REGION}")
 

@@ -615,3 +615,11 @@ def test_cli_errors_are_one_line(local_mesh: LocalMesh, tmp_path: Path) -> None:
     assert_one_line_error(
         cli("objects", "--node", "127.0.0.1:1", "--bundle", local_mesh.bundle_path)
     )
+
+
+@mesh_test
+def test_members_lists_every_node(mesh: Mesh, local_mesh: LocalMesh) -> None:
+    rows = mesh.members()
+    assert {r["name"] for r in rows} == {n.name for n in local_mesh.nodes}
+    assert {r["name"]: r["region"] for r in rows} == {n.name: n.region for n in local_mesh.nodes}
+    assert all(r["state"] == "alive" for r in rows)

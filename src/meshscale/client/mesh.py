@@ -672,6 +672,14 @@ class AsyncMesh:
                 del self._holders[addr]
         await conn.close()
 
+    async def members(self) -> list[dict[str, Any]]:
+        """The members as the connected node sees them: name, address, region, zone,
+        state ("alive", "suspect", "dead", "left"), incarnation, rtt_ms, labels."""
+        rows = await self._call("members")
+        if not isinstance(rows, list):
+            raise MeshError(f"{self.address}: unexpected reply to members: {rows!r:.200}")
+        return [dict(r) for r in rows]
+
     async def stat(self, ref: ObjectRef | str) -> ObjectInfo:
         """Size, policy and where the copies are; ``ObjectNotFoundError`` if none is live."""
         oid, _ = _ref_parts(ref)
@@ -916,6 +924,10 @@ class Mesh:
         if path is None:
             return self._run(self._inner.get(ref, progress=progress))
         return self._run(self._inner.get(ref, path=path, progress=progress))
+
+    def members(self) -> list[dict[str, Any]]:
+        """The members as the connected node sees them (see ``AsyncMesh.members``)."""
+        return self._run(self._inner.members())
 
     def stat(self, ref: ObjectRef | str) -> ObjectInfo:
         return self._run(self._inner.stat(ref))
