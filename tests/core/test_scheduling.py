@@ -309,6 +309,24 @@ def test_owner_with_a_free_slot_binds_here_without_probes() -> None:
     assert "bound_here" not in net2.s["a"].stats
 
 
+def test_an_exhausted_batch_cancels_its_other_reservations() -> None:
+    # 100 tasks, two reservations each, on three one-slot nodes: once every task of the
+    # batch is bound, the first NoTask tells a worker so and it drops the rest of its
+    # reservations of that batch instead of asking for each (one wasted round trip per
+    # task before).
+    one = Resources(1.0, 8000, 0)
+    net = Net([node("a", cap=one), node("b", cap=one), node("c", cap=one)])
+    net.s["a"].submit([TaskSpec(f"t{i}") for i in range(100)], 0.0)
+    net.pump(0.0)
+    net.finish_all(0.1)
+    assert len(net.of(TaskFinished)) == 100
+    owner = net.s["a"].stats
+    cancelled = sum(s.stats.get("reservations_cancelled", 0) for s in net.s.values())
+    assert cancelled > 0 and owner.get("no_task", 0) + cancelled >= 90
+    assert owner.get("no_task", 0) <= 6
+    assert all(s.load().queued == 0 for s in net.s.values())
+
+
 def test_worker_scan_stops_when_nothing_fits() -> None:
     # A long queue and no free slot: an incoming reservation does not walk the queue.
     one = Resources(1.0, 8000, 0)

@@ -584,6 +584,10 @@ class Grant(msgspec.Struct, tag=3, array_like=True):
 
 class NoTask(msgspec.Struct, tag=4, array_like=True):
     ask: Count
+    exhausted: bool = False
+    """Every task of the batch is bound or done: the worker drops its other reservations
+    of the batch (a task re-placed later gets fresh ones). Last, with a default: an
+    older peer ignores it."""
 
 
 class Result(msgspec.Struct, tag=5, array_like=True):
@@ -1023,6 +1027,7 @@ class Scheduler:
         self._asked_at[src] = now
         ids = self._batches.get(msg.batch)
         chosen: _Task | None = None
+        unbound = False
         if ids:
             hinted = self._tasks.get(msg.hint)
             if (hinted is not None and hinted.batch == msg.batch
@@ -1032,14 +1037,17 @@ class Scheduler:
                 best: tuple[int, int] | None = None
                 for tid in ids:
                     t = self._tasks.get(tid)
-                    if t is None or not self._eligible(t, src, msg.free, now):
+                    if t is None:
+                        continue
+                    unbound = unbound or t.node is None
+                    if not self._eligible(t, src, msg.free, now):
                         continue
                     key = (-local_bytes(t.spec, src), t.order)
                     if best is None or key < best:
                         best, chosen = key, t
         if chosen is None:
             self._count("no_task")
-            self._send(src, NoTask(msg.ask))
+            self._send(src, NoTask(msg.ask, exhausted=not unbound))
             return
         self._bind(chosen, src, msg.ask, msg.stolen, now)
 
@@ -1215,7 +1223,16 @@ class Scheduler:
         self._pump(now)
 
     def _on_no_task(self, src: str, msg: NoTask, now: float) -> None:
-        self._release(msg.ask)
+        ask = self._release(msg.ask)
+        if msg.exhausted and ask is not None and ask.res.owner == src:
+            # Nothing of that batch is left to bind: its other reservations here would
+            # each cost a GetTask -> NoTask round trip (about one per task in a burst).
+            batch = ask.res.batch
+            before = len(self._queue)
+            self._queue = deque(r for r in self._queue
+                                if not (r.owner == src and r.batch == batch))
+            if len(self._queue) < before:
+                self._count("reservations_cancelled", before - len(self._queue))
         self._pump(now)
 
     def _sweep_worker(self, now: float) -> None:
