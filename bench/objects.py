@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from meshscale.client.rpc import ClientCredentials, RpcConnection
+from meshscale.core.objects import object_id
 from meshscale.runtime.launcher import LocalMesh
 from meshscale.trust.bundle import issue_node_cert, load_bundle
 from meshscale.trust.tls import client_context, connect_tls, server_context
@@ -50,7 +51,11 @@ async def put(c: RpcConnection, data: bytes, replicas: int = 3, w: int = 2) -> s
     if len(data) <= 256 * 1024:
         small = await c.call("obj.put_small", {"data": data, "replicas": replicas, "w": w})
         return str(small["id"])
-    up = await c.call("obj.put_begin", {"size": len(data), "replicas": replicas, "w": w})
+    # As the client does: the id goes first, so the node streams chunks on to the
+    # replica set as they arrive (hashing it here is part of the timed put).
+    oid = await asyncio.to_thread(object_id, data)
+    up = await c.call("obj.put_begin", {"size": len(data), "replicas": replicas, "w": w,
+                                        "id": oid})
     cb = up["chunk_bytes"]
     view = memoryview(data)
     for i in range(0, len(data), cb):

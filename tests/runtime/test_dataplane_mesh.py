@@ -274,3 +274,44 @@ def test_ttl_objects_are_collected_everywhere_pinned_ones_stay(mesh: LocalMesh) 
         await c.close()
 
     run(go())
+
+
+def test_cut_through_put_checks_the_declared_id(mesh: LocalMesh) -> None:
+    """A put that names its id up front is streamed on to the replica set as it arrives;
+    every copy is still checked against the id, so a wrong one leaves nothing anywhere."""
+    creds = mesh.credentials()
+    data = os.urandom(9 << 20)
+    wrong = oid_of(b"not these bytes")
+
+    async def stats(node: int) -> dict[str, Any]:
+        c = RpcConnection(mesh.nodes[node].address, creds, 30)
+        try:
+            result: dict[str, Any] = await c.call("dp.stats", {})
+            return result
+        finally:
+            await c.close()
+
+    async def go() -> None:
+        c = RpcConnection(mesh.nodes[1].address, creds, 30)
+        with pytest.raises(RpcError, match="hash"):
+            await put(c, data, id=wrong)
+        end = time.monotonic() + 30
+        while True:  # the members' half-streamed copies are refused and dropped too
+            open_uploads = [(await stats(i))["uploads"] for i in range(len(mesh.nodes))]
+            if not any(open_uploads) or time.monotonic() > end:
+                break
+            await asyncio.sleep(0.2)
+        assert not any(open_uploads), open_uploads
+        for node in mesh.nodes:
+            cn = RpcConnection(node.address, creds, 30)
+            for oid in (wrong, oid_of(data)):
+                assert await cn.call("obj.local_stat", {"id": oid}) is None, (node.name, oid)
+            await cn.close()
+        before = (await stats(1))["dataplane"].get("transfers_early", 0)
+        res = await put(c, data, id=oid_of(data))
+        assert res["id"] == oid_of(data) and len(res["nodes"]) >= 2
+        assert (await stats(1))["dataplane"].get("transfers_early", 0) > before
+        assert await read_all(c, oid_of(data)) == data
+        await c.close()
+
+    run(go())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import random
 import time
@@ -44,7 +45,7 @@ from meshscale.core.membership import (
     MemberUpdated,
     State,
 )
-from meshscale.core.objects import OBJECT_ID_RE
+from meshscale.core.objects import OBJECT_ID_RE, object_id
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, PlacementError, Residency, check_quorum, replica_set
 from meshscale.core.replication import (
@@ -105,6 +106,11 @@ class DataPlaneConfig:
     """Outgoing object transfers at once."""
     max_idle_per_peer: int = 4
     """Idle transfer connections kept open per peer."""
+    forward_window: int = 4
+    """Chunks queued per replica for a cut-through put (see ``_start_forwards``)."""
+    forward_stall_s: float = 5.0
+    """A replica whose cut-through queue stays full this long is dropped from it (its copy
+    is then pushed from the coordinator's own once that is committed)."""
     inline_bytes: int = 256 * 1024
     """Objects up to this size travel in one RPC (put and replica transfer)."""
     rpc_timeout_s: float = 30.0
@@ -119,6 +125,20 @@ class DataPlaneConfig:
 
 
 @dataclass
+class _Forward:
+    """A cut-through copy of a client upload to one replica-set member: chunks go to it as
+    they arrive (``queue``; ``None`` ends it) instead of after the whole object is stored.
+    ``done`` is True once the member committed a copy (hash checked, fsynced)."""
+
+    dst: str
+    queue: asyncio.Queue[bytes | None]
+    done: asyncio.Future[bool]
+    task: asyncio.Task[None] | None = None
+    closed: bool = False
+    """Takes no more chunks (finished, failed or dropped)."""
+
+
+@dataclass
 class _Upload:
     writer: ObjectWriter
     size: int
@@ -129,6 +149,14 @@ class _Upload:
     client: bool
     received: int = 0
     last: float = field(default_factory=time.monotonic)
+    pending: asyncio.Future[None] | None = None
+    """The local write of the previous chunk, still running (write-behind: a chunk is
+    answered once queued, so the next one crosses the network while this one is written;
+    its error is raised on the next chunk or at the end)."""
+    req: int | None = None
+    """The write's id, allocated early when copies start before the local commit."""
+    forwards: dict[str, _Forward] = field(default_factory=dict)
+    expires: float | None = None
 
 
 def _stamp(s: object) -> HLCTimestamp | None:
@@ -169,6 +197,11 @@ class DataPlane:
         self._upload_ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._puts: dict[int, asyncio.Future[tuple[str, tuple[str, ...]]]] = {}
+        self._early: dict[tuple[int, str], asyncio.Future[bool]] = {}
+        """(write id, member) -> a copy started before ``begin_put`` (cut-through or a
+        small put's copies sent while the coordinator commits its own): the ``Transfer``
+        for it waits on this instead of pushing the bytes again."""
+        self._forward_tasks: set[asyncio.Task[None]] = set()
         self._kv_stragglers: set[asyncio.Future[None]] = set()
         self._conns: dict[str, RpcConnection] = {}
         self._idle: dict[str, list[RpcConnection]] = {}
@@ -250,9 +283,11 @@ class DataPlane:
         for conn in list(self._conns.values()):
             with contextlib.suppress(Exception):
                 await conn.close()
+        for task in list(self._forward_tasks):
+            task.cancel()
         for up in self._uploads.values():
             with contextlib.suppress(Exception):
-                up.writer.abort()
+                self._abort_upload(up)
         self._uploads.clear()
         if self.store is not None:
             self.store.close()
@@ -351,6 +386,17 @@ class DataPlane:
 
     async def _transfer(self, t: Transfer) -> None:
         ok = False
+        early = None if t.req_id is None else self._early.pop((t.req_id, t.dst), None)
+        if early is not None:
+            ok = await asyncio.shield(early)
+            if ok:
+                self._count("transfers_ok")
+                self._count("transfers_early")
+                assert self.rm is not None
+                self.rm.transfer_done(t.req_id, t.dst, t.oid, ok, time.monotonic())
+                self._pump()
+                return
+            self._count("transfers_early_failed")  # push the bytes again, from our copy
         async with self._transfer_sem:
             try:
                 if t.dst == self.agent.name:
@@ -537,15 +583,15 @@ class DataPlane:
             hint_for=args.get("hint_for"), pinned=ttl_s is None, ttl_s=ttl_s,
         )
         upload = f"{self.agent.name}-{next(self._upload_ids)}"
-        self._uploads[upload] = _Upload(writer, size, policy, w, args.get("id"), args.get("hint_for"), client)
+        self._uploads[upload] = _Upload(writer, size, policy, w, args.get("id"), args.get("hint_for"),
+                                        client, expires=None if ttl_s is None else now + ttl_s)
         return upload
 
     def _expire_uploads(self) -> None:
         now = time.monotonic()
         for key, up in list(self._uploads.items()):
             if now - up.last > self.cfg.upload_idle_s:
-                up.writer.abort()
-                del self._uploads[key]
+                self._drop_upload(key, up)
                 self._count("uploads_expired")
 
     def _upload(self, args: dict[str, Any]) -> tuple[str, _Upload]:
@@ -555,44 +601,233 @@ class DataPlane:
             raise ValueError(f"unknown or expired upload {key!r}")
         return key, up
 
+    def _drop_upload(self, key: str, up: _Upload) -> None:
+        self._uploads.pop(key, None)
+        self._abort_upload(up)
+
+    def _abort_upload(self, up: _Upload) -> None:
+        """Nothing of this upload remains: its copies in flight are stopped and the temp
+        file goes once the write still running in a thread (if any) has returned."""
+        for fwd in up.forwards.values():
+            self._stop_forward(fwd)
+            if up.req is not None:
+                self._early.pop((up.req, fwd.dst), None)
+        pending, up.pending = up.pending, None
+        if pending is not None and not pending.done():
+            def abort(fut: asyncio.Future[None]) -> None:
+                if not fut.cancelled():
+                    fut.exception()  # retrieved: the upload is gone anyway
+                up.writer.abort()
+
+            pending.add_done_callback(abort)
+        else:
+            if pending is not None and not pending.cancelled():
+                pending.exception()
+            up.writer.abort()
+
+    async def _settle(self, key: str, up: _Upload) -> None:
+        """Wait for the local write of the previous chunk; its failure ends the upload."""
+        pending = up.pending
+        if pending is None:
+            return
+        try:
+            await asyncio.shield(pending)
+        except StorageError as e:
+            self._drop_upload(key, up)  # the writer already removed its temp file
+            raise ValueError(f"{e.reason}: {e}") from None
+        if up.pending is pending:
+            up.pending = None
+
+    def _stamp_after_tombstone(self, up: _Upload, oid: str) -> None:
+        """Putting bytes again after they were deleted: stamp the write after the
+        tombstone we know of, even if its clock ran ahead of ours."""
+        assert self.rm is not None
+        tomb = self.rm.tombstone(oid)
+        stamp = _stamp(up.writer.written_ts)
+        if tomb is not None and (stamp is None or stamp <= tomb):
+            with contextlib.suppress(ClockSkewError, ValueError):
+                self.hlc.update(tomb, time.time())
+            up.writer.written_ts = self.hlc.now(time.time()).encode()
+
+    # -- copies that start before the coordinator's own commit
+
+    def _copy_header(self, oid: str, up: _Upload) -> dict[str, Any]:
+        res = up.policy.residency
+        return {
+            "id": oid, "size": up.size, "replicas": up.policy.replicas,
+            "residency": sorted(res.regions) if res is not None and res.regions is not None else None,
+            "data_class": res.data_class if res is not None else None,
+            "hint_for": None, "expires": up.expires, "written": up.writer.written_ts,
+        }
+
+    def _early_targets(self, up: _Upload, oid: str) -> list[str]:
+        """The other members of ``oid``'s replica set, as ``begin_put`` will choose them
+        from the same view (if the view changes meanwhile, a member without an early copy
+        gets a normal transfer and an early copy outside the set is a stray copy, handed
+        off like any other)."""
+        try:
+            chosen = replica_set(oid, self._view(), up.policy.replicas, up.policy.residency)
+        except PlacementError:
+            return []
+        if up.req is None:
+            up.req = next(self._req_ids)
+        return [c.name for c in chosen if c.name != self.agent.name]
+
+    def _add_forward(self, up: _Upload, dst: str, work: Callable[[_Forward], Any],
+                     *, queued: bool) -> None:
+        assert up.req is not None
+        fwd = _Forward(dst, asyncio.Queue(self.cfg.forward_window if queued else 1),
+                       asyncio.get_running_loop().create_future(), closed=not queued)
+        task = asyncio.ensure_future(work(fwd))
+        fwd.task = task
+        self._forward_tasks.add(task)
+        task.add_done_callback(self._forward_tasks.discard)
+        up.forwards[dst] = fwd
+        self._early[(up.req, dst)] = fwd.done
+
+    def _start_forwards(self, up: _Upload, oid: str) -> None:
+        """Cut-through: a client that names the object's id up front lets us stream each
+        chunk to the replica set as it arrives, so the members receive, hash and write
+        while we do, and commit (fsync, hash checked against the id) while we commit."""
+        header = self._copy_header(oid, up)
+        for dst in self._early_targets(up, oid):
+            self._add_forward(up, dst, functools.partial(self._run_forward, header=header),
+                              queued=True)
+
+    def _start_small_copies(self, up: _Upload, oid: str, data: bytes) -> None:
+        """A small put's copies leave at once, while we commit our own."""
+        header = {**self._copy_header(oid, up), "data": data}
+        for dst in self._early_targets(up, oid):
+            self._add_forward(up, dst, functools.partial(self._run_small_copy, header=header),
+                              queued=False)
+
+    async def _run_small_copy(self, fwd: _Forward, header: dict[str, Any]) -> None:
+        ok = False
+        try:
+            conn = self._checkout(fwd.dst)
+            try:
+                await conn.call("obj.rw_small", header)
+                ok = True
+            except BaseException:
+                await conn.close()
+                raise
+            self._checkin(fwd.dst, conn)
+            self._count("bytes_sent", header["size"])
+        except (RpcError, ValueError, OSError) as e:
+            self._count("transfers_early_errors")
+            self.agent.log("debug", "early_copy_failed", peer=fwd.dst, error=str(e))
+        finally:
+            if not fwd.done.done():
+                fwd.done.set_result(ok)
+
+    async def _run_forward(self, fwd: _Forward, header: dict[str, Any]) -> None:
+        ok = False
+        conn: RpcConnection | None = None
+        upload: str | None = None
+        try:
+            conn = self._checkout(fwd.dst)
+            begin = await conn.call("obj.rw_begin", header)
+            if begin.get("have"):
+                ok = True
+            else:
+                upload = str(begin["upload"])
+                while (chunk := await fwd.queue.get()) is not None:
+                    await conn.call("obj.rw_chunk", {"upload": upload, "data": chunk})
+                await conn.call("obj.rw_end", {"upload": upload})
+                upload = None
+                ok = True
+                self._count("bytes_sent", header["size"])
+        except (RpcError, ValueError, OSError, KeyError) as e:
+            self._count("transfers_early_errors")
+            self.agent.log("debug", "forward_failed", peer=fwd.dst, error=str(e))
+        finally:
+            fwd.closed = True
+            while not fwd.queue.empty():
+                fwd.queue.get_nowait()  # whoever waits to queue a chunk is let go
+            if not fwd.done.done():
+                fwd.done.set_result(ok)
+            if conn is not None:
+                if ok:
+                    self._checkin(fwd.dst, conn)
+                else:
+                    # A call may have been cut short: this connection is not reused. The
+                    # member's half-received upload is aborted (or expires on its own).
+                    self.agent._spawn(conn.close())
+                    if upload is not None:
+                        self.agent._spawn(self._abort_remote(fwd.dst, upload))
+
+    async def _abort_remote(self, dst: str, upload: str) -> None:
+        with contextlib.suppress(Exception):
+            conn = self._checkout(dst)
+            try:
+                await asyncio.wait_for(conn.call("obj.put_abort", {"upload": upload}), 5.0)
+            except BaseException:
+                await conn.close()
+                raise
+            self._checkin(dst, conn)
+
+    def _stop_forward(self, fwd: _Forward) -> None:
+        fwd.closed = True
+        if fwd.task is not None and not fwd.task.done():
+            fwd.task.cancel()
+        if not fwd.done.done():
+            fwd.done.set_result(False)
+
+    async def _feed_forwards(self, up: _Upload, chunk: bytes | None) -> None:
+        """Queue a chunk (``None``: the end) for every member still streaming. One that
+        stays ``forward_stall_s`` behind is dropped: memory stays bounded and a dead or
+        slow member does not hold the put; it gets the bytes from our copy instead."""
+        for fwd in list(up.forwards.values()):
+            if fwd.closed:
+                continue
+            try:
+                await asyncio.wait_for(fwd.queue.put(chunk), self.cfg.forward_stall_s)
+            except TimeoutError:
+                self._count("forwards_stalled")
+                self._stop_forward(fwd)
+
+    # -- RPCs
+
     def _rpc_put_begin(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"upload": self._new_upload(args, client=True), "chunk_bytes": self.cfg.chunk_bytes}
+        oid = args.get("id")
+        if oid is not None and (not isinstance(oid, str) or OBJECT_ID_RE.fullmatch(oid) is None):
+            raise ValueError(f"not an object id: {oid!r:.100}")
+        key = self._new_upload(args, client=True)
+        if oid is not None:
+            up = self._uploads[key]
+            self._stamp_after_tombstone(up, oid)
+            if up.size > self.cfg.inline_bytes:
+                self._start_forwards(up, oid)
+        return {"upload": key, "chunk_bytes": self.cfg.chunk_bytes}
 
     async def _rpc_put_chunk(self, args: dict[str, Any]) -> dict[str, Any]:
         key, up = self._upload(args)
         data = bytes(args["data"])
         if len(data) > max(self.cfg.chunk_bytes, self.cfg.inline_bytes):
-            up.writer.abort()
-            del self._uploads[key]
+            self._drop_upload(key, up)
             raise ValueError(f"chunk of {len(data)} bytes is over chunk_bytes={self.cfg.chunk_bytes}")
         if up.received + len(data) > up.size:
-            up.writer.abort()
-            del self._uploads[key]
+            self._drop_upload(key, up)
             raise ValueError(f"more bytes than the declared size {up.size}; upload aborted")
         up.last = time.monotonic()
-        try:
-            await asyncio.to_thread(up.writer.write, data)
-        except StorageError as e:
-            self._uploads.pop(key, None)
-            raise ValueError(f"{e.reason}: {e}") from None
+        await self._settle(key, up)
+        if key not in self._uploads:
+            raise ValueError(f"unknown or expired upload {key!r}")
+        up.pending = asyncio.ensure_future(asyncio.to_thread(up.writer.write, data))
         up.received += len(data)
+        if up.forwards:
+            await self._feed_forwards(up, data)
         return {"received": up.received}
 
     async def _commit(self, key: str, up: _Upload) -> ObjectMeta:
         self._uploads.pop(key, None)
+        await self._settle(key, up)
         if up.received != up.size:
-            up.writer.abort()
+            self._abort_upload(up)
             raise ValueError(f"truncated upload: {up.received} of {up.size} bytes; nothing stored")
         assert self.rm is not None
         if up.client:
-            # Putting bytes again after they were deleted: stamp the write after the
-            # tombstone we know of, even if its clock ran ahead of ours.
-            tomb = self.rm.tombstone(up.writer.peek_id())
-            stamp = _stamp(up.writer.written_ts)
-            if tomb is not None and (stamp is None or stamp <= tomb):
-                with contextlib.suppress(ClockSkewError, ValueError):
-                    self.hlc.update(tomb, time.time())
-                up.writer.written_ts = self.hlc.now(time.time()).encode()
+            self._stamp_after_tombstone(up, up.writer.peek_id())
         try:
             meta = await asyncio.to_thread(up.writer.commit, up.expected_id)
         except StorageError as e:
@@ -603,13 +838,29 @@ class DataPlane:
 
     async def _rpc_put_end(self, args: dict[str, Any]) -> dict[str, Any]:
         key, up = self._upload(args)
-        meta = await self._commit(key, up)
+        # The members commit their copies while we commit ours.
+        await self._feed_forwards(up, None)
+        try:
+            return await self._finish_put(key, up)
+        finally:
+            if up.req is not None:
+                for dst in up.forwards:
+                    self._early.pop((up.req, dst), None)
+
+    async def _finish_put(self, key: str, up: _Upload) -> dict[str, Any]:
+        try:
+            meta = await self._commit(key, up)
+        except BaseException:
+            for fwd in up.forwards.values():
+                self._stop_forward(fwd)
+            raise
         assert self.rm is not None
-        req = next(self._req_ids)
+        req = up.req if up.req is not None else next(self._req_ids)
         fut: asyncio.Future[tuple[str, tuple[str, ...]]] = asyncio.get_running_loop().create_future()
         self._puts[req] = fut
         try:
-            self.rm.begin_put(req, meta.object_id, up.policy, up.w, time.monotonic())
+            self.rm.begin_put(req, meta.object_id, up.policy, up.w, time.monotonic(),
+                              _stamp(meta.written))
         except PlacementError as e:
             self._puts.pop(req, None)
             raise ValueError(f"refused: {e}") from None
@@ -624,7 +875,7 @@ class DataPlane:
     def _rpc_put_abort(self, args: dict[str, Any]) -> dict[str, Any]:
         up = self._uploads.pop(str(args["upload"]), None)
         if up is not None:
-            up.writer.abort()
+            self._abort_upload(up)
         return {}
 
     async def _rpc_rw_begin(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -657,12 +908,17 @@ class DataPlane:
         return {"id": meta.object_id}
 
     async def _rpc_put_small(self, args: dict[str, Any]) -> dict[str, Any]:
-        """A client put of a small object in one call: begin, chunk and end at once."""
+        """A client put of a small object in one call: begin, chunk and end at once; the
+        copies leave for the replica set while this node commits its own."""
         data = bytes(args["data"])
         if len(data) > self.cfg.inline_bytes:
             raise ValueError(f"inline put of {len(data)} bytes is over inline_bytes="
                              f"{self.cfg.inline_bytes}; use obj.put_begin")
-        key = self._new_upload({**args, "size": len(data)}, client=True)
+        key = self._new_upload({**args, "size": len(data), "id": None}, client=True)
+        up = self._uploads[key]
+        oid = object_id(data)
+        self._stamp_after_tombstone(up, oid)
+        self._start_small_copies(up, oid, data)
         await self._rpc_put_chunk({"upload": key, "data": data})
         return await self._rpc_put_end({"upload": key})
 
