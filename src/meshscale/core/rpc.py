@@ -56,7 +56,7 @@ def encode_stream_message(msg: StreamMessage) -> bytes:
     return msgspec.msgpack.encode((STREAM_PROTOCOL_VERSION, msg))
 
 
-def decode_stream_message(data: bytes, max_size: int) -> StreamMessage:
+def decode_stream_message(data: bytes | bytearray, max_size: int) -> StreamMessage:
     """Parse one frame body, or raise ``WireError`` (reason: oversized, malformed,
     version or unknown)."""
     if len(data) > max_size:

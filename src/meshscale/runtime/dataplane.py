@@ -12,7 +12,14 @@ made in ``core/``; this module only moves bytes and keeps the disk:
 
 Reads: a node serves a read from its own copy after checking its hash (a corrupt copy is
 quarantined and reported, so anti-entropy refills it) or, when it has none, proxies the
-bytes from a node that has one. The client checks the hash of the whole object again.
+bytes from a node that has one. The client checks the hash of the whole object again. A
+copy hash-checked in the last ``verified_ttl_s`` (at its commit or by a read) whose file
+is unchanged (inode, size, mtime, ctime) is not re-hashed: see ``DataPlaneConfig``.
+
+Puts: a client that names the object's id up front gets a cut-through put (its chunks
+go on to the replica set as they arrive, see ``_start_forwards``); without it, the
+coordinator stores the object, then pushes it. Either way the write is acknowledged only
+when W copies are committed (fsynced, hash checked against the id) on distinct nodes.
 
 Deletes (``obj.delete``): the node asked finds the holders, stamps the delete with its HLC
 (after catching up with the newest write of the object it heard of) and hands it to
@@ -27,6 +34,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import os
 import random
 import time
 from collections import OrderedDict
@@ -117,6 +125,15 @@ class DataPlaneConfig:
     kv_replicas: int = 3
     kv_timeout_s: float = 5.0
     read_source_cache: int = 1024
+    verified_cache: int = 4096
+    """Local copies remembered as hash-checked (see ``verified_ttl_s``)."""
+    verified_ttl_s: float = 60.0
+    """A read from offset 0 re-hashes the whole local copy before serving it, unless that
+    copy was hash-checked (when it was committed or by an earlier read) less than this long
+    ago and its file's inode, size, mtime and ctime are unchanged since. So a byte flipped
+    through the filesystem is always caught, and silent bit rot under an unchanged inode is
+    caught by the next full check at most this long later; meanwhile the reader's own check
+    (the client hashes every object it gets) still refuses it. 0 checks every read."""
     gc_interval_s: float = 5.0
     """How often expired (TTL'd, unpinned) objects are collected."""
     max_ttl_s: float = 10 * 365 * 86400.0
@@ -206,6 +223,8 @@ class DataPlane:
         self._conns: dict[str, RpcConnection] = {}
         self._idle: dict[str, list[RpcConnection]] = {}
         self._sources: OrderedDict[str, str] = OrderedDict()
+        self._verified: OrderedDict[str, tuple[float, tuple[int, ...]]] = OrderedDict()
+        """oid -> (when its local copy was last hash-checked, its file's identity then)."""
         self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
         self._tomb_lock = asyncio.Lock()  # tombstone writes reach the store in order
         self._timer = DeadlineTimer(self._on_timer)
@@ -489,6 +508,7 @@ class DataPlane:
 
     async def _drop(self, oid: str) -> None:
         assert self.store is not None and self.rm is not None
+        self._verified.pop(oid, None)
         with contextlib.suppress(StorageError):
             await asyncio.to_thread(self.store.delete, oid)
         self.rm.object_removed(oid, time.monotonic())
@@ -516,6 +536,7 @@ class DataPlane:
 
     async def _quarantine(self, oid: str) -> None:
         assert self.store is not None and self.rm is not None
+        self._verified.pop(oid, None)
         with contextlib.suppress(StorageError):
             await asyncio.to_thread(self.store.quarantine, oid)
         self.rm.object_removed(oid, time.monotonic())
@@ -829,9 +850,10 @@ class DataPlane:
         if up.client:
             self._stamp_after_tombstone(up, up.writer.peek_id())
         try:
-            meta = await asyncio.to_thread(up.writer.commit, up.expected_id)
+            meta, file_key = await asyncio.to_thread(self._commit_writer, up)
         except StorageError as e:
             raise ValueError(f"{e.reason}: {e}") from None
+        self._remember_verified(meta.object_id, file_key)
         self.rm.object_added(meta.object_id, up.policy, up.hint_for, time.monotonic(),
                              _stamp(meta.written))
         return meta
@@ -931,16 +953,61 @@ class DataPlane:
 
     # ------------------------------------------------------------------ reads
 
-    async def _local_verified(self, oid: str) -> ObjectMeta | None:
+    def _commit_writer(self, up: _Upload) -> tuple[ObjectMeta, tuple[int, ...] | None]:
+        """Commit (in a thread); with the file's identity when this commit wrote the file
+        (its bytes were just hashed), None when the object was already stored."""
+        assert self.store is not None
+        had = self.store.has(up.expected_id or up.writer.peek_id())
+        meta = up.writer.commit(up.expected_id)
+        return meta, None if had else self._file_key(meta.object_id)
+
+    def _file_key(self, oid: str) -> tuple[int, ...] | None:
+        assert self.store is not None
+        try:
+            st = os.stat(self.store.object_path(oid))
+        except (OSError, StorageError):
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def _remember_verified(self, oid: str, key: tuple[int, ...] | None) -> None:
+        if key is None or self.cfg.verified_ttl_s <= 0:
+            return
+        self._verified[oid] = (time.monotonic(), key)
+        self._verified.move_to_end(oid)
+        while len(self._verified) > self.cfg.verified_cache:
+            self._verified.popitem(last=False)
+
+    def _check_local(
+        self, oid: str, seen: tuple[float, tuple[int, ...]] | None
+    ) -> tuple[ObjectMeta | None, bool, tuple[int, ...] | None]:
+        """(meta, hash checked now or recently, file identity when checked now), in one
+        thread hop; ``seen`` is the copy's entry in ``_verified``."""
         store = self.store
         assert store is not None
-        meta = await asyncio.to_thread(store.meta, oid)
+        meta = store.meta(oid)
         if meta is None:
-            return None
-        if not await asyncio.to_thread(store.verify, oid):
+            return None, False, None
+        key = self._file_key(oid)
+        if (seen is not None and key is not None and seen[1] == key
+                and time.monotonic() - seen[0] < self.cfg.verified_ttl_s):
+            return meta, True, None  # recently checked, same file: not re-hashed
+        return meta, store.verify(oid), key
+
+    async def _local_verified(self, oid: str) -> tuple[ObjectMeta | None, bool]:
+        """(meta or None if not held, whether the copy hashes right); a bad copy is
+        quarantined."""
+        meta, ok, key = await asyncio.to_thread(self._check_local, oid, self._verified.get(oid))
+        if meta is None:
+            return None, False
+        if not ok:
             await self._quarantine(oid)
-            return None
-        return meta
+            return meta, False
+        if key is not None:
+            self._count("verified_full")
+            self._remember_verified(oid, key)
+        else:
+            self._count("verified_cached")
+        return meta, True
 
     def _read_range(self, oid: str, offset: int, length: int) -> bytes:
         assert self.store is not None
@@ -952,11 +1019,14 @@ class DataPlane:
         oid, offset = str(args["id"]), int(args["offset"])
         length = min(int(args["length"]), self.cfg.chunk_bytes)
         assert self.store is not None
-        meta = await asyncio.to_thread(self.store.meta, oid)
+        if offset == 0:
+            meta, ok = await self._local_verified(oid)
+            if meta is not None and not ok:
+                raise ValueError(f"corrupt copy of {oid} here; try another replica")
+        else:
+            meta = await asyncio.to_thread(self.store.meta, oid)
         if meta is None:
             raise ValueError(f"unknown object id {oid}")
-        if offset == 0 and await self._local_verified(oid) is None:
-            raise ValueError(f"corrupt copy of {oid} here; try another replica")
         try:
             data = await asyncio.to_thread(self._read_range, oid, offset, length)
         except StorageError as e:
@@ -1255,6 +1325,7 @@ class DataPlane:
             for oid in await asyncio.to_thread(store.expired, time.time()):
                 with contextlib.suppress(StorageError):
                     await asyncio.to_thread(store.delete, oid)
+                self._verified.pop(oid, None)
                 self.rm.object_removed(oid, time.monotonic())
                 self._count("gc_expired")
             self.rm.collect_tombstones(time.time(), time.monotonic())

@@ -13,6 +13,8 @@ HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 MAX_FRAME = 4 * 1024 * 1024
 _LENGTH_LIMIT = 2**32 - 1
+_JOIN_BELOW = 64 * 1024
+"""Frames up to this size are written in one piece (one TLS record, one syscall)."""
 
 
 class FrameTooLarge(Exception):
@@ -32,7 +34,9 @@ def encode_frame(payload: bytes, *, max_size: int = MAX_FRAME) -> bytes:
     return HEADER.pack(size) + payload
 
 
-async def read_frame(reader: asyncio.StreamReader, max_size: int = MAX_FRAME) -> bytes:
+async def read_frame(
+    reader: asyncio.StreamReader, max_size: int = MAX_FRAME
+) -> bytes | bytearray:
     """Read one frame.
 
     Raises ``FrameTooLarge`` (the body is left unread: close the connection) or
@@ -43,14 +47,36 @@ async def read_frame(reader: asyncio.StreamReader, max_size: int = MAX_FRAME) ->
     (size,) = HEADER.unpack(header)
     if size > max_size:
         raise FrameTooLarge(size, max_size)
-    return await reader.readexactly(size)
+    if size <= _JOIN_BELOW:
+        return await reader.readexactly(size)
+    # A large body is gathered piece by piece into one buffer of its size:
+    # ``readexactly`` would grow the reader's own buffer to the whole frame, and that growth
+    # copies the body over and over (it was most of a replica's CPU on a 4 MB chunk).
+    body = bytearray(size)
+    view = memoryview(body)
+    got = 0
+    while got < size:
+        piece = await reader.read(size - got)
+        if not piece:
+            raise asyncio.IncompleteReadError(bytes(view[:got]), size)
+        view[got : got + len(piece)] = piece
+        got += len(piece)
+    return body
 
 
 async def write_frame(
     writer: asyncio.StreamWriter, payload: bytes, *, max_size: int = MAX_FRAME
 ) -> None:
     """Write one frame and wait for the transport's buffer to drain (back-pressure)."""
-    writer.write(encode_frame(payload, max_size=max_size))
+    if len(payload) <= _JOIN_BELOW:
+        writer.write(encode_frame(payload, max_size=max_size))
+    else:
+        # A large body goes as it is: joining it to its header would copy it once more.
+        size = len(payload)
+        if size > min(max_size, _LENGTH_LIMIT):
+            raise FrameTooLarge(size, max_size)
+        writer.write(HEADER.pack(size))
+        writer.write(payload)
     await writer.drain()
 
 
