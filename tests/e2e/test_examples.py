@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,45 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 
-def children_of(pids: set[int]) -> set[int]:
-    """Live processes whose parent is in ``pids`` (a node's worker pool)."""
-    out = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) in pids and fields[0] != "Z":
-                out.add(int(entry.name))
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    m = LocalMesh(tmp_path_factory.mktemp("examples"), 3, regions=["eu-west", "us-east"])
-    m.start()
-    workers: set[int] = set()
-    try:
-        m.wait_converged(60)
+    # Leaving the block stops the nodes and fails if a node or a worker outlived them.
+    with LocalMesh(tmp_path_factory.mktemp("examples"), 3, regions=["eu-west", "us-east"]) as m:
         yield m
-    finally:
-        workers = children_of({p.pid for p in m.processes()})
-        m.stop()
-        assert not [n for n in m.nodes if n.proc is not None and n.proc.poll() is None]
-        deadline = time.monotonic() + 10  # workers exit when their node does
-        while any(alive(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [w for w in workers if alive(w)], "worker processes left behind"
 
 
 def run(args: list[str], timeout: float = 120) -> str:

@@ -33,14 +33,8 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    m = LocalMesh(tmp_path_factory.mktemp("cp"), 5, regions=["eu-west", "us-east", "ap-south"])
-    m.start()
-    try:
-        m.wait_converged(60)
+    with LocalMesh(tmp_path_factory.mktemp("cp"), 5, regions=["eu-west", "us-east", "ap-south"]) as m:
         yield m
-    finally:
-        m.stop()
-        assert not [n for n in m.nodes if n.proc is not None and n.proc.poll() is None]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from runtime_mesh import detection_bound, pid_alive
+from runtime_mesh import detection_bound
 
 from meshscale.client.tasks import TaskMesh, connect
 from meshscale.runtime.launcher import LocalMesh
@@ -68,16 +68,8 @@ STREAM_RECORDS = 30
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    m = LocalMesh(tmp_path_factory.mktemp("dash"), 3, regions=REGIONS, latency=LATENCY)
-    m.start()
-    try:
-        m.wait_converged(60)
+    with LocalMesh(tmp_path_factory.mktemp("dash"), 3, regions=REGIONS, latency=LATENCY) as m:
         yield m
-    finally:
-        m.stop()
-        left = [n.name for n in m.nodes if n.proc is not None and n.proc.poll() is None]
-        assert not left, f"node processes outlived the mesh: {left}"
-        assert not [n.name for n in m.nodes if n.proc is not None and pid_alive(n.proc.pid)]
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,8 @@ def oid_of(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    m = LocalMesh(tmp_path_factory.mktemp("dp"), 5, regions=["eu-west", "us-east", "ap-south"])
-    m.start()
-    try:
-        m.wait_converged(60)
+    with LocalMesh(tmp_path_factory.mktemp("dp"), 5, regions=["eu-west", "us-east", "ap-south"]) as m:
         yield m
-    finally:
-        m.stop()
-        assert not [n for n in m.nodes if n.proc is not None and n.proc.poll() is None]
 
 
 def run(coro: Any) -> Any:

@@ -69,14 +69,8 @@ def request(addr: str, path: str, token: str | None = None,
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    m = LocalMesh(tmp_path_factory.mktemp("http"), 3)
-    m.start()
-    try:
-        m.wait_converged(60)
+    with LocalMesh(tmp_path_factory.mktemp("http"), 3) as m:
         yield m
-    finally:
-        m.stop()
-        assert not [n for n in m.nodes if n.proc is not None and n.proc.poll() is None]
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from runtime_mesh import CONFIG, Mesh, detection_bound, pid_alive, wait_for
+from runtime_mesh import CONFIG, Mesh, detection_bound, wait_for
 
 from meshscale.client.rpc import ClientCredentials, RpcError, call
 from meshscale.core.membership import suspicion_min_timeout
 from meshscale.core.rpc import PushPullFrame, RpcRequest, encode_stream_message
+from meshscale.runtime.launcher import pid_alive
 from meshscale.trust.bundle import init_bundle, load_bundle
 from meshscale.trust.framing import HEADER
 from meshscale.trust.keyring import Keyring

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from runtime_mesh import pid_alive, wait_for
+from runtime_mesh import wait_for
 
 from meshscale.client.rpc import ClientCredentials, call
 from meshscale.core.rpc import RpcRequest, decode_stream_message, encode_stream_message
 from meshscale.core.wire import WireError
 from meshscale.runtime.identity import IdentityError, start_identity
 from meshscale.runtime.latency import format_latency, parse_latency
+from meshscale.runtime.launcher import pid_alive
 from meshscale.trust.bundle import init_bundle, load_bundle
 
 MESHSCALE = Path(sys.executable).parent / "meshscale"

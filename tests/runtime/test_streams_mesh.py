@@ -23,26 +23,14 @@ pytestmark = pytest.mark.timeout(240)
 BACKLOG = 200
 
 
-def start_mesh(path: Path, n: int) -> LocalMesh:
-    m = LocalMesh(path, n, regions=["a", "b"],
-                  node_args=["--stream-max-backlog", str(BACKLOG)])
-    m.start()
-    m.wait_converged(60)
-    return m
-
-
-def stop_mesh(m: LocalMesh) -> None:
-    m.stop()
-    assert not [n for n in m.nodes if n.proc is not None and n.proc.poll() is None]
+def local_mesh(path: Path, n: int) -> LocalMesh:
+    return LocalMesh(path, n, regions=["a", "b"], node_args=["--stream-max-backlog", str(BACKLOG)])
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    m = start_mesh(tmp_path_factory.mktemp("streams"), 4)
-    try:
+    with local_mesh(tmp_path_factory.mktemp("streams"), 4) as m:
         yield m
-    finally:
-        stop_mesh(m)
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +197,7 @@ def test_removed_operator_stops_everywhere(client: TaskMesh, mesh: LocalMesh) ->
 
 
 def test_entry_node_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
-    m = start_mesh(tmp_path / "fo", 4)
-    try:
+    with local_mesh(tmp_path / "fo", 4) as m:
         entry = m.nodes[2]  # region a; its backup is node-0, the other node of region a
         producer = connect(entry.address, bundle=m.bundle_path)
         watcher = connect(m.nodes[0].address, bundle=m.bundle_path)
@@ -254,5 +241,3 @@ def test_entry_node_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
         collect(watcher.subscribe("fo-out"), lambda g: len(g) >= n + 50, 90)
         again.close()
         watcher.close()
-    finally:
-        stop_mesh(m)

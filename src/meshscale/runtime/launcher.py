@@ -183,6 +183,7 @@ class LocalMesh:
         latency: dict[RegionPair, float] | None = None,
         base_port: int = 0,
         node_args: list[str] | None = None,
+        converge_timeout_s: float = 60.0,
         http: bool = True,
     ) -> None:
         if nodes < 1:
@@ -195,6 +196,7 @@ class LocalMesh:
         if not 1 <= self.base_port <= 65535 - nodes + 1:
             raise ValueError(f"--base-port {self.base_port} leaves no room for {nodes} nodes")
         self.node_args = list(node_args or [])
+        self.converge_timeout_s = converge_timeout_s
         # Node i serves HTTP on H+i, a second run of free ports.
         ports = range(self.base_port, self.base_port + nodes)
         http_base = find_free_base_port(nodes, avoid=ports) if http else None
@@ -248,6 +250,29 @@ class LocalMesh:
     def stop(self, timeout: float = 10.0) -> None:
         stop_processes(self.processes(), timeout)
 
+    def __enter__(self) -> LocalMesh:
+        """``with LocalMesh(...) as m``: started and converged (``converge_timeout_s``)."""
+        self.start()
+        try:
+            self.wait_converged(self.converge_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop every node, then check that no node process, and no worker process of
+        one, outlived it (workers exit when their node does: PDEATHSIG)."""
+        workers = children_of({p.pid for p in self.processes() if p.poll() is None})
+        self.stop()
+        left = [n.name for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        deadline = time.monotonic() + 10.0
+        while any(pid_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stray = sorted(w for w in workers if pid_alive(w))
+        if (left or stray) and not any(exc):
+            raise RuntimeError(f"processes outlived the mesh: nodes {left}, workers {stray}")
+
     def credentials(self) -> ClientCredentials:
         return ClientCredentials.from_bundle(load_bundle(self.bundle_path))
 
@@ -259,6 +284,34 @@ class LocalMesh:
         return asyncio.run(
             wait_converged(addresses, self.credentials(), timeout, self.exited, cancelled)
         )
+
+
+def children_of(parents: set[int]) -> set[int]:
+    """Live processes whose parent is one of ``parents`` (Linux /proc; empty elsewhere)."""
+    out: set[int] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces, so split after the ")".
+            fields = stat.rpartition(")")[2].split()
+            if len(fields) > 1 and int(fields[1]) in parents:
+                out.add(int(entry))
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rpartition(")")[2].split()
+    return bool(fields) and fields[0] != "Z"
 
 
 class Interrupted(Exception):
