@@ -516,7 +516,9 @@ def run_meshscale(p: Params, out: dict[str, Any]) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-tasks-") as tmp:
         t0 = time.perf_counter()
-        lm = LocalMesh(Path(tmp), NODES, regions=["eu-west", "us-east", "ap-south"])
+        # HTTP (API + dashboard) off, as Ray's and Dask's dashboards are here.
+        lm = LocalMesh(Path(tmp), NODES, regions=["eu-west", "us-east", "ap-south"],
+                       http=False)
         meshes: list[Any] = []
         try:
             # One task slot per node, as Ray (num_cpus=1) and Dask (threads_per_worker=1)
