@@ -298,6 +298,9 @@ class ComputePlane:
         self._active_at = float("-inf")
         self.observer: Any = None
         """``observer(record, latency_s)`` is called as a task ends (``runtime/observe.py``)."""
+        self.bound_observer: Any = None
+        """``bound_observer(event)`` is called as the owner binds a task to a node (queue
+        wait and placement reason, for ``runtime/observe.py``)."""
 
     # ------------------------------------------------------------------ life cycle
 
@@ -891,6 +894,8 @@ class ComputePlane:
     # ------------------------------------------------------------------ owner: events
 
     def _on_bound(self, ev: TaskBound) -> None:
+        if self.bound_observer is not None:
+            self.bound_observer(ev)
         e = self._records.get(ev.task_id)
         if e is None or e.rec.state in TERMINAL:
             return

@@ -112,15 +112,8 @@ class NodeObserver:
             return
         self._hooked = compute
         compute.observer = self._task_ended
-        # Queue wait and placement reasons are known when the owner binds a task to a
-        # node; the compute plane has no hook there, so wrap its handler on the instance.
-        on_bound = getattr(compute, "_on_bound", None)
-        if callable(on_bound):
-            def bound(ev: Any) -> None:
-                self._task_bound(compute, ev)
-                on_bound(ev)
-
-            compute._on_bound = bound
+        # Queue wait and placement reasons are known when the owner binds a task.
+        compute.bound_observer = lambda ev: self._task_bound(compute, ev)
 
     # ------------------------------------------------------------------ observations
 
