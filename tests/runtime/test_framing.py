@@ -136,3 +136,84 @@ def test_write_frame_over_tcp() -> None:
         return received
 
     assert run(go()) == [b"one", b"", b"z" * 100_000]
+
+
+# -- FrameConnection: frames received straight into their buffers, over real TLS ---------
+
+
+def _tls_pair(tmp_path: Any) -> tuple[Any, Any]:
+    from meshscale.trust.bundle import init_bundle, issue_node_cert, load_bundle
+    from meshscale.trust.tls import client_context, server_context
+
+    bundle = load_bundle(init_bundle(tmp_path / "bundle").path)
+    scert, skey = issue_node_cert(bundle, "server", ["127.0.0.1"])
+    ccert, ckey = issue_node_cert(bundle, "client", ["127.0.0.1"])
+    return server_context(bundle, scert, skey), client_context(bundle, ccert, ckey)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_frame_connection_over_tls(tmp_path: Any, loop: str) -> None:
+    """Greeting in clear, then TLS; small frames (several may share one TLS record),
+    large ones (received into their own buffer), an oversized one, and the peer closing."""
+    from meshscale.trust.framing import open_frames
+    from meshscale.trust.tls import GREETING
+
+    sctx, cctx = _tls_pair(tmp_path)
+    sizes = [0, 1, 5, 70_000, 300_000, 3 << 20, 12]
+
+    async def go() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(GREETING)  # the greeting and the TLS handshake, as a node does
+            await writer.drain()
+            await writer.start_tls(sctx)
+            await read_frame(reader)  # the client's go
+            # All frames at once, so several small ones arrive in one read.
+            writer.write(b"".join(encode_frame(bytes([n % 251]) * n, max_size=1 << 23)
+                                  for n in sizes))
+            await writer.drain()
+            await read_frame(reader)
+            writer.write(struct.pack(">I", 1 << 30))  # oversized: refused, never read
+            await writer.drain()
+            await read_frame(reader)  # until the client closes
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conn = await open_frames("127.0.0.1", port, cctx, 4 << 20, greeting=GREETING)
+        await conn.write_frame(b"go")
+        for n in sizes:
+            frame = await conn.read_frame()
+            assert bytes(frame) == bytes([n % 251]) * n
+        await conn.write_frame(b"next")
+        with pytest.raises(FrameTooLarge):
+            await conn.read_frame()
+        assert conn.is_closing()
+        conn.close()
+        await conn.wait_closed()
+        server.close()
+
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(asyncio.wait_for(go(), 20))
+    else:
+        run(go())
+
+
+def test_frame_connection_refuses_a_stranger(tmp_path: Any) -> None:
+    from meshscale.trust.framing import open_frames
+
+    _, cctx = _tls_pair(tmp_path)
+
+    async def go() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"HTTP")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ConnectionError, match="not a meshscale node"):
+            await open_frames("127.0.0.1", port, cctx, 1 << 20, greeting=b"MSH1")
+        server.close()
+
+    run(go())

@@ -22,8 +22,8 @@ from meshscale.core.rpc import (
 )
 from meshscale.core.wire import WireError
 from meshscale.trust.bundle import Bundle, BundleError, issue_node_cert
-from meshscale.trust.framing import FrameTooLarge, read_frame, split_addr, write_frame
-from meshscale.trust.tls import client_context, connect_tls
+from meshscale.trust.framing import FrameConnection, FrameTooLarge, open_frames, split_addr
+from meshscale.trust.tls import GREETING, client_context
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
@@ -62,17 +62,19 @@ class RpcConnection:
         self.addr = addr
         self.creds = creds
         self.timeout = timeout
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._writer: FrameConnection | None = None
+        """The open connection (replies are received straight into their own buffers:
+        see ``trust.framing.FrameConnection``), or None."""
         self._lock = asyncio.Lock()
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._reader is None or self._writer is None or self._writer.is_closing():
+    async def _connect(self) -> FrameConnection:
+        if self._writer is None or self._writer.is_closing():
             host, port = split_addr(self.addr)
-            self._reader, self._writer = await connect_tls(
-                host, port, self.creds.ssl_context, handshake_timeout=self.timeout
+            self._writer = await open_frames(
+                host, port, self.creds.ssl_context, MAX_REPLY_BYTES,
+                greeting=GREETING, handshake_timeout=self.timeout,
             )
-        return self._reader, self._writer
+        return self._writer
 
     async def call(self, method: str, args: dict[str, Any] | None = None) -> Any:
         async with self._lock:
@@ -98,10 +100,10 @@ class RpcConnection:
                 raise RpcError(f"{self.addr}: {detail}") from None
 
     async def _call(self, method: str, args: dict[str, Any]) -> Any:
-        reader, writer = await self._connect()
+        conn = await self._connect()
         req = RpcRequest(next(_ids), method, self.creds.token, args)
-        await write_frame(writer, encode_stream_message(req), max_size=MAX_REPLY_BYTES)
-        data = await read_frame(reader, MAX_REPLY_BYTES)
+        await conn.write_frame(encode_stream_message(req), max_size=MAX_REPLY_BYTES)
+        data = await conn.read_frame()
         msg = decode_stream_message(data, MAX_REPLY_BYTES)
         if not isinstance(msg, RpcResponse) or msg.id != req.id:
             await self.close()
@@ -111,11 +113,11 @@ class RpcConnection:
         return msg.result
 
     async def close(self) -> None:
-        writer, self._reader, self._writer = self._writer, None, None
-        if writer is not None:
-            writer.close()
+        conn, self._writer = self._writer, None
+        if conn is not None:
+            conn.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await conn.wait_closed()
 
 
 async def call_async(

@@ -2,12 +2,18 @@
 
 The length is checked against a bound before any of the body is read, so a peer cannot
 make us buffer more than ``max_size`` bytes by announcing a huge frame.
+
+``read_frame`` / ``write_frame`` work on asyncio streams (the node's server side);
+``FrameConnection`` (``open_frames``) is the client side of RPC connections, which
+receives each large frame straight into a buffer of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
+from collections import deque
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
@@ -78,6 +84,226 @@ async def write_frame(
         writer.write(HEADER.pack(size))
         writer.write(payload)
     await writer.drain()
+
+
+class FrameConnection(asyncio.BufferedProtocol):
+    """A client connection that receives frames straight into buffers of their own.
+
+    With ``asyncio.StreamReader`` a large frame is copied four times after TLS decrypted
+    it (joined, appended to the reader's buffer, read out of it, gathered into the body);
+    as a buffered protocol, TLS decrypts a large body directly into its final buffer and
+    small frames are copied once, out of a small receive buffer. Open one with
+    ``open_frames``; one reader at a time (``read_frame``). Reading pauses while a frame
+    is waiting to be read, so a peer cannot make us queue more than one.
+    """
+
+    _SMALL = 64 * 1024
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.transport: asyncio.Transport | None = None
+        self._small = bytearray(self._SMALL)
+        self._small_view = memoryview(self._small)
+        self._have = 0
+        """Bytes received into ``_small`` and not parsed yet."""
+        self._body: bytearray | None = None
+        self._body_got = 0
+        self._frames: deque[bytes | bytearray] = deque()
+        self._plain = True
+        """Before TLS: bytes are only collected, for ``read_greeting``."""
+        self._greeting: tuple[int, asyncio.Future[bytes]] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused_writing = False
+        self._reading_paused = False
+        self._error: BaseException | None = None
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.BufferedProtocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._error is None:
+            self._error = exc if exc is not None else asyncio.IncompleteReadError(b"", None)
+        self._wake()
+        if self._greeting is not None and not self._greeting[1].done():
+            self._greeting[1].set_exception(self._error)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("connection lost"))
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        if self._error is None:
+            self._error = asyncio.IncompleteReadError(b"", None)
+        self._wake()
+        return None
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body is not None:
+            return memoryview(self._body)[self._body_got :]
+        return self._small_view[self._have :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._body is not None:
+            self._body_got += nbytes
+            if self._body_got == len(self._body):
+                body, self._body = self._body, None
+                self._deliver(body)
+            return
+        self._have += nbytes
+        if self._plain:
+            if self._greeting is not None:
+                size, fut = self._greeting
+                if self._have >= size:
+                    self._greeting = None
+                    self._plain = False
+                    if not fut.done():
+                        fut.set_result(bytes(self._small[:size]))
+                    self._consume(size)
+            return
+        self._parse()
+
+    # -- parsing
+
+    def _consume(self, n: int) -> None:
+        rest = self._have - n
+        if rest:
+            self._small[:rest] = self._small[n : self._have]
+        self._have = rest
+
+    def _parse(self) -> None:
+        pos = 0
+        while self._error is None and self._have - pos >= HEADER_SIZE:
+            (size,) = HEADER.unpack_from(self._small, pos)
+            if size > self.max_size:
+                self._fail(FrameTooLarge(size, self.max_size))
+                return
+            start = pos + HEADER_SIZE
+            avail = self._have - start
+            if avail >= size:
+                self._deliver(bytes(self._small_view[start : start + size]))
+                pos = start + size
+                continue
+            if HEADER_SIZE + size > self._SMALL:
+                # A large frame: the rest of it is received straight into its buffer.
+                body = bytearray(size)
+                body[:avail] = self._small_view[start : self._have]
+                self._body, self._body_got = body, avail
+                pos = self._have
+            break
+        self._consume(pos)
+
+    def _deliver(self, frame: bytes | bytearray) -> None:
+        self._frames.append(frame)
+        if self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._wake()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- the caller's side
+
+    async def read_greeting(self, size: int) -> bytes:
+        """The first ``size`` bytes, in clear; frames are parsed from then on."""
+        if self._have >= size:
+            self._plain = False
+            data = bytes(self._small[:size])
+            self._consume(size)
+            return data
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._greeting = (size, fut)
+        return await fut
+
+    async def read_frame(self) -> bytes | bytearray:
+        """The next frame; ``FrameTooLarge``, ``asyncio.IncompleteReadError`` (closed) or
+        the transport's error otherwise."""
+        while not self._frames:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        frame = self._frames.popleft()
+        if not self._frames and self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+        return frame
+
+    async def write_frame(self, payload: bytes, *, max_size: int = MAX_FRAME) -> None:
+        """Write one frame and wait while the transport's buffer is full."""
+        transport = self.transport
+        if transport is None or self._error is not None:
+            raise self._error or ConnectionResetError("not connected")
+        size = len(payload)
+        if size > min(max_size, _LENGTH_LIMIT):
+            raise FrameTooLarge(size, max_size)
+        if size <= _JOIN_BELOW:
+            transport.write(HEADER.pack(size) + payload)
+        else:
+            transport.write(HEADER.pack(size))
+            transport.write(payload)
+        if self._paused_writing:
+            self._drain = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing() or self._error is not None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+
+async def open_frames(
+    host: str, port: int, ctx: ssl.SSLContext, max_size: int, *,
+    greeting: bytes, handshake_timeout: float = 5.0,
+) -> FrameConnection:
+    """Connect to a node: plain TCP, its greeting (see ``trust.tls.GREETING``), then TLS;
+    frames of up to ``max_size`` bytes are received (``FrameConnection``)."""
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_connection(lambda: FrameConnection(max_size), host, port)
+    try:
+        got = await proto.read_greeting(len(greeting))
+        if got != greeting:
+            raise ConnectionError(f"{host}:{port} is not a meshscale node")
+        tls = await loop.start_tls(transport, proto, ctx, server_hostname=None,
+                                   ssl_handshake_timeout=handshake_timeout)
+    except BaseException:
+        transport.abort()
+        raise
+    if tls is None:
+        raise ConnectionError(f"{host}:{port}: TLS could not be started")
+    proto.transport = tls
+    return proto
 
 
 def split_addr(addr: str) -> tuple[str, int]:
