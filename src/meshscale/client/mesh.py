@@ -25,7 +25,7 @@ import stat
 import tempfile
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal, TypeVar, overload
@@ -60,11 +60,14 @@ BUNDLE_ENV: Final = "MESHSCALE_BUNDLE"
 SMALL_PUT_BYTES = 64 * 1024
 """Objects up to this size are put in one round trip (``obj.put_small``)."""
 DEFAULT_READ_BYTES: Final = 1024 * 1024
+"""Bytes asked for per ``obj.read`` until a node tells us its chunk size."""
 MAX_REDIRECT_HOLDERS: Final = 3
 """Holders of a redirected read tried before the node is asked to relay the bytes."""
 MAX_HOLDER_CONNECTIONS: Final = 8
 """Connections to redirect targets kept open per ``AsyncMesh``."""
-"""Bytes asked for per ``obj.read`` until a ``put`` tells us the node's chunk size."""
+READ_AHEAD: Final = 2
+"""Default ``obj.read`` calls kept in flight by one get (see ``AsyncMesh.read_ahead``)."""
+MAX_READ_AHEAD: Final = 8
 MAX_CHUNK_BYTES: Final = 32 * 1024 * 1024
 """Largest chunk size we accept from a node (it must fit in one RPC frame)."""
 LIST_PAGE: Final = 500
@@ -425,14 +428,25 @@ class AsyncMesh:
     concurrently; they share one connection, one request at a time.
     """
 
-    def __init__(self, address: str, creds: ClientCredentials, timeout: float) -> None:
+    def __init__(
+        self, address: str, creds: ClientCredentials, timeout: float, read_ahead: int = READ_AHEAD
+    ) -> None:
+        if not 1 <= read_ahead <= MAX_READ_AHEAD:
+            raise ValueError(f"read_ahead must be between 1 and {MAX_READ_AHEAD}, not {read_ahead}")
         self.address = address
         self.timeout = timeout
+        self.read_ahead = read_ahead
+        """``obj.read`` calls one get keeps in flight, each on its own connection to the node
+        it reads from (a node answers one call per connection at a time): while one chunk
+        is hashed here, the next ones are read, encrypted and sent. Memory per get is
+        bounded by ``read_ahead + 1`` chunks. 1 reads one chunk at a time."""
         self._conn = RpcConnection(address, creds, timeout=timeout)
         self._creds = creds
         self._holders: OrderedDict[str, RpcConnection] = OrderedDict()
         """Connections to nodes a read was redirected to (a few, least recently used
         closed first)."""
+        self._spares: OrderedDict[str, list[RpcConnection]] = OrderedDict()
+        """Idle extra connections for read-ahead, per address (the same bounds)."""
         self._read_bytes = DEFAULT_READ_BYTES
         self.kv = AsyncKV(self)
 
@@ -633,48 +647,112 @@ class AsyncMesh:
         oid, size = _ref_parts(ref)
         h = _new_hash()
         offset = 0
+        chunk = self._read_bytes
         # One hop: a node without a copy names holders instead of relaying the bytes, and
         # we read from the first that answers over our own connection; if none does (not
         # reachable from here, gone meanwhile), the node relays them after all.
         source: RpcConnection | None = None
         redirect = True
-        while size is None or offset < size:
-            want = self._read_bytes if size is None else min(self._read_bytes, size - offset)
-            args = {"id": oid, "offset": offset, "length": want}
-            reply: dict[str, Any] | None = None
-            if source is not None:
-                try:
-                    reply = await source.call("obj.read", args)
-                except (RpcError, OSError):
-                    await self._forget_holder(source)
-                    source = None
-            if reply is None:
-                reply = await self._call_dict("obj.read", {**args, "redirect": redirect})
-                redirect = False
-                if "redirect" in reply:
-                    source, reply = await self._follow(reply["redirect"], args)
-                    if reply is None:
-                        reply = await self._call_dict("obj.read", args)
-            if not isinstance(reply, dict):
-                raise MeshError(f"{self.address}: unexpected reply to obj.read: {reply!r:.200}")
-            data, reported = reply.get("data"), reply.get("size")
-            if not isinstance(data, bytes) or not isinstance(reported, int):
-                raise MeshError(f"{self.address}: unexpected reply to obj.read: {reply!r:.200}")
-            if size is None:
-                size = reported
-            elif reported != size:
-                raise IntegrityError(f"{oid}: the mesh has {reported} bytes, the ref says {size}")
-            if len(data) > want or offset + len(data) > size:
-                raise IntegrityError(f"{oid}: {self.address} sent more bytes than asked for")
-            if not data and offset < size:
-                raise MeshError(f"{oid}: {self.address} sent no bytes at offset {offset}/{size}")
-            h.update(data)
-            await sink(data)
-            offset += len(data)
-            if progress is not None:
-                progress(offset, size)
+        ahead: _ReadAhead | None = None
+        try:
+            while size is None or offset < size:
+                want = chunk if size is None else min(chunk, size - offset)
+                reply: dict[str, Any] | None = None
+                if (ahead is None and not redirect and size is not None and self.read_ahead > 1
+                        and want < size - offset):
+                    # After the first reply: it told us where to read from and the chunk size.
+                    ahead = await self._read_ahead(source, oid, offset, size, chunk)
+                if ahead is not None:
+                    try:
+                        want, reply = await ahead.next()
+                    except (RpcError, OSError):
+                        # Read on one chunk at a time, through the node (which relays the
+                        # bytes from another holder if this one failed).
+                        await self._release_ahead(ahead)
+                        ahead = None
+                        if source is not None:
+                            await self._forget_holder(source)
+                            source = None
+                        continue
+                elif source is not None:
+                    args = {"id": oid, "offset": offset, "length": want}
+                    try:
+                        reply = await source.call("obj.read", args)
+                    except (RpcError, OSError):
+                        await self._forget_holder(source)
+                        source = None
+                if reply is None:
+                    args = {"id": oid, "offset": offset, "length": want}
+                    reply = await self._call_dict("obj.read", {**args, "redirect": redirect})
+                    redirect = False
+                    if "redirect" in reply:
+                        source, reply = await self._follow(reply["redirect"], args)
+                        if reply is None:
+                            reply = await self._call_dict("obj.read", args)
+                if not isinstance(reply, dict):
+                    raise MeshError(f"{self.address}: unexpected reply to obj.read: {reply!r:.200}")
+                data, reported = reply.get("data"), reply.get("size")
+                if not isinstance(data, bytes) or not isinstance(reported, int):
+                    raise MeshError(f"{self.address}: unexpected reply to obj.read: {reply!r:.200}")
+                if size is None:
+                    size = reported
+                elif reported != size:
+                    raise IntegrityError(f"{oid}: the mesh has {reported} bytes, the ref says {size}")
+                if len(data) > want or offset + len(data) > size:
+                    raise IntegrityError(f"{oid}: {self.address} sent more bytes than asked for")
+                if not data and offset < size:
+                    raise MeshError(f"{oid}: {self.address} sent no bytes at offset {offset}/{size}")
+                node_chunk = reply.get("chunk_bytes")
+                if isinstance(node_chunk, int) and 1 <= node_chunk <= MAX_CHUNK_BYTES:
+                    chunk = self._read_bytes = node_chunk
+                if len(data) < want and offset + len(data) < size:
+                    # The node sends less per call than we asked: the reads queued ahead
+                    # no longer line up with the offsets; ask for that much from here on.
+                    chunk = len(data)
+                    if ahead is not None:
+                        await self._release_ahead(ahead)
+                        ahead = None
+                h.update(data)
+                await sink(data)
+                offset += len(data)
+                if progress is not None:
+                    progress(offset, size)
+        finally:
+            if ahead is not None:
+                await self._release_ahead(ahead)
         if OBJECT_ID_PREFIX + h.hexdigest() != oid:
             raise IntegrityError(f"{oid}: the bytes read do not match the object id")
+
+    async def _read_ahead(
+        self, source: RpcConnection | None, oid: str, offset: int, size: int, chunk: int
+    ) -> _ReadAhead:
+        """Reads of ``oid`` from ``offset`` on, ``read_ahead`` at a time, from the node we
+        read from (``source``, a holder, or the node we are connected to)."""
+        primary = source if source is not None else self._conn
+        spares = self._spares.pop(primary.addr, [])
+        while len(spares) < self.read_ahead - 1:
+            spares.append(RpcConnection(primary.addr, self._creds, self.timeout))
+        extra = spares[: self.read_ahead - 1]
+        for c in spares[self.read_ahead - 1 :]:
+            await c.close()
+        return _ReadAhead(oid, offset, size, chunk, [primary, *extra], extra)
+
+    async def _release_ahead(self, ahead: _ReadAhead) -> None:
+        """Stop ``ahead``; its extra connections go back to the idle pool."""
+        await ahead.stop()
+        if not ahead.extra:
+            return
+        addr = ahead.extra[0].addr
+        idle = self._spares.pop(addr, [])
+        keep = max(0, self.read_ahead - 1 - len(idle))
+        idle.extend(ahead.extra[:keep])
+        for c in ahead.extra[keep:]:
+            await c.close()
+        self._spares[addr] = idle
+        while len(self._spares) > MAX_HOLDER_CONNECTIONS:
+            _, old = self._spares.popitem(last=False)
+            for c in old:
+                await c.close()
 
     async def _follow(
         self, holders: object, args: dict[str, Any]
@@ -766,12 +844,77 @@ class AsyncMesh:
         while self._holders:
             _, conn = self._holders.popitem()
             await conn.close()
+        while self._spares:
+            _, conns = self._spares.popitem()
+            for conn in conns:
+                await conn.close()
 
     async def __aenter__(self) -> AsyncMesh:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class _ReadAhead:
+    """Up to one ``obj.read`` in flight per connection (all to the same node), consumed in
+    offset order; a call is issued as soon as a connection is free and fewer than
+    ``len(conns) + 1`` replies are waiting, so memory stays bounded."""
+
+    def __init__(
+        self, oid: str, offset: int, size: int, chunk: int, conns: list[RpcConnection],
+        extra: list[RpcConnection],
+    ) -> None:
+        assert chunk >= 1 and conns
+        self.oid = oid
+        self.size = size
+        self.chunk = chunk
+        self.next_offset = offset
+        self.free = list(conns)
+        self.extra = extra
+        """The connections opened (or taken from the idle pool) for this read."""
+        self.limit = len(conns) + 1
+        self.pending: deque[tuple[int, asyncio.Future[Any]]] = deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.free and self.next_offset < self.size and len(self.pending) < self.limit:
+            want = min(self.chunk, self.size - self.next_offset)
+            conn = self.free.pop()
+            args = {"id": self.oid, "offset": self.next_offset, "length": want}
+            self.pending.append((want, asyncio.ensure_future(self._one(conn, args))))
+            self.next_offset += want
+
+    async def _one(self, conn: RpcConnection, args: dict[str, Any]) -> Any:
+        try:
+            reply = await conn.call("obj.read", args)
+        except asyncio.CancelledError:
+            # The reply may still be on its way: never reuse this connection as it is.
+            await conn.close()
+            raise
+        except BaseException:
+            self.free.append(conn)  # RpcConnection closed it if the transport broke
+            raise
+        self.free.append(conn)
+        self._fill()
+        return reply
+
+    async def next(self) -> tuple[int, Any]:
+        """(bytes asked for, reply) of the next chunk in offset order."""
+        self._fill()
+        want, fut = self.pending.popleft()
+        reply = await fut
+        self._fill()
+        return want, reply
+
+    async def stop(self) -> None:
+        pending, self.pending = list(self.pending), deque()
+        self.next_offset = self.size
+        for _, fut in pending:
+            fut.cancel()
+        if pending:
+            # Their errors are of no interest any more; our own cancellation still is.
+            await asyncio.gather(*(fut for _, fut in pending), return_exceptions=True)
 
 
 class AsyncKV:
@@ -819,19 +962,26 @@ class AsyncKV:
 
 
 async def connect_async(
-    address: str, *, bundle: str | Path | None = None, timeout: float = 30.0
+    address: str,
+    *,
+    bundle: str | Path | None = None,
+    timeout: float = 30.0,
+    read_ahead: int = READ_AHEAD,
 ) -> AsyncMesh:
     """Connect to the mesh through the node at ``address`` (``HOST:PORT``).
 
     ``bundle`` is the cluster bundle directory (default: ``$MESHSCALE_BUNDLE``); it must
     hold ``ca.key`` so the client can issue its own short-lived certificate. ``timeout``
-    bounds each request. Raises ``ConnectError`` if the node cannot be used.
+    bounds each request. ``read_ahead`` (1 to ``MAX_READ_AHEAD``): chunk reads one get
+    keeps in flight. Raises ``ConnectError`` if the node cannot be used.
     """
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0, not {timeout}")
     addr = _check_address(address)
+    if not 1 <= read_ahead <= MAX_READ_AHEAD:
+        raise ValueError(f"read_ahead must be between 1 and {MAX_READ_AHEAD}, not {read_ahead}")
     creds = await asyncio.to_thread(_credentials, bundle)
-    mesh = AsyncMesh(addr, creds, timeout)
+    mesh = AsyncMesh(addr, creds, timeout, read_ahead)
     try:
         await mesh.ping()
     except BaseException:
@@ -1029,15 +1179,24 @@ class KV:
         return self._mesh._run(self._mesh._inner.kv.delete(key, consistency))
 
 
-def connect(address: str, *, bundle: str | Path | None = None, timeout: float = 30.0) -> Mesh:
+def connect(
+    address: str,
+    *,
+    bundle: str | Path | None = None,
+    timeout: float = 30.0,
+    read_ahead: int = READ_AHEAD,
+) -> Mesh:
     """Connect to the mesh through the node at ``address`` (``HOST:PORT``), blocking API.
 
     ``bundle``: the cluster bundle directory (default ``$MESHSCALE_BUNDLE``). ``timeout``
-    bounds each request, in seconds. Raises ``ConnectError`` if the node cannot be used.
+    bounds each request, in seconds. ``read_ahead``: chunk reads one get keeps in flight
+    (see ``AsyncMesh.read_ahead``). Raises ``ConnectError`` if the node cannot be used.
     """
     runner = _LoopThread()
     try:
-        inner = runner.run(connect_async(address, bundle=bundle, timeout=timeout))
+        inner = runner.run(
+            connect_async(address, bundle=bundle, timeout=timeout, read_ahead=read_ahead)
+        )
     except BaseException:
         runner.stop()
         raise

@@ -1031,7 +1031,7 @@ class DataPlane:
             data = await asyncio.to_thread(self._read_range, oid, offset, length)
         except StorageError as e:
             raise ValueError(f"{e.reason}: {oid}") from None
-        return {"data": data, "size": meta.size}
+        return {"data": data, "size": meta.size, "chunk_bytes": self.cfg.chunk_bytes}
 
     async def _rpc_read(self, args: dict[str, Any]) -> dict[str, Any]:
         oid = str(args["id"])
