@@ -309,3 +309,118 @@ def test_cut_through_put_checks_the_declared_id(mesh: LocalMesh) -> None:
         await c.close()
 
     run(go())
+
+
+def test_put_coordinated_outside_the_replica_set_keeps_no_copy(tmp_path: Any) -> None:
+    """A node outside the object's replica set streams a put on to the members and keeps
+    only an uncommitted spare: dropped once the members' copies are in, committed (hash
+    checked) and pushed from when a member's copy fails; a wrong id still fails the put
+    and leaves nothing."""
+    from meshscale.core.placement import Candidate, replica_set
+
+    with LocalMesh(tmp_path / "m", 4, regions=["eu-west", "us-east", "ap-south"]) as m:
+        m.wait_converged(60)
+        creds = m.credentials()
+
+        async def stats(node: int) -> dict[str, Any]:
+            c = RpcConnection(m.nodes[node].address, creds, 30)
+            try:
+                result: dict[str, Any] = await c.call("dp.stats", {})
+                return result
+            finally:
+                await c.close()
+
+        async def counter(node: int, key: str) -> int:
+            return int((await stats(node))["dataplane"].get(key, 0))
+
+        async def outside(data_id: str) -> tuple[int, list[str]]:
+            c = RpcConnection(m.nodes[0].address, creds, 30)
+            rows = await c.call("members", {})
+            await c.close()
+            view = [Candidate(r["name"], r["region"], r["zone"]) for r in rows]
+            members = [x.name for x in replica_set(data_id, view, 3)]
+            coord = next(i for i, n in enumerate(m.nodes) if n.name not in members)
+            return coord, members
+
+        def blob_outside(of: int) -> bytes:
+            """Bytes whose replica set leaves out node ``of``."""
+            while True:
+                data = os.urandom(6 << 20)
+                if asyncio.run(outside(oid_of(data)))[0] == of:
+                    return data
+
+        async def held(oid: str) -> list[str]:
+            names = []
+            for node in m.nodes:
+                c = RpcConnection(node.address, creds, 30)
+                if await c.call("obj.local_stat", {"id": oid}) is not None:
+                    names.append(node.name)
+                await c.close()
+            return sorted(names)
+
+        async def until(cond: Any, what: str, deadline_s: float = 30) -> None:
+            end = time.monotonic() + deadline_s
+            while not await cond():
+                assert time.monotonic() < end, what
+                await asyncio.sleep(0.1)
+
+        async def go() -> None:
+            data = os.urandom(6 << 20)
+            oid = oid_of(data)
+            coord, members = await outside(oid)
+            c = RpcConnection(m.nodes[coord].address, creds, 60)
+            dropped = await counter(coord, "spare_copies_dropped")
+            res = await put(c, data, id=oid)
+            assert res["id"] == oid and len(res["nodes"]) >= 2
+            assert m.nodes[coord].name not in res["nodes"]
+
+            async def spare_dropped() -> bool:
+                return await counter(coord, "spare_copies_dropped") > dropped
+
+            await until(spare_dropped, "the spare copy was not dropped")
+            assert await counter(coord, "spare_copies_committed") == 0
+
+            async def all_members() -> bool:
+                return await held(oid) == sorted(members)
+
+            await until(all_members, "the replica set does not hold the object")
+            assert await read_all(c, oid) == data
+
+            # A wrong id: the members refuse their copies, the spare's own check fails.
+            wrong = oid_of(b"not these bytes " + os.urandom(8))
+            wcoord, _ = await outside(wrong)
+            cw = RpcConnection(m.nodes[wcoord].address, creds, 60)
+            with pytest.raises(RpcError, match="hash"):
+                await put(cw, data[: 5 << 20], id=wrong)
+
+            async def nothing_open() -> bool:
+                return not any([(await stats(i))["uploads"] for i in range(len(m.nodes))])
+
+            await until(nothing_open, "uploads left open")
+            assert await held(wrong) == []
+            await c.close()
+            await cw.close()
+
+        run(go())
+
+        # A member dies just before a put: its copy fails at once, the spare is committed
+        # and pushed to a stand-in, and the put is still acknowledged.
+        data = blob_outside(0)
+        _, members = asyncio.run(outside(oid_of(data)))
+        victim = next(n for n in m.nodes if n.name == members[0])
+        assert victim.proc is not None
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait()
+
+        async def fallback() -> None:
+            oid = oid_of(data)
+            c = RpcConnection(m.nodes[0].address, creds, 60)
+            committed = await counter(0, "spare_copies_committed")
+            res = await put(c, data, id=oid)
+            assert res["id"] == oid and len(res["nodes"]) >= 2
+            assert victim.name not in res["nodes"]
+            assert await counter(0, "spare_copies_committed") == committed + 1
+            assert await read_all(c, oid) == data
+            await c.close()
+
+        run(fallback())

@@ -682,3 +682,26 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
         got = s.meta(meta.object_id)
         assert got is not None and got.written is None and s.read_bytes(meta.object_id) == b"old"
         assert s.tombstones() == []
+
+
+def test_deferred_hash_is_checked_at_commit(store: LocalStore) -> None:
+    """A writer told to hash at commit reads its file back then: the same checks hold."""
+    data = os.urandom(3 << 20)
+    w = store.writer(now=NOW, size=len(data))
+    w.defer_hash()
+    w.write(data[:1000])
+    w.write(data[1000:])
+    with pytest.raises(StorageError, match="bytes hash to") as e:
+        w.commit(object_id_of(b"other bytes"))
+    assert e.value.reason == "hash_mismatch"
+    assert not store.has(object_id_of(data))
+    w = store.writer(now=NOW, size=len(data))
+    w.defer_hash()
+    w.write(data)
+    assert w.commit(object_id_of(data)).object_id == object_id_of(data)
+    assert store.read_bytes(object_id_of(data)) == data
+    w = store.writer(now=NOW)
+    w.write(b"x")
+    with pytest.raises(ValueError, match="defer_hash"):
+        w.defer_hash()
+    w.abort()

@@ -174,6 +174,20 @@ class _Upload:
     """The write's id, allocated early when copies start before the local commit."""
     forwards: dict[str, _Forward] = field(default_factory=dict)
     expires: float | None = None
+    spare: bool = False
+    """This node is outside the object's replica set (its copies started early): its own
+    copy is a spare, written but neither hashed nor fsynced, committed only if a member's
+    copy fails (the push from it needs it) and otherwise dropped (see ``_finish_spare``)."""
+
+
+@dataclass
+class _Spare:
+    """A spare copy (see ``_Upload.spare``) waiting for the members' copies to settle."""
+
+    key: str
+    up: _Upload
+    oid: str
+    commit: asyncio.Future[ObjectMeta] | None = None
 
 
 def _stamp(s: object) -> HLCTimestamp | None:
@@ -219,6 +233,8 @@ class DataPlane:
         small put's copies sent while the coordinator commits its own): the ``Transfer``
         for it waits on this instead of pushing the bytes again."""
         self._forward_tasks: set[asyncio.Task[None]] = set()
+        self._spares: dict[int, _Spare] = {}
+        """write id -> the spare copy of a put coordinated outside its replica set."""
         self._kv_stragglers: set[asyncio.Future[None]] = set()
         self._conns: dict[str, RpcConnection] = {}
         self._idle: dict[str, list[RpcConnection]] = {}
@@ -304,10 +320,11 @@ class DataPlane:
                 await conn.close()
         for task in list(self._forward_tasks):
             task.cancel()
-        for up in self._uploads.values():
+        for up in [*self._uploads.values(), *(sp.up for sp in self._spares.values())]:
             with contextlib.suppress(Exception):
                 self._abort_upload(up)
         self._uploads.clear()
+        self._spares.clear()
         if self.store is not None:
             self.store.close()
 
@@ -416,6 +433,8 @@ class DataPlane:
                 self._pump()
                 return
             self._count("transfers_early_failed")  # push the bytes again, from our copy
+        if t.req_id is not None and t.req_id in self._spares:
+            await self._commit_spare(t.req_id)
         async with self._transfer_sem:
             try:
                 if t.dst == self.agent.name:
@@ -692,7 +711,12 @@ class DataPlane:
             return []
         if up.req is None:
             up.req = next(self._req_ids)
-        return [c.name for c in chosen if c.name != self.agent.name]
+        targets = [c.name for c in chosen if c.name != self.agent.name]
+        if len(targets) == len(chosen) and targets and up.expected_id is not None:
+            # Not a member: our copy is only a fallback for the pushes (see _finish_spare).
+            up.spare = True
+            up.writer.defer_hash()
+        return targets
 
     def _add_forward(self, up: _Upload, dst: str, work: Callable[[_Forward], Any],
                      *, queued: bool) -> None:
@@ -848,7 +872,7 @@ class DataPlane:
             raise ValueError(f"truncated upload: {up.received} of {up.size} bytes; nothing stored")
         assert self.rm is not None
         if up.client:
-            self._stamp_after_tombstone(up, up.writer.peek_id())
+            self._stamp_after_tombstone(up, up.expected_id or up.writer.peek_id())
         try:
             meta, file_key = await asyncio.to_thread(self._commit_writer, up)
         except StorageError as e:
@@ -870,6 +894,8 @@ class DataPlane:
                     self._early.pop((up.req, dst), None)
 
     async def _finish_put(self, key: str, up: _Upload) -> dict[str, Any]:
+        if up.spare:
+            return await self._finish_spare(key, up)
         try:
             meta = await self._commit(key, up)
         except BaseException:
@@ -893,6 +919,84 @@ class DataPlane:
             self._puts.pop(req, None)
             raise ValueError(f"put of {meta.object_id} timed out waiting for W={up.w}") from None
         return {"id": oid, "size": meta.size, "nodes": list(nodes)}
+
+    async def _finish_spare(self, key: str, up: _Upload) -> dict[str, Any]:
+        """A put coordinated outside the object's replica set: the members' copies (sent
+        as the bytes arrived) make the quorum, as with any put, while our own copy stays
+        an uncommitted spare (no hash, no fsync: a copy we would drop anyway once the
+        set confirms it). A push that must fall back to our copy (a member's copy failed,
+        a stand-in, a member without an early copy) commits it first, with the full hash
+        check against the id; otherwise it is removed once every member's copy settled."""
+        assert self.rm is not None and up.req is not None and up.expected_id is not None
+        self._uploads.pop(key, None)
+        try:
+            await self._settle(key, up)
+        except BaseException:
+            for fwd in up.forwards.values():
+                self._stop_forward(fwd)
+            raise
+        if up.received != up.size:
+            self._abort_upload(up)
+            raise ValueError(f"truncated upload: {up.received} of {up.size} bytes; nothing stored")
+        oid, req = up.expected_id, up.req
+        self._stamp_after_tombstone(up, oid)
+        self._spares[req] = _Spare(key, up, oid)
+        fut: asyncio.Future[tuple[str, tuple[str, ...]]] = asyncio.get_running_loop().create_future()
+        self._puts[req] = fut
+        try:
+            self.rm.begin_put(req, oid, up.policy, up.w, time.monotonic(),
+                              _stamp(up.writer.written_ts))
+        except PlacementError as e:
+            self._puts.pop(req, None)
+            self._spares.pop(req, None)
+            self._abort_upload(up)
+            raise ValueError(f"refused: {e}") from None
+        self._count("spare_puts")
+        self.agent._spawn(self._settle_spare(req, [f.done for f in up.forwards.values()]))
+        self._pump()
+        try:
+            oid, nodes = await asyncio.wait_for(fut, self.cfg.put_wait_s)
+        except TimeoutError:
+            self._puts.pop(req, None)
+            raise ValueError(f"put of {oid} timed out waiting for W={up.w}") from None
+        return {"id": oid, "size": up.size, "nodes": list(nodes)}
+
+    async def _commit_spare(self, req: int) -> None:
+        """Commit the spare copy of write ``req`` (once; later callers wait for it). A
+        copy that does not hash to the id fails the put with that reason."""
+        spare = self._spares.get(req)
+        if spare is None:
+            return
+        if spare.commit is None:
+            self._count("spare_copies_committed")
+            spare.commit = asyncio.ensure_future(self._commit(spare.key, spare.up))
+        try:
+            await asyncio.shield(spare.commit)
+        except ValueError as e:
+            fut = self._puts.pop(req, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(ValueError(f"put of {spare.oid} failed: {e}"))
+
+    async def _settle_spare(self, req: int, copies: list[asyncio.Future[bool]]) -> None:
+        """Once every member's early copy is decided: drop the spare if they all made
+        it and nothing needed it, else leave it committed (a stray copy, handed off and
+        dropped like any other)."""
+        results = await asyncio.gather(*(asyncio.shield(c) for c in copies),
+                                       return_exceptions=True)
+        spare = self._spares.get(req)
+        if spare is None:
+            return
+        if spare.commit is None and all(r is True for r in results):
+            self._spares.pop(req, None)
+            self._abort_upload(spare.up)
+            self._count("spare_copies_dropped")
+            return
+        if spare.commit is None:
+            await self._commit_spare(req)
+        with contextlib.suppress(Exception):
+            assert spare.commit is not None
+            await spare.commit
+        self._spares.pop(req, None)
 
     def _rpc_put_abort(self, args: dict[str, Any]) -> dict[str, Any]:
         up = self._uploads.pop(str(args["upload"]), None)

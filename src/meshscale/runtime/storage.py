@@ -273,10 +273,32 @@ class ObjectWriter:
         self._outstanding = declared_size or 0  # declared, not yet admitted
         self._unchecked = 0
         self._done = False
+        self._hash_deferred = False
 
     @property
     def closed(self) -> bool:
         return self._done
+
+    def defer_hash(self) -> None:
+        """Hash the bytes at ``commit`` (reading the file back) instead of as they are
+        written: for a copy that will most likely be aborted, never committed (a put's
+        coordinator outside the object's replica set keeps one only in case a member's
+        copy fails). Call before the first ``write``."""
+        if self.written:
+            raise ValueError("defer_hash after bytes were written")
+        self._hash_deferred = True
+
+    def _rehash(self) -> None:
+        if not self._hash_deferred:
+            return
+        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        with open(self._tmp_path, "rb", buffering=0) as f:
+            buf = bytearray(1 << 20)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                h.update(view[:n])
+        self._hash = h
+        self._hash_deferred = False
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         if self._done:
@@ -304,11 +326,14 @@ class ObjectWriter:
         except BaseException:
             self.abort()
             raise
-        self._hash.update(view)
+        if not self._hash_deferred:
+            self._hash.update(view)
         self.written += n
 
     def peek_id(self) -> str:
         """The id of the bytes written so far (the object's id once all are written)."""
+        if self._hash_deferred and not self._done:
+            self._rehash()  # and from now on as they are written
         return OBJECT_ID_PREFIX + self._hash.hexdigest()
 
     def commit(self, expected_id: str | None = None) -> ObjectMeta:
@@ -329,6 +354,7 @@ class ObjectWriter:
                     "hash_mismatch",
                     f"object is {self.written} bytes, {self._declared} were declared",
                 )
+            self._rehash()
             object_id = OBJECT_ID_PREFIX + self._hash.hexdigest()
             if expected_id is not None and object_id != expected_id:
                 raise StorageError(
