@@ -68,44 +68,32 @@ async def put(c: RpcConnection, data: bytes, replicas: int = 3, w: int = 2) -> s
 async def get(c: RpcConnection, oid: str, creds: ClientCredentials, one_hop: bool = True,
               read_ahead: int = READ_AHEAD) -> int:
     """Read as the client does: a node without a copy redirects us to a holder (one hop),
-    which we then read from over connections of our own (their TLS handshakes are
-    counted), with ``read_ahead`` chunk reads in flight, one per connection, consumed in
-    offset order; without ``one_hop``, the node relays them. Unlike ``get_client`` below,
-    the bytes are not hashed here."""
+    which we then read from over a connection of our own (its TLS handshake is counted),
+    with ``read_ahead`` chunk reads sent ahead on it; without ``one_hop``, the node relays
+    them. Unlike ``get_client`` below, the bytes are not hashed here."""
     chunk = 4 << 20
-    opened: list[RpcConnection] = []
+    holder: RpcConnection | None = None
     try:
         r = await c.call("obj.read", {"id": oid, "offset": 0, "length": chunk,
                                       "redirect": one_hop})
         src = c
         if "redirect" in r:
-            src = RpcConnection(r["redirect"][0]["addr"], creds, 120)
-            opened.append(src)
+            src = holder = RpcConnection(r["redirect"][0]["addr"], creds, 120)
             r = await src.call("obj.read", {"id": oid, "offset": 0, "length": chunk})
         size, got = int(r["size"]), len(r["data"])
-        opened += [RpcConnection(src.addr, creds, 120) for _ in range(read_ahead - 1)]
-        free: asyncio.Queue[RpcConnection] = asyncio.Queue()
-        for conn in {id(x): x for x in [src, *opened]}.values():
-            free.put_nowait(conn)
-
-        async def one(offset: int) -> int:
-            conn = await free.get()
-            try:
-                rr = await conn.call("obj.read", {"id": oid, "offset": offset, "length": chunk})
-            finally:
-                free.put_nowait(conn)
-            return len(rr["data"])
-
-        pending: list[asyncio.Task[int]] = []
-        nxt = got
-        while got < size:
-            while nxt < size and len(pending) < read_ahead + 1:
-                pending.append(asyncio.ensure_future(one(nxt)))
-                nxt += chunk
-            got += await pending.pop(0)
+        pipe = await src.pipeline()
+        try:
+            nxt = got
+            while got < size:
+                while nxt < size and pipe.outstanding < read_ahead:
+                    await pipe.send("obj.read", {"id": oid, "offset": nxt, "length": chunk})
+                    nxt += chunk
+                got += len((await pipe.receive())["data"])
+        finally:
+            await pipe.close()
     finally:
-        for conn in opened:
-            await conn.close()
+        if holder is not None:
+            await holder.close()
     return got
 
 

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar, overload
 
 import msgspec
 
-from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError, RpcPipeline
 from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
 from meshscale.trust.bundle import BundleError, load_bundle
 from meshscale.trust.framing import split_addr
@@ -436,17 +436,18 @@ class AsyncMesh:
         self.address = address
         self.timeout = timeout
         self.read_ahead = read_ahead
-        """``obj.read`` calls one get keeps in flight, each on its own connection to the node
-        it reads from (a node answers one call per connection at a time): while one chunk
-        is hashed here, the next ones are read, encrypted and sent. Memory per get is
-        bounded by ``read_ahead + 1`` chunks. 1 reads one chunk at a time."""
+        """``obj.read`` calls one get keeps in flight to the node it reads from, sent
+        ahead on one connection (the node answers them in order): while one chunk is
+        hashed here, the next is read, encrypted and sent. What is in flight beyond the
+        chunk being taken in waits in the node (a node writes one reply at a time per
+        connection), so memory here stays bounded. 1 reads one chunk at a time."""
         self._conn = RpcConnection(address, creds, timeout=timeout)
         self._creds = creds
         self._holders: OrderedDict[str, RpcConnection] = OrderedDict()
         """Connections to nodes a read was redirected to (a few, least recently used
         closed first)."""
-        self._spares: OrderedDict[str, list[RpcConnection]] = OrderedDict()
-        """Idle extra connections for read-ahead, per address (the same bounds)."""
+        self._spare: RpcConnection | None = None
+        """A second connection to ``address`` for reads it serves or relays."""
         self._read_bytes = DEFAULT_READ_BYTES
         self.kv = AsyncKV(self)
 
@@ -727,32 +728,16 @@ class AsyncMesh:
         self, source: RpcConnection | None, oid: str, offset: int, size: int, chunk: int
     ) -> _ReadAhead:
         """Reads of ``oid`` from ``offset`` on, ``read_ahead`` at a time, from the node we
-        read from (``source``, a holder, or the node we are connected to)."""
-        primary = source if source is not None else self._conn
-        spares = self._spares.pop(primary.addr, [])
-        while len(spares) < self.read_ahead - 1:
-            spares.append(RpcConnection(primary.addr, self._creds, self.timeout))
-        extra = spares[: self.read_ahead - 1]
-        for c in spares[self.read_ahead - 1 :]:
-            await c.close()
-        return _ReadAhead(oid, offset, size, chunk, [primary, *extra], extra)
+        read from: ``source`` (a holder), or the node we are connected to, on a second
+        connection (ours stays free for other calls)."""
+        if source is None:
+            if self._spare is None:
+                self._spare = RpcConnection(self.address, self._creds, self.timeout)
+            source = self._spare
+        return _ReadAhead(oid, offset, size, chunk, self.read_ahead, await source.pipeline())
 
     async def _release_ahead(self, ahead: _ReadAhead) -> None:
-        """Stop ``ahead``; its extra connections go back to the idle pool."""
         await ahead.stop()
-        if not ahead.extra:
-            return
-        addr = ahead.extra[0].addr
-        idle = self._spares.pop(addr, [])
-        keep = max(0, self.read_ahead - 1 - len(idle))
-        idle.extend(ahead.extra[:keep])
-        for c in ahead.extra[keep:]:
-            await c.close()
-        self._spares[addr] = idle
-        while len(self._spares) > MAX_HOLDER_CONNECTIONS:
-            _, old = self._spares.popitem(last=False)
-            for c in old:
-                await c.close()
 
     async def _follow(
         self, holders: object, args: dict[str, Any]
@@ -844,10 +829,8 @@ class AsyncMesh:
         while self._holders:
             _, conn = self._holders.popitem()
             await conn.close()
-        while self._spares:
-            _, conns = self._spares.popitem()
-            for conn in conns:
-                await conn.close()
+        if self._spare is not None:
+            await self._spare.close()
 
     async def __aenter__(self) -> AsyncMesh:
         return self
@@ -857,65 +840,42 @@ class AsyncMesh:
 
 
 class _ReadAhead:
-    """Up to one ``obj.read`` in flight per connection (all to the same node), consumed in
-    offset order; a call is issued as soon as a connection is free and fewer than
-    ``len(conns) + 1`` replies are waiting, so memory stays bounded."""
+    """Up to ``depth`` ``obj.read`` calls sent ahead on one held connection (a node
+    answers them in order, starting the next as soon as it has written a reply), so the
+    node reads and sends chunk k+1 while we take in chunk k."""
 
-    def __init__(
-        self, oid: str, offset: int, size: int, chunk: int, conns: list[RpcConnection],
-        extra: list[RpcConnection],
-    ) -> None:
-        assert chunk >= 1 and conns
+    def __init__(self, oid: str, offset: int, size: int, chunk: int, depth: int,
+                 pipeline: RpcPipeline) -> None:
+        assert chunk >= 1 and depth >= 1
         self.oid = oid
         self.size = size
         self.chunk = chunk
+        self.depth = depth
         self.next_offset = offset
-        self.free = list(conns)
-        self.extra = extra
-        """The connections opened (or taken from the idle pool) for this read."""
-        self.limit = len(conns) + 1
-        self.pending: deque[tuple[int, asyncio.Future[Any]]] = deque()
-        self._fill()
+        self.pipeline = pipeline
+        self.sent: deque[int] = deque()
 
-    def _fill(self) -> None:
-        while self.free and self.next_offset < self.size and len(self.pending) < self.limit:
+    async def _fill(self) -> None:
+        while len(self.sent) < self.depth and self.next_offset < self.size:
             want = min(self.chunk, self.size - self.next_offset)
-            conn = self.free.pop()
-            args = {"id": self.oid, "offset": self.next_offset, "length": want}
-            self.pending.append((want, asyncio.ensure_future(self._one(conn, args))))
+            await self.pipeline.send(
+                "obj.read", {"id": self.oid, "offset": self.next_offset, "length": want})
+            self.sent.append(want)
             self.next_offset += want
-
-    async def _one(self, conn: RpcConnection, args: dict[str, Any]) -> Any:
-        try:
-            reply = await conn.call("obj.read", args)
-        except asyncio.CancelledError:
-            # The reply may still be on its way: never reuse this connection as it is.
-            await conn.close()
-            raise
-        except BaseException:
-            self.free.append(conn)  # RpcConnection closed it if the transport broke
-            raise
-        self.free.append(conn)
-        self._fill()
-        return reply
 
     async def next(self) -> tuple[int, Any]:
         """(bytes asked for, reply) of the next chunk in offset order."""
-        self._fill()
-        want, fut = self.pending.popleft()
-        reply = await fut
-        self._fill()
+        await self._fill()
+        want = self.sent.popleft()
+        reply = await self.pipeline.receive()
+        await self._fill()  # before the caller takes its time with this chunk
         return want, reply
 
     async def stop(self) -> None:
-        pending, self.pending = list(self.pending), deque()
+        """Release the connection (closed if replies are still due on it)."""
+        self.sent.clear()
         self.next_offset = self.size
-        for _, fut in pending:
-            fut.cancel()
-        if pending:
-            # Their errors are of no interest any more; our own cancellation still is.
-            await asyncio.gather(*(fut for _, fut in pending), return_exceptions=True)
-
+        await self.pipeline.close()
 
 class AsyncKV:
     """The mesh's replicated key-value space (last writer wins on HLC timestamps).

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import itertools
 import ssl
+from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from meshscale.core.rpc import (
     RpcRequest,
@@ -26,6 +28,7 @@ from meshscale.trust.framing import FrameConnection, FrameTooLarge, open_frames,
 from meshscale.trust.tls import GREETING, client_context
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024
+T = TypeVar("T")
 
 
 class RpcError(Exception):
@@ -78,26 +81,39 @@ class RpcConnection:
 
     async def call(self, method: str, args: dict[str, Any] | None = None) -> Any:
         async with self._lock:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    return await self._call(method, args or {})
-            except RpcError:
-                raise
-            except TimeoutError:
-                await self.close()
-                raise RpcError(f"{self.addr}: timed out after {self.timeout:g}s") from None
-            except (
-                OSError,
-                ssl.SSLError,
-                asyncio.IncompleteReadError,
-                FrameTooLarge,
-                WireError,
-            ) as e:
-                await self.close()
-                detail = str(e) or type(e).__name__
-                if isinstance(e, asyncio.IncompleteReadError):
-                    detail = "connection closed by the node (wrong bundle or token?)"
-                raise RpcError(f"{self.addr}: {detail}") from None
+            return await self._guarded(self._call(method, args or {}))
+
+    async def _guarded(self, work: Coroutine[Any, Any, T]) -> T:
+        """``work`` within the timeout, its failures as ``RpcError`` (the connection is
+        closed unless the node answered with an error)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await work
+        except RpcError:
+            raise
+        except TimeoutError:
+            await self.close()
+            raise RpcError(f"{self.addr}: timed out after {self.timeout:g}s") from None
+        except (
+            OSError,
+            ssl.SSLError,
+            asyncio.IncompleteReadError,
+            FrameTooLarge,
+            WireError,
+        ) as e:
+            await self.close()
+            detail = str(e) or type(e).__name__
+            if isinstance(e, asyncio.IncompleteReadError):
+                detail = "connection closed by the node (wrong bundle or token?)"
+            raise RpcError(f"{self.addr}: {detail}") from None
+
+    async def pipeline(self) -> RpcPipeline:
+        """Hold this connection for a series of calls sent ahead of their replies (a
+        node answers the calls of one connection in order, one at a time, so the next
+        one is read and started as soon as the previous reply is written). Release it
+        with ``RpcPipeline.close``."""
+        await self._lock.acquire()
+        return RpcPipeline(self)
 
     async def _call(self, method: str, args: dict[str, Any]) -> Any:
         conn = await self._connect()
@@ -118,6 +134,65 @@ class RpcConnection:
             conn.close()
             with contextlib.suppress(Exception):
                 await conn.wait_closed()
+
+
+class RpcPipeline:
+    """Calls sent on one held connection before their replies come (see
+    ``RpcConnection.pipeline``); ``receive`` returns the replies in the order sent."""
+
+    def __init__(self, conn: RpcConnection) -> None:
+        self.conn = conn
+        self._sent: deque[int] = deque()
+        self._open = True
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._sent)
+
+    async def send(self, method: str, args: dict[str, Any]) -> None:
+        assert self._open
+        conn = self.conn
+
+        async def send() -> None:
+            frames = await conn._connect()
+            req = RpcRequest(next(_ids), method, conn.creds.token, args)
+            await frames.write_frame(encode_stream_message(req), max_size=MAX_REPLY_BYTES)
+            self._sent.append(req.id)
+
+        await conn._guarded(send())
+
+    async def receive(self) -> Any:
+        """The result of the oldest call sent; ``RemoteError`` if the node refused it."""
+        assert self._open and self._sent
+        conn = self.conn
+
+        async def receive() -> Any:
+            frames = conn._writer
+            if frames is None:
+                raise RpcError(f"{conn.addr}: connection lost with calls outstanding")
+            data = await frames.read_frame()
+            msg = decode_stream_message(data, MAX_REPLY_BYTES)
+            want = self._sent.popleft()
+            if not isinstance(msg, RpcResponse) or msg.id != want:
+                await conn.close()
+                raise RpcError(f"{conn.addr}: unexpected reply")
+            if not msg.ok:
+                raise RemoteError(f"{conn.addr}: {msg.error}")
+            return msg.result
+
+        return await conn._guarded(receive())
+
+    async def close(self) -> None:
+        """Release the connection; closed first if replies are still due on it."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            if self._sent:
+                self._sent.clear()
+                await self.conn.close()
+        finally:
+            self.conn._lock.release()
 
 
 async def call_async(
