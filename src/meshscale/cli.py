@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import typer
 
 import meshscale
+from meshscale.runtime.agent_main import LATENCY_HELP
 from meshscale.trust.bundle import (
     BundleError,
     init_bundle,
@@ -230,122 +231,38 @@ def demo_cmd(
 node_app = _typer("Run a node agent.")
 app.add_typer(node_app, name="node")
 
-LATENCY_HELP = (
-    "Emulated inter-region RTT, e.g. eu-west:us-east=80ms (repeat or comma-separate). "
-    "Sends to a member of another region are delayed by RTT/2 in this process. For "
-    "trying a geo-distributed mesh on one machine; off by default, never use in production."
-)
-
-
 def _parse_labels(labels: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in labels or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise CliError(f"invalid --label {item!r}: use KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
+    from meshscale.runtime.agent_main import StartError, parse_labels
+
+    try:
+        return parse_labels(labels)
+    except StartError as e:
+        raise CliError(str(e)) from None
 
 
 def _parse_addr(value: str, flag: str) -> str:
-    from meshscale.trust.framing import split_addr
+    from meshscale.runtime.agent_main import StartError, parse_addr
 
     try:
-        host, port = split_addr(value)
-    except ValueError as e:
-        raise CliError(f"{flag}: {e}") from None
-    return f"{host}:{port}"
-
-
-@node_app.command("start")
-def node_start_cmd(
-    bundle: BundleOption,
-    data_dir: Annotated[
-        Path, typer.Option("--data-dir", help="Node data directory (identity, certificate).")
-    ],
-    name: Annotated[
-        str | None, typer.Option("--name", help="Node name (default: the stored identity's).")
-    ] = None,
-    region: Annotated[str, typer.Option("--region", help="Region this node runs in.")] = "",
-    zone: Annotated[str, typer.Option("--zone", help="Zone (failure domain) in the region.")] = "",
-    label: Annotated[
-        list[str] | None, typer.Option("--label", help="KEY=VALUE label; repeat.")
-    ] = None,
-    bind: Annotated[
-        str, typer.Option("--bind", help="HOST:PORT for UDP gossip and TCP (TLS) streams.")
-    ] = "127.0.0.1:7946",
-    advertise: Annotated[
-        str | None,
-        typer.Option("--advertise", help="HOST:PORT other nodes reach us at (default: --bind)."),
-    ] = None,
-    join: Annotated[
-        list[str] | None, typer.Option("--join", help="HOST:PORT of a member to join; repeat.")
-    ] = None,
-    latency: Annotated[list[str] | None, typer.Option("--latency", help=LATENCY_HELP)] = None,
-    http: Annotated[
-        str | None,
-        typer.Option("--http", help="HOST:PORT for the HTTP API, /metrics and the dashboard."),
-    ] = None,
-    metrics_public: Annotated[
-        bool, typer.Option("--metrics-public", help="Serve /metrics without the token.")
-    ] = False,
-    stream_max_backlog: Annotated[
-        int, typer.Option("--stream-max-backlog", help="Records a stream shard holds for "
-                          "its slowest operator before producers wait (backpressure).")
-    ] = 2000,
-) -> None:
-    """Run a node in the foreground (JSON log lines on stderr); SIGTERM/SIGINT leave gracefully."""
-    from meshscale.core.membership import NodeMeta
-    from meshscale.runtime.identity import IdentityError, node_certificate, start_identity
-    from meshscale.runtime.latency import parse_latency
-    from meshscale.runtime.node import AgentConfig, NodeAgent, run_forever
-    from meshscale.trust.tls import TLSConfigError
-
-    bind = _parse_addr(bind, "--bind")
-    if not 1 <= stream_max_backlog <= 1_000_000:
-        raise CliError(f"--stream-max-backlog must be in 1..1000000, not {stream_max_backlog}")
-    if http is not None:
-        http = _parse_addr(http, "--http")
-    if metrics_public and http is None:
-        raise CliError("--metrics-public needs --http HOST:PORT")
-    host = bind.rpartition(":")[0]
-    if advertise is not None:
-        advertise = _parse_addr(advertise, "--advertise")
-    elif host in ("0.0.0.0", "::"):
-        raise CliError("--bind on a wildcard address needs --advertise HOST:PORT")
-    seeds = [_parse_addr(j, "--join") for j in join or []]
-    try:
-        emulated = parse_latency(latency)
-    except ValueError as e:
-        raise CliError(f"--latency: {e}") from None
-    meta = NodeMeta(region=region, zone=zone, labels=_parse_labels(label))
-    loaded = load_bundle(bundle)
-    try:
-        identity = start_identity(data_dir, name)
-        adv_host = (advertise or bind).rpartition(":")[0].strip("[]")
-        hosts = list(dict.fromkeys([adv_host, "127.0.0.1", "localhost"]))
-        cert_pem, key_pem = node_certificate(loaded, data_dir, identity.name, hosts)
-        agent = NodeAgent(
-            identity=identity,
-            data_dir=data_dir,
-            bundle=loaded,
-            cert_pem=cert_pem,
-            key_pem=key_pem,
-            bind=bind,
-            advertise=advertise,
-            meta=meta,
-            seeds=seeds,
-            emulated_latency=emulated,
-            agent_config=AgentConfig(http=http, metrics_public=metrics_public,
-                                     stream_max_backlog=stream_max_backlog),
-        )
-    except (IdentityError, TLSConfigError, ValueError) as e:
+        return parse_addr(value, flag)
+    except StartError as e:
         raise CliError(str(e)) from None
-    try:
-        run_forever(agent)
-    except OSError as e:
-        where = bind if http is None else f"{bind} (or --http {http})"
-        raise CliError(f"cannot listen on {where}: {e.strerror or e}", exit_code=1) from None
+
+
+@node_app.command(
+    "start",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                      "help_option_names": []},
+    add_help_option=False,
+)
+def node_start_cmd(ctx: typer.Context) -> None:
+    """Run a node in the foreground (JSON log lines on stderr); SIGTERM/SIGINT leave
+    gracefully. `meshscale node start --help` lists the flags."""
+    from meshscale.runtime.agent_main import run
+
+    code = run(ctx.args)
+    if code:
+        raise typer.Exit(code)
 
 
 def _client_creds(bundle: Path) -> Any:

@@ -110,12 +110,12 @@ def node_command(
     latency: str = "",
     extra: list[str] | None = None,
 ) -> list[str]:
+    # The agent's own entry point: the same flags as `meshscale node start`, without
+    # loading the CLI framework into every node process.
     cmd = [
         sys.executable,
         "-m",
-        "meshscale",
-        "node",
-        "start",
+        "meshscale.runtime.agent_main",
         "--name",
         node.name,
         "--region",
