@@ -378,21 +378,34 @@ def _fits(demand: Resources) -> Callable[[NodeState], bool]:
     return lambda n: demand.fits_in(n.capacity)
 
 
-def _filters(task: TaskSpec) -> list[tuple[str, str, Callable[[NodeState], bool]]]:
-    """(rule, what, predicate) in the order they are applied."""
-    out: list[tuple[str, str, Callable[[NodeState], bool]]] = []
-    if task.residency is not None:
-        out.append(("residency", f"the task's {task.residency.describe()}",
-                    _in_residency(task.residency)))
+_Filter = tuple[str, Callable[[], str], Callable[[NodeState], bool]]
+
+
+def _describe_input(inp: InputRef) -> Callable[[], str]:
+    res = inp.residency
+    assert res is not None
+    return lambda: f"input {inp.oid!r}: {res.describe()}"
+
+
+def _filters(task: TaskSpec) -> list[_Filter]:
+    """(rule, what, predicate) in the order they are applied. ``what`` describes the rule
+    lazily: a binding checks every rule for every ask, and only a refusal needs words."""
+    out: list[_Filter] = []
+    res = task.residency
+    if res is not None:
+        out.append(("residency", lambda: f"the task's {res.describe()}", _in_residency(res)))
     for inp in task.inputs:
         if inp.residency is not None:
-            out.append(("input-residency", f"input {inp.oid!r}: {inp.residency.describe()}",
+            out.append(("input-residency", _describe_input(inp),
                         _in_residency(inp.residency)))
-    if isinstance(task.placement, Central | InRegions):
-        out.append(("mode", _mode_describe(task.placement), _in_mode(task.placement)))
+    mode = task.placement
+    if isinstance(mode, Central | InRegions):
+        out.append(("mode", lambda: _mode_describe(mode), _in_mode(mode)))
     if task.labels:
-        out.append(("labels", f"labels {_labels(task.labels)}", _has_labels(dict(task.labels))))
-    out.append(("resources", f"resources {task.demand.describe()}", _fits(task.demand)))
+        labels = dict(task.labels)
+        out.append(("labels", lambda: f"labels {_labels(labels)}", _has_labels(labels)))
+    demand = task.demand
+    out.append(("resources", lambda: f"resources {demand.describe()}", _fits(demand)))
     return out
 
 
@@ -400,7 +413,7 @@ def exclusion(task: TaskSpec, node: NodeState) -> tuple[str, str] | None:
     """The first rule that forbids ``node`` for ``task`` as (rule, what), or ``None``."""
     for rule, what, pred in _filters(task):
         if not pred(node):
-            return rule, what
+            return rule, what()
     return None
 
 
@@ -430,7 +443,8 @@ def feasible(task: TaskSpec, nodes: Iterable[NodeState]) -> list[NodeState]:
                 detail = (f"the {len(remaining)} remaining node(s) are in regions "
                           f"{_regions(remaining)}")
             raise SchedulingError(
-                rule, f"cannot place task {task.task_id!r}: no node satisfies {what}; {detail}"
+                rule, f"cannot place task {task.task_id!r}: no node satisfies {what()}; "
+                      f"{detail}"
             )
         remaining = kept
     return remaining
@@ -641,6 +655,14 @@ class _Task:
     probed_at: float = 0.0
     local_until: float = float("-inf")
     bound_at: float = 0.0
+    demand: Resources | None = None
+    rules: list[_Filter] | None = None
+    """``_filters(spec)``, built once: every ask re-checks the rules (hot path)."""
+
+    def allowed_on(self, node: NodeState) -> bool:
+        if self.rules is None:
+            self.rules = _filters(self.spec)
+        return all(pred(node) for _, _, pred in self.rules)
 
 
 @dataclass(slots=True)
@@ -1016,10 +1038,12 @@ class Scheduler:
             t.node = None
 
     def _eligible(self, t: _Task, worker: str, free: Resources, now: float) -> bool:
-        if t.node is not None or not t.spec.demand.fits_in(free):
+        if t.demand is None:
+            t.demand = t.spec.demand
+        if t.node is not None or not t.demand.fits_in(free):
             return False
         state = self._view.get(worker)
-        if state is None or exclusion(t.spec, state) is not None:
+        if state is None or not t.allowed_on(state):
             return False
         return not (now < t.local_until and worker not in t.holders)
 
