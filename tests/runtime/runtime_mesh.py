@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -9,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,20 +22,40 @@ T = TypeVar("T")
 CONFIG = MembershipConfig()
 
 
-def wait_for(cond: Callable[[], T | None], timeout: float, what: str, poll: float = 0.1) -> T:
-    """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds."""
+def wait_for(cond: Callable[[], T | None], timeout: float, what: str, poll: float = 0.1,
+             retry: tuple[type[BaseException], ...] = (RpcError,)) -> T:
+    """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds.
+    Exceptions of the ``retry`` types count as "not yet". The one place tests poll."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
         try:
             last = cond()
-        except RpcError as e:
+        except retry as e:
             last = e
-        if last and not isinstance(last, Exception):
+        if last and not isinstance(last, BaseException):
             return last
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
         time.sleep(poll)
+
+
+async def wait_for_async(cond: Callable[[], Awaitable[T | None]], timeout: float, what: str,
+                         poll: float = 0.1,
+                         retry: tuple[type[BaseException], ...] = (RpcError,)) -> T:
+    """``wait_for`` for an async condition, on the caller's event loop."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = await cond()
+        except retry as e:
+            last = e
+        if last and not isinstance(last, BaseException):
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+        await asyncio.sleep(poll)
 
 
 def detection_bound(n: int, config: MembershipConfig = CONFIG) -> float:

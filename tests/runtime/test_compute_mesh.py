@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from runtime_mesh import wait_for
 
 from meshscale.cli import main as cli_main
 from meshscale.client.mesh import ObjectRef
@@ -59,15 +60,6 @@ def boom(x: int) -> int:
     if x > 0:
         raise ZeroDivisionError(f"boom {x}")
     return x
-
-
-def wait_until(cond: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_1000_tasks_over_spread_objects_exactly_once(client: TaskMesh, mesh: LocalMesh) -> None:
@@ -179,9 +171,9 @@ def test_sigkill_worker_node_mid_run(client: TaskMesh, mesh: LocalMesh) -> None:
     futs = [client.submit(nap, k, 0.5) for k in range(60)]
     # wait until the victim has started some of them, then kill it
     ids = {f.task_id for f in futs}
-    wait_until(lambda: any(r["task_id"] in ids and r["state"] == "running"
-                           and r["node"] == victim.name for r in client.tasks(200)), 30,
-               "a task running on the victim")
+    wait_for(lambda: any(r["task_id"] in ids and r["state"] == "running"
+                         and r["node"] == victim.name for r in client.tasks(200)), 30,
+             "a task running on the victim")
     assert victim.proc is not None
     os.kill(victim.proc.pid, signal.SIGKILL)
     victim.proc.wait()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from runtime_mesh import detection_bound
+from runtime_mesh import detection_bound, wait_for
 
 from meshscale.client.tasks import TaskMesh, connect
 from meshscale.runtime.launcher import LocalMesh
@@ -40,18 +40,8 @@ T = TypeVar("T")
 
 
 def wait_until(cond: Callable[[], T], timeout: float, what: str, poll: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = cond()
-        except Exception as e:  # a stale element mid-render: try again
-            last = e
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
-        time.sleep(poll)
+    # A stale element mid-render raises: try again.
+    return wait_for(cond, timeout, what, poll=poll, retry=(Exception,))
 
 
 def square(x: int) -> int:

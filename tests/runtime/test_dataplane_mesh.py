@@ -8,11 +8,11 @@ import hashlib
 import os
 import random
 import signal
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from runtime_mesh import wait_for_async
 
 from meshscale.client.rpc import RpcConnection, RpcError
 from meshscale.runtime.launcher import LocalMesh
@@ -56,16 +56,14 @@ async def read_all(c: RpcConnection, oid: str) -> bytes:
 
 
 async def wait_all_healthy(c: RpcConnection, oids: set[str], deadline_s: float) -> list[dict[str, Any]]:
-    end = time.monotonic() + deadline_s
-    listing: list[dict[str, Any]] = []
-    while time.monotonic() < end:
-        listing = (await c.call("obj.list", {"after": "", "limit": 10_000}))["objects"]
+    async def healthy() -> list[dict[str, Any]] | None:
+        listing: list[dict[str, Any]] = (
+            await c.call("obj.list", {"after": "", "limit": 10_000}))["objects"]
         by_id = {o["id"]: o for o in listing}
-        if all(o in by_id and by_id[o]["health"] == "ok" for o in oids):
-            return listing
-        await asyncio.sleep(0.5)
-    bad = [o for o in listing if o["id"] in oids and o["health"] != "ok"]
-    raise AssertionError(f"{len(bad)} objects not back to full replication: {bad[:3]}")
+        return listing if all(o in by_id and by_id[o]["health"] == "ok" for o in oids) else None
+
+    return await wait_for_async(healthy, deadline_s, "every object back to full replication",
+                                poll=0.5)
 
 
 def test_put_200_objects_kill_one_node_read_back_restore_rf_restart(mesh: LocalMesh) -> None:
@@ -121,19 +119,22 @@ def test_put_200_objects_kill_one_node_read_back_restore_rf_restart(mesh: LocalM
 
     async def phase3() -> None:
         c = RpcConnection(victim.address, creds, 60)
-        end = time.monotonic() + 60
-        served = 0
-        while time.monotonic() < end:
+        async def serves_old_objects() -> int:
+            served = 0
             try:
                 for name in sorted(victim_objects)[:20]:
-                    r = await c.call("obj.read_local", {"id": name, "offset": 0, "length": 1 << 20})
+                    r = await c.call("obj.read_local",
+                                     {"id": name, "offset": 0, "length": 1 << 20})
                     assert r["size"] == len(blobs[name])
                     assert r["data"] == blobs[name][: 1 << 20]
                     served += 1
-                break
             except RpcError:
-                await c.close()
-                await asyncio.sleep(0.5)
+                await c.close()  # not up yet: a fresh connection next time
+                raise
+            return served
+
+        served = await wait_for_async(serves_old_objects, 60, "the restarted node serving",
+                                      poll=0.5)
         assert served >= min(20, len(victim_objects))
         await c.close()
 
@@ -250,17 +251,16 @@ def test_ttl_objects_are_collected_everywhere_pinned_ones_stay(mesh: LocalMesh) 
         kept = await c.call("obj.put_small", {"data": os.urandom(5000), "replicas": 3, "w": 3})
         st = await c.call("obj.stat", {"id": short["id"]})
         assert len(st["holders"]) >= 3  # replicated, with the same expiry on every copy
-        end = time.monotonic() + 30
-        gone = False
-        while time.monotonic() < end:
+        async def collected() -> bool:
             try:
                 await c.call("obj.stat", {"id": short["id"]})
             except RpcError as e:
                 assert "unknown object id" in str(e)
-                gone = True
-                break
-            await asyncio.sleep(0.5)
-        assert gone, "a TTL'd object must be collected from every holder"
+                return True
+            return False
+
+        # a TTL'd object must be collected from every holder
+        await wait_for_async(collected, 30, "the TTL'd object collected", poll=0.5, retry=())
         st = await c.call("obj.stat", {"id": kept["id"]})
         assert len(st["holders"]) >= 3
         with pytest.raises(RpcError, match="ttl_s"):
@@ -289,13 +289,10 @@ def test_cut_through_put_checks_the_declared_id(mesh: LocalMesh) -> None:
         c = RpcConnection(mesh.nodes[1].address, creds, 30)
         with pytest.raises(RpcError, match="hash"):
             await put(c, data, id=wrong)
-        end = time.monotonic() + 30
-        while True:  # the members' half-streamed copies are refused and dropped too
-            open_uploads = [(await stats(i))["uploads"] for i in range(len(mesh.nodes))]
-            if not any(open_uploads) or time.monotonic() > end:
-                break
-            await asyncio.sleep(0.2)
-        assert not any(open_uploads), open_uploads
+        async def no_uploads() -> bool:  # members' half-streamed copies are dropped too
+            return not any([(await stats(i))["uploads"] for i in range(len(mesh.nodes))])
+
+        await wait_for_async(no_uploads, 30, "no open upload on any node", poll=0.2)
         for node in mesh.nodes:
             cn = RpcConnection(node.address, creds, 30)
             for oid in (wrong, oid_of(data)):
@@ -359,10 +356,7 @@ def test_put_coordinated_outside_the_replica_set_keeps_no_copy(tmp_path: Any) ->
             return sorted(names)
 
         async def until(cond: Any, what: str, deadline_s: float = 30) -> None:
-            end = time.monotonic() + deadline_s
-            while not await cond():
-                assert time.monotonic() < end, what
-                await asyncio.sleep(0.1)
+            await wait_for_async(cond, deadline_s, what, retry=())
 
         async def go() -> None:
             data = os.urandom(6 << 20)

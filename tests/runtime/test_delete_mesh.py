@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from runtime_mesh import wait_for_async
 
 from meshscale.client.mesh import ObjectNotFoundError, connect
 from meshscale.client.rpc import RpcConnection, RpcError
@@ -51,12 +51,7 @@ async def holders_now(mesh: LocalMesh, oid: str) -> set[str]:
 
 
 async def wait_until(cond: Any, deadline_s: float, what: str) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if await cond():
-            return
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"not within {deadline_s} s: {what}")
+    await wait_for_async(cond, deadline_s, what, poll=0.3)
 
 
 async def sync_rounds(node: NodeProcess, creds: Any) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runtime_mesh import wait_for
 
 from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import RpcError, call
@@ -113,11 +114,12 @@ def test_fast_producer_is_slowed_not_dropped(client: TaskMesh, mesh: LocalMesh) 
 
     th = threading.Thread(target=produce)
     th.start()
-    while not done.is_set():
+    while True:  # sample the backlog every 50 ms until the producer is done
         for sh in stats(mesh, 0)["shards"]:
             if sh["topic"] == "slow" and sh["role"] == "primary":
                 backlogs.append(sh["backlog"])
-        time.sleep(0.05)
+        if done.wait(0.05):
+            break
     th.join()
     counters = stats(mesh, 0)["counters"]
     assert counters.get("publish_waits", 0) > 0, "the node never held the producer back"
@@ -182,10 +184,9 @@ def test_removed_operator_stops_everywhere(client: TaskMesh, mesh: LocalMesh) ->
     collect(client.subscribe("rm-out"), lambda g: len(g) >= 20, 60)
     assert any(r.startswith("rm-op@") for i in range(4) for r in stats(mesh, i)["runners"])
     client.remove_operator("rm-op")
-    end = time.monotonic() + 30
-    while any(r.startswith("rm-op@") for i in range(4) for r in stats(mesh, i)["runners"]):
-        assert time.monotonic() < end, "a runner of the removed operator is still running"
-        time.sleep(0.2)
+    wait_for(lambda: not any(r.startswith("rm-op@") for i in range(4)
+                             for r in stats(mesh, i)["runners"]),
+             30, "every runner of the removed operator to stop", poll=0.2)
     # Its shards no longer hold records for it: more records are accepted, not processed.
     for i in range(20, 40):
         s.publish("k", {"i": i})
@@ -210,7 +211,6 @@ def test_entry_node_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
                 assert entry.proc is not None
                 entry.proc.kill()
             s.publish(f"k{i % 3}", {"i": i}, id=f"r{i}")
-            time.sleep(0.005)
         s.flush(60)
         assert s.failovers >= 1 and s.nodes_used[0] == "node-2" and len(s.nodes_used) >= 2
         got = collect(watcher.subscribe("fo-out"), lambda g: len(g) >= n, 90)
@@ -225,14 +225,8 @@ def test_entry_node_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
 
         cmd = node_command(entry, m.bundle_path, [m.nodes[0].address], "", [])
         entry.proc = spawn_node(cmd, entry.data_dir.parent / "node-2-restart.log")
-        end = time.monotonic() + 60
-        while True:
-            try:
-                again = connect(entry.address, bundle=m.bundle_path)
-                break
-            except MeshError:
-                assert time.monotonic() < end, "the restarted node never answered"
-                time.sleep(0.2)
+        again = wait_for(lambda: connect(entry.address, bundle=m.bundle_path), 60,
+                         "the restarted node to answer", poll=0.2, retry=(MeshError,))
         s2 = again.stream("fo")
         for i in range(n, n + 50):
             s2.publish("k0", {"i": i}, id=f"r{i}")

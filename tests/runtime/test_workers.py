@@ -20,6 +20,7 @@ from typing import Any
 
 import cloudpickle  # type: ignore[import-untyped]
 import pytest
+from runtime_mesh import wait_for_async
 
 from meshscale.runtime.workers import (
     FunctionNotCached,
@@ -110,11 +111,11 @@ def drive(
 
 async def until(cond: Callable[[], bool], what: str, deadline_s: float = 10.0) -> None:
     """Wait for ``cond`` with a deadline (polling; the pool has no event for everything)."""
-    end = time.monotonic() + deadline_s
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+
+    async def check() -> bool:
+        return cond()
+
+    await wait_for_async(check, deadline_s, what, poll=0.005)
 
 
 def alive(pid: int) -> bool:
