@@ -33,10 +33,15 @@ from meshscale.core.streams import (
     ShardLogConfig,
     backup_for,
     candidates_to_states,
+    central_region,
     check_source_allowed,
     distance_class,
     place_operator,
+    shard_holder,
     shard_key,
+    shard_runner,
+    source_id,
+    split_source,
 )
 
 # --------------------------------------------------------------------------- helpers
@@ -686,3 +691,35 @@ def test_check_source_allowed() -> None:
     assert ei.value.rule == "residency"
     assert "'orders'" in str(ei.value) and "'us'" in str(ei.value)
     assert "eu" in str(ei.value) and "pii" in str(ei.value)
+
+
+# --------------------------------------------------------------------------- shard epochs
+
+
+def test_source_ids_round_trip() -> None:
+    assert split_source(source_id("node-3", "7")) == ("node-3", "7")
+    assert split_source(source_id("a~b", "2")) == ("a~b", "2")  # the last ~ separates
+    assert split_source("bare") == ("bare", "0")
+
+
+def test_a_live_epoch_holds_its_shard_a_gone_one_is_held_by_its_backup() -> None:
+    assert shard_holder("t", E1, True, MESH, None) == "e1"
+    # The node may be alive again (restarted): its old epoch's shard is still the backup's.
+    assert shard_holder("t", E1, False, MESH, None) == backup_for("t", E1, MESH, None) == "e2"
+    assert shard_holder("t", A1, False, without(A1), Residency(frozenset({"ap"}))) is None
+
+
+def test_a_gone_epochs_shard_runs_on_its_backup_even_if_its_node_is_back() -> None:
+    assert shard_runner(OP, "t", E1, True, states(MESH)) == "e1"
+    assert shard_runner(OP, "t", E1, False, states(MESH)) == backup_for("t", E1, MESH, None)
+    central = OperatorPlacement("c", Central("us"))
+    assert shard_runner(central, "t", E1, False, states(MESH)) == \
+        shard_runner(central, "t", E1, True, states(MESH))  # central ignores the source
+
+
+def test_central_region_is_the_one_with_most_live_nodes() -> None:
+    assert central_region(MESH) == "eu"  # 3 eu, 3 us: ties by name
+    assert central_region(without(E1)) == "us"
+    with pytest.raises(PlacementError) as e:
+        central_region([])
+    assert e.value.rule == "nodes"

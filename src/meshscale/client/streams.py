@@ -39,6 +39,7 @@ import msgspec
 
 from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import RemoteError, RpcConnection, RpcError
+from meshscale.core.streams import split_source
 
 if TYPE_CHECKING:
     from meshscale.client.mesh import Mesh
@@ -62,7 +63,7 @@ class Record(msgspec.Struct, frozen=True):
     @property
     def node(self) -> str:
         """The node the record entered the mesh at (``source`` without its epoch)."""
-        return self.source.rpartition("~")[0] or self.source
+        return split_source(self.source)[0]
 
 
 class Region(msgspec.Struct, frozen=True):

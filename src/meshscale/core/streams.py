@@ -156,6 +156,46 @@ def backup_for(
     return None if best is None else best[2]
 
 
+def source_id(node: str, epoch: str) -> str:
+    """The name of a node's shards for one run of it: ``node~epoch``."""
+    return f"{node}~{epoch}"
+
+
+def split_source(sid: str) -> tuple[str, str]:
+    """``node~epoch`` -> (node, epoch); a bare name has epoch ``"0"``."""
+    name, sep, epoch = sid.rpartition("~")
+    return (name, epoch) if sep else (sid, "0")
+
+
+def shard_holder(topic: str, source: Candidate, source_live: bool,
+                 alive: Iterable[Candidate], residency: Residency | None) -> str | None:
+    """Who serves shard ``(topic, source)``: the source while the epoch that wrote it
+    lives, else its backup (``None`` when there is none)."""
+    if source_live:
+        return source.name
+    return backup_for(topic, source, alive, residency)
+
+
+def shard_runner(op: OperatorPlacement, topic: str, source: Candidate, source_live: bool,
+                 alive: Sequence[NodeState]) -> str:
+    """The node that runs ``op`` on shard ``(topic, source)``. When the epoch that wrote the
+    shard is gone (its node dead, or restarted without that in-memory log) the node is no
+    candidate for it, so near-source placement lands on the shard's backup."""
+    view = alive if source_live else [n for n in alive if n.name != source.name]
+    return place_operator(op, topic, source, view)
+
+
+def central_region(alive: Iterable[Candidate]) -> str:
+    """Where ``central`` goes when no region is named: the region with the most live
+    nodes (ties: by name). Raises ``PlacementError`` when nothing is alive."""
+    counts: dict[str, int] = {}
+    for c in alive:
+        counts[c.region] = counts.get(c.region, 0) + 1
+    if not counts:
+        raise PlacementError("nodes", "no live node: no region to run centrally in")
+    return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+
 def candidates_to_states(alive: Iterable[Candidate], cpus: float = 1.0) -> list[NodeState]:
     """A view for ``place_operator`` when the caller has only membership entries."""
     return [NodeState(member=c, capacity=Resources(cpus, 0, 0)) for c in alive]
@@ -333,4 +373,5 @@ def check_source_allowed(topic: str, region: str, residency: Residency | None) -
         )
 
 
-__all__ += ["SchedulingError", "candidates_to_states", "check_source_allowed"]
+__all__ += ["SchedulingError", "candidates_to_states", "central_region", "check_source_allowed",
+            "shard_holder", "shard_runner", "source_id", "split_source"]

@@ -53,8 +53,13 @@ from meshscale.core.streams import (
     ShardLog,
     ShardLogConfig,
     backup_for,
+    central_region,
     check_source_allowed,
     place_operator,
+    shard_holder,
+    shard_runner,
+    source_id,
+    split_source,
 )
 from meshscale.runtime.workers import TaskFailed, pickle_args
 
@@ -66,16 +71,6 @@ OFFSET_PREFIX = "streamoff/"
 OPS_INDEX_KEY = "streamops"
 EPOCH_TAG = "epoch"
 """Membership tag: the incarnation the node started with (new at every start)."""
-
-
-def source_id(node: str, epoch: str) -> str:
-    return f"{node}~{epoch}"
-
-
-def split_source(sid: str) -> tuple[str, str]:
-    """``node~epoch`` -> (node, epoch)."""
-    name, sep, epoch = sid.rpartition("~")
-    return (name, epoch) if sep else (sid, "0")
 
 
 @dataclass(frozen=True)
@@ -274,15 +269,11 @@ class StreamPlane:
         return list(self._seen_sources)
 
     def _holder(self, topic: str, sid: str, alive: list[Candidate]) -> str | None:
-        """Who serves shard (topic, sid): its source while that epoch lives, else its
-        backup."""
-        name, _ = split_source(sid)
-        if self._source_live(sid):
-            return name
-        src = self._known.get(name)
+        src = self._source_candidate(sid)
         if src is None:
             return None
-        return backup_for(topic, src, alive, self.topic_residency.get(topic))
+        return shard_holder(topic, src, self._source_live(sid), alive,
+                            self.topic_residency.get(topic))
 
     def _region_of(self, name: str) -> str | None:
         m = self.agent.m.members.get(name)
@@ -540,7 +531,7 @@ class StreamPlane:
             raise ValueError(f"placement must be near-source, central or regions, not "
                              f"{spec.mode!r}")
         if spec.mode == "central" and not spec.region:
-            spec.region = self._central_region()
+            spec.region = central_region(self._alive())
         # Refuse now, naming the rule, if no live node may run it (a source is needed only
         # to rank; feasibility does not depend on it).
         alive = self._alive()
@@ -567,12 +558,6 @@ class StreamPlane:
         await asyncio.gather(*(notify(c.name) for c in alive if c.name != self.agent.name))
         self._reconcile()
         return {"name": name, "fn_id": fn_id, "mode": spec.mode, "region": spec.region}
-
-    def _central_region(self) -> str:
-        """The region with the most live nodes (ties: by name): where 'central' goes when
-        no region is named."""
-        counts = Counter(c.region for c in self._alive())
-        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
 
     def _install(self, spec: OperatorSpec) -> None:
         if spec.name not in self.ops:
@@ -694,11 +679,8 @@ class StreamPlane:
                 # shard) or this node holds a copy of a gone source's shard.
                 if spec.mode == "near-source" and not live and (spec.topic, sid) not in self.logs:
                     continue
-                # A gone epoch's node (dead, or restarted without that shard) is not a
-                # candidate for its old shard: placement then picks its backup.
-                view = states if live else [st for st in states if st.name != src.name]
                 try:
-                    node = place_operator(placement, spec.topic, src, view)
+                    node = shard_runner(placement, spec.topic, src, live, states)
                 except (SchedulingError, PlacementError):
                     continue
                 if node == self.agent.name:
