@@ -178,15 +178,21 @@ class HttpServer:
             return "wrong token"
         return None
 
-    def _authed(self, handler: Handler) -> Handler:
-        async def wrapped(request: web.Request) -> web.StreamResponse:
+    def _deny(self, request: web.Request, *, auth: bool) -> web.Response | None:
+        """401 for a missing or wrong token (when ``auth``), 503 while starting; else None."""
+        if auth:
             why = self._authorized(request)
             if why is not None:
                 self.agent.stats.rejected["http_unauthorized"] += 1
                 return _error(401, why)
-            if self.agent.membership is None:
-                return _error(503, "node is starting")
-            return await handler(request)
+        if self.agent.membership is None:
+            return _error(503, "node is starting")
+        return None
+
+    def _authed(self, handler: Handler) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            denied = self._deny(request, auth=True)
+            return denied if denied is not None else await handler(request)
 
         return wrapped
 
@@ -216,13 +222,9 @@ class HttpServer:
     # ------------------------------------------------------------------ metrics, openapi
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        if not self.agent.cfg.metrics_public:
-            why = self._authorized(request)
-            if why is not None:
-                self.agent.stats.rejected["http_unauthorized"] += 1
-                return _error(401, why)
-        if self.agent.membership is None:
-            return _error(503, "node is starting")
+        denied = self._deny(request, auth=not self.agent.cfg.metrics_public)
+        if denied is not None:
+            return denied
         self.observer._hook_compute()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
