@@ -586,7 +586,7 @@ def put_cmd(
 @app.command("get")
 def get_cmd(
     bundle: BundleOption,
-    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b2b-...).")],
+    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...).")],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="File to write (replaced atomically).")
     ],
@@ -597,7 +597,7 @@ def get_cmd(
     from meshscale.client.mesh import OBJECT_ID_RE
 
     if OBJECT_ID_RE.fullmatch(object_id) is None:
-        raise CliError(f"not an object id: {object_id!r} (expected b2b- and 64 hex digits)")
+        raise CliError(f"not an object id: {object_id!r} (expected b3- and 64 hex digits)")
     if output.is_dir():
         raise CliError(f"-o {output}: is a directory")
     with _data_plane(node, bundle, timeout) as mesh, _ProgressBar(f"get {output.name}") as bar:
@@ -607,7 +607,7 @@ def get_cmd(
 @app.command("delete")
 def delete_cmd(
     bundle: BundleOption,
-    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b2b-...).")],
+    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...).")],
     node: NodeOption = "127.0.0.1:7946",
     timeout: TimeoutOption = 30.0,
 ) -> None:
@@ -615,7 +615,7 @@ def delete_cmd(
     from meshscale.client.mesh import OBJECT_ID_RE
 
     if OBJECT_ID_RE.fullmatch(object_id) is None:
-        raise CliError(f"not an object id: {object_id!r} (expected b2b- and 64 hex digits)")
+        raise CliError(f"not an object id: {object_id!r} (expected b3- and 64 hex digits)")
     with _data_plane(node, bundle, timeout) as mesh:
         holders = mesh.delete(object_id)
     typer.echo(f"deleted {object_id} (held by {', '.join(holders) or 'no live node'})")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import io
 import itertools
 import json
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import msgspec
 import pytest
 
@@ -82,9 +82,9 @@ def leftovers(directory: Path, keep: set[str]) -> list[str]:
 # -- without a node ---------------------------------------------------------------------
 
 
-def test_object_id_is_blake2b_256() -> None:
+def test_object_id_is_blake3_256() -> None:
     data = b"meshscale"
-    assert object_id(data) == "b2b-" + hashlib.blake2b(data, digest_size=32).hexdigest()
+    assert object_id(data) == "b3-" + blake3.blake3(data).hexdigest()
     assert object_id(memoryview(data)) == object_id(bytearray(data))
 
 
@@ -95,7 +95,7 @@ def test_object_ref_is_picklable_encodable_and_checked() -> None:
     assert str(ref) == ref.id
     assert hash(ref) == hash(ObjectRef(ref.id, 1))
     with pytest.raises(ValueError, match="not an object id"):
-        ObjectRef("b2b-nothex", 1)
+        ObjectRef("b3-nothex", 1)
     with pytest.raises(ValueError, match="size"):
         ObjectRef(ref.id, -1)
 
@@ -186,7 +186,7 @@ class LyingNode:
         if req.method == "obj.put_chunk":
             return {"received": len(a["data"])}
         if req.method == "obj.put_end":
-            return {"id": "b2b-" + "0" * 64, "size": len(self.data), "nodes": ["liar"]}
+            return {"id": "b3-" + "0" * 64, "size": len(self.data), "nodes": ["liar"]}
         if req.method == "members":
             return []
         return {}
@@ -281,7 +281,7 @@ def test_bad_arguments_are_refused_before_any_request(
     with pytest.raises(FileNotFoundError):
         mesh.put(tmp_path / "missing")
     with pytest.raises(ValueError, match="not an object id"):
-        mesh.get("b2b-short")
+        mesh.get("b3-short")
     with pytest.raises(ValueError, match="consistency"):
         mesh.kv.get("k", "strong")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="key"):
@@ -356,11 +356,11 @@ def test_big_file_streams_both_ways(mesh: Mesh, tmp_path: Path) -> None:
     assert seen[0] == (0, size) and seen[-1] == (size, size)
     assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
     assert len(seen) > 3  # chunked, not one message
-    h = hashlib.blake2b(digest_size=32)
+    h = blake3.blake3()
     with open(src, "rb") as f:
         while chunk := f.read(MiB):
             h.update(chunk)
-    assert ref.id == "b2b-" + h.hexdigest()
+    assert ref.id == "b3-" + h.hexdigest()
 
     out = tmp_path / "out"
     out.mkdir()
@@ -573,9 +573,9 @@ def test_cli_delete(local_mesh: LocalMesh, tmp_path: Path) -> None:
     assert gone.returncode == 0, gone.stderr.decode()
     assert gone.stdout.decode().startswith(f"deleted {oid}")
     assert_one_line_error(node_cli(local_mesh, "get", oid, "-o", tmp_path / "x"))
-    line = assert_one_line_error(node_cli(local_mesh, "delete", "b2b-" + "2" * 64))
+    line = assert_one_line_error(node_cli(local_mesh, "delete", "b3-" + "2" * 64))
     assert "unknown object id" in line
-    assert_one_line_error(node_cli(local_mesh, "delete", "b2b-bogus"))
+    assert_one_line_error(node_cli(local_mesh, "delete", "b3-bogus"))
     assert_one_line_error(node_cli(local_mesh, "delete"))
 
 
@@ -594,7 +594,7 @@ def test_cli_errors_are_one_line(local_mesh: LocalMesh, tmp_path: Path) -> None:
         ("put", tmp_path),
         ("put", src, "--replicas", "many"),
         ("get", missing, "-o", tmp_path / "out"),
-        ("get", "b2b-bogus", "-o", tmp_path / "out"),
+        ("get", "b3-bogus", "-o", tmp_path / "out"),
         ("get", missing),
         ("get", missing, "-o", tmp_path / "no" / "such" / "dir"),
         ("kv", "get", "k", "--consistency", "strong"),

@@ -3,11 +3,11 @@ errors, and the calling convention the nodes rely on (``call(args_bytes, inputs)
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import threading
 from typing import Any
 
+import blake3
 import cloudpickle
 import pytest
 
@@ -32,15 +32,15 @@ def run_like_a_worker(fn_bytes: bytes, args_bytes: bytes, inputs: list[bytes]) -
     return fn(*args, **kwargs)
 
 
-def test_function_id_is_blake2b_of_the_pickled_bytes_and_cached() -> None:
+def test_function_id_is_blake3_of_the_pickled_bytes_and_cached() -> None:
     fid, data = t.pickle_function(add)
-    assert fid == hashlib.blake2b(data, digest_size=32).hexdigest()
+    assert fid == blake3.blake3(data).hexdigest()
     assert t.pickle_function(add) == (fid, data)  # pickled once per process
 
 
 def test_refs_are_inputs_and_replaced_by_bytes() -> None:
-    r1 = ObjectRef("b2b-" + "1" * 64, 3)
-    r2 = ObjectRef("b2b-" + "2" * 64, 5)
+    r1 = ObjectRef("b3-" + "1" * 64, 3)
+    r2 = ObjectRef("b3-" + "2" * 64, 5)
     nested = [r1]
     payload, inputs = t._pickle_call((r1, nested), {"extra": r2})
     assert inputs == [r1.id, r2.id]
@@ -50,7 +50,7 @@ def test_refs_are_inputs_and_replaced_by_bytes() -> None:
 
 
 def test_same_ref_twice_is_one_input() -> None:
-    r = ObjectRef("b2b-" + "3" * 64, 1)
+    r = ObjectRef("b3-" + "3" * 64, 1)
     payload, inputs = t._pickle_call((r, r), {})
     assert inputs == [r.id]
     _, fn_bytes = t.pickle_function(add)

@@ -37,7 +37,7 @@ def run(args: list[str], timeout: float = 120) -> str:
 def test_batch_residency(mesh: LocalMesh) -> None:
     out = run([str(EXAMPLES / "batch_residency.py"), str(mesh.mesh_json)])
     assert "mesh: 3 nodes, 2 in eu-west" in out
-    stored = re.findall(r"^stored b2b-\S+ \(\d+ bytes\) on (.+)$", out, re.M)
+    stored = re.findall(r"^stored b3-\S+ \(\d+ bytes\) on (.+)$", out, re.M)
     assert len(stored) == 6
     eu = {n.name for n in mesh.nodes if n.region == "eu-west"}
     for holders in stored:

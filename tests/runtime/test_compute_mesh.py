@@ -111,7 +111,7 @@ def test_refusals_at_submit(client: TaskMesh) -> None:
 
     with pytest.raises(TaskSubmitError, match="cannot pickle function"):
         client.submit(holds_lock)
-    missing = ObjectRef("b2b-" + "ab" * 32, 10)
+    missing = ObjectRef("b3-" + "ab" * 32, 10)
     with pytest.raises(TaskSubmitError, match=r"input object .* not found"):
         client.submit(digest, missing, 1)
     with pytest.raises(TaskSubmitError, match="resources"):

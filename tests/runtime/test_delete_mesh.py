@@ -147,9 +147,9 @@ def test_delete_errors_and_a_put_after_a_delete(mesh: LocalMesh) -> None:
     data = os.urandom(3000)
     with connect(mesh.nodes[2].address, bundle=mesh.bundle_path) as m:
         with pytest.raises(ObjectNotFoundError, match="unknown object id"):
-            m.delete("b2b-" + "1" * 64)
+            m.delete("b3-" + "1" * 64)
         with pytest.raises(ValueError, match="not an object id"):
-            m.delete("b2b-nope")
+            m.delete("b3-nope")
         ref = m.put(data, replicas=3, w=3)
         m.delete(ref)
 

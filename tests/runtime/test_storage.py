@@ -59,9 +59,10 @@ def store(tmp_path: Path) -> Iterator[LocalStore]:
 # -- objects ------------------------------------------------------------------------------
 
 
-def test_object_id_is_prefixed_blake2b_256() -> None:
+def test_object_id_is_prefixed_blake3_256() -> None:
     oid = object_id_of(b"hello")
-    assert oid.startswith("b2b-") and len(oid) == 4 + 64
+    # BLAKE3's published test value for b"hello" (an independent check of the rule)
+    assert oid == "b3-ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f"
     assert oid == object_id_of(b"hello") != object_id_of(b"hellp")
 
 
@@ -115,7 +116,7 @@ def test_multi_chunk_streaming_write_and_read(tmp_path: Path) -> None:
     assert store.verify(expected)
     path = store.object_path(expected)
     assert path.parent.parent.parent == store.objects_dir
-    assert path.parent.name == expected[6:8] and path.parent.parent.name == expected[4:6]
+    assert path.parent.name == expected[5:7] and path.parent.parent.name == expected[3:5]
     store.close()
 
 
@@ -456,15 +457,15 @@ def test_concurrent_threads(store: LocalStore) -> None:
     "bad",
     [
         "",
-        "b2b-",
+        "b3-",
         "../../etc/passwd",
-        "b2b-" + "0" * 63,
-        "b2b-" + "0" * 65,
-        "b2b-" + "A" * 64,
-        "b2b-" + "0" * 62 + "/x",
-        "b2b-../" + "0" * 61,
+        "b3-" + "0" * 63,
+        "b3-" + "0" * 65,
+        "b3-" + "A" * 64,
+        "b3-" + "0" * 62 + "/x",
+        "b3-../" + "0" * 61,
         "sha-" + "0" * 64,
-        "b2b-" + "0" * 64 + "\n",
+        "b3-" + "0" * 64 + "\n",
     ],
 )
 def test_bad_ids_are_rejected(store: LocalStore, bad: str) -> None:

@@ -8,7 +8,7 @@ it, so both share one implementation.
 
 Everything goes over the wire to one node (``client/rpc.py``: mutual TLS with a short-lived
 certificate from the cluster bundle, plus the admin token); that node fans out to the
-rest. The client never trusts the node with integrity: an object's id is the BLAKE2b-256
+rest. The client never trusts the node with integrity: an object's id is the BLAKE3-256
 of its bytes, computed here while uploading (and compared with the id the node returns)
 and again while downloading (a mismatch raises ``IntegrityError``; a download to a path
 then leaves nothing behind).
@@ -112,7 +112,9 @@ def _new_hash() -> Any:
 
 def _check_id(value: object) -> str:
     if not isinstance(value, str) or OBJECT_ID_RE.fullmatch(value) is None:
-        raise ValueError(f"not an object id: {value!r:.100} (expected b2b- and 64 hex digits)")
+        raise ValueError(
+            f"not an object id: {value!r:.100} (expected {OBJECT_ID_PREFIX} and 64 hex digits)"
+        )
     return value
 
 

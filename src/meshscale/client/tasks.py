@@ -19,7 +19,7 @@ How a call travels (the node side is ``runtime/compute.py``):
 
 - The function is pickled once per process with cloudpickle, *by value* for code that is
   not an installed package (the nodes cannot import your script or test module), and its
-  id is the BLAKE2b-256 of those bytes. A submit names the function by id only; the node
+  id is the BLAKE3-256 of those bytes. A submit names the function by id only; the node
   answers ``need function <id>`` the first time, and the bytes go once.
 - ``ObjectRef`` arguments are passed by reference: an ``ObjectRef`` given directly as a
   positional or keyword argument is listed as a task input, so the scheduler places the
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import sys
 import sysconfig
 import threading
@@ -66,6 +65,7 @@ from meshscale.client.mesh import (
 )
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.client.streams import StreamsMixin
+from meshscale.core.objects import digest_hex
 
 __all__ = [
     "AsyncTaskMesh",
@@ -135,8 +135,8 @@ class TaskCancelledError(TaskError):
 
 
 def function_id(pickled: bytes) -> str:
-    """Content id of a pickled function: BLAKE2b-256, hex (as the nodes compute it)."""
-    return hashlib.blake2b(pickled, digest_size=32).hexdigest()
+    """Content id of a pickled function, as the nodes compute it (``core.objects.digest_hex``)."""
+    return digest_hex(pickled)
 
 
 _INSTALLED = tuple(

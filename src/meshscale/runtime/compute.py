@@ -21,7 +21,7 @@ the way ``dataplane.py`` drives ``core.replication``:
 - task records (Ray's ownership): the node a task is submitted to owns its record, kept
   in memory (bounded; old finished records are evicted) and written to the replicated
   KV (``task/<id>``, msgpack ``TaskRecord``) at submit and when it ends. The pickled
-  function is stored as an object (its id is ``b2b-`` + the function id) and the
+  function is stored as an object (its id is ``b3-`` + the function id) and the
   arguments ride in the record, so when the owner dies any node asked for the task's
   result re-submits it from the KV record and becomes its owner. Task ids are
   idempotency keys: the first result accepted wins, later ones are dropped.
@@ -56,7 +56,7 @@ from meshscale.core.membership import (
     MemberUpdated,
     State,
 )
-from meshscale.core.objects import object_id
+from meshscale.core.objects import OBJECT_ID_PREFIX, object_id
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, Residency
 from meshscale.core.scheduling import (
@@ -666,11 +666,11 @@ class ComputePlane:
             self._fns.popitem(last=False)
 
     async def _ensure_fn_stored(self, fn_id: str, data: bytes) -> None:
-        """The function as an object (``b2b-<fn_id>``), so another node can re-run it."""
+        """The function as an object (``b3-<fn_id>``), so another node can re-run it."""
         if fn_id in self._fns_stored or not self.cfg.persist:
             return
         ref = await self._put_object(data)
-        assert ref["id"] == "b2b-" + fn_id
+        assert ref["id"] == OBJECT_ID_PREFIX + fn_id
         self._fns_stored.add(fn_id)
 
     def _record_from_wire(self, t: dict[str, Any]) -> TaskRecord:
@@ -1055,7 +1055,7 @@ class ComputePlane:
             return
         if rec.fn_id not in self._fns:
             try:
-                data = await self._read_object("b2b-" + rec.fn_id)
+                data = await self._read_object(OBJECT_ID_PREFIX + rec.fn_id)
             except (ValueError, RpcError) as exc:
                 self._finish(e, "failed", error=f"owner {old_owner} died; its function "
                                                 f"object is unreadable: {exc}", kind="lost")
@@ -1198,7 +1198,7 @@ class ComputePlane:
         try:
             data = bytes((await self._call(owner, "task.fn", {"fn_id": fn_id}))["fn"])
         except (RpcError, ValueError, KeyError):
-            data = await self._read_object("b2b-" + fn_id)
+            data = await self._read_object(OBJECT_ID_PREFIX + fn_id)
         if function_id(data) != fn_id:
             raise ValueError(f"function bytes do not hash to {fn_id}")
         return data

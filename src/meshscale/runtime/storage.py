@@ -1,6 +1,6 @@
 """A node's durable local storage: immutable objects as files, index and KV in SQLite.
 
-    <data_dir>/objects/ab/cd/b2b-abcd...   one file per object, named by its BLAKE2b-256
+    <data_dir>/objects/ab/cd/b3-abcd...    one file per object, named by its BLAKE3-256
     <data_dir>/tmp/<random>.part           objects being written; removed on open
     <data_dir>/meta.sqlite3                object index, KV (WAL, synchronous=FULL)
     <data_dir>/storage.lock                flock: one LocalStore per data dir
@@ -28,7 +28,6 @@ import builtins
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Final
 
-from meshscale.core.objects import DIGEST_SIZE, OBJECT_ID_PREFIX, OBJECT_ID_RE, object_id
+from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
 
 __all__ = [
     "OBJECT_ID_PREFIX",
@@ -257,7 +256,7 @@ class ObjectWriter:
         until ``commit``."""
         self._tmp_path = tmp_path
         self._fd: int | None = fd
-        self._hash = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self._hash = new_hasher()
         self._declared = declared_size
         self._replicas = replicas
         self._data_class = data_class
@@ -291,7 +290,7 @@ class ObjectWriter:
     def _rehash(self) -> None:
         if not self._hash_deferred:
             return
-        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        h = new_hasher()
         with open(self._tmp_path, "rb", buffering=0) as f:
             buf = bytearray(1 << 20)
             view = memoryview(buf)
@@ -894,7 +893,7 @@ class LocalStore:
             raise ValueError(f"chunk_bytes must be >= 1, not {step}")
         meta = self._require(object_id)
         f = self.open_read(object_id)
-        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        h = new_hasher()
         n = 0
         with f:
             while True:

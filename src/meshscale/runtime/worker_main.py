@@ -32,12 +32,9 @@ from typing import Any
 
 import msgspec
 
-try:
-    # CPython's BLAKE2 builtin: hashlib would also load OpenSSL's libcrypto, ~3.5 MB of
-    # resident memory in every idle worker for a hash this module does not use.
-    from _blake2 import blake2b
-except ImportError:  # pragma: no cover - another interpreter
-    from hashlib import blake2b
+# (not hashlib: it would load OpenSSL's libcrypto, ~3.5 MB of resident memory in every
+# idle worker; core.objects needs only the small blake3 extension)
+from meshscale.core.objects import digest_hex
 
 FRAME_HEADER = struct.Struct(">II")
 MAX_ENVELOPE = 64 * 1024
@@ -54,8 +51,9 @@ KIND_MISSING = "missing_function"
 
 
 def function_id(pickled: bytes | memoryview) -> str:
-    """Content id of a pickled function: BLAKE2b-256, hex."""
-    return blake2b(pickled, digest_size=32).hexdigest()
+    """Content id of a pickled function: the hex digest its stored object is named by
+    (``core.objects.digest_hex``)."""
+    return digest_hex(pickled)
 
 
 # --- messages ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Like Ray's raylet worker pool and Dask's nanny-managed workers, a node keeps one process
 per CPU, started ahead of time, and ships each function to a worker at most once, keyed
-by the BLAKE2b of its cloudpickle (``function_id``). Departures from those systems:
+by the BLAKE3 of its cloudpickle (``function_id``). Departures from those systems:
 
 - Start method: ``"spawn"`` — each worker is a fresh interpreter started by fork+exec
   of ``sys.executable`` with ``close_fds``, so it inherits only its end of a
