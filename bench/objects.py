@@ -8,6 +8,9 @@
   fallback) are printed as get_proxied_mb_s;
 - tls_copy_mb_s: in the same run, a plain TLS 1.3 socket copy of the same bytes over
   127.0.0.1 with the same certificates and the same event loop (the ceiling);
+- tls_fanout_mb_s (extra): the same bytes over plain TLS the way an RF 3 put moves them
+  (this process -> a relay process -> two sink processes; no hash, no disk, no RPC): the
+  ceiling of any put through one node on this machine, set beside put_mb_s;
 - small_put_p50_ms / small_put_p99_ms: sequential 1 KB puts, W = 2;
 - rereplicate_s: a fourth node is added, objects are written until one node holds
   1 GB (100 MB with --quick); that node is SIGKILLed, and the clock runs until every
@@ -38,7 +41,6 @@ from typing import Any
 
 from meshscale.client.mesh import READ_AHEAD, AsyncMesh
 from meshscale.client.rpc import ClientCredentials, RpcConnection
-from meshscale.core.objects import object_id
 from meshscale.runtime.launcher import LocalMesh
 from meshscale.trust.bundle import issue_node_cert, load_bundle
 from meshscale.trust.tls import client_context, connect_tls, server_context
@@ -48,21 +50,17 @@ KEYS = ("put_mb_s", "get_mb_s", "tls_copy_mb_s", "small_put_p50_ms", "small_put_
 MB = 1_000_000
 
 
-async def put(c: RpcConnection, data: bytes, replicas: int = 3, w: int = 2) -> str:
-    if len(data) <= 256 * 1024:
-        small = await c.call("obj.put_small", {"data": data, "replicas": replicas, "w": w})
-        return str(small["id"])
-    # As the client does: the id goes first, so the node streams chunks on to the
-    # replica set as they arrive (hashing it here is part of the timed put).
-    oid = await asyncio.to_thread(object_id, data)
-    up = await c.call("obj.put_begin", {"size": len(data), "replicas": replicas, "w": w,
-                                        "id": oid})
-    cb = up["chunk_bytes"]
-    view = memoryview(data)
-    for i in range(0, len(data), cb):
-        await c.call("obj.put_chunk", {"upload": up["upload"], "data": bytes(view[i : i + cb])})
-    res = await c.call("obj.put_end", {"upload": up["upload"]})
-    return str(res["id"])
+async def put_small(c: RpcConnection, data: bytes, replicas: int = 3, w: int = 2) -> str:
+    """A small object in one call, as the client's ``put`` sends it."""
+    small = await c.call("obj.put_small", {"data": data, "replicas": replicas, "w": w})
+    return str(small["id"])
+
+
+async def put_client(client: AsyncMesh, data: bytes) -> str:
+    """The client's own put (``AsyncMesh.put``, RF 3, W 2): the id is hashed first and sent
+    ahead, so the node streams chunks on to the replica set as they arrive, and chunks go
+    ahead of their replies (hashing here is part of the timed put)."""
+    return (await client.put(data, replicas=3, w=2)).id
 
 
 async def get(c: RpcConnection, oid: str, creds: ClientCredentials, one_hop: bool = True,
@@ -155,6 +153,90 @@ async def _tls_server(handle: Any, ctx: ssl.SSLContext) -> asyncio.Server:
     return await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
 
 
+async def _fanout_role(role: str, bundle_dir: Path, total: int, to: list[str]) -> None:
+    """One process of ``tls_fanout``: a ``sink`` takes ``total`` bytes and acknowledges;
+    the ``relay`` sends every piece it receives on to each sink in ``to`` as it arrives
+    (what a put's coordinator does with its members), then acknowledges once they have."""
+    bundle = load_bundle(bundle_dir)
+    cert, key = issue_node_cert(bundle, f"bench-{role}")
+    sctx = server_context(bundle, cert, key)
+    cctx = client_context(bundle, cert, key)
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        outs = []
+        for addr in to:
+            host, port = addr.rsplit(":", 1)
+            outs.append(await asyncio.open_connection(host, int(port), ssl=cctx,
+                                                      server_hostname=None))
+        got = 0
+        while got < total:
+            chunk = await reader.read(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+            for _, w in outs:
+                w.write(chunk)
+            for _, w in outs:
+                await w.drain()
+        for r, _ in outs:
+            await r.readexactly(1)
+        writer.write(b"k")
+        await writer.drain()
+        writer.close()
+        done.set()
+
+    server = await _tls_server(handle, sctx)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await done.wait()
+    server.close()
+
+
+async def tls_fanout(bundle_dir: Path, payload: bytes, rounds: int) -> float:
+    """MB/s of the same bytes sent over TLS the way an RF 3 put moves them, with nothing
+    else: this process -> a relay process -> two sink processes (three TLS hops, four
+    processes on the same cores; no hashing, no disk, no RPC). No put through one node
+    over TLS can beat it on this machine; ``put_mb_s`` is set beside it."""
+    total = len(payload) * rounds
+    me = [sys.executable, str(Path(__file__).resolve()), "--bundle", str(bundle_dir),
+          "--total", str(total)]
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def spawn(role: str, to: list[str]) -> str:
+        args = [*me, "--role", role] + [a for t in to for a in ("--to", t)]
+        proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        return f"127.0.0.1:{int(line)}"
+
+    try:
+        sinks = [await spawn("sink", []) for _ in range(2)]
+        relay = await spawn("relay", sinks)
+        bundle = load_bundle(bundle_dir)
+        ccert, ckey = issue_node_cert(bundle, "bench-client")
+        cctx = client_context(bundle, ccert, ckey)
+        host, port = relay.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=cctx,
+                                                       server_hostname=None)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            for i in range(0, len(payload), 1 << 20):
+                writer.write(payload[i : i + (1 << 20)])
+                await writer.drain()
+        await reader.readexactly(1)
+        dt = time.perf_counter() - t0
+        writer.close()
+        for proc in procs:
+            await asyncio.wait_for(proc.wait(), 60)
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    return total / MB / dt
+
+
 EXTRA: dict[str, float] = {}
 """Printed and written to the JSON after the required keys."""
 
@@ -164,12 +246,14 @@ async def measure_bulk(mesh: LocalMesh, quick: bool, suffix: str = "",
     """(put MB/s, get MB/s one hop, get MB/s relayed, one of the blobs)."""
     creds = mesh.credentials()
     c0 = RpcConnection(mesh.nodes[0].address, creds, 120)
+    client = AsyncMesh(mesh.nodes[0].address, creds, 120)
     n_big = 2 if quick else 4
     size = 16 * MB if quick else 64 * MB
     blobs = [os.urandom(size) for _ in range(n_big)]
     t0 = time.perf_counter()
-    oids = [await put(c0, b) for b in blobs]
+    oids = [await put_client(client, b) for b in blobs]
     put_mb_s = n_big * size / MB / (time.perf_counter() - t0)
+    await client.close()
     # Read through a node that holds no copy of the object (RF 3 of 4 nodes).
     reader_for: dict[str, RpcConnection] = {}
     for oid in oids:
@@ -208,7 +292,7 @@ async def measure_small(mesh: LocalMesh, quick: bool) -> tuple[float, float]:
     for _ in range(100 if quick else 500):
         data = os.urandom(1000)
         t = time.perf_counter()
-        await put(c0, data, replicas=3, w=2)
+        await put_small(c0, data, replicas=3, w=2)
         lat.append((time.perf_counter() - t) * 1000)
     await c0.close()
     lat.sort()
@@ -220,6 +304,7 @@ async def measure(mesh: LocalMesh, quick: bool) -> dict[str, float]:
     res["put_mb_s"], res["get_mb_s"], EXTRA["get_proxied_mb_s"], blob = await measure_bulk(
         mesh, quick)
     res["tls_copy_mb_s"] = await tls_copy(mesh.bundle_path, blob, 2 if quick else 4)
+    EXTRA["tls_fanout_mb_s"] = await tls_fanout(mesh.bundle_path, blob, 2 if quick else 4)
     res["small_put_p50_ms"], res["small_put_p99_ms"] = await measure_small(mesh, quick)
     return res
 
@@ -246,14 +331,14 @@ async def rereplicate(mesh: LocalMesh, quick: bool) -> float:
     victim = mesh.nodes[-1]
     target = (100 if quick else 1000) * MB
     chunk = 32 * MB
-    c0 = RpcConnection(mesh.nodes[0].address, creds, 120)
+    c0 = AsyncMesh(mesh.nodes[0].address, creds, 120)
     cv = RpcConnection(victim.address, creds, 120)
     written = 0
     while True:
         st = await cv.call("dp.stats", {})
         if st["store"]["bytes"] >= target or written > 3 * target:
             break
-        await put(c0, os.urandom(chunk))
+        await put_client(c0, os.urandom(chunk))
         written += chunk
     await cv.close()
     assert victim.proc is not None
@@ -261,7 +346,7 @@ async def rereplicate(mesh: LocalMesh, quick: bool) -> float:
     victim.proc.wait()
     t0 = time.perf_counter()
     while True:
-        listing = (await c0.call("obj.list", {"after": "", "limit": 10_000}))["objects"]
+        listing = (await c0._call("obj.list", {"after": "", "limit": 10_000}))["objects"]
         if listing and all(o["health"] == "ok" for o in listing):
             break
         if time.perf_counter() - t0 > 900:
@@ -276,7 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="object store benchmark (real processes)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--role", choices=["sink", "relay"], help=argparse.SUPPRESS)
+    ap.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--total", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--to", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.role is not None:  # one process of tls_fanout
+        asyncio.run(_fanout_role(args.role, args.bundle, args.total, args.to))
+        return 0
     res: dict[str, float] = {}
 
     def disk(mesh: LocalMesh) -> None:
@@ -302,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in KEYS:
         print(f"{k:<22}  {res[k]:>9.2f}  {notes[k]}")
     extra_notes = {
+        "tls_fanout_mb_s": "same bytes, plain TLS as an RF 3 put moves them: client -> relay "
+                           "-> 2 sinks (4 processes; no hash, no disk)",
         "get_proxied_mb_s": "same objects, same run, read through the node (two hops)",
         "get_client_mb_s": "same one-hop get by the client library (read-ahead + hash check)",
         "get_client_tmpfs_mb_s": "same client get, data dirs on tmpfs",
@@ -315,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio_put = res["put_mb_s"] / res["tls_copy_mb_s"]
     ratio_get = res["get_mb_s"] / res["tls_copy_mb_s"]
     print(f"put at {ratio_put:.0%} and get at {ratio_get:.0%} of the plain TLS copy")
+    if "tls_fanout_mb_s" in EXTRA:
+        print(f"the RF 3 TLS fan-out alone reaches {EXTRA['tls_fanout_mb_s'] / res['tls_copy_mb_s']:.0%}"
+              f" of the plain TLS copy; put is at {res['put_mb_s'] / EXTRA['tls_fanout_mb_s']:.0%}"
+              " of that fan-out")
     if "put_tmpfs_mb_s" in EXTRA:
         print(f"on tmpfs: put at {EXTRA['put_tmpfs_mb_s'] / res['tls_copy_mb_s']:.0%} and get "
               f"at {EXTRA['get_tmpfs_mb_s'] / res['tls_copy_mb_s']:.0%} of the plain TLS copy")

@@ -312,6 +312,25 @@ def test_delete(store: LocalStore) -> None:
     assert ei.value.reason == "not_found"
 
 
+def test_delete_many_removes_in_one_transaction_and_survives_reopen(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    keep = store.put_bytes(b"keep", now=NOW).object_id
+    gone = [store.put_bytes(bytes([i]) * (i + 1), now=NOW).object_id for i in range(5)]
+    never = object_id_of(b"never stored")
+    assert store.delete_many([*gone, never, gone[0]]) == gone  # unknown and repeated ids skipped
+    assert not any(store.has(o) for o in gone) and store.has(keep)
+    assert [p.name for p in object_files(store)] == [keep]
+    assert store.stats()["bytes"] == 4 and store.stats()["objects"] == 1
+    assert store.delete_many([]) == []
+    with pytest.raises(StorageError):
+        store.delete_many(["../etc/passwd"])
+    assert store.has(keep)
+    store.close()
+    store = open_store(tmp_path)
+    assert store.has(keep) and not any(store.has(o) for o in gone)
+    store.close()
+
+
 def test_reader_of_deleted_object_keeps_its_bytes(store: LocalStore) -> None:
     oid = store.put_bytes(b"still here", now=NOW).object_id
     with store.open_read(oid) as f:

@@ -9,8 +9,9 @@ it, so both share one implementation.
 Everything goes over the wire to one node (``client/rpc.py``: mutual TLS with a short-lived
 certificate from the cluster bundle, plus the admin token); that node fans out to the
 rest. The client never trusts the node with integrity: an object's id is the BLAKE3-256
-of its bytes, computed here while uploading (and compared with the id the node returns)
-and again while downloading (a mismatch raises ``IntegrityError``; a download to a path
+of its bytes, computed here before uploading (sent with the bytes, which the node must
+match, and compared with the id the node returns; a stream that cannot be read twice is
+hashed as it goes) and again while downloading (a mismatch raises ``IntegrityError``; a download to a path
 then leaves nothing behind).
 """
 
@@ -68,6 +69,8 @@ MAX_HOLDER_CONNECTIONS: Final = 8
 READ_AHEAD: Final = 2
 """Default ``obj.read`` calls kept in flight by one get (see ``AsyncMesh.read_ahead``)."""
 MAX_READ_AHEAD: Final = 8
+PUT_AHEAD: Final = 2
+"""``obj.put_chunk`` calls one put keeps in flight beyond the one being answered."""
 MAX_CHUNK_BYTES: Final = 32 * 1024 * 1024
 """Largest chunk size we accept from a node (it must fit in one RPC frame)."""
 LIST_PAGE: Final = 500
@@ -538,10 +541,34 @@ class AsyncMesh:
             if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
                 raise MeshError(f"{self.address}: unusable chunk size {chunk_bytes}")
             self._read_bytes = chunk_bytes  # reads may ask for as much (spec: <= chunk_bytes)
-            h = _new_hash()
-            sent = 0
-            if progress is not None:
-                progress(0, total)
+            # With the id sent ahead, the node checks the bytes against it (and refuses a
+            # put whose bytes do not match); without it, we hash them as they go.
+            h = _new_hash() if oid is None else None
+            await self._send_chunks(source, upload, chunk_bytes, h, progress)
+            await source.check_exhausted()
+            end = await self._call_dict("obj.put_end", {"upload": upload})
+        except BaseException:
+            await self._abort(upload)
+            raise
+        expected = oid if h is None else OBJECT_ID_PREFIX + h.hexdigest()
+        if end.get("id") != expected or end.get("size") != total:
+            raise IntegrityError(
+                f"{self.address} stored {end.get('id')!r} ({end.get('size')} bytes) but the "
+                f"data sent was {expected} ({total} bytes)"
+            )
+        return ObjectRef(expected, total)
+
+    async def _send_chunks(self, source: _Source, upload: str, chunk_bytes: int,
+                           h: Any, progress: Progress | None) -> None:
+        """``obj.put_chunk`` calls, up to ``PUT_AHEAD`` sent ahead of their replies on the
+        held connection: the next chunk is read, encrypted and on its way while the node
+        takes in the last one (and streams it on to the replica set)."""
+        total = source.size
+        sent = 0
+        if progress is not None:
+            progress(0, total)
+        pipe = await self._conn.pipeline()
+        try:
             while sent < total:
                 chunk = await source.read(min(chunk_bytes, total - sent))
                 if not chunk:
@@ -549,23 +576,32 @@ class AsyncMesh:
                         f"upload source ended after {sent} of {total} bytes "
                         "(did the file shrink while being uploaded?)"
                     )
-                h.update(chunk)
-                await self._call_dict("obj.put_chunk", {"upload": upload, "data": chunk})
+                if h is not None:
+                    h.update(chunk)
+                if pipe.outstanding >= PUT_AHEAD:
+                    await self._pipe_reply(pipe, "obj.put_chunk")
+                await self._pipe_send(pipe, "obj.put_chunk", {"upload": upload, "data": chunk})
                 sent += len(chunk)
                 if progress is not None:
                     progress(sent, total)
-            await source.check_exhausted()
-            end = await self._call_dict("obj.put_end", {"upload": upload})
-        except BaseException:
-            await self._abort(upload)
-            raise
-        expected = OBJECT_ID_PREFIX + h.hexdigest()
-        if end.get("id") != expected or end.get("size") != total:
-            raise IntegrityError(
-                f"{self.address} stored {end.get('id')!r} ({end.get('size')} bytes) but the "
-                f"data sent was {expected} ({total} bytes)"
-            )
-        return ObjectRef(expected, total)
+            while pipe.outstanding:
+                await self._pipe_reply(pipe, "obj.put_chunk")
+        finally:
+            await pipe.close()
+
+    async def _pipe_send(self, pipe: RpcPipeline, method: str, args: dict[str, Any]) -> None:
+        try:
+            await pipe.send(method, args)
+        except RpcError as e:
+            raise MeshError(str(e)) from None
+
+    async def _pipe_reply(self, pipe: RpcPipeline, method: str) -> None:
+        try:
+            reply = await pipe.receive()
+        except RpcError as e:
+            raise MeshError(str(e)) from None
+        if not isinstance(reply, dict):
+            raise MeshError(f"{self.address}: unexpected reply to {method}: {reply!r:.200}")
 
     async def _upload_small(
         self,

@@ -116,6 +116,8 @@ class DataPlaneConfig:
     """Idle transfer connections kept open per peer."""
     forward_window: int = 4
     """Chunks queued per replica for a cut-through put (see ``_start_forwards``)."""
+    forward_ahead: int = 2
+    """Chunks of a cut-through copy sent to a member ahead of its replies."""
     forward_stall_s: float = 5.0
     """A replica whose cut-through queue stays full this long is dropped from it (its copy
     is then pushed from the coordinator's own once that is committed)."""
@@ -134,6 +136,8 @@ class DataPlaneConfig:
     through the filesystem is always caught, and silent bit rot under an unchanged inode is
     caught by the next full check at most this long later; meanwhile the reader's own check
     (the client hashes every object it gets) still refuses it. 0 checks every read."""
+    drop_batch: int = 256
+    """Local copies removed in one store transaction (see ``_drop``)."""
     gc_interval_s: float = 5.0
     """How often expired (TTL'd, unpinned) objects are collected."""
     max_ttl_s: float = 10 * 365 * 86400.0
@@ -243,6 +247,9 @@ class DataPlane:
         """oid -> (when its local copy was last hash-checked, its file's identity then)."""
         self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
         self._tomb_lock = asyncio.Lock()  # tombstone writes reach the store in order
+        self._drops: dict[str, None] = {}
+        """Copies to drop, in order; one task removes them in batches (``_drain_drops``)."""
+        self._dropping = False
         self._timer = DeadlineTimer(self._on_timer)
         self.stats: dict[str, int] = {}
         self._creds: ClientCredentials | None = None
@@ -526,13 +533,33 @@ class DataPlane:
             self.agent._spawn(conn.close())
 
     async def _drop(self, oid: str) -> None:
+        """Drop a local copy. Drops come in bursts (a handoff after a view change, the
+        copies a coordinator outside the replica set kept), so they are removed in
+        batches, one transaction (one fsync) each, instead of one commit per copy that a
+        foreground put's commit would queue behind."""
+        self._drops[oid] = None
+        if self._dropping:
+            return
+        self._dropping = True
+        try:
+            await self._drain_drops()
+        finally:
+            self._dropping = False
+
+    async def _drain_drops(self) -> None:
         assert self.store is not None and self.rm is not None
-        self._verified.pop(oid, None)
-        with contextlib.suppress(StorageError):
-            await asyncio.to_thread(self.store.delete, oid)
-        self.rm.object_removed(oid, time.monotonic())
-        self._count("dropped")
-        self._pump()
+        while self._drops:
+            batch = list(itertools.islice(self._drops, self.cfg.drop_batch))
+            for oid in batch:
+                del self._drops[oid]
+                self._verified.pop(oid, None)
+            with contextlib.suppress(StorageError):
+                await asyncio.to_thread(self.store.delete_many, batch)
+            now = time.monotonic()
+            for oid in batch:
+                self.rm.object_removed(oid, now)
+            self._count("dropped", len(batch))
+            self._pump()
 
     async def _persist_tomb(self, ev: TombstoneStored | TombstoneDropped) -> None:
         store = self.store
@@ -776,8 +803,18 @@ class DataPlane:
                 ok = True
             else:
                 upload = str(begin["upload"])
-                while (chunk := await fwd.queue.get()) is not None:
-                    await conn.call("obj.rw_chunk", {"upload": upload, "data": chunk})
+                # Chunks go ahead of their replies on the held connection (the member
+                # answers them in order), so it takes in the next while writing the last.
+                pipe = await conn.pipeline()
+                try:
+                    while (chunk := await fwd.queue.get()) is not None:
+                        if pipe.outstanding >= self.cfg.forward_ahead:
+                            await pipe.receive()
+                        await pipe.send("obj.rw_chunk", {"upload": upload, "data": chunk})
+                    while pipe.outstanding:
+                        await pipe.receive()
+                finally:
+                    await pipe.close()
                 await conn.call("obj.rw_end", {"upload": upload})
                 upload = None
                 ok = True
@@ -1040,9 +1077,12 @@ class DataPlane:
         if len(data) > self.cfg.inline_bytes:
             raise ValueError(f"inline put of {len(data)} bytes is over inline_bytes="
                              f"{self.cfg.inline_bytes}; use obj.put_begin")
-        key = self._new_upload({**args, "size": len(data), "id": None}, client=True)
-        up = self._uploads[key]
         oid = object_id(data)
+        # With the id known, a coordinator outside the replica set keeps only a spare
+        # (uncommitted) copy, as for a large put, instead of committing a stray copy that
+        # it must hand off and drop again.
+        key = self._new_upload({**args, "size": len(data), "id": oid}, client=True)
+        up = self._uploads[key]
         self._stamp_after_tombstone(up, oid)
         self._start_small_copies(up, oid, data)
         await self._rpc_put_chunk({"upload": key, "data": data})

@@ -82,7 +82,13 @@ from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
 from meshscale.runtime.latency import RegionPair
 from meshscale.trust.bundle import Bundle, BundleError, load_keyring
-from meshscale.trust.framing import FrameTooLarge, read_frame, split_addr, write_frame
+from meshscale.trust.framing import (
+    FrameConnection,
+    FrameTooLarge,
+    read_frame,
+    split_addr,
+    write_frame,
+)
 from meshscale.trust.keyring import Keyring, SealError
 from meshscale.trust.tls import GREETING, client_context, connect_tls, server_context
 
@@ -569,11 +575,12 @@ class NodeAgent:
     async def _serve(
         self, raw: asyncio.Transport, accept: _AcceptProtocol, ip: str, peer: Any
     ) -> None:
-        writer: asyncio.StreamWriter | None = None
+        conn: FrameConnection | None = None
         try:
             assert self._loop is not None
-            reader = asyncio.StreamReader(limit=2**16)
-            proto = asyncio.StreamReaderProtocol(reader)
+            # Frames are received straight into buffers of their own (a large body is
+            # decrypted directly into it), as on the client side of RPC connections.
+            conn = FrameConnection(self.cfg.max_frame_bytes, server=True)
             raw.pause_reading()
             if accept.early_data or raw.is_closing():
                 self._reject("protocol")
@@ -582,7 +589,7 @@ class NodeAgent:
             try:
                 tls = await self._loop.start_tls(
                     raw,
-                    proto,
+                    conn,
                     self._server_ctx,
                     server_side=True,
                     ssl_handshake_timeout=self.cfg.handshake_timeout_s,
@@ -593,9 +600,8 @@ class NodeAgent:
             if tls is None:
                 self._reject("tls")
                 return
-            proto.connection_made(tls)
-            writer = asyncio.StreamWriter(tls, proto, reader, self._loop)
-            await self._serve_connection(reader, writer, peer)
+            conn.connection_made(tls)
+            await self._serve_connection(conn, peer)
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             self.stats.runtime["connection_errors"] += 1
         finally:
@@ -603,19 +609,17 @@ class NodeAgent:
             self._conns_by_ip[ip] -= 1
             if self._conns_by_ip[ip] <= 0:
                 del self._conns_by_ip[ip]
-            if writer is not None:
-                writer.close()
+            if conn is not None and conn.transport is not None:
+                conn.close()
             else:
                 raw.abort()
 
-    async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any
-    ) -> None:
+    async def _serve_connection(self, conn: FrameConnection, peer: Any) -> None:
         src = f"{peer[0]}:{peer[1]}" if peer else "?"
         while True:
             try:
                 async with asyncio.timeout(self.cfg.idle_timeout_s):
-                    data = await read_frame(reader, self.cfg.max_frame_bytes)
+                    data = await conn.read_frame()
             except asyncio.IncompleteReadError as e:
                 if e.partial:
                     self._reject("truncated")
@@ -632,11 +636,12 @@ class NodeAgent:
                 return
             kind = self._message_kind(msg)
             self.stats.count_in(kind, len(data))
+            del data  # the request holds what it needs; the frame's buffer can go
             reply = await self._handle_message(msg, src)
             if reply is None:
                 return
             out = encode_stream_message(reply)
-            await write_frame(writer, out, max_size=self.cfg.max_frame_bytes)
+            await conn.write_frame(out, max_size=self.cfg.max_frame_bytes)
             self.stats.count_out(kind, len(out))
             if isinstance(reply, RpcResponse) and reply.error.startswith(UNAUTHORIZED):
                 return  # an unauthenticated peer gets one answer, then the door

@@ -87,7 +87,9 @@ async def write_frame(
 
 
 class FrameConnection(asyncio.BufferedProtocol):
-    """A client connection that receives frames straight into buffers of their own.
+    """A connection that receives frames straight into buffers of their own (the client
+    side of RPC connections, and the node's server side with ``server=True``: no greeting
+    to read, the server writes it).
 
     With ``asyncio.StreamReader`` a large frame is copied four times after TLS decrypted
     it (joined, appended to the reader's buffer, read out of it, gathered into the body);
@@ -99,7 +101,7 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     _SMALL = 64 * 1024
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, *, server: bool = False) -> None:
         self.max_size = max_size
         self.transport: asyncio.Transport | None = None
         self._small = bytearray(self._SMALL)
@@ -109,7 +111,7 @@ class FrameConnection(asyncio.BufferedProtocol):
         self._body: bytearray | None = None
         self._body_got = 0
         self._frames: deque[bytes | bytearray] = deque()
-        self._plain = True
+        self._plain = not server
         """Before TLS: bytes are only collected, for ``read_greeting``."""
         self._greeting: tuple[int, asyncio.Future[bytes]] | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -124,9 +126,17 @@ class FrameConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
+    def _closed_error(self) -> asyncio.IncompleteReadError:
+        """The end of the stream: ``partial`` is what was received of a frame cut short
+        (empty when the peer closed between frames)."""
+        if self._body is not None:
+            return asyncio.IncompleteReadError(bytes(self._body[: self._body_got]), None)
+        partial = b"" if self._plain else bytes(self._small[: self._have])
+        return asyncio.IncompleteReadError(partial, None)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._error is None:
-            self._error = exc if exc is not None else asyncio.IncompleteReadError(b"", None)
+            self._error = exc if exc is not None else self._closed_error()
         self._wake()
         if self._greeting is not None and not self._greeting[1].done():
             self._greeting[1].set_exception(self._error)
@@ -137,7 +147,7 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool | None:
         if self._error is None:
-            self._error = asyncio.IncompleteReadError(b"", None)
+            self._error = self._closed_error()
         self._wake()
         return None
 
