@@ -162,13 +162,13 @@ async def _fanout_role(role: str, bundle_dir: Path, total: int, to: list[str]) -
     sctx = server_context(bundle, cert, key)
     cctx = client_context(bundle, cert, key)
     done = asyncio.Event()
+    outs = []  # connected (TLS handshakes done) before the clock starts
+    for addr in to:
+        host, port = addr.rsplit(":", 1)
+        outs.append(await asyncio.open_connection(host, int(port), ssl=cctx,
+                                                  server_hostname=None))
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        outs = []
-        for addr in to:
-            host, port = addr.rsplit(":", 1)
-            outs.append(await asyncio.open_connection(host, int(port), ssl=cctx,
-                                                      server_hostname=None))
         got = 0
         while got < total:
             chunk = await reader.read(1 << 20)
