@@ -380,6 +380,32 @@ def test_put_coordinated_outside_the_replica_set_keeps_no_copy(tmp_path: Any) ->
             await until(all_members, "the replica set does not hold the object")
             assert await read_all(c, oid) == data
 
+            # A small put (one call) through a node outside its set: a spare too, never a
+            # committed stray copy that would have to be dropped again.
+            while True:
+                small = os.urandom(1000)
+                scoord, smembers = await outside(oid_of(small))
+                if scoord == coord:
+                    break
+            sdropped = await counter(coord, "spare_copies_dropped")
+            committed = await counter(coord, "spare_copies_committed")
+            strays = await counter(coord, "dropped")
+            res = await c.call("obj.put_small", {"data": small, "replicas": 3, "w": 2})
+            assert res["id"] == oid_of(small) and m.nodes[coord].name not in res["nodes"]
+
+            async def small_spare_dropped() -> bool:
+                return await counter(coord, "spare_copies_dropped") > sdropped
+
+            await until(small_spare_dropped, "the small put's spare was not dropped")
+            assert await counter(coord, "spare_copies_committed") == committed
+            assert await counter(coord, "dropped") == strays
+            assert m.nodes[coord].name not in await held(res["id"])
+
+            async def small_members() -> bool:
+                return await held(res["id"]) == sorted(smembers)
+
+            await until(small_members, "the small object's replica set does not hold it")
+
             # A wrong id: the members refuse their copies, the spare's own check fails.
             wrong = oid_of(b"not these bytes " + os.urandom(8))
             wcoord, _ = await outside(wrong)
