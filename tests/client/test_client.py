@@ -324,6 +324,22 @@ def node_cli(local_mesh: LocalMesh, *args: str | Path, node: int = 0, stdin: byt
 
 
 @mesh_test
+def test_connect_with_an_explicit_token(local_mesh: LocalMesh) -> None:
+    from meshscale.trust.bundle import load_bundle
+
+    admin = load_bundle(local_mesh.bundle_path).token
+    addr = local_mesh.nodes[1].address
+    with connect(addr, bundle=local_mesh.bundle_path, token=admin) as m:
+        ref = m.put(b"by token")
+        assert m.get(ref) == b"by token"
+    with pytest.raises(ConnectError, match="wrong admin token"):
+        connect(addr, bundle=local_mesh.bundle_path, token=admin + "x")
+    for bad in ("", "two words", "x" * 513):
+        with pytest.raises(ValueError, match="token must be"):
+            connect(addr, bundle=local_mesh.bundle_path, token=bad)
+
+
+@mesh_test
 def test_put_get_bytes(mesh: Mesh, local_mesh: LocalMesh) -> None:
     data = b"hello, mesh " + os.urandom(64)
     ref = mesh.put(data)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import io
 import os
@@ -35,7 +36,7 @@ import msgspec
 
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError, RpcPipeline
 from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
-from meshscale.trust.bundle import BundleError, load_bundle
+from meshscale.trust.bundle import MAX_TOKEN_LENGTH, BundleError, is_valid_token, load_bundle
 from meshscale.trust.framing import split_addr
 from meshscale.trust.keyring import KeyringError
 from meshscale.trust.tls import TLSConfigError
@@ -550,7 +551,7 @@ class AsyncMesh:
         except BaseException:
             await self._abort(upload)
             raise
-        expected = oid if h is None else OBJECT_ID_PREFIX + h.hexdigest()
+        expected = OBJECT_ID_PREFIX + h.hexdigest() if h is not None else str(oid)
         if end.get("id") != expected or end.get("size") != total:
             raise IntegrityError(
                 f"{self.address} stored {end.get('id')!r} ({end.get('size')} bytes) but the "
@@ -959,33 +960,57 @@ class AsyncKV:
         return str(reply.get("ts"))
 
 
-async def connect_async(
+M = TypeVar("M", bound="AsyncMesh")
+
+
+async def open_mesh(
+    cls: type[M],
     address: str,
     *,
-    bundle: str | Path | None = None,
-    timeout: float = 30.0,
-    read_ahead: int = READ_AHEAD,
-) -> AsyncMesh:
-    """Connect to the mesh through the node at ``address`` (``HOST:PORT``).
-
-    ``bundle`` is the cluster bundle directory (default: ``$MESHSCALE_BUNDLE``); it must
-    hold ``ca.key`` so the client can issue its own short-lived certificate. ``timeout``
-    bounds each request. ``read_ahead`` (1 to ``MAX_READ_AHEAD``): chunk reads one get
-    keeps in flight. Raises ``ConnectError`` if the node cannot be used.
-    """
+    bundle: str | Path | None,
+    token: str | None,
+    timeout: float,
+    read_ahead: int,
+) -> M:
+    """Check the arguments, load the credentials and connect a ``cls`` (``AsyncMesh`` or
+    a subclass); the one way every ``connect`` opens a mesh."""
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0, not {timeout}")
     addr = _check_address(address)
-    if not 1 <= read_ahead <= MAX_READ_AHEAD:
-        raise ValueError(f"read_ahead must be between 1 and {MAX_READ_AHEAD}, not {read_ahead}")
+    if token is not None and not is_valid_token(token):
+        raise ValueError("token must be one line of printable ASCII (no spaces), "
+                         f"at most {MAX_TOKEN_LENGTH} characters")
     creds = await asyncio.to_thread(_credentials, bundle)
-    mesh = AsyncMesh(addr, creds, timeout, read_ahead)
+    if token is not None:
+        creds = dataclasses.replace(creds, token=token)
+    mesh = cls(addr, creds, timeout, read_ahead)
     try:
         await mesh.ping()
     except BaseException:
         await mesh.close()
         raise
     return mesh
+
+
+async def connect_async(
+    address: str,
+    *,
+    bundle: str | Path | None = None,
+    token: str | None = None,
+    timeout: float = 30.0,
+    read_ahead: int = READ_AHEAD,
+) -> AsyncMesh:
+    """Connect to the mesh through the node at ``address`` (``HOST:PORT``).
+
+    ``bundle`` is the cluster bundle directory (default: ``$MESHSCALE_BUNDLE``); it must
+    hold ``ca.key`` so the client can issue its own short-lived certificate. ``token``:
+    the admin token to send instead of the bundle's (e.g. one kept in a secret store; a
+    wrong one is refused by the node: ``ConnectError``). ``timeout`` bounds each request.
+    ``read_ahead`` (1 to ``MAX_READ_AHEAD``): chunk reads one get keeps in flight. Raises
+    ``ConnectError`` if the node cannot be used.
+    """
+    return await open_mesh(AsyncMesh, address, bundle=bundle, token=token, timeout=timeout,
+                           read_ahead=read_ahead)
 
 
 # -- the blocking client ---------------------------------------------------------------
@@ -1181,19 +1206,22 @@ def connect(
     address: str,
     *,
     bundle: str | Path | None = None,
+    token: str | None = None,
     timeout: float = 30.0,
     read_ahead: int = READ_AHEAD,
 ) -> Mesh:
     """Connect to the mesh through the node at ``address`` (``HOST:PORT``), blocking API.
 
-    ``bundle``: the cluster bundle directory (default ``$MESHSCALE_BUNDLE``). ``timeout``
+    ``bundle``: the cluster bundle directory (default ``$MESHSCALE_BUNDLE``). ``token``:
+    the admin token to use instead of the bundle's (see ``connect_async``). ``timeout``
     bounds each request, in seconds. ``read_ahead``: chunk reads one get keeps in flight
     (see ``AsyncMesh.read_ahead``). Raises ``ConnectError`` if the node cannot be used.
     """
     runner = _LoopThread()
     try:
         inner = runner.run(
-            connect_async(address, bundle=bundle, timeout=timeout, read_ahead=read_ahead)
+            connect_async(address, bundle=bundle, token=token, timeout=timeout,
+                          read_ahead=read_ahead)
         )
     except BaseException:
         runner.stop()

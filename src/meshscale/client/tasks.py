@@ -55,13 +55,13 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar
 import cloudpickle  # type: ignore[import-untyped]
 
 from meshscale.client.mesh import (
+    READ_AHEAD,
     AsyncMesh,
     Mesh,
     MeshError,
     ObjectRef,
-    _check_address,
-    _credentials,
     _LoopThread,
+    open_mesh,
 )
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.client.streams import StreamsMixin
@@ -451,8 +451,9 @@ class Future:
 class AsyncTaskMesh(AsyncMesh):
     """``AsyncMesh`` plus tasks: ``submit``, ``map``, ``wait``, ``as_completed``."""
 
-    def __init__(self, address: str, creds: ClientCredentials, timeout: float) -> None:
-        super().__init__(address, creds, timeout)
+    def __init__(self, address: str, creds: ClientCredentials, timeout: float,
+                 read_ahead: int = READ_AHEAD) -> None:
+        super().__init__(address, creds, timeout, read_ahead)
         self._creds = creds
         self._idle_conns: list[RpcConnection] = []
         self._conn_sem = asyncio.Semaphore(TASK_CONNECTIONS)
@@ -723,30 +724,34 @@ def default_mesh() -> TaskMesh:
 
 
 async def connect_async(
-    address: str, *, bundle: str | Path | None = None, timeout: float = 30.0
+    address: str,
+    *,
+    bundle: str | Path | None = None,
+    token: str | None = None,
+    timeout: float = 30.0,
+    read_ahead: int = READ_AHEAD,
 ) -> AsyncTaskMesh:
     """Like ``client.mesh.connect_async``, with tasks."""
-    if timeout <= 0:
-        raise ValueError(f"timeout must be > 0, not {timeout}")
-    addr = _check_address(address)
-    creds = await asyncio.to_thread(_credentials, bundle)
-    mesh = AsyncTaskMesh(addr, creds, timeout)
-    try:
-        await mesh.ping()
-    except BaseException:
-        await mesh.close()
-        raise
-    return mesh
+    return await open_mesh(AsyncTaskMesh, address, bundle=bundle, token=token,
+                           timeout=timeout, read_ahead=read_ahead)
 
 
-def connect(address: str, *, bundle: str | Path | None = None, timeout: float = 30.0
-            ) -> TaskMesh:
+def connect(
+    address: str,
+    *,
+    bundle: str | Path | None = None,
+    token: str | None = None,
+    timeout: float = 30.0,
+    read_ahead: int = READ_AHEAD,
+) -> TaskMesh:
     """Connect to the mesh through the node at ``address`` (blocking API, with tasks);
-    it becomes the default mesh of ``@task(...).submit``. Raises ``ConnectError``."""
+    it becomes the default mesh of ``@task(...).submit``. ``token`` and ``read_ahead``:
+    see ``client.mesh.connect_async``. Raises ``ConnectError``."""
     global _default
     runner = _LoopThread()
     try:
-        inner = runner.run(connect_async(address, bundle=bundle, timeout=timeout))
+        inner = runner.run(connect_async(address, bundle=bundle, token=token, timeout=timeout,
+                                         read_ahead=read_ahead))
     except BaseException:
         runner.stop()
         raise

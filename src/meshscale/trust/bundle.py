@@ -436,6 +436,12 @@ def load_keyring(path: Path) -> Keyring:
     return _parse_keyring(Path(path) / KEYRING_JSON)
 
 
+def is_valid_token(token: object) -> bool:
+    """One line of printable ASCII without spaces, at most ``MAX_TOKEN_LENGTH`` long."""
+    return (isinstance(token, str) and 0 < len(token) <= MAX_TOKEN_LENGTH
+            and all(33 <= ord(c) < 127 for c in token))
+
+
 def _parse_token(path: Path) -> str:
     raw = _require(path, private=True)
     try:
@@ -444,7 +450,7 @@ def _parse_token(path: Path) -> str:
         raise BundleError(f"{path}: not ASCII text") from None
     if not token:
         raise BundleError(f"{path}: empty")
-    if len(token) > MAX_TOKEN_LENGTH or not all(33 <= ord(c) < 127 for c in token):
+    if not is_valid_token(token):
         raise BundleError(f"{path}: not a valid token (one line of printable characters)")
     return token
 
