@@ -32,10 +32,6 @@ from typing import Any
 
 import msgspec
 
-# (not hashlib: it would load OpenSSL's libcrypto, ~3.5 MB of resident memory in every
-# idle worker; core.objects needs only the small blake3 extension)
-from meshscale.core.objects import digest_hex
-
 FRAME_HEADER = struct.Struct(">II")
 MAX_ENVELOPE = 64 * 1024
 MAX_TRACEBACK = 64 * 1024
@@ -52,7 +48,10 @@ KIND_MISSING = "missing_function"
 
 def function_id(pickled: bytes | memoryview) -> str:
     """Content id of a pickled function: the hex digest its stored object is named by
-    (``core.objects.digest_hex``)."""
+    (``core.objects.digest_hex``). Imported on first use: an idle worker never hashes, and
+    each extension module loaded is resident memory in every worker of every node."""
+    from meshscale.core.objects import digest_hex
+
     return digest_hex(pickled)
 
 
