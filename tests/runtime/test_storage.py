@@ -331,6 +331,37 @@ def test_delete_many_removes_in_one_transaction_and_survives_reopen(tmp_path: Pa
     store.close()
 
 
+def test_writeback_is_started_every_writeback_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int]] = []
+    real = storage._start_writeback
+    assert real is not None or not sys.platform.startswith("linux")
+
+    def record(fd: int, offset: int, length: int) -> None:
+        calls.append((offset, length))
+        if real is not None:
+            real(fd, offset, length)  # the real call, on a real file
+
+    monkeypatch.setattr(storage, "_start_writeback", record)
+    store = open_store(tmp_path / "a", writeback_bytes=4 << 20)
+    data = os.urandom(10 << 20)
+    with store.writer(now=NOW) as w:
+        for i in range(0, len(data), 1 << 20):
+            w.write(data[i : i + (1 << 20)])
+        meta = w.commit(object_id_of(data))
+    assert calls == [(0, 4 << 20), (4 << 20, 4 << 20)]  # the 2 MB tail is left to fsync
+    assert store.read_bytes(meta.object_id) == data
+    store.close()
+    calls.clear()
+    off = open_store(tmp_path / "b", writeback_bytes=0)
+    off.put_bytes(data, now=NOW)
+    assert calls == []
+    off.close()
+    with pytest.raises(ValueError, match="writeback_bytes"):
+        StorageConfig(writeback_bytes=-1)
+
+
 def test_reader_of_deleted_object_keeps_its_bytes(store: LocalStore) -> None:
     oid = store.put_bytes(b"still here", now=NOW).object_id
     with store.open_read(oid) as f:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -33,8 +34,9 @@ import math
 import os
 import secrets
 import sqlite3
+import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -146,6 +148,11 @@ class StorageConfig:
     chunk_bytes: int = 1024 * 1024
     """Read size of ``read_chunks``; free space is re-checked every this many bytes written."""
     max_concurrent_writes: int = 64
+    writeback_bytes: int = 4 * 1024 * 1024
+    """Every this many bytes written, the kernel is asked to start writing them to disk
+    (Linux ``sync_file_range``, as RocksDB's ``bytes_per_sync``), so the fsync at commit
+    waits only for the tail instead of the whole object (64 MB: ~33 ms -> ~0.3 ms here).
+    Durability still comes from that fsync alone. 0 turns it off."""
 
     def __post_init__(self) -> None:
         if self.max_object_bytes < 0:
@@ -156,6 +163,8 @@ class StorageConfig:
             raise ValueError(f"min_free_bytes must be >= 0, not {self.min_free_bytes}")
         if self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, not {self.chunk_bytes}")
+        if self.writeback_bytes < 0:
+            raise ValueError(f"writeback_bytes must be >= 0, not {self.writeback_bytes}")
         if self.max_concurrent_writes < 1:
             raise ValueError(
                 f"max_concurrent_writes must be >= 1, not {self.max_concurrent_writes}"
@@ -179,6 +188,29 @@ def _write_all(fd: int, data: memoryview) -> None:
     while data:
         n = os.write(fd, data)
         data = data[n:]
+
+
+def _writeback_starter() -> Callable[[int, int, int], None] | None:
+    """``start(fd, offset, length)``: begin writing that range of a file to disk without
+    waiting (``sync_file_range(SYNC_FILE_RANGE_WRITE)``); None where there is no such
+    call. A hint only: its errors are ignored (the fsync at commit reports them)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, length: int) -> None:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+    return start
+
+
+_SYNC_FILE_RANGE_WRITE: Final = 2
+_start_writeback = _writeback_starter()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -271,6 +303,8 @@ class ObjectWriter:
         """Bytes counted against the quota for this writer (max of declared and written)."""
         self._outstanding = declared_size or 0  # declared, not yet admitted
         self._unchecked = 0
+        self._unsynced = 0
+        """Bytes written since writeback was last started (see ``writeback_bytes``)."""
         self._done = False
         self._hash_deferred = False
 
@@ -328,6 +362,11 @@ class ObjectWriter:
         if not self._hash_deferred:
             self._hash.update(view)
         self.written += n
+        self._unsynced += n
+        every = self._store.config.writeback_bytes
+        if every and self._unsynced >= every and _start_writeback is not None:
+            _start_writeback(self._fd, self.written - self._unsynced, self._unsynced)
+            self._unsynced = 0
 
     def peek_id(self) -> str:
         """The id of the bytes written so far (the object's id once all are written)."""
