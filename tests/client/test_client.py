@@ -418,6 +418,46 @@ def test_put_from_file_objects(mesh: Mesh, tmp_path: Path) -> None:
         writer.join(10)
 
 
+class _ChangesAfterHashing(io.BytesIO):
+    """A seekable source whose bytes change once they have been read through (after the
+    client's hash-ahead pass, before the upload pass)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.got = 0
+        self.flipped = False
+
+    def read(self, n: int | None = -1) -> bytes:
+        chunk = super().read(n)
+        self.got += len(chunk)
+        return chunk
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if not self.flipped and self.got >= len(self.getbuffer()):
+            self.flipped = True
+            with self.getbuffer() as view:
+                view[len(view) // 2] ^= 0xFF
+        return super().seek(pos, whence)
+
+
+@mesh_test
+def test_bytes_that_change_under_a_pipelined_put_store_nothing(
+    mesh: Mesh, local_mesh: LocalMesh
+) -> None:
+    data = os.urandom(9 << 20)  # several chunks in flight
+    src = _ChangesAfterHashing(data)
+    with pytest.raises(MeshError, match="hash"):
+        mesh.put(src)
+    assert src.flipped
+    changed = bytearray(data)
+    changed[len(data) // 2] ^= 0xFF
+    for oid in (object_id(data), object_id(bytes(changed))):
+        with pytest.raises(ObjectNotFoundError):
+            mesh.stat(oid)
+    ref = mesh.put(data)  # the connection is still usable
+    assert mesh.get(ref) == data
+
+
 @mesh_test
 def test_residency_is_honoured_and_refusals_name_the_rule(mesh: Mesh) -> None:
     data = os.urandom(1000)
