@@ -915,6 +915,9 @@ class DataPlane:
         except StorageError as e:
             raise ValueError(f"{e.reason}: {e}") from None
         self._remember_verified(meta.object_id, file_key)
+        # A copy committed again while its drop waits in the queue is kept (the manager
+        # asks again if it is still not ours to hold).
+        self._drops.pop(meta.object_id, None)
         self.rm.object_added(meta.object_id, up.policy, up.hint_for, time.monotonic(),
                              _stamp(meta.written))
         return meta
