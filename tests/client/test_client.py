@@ -528,6 +528,31 @@ def test_async_mesh(local_mesh: LocalMesh) -> None:
 
 
 @mesh_test
+def test_a_put_cancelled_mid_pipeline_leaves_the_mesh_usable(local_mesh: LocalMesh) -> None:
+    async def main() -> None:
+        async with await connect_async(
+            local_mesh.nodes[2].address, bundle=local_mesh.bundle_path
+        ) as m:
+            data = os.urandom(24 << 20)
+            task: asyncio.Task[ObjectRef] | None = None
+
+            def cancel_after_two_chunks(sent: int, total: int) -> None:
+                if sent >= 8 << 20 and task is not None:
+                    task.cancel()
+
+            task = asyncio.ensure_future(m.put(data, progress=cancel_after_two_chunks))
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            with pytest.raises(ObjectNotFoundError):
+                await m.stat(object_id(data))
+            other = os.urandom(9 << 20)  # chunks again, on the same client
+            ref = await m.put(other)
+            assert await m.get(ref) == other
+
+    asyncio.run(main())
+
+
+@mesh_test
 def test_sync_mesh_works_inside_a_running_loop(local_mesh: LocalMesh) -> None:
     # As in Jupyter: the calling thread already runs an event loop.
     async def notebook_cell() -> bytes:

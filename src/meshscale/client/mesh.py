@@ -11,8 +11,8 @@ certificate from the cluster bundle, plus the admin token); that node fans out t
 rest. The client never trusts the node with integrity: an object's id is the BLAKE3-256
 of its bytes, computed here before uploading (sent with the bytes, which the node must
 match, and compared with the id the node returns; a stream that cannot be read twice is
-hashed as it goes) and again while downloading (a mismatch raises ``IntegrityError``; a download to a path
-then leaves nothing behind).
+hashed as it goes) and again while downloading (a mismatch raises ``IntegrityError``; a
+download to a path then leaves nothing behind).
 """
 
 from __future__ import annotations

@@ -156,8 +156,10 @@ class RpcPipeline:
         async def send() -> None:
             frames = await conn._connect()
             req = RpcRequest(next(_ids), method, conn.creds.token, args)
-            await frames.write_frame(encode_stream_message(req), max_size=MAX_REPLY_BYTES)
+            # Counted before it is written: a send cut short (cancelled while the frame
+            # drains) leaves a reply due, so ``close`` closes the connection.
             self._sent.append(req.id)
+            await frames.write_frame(encode_stream_message(req), max_size=MAX_REPLY_BYTES)
 
         await conn._guarded(send())
 
