@@ -118,21 +118,7 @@ async def tls_copy(bundle_dir: Path, payload: bytes, rounds: int) -> float:
     sctx = server_context(bundle, cert, key)
     cctx = client_context(bundle, ccert, ckey)
     total = len(payload) * rounds
-    done = asyncio.Event()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        got = 0
-        while got < total:
-            chunk = await reader.read(1 << 20)
-            if not chunk:
-                break
-            got += len(chunk)
-        writer.write(b"k")
-        await writer.drain()
-        writer.close()
-        done.set()
-
-    server = await _tls_server(handle, sctx)
+    server = await _tls_server(_receiver(total, [], asyncio.Event()), sctx)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=cctx,
                                                    server_hostname=None)
@@ -161,20 +147,13 @@ async def _tls_server(handle: Any, ctx: ssl.SSLContext) -> asyncio.Server:
     return await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
 
 
-async def _fanout_role(role: str, bundle_dir: Path, total: int, to: list[str]) -> None:
-    """One process of ``tls_fanout``: a ``sink`` takes ``total`` bytes and acknowledges;
-    the ``relay`` sends every piece it receives on to each sink in ``to`` as it arrives
-    (what a put's coordinator does with its members), then acknowledges once they have."""
-    bundle = load_bundle(bundle_dir)
-    cert, key = issue_node_cert(bundle, f"bench-{role}")
-    sctx = server_context(bundle, cert, key)
-    cctx = client_context(bundle, cert, key)
-    done = asyncio.Event()
-    outs = []  # connected (TLS handshakes done) before the clock starts
-    for addr in to:
-        host, port = addr.rsplit(":", 1)
-        outs.append(await asyncio.open_connection(host, int(port), ssl=cctx,
-                                                  server_hostname=None))
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def _receiver(total: int, outs: list[Streams], done: asyncio.Event) -> Any:
+    """A connection handler that takes ``total`` bytes, sending every piece on to each of
+    ``outs`` as it arrives (none: a plain sink), then acknowledges with one byte once the
+    ``outs`` have acknowledged theirs, and sets ``done``."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         got = 0
@@ -194,7 +173,24 @@ async def _fanout_role(role: str, bundle_dir: Path, total: int, to: list[str]) -
         writer.close()
         done.set()
 
-    server = await _tls_server(handle, sctx)
+    return handle
+
+
+async def _fanout_role(role: str, bundle_dir: Path, total: int, to: list[str]) -> None:
+    """One process of ``tls_fanout``: a ``sink`` takes ``total`` bytes and acknowledges;
+    the ``relay`` sends every piece it receives on to each sink in ``to`` as it arrives
+    (what a put's coordinator does with its members), then acknowledges once they have."""
+    bundle = load_bundle(bundle_dir)
+    cert, key = issue_node_cert(bundle, f"bench-{role}")
+    sctx = server_context(bundle, cert, key)
+    cctx = client_context(bundle, cert, key)
+    done = asyncio.Event()
+    outs: list[Streams] = []  # connected (TLS handshakes done) before the clock starts
+    for addr in to:
+        host, port = addr.rsplit(":", 1)
+        outs.append(await asyncio.open_connection(host, int(port), ssl=cctx,
+                                                  server_hostname=None))
+    server = await _tls_server(_receiver(total, outs, done), sctx)
     print(server.sockets[0].getsockname()[1], flush=True)
     await done.wait()
     server.close()
