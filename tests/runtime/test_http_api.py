@@ -213,6 +213,15 @@ def test_metrics_parse_and_have_the_required_families(
     msgs = {s.labels["type"]: s.value for s in fams["meshscale_messages_in"].samples
             if s.name.endswith("_total")}
     assert msgs.get("gossip", 0) > 0
+    # Calls a node makes count too, by method: node-0 sent the object's two other copies
+    # (RF 3 on 3 nodes) as requests and took in the replies.
+    out = {s.labels["type"]: s.value for s in fams["meshscale_messages_out"].samples
+           if s.name.endswith("_total")}
+    out_bytes = {s.labels["type"]: s.value for s in fams["meshscale_bytes_out"].samples
+                 if s.name.endswith("_total")}
+    assert out.get("obj.rw_small", 0) >= 2
+    assert out_bytes.get("obj.rw_small", 0) >= 2 * len(b"observability " * 100)
+    assert msgs.get("obj.rw_small", 0) >= 2  # their replies
     placed = sum(s.value for s in fams["meshscale_placement_decisions"].samples
                  if s.name.endswith("_total"))
     assert placed >= len(work["tasks"])

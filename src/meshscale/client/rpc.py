@@ -14,7 +14,7 @@ import ssl
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from meshscale.core.rpc import (
     RpcRequest,
@@ -29,6 +29,15 @@ from meshscale.trust.tls import GREETING, client_context
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
+
+
+class WireCounter(Protocol):
+    """Where a node counts its traffic (``runtime.node.AgentStats``): the calls a node
+    makes are counted by method, requests as sent and replies as received."""
+
+    def count_in(self, kind: str, nbytes: int) -> None: ...
+
+    def count_out(self, kind: str, nbytes: int) -> None: ...
 
 
 class RpcError(Exception):
@@ -61,10 +70,13 @@ _ids = itertools.count(1)
 class RpcConnection:
     """One TLS connection to a node, reused for sequential calls."""
 
-    def __init__(self, addr: str, creds: ClientCredentials, timeout: float = 5.0) -> None:
+    def __init__(self, addr: str, creds: ClientCredentials, timeout: float = 5.0,
+                 counter: WireCounter | None = None) -> None:
         self.addr = addr
         self.creds = creds
         self.timeout = timeout
+        self.counter = counter
+        """Counts each request's and reply's bytes under the call's method, if set."""
         self._writer: FrameConnection | None = None
         """The open connection (replies are received straight into their own buffers:
         see ``trust.framing.FrameConnection``), or None."""
@@ -118,8 +130,13 @@ class RpcConnection:
     async def _call(self, method: str, args: dict[str, Any]) -> Any:
         conn = await self._connect()
         req = RpcRequest(next(_ids), method, self.creds.token, args)
-        await conn.write_frame(encode_stream_message(req), max_size=MAX_REPLY_BYTES)
+        frame = encode_stream_message(req)
+        await conn.write_frame(frame, max_size=MAX_REPLY_BYTES)
+        if self.counter is not None:
+            self.counter.count_out(method, len(frame))
         data = await conn.read_frame()
+        if self.counter is not None:
+            self.counter.count_in(method, len(data))
         msg = decode_stream_message(data, MAX_REPLY_BYTES)
         if not isinstance(msg, RpcResponse) or msg.id != req.id:
             await self.close()
@@ -142,7 +159,7 @@ class RpcPipeline:
 
     def __init__(self, conn: RpcConnection) -> None:
         self.conn = conn
-        self._sent: deque[int] = deque()
+        self._sent: deque[tuple[int, str]] = deque()
         self._open = True
 
     @property
@@ -158,8 +175,11 @@ class RpcPipeline:
             req = RpcRequest(next(_ids), method, conn.creds.token, args)
             # Counted before it is written: a send cut short (cancelled while the frame
             # drains) leaves a reply due, so ``close`` closes the connection.
-            self._sent.append(req.id)
-            await frames.write_frame(encode_stream_message(req), max_size=MAX_REPLY_BYTES)
+            self._sent.append((req.id, method))
+            frame = encode_stream_message(req)
+            await frames.write_frame(frame, max_size=MAX_REPLY_BYTES)
+            if conn.counter is not None:
+                conn.counter.count_out(method, len(frame))
 
         await conn._guarded(send())
 
@@ -173,8 +193,10 @@ class RpcPipeline:
             if frames is None:
                 raise RpcError(f"{conn.addr}: connection lost with calls outstanding")
             data = await frames.read_frame()
+            want, method = self._sent.popleft()
+            if conn.counter is not None:
+                conn.counter.count_in(method, len(data))
             msg = decode_stream_message(data, MAX_REPLY_BYTES)
-            want = self._sent.popleft()
             if not isinstance(msg, RpcResponse) or msg.id != want:
                 await conn.close()
                 raise RpcError(f"{conn.addr}: unexpected reply")

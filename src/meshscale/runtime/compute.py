@@ -416,7 +416,8 @@ class ComputePlane:
         conn = self._conns.get(name)
         if conn is None or conn.addr != m.addr:
             assert self._creds is not None
-            conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s)
+            conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s,
+                             counter=self.agent.stats)
             self._conns[name] = conn
         return conn
 
@@ -434,7 +435,8 @@ class ComputePlane:
         if m is None:
             raise RpcError(f"{name}: not a member")
         assert self._creds is not None
-        conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s)
+        conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s,
+                             counter=self.agent.stats)
         try:
             return await conn.call(method, args)
         finally:

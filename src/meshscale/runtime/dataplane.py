@@ -401,7 +401,8 @@ class DataPlane:
         conn = self._conns.get(name)
         if conn is None or conn.addr != addr:
             assert self._creds is not None
-            conn = RpcConnection(addr, self._creds, self.cfg.rpc_timeout_s)
+            conn = RpcConnection(addr, self._creds, self.cfg.rpc_timeout_s,
+                                 counter=self.agent.stats)
             self._conns[name] = conn
         return conn
 
@@ -523,7 +524,8 @@ class DataPlane:
             if conn.addr == addr:
                 return conn
         assert self._creds is not None
-        return RpcConnection(addr, self._creds, self.cfg.rpc_timeout_s)
+        return RpcConnection(addr, self._creds, self.cfg.rpc_timeout_s,
+                             counter=self.agent.stats)
 
     def _checkin(self, name: str, conn: RpcConnection) -> None:
         idle = self._idle.setdefault(name, [])

@@ -409,10 +409,15 @@ class MeshCollector(Collector):
     def _transport(agent: NodeAgent) -> Iterator[Metric]:
         s = agent.stats
         for name, doc, counter in (
-            ("meshscale_messages_in", "Messages received, by type.", s.messages_in),
-            ("meshscale_messages_out", "Messages sent, by type.", s.messages_out),
-            ("meshscale_bytes_in", "Bytes received, by message type.", s.bytes_in),
-            ("meshscale_bytes_out", "Bytes sent, by message type.", s.bytes_out),
+            ("meshscale_messages_in", "Messages received, by type (gossip kinds; for an "
+             "RPC method, requests served and replies to this node's own calls).",
+             s.messages_in),
+            ("meshscale_messages_out", "Messages sent, by type (gossip kinds; for an RPC "
+             "method, this node's own calls and its replies to others').", s.messages_out),
+            ("meshscale_bytes_in", "Bytes received, by message type (as messages_in).",
+             s.bytes_in),
+            ("meshscale_bytes_out", "Bytes sent, by message type (as messages_out).",
+             s.bytes_out),
         ):
             c = CounterMetricFamily(name, doc, labels=["type"])
             for kind, n in sorted(counter.items()):

@@ -289,7 +289,8 @@ class StreamPlane:
         conn = self._conns.get(key)
         if conn is None or conn.addr != m.addr:
             assert self._creds is not None
-            conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s)
+            conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s,
+                                 counter=self.agent.stats)
             self._conns[key] = conn
         return conn
 
