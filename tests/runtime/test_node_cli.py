@@ -83,6 +83,31 @@ def test_identity_persists_and_bumps(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_store_from_an_older_version_is_one_line_and_left_alone(
+    bundle: Path, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    from meshscale.runtime.storage import LocalStore, StorageConfig
+
+    store_dir = tmp_path / "d" / "store"
+    store_dir.mkdir(parents=True)
+    with LocalStore(store_dir, StorageConfig(min_free_bytes=0)) as s:
+        oid = s.put_bytes(b"kept", now=1.0).object_id
+    db = sqlite3.connect(store_dir / "meta.sqlite3")
+    db.execute("PRAGMA user_version=2")  # as the BLAKE2b-id versions left it
+    db.commit()
+    db.close()
+    args = ["node", "start", "--name", "n1", "--data-dir", tmp_path / "d", "--bundle", bundle,
+            "--bind", "127.0.0.1:0"]
+    result = cli(*args)
+    assert result.returncode == 1, result
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("meshscale: error: ")]
+    assert len(errors) == 1 and "BLAKE2b ids" in errors[0] and "Traceback" not in result.stderr
+    assert [p.name for p in (store_dir / "objects").rglob("b3-*")] == [oid]
+
+
+@pytest.mark.timeout(60)
 def test_name_mismatch_is_a_usage_error(bundle: Path, tmp_path: Path) -> None:
     start_identity(tmp_path / "d", "n1")
     args = ["node", "start", "--name", "n2", "--data-dir", tmp_path / "d", "--bundle", bundle]

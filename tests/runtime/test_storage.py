@@ -718,21 +718,56 @@ def test_object_tombstones_survive_a_restart(tmp_path: Path) -> None:
             s.tombstone_put("nope", "x", replicas=3, data_class=None, residency=None)
 
 
-def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+def _age_store(path: Path, version: int) -> None:
+    """Make the store in ``path`` look as an older meshscale left it."""
     import sqlite3
 
-    with open_store(tmp_path) as s:
-        meta = s.put_bytes(b"old", now=NOW)
-    db = sqlite3.connect(tmp_path / "meta.sqlite3")
-    db.execute("ALTER TABLE objects DROP COLUMN written")
-    db.execute("DROP TABLE obj_tombstones")
-    db.execute("PRAGMA user_version=1")
+    db = sqlite3.connect(path / "meta.sqlite3")
+    if version < 2:
+        db.execute("ALTER TABLE objects DROP COLUMN written")
+        db.execute("DROP TABLE obj_tombstones")
+    db.execute(f"PRAGMA user_version={version}")
     db.commit()
     db.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_store_without_objects_is_upgraded_in_place(
+    tmp_path: Path, version: int
+) -> None:
     with open_store(tmp_path) as s:
-        got = s.meta(meta.object_id)
-        assert got is not None and got.written is None and s.read_bytes(meta.object_id) == b"old"
-        assert s.tombstones() == []
+        s.kv_put("model/latest", b"v1", "0000000000000001-00000000-a")
+    _age_store(tmp_path, version)
+    with open_store(tmp_path) as s:
+        assert s.kv_get("model/latest") == (b"v1", "0000000000000001-00000000-a")
+        meta = s.put_bytes(b"new", now=NOW)
+    with open_store(tmp_path) as s:  # now a current store
+        assert s.read_bytes(meta.object_id) == b"new"
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_store_with_blake2b_objects_is_refused_and_left_alone(
+    tmp_path: Path, version: int
+) -> None:
+    with open_store(tmp_path) as s:
+        meta = s.put_bytes(b"old", now=NOW)  # stands in for a b2b- object
+    _age_store(tmp_path, version)
+    before = sorted((p.name, p.stat().st_size) for p in files_under(tmp_path / "objects"))
+    with pytest.raises(StorageError, match="BLAKE2b ids") as e:
+        open_store(tmp_path)
+    assert e.value.reason == "old_format"
+    assert f"schema {version}" in str(e.value) and "empty one" in str(e.value)
+    assert sorted((p.name, p.stat().st_size) for p in files_under(tmp_path / "objects")) == before
+    assert meta.object_id in [name for name, _ in before]
+    with pytest.raises(StorageError, match="BLAKE2b ids"):  # and again: nothing was changed
+        open_store(tmp_path)
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "meta.sqlite3")
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert db.execute("PRAGMA user_version").fetchone()[0] == version
+    assert ("obj_tombstones" in tables) == (version >= 2)
+    db.close()
 
 
 def test_deferred_hash_is_checked_at_commit(store: LocalStore) -> None:

@@ -144,8 +144,12 @@ def start(argv: Sequence[str]) -> None:
         )
     except (BundleError, KeyringError, IdentityError, TLSConfigError, ValueError) as e:
         raise StartError(str(e)) from None
+    from meshscale.runtime.storage import StorageError
+
     try:
         run_forever(agent)
+    except StorageError as e:  # the store under --data-dir cannot be used as it is
+        raise StartError(str(e), exit_code=1) from None
     except OSError as e:
         where = bind if http is None else f"{bind} (or --http {http})"
         raise StartError(f"cannot listen on {where}: {e.strerror or e}", exit_code=1) from None

@@ -68,7 +68,9 @@ TMP_DIR: Final = "tmp"
 DB_FILE: Final = "meta.sqlite3"
 LOCK_FILE: Final = "storage.lock"
 TMP_SUFFIX: Final = ".part"
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
+"""3: object ids are BLAKE3 (``b3-``); 2: HLC write stamps; 1: the first."""
+_FIRST_BLAKE3_SCHEMA: Final = 3
 """2: ``objects.written`` and the ``obj_tombstones`` table (explicit deletes)."""
 
 _NO_SPACE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -112,7 +114,8 @@ class StorageError(Exception):
     """A storage operation was refused or failed; ``reason`` is one of
 
     ``disk_full``, ``quota``, ``hash_mismatch``, ``too_large``, ``not_found``, ``corrupt``,
-    ``bad_id``, ``busy``; the message is one line that names the object or the bound.
+    ``bad_id``, ``busy``, ``old_format``; the message is one line that names the object or
+    the bound.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -521,6 +524,14 @@ class LocalStore:
                 raise StorageError(
                     "corrupt", f"{path}: schema version {version} is newer than {SCHEMA_VERSION}"
                 )
+            if 0 < version < _FIRST_BLAKE3_SCHEMA and self._holds_ids(db):
+                # Checked before anything is changed: the store stays as it was.
+                raise StorageError(
+                    "old_format",
+                    f"{path}: this data dir holds objects stored under BLAKE2b ids by an "
+                    f"older meshscale (store schema {version}); object ids are now BLAKE3 "
+                    "(b3-...). Move the data dir aside and start the node with an empty one",
+                )
             db.executescript(_SCHEMA)
             columns = {r[1] for r in db.execute("PRAGMA table_info(objects)")}
             if "written" not in columns:  # a version 1 store
@@ -535,6 +546,13 @@ class LocalStore:
             db.close()
             raise
         return db
+
+    @staticmethod
+    def _holds_ids(db: sqlite3.Connection) -> bool:
+        """Whether an existing store has any object or tombstone (keyed by object id)."""
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        return any(db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() is not None
+                   for t in ("objects", "obj_tombstones") if t in tables)
 
     def close(self) -> None:
         """Abort writes in flight, close the database and release the directory. Idempotent."""
