@@ -92,6 +92,34 @@ def test_1000_tasks_over_spread_objects_exactly_once(client: TaskMesh, mesh: Loc
     assert len(nodes) >= 3, nodes  # spread over the mesh, where the objects are
 
 
+def test_local_inputs_reach_the_worker_as_checked_links_released_after(
+    client: TaskMesh, mesh: LocalMesh
+) -> None:
+    blobs = [os.urandom(300_000 + i) for i in range(3)]
+    refs = [client.put(b) for b in blobs]
+
+    def counts() -> tuple[int, int]:
+        by_path = by_value = 0
+        for node in mesh.nodes:
+            with connect(node.address, bundle=mesh.bundle_path) as c:
+                st = c._run(c._inner._tcall("task.stats", {}))["compute"]
+            by_path += st.get("inputs_by_path", 0)
+            by_value += st.get("inputs_by_value", 0)
+        return by_path, by_value
+
+    path0, value0 = counts()
+    tf = task(digest)
+    futs = [client.submit(tf, refs[k % 3], k) for k in range(30)]
+    for f in futs:
+        k, n, h = f.result(timeout=120)
+        assert (n, h) == (len(blobs[k % 3]), hashlib.blake2b(blobs[k % 3], digest_size=8).hexdigest())
+    path1, value1 = counts()
+    assert path1 - path0 >= 1  # data-local runs read the node's own copy
+    assert (path1 - path0) + (value1 - value0) == 30
+    for node in mesh.nodes:  # every link was released when its run ended
+        assert list((node.data_dir / "store" / "tmp").glob("*.in")) == []
+
+
 def test_task_that_raises_returns_its_traceback(client: TaskMesh) -> None:
     fut = client.submit(boom, 7)
     with pytest.raises(TaskError) as ei:

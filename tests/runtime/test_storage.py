@@ -362,6 +362,29 @@ def test_writeback_is_started_every_writeback_bytes(
         StorageConfig(writeback_bytes=-1)
 
 
+def test_a_linked_copy_outlives_a_delete_and_is_released(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    oid = store.put_bytes(b"for a task", now=NOW).object_id
+    link = store.link_copy(oid)
+    assert link.parent == store.tmp_dir and link.read_bytes() == b"for a task"
+    store.delete(oid)
+    assert not store.has(oid) and link.read_bytes() == b"for a task"
+    store.release_copy(link)
+    store.release_copy(link)  # idempotent
+    assert not link.exists()
+    with pytest.raises(ValueError, match="link_copy"):
+        store.release_copy(tmp_path / "meta.sqlite3")
+    with pytest.raises(StorageError) as ei:
+        store.link_copy(oid)
+    assert ei.value.reason == "not_found"
+    other = store.put_bytes(b"left behind", now=NOW).object_id
+    leftover = store.link_copy(other)
+    store.close()
+    store = open_store(tmp_path)  # a crash left a link: gone once the store opens again
+    assert not leftover.exists() and store.read_bytes(other) == b"left behind"
+    store.close()
+
+
 def test_reader_of_deleted_object_keeps_its_bytes(store: LocalStore) -> None:
     oid = store.put_bytes(b"still here", now=NOW).object_id
     with store.open_read(oid) as f:

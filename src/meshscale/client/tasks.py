@@ -160,20 +160,29 @@ def _by_value(module_name: str) -> bool:
     return not resolved.startswith(_INSTALLED)
 
 
-def _make_call(fn: Callable[..., Any]) -> Callable[[bytes, list[bytes]], Any]:
+def _make_call(fn: Callable[..., Any]) -> Callable[[bytes, list[bytes | str]], Any]:
     """The callable the worker runs: unpickles the call, puts each input object's bytes
-    where its ``ObjectRef`` was, calls ``fn``. Nested, so cloudpickle ships it by value."""
+    where its ``ObjectRef`` was (an input given as a path, a local copy the node checked
+    and linked for the run, is read from that file), calls ``fn``. Nested, so cloudpickle
+    ships it by value."""
 
-    def _meshscale_call(payload: bytes, inputs: list[bytes]) -> Any:
+    def _meshscale_call(payload: bytes, inputs: list[bytes | str]) -> Any:
         import cloudpickle as _cp
 
         args, kwargs, slots = _cp.loads(payload)
         args = list(args)
+        read: dict[int, bytes] = {}
         for where, i in slots:
+            value = inputs[i]
+            if isinstance(value, str):  # a checked local copy the node linked for this run
+                if i not in read:
+                    with open(value, "rb") as f:
+                        read[i] = f.read()
+                value = read[i]
             if isinstance(where, int):
-                args[where] = inputs[i]
+                args[where] = value
             else:
-                kwargs[where] = inputs[i]
+                kwargs[where] = value
         return fn(*args, **kwargs)
 
     _meshscale_call.__name__ = getattr(fn, "__name__", "task")

@@ -28,9 +28,10 @@ the way ``dataplane.py`` drives ``core.replication``:
 
 Calling convention with the client (``client/tasks.py``): the function the client ships
 is a wrapper ``call(args_bytes, inputs)``; the node hands the worker
-``pickle((args_bytes, [bytes of each input object]), {})``, built from plain bytes so the
-agent never unpickles user data; the wrapper puts each object's bytes where its
-``ObjectRef`` was.
+``pickle((args_bytes, [each input object]), {})``, built from plain bytes and strings so
+the agent never unpickles user data. An input is its bytes, or (``str``) the path of a
+hash-checked local copy hard-linked for the run, which the worker reads itself; the
+wrapper puts each object's bytes where its ``ObjectRef`` was.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -133,6 +135,9 @@ class ComputeConfig:
     gossip_idle_s: float = 5.0
     """Load reports stop this long after the last scheduling activity on this node."""
     rpc_timeout_s: float = 30.0
+    inputs_by_path: bool = True
+    """Give a worker the path of a local input object's file instead of its bytes (see
+    ``_input``)."""
     input_cache_s: float = 5.0
     """How long a resolved input (size, holders, policy) is reused by submits."""
     persist: bool = True
@@ -570,6 +575,21 @@ class ComputePlane:
         if asyncio.iscoroutine(result):
             result = await result
         return result
+
+    async def _input(self, oid: str, links: list[Path]) -> bytes | str:
+        """An input object for the worker: the path of a hash-checked local copy when this
+        node holds one (the worker reads the file itself: no copy through this process,
+        the pickle and the pipe; ``links`` collects what to release after the run), else
+        its bytes, read from wherever they are."""
+        dp = self.agent.dataplane
+        if dp is not None and self.cfg.inputs_by_path:
+            path = await dp.local_copy_path(oid)
+            if path is not None:
+                links.append(path)
+                self._count("inputs_by_path")
+                return str(path)
+        self._count("inputs_by_value")
+        return await self._read_object(oid)
 
     async def _read_object(self, oid: str) -> bytes:
         buf = bytearray()
@@ -1211,11 +1231,12 @@ class ComputePlane:
                                    "attempt": rt.attempt}
         key = f"{owner}/{spec.task_id}"
         pool_id = f"{key}/{rt.attempt}"
+        links: list[Path] = []
         try:
             p = msgspec.msgpack.decode(spec.payload, type=_Payload)
             if self._pool_ready is not None and not self._pool_ready.is_set():
                 await asyncio.wait_for(self._pool_ready.wait(), self.pool.config.start_timeout_s)
-            inputs = list(await asyncio.gather(*(self._read_object(o) for o in p.inputs)))
+            inputs = list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
             call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
             self._running[key] = pool_id
             kw: dict[str, Any] = {"timeout_s": p.timeout_s,
@@ -1239,6 +1260,8 @@ class ComputePlane:
             outcome.update(ok=False, kind="worker_crashed", error="workers did not start")
         finally:
             self._running.pop(key, None)
+            if links and self.agent.dataplane is not None:
+                await asyncio.to_thread(self.agent.dataplane.release_copy_paths, links)
         for attempt in range(3):
             try:
                 await self._call(owner, "task.done", outcome)

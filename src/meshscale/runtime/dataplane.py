@@ -40,6 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
@@ -1157,6 +1158,28 @@ class DataPlane:
         else:
             self._count("verified_cached")
         return meta, True
+
+    async def local_copy_path(self, oid: str) -> Path | None:
+        """A path on this machine holding ``oid``'s bytes, hash-checked (see
+        ``_local_verified``) and hard-linked so a drop or delete meanwhile cannot take them
+        away; release it with ``release_copy_path``. None when no good local copy exists
+        (or the link cannot be made): read the bytes instead."""
+        if self.store is None:
+            return None
+        meta, ok = await self._local_verified(oid)
+        if meta is None or not ok:
+            return None
+        try:
+            return await asyncio.to_thread(self.store.link_copy, oid)
+        except (StorageError, OSError):
+            return None
+
+    def release_copy_paths(self, paths: list[Path]) -> None:
+        """Remove links made by ``local_copy_path`` (blocking: call in a thread)."""
+        if self.store is not None:
+            for path in paths:
+                with contextlib.suppress(OSError, ValueError):
+                    self.store.release_copy(path)
 
     def _read_range(self, oid: str, offset: int, length: int) -> bytes:
         assert self.store is not None

@@ -2,6 +2,7 @@
 
     <data_dir>/objects/ab/cd/b3-abcd...    one file per object, named by its BLAKE3-256
     <data_dir>/tmp/<random>.part           objects being written; removed on open
+    <data_dir>/tmp/<random>.in             links to objects read by local tasks; removed on open
     <data_dir>/meta.sqlite3                object index, KV (WAL, synchronous=FULL)
     <data_dir>/storage.lock                flock: one LocalStore per data dir
 
@@ -65,6 +66,7 @@ MAX_META_FIELD_BYTES: Final = 4096
 
 OBJECTS_DIR: Final = "objects"
 TMP_DIR: Final = "tmp"
+LINK_SUFFIX: Final = ".in"
 DB_FILE: Final = "meta.sqlite3"
 LOCK_FILE: Final = "storage.lock"
 TMP_SUFFIX: Final = ".part"
@@ -916,6 +918,27 @@ class LocalStore:
         if m is None:
             raise StorageError("not_found", f"object {object_id} is not stored here")
         return m
+
+    def link_copy(self, object_id: str) -> Path:
+        """A hard link to the object's file, under ``tmp/`` (``*.in``), for a reader on this
+        machine (a task's worker) that must find the bytes even if the object is dropped
+        or deleted meanwhile. Its bytes are whatever the file holds: check the copy first.
+        Remove it with ``release_copy``; anything left is removed when the store opens."""
+        meta = self._require(object_id)
+        dst = self.tmp_dir / (secrets.token_hex(16) + LINK_SUFFIX)
+        try:
+            os.link(self.object_path(meta.object_id), dst)
+        except FileNotFoundError:
+            raise StorageError("not_found", f"object {object_id} has no file") from None
+        return dst
+
+    def release_copy(self, path: Path) -> None:
+        """Remove a link made by ``link_copy`` (idempotent; refuses any other path)."""
+        path = Path(path)
+        if path.parent != self.tmp_dir or not path.name.endswith(LINK_SUFFIX):
+            raise ValueError(f"{path} is not a link made by link_copy")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     def open_read(self, object_id: str) -> BinaryIO:
         """The object's file, open for reading; the caller closes it.
