@@ -162,3 +162,18 @@ class Mesh:
             )
         self.extra.append(p)
         return p
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench_quick(script: str, out: Path, timeout: float = 280) -> dict[str, Any]:
+    """Run ``bench/<script> --quick --json out`` to completion; its JSON, with the printed
+    table under ``"_stdout"``. Fails the test with the tail of stderr if it exits non-zero."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data: dict[str, Any] = json.loads(out.read_text())
+    return {**data, "_stdout": proc.stdout}
