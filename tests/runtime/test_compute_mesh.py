@@ -38,15 +38,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
         yield m
 
 
-@pytest.fixture(scope="module")
-def client(mesh: LocalMesh) -> Iterator[TaskMesh]:
-    c = connect(mesh.nodes[0].address, bundle=mesh.bundle_path)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
 def digest(data: bytes, k: int) -> tuple[int, int, str]:
     return k, len(data), hashlib.blake2b(data, digest_size=8).hexdigest()
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 from runtime_mesh import detection_bound, wait_for
 
-from meshscale.client.tasks import TaskMesh, connect
+from meshscale.client.tasks import TaskMesh
 from meshscale.runtime.launcher import LocalMesh
 from meshscale.trust.bundle import load_bundle
 
@@ -60,15 +60,6 @@ STREAM_RECORDS = 30
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     with LocalMesh(tmp_path_factory.mktemp("dash"), 3, regions=REGIONS, latency=LATENCY) as m:
         yield m
-
-
-@pytest.fixture(scope="module")
-def client(mesh: LocalMesh) -> Iterator[TaskMesh]:
-    c = connect(mesh.nodes[0].address, bundle=mesh.bundle_path)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture

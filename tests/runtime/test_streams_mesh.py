@@ -34,15 +34,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
         yield m
 
 
-@pytest.fixture(scope="module")
-def client(mesh: LocalMesh) -> Iterator[TaskMesh]:
-    c = connect(mesh.nodes[0].address, bundle=mesh.bundle_path)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
 def collect(sub: Subscription, want: Callable[[dict[str, Record]], bool], timeout: float,
             into: dict[str, Record] | None = None) -> dict[str, Record]:
     got: dict[str, Record] = {} if into is None else into
