@@ -457,16 +457,21 @@ class AsyncMesh:
         self._read_bytes = DEFAULT_READ_BYTES
         self.kv = AsyncKV(self)
 
+    @staticmethod
+    def _mesh_error(e: RpcError, method: str) -> MeshError:
+        """The error a caller of this API sees for a failed call of ``method``."""
+        msg = str(e)
+        if "unknown object id" in msg:
+            return ObjectNotFoundError(msg)
+        if f"unknown method {method!r}" in msg:
+            msg += " (this node does not serve it; is it an older version?)"
+        return MeshError(msg)
+
     async def _call(self, method: str, args: dict[str, Any] | None = None) -> Any:
         try:
             return await self._conn.call(method, args)
         except RpcError as e:
-            msg = str(e)
-            if "unknown object id" in msg:
-                raise ObjectNotFoundError(msg) from None
-            if f"unknown method {method!r}" in msg:
-                msg += " (this node does not serve it; is it an older version?)"
-            raise MeshError(msg) from None
+            raise self._mesh_error(e, method) from None
         except asyncio.CancelledError:
             # A reply may still be on its way: never reuse this connection for another call.
             await self._conn.close()
@@ -594,13 +599,13 @@ class AsyncMesh:
         try:
             await pipe.send(method, args)
         except RpcError as e:
-            raise MeshError(str(e)) from None
+            raise self._mesh_error(e, method) from None
 
     async def _pipe_reply(self, pipe: RpcPipeline, method: str) -> None:
         try:
             reply = await pipe.receive()
         except RpcError as e:
-            raise MeshError(str(e)) from None
+            raise self._mesh_error(e, method) from None
         if not isinstance(reply, dict):
             raise MeshError(f"{self.address}: unexpected reply to {method}: {reply!r:.200}")
 
