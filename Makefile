@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv sysdeps test lint demo bench clean
 
 venv: $(STAMP)
 
@@ -18,7 +18,12 @@ lint: venv
 	$(BIN)/ruff check src tests bench $(wildcard examples)
 	$(BIN)/mypy --strict src/meshscale/core src/meshscale/sim
 
-test: lint
+# Chromium for the browser test, iproute2 and nftables for the multi-host tests: installed
+# when missing and root, else the tests that need them skip (scripts/system-deps).
+sysdeps:
+	@scripts/system-deps
+
+test: lint sysdeps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: venv

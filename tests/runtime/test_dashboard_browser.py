@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from needs import require_tools
 from runtime_mesh import detection_bound, wait_for
 
 from meshscale.client.tasks import TaskMesh
@@ -64,13 +65,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        pytest.fail(
-            f"the dashboard test needs Debian's Chromium and chromedriver ({', '.join(missing)} "
-            "missing): run `apt-get install chromium chromium-driver` (.ci/run does it)",
-            pytrace=False,
-        )
+    require_tools(str(CHROMIUM), str(CHROMEDRIVER), what="the dashboard test")
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
