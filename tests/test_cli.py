@@ -136,28 +136,64 @@ def test_keys_rotate_changes_the_primary(bundle_dir: Path) -> None:
     assert listed == [after.primary_id, "primary", before.primary_id, "accepted"]
 
 
-def test_cert_issue(bundle_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "certs"
-    result = cli(
-        "cert", "issue", "--bundle", bundle_dir, "--name", "edge-1",
-        "--host", "10.0.0.7", "--host", "edge-1.local", "--out", out,
-    )  # fmt: skip
+def test_bundle_node_and_client(bundle_dir: Path, tmp_path: Path) -> None:
+    node_dir, client_dir = tmp_path / "edge-1", tmp_path / "alice"
+    result = cli("bundle", "node", "--bundle", bundle_dir, "--name", "edge-1",
+                 "--host", "10.0.0.7", "--host", "edge-1.local", "--out", node_dir)
     assert result.returncode == 0, result.stderr
-    cert = x509.load_pem_x509_certificate((out / "edge-1.pem").read_bytes())
+    assert "edge-1" in result.stdout and "valid until" in result.stdout
+    node = load_bundle(node_dir)
+    assert node.kind == "node" and node.name == "edge-1" and node.ca_key_pem is None
+    cert = x509.load_pem_x509_certificate((node_dir / "node.pem").read_bytes())
     ca = x509.load_pem_x509_certificate((bundle_dir / "ca.pem").read_bytes())
     cert.verify_directly_issued_by(ca)
-    assert stat.S_IMODE((out / "edge-1.key").stat().st_mode) == 0o600
-    # Refuses to overwrite without --force.
-    again = cli("cert", "issue", "--bundle", bundle_dir, "--name", "edge-1", "--out", out)
-    assert "already exists" in assert_one_line_error(again)
+    assert stat.S_IMODE((node_dir / "node.key").stat().st_mode) == 0o600
+    # Refuses to overwrite without --force; --renew re-issues in place.
+    again = cli("bundle", "node", "--bundle", bundle_dir, "--name", "edge-1", "--out", node_dir)
+    assert "--force" in assert_one_line_error(again)
+    renewed = cli("bundle", "node", "--bundle", bundle_dir, "--name", "edge-1", "--out",
+                  node_dir, "--renew")
+    assert renewed.returncode == 0 and "renewed" in renewed.stdout, renewed.stderr
+    assert load_bundle(node_dir).cert.serial != node.cert.serial
+    result = cli("bundle", "client", "--bundle", bundle_dir, "--name", "alice", "--read-only",
+                 "--out", client_dir)
+    assert result.returncode == 0, result.stderr
+    assert load_bundle(client_dir).role == "read-only"
+    # The token command prints a client bundle's own token.
+    assert cli("token", "--bundle", client_dir).stdout.strip() == \
+        load_bundle(bundle_dir).read_only_token
 
 
-def test_cert_issue_bad_name(bundle_dir: Path, tmp_path: Path) -> None:
-    result = cli("cert", "issue", "--bundle", bundle_dir, "--name", "../x", "--out", tmp_path)
+def test_bundle_bad_input(bundle_dir: Path, tmp_path: Path) -> None:
+    result = cli("bundle", "node", "--bundle", bundle_dir, "--name", "../x", "--out", tmp_path)
     assert "invalid node name" in assert_one_line_error(result)
-
-
-def test_cert_issue_without_ca_key(bundle_dir: Path, tmp_path: Path) -> None:
+    result = cli("bundle", "node", "--bundle", bundle_dir, "--name", "n", "--host", "bad host",
+                 "--out", tmp_path / "n")
+    assert "invalid host" in assert_one_line_error(result)
+    cli("bundle", "client", "--bundle", bundle_dir, "--name", "c", "--out", tmp_path / "c")
+    # Only the admin bundle makes bundles: a client bundle cannot.
+    result = cli("bundle", "node", "--bundle", tmp_path / "c", "--name", "n", "--out",
+                 tmp_path / "n2")
+    assert "is a client bundle" in assert_one_line_error(result)
     (bundle_dir / "ca.key").unlink()
-    result = cli("cert", "issue", "--bundle", bundle_dir, "--name", "n1", "--out", tmp_path)
+    result = cli("bundle", "node", "--bundle", bundle_dir, "--name", "n1", "--out", tmp_path / "x")
     assert "ca.key" in assert_one_line_error(result)
+
+
+def test_node_config_example_is_valid_toml() -> None:
+    import tomllib
+
+    result = cli("node", "config-example")
+    assert result.returncode == 0, result.stderr
+    values = tomllib.loads(result.stdout)
+    assert values["bind"] == "127.0.0.1:7946" and values["stream_max_backlog"] == 2000
+    for key in ("data_dir", "bundle", "join", "advertise", "cpus", "labels", "http"):
+        assert key in result.stdout, key
+
+
+def test_node_remove_needs_the_admin_bundle(bundle_dir: Path, tmp_path: Path) -> None:
+    cli("bundle", "client", "--bundle", bundle_dir, "--name", "c", "--out", tmp_path / "c")
+    result = cli("node", "remove", "n1", "--bundle", tmp_path / "c", "--node", "127.0.0.1:1")
+    assert "is a client bundle" in assert_one_line_error(result)
+    result = cli("node", "remove", "bad name", "--bundle", bundle_dir)
+    assert "invalid node name" in assert_one_line_error(result)

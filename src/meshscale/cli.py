@@ -7,8 +7,12 @@ code 2; never a traceback. Commands signal them by raising ``CliError``, ``Bundl
 
 To add a command: define a function on ``app`` (or on a sub-app such as ``keys_app``, or a
 new ``typer.Typer()`` registered with ``app.add_typer``), take the bundle with the
-``BundleOption`` annotation, and raise ``CliError`` for anything the user got wrong.
-Import heavy modules inside the command so ``meshscale --help`` stays fast.
+``BundleOption`` annotation (and, for a command that talks to the mesh, ``NodeOption`` and
+``MeshOption``, resolved together by ``_target``), and raise ``CliError`` for anything the
+user got wrong. Import heavy modules inside the command so ``meshscale --help`` stays fast.
+
+Exit codes: 0 done, 1 a failure (nothing found, the mesh refused), 2 bad input (a flag,
+a bundle, a file), 78 a removed node's ``node start``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,15 +29,15 @@ from typing import Annotated, Any
 import typer
 
 import meshscale
+from meshscale.meshfile import MESH_ENV, MeshFile, MeshFileError, read_mesh_file
 from meshscale.runtime.agent_main import LATENCY_HELP
 from meshscale.trust.bundle import (
+    Bundle,
     BundleError,
+    BundleKind,
     init_bundle,
-    issue_node_cert,
     load_bundle,
     rotate_keys,
-    write_private,
-    write_public,
 )
 from meshscale.trust.keyring import KeyringError
 
@@ -44,6 +49,7 @@ except ImportError:  # pragma: no cover - older typer with click installed
 PROG = "meshscale"
 BUNDLE_ENV = "MESHSCALE_BUNDLE"
 USAGE_EXIT = 2
+DEFAULT_NODE = "127.0.0.1:7946"
 
 
 class CliError(Exception):
@@ -65,9 +71,9 @@ def _typer(help_text: str) -> typer.Typer:
 
 
 app = _typer("meshscale: a decentralized compute mesh.")
-cert_app = _typer("Issue node certificates from the bundle's CA.")
+bundle_app = _typer("Make node and client bundles from the admin bundle (where ca.key is).")
 keys_app = _typer("Manage the gossip encryption keyring.")
-app.add_typer(cert_app, name="cert")
+app.add_typer(bundle_app, name="bundle")
 app.add_typer(keys_app, name="keys")
 
 BundleOption = Annotated[
@@ -76,8 +82,33 @@ BundleOption = Annotated[
         "--bundle",
         envvar=BUNDLE_ENV,
         show_envvar=True,
-        help="Cluster bundle directory (made by `meshscale init`).",
+        help="Admin bundle directory (made by `meshscale init`).",
     ),
+]
+ClientBundleOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--bundle",
+        envvar=BUNDLE_ENV,
+        show_envvar=True,
+        help="Client bundle (`meshscale bundle client`) or the admin bundle; default: the "
+        "one --mesh names.",
+    ),
+]
+MeshOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--mesh",
+        envvar=MESH_ENV,
+        show_envvar=True,
+        help="mesh.json of `meshscale up`: its nodes and client bundle, in place of "
+        "--node and --bundle.",
+    ),
+]
+NodeOption = Annotated[
+    str | None,
+    typer.Option("--node", help=f"HOST:PORT of the node to go through (default: each node "
+                 f"of --mesh in turn, else {DEFAULT_NODE})."),
 ]
 
 
@@ -105,47 +136,73 @@ def init_cmd(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Directory to create.")],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle.")] = False,
 ) -> None:
-    """Create a cluster bundle: CA, gossip keyring and admin token."""
+    """Create a cluster's admin bundle: CA, gossip keyring, admin token and an admin
+    client certificate. It stays on the operator's machine."""
     bundle = init_bundle(directory, force=force)
-    typer.echo(f"created bundle {bundle.path} (cluster {bundle.cluster_id})")
-    typer.echo(f"keep {bundle.path / 'ca.key'} private; nodes need the other files")
+    typer.echo(f"created admin bundle {bundle.path} (cluster {bundle.cluster_id})")
+    typer.echo(f"keep it on this machine ({bundle.path / 'ca.key'} can make any identity); "
+               "give each node a node bundle (`meshscale bundle node`) and each user a "
+               "client bundle (`meshscale bundle client`)")
 
 
-@cert_app.command("issue")
-def cert_issue_cmd(
+def _admin(path: Path | None) -> Bundle:
+    if path is None:
+        raise CliError(f"missing --bundle ADMIN_DIR (or {BUNDLE_ENV})")
+    return load_bundle(path).require(BundleKind.ADMIN, use="this command")
+
+
+DaysOption = Annotated[int, typer.Option("--days", min=1, max=3650,
+                                         help="Certificate lifetime in days.")]
+OutOption = Annotated[Path, typer.Option("--out", help="Directory to write the bundle in.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite a bundle in --out.")]
+
+
+@bundle_app.command("node")
+def bundle_node_cmd(
     bundle: BundleOption,
-    name: Annotated[str, typer.Option("--name", help="Node name (certificate CN).")],
-    out: Annotated[Path, typer.Option("--out", help="Directory for NAME.pem and NAME.key.")],
+    name: Annotated[str, typer.Option("--name", help="Node name (its certificate's CN).")],
+    out: OutOption,
     host: Annotated[
         list[str] | None,
-        typer.Option(
-            "--host", help="IP or DNS name for the SAN; repeat. Default: 127.0.0.1, localhost."
-        ),
+        typer.Option("--host", help="IP or DNS name the node is reached at, for its "
+                     "certificate; repeat. Default: 127.0.0.1, localhost."),
     ] = None,
-    days: Annotated[int, typer.Option("--days", min=1, help="Validity in days.")] = 825,
-    force: Annotated[
-        bool, typer.Option("--force", help="Overwrite an existing NAME.pem/NAME.key.")
-    ] = False,
+    days: DaysOption = 825,
+    force: ForceOption = False,
+    renew: Annotated[bool, typer.Option("--renew", help="Re-issue the certificate of the "
+                                        "node bundle in --out (and bring its keyring up to "
+                                        "date); restart the node to use it.")] = False,
 ) -> None:
-    """Issue a node certificate (mutual TLS) signed by the bundle's CA."""
-    loaded = load_bundle(bundle)
-    hosts = host or ["127.0.0.1", "localhost"]
-    try:
-        cert_pem, key_pem = issue_node_cert(loaded, name, hosts, days)
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    cert_path, key_path = out / f"{name}.pem", out / f"{name}.key"
-    if not force:
-        for p in (cert_path, key_path):
-            if p.exists():
-                raise CliError(f"{p}: already exists; use --force to overwrite it")
-    try:
-        out.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_private(key_path, key_pem)
-        write_public(cert_path, cert_pem)
-    except OSError as e:
-        raise CliError(f"{out}: cannot write certificate: {e.strerror or e}") from None
-    typer.echo(f"wrote {cert_path} and {key_path}")
+    """Write a node bundle: CA certificate, the node's certificate and key, the gossip
+    keyring and what the node checks tokens with. It holds no CA key."""
+    from meshscale.trust.bundle import write_node_bundle
+
+    made = write_node_bundle(_admin(bundle), name, out, hosts=host or (), days=days,
+                             force=force, renew=renew)
+    info = made.cert
+    typer.echo(f"{'renewed' if renew else 'wrote'} node bundle {made.path} for {made.name} "
+               f"(certificate valid until {info.not_after:%Y-%m-%d})")
+    typer.echo("copy it to the node's machine; `meshscale node start --bundle DIR ...`")
+
+
+@bundle_app.command("client")
+def bundle_client_cmd(
+    bundle: BundleOption,
+    name: Annotated[str, typer.Option("--name", help="Client name (its certificate's CN).")],
+    out: OutOption,
+    read_only: Annotated[bool, typer.Option("--read-only", help="May only list and read.")
+                         ] = False,
+    days: DaysOption = 825,
+    force: ForceOption = False,
+) -> None:
+    """Write a client bundle: CA certificate, a client certificate and key carrying its
+    role (admin, or read-only), and that role's token for the HTTP API."""
+    from meshscale.trust.bundle import write_client_bundle
+
+    made = write_client_bundle(_admin(bundle), name, out, read_only=read_only, days=days,
+                               force=force)
+    typer.echo(f"wrote {made.role} client bundle {made.path} for {made.name} (certificate "
+               f"valid until {made.cert.not_after:%Y-%m-%d})")
 
 
 @keys_app.command("rotate")
@@ -169,10 +226,11 @@ def token_cmd(
     bundle: BundleOption,
     read_only: Annotated[bool, typer.Option(
         "--read-only", help="Print the viewers' token instead: the HTTP API, /metrics "
-        "and the dashboard accept it; the RPC port (which changes things) does not.")] = False,
+        "and the dashboard accept it for reading.")] = False,
 ) -> None:
-    """Print the cluster's admin token (or, with --read-only, the viewers' token)."""
-    loaded = load_bundle(bundle)
+    """Print the HTTP API token of an admin or client bundle (or, with --read-only, the
+    viewers' token)."""
+    loaded = load_bundle(bundle).require(BundleKind.ADMIN, BundleKind.CLIENT, use="`token`")
     typer.echo(loaded.read_only_token if read_only else loaded.token)
 
 
@@ -265,14 +323,77 @@ def node_start_cmd(ctx: typer.Context) -> None:
         raise typer.Exit(code)
 
 
+@node_app.command("config-example")
+def node_config_example_cmd() -> None:
+    """Print a commented node.toml with every key and its default."""
+    from meshscale.runtime.agent_main import config_example
+
+    typer.echo(config_example())
+
+
+# -- reaching the mesh: --node / --mesh / --bundle ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a command goes (addresses tried in order) and the bundle it goes with."""
+
+    addresses: list[str]
+    bundle: Path
+    mesh: MeshFile | None = None
+
+
+def _mesh_file(mesh: Path | None) -> MeshFile | None:
+    if mesh is None:
+        return None
+    try:
+        return read_mesh_file(mesh)
+    except MeshFileError as e:
+        raise CliError(str(e)) from None
+
+
+def _target(node: str | None, mesh: Path | None, bundle: Path | None) -> Target:
+    """``--node`` over ``--mesh``'s nodes over the default address; ``--bundle`` (or
+    MESHSCALE_BUNDLE) over ``--mesh``'s client bundle."""
+    mf = _mesh_file(mesh)
+    if node is not None:
+        addresses = [_parse_addr(node, "--node")]
+    elif mf is not None:
+        addresses = mf.addresses
+    else:
+        addresses = [DEFAULT_NODE]
+    chosen = bundle if bundle is not None else (mf.bundle if mf is not None else None)
+    if chosen is None:
+        raise CliError(f"missing --bundle DIR (or {BUNDLE_ENV}, or --mesh mesh.json)")
+    return Target(addresses, chosen, mf)
+
+
 def _client_creds(bundle: Path) -> Any:
-    from meshscale.client.rpc import ClientCredentials
+    from meshscale.trust.credentials import Credentials
     from meshscale.trust.tls import TLSConfigError
 
     try:
-        return ClientCredentials.from_bundle(load_bundle(bundle))
+        return Credentials.from_bundle(load_bundle(bundle))
     except TLSConfigError as e:
         raise CliError(str(e)) from None
+
+
+def _call(target: Target, method: str, args: dict[str, Any] | None = None,
+          timeout: float = 5.0, creds: Any = None) -> Any:
+    """One RPC through the first node of ``target`` that answers."""
+    from meshscale.client.rpc import RemoteError, RpcError, call
+
+    creds = creds if creds is not None else _client_creds(target.bundle)
+    last: RpcError | None = None
+    for addr in target.addresses:
+        try:
+            return call(addr, creds, method, args, timeout=timeout)
+        except RemoteError as e:
+            raise CliError(str(e)) from None
+        except RpcError as e:
+            last = e
+    assert last is not None
+    raise CliError(str(last))
 
 
 def _members_table(rows: list[dict[str, Any]]) -> str:
@@ -299,29 +420,35 @@ def _members_table(rows: list[dict[str, Any]]) -> str:
 
 @app.command("members")
 def members_cmd(
-    bundle: BundleOption,
-    node: Annotated[
-        str, typer.Option("--node", help="HOST:PORT of the node to ask.")
-    ] = "127.0.0.1:7946",
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh: MeshOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds.")] = 5.0,
 ) -> None:
-    """List the members as one node sees them, with the estimated RTT from it."""
+    """List the members as one node sees them, with the estimated RTT from it; warn of
+    node certificates that end within 30 days."""
     import json
+    import time
 
-    from meshscale.client.rpc import RpcError, call
+    from meshscale.trust.certs import EXPIRY_WARNING_DAYS
 
-    addr = _parse_addr(node, "--node")
-    creds = _client_creds(bundle)
-    try:
-        rows: list[dict[str, Any]] = call(addr, creds, "members", timeout=timeout)
-    except RpcError as e:
-        raise CliError(str(e)) from None
+    rows: list[dict[str, Any]] = _call(_target(node, mesh, bundle), "members", timeout=timeout)
     if as_json:
-        keys = ("name", "address", "region", "zone", "state", "incarnation", "rtt_ms", "labels")
+        keys = ("name", "address", "region", "zone", "state", "incarnation", "rtt_ms",
+                "labels", "cert_expires")
         typer.echo(json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=2))
     else:
         typer.echo(_members_table(rows))
+    now = time.time()
+    for r in rows:
+        ends = r.get("cert_expires")
+        if r.get("state") in ("alive", "suspect") and isinstance(ends, int | float):
+            days = (ends - now) / 86400
+            if days <= EXPIRY_WARNING_DAYS:
+                when = "ended" if days <= 0 else f"ends in {days:.0f} days"
+                typer.echo(f"warning: the certificate of node {r['name']} {when}; re-issue "
+                           "it with `meshscale bundle node --renew`", err=True)
 
 
 @app.command("up")
@@ -338,13 +465,19 @@ def up_cmd(
         ),
     ] = 7946,
     directory: Annotated[
-        Path | None, typer.Option("--dir", help="Mesh directory (default: a new temp dir).")
+        Path | None, typer.Option("--dir", help="Mesh directory (default: a new temporary "
+                                  "one, removed when the mesh stops).")
     ] = None,
     timeout: Annotated[
         float, typer.Option("--timeout", min=1, help="Convergence deadline (s).")
     ] = 60.0,
+    detach: Annotated[bool, typer.Option("--detach", help="Return once the mesh has "
+                                         "converged and leave it running; `meshscale down "
+                                         "--dir DIR` stops it.")] = False,
 ) -> None:
-    """Start a local mesh of N node processes on 127.0.0.1 until Ctrl-C or SIGTERM."""
+    """Start a local mesh of N node processes on 127.0.0.1 until Ctrl-C or SIGTERM (or,
+    with --detach, until `meshscale down`)."""
+    import shutil
     import signal
     import tempfile
     import threading
@@ -359,16 +492,27 @@ def up_cmd(
         table = parse_latency(latency)
     except ValueError as e:
         raise CliError(f"--latency: {e}") from None
+    temporary = directory is None
     path = directory or Path(tempfile.mkdtemp(prefix="meshscale-up-"))
+    if not temporary and (path / "mesh.json").exists() and _mesh_running(path):
+        raise CliError(f"{path}: a mesh from there is still running; `meshscale down --dir "
+                       f"{path}` first")
+
+    def cleanup() -> None:
+        if temporary:
+            shutil.rmtree(path, ignore_errors=True)
+
     try:
         mesh = LocalMesh(path, nodes, regions=region_list, latency=table, base_port=base_port)
     except (ValueError, OSError) as e:
+        cleanup()
         raise CliError(str(e)) from None
     if base_port:
         from meshscale.runtime.launcher import _port_free
 
         busy = [n.port for n in mesh.nodes if not _port_free(n.port)]
         if busy:
+            cleanup()
             raise CliError(f"ports in use: {', '.join(map(str, busy))}; use --base-port 0")
     stop = threading.Event()
 
@@ -377,14 +521,18 @@ def up_cmd(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    mesh.start()
+    keep = False
     try:
+        mesh.start(detach=detach)
+        mesh.write_mesh_json(temporary=temporary)
         typer.echo(f"starting {nodes} nodes in {path}", err=True)
         try:
             rows = mesh.wait_converged(timeout, stop.is_set)
         except Interrupted:
             return
         except (TimeoutError, RuntimeError) as e:
+            if temporary:
+                raise CliError(str(e), exit_code=1) from None
             raise CliError(f"{e}; node logs are in {path / 'nodes'}", exit_code=1) from None
         typer.echo(_members_table(rows))
         typer.echo("")
@@ -395,7 +543,12 @@ def up_cmd(
                 f"pid {n.proc.pid}  log {n.log_path}"
             )
         typer.echo(f"mesh file: {mesh.mesh_json}")
+        typer.echo(f"export MESHSCALE_MESH={mesh.mesh_json}")
         typer.echo(f"export MESHSCALE_BUNDLE={mesh.bundle_path}")
+        if detach:
+            typer.echo(f"running in the background; stop it with: meshscale down --dir {path}")
+            keep = True
+            return
         typer.echo("Ctrl-C to stop the mesh")
         sys.stdout.flush()
         while not stop.wait(0.5):
@@ -403,8 +556,104 @@ def up_cmd(
             if len(gone) == len(mesh.nodes):
                 raise CliError("every node process has exited", exit_code=1)
     finally:
-        mesh.stop()
+        if not keep:
+            mesh.stop()
+            cleanup()
     typer.echo("stopped", err=True)
+
+
+def _mesh_pids(mf: MeshFile) -> list[int]:
+    """The node processes of a mesh.json that are still running as those nodes (a pid
+    counts only while its command line names the node's data dir: never a reused pid)."""
+    out = []
+    for n in mf.nodes:
+        pid, data_dir = n.get("pid"), n.get("data_dir")
+        if not isinstance(pid, int) or not isinstance(data_dir, str):
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if data_dir.encode() in cmdline:
+            out.append(pid)
+    return out
+
+
+def _mesh_running(path: Path) -> bool:
+    try:
+        return bool(_mesh_pids(read_mesh_file(path / "mesh.json")))
+    except MeshFileError:
+        return False
+
+
+@app.command("down")
+def down_cmd(
+    directory: Annotated[Path, typer.Option("--dir", help="The mesh directory `meshscale up "
+                                            "--detach` printed.")],
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for "
+                                           "a graceful leave before SIGKILL.")] = 10.0,
+) -> None:
+    """Stop a mesh started with `meshscale up --detach` (and remove its directory if `up`
+    made a temporary one)."""
+    import shutil
+    import signal
+    import time
+
+    from meshscale.runtime.launcher import pid_alive
+
+    mf = _mesh_file(directory / "mesh.json")
+    assert mf is not None
+    pids = _mesh_pids(mf)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed = [p for p in pids if pid_alive(p)]
+    for pid in killed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if mf.temporary:
+        shutil.rmtree(directory, ignore_errors=True)
+    typer.echo(f"stopped {len(pids)} node(s)" + (f" ({len(killed)} killed)" if killed else "")
+               + (f"; removed {directory}" if mf.temporary else ""))
+
+
+@node_app.command("remove")
+def node_remove_cmd(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The node to remove.")],
+    bundle: Annotated[Path | None, typer.Option(
+        "--bundle", envvar=BUNDLE_ENV, help="The admin bundle (it signs the removal); "
+        "default: the one --mesh names.")] = None,
+    node: NodeOption = None,
+    mesh: MeshOption = None,
+    reason: Annotated[str, typer.Option("--reason", help="Kept with the entry.")] = "",
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds.")] = 10.0,
+) -> None:
+    """Remove a node for good: a revocation signed by the CA, handed to a live node and
+    spread by gossip. Every node then refuses the removed node's TLS and gossip, its data
+    is re-replicated elsewhere, and it cannot rejoin."""
+    from meshscale.trust.certs import check_name
+    from meshscale.trust.credentials import Credentials
+    from meshscale.trust.revocation import sign_revocation
+
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    mf = _mesh_file(mesh)
+    admin = _admin(bundle if bundle is not None else (mf.admin_bundle if mf else None))
+    target = _target(node, mesh, admin.path)
+    assert admin.ca_key_pem is not None
+    entry = sign_revocation(admin.ca_key_pem, admin.cluster_id, name, reason)
+    result = _call(target, "admin.revoke", {"entry": entry}, timeout=timeout,
+                   creds=Credentials.from_bundle(admin))
+    state = "removed" if result.get("new") else "was already removed"
+    typer.echo(f"node {name} {state}; the removal spreads by gossip (seconds)")
+    typer.echo("the removed machine still holds the gossip keyring: rotate it with "
+               "`meshscale keys rotate` and copy keyring.json to every node bundle")
 
 
 @app.command("top")
@@ -412,12 +661,11 @@ def top_cmd(
     http: Annotated[
         str | None, typer.Option("--http", help="HOST:PORT of a node's HTTP API.")
     ] = None,
-    mesh: Annotated[
-        Path | None, typer.Option("--mesh", help="mesh.json of `meshscale up` (any node).")
-    ] = None,
+    mesh: MeshOption = None,
     bundle: Annotated[
         Path | None,
-        typer.Option("--bundle", envvar=BUNDLE_ENV, help="Bundle with the admin token."),
+        typer.Option("--bundle", envvar=BUNDLE_ENV, help="Client or admin bundle (its "
+                     "token); default: the one --mesh names."),
     ] = None,
     once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
     interval: Annotated[float, typer.Option("--interval", min=0.2, help="Seconds.")] = 1.0,
@@ -427,18 +675,20 @@ def top_cmd(
     from meshscale.top import TopError, run_top, targets_from_mesh
 
     try:
-        if (http is None) == (mesh is None):
-            raise TopError("give one of --http HOST:PORT or --mesh mesh.json", usage=True)
-        if mesh is not None:
+        if http is not None:
+            addrs = [_parse_addr(http, "--http")]
+        elif mesh is not None:
             addrs, mesh_bundle = targets_from_mesh(mesh)
             bundle = bundle or mesh_bundle
         else:
-            assert http is not None
-            addrs = [_parse_addr(http, "--http")]
+            raise TopError(f"give --http HOST:PORT or --mesh mesh.json (or {MESH_ENV})",
+                           usage=True)
         if bundle is None:
             raise TopError("--bundle DIR is needed for the token", usage=True)
-        run_top(addrs, load_bundle(bundle).token, once=once, interval=interval,
-                timeout=timeout)
+        token = load_bundle(bundle).require(BundleKind.ADMIN, BundleKind.CLIENT,
+                                            use="`top`").token
+        assert token is not None
+        run_top(addrs, token, once=once, interval=interval, timeout=timeout)
     except TopError as e:
         raise CliError(str(e), USAGE_EXIT if e.usage else 1) from None
 
@@ -448,7 +698,6 @@ def top_cmd(
 kv_app = _typer("Read and write the mesh's replicated key-value space.")
 app.add_typer(kv_app, name="kv")
 
-NodeOption = Annotated[str, typer.Option("--node", help="HOST:PORT of the node to go through.")]
 TimeoutOption = Annotated[
     float, typer.Option("--timeout", min=0.1, help="Seconds for each request.")
 ]
@@ -468,15 +717,20 @@ ConsistencyOption = Annotated[
 
 
 @contextlib.contextmanager
-def _data_plane(node: str, bundle: Path, timeout: float) -> Iterator[Any]:
-    """A connected ``Mesh``; client errors become one-line ``CliError``s."""
+def _data_plane(target: Target, timeout: float) -> Iterator[Any]:
+    """A ``Mesh`` connected through the first node of ``target`` that answers; client
+    errors become one-line ``CliError``s."""
     from meshscale.client.mesh import ConnectError, IntegrityError, MeshError, connect
 
-    addr = _parse_addr(node, "--node")
-    try:
-        mesh = connect(addr, bundle=bundle, timeout=timeout)
-    except ConnectError as e:
-        raise CliError(str(e)) from None
+    mesh = None
+    for addr in target.addresses:
+        try:
+            mesh = connect(addr, bundle=target.bundle, timeout=timeout)
+            break
+        except ConnectError as e:
+            if addr == target.addresses[-1]:
+                raise CliError(str(e)) from None
+    assert mesh is not None
     try:
         yield mesh
     except IntegrityError as e:
@@ -551,7 +805,6 @@ def _parse_residency(value: str | None) -> list[str] | None:
 
 @app.command("put")
 def put_cmd(
-    bundle: BundleOption,
     file: Annotated[Path, typer.Argument(metavar="FILE", help="File to store; - reads stdin.")],
     replicas: Annotated[int, typer.Option("--replicas", min=1, help="Copies to keep.")] = 3,
     w: Annotated[int, typer.Option("--w", min=1, help="Copies durable before put returns.")] = 2,
@@ -562,7 +815,9 @@ def put_cmd(
     data_class: Annotated[
         str | None, typer.Option("--class", help="Data class, e.g. pii or telemetry.")
     ] = None,
-    node: NodeOption = "127.0.0.1:7946",
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Store a file (- for stdin) as an object; prints its id on the last line of stdout."""
@@ -576,7 +831,7 @@ def put_cmd(
         raise CliError(f"{file}: no such file")
     elif file.is_dir():
         raise CliError(f"{file}: is a directory")
-    with _data_plane(node, bundle, timeout) as mesh, _ProgressBar(f"put {file.name}") as bar:
+    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh, _ProgressBar(f"put {file.name}") as bar:
         ref = mesh.put(
             source, replicas=replicas, w=w, data_class=data_class, residency=regions, progress=bar
         )
@@ -585,12 +840,13 @@ def put_cmd(
 
 @app.command("get")
 def get_cmd(
-    bundle: BundleOption,
     object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...).")],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="File to write (replaced atomically).")
     ],
-    node: NodeOption = "127.0.0.1:7946",
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Fetch an object to a file; nothing is written unless the bytes match the id."""
@@ -600,15 +856,16 @@ def get_cmd(
         raise CliError(f"not an object id: {object_id!r} (expected b3- and 64 hex digits)")
     if output.is_dir():
         raise CliError(f"-o {output}: is a directory")
-    with _data_plane(node, bundle, timeout) as mesh, _ProgressBar(f"get {output.name}") as bar:
+    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh, _ProgressBar(f"get {output.name}") as bar:
         mesh.get(object_id, path=output, progress=bar)
 
 
 @app.command("delete")
 def delete_cmd(
-    bundle: BundleOption,
     object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...).")],
-    node: NodeOption = "127.0.0.1:7946",
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Delete an object from every node; repair never brings it back (tombstones)."""
@@ -616,7 +873,7 @@ def delete_cmd(
 
     if OBJECT_ID_RE.fullmatch(object_id) is None:
         raise CliError(f"not an object id: {object_id!r} (expected b3- and 64 hex digits)")
-    with _data_plane(node, bundle, timeout) as mesh:
+    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
         holders = mesh.delete(object_id)
     typer.echo(f"deleted {object_id} (held by {', '.join(holders) or 'no live node'})")
 
@@ -651,8 +908,9 @@ def _objects_table(rows: list[Any]) -> str:
 
 @app.command("objects")
 def objects_cmd(
-    bundle: BundleOption,
-    node: NodeOption = "127.0.0.1:7946",
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     timeout: TimeoutOption = 30.0,
 ) -> None:
@@ -661,7 +919,7 @@ def objects_cmd(
 
     import msgspec
 
-    with _data_plane(node, bundle, timeout) as mesh:
+    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
         rows = mesh.objects()
     if as_json:
         typer.echo(json.dumps(msgspec.to_builtins(rows), indent=2))
@@ -671,14 +929,15 @@ def objects_cmd(
 
 @kv_app.command("get")
 def kv_get_cmd(
-    bundle: BundleOption,
     key: Annotated[str, typer.Argument(metavar="KEY")],
     consistency: ConsistencyOption = ConsistencyLevel.quorum,
-    node: NodeOption = "127.0.0.1:7946",
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Print a key's value (exit 1 if it has none)."""
-    with _data_plane(node, bundle, timeout) as mesh:
+    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
         value = mesh.kv.get(key, consistency.value)
     if value is None:
         raise CliError(f"no value for key {key!r}", exit_code=1)
@@ -689,29 +948,31 @@ def kv_get_cmd(
 
 @kv_app.command("put")
 def kv_put_cmd(
-    bundle: BundleOption,
     key: Annotated[str, typer.Argument(metavar="KEY")],
     value: Annotated[str, typer.Argument(metavar="VALUE", help="The value; - reads stdin.")],
     consistency: ConsistencyOption = ConsistencyLevel.quorum,
-    node: NodeOption = "127.0.0.1:7946",
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Set a key."""
     data = sys.stdin.buffer.read() if value == "-" else value.encode("utf-8")
-    with _data_plane(node, bundle, timeout) as mesh:
+    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
         mesh.kv.put(key, data, consistency.value)
 
 
 @kv_app.command("delete")
 def kv_delete_cmd(
-    bundle: BundleOption,
     key: Annotated[str, typer.Argument(metavar="KEY")],
     consistency: ConsistencyOption = ConsistencyLevel.quorum,
-    node: NodeOption = "127.0.0.1:7946",
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Delete a key."""
-    with _data_plane(node, bundle, timeout) as mesh:
+    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
         mesh.kv.delete(key, consistency.value)
 
 
@@ -732,8 +993,9 @@ def _tasks_table(rows: list[dict[str, Any]]) -> str:
 
 @app.command("tasks")
 def tasks_cmd(
-    bundle: BundleOption,
-    node: NodeOption = "127.0.0.1:7946",
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Newest N tasks.")] = 100,
     timeout: TimeoutOption = 30.0,
@@ -741,15 +1003,8 @@ def tasks_cmd(
     """List the tasks a node owns (newest first): state, node it ran on, and why there."""
     import json
 
-    from meshscale.client.rpc import RpcError, call
-
-    addr = _parse_addr(node, "--node")
-    creds = _client_creds(bundle)
-    try:
-        rows: list[dict[str, Any]] = call(addr, creds, "task.list", {"limit": limit},
-                                          timeout=timeout)
-    except RpcError as e:
-        raise CliError(str(e)) from None
+    rows: list[dict[str, Any]] = _call(_target(node, mesh_file, bundle), "task.list",
+                                       {"limit": limit}, timeout=timeout)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:

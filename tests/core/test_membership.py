@@ -358,3 +358,96 @@ def test_incarnations_never_go_backwards(ops: list[tuple[str, str, int]]) -> Non
             seen[n] = m.inc
         assert a.state_of("a") == State.ALIVE
         assert a.alive_count() == sum(1 for m in a.members.values() if m.state <= State.SUSPECT)
+
+
+# -- removal: signed revocations (opaque to core; a stand-in verifier here) ------------------
+
+
+def _verifier(blob: bytes) -> str | None:
+    """Entries are b"revoke:NAME" here; the runtime checks a CA signature instead."""
+    text = blob.decode("ascii", "replace")
+    return text.removeprefix("revoke:") if text.startswith("revoke:") else None
+
+
+def revoking(names: list[str], **cfg: object) -> dict[str, Membership]:
+    config = MembershipConfig(**cfg)  # type: ignore[arg-type]
+    nodes = {n: Membership(n, n, NodeMeta(region="r1"), config=config, rng=random.Random(n),
+                           now=0.0, verify_revocation=_verifier) for n in names}
+    view = [(n, n, 0, nodes[n].meta) for n in names]
+    for m in nodes.values():
+        m.install_view(view, 0.0)
+        m.drain()
+    return nodes
+
+
+def test_a_revocation_spreads_to_every_node_and_is_final() -> None:
+    from meshscale.core.membership import MemberRemoved
+
+    names = [f"n{i}" for i in range(8)]
+    nodes = revoking(names)
+    assert nodes["n0"].revoke(b"revoke:n7", 0.0) == "n7"
+    events = pump(nodes, 3.0, down={"n7"})
+    for n in names[:7]:
+        assert nodes[n].state_of("n7") == State.REMOVED, n
+        assert nodes[n].revoked["n7"] == b"revoke:n7"
+    removed = {name for _, name, ev in events if isinstance(ev, MemberRemoved)}
+    assert removed == set(names[:7])
+    # Whatever incarnation it claims, a removed member is not believed again.
+    alive = encode_envelope([msgspec.msgpack.encode(Alive("n7", 99, "n7", NodeMeta()))])
+    nodes["n1"].handle_datagram("n7", alive, 3.1)
+    assert nodes["n1"].state_of("n7") == State.REMOVED
+    assert nodes["n1"].stats["rejected.removed"] >= 1
+    # Nor are its pings answered, nor its accusations heard.
+    ping = encode_envelope([msgspec.msgpack.encode(Ping(5, "n1", "n7", "n7")),
+                            msgspec.msgpack.encode(Suspect("n2", 0, "n7"))])
+    nodes["n1"].handle_datagram("n7", ping, 3.2)
+    assert not datagrams(nodes["n1"])
+    assert nodes["n1"].state_of("n2") == State.ALIVE
+
+
+def test_an_entry_that_does_not_verify_changes_nothing() -> None:
+    nodes = revoking(["a", "b"])
+    assert nodes["a"].revoke(b"forged:b", 0.0) is None
+    assert nodes["a"].state_of("b") == State.ALIVE and not nodes["a"].revoked
+    assert nodes["a"].stats["rejected.revocation"] == 1
+    plain = make("c")  # no verifier: every entry is refused
+    assert plain.revoke(b"revoke:a", 0.0) is None
+
+
+def test_a_node_that_missed_the_gossip_gets_the_entry_by_push_pull() -> None:
+    nodes = revoking(["a", "b", "c"])
+    nodes["a"].revoke(b"revoke:c", 0.0)
+    nodes["a"].drain()  # the gossip is lost: b hears nothing of it
+    req = nodes["b"]._push_pull_with("a", False)  # b's periodic push/pull with a
+    out = [o for o in nodes["b"].drain() if isinstance(o, StreamRequest)]
+    assert req is None and out
+    reply = nodes["a"].handle_stream("b", out[0].payload, 1.0, peer="b")
+    assert reply is not None
+    nodes["b"].handle_stream_reply("a", reply, 1.0, peer="a")
+    assert nodes["b"].state_of("c") == State.REMOVED
+
+
+def test_a_removed_node_stops_and_a_push_pull_from_it_is_refused() -> None:
+    from meshscale.core.membership import MemberRemoved
+
+    nodes = revoking(["a", "b"])
+    nodes["b"].revoke(b"revoke:b", 0.0)
+    assert nodes["b"].removed
+    assert any(isinstance(o, MemberRemoved) and o.name == "b" for o in nodes["b"].drain())
+    assert nodes["b"].next_deadline() is None  # it takes no further part
+    nodes["a"].revoke(b"revoke:b", 0.0)
+    nodes["a"].drain()
+    nodes["b"]._push_pull_with("a", True)
+    out = [o for o in nodes["b"].drain() if isinstance(o, StreamRequest)]
+    assert nodes["a"].handle_stream("b", out[0].payload, 1.0, peer="b") is None
+    assert nodes["a"].stats["rejected.removed"] == 1
+
+
+def test_a_push_pull_must_come_from_the_node_it_names() -> None:
+    nodes = revoking(["a", "b", "c"])
+    nodes["b"]._push_pull_with("a", False)
+    out = [o for o in nodes["b"].drain() if isinstance(o, StreamRequest)]
+    # The certificate on the connection says "c", the message says "b": refused.
+    assert nodes["a"].handle_stream("b", out[0].payload, 1.0, peer="c") is None
+    assert nodes["a"].stats["rejected.impersonation"] == 1
+    assert nodes["a"].handle_stream("b", out[0].payload, 1.0, peer="b") is not None

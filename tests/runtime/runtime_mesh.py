@@ -76,6 +76,8 @@ class Mesh:
     def __init__(self, mesh_json: Path) -> None:
         data = json.loads(Path(mesh_json).read_text())
         self.bundle = Path(data["bundle"])
+        """The client bundle users of the mesh connect with."""
+        self.admin = Path(data["admin_bundle"])
         self.nodes: list[dict[str, Any]] = data["nodes"]
         self.creds = ClientCredentials.from_bundle(load_bundle(self.bundle))
         self.extra: list[subprocess.Popen[bytes]] = []
@@ -83,6 +85,9 @@ class Mesh:
     @property
     def n(self) -> int:
         return len(self.nodes)
+
+    def node_bundle(self, i: int) -> Path:
+        return Path(self.nodes[i]["bundle"])
 
     def addr(self, i: int) -> str:
         return str(self.nodes[i]["address"])

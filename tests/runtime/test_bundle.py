@@ -50,7 +50,8 @@ def test_init_creates_files_with_private_modes(bundle: Bundle) -> None:
     assert _mode(bundle.path) == 0o700
     assert not [p for p in bundle.path.iterdir() if p.name.startswith(".")]
     meta = json.loads((bundle.path / "bundle.json").read_text())
-    assert meta == {"format": 1, "cluster_id": bundle.cluster_id}
+    assert meta == {"format": 2, "kind": "admin", "cluster_id": bundle.cluster_id,
+                    "name": "admin"}
     assert len(bundle.token) >= 40
 
 
@@ -93,19 +94,18 @@ def test_missing_directory(tmp_path: Path) -> None:
     assert "does not exist" in _load_error(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("name", ["bundle.json", "ca.pem", "keyring.json", "token"])
+@pytest.mark.parametrize("name", ["bundle.json", "ca.pem", "ca.key", "keyring.json", "token",
+                                  "client.pem", "client.key"])
 def test_missing_file_names_the_file(bundle: Bundle, name: str) -> None:
     (bundle.path / name).unlink()
     message = _load_error(bundle.path)
     assert name in message and "missing" in message
 
 
-def test_missing_ca_key_is_allowed_but_cannot_issue(bundle: Bundle) -> None:
-    (bundle.path / "ca.key").unlink()
-    node_bundle = load_bundle(bundle.path)
-    assert node_bundle.ca_key_pem is None
-    with pytest.raises(BundleError, match=r"ca\.key"):
-        issue_node_cert(node_bundle, "n1")
+def test_a_bundle_of_an_older_format_says_so(bundle: Bundle) -> None:
+    (bundle.path / "bundle.json").write_text('{"format": 1, "cluster_id": "x"}')
+    message = _load_error(bundle.path)
+    assert "format version 1 is not supported" in message and "meshscale init" in message
 
 
 @pytest.mark.parametrize(
@@ -113,7 +113,8 @@ def test_missing_ca_key_is_allowed_but_cannot_issue(bundle: Bundle) -> None:
     [
         ("bundle.json", b"{not json", "not valid JSON"),
         ("bundle.json", b'{"format": 99, "cluster_id": "x"}', "format version 99"),
-        ("bundle.json", b'{"format": 1}', "cluster_id"),
+        ("bundle.json", b'{"format": 2}', "cluster_id"),
+        ("bundle.json", b'{"format": 2, "cluster_id": "x", "kind": "root"}', "'kind'"),
         ("ca.pem", b"garbage", "not a PEM certificate"),
         ("ca.key", b"garbage", "private key"),
         ("keyring.json", b'{"primary": "AAAA"}', "32 bytes"),

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from needs import require_tools
 from runtime_mesh import detection_bound, wait_for
 
 from meshscale.client.tasks import TaskMesh
 from meshscale.runtime.launcher import LocalMesh
 from meshscale.trust.bundle import load_bundle
+from needs import require_tools
 
 pytestmark = pytest.mark.timeout(300)
 

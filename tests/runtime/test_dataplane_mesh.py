@@ -114,11 +114,12 @@ def test_put_200_objects_kill_one_node_read_back_restore_rf_restart(mesh: LocalM
     # Restart the victim from the same data dir: it serves what it had.
     from meshscale.runtime.launcher import node_command, spawn_node
 
-    cmd = node_command(victim, mesh.bundle_path, [mesh.nodes[0].address], "", [])
+    cmd = node_command(victim, [mesh.nodes[0].address], "", [])
     victim.proc = spawn_node(cmd, victim.data_dir.parent / "node-3-restart.log")
 
     async def phase3() -> None:
-        c = RpcConnection(victim.address, creds, 60)
+        # obj.read_local is node-to-node: ask as node 0 does.
+        c = RpcConnection(victim.address, mesh.node_credentials(0), 60)
         async def serves_old_objects() -> int:
             served = 0
             try:
@@ -204,11 +205,17 @@ def test_residency_refusal_and_bad_input(mesh: LocalMesh) -> None:
         over = up["chunk_bytes"] + 1
         with pytest.raises(RpcError, match="chunk"):
             await c.call("obj.put_chunk", {"upload": up["upload"], "data": b"z" * over})
-        # Wrong hash on a replica transfer: refused, nothing visible.
-        up = await c.call("obj.rw_begin", {"id": oid_of(b"good"), "size": 4, "replicas": 3})
-        await c.call("obj.rw_chunk", {"upload": up["upload"], "data": b"evil"})
+        # Replica transfers are node-to-node: a client certificate may not start one.
+        with pytest.raises(RpcError, match=r"forbidden: .obj\.rw_begin. needs node access"):
+            await c.call("obj.rw_begin", {"id": oid_of(b"good"), "size": 4, "replicas": 3})
+        c = RpcConnection(mesh.nodes[0].address, creds, 30)  # that refusal closed it
+        # Wrong hash on a replica transfer (from another node): refused, nothing visible.
+        peer = RpcConnection(mesh.nodes[0].address, mesh.node_credentials(1), 30)
+        up = await peer.call("obj.rw_begin", {"id": oid_of(b"good"), "size": 4, "replicas": 3})
+        await peer.call("obj.rw_chunk", {"upload": up["upload"], "data": b"evil"})
         with pytest.raises(RpcError, match="hash"):
-            await c.call("obj.rw_end", {"upload": up["upload"]})
+            await peer.call("obj.rw_end", {"upload": up["upload"]})
+        await peer.close()
         with pytest.raises(RpcError, match="unknown object id"):
             await c.call("obj.read", {"id": oid_of(b"good"), "offset": 0, "length": 10})
         with pytest.raises(RpcError, match="unknown object id"):
@@ -294,7 +301,7 @@ def test_cut_through_put_checks_the_declared_id(mesh: LocalMesh) -> None:
 
         await wait_for_async(no_uploads, 30, "no open upload on any node", poll=0.2)
         for node in mesh.nodes:
-            cn = RpcConnection(node.address, creds, 30)
+            cn = RpcConnection(node.address, mesh.node_credentials(0), 30)
             for oid in (wrong, oid_of(data)):
                 assert await cn.call("obj.local_stat", {"id": oid}) is None, (node.name, oid)
             await cn.close()
@@ -349,7 +356,7 @@ def test_put_coordinated_outside_the_replica_set_keeps_no_copy(tmp_path: Any) ->
         async def held(oid: str) -> list[str]:
             names = []
             for node in m.nodes:
-                c = RpcConnection(node.address, creds, 30)
+                c = RpcConnection(node.address, m.node_credentials(0), 30)
                 if await c.call("obj.local_stat", {"id": oid}) is not None:
                     names.append(node.name)
                 await c.close()

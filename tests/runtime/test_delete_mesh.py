@@ -39,7 +39,7 @@ async def call(node: NodeProcess, creds: Any, method: str, args: dict[str, Any])
 
 async def holders_now(mesh: LocalMesh, oid: str) -> set[str]:
     """Nodes (live ones asked, every one's disk looked at) holding a copy of ``oid``."""
-    creds = mesh.credentials()
+    creds = mesh.node_credentials(0)  # obj.local_stat is node-to-node
     out = {n.name for n in mesh.nodes if files_of(n, oid)}
     for n in mesh.nodes:
         try:
@@ -60,7 +60,7 @@ async def sync_rounds(node: NodeProcess, creds: Any) -> int:
 
 
 def restart(mesh: LocalMesh, node: NodeProcess, tag: str) -> None:
-    cmd = node_command(node, mesh.bundle_path, [mesh.nodes[0].address], "", [])
+    cmd = node_command(node, [mesh.nodes[0].address], "", [])
     node.proc = spawn_node(cmd, node.data_dir.parent / f"{node.name}-{tag}.log")
 
 

@@ -357,7 +357,7 @@ def test_metrics_public_flag(mesh: LocalMesh, tmp_path: Path) -> None:
     port, http_port = find_free_base_port(1), find_free_base_port(1)
     node = NodeProcess("solo", "eu-west", "eu-west-z1", port, tmp_path / "solo",
                        http_port=http_port)
-    cmd = node_command(node, mesh.bundle_path, [], extra=["--metrics-public"])
+    cmd = node_command(node, [], extra=["--metrics-public"])
     proc = spawn_node(cmd, tmp_path / "solo.log")
     try:
         addr = str(node.http)

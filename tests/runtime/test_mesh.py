@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from meshscale.client.rpc import ClientCredentials, RpcError, call
 from meshscale.core.membership import suspicion_min_timeout
 from meshscale.core.rpc import PushPullFrame, RpcRequest, encode_stream_message
 from meshscale.runtime.launcher import pid_alive
-from meshscale.trust.bundle import init_bundle, load_bundle
+from meshscale.trust.bundle import init_bundle, load_bundle, write_node_bundle, write_private
 from meshscale.trust.framing import HEADER
 from meshscale.trust.keyring import Keyring
 from meshscale.trust.tls import GREETING, connect_tls
@@ -172,11 +171,15 @@ def test_key_rotation_without_downtime(mesh: Mesh) -> None:
     deaths = mesh.deaths()
     marks = {i: mesh.last_event_seq(i) for i in everyone}
     unknown = {i: mesh.stats(i)["rejected_messages"].get("unknown_key", 0) for i in everyone}
-    old = load_bundle(mesh.bundle).keyring.primary_id
-    result = cli("keys", "rotate", "--bundle", mesh.bundle)
+    old = load_bundle(mesh.admin).keyring.primary_id
+    result = cli("keys", "rotate", "--bundle", mesh.admin)
     assert result.returncode == 0, result.stderr
-    new = load_bundle(mesh.bundle).keyring.primary_id
+    new = load_bundle(mesh.admin).keyring.primary_id
     assert new != old
+    # As the deploy guide says: copy the admin bundle's keyring.json to every node bundle.
+    for i in range(mesh.n):
+        write_private(mesh.node_bundle(i) / "keyring.json",
+                      (mesh.admin / "keyring.json").read_bytes())
     wait_for(
         lambda: all(mesh.stats(i)["seal_key"] == new for i in everyone),
         30,
@@ -357,7 +360,7 @@ def test_sigkill_detected_then_restart_with_same_data_dir(mesh: Mesh, tmp_path: 
         [
             "--region", node["region"], "--zone", node["zone"],
             "--bind", node["address"], "--join", mesh.addr(0),
-            "--data-dir", node["data_dir"], "--bundle", str(mesh.bundle),
+            "--data-dir", node["data_dir"], "--bundle", str(mesh.node_bundle(victim)),
         ],
         tmp_path / "restart.log",
     )
@@ -376,10 +379,10 @@ def test_sigkill_detected_then_restart_with_same_data_dir(mesh: Mesh, tmp_path: 
 @pytest.mark.timeout(90)
 def test_node_with_another_keyring_cannot_join(mesh: Mesh, tmp_path: Path) -> None:
     mesh.wait_converged()
-    # Same CA and token (so TLS succeeds), different gossip key.
+    # A node bundle of the same CA (so TLS succeeds), with a different gossip key.
     intruder_bundle = tmp_path / "bundle"
-    shutil.copytree(mesh.bundle, intruder_bundle)
-    (intruder_bundle / "keyring.json").write_text(Keyring.generate().to_json())
+    write_node_bundle(load_bundle(mesh.admin), "intruder", intruder_bundle)
+    write_private(intruder_bundle / "keyring.json", Keyring.generate().to_json().encode())
     before = mesh.stats(0)["rejected_messages"].get("unknown_key", 0)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -405,8 +408,7 @@ def test_node_with_another_keyring_cannot_join(mesh: Mesh, tmp_path: Path) -> No
         10,
         "a foreign-key datagram rejected",
     )
-    creds = ClientCredentials.from_bundle(load_bundle(intruder_bundle))
-    intruder_view = call(f"127.0.0.1:{port}", creds, "members")
+    intruder_view = call(f"127.0.0.1:{port}", mesh.creds, "members")
     assert [m["name"] for m in intruder_view] == ["intruder"]
     for i in mesh.live():
         assert "intruder" not in mesh.view(i)

@@ -20,7 +20,7 @@ from meshscale.core.wire import WireError
 from meshscale.runtime.identity import IdentityError, start_identity
 from meshscale.runtime.latency import format_latency, parse_latency
 from meshscale.runtime.launcher import pid_alive
-from meshscale.trust.bundle import init_bundle, load_bundle
+from meshscale.trust.bundle import Bundle, init_bundle, write_node_bundle
 
 MESHSCALE = Path(sys.executable).parent / "meshscale"
 
@@ -32,8 +32,8 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, result
+def one_line_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert result.returncode == code, result
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("meshscale: error: "), result.stderr
     assert "Traceback" not in result.stderr
@@ -41,8 +41,14 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.fixture
-def bundle(tmp_path: Path) -> Path:
-    return init_bundle(tmp_path / "bundle").path
+def admin(tmp_path: Path) -> Bundle:
+    return init_bundle(tmp_path / "admin")
+
+
+@pytest.fixture
+def bundle(admin: Bundle, tmp_path: Path) -> Path:
+    """Node n1's bundle."""
+    return write_node_bundle(admin, "n1", tmp_path / "bundle").path
 
 
 @pytest.mark.timeout(60)
@@ -68,8 +74,57 @@ def test_unreadable_or_missing_bundle(bundle: Path, tmp_path: Path) -> None:
     args = ["node", "start", "--name", "n1", "--data-dir", tmp_path / "d"]
     assert "--bundle" in one_line_error(cli(*args))
     one_line_error(cli(*args, "--bundle", tmp_path / "nope"))
-    os.chmod(bundle / "token", 0o644)
+    os.chmod(bundle / "node.key", 0o644)
     assert "too open" in one_line_error(cli(*args, "--bundle", bundle))
+
+
+@pytest.mark.timeout(60)
+def test_only_a_node_bundle_starts_a_node(admin: Bundle, tmp_path: Path) -> None:
+    from meshscale.trust.bundle import write_client_bundle
+
+    args = ["node", "start", "--data-dir", tmp_path / "d", "--bind", "127.0.0.1:0"]
+    line = one_line_error(cli(*args, "--bundle", admin.path))
+    assert "is an admin bundle; `node start` needs a node bundle" in line
+    client = write_client_bundle(admin, "c1", tmp_path / "client")
+    assert "is a client bundle" in one_line_error(cli(*args, "--bundle", client.path))
+    assert not (tmp_path / "d").exists()  # refused before anything was made
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('bogus = 1\n', "unknown key 'bogus'"),
+        ('stream_max_backlog = "many"\n', "'stream_max_backlog' must be an integer, not str"),
+        ('join = "10.0.0.1:7946"\n', "'join' must be a list of strings"),
+        ('metrics_public = 1\n', "'metrics_public' must be true or false"),
+        ('[labels]\nsite = 3\n', "'labels' must be a table of strings"),
+        ('bind = \n', "not valid TOML"),
+        ('cpus = 0\n', "--cpus must be in 1..4096"),
+    ],
+)
+def test_a_bad_config_file_names_the_key(bundle: Path, tmp_path: Path, text: str,
+                                         needle: str) -> None:
+    conf = tmp_path / "node.toml"
+    conf.write_text(text)
+    line = one_line_error(cli("node", "start", "--config", conf, "--bundle", bundle,
+                              "--data-dir", tmp_path / "d"))
+    assert needle in line
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_removed_node_does_not_start(admin: Bundle, bundle: Path, tmp_path: Path) -> None:
+    from meshscale.trust.revocation import RevocationStore, sign_revocation
+
+    assert admin.ca_key_pem is not None
+    store = RevocationStore(tmp_path / "d", admin.ca_cert_pem, admin.cluster_id)
+    (tmp_path / "d").mkdir()
+    store.add(sign_revocation(admin.ca_key_pem, admin.cluster_id, "n1"))
+    result = cli("node", "start", "--bundle", bundle, "--data-dir", tmp_path / "d",
+                 "--bind", "127.0.0.1:0")
+    line = one_line_error(result, code=78)
+    assert "was removed from the mesh" in line and "cannot rejoin" in line
 
 
 def test_identity_persists_and_bumps(tmp_path: Path) -> None:
@@ -108,29 +163,39 @@ def test_a_store_from_an_older_version_is_one_line_and_left_alone(
 
 
 @pytest.mark.timeout(60)
-def test_name_mismatch_is_a_usage_error(bundle: Path, tmp_path: Path) -> None:
-    start_identity(tmp_path / "d", "n1")
+def test_name_mismatch_is_a_usage_error(admin: Bundle, bundle: Path, tmp_path: Path) -> None:
     args = ["node", "start", "--name", "n2", "--data-dir", tmp_path / "d", "--bundle", bundle]
+    assert "--name 'n2' is not the bundle's node ('n1')" in one_line_error(cli(*args))
+    start_identity(tmp_path / "d", "n1")
+    other = write_node_bundle(admin, "n2", tmp_path / "n2").path
+    args = ["node", "start", "--data-dir", tmp_path / "d", "--bundle", other]
     assert "belongs to node 'n1'" in one_line_error(cli(*args))
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_leaves_gracefully_and_saves_incarnation(bundle: Path, tmp_path: Path) -> None:
+def test_sigterm_leaves_gracefully_and_saves_incarnation(admin: Bundle, tmp_path: Path) -> None:
+    """Started from a config file plus flags: the flags win, the file fills the rest."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    write_node_bundle(admin, "solo", tmp_path / "solo")  # the file names it relatively
+    conf = tmp_path / "node.toml"
+    conf.write_text(f'bundle = "solo"\ndata_dir = "d"\nregion = "us-east"\nzone = "z9"\n'
+                    f'bind = "127.0.0.1:{port}"\ncpus = 3\n[labels]\ngpu = "a100"\n')
     log = tmp_path / "node.log"
     with open(log, "wb") as f:
         p = subprocess.Popen(
-            [sys.executable, "-m", "meshscale", "node", "start", "--name", "solo",
-             "--bind", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"),
-             "--bundle", str(bundle), "--region", "eu-west", "--label", "gpu=a100"],
-            stdout=f, stderr=f,
+            [sys.executable, "-m", "meshscale", "node", "start", "--config", str(conf),
+             "--region", "eu-west"],
+            stdout=f, stderr=f, cwd="/",
         )
     try:
-        creds = ClientCredentials.from_bundle(load_bundle(bundle))
+        creds = ClientCredentials.from_bundle(admin)
         rows = wait_for(lambda: call(f"127.0.0.1:{port}", creds, "members"), 20, "node up")
         assert rows[0]["name"] == "solo" and rows[0]["labels"] == {"gpu": "a100"}
+        assert (rows[0]["region"], rows[0]["zone"]) == ("eu-west", "z9")
+        stats = call(f"127.0.0.1:{port}", creds, "task.stats")
+        assert stats["capacity"][0] == 3, stats
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=20) == 0
     finally:

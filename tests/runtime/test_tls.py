@@ -181,5 +181,24 @@ def test_temp_file_fallback_leaves_nothing_behind(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_client_certificate_cannot_serve(bundles: tuple[Bundle, Bundle],
+                                           tmp_path: Path) -> None:
+    """Client certificates carry clientAuth only: a node (as TLS client) refuses a peer
+    that presents one as a server, so a user cannot stand in for a node."""
+    from meshscale.trust.bundle import write_client_bundle
+
+    cluster, _ = bundles
+    client = write_client_bundle(cluster, "mallory", tmp_path / "c")
+    impostor = server_context(client)
+    node_side = client_context(cluster, *_node(cluster, "node-1"))
+
+    async def go() -> None:
+        async with echo_server(impostor) as srv:
+            with pytest.raises(REFUSED):
+                await exchange(srv.port, node_side, b"hello")
+
+    run(go())
+
+
 def test_peer_name_without_peer() -> None:
     assert peer_name(None) is None

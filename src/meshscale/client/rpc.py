@@ -1,8 +1,9 @@
-"""Calling a node's RPCs: mutual TLS with an ephemeral certificate plus the admin token.
+"""Calling a node's RPCs over mutual TLS.
 
-A client command holds the cluster bundle (``--bundle`` or ``MESHSCALE_BUNDLE``). It issues
-itself a short-lived certificate from the bundle's CA, in memory, and sends the admin token
-with every request. A bundle without ``ca.key`` cannot be used by clients.
+A client presents the certificate of its client bundle (``--bundle`` or
+``MESHSCALE_BUNDLE``; the admin bundle carries one too) and sends its token with every
+request; a node presents its node certificate and no token. The certificate's role says
+what the caller may do (``core/access.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import itertools
 import ssl
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from meshscale.core.rpc import (
@@ -23,9 +23,9 @@ from meshscale.core.rpc import (
     encode_stream_message,
 )
 from meshscale.core.wire import WireError
-from meshscale.trust.bundle import Bundle, BundleError, issue_node_cert
+from meshscale.trust.credentials import Credentials
 from meshscale.trust.framing import FrameConnection, FrameTooLarge, open_frames, split_addr
-from meshscale.trust.tls import GREETING, client_context
+from meshscale.trust.tls import GREETING
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
@@ -48,20 +48,8 @@ class RemoteError(RpcError):
     """The node answered, with an error (the connection is fine)."""
 
 
-@dataclass
-class ClientCredentials:
-    ssl_context: ssl.SSLContext
-    token: str
-
-    @classmethod
-    def from_bundle(cls, bundle: Bundle) -> ClientCredentials:
-        if bundle.ca_key_pem is None:
-            raise BundleError(
-                f"{bundle.path}: no ca.key; client commands need a bundle that can issue "
-                "their certificate"
-            )
-        cert_pem, key_pem = issue_node_cert(bundle, "meshscale-client", ["127.0.0.1"], days=1)
-        return cls(client_context(bundle, cert_pem, key_pem), bundle.token)
+ClientCredentials = Credentials
+"""What a caller presents (``trust/credentials.py``)."""
 
 
 _ids = itertools.count(1)

@@ -39,6 +39,12 @@ Departures from memberlist, and why:
 - No TCP fallback ping: a lossy path costs a suspicion (which is refuted), not a second
   transport.
 
+Removal (not in SWIM or memberlist, which only know leaving): an operator removes a node
+for good with an entry signed by the cluster CA. The entry spreads like any update
+(piggybacked, and in every push/pull), is checked by the driver's ``verify_revocation``
+(crypto stays out of core), and puts the member in the final state ``REMOVED``: nothing
+it says is believed again, whatever its incarnation.
+
 This module is sans-I/O (see ``core/outputs.py``): it is fed datagrams, stream messages
 and timer ticks with ``now`` and hands back bytes to send and events for the layer
 above. It draws randomness only from the ``random.Random`` it is given.
@@ -139,6 +145,8 @@ class MembershipConfig:
     """Bound on the gossip queue; the oldest, most-retransmitted updates go first."""
     max_meta_bytes: int = 512
     """Bound on a node's encoded metadata, so an alive message fits in a datagram."""
+    max_revocations: int = 10_000
+    """Removed members remembered (each entry is a few hundred bytes, kept forever)."""
     vivaldi: VivaldiConfig = field(default_factory=VivaldiConfig)
 
 
@@ -207,6 +215,15 @@ class Dead(msgspec.Struct, tag=7, array_like=True):
     """Equal to ``node`` when the node left gracefully."""
 
 
+RevocationEntry = Annotated[bytes, msgspec.Meta(max_length=512)]
+
+
+class Revoke(msgspec.Struct, tag=9, array_like=True):
+    """A CA-signed entry removing a node for good (opaque here; the driver verifies)."""
+
+    entry: RevocationEntry
+
+
 class NodeState(msgspec.Struct, array_like=True):
     name: Name
     addr: Addr
@@ -219,9 +236,10 @@ class PushPull(msgspec.Struct, tag=8, array_like=True):
     source: Name
     join: bool
     states: list[NodeState]
+    revoked: list[RevocationEntry] = []
 
 
-GossipMessage = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead
+GossipMessage = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | Revoke
 _gossip_decoder = msgspec.msgpack.Decoder(GossipMessage)
 _stream_decoder = msgspec.msgpack.Decoder(PushPull)
 _encode = msgspec.msgpack.encode
@@ -232,6 +250,8 @@ class State(IntEnum):
     SUSPECT = 1
     DEAD = 2
     LEFT = 3
+    REMOVED = 4
+    """Removed for good by the operator (a signed revocation): final."""
 
 
 _STATES = tuple(State)
@@ -282,6 +302,15 @@ class MemberUpdated(Event):
     name: str
     meta: NodeMeta
     incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRemoved(Event):
+    """A member was removed for good (``name`` may be this node itself, or one never
+    seen); ``entry`` is the signed revocation, for the driver to keep."""
+
+    name: str
+    entry: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,7 +436,10 @@ class Membership:
         rng: random.Random,
         now: float,
         incarnation: int = 0,
+        verify_revocation: Callable[[bytes], str | None] | None = None,
     ) -> None:
+        """``verify_revocation(entry)`` returns the name a valid signed entry removes, or
+        None; without it, revocations are ignored (counted)."""
         self.config = config or MembershipConfig()
         self._now = now
         self.name = name
@@ -445,6 +477,11 @@ class Membership:
         self._left = False
         self.left_at: float | None = None
         self._stopped = False
+        self._verify_revocation = verify_revocation
+        self.revoked: dict[str, bytes] = {}
+        """Removed member name -> the signed entry that removed it."""
+        self.removed = False
+        """This node itself was removed: it stops taking part (the driver shuts down)."""
         # Stagger the first rounds so a mesh started at once does not probe in lockstep.
         self._at(now + rng.uniform(0, self.config.probe_interval), self._probe_tick)
         self._push_pull_timer = self._at(
@@ -493,6 +530,12 @@ class Membership:
         self.left_at = now
         self._queue_broadcast(me.name, _encode(Dead(me.name, me.inc, me.name)))
         self._gossip_now(now)
+
+    def revoke(self, entry: bytes, now: float) -> str | None:
+        """Apply a signed revocation (from the operator, or loaded from disk at start);
+        returns the removed name, or None if the entry does not verify."""
+        self._now = now
+        return self._on_revoke(Revoke(entry), now)
 
     def update_meta(self, meta: NodeMeta, now: float) -> None:
         """Change this node's metadata; spreads with a higher incarnation."""
@@ -593,19 +636,23 @@ class Membership:
                 continue
             self._dispatch(msg, src, now)
 
-    def handle_stream(self, src: str, payload: bytes, now: float) -> bytes | None:
+    def handle_stream(self, src: str, payload: bytes, now: float,
+                      peer: str | None = None) -> bytes | None:
+        """A push/pull from ``src``; ``peer``: the name its certificate carries (the
+        driver's authentication), which must be the one the message claims."""
         self._now = now
-        msg = self._decode_stream(payload)
+        msg = self._decode_stream(payload, peer)
         if msg is None:
             return None
         self._merge_remote(msg, now)
         if msg.join:
             self._count("joins_served")
-        return _encode(PushPull(self.name, False, self._snapshot()))
+        return _encode(PushPull(self.name, False, self._snapshot(), list(self.revoked.values())))
 
-    def handle_stream_reply(self, src: str, payload: bytes, now: float) -> None:
+    def handle_stream_reply(self, src: str, payload: bytes, now: float,
+                            peer: str | None = None) -> None:
         self._now = now
-        msg = self._decode_stream(payload)
+        msg = self._decode_stream(payload, peer)
         if msg is None:
             return
         self._join_pending.discard(src)
@@ -661,7 +708,7 @@ class Membership:
                 f"{self.config.max_meta_bytes}"
             )
 
-    def _decode_stream(self, payload: bytes) -> PushPull | None:
+    def _decode_stream(self, payload: bytes, peer: str | None) -> PushPull | None:
         if len(payload) > self.config.max_stream_bytes:
             self._count("rejected.oversized")
             return None
@@ -670,8 +717,16 @@ class Membership:
         except (msgspec.DecodeError, msgspec.ValidationError):
             self._count("rejected.malformed")
             return None
-        if len(msg.states) > self.config.max_members:
+        if (len(msg.states) > self.config.max_members
+                or len(msg.revoked) > self.config.max_revocations):
             self._count("rejected.oversized")
+            return None
+        if peer is not None and msg.source != peer:
+            # A node speaks only for itself: its certificate names who it is.
+            self._count("rejected.impersonation")
+            return None
+        if msg.source in self.revoked:
+            self._count("rejected.removed")
             return None
         self._count("push_pull_in")
         return msg
@@ -908,11 +963,16 @@ class Membership:
             self._on_dead(msg, now)
         elif isinstance(msg, IndirectPing):
             self._on_indirect_ping(msg, now)
+        elif isinstance(msg, Revoke):
+            self._on_revoke(msg, now)
         else:
             self._on_nack(msg)
 
     def _on_ping(self, msg: Ping, now: float) -> None:
         self._count("pings_in")
+        if msg.source in self.revoked or self.removed:
+            self._count("rejected.removed")
+            return
         if msg.target != self.name:
             # Sent to an address that is now someone else: a name mismatch is not an ack.
             self._count("rejected.wrong_target")
@@ -965,6 +1025,9 @@ class Membership:
             probe.nacks += 1
 
     def _on_indirect_ping(self, msg: IndirectPing, now: float) -> None:
+        if msg.source in self.revoked or msg.target in self.revoked:
+            self._count("rejected.removed")
+            return
         self._count("relays")
         if len(self._relays) >= 1024:
             self._count("relays_shed")
@@ -1017,6 +1080,9 @@ class Membership:
         return mine
 
     def _on_alive(self, msg: Alive, now: float) -> None:
+        if msg.node in self.revoked:
+            self._count("rejected.removed")
+            return
         if msg.node == self.name:
             me = self.members[self.name]
             if msg.inc > me.inc or (msg.inc == me.inc and msg.meta != me.meta):
@@ -1056,6 +1122,9 @@ class Membership:
             self._emit(MemberUpdated(m.name, m.meta, m.inc))
 
     def _on_suspect(self, msg: Suspect, now: float) -> None:
+        if msg.source in self.revoked:
+            self._count("rejected.removed")
+            return
         if msg.node == self.name:
             self._accused(msg.inc, now)
             return
@@ -1154,6 +1223,9 @@ class Membership:
             self._forget_last_chance(name)
 
     def _on_dead(self, msg: Dead, now: float) -> None:
+        if msg.source in self.revoked:
+            self._count("rejected.removed")
+            return
         if msg.node == self.name:
             self._accused(msg.inc, now)
             return
@@ -1197,17 +1269,51 @@ class Membership:
 
     # ------------------------------------------------------------------ push/pull, join
 
+    def _on_revoke(self, msg: Revoke, now: float) -> str | None:
+        entry = bytes(msg.entry)
+        name = None if self._verify_revocation is None else self._verify_revocation(entry)
+        if name is None:
+            self._count("rejected.revocation")
+            return None
+        if name in self.revoked:
+            return name
+        if len(self.revoked) >= self.config.max_revocations:
+            self._count("rejected.too_many_revocations")
+            return None
+        self.revoked[name] = entry
+        self._count("revocations")
+        self._queue_broadcast("\x00revoke:" + name, _encode(msg))
+        if name == self.name:
+            # Removed by the operator: we take no further part (the driver stops us).
+            self.removed = True
+            self._emit(MemberRemoved(name, entry))
+            self.stop()
+            return name
+        else:
+            m = self.members.get(name)
+            if m is not None and m.state != State.REMOVED:
+                m = self._own(m)
+                self._cancel_suspicion(name)
+                self._set_state(m, State.REMOVED, now)
+        self._emit(MemberRemoved(name, entry))
+        return name
+
     def _snapshot(self) -> list[NodeState]:
         return [
             NodeState(m.name, m.addr, m.inc, int(m.state), m.meta) for m in self.members.values()
         ]
 
     def _merge_remote(self, msg: PushPull, now: float) -> None:
+        for entry in msg.revoked:
+            if self._verify_revocation is not None:
+                self._on_revoke(Revoke(entry), now)
         for st in msg.states:
             if not 0 <= st.state < len(_STATES):
                 self._count("rejected.malformed")
                 continue
             state = _STATES[st.state]
+            if state == State.REMOVED:
+                continue  # only a signed entry (above) removes a member
             if state == State.ALIVE:
                 self._on_alive(Alive(st.name, st.inc, st.addr, st.meta), now)
             elif state == State.LEFT:
@@ -1220,7 +1326,7 @@ class Membership:
                 self._on_suspect(Suspect(st.name, st.inc, msg.source), now)
 
     def _push_pull_with(self, addr: str, join: bool) -> None:
-        payload = _encode(PushPull(self.name, join, self._snapshot()))
+        payload = _encode(PushPull(self.name, join, self._snapshot(), list(self.revoked.values())))
         self._count("push_pull_out")
         self._outputs.append(StreamRequest(addr, payload))
 

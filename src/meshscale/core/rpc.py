@@ -9,8 +9,9 @@ receiver counts (``rejected_messages{reason=...}``) before closing the connectio
 - ``PushPullFrame``: membership anti-entropy; ``payload`` is a sealed (keyring) push/pull
   message, so a peer with the cluster's certificate but not its gossip key still cannot
   join.
-- ``RpcRequest`` / ``RpcResponse``: a client (or node) calls a named method; every request
-  carries the cluster's admin token.
+- ``RpcRequest`` / ``RpcResponse``: a client (or node) calls a named method. The caller's
+  certificate says its role (``core/access.py`` says which methods a role may call); a
+  request may carry a token, which can only narrow that role.
 """
 
 from __future__ import annotations
@@ -89,10 +90,12 @@ class MemberInfo(msgspec.Struct, omit_defaults=True):
     region: str
     zone: str
     state: str
-    """``alive``, ``suspect``, ``dead`` or ``left``."""
+    """``alive``, ``suspect``, ``dead``, ``left`` or ``removed``."""
     incarnation: int
     rtt_ms: float | None = None
     labels: dict[str, str] = {}
+    cert_expires: int | None = None
+    """When the member's node certificate ends (Unix seconds), as it says itself."""
 
 
 class EventInfo(msgspec.Struct, omit_defaults=True):

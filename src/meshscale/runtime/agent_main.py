@@ -1,13 +1,19 @@
-"""``meshscale node start``: parse the node's flags and run the agent.
+"""``meshscale node start``: the node's settings, from a TOML file and flags, and the agent.
 
-The flags are declared here, once, with argparse, and ``python -m
-meshscale.runtime.agent_main FLAGS`` runs a node without loading the CLI framework (typer,
-click, rich and pydantic: ~12 MB of RSS per node process). ``meshscale node start`` in
-``cli.py`` passes its arguments through to ``run``; ``LocalMesh`` (``meshscale up``, the
-demo, the tests) starts nodes here directly.
+Every setting is declared once, in ``OPTIONS``: its flag, its key in the config file, its
+type, default and help. From that one table come the argparse flags, the checks of a
+``--config node.toml`` file (read with the standard library's ``tomllib``) and the
+commented example that ``meshscale node config-example`` prints. Flags override the file;
+the file overrides the defaults.
 
-Bad input gets one line on stderr (``meshscale: error: ...``) and exit code 2; a port that
-cannot be bound exits 1.
+``python -m meshscale.runtime.agent_main FLAGS`` runs a node without loading the CLI
+framework (typer, click, rich and pydantic: ~12 MB of RSS per node process).
+``meshscale node start`` in ``cli.py`` passes its arguments through to ``run``;
+``LocalMesh`` (``meshscale up``, the demo, the tests) starts nodes here directly.
+
+Bad input (a flag, a config key or value, a bundle) gets one line on stderr
+(``meshscale: error: ...``) and exit code 2; a port that cannot be bound or a store that
+cannot be opened exits 1; a node that was removed from the mesh exits 78.
 """
 
 from __future__ import annotations
@@ -15,13 +21,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 PROG = "meshscale"
 BUNDLE_ENV = "MESHSCALE_BUNDLE"
 USAGE_EXIT = 2
+EXIT_REMOVED = 78
+"""A removed node (``meshscale node remove``) will not start (see ``runtime/node.py``)."""
+MAX_CONFIG_BYTES = 1024 * 1024
 LATENCY_HELP = (
     "Emulated inter-region RTT, e.g. eu-west:us-east=80ms (repeat or comma-separate). "
     "Sends to a member of another region are delayed by RTT/2 in this process. For "
@@ -37,35 +48,215 @@ class StartError(Exception):
         self.exit_code = exit_code
 
 
+@dataclass(frozen=True)
+class Option:
+    """One setting of a node: ``--flag`` on the command line, ``key`` in the file."""
+
+    key: str
+    kind: str
+    """``str``, ``path``, ``int``, ``float``, ``bool``, ``list`` (of strings) or ``table``
+    (of strings: ``[labels]`` in the file, ``--label K=V`` repeated on the command line)."""
+    default: Any
+    help: str
+    flag: str = ""
+    example: Any = None
+    """What the example file shows, where the default is empty."""
+
+    @property
+    def option(self) -> str:
+        return self.flag or "--" + self.key.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("bundle", "path", None, "Node bundle directory (made by `meshscale bundle node`). "
+           f"Env {BUNDLE_ENV} when neither the flag nor the file sets it.",
+           example="/etc/meshscale/bundle"),
+    Option("data_dir", "path", None, "Node data directory: identity, objects, KV, task "
+           "records, removed nodes. Required.", example="/var/lib/meshscale"),
+    Option("name", "str", None, "Node name; must be the bundle's (default: the bundle's).",
+           example="edge-a-1"),
+    Option("region", "str", "", "Region this node runs in.", example="eu-west"),
+    Option("zone", "str", "", "Zone (failure domain) in the region.", example="eu-west-1a"),
+    Option("labels", "table", {}, "Labels tasks and services can ask for: KEY=VALUE.",
+           flag="--label", example={"site": "factory-3"}),
+    Option("bind", "str", "127.0.0.1:7946", "HOST:PORT for UDP gossip and TCP (TLS) streams.",
+           example="0.0.0.0:7946"),
+    Option("advertise", "str", None, "HOST:PORT other nodes reach this one at (default: "
+           "--bind; needed when binding a wildcard address).", example="10.0.1.11:7946"),
+    Option("join", "list", [], "HOST:PORT of members to join through (seed addresses).",
+           example=["10.0.1.12:7946", "10.0.2.11:7946"]),
+    Option("http", "str", None, "HOST:PORT for the HTTP API, /metrics and the dashboard "
+           "(off unless set).", example="127.0.0.1:8946"),
+    Option("metrics_public", "bool", False, "Serve /metrics without the token (for a "
+           "scraper)."),
+    Option("cpus", "int", None, "Worker slots (and the CPU capacity placement counts on); "
+           "default: the machine's CPU count, or env MESHSCALE_CPUS.", example=4),
+    Option("memory_mb", "int", None, "Memory capacity placement counts on, in MB; default: "
+           "the machine's.", example=8192),
+    Option("stream_max_backlog", "int", 2000, "Records a stream shard holds for its slowest "
+           "operator before producers wait (backpressure)."),
+    Option("latency", "list", [], LATENCY_HELP, example=["eu-west:us-east=80ms"]),
+)
+BY_KEY = {o.key: o for o in OPTIONS}
+BOUNDS: dict[str, tuple[int, int]] = {
+    "stream_max_backlog": (1, 1_000_000),
+    "cpus": (1, 4096),
+    "memory_mb": (1, 1 << 40),
+}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise StartError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Flags from ``OPTIONS``; every default is None, so what was given is known."""
     p = _Parser(prog=f"{PROG} node start", description="Run a node in the foreground (JSON "
-                "log lines on stderr); SIGTERM/SIGINT leave gracefully.")
-    p.add_argument("--bundle", type=Path, default=os.environ.get(BUNDLE_ENV) or None,
-                   help=f"Cluster bundle directory (made by `meshscale init`) [env {BUNDLE_ENV}]")
-    p.add_argument("--data-dir", type=Path, required=True,
-                   help="Node data directory (identity, certificate).")
-    p.add_argument("--name", help="Node name (default: the stored identity's).")
-    p.add_argument("--region", default="", help="Region this node runs in.")
-    p.add_argument("--zone", default="", help="Zone (failure domain) in the region.")
-    p.add_argument("--label", action="append", default=[], help="KEY=VALUE label; repeat.")
-    p.add_argument("--bind", default="127.0.0.1:7946",
-                   help="HOST:PORT for UDP gossip and TCP (TLS) streams.")
-    p.add_argument("--advertise", help="HOST:PORT other nodes reach us at (default: --bind).")
-    p.add_argument("--join", action="append", default=[],
-                   help="HOST:PORT of a member to join; repeat.")
-    p.add_argument("--latency", action="append", default=[], help=LATENCY_HELP)
-    p.add_argument("--http", help="HOST:PORT for the HTTP API, /metrics and the dashboard.")
-    p.add_argument("--metrics-public", action="store_true",
-                   help="Serve /metrics without the token.")
-    p.add_argument("--stream-max-backlog", type=int, default=2000,
-                   help="Records a stream shard holds for its slowest operator before "
-                        "producers wait (backpressure).")
+                "log lines on stderr); SIGTERM/SIGINT leave gracefully.",
+                argument_default=None)
+    p.add_argument("--config", type=Path, help="TOML file with any of the settings below "
+                   "(`meshscale node config-example` prints one); flags override it.")
+    for o in OPTIONS:
+        dest = o.key
+        if o.kind == "bool":
+            p.add_argument(o.option, dest=dest, action="store_true", default=None, help=o.help)
+        elif o.kind in ("list", "table"):
+            p.add_argument(o.option, dest=dest, action="append", help=o.help + " Repeat.")
+        else:
+            conv: Any = {"path": Path, "int": int, "float": float}.get(o.kind, str)
+            p.add_argument(o.option, dest=dest, type=conv, help=o.help)
     return p
+
+
+def _type_ok(o: Option, value: Any) -> bool:
+    if o.kind in ("str", "path"):
+        return isinstance(value, str)
+    if o.kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if o.kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if o.kind == "bool":
+        return isinstance(value, bool)
+    if o.kind == "list":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+_KIND_NAMES = {"str": "a string", "path": "a path (string)", "int": "an integer",
+               "float": "a number", "bool": "true or false", "list": "a list of strings",
+               "table": "a table of strings"}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The settings in a TOML file, checked against ``OPTIONS``; ``StartError`` naming
+    the file and the key for an unknown key or a wrong type."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise StartError(f"--config {path}: cannot read: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise StartError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise StartError(f"--config {path}: not valid TOML: {e}") from None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        o = BY_KEY.get(key)
+        if o is None:
+            raise StartError(f"--config {path}: unknown key {key!r} (`meshscale node "
+                             "config-example` lists every key)")
+        if not _type_ok(o, value):
+            raise StartError(f"--config {path}: {key!r} must be {_KIND_NAMES[o.kind]}, "
+                             f"not {type(value).__name__}")
+        if o.kind == "path":
+            # Relative paths in a file are relative to the file, as in systemd and Nomad.
+            value = (Path(path).parent / Path(value).expanduser()).resolve()
+        out[key] = value
+    return out
+
+
+@dataclass
+class Settings:
+    """A node's settings after the file, the flags and the defaults are merged."""
+
+    values: dict[str, Any]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def settings(argv: Sequence[str]) -> Settings:
+    """Parse the flags and the ``--config`` file: flags over the file over defaults."""
+    args = build_parser().parse_args(list(argv))
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    from_file = read_config(args.config) if args.config is not None else {}
+    values: dict[str, Any] = {}
+    for o in OPTIONS:
+        if o.key in given:
+            value = given[o.key]
+            if o.kind == "table":
+                value = parse_labels(value)
+        elif o.key in from_file:
+            value = from_file[o.key]
+        else:
+            value = o.default
+        values[o.key] = value
+    if values["bundle"] is None and os.environ.get(BUNDLE_ENV):
+        values["bundle"] = Path(os.environ[BUNDLE_ENV])
+    for key, (lo, hi) in BOUNDS.items():
+        v = values[key]
+        if v is not None and not lo <= v <= hi:
+            raise StartError(f"{BY_KEY[key].option} must be in {lo}..{hi}, not {v}")
+    return Settings(values)
+
+
+def config_example() -> str:
+    """A commented TOML file with every key: the defaults, and examples where the default
+    is empty (commented out)."""
+    lines = ["# meshscale node configuration (TOML). A node needs bundle (or MESHSCALE_BUNDLE)",
+             "# and data_dir; the rest have defaults. A flag of the same name (underscores as",
+             "# dashes; --label KEY=VALUE for [labels]) overrides the file.",
+             "# `meshscale node start --config node.toml`.", ""]
+    # Tables last: in TOML every key after a [table] header belongs to that table.
+    for o in sorted(OPTIONS, key=lambda o: o.kind == "table"):
+        lines += [f"# {line}" for line in _wrap(o.help)]
+        commented = o.default in (None, [], {})
+        value = o.example if commented else o.default
+        c = "# " if commented else ""
+        if o.kind == "table":
+            lines += [f"{c}[{o.key}]"] + [f"{c}{k} = {_toml(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{c}{o.key} = {_toml(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def _wrap(text: str, width: int = 86) -> list[str]:
+    out, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            out.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*out, line] if line else out
 
 
 def parse_addr(value: str, flag: str) -> str:
@@ -92,62 +283,71 @@ def parse_labels(labels: Sequence[str] | None) -> dict[str, str]:
 def start(argv: Sequence[str]) -> None:
     """Parse ``argv`` (the flags after ``node start``), build the agent and run it until
     SIGTERM/SIGINT. Raises ``StartError``."""
-    args = build_parser().parse_args(list(argv))
+    s = settings(argv)
     from meshscale.core.membership import NodeMeta
-    from meshscale.runtime.identity import IdentityError, node_certificate, start_identity
+    from meshscale.runtime.identity import IdentityError, start_identity
     from meshscale.runtime.latency import parse_latency
-    from meshscale.runtime.node import AgentConfig, NodeAgent, run_forever
-    from meshscale.trust.bundle import BundleError, load_bundle
+    from meshscale.runtime.node import AgentConfig, NodeAgent, NodeRemovedError, run_forever
+    from meshscale.trust.bundle import NODE_NAME_RE, BundleError, BundleKind, load_bundle
+    from meshscale.trust.credentials import check_not_expired
     from meshscale.trust.keyring import KeyringError
+    from meshscale.trust.revocation import RevocationError
     from meshscale.trust.tls import TLSConfigError
 
-    if args.bundle is None:
-        raise StartError(f"missing --bundle DIR (or set {BUNDLE_ENV})")
-    bind = parse_addr(args.bind, "--bind")
-    if not 1 <= args.stream_max_backlog <= 1_000_000:
-        raise StartError(f"--stream-max-backlog must be in 1..1000000, not "
-                         f"{args.stream_max_backlog}")
-    http = None if args.http is None else parse_addr(args.http, "--http")
-    if args.metrics_public and http is None:
+    if s.bundle is None:
+        raise StartError(f"missing --bundle DIR (or `bundle` in --config, or {BUNDLE_ENV})")
+    if s.data_dir is None:
+        raise StartError("missing --data-dir DIR (or `data_dir` in --config)")
+    bind = parse_addr(s.bind, "--bind")
+    http = None if s.http is None else parse_addr(s.http, "--http")
+    if s.metrics_public and http is None:
         raise StartError("--metrics-public needs --http HOST:PORT")
     host = bind.rpartition(":")[0]
     advertise = None
-    if args.advertise is not None:
-        advertise = parse_addr(args.advertise, "--advertise")
+    if s.advertise is not None:
+        advertise = parse_addr(s.advertise, "--advertise")
     elif host in ("0.0.0.0", "::"):
         raise StartError("--bind on a wildcard address needs --advertise HOST:PORT")
-    seeds = [parse_addr(j, "--join") for j in args.join]
+    seeds = [parse_addr(j, "--join") for j in s.join]
     try:
-        emulated = parse_latency(args.latency)
+        emulated = parse_latency(s.latency)
     except ValueError as e:
         raise StartError(f"--latency: {e}") from None
-    meta = NodeMeta(region=args.region, zone=args.zone, labels=parse_labels(args.label))
+    capacity = {k: float(v) for k, v in (("cpus", s.cpus), ("memory_mb", s.memory_mb))
+                if v is not None}
+    meta = NodeMeta(region=s.region, zone=s.zone, labels=dict(s.labels), capacity=capacity)
+    if s.name is not None and not NODE_NAME_RE.match(s.name):
+        raise StartError(f"invalid node name {s.name!r}: use 1-63 letters, digits, '.', '_' "
+                         "or '-', starting with a letter or digit")
     try:
-        loaded = load_bundle(args.bundle)
-        identity = start_identity(args.data_dir, args.name)
-        adv_host = (advertise or bind).rpartition(":")[0].strip("[]")
-        hosts = list(dict.fromkeys([adv_host, "127.0.0.1", "localhost"]))
-        cert_pem, key_pem = node_certificate(loaded, args.data_dir, identity.name, hosts)
+        loaded = load_bundle(s.bundle).require(BundleKind.NODE, use="`node start`")
+        check_not_expired(loaded)
+        if s.name is not None and s.name != loaded.name:
+            raise StartError(f"--name {s.name!r} is not the bundle's node ({loaded.name!r})")
+        identity = start_identity(s.data_dir, loaded.name)
         agent = NodeAgent(
             identity=identity,
-            data_dir=args.data_dir,
+            data_dir=s.data_dir,
             bundle=loaded,
-            cert_pem=cert_pem,
-            key_pem=key_pem,
             bind=bind,
             advertise=advertise,
             meta=meta,
             seeds=seeds,
             emulated_latency=emulated,
-            agent_config=AgentConfig(http=http, metrics_public=args.metrics_public,
-                                     stream_max_backlog=args.stream_max_backlog),
+            agent_config=AgentConfig(http=http, metrics_public=s.metrics_public,
+                                     stream_max_backlog=s.stream_max_backlog),
         )
-    except (BundleError, KeyringError, IdentityError, TLSConfigError, ValueError) as e:
+    except NodeRemovedError as e:
+        raise StartError(str(e), exit_code=EXIT_REMOVED) from None
+    except (BundleError, KeyringError, IdentityError, TLSConfigError, RevocationError,
+            ValueError) as e:
         raise StartError(str(e)) from None
     from meshscale.runtime.storage import StorageError
 
     try:
         run_forever(agent)
+    except NodeRemovedError as e:
+        raise StartError(str(e), exit_code=EXIT_REMOVED) from None
     except StorageError as e:  # the store under --data-dir cannot be used as it is
         raise StartError(str(e), exit_code=1) from None
     except OSError as e:

@@ -311,7 +311,7 @@ class ComputePlane:
 
     async def start(self) -> None:
         agent = self.agent
-        self._creds = ClientCredentials(agent._client_ctx, agent.bundle.token)
+        self._creds = agent.creds
         self._pool_ready = asyncio.Event()
         self.sched = Scheduler(agent.name, self.capacity, config=self.cfg.scheduling,
                                rng=random.Random(agent.rng.random()), now=time.monotonic())

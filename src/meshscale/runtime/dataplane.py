@@ -285,7 +285,7 @@ class DataPlane:
             if len(tombs) < 1000:
                 break
             after = tombs[-1][0]
-        self._creds = ClientCredentials(agent._client_ctx, agent.bundle.token)
+        self._creds = agent.creds
         self.rm.set_view(self._view(), now)
         for name, fn in {
             "obj.put_begin": self._rpc_put_begin,

@@ -1,7 +1,9 @@
 """A local mesh of real node processes on 127.0.0.1 (``meshscale up``, tests, benchmarks).
 
-``LocalMesh`` makes a throw-away bundle and one data dir per node under its directory,
-spawns ``python -m meshscale node start`` per node (node 0 is the seed the others join;
+``LocalMesh`` makes a throw-away admin bundle (``admin/``), a node bundle per node
+(``bundles/node-i``), an admin client bundle (``client/``, what users of this mesh connect
+with) and one data dir per node under its directory, spawns ``python -m meshscale node
+start`` per node (node 0 is the seed the others join;
 node i listens on base_port + i, UDP and TCP, and serves HTTP on a second run of free
 ports, http_base + i), waits until every node sees every other alive, and writes
 ``mesh.json`` (each node's address and HTTP address). ``stop()`` sends SIGTERM to every
@@ -28,7 +30,14 @@ from typing import Any
 
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.runtime.latency import RegionPair, format_latency
-from meshscale.trust.bundle import init_bundle, load_bundle, write_public
+from meshscale.trust.bundle import (
+    init_bundle,
+    load_bundle,
+    write_client_bundle,
+    write_node_bundle,
+    write_public,
+)
+from meshscale.trust.credentials import Credentials
 
 DEFAULT_REGIONS = ("eu-west", "us-east")
 ZONES_PER_REGION = 3
@@ -42,6 +51,7 @@ class NodeProcess:
     zone: str
     port: int
     data_dir: Path
+    bundle_dir: Path
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     http_port: int | None = None
@@ -64,6 +74,7 @@ class NodeProcess:
             "http": self.http,
             "pid": self.proc.pid if self.proc is not None else None,
             "data_dir": str(self.data_dir),
+            "bundle": str(self.bundle_dir),
         }
 
 
@@ -105,7 +116,6 @@ def find_free_base_port(
 
 def node_command(
     node: NodeProcess,
-    bundle: Path,
     seeds: list[str],
     latency: str = "",
     extra: list[str] | None = None,
@@ -127,7 +137,7 @@ def node_command(
         "--data-dir",
         str(node.data_dir),
         "--bundle",
-        str(bundle),
+        str(node.bundle_dir),
     ]
     for seed in seeds:
         cmd += ["--join", seed]
@@ -138,10 +148,14 @@ def node_command(
     return cmd + list(extra or [])
 
 
-def spawn_node(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start one node process; its stdout and stderr go to ``log_path``."""
+def spawn_node(cmd: list[str], log_path: Path, *, detach: bool = False
+               ) -> subprocess.Popen[bytes]:
+    """Start one node process; its stdout and stderr go to ``log_path`` (mode 0600: a
+    node log is for its operator). Unless ``detach``, the node gets SIGTERM when the
+    process that started it dies."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as log:
         env = {k: v for k, v in os.environ.items() if k != "MESHSCALE_BUNDLE"}
         env["PYTHONUNBUFFERED"] = "1"
         return subprocess.Popen(
@@ -151,7 +165,7 @@ def spawn_node(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
             stderr=log,
             env=env,
             start_new_session=True,
-            preexec_fn=_set_pdeathsig,
+            preexec_fn=None if detach else _set_pdeathsig,
         )
 
 
@@ -200,7 +214,10 @@ class LocalMesh:
         # Node i serves HTTP on H+i, a second run of free ports.
         ports = range(self.base_port, self.base_port + nodes)
         http_base = find_free_base_port(nodes, avoid=ports) if http else None
-        self.bundle_path = self.directory / "bundle"
+        self.admin_path = self.directory / "admin"
+        """The admin bundle (CA key): only ``start`` and ``node remove`` use it."""
+        self.bundle_path = self.directory / "client"
+        """The admin client bundle users of this mesh connect with (no CA key)."""
         self.nodes: list[NodeProcess] = []
         per_region: dict[str, int] = {}
         for i in range(nodes):
@@ -215,6 +232,7 @@ class LocalMesh:
                     zone=zone,
                     port=self.base_port + i,
                     data_dir=self.directory / "nodes" / f"node-{i}",
+                    bundle_dir=self.directory / "bundles" / f"node-{i}",
                     http_port=None if http_base is None else http_base + i,
                 )
             )
@@ -223,22 +241,34 @@ class LocalMesh:
     def mesh_json(self) -> Path:
         return self.directory / "mesh.json"
 
-    def start(self) -> None:
+    def make_bundles(self) -> None:
+        """The admin bundle, a node bundle per node and the client bundle (each made once:
+        a restarted mesh reuses them)."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        if not (self.admin_path / "bundle.json").exists():
+            init_bundle(self.admin_path)
+        admin = load_bundle(self.admin_path)
+        for node in self.nodes:
+            if not (node.bundle_dir / "bundle.json").exists():
+                write_node_bundle(admin, node.name, node.bundle_dir,
+                                  hosts=[HOST, "localhost"])
         if not (self.bundle_path / "bundle.json").exists():
-            init_bundle(self.bundle_path)
+            write_client_bundle(admin, "local-admin", self.bundle_path)
+
+    def start(self, *, detach: bool = False) -> None:
+        """Start every node; ``detach``: they outlive this process (``up --detach``)."""
+        self.make_bundles()
         seed = self.nodes[0].address
         spec = format_latency(self.latency)
         for i, node in enumerate(self.nodes):
-            cmd = node_command(
-                node, self.bundle_path, [] if i == 0 else [seed], spec, self.node_args
-            )
+            cmd = node_command(node, [] if i == 0 else [seed], spec, self.node_args)
             node.log_path = node.data_dir.parent / f"{node.name}.log"
-            node.proc = spawn_node(cmd, node.log_path)
+            node.proc = spawn_node(cmd, node.log_path, detach=detach)
         self.write_mesh_json()
 
-    def write_mesh_json(self) -> None:
-        data = {"bundle": str(self.bundle_path), "nodes": [n.to_json() for n in self.nodes]}
+    def write_mesh_json(self, **extra: Any) -> None:
+        data = {"bundle": str(self.bundle_path), "admin_bundle": str(self.admin_path),
+                **extra, "nodes": [n.to_json() for n in self.nodes]}
         write_public(self.mesh_json, (json.dumps(data, indent=2) + "\n").encode())
 
     def processes(self) -> list[subprocess.Popen[bytes]]:
@@ -275,6 +305,10 @@ class LocalMesh:
 
     def credentials(self) -> ClientCredentials:
         return ClientCredentials.from_bundle(load_bundle(self.bundle_path))
+
+    def node_credentials(self, i: int) -> Credentials:
+        """Node ``i``'s own credentials: for tests that call node-to-node methods."""
+        return Credentials.for_node(load_bundle(self.nodes[i].bundle_dir))
 
     def wait_converged(
         self, timeout: float, cancelled: Callable[[], bool] | None = None

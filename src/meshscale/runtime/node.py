@@ -10,11 +10,19 @@ Transports, on one host:port number (TCP and UDP ports are separate namespaces):
 - UDP: probes and gossip. Every datagram is sealed with the keyring's primary
   (AES-256-GCM) and opened with any installed key; one that does not open is dropped
   and counted in ``rejected_messages{reason}``.
-- TCP: TLS 1.3, both sides presenting a certificate from the cluster CA. A connection
-  carries length-prefixed frames (``framing.py``) of ``core.rpc`` messages: push/pull
-  (sealed with the keyring too, so the gossip key is needed to join) and RPCs, which
-  must carry the cluster's admin token. A malformed, oversized, unknown or
-  unauthenticated frame is counted and the connection closed.
+- TCP: TLS 1.3, both sides presenting a certificate from the cluster CA; the name and
+  role the CA signed into the peer's certificate say who it is (``trust/certs.py``). A
+  connection carries length-prefixed frames (``framing.py``) of ``core.rpc`` messages:
+  push/pull (node certificates only, the message's sender must be the certificate's
+  name, and sealed with the keyring too, so the gossip key is needed to join) and RPCs,
+  each allowed by ``core/access.py`` for the caller's role (a token, if sent, can only
+  narrow it). A malformed, oversized, unknown or unauthorised frame is counted; the
+  connection is closed after an unauthorised one.
+
+Removed nodes (``meshscale node remove``): their signed revocations are kept in the data
+dir and spread by the membership; a removed node's TLS connections are closed as soon as
+its certificate is seen, and a node that learns it was removed itself stops, and refuses
+to start again.
 
 Bounds (``AgentConfig``): connections overall and per peer IP, frame size, handshake,
 read and stream timeouts, outgoing streams in flight (excess streams are shed: counted
@@ -52,12 +60,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
+from meshscale.core.access import METHOD_ACCESS, allowed, narrowest
 from meshscale.core.membership import (
     Member,
     MemberAlive,
     MemberDown,
     MemberJoined,
     MemberLeft,
+    MemberRemoved,
     Membership,
     MembershipConfig,
     MemberSuspect,
@@ -81,7 +91,9 @@ from meshscale.runtime.dataplane import DataPlane
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
 from meshscale.runtime.latency import RegionPair
-from meshscale.trust.bundle import Bundle, BundleError, load_keyring
+from meshscale.trust.bundle import Bundle, BundleError, BundleKind, load_keyring
+from meshscale.trust.certs import Peer, Role, peer_of
+from meshscale.trust.credentials import Credentials
 from meshscale.trust.framing import (
     FrameConnection,
     FrameTooLarge,
@@ -90,7 +102,8 @@ from meshscale.trust.framing import (
     write_frame,
 )
 from meshscale.trust.keyring import Keyring, SealError
-from meshscale.trust.tls import GREETING, client_context, connect_tls, server_context
+from meshscale.trust.revocation import RevocationError, RevocationStore
+from meshscale.trust.tls import GREETING, connect_tls, server_context
 
 if TYPE_CHECKING:
     from meshscale.runtime.http import HttpServer
@@ -98,17 +111,26 @@ if TYPE_CHECKING:
 RpcHandler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
 
 UNAUTHORIZED = "unauthorized"
+FORBIDDEN = "forbidden"
+EXIT_REMOVED = 78
+"""Exit status of a node that was removed from the mesh (EX_CONFIG; the systemd unit
+does not restart on it)."""
 
 STATE_NAMES = {
     State.ALIVE: "alive",
     State.SUSPECT: "suspect",
     State.DEAD: "dead",
     State.LEFT: "left",
+    State.REMOVED: "removed",
 }
 
 
 STARTING = "node is starting"
 """Error prefix for a method asked before the planes that serve it have started."""
+
+
+class NodeRemovedError(Exception):
+    """This node was removed from the mesh by the operator; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +171,8 @@ class AgentConfig:
     idle_watts: float = 10.0
     peak_watts: float = 65.0
     """Power model: watts at no busy worker slot and at all of them busy."""
+    max_refusals_tracked: int = 256
+    """Distinct (method, role) pairs counted in ``rpc_refused``; more share one row."""
 
 
 @dataclass
@@ -166,6 +190,8 @@ class _Keys:
 class AgentStats:
     rejected: Counter[str] = field(default_factory=Counter)
     runtime: Counter[str] = field(default_factory=Counter)
+    refused: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """RPCs refused for the caller's role, by (method, role)."""
     messages_in: Counter[str] = field(default_factory=Counter)
     """Messages received, by type (``gossip``, ``push_pull``, or the RPC method)."""
     messages_out: Counter[str] = field(default_factory=Counter)
@@ -235,8 +261,6 @@ class NodeAgent:
         identity: Identity,
         data_dir: Path,
         bundle: Bundle,
-        cert_pem: bytes,
-        key_pem: bytes,
         bind: str,
         advertise: str | None = None,
         meta: NodeMeta | None = None,
@@ -248,6 +272,9 @@ class NodeAgent:
         rng: random.Random | None = None,
         dataplane: bool = True,
     ) -> None:
+        bundle.require(BundleKind.NODE, use="a node")
+        if bundle.name != identity.name:
+            raise ValueError(f"the bundle is node {bundle.name!r}'s, not {identity.name!r}'s")
         self.identity = identity
         self.name = identity.name
         self.data_dir = Path(data_dir)
@@ -268,8 +295,20 @@ class NodeAgent:
         self._with_dataplane = dataplane
         self.events: deque[EventInfo] = deque(maxlen=self.cfg.recent_events)
         self._event_seq = 0
-        self._server_ctx = server_context(bundle, cert_pem, key_pem)
-        self._client_ctx = client_context(bundle, cert_pem, key_pem)
+        self._server_ctx = server_context(bundle)
+        self.creds = Credentials.for_node(bundle)
+        """What this node presents when it calls other nodes: its own certificate."""
+        self._client_ctx = self.creds.ssl_context
+        self.revocations = RevocationStore(self.data_dir, bundle.ca_cert_pem, bundle.cluster_id)
+        self.revocations.load()
+        if self.name in self.revocations.entries:
+            raise NodeRemovedError(
+                f"node {self.name!r} was removed from the mesh (a signed revocation is in "
+                f"{self.revocations.path}); it cannot rejoin: give the machine a new node "
+                "bundle with another name")
+        self.removed = False
+        """This node was removed from the mesh (it stops; see ``EXIT_REMOVED``)."""
+        self.stop_requested = asyncio.Event()
         self._keys = _Keys(open_ring=bundle.keyring, seal_ring=bundle.keyring)
         with contextlib.suppress(OSError):
             self._keys.mtime_ns = (bundle.path / "keyring.json").stat().st_mtime_ns
@@ -278,6 +317,8 @@ class NodeAgent:
         self._conns = 0
         self._conns_by_ip: Counter[str] = Counter()
         self._streams_in_flight = 0
+        self._stream_peers: dict[str, str] = {}
+        """Address -> the name its certificate carried, for push/pulls in flight."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer = DeadlineTimer(self._on_timer)
         self._region_by_addr: dict[str, str] = {}
@@ -296,9 +337,12 @@ class NodeAgent:
 
     def register_rpc(self, method: str, handler: RpcHandler) -> None:
         """Serve ``method``: ``handler(args)`` returns (or awaits) a msgpack-able result;
-        raising ``ValueError`` sends its message back as the error."""
+        raising ``ValueError`` sends its message back as the error. The method must be
+        in ``core.access.METHOD_ACCESS`` (who may call it)."""
         if method in self._rpc:
             raise ValueError(f"RPC method {method!r} is already registered")
+        if method not in METHOD_ACCESS:
+            raise ValueError(f"RPC method {method!r} has no entry in core.access.METHOD_ACCESS")
         self._rpc[method] = handler
 
     @property
@@ -338,8 +382,10 @@ class NodeAgent:
             await self.http.start()  # before the membership: its address rides in our meta
         # The epoch names this run's in-memory stream shards (runtime/streams.py): a new
         # incarnation at every start, so a restarted node never reuses an old shard's name.
+        expires = int(self.bundle.cert.not_after.timestamp())
         self.meta = msgspec.structs.replace(
-            self.meta, tags={**self.meta.tags, "epoch": str(self.identity.incarnation)})
+            self.meta, tags={**self.meta.tags, "epoch": str(self.identity.incarnation),
+                             "cert_expires": str(expires)})
         now = time.monotonic()
         self.membership = Membership(
             self.name,
@@ -349,7 +395,10 @@ class NodeAgent:
             rng=self.rng,
             now=now,
             incarnation=self.identity.incarnation,
+            verify_revocation=self._verify_revocation,
         )
+        for entry in list(self.revocations.entries.values()):
+            self.membership.revoke(entry, now)
         self.log(
             "info",
             "started",
@@ -532,12 +581,21 @@ class NodeAgent:
             host, port, self._client_ctx, handshake_timeout=self.cfg.handshake_timeout_s
         )
         try:
+            who = peer_of(writer.get_extra_info("ssl_object"))
+            if who is None or who.role is not Role.NODE or who.name in self.m.revoked:
+                self._reject("revoked" if who is not None and who.role is Role.NODE
+                             else "no_role")
+                raise ConnectionError(f"{addr} is not a node of this mesh")
+            self._stream_peers[addr] = who.name
             frame = encode_stream_message(PushPullFrame(self._keys.seal_ring.seal(payload)))
             await write_frame(writer, frame, max_size=self.cfg.max_frame_bytes)
             self.stats.count_out("push_pull", len(frame))
             data = await read_frame(reader, self.cfg.max_frame_bytes)
             self.stats.count_in("push_pull", len(data))
             msg = decode_stream_message(data, self.cfg.max_frame_bytes)
+            if isinstance(msg, RpcResponse) and not msg.ok:
+                # The peer refused us and said why (e.g. a removed node): worth a log line.
+                self.log("warning", "push_pull_refused", peer=addr, error=msg.error[:200])
             if not isinstance(msg, PushPullFrame):
                 raise WireError("unexpected", type(msg).__name__)
             return self._keys.open_ring.open(msg.payload)
@@ -550,10 +608,11 @@ class NodeAgent:
         if self.membership is None:
             return
         now = time.monotonic()
+        peer = self._stream_peers.pop(addr, None)
         if reply is None:
             self.membership.stream_failed(addr, now)
         else:
-            self.membership.handle_stream_reply(addr, reply, now)
+            self.membership.handle_stream_reply(addr, reply, now, peer=peer)
         self._pump()
 
     # ------------------------------------------------------------------ inbound TCP
@@ -601,7 +660,19 @@ class NodeAgent:
                 self._reject("tls")
                 return
             conn.connection_made(tls)
-            await self._serve_connection(conn, peer)
+            who = peer_of(tls.get_extra_info("ssl_object"))
+            if who is None:
+                self._reject("no_role")  # a CA-signed certificate without a meshscale role
+                return
+            if who.role is Role.NODE and who.name in self.m.revoked:
+                self._reject("revoked")
+                # One frame saying why (its log shows it), then the door.
+                refusal = RpcResponse(0, False, error=f"removed: node {who.name!r} was "
+                                      "removed from this mesh by its operator")
+                await conn.write_frame(encode_stream_message(refusal),
+                                       max_size=self.cfg.max_frame_bytes)
+                return
+            await self._serve_connection(conn, peer, who)
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             self.stats.runtime["connection_errors"] += 1
         finally:
@@ -614,7 +685,7 @@ class NodeAgent:
             else:
                 raw.abort()
 
-    async def _serve_connection(self, conn: FrameConnection, peer: Any) -> None:
+    async def _serve_connection(self, conn: FrameConnection, peer: Any, who: Peer) -> None:
         src = f"{peer[0]}:{peer[1]}" if peer else "?"
         while True:
             try:
@@ -637,14 +708,15 @@ class NodeAgent:
             kind = self._message_kind(msg)
             self.stats.count_in(kind, len(data))
             del data  # the request holds what it needs; the frame's buffer can go
-            reply = await self._handle_message(msg, src)
+            reply = await self._handle_message(msg, src, who)
             if reply is None:
                 return
             out = encode_stream_message(reply)
             await conn.write_frame(out, max_size=self.cfg.max_frame_bytes)
             self.stats.count_out(kind, len(out))
-            if isinstance(reply, RpcResponse) and reply.error.startswith(UNAUTHORIZED):
-                return  # an unauthenticated peer gets one answer, then the door
+            if isinstance(reply, RpcResponse) and reply.error.startswith(
+                    (UNAUTHORIZED, FORBIDDEN)):
+                return  # an unauthorised caller gets one answer, then the door
 
     def _message_kind(self, msg: StreamMessage) -> str:
         if isinstance(msg, RpcRequest):
@@ -652,28 +724,49 @@ class NodeAgent:
             return msg.method if msg.method in self._rpc else "rpc_unknown"
         return "push_pull" if isinstance(msg, PushPullFrame) else "other"
 
-    async def _handle_message(self, msg: StreamMessage, src: str) -> StreamMessage | None:
+    async def _handle_message(self, msg: StreamMessage, src: str, who: Peer
+                              ) -> StreamMessage | None:
         if isinstance(msg, PushPullFrame):
             if self.membership is None:
+                return None
+            if who.role is not Role.NODE:
+                self._reject("forbidden")
                 return None
             try:
                 plain = self._keys.open_ring.open(msg.payload)
             except SealError as e:
                 self._reject(e.reason)
                 return None
-            out = self.membership.handle_stream(src, plain, time.monotonic())
+            out = self.membership.handle_stream(src, plain, time.monotonic(), peer=who.name)
             self._pump()
             if out is None:
                 self._reject("malformed")
                 return None
             return PushPullFrame(self._keys.seal_ring.seal(out))
         if isinstance(msg, RpcRequest):
-            if not self.bundle.check_token(msg.token):
-                self._reject("unauthorized")
-                return RpcResponse(msg.id, False, error=f"{UNAUTHORIZED}: wrong admin token")
+            role = who.role.value
+            if msg.token:
+                granted = self.bundle.token_role(msg.token)
+                if granted is None:
+                    self._reject("unauthorized")
+                    return RpcResponse(msg.id, False, error=f"{UNAUTHORIZED}: wrong token")
+                role = narrowest(role, granted.value)
+            if msg.method in METHOD_ACCESS and not allowed(role, msg.method):
+                self._reject("forbidden")
+                self._count_refusal(msg.method, role)
+                return RpcResponse(msg.id, False, error=(
+                    f"{FORBIDDEN}: {msg.method!r} needs {METHOD_ACCESS[msg.method]} access; "
+                    f"the caller {who.name!r} has role {role}"))
             return await self._call_rpc(msg)
         self._reject("unexpected")
         return None
+
+    def _count_refusal(self, method: str, role: str) -> None:
+        refused = self.stats.refused
+        key = (method, role)
+        if key not in refused and len(refused) >= self.cfg.max_refusals_tracked:
+            key = ("other", role)
+        refused[key] += 1
 
     async def _call_rpc(self, req: RpcRequest) -> RpcResponse:
         handler = self._rpc.get(req.method)
@@ -711,13 +804,16 @@ class NodeAgent:
             MemberDown: "member_down",
             MemberLeft: "member_left",
             MemberUpdated: "member_updated",
+            MemberRemoved: "member_removed",
         }.get(type(ev), type(ev).__name__)
         name = str(getattr(ev, "name", ""))
         inc = int(getattr(ev, "incarnation", 0))
         source = str(getattr(ev, "source", ""))
         self._event_seq += 1
         self.events.append(EventInfo(self._event_seq, time.time(), kind, name, inc, source))
-        level = "warning" if isinstance(ev, MemberDown | MemberSuspect) else "info"
+        level = "warning" if isinstance(ev, MemberDown | MemberSuspect | MemberRemoved) else "info"
+        if isinstance(ev, MemberRemoved):
+            self._on_removed(ev)
         fields: dict[str, Any] = {"member": name, "incarnation": inc}
         if source:
             fields["source"] = source
@@ -730,6 +826,23 @@ class NodeAgent:
             self._region_by_addr = {
                 mm.addr: mm.meta.region for mm in self.m.members.values() if mm.name != self.name
             }
+
+    def _verify_revocation(self, entry: bytes) -> str | None:
+        try:
+            return self.revocations.verify(entry).name
+        except RevocationError:
+            return None
+
+    def _on_removed(self, ev: MemberRemoved) -> None:
+        try:
+            self.revocations.add(ev.entry)
+        except (RevocationError, OSError) as e:
+            self.log("error", "revocation_not_saved", member=ev.name, error=str(e))
+        if ev.name == self.name and not self.removed:
+            self.removed = True
+            self.log("error", "removed", detail="this node was removed from the mesh by the "
+                     "operator; stopping (it cannot rejoin)")
+            self.stop_requested.set()
 
     def record_event(self, kind: str, name: str = "", detail: str = "") -> None:
         """Add a non-membership event (a re-replication, a task retry) to the recent ones."""
@@ -798,6 +911,7 @@ class NodeAgent:
         self.register_rpc("members", self._rpc_members)
         self.register_rpc("stats", self._rpc_stats)
         self.register_rpc("events", self._rpc_events)
+        self.register_rpc("admin.revoke", self._rpc_revoke)
 
     def member_infos(self) -> list[MemberInfo]:
         out = []
@@ -816,6 +930,7 @@ class NodeAgent:
             incarnation=mm.inc,
             rtt_ms=None if rtt is None else round(rtt * 1000, 3),
             labels=dict(mm.meta.labels),
+            cert_expires=_int_or_none(mm.meta.tags.get("cert_expires")),
         )
 
     def _rpc_members(self, args: dict[str, Any]) -> list[MemberInfo]:
@@ -847,11 +962,33 @@ class NodeAgent:
             "uptime_s": round(time.time() - self.started_at, 3),
         }
 
+    def _rpc_revoke(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Remove a node for good: ``entry`` is a revocation signed by the cluster CA
+        (``meshscale node remove``); it spreads from here by gossip."""
+        entry = args.get("entry")
+        if not isinstance(entry, bytes):
+            raise ValueError("'entry' must be the signed revocation (bytes)")
+        try:
+            name = self.revocations.verify(entry).name
+        except RevocationError as e:
+            raise ValueError(str(e)) from None
+        known = name in self.m.revoked
+        self.m.revoke(entry, time.monotonic())
+        self._pump()
+        return {"name": name, "new": not known}
+
     def _rpc_events(self, args: dict[str, Any]) -> list[EventInfo]:
         since = args.get("since", 0)
         if not isinstance(since, int):
             raise ValueError("'since' must be an integer")
         return [e for e in self.events if e.seq > since]
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
 
 
 async def run_agent(agent: NodeAgent) -> None:
@@ -861,16 +998,27 @@ async def run_agent(agent: NodeAgent) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await agent.start()
-    await stop.wait()
+    stopping = asyncio.ensure_future(agent.stop_requested.wait())
+    signalled = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({stopping, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    signalled.cancel()
+    if agent.removed:
+        await agent.stop()
+        return
     agent.log("info", "signal", action="leave")
     await agent.leave_and_stop()
 
 
 def run_forever(agent: NodeAgent) -> None:
-    """Run ``agent`` on uvloop when it is installed, else on asyncio's default loop."""
+    """Run ``agent`` on uvloop when it is installed, else on asyncio's default loop.
+    ``NodeRemovedError`` if the node stopped because it was removed from the mesh."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
         asyncio.run(run_agent(agent))
-        return
-    uvloop.run(run_agent(agent))
+    else:
+        uvloop.run(run_agent(agent))
+    if agent.removed:
+        raise NodeRemovedError(f"node {agent.name!r} was removed from the mesh by the "
+                               "operator; it cannot rejoin")

@@ -200,7 +200,7 @@ class StreamPlane:
 
     async def start(self) -> None:
         a = self.agent
-        self._creds = ClientCredentials.from_bundle(a.bundle)
+        self._creds = a.creds
         for name, fn in {
             "stream.publish": self._rpc_publish,
             "stream.replicate": self._rpc_replicate,

@@ -2,8 +2,8 @@
 
 Nodes are addressed by IP:port and found by gossip, so a client cannot check the server's
 certificate against a host name; both sides instead require a certificate chaining to
-the cluster CA. Knowing *which* node is on the other end is the caller's job: read the
-certificate's CN with ``peer_name`` and compare it with the member it meant to reach.
+the cluster CA. Knowing *who* is on the other end is the caller's job: ``certs.peer_of``
+reads the name and role the CA signed into the peer's certificate.
 
 Python's ssl module can only load a certificate chain from a file. The node's key is
 therefore handed to OpenSSL through an anonymous in-memory file (``memfd_create``) where
@@ -54,22 +54,25 @@ def _pem_file(data: bytes) -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _check_node_cert(bundle: Bundle, cert_pem: bytes) -> None:
+def _check_cert(bundle: Bundle, cert_pem: bytes) -> None:
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
-        raise TLSConfigError("node certificate is not a PEM certificate") from None
+        raise TLSConfigError("certificate is not a PEM certificate") from None
     ca = x509.load_pem_x509_certificate(bundle.ca_cert_pem)
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         raise TLSConfigError(
-            f"node certificate was not issued by this bundle's CA ({bundle.path})"
+            f"certificate was not issued by this bundle's CA ({bundle.path})"
         ) from None
 
 
-def _base_context(protocol: int, bundle: Bundle, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    _check_node_cert(bundle, cert_pem)
+def _base_context(protocol: int, bundle: Bundle, cert_pem: bytes | None,
+                  key_pem: bytes | None) -> ssl.SSLContext:
+    if cert_pem is None or key_pem is None:
+        cert_pem, key_pem = bundle.cert_pem, bundle.key_pem
+    _check_cert(bundle, cert_pem)
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -80,12 +83,14 @@ def _base_context(protocol: int, bundle: Bundle, cert_pem: bytes, key_pem: bytes
         with _pem_file(chain) as path:
             ctx.load_cert_chain(path)
     except ssl.SSLError as e:
-        raise TLSConfigError(f"node certificate and key cannot be loaded: {e}") from None
+        raise TLSConfigError(f"certificate and key cannot be loaded: {e}") from None
     return ctx
 
 
-def server_context(bundle: Bundle, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    """A TLS 1.3 server context that requires a client certificate from the bundle's CA."""
+def server_context(bundle: Bundle, cert_pem: bytes | None = None,
+                   key_pem: bytes | None = None) -> ssl.SSLContext:
+    """A TLS 1.3 server context that requires a client certificate from the bundle's CA;
+    it presents ``cert_pem`` (default: the bundle's own certificate)."""
     ctx = _base_context(ssl.PROTOCOL_TLS_SERVER, bundle, cert_pem, key_pem)
     ctx.verify_mode = ssl.CERT_REQUIRED
     # No session resumption: every connection presents and verifies certificates.
@@ -93,10 +98,12 @@ def server_context(bundle: Bundle, cert_pem: bytes, key_pem: bytes) -> ssl.SSLCo
     return ctx
 
 
-def client_context(bundle: Bundle, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    """A TLS 1.3 client context: presents our cert, requires one from the bundle's CA.
+def client_context(bundle: Bundle, cert_pem: bytes | None = None,
+                   key_pem: bytes | None = None) -> ssl.SSLContext:
+    """A TLS 1.3 client context: presents ``cert_pem`` (default: the bundle's own),
+    requires a node certificate (serverAuth) from the bundle's CA.
 
-    Host names are not checked (peers are dialled by IP:port); use ``peer_name``.
+    Host names are not checked (peers are dialled by IP:port); use ``peer_of``.
     """
     ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT, bundle, cert_pem, key_pem)
     ctx.check_hostname = False

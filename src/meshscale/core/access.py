@@ -1,0 +1,74 @@
+"""Who may call which RPC method: one table, checked by every node on every request.
+
+A caller's role comes from its certificate (the CA signed it; ``trust/certs.py``), and a
+token it presents can only narrow it. Three kinds of method:
+
+- ``READ``: list and read; any certificate of the cluster may call them.
+- ``WRITE``: change the mesh (put, delete, submit, publish, remove a node); admin
+  clients and nodes (a node forwards what its clients asked).
+- ``NODE``: node-to-node (replica writes, transfers, scheduling messages, stream copies);
+  node certificates only.
+
+A method a node serves must be in the table (registering one that is not fails), so no
+method is ever open by omission.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Access(StrEnum):
+    READ = "read"
+    WRITE = "write"
+    NODE = "node"
+
+
+ROLE_NODE = "node"
+ROLE_ADMIN = "admin"
+ROLE_READ_ONLY = "read-only"
+ROLES = (ROLE_NODE, ROLE_ADMIN, ROLE_READ_ONLY)
+
+_GRANTS: dict[str, frozenset[Access]] = {
+    ROLE_NODE: frozenset(Access),
+    ROLE_ADMIN: frozenset({Access.READ, Access.WRITE}),
+    ROLE_READ_ONLY: frozenset({Access.READ}),
+}
+
+_READ = (
+    "members", "stats", "events",
+    "obj.read", "obj.stat", "obj.list", "kv.get", "dp.stats",
+    "task.list", "task.stats", "task.result", "task.wait",
+    "stream.read", "stream.op_list", "stream.stats",
+)
+_WRITE = (
+    "obj.put_begin", "obj.put_chunk", "obj.put_end", "obj.put_abort", "obj.put_small",
+    "obj.delete", "obj.corrupt_local", "kv.put", "kv.delete",
+    "task.submit", "task.cancel",
+    "stream.publish", "stream.op_register", "stream.op_remove",
+    "admin.revoke",
+)
+_NODE = (
+    "obj.rw_begin", "obj.rw_chunk", "obj.rw_end", "obj.rw_small", "obj.read_local",
+    "obj.local_stat", "obj.local_list", "repl.msg", "kv.apply", "kv.read",
+    "sched.msg", "sched.load", "sched.batch", "task.done", "task.fn", "task.kill",
+    "stream.replicate", "stream.fetch", "stream.op_notify",
+)
+
+METHOD_ACCESS: dict[str, Access] = {
+    **dict.fromkeys(_READ, Access.READ),
+    **dict.fromkeys(_WRITE, Access.WRITE),
+    **dict.fromkeys(_NODE, Access.NODE),
+}
+assert len(METHOD_ACCESS) == len(_READ) + len(_WRITE) + len(_NODE), "a method listed twice"
+
+
+def narrowest(*roles: str) -> str:
+    """The role granting the least of ``roles`` (a token narrows a certificate)."""
+    return min(roles, key=lambda r: len(_GRANTS.get(r, frozenset())))
+
+
+def allowed(role: str, method: str) -> bool:
+    """May a caller in ``role`` call ``method``? Unknown roles and methods: no."""
+    access = METHOD_ACCESS.get(method)
+    return access is not None and access in _GRANTS.get(role, frozenset())
