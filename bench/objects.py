@@ -300,8 +300,8 @@ async def measure(mesh: LocalMesh, quick: bool) -> dict[str, float]:
     res: dict[str, float] = {}
     res["put_mb_s"], res["get_mb_s"], EXTRA["get_proxied_mb_s"], blob = await measure_bulk(
         mesh, quick)
-    res["tls_copy_mb_s"] = await tls_copy(mesh.bundle_path, blob, 2 if quick else 4)
-    EXTRA["tls_fanout_mb_s"] = await tls_fanout(mesh.bundle_path, blob, 2 if quick else 4)
+    res["tls_copy_mb_s"] = await tls_copy(mesh.admin_path, blob, 2 if quick else 4)
+    EXTRA["tls_fanout_mb_s"] = await tls_fanout(mesh.admin_path, blob, 2 if quick else 4)
     res["small_put_p50_ms"], res["small_put_p99_ms"] = await measure_small(mesh, quick)
     return res
 

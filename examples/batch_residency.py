@@ -8,7 +8,7 @@ Run it against a local mesh (two of its three nodes are in eu-west):
 
 or give a node's address and the cluster bundle directly:
 
-    .venv/bin/python examples/batch_residency.py 127.0.0.1:PORT /tmp/mesh/bundle
+    .venv/bin/python examples/batch_residency.py 127.0.0.1:PORT /tmp/mesh/client
 
 What it does: stores a few "patient records" with ``residency=["eu-west"]`` (their copies
 may live only on eu-west nodes), runs a function over them with ``mesh.map`` (each task

@@ -8,7 +8,7 @@ Run it against a local mesh:
 
 or give a node's address and the cluster bundle directly:
 
-    .venv/bin/python examples/stream_custom_model.py 127.0.0.1:PORT /tmp/mesh/bundle
+    .venv/bin/python examples/stream_custom_model.py 127.0.0.1:PORT /tmp/mesh/client
 
 What it does: trains a small logistic-regression model (NumPy only, written here, on
 generated pump telemetry: no download) that predicts whether a pump is about to fail,

@@ -332,7 +332,7 @@ def test_connect_with_an_explicit_token(local_mesh: LocalMesh) -> None:
     with connect(addr, bundle=local_mesh.bundle_path, token=admin) as m:
         ref = m.put(b"by token")
         assert m.get(ref) == b"by token"
-    with pytest.raises(ConnectError, match="wrong admin token"):
+    with pytest.raises(ConnectError, match="wrong token"):
         connect(addr, bundle=local_mesh.bundle_path, token=admin + "x")
     for bad in ("", "two words", "x" * 513):
         with pytest.raises(ValueError, match="token must be"):

@@ -118,3 +118,26 @@ def test_task_error_carries_the_remote_traceback() -> None:
 def test_public_names() -> None:
     for name in ("task", "as_completed", "Future", "TaskError", "TaskSubmitError", "connect"):
         assert getattr(meshscale, name) is getattr(t, name)
+
+
+def _where(x: int) -> int:
+    return x
+
+
+def test_a_placement_by_region_is_sent_as_its_mode() -> None:
+    """``placement=meshscale.Region(...)`` used to travel as ``{"name": ...}``, which the
+    node read as "no mode: data placement" and ran the task anywhere."""
+    import meshscale
+    from meshscale.runtime.compute import _placement
+
+    t = meshscale.task(placement=meshscale.Region("us-east"))(_where)
+    assert t.placement == {"mode": "central", "region": "us-east"}
+    t = meshscale.task(placement=meshscale.Regions(["a", "b"]))(_where)
+    assert t.placement == {"mode": "regions", "regions": ["a", "b"]}
+    assert meshscale.task(placement="data")(_where).placement is None
+    for bad in ({"name": "us-east"}, "cloud", 3):
+        with pytest.raises(ValueError, match="placement must be"):
+            meshscale.task(placement=bad)(_where)
+    # The node refuses a placement it cannot read instead of defaulting.
+    with pytest.raises(ValueError, match="unknown placement mode None"):
+        _placement({"name": "us-east"})

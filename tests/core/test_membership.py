@@ -392,6 +392,14 @@ def test_a_revocation_spreads_to_every_node_and_is_final() -> None:
         assert nodes[n].revoked["n7"] == b"revoke:n7"
     removed = {name for _, name, ev in events if isinstance(ev, MemberRemoved)}
     assert removed == set(names[:7])
+    # The removed node is told directly (nobody gossips to it any more), so it stops.
+    told = revoking(["n7", "n0"])
+    told["n0"].revoke(b"revoke:n7", 0.0)
+    notices = [o for o in datagrams(told["n0"]) if o.addr == "n7"]
+    assert notices
+    for o in notices:
+        told["n7"].handle_datagram("n0", o.payload, 0.1)
+    assert told["n7"].removed and told["n7"].next_deadline() is None
     # Whatever incarnation it claims, a removed member is not believed again.
     alive = encode_envelope([msgspec.msgpack.encode(Alive("n7", 99, "n7", NodeMeta()))])
     nodes["n1"].handle_datagram("n7", alive, 3.1)

@@ -81,7 +81,7 @@ def test_readme_streams_in_10_lines(mesh: LocalMesh, tmp_path: Path) -> None:
     lines = [ln for ln in code.group(1).splitlines() if ln.strip()]
     assert len(lines) <= 15, f"the snippet grew to {len(lines)} lines"
     src = code.group(1).replace("127.0.0.1:PORT", mesh.nodes[0].address)
-    src = src.replace("/tmp/mesh/bundle", str(mesh.bundle_path))
+    src = src.replace("/tmp/mesh/client", str(mesh.bundle_path))
     script = tmp_path / "snippet.py"
     script.write_text(src)
     out = run([str(script)], timeout=90)

@@ -251,7 +251,7 @@ def test_token_is_required(mesh: LocalMesh, token: str) -> None:
 
 
 
-def test_read_only_token_reads_the_api_but_not_the_rpc_port(mesh: LocalMesh) -> None:
+def test_read_only_token_reads_and_cannot_write(mesh: LocalMesh) -> None:
     from meshscale.client.rpc import ClientCredentials
     from meshscale.trust.bundle import load_bundle
 
@@ -263,9 +263,13 @@ def test_read_only_token_reads_the_api_but_not_the_rpc_port(mesh: LocalMesh) -> 
     assert request(addr, "/metrics", viewer)[0] == 200
     assert request(addr, "/api/v1/node", viewer + "x")[0] == 401
     creds = ClientCredentials.from_bundle(bundle)
+    # On the RPC port the viewers' token narrows an admin certificate to reading.
     ro = ClientCredentials(creds.ssl_context, viewer)
-    with pytest.raises(RpcError):
-        call(mesh.nodes[2].address, ro, "members", {}, timeout=10)
+    assert {m["name"] for m in call(mesh.nodes[2].address, ro, "members", {}, timeout=10)} \
+        == {n.name for n in mesh.nodes}
+    with pytest.raises(RpcError, match=r"forbidden: 'kv\.put' needs write access; the "
+                       r"caller 'local-admin' has role read-only"):
+        call(mesh.nodes[2].address, ro, "kv.put", {"key": "k", "value": b"v"}, timeout=10)
     out = subprocess.run([sys.executable, "-m", "meshscale", "token", "--read-only",
                           "--bundle", str(mesh.bundle_path)], capture_output=True, text=True,
                          timeout=60)
@@ -355,7 +359,10 @@ def test_metrics_public_flag(mesh: LocalMesh, tmp_path: Path) -> None:
     """A lone node started with --metrics-public serves /metrics without the token; the
     API still needs it."""
     port, http_port = find_free_base_port(1), find_free_base_port(1)
-    node = NodeProcess("solo", "eu-west", "eu-west-z1", port, tmp_path / "solo",
+    from meshscale.trust.bundle import load_bundle, write_node_bundle
+
+    bundle = write_node_bundle(load_bundle(mesh.admin_path), "solo", tmp_path / "bundle").path
+    node = NodeProcess("solo", "eu-west", "eu-west-z1", port, tmp_path / "solo", bundle,
                        http_port=http_port)
     cmd = node_command(node, [], extra=["--metrics-public"])
     proc = spawn_node(cmd, tmp_path / "solo.log")

@@ -211,8 +211,8 @@ def _credentials(bundle: str | Path | None) -> ClientCredentials:
         bundle = os.environ.get(BUNDLE_ENV) or None
     if bundle is None:
         raise ConnectError(
-            f"no cluster bundle: pass bundle=DIR or set {BUNDLE_ENV} "
-            "(`meshscale init DIR` makes one; `meshscale up` prints it)"
+            f"no bundle: pass bundle=DIR or set {BUNDLE_ENV} (a client bundle from "
+            "`meshscale bundle client`; `meshscale up` prints one)"
         )
     try:
         return ClientCredentials.from_bundle(load_bundle(Path(bundle).expanduser()))
@@ -1007,10 +1007,11 @@ async def connect_async(
 ) -> AsyncMesh:
     """Connect to the mesh through the node at ``address`` (``HOST:PORT``).
 
-    ``bundle`` is the cluster bundle directory (default: ``$MESHSCALE_BUNDLE``); it must
-    hold ``ca.key`` so the client can issue its own short-lived certificate. ``token``:
-    the admin token to send instead of the bundle's (e.g. one kept in a secret store; a
-    wrong one is refused by the node: ``ConnectError``). ``timeout`` bounds each request.
+    ``bundle`` is a client bundle directory (``meshscale bundle client``) or the admin
+    bundle (default: ``$MESHSCALE_BUNDLE``); its certificate says what the client may do.
+    ``token``: a token to send instead of the bundle's (e.g. one kept in a secret store);
+    it can only narrow the certificate's role (the viewers' token reads only), and a wrong
+    one is refused by the node: ``ConnectError``. ``timeout`` bounds each request.
     ``read_ahead`` (1 to ``MAX_READ_AHEAD``): chunk reads one get keeps in flight. Raises
     ``ConnectError`` if the node cannot be used.
     """

@@ -59,10 +59,14 @@ class RpcConnection:
     """One TLS connection to a node, reused for sequential calls."""
 
     def __init__(self, addr: str, creds: ClientCredentials, timeout: float = 5.0,
-                 counter: WireCounter | None = None) -> None:
+                 counter: WireCounter | None = None,
+                 connect_timeout: float | None = None) -> None:
         self.addr = addr
         self.creds = creds
         self.timeout = timeout
+        self.connect_timeout = timeout if connect_timeout is None else min(connect_timeout,
+                                                                           timeout)
+        """TCP + greeting + TLS set-up of a new connection (within ``timeout``)."""
         self.counter = counter
         """Counts each request's and reply's bytes under the call's method, if set."""
         self._writer: FrameConnection | None = None
@@ -73,10 +77,15 @@ class RpcConnection:
     async def _connect(self) -> FrameConnection:
         if self._writer is None or self._writer.is_closing():
             host, port = split_addr(self.addr)
-            self._writer = await open_frames(
-                host, port, self.creds.ssl_context, MAX_REPLY_BYTES,
-                greeting=GREETING, handshake_timeout=self.timeout,
-            )
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    self._writer = await open_frames(
+                        host, port, self.creds.ssl_context, MAX_REPLY_BYTES,
+                        greeting=GREETING, handshake_timeout=self.connect_timeout,
+                    )
+            except TimeoutError:
+                raise RpcError(f"{self.addr}: no connection within "
+                               f"{self.connect_timeout:g}s (unreachable?)") from None
         return self._writer
 
     async def call(self, method: str, args: dict[str, Any] | None = None) -> Any:

@@ -294,7 +294,7 @@ class TaskFunction(Generic[P, R]):
         self.residency = None if residency is None else list(residency)
         self.retries = retries
         self.timeout_s = timeout_s
-        self.placement = placement
+        self.placement = _placement_wire(placement)
         self.__name__ = getattr(fn, "__name__", "task")
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
@@ -334,6 +334,25 @@ class TaskFunction(Generic[P, R]):
         return f"<task {self.__name__} cpus={self.cpus:g}>"
 
 
+def _placement_wire(placement: Any) -> Any:
+    """A task's placement in wire form: None (data), ``Region(name)``, ``Regions([...])``
+    or a ``{"mode": ...}`` dict. Anything else is refused here, never sent to be read as
+    something else."""
+    from meshscale.client.streams import Region, Regions
+
+    if placement is None or placement == "data":
+        return None
+    if isinstance(placement, Region):
+        return {"mode": "central", "region": placement.name}
+    if isinstance(placement, Regions):
+        return {"mode": "regions", "regions": list(placement.names)}
+    if isinstance(placement, dict) and placement.get("mode") in (
+            "data", "central", "regions", "near-source"):
+        return dict(placement)
+    raise ValueError(f"placement must be None/'data', meshscale.Region(name), "
+                     f"meshscale.Regions([...]) or a {{'mode': ...}} dict, not {placement!r:.80}")
+
+
 def task(
     fn: Callable[P, R] | None = None, *, cpus: float = 1, memory_mb: int | None = None,
     gpus: int = 0, labels: dict[str, str] | None = None,
@@ -342,8 +361,9 @@ def task(
 ) -> Any:
     """Make ``fn`` a task: ``@task`` or ``@task(cpus=2, residency=["eu-west"])``.
 
-    ``placement``: ``None``/``"data"`` (run where the input objects are), or
-    ``{"mode": "central", "region": R}``, ``{"mode": "regions", "regions": [...]}``.
+    ``placement``: ``None``/``"data"`` (run where the input objects are),
+    ``meshscale.Region(R)`` (in region R), ``meshscale.Regions([...])`` (in one of them),
+    or the wire form ``{"mode": "central", "region": R}`` / ``{"mode": "regions", ...}``.
     ``retries``: re-runs after a worker crash or a lost result (node loss is retried by
     the scheduler). ``timeout_s``: the worker is killed after this long."""
     def wrap(f: Callable[P, R]) -> TaskFunction[P, R]:

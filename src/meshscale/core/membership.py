@@ -320,6 +320,11 @@ class MemberReaped(Event):
     name: str
 
 
+VIEW_CHANGES = (MemberJoined, MemberAlive, MemberDown, MemberLeft, MemberUpdated, MemberRemoved)
+"""Events after which the set of live members (or what they say) may differ."""
+GONE = (MemberDown, MemberLeft, MemberRemoved)
+"""Events after which a member no longer takes part."""
+
 # --------------------------------------------------------------------------- state
 
 
@@ -1292,6 +1297,12 @@ class Membership:
         else:
             m = self.members.get(name)
             if m is not None and m.state != State.REMOVED:
+                # Tell the removed node itself, once, directly: nobody gossips to it any
+                # more, and it should stop rather than knock on closed doors.
+                notice = encode_envelope([_encode(msg)])
+                self._count("packets_out")
+                self._count_n("bytes_out", len(notice))
+                self._outputs.append(SendDatagram(m.addr, notice))
                 m = self._own(m)
                 self._cancel_suspicion(name)
                 self._set_state(m, State.REMOVED, now)

@@ -50,14 +50,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
-from meshscale.core.membership import (
-    MemberAlive,
-    MemberDown,
-    MemberJoined,
-    MemberLeft,
-    MemberUpdated,
-    State,
-)
+from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX, object_id
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, Residency
@@ -251,7 +244,7 @@ def _placement(raw: Any) -> PlacementMode:
         raw = {"mode": raw}
     if not isinstance(raw, dict):
         raise ValueError(f"placement must be a mode name or a dict, not {raw!r:.80}")
-    mode = raw.get("mode", "data")
+    mode = raw.get("mode")
     if mode == "data":
         return DataLocal()
     if mode == "central":
@@ -382,9 +375,9 @@ class ComputePlane:
             self._pump()
 
     def _on_member_event(self, ev: Event) -> None:
-        if isinstance(ev, MemberDown | MemberLeft):
+        if isinstance(ev, GONE):
             self._loads.pop(str(getattr(ev, "name", "")), None)
-        if isinstance(ev, MemberJoined | MemberAlive | MemberDown | MemberLeft | MemberUpdated):
+        if isinstance(ev, VIEW_CHANGES):
             self._refresh_view()
 
     def _pump(self) -> None:

@@ -46,14 +46,7 @@ from typing import TYPE_CHECKING, Any
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.core.hlc import ClockSkewError, HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import Consistency, KVCoordinator, KVRecord, kv_replicas
-from meshscale.core.membership import (
-    MemberAlive,
-    MemberDown,
-    MemberJoined,
-    MemberLeft,
-    MemberUpdated,
-    State,
-)
+from meshscale.core.membership import VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_RE, object_id
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, PlacementError, Residency, check_quorum, replica_set
@@ -125,6 +118,12 @@ class DataPlaneConfig:
     inline_bytes: int = 256 * 1024
     """Objects up to this size travel in one RPC (put and replica transfer)."""
     rpc_timeout_s: float = 30.0
+    connect_timeout_s: float = 3.0
+    """TCP and TLS set-up with a peer; one that takes longer is treated as unreachable
+    (a peer behind a partition drops the SYN: without this, a call waits rpc_timeout_s)."""
+    stat_timeout_s: float = 3.0
+    """Asking every node about its local copies (a lookup, no disk read of the bytes): a
+    node silent this long is counted as not holding one."""
     kv_replicas: int = 3
     kv_timeout_s: float = 5.0
     read_source_cache: int = 1024
@@ -355,7 +354,7 @@ class DataPlane:
     def _on_member_event(self, ev: Event) -> None:
         if self.rm is None:
             return
-        if isinstance(ev, MemberJoined | MemberAlive | MemberDown | MemberLeft | MemberUpdated):
+        if isinstance(ev, VIEW_CHANGES):
             self.rm.set_view(self._view(), time.monotonic())
             self._pump()
 
@@ -403,7 +402,8 @@ class DataPlane:
         if conn is None or conn.addr != addr:
             assert self._creds is not None
             conn = RpcConnection(addr, self._creds, self.cfg.rpc_timeout_s,
-                                 counter=self.agent.stats)
+                                 counter=self.agent.stats,
+                                 connect_timeout=self.cfg.connect_timeout_s)
             self._conns[name] = conn
         return conn
 
@@ -526,7 +526,8 @@ class DataPlane:
                 return conn
         assert self._creds is not None
         return RpcConnection(addr, self._creds, self.cfg.rpc_timeout_s,
-                             counter=self.agent.stats)
+                             counter=self.agent.stats,
+                             connect_timeout=self.cfg.connect_timeout_s)
 
     def _checkin(self, name: str, conn: RpcConnection) -> None:
         idle = self._idle.setdefault(name, [])
@@ -1214,6 +1215,10 @@ class DataPlane:
             with contextlib.suppress(ValueError):
                 return await self._rpc_read_local(args)
         src = self._sources.get(oid)
+        if src is not None and not self._live(src):
+            # Remembered from before it died (or was cut off): never send a reader there.
+            self._sources.pop(oid, None)
+            src = None
         if args.get("redirect"):
             # One hop: name holders; the client reads from one over its own connection
             # (and asks us again, without ``redirect``, if it cannot reach any).
@@ -1246,6 +1251,10 @@ class DataPlane:
             return result
         raise ValueError(f"unknown object id {oid}: no live node holds a good copy")
 
+    def _live(self, name: str) -> bool:
+        m = self.agent.m.members.get(name)
+        return m is not None and m.state <= State.SUSPECT
+
     def _remember_source(self, oid: str, holder: str) -> None:
         self._sources[oid] = holder
         while len(self._sources) > self.cfg.read_source_cache:
@@ -1253,15 +1262,17 @@ class DataPlane:
 
     async def _holders(self, oid: str) -> list[str]:
         """Live nodes that hold ``oid``, replica-set members first."""
-        stats = await self._fan_out("obj.local_stat", {"id": oid})
+        stats = await self._fan_out("obj.local_stat", {"id": oid}, self.cfg.stat_timeout_s)
         return [name for name, st in stats.items() if st]
 
-    async def _fan_out(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def _fan_out(self, method: str, args: dict[str, Any],
+                       timeout_s: float | None = None) -> dict[str, Any]:
         names = [c.name for c in self._view()]
+        bound = self.cfg.rpc_timeout_s if timeout_s is None else timeout_s
 
         async def one(name: str) -> Any:
             try:
-                return await asyncio.wait_for(self._call(name, method, args), self.cfg.rpc_timeout_s)
+                return await asyncio.wait_for(self._call(name, method, args), bound)
             except (RpcError, ValueError, TimeoutError):
                 return None
 
@@ -1297,7 +1308,7 @@ class DataPlane:
 
     async def _rpc_stat(self, args: dict[str, Any]) -> dict[str, Any]:
         oid = str(args["id"])
-        stats = await self._fan_out("obj.local_stat", {"id": oid})
+        stats = await self._fan_out("obj.local_stat", {"id": oid}, self.cfg.stat_timeout_s)
         holders = sorted(n for n, st in stats.items() if st)
         if not holders:
             raise ValueError(f"unknown object id {oid}: no live node holds it")
@@ -1336,7 +1347,7 @@ class DataPlane:
         oid = str(args.get("id"))
         if OBJECT_ID_RE.fullmatch(oid) is None:
             raise ValueError(f"not an object id: {oid!r:.100}")
-        stats = await self._fan_out("obj.local_stat", {"id": oid})
+        stats = await self._fan_out("obj.local_stat", {"id": oid}, self.cfg.stat_timeout_s)
         held = {n: st for n, st in stats.items() if st}
         if not held:
             if self.rm.tombstone(oid) is not None:

@@ -38,7 +38,16 @@ if TYPE_CHECKING:
     from meshscale.runtime.node import NodeAgent
 
 STATE_NAMES = {State.ALIVE: "alive", State.SUSPECT: "suspect", State.DEAD: "dead",
-               State.LEFT: "left"}
+               State.LEFT: "left", State.REMOVED: "removed"}
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
+
+
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0, 30.0, 60.0, 300.0)
 THROUGHPUT_POINTS = 300
@@ -252,6 +261,7 @@ class NodeObserver:
                 "zone": mm.meta.zone,
                 "state": STATE_NAMES.get(mm.state, str(mm.state)),
                 "incarnation": mm.inc,
+                "cert_expires": _int_or_none(mm.meta.tags.get("cert_expires")),
                 "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
                 "coord": None if coord is None else {
                     "vec": [float(x) for x in coord.vec],
@@ -427,6 +437,11 @@ class MeshCollector(Collector):
                                 labels=["reason"])
         for reason, n in sorted(agent.rejected_messages().items()):
             c.add_metric([reason], n)
+        yield c
+        c = CounterMetricFamily("meshscale_rpc_refused", "RPCs refused because the caller's "
+                                "role may not call the method.", labels=["method", "role"])
+        for (method, role), n in sorted(agent.stats.refused.items()):
+            c.add_metric([method, role], n)
         yield c
 
     @staticmethod

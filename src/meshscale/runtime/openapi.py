@@ -66,8 +66,10 @@ SCHEMAS: dict[str, Any] = {
             "http": _STR_OR_NULL,
             "region": {"type": "string"},
             "zone": {"type": "string"},
-            "state": {"enum": ["alive", "suspect", "dead", "left"]},
+            "state": {"enum": ["alive", "suspect", "dead", "left", "removed"]},
             "incarnation": {"type": "integer", "minimum": 0},
+            "cert_expires": {"type": ["integer", "null"], "description": "When the member's "
+                             "node certificate ends (Unix seconds), as the member says"},
             "rtt_ms": {**_NUM_OR_NULL, "description": "RTT estimated from coordinates"},
             "coord": {"oneOf": [{"$ref": "#/components/schemas/Coordinate"}, {"type": "null"}]},
             "load": {"oneOf": [{"$ref": "#/components/schemas/Load"}, {"type": "null"}]},

@@ -220,15 +220,17 @@ class Bundle:
         saying which bundle ``use`` needs."""
         if self.kind in kinds:
             return self
-        want = " or ".join(f"{k} bundle" for k in kinds)
+        def a(k: BundleKind) -> str:
+            return f"{'an' if k is BundleKind.ADMIN else 'a'} {k} bundle"
+
+        want = " or ".join(a(k) for k in kinds)
         make = {
             BundleKind.NODE: "`meshscale bundle node --bundle ADMIN --name NAME --out DIR`",
             BundleKind.CLIENT: "`meshscale bundle client --bundle ADMIN --name NAME --out DIR`",
             BundleKind.ADMIN: "`meshscale init DIR`",
         }[kinds[0]]
-        article = "an" if self.kind is BundleKind.ADMIN else "a"
-        raise BundleError(f"{self.path} is {article} {self.kind} bundle; {use} needs a "
-                          f"{want} (make one with {make})")
+        raise BundleError(f"{self.path} is {a(self.kind)}; {use} needs {want} (make one "
+                          f"with {make})")
 
 
 # -- atomic file writes --------------------------------------------------------------------

@@ -16,7 +16,8 @@
   const MAP_W = 800;
   const MAP_H = 560;
   const MAP_PAD = 46;
-  const STATE_ORDER = { dead: 0, suspect: 1, alive: 2, left: 3 };
+  const STATE_ORDER = { dead: 0, suspect: 1, alive: 2, left: 3, removed: 4 };
+  const CERT_WARNING_DAYS = 30;
   // Distinct from the state colours (green / amber / red / grey) so region and state never
   // read as each other.
   const REGION_PALETTE = [
@@ -324,7 +325,7 @@
   function markUnderReplicated(snap) {
     const states = new Map(snap.members.map((m) => [m.name, m.state]));
     for (const o of snap.objects || []) {
-      const down = (o.replicas || []).some((n) => states.get(n) === "dead" || states.get(n) === "left");
+      const down = (o.replicas || []).some((n) => ["dead", "left", "removed"].includes(states.get(n)));
       o.under_replicated = Boolean(o.under_replicated) || down;
     }
   }
@@ -369,7 +370,7 @@
   function renderHeader(snap) {
     const node = snap.node || {};
     const c = counts(snap.members);
-    const regions = new Set(snap.members.filter((m) => m.state !== "left").map((m) => m.region || "?"));
+    const regions = new Set(snap.members.filter((m) => m.state !== "left" && m.state !== "removed").map((m) => m.region || "?"));
     for (const k of ["alive", "suspect", "dead", "left"]) {
       $("count-" + k).textContent = c[k];
       const box = $("count-" + k).parentElement;
@@ -678,7 +679,7 @@
     const centroids = new Map();
     const byRegion = new Map();
     for (const m of members) {
-      if (m.state === "left") continue;
+      if (m.state === "left" || m.state === "removed") continue;
       const g = m.region || "?";
       if (!byRegion.has(g)) byRegion.set(g, []);
       byRegion.get(g).push(pos.get(m.name));
@@ -725,7 +726,7 @@
       }
     } else if (sp) {
       for (const m of members) {
-        if (m.name === self || m.state === "left") continue;
+        if (m.name === self || m.state === "left" || m.state === "removed") continue;
         const p = pos.get(m.name);
         const hasRtt = typeof m.rtt_ms === "number" && isFinite(m.rtt_ms);
         const line = svg("line", {
@@ -780,7 +781,7 @@
       name.setAttribute("y", r + 13);
       name.textContent = m.name;
       rtt.setAttribute("y", r + 25);
-      rtt.textContent = members.length <= 12 && m.name !== self && m.state !== "dead" && m.state !== "left"
+      rtt.textContent = members.length <= 12 && m.name !== self && !["dead", "left", "removed"].includes(m.state)
         && typeof m.rtt_ms === "number" ? fmtMs(m.rtt_ms) : "";
       gNodes.append(g);
     }
@@ -949,6 +950,12 @@
       const td = tr.children;
       td[0].replaceChildren(el("span", `state-pill state-${m.state}`, m.state));
       td[1].textContent = m.name;
+      const certDays = typeof m.cert_expires === "number" ? (m.cert_expires - Date.now() / 1000) / 86400 : null;
+      if (certDays !== null && certDays <= CERT_WARNING_DAYS && (m.state === "alive" || m.state === "suspect")) {
+        const warn = el("span", "cert-warning", certDays <= 0 ? "cert ended" : `cert ${Math.floor(certDays)}d`);
+        warn.title = "this node's certificate " + (certDays <= 0 ? "has ended" : `ends in ${Math.floor(certDays)} days`) + ": meshscale bundle node --renew";
+        td[1].append(" ", warn);
+      }
       const dot = el("span", "region-dot");
       dot.style.background = regionColor(m.region);
       // LocalMesh and most clouds name zones after their region: "eu-west-z1" says both.
@@ -1123,7 +1130,7 @@
         const st = states.get(name);
         let kind = "ok";
         let why = "replica, held";
-        if (st === "dead" || st === "left") { kind = "down"; why = `on a ${st} node`; }
+        if (st === "dead" || st === "left" || st === "removed") { kind = "down"; why = `on a ${st} node`; }
         else if (!replicas.includes(name)) { kind = "extra"; why = "holds a copy outside the replica set"; }
         else if (!holders.has(name)) { kind = "missing"; why = "should hold a replica, does not yet"; }
         const chip = el("span", "chip " + kind, name);
@@ -1195,7 +1202,7 @@
     const members = new Map(snap.members.map((m) => [m.name, m]));
     const stateOf = (n) => (members.get(n) || {}).state || "unknown";
     const regionOf = (n) => (members.get(n) || {}).region;
-    const down = (n) => { const s = stateOf(n); return s === "dead" || s === "left" || s === "unknown"; };
+    const down = (n) => { const s = stateOf(n); return s === "dead" || s === "left" || s === "removed" || s === "unknown"; };
     const ops = (st.operators || []).slice().sort((a, b) => byName(a.name, b.name));
     const shards = (st.shards || []).slice();
     const cross = Object.entries(st.cross_region_bytes || {}).filter(([, v]) => Number(v) > 0);

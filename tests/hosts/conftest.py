@@ -1,0 +1,5 @@
+"""The multi-host bed's fixture (``hostbed.sites``)."""
+
+from hostbed import sites
+
+__all__ = ["sites"]
