@@ -893,7 +893,7 @@ def _objects_table(rows: list[Any]) -> str:
     for o in rows:
         lines.append(
             (
-                o.id[:16] + "…",
+                o.id,  # whole: it is what `get` and `delete` take
                 _human_size(o.size),
                 str(o.replicas),
                 ",".join(o.holders) or "-",

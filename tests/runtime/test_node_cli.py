@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -178,7 +179,8 @@ def test_sigterm_leaves_gracefully_and_saves_incarnation(admin: Bundle, tmp_path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    write_node_bundle(admin, "solo", tmp_path / "solo")  # the file names it relatively
+    # Relative paths in the file are relative to it; a certificate ending in 10 days.
+    write_node_bundle(admin, "solo", tmp_path / "solo", days=10)
     conf = tmp_path / "node.toml"
     conf.write_text(f'bundle = "solo"\ndata_dir = "d"\nregion = "us-east"\nzone = "z9"\n'
                     f'bind = "127.0.0.1:{port}"\ncpus = 3\n[labels]\ngpu = "a100"\n')
@@ -196,6 +198,11 @@ def test_sigterm_leaves_gracefully_and_saves_incarnation(admin: Bundle, tmp_path
         assert (rows[0]["region"], rows[0]["zone"]) == ("eu-west", "z9")
         stats = call(f"127.0.0.1:{port}", creds, "task.stats")
         assert stats["capacity"][0] == 3, stats
+        # `members` warns of a certificate that ends within 30 days.
+        listed = cli("members", "--bundle", admin.path, "--node", f"127.0.0.1:{port}")
+        assert listed.returncode == 0 and "solo" in listed.stdout, listed.stderr
+        assert re.search(r"warning: the certificate of node solo ends in (9|10) days; "
+                         r"re-issue it with `meshscale bundle node --renew`", listed.stderr)
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=20) == 0
     finally:

@@ -146,3 +146,35 @@ def test_metadata_update_reaches_every_node() -> None:
     mesh.sim.run_until(3.0)
     took = mesh.disseminate("n17")
     assert took < 10.0
+
+
+def test_a_removal_reaches_every_node_and_the_removed_one_stops() -> None:
+    """200 nodes, 1% loss: an operator's removal through one node is final everywhere
+    within a few seconds, and the removed node, told directly, takes no further part."""
+    mesh = SwimMesh(200, seed=21, loss=0.01)
+    mesh.sim.run_until(5.0)
+    t0 = mesh.sim.now
+    mesh.remove("n42", via="n0")
+    assert mesh.sim.run_until_true(lambda: mesh.all_see_removed("n42"), t0 + 10.0, 0.1)
+    spread = mesh.sim.now - t0
+    assert spread < 5.0, spread
+    assert mesh.node("n42").removed
+    mesh.sim.run_until(mesh.sim.now + 30.0)
+    # Nobody was falsely declared dead meanwhile, and the removal held.
+    assert not [d for d in mesh.false_downs() if d[2] != "n42"]
+    assert mesh.all_see_removed("n42")
+
+
+def test_a_removal_made_during_a_partition_crosses_the_heal() -> None:
+    mesh = SwimMesh(60, seed=22)
+    mesh.sim.run_until(5.0)
+    side_a, side_b = mesh.names[:30], mesh.names[30:]
+    mesh.sim.partition(side_a, side_b)
+    mesh.sim.run_until(mesh.sim.now + 2.0)
+    mesh.remove("n45", via="n1")  # the removed node is on the other side
+    mesh.sim.run_until(mesh.sim.now + 10.0)
+    assert all(mesh.node(n).state_of("n45") == State.REMOVED for n in side_a)
+    assert not any(mesh.node(n).state_of("n45") == State.REMOVED for n in side_b if n != "n45")
+    mesh.sim.heal()
+    assert mesh.sim.run_until_true(lambda: mesh.all_see_removed("n45"), mesh.sim.now + 60, 0.5)
+    assert mesh.node("n45").removed

@@ -1,0 +1,104 @@
+"""`meshscale up --detach` / `meshscale down`, the temporary directory of a plain `up`, and
+every client command given `--mesh DIR/mesh.json` (or MESHSCALE_MESH) in place of
+`--node` and `--bundle`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from runtime_mesh import wait_for
+
+from meshscale.runtime.launcher import pid_alive
+
+MESHSCALE = Path(sys.executable).parent / "meshscale"
+
+
+def cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 120
+        ) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("MESHSCALE_BUNDLE", "MESHSCALE_MESH")}
+    return subprocess.run([str(MESHSCALE), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**base, **(env or {})})
+
+
+@pytest.mark.timeout(240)
+def test_detach_then_every_command_by_mesh_file_then_down(tmp_path: Path) -> None:
+    up = cli("up", "--nodes", "2", "--base-port", "0", "--detach", "--timeout", "60")
+    assert up.returncode == 0, up.stderr
+    m = re.search(r"meshscale down --dir (\S+)", up.stdout)
+    assert m, up.stdout
+    directory = Path(m.group(1))
+    mesh_json = directory / "mesh.json"
+    info = json.loads(mesh_json.read_text())
+    pids = [n["pid"] for n in info["nodes"]]
+    try:
+        assert info["temporary"] is True and all(pid_alive(p) for p in pids)
+        assert f"export MESHSCALE_MESH={mesh_json}" in up.stdout
+        # Every client command, by --mesh alone.
+        members = cli("members", "--mesh", mesh_json, "--json")
+        assert members.returncode == 0, members.stderr
+        assert sorted(r["name"] for r in json.loads(members.stdout)) == ["node-0", "node-1"]
+        src = tmp_path / "in.bin"
+        src.write_bytes(os.urandom(5000))
+        put = cli("put", src, "--mesh", mesh_json, "--replicas", "2", "--w", "2")
+        assert put.returncode == 0, put.stderr
+        oid = put.stdout.strip().splitlines()[-1]
+        got = cli("get", oid, "-o", tmp_path / "out.bin", "--mesh", mesh_json)
+        assert got.returncode == 0, got.stderr
+        assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
+        assert oid in cli("objects", "--mesh", mesh_json).stdout
+        # ... and by MESHSCALE_MESH.
+        env = {"MESHSCALE_MESH": str(mesh_json)}
+        assert cli("kv", "put", "k", "v1", env=env).returncode == 0
+        assert cli("kv", "get", "k", env=env).stdout.strip() == "v1"
+        assert cli("kv", "delete", "k", env=env).returncode == 0
+        assert cli("tasks", env=env).returncode == 0
+        assert cli("delete", oid, env=env).returncode == 0
+        # A second `up` on the same directory refuses while it runs.
+        again = cli("up", "--nodes", "2", "--base-port", "0", "--dir", directory)
+        assert again.returncode == 2 and "still running" in again.stderr, again
+        # A mesh.json that is not one: one line, exit 2.
+        bad = tmp_path / "bad.json"
+        bad.write_text("{}")
+        wrong = cli("members", "--mesh", bad)
+        assert wrong.returncode == 2 and "not a mesh.json" in wrong.stderr
+    finally:
+        down = cli("down", "--dir", directory)
+    assert down.returncode == 0, down.stderr
+    assert "stopped 2 node(s)" in down.stdout
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 20, "every node process gone")
+    assert not directory.exists()
+
+
+@pytest.mark.timeout(180)
+def test_a_plain_up_removes_its_temporary_directory() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MESHSCALE_BUNDLE"}
+    p = subprocess.Popen([str(MESHSCALE), "up", "--nodes", "1", "--base-port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        assert p.stderr is not None and p.stdout is not None
+        first = p.stderr.readline()
+        m = re.match(r"starting 1 nodes in (\S+)", first)
+        assert m, first
+        directory = Path(m.group(1))
+        for line in p.stdout:  # bounded by the test's timeout
+            if "Ctrl-C to stop" in line:
+                break
+        else:
+            raise AssertionError(f"up exited ({p.wait()}): {p.stderr.read()[-2000:]}")
+        assert directory.exists()
+        os.killpg(p.pid, signal.SIGTERM)
+        assert p.wait(timeout=60) == 0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert not directory.exists()
