@@ -219,7 +219,9 @@ def run_hosts(args: argparse.Namespace, idle_window: float) -> dict[str, Any]:
             conf.parent.mkdir(parents=True, exist_ok=True)
             join = "[]" if i == 0 else f'["{seed}"]'
             conf.write_text(f'bundle = "{bundle.path}"\ndata_dir = "{directory / "data" / name}"\n'
-                            f'region = "r{i % 3}"\nbind = "{host.ip}:{port}"\njoin = {join}\n')
+                            f'region = "r{i % 3}"\nbind = "{host.ip}:{port}"\njoin = {join}\n'
+                            # HTTP on, as LocalMesh runs it, so memory compares like with like.
+                            f'http = "{host.ip}:{port + 1000}"\n')
             proc = host.popen([sys.executable, "-m", "meshscale.runtime.agent_main",
                                "--config", str(conf)], directory / "logs" / f"{name}.log")
             targets.append(Target(name, f"{host.ip}:{port}", proc.pid))
