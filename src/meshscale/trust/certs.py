@@ -263,9 +263,9 @@ class Peer:
     role: Role
 
 
-def peer_of(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Peer | None:
-    """Who is on the other end of a verified TLS connection, or None (no certificate, or
-    one without a meshscale role)."""
+def peer_subject(ssl_object: ssl.SSLObject | ssl.SSLSocket | None
+                 ) -> tuple[str | None, list[str]] | None:
+    """The CN and the OUs of a verified peer certificate, or None if there is none."""
     if ssl_object is None:
         return None
     try:
@@ -283,10 +283,20 @@ def peer_of(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Peer | None:
         for pair in rdn:
             if len(pair) != 2 or not isinstance(pair[1], str):
                 continue
-            if pair[0] == "commonName":
+            if pair[0] == "commonName" and cn is None:
                 cn = pair[1]
             elif pair[0] == "organizationalUnitName":
                 ous.append(pair[1])
+    return cn, ous
+
+
+def peer_of(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Peer | None:
+    """Who is on the other end of a verified TLS connection, or None (no certificate, or
+    one without a meshscale role)."""
+    subject = peer_subject(ssl_object)
+    if subject is None:
+        return None
+    cn, ous = subject
     role = _role_of_ou(ous)
     if cn is None or role is None:
         return None

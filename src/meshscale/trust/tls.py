@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from meshscale.trust.bundle import Bundle
+from meshscale.trust.certs import peer_subject
 
 
 class TLSConfigError(ValueError):
@@ -112,26 +113,13 @@ def client_context(bundle: Bundle, cert_pem: bytes | None = None,
 
 
 def peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
-    """The CN of the verified peer certificate, or None if there is none.
+    """The CN of the verified peer certificate, or None if there is none (``peer_of``
+    gives its role too).
 
     With asyncio: ``peer_name(writer.get_extra_info("ssl_object"))``.
     """
-    if ssl_object is None:
-        return None
-    try:
-        cert = ssl_object.getpeercert()
-    except (ValueError, ssl.SSLError):  # handshake not done
-        return None
-    if not cert:
-        return None
-    subject = cert.get("subject", ())
-    if not isinstance(subject, tuple):
-        return None
-    for rdn in subject:
-        for pair in rdn:
-            if len(pair) == 2 and pair[0] == "commonName" and isinstance(pair[1], str):
-                return pair[1]
-    return None
+    subject = peer_subject(ssl_object)
+    return None if subject is None else subject[0]
 
 
 # -- connection set-up ------------------------------------------------------------------
