@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from needs import require_tools
 
 ROOT = Path(__file__).resolve().parents[2]
