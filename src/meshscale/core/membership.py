@@ -66,6 +66,7 @@ import msgspec
 from meshscale.core.outputs import Event, Output, SendDatagram, StreamRequest
 from meshscale.core.vivaldi import Coordinate, VivaldiClient, VivaldiConfig, estimate_rtt, is_valid
 from meshscale.core.wire import (
+    DECODE_ERRORS,
     ENVELOPE_OVERHEAD,
     WireError,
     decode_envelope,
@@ -636,7 +637,7 @@ class Membership:
         for raw in raws:
             try:
                 msg = _gossip_decoder.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except DECODE_ERRORS:
                 self._count("rejected.malformed")
                 continue
             self._dispatch(msg, src, now)
@@ -719,7 +720,7 @@ class Membership:
             return None
         try:
             msg = _stream_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             self._count("rejected.malformed")
             return None
         if (len(msg.states) > self.config.max_members

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from meshscale.core.wire import WireError
+from meshscale.core.wire import DECODE_ERRORS, WireError
 
 STREAM_PROTOCOL_VERSION = 1
 
@@ -64,7 +64,7 @@ def decode_stream_message(data: bytes | bytearray, max_size: int) -> StreamMessa
         raise WireError("oversized", f"{len(data)} > {max_size} bytes")
     try:
         version, raw = _outer_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise WireError("malformed", str(exc)) from None
     if version != STREAM_PROTOCOL_VERSION:
         raise WireError("version", f"stream version {version}")
@@ -74,7 +74,7 @@ def decode_stream_message(data: bytes | bytearray, max_size: int) -> StreamMessa
         # A well-formed array whose tag we do not know is "unknown"; anything else malformed.
         reason = "unknown" if "Invalid value" in str(exc) and "$[0]" in str(exc) else "malformed"
         raise WireError(reason, str(exc)) from None
-    except (msgspec.DecodeError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise WireError("malformed", str(exc)) from None
     return msg
 

@@ -75,6 +75,7 @@ from meshscale.core.scheduling import (
     TaskFinished,
     TaskSpec,
 )
+from meshscale.core.wire import DECODE_ERRORS
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.workers import (
     FunctionNotCached,
@@ -648,7 +649,7 @@ class ComputePlane:
                 if rec.task_id == task_id:
                     return rec
             return None
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             self._count("kv_bad_record")
             return None
 
@@ -1247,7 +1248,7 @@ class ComputePlane:
             outcome.update(ok=False, kind=e.kind, error=e.message, traceback=e.traceback)
         except (PoolBusy, PoolClosed) as e:
             outcome.update(ok=False, kind="worker_crashed", error=f"{type(e).__name__}: {e}")
-        except (ValueError, RpcError, msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (RpcError, *DECODE_ERRORS) as e:
             outcome.update(ok=False, kind="input", error=str(e))
         except TimeoutError:
             outcome.update(ok=False, kind="worker_crashed", error="workers did not start")
