@@ -22,6 +22,7 @@ import math
 import os
 import random
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -164,10 +165,16 @@ class Demo:
         summary: dict[str, Any] = {}
         try:
             lm.wait_converged(60)
-            token = load_bundle(lm.bundle_path).token
             http = lm.nodes[3].http
-            url = f"http://{http}/#token={token}" if http else None
-            self.say(f"mesh up in {time.monotonic() - t_start:.1f}s; dashboard: {url}")
+            url = f"http://{http}/" if http else None
+            # The token goes in the address only on a terminal: not into a file or a log
+            # that stdout may be (it never goes into --json).
+            shown = url
+            if url is not None and sys.stdout.isatty():
+                shown = f"{url}#token={load_bundle(lm.bundle_path).token}"
+            elif url is not None:
+                shown = f"{url} (token: meshscale token --bundle {lm.bundle_path})"
+            self.say(f"mesh up in {time.monotonic() - t_start:.1f}s; dashboard: {shown}")
             summary = self._pipeline(lm, model)
             summary["dashboard"] = url
             summary["mesh_json"] = str(lm.mesh_json)
@@ -175,7 +182,7 @@ class Demo:
                 if not cfg.quiet:
                     render_summary(summary)
                 self.say(f"--keep: the mesh keeps running until Ctrl-C (or SIGTERM). "
-                         f"Dashboard: {url}\n  meshscale top --mesh {lm.mesh_json}\n  "
+                         f"Dashboard: {shown}\n  meshscale top --mesh {lm.mesh_json}\n  "
                          f"meshscale members --node {lm.nodes[3].address} "
                          f"--bundle {lm.bundle_path}")
                 _wait_for_signal()

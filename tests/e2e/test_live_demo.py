@@ -43,6 +43,8 @@ def test_demo_quick_summary(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "dashboard: http://127.0.0.1:" in proc.stdout.replace("\n", "")
+    # Not a terminal: the token stays out of the output (and always out of the JSON).
+    assert "#token=" not in proc.stdout and "token" not in out.read_text()
     assert "killed node-0" in proc.stdout
     s = json.loads(out.read_text())
     near, central = s["pipelines"]["near-source"], s["pipelines"]["central (cloud)"]

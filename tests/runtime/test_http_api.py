@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -425,3 +426,31 @@ def test_streams_show_operators_runners_and_shards(
     assert [(sh["node"], sh["source"].split("~")[0], sh["head"]) for sh in primary] == [
         ("node-0", "node-0", 50)]
     assert any(sh["topic"] == "numbers" and sh["role"] == "backup" for sh in view["shards"])
+
+
+def test_a_token_with_a_stray_byte_is_a_401_and_never_logged(mesh: LocalMesh,
+                                                              token: str) -> None:
+    """Bearer <token> followed by 0xff used to answer 500 and write the token, by repr of
+    the encoding error, into the node's log."""
+    import socket
+
+    node = mesh.nodes[1]
+    host, port = str(node.http).rsplit(":", 1)
+    for suffix in (b"\xff", b"\xc3\x28", b"\x00"):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"GET /api/v1/node HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                      + token.encode() + suffix + b"\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        status = reply.split(b" ", 2)[1]
+        assert status in (b"400", b"401"), reply[:200]
+    assert node.log_path is not None
+    log = node.log_path.read_text(errors="replace")
+    assert token not in log
+    assert stat.S_IMODE(node.log_path.stat().st_mode) == 0o600  # a node log is private
+
+
+def test_credentials_never_show_their_token(mesh: LocalMesh, token: str) -> None:
+    creds = mesh.credentials()
+    assert token not in repr(creds) and token not in str(creds)

@@ -409,6 +409,9 @@ def test_node_with_another_keyring_cannot_join(mesh: Mesh, tmp_path: Path) -> No
         "a foreign-key datagram rejected",
     )
     intruder_view = call(f"127.0.0.1:{port}", mesh.creds, "members")
+    # The intruder says why it cannot join, instead of waiting in silence.
+    wait_for(lambda: "different keyring.json" in (tmp_path / "intruder.log").read_text(), 20,
+             "the intruder's log to say its keyring is the problem")
     assert [m["name"] for m in intruder_view] == ["intruder"]
     for i in mesh.live():
         assert "intruder" not in mesh.view(i)

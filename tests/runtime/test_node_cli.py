@@ -62,6 +62,9 @@ def bundle(admin: Bundle, tmp_path: Path) -> Path:
         (["--label", "novalue"], "--label"),
         (["--latency", "eu:us"], "--latency"),
         (["--name", "bad name!"], "invalid node name"),
+        (["--advertise", "localhost:7946"],
+         "must be an IP address, not a name (localhost resolves to 127.0.0.1)"),
+        (["--bind", "localhost:0"], "--bind localhost:0: other nodes reach this one"),
         (["--bogus-flag"], "bogus"),
     ],
 )

@@ -135,3 +135,31 @@ def test_a_client_certificate_cannot_push_pull(mesh: LocalMesh) -> None:
 
     assert asyncio.run(go()) == b""  # closed without a reply
     assert _rejected(mesh, "forbidden") == before + 1
+
+
+def test_a_replayed_gossip_datagram_is_refused(mesh: LocalMesh) -> None:
+    """A captured sealed datagram sent again used to be accepted (12 of 12 replays)."""
+    import os
+    import socket
+    import time
+
+    import msgspec
+
+    from meshscale.core.membership import Ping
+    from meshscale.core.wire import encode_envelope
+    from meshscale.trust.replay import ReplayGuard
+
+    keyring = load_bundle(mesh.admin_path).keyring
+    node = mesh.nodes[0]
+    ping = msgspec.msgpack.encode(Ping(99, node.name, "nobody", "127.0.0.1:9"))
+    sealed = keyring.seal(ReplayGuard(os.urandom(8)).stamp(encode_envelope([ping]), time.time()))
+    stale = keyring.seal(ReplayGuard(os.urandom(8)).stamp(encode_envelope([ping]),
+                                                          time.time() - 3600))
+    before = {r: _rejected(mesh, r) for r in ("replay", "stale")}
+    host, port = node.address.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for d in (sealed, sealed, sealed, stale):
+            s.sendto(d, (host, int(port)))
+    wait_for(lambda: _rejected(mesh, "replay") >= before["replay"] + 2, 10, "2 replays refused")
+    wait_for(lambda: _rejected(mesh, "stale") >= before["stale"] + 1, 10, "a stale one refused")
+    assert _rejected(mesh, "replay") == before["replay"] + 2  # the first copy was fresh

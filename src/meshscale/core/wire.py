@@ -28,6 +28,17 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 nested a thousand deep exhausts the parser's stack (a fuzzer found 1,396 such inputs)."""
 
 
+def wire_bytes(value: object, field: str) -> bytes:
+    """``value`` as bytes if it is bytes already; ``ValueError`` naming ``field`` if not.
+    Checked before anything is allocated: ``bytes(300000000)`` from a peer's integer
+    would be 300 MB of zeros, and ``bytes(10**12)`` a MemoryError."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise ValueError(f"{field!r} must be bytes, not {type(value).__name__}")
+
+
 class WireError(Exception):
     """A payload that cannot be accepted; ``reason`` is a short counter label."""
 

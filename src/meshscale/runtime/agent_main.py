@@ -270,6 +270,27 @@ def parse_addr(value: str, flag: str) -> str:
     return f"{host}:{port}"
 
 
+def require_ip(addr: str, flag: str) -> None:
+    """The address others reach this node at must be an IP address: every node sends it
+    datagrams as written, and a name would have to be resolved by each of them on every
+    send (a name there used to break gossip for the whole mesh). Seeds (``--join``) may
+    be names: they are only dialled over TCP."""
+    import ipaddress
+    import socket
+
+    host = addr.rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+            hint = f" ({host} resolves to {infos[0][4][0]})" if infos else ""
+        except OSError:
+            hint = f" ({host} does not resolve)"
+        raise StartError(f"{flag} {addr}: other nodes reach this one at this address, so it "
+                         f"must be an IP address, not a name{hint}") from None
+
+
 def parse_labels(labels: Sequence[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in labels or []:
@@ -307,7 +328,8 @@ def start(argv: Sequence[str]) -> None:
     if s.advertise is not None:
         advertise = parse_addr(s.advertise, "--advertise")
     elif host in ("0.0.0.0", "::"):
-        raise StartError("--bind on a wildcard address needs --advertise HOST:PORT")
+        raise StartError("--bind on a wildcard address needs --advertise IP:PORT")
+    require_ip(advertise or bind, "--advertise" if advertise else "--bind")
     seeds = [parse_addr(j, "--join") for j in s.join]
     try:
         emulated = parse_latency(s.latency)

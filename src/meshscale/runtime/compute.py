@@ -75,7 +75,7 @@ from meshscale.core.scheduling import (
     TaskFinished,
     TaskSpec,
 )
-from meshscale.core.wire import DECODE_ERRORS
+from meshscale.core.wire import DECODE_ERRORS, wire_bytes
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.workers import (
     FunctionNotCached,
@@ -508,7 +508,7 @@ class ComputePlane:
         src = str(args["src"])
         self._note_load(src, args)
         self._active_at = time.monotonic()
-        self.sched.handle_message(src, bytes(args["payload"]), time.monotonic())
+        self.sched.handle_message(src, wire_bytes(args["payload"], "payload"), time.monotonic())
         self._pump()
         return {}
 
@@ -519,7 +519,7 @@ class ComputePlane:
         self._note_load(src, args)
         now = self._active_at = time.monotonic()
         for payload in list(args.get("payloads") or [])[:MAX_BATCH_MESSAGES]:
-            self.sched.handle_message(src, bytes(payload), now)
+            self.sched.handle_message(src, wire_bytes(payload, "payload"), now)
         self._pump()
         return {}
 

@@ -64,8 +64,11 @@ from meshscale.core.replication import (
     Transfer,
     UnderReplicated,
 )
+from meshscale.core.wire import wire_bytes
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.storage import (
+    MAX_KV_KEY_BYTES,
+    MAX_KV_VALUE_BYTES,
     LocalStore,
     ObjectMeta,
     ObjectWriter,
@@ -117,6 +120,8 @@ class DataPlaneConfig:
     is then pushed from the coordinator's own once that is committed)."""
     inline_bytes: int = 256 * 1024
     """Objects up to this size travel in one RPC (put and replica transfer)."""
+    max_replicas: int = 64
+    """Largest replication factor a put may ask for."""
     rpc_timeout_s: float = 30.0
     connect_timeout_s: float = 3.0
     """TCP and TLS set-up with a peer; one that takes longer is treated as unreachable
@@ -192,6 +197,29 @@ class _Spare:
     up: _Upload
     oid: str
     commit: asyncio.Future[ObjectMeta] | None = None
+
+
+def _int_field(args: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int:
+    """An integer field of a request within [lo, hi]; absent: ``default`` (None: required).
+    A wrong type or value is refused naming the field and its bounds (``replicas=0`` used
+    to become 3)."""
+    value = args.get(name)
+    if value is None:
+        if default is None:
+            raise ValueError(f"{name!r} is required")
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{name!r} must be an integer from {lo} to {hi}, not {value!r:.40}")
+    return value
+
+
+def _kv_key(key: object) -> str:
+    """A KV key from a request: a non-empty str within MAX_KV_KEY_BYTES, else ValueError."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a KV key is a non-empty string, not {type(key).__name__}")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
+        raise ValueError(f"a KV key is at most {MAX_KV_KEY_BYTES} bytes (MAX_KV_KEY_BYTES)")
+    return key
 
 
 def _stamp(s: object) -> HLCTimestamp | None:
@@ -425,7 +453,7 @@ class DataPlane:
 
     def _rpc_repl_msg(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.rm is not None
-        self.rm.handle_message(str(args["src"]), bytes(args["payload"]), time.monotonic())
+        self.rm.handle_message(str(args["src"]), wire_bytes(args["payload"], "payload"), time.monotonic())
         self._pump()
         return {}
 
@@ -611,13 +639,10 @@ class DataPlane:
         self._expire_uploads()
         if len(self._uploads) >= self.cfg.max_uploads:
             raise ValueError(f"busy: {self.cfg.max_uploads} uploads already open")
-        size = int(args["size"])
-        if size < 0:
-            raise ValueError("size must be >= 0")
-        policy = _policy(int(args.get("replicas") or 3), args.get("residency"), args.get("data_class"))
-        w = int(args.get("w") or min(2, policy.replicas))
-        if not 1 <= w <= policy.replicas:
-            raise ValueError(f"w must be between 1 and replicas={policy.replicas}, got {w}")
+        size = _int_field(args, "size", None, 0, 1 << 50)
+        replicas = _int_field(args, "replicas", 3, 1, self.cfg.max_replicas)
+        policy = _policy(replicas, args.get("residency"), args.get("data_class"))
+        w = _int_field(args, "w", min(2, replicas), 1, replicas)
         if client:
             try:
                 self._check_placement(policy, w)
@@ -888,7 +913,7 @@ class DataPlane:
 
     async def _rpc_put_chunk(self, args: dict[str, Any]) -> dict[str, Any]:
         key, up = self._upload(args)
-        data = bytes(args["data"])
+        data = wire_bytes(args["data"], "data")
         if len(data) > max(self.cfg.chunk_bytes, self.cfg.inline_bytes):
             self._drop_upload(key, up)
             raise ValueError(f"chunk of {len(data)} bytes is over chunk_bytes={self.cfg.chunk_bytes}")
@@ -1057,7 +1082,7 @@ class DataPlane:
 
     async def _rpc_rw_small(self, args: dict[str, Any]) -> dict[str, Any]:
         """A whole small replica in one call (bounded by ``inline_bytes``)."""
-        data = bytes(args["data"])
+        data = wire_bytes(args["data"], "data")
         if len(data) > self.cfg.inline_bytes or len(data) != int(args["size"]):
             raise ValueError(f"inline object of {len(data)} bytes does not match its size or "
                              f"is over inline_bytes={self.cfg.inline_bytes}")
@@ -1080,7 +1105,7 @@ class DataPlane:
     async def _rpc_put_small(self, args: dict[str, Any]) -> dict[str, Any]:
         """A client put of a small object in one call: begin, chunk and end at once; the
         copies leave for the replica set while this node commits its own."""
-        data = bytes(args["data"])
+        data = wire_bytes(args["data"], "data")
         if len(data) > self.cfg.inline_bytes:
             raise ValueError(f"inline put of {len(data)} bytes is over inline_bytes="
                              f"{self.cfg.inline_bytes}; use obj.put_begin")
@@ -1450,10 +1475,18 @@ class DataPlane:
         value = args.get("value")
         if value is None:
             raise ValueError("kv put needs a value (use kv.delete to delete)")
-        return {"ts": await self._kv_write(str(args["key"]), bytes(value), self._consistency(args))}
+        data = wire_bytes(value, "value")
+        key = _kv_key(args.get("key"))
+        # Checked where the request enters, naming the limit (the replicas' own refusal
+        # used to come back as "2 of 3 replicas failed").
+        if len(data) > MAX_KV_VALUE_BYTES:
+            raise ValueError(f"a KV value is at most {MAX_KV_VALUE_BYTES} bytes "
+                             f"(MAX_KV_VALUE_BYTES); this one is {len(data)}")
+        return {"ts": await self._kv_write(key, data, self._consistency(args))}
 
     async def _rpc_kv_delete(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"ts": await self._kv_write(str(args["key"]), None, self._consistency(args))}
+        return {"ts": await self._kv_write(_kv_key(args.get("key")), None,
+                                           self._consistency(args))}
 
     async def _rpc_kv_get(self, args: dict[str, Any]) -> dict[str, Any]:
         key = str(args["key"])
@@ -1482,7 +1515,7 @@ class DataPlane:
             self.hlc.update(stamp, time.time())
         try:
             applied = await asyncio.to_thread(
-                self.store.kv_put, key, None if value is None else bytes(value), ts
+                self.store.kv_put, key, None if value is None else wire_bytes(value, "value"), ts
             )
         except StorageError as e:
             raise ValueError(f"{e.reason}: {e}") from None

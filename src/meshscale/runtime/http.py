@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import mimetypes
 import re
 import time
@@ -34,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from meshscale.runtime.observe import MeshCollector, NodeObserver
 from meshscale.runtime.openapi import openapi_document
+from meshscale.trust.bundle import is_valid_token
 from meshscale.trust.framing import split_addr
 
 if TYPE_CHECKING:
@@ -101,6 +103,13 @@ class HttpServer:
 
     async def start(self) -> None:
         """Bind, then advertise ``http`` in the agent's meta (before it joins)."""
+        # aiohttp logs a request it cannot parse with the raw header line, token and all,
+        # as plain text into the node's JSON log; our own middleware reports what matters
+        # (by type only), so aiohttp's loggers are silenced.
+        quiet = logging.getLogger("aiohttp")
+        quiet.propagate = False
+        if not quiet.handlers:
+            quiet.addHandler(logging.NullHandler())
         app = web.Application(middlewares=[self._errors])
         r = app.router
         r.add_get("/", self._index)
@@ -163,7 +172,10 @@ class HttpServer:
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception as e:  # one bad request must not take the server down
-            self.agent.log("error", "http_handler_failed", path=request.path, error=repr(e))
+            # Only the type: a message or repr may carry what the client sent (a token).
+            self.agent.stats.runtime["http_errors"] += 1
+            self.agent.log_limited("http_handler_failed", path=request.path[:100],
+                                   error=type(e).__name__)
             return _error(500, f"internal error: {type(e).__name__}")
 
     def _authorized(self, request: web.Request) -> str | None:
@@ -174,6 +186,8 @@ class HttpServer:
             return "missing Authorization: Bearer TOKEN (meshscale token --bundle DIR)"
         if scheme.lower() != "bearer" or not token.strip():
             return "use Authorization: Bearer TOKEN"
+        if not is_valid_token(token.strip()):
+            return "wrong token"  # not even a token's shape (checked before any use of it)
         if not self.agent.bundle.check_read_token(token.strip()):
             return "wrong token"
         return None

@@ -8,8 +8,9 @@ The agent decides nothing. It moves bytes, keeps one timer and calls ``core/`` (
 Transports, on one host:port number (TCP and UDP ports are separate namespaces):
 
 - UDP: probes and gossip. Every datagram is sealed with the keyring's primary
-  (AES-256-GCM) and opened with any installed key; one that does not open is dropped
-  and counted in ``rejected_messages{reason}``.
+  (AES-256-GCM) and opened with any installed key, and carries a freshness header inside
+  the seal (``trust/replay.py``: a replayed or stale datagram is refused); one that does
+  not open or is not fresh is dropped and counted in ``rejected_messages{reason}``.
 - TCP: TLS 1.3, both sides presenting a certificate from the cluster CA; the name and
   role the CA signed into the peer's certificate say who it is (``trust/certs.py``). A
   connection carries length-prefixed frames (``framing.py``) of ``core.rpc`` messages:
@@ -101,7 +102,8 @@ from meshscale.trust.framing import (
     split_addr,
     write_frame,
 )
-from meshscale.trust.keyring import Keyring, SealError
+from meshscale.trust.keyring import SEAL_OVERHEAD, Keyring, SealError
+from meshscale.trust.replay import FRESHNESS_BYTES, ReplayGuard
 from meshscale.trust.revocation import RevocationError, RevocationStore
 from meshscale.trust.tls import GREETING, connect_tls, server_context
 
@@ -127,6 +129,10 @@ STATE_NAMES = {
 
 STARTING = "node is starting"
 """Error prefix for a method asked before the planes that serve it have started."""
+
+
+class PeerRefused(ConnectionError):
+    """A peer answered a push/pull with a refusal that says why."""
 
 
 class NodeRemovedError(Exception):
@@ -173,6 +179,9 @@ class AgentConfig:
     """Power model: watts at no busy worker slot and at all of them busy."""
     max_refusals_tracked: int = 256
     """Distinct (method, role) pairs counted in ``rpc_refused``; more share one row."""
+    log_limit_s: float = 10.0
+    """Error lines a peer can cause (a failed output, a failed HTTP handler) are logged at
+    most once per this many seconds per kind; the rest are counted."""
 
 
 @dataclass
@@ -283,7 +292,9 @@ class NodeAgent:
         self.addr = advertise or bind
         self.meta = meta or NodeMeta()
         self.seeds = list(seeds or [])
-        self.config = config or MembershipConfig()
+        # The payload budget leaves room for the seal and the freshness header.
+        self.config = config or MembershipConfig(
+            max_payload_bytes=1400 - SEAL_OVERHEAD - FRESHNESS_BYTES)
         self.cfg = agent_config or AgentConfig()
         self.latency = dict(emulated_latency or {})
         self.log = log or JsonLog(self.name)
@@ -299,6 +310,8 @@ class NodeAgent:
         self.creds = Credentials.for_node(bundle)
         """What this node presents when it calls other nodes: its own certificate."""
         self._client_ctx = self.creds.ssl_context
+        self.replay = ReplayGuard(os.urandom(8))
+        """Stamps our datagrams and refuses replayed ones (``trust/replay.py``)."""
         self.revocations = RevocationStore(self.data_dir, bundle.ca_cert_pem, bundle.cluster_id)
         self.revocations.load()
         if self.name in self.revocations.entries:
@@ -317,6 +330,7 @@ class NodeAgent:
         self._conns = 0
         self._conns_by_ip: Counter[str] = Counter()
         self._streams_in_flight = 0
+        self._log_last: dict[str, float] = {}
         self._stream_peers: dict[str, str] = {}
         """Address -> the name its certificate carried, for push/pulls in flight."""
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -474,18 +488,40 @@ class NodeAgent:
     # ------------------------------------------------------------------ driving core
 
     def _pump(self) -> None:
-        """Drain the protocol's outputs and re-arm the single timer."""
+        """Drain the protocol's outputs and re-arm the single timer. One output that fails
+        (a send to a bad address, a listener's bug) is counted and logged; it never costs
+        the rest of the batch or the timer."""
         m = self.membership
         if m is None:
             return
-        for out in m.drain():
-            if isinstance(out, SendDatagram):
-                self._send_datagram(out.addr, out.payload)
-            elif isinstance(out, StreamRequest):
-                self._start_stream(out.addr, out.payload)
-            else:
-                self._on_event(out)
-        self._timer.arm(m.next_deadline())
+        try:
+            for out in m.drain():
+                try:
+                    if isinstance(out, SendDatagram):
+                        self._send_datagram(out.addr, out.payload)
+                    elif isinstance(out, StreamRequest):
+                        self._start_stream(out.addr, out.payload)
+                    else:
+                        self._on_event(out)
+                except Exception as e:
+                    self.stats.runtime["output_errors"] += 1
+                    self.log_limited("output_failed", output=type(out).__name__,
+                                     error=type(e).__name__)
+        finally:
+            self._timer.arm(m.next_deadline())
+
+    def log_limited(self, event: str, **fields: Any) -> None:
+        """An error log line, at most one per ``log_limit_s`` per event (the rest are
+        counted in ``log_suppressed``): a peer must not be able to fill the log."""
+        now = time.monotonic()
+        last = self._log_last.get(event)
+        if last is not None and now - last < self.cfg.log_limit_s:
+            self.stats.runtime["log_suppressed"] += 1
+            return
+        if len(self._log_last) >= 256:
+            self._log_last.clear()
+        self._log_last[event] = now
+        self.log("error", event, **fields)
 
     def _on_timer(self) -> None:
         if self.membership is None:
@@ -510,15 +546,19 @@ class NodeAgent:
         except SealError as e:
             self._reject(e.reason)
             return
+        payload, why = self.replay.check(plain, time.time())
+        if payload is None:
+            self._reject(why)
+            return
         src = f"{addr[0]}:{addr[1]}"
-        self.membership.handle_datagram(src, plain, time.monotonic())
+        self.membership.handle_datagram(src, payload, time.monotonic())
         self._pump()
 
     def _send_datagram(self, addr: str, payload: bytes) -> None:
         if self._udp is None or self._udp.is_closing():
             return
         try:
-            sealed = self._keys.seal_ring.seal(payload)
+            sealed = self._keys.seal_ring.seal(self.replay.stamp(payload, time.time()))
             target = split_addr(addr)
         except (SealError, ValueError):
             self.stats.runtime["send_errors"] += 1
@@ -534,7 +574,8 @@ class NodeAgent:
             try:
                 self._udp.sendto(data, target)
                 self.stats.count_out("gossip", len(data))
-            except OSError:
+            except (OSError, ValueError, TypeError):
+                # uvloop raises ValueError for a host that is not an IP address.
                 self.stats.runtime["send_errors"] += 1
 
     def _delay_to(self, addr: str) -> float:
@@ -559,17 +600,35 @@ class NodeAgent:
 
     async def _stream(self, addr: str, payload: bytes) -> None:
         reply: bytes | None = None
+        why = ""
         try:
             async with asyncio.timeout(self.cfg.stream_timeout_s):
                 reply = await self._push_pull(addr, payload)
-        except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError, FrameTooLarge):
+        except ssl.SSLError as e:
             self.stats.runtime["stream_errors"] += 1
+            why = (f"TLS refused ({e.reason or e}): is this node's bundle from the same "
+                   "admin bundle as the seed's?")
+        except PeerRefused as e:
+            self.stats.runtime["stream_errors"] += 1
+            why = f"refused: {e}"
+        except asyncio.IncompleteReadError:
+            self.stats.runtime["stream_errors"] += 1
+            why = "the peer closed the connection without answering"
+        except (OSError, TimeoutError, FrameTooLarge) as e:
+            self.stats.runtime["stream_errors"] += 1
+            why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         except WireError as e:
             self._reject(e.reason)
+            why = f"unexpected answer ({e.reason})"
         except SealError as e:
             self._reject(e.reason)
+            why = (f"its answer does not open with our gossip keyring ({e.reason}): "
+                   "a different keyring.json?")
         finally:
             self._streams_in_flight -= 1
+        if why and self.membership is not None and self.membership.alive_count() <= 1:
+            # Still alone: a join that keeps failing must say why, not wait in silence.
+            self.log_limited("join_failed", seed=addr, reason=why[:300])
         self._stream_done(addr, reply)
 
     async def _push_pull(self, addr: str, payload: bytes) -> bytes:
@@ -594,8 +653,7 @@ class NodeAgent:
             self.stats.count_in("push_pull", len(data))
             msg = decode_stream_message(data, self.cfg.max_frame_bytes)
             if isinstance(msg, RpcResponse) and not msg.ok:
-                # The peer refused us and said why (e.g. a removed node): worth a log line.
-                self.log("warning", "push_pull_refused", peer=addr, error=msg.error[:200])
+                raise PeerRefused(msg.error[:300])  # it said why (a removed node, a key)
             if not isinstance(msg, PushPullFrame):
                 raise WireError("unexpected", type(msg).__name__)
             return self._keys.open_ring.open(msg.payload)
@@ -736,7 +794,10 @@ class NodeAgent:
                 plain = self._keys.open_ring.open(msg.payload)
             except SealError as e:
                 self._reject(e.reason)
-                return None
+                # Tell the joiner why (it holds a CA certificate; the key stays ours).
+                return RpcResponse(0, False, error=f"{UNAUTHORIZED}: a push/pull sealed with a "
+                                   f"gossip key this node does not hold ({e.reason}): a "
+                                   "different keyring.json?")
             out = self.membership.handle_stream(src, plain, time.monotonic(), peer=who.name)
             self._pump()
             if out is None:

@@ -61,6 +61,7 @@ from meshscale.core.streams import (
     source_id,
     split_source,
 )
+from meshscale.core.wire import wire_bytes
 from meshscale.runtime.workers import TaskFailed, pickle_args
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ def _entry_wire(e: LogEntry) -> list[Any]:
 
 def _entry_from(w: Any) -> LogEntry:
     off, key, value, rid, ts = w
-    return LogEntry(int(off), str(key), bytes(value), str(rid), float(ts))
+    return LogEntry(int(off), str(key), wire_bytes(value, "value"), str(rid), float(ts))
 
 
 class StreamPlane:
@@ -355,7 +356,7 @@ class StreamPlane:
         for r in raw:
             try:
                 key, value, rid, ts = r
-                rec = (str(key), bytes(value), str(rid), float(ts))
+                rec = (str(key), wire_bytes(value, "value"), str(rid), float(ts))
             except (TypeError, ValueError):
                 self.stats["publish_malformed"] += 1
                 raise ValueError("each record must be [key: str, value: bytes, id: str, "
@@ -523,7 +524,8 @@ class StreamPlane:
             raise ValueError(f"{self.cfg.max_operators} operators already run (max_operators)")
         from meshscale.runtime.worker_main import function_id
 
-        fn_id = function_id(bytes(fn_bytes))
+        fn_bytes = wire_bytes(fn_bytes, "fn_bytes")
+        fn_id = function_id(fn_bytes)
         if args.get("fn_id") not in (None, fn_id):
             raise ValueError("fn_bytes do not hash to fn_id")
         stored = await self.agent.compute._put_object(bytes(fn_bytes))  # type: ignore[union-attr]

@@ -151,8 +151,11 @@ class TokenHashes:
         return cls(_sha256(admin_token), _sha256(read_only_token_of(admin_token)))
 
     def role_of(self, presented: str) -> Role | None:
-        """The role a presented token grants (constant-time against both), or None."""
-        digest = _sha256(presented) if isinstance(presented, str) else ""
+        """The role a presented token grants (constant-time against both), or None. A
+        value that is not a token's shape is refused before it is used at all."""
+        if not is_valid_token(presented):
+            return None
+        digest = _sha256(presented)
         admin = hmac.compare_digest(digest, self.admin_sha256)
         viewer = hmac.compare_digest(digest, self.read_only_sha256)
         if admin:

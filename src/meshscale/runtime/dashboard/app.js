@@ -57,10 +57,12 @@
 
   // ---------------------------------------------------------------- token
 
+  // The token lives in this tab's session only (sessionStorage): never in localStorage,
+  // where it would outlive the tab on disk. An entry an older page left there is removed.
   function storeToken(t) {
     try {
       sessionStorage.setItem(TOKEN_KEY, t);
-      localStorage.setItem(TOKEN_KEY, t);
+      localStorage.removeItem(TOKEN_KEY);
     } catch (e) { /* storage disabled: keep it in memory only */ }
   }
 
@@ -81,7 +83,8 @@
       return t;
     }
     try {
-      return sessionStorage.getItem(TOKEN_KEY) || localStorage.getItem(TOKEN_KEY) || "";
+      localStorage.removeItem(TOKEN_KEY);
+      return sessionStorage.getItem(TOKEN_KEY) || "";
     } catch (e) {
       return "";
     }
