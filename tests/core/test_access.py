@@ -50,3 +50,13 @@ def test_a_token_only_narrows() -> None:
     assert narrowest(ROLE_ADMIN, ROLE_READ_ONLY) == ROLE_READ_ONLY
     assert narrowest(ROLE_READ_ONLY, ROLE_ADMIN) == ROLE_READ_ONLY
     assert narrowest(ROLE_NODE, ROLE_ADMIN) == ROLE_ADMIN
+
+
+def test_a_node_request_names_its_sender() -> None:
+    from meshscale.core.access import SENDER_FIELD, claimed_sender
+
+    assert all(METHOD_ACCESS[m] is Access.NODE for m in SENDER_FIELD)
+    assert claimed_sender("repl.msg", {"src": "n1", "payload": b""}) == "n1"
+    assert claimed_sender("repl.msg", {"payload": b""}) == ""  # absent: claims no one
+    assert claimed_sender("task.kill", {"owner": 5}) == ""
+    assert claimed_sender("members", {"src": "n1"}) is None

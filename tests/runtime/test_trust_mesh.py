@@ -163,3 +163,19 @@ def test_a_replayed_gossip_datagram_is_refused(mesh: LocalMesh) -> None:
     wait_for(lambda: _rejected(mesh, "replay") >= before["replay"] + 2, 10, "2 replays refused")
     wait_for(lambda: _rejected(mesh, "stale") >= before["stale"] + 1, 10, "a stale one refused")
     assert _rejected(mesh, "replay") == before["replay"] + 2  # the first copy was fresh
+
+
+def test_a_node_speaks_only_for_itself(mesh: LocalMesh) -> None:
+    """Any holder of a node certificate used to be able to send replication and scheduling
+    messages in another node's name."""
+    addr = mesh.nodes[0].address
+    as_node_1 = mesh.node_credentials(1)
+    with pytest.raises(RpcError, match=r"'repl\.msg' from node 'node-1' claims to come from "
+                       r"'node-0'"):
+        call(addr, as_node_1, "repl.msg", {"src": "node-0", "payload": b""}, timeout=5)
+    with pytest.raises(RpcError, match="claims to come from"):
+        call(addr, as_node_1, "task.done", {"node": "node-9", "task_id": "x"}, timeout=5)
+    # In its own name the request reaches the protocol (which drops the junk, counted).
+    assert call(addr, as_node_1, "repl.msg", {"src": "node-1", "payload": b"junk"},
+                timeout=5) == {}
+    assert _rejected(mesh, "impersonation") >= 2

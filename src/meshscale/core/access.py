@@ -10,7 +10,8 @@ token it presents can only narrow it. Three kinds of method:
   node certificates only.
 
 A method a node serves must be in the table (registering one that is not fails), so no
-method is ever open by omission.
+method is ever open by omission. A node-to-node request that names its sender must come
+from that node's certificate (``SENDER_FIELD``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,23 @@ METHOD_ACCESS: dict[str, Access] = {
     **dict.fromkeys(_NODE, Access.NODE),
 }
 assert len(METHOD_ACCESS) == len(_READ) + len(_WRITE) + len(_NODE), "a method listed twice"
+
+
+SENDER_FIELD: dict[str, str] = {
+    "repl.msg": "src", "sched.msg": "src", "sched.batch": "src", "sched.load": "src",
+    "task.done": "node", "task.kill": "owner",
+}
+"""Node-to-node methods whose request names the node sending it: that name must be the
+one its certificate carries (a node speaks only for itself)."""
+
+
+def claimed_sender(method: str, args: dict[str, object]) -> str | None:
+    """The node a request says it comes from, for the methods that say so; else None."""
+    field = SENDER_FIELD.get(method)
+    if field is None:
+        return None
+    value = args.get(field)
+    return value if isinstance(value, str) else ""
 
 
 def narrowest(*roles: str) -> str:

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
-from meshscale.core.access import METHOD_ACCESS, allowed, narrowest
+from meshscale.core.access import METHOD_ACCESS, allowed, claimed_sender, narrowest
 from meshscale.core.membership import (
     Member,
     MemberAlive,
@@ -818,6 +818,13 @@ class NodeAgent:
                 return RpcResponse(msg.id, False, error=(
                     f"{FORBIDDEN}: {msg.method!r} needs {METHOD_ACCESS[msg.method]} access; "
                     f"the caller {who.name!r} has role {role}"))
+            claimed = claimed_sender(msg.method, msg.args)
+            if claimed is not None and claimed != who.name:
+                self._reject("impersonation")
+                self._count_refusal(msg.method, role)
+                return RpcResponse(msg.id, False, error=(
+                    f"{FORBIDDEN}: {msg.method!r} from node {who.name!r} claims to come from "
+                    f"{claimed[:64]!r}"))
             return await self._call_rpc(msg)
         self._reject("unexpected")
         return None
