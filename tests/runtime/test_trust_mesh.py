@@ -179,3 +179,31 @@ def test_a_node_speaks_only_for_itself(mesh: LocalMesh) -> None:
     assert call(addr, as_node_1, "repl.msg", {"src": "node-1", "payload": b"junk"},
                 timeout=5) == {}
     assert _rejected(mesh, "impersonation") >= 2
+
+
+def test_silent_sockets_cannot_take_every_slot(mesh: LocalMesh) -> None:
+    """256 plain TCP sockets from one host that never speak used to lock every client and
+    peer out of a node's port until they timed out. Sockets not yet authenticated are now
+    bounded per source address: the flooding address is told "busy", and a real client
+    from another address keeps its slot."""
+    import socket
+
+    from meshscale.trust.tls import BUSY
+
+    host, port = mesh.nodes[0].address.rsplit(":", 1)
+    before = _rejected(mesh, "busy")
+    flood = []
+    try:
+        for _ in range(256):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))  # another address on the loopback network
+            s.connect((host, int(port)))
+            flood.append(s)
+        flood[-1].settimeout(5)
+        assert flood[-1].recv(4) == BUSY  # no slot left for that address: told so
+        # The real client (from 127.0.0.1) is served meanwhile.
+        assert len(call(mesh.nodes[0].address, mesh.credentials(), "members", timeout=5)) == 2
+    finally:
+        for s in flood:
+            s.close()
+    wait_for(lambda: _rejected(mesh, "busy") >= before + 200, 10, "the flood told busy")

@@ -105,7 +105,7 @@ from meshscale.trust.framing import (
 from meshscale.trust.keyring import SEAL_OVERHEAD, Keyring, SealError
 from meshscale.trust.replay import FRESHNESS_BYTES, ReplayGuard
 from meshscale.trust.revocation import RevocationError, RevocationStore
-from meshscale.trust.tls import GREETING, connect_tls, server_context
+from meshscale.trust.tls import BUSY, GREETING, connect_tls, server_context
 
 if TYPE_CHECKING:
     from meshscale.runtime.http import HttpServer
@@ -147,12 +147,18 @@ class AgentConfig:
     """Concurrent TCP connections accepted, overall."""
     max_connections_per_ip: int = 64
     """Concurrent TCP connections accepted from one IP address."""
+    max_unauthenticated: int = 64
+    """Connections between accept and a verified certificate, overall; beyond it, new
+    ones are told "busy" and closed."""
+    max_unauthenticated_per_ip: int = 8
+    """The same, per source address: one address that opens sockets and never speaks
+    cannot lock out the others."""
     max_frame_bytes: int = 8 * 1024 * 1024 + 1024
     """Largest frame accepted (a full push/pull of a large mesh, plus framing)."""
     max_datagram_bytes: int = 65_507
     udp_buffer_bytes: int = 2 * 1024 * 1024
     """Requested UDP receive buffer (SO_RCVBUF)."""
-    handshake_timeout_s: float = 5.0
+    handshake_timeout_s: float = 3.0
     idle_timeout_s: float = 30.0
     """Close an inbound connection that sends no frame for this long."""
     stream_timeout_s: float = 10.0
@@ -329,6 +335,8 @@ class NodeAgent:
         self._rpc_in_flight = 0
         self._conns = 0
         self._conns_by_ip: Counter[str] = Counter()
+        self._unauth = 0
+        self._unauth_by_ip: Counter[str] = Counter()
         self._streams_in_flight = 0
         self._log_last: dict[str, float] = {}
         self._stream_peers: dict[str, str] = {}
@@ -678,21 +686,36 @@ class NodeAgent:
     def _on_accept(self, raw: asyncio.Transport, accept: _AcceptProtocol) -> None:
         peer = raw.get_extra_info("peername")
         ip = str(peer[0]) if peer else "?"
+        # Connections that have not yet shown a certificate are bounded on their own, and
+        # per source address: sockets that never speak cannot take every slot.
         if (
             self._conns >= self.cfg.max_connections
             or self._conns_by_ip[ip] >= self.cfg.max_connections_per_ip
+            or self._unauth >= self.cfg.max_unauthenticated
+            or self._unauth_by_ip[ip] >= self.cfg.max_unauthenticated_per_ip
         ):
-            self._reject("too_many_connections")
-            raw.abort()
+            self._reject("busy")
+            with contextlib.suppress(Exception):
+                raw.write(BUSY)  # instead of the greeting: the caller can say "node busy"
+            raw.close()
             return
         self._conns += 1
         self._conns_by_ip[ip] += 1
+        self._unauth += 1
+        self._unauth_by_ip[ip] += 1
         self._spawn(self._serve(raw, accept, ip, peer))
+
+    def _authenticated(self, ip: str) -> None:
+        self._unauth -= 1
+        self._unauth_by_ip[ip] -= 1
+        if self._unauth_by_ip[ip] <= 0:
+            del self._unauth_by_ip[ip]
 
     async def _serve(
         self, raw: asyncio.Transport, accept: _AcceptProtocol, ip: str, peer: Any
     ) -> None:
         conn: FrameConnection | None = None
+        pending = True  # counted among the unauthenticated until its certificate is read
         try:
             assert self._loop is not None
             # Frames are received straight into buffers of their own (a large body is
@@ -718,6 +741,8 @@ class NodeAgent:
                 self._reject("tls")
                 return
             conn.connection_made(tls)
+            pending = False
+            self._authenticated(ip)
             who = peer_of(tls.get_extra_info("ssl_object"))
             if who is None:
                 self._reject("no_role")  # a CA-signed certificate without a meshscale role
@@ -734,6 +759,8 @@ class NodeAgent:
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             self.stats.runtime["connection_errors"] += 1
         finally:
+            if pending:
+                self._authenticated(ip)
             self._conns -= 1
             self._conns_by_ip[ip] -= 1
             if self._conns_by_ip[ip] <= 0:

@@ -124,6 +124,16 @@ def peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
 
 # -- connection set-up ------------------------------------------------------------------
 
+BUSY = b"MSB1"
+"""Sent by a node in place of the greeting when it has no connection slot for the caller
+(too many connections, or too many not yet authenticated from that address); it then
+closes. The caller raises ``NodeBusy``."""
+
+
+class NodeBusy(ConnectionError):
+    """The node had no connection slot free: try again shortly (not a credentials error)."""
+
+
 GREETING = b"MSH1"
 """Sent by the server in clear as soon as it is ready for the TLS handshake; the client
 starts TLS only after reading it. The server stops reading before it sends the greeting,
@@ -143,6 +153,8 @@ async def connect_tls(
     reader, writer = await asyncio.open_connection(host, port, limit=limit)
     try:
         greeting = await reader.readexactly(len(GREETING))
+        if greeting == BUSY:
+            raise NodeBusy(f"{host}:{port}: node busy (no connection slot free); try again")
         if greeting != GREETING:
             raise ConnectionError(f"{host}:{port} is not a meshscale node")
         await writer.start_tls(ctx, ssl_handshake_timeout=handshake_timeout)
