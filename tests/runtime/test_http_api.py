@@ -271,6 +271,14 @@ def test_read_only_token_reads_and_cannot_write(mesh: LocalMesh) -> None:
     with pytest.raises(RpcError, match=r"forbidden: 'kv\.put' needs write access; the "
                        r"caller 'local-admin' has role read-only"):
         call(mesh.nodes[2].address, ro, "kv.put", {"key": "k", "value": b"v"}, timeout=10)
+    # ... counted in /metrics by method and role.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, _, body = request(addr, "/metrics", bundle.token)
+    fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    refused = {(s.labels["method"], s.labels["role"]): s.value
+               for s in fams["meshscale_rpc_refused"].samples if s.name.endswith("_total")}
+    assert refused[("kv.put", "read-only")] >= 1
     out = subprocess.run([sys.executable, "-m", "meshscale", "token", "--read-only",
                           "--bundle", str(mesh.bundle_path)], capture_output=True, text=True,
                          timeout=60)

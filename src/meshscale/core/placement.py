@@ -121,6 +121,13 @@ class Residency:
         return f"residency regions={where}{cls}"
 
 
+def may_hold(region: str, residency: Residency | None) -> bool:
+    """May a node in ``region`` hold a copy (even a spare, even for a moment) of an object
+    under ``residency``? Every node that would write one asks: the coordinator before it
+    keeps a fallback copy, a replica receiver before it accepts one."""
+    return residency is None or residency.allows(region)
+
+
 class PlacementError(ValueError):
     """A placement request that cannot be met; ``rule`` names the rule that refused it."""
 

@@ -49,7 +49,14 @@ from meshscale.core.kv import Consistency, KVCoordinator, KVRecord, kv_replicas
 from meshscale.core.membership import VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_RE, object_id
 from meshscale.core.outputs import Event
-from meshscale.core.placement import Candidate, PlacementError, Residency, check_quorum, replica_set
+from meshscale.core.placement import (
+    Candidate,
+    PlacementError,
+    Residency,
+    check_quorum,
+    may_hold,
+    replica_set,
+)
 from meshscale.core.replication import (
     DropLocal,
     ObjectPolicy,
@@ -470,7 +477,16 @@ class DataPlane:
                 self._pump()
                 return
             self._count("transfers_early_failed")  # push the bytes again, from our copy
-        if t.req_id is not None and t.req_id in self._spares:
+        spare = None if t.req_id is None else self._spares.get(t.req_id)
+        if spare is not None and not self._may_hold(spare.up.policy):
+            # Our copy is a spare outside the object's residency: it can never be a source.
+            self._count("transfers_refused_residency")
+            assert self.rm is not None
+            self.rm.transfer_done(t.req_id, t.dst, t.oid, False, time.monotonic())
+            self._pump()
+            return
+        if spare is not None:
+            assert t.req_id is not None
             await self._commit_spare(t.req_id)
         async with self._transfer_sem:
             try:
@@ -643,6 +659,12 @@ class DataPlane:
         replicas = _int_field(args, "replicas", 3, 1, self.cfg.max_replicas)
         policy = _policy(replicas, args.get("residency"), args.get("data_class"))
         w = _int_field(args, "w", min(2, replicas), 1, replicas)
+        if not client and not self._may_hold(policy):
+            # The receiver checks the rule itself: a replica outside it is never written.
+            self._count("replicas_refused_residency")
+            assert policy.residency is not None
+            raise ValueError(f"refused: this node's region {self.agent.meta.region!r} may not "
+                             f"hold a copy ({policy.residency.describe()})")
         if client:
             try:
                 self._check_placement(policy, w)
@@ -1055,7 +1077,10 @@ class DataPlane:
         spare = self._spares.get(req)
         if spare is None:
             return
-        if spare.commit is None and all(r is True for r in results):
+        if spare.commit is None and (all(r is True for r in results)
+                                     or not self._may_hold(spare.up.policy)):
+            # Not needed, or not ours to keep: a spare outside the object's residency is
+            # never committed, whatever became of the put (a failed put leaves nothing).
             self._spares.pop(req, None)
             self._abort_upload(spare.up)
             self._count("spare_copies_dropped")
@@ -1275,6 +1300,9 @@ class DataPlane:
             self._count("reads_proxied")
             return result
         raise ValueError(f"unknown object id {oid}: no live node holds a good copy")
+
+    def _may_hold(self, policy: ObjectPolicy) -> bool:
+        return may_hold(self.agent.meta.region, policy.residency)
 
     def _live(self, name: str) -> bool:
         m = self.agent.m.members.get(name)

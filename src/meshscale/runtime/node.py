@@ -143,6 +143,8 @@ class NodeRemovedError(Exception):
 class AgentConfig:
     """Runtime bounds and timeouts of the agent (the protocol's are in MembershipConfig)."""
 
+    bind_attempts: int = 20
+    """With port 0, UDP ports the OS offers before one whose TCP twin is free too."""
     max_connections: int = 256
     """Concurrent TCP connections accepted, overall."""
     max_connections_per_ip: int = 64
@@ -376,9 +378,24 @@ class NodeAgent:
         """Bind the sockets, then join. Raises OSError if the address is taken."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), local_addr=(self.bind_host, self.port)
-        )
+        # Port 0: the UDP port comes from the OS and TCP must take the same number, which
+        # another process may hold; try a few numbers before giving up.
+        pick = self.port == 0
+        for attempt in range(self.cfg.bind_attempts if pick else 1):
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=(self.bind_host, 0 if pick else self.port)
+            )
+            port = int(transport.get_extra_info("sockname")[1])
+            try:
+                self._server = await loop.create_server(
+                    lambda: _AcceptProtocol(self), self.bind_host, port, backlog=256
+                )
+            except OSError:
+                transport.close()
+                if not pick or attempt == self.cfg.bind_attempts - 1:
+                    raise
+                continue
+            break
         self._udp = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -386,17 +403,10 @@ class NodeAgent:
             # memberlist asks for 2 MB too. The kernel caps it at net.core.rmem_max.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.cfg.udp_buffer_bytes)
-        if self.port == 0:
-            self.port = transport.get_extra_info("sockname")[1]
+        if pick:
+            self.port = port
             host = split_addr(self.addr)[0]
             self.addr = f"{host}:{self.port}"
-        try:
-            self._server = await loop.create_server(
-                lambda: _AcceptProtocol(self), self.bind_host, self.port, backlog=256
-            )
-        except OSError:
-            transport.close()
-            raise
         if self.cfg.http:
             from meshscale.runtime.http import HttpServer
 
