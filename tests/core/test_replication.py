@@ -174,6 +174,7 @@ class Mesh:
         self.now = 0.0
         self.sent_transfers: list[Transfer] = []
         self.drops: list[tuple[str, str]] = []
+        self.events: list[object] = []
 
     def add(self, node: str, oid: str, policy: ObjectPolicy, hint_for: str | None = None) -> None:
         self.m[node].object_added(oid, policy, hint_for, self.now)
@@ -224,6 +225,8 @@ class Mesh:
         elif isinstance(out, DropLocal):
             self.drops.append((src, out.oid))
             self.m[src].object_removed(out.oid, self.now)
+        else:
+            self.events.append(out)
 
 
 def test_anti_entropy_fills_a_missing_replica() -> None:
@@ -540,3 +543,55 @@ def test_tombstone_messages_round_trip_and_bad_stamps_are_ignored() -> None:
     m.object_added("x", EU, None, 0.0, ts(1))
     m.handle_message("eu2", encode_message(Tombstones([ObjRef("x", 3, deleted="nope")])), 0.1)
     assert m.holds("x") and m.stats["rejected.bad_stamp"] == 1
+
+
+def test_a_delete_is_acknowledged_only_by_a_quorum_of_kept_tombstones() -> None:
+    """A delete used to be fire-and-forget: kept only by its coordinator (say, on the
+    small side of a partition), it came back when that node died for good."""
+    from meshscale.core.replication import DeleteAcked, DeleteFailed, delete_quorum
+
+    assert delete_quorum(ANY) == 2 and delete_quorum(ObjectPolicy(1)) == 1
+    mesh = TombMesh()
+    rs = names(replica_set("obj", VIEW, 3))
+    for n in rs:
+        mesh.m[n].object_added("obj", ANY, None, 0.0, ts(100))
+    mesh.run(6.0)
+    coordinator = next(n for n in sorted(mesh.m) if n not in rs)
+    # Every member unreachable: the coordinator alone keeps the tombstone -> not acked.
+    mesh.down.update(rs)
+    mesh.m[coordinator].delete("obj", ANY, ts(200), mesh.now, 200.0, req_id=7)
+    mesh.flush()
+    assert not [e for e in mesh.events if isinstance(e, DeleteAcked)]
+    mesh.run(mesh.now + CFG.delete_timeout_s + 1)
+    failed = [e for e in mesh.events if isinstance(e, DeleteFailed)]
+    assert [(e.req_id, e.oid) for e in failed] == [(7, "obj")]
+    assert "only 1 of W=2 tombstones durable" in failed[0].reason
+    # With the members back, the next delete is acknowledged by members that kept it.
+    mesh.down.clear()
+    mesh.m[coordinator].delete("obj", ANY, ts(300), mesh.now, 300.0, req_id=8)
+    mesh.flush()
+    acked = [e for e in mesh.events if isinstance(e, DeleteAcked) and e.req_id == 8]
+    assert len(acked) == 1 and len(acked[0].nodes) >= 2
+    assert set(acked[0].nodes) - {coordinator} <= set(rs)
+
+
+def test_a_copy_gone_before_the_digest_reply_is_not_offered() -> None:
+    """A round lists its ids when it starts; a copy dropped before the peer's mismatch
+    reply used to raise KeyError out of the digest-reply path (a swarm seed found it)."""
+    from meshscale.core.replication import DigestReply
+
+    rs = names(replica_set("obj", VIEW, 3))
+    a, b = rs[0], rs[1]
+    m = manager(a)
+    m.object_added("obj", ANY, None, 0.0, ts(100))
+    m.on_timer(100.0)  # a periodic round with every peer
+    digests = [o for o in m.drain() if isinstance(o, SendMessage) and o.dst == b]
+    assert digests
+    rnd = decode_message(digests[0].payload, 1 << 20)
+    assert isinstance(rnd, DigestMsg)
+    m.object_removed("obj", 100.5)
+    m.drain()
+    m.handle_message(b, encode_message(DigestReply(rnd.round, False)), 101.0)  # no KeyError
+    offered = [decode_message(o.payload, 1 << 20) for o in m.drain()
+               if isinstance(o, SendMessage) and o.dst == b]
+    assert all(r.oid != "obj" for o in offered if isinstance(o, Offer) for r in o.refs)

@@ -121,6 +121,9 @@ class ReplicationConfig:
     with every peer at once instead of waiting for the next period."""
     put_timeout: float = 10.0
     """A write not acknowledged by then fails."""
+    delete_timeout_s: float = 10.0
+    """A delete whose tombstone is not durable on a quorum by then is reported
+    unconfirmed (the tombstones already written still spread)."""
     max_pending_puts: int = 1024
     """Writes in flight that this node coordinates; more are refused."""
     max_stand_ins: int = 8
@@ -247,6 +250,32 @@ class PutFailed(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class DeleteAcked(Event):
+    """A delete's tombstone is durable on a quorum (``nodes``): acknowledged."""
+
+    req_id: int
+    oid: str
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteFailed(Event):
+    """A delete not confirmed in time: fewer than its quorum keep the tombstone (those
+    that do still spread it)."""
+
+    req_id: int
+    oid: str
+    reason: str
+
+
+def delete_quorum(policy: ObjectPolicy) -> int:
+    """Durable tombstones a delete needs before it is acknowledged: a majority of the
+    replication factor, so no single failure can lose an acknowledged delete (a delete
+    kept only by its coordinator used to come back when that node died)."""
+    return policy.replicas // 2 + 1
+
+
+@dataclass(frozen=True, slots=True)
 class UnderReplicated(Event):
     """After a view change, a locally held object has fewer allowed live nodes than its
     policy wants (reported by every holder, once per change of state)."""
@@ -328,12 +357,22 @@ class OfferReply(msgspec.Struct, tag=4, array_like=True):
 
 
 class Tombstones(msgspec.Struct, tag=5, array_like=True):
-    """Tombstones pushed at once by a delete (no reply: anti-entropy covers a loss)."""
+    """Tombstones pushed at once by a delete. With ``ack`` (the delete's request id) the
+    receiver answers ``TombstoneAck``; anti-entropy covers a loss either way."""
 
     refs: Annotated[list[ObjRef], msgspec.Meta(max_length=4096)]
+    ack: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
 
 
-ReplicationMessage = DigestMsg | DigestReply | Offer | OfferReply | Tombstones
+class TombstoneAck(msgspec.Struct, tag=6, array_like=True):
+    """The receiver of ``Tombstones(ack=...)`` keeps the tombstone durably (``kept``) or
+    applied it without keeping it (not in the object's replica set)."""
+
+    ack: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+    kept: bool
+
+
+ReplicationMessage = DigestMsg | DigestReply | Offer | OfferReply | Tombstones | TombstoneAck
 
 _codec: VersionedCodec[ReplicationMessage] = VersionedCodec("replication", REPLICATION_PROTOCOL_VERSION, ReplicationMessage)
 
@@ -399,6 +438,15 @@ class _Local:
 
 
 @dataclass(slots=True)
+class _Delete:
+    req_id: int
+    oid: str
+    w: int
+    deadline: float
+    durable: set[str]
+
+
+@dataclass(slots=True)
 class _Put:
     req_id: int
     oid: str
@@ -451,6 +499,8 @@ class ReplicaManager:
         self._inv: dict[str, _Local] = {}
         self._puts: dict[int, _Put] = {}
         self._put_deadlines: list[tuple[float, int]] = []
+        self._deletes: dict[int, _Delete] = {}
+        self._delete_deadlines: list[tuple[float, int]] = []
         self._rounds: dict[str, _PeerRound] = {}
         self._round_seq = 0
         self._repair_heap: list[tuple[tuple[int, float, str, str], str, str]] = []
@@ -483,6 +533,11 @@ class ReplicaManager:
             times.append(heap[0][0])
         if self._inflight:
             times.append(min(self._inflight.values()) + self.config.transfer_timeout)
+        dheap = self._delete_deadlines
+        while dheap and dheap[0][1] not in self._deletes:
+            heapq.heappop(dheap)
+        if dheap:
+            times.append(dheap[0][0])
         return min(times)
 
     def on_timer(self, now: float) -> None:
@@ -493,6 +548,16 @@ class ReplicaManager:
             if put is not None:
                 self._fail(put, f"timeout: {len(put.durable)} of W={put.w} copies durable "
                                 f"after {self.config.put_timeout} s")
+        dheap = self._delete_deadlines
+        while dheap and dheap[0][0] <= now:
+            _, req_id = heapq.heappop(dheap)
+            d = self._deletes.pop(req_id, None)
+            if d is not None:
+                self._count("deletes_unconfirmed")
+                self._outputs.append(DeleteFailed(
+                    d.req_id, d.oid, f"only {len(d.durable)} of W={d.w} tombstones durable "
+                    f"after {self.config.delete_timeout_s:g} s; those written still spread, "
+                    "so the delete may yet take effect"))
         expired = [k for k, t in self._inflight.items() if t + self.config.transfer_timeout <= now]
         for k in expired:
             del self._inflight[k]
@@ -608,14 +673,16 @@ class ReplicaManager:
 
     def delete(
         self, oid: str, policy: ObjectPolicy, ts: HLCTimestamp, now: float, wall: float,
-        holders: Iterable[str] = (),
+        holders: Iterable[str] = (), req_id: int = 0,
     ) -> list[str]:
         """Delete ``oid`` everywhere as of ``ts`` (an HLC timestamp from the driver's clock,
         ``wall`` its wall time in seconds): drop the local copy, keep a tombstone, and push
         it at once to the replica set, to ``holders`` (nodes the driver found holding a
         copy) and to every peer known to hold one. Returns those peers. Nodes that miss
         the push learn it through anti-entropy. Raises ``ReplicationOverloaded`` at
-        ``max_tombstones``."""
+        ``max_tombstones``. With ``req_id``, the delete is acknowledged (``DeleteAcked``)
+        once ``delete_quorum(policy)`` nodes keep the tombstone durably, this one
+        included, or reported ``DeleteFailed`` after ``delete_timeout_s``."""
         self._wall = max(self._wall, wall)
         loc = self._inv.get(oid)
         if (loc is None or loc.tomb is None) and self._tomb_count >= self.config.max_tombstones:
@@ -634,10 +701,21 @@ class ReplicaManager:
         ref = self._inv.get(oid)
         msg_ref = _loc_ref(ref) if ref is not None and ref.tomb is not None else _ref(
             oid, policy, deleted=ts)
+        if req_id:
+            d = _Delete(req_id, oid, delete_quorum(policy), now + self.config.delete_timeout_s,
+                        {self.name})
+            self._deletes[req_id] = d
+            heapq.heappush(self._delete_deadlines, (d.deadline, req_id))
+            self._check_delete(d)
         for p in peers:
-            self._send(p, Tombstones([msg_ref]))
+            self._send(p, Tombstones([msg_ref], ack=req_id))
         self._pump(now)
         return peers
+
+    def _check_delete(self, d: _Delete) -> None:
+        if len(d.durable) >= d.w and self._deletes.pop(d.req_id, None) is not None:
+            self._count("deletes_acked")
+            self._outputs.append(DeleteAcked(d.req_id, d.oid, tuple(sorted(d.durable))))
 
     def tombstone_loaded(self, oid: str, policy: ObjectPolicy, ts: HLCTimestamp) -> None:
         """A tombstone the driver kept (``TombstoneStored``) is back after a restart."""
@@ -830,7 +908,12 @@ class ReplicaManager:
         elif isinstance(msg, Offer):
             self._on_offer(src, msg, now)
         elif isinstance(msg, Tombstones):
-            self._on_tombstones(msg)
+            self._on_tombstones(src, msg)
+        elif isinstance(msg, TombstoneAck):
+            d = self._deletes.get(msg.ack)
+            if d is not None and msg.kept:
+                d.durable.add(src)
+                self._check_delete(d)
         else:
             self._on_offer_reply(src, msg, now)
         self._pump(now)
@@ -882,13 +965,18 @@ class ReplicaManager:
         except PlacementError:
             return False
 
-    def _on_tombstones(self, msg: Tombstones) -> None:
+    def _on_tombstones(self, src: str, msg: Tombstones) -> None:
+        kept = False
         for ref in msg.refs:
             ts = self._stamp(ref.deleted)
             if ts is None:
                 continue
             policy = ref.policy()
-            self._apply_tomb(ref.oid, policy, ts, keep=self._mine(ref.oid, policy))
+            keep = self._mine(ref.oid, policy)
+            self._apply_tomb(ref.oid, policy, ts, keep=keep)
+            kept = kept or keep
+        if msg.ack:
+            self._send(src, TombstoneAck(msg.ack, kept))
 
     def _on_offer(self, src: str, msg: Offer, now: float) -> None:
         missing: list[str] = []
@@ -1027,7 +1115,9 @@ class ReplicaManager:
 
     def _offer(self, peer: str, st: _PeerRound, oids: list[str]) -> None:
         budget = self.config.max_ids_per_round - sum(len(v) for v in st.pages.values())
-        oids = oids[: max(0, budget)]
+        # A round's ids were listed when it started; a copy dropped or deleted since has no
+        # inventory entry to offer (indexing it raised KeyError out of the digest reply).
+        oids = [o for o in oids if o in self._inv][: max(0, budget)]
         size = self.config.page_size
         for i in range(0, len(oids), size):
             chunk = oids[i : i + size]

@@ -58,6 +58,8 @@ from meshscale.core.placement import (
     replica_set,
 )
 from meshscale.core.replication import (
+    DeleteAcked,
+    DeleteFailed,
     DropLocal,
     ObjectPolicy,
     PutAcked,
@@ -229,6 +231,10 @@ def _kv_key(key: object) -> str:
     return key
 
 
+async def _await(task: asyncio.Task[None]) -> None:
+    await task
+
+
 def _stamp(s: object) -> HLCTimestamp | None:
     """An encoded HLC timestamp from a store row or a peer, or None (unknown or bad)."""
     if not isinstance(s, str):
@@ -267,6 +273,7 @@ class DataPlane:
         self._upload_ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._puts: dict[int, asyncio.Future[tuple[str, tuple[str, ...]]]] = {}
+        self._deletes: dict[int, asyncio.Future[tuple[str, ...]]] = {}
         self._early: dict[tuple[int, str], asyncio.Future[bool]] = {}
         """(write id, member) -> a copy started before ``begin_put`` (cut-through or a
         small put's copies sent while the coordinator commits its own): the ``Transfer``
@@ -397,15 +404,29 @@ class DataPlane:
         rm = self.rm
         if rm is None:
             return
+        persisting: list[asyncio.Task[None]] = []
         for out in rm.drain():
             if isinstance(out, SendMessage):
-                self.agent._spawn(self._send_repl(out.dst, out.payload))
+                # A message after a tombstone in the same batch (a TombstoneAck, an offer
+                # of it) leaves once the tombstone is on disk: "kept" means durable.
+                self.agent._spawn(self._send_repl(out.dst, out.payload, list(persisting)))
             elif isinstance(out, Transfer):
                 self.agent._spawn(self._transfer(out))
             elif isinstance(out, DropLocal):
                 self.agent._spawn(self._drop(out.oid))
             elif isinstance(out, TombstoneStored | TombstoneDropped):
-                self.agent._spawn(self._persist_tomb(out))
+                task = asyncio.ensure_future(self._persist_tomb(out))
+                persisting.append(task)
+                self.agent._spawn(_await(task))
+            elif isinstance(out, DeleteAcked):
+                fut = self._deletes.pop(out.req_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(out.nodes)
+            elif isinstance(out, DeleteFailed):
+                fut = self._deletes.pop(out.req_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(ValueError(f"delete of {out.oid} not confirmed: "
+                                                 f"{out.reason}"))
             elif isinstance(out, PutAcked):
                 fut = self._puts.pop(out.req_id, None)
                 if fut is not None and not fut.done():
@@ -451,7 +472,10 @@ class DataPlane:
             return result
         return await self._conn(name).call(method, args)
 
-    async def _send_repl(self, dst: str, payload: bytes) -> None:
+    async def _send_repl(self, dst: str, payload: bytes,
+                         after: list[asyncio.Task[None]] | None = None) -> None:
+        if after:
+            await asyncio.gather(*after, return_exceptions=True)
         try:
             await self._call(dst, "repl.msg", {"src": self.agent.name, "payload": payload})
         except (RpcError, ValueError) as e:
@@ -1416,13 +1440,25 @@ class DataPlane:
                 with contextlib.suppress(ClockSkewError, ValueError):
                     self.hlc.update(stamp, wall)
         ts = self.hlc.now(wall)
+        req = next(self._req_ids)
+        fut: asyncio.Future[tuple[str, ...]] = asyncio.get_running_loop().create_future()
+        self._deletes[req] = fut
         try:
-            notified = self.rm.delete(oid, policy, ts, time.monotonic(), wall, sorted(held))
+            notified = self.rm.delete(oid, policy, ts, time.monotonic(), wall, sorted(held),
+                                      req_id=req)
         except ReplicationOverloaded as e:
+            self._deletes.pop(req, None)
             raise ValueError(f"busy: {e}") from None
         self._count("deletes")
         self._pump()
-        return {"id": oid, "holders": sorted(held), "notified": notified, "ts": ts.encode()}
+        try:
+            kept = await asyncio.wait_for(fut, self.cfg.put_wait_s)
+        except TimeoutError:
+            self._deletes.pop(req, None)
+            raise ValueError(f"delete of {oid} not confirmed in {self.cfg.put_wait_s:g} s") \
+                from None
+        return {"id": oid, "holders": sorted(held), "notified": notified, "ts": ts.encode(),
+                "tombstones": list(kept)}
 
     async def _rpc_corrupt_local(self, args: dict[str, Any]) -> dict[str, Any]:
         """Check every local copy's hash now (an operator's scrub); returns what was bad."""

@@ -51,6 +51,7 @@ from meshscale.core.objects import object_id
 from meshscale.core.outputs import DrivenProtocol, Event, Output, SendDatagram, StreamRequest
 from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set
 from meshscale.core.replication import (
+    DeleteAcked,
     DropLocal,
     ObjectPolicy,
     ObjRef,
@@ -115,7 +116,8 @@ class PutRefused(Event):
 
 @dataclass(frozen=True, slots=True)
 class DeleteDone(Event):
-    """This node ran a delete of ``oid`` and pushed the tombstone to ``notified``."""
+    """This node ran a delete of ``oid`` and pushed the tombstone to ``notified`` (the
+    delete counts as done once acknowledged: ``DeleteAcked``)."""
 
     oid: str
     notified: tuple[str, ...]
@@ -224,6 +226,7 @@ class DataNode:
         self._pending: dict[int, tuple[int, str, Any]] = {}
         self._by_dst: dict[str, deque[int]] = {}
         self._put_bytes: dict[int, bytes] = {}
+        self._delete_req = 0
         self._kv_ops: dict[int, _KVOp] = {}
         self._view_dirty = True
         for oid in sorted(self.objects):
@@ -344,9 +347,12 @@ class DataNode:
         self._settle(now)
 
     def delete(self, oid: str, policy: ObjectPolicy, now: float) -> None:
-        """Delete ``oid`` everywhere (the mesh knows its policy, as a client's stat would)."""
+        """Delete ``oid`` everywhere (the mesh knows its policy, as a client's stat would);
+        acknowledged by the core's ``DeleteAcked`` once a quorum keeps the tombstone."""
+        self._delete_req += 1
         with contextlib.suppress(ReplicationOverloaded):
-            peers = self.replicas.delete(oid, policy, self.hlc.now(now), now, now)
+            peers = self.replicas.delete(oid, policy, self.hlc.now(now), now, now,
+                                         req_id=self._delete_req)
             self._out.append(DeleteDone(oid, tuple(peers)))
         self._settle(now)
 
@@ -646,7 +652,7 @@ class DataMesh:
             self.results[ev.req_id] = PutResult(ev.req_id, ev.oid, False, ev.reason)
         elif isinstance(ev, PutRefused):
             self.results[ev.req_id] = PutResult(ev.req_id, ev.oid, False, f"{ev.rule}: {ev.reason}")
-        elif isinstance(ev, DeleteDone):
+        elif isinstance(ev, DeleteAcked):
             self.deleted.setdefault(ev.oid, (t, node))
         elif isinstance(ev, KVDone):
             self.kv_done[ev.op_id] = ev
@@ -675,8 +681,10 @@ class DataMesh:
         self.sim.call(node, lambda p, now: _delete(p, oid, policy, now))
 
     def live(self) -> list[str]:
-        """Acknowledged objects not deleted."""
-        return [oid for oid in self.acked if oid not in self.deleted]
+        """Acknowledged objects that were never asked to be deleted. An object whose
+        delete was asked but not acknowledged is in neither state for sure (its tombstone
+        may still spread, or never): it is checked by neither loss nor resurrection."""
+        return [oid for oid in self.acked if oid not in self.delete_requests]
 
     def resurrected(self) -> list[str]:
         """Deleted objects of which some node that is up still holds a copy (a copy on the
