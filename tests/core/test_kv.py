@@ -140,3 +140,12 @@ def test_coordinator_rejects_bad_replica_lists() -> None:
         KVCoordinator.for_get("k", [], Consistency.ONE)
     with pytest.raises(ValueError):
         KVCoordinator.for_get("k", ["a", "a"], Consistency.ONE)
+
+
+def test_a_failed_write_names_what_the_replicas_said() -> None:
+    rec = KVRecord("k", b"v", HLCTimestamp(1, 0, "a"))
+    c = KVCoordinator.for_put(rec, ("a", "b", "c"), Consistency.QUORUM)
+    c.on_failure("a", "disk_full: writing 900000 bytes would leave 0 free")
+    c.on_failure("b")
+    assert c.outcome is not None and not c.outcome.ok
+    assert "2 of 3 replicas failed (a: disk_full: writing 900000" in c.outcome.reason

@@ -814,3 +814,18 @@ def test_deferred_hash_is_checked_at_commit(store: LocalStore) -> None:
     with pytest.raises(ValueError, match="defer_hash"):
         w.defer_hash()
     w.abort()
+
+
+def test_kv_writes_keep_the_reserve_and_deletes_still_work(tmp_path: Path) -> None:
+    """KV writes ignored the free-space reserve: 23 writes of 900 KB filled a disk, after
+    which every delete failed with disk_full."""
+
+    store = LocalStore(tmp_path / "data", StorageConfig(min_free_bytes=0))
+    assert store.kv_put("k", b"v" * 1000, "0001")
+    st = os.statvfs(tmp_path)
+    store.config = StorageConfig(min_free_bytes=st.f_bavail * st.f_frsize + 10**15)
+    with pytest.raises(StorageError) as ei:
+        store.kv_put("k2", b"x" * 900_000, "0002")
+    assert ei.value.reason == "disk_full" and "min_free_bytes" in str(ei.value)
+    assert store.kv_put("k", None, "0003")  # a delete needs no room: it works
+    store.close()

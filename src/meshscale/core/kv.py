@@ -143,6 +143,8 @@ class KVCoordinator:
     replies: dict[str, KVRecord | None] = field(default_factory=dict)
     failures: set[str] = field(default_factory=set)
     outcome: KVOutcome | None = None
+    first_failure: str = ""
+    """The first failed replica's reason, as it gave it."""
 
     def __post_init__(self) -> None:
         if not self.replicas:
@@ -175,10 +177,14 @@ class KVCoordinator:
         self.replies[node] = record
         self._decide()
 
-    def on_failure(self, node: str) -> None:
+    def on_failure(self, node: str, reason: str = "") -> None:
+        """``node`` did not apply or answer; ``reason`` (its error, if it gave one) is named
+        in the outcome, so a refusal reads as what it was (e.g. a full disk)."""
         if node not in self.replicas or node in self.replies:
             return
         self.failures.add(node)
+        if reason and self.first_failure == "":
+            self.first_failure = f"{node}: {reason}"[:200]
         self._decide()
 
     def expire(self) -> None:
@@ -216,7 +222,8 @@ class KVCoordinator:
                     True, self.winner(), tuple(n for n, _ in self.read_repair())
                 )
         elif len(self.replicas) - len(self.failures) < need:
+            why = f" ({self.first_failure})" if self.first_failure else ""
             self.outcome = KVOutcome(
-                False, reason=f"{len(self.failures)} of {len(self.replicas)} replicas failed; "
-                f"{self.consistency.name} needs {need}"
+                False, reason=f"{len(self.failures)} of {len(self.replicas)} replicas "
+                f"failed{why}; {self.consistency.name} needs {need}"
             )

@@ -1501,8 +1501,8 @@ class DataPlane:
         async def one(name: str) -> None:
             try:
                 res = await asyncio.wait_for(self._call(name, method, args), self.cfg.kv_timeout_s)
-            except (RpcError, ValueError, TimeoutError):
-                coord.on_failure(name)
+            except (RpcError, ValueError, TimeoutError) as e:
+                coord.on_failure(name, str(e) or type(e).__name__)
                 return
             if method == "kv.read":
                 rec = None

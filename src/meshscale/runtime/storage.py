@@ -59,6 +59,9 @@ __all__ = [
 MAX_KV_KEY_BYTES: Final = 1024
 MAX_KV_VALUE_BYTES: Final = 1024 * 1024
 MAX_KV_TS_BYTES: Final = 512
+KV_ROW_OVERHEAD_BYTES: Final = 4096
+"""What a KV write may add beyond its bytes (index, WAL frame, page slack), for the
+free-space check."""
 MAX_PAGE: Final = 10_000
 """Largest ``limit`` a listing call honours; larger requests are clipped."""
 MAX_META_FIELD_BYTES: Final = 4096
@@ -1292,6 +1295,10 @@ class LocalStore:
                     "too_large",
                     f"KV value of {len(value)} bytes exceeds {MAX_KV_VALUE_BYTES} bytes",
                 )
+        if value is not None:
+            # The same reserve as objects: writes are refused before the disk is full, so
+            # deletes (which need no room) keep working and space can be won back.
+            self._check_free(len(key) + len(value) + ts_len + KV_ROW_OVERHEAD_BYTES, 0)
         with self._db_lock:
             self._check_open()
             try:

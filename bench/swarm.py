@@ -1,0 +1,115 @@
+"""Seeded fault swarms in the simulator, over many seeds never tuned on.
+
+    python bench/swarm.py --seeds 1000 --json bench/results/swarm.json [--base N] [--plane data]
+
+Each seed is one chaos run of a plane (``sim/dataplane.chaos_run``: puts, deletes and KV
+writes under crashes, restarts, pauses and partitions; ``sim/compute.chaos_run``: tasks of
+every placement mode under the same faults) checked by that plane's invariants. The base
+seed is fresh unless given, and printed, so a failure replays:
+``python bench/swarm.py --base N --seeds 1``.
+
+JSON: ``seeds``, ``violations`` (runs that broke an invariant), ``crashes`` (runs that
+raised), ``wall_s``, ``base``, and per plane the failing seeds with what they broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def data_problems(seed: int) -> list[str]:
+    from meshscale.sim.dataplane import chaos_run
+
+    r = chaos_run(seed)
+    out = []
+    if r.residency_violations:
+        out.append(f"residency: {r.residency_violations[0]}")
+    if r.lost:
+        out.append(f"lost: {r.lost[0]}")
+    if r.under_replicated:
+        out.append(f"under-replicated: {r.under_replicated[0]}")
+    if r.kv_divergent or r.kv_lost:
+        out.append(f"kv: {(r.kv_divergent + r.kv_lost)[0]}")
+    if r.resurrected:
+        out.append(f"resurrected: {r.resurrected[0]}")
+    return out
+
+
+def compute_problems(seed: int) -> list[str]:
+    from meshscale.sim.compute import chaos_run
+
+    r = chaos_run(seed)
+    out = []
+    if r.residency_violations:
+        out.append(f"residency: {r.residency_violations[0]}")
+    if r.result_problems:
+        out.append(f"results: {r.result_problems[0]}")
+    if r.finished + r.failed + r.orphaned + r.refused != r.submitted:
+        out.append("accounting: a task with no outcome")
+    return out
+
+
+PLANES: dict[str, Callable[[int], list[str]]] = {
+    "data": data_problems,
+    "compute": compute_problems,
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=1000, help="seeds per plane")
+    ap.add_argument("--base", type=int, default=None, help="first seed (default: fresh)")
+    ap.add_argument("--plane", choices=sorted(PLANES), action="append",
+                    help="plane(s) to run (default: all)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    base = args.base if args.base is not None else random.SystemRandom().randrange(2**31)
+    planes = args.plane or sorted(PLANES)
+    print(f"swarm base seed {base}: seeds {base}..{base + args.seeds - 1} per plane", flush=True)
+    t0 = time.monotonic()
+    result: dict[str, Any] = {"seeds": 0, "violations": 0, "crashes": 0, "base": base,
+                              "planes": {}}
+    for plane in planes:
+        check = PLANES[plane]
+        bad: dict[str, list[str]] = {}
+        crashes = 0
+        start = time.monotonic()
+        for seed in range(base, base + args.seeds):
+            try:
+                problems = check(seed)
+            except Exception as e:
+                crashes += 1
+                problems = [f"crash: {type(e).__name__}: {e!s:.120}",
+                            traceback.format_exc(limit=-3).strip().splitlines()[-3]]
+            if problems:
+                bad[str(seed)] = problems
+                print(f"  {plane} seed {seed}: {problems[0]}", flush=True)
+        result["planes"][plane] = {"seeds": args.seeds, "violations": len(bad) - crashes,
+                                   "crashes": crashes, "failing": bad,
+                                   "wall_s": round(time.monotonic() - start, 1)}
+        result["seeds"] += args.seeds
+        result["violations"] += len(bad) - crashes
+        result["crashes"] += crashes
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    print(f"{'plane':<8} {'seeds':>6} {'violations':>10} {'crashes':>8} {'wall_s':>7}")
+    for plane, row in result["planes"].items():
+        print(f"{plane:<8} {row['seeds']:>6} {row['violations']:>10} {row['crashes']:>8} "
+              f"{row['wall_s']:>7}")
+    print(f"{'all':<8} {result['seeds']:>6} {result['violations']:>10} {result['crashes']:>8} "
+          f"{result['wall_s']:>7}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 1 if result["violations"] or result["crashes"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
