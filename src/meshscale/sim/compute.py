@@ -54,9 +54,7 @@ from meshscale.core.scheduling import (
     TaskFailed,
     TaskFinished,
     TaskSpec,
-    exclusion,
     feasible,
-    local_bytes,
 )
 from meshscale.core.vivaldi import Coordinate
 from meshscale.sim.engine import NodeContext, Simulator
@@ -334,11 +332,11 @@ class ComputeMesh:
         """Truth at submit: some live holder of ``t``'s inputs may run it and has a free slot."""
         if not t.inputs or not isinstance(t.placement, DataLocal):
             return False
-        best = max(local_bytes(t, n) for n in self.names)
+        best = max(self.true_local_bytes(t, n) for n in self.names)
         if best <= 0:
             return False
         for n in self.up():
-            if local_bytes(t, n) != best or exclusion(t, self.state_of(n)) is not None:
+            if self.true_local_bytes(t, n) != best or self.broken_rule(t, n) is not None:
                 continue
             if self.node(n).sched.load().free_cpus >= t.cpus:
                 return True
@@ -350,16 +348,51 @@ class ComputeMesh:
         spec = self.specs.get(tid)
         if spec is None:
             return
-        why = exclusion(spec, self.state_of(node, Load()))
+        why = self.broken_rule(spec, node)
         if why is not None:
             self.violations.append(f"{t:.3f} {where} {tid} on {node} "
-                                   f"({self.candidates[node].region}) breaks {why[0]}: {why[1]}")
+                                   f"({self.placements[node].region}) breaks {why}")
+
+    def true_local_bytes(self, spec: TaskSpec, node: str) -> int:
+        """Bytes of ``spec``'s inputs ``node`` really holds (the mesh's own record of where
+        each object was placed, not the task's list of holders)."""
+        return sum(inp.size for inp in spec.inputs if inp.oid in self.objects_on[node])
+
+    def holds_most(self, spec: TaskSpec, node: str) -> bool:
+        best = max(self.true_local_bytes(spec, n) for n in self.names)
+        return best > 0 and self.true_local_bytes(spec, node) == best
+
+    def broken_rule(self, spec: TaskSpec, node: str) -> str | None:
+        """The oracle: the first rule ``spec`` declares that ``node`` breaks, read from the
+        task's own fields and the node's true region, labels and capacity. It shares no
+        code with the scheduler (which decides with ``core.scheduling``'s filters), so a
+        scheduler that ignores a rule is caught here, not agreed with."""
+        region = self.placements[node].region
+        if spec.residency is not None and spec.residency.regions is not None \
+                and region not in spec.residency.regions:
+            return f"residency (allowed {sorted(spec.residency.regions)})"
+        for inp in spec.inputs:
+            if inp.residency is not None and inp.residency.regions is not None \
+                    and region not in inp.residency.regions:
+                return f"input-residency of {inp.oid} (allowed {sorted(inp.residency.regions)})"
+        mode = spec.placement
+        if isinstance(mode, Central) and region != mode.region:
+            return f"mode central in {mode.region}"
+        if isinstance(mode, InRegions) and region not in mode.regions:
+            return f"mode regions {sorted(mode.regions)}"
+        have = self.candidates[node].labels
+        if any(have.get(k) != v for k, v in spec.labels.items()):
+            return f"labels {dict(spec.labels)}"
+        cap = self.capacity[node]
+        if spec.cpus > cap.cpus or spec.memory_mb > cap.memory_mb or spec.gpus > cap.gpus:
+            return f"resources cpus={spec.cpus} memory_mb={spec.memory_mb} gpus={spec.gpus}"
+        return None
 
     def _observe(self, t: float, node: str, ev: Event) -> None:
         if isinstance(ev, TaskBound):
             self._check_rules(t, "bound", ev.task_id, ev.node)
             spec = self.specs.get(ev.task_id)
-            local = spec is not None and _holds_most(spec, ev.node, self.names)
+            local = spec is not None and self.holds_most(spec, ev.node)
             self.bindings.setdefault(ev.task_id, []).append(_Binding(t, ev.node, local))
         elif isinstance(ev, RunTask):
             self._check_rules(t, "run", ev.task.task_id, node)
@@ -396,11 +429,6 @@ class ComputeMesh:
     def all_done(self) -> bool:
         orphans = set(self.orphaned())
         return all(tid in self.results or tid in orphans for tid in self.specs)
-
-
-def _holds_most(spec: TaskSpec, node: str, names: list[str]) -> bool:
-    best = max(local_bytes(spec, n) for n in names)
-    return best > 0 and local_bytes(spec, node) == best
 
 
 def _set_view(view: list[NodeState], p: DrivenProtocol, now: float) -> None:
