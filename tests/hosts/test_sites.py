@@ -136,10 +136,10 @@ def test_a_site_cut_off_for_30s(sites: Sites) -> None:
     finally:
         s.lab.heal()
     healed = time.monotonic()
-    wait_until(lambda: converged(s), HEAL_VIEW_S + 20, "one view after the heal", poll=0.25)
-    took = time.monotonic() - healed
-    print(f"one view {took:.1f} s after the heal")
-    assert took <= HEAL_VIEW_S + 2  # polling through a client adds up to a poll's worth
+    # The bound is the deadline (plus a poll through the client); the time it
+    # took is printed, not asserted: speed is for bench/.
+    wait_until(lambda: converged(s), HEAL_VIEW_S + 2, "one view after the heal", poll=0.25)
+    print(f"one view {time.monotonic() - healed:.1f} s after the heal")
     # Nothing acknowledged was lost, and every object is back at its replication factor.
     for oid, data in STORED.items():
         assert get(s, "cloud", "cloud-2", oid) == data
@@ -188,10 +188,8 @@ def test_node_remove(sites: Sites) -> None:
     def everywhere_removed() -> bool:
         return all(s.view("factory", n)[victim.name]["state"] == "removed" for n in others)
 
-    wait_until(everywhere_removed, REMOVE_SPREAD_S + 10, "shop-2 removed in every view", 0.25)
-    took = time.monotonic() - t0
-    print(f"removal in every view after {took:.1f} s")
-    assert took <= REMOVE_SPREAD_S + 2
+    wait_until(everywhere_removed, REMOVE_SPREAD_S + 2, "shop-2 removed in every view", 0.25)
+    print(f"removal in every view after {time.monotonic() - t0:.1f} s")
     # The removed node learns it and stops itself, with the removed exit status.
     assert victim.proc is not None
     assert victim.proc.wait(timeout=20) == 78

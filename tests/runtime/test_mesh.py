@@ -352,9 +352,7 @@ def test_sigkill_detected_then_restart_with_same_data_dir(mesh: Mesh, tmp_path: 
     inc = mesh.view(0)[name]["incarnation"]
     bound = detection_bound(N)
     mesh.signal(victim, signal.SIGKILL)
-    t0 = time.monotonic()
     wait_for(lambda: mesh.all_see(name, "dead", others), bound, f"{name} dead everywhere")
-    assert time.monotonic() - t0 <= bound
     # Restart from the same data dir, without --name: the identity supplies it.
     proc = mesh.start_node(
         [
