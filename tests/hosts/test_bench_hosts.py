@@ -28,6 +28,7 @@ def test_membership_bench_across_namespaces(tmp_path: Path) -> None:
     assert data["hosts"] is True and data["nodes"] == 5
     assert data["converge_s"] > 0 and len(data["detect_all_trials_s"]) == 1
     assert data["detect_all_s"] > 0 and data["false_positives"] >= 0
+    assert data["tree_rss_mb_per_node"] > data["rss_mb_per_node"] > 0  # workers counted
     assert "detect_all_s" in proc.stdout
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "mst" not in left, left
