@@ -659,7 +659,8 @@ def node_remove_cmd(
 @app.command("top")
 def top_cmd(
     http: Annotated[
-        str | None, typer.Option("--http", help="HOST:PORT of a node's HTTP API.")
+        str | None, typer.Option("--http", help="HOST:PORT of a node's HTTP API "
+                                 "(https://HOST:PORT where it serves HTTPS).")
     ] = None,
     mesh: MeshOption = None,
     bundle: Annotated[
@@ -676,7 +677,11 @@ def top_cmd(
 
     try:
         if http is not None:
-            addrs = [_parse_addr(http, "--http")]
+            scheme, sep, rest = http.rpartition("://")
+            if sep and scheme not in ("http", "https"):
+                raise TopError(f"--http {http}: use HOST:PORT or https://HOST:PORT", usage=True)
+            addrs = [f"{scheme}://{_parse_addr(rest, '--http')}" if sep
+                     else _parse_addr(http, "--http")]
         elif mesh is not None:
             addrs, mesh_bundle = targets_from_mesh(mesh)
             bundle = bundle or mesh_bundle
@@ -685,10 +690,10 @@ def top_cmd(
                            usage=True)
         if bundle is None:
             raise TopError("--bundle DIR is needed for the token", usage=True)
-        token = load_bundle(bundle).require(BundleKind.ADMIN, BundleKind.CLIENT,
-                                            use="`top`").token
-        assert token is not None
-        run_top(addrs, token, once=once, interval=interval, timeout=timeout)
+        loaded = load_bundle(bundle).require(BundleKind.ADMIN, BundleKind.CLIENT, use="`top`")
+        assert loaded.token is not None
+        run_top(addrs, loaded.token, once=once, interval=interval, timeout=timeout,
+                ca_pem=loaded.ca_cert_pem)
     except TopError as e:
         raise CliError(str(e), USAGE_EXIT if e.usage else 1) from None
 

@@ -49,11 +49,21 @@ def targets_from_mesh(mesh_json: Path) -> tuple[list[str], Path | None]:
     return addrs, bundle
 
 
-def fetch_snapshot(addr: str, token: str, timeout: float) -> dict[str, Any]:
-    req = urllib.request.Request(f"http://{addr}/api/v1/snapshot",
+def fetch_snapshot(addr: str, token: str, timeout: float,
+                   ca_pem: bytes | None = None) -> dict[str, Any]:
+    """``addr`` is ``HOST:PORT`` (plain HTTP) or ``https://HOST:PORT`` (checked against
+    the cluster CA, ``ca_pem``)."""
+    url = addr if "://" in addr else f"http://{addr}"
+    ctx = None
+    if url.startswith("https://"):
+        import ssl
+
+        ctx = ssl.create_default_context(
+            cadata=None if ca_pem is None else ca_pem.decode("ascii"))
+    req = urllib.request.Request(f"{url}/api/v1/snapshot",
                                  headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
             body: dict[str, Any] = json.loads(resp.read())
             return body
     except urllib.error.HTTPError as e:
@@ -148,6 +158,7 @@ def run_top(
     timeout: float,
     console: Console | None = None,
     stop: Callable[[], bool] | None = None,
+    ca_pem: bytes | None = None,
 ) -> None:
     """Draw one frame (``once``) or redraw every ``interval`` s until Ctrl-C. Asks the
     first address that answers; a node that stops answering is replaced by the next."""
@@ -157,7 +168,7 @@ def run_top(
         errors = []
         for addr in list(addrs):
             try:
-                snap = fetch_snapshot(addr, token, timeout)
+                snap = fetch_snapshot(addr, token, timeout, ca_pem)
             except TopError as e:
                 errors.append(str(e))
                 continue

@@ -105,8 +105,11 @@ class Host:
 class NetLab:
     """Hosts on a private bridge. Use as a context manager."""
 
+    _labs = 0
+
     def __init__(self) -> None:
-        self.prefix = f"mst{os.getpid()}x"
+        NetLab._labs += 1  # several labs in one test run never share a name
+        self.prefix = f"mst{os.getpid()}x{NetLab._labs}l"
         self.switch = f"{self.prefix}sw"
         self.hosts: dict[str, Host] = {}
         self._made: list[str] = []

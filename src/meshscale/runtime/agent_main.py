@@ -89,6 +89,8 @@ OPTIONS: tuple[Option, ...] = (
            "(off unless set).", example="127.0.0.1:8946"),
     Option("metrics_public", "bool", False, "Serve /metrics without the token (for a "
            "scraper)."),
+    Option("http_insecure", "bool", False, "Serve the HTTP API in plain HTTP on an address "
+           "beyond loopback (by default it is HTTPS there, with the node's certificate)."),
     Option("cpus", "int", None, "Worker slots (and the CPU capacity placement counts on); "
            "default: the machine's CPU count, or env MESHSCALE_CPUS.", example=4),
     Option("memory_mb", "int", None, "Memory capacity placement counts on, in MB; default: "
@@ -291,6 +293,20 @@ def require_ip(addr: str, flag: str) -> None:
                          f"must be an IP address, not a name{hint}") from None
 
 
+def is_loopback(addr: str) -> bool:
+    """Is ``HOST:PORT`` on the loopback network (127.0.0.0/8, ::1, localhost)? Anything
+    else, wildcards included, is reachable from other machines."""
+    import ipaddress
+
+    host = addr.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_labels(labels: Sequence[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in labels or []:
@@ -323,6 +339,9 @@ def start(argv: Sequence[str]) -> None:
     http = None if s.http is None else parse_addr(s.http, "--http")
     if s.metrics_public and http is None:
         raise StartError("--metrics-public needs --http HOST:PORT")
+    if s.http_insecure and http is None:
+        raise StartError("--http-insecure needs --http HOST:PORT")
+    http_tls = http is not None and not s.http_insecure and not is_loopback(http)
     host = bind.rpartition(":")[0]
     advertise = None
     if s.advertise is not None:
@@ -356,7 +375,8 @@ def start(argv: Sequence[str]) -> None:
             meta=meta,
             seeds=seeds,
             emulated_latency=emulated,
-            agent_config=AgentConfig(http=http, metrics_public=s.metrics_public,
+            agent_config=AgentConfig(http=http, http_tls=http_tls,
+                                     metrics_public=s.metrics_public,
                                      stream_max_backlog=s.stream_max_backlog),
         )
     except NodeRemovedError as e:

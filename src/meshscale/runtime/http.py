@@ -126,7 +126,13 @@ class HttpServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.bind_host, self.port, backlog=128)
+        tls = None
+        if self.agent.cfg.http_tls:
+            from meshscale.trust.tls import https_context
+
+            tls = https_context(self.agent.bundle)
+        site = web.TCPSite(self._runner, self.bind_host, self.port, backlog=128,
+                           ssl_context=tls)
         try:
             await site.start()
         except OSError:
@@ -142,9 +148,12 @@ class HttpServer:
             host = split_addr(self.agent.addr)[0]
         self.address = f"{host}:{self.port}"
         meta = self.agent.meta
-        self.agent.meta = msgspec.structs.replace(meta, tags={**meta.tags, "http": self.address})
+        tags = {**meta.tags, "http": self.address}
+        if tls is not None:
+            tags["https"] = "1"
+        self.agent.meta = msgspec.structs.replace(meta, tags=tags)
         self.observer.start()
-        self.agent.log("info", "http_started", http=self.address,
+        self.agent.log("info", "http_started", http=self.address, https=tls is not None,
                        metrics_public=self.agent.cfg.metrics_public)
 
     async def stop(self) -> None:

@@ -176,6 +176,8 @@ class AgentConfig:
     """Longest wait for a graceful leave to spread before shutdown."""
     http: str | None = None
     """HOST:PORT of the HTTP API, metrics and dashboard (``runtime/http.py``); None: off."""
+    http_tls: bool = False
+    """Serve it over HTTPS with the node's certificate (the default beyond loopback)."""
     metrics_public: bool = False
     """Serve ``/metrics`` without the admin token (for a scraper)."""
     stream_max_backlog: int = 2_000

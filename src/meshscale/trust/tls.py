@@ -112,6 +112,21 @@ def client_context(bundle: Bundle, cert_pem: bytes | None = None,
     return ctx
 
 
+def https_context(bundle: Bundle) -> ssl.SSLContext:
+    """A server context for the node's HTTP API: its node certificate, TLS 1.2 or 1.3
+    (what browsers speak), no client certificate (HTTP callers present a token). A
+    browser or ``curl --cacert ca.pem`` trusts it through the cluster CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    chain = bundle.cert_pem.rstrip(b"\n") + b"\n" + bundle.key_pem
+    try:
+        with _pem_file(chain) as path:
+            ctx.load_cert_chain(path)
+    except ssl.SSLError as e:
+        raise TLSConfigError(f"certificate and key cannot be loaded: {e}") from None
+    return ctx
+
+
 def peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
     """The CN of the verified peer certificate, or None if there is none (``peer_of``
     gives its role too).
