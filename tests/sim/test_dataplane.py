@@ -1,7 +1,12 @@
 """Data-plane scenarios in the simulator: quorum writes, hinted handoff, re-replication,
-residency, KV convergence, and 50 seeds of random faults."""
+residency, KV convergence, and 50 seeds of random faults: fresh seeds every run (the base
+is printed with any failure; ``MESHSCALE_SWARM_SEED=N`` replays), so the swarm finds bugs
+on seeds it was never tuned on. ``bench/swarm.py --seeds 1000`` runs the same check."""
 
 from __future__ import annotations
+
+import os
+import random
 
 import pytest
 
@@ -11,6 +16,8 @@ from meshscale.core.replication import ObjectPolicy
 from meshscale.sim.dataplane import ChaosReport, DataMesh, chaos_run, object_id
 
 ANY = ObjectPolicy(3)
+SWARM_BASE = int(os.environ.get("MESHSCALE_SWARM_SEED")
+                 or random.SystemRandom().randrange(2**31))
 
 
 def _settled(mesh: DataMesh, t: float = 2.0) -> DataMesh:
@@ -101,7 +108,9 @@ def _check(r: ChaosReport) -> None:
     assert r.kv_divergent == [] and r.kv_lost == [], (r.kv_divergent, r.kv_lost, r.faults)
     assert len(r.down_for_good) <= 2
     assert r.acked >= 30
-    assert r.deleted >= 6 and r.resurrected == [], (r.resurrected, r.faults)
+    # Of 8 deletes, those a quorum of the replica set confirmed (a delete made while most
+    # members are away is refused, not half-done): at least half, and none came back.
+    assert r.deleted >= 4 and r.resurrected == [], (r.deleted, r.resurrected, r.faults)
 
 
 def test_chaos_one_seed_and_same_seed_same_trace() -> None:
@@ -117,6 +126,11 @@ def test_chaos_one_seed_and_same_seed_same_trace() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(50))
-def test_chaos_50_seeds(seed: int) -> None:
-    _check(chaos_run(1000 + seed))
+@pytest.mark.parametrize("k", range(50))
+def test_chaos_50_fresh_seeds(k: int) -> None:
+    seed = SWARM_BASE + k
+    try:
+        _check(chaos_run(seed))
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed} (MESHSCALE_SWARM_SEED={seed} replays it): {e}") \
+            from None

@@ -702,8 +702,10 @@ class ReplicaManager:
         msg_ref = _loc_ref(ref) if ref is not None and ref.tomb is not None else _ref(
             oid, policy, deleted=ts)
         if req_id:
+            # Only replica-set members count: a coordinator outside the set hands its
+            # tombstone off and forgets it (counting it lost a delete: swarm seed 672945568).
             d = _Delete(req_id, oid, delete_quorum(policy), now + self.config.delete_timeout_s,
-                        {self.name})
+                        {self.name} if self.name in rs else set())
             self._deletes[req_id] = d
             heapq.heappush(self._delete_deadlines, (d.deadline, req_id))
             self._check_delete(d)
