@@ -95,12 +95,16 @@ OPTIONS: tuple[Option, ...] = (
            "default: the machine's CPU count, or env MESHSCALE_CPUS.", example=4),
     Option("memory_mb", "int", None, "Memory capacity placement counts on, in MB; default: "
            "the machine's.", example=8192),
+    Option("disk_reserve_mb", "int", None, "Free space the data dir keeps, in MB: object "
+           "and KV writes that would eat into it are refused (deletes still work); default "
+           "64.", example=1024),
     Option("stream_max_backlog", "int", 2000, "Records a stream shard holds for its slowest "
            "operator before producers wait (backpressure)."),
     Option("latency", "list", [], LATENCY_HELP, example=["eu-west:us-east=80ms"]),
 )
 BY_KEY = {o.key: o for o in OPTIONS}
 BOUNDS: dict[str, tuple[int, int]] = {
+    "disk_reserve_mb": (0, 1 << 40),
     "stream_max_backlog": (1, 1_000_000),
     "cpus": (1, 4096),
     "memory_mb": (1, 1 << 40),
@@ -376,6 +380,7 @@ def start(argv: Sequence[str]) -> None:
             seeds=seeds,
             emulated_latency=emulated,
             agent_config=AgentConfig(http=http, http_tls=http_tls,
+                                     disk_reserve_mb=s.disk_reserve_mb,
                                      metrics_public=s.metrics_public,
                                      stream_max_backlog=s.stream_max_backlog),
         )

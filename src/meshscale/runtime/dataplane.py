@@ -717,13 +717,17 @@ class DataPlane:
             if not self.rm.accepts(str(args.get("id")), stamp):
                 self._count("deleted_copies_refused")
                 raise ValueError(f"deleted: {args.get('id')} was deleted after this copy was written")
-        writer = self.store.writer(
-            written=written if isinstance(written, str) else None,
-            now=now, size=size, replicas=policy.replicas,
-            data_class=res.data_class if res is not None else None,
-            residency=sorted(res.regions) if res is not None and res.regions is not None else None,
-            hint_for=args.get("hint_for"), pinned=ttl_s is None, ttl_s=ttl_s,
-        )
+        try:
+            writer = self.store.writer(
+                written=written if isinstance(written, str) else None,
+                now=now, size=size, replicas=policy.replicas,
+                data_class=res.data_class if res is not None else None,
+                residency=(sorted(res.regions) if res is not None and res.regions is not None
+                           else None),
+                hint_for=args.get("hint_for"), pinned=ttl_s is None, ttl_s=ttl_s,
+            )
+        except StorageError as e:  # a full disk refuses the write, naming the bound
+            raise ValueError(f"{e.reason}: {e}") from None
         upload = f"{self.agent.name}-{next(self._upload_ids)}"
         self._uploads[upload] = _Upload(writer, size, policy, w, args.get("id"), args.get("hint_for"),
                                         client, expires=None if ttl_s is None else now + ttl_s)

@@ -152,7 +152,8 @@ def spawn_node(cmd: list[str], log_path: Path, *, detach: bool = False
                ) -> subprocess.Popen[bytes]:
     """Start one node process; its stdout and stderr go to ``log_path`` (mode 0600: a
     node log is for its operator). Unless ``detach``, the node gets SIGTERM when the
-    process that started it dies."""
+    process that started it dies (Linux PDEATHSIG, which fires when the spawning *thread*
+    ends: spawn from a thread that lives as long as the node should, or detach)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "ab") as log:

@@ -176,6 +176,9 @@ class AgentConfig:
     """Longest wait for a graceful leave to spread before shutdown."""
     http: str | None = None
     """HOST:PORT of the HTTP API, metrics and dashboard (``runtime/http.py``); None: off."""
+    disk_reserve_mb: int | None = None
+    """Free space (MB) the data dir keeps: writes that would eat into it are refused
+    (``disk_full``); None: the data plane's default (64 MB)."""
     http_tls: bool = False
     """Serve it over HTTPS with the node's certificate (the default beyond loopback)."""
     metrics_public: bool = False
@@ -447,7 +450,14 @@ class NodeAgent:
         self._pump()
         self._spawn(self._housekeeping())
         if self._with_dataplane:
-            self.dataplane = DataPlane(self)
+            dp_cfg = None
+            if self.cfg.disk_reserve_mb is not None:
+                from meshscale.runtime.dataplane import DataPlaneConfig
+                from meshscale.runtime.storage import StorageConfig
+
+                dp_cfg = DataPlaneConfig(
+                    storage=StorageConfig(min_free_bytes=self.cfg.disk_reserve_mb << 20))
+            self.dataplane = DataPlane(self, dp_cfg)
             await self.dataplane.start()
             from meshscale.runtime.compute import ComputePlane
 
@@ -896,7 +906,7 @@ class NodeAgent:
             return RpcResponse(req.id, False, error=str(e) or type(e).__name__)
         except Exception as e:  # a handler bug must not take the connection down
             self.stats.runtime["rpc_errors"] += 1
-            self.log("error", "rpc_failed", method=req.method, error=repr(e))
+            self.log_limited("rpc_failed", method=req.method, error=type(e).__name__)
             return RpcResponse(req.id, False, error=f"internal error: {type(e).__name__}: {e}")
         finally:
             self._rpc_in_flight -= 1
