@@ -141,3 +141,19 @@ def test_a_placement_by_region_is_sent_as_its_mode() -> None:
     # The node refuses a placement it cannot read instead of defaulting.
     with pytest.raises(ValueError, match="unknown placement mode None"):
         _placement({"name": "us-east"})
+
+
+def test_an_oversized_kv_value_is_refused_before_it_is_sent() -> None:
+    """A 9 MB KV value used to be sent, and cut off as "Connection reset by peer"."""
+    import asyncio
+
+    from meshscale.client.mesh import AsyncKV
+
+    class NoNetwork:
+        async def _call_dict(self, *a: object) -> dict[str, object]:
+            raise AssertionError("nothing may be sent")
+
+    kv = AsyncKV(NoNetwork())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"at most 1048576 bytes \(MAX_VALUE_BYTES\); this "
+                       r"one is 9437184"):
+        asyncio.run(kv.put("k", b"x" * (9 << 20)))

@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar, overload
 import msgspec
 
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError, RpcPipeline
+from meshscale.core.kv import MAX_VALUE_BYTES
 from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
 from meshscale.trust.bundle import MAX_TOKEN_LENGTH, BundleError, is_valid_token, load_bundle
 from meshscale.trust.framing import split_addr
@@ -947,6 +948,9 @@ class AsyncKV:
             value = value.encode("utf-8")
         if not isinstance(value, bytes | bytearray | memoryview):
             raise TypeError(f"a KV value is bytes or str, not {type(value).__name__}")
+        if len(value) > MAX_VALUE_BYTES:  # refused here, naming the limit, not mid-send
+            raise ValueError(f"a KV value is at most {MAX_VALUE_BYTES} bytes "
+                             f"(MAX_VALUE_BYTES); this one is {len(value)}")
         reply = await self._mesh._call_dict(
             "kv.put",
             {

@@ -61,6 +61,12 @@ class KVRecord(msgspec.Struct, frozen=True, array_like=True):
     ts: HLCTimestamp
 
 
+MAX_KEY_BYTES = 1024
+"""Largest KV key (UTF-8), checked where a write enters and where it is stored."""
+MAX_VALUE_BYTES = 1024 * 1024
+"""Largest KV value: the KV holds references, policies and records, not data."""
+
+
 def lww_merge(a: KVRecord, b: KVRecord) -> KVRecord:
     """The record that wins: the higher timestamp (node name breaks a tie of time, as
     ``HLCTimestamp`` orders). Commutative, associative and idempotent, so replicas that

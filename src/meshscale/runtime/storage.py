@@ -43,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Final
 
+from meshscale.core.kv import MAX_KEY_BYTES, MAX_VALUE_BYTES
 from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
 
 __all__ = [
@@ -56,8 +57,8 @@ __all__ = [
 ]
 
 
-MAX_KV_KEY_BYTES: Final = 1024
-MAX_KV_VALUE_BYTES: Final = 1024 * 1024
+MAX_KV_KEY_BYTES: Final = MAX_KEY_BYTES
+MAX_KV_VALUE_BYTES: Final = MAX_VALUE_BYTES
 MAX_KV_TS_BYTES: Final = 512
 KV_ROW_OVERHEAD_BYTES: Final = 4096
 """What a KV write may add beyond its bytes (index, WAL frame, page slack), for the
