@@ -477,6 +477,9 @@ def test_types_and_limits_are_checked_before_anything_is_allocated(mesh: LocalMe
                     await c.call("obj.put_begin", {"size": 10, "replicas": bad})
             with pytest.raises(RpcError, match="'w' must be an integer from 1 to 2"):
                 await c.call("obj.put_begin", {"size": 10, "replicas": 2, "w": 3})
+            for method in ("obj.stat", "obj.read"):  # used to be "internal error"
+                with pytest.raises(RpcError, match=r"not an object id: '\.\./x'"):
+                    await c.call(method, {"id": "../x", "offset": 0, "length": 1})
             # The node is fine and still serves.
             assert len(await c.call("members")) == len(mesh.nodes)
         finally:

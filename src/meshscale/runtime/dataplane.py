@@ -222,6 +222,15 @@ def _int_field(args: dict[str, Any], name: str, default: int | None, lo: int, hi
     return value
 
 
+def _oid(args: dict[str, Any]) -> str:
+    """The object id of a request, checked (a malformed one used to answer "internal
+    error" from the store)."""
+    oid = args.get("id")
+    if not isinstance(oid, str) or OBJECT_ID_RE.fullmatch(oid) is None:
+        raise ValueError(f"not an object id: {oid!r:.80} (expected b3- and 64 hex digits)")
+    return oid
+
+
 def _kv_key(key: object) -> str:
     """A KV key from a request: a non-empty str within MAX_KV_KEY_BYTES, else ValueError."""
     if not isinstance(key, str) or not key:
@@ -1128,7 +1137,7 @@ class DataPlane:
 
     async def _rpc_rw_begin(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.store is not None
-        oid = str(args["id"])
+        oid = _oid(args)
         if await asyncio.to_thread(self.store.has, oid):
             return {"have": True}
         return {"upload": self._new_upload(args, client=False)}
@@ -1140,7 +1149,7 @@ class DataPlane:
             raise ValueError(f"inline object of {len(data)} bytes does not match its size or "
                              f"is over inline_bytes={self.cfg.inline_bytes}")
         assert self.store is not None
-        if await asyncio.to_thread(self.store.has, str(args["id"])):
+        if await asyncio.to_thread(self.store.has, _oid(args)):
             return {"id": args["id"]}
         key = self._new_upload(args, client=False)
         up = self._uploads[key]
@@ -1267,7 +1276,7 @@ class DataPlane:
             return f.read(length)
 
     async def _rpc_read_local(self, args: dict[str, Any]) -> dict[str, Any]:
-        oid, offset = str(args["id"]), int(args["offset"])
+        oid, offset = _oid(args), _int_field(args, "offset", None, 0, 1 << 50)
         length = min(int(args["length"]), self.cfg.chunk_bytes)
         assert self.store is not None
         if offset == 0:
@@ -1285,7 +1294,7 @@ class DataPlane:
         return {"data": data, "size": meta.size, "chunk_bytes": self.cfg.chunk_bytes}
 
     async def _rpc_read(self, args: dict[str, Any]) -> dict[str, Any]:
-        oid = str(args["id"])
+        oid = _oid(args)
         assert self.store is not None
         if self.rm is not None and self.rm.tombstone(oid) is not None:
             raise ValueError(f"unknown object id {oid}: it was deleted")
@@ -1378,7 +1387,7 @@ class DataPlane:
 
     async def _rpc_local_stat(self, args: dict[str, Any]) -> dict[str, Any] | None:
         assert self.store is not None
-        meta = await asyncio.to_thread(self.store.meta, str(args["id"]))
+        meta = await asyncio.to_thread(self.store.meta, _oid(args))
         return None if meta is None else {**self._describe(meta), "written": meta.written}
 
     async def _rpc_local_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1388,7 +1397,7 @@ class DataPlane:
         return [self._describe(m) for m in page]
 
     async def _rpc_stat(self, args: dict[str, Any]) -> dict[str, Any]:
-        oid = str(args["id"])
+        oid = _oid(args)
         stats = await self._fan_out("obj.local_stat", {"id": oid}, self.cfg.stat_timeout_s)
         holders = sorted(n for n, st in stats.items() if st)
         if not holders:
