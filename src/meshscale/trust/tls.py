@@ -79,13 +79,17 @@ def _base_context(protocol: int, bundle: Bundle, cert_pem: bytes | None,
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     ctx.load_verify_locations(cadata=bundle.ca_cert_pem.decode("ascii"))
+    _load_chain(ctx, cert_pem, key_pem)
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
     chain = cert_pem.rstrip(b"\n") + b"\n" + key_pem
     try:
         with _pem_file(chain) as path:
             ctx.load_cert_chain(path)
     except ssl.SSLError as e:
         raise TLSConfigError(f"certificate and key cannot be loaded: {e}") from None
-    return ctx
 
 
 def server_context(bundle: Bundle, cert_pem: bytes | None = None,
@@ -118,12 +122,7 @@ def https_context(bundle: Bundle) -> ssl.SSLContext:
     browser or ``curl --cacert ca.pem`` trusts it through the cluster CA."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    chain = bundle.cert_pem.rstrip(b"\n") + b"\n" + bundle.key_pem
-    try:
-        with _pem_file(chain) as path:
-            ctx.load_cert_chain(path)
-    except ssl.SSLError as e:
-        raise TLSConfigError(f"certificate and key cannot be loaded: {e}") from None
+    _load_chain(ctx, bundle.cert_pem, bundle.key_pem)
     return ctx
 
 
