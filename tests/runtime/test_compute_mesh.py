@@ -42,6 +42,11 @@ def digest(data: bytes, k: int) -> tuple[int, int, str]:
     return k, len(data), hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
+def parent_pid(data: bytes) -> int:
+    """Run as a task: the pid of the process that spawned this worker (its node)."""
+    return os.getppid()
+
+
 def nap(k: int, seconds: float) -> int:
     time.sleep(seconds)
     return k * k
@@ -154,12 +159,17 @@ def test_large_result_travels_as_an_object(client: TaskMesh) -> None:
     assert out == blob * 4
 
 
-def test_residency_is_kept(client: TaskMesh) -> None:
-    tf = task(residency=["ap-south"])(digest)
+def test_residency_is_kept(client: TaskMesh, mesh: LocalMesh) -> None:
+    """Checked from outside the mesh: each task reports the pid of the process that
+    spawned its worker, which names the node process (not the mesh's own ``f.node``)."""
+    tf = task(residency=["ap-south"])(parent_pid)
     futs = client.map(tf, [b"a", b"b", b"c", b"d"])
     client.wait(futs, timeout=60)
+    by_pid = {n.proc.pid: n for n in mesh.nodes if n.proc is not None}
+    ran_on = [by_pid[f.result()] for f in futs]
+    assert {n.region for n in ran_on} == {"ap-south"}
     regions = {n.name: n.region for n in client._run(_members(client))}
-    assert {regions[f.node or ""] for f in futs} == {"ap-south"}
+    assert {regions[f.node or ""] for f in futs} == {"ap-south"}  # the report agrees
 
 
 async def _members(client: TaskMesh) -> list[Any]:

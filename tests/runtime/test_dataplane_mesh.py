@@ -189,6 +189,10 @@ def test_residency_refusal_and_bad_input(mesh: LocalMesh) -> None:
         st = await c.call("obj.stat", {"id": res["id"]})
         eu = {n.name for n in mesh.nodes if n.region == "eu-west"}
         assert set(st["holders"]) <= eu
+        # ... and on the disks themselves (the outside truth, not the mesh's report).
+        on_disk = {n.name for n in mesh.nodes
+                   if any(True for _ in (n.data_dir / "store" / "objects").rglob(res["id"]))}
+        assert on_disk and on_disk <= eu
         # Truncated upload: nothing becomes visible.
         data = b"x" * 5000
         up = await c.call("obj.put_begin", {"size": len(data), "replicas": 3, "w": 2})
