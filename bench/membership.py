@@ -11,12 +11,16 @@ said otherwise; the mesh starts converged):
 - detection: a node crashes silently; time until the first / every live node marks it
   dead (median of three crashes);
 - false_positives_loss5: 300 virtual s at 5% uniform datagram loss; live nodes marked
-  dead by anyone (distinct nodes);
+  dead by anyone (distinct nodes); false_transitions_loss5 counts every false ``MemberDown``
+  and ``MemberLeft`` event (one per observer), and wrong_views_after_loss5 the (observer,
+  subject) pairs of live nodes not seeing each other alive 30 s after the loss stops;
 - false_positives_slow: 300 virtual s with 5% of nodes slow (every input they get is
   handled 2 s * U(0.5, 1.5) late, the CPU-starved member of the Lifeguard paper);
-  *healthy* nodes marked dead by anyone (distinct nodes). The slow nodes themselves
-  are not counted: a node that answers 2 s late is failing its probes for real.
+  *healthy* nodes marked dead by anyone (distinct nodes). The slow nodes are reported
+  apart, not dropped: false_transitions_about_slow counts every down event about them
+  (they are the point of Lifeguard: a slow node should be suspected, refute, and stay).
   The same scenario with Lifeguard off is printed for comparison;
+- detect_all_loss1_s: detection as above under 1% datagram loss;
 - vivaldi_median_rel_err: five regions (25-220 ms), 120 virtual s of probing, median
   |estimate - true| / true RTT over node pairs.
 
@@ -33,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from meshscale.core.membership import MembershipConfig
+from meshscale.core.membership import MembershipConfig, State
 from meshscale.sim.scenarios import SwimMesh
 from meshscale.sim.topology import Topology
 
@@ -49,6 +53,11 @@ KEYS = (
     "vivaldi_median_rel_err",
     "sim_events_per_s",
     "wall_s",
+    "detect_all_loss1_s",
+    "false_transitions_loss5",
+    "wrong_views_after_loss5",
+    "false_transitions_healthy_slow",
+    "false_transitions_about_slow",
 )
 
 
@@ -101,21 +110,47 @@ def steady_detect_disseminate(n: int, seed: int, quick: bool, clock: Clock) -> d
     }
 
 
-def false_positives_loss(n: int, seed: int, duration: float, clock: Clock) -> int:
+def false_positives_loss(n: int, seed: int, duration: float, clock: Clock
+                         ) -> tuple[int, int, int]:
+    """(distinct live nodes marked dead, every false down/left event, wrong view pairs
+    30 s after the loss stops). No node crashes or leaves here: every such event is false."""
     mesh = SwimMesh(n, seed=seed + 1000, loss=0.05)
     clock.run(mesh, lambda: mesh.sim.run_until(duration))
-    return len({subject for _, _, subject in mesh.false_downs()})
+    downs = mesh.false_downs()
+    events = len(downs) + len(mesh.seen.lefts)
+    mesh.sim.set_loss(0.0)
+    clock.run(mesh, lambda: mesh.sim.run_until(duration + 30.0))
+    live = mesh.live()
+    wrong = sum(1 for o in live for x in live
+                if o != x and mesh.node(o).state_of(x) != State.ALIVE)
+    return len({subject for _, _, subject in downs}), events, wrong
 
 
 def false_positives_slow(n: int, seed: int, duration: float, lifeguard: bool,
-                         clock: Clock) -> tuple[int, int]:
+                         clock: Clock) -> tuple[int, int, int, int]:
+    """(healthy nodes marked dead, slow nodes marked dead, false events about healthy
+    nodes, false events about slow ones), distinct nodes first."""
     mesh = SwimMesh(n, seed=seed + 2000, config=MembershipConfig(lifeguard=lifeguard))
     slow = set(mesh.names[: max(1, n // 20)])
     for name in slow:
         mesh.sim.set_slow(name, 2.0)
     clock.run(mesh, lambda: mesh.sim.run_until(duration))
-    downs = {subject for _, _, subject in mesh.false_downs()}
-    return len(downs - slow), len(downs & slow)
+    events = [s for _, _, s in mesh.false_downs()] + [s for _, _, s in mesh.seen.lefts]
+    downs = set(events)
+    return (len(downs - slow), len(downs & slow), sum(1 for s in events if s not in slow),
+            sum(1 for s in events if s in slow))
+
+
+def detect_under_loss(n: int, seed: int, quick: bool, clock: Clock) -> float:
+    mesh = SwimMesh(n, seed=seed + 4000, loss=0.01)
+    clock.run(mesh, lambda: mesh.sim.run_until(5.0 if quick else 10.0))
+    alls = []
+    for i in range(1 if quick else 3):
+        victim = mesh.names[(i * 7 + 3) % n]
+        _, all_s = clock.run(mesh, lambda v=victim: mesh.detect(v))  # type: ignore[misc]
+        alls.append(all_s)
+        clock.run(mesh, lambda: mesh.sim.run_until(mesh.sim.now + 3.0))
+    return statistics.median(alls)
 
 
 def vivaldi_error(n: int, seed: int, duration: float, clock: Clock) -> float:
@@ -152,20 +187,28 @@ def main(argv: list[str] | None = None) -> int:
     fp_duration = 60.0 if args.quick else 300.0
     res: dict[str, float | int | None] = {"nodes": n}
     res.update(steady_detect_disseminate(n, seed, args.quick, clock))
-    off: tuple[int, int] | None = None
+    off: tuple[int, int, int, int] | None = None
     slow_on: int | None = None
+    for key in ("false_transitions_loss5", "wrong_views_after_loss5",
+                "false_transitions_healthy_slow", "false_transitions_about_slow"):
+        res[key] = None
+    res["detect_all_loss1_s"] = detect_under_loss(n, seed, args.quick, clock)
     if n > 2000 and not args.full:
         # Detection, dissemination and load only: see --full.
         res["false_positives_loss5"] = None
         res["false_positives_slow"] = None
         res["vivaldi_median_rel_err"] = None
     else:
-        res["false_positives_loss5"] = false_positives_loss(n, seed, fp_duration, clock)
+        (res["false_positives_loss5"], res["false_transitions_loss5"],
+         res["wrong_views_after_loss5"]) = false_positives_loss(n, seed, fp_duration, clock)
         if args.skip_slow:
             res["false_positives_slow"] = None
         else:
-            healthy_on, slow_on = false_positives_slow(n, seed, fp_duration, True, clock)
+            healthy_on, slow_on, ev_healthy, ev_slow = false_positives_slow(
+                n, seed, fp_duration, True, clock)
             res["false_positives_slow"] = healthy_on
+            res["false_transitions_healthy_slow"] = ev_healthy
+            res["false_transitions_about_slow"] = ev_slow
             if not args.skip_slow_off:
                 off = false_positives_slow(n, seed, fp_duration, False, clock)
         res["vivaldi_median_rel_err"] = vivaldi_error(
@@ -173,23 +216,33 @@ def main(argv: list[str] | None = None) -> int:
         )
     res["sim_events_per_s"] = clock.events / clock.wall if clock.wall else 0.0
     res["wall_s"] = time.perf_counter() - t0
-    assert tuple(res) == KEYS or set(res) == set(KEYS)
+    assert set(res) == set(KEYS), set(res) ^ set(KEYS)
 
     rows = [
         ("nodes", f"{n}", ""),
         ("detect_first_s", f"{res['detect_first_s']:.2f}", "crash -> first node marks it dead"),
         ("detect_all_s", f"{res['detect_all_s']:.2f}", "crash -> every live node does"),
+        ("detect_all_loss1_s", f"{res['detect_all_loss1_s']:.2f}", "the same at 1% loss"),
         ("disseminate_all_s", f"{res['disseminate_all_s']:.2f}", "metadata change -> every node"),
         ("msgs_per_node_per_s", f"{res['msgs_per_node_per_s']:.2f}", "datagrams + streams sent"),
         ("bytes_per_node_per_s", f"{res['bytes_per_node_per_s']:.0f}", "before sealing"),
         ("false_positives_loss5", f"{res['false_positives_loss5']}",
-         f"{fp_duration:.0f} s at 5% loss"),
+         f"distinct live nodes marked dead, {fp_duration:.0f} s at 5% loss"),
+        ("false_transitions_loss5", f"{res['false_transitions_loss5']}",
+         "every false down/left event in that run"),
+        ("wrong_views_after_loss5", f"{res['wrong_views_after_loss5']}",
+         "(observer, subject) pairs not alive 30 s after the loss stops"),
         ("false_positives_slow", f"{res['false_positives_slow']}",
          f"healthy nodes, {fp_duration:.0f} s, 5% slow (slow ones marked dead: {slow_on})"),
+        ("false_transitions_healthy_slow", f"{res['false_transitions_healthy_slow']}",
+         "every false down/left event about a healthy node"),
+        ("false_transitions_about_slow", f"{res['false_transitions_about_slow']}",
+         "every down/left event about a slow node"),
     ]
     if off is not None:
         rows.append(("  same, Lifeguard off", f"{off[0]}",
-                     f"healthy nodes (slow ones marked dead: {off[1]})"))
+                     f"healthy nodes (slow ones marked dead: {off[1]}; events "
+                     f"{off[2]} / {off[3]})"))
     rows += [
         ("vivaldi_median_rel_err", _fmt(res["vivaldi_median_rel_err"], 3), "five regions"),
         ("sim_events_per_s", f"{res['sim_events_per_s']:.0f}", "wall clock"),
