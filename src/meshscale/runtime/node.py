@@ -671,7 +671,7 @@ class NodeAgent:
         )
         try:
             who = peer_of(writer.get_extra_info("ssl_object"))
-            if who is None or who.role is not Role.NODE or who.name in self.m.revoked:
+            if who is None or who.role is not Role.NODE or who.name in self.revocations.entries:
                 self._reject("revoked" if who is not None and who.role is Role.NODE
                              else "no_role")
                 raise ConnectionError(f"{addr} is not a node of this mesh")
@@ -769,7 +769,9 @@ class NodeAgent:
             if who is None:
                 self._reject("no_role")  # a CA-signed certificate without a meshscale role
                 return
-            if who.role is Role.NODE and who.name in self.m.revoked:
+            # The kept entries (loaded before the membership exists, added to as removals
+            # arrive): a connection accepted during start-up is checked too.
+            if who.role is Role.NODE and who.name in self.revocations.entries:
                 self._reject("revoked")
                 # One frame saying why (its log shows it), then the door.
                 refusal = RpcResponse(0, False, error=f"removed: node {who.name!r} was "
