@@ -95,6 +95,11 @@ OPTIONS: tuple[Option, ...] = (
            "default: the machine's CPU count, or env MESHSCALE_CPUS.", example=4),
     Option("memory_mb", "int", None, "Memory capacity placement counts on, in MB; default: "
            "the machine's.", example=8192),
+    Option("task_timeout_s", "int", 3600, "A task without its own timeout_s is stopped "
+           "after this many seconds (so never-ending tasks cannot hold every slot)."),
+    Option("task_memory_mb", "int", None, "A task without its own memory_mb may grow by "
+           "this much; default: the machine's memory divided by the worker slots.",
+           example=2048),
     Option("disk_reserve_mb", "int", None, "Free space the data dir keeps, in MB: object "
            "and KV writes that would eat into it are refused (deletes still work); default "
            "64.", example=1024),
@@ -104,6 +109,8 @@ OPTIONS: tuple[Option, ...] = (
 )
 BY_KEY = {o.key: o for o in OPTIONS}
 BOUNDS: dict[str, tuple[int, int]] = {
+    "task_timeout_s": (1, 30 * 86400),
+    "task_memory_mb": (16, 1 << 30),
     "disk_reserve_mb": (0, 1 << 40),
     "stream_max_backlog": (1, 1_000_000),
     "cpus": (1, 4096),
@@ -381,6 +388,8 @@ def start(argv: Sequence[str]) -> None:
             emulated_latency=emulated,
             agent_config=AgentConfig(http=http, http_tls=http_tls,
                                      disk_reserve_mb=s.disk_reserve_mb,
+                                     task_timeout_s=float(s.task_timeout_s),
+                                     task_memory_mb=s.task_memory_mb,
                                      metrics_public=s.metrics_public,
                                      stream_max_backlog=s.stream_max_backlog),
         )

@@ -272,7 +272,13 @@ class ComputePlane:
             int(meta_cap.get("memory_mb") or _total_memory_mb()),
             int(meta_cap.get("gpus") or 0),
         )
-        self.pool = WorkerPool(PoolConfig(workers=max(1, int(cpus))))
+        slots = max(1, int(cpus))
+        # Defaults for tasks that set none, so one user's task cannot run forever or take
+        # the machine's memory (#13: a task without memory_mb took 1.5 GB).
+        per_task_mb = agent.cfg.task_memory_mb or max(64, self.capacity.memory_mb // slots)
+        self.pool = WorkerPool(PoolConfig(workers=slots,
+                                          default_timeout_s=agent.cfg.task_timeout_s,
+                                          default_memory_mb=per_task_mb))
         self.sched: Scheduler | None = None
         self.stats: dict[str, int] = {}
         self._records: OrderedDict[str, _Entry] = OrderedDict()

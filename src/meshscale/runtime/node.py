@@ -176,6 +176,10 @@ class AgentConfig:
     """Longest wait for a graceful leave to spread before shutdown."""
     http: str | None = None
     """HOST:PORT of the HTTP API, metrics and dashboard (``runtime/http.py``); None: off."""
+    task_timeout_s: float = 3600.0
+    """Default timeout of a task that sets none."""
+    task_memory_mb: int | None = None
+    """Default memory growth of a task that sets none; None: memory / worker slots."""
     disk_reserve_mb: int | None = None
     """Free space (MB) the data dir keeps: writes that would eat into it are refused
     (``disk_full``); None: the data plane's default (64 MB)."""
