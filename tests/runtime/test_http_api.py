@@ -462,3 +462,39 @@ def test_a_token_with_a_stray_byte_is_a_401_and_never_logged(mesh: LocalMesh,
 def test_credentials_never_show_their_token(mesh: LocalMesh, token: str) -> None:
     creds = mesh.credentials()
     assert token not in repr(creds) and token not in str(creds)
+
+
+def test_idle_and_excess_http_connections_are_closed(mesh: LocalMesh, token: str) -> None:
+    """The HTTP server had no connection cap and no header timeout: 300 half-open
+    connections were held, 100 still open after 150 s."""
+    import socket
+
+    from runtime_mesh import wait_for
+
+    node = mesh.nodes[2]
+    host, port = str(node.http).rsplit(":", 1)
+    before = int(get_json(str(mesh.nodes[0].http), "/api/v1/node", token)["name"] != "")
+    socks = []
+    for i in range(300):
+        s = socket.create_connection((host, int(port)), timeout=10)
+        if i % 2:
+            s.sendall(b"GET /api/v1/node HTTP/1.1\r\nHost: x\r\n")  # never finished
+        s.setblocking(False)
+        socks.append(s)
+
+    def closed(s: socket.socket) -> bool:
+        try:
+            return s.recv(4096) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    # Beyond the cap (256 by default) they are closed at once ...
+    wait_for(lambda: sum(closed(s) for s in socks) >= 40, 10, "the excess closed")
+    # ... and the rest when idle too long (15 s by default), headers finished or not.
+    wait_for(lambda: all(closed(s) for s in socks), 40, "every idle connection closed",
+             poll=1.0)
+    for s in socks:
+        s.close()
+    assert before and get_json(str(node.http), "/api/v1/node", token)["name"] == node.name

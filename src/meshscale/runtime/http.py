@@ -123,9 +123,25 @@ class HttpServer:
             "streams": self._streams_api,
         }.items():
             r.add_get(f"/api/v1/{path}", self._authed(handler))
+        cfg = self.agent.cfg
+        # keepalive_timeout also bounds a connection that has not sent a whole request yet
+        # (aiohttp's default of 3630 s let 300 half-open connections stay for an hour).
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=1.0)
+                                     shutdown_timeout=1.0,
+                                     keepalive_timeout=cfg.http_idle_timeout_s,
+                                     max_line_size=8190, max_field_size=8190, max_headers=64)
         await self._runner.setup()
+        handlers = self._runner.server
+        assert handlers is not None
+        admit = handlers.connection_made
+
+        def limited(handler: Any, transport: Any) -> None:
+            admit(handler, transport)
+            if len(handlers.connections) > cfg.max_http_connections:
+                self.agent.stats.rejected["http_busy"] += 1
+                transport.close()
+
+        handlers.connection_made = limited  # type: ignore[method-assign]
         tls = None
         if self.agent.cfg.http_tls:
             from meshscale.trust.tls import https_context

@@ -189,6 +189,11 @@ class AgentConfig:
     """Serve ``/metrics`` without the admin token (for a scraper)."""
     stream_max_backlog: int = 2_000
     """Records a stream shard holds for its slowest operator before producers wait."""
+    max_http_connections: int = 256
+    """Open HTTP connections; more are closed on arrival (counted ``http_busy``)."""
+    http_idle_timeout_s: float = 15.0
+    """An HTTP connection idle this long, including one that never finishes a request's
+    headers, is closed."""
     max_http_streams: int = 16
     """Concurrent ``/api/v1/stream`` clients; more get 503."""
     idle_watts: float = 10.0
