@@ -44,7 +44,8 @@ REQUIRED_FAMILIES = {
     "meshscale_task_queue_wait_seconds", "meshscale_placement_decisions",
     "meshscale_energy_joules", "meshscale_power_watts", "meshscale_stream_records_in",
     "meshscale_stream_backlog", "meshscale_stream_records_processed",
-    "meshscale_stream_cross_region_bytes",
+    "meshscale_stream_cross_region_bytes", "meshscale_rpc_refused", "meshscale_disk_free_bytes",
+    "meshscale_disk_reserve_bytes", "meshscale_disk_full",
 }
 
 
@@ -205,6 +206,8 @@ def test_metrics_parse_and_have_the_required_families(
     assert set(fams) >= REQUIRED_FAMILIES, REQUIRED_FAMILIES - set(fams)
     states = {s.labels["state"]: s.value for s in fams["meshscale_members"].samples}
     assert states["alive"] == 3 and states["dead"] == 0
+    assert fams["meshscale_disk_full"].samples[0].value == 0  # the alarm, not raised
+    assert fams["meshscale_disk_free_bytes"].samples[0].value > 0
     ended = {s.labels["state"]: s.value for s in fams["meshscale_tasks_ended"].samples
              if s.name.endswith("_total")}
     assert ended["done"] >= len(work["tasks"])
@@ -373,7 +376,8 @@ def test_metrics_public_flag(mesh: LocalMesh, tmp_path: Path) -> None:
     bundle = write_node_bundle(load_bundle(mesh.admin_path), "solo", tmp_path / "bundle").path
     node = NodeProcess("solo", "eu-west", "eu-west-z1", port, tmp_path / "solo", bundle,
                        http_port=http_port)
-    cmd = node_command(node, [], extra=["--metrics-public"])
+    # Its disk is "full": a reserve larger than any disk (every write would be refused).
+    cmd = node_command(node, [], extra=["--metrics-public", "--disk-reserve-mb", str(1 << 40)])
     proc = spawn_node(cmd, tmp_path / "solo.log")
     try:
         addr = str(node.http)
@@ -389,8 +393,10 @@ def test_metrics_public_flag(mesh: LocalMesh, tmp_path: Path) -> None:
         wait_for(up, 30, "the solo node's /metrics")
         status, _, body = request(addr, "/metrics")
         assert status == 200
-        fams = {f.name for f in text_string_to_metric_families(body.decode())}
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        fams = set(families)
         assert fams >= REQUIRED_FAMILIES
+        assert families["meshscale_disk_full"].samples[0].value == 1  # the alarm is up
         assert request(addr, "/api/v1/node")[0] == 401
     finally:
         stop_processes([proc])

@@ -352,6 +352,16 @@ class NodeObserver:
             counts[STATE_NAMES.get(mm.state, "alive")] += 1
         return counts
 
+    def disk_space(self) -> tuple[int, int] | None:
+        """(free bytes, reserve) of the data dir, or None before the store is open."""
+        dp = self.agent.dataplane
+        if dp is None or dp.store is None:
+            return None
+        try:
+            return dp.store.disk_space()
+        except OSError:
+            return None
+
     def store_stats(self) -> tuple[int, int, int]:
         """(objects, bytes, under-replicated held here) from the data plane's live state."""
         dp = self.agent.dataplane
@@ -447,6 +457,19 @@ class MeshCollector(Collector):
     @staticmethod
     def _data(obs: NodeObserver, agent: NodeAgent) -> Iterator[Metric]:
         objects, nbytes, under = obs.store_stats()
+        space = obs.disk_space()
+        if space is not None:
+            free, reserve = space
+            for name, value, doc in (
+                ("meshscale_disk_free_bytes", free, "Free space on the data dir's file system."),
+                ("meshscale_disk_reserve_bytes", reserve,
+                 "Free space writes keep (below it, writes are refused)."),
+                ("meshscale_disk_full", int(free < reserve),
+                 "1 while free space is below the reserve: the node refuses writes. Alarm."),
+            ):
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], value)
+                yield g
         for name, value, doc in (
             ("meshscale_objects_stored", objects, "Objects stored on this node."),
             ("meshscale_bytes_stored", nbytes, "Bytes of objects stored on this node."),

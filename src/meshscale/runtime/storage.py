@@ -596,6 +596,11 @@ class LocalStore:
             return StorageError("disk_full", f"{what}: {e.strerror or e}")
         return e
 
+    def disk_space(self) -> tuple[int, int]:
+        """(free bytes on the data dir's file system, the reserve writes keep): the node is
+        full, refusing writes, when free is below the reserve."""
+        return self._free_bytes(), self.config.min_free_bytes
+
     def _free_bytes(self) -> int:
         st = os.statvfs(self.data_dir)
         return st.f_bavail * st.f_frsize
