@@ -847,22 +847,39 @@ def put_cmd(
 def get_cmd(
     object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...).")],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="File to write (replaced atomically).")
+        Path, typer.Option("--output", "-o", help="File to write (replaced atomically); - "
+                           "for standard output.")
     ],
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
     mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """Fetch an object to a file; nothing is written unless the bytes match the id."""
+    """Fetch an object to a file (or stdout); nothing is written unless the bytes match
+    the id."""
+    import shutil
+    import tempfile
+
     from meshscale.client.mesh import OBJECT_ID_RE
 
     if OBJECT_ID_RE.fullmatch(object_id) is None:
         raise CliError(f"not an object id: {object_id!r} (expected b3- and 64 hex digits)")
-    if output.is_dir():
+    to_stdout = str(output) == "-"
+    if not to_stdout and output.is_dir():
         raise CliError(f"-o {output}: is a directory")
-    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh, _ProgressBar(f"get {output.name}") as bar:
-        mesh.get(object_id, path=output, progress=bar)
+    with contextlib.ExitStack() as stack:
+        dest = output
+        if to_stdout:
+            # Verified first (in a private temp file), then copied out: stdout never sees
+            # bytes that do not match the id.
+            dest = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "object"
+        mesh = stack.enter_context(_data_plane(_target(node, mesh_file, bundle), timeout))
+        bar = stack.enter_context(_ProgressBar(f"get {object_id[:12]}"))
+        mesh.get(object_id, path=dest, progress=bar)
+        if to_stdout:
+            with open(dest, "rb") as f:
+                shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+            sys.stdout.buffer.flush()
 
 
 @app.command("delete")

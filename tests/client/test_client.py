@@ -575,6 +575,10 @@ def test_cli_put_get_objects(local_mesh: LocalMesh, tmp_path: Path) -> None:
     got = node_cli(local_mesh, "get", oid, "-o", out, node=2)
     assert got.returncode == 0, got.stderr.decode()
     assert out.read_bytes() == src.read_bytes()
+    # `-o -` is standard output (it used to write a file named "-").
+    streamed = node_cli(local_mesh, "get", oid, "-o", "-", node=2)
+    assert streamed.returncode == 0, streamed.stderr.decode()
+    assert streamed.stdout == src.read_bytes() and not Path("-").exists()
 
     piped = node_cli(local_mesh, "put", "-", stdin=b"from a pipe")
     assert piped.returncode == 0, piped.stderr.decode()
