@@ -486,6 +486,7 @@ class Membership:
         self._verify_revocation = verify_revocation
         self.revoked: dict[str, bytes] = {}
         """Removed member name -> the signed entry that removed it."""
+        self._revoked_by_entry: dict[bytes, str] = {}
         self.removed = False
         """This node itself was removed: it stops taking part (the driver shuts down)."""
         # Stagger the first rounds so a mesh started at once does not probe in lockstep.
@@ -1277,6 +1278,9 @@ class Membership:
 
     def _on_revoke(self, msg: Revoke, now: float) -> str | None:
         entry = bytes(msg.entry)
+        known = self._revoked_by_entry.get(entry)
+        if known is not None:
+            return known  # already applied: no signature check for every copy of the gossip
         name = None if self._verify_revocation is None else self._verify_revocation(entry)
         if name is None:
             self._count("rejected.revocation")
@@ -1287,6 +1291,7 @@ class Membership:
             self._count("rejected.too_many_revocations")
             return None
         self.revoked[name] = entry
+        self._revoked_by_entry[entry] = name
         self._count("revocations")
         self._queue_broadcast("\x00revoke:" + name, _encode(msg))
         if name == self.name:
