@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX, object_id
 from meshscale.core.outputs import Event
@@ -86,6 +85,7 @@ from meshscale.runtime.workers import (
     function_id,
 )
 from meshscale.runtime.workers import TaskFailed as WorkerTaskFailed
+from meshscale.trust.rpc import ClientCredentials, RpcConnection, RpcError
 
 if TYPE_CHECKING:
     from meshscale.runtime.node import NodeAgent

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.core.hlc import ClockSkewError, HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import Consistency, KVCoordinator, KVRecord, kv_replicas
 from meshscale.core.membership import VIEW_CHANGES, State
@@ -84,6 +83,7 @@ from meshscale.runtime.storage import (
     StorageConfig,
     StorageError,
 )
+from meshscale.trust.rpc import ClientCredentials, RpcConnection, RpcError
 
 if TYPE_CHECKING:
     from meshscale.runtime.node import NodeAgent

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.runtime.latency import RegionPair, format_latency
 from meshscale.trust.bundle import (
     init_bundle,
@@ -38,6 +37,7 @@ from meshscale.trust.bundle import (
     write_public,
 )
 from meshscale.trust.credentials import Credentials
+from meshscale.trust.rpc import ClientCredentials, RpcConnection, RpcError
 
 DEFAULT_REGIONS = ("eu-west", "us-east")
 ZONES_PER_REGION = 3

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.scheduling import (
@@ -63,6 +62,7 @@ from meshscale.core.streams import (
 )
 from meshscale.core.wire import wire_bytes
 from meshscale.runtime.workers import TaskFailed, pickle_args
+from meshscale.trust.rpc import ClientCredentials, RpcConnection, RpcError
 
 if TYPE_CHECKING:
     from meshscale.runtime.node import NodeAgent

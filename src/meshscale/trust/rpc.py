@@ -1,0 +1,246 @@
+"""Calling a node's RPCs over mutual TLS: the one RPC connection, used by clients and by
+nodes calling each other (a client imports it through ``meshscale.client.rpc``).
+
+A client presents the certificate of its client bundle (``--bundle`` or
+``MESHSCALE_BUNDLE``; the admin bundle carries one too) and sends its token with every
+request; a node presents its node certificate and no token. The certificate's role says
+what the caller may do (``core/access.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any, Protocol, TypeVar
+
+from meshscale.core.rpc import (
+    RpcRequest,
+    RpcResponse,
+    decode_stream_message,
+    encode_stream_message,
+)
+from meshscale.core.wire import WireError
+from meshscale.trust.credentials import Credentials
+from meshscale.trust.framing import FrameConnection, FrameTooLarge, open_frames, split_addr
+from meshscale.trust.tls import BUSY, GREETING, NodeBusy
+
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+T = TypeVar("T")
+
+
+class WireCounter(Protocol):
+    """Where a node counts its traffic (``runtime.node.AgentStats``): the calls a node
+    makes are counted by method, requests as sent and replies as received."""
+
+    def count_in(self, kind: str, nbytes: int) -> None: ...
+
+    def count_out(self, kind: str, nbytes: int) -> None: ...
+
+
+class RpcError(Exception):
+    """An RPC failed: unreachable node, refused credentials, or an error reply."""
+
+
+class RemoteError(RpcError):
+    """The node answered, with an error (the connection is fine)."""
+
+
+ClientCredentials = Credentials
+"""What a caller presents (``trust/credentials.py``)."""
+
+
+_ids = itertools.count(1)
+
+
+class RpcConnection:
+    """One TLS connection to a node, reused for sequential calls."""
+
+    def __init__(self, addr: str, creds: ClientCredentials, timeout: float = 5.0,
+                 counter: WireCounter | None = None,
+                 connect_timeout: float | None = None) -> None:
+        self.addr = addr
+        self.creds = creds
+        self.timeout = timeout
+        self.connect_timeout = timeout if connect_timeout is None else min(connect_timeout,
+                                                                           timeout)
+        """TCP + greeting + TLS set-up of a new connection (within ``timeout``)."""
+        self.counter = counter
+        """Counts each request's and reply's bytes under the call's method, if set."""
+        self._writer: FrameConnection | None = None
+        """The open connection (replies are received straight into their own buffers:
+        see ``trust.framing.FrameConnection``), or None."""
+        self._lock = asyncio.Lock()
+
+    async def _connect(self) -> FrameConnection:
+        if self._writer is None or self._writer.is_closing():
+            host, port = split_addr(self.addr)
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    self._writer = await open_frames(
+                        host, port, self.creds.ssl_context, MAX_REPLY_BYTES,
+                        greeting=GREETING, handshake_timeout=self.connect_timeout,
+                        busy=BUSY,
+                    )
+            except TimeoutError:
+                raise RpcError(f"{self.addr}: no connection within "
+                               f"{self.connect_timeout:g}s (unreachable?)") from None
+        return self._writer
+
+    async def call(self, method: str, args: dict[str, Any] | None = None) -> Any:
+        async with self._lock:
+            return await self._guarded(self._call(method, args or {}))
+
+    async def _guarded(self, work: Coroutine[Any, Any, T]) -> T:
+        """``work`` within the timeout, its failures as ``RpcError`` (the connection is
+        closed unless the node answered with an error)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await work
+        except RpcError:
+            raise
+        except TimeoutError:
+            await self.close()
+            raise RpcError(f"{self.addr}: timed out after {self.timeout:g}s") from None
+        except NodeBusy as e:
+            await self.close()
+            raise RpcError(str(e)) from None
+        except (
+            OSError,
+            ssl.SSLError,
+            asyncio.IncompleteReadError,
+            FrameTooLarge,
+            WireError,
+        ) as e:
+            await self.close()
+            detail = str(e) or type(e).__name__
+            if isinstance(e, asyncio.IncompleteReadError):
+                detail = "connection closed by the node (wrong bundle or token?)"
+            raise RpcError(f"{self.addr}: {detail}") from None
+
+    async def pipeline(self) -> RpcPipeline:
+        """Hold this connection for a series of calls sent ahead of their replies (a
+        node answers the calls of one connection in order, one at a time, so the next
+        one is read and started as soon as the previous reply is written). Release it
+        with ``RpcPipeline.close``."""
+        await self._lock.acquire()
+        return RpcPipeline(self)
+
+    async def _call(self, method: str, args: dict[str, Any]) -> Any:
+        conn = await self._connect()
+        req = RpcRequest(next(_ids), method, self.creds.token, args)
+        frame = encode_stream_message(req)
+        await conn.write_frame(frame, max_size=MAX_REPLY_BYTES)
+        if self.counter is not None:
+            self.counter.count_out(method, len(frame))
+        data = await conn.read_frame()
+        if self.counter is not None:
+            self.counter.count_in(method, len(data))
+        msg = decode_stream_message(data, MAX_REPLY_BYTES)
+        if not isinstance(msg, RpcResponse) or msg.id != req.id:
+            await self.close()
+            raise RpcError(f"{self.addr}: unexpected reply")
+        if not msg.ok:
+            raise RemoteError(f"{self.addr}: {msg.error}")
+        return msg.result
+
+    async def close(self) -> None:
+        conn, self._writer = self._writer, None
+        if conn is not None:
+            conn.close()
+            with contextlib.suppress(Exception):
+                await conn.wait_closed()
+
+
+class RpcPipeline:
+    """Calls sent on one held connection before their replies come (see
+    ``RpcConnection.pipeline``); ``receive`` returns the replies in the order sent."""
+
+    def __init__(self, conn: RpcConnection) -> None:
+        self.conn = conn
+        self._sent: deque[tuple[int, str]] = deque()
+        self._open = True
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._sent)
+
+    async def send(self, method: str, args: dict[str, Any]) -> None:
+        assert self._open
+        conn = self.conn
+
+        async def send() -> None:
+            frames = await conn._connect()
+            req = RpcRequest(next(_ids), method, conn.creds.token, args)
+            # Counted before it is written: a send cut short (cancelled while the frame
+            # drains) leaves a reply due, so ``close`` closes the connection.
+            self._sent.append((req.id, method))
+            frame = encode_stream_message(req)
+            await frames.write_frame(frame, max_size=MAX_REPLY_BYTES)
+            if conn.counter is not None:
+                conn.counter.count_out(method, len(frame))
+
+        await conn._guarded(send())
+
+    async def receive(self) -> Any:
+        """The result of the oldest call sent; ``RemoteError`` if the node refused it."""
+        assert self._open and self._sent
+        conn = self.conn
+
+        async def receive() -> Any:
+            frames = conn._writer
+            if frames is None:
+                raise RpcError(f"{conn.addr}: connection lost with calls outstanding")
+            data = await frames.read_frame()
+            want, method = self._sent.popleft()
+            if conn.counter is not None:
+                conn.counter.count_in(method, len(data))
+            msg = decode_stream_message(data, MAX_REPLY_BYTES)
+            if not isinstance(msg, RpcResponse) or msg.id != want:
+                await conn.close()
+                raise RpcError(f"{conn.addr}: unexpected reply")
+            if not msg.ok:
+                raise RemoteError(f"{conn.addr}: {msg.error}")
+            return msg.result
+
+        return await conn._guarded(receive())
+
+    async def close(self) -> None:
+        """Release the connection; closed first if replies are still due on it."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            if self._sent:
+                self._sent.clear()
+                await self.conn.close()
+        finally:
+            self.conn._lock.release()
+
+
+async def call_async(
+    addr: str,
+    creds: ClientCredentials,
+    method: str,
+    args: dict[str, Any] | None = None,
+    timeout: float = 5.0,
+) -> Any:
+    conn = RpcConnection(addr, creds, timeout)
+    try:
+        return await conn.call(method, args)
+    finally:
+        await conn.close()
+
+
+def call(
+    addr: str,
+    creds: ClientCredentials,
+    method: str,
+    args: dict[str, Any] | None = None,
+    timeout: float = 5.0,
+) -> Any:
+    """Blocking one-shot RPC (opens and closes a connection)."""
+    return asyncio.run(call_async(addr, creds, method, args, timeout))
