@@ -52,8 +52,12 @@ def compute_problems(seed: int) -> list[str]:
         out.append(f"residency: {r.residency_violations[0]}")
     if r.result_problems:
         out.append(f"results: {r.result_problems[0]}")
-    if r.finished + r.failed + r.orphaned + r.refused != r.submitted:
+    if r.finished + r.failed + r.refused + r.unacknowledged != r.submitted:
         out.append("accounting: a task with no outcome")
+    if r.concurrent_adoptions:
+        out.append(f"takeover: {r.concurrent_adoptions} adoptions while an owner lived")
+    if r.conflicting:
+        out.append(f"takeover: {r.conflicting} tasks ended in two different states")
     return out
 
 

@@ -222,11 +222,21 @@ def test_owner_dies_another_node_answers(client: TaskMesh, mesh: LocalMesh) -> N
         assert owner_node.proc is not None
         os.kill(owner_node.proc.pid, signal.SIGKILL)
         owner_node.proc.wait()
-        # Ask another node: the record is in the KV; the owner is dead, so it takes over.
+        # Ask another node: the record is in the KV; the owner is dead, so the task's
+        # adopter (chosen by rendezvous hashing, core/tasks.py) takes it over.
         adopted = [other.future(f.task_id) for f in futs]
         assert [f.result(timeout=120) for f in adopted] == [k * k for k in range(4)]
-        stats = other._run(other._inner._tcall("task.stats", {}))
-        assert stats["compute"].get("tasks_adopted", 0) == 4
+        per_node = {}
+        for n in mesh.nodes:
+            if n.proc is None or n.proc.poll() is not None:
+                continue  # the owner, and a node an earlier test killed
+            c = connect(n.address, bundle=mesh.bundle_path)
+            try:
+                per_node[n.name] = c._run(c._inner._tcall("task.stats", {}))["compute"] \
+                    .get("tasks_adopted", 0)
+            finally:
+                c.close()
+        assert sum(per_node.values()) == 4, per_node  # each task adopted once
     finally:
         other.close()
         owner.close()

@@ -4,14 +4,18 @@ worse than none.
 
 - the compute swarm's residency oracle, against a scheduler that ignores residency;
 - its locality figure, against a scheduler that ignores where the inputs are;
-- the data-plane swarm's residency check, against replica placement that ignores the rule.
+- the data-plane swarm's residency check, against replica placement that ignores the rule;
+- the compute swarm's outcome check, against an owner that drops a task's outcome, and
+  against nodes that never take over a dead owner's tasks (the simulator before
+  ``core/tasks.py`` called those tasks "orphaned" and did not count them).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from meshscale.core import placement, scheduling
+import meshscale.sim.compute as sim_compute
+from meshscale.core import placement, scheduling, tasks
 from meshscale.sim.compute import ComputeReport
 from meshscale.sim.compute import chaos_run as compute_chaos
 from meshscale.sim.dataplane import chaos_run as data_chaos
@@ -69,3 +73,36 @@ def test_placement_outside_the_rule_is_caught(monkeypatch: pytest.MonkeyPatch) -
         else:
             caught += bool(r.residency_violations)
     assert caught == 3
+
+
+def test_an_owner_dropping_a_task_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    clean = [compute_chaos(s) for s in SEEDS]
+    assert not any(r.result_problems for r in clean)
+    original = tasks.TaskBook.finish
+
+    def drop_some(self: tasks.TaskBook, e: tasks.Entry, state: tasks.TaskState,
+                  now: float, **kw: object) -> tasks.TaskRecord:
+        if e.rec.task_id.endswith("7"):  # every tenth task's end is dropped by its owner
+            return e.rec
+        return original(self, e, state, now, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tasks.TaskBook, "finish", drop_some)
+    broken = [compute_chaos(s) for s in SEEDS]
+    caught = [r.seed for r in broken if r.result_problems]
+    assert caught == list(SEEDS), caught
+    assert "no outcome observed" in broken[0].result_problems[0]
+
+
+def test_no_takeover_of_a_dead_owner_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes that only ever point the client at the task's owner, dead or not."""
+    def owner_only(rec: tasks.TaskRecord, me: str, alive: object, *,
+                   forwarded: bool = False) -> tasks.Lookup:
+        if rec.state in tasks.TERMINAL:
+            return tasks.Lookup(tasks.LookupAction.ANSWER)
+        return tasks.Lookup(tasks.LookupAction.ASK_OWNER, rec.owner)
+
+    monkeypatch.setattr(sim_compute, "lookup", owner_only)
+    broken = [compute_chaos(s) for s in SEEDS]
+    caught = [r.seed for r in broken if r.result_problems]
+    assert len(caught) >= len(SEEDS) // 2, caught
+    assert all(r.adopted == 0 for r in broken)

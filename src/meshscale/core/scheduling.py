@@ -44,8 +44,8 @@ view costs a round trip rather than a stampede. Departures from Sparrow, and why
   never comes is re-probed after ``probe_timeout_s`` / ``run_timeout_s``. A task may thus
   *run* more than once (a node thought dead may still finish), but its owner accepts one
   result per task id and drops the rest (idempotency), remembering finished ids (bounded).
-- Not here: taking over the tasks of a dead *owner* (records in the replicated KV), and
-  proactive cancellation of the reservations of a task already bound (a worker learns it
+- Not here: the owner's records and the takeover of a dead owner's tasks
+  (``core/tasks.py``), and proactive cancellation of the reservations of a task already bound (a worker learns it
   with ``NoTask``; Sparrow measured little gain from cancelling).
 
 Sans-I/O like ``core/replication.py``: inputs carry ``now``; outputs (``SendMessage`` to

@@ -19,12 +19,13 @@ the way ``dataplane.py`` drives ``core.replication``:
   as a replicated object through the data plane's put path), tells the owner
   (``task.done``) and only then reports ``task_finished`` to the scheduler;
 - task records (Ray's ownership): the node a task is submitted to owns its record, kept
-  in memory (bounded; old finished records are evicted) and written to the replicated
-  KV (``task/<id>``, msgpack ``TaskRecord``) at submit and when it ends. The pickled
-  function is stored as an object (its id is ``b3-`` + the function id) and the
-  arguments ride in the record, so when the owner dies any node asked for the task's
-  result re-submits it from the KV record and becomes its owner. Task ids are
-  idempotency keys: the first result accepted wins, later ones are dropped.
+  in memory in a ``core.tasks.TaskBook`` (lifecycle, first outcome wins, crash retries,
+  bounded) and written to the replicated KV (``task/<id>``, msgpack ``TaskRecord``) at
+  submit and when it ends. The pickled function is stored as an object (its id is
+  ``b3-`` + the function id) and the arguments ride in the record, so when the owner
+  dies a node asked for the task's result acts on ``core.tasks.lookup``: it asks the
+  live owner, forwards to the task's adopter (one node, by rendezvous hashing), or adopts
+  the task itself and re-submits it from the record.
 
 Calling convention with the client (``client/tasks.py``): the function the client ships
 is a wrapper ``call(args_bytes, inputs)``; the node hands the worker
@@ -74,6 +75,16 @@ from meshscale.core.scheduling import (
     TaskFinished,
     TaskSpec,
 )
+from meshscale.core.tasks import (
+    TERMINAL,
+    Entry,
+    LookupAction,
+    TaskBook,
+    TaskRecord,
+    TaskState,
+    Verdict,
+    lookup,
+)
 from meshscale.core.wire import DECODE_ERRORS, wire_bytes
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.workers import (
@@ -93,7 +104,6 @@ if TYPE_CHECKING:
 BATCH_BYTES = 4 << 20
 """Scheduling messages to one peer are sent together up to this many bytes per RPC."""
 MAX_BATCH_MESSAGES = 4096
-TERMINAL = frozenset({"done", "failed", "cancelled"})
 KV_PREFIX = "task/"
 GROUP_PREFIX = "taskset/"
 GROUP_MAX_BYTES = 900 * 1024
@@ -145,36 +155,6 @@ class ComputeConfig:
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
 
 
-class TaskRecord(msgspec.Struct, omit_defaults=True):
-    """A task's record: in memory at its owner and, msgpack-encoded, in the KV."""
-
-    task_id: str
-    owner: str
-    fn_id: str
-    state: str = "pending"
-    node: str = ""
-    args: bytes | None = None
-    inputs: list[str] = []
-    cpus: float = 1.0
-    memory_mb: int = 0
-    gpus: int = 0
-    labels: dict[str, str] = {}
-    residency: list[str] | None = None
-    data_class: str | None = None
-    placement: dict[str, Any] | None = None
-    retries: int = 3
-    timeout_s: float | None = None
-    value: bytes | None = None
-    ref: dict[str, Any] | None = None
-    error: str = ""
-    kind: str = ""
-    traceback: str = ""
-    reason: str = ""
-    submitted: float = 0.0
-    finished: float = 0.0
-    attempts: int = 0
-
-
 _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(TaskRecord)
 _records_encoder = msgspec.msgpack.Encoder()
@@ -218,16 +198,6 @@ class _Watch:
 
     need: int
     fut: asyncio.Future[None]
-
-
-@dataclass
-class _Entry:
-    rec: TaskRecord
-    group: _Group | None = None
-    t0: float = field(default_factory=time.monotonic)
-    resubmit: bool = False
-    crash_retries: int = 0
-    waiters: int = 0
 
 
 def _total_memory_mb() -> int:
@@ -281,7 +251,8 @@ class ComputePlane:
                                           default_memory_mb=per_task_mb))
         self.sched: Scheduler | None = None
         self.stats: dict[str, int] = {}
-        self._records: OrderedDict[str, _Entry] = OrderedDict()
+        self.book = TaskBook(agent.name, self.cfg.max_records)
+        """The tasks this node owns (core/tasks.py: lifecycle, first outcome, takeover)."""
         self._fns: OrderedDict[str, bytes] = OrderedDict()
         self._fns_stored: set[str] = set()
         self._inputs: dict[str, tuple[InputRef, float]] = {}
@@ -770,7 +741,7 @@ class ComputePlane:
         for fn_id, data in fresh.items():
             self._remember_fn(fn_id, data)
         recs = [self._record_from_wire(t) for t in wire]
-        new = [r for r in recs if r.task_id not in self._records]
+        new = [r for r in recs if r.task_id not in self.book]
         accepted = [r.task_id for r in recs]
         if not new:
             return {"accepted": accepted}
@@ -782,9 +753,9 @@ class ComputePlane:
         except SchedulingOverloaded as e:
             raise ValueError(f"busy: {e}") from None
         groups = self._groups_of(new)
+        now = time.monotonic()
         for r in new:
-            self._records[r.task_id] = _Entry(r, group=groups.get(r.task_id))
-        self._evict()
+            self.book.add(r, now, group=groups.get(r.task_id))
         self._pump()
         # Durable before acknowledged: function object and records, so the tasks survive
         # this node (the scheduler has already started placing them). A small submit
@@ -901,51 +872,33 @@ class ComputePlane:
 
         await asyncio.gather(*(one(r) for r in recs))
 
-    def _evict(self) -> None:
-        excess = len(self._records) - self.cfg.max_records
-        if excess <= 0:
-            return
-        for tid in list(self._records):
-            if excess <= 0:
-                break
-            e = self._records[tid]
-            if e.rec.state in TERMINAL and not e.waiters:
-                del self._records[tid]
-                excess -= 1
-
     # ------------------------------------------------------------------ owner: events
 
     def _on_bound(self, ev: TaskBound) -> None:
         if self.bound_observer is not None:
             self.bound_observer(ev)
-        e = self._records.get(ev.task_id)
-        if e is None or e.rec.state in TERMINAL:
-            return
-        r = e.rec
-        r.state, r.node, r.attempts = "running", ev.node, ev.attempt
         flags = [f for f, on in (("local", ev.local), ("delay-scheduled", ev.restricted),
                                  ("stolen", ev.stolen)) if on]
-        r.reason = f"{ev.node} ({ev.region}): {ev.cost.describe()}" + (
-            f" [{', '.join(flags)}]" if flags else "")
+        self.book.bound(ev.task_id, ev.node, ev.attempt,
+                        f"{ev.node} ({ev.region}): {ev.cost.describe()}"
+                        + (f" [{', '.join(flags)}]" if flags else ""))
 
     def _on_finished(self, ev: TaskFinished) -> None:
-        e = self._records.get(ev.task_id)
-        if e is None or e.rec.state in TERMINAL:
-            return
         # The scheduler accepted a result but no outcome reached us (task.done was lost),
         # or the worker crashed and the task has retries left: run it again.
-        if e.resubmit or e.crash_retries < e.rec.retries:
-            e.resubmit = False
-            e.crash_retries += 1
+        what = self.book.scheduler_finished(ev.task_id)
+        e = self.book.get(ev.task_id)
+        if what is None or e is None:
+            return
+        if what == "resubmit":
             self._count("resubmitted")
             self.agent._spawn(self._resubmit(e))
         else:
             self._finish(e, "failed", error=f"result lost: {ev.detail or 'no outcome'}",
                          kind="lost")
 
-    async def _resubmit(self, e: _Entry) -> None:
+    async def _resubmit(self, e: Entry) -> None:
         assert self.sched is not None
-        e.rec.state = "pending"
         try:
             spec = await self._spec(e.rec)
             self.sched.submit([spec], time.monotonic())
@@ -954,22 +907,16 @@ class ComputePlane:
         self._pump()
 
     def _on_failed(self, ev: TaskFailed) -> None:
-        e = self._records.get(ev.task_id)
+        e = self.book.get(ev.task_id)
         if e is None or e.rec.state in TERMINAL:
             return
         self._finish(e, "failed", error=ev.reason, kind="unschedulable")
 
-    def _finish(self, e: _Entry, state: str, *, value: bytes | None = None,
+    def _finish(self, e: Entry, state: str, *, value: bytes | None = None,
                 ref: dict[str, Any] | None = None, error: str = "", kind: str = "",
                 traceback: str = "", node: str | None = None) -> None:
-        r = e.rec
-        assert r.state not in TERMINAL
-        r.state, r.value, r.ref, r.error, r.kind, r.traceback = (
-            state, value, ref, error, kind, traceback)
-        if node:
-            r.node = node
-        r.finished = time.time()
-        r.args = None  # not needed any more; keeps memory and the KV record small
+        r = self.book.finish(e, TaskState(state), time.time(), value=value, ref=ref,
+                             error=error, kind=kind, traceback=traceback, node=node)
         self._count("tasks_" + state)
         if self.observer is not None:
             self.observer(r, time.monotonic() - e.t0)
@@ -984,7 +931,7 @@ class ComputePlane:
             w.need -= 1
             if w.need <= 0 and not w.fut.done():
                 w.fut.set_result(None)
-        if e.group is not None and self.cfg.persist:
+        if isinstance(e.group, _Group) and self.cfg.persist:
             self._group_changed(e.group)
         else:
             self.agent._spawn(self._kv_put(msgspec.structs.replace(r)))
@@ -1004,17 +951,19 @@ class ComputePlane:
 
     async def _rpc_done(self, args: dict[str, Any]) -> dict[str, Any]:
         """A worker's outcome for a task we own; the first one wins."""
-        e = self._records.get(str(args["task_id"]))
-        if e is None or e.rec.state in TERMINAL:
+        tid = str(args["task_id"])
+        verdict = self.book.outcome(tid, ok=bool(args.get("ok")),
+                                    kind=str(args.get("kind") or ""))
+        e = self.book.get(tid)
+        if verdict is Verdict.DUPLICATE or e is None:
             self._count("outcomes_duplicate")
             return {"accepted": False}
+        if verdict is Verdict.RETRY:
+            return {"accepted": True}  # the scheduler's TaskFinished follows: run it again
         if args.get("ok"):
             ref = args.get("ref")
             self._finish(e, "done", value=args.get("value"),
                          ref=None if ref is None else dict(ref), node=str(args["node"]))
-        elif args.get("kind") == "worker_crashed" and e.crash_retries < e.rec.retries:
-            e.resubmit = True  # the scheduler's TaskFinished follows: run it again then
-            return {"accepted": True}
         else:
             self._finish(e, "failed", error=str(args.get("error") or ""),
                          kind=str(args.get("kind") or ""),
@@ -1033,28 +982,40 @@ class ComputePlane:
                 "error": r.error, "kind": r.kind, "traceback": r.traceback, "node": r.node,
                 "owner": r.owner, "reason": r.reason}
 
-    async def _lookup(self, task_id: str, wait_s: float) -> dict[str, Any] | None:
-        """A task this node does not own: from the KV, the live owner, or adopted."""
+    def _alive(self) -> set[str]:
+        return {n for n, m in self.agent.m.members.items() if m.state <= State.SUSPECT}
+
+    async def _lookup(self, task_id: str, wait_s: float, *,
+                      forwarded: bool = False) -> dict[str, Any] | None:
+        """A task this node does not own: answered from the KV, by its live owner or its
+        adopter, or adopted here (``core.tasks.lookup`` decides). None: adopted here (or
+        unknown, if it is not in the book after)."""
         rec = await self._kv_get(task_id)
         if rec is None:
             return None
-        if rec.state in TERMINAL:
+        d = lookup(rec, self.agent.name, self._alive(), forwarded=forwarded)
+        if d.action is LookupAction.ANSWER:
             return self._view_of(rec)
-        owner = self.agent.m.members.get(rec.owner)
-        if rec.owner != self.agent.name and owner is not None and owner.state <= State.SUSPECT:
+        if d.action in (LookupAction.ASK_OWNER, LookupAction.FORWARD):
             try:
-                return dict(await self._call(rec.owner, "task.result",
-                                             {"task_id": task_id, "timeout_s": wait_s},
-                                             dedicated=wait_s > 0))
-            except (RpcError, ValueError):
-                pass
+                return dict(await self._call(
+                    d.node, "task.result",
+                    {"task_id": task_id, "timeout_s": wait_s,
+                     "forwarded": forwarded or d.action is LookupAction.FORWARD},
+                    dedicated=wait_s > 0))
+            except (RpcError, ValueError) as exc:
+                # Unreachable: take it over here (the at-least-once window, counted).
+                self._count("adopt_fallback")
+                self.agent.log("info", "task_lookup_failed", task=task_id, node=d.node,
+                               error=str(exc)[:200])
         await self._adopt(rec)
         return None
 
     async def _adopt(self, rec: TaskRecord) -> None:
-        """The owner is dead and the task unfinished: this node owns it now."""
+        """The owner is dead (or is this node, restarted) and the task unfinished: this
+        node owns it now."""
         tid = rec.task_id
-        if tid in self._records:
+        if tid in self.book:
             return
         task = self._adopting.get(tid)
         if task is None:
@@ -1063,17 +1024,15 @@ class ComputePlane:
             task.add_done_callback(lambda _t: self._adopting.pop(tid, None))
         await asyncio.shield(task)
 
-    async def _adopt_now(self, rec: TaskRecord) -> None:
+    async def _adopt_now(self, stored: TaskRecord) -> None:
         assert self.sched is not None
-        old_owner = rec.owner
-        rec = msgspec.structs.replace(rec, owner=self.agent.name, state="pending", node="")
-        e = _Entry(rec)
-        self._records[rec.task_id] = e
+        old_owner = stored.owner
+        e, why = self.book.adopt(stored, time.monotonic())
+        rec = e.rec
         self._count("tasks_adopted")
         self.agent.log("info", "task_adopted", task=rec.task_id, previous_owner=old_owner)
-        if rec.args is None:
-            self._finish(e, "failed", error=f"owner {old_owner} died and the record has no "
-                                            "arguments to re-run it", kind="lost")
+        if why is not None:
+            self._finish(e, "failed", error=why, kind="lost")
             return
         if rec.fn_id not in self._fns:
             try:
@@ -1091,18 +1050,18 @@ class ComputePlane:
             self._finish(e, "failed", error=str(exc), kind="refused")
             return
         self._pump()
-        await self._kv_put(rec)
+        await self._kv_put(msgspec.structs.replace(rec))
 
     async def _rpc_result(self, args: dict[str, Any]) -> dict[str, Any]:
         tid = str(args["task_id"])
         wait_s = min(max(0.0, float(args.get("timeout_s") or 0.0)), self.cfg.max_wait_s)
         deadline = time.monotonic() + wait_s
-        e = self._records.get(tid)
+        e = self.book.get(tid)
         if e is None:
-            found = await self._lookup(tid, wait_s)
+            found = await self._lookup(tid, wait_s, forwarded=bool(args.get("forwarded")))
             if found is not None:
                 return found
-            e = self._records.get(tid)
+            e = self.book.get(tid)
             if e is None:
                 raise ValueError(f"unknown task {tid}")
         e.waiters += 1
@@ -1130,15 +1089,15 @@ class ComputePlane:
         deadline = time.monotonic() + wait_s
         out: list[dict[str, Any]] = []
         unknown: list[str] = []
-        foreign = [t for t in ids if t not in self._records]
+        foreign = [t for t in ids if t not in self.book]
         for tid in foreign:
             found = await self._lookup(tid, 0.0)
             if found is not None and found["state"] in TERMINAL:
                 out.append(found)
-            elif found is None and tid not in self._records:
+            elif found is None and tid not in self.book:
                 unknown.append(tid)
-        local = [t for t in ids if t in self._records]
-        pending = [t for t in local if self._records[t].rec.state not in TERMINAL]
+        local = [t for t in ids if t in self.book]
+        pending = [t for t in local if self.book.records[t].rec.state not in TERMINAL]
         need = min_done - (len(out) + len(unknown) + len(local) - len(pending))
         left = deadline - time.monotonic()
         if need > 0 and left > 0 and not pending:
@@ -1160,7 +1119,7 @@ class ComputePlane:
                             del self._watches[t]
         budget = WAIT_REPLY_BYTES - sum(len(r.get("value") or b"") for r in out)
         for t in local:
-            e = self._records.get(t)
+            e = self.book.get(t)
             if e is None or e.rec.state not in TERMINAL:
                 continue
             size = len(e.rec.value or b"")
@@ -1172,7 +1131,7 @@ class ComputePlane:
 
     async def _rpc_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
         tid = str(args["task_id"])
-        e = self._records.get(tid)
+        e = self.book.get(tid)
         if e is None:
             raise ValueError(f"unknown task {tid} (cancel it at the node it was submitted to)")
         if e.rec.state in TERMINAL:
@@ -1187,7 +1146,7 @@ class ComputePlane:
     def _rpc_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         limit = min(int(args.get("limit") or 1000), 10_000)
         out = []
-        for e in reversed(self._records.values()):
+        for e in reversed(self.book.records.values()):
             r = e.rec
             out.append({"task_id": r.task_id, "state": r.state, "node": r.node,
                         "owner": r.owner, "reason": r.reason, "submitted": r.submitted,
@@ -1200,7 +1159,7 @@ class ComputePlane:
         assert self.sched is not None
         ld = self.sched.load()
         return {"compute": dict(self.stats), "scheduling": dict(self.sched.stats),
-                "pool": self.pool.stats(), "records": len(self._records),
+                "pool": self.pool.stats(), "records": len(self.book),
                 "load": [ld.running, ld.queued, ld.free_cpus],
                 "capacity": [self.capacity.cpus, self.capacity.memory_mb, self.capacity.gpus]}
 

@@ -138,7 +138,7 @@ class NodeObserver:
             self.placements["unschedulable"] += 1
 
     def _task_bound(self, compute: Any, ev: Any) -> None:
-        entry = getattr(compute, "_records", {}).get(getattr(ev, "task_id", ""))
+        entry = compute.book.get(getattr(ev, "task_id", ""))
         t0 = getattr(entry, "t0", None)
         if t0 is not None and getattr(getattr(entry, "rec", None), "state", "") == "pending":
             self.queue_wait.observe(time.monotonic() - t0)
@@ -300,7 +300,7 @@ class NodeObserver:
         rows: Any = handler({"limit": limit})
         if asyncio.iscoroutine(rows):
             rows = await rows
-        records = getattr(compute, "_records", {})
+        records = compute.book.records
         out = []
         for r in rows:
             tid = str(r.get("task_id", ""))

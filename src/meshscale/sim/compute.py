@@ -1,11 +1,22 @@
 """The compute plane's decisions in the simulator: schedulers, slots, stale views, faults.
 
 ``ComputeNode`` is a ``DrivenProtocol`` holding one ``core.scheduling.Scheduler`` and
-playing its driver: scheduling messages travel as one-way streams (the engine's TCP
-model), a ``RunTask`` occupies the node's slots for the task's simulated duration and then
-reports ``task_finished``. Tasks a node owns are kept on its disk until their result, so a
-restarted owner submits its unfinished ones again (a result of an earlier attempt still
-counts: the owner accepts the first).
+one ``core.tasks.TaskBook``, playing their driver as ``runtime/compute.py`` does:
+scheduling messages travel as one-way streams (the engine's TCP model), a ``RunTask``
+occupies the node's slots for the task's simulated duration and then reports
+``task_finished``. The records a node owns live in its memory (lost in a crash) and in a
+replicated store (``ComputeMesh.kv``, the runtime's KV: a record is written at submit,
+before the submit is acknowledged, and when the task ends, ``kv_delay_s`` later and only
+if its writer is still up then).
+
+Clients: each accepted task has a client that asks for its result every ``poll_s``,
+first at the node it submitted to and, when that node is down, at a live node chosen at
+random, following a ``FORWARD`` once. A node asked for a task it does not hold reads the
+store and acts on ``core.tasks.lookup``: answer, ask the owner (the client is sent
+there), adopt (the node becomes the owner and schedules the task again) or forward to
+the adopter. So a dead or restarted owner's unfinished tasks are taken over exactly as on
+real nodes, and the check is what the client observes: every accepted task ends with one
+outcome observed by its client, whatever happened to its owner.
 
 ``ComputeMesh`` builds the mesh and plays gossip and failure detection as an *oracle with
 delays* rather than running SWIM: every ``gossip_s`` it snapshots each node's load and
@@ -20,7 +31,8 @@ Observers check, on every event: every ``TaskBound`` and every ``RunTask`` happe
 node that the task's residency, its inputs' residency, its mode, labels and resources
 allow (checked against the true topology, not the view); a data task bound while some
 holder of its inputs had a free slot at submit time is bound to a holder (locality);
-every accepted task gets exactly one result. ``chaos_run`` and ``herd_run`` are the
+every accepted task's client observes exactly one outcome, and no owner incarnation
+accepts two results for one task. ``chaos_run`` and ``herd_run`` are the
 scenarios the tests run per seed; ``naive_herd`` is the baseline ``herd_run`` is compared
 with (each submitter pushes to the least-loaded node of the same stale view).
 """
@@ -32,6 +44,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+
+import msgspec
 
 from meshscale.core.outputs import DrivenProtocol, Event, Output, StreamRequest
 from meshscale.core.placement import Candidate, Residency, replica_set
@@ -49,12 +63,22 @@ from meshscale.core.scheduling import (
     Scheduler,
     SchedulingConfig,
     SchedulingError,
+    SchedulingOverloaded,
     SendMessage,
     TaskBound,
     TaskFailed,
     TaskFinished,
     TaskSpec,
     feasible,
+)
+from meshscale.core.tasks import (
+    TERMINAL,
+    LookupAction,
+    TaskBook,
+    TaskRecord,
+    TaskState,
+    Verdict,
+    lookup,
 )
 from meshscale.core.vivaldi import Coordinate
 from meshscale.sim.engine import NodeContext, Simulator
@@ -76,13 +100,14 @@ __all__ = [
 
 
 class ComputeNode:
-    """One simulated node: a ``Scheduler`` plus slots that run tasks for a duration."""
+    """One simulated node: a ``Scheduler``, a ``TaskBook`` and slots that run tasks for a
+    duration."""
 
     def __init__(self, ctx: NodeContext, mesh: ComputeMesh) -> None:
         self.name = ctx.name
         self.mesh = mesh
-        self.disk = ctx.disk
-        self.owned: dict[str, TaskSpec] = self.disk.setdefault("owned", {})
+        self.incarnation = mesh.incarnation[ctx.name]
+        self.book = TaskBook(ctx.name)
         self.sched = Scheduler(ctx.name, mesh.capacity[ctx.name], config=mesh.config,
                                rng=ctx.rng, now=ctx.now)
         self.sched.objects_held(sorted(mesh.objects_on.get(ctx.name, ())))
@@ -126,21 +151,52 @@ class ComputeNode:
 
     # local requests
     def submit(self, tasks: Sequence[TaskSpec], now: float) -> None:
+        """Accept ``tasks``: scheduled, recorded, and their records stored before the
+        submit returns (durable before acknowledged)."""
         self.sched.submit(tasks, now)  # raises before anything is recorded
         for t in tasks:
-            self.owned[t.task_id] = t
+            e = self.book.add(TaskRecord(t.task_id, self.name, fn_id="sim", args=b""), now)
+            self.mesh.kv_write(self.name, e.rec, at_once=True)
         self._settle(now)
 
-    def recover(self, now: float) -> None:
-        """After a restart: submit again the tasks owned before the crash."""
-        for tid in sorted(self.owned):
-            spec = self.owned[tid]
+    def ask(self, tid: str, forwarded: bool, now: float) -> tuple[str, TaskRecord | str | None]:
+        """A client asks for ``tid``: ``("state", record)``, ``("owner", node)`` (ask the
+        owner), ``("forward", node)`` (ask the adopter) or ``("unknown", None)``."""
+        e = self.book.get(tid)
+        if e is not None:
+            return "state", e.rec
+        rec = self.mesh.kv.get(tid)
+        if rec is None:
+            return "unknown", None
+        alive = {s.name for s in self.sched.view()}
+        d = lookup(rec, self.name, alive, forwarded=forwarded)
+        if d.action is LookupAction.ANSWER:
+            return "state", rec
+        if d.action is LookupAction.ADOPT:
+            return "state", self._adopt(rec, now)
+        return ("owner" if d.action is LookupAction.ASK_OWNER else "forward"), d.node
+
+    def _adopt(self, rec: TaskRecord, now: float) -> TaskRecord:
+        e, why = self.book.adopt(rec, now)
+        self.mesh.adopted(self.name, rec.task_id)
+        self.mesh.kv_write(self.name, e.rec)
+        if why is None:
             try:
-                self.sched.submit([spec], now)
-            except SchedulingError as exc:
-                del self.owned[tid]
-                self._out.append(TaskFailed(tid, f"{exc.rule}: {exc}"))
+                self.sched.submit([self.mesh.specs[rec.task_id]], now)
+            except (SchedulingError, SchedulingOverloaded) as exc:
+                why = str(exc)
+        if why is not None:
+            self._finish(rec.task_id, TaskState.FAILED, now, error=why)
         self._settle(now)
+        return e.rec
+
+    def _finish(self, tid: str, state: TaskState, now: float, *, error: str = "",
+                node: str = "") -> None:
+        e = self.book.get(tid)
+        assert e is not None
+        rec = self.book.finish(e, state, now, error=error, node=node)
+        self.mesh.accepted(self.name, self.incarnation, tid, state)
+        self.mesh.kv_write(self.name, rec)
 
     def _settle(self, now: float) -> None:
         for o in self.sched.drain():
@@ -151,9 +207,26 @@ class ComputeNode:
                 self._seq += 1
                 end = now + self.mesh.durations.get(o.task.task_id, 1.0)
                 heapq.heappush(self._runs, (end, self._seq, o.owner, o.task.task_id, o.attempt))
-            elif isinstance(o, TaskFinished | TaskFailed):
-                self.owned.pop(o.task_id, None)
+            elif isinstance(o, TaskBound):
+                self.book.bound(o.task_id, o.node, o.attempt, "")
+            elif isinstance(o, TaskFinished):
+                # The worker's outcome rides with its result here (the runtime sends it
+                # as task.done just before): the first one wins.
+                if self.book.outcome(o.task_id, ok=o.ok) is Verdict.ACCEPTED:
+                    self._finish(o.task_id, TaskState.DONE if o.ok else TaskState.FAILED,
+                                 now, error=o.detail, node=o.node)
+                self._after_result(o.task_id, now)
+            elif isinstance(o, TaskFailed) and o.task_id in self.book:
+                e = self.book.get(o.task_id)
+                if e is not None and e.rec.state not in TERMINAL:
+                    self._finish(o.task_id, TaskState.FAILED, now, error=o.reason)
             self._out.append(o)
+
+    def _after_result(self, tid: str, now: float) -> None:
+        if self.book.scheduler_finished(tid) == "resubmit":
+            self.sched.submit([self.mesh.specs[tid]], now)
+        elif (e := self.book.get(tid)) is not None and e.rec.state not in TERMINAL:
+            self._finish(tid, TaskState.FAILED, now, error="result lost")
 
 
 # --------------------------------------------------------------------------- mesh
@@ -182,6 +255,8 @@ class ComputeMesh:
         gossip_s: float = 1.0,
         gossip_delay_s: float = 0.3,
         detect_s: float = 2.0,
+        poll_s: float = 1.0,
+        kv_delay_s: float = 0.05,
         record_trace: bool = False,
     ) -> None:
         self.topology = topology or Topology.three_regions()
@@ -223,6 +298,28 @@ class ComputeMesh:
         self.holder_free_at_submit: dict[str, bool] = {}
         self.detected_down: set[str] = set()
         self.down_for_good: set[str] = set()
+        # Task records (the replicated KV), clients and what they observed.
+        self.kv: dict[str, TaskRecord] = {}
+        self.kv_delay_s = kv_delay_s
+        self.poll_s = poll_s
+        self.client_rtt_s = 0.002
+        self.client_rng = random.Random(f"compute-clients/{seed}")
+        self.client_timeout_s = 10.0
+        self.client_at: dict[str, str] = {}
+        self.asking: dict[str, float] = {}
+        """Task id -> when its client's question left (a lost one times out)."""
+        self.acknowledged: set[str] = set()
+        """Tasks whose submit was answered (a submit queued at a node that crashed
+        before it resumed never was: its client got an error, not a task)."""
+        self.observed: dict[str, tuple[TaskState, str]] = {}
+        """Task id -> (terminal state, node that gave it) first seen by its client."""
+        self.accepts: dict[str, list[tuple[str, int, TaskState]]] = {}
+        """Task id -> every (owner, incarnation, state) that ended it."""
+        self.adoptions: dict[str, list[tuple[float, str, int]]] = {}
+        self.owner_incarnation: dict[str, int] = {}
+        self.concurrent_adoptions: list[str] = []
+        """Adoptions while an earlier owner still lived: two owners at once."""
+        self.incarnation: dict[str, int] = dict.fromkeys(self.names, 0)
         self.gossip_s = gossip_s
         self.gossip_delay_s = gossip_delay_s
         self.detect_s = detect_s
@@ -298,12 +395,79 @@ class ComputeMesh:
             self.sim.call(n, partial(_node_down, name))
 
     def restart(self, name: str) -> None:
+        """Restart ``name`` with empty memory (its records are in the store)."""
         assert name not in self.down_for_good
+        self.incarnation[name] += 1
         self.sim.restart(name)
         self.detected_down.discard(name)
         view = [s for s in self.snapshot() if s.name not in self.detected_down]
         self.sim.call(name, partial(_set_view, view))
-        self.sim.call(name, _recover)
+
+    # ------------------------------------------------------------------ the record store
+
+    def kv_write(self, writer: str, rec: TaskRecord, *, at_once: bool = False) -> None:
+        """Store a copy of ``rec``: at once (a submit waits for it), or ``kv_delay_s``
+        later and only if ``writer`` has not crashed meanwhile (a write in flight)."""
+        copy = msgspec.structs.replace(rec)
+        if at_once:
+            self.kv[copy.task_id] = copy
+            return
+        inc = self.incarnation[writer]
+
+        def apply() -> None:
+            if self.sim.is_up(writer) and self.incarnation[writer] == inc:
+                self.kv[copy.task_id] = copy
+
+        self.sim.at(self.sim.now + self.kv_delay_s, apply)
+
+    def adopted(self, node: str, tid: str) -> None:
+        """``node`` took ``tid`` over. Counted as concurrent when an earlier owner of it
+        (the submitter's node or an earlier adopter) is still up in the same incarnation."""
+        owners = [(self.owner[tid], self.owner_incarnation[tid])]
+        owners += [(n, i) for _, n, i in self.adoptions.get(tid, [])]
+        if any(n != node and self.sim.is_up(n) and self.incarnation[n] == i
+               for n, i in owners):
+            self.concurrent_adoptions.append(tid)
+        self.adoptions.setdefault(tid, []).append((self.sim.now, node,
+                                                   self.incarnation[node]))
+
+    def accepted(self, node: str, incarnation: int, tid: str, state: TaskState) -> None:
+        self.accepts.setdefault(tid, []).append((node, incarnation, state))
+
+    # ------------------------------------------------------------------ clients
+
+    def _poll(self, tid: str) -> None:
+        """The client of ``tid`` asks for its outcome, every ``poll_s`` until it has one."""
+        if tid in self.observed or tid not in self.specs:
+            return
+        self.sim.at(self.sim.now + self.poll_s, partial(self._poll, tid))
+        if self.sim.now - self.asking.get(tid, -1e9) < self.client_timeout_s:
+            return  # the last question waits at a paused node
+        node = self.client_at[tid]
+        if not self.sim.is_up(node):
+            up = self.up()
+            if not up:
+                return
+            node = self.client_at[tid] = up[self.client_rng.randrange(len(up))]
+        self._ask(tid, node, False, 0)
+
+    def _ask(self, tid: str, node: str, forwarded: bool, hops: int) -> None:
+        if not self.sim.is_up(node):
+            return
+        self.asking[tid] = self.sim.now
+        self.sim.call(node, partial(_ask_node, tid, forwarded,
+                                    partial(self._answer, tid, node, forwarded, hops)))
+
+    def _answer(self, tid: str, node: str, forwarded: bool, hops: int, kind: str,
+                body: TaskRecord | str | None) -> None:
+        self.asking.pop(tid, None)
+        if kind == "state" and isinstance(body, TaskRecord) and body.state in TERMINAL:
+            self.observed.setdefault(tid, (body.state, node))
+        elif kind in ("owner", "forward") and isinstance(body, str) and hops < 3:
+            # The node passes the question on (as the runtime proxies it): one more hop.
+            self.sim.at(self.sim.now + self.client_rtt_s,
+                        partial(self._ask, tid, body, forwarded or kind == "forward",
+                                hops + 1))
 
     # ------------------------------------------------------------------ requests
 
@@ -318,7 +482,11 @@ class ComputeMesh:
             # Registered first: the owner may bind a task to itself within the call.
             self.specs[t.task_id] = t
             self.owner[t.task_id] = node
+            self.owner_incarnation[t.task_id] = self.incarnation[node]
+            self.client_at[t.task_id] = node
         self.sim.call(node, partial(_submit, list(tasks), self._refuse))
+        for t in tasks:
+            self.sim.at(self.sim.now + self.poll_s, partial(self._poll, t.task_id))
         return self.refused.get(tasks[0].task_id)
 
     def _refuse(self, tasks: list[TaskSpec], reason: str) -> None:
@@ -326,6 +494,8 @@ class ComputeMesh:
             self.refused[t.task_id] = reason
             del self.specs[t.task_id]
             del self.owner[t.task_id]
+            del self.client_at[t.task_id]
+            del self.owner_incarnation[t.task_id]
             self.holder_free_at_submit.pop(t.task_id, None)
 
     def _holder_free(self, t: TaskSpec) -> bool:
@@ -410,25 +580,30 @@ class ComputeMesh:
         local = sum(1 for tid in eligible if self.bindings[tid][0].local)
         return local, len(eligible)
 
-    def orphaned(self) -> list[str]:
-        """Accepted tasks without a result whose owner is down for good (no takeover of a
-        dead owner's tasks yet: they are not counted as lost)."""
-        return sorted(tid for tid, o in self.owner.items()
-                      if o in self.down_for_good and tid not in self.results)
-
     def result_problems(self) -> list[str]:
-        """Accepted tasks (of owners not down for good) without exactly one result."""
+        """Accepted tasks whose client observed no outcome, and owner incarnations that
+        ended one task twice."""
         out = []
-        orphans = set(self.orphaned())
-        for tid in sorted(self.specs):
-            n = len(self.results.get(tid, []))
-            if n > 1 or (n == 0 and tid not in orphans):
-                out.append(f"{tid}: {n} results")
+        for tid in sorted(self.acknowledged):
+            if tid not in self.observed:
+                out.append(f"{tid}: no outcome observed by its client")
+            ends = [(n, i) for n, i, _ in self.accepts.get(tid, [])]
+            if len(set(ends)) < len(ends):
+                out.append(f"{tid}: ended twice by one owner ({ends})")
         return out
 
+    def double_owners(self) -> list[str]:
+        """Tasks ended by more than one owner (the at-least-once window of takeover)."""
+        return sorted(tid for tid, ends in self.accepts.items()
+                      if len({(n, i) for n, i, _ in ends}) > 1)
+
+    def conflicting(self) -> list[str]:
+        """Tasks whose owners ended them in different states."""
+        return sorted(tid for tid, ends in self.accepts.items()
+                      if len({st for _, _, st in ends}) > 1)
+
     def all_done(self) -> bool:
-        orphans = set(self.orphaned())
-        return all(tid in self.results or tid in orphans for tid in self.specs)
+        return all(tid in self.observed for tid in self.acknowledged)
 
 
 def _set_view(view: list[NodeState], p: DrivenProtocol, now: float) -> None:
@@ -443,9 +618,14 @@ def _node_down(name: str, p: DrivenProtocol, now: float) -> None:
     p._settle(now)
 
 
-def _recover(p: DrivenProtocol, now: float) -> None:
+def _ask_node(tid: str, forwarded: bool,
+              reply: Callable[[str, TaskRecord | str | None], None],
+              p: DrivenProtocol, now: float) -> None:
     assert isinstance(p, ComputeNode)
-    p.recover(now)
+    kind, body = p.ask(tid, forwarded, now)
+    if isinstance(body, TaskRecord):
+        body = msgspec.structs.replace(body)  # what the reply carries, as of now
+    p.mesh.sim.at(now + p.mesh.client_rtt_s, partial(reply, kind, body))
 
 
 def _submit(tasks: list[TaskSpec], refuse: Callable[[list[TaskSpec], str], None],
@@ -455,6 +635,8 @@ def _submit(tasks: list[TaskSpec], refuse: Callable[[list[TaskSpec], str], None]
         p.submit(tasks, now)
     except SchedulingError as exc:
         refuse(tasks, f"{exc.rule}: {exc}")
+        return
+    p.mesh.acknowledged.update(t.task_id for t in tasks)
 
 
 # --------------------------------------------------------------------------- chaos
@@ -467,7 +649,16 @@ class ComputeReport:
     refused: int
     finished: int
     failed: int
-    orphaned: int
+    unacknowledged: int
+    """Submits that reached a node only to die with it (the client saw an error)."""
+    adopted: int
+    """Tasks taken over by a new owner (a dead owner's, or a restarted one's own)."""
+    double_owners: int
+    """Tasks ended by two owners (the at-least-once window; each client saw one)."""
+    conflicting: int
+    """Tasks two owners ended in different states."""
+    concurrent_adoptions: int
+    """Adoptions while an earlier owner of the task still lived."""
     residency_violations: list[str]
     result_problems: list[str]
     locality: tuple[int, int]
@@ -583,14 +774,18 @@ def chaos_run(
     for n in mesh.names:
         for key, count in mesh.node(n).sched.stats.items():
             stats[key] = stats.get(key, 0) + count
-    results = [evs[0] for evs in mesh.results.values()]
+    observed = [st for st, _ in mesh.observed.values()]
     return ComputeReport(
         seed=seed,
         submitted=len(mesh.specs) + len(mesh.refused),
+        unacknowledged=len(set(mesh.specs) - mesh.acknowledged),
         refused=len(mesh.refused),
-        finished=sum(1 for e in results if isinstance(e, TaskFinished)),
-        failed=sum(1 for e in results if isinstance(e, TaskFailed)),
-        orphaned=len(mesh.orphaned()),
+        finished=sum(1 for st in observed if st == TaskState.DONE),
+        failed=sum(1 for st in observed if st == TaskState.FAILED),
+        adopted=len(mesh.adoptions),
+        double_owners=len(mesh.double_owners()),
+        conflicting=len(mesh.conflicting()),
+        concurrent_adoptions=len(mesh.concurrent_adoptions),
         residency_violations=list(mesh.violations),
         result_problems=mesh.result_problems(),
         locality=mesh.locality(),

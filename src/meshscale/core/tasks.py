@@ -1,0 +1,333 @@
+"""Task records at their owner, their lifecycle, and the takeover of a dead owner's tasks.
+
+After Wang et al., "Ownership: A Distributed Futures System for Fine-Grained Tasks",
+NSDI 2021: the node a task is submitted to *owns* it. It keeps the task's record, accepts
+the first outcome a worker reports (task ids are idempotency keys: later outcomes are
+dropped), and answers whoever asks for the result. ``core/scheduling.py`` decides where a
+task runs; this module decides what its owner knows about it and who owns it when the
+owner is gone. Both the node (``runtime/compute.py``) and the simulator
+(``sim/compute.py``) drive it.
+
+Lifecycle. A record is in one ``TaskState``; ``TRANSITIONS`` names every legal move and
+``move`` refuses the rest (``IllegalTransition``), so a driver cannot, say, finish a task
+twice or revive a cancelled one::
+
+    submit -> PENDING --bind--> RUNNING --done/fail/cancel--> DONE | FAILED | CANCELLED
+              ^   |               |
+              +---+--requeue------+   (a worker crashed with retries left, an outcome lost)
+              +------adopt--------+   (a new owner took the task over: PENDING again)
+
+Terminal states have no way out. ``TaskBook`` holds the records a node owns, bounded
+(``max_records``: the oldest terminal records nobody is waiting on are evicted), and
+makes the owner's decisions: first outcome wins; a worker crash is retried up to the
+record's ``retries``; a result the scheduler accepted without the outcome reaching the
+owner is run again (same bound), else failed as lost.
+
+Durability and takeover (the runtime writes records to the replicated KV at submit,
+before the submit is acknowledged, and again when a task ends; the simulator models that
+store). When a node is asked for a task it does not hold, it reads the record and
+``lookup`` decides:
+
+- terminal record: answer it;
+- owner alive in the asker's view (and not the asker): ask the owner;
+- owner is the asker itself (it restarted and lost its memory) or the owner is dead and
+  the asker is the task's *adopter*: adopt it (``TaskBook.adopt``): the record's owner
+  becomes this node, its state PENDING, ``adoptions`` + 1, and it is scheduled again;
+- owner dead and another node is the adopter: forward the question there.
+
+The adopter of a task is the live node with the highest rendezvous score for the task
+id (``core/placement.hrw_score``) in the asker's view, so two nodes that agree on who is
+alive pick the same adopter and a task is adopted once, however many clients ask however
+many nodes. A forwarded question is never forwarded again (the node it reaches adopts
+instead), so views that disagree cost one extra hop, never a loop.
+
+At-least-once window. A task can still be run by two owners when views disagree (two
+askers that each see the other dead, a forward that fails, an owner declared dead while
+it is only slow): each owner accepts one outcome, the client takes the first it is
+given, and the KV keeps the last one written. Functions are expected to be idempotent,
+as in Ray and Dask; the simulator counts these double adoptions (``double_owners``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from meshscale.core.placement import hrw_score
+
+__all__ = [
+    "TERMINAL",
+    "TRANSITIONS",
+    "Entry",
+    "IllegalTransition",
+    "Lookup",
+    "LookupAction",
+    "TaskBook",
+    "TaskRecord",
+    "TaskState",
+    "Verdict",
+    "adopter",
+    "lookup",
+    "move",
+]
+
+
+class TaskState(enum.StrEnum):
+    PENDING = "pending"
+    """Submitted or adopted, not (yet, or no longer) bound to a worker."""
+    RUNNING = "running"
+    """Bound: a worker has it."""
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL: frozenset[str] = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
+_LIVE = frozenset({TaskState.PENDING, TaskState.RUNNING})
+
+TRANSITIONS: dict[str, tuple[frozenset[TaskState], TaskState]] = {
+    "bind": (_LIVE, TaskState.RUNNING),
+    "requeue": (_LIVE, TaskState.PENDING),
+    "adopt": (_LIVE, TaskState.PENDING),
+    "done": (_LIVE, TaskState.DONE),
+    "fail": (_LIVE, TaskState.FAILED),
+    "cancel": (_LIVE, TaskState.CANCELLED),
+}
+"""Move name -> (states it may start from, state it ends in)."""
+
+
+class IllegalTransition(ValueError):
+    """A move the lifecycle does not allow from the record's state."""
+
+
+class TaskRecord(msgspec.Struct, omit_defaults=True):
+    """A task's record: in memory at its owner and, msgpack-encoded, in the KV."""
+
+    task_id: str
+    owner: str
+    fn_id: str
+    state: TaskState = TaskState.PENDING
+    node: str = ""
+    args: bytes | None = None
+    inputs: list[str] = []
+    cpus: float = 1.0
+    memory_mb: int = 0
+    gpus: int = 0
+    labels: dict[str, str] = {}
+    residency: list[str] | None = None
+    data_class: str | None = None
+    placement: dict[str, Any] | None = None
+    retries: int = 3
+    timeout_s: float | None = None
+    value: bytes | None = None
+    ref: dict[str, Any] | None = None
+    error: str = ""
+    kind: str = ""
+    traceback: str = ""
+    reason: str = ""
+    submitted: float = 0.0
+    finished: float = 0.0
+    attempts: int = 0
+    adoptions: int = 0
+    previous_owner: str = ""
+    submitter: str = ""
+
+
+def move(rec: TaskRecord, name: str) -> None:
+    """Apply the move ``name`` to ``rec`` (``IllegalTransition`` if its state forbids it)."""
+    allowed, to = TRANSITIONS[name]
+    if rec.state not in allowed:
+        raise IllegalTransition(f"task {rec.task_id}: cannot {name} a {rec.state} task")
+    rec.state = to
+
+
+# --------------------------------------------------------------------------- the book
+
+
+class Verdict(enum.StrEnum):
+    ACCEPTED = "accepted"
+    """The outcome ended the task."""
+    DUPLICATE = "duplicate"
+    """The task had already ended (or is unknown here): dropped."""
+    RETRY = "retry"
+    """A worker crash with retries left: the task runs again when the scheduler says
+    the attempt is over (``scheduler_finished`` then answers ``"resubmit"``)."""
+
+
+@dataclass(eq=False)
+class Entry:
+    rec: TaskRecord
+    t0: float
+    """When this node took the task (submit or adoption), on the driver's clock."""
+    group: object | None = None
+    """The driver's handle on the set of records written together, if any."""
+    resubmit: bool = False
+    crash_retries: int = 0
+    waiters: int = 0
+    """Callers waiting on this task: an entry with waiters is never evicted."""
+
+
+@dataclass
+class TaskBook:
+    """The records one node owns, and the owner's decisions about them."""
+
+    name: str
+    max_records: int = 50_000
+    records: OrderedDict[str, Entry] = field(default_factory=OrderedDict)
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def get(self, task_id: str) -> Entry | None:
+        return self.records.get(task_id)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def add(self, rec: TaskRecord, now: float, group: object | None = None) -> Entry:
+        """A task submitted here (state PENDING, owner this node)."""
+        if rec.owner != self.name:
+            raise ValueError(f"task {rec.task_id} is owned by {rec.owner}, not {self.name}")
+        if rec.task_id in self.records:
+            raise ValueError(f"task {rec.task_id} is already owned here")
+        e = Entry(rec, now, group)
+        self.records[rec.task_id] = e
+        self._count("submitted")
+        self.evict()
+        return e
+
+    def bound(self, task_id: str, node: str, attempt: int, reason: str) -> Entry | None:
+        """The scheduler bound the task to ``node``."""
+        e = self.records.get(task_id)
+        if e is None or e.rec.state in TERMINAL:
+            return None
+        move(e.rec, "bind")
+        e.rec.node, e.rec.attempts, e.rec.reason = node, attempt, reason
+        return e
+
+    def outcome(self, task_id: str, *, ok: bool, kind: str = "") -> Verdict:
+        """A worker's outcome: the first one wins. The driver then calls ``finish`` on an
+        ``ACCEPTED`` verdict."""
+        e = self.records.get(task_id)
+        if e is None or e.rec.state in TERMINAL:
+            self._count("outcomes_duplicate")
+            return Verdict.DUPLICATE
+        if not ok and kind == "worker_crashed" and e.crash_retries < e.rec.retries:
+            e.resubmit = True
+            return Verdict.RETRY
+        return Verdict.ACCEPTED
+
+    def scheduler_finished(self, task_id: str) -> str | None:
+        """The scheduler accepted a result for the task (its attempt is over). If the task
+        has not ended here, its outcome never arrived or the worker crashed: ``"resubmit"``
+        (state back to PENDING; the driver submits it again) while retries last, else
+        ``"lost"`` (the driver fails it). None: nothing to do."""
+        e = self.records.get(task_id)
+        if e is None or e.rec.state in TERMINAL:
+            return None
+        if e.resubmit or e.crash_retries < e.rec.retries:
+            e.resubmit = False
+            e.crash_retries += 1
+            move(e.rec, "requeue")
+            self._count("resubmitted")
+            return "resubmit"
+        return "lost"
+
+    def finish(self, e: Entry, state: TaskState, now: float, *, value: bytes | None = None,
+               ref: dict[str, Any] | None = None, error: str = "", kind: str = "",
+               traceback: str = "", node: str | None = None) -> TaskRecord:
+        """End the task (``now`` is wall-clock seconds, stored as ``finished``)."""
+        r = e.rec
+        move(r, {TaskState.DONE: "done", TaskState.FAILED: "fail",
+                 TaskState.CANCELLED: "cancel"}[state])
+        r.value, r.ref, r.error, r.kind, r.traceback = value, ref, error, kind, traceback
+        if node:
+            r.node = node
+        r.finished = now
+        r.args = None  # not needed any more: keeps memory and the KV record small
+        self._count("tasks_" + state)
+        return r
+
+    def evict(self) -> int:
+        """Drop the oldest terminal records nobody waits on, down to ``max_records``."""
+        excess = len(self.records) - self.max_records
+        dropped = 0
+        if excess <= 0:
+            return 0
+        for tid in list(self.records):
+            if dropped >= excess:
+                break
+            e = self.records[tid]
+            if e.rec.state in TERMINAL and not e.waiters:
+                del self.records[tid]
+                dropped += 1
+        return dropped
+
+    def adopt(self, rec: TaskRecord, now: float) -> tuple[Entry, str | None]:
+        """Take over ``rec`` (read from the store; its owner is dead, or is this node
+        after a restart). Returns the new entry and, if the task cannot run again, why
+        (the driver then fails it with that reason)."""
+        if rec.task_id in self.records:
+            raise ValueError(f"task {rec.task_id} is already owned here")
+        new = msgspec.structs.replace(rec, owner=self.name, node="",
+                                      adoptions=rec.adoptions + 1,
+                                      previous_owner=rec.owner)
+        move(new, "adopt")
+        e = Entry(new, now)
+        self.records[new.task_id] = e
+        self._count("tasks_adopted")
+        self.evict()
+        if new.args is None:
+            return e, (f"owner {rec.owner} died and the record has no arguments to run "
+                       "it again")
+        return e, None
+
+
+# --------------------------------------------------------------------------- takeover
+
+
+class LookupAction(enum.StrEnum):
+    ANSWER = "answer"
+    ASK_OWNER = "ask-owner"
+    ADOPT = "adopt"
+    FORWARD = "forward"
+
+
+@dataclass(frozen=True)
+class Lookup:
+    action: LookupAction
+    node: str = ""
+    """The owner to ask, or the adopter to forward to."""
+
+
+def adopter(task_id: str, alive: Collection[str]) -> str:
+    """The node that takes over ``task_id``: the highest rendezvous score among ``alive``."""
+    if not alive:
+        raise ValueError("no live node to adopt the task")
+    return max(alive, key=lambda n: (hrw_score(task_id, n), n))
+
+
+def lookup(rec: TaskRecord, me: str, alive: Collection[str], *,
+           forwarded: bool = False) -> Lookup:
+    """What node ``me``, asked for a task it does not hold, does with the stored ``rec``.
+    ``alive``: the nodes ``me`` believes alive (``me`` is added). ``forwarded``: the
+    question was forwarded here by another node, so it is not forwarded again."""
+    if rec.state in TERMINAL:
+        return Lookup(LookupAction.ANSWER)
+    if rec.owner == me:
+        return Lookup(LookupAction.ADOPT)
+    if rec.owner in alive:
+        return Lookup(LookupAction.ASK_OWNER, rec.owner)
+    chosen = adopter(rec.task_id, {*alive, me})
+    if chosen == me or forwarded:
+        return Lookup(LookupAction.ADOPT)
+    return Lookup(LookupAction.FORWARD, chosen)

@@ -1,0 +1,124 @@
+"""core/tasks.py: the record lifecycle, the owner's decisions, and takeover."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meshscale.core.tasks import (
+    TERMINAL,
+    TRANSITIONS,
+    IllegalTransition,
+    LookupAction,
+    TaskBook,
+    TaskRecord,
+    TaskState,
+    Verdict,
+    adopter,
+    lookup,
+    move,
+)
+
+
+def rec(tid: str = "t1", owner: str = "a", **kw: object) -> TaskRecord:
+    kw.setdefault("args", b"x")
+    return TaskRecord(tid, owner, "fn", **kw)  # type: ignore[arg-type]
+
+
+def test_terminal_states_have_no_way_out() -> None:
+    for state in TERMINAL:
+        for name in TRANSITIONS:
+            r = rec(state=TaskState(state))
+            with pytest.raises(IllegalTransition, match=f"cannot {name}"):
+                move(r, name)
+    r = rec()
+    move(r, "bind")
+    move(r, "requeue")
+    move(r, "bind")
+    move(r, "done")
+    assert r.state == TaskState.DONE
+
+
+def test_first_outcome_wins_and_a_second_finish_is_refused() -> None:
+    book = TaskBook("a")
+    e = book.add(rec(), 0.0)
+    assert book.outcome("t1", ok=True) is Verdict.ACCEPTED
+    book.finish(e, TaskState.DONE, 1.0, value=b"v")
+    assert book.outcome("t1", ok=False, kind="error") is Verdict.DUPLICATE
+    with pytest.raises(IllegalTransition):
+        book.finish(e, TaskState.FAILED, 2.0)
+    assert e.rec.value == b"v" and e.rec.args is None
+    assert book.outcome("nope", ok=True) is Verdict.DUPLICATE
+
+
+def test_worker_crashes_are_retried_up_to_the_records_retries() -> None:
+    book = TaskBook("a")
+    book.add(rec(retries=2), 0.0)
+    for _ in range(2):
+        assert book.outcome("t1", ok=False, kind="worker_crashed") is Verdict.RETRY
+        assert book.scheduler_finished("t1") == "resubmit"
+        assert book.records["t1"].rec.state == TaskState.PENDING
+    assert book.outcome("t1", ok=False, kind="worker_crashed") is Verdict.ACCEPTED
+    # A result the scheduler took whose outcome never came: lost once retries are spent.
+    book.add(rec("t2", retries=0), 0.0)
+    assert book.scheduler_finished("t2") == "lost"
+
+
+def test_eviction_keeps_live_and_waited_on_records() -> None:
+    book = TaskBook("a", max_records=3)
+    entries = [book.add(rec(f"t{i}"), float(i)) for i in range(3)]
+    book.finish(entries[0], TaskState.DONE, 1.0)
+    book.finish(entries[1], TaskState.DONE, 1.0)
+    entries[1].waiters = 1
+    book.add(rec("t3"), 3.0)
+    assert "t0" not in book and "t1" in book and "t2" in book and len(book) == 3
+
+
+def test_adoption_moves_ownership_and_counts() -> None:
+    book = TaskBook("b")
+    stored = rec(owner="a", state=TaskState.RUNNING, node="c", adoptions=1)
+    e, why = book.adopt(stored, 5.0)
+    assert why is None
+    assert (e.rec.owner, e.rec.state, e.rec.node, e.rec.adoptions, e.rec.previous_owner) \
+        == ("b", TaskState.PENDING, "", 2, "a")
+    assert stored.owner == "a"  # the stored copy is not changed in place
+    _, why = TaskBook("c").adopt(rec(owner="a", args=None), 0.0)
+    assert why is not None and "no arguments" in why
+    with pytest.raises(IllegalTransition):
+        TaskBook("d").adopt(rec(state=TaskState.DONE), 0.0)
+
+
+def test_lookup_decisions() -> None:
+    alive = {"a", "b", "c", "d"}
+    assert lookup(rec(state=TaskState.DONE), "b", alive).action is LookupAction.ANSWER
+    d = lookup(rec(owner="a"), "b", alive)
+    assert (d.action, d.node) == (LookupAction.ASK_OWNER, "a")
+    # The asker restarted and lost its memory: it takes its own task back.
+    assert lookup(rec(owner="b"), "b", alive).action is LookupAction.ADOPT
+    # Owner dead: exactly one node adopts, the others forward to it.
+    live = {"b", "c", "d"}
+    chosen = adopter("t1", live)
+    for me in sorted(live):
+        d = lookup(rec(owner="a"), me, live)
+        if me == chosen:
+            assert d.action is LookupAction.ADOPT
+        else:
+            assert (d.action, d.node) == (LookupAction.FORWARD, chosen)
+            # A forwarded question is never forwarded again: no loop when views differ.
+            assert lookup(rec(owner="a"), me, live, forwarded=True).action \
+                is LookupAction.ADOPT
+
+
+def test_adopters_spread_and_move_little_when_a_node_leaves() -> None:
+    rng = random.Random(4)
+    nodes = [f"n{i}" for i in range(10)]
+    tids = [f"{rng.getrandbits(64):016x}.{i}" for i in range(2000)]
+    before = {t: adopter(t, nodes) for t in tids}
+    counts = {n: sum(1 for a in before.values() if a == n) for n in nodes}
+    assert min(counts.values()) > 120 and max(counts.values()) < 280, counts
+    after = {t: adopter(t, nodes[1:]) for t in tids}
+    moved = [t for t in tids if before[t] != after[t]]
+    assert all(before[t] == "n0" for t in moved)  # only the leaver's tasks move
+    with pytest.raises(ValueError, match="no live node"):
+        adopter("t", [])
