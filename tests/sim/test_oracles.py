@@ -106,3 +106,17 @@ def test_no_takeover_of_a_dead_owner_is_caught(monkeypatch: pytest.MonkeyPatch) 
     caught = [r.seed for r in broken if r.result_problems]
     assert len(caught) >= len(SEEDS) // 2, caught
     assert all(r.adopted == 0 for r in broken)
+
+
+def test_adopting_from_a_live_owner_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes that take a task over without asking its owner, alive or not."""
+    def grab(rec: tasks.TaskRecord, me: str, alive: object, *,
+             forwarded: bool = False) -> tasks.Lookup:
+        if rec.state in tasks.TERMINAL:
+            return tasks.Lookup(tasks.LookupAction.ANSWER)
+        return tasks.Lookup(tasks.LookupAction.ADOPT)
+
+    monkeypatch.setattr(sim_compute, "lookup", grab)
+    broken = [compute_chaos(s) for s in SEEDS]
+    caught = [p for r in broken for p in r.result_problems if "while it saw" in p]
+    assert len(caught) >= len(SEEDS), caught[:3]

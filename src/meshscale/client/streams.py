@@ -39,6 +39,7 @@ import msgspec
 
 from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import RemoteError, RpcConnection, RpcError
+from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
 from meshscale.core.streams import split_source
 
 if TYPE_CHECKING:
@@ -64,18 +65,6 @@ class Record(msgspec.Struct, frozen=True):
     def node(self) -> str:
         """The node the record entered the mesh at (``source`` without its epoch)."""
         return split_source(self.source)[0]
-
-
-class Region(msgspec.Struct, frozen=True):
-    """``placement=Region("cloud")``: run in this one region (central placement)."""
-
-    name: str
-
-
-class Regions(msgspec.Struct, frozen=True):
-    """``placement=Regions(["eu-west", "eu-central"])``: run in one of these regions."""
-
-    names: list[str]
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -122,8 +111,6 @@ def _make_operator_call(fn: Callable[..., Any], batch: bool) -> Callable[[list[A
 
 
 def _pickle_operator(fn: Callable[..., Any], batch: bool) -> bytes:
-    from meshscale.client.tasks import TaskSubmitError, _by_value
-
     if not callable(fn):
         raise TaskSubmitError(f"{fn!r} is not callable")
     import sys
@@ -131,9 +118,9 @@ def _pickle_operator(fn: Callable[..., Any], batch: bool) -> bytes:
     module_name = getattr(fn, "__module__", None) or "__main__"
     mod = sys.modules.get(module_name)
     registered = False
-    if module_name != "__main__" and mod is not None and _by_value(module_name):
+    if module_name != "__main__" and mod is not None and by_value(module_name):
         with contextlib.suppress(ValueError):
-            cloudpickle.register_pickle_by_value(mod)
+            cloudpickle.register_pickleby_value(mod)
             registered = True
     try:
         data: bytes = cloudpickle.dumps(_make_operator_call(fn, batch), protocol=5)
@@ -144,7 +131,7 @@ def _pickle_operator(fn: Callable[..., Any], batch: bool) -> bytes:
     finally:
         if registered:
             with contextlib.suppress(ValueError):
-                cloudpickle.unregister_pickle_by_value(mod)
+                cloudpickle.unregister_pickleby_value(mod)
 
 
 NODE_STARTING = "node is starting"

@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-import sysconfig
 import threading
 import time
 import uuid
@@ -64,6 +63,7 @@ from meshscale.client.mesh import (
     open_mesh,
 )
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
 from meshscale.client.streams import StreamsMixin
 from meshscale.core.objects import digest_hex
 
@@ -102,11 +102,6 @@ TERMINAL: Final = frozenset({"done", "failed", "cancelled"})
 # -- errors -----------------------------------------------------------------------------
 
 
-class TaskSubmitError(MeshError):
-    """A task was refused at submit: unpicklable, too large, no node may run it, or an
-    input object no live node holds. Nothing of the batch was submitted."""
-
-
 class TaskError(MeshError):
     """The task did not produce a value. ``kind`` is ``raised`` (the function raised;
     ``traceback`` is the remote one), ``timeout``, ``memory``, ``worker_crashed``,
@@ -137,27 +132,6 @@ class TaskCancelledError(TaskError):
 def function_id(pickled: bytes) -> str:
     """Content id of a pickled function, as the nodes compute it (``core.objects.digest_hex``)."""
     return digest_hex(pickled)
-
-
-_INSTALLED = tuple(
-    str(Path(p).resolve())
-    for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib",
-                                                     "platlib")}
-    if p
-)
-
-
-def _by_value(module_name: str) -> bool:
-    """Whether a function's module must travel by value: the nodes can import installed
-    packages and meshscale, not the user's own scripts and modules."""
-    if module_name in ("__main__", "builtins") or module_name.split(".")[0] == "meshscale":
-        return module_name == "__main__"
-    mod = sys.modules.get(module_name)
-    path = getattr(mod, "__file__", None)
-    if mod is None or path is None:
-        return False
-    resolved = str(Path(path).resolve())
-    return not resolved.startswith(_INSTALLED)
 
 
 def _make_call(fn: Callable[..., Any]) -> Callable[[bytes, list[bytes | str]], Any]:
@@ -206,9 +180,9 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
         module_name = getattr(fn, "__module__", None) or "__main__"
         registered = False
         mod = sys.modules.get(module_name)
-        if module_name != "__main__" and mod is not None and _by_value(module_name):
+        if module_name != "__main__" and mod is not None and by_value(module_name):
             with contextlib.suppress(ValueError):
-                cloudpickle.register_pickle_by_value(mod)
+                cloudpickle.register_pickleby_value(mod)
                 registered = True
         try:
             data: bytes = cloudpickle.dumps(_make_call(fn), protocol=5)
@@ -218,7 +192,7 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
         finally:
             if registered:
                 with contextlib.suppress(ValueError):
-                    cloudpickle.unregister_pickle_by_value(mod)
+                    cloudpickle.unregister_pickleby_value(mod)
         out = (function_id(data), data)
         with contextlib.suppress(TypeError):  # not weak-referenceable: not cached
             _pickled[fn] = out
@@ -338,8 +312,6 @@ def _placement_wire(placement: Any) -> Any:
     """A task's placement in wire form: None (data), ``Region(name)``, ``Regions([...])``
     or a ``{"mode": ...}`` dict. Anything else is refused here, never sent to be read as
     something else."""
-    from meshscale.client.streams import Region, Regions
-
     if placement is None or placement == "data":
         return None
     if isinstance(placement, Region):

@@ -10,8 +10,9 @@ before the submit is acknowledged, and when the task ends, ``kv_delay_s`` later 
 if its writer is still up then).
 
 Clients: each accepted task has a client that asks for its result every ``poll_s``,
-first at the node it submitted to and, when that node is down, at a live node chosen at
-random, following a ``FORWARD`` once. A node asked for a task it does not hold reads the
+at the node it submitted to (one poll in five: any live node) and, when that node is
+down, at a live node chosen at random, following the node's redirect to the owner or the
+adopter. A node asked for a task it does not hold reads the
 store and acts on ``core.tasks.lookup``: answer, ask the owner (the client is sent
 there), adopt (the node becomes the owner and schedules the task again) or forward to
 the adopter. So a dead or restarted owner's unfinished tasks are taken over exactly as on
@@ -178,7 +179,7 @@ class ComputeNode:
 
     def _adopt(self, rec: TaskRecord, now: float) -> TaskRecord:
         e, why = self.book.adopt(rec, now)
-        self.mesh.adopted(self.name, rec.task_id)
+        self.mesh.adopted(self.name, rec.task_id, {s.name for s in self.sched.view()})
         self.mesh.kv_write(self.name, e.rec)
         if why is None:
             try:
@@ -305,6 +306,8 @@ class ComputeMesh:
         self.client_rtt_s = 0.002
         self.client_rng = random.Random(f"compute-clients/{seed}")
         self.client_timeout_s = 10.0
+        self.foreign_ask_p = 0.2
+        """Share of polls a client sends to a random live node instead of its own."""
         self.client_at: dict[str, str] = {}
         self.asking: dict[str, float] = {}
         """Task id -> when its client's question left (a lost one times out)."""
@@ -318,7 +321,10 @@ class ComputeMesh:
         self.adoptions: dict[str, list[tuple[float, str, int]]] = {}
         self.owner_incarnation: dict[str, int] = {}
         self.concurrent_adoptions: list[str] = []
-        """Adoptions while an earlier owner still lived: two owners at once."""
+        """Adoptions while an earlier owner still lived, by a node whose view had it
+        dead: two owners at once, the documented at-least-once window."""
+        self.adopted_beside_live_owner: list[str] = []
+        """Adoptions by a node that saw an earlier owner alive: never allowed."""
         self.incarnation: dict[str, int] = dict.fromkeys(self.names, 0)
         self.gossip_s = gossip_s
         self.gossip_delay_s = gossip_delay_s
@@ -420,13 +426,19 @@ class ComputeMesh:
 
         self.sim.at(self.sim.now + self.kv_delay_s, apply)
 
-    def adopted(self, node: str, tid: str) -> None:
-        """``node`` took ``tid`` over. Counted as concurrent when an earlier owner of it
-        (the submitter's node or an earlier adopter) is still up in the same incarnation."""
+    def adopted(self, node: str, tid: str, view: set[str]) -> None:
+        """``node`` took ``tid`` over, its view of who is alive being ``view``. When an
+        earlier owner of the task (the submitter's node or an earlier adopter) still runs
+        in the same incarnation, that is two owners at once: inside the documented window
+        if ``node``'s view had that owner dead (stale), a violation if it saw it alive."""
         owners = [(self.owner[tid], self.owner_incarnation[tid])]
         owners += [(n, i) for _, n, i in self.adoptions.get(tid, [])]
-        if any(n != node and self.sim.is_up(n) and self.incarnation[n] == i
-               for n, i in owners):
+        live = {n for n, i in owners
+                if n != node and self.sim.is_up(n) and self.incarnation[n] == i}
+        if live & view:
+            self.adopted_beside_live_owner.append(
+                f"{tid}: {node} adopted it while it saw {sorted(live & view)} alive")
+        elif live:
             self.concurrent_adoptions.append(tid)
         self.adoptions.setdefault(tid, []).append((self.sim.now, node,
                                                    self.incarnation[node]))
@@ -444,11 +456,13 @@ class ComputeMesh:
         if self.sim.now - self.asking.get(tid, -1e9) < self.client_timeout_s:
             return  # the last question waits at a paused node
         node = self.client_at[tid]
+        up = self.up()
+        if not up:
+            return
         if not self.sim.is_up(node):
-            up = self.up()
-            if not up:
-                return
             node = self.client_at[tid] = up[self.client_rng.randrange(len(up))]
+        elif self.client_rng.random() < self.foreign_ask_p:
+            node = up[self.client_rng.randrange(len(up))]  # any node may be asked
         self._ask(tid, node, False, 0)
 
     def _ask(self, tid: str, node: str, forwarded: bool, hops: int) -> None:
@@ -583,7 +597,7 @@ class ComputeMesh:
     def result_problems(self) -> list[str]:
         """Accepted tasks whose client observed no outcome, and owner incarnations that
         ended one task twice."""
-        out = []
+        out = list(self.adopted_beside_live_owner)
         for tid in sorted(self.acknowledged):
             if tid not in self.observed:
                 out.append(f"{tid}: no outcome observed by its client")
@@ -658,7 +672,8 @@ class ComputeReport:
     conflicting: int
     """Tasks two owners ended in different states."""
     concurrent_adoptions: int
-    """Adoptions while an earlier owner of the task still lived."""
+    """Adoptions while an earlier owner still lived, by a node whose (stale) view had it
+    dead: the at-least-once window (``core/tasks.py``)."""
     residency_violations: list[str]
     result_problems: list[str]
     locality: tuple[int, int]
