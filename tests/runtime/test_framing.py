@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -214,6 +215,46 @@ def test_frame_connection_refuses_a_stranger(tmp_path: Any) -> None:
         port = server.sockets[0].getsockname()[1]
         with pytest.raises(ConnectionError, match="not a meshscale node"):
             await open_frames("127.0.0.1", port, cctx, 1 << 20, greeting=b"MSH1")
+        server.close()
+
+    run(go())
+
+
+def test_a_node_of_another_wire_version_is_refused_by_name(tmp_path: Path) -> None:
+    """Old and new nodes are not mixed: a node whose greeting carries another version
+    is refused with both versions named, by the node-to-node path and by RPC clients."""
+    from meshscale.core.wire import PROTOCOL_VERSION
+    from meshscale.trust.framing import open_frames
+    from meshscale.trust.rpc import RpcConnection, RpcError
+    from meshscale.trust.tls import GREETING, VersionMismatch, connect_tls
+
+    _, cctx = _tls_pair(tmp_path)
+    old = b"MSH" + str(PROTOCOL_VERSION - 1).encode()
+    assert old != GREETING
+
+    async def go() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(old)
+            await writer.drain()
+            await asyncio.sleep(0.5)
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(VersionMismatch, match=f"wire version {PROTOCOL_VERSION - 1}, "
+                                                  f"this side {PROTOCOL_VERSION}"):
+            await open_frames("127.0.0.1", port, cctx, 1 << 20, greeting=GREETING)
+        with pytest.raises(VersionMismatch, match="upgrades all at once"):
+            await connect_tls("127.0.0.1", port, cctx)
+
+        class _Creds:
+            ssl_context = cctx
+            token = None
+
+        conn = RpcConnection(f"127.0.0.1:{port}", _Creds(), timeout=5)  # type: ignore[arg-type]
+        with pytest.raises(RpcError, match="same version"):
+            await conn.call("members")
+        await conn.close()
         server.close()
 
     run(go())

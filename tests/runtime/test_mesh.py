@@ -25,7 +25,12 @@ from runtime_mesh import CONFIG, Mesh, detection_bound, wait_for
 
 from meshscale.client.rpc import ClientCredentials, RpcError, call
 from meshscale.core.membership import suspicion_min_timeout
-from meshscale.core.rpc import PushPullFrame, RpcRequest, encode_stream_message
+from meshscale.core.rpc import (
+    STREAM_PROTOCOL_VERSION,
+    PushPullFrame,
+    RpcRequest,
+    encode_stream_message,
+)
 from meshscale.runtime.launcher import pid_alive
 from meshscale.trust.bundle import init_bundle, load_bundle, write_node_bundle, write_private
 from meshscale.trust.framing import HEADER
@@ -209,7 +214,7 @@ async def _garbage_frames(addr: str, creds: ClientCredentials, count: int) -> No
         elif kind == 2:  # valid MessagePack, wrong protocol version
             body = msgspec.msgpack.encode((99, ["req", 1, "members", "t", {}]))
         elif kind == 3:  # unknown message tag
-            body = msgspec.msgpack.encode((1, ["bogus", 1, 2]))
+            body = msgspec.msgpack.encode((STREAM_PROTOCOL_VERSION, ["bogus", 1, 2]))
         elif kind == 4:  # push/pull whose payload is not sealed with the keyring
             body = encode_stream_message(PushPullFrame(rng.randbytes(64)))
         elif kind == 5:  # a request with a wrong token

@@ -230,13 +230,16 @@ def test_latency_spec() -> None:
 
 
 def test_stream_message_decoding() -> None:
+    from meshscale.core.rpc import STREAM_PROTOCOL_VERSION as V
+
     msg = RpcRequest(3, "members", "tok", {"since": 1})
     assert decode_stream_message(encode_stream_message(msg), 1024) == msg
     cases = {
         b"\xc1": "malformed",
-        msgspec.msgpack.encode((2, ["req", 1, "m", "t", {}])): "version",
-        msgspec.msgpack.encode((1, ["nope", 1])): "unknown",
-        msgspec.msgpack.encode((1, ["req", 1])): "malformed",
+        msgspec.msgpack.encode((V + 1, ["req", 1, "m", "t", {}])): "version",
+        msgspec.msgpack.encode((V - 1, ["req", 1, "m", "t", {}])): "version",
+        msgspec.msgpack.encode((V, ["nope", 1])): "unknown",
+        msgspec.msgpack.encode((V, ["req", 1])): "malformed",
         b"x" * 2000: "oversized",
     }
     for data, reason in cases.items():

@@ -120,7 +120,7 @@ def _pickle_operator(fn: Callable[..., Any], batch: bool) -> bytes:
     registered = False
     if module_name != "__main__" and mod is not None and by_value(module_name):
         with contextlib.suppress(ValueError):
-            cloudpickle.register_pickleby_value(mod)
+            cloudpickle.register_pickle_by_value(mod)
             registered = True
     try:
         data: bytes = cloudpickle.dumps(_make_operator_call(fn, batch), protocol=5)
@@ -131,7 +131,7 @@ def _pickle_operator(fn: Callable[..., Any], batch: bool) -> bytes:
     finally:
         if registered:
             with contextlib.suppress(ValueError):
-                cloudpickle.unregister_pickleby_value(mod)
+                cloudpickle.unregister_pickle_by_value(mod)
 
 
 NODE_STARTING = "node is starting"

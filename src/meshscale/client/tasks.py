@@ -182,7 +182,7 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
         mod = sys.modules.get(module_name)
         if module_name != "__main__" and mod is not None and by_value(module_name):
             with contextlib.suppress(ValueError):
-                cloudpickle.register_pickleby_value(mod)
+                cloudpickle.register_pickle_by_value(mod)
                 registered = True
         try:
             data: bytes = cloudpickle.dumps(_make_call(fn), protocol=5)
@@ -192,7 +192,7 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
         finally:
             if registered:
                 with contextlib.suppress(ValueError):
-                    cloudpickle.unregister_pickleby_value(mod)
+                    cloudpickle.unregister_pickle_by_value(mod)
         out = (function_id(data), data)
         with contextlib.suppress(TypeError):  # not weak-referenceable: not cached
             _pickled[fn] = out

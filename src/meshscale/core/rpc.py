@@ -20,9 +20,9 @@ from typing import Annotated, Any
 
 import msgspec
 
-from meshscale.core.wire import DECODE_ERRORS, WireError
+from meshscale.core.wire import DECODE_ERRORS, PROTOCOL_VERSION, WireError
 
-STREAM_PROTOCOL_VERSION = 1
+STREAM_PROTOCOL_VERSION = PROTOCOL_VERSION
 
 Method = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Token = Annotated[str, msgspec.Meta(max_length=512)]
@@ -67,7 +67,8 @@ def decode_stream_message(data: bytes | bytearray, max_size: int) -> StreamMessa
     except DECODE_ERRORS as exc:
         raise WireError("malformed", str(exc)) from None
     if version != STREAM_PROTOCOL_VERSION:
-        raise WireError("version", f"stream version {version}")
+        raise WireError("version", f"stream version {version}, expected "
+                                   f"{STREAM_PROTOCOL_VERSION}")
     try:
         msg: StreamMessage = _message_decoder.decode(raw)
     except msgspec.ValidationError as exc:

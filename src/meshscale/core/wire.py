@@ -15,7 +15,13 @@ import msgspec
 
 M = TypeVar("M")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""The version of the whole wire contract: gossip envelopes, stream messages and the
+greeting a node sends before TLS (``trust/tls.GREETING``). Nodes and clients of two
+versions are never mixed: a mesh upgrades all at once, and a peer of another version is
+refused, with a message naming both versions (greeting) or a counted, logged ``version``
+rejection (gossip, stream frames). Bump it with any change a peer of the previous
+version would misread."""
 
 # Bytes the envelope adds around its messages: fixarray(2) + version (<=2 bytes)
 # + array16 header (3 bytes). A conservative constant keeps the packer simple.
@@ -45,6 +51,7 @@ class WireError(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 _envelope_decoder = msgspec.msgpack.Decoder(tuple[int, list[msgspec.Raw]])

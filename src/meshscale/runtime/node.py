@@ -568,8 +568,13 @@ class NodeAgent:
         self.membership.on_timer(time.monotonic())
         self._pump()
 
-    def _reject(self, reason: str) -> None:
+    def _reject(self, reason: str, peer: str = "", detail: str = "") -> None:
         self.stats.rejected[reason] += 1
+        if reason == "version":
+            # Old and new nodes are not mixed: say so (at most once per log_limit_s).
+            self.log_limited("version_mismatch", peer=peer, detail=detail[:200],
+                             hint="every node of a mesh must run the same meshscale "
+                                  "version (a mesh upgrades all at once)")
 
     # ------------------------------------------------------------------ UDP
 
@@ -657,8 +662,8 @@ class NodeAgent:
             self.stats.runtime["stream_errors"] += 1
             why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         except WireError as e:
-            self._reject(e.reason)
-            why = f"unexpected answer ({e.reason})"
+            self._reject(e.reason, addr, e.detail)
+            why = f"unexpected answer ({e.reason}: {e.detail})"
         except SealError as e:
             self._reject(e.reason)
             why = (f"its answer does not open with our gossip keyring ({e.reason}): "
@@ -821,7 +826,7 @@ class NodeAgent:
             try:
                 msg = decode_stream_message(data, self.cfg.max_frame_bytes)
             except WireError as e:
-                self._reject(e.reason)
+                self._reject(e.reason, src, e.detail)
                 return
             kind = self._message_kind(msg)
             self.stats.count_in(kind, len(data))

@@ -295,20 +295,16 @@ class FrameConnection(asyncio.BufferedProtocol):
 
 async def open_frames(
     host: str, port: int, ctx: ssl.SSLContext, max_size: int, *,
-    greeting: bytes, handshake_timeout: float = 5.0, busy: bytes | None = None,
+    greeting: bytes, handshake_timeout: float = 5.0,
 ) -> FrameConnection:
     """Connect to a node: plain TCP, its greeting (see ``trust.tls.GREETING``), then TLS;
     frames of up to ``max_size`` bytes are received (``FrameConnection``)."""
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_connection(lambda: FrameConnection(max_size), host, port)
     try:
-        got = await proto.read_greeting(len(greeting))
-        if busy is not None and got == busy:
-            from meshscale.trust.tls import NodeBusy
+        from meshscale.trust.tls import check_greeting
 
-            raise NodeBusy(f"{host}:{port}: node busy (no connection slot free); try again")
-        if got != greeting:
-            raise ConnectionError(f"{host}:{port} is not a meshscale node")
+        check_greeting(await proto.read_greeting(len(greeting)), host, port, greeting)
         tls = await loop.start_tls(transport, proto, ctx, server_hostname=None,
                                    ssl_handshake_timeout=handshake_timeout)
     except BaseException:

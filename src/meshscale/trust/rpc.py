@@ -26,7 +26,7 @@ from meshscale.core.rpc import (
 from meshscale.core.wire import WireError
 from meshscale.trust.credentials import Credentials
 from meshscale.trust.framing import FrameConnection, FrameTooLarge, open_frames, split_addr
-from meshscale.trust.tls import BUSY, GREETING, NodeBusy
+from meshscale.trust.tls import GREETING, NodeBusy, VersionMismatch
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
@@ -83,7 +83,6 @@ class RpcConnection:
                     self._writer = await open_frames(
                         host, port, self.creds.ssl_context, MAX_REPLY_BYTES,
                         greeting=GREETING, handshake_timeout=self.connect_timeout,
-                        busy=BUSY,
                     )
             except TimeoutError:
                 raise RpcError(f"{self.addr}: no connection within "
@@ -105,7 +104,7 @@ class RpcConnection:
         except TimeoutError:
             await self.close()
             raise RpcError(f"{self.addr}: timed out after {self.timeout:g}s") from None
-        except NodeBusy as e:
+        except (NodeBusy, VersionMismatch) as e:
             await self.close()
             raise RpcError(str(e)) from None
         except (

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from meshscale.core.wire import PROTOCOL_VERSION
 from meshscale.trust.bundle import Bundle
 from meshscale.trust.certs import peer_subject
 
@@ -148,11 +149,33 @@ class NodeBusy(ConnectionError):
     """The node had no connection slot free: try again shortly (not a credentials error)."""
 
 
-GREETING = b"MSH1"
-"""Sent by the server in clear as soon as it is ready for the TLS handshake; the client
-starts TLS only after reading it. The server stops reading before it sends the greeting,
+class VersionMismatch(ConnectionError):
+    """The node speaks another version of the wire contract: old and new are not mixed."""
+
+
+GREETING_PREFIX = b"MSH"
+assert 0 < PROTOCOL_VERSION < 10
+GREETING = GREETING_PREFIX + str(PROTOCOL_VERSION).encode()
+"""Sent by the server in clear as soon as it is ready for the TLS handshake: ``MSH`` and
+the wire version (``core.wire.PROTOCOL_VERSION``); the client starts TLS only after
+reading it, and refuses a node of another version (``VersionMismatch``). The server stops reading before it sends the greeting,
 so no byte of the handshake can be consumed by the plain-TCP layer (a race some event
 loops, uvloop among them, otherwise have when upgrading an accepted connection)."""
+
+
+def check_greeting(got: bytes, host: str, port: int, expected: bytes = GREETING) -> None:
+    """Raise unless ``got`` is the greeting of a node ready for TLS: ``NodeBusy``,
+    ``VersionMismatch`` (a node of another wire version) or ``ConnectionError``."""
+    if got == BUSY:
+        raise NodeBusy(f"{host}:{port}: node busy (no connection slot free); try again")
+    if got != expected and got.startswith(GREETING_PREFIX) and len(got) == len(expected):
+        theirs = got[len(GREETING_PREFIX):].decode("ascii", "replace")
+        raise VersionMismatch(
+            f"{host}:{port} speaks meshscale wire version {theirs}, this side "
+            f"{PROTOCOL_VERSION}: every node and client of a mesh must run the same "
+            "version (a mesh upgrades all at once)")
+    if got != expected:
+        raise ConnectionError(f"{host}:{port} is not a meshscale node")
 
 
 async def connect_tls(
@@ -166,11 +189,7 @@ async def connect_tls(
     """Open a TCP connection to a node, wait for its greeting, then start TLS."""
     reader, writer = await asyncio.open_connection(host, port, limit=limit)
     try:
-        greeting = await reader.readexactly(len(GREETING))
-        if greeting == BUSY:
-            raise NodeBusy(f"{host}:{port}: node busy (no connection slot free); try again")
-        if greeting != GREETING:
-            raise ConnectionError(f"{host}:{port} is not a meshscale node")
+        check_greeting(await reader.readexactly(len(GREETING)), host, port)
         await writer.start_tls(ctx, ssl_handshake_timeout=handshake_timeout)
     except BaseException:
         writer.transport.abort()
