@@ -4,14 +4,23 @@ worse than none.
 
 - the compute swarm's residency oracle, against a scheduler that ignores residency;
 - its locality figure, against a scheduler that ignores where the inputs are;
-- the data-plane swarm's residency check, against replica placement that ignores the rule.
+- the data-plane swarm's residency check, against replica placement that ignores the rule;
+- the membership benchmark's false-positive counts, against a node that declares a
+  suspected member dead at once (no suspicion timeout, no time to refute) and against
+  members that never refute.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
 import pytest
 
-from meshscale.core import placement, scheduling
+from meshscale.core import membership, placement, scheduling
 from meshscale.sim.compute import ComputeReport
 from meshscale.sim.compute import chaos_run as compute_chaos
 from meshscale.sim.dataplane import chaos_run as data_chaos
@@ -69,3 +78,61 @@ def test_placement_outside_the_rule_is_caught(monkeypatch: pytest.MonkeyPatch) -
         else:
             caught += bool(r.residency_violations)
     assert caught == 3
+
+
+# ---------------------------------------------------------------- membership: false MemberDown
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "membership.py"
+FP_KEYS = ("false_positives_loss5", "false_transitions_loss5", "wrong_views_after_loss5",
+           "false_positives_slow", "false_transitions_healthy_slow")
+
+
+def _membership_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_membership", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _false_positives(tmp_path: Path, seed: int) -> dict[str, Any]:
+    """The benchmark's --quick run in this process (so a patch applies): 40 nodes, about
+    a second. Seeds 2 and 3 raise suspicions in the 5%-loss scenario at this size."""
+    out = tmp_path / f"m{seed}.json"
+    assert _membership_bench().main(
+        ["--nodes", "40", "--seed", str(seed), "--quick", "--skip-slow-off",
+         "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    return {k: data[k] for k in FP_KEYS}
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_a_suspect_declared_dead_at_once_is_caught(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int) -> None:
+    assert _false_positives(tmp_path, seed) == dict.fromkeys(FP_KEYS, 0)
+    original = membership.Membership._on_suspect
+
+    def hasty(self: membership.Membership, msg: membership.Suspect, now: float) -> None:
+        original(self, msg, now)
+        m = self.members.get(msg.node)
+        if msg.node != self.name and m is not None and m.state == membership.State.SUSPECT:
+            self._on_dead(membership.Dead(m.name, m.inc, self.name), now)
+
+    monkeypatch.setattr(membership.Membership, "_on_suspect", hasty)
+    broken = _false_positives(tmp_path, seed)
+    assert broken["false_positives_loss5"] > 0, broken
+    assert broken["false_transitions_loss5"] >= broken["false_positives_loss5"], broken
+    assert broken["false_positives_slow"] > 0, broken  # healthy nodes, among slow ones
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_members_that_never_refute_are_caught(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int) -> None:
+    assert _false_positives(tmp_path, seed) == dict.fromkeys(FP_KEYS, 0)
+    monkeypatch.setattr(membership.Membership, "_refute",
+                        lambda self, inc, now: None)
+    broken = _false_positives(tmp_path, seed)
+    assert broken["false_positives_loss5"] > 0, broken
+    # Nor do the views heal once the loss stops: the dead never come back.
+    assert broken["wrong_views_after_loss5"] > 0, broken
+    assert broken["false_positives_slow"] > 0, broken
