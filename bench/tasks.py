@@ -259,7 +259,7 @@ def run_ray(p: Params, out: dict[str, Any]) -> None:
         from ray.cluster_utils import Cluster
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     except ImportError as e:
-        raise Unavailable(f"ray not installed ({e}); pip install -e '.[bench]'") from None
+        raise Unavailable(f"ray not installed ({e}); make bench-peers") from None
 
     before = own_children()
     t0 = time.perf_counter()
@@ -369,7 +369,7 @@ def run_dask(p: Params, out: dict[str, Any]) -> None:
     try:
         from distributed import Client, LocalCluster, as_completed, wait
     except ImportError as e:
-        raise Unavailable(f"dask[distributed] not installed ({e}); pip install -e '.[bench]'") \
+        raise Unavailable(f"dask[distributed] not installed ({e}); make bench-peers") \
             from None
 
     before = own_children()
