@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv sysdeps test lint demo bench clean
+.PHONY: venv sysdeps test lint demo bench bench-peers bench-tasks clean
 
 venv: $(STAMP)
 
@@ -32,5 +32,21 @@ demo: venv
 bench: venv
 	$(BIN)/python bench/membership.py --nodes 1000 --seed 1 --json bench/results/membership-1000.json
 
+# Ray and Dask for bench/tasks.py, in a venv of their own: never in .venv, so `make test`
+# does not depend on them.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+bench-peers: $(BENCH_STAMP)
+
+$(BENCH_STAMP): pyproject.toml bench/requirements-peers.txt
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e . -r bench/requirements-peers.txt
+	@touch $(BENCH_STAMP)
+
+bench-tasks: bench-peers
+	$(BENCH_VENV)/bin/python bench/tasks.py $(BENCH_ARGS) --json bench/results/tasks.json
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -7,15 +7,24 @@ worse than none.
 - the data-plane swarm's residency check, against replica placement that ignores the rule;
 - the compute swarm's outcome check, against an owner that drops a task's outcome, and
   against nodes that never take over a dead owner's tasks (the simulator before
-  ``core/tasks.py`` called those tasks "orphaned" and did not count them).
+  ``core/tasks.py`` called those tasks "orphaned" and did not count them);
+- the membership benchmark's false-positive counts, against a node that declares a
+  suspected member dead at once (no suspicion timeout, no time to refute) and against
+  members that never refute.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
 import pytest
 
 import meshscale.sim.compute as sim_compute
-from meshscale.core import placement, scheduling, tasks
+from meshscale.core import membership, placement, scheduling, tasks
 from meshscale.sim.compute import ComputeReport
 from meshscale.sim.compute import chaos_run as compute_chaos
 from meshscale.sim.dataplane import chaos_run as data_chaos
@@ -120,3 +129,61 @@ def test_adopting_from_a_live_owner_is_caught(monkeypatch: pytest.MonkeyPatch) -
     broken = [compute_chaos(s) for s in SEEDS]
     caught = [p for r in broken for p in r.result_problems if "while it saw" in p]
     assert len(caught) >= len(SEEDS), caught[:3]
+
+
+# ---------------------------------------------------------------- membership: false MemberDown
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "membership.py"
+FP_KEYS = ("false_positives_loss5", "false_transitions_loss5", "wrong_views_after_loss5",
+           "false_positives_slow", "false_transitions_healthy_slow")
+
+
+def _membership_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_membership", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _false_positives(tmp_path: Path, seed: int) -> dict[str, Any]:
+    """The benchmark's --quick run in this process (so a patch applies): 40 nodes, about
+    a second. Seeds 2 and 3 raise suspicions in the 5%-loss scenario at this size."""
+    out = tmp_path / f"m{seed}.json"
+    assert _membership_bench().main(
+        ["--nodes", "40", "--seed", str(seed), "--quick", "--skip-slow-off",
+         "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    return {k: data[k] for k in FP_KEYS}
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_a_suspect_declared_dead_at_once_is_caught(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int) -> None:
+    assert _false_positives(tmp_path, seed) == dict.fromkeys(FP_KEYS, 0)
+    original = membership.Membership._on_suspect
+
+    def hasty(self: membership.Membership, msg: membership.Suspect, now: float) -> None:
+        original(self, msg, now)
+        m = self.members.get(msg.node)
+        if msg.node != self.name and m is not None and m.state == membership.State.SUSPECT:
+            self._on_dead(membership.Dead(m.name, m.inc, self.name), now)
+
+    monkeypatch.setattr(membership.Membership, "_on_suspect", hasty)
+    broken = _false_positives(tmp_path, seed)
+    assert broken["false_positives_loss5"] > 0, broken
+    assert broken["false_transitions_loss5"] >= broken["false_positives_loss5"], broken
+    assert broken["false_positives_slow"] > 0, broken  # healthy nodes, among slow ones
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_members_that_never_refute_are_caught(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seed: int) -> None:
+    assert _false_positives(tmp_path, seed) == dict.fromkeys(FP_KEYS, 0)
+    monkeypatch.setattr(membership.Membership, "_refute",
+                        lambda self, inc, now: None)
+    broken = _false_positives(tmp_path, seed)
+    assert broken["false_positives_loss5"] > 0, broken
+    # Nor do the views heal once the loss stops: the dead never come back.
+    assert broken["wrong_views_after_loss5"] > 0, broken
+    assert broken["false_positives_slow"] > 0, broken
