@@ -436,12 +436,15 @@ def members_cmd(
     rows: list[dict[str, Any]] = _call(_target(node, mesh, bundle), "members", timeout=timeout)
     if as_json:
         keys = ("name", "address", "region", "zone", "state", "incarnation", "rtt_ms",
-                "labels", "cert_expires")
+                "labels", "cert_expires", "disk_full")
         typer.echo(json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=2))
     else:
         typer.echo(_members_table(rows))
     now = time.time()
     for r in rows:
+        if r.get("disk_full") and r.get("state") in ("alive", "suspect"):
+            typer.echo(f"warning: the disk of node {r['name']} is full: it refuses writes "
+                       "and takes no new copies until it has room", err=True)
         ends = r.get("cert_expires")
         if r.get("state") in ("alive", "suspect") and isinstance(ends, int | float):
             days = (ends - now) / 86400

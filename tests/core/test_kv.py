@@ -9,6 +9,7 @@ from meshscale.core.kv import (
     Consistency,
     KVCoordinator,
     KVRecord,
+    kv_placement,
     kv_replicas,
     lww_merge,
     merge_optional,
@@ -149,3 +150,46 @@ def test_a_failed_write_names_what_the_replicas_said() -> None:
     c.on_failure("b")
     assert c.outcome is not None and not c.outcome.ok
     assert "2 of 3 replicas failed (a: disk_full: writing 900000" in c.outcome.reason
+
+
+def test_a_full_node_is_left_out_of_kv_writes_but_asked_on_reads_and_deletes() -> None:
+    view = [Candidate(f"n{i}", r, "z") for i, r in enumerate(["eu", "us", "ap", "eu", "us"])]
+    home = kv_replicas("k", view)
+    full = home[0]
+    fview = [Candidate(c.name, c.region, c.zone, full=c.name == full) for c in view]
+    where = kv_placement("k", fview)
+    assert full not in where.replicas and len(where.replicas) == 3
+    assert where.full == (full,)
+    assert set(home) - {full} <= set(where.replicas)
+    assert kv_placement("k", view).replicas == tuple(home) and kv_placement("k", view).full == ()
+    # Every node full: the replica set itself (values will be refused, deletes work).
+    allfull = [Candidate(c.name, c.region, c.zone, full=True) for c in view]
+    assert kv_placement("k", allfull).replicas == tuple(home)
+    # A value is never sent to a full node.
+    with pytest.raises(ValueError):
+        KVCoordinator.for_put(rec(b"v", 1), where.replicas, Consistency.ALL, where.full)
+    # ALL over the write set succeeds although the full node refuses (it is not counted).
+    op = KVCoordinator.for_put(rec(None, 2), where.replicas, Consistency.ALL, where.full)
+    assert op.asked == (*where.replicas, full)
+    op.on_failure(full, "disk_full")
+    for n in where.replicas:
+        assert op.outcome is None
+        op.on_reply(n, None)
+    assert op.outcome is not None and op.outcome.ok
+
+
+def test_a_full_nodes_read_reply_is_merged_not_counted_nor_repaired() -> None:
+    op = KVCoordinator.for_get("k", ["a", "b", "c"], Consistency.QUORUM, extra=["f"])
+    op.on_reply("f", rec(b"newest", 9, "f"))
+    op.on_reply("a", None)
+    assert op.outcome is None  # the full node's reply does not count
+    op.on_reply("b", rec(b"old", 1))
+    assert op.outcome is not None and op.outcome.ok
+    assert op.outcome.record == rec(b"newest", 9, "f")
+    assert {n for n, _ in op.read_repair()} == {"a", "b"}
+    # A full node's failure decides nothing either.
+    op = KVCoordinator.for_get("k", ["a"], Consistency.ALL, extra=["f"])
+    op.on_failure("f")
+    assert op.outcome is None
+    op.on_reply("a", None)
+    assert op.outcome is not None and op.outcome.ok

@@ -9,13 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshscale.core.placement import (
+    FULL_TAG,
     MAX_REPLICAS,
     Candidate,
     PlacementError,
     Residency,
     check_quorum,
+    disk_full,
     hrw_score,
+    is_full,
     replica_set,
+    write_set,
 )
 
 REGIONS = ["us-east", "us-west", "eu-west", "eu-central", "ap-south"]
@@ -308,3 +312,89 @@ def test_primaries_are_balanced_over_nodes() -> None:
     assert set(primaries) == {c.name for c in nodes}
     for count in primaries.values():
         assert 300 <= count <= 700  # 3% .. 7% of 10,000; the mean is 5%
+
+
+# --- full nodes -------------------------------------------------------------------------
+
+
+def _fill(nodes: list[Candidate], full: set[str]) -> list[Candidate]:
+    return [Candidate(c.name, c.region, c.zone, c.labels, full=c.name in full) for c in nodes]
+
+
+@settings(max_examples=200, deadline=None)
+@given(object_ids, topologies, replica_counts, residencies, st.data())
+def test_a_write_set_never_holds_a_full_node_and_replaces_only_full_members(
+    oid: str, nodes: list[Candidate], r: int, residency: Residency | None, data: st.DataObject
+) -> None:
+    full = data.draw(st.sets(st.sampled_from([c.name for c in nodes])))
+    view = _fill(nodes, full)
+    try:
+        home = _names(replica_set(oid, view, r, residency))
+    except PlacementError:
+        return
+    room = [c for c in view if not c.full]
+    try:
+        ws = _names(write_set(oid, view, r, residency))
+    except PlacementError as e:
+        # Refused only when every allowed node is full, and then it says so.
+        assert e.rule == "disk_full"
+        assert not any(residency is None or residency.allows(c.region) for c in room)
+        return
+    assert not set(ws) & full
+    # The rule set's members with room all stay: only full ones are replaced...
+    assert {n for n in home if n not in full} <= set(ws)
+    # ...and with no full member in the rule set, the write set is the rule set.
+    if not set(home) & full:
+        assert ws == home
+    assert ws == _names(replica_set(oid, room, r, residency))
+
+
+def test_a_full_node_leaves_the_write_set_for_the_next_node_and_stays_in_the_rule_set() -> None:
+    view = _mesh(3, 2, 1)  # one node per zone: 6 nodes in 3 regions
+    oid = next(f"o{i}" for i in range(1000)
+               if _names(replica_set(f"o{i}", view, 3))[1] == view[0].name)
+    home = _names(replica_set(oid, view, 3))
+    full_view = _fill(view, {view[0].name})
+    assert _names(replica_set(oid, full_view, 3)) == home  # still where its copies belong
+    ws = _names(write_set(oid, full_view, 3))
+    assert view[0].name not in ws and len(ws) == 3
+    assert set(home) - set(ws) == {view[0].name} and len(set(ws) - set(home)) == 1
+    assert is_full({FULL_TAG: "1"}) and not is_full({}) and not is_full({FULL_TAG: "0"})
+
+
+def test_no_room_anywhere_allowed_is_refused_as_disk_full_after_residency() -> None:
+    view = _fill(_mesh(2, 1, 2), {"us-east-a-0", "us-east-a-1"})
+    us = Residency(frozenset({"us-east"}))
+    with pytest.raises(PlacementError) as e:
+        write_set("x", view, 2, us)
+    assert e.value.rule == "disk_full" and "full" in str(e.value)
+    with pytest.raises(PlacementError) as e:
+        write_set("x", view, 2, Residency(frozenset({"mars"})))
+    assert e.value.rule == "residency"
+    assert {c.region for c in write_set("x", view, 2)} == {"us-west"}
+    # Too few nodes with room for W: the refusal names the full disks, not the count.
+    with pytest.raises(PlacementError) as e:
+        check_quorum(write_set("x", view, 3), 3, full=2)
+    assert e.value.rule == "disk_full"
+    with pytest.raises(PlacementError) as e:
+        check_quorum(write_set("x", view, 3), 3, full=0)
+    assert e.value.rule == "replicas"
+
+
+def test_disk_full_has_hysteresis() -> None:
+    reserve, margin = 100, 50
+    assert not disk_full(100, reserve, margin, was_full=False)
+    assert disk_full(99, reserve, margin, was_full=False)
+    # Full stays full until free space is back above reserve + margin.
+    assert disk_full(120, reserve, margin, was_full=True)
+    assert disk_full(149, reserve, margin, was_full=True)
+    assert not disk_full(150, reserve, margin, was_full=True)
+    # Walking free space up and down across the reserve flips it twice, not every step.
+    state, flips = False, 0
+    for free in [110, 99, 101, 98, 120, 140, 149, 150, 140, 101, 100]:
+        new = disk_full(free, reserve, margin, state)
+        flips += new != state
+        state = new
+    assert flips == 2 and not state
+    with pytest.raises(ValueError):
+        disk_full(1, 1, -1, was_full=False)

@@ -8,9 +8,16 @@ import msgspec
 import pytest
 
 from meshscale.core.hlc import HLCTimestamp
-from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set
+from meshscale.core.placement import (
+    Candidate,
+    PlacementError,
+    Residency,
+    replica_set,
+    write_set,
+)
 from meshscale.core.replication import (
     DigestMsg,
+    DigestReply,
     DropLocal,
     ObjectPolicy,
     ObjRef,
@@ -596,3 +603,148 @@ def test_a_copy_gone_before_the_digest_reply_is_not_offered() -> None:
     offered = [decode_message(o.payload, 1 << 20) for o in m.drain()
                if isinstance(o, SendMessage) and o.dst == b]
     assert all(r.oid != "obj" for o in offered if isinstance(o, Offer) for r in o.refs)
+
+
+# --------------------------------------------------------------------------- full nodes
+
+
+class FullMesh(Mesh):
+    """A mesh where some nodes' disks are full: the view marks them, and a transfer to
+    one is refused as a real full disk would refuse it."""
+
+    def __init__(self, view: list[Candidate] = VIEW) -> None:
+        super().__init__(view)
+        self.full: set[str] = set()
+
+    def set_full(self, full: set[str]) -> None:
+        self.full = set(full)
+        self.view = [Candidate(c.name, c.region, c.zone, full=c.name in full)
+                     for c in self.view]
+        self.set_view(self.view)
+
+    def route(self, src: str, out: object) -> None:
+        if isinstance(out, Transfer) and out.dst in self.full:
+            self.sent_transfers.append(out)
+            self.m[src].transfer_done(out.req_id, out.dst, out.oid, False, self.now)
+            return
+        super().route(src, out)
+
+    def to(self, node: str) -> list[Transfer]:
+        return [t for t in self.sent_transfers if t.dst == node]
+
+
+def _oids_on(node: str, k: int, view: list[Candidate] = VIEW) -> list[str]:
+    """k object ids whose replica set holds ``node``."""
+    return [o for o in (f"o{i}" for i in range(2000))
+            if node in names(replica_set(o, view, 3))][:k]
+
+
+def test_a_full_member_keeps_its_copies_and_none_is_copied_elsewhere() -> None:
+    mesh = FullMesh()
+    oids = _oids_on("eu2", 12)
+    for oid in oids:
+        for n in names(replica_set(oid, VIEW, 3)):
+            mesh.add(n, oid, ANY)
+    mesh.run(6.0)
+    before = {o: mesh.holders(o) for o in oids}
+    mesh.sent_transfers.clear()
+    mesh.set_full({"eu2"})
+    mesh.run(mesh.now + 20.0)
+    # Its copies are still in place, counted, not misplaced: nothing moved, nothing dropped.
+    assert {o: mesh.holders(o) for o in oids} == before
+    assert mesh.sent_transfers == [] and mesh.drops == []
+    assert all("eu2" in mesh.m["eu1"].read_sources(o, ANY, mesh.now) for o in oids)
+    # Room again: still nothing to do.
+    mesh.set_full(set())
+    mesh.run(mesh.now + 20.0)
+    assert {o: mesh.holders(o) for o in oids} == before and mesh.sent_transfers == []
+
+
+def test_a_put_skips_a_full_node_and_its_stand_in_keeps_the_copy_until_it_has_room() -> None:
+    mesh = FullMesh()
+    (oid,) = _oids_on("eu2", 1)
+    home = names(replica_set(oid, VIEW, 3))
+    mesh.set_full({"eu2"})
+    coord = next(n for n in sorted(mesh.m) if n not in home and n != "eu2")
+    mesh.m[coord].begin_put(1, oid, ANY, 3, mesh.now)
+    mesh.flush()
+    acks = [e for e in mesh.events if isinstance(e, PutAcked)]
+    assert len(acks) == 1 and "eu2" not in acks[0].nodes and len(acks[0].nodes) == 3
+    ws = set(acks[0].nodes)
+    assert mesh.holders(oid) == ws and mesh.to("eu2") == []
+    # Many sync rounds later: no transfer to the full node, the stand-in keeps its copy
+    # (a member of the rule set still lacks it), no copy is lost or dropped.
+    mesh.run(mesh.now + 40.0)
+    assert mesh.to("eu2") == [] and mesh.holders(oid) == ws and mesh.drops == []
+    # The full node answered "no room" once per holder, and then was left alone.
+    declined = mesh.m["eu2"].stats.get("offers_declined.no_room", 0)
+    mesh.run(mesh.now + 40.0)
+    assert mesh.m["eu2"].stats.get("offers_declined.no_room", 0) == declined
+    # It has room again: it takes the copy, and the stand-in drops its own.
+    mesh.set_full(set())
+    mesh.run(mesh.now + 20.0)
+    assert mesh.holders(oid) == set(home)
+    (stand_in,) = ws - set(home)
+    assert (stand_in, oid) in mesh.drops
+
+
+def test_a_full_member_that_lost_its_copy_is_stood_in_for_never_pushed_to() -> None:
+    mesh = FullMesh()
+    oids = _oids_on("eu2", 6)
+    for oid in oids:
+        for n in names(replica_set(oid, VIEW, 3)):
+            mesh.add(n, oid, ANY)
+    mesh.run(6.0)
+    mesh.set_full({"eu2"})
+    lost = oids[0]
+    mesh.m["eu2"].object_removed(lost, mesh.now)  # e.g. a corrupt copy, quarantined
+    mesh.run(mesh.now + 20.0)
+    # Three copies again, the third on the node that replaces eu2 in the write set; the
+    # other objects (eu2 still holds them) are not copied anywhere.
+    full_view = [Candidate(c.name, c.region, c.zone, full=c.name == "eu2") for c in VIEW]
+    ws = set(names(write_set(lost, full_view, 3)))
+    assert mesh.holders(lost) == ws and mesh.to("eu2") == []
+    assert {t.oid for t in mesh.sent_transfers} == {lost}
+
+
+def test_a_repair_queued_before_the_node_filled_is_not_sent() -> None:
+    m = manager("eu1")
+    rs = names(replica_set("obj", VIEW, 3))
+    holder = rs[0]
+    target = rs[1]
+    m = manager(holder)
+    m.object_added("obj", ANY, None, 0.0)
+    m.on_timer(10.0)
+    digests = {o.dst: decode_message(o.payload, 1 << 20) for o in m.drain()
+               if isinstance(o, SendMessage)}
+    d = digests[target]
+    assert isinstance(d, DigestMsg)
+    m.handle_message(target, encode_message(DigestReply(d.round, False)), 10.1)
+    offer = next(decode_message(o.payload, 1 << 20) for o in m.drain()
+                 if isinstance(o, SendMessage) and o.dst == target)
+    assert isinstance(offer, Offer)
+    # The target fills between asking and the transfer.
+    m.set_view([Candidate(c.name, c.region, c.zone, full=c.name == target) for c in VIEW], 10.2)
+    m.drain()
+    m.handle_message(target, encode_message(OfferReply(offer.round, offer.page, ["obj"], [])),
+                     10.3)
+    assert not transfers(m.drain())
+    assert m.stats.get("repairs_skipped.full") == 1
+
+
+def test_a_full_node_is_never_a_put_target_nor_a_stand_in() -> None:
+    full = {"eu2", "us1"}
+    view = [Candidate(c.name, c.region, c.zone, full=c.name in full) for c in VIEW]
+    m = manager("ap1", view)
+    for i in range(30):
+        m.begin_put(i + 1, f"p{i}", ObjectPolicy(2), 1, 0.0)
+        for t in transfers(m.drain()):
+            assert t.dst not in full
+            m.transfer_done(i + 1, t.dst, t.oid, False, 0.1)  # every stand-in fails too
+            for h in transfers(m.drain()):
+                assert h.dst not in full
+    eu_only = [Candidate(c.name, c.region, c.zone, full=c.region == "eu") for c in VIEW]
+    m = manager("us2", eu_only)
+    with pytest.raises(PlacementError) as e:
+        m.begin_put(1, "x", EU, 1, 0.0)
+    assert e.value.rule == "disk_full"

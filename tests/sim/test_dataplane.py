@@ -10,9 +10,10 @@ import random
 
 import pytest
 
-from meshscale.core.kv import Consistency
+from meshscale.core.kv import Consistency, kv_replicas
+from meshscale.core.outputs import Event
 from meshscale.core.placement import Residency, replica_set
-from meshscale.core.replication import ObjectPolicy
+from meshscale.core.replication import ObjectPolicy, Transfer
 from meshscale.sim.dataplane import ChaosReport, DataMesh, chaos_run, object_id
 
 ANY = ObjectPolicy(3)
@@ -99,6 +100,64 @@ def test_kv_quorum_write_then_read_and_read_repair() -> None:
     assert got is not None and got.ok
     mesh.sim.run_until(mesh.sim.now + 1.0)
     assert mesh.kv_divergent(["dataset/latest"]) == []
+
+
+def test_a_full_node_leaves_new_replica_sets_keeps_its_copies_and_comes_back() -> None:
+    mesh = _settled(DataMesh(8, seed=6, disk_reserve_bytes=100, disk_margin_bytes=200))
+    sim = mesh.sim
+    to_victim: list[float] = []
+    victim = "n2"
+
+    def watch(t: float, node: str, ev: Event) -> None:
+        if isinstance(ev, Transfer) and ev.dst == victim:
+            to_victim.append(t)
+
+    sim.observers.append(watch)
+    for i in range(20):
+        mesh.put_async(mesh.names[i % 8], f"before-{i}".encode(), ANY, 2)
+    assert sim.run_until_true(lambda: len(mesh.acked) == 20 and not mesh.under_replicated(),
+                              sim.now + 30.0, 0.5)
+    held = {o for o in mesh.live() if victim in mesh.holders(o)}
+    assert held
+    # Fill it: its capacity is what it holds plus less than its reserve.
+    used = sum(len(s.data) for s in mesh.node(victim).objects.values())
+    mesh.set_capacity(victim, used + 50)
+    t_full = sim.now
+    for i in range(30):  # from every node, the full one included
+        name = mesh.names[i % 8]
+        sim.at(t_full + 10.0 * i / 30, lambda n=name, i=i: mesh.put_async(
+            n, f"after-{i}".encode(), ANY, 3))
+    key = next(f"key-{i}" for i in range(100) if victim in kv_replicas(f"key-{i}", mesh.truth_view()))
+
+    def three_copies() -> bool:
+        return len(mesh.acked) == 50 and all(len(mesh.holders(o) & set(mesh.up())) >= 3
+                                             for o in mesh.live())
+
+    assert sim.run_until_true(three_copies, t_full + 40.0, 0.5), [
+        (o, mesh.holders(o)) for o in mesh.live() if len(mesh.holders(o)) < 3]
+    failed = [r.detail for r in mesh.results.values() if not r.acked]
+    assert failed == []
+    # Its copies stay where they are and count: none was copied elsewhere for it.
+    assert all(victim in mesh.holders(o) and len(mesh.holders(o)) == 3 for o in held)
+    # A key it holds takes writes at ALL from the nodes with room, and reads them back.
+    op = mesh.kv_async("n0", key, b"v1", Consistency.ALL)
+    assert sim.run_until_true(lambda: op in mesh.kv_done, sim.now + 5.0, 0.05)
+    assert mesh.kv_done[op].ok, mesh.kv_done[op].reason
+    got = mesh.kv_get("n5", key, Consistency.ALL)
+    assert got is not None and got.ok and got.record is not None and got.record.value == b"v1"
+    # Transfers to it stopped once its flag spread, and stay stopped: nothing it refuses.
+    refused = mesh.node(victim).refused_writes
+    quiet_from = sim.now
+    sim.run_until(sim.now + 60.0)
+    assert [t for t in to_victim if t >= quiet_from] == []
+    assert mesh.node(victim).refused_writes == refused
+    assert not [t for t in to_victim if t > t_full + 5.0], to_victim
+    # Room again: it takes what it lacks, the stand-ins drop theirs, every object is back
+    # on exactly its rule set.
+    mesh.set_capacity(victim, None)
+    assert sim.run_until_true(lambda: not mesh.under_replicated() and not mesh.stray_copies(),
+                              sim.now + 60.0, 0.5), (mesh.under_replicated(), mesh.stray_copies())
+    assert not mesh.lost() and not mesh.violations
 
 
 def _check(r: ChaosReport) -> None:

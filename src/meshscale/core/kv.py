@@ -24,6 +24,14 @@ What LWW allows, and callers must know:
 - Equal timestamps are impossible between distinct writers (the node name is part of the
   timestamp); the same writer never issues a timestamp twice.
 
+Full nodes (``core/placement.py``): a key's values are written to its *write set*, the
+replica set over the nodes with room, and the consistency level counts those nodes. A
+full member of the key's replica set is still asked on reads and sent deletes (a delete
+needs no room, and must beat the older value that node holds), but its answer does not
+count towards the level, and read repair never writes a value to it: it cannot store
+one. When every allowed node is full, the write set is the replica set itself, so a
+value write fails naming ``disk_full`` while a delete still succeeds.
+
 This module is sans-I/O: ``KVCoordinator`` tracks one operation's replies and decides; the
 driver sends the requests, feeds the replies and applies the read repairs.
 """
@@ -37,13 +45,15 @@ from dataclasses import dataclass, field
 import msgspec
 
 from meshscale.core.hlc import HLCTimestamp
-from meshscale.core.placement import Candidate, Residency, replica_set
+from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set, write_set
 
 __all__ = [
     "Consistency",
     "KVCoordinator",
     "KVOutcome",
+    "KVPlacement",
     "KVRecord",
+    "kv_placement",
     "kv_replicas",
     "lww_merge",
     "merge_optional",
@@ -115,8 +125,38 @@ def kv_replicas(
     residency: Residency | None = None,
 ) -> list[str]:
     """The nodes that hold ``key``, primary first (``placement.replica_set`` over the live
-    view; ``PlacementError`` when none is allowed)."""
+    view, full nodes included; ``PlacementError`` when none is allowed). Writes and reads
+    use ``kv_placement``."""
     return [c.name for c in replica_set(KV_NAMESPACE + key, candidates, n, residency)]
+
+
+@dataclass(frozen=True)
+class KVPlacement:
+    """Who takes part in an operation on one key."""
+
+    replicas: tuple[str, ...]
+    """The write set (the replica set when every allowed node is full): a value is
+    written here, and the consistency level counts these nodes."""
+    full: tuple[str, ...]
+    """Full members of the replica set outside ``replicas``: asked on reads and sent
+    deletes, never counted."""
+
+
+def kv_placement(
+    key: str,
+    candidates: Iterable[Candidate],
+    n: int = 3,
+    residency: Residency | None = None,
+) -> KVPlacement:
+    """Where an operation on ``key`` goes (see the module docstring); ``PlacementError``
+    when no live node is allowed."""
+    view = list(candidates)
+    home = [c.name for c in replica_set(KV_NAMESPACE + key, view, n, residency)]
+    try:
+        room = [c.name for c in write_set(KV_NAMESPACE + key, view, n, residency)]
+    except PlacementError:
+        return KVPlacement(tuple(home), ())  # all full: values are refused, deletes work
+    return KVPlacement(tuple(room), tuple(h for h in home if h not in room))
 
 
 @dataclass(frozen=True)
@@ -146,6 +186,10 @@ class KVCoordinator:
     replicas: tuple[str, ...]
     consistency: Consistency
     write: KVRecord | None = None
+    extra: tuple[str, ...] = ()
+    """Also asked (full members of the replica set, ``KVPlacement.full``); their replies
+    and failures never count towards the consistency level, a read still merges what
+    they answer, and read repair never writes to them."""
     replies: dict[str, KVRecord | None] = field(default_factory=dict)
     failures: set[str] = field(default_factory=set)
     outcome: KVOutcome | None = None
@@ -155,27 +199,38 @@ class KVCoordinator:
     def __post_init__(self) -> None:
         if not self.replicas:
             raise ValueError("a KV operation needs at least one replica")
-        if len(set(self.replicas)) != len(self.replicas):
-            raise ValueError(f"replicas listed twice: {self.replicas}")
+        if len(set(self.replicas + self.extra)) != len(self.replicas) + len(self.extra):
+            raise ValueError(f"replicas listed twice: {self.replicas} {self.extra}")
         if self.write is not None and self.write.key != self.key:
             raise ValueError("the record's key is not the operation's key")
 
     @classmethod
-    def for_get(cls, key: str, replicas: Iterable[str], consistency: Consistency) -> KVCoordinator:
-        return cls(key, tuple(replicas), consistency)
+    def for_get(cls, key: str, replicas: Iterable[str], consistency: Consistency,
+                extra: Iterable[str] = ()) -> KVCoordinator:
+        return cls(key, tuple(replicas), consistency, extra=tuple(extra))
 
     @classmethod
     def for_put(
-        cls, record: KVRecord, replicas: Iterable[str], consistency: Consistency
+        cls, record: KVRecord, replicas: Iterable[str], consistency: Consistency,
+        extra: Iterable[str] = (),
     ) -> KVCoordinator:
-        return cls(record.key, tuple(replicas), consistency, write=record)
+        """A write; ``extra`` only for a delete (a full node cannot store a value)."""
+        extra = tuple(extra)
+        if extra and record.value is not None:
+            raise ValueError("a value is never sent to a full node: extra is for deletes")
+        return cls(record.key, tuple(replicas), consistency, write=record, extra=extra)
+
+    @property
+    def asked(self) -> tuple[str, ...]:
+        """Every node the driver sends the request to."""
+        return self.replicas + self.extra
 
     @property
     def required(self) -> int:
         return self.consistency.required(len(self.replicas))
 
     def on_reply(self, node: str, record: KVRecord | None) -> None:
-        if node not in self.replicas or node in self.replies or node in self.failures:
+        if node not in self.asked or node in self.replies or node in self.failures:
             return
         if record is not None and record.key != self.key:
             self.on_failure(node)  # a reply about another key: treat as garbage
@@ -186,9 +241,11 @@ class KVCoordinator:
     def on_failure(self, node: str, reason: str = "") -> None:
         """``node`` did not apply or answer; ``reason`` (its error, if it gave one) is named
         in the outcome, so a refusal reads as what it was (e.g. a full disk)."""
-        if node not in self.replicas or node in self.replies:
+        if node not in self.asked or node in self.replies:
             return
         self.failures.add(node)
+        if node in self.extra:
+            return  # not counted: its refusal (or silence) decides nothing
         if reason and self.first_failure == "":
             self.first_failure = f"{node}: {reason}"[:200]
         self._decide()
@@ -196,7 +253,7 @@ class KVCoordinator:
     def expire(self) -> None:
         if self.outcome is None:
             self.outcome = KVOutcome(
-                False, reason=f"timeout: {len(self.replies)} of {self.required} replies "
+                False, reason=f"timeout: {self._counted_replies()} of {self.required} replies "
                 f"({self.consistency.name})"
             )
 
@@ -216,20 +273,23 @@ class KVCoordinator:
         return [(n, best) for n in self.replicas
                 if n in self.replies and self.replies[n] != best]
 
+    def _counted_replies(self) -> int:
+        return sum(1 for n in self.replies if n not in self.extra)
+
     def _decide(self) -> None:
         if self.outcome is not None:
             return
         need = self.required
-        if len(self.replies) >= need:
+        if self._counted_replies() >= need:
             if self.write is not None:
                 self.outcome = KVOutcome(True, self.write)
             else:
                 self.outcome = KVOutcome(
                     True, self.winner(), tuple(n for n, _ in self.read_repair())
                 )
-        elif len(self.replicas) - len(self.failures) < need:
+        elif len(self.replicas) - len(self.failures - set(self.extra)) < need:
             why = f" ({self.first_failure})" if self.first_failure else ""
             self.outcome = KVOutcome(
-                False, reason=f"{len(self.failures)} of {len(self.replicas)} replicas "
+                False, reason=f"{len(self.failures - set(self.extra))} of {len(self.replicas)} replicas "
                 f"failed{why}; {self.consistency.name} needs {need}"
             )

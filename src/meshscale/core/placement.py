@@ -51,6 +51,31 @@ properties hold, and the tests check both:
    regions keep their prefixes, and s's shorter prefix still holds s's other members.
    The order of the survivors may change (a new primary when the primary left).
 
+Full nodes (etcd's space quota, applied to placement). A node whose free disk space is
+below its reserve refuses writes (deletes still work) and says so in its gossiped
+metadata (``FULL_TAG``, set and cleared with hysteresis by ``disk_full``: full below the
+reserve, not full again only at the reserve plus ``margin_bytes``, so a node at the edge
+does not flap). Two sets follow for every object:
+
+- The *rule set*, ``replica_set`` over every live node, full ones included: where the
+  object's copies belong. Reads, repair, hand-off and drops use it unchanged, so a copy
+  on a full node is never misplaced: it is kept, read and counted, and nothing is moved
+  off a node because it filled (moving it would fill the others in turn).
+- The *write set*, ``write_set``: ``replica_set`` over the nodes with room. New copies
+  (a put's targets and stand-ins, a KV write) go only there. By the two properties above
+  it is the rule set with each full member replaced by the next node in spread order
+  (removing a node not in the set changes nothing; removing a member swaps in at most
+  one), so an object whose rule set has no full member has write set == rule set.
+
+What a full member of the rule set does not hold (a put made while it was full, a copy
+it lost) is made instead on the node that replaced it in the write set, a *stand-in*,
+and only once the full node said it lacks the copy and has no room (replication's
+``OfferReply.no_room``); a copy the full node holds counts, so a node filling up never
+causes a copy of its data elsewhere. The stand-in's copy is outside the rule set and
+behaves like a hinted one: kept while a member of the rule set lacks it, handed to the
+full node once that node has room again, then dropped. When no node with room is left
+the object waits, under-replicated, until one has room; nothing is lost meanwhile.
+
 Identical inputs in any order give the identical list: candidates are deduplicated by name
 and ranked by score, then by name, before anything else looks at them. Scores come from
 BLAKE2b, never Python's ``hash()``, which is salted per process.
@@ -64,17 +89,42 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 __all__ = [
+    "FULL_TAG",
     "MAX_REPLICAS",
     "Candidate",
     "PlacementError",
     "Residency",
     "check_quorum",
+    "disk_full",
     "hrw_score",
+    "is_full",
     "replica_set",
+    "write_set",
 ]
 
 MAX_REPLICAS = 16
 """Largest replica count a policy may ask for; placement is O(R * N) and R is small."""
+
+FULL_TAG = "disk_full"
+"""The gossiped tag (``NodeMeta.tags``) a node sets to ``"1"`` while its disk is full."""
+
+
+def is_full(tags: Mapping[str, str]) -> bool:
+    """Does a node's gossiped metadata say its disk is full?"""
+    return tags.get(FULL_TAG) == "1"
+
+
+def disk_full(free_bytes: int, reserve_bytes: int, margin_bytes: int, was_full: bool) -> bool:
+    """Whether a node is full now, with hysteresis: a node that was not full becomes full
+    once its free space is below its reserve; a full one is not full again until its free
+    space is at least the reserve plus ``margin_bytes``. Every flip spreads by gossip and
+    re-plans new writes, so a node whose free space hovers at the reserve must not flip
+    on every write and delete."""
+    if margin_bytes < 0 or reserve_bytes < 0:
+        raise ValueError("the reserve and the margin are sizes, never negative")
+    if was_full:
+        return free_bytes < reserve_bytes + margin_bytes
+    return free_bytes < reserve_bytes
 
 
 @dataclass(frozen=True)
@@ -85,6 +135,8 @@ class Candidate:
     region: str
     zone: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    full: bool = False
+    """Its disk is full (``FULL_TAG``): in rule sets still, never in a write set."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -186,12 +238,50 @@ def replica_set(
     return chosen
 
 
-def check_quorum(chosen: Sequence[Candidate], w: int) -> None:
-    """Refuse, with rule ``"replicas"``, a write whose replica set cannot reach quorum ``w``."""
+def write_set(
+    object_id: str,
+    candidates: Iterable[Candidate],
+    replicas: int,
+    residency: Residency | None = None,
+) -> list[Candidate]:
+    """Where new copies of ``object_id`` go: ``replica_set`` over the candidates that are
+    not full, in priority order. Raises as ``replica_set`` does, and ``PlacementError``
+    with rule ``"disk_full"`` when nodes are allowed but every one of them is full."""
+    live = _dedupe(candidates)
+    room = [c for c in live if not c.full]
+    if len(room) == len(live):
+        return replica_set(object_id, live, replicas, residency)
+    rule = residency if residency is not None else Residency()
+    if not any(rule.allows(c.region) for c in room):
+        # No room anywhere allowed: the residency and "no live node" refusals come first,
+        # as replica_set words them; then it is the disks.
+        replica_set(object_id, live, replicas, residency)
+        full = sorted(c.name for c in live if rule.allows(c.region))
+        raise PlacementError(
+            "disk_full",
+            f"cannot place {object_id!r}: every live node allowed by {rule.describe()} is "
+            f"full ({', '.join(full[:8])}{', ...' if len(full) > 8 else ''}): their free "
+            "disk space is below their reserve",
+        )
+    chosen = replica_set(object_id, room, replicas, residency)
+    assert not any(c.full for c in chosen), "a full node in a write set"
+    return chosen
+
+
+def check_quorum(chosen: Sequence[Candidate], w: int, full: int = 0) -> None:
+    """Refuse a write whose replica set (or write set) cannot reach quorum ``w``: with rule
+    ``"replicas"``, or ``"disk_full"`` when the ``full`` allowed live nodes left out of a
+    write set for lack of room would have been enough."""
     if w < 1:
         raise ValueError(f"write quorum must be at least 1, got {w}")
     if len(chosen) < w:
         where = _braces({c.region for c in chosen}) if chosen else "{}"
+        if len(chosen) + full >= w:
+            raise PlacementError(
+                "disk_full",
+                f"write quorum W={w} cannot be met: only {len(chosen)} allowed live node(s) "
+                f"with room (regions {where}); {full} more are full",
+            )
         raise PlacementError(
             "replicas",
             f"write quorum W={w} cannot be met: only {len(chosen)} allowed live node(s) "

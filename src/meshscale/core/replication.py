@@ -28,6 +28,17 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   it is not responsible answers ``not_mine``, so two nodes with different views cannot
   each drop their copy counting on the other. Confirmations are forgotten when the peer
   leaves the view and only count when newer than our last view change.
+- Full nodes (etcd's space quota; see ``core/placement.py``). A node whose disk is full
+  stays in its objects' replica sets (its copies are kept, read and counted, never moved
+  off), but new copies go only to the *write set*, the replica set over the nodes with
+  room: a put's targets and stand-ins, and every repair transfer, skip nodes the view
+  marks full. A full member offered a copy it lacks answers ``OfferReply.no_room``; the
+  holders then leave that copy out of their digests with it (so the pair stops
+  mismatching) and offer it to the node that replaced the full one in the write set (a
+  *stand-in*), whose copy is kept, like a hinted one, until every member of the replica
+  set confirms holding it. Nothing is copied elsewhere just because a node filled: only
+  copies a full node says it lacks. When it has room again it is offered them, takes
+  them, and the stand-ins drop theirs.
 - Reads are the driver's job: ``read_sources`` names where to read, in replica-set order,
   known holders first and this node first if it holds a copy. Read repair: the driver
   verifies the content hash of what it read; a corrupt *local* copy is deleted and
@@ -76,6 +87,7 @@ from meshscale.core.placement import (
     check_quorum,
     hrw_score,
     replica_set,
+    write_set,
 )
 from meshscale.core.wire import VersionedCodec, WireError
 
@@ -354,6 +366,9 @@ class OfferReply(msgspec.Struct, tag=4, array_like=True):
     """Tombstones the receiver holds that are newer than what was offered."""
     superseded: Annotated[list[Oid], msgspec.Meta(max_length=4096)] = []
     """Offered tombstones older than a copy the receiver holds (the bytes were put again)."""
+    no_room: Annotated[list[Oid], msgspec.Meta(max_length=4096)] = []
+    """Copies the receiver lacks and should hold but has no room for (its disk is full):
+    make them on a stand-in instead (see the module docstring)."""
 
 
 class Tombstones(msgspec.Struct, tag=5, array_like=True):
@@ -428,7 +443,11 @@ class _Local:
     failed_at: float = float("-inf")
     """When a member of its replica set last left the view (repair priority)."""
     rs: tuple[str, ...] = ()
+    ws: tuple[str, ...] = ()
+    """The write set under the current view (== ``rs`` unless a member is full)."""
     rs_version: int = -1
+    no_room: dict[str, float] = field(default_factory=dict)
+    """Full peer -> when it said it lacks this copy and has no room for it."""
     under: bool = False
     dropping: bool = False
     written: HLCTimestamp = ZERO_TS
@@ -492,6 +511,7 @@ class ReplicaManager:
         self.stats: dict[str, int] = {}
         self._outputs: list[ReplicationOutput] = []
         self._view: dict[str, Candidate] = {}
+        self._any_full = False
         self._view_version = 0
         self._view_since = now
         self._peers: list[str] = []
@@ -588,11 +608,13 @@ class ReplicaManager:
                 old = self._rs_of_local(loc)
                 for r in removed:
                     loc.confirmed.pop(r, None)
+                    loc.no_room.pop(r, None)
                     if r in old:
                         loc.failed_at = now
             for r in removed:
                 self._rounds.pop(r, None)
         self._view = view
+        self._any_full = any(c.full for c in view.values())
         self._view_version += 1
         self._view_since = now
         self._peers = sorted(n for n in view if n != self.name)
@@ -812,10 +834,12 @@ class ReplicaManager:
                 f"{len(self._puts)} writes in flight (max_pending_puts="
                 f"{self.config.max_pending_puts})"
             )
-        chosen = replica_set(oid, self._view.values(), policy.replicas, policy.residency)
-        check_quorum(chosen, w)
+        # New copies go to the write set: a full node is never a target or a stand-in.
+        chosen = write_set(oid, self._view.values(), policy.replicas, policy.residency)
         allowed = [c for c in self._view.values() if policy.allows(c.region)]
-        ranked = [c.name for c in sorted(allowed, key=lambda c: (-hrw_score(oid, c.name), c.name))]
+        check_quorum(chosen, w, sum(1 for c in allowed if c.full))
+        ranked = [c.name for c in sorted((c for c in allowed if not c.full),
+                                         key=lambda c: (-hrw_score(oid, c.name), c.name))]
         targets = [c.name for c in chosen]
         put = _Put(req_id, oid, policy, w, now + self.config.put_timeout, ranked,
                    set(targets), {t: None for t in targets}, written=written)
@@ -866,7 +890,7 @@ class ReplicaManager:
         if put.stand_ins >= self.config.max_stand_ins:
             return None
         for name in put.ranked:
-            if name not in put.tried and name in self._view:
+            if name not in put.tried and name in self._view and not self._view[name].full:
                 return name
         return None
 
@@ -944,6 +968,7 @@ class ReplicaManager:
                 loc = self._inv.get(oid)
                 if loc is not None:
                     loc.confirmed[src] = now
+                    loc.no_room.pop(src, None)
             self._check_drops(now, st.pair)
             return
         self._count("digest_mismatches")
@@ -985,7 +1010,9 @@ class ReplicaManager:
         not_mine: list[str] = []
         deleted: list[ObjRef] = []
         superseded: list[str] = []
+        no_room: list[str] = []
         here = self._view.get(self.name)
+        full_here = here is not None and here.full
         for ref in msg.refs:
             policy = ref.policy()
             tomb = self._stamp(ref.deleted)
@@ -1012,7 +1039,13 @@ class ReplicaManager:
                 not_mine.append(ref.oid)
                 continue
             mine = self.name in rs
+            # A stand-in (in the write set, outside the replica set: a full member's
+            # place) wants the copy and keeps it; a full member does not take it.
+            stand_in = (tomb is None and not mine and self._any_full
+                        and self.name in self._ws(ref.oid, policy))
             loc = self._inv.get(ref.oid)
+            if tomb is None and loc is not None:
+                loc.no_room.pop(src, None)  # the sender offers a copy: it holds one
             if tomb is None and loc is not None and loc.tomb is not None:
                 written = self._stamp(ref.written) or ZERO_TS
                 if written <= loc.tomb:
@@ -1021,11 +1054,16 @@ class ReplicaManager:
                 self._forget_tomb(loc)  # the bytes were put again after the delete
                 self._count("tombstones_superseded")
                 loc = None
-            if not mine:
+            lacking = tomb is None and (loc is None or loc.dropping)
+            if not mine and not stand_in:
                 not_mine.append(ref.oid)
-            elif tomb is None and (loc is None or loc.dropping):
+            elif lacking and mine and full_here:
+                self._count("offers_declined.no_room")
+                no_room.append(ref.oid)
+            elif lacking:
                 missing.append(ref.oid)
-        self._send(src, OfferReply(msg.round, msg.page, missing, not_mine, deleted, superseded))
+        self._send(src, OfferReply(msg.round, msg.page, missing, not_mine, deleted, superseded,
+                                   no_room))
 
     def _on_offer_reply(self, src: str, msg: OfferReply, now: float) -> None:
         st = self._rounds.get(src)
@@ -1036,6 +1074,7 @@ class ReplicaManager:
             return
         missing = set(msg.missing)
         not_mine = set(msg.not_mine)
+        no_room = set(msg.no_room)
         answered = set(ids)
         for ref in msg.deleted:
             ts = self._stamp(ref.deleted)
@@ -1055,11 +1094,19 @@ class ReplicaManager:
             if loc is None or loc.dropping or oid not in answered:
                 continue
             if oid in missing and loc.tomb is None:
+                loc.no_room.pop(src, None)
                 self._queue_repair(src, oid, loc)
+            elif oid in no_room and loc.tomb is None:
+                loc.confirmed.pop(src, None)
+                if src not in loc.no_room:
+                    loc.no_room[src] = now
+                    # Its stand-in should have a copy: ask it soon, not next period.
+                    self._prompt(self._stand_ins(loc), now)
             elif oid in not_mine:
                 loc.confirmed.pop(src, None)
             else:
                 loc.confirmed[src] = now
+                loc.no_room.pop(src, None)
         self._check_drops(now, ids)
 
     # ------------------------------------------------------------------ anti-entropy
@@ -1099,9 +1146,18 @@ class ReplicaManager:
                 continue
             rs = self._rs_of_local(loc)
             mine = self.name in rs
+            # A copy held outside the set for a full member that lacks it (a stand-in's)
+            # stays until that member has room: meanwhile, members that confirmed it
+            # since the last view change are not asked again every round.
+            waiting = not mine and any(self._declined(loc, q) for q in rs)
             for p in rs:
-                if p in wanted:
+                if p in wanted and not self._declined(loc, p):
+                    if waiting and loc.confirmed.get(p, float("-inf")) >= self._view_since:
+                        continue
                     (pair if mine else handoff)[p].append(oid)
+            for p in self._stand_ins(loc):
+                if p in wanted and p not in loc.confirmed:
+                    handoff[p].append(oid)
         for p in peers:
             if not pair[p] and not handoff[p]:
                 continue
@@ -1137,7 +1193,7 @@ class ReplicaManager:
             if loc.dropping:
                 continue
             rs = self._rs_of_local(loc)
-            if peer in rs and self.name in rs:
+            if peer in rs and self.name in rs and not self._declined(loc, peer):
                 out.append(oid)
         return out
 
@@ -1192,7 +1248,12 @@ class ReplicaManager:
             loc = self._inv.get(oid)
             if loc is None or loc.dropping or loc.tomb is not None or dst not in self._view:
                 continue
-            if dst not in self._rs_of_local(loc) or (dst, oid) in self._inflight:
+            if self._view[dst].full:
+                self._count("repairs_skipped.full")  # it filled since it asked
+                continue
+            if dst not in self._rs_of_local(loc) and dst not in self._stand_ins(loc):
+                continue
+            if (dst, oid) in self._inflight:
                 continue
             self._inflight[(dst, oid)] = now
             self._count("repairs_started")
@@ -1206,6 +1267,9 @@ class ReplicaManager:
         assert node is not None, f"transfer of {oid} to {dst}, which is not in the view"
         # The residency invariant: no copy ever goes to a region the policy disallows.
         assert policy.allows(node.region), f"residency: {oid} must not go to {node.region}"
+        # New copies go only where there is room (the view says so; a stale view is
+        # answered with a refusal, and the write's stand-in logic takes over).
+        assert not node.full, f"transfer of {oid} to {dst}, which is full"
         self._outputs.append(Transfer(dst, oid, req_id, policy, hint_for,
                                       None if written == ZERO_TS else written))
 
@@ -1213,6 +1277,19 @@ class ReplicaManager:
 
     def _rs(self, oid: str, policy: ObjectPolicy) -> tuple[str, ...]:
         chosen = replica_set(oid, self._view.values(), policy.replicas, policy.residency)
+        return tuple(c.name for c in chosen)
+
+    def _ws(self, oid: str, policy: ObjectPolicy) -> tuple[str, ...]:
+        """The write set (``placement.write_set``); empty when no allowed node has room."""
+        if not self._any_full:
+            try:
+                return self._rs(oid, policy)
+            except PlacementError:
+                return ()
+        try:
+            chosen = write_set(oid, self._view.values(), policy.replicas, policy.residency)
+        except PlacementError:
+            return ()
         return tuple(c.name for c in chosen)
 
     def _rs_of_local(self, loc: _Local) -> tuple[str, ...]:
@@ -1223,8 +1300,31 @@ class ReplicaManager:
                 loc.rs = self._rs(loc.oid, loc.policy) if self._view else ()
             except PlacementError:
                 loc.rs = ()
+            loc.ws = self._ws(loc.oid, loc.policy) if self._any_full and loc.rs else loc.rs
             loc.rs_version = self._view_version
         return loc.rs
+
+    def _declined(self, loc: _Local, peer: str) -> bool:
+        """``peer`` is full and said it lacks this copy: neither digested nor offered to it
+        until it has room (or offers the copy itself)."""
+        if peer not in loc.no_room:
+            return False
+        node = self._view.get(peer)
+        return node is not None and node.full
+
+    def _stand_ins(self, loc: _Local) -> tuple[str, ...]:
+        """Nodes that should hold a copy in place of full members of the replica set that
+        said they lack it: as many as there are such members, taken in write-set order
+        from the write set's nodes outside the replica set (the nodes that replaced full
+        ones). Empty when no full member lacks it, or no node with room is left."""
+        if not self._any_full or not loc.no_room or loc.tomb is not None:
+            return ()
+        rs = self._rs_of_local(loc)
+        lacking = sum(1 for p in rs if self._declined(loc, p))
+        if not lacking:
+            return ()
+        chosen = [n for n in loc.ws if n not in rs][:lacking]
+        return tuple(n for n in chosen if n != self.name)
 
     def _check_under(self, oid: str, loc: _Local) -> None:
         rs = self._rs_of_local(loc)

@@ -97,6 +97,8 @@ class MemberInfo(msgspec.Struct, omit_defaults=True):
     labels: dict[str, str] = {}
     cert_expires: int | None = None
     """When the member's node certificate ends (Unix seconds), as it says itself."""
+    disk_full: bool = False
+    """It says its disk is full: it is left out of new replica sets (``core/placement.py``)."""
 
 
 class EventInfo(msgspec.Struct, omit_defaults=True):

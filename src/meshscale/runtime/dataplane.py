@@ -21,6 +21,13 @@ go on to the replica set as they arrive, see ``_start_forwards``); without it, t
 coordinator stores the object, then pushes it. Either way the write is acknowledged only
 when W copies are committed (fsynced, hash checked against the id) on distinct nodes.
 
+Full disks: every ``disk_check_interval_s`` the node compares its free space with its
+reserve (``StorageConfig.min_free_bytes``) and advertises itself full, or not, in its
+gossiped tags (``placement.FULL_TAG``; the hysteresis is ``placement.disk_full``, with
+``disk_room_margin_bytes``). Its peers then leave it out of new replica sets (puts and
+their cut-through copies, stand-ins, repair, KV writes) while its copies stay readable
+and counted; see ``core/placement.py`` and ``core/replication.py``.
+
 Deletes (``obj.delete``): the node asked finds the holders, stamps the delete with its HLC
 (after catching up with the newest write of the object it heard of) and hands it to
 ``ReplicaManager.delete``, which drops copies and spreads a tombstone; tombstones are kept
@@ -44,17 +51,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshscale.core.hlc import ClockSkewError, HLCTimestamp, HybridLogicalClock
-from meshscale.core.kv import Consistency, KVCoordinator, KVRecord, kv_replicas
+from meshscale.core.kv import Consistency, KVCoordinator, KVRecord, kv_placement
 from meshscale.core.membership import VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_RE, object_id
 from meshscale.core.outputs import Event
 from meshscale.core.placement import (
+    FULL_TAG,
     Candidate,
     PlacementError,
     Residency,
     check_quorum,
+    disk_full,
+    is_full,
     may_hold,
     replica_set,
+    write_set,
 )
 from meshscale.core.replication import (
     DeleteAcked,
@@ -154,6 +165,11 @@ class DataPlaneConfig:
     """Local copies removed in one store transaction (see ``_drop``)."""
     gc_interval_s: float = 5.0
     """How often expired (TTL'd, unpinned) objects are collected."""
+    disk_check_interval_s: float = 1.0
+    """How often free space is compared with the reserve (to advertise a full disk)."""
+    disk_room_margin_bytes: int = 64 << 20
+    """A node advertised full is advertised not full again only once its free space is at
+    least its reserve plus this much (hysteresis: no flapping at the edge)."""
     max_ttl_s: float = 10 * 365 * 86400.0
     storage: StorageConfig = field(default_factory=lambda: StorageConfig(min_free_bytes=64 << 20))
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
@@ -365,7 +381,9 @@ class DataPlane:
         }.items():
             agent.register_rpc(name, fn)
         agent.event_listeners.append(self._on_member_event)
+        await self._check_disk()  # before the node joins: it comes back full if it is
         agent._spawn(self._housekeeping())
+        agent._spawn(self._watch_disk())
         self._pump()
 
     async def stop(self) -> None:
@@ -393,7 +411,7 @@ class DataPlane:
 
     def _view(self) -> list[Candidate]:
         return [
-            Candidate(m.name, m.meta.region, m.meta.zone)
+            Candidate(m.name, m.meta.region, m.meta.zone, full=is_full(m.meta.tags))
             for m in self.agent.m.members.values()
             if m.state <= State.SUSPECT
         ]
@@ -675,8 +693,9 @@ class DataPlane:
 
     def _check_placement(self, policy: ObjectPolicy, w: int) -> None:
         try:
-            chosen = replica_set("", self._view(), policy.replicas, policy.residency)
-            check_quorum(chosen, w)
+            view = self._view()
+            chosen = write_set("", view, policy.replicas, policy.residency)
+            check_quorum(chosen, w, sum(1 for c in view if c.full and policy.allows(c.region)))
         except PlacementError as e:
             detail = str(e)
             if detail.startswith("cannot place"):
@@ -821,7 +840,7 @@ class DataPlane:
         gets a normal transfer and an early copy outside the set is a stray copy, handed
         off like any other)."""
         try:
-            chosen = replica_set(oid, self._view(), up.policy.replicas, up.policy.residency)
+            chosen = write_set(oid, self._view(), up.policy.replicas, up.policy.residency)
         except PlacementError:
             return []
         if up.req is None:
@@ -1373,16 +1392,23 @@ class DataPlane:
 
     def _describe(self, meta: ObjectMeta) -> dict[str, Any]:
         policy = policy_of(meta)
+        view = self._view()
         try:
-            rs = [c.name for c in replica_set(meta.object_id, self._view(), policy.replicas,
+            rs = [c.name for c in replica_set(meta.object_id, view, policy.replicas,
                                               policy.residency)]
         except PlacementError:
             rs = []
+        try:
+            ws = [c.name for c in write_set(meta.object_id, view, policy.replicas,
+                                            policy.residency)]
+        except PlacementError:
+            ws = []
         return {
             "id": meta.object_id, "size": meta.size, "replicas": meta.replicas,
             "data_class": meta.data_class,
             "residency": list(meta.residency) if meta.residency is not None else None,
             "replica_set": rs,
+            "write_set": ws,
         }
 
     async def _rpc_local_stat(self, args: dict[str, Any]) -> dict[str, Any] | None:
@@ -1421,7 +1447,9 @@ class DataPlane:
             e = merged[oid]
             e["holders"] = sorted(e["holders"])
             want = min(e["replicas"], len(e["replica_set"])) if e["replica_set"] else e["replicas"]
-            good = [h for h in e["holders"] if h in e["replica_set"]]
+            # A stand-in (write set) holds a copy in place of a full member that lacks it.
+            fits = set(e["replica_set"]) | set(e.get("write_set") or ())
+            good = [h for h in e["holders"] if h in fits]
             e["health"] = "ok" if len(good) >= want and want == e["replicas"] else "under-replicated"
             out.append(e)
         # A node that filled its page may hold more beyond it, even if the merge did not.
@@ -1502,8 +1530,13 @@ class DataPlane:
             raise ValueError("key is longer than 1024 bytes")
         ts = self.hlc.now(time.time())
         rec = KVRecord(key, value, ts)
-        replicas = kv_replicas(key, self._view(), self.cfg.kv_replicas)
-        coord = KVCoordinator.for_put(rec, replicas, consistency)
+        try:
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas)
+        except PlacementError as e:
+            raise ValueError(f"kv write of {key!r} refused: {e}") from None
+        # A delete also goes to full members (it needs no room; it must beat their value).
+        coord = KVCoordinator.for_put(rec, where.replicas, consistency,
+                                      where.full if value is None else ())
         await self._kv_round(coord, "kv.apply", {"key": key, "value": value, "ts": ts.encode()})
         if coord.outcome is None or not coord.outcome.ok:
             reason = coord.outcome.reason if coord.outcome else "no outcome"
@@ -1527,7 +1560,7 @@ class DataPlane:
             else:
                 coord.on_reply(name, None)
 
-        calls = [asyncio.ensure_future(one(n)) for n in coord.replicas]
+        calls = [asyncio.ensure_future(one(n)) for n in coord.asked]
         # A write returns once its consistency level is met (W acknowledgements, or a
         # failure that decides it); the other replicas' calls finish in the background,
         # at most KV_STRAGGLERS_MAX of them at a time (beyond that, wait for all as a
@@ -1568,8 +1601,11 @@ class DataPlane:
     async def _rpc_kv_get(self, args: dict[str, Any]) -> dict[str, Any]:
         key = str(args["key"])
         consistency = self._consistency(args)
-        replicas = kv_replicas(key, self._view(), self.cfg.kv_replicas)
-        coord = KVCoordinator.for_get(key, replicas, consistency)
+        try:
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas)
+        except PlacementError as e:
+            raise ValueError(f"kv read of {key!r} refused: {e}") from None
+        coord = KVCoordinator.for_get(key, where.replicas, consistency, where.full)
         await self._kv_round(coord, "kv.read", {"key": key})
         if coord.outcome is None or not coord.outcome.ok:
             reason = coord.outcome.reason if coord.outcome else "no outcome"
@@ -1605,6 +1641,32 @@ class DataPlane:
             return None
         value, ts = got
         return {"value": value, "ts": ts}
+
+    # ------------------------------------------------------------------ full disk
+
+    async def _check_disk(self) -> None:
+        """Advertise the disk full, or not full, when that changed (``disk_full``)."""
+        store = self.store
+        if store is None:
+            return
+        try:
+            free, reserve = await asyncio.to_thread(store.disk_space)
+        except OSError:
+            return
+        was = is_full(self.agent.meta.tags)
+        full = disk_full(free, reserve, self.cfg.disk_room_margin_bytes, was)
+        if full == was:
+            return
+        self._count("disk_full_flips")
+        self.agent.log("warning" if full else "info", "disk_full" if full else "disk_room",
+                       free_bytes=free, reserve_bytes=reserve,
+                       room_at_bytes=reserve + self.cfg.disk_room_margin_bytes)
+        self.agent.set_tag(FULL_TAG, "1" if full else None)
+
+    async def _watch_disk(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.disk_check_interval_s)
+            await self._check_disk()
 
     # ------------------------------------------------------------------ housekeeping
 

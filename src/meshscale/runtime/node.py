@@ -77,6 +77,7 @@ from meshscale.core.membership import (
     State,
 )
 from meshscale.core.outputs import Event, SendDatagram, StreamRequest
+from meshscale.core.placement import is_full
 from meshscale.core.rpc import (
     EventInfo,
     MemberInfo,
@@ -387,6 +388,18 @@ class NodeAgent:
     def m(self) -> Membership:
         assert self.membership is not None, "agent not started"
         return self.membership
+
+    def set_tag(self, key: str, value: str | None) -> None:
+        """Set (``None``: remove) one of this node's gossiped tags; the change spreads
+        with a higher incarnation (``Membership.update_meta``)."""
+        tags = {k: v for k, v in self.meta.tags.items() if k != key}
+        if value is not None:
+            tags[key] = value
+        if tags == self.meta.tags:
+            return
+        self.meta = msgspec.structs.replace(self.meta, tags=tags)
+        self.m.update_meta(self.meta, time.monotonic())
+        self._pump()
 
     async def start(self) -> None:
         """Bind the sockets, then join. Raises OSError if the address is taken."""
@@ -1064,6 +1077,7 @@ class NodeAgent:
             rtt_ms=None if rtt is None else round(rtt * 1000, 3),
             labels=dict(mm.meta.labels),
             cert_expires=_int_or_none(mm.meta.tags.get("cert_expires")),
+            disk_full=is_full(mm.meta.tags),
         )
 
     def _rpc_members(self, args: dict[str, Any]) -> list[MemberInfo]:

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 
 import meshscale
 from meshscale.core.membership import State
+from meshscale.core.placement import is_full
 
 if TYPE_CHECKING:
     from meshscale.runtime.node import NodeAgent
@@ -262,6 +263,7 @@ class NodeObserver:
                 "state": STATE_NAMES.get(mm.state, str(mm.state)),
                 "incarnation": mm.inc,
                 "cert_expires": _int_or_none(mm.meta.tags.get("cert_expires")),
+                "disk_full": is_full(mm.meta.tags),
                 "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
                 "coord": None if coord is None else {
                     "vec": [float(x) for x in coord.vec],
@@ -465,7 +467,8 @@ class MeshCollector(Collector):
                 ("meshscale_disk_reserve_bytes", reserve,
                  "Free space writes keep (below it, writes are refused)."),
                 ("meshscale_disk_full", int(free < reserve),
-                 "1 while free space is below the reserve: the node refuses writes. Alarm."),
+                 "1 while free space is below the reserve: the node refuses writes, and "
+                 "other nodes leave it out of new replica sets until it has room. Alarm."),
             ):
                 g = GaugeMetricFamily(name, doc)
                 g.add_metric([], value)

@@ -70,6 +70,8 @@ SCHEMAS: dict[str, Any] = {
             "incarnation": {"type": "integer", "minimum": 0},
             "cert_expires": {"type": ["integer", "null"], "description": "When the member's "
                              "node certificate ends (Unix seconds), as the member says"},
+            "disk_full": {"type": "boolean", "description": "The member says its disk is "
+                          "full: it refuses writes and is left out of new replica sets"},
             "rtt_ms": {**_NUM_OR_NULL, "description": "RTT estimated from coordinates"},
             "coord": {"oneOf": [{"$ref": "#/components/schemas/Coordinate"}, {"type": "null"}]},
             "load": {"oneOf": [{"$ref": "#/components/schemas/Load"}, {"type": "null"}]},

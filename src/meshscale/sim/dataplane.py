@@ -12,6 +12,12 @@ The node's store lives in ``ctx.disk`` (it survives crash and restart): ``object
 id to ``(bytes, policy, hint_for)`` and ``kv`` maps a key to its ``KVRecord``. A restarted
 node reports every object it still has with ``object_added`` and rejoins the mesh.
 
+Disks are unbounded unless a test gives one a capacity (``DataMesh.set_capacity``):
+then its objects' bytes use it up, a write that would leave less than
+``disk_reserve_bytes`` free is refused (a KV value too; deletes always work), and the
+node advertises itself full by gossip (``placement.FULL_TAG``), with the core's
+hysteresis (``placement.disk_full``), exactly as the runtime does with a real disk.
+
 ``DataMesh`` builds a mesh of these, offers ``put`` / ``kv_put`` / ``kv_get`` and fault
 injection, and checks the invariants the issue names: an acknowledged write is never lost
 while fewer than R nodes are down for good; every object is back at full replication
@@ -37,6 +43,7 @@ from meshscale.core.kv import (
     Consistency,
     KVCoordinator,
     KVRecord,
+    kv_placement,
     kv_replicas,
     merge_optional,
 )
@@ -49,7 +56,15 @@ from meshscale.core.membership import (
 )
 from meshscale.core.objects import object_id
 from meshscale.core.outputs import DrivenProtocol, Event, Output, SendDatagram, StreamRequest
-from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set
+from meshscale.core.placement import (
+    FULL_TAG,
+    Candidate,
+    PlacementError,
+    Residency,
+    disk_full,
+    is_full,
+    replica_set,
+)
 from meshscale.core.replication import (
     DeleteAcked,
     DropLocal,
@@ -202,6 +217,8 @@ class DataNode:
         replication_config: ReplicationConfig,
         seeds: list[str],
         kv_timeout: float = 5.0,
+        disk_reserve_bytes: int = 0,
+        disk_margin_bytes: int = 0,
     ) -> None:
         self.name = ctx.name
         self.region = ctx.region
@@ -221,6 +238,10 @@ class DataNode:
         )
         self.hlc = HybridLogicalClock(ctx.name)
         self.kv_timeout = kv_timeout
+        self.disk_reserve_bytes = disk_reserve_bytes
+        self.disk_margin_bytes = disk_margin_bytes
+        self.refused_writes = 0
+        """Writes (copies and KV values) refused for want of room."""
         self._out: list[Output] = []
         self._sid = 0
         self._pending: dict[int, tuple[int, str, Any]] = {}
@@ -235,6 +256,7 @@ class DataNode:
         for oid in sorted(self.tombs):
             policy, ts = self.tombs[oid]
             self.replicas.tombstone_loaded(oid, policy, ts)
+        self.check_disk(ctx.now)  # before joining: a node comes back full if it is
         if ctx.restarts:
             self.membership.join([s for s in seeds if s != ctx.name][:3], ctx.now)
         self._settle(ctx.now)
@@ -313,6 +335,7 @@ class DataNode:
         return min(times) if times else None
 
     def on_timer(self, now: float) -> None:
+        self.check_disk(now)
         d = self.membership.next_deadline()
         if d is not None and d <= now:
             self.membership.on_timer(now)
@@ -331,6 +354,34 @@ class DataNode:
         out = self._out
         self._out = []
         return out
+
+    # ------------------------------------------------------------------ the disk
+
+    def free_bytes(self) -> int | None:
+        """Free space (None: unbounded): the capacity less the bytes of the objects held."""
+        cap: int | None = self.disk.get("capacity_bytes")
+        if cap is None:
+            return None
+        return cap - sum(len(s.data) for s in self.objects.values())
+
+    def has_room(self, nbytes: int) -> bool:
+        free = self.free_bytes()
+        return free is None or free - nbytes >= self.disk_reserve_bytes
+
+    def check_disk(self, now: float) -> None:
+        """Advertise full / not full (the core's hysteresis) when that changed."""
+        meta = self.membership.meta
+        was = is_full(meta.tags)
+        free = self.free_bytes()
+        full = free is not None and disk_full(free, self.disk_reserve_bytes,
+                                              self.disk_margin_bytes, was)
+        if full == was:
+            return
+        tags = {k: v for k, v in meta.tags.items() if k != FULL_TAG}
+        if full:
+            tags[FULL_TAG] = "1"
+        # The view change reaches the replica manager at the next _settle.
+        self.membership.update_meta(msgspec.structs.replace(meta, tags=tags), now)
 
     # ------------------------------------------------------------------ local requests
 
@@ -383,7 +434,7 @@ class DataNode:
 
     def _candidates(self) -> list[Candidate]:
         return [
-            Candidate(m.name, m.meta.region, m.meta.zone)
+            Candidate(m.name, m.meta.region, m.meta.zone, full=is_full(m.meta.tags))
             for m in self.membership.live_members()
         ]
 
@@ -433,6 +484,7 @@ class DataNode:
         elif isinstance(out, DropLocal):
             self.objects.pop(out.oid, None)
             self.replicas.object_removed(out.oid, now)
+            self.check_disk(now)
         elif isinstance(out, TombstoneStored):
             self.tombs[out.oid] = (out.policy, out.ts)
         elif isinstance(out, TombstoneDropped):
@@ -450,8 +502,13 @@ class DataNode:
             return  # deleted here after that write: refuse (the sender sees a failure)
         old = self.objects.get(oid)
         if old is None:
+            if not self.has_room(len(data)):
+                self.refused_writes += 1
+                self.check_disk(now)
+                return  # disk full: refuse (the sender sees a failure)
             self.objects[oid] = Stored(data, policy, hint_for, written)
             self._out.append(ObjectCommitted(oid, self.region, hint_for))
+            self.check_disk(now)
         elif written is not None and (old.written is None or written > old.written):
             old.written = written
         self.replicas.object_added(oid, policy, hint_for, now, written)
@@ -469,10 +526,15 @@ class DataNode:
 
     # ------------------------------------------------------------------ KV
 
-    def _kv_apply(self, record: KVRecord) -> None:
+    def _kv_apply(self, record: KVRecord) -> bool:
+        """Apply a record; a value is refused (False) on a full disk, a delete never."""
+        if record.value is not None and not self.has_room(len(record.value)):
+            self.refused_writes += 1
+            return False
         merged = merge_optional(self.kv.get(record.key), record)
         assert merged is not None
         self.kv[record.key] = merged
+        return True
 
     def _receive_kv(self, src: str, body: bytes, now: float) -> bytes:
         try:
@@ -484,27 +546,32 @@ class DataNode:
                 self.hlc.update(frame.record.ts, now)
             except (ClockSkewError, ValueError):
                 return _encode(KVReply(False))
-            self._kv_apply(frame.record)
-            return _encode(KVReply(True))
+            return _encode(KVReply(self._kv_apply(frame.record)))
         return _encode(KVReply(True, self.kv.get(frame.key)))
 
     def _kv_start(
         self, op_id: int, key: str, c: Consistency, record: KVRecord | None, now: float
     ) -> None:
         try:
-            reps = kv_replicas(key, self._candidates())
+            where = kv_placement(key, self._candidates())
         except PlacementError as exc:
             self._out.append(KVDone(op_id, key, False, None, (), str(exc)))
             return
-        coord = (KVCoordinator.for_put(record, reps, c) if record is not None
-                 else KVCoordinator.for_get(key, reps, c))
+        reps = where.replicas
+        if record is None:
+            coord = KVCoordinator.for_get(key, reps, c, where.full)
+        else:
+            coord = KVCoordinator.for_put(record, reps, c,
+                                          where.full if record.value is None else ())
         op = _KVOp(op_id, coord, now + self.kv_timeout)
         self._kv_ops[op_id] = op
-        for r in reps:
+        for r in coord.asked:
             if r == self.name:
                 if record is not None:
-                    self._kv_apply(record)
-                    coord.on_reply(r, None)
+                    if self._kv_apply(record):
+                        coord.on_reply(r, None)
+                    else:
+                        coord.on_failure(r, "disk_full")
                 else:
                     coord.on_reply(r, self.kv.get(key))
             else:
@@ -549,7 +616,7 @@ class DataNode:
             else:
                 self._stream(node, TAG_KV, _encode(KVFrame(_KV_PUT, rec.key, rec)), -1)
         answered = len(op.coord.replies) + len(op.coord.failures)
-        if answered == len(op.coord.replicas):
+        if answered == len(op.coord.asked):
             self._kv_ops.pop(op.op_id, None)
 
 
@@ -585,8 +652,12 @@ class DataMesh:
         membership_config: MembershipConfig | None = None,
         replication_config: ReplicationConfig | None = None,
         record_trace: bool = False,
+        disk_reserve_bytes: int = 0,
+        disk_margin_bytes: int = 0,
     ) -> None:
         self.topology = topology or Topology.three_regions()
+        self.disk_reserve_bytes = disk_reserve_bytes
+        self.disk_margin_bytes = disk_margin_bytes
         self.mconfig = membership_config or MembershipConfig()
         self.rconfig = replication_config or ReplicationConfig(
             sync_interval=3.0, put_timeout=8.0, view_change_delay=0.3
@@ -625,6 +696,7 @@ class DataMesh:
         return DataNode(
             ctx, self.metas[ctx.name], membership_config=self.mconfig,
             replication_config=self.rconfig, seeds=self.names,
+            disk_reserve_bytes=self.disk_reserve_bytes, disk_margin_bytes=self.disk_margin_bytes,
         )
 
     def node(self, name: str) -> DataNode:
@@ -709,6 +781,19 @@ class DataMesh:
         return self.kv_done.get(op)
 
     # ------------------------------------------------------------------ faults
+
+    def set_capacity(self, name: str, capacity_bytes: int | None) -> None:
+        """Give ``name``'s disk a capacity (None: unbounded); it survives restarts (a
+        crashed node finds it on its disk when it comes back)."""
+        if self.sim.is_up(name):
+            self.sim.call(name, lambda p, now: _set_capacity(p, capacity_bytes, now))
+        else:
+            self.node(name).disk["capacity_bytes"] = capacity_bytes
+
+    def fill(self, name: str) -> None:
+        """Fill ``name``'s disk: free space below its reserve, every write refused."""
+        used = sum(len(s.data) for s in self._disk_objects(name).values())
+        self.set_capacity(name, used + self.disk_reserve_bytes // 2)
 
     def crash(self, name: str, *, for_good: bool = False) -> None:
         self.sim.crash(name)
@@ -795,6 +880,13 @@ def _install(p: DrivenProtocol, records: dict[str, Member], order: list[str], no
     p._settle(now)
 
 
+def _set_capacity(p: DrivenProtocol, capacity_bytes: int | None, now: float) -> None:
+    assert isinstance(p, DataNode)
+    p.disk["capacity_bytes"] = capacity_bytes
+    p.check_disk(now)
+    p._settle(now)
+
+
 def _start_put(p: DrivenProtocol, req: int, data: bytes, policy: ObjectPolicy, w: int,
                now: float) -> None:
     assert isinstance(p, DataNode)
@@ -860,7 +952,8 @@ def chaos_run(
     replicas: int = 3,
     deletes: int = 8,
 ) -> ChaosReport:
-    """Random crashes, restarts, pauses and partitions over a 12-node, 3-region mesh, with
+    """Random crashes, restarts, pauses, partitions and full disks (a node refuses every
+    write for a while, advertising itself full) over a 12-node, 3-region mesh, with
     writes before and during the faults; at most ``replicas - 1`` nodes go down for good.
     During the faults ``deletes`` objects written before them are deleted, each from a
     random live node (a crashed or paused holder misses the delete and comes back with
@@ -870,7 +963,7 @@ def chaos_run(
     objects written during the faults use W=R (hinted copies count), so that losing R-1
     nodes for good can never take every acknowledged copy.
     """
-    mesh = DataMesh(nodes, seed=seed)
+    mesh = DataMesh(nodes, seed=seed, disk_reserve_bytes=64, disk_margin_bytes=64)
     sim = mesh.sim
     rng = random.Random(f"chaos/{seed}")
     regions = list(mesh.topology.regions)
@@ -907,6 +1000,7 @@ def chaos_run(
 
     # Faults: one every ~3 s until fault_until.
     transient: dict[str, float] = {}
+    filled: dict[str, float] = {}
     t = 15.0
     during = objects - before
     for i in range(during):
@@ -932,6 +1026,11 @@ def chaos_run(
                 del transient[n]
                 mesh.restart(n)
                 faults.append(f"{now:.1f} restart {n}")
+        for n, until in sorted(filled.items()):
+            if until <= now:
+                del filled[n]
+                mesh.set_capacity(n, None)
+                faults.append(f"{now:.1f} room {n}")
         up = [n for n in mesh.up() if n not in transient]
         if len(up) <= 6:
             return
@@ -956,6 +1055,10 @@ def chaos_run(
             heal_at = now + rng.uniform(3.0, 12.0)
             sim.at(min(heal_at, fault_until), sim.heal)
             faults.append(f"{now:.1f} partition {','.join(sorted(side))}")
+        elif roll < 0.92 and len(filled) < 2:
+            filled[victim] = now + rng.uniform(5.0, 25.0)
+            mesh.fill(victim)
+            faults.append(f"{now:.1f} fill {victim}")
         # else: a quiet interval
 
     while t < fault_until:
@@ -971,6 +1074,10 @@ def chaos_run(
 
     sim.run_until(fault_until)
     sim.heal()
+    for n in sorted(filled):
+        mesh.set_capacity(n, None)
+        faults.append(f"{sim.now:.1f} room {n}")
+    filled.clear()
     for n in sorted(transient):
         mesh.restart(n)
         faults.append(f"{sim.now:.1f} restart {n}")
