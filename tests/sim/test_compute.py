@@ -54,9 +54,9 @@ def test_every_task_gets_exactly_one_result(reports: list[ComputeReport]) -> Non
         assert r.finished + r.failed + r.refused + r.unacknowledged == r.submitted, \
             (_replay(r), r)
     # Two owners at once only inside the window (a node whose stale view had the other
-    # owner dead; one that saw it alive is a result problem above), and rarely: 2 in
-    # 1,000 seeds of bench/swarm.py.
-    assert sum(r.concurrent_adoptions for r in reports) <= 2
+    # owner dead; one that saw it alive is a result problem above), and rarely: 2 and 10
+    # in two runs of 1,000 seeds of bench/swarm.py, about 0.5 expected in 50.
+    assert sum(r.concurrent_adoptions for r in reports) <= 5
     # Failures are rare and only when no allowed node was left (GPU nodes down).
     assert sum(r.failed for r in reports) <= len(reports) // 5
     # Some tasks ran twice (a node thought dead finished) yet kept one result, and dead
