@@ -28,6 +28,7 @@ from meshscale.core.membership import (
     Suspect,
 )
 from meshscale.core.rpc import (
+    STREAM_PROTOCOL_VERSION,
     PushPullFrame,
     RpcRequest,
     RpcResponse,
@@ -116,7 +117,13 @@ def _random_value(rng: random.Random, depth: int = 0) -> Any:
     return [rng.randrange(1, 12), *(_random_value(rng, depth + 1) for _ in range(rng.randrange(6)))]
 
 
-def _mutate(rng: random.Random, data: bytes) -> bytes:
+def _version(name: str) -> int:
+    """The version the decoder ``name`` accepts (stream frames carry the wire version;
+    the replication and scheduling codecs their own)."""
+    return STREAM_PROTOCOL_VERSION if name == "stream_message" else 1
+
+
+def _mutate(rng: random.Random, data: bytes, version: int = 1) -> bytes:
     b = bytearray(data)
     for _ in range(rng.randrange(1, 6)):
         op = rng.randrange(6)
@@ -135,21 +142,22 @@ def _mutate(rng: random.Random, data: bytes) -> bytes:
             i = rng.randrange(len(b))
             b[i:i] = b[i:i + rng.randrange(1, 40)]
         else:  # replace the value under the version with a random one
-            b = bytearray(_enc((1, _random_value(rng))))
+            b = bytearray(_enc((version, _random_value(rng))))
     return bytes(b)
 
 
 def inputs(name: str, rng: random.Random, n: int) -> Iterator[bytes]:
     """``n`` hostile inputs for decoder ``name``."""
     seeds = _seeds(name)
+    v = _version(name)
     for _ in range(n):
         r = rng.random()
         if r < 0.6:
-            yield _mutate(rng, rng.choice(seeds))
+            yield _mutate(rng, rng.choice(seeds), v)
         elif r < 0.8:
-            yield _enc((rng.choice([1, 1, 1, 0, 2, -1]), _random_value(rng)))
+            yield _enc((rng.choice([v, v, v, 0, v + 1, -1]), _random_value(rng)))
         elif r < 0.95:
             yield rng.randbytes(rng.randrange(0, 400))
         else:
             deep = nested(rng.choice([100, 1000, 3000]))
-            yield _enc((1, msgspec.Raw(deep))) if rng.random() < 0.5 else encode_envelope([deep])
+            yield _enc((v, msgspec.Raw(deep))) if rng.random() < 0.5 else encode_envelope([deep])

@@ -17,7 +17,7 @@ import pytest
 from fuzzing import DECODERS, inputs, nested
 from meshscale.core import replication, scheduling
 from meshscale.core.membership import Membership, NodeMeta
-from meshscale.core.rpc import decode_stream_message
+from meshscale.core.rpc import STREAM_PROTOCOL_VERSION, decode_stream_message
 from meshscale.core.wire import WireError, decode_envelope, encode_envelope
 
 BASE_SEED = int(os.environ.get("MESHSCALE_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
@@ -47,7 +47,8 @@ def test_deep_nesting_is_malformed_not_a_crash(depth: int) -> None:
     """A 1 KB frame nested 1,000 deep used to raise RecursionError out of every decoder."""
     deep = nested(depth)
     for data, decode in (
-        (msgspec.msgpack.encode((1, msgspec.Raw(deep))), lambda d: decode_stream_message(d, 1 << 20)),
+        (msgspec.msgpack.encode((STREAM_PROTOCOL_VERSION, msgspec.Raw(deep))),
+         lambda d: decode_stream_message(d, 1 << 20)),
         (encode_envelope([deep]), lambda d: decode_envelope(d, 1 << 20)),
         (msgspec.msgpack.encode((1, msgspec.Raw(deep))),
          lambda d: replication.decode_message(d, 1 << 20)),
