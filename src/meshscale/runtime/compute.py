@@ -75,6 +75,7 @@ from meshscale.core.scheduling import (
     TaskSpec,
 )
 from meshscale.core.wire import DECODE_ERRORS, wire_bytes
+from meshscale.runtime import caller
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.workers import (
     FunctionNotCached,
@@ -728,7 +729,7 @@ class ComputePlane:
             submitted=time.time(),
         )
 
-    async def _spec(self, rec: TaskRecord) -> TaskSpec:
+    async def _spec(self, rec: TaskRecord, submitter: str = "") -> TaskSpec:
         refs = list(await asyncio.gather(*(self._input_ref(o) for o in rec.inputs)))
         res = None
         if rec.residency is not None or rec.data_class is not None:
@@ -740,7 +741,7 @@ class ComputePlane:
             return TaskSpec(
                 task_id=rec.task_id, cpus=rec.cpus, memory_mb=rec.memory_mb, gpus=rec.gpus,
                 labels=dict(rec.labels), residency=res, inputs=tuple(refs),
-                placement=_placement(rec.placement), payload=payload)
+                placement=_placement(rec.placement), payload=payload, submitter=submitter)
         except (msgspec.ValidationError, TypeError) as e:
             raise ValueError(f"task {rec.task_id}: {e}") from None
 
@@ -774,7 +775,8 @@ class ComputePlane:
         accepted = [r.task_id for r in recs]
         if not new:
             return {"accepted": accepted}
-        specs = await asyncio.gather(*(self._spec(r) for r in new))
+        who = caller.submitter()  # the client's certificate: whose share the tasks use
+        specs = await asyncio.gather(*(self._spec(r, who) for r in new))
         try:
             sched.submit(list(specs), time.monotonic())
         except SchedulingError as e:

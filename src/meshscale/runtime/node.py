@@ -88,6 +88,7 @@ from meshscale.core.rpc import (
     encode_stream_message,
 )
 from meshscale.core.wire import WireError
+from meshscale.runtime import caller
 from meshscale.runtime.dataplane import DataPlane
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
@@ -885,7 +886,11 @@ class NodeAgent:
                 return RpcResponse(msg.id, False, error=(
                     f"{FORBIDDEN}: {msg.method!r} from node {who.name!r} claims to come from "
                     f"{claimed[:64]!r}"))
-            return await self._call_rpc(msg)
+            token = caller.current.set(who)
+            try:
+                return await self._call_rpc(msg)
+            finally:
+                caller.current.reset(token)
         self._reject("unexpected")
         return None
 
