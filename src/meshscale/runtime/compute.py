@@ -279,7 +279,8 @@ class ComputePlane:
         per_task_mb = agent.cfg.task_memory_mb or max(64, self.capacity.memory_mb // slots)
         self.pool = WorkerPool(PoolConfig(workers=slots,
                                           default_timeout_s=agent.cfg.task_timeout_s,
-                                          default_memory_mb=per_task_mb))
+                                          default_memory_mb=per_task_mb,
+                                          isolation=getattr(agent, "isolation", None)))
         self.sched: Scheduler | None = None
         self.stats: dict[str, int] = {}
         self._records: OrderedDict[str, _Entry] = OrderedDict()
@@ -1241,7 +1242,7 @@ class ComputePlane:
             inputs = list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
             call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
             self._running[key] = pool_id
-            kw: dict[str, Any] = {"timeout_s": p.timeout_s,
+            kw: dict[str, Any] = {"timeout_s": p.timeout_s, "cpus": spec.cpus,
                                   "memory_mb": p.memory_mb or None, "task_id": pool_id}
             try:
                 result = await self.pool.run(p.fn_id, None, call_args, **kw)
