@@ -187,5 +187,8 @@ def test_empty_parents_of_nodes_gone_for_good_are_swept(
     cleared: list[str] = []
     monkeypatch.setattr(isolation, "_clear_children",
                         lambda d, version=None: cleared.append(d.name))
+    removed: list[Path] = []
+    monkeypatch.setattr(isolation, "_remove", removed.append)
     isolation._sweep_stale(base, "meshscale-me-0")
     assert cleared == ["meshscale-old-1"]
+    assert removed == [isolation._temp_work_dir("meshscale-old-1")]

@@ -491,6 +491,7 @@ def _sweep_stale(base: Path, keep: str) -> None:
                     or _has_processes(Path(e.path))):
                 continue
             _clear_children(Path(e.path))
+            _remove(_temp_work_dir(e.name))  # its workers' directory, if it had to be there
             os.rmdir(e.path)
 
 
@@ -680,6 +681,10 @@ class Isolation:
                 _remove(self.work_dir)
 
 
+def _temp_work_dir(cgroup_name: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"{cgroup_name}-work"
+
+
 def _remove(path: Path) -> None:
     """Remove what is at ``path``, never following a symbolic link (the worker user can
     write there: it may have put one)."""
@@ -724,7 +729,7 @@ def prepare(*, worker_user: str | None, create_worker_user: bool, bundle_dir: Pa
                 f"a directory above {data} is closed to {user.name}: input objects are "
                 "given to workers by value, not linked, and their working directory is "
                 "in the temp dir")
-            iso.work_dir = Path(tempfile.gettempdir()) / f"{cgroup_name}-work"
+            iso.work_dir = _temp_work_dir(cgroup_name)
         _fresh_dir(iso.work_dir, user)
     iso.cgroups, said = open_cgroups(cgroup_name)
     iso.statements.append(said)
