@@ -352,6 +352,70 @@ def test_worker_scan_stops_when_nothing_fits() -> None:
     assert calls <= 2 and w.load().queued == 1000
 
 
+def _runs(s: Scheduler) -> list[RunTask]:
+    return [o for o in s.drain() if isinstance(o, RunTask)]
+
+
+def test_a_second_submitter_runs_before_the_first_ones_queue_drains() -> None:
+    # #13: 12 long tasks of A filled every slot of a 4-slot node and B's no-op waited for
+    # all of them. Now B's task takes the first slot that frees, and A, over its share
+    # (4 slots / 2 waiting submitters), waits while B does.
+    s = Scheduler("n", CAP, rng=random.Random(0), now=0.0)
+    s.set_view([node("n")], 0.0)
+    s.submit([TaskSpec(f"a{i}", submitter="A") for i in range(12)], 0.0)
+    running = _runs(s)
+    assert [r.task.task_id for r in running] == ["a0", "a1", "a2", "a3"]
+    s.submit([TaskSpec("b0", submitter="B")], 0.1)
+    assert _runs(s) == [] and s.load().queued == 9
+    s.task_finished("n", "a0", 1, True, "", 1.0)
+    assert [r.task.task_id for r in _runs(s)] == ["b0"]  # before a4..a11
+    assert s.stats["held_for_share"] >= 1
+    # B is done waiting: A takes the slots again, B's task still runs.
+    s.task_finished("n", "a1", 1, True, "", 2.0)
+    assert [r.task.submitter for r in _runs(s)] == ["A"]
+    assert sorted(t for _, t, _ in s.running()) == ["a2", "a3", "a4", "b0"]
+
+
+def test_two_busy_submitters_converge_to_equal_shares() -> None:
+    s = Scheduler("n", CAP, rng=random.Random(0), now=0.0)
+    s.set_view([node("n")], 0.0)
+    s.submit([TaskSpec(f"a{i}", submitter="A") for i in range(20)], 0.0)
+    s.submit([TaskSpec(f"b{i}", submitter="B") for i in range(20)], 0.0)
+    running = {r.task.task_id: r for r in _runs(s)}
+    now = 0.0
+    for _ in range(12):  # finish the oldest running task, one at a time
+        now += 1.0
+        tid = min(running, key=lambda t: (t[0] != "a", int(t[1:])))
+        r = running.pop(tid)
+        s.task_finished(r.owner, tid, r.attempt, True, "", now)
+        running.update((x.task.task_id, x) for x in _runs(s))
+    held = {"A": 0, "B": 0}
+    for r in running.values():
+        held[r.task.submitter] += 1
+    assert held == {"A": 2, "B": 2}, sorted(running)
+
+
+def test_one_submitter_alone_may_use_every_slot() -> None:
+    s = Scheduler("n", CAP, rng=random.Random(0), now=0.0)
+    s.set_view([node("n")], 0.0)
+    s.submit([TaskSpec(f"a{i}", submitter="A") for i in range(6)], 0.0)
+    assert len(_runs(s)) == 4
+    s.task_finished("n", "a0", 1, True, "", 1.0)
+    assert [r.task.task_id for r in _runs(s)] == ["a4"]
+    assert "held_for_share" not in s.stats
+
+
+def test_the_submitter_rides_on_reservations_and_steals() -> None:
+    from meshscale.core.scheduling import ResRef, StealReply
+    r = Reserve(1, "t", Resources(1.0), ["o"], "alice")
+    assert decode_message(encode_message(r), 1 << 20) == r
+    # An older peer's reservation (no submitter) still decodes.
+    old = encode_message(Reserve(1, "t", Resources(1.0)))
+    assert decode_message(old, 1 << 20).submitter == ""  # type: ignore[union-attr]
+    rep = StealReply([ResRef("o", 1, "t", Resources(1.0), [], "bob")])
+    assert decode_message(encode_message(rep), 1 << 20) == rep
+
+
 def test_herd_one_owner_spreads_its_batch() -> None:
     # One submitter, all nodes look idle: its own reservations spread the batch.
     view = [node(f"n{i}") for i in range(8)]

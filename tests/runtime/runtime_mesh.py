@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +59,20 @@ async def wait_for_async(cond: Callable[[], Awaitable[T | None]], timeout: float
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
         await asyncio.sleep(poll)
+
+
+@contextlib.contextmanager
+def host_like_dir(prefix: str) -> Iterator[Path]:
+    """A directory for a mesh that the worker user can traverse, as /var/lib is on a host
+    (pytest's temp dirs sit below a 0700 one): a node run as root then links local input
+    objects for its workers instead of passing them by value (``runtime/isolation.py``).
+    Removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    directory.chmod(0o711)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def detection_bound(n: int, config: MembershipConfig = CONFIG) -> float:

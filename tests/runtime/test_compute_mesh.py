@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from runtime_mesh import wait_for
+from runtime_mesh import host_like_dir, wait_for
 
 from meshscale.cli import main as cli_main
 from meshscale.client.mesh import ObjectRef
@@ -33,8 +33,10 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    with LocalMesh(tmp_path_factory.mktemp("cp"), 5, regions=["eu-west", "us-east", "ap-south"]) as m:
+def mesh() -> Iterator[LocalMesh]:
+    # Traversable by the worker user (a node run as root links local inputs for it).
+    with host_like_dir("meshscale-cp-") as directory, \
+            LocalMesh(directory, 5, regions=["eu-west", "us-east", "ap-south"]) as m:
         yield m
 
 
@@ -113,7 +115,7 @@ def test_local_inputs_reach_the_worker_as_checked_links_released_after(
     assert path1 - path0 >= 1  # data-local runs read the node's own copy
     assert (path1 - path0) + (value1 - value0) == 30
     for node in mesh.nodes:  # every link was released when its run ended
-        assert list((node.data_dir / "store" / "tmp").glob("*.in")) == []
+        assert list((node.data_dir / "store" / "links").glob("*.in")) == []
 
 
 def test_task_that_raises_returns_its_traceback(client: TaskMesh) -> None:

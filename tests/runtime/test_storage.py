@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -366,7 +367,7 @@ def test_a_linked_copy_outlives_a_delete_and_is_released(tmp_path: Path) -> None
     store = open_store(tmp_path)
     oid = store.put_bytes(b"for a task", now=NOW).object_id
     link = store.link_copy(oid)
-    assert link.parent == store.tmp_dir and link.read_bytes() == b"for a task"
+    assert link.parent == store.links_dir and link.read_bytes() == b"for a task"
     store.delete(oid)
     assert not store.has(oid) and link.read_bytes() == b"for a task"
     store.release_copy(link)
@@ -382,6 +383,24 @@ def test_a_linked_copy_outlives_a_delete_and_is_released(tmp_path: Path) -> None
     store.close()
     store = open_store(tmp_path)  # a crash left a link: gone once the store opens again
     assert not leftover.exists() and store.read_bytes(other) == b"left behind"
+    store.close()
+
+
+def test_with_a_link_group_only_links_are_reachable(tmp_path: Path) -> None:
+    # Task workers running as another user may open the link they are given, by name,
+    # and nothing else of the store (runtime/isolation.py).
+    group = os.getgid() + 1 if os.geteuid() == 0 else os.getgid()
+    store = LocalStore(tmp_path / "s", StorageConfig(min_free_bytes=0, link_group=group))
+    oid = store.put_bytes(b"input", now=NOW).object_id
+    link = store.link_copy(oid)
+    st = link.stat()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (group, 0o440)
+    assert stat.S_IMODE(store.data_dir.stat().st_mode) == 0o711
+    assert stat.S_IMODE(store.links_dir.stat().st_mode) == 0o711
+    for entry in store.data_dir.iterdir():
+        if entry.name != "links":
+            assert not entry.stat().st_mode & 0o077, entry
+    store.release_copy(link)
     store.close()
 
 

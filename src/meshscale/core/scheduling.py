@@ -44,9 +44,19 @@ view costs a round trip rather than a stampede. Departures from Sparrow, and why
   never comes is re-probed after ``probe_timeout_s`` / ``run_timeout_s``. A task may thus
   *run* more than once (a node thought dead may still finish), but its owner accepts one
   result per task id and drops the rest (idempotency), remembering finished ids (bounded).
+- Fair share per submitter (#13: twelve never-ending tasks of one user filled every slot
+  and another user's no-op waited behind them). A task carries its ``submitter`` (the
+  identity of the client, as the owner node saw its certificate) and so does each of its
+  reservations. When the queued reservations of a worker come from more than one
+  submitter, none of them is given a slot that would make it hold more than its share
+  (``capacity.cpus`` / waiting submitters, at least one cpu) while another waits; a
+  submitter holding nothing may always take one task. Like Hadoop's fair scheduler
+  without preemption: a running task is never stopped for the share, so a submitter over
+  its share gives slots back as its tasks end (the node's default timeout bounds that).
 - Not here: the owner's records and the takeover of a dead owner's tasks
-  (``core/tasks.py``), and proactive cancellation of the reservations of a task already bound (a worker learns it
-  with ``NoTask``; Sparrow measured little gain from cancelling).
+  (``core/tasks.py``), and proactive cancellation of the reservations of a task already
+  bound (a worker learns it with ``NoTask``; Sparrow measured little gain from
+  cancelling).
 
 Sans-I/O like ``core/replication.py``: inputs carry ``now``; outputs (``SendMessage`` to
 another node's ``Scheduler.handle_message``, and events) are collected with ``drain()``;
@@ -110,6 +120,7 @@ Oid = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 RegionName = Annotated[str, msgspec.Meta(max_length=128)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Submitter = Annotated[str, msgspec.Meta(max_length=256)]
 
 
 # --------------------------------------------------------------------------- data
@@ -202,6 +213,10 @@ class TaskSpec(msgspec.Struct, frozen=True):
     placement: PlacementMode = DataLocal()
     payload: bytes = b""
     """Opaque to the scheduler (the runtime's pickled call)."""
+    submitter: Submitter = ""
+    """Who submitted the task (the client certificate's name, as the owner node saw it);
+    workers share their slots between submitters (see the module docstring). ``""``:
+    unknown, counted as one submitter of its own."""
 
     @property
     def demand(self) -> Resources:
@@ -568,6 +583,9 @@ class Reserve(msgspec.Struct, tag=1, array_like=True):
     hint: TaskId
     demand: Resources
     inputs: Annotated[list[Oid], msgspec.Meta(max_length=256)] = []
+    submitter: Submitter = ""
+    """The task's submitter, for the worker's fair share. Last, with a default: an older
+    peer ignores it."""
 
 
 class ResRef(msgspec.Struct, array_like=True):
@@ -578,6 +596,7 @@ class ResRef(msgspec.Struct, array_like=True):
     hint: TaskId
     demand: Resources
     inputs: Annotated[list[Oid], msgspec.Meta(max_length=256)] = []
+    submitter: Submitter = ""
 
 
 class GetTask(msgspec.Struct, tag=2, array_like=True):
@@ -674,6 +693,7 @@ class _Reservation:
     inputs: list[str]
     expires: float
     stolen: bool = False
+    submitter: str = ""
 
 
 @dataclass(slots=True)
@@ -760,7 +780,12 @@ class Scheduler:
         """A lower bound of the cpus of every queued reservation (inf: queue empty)."""
         self._asks: dict[int, _Ask] = {}
         self._ask_seq = 0
-        self._running: dict[tuple[str, str, int], Resources] = {}
+        self._running: dict[tuple[str, str, int], tuple[Resources, str]] = {}
+        """(owner, task id, attempt) -> (demand, submitter) of what runs here."""
+        self._waiting: dict[str, int] = {}
+        """Queued reservations per submitter (the fair share counts who waits)."""
+        self._holding: dict[str, float] = {}
+        """Cpus each submitter holds here: asks in flight plus running tasks."""
         self._free = capacity
         self._next_sweep = now + self.config.sweep_interval_s
         self._next_steal = now
@@ -869,9 +894,11 @@ class Scheduler:
         self, owner: str, task_id: str, attempt: int, ok: bool, detail: str, now: float
     ) -> None:
         """The driver finished running a ``RunTask``: report it to its owner, free slots."""
-        demand = self._running.pop((owner, task_id, attempt), None)
-        if demand is None:
+        run = self._running.pop((owner, task_id, attempt), None)
+        if run is None:
             return  # not ours (a previous incarnation's), or reported twice
+        demand, submitter = run
+        self._unhold(submitter, demand)
         self._free = self._free.plus(demand)
         assert self._free.fits_in(self.capacity)
         self._count("tasks_run")
@@ -993,7 +1020,8 @@ class Scheduler:
                 t.probes.add(name)
                 self._probes_on[name] = self._probes_on.get(name, 0) + 1
             self._count("probes_sent")
-            self._send(name, Reserve(t.batch, t.spec.task_id, t.spec.demand, inputs))
+            self._send(name, Reserve(t.batch, t.spec.task_id, t.spec.demand, inputs,
+                                     t.spec.submitter))
 
     def _bind_here(self, t: _Task, scored: Sequence[tuple[float, str]], inputs: list[str],
                    now: float) -> bool:
@@ -1012,8 +1040,9 @@ class Scheduler:
             return False
         self._ask_seq += 1
         res = _Reservation(self.name, t.batch, t.spec.task_id, t.spec.demand, inputs,
-                           now + cfg.reservation_ttl_s)
+                           now + cfg.reservation_ttl_s, submitter=t.spec.submitter)
         self._asks[self._ask_seq] = _Ask(res, now + cfg.ask_timeout_s)
+        self._hold(res.submitter, res.demand)
         self._free = self._free.minus(t.spec.demand)
         self._count("bound_here")
         self._bind(t, self.name, self._ask_seq, False, now)
@@ -1147,7 +1176,7 @@ class Scheduler:
                 if not t.probes:
                     self._place(t, now)
         # worker side: the owner is gone; its tasks will be re-run by whoever takes over
-        self._queue = deque(r for r in self._queue if r.owner != name)
+        self._set_queue(r for r in self._queue if r.owner != name)
         for ask_id in [a for a, ask in self._asks.items() if ask.res.owner == name]:
             self._release(ask_id)
         self._pump(now)
@@ -1189,7 +1218,9 @@ class Scheduler:
             self._count("reservations_unfit")
             return
         self._queue.append(_Reservation(src, msg.batch, msg.hint, msg.demand, list(msg.inputs),
-                                        now + self.config.reservation_ttl_s))
+                                        now + self.config.reservation_ttl_s,
+                                        submitter=msg.submitter))
+        self._wait(msg.submitter, 1)
         self._queue_min_cpus = min(self._queue_min_cpus, msg.demand.cpus)
         self._count("reservations")
         self._pump(now)
@@ -1197,35 +1228,103 @@ class Scheduler:
     def _pump(self, now: float) -> None:
         """Turn queued reservations into ``GetTask`` requests while resources are free.
 
-        First fit (a big reservation does not block small ones), but the scan stops once
-        no queued reservation can fit the free cpus: with a long queue and no free slot an
-        event costs O(1), not O(queue) (which made a long burst quadratic). Expired
-        reservations met on the way are dropped; the sweep drops the rest."""
+        First fit (a big reservation does not block small ones), within each submitter's
+        fair share (``_over_share``), but the scan stops once no queued reservation can
+        fit the free cpus, or every one left belongs to a submitter at its share: with a
+        long queue and no free slot an event costs O(1), not O(queue) (which made a long
+        burst quadratic). Expired reservations met on the way are dropped; the sweep
+        drops the rest."""
         cfg = self.config
         queue = self._queue
         skipped: list[_Reservation] = []
-        while (queue and len(self._asks) < cfg.max_concurrent_asks
+        left = dict(self._waiting)  # per submitter, queued and not scanned yet
+        full = self._full()
+        open_left = sum(n for s, n in left.items() if s not in full)
+        while (queue and open_left > 0 and len(self._asks) < cfg.max_concurrent_asks
                and self._free.cpus + 1e-9 >= self._queue_min_cpus):
             res = queue.popleft()
+            who = res.submitter
+            left[who] -= 1
+            if who not in full:
+                open_left -= 1
             if res.expires <= now:
                 self._count("reservations_expired")
+                self._wait(who, -1)
+            elif not res.demand.fits_in(self._free):
+                skipped.append(res)
                 continue
-            if res.demand.fits_in(self._free):
+            elif self._over_share(who, res.demand):
+                self._count("held_for_share")
+                skipped.append(res)
+                continue
+            else:
                 self._ask_seq += 1
                 self._asks[self._ask_seq] = _Ask(res, now + cfg.ask_timeout_s)
                 self._free = self._free.minus(res.demand)
+                self._wait(who, -1)
+                self._hold(who, res.demand)
                 self._send(res.owner, GetTask(self._ask_seq, res.batch, res.hint, res.demand,
                                               res.stolen))
-            else:
-                skipped.append(res)
+            # Who waits and who holds what changed: so may who is at its share.
+            full = self._full()
+            open_left = sum(n for s, n in left.items() if s not in full)
         if not queue:  # scanned to the end: the bound is exact again
             self._queue_min_cpus = min((r.demand.cpus for r in skipped), default=math.inf)
         queue.extendleft(reversed(skipped))
+
+    # The fair share (see the module docstring). Sums of cpus are floats: 1e-9 of slack.
+
+    def _share(self) -> float | None:
+        """Cpus one submitter may hold while others wait; None while at most one waits."""
+        waiting = len(self._waiting)
+        if waiting < 2:
+            return None
+        return max(1.0, self.capacity.cpus / waiting)
+
+    def _over_share(self, submitter: str, demand: Resources) -> bool:
+        share = self._share()
+        held = self._holding.get(submitter, 0.0)
+        return share is not None and held > 1e-9 and held + demand.cpus > share + 1e-9
+
+    def _full(self) -> frozenset[str]:
+        """Waiting submitters at (or over) their share: none of their reservations may go."""
+        share = self._share()
+        if share is None:
+            return frozenset()
+        return frozenset(s for s in self._waiting
+                         if self._holding.get(s, 0.0) + 1e-9 >= share)
+
+    def _wait(self, submitter: str, n: int) -> None:
+        count = self._waiting.get(submitter, 0) + n
+        assert count >= 0, "more reservations left the queue than entered it"
+        if count:
+            self._waiting[submitter] = count
+        else:
+            self._waiting.pop(submitter, None)
+
+    def _set_queue(self, reservations: Iterable[_Reservation]) -> None:
+        self._queue = deque(reservations)
+        waiting: dict[str, int] = {}
+        for r in self._queue:
+            waiting[r.submitter] = waiting.get(r.submitter, 0) + 1
+        self._waiting = waiting
+
+    def _hold(self, submitter: str, demand: Resources) -> None:
+        self._holding[submitter] = self._holding.get(submitter, 0.0) + demand.cpus
+
+    def _unhold(self, submitter: str, demand: Resources) -> None:
+        held = self._holding.get(submitter, 0.0) - demand.cpus
+        assert held > -1e-6, "a submitter gave back more than it held"
+        if held > 1e-9:
+            self._holding[submitter] = held
+        else:
+            self._holding.pop(submitter, None)
 
     def _release(self, ask_id: int) -> _Ask | None:
         ask = self._asks.pop(ask_id, None)
         if ask is not None:
             self._free = self._free.plus(ask.res.demand)
+            self._unhold(ask.res.submitter, ask.res.demand)
             assert self._free.fits_in(self.capacity)
         return ask
 
@@ -1242,7 +1341,8 @@ class Scheduler:
             self._pump(now)
             return
         self._free = self._free.minus(demand)
-        self._running[key] = demand
+        self._running[key] = (demand, msg.task.submitter)
+        self._hold(msg.task.submitter, demand)
         self._outputs.append(RunTask(src, msg.task, msg.attempt))
         self._pump(now)
 
@@ -1253,8 +1353,8 @@ class Scheduler:
             # each cost a GetTask -> NoTask round trip (about one per task in a burst).
             batch = ask.res.batch
             before = len(self._queue)
-            self._queue = deque(r for r in self._queue
-                                if not (r.owner == src and r.batch == batch))
+            self._set_queue(r for r in self._queue
+                            if not (r.owner == src and r.batch == batch))
             if len(self._queue) < before:
                 self._count("reservations_cancelled", before - len(self._queue))
         self._pump(now)
@@ -1264,7 +1364,7 @@ class Scheduler:
             self._release(ask_id)
             self._count("asks_timed_out")
         if self._queue and self._queue[0].expires <= now:
-            self._queue = deque(r for r in self._queue if r.expires > now)
+            self._set_queue(r for r in self._queue if r.expires > now)
 
     def _maybe_steal(self, now: float) -> None:
         cfg = self.config
@@ -1307,9 +1407,9 @@ class Scheduler:
                 give.append(i)
                 room = room.minus(res.demand)
         given = set(give)
-        out = [ResRef(r.owner, r.batch, r.hint, r.demand, r.inputs)
+        out = [ResRef(r.owner, r.batch, r.hint, r.demand, r.inputs, r.submitter)
                for i, r in enumerate(self._queue) if i in given]
-        self._queue = deque(r for i, r in enumerate(self._queue) if i not in given)
+        self._set_queue(r for i, r in enumerate(self._queue) if i not in given)
         if out:
             self._count("reservations_given", len(out))
         else:
@@ -1324,7 +1424,9 @@ class Scheduler:
                 continue
             self._queue.appendleft(_Reservation(ref.owner, ref.batch, ref.hint, ref.demand,
                                                 list(ref.inputs),
-                                                now + self.config.reservation_ttl_s, True))
+                                                now + self.config.reservation_ttl_s, True,
+                                                ref.submitter))
+            self._wait(ref.submitter, 1)
             self._queue_min_cpus = min(self._queue_min_cpus, ref.demand.cpus)
             self._count("reservations_stolen")
         self._pump(now)

@@ -100,6 +100,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("task_memory_mb", "int", None, "A task without its own memory_mb may grow by "
            "this much; default: the machine's memory divided by the worker slots.",
            example=2048),
+    Option("worker_user", "str", "nobody", "When the node runs as root, task workers run "
+           "as this user, so task code cannot read the node's bundle or data dir ('' runs "
+           "them as root). A dedicated user (e.g. meshscale-worker) is better than nobody, "
+           "which other daemons share. An agent that is not root cannot change user: its "
+           "workers run as itself, and it logs so at start."),
+    Option("create_worker_user", "bool", False, "Create worker_user (useradd --system) if "
+           "it does not exist."),
     Option("disk_reserve_mb", "int", None, "Free space the data dir keeps, in MB: object "
            "and KV writes that would eat into it are refused (deletes still work); default "
            "64.", example=1024),
@@ -390,6 +397,8 @@ def start(argv: Sequence[str]) -> None:
                                      disk_reserve_mb=s.disk_reserve_mb,
                                      task_timeout_s=float(s.task_timeout_s),
                                      task_memory_mb=s.task_memory_mb,
+                                     worker_user=s.worker_user,
+                                     create_worker_user=s.create_worker_user,
                                      metrics_public=s.metrics_public,
                                      stream_max_backlog=s.stream_max_backlog),
         )
@@ -398,12 +407,15 @@ def start(argv: Sequence[str]) -> None:
     except (BundleError, KeyringError, IdentityError, TLSConfigError, RevocationError,
             ValueError) as e:
         raise StartError(str(e)) from None
+    from meshscale.runtime.isolation import IsolationError
     from meshscale.runtime.storage import StorageError
 
     try:
         run_forever(agent)
     except NodeRemovedError as e:
         raise StartError(str(e), exit_code=EXIT_REMOVED) from None
+    except IsolationError as e:  # worker_user, or a secret the worker user could read
+        raise StartError(str(e)) from None
     except StorageError as e:  # the store under --data-dir cannot be used as it is
         raise StartError(str(e), exit_code=1) from None
     except OSError as e:

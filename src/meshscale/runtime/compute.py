@@ -86,6 +86,7 @@ from meshscale.core.tasks import (
     lookup,
 )
 from meshscale.core.wire import DECODE_ERRORS, wire_bytes
+from meshscale.runtime import caller
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.workers import (
     FunctionNotCached,
@@ -248,7 +249,8 @@ class ComputePlane:
         per_task_mb = agent.cfg.task_memory_mb or max(64, self.capacity.memory_mb // slots)
         self.pool = WorkerPool(PoolConfig(workers=slots,
                                           default_timeout_s=agent.cfg.task_timeout_s,
-                                          default_memory_mb=per_task_mb))
+                                          default_memory_mb=per_task_mb,
+                                          isolation=getattr(agent, "isolation", None)))
         self.sched: Scheduler | None = None
         self.stats: dict[str, int] = {}
         self.book = TaskBook(agent.name, self.cfg.max_records)
@@ -700,6 +702,8 @@ class ComputePlane:
         )
 
     async def _spec(self, rec: TaskRecord) -> TaskSpec:
+        """The scheduler's view of ``rec`` (its submitter rides in the record, so a
+        re-submitted or adopted task keeps its owner's share)."""
         refs = list(await asyncio.gather(*(self._input_ref(o) for o in rec.inputs)))
         res = None
         if rec.residency is not None or rec.data_class is not None:
@@ -711,7 +715,8 @@ class ComputePlane:
             return TaskSpec(
                 task_id=rec.task_id, cpus=rec.cpus, memory_mb=rec.memory_mb, gpus=rec.gpus,
                 labels=dict(rec.labels), residency=res, inputs=tuple(refs),
-                placement=_placement(rec.placement), payload=payload)
+                placement=_placement(rec.placement), payload=payload,
+                submitter=rec.submitter)
         except (msgspec.ValidationError, TypeError) as e:
             raise ValueError(f"task {rec.task_id}: {e}") from None
 
@@ -745,6 +750,9 @@ class ComputePlane:
         accepted = [r.task_id for r in recs]
         if not new:
             return {"accepted": accepted}
+        who = caller.submitter()  # the client's certificate: whose share the tasks use
+        for r in new:
+            r.submitter = who
         specs = await asyncio.gather(*(self._spec(r) for r in new))
         try:
             sched.submit(list(specs), time.monotonic())
@@ -1198,7 +1206,7 @@ class ComputePlane:
             inputs = list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
             call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
             self._running[key] = pool_id
-            kw: dict[str, Any] = {"timeout_s": p.timeout_s,
+            kw: dict[str, Any] = {"timeout_s": p.timeout_s, "cpus": spec.cpus,
                                   "memory_mb": p.memory_mb or None, "task_id": pool_id}
             try:
                 result = await self.pool.run(p.fn_id, None, call_args, **kw)

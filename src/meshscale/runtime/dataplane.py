@@ -1270,8 +1270,10 @@ class DataPlane:
         """A path on this machine holding ``oid``'s bytes, hash-checked (see
         ``_local_verified``) and hard-linked so a drop or delete meanwhile cannot take them
         away; release it with ``release_copy_path``. None when no good local copy exists
-        (or the link cannot be made): read the bytes instead."""
-        if self.store is None:
+        (or the link cannot be made), or the worker user cannot reach the links: read the
+        bytes instead."""
+        iso = self.agent.isolation
+        if self.store is None or (iso is not None and not iso.links_reachable):
             return None
         meta, ok = await self._local_verified(oid)
         if meta is None or not ok:

@@ -89,6 +89,7 @@ from meshscale.core.rpc import (
     encode_stream_message,
 )
 from meshscale.core.wire import WireError
+from meshscale.runtime import caller
 from meshscale.runtime.dataplane import DataPlane
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
@@ -110,6 +111,7 @@ from meshscale.trust.tls import BUSY, GREETING, connect_tls, server_context
 
 if TYPE_CHECKING:
     from meshscale.runtime.http import HttpServer
+    from meshscale.runtime.isolation import Isolation
 
 RpcHandler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
 
@@ -181,6 +183,11 @@ class AgentConfig:
     """Default timeout of a task that sets none."""
     task_memory_mb: int | None = None
     """Default memory growth of a task that sets none; None: memory / worker slots."""
+    worker_user: str | None = "nobody"
+    """Workers run as this user when the agent is root (``runtime/isolation.py``); ""
+    or None: as the agent."""
+    create_worker_user: bool = False
+    """Create ``worker_user`` (``useradd --system``) if it does not exist."""
     disk_reserve_mb: int | None = None
     """Free space (MB) the data dir keeps: writes that would eat into it are refused
     (``disk_full``); None: the data plane's default (64 MB)."""
@@ -327,6 +334,8 @@ class NodeAgent:
         """Called with every membership event (the data plane follows the view)."""
         self.dataplane: DataPlane | None = None
         self._with_dataplane = dataplane
+        self.isolation: Isolation | None = None
+        """Worker user, work dir, cgroups (``runtime/isolation.py``), set up at start."""
         self.events: deque[EventInfo] = deque(maxlen=self.cfg.recent_events)
         self._event_seq = 0
         self._server_ctx = server_context(bundle)
@@ -472,13 +481,26 @@ class NodeAgent:
         self._pump()
         self._spawn(self._housekeeping())
         if self._with_dataplane:
+            from meshscale.runtime import isolation
+
+            # Before the planes: the store's layout and the workers depend on it.
+            self.isolation = isolation.prepare(
+                worker_user=self.cfg.worker_user,
+                create_worker_user=self.cfg.create_worker_user,
+                bundle_dir=self.bundle.path, data_dir=self.data_dir,
+                cgroup_name=isolation.node_cgroup_name(self.name, self.data_dir),
+                log=self.log)
             dp_cfg = None
-            if self.cfg.disk_reserve_mb is not None:
+            link_group = None if self.isolation.user is None else self.isolation.user.gid
+            if self.cfg.disk_reserve_mb is not None or link_group is not None:
                 from meshscale.runtime.dataplane import DataPlaneConfig
                 from meshscale.runtime.storage import StorageConfig
 
-                dp_cfg = DataPlaneConfig(
-                    storage=StorageConfig(min_free_bytes=self.cfg.disk_reserve_mb << 20))
+                reserve = self.cfg.disk_reserve_mb
+                dp_cfg = DataPlaneConfig(storage=StorageConfig(
+                    min_free_bytes=DataPlaneConfig().storage.min_free_bytes
+                    if reserve is None else reserve << 20,
+                    link_group=link_group))
             self.dataplane = DataPlane(self, dp_cfg)
             await self.dataplane.start()
             from meshscale.runtime.compute import ComputePlane
@@ -522,6 +544,8 @@ class NodeAgent:
         if self.dataplane is not None:
             await self.dataplane.stop()
             self.dataplane = None
+        if self.isolation is not None:
+            self.isolation.close()  # the node's parent cgroups
         if self.membership is not None:
             self.m.stop()
             self._save_incarnation()
@@ -903,7 +927,11 @@ class NodeAgent:
                 return RpcResponse(msg.id, False, error=(
                     f"{FORBIDDEN}: {msg.method!r} from node {who.name!r} claims to come from "
                     f"{claimed[:64]!r}"))
-            return await self._call_rpc(msg)
+            token = caller.current.set(who)
+            try:
+                return await self._call_rpc(msg)
+            finally:
+                caller.current.reset(token)
         self._reject("unexpected")
         return None
 

@@ -2,9 +2,14 @@
 
     <data_dir>/objects/ab/cd/b3-abcd...    one file per object, named by its BLAKE3-256
     <data_dir>/tmp/<random>.part           objects being written; removed on open
-    <data_dir>/tmp/<random>.in             links to objects read by local tasks; removed on open
+    <data_dir>/links/<random>.in           links to objects read by local tasks; removed on open
     <data_dir>/meta.sqlite3                object index, KV (WAL, synchronous=FULL)
     <data_dir>/storage.lock                flock: one LocalStore per data dir
+
+With ``StorageConfig.link_group`` (task workers run as another user, see
+``runtime/isolation.py``), ``<data_dir>`` and ``links/`` are traverse-only (0711), every
+other entry is the agent's alone, and each link is readable by that group: a worker can
+open the link it was given, by name, and nothing else here.
 
 An object becomes visible only through its index row, and the row is written last: the
 bytes go to a temp file (hashed as they stream in, never held whole), the file is fsynced,
@@ -35,6 +40,7 @@ import math
 import os
 import secrets
 import sqlite3
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -70,6 +76,7 @@ MAX_META_FIELD_BYTES: Final = 4096
 
 OBJECTS_DIR: Final = "objects"
 TMP_DIR: Final = "tmp"
+LINKS_DIR: Final = "links"
 LINK_SUFFIX: Final = ".in"
 DB_FILE: Final = "meta.sqlite3"
 LOCK_FILE: Final = "storage.lock"
@@ -162,6 +169,9 @@ class StorageConfig:
     (Linux ``sync_file_range``, as RocksDB's ``bytes_per_sync``), so the fsync at commit
     waits only for the tail instead of the whole object (64 MB: ~33 ms -> ~0.3 ms here).
     Durability still comes from that fsync alone. 0 turns it off."""
+    link_group: int | None = None
+    """Group (gid) that may read the links made by ``link_copy`` (the task workers' group
+    when they run as another user); None: the store is the agent's alone."""
 
     def __post_init__(self) -> None:
         if self.max_object_bytes < 0:
@@ -470,6 +480,7 @@ class LocalStore:
         self.data_dir = Path(data_dir)
         self.objects_dir = self.data_dir / OBJECTS_DIR
         self.tmp_dir = self.data_dir / TMP_DIR
+        self.links_dir = self.data_dir / LINKS_DIR
         self._db_lock = threading.Lock()  # the connection and the publish/delete steps
         self._acct_lock = threading.Lock()  # byte counters and the set of writers
         self._writers: set[ObjectWriter] = set()
@@ -481,12 +492,15 @@ class LocalStore:
             self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.objects_dir.mkdir(mode=0o700, exist_ok=True)
             self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+            self.links_dir.mkdir(mode=0o700, exist_ok=True)
         except OSError as e:
             raise self._os_error(f"{self.data_dir}: cannot create data dir", e) from None
         self._lock_fd = self._take_dir_lock()
         try:
             self._clean_tmp()
             self._db = self._open_db()
+            if self.config.link_group is not None:
+                self._open_links_only()  # after the database: its WAL files too
             row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM objects")
             self._count, self._committed_bytes = row.fetchone()
         except BaseException:
@@ -508,14 +522,29 @@ class LocalStore:
             ) from None
         return fd
 
+    def _open_links_only(self) -> None:
+        """Traverse-only for the way to ``links/``, nothing else for anyone but us."""
+        for entry in os.scandir(self.data_dir):
+            if entry.name != LINKS_DIR and not entry.is_symlink():
+                mode = stat.S_IMODE(entry.stat().st_mode)
+                if mode & 0o077:
+                    os.chmod(entry.path, mode & ~0o077)
+        os.chmod(self.data_dir, 0o711)
+        os.chmod(self.links_dir, 0o711)
+
     def _clean_tmp(self) -> None:
-        # Anything here is a write that never committed: invisible by construction.
-        for entry in os.scandir(self.tmp_dir):
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(entry.path)
+        # Anything here is a write that never committed, or a link for a task of a run
+        # that is over: invisible by construction.
+        for d in (self.tmp_dir, self.links_dir):
+            for entry in os.scandir(d):
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(entry.path)
 
     def _open_db(self) -> sqlite3.Connection:
         path = self.data_dir / DB_FILE
+        # Ours alone from the start (SQLite gives its WAL files the database's mode).
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         except sqlite3.Error as e:
@@ -929,22 +958,34 @@ class LocalStore:
         return m
 
     def link_copy(self, object_id: str) -> Path:
-        """A hard link to the object's file, under ``tmp/`` (``*.in``), for a reader on this
-        machine (a task's worker) that must find the bytes even if the object is dropped
-        or deleted meanwhile. Its bytes are whatever the file holds: check the copy first.
-        Remove it with ``release_copy``; anything left is removed when the store opens."""
+        """A hard link to the object's file, under ``links/`` (``*.in``), for a reader on
+        this machine (a task's worker) that must find the bytes even if the object is
+        dropped or deleted meanwhile. Its bytes are whatever the file holds: check the copy
+        first. Remove it with ``release_copy``; anything left is removed when the store
+        opens. With ``link_group``, the file is made readable by that group (a link is
+        the same file as the object's: the object's own name stays behind 0700
+        ``objects/``)."""
         meta = self._require(object_id)
-        dst = self.tmp_dir / (secrets.token_hex(16) + LINK_SUFFIX)
+        dst = self.links_dir / (secrets.token_hex(16) + LINK_SUFFIX)
         try:
             os.link(self.object_path(meta.object_id), dst)
         except FileNotFoundError:
             raise StorageError("not_found", f"object {object_id} has no file") from None
+        group = self.config.link_group
+        if group is not None:
+            try:
+                os.chown(dst, -1, group)
+                os.chmod(dst, 0o440)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(dst)
+                raise
         return dst
 
     def release_copy(self, path: Path) -> None:
         """Remove a link made by ``link_copy`` (idempotent; refuses any other path)."""
         path = Path(path)
-        if path.parent != self.tmp_dir or not path.name.endswith(LINK_SUFFIX):
+        if path.parent != self.links_dir or not path.name.endswith(LINK_SUFFIX):
             raise ValueError(f"{path} is not a link made by link_copy")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

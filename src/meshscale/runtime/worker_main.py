@@ -1,9 +1,17 @@
 """The worker process of the compute plane's execution engine, and its wire format.
 
 A worker is a fresh interpreter started by ``WorkerPool`` (``python -m
-meshscale.runtime.worker_main FD PARENT_PID``). It inherits exactly one descriptor
-besides stdio: its end of a ``socketpair`` to the pool. Nothing of the agent — event loop,
-sockets, threads, TLS state — crosses into it, because it was never forked from the agent.
+meshscale.runtime.worker_main FD PARENT_PID [UID:GID WORK_DIR]``). It inherits exactly one
+descriptor besides stdio: its end of a ``socketpair`` to the pool. Nothing of the agent —
+event loop, sockets, threads, TLS state — crosses into it, because it was never forked
+from the agent.
+
+Given ``UID:GID`` (the agent is root, see ``runtime/isolation.py``), the worker becomes
+that user before it reads anything from the pool: no supplementary groups, no new
+privileges, working directory and ``HOME`` in ``WORK_DIR``. It starts as root so that
+the interpreter and its standard library may live where that user cannot go (a pyenv
+under ``/root``): each ``sys.path`` directory it could not reach is opened first and used
+through ``/proc/self/fd/N`` afterwards (a process may always use its own descriptors).
 
 The worker runs one task at a time on its main thread, with no event loop: read a frame,
 run, write a frame. Functions arrive at most once per worker, keyed by content hash, and
@@ -21,6 +29,7 @@ no asyncio, nothing from the rest of meshscale.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -134,6 +143,48 @@ def _send(sock: socket.socket, msg: Ready | Done | Failed, body: bytes = b"") ->
     else:
         sock.sendall(head)
         sock.sendall(body)
+
+
+_held: dict[str, str] = {}
+"""sys.path entries the worker user cannot reach -> ``/proc/self/fd/N`` held open."""
+
+
+def _drop_privileges(uid: int, gid: int, work_dir: str) -> None:
+    """Become ``uid:gid`` for good; Linux. Raises SystemExit when it does not hold."""
+    import ctypes  # before the drop: the standard library may be out of reach after it
+    import pwd
+
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    fds = {}
+    for p in sys.path:
+        if p and p not in fds and os.path.isdir(p):
+            with contextlib.suppress(OSError):
+                fds[p] = os.open(p, os.O_PATH | os.O_DIRECTORY)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:
+        raise SystemExit("could not drop root")
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs = 38
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+        raise SystemExit("PR_SET_NO_NEW_PRIVS failed")
+    for p, fd in fds.items():
+        if os.access(p, os.R_OK | os.X_OK):
+            os.close(fd)
+        else:
+            _held[p] = f"/proc/self/fd/{fd}"
+    sys.path[:] = [_held.get(p, p) for p in sys.path]
+    os.chdir(work_dir)
+    os.environ["HOME"] = work_dir
+    os.environ["USER"] = os.environ["LOGNAME"] = name
 
 
 def _set_parent_death_signal(parent_pid: int) -> None:
@@ -282,6 +333,15 @@ def _traceback_text(e: BaseException) -> bytes:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     fd, parent_pid = int(args[0]), int(args[1])
+    if len(args) >= 4 and args[2] != "-":
+        uid, _, gid = args[2].partition(":")
+        try:
+            _drop_privileges(int(uid), int(gid), args[3])
+        except (OSError, SystemExit) as e:
+            print(f"meshscale worker {os.getpid()}: cannot run as {args[2]}: {e}",
+                  file=sys.stderr)
+            os._exit(1)
+    # After the drop: a change of user clears the parent-death signal.
     _set_parent_death_signal(parent_pid)
     # Ctrl-C in the agent's terminal is the agent's to handle; it closes the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -298,7 +358,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("expected init")
         # The agent's import path, after our own (so functions pickled by reference to
         # a module the agent can import resolve here too, as with multiprocessing).
-        sys.path.extend(p for p in init.sys_path if p not in sys.path)
+        for p in init.sys_path:
+            p = _held.get(p, p)
+            if p not in sys.path:
+                sys.path.append(p)
         _send(sock, Ready(os.getpid()))
         Worker(sock, init).serve()
     except (_Closed, BrokenPipeError, ConnectionResetError):

@@ -17,10 +17,17 @@ by the BLAKE3 of its cloudpickle (``function_id``). Departures from those system
   extensions cannot be interrupted reliably, and a killed worker cannot leak state into
   the next task. The replacement is started at once, so capacity is never lost. The
   timeout counts from when the task reaches a worker, not time spent queued.
-- The memory limit is RLIMIT_AS set in the worker for the task's duration, as growth over
-  the worker's current address space (``memory_mb`` more than the interpreter already
-  maps); a ``MemoryError`` under it fails the task as ``"memory"`` and the worker lives on.
-  A worker killed by the kernel's OOM killer is reported as ``"worker_crashed"``.
+- Isolation (``runtime/isolation.py``, given as ``PoolConfig.isolation``): workers run as
+  the worker user when the agent is root, each in a cgroup of its own. Before each task
+  the pool sets the cgroup's memory limit to the worker's current usage plus
+  ``memory_mb`` and its CPU quota to the task's ``cpus``; the kernel kills a worker that
+  goes over, and the pool reports it as ``"memory"`` (the cgroup's OOM-kill count rose).
+  Without a memory cgroup, the limit is RLIMIT_AS set in the worker for the task's
+  duration, as growth over the worker's current address space; a ``MemoryError`` under
+  it fails the task as ``"memory"`` and the worker lives on. (The cgroup is preferred:
+  it counts memory really used, by the task's child processes too, where RLIMIT_AS counts
+  address space reserved, which thread arenas and some allocators take plenty of.)
+  A worker killed by the kernel outside such a limit is reported as ``"worker_crashed"``.
 - Workers get the agent's ``sys.path`` (after their own), as multiprocessing's spawn
   does, so a function pickled by reference to a module the agent can import resolves.
   Code from remote clients should be pickled by value (``register_pickle_by_value``).
@@ -47,7 +54,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import cloudpickle  # type: ignore[import-untyped]
 
@@ -70,6 +77,9 @@ from meshscale.runtime.worker_main import (
     from_worker_decoder,
     function_id,
 )
+
+if TYPE_CHECKING:
+    from meshscale.runtime.isolation import Isolation, WorkerCgroup
 
 __all__ = [
     "FAILURE_KINDS",
@@ -121,6 +131,7 @@ class PoolConfig:
     start_timeout_s: float = 60.0  # a worker must report ready within this
     close_timeout_s: float = 2.0  # idle workers get this long to exit before SIGKILL
     restart_backoff_max_s: float = 5.0  # between replacements that die before ready
+    isolation: Isolation | None = None  # worker user, work dir, cgroups (isolation.py)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -215,8 +226,8 @@ _State = Literal["starting", "idle", "busy", "doomed", "dead"]
 
 
 class _Job:
-    __slots__ = ("args", "fn_bytes", "fn_id", "future", "memory_mb", "task_id", "timeout_s",
-                 "timer", "worker")
+    __slots__ = ("args", "cpus", "fn_bytes", "fn_id", "future", "memory_mb", "task_id",
+                 "timeout_s", "timer", "worker")
 
     def __init__(
         self,
@@ -227,6 +238,7 @@ class _Job:
         timeout_s: float | None,
         memory_mb: int | None,
         future: asyncio.Future[bytes],
+        cpus: float | None = None,
     ) -> None:
         self.task_id = task_id
         self.fn_id = fn_id
@@ -234,6 +246,7 @@ class _Job:
         self.args = args
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
+        self.cpus = cpus
         self.future = future
         self.timer: asyncio.TimerHandle | None = None
         self.worker: _Worker | None = None
@@ -250,6 +263,8 @@ class _Worker:
         self.ready: asyncio.Future[None] = loop.create_future()
         self.exited: asyncio.Future[int] = loop.create_future()
         self.pidfd = -1
+        self.cg: WorkerCgroup | None = None
+        self.oom_kills = 0  # the cgroup's count when the current task started
 
     def kill(self) -> None:
         # Safe against pid reuse: the pool reaps only after it sees the exit.
@@ -334,6 +349,7 @@ class WorkerPool:
         self._replacing: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._backoff = 0.0
+        self._cg_seq = 0
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -381,6 +397,10 @@ class WorkerPool:
         for w in workers:
             if not w.exited.done():  # cannot happen short of a stuck kernel; do not hang
                 self._reap_blocking(w)
+        iso = self.config.isolation
+        if iso is not None and iso.cgroups is not None:
+            with contextlib.suppress(OSError):
+                iso.cgroups.close()  # what is left of the workers' cgroups, and the parent
 
     # --- tasks --------------------------------------------------------------------------
 
@@ -393,10 +413,12 @@ class WorkerPool:
         timeout_s: float | None = None,
         memory_mb: int | None = None,
         task_id: str | None = None,
+        cpus: float | None = None,
     ) -> bytes:
         """Run a function on a warm worker; return its pickled result.
 
-        ``args`` is the cloudpickled ``(args, kwargs)`` (see ``pickle_args``). Raises
+        ``args`` is the cloudpickled ``(args, kwargs)`` (see ``pickle_args``); ``cpus`` is
+        the task's CPU quota where the worker has a cgroup (default 1). Raises
         TaskFailed, PoolBusy, PoolClosed, or FunctionNotCached when ``fn_bytes`` is None
         and the function is not cached.
         """
@@ -438,7 +460,7 @@ class WorkerPool:
             memory_mb = cfg.default_memory_mb
         assert self._loop is not None
         job = _Job(task_id, fn_id, fn_bytes, args, timeout_s, memory_mb,
-                   self._loop.create_future())
+                   self._loop.create_future(), cpus)
         self._jobs[task_id] = job
         self._queue.append(job)
         self._pump()
@@ -529,7 +551,20 @@ class WorkerPool:
             while len(w.cached) > self.config.max_cached_functions:
                 dropped.append(w.cached.popitem(last=False)[0])
             evict = tuple(dropped)
-        env = encoder.encode(Task(fn_id, len(fn_bytes), job.memory_mb, evict))
+        rlimit_mb = job.memory_mb
+        cg = w.cg
+        if cg is not None:
+            try:
+                limit = None
+                if job.memory_mb is not None and cg.memory is not None:
+                    limit = cg.memory_bytes() + (job.memory_mb << 20)
+                    rlimit_mb = None  # the cgroup limits memory, not the address space
+                cg.set_limits(limit, job.cpus or 1.0)
+                w.oom_kills = cg.oom_kills()
+            except OSError:
+                self._counts["cgroup_errors"] += 1
+                rlimit_mb = job.memory_mb
+        env = encoder.encode(Task(fn_id, len(fn_bytes), rlimit_mb, evict))
         w.send([frame_header(env, len(fn_bytes) + len(job.args)), fn_bytes, job.args])
         job.fn_bytes = None
         job.args = b""
@@ -643,13 +678,37 @@ class WorkerPool:
 
     def _on_exit(self, w: _Worker, returncode: int) -> None:
         if w.state not in ("doomed", "dead"):
-            self._doom(w, KIND_CRASHED, f"worker pid {w.pid} {_describe_exit(returncode)}")
+            cg = w.cg
+            if cg is not None and w.job is not None and cg.oom_kills() > w.oom_kills:
+                limit = "" if cg.limit_bytes is None else f" of {cg.limit_bytes >> 20} MB"
+                self._doom(w, KIND_MEMORY, (
+                    f"the task went over its memory limit{limit} (memory_mb="
+                    f"{w.job.memory_mb}); the kernel killed worker pid {w.pid}"))
+            else:
+                self._doom(w, KIND_CRASHED, f"worker pid {w.pid} {_describe_exit(returncode)}")
         w.state = "dead"
+        if w.cg is not None:
+            self._retire_cgroup(w.cg, 0)
+            w.cg = None
         self._workers.discard(w)
         if w.transport is not None:
             w.transport.abort()
         if not w.exited.done():
             w.exited.set_result(returncode)
+
+    def _retire_cgroup(self, cg: WorkerCgroup, tries: int) -> None:
+        """Kill what the worker left in its cgroup (a task's children) and remove it; the
+        kernel may take a moment, so try again later, a bounded number of times."""
+        try:
+            cg.kill_all()
+            if cg.remove():
+                return
+        except OSError:
+            pass
+        if tries >= 50 or self._loop is None or self._loop.is_closed():
+            self._counts["cgroup_errors"] += 1
+            return
+        self._loop.call_later(0.1, self._retire_cgroup, cg, tries + 1)
 
     def _replace(self) -> None:
         assert self._loop is not None
@@ -677,21 +736,44 @@ class WorkerPool:
         loop = self._loop
         assert loop is not None
         cfg = self.config
+        iso = cfg.isolation
+        argv = [sys.executable, "-c", _BOOT, _PACKAGE_ROOT]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv += [str(theirs.fileno()), str(os.getpid())]
+        if iso is not None and iso.user is not None:
+            assert iso.work_dir is not None
+            argv += [f"{iso.user.uid}:{iso.user.gid}", str(iso.work_dir)]
+        cg = None
+        if iso is not None and iso.cgroups is not None:
+            self._cg_seq += 1
+            try:
+                cg = iso.cgroups.worker(f"w{self._cg_seq}")
+            except OSError:
+                self._counts["cgroup_errors"] += 1  # this worker goes without one
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, _PACKAGE_ROOT, str(theirs.fileno()),
-                 str(os.getpid())],
+                argv,
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
             )
         except BaseException:
             ours.close()
+            if cg is not None:
+                cg.remove()
             raise
         finally:
             theirs.close()
         w = _Worker(proc, loop)
+        if cg is not None:
+            # Before the worker is sent anything: no task code runs outside its cgroup.
+            try:
+                cg.attach(proc.pid)
+                w.cg = cg
+            except OSError:
+                self._counts["cgroup_errors"] += 1
+                with contextlib.suppress(OSError):
+                    cg.remove()
         self._workers.add(w)
         self._watch_exit(w)
         max_body = cfg.max_result_bytes + REPLY_SLACK
