@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 lint: venv
 	$(BIN)/ruff check src tests bench $(wildcard examples)
-	$(BIN)/mypy --strict src/meshscale/core src/meshscale/sim
+	$(BIN)/mypy --strict src/meshscale
 
 # Chromium for the browser test, iproute2 and nftables for the multi-host tests: installed
 # when missing and root, else the tests that need them skip (scripts/system-deps).

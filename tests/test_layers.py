@@ -6,8 +6,9 @@ imports inside functions included):
 - ``sim`` and ``runtime`` never import each other;
 - ``client`` and ``runtime`` never import each other (they share ``core`` and ``trust``).
 
-Import cycles inside ``runtime`` and ``client`` are still there; the architecture work
-(#14) removes them, and this test will then check for cycles too.
+- no import cycle between the package's modules (imports under ``TYPE_CHECKING``
+  included: a cycle hidden there is still one design leaning on another). The planes
+  reach their node through ``runtime/services.py``, never ``runtime/node.py``.
 """
 
 from __future__ import annotations
@@ -74,3 +75,75 @@ def test_the_rules_see_a_break(tmp_path: Path) -> None:
     assert "meshscale.client.rpc" in imports_of(probe, "meshscale.runtime")
     with pytest.raises(AssertionError, match=r"imports meshscale\.client\.rpc"):
         check(probe, "runtime")
+
+
+def module_graph(src: Path = SRC) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (``from pkg import mod`` included)."""
+    mods: dict[str, Path] = {}
+    for path in src.rglob("*.py"):
+        parts = ("meshscale", *path.relative_to(src).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        out = {m for m in imports_of(path, package) if m in mods}
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                out.update(f"{node.module}.{a.name}" for a in node.names
+                           if f"{node.module}.{a.name}" in mods)
+        out.discard(name)
+        graph[name] = out
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle() -> None:
+    assert cycles(module_graph()) == []
+
+
+def test_the_cycle_check_sees_a_cycle(tmp_path: Path) -> None:
+    """The check finds a cycle hidden under TYPE_CHECKING, as the planes' was."""
+    pkg = tmp_path / "runtime"
+    pkg.mkdir()
+    (pkg / "node.py").write_text("from meshscale.runtime.plane import Plane\n")
+    (pkg / "plane.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                  "    from meshscale.runtime.node import Node\n")
+    (pkg / "leaf.py").write_text("import os\n")
+    assert cycles(module_graph(tmp_path)) == [["meshscale.runtime.node",
+                                               "meshscale.runtime.plane"]]

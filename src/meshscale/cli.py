@@ -863,7 +863,7 @@ def get_cmd(
     import shutil
     import tempfile
 
-    from meshscale.client.mesh import OBJECT_ID_RE
+    from meshscale.core.objects import OBJECT_ID_RE
 
     if OBJECT_ID_RE.fullmatch(object_id) is None:
         raise CliError(f"not an object id: {object_id!r} (expected b3- and 64 hex digits)")
@@ -894,7 +894,7 @@ def delete_cmd(
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Delete an object from every node; repair never brings it back (tombstones)."""
-    from meshscale.client.mesh import OBJECT_ID_RE
+    from meshscale.core.objects import OBJECT_ID_RE
 
     if OBJECT_ID_RE.fullmatch(object_id) is None:
         raise CliError(f"not an object id: {object_id!r} (expected b3- and 64 hex digits)")

@@ -115,7 +115,8 @@ def render(snap: dict[str, Any]) -> RenderableType:
     points = (snap.get("throughput") or [])[-60:]
     last = points[-1] if points else {}
     recent = [float(p["tasks_done_per_s"]) for p in points]
-    busy = next((p for p in reversed(points) if p.get("latency_p50_ms") is not None), {})
+    busy: dict[str, Any] = next(
+        (p for p in reversed(points) if p.get("latency_p50_ms") is not None), {})
     tput = Text.assemble(
         ("tasks ", "bold"),
         f"{float(last.get('tasks_done_per_s', 0.0)):.1f}/s now, "

@@ -51,7 +51,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from pathlib import Path
 from typing import Any, Final, Generic, ParamSpec, TypeVar
 
-import cloudpickle  # type: ignore[import-untyped]
+import cloudpickle
 
 from meshscale.client.mesh import (
     READ_AHEAD,

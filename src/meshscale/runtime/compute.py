@@ -46,12 +46,12 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
 from meshscale.core.membership import GONE, VIEW_CHANGES, State
-from meshscale.core.objects import OBJECT_ID_PREFIX, object_id
+from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, Residency
 from meshscale.core.scheduling import (
@@ -88,6 +88,8 @@ from meshscale.core.tasks import (
 from meshscale.core.wire import DECODE_ERRORS, wire_bytes
 from meshscale.runtime import caller
 from meshscale.runtime.deadline import DeadlineTimer
+from meshscale.runtime.local import LocalCalls
+from meshscale.runtime.services import NodeServices
 from meshscale.runtime.workers import (
     FunctionNotCached,
     PoolBusy,
@@ -99,9 +101,8 @@ from meshscale.runtime.workers import (
 from meshscale.runtime.workers import TaskFailed as WorkerTaskFailed
 from meshscale.trust.rpc import ClientCredentials, RpcConnection, RpcError
 
-if TYPE_CHECKING:
-    from meshscale.runtime.node import NodeAgent
-
+_INPUT_ERRORS: tuple[type[BaseException], ...] = (RpcError, *DECODE_ERRORS)
+"""Reading or decoding a task's inputs failed: the task fails with kind ``input``."""
 BATCH_BYTES = 4 << 20
 """Scheduling messages to one peer are sent together up to this many bytes per RPC."""
 MAX_BATCH_MESSAGES = 4096
@@ -231,7 +232,7 @@ def _placement(raw: Any) -> PlacementMode:
 class ComputePlane:
     """Tasks on one node: owner of what is submitted here, worker for what it is granted."""
 
-    def __init__(self, agent: NodeAgent, config: ComputeConfig | None = None) -> None:
+    def __init__(self, agent: NodeServices, config: ComputeConfig | None = None) -> None:
         self.agent = agent
         self.cfg = config or ComputeConfig()
         meta_cap = dict(agent.meta.capacity)
@@ -253,6 +254,7 @@ class ComputePlane:
                                           isolation=getattr(agent, "isolation", None)))
         self.sched: Scheduler | None = None
         self.stats: dict[str, int] = {}
+        self.local = LocalCalls(agent)
         self.book = TaskBook(agent.name, self.cfg.max_records)
         """The tasks this node owns (core/tasks.py: lifecycle, first outcome, takeover)."""
         self._fns: OrderedDict[str, bytes] = OrderedDict()
@@ -305,7 +307,7 @@ class ComputePlane:
         }.items():
             agent.register_rpc(name, fn)
         agent.event_listeners.append(self._on_member_event)
-        agent._spawn(self._gossip_load())
+        agent.spawn(self._gossip_load())
         self._pump()
         # Serve scheduling at once (the node is already in the membership); tasks granted
         # here meanwhile wait for the workers.
@@ -371,7 +373,7 @@ class ComputePlane:
             if isinstance(out, SendMessage):
                 self._enqueue(out.dst, out.payload)
             elif isinstance(out, RunTask):
-                self.agent._spawn(self._run(out))
+                self.agent.spawn(self._run(out))
             elif isinstance(out, TaskBound):
                 self._on_bound(out)
             elif isinstance(out, TaskFinished):
@@ -402,10 +404,7 @@ class ComputePlane:
     async def _call(self, name: str, method: str, args: dict[str, Any],
                     *, dedicated: bool = False) -> Any:
         if name == self.agent.name:
-            result = self.agent._rpc[method](args)
-            if asyncio.iscoroutine(result):
-                result = await result
-            return result
+            return await self.local.call(method, args)
         if not dedicated:
             return await self._conn(name).call(method, args)
         # Long waits get their own connection so they do not hold up scheduling messages.
@@ -444,7 +443,7 @@ class ComputePlane:
         q.append(payload)
         if dst not in self._flushing:
             self._flushing.add(dst)
-            self.agent._spawn(self._flush(dst))
+            self.agent.spawn(self._flush(dst))
 
     async def _flush(self, dst: str) -> None:
         try:
@@ -540,21 +539,12 @@ class ComputePlane:
 
     # ------------------------------------------------------------------ local data plane
 
-    async def _local(self, method: str, args: dict[str, Any]) -> Any:
-        handler = self.agent._rpc.get(method)
-        if handler is None:
-            raise ValueError(f"{method} is not served here (no data plane)")
-        result = handler(args)
-        if asyncio.iscoroutine(result):
-            result = await result
-        return result
-
     async def _input(self, oid: str, links: list[Path]) -> bytes | str:
         """An input object for the worker: the path of a hash-checked local copy when this
         node holds one (the worker reads the file itself: no copy through this process,
         the pickle and the pipe; ``links`` collects what to release after the run), else
         its bytes, read from wherever they are."""
-        dp = self.agent.dataplane
+        dp = self.agent.local_copies()
         if dp is not None and self.cfg.inputs_by_path:
             path = await dp.local_copy_path(oid)
             if path is not None:
@@ -565,33 +555,10 @@ class ComputePlane:
         return await self._read_object(oid)
 
     async def _read_object(self, oid: str) -> bytes:
-        buf = bytearray()
-        size: int | None = None
-        while size is None or len(buf) < size:
-            r = await self._local("obj.read", {"id": oid, "offset": len(buf), "length": 4 << 20})
-            size = int(r["size"])
-            data = bytes(r["data"])
-            if not data and len(buf) < size:
-                raise ValueError(f"short read of {oid}")
-            buf += data
-        if object_id(bytes(buf)) != oid:
-            raise ValueError(f"{oid}: bytes read do not match the id")
-        return bytes(buf)
+        return await self.local.read_object(oid)
 
     async def _put_object(self, data: bytes) -> dict[str, Any]:
-        replicas = self.cfg.result_replicas
-        w = min(2, replicas)
-        if len(data) <= 256 * 1024:
-            r = await self._local("obj.put_small", {"data": data, "replicas": replicas, "w": w})
-        else:
-            up = await self._local("obj.put_begin", {"size": len(data), "replicas": replicas,
-                                                     "w": w})
-            step = int(up["chunk_bytes"])
-            for i in range(0, len(data), step):
-                await self._local("obj.put_chunk", {"upload": up["upload"],
-                                                    "data": data[i:i + step]})
-            r = await self._local("obj.put_end", {"upload": up["upload"]})
-        return {"id": str(r["id"]), "size": int(r["size"])}
+        return await self.local.put_object(data, self.cfg.result_replicas)
 
     async def _kv_put(self, rec: TaskRecord) -> None:
         await self._kv_put_raw(KV_PREFIX + rec.task_id, _record_encoder.encode(rec))
@@ -600,18 +567,13 @@ class ComputePlane:
         if not self.cfg.persist:
             return
         try:
-            await self._local("kv.put", {"key": key, "value": value, "consistency": "quorum"})
+            await self.local.kv_put(key, value)
         except (ValueError, RpcError) as e:
             self._count("kv_write_failed")
             self.agent.log("warning", "task_record_write_failed", key=key, error=str(e))
 
     async def _kv_read(self, key: str) -> bytes | None:
-        try:
-            r = await self._local("kv.get", {"key": key, "consistency": "quorum"})
-        except (ValueError, RpcError):
-            return None
-        value = r.get("value")
-        return None if value is None else bytes(value)
+        return await self.local.kv_get(key)
 
     async def _kv_get(self, task_id: str) -> TaskRecord | None:
         data = await self._kv_read(KV_PREFIX + task_id)
@@ -640,7 +602,7 @@ class ComputePlane:
         if hit is not None and hit[1] > now:
             return hit[0]
         try:
-            st = await self._local("obj.stat", {"id": oid})
+            st = await self.local.call("obj.stat", {"id": oid})
         except ValueError as e:
             raise ValueError(f"input object {oid} not found: {e}") from None
         res = None
@@ -853,7 +815,7 @@ class ComputePlane:
             g.dirty = True
         if g.dirty and not g.writing:
             g.writing = True
-            self.agent._spawn(self._flush_group(g))
+            self.agent.spawn(self._flush_group(g))
 
     async def _flush_group(self, g: _Group) -> None:
         try:
@@ -900,7 +862,7 @@ class ComputePlane:
             return
         if what == "resubmit":
             self._count("resubmitted")
-            self.agent._spawn(self._resubmit(e))
+            self.agent.spawn(self._resubmit(e))
         else:
             self._finish(e, "failed", error=f"result lost: {ev.detail or 'no outcome'}",
                          kind="lost")
@@ -942,7 +904,7 @@ class ComputePlane:
         if isinstance(e.group, _Group) and self.cfg.persist:
             self._group_changed(e.group)
         else:
-            self.agent._spawn(self._kv_put(msgspec.structs.replace(r)))
+            self.agent.spawn(self._kv_put(msgspec.structs.replace(r)))
 
     def _wake(self) -> None:
         tick, self._tick = self._tick, None
@@ -1221,14 +1183,15 @@ class ComputePlane:
             outcome.update(ok=False, kind=e.kind, error=e.message, traceback=e.traceback)
         except (PoolBusy, PoolClosed) as e:
             outcome.update(ok=False, kind="worker_crashed", error=f"{type(e).__name__}: {e}")
-        except (RpcError, *DECODE_ERRORS) as e:
+        except _INPUT_ERRORS as e:
             outcome.update(ok=False, kind="input", error=str(e))
         except TimeoutError:
             outcome.update(ok=False, kind="worker_crashed", error="workers did not start")
         finally:
             self._running.pop(key, None)
-            if links and self.agent.dataplane is not None:
-                await asyncio.to_thread(self.agent.dataplane.release_copy_paths, links)
+            copies = self.agent.local_copies()
+            if links and copies is not None:
+                await asyncio.to_thread(copies.release_copy_paths, links)
         for attempt in range(3):
             try:
                 await self._call(owner, "task.done", outcome)

@@ -48,7 +48,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from meshscale.core.hlc import ClockSkewError, HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import Consistency, KVCoordinator, KVRecord, kv_placement
@@ -85,6 +85,8 @@ from meshscale.core.replication import (
 )
 from meshscale.core.wire import wire_bytes
 from meshscale.runtime.deadline import DeadlineTimer
+from meshscale.runtime.local import LocalCalls
+from meshscale.runtime.services import NodeServices
 from meshscale.runtime.storage import (
     MAX_KV_KEY_BYTES,
     MAX_KV_VALUE_BYTES,
@@ -95,10 +97,6 @@ from meshscale.runtime.storage import (
     StorageError,
 )
 from meshscale.trust.rpc import ClientCredentials, RpcConnection, RpcError
-
-if TYPE_CHECKING:
-    from meshscale.runtime.node import NodeAgent
-
 
 KV_STRAGGLERS_MAX = 256
 """KV replica calls left running after their write returned (see ``_kv_round``)."""
@@ -288,8 +286,9 @@ def _policy(replicas: int, residency: list[str] | None, data_class: str | None) 
 class DataPlane:
     """Objects and KV on one node; created and started by ``NodeAgent``."""
 
-    def __init__(self, agent: NodeAgent, config: DataPlaneConfig | None = None) -> None:
+    def __init__(self, agent: NodeServices, config: DataPlaneConfig | None = None) -> None:
         self.agent = agent
+        self.local = LocalCalls(agent)
         self.cfg = config or DataPlaneConfig()
         self.store: LocalStore | None = None
         self.rm: ReplicaManager | None = None
@@ -382,8 +381,8 @@ class DataPlane:
             agent.register_rpc(name, fn)
         agent.event_listeners.append(self._on_member_event)
         await self._check_disk()  # before the node joins: it comes back full if it is
-        agent._spawn(self._housekeeping())
-        agent._spawn(self._watch_disk())
+        agent.spawn(self._housekeeping())
+        agent.spawn(self._watch_disk())
         self._pump()
 
     async def stop(self) -> None:
@@ -436,15 +435,15 @@ class DataPlane:
             if isinstance(out, SendMessage):
                 # A message after a tombstone in the same batch (a TombstoneAck, an offer
                 # of it) leaves once the tombstone is on disk: "kept" means durable.
-                self.agent._spawn(self._send_repl(out.dst, out.payload, list(persisting)))
+                self.agent.spawn(self._send_repl(out.dst, out.payload, list(persisting)))
             elif isinstance(out, Transfer):
-                self.agent._spawn(self._transfer(out))
+                self.agent.spawn(self._transfer(out))
             elif isinstance(out, DropLocal):
-                self.agent._spawn(self._drop(out.oid))
+                self.agent.spawn(self._drop(out.oid))
             elif isinstance(out, TombstoneStored | TombstoneDropped):
                 task = asyncio.ensure_future(self._persist_tomb(out))
                 persisting.append(task)
-                self.agent._spawn(_await(task))
+                self.agent.spawn(_await(task))
             elif isinstance(out, DeleteAcked):
                 fut = self._deletes.pop(out.req_id, None)
                 if fut is not None and not fut.done():
@@ -455,13 +454,13 @@ class DataPlane:
                     fut.set_exception(ValueError(f"delete of {out.oid} not confirmed: "
                                                  f"{out.reason}"))
             elif isinstance(out, PutAcked):
-                fut = self._puts.pop(out.req_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result((out.oid, out.nodes))
+                pfut = self._puts.pop(out.req_id, None)
+                if pfut is not None and not pfut.done():
+                    pfut.set_result((out.oid, out.nodes))
             elif isinstance(out, PutFailed):
-                fut = self._puts.pop(out.req_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(ValueError(f"put of {out.oid} failed: {out.reason}"))
+                pfut = self._puts.pop(out.req_id, None)
+                if pfut is not None and not pfut.done():
+                    pfut.set_exception(ValueError(f"put of {out.oid} failed: {out.reason}"))
             elif isinstance(out, UnderReplicated):
                 self._count("under_replicated_events")
                 self.agent.log("warning", "under_replicated", object=out.oid,
@@ -492,11 +491,7 @@ class DataPlane:
 
     async def _call(self, name: str, method: str, args: dict[str, Any]) -> Any:
         if name == self.agent.name:
-            handler = self.agent._rpc[method]
-            result = handler(args)
-            if asyncio.iscoroutine(result):
-                result = await result
-            return result
+            return await self.local.call(method, args)
         return await self._conn(name).call(method, args)
 
     async def _send_repl(self, dst: str, payload: bytes,
@@ -571,7 +566,7 @@ class DataPlane:
             "expires": None if meta.pinned else meta.expires,
             "written": t.written.encode() if t.written is not None else meta.written,
         }
-        if header["expires"] is not None and header["expires"] <= time.time():
+        if not meta.pinned and meta.expires is not None and meta.expires <= time.time():
             # Expired here: collect it rather than spread it.
             await self._drop(t.oid)
             return False
@@ -629,7 +624,7 @@ class DataPlane:
         if len(idle) < self.cfg.max_idle_per_peer and conn._writer is not None:
             idle.append(conn)
         else:
-            self.agent._spawn(conn.close())
+            self.agent.spawn(conn.close())
 
     async def _drop(self, oid: str) -> None:
         """Drop a local copy. Drops come in bursts (a handoff after a view change, the
@@ -941,9 +936,9 @@ class DataPlane:
                 else:
                     # A call may have been cut short: this connection is not reused. The
                     # member's half-received upload is aborted (or expires on its own).
-                    self.agent._spawn(conn.close())
+                    self.agent.spawn(conn.close())
                     if upload is not None:
-                        self.agent._spawn(self._abort_remote(fwd.dst, upload))
+                        self.agent.spawn(self._abort_remote(fwd.dst, upload))
 
     async def _abort_remote(self, dst: str, upload: str) -> None:
         with contextlib.suppress(Exception):
@@ -1099,7 +1094,7 @@ class DataPlane:
             self._abort_upload(up)
             raise ValueError(f"refused: {e}") from None
         self._count("spare_puts")
-        self.agent._spawn(self._settle_spare(req, [f.done for f in up.forwards.values()]))
+        self.agent.spawn(self._settle_spare(req, [f.done for f in up.forwards.values()]))
         self._pump()
         try:
             oid, nodes = await asyncio.wait_for(fut, self.cfg.put_wait_s)
@@ -1577,9 +1572,9 @@ class DataPlane:
             for c in calls:
                 c.cancel()
             raise
-        for c in pending:
-            stragglers.add(c)
-            c.add_done_callback(_straggler_done(stragglers))
+        for left in pending:
+            stragglers.add(left)
+            left.add_done_callback(_straggler_done(stragglers))
         if coord.outcome is None:
             coord.expire()
 
@@ -1614,7 +1609,7 @@ class DataPlane:
             raise ValueError(f"kv read of {key!r} failed: {reason}")
         for node, rec in coord.read_repair():
             self._count("kv_read_repairs")
-            self.agent._spawn(self._call(node, "kv.apply", {
+            self.agent.spawn(self._call(node, "kv.apply", {
                 "key": rec.key, "value": rec.value, "ts": rec.ts.encode()}))
         best = coord.winner()
         if best is None:

@@ -27,19 +27,16 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from meshscale.runtime.observe import MeshCollector, NodeObserver
+from meshscale.runtime.observe import MeshCollector, NodeObserver, ObservedNode
 from meshscale.runtime.openapi import openapi_document
 from meshscale.trust.bundle import is_valid_token
 from meshscale.trust.framing import split_addr
-
-if TYPE_CHECKING:
-    from meshscale.runtime.node import NodeAgent
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -81,7 +78,7 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
 
 
 class HttpServer:
-    def __init__(self, agent: NodeAgent) -> None:
+    def __init__(self, agent: ObservedNode) -> None:
         self.agent = agent
         assert agent.cfg.http is not None
         self.bind_host, self.port = split_addr(agent.cfg.http)

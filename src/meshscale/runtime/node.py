@@ -54,8 +54,8 @@ import ssl
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -90,10 +90,15 @@ from meshscale.core.rpc import (
 )
 from meshscale.core.wire import WireError
 from meshscale.runtime import caller
+from meshscale.runtime.config import AgentConfig as AgentConfig
+from meshscale.runtime.config import AgentStats
 from meshscale.runtime.dataplane import DataPlane
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
+from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.latency import RegionPair
+from meshscale.runtime.services import LocalCopies, RpcHandler
+from meshscale.runtime.workers import WorkerPool
 from meshscale.trust.bundle import Bundle, BundleError, BundleKind, load_keyring
 from meshscale.trust.certs import Peer, Role, peer_of
 from meshscale.trust.credentials import Credentials
@@ -111,9 +116,7 @@ from meshscale.trust.tls import BUSY, GREETING, connect_tls, server_context
 
 if TYPE_CHECKING:
     from meshscale.runtime.http import HttpServer
-    from meshscale.runtime.isolation import Isolation
 
-RpcHandler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
 
 UNAUTHORIZED = "unauthorized"
 FORBIDDEN = "forbidden"
@@ -142,78 +145,6 @@ class NodeRemovedError(Exception):
     """This node was removed from the mesh by the operator; the message is one line."""
 
 
-@dataclass(frozen=True)
-class AgentConfig:
-    """Runtime bounds and timeouts of the agent (the protocol's are in MembershipConfig)."""
-
-    bind_attempts: int = 20
-    """With port 0, UDP ports the OS offers before one whose TCP twin is free too."""
-    max_connections: int = 256
-    """Concurrent TCP connections accepted, overall."""
-    max_connections_per_ip: int = 64
-    """Concurrent TCP connections accepted from one IP address."""
-    max_unauthenticated: int = 64
-    """Connections between accept and a verified certificate, overall; beyond it, new
-    ones are told "busy" and closed."""
-    max_unauthenticated_per_ip: int = 8
-    """The same, per source address: one address that opens sockets and never speaks
-    cannot lock out the others."""
-    max_frame_bytes: int = 8 * 1024 * 1024 + 1024
-    """Largest frame accepted (a full push/pull of a large mesh, plus framing)."""
-    max_datagram_bytes: int = 65_507
-    udp_buffer_bytes: int = 2 * 1024 * 1024
-    """Requested UDP receive buffer (SO_RCVBUF)."""
-    handshake_timeout_s: float = 3.0
-    idle_timeout_s: float = 30.0
-    """Close an inbound connection that sends no frame for this long."""
-    stream_timeout_s: float = 10.0
-    """A whole outgoing push/pull exchange (connect, TLS, request, reply)."""
-    max_streams_in_flight: int = 32
-    """Outgoing push/pulls at once; more are shed and reported as failed."""
-    max_rpc_in_flight: int = 64
-    """Inbound RPCs executing at once; more are refused with an error."""
-    recent_events: int = 1024
-    key_check_interval_s: float = 1.0
-    key_switch_delay_s: float = 5.0
-    leave_timeout_s: float = 2.0
-    """Longest wait for a graceful leave to spread before shutdown."""
-    http: str | None = None
-    """HOST:PORT of the HTTP API, metrics and dashboard (``runtime/http.py``); None: off."""
-    task_timeout_s: float = 3600.0
-    """Default timeout of a task that sets none."""
-    task_memory_mb: int | None = None
-    """Default memory growth of a task that sets none; None: memory / worker slots."""
-    worker_user: str | None = "nobody"
-    """Workers run as this user when the agent is root (``runtime/isolation.py``); ""
-    or None: as the agent."""
-    create_worker_user: bool = False
-    """Create ``worker_user`` (``useradd --system``) if it does not exist."""
-    disk_reserve_mb: int | None = None
-    """Free space (MB) the data dir keeps: writes that would eat into it are refused
-    (``disk_full``); None: the data plane's default (64 MB)."""
-    http_tls: bool = False
-    """Serve it over HTTPS with the node's certificate (the default beyond loopback)."""
-    metrics_public: bool = False
-    """Serve ``/metrics`` without the admin token (for a scraper)."""
-    stream_max_backlog: int = 2_000
-    """Records a stream shard holds for its slowest operator before producers wait."""
-    max_http_connections: int = 256
-    """Open HTTP connections; more are closed on arrival (counted ``http_busy``)."""
-    http_idle_timeout_s: float = 15.0
-    """An HTTP connection idle this long, including one that never finishes a request's
-    headers, is closed."""
-    max_http_streams: int = 16
-    """Concurrent ``/api/v1/stream`` clients; more get 503."""
-    idle_watts: float = 10.0
-    peak_watts: float = 65.0
-    """Power model: watts at no busy worker slot and at all of them busy."""
-    max_refusals_tracked: int = 256
-    """Distinct (method, role) pairs counted in ``rpc_refused``; more share one row."""
-    log_limit_s: float = 10.0
-    """Error lines a peer can cause (a failed output, a failed HTTP handler) are logged at
-    most once per this many seconds per kind; the rest are counted."""
-
-
 @dataclass
 class _Keys:
     """Keys in use: ``open_ring`` opens (every key seen), ``seal_ring`` seals."""
@@ -223,27 +154,6 @@ class _Keys:
     pending_primary: bytes | None = None
     switch_at: float = 0.0
     mtime_ns: int = 0
-
-
-@dataclass
-class AgentStats:
-    rejected: Counter[str] = field(default_factory=Counter)
-    runtime: Counter[str] = field(default_factory=Counter)
-    refused: Counter[tuple[str, str]] = field(default_factory=Counter)
-    """RPCs refused for the caller's role, by (method, role)."""
-    messages_in: Counter[str] = field(default_factory=Counter)
-    """Messages received, by type (``gossip``, ``push_pull``, or the RPC method)."""
-    messages_out: Counter[str] = field(default_factory=Counter)
-    bytes_in: Counter[str] = field(default_factory=Counter)
-    bytes_out: Counter[str] = field(default_factory=Counter)
-
-    def count_in(self, kind: str, nbytes: int) -> None:
-        self.messages_in[kind] += 1
-        self.bytes_in[kind] += nbytes
-
-    def count_out(self, kind: str, nbytes: int) -> None:
-        self.messages_out[kind] += 1
-        self.bytes_out[kind] += nbytes
 
 
 class JsonLog:
@@ -333,7 +243,7 @@ class NodeAgent:
         self.event_listeners: list[Callable[[Event], None]] = []
         """Called with every membership event (the data plane follows the view)."""
         self.dataplane: DataPlane | None = None
-        self._with_dataplane = dataplane
+        self.with_dataplane = dataplane
         self.isolation: Isolation | None = None
         """Worker user, work dir, cgroups (``runtime/isolation.py``), set up at start."""
         self.events: deque[EventInfo] = deque(maxlen=self.cfg.recent_events)
@@ -392,6 +302,21 @@ class NodeAgent:
         if method not in METHOD_ACCESS:
             raise ValueError(f"RPC method {method!r} has no entry in core.access.METHOD_ACCESS")
         self._rpc[method] = handler
+
+    def local_handler(self, method: str) -> RpcHandler | None:
+        """This node's handler of ``method`` (None: not served), for in-process calls."""
+        return self._rpc.get(method)
+
+    def http_address(self) -> str | None:
+        """HOST:PORT of this node's HTTP API, or None when it serves none."""
+        return self.http.address if self.http is not None else None
+
+    def local_copies(self) -> LocalCopies | None:
+        return self.dataplane
+
+    def worker_pool(self) -> WorkerPool | None:
+        compute = getattr(self, "compute", None)
+        return None if compute is None else compute.pool
 
     @property
     def m(self) -> Membership:
@@ -479,8 +404,8 @@ class NodeAgent:
             emulated_latency=bool(self.latency),
         )
         self._pump()
-        self._spawn(self._housekeeping())
-        if self._with_dataplane:
+        self.spawn(self._housekeeping())
+        if self.with_dataplane:
             from meshscale.runtime import isolation
 
             # Before the planes: the store's layout and the workers depend on it.
@@ -644,7 +569,7 @@ class NodeAgent:
         except (SealError, ValueError):
             self.stats.runtime["send_errors"] += 1
             return
-        delay = self._delay_to(addr)
+        delay = self.delay_to(addr)
         if delay > 0 and self._loop is not None:
             self._loop.call_later(delay, self._sendto, sealed, target)
         else:
@@ -659,7 +584,7 @@ class NodeAgent:
                 # uvloop raises ValueError for a host that is not an IP address.
                 self.stats.runtime["send_errors"] += 1
 
-    def _delay_to(self, addr: str) -> float:
+    def delay_to(self, addr: str) -> float:
         """Emulated one-way delay to ``addr`` (half the configured RTT)."""
         if not self.latency:
             return 0.0
@@ -677,7 +602,7 @@ class NodeAgent:
             self._loop.call_soon(self._stream_done, addr, None)
             return
         self._streams_in_flight += 1
-        self._spawn(self._stream(addr, payload))
+        self.spawn(self._stream(addr, payload))
 
     async def _stream(self, addr: str, payload: bytes) -> None:
         reply: bytes | None = None
@@ -713,7 +638,7 @@ class NodeAgent:
         self._stream_done(addr, reply)
 
     async def _push_pull(self, addr: str, payload: bytes) -> bytes:
-        delay = 2 * self._delay_to(addr)
+        delay = 2 * self.delay_to(addr)
         if delay > 0:
             await asyncio.sleep(delay)
         host, port = split_addr(addr)
@@ -776,7 +701,7 @@ class NodeAgent:
         self._conns_by_ip[ip] += 1
         self._unauth += 1
         self._unauth_by_ip[ip] += 1
-        self._spawn(self._serve(raw, accept, ip, peer))
+        self.spawn(self._serve(raw, accept, ip, peer))
 
     def _authenticated(self, ip: str) -> None:
         self._unauth -= 1
@@ -1073,7 +998,7 @@ class NodeAgent:
             except Exception as e:
                 self.log("error", "identity_write_failed", error=str(e))
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         assert self._loop is not None
         task = self._loop.create_task(coro)
         self._tasks.add(task)

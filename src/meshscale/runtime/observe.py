@@ -21,7 +21,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -34,9 +34,27 @@ from prometheus_client.registry import Collector
 import meshscale
 from meshscale.core.membership import State
 from meshscale.core.placement import is_full
+from meshscale.core.rpc import EventInfo
+from meshscale.runtime.services import NodeServices
 
 if TYPE_CHECKING:
-    from meshscale.runtime.node import NodeAgent
+    from meshscale.runtime.dataplane import DataPlane
+
+
+class ObservedNode(NodeServices, Protocol):
+    """The node as its dashboard and metrics read it: its services, its data plane, its
+    recent events and rejection counts (the compute and stream planes are read with
+    ``getattr``, as they start after the HTTP server)."""
+
+    dataplane: DataPlane | None
+    with_dataplane: bool
+    events: deque[EventInfo]
+    started_at: float
+
+    def http_address(self) -> str | None: ...
+
+    def rejected_messages(self) -> dict[str, int]: ...
+
 
 STATE_NAMES = {State.ALIVE: "alive", State.SUSPECT: "suspect", State.DEAD: "dead",
                State.LEFT: "left", State.REMOVED: "removed"}
@@ -87,7 +105,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 class NodeObserver:
-    def __init__(self, agent: NodeAgent) -> None:
+    def __init__(self, agent: ObservedNode) -> None:
         self.agent = agent
         self.latency = Histogram()
         self.queue_wait = Histogram()
@@ -158,7 +176,7 @@ class NodeObserver:
         # in the meta before the node joins): attach to it as soon as it exists, before
         # its workers are up and any task can end.
         deadline = time.monotonic() + 30
-        while (self.agent._with_dataplane and getattr(self.agent, "compute", None) is None
+        while (self.agent.with_dataplane and getattr(self.agent, "compute", None) is None
                and time.monotonic() < deadline):
             await asyncio.sleep(0.05)
         self._hook_compute()
@@ -223,7 +241,7 @@ class NodeObserver:
         return {
             "name": a.name,
             "address": a.addr,
-            "http": a.http.address if a.http is not None else None,
+            "http": a.http_address(),
             "region": a.meta.region,
             "zone": a.meta.zone,
             "incarnation": a.m.incarnation,
@@ -296,7 +314,7 @@ class NodeObserver:
 
     async def tasks(self, limit: int) -> list[dict[str, Any]]:
         compute = getattr(self.agent, "compute", None)
-        handler = self.agent._rpc.get("task.list")
+        handler = self.agent.local_handler("task.list")
         if compute is None or handler is None:
             return []
         rows: Any = handler({"limit": limit})
@@ -327,7 +345,7 @@ class NodeObserver:
         return out
 
     async def objects(self, limit: int) -> list[dict[str, Any]]:
-        handler = self.agent._rpc.get("obj.list")
+        handler = self.agent.local_handler("obj.list")
         if handler is None:
             return []
         res: Any = handler({"limit": limit})
@@ -400,7 +418,7 @@ class MeshCollector(Collector):
         yield g
 
     @staticmethod
-    def _membership(obs: NodeObserver, agent: NodeAgent) -> Iterator[Metric]:
+    def _membership(obs: NodeObserver, agent: ObservedNode) -> Iterator[Metric]:
         info = GaugeMetricFamily("meshscale_node_info", "This node.",
                                  labels=["node", "region", "zone", "version"])
         info.add_metric([agent.name, agent.meta.region, agent.meta.zone,
@@ -428,7 +446,7 @@ class MeshCollector(Collector):
         yield g
 
     @staticmethod
-    def _transport(agent: NodeAgent) -> Iterator[Metric]:
+    def _transport(agent: ObservedNode) -> Iterator[Metric]:
         s = agent.stats
         for name, doc, counter in (
             ("meshscale_messages_in", "Messages received, by type (gossip kinds; for an "
@@ -457,7 +475,7 @@ class MeshCollector(Collector):
         yield c
 
     @staticmethod
-    def _data(obs: NodeObserver, agent: NodeAgent) -> Iterator[Metric]:
+    def _data(obs: NodeObserver, agent: ObservedNode) -> Iterator[Metric]:
         objects, nbytes, under = obs.store_stats()
         space = obs.disk_space()
         if space is not None:
@@ -492,7 +510,7 @@ class MeshCollector(Collector):
         yield c
 
     @staticmethod
-    def _streams(agent: NodeAgent) -> Iterator[Metric]:
+    def _streams(agent: ObservedNode) -> Iterator[Metric]:
         plane = getattr(agent, "streams", None)
         counters = plane.stats if plane is not None else {}
         for name, key, doc in (
@@ -529,7 +547,7 @@ class MeshCollector(Collector):
         yield p
 
     @staticmethod
-    def _compute(obs: NodeObserver, agent: NodeAgent) -> Iterator[Metric]:
+    def _compute(obs: NodeObserver, agent: ObservedNode) -> Iterator[Metric]:
         compute = getattr(agent, "compute", None)
         sched = getattr(compute, "sched", None)
         ld = sched.load() if sched is not None else None

@@ -32,7 +32,7 @@ import contextlib
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
@@ -61,11 +61,10 @@ from meshscale.core.streams import (
     split_source,
 )
 from meshscale.core.wire import wire_bytes
-from meshscale.runtime.workers import TaskFailed, pickle_args
+from meshscale.runtime.local import LocalCalls
+from meshscale.runtime.services import NodeServices
+from meshscale.runtime.workers import TaskFailed, WorkerPool, pickle_args
 from meshscale.trust.rpc import ClientCredentials, RpcConnection, RpcError
-
-if TYPE_CHECKING:
-    from meshscale.runtime.node import NodeAgent
 
 OP_PREFIX = "streamop/"
 OFFSET_PREFIX = "streamoff/"
@@ -97,6 +96,8 @@ class StreamConfig:
     """Shard sources remembered (node epochs, live or gone), oldest forgotten first."""
     bad_backup_s: float = 10.0
     """A backup that failed a copy is passed over this long (or until the view says)."""
+    fn_replicas: int = 3
+    """Copies of an operator's pickled function (an object any runner can read)."""
     log: ShardLogConfig = field(default_factory=ShardLogConfig)
 
 
@@ -166,8 +167,9 @@ def _entry_from(w: Any) -> LogEntry:
 
 
 class StreamPlane:
-    def __init__(self, agent: NodeAgent, config: StreamConfig | None = None) -> None:
+    def __init__(self, agent: NodeServices, config: StreamConfig | None = None) -> None:
         self.agent = agent
+        self.local = LocalCalls(agent)
         if config is None:
             backlog = agent.cfg.stream_max_backlog
             config = StreamConfig(log=ShardLogConfig(
@@ -214,7 +216,7 @@ class StreamPlane:
             "stream.stats": self._rpc_stats,
         }.items():
             a.register_rpc(name, fn)
-        a._spawn(self._reconcile_loop())
+        a.spawn(self._reconcile_loop())
 
     async def stop(self) -> None:
         self._stopping = True
@@ -301,13 +303,10 @@ class StreamPlane:
         """Call ``method`` on node ``name`` (directly when it is this node). Sends to
         another region wait the emulated one-way delay each way and are counted."""
         if name == self.agent.name:
-            result = self.agent._rpc[method](args)
-            if asyncio.iscoroutine(result):
-                result = await result
-            return result
+            return await self.local.call(method, args)
         m = self.agent.m.members.get(name)
         cross = m is not None and m.meta.region != self.agent.meta.region
-        delay = self.agent._delay_to(m.addr) if m is not None else 0.0
+        delay = self.agent.delay_to(m.addr) if m is not None else 0.0
         if delay:
             await asyncio.sleep(delay)
         result = await self._conn(name, purpose).call(method, args)
@@ -528,7 +527,7 @@ class StreamPlane:
         fn_id = function_id(fn_bytes)
         if args.get("fn_id") not in (None, fn_id):
             raise ValueError("fn_bytes do not hash to fn_id")
-        stored = await self.agent.compute._put_object(bytes(fn_bytes))  # type: ignore[union-attr]
+        stored = await self.local.put_object(bytes(fn_bytes), self.cfg.fn_replicas)
         spec = _spec_from({**args, "fn_id": fn_id, "fn_object": stored["id"]})
         if spec.mode not in ("near-source", "central", "regions"):
             raise ValueError(f"placement must be near-source, central or regions, not "
@@ -545,13 +544,12 @@ class StreamPlane:
             raise PlacementError(getattr(e, "rule", "placement"), str(e)) from None
         self._fn_bytes[fn_id] = bytes(fn_bytes)
         data = _spec_encoder.encode(_spec_dict(spec))
-        await self.agent.compute._kv_put_raw(OP_PREFIX + name, data)  # type: ignore[union-attr]
-        index = await self.agent.compute._kv_read(OPS_INDEX_KEY)  # type: ignore[union-attr]
+        await self._kv_put(OP_PREFIX + name, data)
+        index = await self.local.kv_get(OPS_INDEX_KEY)
         names = set(msgspec.msgpack.decode(index)) if index else set()
         if name not in names:
             names.add(name)
-            await self.agent.compute._kv_put_raw(  # type: ignore[union-attr]
-                OPS_INDEX_KEY, _spec_encoder.encode(sorted(names)))
+            await self._kv_put(OPS_INDEX_KEY, _spec_encoder.encode(sorted(names)))
         self._install(spec)
 
         async def notify(n: str) -> None:
@@ -597,22 +595,21 @@ class StreamPlane:
             async with self._changed:
                 self._changed.notify_all()
 
-        self.agent._spawn(wake())
+        self.agent.spawn(wake())
 
     async def _rpc_op_remove(self, args: dict[str, Any]) -> dict[str, Any]:
         """Remove an operator everywhere: its runners stop, its shards stop holding
         records for it (producers waiting on it are released)."""
         name = _check_name("operator name", args.get("name"))
-        compute = self.agent.compute  # type: ignore[attr-defined]
-        index = await compute._kv_read(OPS_INDEX_KEY)
+        index = await self.local.kv_get(OPS_INDEX_KEY)
         names = set(msgspec.msgpack.decode(index)) if index else set()
         if name not in names and name not in self.ops:
             raise ValueError(f"unknown operator {name!r}")
         names.discard(name)
-        await compute._kv_put_raw(OPS_INDEX_KEY, _spec_encoder.encode(sorted(names)))
+        await self._kv_put(OPS_INDEX_KEY, _spec_encoder.encode(sorted(names)))
         with contextlib.suppress(ValueError, RpcError):
-            await compute._local("kv.delete", {"key": OP_PREFIX + name,
-                                               "consistency": "quorum"})
+            await self.local.call("kv.delete", {"key": OP_PREFIX + name,
+                                                "consistency": "quorum"})
         self._uninstall(name)
         self._notify_changed()
         alive = self._alive()
@@ -630,10 +627,9 @@ class StreamPlane:
                 "runners": sorted(f"{o}@{s}" for o, s in self.runners)}
 
     async def _load_ops_from_kv(self) -> None:
-        compute = getattr(self.agent, "compute", None)
-        if compute is None:
-            return
-        index = await compute._kv_read(OPS_INDEX_KEY)
+        if self.agent.worker_pool() is None:
+            return  # the compute plane has not started yet
+        index = await self.local.kv_get(OPS_INDEX_KEY)
         if not index:
             return
         with contextlib.suppress(Exception):
@@ -644,7 +640,7 @@ class StreamPlane:
             for name in listed:
                 if name in self.ops:
                     continue
-                raw = await compute._kv_read(OP_PREFIX + str(name))
+                raw = await self.local.kv_get(OP_PREFIX + str(name))
                 if raw:
                     self._install(_spec_from(msgspec.msgpack.decode(raw)))
 
@@ -700,19 +696,26 @@ class StreamPlane:
     async def _fn(self, spec: OperatorSpec) -> bytes:
         data = self._fn_bytes.get(spec.fn_id)
         if data is None:
-            data = await self.agent.compute._read_object(spec.fn_object)  # type: ignore[union-attr]
+            data = await self.local.read_object(spec.fn_object)
             self._fn_bytes[spec.fn_id] = data
         return data
 
     async def _checkpoint(self, op: str, source: str, offset: int) -> None:
-        await self.agent.compute._kv_put_raw(  # type: ignore[union-attr]
-            f"{OFFSET_PREFIX}{op}/{source}", str(offset).encode())
+        await self._kv_put(f"{OFFSET_PREFIX}{op}/{source}", str(offset).encode())
+
+    async def _kv_put(self, key: str, value: bytes) -> None:
+        """A quorum KV write whose failure is logged and counted, not raised (the next
+        checkpoint or reconcile writes again)."""
+        try:
+            await self.local.kv_put(key, value)
+        except (ValueError, RpcError) as e:
+            self.stats["kv_write_failed"] += 1
+            self.agent.log("warning", "stream_kv_write_failed", key=key, error=str(e)[:200])
 
     async def _run_operator(self, op_name: str, source: str) -> None:
         spec = self.ops[op_name]
         st = self.op_stats.setdefault(op_name, Counter())
-        compute = self.agent.compute  # type: ignore[attr-defined]
-        raw = await compute._kv_read(f"{OFFSET_PREFIX}{op_name}/{source}")
+        raw = await self.local.kv_get(f"{OFFSET_PREFIX}{op_name}/{source}")
         offset: int | None = int(raw) if raw else None
         st["runner_starts"] += 1
         self.agent.log("info", "stream_operator_start", operator=op_name, source=source,
@@ -763,16 +766,22 @@ class StreamPlane:
                 last_ckpt = now
                 await self._checkpoint(op_name, source, offset)
 
+    def _pool(self) -> WorkerPool:
+        pool = self.agent.worker_pool()
+        if pool is None:
+            raise RuntimeError("the compute plane's workers are not running")
+        return pool
+
     async def _warm(self, spec: OperatorSpec, st: Counter[str]) -> None:
         """Load the operator into every worker before the first record arrives (a model
         in the closure can take seconds to unpickle on a cold worker)."""
-        compute = self.agent.compute  # type: ignore[attr-defined]
         try:
+            pool = self._pool()
             fn_bytes = await self._fn(spec)
             await asyncio.gather(*(
-                compute.pool.run(spec.fn_id, fn_bytes, pickle_args([]),
-                                 timeout_s=self.cfg.operator_timeout_s)
-                for _ in range(max(1, compute.pool.config.workers))))
+                pool.run(spec.fn_id, fn_bytes, pickle_args([]),
+                         timeout_s=self.cfg.operator_timeout_s)
+                for _ in range(max(1, pool.config.workers))))
             st["runners_warm"] += 1
         except Exception as e:  # the first real batch will report it
             self.agent.log("warning", "stream_operator_warm_failed", operator=spec.name,
@@ -781,11 +790,10 @@ class StreamPlane:
     async def _apply(self, spec: OperatorSpec, entries: list[LogEntry], st: Counter[str]
                      ) -> list[tuple[str, bytes, str, float]] | None:
         """Run the operator over a batch; None when the batch must be retried."""
-        compute = self.agent.compute  # type: ignore[attr-defined]
         batch = [[e.key, e.value, e.rid, e.ts] for e in entries]
         try:
             fn_bytes = await self._fn(spec)
-            result = await compute.pool.run(
+            result = await self._pool().run(
                 spec.fn_id, fn_bytes, pickle_args(batch),
                 timeout_s=self.cfg.operator_timeout_s)
         except TaskFailed as e:
@@ -807,8 +815,8 @@ class StreamPlane:
         produced: list[tuple[int, bytes]] = cloudpickle.loads(result)
         out: list[tuple[str, bytes, str, float]] = []
         for idx, value in produced:
-            e = entries[idx]
-            out.append((e.key, bytes(value), f"{spec.name}:{e.rid}", e.ts))
+            src = entries[idx]
+            out.append((src.key, bytes(value), f"{spec.name}:{src.rid}", src.ts))
         return out
 
     # ------------------------------------------------------------------ subscribe

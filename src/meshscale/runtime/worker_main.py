@@ -261,7 +261,7 @@ class Worker:
         if function_id(raw) != msg.fn_id:
             return Failed(KIND_UNPICKLABLE, f"function bytes do not hash to {msg.fn_id}")
         try:
-            import cloudpickle  # type: ignore[import-untyped]  # on first use: idle workers stay small
+            import cloudpickle  # on first use: idle workers stay small
 
             loaded: Any = cloudpickle.loads(raw)
         except BaseException as e:

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import cloudpickle  # type: ignore[import-untyped]
+import cloudpickle
 
 from meshscale.runtime.worker_main import (
     FRAME_HEADER,

@@ -1,0 +1,103 @@
+"""The node agent's own configuration and counters (``AgentConfig``, ``AgentStats``):
+read by ``runtime/node.py`` and, through ``runtime/services.py``, by the planes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["AgentConfig", "AgentStats"]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Runtime bounds and timeouts of the agent (the protocol's are in MembershipConfig)."""
+
+    bind_attempts: int = 20
+    """With port 0, UDP ports the OS offers before one whose TCP twin is free too."""
+    max_connections: int = 256
+    """Concurrent TCP connections accepted, overall."""
+    max_connections_per_ip: int = 64
+    """Concurrent TCP connections accepted from one IP address."""
+    max_unauthenticated: int = 64
+    """Connections between accept and a verified certificate, overall; beyond it, new
+    ones are told "busy" and closed."""
+    max_unauthenticated_per_ip: int = 8
+    """The same, per source address: one address that opens sockets and never speaks
+    cannot lock out the others."""
+    max_frame_bytes: int = 8 * 1024 * 1024 + 1024
+    """Largest frame accepted (a full push/pull of a large mesh, plus framing)."""
+    max_datagram_bytes: int = 65_507
+    udp_buffer_bytes: int = 2 * 1024 * 1024
+    """Requested UDP receive buffer (SO_RCVBUF)."""
+    handshake_timeout_s: float = 3.0
+    idle_timeout_s: float = 30.0
+    """Close an inbound connection that sends no frame for this long."""
+    stream_timeout_s: float = 10.0
+    """A whole outgoing push/pull exchange (connect, TLS, request, reply)."""
+    max_streams_in_flight: int = 32
+    """Outgoing push/pulls at once; more are shed and reported as failed."""
+    max_rpc_in_flight: int = 64
+    """Inbound RPCs executing at once; more are refused with an error."""
+    recent_events: int = 1024
+    key_check_interval_s: float = 1.0
+    key_switch_delay_s: float = 5.0
+    leave_timeout_s: float = 2.0
+    """Longest wait for a graceful leave to spread before shutdown."""
+    http: str | None = None
+    """HOST:PORT of the HTTP API, metrics and dashboard (``runtime/http.py``); None: off."""
+    task_timeout_s: float = 3600.0
+    """Default timeout of a task that sets none."""
+    task_memory_mb: int | None = None
+    """Default memory growth of a task that sets none; None: memory / worker slots."""
+    worker_user: str | None = "nobody"
+    """Workers run as this user when the agent is root (``runtime/isolation.py``); ""
+    or None: as the agent."""
+    create_worker_user: bool = False
+    """Create ``worker_user`` (``useradd --system``) if it does not exist."""
+    disk_reserve_mb: int | None = None
+    """Free space (MB) the data dir keeps: writes that would eat into it are refused
+    (``disk_full``); None: the data plane's default (64 MB)."""
+    http_tls: bool = False
+    """Serve it over HTTPS with the node's certificate (the default beyond loopback)."""
+    metrics_public: bool = False
+    """Serve ``/metrics`` without the admin token (for a scraper)."""
+    stream_max_backlog: int = 2_000
+    """Records a stream shard holds for its slowest operator before producers wait."""
+    max_http_connections: int = 256
+    """Open HTTP connections; more are closed on arrival (counted ``http_busy``)."""
+    http_idle_timeout_s: float = 15.0
+    """An HTTP connection idle this long, including one that never finishes a request's
+    headers, is closed."""
+    max_http_streams: int = 16
+    """Concurrent ``/api/v1/stream`` clients; more get 503."""
+    idle_watts: float = 10.0
+    peak_watts: float = 65.0
+    """Power model: watts at no busy worker slot and at all of them busy."""
+    max_refusals_tracked: int = 256
+    """Distinct (method, role) pairs counted in ``rpc_refused``; more share one row."""
+    log_limit_s: float = 10.0
+    """Error lines a peer can cause (a failed output, a failed HTTP handler) are logged at
+    most once per this many seconds per kind; the rest are counted."""
+
+
+
+@dataclass
+class AgentStats:
+    rejected: Counter[str] = field(default_factory=Counter)
+    runtime: Counter[str] = field(default_factory=Counter)
+    refused: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """RPCs refused for the caller's role, by (method, role)."""
+    messages_in: Counter[str] = field(default_factory=Counter)
+    """Messages received, by type (``gossip``, ``push_pull``, or the RPC method)."""
+    messages_out: Counter[str] = field(default_factory=Counter)
+    bytes_in: Counter[str] = field(default_factory=Counter)
+    bytes_out: Counter[str] = field(default_factory=Counter)
+
+    def count_in(self, kind: str, nbytes: int) -> None:
+        self.messages_in[kind] += 1
+        self.bytes_in[kind] += nbytes
+
+    def count_out(self, kind: str, nbytes: int) -> None:
+        self.messages_out[kind] += 1
+        self.bytes_out[kind] += nbytes

@@ -1,0 +1,80 @@
+"""The node's own methods, called in-process by its planes: objects and KV through the
+same handlers a client reaches over RPC (so every rule, limit and residency check
+applies), without a socket. One place for what the compute and stream planes both need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from meshscale.core.objects import object_id
+from meshscale.runtime.services import NodeServices
+from meshscale.trust.rpc import RpcError
+
+__all__ = ["LocalCalls"]
+
+READ_CHUNK_BYTES = 4 << 20
+"""Bytes per ``obj.read`` of an in-process read."""
+SMALL_PUT_BYTES = 256 * 1024
+"""Objects up to this size are put in one ``obj.put_small``; larger ones are uploaded."""
+
+
+class LocalCalls:
+    """In-process calls to ``node``'s own RPC handlers."""
+
+    def __init__(self, node: NodeServices) -> None:
+        self.node = node
+
+    async def call(self, method: str, args: dict[str, Any]) -> Any:
+        handler = self.node.local_handler(method)
+        if handler is None:
+            raise ValueError(f"{method} is not served here (no data plane)")
+        result = handler(args)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    async def read_object(self, oid: str) -> bytes:
+        """The whole object, from wherever it is, checked against its id."""
+        buf = bytearray()
+        size: int | None = None
+        while size is None or len(buf) < size:
+            r = await self.call("obj.read", {"id": oid, "offset": len(buf),
+                                             "length": READ_CHUNK_BYTES})
+            size = int(r["size"])
+            data = bytes(r["data"])
+            if not data and len(buf) < size:
+                raise ValueError(f"short read of {oid}")
+            buf += data
+        if object_id(bytes(buf)) != oid:
+            raise ValueError(f"{oid}: bytes read do not match the id")
+        return bytes(buf)
+
+    async def put_object(self, data: bytes, replicas: int) -> dict[str, Any]:
+        """Store ``data`` with ``replicas`` copies (acknowledged at two); its ref."""
+        w = min(2, replicas)
+        if len(data) <= SMALL_PUT_BYTES:
+            r = await self.call("obj.put_small", {"data": data, "replicas": replicas, "w": w})
+        else:
+            up = await self.call("obj.put_begin", {"size": len(data), "replicas": replicas,
+                                                   "w": w})
+            step = int(up["chunk_bytes"])
+            for i in range(0, len(data), step):
+                await self.call("obj.put_chunk", {"upload": up["upload"],
+                                                  "data": data[i:i + step]})
+            r = await self.call("obj.put_end", {"upload": up["upload"]})
+        return {"id": str(r["id"]), "size": int(r["size"])}
+
+    async def kv_put(self, key: str, value: bytes) -> None:
+        """A quorum KV write; raises ``ValueError`` or ``RpcError`` if it fails."""
+        await self.call("kv.put", {"key": key, "value": value, "consistency": "quorum"})
+
+    async def kv_get(self, key: str) -> bytes | None:
+        """A quorum KV read; None when the key is absent or the read failed."""
+        try:
+            r = await self.call("kv.get", {"key": key, "consistency": "quorum"})
+        except (ValueError, RpcError):
+            return None
+        value = r.get("value")
+        return None if value is None else bytes(value)

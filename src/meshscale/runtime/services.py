@@ -1,0 +1,98 @@
+"""What a plane may use of its node: the narrow interface between ``runtime/node.py`` and
+the planes (``dataplane``, ``compute``, ``streams``, ``http``, ``observe``).
+
+A plane is given a ``NodeServices`` (the ``NodeAgent`` provides it) instead of reaching
+into the agent: its name and address, configuration, membership view, counters and log,
+``spawn`` for background work, ``register_rpc`` to serve methods, ``local_handler`` to
+call the node's own methods in-process (``runtime/local.py`` builds object, KV and RPC
+helpers on it), and the two things one plane lends another: hash-checked local copies of
+objects (the data plane, for task inputs) and the warm worker pool (the compute plane, for
+stream operators). So planes import this module, never ``node.py`` nor each other's
+internals, and the runtime's modules form no import cycle (``tests/test_layers.py``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, Protocol
+
+from meshscale.core.membership import Membership, NodeMeta
+from meshscale.core.outputs import Event
+from meshscale.runtime.config import AgentConfig, AgentStats
+from meshscale.runtime.isolation import Isolation
+from meshscale.runtime.workers import WorkerPool
+from meshscale.trust.bundle import Bundle
+from meshscale.trust.credentials import Credentials
+
+__all__ = ["LocalCopies", "NodeServices", "RpcHandler"]
+
+RpcHandler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
+"""Serves one RPC method: ``handler(args)`` returns or awaits a msgpack-able result;
+raising ``ValueError`` sends its message back as the error."""
+
+
+class LocalCopies(Protocol):
+    """Hash-checked local copies of objects, hard-linked for one use (the data plane)."""
+
+    async def local_copy_path(self, oid: str) -> Path | None: ...
+
+    def release_copy_paths(self, paths: list[Path]) -> None: ...
+
+
+class NodeServices(Protocol):
+    """The node, as its planes see it."""
+
+    name: str
+    addr: str
+    data_dir: Path
+    rng: random.Random
+    cfg: AgentConfig
+    meta: NodeMeta
+    stats: AgentStats
+    creds: Credentials
+    bundle: Bundle
+    membership: Membership | None
+    event_listeners: list[Callable[[Event], None]]
+    isolation: Isolation | None
+    """Worker user, work dir and cgroups (``runtime/isolation.py``), set up at start."""
+
+    @property
+    def m(self) -> Membership:
+        """The membership protocol (the node has started)."""
+        ...
+
+    def log(self, level: str, event: str, **fields: Any) -> None: ...
+
+    def log_limited(self, event: str, **fields: Any) -> None:
+        """An error line a peer can cause: at most one per ``log_limit_s`` per event."""
+        ...
+
+    def record_event(self, kind: str, name: str = "", detail: str = "") -> None: ...
+
+    def set_tag(self, key: str, value: str | None) -> None:
+        """Set (None: remove) one of this node's gossiped tags."""
+        ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background; the node cancels it on stop and logs a crash."""
+        ...
+
+    def register_rpc(self, method: str, handler: RpcHandler) -> None: ...
+
+    def local_handler(self, method: str) -> RpcHandler | None:
+        """This node's handler of ``method`` (None: not served), for in-process calls."""
+        ...
+
+    def delay_to(self, addr: str) -> float:
+        """Emulated one-way delay to the node at ``addr`` (0 without emulation)."""
+        ...
+
+    def local_copies(self) -> LocalCopies | None:
+        """The data plane's local copies, or None on a node without one."""
+        ...
+
+    def worker_pool(self) -> WorkerPool | None:
+        """The compute plane's warm worker pool, or None before it starts."""
+        ...
