@@ -146,8 +146,9 @@ def test_delete_errors_and_a_put_after_a_delete(mesh: LocalMesh) -> None:
     creds = mesh.credentials()
     data = os.urandom(3000)
     with connect(mesh.nodes[2].address, bundle=mesh.bundle_path) as m:
-        with pytest.raises(ObjectNotFoundError, match="unknown object id"):
+        with pytest.raises(ObjectNotFoundError, match="unknown object id") as err:
             m.delete("b3-" + "1" * 64)
+        assert err.value.code == "not_found"  # decided on the code, not the message
         with pytest.raises(ValueError, match="not an object id"):
             m.delete("b3-nope")
         ref = m.put(data, replicas=3, w=3)

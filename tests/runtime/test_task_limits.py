@@ -165,6 +165,26 @@ def test_tasks_cannot_read_the_nodes_secrets(rooted: LocalMesh) -> None:
     assert said["worker_user"] == "nobody" and "cannot read this node's" in said["statement"]
 
 
+def late_imports() -> list[str]:
+    """Run as a task: import submodules of packages the worker imported before it gave up
+    root (found through the package's ``__path__``, not ``sys.path``)."""
+    import importlib
+
+    names = ["importlib._abc", "encodings.idna", "json.tool", "xml.dom.minidom"]
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
+def test_a_task_imports_what_the_worker_user_cannot_reach_by_path(rooted: LocalMesh) -> None:
+    """The interpreter may live where the worker user cannot go (a pyenv under /root):
+    a stream operator's unpickle needing ``importlib._abc`` failed with
+    ModuleNotFoundError, and no operator ran (the README's stream example, the demo)."""
+    with meshscale.connect(rooted.nodes[0].address, bundle=rooted.bundle_path) as c:
+        assert c.submit(late_imports).result(timeout=60) == [
+            "importlib._abc", "encodings.idna", "json.tool", "xml.dom.minidom"]
+
+
 def test_a_task_over_its_memory_cgroup_is_killed_by_the_kernel(rooted: LocalMesh) -> None:
     said = node_event(rooted, "isolation")
     if said["cgroups"] is None:

@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar, overload
 import msgspec
 
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError, RpcPipeline
+from meshscale.core.api import ErrorCode
 from meshscale.core.kv import MAX_VALUE_BYTES
 from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
 from meshscale.trust.bundle import MAX_TOKEN_LENGTH, BundleError, is_valid_token, load_bundle
@@ -93,7 +94,12 @@ T = TypeVar("T")
 
 
 class MeshError(Exception):
-    """A request to the mesh failed: the node refused it or could not be reached."""
+    """A request to the mesh failed: the node refused it or could not be reached.
+    ``code``: the node's ``core.api.ErrorCode`` value when it answered with an error."""
+
+    def __init__(self, message: str = "", code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ConnectError(MeshError):
@@ -461,12 +467,12 @@ class AsyncMesh:
     @staticmethod
     def _mesh_error(e: RpcError, method: str) -> MeshError:
         """The error a caller of this API sees for a failed call of ``method``."""
-        msg = str(e)
-        if "unknown object id" in msg:
-            return ObjectNotFoundError(msg)
-        if f"unknown method {method!r}" in msg:
+        msg, code = str(e), getattr(e, "code", "")
+        if code == ErrorCode.NOT_FOUND and method.startswith("obj."):
+            return ObjectNotFoundError(msg, code)
+        if code == ErrorCode.UNKNOWN_METHOD:
             msg += " (this node does not serve it; is it an older version?)"
-        return MeshError(msg)
+        return MeshError(msg, code)
 
     async def _call(self, method: str, args: dict[str, Any] | None = None) -> Any:
         try:

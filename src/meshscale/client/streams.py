@@ -40,6 +40,7 @@ import msgspec
 from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import RemoteError, RpcConnection, RpcError
 from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
+from meshscale.core.api import ErrorCode
 from meshscale.core.streams import split_source
 
 if TYPE_CHECKING:
@@ -134,8 +135,6 @@ def _pickle_operator(fn: Callable[..., Any], batch: bool) -> bytes:
                 cloudpickle.unregister_pickle_by_value(mod)
 
 
-NODE_STARTING = "node is starting"
-"""What a node answers for a method its planes do not serve yet (runtime/node.py)."""
 MAX_STARTING_RETRIES = 100
 
 
@@ -177,7 +176,7 @@ class _Failover:
             try:
                 return await self.conn.call(method, args)
             except RpcError as e:
-                if isinstance(e, RemoteError) and NODE_STARTING in str(e) and \
+                if isinstance(e, RemoteError) and e.code == ErrorCode.STARTING and \
                         starting < MAX_STARTING_RETRIES:
                     starting += 1  # a node that just (re)started: its planes come up soon
                     await asyncio.sleep(0.2)
@@ -321,7 +320,7 @@ class Stream:
                         "topic": self.topic, "records": batch, "residency": self.residency})
                     break
                 except MeshError as e:
-                    if "backpressure" in str(e):
+                    if e.code == ErrorCode.BACKPRESSURE:
                         continue  # the node's wait ran out: ask again, keep the records
                     with self._cv:
                         self._error = e
@@ -330,7 +329,7 @@ class Stream:
                         self._cv.notify_all()
                     return
                 except RpcError as e:
-                    if "backpressure" in str(e):
+                    if isinstance(e, RemoteError) and e.code == ErrorCode.BACKPRESSURE:
                         continue
                     with self._cv:
                         self._error = MeshError(str(e))

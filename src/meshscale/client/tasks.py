@@ -65,6 +65,7 @@ from meshscale.client.mesh import (
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
 from meshscale.client.streams import StreamsMixin
+from meshscale.core.api import ErrorCode
 from meshscale.core.objects import digest_hex
 
 __all__ = [
@@ -472,7 +473,7 @@ class AsyncTaskMesh(AsyncMesh):
                 ok = True
             except RpcError as e:
                 ok = conn._writer is not None
-                raise MeshError(str(e)) from None
+                raise MeshError(str(e), getattr(e, "code", "")) from None
             finally:
                 if ok:
                     self._idle_conns.append(conn)
@@ -571,7 +572,7 @@ class AsyncTaskMesh(AsyncMesh):
                 return reply
             except MeshError as e:
                 msg = str(e)
-                if f"need function {fn_id}" in msg and attempt == 0:
+                if e.code == ErrorCode.NEED_FUNCTION and attempt == 0:
                     batch[0]["fn"] = fn_bytes  # the node asked: send the bytes once
                     continue
                 detail = msg.removeprefix(f"{self.address}: ")

@@ -45,6 +45,8 @@ class RpcResponse(msgspec.Struct, tag="resp", array_like=True):
     ok: bool
     result: Any = None
     error: str = ""
+    code: str = ""
+    """``core.api.ErrorCode`` of a failed answer (decisions use it, never ``error``)."""
 
 
 StreamMessage = PushPullFrame | RpcRequest | RpcResponse

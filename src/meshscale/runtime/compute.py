@@ -50,6 +50,7 @@ from typing import Any
 
 import msgspec
 
+from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
@@ -704,7 +705,7 @@ class ComputePlane:
                     raise ValueError(f"function bytes do not hash to {fn_id}")
                 fresh[fn_id] = data
             elif fn_id not in self._fns and fn_id not in fresh:
-                raise ValueError(f"need function {fn_id}")
+                raise ApiError(ErrorCode.NEED_FUNCTION, f"need function {fn_id}")
         for fn_id, data in fresh.items():
             self._remember_fn(fn_id, data)
         recs = [self._record_from_wire(t) for t in wire]

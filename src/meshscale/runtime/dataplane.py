@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.hlc import ClockSkewError, HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import Consistency, KVCoordinator, KVRecord, kv_placement
 from meshscale.core.membership import VIEW_CHANGES, State
@@ -1302,7 +1303,7 @@ class DataPlane:
         else:
             meta = await asyncio.to_thread(self.store.meta, oid)
         if meta is None:
-            raise ValueError(f"unknown object id {oid}")
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}")
         try:
             data = await asyncio.to_thread(self._read_range, oid, offset, length)
         except StorageError as e:
@@ -1313,7 +1314,7 @@ class DataPlane:
         oid = _oid(args)
         assert self.store is not None
         if self.rm is not None and self.rm.tombstone(oid) is not None:
-            raise ValueError(f"unknown object id {oid}: it was deleted")
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}: it was deleted")
         if await asyncio.to_thread(self.store.has, oid):
             with contextlib.suppress(ValueError):
                 return await self._rpc_read_local(args)
@@ -1352,7 +1353,7 @@ class DataPlane:
             self._remember_source(oid, holder)
             self._count("reads_proxied")
             return result
-        raise ValueError(f"unknown object id {oid}: no live node holds a good copy")
+        raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}: no live node holds a good copy")
 
     def _may_hold(self, policy: ObjectPolicy) -> bool:
         return may_hold(self.agent.meta.region, policy.residency)
@@ -1424,7 +1425,7 @@ class DataPlane:
         stats = await self._fan_out("obj.local_stat", {"id": oid}, self.cfg.stat_timeout_s)
         holders = sorted(n for n, st in stats.items() if st)
         if not holders:
-            raise ValueError(f"unknown object id {oid}: no live node holds it")
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}: no live node holds it")
         desc = dict(next(st for st in stats.values() if st))
         desc["holders"] = holders
         return desc
@@ -1467,7 +1468,7 @@ class DataPlane:
         if not held:
             if self.rm.tombstone(oid) is not None:
                 return {"id": oid, "holders": [], "notified": [], "already_deleted": True}
-            raise ValueError(f"unknown object id {oid}: no live node holds it")
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}: no live node holds it")
         desc = next(iter(held.values()))
         policy = _policy(int(desc["replicas"]), desc.get("residency"), desc.get("data_class"))
         wall = time.time()

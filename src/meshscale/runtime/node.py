@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from meshscale.core.access import METHOD_ACCESS, allowed, claimed_sender, narrowest
+from meshscale.core.api import ErrorCode, code_of
 from meshscale.core.membership import (
     Member,
     MemberAlive,
@@ -750,7 +751,8 @@ class NodeAgent:
             if who.role is Role.NODE and who.name in self.revocations.entries:
                 self._reject("revoked")
                 # One frame saying why (its log shows it), then the door.
-                refusal = RpcResponse(0, False, error=f"removed: node {who.name!r} was "
+                refusal = RpcResponse(0, False, code=ErrorCode.REMOVED,
+                                      error=f"removed: node {who.name!r} was "
                                       "removed from this mesh by its operator")
                 await conn.write_frame(encode_stream_message(refusal),
                                        max_size=self.cfg.max_frame_bytes)
@@ -822,7 +824,8 @@ class NodeAgent:
             except SealError as e:
                 self._reject(e.reason)
                 # Tell the joiner why (it holds a CA certificate; the key stays ours).
-                return RpcResponse(0, False, error=f"{UNAUTHORIZED}: a push/pull sealed with a "
+                return RpcResponse(0, False, code=ErrorCode.UNAUTHORIZED,
+                                   error=f"{UNAUTHORIZED}: a push/pull sealed with a "
                                    f"gossip key this node does not hold ({e.reason}): a "
                                    "different keyring.json?")
             out = self.membership.handle_stream(src, plain, time.monotonic(), peer=who.name)
@@ -837,19 +840,20 @@ class NodeAgent:
                 granted = self.bundle.token_role(msg.token)
                 if granted is None:
                     self._reject("unauthorized")
-                    return RpcResponse(msg.id, False, error=f"{UNAUTHORIZED}: wrong token")
+                    return RpcResponse(msg.id, False, error=f"{UNAUTHORIZED}: wrong token",
+                                       code=ErrorCode.UNAUTHORIZED)
                 role = narrowest(role, granted.value)
             if msg.method in METHOD_ACCESS and not allowed(role, msg.method):
                 self._reject("forbidden")
                 self._count_refusal(msg.method, role)
-                return RpcResponse(msg.id, False, error=(
+                return RpcResponse(msg.id, False, code=ErrorCode.UNAUTHORIZED, error=(
                     f"{FORBIDDEN}: {msg.method!r} needs {METHOD_ACCESS[msg.method]} access; "
                     f"the caller {who.name!r} has role {role}"))
             claimed = claimed_sender(msg.method, msg.args)
             if claimed is not None and claimed != who.name:
                 self._reject("impersonation")
                 self._count_refusal(msg.method, role)
-                return RpcResponse(msg.id, False, error=(
+                return RpcResponse(msg.id, False, code=ErrorCode.UNAUTHORIZED, error=(
                     f"{FORBIDDEN}: {msg.method!r} from node {who.name!r} claims to come from "
                     f"{claimed[:64]!r}"))
             token = caller.current.set(who)
@@ -871,13 +875,16 @@ class NodeAgent:
         handler = self._rpc.get(req.method)
         if handler is None and not self.ready:
             return RpcResponse(req.id, False, error=f"{STARTING}: {req.method!r} is not served "
-                                                    "yet; try again shortly")
+                                                    "yet; try again shortly",
+                               code=ErrorCode.STARTING)
         if handler is None:
             self._reject("unknown_method")
-            return RpcResponse(req.id, False, error=f"unknown method {req.method!r}")
+            return RpcResponse(req.id, False, error=f"unknown method {req.method!r}",
+                               code=ErrorCode.UNKNOWN_METHOD)
         if self._rpc_in_flight >= self.cfg.max_rpc_in_flight:
             self.stats.runtime["rpc_shed"] += 1
-            return RpcResponse(req.id, False, error="busy: too many requests in flight")
+            return RpcResponse(req.id, False, error="busy: too many requests in flight",
+                               code=ErrorCode.BUSY)
         self._rpc_in_flight += 1
         try:
             result = handler(req.args)
@@ -885,11 +892,13 @@ class NodeAgent:
                 result = await result
             return RpcResponse(req.id, True, result=msgspec.to_builtins(result, builtin_types=(bytes, bytearray, memoryview)))
         except (ValueError, TypeError, KeyError) as e:
-            return RpcResponse(req.id, False, error=str(e) or type(e).__name__)
+            return RpcResponse(req.id, False, error=str(e) or type(e).__name__,
+                               code=code_of(e))
         except Exception as e:  # a handler bug must not take the connection down
             self.stats.runtime["rpc_errors"] += 1
             self.log_limited("rpc_failed", method=req.method, error=type(e).__name__)
-            return RpcResponse(req.id, False, error=f"internal error: {type(e).__name__}: {e}")
+            return RpcResponse(req.id, False, error=f"internal error: {type(e).__name__}: {e}",
+                               code=ErrorCode.INTERNAL)
         finally:
             self._rpc_in_flight -= 1
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -373,12 +374,17 @@ class NodeObserver:
         return counts
 
     def disk_space(self) -> tuple[int, int] | None:
-        """(free bytes, reserve) of the data dir, or None before the store is open."""
+        """(free bytes, reserve) of the data dir, or None on a node without a data plane.
+        Before the store is open (a scrape can come first) they are read from the data dir
+        and the data plane's configuration, so the alarm is never missing."""
         dp = self.agent.dataplane
-        if dp is None or dp.store is None:
+        if dp is None:
             return None
         try:
-            return dp.store.disk_space()
+            if dp.store is not None:
+                return dp.store.disk_space()
+            st = os.statvfs(self.agent.data_dir)
+            return st.f_bavail * st.f_frsize, dp.cfg.storage.min_free_bytes
         except OSError:
             return None
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import msgspec
 
+from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.scheduling import (
@@ -385,7 +386,8 @@ class StreamPlane:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         self.stats["publish_backpressure_timeouts"] += 1
-                        raise ValueError(
+                        raise ApiError(
+                            ErrorCode.BACKPRESSURE,
                             f"topic {topic!r} at {sid}: {log.backlog()} records "
                             "wait for a slow operator; try again (backpressure)")
                     self.stats["publish_waits"] += 1

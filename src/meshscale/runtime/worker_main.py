@@ -182,9 +182,28 @@ def _drop_privileges(uid: int, gid: int, work_dir: str) -> None:
         else:
             _held[p] = f"/proc/self/fd/{fd}"
     sys.path[:] = [_held.get(p, p) for p in sys.path]
+    _remap_package_paths()
     os.chdir(work_dir)
     os.environ["HOME"] = work_dir
     os.environ["USER"] = os.environ["LOGNAME"] = name
+
+
+def _reachable(path: str) -> str:
+    """``path`` under the held descriptor of the unreachable directory holding it."""
+    for held, fd_path in _held.items():
+        if path == held or path.startswith(held.rstrip("/") + "/"):
+            return fd_path + path[len(held.rstrip("/")):]
+    return path
+
+
+def _remap_package_paths() -> None:
+    """Point the ``__path__`` of every package imported before the drop at the held
+    descriptors: a submodule imported later (``importlib._abc`` by an unpickle, say) is
+    looked up in its package's ``__path__``, not in ``sys.path``."""
+    for mod in list(sys.modules.values()):
+        paths = getattr(mod, "__path__", None)
+        if isinstance(paths, list):
+            paths[:] = [_reachable(p) for p in paths]
 
 
 def _set_parent_death_signal(parent_pid: int) -> None:

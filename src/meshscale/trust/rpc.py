@@ -46,7 +46,12 @@ class RpcError(Exception):
 
 
 class RemoteError(RpcError):
-    """The node answered, with an error (the connection is fine)."""
+    """The node answered, with an error (the connection is fine). ``code`` is its
+    ``core.api.ErrorCode`` value ("" from a node that sent none)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 ClientCredentials = Credentials
@@ -143,7 +148,7 @@ class RpcConnection:
             await self.close()
             raise RpcError(f"{self.addr}: unexpected reply")
         if not msg.ok:
-            raise RemoteError(f"{self.addr}: {msg.error}")
+            raise RemoteError(f"{self.addr}: {msg.error}", msg.code)
         return msg.result
 
     async def close(self) -> None:
@@ -202,7 +207,7 @@ class RpcPipeline:
                 await conn.close()
                 raise RpcError(f"{conn.addr}: unexpected reply")
             if not msg.ok:
-                raise RemoteError(f"{conn.addr}: {msg.error}")
+                raise RemoteError(f"{conn.addr}: {msg.error}", msg.code)
             return msg.result
 
         return await conn._guarded(receive())
