@@ -242,3 +242,26 @@ def test_a_node_whose_free_space_is_just_above_its_reserve_is_full_once_it_refus
     assert sim.run_until_true(lambda: not mesh.under_replicated() and not mesh.stray_copies(),
                               sim.now + 60.0, 0.5), (mesh.under_replicated(), mesh.stray_copies())
     assert not mesh.lost() and not mesh.violations
+
+
+def test_room_given_to_a_paused_node_survives_its_crash() -> None:
+    """A disk's capacity is the disk's, not a request to its node: room given while the
+    node is paused is not lost when it crashes before resuming (it was, with the paused
+    node's queue of calls, and the node came back nearly full: swarm seed 448821714)."""
+    mesh = _settled(DataMesh(4, seed=12, disk_reserve_bytes=64, disk_margin_bytes=64))
+    mesh.fill("n1")
+    mesh.sim.run_until(mesh.sim.now + 1.0)
+    assert is_full(mesh.node("n1").membership.meta.tags)
+    mesh.sim.pause("n1", 5.0)
+    mesh.set_capacity("n1", None)
+    mesh.crash("n1")
+    mesh.restart("n1")
+    assert mesh.node("n1").free_bytes() is None
+    assert not is_full(mesh.node("n1").membership.meta.tags)
+
+
+def test_chaos_seed_448821714() -> None:
+    """n1 filled, was paused, got room back while paused and crashed at that instant; the
+    room was lost and it came back 4 bytes above its reserve, refusing every copy while
+    advertising room: three objects stayed under-replicated, repair retrying for ever."""
+    _check(chaos_run(448821714))

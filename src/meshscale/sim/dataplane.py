@@ -794,11 +794,14 @@ class DataMesh:
 
     def set_capacity(self, name: str, capacity_bytes: int | None) -> None:
         """Give ``name``'s disk a capacity (None: unbounded); it survives restarts (a
-        crashed node finds it on its disk when it comes back)."""
+        crashed node finds it on its disk when it comes back). The disk changes at once,
+        whatever its node is doing, as when an operator frees space: the node notices now,
+        or when a pause ends, or when it restarts. (Setting it from inside the node lost
+        it when a paused node crashed before resuming: its queued call went with the
+        pause, and the node came back with its old, tiny capacity: swarm seed 448821714.)"""
+        self.node(name).disk["capacity_bytes"] = capacity_bytes
         if self.sim.is_up(name):
-            self.sim.call(name, lambda p, now: _set_capacity(p, capacity_bytes, now))
-        else:
-            self.node(name).disk["capacity_bytes"] = capacity_bytes
+            self.sim.call(name, _check_disk)
 
     def fill(self, name: str) -> None:
         """Fill ``name``'s disk: free space below its reserve, every write refused."""
@@ -890,9 +893,8 @@ def _install(p: DrivenProtocol, records: dict[str, Member], order: list[str], no
     p._settle(now)
 
 
-def _set_capacity(p: DrivenProtocol, capacity_bytes: int | None, now: float) -> None:
+def _check_disk(p: DrivenProtocol, now: float) -> None:
     assert isinstance(p, DataNode)
-    p.disk["capacity_bytes"] = capacity_bytes
     p.check_disk(now)
     p._settle(now)
 
