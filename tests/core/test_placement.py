@@ -14,6 +14,7 @@ from meshscale.core.placement import (
     Candidate,
     PlacementError,
     Residency,
+    admits_write,
     check_quorum,
     disk_full,
     hrw_score,
@@ -398,3 +399,21 @@ def test_disk_full_has_hysteresis() -> None:
     assert flips == 2 and not state
     with pytest.raises(ValueError):
         disk_full(1, 1, -1, was_full=False)
+
+
+def test_a_write_refused_for_want_of_room_makes_the_node_full() -> None:
+    """Free space above the reserve by less than a write's size refuses that write
+    (``admits_write``); the node must then say it is full, or it stays in write sets and
+    refuses every copy it is sent for ever (swarm seed 448821714: free 68, reserve 64,
+    copies of ~20 bytes)."""
+    reserve, margin = 64, 64
+    assert admits_write(84, 20, reserve) and not admits_write(68, 20, reserve)
+    assert not disk_full(68, reserve, margin, was_full=False)  # by its free space alone
+    assert disk_full(68, reserve, margin, was_full=False, refused_bytes=20)
+    # Then the hysteresis holds it full until reserve + margin, refusal or not.
+    assert disk_full(127, reserve, margin, was_full=True)
+    assert not disk_full(128, reserve, margin, was_full=True)
+    # A refusal that space freed since then would admit does not make it full.
+    assert not disk_full(200, reserve, margin, was_full=False, refused_bytes=20)
+    with pytest.raises(ValueError):
+        disk_full(68, reserve, margin, was_full=False, refused_bytes=-1)

@@ -479,6 +479,22 @@ def test_disk_full_during_write(store: LocalStore, monkeypatch: pytest.MonkeyPat
     assert_nothing_left(store)
 
 
+def test_a_write_refused_for_want_of_room_is_reported_once(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free space above the reserve by less than a write refuses it; the data plane's disk
+    check takes the refusal (``take_refused_bytes``) and advertises the node full
+    (``placement.disk_full``), or the node keeps advertising room it cannot give."""
+    store = open_store(tmp_path / "data", min_free_bytes=1000)
+    monkeypatch.setattr(store, "_free_bytes", lambda: 1004)
+    assert store.take_refused_bytes() == 0
+    with pytest.raises(StorageError) as ei:
+        store.put_bytes(b"z" * 20, now=NOW)
+    assert ei.value.reason == "disk_full"
+    assert store.take_refused_bytes() == 20
+    assert store.take_refused_bytes() == 0  # taken once
+    store.close()
+
+
 def test_enospc_aborts_cleanly(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
     real = storage._write_all
     calls = [0]

@@ -12,7 +12,7 @@ import pytest
 
 from meshscale.core.kv import Consistency, kv_replicas
 from meshscale.core.outputs import Event
-from meshscale.core.placement import Residency, replica_set
+from meshscale.core.placement import Candidate, Residency, is_full, replica_set, write_set
 from meshscale.core.replication import ObjectPolicy, Transfer
 from meshscale.sim.dataplane import ChaosReport, DataMesh, chaos_run, object_id
 
@@ -193,3 +193,75 @@ def test_chaos_50_fresh_seeds(k: int) -> None:
     except AssertionError as e:
         raise AssertionError(f"seed {seed} (MESHSCALE_SWARM_SEED={seed} replays it): {e}") \
             from None
+
+
+def test_a_node_whose_free_space_is_just_above_its_reserve_is_full_once_it_refuses() -> None:
+    """A node restarted with its free space above its reserve, but by less than a copy's
+    size, refuses every copy it is sent. It used to advertise room all the same: it stayed
+    in write sets, answered offers with ``missing`` (never ``no_room``, so no stand-in was
+    chosen) and refused each transfer, and repair retried it for ever (swarm seed
+    448821714). Now its first refusal makes it full (``placement.disk_full``)."""
+    reserve = 64
+    mesh = _settled(DataMesh(8, seed=11, disk_reserve_bytes=reserve, disk_margin_bytes=64))
+    sim = mesh.sim
+    victim = "n3"
+    for i in range(16):
+        mesh.put_async(mesh.names[i % 8], f"before-the-crash-{i:04d}".encode(), ANY, 2)
+    assert sim.run_until_true(lambda: len(mesh.acked) == 16 and not mesh.under_replicated(),
+                              sim.now + 30.0, 0.5)
+    mesh.crash(victim)
+    sim.run_until(sim.now + 10.0)  # declared dead: new objects go elsewhere
+    others = [n for n in mesh.names if n != victim]
+    for i in range(16):
+        mesh.put_async(others[i % 7], f"while-it-is-away-{i:04d}".encode(), ANY, 3)
+    assert sim.run_until_true(lambda: len(mesh.acked) == 32 and not mesh.under_replicated(),
+                              sim.now + 30.0, 0.5)
+    used = sum(len(s.data) for s in mesh.node(victim).objects.values())
+    mesh.set_capacity(victim, used + reserve + 4)  # 4 bytes above the reserve: room for none
+    mesh.restart(victim)
+    lacking = [o for o in mesh.live() if victim in mesh.expected_holders(o)
+               and victim not in mesh.holders(o)]
+    assert lacking, "the restarted node should lack copies of its rule set"
+    node = mesh.node(victim)
+    assert sim.run_until_true(lambda: is_full(node.membership.meta.tags), sim.now + 15.0, 0.1), \
+        node.refused_writes
+
+    def in_write_sets() -> bool:
+        view = [Candidate(c.name, c.region, c.zone, full=c.name == victim)
+                for c in mesh.truth_view()]
+        return all({c.name for c in write_set(o, view, 3)} <= mesh.holders(o) for o in lacking)
+
+    # Its stand-ins hold what it lacks, and nothing is sent to it any more.
+    assert sim.run_until_true(in_write_sets, sim.now + 20.0, 0.5)
+    sim.run_until(sim.now + 5.0)
+    refused = node.refused_writes
+    sim.run_until(sim.now + 30.0)
+    assert node.refused_writes == refused
+    # Room again: every object is back on exactly its rule set.
+    mesh.set_capacity(victim, None)
+    assert sim.run_until_true(lambda: not mesh.under_replicated() and not mesh.stray_copies(),
+                              sim.now + 60.0, 0.5), (mesh.under_replicated(), mesh.stray_copies())
+    assert not mesh.lost() and not mesh.violations
+
+
+def test_room_given_to_a_paused_node_survives_its_crash() -> None:
+    """A disk's capacity is the disk's, not a request to its node: room given while the
+    node is paused is not lost when it crashes before resuming (it was, with the paused
+    node's queue of calls, and the node came back nearly full: swarm seed 448821714)."""
+    mesh = _settled(DataMesh(4, seed=12, disk_reserve_bytes=64, disk_margin_bytes=64))
+    mesh.fill("n1")
+    mesh.sim.run_until(mesh.sim.now + 1.0)
+    assert is_full(mesh.node("n1").membership.meta.tags)
+    mesh.sim.pause("n1", 5.0)
+    mesh.set_capacity("n1", None)
+    mesh.crash("n1")
+    mesh.restart("n1")
+    assert mesh.node("n1").free_bytes() is None
+    assert not is_full(mesh.node("n1").membership.meta.tags)
+
+
+def test_chaos_seed_448821714() -> None:
+    """n1 filled, was paused, got room back while paused and crashed at that instant; the
+    room was lost and it came back 4 bytes above its reserve, refusing every copy while
+    advertising room: three objects stayed under-replicated, repair retrying for ever."""
+    _check(chaos_run(448821714))

@@ -51,11 +51,12 @@ properties hold, and the tests check both:
    regions keep their prefixes, and s's shorter prefix still holds s's other members.
    The order of the survivors may change (a new primary when the primary left).
 
-Full nodes (etcd's space quota, applied to placement). A node whose free disk space is
-below its reserve refuses writes (deletes still work) and says so in its gossiped
-metadata (``FULL_TAG``, set and cleared with hysteresis by ``disk_full``: full below the
+Full nodes (etcd's space quota, applied to placement). A node refuses a write that would
+leave less than its reserve free (``admits_write``; deletes still work) and says it is full
+in its gossiped metadata (``FULL_TAG``, set and cleared with hysteresis by ``disk_full``: full below the
 reserve, not full again only at the reserve plus ``margin_bytes``, so a node at the edge
-does not flap). Two sets follow for every object:
+does not flap; and full at once when it refuses a write for want of room, so a node that
+says it has room takes what it is sent). Two sets follow for every object:
 
 - The *rule set*, ``replica_set`` over every live node, full ones included: where the
   object's copies belong. Reads, repair, hand-off and drops use it unchanged, so a copy
@@ -94,6 +95,7 @@ __all__ = [
     "Candidate",
     "PlacementError",
     "Residency",
+    "admits_write",
     "check_quorum",
     "disk_full",
     "hrw_score",
@@ -114,14 +116,36 @@ def is_full(tags: Mapping[str, str]) -> bool:
     return tags.get(FULL_TAG) == "1"
 
 
-def disk_full(free_bytes: int, reserve_bytes: int, margin_bytes: int, was_full: bool) -> bool:
+def admits_write(free_bytes: int, need_bytes: int, reserve_bytes: int) -> bool:
+    """Does a store with ``free_bytes`` free take a write of ``need_bytes``? Only if the
+    write leaves its reserve free (deletes need no room and are always taken)."""
+    return free_bytes - need_bytes >= reserve_bytes
+
+
+def disk_full(
+    free_bytes: int, reserve_bytes: int, margin_bytes: int, was_full: bool,
+    refused_bytes: int = 0,
+) -> bool:
     """Whether a node is full now, with hysteresis: a node that was not full becomes full
     once its free space is below its reserve; a full one is not full again until its free
     space is at least the reserve plus ``margin_bytes``. Every flip spreads by gossip and
     re-plans new writes, so a node whose free space hovers at the reserve must not flip
-    on every write and delete."""
-    if margin_bytes < 0 or reserve_bytes < 0:
-        raise ValueError("the reserve and the margin are sizes, never negative")
+    on every write and delete.
+
+    ``refused_bytes`` is the largest write the store refused for want of room since the
+    last check (0: none). A store admits a write only if it leaves the reserve free
+    (``admits_write``), so free space above the reserve by less than a write's size
+    refuses that write: such a node is full too, whatever its free space alone says. Left
+    "not full" it stays in write sets, answers offers of copies it lacks with ``missing``
+    rather than ``no_room`` (so no stand-in is chosen) and refuses every transfer, and
+    repair retries it for ever (swarm seed 448821714: a node restarted 4 bytes above its
+    reserve). Once full, the hysteresis holds it until reserve + margin, so a margin at
+    least the largest write a node takes at once means no flapping; a smaller one costs one
+    refused write per flip, never a loop."""
+    if margin_bytes < 0 or reserve_bytes < 0 or refused_bytes < 0:
+        raise ValueError("the reserve, the margin and a refused write are sizes, never negative")
+    if refused_bytes and not admits_write(free_bytes, refused_bytes, reserve_bytes):
+        return True
     if was_full:
         return free_bytes < reserve_bytes + margin_bytes
     return free_bytes < reserve_bytes

@@ -22,8 +22,8 @@ coordinator stores the object, then pushes it. Either way the write is acknowled
 when W copies are committed (fsynced, hash checked against the id) on distinct nodes.
 
 Full disks: every ``disk_check_interval_s`` the node compares its free space with its
-reserve (``StorageConfig.min_free_bytes``) and advertises itself full, or not, in its
-gossiped tags (``placement.FULL_TAG``; the hysteresis is ``placement.disk_full``, with
+reserve (``StorageConfig.min_free_bytes``), counting any write the store refused for want of
+room meanwhile, and advertises itself full, or not, in its gossiped tags (``placement.FULL_TAG``; the hysteresis is ``placement.disk_full``, with
 ``disk_room_margin_bytes``). Its peers then leave it out of new replica sets (puts and
 their cut-through copies, stand-ins, repair, KV writes) while its copies stay readable
 and counted; see ``core/placement.py`` and ``core/replication.py``.
@@ -1652,7 +1652,9 @@ class DataPlane:
         except OSError:
             return
         was = is_full(self.agent.meta.tags)
-        full = disk_full(free, reserve, self.cfg.disk_room_margin_bytes, was)
+        # A write refused since the last check makes it full even above its reserve.
+        full = disk_full(free, reserve, self.cfg.disk_room_margin_bytes, was,
+                         store.take_refused_bytes())
         if full == was:
             return
         self._count("disk_full_flips")

@@ -486,6 +486,8 @@ class LocalStore:
         self._writers: set[ObjectWriter] = set()
         self._inflight_reserved = 0
         self._inflight_outstanding = 0  # declared by writers but not yet written
+        self._refused_lock = threading.Lock()
+        self._refused_bytes = 0  # the largest write refused for want of room, not yet taken
         self._quarantined = 0
         self._closed = False
         try:
@@ -630,6 +632,15 @@ class LocalStore:
         full, refusing writes, when free is below the reserve."""
         return self._free_bytes(), self.config.min_free_bytes
 
+    def take_refused_bytes(self) -> int:
+        """The largest write refused for want of room since the last call (0: none). A
+        write is refused when it would leave less than the reserve free, so free space
+        just above the reserve refuses writes too: ``placement.disk_full`` makes the node
+        full on it, or it would advertise room it cannot give."""
+        with self._refused_lock:
+            n, self._refused_bytes = self._refused_bytes, 0
+        return n
+
     def _free_bytes(self) -> int:
         st = os.statvfs(self.data_dir)
         return st.f_bavail * st.f_frsize
@@ -638,6 +649,8 @@ class LocalStore:
         free = self._free_bytes()
         left = free - others_outstanding - need
         if left < self.config.min_free_bytes:
+            with self._refused_lock:
+                self._refused_bytes = max(self._refused_bytes, others_outstanding + need)
             raise StorageError(
                 "disk_full",
                 f"disk full: writing {need} more bytes would leave {max(left, 0)} of "

@@ -61,6 +61,7 @@ from meshscale.core.placement import (
     Candidate,
     PlacementError,
     Residency,
+    admits_write,
     disk_full,
     is_full,
     replica_set,
@@ -242,6 +243,9 @@ class DataNode:
         self.disk_margin_bytes = disk_margin_bytes
         self.refused_writes = 0
         """Writes (copies and KV values) refused for want of room."""
+        self._refused_bytes = 0
+        """The largest write refused since the last ``check_disk`` (``disk_full`` makes the
+        node full on it)."""
         self._out: list[Output] = []
         self._sid = 0
         self._pending: dict[int, tuple[int, str, Any]] = {}
@@ -366,15 +370,21 @@ class DataNode:
 
     def has_room(self, nbytes: int) -> bool:
         free = self.free_bytes()
-        return free is None or free - nbytes >= self.disk_reserve_bytes
+        return free is None or admits_write(free, nbytes, self.disk_reserve_bytes)
+
+    def _refuse(self, nbytes: int) -> None:
+        """A write of ``nbytes`` refused for want of room: the next ``check_disk`` hears."""
+        self.refused_writes += 1
+        self._refused_bytes = max(self._refused_bytes, nbytes)
 
     def check_disk(self, now: float) -> None:
-        """Advertise full / not full (the core's hysteresis) when that changed."""
+        """Advertise full / not full (the core's rule, ``disk_full``) when that changed."""
         meta = self.membership.meta
         was = is_full(meta.tags)
         free = self.free_bytes()
+        refused, self._refused_bytes = self._refused_bytes, 0
         full = free is not None and disk_full(free, self.disk_reserve_bytes,
-                                              self.disk_margin_bytes, was)
+                                              self.disk_margin_bytes, was, refused)
         if full == was:
             return
         tags = {k: v for k, v in meta.tags.items() if k != FULL_TAG}
@@ -503,7 +513,7 @@ class DataNode:
         old = self.objects.get(oid)
         if old is None:
             if not self.has_room(len(data)):
-                self.refused_writes += 1
+                self._refuse(len(data))
                 self.check_disk(now)
                 return  # disk full: refuse (the sender sees a failure)
             self.objects[oid] = Stored(data, policy, hint_for, written)
@@ -529,7 +539,7 @@ class DataNode:
     def _kv_apply(self, record: KVRecord) -> bool:
         """Apply a record; a value is refused (False) on a full disk, a delete never."""
         if record.value is not None and not self.has_room(len(record.value)):
-            self.refused_writes += 1
+            self._refuse(len(record.value))  # flagged full at the next timer
             return False
         merged = merge_optional(self.kv.get(record.key), record)
         assert merged is not None
@@ -784,11 +794,14 @@ class DataMesh:
 
     def set_capacity(self, name: str, capacity_bytes: int | None) -> None:
         """Give ``name``'s disk a capacity (None: unbounded); it survives restarts (a
-        crashed node finds it on its disk when it comes back)."""
+        crashed node finds it on its disk when it comes back). The disk changes at once,
+        whatever its node is doing, as when an operator frees space: the node notices now,
+        or when a pause ends, or when it restarts. (Setting it from inside the node lost
+        it when a paused node crashed before resuming: its queued call went with the
+        pause, and the node came back with its old, tiny capacity: swarm seed 448821714.)"""
+        self.node(name).disk["capacity_bytes"] = capacity_bytes
         if self.sim.is_up(name):
-            self.sim.call(name, lambda p, now: _set_capacity(p, capacity_bytes, now))
-        else:
-            self.node(name).disk["capacity_bytes"] = capacity_bytes
+            self.sim.call(name, _check_disk)
 
     def fill(self, name: str) -> None:
         """Fill ``name``'s disk: free space below its reserve, every write refused."""
@@ -880,9 +893,8 @@ def _install(p: DrivenProtocol, records: dict[str, Member], order: list[str], no
     p._settle(now)
 
 
-def _set_capacity(p: DrivenProtocol, capacity_bytes: int | None, now: float) -> None:
+def _check_disk(p: DrivenProtocol, now: float) -> None:
     assert isinstance(p, DataNode)
-    p.disk["capacity_bytes"] = capacity_bytes
     p.check_disk(now)
     p._settle(now)
 
