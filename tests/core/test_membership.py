@@ -116,8 +116,8 @@ def pump(nodes: dict[str, Membership], until: float, down: set[str] = frozenset(
 
 def test_suspicion_timeout_scales_with_log_n() -> None:
     c = MembershipConfig()
-    assert suspicion_min_timeout(c, 10) == pytest.approx(c.suspicion_mult * c.probe_interval)
-    assert suspicion_min_timeout(c, 1000) == pytest.approx(3 * c.suspicion_mult * c.probe_interval)
+    assert suspicion_min_timeout(c, 10) == pytest.approx(c.suspicion_mult * c.probe_interval_s)
+    assert suspicion_min_timeout(c, 1000) == pytest.approx(3 * c.suspicion_mult * c.probe_interval_s)
     assert retransmit_limit(c, 10) < retransmit_limit(c, 10_000)
 
 
@@ -186,7 +186,7 @@ def test_suspicion_without_refutation_becomes_dead_after_timeout_and_last_chance
     assert any(addr == "b" and isinstance(m, Ping) for addr, m in sent)
     assert any(addr == "b" and isinstance(m, Suspect) and m.node == "b" for addr, m in sent)
     assert a.state_of("b") == State.SUSPECT
-    a.on_timer(1.0 + t_min + 0.02 + a.config.probe_timeout)
+    a.on_timer(1.0 + t_min + 0.02 + a.config.probe_timeout_s)
     assert a.state_of("b") == State.DEAD
 
 
@@ -228,7 +228,7 @@ def test_confirmations_shorten_suspicion() -> None:
     suspect("n3", 1.1)
     assert a.stats["suspicion_confirmations"] == 3
     a.on_timer(1.0 + t_min + 0.05)
-    a.on_timer(1.0 + t_min + 0.06 + a.config.probe_timeout)  # after the last chance
+    a.on_timer(1.0 + t_min + 0.06 + a.config.probe_timeout_s)  # after the last chance
     assert a.state_of("n1") == State.DEAD
     assert t_max > t_min
 

@@ -51,7 +51,7 @@ VIEW = [
 REGION = {c.name: c.region for c in VIEW}
 EU = ObjectPolicy(3, Residency(frozenset({"eu"}), "pii"))
 ANY = ObjectPolicy(3)
-CFG = ReplicationConfig(sync_interval=5.0, view_change_delay=0.2, put_timeout=4.0)
+CFG = ReplicationConfig(sync_interval_s=5.0, view_change_delay_s=0.2, put_timeout_s=4.0)
 
 
 def manager(name: str, view: list[Candidate] = VIEW, cfg: ReplicationConfig = CFG) -> ReplicaManager:
@@ -151,8 +151,8 @@ def test_put_times_out() -> None:
     m = manager("us1")
     m.begin_put(1, "obj", ANY, 2, 0.0)
     m.drain()
-    assert m.next_deadline() is not None and m.next_deadline() <= CFG.put_timeout
-    m.on_timer(CFG.put_timeout)
+    assert m.next_deadline() is not None and m.next_deadline() <= CFG.put_timeout_s
+    m.on_timer(CFG.put_timeout_s)
     fails = [o for o in m.drain() if isinstance(o, PutFailed)]
     assert len(fails) == 1 and "timeout" in fails[0].reason
 
@@ -307,7 +307,7 @@ def test_copy_outside_the_set_is_not_dropped_while_a_member_disagrees() -> None:
 
 
 def test_missing_reply_queues_bounded_repairs_fewest_copies_first() -> None:
-    cfg = ReplicationConfig(max_concurrent_transfers=2, sync_interval=5.0)
+    cfg = ReplicationConfig(max_concurrent_transfers=2, sync_interval_s=5.0)
     m = manager("us1", cfg=cfg)
     oids = [f"o{i}" for i in range(10)]
     mine = [o for o in oids if "us1" in names(replica_set(o, VIEW, 7))]
@@ -522,7 +522,7 @@ def test_the_same_bytes_put_after_the_delete_live_again() -> None:
 
 
 def test_tombstones_expire_after_the_grace_period_and_are_bounded() -> None:
-    cfg = ReplicationConfig(sync_interval=5.0, tombstone_grace_s=DAY, max_tombstones=2)
+    cfg = ReplicationConfig(sync_interval_s=5.0, tombstone_grace_s=DAY, max_tombstones=2)
     m = manager("eu1", cfg=cfg)
     m.object_added("a", ANY, None, 0.0, ts(100))
     m.delete("a", ANY, ts(200), 0.0, 200.0)

@@ -81,9 +81,9 @@ def detection_bound(n: int, config: MembershipConfig = CONFIG) -> float:
     period ends, the suspicion runs its longest (no confirmations), then the Dead message
     spreads (a few gossip rounds, bounded here by two probe periods) plus 1 s of slack
     for a loaded test machine."""
-    first_probe = 2 * (n - 1) * config.probe_interval + config.probe_interval
+    first_probe = 2 * (n - 1) * config.probe_interval_s + config.probe_interval_s
     suspicion = config.suspicion_max_mult * suspicion_min_timeout(config, n)
-    spread = 2 * config.probe_interval + math.ceil(math.log10(n + 1)) * config.gossip_interval
+    spread = 2 * config.probe_interval_s + math.ceil(math.log10(n + 1)) * config.gossip_interval_s
     return first_probe + suspicion + spread + 1.0
 
 

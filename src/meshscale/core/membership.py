@@ -81,18 +81,18 @@ class MembershipConfig:
     """Every knob of the protocol. Defaults suit a mesh spanning a few regions with
     inter-region RTTs up to ~200 ms; all durations are in seconds."""
 
-    probe_interval: float = 0.75
+    probe_interval_s: float = 0.75
     """Period of the probe round (SWIM's protocol period T'). memberlist's LAN default
     is 1 s; a shorter period finds a dead member sooner at 2 small datagrams per
     period per node, whatever the mesh size."""
-    probe_timeout: float = 0.3
+    probe_timeout_s: float = 0.3
     """Wait for a direct ack before asking for indirect probes. Must exceed the worst
     RTT between two members; the rest of the period (0.45 s) is left for indirect
     probes, which take two RTTs through a relay in a third region."""
     indirect_checks: int = 3
     """k: members asked to probe a target indirectly."""
     suspicion_mult: float = 1.5
-    """Minimum suspicion timeout = suspicion_mult * log10(N) * probe_interval (memberlist
+    """Minimum suspicion timeout = suspicion_mult * log10(N) * probe_interval_s (memberlist
     uses 4 with a 1 s period; with Lifeguard's confirmations a lone accuser still
     waits suspicion_max_mult times longer, which is what keeps false positives out)."""
     suspicion_max_mult: float = 4.0
@@ -100,7 +100,7 @@ class MembershipConfig:
     independent confirmations arrive."""
     suspicion_confirmations: int = 3
     """Lifeguard's K: confirmations expected before the timeout reaches its minimum."""
-    gossip_interval: float = 0.1
+    gossip_interval_s: float = 0.1
     """Period of the gossip round; a round with nothing to say sends nothing."""
     gossip_nodes: int = 3
     """Fan-out of the gossip round."""
@@ -109,16 +109,16 @@ class MembershipConfig:
     was wrongly declared dead hears of it and refutes."""
     retransmit_mult: int = 4
     """Each update is sent retransmit_mult * ceil(log10(N + 1)) times."""
-    push_pull_interval: float = 30.0
+    push_pull_interval_s: float = 30.0
     """Full-state exchange with one random member; scaled up with log2(N) beyond 32
     members, as memberlist does."""
-    reconnect_interval: float = 5.0
+    reconnect_interval_s: float = 5.0
     """Try a push/pull with one random dead (not left) member this often."""
-    reconnect_timeout: float = 3600.0
+    reconnect_timeout_s: float = 3600.0
     """Stop trying to reconnect to a member dead this long."""
     dead_reap_s: float = 3600.0
     """Forget a dead or left member this long after its death."""
-    join_retry_interval: float = 1.0
+    join_retry_interval_s: float = 1.0
     """While a node knows no live member, retry its seeds this often."""
     join_max_attempts: int = 0
     """Stop retrying the seeds after this many rounds (0: keep trying)."""
@@ -346,7 +346,7 @@ class Member:
 def suspicion_min_timeout(config: MembershipConfig, n: int) -> float:
     """memberlist's suspicionTimeout: grows with log10 of the mesh size."""
     scale = max(1.0, math.log10(max(1, n)))
-    return config.suspicion_mult * scale * config.probe_interval
+    return config.suspicion_mult * scale * config.probe_interval_s
 
 
 def retransmit_limit(config: MembershipConfig, n: int) -> int:
@@ -355,9 +355,9 @@ def retransmit_limit(config: MembershipConfig, n: int) -> int:
 
 def push_pull_period(config: MembershipConfig, n: int) -> float:
     if n <= 32:
-        return config.push_pull_interval
+        return config.push_pull_interval_s
     mult = math.ceil(math.log2(n) - math.log2(32)) + 1
-    return mult * config.push_pull_interval
+    return mult * config.push_pull_interval_s
 
 
 class _Suspicion:
@@ -474,7 +474,7 @@ class Membership:
         self._broadcasts: dict[str, _Broadcast] = {}
         self._broadcast_order = 0
         self._gossip_timer: _Timer | None = None
-        self._gossip_phase = rng.uniform(0, self.config.gossip_interval)
+        self._gossip_phase = rng.uniform(0, self.config.gossip_interval_s)
         self._alive_count = 1
         self._seeds: list[str] = []
         self._join_attempts = 0
@@ -490,11 +490,11 @@ class Membership:
         self.removed = False
         """This node itself was removed: it stops taking part (the driver shuts down)."""
         # Stagger the first rounds so a mesh started at once does not probe in lockstep.
-        self._at(now + rng.uniform(0, self.config.probe_interval), self._probe_tick)
+        self._at(now + rng.uniform(0, self.config.probe_interval_s), self._probe_tick)
         self._push_pull_timer = self._at(
-            now + rng.uniform(0, self.config.push_pull_interval), self._push_pull_tick
+            now + rng.uniform(0, self.config.push_pull_interval_s), self._push_pull_tick
         )
-        self._at(now + rng.uniform(0, self.config.reconnect_interval), self._reconnect_tick)
+        self._at(now + rng.uniform(0, self.config.reconnect_interval_s), self._reconnect_tick)
         self._queue_alive(self.members[name])
 
     # ------------------------------------------------------------------ public API
@@ -796,7 +796,7 @@ class Membership:
         # Keep a fixed phase so an idle-then-busy gossip round is indistinguishable from
         # a ticker that fires every interval and sends nothing when it has nothing.
         now = self._now
-        interval = self.config.gossip_interval
+        interval = self.config.gossip_interval_s
         k = math.floor((now - self._gossip_phase) / interval) + 1
         at = self._gossip_phase + k * interval
         while at <= now:  # float rounding must never schedule a tick in the past
@@ -861,7 +861,7 @@ class Membership:
         if self._stopped:
             return
         self._finish_probe(now)
-        interval = self._scale(self.config.probe_interval)
+        interval = self._scale(self.config.probe_interval_s)
         self._at(now + interval, self._probe_tick)
         if self._left:
             return
@@ -880,7 +880,7 @@ class Membership:
             extra.append(_encode(Suspect(target.name, target.inc, self.name)))
         self._send_many(target.addr, extra, now)
         probe.timeout_timer = self._at(
-            now + self._scale(self.config.probe_timeout),
+            now + self._scale(self.config.probe_timeout_s),
             partial(self._probe_timeout, probe),
         )
 
@@ -1049,7 +1049,7 @@ class Membership:
             if r is not None and r.nack:
                 self._send(r.origin_addr, _encode(Nack(r.origin_seq)), t)
 
-        relay.timer = self._at(now + self.config.probe_timeout, expire)
+        relay.timer = self._at(now + self.config.probe_timeout_s, expire)
 
     # ------------------------------------------------------------------ state machine
 
@@ -1200,7 +1200,7 @@ class Membership:
                 self._send_many(m.addr, msgs, now)
             self._count("last_chance_probes")
             sus.timer = self._at(
-                now + self._scale(self.config.probe_timeout),
+                now + self._scale(self.config.probe_timeout_s),
                 partial(self._last_chance_over, name, sus),
             )
             return
@@ -1362,14 +1362,14 @@ class Membership:
     def _reconnect_tick(self, now: float) -> None:
         if self._stopped:
             return
-        self._at(now + self.config.reconnect_interval, self._reconnect_tick)
+        self._at(now + self.config.reconnect_interval_s, self._reconnect_tick)
         self._reap(now)
         if self._left or not self._down:
             return
         dead = [
             m
             for m in map(self.members.__getitem__, self._down)
-            if m.state == State.DEAD and now - m.state_since < self.config.reconnect_timeout
+            if m.state == State.DEAD and now - m.state_since < self.config.reconnect_timeout_s
         ]
         if dead:
             target = dead[self.rng.randrange(len(dead))]
@@ -1400,7 +1400,7 @@ class Membership:
         if limit and self._join_attempts >= limit:
             self._count("join_gave_up")
             return
-        self._at(now + self.config.join_retry_interval, self._join_retry)
+        self._at(now + self.config.join_retry_interval_s, self._join_retry)
 
     def _join_retry(self, now: float) -> None:
         if self._joined or self._alive_count > 1 or self._left:

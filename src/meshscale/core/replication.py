@@ -126,12 +126,12 @@ REPLICATION_PROTOCOL_VERSION = 1
 class ReplicationConfig:
     """Every knob and bound of the replication layer; durations in seconds."""
 
-    sync_interval: float = 10.0
+    sync_interval_s: float = 10.0
     """Period of the digest exchange with every peer (jittered +-20%)."""
-    view_change_delay: float = 0.5
+    view_change_delay_s: float = 0.5
     """After a view change, wait this long (to batch a burst of changes) and then sync
     with every peer at once instead of waiting for the next period."""
-    put_timeout: float = 10.0
+    put_timeout_s: float = 10.0
     """A write not acknowledged by then fails."""
     delete_timeout_s: float = 10.0
     """A delete whose tombstone is not durable on a quorum by then is reported
@@ -146,7 +146,7 @@ class ReplicationConfig:
     max_repair_queue: int = 10_000
     """Queued repair transfers; beyond it the lowest-priority are shed (the next sync
     round finds them again)."""
-    transfer_timeout: float = 120.0
+    transfer_timeout_s: float = 120.0
     """A repair transfer the driver never reported is forgotten after this long."""
     page_size: int = 256
     """Object references per ``Offer`` page."""
@@ -526,7 +526,7 @@ class ReplicaManager:
         self._repair_heap: list[tuple[tuple[int, float, str, str], str, str]] = []
         self._repair_queued: set[tuple[str, str]] = set()
         self._inflight: dict[tuple[str, str], float] = {}
-        self._next_sync = now + self.rng.uniform(0.0, self.config.sync_interval)
+        self._next_sync = now + self.rng.uniform(0.0, self.config.sync_interval_s)
         self._prompt_at: float | None = None
         self._prompt_peers: set[str] = set()
         self._tomb_count = 0
@@ -552,7 +552,7 @@ class ReplicaManager:
         if heap:
             times.append(heap[0][0])
         if self._inflight:
-            times.append(min(self._inflight.values()) + self.config.transfer_timeout)
+            times.append(min(self._inflight.values()) + self.config.transfer_timeout_s)
         dheap = self._delete_deadlines
         while dheap and dheap[0][1] not in self._deletes:
             heapq.heappop(dheap)
@@ -567,7 +567,7 @@ class ReplicaManager:
             put = self._puts.pop(req_id, None)
             if put is not None:
                 self._fail(put, f"timeout: {len(put.durable)} of W={put.w} copies durable "
-                                f"after {self.config.put_timeout} s")
+                                f"after {self.config.put_timeout_s} s")
         dheap = self._delete_deadlines
         while dheap and dheap[0][0] <= now:
             _, req_id = heapq.heappop(dheap)
@@ -578,12 +578,12 @@ class ReplicaManager:
                     d.req_id, d.oid, f"only {len(d.durable)} of W={d.w} tombstones durable "
                     f"after {self.config.delete_timeout_s:g} s; those written still spread, "
                     "so the delete may yet take effect"))
-        expired = [k for k, t in self._inflight.items() if t + self.config.transfer_timeout <= now]
+        expired = [k for k, t in self._inflight.items() if t + self.config.transfer_timeout_s <= now]
         for k in expired:
             del self._inflight[k]
             self._count("transfers_expired")
         if now >= self._next_sync:
-            self._next_sync = now + self.config.sync_interval * self.rng.uniform(0.8, 1.2)
+            self._next_sync = now + self.config.sync_interval_s * self.rng.uniform(0.8, 1.2)
             self._periodic_round(now)
         elif self._prompt_at is not None and now >= self._prompt_at:
             self._prompt_at = None
@@ -841,7 +841,7 @@ class ReplicaManager:
         ranked = [c.name for c in sorted((c for c in allowed if not c.full),
                                          key=lambda c: (-hrw_score(oid, c.name), c.name))]
         targets = [c.name for c in chosen]
-        put = _Put(req_id, oid, policy, w, now + self.config.put_timeout, ranked,
+        put = _Put(req_id, oid, policy, w, now + self.config.put_timeout_s, ranked,
                    set(targets), {t: None for t in targets}, written=written)
         self._puts[req_id] = put
         heapq.heappush(self._put_deadlines, (put.deadline, req_id))
@@ -956,7 +956,7 @@ class ReplicaManager:
             # We may hold something the sender lacks: check from our side soon, unless we
             # did lately (two nodes whose views differ would otherwise ping-pong).
             mine = self._rounds.get(src)
-            if mine is None or mine.started + self.config.sync_interval / 4 <= now:
+            if mine is None or mine.started + self.config.sync_interval_s / 4 <= now:
                 self._prompt([src], now)
 
     def _on_digest_reply(self, src: str, msg: DigestReply, now: float) -> None:
@@ -1116,7 +1116,7 @@ class ReplicaManager:
         if not new:
             return
         self._prompt_peers.update(new)
-        at = now + self.config.view_change_delay
+        at = now + self.config.view_change_delay_s
         if self._prompt_at is None or at < self._prompt_at:
             self._prompt_at = at
 
