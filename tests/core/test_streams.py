@@ -31,12 +31,14 @@ from meshscale.core.streams import (
     OperatorPlacement,
     ShardLog,
     ShardLogConfig,
+    ShardSource,
     backup_for,
     candidates_to_states,
     central_region,
     check_source_allowed,
     distance_class,
     place_operator,
+    runners_wanted,
     shard_holder,
     shard_key,
     shard_runner,
@@ -723,3 +725,35 @@ def test_central_region_is_the_one_with_most_live_nodes() -> None:
     with pytest.raises(PlacementError) as e:
         central_region([])
     assert e.value.rule == "nodes"
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def test_runners_wanted_near_source_live_gone_and_infeasible() -> None:
+    """Who runs which (operator, source) runner: the reconcile decision every node makes
+    on its own view, the same on each node."""
+    near = OperatorPlacement("near")
+    mars = OperatorPlacement("mars", residency=Residency(frozenset({"mars"})))
+    ops = [(near, "t", True), (mars, "t", True)]
+    view = states(MESH)
+    live = ShardSource(source_id("u2", "ep1"), U2, True)
+    gone = ShardSource(source_id("e1", "ep0"), E1, False)
+    backup = backup_for("t", E1, without(E1), None)
+    assert backup is not None
+
+    def holds_backup(topic: str, sid: str) -> bool:
+        return sid == gone.sid  # this node keeps a copy of the gone source's shard
+
+    wanted = {n: runners_wanted(n, ops, [live, gone], view, holds_backup)
+              for n in [c.name for c in MESH]}
+    # The live source runs its own shard; the gone source's shard runs where a node keeps it.
+    runners = {(op, sid): n for n, w in wanted.items() for op, sid in w}
+    assert runners[("near", live.sid)] == "u2"
+    assert runners[("near", gone.sid)] != "e1"
+    assert not any(op == "mars" for op, _ in runners)  # no node may run it: skipped
+    # Exactly one node runs each runner: the nodes agree.
+    assert sum(len(w) for w in wanted.values()) == len(runners) == 2
+    # A gone source's shard nobody keeps a copy of is not run near-source.
+    assert all(("near", gone.sid) not in runners_wanted(n.name, ops, [gone], view,
+                                                       lambda t, s: False) for n in MESH)

@@ -70,9 +70,11 @@ __all__ = [
     "OperatorPlacement",
     "ShardLog",
     "ShardLogConfig",
+    "ShardSource",
     "backup_for",
     "distance_class",
     "place_operator",
+    "runners_wanted",
     "shard_key",
 ]
 
@@ -183,6 +185,40 @@ def shard_runner(op: OperatorPlacement, topic: str, source: Candidate, source_li
     candidate for it, so near-source placement lands on the shard's backup."""
     view = alive if source_live else [n for n in alive if n.name != source.name]
     return place_operator(op, topic, source, view)
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """A source of shards as a node's view has it: its id, where it is, and whether the
+    epoch that wrote its shards still lives."""
+
+    sid: str
+    candidate: Candidate
+    live: bool
+
+
+def runners_wanted(me: str, ops: Iterable[tuple[OperatorPlacement, str, bool]],
+                   sources: Iterable[ShardSource], alive: Sequence[NodeState],
+                   holds: Callable[[str, str], bool]) -> set[tuple[str, str]]:
+    """The (operator, source) runners node ``me`` must run: for each operator (its
+    placement, its topic, whether it is near-source) and each known source, the shard's
+    runner by ``shard_runner``. A near-source operator runs only on shards that exist:
+    the source is alive (its own shard) or ``holds(topic, sid)`` (this node keeps a copy
+    of a gone source's shard). An operator no node may run on a shard is skipped there
+    (its submit already named the rule; the view may change)."""
+    srcs = list(sources)
+    want: set[tuple[str, str]] = set()
+    for op, topic, near_source in ops:
+        for src in srcs:
+            if near_source and not src.live and not holds(topic, src.sid):
+                continue
+            try:
+                node = shard_runner(op, topic, src.candidate, src.live, alive)
+            except PlacementError:  # SchedulingError is one
+                continue
+            if node == me:
+                want.add((op.name, src.sid))
+    return want
 
 
 def central_region(alive: Iterable[Candidate]) -> str:

@@ -52,12 +52,13 @@ from meshscale.core.streams import (
     OperatorPlacement,
     ShardLog,
     ShardLogConfig,
+    ShardSource,
     backup_for,
     central_region,
     check_source_allowed,
     place_operator,
+    runners_wanted,
     shard_holder,
-    shard_runner,
     source_id,
     split_source,
 )
@@ -665,27 +666,17 @@ class StreamPlane:
         """Start the runners this node owns, stop the others."""
         if self._stopping or self.agent.membership is None:
             return
-        alive = self._alive()
-        states = self._states(alive)
-        sources = self._sources()
-        want: set[tuple[str, str]] = set()
-        for spec in self.ops.values():
-            placement = spec.placement()
-            for sid in sources:
-                src = self._source_candidate(sid)
-                if src is None:
-                    continue
-                live = self._source_live(sid)
-                # Near-source: only shards that exist, i.e. the source is alive (its own
-                # shard) or this node holds a copy of a gone source's shard.
-                if spec.mode == "near-source" and not live and (spec.topic, sid) not in self.logs:
-                    continue
-                try:
-                    node = shard_runner(placement, spec.topic, src, live, states)
-                except (SchedulingError, PlacementError):
-                    continue
-                if node == self.agent.name:
-                    want.add((spec.name, sid))
+        states = self._states(self._alive())
+        sources = []
+        for sid in self._sources():
+            src = self._source_candidate(sid)
+            if src is not None:
+                sources.append(ShardSource(sid, src, self._source_live(sid)))
+        want = runners_wanted(
+            self.agent.name,
+            [(spec.placement(), spec.topic, spec.mode == "near-source")
+             for spec in self.ops.values()],
+            sources, states, lambda topic, sid: (topic, sid) in self.logs)
         for key in list(self.runners):
             if key not in want:
                 self.runners.pop(key).cancel()
