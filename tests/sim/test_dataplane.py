@@ -170,6 +170,49 @@ def _check(r: ChaosReport) -> None:
     # Of 8 deletes, those a quorum of the replica set confirmed (a delete made while most
     # members are away is refused, not half-done): at least half, and none came back.
     assert r.deleted >= 4 and r.resurrected == [], (r.deleted, r.resurrected, r.faults)
+    # A copy of a deleted object may still be committed by a node that missed the delete
+    # (``late_commits``), but only an old copy, which the tombstone beats, and never once
+    # repair is done. (Stamping a passed-on copy with the receiver's clock breaks the first
+    # on every seed with a late commit.)
+    assert r.late_commit_problems == [], (r.late_commit_problems[:3], r.faults)
+    # Every acknowledged KV write had a quorum of the write set it went to and is on the
+    # disk of each node that acknowledged it, including the writes no final replica
+    # acknowledged (``kv_writes_outside_final_set``). Whether a reader still finds those
+    # is the known hole below (``kv_sloppy_missed``, reported, not asserted).
+    assert r.kv_ack_problems == [], (r.kv_ack_problems[:3], r.faults)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "known hole: the KV has read repair but no hinted handoff or anti-entropy, so a write "
+    "acknowledged only by stand-ins for a key's replicas is never brought back to them "
+    "(ChaosReport.kv_sloppy_missed: a few seeds in 50)"))
+def test_kv_write_acknowledged_while_every_replica_is_away_is_not_lost() -> None:
+    mesh = _settled(DataMesh(12, seed=9))
+    sim = mesh.sim
+    key = "dataset/latest"
+    op = mesh.kv_async("n0", key, b"v1", Consistency.QUORUM)
+    assert sim.run_until_true(lambda: op in mesh.kv_done, sim.now + 5.0, 0.05)
+    assert mesh.kv_done[op].ok
+    home = set(kv_replicas(key, mesh.truth_view()))
+    coordinator = next(n for n in mesh.names if n not in home)
+    for n in sorted(home):
+        mesh.crash(n)  # away for a while, not for good: no node is lost
+    assert sim.run_until_true(
+        lambda: not home & {c.name for c in mesh.node(coordinator)._candidates()},
+        sim.now + 30.0, 0.5)
+    op = mesh.kv_async(coordinator, key, b"v2", Consistency.QUORUM)
+    assert sim.run_until_true(lambda: op in mesh.kv_done, sim.now + 5.0, 0.05)
+    done = mesh.kv_done[op]
+    assert done.ok and not set(done.answered) & home, done
+    for n in sorted(home):
+        mesh.restart(n)
+    assert sim.run_until_true(
+        lambda: home <= {c.name for c in mesh.node(coordinator)._candidates()},
+        sim.now + 30.0, 0.5)
+    sim.run_until(sim.now + 30.0)
+    got = mesh.kv_get(coordinator, key, Consistency.ALL)
+    assert got is not None and got.ok and got.record is not None
+    assert got.record.value == b"v2", "an acknowledged write is lost to readers"
 
 
 def test_chaos_one_seed_and_same_seed_same_trace() -> None:

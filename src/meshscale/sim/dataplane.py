@@ -112,11 +112,13 @@ _KV_PUT = 1
 
 @dataclass(frozen=True, slots=True)
 class ObjectCommitted(Event):
-    """This node stored a copy of ``oid`` (its region is in ``region``)."""
+    """This node stored a copy of ``oid`` (its region is in ``region``), made by the write
+    at ``written`` (None: unknown, older than any tombstone)."""
 
     oid: str
     region: str
     hint_for: str | None
+    written: HLCTimestamp | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +134,12 @@ class PutRefused(Event):
 @dataclass(frozen=True, slots=True)
 class DeleteDone(Event):
     """This node ran a delete of ``oid`` and pushed the tombstone to ``notified`` (the
-    delete counts as done once acknowledged: ``DeleteAcked``)."""
+    delete counts as done once acknowledged: ``DeleteAcked``); its tombstone is stamped
+    ``ts``."""
 
     oid: str
     notified: tuple[str, ...]
+    ts: HLCTimestamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,10 +405,10 @@ class DataNode:
         """Delete ``oid`` everywhere (the mesh knows its policy, as a client's stat would);
         acknowledged by the core's ``DeleteAcked`` once a quorum keeps the tombstone."""
         self._delete_req += 1
+        ts = self.hlc.now(now)
         with contextlib.suppress(ReplicationOverloaded):
-            peers = self.replicas.delete(oid, policy, self.hlc.now(now), now, now,
-                                         req_id=self._delete_req)
-            self._out.append(DeleteDone(oid, tuple(peers)))
+            peers = self.replicas.delete(oid, policy, ts, now, now, req_id=self._delete_req)
+            self._out.append(DeleteDone(oid, tuple(peers), ts))
         self._settle(now)
 
     def kv_put(self, op_id: int, key: str, value: bytes | None, c: Consistency, now: float) -> None:
@@ -507,7 +511,7 @@ class DataNode:
                 self.check_disk(now)
                 return  # disk full: refuse (the sender sees a failure)
             self.objects[oid] = Stored(data, policy, hint_for, written)
-            self._out.append(ObjectCommitted(oid, self.region, hint_for))
+            self._out.append(ObjectCommitted(oid, self.region, hint_for, written))
             self.check_disk(now)
         elif written is not None and (old.written is None or written > old.written):
             old.written = written
@@ -680,8 +684,14 @@ class DataMesh:
         self.deleted: dict[str, tuple[float, str]] = {}
         """Deleted object -> (when, by which node): the node ran the delete (a request to
         a paused node that crashed before it resumed never ran, like a lost client call)."""
-        self.late_commits: list[str] = []
-        """Copies of deleted objects committed after the delete (anti-entropy removes them)."""
+        self.delete_ts: dict[str, HLCTimestamp] = {}
+        """Object -> the timestamp of the tombstone its (first) delete wrote."""
+        self.late_commits: list[tuple[float, str, str, HLCTimestamp | None]] = []
+        """(when, node, oid, written) of copies of deleted objects committed after the
+        delete was acknowledged: a node that missed the delete passed on its old copy
+        (anti-entropy removes them)."""
+        self.kv_gets: set[int] = set()
+        """Op ids of KV reads (``kv_done`` and ``kv_acked`` hold reads and writes)."""
         self._req = 0
         self.sim.observers.append(self._observe)
         for name in self.names:
@@ -713,7 +723,7 @@ class DataMesh:
                 self.violations.append(f"{t:.3f} {node}: Transfer of {ev.oid} to {ev.dst} in {region}")
         elif isinstance(ev, ObjectCommitted):
             if ev.oid in self.deleted:
-                self.late_commits.append(f"{t:.3f} {node}: copy of deleted {ev.oid}")
+                self.late_commits.append((t, node, ev.oid, ev.written))
             policy = self.policies.get(ev.oid)
             if policy is not None and not policy.allows(ev.region):
                 self.violations.append(f"{t:.3f} {node}: copy of {ev.oid} committed in {ev.region}")
@@ -724,6 +734,8 @@ class DataMesh:
             self.results[ev.req_id] = PutResult(ev.req_id, ev.oid, False, ev.reason)
         elif isinstance(ev, PutRefused):
             self.results[ev.req_id] = PutResult(ev.req_id, ev.oid, False, f"{ev.rule}: {ev.reason}")
+        elif isinstance(ev, DeleteDone):
+            self.delete_ts.setdefault(ev.oid, ev.ts)
         elif isinstance(ev, DeleteAcked):
             self.deleted.setdefault(ev.oid, (t, node))
         elif isinstance(ev, KVDone):
@@ -769,6 +781,7 @@ class DataMesh:
         self._req += 1
         op = self._req
         if get:
+            self.kv_gets.add(op)
             self.sim.call(node, lambda p, now: _kv(p, op, key, None, c, now, True))
         else:
             self.sim.call(node, lambda p, now: _kv(p, op, key, value, c, now, False))
@@ -936,6 +949,16 @@ class ChaosReport:
     """Deleted objects some live node still holds after the repair bound."""
     late_commits: int = 0
     """Copies of deleted objects committed after their delete (later removed again)."""
+    late_commit_problems: list[str] = field(default_factory=list)
+    """Late commits of a copy written after its delete (it would beat the tombstone), or
+    committed once repair was done: must be empty."""
+    kv_sloppy_missed: list[str] = field(default_factory=list)
+    """Of ``kv_writes_outside_final_set``, the writes the final read at ALL does not see: lost
+    to readers, although their acknowledging nodes keep them (the KV has no hinted handoff
+    or anti-entropy; see ``kv_ack_problems``)."""
+    kv_ack_problems: list[str] = field(default_factory=list)
+    """Acknowledged KV writes without a quorum of the write set they went to, or missing
+    (or older) on the disk of a node that acknowledged them: must be empty."""
     faults: list[str] = field(default_factory=list)
     replication_stats: dict[str, int] = field(default_factory=dict)
     """ReplicaManager counters summed over the nodes' last incarnations."""
@@ -1091,6 +1114,20 @@ def chaos_run(
     sim.run_until(max(sim.now, t_stop + repair_bound_s))
     kv_lost: list[str] = []
     kv_sloppy = 0
+    kv_sloppy_missed: list[str] = []
+    kv_ack_problems: list[str] = []
+    puts = [(t, ev) for t, ev in mesh.kv_acked if ev.op_id not in mesh.kv_gets]
+    for t, ev in puts:
+        assert ev.record is not None
+        need = Consistency.QUORUM.required(len(ev.replicas)) if ev.replicas else 1
+        if not set(ev.answered) <= set(ev.replicas) or len(set(ev.answered)) < need:
+            kv_ack_problems.append(f"{t:.3f} {ev.key}: acknowledged by {ev.answered} of "
+                                   f"write set {ev.replicas}")
+        for n in ev.answered:
+            held = mesh.node(n).kv.get(ev.key)
+            if held is None or held.ts < ev.record.ts:
+                kv_ack_problems.append(f"{t:.3f} {ev.key}: {n} acknowledged it but its disk "
+                                       f"holds {held}")
     for key in key_names:
         node = mesh.up()[0]
         res = mesh.kv_get(node, key, Consistency.ALL)
@@ -1103,16 +1140,31 @@ def chaos_run(
         # repair but no hinted handoff or anti-entropy yet; see the module docstring.)
         final = set(kv_replicas(key, mesh.truth_view()))
         newest = None
-        for _, ev in mesh.kv_acked:
+        seen = res.record.ts if res is not None and res.record is not None else None
+        for t, ev in puts:
             if ev.key != key or ev.record is None or ev.record.value is None:
                 continue
             if not set(ev.answered) & final:
                 kv_sloppy += 1
+                if seen is None or seen < ev.record.ts:
+                    kv_sloppy_missed.append(
+                        f"{t:.3f} {key}: acknowledged by {','.join(ev.answered)}, final "
+                        f"replicas {','.join(sorted(final))}")
                 continue
             if newest is None or ev.record.ts > newest:
                 newest = ev.record.ts
         if newest is not None and (res is None or res.record is None or res.record.ts < newest):
             kv_lost.append(key)
+    # Checked at the end: a copy of a deleted object must not turn up once repair is done.
+    late_problems = []
+    for t_commit, node, oid, written in mesh.late_commits:
+        tomb = mesh.delete_ts[oid]
+        if written is not None and written > tomb:
+            late_problems.append(f"{t_commit:.3f} {node}: copy of deleted {oid} written after "
+                                 "its delete")
+        if t_commit > t_stop + repaired_after:
+            late_problems.append(f"{t_commit:.3f} {node}: copy of deleted {oid} committed "
+                                 f"after repair was done at {t_stop + repaired_after:.3f}")
     stats: dict[str, int] = {}
     for n in mesh.names:
         for counter, v in mesh.node(n).replicas.stats.items():
@@ -1131,12 +1183,15 @@ def chaos_run(
         kv_divergent=mesh.kv_divergent(key_names),
         kv_lost=kv_lost,
         kv_writes_outside_final_set=kv_sloppy,
+        kv_sloppy_missed=kv_sloppy_missed,
+        kv_ack_problems=kv_ack_problems,
         down_for_good=sorted(mesh.down_for_good),
         trace_hash=sim.trace_hash(),
         events=sim.events_processed,
         deleted=len(mesh.deleted),
         resurrected=mesh.resurrected(),
         late_commits=len(mesh.late_commits),
+        late_commit_problems=late_problems,
         faults=faults,
         replication_stats=stats,
     )
