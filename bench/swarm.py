@@ -12,9 +12,11 @@ JSON: ``seeds``, ``violations`` (runs that broke an invariant), ``crashes`` (run
 raised), ``wall_s``, ``base``, and per plane the failing seeds with what they broke; for
 the compute plane also ``window``: the counts of the at-least-once window of owner
 takeover (``core/tasks.py``), which are not violations; for the data plane ``window``:
-KV writes no final replica acknowledged, those of them a final read at ALL misses (a
-known hole: the KV has no hinted handoff), and late commits of deleted objects (each
-must be an old copy, gone once repair is done: that part is checked).
+KV writes no final replica acknowledged (stand-ins took them; a final read at ALL that
+misses one is a violation, ``kv sloppy``, unless every node that acknowledged it went
+down for good: ``kv_acks_gone``), the KV hints' hand-offs and those left at the end (for
+nodes down for good), and late commits of deleted objects (each must be an old
+copy, gone once repair is done: that part is checked).
 """
 
 from __future__ import annotations
@@ -49,8 +51,12 @@ def data_problems(seed: int) -> list[str]:
         out.append(f"late commit: {r.late_commit_problems[0]}")
     if r.kv_ack_problems:
         out.append(f"kv ack: {r.kv_ack_problems[0]}")
+    if r.kv_sloppy_missed:
+        out.append(f"kv sloppy: {r.kv_sloppy_missed[0]}")
     for key, v in (("kv_writes_outside_final_set", r.kv_writes_outside_final_set),
-                   ("kv_sloppy_missed", len(r.kv_sloppy_missed)),
+                   ("kv_hints_handed_off", r.kv_hint_stats.get("handed_off", 0)),
+                   ("kv_hints_left", r.kv_hint_stats.get("left", 0)),
+                   ("kv_acks_gone", len(r.kv_acks_gone)),
                    ("late_commits", r.late_commits)):
         DATA_WINDOW[key] = DATA_WINDOW.get(key, 0) + v
     return out
@@ -120,9 +126,12 @@ def main() -> int:
                                    "crashes": crashes, "failing": bad,
                                    "wall_s": round(time.monotonic() - start, 1)}
         if plane == "data":
-            # KV writes no final replica acknowledged; of them, those the final read at
-            # ALL misses (the KV has no hinted handoff: a known hole); copies of deleted
-            # objects committed after the delete (all old and gone once repair is done).
+            # KV writes no final replica acknowledged (each must be seen by the final read
+            # at ALL: checked above); KV hints handed off, and left at the end (their
+            # targets are down for good); KV writes missed because every node that
+            # acknowledged them went down for good (two permanent failures: beyond QUORUM);
+            # copies of deleted objects committed after the delete (all old and gone once
+            # repair is done).
             result["planes"][plane]["window"] = dict(DATA_WINDOW)
             print(f"  data windows: {DATA_WINDOW}", flush=True)
         if plane == "compute":
