@@ -2,7 +2,8 @@
 
     python bench/objects.py [--quick] --json out.json
 
-- put_mb_s / get_mb_s: 64 MB objects (RF 3, W 2) put through one node, and read by asking
+- put_mb_s / get_mb_s: 64 MB objects (RF 3, W 2: acknowledged at two durable copies, the
+  third following) put through one node, and read by asking
   a node that holds no copy: it redirects the reader to a holder, which the reader then
   reads from directly (one TLS hop); the same reads relayed by that node (two hops, the
   fallback) are printed as get_proxied_mb_s;
@@ -10,28 +11,41 @@
   to a sink in another process, as client and node are (the ceiling of a one-hop get;
   until Dec 2026 the sink shared this process's event loop, and the get could beat it);
 - tls_fanout_mb_s (extra): the same bytes over plain TLS the way an RF 3 put moves them
-  (this process -> a relay process -> two sink processes; no hash, no disk, no RPC): the
-  ceiling of any put through one node on this machine, set beside put_mb_s;
+  (this process -> a relay process -> two sink processes; no hash, no disk, no RPC),
+  timed until both sinks have everything: the ceiling of any put through one node on this
+  machine. It is set beside put_w3_mb_s (extra): the same put as put_mb_s, of fresh bytes,
+  with W 3, so acknowledged only once all three copies are durable (like for like; W 2
+  returns before the third copy is written). One untimed put goes first, and the W 3
+  batch starts once the W 2 objects have all their copies;
+- every get is checked to return the whole object (a short read is an error, not speed);
 - small_put_p50_ms / small_put_p99_ms: sequential 1 KB puts, W = 2;
 - rereplicate_s: a fourth node is added, objects are written until one node holds
   1 GB (100 MB with --quick); that node is SIGKILLed, and the clock runs until every
-  object is back to 3 copies on the survivors.
+  object in the mesh is back to 3 copies on the survivors' disks, read from their data
+  dirs by this process (index row + file of the right size), not asked of the mesh. The
+  same loop times rereplicate_health_s (extra): until the mesh's own listing calls every
+  object healthy (what rereplicate_s measured until Dec 2026). Extras also give the
+  objects checked, the copies found on disk when the clock stopped, the copies the
+  survivors lacked at the kill and the MB on the killed node's disk.
 
 The same put, get and small puts are then run on a second mesh whose data dirs sit on
 tmpfs (/dev/shm): every fsync is then free, so those rows (``*_tmpfs``) are the software
 ceiling, apart from the disk (all replicas of this local mesh share one disk).
 
 Prints a table and writes JSON with those keys first, in that order, then the extra
-figures (``get_proxied_mb_s`` and the tmpfs rows).
+figures (``put_w3_mb_s`` and ``tls_fanout_mb_s`` first, then the client and relayed gets,
+the rereplicate rows and the tmpfs rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import ssl
 import statistics
 import sys
@@ -42,7 +56,7 @@ from typing import Any
 
 from meshscale.client.mesh import READ_AHEAD, AsyncMesh
 from meshscale.client.rpc import ClientCredentials, RpcConnection
-from meshscale.runtime.launcher import LocalMesh
+from meshscale.runtime.launcher import LocalMesh, NodeProcess
 from meshscale.trust.bundle import issue_node_cert, load_bundle
 from meshscale.trust.tls import client_context, server_context
 
@@ -57,11 +71,11 @@ async def put_small(c: RpcConnection, data: bytes, replicas: int = 3, w: int = 2
     return str(small["id"])
 
 
-async def put_client(client: AsyncMesh, data: bytes) -> str:
-    """The client's own put (``AsyncMesh.put``, RF 3, W 2): the id is hashed first and sent
-    ahead, so the node streams chunks on to the replica set as they arrive, and chunks go
-    ahead of their replies (hashing here is part of the timed put)."""
-    return (await client.put(data, replicas=3, w=2)).id
+async def put_client(client: AsyncMesh, data: bytes, w: int = 2) -> str:
+    """The client's own put (``AsyncMesh.put``, RF 3, W ``w``): the id is hashed first and
+    sent ahead, so the node streams chunks on to the replica set as they arrive, and chunks
+    go ahead of their replies (hashing here is part of the timed put)."""
+    return (await client.put(data, replicas=3, w=w)).id
 
 
 async def get(c: RpcConnection, oid: str, creds: ClientCredentials, one_hop: bool = True,
@@ -245,9 +259,30 @@ async def measure_bulk(mesh: LocalMesh, quick: bool, suffix: str = "",
     n_big = 2 if quick else 4
     size = 16 * MB if quick else 64 * MB
     blobs = [os.urandom(size) for _ in range(n_big)]
+    # One untimed put first, so neither timed batch pays for the first one's connections.
+    await put_client(client, os.urandom(size), w=3)
     t0 = time.perf_counter()
     oids = [await put_client(client, b) for b in blobs]
     put_mb_s = n_big * size / MB / (time.perf_counter() - t0)
+    # The same put acknowledged once every replica has its copy (W 3): what the TLS
+    # fan-out waits for (both sinks), so the two compare like with like. Fresh bytes:
+    # objects are content-addressed, a second put of the same bytes would move nothing.
+    # It starts once the W 2 puts' third copies are written, not on top of them.
+    for oid in oids:
+        deadline = time.perf_counter() + 60
+        while True:
+            st = await c0.call("obj.stat", {"id": oid})
+            if set(st["replica_set"]) <= set(st["holders"]):
+                break
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{oid}: its replica set lacks a copy 60 s after its put")
+            await asyncio.sleep(0.1)
+    blobs_w3 = [os.urandom(size) for _ in range(n_big)]
+    t0 = time.perf_counter()
+    for b in blobs_w3:
+        await put_client(client, b, w=3)
+    EXTRA[f"put_w3{suffix}_mb_s"] = n_big * size / MB / (time.perf_counter() - t0)
+    del blobs_w3
     await client.close()
     # Read through a node that holds no copy of the object (RF 3 of 4 nodes).
     reader_for: dict[str, RpcConnection] = {}
@@ -263,17 +298,22 @@ async def measure_bulk(mesh: LocalMesh, quick: bool, suffix: str = "",
         if not outsiders:
             raise RuntimeError(f"every node still holds {oid}: cannot measure a remote read")
         reader_for[oid] = RpcConnection(outsiders[0].address, creds, 120)
+
+    def whole(oid: str, got: int) -> None:
+        if got != size:  # a short read would pass for a fast one
+            raise RuntimeError(f"read {got} of {size} bytes of {oid}")
+
     t0 = time.perf_counter()
     for oid in oids:
-        await get(reader_for[oid], oid, creds)
+        whole(oid, await get(reader_for[oid], oid, creds))
     get_mb_s = n_big * size / MB / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     for oid in oids:
-        await get(reader_for[oid], oid, creds, one_hop=False)  # relayed (two hops)
+        whole(oid, await get(reader_for[oid], oid, creds, one_hop=False))  # relayed (two hops)
     proxied = n_big * size / MB / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     for oid in oids:
-        await get_client(reader_for[oid].addr, creds, oid)
+        whole(oid, await get_client(reader_for[oid].addr, creds, oid))
     EXTRA[f"get_client{suffix}_mb_s"] = n_big * size / MB / (time.perf_counter() - t0)
     for c in [c0, *reader_for.values()]:
         await c.close()
@@ -338,9 +378,41 @@ def run_mesh(directory: Path, work: Any) -> Any:
         mesh.stop()
 
 
-async def rereplicate(mesh: LocalMesh, quick: bool) -> float:
+def copies_on_disk(node: NodeProcess) -> dict[str, int]:
+    """Object id -> size of the copies ``node`` holds, read from its data dir, not asked of
+    the node: a row in its object index (``store/meta.sqlite3``, opened read-only) whose
+    file under ``store/objects/`` exists with the row's size. A file is renamed into place
+    only once fsynced and hash-checked, and the row is written after it (runtime/storage)."""
+    store = node.data_dir / "store"
+    uri = f"file:{store / 'meta.sqlite3'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        rows = db.execute("SELECT id, size FROM objects").fetchall()
+    files: dict[str, int] = {}
+    for dirpath, _dirs, names in os.walk(store / "objects"):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                files[name] = os.stat(os.path.join(dirpath, name)).st_size
+    return {str(oid): int(size) for oid, size in rows if files.get(str(oid)) == int(size)}
+
+
+async def list_all(c: AsyncMesh) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    after = ""
+    while True:
+        page = await c._call("obj.list", {"after": after, "limit": 10_000})
+        out += page["objects"]
+        if not page.get("next"):
+            return out
+        after = str(page["next"])
+
+
+async def rereplicate(mesh: LocalMesh, quick: bool) -> dict[str, float]:
+    """Kill a node holding ``target`` bytes; seconds until every object is back to its
+    copies *on the survivors' disks* (``rereplicate_s``), and, in the same loop, until the
+    mesh's own listing calls every object healthy (``rereplicate_health_s``)."""
     creds = mesh.credentials()
     victim = mesh.nodes[-1]
+    survivors = mesh.nodes[:-1]
     target = (100 if quick else 1000) * MB
     chunk = 32 * MB
     c0 = AsyncMesh(mesh.nodes[0].address, creds, 120)
@@ -353,20 +425,43 @@ async def rereplicate(mesh: LocalMesh, quick: bool) -> float:
         await put_client(c0, os.urandom(chunk))
         written += chunk
     await cv.close()
+    # Every object in the mesh, and the copies it must have on the survivors once repaired.
+    objects = {o["id"]: (int(o["size"]), min(int(o["replicas"]), len(survivors)))
+               for o in await list_all(c0)}
+    victim_bytes = sum(size for size in copies_on_disk(victim).values())
+
+    def missing() -> tuple[int, int]:
+        """(copies the survivors still lack, copies they hold) of the objects."""
+        held = [copies_on_disk(n) for n in survivors]
+        have = {oid: sum(1 for h in held if h.get(oid) == size)
+                for oid, (size, _) in objects.items()}
+        return (sum(max(0, want - have[oid]) for oid, (_, want) in objects.items()),
+                sum(have.values()))
+
+    to_make, _ = missing()  # the copies the survivors lack: the victim's share
     assert victim.proc is not None
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
     t0 = time.perf_counter()
-    while True:
-        listing = (await c0._call("obj.list", {"after": "", "limit": 10_000}))["objects"]
-        if listing and all(o["health"] == "ok" for o in listing):
-            break
+    t_disk: float | None = None
+    t_health: float | None = None
+    copies = 0
+    while t_disk is None or t_health is None:
+        if t_disk is None:
+            lack, copies = await asyncio.to_thread(missing)
+            if lack == 0:
+                t_disk = time.perf_counter() - t0
+        if t_health is None:
+            listing = (await c0._call("obj.list", {"after": "", "limit": 10_000}))["objects"]
+            if listing and all(o["health"] == "ok" for o in listing):
+                t_health = time.perf_counter() - t0
         if time.perf_counter() - t0 > 900:
             raise RuntimeError("replication not restored in 900 s")
         await asyncio.sleep(0.2)
-    dt = time.perf_counter() - t0
     await c0.close()
-    return dt
+    return {"rereplicate_s": t_disk, "rereplicate_health_s": t_health,
+            "rereplicate_objects": len(objects), "rereplicate_copies_on_disk": copies,
+            "rereplicate_copies_made": to_make, "rereplicate_victim_mb": victim_bytes / MB}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def disk(mesh: LocalMesh) -> None:
         res.update(asyncio.run(measure(mesh, args.quick)))
-        res["rereplicate_s"] = asyncio.run(rereplicate(mesh, args.quick))
+        rr = asyncio.run(rereplicate(mesh, args.quick))
+        res["rereplicate_s"] = rr.pop("rereplicate_s")
+        EXTRA.update(rr)
 
     with tempfile.TemporaryDirectory(prefix="meshscale-bench-") as d:
         run_mesh(Path(d), disk)
@@ -394,20 +491,32 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="meshscale-bench-", dir=shm) as d:
             run_mesh(Path(d), lambda mesh: asyncio.run(measure_tmpfs(mesh, args.quick)))
     notes = {
-        "put_mb_s": "64 MB objects, RF 3, W 2, through one node" if not args.quick else "16 MB",
+        "put_mb_s": ("64 MB" if not args.quick else "16 MB") + " objects, RF 3, W 2 (acked at "
+                    "2 copies), through one node",
         "get_mb_s": "asked a node without a copy: redirected to a holder (one hop)",
         "tls_copy_mb_s": "plain TLS 1.3 copy to a sink process, same bytes, same run",
         "small_put_p50_ms": "1 KB, W 2, sequential",
         "small_put_p99_ms": "",
         "rereplicate_s": ("kill a node holding 100 MB" if args.quick else
-                          "kill a node holding 1 GB") + "; until every object has 3 copies",
+                          "kill a node holding 1 GB") + "; until every object has 3 copies "
+                         "on the survivors' disks (read from their data dirs)",
     }
-    print(f"{'metric':<22}  {'value':>9}  note")
+    print(f"{'metric':<26}  {'value':>9}  note")
     for k in KEYS:
-        print(f"{k:<22}  {res[k]:>9.2f}  {notes[k]}")
+        print(f"{k:<26}  {res[k]:>9.2f}  {notes[k]}")
     extra_notes = {
+        "put_w3_mb_s": "same put, W 3: acked once all 3 copies are durable, as the fan-out "
+                       "below waits for both sinks",
         "tls_fanout_mb_s": "same bytes, plain TLS as an RF 3 put moves them: client -> relay "
                            "-> 2 sinks (4 processes; no hash, no disk)",
+        "rereplicate_health_s": "same kill, same loop: until the mesh's own listing says "
+                                "every object is healthy",
+        "rereplicate_objects": "objects in the mesh at the kill, each checked on disk",
+        "rereplicate_copies_on_disk": "their copies on the 3 survivors' disks when the clock "
+                                      "stopped (must be 3 per object)",
+        "rereplicate_copies_made": "copies the survivors lacked at the kill",
+        "rereplicate_victim_mb": "MB of copies on the killed node's disk",
+        "put_w3_tmpfs_mb_s": "same W 3 put, data dirs on tmpfs",
         "get_proxied_mb_s": "same objects, same run, read through the node (two hops)",
         "get_client_mb_s": "same one-hop get by the client library (read-ahead + hash check)",
         "get_client_tmpfs_mb_s": "same client get, data dirs on tmpfs",
@@ -416,21 +525,25 @@ def main(argv: list[str] | None = None) -> int:
         "small_put_tmpfs_p50_ms": "same small puts, data dirs on tmpfs",
         "small_put_tmpfs_p99_ms": "",
     }
-    for k, v in EXTRA.items():
-        print(f"{k:<22}  {v:>9.2f}  {extra_notes.get(k, '')}")
+    first = [k for k in ("put_w3_mb_s", "tls_fanout_mb_s") if k in EXTRA]
+    extra = {k: EXTRA[k] for k in first} | {k: v for k, v in EXTRA.items() if k not in first}
+    for k, v in extra.items():
+        print(f"{k:<26}  {v:>9.2f}  {extra_notes.get(k, '')}")
     ratio_put = res["put_mb_s"] / res["tls_copy_mb_s"]
     ratio_get = res["get_mb_s"] / res["tls_copy_mb_s"]
     print(f"put at {ratio_put:.0%} and get at {ratio_get:.0%} of the plain TLS copy")
     if "tls_fanout_mb_s" in EXTRA:
-        print(f"the RF 3 TLS fan-out alone reaches {EXTRA['tls_fanout_mb_s'] / res['tls_copy_mb_s']:.0%}"
-              f" of the plain TLS copy; put is at {res['put_mb_s'] / EXTRA['tls_fanout_mb_s']:.0%}"
-              " of that fan-out")
+        fan = EXTRA["tls_fanout_mb_s"]
+        print(f"the RF 3 TLS fan-out alone reaches {fan / res['tls_copy_mb_s']:.0%} of the plain "
+              f"TLS copy; like for like (all 3 copies), put W 3 is at "
+              f"{EXTRA['put_w3_mb_s'] / fan:.0%} of that fan-out (put W 2: "
+              f"{res['put_mb_s'] / fan:.0%})")
     if "put_tmpfs_mb_s" in EXTRA:
         print(f"on tmpfs: put at {EXTRA['put_tmpfs_mb_s'] / res['tls_copy_mb_s']:.0%} and get "
               f"at {EXTRA['get_tmpfs_mb_s'] / res['tls_copy_mb_s']:.0%} of the plain TLS copy")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {k: res[k] for k in KEYS} | EXTRA
+        out = {k: res[k] for k in KEYS} | extra
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

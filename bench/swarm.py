@@ -11,7 +11,12 @@ seed is fresh unless given, and printed, so a failure replays:
 JSON: ``seeds``, ``violations`` (runs that broke an invariant), ``crashes`` (runs that
 raised), ``wall_s``, ``base``, and per plane the failing seeds with what they broke; for
 the compute plane also ``window``: the counts of the at-least-once window of owner
-takeover (``core/tasks.py``), which are not violations.
+takeover (``core/tasks.py``), which are not violations; for the data plane ``window``:
+KV writes no final replica acknowledged (stand-ins took them; a final read at ALL that
+misses one is a violation, ``kv sloppy``, unless every node that acknowledged it went
+down for good: ``kv_acks_gone``), the KV hints' hand-offs and those left at the end (for
+nodes down for good), and late commits of deleted objects (each must be an old
+copy, gone once repair is done: that part is checked).
 """
 
 from __future__ import annotations
@@ -42,7 +47,23 @@ def data_problems(seed: int) -> list[str]:
         out.append(f"kv: {(r.kv_divergent + r.kv_lost)[0]}")
     if r.resurrected:
         out.append(f"resurrected: {r.resurrected[0]}")
+    if r.late_commit_problems:
+        out.append(f"late commit: {r.late_commit_problems[0]}")
+    if r.kv_ack_problems:
+        out.append(f"kv ack: {r.kv_ack_problems[0]}")
+    if r.kv_sloppy_missed:
+        out.append(f"kv sloppy: {r.kv_sloppy_missed[0]}")
+    for key, v in (("kv_writes_outside_final_set", r.kv_writes_outside_final_set),
+                   ("kv_hints_handed_off", r.kv_hint_stats.get("handed_off", 0)),
+                   ("kv_hints_left", r.kv_hint_stats.get("left", 0)),
+                   ("kv_acks_gone", len(r.kv_acks_gone)),
+                   ("late_commits", r.late_commits)):
+        DATA_WINDOW[key] = DATA_WINDOW.get(key, 0) + v
     return out
+
+
+DATA_WINDOW: dict[str, int] = {}
+"""Counts inside documented windows (not violations), summed over the data seeds."""
 
 
 WINDOW: dict[str, int] = {}
@@ -104,6 +125,15 @@ def main() -> int:
         result["planes"][plane] = {"seeds": args.seeds, "violations": len(bad) - crashes,
                                    "crashes": crashes, "failing": bad,
                                    "wall_s": round(time.monotonic() - start, 1)}
+        if plane == "data":
+            # KV writes no final replica acknowledged (each must be seen by the final read
+            # at ALL: checked above); KV hints handed off, and left at the end (their
+            # targets are down for good); KV writes missed because every node that
+            # acknowledged them went down for good (two permanent failures: beyond QUORUM);
+            # copies of deleted objects committed after the delete (all old and gone once
+            # repair is done).
+            result["planes"][plane]["window"] = dict(DATA_WINDOW)
+            print(f"  data windows: {DATA_WINDOW}", flush=True)
         if plane == "compute":
             # Tasks adopted from dead or restarted owners; of them, adopted while an
             # earlier owner still ran (by a node whose view had it dead), ended by two

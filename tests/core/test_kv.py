@@ -6,8 +6,14 @@ from hypothesis import strategies as st
 
 from meshscale.core.hlc import HLCTimestamp
 from meshscale.core.kv import (
+    WATCH,
     Consistency,
+    HintDeleted,
+    HintSend,
+    HintStored,
     KVCoordinator,
+    KVHintConfig,
+    KVHints,
     KVRecord,
     kv_placement,
     kv_replicas,
@@ -193,3 +199,156 @@ def test_a_full_nodes_read_reply_is_merged_not_counted_nor_repaired() -> None:
     assert op.outcome is None
     op.on_reply("a", None)
     assert op.outcome is not None and op.outcome.ok
+
+
+# --------------------------------------------------------------------------- hinted handoff
+
+VIEW = [Candidate(f"n{i}", r, "z") for i, r in enumerate(["eu", "us", "ap"] * 3)]
+
+
+def ts(wall: int, node: str = "c") -> HLCTimestamp:
+    return HLCTimestamp(wall, 0, node)
+
+
+def test_placement_with_down_members_names_stand_ins_and_whom_they_stand_in_for() -> None:
+    home = kv_replicas("k", VIEW)
+    away = home[:2]
+    live = [c for c in VIEW if c.name not in away]
+    down = [c for c in VIEW if c.name in away]
+    where = kv_placement("k", live, down=down)
+    assert where.intended == tuple(home)
+    assert set(where.hint_for) == set(away)
+    assert len(where.replicas) == 3 and not set(where.replicas) & set(away)
+    assert set(where.stand_ins) == set(where.replicas) - set(home)
+    assert len(where.stand_ins) == 2
+    for s in where.stand_ins:
+        assert where.hint_targets(s) == where.hint_for
+    assert where.hint_targets(home[2]) == ()  # a real replica keeps no hint
+    # Without down members the view cannot tell: nothing is hinted (the stand-in's own
+    # view may know better: KVHints.plan).
+    blind = kv_placement("k", live)
+    assert blind.replicas == where.replicas and blind.hint_for == () and blind.stand_ins == ()
+    # A full intended replica is hinted for too (a value cannot go to it now).
+    fview = [Candidate(c.name, c.region, c.zone, full=c.name == home[0]) for c in VIEW]
+    full = kv_placement("k", fview)
+    assert full.hint_for == (home[0],) and len(full.stand_ins) == 1
+
+
+def _book(name: str, **cfg: float) -> KVHints:
+    return KVHints(name, KVHintConfig(startup_watch_s=0.0, **cfg))  # type: ignore[arg-type]
+
+
+def test_hint_lifecycle_named_targets_hand_off_when_back_delete_only_when_acknowledged() -> None:
+    home = kv_replicas("k", VIEW)
+    a = home[0]
+    live = [c for c in VIEW if c.name != a]
+    down = [c for c in VIEW if c.name == a]
+    stand_in = kv_placement("k", live, down=down).stand_ins[0]
+    book = _book(stand_in, retry_s=5.0)
+    book.set_view(live)  # it has not heard of a: only the coordinator names it
+    assert book.plan("k", [a], 100.0) == (a,)
+    book.add("k", ts(1), (a,), 100.0)  # the driver stored the hint with the record first
+    assert book.pending("k") == {a: ts(1)} and len(book) == 1
+    assert book.drain() == []  # add persists nothing more
+    # The target is down: nothing to do but wait (its expiry is the only deadline).
+    assert book.due(101.0) == []
+    assert book.next_deadline() == 100.0 + KVHintConfig().max_hint_age_s
+    # Back in the view: handed off at once; in flight until reported.
+    book.set_view(VIEW)
+    assert book.next_deadline() == 0.0
+    assert book.due(102.0) == [HintSend("k", a, ts(1))]
+    assert book.due(102.0) == []
+    # A failure waits retry_s (the target is still live).
+    book.failed("k", a, 103.0)
+    assert book.due(104.0) == [] and book.next_deadline() == 108.0
+    assert book.due(108.0) == [HintSend("k", a, ts(1))]
+    # A newer write comes in while the older one is in flight: its ack does not clear.
+    book.add("k", ts(2), (a,), 108.5)
+    book.handed_off("k", a, ts(1))
+    assert book.pending("k") == {a: ts(2)} and book.drain() == []
+    assert book.due(109.0) == [HintSend("k", a, ts(2))]
+    book.handed_off("k", a, ts(2))
+    assert book.pending("k") == {} and len(book) == 0
+    assert book.drain() == [HintDeleted("k", a, ts(2))]
+    assert book.next_deadline() is None
+    assert book.stats["handed_off"] == 1 and book.stats["sends"] == 3
+
+
+def test_a_stand_in_hints_for_the_replicas_its_own_view_holds_down() -> None:
+    """The coordinator may not know a member that went down before it started; a
+    stand-in that does hints for the key's intended replicas by its own view."""
+    home = kv_replicas("k", VIEW)
+    live = [c for c in VIEW if c.name not in home[:2]]
+    down = [c for c in VIEW if c.name in home[:2]]
+    stand_in = kv_placement("k", live, down=down).stand_ins[0]
+    book = _book(stand_in)
+    book.set_view(live, down)
+    assert set(book.plan("k", [], 0.0) or ()) == set(home)
+    # A replica of the key (by its view) keeps no hint.
+    replica = _book(home[2])
+    replica.set_view(live, down)
+    assert replica.plan("k", [], 0.0) == ()
+
+
+def test_a_young_node_watches_its_writes_and_hints_once_its_view_says_it_stands_in() -> None:
+    home = kv_replicas("k", VIEW)
+    young = [c for c in VIEW if c.name not in home[:2]]  # knows nothing of two replicas
+    me = next(n for n in kv_replicas("k", young) if n not in home)
+    book = KVHints(me, KVHintConfig(startup_watch_s=60.0), started=1000.0)
+    book.set_view(young)
+    assert book.plan("k", [], 1001.0) == (WATCH,)
+    book.add("k", ts(5), (WATCH,), 1001.0)
+    assert book.due(1002.0) == [] and book.next_deadline() == 1001.0 + 3 * 3600.0
+    # Its view grows (the two come back): it stands in, and hints for the whole set.
+    book.set_view(VIEW)
+    assert book.pending("k") == {h: ts(5) for h in home}
+    changes = book.drain()
+    assert {c.target for c in changes if isinstance(c, HintStored)} == set(home)
+    assert changes[-1] == HintDeleted("k", WATCH, ts(5))
+    assert {s.target for s in book.due(1003.0)} == set(home)
+    # Once settled it watches no more.
+    mine = next(f"k{i}" for i in range(100) if me in kv_replicas(f"k{i}", VIEW))
+    assert book.plan(mine, [], 1000.0 + 59.0) == (WATCH,)
+    assert book.plan(mine, [], 1000.0 + 60.0) == ()
+
+
+def test_hints_are_bounded_refused_beyond_max_hints_dropped_beyond_max_age() -> None:
+    book = _book("s", max_hints=1, max_hint_age_s=100.0)
+    assert book.plan("k1", ["a"], 0.0) == ("a",)
+    book.add("k1", ts(1), ("a",), 0.0)
+    assert book.plan("k2", ["a"], 1.0) is None  # full: the stand-in refuses the write
+    assert book.plan("k1", ["b"], 1.0) == ("b",)  # a key it already holds is fine
+    assert book.stats["refused"] == 1
+    # Watches are bounded apart (they never crowd out hints) and never refuse a write.
+    young = KVHints("s", KVHintConfig(max_hints=1), started=0.0)
+    young.add("k1", ts(1), ("a",), 0.0)
+    assert young.plan("k2", [], 1.0) == (WATCH,)
+    young.add("k2", ts(1), (WATCH,), 1.0)
+    assert young.plan("k3", [], 1.0) == ()
+    assert young.stats["watch_skipped"] == 1 and young.watched == 1 and len(young) == 1
+    book.add("k1", ts(3), ("b",), 50.0)
+    book.expire(99.0)
+    assert book.drain() == []
+    book.expire(100.0)
+    assert book.pending("k1") == {"b": ts(3)}
+    assert book.drain() == [HintDeleted("k1", "a", ts(1))]
+    assert book.stats["expired"] == 1 and book.next_deadline() == 150.0
+
+
+def test_hand_offs_in_flight_are_bounded_and_an_unreported_one_times_out() -> None:
+    book = _book("s", max_in_flight=1, send_timeout_s=10.0, retry_s=1.0)
+    book.set_view(VIEW)
+    for k in ("k1", "k2"):
+        book.add(k, ts(1), ("n0",), 0.0)
+    assert book.due(0.0) == [HintSend("k1", "n0", ts(1))]
+    assert book.due(1.0) == [] and book.next_deadline() == 10.0
+    # Never reported: counted as failed at its deadline, the slot is free for k2.
+    assert book.due(10.0) == [HintSend("k2", "n0", ts(1))]
+    assert book.stats["send_timeouts"] == 1
+    # Full targets are not sent to (a value would be refused); a missing record is
+    # abandoned, its hint deleted.
+    book.handed_off("k2", "n0", ts(1))
+    book.set_view([Candidate(c.name, c.region, c.zone, full=True) for c in VIEW])
+    assert book.due(20.0) == []
+    book.abandon("k1", "n0")
+    assert len(book) == 0 and book.stats["abandoned"] == 1

@@ -132,6 +132,35 @@ def test_room_shrinks_against_the_slowest_operator() -> None:
     check_shape(log)
 
 
+def test_backlog_max_is_the_high_water_mark_of_the_backlog() -> None:
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=5, max_records=10))
+    log.register("op")
+    assert log.backlog_max == 0
+    log.append(recs(0, log.room()))
+    log.commit("op", 4)
+    assert (log.backlog(), log.backlog_max) == (1, 5)
+    log.append(recs(5, 2))
+    assert (log.backlog(), log.backlog_max) == (3, 5), "kept, not overwritten"
+    backup = ShardLog("t", "e1", log.config)
+    backup.register("op")
+    backup.apply(list(log.entries))
+    assert backup.backlog_max == 3
+    # Entries come with the primary's low water: the backlog is noted after its commit,
+    # so a batch that arrives with the commits that made room for it is not counted twice.
+    log.commit("op", 7)
+    log.append(recs(7, 5))
+    assert log.backlog() == 5 and log.backlog_max == 5
+    backup.apply(list(log.entries)[-5:], low=7)
+    assert backup.committed["op"] == 7 and backup.backlog() == 5 and backup.backlog_max == 5
+    # An operator added to a topic that kept records without one starts with them all:
+    # the backlog can then exceed max_backlog (room stays 0 until it catches up), and the
+    # high-water mark says so.
+    late = ShardLog("t", "e1", ShardLogConfig(max_backlog=2, max_records=4))
+    late.append(recs(0, 4))
+    late.register("op")
+    assert late.backlog_max == 4 > late.config.max_backlog and late.room() == 0
+
+
 def test_commit_frees_room_and_retention_drops_committed_records() -> None:
     log = ShardLog("t", "e1", ShardLogConfig(max_backlog=4, max_records=8))
     log.register("op")

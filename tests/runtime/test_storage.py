@@ -664,6 +664,25 @@ def test_kv_last_writer_wins(store: LocalStore) -> None:
     assert store.stats()["kv_keys"] == 2 and store.stats()["kv_tombstones"] == 1
 
 
+def test_kv_hints_are_stored_with_the_write_and_kept_newest(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "data")
+    assert store.kv_put("k", b"v2", "0002", ["a", "b"], 10.0)
+    # An older write is not applied, but its hints are still kept (the newer record
+    # covers them): the larger ts and the smaller since win.
+    assert not store.kv_put("k", b"v1", "0001", ["a"], 5.0)
+    assert store.kv_hints() == [("k", "a", "0002", 5.0), ("k", "b", "0002", 10.0)]
+    store.kv_hints_apply(stored=[("k", "a", "0003", 20.0)],
+                         deleted=[("k", "b", "0002"), ("k", "a", "0002")])
+    # The delete up to 0002 leaves a's newer hint (0003) alone.
+    assert store.kv_hints() == [("k", "a", "0003", 5.0)]
+    store.close()
+    store = open_store(tmp_path / "data")  # durable
+    assert store.kv_hints() == [("k", "a", "0003", 5.0)]
+    store.kv_hints_apply(deleted=[("k", "a", "0003")])
+    assert store.kv_hints() == []
+    store.close()
+
+
 def test_kv_with_hlc_timestamps(store: LocalStore) -> None:
     from meshscale.core.hlc import HLCTimestamp
 

@@ -1,4 +1,6 @@
-"""The membership benchmark runs end to end in --quick mode and writes its JSON."""
+"""The membership benchmark runs end to end in --quick mode and writes its JSON, and its
+figures are held to what must be true of them (no false positive, healthy or slow; every
+node sends at least its own probes; Vivaldi beats guessing zero), never to a speed."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from meshscale.core.membership import MembershipConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,4 +43,10 @@ def test_membership_bench_quick_writes_exact_keys(tmp_path: Path) -> None:
     # Lifeguard's point: healthy nodes are never marked dead while 5% of nodes are slow.
     assert data["false_positives_slow"] == 0 and data["false_transitions_healthy_slow"] == 0
     assert data["false_transitions_about_slow"] >= 0  # reported, not hidden
+    assert 0 < data["disseminate_all_s"] < 60
+    # Every node probes one peer per probe interval (and answers the probes it gets).
+    assert data["msgs_per_node_per_s"] >= 1 / MembershipConfig().probe_interval
+    assert data["bytes_per_node_per_s"] > data["msgs_per_node_per_s"]
+    # A median relative error of 1 is what estimating every RTT as 0 scores.
+    assert 0 < data["vivaldi_median_rel_err"] < 1
     assert "detect_all_s" in proc.stdout and "false_transitions_about_slow" in proc.stdout

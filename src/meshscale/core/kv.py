@@ -19,8 +19,20 @@ What LWW allows, and callers must know:
   whose clock runs ahead by up to the HLC ``max_offset_s`` wins over a write made slightly
   later in real time. Bigger skew is refused by the clock (``ClockSkewError``).
 - QUORUM reads and writes (R + W > N) see the latest acknowledged write only while the
-  replica set is stable; after membership changes the sets move and a QUORUM read may miss
-  a write made to the old set until repair catches up (sloppy quorum, as in Dynamo).
+  replica set is stable. Two ways it is not:
+
+  * Some of a key's replicas are down (or full) in the writer's view: the write goes to
+    the write set over the nodes left (a sloppy quorum, as in Dynamo), and its members
+    outside the key's intended set are *stand-ins* that keep the write as a hint and hand
+    it to the intended replicas once those are back (``KVHints``: hinted handoff). Until
+    the hand-off lands (normally within a second or two of the replica rejoining), a read
+    asking the returned replicas may miss the write; afterwards they hold it. A hint not
+    handed off within ``KVHintConfig.max_hint_age_s`` is dropped (counted); a stand-in
+    whose hint book is full refuses the write rather than acknowledge it.
+  * The set moves for good (a node joins and ranks higher, or is forgotten after dying):
+    its new members lack the older records, and only read repair (a read that reaches a
+    member that has the record) gives it to them; there is no KV anti-entropy. While a
+    majority of a key's set is new, a QUORUM read may miss the newest write.
 - Equal timestamps are impossible between distinct writers (the node name is part of the
   timestamp); the same writer never issues a timestamp twice.
 
@@ -29,11 +41,15 @@ replica set over the nodes with room, and the consistency level counts those nod
 full member of the key's replica set is still asked on reads and sent deletes (a delete
 needs no room, and must beat the older value that node holds), but its answer does not
 count towards the level, and read repair never writes a value to it: it cannot store
-one. When every allowed node is full, the write set is the replica set itself, so a
-value write fails naming ``disk_full`` while a delete still succeeds.
+one. The write set's member that replaced it is a stand-in: what it was written while the
+full node was full, it hands to that node once the node has room again (``KVHints``).
+When every allowed node is full, the write set is the replica set itself, so a value
+write fails naming ``disk_full`` while a delete still succeeds.
 
 This module is sans-I/O: ``KVCoordinator`` tracks one operation's replies and decides; the
-driver sends the requests, feeds the replies and applies the read repairs.
+driver sends the requests, feeds the replies and applies the read repairs. ``KVHints``
+keeps a stand-in's hints and decides when to hand which key to whom; the driver stores
+them with the record, sends the hand-offs and reports the answers.
 """
 
 from __future__ import annotations
@@ -48,8 +64,14 @@ from meshscale.core.hlc import HLCTimestamp
 from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set, write_set
 
 __all__ = [
+    "WATCH",
     "Consistency",
+    "HintDeleted",
+    "HintSend",
+    "HintStored",
     "KVCoordinator",
+    "KVHintConfig",
+    "KVHints",
     "KVOutcome",
     "KVPlacement",
     "KVRecord",
@@ -140,6 +162,31 @@ class KVPlacement:
     full: tuple[str, ...]
     """Full members of the replica set outside ``replicas``: asked on reads and sent
     deletes, never counted."""
+    intended: tuple[str, ...] = ()
+    """The key's replica set over the live *and the down* members of the view: where its
+    record belongs once everyone is back (``kv_placement``'s ``down``). Empty: the
+    replica set (``replicas`` and ``full``)."""
+
+    def __post_init__(self) -> None:
+        if not self.intended:
+            object.__setattr__(self, "intended", self.replicas + self.full)
+
+    @property
+    def hint_for(self) -> tuple[str, ...]:
+        """Intended replicas the write set lacks (down in the view, or full): a write
+        reaches them later, through the stand-ins' hints (``KVHints``)."""
+        return tuple(i for i in self.intended if i not in self.replicas)
+
+    @property
+    def stand_ins(self) -> tuple[str, ...]:
+        """Members of the write set outside the intended set: each keeps what it is
+        written as a hint for ``hint_for``."""
+        return tuple(r for r in self.replicas if r not in self.intended)
+
+    def hint_targets(self, node: str) -> tuple[str, ...]:
+        """The replicas a write sent to ``node`` must also reach: ``hint_for`` when
+        ``node`` stands in for them, else nothing."""
+        return self.hint_for if node in self.stand_ins else ()
 
 
 def kv_placement(
@@ -147,16 +194,26 @@ def kv_placement(
     candidates: Iterable[Candidate],
     n: int = 3,
     residency: Residency | None = None,
+    down: Iterable[Candidate] = (),
 ) -> KVPlacement:
     """Where an operation on ``key`` goes (see the module docstring); ``PlacementError``
-    when no live node is allowed."""
+    when no live node is allowed.
+
+    ``down``: members the view holds as down (dead, not left, not yet forgotten); they
+    only shape ``intended``. Without them only full members are missing from the write
+    set."""
     view = list(candidates)
+    live = {c.name for c in view}
+    away = [c for c in down if c.name not in live]
     home = [c.name for c in replica_set(KV_NAMESPACE + key, view, n, residency)]
+    intended = home
+    if away:
+        intended = [c.name for c in replica_set(KV_NAMESPACE + key, view + away, n, residency)]
     try:
         room = [c.name for c in write_set(KV_NAMESPACE + key, view, n, residency)]
-    except PlacementError:
-        return KVPlacement(tuple(home), ())  # all full: values are refused, deletes work
-    return KVPlacement(tuple(room), tuple(h for h in home if h not in room))
+    except PlacementError:  # all full: values are refused, deletes work
+        return KVPlacement(tuple(home), (), tuple(intended))
+    return KVPlacement(tuple(room), tuple(h for h in home if h not in room), tuple(intended))
 
 
 @dataclass(frozen=True)
@@ -293,3 +350,359 @@ class KVCoordinator:
                 False, reason=f"{len(self.failures - set(self.extra))} of {len(self.replicas)} replicas "
                 f"failed{why}; {self.consistency.name} needs {need}"
             )
+
+
+# --------------------------------------------------------------------------- hinted handoff
+
+WATCH = ""
+"""The target of a *watched* write (``KVHints``): no replica named yet."""
+
+
+@dataclass(frozen=True)
+class KVHintConfig:
+    """Bounds of a node's KV hints (``KVHints``); durations in seconds."""
+
+    max_hints: int = 10_000
+    """Keys this node holds hints for at once. A stand-in asked to take a write for a new
+    key while it holds this many refuses it (``hints_full``, counted ``refused``): the
+    write then has one acknowledgement less and fails if it needed that one, rather than
+    be acknowledged by a node that could not hand it back. Watched writes
+    (``startup_watch_s``) are bounded apart, by the same number, and never refuse: beyond
+    it a write is not watched (counted ``watch_skipped``)."""
+    max_hint_age_s: float = 3 * 3600.0
+    """A hint not handed off this long after its write is dropped (counted ``expired``;
+    Cassandra's ``max_hint_window``). The stand-in keeps its record, but that replica then
+    only gets it from read repair (a read that reaches a node which has it). Must stay
+    below any KV tombstone purge grace, or a late hint could bring back a value a purged
+    delete had beaten."""
+    startup_watch_s: float = 60.0
+    """For this long after it starts, a node's view may not know which members are down
+    (a restarted node hears of a dead member only when it comes back), so it cannot tell
+    whether it takes a write as a stand-in: each write it takes meanwhile is *watched*,
+    rechecked at every view change, and becomes a hint as soon as the view shows this node
+    is not one of the key's intended replicas."""
+    retry_s: float = 5.0
+    """After a failed hand-off to a replica, wait this long before the next try (a replica
+    that comes back in the view is tried at once)."""
+    max_in_flight: int = 16
+    """Hand-offs running at once."""
+    send_timeout_s: float = 30.0
+    """A hand-off the driver never reported done counts as failed after this long."""
+
+    def __post_init__(self) -> None:
+        if self.max_hints < 0 or self.max_in_flight < 1:
+            raise ValueError("max_hints must be >= 0 and max_in_flight >= 1")
+        if min(self.max_hint_age_s, self.retry_s, self.send_timeout_s) <= 0:
+            raise ValueError("max_hint_age_s, retry_s and send_timeout_s must be > 0")
+        if self.startup_watch_s < 0:
+            raise ValueError("startup_watch_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class HintSend:
+    """Hand ``key`` to ``target``: send it this node's record of the key with the record's
+    own timestamp (``kv.apply``); it is at least ``ts``, else ``abandon``. Then report
+    ``handed_off`` (with the timestamp sent) or ``failed``."""
+
+    key: str
+    target: str
+    ts: HLCTimestamp
+
+
+@dataclass(frozen=True)
+class HintStored:
+    """Persist: ``target`` must get ``key`` at ``ts`` or newer (upsert: keep the larger
+    ``ts`` and the smaller ``since``). ``target`` is ``WATCH`` for a watched write."""
+
+    key: str
+    target: str
+    ts: HLCTimestamp
+    since: float
+
+
+@dataclass(frozen=True)
+class HintDeleted:
+    """Persist: forget ``target``'s hint for ``key`` if its ``ts`` is at most ``upto`` (a
+    newer one stored meanwhile stays)."""
+
+    key: str
+    target: str
+    upto: HLCTimestamp
+
+
+@dataclass
+class _Hint:
+    ts: HLCTimestamp
+    since: float
+    retry_at: float = 0.0
+    in_flight_until: float | None = None
+
+
+class KVHints:
+    """A node's KV hints: records it holds for replicas that do not have them yet.
+
+    Dynamo's hinted handoff (DeCandia et al., SOSP 2007, section 4.6). A coordinator whose
+    view holds some of a key's intended replicas down, or full, writes to the write set
+    over the nodes left (``kv_placement``); a member of it outside the intended set is a
+    *stand-in* and is sent the names of the replicas it stands in for
+    (``KVPlacement.hint_targets``). The node taking a write asks ``plan``: the named
+    replicas, plus, when its own view says it is not an intended replica either, the
+    key's intended replicas by that view (the coordinator may not know a member that
+    went down before it started; the stand-in may). It stores the hints durably with the
+    record, before it acknowledges (``add`` after that), one per target: the newest
+    timestamp that target must get.
+
+    Whenever a target is live and has room in the view (``set_view``), ``due`` hands it
+    this node's record of the key, sent with the record's own timestamp so that
+    last-writer-wins keeps the newest on the replica: a later delete there beats an older
+    hinted value, a hinted tombstone beats the older value it deletes. The hint is deleted
+    only once the target acknowledged a record at least that new. The stand-in keeps its
+    copy afterwards (Dynamo drops it): outside the key's set it is not asked, and
+    last-writer-wins makes it harmless when it is.
+
+    A node that started less than ``startup_watch_s`` ago may not know which members are
+    down, so the writes it takes are *watched* (a hint for ``WATCH``) and each view
+    change rechecks them: once the view shows this node outside the key's intended set,
+    the watch becomes a hint for that set.
+
+    Bounds (``KVHintConfig``): ``max_hints`` keys (beyond it a stand-in refuses the
+    write), ``max_hint_age_s`` per hint (beyond it the hint is dropped, counted),
+    ``max_in_flight`` hand-offs. A target forgotten by the view (it left, or was reaped
+    after ``dead_reap_s``) is never live again: its hint ages out, and the key's other
+    intended replicas have the record from their own hints or the write. A member that
+    no node taking the write knew of (down since before every one of them started) gets
+    no hint: only read repair reaches it.
+
+    Sans-I/O: the driver stores the hints ``plan`` named with the record, then calls
+    ``add``; every other change to persist comes out of ``drain`` (``HintStored``,
+    ``HintDeleted``). ``now`` is a wall clock (hint ages survive restarts);
+    ``next_deadline`` says when ``due`` or ``expire`` has work.
+    """
+
+    def __init__(self, name: str, config: KVHintConfig | None = None, *,
+                 replicas: int = 3, started: float = 0.0) -> None:
+        self.name = name
+        self.config = config or KVHintConfig()
+        self.replicas = replicas
+        self.started = started
+        self._hints: dict[str, dict[str, _Hint]] = {}
+        self._watches: dict[str, _Hint] = {}
+        self._live: dict[str, Candidate] = {}
+        self._down: list[Candidate] = []
+        self._known: set[str] = set()
+        """Every name the view ever held: a watch is rechecked only when a new one shows
+        up (only a node ranked above this one can push it out of a key's set)."""
+        self._in_flight = 0
+        self._out: list[HintStored | HintDeleted] = []
+        self.stats: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        """Keys with a hint (watches not included)."""
+        return len(self._hints)
+
+    @property
+    def watched(self) -> int:
+        """Keys watched (see the class docstring)."""
+        return len(self._watches)
+
+    def pending(self, key: str) -> dict[str, HLCTimestamp]:
+        """Target (``WATCH`` for a watch) -> the newest timestamp it must get."""
+        out = {t: h.ts for t, h in self._hints.get(key, {}).items()}
+        if key in self._watches:
+            out[WATCH] = self._watches[key].ts
+        return out
+
+    def drain(self) -> list[HintStored | HintDeleted]:
+        """Changes to persist, in order."""
+        out, self._out = self._out, []
+        return out
+
+    def _count(self, what: str, n: int = 1) -> None:
+        self.stats[what] = self.stats.get(what, 0) + n
+
+    # ------------------------------------------------------------------ taking writes
+
+    def load(self, key: str, target: str, ts: HLCTimestamp, since: float) -> None:
+        """A hint (or watch) found on disk at start (not bounded: it was accepted)."""
+        self._merge(key, target, ts, since)
+
+    def plan(self, key: str, named: Iterable[str], now: float) -> tuple[str, ...] | None:
+        """The hints a write of ``key`` this node is about to take must leave: the
+        replicas the coordinator ``named``, plus the key's intended replicas when this
+        node's view says it is not one, else ``WATCH`` while this node is young; ``None``:
+        refuse the write (hints are needed and the book holds ``max_hints`` keys)."""
+        targets = dict.fromkeys(t for t in named if t and t != self.name)
+        try:
+            intended = self._intended(key)
+        except PlacementError:
+            intended = ()
+        if intended and self.name not in intended:
+            targets.update(dict.fromkeys(t for t in intended if t != self.name))
+        if targets:
+            if key not in self._hints and len(self._hints) >= self.config.max_hints:
+                self._count("refused")
+                return None
+            return tuple(targets)
+        if now - self.started < self.config.startup_watch_s:
+            if key not in self._watches and len(self._watches) >= self.config.max_hints:
+                self._count("watch_skipped")
+                return ()
+            return (WATCH,)
+        return ()
+
+    def add(self, key: str, ts: HLCTimestamp, targets: Iterable[str], now: float) -> None:
+        """The write of ``key`` at ``ts`` was applied and ``plan``'s hints stored with it
+        (upsert, as ``HintStored``)."""
+        for target in targets:
+            self._merge(key, target, ts, now)
+            self._count("watched" if target == WATCH else "added")
+
+    def _merge(self, key: str, target: str, ts: HLCTimestamp, since: float) -> _Hint:
+        if target == WATCH:
+            h = self._watches.get(key)
+            if h is None:
+                h = self._watches[key] = _Hint(ts, since)
+                return h
+        else:
+            per = self._hints.setdefault(key, {})
+            h = per.get(target)
+            if h is None:
+                h = per[target] = _Hint(ts, since)
+                return h
+        h.ts = max(h.ts, ts)
+        h.since = min(h.since, since)
+        h.retry_at = 0.0  # a newer write: try again at once
+        return h
+
+    def _intended(self, key: str) -> tuple[str, ...]:
+        if not self._live:
+            return ()
+        return kv_placement(key, self._live.values(), self.replicas, down=self._down).intended
+
+    # ------------------------------------------------------------------ the view
+
+    def set_view(self, live: Iterable[Candidate], down: Iterable[Candidate] = ()) -> None:
+        """The membership view: live members (``full`` as gossiped) and down ones (dead,
+        not left), as for ``kv_placement``. Hints go to live targets with room; watched
+        writes are rechecked when a name new to this node shows up."""
+        was = set(self._live)
+        self._live = {c.name: c for c in live}
+        self._down = list(down)
+        for per in self._hints.values():
+            for target, h in per.items():
+                if target in self._live and target not in was:
+                    h.retry_at = 0.0  # back in the view: try at once
+        names = set(self._live) | {c.name for c in self._down}
+        if names <= self._known:
+            return
+        self._known |= names
+        for key in sorted(self._watches):
+            try:
+                intended = self._intended(key)
+            except PlacementError:
+                continue
+            if not intended or self.name in intended:
+                continue
+            watch = self._watches.pop(key)
+            self._count("watches_hinted")
+            for target in intended:
+                h = self._merge(key, target, watch.ts, watch.since)
+                self._out.append(HintStored(key, target, h.ts, h.since))
+            self._out.append(HintDeleted(key, WATCH, watch.ts))
+
+    def _reachable(self, target: str) -> bool:
+        c = self._live.get(target)
+        return c is not None and not c.full
+
+    # ------------------------------------------------------------------ hand-offs
+
+    def due(self, now: float) -> list[HintSend]:
+        """Hand-offs to start now (each is in flight until reported)."""
+        out: list[HintSend] = []
+        for key in sorted(self._hints):
+            for target, h in sorted(self._hints[key].items()):
+                if h.in_flight_until is not None:
+                    if h.in_flight_until > now:
+                        continue
+                    self._settle(h)  # never reported: counts as failed
+                    self._count("send_timeouts")
+                    h.retry_at = now + self.config.retry_s
+                if self._in_flight >= self.config.max_in_flight:
+                    return out
+                if h.retry_at > now or not self._reachable(target):
+                    continue
+                h.in_flight_until = now + self.config.send_timeout_s
+                self._in_flight += 1
+                self._count("sends")
+                out.append(HintSend(key, target, h.ts))
+        return out
+
+    def _settle(self, h: _Hint) -> None:
+        if h.in_flight_until is not None:
+            h.in_flight_until = None
+            self._in_flight -= 1
+
+    def handed_off(self, key: str, target: str, sent: HLCTimestamp) -> None:
+        """``target`` acknowledged this node's record of ``key`` stamped ``sent``."""
+        h = self._hints.get(key, {}).get(target)
+        if h is None:
+            return
+        self._settle(h)
+        if sent < h.ts:
+            h.retry_at = 0.0  # a newer write came in meanwhile: send that one
+            return
+        self._count("handed_off")
+        self._forget(key, target, sent)
+
+    def failed(self, key: str, target: str, now: float) -> None:
+        """The hand-off did not reach ``target``, or it refused: try again later."""
+        h = self._hints.get(key, {}).get(target)
+        if h is not None:
+            self._settle(h)
+            h.retry_at = now + self.config.retry_s
+            self._count("send_failures")
+
+    def abandon(self, key: str, target: str) -> None:
+        """This node has no record of ``key`` as new as the hint (it was lost, e.g. the
+        store was wiped): nothing to hand off, the hint goes."""
+        h = self._hints.get(key, {}).get(target)
+        if h is not None:
+            self._settle(h)
+            self._count("abandoned")
+            self._forget(key, target, h.ts)
+
+    def _forget(self, key: str, target: str, upto: HLCTimestamp) -> None:
+        per = self._hints[key]
+        del per[target]
+        if not per:
+            del self._hints[key]
+        self._out.append(HintDeleted(key, target, upto))
+
+    def expire(self, now: float) -> None:
+        """Drop hints and watches older than ``max_hint_age_s`` (counted)."""
+        limit = now - self.config.max_hint_age_s
+        for key in sorted(self._hints):
+            for target, h in sorted(self._hints[key].items()):
+                if h.since <= limit:
+                    self._settle(h)
+                    self._count("expired")
+                    self._forget(key, target, h.ts)
+        for key in sorted(k for k, h in self._watches.items() if h.since <= limit):
+            self._count("watches_expired")
+            self._out.append(HintDeleted(key, WATCH, self._watches.pop(key).ts))
+
+    def next_deadline(self) -> float | None:
+        """When ``due`` or ``expire`` next has work (None: nothing as things stand; a
+        view change or a new hint may change that)."""
+        age = self.config.max_hint_age_s
+        best = min((h.since + age for h in self._watches.values()), default=None)
+        room = self._in_flight < self.config.max_in_flight
+        for per in self._hints.values():
+            for target, h in per.items():
+                t = h.since + age
+                if h.in_flight_until is not None:
+                    t = min(t, h.in_flight_until)
+                elif room and self._reachable(target):
+                    t = min(t, h.retry_at)
+                best = t if best is None else min(best, t)
+        return best

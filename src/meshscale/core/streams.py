@@ -294,6 +294,9 @@ class ShardLog:
         """Operator name -> the next offset it still needs."""
         self.evicted = 0
         self.appended = 0
+        self.backlog_max = 0
+        """The largest backlog this log ever had (checked where it can grow: append,
+        apply, register), so the bound is read, not sampled."""
 
     @property
     def head(self) -> int:
@@ -327,10 +330,14 @@ class ShardLog:
             out.append(e)
         self.appended += len(out)
         self._retain()
+        self._note_backlog()
         return out
 
-    def apply(self, entries: Iterable[LogEntry]) -> int:
-        """Backup side: apply the primary's entries; returns how many were new.
+    def apply(self, entries: Iterable[LogEntry], low: int | None = None) -> int:
+        """Backup side: apply the primary's entries, then commit every operator registered
+        here up to ``low`` (the primary's low water, sent with them); returns how many
+        entries were new. The backlog is noted after both: the records come with the
+        primary's commits, so the backup holds no more than the primary let in.
 
         Entries at or below the head are already here (a resend) and are skipped; a gap
         (the primary's base moved past our head) restarts the copy at that offset."""
@@ -346,7 +353,11 @@ class ShardLog:
             self.bytes += e.size
             n += 1
         self.appended += n
+        if low is not None:
+            for op in list(self.committed):
+                self.commit(op, low)
         self._retain()
+        self._note_backlog()
         return n
 
     def read(self, offset: int, limit: int, max_bytes: int = 4 * 1024 * 1024) -> list[LogEntry]:
@@ -367,6 +378,7 @@ class ShardLog:
         record still held; an offset past the head is clamped to it, as in ``commit``)."""
         if operator not in self.committed:
             self.committed[operator] = self.base if offset is None else min(offset, self.head)
+            self._note_backlog()
 
     def unregister(self, operator: str) -> None:
         """``operator`` was removed: it no longer holds records back."""
@@ -380,6 +392,9 @@ class ShardLog:
         if prev is None or offset > prev:
             self.committed[operator] = min(offset, self.head)
         self._retain()
+
+    def _note_backlog(self) -> None:
+        self.backlog_max = max(self.backlog_max, self.backlog())
 
     def _retain(self) -> None:
         low = self.low_water()

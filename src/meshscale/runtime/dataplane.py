@@ -52,7 +52,17 @@ from typing import Any
 
 from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.hlc import ClockSkewError, HLCTimestamp, HybridLogicalClock
-from meshscale.core.kv import Consistency, KVCoordinator, KVRecord, kv_placement
+from meshscale.core.kv import (
+    Consistency,
+    HintDeleted,
+    HintSend,
+    HintStored,
+    KVCoordinator,
+    KVHintConfig,
+    KVHints,
+    KVRecord,
+    kv_placement,
+)
 from meshscale.core.membership import VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_RE, object_id
 from meshscale.core.outputs import Event
@@ -150,6 +160,9 @@ class DataPlaneConfig:
     node silent this long is counted as not holding one."""
     kv_replicas: int = 3
     kv_timeout_s: float = 5.0
+    kv_hints: KVHintConfig = field(default_factory=KVHintConfig)
+    """Hinted handoff of KV writes taken by stand-ins (``core.kv.KVHints``): the bounds
+    ``max_hints`` and ``max_hint_age_s`` and what happens beyond them are documented there."""
     read_source_cache: int = 1024
     verified_cache: int = 4096
     """Local copies remembered as hash-checked (see ``verified_ttl_s``)."""
@@ -307,6 +320,10 @@ class DataPlane:
         self._spares: dict[int, _Spare] = {}
         """write id -> the spare copy of a put coordinated outside its replica set."""
         self._kv_stragglers: set[asyncio.Future[None]] = set()
+        self.hints = KVHints(agent.name, self.cfg.kv_hints, replicas=self.cfg.kv_replicas,
+                             started=time.time())
+        self._hints_wake = asyncio.Event()
+        self._hints_lock = asyncio.Lock()  # hint changes reach the store in order
         self._conns: dict[str, RpcConnection] = {}
         self._idle: dict[str, list[RpcConnection]] = {}
         self._sources: OrderedDict[str, str] = OrderedDict()
@@ -351,8 +368,13 @@ class DataPlane:
             if len(tombs) < 1000:
                 break
             after = tombs[-1][0]
+        for key, target, ts, since in await asyncio.to_thread(self.store.kv_hints):
+            stamp = _stamp(ts)
+            if stamp is not None:
+                self.hints.load(key, target, stamp, since)
         self._creds = agent.creds
         self.rm.set_view(self._view(), now)
+        self.hints.set_view(self._view(), self._down_view())
         for name, fn in {
             "obj.put_begin": self._rpc_put_begin,
             "obj.put_chunk": self._rpc_put_chunk,
@@ -384,6 +406,7 @@ class DataPlane:
         await self._check_disk()  # before the node joins: it comes back full if it is
         agent.spawn(self._housekeeping())
         agent.spawn(self._watch_disk())
+        agent.spawn(self._hand_off_loop())
         self._pump()
 
     async def stop(self) -> None:
@@ -416,6 +439,15 @@ class DataPlane:
             if m.state <= State.SUSPECT
         ]
 
+    def _down_view(self) -> list[Candidate]:
+        """Members held as dead (not left, not yet reaped): they shape a key's intended
+        replica set (``kv_placement``'s ``down``)."""
+        return [
+            Candidate(m.name, m.meta.region, m.meta.zone, full=is_full(m.meta.tags))
+            for m in self.agent.m.members.values()
+            if m.state == State.DEAD
+        ]
+
     def _addr(self, name: str) -> str | None:
         m = self.agent.m.members.get(name)
         return None if m is None else m.addr
@@ -426,6 +458,8 @@ class DataPlane:
         if isinstance(ev, VIEW_CHANGES):
             self.rm.set_view(self._view(), time.monotonic())
             self._pump()
+            self.hints.set_view(self._view(), self._down_view())
+            self._hints_wake.set()
 
     def _pump(self) -> None:
         rm = self.rm
@@ -1513,7 +1547,9 @@ class DataPlane:
         assert self.store is not None and self.rm is not None
         st = await asyncio.to_thread(self.store.stats)
         return {"store": st, "dataplane": dict(self.stats), "replication": dict(self.rm.stats),
-                "uploads": len(self._uploads)}
+                "uploads": len(self._uploads),
+                "kv_hints": {**self.hints.stats, "keys": len(self.hints),
+                             "watched": self.hints.watched}}
 
     # ------------------------------------------------------------------ KV
 
@@ -1529,22 +1565,32 @@ class DataPlane:
         ts = self.hlc.now(time.time())
         rec = KVRecord(key, value, ts)
         try:
-            where = kv_placement(key, self._view(), self.cfg.kv_replicas)
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas, down=self._down_view())
         except PlacementError as e:
             raise ValueError(f"kv write of {key!r} refused: {e}") from None
         # A delete also goes to full members (it needs no room; it must beat their value).
         coord = KVCoordinator.for_put(rec, where.replicas, consistency,
                                       where.full if value is None else ())
-        await self._kv_round(coord, "kv.apply", {"key": key, "value": value, "ts": ts.encode()})
+        args = {"key": key, "value": value, "ts": ts.encode()}
+
+        def args_for(node: str) -> dict[str, Any]:
+            # A stand-in is told whom it stands in for (``KVHints``).
+            targets = where.hint_targets(node)
+            return {**args, "hint_for": list(targets)} if targets else args
+
+        await self._kv_round(coord, "kv.apply", args, args_for)
         if coord.outcome is None or not coord.outcome.ok:
             reason = coord.outcome.reason if coord.outcome else "no outcome"
             raise ValueError(f"kv write of {key!r} failed: {reason}")
         return ts.encode()
 
-    async def _kv_round(self, coord: KVCoordinator, method: str, args: dict[str, Any]) -> None:
+    async def _kv_round(self, coord: KVCoordinator, method: str, args: dict[str, Any],
+                        args_for: Callable[[str], dict[str, Any]] | None = None) -> None:
         async def one(name: str) -> None:
+            call_args = args if args_for is None else args_for(name)
             try:
-                res = await asyncio.wait_for(self._call(name, method, args), self.cfg.kv_timeout_s)
+                res = await asyncio.wait_for(self._call(name, method, call_args),
+                                             self.cfg.kv_timeout_s)
             except (RpcError, ValueError, TimeoutError) as e:
                 coord.on_failure(name, str(e) or type(e).__name__)
                 return
@@ -1618,19 +1664,100 @@ class DataPlane:
         return {"value": best.value, "ts": best.ts.encode()}
 
     async def _rpc_kv_apply(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Take one replica's part of a KV write (a coordinator's, a read repair or a
+        hand-off), with the hints ``KVHints.plan`` asks for stored in the same transaction
+        (``hint_for``: the replicas the coordinator says this node stands in for)."""
         assert self.store is not None
         key, ts = str(args["key"]), str(args["ts"])
         value = args.get("value")
+        named = args.get("hint_for") or []
+        if not isinstance(named, list) or len(named) > 64 or not all(
+                isinstance(n, str) and n for n in named):
+            raise ValueError("hint_for must be a list of node names")
         stamp = HLCTimestamp.decode(ts)
         with contextlib.suppress(Exception):
             self.hlc.update(stamp, time.time())
+        now = time.time()
+        targets = self.hints.plan(key, named, now)
+        if targets is None:
+            raise ValueError(f"hints_full: this node holds hints for "
+                             f"{self.cfg.kv_hints.max_hints} keys (max_hints)")
         try:
             applied = await asyncio.to_thread(
-                self.store.kv_put, key, None if value is None else wire_bytes(value, "value"), ts
+                self.store.kv_put, key, None if value is None else wire_bytes(value, "value"),
+                ts, targets, now,
             )
         except StorageError as e:
             raise ValueError(f"{e.reason}: {e}") from None
+        if targets:
+            self.hints.add(key, stamp, targets, now)
+            self._hints_wake.set()
         return {"applied": applied}
+
+    # ------------------------------------------------------------------ KV hinted handoff
+
+    async def _hand_off_loop(self) -> None:
+        """Hand hints to their replicas when ``KVHints`` says so: at its deadline, after a
+        view change, after a new hint."""
+        while True:
+            deadline = self.hints.next_deadline()
+            delay = 60.0 if deadline is None else min(60.0, max(0.0, deadline - time.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hints_wake.wait(), delay + 0.001)
+            self._hints_wake.clear()
+            now = time.time()
+            expired = self.hints.stats.get("expired", 0)
+            self.hints.expire(now)
+            if self.hints.stats.get("expired", 0) > expired:
+                self.agent.log("warning", "kv_hints_expired",
+                               count=self.hints.stats["expired"] - expired,
+                               max_hint_age_s=self.cfg.kv_hints.max_hint_age_s)
+            for send in self.hints.due(now):
+                self.agent.spawn(self._hand_off(send))
+            await self._persist_hints()
+
+    async def _hand_off(self, send: HintSend) -> None:
+        """Send this node's record of ``send.key`` to ``send.target`` with its own
+        timestamp; report the answer to ``KVHints``."""
+        assert self.store is not None
+        try:
+            got = await asyncio.to_thread(self.store.kv_get, send.key)
+            stamp = None if got is None else _stamp(got[1])
+            if got is None or stamp is None or stamp < send.ts:
+                self.hints.abandon(send.key, send.target)
+                self.agent.log("warning", "kv_hint_abandoned", key=send.key[:200],
+                               peer=send.target)
+                return
+            try:
+                await asyncio.wait_for(self._call(send.target, "kv.apply", {
+                    "key": send.key, "value": got[0], "ts": got[1]}), self.cfg.kv_timeout_s)
+            except (RpcError, ValueError, TimeoutError, OSError) as e:
+                self.hints.failed(send.key, send.target, time.time())
+                self.agent.log("debug", "kv_hand_off_failed", key=send.key[:200],
+                               peer=send.target, error=str(e)[:200])
+                return
+            self.hints.handed_off(send.key, send.target, stamp)
+        finally:
+            await self._persist_hints()
+            self._hints_wake.set()
+
+    async def _persist_hints(self) -> None:
+        """Write what ``KVHints`` changed (``drain``) to the store, in order."""
+        changes = self.hints.drain()
+        if not changes or self.store is None:
+            return
+        stored = [(c.key, c.target, c.ts.encode(), c.since) for c in changes
+                  if isinstance(c, HintStored)]
+        deleted = [(c.key, c.target, c.upto.encode()) for c in changes
+                   if isinstance(c, HintDeleted)]
+        async with self._hints_lock:
+            try:
+                await asyncio.to_thread(self.store.kv_hints_apply, stored, deleted)
+            except StorageError as e:
+                # The book in memory still has them; a restart before the next change
+                # reloads the older state (a hint handed off twice, or kept longer).
+                self._count("kv_hint_persist_failed")
+                self.agent.log("warning", "kv_hint_persist_failed", error=str(e)[:200])
 
     async def _rpc_kv_read(self, args: dict[str, Any]) -> dict[str, Any] | None:
         assert self.store is not None

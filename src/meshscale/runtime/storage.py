@@ -81,8 +81,9 @@ LINK_SUFFIX: Final = ".in"
 DB_FILE: Final = "meta.sqlite3"
 LOCK_FILE: Final = "storage.lock"
 TMP_SUFFIX: Final = ".part"
-SCHEMA_VERSION: Final = 3
-"""3: object ids are BLAKE3 (``b3-``); 2: HLC write stamps; 1: the first."""
+SCHEMA_VERSION: Final = 4
+"""4: ``kv_hints`` (KV hinted handoff); 3: object ids are BLAKE3 (``b3-``); 2: HLC write
+stamps; 1: the first."""
 _FIRST_BLAKE3_SCHEMA: Final = 3
 """2: ``objects.written`` and the ``obj_tombstones`` table (explicit deletes)."""
 
@@ -116,11 +117,32 @@ CREATE TABLE IF NOT EXISTS kv (
     value BLOB,
     ts    TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kv_hints (
+    key    TEXT NOT NULL,
+    target TEXT NOT NULL,
+    ts     TEXT NOT NULL,
+    since  REAL NOT NULL,
+    PRIMARY KEY (key, target)
+) WITHOUT ROWID;
 """
 
 _META_COLUMNS: Final = (
     "id, size, replicas, data_class, residency, hint_for, created, pinned, expires, written"
 )
+
+
+_HINT_UPSERT: Final = (
+    "INSERT INTO kv_hints (key, target, ts, since) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(key, target) DO UPDATE SET ts = max(kv_hints.ts, excluded.ts), "
+    "since = min(kv_hints.since, excluded.since)"
+)
+
+
+def _check_hint_target(target: object) -> str:
+    """A hint's target: a node name ('' for a watched write), bounded."""
+    if not isinstance(target, str) or len(target) > 256:
+        raise ValueError(f"a KV hint target is a node name, not {target!r:.80}")
+    return target
 
 
 class StorageError(Exception):
@@ -1329,13 +1351,16 @@ class LocalStore:
             row = self._db.execute("SELECT value, ts FROM kv WHERE key = ?", (key,)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def kv_put(self, key: str, value: bytes | None, ts: str) -> bool:
+    def kv_put(self, key: str, value: bytes | None, ts: str,
+               hints: Sequence[str] = (), since: float = 0.0) -> bool:
         """Last-writer-wins: store (value, ts) only if ``ts`` sorts after the stored ts.
 
         ``ts`` is an opaque string that sorts in time order (``HLCTimestamp.encode()``);
         an equal ts does not apply (HLC timestamps carry the node name, so equal means the
         same write). ``value`` None writes a tombstone. Returns whether it applied; the
-        write is durable when this returns.
+        write is durable when this returns. ``hints``: targets this write must reach
+        (``core.kv.KVHints``), stored in the same transaction, applied or not, as
+        ``kv_hints_apply`` stores them (made at ``since``, wall clock).
         """
         self._check_key(key)
         if not isinstance(ts, str) or not ts:
@@ -1359,20 +1384,74 @@ class LocalStore:
             # The same reserve as objects: writes are refused before the disk is full, so
             # deletes (which need no room) keep working and space can be won back.
             self._check_free(len(key) + len(value) + ts_len + KV_ROW_OVERHEAD_BYTES, 0)
+        hints = [_check_hint_target(t) for t in hints]
         with self._db_lock:
             self._check_open()
             try:
-                cur = self._db.execute(
-                    "INSERT INTO kv (key, value, ts) VALUES (?, ?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value, ts = excluded.ts "
-                    "WHERE excluded.ts > kv.ts",
-                    (key, value, ts),
-                )
+                if hints:
+                    self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = self._db.execute(
+                        "INSERT INTO kv (key, value, ts) VALUES (?, ?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value, "
+                        "ts = excluded.ts WHERE excluded.ts > kv.ts",
+                        (key, value, ts),
+                    )
+                    applied = cur.rowcount > 0
+                    if hints:
+                        self._db.executemany(_HINT_UPSERT, [(key, t, ts, since) for t in hints])
+                        self._db.execute("COMMIT")
+                except BaseException:
+                    if hints:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
             except sqlite3.OperationalError as e:
                 if _is_no_space(e):
                     raise StorageError("disk_full", f"disk full writing KV key: {e}") from None
                 raise
-            return cur.rowcount > 0
+            return applied
+
+    def kv_hints_apply(
+        self,
+        stored: Iterable[tuple[str, str, str, float]] = (),
+        deleted: Iterable[tuple[str, str, str]] = (),
+    ) -> None:
+        """Persist changes to the KV hints (``core.kv.HintStored`` / ``HintDeleted``), in
+        one transaction: ``stored`` rows (key, target, ts, since) are upserts that keep the
+        larger ts and the smaller since; ``deleted`` (key, target, upto) removes a hint only
+        if its ts is at most ``upto`` (a newer one stored meanwhile stays)."""
+        rows = [(k, _check_hint_target(t), ts, float(since)) for k, t, ts, since in stored]
+        gone = [(k, t, upto) for k, t, upto in deleted]
+        if not rows and not gone:
+            return
+        with self._db_lock:
+            self._check_open()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    if rows:
+                        self._db.executemany(_HINT_UPSERT, rows)
+                    if gone:
+                        self._db.executemany(
+                            "DELETE FROM kv_hints WHERE key = ? AND target = ? AND ts <= ?",
+                            gone)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                reason = "disk_full" if _is_no_space(e) else "corrupt"
+                raise StorageError(reason, f"writing KV hints: {e}") from None
+
+    def kv_hints(self) -> builtins.list[tuple[str, str, str, float]]:
+        """Every stored KV hint: (key, target, ts, since), in key order."""
+        with self._db_lock:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT key, target, ts, since FROM kv_hints ORDER BY key, target").fetchall()
+        return [(k, t, ts, since) for k, t, ts, since in rows]
 
     def kv_scan(
         self, prefix: str = "", limit: int = 1000, *, after: str | None = None

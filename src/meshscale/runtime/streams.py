@@ -459,11 +459,9 @@ class StreamPlane:
         else:
             self.topic_residency.setdefault(topic, None)
         log = self._log(topic, source)
-        n = log.apply(_entry_from(w) for w in args.get("entries") or ())
         low = args.get("low")
-        if isinstance(low, int):
-            for op in list(log.committed):
-                log.commit(op, low)
+        n = log.apply((_entry_from(w) for w in args.get("entries") or ()),
+                      low if isinstance(low, int) else None)
         self.stats["records_backed_up"] += n
         async with self._changed:
             self._changed.notify_all()
@@ -899,7 +897,8 @@ class StreamPlane:
             "counters": dict(self.stats),
             "cross_region_bytes": dict(self.cross_region_bytes),
             "shards": [{"topic": t, "source": s, "base": lg.base, "head": lg.head,
-                        "backlog": lg.backlog(), "bytes": lg.bytes, "evicted": lg.evicted,
+                        "backlog": lg.backlog(), "backlog_max": lg.backlog_max,
+                        "bytes": lg.bytes, "evicted": lg.evicted,
                         "role": "primary" if s == self.source_id else "backup"}
                        for (t, s), lg in sorted(self.logs.items())],
             "operators": {name: dict(c) for name, c in self.op_stats.items()},
