@@ -45,7 +45,7 @@ def test_membership_bench_quick_writes_exact_keys(tmp_path: Path) -> None:
     assert data["false_transitions_about_slow"] >= 0  # reported, not hidden
     assert 0 < data["disseminate_all_s"] < 60
     # Every node probes one peer per probe interval (and answers the probes it gets).
-    assert data["msgs_per_node_per_s"] >= 1 / MembershipConfig().probe_interval
+    assert data["msgs_per_node_per_s"] >= 1 / MembershipConfig().probe_interval_s
     assert data["bytes_per_node_per_s"] > data["msgs_per_node_per_s"]
     # A median relative error of 1 is what estimating every RTT as 0 scores.
     assert 0 < data["vivaldi_median_rel_err"] < 1
