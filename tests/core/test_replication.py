@@ -583,6 +583,44 @@ def test_a_delete_is_acknowledged_only_by_a_quorum_of_kept_tombstones() -> None:
     assert set(acked[0].nodes) <= set(rs)  # members only
 
 
+def test_a_tombstone_outside_a_short_replica_set_is_kept_until_the_set_is_full() -> None:
+    """A delete acknowledged by the only two live members of a three-node set (the third
+    was down) was kept by them alone: the coordinator, outside the set, handed its
+    tombstone off. Both members then died for good, the third came back with its copy,
+    and the deleted object lived again (swarm seed 2115). A non-member now keeps its
+    tombstone while the set is short, and gives it to the member that returns."""
+    from meshscale.core.replication import DeleteAcked
+
+    mesh = TombMesh()
+    eu = ["eu1", "eu2", "eu3"]
+    for n in eu:
+        mesh.m[n].object_added("obj", EU, None, 0.0, ts(100))
+    mesh.run(6.0)
+    away, a, b = "eu3", "eu1", "eu2"
+    mesh.down.add(away)
+    mesh.set_view([c for c in VIEW if c.name != away])  # declared dead
+    mesh.run(mesh.now + 1.0)
+    mesh.m["us1"].delete("obj", EU, ts(200), mesh.now, 200.0, req_id=1)
+    mesh.run(mesh.now + 12.0)
+    acked = [e for e in mesh.events if isinstance(e, DeleteAcked)]
+    assert [sorted(e.nodes) for e in acked] == [[a, b]]
+    assert mesh.m["us1"].tombstone("obj") == ts(200)  # the set is short: kept
+    # Both members that acknowledged it die for good; the third returns with its copy.
+    mesh.down.update({a, b})
+    mesh.down.discard(away)
+    mesh.set_view([c for c in VIEW if c.name not in (a, b)])
+    mesh.run(mesh.now + 12.0)
+    assert mesh.holders("obj") == set()
+    assert mesh.m[away].tombstone("obj") == ts(200)
+    assert (away, "obj") in mesh.drops
+    # With the set full again, the non-member hands its tombstone off as before.
+    mesh.down.clear()
+    mesh.set_view(VIEW)
+    mesh.run(mesh.now + 24.0)
+    assert mesh.m["us1"].tombstone("obj") is None
+    assert {n for n, k in mesh.kept.items() if "obj" in k} == set(eu)
+
+
 def test_a_copy_gone_before_the_digest_reply_is_not_offered() -> None:
     """A round lists its ids when it starts; a copy dropped before the peer's mismatch
     reply used to raise KeyError out of the digest-reply path (a swarm seed found it)."""

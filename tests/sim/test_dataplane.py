@@ -379,3 +379,13 @@ def test_chaos_seed_448821714() -> None:
     room was lost and it came back 4 bytes above its reserve, refusing every copy while
     advertising room: three objects stayed under-replicated, repair retrying for ever."""
     _check(chaos_run(448821714))
+
+
+def test_chaos_seed_2115() -> None:
+    """A pii object of eu-west (n0, n3, n6, n9): with n3 and n9 down, n2 deleted it and
+    n0 and n6, the whole live replica set, acknowledged; n2, outside the set, handed its
+    tombstone off. n6 and n0 then died for good, n3 came back with its copy and gave one
+    to n9: no tombstone was left anywhere, and the deleted object lived again."""
+    r = chaos_run(2115)
+    assert r.deleted >= 1 and r.resurrected == [], r.resurrected
+    _check(r)

@@ -55,9 +55,12 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   a node that comes back with a deleted copy mismatches, offers it, and is answered
   ``deleted``), a receiver never accepts an older copy (``accepts``), and a copy written
   *after* the tombstone (the same bytes put again) supersedes it. Tombstones are kept by
-  the replica set and handed off like copies, and expire ``tombstone_grace_s`` after their
-  timestamp (``collect_tombstones``): a node that was away longer than that and comes back
-  with a deleted copy can resurrect it, exactly as with Cassandra's gc_grace_seconds.
+  the replica set and handed off like copies, except that a holder outside the set keeps
+  its tombstone while the set is short of the policy's replicas (its members are then
+  all that would keep the delete, and losing them would let a returning copy live
+  again); they expire ``tombstone_grace_s`` after their timestamp
+  (``collect_tombstones``): a node that was away longer than that and comes back with a
+  deleted copy can resurrect it, exactly as with Cassandra's gc_grace_seconds.
 
 Sans-I/O (see ``core/outputs.py``): inputs carry ``now``, outputs are collected with
 ``drain()``, time moves through ``next_deadline()`` / ``on_timer(now)``, randomness comes
@@ -1219,7 +1222,13 @@ class ReplicaManager:
                 continue  # a write of it is in flight from here: keep the bytes around
             if all(loc.confirmed.get(p, float("-inf")) >= self._view_since for p in rs):
                 if loc.tomb is not None:
-                    # Every member keeps the tombstone: a non-member need not.
+                    if len(rs) < loc.policy.replicas:
+                        # A short set (members down, none allowed to replace them) is all
+                        # that would keep it: R-1 failures among them would lose the delete
+                        # and a returning holder's copy would come back (swarm seed 2115).
+                        # Keep ours, still offered to them each round, until the set is full.
+                        continue
+                    # Every member of a full set keeps the tombstone: a non-member need not.
                     self._forget_tomb(loc)
                     self._count("tombstones_handed_off")
                     continue
