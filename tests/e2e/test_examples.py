@@ -34,14 +34,44 @@ def run(args: list[str], timeout: float = 120) -> str:
     return proc.stdout
 
 
+def tasks_run(mesh: LocalMesh) -> dict[str, int]:
+    """Tasks each node's own worker pool has run (its scheduler's counter, asked of that
+    node itself: not what the owner reports about the task)."""
+    import meshscale
+
+    out = {}
+    for n in mesh.nodes:
+        with meshscale.connect(n.address, bundle=mesh.bundle_path) as c:
+            stats = c._run(c._inner._tcall("task.stats", {}))
+        out[n.name] = int(stats["scheduling"].get("tasks_run", 0))
+    return out
+
+
+def files_of(mesh: LocalMesh, oid: str) -> set[str]:
+    """The nodes whose data dir holds the file of ``oid`` (a whole id, or a short one
+    ending in ".." as the example prints it), read from the disks."""
+    pattern = oid[:-2] + "*" if oid.endswith("..") else oid
+    return {n.name for n in mesh.nodes
+            if any(True for _ in (n.data_dir / "store" / "objects").rglob(pattern))}
+
+
 def test_batch_residency(mesh: LocalMesh) -> None:
+    before = tasks_run(mesh)
     out = run([str(EXAMPLES / "batch_residency.py"), str(mesh.mesh_json)])
     assert "mesh: 3 nodes, 2 in eu-west" in out
-    stored = re.findall(r"^stored b3-\S+ \(\d+ bytes\) on (.+)$", out, re.M)
+    stored = re.findall(r"^stored (b3-\S+) \(\d+ bytes\) on (.+)$", out, re.M)
     assert len(stored) == 6
     eu = {n.name for n in mesh.nodes if n.region == "eu-west"}
-    for holders in stored:
+    for oid, holders in stored:
         assert set(holders.split(", ")) <= eu, holders
+        # From outside: the files themselves are only on eu-west disks.
+        on_disk = files_of(mesh, oid)
+        assert on_disk and on_disk <= eu, (oid, on_disk)
+    # From outside: only eu-west nodes' worker pools ran tasks during the example.
+    after = tasks_run(mesh)
+    ran_here = {name: after[name] - before[name] for name in after}
+    assert all(ran_here[name] == 0 for name in ran_here if name not in eu), ran_here
+    assert sum(ran_here.values()) >= 6, ran_here
     ran = re.findall(r"ran on (\S+) \((\S+)\)", out)
     assert len(ran) == 6 and all(node in eu and region == "eu-west" for node, region in ran)
     assert "map: 6 tasks, 3000 patients, all in eu-west: True" in out
