@@ -87,13 +87,30 @@ def test_batch_residency_through_a_node_outside_the_rule(mesh: LocalMesh) -> Non
     assert "refused" in out
 
 
+def records_processed(mesh: LocalMesh, op: str) -> dict[str, int]:
+    """Records each node's own runners of ``op`` processed (asked of each node)."""
+    from meshscale.client.rpc import call
+
+    out = {}
+    creds = mesh.credentials()
+    for n in mesh.nodes:
+        st = call(n.address, creds, "stream.stats", {}, timeout=10)
+        out[n.name] = int(st["operators"].get(op, {}).get("records_processed", 0))
+    return out
+
+
 def test_stream_custom_model(mesh: LocalMesh) -> None:
+    before = records_processed(mesh, "pump-risk-model")
     out = run([str(EXAMPLES / "stream_custom_model.py"), str(mesh.mesh_json)])
     assert re.search(r"^model trained here: accuracy \d+\.\d%", out, re.M), out
     assert "operator pump-risk-model: pumps -> pump-risk, placement near-source" in out
     assert "published 400 readings through" in out
     # near-source: every reading is scored on the node it entered through (node-0)
     assert "scored 400 / 400 readings on the mesh, on node-0 (400)" in out
+    # From outside the example's report: node-0's own runners processed them all.
+    after = records_processed(mesh, "pump-risk-model")
+    delta = {name: after[name] - before.get(name, 0) for name in after}
+    assert delta == {n.name: (400 if n.name == "node-0" else 0) for n in mesh.nodes}, delta
     m = re.search(r"flagged (\d+): (\d+) of (\d+) failing pumps caught", out)
     assert m is not None, out
     assert int(m.group(2)) >= int(m.group(3)) // 2  # the model works: at least half caught
