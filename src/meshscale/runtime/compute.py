@@ -147,6 +147,14 @@ class ComputeConfig:
     ``_input``)."""
     input_cache_s: float = 5.0
     """How long a resolved input (size, holders, policy) is reused by submits."""
+    max_inputs_cached: int = 10_000
+    """Resolved inputs kept for ``input_cache_s``; beyond it the cache is emptied."""
+    max_input_holders: int = 64
+    """Holders of an input the scheduler is told about (the rest are not ranked)."""
+    max_functions_timed: int = 10_000
+    """Functions whose recent run time is remembered (for early submit answers)."""
+    max_list_rows: int = 10_000
+    """Largest ``task.list`` answer."""
     persist: bool = True
     """Write task records to the replicated KV."""
     submit_grace_s: float = 0.002
@@ -611,8 +619,9 @@ class ComputePlane:
             regions = st.get("residency")
             res = Residency(frozenset(regions) if regions is not None else None,
                             st.get("data_class"))
-        ref = InputRef(oid, int(st["size"]), tuple(st.get("holders") or ())[:64], res)
-        if len(self._inputs) > 10_000:
+        ref = InputRef(oid, int(st["size"]), tuple(st.get("holders") or ())[
+            :self.cfg.max_input_holders], res)
+        if len(self._inputs) > self.cfg.max_inputs_cached:
             self._inputs.clear()
         self._inputs[oid] = (ref, now + self.cfg.input_cache_s)
         return ref
@@ -894,7 +903,7 @@ class ComputePlane:
         if state == "done":
             took = time.monotonic() - e.t0
             prev = self._fn_time.get(r.fn_id)
-            if prev is None and len(self._fn_time) > 10_000:
+            if prev is None and len(self._fn_time) > self.cfg.max_functions_timed:
                 self._fn_time.clear()
             self._fn_time[r.fn_id] = took if prev is None else 0.8 * prev + 0.2 * took
         self._wake()
@@ -1115,7 +1124,7 @@ class ComputePlane:
         return {"cancelled": True, "state": "cancelled"}
 
     def _rpc_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        limit = min(int(args.get("limit") or 1000), 10_000)
+        limit = min(int(args.get("limit") or 1000), self.cfg.max_list_rows)
         out = []
         for e in reversed(self.book.records.values()):
             r = e.rec

@@ -76,6 +76,8 @@ class AgentConfig:
     """Power model: watts at no busy worker slot and at all of them busy."""
     max_refusals_tracked: int = 256
     """Distinct (method, role) pairs counted in ``rpc_refused``; more share one row."""
+    max_log_events_tracked: int = 256
+    """Distinct rate-limited log events remembered; beyond it they start afresh."""
     log_limit_s: float = 10.0
     """Error lines a peer can cause (a failed output, a failed HTTP handler) are logged at
     most once per this many seconds per kind; the rest are counted."""

@@ -520,7 +520,7 @@ class NodeAgent:
         if last is not None and now - last < self.cfg.log_limit_s:
             self.stats.runtime["log_suppressed"] += 1
             return
-        if len(self._log_last) >= 256:
+        if len(self._log_last) >= self.cfg.max_log_events_tracked:
             self._log_last.clear()
         self._log_last[event] = now
         self.log("error", event, **fields)
