@@ -74,7 +74,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -819,12 +819,9 @@ class ReplicaManager:
     # ------------------------------------------------------------------ writes
 
     def begin_put(self, req_id: int, oid: str, policy: ObjectPolicy, w: int, now: float,
-                  written: HLCTimestamp | None = None, *,
-                  targets: Sequence[str] | None = None) -> None:
+                  written: HLCTimestamp | None = None) -> None:
         """Coordinate a write of ``oid`` (whose bytes the driver holds) with quorum ``w``.
 
-        ``targets``: the write set the put was planned with (``core.puts.PutPlan``, already
-        checked against the policy and ``w``); without it the write set is computed here.
         Raises ``PlacementError`` (rule ``residency`` or ``replicas``) when the live view
         cannot meet the policy, ``ValueError`` on a bad ``w`` or a reused ``req_id``, and
         ``ReplicationOverloaded`` when too many writes are in flight. Otherwise emits one
@@ -841,30 +838,19 @@ class ReplicaManager:
                 f"{self.config.max_pending_puts})"
             )
         # New copies go to the write set: a full node is never a target or a stand-in.
+        chosen = write_set(oid, self._view.values(), policy.replicas, policy.residency)
         allowed = [c for c in self._view.values() if policy.allows(c.region)]
-        if targets is None:
-            chosen = write_set(oid, self._view.values(), policy.replicas, policy.residency)
-            check_quorum(chosen, w, sum(1 for c in allowed if c.full))
-            targets = [c.name for c in chosen]
-        else:
-            targets = list(targets)
-            if not w <= len(targets) <= policy.replicas or len(set(targets)) != len(targets):
-                raise ValueError(f"planned targets {targets} do not fit W={w}, {policy!r}")
+        check_quorum(chosen, w, sum(1 for c in allowed if c.full))
         ranked = [c.name for c in sorted((c for c in allowed if not c.full),
                                          key=lambda c: (-hrw_score(oid, c.name), c.name))]
+        targets = [c.name for c in chosen]
         put = _Put(req_id, oid, policy, w, now + self.config.put_timeout_s, ranked,
                    set(targets), {t: None for t in targets}, written=written)
         self._puts[req_id] = put
         heapq.heappush(self._put_deadlines, (put.deadline, req_id))
         self._count("puts")
-        # A planned target that left the view (or filled) since the plan is a failed
-        # transfer at once: a stand-in takes its copy, as for any target that fails.
-        unfit = [t for t in targets if t not in self._view or self._view[t].full]
         for t in targets:
-            if t not in unfit:
-                self._transfer(t, oid, req_id, policy, None, written)
-        for t in unfit:
-            self.transfer_done(req_id, t, oid, False, now)
+            self._transfer(t, oid, req_id, policy, None, written)
 
     def transfer_done(
         self, req_id: int | None, dst: str, oid: str, ok: bool, now: float

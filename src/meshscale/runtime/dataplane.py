@@ -71,20 +71,12 @@ from meshscale.core.placement import (
     Candidate,
     PlacementError,
     Residency,
+    check_quorum,
     disk_full,
     is_full,
     may_hold,
     replica_set,
     write_set,
-)
-from meshscale.core.puts import (
-    PutPlan,
-    SpareFate,
-    check_feasible,
-    plan_put,
-    put_refusal,
-    spare_fate,
-    spare_may_source,
 )
 from meshscale.core.replication import (
     DeleteAcked,
@@ -228,17 +220,10 @@ class _Upload:
     """The write's id, allocated early when copies start before the local commit."""
     forwards: dict[str, _Forward] = field(default_factory=dict)
     expires: float | None = None
-    plan: PutPlan | None = None
-    """A client put's plan (``core.puts``), made once its id is known: at the start when
-    the client names it, else at the end."""
-
-    @property
-    def spare(self) -> bool:
-        """This node is outside the object's replica set (its copies started early): its
-        own copy is a spare, written but neither hashed nor fsynced, committed only if a
-        member's copy fails (the push from it needs it) and otherwise dropped (see
-        ``_finish_spare``)."""
-        return self.plan is not None and self.plan.spare
+    spare: bool = False
+    """This node is outside the object's replica set (its copies started early): its own
+    copy is a spare, written but neither hashed nor fsynced, committed only if a member's
+    copy fails (the push from it needs it) and otherwise dropped (see ``_finish_spare``)."""
 
 
 @dataclass
@@ -247,12 +232,8 @@ class _Spare:
 
     key: str
     up: _Upload
-    plan: PutPlan
+    oid: str
     commit: asyncio.Future[ObjectMeta] | None = None
-
-    @property
-    def oid(self) -> str:
-        return self.plan.oid
 
 
 def _int_field(args: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int:
@@ -578,7 +559,7 @@ class DataPlane:
                 return
             self._count("transfers_early_failed")  # push the bytes again, from our copy
         spare = None if t.req_id is None else self._spares.get(t.req_id)
-        if spare is not None and not spare_may_source(spare.plan):
+        if spare is not None and not self._may_hold(spare.up.policy):
             # Our copy is a spare outside the object's residency: it can never be a source.
             self._count("transfers_refused_residency")
             assert self.rm is not None
@@ -740,12 +721,18 @@ class DataPlane:
 
     # ------------------------------------------------------------------ uploads
 
-    def _plan(self, oid: str, policy: ObjectPolicy, w: int, *, early_copies: bool) -> PutPlan:
-        return plan_put(oid, self.agent.name, self.agent.meta.region, self._view(), policy, w,
-                        early_copies=early_copies)
+    def _check_placement(self, policy: ObjectPolicy, w: int) -> None:
+        try:
+            view = self._view()
+            chosen = write_set("", view, policy.replicas, policy.residency)
+            check_quorum(chosen, w, sum(1 for c in view if c.full and policy.allows(c.region)))
+        except PlacementError as e:
+            detail = str(e)
+            if detail.startswith("cannot place"):
+                detail = detail.split(": ", 1)[-1]
+            raise PlacementError(e.rule, f"{e.rule} rule: {detail}") from None
 
-    def _new_upload(self, args: dict[str, Any], *, client: bool, small: bool = False) -> str:
-        """A new upload; ``small``: a client's one-call put (its copies always leave early)."""
+    def _new_upload(self, args: dict[str, Any], *, client: bool) -> str:
         assert self.store is not None
         self._expire_uploads()
         if len(self._uploads) >= self.cfg.max_uploads:
@@ -760,16 +747,11 @@ class DataPlane:
             assert policy.residency is not None
             raise ValueError(f"refused: this node's region {self.agent.meta.region!r} may not "
                              f"hold a copy ({policy.residency.describe()})")
-        plan = None
         if client:
             try:
-                if args.get("id") is None:
-                    check_feasible(self._view(), policy, w)
-                else:
-                    plan = self._plan(str(args["id"]), policy, w,
-                                      early_copies=small or size > self.cfg.inline_bytes)
+                self._check_placement(policy, w)
             except PlacementError as e:
-                raise ValueError(f"refused: {put_refusal(e)}") from None
+                raise ValueError(f"refused: {e}") from None
         res = policy.residency
         now = time.time()
         ttl_s: float | None = None
@@ -806,8 +788,7 @@ class DataPlane:
             raise ValueError(f"{e.reason}: {e}") from None
         upload = f"{self.agent.name}-{next(self._upload_ids)}"
         self._uploads[upload] = _Upload(writer, size, policy, w, args.get("id"), args.get("hint_for"),
-                                        client, expires=None if ttl_s is None else now + ttl_s,
-                                        plan=plan)
+                                        client, expires=None if ttl_s is None else now + ttl_s)
         return upload
 
     def _expire_uploads(self) -> None:
@@ -884,16 +865,22 @@ class DataPlane:
         }
 
     def _early_targets(self, up: _Upload, oid: str) -> list[str]:
-        """The other members of ``oid``'s write set, from the put's plan (``begin_put``
-        sends to the same ones; a member that left meanwhile gets a stand-in)."""
-        plan = up.plan
-        assert plan is not None and plan.oid == oid
+        """The other members of ``oid``'s replica set, as ``begin_put`` will choose them
+        from the same view (if the view changes meanwhile, a member without an early copy
+        gets a normal transfer and an early copy outside the set is a stray copy, handed
+        off like any other)."""
+        try:
+            chosen = write_set(oid, self._view(), up.policy.replicas, up.policy.residency)
+        except PlacementError:
+            return []
         if up.req is None:
             up.req = next(self._req_ids)
-        if plan.spare:
+        targets = [c.name for c in chosen if c.name != self.agent.name]
+        if len(targets) == len(chosen) and targets and up.expected_id is not None:
             # Not a member: our copy is only a fallback for the pushes (see _finish_spare).
+            up.spare = True
             up.writer.defer_hash()
-        return list(plan.forwards)
+        return targets
 
     def _add_forward(self, up: _Upload, dst: str, work: Callable[[_Forward], Any],
                      *, queued: bool) -> None:
@@ -1097,11 +1084,8 @@ class DataPlane:
         fut: asyncio.Future[tuple[str, tuple[str, ...]]] = asyncio.get_running_loop().create_future()
         self._puts[req] = fut
         try:
-            plan = up.plan
-            if plan is None or plan.oid != meta.object_id:
-                plan = self._plan(meta.object_id, up.policy, up.w, early_copies=False)
             self.rm.begin_put(req, meta.object_id, up.policy, up.w, time.monotonic(),
-                              _stamp(meta.written), targets=plan.targets)
+                              _stamp(meta.written))
         except PlacementError as e:
             self._puts.pop(req, None)
             raise ValueError(f"refused: {e}") from None
@@ -1120,7 +1104,7 @@ class DataPlane:
         set confirms it). A push that must fall back to our copy (a member's copy failed,
         a stand-in, a member without an early copy) commits it first, with the full hash
         check against the id; otherwise it is removed once every member's copy settled."""
-        assert self.rm is not None and up.req is not None and up.plan is not None
+        assert self.rm is not None and up.req is not None and up.expected_id is not None
         self._uploads.pop(key, None)
         try:
             await self._settle(key, up)
@@ -1131,14 +1115,14 @@ class DataPlane:
         if up.received != up.size:
             self._abort_upload(up)
             raise ValueError(f"truncated upload: {up.received} of {up.size} bytes; nothing stored")
-        oid, req = up.plan.oid, up.req
+        oid, req = up.expected_id, up.req
         self._stamp_after_tombstone(up, oid)
-        self._spares[req] = _Spare(key, up, up.plan)
+        self._spares[req] = _Spare(key, up, oid)
         fut: asyncio.Future[tuple[str, tuple[str, ...]]] = asyncio.get_running_loop().create_future()
         self._puts[req] = fut
         try:
             self.rm.begin_put(req, oid, up.policy, up.w, time.monotonic(),
-                              _stamp(up.writer.written_ts), targets=up.plan.targets)
+                              _stamp(up.writer.written_ts))
         except PlacementError as e:
             self._puts.pop(req, None)
             self._spares.pop(req, None)
@@ -1179,15 +1163,15 @@ class DataPlane:
         spare = self._spares.get(req)
         if spare is None:
             return
-        fate = spare_fate(spare.plan, [r is True for r in results], spare.commit is not None)
-        if fate is SpareFate.DROP:
+        if spare.commit is None and (all(r is True for r in results)
+                                     or not self._may_hold(spare.up.policy)):
             # Not needed, or not ours to keep: a spare outside the object's residency is
             # never committed, whatever became of the put (a failed put leaves nothing).
             self._spares.pop(req, None)
             self._abort_upload(spare.up)
             self._count("spare_copies_dropped")
             return
-        if fate is SpareFate.COMMIT:
+        if spare.commit is None:
             await self._commit_spare(req)
         with contextlib.suppress(Exception):
             assert spare.commit is not None
@@ -1240,7 +1224,7 @@ class DataPlane:
         # With the id known, a coordinator outside the replica set keeps only a spare
         # (uncommitted) copy, as for a large put, instead of committing a stray copy that
         # it must hand off and drop again.
-        key = self._new_upload({**args, "size": len(data), "id": oid}, client=True, small=True)
+        key = self._new_upload({**args, "size": len(data), "id": oid}, client=True)
         up = self._uploads[key]
         self._stamp_after_tombstone(up, oid)
         self._start_small_copies(up, oid, data)
