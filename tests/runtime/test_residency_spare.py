@@ -77,3 +77,33 @@ def test_a_replica_outside_the_receivers_region_is_refused(mesh: LocalMesh) -> N
 
     asyncio.run(push())
     assert on_disk(mesh, object_id(data)) == []
+
+
+def test_a_put_without_its_id_through_a_node_outside_the_rule_is_refused(
+        mesh: LocalMesh) -> None:
+    """Without the id sent ahead, the coordinator must store the bytes itself before it
+    knows where they go: outside the rule that would be a committed copy outside it, so
+    the put is refused at its start, naming the rule (the client library always sends the
+    id; a raw caller need not). Through a node inside the rule it is taken."""
+    data = os.urandom(300 * 1024)
+    oid = object_id(data)
+
+    async def put(node: int) -> str:
+        c = RpcConnection(mesh.nodes[node].address, mesh.credentials(), 60)
+        try:
+            try:
+                up = await c.call("obj.put_begin", {"size": len(data), "replicas": 1,
+                                                    "w": 1, "residency": ["us-east"]})
+            except RpcError as e:
+                return str(e)
+            await c.call("obj.put_chunk", {"upload": up["upload"], "data": data})
+            await c.call("obj.put_end", {"upload": up["upload"]})
+            return "stored"
+        finally:
+            await c.close()
+
+    outcome = asyncio.run(put(0))  # node-0 is in eu-west
+    assert "residency" in outcome and "us-east" in outcome, outcome
+    assert on_disk(mesh, oid) == []
+    assert asyncio.run(put(1)) == "stored"  # node-1 is in us-east
+    assert on_disk(mesh, oid) == ["node-1"]

@@ -1012,6 +1012,19 @@ class DataPlane:
         if oid is not None and (not isinstance(oid, str) or OBJECT_ID_RE.fullmatch(oid) is None):
             raise ValueError(f"not an object id: {oid!r:.100}")
         key = self._new_upload(args, client=True)
+        policy = self._uploads[key].policy
+        if oid is None and not self._may_hold(policy):
+            # Without the id the bytes are committed here before their set is known: that
+            # would be a copy outside the rule. (The client library sends the id ahead.)
+            self._drop_upload(key, self._uploads[key])
+            res = policy.residency
+            regions = sorted(res.regions) if res is not None and res.regions is not None \
+                else []
+            raise ApiError(ErrorCode.REFUSED, (
+                f"refused by the residency rule (regions {regions}): this node is in "
+                f"{self.agent.meta.region!r} and a put whose id is not sent ahead is stored "
+                "here first; send the id with obj.put_begin, or put through a node in "
+                "those regions"))
         if oid is not None:
             up = self._uploads[key]
             self._stamp_after_tombstone(up, oid)
