@@ -121,11 +121,9 @@ def test_v2_parent_and_worker_cgroups(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_no_cgroup_is_a_statement_not_an_error(tmp_path: Path) -> None:
     cgs, said = open_cgroups("meshscale-n-1", mountinfo="", proc_cgroup="0::/\n")
     assert cgs is None and said.startswith("no usable cgroup")
-    # A v1 hierarchy that cannot be written (here: not a cgroup file system at all).
-    (tmp_path / "ro").mkdir(mode=0o555)
-    mountinfo = f"30 24 0:26 / {tmp_path / 'ro'} rw - cgroup cgroup rw,memory\n"
-    if is_root():
-        return  # root writes anywhere; the runtime test covers a real v1 hierarchy
+    # A v1 hierarchy that cannot be written, by root either: its mount point is a file.
+    (tmp_path / "not-a-dir").write_text("")
+    mountinfo = f"30 24 0:26 / {tmp_path / 'not-a-dir'} rw - cgroup cgroup rw,memory\n"
     cgs, said = open_cgroups("meshscale-n-1", mountinfo=mountinfo, proc_cgroup="4:memory:/\n")
     assert cgs is None and "v1 memory" in said
 
