@@ -61,6 +61,17 @@ async def wait_for_async(cond: Callable[[], Awaitable[T | None]], timeout: float
         await asyncio.sleep(poll)
 
 
+async def call_node(address: str, creds: Any, method: str, args: dict[str, Any]) -> Any:
+    """One RPC to the node at ``address`` on a connection of its own (closed after)."""
+    from meshscale.trust.rpc import RpcConnection
+
+    c = RpcConnection(address, creds, 10)
+    try:
+        return await c.call(method, args)
+    finally:
+        await c.close()
+
+
 @contextlib.contextmanager
 def host_like_dir(prefix: str) -> Iterator[Path]:
     """A directory for a mesh that the worker user can traverse, as /var/lib is on a host

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from runtime_mesh import wait_for_async
+from runtime_mesh import call_node, wait_for_async
 
 from meshscale.client.mesh import ObjectNotFoundError, connect
-from meshscale.client.rpc import RpcConnection, RpcError
+from meshscale.client.rpc import RpcError
 from meshscale.runtime.launcher import LocalMesh, NodeProcess, node_command, spawn_node
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,11 +30,7 @@ def files_of(node: NodeProcess, oid: str) -> list[str]:
 
 
 async def call(node: NodeProcess, creds: Any, method: str, args: dict[str, Any]) -> Any:
-    c = RpcConnection(node.address, creds, 10)
-    try:
-        return await c.call(method, args)
-    finally:
-        await c.close()
+    return await call_node(node.address, creds, method, args)
 
 
 async def holders_now(mesh: LocalMesh, oid: str) -> set[str]:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runtime_mesh import wait_for_async
+from runtime_mesh import call_node, wait_for_async
 
-from meshscale.client.rpc import RpcConnection, RpcError
+from meshscale.client.rpc import RpcError
 from meshscale.core.kv import kv_replicas
 from meshscale.core.placement import Candidate
 from meshscale.runtime.launcher import LocalMesh, NodeProcess, node_command, spawn_node
@@ -26,11 +26,7 @@ KEY = "dataset/latest"
 
 
 async def call(node: NodeProcess, creds: Any, method: str, args: dict[str, Any]) -> Any:
-    c = RpcConnection(node.address, creds, 10)
-    try:
-        return await c.call(method, args)
-    finally:
-        await c.close()
+    return await call_node(node.address, creds, method, args)
 
 
 def test_a_write_taken_by_stand_ins_reaches_the_replicas_when_they_return(tmp_path: Path) -> None:
