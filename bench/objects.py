@@ -57,8 +57,8 @@ from typing import Any
 from meshscale.client.mesh import READ_AHEAD, AsyncMesh
 from meshscale.client.rpc import ClientCredentials, RpcConnection
 from meshscale.runtime.launcher import LocalMesh, NodeProcess
+from meshscale.transport.tls import client_context, server_context
 from meshscale.trust.bundle import issue_node_cert, load_bundle
-from meshscale.trust.tls import client_context, server_context
 
 KEYS = ("put_mb_s", "get_mb_s", "tls_copy_mb_s", "small_put_p50_ms", "small_put_p99_ms",
         "rereplicate_s")

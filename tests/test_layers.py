@@ -4,7 +4,10 @@ imports inside functions included):
 - ``core`` imports only the standard library, msgspec, blake3 (the object-id hash, a pure
   function) and ``core``;
 - ``sim`` and ``runtime`` never import each other;
-- ``client`` and ``runtime`` never import each other (they share ``core`` and ``trust``).
+- ``client`` and ``runtime`` never import each other (they share ``core``, ``trust`` and
+  ``transport``);
+- ``transport`` builds on ``trust`` and ``core``; ``trust`` never imports ``transport``,
+  and neither imports ``runtime``, ``client`` or ``sim``.
 
 - no import cycle between the package's modules (imports under ``TYPE_CHECKING``
   included: a cycle hidden there is still one design leaning on another). The planes
@@ -46,7 +49,9 @@ def layer(module: str) -> str | None:
 
 
 MODULES = sorted(SRC.rglob("*.py"))
-FORBIDDEN = {"runtime": {"client", "sim"}, "client": {"runtime", "sim"}, "sim": {"runtime"}}
+FORBIDDEN = {"runtime": {"client", "sim"}, "client": {"runtime", "sim"}, "sim": {"runtime"},
+             "transport": {"runtime", "client", "sim"},
+             "trust": {"transport", "runtime", "client", "sim"}}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))

@@ -369,8 +369,8 @@ def _target(node: str | None, mesh: Path | None, bundle: Path | None) -> Target:
 
 
 def _client_creds(bundle: Path) -> Any:
-    from meshscale.trust.credentials import Credentials
-    from meshscale.trust.tls import TLSConfigError
+    from meshscale.transport.credentials import Credentials
+    from meshscale.transport.tls import TLSConfigError
 
     try:
         return Credentials.from_bundle(load_bundle(bundle))
@@ -638,8 +638,8 @@ def node_remove_cmd(
     """Remove a node for good: a revocation signed by the CA, handed to a live node and
     spread by gossip. Every node then refuses the removed node's TLS and gossip, its data
     is re-replicated elsewhere, and it cannot rejoin."""
+    from meshscale.transport.credentials import Credentials
     from meshscale.trust.certs import check_name
-    from meshscale.trust.credentials import Credentials
     from meshscale.trust.revocation import sign_revocation
 
     try:

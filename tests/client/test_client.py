@@ -44,9 +44,9 @@ from meshscale.core.rpc import (
     encode_stream_message,
 )
 from meshscale.runtime.launcher import LocalMesh
+from meshscale.transport.framing import read_frame, write_frame
+from meshscale.transport.tls import GREETING, server_context
 from meshscale.trust.bundle import Bundle, init_bundle, issue_node_cert, load_bundle
-from meshscale.trust.framing import read_frame, write_frame
-from meshscale.trust.tls import GREETING, server_context
 
 MESHSCALE = Path(sys.executable).parent / "meshscale"
 REGIONS = ["eu-west", "us-east", "ap-south"]

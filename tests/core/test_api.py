@@ -27,7 +27,7 @@ def test_the_code_travels_in_the_answer() -> None:
 
 def test_a_node_answer_raises_remote_error_with_its_code() -> None:
     """A text that mentions another error's words does not change what the client does."""
-    from meshscale.trust.rpc import RemoteError
+    from meshscale.transport.rpc import RemoteError
 
     e = RemoteError("node: need function f (but really: unknown object id)", "busy")
     assert e.code == ErrorCode.BUSY

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from meshscale.client.rpc import call
+from meshscale.transport.credentials import Credentials
 from meshscale.trust.bundle import load_bundle
-from meshscale.trust.credentials import Credentials
 
 
 def where(x: int) -> tuple[int, str, int]:

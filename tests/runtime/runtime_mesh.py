@@ -63,7 +63,7 @@ async def wait_for_async(cond: Callable[[], Awaitable[T | None]], timeout: float
 
 async def call_node(address: str, creds: Any, method: str, args: dict[str, Any]) -> Any:
     """One RPC to the node at ``address`` on a connection of its own (closed after)."""
-    from meshscale.trust.rpc import RpcConnection
+    from meshscale.transport.rpc import RpcConnection
 
     c = RpcConnection(address, creds, 10)
     try:

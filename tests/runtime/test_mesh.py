@@ -32,10 +32,10 @@ from meshscale.core.rpc import (
     encode_stream_message,
 )
 from meshscale.runtime.launcher import pid_alive
+from meshscale.transport.framing import HEADER
+from meshscale.transport.tls import GREETING, connect_tls
 from meshscale.trust.bundle import init_bundle, load_bundle, write_node_bundle, write_private
-from meshscale.trust.framing import HEADER
 from meshscale.trust.keyring import Keyring
-from meshscale.trust.tls import GREETING, connect_tls
 
 N = 5
 MESHSCALE = Path(sys.executable).parent / "meshscale"

@@ -17,9 +17,9 @@ from runtime_mesh import wait_for
 from meshscale.client.rpc import ClientCredentials, RpcError, call
 from meshscale.core.rpc import PushPullFrame, encode_stream_message
 from meshscale.runtime.launcher import LocalMesh
+from meshscale.transport.framing import write_frame
+from meshscale.transport.tls import client_context, connect_tls
 from meshscale.trust.bundle import init_bundle, load_bundle, write_client_bundle
-from meshscale.trust.framing import write_frame
-from meshscale.trust.tls import client_context, connect_tls
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,7 +188,7 @@ def test_silent_sockets_cannot_take_every_slot(mesh: LocalMesh) -> None:
     from another address keeps its slot."""
     import socket
 
-    from meshscale.trust.tls import BUSY
+    from meshscale.transport.tls import BUSY
 
     host, port = mesh.nodes[0].address.rsplit(":", 1)
     before = _rejected(mesh, "busy")

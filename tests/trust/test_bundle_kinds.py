@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from meshscale.transport.credentials import Credentials
 from meshscale.trust.bundle import (
     Bundle,
     BundleError,
@@ -25,7 +26,6 @@ from meshscale.trust.bundle import (
     write_node_bundle,
 )
 from meshscale.trust.certs import Role
-from meshscale.trust.credentials import Credentials
 
 
 def _mode(path: Path) -> int:

@@ -38,10 +38,10 @@ from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError, Rpc
 from meshscale.core.api import ErrorCode
 from meshscale.core.kv import MAX_VALUE_BYTES
 from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
+from meshscale.transport.framing import split_addr
+from meshscale.transport.tls import TLSConfigError
 from meshscale.trust.bundle import MAX_TOKEN_LENGTH, BundleError, is_valid_token, load_bundle
-from meshscale.trust.framing import split_addr
 from meshscale.trust.keyring import KeyringError
-from meshscale.trust.tls import TLSConfigError
 
 __all__ = [
     "KV",

@@ -1,7 +1,7 @@
-"""The RPC connection a client uses, from the transport (``trust/rpc.py``): re-exported
+"""The RPC connection a client uses, from the transport (``transport/rpc.py``): re-exported
 here so ``meshscale.client.rpc`` keeps working for the client's users and tests."""
 
-from meshscale.trust.rpc import (
+from meshscale.transport.rpc import (
     MAX_REPLY_BYTES,
     ClientCredentials,
     RemoteError,

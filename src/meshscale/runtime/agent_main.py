@@ -281,7 +281,7 @@ def _wrap(text: str, width: int = 86) -> list[str]:
 
 def parse_addr(value: str, flag: str) -> str:
     """``HOST:PORT`` normalised, or ``StartError`` naming the flag."""
-    from meshscale.trust.framing import split_addr
+    from meshscale.transport.framing import split_addr
 
     try:
         host, port = split_addr(value)
@@ -343,11 +343,11 @@ def start(argv: Sequence[str]) -> None:
     from meshscale.runtime.identity import IdentityError, start_identity
     from meshscale.runtime.latency import parse_latency
     from meshscale.runtime.node import AgentConfig, NodeAgent, NodeRemovedError, run_forever
+    from meshscale.transport.credentials import check_not_expired
+    from meshscale.transport.tls import TLSConfigError
     from meshscale.trust.bundle import NODE_NAME_RE, BundleError, BundleKind, load_bundle
-    from meshscale.trust.credentials import check_not_expired
     from meshscale.trust.keyring import KeyringError
     from meshscale.trust.revocation import RevocationError
-    from meshscale.trust.tls import TLSConfigError
 
     if s.bundle is None:
         raise StartError(f"missing --bundle DIR (or `bundle` in --config, or {BUNDLE_ENV})")

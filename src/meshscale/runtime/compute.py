@@ -100,7 +100,7 @@ from meshscale.runtime.workers import (
     function_id,
 )
 from meshscale.runtime.workers import TaskFailed as WorkerTaskFailed
-from meshscale.trust.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.transport.rpc import ClientCredentials, RpcConnection, RpcError
 
 _INPUT_ERRORS: tuple[type[BaseException], ...] = (RpcError, *DECODE_ERRORS)
 """Reading or decoding a task's inputs failed: the task fails with kind ``input``."""

@@ -107,7 +107,7 @@ from meshscale.runtime.storage import (
     StorageConfig,
     StorageError,
 )
-from meshscale.trust.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.transport.rpc import ClientCredentials, RpcConnection, RpcError
 
 KV_STRAGGLERS_MAX = 256
 """KV replica calls left running after their write returned (see ``_kv_round``)."""

@@ -35,8 +35,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from meshscale.runtime.observe import MeshCollector, NodeObserver, ObservedNode
 from meshscale.runtime.openapi import openapi_document
+from meshscale.transport.framing import split_addr
 from meshscale.trust.bundle import is_valid_token
-from meshscale.trust.framing import split_addr
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -141,7 +141,7 @@ class HttpServer:
         handlers.connection_made = limited  # type: ignore[method-assign]
         tls = None
         if self.agent.cfg.http_tls:
-            from meshscale.trust.tls import https_context
+            from meshscale.transport.tls import https_context
 
             tls = https_context(self.agent.bundle)
         site = web.TCPSite(self._runner, self.bind_host, self.port, backlog=128,

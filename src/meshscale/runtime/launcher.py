@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from meshscale.runtime.latency import RegionPair, format_latency
+from meshscale.transport.credentials import Credentials
+from meshscale.transport.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.trust.bundle import (
     init_bundle,
     load_bundle,
@@ -36,8 +38,6 @@ from meshscale.trust.bundle import (
     write_node_bundle,
     write_public,
 )
-from meshscale.trust.credentials import Credentials
-from meshscale.trust.rpc import ClientCredentials, RpcConnection, RpcError
 
 DEFAULT_REGIONS = ("eu-west", "us-east")
 ZONES_PER_REGION = 3

@@ -10,7 +10,7 @@ from typing import Any
 
 from meshscale.core.objects import object_id
 from meshscale.runtime.services import NodeServices
-from meshscale.trust.rpc import RpcError
+from meshscale.transport.rpc import RpcError
 
 __all__ = ["LocalCalls"]
 

@@ -100,20 +100,20 @@ from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.latency import RegionPair
 from meshscale.runtime.services import LocalCopies, RpcHandler
 from meshscale.runtime.workers import WorkerPool
-from meshscale.trust.bundle import Bundle, BundleError, BundleKind, load_keyring
-from meshscale.trust.certs import Peer, Role, peer_of
-from meshscale.trust.credentials import Credentials
-from meshscale.trust.framing import (
+from meshscale.transport.credentials import Credentials
+from meshscale.transport.framing import (
     FrameConnection,
     FrameTooLarge,
     read_frame,
     split_addr,
     write_frame,
 )
+from meshscale.transport.tls import BUSY, GREETING, connect_tls, server_context
+from meshscale.trust.bundle import Bundle, BundleError, BundleKind, load_keyring
+from meshscale.trust.certs import Peer, Role, peer_of
 from meshscale.trust.keyring import SEAL_OVERHEAD, Keyring, SealError
 from meshscale.trust.replay import FRESHNESS_BYTES, ReplayGuard
 from meshscale.trust.revocation import RevocationError, RevocationStore
-from meshscale.trust.tls import BUSY, GREETING, connect_tls, server_context
 
 if TYPE_CHECKING:
     from meshscale.runtime.http import HttpServer

@@ -23,8 +23,8 @@ from meshscale.core.outputs import Event
 from meshscale.runtime.config import AgentConfig, AgentStats
 from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.workers import WorkerPool
+from meshscale.transport.credentials import Credentials
 from meshscale.trust.bundle import Bundle
-from meshscale.trust.credentials import Credentials
 
 __all__ = ["LocalCopies", "NodeServices", "RpcHandler"]
 

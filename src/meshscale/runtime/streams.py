@@ -66,7 +66,7 @@ from meshscale.core.wire import wire_bytes
 from meshscale.runtime.local import LocalCalls
 from meshscale.runtime.services import NodeServices
 from meshscale.runtime.workers import TaskFailed, WorkerPool, pickle_args
-from meshscale.trust.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.transport.rpc import ClientCredentials, RpcConnection, RpcError
 
 OP_PREFIX = "streamop/"
 OFFSET_PREFIX = "streamoff/"

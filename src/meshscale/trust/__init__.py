@@ -1,4 +1,4 @@
-"""Trust and transport shared by the node agent and the client: the cluster bundle (CA,
-gossip keyring, admin token), AES-256-GCM sealing, mutual TLS 1.3 and length-prefixed
-frames. Neither ``runtime`` nor ``client`` owns it, so the client can talk to a node
-without importing the node agent (DESIGN.md, Layers)."""
+"""Who is who in a mesh: the cluster bundle (CA, gossip keyring, admin token), node and
+client certificates with their roles, revocations, AES-256-GCM sealing of gossip and
+replay windows. Shared by the node agent and the client; ``transport/`` builds its TLS
+contexts from it."""

@@ -24,9 +24,9 @@ from meshscale.core.rpc import (
     encode_stream_message,
 )
 from meshscale.core.wire import WireError
-from meshscale.trust.credentials import Credentials
-from meshscale.trust.framing import FrameConnection, FrameTooLarge, open_frames, split_addr
-from meshscale.trust.tls import GREETING, NodeBusy, VersionMismatch
+from meshscale.transport.credentials import Credentials
+from meshscale.transport.framing import FrameConnection, FrameTooLarge, open_frames, split_addr
+from meshscale.transport.tls import GREETING, NodeBusy, VersionMismatch
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
@@ -55,7 +55,7 @@ class RemoteError(RpcError):
 
 
 ClientCredentials = Credentials
-"""What a caller presents (``trust/credentials.py``)."""
+"""What a caller presents (``transport/credentials.py``)."""
 
 
 _ids = itertools.count(1)

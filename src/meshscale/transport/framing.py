@@ -302,7 +302,7 @@ async def open_frames(
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_connection(lambda: FrameConnection(max_size), host, port)
     try:
-        from meshscale.trust.tls import check_greeting
+        from meshscale.transport.tls import check_greeting
 
         check_greeting(await proto.read_greeting(len(greeting)), host, port, greeting)
         tls = await loop.start_tls(transport, proto, ctx, server_hostname=None,

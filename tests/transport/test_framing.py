@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshscale.trust.framing import (
+from meshscale.transport.framing import (
     MAX_FRAME,
     FrameTooLarge,
     encode_frame,
@@ -143,8 +143,8 @@ def test_write_frame_over_tcp() -> None:
 
 
 def _tls_pair(tmp_path: Any) -> tuple[Any, Any]:
+    from meshscale.transport.tls import client_context, server_context
     from meshscale.trust.bundle import init_bundle, issue_node_cert, load_bundle
-    from meshscale.trust.tls import client_context, server_context
 
     bundle = load_bundle(init_bundle(tmp_path / "bundle").path)
     scert, skey = issue_node_cert(bundle, "server", ["127.0.0.1"])
@@ -156,8 +156,8 @@ def _tls_pair(tmp_path: Any) -> tuple[Any, Any]:
 def test_frame_connection_over_tls(tmp_path: Any, loop: str) -> None:
     """Greeting in clear, then TLS; small frames (several may share one TLS record),
     large ones (received into their own buffer), an oversized one, and the peer closing."""
-    from meshscale.trust.framing import open_frames
-    from meshscale.trust.tls import GREETING
+    from meshscale.transport.framing import open_frames
+    from meshscale.transport.tls import GREETING
 
     sctx, cctx = _tls_pair(tmp_path)
     sizes = [0, 1, 5, 70_000, 300_000, 3 << 20, 12]
@@ -201,7 +201,7 @@ def test_frame_connection_over_tls(tmp_path: Any, loop: str) -> None:
 
 
 def test_frame_connection_refuses_a_stranger(tmp_path: Any) -> None:
-    from meshscale.trust.framing import open_frames
+    from meshscale.transport.framing import open_frames
 
     _, cctx = _tls_pair(tmp_path)
 
@@ -224,9 +224,9 @@ def test_a_node_of_another_wire_version_is_refused_by_name(tmp_path: Path) -> No
     """Old and new nodes are not mixed: a node whose greeting carries another version
     is refused with both versions named, by the node-to-node path and by RPC clients."""
     from meshscale.core.wire import PROTOCOL_VERSION
-    from meshscale.trust.framing import open_frames
-    from meshscale.trust.rpc import RpcConnection, RpcError
-    from meshscale.trust.tls import GREETING, VersionMismatch, connect_tls
+    from meshscale.transport.framing import open_frames
+    from meshscale.transport.rpc import RpcConnection, RpcError
+    from meshscale.transport.tls import GREETING, VersionMismatch, connect_tls
 
     _, cctx = _tls_pair(tmp_path)
     old = b"MSH" + str(PROTOCOL_VERSION - 1).encode()

@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from meshscale.transport.framing import read_frame, write_frame
+from meshscale.transport.tls import TLSConfigError, client_context, peer_name, server_context
 from meshscale.trust.bundle import Bundle, init_bundle, issue_node_cert
-from meshscale.trust.framing import read_frame, write_frame
-from meshscale.trust.tls import TLSConfigError, client_context, peer_name, server_context
 
 T = TypeVar("T")
 REFUSED = (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)

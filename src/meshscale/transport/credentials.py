@@ -11,9 +11,9 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 
+from meshscale.transport.tls import client_context
 from meshscale.trust.bundle import Bundle, BundleError, BundleKind
 from meshscale.trust.certs import Role, utc_now
-from meshscale.trust.tls import client_context
 
 
 @dataclass(frozen=True)
