@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -40,6 +40,12 @@ from meshscale.trust.bundle import (
     rotate_keys,
 )
 from meshscale.trust.keyring import KeyringError
+
+if TYPE_CHECKING:
+    from meshscale.core.api import Method, Request
+
+Req = TypeVar("Req", bound="Request")
+Rep = TypeVar("Rep")
 
 try:  # typer >= 0.22 vendors click
     from typer._click import exceptions as _click_exc
@@ -396,6 +402,24 @@ def _call(target: Target, method: str, args: dict[str, Any] | None = None,
     raise CliError(str(last))
 
 
+def _request(target: Target, method: Method[Req, Rep], req: Req, timeout: float = 5.0,
+             creds: Any = None) -> Rep:
+    """One typed call (``core/api``) through the first node of ``target`` that answers."""
+    from meshscale.client.rpc import RemoteError, RpcError, request
+
+    creds = creds if creds is not None else _client_creds(target.bundle)
+    last: RpcError | None = None
+    for addr in target.addresses:
+        try:
+            return request(addr, creds, method, req, timeout=timeout)
+        except RemoteError as e:
+            raise CliError(str(e)) from None
+        except RpcError as e:
+            last = e
+    assert last is not None
+    raise CliError(str(last))
+
+
 def _members_table(rows: list[dict[str, Any]]) -> str:
     header = ("NAME", "ADDRESS", "REGION", "ZONE", "STATE", "INC", "RTT")
     lines = [header]
@@ -431,9 +455,14 @@ def members_cmd(
     import json
     import time
 
+    import msgspec
+
+    from meshscale.core.api import Empty
+    from meshscale.core.api.node import MEMBERS
     from meshscale.trust.certs import EXPIRY_WARNING_DAYS
 
-    rows: list[dict[str, Any]] = _call(_target(node, mesh, bundle), "members", timeout=timeout)
+    infos = _request(_target(node, mesh, bundle), MEMBERS, Empty(), timeout=timeout)
+    rows: list[dict[str, Any]] = [msgspec.to_builtins(r) for r in infos]
     if as_json:
         keys = ("name", "address", "region", "zone", "state", "incarnation", "rtt_ms",
                 "labels", "cert_expires", "disk_full")
@@ -638,6 +667,7 @@ def node_remove_cmd(
     """Remove a node for good: a revocation signed by the CA, handed to a live node and
     spread by gossip. Every node then refuses the removed node's TLS and gossip, its data
     is re-replicated elsewhere, and it cannot rejoin."""
+    from meshscale.core.api.node import ADMIN_REVOKE, RevokeRequest
     from meshscale.transport.credentials import Credentials
     from meshscale.trust.certs import check_name
     from meshscale.trust.revocation import sign_revocation
@@ -651,9 +681,9 @@ def node_remove_cmd(
     target = _target(node, mesh, admin.path)
     assert admin.ca_key_pem is not None
     entry = sign_revocation(admin.ca_key_pem, admin.cluster_id, name, reason)
-    result = _call(target, "admin.revoke", {"entry": entry}, timeout=timeout,
-                   creds=Credentials.from_bundle(admin))
-    state = "removed" if result.get("new") else "was already removed"
+    result = _request(target, ADMIN_REVOKE, RevokeRequest(entry=entry), timeout=timeout,
+                      creds=Credentials.from_bundle(admin))
+    state = "removed" if result.new else "was already removed"
     typer.echo(f"node {name} {state}; the removal spreads by gossip (seconds)")
     typer.echo("the removed machine still holds the gossip keyring: rotate it with "
                "`meshscale keys rotate` and copy keyring.json to every node bundle")

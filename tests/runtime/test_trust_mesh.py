@@ -207,3 +207,22 @@ def test_silent_sockets_cannot_take_every_slot(mesh: LocalMesh) -> None:
         for s in flood:
             s.close()
     wait_for(lambda: _rejected(mesh, "busy") >= before + 200, 10, "the flood told busy")
+
+
+def test_a_request_out_of_its_methods_contract_is_answered_invalid(mesh: LocalMesh) -> None:
+    """The node checks a request against its method's struct (core/api) before the
+    handler sees it: a wrong type or an unknown field is ``invalid``, naming the field,
+    and the connection carries on."""
+    from meshscale.client.rpc import RemoteError, request
+    from meshscale.core.api import Empty
+    from meshscale.core.api.node import EVENTS, MEMBERS, EventsRequest
+
+    addr, creds = mesh.nodes[0].address, mesh.credentials()
+    for args, field in (({"since": "yesterday"}, "since"), ({"snice": 1}, "snice")):
+        with pytest.raises(RemoteError) as e:
+            call(addr, creds, "events", args, timeout=5)
+        assert e.value.code == "invalid" and field in str(e.value)
+    assert [m.name for m in request(addr, creds, MEMBERS, Empty(), timeout=5)] == sorted(
+        n.name for n in mesh.nodes)
+    assert all(ev.seq > 1 for ev in request(addr, creds, EVENTS, EventsRequest(since=1),
+                                            timeout=5))

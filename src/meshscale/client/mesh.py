@@ -35,7 +35,8 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar, overload
 import msgspec
 
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError, RpcPipeline
-from meshscale.core.api import ErrorCode
+from meshscale.core.api import Empty, ErrorCode, Method, Request
+from meshscale.core.api import node as node_api
 from meshscale.core.kv import MAX_VALUE_BYTES
 from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
 from meshscale.transport.framing import split_addr
@@ -88,6 +89,8 @@ Progress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``; with ``Mesh`` it runs on the client's thread."""
 
 T = TypeVar("T")
+Req = TypeVar("Req", bound=Request)
+Rep = TypeVar("Rep")
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -484,6 +487,17 @@ class AsyncMesh:
             await self._conn.close()
             raise
 
+    async def _request(self, method: Method[Req, Rep], req: Req) -> Rep:
+        """Typed ``method`` (``core/api``) on the connected node; ``MeshError`` if it
+        fails."""
+        try:
+            return await self._conn.request(method, req)
+        except RpcError as e:
+            raise self._mesh_error(e, method.name) from None
+        except asyncio.CancelledError:
+            await self._conn.close()
+            raise
+
     async def _call_dict(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
         result = await self._call(method, args)
         if not isinstance(result, dict):
@@ -493,7 +507,7 @@ class AsyncMesh:
     async def ping(self) -> None:
         """One round trip (TLS and token included); ``ConnectError`` if it fails."""
         try:
-            await self._conn.call("members")
+            await self._conn.request(node_api.MEMBERS, Empty())
         except RpcError as e:
             detail = str(e).removeprefix(f"{self.address}: ")
             raise ConnectError(f"cannot use node {self.address}: {detail}") from None
@@ -824,10 +838,8 @@ class AsyncMesh:
     async def members(self) -> list[dict[str, Any]]:
         """The members as the connected node sees them: name, address, region, zone,
         state ("alive", "suspect", "dead", "left"), incarnation, rtt_ms, labels."""
-        rows = await self._call("members")
-        if not isinstance(rows, list):
-            raise MeshError(f"{self.address}: unexpected reply to members: {rows!r:.200}")
-        return [dict(r) for r in rows]
+        rows = await self._request(node_api.MEMBERS, Empty())
+        return [msgspec.to_builtins(r) for r in rows]
 
     async def stat(self, ref: ObjectRef | str) -> ObjectInfo:
         """Size, policy and where the copies are; ``ObjectNotFoundError`` if none is live."""

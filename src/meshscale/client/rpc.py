@@ -11,6 +11,8 @@ from meshscale.transport.rpc import (
     WireCounter,
     call,
     call_async,
+    request,
+    request_async,
 )
 
 __all__ = [
@@ -23,4 +25,6 @@ __all__ = [
     "WireCounter",
     "call",
     "call_async",
+    "request",
+    "request_async",
 ]

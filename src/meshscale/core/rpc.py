@@ -80,36 +80,3 @@ def decode_stream_message(data: bytes | bytearray, max_size: int) -> StreamMessa
     except DECODE_ERRORS as exc:
         raise WireError("malformed", str(exc)) from None
     return msg
-
-
-# ------------------------------------------------------------------ RPC result schemas
-
-
-class MemberInfo(msgspec.Struct, omit_defaults=True):
-    """One row of ``members``: a member as the asked node sees it."""
-
-    name: str
-    address: str
-    region: str
-    zone: str
-    state: str
-    """``alive``, ``suspect``, ``dead``, ``left`` or ``removed``."""
-    incarnation: int
-    rtt_ms: float | None = None
-    labels: dict[str, str] = {}
-    cert_expires: int | None = None
-    """When the member's node certificate ends (Unix seconds), as it says itself."""
-    disk_full: bool = False
-    """It says its disk is full: it is left out of new replica sets (``core/placement.py``)."""
-
-
-class EventInfo(msgspec.Struct, omit_defaults=True):
-    """A recent membership event on the asked node (wall-clock ``ts``)."""
-
-    seq: int
-    ts: float
-    event: str
-    name: str
-    incarnation: int = 0
-    source: str = ""
-    detail: str = ""

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from meshscale.transport.peers import PeerConfig
+
 __all__ = ["AgentConfig", "AgentStats"]
 
 
@@ -13,6 +15,8 @@ __all__ = ["AgentConfig", "AgentStats"]
 class AgentConfig:
     """Runtime bounds and timeouts of the agent (the protocol's are in MembershipConfig)."""
 
+    peers: PeerConfig = field(default_factory=PeerConfig)
+    """The node's connections to other nodes, shared by its planes (``transport/peers.py``)."""
     bind_attempts: int = 20
     """With port 0, UDP ports the OS offers before one whose TCP twin is free too."""
     max_connections: int = 256

@@ -28,6 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from meshscale.core.api import Empty
+from meshscale.core.api.node import MEMBERS
 from meshscale.runtime.latency import RegionPair, format_latency
 from meshscale.transport.credentials import Credentials
 from meshscale.transport.rpc import ClientCredentials, RpcConnection, RpcError
@@ -356,8 +360,8 @@ class Interrupted(Exception):
 async def views(conns: list[RpcConnection]) -> list[list[dict[str, Any]] | None]:
     async def one(c: RpcConnection) -> list[dict[str, Any]] | None:
         try:
-            result: list[dict[str, Any]] = await c.call("members")
-            return result
+            rows = await c.request(MEMBERS, Empty())
+            return [msgspec.to_builtins(r) for r in rows]
         except RpcError:
             return None
 

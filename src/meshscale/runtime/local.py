@@ -6,18 +6,35 @@ applies), without a socket. One place for what the compute and stream planes bot
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, TypeVar
 
+from meshscale.core.api.contract import Method, Request
 from meshscale.core.objects import object_id
 from meshscale.runtime.services import NodeServices
 from meshscale.transport.rpc import RpcError
 
-__all__ = ["LocalCalls"]
+__all__ = ["LocalCalls", "call_node"]
+
+Req = TypeVar("Req", bound=Request)
+Rep = TypeVar("Rep")
 
 READ_CHUNK_BYTES = 4 << 20
 """Bytes per ``obj.read`` of an in-process read."""
 SMALL_PUT_BYTES = 256 * 1024
 """Objects up to this size are put in one ``obj.put_small``; larger ones are uploaded."""
+
+
+async def call_node(node: NodeServices, name: str, method: Method[Req, Rep], req: Req, *,
+                    lane: str, timeout_s: float | None = None) -> Rep:
+    """Typed ``method`` on member ``name``: in-process when it is ``node`` itself, else on
+    the shared connection of ``lane`` to it (``transport/peers.py``). ``RpcError`` when
+    it is not a member or the call fails; ``RemoteError`` carries the node's code."""
+    if name == node.name:
+        return await node.call_local(method, req)
+    member = node.m.members.get(name)
+    if member is None:
+        raise RpcError(f"{name}: not a member")
+    return await node.peers.shared(name, member.addr, lane, timeout_s).request(method, req)
 
 
 class LocalCalls:

@@ -62,7 +62,17 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from meshscale.core.access import METHOD_ACCESS, allowed, claimed_sender, narrowest
-from meshscale.core.api import ErrorCode, code_of
+from meshscale.core.api import ApiError, Empty, ErrorCode, code_of
+from meshscale.core.api import node as node_api
+from meshscale.core.api.contract import Method, parse_request, reply_builtins
+from meshscale.core.api.node import (
+    EventInfo,
+    EventsRequest,
+    MemberInfo,
+    NodeStats,
+    RevokeReply,
+    RevokeRequest,
+)
 from meshscale.core.membership import (
     Member,
     MemberAlive,
@@ -80,8 +90,6 @@ from meshscale.core.membership import (
 from meshscale.core.outputs import Event, SendDatagram, StreamRequest
 from meshscale.core.placement import is_full
 from meshscale.core.rpc import (
-    EventInfo,
-    MemberInfo,
     PushPullFrame,
     RpcRequest,
     RpcResponse,
@@ -98,7 +106,7 @@ from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
 from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.latency import RegionPair
-from meshscale.runtime.services import LocalCopies, RpcHandler
+from meshscale.runtime.services import Handler, LocalCopies, Rep, Req, RpcHandler
 from meshscale.runtime.workers import WorkerPool
 from meshscale.transport.credentials import Credentials
 from meshscale.transport.framing import (
@@ -108,6 +116,7 @@ from meshscale.transport.framing import (
     split_addr,
     write_frame,
 )
+from meshscale.transport.peers import PeerPool
 from meshscale.transport.tls import BUSY, GREETING, connect_tls, server_context
 from meshscale.trust.bundle import Bundle, BundleError, BundleKind, load_keyring
 from meshscale.trust.certs import Peer, Role, peer_of
@@ -251,6 +260,7 @@ class NodeAgent:
         self._event_seq = 0
         self._server_ctx = server_context(bundle)
         self.creds = Credentials.for_node(bundle)
+        self.peers = PeerPool(self.creds, self.cfg.peers, self.stats)
         """What this node presents when it calls other nodes: its own certificate."""
         self._client_ctx = self.creds.ssl_context
         self.replay = ReplayGuard(os.urandom(8))
@@ -269,6 +279,7 @@ class NodeAgent:
         with contextlib.suppress(OSError):
             self._keys.mtime_ns = (bundle.path / "keyring.json").stat().st_mtime_ns
         self._rpc: dict[str, RpcHandler] = {}
+        self._typed: dict[str, Handler[Any, Any]] = {}
         self._rpc_in_flight = 0
         self._conns = 0
         self._conns_by_ip: Counter[str] = Counter()
@@ -304,9 +315,32 @@ class NodeAgent:
             raise ValueError(f"RPC method {method!r} has no entry in core.access.METHOD_ACCESS")
         self._rpc[method] = handler
 
+    def serve(self, method: Method[Req, Rep], handler: Handler[Req, Rep]) -> None:
+        """Serve typed ``method``: the request is checked against its struct
+        (``core.api.contract.parse_request``) before ``handler`` sees it, and its reply
+        sent as builtins. Raising ``ValueError`` (``ApiError`` for a code) answers with
+        an error, as for ``register_rpc``."""
+
+        def on_wire(args: dict[str, Any]) -> Any:
+            return handler(parse_request(method, args))
+
+        self.register_rpc(method.name, on_wire)
+        self._typed[method.name] = handler
+
     def local_handler(self, method: str) -> RpcHandler | None:
         """This node's handler of ``method`` (None: not served), for in-process calls."""
         return self._rpc.get(method)
+
+    async def call_local(self, method: Method[Req, Rep], req: Req) -> Rep:
+        """Call this node's own handler of typed ``method`` in-process (no socket, no
+        wire form); ``ValueError`` if the node does not serve it."""
+        handler = self._typed.get(method.name)
+        if handler is None:
+            raise ApiError(ErrorCode.UNKNOWN_METHOD, f"{method.name} is not served here")
+        result = handler(req)
+        if inspect.isawaitable(result):
+            result = await result
+        return cast(Rep, result)
 
     def http_address(self) -> str | None:
         """HOST:PORT of this node's HTTP API, or None when it serves none."""
@@ -476,6 +510,7 @@ class NodeAgent:
             self.m.stop()
             self._save_incarnation()
         self._timer.cancel()
+        await self.peers.close()
         if self._server is not None:
             self._server.close()
         if self._udp is not None:
@@ -890,7 +925,7 @@ class NodeAgent:
             result = handler(req.args)
             if inspect.isawaitable(result):
                 result = await result
-            return RpcResponse(req.id, True, result=msgspec.to_builtins(result, builtin_types=(bytes, bytearray, memoryview)))
+            return RpcResponse(req.id, True, result=reply_builtins(result))
         except (ValueError, TypeError, KeyError) as e:
             return RpcResponse(req.id, False, error=str(e) or type(e).__name__,
                                code=code_of(e))
@@ -922,6 +957,8 @@ class NodeAgent:
         level = "warning" if isinstance(ev, MemberDown | MemberSuspect | MemberRemoved) else "info"
         if isinstance(ev, MemberRemoved):
             self._on_removed(ev)
+        if isinstance(ev, MemberRemoved | MemberLeft):
+            self.peers.forget(name)
         fields: dict[str, Any] = {"member": name, "incarnation": inc}
         if source:
             fields["source"] = source
@@ -1016,10 +1053,10 @@ class NodeAgent:
     # ------------------------------------------------------------------ built-in RPCs
 
     def _register_builtin_rpcs(self) -> None:
-        self.register_rpc("members", self._rpc_members)
-        self.register_rpc("stats", self._rpc_stats)
-        self.register_rpc("events", self._rpc_events)
-        self.register_rpc("admin.revoke", self._rpc_revoke)
+        self.serve(node_api.MEMBERS, self._rpc_members)
+        self.serve(node_api.STATS, self._rpc_stats)
+        self.serve(node_api.EVENTS, self._rpc_events)
+        self.serve(node_api.ADMIN_REVOKE, self._rpc_revoke)
 
     def member_infos(self) -> list[MemberInfo]:
         out = []
@@ -1042,7 +1079,7 @@ class NodeAgent:
             disk_full=is_full(mm.meta.tags),
         )
 
-    def _rpc_members(self, args: dict[str, Any]) -> list[MemberInfo]:
+    def _rpc_members(self, req: Empty) -> list[MemberInfo]:
         return self.member_infos()
 
     def rejected_messages(self) -> dict[str, int]:
@@ -1053,44 +1090,38 @@ class NodeAgent:
                     out[key.removeprefix("rejected.")] += n
         return dict(out)
 
-    def _rpc_stats(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "address": self.addr,
-            "pid": os.getpid(),
-            "incarnation": self.m.incarnation,
-            "alive": self.m.alive_count(),
-            "health": self.m.health_score(),
-            "membership": dict(self.m.stats),
-            "rejected_messages": self.rejected_messages(),
-            "runtime": dict(self.stats.runtime),
-            "connections": self._conns,
-            "streams_in_flight": self._streams_in_flight,
-            "seal_key": self._keys.seal_ring.primary_id,
-            "keys": self._keys.open_ring.key_ids(),
-            "uptime_s": round(time.time() - self.started_at, 3),
-        }
+    def _rpc_stats(self, req: Empty) -> NodeStats:
+        return NodeStats(
+            name=self.name,
+            address=self.addr,
+            pid=os.getpid(),
+            incarnation=self.m.incarnation,
+            alive=self.m.alive_count(),
+            health=self.m.health_score(),
+            membership=dict(self.m.stats),
+            rejected_messages=self.rejected_messages(),
+            runtime=dict(self.stats.runtime),
+            connections=self._conns,
+            streams_in_flight=self._streams_in_flight,
+            seal_key=self._keys.seal_ring.primary_id,
+            keys=self._keys.open_ring.key_ids(),
+            uptime_s=round(time.time() - self.started_at, 3),
+        )
 
-    def _rpc_revoke(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _rpc_revoke(self, req: RevokeRequest) -> RevokeReply:
         """Remove a node for good: ``entry`` is a revocation signed by the cluster CA
         (``meshscale node remove``); it spreads from here by gossip."""
-        entry = args.get("entry")
-        if not isinstance(entry, bytes):
-            raise ValueError("'entry' must be the signed revocation (bytes)")
         try:
-            name = self.revocations.verify(entry).name
+            name = self.revocations.verify(req.entry).name
         except RevocationError as e:
             raise ValueError(str(e)) from None
         known = name in self.m.revoked
-        self.m.revoke(entry, time.monotonic())
+        self.m.revoke(req.entry, time.monotonic())
         self._pump()
-        return {"name": name, "new": not known}
+        return RevokeReply(name=name, new=not known)
 
-    def _rpc_events(self, args: dict[str, Any]) -> list[EventInfo]:
-        since = args.get("since", 0)
-        if not isinstance(since, int):
-            raise ValueError("'since' must be an integer")
-        return [e for e in self.events if e.seq > since]
+    def _rpc_events(self, req: EventsRequest) -> list[EventInfo]:
+        return [e for e in self.events if e.seq > req.since]
 
 
 def _int_or_none(text: str | None) -> int | None:

@@ -33,9 +33,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 import meshscale
+from meshscale.core.api.node import EventInfo
 from meshscale.core.membership import State
 from meshscale.core.placement import is_full
-from meshscale.core.rpc import EventInfo
 from meshscale.runtime.services import NodeServices
 
 if TYPE_CHECKING:

@@ -16,21 +16,31 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from meshscale.core.api.contract import Method, Request
 from meshscale.core.membership import Membership, NodeMeta
 from meshscale.core.outputs import Event
 from meshscale.runtime.config import AgentConfig, AgentStats
 from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.workers import WorkerPool
 from meshscale.transport.credentials import Credentials
+from meshscale.transport.peers import PeerPool
 from meshscale.trust.bundle import Bundle
 
-__all__ = ["LocalCopies", "NodeServices", "RpcHandler"]
+__all__ = ["Handler", "LocalCopies", "NodeServices", "Rep", "Req", "RpcHandler"]
+
+Req = TypeVar("Req", bound=Request)
+Rep = TypeVar("Rep")
 
 RpcHandler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
-"""Serves one RPC method: ``handler(args)`` returns or awaits a msgpack-able result;
-raising ``ValueError`` sends its message back as the error."""
+"""Serves one RPC method as it comes off the wire (``NodeServices.serve`` wraps a typed
+handler in one)."""
+
+Handler = Callable[[Req], Rep | Awaitable[Rep]]
+"""Serves one typed method (``core/api``): takes its request struct, returns or awaits
+its reply; raising ``ValueError`` (``core.api.ApiError`` for a code) answers with an
+error."""
 
 
 class LocalCopies(Protocol):
@@ -52,6 +62,9 @@ class NodeServices(Protocol):
     meta: NodeMeta
     stats: AgentStats
     creds: Credentials
+    peers: PeerPool
+    """Connections to the other nodes, one pool for every plane (``call_node`` in
+    ``runtime/local.py`` calls a typed method through it)."""
     bundle: Bundle
     membership: Membership | None
     event_listeners: list[Callable[[Event], None]]
@@ -80,6 +93,14 @@ class NodeServices(Protocol):
         ...
 
     def register_rpc(self, method: str, handler: RpcHandler) -> None: ...
+
+    def serve(self, method: Method[Req, Rep], handler: Handler[Req, Rep]) -> None:
+        """Serve typed ``method`` with ``handler`` (requests checked against its struct)."""
+        ...
+
+    async def call_local(self, method: Method[Req, Rep], req: Req) -> Rep:
+        """This node's own handler of ``method``, called in-process."""
+        ...
 
     def local_handler(self, method: str) -> RpcHandler | None:
         """This node's handler of ``method`` (None: not served), for in-process calls."""

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any, Protocol, TypeVar
 
+from meshscale.core.api.contract import Method, Request, parse_reply, request_args
 from meshscale.core.rpc import (
     RpcRequest,
     RpcResponse,
@@ -30,6 +31,8 @@ from meshscale.transport.tls import GREETING, NodeBusy, VersionMismatch
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
+Req = TypeVar("Req", bound=Request)
+Rep = TypeVar("Rep")
 
 
 class WireCounter(Protocol):
@@ -94,9 +97,23 @@ class RpcConnection:
                                f"{self.connect_timeout:g}s (unreachable?)") from None
         return self._writer
 
+    @property
+    def is_open(self) -> bool:
+        """An open connection is held (a call would not need a new handshake)."""
+        return self._writer is not None and not self._writer.is_closing()
+
     async def call(self, method: str, args: dict[str, Any] | None = None) -> Any:
         async with self._lock:
             return await self._guarded(self._call(method, args or {}))
+
+    async def request(self, method: Method[Req, Rep], req: Req) -> Rep:
+        """Call typed ``method`` (``core/api``) with ``req``; its reply, checked against
+        the method's reply type (a reply out of contract raises ``RpcError``)."""
+        result = await self.call(method.name, request_args(req))
+        try:
+            return parse_reply(method, result)
+        except ValueError as e:
+            raise RpcError(f"{self.addr}: {e}") from None
 
     async def _guarded(self, work: Coroutine[Any, Any, T]) -> T:
         """``work`` within the timeout, its failures as ``RpcError`` (the connection is
@@ -223,6 +240,22 @@ class RpcPipeline:
                 await self.conn.close()
         finally:
             self.conn._lock.release()
+
+
+async def request_async(addr: str, creds: ClientCredentials, method: Method[Req, Rep],
+                        req: Req, timeout: float = 5.0) -> Rep:
+    """One typed call on a connection of its own."""
+    conn = RpcConnection(addr, creds, timeout)
+    try:
+        return await conn.request(method, req)
+    finally:
+        await conn.close()
+
+
+def request(addr: str, creds: ClientCredentials, method: Method[Req, Rep], req: Req,
+            timeout: float = 5.0) -> Rep:
+    """Blocking one-shot typed call (opens and closes a connection)."""
+    return asyncio.run(request_async(addr, creds, method, req, timeout))
 
 
 async def call_async(

@@ -1,4 +1,4 @@
-"""The RPC contract's error codes, shared by the node and the client.
+"""The error codes of the RPC contract, shared by the node and the client.
 
 Every failed RPC answer carries an ``ErrorCode`` beside its human message
 (``core.rpc.RpcResponse.code``), and code on either side decides on the code, never on
@@ -8,8 +8,8 @@ client's ``RemoteError`` carries the code back. An answer from a handler that ra
 plain ``ValueError``, ``TypeError`` or ``KeyError`` has the code ``invalid``; an
 unexpected exception ``internal`` (the node logs it, rate-limited).
 
-Not yet here (#14 item 1, to come): one request and reply struct per method. Method names
-are ``core/access.py``'s ``METHOD_ACCESS`` keys.
+An answer that fails to validate against its method's request struct
+(``core/api/contract.py``) is ``invalid`` too, naming the field.
 """
 
 from __future__ import annotations

@@ -1,0 +1,82 @@
+"""What a typed RPC method is: a name, a request struct and a reply type.
+
+Every method a node serves is a ``Method`` constant in one of ``core/api``'s modules
+(``node``, ``objects``, ``tasks``, ``streams``), shared by the node that serves it and by
+every caller (clients and other nodes). On the wire a request's arguments are a map and a
+reply any msgpack value (``core/rpc.py``): a caller sends ``request_args(req)``; the node
+checks the map against the request struct (``parse_request``: unknown fields, wrong
+types and broken limits are ``invalid``, naming the field) before its handler sees it; a
+caller checks the reply (``parse_reply``) against the reply type. Nothing in between reads
+a ``dict`` by hand.
+
+Requests forbid unknown fields: a mesh runs one wire version (``core/wire.py``), so an
+unknown field is a bug or an attack, never a newer peer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from meshscale.core.api.errors import ApiError, ErrorCode
+
+__all__ = ["Empty", "Method", "Request", "parse_reply", "parse_request", "request_args"]
+
+Req = TypeVar("Req", bound="Request")
+Rep = TypeVar("Rep")
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every request struct (arguments by name)."""
+
+
+class Empty(Request):
+    """The request of a method that takes no arguments."""
+
+
+@dataclass(frozen=True, slots=True)
+class Method(Generic[Req, Rep]):
+    """One RPC method: its wire name, request struct and reply type."""
+
+    name: str
+    request: type[Req]
+    reply: Any
+    """The reply's type (a Struct, ``list[...]`` of one, or a builtin)."""
+
+    def __repr__(self) -> str:
+        return f"Method({self.name!r})"
+
+
+_BUILTINS = (bytes, bytearray, memoryview)
+
+
+def request_args(req: Request) -> dict[str, Any]:
+    """A request's wire form: a map of its fields (nested structs stay structs; the
+    encoder writes them as maps)."""
+    return msgspec.structs.asdict(req)
+
+
+def parse_request(method: Method[Req, Any], args: Any) -> Req:
+    """The request ``args`` (as decoded off the wire) as ``method``'s struct; raises
+    ``ApiError(INVALID)`` naming the field that is wrong."""
+    try:
+        return msgspec.convert(args, method.request)
+    except msgspec.ValidationError as exc:
+        raise ApiError(ErrorCode.INVALID, f"{method.name}: {exc}") from None
+
+
+def parse_reply(method: Method[Any, Rep], result: Any) -> Rep:
+    """A reply as decoded off the wire, as ``method``'s reply type; raises ``ValueError``
+    (a node that answers out of contract) naming the field."""
+    try:
+        out: Rep = msgspec.convert(result, method.reply)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{method.name}: malformed reply: {exc}") from None
+    return out
+
+
+def reply_builtins(reply: Any) -> Any:
+    """A handler's reply as msgpack-able builtins (bytes kept as bytes)."""
+    return msgspec.to_builtins(reply, builtin_types=_BUILTINS)

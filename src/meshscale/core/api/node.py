@@ -1,0 +1,92 @@
+"""The node's own methods: its membership view, counters, recent events, and removing a
+node for good (``admin.revoke``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from meshscale.core.api.contract import Empty, Method, Request
+
+__all__ = ["ADMIN_REVOKE", "EVENTS", "MEMBERS", "METHODS", "STATS", "EventInfo",
+           "EventsRequest", "MemberInfo", "NodeStats", "RevokeReply", "RevokeRequest"]
+
+MAX_REVOCATION_BYTES = 4096
+"""A signed revocation entry is a few hundred bytes."""
+
+
+class MemberInfo(msgspec.Struct, omit_defaults=True):
+    """One row of ``members``: a member as the asked node sees it."""
+
+    name: str
+    address: str
+    region: str
+    zone: str
+    state: str
+    """``alive``, ``suspect``, ``dead``, ``left`` or ``removed``."""
+    incarnation: int
+    rtt_ms: float | None = None
+    labels: dict[str, str] = {}
+    cert_expires: int | None = None
+    """When the member's node certificate ends (Unix seconds), as it says itself."""
+    disk_full: bool = False
+    """It says its disk is full: it is left out of new replica sets (``core/placement.py``)."""
+
+
+class EventInfo(msgspec.Struct, omit_defaults=True):
+    """A recent membership event on the asked node (wall-clock ``ts``)."""
+
+    seq: int
+    ts: float
+    event: str
+    name: str
+    incarnation: int = 0
+    source: str = ""
+    detail: str = ""
+
+
+class EventsRequest(Request):
+    since: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Only events after this sequence number."""
+
+
+class NodeStats(msgspec.Struct):
+    """A node's own counters (``stats``)."""
+
+    name: str
+    address: str
+    pid: int
+    incarnation: int
+    alive: int
+    health: int
+    membership: dict[str, int]
+    rejected_messages: dict[str, int]
+    runtime: dict[str, int]
+    connections: int
+    streams_in_flight: int
+    seal_key: str
+    keys: list[str]
+    uptime_s: float
+
+
+class RevokeRequest(Request):
+    entry: Annotated[bytes, msgspec.Meta(max_length=MAX_REVOCATION_BYTES)]
+    """A revocation signed by the cluster CA (``meshscale node remove``)."""
+
+
+class RevokeReply(msgspec.Struct):
+    name: str
+    """The node removed."""
+    new: bool
+    """False when this node already knew of the removal."""
+
+
+MEMBERS: Method[Empty, list[MemberInfo]] = Method("members", Empty, list[MemberInfo])
+STATS: Method[Empty, NodeStats] = Method("stats", Empty, NodeStats)
+EVENTS: Method[EventsRequest, list[EventInfo]] = Method("events", EventsRequest,
+                                                        list[EventInfo])
+ADMIN_REVOKE: Method[RevokeRequest, RevokeReply] = Method("admin.revoke", RevokeRequest,
+                                                         RevokeReply)
+
+METHODS: tuple[Method[Any, Any], ...] = (MEMBERS, STATS, EVENTS, ADMIN_REVOKE)

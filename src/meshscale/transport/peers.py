@@ -1,0 +1,111 @@
+"""A node's connections to the other nodes, one pool for every plane.
+
+Calls on one ``RpcConnection`` go one at a time (a node answers a connection's calls in
+order), so a plane keeps its traffic on its own *lanes*: ``shared(name, addr, lane)`` is
+the one long-lived connection of that lane to that node (scheduling messages do not wait
+behind a bulk transfer on another lane). A transfer that holds a connection for a while
+takes one of its own with ``checkout`` and gives it back with ``checkin``; up to
+``max_idle_per_peer`` of those are kept open for the next one (a TLS handshake costs more
+than a small object's whole transfer).
+
+Bounds: one shared connection per (member, lane) — lanes are a small fixed set named by
+the planes — plus ``max_idle_per_peer`` idle ones per member; ``forget`` closes a gone
+member's, and a member that comes back at a new address gets new connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from meshscale.transport.credentials import Credentials
+from meshscale.transport.rpc import RpcConnection, WireCounter
+
+__all__ = ["PeerConfig", "PeerPool"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    call_timeout_s: float = 30.0
+    """A call's bound, from sending to its reply (a lane may set its own)."""
+    connect_timeout_s: float = 3.0
+    """TCP + greeting + TLS set-up of a new connection (a peer behind a partition drops
+    the SYN: without this bound a call would wait its whole ``call_timeout_s``)."""
+    max_idle_per_peer: int = 4
+    """Idle checked-in connections kept per member."""
+
+
+class PeerPool:
+    """Connections from this node to the others (see the module's docstring)."""
+
+    def __init__(self, creds: Credentials, config: PeerConfig | None = None,
+                 counter: WireCounter | None = None) -> None:
+        self.creds = creds
+        self.cfg = config or PeerConfig()
+        self.counter = counter
+        self._shared: dict[tuple[str, str], RpcConnection] = {}
+        self._idle: dict[str, list[RpcConnection]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _new(self, addr: str, timeout_s: float | None) -> RpcConnection:
+        return RpcConnection(addr, self.creds,
+                             self.cfg.call_timeout_s if timeout_s is None else timeout_s,
+                             counter=self.counter, connect_timeout=self.cfg.connect_timeout_s)
+
+    def shared(self, name: str, addr: str, lane: str,
+               timeout_s: float | None = None) -> RpcConnection:
+        """The long-lived connection of ``lane`` to member ``name`` at ``addr``."""
+        key = (name, lane)
+        conn = self._shared.get(key)
+        if conn is None or conn.addr != addr:
+            if conn is not None:
+                self._close_later(conn)
+            conn = self._new(addr, timeout_s)
+            self._shared[key] = conn
+        return conn
+
+    def checkout(self, name: str, addr: str) -> RpcConnection:
+        """A connection to ``name`` for one caller alone: an idle one if there is one."""
+        idle = self._idle.get(name)
+        while idle:
+            conn = idle.pop()
+            if conn.addr == addr and conn.is_open:
+                return conn
+            self._close_later(conn)
+        return self._new(addr, None)
+
+    def checkin(self, name: str, conn: RpcConnection) -> None:
+        """Give back a checked-out connection (kept idle, or closed beyond the bound)."""
+        idle = self._idle.setdefault(name, [])
+        if len(idle) < self.cfg.max_idle_per_peer and conn.is_open:
+            idle.append(conn)
+        else:
+            self._close_later(conn)
+
+    def forget(self, name: str) -> None:
+        """Member ``name`` is gone: close its connections."""
+        for key in [k for k in self._shared if k[0] == name]:
+            self._close_later(self._shared.pop(key))
+        for conn in self._idle.pop(name, []):
+            self._close_later(conn)
+
+    def _close_later(self, conn: RpcConnection) -> None:
+        task = asyncio.get_running_loop().create_task(conn.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @property
+    def open_count(self) -> int:
+        """Connections the pool holds (shared and idle)."""
+        return len(self._shared) + sum(len(v) for v in self._idle.values())
+
+    async def close(self) -> None:
+        conns = [*self._shared.values(), *(c for v in self._idle.values() for c in v)]
+        self._shared.clear()
+        self._idle.clear()
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
