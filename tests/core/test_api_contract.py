@@ -79,3 +79,21 @@ def test_a_reply_out_of_contract_is_refused() -> None:
     with pytest.raises(ValueError, match="malformed reply"):
         parse_reply(MEMBERS, {"name": "n1"})
     assert request_args(RevokeRequest(entry=b"x")) == {"entry": b"x"}
+
+
+def test_residency_goes_on_the_wire_in_one_form() -> None:
+    import msgspec
+
+    from meshscale.core.api import ResidencyWire, residency_of
+    from meshscale.core.placement import Residency
+
+    for rule in (Residency(frozenset({"eu-west", "eu-central"}), "pii"), Residency(),
+                 Residency(frozenset()), Residency(None, "pii")):
+        wire = ResidencyWire.of(rule)
+        back = msgspec.convert(msgspec.to_builtins(wire), ResidencyWire)
+        assert residency_of(back) == rule
+    assert ResidencyWire.of(None) is None and residency_of(None) is None
+    for bad in ({"regions": "eu-west"}, {"regions": [""]}, {"regions": ["x"] * 65},
+                {"region": ["eu-west"]}):
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.convert(bad, ResidencyWire)

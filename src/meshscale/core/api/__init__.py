@@ -13,15 +13,18 @@ from meshscale.core.api.contract import (
     Empty,
     Method,
     Request,
+    ResidencyWire,
     parse_reply,
     parse_request,
     reply_builtins,
     request_args,
+    residency_of,
 )
 from meshscale.core.api.errors import ApiError, ErrorCode, code_of
 
-__all__ = ["METHODS", "ApiError", "Empty", "ErrorCode", "Method", "Request", "code_of",
-           "parse_reply", "parse_request", "reply_builtins", "request_args"]
+__all__ = ["METHODS", "ApiError", "Empty", "ErrorCode", "Method", "Request", "ResidencyWire",
+           "code_of", "parse_reply", "parse_request", "reply_builtins", "request_args",
+           "residency_of"]
 
 METHODS: dict[str, Method[Any, Any]] = {
     m.name: m for group in (node, objects, tasks, streams) for m in group.METHODS}

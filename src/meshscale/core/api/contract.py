@@ -16,13 +16,20 @@ unknown field is a bug or an attack, never a newer peer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 
 from meshscale.core.api.errors import ApiError, ErrorCode
+from meshscale.core.placement import Residency
 
-__all__ = ["Empty", "Method", "Request", "parse_reply", "parse_request", "request_args"]
+__all__ = ["MAX_REGIONS", "Empty", "Method", "RegionName", "Request", "ResidencyWire",
+           "parse_reply", "parse_request", "request_args", "residency_of"]
+
+MAX_REGIONS = 64
+"""Regions one residency rule may name."""
+RegionName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+DataClass = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 Req = TypeVar("Req", bound="Request")
 Rep = TypeVar("Rep")
@@ -47,6 +54,31 @@ class Method(Generic[Req, Rep]):
 
     def __repr__(self) -> str:
         return f"Method({self.name!r})"
+
+
+class ResidencyWire(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """A residency rule (``core.placement.Residency``) on the wire: the one place it is
+    converted, for objects, tasks and stream topics alike."""
+
+    regions: Annotated[list[RegionName], msgspec.Meta(max_length=MAX_REGIONS)] | None = None
+    """Allowed regions; absent: anywhere; empty: nowhere."""
+    data_class: DataClass | None = None
+
+    def rule(self) -> Residency:
+        return Residency(None if self.regions is None else frozenset(self.regions),
+                         self.data_class)
+
+    @classmethod
+    def of(cls, rule: Residency | None) -> ResidencyWire | None:
+        """``rule`` on the wire (None for no rule)."""
+        if rule is None:
+            return None
+        return cls(None if rule.regions is None else sorted(rule.regions), rule.data_class)
+
+
+def residency_of(wire: ResidencyWire | None) -> Residency | None:
+    """The rule a request carries (None: no rule)."""
+    return None if wire is None else wire.rule()
 
 
 _BUILTINS = (bytes, bytearray, memoryview)
