@@ -47,8 +47,11 @@ __all__ = ["CHECKED", "METHOD", "PLACEMENTS", "Figures", "PlanResult", "Workload
            "run_plan"]
 
 PLACEMENTS = ("central", "mesh", "hybrid")
-CHECKED = frozenset({"latency_p50_ms", "latency_p99_ms", "cross_region_bytes_per_day"})
-"""Figures ``bench/plan_calibration.py`` checks against a real local mesh."""
+CHECKED = frozenset({"cross_region_bytes_per_day"})
+"""Figures ``bench/plan_calibration.py`` checked against a real local mesh and found within
+its 0.2 target. Latency is compared there too but is not listed: the first calibration
+run measured 3 to 13 times the predicted latency on the real mesh (per-hop software
+overhead the flow model does not have yet), so latency stays "model only"."""
 
 METHOD: dict[str, str] = {
     "latency_p50_ms": "median time from a record's creation at its source to its result "
