@@ -290,6 +290,57 @@ def demo_cmd(
         raise typer.Exit(1)
 
 
+@app.command("plan")
+def plan_cmd(
+    plan_file: Annotated[Path | None, typer.Argument(help="The plan (TOML); "
+                                                     "`meshscale plan --example` prints one.",
+                                                     show_default=False)] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every figure as "
+                                                  "JSON here.")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write the report (one "
+                                                  "self-contained HTML file) here.")] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**31 - 1,
+                                      help="Simulator seed (same seed, same figures).")] = 1,
+    example: Annotated[bool, typer.Option("--example", help="Print a commented plan file "
+                                          "and exit.")] = False,
+) -> None:
+    """Weigh a mesh against one central region on your own sites and workloads: runs
+    them in the simulator under central, mesh and hybrid placements and gives a verdict
+    per workload with the numbers that decide it. docs/plan.md describes the file."""
+    import json
+
+    from meshscale.plan.model import EXAMPLE, PlanError, load_plan
+
+    if example:
+        typer.echo(EXAMPLE, nl=False)
+        return
+    if plan_file is None:
+        raise CliError("give a plan file (`meshscale plan --example` prints one)")
+    try:
+        plan = load_plan(plan_file)
+    except PlanError as e:
+        raise CliError(str(e)) from None
+    if html_out is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--html needs matplotlib: pip install 'meshscale[plan]'",
+                           exit_code=1) from None
+    from meshscale.plan.report import render_html, render_text
+    from meshscale.plan.run import run_plan
+
+    result = run_plan(plan, seed=seed)
+    typer.echo(render_text(result))
+    try:
+        if json_out is not None:
+            json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        if html_out is not None:
+            html_out.write_text(render_html(result), encoding="utf-8")
+            typer.echo(f"report: {html_out}")
+    except OSError as e:
+        raise CliError(f"cannot write the output: {e}") from None
+
+
 # -- node agent, members, local mesh -----------------------------------------------------
 
 node_app = _typer("Run a node agent.")

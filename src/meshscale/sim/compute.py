@@ -83,7 +83,7 @@ from meshscale.core.tasks import (
 )
 from meshscale.core.vivaldi import Coordinate
 from meshscale.sim.engine import NodeContext, Simulator
-from meshscale.sim.topology import Topology
+from meshscale.sim.topology import Placement, Topology
 
 __all__ = [
     "ComputeMesh",
@@ -206,7 +206,7 @@ class ComputeNode:
                 continue
             if isinstance(o, RunTask):
                 self._seq += 1
-                end = now + self.mesh.durations.get(o.task.task_id, 1.0)
+                end = now + self.mesh.duration(o.task.task_id, self.name, now)
                 heapq.heappush(self._runs, (end, self._seq, o.owner, o.task.task_id, o.attempt))
             elif isinstance(o, TaskBound):
                 self.book.bound(o.task_id, o.node, o.attempt, "")
@@ -259,18 +259,33 @@ class ComputeMesh:
         poll_s: float = 1.0,
         kv_delay_s: float = 0.05,
         record_trace: bool = False,
+        placements: Sequence[Placement] | None = None,
+        cpus_of: dict[str, float] | None = None,
+        holders: dict[str, tuple[str, ...]] | None = None,
+        duration_of: Callable[[str, str, float], float] | None = None,
     ) -> None:
+        """``placements`` (one per node, in name order), ``cpus_of`` (per node),
+        ``holders`` (per object: its replica holders, in place of the data plane's rule)
+        and ``duration_of`` (``(task_id, node, now) -> seconds``, asked when a task
+        starts: where it runs may change how long it takes) let a caller such as
+        ``meshscale plan`` lay out its own sites; by default nodes are spread round robin
+        and every task takes ``durations[task_id]``."""
         self.topology = topology or Topology.three_regions()
         self.config = config or SchedulingConfig(run_timeout_s=20.0)
         self.sim = Simulator(self.topology, seed, record_trace=record_trace)
+        if placements is not None:
+            nodes = len(placements)
         self.names = [f"n{i}" for i in range(nodes)]
-        self.placements = dict(zip(self.names, self.topology.place(nodes), strict=True))
+        laid_out = list(placements) if placements is not None else self.topology.place(nodes)
+        self.placements = dict(zip(self.names, laid_out, strict=True))
+        self.duration_of = duration_of
         labels = labels or {}
         self.candidates = {
             n: Candidate(n, p.region, p.zone, labels.get(n, {}))
             for n, p in self.placements.items()
         }
-        self.capacity = {n: Resources(cpus, 16_000, 1 if "gpu" in labels.get(n, {}) else 0)
+        self.capacity = {n: Resources((cpus_of or {}).get(n, cpus), 16_000,
+                                      1 if "gpu" in labels.get(n, {}) else 0)
                          for n in self.names}
         regions = list(self.topology.regions)
         self.coords = {
@@ -284,9 +299,12 @@ class ComputeMesh:
         self.objects_on: dict[str, set[str]] = {n: set() for n in self.names}
         view = list(self.candidates.values())
         for oid, (size, res) in sorted((objects or {}).items()):
-            holders = tuple(c.name for c in replica_set(oid, view, 3, res))
-            self.objects[oid] = InputRef(oid, size, holders, res)
-            for h in holders:
+            if holders is not None and oid in holders:
+                on = holders[oid]
+            else:
+                on = tuple(c.name for c in replica_set(oid, view, 3, res))
+            self.objects[oid] = InputRef(oid, size, on, res)
+            for h in on:
                 self.objects_on[h].add(oid)
         self.durations: dict[str, float] = {}
         self.specs: dict[str, TaskSpec] = {}
@@ -341,6 +359,12 @@ class ComputeMesh:
 
     def _factory(self, ctx: NodeContext) -> DrivenProtocol:
         return ComputeNode(ctx, self)
+
+    def duration(self, task_id: str, node: str, now: float) -> float:
+        """How long ``task_id`` runs on ``node``, starting ``now``."""
+        if self.duration_of is not None:
+            return self.duration_of(task_id, node, now)
+        return self.durations.get(task_id, 1.0)
 
     def node(self, name: str) -> ComputeNode:
         proto = self.sim.protocol(name)

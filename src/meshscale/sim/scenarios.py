@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from meshscale.core.membership import (
@@ -29,7 +29,7 @@ from meshscale.core.membership import (
 from meshscale.core.outputs import DrivenProtocol, Event
 from meshscale.core.vivaldi import estimate_rtt
 from meshscale.sim.engine import NodeContext, Simulator
-from meshscale.sim.topology import Topology
+from meshscale.sim.topology import Placement, Topology
 
 
 @dataclass
@@ -58,12 +58,18 @@ class SwimMesh:
         loss: float = 0.0,
         record_trace: bool = False,
         on_event: list[tuple[float, str, Event]] | None = None,
+        placements: Sequence[Placement] | None = None,
     ) -> None:
+        """``placements``, one per node, lays the nodes out (``nodes`` is then ignored);
+        by default they are spread round robin over the topology."""
         self.topology = topology or Topology.three_regions()
         self.config = config or MembershipConfig()
         self.sim = Simulator(self.topology, seed, loss=loss, record_trace=record_trace)
+        if placements is not None:
+            nodes = len(placements)
         self.names = [f"n{i}" for i in range(nodes)]
-        self.placements = dict(zip(self.names, self.topology.place(nodes), strict=True))
+        laid_out = list(placements) if placements is not None else self.topology.place(nodes)
+        self.placements = dict(zip(self.names, laid_out, strict=True))
         self.seen = Observed()
         self._event_log = on_event
         self.sim.observers.append(self._observe)

@@ -1,0 +1,1 @@
+"""Weighing a mesh against a central region: ``meshscale plan``."""
