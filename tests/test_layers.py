@@ -6,6 +6,8 @@ imports inside functions included):
 - ``sim`` and ``runtime`` never import each other;
 - ``client`` and ``runtime`` never import each other (they share ``core``, ``trust`` and
   ``transport``);
+- ``plan`` (``meshscale plan``) runs the simulator: it never imports ``runtime`` or
+  ``client``;
 - ``transport`` builds on ``trust`` and ``core``; ``trust`` never imports ``transport``,
   and neither imports ``runtime``, ``client`` or ``sim``.
 
@@ -51,7 +53,8 @@ def layer(module: str) -> str | None:
 MODULES = sorted(SRC.rglob("*.py"))
 FORBIDDEN = {"runtime": {"client", "sim"}, "client": {"runtime", "sim"}, "sim": {"runtime"},
              "transport": {"runtime", "client", "sim"},
-             "trust": {"transport", "runtime", "client", "sim"}}
+             "trust": {"transport", "runtime", "client", "sim"},
+             "plan": {"runtime", "client"}}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
