@@ -428,7 +428,7 @@ def _plan_region(region: str, nodes: list[PeerCapacity], now: float, cfg: Capaci
     new_drains = 0
     step = max(1, math.floor(cfg.drain_step_fraction * len(nodes)))
     chosen: set[str] = set()
-    for p in nodes:
+    for rank, p in enumerate(nodes):
         if p.state not in (PowerState.ACTIVE, PowerState.DRAINING) or p.name in returning:
             continue
         why = _not_eligible(p, now, cfg)
@@ -455,7 +455,7 @@ def _plan_region(region: str, nodes: list[PeerCapacity], now: float, cfg: Capaci
                     keep_zone[p.zone] = rest_zone
                     new_drains += 1
                 free_after = 1.0 - demand / rest_cap if rest_cap > 0 else 0.0
-                out[p.name] = (Verdict.DRAIN, f"rank {nodes.index(p)} in {region}; the rest "
+                out[p.name] = (Verdict.DRAIN, f"rank {rank} in {region}; the rest "
                                               f"keeps {free_after:.0%} free")
                 continue
         if p.state is PowerState.DRAINING and why is not None and p.name not in chosen:
