@@ -138,9 +138,11 @@ class EnergyScenario:
 
     @property
     def flap_bound_per_h(self) -> int:
-        """What the rule allows: at most four transitions (active, draining, standby,
-        waking, active) per ``min_dwell_s`` in active, plus one cycle in flight."""
-        return 4 * (math.floor(self.hour_s / self.capacity.min_dwell_s) + 1)
+        """The stated bound, from the default rule: at most four transitions (active,
+        draining, standby, waking, active) per ``min_dwell_s`` (60 s, one modelled hour)
+        in active, plus one cycle in flight: 8 per modelled hour. Fixed, so a rule
+        without dwell is held to it too."""
+        return 8
 
 
 class _Node:
@@ -221,13 +223,15 @@ class EnergySim:
         regions = list(self.topology.regions)
         per_region = {r: sum(1 for p in places if p.region == r) for r in regions}
         cap = sc.capacity
+        smallest = min(per_region.values())
+        # The oracle keeps its own copy of the minimums (it shares no code with the rule).
+        self.min_region_n = max(cap.min_active_per_region,
+                                math.ceil(sc.min_active_region_fraction * smallest))
+        self.min_zone_n = max(cap.min_active_per_zone,
+                              math.ceil(sc.min_active_zone_fraction * smallest))
         if sc.consolidate:
-            cap = replace(
-                cap,
-                min_active_per_region=max(cap.min_active_per_region, math.ceil(
-                    sc.min_active_region_fraction * min(per_region.values()))),
-                min_active_per_zone=max(cap.min_active_per_zone, math.ceil(
-                    sc.min_active_zone_fraction * min(per_region.values()))))
+            cap = replace(cap, min_active_per_region=self.min_region_n,
+                          min_active_per_zone=self.min_zone_n)
         else:
             cap = replace(cap, mode="off")
         zones: dict[str, dict[str, int]] = {}
@@ -242,11 +246,14 @@ class EnergySim:
                                           wake_penalty_s=max(2.0, sc.task_mean_s))
         self.spec = TaskSpec("t")
         self.nodes: dict[str, _Node] = {}
+        self.pinned: set[str] = set()
         self.by_region: dict[str, list[_Node]] = {r: [] for r in regions}
         self.by_zone: dict[tuple[str, str], list[_Node]] = {}
         for i, p in enumerate(places):
             name = f"n{i}"
             pinned = self.rng.random() < sc.pinned_fraction
+            if pinned:
+                self.pinned.add(name)
             ctl = CapacityController(name, p.region, p.zone, slots=float(sc.slots),
                                      config=cap, now=-cap.min_dwell_s, pinned=pinned,
                                      idle_watts=sc.power.idle_watts)
@@ -480,18 +487,25 @@ class EnergySim:
         self._pending_snap = [self._entry(n) for n in self.nodes.values()
                               if n.name not in self.detected]
         self._pending_sole = self._sole_counts() if sc.consolidate else {}
+        if sc.consolidate:
+            self._check_objects()
         self._at(self.now + sc.gossip_delay_s, _DELIVER)
 
     def _sole_counts(self) -> dict[str, int]:
         """The data plane's count from the view being gossiped: objects of which a node
-        is the only holder in the view (a standby copy is live: it stays readable).
-        Also the object oracle, on the truth."""
+        is the only holder in the view (a standby copy is live: it stays readable)."""
         out: dict[str, int] = {}
         detected = self.detected
-        for k, hs in enumerate(self.holder_nodes):
+        for hs in self.holder_nodes:
             live = [n for n in hs if n.name not in detected]
             if len(live) == 1:
                 out[live[0].name] = out.get(live[0].name, 0) + 1
+        return out
+
+    def _check_objects(self) -> None:
+        """The object oracle, on the truth: a live copy always; an only copy not asleep
+        for longer than ``grace_s``."""
+        for k, hs in enumerate(self.holder_nodes):
             up = [n for n in hs if n.up]
             if not up:
                 self.problems.append(f"{self.now:.1f} object {k}: no live copy")
@@ -503,7 +517,6 @@ class EnergySim:
                     self._no_awake_since[k] = self.now
             else:
                 self._no_awake_since.pop(k, None)
-        return out
 
     def _deliver(self) -> None:
         snap = self._pending_snap
@@ -553,6 +566,9 @@ class EnergySim:
                         self._place(tid)
             node.queue.clear()
         elif ev.new is _S:
+            if node.name in self.pinned:
+                self.problems.append(f"{self.now:.1f} {node.name} is pinned no-standby and "
+                                     "went to standby")
             for k in node.holds:
                 # A holder that crashed too recently for any view to know is no fault
                 # of this node's (it wakes once the crash is known: checked below).
@@ -632,21 +648,20 @@ class EnergySim:
         if not self.sc.consolidate or self.now > self.sc.load.day_s:
             return
         now = self.now
-        cfg = self.capacity
         grace = self.sc.grace_s
         awake_total = 0
         for r, nodes in self.by_region.items():
             awake = [n for n in nodes if n.up and n.ctl.state in (_A, _D)]
             awake_total += len(awake)
-            if len(awake) < cfg.min_region(r) and now - self.last_crash.get(r, -1e9) > grace:
+            if len(awake) < self.min_region_n and now - self.last_crash.get(r, -1e9) > grace:
                 self.problems.append(f"{now:.1f} region {r}: {len(awake)} awake, minimum "
-                                     f"{cfg.min_region(r)}")
+                                     f"{self.min_region_n}")
             for z in self.topology.regions[r]:
                 n_z = sum(1 for n in awake if n.zone == z)
-                if n_z < cfg.min_active_per_zone \
+                if n_z < self.min_zone_n \
                         and now - self.last_crash.get(f"{r}/{z}", -1e9) > grace:
                     self.problems.append(f"{now:.1f} zone {z}: {n_z} awake, minimum "
-                                         f"{cfg.min_active_per_zone}")
+                                         f"{self.min_zone_n}")
         self.awake_fractions.append(awake_total / len(self.nodes))
 
     def _report(self) -> EnergyReport:
