@@ -210,9 +210,13 @@ def test_sigkill_worker_node_mid_run(client: TaskMesh, mesh: LocalMesh) -> None:
     assert victim.proc is not None
     os.kill(victim.proc.pid, signal.SIGKILL)
     victim.proc.wait()
+    # Tasks the victim finished before it died keep their outcome (and its name).
+    done_there = {r["task_id"] for r in client.tasks(200)
+                  if r["node"] == victim.name and r["state"] == "done"}
     results = [f.result(timeout=120) for f in futs]
     assert results == [k * k for k in range(60)]
-    assert all(f.node != victim.name for f in futs)
+    ran_there = {f.task_id for f in futs if f.node == victim.name}
+    assert ran_there <= done_there, ran_there - done_there
     stats = client._run(client._inner._trequest(TASK_STATS, Empty()))
     assert stats.scheduling.get("replaced", 0) >= 1  # its tasks were placed again
 

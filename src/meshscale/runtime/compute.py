@@ -431,10 +431,19 @@ class ComputePlane:
             raise RpcError(f"{name}: not a member")
         peers = self.agent.peers
         conn = peers.checkout(name, member.addr)
+        answered = False
         try:
-            return await conn.request(TASK_RESULT, req)
+            view = await conn.request(TASK_RESULT, req)
+            answered = True
+            return view
+        except RemoteError:
+            answered = True  # an error answer: the connection is fine
+            raise
         finally:
-            peers.checkin(name, conn)
+            if answered:
+                peers.checkin(name, conn)
+            else:  # cut short (a reply may still come): never reused
+                await conn.close()
 
     def _load_report(self) -> LoadReport:
         assert self.sched is not None
