@@ -56,6 +56,8 @@ from typing import Any
 
 from meshscale.client.mesh import READ_AHEAD, AsyncMesh
 from meshscale.client.rpc import ClientCredentials, RpcConnection
+from meshscale.core.api import Empty
+from meshscale.core.api.tasks import TASK_STATS
 from meshscale.runtime.launcher import LocalMesh, NodeProcess
 from meshscale.transport.tls import client_context, server_context
 from meshscale.trust.bundle import issue_node_cert, load_bundle
@@ -359,7 +361,7 @@ async def wait_warm(mesh: LocalMesh, timeout_s: float = 60) -> None:
     for node in mesh.nodes:
         c = RpcConnection(node.address, creds, 30)
         try:
-            while (await c.call("task.stats", {}))["pool"]["idle"] < 1:
+            while (await c.request(TASK_STATS, Empty())).pool["idle"] < 1:
                 if time.perf_counter() > deadline:
                     raise RuntimeError(f"{node.name}: worker pool not up in {timeout_s:g} s")
                 await asyncio.sleep(0.1)

@@ -1109,8 +1109,12 @@ def tasks_cmd(
     """List the tasks a node owns (newest first): state, node it ran on, and why there."""
     import json
 
-    rows: list[dict[str, Any]] = _call(_target(node, mesh_file, bundle), "task.list",
-                                       {"limit": limit}, timeout=timeout)
+    import msgspec
+
+    from meshscale.core.api.tasks import TASK_LIST, ListRequest
+
+    rows: list[dict[str, Any]] = msgspec.to_builtins(_request(
+        _target(node, mesh_file, bundle), TASK_LIST, ListRequest(limit=limit), timeout=timeout))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:

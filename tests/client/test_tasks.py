@@ -14,6 +14,7 @@ import pytest
 import meshscale
 from meshscale.client import tasks as t
 from meshscale.client.mesh import MeshError, ObjectRef
+from meshscale.core.api import ResidencyWire
 
 
 def add(a: int, b: int = 0) -> int:
@@ -98,8 +99,8 @@ def test_task_decorator_options_and_local_call() -> None:
     with pytest.raises(ValueError, match="cpus"):
         meshscale.task(cpus=0)(add)
     fid, _, wire = mul._wire((1, 2), {})
-    assert wire["fn_id"] == fid and wire["fn"] is None and wire["cpus"] == 2.0
-    assert wire["residency"] == ["eu-west"] and len(wire["task_id"]) == 32
+    assert wire.fn_id == fid and wire.fn is None and wire.cpus == 2.0
+    assert wire.residency == ResidencyWire(["eu-west"]) and len(wire.task_id) == 32
 
 
 def test_submit_without_a_mesh_says_connect_first(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,7 +129,7 @@ def test_a_placement_by_region_is_sent_as_its_mode() -> None:
     """``placement=meshscale.Region(...)`` used to travel as ``{"name": ...}``, which the
     node read as "no mode: data placement" and ran the task anywhere."""
     import meshscale
-    from meshscale.runtime.compute import _placement
+    from meshscale.core.api.tasks import PlacementCentral
 
     t = meshscale.task(placement=meshscale.Region("us-east"))(_where)
     assert t.placement == {"mode": "central", "region": "us-east"}
@@ -138,9 +139,11 @@ def test_a_placement_by_region_is_sent_as_its_mode() -> None:
     for bad in ({"name": "us-east"}, "cloud", 3):
         with pytest.raises(ValueError, match="placement must be"):
             meshscale.task(placement=bad)(_where)
-    # The node refuses a placement it cannot read instead of defaulting.
-    with pytest.raises(ValueError, match="unknown placement mode None"):
-        _placement({"name": "us-east"})
+    # A placement with its mode but not that mode's fields is refused here too.
+    with pytest.raises(ValueError, match="region"):
+        meshscale.task(placement={"mode": "central"})(_where)
+    _, _, wire = meshscale.task(placement=meshscale.Region("us-east"))(_where)._wire((), {})
+    assert wire.placement == PlacementCentral(region="us-east")
 
 
 def test_an_oversized_kv_value_is_refused_before_it_is_sent() -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from meshscale.core.api import Empty
+from meshscale.core.api.tasks import TASK_STATS
 from meshscale.runtime.launcher import LocalMesh
 
 pytestmark = pytest.mark.timeout(240)
@@ -42,8 +44,8 @@ def tasks_run(mesh: LocalMesh) -> dict[str, int]:
     out = {}
     for n in mesh.nodes:
         with meshscale.connect(n.address, bundle=mesh.bundle_path) as c:
-            stats = c._run(c._inner._tcall("task.stats", {}))
-        out[n.name] = int(stats["scheduling"].get("tasks_run", 0))
+            stats = c._run(c._inner._trequest(TASK_STATS, Empty()))
+        out[n.name] = int(stats.scheduling.get("tasks_run", 0))
     return out
 
 

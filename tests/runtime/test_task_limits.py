@@ -17,6 +17,8 @@ from runtime_mesh import host_like_dir
 
 import meshscale
 from meshscale.client.tasks import TaskError
+from meshscale.core.api import Empty
+from meshscale.core.api.tasks import TASK_STATS
 from meshscale.runtime.identity import IDENTITY_JSON
 from meshscale.runtime.isolation import own_limits
 from meshscale.runtime.launcher import LocalMesh
@@ -155,7 +157,7 @@ def test_tasks_cannot_read_the_nodes_secrets(rooted: LocalMesh) -> None:
         out = c.submit(probe, [str(p) for p in secrets], ref).result(timeout=60)
     for node in rooted.nodes:
         with meshscale.connect(node.address, bundle=rooted.bundle_path) as c:
-            stats = c._run(c._inner._tcall("task.stats", {}))["compute"]
+            stats = c._run(c._inner._trequest(TASK_STATS, Empty())).compute
             by_path += stats.get("inputs_by_path", 0)
     for p in secrets:
         assert out[str(p)] == "PermissionError", (p, out[str(p)])

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Final, Generic, ParamSpec, TypeVar
 
 import cloudpickle
+import msgspec
 
 from meshscale.client.mesh import (
     READ_AHEAD,
@@ -65,8 +66,23 @@ from meshscale.client.mesh import (
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
 from meshscale.client.streams import StreamsMixin
-from meshscale.core.api import ErrorCode
+from meshscale.core.api import ErrorCode, Method, Request, ResidencyWire
+from meshscale.core.api.tasks import (
+    TASK_CANCEL,
+    TASK_LIST,
+    TASK_SUBMIT,
+    TASK_WAIT,
+    CancelRequest,
+    ListRequest,
+    SubmitReply,
+    SubmitRequest,
+    TaskView,
+    TaskWire,
+    WaitRequest,
+    parse_placement,
+)
 from meshscale.core.objects import digest_hex
+from meshscale.core.tasks import TaskState
 
 __all__ = [
     "AsyncTaskMesh",
@@ -87,6 +103,8 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+Req = TypeVar("Req", bound=Request)
+Rep = TypeVar("Rep")
 
 SUBMIT_BATCH: Final = 512
 """Tasks per ``task.submit`` request."""
@@ -265,11 +283,13 @@ class TaskFunction(Generic[P, R]):
         self.cpus = float(cpus)
         self.memory_mb = memory_mb
         self.gpus = gpus
-        self.labels = dict(labels or {})
+        self.labels = {str(k): str(v) for k, v in (labels or {}).items()}
         self.residency = None if residency is None else list(residency)
         self.retries = retries
         self.timeout_s = timeout_s
         self.placement = _placement_wire(placement)
+        self._placement = parse_placement(self.placement)
+        self._residency = None if self.residency is None else ResidencyWire(self.residency)
         self.__name__ = getattr(fn, "__name__", "task")
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
@@ -294,16 +314,14 @@ class TaskFunction(Generic[P, R]):
         """Run on the default mesh (the last ``meshscale.connect()``)."""
         return default_mesh().submit(self, *args, **kwargs)
 
-    def _wire(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, bytes, dict[str, Any]]:
+    def _wire(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, bytes, TaskWire]:
         fn_id, fn_bytes = pickle_function(self.fn)
         payload, inputs = _pickle_call(args, kwargs)
-        return fn_id, fn_bytes, {
-            "task_id": uuid.uuid4().hex, "fn_id": fn_id, "fn": None, "args": payload,
-            "inputs": inputs, "cpus": self.cpus, "memory_mb": self.memory_mb or 0,
-            "gpus": self.gpus, "labels": self.labels, "residency": self.residency,
-            "retries": self.retries, "timeout_s": self.timeout_s,
-            "placement": self.placement,
-        }
+        return fn_id, fn_bytes, TaskWire(
+            task_id=uuid.uuid4().hex, fn_id=fn_id, args=payload, inputs=inputs,
+            cpus=self.cpus, memory_mb=self.memory_mb or 0, gpus=self.gpus,
+            labels=self.labels, residency=self._residency, retries=self.retries,
+            timeout_s=self.timeout_s, placement=self._placement)
 
     def __repr__(self) -> str:
         return f"<task {self.__name__} cpus={self.cpus:g}>"
@@ -368,14 +386,14 @@ class Future:
         self.name = name
         self._mesh = mesh
         self._runner = runner
-        self._outcome: dict[str, Any] | None = None
+        self._outcome: TaskView | None = None
         self._value: Any = None
         self._loaded = False
 
     @property
     def node(self) -> str | None:
         """The node that ran it, once known."""
-        return None if self._outcome is None else str(self._outcome.get("node") or "") or None
+        return None if self._outcome is None else self._outcome.node or None
 
     def _run(self, coro: Any) -> Any:
         if self._runner is None:
@@ -400,9 +418,10 @@ class Future:
     async def cancel_async(self) -> bool:
         if self._outcome is not None:
             return False
-        reply = await self._mesh._tcall("task.cancel", {"task_id": self.task_id})
-        if reply.get("cancelled"):
-            self._outcome = {"state": "cancelled", "error": "cancelled", "kind": "cancelled"}
+        reply = await self._mesh._trequest(TASK_CANCEL, CancelRequest(task_id=self.task_id))
+        if reply.cancelled:
+            self._outcome = TaskView(task_id=self.task_id, state=TaskState.CANCELLED,
+                                     error="cancelled", kind="cancelled")
             return True
         return False
 
@@ -423,15 +442,14 @@ class Future:
             return self._value
         o = self._outcome
         assert o is not None
-        state = o.get("state")
-        if state != "done":
-            cls = TaskCancelledError if state == "cancelled" else TaskError
-            raise cls(self.task_id, str(o.get("kind") or ""), str(o.get("error") or ""),
-                      str(o.get("traceback") or ""), str(o.get("node") or ""))
-        data = o.get("value")
-        ref = o.get("ref")
+        state = o.state
+        if state != TaskState.DONE:
+            cls = TaskCancelledError if state == TaskState.CANCELLED else TaskError
+            raise cls(self.task_id, o.kind, o.error, o.traceback, o.node)
+        data = o.value
+        ref = o.ref
         if data is None and ref is not None:
-            data = await self._mesh.get(ObjectRef(str(ref["id"]), int(ref["size"])))
+            data = await self._mesh.get(ObjectRef(ref.id, ref.size))
         if not isinstance(data, bytes):
             raise MeshError(f"task {self.task_id}: the node returned no value")
         try:
@@ -443,7 +461,7 @@ class Future:
         return self._value
 
     def __repr__(self) -> str:
-        state = "pending" if self._outcome is None else self._outcome.get("state")
+        state = "pending" if self._outcome is None else self._outcome.state
         return f"<Future {self.name} {self.task_id} {state}>"
 
 
@@ -462,25 +480,23 @@ class AsyncTaskMesh(AsyncMesh):
         self._fns_sent: set[str] = set()
         self.runner: _LoopThread | None = None
 
-    async def _tcall(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
-        """A task RPC on one of the extra connections."""
+    async def _trequest(self, method: Method[Req, Rep], req: Req) -> Rep:
+        """A typed task call on one of the extra connections; ``MeshError`` if it fails."""
         async with self._conn_sem:
             conn = (self._idle_conns.pop() if self._idle_conns
                     else RpcConnection(self.address, self._creds, timeout=self.timeout))
             ok = False
             try:
-                result = await conn.call(method, args)
+                result = await conn.request(method, req)
                 ok = True
             except RpcError as e:
-                ok = conn._writer is not None
+                ok = conn.is_open
                 raise MeshError(str(e), getattr(e, "code", "")) from None
             finally:
                 if ok:
                     self._idle_conns.append(conn)
                 else:
                     await conn.close()
-        if not isinstance(result, dict):
-            raise MeshError(f"{self.address}: unexpected reply to {method}: {result!r:.200}")
         return result
 
     async def submit(self, f: Any, *args: Any, **kwargs: Any) -> Future:
@@ -498,7 +514,7 @@ class AsyncTaskMesh(AsyncMesh):
         progress: bool | Callable[[int, int], None] = False,
     ) -> list[Future]:
         tf = _as_task(f)
-        wires: list[dict[str, Any]] = []
+        wires: list[TaskWire] = []
         fn_bytes = b""
         for a, kw in calls:
             _, fn_bytes, wire = tf._wire(a, kw)
@@ -519,18 +535,18 @@ class AsyncTaskMesh(AsyncMesh):
             if len(batch) > 1:
                 prefix = uuid.uuid4().hex
                 for n, w in enumerate(batch):
-                    w["task_id"] = f"{prefix}.{n}"
-        futures = [Future(self, w["task_id"], tf.__name__, self.runner) for w in wires]
+                    w.task_id = f"{prefix}.{n}"
+        futures = [Future(self, w.task_id, tf.__name__, self.runner) for w in wires]
         by_id = {f.task_id: f for f in futures}
         submitted = 0
 
-        async def send(batch: list[dict[str, Any]]) -> None:
+        async def send(batch: list[TaskWire]) -> None:
             nonlocal submitted
             reply = await self._submit_batch(batch, fn_bytes)
-            for r in reply.get("results") or []:
-                fut = by_id.get(str(r.get("task_id")))
-                if fut is not None and fut._outcome is None and r.get("state") in TERMINAL:
-                    fut._outcome = dict(r)
+            for r in reply.results:
+                fut = by_id.get(r.task_id)
+                if fut is not None and fut._outcome is None and r.state in TERMINAL:
+                    fut._outcome = r
             submitted += len(batch)
             if report is not None:
                 report(submitted, len(wires))
@@ -559,21 +575,20 @@ class AsyncTaskMesh(AsyncMesh):
                     raise r
         return futures
 
-    async def _submit_batch(self, batch: list[dict[str, Any]], fn_bytes: bytes
-                            ) -> dict[str, Any]:
-        fn_id = batch[0]["fn_id"]
+    async def _submit_batch(self, batch: list[TaskWire], fn_bytes: bytes) -> SubmitReply:
+        fn_id = batch[0].fn_id
         if fn_id in self._fns_sent:
             for w in batch:
-                w["fn"] = None
+                w.fn = None
         for attempt in range(2):
             try:
-                reply = await self._tcall("task.submit", {"tasks": batch})
+                reply = await self._trequest(TASK_SUBMIT, SubmitRequest(tasks=batch))
                 self._fns_sent.add(fn_id)
                 return reply
             except MeshError as e:
                 msg = str(e)
                 if e.code == ErrorCode.NEED_FUNCTION and attempt == 0:
-                    batch[0]["fn"] = fn_bytes  # the node asked: send the bytes once
+                    batch[0].fn = fn_bytes  # the node asked: send the bytes once
                     continue
                 detail = msg.removeprefix(f"{self.address}: ")
                 raise TaskSubmitError(f"submit refused: {detail}") from None
@@ -589,17 +604,17 @@ class AsyncTaskMesh(AsyncMesh):
             return
         by_id = {f.task_id: f for f in pending[:WAIT_IDS]}
         ids = list(by_id)
-        reply = await self._tcall("task.wait", {"task_ids": ids, "timeout_s": timeout,
-                                                "min_done": len(ids) if every else 1})
-        for r in reply.get("results") or []:
-            fut = by_id.get(str(r.get("task_id")))
-            if fut is not None and r.get("state") in TERMINAL:
-                fut._outcome = dict(r)
-        for tid in reply.get("unknown") or []:
-            fut = by_id.get(str(tid))
+        reply = await self._trequest(TASK_WAIT, WaitRequest(
+            task_ids=ids, timeout_s=max(0.0, timeout), min_done=len(ids) if every else 1))
+        for r in reply.results:
+            fut = by_id.get(r.task_id)
+            if fut is not None and r.state in TERMINAL:
+                fut._outcome = r
+        for tid in reply.unknown:
+            fut = by_id.get(tid)
             if fut is not None:
-                fut._outcome = {"state": "failed", "kind": "unknown",
-                                "error": "no node knows this task (its record was lost)"}
+                fut._outcome = TaskView(task_id=tid, state=TaskState.FAILED, kind="unknown",
+                                        error="no node knows this task (its record was lost)")
 
     async def wait(self, futures: Iterable[Future], timeout: float | None = None
                    ) -> tuple[list[Future], list[Future]]:
@@ -638,10 +653,8 @@ class AsyncTaskMesh(AsyncMesh):
 
     async def tasks(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The node's task records, newest first (state, node, placement reason)."""
-        rows = await self._call("task.list", {"limit": limit})
-        if not isinstance(rows, list):
-            raise MeshError(f"{self.address}: unexpected reply to task.list")
-        return [dict(r) for r in rows]
+        rows = await self._request(TASK_LIST, ListRequest(limit=limit))
+        return [msgspec.to_builtins(r) for r in rows]
 
     async def close(self) -> None:
         for conn in self._idle_conns:

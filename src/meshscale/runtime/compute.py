@@ -6,12 +6,15 @@ the way ``dataplane.py`` drives ``core.replication``:
 
 - one ``Scheduler`` and one ``WorkerPool`` (one warm process per CPU of capacity) per
   node, one timer, ``_pump`` after every call into the scheduler;
-- ``SendMessage`` goes to the peer's ``sched.msg`` RPC. Each message carries the
-  sender's ``Load`` and capacity, and every ``load_interval_s`` (1 s) a node with recent
-  scheduling activity sends its own to every live peer (``sched.load``), so the view's
-  loads are at most ~1 s stale while work flows; an idle node stops after
-  ``gossip_idle_s`` and closes those connections (its load is zero and stays so). Late
-  binding makes a stale view cost a round trip, not a wrong placement;
+- ``SendMessage`` goes to the peer's ``sched.msg`` / ``sched.batch`` RPC (typed in
+  ``core/api/tasks.py``; the message itself stays the bytes ``core.scheduling`` encoded).
+  Each carries the sender's ``Load`` and capacity, and every ``load_interval_s`` (1 s) a
+  node with recent scheduling activity sends its own to every live peer (``sched.load``),
+  so the view's loads are at most ~1 s stale while work flows; an idle node stops after
+  ``gossip_idle_s`` (its load is zero and stays so). Late binding makes a stale view cost
+  a round trip, not a wrong placement. Connections to peers are the node's pool
+  (``NodeServices.peers``): scheduling on lane ``sched``, task calls on lane ``tasks``, a
+  waiting ``task.result`` on a connection checked out for it;
 - ``RunTask``: the worker node fetches the task's input objects itself (local store
   first, else ``obj.read`` proxies from a holder: never through the client), runs the
   function in the pool (fetching its bytes from the owner, or the function object, if
@@ -46,24 +49,58 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
-from meshscale.core.api import ApiError, ErrorCode
+from meshscale.core.api import ApiError, Empty, ErrorCode, Method, Request
+from meshscale.core.api.tasks import (
+    SCHED_BATCH,
+    SCHED_LOAD,
+    SCHED_MSG,
+    TASK_CANCEL,
+    TASK_DONE,
+    TASK_FN,
+    TASK_KILL,
+    TASK_LIST,
+    TASK_RESULT,
+    TASK_STATS,
+    TASK_SUBMIT,
+    TASK_WAIT,
+    CancelReply,
+    CancelRequest,
+    DoneReply,
+    DoneRequest,
+    FnReply,
+    FnRequest,
+    KillReply,
+    KillRequest,
+    ListRequest,
+    LoadReport,
+    ResultRef,
+    ResultRequest,
+    SchedAck,
+    SchedBatchRequest,
+    SchedMsgRequest,
+    SubmitReply,
+    SubmitRequest,
+    TaskRow,
+    TaskStats,
+    TaskView,
+    TaskWire,
+    WaitReply,
+    WaitRequest,
+    parse_placement,
+    placement_mode,
+)
 from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, Residency
 from meshscale.core.scheduling import (
-    Central,
-    DataLocal,
     InputRef,
-    InRegions,
     Load,
-    NearSource,
     NodeState,
-    PlacementMode,
     Resources,
     RunTask,
     Scheduler,
@@ -86,10 +123,10 @@ from meshscale.core.tasks import (
     Verdict,
     lookup,
 )
-from meshscale.core.wire import DECODE_ERRORS, wire_bytes
+from meshscale.core.wire import DECODE_ERRORS
 from meshscale.runtime import caller
 from meshscale.runtime.deadline import DeadlineTimer
-from meshscale.runtime.local import LocalCalls
+from meshscale.runtime.local import LocalCalls, call_node
 from meshscale.runtime.services import NodeServices
 from meshscale.runtime.workers import (
     FunctionNotCached,
@@ -100,13 +137,15 @@ from meshscale.runtime.workers import (
     function_id,
 )
 from meshscale.runtime.workers import TaskFailed as WorkerTaskFailed
-from meshscale.transport.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.transport.rpc import RemoteError, RpcError
+
+Req = TypeVar("Req", bound=Request)
+Rep = TypeVar("Rep")
 
 _INPUT_ERRORS: tuple[type[BaseException], ...] = (RpcError, *DECODE_ERRORS)
 """Reading or decoding a task's inputs failed: the task fails with kind ``input``."""
 BATCH_BYTES = 4 << 20
 """Scheduling messages to one peer are sent together up to this many bytes per RPC."""
-MAX_BATCH_MESSAGES = 4096
 KV_PREFIX = "task/"
 GROUP_PREFIX = "taskset/"
 GROUP_MAX_BYTES = 900 * 1024
@@ -119,6 +158,12 @@ before their records are written (the answer then carries what the records would
 WAIT_REPLY_BYTES = 8 << 20
 """A ``task.wait`` answer carries results up to about this many bytes; the rest wait
 for the next call."""
+SCHED_LANE = "sched"
+"""The connection to each peer that carries scheduling messages and load reports
+(``transport/peers.py``): they never wait behind a task call."""
+TASK_LANE = "tasks"
+"""The connection to each peer for short task calls (outcomes, function bytes, kills,
+questions that do not wait); a waiting question checks out a connection of its own."""
 CPUS_ENV = "MESHSCALE_CPUS"
 """Overrides the node's CPU capacity (and pool size) when its meta does not set one."""
 
@@ -218,26 +263,6 @@ def _total_memory_mb() -> int:
         return 1 << 20
 
 
-def _placement(raw: Any) -> PlacementMode:
-    """The wire form of a placement mode: None / "data" / {"mode": ..., ...}."""
-    if raw is None or raw == "data":
-        return DataLocal()
-    if isinstance(raw, str):
-        raw = {"mode": raw}
-    if not isinstance(raw, dict):
-        raise ValueError(f"placement must be a mode name or a dict, not {raw!r:.80}")
-    mode = raw.get("mode")
-    if mode == "data":
-        return DataLocal()
-    if mode == "central":
-        return Central(str(raw["region"]))
-    if mode == "regions":
-        return InRegions(frozenset(str(r) for r in raw["regions"]))
-    if mode == "near-source":
-        return NearSource(str(raw["source"]))
-    raise ValueError(f"unknown placement mode {mode!r} (data, central, regions, near-source)")
-
-
 class ComputePlane:
     """Tasks on one node: owner of what is submitted here, worker for what it is granted."""
 
@@ -270,14 +295,12 @@ class ComputePlane:
         self._fns_stored: set[str] = set()
         self._inputs: dict[str, tuple[InputRef, float]] = {}
         self._loads: dict[str, tuple[Load, Resources]] = {}
-        self._conns: dict[str, RpcConnection] = {}
         self._outq: dict[str, list[bytes]] = {}
         self._group_keys: OrderedDict[str, None] = OrderedDict()
         self._fn_time: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._flushing: set[str] = set()
         self._old_peers: set[str] = set()
-        self._creds: ClientCredentials | None = None
         self._timer = DeadlineTimer(self._on_timer)
         self._tick: asyncio.Future[None] | None = None
         self._watches: dict[str, list[_Watch]] = {}
@@ -295,26 +318,22 @@ class ComputePlane:
 
     async def start(self) -> None:
         agent = self.agent
-        self._creds = agent.creds
         self._pool_ready = asyncio.Event()
         self.sched = Scheduler(agent.name, self.capacity, config=self.cfg.scheduling,
                                rng=random.Random(agent.rng.random()), now=time.monotonic())
         self.sched.set_view(self._view(), time.monotonic())
-        for name, fn in {
-            "sched.msg": self._rpc_sched_msg,
-            "sched.load": self._rpc_sched_load,
-            "sched.batch": self._rpc_sched_batch,
-            "task.submit": self._rpc_submit,
-            "task.result": self._rpc_result,
-            "task.wait": self._rpc_wait,
-            "task.cancel": self._rpc_cancel,
-            "task.list": self._rpc_list,
-            "task.done": self._rpc_done,
-            "task.fn": self._rpc_fn,
-            "task.kill": self._rpc_kill,
-            "task.stats": self._rpc_stats,
-        }.items():
-            agent.register_rpc(name, fn)
+        agent.serve(SCHED_MSG, self._rpc_sched_msg)
+        agent.serve(SCHED_LOAD, self._rpc_sched_load)
+        agent.serve(SCHED_BATCH, self._rpc_sched_batch)
+        agent.serve(TASK_SUBMIT, self._rpc_submit)
+        agent.serve(TASK_RESULT, self._rpc_result)
+        agent.serve(TASK_WAIT, self._rpc_wait)
+        agent.serve(TASK_CANCEL, self._rpc_cancel)
+        agent.serve(TASK_LIST, self._rpc_list)
+        agent.serve(TASK_DONE, self._rpc_done)
+        agent.serve(TASK_FN, self._rpc_fn)
+        agent.serve(TASK_KILL, self._rpc_kill)
+        agent.serve(TASK_STATS, self._rpc_stats)
         agent.event_listeners.append(self._on_member_event)
         agent.spawn(self._gossip_load())
         self._pump()
@@ -326,9 +345,6 @@ class ComputePlane:
     async def stop(self) -> None:
         self._timer.cancel()
         self.sched = None
-        for conn in list(self._conns.values()):
-            with contextlib.suppress(Exception):
-                await conn.close()
         await self.pool.close()
 
     # ------------------------------------------------------------------ driving core
@@ -398,50 +414,46 @@ class ComputePlane:
 
     # ------------------------------------------------------------------ node-to-node
 
-    def _conn(self, name: str) -> RpcConnection:
-        m = self.agent.m.members.get(name)
-        if m is None:
-            raise RpcError(f"{name}: not a member")
-        conn = self._conns.get(name)
-        if conn is None or conn.addr != m.addr:
-            assert self._creds is not None
-            conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s,
-                             counter=self.agent.stats)
-            self._conns[name] = conn
-        return conn
+    async def _call(self, name: str, method: Method[Req, Rep], req: Req, *,
+                    lane: str = TASK_LANE) -> Rep:
+        """Typed ``method`` on member ``name`` (in-process when it is this node), on the
+        pool's connection of ``lane`` to it."""
+        return await call_node(self.agent, name, method, req, lane=lane,
+                               timeout_s=self.cfg.rpc_timeout_s)
 
-    async def _call(self, name: str, method: str, args: dict[str, Any],
-                    *, dedicated: bool = False) -> Any:
-        if name == self.agent.name:
-            return await self.local.call(method, args)
-        if not dedicated:
-            return await self._conn(name).call(method, args)
-        # Long waits get their own connection so they do not hold up scheduling messages.
-        m = self.agent.m.members.get(name)
-        if m is None:
+    async def _ask_waiting(self, name: str, req: ResultRequest) -> TaskView:
+        """``task.result`` that may wait: on a connection of its own (checked out of the
+        pool), so it holds up no other call to that node."""
+        if name == self.agent.name or req.timeout_s <= 0:
+            return await self._call(name, TASK_RESULT, req)
+        member = self.agent.m.members.get(name)
+        if member is None:
             raise RpcError(f"{name}: not a member")
-        assert self._creds is not None
-        conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s,
-                             counter=self.agent.stats)
+        peers = self.agent.peers
+        conn = peers.checkout(name, member.addr)
+        answered = False
         try:
-            return await conn.call(method, args)
+            view = await conn.request(TASK_RESULT, req)
+            answered = True
+            return view
+        except RemoteError:
+            answered = True  # an error answer: the connection is fine
+            raise
         finally:
-            await conn.close()
+            if answered:
+                peers.checkin(name, conn)
+            else:  # cut short (a reply may still come): never reused
+                await conn.close()
 
-    def _load_args(self) -> dict[str, Any]:
+    def _load_report(self) -> LoadReport:
         assert self.sched is not None
-        ld, cap = self.sched.load(), self.capacity
-        return {"src": self.agent.name, "load": [ld.running, ld.queued, ld.free_cpus],
-                "cap": [cap.cpus, cap.memory_mb, cap.gpus]}
+        ld = self.sched.load()
+        return LoadReport(src=self.agent.name,
+                          load=Load(ld.running, ld.queued, max(0.0, ld.free_cpus)),
+                          cap=self.capacity)
 
-    def _note_load(self, src: str, args: dict[str, Any]) -> None:
-        try:
-            r, q, f = args["load"]
-            c, mem, g = args["cap"]
-            self._loads[src] = (Load(int(r), int(q), max(0.0, float(f))),
-                                Resources(float(c), int(mem), int(g)))
-        except (KeyError, TypeError, ValueError):
-            self._count("bad_load")
+    def _note_load(self, report: LoadReport) -> None:
+        self._loads[report.src] = (report.load, report.cap)
 
     def _enqueue(self, dst: str, payload: bytes) -> None:
         """Queue a scheduling message for ``dst``; one sender per peer drains the queue,
@@ -476,45 +488,46 @@ class ComputePlane:
         try:
             if len(payloads) > 1 and dst not in self._old_peers:
                 try:
-                    await self._call(dst, "sched.batch", {**self._load_args(),
-                                                          "payloads": payloads})
+                    r = self._load_report()
+                    await self._call(dst, SCHED_BATCH, SchedBatchRequest(
+                        src=r.src, load=r.load, cap=r.cap, payloads=payloads), lane=SCHED_LANE)
                     return
-                except RpcError as e:
-                    if "unknown method" not in str(e):
+                except RemoteError as e:
+                    if e.code != ErrorCode.UNKNOWN_METHOD:
                         raise
                     self._old_peers.add(dst)  # an older agent: one message per call
             for payload in payloads:
-                await self._call(dst, "sched.msg", {**self._load_args(), "payload": payload})
+                r = self._load_report()
+                await self._call(dst, SCHED_MSG, SchedMsgRequest(
+                    src=r.src, load=r.load, cap=r.cap, payload=payload), lane=SCHED_LANE)
         except (RpcError, ValueError) as e:
             self._count("sched_send_failed")
             self.agent.log("debug", "sched_send_failed", peer=dst, error=str(e))
 
-    def _rpc_sched_msg(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _rpc_sched_msg(self, req: SchedMsgRequest) -> SchedAck:
         if self.sched is None:
             raise ValueError("compute plane not running")
-        src = str(args["src"])
-        self._note_load(src, args)
+        self._note_load(req)
         self._active_at = time.monotonic()
-        self.sched.handle_message(src, wire_bytes(args["payload"], "payload"), time.monotonic())
+        self.sched.handle_message(req.src, req.payload, time.monotonic())
         self._pump()
-        return {}
+        return SchedAck()
 
-    def _rpc_sched_batch(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _rpc_sched_batch(self, req: SchedBatchRequest) -> SchedAck:
         if self.sched is None:
             raise ValueError("compute plane not running")
-        src = str(args["src"])
-        self._note_load(src, args)
+        self._note_load(req)
         now = self._active_at = time.monotonic()
-        for payload in list(args.get("payloads") or [])[:MAX_BATCH_MESSAGES]:
-            self.sched.handle_message(src, wire_bytes(payload, "payload"), now)
+        for payload in req.payloads:
+            self.sched.handle_message(req.src, payload, now)
         self._pump()
-        return {}
+        return SchedAck()
 
-    def _rpc_sched_load(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _rpc_sched_load(self, req: LoadReport) -> LoadReport:
         if self.sched is None:
             raise ValueError("compute plane not running")
-        self._note_load(str(args["src"]), args)
-        return self._load_args()
+        self._note_load(req)
+        return self._load_report()
 
     async def _gossip_load(self) -> None:
         while True:
@@ -524,12 +537,7 @@ class ComputePlane:
             idle_s = time.monotonic() - self._active_at
             if idle_s > self.cfg.gossip_idle_s:
                 # Nothing to schedule: an idle mesh's loads are all zero and stay so; stop
-                # the traffic and let go of the connections until work comes.
-                if self._conns and idle_s > 2 * self.cfg.gossip_idle_s:
-                    conns, self._conns = list(self._conns.values()), {}
-                    for conn in conns:
-                        with contextlib.suppress(Exception):
-                            await conn.close()
+                # the traffic until work comes.
                 continue
             peers = [m.name for m in self.agent.m.members.values()
                      if m.state <= State.SUSPECT and m.name != self.agent.name]
@@ -537,9 +545,9 @@ class ComputePlane:
             async def one(name: str) -> None:
                 try:
                     reply = await asyncio.wait_for(
-                        self._call(name, "sched.load", self._load_args()),
+                        self._call(name, SCHED_LOAD, self._load_report(), lane=SCHED_LANE),
                         self.cfg.load_interval_s * 2)
-                    self._note_load(name, reply)
+                    self._loads[name] = (reply.load, reply.cap)
                 except (RpcError, ValueError, TimeoutError):
                     pass
 
@@ -640,37 +648,27 @@ class ComputePlane:
         assert ref["id"] == OBJECT_ID_PREFIX + fn_id
         self._fns_stored.add(fn_id)
 
-    def _record_from_wire(self, t: dict[str, Any]) -> TaskRecord:
-        task_id = str(t["task_id"])
-        if not task_id or len(task_id) > 256:
-            raise ValueError("task_id must be 1..256 characters")
-        args = bytes(t.get("args") or b"")
-        if len(args) > self.cfg.max_args_bytes:
+    def _record_from_wire(self, t: TaskWire) -> TaskRecord:
+        """A submitted task's record (the one place a ``TaskWire`` is read), checked
+        against this node's own bounds."""
+        task_id = t.task_id
+        if len(t.args) > self.cfg.max_args_bytes:
             raise ValueError(
-                f"task {task_id}: arguments of {len(args)} bytes exceed "
+                f"task {task_id}: arguments of {len(t.args)} bytes exceed "
                 f"{self.cfg.max_args_bytes} bytes; put large data with mesh.put() and pass "
                 "the ObjectRef")
-        inputs = [str(o) for o in (t.get("inputs") or [])]
-        if len(inputs) > self.cfg.max_inputs:
-            raise ValueError(f"task {task_id}: {len(inputs)} inputs (max {self.cfg.max_inputs})")
-        residency = t.get("residency")
-        if isinstance(residency, str):
-            residency = [residency]
-        placement = t.get("placement")
-        if isinstance(placement, str):
-            placement = {"mode": placement}
-        _placement(placement)  # validate now
-        timeout = t.get("timeout_s")
+        if len(t.inputs) > self.cfg.max_inputs:
+            raise ValueError(f"task {task_id}: {len(t.inputs)} inputs "
+                             f"(max {self.cfg.max_inputs})")
+        res = t.residency
         return TaskRecord(
-            task_id=task_id, owner=self.agent.name, fn_id=str(t["fn_id"]), args=args,
-            inputs=inputs, cpus=float(t.get("cpus") or 1.0),
-            memory_mb=int(t.get("memory_mb") or 0), gpus=int(t.get("gpus") or 0),
-            labels={str(k): str(v) for k, v in (t.get("labels") or {}).items()},
-            residency=None if residency is None else [str(r) for r in residency],
-            data_class=t.get("data_class"), placement=placement,
-            retries=int(t["retries"]) if t.get("retries") is not None else 3,
-            timeout_s=None if timeout is None else float(timeout),
-            submitted=time.time(),
+            task_id=task_id, owner=self.agent.name, fn_id=t.fn_id, args=t.args,
+            inputs=list(t.inputs), cpus=t.cpus, memory_mb=t.memory_mb, gpus=t.gpus,
+            labels=dict(t.labels),
+            residency=None if res is None or res.regions is None else list(res.regions),
+            data_class=None if res is None else res.data_class,
+            placement=None if t.placement is None else msgspec.to_builtins(t.placement),
+            retries=t.retries, timeout_s=t.timeout_s, submitted=time.time(),
         )
 
     async def _spec(self, rec: TaskRecord) -> TaskSpec:
@@ -687,26 +685,24 @@ class ComputePlane:
             return TaskSpec(
                 task_id=rec.task_id, cpus=rec.cpus, memory_mb=rec.memory_mb, gpus=rec.gpus,
                 labels=dict(rec.labels), residency=res, inputs=tuple(refs),
-                placement=_placement(rec.placement), payload=payload,
-                submitter=rec.submitter)
+                placement=placement_mode(parse_placement(rec.placement)),
+                payload=payload, submitter=rec.submitter)
         except (msgspec.ValidationError, TypeError) as e:
             raise ValueError(f"task {rec.task_id}: {e}") from None
 
-    async def _rpc_submit(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_submit(self, req: SubmitRequest) -> SubmitReply:
         sched = self.sched
         if sched is None:
             raise ValueError("compute plane not running")
-        wire = list(args.get("tasks") or [])
-        if not wire:
-            raise ValueError("task.submit needs at least one task")
+        wire = req.tasks
         if len(wire) > sched.config.max_batch:
             raise ValueError(f"{len(wire)} tasks in one submit (max {sched.config.max_batch})")
         # Functions first: a missing one is asked for before anything is resolved.
         fresh: dict[str, bytes] = {}
         for t in wire:
-            fn_id, fn = str(t["fn_id"]), t.get("fn")
+            fn_id, fn = t.fn_id, t.fn
             if fn is not None:
-                data = bytes(fn)
+                data = fn
                 if len(data) > self.cfg.max_function_bytes:
                     raise ValueError(f"function of {len(data)} bytes exceeds "
                                      f"{self.cfg.max_function_bytes} bytes")
@@ -721,7 +717,7 @@ class ComputePlane:
         new = [r for r in recs if r.task_id not in self.book]
         accepted = [r.task_id for r in recs]
         if not new:
-            return {"accepted": accepted}
+            return SubmitReply(accepted)
         who = caller.submitter()  # the client's certificate: whose share the tasks use
         for r in new:
             r.submitter = who
@@ -755,7 +751,7 @@ class ComputePlane:
                 await self._changed(left)
             if all(r.state in TERMINAL for r in new):
                 self._count("acks_with_outcome")
-                return {"accepted": accepted, "results": [self._view_of(r) for r in new]}
+                return SubmitReply(accepted, [self._view_of(r) for r in new])
         persist = asyncio.get_running_loop().create_task(self._persist(new, groups))
         if len(new) <= EARLY_ACK_MAX_TASKS:
             while not persist.done() and not all(r.state in TERMINAL for r in new):
@@ -766,11 +762,9 @@ class ComputePlane:
                 self._count("acks_with_outcome")
                 self._background.add(persist)
                 persist.add_done_callback(self._background_done)
-                return {"accepted": accepted,
-                        "results": [self._view_of(r) for r in new]}
+                return SubmitReply(accepted, [self._view_of(r) for r in new])
         await persist
-        return {"accepted": accepted,
-                "results": [self._view_of(r) for r in new if r.state in TERMINAL]}
+        return SubmitReply(accepted, [self._view_of(r) for r in new if r.state in TERMINAL])
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
@@ -929,44 +923,44 @@ class ComputePlane:
 
     # ------------------------------------------------------------------ owner: RPCs
 
-    async def _rpc_done(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_done(self, req: DoneRequest) -> DoneReply:
         """A worker's outcome for a task we own; the first one wins."""
-        tid = str(args["task_id"])
-        verdict = self.book.outcome(tid, ok=bool(args.get("ok")),
-                                    kind=str(args.get("kind") or ""))
-        e = self.book.get(tid)
+        verdict = self.book.outcome(req.task_id, ok=req.ok, kind=req.kind)
+        e = self.book.get(req.task_id)
         if verdict is Verdict.DUPLICATE or e is None:
             self._count("outcomes_duplicate")
-            return {"accepted": False}
+            return DoneReply(False)
         if verdict is Verdict.RETRY:
-            return {"accepted": True}  # the scheduler's TaskFinished follows: run it again
-        if args.get("ok"):
-            ref = args.get("ref")
-            self._finish(e, "done", value=args.get("value"),
-                         ref=None if ref is None else dict(ref), node=str(args["node"]))
+            return DoneReply(True)  # the scheduler's TaskFinished follows: run it again
+        if req.ok:
+            ref = req.ref
+            self._finish(e, "done", value=req.value,
+                         ref=None if ref is None else {"id": ref.id, "size": ref.size},
+                         node=req.node)
         else:
-            self._finish(e, "failed", error=str(args.get("error") or ""),
-                         kind=str(args.get("kind") or ""),
-                         traceback=str(args.get("traceback") or ""), node=str(args["node"]))
-        return {"accepted": True}
+            self._finish(e, "failed", error=req.error, kind=req.kind,
+                         traceback=req.traceback, node=req.node)
+        return DoneReply(True)
 
-    def _rpc_fn(self, args: dict[str, Any]) -> dict[str, Any]:
-        data = self._fns.get(str(args["fn_id"]))
+    def _rpc_fn(self, req: FnRequest) -> FnReply:
+        data = self._fns.get(req.fn_id)
         if data is None:
-            raise ValueError(f"function {args['fn_id']} is not cached here")
-        return {"fn": data}
+            raise ApiError(ErrorCode.NOT_FOUND, f"function {req.fn_id} is not cached here")
+        return FnReply(data)
 
     @staticmethod
-    def _view_of(r: TaskRecord) -> dict[str, Any]:
-        return {"task_id": r.task_id, "state": r.state, "value": r.value, "ref": r.ref,
-                "error": r.error, "kind": r.kind, "traceback": r.traceback, "node": r.node,
-                "owner": r.owner, "reason": r.reason}
+    def _view_of(r: TaskRecord) -> TaskView:
+        """A record as an answer (the one place it is converted)."""
+        ref = None if r.ref is None else ResultRef(str(r.ref["id"]), int(r.ref["size"]))
+        return TaskView(task_id=r.task_id, state=r.state, value=r.value, ref=ref,
+                        error=r.error, kind=r.kind, traceback=r.traceback, node=r.node,
+                        owner=r.owner, reason=r.reason)
 
     def _alive(self) -> set[str]:
         return {n for n, m in self.agent.m.members.items() if m.state <= State.SUSPECT}
 
     async def _lookup(self, task_id: str, wait_s: float, *,
-                      forwarded: bool = False) -> dict[str, Any] | None:
+                      forwarded: bool = False) -> TaskView | None:
         """A task this node does not own: answered from the KV, by its live owner or its
         adopter, or adopted here (``core.tasks.lookup`` decides). None: adopted here (or
         unknown, if it is not in the book after)."""
@@ -978,11 +972,9 @@ class ComputePlane:
             return self._view_of(rec)
         if d.action in (LookupAction.ASK_OWNER, LookupAction.FORWARD):
             try:
-                return dict(await self._call(
-                    d.node, "task.result",
-                    {"task_id": task_id, "timeout_s": wait_s,
-                     "forwarded": forwarded or d.action is LookupAction.FORWARD},
-                    dedicated=wait_s > 0))
+                return await self._ask_waiting(d.node, ResultRequest(
+                    task_id=task_id, timeout_s=wait_s,
+                    forwarded=forwarded or d.action is LookupAction.FORWARD))
             except (RpcError, ValueError) as exc:
                 # Unreachable: take it over here (the at-least-once window, counted).
                 self._count("adopt_fallback")
@@ -1032,18 +1024,18 @@ class ComputePlane:
         self._pump()
         await self._kv_put(msgspec.structs.replace(rec))
 
-    async def _rpc_result(self, args: dict[str, Any]) -> dict[str, Any]:
-        tid = str(args["task_id"])
-        wait_s = min(max(0.0, float(args.get("timeout_s") or 0.0)), self.cfg.max_wait_s)
+    async def _rpc_result(self, req: ResultRequest) -> TaskView:
+        tid = req.task_id
+        wait_s = min(req.timeout_s, self.cfg.max_wait_s)
         deadline = time.monotonic() + wait_s
         e = self.book.get(tid)
         if e is None:
-            found = await self._lookup(tid, wait_s, forwarded=bool(args.get("forwarded")))
+            found = await self._lookup(tid, wait_s, forwarded=req.forwarded)
             if found is not None:
                 return found
             e = self.book.get(tid)
             if e is None:
-                raise ValueError(f"unknown task {tid}")
+                raise ApiError(ErrorCode.NOT_FOUND, f"unknown task {tid}")
         e.waiters += 1
         try:
             while e.rec.state not in TERMINAL:
@@ -1055,7 +1047,7 @@ class ComputePlane:
             e.waiters -= 1
         return self._view_of(e.rec)
 
-    async def _rpc_wait(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_wait(self, req: WaitRequest) -> WaitReply:
         """Outcomes of those of ``task_ids`` that are terminal; waits up to ``timeout_s``
         until ``min_done`` of them (default 1; ``mesh.wait`` asks for all) are. Ids this
         node does not own are looked up once (KV, owner).
@@ -1063,16 +1055,16 @@ class ComputePlane:
         Each task that ends counts down the calls waiting on it (O(1) per completion):
         re-scanning every id on every completion, with a client re-polling after each
         one, made a 10,000-task wait quadratic (3,000 polls of ~2,700 ids each)."""
-        ids = [str(t) for t in (args.get("task_ids") or [])][: self.cfg.max_wait_ids]
-        wait_s = min(max(0.0, float(args.get("timeout_s") or 0.0)), self.cfg.max_wait_s)
-        min_done = max(1, min(int(args.get("min_done") or 1), len(ids)))
+        ids = req.task_ids[: self.cfg.max_wait_ids]
+        wait_s = min(req.timeout_s, self.cfg.max_wait_s)
+        min_done = max(1, min(req.min_done, len(ids)))
         deadline = time.monotonic() + wait_s
-        out: list[dict[str, Any]] = []
+        out: list[TaskView] = []
         unknown: list[str] = []
         foreign = [t for t in ids if t not in self.book]
         for tid in foreign:
             found = await self._lookup(tid, 0.0)
-            if found is not None and found["state"] in TERMINAL:
+            if found is not None and found.state in TERMINAL:
                 out.append(found)
             elif found is None and tid not in self.book:
                 unknown.append(tid)
@@ -1097,7 +1089,7 @@ class ComputePlane:
                         ws.remove(w)
                         if not ws:
                             del self._watches[t]
-        budget = WAIT_REPLY_BYTES - sum(len(r.get("value") or b"") for r in out)
+        budget = WAIT_REPLY_BYTES - sum(len(r.value or b"") for r in out)
         for t in local:
             e = self.book.get(t)
             if e is None or e.rec.state not in TERMINAL:
@@ -1107,58 +1099,57 @@ class ComputePlane:
                 break  # the rest next time
             budget -= size
             out.append(self._view_of(e.rec))
-        return {"results": out, "unknown": unknown}
+        return WaitReply(out, unknown)
 
-    async def _rpc_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
-        tid = str(args["task_id"])
+    async def _rpc_cancel(self, req: CancelRequest) -> CancelReply:
+        tid = req.task_id
         e = self.book.get(tid)
         if e is None:
-            raise ValueError(f"unknown task {tid} (cancel it at the node it was submitted to)")
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown task {tid} (cancel it at the node "
+                                                "it was submitted to)")
         if e.rec.state in TERMINAL:
-            return {"cancelled": False, "state": e.rec.state}
+            return CancelReply(False, e.rec.state)
         node = e.rec.node
         self._finish(e, "cancelled", error="cancelled", kind="cancelled")
         if node:
             with contextlib.suppress(RpcError, ValueError):
-                await self._call(node, "task.kill", {"owner": self.agent.name, "task_id": tid})
-        return {"cancelled": True, "state": "cancelled"}
+                await self._call(node, TASK_KILL, KillRequest(owner=self.agent.name,
+                                                              task_id=tid))
+        return CancelReply(True, TaskState.CANCELLED)
 
-    def _rpc_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        limit = min(int(args.get("limit") or 1000), self.cfg.max_list_rows)
+    def _rpc_list(self, req: ListRequest) -> list[TaskRow]:
+        limit = min(req.limit, self.cfg.max_list_rows)
         out = []
         for e in reversed(self.book.records.values()):
             r = e.rec
-            out.append({"task_id": r.task_id, "state": r.state, "node": r.node,
-                        "owner": r.owner, "reason": r.reason, "submitted": r.submitted,
-                        "finished": r.finished, "error": r.error[:200]})
+            out.append(TaskRow(task_id=r.task_id, state=r.state, node=r.node, owner=r.owner,
+                               reason=r.reason, submitted=r.submitted, finished=r.finished,
+                               error=r.error[:200]))
             if len(out) >= limit:
                 break
         return out
 
-    async def _rpc_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_stats(self, req: Empty) -> TaskStats:
         assert self.sched is not None
-        ld = self.sched.load()
-        return {"compute": dict(self.stats), "scheduling": dict(self.sched.stats),
-                "pool": self.pool.stats(), "records": len(self.book),
-                "load": [ld.running, ld.queued, ld.free_cpus],
-                "capacity": [self.capacity.cpus, self.capacity.memory_mb, self.capacity.gpus]}
+        return TaskStats(compute=dict(self.stats), scheduling=dict(self.sched.stats),
+                         pool=self.pool.stats(), records=len(self.book),
+                         load=self._load_report().load, capacity=self.capacity)
 
     # ------------------------------------------------------------------ worker
 
-    async def _rpc_kill(self, args: dict[str, Any]) -> dict[str, Any]:
-        key = f"{args['owner']}/{args['task_id']}"
-        pool_id = self._running.get(key)
+    async def _rpc_kill(self, req: KillRequest) -> KillReply:
+        pool_id = self._running.get(f"{req.owner}/{req.task_id}")
         if pool_id is None:
-            return {"killed": False}
-        return {"killed": await self.pool.cancel(pool_id)}
+            return KillReply(False)
+        return KillReply(await self.pool.cancel(pool_id))
 
     async def _function(self, owner: str, fn_id: str) -> bytes:
         data = self._fns.get(fn_id)
         if data is not None:
             return data
         try:
-            data = bytes((await self._call(owner, "task.fn", {"fn_id": fn_id}))["fn"])
-        except (RpcError, ValueError, KeyError):
+            data = (await self._call(owner, TASK_FN, FnRequest(fn_id=fn_id))).fn
+        except (RpcError, ValueError):
             data = await self._read_object(OBJECT_ID_PREFIX + fn_id)
         if function_id(data) != fn_id:
             raise ValueError(f"function bytes do not hash to {fn_id}")
@@ -1166,8 +1157,7 @@ class ComputePlane:
 
     async def _run(self, rt: RunTask) -> None:
         spec, owner = rt.task, rt.owner
-        outcome: dict[str, Any] = {"task_id": spec.task_id, "node": self.agent.name,
-                                   "attempt": rt.attempt}
+        outcome = DoneRequest(task_id=spec.task_id, node=self.agent.name, attempt=rt.attempt)
         key = f"{owner}/{spec.task_id}"
         pool_id = f"{key}/{rt.attempt}"
         links: list[Path] = []
@@ -1186,17 +1176,18 @@ class ComputePlane:
                 fn = await self._function(owner, p.fn_id)
                 result = await self.pool.run(p.fn_id, fn, call_args, **kw)
             if len(result) <= self.cfg.inline_result_bytes:
-                outcome.update(ok=True, value=result)
+                outcome.ok, outcome.value = True, result
             else:
-                outcome.update(ok=True, ref=await self._put_object(result))
+                ref = await self._put_object(result)
+                outcome.ok, outcome.ref = True, ResultRef(str(ref["id"]), int(ref["size"]))
         except WorkerTaskFailed as e:
-            outcome.update(ok=False, kind=e.kind, error=e.message, traceback=e.traceback)
+            outcome.kind, outcome.error, outcome.traceback = e.kind, e.message, e.traceback
         except (PoolBusy, PoolClosed) as e:
-            outcome.update(ok=False, kind="worker_crashed", error=f"{type(e).__name__}: {e}")
+            outcome.kind, outcome.error = "worker_crashed", f"{type(e).__name__}: {e}"
         except _INPUT_ERRORS as e:
-            outcome.update(ok=False, kind="input", error=str(e))
+            outcome.kind, outcome.error = "input", str(e)
         except TimeoutError:
-            outcome.update(ok=False, kind="worker_crashed", error="workers did not start")
+            outcome.kind, outcome.error = "worker_crashed", "workers did not start"
         finally:
             self._running.pop(key, None)
             copies = self.agent.local_copies()
@@ -1204,7 +1195,7 @@ class ComputePlane:
                 await asyncio.to_thread(copies.release_copy_paths, links)
         for attempt in range(3):
             try:
-                await self._call(owner, "task.done", outcome)
+                await self._call(owner, TASK_DONE, outcome)
                 break
             except (RpcError, ValueError) as e:
                 self._count("outcome_send_failed")
@@ -1214,7 +1205,7 @@ class ComputePlane:
                     break
                 await asyncio.sleep(0.2 * (attempt + 1))
         if self.sched is not None:
-            detail = "" if outcome.get("ok") else str(outcome.get("error", ""))[:200]
-            self.sched.task_finished(owner, spec.task_id, rt.attempt, bool(outcome.get("ok")),
+            detail = "" if outcome.ok else outcome.error[:200]
+            self.sched.task_finished(owner, spec.task_id, rt.attempt, outcome.ok,
                                      detail, time.monotonic())
             self._pump()

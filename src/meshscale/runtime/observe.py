@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 import meshscale
 from meshscale.core.api.node import EventInfo
+from meshscale.core.api.tasks import TASK_LIST, ListRequest
 from meshscale.core.membership import State
 from meshscale.core.placement import is_full
 from meshscale.runtime.services import NodeServices
@@ -315,30 +316,26 @@ class NodeObserver:
 
     async def tasks(self, limit: int) -> list[dict[str, Any]]:
         compute = getattr(self.agent, "compute", None)
-        handler = self.agent.local_handler("task.list")
-        if compute is None or handler is None:
+        if compute is None or self.agent.local_handler(TASK_LIST.name) is None:
             return []
-        rows: Any = handler({"limit": limit})
-        if asyncio.iscoroutine(rows):
-            rows = await rows
+        rows = await self.agent.call_local(TASK_LIST, ListRequest(limit=limit))
         records = compute.book.records
         out = []
         for r in rows:
-            tid = str(r.get("task_id", ""))
+            tid = r.task_id
             entry = records.get(tid)
             rec = getattr(entry, "rec", None)
             name = ""
             if rec is not None:
                 name = rec.labels.get("name") or f"fn:{rec.fn_id[:12]}"
-            submitted = float(r.get("submitted") or 0.0)
-            finished = float(r.get("finished") or 0.0)
+            submitted, finished = r.submitted, r.finished
             out.append({
                 "id": tid,
                 "name": name,
-                "state": str(r.get("state", "")),
-                "node": str(r.get("node") or "") or None,
-                "reason": str(r.get("reason") or ""),
-                "owner": str(r.get("owner") or ""),
+                "state": str(r.state),
+                "node": r.node or None,
+                "reason": r.reason,
+                "owner": r.owner,
                 "submitted_at": submitted,
                 "latency_ms": round((finished - submitted) * 1000, 3)
                 if finished and submitted else None,
