@@ -50,7 +50,8 @@ from typing import Any
 
 import msgspec
 
-from meshscale.core.api import ApiError, ErrorCode
+from meshscale.core.api import ApiError, ErrorCode, residency_of
+from meshscale.core.api import objects as objects_api
 from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
@@ -611,16 +612,11 @@ class ComputePlane:
         if hit is not None and hit[1] > now:
             return hit[0]
         try:
-            st = await self.local.call("obj.stat", {"id": oid})
+            st = await self.agent.call_local(objects_api.STAT, objects_api.ObjectIdRequest(id=oid))
         except ValueError as e:
             raise ValueError(f"input object {oid} not found: {e}") from None
-        res = None
-        if st.get("residency") is not None or st.get("data_class") is not None:
-            regions = st.get("residency")
-            res = Residency(frozenset(regions) if regions is not None else None,
-                            st.get("data_class"))
-        ref = InputRef(oid, int(st["size"]), tuple(st.get("holders") or ())[
-            :self.cfg.max_input_holders], res)
+        res = residency_of(st.residency)
+        ref = InputRef(oid, st.size, tuple(st.holders)[:self.cfg.max_input_holders], res)
         if len(self._inputs) > self.cfg.max_inputs_cached:
             self._inputs.clear()
         self._inputs[oid] = (ref, now + self.cfg.input_cache_s)

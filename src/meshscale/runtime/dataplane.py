@@ -45,12 +45,15 @@ import os
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from meshscale.core.api import ApiError, ErrorCode
+import msgspec
+
+from meshscale.core.api import ApiError, Empty, ErrorCode, Method, ResidencyWire
+from meshscale.core.api import objects as api
 from meshscale.core.hlc import ClockSkewError, HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import (
     Consistency,
@@ -64,7 +67,7 @@ from meshscale.core.kv import (
     kv_placement,
 )
 from meshscale.core.membership import VIEW_CHANGES, State
-from meshscale.core.objects import OBJECT_ID_RE, object_id
+from meshscale.core.objects import object_id
 from meshscale.core.outputs import Event
 from meshscale.core.placement import (
     FULL_TAG,
@@ -94,10 +97,9 @@ from meshscale.core.replication import (
     Transfer,
     UnderReplicated,
 )
-from meshscale.core.wire import wire_bytes
 from meshscale.runtime.deadline import DeadlineTimer
-from meshscale.runtime.local import LocalCalls
-from meshscale.runtime.services import NodeServices
+from meshscale.runtime.local import call_node
+from meshscale.runtime.services import NodeServices, Rep, Req
 from meshscale.runtime.storage import (
     MAX_KV_KEY_BYTES,
     MAX_KV_VALUE_BYTES,
@@ -107,10 +109,38 @@ from meshscale.runtime.storage import (
     StorageConfig,
     StorageError,
 )
-from meshscale.transport.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.transport.rpc import RpcConnection, RpcError
+
+LANE = "data"
+"""The data plane's lane of the node's peer pool (``transport/peers.py``)."""
 
 KV_STRAGGLERS_MAX = 256
 """KV replica calls left running after their write returned (see ``_kv_round``)."""
+
+
+D = TypeVar("D", bound=api.ObjectDesc)
+
+
+def _as(cls: type[D], desc: api.ObjectDesc, **extra: Any) -> D:
+    """``desc``'s fields as a ``cls`` (a richer description) with ``extra``."""
+    return cls(**{f: getattr(desc, f) for f in api.ObjectDesc.__struct_fields__}, **extra)
+
+
+def _health(e: api.ListedObject) -> api.ListedObject:
+    """``e`` with its holders sorted and its health: ``ok`` when enough of them are where
+    its rule and the current view put its copies."""
+    e.holders.sort()
+    want = min(e.replicas, len(e.replica_set)) if e.replica_set else e.replicas
+    # A stand-in (write set) holds a copy in place of a full member that lacks it.
+    fits = set(e.replica_set) | set(e.write_set)
+    good = [h for h in e.holders if h in fits]
+    e.health = "ok" if len(good) >= want and want == e.replicas else "under-replicated"
+    return e
+
+
+def _small_copy(header: api.ReplicaHeader, data: bytes) -> api.ReplicaSmallRequest:
+    """A whole copy in one call: ``header`` and the bytes."""
+    return api.ReplicaSmallRequest(**msgspec.structs.asdict(header), data=data)
 
 
 def _straggler_done(
@@ -137,9 +167,8 @@ class DataPlaneConfig:
     put_wait_s: float = 25.0
     """How long ``obj.put_end`` waits for the write quorum."""
     max_transfers: int = 8
-    """Outgoing object transfers at once."""
-    max_idle_per_peer: int = 4
-    """Idle transfer connections kept open per peer."""
+    """Outgoing object transfers at once (their connections, and how many stay open, are
+    the node's peer pool's: ``AgentConfig.peers``)."""
     forward_window: int = 4
     """Chunks queued per replica for a cut-through put (see ``_start_forwards``)."""
     forward_ahead: int = 2
@@ -149,12 +178,8 @@ class DataPlaneConfig:
     is then pushed from the coordinator's own once that is committed)."""
     inline_bytes: int = 256 * 1024
     """Objects up to this size travel in one RPC (put and replica transfer)."""
-    max_replicas: int = 64
+    max_replicas: int = api.MAX_REPLICAS
     """Largest replication factor a put may ask for."""
-    rpc_timeout_s: float = 30.0
-    connect_timeout_s: float = 3.0
-    """TCP and TLS set-up with a peer; one that takes longer is treated as unreachable
-    (a peer behind a partition drops the SYN: without this, a call waits rpc_timeout_s)."""
     stat_timeout_s: float = 3.0
     """Asking every node about its local copies (a lookup, no disk read of the bytes): a
     node silent this long is counted as not holding one."""
@@ -226,6 +251,20 @@ class _Upload:
     copy fails (the push from it needs it) and otherwise dropped (see ``_finish_spare``)."""
 
 
+@dataclass(frozen=True)
+class _UploadSpec:
+    """An upload as asked for (a client put's or a replica transfer's header)."""
+
+    size: int
+    policy: ObjectPolicy
+    w: int
+    oid: str | None
+    hint_for: str | None = None
+    ttl_s: float | None = None
+    expires: float | None = None
+    written: str | None = None
+
+
 @dataclass
 class _Spare:
     """A spare copy (see ``_Upload.spare``) waiting for the members' copies to settle."""
@@ -236,36 +275,20 @@ class _Spare:
     commit: asyncio.Future[ObjectMeta] | None = None
 
 
-def _int_field(args: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int:
-    """An integer field of a request within [lo, hi]; absent: ``default`` (None: required).
-    A wrong type or value is refused naming the field and its bounds (``replicas=0`` used
-    to become 3)."""
-    value = args.get(name)
-    if value is None:
-        if default is None:
-            raise ValueError(f"{name!r} is required")
-        return default
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{name!r} must be an integer from {lo} to {hi}, not {value!r:.40}")
-    return value
-
-
-def _oid(args: dict[str, Any]) -> str:
-    """The object id of a request, checked (a malformed one used to answer "internal
-    error" from the store)."""
-    oid = args.get("id")
-    if not isinstance(oid, str) or OBJECT_ID_RE.fullmatch(oid) is None:
-        raise ValueError(f"not an object id: {oid!r:.80} (expected b3- and 64 hex digits)")
-    return oid
-
-
-def _kv_key(key: object) -> str:
-    """A KV key from a request: a non-empty str within MAX_KV_KEY_BYTES, else ValueError."""
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"a KV key is a non-empty string, not {type(key).__name__}")
+def _kv_key(key: str) -> str:
+    """A KV key within MAX_KV_KEY_BYTES of UTF-8, else ``invalid`` naming the limit."""
+    if not key:
+        raise ApiError(ErrorCode.INVALID, "a KV key is a non-empty string")
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
-        raise ValueError(f"a KV key is at most {MAX_KV_KEY_BYTES} bytes (MAX_KV_KEY_BYTES)")
+        raise ApiError(ErrorCode.INVALID,
+                       f"a KV key is at most {MAX_KV_KEY_BYTES} bytes (MAX_KV_KEY_BYTES)")
     return key
+
+
+def _storage_error(e: StorageError) -> ApiError:
+    """A store's refusal as the caller's error (a full disk names its bound)."""
+    code = ErrorCode.DISK_FULL if e.reason == "disk_full" else ErrorCode.INVALID
+    return ApiError(code, f"{e.reason}: {e}")
 
 
 async def _await(task: asyncio.Task[None]) -> None:
@@ -290,11 +313,15 @@ def policy_of(meta: ObjectMeta) -> ObjectPolicy:
     return ObjectPolicy(meta.replicas, residency)
 
 
-def _policy(replicas: int, residency: list[str] | None, data_class: str | None) -> ObjectPolicy:
-    res = None
-    if residency is not None or data_class is not None:
-        res = Residency(frozenset(residency) if residency is not None else None, data_class)
-    return ObjectPolicy(int(replicas), res)
+def _rule(wire: ResidencyWire | None) -> Residency | None:
+    """The residency rule on the wire (None: none, as a rule naming nothing is)."""
+    if wire is None or (wire.regions is None and wire.data_class is None):
+        return None
+    return wire.rule()
+
+
+def _policy(replicas: int, wire: ResidencyWire | None) -> ObjectPolicy:
+    return ObjectPolicy(replicas, _rule(wire))
 
 
 class DataPlane:
@@ -302,7 +329,6 @@ class DataPlane:
 
     def __init__(self, agent: NodeServices, config: DataPlaneConfig | None = None) -> None:
         self.agent = agent
-        self.local = LocalCalls(agent)
         self.cfg = config or DataPlaneConfig()
         self.store: LocalStore | None = None
         self.rm: ReplicaManager | None = None
@@ -324,8 +350,6 @@ class DataPlane:
                              started=time.time())
         self._hints_wake = asyncio.Event()
         self._hints_lock = asyncio.Lock()  # hint changes reach the store in order
-        self._conns: dict[str, RpcConnection] = {}
-        self._idle: dict[str, list[RpcConnection]] = {}
         self._sources: OrderedDict[str, str] = OrderedDict()
         self._verified: OrderedDict[str, tuple[float, tuple[int, ...]]] = OrderedDict()
         """oid -> (when its local copy was last hash-checked, its file's identity then)."""
@@ -336,7 +360,6 @@ class DataPlane:
         self._dropping = False
         self._timer = DeadlineTimer(self._on_timer)
         self.stats: dict[str, int] = {}
-        self._creds: ClientCredentials | None = None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -362,9 +385,9 @@ class DataPlane:
             for oid, ts, replicas, data_class, residency in tombs:
                 stamp = _stamp(ts)
                 if stamp is not None:
-                    self.rm.tombstone_loaded(
-                        oid, _policy(replicas, None if residency is None else list(residency),
-                                     data_class), stamp)
+                    rule = None if residency is None and data_class is None else Residency(
+                        None if residency is None else frozenset(residency), data_class)
+                    self.rm.tombstone_loaded(oid, ObjectPolicy(replicas, rule), stamp)
             if len(tombs) < 1000:
                 break
             after = tombs[-1][0]
@@ -372,36 +395,9 @@ class DataPlane:
             stamp = _stamp(ts)
             if stamp is not None:
                 self.hints.load(key, target, stamp, since)
-        self._creds = agent.creds
         self.rm.set_view(self._view(), now)
         self.hints.set_view(self._view(), self._down_view())
-        for name, fn in {
-            "obj.put_begin": self._rpc_put_begin,
-            "obj.put_chunk": self._rpc_put_chunk,
-            "obj.put_end": self._rpc_put_end,
-            "obj.put_abort": self._rpc_put_abort,
-            "obj.rw_begin": self._rpc_rw_begin,
-            "obj.rw_chunk": self._rpc_put_chunk,
-            "obj.rw_end": self._rpc_rw_end,
-            "obj.rw_small": self._rpc_rw_small,
-            "obj.put_small": self._rpc_put_small,
-            "obj.read": self._rpc_read,
-            "obj.read_local": self._rpc_read_local,
-            "obj.local_stat": self._rpc_local_stat,
-            "obj.local_list": self._rpc_local_list,
-            "obj.stat": self._rpc_stat,
-            "obj.list": self._rpc_list,
-            "obj.corrupt_local": self._rpc_corrupt_local,
-            "obj.delete": self._rpc_delete,
-            "repl.msg": self._rpc_repl_msg,
-            "kv.put": self._rpc_kv_put,
-            "kv.delete": self._rpc_kv_delete,
-            "kv.get": self._rpc_kv_get,
-            "kv.apply": self._rpc_kv_apply,
-            "kv.read": self._rpc_kv_read,
-            "dp.stats": self._rpc_stats,
-        }.items():
-            agent.register_rpc(name, fn)
+        self._serve()
         agent.event_listeners.append(self._on_member_event)
         await self._check_disk()  # before the node joins: it comes back full if it is
         agent.spawn(self._housekeeping())
@@ -409,14 +405,35 @@ class DataPlane:
         agent.spawn(self._hand_off_loop())
         self._pump()
 
+    def _serve(self) -> None:
+        serve = self.agent.serve
+        serve(api.PUT_BEGIN, self._rpc_put_begin)
+        serve(api.PUT_CHUNK, self._rpc_put_chunk)
+        serve(api.PUT_END, self._rpc_put_end)
+        serve(api.PUT_ABORT, self._rpc_put_abort)
+        serve(api.PUT_SMALL, self._rpc_put_small)
+        serve(api.RW_BEGIN, self._rpc_rw_begin)
+        serve(api.RW_CHUNK, self._rpc_put_chunk)
+        serve(api.RW_END, self._rpc_rw_end)
+        serve(api.RW_SMALL, self._rpc_rw_small)
+        serve(api.READ, self._rpc_read)
+        serve(api.READ_LOCAL, self._rpc_read_local)
+        serve(api.LOCAL_STAT, self._rpc_local_stat)
+        serve(api.LOCAL_LIST, self._rpc_local_list)
+        serve(api.STAT, self._rpc_stat)
+        serve(api.LIST, self._rpc_list)
+        serve(api.CORRUPT_LOCAL, self._rpc_corrupt_local)
+        serve(api.DELETE, self._rpc_delete)
+        serve(api.REPL_MSG, self._rpc_repl_msg)
+        serve(api.KV_PUT, self._rpc_kv_put)
+        serve(api.KV_DELETE, self._rpc_kv_delete)
+        serve(api.KV_GET, self._rpc_kv_get)
+        serve(api.KV_APPLY, self._rpc_kv_apply)
+        serve(api.KV_READ, self._rpc_kv_read)
+        serve(api.DP_STATS, self._rpc_stats)
+
     async def stop(self) -> None:
         self._timer.cancel()
-        for conn in [c for idle in self._idle.values() for c in idle]:
-            with contextlib.suppress(Exception):
-                await conn.close()
-        for conn in list(self._conns.values()):
-            with contextlib.suppress(Exception):
-                await conn.close()
         for task in list(self._forward_tasks):
             task.cancel()
         for up in [*self._uploads.values(), *(sp.up for sp in self._spares.values())]:
@@ -511,39 +528,33 @@ class DataPlane:
 
     # ------------------------------------------------------------------ node-to-node
 
-    def _conn(self, name: str) -> RpcConnection:
+    async def _call(self, name: str, method: Method[Req, Rep], req: Req) -> Rep:
+        """Typed ``method`` on member ``name`` (in-process when it is this node)."""
+        return await call_node(self.agent, name, method, req, lane=LANE)
+
+    def _checkout(self, name: str) -> RpcConnection:
+        """A pooled connection to ``name`` for one transfer alone (``peers.checkout``)."""
         addr = self._addr(name)
         if addr is None:
             raise RpcError(f"{name}: not a member")
-        conn = self._conns.get(name)
-        if conn is None or conn.addr != addr:
-            assert self._creds is not None
-            conn = RpcConnection(addr, self._creds, self.cfg.rpc_timeout_s,
-                                 counter=self.agent.stats,
-                                 connect_timeout=self.cfg.connect_timeout_s)
-            self._conns[name] = conn
-        return conn
-
-    async def _call(self, name: str, method: str, args: dict[str, Any]) -> Any:
-        if name == self.agent.name:
-            return await self.local.call(method, args)
-        return await self._conn(name).call(method, args)
+        return self.agent.peers.checkout(name, addr)
 
     async def _send_repl(self, dst: str, payload: bytes,
                          after: list[asyncio.Task[None]] | None = None) -> None:
         if after:
             await asyncio.gather(*after, return_exceptions=True)
         try:
-            await self._call(dst, "repl.msg", {"src": self.agent.name, "payload": payload})
+            await self._call(dst, api.REPL_MSG,
+                             api.ReplMsgRequest(src=self.agent.name, payload=payload))
         except (RpcError, ValueError) as e:
             self._count("repl_send_failed")
             self.agent.log("debug", "repl_send_failed", peer=dst, error=str(e))
 
-    def _rpc_repl_msg(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _rpc_repl_msg(self, req: api.ReplMsgRequest) -> api.Done:
         assert self.rm is not None
-        self.rm.handle_message(str(args["src"]), wire_bytes(args["payload"], "payload"), time.monotonic())
+        self.rm.handle_message(req.src, req.payload, time.monotonic())
         self._pump()
-        return {}
+        return api.Done()
 
     async def _transfer(self, t: Transfer) -> None:
         ok = False
@@ -591,75 +602,54 @@ class DataPlane:
         meta = await asyncio.to_thread(store.meta, t.oid)
         if meta is None:
             return False
-        res = t.policy.residency
-        conn = self._checkout(t.dst)
-        header = {
-            "id": t.oid, "size": meta.size, "replicas": t.policy.replicas,
-            "residency": sorted(res.regions) if res is not None and res.regions is not None else None,
-            "data_class": res.data_class if res is not None else None,
-            "hint_for": t.hint_for,
-            "expires": None if meta.pinned else meta.expires,
-            "written": t.written.encode() if t.written is not None else meta.written,
-        }
+        header = api.ReplicaHeader(
+            id=t.oid, size=meta.size, replicas=t.policy.replicas,
+            residency=ResidencyWire.of(t.policy.residency), hint_for=t.hint_for,
+            expires=None if meta.pinned else meta.expires,
+            written=t.written.encode() if t.written is not None else meta.written)
         if not meta.pinned and meta.expires is not None and meta.expires <= time.time():
             # Expired here: collect it rather than spread it.
             await self._drop(t.oid)
             return False
+        conn = self._checkout(t.dst)
         try:
-            if meta.size <= self.cfg.inline_bytes:
-                # Small object: one round trip, bytes inline, verified before sending.
-                data = await asyncio.to_thread(self.store.read_bytes, t.oid)  # type: ignore[union-attr]
-                await conn.call("obj.rw_small", {**header, "data": data})
-                self._count("bytes_sent", meta.size)
-                return True
-            begin = await conn.call("obj.rw_begin", header)
-            if begin.get("have"):
-                return True
-            upload = begin["upload"]
-            it = store.read_chunks(t.oid, verify=True, chunk_bytes=self.cfg.chunk_bytes)
-            try:
-                while True:
-                    chunk = await asyncio.to_thread(next, it, None)
-                    if chunk is None:
-                        break
-                    await conn.call("obj.rw_chunk", {"upload": upload, "data": chunk})
-            except StorageError:
-                # Our copy is corrupt: the receiver's commit would refuse it anyway.
-                await self._quarantine(t.oid)
-                with contextlib.suppress(RpcError):
-                    await conn.call("obj.put_abort", {"upload": upload})
-                return False
-            await conn.call("obj.rw_end", {"upload": upload})
-            self._count("bytes_sent", meta.size)
-            return True
+            return await self._send_copy(conn, t.oid, header)
         except BaseException:
             await conn.close()
             raise
         finally:
-            self._checkin(t.dst, conn)
+            self.agent.peers.checkin(t.dst, conn)
 
-    def _checkout(self, name: str) -> RpcConnection:
-        """A connection to ``name`` for one transfer: idle ones are reused (a TLS
-        handshake costs more than a small object's whole transfer)."""
-        addr = self._addr(name)
-        if addr is None:
-            raise RpcError(f"{name}: not a member")
-        idle = self._idle.get(name)
-        while idle:
-            conn = idle.pop()
-            if conn.addr == addr:
-                return conn
-        assert self._creds is not None
-        return RpcConnection(addr, self._creds, self.cfg.rpc_timeout_s,
-                             counter=self.agent.stats,
-                             connect_timeout=self.cfg.connect_timeout_s)
-
-    def _checkin(self, name: str, conn: RpcConnection) -> None:
-        idle = self._idle.setdefault(name, [])
-        if len(idle) < self.cfg.max_idle_per_peer and conn._writer is not None:
-            idle.append(conn)
-        else:
-            self.agent.spawn(conn.close())
+    async def _send_copy(self, conn: RpcConnection, oid: str, header: api.ReplicaHeader) -> bool:
+        """Our copy of ``oid`` to the node at the other end of ``conn``."""
+        store = self.store
+        assert store is not None
+        if header.size <= self.cfg.inline_bytes:
+            # Small object: one round trip, bytes inline, verified before sending.
+            data = await asyncio.to_thread(store.read_bytes, oid)
+            await conn.request(api.RW_SMALL, _small_copy(header, data))
+            self._count("bytes_sent", header.size)
+            return True
+        begin = await conn.request(api.RW_BEGIN, header)
+        if begin.have or begin.upload is None:
+            return True
+        upload = begin.upload
+        it = store.read_chunks(oid, verify=True, chunk_bytes=self.cfg.chunk_bytes)
+        try:
+            while True:
+                chunk = await asyncio.to_thread(next, it, None)
+                if chunk is None:
+                    break
+                await conn.request(api.RW_CHUNK, api.PutChunkRequest(upload=upload, data=chunk))
+        except StorageError:
+            # Our copy is corrupt: the receiver's commit would refuse it anyway.
+            await self._quarantine(oid)
+            with contextlib.suppress(RpcError):
+                await conn.request(api.PUT_ABORT, api.UploadRequest(upload=upload))
+            return False
+        await conn.request(api.RW_END, api.UploadRequest(upload=upload))
+        self._count("bytes_sent", header.size)
+        return True
 
     async def _drop(self, oid: str) -> None:
         """Drop a local copy. Drops come in bursts (a handoff after a view change, the
@@ -732,64 +722,86 @@ class DataPlane:
                 detail = detail.split(": ", 1)[-1]
             raise PlacementError(e.rule, f"{e.rule} rule: {detail}") from None
 
-    def _new_upload(self, args: dict[str, Any], *, client: bool) -> str:
+    def _client_spec(self, size: int, replicas: int, w: int | None,
+                     residency: ResidencyWire | None, oid: str | None,
+                     ttl_s: float | None) -> _UploadSpec:
+        """What a client put asks for, checked against this node's bounds."""
+        if replicas > self.cfg.max_replicas:
+            raise ApiError(ErrorCode.INVALID, f"replicas must be at most "
+                                              f"{self.cfg.max_replicas}, not {replicas}")
+        if w is not None and w > replicas:
+            raise ApiError(ErrorCode.INVALID, f"w must be from 1 to replicas ({replicas}), "
+                                              f"not {w}")
+        if ttl_s is not None and ttl_s > self.cfg.max_ttl_s:
+            raise ApiError(ErrorCode.INVALID, f"ttl_s must be in (0, {self.cfg.max_ttl_s:g}], "
+                                              f"got {ttl_s:g}")
+        return _UploadSpec(size, _policy(replicas, residency), min(2, replicas) if w is None
+                           else w, oid, ttl_s=ttl_s)
+
+    @staticmethod
+    def _replica_spec(h: api.ReplicaHeader) -> _UploadSpec:
+        return _UploadSpec(h.size, _policy(h.replicas, h.residency), min(2, h.replicas), h.id,
+                           hint_for=h.hint_for, expires=h.expires, written=h.written)
+
+    def _new_upload(self, spec: _UploadSpec, *, client: bool) -> str:
         assert self.store is not None
         self._expire_uploads()
         if len(self._uploads) >= self.cfg.max_uploads:
-            raise ValueError(f"busy: {self.cfg.max_uploads} uploads already open")
-        size = _int_field(args, "size", None, 0, 1 << 50)
-        replicas = _int_field(args, "replicas", 3, 1, self.cfg.max_replicas)
-        policy = _policy(replicas, args.get("residency"), args.get("data_class"))
-        w = _int_field(args, "w", min(2, replicas), 1, replicas)
+            raise ApiError(ErrorCode.BUSY, f"busy: {self.cfg.max_uploads} uploads already open")
+        policy = spec.policy
         if not client and not self._may_hold(policy):
             # The receiver checks the rule itself: a replica outside it is never written.
             self._count("replicas_refused_residency")
             assert policy.residency is not None
-            raise ValueError(f"refused: this node's region {self.agent.meta.region!r} may not "
-                             f"hold a copy ({policy.residency.describe()})")
+            raise ApiError(ErrorCode.REFUSED, (
+                f"refused: this node's region {self.agent.meta.region!r} may not hold a copy "
+                f"({policy.residency.describe()})"))
         if client:
             try:
-                self._check_placement(policy, w)
+                self._check_placement(policy, spec.w)
             except PlacementError as e:
-                raise ValueError(f"refused: {e}") from None
-        res = policy.residency
+                raise ApiError(ErrorCode.REFUSED, f"refused: {e}") from None
         now = time.time()
-        ttl_s: float | None = None
-        if args.get("ttl_s") is not None:
-            ttl_s = float(args["ttl_s"])
-            if not 0 < ttl_s <= self.cfg.max_ttl_s:
-                raise ValueError(f"ttl_s must be in (0, {self.cfg.max_ttl_s:g}], got {ttl_s:g}")
-        elif args.get("expires") is not None:
+        ttl_s = spec.ttl_s
+        if ttl_s is None and spec.expires is not None:
             # A replica of an object with a TTL: same expiry on every copy.
-            ttl_s = float(args["expires"]) - now
+            ttl_s = spec.expires - now
             if ttl_s <= 0:
-                raise ValueError(f"expired: {args.get('id')} expired before it arrived")
-        written = args.get("written")
-        if client:
-            written = self.hlc.now(now).encode()  # the write's time: a delete before it loses
-        elif written is not None:
-            stamp = _stamp(written)
-            if stamp is None:
-                raise ValueError(f"bad write timestamp {written!r:.80}")
-            assert self.rm is not None
-            if not self.rm.accepts(str(args.get("id")), stamp):
-                self._count("deleted_copies_refused")
-                raise ValueError(f"deleted: {args.get('id')} was deleted after this copy was written")
+                raise ApiError(ErrorCode.INVALID, f"expired: {spec.oid} expired before it arrived")
+        written = self._write_stamp(spec, client, now)
+        res = policy.residency
         try:
             writer = self.store.writer(
-                written=written if isinstance(written, str) else None,
-                now=now, size=size, replicas=policy.replicas,
+                written=written, now=now, size=spec.size, replicas=policy.replicas,
                 data_class=res.data_class if res is not None else None,
                 residency=(sorted(res.regions) if res is not None and res.regions is not None
                            else None),
-                hint_for=args.get("hint_for"), pinned=ttl_s is None, ttl_s=ttl_s,
+                hint_for=spec.hint_for, pinned=ttl_s is None, ttl_s=ttl_s,
             )
         except StorageError as e:  # a full disk refuses the write, naming the bound
-            raise ValueError(f"{e.reason}: {e}") from None
+            raise _storage_error(e) from None
         upload = f"{self.agent.name}-{next(self._upload_ids)}"
-        self._uploads[upload] = _Upload(writer, size, policy, w, args.get("id"), args.get("hint_for"),
-                                        client, expires=None if ttl_s is None else now + ttl_s)
+        self._uploads[upload] = _Upload(writer, spec.size, policy, spec.w, spec.oid,
+                                        spec.hint_for, client,
+                                        expires=None if ttl_s is None else now + ttl_s)
         return upload
+
+    def _write_stamp(self, spec: _UploadSpec, client: bool, now: float) -> str | None:
+        """The write's HLC time: a client put's is now (a delete before it loses); a
+        replica's is the coordinator's, refused if a delete we know of came after it."""
+        if client:
+            return self.hlc.now(now).encode()
+        if spec.written is None:
+            return None
+        stamp = _stamp(spec.written)
+        if stamp is None:
+            raise ApiError(ErrorCode.INVALID, f"bad write timestamp {spec.written!r:.80}")
+        assert self.rm is not None
+        if not self.rm.accepts(str(spec.oid), stamp):
+            self._count("deleted_copies_refused")
+            raise ApiError(ErrorCode.INVALID,
+                           f"deleted: {spec.oid} was deleted after this copy was written")
+        return spec.written
 
     def _expire_uploads(self) -> None:
         now = time.monotonic()
@@ -798,8 +810,7 @@ class DataPlane:
                 self._drop_upload(key, up)
                 self._count("uploads_expired")
 
-    def _upload(self, args: dict[str, Any]) -> tuple[str, _Upload]:
-        key = str(args["upload"])
+    def _upload(self, key: str) -> tuple[str, _Upload]:
         up = self._uploads.get(key)
         if up is None:
             raise ValueError(f"unknown or expired upload {key!r}")
@@ -838,7 +849,7 @@ class DataPlane:
             await asyncio.shield(pending)
         except StorageError as e:
             self._drop_upload(key, up)  # the writer already removed its temp file
-            raise ValueError(f"{e.reason}: {e}") from None
+            raise _storage_error(e) from None
         if up.pending is pending:
             up.pending = None
 
@@ -855,14 +866,11 @@ class DataPlane:
 
     # -- copies that start before the coordinator's own commit
 
-    def _copy_header(self, oid: str, up: _Upload) -> dict[str, Any]:
-        res = up.policy.residency
-        return {
-            "id": oid, "size": up.size, "replicas": up.policy.replicas,
-            "residency": sorted(res.regions) if res is not None and res.regions is not None else None,
-            "data_class": res.data_class if res is not None else None,
-            "hint_for": None, "expires": up.expires, "written": up.writer.written_ts,
-        }
+    def _copy_header(self, oid: str, up: _Upload) -> api.ReplicaHeader:
+        return api.ReplicaHeader(
+            id=oid, size=up.size, replicas=up.policy.replicas,
+            residency=ResidencyWire.of(up.policy.residency), expires=up.expires,
+            written=up.writer.written_ts)
 
     def _early_targets(self, up: _Upload, oid: str) -> list[str]:
         """The other members of ``oid``'s replica set, as ``begin_put`` will choose them
@@ -905,23 +913,23 @@ class DataPlane:
 
     def _start_small_copies(self, up: _Upload, oid: str, data: bytes) -> None:
         """A small put's copies leave at once, while we commit our own."""
-        header = {**self._copy_header(oid, up), "data": data}
+        header = _small_copy(self._copy_header(oid, up), data)
         for dst in self._early_targets(up, oid):
             self._add_forward(up, dst, functools.partial(self._run_small_copy, header=header),
                               queued=False)
 
-    async def _run_small_copy(self, fwd: _Forward, header: dict[str, Any]) -> None:
+    async def _run_small_copy(self, fwd: _Forward, header: api.ReplicaSmallRequest) -> None:
         ok = False
         try:
             conn = self._checkout(fwd.dst)
             try:
-                await conn.call("obj.rw_small", header)
+                await conn.request(api.RW_SMALL, header)
                 ok = True
             except BaseException:
                 await conn.close()
                 raise
-            self._checkin(fwd.dst, conn)
-            self._count("bytes_sent", header["size"])
+            self.agent.peers.checkin(fwd.dst, conn)
+            self._count("bytes_sent", header.size)
         except (RpcError, ValueError, OSError) as e:
             self._count("transfers_early_errors")
             self.agent.log("debug", "early_copy_failed", peer=fwd.dst, error=str(e))
@@ -929,33 +937,34 @@ class DataPlane:
             if not fwd.done.done():
                 fwd.done.set_result(ok)
 
-    async def _run_forward(self, fwd: _Forward, header: dict[str, Any]) -> None:
+    async def _run_forward(self, fwd: _Forward, header: api.ReplicaHeader) -> None:
         ok = False
         conn: RpcConnection | None = None
         upload: str | None = None
         try:
             conn = self._checkout(fwd.dst)
-            begin = await conn.call("obj.rw_begin", header)
-            if begin.get("have"):
+            begin = await conn.request(api.RW_BEGIN, header)
+            if begin.have or begin.upload is None:
                 ok = True
             else:
-                upload = str(begin["upload"])
+                upload = begin.upload
                 # Chunks go ahead of their replies on the held connection (the member
                 # answers them in order), so it takes in the next while writing the last.
                 pipe = await conn.pipeline()
                 try:
                     while (chunk := await fwd.queue.get()) is not None:
                         if pipe.outstanding >= self.cfg.forward_ahead:
-                            await pipe.receive()
-                        await pipe.send("obj.rw_chunk", {"upload": upload, "data": chunk})
+                            await pipe.receive_reply(api.RW_CHUNK)
+                        await pipe.send_request(api.RW_CHUNK,
+                                                api.PutChunkRequest(upload=upload, data=chunk))
                     while pipe.outstanding:
-                        await pipe.receive()
+                        await pipe.receive_reply(api.RW_CHUNK)
                 finally:
                     await pipe.close()
-                await conn.call("obj.rw_end", {"upload": upload})
+                await conn.request(api.RW_END, api.UploadRequest(upload=upload))
                 upload = None
                 ok = True
-                self._count("bytes_sent", header["size"])
+                self._count("bytes_sent", header.size)
         except (RpcError, ValueError, OSError, KeyError) as e:
             self._count("transfers_early_errors")
             self.agent.log("debug", "forward_failed", peer=fwd.dst, error=str(e))
@@ -967,7 +976,7 @@ class DataPlane:
                 fwd.done.set_result(ok)
             if conn is not None:
                 if ok:
-                    self._checkin(fwd.dst, conn)
+                    self.agent.peers.checkin(fwd.dst, conn)
                 else:
                     # A call may have been cut short: this connection is not reused. The
                     # member's half-received upload is aborted (or expires on its own).
@@ -979,11 +988,12 @@ class DataPlane:
         with contextlib.suppress(Exception):
             conn = self._checkout(dst)
             try:
-                await asyncio.wait_for(conn.call("obj.put_abort", {"upload": upload}), 5.0)
+                await asyncio.wait_for(
+                    conn.request(api.PUT_ABORT, api.UploadRequest(upload=upload)), 5.0)
             except BaseException:
                 await conn.close()
                 raise
-            self._checkin(dst, conn)
+            self.agent.peers.checkin(dst, conn)
 
     def _stop_forward(self, fwd: _Forward) -> None:
         fwd.closed = True
@@ -1007,11 +1017,10 @@ class DataPlane:
 
     # -- RPCs
 
-    def _rpc_put_begin(self, args: dict[str, Any]) -> dict[str, Any]:
-        oid = args.get("id")
-        if oid is not None and (not isinstance(oid, str) or OBJECT_ID_RE.fullmatch(oid) is None):
-            raise ValueError(f"not an object id: {oid!r:.100}")
-        key = self._new_upload(args, client=True)
+    def _rpc_put_begin(self, req: api.PutBeginRequest) -> api.PutBeginReply:
+        oid = req.id
+        key = self._new_upload(self._client_spec(req.size, req.replicas, req.w, req.residency,
+                                                 oid, req.ttl_s), client=True)
         policy = self._uploads[key].policy
         if oid is None and not self._may_hold(policy):
             # Without the id the bytes are committed here before their set is known: that
@@ -1030,11 +1039,14 @@ class DataPlane:
             self._stamp_after_tombstone(up, oid)
             if up.size > self.cfg.inline_bytes:
                 self._start_forwards(up, oid)
-        return {"upload": key, "chunk_bytes": self.cfg.chunk_bytes}
+        return api.PutBeginReply(upload=key, chunk_bytes=self.cfg.chunk_bytes)
 
-    async def _rpc_put_chunk(self, args: dict[str, Any]) -> dict[str, Any]:
-        key, up = self._upload(args)
-        data = wire_bytes(args["data"], "data")
+    async def _rpc_put_chunk(self, req: api.PutChunkRequest) -> api.ChunkReply:
+        return api.ChunkReply(received=await self._put_chunk(req.upload, req.data))
+
+    async def _put_chunk(self, upload: str, data: bytes) -> int:
+        """Take one chunk of ``upload``; the bytes taken so far."""
+        key, up = self._upload(upload)
         if len(data) > max(self.cfg.chunk_bytes, self.cfg.inline_bytes):
             self._drop_upload(key, up)
             raise ValueError(f"chunk of {len(data)} bytes is over chunk_bytes={self.cfg.chunk_bytes}")
@@ -1049,7 +1061,7 @@ class DataPlane:
         up.received += len(data)
         if up.forwards:
             await self._feed_forwards(up, data)
-        return {"received": up.received}
+        return up.received
 
     async def _commit(self, key: str, up: _Upload) -> ObjectMeta:
         self._uploads.pop(key, None)
@@ -1063,7 +1075,7 @@ class DataPlane:
         try:
             meta, file_key = await asyncio.to_thread(self._commit_writer, up)
         except StorageError as e:
-            raise ValueError(f"{e.reason}: {e}") from None
+            raise _storage_error(e) from None
         self._remember_verified(meta.object_id, file_key)
         # A copy committed again while its drop waits in the queue is kept (the manager
         # asks again if it is still not ours to hold).
@@ -1072,8 +1084,8 @@ class DataPlane:
                              _stamp(meta.written))
         return meta
 
-    async def _rpc_put_end(self, args: dict[str, Any]) -> dict[str, Any]:
-        key, up = self._upload(args)
+    async def _rpc_put_end(self, req: api.UploadRequest) -> api.PutReply:
+        key, up = self._upload(req.upload)
         # The members commit their copies while we commit ours.
         await self._feed_forwards(up, None)
         try:
@@ -1083,7 +1095,7 @@ class DataPlane:
                 for dst in up.forwards:
                     self._early.pop((up.req, dst), None)
 
-    async def _finish_put(self, key: str, up: _Upload) -> dict[str, Any]:
+    async def _finish_put(self, key: str, up: _Upload) -> api.PutReply:
         if up.spare:
             return await self._finish_spare(key, up)
         try:
@@ -1108,9 +1120,9 @@ class DataPlane:
         except TimeoutError:
             self._puts.pop(req, None)
             raise ValueError(f"put of {meta.object_id} timed out waiting for W={up.w}") from None
-        return {"id": oid, "size": meta.size, "nodes": list(nodes)}
+        return api.PutReply(id=oid, size=meta.size, nodes=list(nodes))
 
-    async def _finish_spare(self, key: str, up: _Upload) -> dict[str, Any]:
+    async def _finish_spare(self, key: str, up: _Upload) -> api.PutReply:
         """A put coordinated outside the object's replica set: the members' copies (sent
         as the bytes arrived) make the quorum, as with any put, while our own copy stays
         an uncommitted spare (no hash, no fsync: a copy we would drop anyway once the
@@ -1149,7 +1161,7 @@ class DataPlane:
         except TimeoutError:
             self._puts.pop(req, None)
             raise ValueError(f"put of {oid} timed out waiting for W={up.w}") from None
-        return {"id": oid, "size": up.size, "nodes": list(nodes)}
+        return api.PutReply(id=oid, size=up.size, nodes=list(nodes))
 
     async def _commit_spare(self, req: int) -> None:
         """Commit the spare copy of write ``req`` (once; later callers wait for it). A
@@ -1191,65 +1203,67 @@ class DataPlane:
             await spare.commit
         self._spares.pop(req, None)
 
-    def _rpc_put_abort(self, args: dict[str, Any]) -> dict[str, Any]:
-        up = self._uploads.pop(str(args["upload"]), None)
+    def _rpc_put_abort(self, req: api.UploadRequest) -> api.Done:
+        up = self._uploads.pop(req.upload, None)
         if up is not None:
             self._abort_upload(up)
-        return {}
+        return api.Done()
 
-    async def _rpc_rw_begin(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_rw_begin(self, req: api.ReplicaHeader) -> api.RwBeginReply:
         assert self.store is not None
-        oid = _oid(args)
-        if await asyncio.to_thread(self.store.has, oid):
-            return {"have": True}
-        return {"upload": self._new_upload(args, client=False)}
+        if await asyncio.to_thread(self.store.has, req.id):
+            return api.RwBeginReply(have=True)
+        return api.RwBeginReply(upload=self._new_upload(self._replica_spec(req), client=False))
 
-    async def _rpc_rw_small(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_rw_small(self, req: api.ReplicaSmallRequest) -> api.StoredReply:
         """A whole small replica in one call (bounded by ``inline_bytes``)."""
-        data = wire_bytes(args["data"], "data")
-        if len(data) > self.cfg.inline_bytes or len(data) != int(args["size"]):
-            raise ValueError(f"inline object of {len(data)} bytes does not match its size or "
-                             f"is over inline_bytes={self.cfg.inline_bytes}")
+        data = req.data
+        if len(data) > self.cfg.inline_bytes or len(data) != req.size:
+            raise ApiError(ErrorCode.INVALID, (
+                f"inline object of {len(data)} bytes does not match its size or is over "
+                f"inline_bytes={self.cfg.inline_bytes}"))
         assert self.store is not None
-        if await asyncio.to_thread(self.store.has, _oid(args)):
-            return {"id": args["id"]}
-        key = self._new_upload(args, client=False)
+        if await asyncio.to_thread(self.store.has, req.id):
+            return api.StoredReply(id=req.id)
+        key = self._new_upload(self._replica_spec(req), client=False)
         up = self._uploads[key]
         try:
             await asyncio.to_thread(up.writer.write, data)
         except StorageError as e:
             self._uploads.pop(key, None)
-            raise ValueError(f"{e.reason}: {e}") from None
+            raise _storage_error(e) from None
         up.received = len(data)
         meta = await self._commit(key, up)
         self._count("bytes_received", meta.size)
         self._pump()
-        return {"id": meta.object_id}
+        return api.StoredReply(id=meta.object_id)
 
-    async def _rpc_put_small(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_put_small(self, req: api.PutSmallRequest) -> api.PutReply:
         """A client put of a small object in one call: begin, chunk and end at once; the
         copies leave for the replica set while this node commits its own."""
-        data = wire_bytes(args["data"], "data")
+        data = req.data
         if len(data) > self.cfg.inline_bytes:
-            raise ValueError(f"inline put of {len(data)} bytes is over inline_bytes="
-                             f"{self.cfg.inline_bytes}; use obj.put_begin")
+            raise ApiError(ErrorCode.INVALID, (
+                f"inline put of {len(data)} bytes is over inline_bytes={self.cfg.inline_bytes}; "
+                "use obj.put_begin"))
         oid = object_id(data)
         # With the id known, a coordinator outside the replica set keeps only a spare
         # (uncommitted) copy, as for a large put, instead of committing a stray copy that
         # it must hand off and drop again.
-        key = self._new_upload({**args, "size": len(data), "id": oid}, client=True)
+        key = self._new_upload(self._client_spec(len(data), req.replicas, req.w, req.residency,
+                                                 oid, req.ttl_s), client=True)
         up = self._uploads[key]
         self._stamp_after_tombstone(up, oid)
         self._start_small_copies(up, oid, data)
-        await self._rpc_put_chunk({"upload": key, "data": data})
-        return await self._rpc_put_end({"upload": key})
+        await self._put_chunk(key, data)
+        return await self._rpc_put_end(api.UploadRequest(upload=key))
 
-    async def _rpc_rw_end(self, args: dict[str, Any]) -> dict[str, Any]:
-        key, up = self._upload(args)
+    async def _rpc_rw_end(self, req: api.UploadRequest) -> api.StoredReply:
+        key, up = self._upload(req.upload)
         meta = await self._commit(key, up)
         self._count("bytes_received", meta.size)
         self._pump()
-        return {"id": meta.object_id}
+        return api.StoredReply(id=meta.object_id)
 
     # ------------------------------------------------------------------ reads
 
@@ -1339,14 +1353,14 @@ class DataPlane:
             f.seek(offset)
             return f.read(length)
 
-    async def _rpc_read_local(self, args: dict[str, Any]) -> dict[str, Any]:
-        oid, offset = _oid(args), _int_field(args, "offset", None, 0, 1 << 50)
-        length = min(int(args["length"]), self.cfg.chunk_bytes)
+    async def _rpc_read_local(self, req: api.ReadRequest) -> api.ReadReply:
+        oid, offset = req.id, req.offset
+        length = min(req.length, self.cfg.chunk_bytes)
         assert self.store is not None
         if offset == 0:
             meta, ok = await self._local_verified(oid)
             if meta is not None and not ok:
-                raise ValueError(f"corrupt copy of {oid} here; try another replica")
+                raise ApiError(ErrorCode.INVALID, f"corrupt copy of {oid} here; try another replica")
         else:
             meta = await asyncio.to_thread(self.store.meta, oid)
         if meta is None:
@@ -1354,37 +1368,48 @@ class DataPlane:
         try:
             data = await asyncio.to_thread(self._read_range, oid, offset, length)
         except StorageError as e:
-            raise ValueError(f"{e.reason}: {oid}") from None
-        return {"data": data, "size": meta.size, "chunk_bytes": self.cfg.chunk_bytes}
+            raise ApiError(ErrorCode.INVALID, f"{e.reason}: {oid}") from None
+        return api.ReadReply(data=data, size=meta.size, chunk_bytes=self.cfg.chunk_bytes)
 
-    async def _rpc_read(self, args: dict[str, Any]) -> dict[str, Any]:
-        oid = _oid(args)
+    async def _rpc_read(self, req: api.ReadRequest) -> api.ReadReply:
+        oid = req.id
         assert self.store is not None
         if self.rm is not None and self.rm.tombstone(oid) is not None:
             raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}: it was deleted")
         if await asyncio.to_thread(self.store.has, oid):
             with contextlib.suppress(ValueError):
-                return await self._rpc_read_local(args)
+                return await self._rpc_read_local(req)
         src = self._sources.get(oid)
         if src is not None and not self._live(src):
             # Remembered from before it died (or was cut off): never send a reader there.
             self._sources.pop(oid, None)
             src = None
-        if args.get("redirect"):
-            # One hop: name holders; the client reads from one over its own connection
-            # (and asks us again, without ``redirect``, if it cannot reach any).
-            names = [src] if src is not None else [
-                h for h in await self._holders(oid) if h != self.agent.name]
-            targets = [{"node": n, "addr": a} for n in names[:3]
-                       if (a := self._addr(n)) is not None]
-            if targets:
-                self._remember_source(oid, names[0])
-                self._count("reads_redirected")
-                return {"redirect": targets}
+        if req.redirect:
+            redirect = await self._redirect(oid, src)
+            if redirect is not None:
+                return redirect
+        return await self._relay(msgspec.structs.replace(req, redirect=False), src)
+
+    async def _redirect(self, oid: str, src: str | None) -> api.ReadReply | None:
+        """One hop: name holders; the client reads from one over its own connection (and
+        asks us again, without ``redirect``, if it cannot reach any)."""
+        names = [src] if src is not None else [
+            h for h in await self._holders(oid) if h != self.agent.name]
+        targets = [api.Holder(node=n, addr=a) for n in names[:3]
+                   if (a := self._addr(n)) is not None]
+        if not targets:
+            return None
+        self._remember_source(oid, names[0])
+        self._count("reads_redirected")
+        return api.ReadReply(redirect=targets)
+
+    async def _relay(self, req: api.ReadRequest, src: str | None) -> api.ReadReply:
+        """The bytes read from a holder (``src`` first, if known), relayed."""
+        oid = req.id
         tried: list[str] = []
         if src is not None:
             try:
-                result = dict(await self._call(src, "obj.read_local", args))
+                result = await self._call(src, api.READ_LOCAL, req)
                 self._count("reads_proxied")
                 return result
             except (RpcError, ValueError):
@@ -1394,7 +1419,7 @@ class DataPlane:
             if holder in tried or holder == self.agent.name:
                 continue
             try:
-                result = dict(await self._call(holder, "obj.read_local", args))
+                result = await self._call(holder, api.READ_LOCAL, req)
             except (RpcError, ValueError):
                 continue
             self._remember_source(oid, holder)
@@ -1416,17 +1441,23 @@ class DataPlane:
 
     async def _holders(self, oid: str) -> list[str]:
         """Live nodes that hold ``oid``, replica-set members first."""
-        stats = await self._fan_out("obj.local_stat", {"id": oid}, self.cfg.stat_timeout_s)
-        return [name for name, st in stats.items() if st]
+        return list(await self._local_stats(oid))
 
-    async def _fan_out(self, method: str, args: dict[str, Any],
-                       timeout_s: float | None = None) -> dict[str, Any]:
+    async def _local_stats(self, oid: str) -> dict[str, api.LocalObject]:
+        """Every live node's own copy of ``oid``, by node (those that hold one)."""
+        stats = await self._fan_out(api.LOCAL_STAT, api.ObjectIdRequest(id=oid),
+                                    self.cfg.stat_timeout_s)
+        return {name: st for name, st in stats.items() if st is not None}
+
+    async def _fan_out(self, method: Method[Req, Rep], req: Req,
+                       timeout_s: float | None = None) -> dict[str, Rep | None]:
+        """``method`` on every live member at once; None where it failed or was silent."""
         names = [c.name for c in self._view()]
-        bound = self.cfg.rpc_timeout_s if timeout_s is None else timeout_s
+        bound = self.agent.peers.cfg.call_timeout_s if timeout_s is None else timeout_s
 
-        async def one(name: str) -> Any:
+        async def one(name: str) -> Rep | None:
             try:
-                return await asyncio.wait_for(self._call(name, method, args), bound)
+                return await asyncio.wait_for(self._call(name, method, req), bound)
             except (RpcError, ValueError, TimeoutError):
                 return None
 
@@ -1435,7 +1466,7 @@ class DataPlane:
 
     # ------------------------------------------------------------------ listing
 
-    def _describe(self, meta: ObjectMeta) -> dict[str, Any]:
+    def _describe(self, meta: ObjectMeta) -> api.ObjectDesc:
         policy = policy_of(meta)
         view = self._view()
         try:
@@ -1448,174 +1479,139 @@ class DataPlane:
                                             policy.residency)]
         except PlacementError:
             ws = []
-        return {
-            "id": meta.object_id, "size": meta.size, "replicas": meta.replicas,
-            "data_class": meta.data_class,
-            "residency": list(meta.residency) if meta.residency is not None else None,
-            "replica_set": rs,
-            "write_set": ws,
-        }
+        return api.ObjectDesc(id=meta.object_id, size=meta.size, replicas=meta.replicas,
+                              residency=ResidencyWire.of(policy.residency), replica_set=rs,
+                              write_set=ws)
 
-    async def _rpc_local_stat(self, args: dict[str, Any]) -> dict[str, Any] | None:
+    async def _rpc_local_stat(self, req: api.ObjectIdRequest) -> api.LocalObject | None:
         assert self.store is not None
-        meta = await asyncio.to_thread(self.store.meta, _oid(args))
-        return None if meta is None else {**self._describe(meta), "written": meta.written}
+        meta = await asyncio.to_thread(self.store.meta, req.id)
+        if meta is None:
+            return None
+        return _as(api.LocalObject, self._describe(meta), written=meta.written)
 
-    async def _rpc_local_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _rpc_local_list(self, req: api.ListRequest) -> list[api.ObjectDesc]:
         assert self.store is not None
-        limit = min(int(args.get("limit") or 1000), 10_000)
-        page = await asyncio.to_thread(self.store.list, after=str(args.get("after") or ""), limit=limit)
+        page = await asyncio.to_thread(self.store.list, after=req.after, limit=req.limit)
         return [self._describe(m) for m in page]
 
-    async def _rpc_stat(self, args: dict[str, Any]) -> dict[str, Any]:
-        oid = _oid(args)
-        stats = await self._fan_out("obj.local_stat", {"id": oid}, self.cfg.stat_timeout_s)
-        holders = sorted(n for n, st in stats.items() if st)
-        if not holders:
+    async def _rpc_stat(self, req: api.ObjectIdRequest) -> api.ObjectStat:
+        oid = req.id
+        held = await self._local_stats(oid)
+        if not held:
             raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}: no live node holds it")
-        desc = dict(next(st for st in stats.values() if st))
-        desc["holders"] = holders
-        return desc
+        return _as(api.ObjectStat, next(iter(held.values())), holders=sorted(held))
 
-    async def _rpc_list(self, args: dict[str, Any]) -> dict[str, Any]:
-        limit = min(int(args.get("limit") or 1000), 10_000)
-        after = str(args.get("after") or "")
-        pages = await self._fan_out("obj.local_list", {"after": after, "limit": limit})
-        merged: dict[str, dict[str, Any]] = {}
+    async def _rpc_list(self, req: api.ListRequest) -> api.ObjectPage:
+        limit = req.limit
+        pages = await self._fan_out(api.LOCAL_LIST, api.ListRequest(after=req.after, limit=limit))
+        merged: dict[str, api.ListedObject] = {}
         for node, page in pages.items():
             for desc in page or []:
-                entry = merged.setdefault(desc["id"], {**desc, "holders": []})
-                entry["holders"].append(node)
+                entry = merged.setdefault(desc.id, _as(api.ListedObject, desc, holders=[]))
+                entry.holders.append(node)
         ids = sorted(merged)[:limit]
-        out = []
-        for oid in ids:
-            e = merged[oid]
-            e["holders"] = sorted(e["holders"])
-            want = min(e["replicas"], len(e["replica_set"])) if e["replica_set"] else e["replicas"]
-            # A stand-in (write set) holds a copy in place of a full member that lacks it.
-            fits = set(e["replica_set"]) | set(e.get("write_set") or ())
-            good = [h for h in e["holders"] if h in fits]
-            e["health"] = "ok" if len(good) >= want and want == e["replicas"] else "under-replicated"
-            out.append(e)
+        out = [_health(merged[oid]) for oid in ids]
         # A node that filled its page may hold more beyond it, even if the merge did not.
         more = len(merged) > limit or any(len(p or []) >= limit for p in pages.values())
-        nxt = ids[-1] if more and ids else None
-        return {"objects": out, "next": nxt}
+        return api.ObjectPage(objects=out, next=ids[-1] if more and ids else None)
 
-    async def _rpc_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_delete(self, req: api.ObjectIdRequest) -> api.DeleteReply:
         """Delete an object everywhere: drop every copy and leave tombstones (see the module
         docstring). Returns the nodes that held a copy and those told at once; nodes that
         are away now learn it from anti-entropy when they come back."""
         assert self.rm is not None
-        oid = str(args.get("id"))
-        if OBJECT_ID_RE.fullmatch(oid) is None:
-            raise ValueError(f"not an object id: {oid!r:.100}")
-        stats = await self._fan_out("obj.local_stat", {"id": oid}, self.cfg.stat_timeout_s)
-        held = {n: st for n, st in stats.items() if st}
+        oid = req.id
+        held = await self._local_stats(oid)
         if not held:
             if self.rm.tombstone(oid) is not None:
-                return {"id": oid, "holders": [], "notified": [], "already_deleted": True}
+                return api.DeleteReply(id=oid, holders=[], already_deleted=True)
             raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}: no live node holds it")
         desc = next(iter(held.values()))
-        policy = _policy(int(desc["replicas"]), desc.get("residency"), desc.get("data_class"))
+        policy = _policy(desc.replicas, desc.residency)
         wall = time.time()
         for st in held.values():
             # Stamp the delete after every write of the object we can see.
-            stamp = _stamp(st.get("written"))
+            stamp = _stamp(st.written)
             if stamp is not None:
                 with contextlib.suppress(ClockSkewError, ValueError):
                     self.hlc.update(stamp, wall)
         ts = self.hlc.now(wall)
-        req = next(self._req_ids)
+        rid = next(self._req_ids)
         fut: asyncio.Future[tuple[str, ...]] = asyncio.get_running_loop().create_future()
-        self._deletes[req] = fut
+        self._deletes[rid] = fut
         try:
             notified = self.rm.delete(oid, policy, ts, time.monotonic(), wall, sorted(held),
-                                      req_id=req)
+                                      req_id=rid)
         except ReplicationOverloaded as e:
-            self._deletes.pop(req, None)
-            raise ValueError(f"busy: {e}") from None
+            self._deletes.pop(rid, None)
+            raise ApiError(ErrorCode.BUSY, f"busy: {e}") from None
         self._count("deletes")
         self._pump()
         try:
             kept = await asyncio.wait_for(fut, self.cfg.put_wait_s)
         except TimeoutError:
-            self._deletes.pop(req, None)
-            raise ValueError(f"delete of {oid} not confirmed in {self.cfg.put_wait_s:g} s") \
-                from None
-        return {"id": oid, "holders": sorted(held), "notified": notified, "ts": ts.encode(),
-                "tombstones": list(kept)}
+            self._deletes.pop(rid, None)
+            raise ApiError(ErrorCode.UNAVAILABLE, f"delete of {oid} not confirmed in "
+                                                  f"{self.cfg.put_wait_s:g} s") from None
+        return api.DeleteReply(id=oid, holders=sorted(held), notified=list(notified),
+                               ts=ts.encode(), tombstones=list(kept))
 
-    async def _rpc_corrupt_local(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_corrupt_local(self, req: Empty) -> api.CorruptReply:
         """Check every local copy's hash now (an operator's scrub); returns what was bad."""
-        assert self.store is not None
+        store = self.store
+        assert store is not None
         bad = []
-        for oid in list(await asyncio.to_thread(lambda: list(self.store.ids()))):  # type: ignore[union-attr]
-            if not await asyncio.to_thread(self.store.verify, oid):
+        for oid in await asyncio.to_thread(lambda: list(store.ids())):
+            if not await asyncio.to_thread(store.verify, oid):
                 await self._quarantine(oid)
                 bad.append(oid)
-        return {"quarantined": bad}
+        return api.CorruptReply(quarantined=bad)
 
-    async def _rpc_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_stats(self, req: Empty) -> api.DataPlaneStats:
         assert self.store is not None and self.rm is not None
         st = await asyncio.to_thread(self.store.stats)
-        return {"store": st, "dataplane": dict(self.stats), "replication": dict(self.rm.stats),
-                "uploads": len(self._uploads),
-                "kv_hints": {**self.hints.stats, "keys": len(self.hints),
-                             "watched": self.hints.watched}}
+        return api.DataPlaneStats(
+            store=st, dataplane=dict(self.stats), replication=dict(self.rm.stats),
+            uploads=len(self._uploads),
+            kv_hints={**self.hints.stats, "keys": len(self.hints), "watched": self.hints.watched})
 
     # ------------------------------------------------------------------ KV
 
-    def _consistency(self, args: dict[str, Any]) -> Consistency:
-        try:
-            return Consistency(str(args.get("consistency") or "quorum").lower())
-        except ValueError:
-            raise ValueError("consistency must be one of one, quorum, all") from None
-
     async def _kv_write(self, key: str, value: bytes | None, consistency: Consistency) -> str:
-        if len(key.encode()) > 1024:
-            raise ValueError("key is longer than 1024 bytes")
         ts = self.hlc.now(time.time())
         rec = KVRecord(key, value, ts)
         try:
             where = kv_placement(key, self._view(), self.cfg.kv_replicas, down=self._down_view())
         except PlacementError as e:
-            raise ValueError(f"kv write of {key!r} refused: {e}") from None
+            raise ApiError(ErrorCode.REFUSED, f"kv write of {key!r} refused: {e}") from None
         # A delete also goes to full members (it needs no room; it must beat their value).
         coord = KVCoordinator.for_put(rec, where.replicas, consistency,
                                       where.full if value is None else ())
-        args = {"key": key, "value": value, "ts": ts.encode()}
+        apply = api.KvApplyRequest(key=key, value=value, ts=ts.encode())
 
-        def args_for(node: str) -> dict[str, Any]:
+        async def ask(node: str) -> None:
             # A stand-in is told whom it stands in for (``KVHints``).
             targets = where.hint_targets(node)
-            return {**args, "hint_for": list(targets)} if targets else args
+            req = msgspec.structs.replace(apply, hint_for=list(targets)) if targets else apply
+            await self._call(node, api.KV_APPLY, req)
+            coord.on_reply(node, None)
 
-        await self._kv_round(coord, "kv.apply", args, args_for)
+        await self._kv_round(coord, ask, reads=False)
         if coord.outcome is None or not coord.outcome.ok:
             reason = coord.outcome.reason if coord.outcome else "no outcome"
-            raise ValueError(f"kv write of {key!r} failed: {reason}")
+            raise ApiError(ErrorCode.UNAVAILABLE, f"kv write of {key!r} failed: {reason}")
         return ts.encode()
 
-    async def _kv_round(self, coord: KVCoordinator, method: str, args: dict[str, Any],
-                        args_for: Callable[[str], dict[str, Any]] | None = None) -> None:
+    async def _kv_round(self, coord: KVCoordinator, ask: Callable[[str], Awaitable[None]], *,
+                        reads: bool) -> None:
+        """``ask`` every replica ``coord`` names (``ask`` reports a reply to it); a failure
+        or silence is reported here."""
         async def one(name: str) -> None:
-            call_args = args if args_for is None else args_for(name)
             try:
-                res = await asyncio.wait_for(self._call(name, method, call_args),
-                                             self.cfg.kv_timeout_s)
+                await asyncio.wait_for(ask(name), self.cfg.kv_timeout_s)
             except (RpcError, ValueError, TimeoutError) as e:
                 coord.on_failure(name, str(e) or type(e).__name__)
-                return
-            if method == "kv.read":
-                rec = None
-                if res is not None:
-                    rec = KVRecord(coord.key, res["value"], HLCTimestamp.decode(res["ts"]))
-                    with contextlib.suppress(Exception):
-                        self.hlc.update(rec.ts, time.time())
-                coord.on_reply(name, rec)
-            else:
-                coord.on_reply(name, None)
 
         calls = [asyncio.ensure_future(one(n)) for n in coord.asked]
         # A write returns once its consistency level is met (W acknowledgements, or a
@@ -1623,7 +1619,7 @@ class DataPlane:
         # at most KV_STRAGGLERS_MAX of them at a time (beyond that, wait for all as a
         # read does: its read repair needs every reply).
         stragglers = self._kv_stragglers
-        early = method != "kv.read" and len(stragglers) < KV_STRAGGLERS_MAX
+        early = not reads and len(stragglers) < KV_STRAGGLERS_MAX
         try:
             pending: set[asyncio.Future[None]] = set(calls)
             while pending and (coord.outcome is None or not early):
@@ -1638,74 +1634,76 @@ class DataPlane:
         if coord.outcome is None:
             coord.expire()
 
-    async def _rpc_kv_put(self, args: dict[str, Any]) -> dict[str, Any]:
-        value = args.get("value")
-        if value is None:
-            raise ValueError("kv put needs a value (use kv.delete to delete)")
-        data = wire_bytes(value, "value")
-        key = _kv_key(args.get("key"))
-        # Checked where the request enters, naming the limit (the replicas' own refusal
-        # used to come back as "2 of 3 replicas failed").
-        if len(data) > MAX_KV_VALUE_BYTES:
-            raise ValueError(f"a KV value is at most {MAX_KV_VALUE_BYTES} bytes "
-                             f"(MAX_KV_VALUE_BYTES); this one is {len(data)}")
-        return {"ts": await self._kv_write(key, data, self._consistency(args))}
+    async def _rpc_kv_put(self, req: api.KvPutRequest) -> api.KvWriteReply:
+        key = _kv_key(req.key)
+        # Checked here too: an in-process call (``call_local``) skips the struct's bounds.
+        if len(req.value) > MAX_KV_VALUE_BYTES:
+            raise ApiError(ErrorCode.INVALID, f"a KV value is at most {MAX_KV_VALUE_BYTES} "
+                                              f"bytes (MAX_KV_VALUE_BYTES); this one is "
+                                              f"{len(req.value)}")
+        return api.KvWriteReply(ts=await self._kv_write(key, req.value,
+                                                        Consistency(req.consistency)))
 
-    async def _rpc_kv_delete(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"ts": await self._kv_write(_kv_key(args.get("key")), None,
-                                           self._consistency(args))}
+    async def _rpc_kv_delete(self, req: api.KvKeyRequest) -> api.KvWriteReply:
+        return api.KvWriteReply(ts=await self._kv_write(_kv_key(req.key), None,
+                                                        Consistency(req.consistency)))
 
-    async def _rpc_kv_get(self, args: dict[str, Any]) -> dict[str, Any]:
-        key = str(args["key"])
-        consistency = self._consistency(args)
+    async def _rpc_kv_get(self, req: api.KvKeyRequest) -> api.KvValue:
+        key = req.key
         try:
             where = kv_placement(key, self._view(), self.cfg.kv_replicas)
         except PlacementError as e:
-            raise ValueError(f"kv read of {key!r} refused: {e}") from None
-        coord = KVCoordinator.for_get(key, where.replicas, consistency, where.full)
-        await self._kv_round(coord, "kv.read", {"key": key})
+            raise ApiError(ErrorCode.REFUSED, f"kv read of {key!r} refused: {e}") from None
+        coord = KVCoordinator.for_get(key, where.replicas, Consistency(req.consistency),
+                                      where.full)
+        read = api.KvReadRequest(key=key)
+
+        async def ask(node: str) -> None:
+            got = await self._call(node, api.KV_READ, read)
+            rec = None if got is None else KVRecord(key, got.value, HLCTimestamp.decode(got.ts))
+            if rec is not None:
+                with contextlib.suppress(ClockSkewError, ValueError):
+                    self.hlc.update(rec.ts, time.time())
+            coord.on_reply(node, rec)
+
+        await self._kv_round(coord, ask, reads=True)
         if coord.outcome is None or not coord.outcome.ok:
             reason = coord.outcome.reason if coord.outcome else "no outcome"
-            raise ValueError(f"kv read of {key!r} failed: {reason}")
+            raise ApiError(ErrorCode.UNAVAILABLE, f"kv read of {key!r} failed: {reason}")
         for node, rec in coord.read_repair():
             self._count("kv_read_repairs")
-            self.agent.spawn(self._call(node, "kv.apply", {
-                "key": rec.key, "value": rec.value, "ts": rec.ts.encode()}))
+            self.agent.spawn(self._call(node, api.KV_APPLY, api.KvApplyRequest(
+                key=rec.key, value=rec.value, ts=rec.ts.encode())))
         best = coord.winner()
         if best is None:
-            return {"value": None, "ts": None}
-        return {"value": best.value, "ts": best.ts.encode()}
+            return api.KvValue()
+        return api.KvValue(value=best.value, ts=best.ts.encode())
 
-    async def _rpc_kv_apply(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_kv_apply(self, req: api.KvApplyRequest) -> api.KvApplyReply:
         """Take one replica's part of a KV write (a coordinator's, a read repair or a
         hand-off), with the hints ``KVHints.plan`` asks for stored in the same transaction
         (``hint_for``: the replicas the coordinator says this node stands in for)."""
         assert self.store is not None
-        key, ts = str(args["key"]), str(args["ts"])
-        value = args.get("value")
-        named = args.get("hint_for") or []
-        if not isinstance(named, list) or len(named) > 64 or not all(
-                isinstance(n, str) and n for n in named):
-            raise ValueError("hint_for must be a list of node names")
-        stamp = HLCTimestamp.decode(ts)
-        with contextlib.suppress(Exception):
+        key, ts = req.key, req.ts
+        try:
+            stamp = HLCTimestamp.decode(ts)
+        except ValueError as e:
+            raise ApiError(ErrorCode.INVALID, f"bad timestamp {ts!r:.80}: {e}") from None
+        with contextlib.suppress(ClockSkewError, ValueError):
             self.hlc.update(stamp, time.time())
         now = time.time()
-        targets = self.hints.plan(key, named, now)
+        targets = self.hints.plan(key, req.hint_for, now)
         if targets is None:
-            raise ValueError(f"hints_full: this node holds hints for "
-                             f"{self.cfg.kv_hints.max_hints} keys (max_hints)")
+            raise ApiError(ErrorCode.BUSY, f"hints_full: this node holds hints for "
+                                           f"{self.cfg.kv_hints.max_hints} keys (max_hints)")
         try:
-            applied = await asyncio.to_thread(
-                self.store.kv_put, key, None if value is None else wire_bytes(value, "value"),
-                ts, targets, now,
-            )
+            applied = await asyncio.to_thread(self.store.kv_put, key, req.value, ts, targets, now)
         except StorageError as e:
-            raise ValueError(f"{e.reason}: {e}") from None
+            raise _storage_error(e) from None
         if targets:
             self.hints.add(key, stamp, targets, now)
             self._hints_wake.set()
-        return {"applied": applied}
+        return api.KvApplyReply(applied=applied)
 
     # ------------------------------------------------------------------ KV hinted handoff
 
@@ -1742,8 +1740,8 @@ class DataPlane:
                                peer=send.target)
                 return
             try:
-                await asyncio.wait_for(self._call(send.target, "kv.apply", {
-                    "key": send.key, "value": got[0], "ts": got[1]}), self.cfg.kv_timeout_s)
+                await asyncio.wait_for(self._call(send.target, api.KV_APPLY, api.KvApplyRequest(
+                    key=send.key, value=got[0], ts=got[1])), self.cfg.kv_timeout_s)
             except (RpcError, ValueError, TimeoutError, OSError) as e:
                 self.hints.failed(send.key, send.target, time.time())
                 self.agent.log("debug", "kv_hand_off_failed", key=send.key[:200],
@@ -1772,13 +1770,13 @@ class DataPlane:
                 self._count("kv_hint_persist_failed")
                 self.agent.log("warning", "kv_hint_persist_failed", error=str(e)[:200])
 
-    async def _rpc_kv_read(self, args: dict[str, Any]) -> dict[str, Any] | None:
+    async def _rpc_kv_read(self, req: api.KvReadRequest) -> api.KvRecordWire | None:
         assert self.store is not None
-        got = await asyncio.to_thread(self.store.kv_get, str(args["key"]))
+        got = await asyncio.to_thread(self.store.kv_get, req.key)
         if got is None:
             return None
         value, ts = got
-        return {"value": value, "ts": ts}
+        return api.KvRecordWire(value=value, ts=ts)
 
     # ------------------------------------------------------------------ full disk
 
