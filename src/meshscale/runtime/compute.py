@@ -2,7 +2,7 @@
 
 Decisions (which node runs a task, late binding, re-placement, one result per task id)
 are made by ``core.scheduling.Scheduler``; this module moves bytes and keeps records,
-the way ``dataplane.py`` drives ``core.replication``:
+the way ``runtime/data/`` drives ``core.replication``:
 
 - one ``Scheduler`` and one ``WorkerPool`` (one warm process per CPU of capacity) per
   node, one timer, ``_pump`` after every call into the scheduler;

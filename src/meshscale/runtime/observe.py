@@ -42,7 +42,7 @@ from meshscale.core.placement import is_full
 from meshscale.runtime.services import NodeServices
 
 if TYPE_CHECKING:
-    from meshscale.runtime.dataplane import DataPlane
+    from meshscale.runtime.data import DataPlane
 
 
 class ObservedNode(NodeServices, Protocol):
