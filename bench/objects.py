@@ -57,6 +57,7 @@ from typing import Any
 from meshscale.client.mesh import READ_AHEAD, AsyncMesh
 from meshscale.client.rpc import ClientCredentials, RpcConnection
 from meshscale.core.api import Empty
+from meshscale.core.api import objects as api
 from meshscale.core.api.tasks import TASK_STATS
 from meshscale.runtime.launcher import LocalMesh, NodeProcess
 from meshscale.transport.tls import client_context, server_context
@@ -69,8 +70,9 @@ MB = 1_000_000
 
 async def put_small(c: RpcConnection, data: bytes, replicas: int = 3, w: int = 2) -> str:
     """A small object in one call, as the client's ``put`` sends it."""
-    small = await c.call("obj.put_small", {"data": data, "replicas": replicas, "w": w})
-    return str(small["id"])
+    small = await c.request(api.PUT_SMALL, api.PutSmallRequest(data=data, replicas=replicas,
+                                                               w=w))
+    return small.id
 
 
 async def put_client(client: AsyncMesh, data: bytes, w: int = 2) -> str:
@@ -89,21 +91,22 @@ async def get(c: RpcConnection, oid: str, creds: ClientCredentials, one_hop: boo
     chunk = 4 << 20
     holder: RpcConnection | None = None
     try:
-        r = await c.call("obj.read", {"id": oid, "offset": 0, "length": chunk,
-                                      "redirect": one_hop})
+        r = await c.request(api.READ, api.ReadRequest(id=oid, offset=0, length=chunk,
+                                                      redirect=one_hop))
         src = c
-        if "redirect" in r:
-            src = holder = RpcConnection(r["redirect"][0]["addr"], creds, 120)
-            r = await src.call("obj.read", {"id": oid, "offset": 0, "length": chunk})
-        size, got = int(r["size"]), len(r["data"])
+        if r.redirect is not None:
+            src = holder = RpcConnection(r.redirect[0].addr, creds, 120)
+            r = await src.request(api.READ, api.ReadRequest(id=oid, offset=0, length=chunk))
+        size, got = r.size, len(r.data)
         pipe = await src.pipeline()
         try:
             nxt = got
             while got < size:
                 while nxt < size and pipe.outstanding < read_ahead:
-                    await pipe.send("obj.read", {"id": oid, "offset": nxt, "length": chunk})
+                    await pipe.send_request(api.READ, api.ReadRequest(id=oid, offset=nxt,
+                                                                      length=chunk))
                     nxt += chunk
-                got += len((await pipe.receive())["data"])
+                got += len((await pipe.receive_reply(api.READ)).data)
         finally:
             await pipe.close()
     finally:
@@ -273,8 +276,8 @@ async def measure_bulk(mesh: LocalMesh, quick: bool, suffix: str = "",
     for oid in oids:
         deadline = time.perf_counter() + 60
         while True:
-            st = await c0.call("obj.stat", {"id": oid})
-            if set(st["replica_set"]) <= set(st["holders"]):
+            st = await c0.request(api.STAT, api.ObjectIdRequest(id=oid))
+            if set(st.replica_set) <= set(st.holders):
                 break
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"{oid}: its replica set lacks a copy 60 s after its put")
@@ -292,8 +295,8 @@ async def measure_bulk(mesh: LocalMesh, quick: bool, suffix: str = "",
         # The coordinator's own copy is dropped once the replica set confirms it.
         deadline = time.perf_counter() + 60
         while True:
-            st = await c0.call("obj.stat", {"id": oid})
-            outsiders = [n for n in mesh.nodes if n.name not in st["holders"]]
+            st = await c0.request(api.STAT, api.ObjectIdRequest(id=oid))
+            outsiders = [n for n in mesh.nodes if n.name not in st.holders]
             if outsiders or time.perf_counter() > deadline:
                 break
             await asyncio.sleep(0.5)
@@ -397,15 +400,15 @@ def copies_on_disk(node: NodeProcess) -> dict[str, int]:
     return {str(oid): int(size) for oid, size in rows if files.get(str(oid)) == int(size)}
 
 
-async def list_all(c: AsyncMesh) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+async def list_all(c: AsyncMesh) -> list[api.ListedObject]:
+    out: list[api.ListedObject] = []
     after = ""
     while True:
-        page = await c._call("obj.list", {"after": after, "limit": 10_000})
-        out += page["objects"]
-        if not page.get("next"):
+        page = await c._request(api.LIST, api.ListRequest(after=after, limit=api.MAX_LIST_PAGE))
+        out += page.objects
+        if not page.next:
             return out
-        after = str(page["next"])
+        after = page.next
 
 
 async def rereplicate(mesh: LocalMesh, quick: bool) -> dict[str, float]:
@@ -421,15 +424,14 @@ async def rereplicate(mesh: LocalMesh, quick: bool) -> dict[str, float]:
     cv = RpcConnection(victim.address, creds, 120)
     written = 0
     while True:
-        st = await cv.call("dp.stats", {})
-        if st["store"]["bytes"] >= target or written > 3 * target:
+        st = await cv.request(api.DP_STATS, Empty())
+        if st.store["bytes"] >= target or written > 3 * target:
             break
         await put_client(c0, os.urandom(chunk))
         written += chunk
     await cv.close()
     # Every object in the mesh, and the copies it must have on the survivors once repaired.
-    objects = {o["id"]: (int(o["size"]), min(int(o["replicas"]), len(survivors)))
-               for o in await list_all(c0)}
+    objects = {o.id: (o.size, min(o.replicas, len(survivors))) for o in await list_all(c0)}
     victim_bytes = sum(size for size in copies_on_disk(victim).values())
 
     def missing() -> tuple[int, int]:
@@ -454,8 +456,8 @@ async def rereplicate(mesh: LocalMesh, quick: bool) -> dict[str, float]:
             if lack == 0:
                 t_disk = time.perf_counter() - t0
         if t_health is None:
-            listing = (await c0._call("obj.list", {"after": "", "limit": 10_000}))["objects"]
-            if listing and all(o["health"] == "ok" for o in listing):
+            listing = await list_all(c0)
+            if listing and all(o.health == "ok" for o in listing):
                 t_health = time.perf_counter() - t0
         if time.perf_counter() - t0 > 900:
             raise RuntimeError("replication not restored in 900 s")

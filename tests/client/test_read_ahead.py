@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from meshscale.client.mesh import _ReadAhead
+from meshscale.core.api.objects import READ, ReadReply, ReadRequest
 
 
 class FakePipeline:
@@ -26,18 +27,19 @@ class FakePipeline:
         self.max_outstanding = 0
         self.closed_with = -1
 
-    async def send(self, method: str, args: dict[str, Any]) -> None:
-        assert method == "obj.read"
-        self.sent.append(args)
+    async def send_request(self, method: Any, req: ReadRequest) -> None:
+        assert method is READ
+        self.sent.append({"offset": req.offset, "length": req.length})
         self.max_outstanding = max(self.max_outstanding, len(self.sent))
 
-    async def receive(self) -> Any:
+    async def receive_reply(self, method: Any) -> ReadReply:
+        assert method is READ
         args = self.sent.popleft()
         await asyncio.sleep(self.rng.uniform(0, 0.002))
         off, n = args["offset"], args["length"]
         if off == self.fail_at:
             raise OSError("holder went away (test)")
-        return {"data": self.data[off : off + n], "size": len(self.data)}
+        return ReadReply(data=self.data[off : off + n], size=len(self.data))
 
     async def close(self) -> None:
         self.closed_with = len(self.sent)
@@ -53,8 +55,8 @@ def test_replies_come_back_in_offset_order(depth: int) -> None:
         out = bytearray(data[:1000])
         while len(out) < len(data):
             want, reply = await ra.next()
-            assert len(reply["data"]) == want
-            out += reply["data"]
+            assert len(reply.data) == want
+            out += reply.data
             # While we take this chunk in, the next ones are already asked for.
             assert len(p.sent) == min(depth, -(-(len(data) - len(out)) // 700))
         await ra.stop()
@@ -74,7 +76,7 @@ def test_a_failed_chunk_surfaces_in_order_and_stop_drops_the_connection() -> Non
         with pytest.raises(OSError, match="went away"):
             while True:
                 want, reply = await ra.next()
-                assert reply["data"] == data[got : got + want]
+                assert reply.data == data[got : got + want]
                 got += want
         assert got == 3000  # every chunk before the failed one, in order
         await ra.stop()

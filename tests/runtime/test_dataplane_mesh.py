@@ -15,7 +15,7 @@ import blake3
 import pytest
 from runtime_mesh import wait_for_async
 
-from meshscale.client.rpc import RpcConnection, RpcError
+from meshscale.client.rpc import RemoteError, RpcConnection, RpcError
 from meshscale.runtime.launcher import LocalMesh
 
 pytestmark = pytest.mark.timeout(300)
@@ -181,11 +181,10 @@ def test_residency_refusal_and_bad_input(mesh: LocalMesh) -> None:
         c = RpcConnection(mesh.nodes[0].address, creds, 30)
         with pytest.raises(RpcError, match="residency") as e:
             await c.call("obj.put_begin", {"size": 10, "replicas": 3, "w": 2,
-                                           "residency": ["mars"], "data_class": "pii"})
+                                           "residency": {"regions": ["mars"], "data_class": "pii"}})
         assert "mars" in str(e.value)
         # Residency honoured: every copy of an eu-west-only object sits in eu-west.
-        res = await put(c, b"patient-records" * 100, replicas=1, w=1, residency=["eu-west"],
-                        data_class="pii")
+        res = await put(c, b"patient-records" * 100, replicas=1, w=1, residency={"regions": ["eu-west"], "data_class": "pii"})
         st = await c.call("obj.stat", {"id": res["id"]})
         eu = {n.name for n in mesh.nodes if n.region == "eu-west"}
         assert set(st["holders"]) <= eu
@@ -468,22 +467,22 @@ def test_types_and_limits_are_checked_before_anything_is_allocated(mesh: LocalMe
     async def go() -> None:
         c = RpcConnection(mesh.nodes[0].address, creds, 30)
         try:
-            with pytest.raises(RpcError, match="'value' must be bytes, not int"):
-                await c.call("kv.put", {"key": "k", "value": 300_000_000})
-            with pytest.raises(RpcError, match="'data' must be bytes, not int"):
-                await c.call("obj.put_small", {"data": 10**12, "size": 1})
-            with pytest.raises(RpcError, match=r"at most 1048576 bytes \(MAX_KV_VALUE_BYTES\)"):
-                await c.call("kv.put", {"key": "k", "value": b"x" * (7 << 20)})
-            with pytest.raises(RpcError, match="KV key is a non-empty string"):
-                await c.call("kv.put", {"key": 5, "value": b"x"})
-            for bad in (0, -1, True, "3", 10_000):
-                with pytest.raises(RpcError, match="'replicas' must be an integer from 1"):
-                    await c.call("obj.put_begin", {"size": 10, "replicas": bad})
-            with pytest.raises(RpcError, match="'w' must be an integer from 1 to 2"):
-                await c.call("obj.put_begin", {"size": 10, "replicas": 2, "w": 3})
-            for method in ("obj.stat", "obj.read"):  # used to be "internal error"
-                with pytest.raises(RpcError, match=r"not an object id: '\.\./x'"):
-                    await c.call(method, {"id": "../x", "offset": 0, "length": 1})
+            # Each is out of contract: ``invalid``, naming the field (core/api/objects.py).
+            for method, args, field in (
+                    ("kv.put", {"key": "k", "value": 300_000_000}, r"`bytes`, got `int` - at `\$\.value`"),
+                    ("obj.put_small", {"data": 10**12}, r"`bytes`, got `int` - at `\$\.data`"),
+                    ("obj.put_small", {"data": b"x", "size": 1}, "unknown field `size`"),
+                    ("kv.put", {"key": "k", "value": b"x" * (7 << 20)},
+                     r"length <= 1048576 - at `\$\.value`"),
+                    ("kv.put", {"key": 5, "value": b"x"}, r"`str`, got `int` - at `\$\.key`"),
+                    ("obj.put_begin", {"size": 10, "replicas": 2, "w": 3}, "w must be from 1 to replicas"),
+                    ("obj.stat", {"id": "../x"}, r"at `\$\.id`"),  # used to be "internal error"
+                    ("obj.read", {"id": "../x", "offset": 0, "length": 1}, r"at `\$\.id`"),
+                    *(("obj.put_begin", {"size": 10, "replicas": bad}, r"at `\$\.replicas`")
+                      for bad in (0, -1, True, "3", 10_000))):
+                with pytest.raises(RemoteError, match=field) as e:
+                    await c.call(method, args)
+                assert e.value.code == "invalid", (method, args)
             # The node is fine and still serves.
             assert len(await c.call("members")) == len(mesh.nodes)
         finally:

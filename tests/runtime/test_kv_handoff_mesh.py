@@ -1,5 +1,5 @@
 """KV hinted handoff on real node processes (``core.kv.KVHints``, driven by
-``runtime/dataplane.py``): every replica of a key is killed, a QUORUM write is taken by the
+``runtime/data/kv.py``): every replica of a key is killed, a QUORUM write is taken by the
 two stand-ins left, the replicas restart from their data dirs, and then the replicas
 alone (asked directly, and by a read at ALL, which asks only them) hold the write; the
 stand-ins' hints are gone. The simulator checks the same decision under chaos

@@ -42,7 +42,7 @@ def test_a_failed_put_leaves_nothing_outside_its_rule(mesh: LocalMesh) -> None:
         c = RpcConnection(mesh.nodes[0].address, mesh.credentials(), 60)
         try:
             up = await c.call("obj.put_begin", {"size": len(data), "replicas": 1, "w": 1,
-                                                "residency": ["us-east"], "id": oid})
+                                                "residency": {"regions": ["us-east"]}, "id": oid})
             await c.call("obj.put_chunk", {"upload": up["upload"], "data": data})
             try:
                 await c.call("obj.put_end", {"upload": up["upload"]})
@@ -71,7 +71,7 @@ def test_a_replica_outside_the_receivers_region_is_refused(mesh: LocalMesh) -> N
                                "hold a copy"):
                 await c.call("obj.rw_small", {"id": object_id(data), "size": len(data),
                                               "data": data, "replicas": 1,
-                                              "residency": ["eu-west"]})
+                                              "residency": {"regions": ["eu-west"]}})
         finally:
             await c.close()
 
@@ -93,7 +93,7 @@ def test_a_put_without_its_id_through_a_node_outside_the_rule_is_refused(
         try:
             try:
                 up = await c.call("obj.put_begin", {"size": len(data), "replicas": 1,
-                                                    "w": 1, "residency": ["us-east"]})
+                                                    "w": 1, "residency": {"regions": ["us-east"]}})
             except RpcError as e:
                 return str(e)
             await c.call("obj.put_chunk", {"upload": up["upload"], "data": data})

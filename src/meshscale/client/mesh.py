@@ -30,13 +30,14 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Literal, TypeVar, overload
+from typing import Any, BinaryIO, Final, Literal, TypeVar, cast, overload
 
 import msgspec
 
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError, RpcPipeline
-from meshscale.core.api import Empty, ErrorCode, Method, Request
+from meshscale.core.api import Empty, ErrorCode, Method, Request, ResidencyWire
 from meshscale.core.api import node as node_api
+from meshscale.core.api import objects as obj_api
 from meshscale.core.kv import MAX_VALUE_BYTES
 from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
 from meshscale.transport.framing import split_addr
@@ -168,6 +169,24 @@ class ObjectInfo(msgspec.Struct, frozen=True):
         return ObjectRef(self.id, self.size)
 
 
+def _info(desc: obj_api.ObjectStat) -> ObjectInfo:
+    """What the mesh said about an object, as the API gives it."""
+    res = desc.residency
+    return ObjectInfo(
+        id=desc.id, size=desc.size, replicas=desc.replicas,
+        data_class=None if res is None else res.data_class,
+        residency=None if res is None or res.regions is None else tuple(res.regions),
+        holders=tuple(desc.holders), replica_set=tuple(desc.replica_set),
+        health=getattr(desc, "health", None) or None)
+
+
+def _residency(data_class: str | None, regions: list[str] | None) -> ResidencyWire | None:
+    """A put's rule on the wire (None: none)."""
+    if data_class is None and regions is None:
+        return None
+    return ResidencyWire(regions, data_class)
+
+
 def _ref_parts(ref: ObjectRef | str) -> tuple[str, int | None]:
     if isinstance(ref, ObjectRef):
         return ref.id, ref.size
@@ -177,12 +196,12 @@ def _ref_parts(ref: ObjectRef | str) -> tuple[str, int | None]:
 # -- argument checks --------------------------------------------------------------------
 
 
-def _check_consistency(consistency: str) -> str:
-    if consistency not in CONSISTENCY_LEVELS:
-        raise ValueError(
-            f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}, not {consistency!r}"
-        )
-    return consistency
+def _check_consistency(consistency: str) -> Consistency:
+    if consistency in CONSISTENCY_LEVELS:
+        return cast(Consistency, consistency)
+    raise ValueError(
+        f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}, not {consistency!r}"
+    )
 
 
 def _check_key(key: object) -> str:
@@ -550,20 +569,11 @@ class AsyncMesh:
         total = source.size
         if total <= SMALL_PUT_BYTES:
             return await self._upload_small(source, replicas, w, data_class, residency, progress)
-        begin_args: dict[str, Any] = {
-            "size": total,
-            "replicas": replicas,
-            "w": w,
-            "data_class": data_class,
-            "residency": residency,
-        }
         oid = await source.content_id()
-        if oid is not None:
-            begin_args["id"] = oid
-        begin = await self._call_dict("obj.put_begin", begin_args)
-        upload, chunk_bytes = begin.get("upload"), begin.get("chunk_bytes")
-        if not isinstance(upload, str) or not isinstance(chunk_bytes, int):
-            raise MeshError(f"{self.address}: unexpected reply to obj.put_begin: {begin!r:.200}")
+        begin = await self._request(obj_api.PUT_BEGIN, obj_api.PutBeginRequest(
+            size=total, replicas=replicas, w=w, residency=_residency(data_class, residency),
+            id=oid))
+        upload, chunk_bytes = begin.upload, begin.chunk_bytes
         try:
             if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
                 raise MeshError(f"{self.address}: unusable chunk size {chunk_bytes}")
@@ -573,14 +583,18 @@ class AsyncMesh:
             h = _new_hash() if oid is None else None
             await self._send_chunks(source, upload, chunk_bytes, h, progress)
             await source.check_exhausted()
-            end = await self._call_dict("obj.put_end", {"upload": upload})
+            end = await self._request(obj_api.PUT_END, obj_api.UploadRequest(upload=upload))
         except BaseException:
             await self._abort(upload)
             raise
         expected = OBJECT_ID_PREFIX + h.hexdigest() if h is not None else str(oid)
-        if end.get("id") != expected or end.get("size") != total:
+        return self._stored(end, expected, total)
+
+    def _stored(self, end: obj_api.PutReply, expected: str, total: int) -> ObjectRef:
+        """The ref of a finished put, once the node's answer matches what was sent."""
+        if end.id != expected or end.size != total:
             raise IntegrityError(
-                f"{self.address} stored {end.get('id')!r} ({end.get('size')} bytes) but the "
+                f"{self.address} stored {end.id!r} ({end.size} bytes) but the "
                 f"data sent was {expected} ({total} bytes)"
             )
         return ObjectRef(expected, total)
@@ -606,29 +620,27 @@ class AsyncMesh:
                 if h is not None:
                     h.update(chunk)
                 if pipe.outstanding >= PUT_AHEAD:
-                    await self._pipe_reply(pipe, "obj.put_chunk")
-                await self._pipe_send(pipe, "obj.put_chunk", {"upload": upload, "data": chunk})
+                    await self._pipe_reply(pipe)
+                await self._pipe_send(pipe, obj_api.PutChunkRequest(upload=upload, data=chunk))
                 sent += len(chunk)
                 if progress is not None:
                     progress(sent, total)
             while pipe.outstanding:
-                await self._pipe_reply(pipe, "obj.put_chunk")
+                await self._pipe_reply(pipe)
         finally:
             await pipe.close()
 
-    async def _pipe_send(self, pipe: RpcPipeline, method: str, args: dict[str, Any]) -> None:
+    async def _pipe_send(self, pipe: RpcPipeline, req: obj_api.PutChunkRequest) -> None:
         try:
-            await pipe.send(method, args)
+            await pipe.send_request(obj_api.PUT_CHUNK, req)
         except RpcError as e:
-            raise self._mesh_error(e, method) from None
+            raise self._mesh_error(e, obj_api.PUT_CHUNK.name) from None
 
-    async def _pipe_reply(self, pipe: RpcPipeline, method: str) -> None:
+    async def _pipe_reply(self, pipe: RpcPipeline) -> None:
         try:
-            reply = await pipe.receive()
+            await pipe.receive_reply(obj_api.PUT_CHUNK)
         except RpcError as e:
-            raise self._mesh_error(e, method) from None
-        if not isinstance(reply, dict):
-            raise MeshError(f"{self.address}: unexpected reply to {method}: {reply!r:.200}")
+            raise self._mesh_error(e, obj_api.PUT_CHUNK.name) from None
 
     async def _upload_small(
         self,
@@ -646,25 +658,18 @@ class AsyncMesh:
             raise MeshError(f"upload source ended after {len(data)} of {total} bytes")
         await source.check_exhausted()
         expected = object_id(data)
-        end = await self._call_dict(
-            "obj.put_small",
-            {"data": data, "replicas": replicas, "w": w, "data_class": data_class,
-             "residency": residency},
-        )
-        if end.get("id") != expected or end.get("size") != total:
-            raise IntegrityError(
-                f"{self.address} stored {end.get('id')!r} ({end.get('size')} bytes) but the "
-                f"data sent was {expected} ({total} bytes)"
-            )
+        end = await self._request(obj_api.PUT_SMALL, obj_api.PutSmallRequest(
+            data=data, replicas=replicas, w=w, residency=_residency(data_class, residency)))
+        ref = self._stored(end, expected, total)
         if progress is not None:
             progress(total, total)
-        return ObjectRef(expected, total)
+        return ref
 
     async def _abort(self, upload: str) -> None:
         # Best effort: the node also drops an upload that goes quiet.
         with contextlib.suppress(Exception, asyncio.CancelledError):
             async with asyncio.timeout(ABORT_TIMEOUT_S):
-                await self._conn.call("obj.put_abort", {"upload": upload})
+                await self._conn.request(obj_api.PUT_ABORT, obj_api.UploadRequest(upload=upload))
 
     @overload
     async def get(
@@ -723,7 +728,7 @@ class AsyncMesh:
         try:
             while size is None or offset < size:
                 want = chunk if size is None else min(chunk, size - offset)
-                reply: dict[str, Any] | None = None
+                reply: obj_api.ReadReply | None = None
                 if (ahead is None and not redirect and size is not None and self.read_ahead > 1
                         and want < size - offset):
                     # After the first reply: it told us where to read from and the chunk size.
@@ -741,25 +746,22 @@ class AsyncMesh:
                             source = None
                         continue
                 elif source is not None:
-                    args = {"id": oid, "offset": offset, "length": want}
                     try:
-                        reply = await source.call("obj.read", args)
+                        reply = await source.request(obj_api.READ, obj_api.ReadRequest(
+                            id=oid, offset=offset, length=want))
                     except (RpcError, OSError):
                         await self._forget_holder(source)
                         source = None
                 if reply is None:
-                    args = {"id": oid, "offset": offset, "length": want}
-                    reply = await self._call_dict("obj.read", {**args, "redirect": redirect})
+                    args = obj_api.ReadRequest(id=oid, offset=offset, length=want)
+                    reply = await self._request(obj_api.READ, msgspec.structs.replace(
+                        args, redirect=redirect))
                     redirect = False
-                    if "redirect" in reply:
-                        source, reply = await self._follow(reply["redirect"], args)
+                    if reply.redirect is not None:
+                        source, reply = await self._follow(reply.redirect, args)
                         if reply is None:
-                            reply = await self._call_dict("obj.read", args)
-                if not isinstance(reply, dict):
-                    raise MeshError(f"{self.address}: unexpected reply to obj.read: {reply!r:.200}")
-                data, reported = reply.get("data"), reply.get("size")
-                if not isinstance(data, bytes) or not isinstance(reported, int):
-                    raise MeshError(f"{self.address}: unexpected reply to obj.read: {reply!r:.200}")
+                            reply = await self._request(obj_api.READ, args)
+                data, reported = reply.data, reply.size
                 if size is None:
                     size = reported
                 elif reported != size:
@@ -768,8 +770,8 @@ class AsyncMesh:
                     raise IntegrityError(f"{oid}: {self.address} sent more bytes than asked for")
                 if not data and offset < size:
                     raise MeshError(f"{oid}: {self.address} sent no bytes at offset {offset}/{size}")
-                node_chunk = reply.get("chunk_bytes")
-                if isinstance(node_chunk, int) and 1 <= node_chunk <= MAX_CHUNK_BYTES:
+                node_chunk = reply.chunk_bytes
+                if 1 <= node_chunk <= MAX_CHUNK_BYTES:
                     chunk = self._read_bytes = node_chunk
                 if len(data) < want and offset + len(data) < size:
                     # The node sends less per call than we asked: the reads queued ahead
@@ -805,27 +807,23 @@ class AsyncMesh:
         await ahead.stop()
 
     async def _follow(
-        self, holders: object, args: dict[str, Any]
-    ) -> tuple[RpcConnection | None, dict[str, Any] | None]:
+        self, holders: list[obj_api.Holder], args: obj_api.ReadRequest
+    ) -> tuple[RpcConnection | None, obj_api.ReadReply | None]:
         """Read ``args`` from the first holder named by a redirect that answers; (its
         connection, the reply) or (None, None)."""
-        if not isinstance(holders, list):
-            raise MeshError(f"{self.address}: unexpected redirect from obj.read: {holders!r:.200}")
         for h in holders[:MAX_REDIRECT_HOLDERS]:
-            addr = h.get("addr") if isinstance(h, dict) else None
-            if not isinstance(addr, str):
-                continue
+            addr = h.addr
             conn = self._holders.pop(addr, None) or RpcConnection(addr, self._creds, self.timeout)
             self._holders[addr] = conn
             while len(self._holders) > MAX_HOLDER_CONNECTIONS:
                 _, old = self._holders.popitem(last=False)
                 await old.close()
             try:
-                reply = await conn.call("obj.read", args)
+                reply = await conn.request(obj_api.READ, args)
             except (RpcError, OSError):
                 await self._forget_holder(conn)
                 continue
-            if isinstance(reply, dict):
+            if reply.redirect is None:
                 return conn, reply
         return None, None
 
@@ -844,24 +842,15 @@ class AsyncMesh:
     async def stat(self, ref: ObjectRef | str) -> ObjectInfo:
         """Size, policy and where the copies are; ``ObjectNotFoundError`` if none is live."""
         oid, _ = _ref_parts(ref)
-        return self._info(await self._call_dict("obj.stat", {"id": oid}), "obj.stat")
+        return _info(await self._request(obj_api.STAT, obj_api.ObjectIdRequest(id=oid)))
 
     async def delete(self, ref: ObjectRef | str) -> list[str]:
         """Delete the object from every node; returns the live nodes that held a copy.
         Copies on nodes that are away now are dropped when they come back (tombstones;
         see the README). ``ObjectNotFoundError`` if no live node holds it."""
         oid, _ = _ref_parts(ref)
-        reply = await self._call_dict("obj.delete", {"id": oid})
-        holders = reply.get("holders")
-        if not isinstance(holders, list):
-            raise MeshError(f"{self.address}: unexpected reply to obj.delete: {reply!r:.200}")
-        return [str(h) for h in holders]
-
-    def _info(self, row: Any, method: str) -> ObjectInfo:
-        try:
-            return msgspec.convert(row, ObjectInfo)
-        except msgspec.ValidationError as e:
-            raise MeshError(f"{self.address}: unexpected reply to {method}: {e}") from None
+        reply = await self._request(obj_api.DELETE, obj_api.ObjectIdRequest(id=oid))
+        return list(reply.holders)
 
     async def iter_objects(self, page_size: int = LIST_PAGE) -> AsyncGenerator[ObjectInfo, None]:
         """Every object in the mesh, in id order, fetched a page at a time."""
@@ -869,15 +858,14 @@ class AsyncMesh:
             raise ValueError(f"page_size must be >= 1, not {page_size}")
         after = ""
         while True:
-            page = await self._call_dict("obj.list", {"after": after, "limit": page_size})
-            rows, nxt = page.get("objects"), page.get("next")
-            if not isinstance(rows, list):
-                raise MeshError(f"{self.address}: unexpected reply to obj.list: {page!r:.200}")
+            page = await self._request(obj_api.LIST, obj_api.ListRequest(
+                after=after, limit=min(page_size, obj_api.MAX_LIST_PAGE)))
+            rows, nxt = page.objects, page.next
             for row in rows:
-                yield self._info(row, "obj.list")
+                yield _info(row)
             if not nxt or not rows:
                 return
-            if not isinstance(nxt, str) or nxt <= after:
+            if nxt <= after:
                 raise MeshError(f"{self.address}: obj.list did not advance past {after!r}")
             after = nxt
 
@@ -921,16 +909,16 @@ class _ReadAhead:
     async def _fill(self) -> None:
         while len(self.sent) < self.depth and self.next_offset < self.size:
             want = min(self.chunk, self.size - self.next_offset)
-            await self.pipeline.send(
-                "obj.read", {"id": self.oid, "offset": self.next_offset, "length": want})
+            await self.pipeline.send_request(obj_api.READ, obj_api.ReadRequest(
+                id=self.oid, offset=self.next_offset, length=want))
             self.sent.append(want)
             self.next_offset += want
 
-    async def next(self) -> tuple[int, Any]:
+    async def next(self) -> tuple[int, obj_api.ReadReply]:
         """(bytes asked for, reply) of the next chunk in offset order."""
         await self._fill()
         want = self.sent.popleft()
-        reply = await self.pipeline.receive()
+        reply = await self.pipeline.receive_reply(obj_api.READ)
         await self._fill()  # before the caller takes its time with this chunk
         return want, reply
 
@@ -952,13 +940,9 @@ class AsyncKV:
 
     async def get(self, key: str, consistency: Consistency = "quorum") -> bytes | None:
         """The value, or None if the key has none (never set, or deleted)."""
-        reply = await self._mesh._call_dict(
-            "kv.get", {"key": _check_key(key), "consistency": _check_consistency(consistency)}
-        )
-        value = reply.get("value")
-        if value is not None and not isinstance(value, bytes):
-            raise MeshError(f"{self._mesh.address}: unexpected reply to kv.get: {reply!r:.200}")
-        return value
+        reply = await self._mesh._request(obj_api.KV_GET, obj_api.KvKeyRequest(
+            key=_check_key(key), consistency=_check_consistency(consistency)))
+        return reply.value
 
     async def put(self, key: str, value: bytes | str, consistency: Consistency = "quorum") -> str:
         """Set ``key`` (a str value is stored as UTF-8); returns the write's timestamp."""
@@ -969,22 +953,16 @@ class AsyncKV:
         if len(value) > MAX_VALUE_BYTES:  # refused here, naming the limit, not mid-send
             raise ValueError(f"a KV value is at most {MAX_VALUE_BYTES} bytes "
                              f"(MAX_VALUE_BYTES); this one is {len(value)}")
-        reply = await self._mesh._call_dict(
-            "kv.put",
-            {
-                "key": _check_key(key),
-                "value": bytes(value),
-                "consistency": _check_consistency(consistency),
-            },
-        )
-        return str(reply.get("ts"))
+        reply = await self._mesh._request(obj_api.KV_PUT, obj_api.KvPutRequest(
+            key=_check_key(key), value=bytes(value),
+            consistency=_check_consistency(consistency)))
+        return reply.ts
 
     async def delete(self, key: str, consistency: Consistency = "quorum") -> str:
         """Delete ``key`` (a tombstone that wins over older writes); returns its timestamp."""
-        reply = await self._mesh._call_dict(
-            "kv.delete", {"key": _check_key(key), "consistency": _check_consistency(consistency)}
-        )
-        return str(reply.get("ts"))
+        reply = await self._mesh._request(obj_api.KV_DELETE, obj_api.KvKeyRequest(
+            key=_check_key(key), consistency=_check_consistency(consistency)))
+        return reply.ts
 
 
 M = TypeVar("M", bound="AsyncMesh")

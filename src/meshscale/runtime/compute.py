@@ -2,7 +2,7 @@
 
 Decisions (which node runs a task, late binding, re-placement, one result per task id)
 are made by ``core.scheduling.Scheduler``; this module moves bytes and keeps records,
-the way ``dataplane.py`` drives ``core.replication``:
+the way ``runtime/data/`` drives ``core.replication``:
 
 - one ``Scheduler`` and one ``WorkerPool`` (one warm process per CPU of capacity) per
   node, one timer, ``_pump`` after every call into the scheduler;
@@ -53,7 +53,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from meshscale.core.api import ApiError, Empty, ErrorCode, Method, Request
+from meshscale.core.api import ApiError, Empty, ErrorCode, Method, Request, residency_of
+from meshscale.core.api import objects as objects_api
 from meshscale.core.api.tasks import (
     SCHED_BATCH,
     SCHED_LOAD,
@@ -619,16 +620,11 @@ class ComputePlane:
         if hit is not None and hit[1] > now:
             return hit[0]
         try:
-            st = await self.local.call("obj.stat", {"id": oid})
+            st = await self.agent.call_local(objects_api.STAT, objects_api.ObjectIdRequest(id=oid))
         except ValueError as e:
             raise ValueError(f"input object {oid} not found: {e}") from None
-        res = None
-        if st.get("residency") is not None or st.get("data_class") is not None:
-            regions = st.get("residency")
-            res = Residency(frozenset(regions) if regions is not None else None,
-                            st.get("data_class"))
-        ref = InputRef(oid, int(st["size"]), tuple(st.get("holders") or ())[
-            :self.cfg.max_input_holders], res)
+        res = residency_of(st.residency)
+        ref = InputRef(oid, st.size, tuple(st.holders)[:self.cfg.max_input_holders], res)
         if len(self._inputs) > self.cfg.max_inputs_cached:
             self._inputs.clear()
         self._inputs[oid] = (ref, now + self.cfg.input_cache_s)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, TypeVar
 
-from meshscale.core.api.contract import Method, Request
+from meshscale.core.api import objects
+from meshscale.core.api.contract import Method, Request, reply_builtins
 from meshscale.core.objects import object_id
 from meshscale.runtime.services import NodeServices
 from meshscale.transport.rpc import RpcError
@@ -44,26 +45,26 @@ class LocalCalls:
         self.node = node
 
     async def call(self, method: str, args: dict[str, Any]) -> Any:
+        """Untyped ``method`` (its reply as builtins, as a remote caller would see it)."""
         handler = self.node.local_handler(method)
         if handler is None:
             raise ValueError(f"{method} is not served here (no data plane)")
         result = handler(args)
         if asyncio.iscoroutine(result):
             result = await result
-        return result
+        return reply_builtins(result)
 
     async def read_object(self, oid: str) -> bytes:
         """The whole object, from wherever it is, checked against its id."""
         buf = bytearray()
         size: int | None = None
         while size is None or len(buf) < size:
-            r = await self.call("obj.read", {"id": oid, "offset": len(buf),
-                                             "length": READ_CHUNK_BYTES})
-            size = int(r["size"])
-            data = bytes(r["data"])
-            if not data and len(buf) < size:
+            r = await self.node.call_local(objects.READ, objects.ReadRequest(
+                id=oid, offset=len(buf), length=READ_CHUNK_BYTES))
+            size = r.size
+            if not r.data and len(buf) < size:
                 raise ValueError(f"short read of {oid}")
-            buf += data
+            buf += r.data
         if object_id(bytes(buf)) != oid:
             raise ValueError(f"{oid}: bytes read do not match the id")
         return bytes(buf)
@@ -71,27 +72,28 @@ class LocalCalls:
     async def put_object(self, data: bytes, replicas: int) -> dict[str, Any]:
         """Store ``data`` with ``replicas`` copies (acknowledged at two); its ref."""
         w = min(2, replicas)
+        call = self.node.call_local
         if len(data) <= SMALL_PUT_BYTES:
-            r = await self.call("obj.put_small", {"data": data, "replicas": replicas, "w": w})
+            r = await call(objects.PUT_SMALL,
+                           objects.PutSmallRequest(data=data, replicas=replicas, w=w))
         else:
-            up = await self.call("obj.put_begin", {"size": len(data), "replicas": replicas,
-                                                   "w": w})
-            step = int(up["chunk_bytes"])
+            up = await call(objects.PUT_BEGIN,
+                            objects.PutBeginRequest(size=len(data), replicas=replicas, w=w))
+            step = up.chunk_bytes
             for i in range(0, len(data), step):
-                await self.call("obj.put_chunk", {"upload": up["upload"],
-                                                  "data": data[i:i + step]})
-            r = await self.call("obj.put_end", {"upload": up["upload"]})
-        return {"id": str(r["id"]), "size": int(r["size"])}
+                await call(objects.PUT_CHUNK, objects.PutChunkRequest(
+                    upload=up.upload, data=data[i:i + step]))
+            r = await call(objects.PUT_END, objects.UploadRequest(upload=up.upload))
+        return {"id": r.id, "size": r.size}
 
     async def kv_put(self, key: str, value: bytes) -> None:
         """A quorum KV write; raises ``ValueError`` or ``RpcError`` if it fails."""
-        await self.call("kv.put", {"key": key, "value": value, "consistency": "quorum"})
+        await self.node.call_local(objects.KV_PUT, objects.KvPutRequest(key=key, value=value))
 
     async def kv_get(self, key: str) -> bytes | None:
         """A quorum KV read; None when the key is absent or the read failed."""
         try:
-            r = await self.call("kv.get", {"key": key, "consistency": "quorum"})
+            r = await self.node.call_local(objects.KV_GET, objects.KvKeyRequest(key=key))
         except (ValueError, RpcError):
             return None
-        value = r.get("value")
-        return None if value is None else bytes(value)
+        return r.value

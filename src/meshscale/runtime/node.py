@@ -101,7 +101,7 @@ from meshscale.core.wire import WireError
 from meshscale.runtime import caller
 from meshscale.runtime.config import AgentConfig as AgentConfig
 from meshscale.runtime.config import AgentStats
-from meshscale.runtime.dataplane import DataPlane
+from meshscale.runtime.data import DataPlane
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
 from meshscale.runtime.isolation import Isolation
@@ -453,7 +453,7 @@ class NodeAgent:
             dp_cfg = None
             link_group = None if self.isolation.user is None else self.isolation.user.gid
             if self.cfg.disk_reserve_mb is not None or link_group is not None:
-                from meshscale.runtime.dataplane import DataPlaneConfig
+                from meshscale.runtime.data import DataPlaneConfig
                 from meshscale.runtime.storage import StorageConfig
 
                 reserve = self.cfg.disk_reserve_mb

@@ -33,14 +33,17 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 import meshscale
+from meshscale.core.api import ApiError, ErrorCode
+from meshscale.core.api import objects as objects_api
 from meshscale.core.api.node import EventInfo
+from meshscale.core.api.objects import MAX_LIST_PAGE
 from meshscale.core.api.tasks import TASK_LIST, ListRequest
 from meshscale.core.membership import State
 from meshscale.core.placement import is_full
 from meshscale.runtime.services import NodeServices
 
 if TYPE_CHECKING:
-    from meshscale.runtime.dataplane import DataPlane
+    from meshscale.runtime.data import DataPlane
 
 
 class ObservedNode(NodeServices, Protocol):
@@ -343,22 +346,25 @@ class NodeObserver:
         return out
 
     async def objects(self, limit: int) -> list[dict[str, Any]]:
-        handler = self.agent.local_handler("obj.list")
-        if handler is None:
-            return []
-        res: Any = handler({"limit": limit})
-        if asyncio.iscoroutine(res):
-            res = await res
+        try:
+            page = await self.agent.call_local(objects_api.LIST,
+                                               objects_api.ListRequest(
+                                                   limit=max(1, min(limit, MAX_LIST_PAGE))))
+        except ApiError as e:
+            if e.code == ErrorCode.UNKNOWN_METHOD:  # a node without a data plane
+                return []
+            raise
         out = []
-        for o in res.get("objects", []):
+        for o in page.objects:
+            res = o.residency
             out.append({
-                "id": str(o["id"]),
-                "size": int(o["size"]),
-                "replicas": list(o.get("replica_set") or []),
-                "holders": list(o.get("holders") or []),
-                "data_class": o.get("data_class"),
-                "residency": o.get("residency"),
-                "under_replicated": o.get("health") != "ok",
+                "id": o.id,
+                "size": o.size,
+                "replicas": list(o.replica_set),
+                "holders": list(o.holders),
+                "data_class": None if res is None else res.data_class,
+                "residency": None if res is None else res.regions,
+                "under_replicated": o.health != "ok",
             })
         return out
 

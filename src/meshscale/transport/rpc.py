@@ -206,6 +206,20 @@ class RpcPipeline:
 
         await conn._guarded(send())
 
+    async def send_request(self, method: Method[Req, Any], req: Req) -> None:
+        """Send typed ``method`` (``core/api``) with ``req``; its reply comes from
+        ``receive_reply``."""
+        await self.send(method.name, request_args(req))
+
+    async def receive_reply(self, method: Method[Any, Rep]) -> Rep:
+        """The reply to the oldest call sent, as ``method``'s reply type (``RpcError``
+        when it is out of contract)."""
+        result = await self.receive()
+        try:
+            return parse_reply(method, result)
+        except ValueError as e:
+            raise RpcError(f"{self.conn.addr}: {e}") from None
+
     async def receive(self) -> Any:
         """The result of the oldest call sent; ``RemoteError`` if the node refused it."""
         assert self._open and self._sent

@@ -1,0 +1,255 @@
+"""The replicated KV (``kv.*``): quorum writes and reads coordinated by ``core.kv.KVCoordinator``
+(with read repair), a replica's part (``kv.apply``, ``kv.read``), and hinted handoff of
+writes a stand-in took (``core.kv.KVHints``), persisted in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from meshscale.core.api import ApiError, ErrorCode
+from meshscale.core.api import objects as api
+from meshscale.core.hlc import ClockSkewError, HLCTimestamp
+from meshscale.core.kv import (
+    Consistency,
+    HintDeleted,
+    HintSend,
+    HintStored,
+    KVCoordinator,
+    KVRecord,
+    kv_placement,
+)
+from meshscale.core.placement import PlacementError
+from meshscale.runtime.data.state import DataPlaneBase, _stamp, _storage_error
+from meshscale.runtime.storage import MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES, StorageError
+from meshscale.transport.rpc import RpcError
+
+KV_STRAGGLERS_MAX = 256
+"""KV replica calls left running after their write returned (see ``_kv_round``)."""
+
+
+def _straggler_done(
+    stragglers: set[asyncio.Future[None]],
+) -> Callable[[asyncio.Future[None]], None]:
+    def done(fut: asyncio.Future[None]) -> None:
+        stragglers.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a late failure was already counted by the coordinator
+
+    return done
+
+
+def _kv_key(key: str) -> str:
+    """A KV key within MAX_KV_KEY_BYTES of UTF-8, else ``invalid`` naming the limit."""
+    if not key:
+        raise ApiError(ErrorCode.INVALID, "a KV key is a non-empty string")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
+        raise ApiError(ErrorCode.INVALID,
+                       f"a KV key is at most {MAX_KV_KEY_BYTES} bytes (MAX_KV_KEY_BYTES)")
+    return key
+
+
+class KvStore(DataPlaneBase):
+    """Quorum KV on this node: coordinator and replica."""
+
+    async def _kv_write(self, key: str, value: bytes | None, consistency: Consistency) -> str:
+        ts = self.hlc.now(time.time())
+        rec = KVRecord(key, value, ts)
+        try:
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas, down=self._down_view())
+        except PlacementError as e:
+            raise ApiError(ErrorCode.REFUSED, f"kv write of {key!r} refused: {e}") from None
+        # A delete also goes to full members (it needs no room; it must beat their value).
+        coord = KVCoordinator.for_put(rec, where.replicas, consistency,
+                                      where.full if value is None else ())
+        apply = api.KvApplyRequest(key=key, value=value, ts=ts.encode())
+
+        async def ask(node: str) -> None:
+            # A stand-in is told whom it stands in for (``KVHints``).
+            targets = where.hint_targets(node)
+            req = msgspec.structs.replace(apply, hint_for=list(targets)) if targets else apply
+            await self._call(node, api.KV_APPLY, req)
+            coord.on_reply(node, None)
+
+        await self._kv_round(coord, ask, reads=False)
+        if coord.outcome is None or not coord.outcome.ok:
+            reason = coord.outcome.reason if coord.outcome else "no outcome"
+            raise ApiError(ErrorCode.UNAVAILABLE, f"kv write of {key!r} failed: {reason}")
+        return ts.encode()
+
+    async def _kv_round(self, coord: KVCoordinator, ask: Callable[[str], Awaitable[None]], *,
+                        reads: bool) -> None:
+        """``ask`` every replica ``coord`` names (``ask`` reports a reply to it); a failure
+        or silence is reported here."""
+        async def one(name: str) -> None:
+            try:
+                await asyncio.wait_for(ask(name), self.cfg.kv_timeout_s)
+            except (RpcError, ValueError, TimeoutError) as e:
+                coord.on_failure(name, str(e) or type(e).__name__)
+
+        calls = [asyncio.ensure_future(one(n)) for n in coord.asked]
+        # A write returns once its consistency level is met (W acknowledgements, or a
+        # failure that decides it); the other replicas' calls finish in the background,
+        # at most KV_STRAGGLERS_MAX of them at a time (beyond that, wait for all as a
+        # read does: its read repair needs every reply).
+        stragglers = self._kv_stragglers
+        early = not reads and len(stragglers) < KV_STRAGGLERS_MAX
+        try:
+            pending: set[asyncio.Future[None]] = set(calls)
+            while pending and (coord.outcome is None or not early):
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            for c in calls:
+                c.cancel()
+            raise
+        for left in pending:
+            stragglers.add(left)
+            left.add_done_callback(_straggler_done(stragglers))
+        if coord.outcome is None:
+            coord.expire()
+
+    async def _rpc_kv_put(self, req: api.KvPutRequest) -> api.KvWriteReply:
+        key = _kv_key(req.key)
+        # Checked here too: an in-process call (``call_local``) skips the struct's bounds.
+        if len(req.value) > MAX_KV_VALUE_BYTES:
+            raise ApiError(ErrorCode.INVALID, f"a KV value is at most {MAX_KV_VALUE_BYTES} "
+                                              f"bytes (MAX_KV_VALUE_BYTES); this one is "
+                                              f"{len(req.value)}")
+        return api.KvWriteReply(ts=await self._kv_write(key, req.value,
+                                                        Consistency(req.consistency)))
+
+    async def _rpc_kv_delete(self, req: api.KvKeyRequest) -> api.KvWriteReply:
+        return api.KvWriteReply(ts=await self._kv_write(_kv_key(req.key), None,
+                                                        Consistency(req.consistency)))
+
+    async def _rpc_kv_get(self, req: api.KvKeyRequest) -> api.KvValue:
+        key = req.key
+        try:
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas)
+        except PlacementError as e:
+            raise ApiError(ErrorCode.REFUSED, f"kv read of {key!r} refused: {e}") from None
+        coord = KVCoordinator.for_get(key, where.replicas, Consistency(req.consistency),
+                                      where.full)
+        read = api.KvReadRequest(key=key)
+
+        async def ask(node: str) -> None:
+            got = await self._call(node, api.KV_READ, read)
+            rec = None if got is None else KVRecord(key, got.value, HLCTimestamp.decode(got.ts))
+            if rec is not None:
+                with contextlib.suppress(ClockSkewError, ValueError):
+                    self.hlc.update(rec.ts, time.time())
+            coord.on_reply(node, rec)
+
+        await self._kv_round(coord, ask, reads=True)
+        if coord.outcome is None or not coord.outcome.ok:
+            reason = coord.outcome.reason if coord.outcome else "no outcome"
+            raise ApiError(ErrorCode.UNAVAILABLE, f"kv read of {key!r} failed: {reason}")
+        for node, rec in coord.read_repair():
+            self._count("kv_read_repairs")
+            self.agent.spawn(self._call(node, api.KV_APPLY, api.KvApplyRequest(
+                key=rec.key, value=rec.value, ts=rec.ts.encode())))
+        best = coord.winner()
+        if best is None:
+            return api.KvValue()
+        return api.KvValue(value=best.value, ts=best.ts.encode())
+
+    async def _rpc_kv_apply(self, req: api.KvApplyRequest) -> api.KvApplyReply:
+        """Take one replica's part of a KV write (a coordinator's, a read repair or a
+        hand-off), with the hints ``KVHints.plan`` asks for stored in the same transaction
+        (``hint_for``: the replicas the coordinator says this node stands in for)."""
+        assert self.store is not None
+        key, ts = req.key, req.ts
+        try:
+            stamp = HLCTimestamp.decode(ts)
+        except ValueError as e:
+            raise ApiError(ErrorCode.INVALID, f"bad timestamp {ts!r:.80}: {e}") from None
+        with contextlib.suppress(ClockSkewError, ValueError):
+            self.hlc.update(stamp, time.time())
+        now = time.time()
+        targets = self.hints.plan(key, req.hint_for, now)
+        if targets is None:
+            raise ApiError(ErrorCode.BUSY, f"hints_full: this node holds hints for "
+                                           f"{self.cfg.kv_hints.max_hints} keys (max_hints)")
+        try:
+            applied = await asyncio.to_thread(self.store.kv_put, key, req.value, ts, targets, now)
+        except StorageError as e:
+            raise _storage_error(e) from None
+        if targets:
+            self.hints.add(key, stamp, targets, now)
+            self._hints_wake.set()
+        return api.KvApplyReply(applied=applied)
+
+    async def _hand_off_loop(self) -> None:
+        """Hand hints to their replicas when ``KVHints`` says so: at its deadline, after a
+        view change, after a new hint."""
+        while True:
+            deadline = self.hints.next_deadline()
+            delay = 60.0 if deadline is None else min(60.0, max(0.0, deadline - time.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hints_wake.wait(), delay + 0.001)
+            self._hints_wake.clear()
+            now = time.time()
+            expired = self.hints.stats.get("expired", 0)
+            self.hints.expire(now)
+            if self.hints.stats.get("expired", 0) > expired:
+                self.agent.log("warning", "kv_hints_expired",
+                               count=self.hints.stats["expired"] - expired,
+                               max_hint_age_s=self.cfg.kv_hints.max_hint_age_s)
+            for send in self.hints.due(now):
+                self.agent.spawn(self._hand_off(send))
+            await self._persist_hints()
+
+    async def _hand_off(self, send: HintSend) -> None:
+        """Send this node's record of ``send.key`` to ``send.target`` with its own
+        timestamp; report the answer to ``KVHints``."""
+        assert self.store is not None
+        try:
+            got = await asyncio.to_thread(self.store.kv_get, send.key)
+            stamp = None if got is None else _stamp(got[1])
+            if got is None or stamp is None or stamp < send.ts:
+                self.hints.abandon(send.key, send.target)
+                self.agent.log("warning", "kv_hint_abandoned", key=send.key[:200],
+                               peer=send.target)
+                return
+            try:
+                await asyncio.wait_for(self._call(send.target, api.KV_APPLY, api.KvApplyRequest(
+                    key=send.key, value=got[0], ts=got[1])), self.cfg.kv_timeout_s)
+            except (RpcError, ValueError, TimeoutError, OSError) as e:
+                self.hints.failed(send.key, send.target, time.time())
+                self.agent.log("debug", "kv_hand_off_failed", key=send.key[:200],
+                               peer=send.target, error=str(e)[:200])
+                return
+            self.hints.handed_off(send.key, send.target, stamp)
+        finally:
+            await self._persist_hints()
+            self._hints_wake.set()
+
+    async def _persist_hints(self) -> None:
+        """Write what ``KVHints`` changed (``drain``) to the store, in order."""
+        changes = self.hints.drain()
+        if not changes or self.store is None:
+            return
+        stored = [(c.key, c.target, c.ts.encode(), c.since) for c in changes
+                  if isinstance(c, HintStored)]
+        deleted = [(c.key, c.target, c.upto.encode()) for c in changes
+                   if isinstance(c, HintDeleted)]
+        async with self._hints_lock:
+            try:
+                await asyncio.to_thread(self.store.kv_hints_apply, stored, deleted)
+            except StorageError as e:
+                # The book in memory still has them; a restart before the next change
+                # reloads the older state (a hint handed off twice, or kept longer).
+                self._count("kv_hint_persist_failed")
+                self.agent.log("warning", "kv_hint_persist_failed", error=str(e)[:200])
+
+    async def _rpc_kv_read(self, req: api.KvReadRequest) -> api.KvRecordWire | None:
+        assert self.store is not None
+        got = await asyncio.to_thread(self.store.kv_get, req.key)
+        if got is None:
+            return None
+        value, ts = got
+        return api.KvRecordWire(value=value, ts=ts)

@@ -1,0 +1,181 @@
+"""Reads: ``obj.read`` (from the local copy, or a redirect to holders, or relayed from
+one), ``obj.read_local`` between members, the hash check of a local copy before it is
+served (with the cache of recently checked copies, ``verified_ttl_s``), and hash-checked
+local copies lent to tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import msgspec
+
+from meshscale.core.api import ApiError, ErrorCode
+from meshscale.core.api import objects as api
+from meshscale.runtime.data.state import DataPlaneBase
+from meshscale.runtime.storage import ObjectMeta, StorageError
+from meshscale.transport.rpc import RpcError
+
+
+class Reads(DataPlaneBase):
+    """Serving the bytes of objects."""
+
+    def _file_key(self, oid: str) -> tuple[int, ...] | None:
+        assert self.store is not None
+        try:
+            st = os.stat(self.store.object_path(oid))
+        except (OSError, StorageError):
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def _remember_verified(self, oid: str, key: tuple[int, ...] | None) -> None:
+        if key is None or self.cfg.verified_ttl_s <= 0:
+            return
+        self._verified[oid] = (time.monotonic(), key)
+        self._verified.move_to_end(oid)
+        while len(self._verified) > self.cfg.verified_cache:
+            self._verified.popitem(last=False)
+
+    def _check_local(
+        self, oid: str, seen: tuple[float, tuple[int, ...]] | None
+    ) -> tuple[ObjectMeta | None, bool, tuple[int, ...] | None]:
+        """(meta, hash checked now or recently, file identity when checked now), in one
+        thread hop; ``seen`` is the copy's entry in ``_verified``."""
+        store = self.store
+        assert store is not None
+        meta = store.meta(oid)
+        if meta is None:
+            return None, False, None
+        key = self._file_key(oid)
+        if (seen is not None and key is not None and seen[1] == key
+                and time.monotonic() - seen[0] < self.cfg.verified_ttl_s):
+            return meta, True, None  # recently checked, same file: not re-hashed
+        return meta, store.verify(oid), key
+
+    async def _local_verified(self, oid: str) -> tuple[ObjectMeta | None, bool]:
+        """(meta or None if not held, whether the copy hashes right); a bad copy is
+        quarantined."""
+        meta, ok, key = await asyncio.to_thread(self._check_local, oid, self._verified.get(oid))
+        if meta is None:
+            return None, False
+        if not ok:
+            await self._quarantine(oid)
+            return meta, False
+        if key is not None:
+            self._count("verified_full")
+            self._remember_verified(oid, key)
+        else:
+            self._count("verified_cached")
+        return meta, True
+
+    async def local_copy_path(self, oid: str) -> Path | None:
+        """A path on this machine holding ``oid``'s bytes, hash-checked (see
+        ``_local_verified``) and hard-linked so a drop or delete meanwhile cannot take them
+        away; release it with ``release_copy_path``. None when no good local copy exists
+        (or the link cannot be made), or the worker user cannot reach the links: read the
+        bytes instead."""
+        iso = self.agent.isolation
+        if self.store is None or (iso is not None and not iso.links_reachable):
+            return None
+        meta, ok = await self._local_verified(oid)
+        if meta is None or not ok:
+            return None
+        try:
+            return await asyncio.to_thread(self.store.link_copy, oid)
+        except (StorageError, OSError):
+            return None
+
+    def release_copy_paths(self, paths: list[Path]) -> None:
+        """Remove links made by ``local_copy_path`` (blocking: call in a thread)."""
+        if self.store is not None:
+            for path in paths:
+                with contextlib.suppress(OSError, ValueError):
+                    self.store.release_copy(path)
+
+    def _read_range(self, oid: str, offset: int, length: int) -> bytes:
+        assert self.store is not None
+        with self.store.open_read(oid) as f:
+            f.seek(offset)
+            return f.read(length)
+
+    async def _rpc_read_local(self, req: api.ReadRequest) -> api.ReadReply:
+        oid, offset = req.id, req.offset
+        length = min(req.length, self.cfg.chunk_bytes)
+        assert self.store is not None
+        if offset == 0:
+            meta, ok = await self._local_verified(oid)
+            if meta is not None and not ok:
+                raise ApiError(ErrorCode.INVALID, f"corrupt copy of {oid} here; try another replica")
+        else:
+            meta = await asyncio.to_thread(self.store.meta, oid)
+        if meta is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}")
+        try:
+            data = await asyncio.to_thread(self._read_range, oid, offset, length)
+        except StorageError as e:
+            raise ApiError(ErrorCode.INVALID, f"{e.reason}: {oid}") from None
+        return api.ReadReply(data=data, size=meta.size, chunk_bytes=self.cfg.chunk_bytes)
+
+    async def _rpc_read(self, req: api.ReadRequest) -> api.ReadReply:
+        oid = req.id
+        assert self.store is not None
+        if self.rm is not None and self.rm.tombstone(oid) is not None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}: it was deleted")
+        if await asyncio.to_thread(self.store.has, oid):
+            with contextlib.suppress(ValueError):
+                return await self._rpc_read_local(req)
+        src = self._sources.get(oid)
+        if src is not None and not self._live(src):
+            # Remembered from before it died (or was cut off): never send a reader there.
+            self._sources.pop(oid, None)
+            src = None
+        if req.redirect:
+            redirect = await self._redirect(oid, src)
+            if redirect is not None:
+                return redirect
+        return await self._relay(msgspec.structs.replace(req, redirect=False), src)
+
+    async def _redirect(self, oid: str, src: str | None) -> api.ReadReply | None:
+        """One hop: name holders; the client reads from one over its own connection (and
+        asks us again, without ``redirect``, if it cannot reach any)."""
+        names = [src] if src is not None else [
+            h for h in await self._holders(oid) if h != self.agent.name]
+        targets = [api.Holder(node=n, addr=a) for n in names[:3]
+                   if (a := self._addr(n)) is not None]
+        if not targets:
+            return None
+        self._remember_source(oid, names[0])
+        self._count("reads_redirected")
+        return api.ReadReply(redirect=targets)
+
+    async def _relay(self, req: api.ReadRequest, src: str | None) -> api.ReadReply:
+        """The bytes read from a holder (``src`` first, if known), relayed."""
+        oid = req.id
+        tried: list[str] = []
+        if src is not None:
+            try:
+                result = await self._call(src, api.READ_LOCAL, req)
+                self._count("reads_proxied")
+                return result
+            except (RpcError, ValueError):
+                tried.append(src)
+                self._sources.pop(oid, None)
+        for holder in await self._holders(oid):
+            if holder in tried or holder == self.agent.name:
+                continue
+            try:
+                result = await self._call(holder, api.READ_LOCAL, req)
+            except (RpcError, ValueError):
+                continue
+            self._remember_source(oid, holder)
+            self._count("reads_proxied")
+            return result
+        raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}: no live node holds a good copy")
+
+    def _remember_source(self, oid: str, holder: str) -> None:
+        self._sources[oid] = holder
+        while len(self._sources) > self.cfg.read_source_cache:
+            self._sources.popitem(last=False)

@@ -1,0 +1,298 @@
+"""The data plane's shared state and configuration (``DataPlaneConfig``), and the
+small helpers every room of it uses: the live view as placement candidates, member
+addresses, typed calls to members over the node's peer pool (lane ``data``)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import msgspec
+
+from meshscale.core.api import ApiError, ErrorCode, Method, ResidencyWire
+from meshscale.core.api import objects as api
+from meshscale.core.hlc import HLCTimestamp, HybridLogicalClock
+from meshscale.core.kv import KVHintConfig, KVHints
+from meshscale.core.membership import State
+from meshscale.core.placement import Candidate, Residency, is_full, may_hold
+from meshscale.core.replication import ObjectPolicy, ReplicaManager, ReplicationConfig
+from meshscale.runtime.deadline import DeadlineTimer
+from meshscale.runtime.local import call_node
+from meshscale.runtime.services import NodeServices, Rep, Req
+from meshscale.runtime.storage import (
+    LocalStore,
+    ObjectMeta,
+    ObjectWriter,
+    StorageConfig,
+    StorageError,
+)
+from meshscale.transport.rpc import RpcConnection, RpcError
+
+LANE = "data"
+"""The data plane's lane of the node's peer pool (``transport/peers.py``)."""
+
+
+@dataclass(frozen=True)
+class DataPlaneConfig:
+    """Bounds of the data plane driver (the protocol's are in ReplicationConfig)."""
+
+    chunk_bytes: int = 4 * 1024 * 1024
+    """Largest chunk of one put/read/transfer RPC (frames are bounded at 8 MB)."""
+    max_uploads: int = 64
+    """Uploads (client puts and incoming replica transfers) open at once."""
+    upload_idle_s: float = 60.0
+    """An upload with no chunk for this long is aborted and forgotten."""
+    put_wait_s: float = 25.0
+    """How long ``obj.put_end`` waits for the write quorum."""
+    max_transfers: int = 8
+    """Outgoing object transfers at once (their connections, and how many stay open, are
+    the node's peer pool's: ``AgentConfig.peers``)."""
+    forward_window: int = 4
+    """Chunks queued per replica for a cut-through put (see ``_start_forwards``)."""
+    forward_ahead: int = 2
+    """Chunks of a cut-through copy sent to a member ahead of its replies."""
+    forward_stall_s: float = 5.0
+    """A replica whose cut-through queue stays full this long is dropped from it (its copy
+    is then pushed from the coordinator's own once that is committed)."""
+    inline_bytes: int = 256 * 1024
+    """Objects up to this size travel in one RPC (put and replica transfer)."""
+    max_replicas: int = api.MAX_REPLICAS
+    """Largest replication factor a put may ask for."""
+    stat_timeout_s: float = 3.0
+    """Asking every node about its local copies (a lookup, no disk read of the bytes): a
+    node silent this long is counted as not holding one."""
+    kv_replicas: int = 3
+    kv_timeout_s: float = 5.0
+    kv_hints: KVHintConfig = field(default_factory=KVHintConfig)
+    """Hinted handoff of KV writes taken by stand-ins (``core.kv.KVHints``): the bounds
+    ``max_hints`` and ``max_hint_age_s`` and what happens beyond them are documented there."""
+    read_source_cache: int = 1024
+    verified_cache: int = 4096
+    """Local copies remembered as hash-checked (see ``verified_ttl_s``)."""
+    verified_ttl_s: float = 60.0
+    """A read from offset 0 re-hashes the whole local copy before serving it, unless that
+    copy was hash-checked (when it was committed or by an earlier read) less than this long
+    ago and its file's inode, size, mtime and ctime are unchanged since. So a byte flipped
+    through the filesystem is always caught, and silent bit rot under an unchanged inode is
+    caught by the next full check at most this long later; meanwhile the reader's own check
+    (the client hashes every object it gets) still refuses it. 0 checks every read."""
+    drop_batch: int = 256
+    """Local copies removed in one store transaction (see ``_drop``)."""
+    gc_interval_s: float = 5.0
+    """How often expired (TTL'd, unpinned) objects are collected."""
+    disk_check_interval_s: float = 1.0
+    """How often free space is compared with the reserve (to advertise a full disk)."""
+    disk_room_margin_bytes: int = 64 << 20
+    """A node advertised full is advertised not full again only once its free space is at
+    least its reserve plus this much (hysteresis: no flapping at the edge)."""
+    max_ttl_s: float = 10 * 365 * 86400.0
+    storage: StorageConfig = field(default_factory=lambda: StorageConfig(min_free_bytes=64 << 20))
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+
+
+@dataclass
+class _Upload:
+    writer: ObjectWriter
+    size: int
+    policy: ObjectPolicy
+    w: int
+    expected_id: str | None
+    hint_for: str | None
+    client: bool
+    received: int = 0
+    last: float = field(default_factory=time.monotonic)
+    pending: asyncio.Future[None] | None = None
+    """The local write of the previous chunk, still running (write-behind: a chunk is
+    answered once queued, so the next one crosses the network while this one is written;
+    its error is raised on the next chunk or at the end)."""
+    req: int | None = None
+    """The write's id, allocated early when copies start before the local commit."""
+    forwards: dict[str, _Forward] = field(default_factory=dict)
+    expires: float | None = None
+    spare: bool = False
+    """This node is outside the object's replica set (its copies started early): its own
+    copy is a spare, written but neither hashed nor fsynced, committed only if a member's
+    copy fails (the push from it needs it) and otherwise dropped (see ``_finish_spare``)."""
+
+
+@dataclass
+class _Forward:
+    """A cut-through copy of a client upload to one replica-set member: chunks go to it as
+    they arrive (``queue``; ``None`` ends it) instead of after the whole object is stored.
+    ``done`` is True once the member committed a copy (hash checked, fsynced)."""
+
+    dst: str
+    queue: asyncio.Queue[bytes | None]
+    done: asyncio.Future[bool]
+    task: asyncio.Task[None] | None = None
+    closed: bool = False
+    """Takes no more chunks (finished, failed or dropped)."""
+
+
+@dataclass
+class _Spare:
+    """A spare copy (see ``_Upload.spare``) waiting for the members' copies to settle."""
+
+    key: str
+    up: _Upload
+    oid: str
+    commit: asyncio.Future[ObjectMeta] | None = None
+
+
+def _storage_error(e: StorageError) -> ApiError:
+    """A store's refusal as the caller's error (a full disk names its bound)."""
+    code = ErrorCode.DISK_FULL if e.reason == "disk_full" else ErrorCode.INVALID
+    return ApiError(code, f"{e.reason}: {e}")
+
+
+async def _await(task: asyncio.Task[None]) -> None:
+    await task
+
+
+def _stamp(s: object) -> HLCTimestamp | None:
+    """An encoded HLC timestamp from a store row or a peer, or None (unknown or bad)."""
+    if not isinstance(s, str):
+        return None
+    try:
+        return HLCTimestamp.decode(s)
+    except ValueError:
+        return None
+
+
+def policy_of(meta: ObjectMeta) -> ObjectPolicy:
+    residency = None
+    if meta.residency is not None or meta.data_class is not None:
+        regions = frozenset(meta.residency) if meta.residency is not None else None
+        residency = Residency(regions, meta.data_class)
+    return ObjectPolicy(meta.replicas, residency)
+
+
+def _rule(wire: ResidencyWire | None) -> Residency | None:
+    """The residency rule on the wire (None: none, as a rule naming nothing is)."""
+    if wire is None or (wire.regions is None and wire.data_class is None):
+        return None
+    return wire.rule()
+
+
+def _policy(replicas: int, wire: ResidencyWire | None) -> ObjectPolicy:
+    return ObjectPolicy(replicas, _rule(wire))
+
+
+def _small_copy(header: api.ReplicaHeader, data: bytes) -> api.ReplicaSmallRequest:
+    """A whole copy in one call: ``header`` and the bytes."""
+    return api.ReplicaSmallRequest(**msgspec.structs.asdict(header), data=data)
+
+
+class DataPlaneBase:
+    """What every room of the data plane shares: the node, the store, the replica
+    manager, the clock, counters, the view and calls to other members."""
+
+    def __init__(self, agent: NodeServices, config: DataPlaneConfig | None = None) -> None:
+        self.agent = agent
+        self.cfg = config or DataPlaneConfig()
+        self.store: LocalStore | None = None
+        self.rm: ReplicaManager | None = None
+        self.hlc = HybridLogicalClock(agent.name)
+        self._uploads: dict[str, _Upload] = {}
+        self._upload_ids = itertools.count(1)
+        self._req_ids = itertools.count(1)
+        self._puts: dict[int, asyncio.Future[tuple[str, tuple[str, ...]]]] = {}
+        self._deletes: dict[int, asyncio.Future[tuple[str, ...]]] = {}
+        self._early: dict[tuple[int, str], asyncio.Future[bool]] = {}
+        """(write id, member) -> a copy started before ``begin_put`` (cut-through or a
+        small put's copies sent while the coordinator commits its own): the ``Transfer``
+        for it waits on this instead of pushing the bytes again."""
+        self._forward_tasks: set[asyncio.Task[None]] = set()
+        self._spares: dict[int, _Spare] = {}
+        """write id -> the spare copy of a put coordinated outside its replica set."""
+        self._kv_stragglers: set[asyncio.Future[None]] = set()
+        self.hints = KVHints(agent.name, self.cfg.kv_hints, replicas=self.cfg.kv_replicas,
+                             started=time.time())
+        self._hints_wake = asyncio.Event()
+        self._hints_lock = asyncio.Lock()  # hint changes reach the store in order
+        self._sources: OrderedDict[str, str] = OrderedDict()
+        self._verified: OrderedDict[str, tuple[float, tuple[int, ...]]] = OrderedDict()
+        """oid -> (when its local copy was last hash-checked, its file's identity then)."""
+        self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
+        self._tomb_lock = asyncio.Lock()  # tombstone writes reach the store in order
+        self._drops: dict[str, None] = {}
+        """Copies to drop, in order; one task removes them in batches (``_drain_drops``)."""
+        self._dropping = False
+        self._timer = DeadlineTimer(self._on_timer)
+        self.stats: dict[str, int] = {}
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def _view(self) -> list[Candidate]:
+        return [
+            Candidate(m.name, m.meta.region, m.meta.zone, full=is_full(m.meta.tags))
+            for m in self.agent.m.members.values()
+            if m.state <= State.SUSPECT
+        ]
+
+    def _down_view(self) -> list[Candidate]:
+        """Members held as dead (not left, not yet reaped): they shape a key's intended
+        replica set (``kv_placement``'s ``down``)."""
+        return [
+            Candidate(m.name, m.meta.region, m.meta.zone, full=is_full(m.meta.tags))
+            for m in self.agent.m.members.values()
+            if m.state == State.DEAD
+        ]
+
+    def _addr(self, name: str) -> str | None:
+        m = self.agent.m.members.get(name)
+        return None if m is None else m.addr
+
+    def _live(self, name: str) -> bool:
+        m = self.agent.m.members.get(name)
+        return m is not None and m.state <= State.SUSPECT
+
+    def _may_hold(self, policy: ObjectPolicy) -> bool:
+        return may_hold(self.agent.meta.region, policy.residency)
+
+    async def _call(self, name: str, method: Method[Req, Rep], req: Req) -> Rep:
+        """Typed ``method`` on member ``name`` (in-process when it is this node)."""
+        return await call_node(self.agent, name, method, req, lane=LANE)
+
+    def _checkout(self, name: str) -> RpcConnection:
+        """A pooled connection to ``name`` for one transfer alone (``peers.checkout``)."""
+        addr = self._addr(name)
+        if addr is None:
+            raise RpcError(f"{name}: not a member")
+        return self.agent.peers.checkout(name, addr)
+
+    # -- provided by the other rooms (``plane.py`` puts them together)
+
+    def _pump(self) -> None:
+        raise NotImplementedError  # repair.py
+
+    def _on_timer(self) -> None:
+        raise NotImplementedError  # repair.py
+
+    async def _quarantine(self, oid: str) -> None:
+        raise NotImplementedError  # repair.py
+
+    async def _drop(self, oid: str) -> None:
+        raise NotImplementedError  # repair.py
+
+    async def _commit_spare(self, req: int) -> None:
+        raise NotImplementedError  # uploads.py
+
+    def _expire_uploads(self) -> None:
+        raise NotImplementedError  # uploads.py
+
+    def _abort_upload(self, up: _Upload) -> None:
+        raise NotImplementedError  # uploads.py
+
+    def _remember_verified(self, oid: str, key: tuple[int, ...] | None) -> None:
+        raise NotImplementedError  # reads.py
+
+    def _file_key(self, oid: str) -> tuple[int, ...] | None:
+        raise NotImplementedError  # reads.py
+
+    async def _holders(self, oid: str) -> list[str]:
+        raise NotImplementedError  # catalog.py

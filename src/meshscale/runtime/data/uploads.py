@@ -1,0 +1,613 @@
+"""Puts: client uploads (``obj.put_*``), replica transfers received from other members
+(``obj.rw_*``), the put's coordination (placement check, W acknowledgements), cut-through
+forwards of a put's chunks to the replica set as they arrive, and spare copies of puts
+coordinated outside the replica set."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from meshscale.core.api import ApiError, ErrorCode, ResidencyWire
+from meshscale.core.api import objects as api
+from meshscale.core.hlc import ClockSkewError
+from meshscale.core.objects import object_id
+from meshscale.core.placement import PlacementError, check_quorum, write_set
+from meshscale.core.replication import ObjectPolicy
+from meshscale.runtime.data.state import (
+    DataPlaneBase,
+    _Forward,
+    _policy,
+    _small_copy,
+    _Spare,
+    _stamp,
+    _storage_error,
+    _Upload,
+)
+from meshscale.runtime.storage import ObjectMeta, StorageError
+from meshscale.transport.rpc import RpcConnection, RpcError
+
+
+@dataclass(frozen=True)
+class _UploadSpec:
+    """An upload as asked for (a client put's or a replica transfer's header)."""
+
+    size: int
+    policy: ObjectPolicy
+    w: int
+    oid: str | None
+    hint_for: str | None = None
+    ttl_s: float | None = None
+    expires: float | None = None
+    written: str | None = None
+
+
+class Uploads(DataPlaneBase):
+    """Uploads open on this node and the puts it coordinates."""
+
+    def _check_placement(self, policy: ObjectPolicy, w: int) -> None:
+        try:
+            view = self._view()
+            chosen = write_set("", view, policy.replicas, policy.residency)
+            check_quorum(chosen, w, sum(1 for c in view if c.full and policy.allows(c.region)))
+        except PlacementError as e:
+            detail = str(e)
+            if detail.startswith("cannot place"):
+                detail = detail.split(": ", 1)[-1]
+            raise PlacementError(e.rule, f"{e.rule} rule: {detail}") from None
+
+    def _client_spec(self, size: int, replicas: int, w: int | None,
+                     residency: ResidencyWire | None, oid: str | None,
+                     ttl_s: float | None) -> _UploadSpec:
+        """What a client put asks for, checked against this node's bounds."""
+        if replicas > self.cfg.max_replicas:
+            raise ApiError(ErrorCode.INVALID, f"replicas must be at most "
+                                              f"{self.cfg.max_replicas}, not {replicas}")
+        if w is not None and w > replicas:
+            raise ApiError(ErrorCode.INVALID, f"w must be from 1 to replicas ({replicas}), "
+                                              f"not {w}")
+        if ttl_s is not None and ttl_s > self.cfg.max_ttl_s:
+            raise ApiError(ErrorCode.INVALID, f"ttl_s must be in (0, {self.cfg.max_ttl_s:g}], "
+                                              f"got {ttl_s:g}")
+        return _UploadSpec(size, _policy(replicas, residency), min(2, replicas) if w is None
+                           else w, oid, ttl_s=ttl_s)
+
+    @staticmethod
+    def _replica_spec(h: api.ReplicaHeader) -> _UploadSpec:
+        return _UploadSpec(h.size, _policy(h.replicas, h.residency), min(2, h.replicas), h.id,
+                           hint_for=h.hint_for, expires=h.expires, written=h.written)
+
+    def _new_upload(self, spec: _UploadSpec, *, client: bool) -> str:
+        assert self.store is not None
+        self._expire_uploads()
+        if len(self._uploads) >= self.cfg.max_uploads:
+            raise ApiError(ErrorCode.BUSY, f"busy: {self.cfg.max_uploads} uploads already open")
+        policy = spec.policy
+        if not client and not self._may_hold(policy):
+            # The receiver checks the rule itself: a replica outside it is never written.
+            self._count("replicas_refused_residency")
+            assert policy.residency is not None
+            raise ApiError(ErrorCode.REFUSED, (
+                f"refused: this node's region {self.agent.meta.region!r} may not hold a copy "
+                f"({policy.residency.describe()})"))
+        if client:
+            try:
+                self._check_placement(policy, spec.w)
+            except PlacementError as e:
+                raise ApiError(ErrorCode.REFUSED, f"refused: {e}") from None
+        now = time.time()
+        ttl_s = spec.ttl_s
+        if ttl_s is None and spec.expires is not None:
+            # A replica of an object with a TTL: same expiry on every copy.
+            ttl_s = spec.expires - now
+            if ttl_s <= 0:
+                raise ApiError(ErrorCode.INVALID, f"expired: {spec.oid} expired before it arrived")
+        written = self._write_stamp(spec, client, now)
+        res = policy.residency
+        try:
+            writer = self.store.writer(
+                written=written, now=now, size=spec.size, replicas=policy.replicas,
+                data_class=res.data_class if res is not None else None,
+                residency=(sorted(res.regions) if res is not None and res.regions is not None
+                           else None),
+                hint_for=spec.hint_for, pinned=ttl_s is None, ttl_s=ttl_s,
+            )
+        except StorageError as e:  # a full disk refuses the write, naming the bound
+            raise _storage_error(e) from None
+        upload = f"{self.agent.name}-{next(self._upload_ids)}"
+        self._uploads[upload] = _Upload(writer, spec.size, policy, spec.w, spec.oid,
+                                        spec.hint_for, client,
+                                        expires=None if ttl_s is None else now + ttl_s)
+        return upload
+
+    def _write_stamp(self, spec: _UploadSpec, client: bool, now: float) -> str | None:
+        """The write's HLC time: a client put's is now (a delete before it loses); a
+        replica's is the coordinator's, refused if a delete we know of came after it."""
+        if client:
+            return self.hlc.now(now).encode()
+        if spec.written is None:
+            return None
+        stamp = _stamp(spec.written)
+        if stamp is None:
+            raise ApiError(ErrorCode.INVALID, f"bad write timestamp {spec.written!r:.80}")
+        assert self.rm is not None
+        if not self.rm.accepts(str(spec.oid), stamp):
+            self._count("deleted_copies_refused")
+            raise ApiError(ErrorCode.INVALID,
+                           f"deleted: {spec.oid} was deleted after this copy was written")
+        return spec.written
+
+    def _expire_uploads(self) -> None:
+        now = time.monotonic()
+        for key, up in list(self._uploads.items()):
+            if now - up.last > self.cfg.upload_idle_s:
+                self._drop_upload(key, up)
+                self._count("uploads_expired")
+
+    def _upload(self, key: str) -> tuple[str, _Upload]:
+        up = self._uploads.get(key)
+        if up is None:
+            raise ValueError(f"unknown or expired upload {key!r}")
+        return key, up
+
+    def _drop_upload(self, key: str, up: _Upload) -> None:
+        self._uploads.pop(key, None)
+        self._abort_upload(up)
+
+    def _abort_upload(self, up: _Upload) -> None:
+        """Nothing of this upload remains: its copies in flight are stopped and the temp
+        file goes once the write still running in a thread (if any) has returned."""
+        for fwd in up.forwards.values():
+            self._stop_forward(fwd)
+            if up.req is not None:
+                self._early.pop((up.req, fwd.dst), None)
+        pending, up.pending = up.pending, None
+        if pending is not None and not pending.done():
+            def abort(fut: asyncio.Future[None]) -> None:
+                if not fut.cancelled():
+                    fut.exception()  # retrieved: the upload is gone anyway
+                up.writer.abort()
+
+            pending.add_done_callback(abort)
+        else:
+            if pending is not None and not pending.cancelled():
+                pending.exception()
+            up.writer.abort()
+
+    async def _settle(self, key: str, up: _Upload) -> None:
+        """Wait for the local write of the previous chunk; its failure ends the upload."""
+        pending = up.pending
+        if pending is None:
+            return
+        try:
+            await asyncio.shield(pending)
+        except StorageError as e:
+            self._drop_upload(key, up)  # the writer already removed its temp file
+            raise _storage_error(e) from None
+        if up.pending is pending:
+            up.pending = None
+
+    def _stamp_after_tombstone(self, up: _Upload, oid: str) -> None:
+        """Putting bytes again after they were deleted: stamp the write after the
+        tombstone we know of, even if its clock ran ahead of ours."""
+        assert self.rm is not None
+        tomb = self.rm.tombstone(oid)
+        stamp = _stamp(up.writer.written_ts)
+        if tomb is not None and (stamp is None or stamp <= tomb):
+            with contextlib.suppress(ClockSkewError, ValueError):
+                self.hlc.update(tomb, time.time())
+            up.writer.written_ts = self.hlc.now(time.time()).encode()
+
+    # -- copies that start before the coordinator's own commit
+
+    def _copy_header(self, oid: str, up: _Upload) -> api.ReplicaHeader:
+        return api.ReplicaHeader(
+            id=oid, size=up.size, replicas=up.policy.replicas,
+            residency=ResidencyWire.of(up.policy.residency), expires=up.expires,
+            written=up.writer.written_ts)
+
+    def _early_targets(self, up: _Upload, oid: str) -> list[str]:
+        """The other members of ``oid``'s replica set, as ``begin_put`` will choose them
+        from the same view (if the view changes meanwhile, a member without an early copy
+        gets a normal transfer and an early copy outside the set is a stray copy, handed
+        off like any other)."""
+        try:
+            chosen = write_set(oid, self._view(), up.policy.replicas, up.policy.residency)
+        except PlacementError:
+            return []
+        if up.req is None:
+            up.req = next(self._req_ids)
+        targets = [c.name for c in chosen if c.name != self.agent.name]
+        if len(targets) == len(chosen) and targets and up.expected_id is not None:
+            # Not a member: our copy is only a fallback for the pushes (see _finish_spare).
+            up.spare = True
+            up.writer.defer_hash()
+        return targets
+
+    def _add_forward(self, up: _Upload, dst: str, work: Callable[[_Forward], Any],
+                     *, queued: bool) -> None:
+        assert up.req is not None
+        fwd = _Forward(dst, asyncio.Queue(self.cfg.forward_window if queued else 1),
+                       asyncio.get_running_loop().create_future(), closed=not queued)
+        task = asyncio.ensure_future(work(fwd))
+        fwd.task = task
+        self._forward_tasks.add(task)
+        task.add_done_callback(self._forward_tasks.discard)
+        up.forwards[dst] = fwd
+        self._early[(up.req, dst)] = fwd.done
+
+    def _start_forwards(self, up: _Upload, oid: str) -> None:
+        """Cut-through: a client that names the object's id up front lets us stream each
+        chunk to the replica set as it arrives, so the members receive, hash and write
+        while we do, and commit (fsync, hash checked against the id) while we commit."""
+        header = self._copy_header(oid, up)
+        for dst in self._early_targets(up, oid):
+            self._add_forward(up, dst, functools.partial(self._run_forward, header=header),
+                              queued=True)
+
+    def _start_small_copies(self, up: _Upload, oid: str, data: bytes) -> None:
+        """A small put's copies leave at once, while we commit our own."""
+        header = _small_copy(self._copy_header(oid, up), data)
+        for dst in self._early_targets(up, oid):
+            self._add_forward(up, dst, functools.partial(self._run_small_copy, header=header),
+                              queued=False)
+
+    async def _run_small_copy(self, fwd: _Forward, header: api.ReplicaSmallRequest) -> None:
+        ok = False
+        try:
+            conn = self._checkout(fwd.dst)
+            try:
+                await conn.request(api.RW_SMALL, header)
+                ok = True
+            except BaseException:
+                await conn.close()
+                raise
+            self.agent.peers.checkin(fwd.dst, conn)
+            self._count("bytes_sent", header.size)
+        except (RpcError, ValueError, OSError) as e:
+            self._count("transfers_early_errors")
+            self.agent.log("debug", "early_copy_failed", peer=fwd.dst, error=str(e))
+        finally:
+            if not fwd.done.done():
+                fwd.done.set_result(ok)
+
+    async def _run_forward(self, fwd: _Forward, header: api.ReplicaHeader) -> None:
+        ok = False
+        conn: RpcConnection | None = None
+        upload: str | None = None
+        try:
+            conn = self._checkout(fwd.dst)
+            begin = await conn.request(api.RW_BEGIN, header)
+            if begin.have or begin.upload is None:
+                ok = True
+            else:
+                upload = begin.upload
+                # Chunks go ahead of their replies on the held connection (the member
+                # answers them in order), so it takes in the next while writing the last.
+                pipe = await conn.pipeline()
+                try:
+                    while (chunk := await fwd.queue.get()) is not None:
+                        if pipe.outstanding >= self.cfg.forward_ahead:
+                            await pipe.receive_reply(api.RW_CHUNK)
+                        await pipe.send_request(api.RW_CHUNK,
+                                                api.PutChunkRequest(upload=upload, data=chunk))
+                    while pipe.outstanding:
+                        await pipe.receive_reply(api.RW_CHUNK)
+                finally:
+                    await pipe.close()
+                await conn.request(api.RW_END, api.UploadRequest(upload=upload))
+                upload = None
+                ok = True
+                self._count("bytes_sent", header.size)
+        except (RpcError, ValueError, OSError, KeyError) as e:
+            self._count("transfers_early_errors")
+            self.agent.log("debug", "forward_failed", peer=fwd.dst, error=str(e))
+        finally:
+            fwd.closed = True
+            while not fwd.queue.empty():
+                fwd.queue.get_nowait()  # whoever waits to queue a chunk is let go
+            if not fwd.done.done():
+                fwd.done.set_result(ok)
+            if conn is not None:
+                if ok:
+                    self.agent.peers.checkin(fwd.dst, conn)
+                else:
+                    # A call may have been cut short: this connection is not reused. The
+                    # member's half-received upload is aborted (or expires on its own).
+                    self.agent.spawn(conn.close())
+                    if upload is not None:
+                        self.agent.spawn(self._abort_remote(fwd.dst, upload))
+
+    async def _abort_remote(self, dst: str, upload: str) -> None:
+        with contextlib.suppress(Exception):
+            conn = self._checkout(dst)
+            try:
+                await asyncio.wait_for(
+                    conn.request(api.PUT_ABORT, api.UploadRequest(upload=upload)), 5.0)
+            except BaseException:
+                await conn.close()
+                raise
+            self.agent.peers.checkin(dst, conn)
+
+    def _stop_forward(self, fwd: _Forward) -> None:
+        fwd.closed = True
+        if fwd.task is not None and not fwd.task.done():
+            fwd.task.cancel()
+        if not fwd.done.done():
+            fwd.done.set_result(False)
+
+    async def _feed_forwards(self, up: _Upload, chunk: bytes | None) -> None:
+        """Queue a chunk (``None``: the end) for every member still streaming. One that
+        stays ``forward_stall_s`` behind is dropped: memory stays bounded and a dead or
+        slow member does not hold the put; it gets the bytes from our copy instead."""
+        for fwd in list(up.forwards.values()):
+            if fwd.closed:
+                continue
+            try:
+                await asyncio.wait_for(fwd.queue.put(chunk), self.cfg.forward_stall_s)
+            except TimeoutError:
+                self._count("forwards_stalled")
+                self._stop_forward(fwd)
+
+    # -- RPCs
+
+    def _rpc_put_begin(self, req: api.PutBeginRequest) -> api.PutBeginReply:
+        oid = req.id
+        key = self._new_upload(self._client_spec(req.size, req.replicas, req.w, req.residency,
+                                                 oid, req.ttl_s), client=True)
+        policy = self._uploads[key].policy
+        if oid is None and not self._may_hold(policy):
+            # Without the id the bytes are committed here before their set is known: that
+            # would be a copy outside the rule. (The client library sends the id ahead.)
+            self._drop_upload(key, self._uploads[key])
+            res = policy.residency
+            regions = sorted(res.regions) if res is not None and res.regions is not None \
+                else []
+            raise ApiError(ErrorCode.REFUSED, (
+                f"refused by the residency rule (regions {regions}): this node is in "
+                f"{self.agent.meta.region!r} and a put whose id is not sent ahead is stored "
+                "here first; send the id with obj.put_begin, or put through a node in "
+                "those regions"))
+        if oid is not None:
+            up = self._uploads[key]
+            self._stamp_after_tombstone(up, oid)
+            if up.size > self.cfg.inline_bytes:
+                self._start_forwards(up, oid)
+        return api.PutBeginReply(upload=key, chunk_bytes=self.cfg.chunk_bytes)
+
+    async def _rpc_put_chunk(self, req: api.PutChunkRequest) -> api.ChunkReply:
+        return api.ChunkReply(received=await self._put_chunk(req.upload, req.data))
+
+    async def _put_chunk(self, upload: str, data: bytes) -> int:
+        """Take one chunk of ``upload``; the bytes taken so far."""
+        key, up = self._upload(upload)
+        if len(data) > max(self.cfg.chunk_bytes, self.cfg.inline_bytes):
+            self._drop_upload(key, up)
+            raise ValueError(f"chunk of {len(data)} bytes is over chunk_bytes={self.cfg.chunk_bytes}")
+        if up.received + len(data) > up.size:
+            self._drop_upload(key, up)
+            raise ValueError(f"more bytes than the declared size {up.size}; upload aborted")
+        up.last = time.monotonic()
+        await self._settle(key, up)
+        if key not in self._uploads:
+            raise ValueError(f"unknown or expired upload {key!r}")
+        up.pending = asyncio.ensure_future(asyncio.to_thread(up.writer.write, data))
+        up.received += len(data)
+        if up.forwards:
+            await self._feed_forwards(up, data)
+        return up.received
+
+    async def _commit(self, key: str, up: _Upload) -> ObjectMeta:
+        self._uploads.pop(key, None)
+        await self._settle(key, up)
+        if up.received != up.size:
+            self._abort_upload(up)
+            raise ValueError(f"truncated upload: {up.received} of {up.size} bytes; nothing stored")
+        assert self.rm is not None
+        if up.client:
+            self._stamp_after_tombstone(up, up.expected_id or up.writer.peek_id())
+        try:
+            meta, file_key = await asyncio.to_thread(self._commit_writer, up)
+        except StorageError as e:
+            raise _storage_error(e) from None
+        self._remember_verified(meta.object_id, file_key)
+        # A copy committed again while its drop waits in the queue is kept (the manager
+        # asks again if it is still not ours to hold).
+        self._drops.pop(meta.object_id, None)
+        self.rm.object_added(meta.object_id, up.policy, up.hint_for, time.monotonic(),
+                             _stamp(meta.written))
+        return meta
+
+    def _commit_writer(self, up: _Upload) -> tuple[ObjectMeta, tuple[int, ...] | None]:
+        """Commit (in a thread); with the file's identity when this commit wrote the file
+        (its bytes were just hashed), None when the object was already stored."""
+        assert self.store is not None
+        had = self.store.has(up.expected_id or up.writer.peek_id())
+        meta = up.writer.commit(up.expected_id)
+        return meta, None if had else self._file_key(meta.object_id)
+
+    async def _rpc_put_end(self, req: api.UploadRequest) -> api.PutReply:
+        key, up = self._upload(req.upload)
+        # The members commit their copies while we commit ours.
+        await self._feed_forwards(up, None)
+        try:
+            return await self._finish_put(key, up)
+        finally:
+            if up.req is not None:
+                for dst in up.forwards:
+                    self._early.pop((up.req, dst), None)
+
+    async def _finish_put(self, key: str, up: _Upload) -> api.PutReply:
+        if up.spare:
+            return await self._finish_spare(key, up)
+        try:
+            meta = await self._commit(key, up)
+        except BaseException:
+            for fwd in up.forwards.values():
+                self._stop_forward(fwd)
+            raise
+        assert self.rm is not None
+        req = up.req if up.req is not None else next(self._req_ids)
+        fut: asyncio.Future[tuple[str, tuple[str, ...]]] = asyncio.get_running_loop().create_future()
+        self._puts[req] = fut
+        try:
+            self.rm.begin_put(req, meta.object_id, up.policy, up.w, time.monotonic(),
+                              _stamp(meta.written))
+        except PlacementError as e:
+            self._puts.pop(req, None)
+            raise ValueError(f"refused: {e}") from None
+        self._pump()
+        try:
+            oid, nodes = await asyncio.wait_for(fut, self.cfg.put_wait_s)
+        except TimeoutError:
+            self._puts.pop(req, None)
+            raise ValueError(f"put of {meta.object_id} timed out waiting for W={up.w}") from None
+        return api.PutReply(id=oid, size=meta.size, nodes=list(nodes))
+
+    async def _finish_spare(self, key: str, up: _Upload) -> api.PutReply:
+        """A put coordinated outside the object's replica set: the members' copies (sent
+        as the bytes arrived) make the quorum, as with any put, while our own copy stays
+        an uncommitted spare (no hash, no fsync: a copy we would drop anyway once the
+        set confirms it). A push that must fall back to our copy (a member's copy failed,
+        a stand-in, a member without an early copy) commits it first, with the full hash
+        check against the id; otherwise it is removed once every member's copy settled."""
+        assert self.rm is not None and up.req is not None and up.expected_id is not None
+        self._uploads.pop(key, None)
+        try:
+            await self._settle(key, up)
+        except BaseException:
+            for fwd in up.forwards.values():
+                self._stop_forward(fwd)
+            raise
+        if up.received != up.size:
+            self._abort_upload(up)
+            raise ValueError(f"truncated upload: {up.received} of {up.size} bytes; nothing stored")
+        oid, req = up.expected_id, up.req
+        self._stamp_after_tombstone(up, oid)
+        self._spares[req] = _Spare(key, up, oid)
+        fut: asyncio.Future[tuple[str, tuple[str, ...]]] = asyncio.get_running_loop().create_future()
+        self._puts[req] = fut
+        try:
+            self.rm.begin_put(req, oid, up.policy, up.w, time.monotonic(),
+                              _stamp(up.writer.written_ts))
+        except PlacementError as e:
+            self._puts.pop(req, None)
+            self._spares.pop(req, None)
+            self._abort_upload(up)
+            raise ValueError(f"refused: {e}") from None
+        self._count("spare_puts")
+        self.agent.spawn(self._settle_spare(req, [f.done for f in up.forwards.values()]))
+        self._pump()
+        try:
+            oid, nodes = await asyncio.wait_for(fut, self.cfg.put_wait_s)
+        except TimeoutError:
+            self._puts.pop(req, None)
+            raise ValueError(f"put of {oid} timed out waiting for W={up.w}") from None
+        return api.PutReply(id=oid, size=up.size, nodes=list(nodes))
+
+    async def _commit_spare(self, req: int) -> None:
+        """Commit the spare copy of write ``req`` (once; later callers wait for it). A
+        copy that does not hash to the id fails the put with that reason."""
+        spare = self._spares.get(req)
+        if spare is None:
+            return
+        if spare.commit is None:
+            self._count("spare_copies_committed")
+            spare.commit = asyncio.ensure_future(self._commit(spare.key, spare.up))
+        try:
+            await asyncio.shield(spare.commit)
+        except ValueError as e:
+            fut = self._puts.pop(req, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(ValueError(f"put of {spare.oid} failed: {e}"))
+
+    async def _settle_spare(self, req: int, copies: list[asyncio.Future[bool]]) -> None:
+        """Once every member's early copy is decided: drop the spare if they all made
+        it and nothing needed it, else leave it committed (a stray copy, handed off and
+        dropped like any other)."""
+        results = await asyncio.gather(*(asyncio.shield(c) for c in copies),
+                                       return_exceptions=True)
+        spare = self._spares.get(req)
+        if spare is None:
+            return
+        if spare.commit is None and (all(r is True for r in results)
+                                     or not self._may_hold(spare.up.policy)):
+            # Not needed, or not ours to keep: a spare outside the object's residency is
+            # never committed, whatever became of the put (a failed put leaves nothing).
+            self._spares.pop(req, None)
+            self._abort_upload(spare.up)
+            self._count("spare_copies_dropped")
+            return
+        if spare.commit is None:
+            await self._commit_spare(req)
+        with contextlib.suppress(Exception):
+            assert spare.commit is not None
+            await spare.commit
+        self._spares.pop(req, None)
+
+    def _rpc_put_abort(self, req: api.UploadRequest) -> api.Done:
+        up = self._uploads.pop(req.upload, None)
+        if up is not None:
+            self._abort_upload(up)
+        return api.Done()
+
+    async def _rpc_rw_begin(self, req: api.ReplicaHeader) -> api.RwBeginReply:
+        assert self.store is not None
+        if await asyncio.to_thread(self.store.has, req.id):
+            return api.RwBeginReply(have=True)
+        return api.RwBeginReply(upload=self._new_upload(self._replica_spec(req), client=False))
+
+    async def _rpc_rw_small(self, req: api.ReplicaSmallRequest) -> api.StoredReply:
+        """A whole small replica in one call (bounded by ``inline_bytes``)."""
+        data = req.data
+        if len(data) > self.cfg.inline_bytes or len(data) != req.size:
+            raise ApiError(ErrorCode.INVALID, (
+                f"inline object of {len(data)} bytes does not match its size or is over "
+                f"inline_bytes={self.cfg.inline_bytes}"))
+        assert self.store is not None
+        if await asyncio.to_thread(self.store.has, req.id):
+            return api.StoredReply(id=req.id)
+        key = self._new_upload(self._replica_spec(req), client=False)
+        up = self._uploads[key]
+        try:
+            await asyncio.to_thread(up.writer.write, data)
+        except StorageError as e:
+            self._uploads.pop(key, None)
+            raise _storage_error(e) from None
+        up.received = len(data)
+        meta = await self._commit(key, up)
+        self._count("bytes_received", meta.size)
+        self._pump()
+        return api.StoredReply(id=meta.object_id)
+
+    async def _rpc_put_small(self, req: api.PutSmallRequest) -> api.PutReply:
+        """A client put of a small object in one call: begin, chunk and end at once; the
+        copies leave for the replica set while this node commits its own."""
+        data = req.data
+        if len(data) > self.cfg.inline_bytes:
+            raise ApiError(ErrorCode.INVALID, (
+                f"inline put of {len(data)} bytes is over inline_bytes={self.cfg.inline_bytes}; "
+                "use obj.put_begin"))
+        oid = object_id(data)
+        # With the id known, a coordinator outside the replica set keeps only a spare
+        # (uncommitted) copy, as for a large put, instead of committing a stray copy that
+        # it must hand off and drop again.
+        key = self._new_upload(self._client_spec(len(data), req.replicas, req.w, req.residency,
+                                                 oid, req.ttl_s), client=True)
+        up = self._uploads[key]
+        self._stamp_after_tombstone(up, oid)
+        self._start_small_copies(up, oid, data)
+        await self._put_chunk(key, data)
+        return await self._rpc_put_end(api.UploadRequest(upload=key))
+
+    async def _rpc_rw_end(self, req: api.UploadRequest) -> api.StoredReply:
+        key, up = self._upload(req.upload)
+        meta = await self._commit(key, up)
+        self._count("bytes_received", meta.size)
+        self._pump()
+        return api.StoredReply(id=meta.object_id)
