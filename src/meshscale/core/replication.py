@@ -597,6 +597,10 @@ class ReplicaManager:
 
     # ------------------------------------------------------------------ view & inventory
 
+    def under_replicated_count(self) -> int:
+        """Objects held here with fewer live copies than their policy wants."""
+        return sum(1 for loc in self._inv.values() if loc.under)
+
     def set_view(self, candidates: Iterable[Candidate], now: float) -> None:
         """The live view changed (alive and suspect members, this node included)."""
         view = {c.name: c for c in candidates}

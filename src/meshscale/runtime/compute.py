@@ -47,6 +47,7 @@ import pickle
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -309,9 +310,9 @@ class ComputePlane:
         self._adopting: dict[str, asyncio.Task[None]] = {}
         self._pool_ready: asyncio.Event | None = None
         self._active_at = float("-inf")
-        self.observer: Any = None
+        self.observer: Callable[[TaskRecord, float], None] | None = None
         """``observer(record, latency_s)`` is called as a task ends (``runtime/observe.py``)."""
-        self.bound_observer: Any = None
+        self.bound_observer: Callable[[TaskBound], None] | None = None
         """``bound_observer(event)`` is called as the owner binds a task to a node (queue
         wait and placement reason, for ``runtime/observe.py``)."""
 
@@ -452,6 +453,10 @@ class ComputePlane:
         return LoadReport(src=self.agent.name,
                           load=Load(ld.running, ld.queued, max(0.0, ld.free_cpus)),
                           cap=self.capacity)
+
+    def peer_loads(self) -> dict[str, tuple[Load, Resources]]:
+        """The last load and capacity each peer reported (``sched.load``), by name."""
+        return dict(self._loads)
 
     def _note_load(self, report: LoadReport) -> None:
         self._loads[report.src] = (report.load, report.cap)

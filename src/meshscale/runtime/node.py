@@ -99,6 +99,7 @@ from meshscale.core.rpc import (
 )
 from meshscale.core.wire import WireError
 from meshscale.runtime import caller
+from meshscale.runtime.compute import ComputePlane
 from meshscale.runtime.config import AgentConfig as AgentConfig
 from meshscale.runtime.config import AgentStats
 from meshscale.runtime.data import DataPlane
@@ -107,6 +108,7 @@ from meshscale.runtime.identity import Identity, write_identity
 from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.latency import RegionPair
 from meshscale.runtime.services import Handler, LocalCopies, Rep, Req, RpcHandler
+from meshscale.runtime.streams import StreamPlane
 from meshscale.runtime.workers import WorkerPool
 from meshscale.transport.credentials import Credentials
 from meshscale.transport.framing import (
@@ -297,6 +299,8 @@ class NodeAgent:
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.membership: Membership | None = None
+        self.compute: ComputePlane | None = None
+        self.streams: StreamPlane | None = None
         self.http: HttpServer | None = None
         self.started_at = time.time()
         self.ready = False
@@ -350,7 +354,7 @@ class NodeAgent:
         return self.dataplane
 
     def worker_pool(self) -> WorkerPool | None:
-        compute = getattr(self, "compute", None)
+        compute = self.compute
         return None if compute is None else compute.pool
 
     @property
@@ -463,13 +467,9 @@ class NodeAgent:
                     link_group=link_group))
             self.dataplane = DataPlane(self, dp_cfg)
             await self.dataplane.start()
-            from meshscale.runtime.compute import ComputePlane
-
-            self.compute: ComputePlane | None = ComputePlane(self)
+            self.compute = ComputePlane(self)
             await self.compute.start()
-            from meshscale.runtime.streams import StreamPlane
-
-            self.streams: StreamPlane | None = StreamPlane(self)
+            self.streams = StreamPlane(self)
             await self.streams.start()
         # Join only once every plane serves its RPCs: a member others can see must be
         # able to answer them (a client that waits for convergence may call at once).
@@ -493,11 +493,11 @@ class NodeAgent:
     async def stop(self) -> None:
         if self.http is not None:
             await self.http.stop()
-        streams = getattr(self, "streams", None)
+        streams = self.streams
         if streams is not None:
             await streams.stop()
             self.streams = None
-        compute = getattr(self, "compute", None)
+        compute = self.compute
         if compute is not None:
             await compute.stop()
             self.compute = None

@@ -20,7 +20,7 @@ import contextlib
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,18 +43,59 @@ from meshscale.core.placement import is_full
 from meshscale.runtime.services import NodeServices
 
 if TYPE_CHECKING:
+    from meshscale.core.scheduling import Load, Resources, Scheduler, TaskBound
+    from meshscale.core.streams import ShardLog
+    from meshscale.core.tasks import TaskBook, TaskRecord
     from meshscale.runtime.data import DataPlane
 
 
+class ObservedCompute(Protocol):
+    """What the observer reads of the compute plane (``runtime/compute.py``) and the two
+    hooks it sets there."""
+
+    stats: dict[str, int]
+    capacity: Resources
+    book: TaskBook
+    observer: Callable[[TaskRecord, float], None] | None
+    bound_observer: Callable[[TaskBound], None] | None
+
+    @property
+    def sched(self) -> Scheduler | None: ...
+
+    def peer_loads(self) -> dict[str, tuple[Load, Resources]]: ...
+
+
+class ObservedStreams(Protocol):
+    """What the observer reads of the stream plane (``runtime/streams.py``)."""
+
+    @property
+    def stats(self) -> Mapping[str, int]: ...
+
+    @property
+    def logs(self) -> Mapping[tuple[str, str], ShardLog]: ...
+
+    @property
+    def cross_region_bytes(self) -> Mapping[str, int]: ...
+
+    @property
+    def op_stats(self) -> Mapping[str, Mapping[str, int]]: ...
+
+
 class ObservedNode(NodeServices, Protocol):
-    """The node as its dashboard and metrics read it: its services, its data plane, its
-    recent events and rejection counts (the compute and stream planes are read with
-    ``getattr``, as they start after the HTTP server)."""
+    """The node as its dashboard and metrics read it: its services, its planes (the
+    compute and stream planes start after the HTTP server, so they may still be None),
+    its recent events and rejection counts."""
 
     dataplane: DataPlane | None
     with_dataplane: bool
     events: deque[EventInfo]
     started_at: float
+
+    @property
+    def compute(self) -> ObservedCompute | None: ...
+
+    @property
+    def streams(self) -> ObservedStreams | None: ...
 
     def http_address(self) -> str | None: ...
 
@@ -140,7 +181,7 @@ class NodeObserver:
 
     def _hook_compute(self) -> None:
         """Attach to the compute plane once it exists (it starts after the HTTP server)."""
-        compute = getattr(self.agent, "compute", None)
+        compute = self.agent.compute
         if compute is None or compute is self._hooked:
             return
         self._hooked = compute
@@ -150,27 +191,26 @@ class NodeObserver:
 
     # ------------------------------------------------------------------ observations
 
-    def _task_ended(self, rec: Any, latency_s: float) -> None:
-        state = str(getattr(rec, "state", ""))
+    def _task_ended(self, rec: TaskRecord, latency_s: float) -> None:
+        state = str(rec.state)
         self.tasks_ended[state] += 1
         if state == "done":
             self.latency.observe(latency_s)
             self._second_done += 1
             if len(self._second_lat) < MAX_SAMPLE_LATENCIES:
                 self._second_lat.append(latency_s)
-        elif getattr(rec, "kind", "") == "unschedulable":
+        elif rec.kind == "unschedulable":
             self.placements["unschedulable"] += 1
 
-    def _task_bound(self, compute: Any, ev: Any) -> None:
-        entry = compute.book.get(getattr(ev, "task_id", ""))
-        t0 = getattr(entry, "t0", None)
-        if t0 is not None and getattr(getattr(entry, "rec", None), "state", "") == "pending":
-            self.queue_wait.observe(time.monotonic() - t0)
-        if getattr(ev, "stolen", False):
+    def _task_bound(self, compute: ObservedCompute, ev: TaskBound) -> None:
+        entry = compute.book.get(ev.task_id)
+        if entry is not None and entry.rec.state == "pending":
+            self.queue_wait.observe(time.monotonic() - entry.t0)
+        if ev.stolen:
             reason = "stolen"
-        elif getattr(ev, "restricted", False):
+        elif ev.restricted:
             reason = "delay_scheduled"
-        elif getattr(ev, "local", False):
+        elif ev.local:
             reason = "data_local"
         else:
             reason = "lowest_cost"
@@ -181,7 +221,7 @@ class NodeObserver:
         # in the meta before the node joins): attach to it as soon as it exists, before
         # its workers are up and any task can end.
         deadline = time.monotonic() + 30
-        while (self.agent.with_dataplane and getattr(self.agent, "compute", None) is None
+        while (self.agent.with_dataplane and self.agent.compute is None
                and time.monotonic() < deadline):
             await asyncio.sleep(0.05)
         self._hook_compute()
@@ -213,7 +253,7 @@ class NodeObserver:
 
     def _events_from_counters(self) -> None:
         dp = self.agent.dataplane
-        compute = getattr(self.agent, "compute", None)
+        compute = self.agent.compute
         watch: list[tuple[str, int, str, str]] = []
         if dp is not None and dp.rm is not None:
             watch.append(("re_replication", dp.rm.stats.get("repairs_started", 0),
@@ -234,8 +274,8 @@ class NodeObserver:
     # ------------------------------------------------------------------ live state
 
     def utilization(self) -> float:
-        compute = getattr(self.agent, "compute", None)
-        sched = getattr(compute, "sched", None)
+        compute = self.agent.compute
+        sched = None if compute is None else compute.sched
         if compute is None or sched is None:
             return 0.0
         slots = max(1.0, float(compute.capacity.cpus))
@@ -255,12 +295,12 @@ class NodeObserver:
         }
 
     def _loads(self) -> dict[str, dict[str, Any]]:
-        compute = getattr(self.agent, "compute", None)
-        sched = getattr(compute, "sched", None)
+        compute = self.agent.compute
+        sched = None if compute is None else compute.sched
         if compute is None or sched is None:
             return {}
         out: dict[str, dict[str, Any]] = {}
-        for name, (ld, cap) in dict(getattr(compute, "_loads", {})).items():
+        for name, (ld, cap) in compute.peer_loads().items():
             out[name] = {"running": int(ld.running), "queued": int(ld.queued),
                          "free_cpus": float(ld.free_cpus), "slots": float(cap.cpus)}
         own = sched.load()
@@ -318,7 +358,7 @@ class NodeObserver:
         return pts[-last:] if last > 0 else []
 
     async def tasks(self, limit: int) -> list[dict[str, Any]]:
-        compute = getattr(self.agent, "compute", None)
+        compute = self.agent.compute
         if compute is None or self.agent.local_handler(TASK_LIST.name) is None:
             return []
         rows = await self.agent.call_local(TASK_LIST, ListRequest(limit=limit))
@@ -327,7 +367,7 @@ class NodeObserver:
         for r in rows:
             tid = r.task_id
             entry = records.get(tid)
-            rec = getattr(entry, "rec", None)
+            rec = None if entry is None else entry.rec
             name = ""
             if rec is not None:
                 name = rec.labels.get("name") or f"fn:{rec.fn_id[:12]}"
@@ -396,11 +436,8 @@ class NodeObserver:
         dp = self.agent.dataplane
         if dp is None or dp.store is None or dp.rm is None:
             return 0, 0, 0
-        store = dp.store
-        objects = int(getattr(store, "_count", 0))
-        nbytes = int(getattr(store, "_committed_bytes", 0))
-        under = sum(1 for loc in getattr(dp.rm, "_inv", {}).values() if getattr(loc, "under", False))
-        return objects, nbytes, under
+        objects, nbytes = dp.store.totals()
+        return objects, nbytes, dp.rm.under_replicated_count()
 
 
 class MeshCollector(Collector):
@@ -520,7 +557,7 @@ class MeshCollector(Collector):
 
     @staticmethod
     def _streams(agent: ObservedNode) -> Iterator[Metric]:
-        plane = getattr(agent, "streams", None)
+        plane = agent.streams
         counters = plane.stats if plane is not None else {}
         for name, key, doc in (
             ("meshscale_stream_records_in", "records_in", "Records appended to shards whose "
@@ -557,8 +594,8 @@ class MeshCollector(Collector):
 
     @staticmethod
     def _compute(obs: NodeObserver, agent: ObservedNode) -> Iterator[Metric]:
-        compute = getattr(agent, "compute", None)
-        sched = getattr(compute, "sched", None)
+        compute = agent.compute
+        sched = None if compute is None else compute.sched
         ld = sched.load() if sched is not None else None
         g = GaugeMetricFamily("meshscale_tasks", "Tasks on this node now, by state "
                               "(queued: reservations waiting for a slot).", labels=["state"])

@@ -649,6 +649,10 @@ class LocalStore:
             return StorageError("disk_full", f"{what}: {e.strerror or e}")
         return e
 
+    def totals(self) -> tuple[int, int]:
+        """(objects, bytes) committed in the store."""
+        return self._count, self._committed_bytes
+
     def disk_space(self) -> tuple[int, int]:
         """(free bytes on the data dir's file system, the reserve writes keep): the node is
         full, refusing writes, when free is below the reserve."""
