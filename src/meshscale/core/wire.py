@@ -15,9 +15,9 @@ import msgspec
 
 M = TypeVar("M")
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """The version of the whole wire contract: gossip envelopes, stream messages and the
-greeting a node sends before TLS (``trust/tls.GREETING``). Nodes and clients of two
+greeting a node sends before TLS (``transport/tls.GREETING``). Nodes and clients of two
 versions are never mixed: a mesh upgrades all at once, and a peer of another version is
 refused, with a message naming both versions (greeting) or a counted, logged ``version``
 rejection (gossip, stream frames). Bump it with any change a peer of the previous
