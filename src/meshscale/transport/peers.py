@@ -83,6 +83,13 @@ class PeerPool:
         else:
             self._close_later(conn)
 
+    def release(self, name: str, lane: str) -> None:
+        """Close the shared connection of ``lane`` to ``name``, if open: a lane that served
+        one long-lived reader (a stream runner's long-polls) that has stopped."""
+        conn = self._shared.pop((name, lane), None)
+        if conn is not None:
+            self._close_later(conn)
+
     def forget(self, name: str) -> None:
         """Member ``name`` is gone: close its connections."""
         for key in [k for k in self._shared if k[0] == name]:
