@@ -9,8 +9,10 @@ takes one of its own with ``checkout`` and gives it back with ``checkin``; up to
 than a small object's whole transfer).
 
 Bounds: one shared connection per (member, lane) — lanes are a small fixed set named by
-the planes — plus ``max_idle_per_peer`` idle ones per member; ``forget`` closes a gone
-member's, and a member that comes back at a new address gets new connections.
+the planes, plus one per long-lived reader (a stream runner's long-polls), which
+``release`` closes when the reader stops — plus ``max_idle_per_peer`` idle ones per
+member; ``forget`` closes a gone member's, and a member that comes back at a new address
+gets new connections.
 """
 
 from __future__ import annotations
