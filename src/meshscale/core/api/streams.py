@@ -65,6 +65,8 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS,
 of them) and no NUL."""
 Offset = Annotated[int, msgspec.Meta(ge=0)]
 WaitS = Annotated[float, msgspec.Meta(ge=0, le=MAX_WAIT_S)]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+"""A function's or an object's id (64 hex digits, ``b3-`` and 64 for an object)."""
 LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
 OperatorMode = Literal["near-source", "central", "regions"]
@@ -196,9 +198,9 @@ class OperatorSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     residency: ResidencyWire | None = None
     labels: Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=MAX_LABELS)] = {}
     """Labels a node must carry to run it."""
-    fn_id: str
+    fn_id: Id
     """The function's id (``worker_main.function_id`` of its pickled bytes)."""
-    fn_object: str
+    fn_object: Id
     """The object holding the pickled function."""
     batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_FETCH_RECORDS)] = 256
     """Records per call of the function."""
@@ -222,7 +224,7 @@ class OpRegisterRequest(Request):
     regions: Annotated[list[RegionName], msgspec.Meta(max_length=MAX_REGIONS)] | None = None
     residency: ResidencyWire | None = None
     labels: Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=MAX_LABELS)] = {}
-    fn_id: str | None = None
+    fn_id: Id | None = None
     """If given, ``fn_bytes`` must hash to it."""
     batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_FETCH_RECORDS)] = 256
 
