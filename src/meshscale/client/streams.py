@@ -269,7 +269,7 @@ class Stream:
         """Buffer one record; blocks while the buffer is full (backpressure)."""
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
-        rid = id if id is not None else f"{self._prefix}-{next(self._ids)}"
+        rid = str(id) if id is not None else f"{self._prefix}-{next(self._ids)}"
         row = PublishRecord(key, encode_value(value), rid,
                             time.time() if ts is None else float(ts))
         with self._cv:
