@@ -38,9 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshscale.client.rpc import call
+from meshscale.client.rpc import request
 from meshscale.client.streams import Record
 from meshscale.client.tasks import connect
+from meshscale.core.api import Empty
+from meshscale.core.api.streams import STATS
 from meshscale.runtime.launcher import LocalMesh
 
 KEYS = ("throughput_records_s", "latency_p50_ms", "latency_p99_ms", "publish_only_records_s",
@@ -98,8 +100,8 @@ def wait_warm(mesh: LocalMesh, op: str) -> None:
     creds = mesh.credentials()
     end = time.monotonic() + 60
     while time.monotonic() < end:
-        st = call(mesh.nodes[0].address, creds, "stream.stats", {}, timeout=10)
-        if st["operators"].get(op, {}).get("runners_warm", 0) >= 1:
+        st = request(mesh.nodes[0].address, creds, STATS, Empty(), timeout=10)
+        if st.operators.get(op, {}).get("runners_warm", 0) >= 1:
             return
         time.sleep(0.1)
     raise RuntimeError(f"operator {op} not warm after 60 s")
@@ -117,9 +119,8 @@ def backlog_high_water(mesh: LocalMesh, topic: str) -> int:
     creds = mesh.credentials()
     most = 0
     for node in mesh.nodes:
-        st = call(node.address, creds, "stream.stats", {}, timeout=10)
-        most = max([most] + [int(sh["backlog_max"]) for sh in st["shards"]
-                             if sh["topic"] == topic])
+        st = request(node.address, creds, STATS, Empty(), timeout=10)
+        most = max([most] + [sh.backlog_max for sh in st.shards if sh.topic == topic])
     return most
 
 

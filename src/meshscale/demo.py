@@ -28,7 +28,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meshscale.core.api.streams import StreamStats
 
 EDGE_A, EDGE_B, CLOUD = "edge-a", "edge-b", "cloud"
 REGIONS = [EDGE_A, EDGE_B, CLOUD]
@@ -274,7 +277,9 @@ class Demo:
     def _wait_warm(self, lm: Any) -> None:
         """Wait (bounded) until every runner has loaded the model into its workers, so
         the comparison measures placement, not a cold start."""
-        from meshscale.client.rpc import RpcError, call
+        from meshscale.client.rpc import RpcError, request
+        from meshscale.core.api import Empty
+        from meshscale.core.api.streams import STATS
 
         creds = lm.credentials()
         want = len(lm.nodes)
@@ -283,9 +288,9 @@ class Demo:
             warm = {NEAR_OP: 0, CENTRAL_OP: 0}
             for n in lm.nodes:
                 with contextlib.suppress(RpcError, OSError):
-                    st = call(n.address, creds, "stream.stats", {}, timeout=5)
+                    st = request(n.address, creds, STATS, Empty(), timeout=5)
                     for op in warm:
-                        warm[op] += int(st["operators"].get(op, {}).get("runners_warm", 0))
+                        warm[op] += st.operators.get(op, {}).get("runners_warm", 0)
             if all(v >= want for v in warm.values()):
                 self.say(f"operators warm on every runner ({warm[NEAR_OP]} near-source, "
                          f"{warm[CENTRAL_OP]} central)")
@@ -351,8 +356,10 @@ class Demo:
         with self.lock:
             pipe.duplicates += sub.duplicates
 
-    def _stream_stats(self, mesh: Any, lm: Any) -> list[dict[str, Any]]:
-        from meshscale.client.rpc import RpcError, call
+    def _stream_stats(self, mesh: Any, lm: Any) -> list[StreamStats]:
+        from meshscale.client.rpc import RpcError, request
+        from meshscale.core.api import Empty
+        from meshscale.core.api.streams import STATS
 
         creds = lm.credentials()
         out = []
@@ -360,16 +367,16 @@ class Demo:
             if n.proc is None or n.proc.poll() is not None:
                 continue
             with contextlib.suppress(RpcError, OSError):
-                out.append(call(n.address, creds, "stream.stats", {}, timeout=10))
+                out.append(request(n.address, creds, STATS, Empty(), timeout=10))
         return out
 
     def _summary(self, total: int, nodes_used: dict[str, list[str]],
-                 stats: list[dict[str, Any]], drain_s: float) -> dict[str, Any]:
+                 stats: list[StreamStats], drain_s: float) -> dict[str, Any]:
         kill = self.kill_time or 0.0
         cross: dict[str, int] = {}
         for st in stats:
-            for k, v in st.get("cross_region_bytes", {}).items():
-                cross[k] = cross.get(k, 0) + int(v)
+            for k, v in st.cross_region_bytes.items():
+                cross[k] = cross.get(k, 0) + v
 
         def bytes_for(*keys: str) -> int:
             return sum(v for k, v in cross.items() if any(k.startswith(p) for p in keys))

@@ -91,13 +91,15 @@ def test_batch_residency_through_a_node_outside_the_rule(mesh: LocalMesh) -> Non
 
 def records_processed(mesh: LocalMesh, op: str) -> dict[str, int]:
     """Records each node's own runners of ``op`` processed (asked of each node)."""
-    from meshscale.client.rpc import call
+    from meshscale.client.rpc import request
+    from meshscale.core.api import Empty
+    from meshscale.core.api.streams import STATS
 
     out = {}
     creds = mesh.credentials()
     for n in mesh.nodes:
-        st = call(n.address, creds, "stream.stats", {}, timeout=10)
-        out[n.name] = int(st["operators"].get(op, {}).get("records_processed", 0))
+        st = request(n.address, creds, STATS, Empty(), timeout=10)
+        out[n.name] = st.operators.get(op, {}).get("records_processed", 0)
     return out
 
 

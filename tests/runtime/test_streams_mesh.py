@@ -14,9 +14,13 @@ import pytest
 from runtime_mesh import wait_for
 
 from meshscale.client.mesh import MeshError
-from meshscale.client.rpc import RpcError, call
+from meshscale.client.rpc import RemoteError, call, request
 from meshscale.client.streams import Record, Region, Subscription
 from meshscale.client.tasks import TaskMesh, connect
+from meshscale.core.access import METHOD_ACCESS, Access
+from meshscale.core.api import Empty, ErrorCode, Method
+from meshscale.core.api import streams as api
+from meshscale.core.api.streams import StreamStats
 from meshscale.runtime.launcher import LocalMesh
 
 pytestmark = pytest.mark.timeout(240)
@@ -48,10 +52,8 @@ def collect(sub: Subscription, want: Callable[[dict[str, Record]], bool], timeou
     return got
 
 
-def stats(mesh: LocalMesh, i: int) -> dict[str, Any]:
-    result: dict[str, Any] = call(mesh.nodes[i].address, mesh.credentials(), "stream.stats",
-                                  {}, timeout=10)
-    return result
+def stats(mesh: LocalMesh, i: int) -> StreamStats:
+    return request(mesh.nodes[i].address, mesh.credentials(), api.STATS, Empty(), timeout=10)
 
 
 def tag(rec: Record) -> dict[str, Any]:
@@ -106,13 +108,13 @@ def test_fast_producer_is_slowed_not_dropped(client: TaskMesh, mesh: LocalMesh) 
     th = threading.Thread(target=produce)
     th.start()
     while True:  # sample the backlog every 50 ms until the producer is done
-        for sh in stats(mesh, 0)["shards"]:
-            if sh["topic"] == "slow" and sh["role"] == "primary":
-                backlogs.append(sh["backlog"])
+        for sh in stats(mesh, 0).shards:
+            if sh.topic == "slow" and sh.role == "primary":
+                backlogs.append(sh.backlog)
         if done.wait(0.05):
             break
     th.join()
-    counters = stats(mesh, 0)["counters"]
+    counters = stats(mesh, 0).counters
     assert counters.get("publish_waits", 0) > 0, "the node never held the producer back"
     assert backlogs and max(backlogs) <= BACKLOG, f"backlog exceeded the bound: {max(backlogs)}"
     assert max(pending) <= max_buffer
@@ -131,11 +133,11 @@ def test_central_operator_runs_in_its_region(client: TaskMesh, mesh: LocalMesh) 
     got = collect(client.subscribe("central-out"), lambda g: len(g) >= 100, 60)
     # region b; a shard's source is "node~epoch" (epoch: the incarnation it started with)
     assert {r.node for r in got.values()} <= {"node-1", "node-3"}
-    runners = [r for i in range(4) for r in stats(mesh, i)["runners"]
+    runners = [r for i in range(4) for r in stats(mesh, i).runners
                if r.startswith("tag-central@")]
     assert runners
     for i in range(4):
-        mine = [r for r in stats(mesh, i)["runners"] if r.startswith("tag-central@")]
+        mine = [r for r in stats(mesh, i).runners if r.startswith("tag-central@")]
         if mine:
             assert mesh.nodes[i].region == "b", f"{mine} ran on {mesh.nodes[i].name}"
 
@@ -152,14 +154,17 @@ def test_refusals_name_the_rule(client: TaskMesh, mesh: LocalMesh) -> None:
     with pytest.raises(ValueError, match="placement"):
         client.operator("t", tag, placement="everywhere")
     creds = mesh.credentials()
-    before = stats(mesh, 0)["counters"].get("publish_malformed", 0)
-    with pytest.raises(RpcError, match="record must be"):
-        call(mesh.nodes[0].address, creds, "stream.publish",
-             {"topic": "t", "records": [["k", "not-bytes-but-ok", "id"]]}, timeout=10)
-    with pytest.raises(RpcError, match="topic"):
-        call(mesh.nodes[0].address, creds, "stream.publish",
-             {"topic": "a/b", "records": [["k", b"", "id", 0.0]]}, timeout=10)
-    assert stats(mesh, 0)["counters"].get("publish_malformed", 0) == before + 1
+    for args, where in (
+            ({"topic": "t", "records": [["k", b"v", "id"]]}, "$.records[0]"),
+            ({"topic": "t", "records": [["k", b"v", "id", 0.0, "extra"]]}, "$.records[0]"),
+            ({"topic": "t", "records": [["k", 7, "id", 0.0]]}, "$.records[0][1]"),
+            ({"topic": "t", "records": []}, "$.records"),
+            ({"topic": "a/b", "records": [["k", b"", "id", 0.0]]}, "$.topic"),
+            ({"topic": "t", "records": [["k", b"", "id", 0.0]], "residency": ["a"]},
+             "$.residency")):
+        with pytest.raises(RemoteError) as e:
+            call(mesh.nodes[0].address, creds, "stream.publish", args, timeout=10)
+        assert e.value.code == ErrorCode.INVALID and where in str(e.value), str(e.value)
     # The node is fine afterwards.
     s = client.stream("after-bad")
     s.publish("k", {"i": 1})
@@ -173,17 +178,17 @@ def test_removed_operator_stops_everywhere(client: TaskMesh, mesh: LocalMesh) ->
         s.publish("k", {"i": i})
     s.flush(30)
     collect(client.subscribe("rm-out"), lambda g: len(g) >= 20, 60)
-    assert any(r.startswith("rm-op@") for i in range(4) for r in stats(mesh, i)["runners"])
+    assert any(r.startswith("rm-op@") for i in range(4) for r in stats(mesh, i).runners)
     client.remove_operator("rm-op")
     wait_for(lambda: not any(r.startswith("rm-op@") for i in range(4)
-                             for r in stats(mesh, i)["runners"]),
+                             for r in stats(mesh, i).runners),
              30, "every runner of the removed operator to stop", poll=0.2)
     # Its shards no longer hold records for it: more records are accepted, not processed.
     for i in range(20, 40):
         s.publish("k", {"i": i})
     s.flush(30)
-    assert "rm-op" not in stats(mesh, 0)["operators"] or not any(
-        r.startswith("rm-op@") for r in stats(mesh, 0)["runners"])
+    assert "rm-op" not in stats(mesh, 0).operators or not any(
+        r.startswith("rm-op@") for r in stats(mesh, 0).runners)
     with pytest.raises(MeshError, match="unknown operator"):
         client.remove_operator("rm-op")
 
@@ -226,3 +231,59 @@ def test_entry_node_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
         collect(watcher.subscribe("fo-out"), lambda g: len(g) >= n + 50, 90)
         again.close()
         watcher.close()
+
+
+def _wrong(method: Method[Any, Any]) -> list[tuple[dict[str, Any], str]]:
+    """Requests out of ``method``'s contract, each with the field its refusal must name:
+    an unknown field, and (for a method with arguments) its first field of a wrong type."""
+    out: list[tuple[dict[str, Any], str]] = [({"not_a_field": 1}, "not_a_field")]
+    fields = method.request.__struct_fields__
+    if fields:
+        out.append(({fields[0]: {"nested": {}}}, f"$.{fields[0]}"))
+    return out
+
+
+@pytest.mark.parametrize("method", api.METHODS, ids=lambda m: m.name)
+def test_each_stream_method_refuses_a_request_out_of_contract(mesh: LocalMesh,
+                                                              method: Method[Any, Any]) -> None:
+    """The node checks every stream method's request against its struct before the
+    handler: ``invalid``, naming the method and the field (node-to-node methods asked
+    with a node's certificate, so the refusal is the contract's, not the access table's)."""
+    node_only = METHOD_ACCESS[method.name] is Access.NODE
+    creds = mesh.node_credentials(1) if node_only else mesh.credentials()
+    for args, field in _wrong(method):
+        with pytest.raises(RemoteError) as e:
+            call(mesh.nodes[0].address, creds, method.name, args, timeout=10)
+        assert e.value.code == ErrorCode.INVALID, str(e.value)
+        assert method.name in str(e.value) and field in str(e.value), str(e.value)
+
+
+def test_typed_node_to_node_and_listing_calls(client: TaskMesh, mesh: LocalMesh) -> None:
+    """A node's own typed calls, as another node makes them: fetch a shard it holds,
+    list the operators (the spec and its counters), and a fetch of a shard no one has."""
+    s = client.stream("typed-raw")  # no operator: its shard keeps what it retains
+    for i in range(5):
+        s.publish("k", {"i": i})
+    s.close()
+    addr, node_creds = mesh.nodes[0].address, mesh.node_credentials(1)
+    source = next(sh.source for sh in stats(mesh, 0).shards
+                  if sh.topic == "typed-raw" and sh.role == "primary")
+    got = request(addr, node_creds, api.FETCH,
+                  api.FetchRequest(topic="typed-raw", source=source, offset=0, limit=3),
+                  timeout=10)
+    assert [e.offset for e in got.entries] == [0, 1, 2] and got.head >= 5
+    assert not got.missing
+    assert {e.key for e in got.entries} == {"k"}
+    none = request(addr, node_creds, api.FETCH,
+                   api.FetchRequest(topic="no-such-topic", source=source), timeout=10)
+    assert none.missing and none.entries == []
+    client.operator("typed-in", tag, output="typed-out", name="typed-op")
+    listed = request(addr, mesh.credentials(), api.OP_LIST, Empty(), timeout=10)
+    op = next(o for o in listed.operators if o.name == "typed-op")
+    assert (op.topic, op.output, op.mode) == ("typed-in", "typed-out", "near-source")
+    wait_for(lambda: any(r.startswith("typed-op@") for i in range(4)
+                         for r in stats(mesh, i).runners), 30, "a runner of typed-op")
+    client.remove_operator("typed-op")
+    with pytest.raises(MeshError) as e:
+        client.remove_operator("typed-op")
+    assert e.value.code == ErrorCode.NOT_FOUND

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cloudpickle
 import msgspec
@@ -40,7 +40,19 @@ import msgspec
 from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import RemoteError, RpcConnection, RpcError
 from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
-from meshscale.core.api import ErrorCode
+from meshscale.core.api import Empty, ErrorCode, Method, Request, ResidencyWire
+from meshscale.core.api import node as node_api
+from meshscale.core.api import streams as api
+from meshscale.core.api.node import MemberInfo
+from meshscale.core.api.streams import (
+    OperatorMode,
+    OpRegisterRequest,
+    OpRemoveRequest,
+    PublishRecord,
+    PublishRequest,
+    ReadRequest,
+)
+from meshscale.core.placement import Residency
 from meshscale.core.streams import split_source
 
 if TYPE_CHECKING:
@@ -137,6 +149,14 @@ def _pickle_operator(fn: Callable[..., Any], batch: bool) -> bytes:
 
 MAX_STARTING_RETRIES = 100
 
+Req = TypeVar("Req", bound=Request)
+Rep = TypeVar("Rep")
+
+
+def _residency(regions: Sequence[str] | None) -> ResidencyWire | None:
+    """A user's list of regions as a topic's or operator's residency rule."""
+    return None if regions is None else ResidencyWire.of(Residency(frozenset(regions)))
+
 
 class _Failover:
     """The node a stream client talks to, and where it goes when that node fails: the
@@ -152,21 +172,21 @@ class _Failover:
 
     async def learn(self) -> None:
         with contextlib.suppress(RpcError):
-            members = await self.conn.call("members")
-            me = next((m for m in members if m["address"] == self.order[0]), None)
+            members = await self.conn.request(node_api.MEMBERS, Empty())
+            me = next((m for m in members if m.address == self.order[0]), None)
 
-            def rank(m: dict[str, Any]) -> tuple[int, str]:
+            def rank(m: MemberInfo) -> tuple[int, str]:
                 if me is None:
-                    return (3, m["name"])
-                if m["region"] == me["region"] and m["zone"] == me["zone"]:
-                    return (1, m["name"])
-                return (2 if m["region"] == me["region"] else 3, m["name"])
+                    return (3, m.name)
+                if m.region == me.region and m.zone == me.zone:
+                    return (1, m.name)
+                return (2 if m.region == me.region else 3, m.name)
 
-            others = sorted((m for m in members if m["address"] != self.order[0]
-                             and m["state"] in ("alive", "suspect")), key=rank)
-            self.order = [self.order[0], *[m["address"] for m in others]]
+            others = sorted((m for m in members if m.address != self.order[0]
+                             and m.state in ("alive", "suspect")), key=rank)
+            self.order = [self.order[0], *[m.address for m in others]]
 
-    async def call(self, method: str, args: dict[str, Any], attempts: int = 0) -> Any:
+    async def request(self, method: Method[Req, Rep], req: Req, attempts: int = 0) -> Rep:
         """Call on the current node; on a connection failure move to the next one and try
         again (up to every known node once). Errors the node answered are raised as is."""
         tries = max(attempts, len(self.order))
@@ -174,7 +194,7 @@ class _Failover:
         starting = 0
         while tries > 0:
             try:
-                return await self.conn.call(method, args)
+                return await self.conn.request(method, req)
             except RpcError as e:
                 if isinstance(e, RemoteError) and e.code == ErrorCode.STARTING and \
                         starting < MAX_STARTING_RETRIES:
@@ -188,7 +208,7 @@ class _Failover:
                 await self.conn.close()
                 self.index = (self.index + 1) % len(self.order)
                 self.conn = RpcConnection(self.order[self.index], self.creds, self.timeout)
-        raise MeshError(f"no node answered {method}: {last}")
+        raise MeshError(f"no node answered {method.name}: {last}")
 
     @property
     def address(self) -> str:
@@ -196,6 +216,10 @@ class _Failover:
 
     async def close(self) -> None:
         await self.conn.close()
+
+
+READ_WAIT_MAX_S = 5.0
+"""The longest a poll waits at the node (a longer ``timeout`` polls again)."""
 
 
 def _is_connection_error(e: RpcError) -> bool:
@@ -215,11 +239,11 @@ class Stream:
             raise ValueError("max_buffer and max_batch must be positive")
         self.mesh = mesh
         self.topic = topic
-        self.residency = None if residency is None else sorted(residency)
+        self.residency = _residency(residency)
         self.linger_s = linger_s
         self.max_batch = max_batch
         self.max_buffer = max_buffer
-        self._buf: deque[list[Any]] = deque()
+        self._buf: deque[PublishRecord] = deque()
         self._inflight = 0
         self._cv = threading.Condition()
         self._ids = itertools.count()
@@ -245,8 +269,9 @@ class Stream:
         """Buffer one record; blocks while the buffer is full (backpressure)."""
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
-        rid = id if id is not None else f"{self._prefix}-{next(self._ids)}"
-        row = [key, encode_value(value), rid, time.time() if ts is None else float(ts)]
+        rid = str(id) if id is not None else f"{self._prefix}-{next(self._ids)}"
+        row = PublishRecord(key, encode_value(value), rid,
+                            time.time() if ts is None else float(ts))
         with self._cv:
             while len(self._buf) + self._inflight >= self.max_buffer:
                 self._raise_if_failed()
@@ -316,8 +341,8 @@ class Stream:
             while True:
                 before = self._route.address
                 try:
-                    r = await self._route.call("stream.publish", {
-                        "topic": self.topic, "records": batch, "residency": self.residency})
+                    r = await self._route.request(api.PUBLISH, PublishRequest(
+                        topic=self.topic, records=batch, residency=self.residency))
                     break
                 except MeshError as e:
                     if e.code == ErrorCode.BACKPRESSURE:
@@ -332,7 +357,7 @@ class Stream:
                     if isinstance(e, RemoteError) and e.code == ErrorCode.BACKPRESSURE:
                         continue
                     with self._cv:
-                        self._error = MeshError(str(e))
+                        self._error = MeshError(str(e), getattr(e, "code", ""))
                         self._buf.extendleft(reversed(batch))
                         self._inflight = 0
                         self._cv.notify_all()
@@ -340,7 +365,7 @@ class Stream:
                 finally:
                     if self._route.address != before:
                         self.failovers += 1
-            node = str(r.get("node"))
+            node = r.node
             if not self.nodes_used or self.nodes_used[-1] != node:
                 self.nodes_used.append(node)
             with self._cv:
@@ -369,11 +394,13 @@ class Subscription:
         return self.mesh._run(self._poll(timeout, max_records))
 
     async def _poll(self, timeout: float, max_records: int) -> list[Record]:
-        r = await self._route.call("stream.read", {
-            "topic": self.topic, "cursors": self.cursors, "limit": max_records,
-            "wait_s": max(0.0, min(timeout, 5.0))})
+        r = await self._route.request(api.READ, ReadRequest(
+            topic=self.topic, cursors=self.cursors,
+            limit=max(1, min(max_records, api.MAX_READ_RECORDS)),
+            wait_s=max(0.0, min(timeout, READ_WAIT_MAX_S))))
         out: list[Record] = []
-        for source, off, key, raw, rid, ts in r["records"]:
+        for x in r.records:
+            source, off, rid = x.source, x.offset, x.id
             if off + 1 > self.cursors.get(source, 0):
                 self.cursors[source] = off + 1
             self.received += 1
@@ -383,7 +410,8 @@ class Subscription:
             self._seen[rid] = None
             if len(self._seen) > self._remember:
                 self._seen.popitem(last=False)
-            out.append(Record(key, _decoder.decode(raw), rid, ts, self.topic, source, off))
+            out.append(Record(x.key, _decoder.decode(x.value), rid, x.ts, self.topic, source,
+                              off))
         return out
 
     def __iter__(self) -> Iterator[Record]:
@@ -425,7 +453,9 @@ class StreamsMixin:
         ``output``. ``placement``: "near-source" (on or next to the node where records
         enter), "central" (the region with the most nodes), ``Region(name)`` or
         ``Regions([...])``. Raises ``MeshError`` naming the rule when nowhere fits."""
-        mode, region, regions = "near-source", None, None
+        mode: OperatorMode = "near-source"
+        region: str | None = None
+        regions: list[str] | None = None
         if isinstance(placement, Region):
             mode, region = "central", placement.name
         elif isinstance(placement, Regions):
@@ -438,13 +468,13 @@ class StreamsMixin:
         data = _pickle_operator(fn, batch)
         op_name = name or f"{getattr(fn, '__name__', 'operator')}-{topic}"
         mesh: Mesh = self  # type: ignore[assignment]
-        r = mesh._run(mesh._inner._call_dict("stream.op_register", {
-            "name": op_name, "topic": topic, "output": output, "mode": mode, "region": region,
-            "regions": regions, "residency": None if residency is None else list(residency),
-            "labels": dict(labels or {}), "fn_bytes": data, "batch": batch_size}))
-        return Operator(op_name, topic, output, str(r["mode"]), r.get("region"))
+        r = mesh._run(mesh._inner._request(api.OP_REGISTER, OpRegisterRequest(
+            name=op_name, topic=topic, output=output, mode=mode, region=region,
+            regions=regions, residency=_residency(residency), labels=dict(labels or {}),
+            fn_bytes=data, batch=max(1, min(batch_size, api.MAX_FETCH_RECORDS)))))
+        return Operator(op_name, topic, output, r.mode, r.region)
 
     def remove_operator(self, name: str) -> None:
         """Stop operator ``name`` everywhere (``MeshError`` if there is none)."""
         mesh: Mesh = self  # type: ignore[assignment]
-        mesh._run(mesh._inner._call_dict("stream.op_remove", {"name": name}))
+        mesh._run(mesh._inner._request(api.OP_REMOVE, OpRemoveRequest(name=name)))

@@ -52,6 +52,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from meshscale.core.placement import Candidate, PlacementError, Residency, hrw_score
 from meshscale.core.scheduling import (
     Central,
@@ -240,8 +242,11 @@ def candidates_to_states(alive: Iterable[Candidate], cpus: float = 1.0) -> list[
 # --------------------------------------------------------------------------- shard log
 
 
-@dataclass(frozen=True)
-class LogEntry:
+class LogEntry(msgspec.Struct, frozen=True, array_like=True, gc=False,
+               forbid_unknown_fields=True):
+    """One record of a shard log; also its wire form between nodes (``stream.fetch``,
+    ``stream.replicate``): the array ``[offset, key, value, rid, ts]``."""
+
     offset: int
     key: str
     value: bytes

@@ -33,6 +33,9 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from meshscale.core.api import Empty
+from meshscale.core.api import streams as streams_api
+from meshscale.core.api.streams import StreamStats
 from meshscale.runtime.observe import MeshCollector, NodeObserver, ObservedNode
 from meshscale.runtime.openapi import openapi_document
 from meshscale.transport.framing import split_addr
@@ -331,11 +334,10 @@ class HttpServer:
                               "records_processed": 0}
         alive = [c.name for c in plane._alive()]
 
-        async def one(name: str) -> dict[str, Any] | None:
+        async def one(name: str) -> StreamStats | None:
             try:
-                r: dict[str, Any] = await asyncio.wait_for(
-                    plane._call(name, "stream.stats", {}), STREAMS_TIMEOUT_S)
-                return r
+                return await asyncio.wait_for(
+                    plane._call(name, streams_api.STATS, Empty()), STREAMS_TIMEOUT_S)
             except Exception:
                 return None
 
@@ -343,18 +345,18 @@ class HttpServer:
             if st is None:
                 continue
             answered += 1
-            node = str(st.get("node"))
-            for sh in st.get("shards", []):
-                shards.append({"topic": sh["topic"], "source": sh["source"], "node": node,
-                               "role": sh["role"], "base": sh["base"], "head": sh["head"],
-                               "backlog": sh["backlog"]})
-            for label, n in st.get("cross_region_bytes", {}).items():
-                cross[label] = cross.get(label, 0) + int(n)
-            for op, counters in st.get("operators", {}).items():
+            node = st.node
+            for sh in st.shards:
+                shards.append({"topic": sh.topic, "source": sh.source, "node": node,
+                               "role": sh.role, "base": sh.base, "head": sh.head,
+                               "backlog": sh.backlog})
+            for label, n in st.cross_region_bytes.items():
+                cross[label] = cross.get(label, 0) + n
+            for op, counters in st.operators.items():
                 if op in ops:
-                    ops[op]["records_processed"] += int(counters.get("records_processed", 0))
-            for r in st.get("runners", []):
-                op, _, source = str(r).partition("@")
+                    ops[op]["records_processed"] += counters.get("records_processed", 0)
+            for r in st.runners:
+                op, _, source = r.partition("@")
                 if op in ops:
                     ops[op]["runners"].append(f"{node}/{source}")
         return {"operators": sorted(ops.values(), key=lambda o: o["name"]),

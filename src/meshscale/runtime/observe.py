@@ -582,7 +582,7 @@ class MeshCollector(Collector):
                                 "operator runners on this node.", labels=["operator"])
         if plane is not None:
             for (topic, source), log in plane.logs.items():
-                g.add_metric([topic, source, "primary" if source == agent.name else "backup"],
+                g.add_metric([topic, source, "primary" if source == plane.source_id else "backup"],
                              log.backlog())
             for label, n in plane.cross_region_bytes.items():
                 c.add_metric([label], n)

@@ -32,11 +32,34 @@ import contextlib
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 import msgspec
 
-from meshscale.core.api import ApiError, ErrorCode
+from meshscale.core.api import ApiError, Empty, ErrorCode, Method, Request, ResidencyWire
+from meshscale.core.api import streams as api
+from meshscale.core.api.contract import residency_of
+from meshscale.core.api.streams import (
+    FetchReply,
+    FetchRequest,
+    OperatorInfo,
+    OperatorSpec,
+    OpListReply,
+    OpNotifyRequest,
+    OpRegisterReply,
+    OpRegisterRequest,
+    OpRemoveReply,
+    OpRemoveRequest,
+    PublishReply,
+    PublishRequest,
+    ReadRecord,
+    ReadReply,
+    ReadRequest,
+    ReplicateReply,
+    ReplicateRequest,
+    ShardInfo,
+    StreamStats,
+)
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.scheduling import (
@@ -62,17 +85,36 @@ from meshscale.core.streams import (
     source_id,
     split_source,
 )
-from meshscale.core.wire import wire_bytes
-from meshscale.runtime.local import LocalCalls
+from meshscale.runtime.local import LocalCalls, call_node
 from meshscale.runtime.services import NodeServices
 from meshscale.runtime.workers import TaskFailed, WorkerPool, pickle_args
-from meshscale.transport.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.transport.rpc import RpcError
+
+Req = TypeVar("Req", bound=Request)
+Rep = TypeVar("Rep")
 
 OP_PREFIX = "streamop/"
 OFFSET_PREFIX = "streamoff/"
 OPS_INDEX_KEY = "streamops"
 EPOCH_TAG = "epoch"
 """Membership tag: the incarnation the node started with (new at every start)."""
+
+FOLLOW_BATCH = 1_024
+"""Entries a subscription's follower fetches at a time."""
+LANE = "stream"
+"""The peer-pool lane of the plane's control calls (operator notices, stats)."""
+LANE_REPL = "stream.repl"
+"""Copies of a shard to its backup (one at a time per shard: ``_repl_locks``)."""
+
+
+def _fetch_lane(op: str, source: str) -> str:
+    """An operator runner's own lane: its long-polls wait on no one else's."""
+    return f"stream.fetch:{op}:{source}"
+
+
+def _follow_lane(topic: str, source: str) -> str:
+    """A subscription follower's own lane."""
+    return f"stream.follow:{topic}:{source}"
 
 
 @dataclass(frozen=True)
@@ -103,69 +145,20 @@ class StreamConfig:
     log: ShardLogConfig = field(default_factory=ShardLogConfig)
 
 
-@dataclass
-class OperatorSpec:
-    name: str
-    topic: str
-    output: str | None
-    mode: str
-    region: str | None
-    regions: list[str] | None
-    residency: list[str] | None
-    labels: dict[str, str]
-    fn_id: str
-    fn_object: str
-    batch: int
-
-    def placement(self) -> OperatorPlacement:
-        mode: PlacementMode | None = None
-        if self.mode == "central":
-            assert self.region is not None
-            mode = Central(self.region)
-        elif self.mode == "regions":
-            mode = InRegions(frozenset(self.regions or []))
-        res = None if self.residency is None else Residency(frozenset(self.residency))
-        return OperatorPlacement(self.name, mode, res, dict(self.labels))
+def _placement(spec: OperatorSpec) -> OperatorPlacement:
+    mode: PlacementMode | None = None
+    if spec.mode == "central":
+        assert spec.region is not None
+        mode = Central(spec.region)
+    elif spec.mode == "regions":
+        mode = InRegions(frozenset(spec.regions or []))
+    return OperatorPlacement(spec.name, mode, residency_of(spec.residency),
+                             dict(spec.labels))
 
 
 _spec_encoder = msgspec.msgpack.Encoder()
-
-
-def _spec_from(d: dict[str, Any]) -> OperatorSpec:
-    return OperatorSpec(
-        name=str(d["name"]), topic=str(d["topic"]),
-        output=None if d.get("output") is None else str(d["output"]),
-        mode=str(d.get("mode") or "near-source"),
-        region=None if d.get("region") is None else str(d["region"]),
-        regions=None if d.get("regions") is None else [str(r) for r in d["regions"]],
-        residency=None if d.get("residency") is None else [str(r) for r in d["residency"]],
-        labels={str(k): str(v) for k, v in (d.get("labels") or {}).items()},
-        fn_id=str(d["fn_id"]), fn_object=str(d["fn_object"]),
-        batch=max(1, min(int(d.get("batch") or 256), 4096)),
-    )
-
-
-def _spec_dict(s: OperatorSpec) -> dict[str, Any]:
-    return {"name": s.name, "topic": s.topic, "output": s.output, "mode": s.mode,
-            "region": s.region, "regions": s.regions, "residency": s.residency,
-            "labels": s.labels, "fn_id": s.fn_id, "fn_object": s.fn_object, "batch": s.batch}
-
-
-def _check_name(what: str, value: object, limit: int = 200) -> str:
-    if not isinstance(value, str) or not value or len(value) > limit or "\0" in value \
-            or "/" in value:
-        raise ValueError(f"{what} must be a non-empty string of at most {limit} characters "
-                         f"without '/' (got {value!r})")
-    return value
-
-
-def _entry_wire(e: LogEntry) -> list[Any]:
-    return [e.offset, e.key, e.value, e.rid, e.ts]
-
-
-def _entry_from(w: Any) -> LogEntry:
-    off, key, value, rid, ts = w
-    return LogEntry(int(off), str(key), wire_bytes(value, "value"), str(rid), float(ts))
+_spec_decoder = msgspec.msgpack.Decoder(OperatorSpec)
+_names_decoder = msgspec.msgpack.Decoder(list[str])
 
 
 class StreamPlane:
@@ -189,8 +182,6 @@ class StreamPlane:
         self.cross_region_bytes: Counter[str] = Counter()
         self.op_stats: dict[str, Counter[str]] = {}
         self._changed = asyncio.Condition()
-        self._conns: dict[tuple[str, str], RpcConnection] = {}
-        self._creds: ClientCredentials | None = None
         self._known: dict[str, Candidate] = {}
         self._installed_at: dict[str, float] = {}
         self._seen_sources: OrderedDict[str, None] = OrderedDict()
@@ -205,28 +196,21 @@ class StreamPlane:
 
     async def start(self) -> None:
         a = self.agent
-        self._creds = a.creds
-        for name, fn in {
-            "stream.publish": self._rpc_publish,
-            "stream.replicate": self._rpc_replicate,
-            "stream.fetch": self._rpc_fetch,
-            "stream.read": self._rpc_read,
-            "stream.op_register": self._rpc_op_register,
-            "stream.op_notify": self._rpc_op_notify,
-            "stream.op_remove": self._rpc_op_remove,
-            "stream.op_list": self._rpc_op_list,
-            "stream.stats": self._rpc_stats,
-        }.items():
-            a.register_rpc(name, fn)
+        a.serve(api.PUBLISH, self._rpc_publish)
+        a.serve(api.REPLICATE, self._rpc_replicate)
+        a.serve(api.FETCH, self._rpc_fetch)
+        a.serve(api.READ, self._rpc_read)
+        a.serve(api.OP_REGISTER, self._rpc_op_register)
+        a.serve(api.OP_NOTIFY, self._rpc_op_notify)
+        a.serve(api.OP_REMOVE, self._rpc_op_remove)
+        a.serve(api.OP_LIST, self._rpc_op_list)
+        a.serve(api.STATS, self._rpc_stats)
         a.spawn(self._reconcile_loop())
 
     async def stop(self) -> None:
         self._stopping = True
         for t in [*self.runners.values(), *self.followers.values()]:
             t.cancel()
-        for conn in list(self._conns.values()):
-            with contextlib.suppress(Exception):
-                await conn.close()
 
     # ------------------------------------------------------------------ view
 
@@ -286,42 +270,36 @@ class StreamPlane:
 
     # ------------------------------------------------------------------ calls
 
-    def _conn(self, name: str, purpose: str) -> RpcConnection:
-        m = self.agent.m.members.get(name)
-        if m is None:
-            raise RpcError(f"{name}: not a member")
-        key = (name, purpose)
-        conn = self._conns.get(key)
-        if conn is None or conn.addr != m.addr:
-            assert self._creds is not None
-            conn = RpcConnection(m.addr, self._creds, self.cfg.rpc_timeout_s,
-                                 counter=self.agent.stats)
-            self._conns[key] = conn
-        return conn
-
-    async def _call(self, name: str, method: str, args: dict[str, Any], *,
-                    purpose: str = "ctl", label: str | None = None,
-                    payload_bytes: int = 0) -> Any:
-        """Call ``method`` on node ``name`` (directly when it is this node). Sends to
-        another region wait the emulated one-way delay each way and are counted."""
+    async def _call(self, name: str, method: Method[Req, Rep], req: Req, *,
+                    lane: str = LANE, label: str | None = None,
+                    payload_bytes: int = 0) -> Rep:
+        """Typed ``method`` on node ``name`` (in-process when it is this node), on ``lane``
+        of the node's peer pool. Sends to another region wait the emulated one-way delay
+        each way, and their payload bytes (``payload_bytes`` out, fetched entries back)
+        are counted under ``label``."""
         if name == self.agent.name:
-            return await self.local.call(method, args)
+            return await self.agent.call_local(method, req)
         m = self.agent.m.members.get(name)
-        cross = m is not None and m.meta.region != self.agent.meta.region
         delay = self.agent.delay_to(m.addr) if m is not None else 0.0
         if delay:
             await asyncio.sleep(delay)
-        result = await self._conn(name, purpose).call(method, args)
+        result = await call_node(self.agent, name, method, req, lane=lane,
+                                 timeout_s=self.cfg.rpc_timeout_s)
         if delay:
             await asyncio.sleep(delay)
-        if cross and label is not None:
-            got = 0
-            if isinstance(result, dict):
-                for w in result.get("entries") or ():
-                    got += len(w[2]) + len(w[1]) + len(w[3]) + 24
-            if payload_bytes + got:
-                self.cross_region_bytes[label] += payload_bytes + got
+        if label is not None and m is not None and m.meta.region != self.agent.meta.region:
+            got = payload_bytes
+            if isinstance(result, FetchReply):
+                got += sum(e.size for e in result.entries)
+            if got:
+                self.cross_region_bytes[label] += got
         return result
+
+    def _release(self, names: set[str], lane: str) -> None:
+        """A runner or follower stopped: close its lane to every node it read from."""
+        with contextlib.suppress(RuntimeError):  # no running loop: the node is gone
+            for name in names:
+                self.agent.peers.release(name, lane)
 
     # ------------------------------------------------------------------ publish
 
@@ -340,36 +318,26 @@ class StreamPlane:
             self.logs[key] = log
         return log
 
-    async def _rpc_publish(self, args: dict[str, Any]) -> dict[str, Any]:
-        topic = _check_name("topic", args.get("topic"))
-        raw = args.get("records")
-        if not isinstance(raw, list) or not raw:
-            raise ValueError("records must be a non-empty list of [key, value, id, ts]")
-        if len(raw) > self.cfg.max_publish_records:
+    async def _rpc_publish(self, req: PublishRequest) -> PublishReply:
+        topic = req.topic
+        if len(req.records) > self.cfg.max_publish_records:
             raise ValueError(f"at most {self.cfg.max_publish_records} records per publish")
-        residency = args.get("residency")
-        res = None if residency is None else Residency(frozenset(str(r) for r in residency))
+        res = residency_of(req.residency)
         if topic in self.topic_residency and self.topic_residency[topic] != res:
             raise PlacementError("residency", f"topic {topic!r} was published with another "
                                               "residency rule")
         check_source_allowed(topic, self.agent.meta.region, res)
-        records: list[tuple[str, bytes, str, float]] = []
-        for r in raw:
-            try:
-                key, value, rid, ts = r
-                rec = (str(key), wire_bytes(value, "value"), str(rid), float(ts))
-            except (TypeError, ValueError):
-                self.stats["publish_malformed"] += 1
-                raise ValueError("each record must be [key: str, value: bytes, id: str, "
-                                 "ts: float]") from None
-            if len(rec[1]) > self.cfg.max_record_bytes:
-                raise ValueError(f"record {rec[2]!r} has {len(rec[1])} bytes; the limit is "
-                                 f"{self.cfg.max_record_bytes} (max_record_bytes)")
-            records.append(rec)
+        limit = self.cfg.max_record_bytes
+        if limit < api.MAX_RECORD_BYTES:  # else the contract has checked it
+            for r in req.records:
+                if len(r.value) > limit:
+                    raise ValueError(f"record {r.id!r} has {len(r.value)} bytes; the limit "
+                                     f"is {limit} (max_record_bytes)")
+        records = [(r.key, r.value, r.id, r.ts) for r in req.records]
         self.topic_residency[topic] = res
         entries = await self.append_local(topic, records)
-        return {"node": self.agent.name, "source": self.source_id, "first": entries[0].offset,
-                "last": entries[-1].offset}
+        return PublishReply(node=self.agent.name, source=self.source_id,
+                            first=entries[0].offset, last=entries[-1].offset)
 
     async def append_local(self, topic: str, records: list[tuple[str, bytes, str, float]]
                            ) -> list[LogEntry]:
@@ -426,15 +394,11 @@ class StreamPlane:
                 pending = log.read(start, log.head - start, max_bytes=1 << 62)
                 if not pending:
                     return
-                res = self.topic_residency.get(topic)
                 try:
-                    await self._call(backup, "stream.replicate", {
-                        "topic": topic, "source": source,
-                        "entries": [_entry_wire(e) for e in pending],
-                        "low": log.low_water(),
-                        "residency": None if res is None or res.regions is None
-                        else sorted(res.regions),
-                    }, purpose="repl", label=f"{topic}:repl",
+                    await self._call(backup, api.REPLICATE, ReplicateRequest(
+                        topic=topic, source=source, entries=pending, low=log.low_water(),
+                        residency=ResidencyWire.of(self.topic_residency.get(topic)),
+                    ), lane=LANE_REPL, label=f"{topic}:repl",
                         payload_bytes=sum(e.size for e in pending))
                 except (RpcError, ValueError) as e:
                     self.stats["replicate_failed"] += 1
@@ -448,34 +412,26 @@ class StreamPlane:
                 return
             self.stats["unreplicated_appends"] += 1
 
-    async def _rpc_replicate(self, args: dict[str, Any]) -> dict[str, Any]:
-        topic = _check_name("topic", args.get("topic"))
-        source = _check_name("source", args.get("source"))
-        residency = args.get("residency")
-        if residency is not None:
-            res = Residency(frozenset(str(r) for r in residency))
+    async def _rpc_replicate(self, req: ReplicateRequest) -> ReplicateReply:
+        topic = req.topic
+        if req.residency is not None:
+            res = req.residency.rule()
             check_source_allowed(topic, self.agent.meta.region, res)
             self.topic_residency[topic] = res
         else:
             self.topic_residency.setdefault(topic, None)
-        log = self._log(topic, source)
-        low = args.get("low")
-        n = log.apply((_entry_from(w) for w in args.get("entries") or ()),
-                      low if isinstance(low, int) else None)
+        log = self._log(topic, req.source)
+        n = log.apply(req.entries, req.low)
         self.stats["records_backed_up"] += n
         async with self._changed:
             self._changed.notify_all()
-        return {"head": log.head}
+        return ReplicateReply(head=log.head)
 
     # ------------------------------------------------------------------ fetch
 
-    async def _rpc_fetch(self, args: dict[str, Any]) -> dict[str, Any]:
-        topic = _check_name("topic", args.get("topic"))
-        source = _check_name("source", args.get("source"))
-        offset = args.get("offset")
-        limit = max(1, min(int(args.get("limit") or 256), 4096))
-        wait = max(0.0, min(float(args.get("wait_s") or 0.0), self.cfg.read_wait_max_s))
-        op = args.get("op")
+    async def _rpc_fetch(self, req: FetchRequest) -> FetchReply:
+        topic, source, limit = req.topic, req.source, req.limit
+        wait = min(req.wait_s, self.cfg.read_wait_max_s)
         deadline = time.monotonic() + wait
         log = self.logs.get((topic, source))
         while log is None:
@@ -483,19 +439,18 @@ class StreamPlane:
             # not wait for the asker's retry timer.
             left = deadline - time.monotonic()
             if left <= 0 or self._stopping:
-                return {"missing": True}
+                return FetchReply(missing=True)
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)
             log = self.logs.get((topic, source))
-        if isinstance(op, str) and op:
-            log.register(op)
-            committed = args.get("committed")
-            if isinstance(committed, int) and committed >= 0:
-                log.commit(op, committed)
+        if req.op is not None:
+            log.register(req.op)
+            if req.committed is not None:
+                log.commit(req.op, req.committed)
                 async with self._changed:
                     self._changed.notify_all()
-        start = log.base if offset is None else int(offset)
+        start = log.base if req.offset is None else req.offset
         while True:
             entries = log.read(start, limit)
             left = deadline - time.monotonic()
@@ -504,35 +459,27 @@ class StreamPlane:
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)
-        return {"entries": [_entry_wire(e) for e in entries], "base": log.base,
-                "head": log.head}
+        return FetchReply(entries=entries, base=log.base, head=log.head)
 
     # ------------------------------------------------------------------ operators
 
-    async def _rpc_op_register(self, args: dict[str, Any]) -> dict[str, Any]:
-        name = _check_name("operator name", args.get("name"))
-        topic = _check_name("topic", args.get("topic"))
-        output = args.get("output")
-        if output is not None:
-            _check_name("output topic", output)
-            if output == topic:
-                raise ValueError("an operator's output topic must differ from its input")
-        fn_bytes = args.get("fn_bytes")
-        if not isinstance(fn_bytes, bytes | bytearray):
-            raise ValueError("fn_bytes must be the pickled function")
+    async def _rpc_op_register(self, req: OpRegisterRequest) -> OpRegisterReply:
+        name, topic = req.name, req.topic
+        if req.output == topic:
+            raise ValueError("an operator's output topic must differ from its input")
         if name not in self.ops and len(self.ops) >= self.cfg.max_operators:
             raise ValueError(f"{self.cfg.max_operators} operators already run (max_operators)")
         from meshscale.runtime.worker_main import function_id
 
-        fn_bytes = wire_bytes(fn_bytes, "fn_bytes")
+        fn_bytes = req.fn_bytes
         fn_id = function_id(fn_bytes)
-        if args.get("fn_id") not in (None, fn_id):
+        if req.fn_id not in (None, fn_id):
             raise ValueError("fn_bytes do not hash to fn_id")
-        stored = await self.local.put_object(bytes(fn_bytes), self.cfg.fn_replicas)
-        spec = _spec_from({**args, "fn_id": fn_id, "fn_object": stored["id"]})
-        if spec.mode not in ("near-source", "central", "regions"):
-            raise ValueError(f"placement must be near-source, central or regions, not "
-                             f"{spec.mode!r}")
+        stored = await self.local.put_object(fn_bytes, self.cfg.fn_replicas)
+        spec = OperatorSpec(
+            name=name, topic=topic, output=req.output, mode=req.mode, region=req.region,
+            regions=req.regions, residency=req.residency, labels=dict(req.labels),
+            fn_id=fn_id, fn_object=str(stored["id"]), batch=req.batch)
         if spec.mode == "central" and not spec.region:
             spec.region = central_region(self._alive())
         # Refuse now, naming the rule, if no live node may run it (a source is needed only
@@ -540,26 +487,30 @@ class StreamPlane:
         alive = self._alive()
         me = self._known[self.agent.name]
         try:
-            place_operator(spec.placement(), topic, me, self._states(alive))
+            place_operator(_placement(spec), topic, me, self._states(alive))
         except (SchedulingError, PlacementError) as e:
             raise PlacementError(getattr(e, "rule", "placement"), str(e)) from None
-        self._fn_bytes[fn_id] = bytes(fn_bytes)
-        data = _spec_encoder.encode(_spec_dict(spec))
-        await self._kv_put(OP_PREFIX + name, data)
+        self._fn_bytes[fn_id] = fn_bytes
+        await self._kv_put(OP_PREFIX + name, _spec_encoder.encode(spec))
         index = await self.local.kv_get(OPS_INDEX_KEY)
-        names = set(msgspec.msgpack.decode(index)) if index else set()
+        names = set(_names_decoder.decode(index)) if index else set()
         if name not in names:
             names.add(name)
             await self._kv_put(OPS_INDEX_KEY, _spec_encoder.encode(sorted(names)))
         self._install(spec)
+        await self._notify_all(alive, OpNotifyRequest(spec=spec))
+        self._reconcile()
+        return OpRegisterReply(name=name, fn_id=fn_id, mode=spec.mode, region=spec.region)
+
+    async def _notify_all(self, alive: list[Candidate], req: OpNotifyRequest) -> None:
+        """Tell every other live node of an operator registered or removed (a node that
+        misses it learns from the KV within a few seconds)."""
 
         async def notify(n: str) -> None:
             with contextlib.suppress(RpcError, ValueError, TimeoutError):
-                await self._call(n, "stream.op_notify", {"spec": _spec_dict(spec)})
+                await self._call(n, api.OP_NOTIFY, req)
 
         await asyncio.gather(*(notify(c.name) for c in alive if c.name != self.agent.name))
-        self._reconcile()
-        return {"name": name, "fn_id": fn_id, "mode": spec.mode, "region": spec.region}
 
     def _install(self, spec: OperatorSpec) -> None:
         if spec.name not in self.ops:
@@ -580,16 +531,15 @@ class StreamPlane:
         self.agent.log("info", "stream_operator_removed", operator=name)
         return True
 
-    def _rpc_op_notify(self, args: dict[str, Any]) -> dict[str, Any]:
-        removed = args.get("removed")
-        if isinstance(removed, str):
-            self._uninstall(removed)
+    def _rpc_op_notify(self, req: OpNotifyRequest) -> None:
+        if (req.spec is None) == (req.removed is None):
+            raise ValueError("stream.op_notify carries one of spec and removed")
+        if req.removed is not None:
+            self._uninstall(req.removed)
             self._notify_changed()
-            return {}
-        spec = _spec_from(dict(args["spec"]))
-        self._install(spec)
-        self._reconcile()
-        return {}
+        elif req.spec is not None:
+            self._install(req.spec)
+            self._reconcile()
 
     def _notify_changed(self) -> None:
         async def wake() -> None:
@@ -598,14 +548,14 @@ class StreamPlane:
 
         self.agent.spawn(wake())
 
-    async def _rpc_op_remove(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _rpc_op_remove(self, req: OpRemoveRequest) -> OpRemoveReply:
         """Remove an operator everywhere: its runners stop, its shards stop holding
         records for it (producers waiting on it are released)."""
-        name = _check_name("operator name", args.get("name"))
+        name = req.name
         index = await self.local.kv_get(OPS_INDEX_KEY)
-        names = set(msgspec.msgpack.decode(index)) if index else set()
+        names = set(_names_decoder.decode(index)) if index else set()
         if name not in names and name not in self.ops:
-            raise ValueError(f"unknown operator {name!r}")
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown operator {name!r}")
         names.discard(name)
         await self._kv_put(OPS_INDEX_KEY, _spec_encoder.encode(sorted(names)))
         with contextlib.suppress(ValueError, RpcError):
@@ -613,19 +563,15 @@ class StreamPlane:
                                                 "consistency": "quorum"})
         self._uninstall(name)
         self._notify_changed()
-        alive = self._alive()
+        await self._notify_all(self._alive(), OpNotifyRequest(removed=name))
+        return OpRemoveReply(removed=name)
 
-        async def notify(n: str) -> None:
-            with contextlib.suppress(RpcError, ValueError, TimeoutError):
-                await self._call(n, "stream.op_notify", {"removed": name})
-
-        await asyncio.gather(*(notify(c.name) for c in alive if c.name != self.agent.name))
-        return {"removed": name}
-
-    def _rpc_op_list(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"operators": [{**_spec_dict(s), "stats": dict(self.op_stats.get(s.name, {}))}
-                              for s in self.ops.values()],
-                "runners": sorted(f"{o}@{s}" for o, s in self.runners)}
+    def _rpc_op_list(self, _: Empty) -> OpListReply:
+        return OpListReply(
+            operators=[OperatorInfo(**msgspec.structs.asdict(s),
+                                    stats=dict(self.op_stats.get(s.name, {})))
+                       for s in self.ops.values()],
+            runners=sorted(f"{o}@{s}" for o, s in self.runners))
 
     async def _load_ops_from_kv(self) -> None:
         if self.agent.worker_pool() is None:
@@ -634,16 +580,23 @@ class StreamPlane:
         if not index:
             return
         with contextlib.suppress(Exception):
-            listed = {str(n) for n in msgspec.msgpack.decode(index)}
+            listed = set(_names_decoder.decode(index))
             for name in [n for n in self.ops if n not in listed and
                          time.monotonic() - self._installed_at.get(n, 0.0) > 30.0]:
                 self._uninstall(name)  # removed while this node missed the notice
             for name in listed:
                 if name in self.ops:
                     continue
-                raw = await self.local.kv_get(OP_PREFIX + str(name))
-                if raw:
-                    self._install(_spec_from(msgspec.msgpack.decode(raw)))
+                raw = await self.local.kv_get(OP_PREFIX + name)
+                if not raw:
+                    continue
+                try:
+                    spec = _spec_decoder.decode(raw)
+                except msgspec.DecodeError as e:  # written by another version
+                    self.agent.log_limited("stream_operator_spec_unreadable",
+                                           operator=name, error=str(e)[:200])
+                    continue
+                self._install(spec)
 
     async def _reconcile_loop(self) -> None:
         loaded_at = 0.0
@@ -672,7 +625,7 @@ class StreamPlane:
                 sources.append(ShardSource(sid, src, self._source_live(sid)))
         want = runners_wanted(
             self.agent.name,
-            [(spec.placement(), spec.topic, spec.mode == "near-source")
+            [(_placement(spec), spec.topic, spec.mode == "near-source")
              for spec in self.ops.values()],
             sources, states, lambda topic, sid: (topic, sid) in self.logs)
         for key in list(self.runners):
@@ -712,6 +665,18 @@ class StreamPlane:
         self.agent.log("info", "stream_operator_start", operator=op_name, source=source,
                        offset=offset)
         await self._warm(spec, st)
+        lane = _fetch_lane(op_name, source)
+        holders: set[str] = set()
+        try:
+            await self._read_shard(spec, source, offset, lane, holders, st)
+        finally:
+            self._release(holders, lane)
+
+    async def _read_shard(self, spec: OperatorSpec, source: str, offset: int | None,
+                          lane: str, holders: set[str], st: Counter[str]) -> None:
+        """The runner's loop: fetch a batch from the shard's holder, run it, append the
+        outputs, commit (``holders``: the nodes it fetched from, for ``_release``)."""
+        op_name = spec.name
         last_ckpt = time.monotonic()
         backoff = 0.1
         while not self._stopping:
@@ -720,12 +685,12 @@ class StreamPlane:
             if holder is None:
                 await asyncio.sleep(0.5)
                 continue
+            holders.add(holder)
             try:
-                r = await self._call(holder, "stream.fetch", {
-                    "topic": spec.topic, "source": source, "offset": offset,
-                    "limit": spec.batch, "wait_s": self.cfg.fetch_wait_s,
-                    "op": op_name, "committed": offset,
-                }, purpose=f"fetch:{op_name}:{source}", label=f"{spec.topic}:fetch:{op_name}")
+                r = await self._call(holder, api.FETCH, FetchRequest(
+                    topic=spec.topic, source=source, offset=offset, limit=spec.batch,
+                    wait_s=self.cfg.fetch_wait_s, op=op_name, committed=offset,
+                ), lane=lane, label=f"{spec.topic}:fetch:{op_name}")
             except (RpcError, ValueError, OSError) as e:
                 st["fetch_errors"] += 1
                 self.agent.log("debug", "stream_fetch_failed", operator=op_name,
@@ -734,11 +699,11 @@ class StreamPlane:
                 backoff = min(2.0, backoff * 2)
                 continue
             backoff = 0.1
-            if r.get("missing"):
+            if r.missing:
                 continue  # the holder waited fetch_wait_s for the shard to appear
-            entries = [_entry_from(w) for w in r["entries"]]
+            entries = r.entries
             if offset is None:
-                offset = int(r["base"])
+                offset = r.base
             elif entries and entries[0].offset > offset:
                 st["records_skipped"] += entries[0].offset - offset  # evicted before read
             if not entries:
@@ -812,29 +777,27 @@ class StreamPlane:
 
     # ------------------------------------------------------------------ subscribe
 
-    async def _rpc_read(self, args: dict[str, Any]) -> dict[str, Any]:
-        topic = _check_name("topic", args.get("topic"))
-        cursors = {str(k): int(v) for k, v in (args.get("cursors") or {}).items()}
-        limit = max(1, min(int(args.get("limit") or 1000), 10_000))
-        wait = max(0.0, min(float(args.get("wait_s") or 0.0), self.cfg.read_wait_max_s))
+    async def _rpc_read(self, req: ReadRequest) -> ReadReply:
+        topic, cursors, limit = req.topic, req.cursors, req.limit
+        wait = min(req.wait_s, self.cfg.read_wait_max_s)
         self._follow_used[topic] = time.monotonic()
         self._ensure_followers(topic)
         deadline = time.monotonic() + wait
         while True:
-            out: list[list[Any]] = []
+            out: list[ReadRecord] = []
             for (t, source), mirror in list(self.mirrors.items()):
                 if t != topic:
                     continue
                 start = cursors.get(source, 0)
                 if start < mirror.base:
                     self.stats["subscriber_gaps"] += mirror.base - start
-                for e in mirror.read(start, limit - len(out)):
-                    out.append([source, *_entry_wire(e)])
+                out.extend([ReadRecord(source, e.offset, e.key, e.value, e.rid, e.ts)
+                            for e in mirror.read(start, limit - len(out))])
                 if len(out) >= limit:
                     break
             left = deadline - time.monotonic()
             if out or left <= 0 or self._stopping:
-                return {"records": out}
+                return ReadReply(records=out)
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)
@@ -862,6 +825,15 @@ class StreamPlane:
                 self._ensure_followers(topic)
 
     async def _follow(self, topic: str, source: str) -> None:
+        lane = _follow_lane(topic, source)
+        holders: set[str] = set()
+        try:
+            await self._follow_shard(topic, source, lane, holders)
+        finally:
+            self._release(holders, lane)
+
+    async def _follow_shard(self, topic: str, source: str, lane: str,
+                            holders: set[str]) -> None:
         mirror = self.mirrors[(topic, source)]
         backoff = 0.1
         while not self._stopping:
@@ -869,38 +841,37 @@ class StreamPlane:
             if holder is None:
                 await asyncio.sleep(0.5)
                 continue
+            holders.add(holder)
             try:
-                r = await self._call(holder, "stream.fetch", {
-                    "topic": topic, "source": source,
-                    "offset": mirror.head,
-                    "limit": 1024, "wait_s": self.cfg.follow_wait_s,
-                }, purpose=f"follow:{topic}:{source}", label=f"{topic}:follow")
+                r = await self._call(holder, api.FETCH, FetchRequest(
+                    topic=topic, source=source, offset=mirror.head, limit=FOLLOW_BATCH,
+                    wait_s=self.cfg.follow_wait_s,
+                ), lane=lane, label=f"{topic}:follow")
             except (RpcError, ValueError, OSError):
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 continue
             backoff = 0.1
-            if r.get("missing"):
+            if r.missing:
                 continue  # the holder waited follow_wait_s for the shard to appear
-            entries = [_entry_from(w) for w in r["entries"]]
-            if entries:
-                mirror.apply(entries)
+            if r.entries:
+                mirror.apply(r.entries)
                 async with self._changed:
                     self._changed.notify_all()
 
     # ------------------------------------------------------------------ stats
 
-    def _rpc_stats(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "node": self.agent.name,
-            "region": self.agent.meta.region,
-            "counters": dict(self.stats),
-            "cross_region_bytes": dict(self.cross_region_bytes),
-            "shards": [{"topic": t, "source": s, "base": lg.base, "head": lg.head,
-                        "backlog": lg.backlog(), "backlog_max": lg.backlog_max,
-                        "bytes": lg.bytes, "evicted": lg.evicted,
-                        "role": "primary" if s == self.source_id else "backup"}
-                       for (t, s), lg in sorted(self.logs.items())],
-            "operators": {name: dict(c) for name, c in self.op_stats.items()},
-            "runners": sorted(f"{o}@{s}" for o, s in self.runners),
-        }
+    def _rpc_stats(self, _: Empty) -> StreamStats:
+        return StreamStats(
+            node=self.agent.name,
+            region=self.agent.meta.region,
+            counters=dict(self.stats),
+            cross_region_bytes=dict(self.cross_region_bytes),
+            shards=[ShardInfo(topic=t, source=s, base=lg.base, head=lg.head,
+                              backlog=lg.backlog(), backlog_max=lg.backlog_max,
+                              bytes=lg.bytes, evicted=lg.evicted,
+                              role="primary" if s == self.source_id else "backup")
+                    for (t, s), lg in sorted(self.logs.items())],
+            operators={name: dict(c) for name, c in self.op_stats.items()},
+            runners=sorted(f"{o}@{s}" for o, s in self.runners),
+        )

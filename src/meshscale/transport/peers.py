@@ -9,8 +9,10 @@ takes one of its own with ``checkout`` and gives it back with ``checkin``; up to
 than a small object's whole transfer).
 
 Bounds: one shared connection per (member, lane) — lanes are a small fixed set named by
-the planes — plus ``max_idle_per_peer`` idle ones per member; ``forget`` closes a gone
-member's, and a member that comes back at a new address gets new connections.
+the planes, plus one per long-lived reader (a stream runner's long-polls), which
+``release`` closes when the reader stops — plus ``max_idle_per_peer`` idle ones per
+member; ``forget`` closes a gone member's, and a member that comes back at a new address
+gets new connections.
 """
 
 from __future__ import annotations
@@ -81,6 +83,13 @@ class PeerPool:
         if len(idle) < self.cfg.max_idle_per_peer and conn.is_open:
             idle.append(conn)
         else:
+            self._close_later(conn)
+
+    def release(self, name: str, lane: str) -> None:
+        """Close the shared connection of ``lane`` to ``name``, if open: a lane that served
+        one long-lived reader (a stream runner's long-polls) that has stopped."""
+        conn = self._shared.pop((name, lane), None)
+        if conn is not None:
             self._close_later(conn)
 
     def forget(self, name: str) -> None:

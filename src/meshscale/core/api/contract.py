@@ -92,9 +92,10 @@ def request_args(req: Request) -> dict[str, Any]:
 
 def parse_request(method: Method[Req, Any], args: Any) -> Req:
     """The request ``args`` (as decoded off the wire) as ``method``'s struct; raises
-    ``ApiError(INVALID)`` naming the field that is wrong."""
+    ``ApiError(INVALID)`` naming the field that is wrong. Bytes must be bytes on the wire
+    (``builtin_types``: no base64 text read as bytes)."""
     try:
-        return msgspec.convert(args, method.request)
+        return msgspec.convert(args, method.request, builtin_types=_BUILTINS)
     except msgspec.ValidationError as exc:
         raise ApiError(ErrorCode.INVALID, f"{method.name}: {exc}") from None
 
@@ -103,7 +104,7 @@ def parse_reply(method: Method[Any, Rep], result: Any) -> Rep:
     """A reply as decoded off the wire, as ``method``'s reply type; raises ``ValueError``
     (a node that answers out of contract) naming the field."""
     try:
-        out: Rep = msgspec.convert(result, method.reply)
+        out: Rep = msgspec.convert(result, method.reply, builtin_types=_BUILTINS)
     except msgspec.ValidationError as exc:
         raise ValueError(f"{method.name}: malformed reply: {exc}") from None
     return out
