@@ -42,15 +42,17 @@ async def _raise(e: Exception) -> None:
 # ------------------------------------------------------------------ typed methods
 
 
-def test_every_typed_method_is_in_the_access_table() -> None:
-    """core/api and core/access name the same methods (a method no role may call, or one
-    callable but untyped, is a gap)."""
+def test_every_method_is_typed_and_in_the_access_table() -> None:
+    """core/api and core/access name the same methods: none callable but untyped, none
+    typed that no role may call (the node serves only ``core.api.METHODS``)."""
     from meshscale.core.access import METHOD_ACCESS
-    from meshscale.core.api import METHODS
+    from meshscale.core.api import METHODS, Request
 
-    assert set(METHODS) <= set(METHOD_ACCESS), set(METHODS) - set(METHOD_ACCESS)
+    assert set(METHODS) == set(METHOD_ACCESS), set(METHODS) ^ set(METHOD_ACCESS)
     for name, method in METHODS.items():
         assert method.name == name
+        assert issubclass(method.request, Request), name
+        assert method.request.__struct_config__.forbid_unknown_fields, name
 
 
 def test_a_request_out_of_contract_is_invalid_naming_the_field() -> None:

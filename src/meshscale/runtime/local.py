@@ -5,11 +5,10 @@ applies), without a socket. One place for what the compute and stream planes bot
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, TypeVar
 
 from meshscale.core.api import objects
-from meshscale.core.api.contract import Method, Request, reply_builtins
+from meshscale.core.api.contract import Method, Request
 from meshscale.core.objects import object_id
 from meshscale.runtime.services import NodeServices
 from meshscale.transport.rpc import RpcError
@@ -43,16 +42,6 @@ class LocalCalls:
 
     def __init__(self, node: NodeServices) -> None:
         self.node = node
-
-    async def call(self, method: str, args: dict[str, Any]) -> Any:
-        """Untyped ``method`` (its reply as builtins, as a remote caller would see it)."""
-        handler = self.node.local_handler(method)
-        if handler is None:
-            raise ValueError(f"{method} is not served here (no data plane)")
-        result = handler(args)
-        if asyncio.iscoroutine(result):
-            result = await result
-        return reply_builtins(result)
 
     async def read_object(self, oid: str) -> bytes:
         """The whole object, from wherever it is, checked against its id."""
@@ -89,6 +78,10 @@ class LocalCalls:
     async def kv_put(self, key: str, value: bytes) -> None:
         """A quorum KV write; raises ``ValueError`` or ``RpcError`` if it fails."""
         await self.node.call_local(objects.KV_PUT, objects.KvPutRequest(key=key, value=value))
+
+    async def kv_delete(self, key: str) -> None:
+        """A quorum KV delete; raises ``ValueError`` or ``RpcError`` if it fails."""
+        await self.node.call_local(objects.KV_DELETE, objects.KvKeyRequest(key=key))
 
     async def kv_get(self, key: str) -> bytes | None:
         """A quorum KV read; None when the key is absent or the read failed."""

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from meshscale.core.access import METHOD_ACCESS, allowed, claimed_sender, narrowest
-from meshscale.core.api import ApiError, Empty, ErrorCode, code_of
+from meshscale.core.api import METHODS, ApiError, Empty, ErrorCode, code_of
 from meshscale.core.api import node as node_api
 from meshscale.core.api.contract import Method, parse_request, reply_builtins
 from meshscale.core.api.node import (
@@ -107,7 +107,7 @@ from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
 from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.latency import RegionPair
-from meshscale.runtime.services import Handler, LocalCopies, Rep, Req, RpcHandler
+from meshscale.runtime.services import Handler, LocalCopies, Rep, Req
 from meshscale.runtime.streams import StreamPlane
 from meshscale.runtime.workers import WorkerPool
 from meshscale.transport.credentials import Credentials
@@ -280,7 +280,8 @@ class NodeAgent:
         self._keys = _Keys(open_ring=bundle.keyring, seal_ring=bundle.keyring)
         with contextlib.suppress(OSError):
             self._keys.mtime_ns = (bundle.path / "keyring.json").stat().st_mtime_ns
-        self._rpc: dict[str, RpcHandler] = {}
+        self._rpc: dict[str, Callable[[dict[str, Any]], Any]] = {}
+        """Wire name -> the handler of its requests as decoded (``serve`` builds it)."""
         self._typed: dict[str, Handler[Any, Any]] = {}
         self._rpc_in_flight = 0
         self._conns = 0
@@ -309,31 +310,25 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ public API
 
-    def register_rpc(self, method: str, handler: RpcHandler) -> None:
-        """Serve ``method``: ``handler(args)`` returns (or awaits) a msgpack-able result;
-        raising ``ValueError`` sends its message back as the error. The method must be
-        in ``core.access.METHOD_ACCESS`` (who may call it)."""
-        if method in self._rpc:
-            raise ValueError(f"RPC method {method!r} is already registered")
-        if method not in METHOD_ACCESS:
-            raise ValueError(f"RPC method {method!r} has no entry in core.access.METHOD_ACCESS")
-        self._rpc[method] = handler
-
     def serve(self, method: Method[Req, Rep], handler: Handler[Req, Rep]) -> None:
-        """Serve typed ``method``: the request is checked against its struct
-        (``core.api.contract.parse_request``) before ``handler`` sees it, and its reply
-        sent as builtins. Raising ``ValueError`` (``ApiError`` for a code) answers with
-        an error, as for ``register_rpc``."""
+        """Serve typed ``method`` (``core/api``): the request is checked against its
+        struct (``core.api.contract.parse_request``) before ``handler`` sees it, and its
+        reply sent as builtins. Raising ``ValueError`` (``ApiError`` for a code) answers
+        with an error. The method must be one of ``core.api.METHODS`` and be in
+        ``core.access.METHOD_ACCESS`` (who may call it)."""
+        name = method.name
+        if name in self._rpc:
+            raise ValueError(f"RPC method {name!r} is already registered")
+        if METHODS.get(name) is not method:
+            raise ValueError(f"RPC method {name!r} is not core.api.METHODS[{name!r}]")
+        if name not in METHOD_ACCESS:
+            raise ValueError(f"RPC method {name!r} has no entry in core.access.METHOD_ACCESS")
 
         def on_wire(args: dict[str, Any]) -> Any:
             return handler(parse_request(method, args))
 
-        self.register_rpc(method.name, on_wire)
-        self._typed[method.name] = handler
-
-    def local_handler(self, method: str) -> RpcHandler | None:
-        """This node's handler of ``method`` (None: not served), for in-process calls."""
-        return self._rpc.get(method)
+        self._rpc[name] = on_wire
+        self._typed[name] = handler
 
     async def call_local(self, method: Method[Req, Rep], req: Req) -> Rep:
         """Call this node's own handler of typed ``method`` in-process (no socket, no

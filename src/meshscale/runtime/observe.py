@@ -80,6 +80,11 @@ class ObservedStreams(Protocol):
     @property
     def op_stats(self) -> Mapping[str, Mapping[str, int]]: ...
 
+    @property
+    def source_id(self) -> str:
+        """The name of this node's own shards (``name~epoch``)."""
+        ...
+
 
 class ObservedNode(NodeServices, Protocol):
     """The node as its dashboard and metrics read it: its services, its planes (the
@@ -359,9 +364,14 @@ class NodeObserver:
 
     async def tasks(self, limit: int) -> list[dict[str, Any]]:
         compute = self.agent.compute
-        if compute is None or self.agent.local_handler(TASK_LIST.name) is None:
+        if compute is None:
             return []
-        rows = await self.agent.call_local(TASK_LIST, ListRequest(limit=limit))
+        try:
+            rows = await self.agent.call_local(TASK_LIST, ListRequest(limit=limit))
+        except ApiError as e:
+            if e.code == ErrorCode.UNKNOWN_METHOD:  # not served yet
+                return []
+            raise
         records = compute.book.records
         out = []
         for r in rows:

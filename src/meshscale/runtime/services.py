@@ -3,9 +3,10 @@ the planes (``dataplane``, ``compute``, ``streams``, ``http``, ``observe``).
 
 A plane is given a ``NodeServices`` (the ``NodeAgent`` provides it) instead of reaching
 into the agent: its name and address, configuration, membership view, counters and log,
-``spawn`` for background work, ``register_rpc`` to serve methods, ``local_handler`` to
-call the node's own methods in-process (``runtime/local.py`` builds object, KV and RPC
-helpers on it), and the two things one plane lends another: hash-checked local copies of
+``spawn`` for background work, ``serve`` to serve a typed method (``core/api``),
+``call_local`` to call the node's own methods in-process (``runtime/local.py`` builds
+object and KV helpers on it), ``peers`` and ``call_node`` to call other nodes, and the
+two things one plane lends another: hash-checked local copies of
 objects (the data plane, for task inputs) and the warm worker pool (the compute plane, for
 stream operators). So planes import this module, never ``node.py`` nor each other's
 internals, and the runtime's modules form no import cycle (``tests/test_layers.py``).
@@ -28,14 +29,10 @@ from meshscale.transport.credentials import Credentials
 from meshscale.transport.peers import PeerPool
 from meshscale.trust.bundle import Bundle
 
-__all__ = ["Handler", "LocalCopies", "NodeServices", "Rep", "Req", "RpcHandler"]
+__all__ = ["Handler", "LocalCopies", "NodeServices", "Rep", "Req"]
 
 Req = TypeVar("Req", bound=Request)
 Rep = TypeVar("Rep")
-
-RpcHandler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
-"""Serves one RPC method as it comes off the wire (``NodeServices.serve`` wraps a typed
-handler in one)."""
 
 Handler = Callable[[Req], Rep | Awaitable[Rep]]
 """Serves one typed method (``core/api``): takes its request struct, returns or awaits
@@ -92,18 +89,12 @@ class NodeServices(Protocol):
         """Run ``coro`` in the background; the node cancels it on stop and logs a crash."""
         ...
 
-    def register_rpc(self, method: str, handler: RpcHandler) -> None: ...
-
     def serve(self, method: Method[Req, Rep], handler: Handler[Req, Rep]) -> None:
         """Serve typed ``method`` with ``handler`` (requests checked against its struct)."""
         ...
 
     async def call_local(self, method: Method[Req, Rep], req: Req) -> Rep:
         """This node's own handler of ``method``, called in-process."""
-        ...
-
-    def local_handler(self, method: str) -> RpcHandler | None:
-        """This node's handler of ``method`` (None: not served), for in-process calls."""
         ...
 
     def delay_to(self, addr: str) -> float:

@@ -559,8 +559,7 @@ class StreamPlane:
         names.discard(name)
         await self._kv_put(OPS_INDEX_KEY, _spec_encoder.encode(sorted(names)))
         with contextlib.suppress(ValueError, RpcError):
-            await self.local.call("kv.delete", {"key": OP_PREFIX + name,
-                                                "consistency": "quorum"})
+            await self.local.kv_delete(OP_PREFIX + name)
         self._uninstall(name)
         self._notify_changed()
         await self._notify_all(self._alive(), OpNotifyRequest(removed=name))
