@@ -583,6 +583,37 @@ def test_a_delete_is_acknowledged_only_by_a_quorum_of_kept_tombstones() -> None:
     assert set(acked[0].nodes) <= set(rs)  # members only
 
 
+@pytest.mark.parametrize("member", [False, True], ids=["outside-the-set", "a-member"])
+def test_a_delete_counts_members_that_got_its_tombstone_from_anti_entropy(member: bool) -> None:
+    """The members were away for the delete's one push and got the tombstone from
+    anti-entropy within the timeout: the coordinator learned it (an offer they kept, a
+    digest that matched; an outside coordinator even handed its tombstone off to them)
+    yet reported the delete unconfirmed, as only answers to that push counted (swarm seed
+    1362091350: five of its eight deletes)."""
+    from meshscale.core.replication import DeleteAcked, DeleteFailed
+
+    mesh = TombMesh()
+    rs = names(replica_set("obj", VIEW, 3))
+    for n in rs:
+        mesh.m[n].object_added("obj", ANY, None, 0.0, ts(100))
+    mesh.run(6.0)
+    coordinator = rs[0] if member else next(n for n in sorted(mesh.m) if n not in rs)
+    away = [n for n in rs if n != coordinator]
+    mesh.down.update(away)  # paused: still in every view, the push to them is lost
+    t0 = mesh.now
+    mesh.m[coordinator].delete("obj", ANY, ts(200), t0, 200.0, req_id=5)
+    mesh.flush()
+    assert not [e for e in mesh.events if isinstance(e, DeleteAcked | DeleteFailed)]
+    mesh.down.clear()  # back well within the timeout, and never pushed to again
+    mesh.run(t0 + CFG.delete_timeout_s + 1)
+    assert all(mesh.m[n].tombstone("obj") == ts(200) for n in rs)
+    outcome = [e for e in mesh.events if isinstance(e, DeleteAcked | DeleteFailed)]
+    assert len(outcome) == 1 and isinstance(outcome[0], DeleteAcked), outcome
+    assert outcome[0].req_id == 5 and len(outcome[0].nodes) >= 2
+    assert set(outcome[0].nodes) <= set(rs)  # members only
+    assert mesh.m[coordinator].stats.get("deletes_unconfirmed", 0) == 0
+
+
 def test_a_tombstone_outside_a_short_replica_set_is_kept_until_the_set_is_full() -> None:
     """A delete acknowledged by the only two live members of a three-node set (the third
     was down) was kept by them alone: the coordinator, outside the set, handed its

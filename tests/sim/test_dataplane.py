@@ -389,3 +389,14 @@ def test_chaos_seed_2115() -> None:
     r = chaos_run(2115)
     assert r.deleted >= 1 and r.resurrected == [], r.resurrected
     _check(r)
+
+
+def test_chaos_seed_1362091350() -> None:
+    """Five of eight deletes were reported unconfirmed although a quorum of their replica
+    sets kept the tombstone within the timeout: the members were away for the
+    coordinator's one push (partitioned, paused) and got the tombstone from anti-entropy
+    instead, which the coordinator saw but did not count (n11 even handed its tombstone
+    of an eu-west object off to the whole set, n3, n6, n9, and then reported the delete
+    failed): 3 acknowledged. Now 7: the eighth's coordinator (n5) stayed cut off from all
+    but one member until after its timeout, which is what a delete may not survive."""
+    _check(chaos_run(1362091350))

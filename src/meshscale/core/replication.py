@@ -466,6 +466,8 @@ class _Delete:
     w: int
     deadline: float
     durable: set[str]
+    ts: HLCTimestamp
+    """The tombstone's timestamp: a peer found keeping it (or a newer one) counts."""
 
 
 @dataclass(slots=True)
@@ -492,6 +494,9 @@ class _PeerRound:
     pair: list[str]
     pages: dict[int, list[str]] = field(default_factory=dict)
     next_page: int = 0
+    tombs: dict[str, HLCTimestamp] = field(default_factory=dict)
+    """Tombstones digested or offered in this round, with the timestamp they had then:
+    the peer's confirmation is of that one (``_credit_deletes``)."""
 
 
 # --------------------------------------------------------------------------- manager
@@ -523,6 +528,8 @@ class ReplicaManager:
         self._puts: dict[int, _Put] = {}
         self._put_deadlines: list[tuple[float, int]] = []
         self._deletes: dict[int, _Delete] = {}
+        self._deletes_of: dict[str, list[int]] = {}
+        """Object -> its deletes coordinated here and not yet acknowledged or failed."""
         self._delete_deadlines: list[tuple[float, int]] = []
         self._rounds: dict[str, _PeerRound] = {}
         self._round_seq = 0
@@ -576,6 +583,7 @@ class ReplicaManager:
             _, req_id = heapq.heappop(dheap)
             d = self._deletes.pop(req_id, None)
             if d is not None:
+                self._forget_delete(d)
                 self._count("deletes_unconfirmed")
                 self._outputs.append(DeleteFailed(
                     d.req_id, d.oid, f"only {len(d.durable)} of W={d.w} tombstones durable "
@@ -711,7 +719,9 @@ class ReplicaManager:
         the push learn it through anti-entropy. Raises ``ReplicationOverloaded`` at
         ``max_tombstones``. With ``req_id``, the delete is acknowledged (``DeleteAcked``)
         once ``delete_quorum(policy)`` nodes keep the tombstone durably, this one
-        included, or reported ``DeleteFailed`` after ``delete_timeout_s``."""
+        included (each counted when it answers the push, or when anti-entropy finds it
+        keeping the tombstone: a member away for the push counts once it has it), or
+        reported ``DeleteFailed`` after ``delete_timeout_s``."""
         self._wall = max(self._wall, wall)
         loc = self._inv.get(oid)
         if (loc is None or loc.tomb is None) and self._tomb_count >= self.config.max_tombstones:
@@ -734,8 +744,9 @@ class ReplicaManager:
             # Only replica-set members count: a coordinator outside the set hands its
             # tombstone off and forgets it (counting it lost a delete: swarm seed 672945568).
             d = _Delete(req_id, oid, delete_quorum(policy), now + self.config.delete_timeout_s,
-                        {self.name} if self.name in rs else set())
+                        {self.name} if self.name in rs else set(), ts)
             self._deletes[req_id] = d
+            self._deletes_of.setdefault(oid, []).append(req_id)
             heapq.heappush(self._delete_deadlines, (d.deadline, req_id))
             self._check_delete(d)
         for p in peers:
@@ -745,8 +756,31 @@ class ReplicaManager:
 
     def _check_delete(self, d: _Delete) -> None:
         if len(d.durable) >= d.w and self._deletes.pop(d.req_id, None) is not None:
+            self._forget_delete(d)
             self._count("deletes_acked")
             self._outputs.append(DeleteAcked(d.req_id, d.oid, tuple(sorted(d.durable))))
+
+    def _forget_delete(self, d: _Delete) -> None:
+        ids = self._deletes_of.get(d.oid)
+        if ids is not None and d.req_id in ids:
+            ids.remove(d.req_id)
+            if not ids:
+                del self._deletes_of[d.oid]
+
+    def _credit_deletes(self, oid: str, ts: HLCTimestamp, peer: str) -> None:
+        """``peer`` confirmed through anti-entropy that it keeps the tombstone of ``oid``
+        at ``ts`` (a digest match or an offer it kept: it holds it and is in the replica
+        set under its own view, as a ``TombstoneAck`` with ``kept`` says): it counts
+        toward every pending delete of ``oid`` at ``ts`` or before. Counting only the
+        answers to the one push made at the delete reported unconfirmed a delete whose
+        members were away for that push and got the tombstone from anti-entropy within
+        the timeout, even one whose coordinator had handed its tombstone off to the
+        full replica set (swarm seed 1362091350)."""
+        for req_id in list(self._deletes_of.get(oid, ())):
+            d = self._deletes.get(req_id)
+            if d is not None and d.ts <= ts:
+                d.durable.add(peer)
+                self._check_delete(d)
 
     def tombstone_loaded(self, oid: str, policy: ObjectPolicy, ts: HLCTimestamp) -> None:
         """A tombstone the driver kept (``TombstoneStored``) is back after a restart."""
@@ -976,6 +1010,9 @@ class ReplicaManager:
                 if loc is not None:
                     loc.confirmed[src] = now
                     loc.no_room.pop(src, None)
+                    sent = st.tombs.get(oid)
+                    if sent is not None and loc.tomb is not None:
+                        self._credit_deletes(oid, sent, src)
             self._check_drops(now, st.pair)
             return
         self._count("digest_mismatches")
@@ -1114,6 +1151,9 @@ class ReplicaManager:
             else:
                 loc.confirmed[src] = now
                 loc.no_room.pop(src, None)
+                sent = st.tombs.get(oid)
+                if sent is not None and loc.tomb is not None:
+                    self._credit_deletes(oid, sent, src)
         self._check_drops(now, ids)
 
     # ------------------------------------------------------------------ anti-entropy
@@ -1170,6 +1210,10 @@ class ReplicaManager:
                 continue
             self._round_seq += 1
             st = _PeerRound(self._round_seq, now, pair[p])
+            for oid in pair[p]:
+                tomb = self._inv[oid].tomb
+                if tomb is not None:
+                    st.tombs[oid] = tomb
             self._rounds[p] = st
             self._count("sync_rounds")
             if pair[p]:
@@ -1190,6 +1234,10 @@ class ReplicaManager:
             st.next_page += 1
             st.pages[page] = chunk
             refs = [_loc_ref(self._inv[o]) for o in chunk]
+            for o in chunk:
+                tomb = self._inv[o].tomb
+                if tomb is not None:
+                    st.tombs[o] = tomb
             self._count("offer_pages")
             self._send(peer, Offer(st.round, page, refs))
 
