@@ -400,3 +400,23 @@ def test_chaos_seed_1362091350() -> None:
     failed): 3 acknowledged. Now 7: the eighth's coordinator (n5) stayed cut off from all
     but one member until after its timeout, which is what a delete may not survive."""
     _check(chaos_run(1362091350))
+
+
+@pytest.mark.parametrize("seed", [2, 4, SWARM_BASE + 1000, SWARM_BASE + 1001])
+def test_chaos_with_spares_no_copy_outside_the_rule_and_no_acked_put_lost(seed: int) -> None:
+    """Coordinators outside an object's rule (a quarter of the objects are held to one
+    region, each put from a random node) keep the runtime's spare (``core.puts``): any
+    push other than the first copy to each planned target must come from a spare the
+    node may keep, else it is refused. ``_check`` asserts what matters: no Transfer or
+    commit outside the rule (``residency_violations``), no acknowledged put lost
+    (``lost``), full replication after the faults. Seeds 2 and 4 refuse such a push."""
+    r = chaos_run(seed, spares=True)
+    try:
+        _check(r)
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed} (spares=True): {e}") from None
+    s = r.spare_stats
+    assert s.get("puts", 0) > 0 and s.get("dropped", 0) > 0
+    assert r.stray_copies == 0
+    if seed in (2, 4):
+        assert s.get("refused", 0) > 0, s

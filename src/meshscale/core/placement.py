@@ -93,6 +93,7 @@ __all__ = [
     "FULL_TAG",
     "MAX_REPLICAS",
     "Candidate",
+    "ObjectPolicy",
     "PlacementError",
     "Residency",
     "admits_write",
@@ -354,3 +355,28 @@ def _dedupe(candidates: Iterable[Candidate]) -> list[Candidate]:
 
 def _braces(names: Iterable[str], sep: str = ", ") -> str:
     return "{" + sep.join(sorted(names)) + "}"
+
+
+@dataclass(frozen=True)
+class ObjectPolicy:
+    """How many copies an object wants and where it may live (kept with the rules that
+    place them: ``core.replication`` and ``core.puts`` both use it)."""
+
+    replicas: int = 3
+    residency: Residency | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.replicas <= MAX_REPLICAS:
+            raise ValueError(f"replicas must be between 1 and {MAX_REPLICAS}, got {self.replicas}")
+
+    def allows(self, region: str) -> bool:
+        return self.residency is None or self.residency.allows(region)
+
+    def __repr__(self) -> str:
+        # Sorted, so a trace that prints a policy is the same in every process
+        # (frozenset order depends on the per-process string hash seed).
+        if self.residency is None:
+            return f"ObjectPolicy(replicas={self.replicas})"
+        regions = self.residency.regions
+        where = "*" if regions is None else ",".join(sorted(regions))
+        return f"ObjectPolicy(replicas={self.replicas}, regions={where})"

@@ -85,13 +85,14 @@ from meshscale.core.outputs import Event
 from meshscale.core.placement import (
     MAX_REPLICAS,
     Candidate,
+    ObjectPolicy,
     PlacementError,
     Residency,
-    check_quorum,
     hrw_score,
     replica_set,
     write_set,
 )
+from meshscale.core.puts import PutPlan, check_feasible, plan_put
 from meshscale.core.wire import VersionedCodec, WireError
 
 __all__ = [
@@ -166,33 +167,6 @@ class ReplicationConfig:
     max_tombstones: int = 1_000_000
     """Live tombstones kept; a delete beyond it is refused (``ReplicationOverloaded``)
     and a tombstone received beyond it still kills older copies but is not kept."""
-
-
-# --------------------------------------------------------------------------- policy
-
-
-@dataclass(frozen=True)
-class ObjectPolicy:
-    """How many copies an object wants and where it may live."""
-
-    replicas: int = 3
-    residency: Residency | None = None
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.replicas <= MAX_REPLICAS:
-            raise ValueError(f"replicas must be between 1 and {MAX_REPLICAS}, got {self.replicas}")
-
-    def allows(self, region: str) -> bool:
-        return self.residency is None or self.residency.allows(region)
-
-    def __repr__(self) -> str:
-        # Sorted, so a trace that prints a policy is the same in every process
-        # (frozenset order depends on the per-process string hash seed).
-        if self.residency is None:
-            return f"ObjectPolicy(replicas={self.replicas})"
-        regions = self.residency.regions
-        where = "*" if regions is None else ",".join(sorted(regions))
-        return f"ObjectPolicy(replicas={self.replicas}, regions={where})"
 
 
 # --------------------------------------------------------------------------- outputs
@@ -856,39 +830,72 @@ class ReplicaManager:
 
     # ------------------------------------------------------------------ writes
 
+    def check_put(self, policy: ObjectPolicy, w: int) -> None:
+        """Refuse, from this manager's view, a put it cannot place whatever the object's
+        id (``core.puts.check_feasible``; the refusal is worded for the client)."""
+        check_feasible(self._view.values(), policy, w)
+
+    def plan_put(self, oid: str, policy: ObjectPolicy, w: int, *,
+                 early_copies: bool) -> PutPlan:
+        """Plan the put of ``oid`` coordinated here, from this manager's view: the one
+        ``begin_put`` works from, so the two cannot disagree about the write set (see
+        ``core.puts``). Raises as ``core.puts.plan_put`` does."""
+        me = self._view.get(self.name)
+        if me is None:
+            raise PlacementError("replicas", f"cannot place {oid!r}: no view yet")
+        return plan_put(oid, self.name, me.region, self._view.values(), policy, w,
+                        early_copies=early_copies, version=self._view_version)
+
     def begin_put(self, req_id: int, oid: str, policy: ObjectPolicy, w: int, now: float,
-                  written: HLCTimestamp | None = None) -> None:
+                  written: HLCTimestamp | None = None, *, plan: PutPlan | None = None) -> None:
         """Coordinate a write of ``oid`` (whose bytes the driver holds) with quorum ``w``.
 
+        ``plan``: the put's plan (``plan_put``, made earlier for the same ``oid``, policy
+        and ``w``); its write set is used as it is, not computed again. Without one, the
+        put is planned here. A planned target that left the view or filled since the plan
+        (the view changed in between) is a failed transfer at once: a stand-in takes its
+        copy, as for any target that fails.
+
         Raises ``PlacementError`` (rule ``residency`` or ``replicas``) when the live view
-        cannot meet the policy, ``ValueError`` on a bad ``w`` or a reused ``req_id``, and
-        ``ReplicationOverloaded`` when too many writes are in flight. Otherwise emits one
-        ``Transfer`` per replica-set member; ``PutAcked`` or ``PutFailed`` follows.
+        cannot meet the policy, ``ValueError`` on a bad ``w``, a reused ``req_id`` or a
+        plan of another put, and ``ReplicationOverloaded`` when too many writes are in
+        flight. Otherwise emits one ``Transfer`` per replica-set member; ``PutAcked`` or
+        ``PutFailed`` follows.
         """
         if req_id in self._puts:
             raise ValueError(f"write {req_id} is already in flight")
         if not 1 <= w <= policy.replicas:
             raise ValueError(f"write quorum W={w} must be between 1 and replicas={policy.replicas}")
+        if plan is not None and (plan.oid, plan.policy, plan.w) != (oid, policy, w):
+            raise ValueError(f"the plan of {plan.oid} ({plan.policy!r}, W={plan.w}) is not "
+                             f"the put of {oid} ({policy!r}, W={w})")
         if len(self._puts) >= self.config.max_pending_puts:
             self._count("puts_refused.overloaded")
             raise ReplicationOverloaded(
                 f"{len(self._puts)} writes in flight (max_pending_puts="
                 f"{self.config.max_pending_puts})"
             )
+        if plan is None:
+            plan = self.plan_put(oid, policy, w, early_copies=False)
         # New copies go to the write set: a full node is never a target or a stand-in.
-        chosen = write_set(oid, self._view.values(), policy.replicas, policy.residency)
         allowed = [c for c in self._view.values() if policy.allows(c.region)]
-        check_quorum(chosen, w, sum(1 for c in allowed if c.full))
         ranked = [c.name for c in sorted((c for c in allowed if not c.full),
                                          key=lambda c: (-hrw_score(oid, c.name), c.name))]
-        targets = [c.name for c in chosen]
+        targets = list(plan.targets)
         put = _Put(req_id, oid, policy, w, now + self.config.put_timeout_s, ranked,
                    set(targets), {t: None for t in targets}, written=written)
         self._puts[req_id] = put
         heapq.heappush(self._put_deadlines, (put.deadline, req_id))
         self._count("puts")
+        unfit = [] if plan.view == self._view_version else [
+            t for t in targets if t not in self._view or self._view[t].full]
+        if unfit:
+            self._count("put_targets_gone")
         for t in targets:
-            self._transfer(t, oid, req_id, policy, None, written)
+            if t not in unfit:
+                self._transfer(t, oid, req_id, policy, None, written)
+        for t in unfit:
+            self.transfer_done(req_id, t, oid, False, now)
 
     def transfer_done(
         self, req_id: int | None, dst: str, oid: str, ok: bool, now: float

@@ -27,6 +27,12 @@ KV replicas converge, and a KV write acknowledged only by stand-ins reaches the 
 replicas (hinted handoff: ``core.kv.KVHints``, driven here as the runtime drives it, the
 hints on the node's disk in ``kv_hints``). ``chaos_run`` is the randomized scenario the
 tests run per seed.
+
+Puts are planned once, from the replica manager's own view (``ReplicaManager.plan_put``,
+``core.puts``), and the plan goes to ``begin_put``, as in the runtime. With ``spares=True`` a coordinator outside the write set
+also plays the runtime's spare copy (refused pushes, commit or drop from
+``core.puts.spare_fate``); off by default, because it changes the traces pinned seeds
+were taken on.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ from meshscale.core.placement import (
     is_full,
     replica_set,
 )
+from meshscale.core.puts import PutPlan, SpareFate, spare_fate, spare_may_source
 from meshscale.core.replication import (
     DeleteAcked,
     DropLocal,
@@ -208,6 +215,20 @@ class Stored:
     written: HLCTimestamp | None = None
 
 
+@dataclass
+class _Spare:
+    """The coordinator's own bytes of a put it coordinates from outside the write set
+    (``core.puts``): the first transfer to each planned target plays the runtime's early
+    copy; any other push comes from the spare, as the plan allows."""
+
+    plan: PutPlan
+    data: bytes
+    policy: ObjectPolicy
+    written: HLCTimestamp | None
+    copies: dict[str, bool] = field(default_factory=dict)
+    committed: bool = False
+
+
 @dataclass(slots=True)
 class _KVOp:
     op_id: int
@@ -235,8 +256,15 @@ class DataNode:
         kv_hints: KVHintConfig | None = None,
         disk_reserve_bytes: int = 0,
         disk_margin_bytes: int = 0,
+        spares: bool = False,
     ) -> None:
         self.name = ctx.name
+        self.spares = spares
+        """Model the runtime's spare copy (``core.puts``): a coordinator outside the write
+        set pushes only its first copy to each target from its bytes; any other push needs
+        a spare it may keep (committed first) and is refused where the residency rule
+        forbids one. Off: every push comes from the coordinator's bytes (the traces the
+        pinned seeds were taken on)."""
         self.region = ctx.region
         self.disk = ctx.disk
         inc = int(self.disk.get("incarnation", -1)) + 1
@@ -272,6 +300,10 @@ class DataNode:
         self._pending: dict[int, tuple[int, str, Any]] = {}
         self._by_dst: dict[str, deque[int]] = {}
         self._put_bytes: dict[int, bytes] = {}
+        self._spares: dict[int, _Spare] = {}
+        self.spare_stats: dict[str, int] = {}
+        """What became of spares: ``puts``, ``refused`` (a push a spare outside the rule
+        could not serve), ``committed``, ``dropped``."""
         self._delete_req = 0
         self._kv_ops: dict[int, _KVOp] = {}
         self._view_dirty = True
@@ -327,7 +359,7 @@ class DataNode:
                 self.membership.stream_failed(dst, now)
         elif kind == TAG_OBJECT:
             req_id, oid = info
-            self.replicas.transfer_done(req_id, dst, oid, body == _OK, now)
+            self._object_done(req_id, dst, oid, body == _OK, now)
         elif kind == TAG_KV and isinstance(info, HintSend):
             self._hint_reply(info, body, now)
         elif kind == TAG_KV:
@@ -346,7 +378,7 @@ class DataNode:
                 self.membership.stream_failed(dst, now)
             elif kind == TAG_OBJECT:
                 req_id, oid = info
-                self.replicas.transfer_done(req_id, dst, oid, False, now)
+                self._object_done(req_id, dst, oid, False, now)
             elif kind == TAG_KV and isinstance(info, HintSend):
                 self.hints.failed(info.key, info.target, now)
             elif kind == TAG_KV:
@@ -425,15 +457,52 @@ class DataNode:
 
     def start_put(self, req_id: int, data: bytes, policy: ObjectPolicy, w: int, now: float) -> None:
         oid = object_id(data)
+        written = self.hlc.now(now)
         try:
-            self.replicas.begin_put(req_id, oid, policy, w, now, written=self.hlc.now(now))
+            # Planned once, as the runtime does: the coordinator has every byte at once, so
+            # its copies all leave "early".
+            plan = self.replicas.plan_put(oid, policy, w, early_copies=True)
+            if plan.spare and self.spares:
+                self._spares[req_id] = _Spare(plan, data, policy, written)
+                self._spare_count("puts")
+            self.replicas.begin_put(req_id, oid, policy, w, now, written=written,
+                                    plan=plan)
         except PlacementError as exc:
             self._out.append(PutRefused(req_id, oid, exc.rule, str(exc)))
         except (ReplicationOverloaded, ValueError) as exc:
+            self._spares.pop(req_id, None)
             self._out.append(PutRefused(req_id, oid, "overload", str(exc)))
         else:
             self._put_bytes[req_id] = data
         self._settle(now)
+
+    def _object_done(self, req_id: int | None, dst: str, oid: str, ok: bool, now: float) -> None:
+        """A transfer ended; an early copy of a spare put decides the spare's fate."""
+        spare = None if req_id is None else self._spares.get(req_id)
+        if spare is not None and dst in spare.plan.forwards and dst not in spare.copies:
+            spare.copies[dst] = ok
+        self.replicas.transfer_done(req_id, dst, oid, ok, now)
+        if spare is not None and len(spare.copies) == len(spare.plan.forwards):
+            assert req_id is not None
+            self._settle_spare(req_id, spare, now)
+
+    def _settle_spare(self, req_id: int, spare: _Spare, now: float) -> None:
+        fate = spare_fate(spare.plan, list(spare.copies.values()), spare.committed)
+        self._spares.pop(req_id, None)
+        if fate is SpareFate.COMMIT:
+            self._commit_spare(spare, now)
+        elif fate is SpareFate.DROP:
+            self._spare_count("dropped")
+            self._put_bytes.pop(req_id, None)  # nothing of it remains to push from
+
+    def _spare_count(self, key: str) -> None:
+        self.spare_stats[key] = self.spare_stats.get(key, 0) + 1
+
+    def _commit_spare(self, spare: _Spare, now: float) -> None:
+        assert spare_may_source(spare.plan), "a spare committed outside the residency rule"
+        spare.committed = True
+        self._spare_count("committed")
+        self._commit(spare.plan.oid, spare.data, spare.policy, None, now, spare.written)
 
     def delete(self, oid: str, policy: ObjectPolicy, now: float) -> None:
         """Delete ``oid`` everywhere (the mesh knows its policy, as a client's stat would);
@@ -511,6 +580,17 @@ class DataNode:
             data: bytes | None = None
             if out.req_id is not None:
                 data = self._put_bytes.get(out.req_id)
+            spare = None if out.req_id is None else self._spares.get(out.req_id)
+            if spare is not None and not (out.hint_for is None and out.dst in spare.plan.forwards
+                                          and out.dst not in spare.copies):
+                # Not an early copy: this push comes from the spare, which must be ours to
+                # keep (committed first, as the runtime does), or it is refused.
+                if not spare_may_source(spare.plan):
+                    self._spare_count("refused")
+                    self._object_done(out.req_id, out.dst, out.oid, False, now)
+                    return
+                if not spare.committed:
+                    self._commit_spare(spare, now)
             if data is None and out.oid in self.objects:
                 data = self.objects[out.oid].data
             if data is None:
@@ -751,7 +831,9 @@ class DataMesh:
         record_trace: bool = False,
         disk_reserve_bytes: int = 0,
         disk_margin_bytes: int = 0,
+        spares: bool = False,
     ) -> None:
+        self.spares = spares
         self.topology = topology or Topology.three_regions()
         self.disk_reserve_bytes = disk_reserve_bytes
         self.disk_margin_bytes = disk_margin_bytes
@@ -800,6 +882,7 @@ class DataMesh:
             ctx, self.metas[ctx.name], membership_config=self.mconfig,
             replication_config=self.rconfig, seeds=self.names,
             disk_reserve_bytes=self.disk_reserve_bytes, disk_margin_bytes=self.disk_margin_bytes,
+            spares=self.spares,
         )
 
     def node(self, name: str) -> DataNode:
@@ -1065,6 +1148,8 @@ class ChaosReport:
     kv_hint_stats: dict[str, int] = field(default_factory=dict)
     """KVHints counters summed over the nodes' last incarnations, and ``left``: hints
     still on disk at the end (their targets never came back)."""
+    spare_stats: dict[str, int] = field(default_factory=dict)
+    """``DataNode.spare_stats`` summed over the nodes' last incarnations (``spares=True``)."""
 
 
 def chaos_run(
@@ -1077,6 +1162,7 @@ def chaos_run(
     repair_bound_s: float = 40.0,
     replicas: int = 3,
     deletes: int = 8,
+    spares: bool = False,
 ) -> ChaosReport:
     """Random crashes, restarts, pauses, partitions and full disks (a node refuses every
     write for a while, advertising itself full) over a 12-node, 3-region mesh, with
@@ -1089,7 +1175,8 @@ def chaos_run(
     objects written during the faults use W=R (hinted copies count), so that losing R-1
     nodes for good can never take every acknowledged copy.
     """
-    mesh = DataMesh(nodes, seed=seed, disk_reserve_bytes=64, disk_margin_bytes=64)
+    mesh = DataMesh(nodes, seed=seed, disk_reserve_bytes=64, disk_margin_bytes=64,
+                    spares=spares)
     sim = mesh.sim
     rng = random.Random(f"chaos/{seed}")
     regions = list(mesh.topology.regions)
@@ -1272,12 +1359,15 @@ def chaos_run(
                                  f"after repair was done at {t_stop + repaired_after:.3f}")
     stats: dict[str, int] = {}
     hint_stats: dict[str, int] = {"left": 0}
+    spare_stats: dict[str, int] = {}
     for n in mesh.names:
         for counter, v in mesh.node(n).replicas.stats.items():
             stats[counter] = stats.get(counter, 0) + v
         for counter, v in mesh.node(n).hints.stats.items():
             hint_stats[counter] = hint_stats.get(counter, 0) + v
         hint_stats["left"] += len(mesh.node(n).hints)
+        for counter, v in mesh.node(n).spare_stats.items():
+            spare_stats[counter] = spare_stats.get(counter, 0) + v
     return ChaosReport(
         seed=seed,
         acked=len(mesh.acked),
@@ -1305,5 +1395,6 @@ def chaos_run(
         faults=faults,
         replication_stats=stats,
         kv_hint_stats=hint_stats,
+        spare_stats=spare_stats,
     )
 

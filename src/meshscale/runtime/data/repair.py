@@ -14,6 +14,7 @@ from meshscale.core.api import ResidencyWire
 from meshscale.core.api import objects as api
 from meshscale.core.outputs import Event
 from meshscale.core.placement import FULL_TAG, disk_full, is_full
+from meshscale.core.puts import spare_may_source
 from meshscale.core.replication import (
     DeleteAcked,
     DeleteFailed,
@@ -113,7 +114,7 @@ class ReplicaDriver(DataPlaneBase):
                 return
             self._count("transfers_early_failed")  # push the bytes again, from our copy
         spare = None if t.req_id is None else self._spares.get(t.req_id)
-        if spare is not None and not self._may_hold(spare.up.policy):
+        if spare is not None and not spare_may_source(spare.plan):
             # Our copy is a spare outside the object's residency: it can never be a source.
             self._count("transfers_refused_residency")
             assert self.rm is not None

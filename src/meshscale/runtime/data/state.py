@@ -18,6 +18,7 @@ from meshscale.core.hlc import HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import KVHintConfig, KVHints
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, Residency, is_full, may_hold
+from meshscale.core.puts import PutPlan
 from meshscale.core.replication import ObjectPolicy, ReplicaManager, ReplicationConfig
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.local import call_node
@@ -112,10 +113,18 @@ class _Upload:
     """The write's id, allocated early when copies start before the local commit."""
     forwards: dict[str, _Forward] = field(default_factory=dict)
     expires: float | None = None
-    spare: bool = False
-    """This node is outside the object's replica set (its copies started early): its own
-    copy is a spare, written but neither hashed nor fsynced, committed only if a member's
-    copy fails (the push from it needs it) and otherwise dropped (see ``_finish_spare``)."""
+    plan: PutPlan | None = None
+    """A client put's plan (``ReplicaManager.plan_put``), made once its id is known: at
+    ``obj.put_begin`` when the client sends it ahead (or for ``obj.put_small``), else by
+    ``begin_put`` at the end."""
+
+    @property
+    def spare(self) -> bool:
+        """This node is outside the object's replica set (its copies started early): its
+        own copy is a spare, written but neither hashed nor fsynced, committed only if a
+        member's copy fails (the push from it needs it) and otherwise dropped (see
+        ``_finish_spare`` and ``core.puts``)."""
+        return self.plan is not None and self.plan.spare
 
 
 @dataclass
@@ -138,8 +147,12 @@ class _Spare:
 
     key: str
     up: _Upload
-    oid: str
+    plan: PutPlan
     commit: asyncio.Future[ObjectMeta] | None = None
+
+    @property
+    def oid(self) -> str:
+        return self.plan.oid
 
 
 def _storage_error(e: StorageError) -> ApiError:

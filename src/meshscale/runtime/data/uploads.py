@@ -17,7 +17,8 @@ from meshscale.core.api import ApiError, ErrorCode, ResidencyWire
 from meshscale.core.api import objects as api
 from meshscale.core.hlc import ClockSkewError
 from meshscale.core.objects import object_id
-from meshscale.core.placement import PlacementError, check_quorum, write_set
+from meshscale.core.placement import PlacementError
+from meshscale.core.puts import SpareFate, put_refusal, spare_fate
 from meshscale.core.replication import ObjectPolicy
 from meshscale.runtime.data.state import (
     DataPlaneBase,
@@ -50,17 +51,6 @@ class _UploadSpec:
 class Uploads(DataPlaneBase):
     """Uploads open on this node and the puts it coordinates."""
 
-    def _check_placement(self, policy: ObjectPolicy, w: int) -> None:
-        try:
-            view = self._view()
-            chosen = write_set("", view, policy.replicas, policy.residency)
-            check_quorum(chosen, w, sum(1 for c in view if c.full and policy.allows(c.region)))
-        except PlacementError as e:
-            detail = str(e)
-            if detail.startswith("cannot place"):
-                detail = detail.split(": ", 1)[-1]
-            raise PlacementError(e.rule, f"{e.rule} rule: {detail}") from None
-
     def _client_spec(self, size: int, replicas: int, w: int | None,
                      residency: ResidencyWire | None, oid: str | None,
                      ttl_s: float | None) -> _UploadSpec:
@@ -82,8 +72,11 @@ class Uploads(DataPlaneBase):
         return _UploadSpec(h.size, _policy(h.replicas, h.residency), min(2, h.replicas), h.id,
                            hint_for=h.hint_for, expires=h.expires, written=h.written)
 
-    def _new_upload(self, spec: _UploadSpec, *, client: bool) -> str:
-        assert self.store is not None
+    def _new_upload(self, spec: _UploadSpec, *, client: bool, early: bool = False) -> str:
+        """A new upload. A client put whose id is known is planned here, once
+        (``ReplicaManager.plan_put``); ``early``: its copies leave while the bytes arrive
+        (cut-through, or a small put's copies sent while this node commits its own)."""
+        assert self.store is not None and self.rm is not None
         self._expire_uploads()
         if len(self._uploads) >= self.cfg.max_uploads:
             raise ApiError(ErrorCode.BUSY, f"busy: {self.cfg.max_uploads} uploads already open")
@@ -95,11 +88,15 @@ class Uploads(DataPlaneBase):
             raise ApiError(ErrorCode.REFUSED, (
                 f"refused: this node's region {self.agent.meta.region!r} may not hold a copy "
                 f"({policy.residency.describe()})"))
+        plan = None
         if client:
             try:
-                self._check_placement(policy, spec.w)
+                if spec.oid is None:
+                    self.rm.check_put(policy, spec.w)
+                else:
+                    plan = self.rm.plan_put(spec.oid, policy, spec.w, early_copies=early)
             except PlacementError as e:
-                raise ApiError(ErrorCode.REFUSED, f"refused: {e}") from None
+                raise ApiError(ErrorCode.REFUSED, f"refused: {put_refusal(e)}") from None
         now = time.time()
         ttl_s = spec.ttl_s
         if ttl_s is None and spec.expires is not None:
@@ -122,7 +119,8 @@ class Uploads(DataPlaneBase):
         upload = f"{self.agent.name}-{next(self._upload_ids)}"
         self._uploads[upload] = _Upload(writer, spec.size, policy, spec.w, spec.oid,
                                         spec.hint_for, client,
-                                        expires=None if ttl_s is None else now + ttl_s)
+                                        expires=None if ttl_s is None else now + ttl_s,
+                                        plan=plan)
         return upload
 
     def _write_stamp(self, spec: _UploadSpec, client: bool, now: float) -> str | None:
@@ -212,22 +210,17 @@ class Uploads(DataPlaneBase):
             written=up.writer.written_ts)
 
     def _early_targets(self, up: _Upload, oid: str) -> list[str]:
-        """The other members of ``oid``'s replica set, as ``begin_put`` will choose them
-        from the same view (if the view changes meanwhile, a member without an early copy
-        gets a normal transfer and an early copy outside the set is a stray copy, handed
-        off like any other)."""
-        try:
-            chosen = write_set(oid, self._view(), up.policy.replicas, up.policy.residency)
-        except PlacementError:
-            return []
+        """The other members of ``oid``'s write set, from the put's plan: ``begin_put``
+        sends to the same ones (a member that left or filled meanwhile gets a stand-in;
+        a copy that went early to it is then a stray copy, handed off like any other)."""
+        plan = up.plan
+        assert plan is not None and plan.oid == oid, "early copies of a put not planned"
         if up.req is None:
             up.req = next(self._req_ids)
-        targets = [c.name for c in chosen if c.name != self.agent.name]
-        if len(targets) == len(chosen) and targets and up.expected_id is not None:
+        if plan.spare:
             # Not a member: our copy is only a fallback for the pushes (see _finish_spare).
-            up.spare = True
             up.writer.defer_hash()
-        return targets
+        return list(plan.forwards)
 
     def _add_forward(self, up: _Upload, dst: str, work: Callable[[_Forward], Any],
                      *, queued: bool) -> None:
@@ -359,7 +352,8 @@ class Uploads(DataPlaneBase):
     def _rpc_put_begin(self, req: api.PutBeginRequest) -> api.PutBeginReply:
         oid = req.id
         key = self._new_upload(self._client_spec(req.size, req.replicas, req.w, req.residency,
-                                                 oid, req.ttl_s), client=True)
+                                                 oid, req.ttl_s), client=True,
+                               early=oid is not None and req.size > self.cfg.inline_bytes)
         policy = self._uploads[key].policy
         if oid is None and not self._may_hold(policy):
             # Without the id the bytes are committed here before their set is known: that
@@ -455,9 +449,10 @@ class Uploads(DataPlaneBase):
         req = up.req if up.req is not None else next(self._req_ids)
         fut: asyncio.Future[tuple[str, tuple[str, ...]]] = asyncio.get_running_loop().create_future()
         self._puts[req] = fut
+        plan = up.plan if up.plan is not None and up.plan.oid == meta.object_id else None
         try:
             self.rm.begin_put(req, meta.object_id, up.policy, up.w, time.monotonic(),
-                              _stamp(meta.written))
+                              _stamp(meta.written), plan=plan)
         except PlacementError as e:
             self._puts.pop(req, None)
             raise ValueError(f"refused: {e}") from None
@@ -476,7 +471,7 @@ class Uploads(DataPlaneBase):
         set confirms it). A push that must fall back to our copy (a member's copy failed,
         a stand-in, a member without an early copy) commits it first, with the full hash
         check against the id; otherwise it is removed once every member's copy settled."""
-        assert self.rm is not None and up.req is not None and up.expected_id is not None
+        assert self.rm is not None and up.req is not None and up.plan is not None
         self._uploads.pop(key, None)
         try:
             await self._settle(key, up)
@@ -487,14 +482,14 @@ class Uploads(DataPlaneBase):
         if up.received != up.size:
             self._abort_upload(up)
             raise ValueError(f"truncated upload: {up.received} of {up.size} bytes; nothing stored")
-        oid, req = up.expected_id, up.req
+        oid, req = up.plan.oid, up.req
         self._stamp_after_tombstone(up, oid)
-        self._spares[req] = _Spare(key, up, oid)
+        self._spares[req] = _Spare(key, up, up.plan)
         fut: asyncio.Future[tuple[str, tuple[str, ...]]] = asyncio.get_running_loop().create_future()
         self._puts[req] = fut
         try:
             self.rm.begin_put(req, oid, up.policy, up.w, time.monotonic(),
-                              _stamp(up.writer.written_ts))
+                              _stamp(up.writer.written_ts), plan=up.plan)
         except PlacementError as e:
             self._puts.pop(req, None)
             self._spares.pop(req, None)
@@ -535,15 +530,15 @@ class Uploads(DataPlaneBase):
         spare = self._spares.get(req)
         if spare is None:
             return
-        if spare.commit is None and (all(r is True for r in results)
-                                     or not self._may_hold(spare.up.policy)):
+        fate = spare_fate(spare.plan, [r is True for r in results], spare.commit is not None)
+        if fate is SpareFate.DROP:
             # Not needed, or not ours to keep: a spare outside the object's residency is
             # never committed, whatever became of the put (a failed put leaves nothing).
             self._spares.pop(req, None)
             self._abort_upload(spare.up)
             self._count("spare_copies_dropped")
             return
-        if spare.commit is None:
+        if fate is SpareFate.COMMIT:
             await self._commit_spare(req)
         with contextlib.suppress(Exception):
             assert spare.commit is not None
@@ -598,7 +593,7 @@ class Uploads(DataPlaneBase):
         # (uncommitted) copy, as for a large put, instead of committing a stray copy that
         # it must hand off and drop again.
         key = self._new_upload(self._client_spec(len(data), req.replicas, req.w, req.residency,
-                                                 oid, req.ttl_s), client=True)
+                                                 oid, req.ttl_s), client=True, early=True)
         up = self._uploads[key]
         self._stamp_after_tombstone(up, oid)
         self._start_small_copies(up, oid, data)
