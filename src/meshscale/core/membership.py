@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -256,6 +256,14 @@ class State(IntEnum):
 
 
 _STATES = tuple(State)
+# The states as module constants: reading ``State.ALIVE`` goes through the enum's
+# class machinery (several times slower than a global), and the hot paths compare
+# states on every message. Same objects, so nothing else changes.
+_ALIVE = State.ALIVE
+_SUSPECT = State.SUSPECT
+_DEAD = State.DEAD
+_LEFT = State.LEFT
+_REMOVED = State.REMOVED
 
 # --------------------------------------------------------------------------- events
 
@@ -453,7 +461,7 @@ class Membership:
         self.rng = rng
         self._check_meta(meta)
         self.members: dict[str, Member] = {
-            name: Member(name, addr, incarnation, State.ALIVE, meta, now)
+            name: Member(name, addr, incarnation, _ALIVE, meta, now)
         }
         self.vivaldi = VivaldiClient(self.config.vivaldi, rng)
         self.awareness = 0
@@ -484,6 +492,17 @@ class Membership:
         self.left_at: float | None = None
         self._stopped = False
         self._verify_revocation = verify_revocation
+        # Handler of each gossip message type (decoding yields exactly these types).
+        self._handlers: dict[type, Callable[[Any, float], object]] = {
+            Ping: self._on_ping,
+            Ack: self._on_ack,
+            Alive: self._on_alive,
+            Suspect: self._on_suspect,
+            Dead: self._on_dead,
+            IndirectPing: self._on_indirect_ping,
+            Revoke: self._on_revoke,
+            Nack: self._on_nack,
+        }
         self.revoked: dict[str, bytes] = {}
         """Removed member name -> the signed entry that removed it."""
         self._revoked_by_entry: dict[bytes, str] = {}
@@ -512,7 +531,7 @@ class Membership:
 
     def live_members(self) -> list[Member]:
         """Members believed alive or suspect (including this node)."""
-        return [m for m in self.members.values() if m.state <= State.SUSPECT]
+        return [m for m in self.members.values() if m.state <= _SUSPECT]
 
     def state_of(self, name: str) -> State | None:
         m = self.members.get(name)
@@ -562,24 +581,34 @@ class Membership:
         for name, addr, inc, meta in members:
             if name != self.name and name not in self.members:
                 self._add_member(Alive(name, inc, addr, meta), now)
-                self._set_state(self.members[name], State.ALIVE, now)
+                self._set_state(self.members[name], _ALIVE, now)
         self._after_install(now)
 
     def install_shared_view(
-        self, records: dict[str, Member], order: list[str], now: float
+        self, records: dict[str, Member], order: list[str], now: float,
+        live: int | None = None,
     ) -> None:
         """Like ``install_view``, but the records (marked ``shared``) are shared with
         other nodes and copied only when this node changes one: a 10,000-node
-        converged start then costs 10,000 dicts of pointers, not 10^8 records."""
+        converged start then costs 10,000 dicts of pointers, not 10^8 records.
+        ``live``: how many of ``records`` are alive or suspect, if the caller knows
+        (it installs the same records in every node; counting them per node is
+        O(N^2) for the mesh)."""
         self._now = now
         mine = self.members[self.name]
         self.members = dict(records)
         self.members[self.name] = mine
-        self._probe_order = [n for n in order if n != self.name]
+        probe_order = list(order)
+        if self.name in records or self.name in probe_order:
+            probe_order.remove(self.name)  # names in order are unique
+        self._probe_order = probe_order
         self._probe_index = 0
-        self._alive_count = 1 + sum(
-            1 for n, m in records.items() if n != self.name and m.state <= State.SUSPECT
-        )
+        if live is None:
+            live = sum(1 for m in records.values() if m.state <= _SUSPECT)
+        own = records.get(self.name)
+        if own is not None and own.state <= _SUSPECT:
+            live -= 1
+        self._alive_count = 1 + live
         self._after_install(now)
 
     def _after_install(self, now: float) -> None:
@@ -635,13 +664,15 @@ class Membership:
             return
         self._count_n("bytes_in", len(payload))
         self._count("packets_in")
+        decode = _gossip_decoder.decode
+        handlers = self._handlers
         for raw in raws:
             try:
-                msg = _gossip_decoder.decode(raw)
+                msg = decode(raw)
             except DECODE_ERRORS:
                 self._count("rejected.malformed")
                 continue
-            self._dispatch(msg, src, now)
+            handlers[type(msg)](msg, now)
 
     def handle_stream(self, src: str, payload: bytes, now: float,
                       peer: str | None = None) -> bytes | None:
@@ -814,8 +845,8 @@ class Membership:
             return
         targets = self._random_members(
             self.config.gossip_nodes,
-            lambda m: m.state <= State.SUSPECT
-            or (m.state == State.DEAD and now - m.state_since < self.config.gossip_to_dead_s),
+            lambda m: m.state <= _SUSPECT
+            or (m.state == _DEAD and now - m.state_since < self.config.gossip_to_dead_s),
         )
         for m in targets:
             if not self._broadcasts:
@@ -875,7 +906,7 @@ class Membership:
         self._count("probes")
         ping = Ping(seq, target.name, self.name, self.addr)
         extra: list[bytes] = [_encode(ping)]
-        if self.config.lifeguard and target.state == State.SUSPECT:
+        if self.config.lifeguard and target.state == _SUSPECT:
             # Buddy system: tell a suspected member it is suspected, so it can refute.
             extra.append(_encode(Suspect(target.name, target.inc, self.name)))
         self._send_many(target.addr, extra, now)
@@ -911,7 +942,7 @@ class Membership:
             name = order[i]
             self._probe_index += 1
             m = self.members.get(name)
-            if m is not None and m.state <= State.SUSPECT and name != self.name:
+            if m is not None and m.state <= _SUSPECT and name != self.name:
                 return m
         return None
 
@@ -920,11 +951,11 @@ class Membership:
         if probe.acked or self._current_probe is not probe:
             return
         target = self.members.get(probe.target)
-        if target is None or target.state > State.SUSPECT:
+        if target is None or target.state > _SUSPECT:
             return
         relays = self._random_members(
             self.config.indirect_checks,
-            lambda m: m.state == State.ALIVE and m.name != probe.target,
+            lambda m: m.state == _ALIVE and m.name != probe.target,
         )
         want_nack = self.config.lifeguard
         for relay in relays:
@@ -946,7 +977,7 @@ class Membership:
         if probe.timeout_timer is not None:
             probe.timeout_timer.active = False
         target = self.members.get(probe.target)
-        if target is None or target.state > State.SUSPECT:
+        if target is None or target.state > _SUSPECT:
             return
         if probe.expected_nacks > 0:
             self._apply_awareness(max(0, probe.expected_nacks - probe.nacks))
@@ -958,22 +989,7 @@ class Membership:
     # ------------------------------------------------------------------ receiving
 
     def _dispatch(self, msg: GossipMessage, src: str, now: float) -> None:
-        if isinstance(msg, Ping):
-            self._on_ping(msg, now)
-        elif isinstance(msg, Ack):
-            self._on_ack(msg, now)
-        elif isinstance(msg, Alive):
-            self._on_alive(msg, now)
-        elif isinstance(msg, Suspect):
-            self._on_suspect(msg, now)
-        elif isinstance(msg, Dead):
-            self._on_dead(msg, now)
-        elif isinstance(msg, IndirectPing):
-            self._on_indirect_ping(msg, now)
-        elif isinstance(msg, Revoke):
-            self._on_revoke(msg, now)
-        else:
-            self._on_nack(msg)
+        self._handlers[type(msg)](msg, now)
 
     def _on_ping(self, msg: Ping, now: float) -> None:
         self._count("pings_in")
@@ -988,7 +1004,7 @@ class Membership:
             return
         ack = _encode(Ack(msg.seq, self.name, self.vivaldi.coordinate))
         sender = self.members.get(msg.source)
-        if sender is not None and sender.state == State.DEAD:
+        if sender is not None and sender.state == _DEAD:
             # The sender is back from a pause or a partition: tell it at once.
             self._send_many(
                 msg.source_addr, [ack, _encode(Dead(sender.name, sender.inc, self.name))], now
@@ -1026,7 +1042,7 @@ class Membership:
                 if member is not None:
                     self._own(member).coord = msg.coord
 
-    def _on_nack(self, msg: Nack) -> None:
+    def _on_nack(self, msg: Nack, now: float) -> None:
         probe = self._probes.get(msg.seq)
         if probe is not None:
             probe.nacks += 1
@@ -1055,8 +1071,8 @@ class Membership:
 
     def _set_state(self, m: Member, state: State, now: float) -> None:
         assert not m.shared, "copy a shared record before changing it"
-        was_live = m.state <= State.SUSPECT
-        is_live = state <= State.SUSPECT
+        was_live = m.state <= _SUSPECT
+        is_live = state <= _SUSPECT
         m.state = state
         m.state_since = now
         if was_live and not is_live:
@@ -1071,7 +1087,7 @@ class Membership:
         if len(self.members) >= self.config.max_members:
             self._count("rejected.too_many_members")
             return None
-        m = Member(msg.node, msg.addr, msg.inc, State.DEAD, msg.meta, now)
+        m = Member(msg.node, msg.addr, msg.inc, _DEAD, msg.meta, now)
         self.members[msg.node] = m
         # Insert at a random position so a newcomer is probed within one round.
         pos = self.rng.randint(self._probe_index, len(self._probe_order))
@@ -1104,7 +1120,7 @@ class Membership:
                 return
         elif msg.inc <= m.inc:
             return
-        elif m.addr != msg.addr and m.state == State.ALIVE:
+        elif m.addr != msg.addr and m.state == _ALIVE:
             # Two live nodes claim one name: keep the one we know until it is suspected
             # (a node restarted on a new port takes over once its old address fails).
             self._count("rejected.name_conflict")
@@ -1116,12 +1132,12 @@ class Membership:
         m.addr = msg.addr
         m.meta = msg.meta
         self._cancel_suspicion(m.name)
-        if was != State.ALIVE or new:
-            self._set_state(m, State.ALIVE, now)
+        if was != _ALIVE or new:
+            self._set_state(m, _ALIVE, now)
         self._queue_broadcast(m.name, _encode(msg))
         if new:
             self._emit(MemberJoined(m.name, m.addr, m.meta, m.inc))
-        elif was != State.ALIVE:
+        elif was != _ALIVE:
             self._emit(MemberAlive(m.name, m.inc))
             if meta_changed:
                 self._emit(MemberUpdated(m.name, m.meta, m.inc))
@@ -1138,7 +1154,7 @@ class Membership:
         m = self.members.get(msg.node)
         if m is None or msg.inc < m.inc:
             return
-        if m.state == State.SUSPECT:
+        if m.state == _SUSPECT:
             sus = self._suspicions.get(m.name)
             # Count (and re-gossip) at most K confirmations, as memberlist does: beyond
             # K the timeout is already at its minimum, and re-gossiping every further
@@ -1153,11 +1169,11 @@ class Membership:
                 self._arm_suspicion(m.name, sus)
                 self._queue_broadcast(m.name, _encode(msg))
             return
-        if m.state != State.ALIVE:
+        if m.state != _ALIVE:
             return
         m = self._own(m)
         m.inc = msg.inc
-        self._set_state(m, State.SUSPECT, now)
+        self._set_state(m, _SUSPECT, now)
         self._count("suspicions")
         n = self._alive_count
         min_s = suspicion_min_timeout(self.config, n)
@@ -1181,7 +1197,7 @@ class Membership:
 
     def _suspicion_expired(self, name: str, sus: _Suspicion, now: float) -> None:
         m = self.members.get(name)
-        if m is None or m.state != State.SUSPECT or self._suspicions.get(name) is not sus:
+        if m is None or m.state != _SUSPECT or self._suspicions.get(name) is not sus:
             return
         lone = len(sus.confirmations) <= max(sus.k, 1)  # fewer than K confirmations
         if self.config.lifeguard and lone and sus.last_chances < self.config.last_chance_probes:
@@ -1213,7 +1229,7 @@ class Membership:
     def _last_chance_over(self, name: str, sus: _Suspicion, now: float) -> None:
         self._forget_last_chance(name)
         m = self.members.get(name)
-        if m is None or m.state != State.SUSPECT or self._suspicions.get(name) is not sus:
+        if m is None or m.state != _SUSPECT or self._suspicions.get(name) is not sus:
             return
         if sus.answered:
             # It is alive; give its refutation time to reach us before asking again.
@@ -1239,13 +1255,13 @@ class Membership:
         m = self.members.get(msg.node)
         if m is None or msg.inc < m.inc:
             return
-        if m.state > State.SUSPECT:
+        if m.state > _SUSPECT:
             return
         m = self._own(m)
         m.inc = msg.inc
         self._cancel_suspicion(m.name)
         left = msg.source == msg.node
-        self._set_state(m, State.LEFT if left else State.DEAD, now)
+        self._set_state(m, _LEFT if left else _DEAD, now)
         self._queue_broadcast(m.name, _encode(msg))
         if left:
             self._emit(MemberLeft(m.name, m.inc))
@@ -1302,7 +1318,7 @@ class Membership:
             return name
         else:
             m = self.members.get(name)
-            if m is not None and m.state != State.REMOVED:
+            if m is not None and m.state != _REMOVED:
                 # Tell the removed node itself, once, directly: nobody gossips to it any
                 # more, and it should stop rather than knock on closed doors.
                 notice = encode_envelope([_encode(msg)])
@@ -1311,7 +1327,7 @@ class Membership:
                 self._outputs.append(SendDatagram(m.addr, notice))
                 m = self._own(m)
                 self._cancel_suspicion(name)
-                self._set_state(m, State.REMOVED, now)
+                self._set_state(m, _REMOVED, now)
         self._emit(MemberRemoved(name, entry))
         return name
 
@@ -1329,11 +1345,11 @@ class Membership:
                 self._count("rejected.malformed")
                 continue
             state = _STATES[st.state]
-            if state == State.REMOVED:
+            if state == _REMOVED:
                 continue  # only a signed entry (above) removes a member
-            if state == State.ALIVE:
+            if state == _ALIVE:
                 self._on_alive(Alive(st.name, st.inc, st.addr, st.meta), now)
-            elif state == State.LEFT:
+            elif state == _LEFT:
                 if st.name not in self.members:
                     continue
                 self._on_dead(Dead(st.name, st.inc, st.name), now)
@@ -1355,7 +1371,7 @@ class Membership:
         )
         if self._left:
             return
-        peers = self._random_members(1, lambda m: m.state == State.ALIVE)
+        peers = self._random_members(1, lambda m: m.state == _ALIVE)
         if peers:
             self._push_pull_with(peers[0].addr, False)
 
@@ -1369,7 +1385,7 @@ class Membership:
         dead = [
             m
             for m in map(self.members.__getitem__, self._down)
-            if m.state == State.DEAD and now - m.state_since < self.config.reconnect_timeout_s
+            if m.state == _DEAD and now - m.state_since < self.config.reconnect_timeout_s
         ]
         if dead:
             target = dead[self.rng.randrange(len(dead))]

@@ -77,8 +77,9 @@ class SwimMesh:
             records = {
                 n: Member(n, n, 0, State.ALIVE, metas[n], 0.0, shared=True) for n in self.names
             }
+            live = len(records)  # all alive
             for name in self.names:
-                self.sim.call(name, lambda p, now: _install(p, records, self.names, now))
+                self.sim.call(name, lambda p, now: _install(p, records, self.names, now, live))
             if nodes >= 2000:
                 # Ten thousand views of ten thousand members are long-lived containers:
                 # keep the cyclic GC from walking them over and over.
@@ -271,9 +272,10 @@ def _revoke(p: DrivenProtocol, entry: bytes, now: float) -> None:
     p.revoke(entry, now)
 
 
-def _install(p: DrivenProtocol, records: dict[str, Member], order: list[str], now: float) -> None:
+def _install(p: DrivenProtocol, records: dict[str, Member], order: list[str], now: float,
+             live: int) -> None:
     assert isinstance(p, Membership)
-    p.install_shared_view(records, order, now)
+    p.install_shared_view(records, order, now, live)
 
 
 def _join(p: DrivenProtocol, seeds: list[str], now: float) -> None:
