@@ -413,6 +413,12 @@ class _Broadcast:
         self.transmits = 0
 
 
+def _broadcast_rank(b: _Broadcast) -> tuple[int, int]:
+    """Sending order of queued broadcasts: fewest transmissions first, newest first
+    among equals (memberlist's order). Unique: ``order`` is."""
+    return (b.transmits, -b.order)
+
+
 @dataclass(slots=True)
 class _Probe:
     seq: int
@@ -480,6 +486,11 @@ class Membership:
         self._current_probe: _Probe | None = None
         self._suspicions: dict[str, _Suspicion] = {}
         self._broadcasts: dict[str, _Broadcast] = {}
+        # The same broadcasts in sending order (fewest transmissions first, newest first
+        # among equals), kept sorted as they change rather than sorted per datagram;
+        # re-sorted only after a datagram that took some of them but not all.
+        self._bqueue: list[_Broadcast] = []
+        self._bqueue_sorted = True
         self._broadcast_order = 0
         self._gossip_timer: _Timer | None = None
         self._gossip_phase = rng.uniform(0, self.config.gossip_interval_s)
@@ -613,6 +624,8 @@ class Membership:
 
     def _after_install(self, now: float) -> None:
         self._broadcasts.clear()
+        self._bqueue.clear()
+        self._bqueue_sorted = True
         self._joined = True
         # Spread the first full-state exchange over the period this mesh size calls for.
         self._push_pull_timer.active = False
@@ -792,28 +805,50 @@ class Membership:
             return []
         limit = retransmit_limit(self.config, self._alive_count)
         # Fewest transmissions first, newest first among equals (memberlist's order).
-        queue = sorted(self._broadcasts.values(), key=lambda b: (b.transmits, -b.order))
+        queue = self._bqueue
+        if not self._bqueue_sorted:
+            queue.sort(key=_broadcast_rank)
+            self._bqueue_sorted = True
         out: list[bytes] = []
-        for b in queue:
+        expired = False
+        every = True  # every queued broadcast was taken: their order is unchanged
+        last = len(queue) - 1
+        for i, b in enumerate(queue):
             size = len(b.data) + 2
             if size > budget:
+                every = False
                 continue
             budget -= size
             out.append(b.data)
             b.transmits += 1
             if b.transmits >= limit:
                 del self._broadcasts[b.key]
+                expired = True
             if budget <= 8:
+                if i < last:
+                    every = False
                 break
+        if expired:
+            broadcasts = self._broadcasts
+            self._bqueue = [b for b in queue if broadcasts.get(b.key) is b]
+        if not every:
+            self._bqueue_sorted = False
         return out
 
     def _queue_broadcast(self, key: str, data: bytes) -> None:
         """Queue an update about member ``key``; it replaces any older one about it."""
         self._broadcast_order += 1
-        self._broadcasts[key] = _Broadcast(key, data, self._broadcast_order)
+        b = _Broadcast(key, data, self._broadcast_order)
+        old = self._broadcasts.get(key)
+        self._broadcasts[key] = b
+        queue = self._bqueue
+        if old is not None:
+            queue.remove(old)
+        queue.insert(0, b)  # no transmissions yet and the newest: first in sending order
         if len(self._broadcasts) > self.config.max_pending_broadcasts:
-            victim = max(self._broadcasts.values(), key=lambda b: (b.transmits, -b.order))
+            victim = queue[-1] if self._bqueue_sorted else max(queue, key=_broadcast_rank)
             del self._broadcasts[victim.key]
+            queue.remove(victim)
             self._count("broadcasts_shed")
         if self._gossip_timer is None:
             self._schedule_gossip()
