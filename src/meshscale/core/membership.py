@@ -240,6 +240,17 @@ class PushPull(msgspec.Struct, tag=8, array_like=True):
     revoked: list[RevocationEntry] = []
 
 
+class _PushPullOut(msgspec.Struct, tag=8, array_like=True):
+    """``PushPull`` as sent: the same tag and fields, the states as plain tuples (an
+    ``IntEnum`` state encodes as its int). Encodes to exactly the bytes of the
+    ``PushPull`` with the same content; decoding always uses ``PushPull``."""
+
+    source: str
+    join: bool
+    states: list[tuple[str, str, int, int, NodeMeta]]
+    revoked: list[bytes] = []
+
+
 GossipMessage = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | Revoke
 _gossip_decoder = msgspec.msgpack.Decoder(GossipMessage)
 _stream_decoder = msgspec.msgpack.Decoder(PushPull)
@@ -698,7 +709,8 @@ class Membership:
         self._merge_remote(msg, now)
         if msg.join:
             self._count("joins_served")
-        return _encode(PushPull(self.name, False, self._snapshot(), list(self.revoked.values())))
+        return _encode(
+            _PushPullOut(self.name, False, self._snapshot(), list(self.revoked.values())))
 
     def handle_stream_reply(self, src: str, payload: bytes, now: float,
                             peer: str | None = None) -> None:
@@ -1366,15 +1378,18 @@ class Membership:
         self._emit(MemberRemoved(name, entry))
         return name
 
-    def _snapshot(self) -> list[NodeState]:
-        return [
-            NodeState(m.name, m.addr, m.inc, int(m.state), m.meta) for m in self.members.values()
-        ]
+    def _snapshot(self) -> list[tuple[str, str, int, int, NodeMeta]]:
+        """Every member as a ``NodeState`` would encode (an array-like struct encodes
+        as the tuple of its fields), without building 10,000 structs per push/pull."""
+        return [(m.name, m.addr, m.inc, m.state, m.meta) for m in self.members.values()]
 
     def _merge_remote(self, msg: PushPull, now: float) -> None:
         for entry in msg.revoked:
             if self._verify_revocation is not None:
                 self._on_revoke(Revoke(entry), now)
+        members = self.members
+        revoked = self.revoked
+        me = self.name
         for st in msg.states:
             if not 0 <= st.state < len(_STATES):
                 self._count("rejected.malformed")
@@ -1383,7 +1398,12 @@ class Membership:
             if state == _REMOVED:
                 continue  # only a signed entry (above) removes a member
             if state == _ALIVE:
-                self._on_alive(Alive(st.name, st.inc, st.addr, st.meta), now)
+                name = st.name
+                if name not in revoked and name != me:
+                    m = members.get(name)
+                    if m is not None and st.inc <= m.inc:
+                        continue  # what _on_alive would decide, without building an Alive
+                self._on_alive(Alive(name, st.inc, st.addr, st.meta), now)
             elif state == _LEFT:
                 if st.name not in self.members:
                     continue
@@ -1394,7 +1414,8 @@ class Membership:
                 self._on_suspect(Suspect(st.name, st.inc, msg.source), now)
 
     def _push_pull_with(self, addr: str, join: bool) -> None:
-        payload = _encode(PushPull(self.name, join, self._snapshot(), list(self.revoked.values())))
+        payload = _encode(
+            _PushPullOut(self.name, join, self._snapshot(), list(self.revoked.values())))
         self._count("push_pull_out")
         self._outputs.append(StreamRequest(addr, payload))
 
