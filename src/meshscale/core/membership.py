@@ -415,11 +415,12 @@ class _Timer:
 
 
 class _Broadcast:
-    __slots__ = ("data", "key", "order", "transmits")
+    __slots__ = ("data", "key", "order", "size", "transmits")
 
     def __init__(self, key: str, data: bytes, order: int) -> None:
         self.key = key
         self.data = data
+        self.size = len(data) + 2  # what it takes of a datagram's budget
         self.order = order
         self.transmits = 0
 
@@ -686,8 +687,9 @@ class Membership:
         except WireError as exc:
             self._count("rejected." + exc.reason)
             return
-        self._count_n("bytes_in", len(payload))
-        self._count("packets_in")
+        stats = self.stats
+        stats["bytes_in"] = stats.get("bytes_in", 0) + len(payload)
+        stats["packets_in"] = stats.get("packets_in", 0) + 1
         decode = _gossip_decoder.decode
         handlers = self._handlers
         for raw in raws:
@@ -826,7 +828,7 @@ class Membership:
         every = True  # every queued broadcast was taken: their order is unchanged
         last = len(queue) - 1
         for i, b in enumerate(queue):
-            size = len(b.data) + 2
+            size = b.size
             if size > budget:
                 every = False
                 continue
@@ -1192,31 +1194,34 @@ class Membership:
             self._emit(MemberUpdated(m.name, m.meta, m.inc))
 
     def _on_suspect(self, msg: Suspect, now: float) -> None:
-        if msg.source in self.revoked:
+        # The hot path of a mesh with slow members: most suspicions gossiped to us are
+        # about a member we already suspect, with K confirmations counted.
+        source = msg.source
+        if source in self.revoked:
             self._count("rejected.removed")
             return
-        if msg.node == self.name:
+        node = msg.node
+        if node == self.name:
             self._accused(msg.inc, now)
             return
-        m = self.members.get(msg.node)
+        m = self.members.get(node)
         if m is None or msg.inc < m.inc:
             return
-        if m.state == _SUSPECT:
-            sus = self._suspicions.get(m.name)
+        state = m.state
+        if state == _SUSPECT:
+            sus = self._suspicions.get(node)
             # Count (and re-gossip) at most K confirmations, as memberlist does: beyond
             # K the timeout is already at its minimum, and re-gossiping every further
             # accuser of a slow node costs O(N) messages each.
-            if (
-                sus is not None
-                and msg.source not in sus.confirmations
-                and len(sus.confirmations) <= sus.k
-            ):
-                sus.confirmations.add(msg.source)
-                self._count("suspicion_confirmations")
-                self._arm_suspicion(m.name, sus)
-                self._queue_broadcast(m.name, _encode(msg))
+            if sus is not None:
+                confirmations = sus.confirmations
+                if source not in confirmations and len(confirmations) <= sus.k:
+                    confirmations.add(source)
+                    self._count("suspicion_confirmations")
+                    self._arm_suspicion(node, sus)
+                    self._queue_broadcast(node, _encode(msg))
             return
-        if m.state != _ALIVE:
+        if state != _ALIVE:
             return
         m = self._own(m)
         m.inc = msg.inc
