@@ -29,7 +29,7 @@ from meshscale.core.membership import (
     suspicion_min_timeout,
 )
 from meshscale.core.outputs import SendDatagram, StreamRequest
-from meshscale.core.wire import decode_envelope, encode_envelope
+from meshscale.core.wire import PROTOCOL_VERSION, decode_envelope, encode_envelope
 
 
 def make(name: str, now: float = 0.0, **cfg: object) -> Membership:
@@ -483,3 +483,12 @@ def test_push_pull_as_sent_encodes_like_push_pull() -> None:
             ref = PushPull("s", join, [NodeState(n, a, i, int(st), m)
                                        for n, a, i, st, m in states], revoked)
             assert sent == _encode(ref)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 15, 16, 17, 255, 256, 65535, 65536, 65537])
+def test_envelope_is_built_as_msgpack_would_encode_it(n: int) -> None:
+    msgs = [msgspec.msgpack.encode([i, "x" * (i % 5)]) for i in range(n)]
+    ref = msgspec.msgpack.encode((PROTOCOL_VERSION, [msgspec.Raw(m) for m in msgs]))
+    assert encode_envelope(msgs) == ref
+    if n <= 256:
+        assert [bytes(r) for r in decode_envelope(ref, 10**7)] == msgs
