@@ -29,7 +29,7 @@ from meshscale.core.membership import (
     suspicion_min_timeout,
 )
 from meshscale.core.outputs import SendDatagram, StreamRequest
-from meshscale.core.wire import decode_envelope, encode_envelope
+from meshscale.core.wire import PROTOCOL_VERSION, decode_envelope, encode_envelope
 
 
 def make(name: str, now: float = 0.0, **cfg: object) -> Membership:
@@ -459,3 +459,36 @@ def test_a_push_pull_must_come_from_the_node_it_names() -> None:
     assert nodes["a"].handle_stream("b", out[0].payload, 1.0, peer="c") is None
     assert nodes["a"].stats["rejected.impersonation"] == 1
     assert nodes["a"].handle_stream("b", out[0].payload, 1.0, peer="b") is not None
+
+
+def test_push_pull_as_sent_encodes_like_push_pull() -> None:
+    """The sender builds push/pull states as tuples (``_PushPullOut``, no 10,000 structs
+    per exchange); the bytes must be exactly those of the ``PushPull`` receivers decode."""
+    from meshscale.core.membership import (
+        NodeState,
+        PushPull,
+        _encode,
+        _PushPullOut,
+    )
+
+    states = [
+        ("a", "10.0.0.1:7946", 3, State.SUSPECT,
+         NodeMeta("eu", "eu-1", {"k": "v"}, {"cpu": 4.0}, {"http": "x:1"})),
+        ("b", "b", 0, State.ALIVE, NodeMeta()),
+        ("c", "c", 2**40, State.LEFT, NodeMeta(region="us")),
+    ]
+    for join in (False, True):
+        for revoked in ([], [b"entry"]):
+            sent = _encode(_PushPullOut("s", join, states, revoked))
+            ref = PushPull("s", join, [NodeState(n, a, i, int(st), m)
+                                       for n, a, i, st, m in states], revoked)
+            assert sent == _encode(ref)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 15, 16, 17, 255, 256, 65535, 65536, 65537])
+def test_envelope_is_built_as_msgpack_would_encode_it(n: int) -> None:
+    msgs = [msgspec.msgpack.encode([i, "x" * (i % 5)]) for i in range(n)]
+    ref = msgspec.msgpack.encode((PROTOCOL_VERSION, [msgspec.Raw(m) for m in msgs]))
+    assert encode_envelope(msgs) == ref
+    if n <= 256:
+        assert [bytes(r) for r in decode_envelope(ref, 10**7)] == msgs

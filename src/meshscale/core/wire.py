@@ -57,9 +57,23 @@ class WireError(Exception):
 _envelope_decoder = msgspec.msgpack.Decoder(tuple[int, list[msgspec.Raw]])
 
 
+# fixarray(2), then the version as MessagePack encodes it.
+_ENVELOPE_PREFIX = b"\x92" + msgspec.msgpack.encode(PROTOCOL_VERSION)
+_ENVELOPE_HEADS = tuple(_ENVELOPE_PREFIX + bytes([0x90 | n]) for n in range(16))
+
+
 def encode_envelope(messages: list[bytes]) -> bytes:
-    """Wrap already-encoded messages into one datagram payload."""
-    return msgspec.msgpack.encode((PROTOCOL_VERSION, [msgspec.Raw(m) for m in messages]))
+    """Wrap already-encoded messages into one datagram payload: exactly the bytes of
+    ``msgspec.msgpack.encode((PROTOCOL_VERSION, [Raw(m) for m in messages]))``, built
+    by hand because every datagram of every node goes through here."""
+    n = len(messages)
+    if n < 16:
+        head = _ENVELOPE_HEADS[n]
+    elif n <= 0xFFFF:
+        head = _ENVELOPE_PREFIX + b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = _ENVELOPE_PREFIX + b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(messages)
 
 
 def decode_envelope(payload: bytes, max_size: int, max_messages: int = 256) -> list[msgspec.Raw]:

@@ -874,8 +874,9 @@ class DataMesh:
         records = {
             n: Member(n, n, 0, State.ALIVE, self.metas[n], 0.0, shared=True) for n in self.names
         }
+        live = len(records)  # all alive
         for name in self.names:
-            self.sim.call(name, lambda p, now: _install(p, records, self.names, now))
+            self.sim.call(name, lambda p, now: _install(p, records, self.names, now, live))
 
     def _factory(self, ctx: NodeContext) -> DrivenProtocol:
         return DataNode(
@@ -1065,9 +1066,10 @@ class DataMesh:
         return bad
 
 
-def _install(p: DrivenProtocol, records: dict[str, Member], order: list[str], now: float) -> None:
+def _install(p: DrivenProtocol, records: dict[str, Member], order: list[str], now: float,
+             live: int) -> None:
     assert isinstance(p, DataNode)
-    p.membership.install_shared_view(records, order, now)
+    p.membership.install_shared_view(records, order, now, live)
     p._view_dirty = True
     p._settle(now)
 

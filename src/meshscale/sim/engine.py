@@ -32,6 +32,7 @@ exchange without a callback, like a one-way push.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import random
@@ -68,6 +69,12 @@ _MAX_FIRINGS_PER_INSTANT = 8
 _TIMER_RESOLUTION_S = 0.001
 
 _TRACE_FLUSH_BYTES = 1 << 20
+# While events run, the cyclic GC's youngest generation is collected after this many
+# allocations instead of CPython's 700: a run allocates millions of short-lived,
+# acyclic objects (messages, tuples), and at 1,000 nodes and more a young collection
+# every 700 of them (and the older ones it triggers) cost a third of the run. Cycles
+# are still collected, just in bigger batches; the setting is restored on return.
+_GC_GEN0_THRESHOLD = 100_000
 _HEADER = struct.Struct("<dBIII")  # time, kind, node index a, node index b, payload length
 _pack_header = _HEADER.pack
 
@@ -340,6 +347,9 @@ class Simulator:
     def run_until(self, t_end: float) -> None:
         """Process every event up to and including virtual time ``t_end``."""
         heap = self._heap
+        thresholds = gc.get_threshold()
+        if 0 < thresholds[0] < _GC_GEN0_THRESHOLD:
+            gc.set_threshold(_GC_GEN0_THRESHOLD, *thresholds[1:])
         try:
             while heap and heap[0][0] <= t_end:
                 t, seq, kind, node, src, payload, aux, epoch = heappop(heap)
@@ -436,6 +446,7 @@ class Simulator:
                 else:  # pragma: no cover - all kinds are handled above
                     raise AssertionError(f"unknown event kind {kind}")
         finally:
+            gc.set_threshold(*thresholds)
             self._sync_stats()
         if t_end > self.now:
             self.now = t_end
