@@ -192,6 +192,12 @@ class Residency:
     def allows(self, region: str) -> bool:
         return self.regions is None or region in self.regions
 
+    def __repr__(self) -> str:
+        # Sorted, so a simulator's trace does not depend on the string hash seed.
+        regions = "None" if self.regions is None else (
+            "frozenset({" + ", ".join(repr(r) for r in sorted(self.regions)) + "})")
+        return f"Residency(regions={regions}, data_class={self.data_class!r})"
+
     def describe(self) -> str:
         where = "any" if self.regions is None else _braces(self.regions, sep=",")
         cls = f" (class {self.data_class})" if self.data_class else ""

@@ -186,6 +186,15 @@ class InRegions(msgspec.Struct, frozen=True, tag="regions"):
 
     regions: frozenset[RegionName]
 
+    def __repr__(self) -> str:
+        # Sorted: a set's order follows the string hash seed, and a simulator's trace
+        # (which prints events) must not (the same seed gives the same run).
+        return f"InRegions(regions={_set_repr(self.regions)})"
+
+
+def _set_repr(items: frozenset[str]) -> str:
+    return "frozenset({" + ", ".join(repr(r) for r in sorted(items)) + "})"
+
 
 PlacementMode = DataLocal | NearSource | Central | InRegions
 

@@ -101,9 +101,12 @@ class VersionedCodec(Generic[M]):
         self.version = version
         self._outer = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
         self._inner: msgspec.msgpack.Decoder[M] = msgspec.msgpack.Decoder(message_type)
+        # Sets in a fixed order: the bytes of a message must not depend on the string
+        # hash seed (a simulator's trace hashes them; the same seed gives the same run).
+        self._encoder = msgspec.msgpack.Encoder(order="deterministic")
 
     def encode(self, msg: M) -> bytes:
-        return msgspec.msgpack.encode((self.version, msg))
+        return self._encoder.encode((self.version, msg))
 
     def decode(self, data: bytes, max_size: int) -> M:
         if len(data) > max_size:
