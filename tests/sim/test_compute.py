@@ -57,8 +57,16 @@ def test_every_task_gets_exactly_one_result(reports: list[ComputeReport]) -> Non
     # owner dead; one that saw it alive is a result problem above), and rarely: 2 and 10
     # in two runs of 1,000 seeds of bench/swarm.py, about 0.5 expected in 50.
     assert sum(r.concurrent_adoptions for r in reports) <= 5
-    # Failures are rare and only when no allowed node was left (GPU nodes down).
-    assert sum(r.failed for r in reports) <= len(reports) // 5
+    # Failures only when no allowed node was left (the GPU nodes down: the scheduler
+    # found no node, or an adopter's resubmit was refused), never a lost result or a
+    # crashed worker past its retries; and rare (11 of 6,000 on an unlucky base).
+    kinds: dict[str, int] = {}
+    for r in reports:
+        for kind, n in r.failed_kinds.items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    assert set(kinds) <= {"unschedulable", "refused"}, kinds
+    assert sum(kinds.values()) == sum(r.failed for r in reports)
+    assert sum(r.failed for r in reports) <= sum(r.submitted for r in reports) // 100
     # Some tasks ran twice (a node thought dead finished) yet kept one result, and dead
     # or restarted owners' tasks were taken over.
     assert sum(r.reruns for r in reports) > 0

@@ -187,15 +187,15 @@ class ComputeNode:
             except (SchedulingError, SchedulingOverloaded) as exc:
                 why = str(exc)
         if why is not None:
-            self._finish(rec.task_id, TaskState.FAILED, now, error=why)
+            self._finish(rec.task_id, TaskState.FAILED, now, error=why, kind="refused")
         self._settle(now)
         return e.rec
 
     def _finish(self, tid: str, state: TaskState, now: float, *, error: str = "",
-                node: str = "") -> None:
+                node: str = "", kind: str = "") -> None:
         e = self.book.get(tid)
         assert e is not None
-        rec = self.book.finish(e, state, now, error=error, node=node)
+        rec = self.book.finish(e, state, now, error=error, node=node, kind=kind)
         self.mesh.accepted(self.name, self.incarnation, tid, state)
         self.mesh.kv_write(self.name, rec)
 
@@ -215,19 +215,21 @@ class ComputeNode:
                 # as task.done just before): the first one wins.
                 if self.book.outcome(o.task_id, ok=o.ok) is Verdict.ACCEPTED:
                     self._finish(o.task_id, TaskState.DONE if o.ok else TaskState.FAILED,
-                                 now, error=o.detail, node=o.node)
+                                 now, error=o.detail, node=o.node,
+                                 kind="" if o.ok else "error")
                 self._after_result(o.task_id, now)
             elif isinstance(o, TaskFailed) and o.task_id in self.book:
                 e = self.book.get(o.task_id)
                 if e is not None and e.rec.state not in TERMINAL:
-                    self._finish(o.task_id, TaskState.FAILED, now, error=o.reason)
+                    self._finish(o.task_id, TaskState.FAILED, now, error=o.reason,
+                                 kind="unschedulable")
             self._out.append(o)
 
     def _after_result(self, tid: str, now: float) -> None:
         if self.book.scheduler_finished(tid) == "resubmit":
             self.sched.submit([self.mesh.specs[tid]], now)
         elif (e := self.book.get(tid)) is not None and e.rec.state not in TERMINAL:
-            self._finish(tid, TaskState.FAILED, now, error="result lost")
+            self._finish(tid, TaskState.FAILED, now, error="result lost", kind="lost")
 
 
 # --------------------------------------------------------------------------- mesh
@@ -333,6 +335,8 @@ class ComputeMesh:
         """Tasks whose submit was answered (a submit queued at a node that crashed
         before it resumed never was: its client got an error, not a task)."""
         self.observed: dict[str, tuple[TaskState, str]] = {}
+        self.failed_kinds: dict[str, int] = {}
+        """Failed outcomes clients observed, by the record's kind (why it failed)."""
         """Task id -> (terminal state, node that gave it) first seen by its client."""
         self.accepts: dict[str, list[tuple[str, int, TaskState]]] = {}
         """Task id -> every (owner, incarnation, state) that ended it."""
@@ -500,6 +504,9 @@ class ComputeMesh:
                 body: TaskRecord | str | None) -> None:
         self.asking.pop(tid, None)
         if kind == "state" and isinstance(body, TaskRecord) and body.state in TERMINAL:
+            if tid not in self.observed and body.state == TaskState.FAILED:
+                self.failed_kinds[body.kind or "unknown"] = \
+                    self.failed_kinds.get(body.kind or "unknown", 0) + 1
             self.observed.setdefault(tid, (body.state, node))
         elif kind in ("owner", "forward") and isinstance(body, str) and hops < 3:
             # The node passes the question on (as the runtime proxies it): one more hop.
@@ -698,6 +705,8 @@ class ComputeReport:
     concurrent_adoptions: int
     """Adoptions while an earlier owner still lived, by a node whose (stale) view had it
     dead: the at-least-once window (``core/tasks.py``)."""
+    failed_kinds: dict[str, int]
+    """Failed outcomes by why (``unschedulable``: no allowed node was left)."""
     residency_violations: list[str]
     result_problems: list[str]
     locality: tuple[int, int]
@@ -821,6 +830,7 @@ def chaos_run(
         refused=len(mesh.refused),
         finished=sum(1 for st in observed if st == TaskState.DONE),
         failed=sum(1 for st in observed if st == TaskState.FAILED),
+        failed_kinds=dict(mesh.failed_kinds),
         adopted=len(mesh.adoptions),
         double_owners=len(mesh.double_owners()),
         conflicting=len(mesh.conflicting()),
