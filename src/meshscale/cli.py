@@ -435,24 +435,6 @@ def _client_creds(bundle: Path) -> Any:
         raise CliError(str(e)) from None
 
 
-def _call(target: Target, method: str, args: dict[str, Any] | None = None,
-          timeout: float = 5.0, creds: Any = None) -> Any:
-    """One RPC through the first node of ``target`` that answers."""
-    from meshscale.client.rpc import RemoteError, RpcError, call
-
-    creds = creds if creds is not None else _client_creds(target.bundle)
-    last: RpcError | None = None
-    for addr in target.addresses:
-        try:
-            return call(addr, creds, method, args, timeout=timeout)
-        except RemoteError as e:
-            raise CliError(str(e)) from None
-        except RpcError as e:
-            last = e
-    assert last is not None
-    raise CliError(str(last))
-
-
 def _request(target: Target, method: Method[Req, Rep], req: Req, timeout: float = 5.0,
              creds: Any = None) -> Rep:
     """One typed call (``core/api``) through the first node of ``target`` that answers."""
