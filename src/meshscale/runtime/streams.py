@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -92,6 +93,7 @@ from meshscale.transport.rpc import RpcError
 
 Req = TypeVar("Req", bound=Request)
 Rep = TypeVar("Rep")
+_T = TypeVar("_T")
 
 OP_PREFIX = "streamop/"
 OFFSET_PREFIX = "streamoff/"
@@ -433,17 +435,11 @@ class StreamPlane:
         topic, source, limit = req.topic, req.source, req.limit
         wait = min(req.wait_s, self.cfg.read_wait_max_s)
         deadline = time.monotonic() + wait
-        log = self.logs.get((topic, source))
-        while log is None:
-            # Long-poll for a shard that does not exist yet too: its first record should
-            # not wait for the asker's retry timer.
-            left = deadline - time.monotonic()
-            if left <= 0 or self._stopping:
-                return FetchReply(missing=True)
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), left)
-            log = self.logs.get((topic, source))
+        # Long-poll for a shard that does not exist yet too: its first record should not
+        # wait for the asker's retry timer.
+        log = await self._wait_ready(lambda: self.logs.get((topic, source)), deadline)
+        if log is None:
+            return FetchReply(missing=True)
         if req.op is not None:
             log.register(req.op)
             if req.committed is not None:
@@ -451,15 +447,26 @@ class StreamPlane:
                 async with self._changed:
                     self._changed.notify_all()
         start = log.base if req.offset is None else req.offset
-        while True:
-            entries = log.read(start, limit)
-            left = deadline - time.monotonic()
-            if entries or left <= 0 or self._stopping:
-                break
-            async with self._changed:
+        entries = await self._wait_ready(lambda: log.read(start, limit), deadline)
+        return FetchReply(entries=entries, base=log.base, head=log.head)
+
+    async def _wait_ready(self, ready: Callable[[], _T], deadline: float) -> _T:
+        """``ready()`` as soon as it is truthy, else its last value at ``deadline`` (or
+        when the plane stops). It is evaluated with ``_changed``'s lock held, right before
+        each wait: every change a long-poll waits for (an append, a copy applied, a commit,
+        a mirror filled) is made or announced under that lock, so none can land between
+        the check and the wait. (Checked outside the lock, a change and its
+        ``notify_all`` could slip in while the waiter queued for the lock, and the waiter
+        then slept through ready records until its timer ran out: issue 23's 0.5 s
+        stall.)"""
+        async with self._changed:
+            while True:
+                got = ready()
+                left = deadline - time.monotonic()
+                if got or left <= 0 or self._stopping:
+                    return got
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)
-        return FetchReply(entries=entries, base=log.base, head=log.head)
 
     # ------------------------------------------------------------------ operators
 
@@ -782,7 +789,8 @@ class StreamPlane:
         self._follow_used[topic] = time.monotonic()
         self._ensure_followers(topic)
         deadline = time.monotonic() + wait
-        while True:
+
+        def ready() -> list[ReadRecord]:
             out: list[ReadRecord] = []
             for (t, source), mirror in list(self.mirrors.items()):
                 if t != topic:
@@ -794,12 +802,9 @@ class StreamPlane:
                             for e in mirror.read(start, limit - len(out))])
                 if len(out) >= limit:
                     break
-            left = deadline - time.monotonic()
-            if out or left <= 0 or self._stopping:
-                return ReadReply(records=out)
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), left)
+            return out
+
+        return ReadReply(records=await self._wait_ready(ready, deadline))
 
     def _ensure_followers(self, topic: str) -> None:
         for source in self._sources() or [self.source_id]:
