@@ -5,11 +5,11 @@ own name)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from runtime_mesh import wait_for
 
 from meshscale.client.rpc import RemoteError, call, request
 from meshscale.core.api import Empty
@@ -52,15 +52,19 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
 def node_creds(mesh: LocalMesh) -> Credentials:
     creds = mesh.node_credentials(1)
     addr = mesh.nodes[0].address
-    deadline = time.monotonic() + 60
-    while True:  # until the compute plane serves (the node answers "starting" before)
+
+    def serving() -> bool:
+        """The compute plane serves (the node answers "starting" before)."""
         try:
             call(addr, creds, "task.list", {}, timeout=5)
-            return creds
         except RemoteError as e:
-            if e.code != "starting" or time.monotonic() > deadline:
+            if e.code != "starting":
                 raise
-            time.sleep(0.2)
+            return False
+        return True
+
+    wait_for(serving, 60, "the compute plane to serve task.list", poll=0.2)
+    return creds
 
 
 def test_a_case_for_every_method() -> None:
