@@ -152,7 +152,17 @@ def test_flipped_byte_is_detected_and_repaired_on_read(mesh: LocalMesh) -> None:
         res = await put(c0, data)
         oid = res["id"]
         await wait_all_healthy(c0, {oid}, 60)
-        st = await c0.call("obj.stat", {"id": oid})
+
+        async def settled() -> dict[str, Any] | None:
+            # Exactly the replica set holds it: no stand-in or cut-through copy that
+            # anti-entropy may still hand off and drop (a dropped copy is never read, so
+            # its corruption could not be seen).
+            st: dict[str, Any] = await c0.call("obj.stat", {"id": oid})
+            return st if st["holders"] and set(st["holders"]) == set(st["replica_set"]) \
+                else None
+
+        st = await wait_for_async(settled, 60, "only the replica set holding the object",
+                                  poll=0.5)
         holder = next(n for n in mesh.nodes if n.name in st["holders"] and n.proc
                       and n.proc.poll() is None)
         blob = next((holder.data_dir / "store" / "objects").rglob(oid))
@@ -165,7 +175,9 @@ def test_flipped_byte_is_detected_and_repaired_on_read(mesh: LocalMesh) -> None:
         got = await read_all(ch, oid)
         assert got == data
         stats = await ch.call("dp.stats", {})
-        assert stats["dataplane"].get("quarantined", 0) >= 1
+        assert stats["dataplane"].get("quarantined", 0) >= 1, (
+            f"{holder.name} served the right bytes without quarantining its copy; its view "
+            f"now: {await ch.call('obj.local_stat', {'id': oid})}, stats {stats['dataplane']}")
         # Anti-entropy refills the quarantined copy: healthy again, file re-created good.
         await wait_all_healthy(c0, {oid}, 60)
         await c0.close()

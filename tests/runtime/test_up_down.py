@@ -80,6 +80,7 @@ def test_detach_then_every_command_by_mesh_file_then_down(tmp_path: Path) -> Non
 @pytest.mark.timeout(180)
 def test_a_plain_up_removes_its_temporary_directory() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MESHSCALE_BUNDLE"}
+    env["PYTHONFAULTHANDLER"] = "1"  # a hang below dumps every thread's stack (SIGABRT)
     p = subprocess.Popen([str(MESHSCALE), "up", "--nodes", "1", "--base-port", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)
@@ -96,7 +97,14 @@ def test_a_plain_up_removes_its_temporary_directory() -> None:
             raise AssertionError(f"up exited ({p.wait()}): {p.stderr.read()[-2000:]}")
         assert directory.exists()
         os.killpg(p.pid, signal.SIGTERM)
-        assert p.wait(timeout=60) == 0
+        try:
+            code = p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGABRT)
+            p.wait()
+            raise AssertionError(f"up did not stop on SIGTERM: {p.stderr.read()[-6000:]}"
+                                 ) from None
+        assert code == 0, p.stderr.read()[-2000:]
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
