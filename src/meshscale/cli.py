@@ -516,6 +516,84 @@ def members_cmd(
                            "it with `meshscale bundle node --renew`", err=True)
 
 
+def _energy_rows(target: Target, timeout: float) -> tuple[list[Any], list[str]]:
+    """``node.energy`` of every live member (asked one by one), and the members that did
+    not answer."""
+    from meshscale.client.rpc import RpcError, request
+    from meshscale.core.api import Empty
+    from meshscale.core.api.node import ENERGY, MEMBERS
+
+    creds = _client_creds(target.bundle)
+    members = _request(target, MEMBERS, Empty(), timeout=timeout, creds=creds)
+    rows: list[Any] = []
+    missing: list[str] = []
+    for m in sorted(members, key=lambda m: m.name):
+        if m.state not in ("alive", "suspect"):
+            continue
+        try:
+            rows.append(request(m.address, creds, ENERGY, Empty(), timeout=timeout))
+        except RpcError:
+            missing.append(m.name)
+    return rows, missing
+
+
+def _energy_table(rows: list[Any]) -> str:
+    header = ("NODE", "REGION", "ZONE", "SOURCE", "WATTS", "LAST HOUR J", "WINDOW", "TOTAL J",
+              "CPU")
+    lines = [header]
+    for r in rows:
+        lines.append((r.name, r.region or "-", r.zone or "-", r.source, f"{r.watts:.1f}",
+                      f"{r.joules_last_hour:,.0f}", f"{r.window_s}s",
+                      f"{r.joules_total:,.0f}", f"{r.cpu_utilization:.0%}"))
+    regions: dict[str, list[Any]] = {}
+    for r in rows:
+        regions.setdefault(r.region or "-", []).append(r)
+    for region, rs in sorted(regions.items()):
+        sources = "+".join(sorted({r.source for r in rs}))
+        lines.append((f"[{region}]", region, "", sources, f"{sum(r.watts for r in rs):.1f}",
+                      f"{sum(r.joules_last_hour for r in rs):,.0f}", "",
+                      f"{sum(r.joules_total for r in rs):,.0f}", ""))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines
+    )
+
+
+@app.command("energy")
+def energy_cmd(
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh: MeshOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds.")] = 5.0,
+) -> None:
+    """Power and energy of every live node and region over the last hour, and where each
+    figure comes from: `rapl` (measured) or `model` (declared watts at the node's CPU
+    use: an estimate). Exit 1 if a live node did not answer."""
+    import json
+
+    import msgspec
+
+    rows, missing = _energy_rows(_target(node, mesh, bundle), timeout)
+    if as_json:
+        by_region: dict[str, dict[str, float]] = {}
+        for r in rows:
+            agg = by_region.setdefault(r.region, {"watts": 0.0, "joules_last_hour": 0.0,
+                                                  "joules_total": 0.0})
+            agg["watts"] += r.watts
+            agg["joules_last_hour"] += r.joules_last_hour
+            agg["joules_total"] += r.joules_total
+        typer.echo(json.dumps({"nodes": msgspec.to_builtins(rows), "regions": by_region,
+                               "unreachable": missing}, indent=2))
+    else:
+        typer.echo(_energy_table(rows))
+        if any(r.source == "model" for r in rows):
+            typer.echo("model: declared idle/peak watts at the node's CPU use, an estimate; "
+                       "rapl: the machine's own counters", err=True)
+    if missing:
+        raise CliError(f"no answer from {', '.join(missing)}", exit_code=1)
+
+
 @app.command("up")
 def up_cmd(
     nodes: Annotated[int, typer.Option("--nodes", min=1, max=1000, help="Node processes.")] = 3,

@@ -504,3 +504,40 @@ def test_idle_and_excess_http_connections_are_closed(mesh: LocalMesh, token: str
     for s in socks:
         s.close()
     assert before and get_json(str(node.http), "/api/v1/node", token)["name"] == node.name
+
+
+def test_energy_command_lists_every_node_with_its_source(mesh: LocalMesh) -> None:
+    """`meshscale energy --json` asks every live node; each says where its figures come
+    from (RAPL here only if this machine's counters are readable), joules grow, and the
+    region totals are the sums of their nodes."""
+    from meshscale.runtime.power import RaplReader
+
+    exe = Path(sys.executable).parent / "meshscale"
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHSCALE_BUNDLE",
+                                                             "MESHSCALE_MESH")}
+
+    def energy() -> dict[str, Any]:
+        r = subprocess.run([str(exe), "energy", "--json", "--mesh", str(mesh.mesh_json)],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        doc: dict[str, Any] = json.loads(r.stdout)
+        return doc
+
+    first = energy()
+    names = sorted(n["name"] for n in first["nodes"])
+    assert names == sorted(n.name for n in mesh.nodes) and first["unreachable"] == []
+    expected = "rapl" if RaplReader().available else "model"
+    assert {n["source"] for n in first["nodes"]} == {expected}
+    for region, agg in first["regions"].items():
+        mine = [n for n in first["nodes"] if n["region"] == region]
+        assert agg["joules_total"] == pytest.approx(sum(n["joules_total"] for n in mine))
+        assert agg["watts"] == pytest.approx(sum(n["watts"] for n in mine))
+    before = {n["name"]: n["joules_total"] for n in first["nodes"]}
+    later = wait_for(lambda: (lambda d: d if all(
+        n["joules_total"] > before[n["name"]] for n in d["nodes"]) else None)(energy()),
+        20, "every node's energy to grow")
+    assert all(0 <= n["cpu_utilization"] <= 1 for n in later["nodes"])
+    # The table form names the source too.
+    r = subprocess.run([str(exe), "energy", "--mesh", str(mesh.mesh_json)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0 and expected in r.stdout and "[" in r.stdout, r

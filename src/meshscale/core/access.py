@@ -37,7 +37,7 @@ _GRANTS: dict[str, frozenset[Access]] = {
 }
 
 _READ = (
-    "members", "stats", "events",
+    "members", "stats", "events", "node.energy",
     "obj.read", "obj.stat", "obj.list", "kv.get", "dp.stats",
     "task.list", "task.stats", "task.result", "task.wait",
     "stream.read", "stream.op_list", "stream.stats",

@@ -5,10 +5,23 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from meshscale.core.capacity import PowerModel
 from meshscale.transport.peers import PeerConfig
 
-__all__ = ["AgentConfig", "AgentStats"]
+__all__ = ["AgentConfig", "AgentStats", "PowerConfig"]
+
+
+@dataclass(frozen=True)
+class PowerConfig:
+    """A node's power source and declared model (``power_source``, ``idle_watts``, ...)."""
+
+    model: PowerModel = field(default_factory=lambda: PowerModel(
+        idle_watts=10.0, peak_watts=65.0, standby_watts=2.0))
+    source: str = "auto"
+    """``auto``, ``rapl`` or ``model`` (``runtime/power.py``)."""
+    rapl_dir: Path = Path("/sys/class/powercap")
 
 
 @dataclass(frozen=True)
@@ -75,9 +88,8 @@ class AgentConfig:
     headers, is closed."""
     max_http_streams: int = 16
     """Concurrent ``/api/v1/stream`` clients; more get 503."""
-    idle_watts: float = 10.0
-    peak_watts: float = 65.0
-    """Power model: watts at no busy worker slot and at all of them busy."""
+    power: PowerConfig = field(default_factory=lambda: PowerConfig())
+    """Where power figures come from and the declared model (``runtime/power.py``)."""
     max_refusals_tracked: int = 256
     """Distinct (method, role) pairs counted in ``rpc_refused``; more share one row."""
     max_log_events_tracked: int = 256

@@ -107,6 +107,7 @@ from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
 from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.latency import RegionPair
+from meshscale.runtime.power import ENERGY_WINDOW_S, PowerMeter
 from meshscale.runtime.services import Handler, LocalCopies, Rep, Req
 from meshscale.runtime.streams import StreamPlane
 from meshscale.runtime.workers import WorkerPool
@@ -133,6 +134,8 @@ if TYPE_CHECKING:
 UNAUTHORIZED = "unauthorized"
 FORBIDDEN = "forbidden"
 EXIT_REMOVED = 78
+POWER_TICK_S = 1.0
+"""How often the node's power meter samples (``runtime/power.py``)."""
 """Exit status of a node that was removed from the mesh (EX_CONFIG; the systemd unit
 does not restart on it)."""
 
@@ -260,6 +263,10 @@ class NodeAgent:
         """Worker user, work dir, cgroups (``runtime/isolation.py``), set up at start."""
         self.events: deque[EventInfo] = deque(maxlen=self.cfg.recent_events)
         self._event_seq = 0
+        power = self.cfg.power
+        self.power = PowerMeter(power.model, power.source, rapl_dir=power.rapl_dir,
+                                now=time.monotonic())
+        """The node's draw and energy (``runtime/power.py``), ticked once a second."""
         self._server_ctx = server_context(bundle)
         self.creds = Credentials.for_node(bundle)
         self.peers = PeerPool(self.creds, self.cfg.peers, self.stats)
@@ -439,6 +446,7 @@ class NodeAgent:
         )
         self._pump()
         self.spawn(self._housekeeping())
+        self.spawn(self._power_loop())
         if self.with_dataplane:
             from meshscale.runtime import isolation
 
@@ -989,6 +997,23 @@ class NodeAgent:
         self._event_seq += 1
         self.events.append(EventInfo(self._event_seq, time.time(), kind, name, detail=detail))
 
+    async def _power_loop(self) -> None:
+        while True:
+            await asyncio.sleep(POWER_TICK_S)
+            try:
+                await asyncio.to_thread(self.power.tick, time.monotonic())
+            except Exception as e:  # a meter that breaks must not stop the node
+                self.log_limited("power_tick_failed", error=repr(e)[:200])
+
+    def _rpc_energy(self, req: Empty) -> node_api.EnergyInfo:
+        p = self.power
+        return node_api.EnergyInfo(
+            name=self.name, region=self.meta.region, zone=self.meta.zone, source=p.source,
+            watts=round(p.watts, 3), joules_total=round(p.joules, 3),
+            joules_last_hour=round(p.joules_last_hour(), 3),
+            window_s=min(ENERGY_WINDOW_S, round(time.time() - self.started_at)),
+            cpu_utilization=round(p.utilisation, 4))
+
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.key_check_interval_s)
@@ -1052,6 +1077,7 @@ class NodeAgent:
         self.serve(node_api.STATS, self._rpc_stats)
         self.serve(node_api.EVENTS, self._rpc_events)
         self.serve(node_api.ADMIN_REVOKE, self._rpc_revoke)
+        self.serve(node_api.ENERGY, self._rpc_energy)
 
     def member_infos(self) -> list[MemberInfo]:
         out = []

@@ -2,11 +2,10 @@
 
 ``NodeObserver`` reads the agent's live state (membership, data plane, compute plane) when
 asked, and keeps only what must be accumulated over time: task latency and queue-wait
-histograms, placement decisions, a ring of one-second throughput samples and an energy
-estimate. A sampler task ticks once a second: it closes the throughput sample, integrates
-power (``idle_watts + (peak_watts - idle_watts) * utilization``, utilization = busy
-worker slots / slots) and turns counters of the data and compute planes into events
-(re-replications, task retries) in the agent's recent-events buffer.
+histograms, placement decisions and a ring of one-second throughput samples. A sampler
+task ticks once a second: it closes the throughput sample and turns counters of the data
+and compute planes into events (re-replications, task retries) in the agent's
+recent-events buffer. Power and energy are the agent's own (``runtime/power.py``).
 
 ``MeshCollector`` is a prometheus_client collector over one observer, registered in a
 per-node ``CollectorRegistry``: every scrape reads the state as it is then.
@@ -40,6 +39,7 @@ from meshscale.core.api.objects import MAX_LIST_PAGE
 from meshscale.core.api.tasks import TASK_LIST, ListRequest
 from meshscale.core.membership import State
 from meshscale.core.placement import is_full
+from meshscale.runtime.power import PowerMeter
 from meshscale.runtime.services import NodeServices
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ class ObservedNode(NodeServices, Protocol):
     with_dataplane: bool
     events: deque[EventInfo]
     started_at: float
+    power: PowerMeter
 
     @property
     def compute(self) -> ObservedCompute | None: ...
@@ -163,8 +164,6 @@ class NodeObserver:
         self.placements: Counter[str] = Counter()
         self.tasks_ended: Counter[str] = Counter()
         self.points: deque[dict[str, Any]] = deque(maxlen=THROUGHPUT_POINTS)
-        self.energy_j = 0.0
-        self.watts = agent.cfg.idle_watts
         self._second_done = 0
         self._second_lat: list[float] = []
         self._last_tick = time.monotonic()
@@ -242,9 +241,6 @@ class NodeObserver:
         self._hook_compute()
         dt = max(0.0, now - self._last_tick)
         self._last_tick = now
-        cfg = self.agent.cfg
-        self.watts = cfg.idle_watts + (cfg.peak_watts - cfg.idle_watts) * self.utilization()
-        self.energy_j += self.watts * dt
         lat = sorted(self._second_lat)
         self.points.append({
             "t": round(time.time(), 3),
@@ -463,14 +459,22 @@ class MeshCollector(Collector):
         yield from self._data(obs, agent)
         yield from self._compute(obs, agent)
         yield from self._streams(agent)
-        g = GaugeMetricFamily("meshscale_power_watts", "Estimated power draw now (watts).")
-        g.add_metric([], obs.watts)
+        g = GaugeMetricFamily("meshscale_power_watts", "Power draw over the last second "
+                              "(watts), measured (source=rapl) or modelled (source=model).",
+                              labels=["source"])
+        g.add_metric([agent.power.source], agent.power.watts)
         yield g
-        c = CounterMetricFamily("meshscale_energy_joules", "Estimated energy used since start.")
-        c.add_metric([], obs.energy_j)
+        c = CounterMetricFamily("meshscale_energy_joules", "Energy used since start "
+                                "(joules), measured or modelled as meshscale_power_watts.",
+                                labels=["source"])
+        c.add_metric([agent.power.source], agent.power.joules)
         yield c
         g = GaugeMetricFamily("meshscale_utilization_ratio", "Busy worker slots / slots.")
         g.add_metric([], obs.utilization())
+        yield g
+        g = GaugeMetricFamily("meshscale_cpu_utilization_ratio", "CPU used by the agent and "
+                              "its workers over the last second / the machine's CPUs.")
+        g.add_metric([], agent.power.utilisation)
         yield g
 
     @staticmethod
