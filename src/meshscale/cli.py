@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,22 @@ PROG = "meshscale"
 BUNDLE_ENV = "MESHSCALE_BUNDLE"
 USAGE_EXIT = 2
 DEFAULT_NODE = "127.0.0.1:7946"
+
+
+EXIT_FAILED = 1
+"""Not found, or the mesh could not do it (busy, unavailable, out of room)."""
+EXIT_UNREACHABLE = 3
+"""No node answered at the addresses given."""
+_BAD_INPUT_CODES = frozenset({"", "invalid", "refused", "unauthorized", "unknown_method"})
+
+
+def _exit_code(code: str, unreachable: bool = False) -> int:
+    """The documented exit code of a failed request: 3 when no node answered, 2 for a
+    request the mesh refused as given (bad input, a rule, the caller's role), 1 for not
+    found and for failures of the mesh."""
+    if unreachable:
+        return EXIT_UNREACHABLE
+    return USAGE_EXIT if code in _BAD_INPUT_CODES else EXIT_FAILED
 
 
 class CliError(Exception):
@@ -446,11 +463,11 @@ def _request(target: Target, method: Method[Req, Rep], req: Req, timeout: float 
         try:
             return request(addr, creds, method, req, timeout=timeout)
         except RemoteError as e:
-            raise CliError(str(e)) from None
+            raise CliError(str(e), _exit_code(e.code)) from None
         except RpcError as e:
             last = e
     assert last is not None
-    raise CliError(str(last))
+    raise CliError(str(last), _exit_code("", last.unreachable))
 
 
 def _members_table(rows: list[dict[str, Any]]) -> str:
@@ -878,14 +895,14 @@ def _data_plane(target: Target, timeout: float) -> Iterator[Any]:
             break
         except ConnectError as e:
             if addr == target.addresses[-1]:
-                raise CliError(str(e)) from None
+                raise CliError(str(e), _exit_code(e.code, e.unreachable)) from None
     assert mesh is not None
     try:
         yield mesh
     except IntegrityError as e:
-        raise CliError(str(e), exit_code=1) from None
+        raise CliError(str(e), exit_code=EXIT_FAILED) from None
     except MeshError as e:
-        raise CliError(str(e)) from None
+        raise CliError(str(e), _exit_code(e.code, e.unreachable)) from None
     except ValueError as e:
         raise CliError(str(e)) from None
     except OSError as e:
@@ -952,6 +969,34 @@ def _parse_residency(value: str | None) -> list[str] | None:
     return regions
 
 
+ID_PREFIX_MIN_HEX = 6
+"""Hex digits an abbreviated object id needs (``b3-`` and at least this many)."""
+_ID_PREFIX_RE = re.compile(rf"b3-[0-9a-f]{{{ID_PREFIX_MIN_HEX},64}}")
+
+
+def _resolve_id(target: Target, given: str, timeout: float) -> str:
+    """A whole object id, or the one id that starts with ``given`` (a unique prefix of
+    ``b3-`` and at least ``ID_PREFIX_MIN_HEX`` hex digits, as git takes commits): exit 2
+    for something that is no id, 1 when no object or more than one has that prefix."""
+    from meshscale.core.api.objects import LIST, ListRequest
+    from meshscale.core.objects import OBJECT_ID_RE
+
+    if OBJECT_ID_RE.fullmatch(given) is not None:
+        return given
+    if _ID_PREFIX_RE.fullmatch(given) is None:
+        raise CliError(f"not an object id: {given!r} (expected b3- and 64 hex digits, or a "
+                       f"unique prefix of at least {ID_PREFIX_MIN_HEX} of them)")
+    # Ids sort as strings: those with the prefix come right after it.
+    page = _request(target, LIST, ListRequest(after=given, limit=2), timeout=timeout)
+    found = [o.id for o in page.objects if o.id.startswith(given)]
+    if not found:
+        raise CliError(f"no object id starts with {given}", exit_code=1)
+    if len(found) > 1:
+        raise CliError(f"{given} is ambiguous: more than one object id starts with it "
+                       "(give more digits)", exit_code=1)
+    return found[0]
+
+
 @app.command("put")
 def put_cmd(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="File to store; - reads stdin.")],
@@ -989,7 +1034,8 @@ def put_cmd(
 
 @app.command("get")
 def get_cmd(
-    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...).")],
+    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...), or a "
+                                             "unique prefix of it.")],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="File to write (replaced atomically); - "
                            "for standard output.")
@@ -1004,20 +1050,18 @@ def get_cmd(
     import shutil
     import tempfile
 
-    from meshscale.core.objects import OBJECT_ID_RE
-
-    if OBJECT_ID_RE.fullmatch(object_id) is None:
-        raise CliError(f"not an object id: {object_id!r} (expected b3- and 64 hex digits)")
     to_stdout = str(output) == "-"
     if not to_stdout and output.is_dir():
         raise CliError(f"-o {output}: is a directory")
+    target = _target(node, mesh_file, bundle)
+    object_id = _resolve_id(target, object_id, timeout)
     with contextlib.ExitStack() as stack:
         dest = output
         if to_stdout:
             # Verified first (in a private temp file), then copied out: stdout never sees
             # bytes that do not match the id.
             dest = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "object"
-        mesh = stack.enter_context(_data_plane(_target(node, mesh_file, bundle), timeout))
+        mesh = stack.enter_context(_data_plane(target, timeout))
         bar = stack.enter_context(_ProgressBar(f"get {object_id[:12]}"))
         mesh.get(object_id, path=dest, progress=bar)
         if to_stdout:
@@ -1028,18 +1072,17 @@ def get_cmd(
 
 @app.command("delete")
 def delete_cmd(
-    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...).")],
+    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...), or a "
+                                             "unique prefix of it.")],
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
     mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Delete an object from every node; repair never brings it back (tombstones)."""
-    from meshscale.core.objects import OBJECT_ID_RE
-
-    if OBJECT_ID_RE.fullmatch(object_id) is None:
-        raise CliError(f"not an object id: {object_id!r} (expected b3- and 64 hex digits)")
-    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
+    target = _target(node, mesh_file, bundle)
+    object_id = _resolve_id(target, object_id, timeout)
+    with _data_plane(target, timeout) as mesh:
         holders = mesh.delete(object_id)
     typer.echo(f"deleted {object_id} (held by {', '.join(holders) or 'no live node'})")
 
@@ -1097,16 +1140,29 @@ def objects_cmd(
 def kv_get_cmd(
     key: Annotated[str, typer.Argument(metavar="KEY")],
     consistency: ConsistencyOption = ConsistencyLevel.quorum,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
     mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """Print a key's value (exit 1 if it has none)."""
+    """Print a key's value (exit 1 if it has none); --json prints {"key", "value"} with
+    the value as text when it is UTF-8, else base64 under "value_base64"."""
     with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
         value = mesh.kv.get(key, consistency.value)
     if value is None:
         raise CliError(f"no value for key {key!r}", exit_code=1)
+    if as_json:
+        import base64
+        import json
+
+        doc: dict[str, str] = {"key": key}
+        try:
+            doc["value"] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            doc["value_base64"] = base64.b64encode(value).decode("ascii")
+        typer.echo(json.dumps(doc))
+        return
     out = sys.stdout.buffer
     out.write(value if value.endswith(b"\n") else value + b"\n")
     out.flush()

@@ -101,9 +101,12 @@ class MeshError(Exception):
     """A request to the mesh failed: the node refused it or could not be reached.
     ``code``: the node's ``core.api.ErrorCode`` value when it answered with an error."""
 
-    def __init__(self, message: str = "", code: str = "") -> None:
+    def __init__(self, message: str = "", code: str = "", *, unreachable: bool = False
+                 ) -> None:
         super().__init__(message)
         self.code = code
+        self.unreachable = unreachable
+        """No node answered (as opposed to one that answered with a refusal)."""
 
 
 class ConnectError(MeshError):
@@ -494,7 +497,7 @@ class AsyncMesh:
             return ObjectNotFoundError(msg, code)
         if code == ErrorCode.UNKNOWN_METHOD:
             msg += " (this node does not serve it; is it an older version?)"
-        return MeshError(msg, code)
+        return MeshError(msg, code, unreachable=e.unreachable)
 
     async def _call(self, method: str, args: dict[str, Any] | None = None) -> Any:
         try:
@@ -529,7 +532,8 @@ class AsyncMesh:
             await self._conn.request(node_api.MEMBERS, Empty())
         except RpcError as e:
             detail = str(e).removeprefix(f"{self.address}: ")
-            raise ConnectError(f"cannot use node {self.address}: {detail}") from None
+            raise ConnectError(f"cannot use node {self.address}: {detail}",
+                               unreachable=e.unreachable) from None
 
     # -- objects
 
