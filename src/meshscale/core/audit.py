@@ -46,8 +46,9 @@ __all__ = ["HASH_BYTES", "MAX_ENTRY_BYTES", "ZERO_HASH", "AuditEntry", "Break", 
 HASH_BYTES = 32
 ZERO_HASH = bytes(HASH_BYTES)
 """``prev`` of a chain's first entry."""
-MAX_ENTRY_BYTES = 4096
-"""Largest encoded entry (every text field is bounded well below it)."""
+MAX_ENTRY_BYTES = 8192
+"""Largest encoded entry (every text field is bounded: at most 256 + 7 * 128 characters of
+up to 4 UTF-8 bytes each, plus the numbers)."""
 _LEN = struct.Struct(">I")
 HEAD_VERSION = 1
 
