@@ -376,16 +376,18 @@ class NodeAgent:
 
     def record(self, kind: Kind, subject: str, *, data_class: str | None = "",
                from_region: str | None = None, to_region: str | None = None,
-               detail: str = "", who: Peer | None = None) -> None:
+               detail: str = "", who: Peer | str | None = None) -> None:
         """Add an entry to this node's audit trail (``runtime/audit.py``): ``who`` is
-        the caller of the RPC being served unless given; regions default to this node's.
+        the caller of the RPC being served unless given (a name alone: role unknown);
+        regions default to this node's.
         Cheap (the entry is written by a thread); nothing when the trail is off."""
         audit = self.audit
         if audit is None:
             return
         peer = who if who is not None else caller.current.get()
-        audit.record(kind, subject, who="" if peer is None else peer.name,
-                     role="" if peer is None else peer.role.value, data_class=data_class,
+        name = peer if isinstance(peer, str) else "" if peer is None else peer.name
+        role = "" if peer is None or isinstance(peer, str) else peer.role.value
+        audit.record(kind, subject, who=name, role=role, data_class=data_class,
                      from_region=from_region, to_region=to_region, detail=detail)
 
     async def start(self) -> None:

@@ -90,7 +90,7 @@ class NodeServices(Protocol):
 
     def record(self, kind: Kind, subject: str, *, data_class: str | None = "",
                from_region: str | None = None, to_region: str | None = None,
-               detail: str = "", who: Peer | None = None) -> None:
+               detail: str = "", who: Peer | str | None = None) -> None:
         """Add an entry to the node's audit trail (``runtime/audit.py``); ``who``: the
         RPC's caller unless given; regions: this node's unless given."""
         ...
