@@ -1241,21 +1241,25 @@ def audit_cmd(
     creds = _client_creds(_target(node, mesh_file, bundle).bundle)
     asked, _ = _audit_targets(node, mesh_file, bundle, all_nodes, creds, timeout)
     result = asyncio.run(query_mesh([a for _, a in asked], creds, q, timeout=timeout))
+    if result.refused and len(result.refused) + len(result.errors) == len(asked):
+        raise CliError(next(iter(result.refused.values())), exit_code=1)
     if result.errors and len(result.errors) == len(asked):
-        first = next(iter(result.errors.values()))
-        forbidden = "forbidden" in first or "unauthorized" in first.lower()
-        raise CliError(first, exit_code=1 if forbidden else EXIT_UNREACHABLE)
+        raise CliError(next(iter(result.errors.values())), exit_code=EXIT_UNREACHABLE)
     if as_json:
         typer.echo(json.dumps(msgspec.to_builtins(result.rows), indent=2))
     else:
         typer.echo(_audit_table(result.rows))
     for addr, err in sorted(result.errors.items()):
         typer.echo(f"warning: node {addr} did not answer: {_one_line(err)}", err=True)
+    for addr, err in sorted(result.refused.items()):
+        typer.echo(f"warning: node {addr} refused: {_one_line(err)}", err=True)
     if result.more:
         typer.echo(f"warning: some node has more than {limit} matching entries; narrow "
                    "the query or raise --limit", err=True)
     if result.errors:
         raise typer.Exit(EXIT_UNREACHABLE)
+    if result.refused:
+        raise typer.Exit(1)
 
 
 @audit_app.command("verify")
@@ -1280,12 +1284,13 @@ def audit_verify_cmd(
     creds = _client_creds(_target(node, mesh_file, bundle).bundle)
     asked, everyone = _audit_targets(node, mesh_file, bundle, all_nodes, creds, timeout)
     verdicts = asyncio.run(verify_mesh(asked, everyone, creds, timeout=timeout))
-    broken = unreachable = 0
+    broken = unreachable = refused = 0
     out: list[dict[str, Any]] = []
     for v in verdicts:
         r = v.reply
         if r is None:
-            unreachable += 1
+            refused += v.refused
+            unreachable += not v.refused
             out.append({"node": v.node, "address": v.address, "ok": None, "error": v.error})
             if not as_json:
                 typer.echo(f"{v.node}: not checked: {_one_line(v.error or '')}")
@@ -1311,7 +1316,7 @@ def audit_verify_cmd(
             typer.echo(f"{r.node}: BAD HEAD: {bad}")
     if as_json:
         typer.echo(json.dumps(out, indent=2))
-    if broken:
+    if broken or refused:
         raise typer.Exit(1)
     if unreachable:
         raise typer.Exit(EXIT_UNREACHABLE)

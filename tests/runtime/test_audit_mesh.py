@@ -152,3 +152,6 @@ def test_a_read_only_client_may_not_read_the_audit(mesh: LocalMesh,
     assert out.returncode == 1, out
     assert out.stderr.startswith("meshscale: error: ") and "audit" in out.stderr
     assert len(out.stderr.splitlines()) == 1
+    verify = cli("audit", "verify", "--bundle", ro.path, "--node", mesh.nodes[0].address)
+    assert verify.returncode == 1, verify
+    assert "node-0: not checked:" in verify.stdout and "audit" in verify.stdout

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from meshscale.core.api import Empty
 from meshscale.core.api import audit as api
 from meshscale.core.api.node import MEMBERS, MemberInfo
-from meshscale.transport.rpc import ClientCredentials, RpcError, request_async
+from meshscale.transport.rpc import ClientCredentials, RemoteError, RpcError, request_async
 
 __all__ = ["MeshRows", "NodeVerdict", "live_members", "query_mesh", "verify_mesh"]
 
@@ -30,6 +30,8 @@ class MeshRows:
     """Every node's rows, by wall clock (then node, seq)."""
     errors: dict[str, str] = field(default_factory=dict)
     """Address -> why it did not answer."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Address -> the error it answered with (not allowed, no trail there)."""
     more: bool = False
     """A node had more rows than the page."""
 
@@ -42,7 +44,9 @@ async def query_mesh(addresses: list[str], creds: ClientCredentials, q: api.Audi
         return_exceptions=True)
     out = MeshRows(rows=[])
     for addr, r in zip(addresses, results, strict=True):
-        if isinstance(r, RpcError):
+        if isinstance(r, RemoteError):
+            out.refused[addr] = str(r)
+        elif isinstance(r, RpcError):
             out.errors[addr] = str(r)
         elif isinstance(r, BaseException):
             raise r
@@ -61,7 +65,9 @@ class NodeVerdict:
     address: str
     reply: api.VerifyReply | None = None
     error: str | None = None
-    """Why it could not be asked (None: it answered)."""
+    """Why it could not be asked, or what it answered instead (None: it answered)."""
+    refused: bool = False
+    """It answered with an error (not allowed; no trail there) rather than not at all."""
     heads_given: int = 0
 
 
@@ -88,6 +94,9 @@ async def verify_mesh(targets: list[tuple[str, str]], everyone: list[tuple[str, 
         try:
             reply = await request_async(addr, creds, api.VERIFY,
                                         api.VerifyRequest(heads=given), timeout=timeout)
+        except RemoteError as e:
+            return NodeVerdict(name, addr, error=str(e), refused=True,
+                               heads_given=len(given))
         except RpcError as e:
             return NodeVerdict(name, addr, error=str(e), heads_given=len(given))
         return NodeVerdict(reply.node, addr, reply=reply, heads_given=len(given))
