@@ -147,3 +147,74 @@ def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
     # Not opened: no writer thread drains the queue.
     seqs = [log.append(Kind.READ, "x") for _ in range(8)]
     assert seqs == [1, 2, 3, 4, 5, 0, 0, 0] and log.stats["dropped"] == 3
+
+
+class _Agent:
+    """What ``AuditService`` uses of a node: enough to drive it without sockets."""
+
+    def __init__(self, data_dir: Path, name: str = "n1") -> None:
+        from types import SimpleNamespace
+
+        from meshscale.runtime.config import AgentConfig
+        from meshscale.trust.certs import Role, issue_cert, make_ca
+
+        ca_cert, ca_key = make_ca("c1")
+        cert, key = issue_cert(ca_cert, ca_key, name, Role.NODE)
+        self.name, self.data_dir = name, data_dir
+        self.cfg = AgentConfig()
+        self.bundle = SimpleNamespace(cert_pem=cert, key_pem=key)
+        self.meta = SimpleNamespace(region="eu-west")
+        self.membership = None
+        self.tags: dict[str, str] = {}
+        self.served: list[str] = []
+
+    def log(self, *a: object, **k: object) -> None: ...
+
+    def log_limited(self, *a: object, **k: object) -> None: ...
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.tags[key] = value
+
+    def serve(self, method: object, handler: object) -> None:
+        self.served.append(str(method))
+
+    def spawn(self, coro: object) -> None:
+        coro.close()  # type: ignore[attr-defined]
+
+
+def test_the_service_signs_gossips_and_remembers_the_highest_heads(tmp_path: Path) -> None:
+    import asyncio
+
+    from meshscale.core.api.audit import VerifyRequest
+    from meshscale.runtime.audit import HEAD_TAG, AuditService
+
+    agent = _Agent(tmp_path)
+    svc = AuditService(agent)
+
+    async def run() -> None:
+        await svc.start()
+        svc.record(Kind.PUT, "b3-x", who="admin", role="admin", data_class="pii")
+        await asyncio.to_thread(svc.log.wait_flushed, 10)
+        svc.sign_now()
+        head = agent.tags[HEAD_TAG]
+        assert parse_head(head)[0] == 1 and svc.own_head == head
+        # The node checks heads against its own key: its own passes, a forged one not.
+        ok = await svc._rpc_verify(VerifyRequest(heads=[head]))
+        assert ok.ok and ok.heads_matched == 1
+        forged = sign_head(ec.generate_private_key(ec.SECP256R1()), "n1", 1, b"x" * 32, 1)
+        bad = await svc._rpc_verify(VerifyRequest(heads=[forged]))
+        assert not bad.ok and len(bad.heads_bad) == 1
+        await svc.stop()
+
+    asyncio.run(run())
+    key = ec.generate_private_key(ec.SECP256R1())
+    h5 = sign_head(key, "n2", 5, b"a" * 32, 10)
+    h3 = sign_head(key, "n2", 3, b"b" * 32, 11)
+    svc.remember("n2", h5)
+    svc.remember("n2", h3)  # older: kept is the one further along
+    svc.remember("n3", "garbage")
+    assert svc.seen == {"n2": h5}
+    svc._save_seen()
+    again = AuditService(agent)
+    again._load_seen()
+    assert again.seen == {"n2": h5}
