@@ -122,6 +122,7 @@ def test_a_partial_record_left_by_a_crash_is_removed_at_open(tmp_path: Path) -> 
     log2 = opened(tmp_path)
     assert log2.seq == 20 and log2.stats["partial_tail_removed"] == 1
     assert last.path.stat().st_size == size
+    assert last.path.with_name(last.path.name + ".cut").read_bytes() == b"\x00\x00\x01\x00partial"
     fill(log2, 5, start=20)
     assert log2.verify().broke is None
     log2.close()

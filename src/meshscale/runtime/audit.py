@@ -64,6 +64,7 @@ from meshscale.core.audit import (
 )
 from meshscale.core.hlc import HybridLogicalClock
 from meshscale.runtime.config import AuditConfig
+from meshscale.runtime.storage import StorageError
 
 __all__ = ["AUDIT_DIR", "HEAD_TAG", "AuditLog", "AuditService", "parse_head", "sign_head",
            "verify_head"]
@@ -186,13 +187,19 @@ class AuditLog:
             records, tail = split_records(data)
             if tail is not None:
                 # A record cut off (a crash mid-write, or a disk that filled): the chain
-                # continues from the last whole record; the cut-off bytes go.
+                # continues from the last whole record. The cut-off bytes are kept aside
+                # (``*.cut``), not thrown away: if they were a tampered length rather than
+                # a crash, what followed it is still there to look at.
+                cut = seg.path.with_name(seg.path.name + ".cut")
+                with open(cut, "ab") as out:
+                    out.write(data[tail:])
+                    os.fsync(out.fileno())
                 with open(seg.path, "r+b") as f:
                     f.truncate(tail)
                     os.fsync(f.fileno())
                 self.stats["partial_tail_removed"] += 1
                 self._emit("warning", "audit_partial_tail_removed", segment=seg.path.name,
-                           offset=tail, bytes=len(data) - tail)
+                           offset=tail, bytes=len(data) - tail, kept_in=cut.name)
             if self._seg_no == 0:
                 self._seg_no, self._seg_size = seg.number, len(data) if tail is None else tail
             if records:
@@ -477,7 +484,11 @@ class AuditService:
         self._seen_dirty = False
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.log.open)
+        try:
+            await asyncio.to_thread(self.log.open)
+        except OSError as e:  # the node stops with one line naming the directory
+            raise StorageError("corrupt", f"audit trail in {self.log.dir}: cannot open: "
+                                          f"{e.strerror or e}") from None
         await asyncio.to_thread(self._load_seen)
         serve = self.agent.serve
         serve(api.QUERY, self._rpc_query)
