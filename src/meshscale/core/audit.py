@@ -47,7 +47,7 @@ HASH_BYTES = 32
 ZERO_HASH = bytes(HASH_BYTES)
 """``prev`` of a chain's first entry."""
 MAX_ENTRY_BYTES = 8192
-"""Largest encoded entry (every text field is bounded: at most 256 + 7 * 128 characters of
+"""Largest encoded entry (every text field is bounded: at most 2 * 256 + 6 * 128 characters of
 up to 4 UTF-8 bytes each, plus the numbers)."""
 _LEN = struct.Struct(">I")
 HEAD_VERSION = 1
