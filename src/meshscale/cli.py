@@ -1237,6 +1237,224 @@ def tasks_cmd(
         typer.echo(_tasks_table(rows))
 
 
+# -- audit ----------------------------------------------------------------------------
+
+audit_app = typer.Typer(
+    help="Read the nodes' audit trails (who put, copied, read, deleted or was refused "
+    "what, where); `meshscale audit verify` checks their hash chains. docs/audit.md.",
+    invoke_without_command=True, no_args_is_help=False, add_completion=False,
+    pretty_exceptions_enable=False, rich_markup_mode=None)
+app.add_typer(audit_app, name="audit")
+
+AllNodesOption = Annotated[bool, typer.Option(
+    "--all-nodes", help="Every live member (as the first node that answers sees them), "
+    "not only the node asked.")]
+
+
+def _parse_since(value: str | None) -> float:
+    """``--since``: Unix seconds, an ISO 8601 time (UTC unless it says), or an age such
+    as 90s, 15m, 2h, 7d."""
+    import datetime as dt
+    import re
+    import time
+
+    if value is None:
+        return 0.0
+    v = value.strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", v)
+    if m is not None:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return max(0.0, time.time() - float(m.group(1)) * unit)
+    with contextlib.suppress(ValueError):
+        t = float(v)
+        if 0 <= t < 1e11:
+            return t
+    try:
+        when = dt.datetime.fromisoformat(v)
+    except ValueError:
+        raise CliError(f"--since {value!r}: use Unix seconds, an ISO 8601 time "
+                       "(2026-01-31T12:00) or an age (90s, 15m, 2h, 7d)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, when.timestamp())
+
+
+def _audit_targets(node: str | None, mesh: Path | None, bundle: Path | None, all_nodes: bool,
+                   creds: Any, timeout: float) -> tuple[list[tuple[str, str]],
+                                                        list[tuple[str, str]]]:
+    """``(asked, everyone)``: the nodes to ask and every live member, as
+    ``(name, address)``; exit 3 if no node answers."""
+    import asyncio
+
+    from meshscale.client.audit import live_members
+    from meshscale.client.rpc import RemoteError, RpcError
+
+    if node is not None and all_nodes:
+        raise CliError("give --node or --all-nodes, not both")
+    target = _target(node, mesh, bundle)
+    last: RpcError | None = None
+    for addr in target.addresses:
+        try:
+            members = asyncio.run(live_members(addr, creds, timeout=min(timeout, 10.0)))
+        except RemoteError as e:
+            raise CliError(str(e), _exit_code(e.code)) from None
+        except RpcError as e:
+            last = e
+            continue
+        everyone = sorted((m.name, m.address) for m in members)
+        if all_nodes:
+            return everyone, everyone
+        asked = [(n, a) for n, a in everyone if a == addr] or [(addr, addr)]
+        return asked, everyone
+    assert last is not None
+    raise CliError(f"cannot reach the mesh: {last}", _exit_code("", last.unreachable))
+
+
+def _audit_table(rows: list[Any]) -> str:
+    import datetime as dt
+
+    header = ("TIME (UTC)", "NODE", "SEQ", "WHAT", "OBJECT/KEY", "CLASS", "FROM", "TO", "WHO",
+              "DETAIL")
+    lines = [header]
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r.wall_s, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        who = f"{r.who} ({r.role})" if r.who else "-"
+        subject = r.subject if len(r.subject) <= 24 else r.subject[:21] + "..."
+        lines.append((when, r.node, str(r.seq), r.kind, subject or "-", r.data_class or "-",
+                      r.from_region or "-", r.to_region or "-", who, r.detail or "-"))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in lines)
+
+
+@audit_app.callback()
+def audit_cmd(
+    ctx: typer.Context,
+    obj: Annotated[str | None, typer.Option("--object", help="Only this object id (or "
+                                            "key).")] = None,
+    data_class: Annotated[str | None, typer.Option("--class", help="Only entries of this "
+                                                   "data class.")] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="Only this kind: put, "
+                                             "copy_made, copy_dropped, read, task_run, "
+                                             "operator_placed, delete, policy_change, "
+                                             "refusal.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Only entries since: Unix "
+                                              "seconds, ISO 8601, or an age (15m, 2h, "
+                                              "7d).")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000,
+                                       help="Entries per node at most.")] = 100,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    all_nodes: AllNodesOption = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """List audit entries (oldest first) of one node, or of every node with --all-nodes.
+    Needs an admin bundle."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import asyncio
+    import json
+
+    import msgspec
+
+    from meshscale.client.audit import query_mesh
+    from meshscale.core.api.audit import AuditQuery
+    from meshscale.core.audit import Kind
+
+    if kind is not None and kind not in {k.value for k in Kind}:
+        raise CliError(f"--kind {kind!r}: use one of {', '.join(k.value for k in Kind)}")
+    for flag, value in (("--object", obj), ("--class", data_class)):
+        if value is not None and not 0 < len(value) <= 256:
+            raise CliError(f"{flag} must be 1 to 256 characters")
+    q = AuditQuery(subject=obj, data_class=data_class,
+                   kind=None if kind is None else Kind(kind), since=_parse_since(since),
+                   limit=limit)
+    creds = _client_creds(_target(node, mesh_file, bundle).bundle)
+    asked, _ = _audit_targets(node, mesh_file, bundle, all_nodes, creds, timeout)
+    result = asyncio.run(query_mesh([a for _, a in asked], creds, q, timeout=timeout))
+    if result.refused and len(result.refused) + len(result.errors) == len(asked):
+        raise CliError(next(iter(result.refused.values())), exit_code=USAGE_EXIT)
+    if result.errors and len(result.errors) == len(asked):
+        raise CliError(next(iter(result.errors.values())), exit_code=EXIT_UNREACHABLE)
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(result.rows), indent=2))
+    else:
+        typer.echo(_audit_table(result.rows))
+    for addr, err in sorted(result.errors.items()):
+        typer.echo(f"warning: node {addr} did not answer: {_one_line(err)}", err=True)
+    for addr, err in sorted(result.refused.items()):
+        typer.echo(f"warning: node {addr} refused: {_one_line(err)}", err=True)
+    if result.more:
+        typer.echo(f"warning: some node has more than {limit} matching entries; narrow "
+                   "the query or raise --limit", err=True)
+    if result.errors:
+        raise typer.Exit(EXIT_UNREACHABLE)
+    if result.refused:
+        raise typer.Exit(USAGE_EXIT)
+
+
+@audit_app.command("verify")
+def audit_verify_cmd(
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    all_nodes: AllNodesOption = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    timeout: TimeoutOption = 120.0,
+) -> None:
+    """Check audit hash chains, and each against the signed heads the other nodes
+    remember of it; names the node, segment and entry where a chain broke. Exit 1 if one
+    did, 3 if a node could not be asked."""
+    import asyncio
+    import json
+
+    import msgspec
+
+    from meshscale.client.audit import verify_mesh
+
+    creds = _client_creds(_target(node, mesh_file, bundle).bundle)
+    asked, everyone = _audit_targets(node, mesh_file, bundle, all_nodes, creds, timeout)
+    verdicts = asyncio.run(verify_mesh(asked, everyone, creds, timeout=timeout))
+    broken = unreachable = refused = 0
+    out: list[dict[str, Any]] = []
+    for v in verdicts:
+        r = v.reply
+        if r is None:
+            refused += v.refused
+            unreachable += not v.refused
+            out.append({"node": v.node, "address": v.address, "ok": None, "error": v.error})
+            if not as_json:
+                typer.echo(f"{v.node}: not checked: {_one_line(v.error or '')}")
+            continue
+        if not r.ok:
+            broken += 1
+        out.append({"address": v.address, "heads_given": v.heads_given,
+                    **msgspec.to_builtins(r)})
+        if as_json:
+            continue
+        if r.ok:
+            kept = (f", {r.heads_older_than_kept} older than what is kept"
+                    if r.heads_older_than_kept else "")
+            typer.echo(f"{r.node}: ok: {r.entries} entries (seq {r.first_seq}..{r.last_seq}) "
+                       f"in {r.segments} segments; {r.heads_matched} of {v.heads_given} "
+                       f"signed heads matched{kept}")
+        if r.broke is not None:
+            b = r.broke
+            seq = "" if b.seq is None else f" (seq {b.seq})"
+            typer.echo(f"{r.node}: BROKEN at {b.segment} entry {b.index}{seq}, byte "
+                       f"{b.offset}: {b.kind}: {b.detail}")
+        for bad in r.heads_bad:
+            typer.echo(f"{r.node}: BAD HEAD: {bad}")
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+    if broken or refused:
+        raise typer.Exit(1)
+    if unreachable:
+        raise typer.Exit(EXIT_UNREACHABLE)
+
+
 # -- entry point ----------------------------------------------------------------------
 
 

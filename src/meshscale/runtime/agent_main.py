@@ -124,15 +124,26 @@ OPTIONS: tuple[Option, ...] = (
     Option("power_rapl_dir", "path", "/sys/class/powercap", "Where the RAPL counters are "
            "(for a machine that mounts sysfs elsewhere)."),
     Option("latency", "list", [], LATENCY_HELP, example=["eu-west:us-east=80ms"]),
+    Option("no_audit", "bool", False, "Keep no audit trail (docs/audit.md): nothing this "
+           "node does to data is recorded. For measuring what the trail costs."),
+    Option("audit_segment_bytes", "int", 4 * 1024 * 1024, "The audit trail's segment "
+           "files grow to about this many bytes before the next one starts."),
+    Option("audit_max_segments", "int", 16, "Audit segments kept; the oldest are deleted "
+           "beyond it (the trail's disk use is about segment bytes times this)."),
+    Option("audit_head_interval_s", "float", 10.0, "Seconds between signing the audit "
+           "chain's head and gossiping it."),
 )
 BY_KEY = {o.key: o for o in OPTIONS}
-BOUNDS: dict[str, tuple[int, int]] = {
+BOUNDS: dict[str, tuple[float, float]] = {
     "task_timeout_s": (1, 30 * 86400),
     "task_memory_mb": (16, 1 << 30),
     "disk_reserve_mb": (0, 1 << 40),
     "stream_max_backlog": (1, 1_000_000),
     "cpus": (1, 4096),
     "memory_mb": (1, 1 << 40),
+    "audit_segment_bytes": (4096, 1 << 34),
+    "audit_max_segments": (1, 1_000_000),
+    "audit_head_interval_s": (0.1, 86400),
 }
 
 
@@ -375,6 +386,7 @@ def start(argv: Sequence[str]) -> None:
     SIGTERM/SIGINT. Raises ``StartError``."""
     s = settings(argv)
     from meshscale.core.membership import NodeMeta
+    from meshscale.runtime.config import AuditConfig
     from meshscale.runtime.identity import IdentityError, start_identity
     from meshscale.runtime.latency import parse_latency
     from meshscale.runtime.node import AgentConfig, NodeAgent, NodeRemovedError, run_forever
@@ -438,7 +450,12 @@ def start(argv: Sequence[str]) -> None:
                                      create_worker_user=s.create_worker_user,
                                      metrics_public=s.metrics_public,
                                      stream_max_backlog=s.stream_max_backlog,
-                                     power=power),
+                                     power=power,
+                                     audit=AuditConfig(
+                                         enabled=not s.no_audit,
+                                         segment_bytes=s.audit_segment_bytes,
+                                         max_segments=s.audit_max_segments,
+                                         head_interval_s=float(s.audit_head_interval_s))),
         )
     except NodeRemovedError as e:
         raise StartError(str(e), exit_code=EXIT_REMOVED) from None

@@ -10,7 +10,7 @@ from pathlib import Path
 from meshscale.core.capacity import PowerModel
 from meshscale.transport.peers import PeerConfig
 
-__all__ = ["AgentConfig", "AgentStats", "PowerConfig"]
+__all__ = ["AgentConfig", "AgentStats", "AuditConfig", "PowerConfig"]
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,39 @@ class PowerConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The node's audit trail (``runtime/audit.py``): bounds of its files and queue."""
+
+    enabled: bool = True
+    """Keep the trail (off: nothing is recorded, for a benchmark's baseline)."""
+    segment_bytes: int = 4 * 1024 * 1024
+    """A segment file grows to about this size before the next one starts."""
+    max_segments: int = 16
+    """Segments kept; the oldest is deleted beyond it (the trail's disk bound is about
+    ``segment_bytes * max_segments``)."""
+    max_pending_entries: int = 65_536
+    """Entries waiting for the writer thread; beyond it new ones are dropped and counted
+    (``audit_dropped``) rather than growing memory."""
+    flush_interval_s: float = 0.05
+    """The writer thread writes what is pending at least this often (and at once when
+    ``flush_entries`` are waiting)."""
+    flush_entries: int = 512
+    fsync: bool = True
+    """fsync each batch written."""
+    head_interval_s: float = 10.0
+    """Sign the chain head and gossip it this often (when it moved)."""
+    max_heads_seen: int = 4096
+    """Other nodes' heads remembered."""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Runtime bounds and timeouts of the agent (the protocol's are in MembershipConfig)."""
 
     peers: PeerConfig = field(default_factory=PeerConfig)
     """The node's connections to other nodes, shared by its planes (``transport/peers.py``)."""
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    """The node's audit trail (``runtime/audit.py``)."""
     bind_attempts: int = 20
     """With port 0, UDP ports the OS offers before one whose TCP twin is free too."""
     max_connections: int = 256

@@ -73,6 +73,7 @@ from meshscale.core.api.node import (
     RevokeReply,
     RevokeRequest,
 )
+from meshscale.core.audit import Kind
 from meshscale.core.membership import (
     Member,
     MemberAlive,
@@ -99,6 +100,7 @@ from meshscale.core.rpc import (
 )
 from meshscale.core.wire import WireError
 from meshscale.runtime import caller
+from meshscale.runtime.audit import AuditService
 from meshscale.runtime.compute import ComputePlane
 from meshscale.runtime.config import AgentConfig as AgentConfig
 from meshscale.runtime.config import AgentStats
@@ -259,6 +261,8 @@ class NodeAgent:
         """Called with every membership event (the data plane follows the view)."""
         self.dataplane: DataPlane | None = None
         self.with_dataplane = dataplane
+        self.audit: AuditService | None = None
+        """The audit trail (``runtime/audit.py``), from start unless ``cfg.audit`` is off."""
         self.isolation: Isolation | None = None
         """Worker user, work dir, cgroups (``runtime/isolation.py``), set up at start."""
         self.events: deque[EventInfo] = deque(maxlen=self.cfg.recent_events)
@@ -372,9 +376,26 @@ class NodeAgent:
             tags[key] = value
         if tags == self.meta.tags:
             return
-        self.meta = msgspec.structs.replace(self.meta, tags=tags)
-        self.m.update_meta(self.meta, time.monotonic())
+        meta = msgspec.structs.replace(self.meta, tags=tags)
+        self.m.update_meta(meta, time.monotonic())  # ValueError (too large): nothing changed
+        self.meta = meta
         self._pump()
+
+    def record(self, kind: Kind, subject: str, *, data_class: str | None = "",
+               from_region: str | None = None, to_region: str | None = None,
+               detail: str = "", who: Peer | str | None = None) -> None:
+        """Add an entry to this node's audit trail (``runtime/audit.py``): ``who`` is
+        the caller of the RPC being served unless given (a name alone: role unknown);
+        regions default to this node's.
+        Cheap (the entry is written by a thread); nothing when the trail is off."""
+        audit = self.audit
+        if audit is None:
+            return
+        peer = who if who is not None else caller.current.get()
+        name = peer if isinstance(peer, str) else "" if peer is None else peer.name
+        role = "" if peer is None or isinstance(peer, str) else peer.role.value
+        audit.record(kind, subject, who=name, role=role, data_class=data_class,
+                     from_region=from_region, to_region=to_region, detail=detail)
 
     async def start(self) -> None:
         """Bind the sockets, then join. Raises OSError if the address is taken."""
@@ -447,6 +468,9 @@ class NodeAgent:
         self._pump()
         self.spawn(self._housekeeping())
         self.spawn(self._power_loop())
+        if self.cfg.audit.enabled:
+            self.audit = AuditService(self)
+            await self.audit.start()
         if self.with_dataplane:
             from meshscale.runtime import isolation
 
@@ -507,6 +531,9 @@ class NodeAgent:
         if self.dataplane is not None:
             await self.dataplane.stop()
             self.dataplane = None
+        if self.audit is not None:
+            await self.audit.stop()
+            self.audit = None
         if self.isolation is not None:
             self.isolation.close()  # the node's parent cgroups
         if self.membership is not None:
