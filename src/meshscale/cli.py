@@ -634,6 +634,9 @@ def up_cmd(
     detach: Annotated[bool, typer.Option("--detach", help="Return once the mesh has "
                                          "converged and leave it running; `meshscale down "
                                          "--dir DIR` stops it.")] = False,
+    metrics_public: Annotated[bool, typer.Option(
+        "--metrics-public", help="Serve every node's /metrics without the token, for the "
+        "Prometheus scraper that DIR/prometheus-targets.json (file_sd) points at.")] = False,
 ) -> None:
     """Start a local mesh of N node processes on 127.0.0.1 until Ctrl-C or SIGTERM (or,
     with --detach, until `meshscale down`)."""
@@ -663,7 +666,8 @@ def up_cmd(
             shutil.rmtree(path, ignore_errors=True)
 
     try:
-        mesh = LocalMesh(path, nodes, regions=region_list, latency=table, base_port=base_port)
+        mesh = LocalMesh(path, nodes, regions=region_list, latency=table, base_port=base_port,
+                         node_args=["--metrics-public"] if metrics_public else None)
     except (ValueError, OSError) as e:
         cleanup()
         raise CliError(str(e)) from None
@@ -703,6 +707,9 @@ def up_cmd(
                 f"pid {n.proc.pid}  log {n.log_path}"
             )
         typer.echo(f"mesh file: {mesh.mesh_json}")
+        typer.echo(f"prometheus targets (file_sd): {mesh.targets_json}"
+                   + ("" if metrics_public else " (scrapes need the token: --metrics-public "
+                      "opens /metrics)"))
         typer.echo(f"export MESHSCALE_MESH={mesh.mesh_json}")
         typer.echo(f"export MESHSCALE_BUNDLE={mesh.bundle_path}")
         if detach:

@@ -30,7 +30,8 @@ def cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 1
 
 @pytest.mark.timeout(240)
 def test_detach_then_every_command_by_mesh_file_then_down(tmp_path: Path) -> None:
-    up = cli("up", "--nodes", "2", "--base-port", "0", "--detach", "--timeout", "60")
+    up = cli("up", "--nodes", "2", "--base-port", "0", "--detach", "--timeout", "60",
+             "--metrics-public")
     assert up.returncode == 0, up.stderr
     m = re.search(r"meshscale down --dir (\S+)", up.stdout)
     assert m, up.stdout
@@ -41,6 +42,16 @@ def test_detach_then_every_command_by_mesh_file_then_down(tmp_path: Path) -> Non
     try:
         assert info["temporary"] is True and all(pid_alive(p) for p in pids)
         assert f"export MESHSCALE_MESH={mesh_json}" in up.stdout
+        # Prometheus file_sd targets beside mesh.json, and /metrics open to a scraper.
+        targets = json.loads((directory / "prometheus-targets.json").read_text())
+        assert sorted(t["labels"]["node"] for t in targets) == ["node-0", "node-1"]
+        assert sorted(a for t in targets for a in t["targets"]) == sorted(
+            n["http"] for n in info["nodes"])
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{targets[0]['targets'][0]}/metrics",
+                                    timeout=30) as r:
+            assert r.status == 200 and b"meshscale_members" in r.read()
         # Every client command, by --mesh alone.
         members = cli("members", "--mesh", mesh_json, "--json")
         assert members.returncode == 0, members.stderr

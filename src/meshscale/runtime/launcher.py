@@ -272,10 +272,19 @@ class LocalMesh:
             node.proc = spawn_node(cmd, node.log_path, detach=detach)
         self.write_mesh_json()
 
+    @property
+    def targets_json(self) -> Path:
+        """Prometheus ``file_sd`` targets: every node's HTTP address (``/metrics``)."""
+        return self.directory / "prometheus-targets.json"
+
     def write_mesh_json(self, **extra: Any) -> None:
         data = {"bundle": str(self.bundle_path), "admin_bundle": str(self.admin_path),
                 **extra, "nodes": [n.to_json() for n in self.nodes]}
         write_public(self.mesh_json, (json.dumps(data, indent=2) + "\n").encode())
+        targets = [{"targets": [n.http], "labels": {"job": "meshscale", "node": n.name,
+                                                     "region": n.region, "zone": n.zone}}
+                   for n in self.nodes if n.http]
+        write_public(self.targets_json, (json.dumps(targets, indent=2) + "\n").encode())
 
     def processes(self) -> list[subprocess.Popen[bytes]]:
         return [n.proc for n in self.nodes if n.proc is not None]
