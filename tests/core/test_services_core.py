@@ -29,6 +29,7 @@ from meshscale.core.services import (
     adopt_desired,
     autoscale_step,
     failover,
+    keep_replica,
     place_service,
     redirect,
     replicas_wanted,
@@ -188,6 +189,38 @@ def test_replicas_wanted_agrees_with_placement() -> None:
     assert len(runs["b"]) == 2 and "z" not in runs
 
 
+def test_placement_is_sticky_between_close_call_counts() -> None:
+    view = mesh(3)
+    spec = ServiceSpec("s")
+    # Two replicas for three calling regions: the two busiest, unless the one held is
+    # within 25 % of the one that would replace it.
+    p = placed(place_service(spec, view, {"eu": 100, "us": 110, "ap": 120}, 2))
+    assert regions_of(p.nodes) == ["ap", "us"]
+    held = [n for n in view if n.region == "eu"][:1]
+    p = placed(place_service(spec, view, {"eu": 100, "us": 110, "ap": 120}, 2,
+                             current=[h.name for h in held]))
+    assert regions_of(p.nodes) == ["ap", "eu"]
+    p = placed(place_service(spec, view, {"eu": 100, "us": 130, "ap": 140}, 2,
+                             current=[h.name for h in held]))
+    assert regions_of(p.nodes) == ["ap", "us"]
+    # A central service stays where it runs while its region has room.
+    c = ServiceSpec("c", placement=CENTRAL)
+    grown = [*view, node("us9", "us", "us-2")]
+    assert regions_of(placed(place_service(c, grown, {}, 2)).nodes) == ["us", "us"]
+    p = placed(place_service(c, grown, {}, 2, current=["eu0", "eu1"]))
+    assert regions_of(p.nodes) == ["eu", "eu"]
+    with pytest.raises(ValueError, match="stickiness"):
+        place_service(spec, view, {}, 1, stickiness=-1.0)
+
+
+def test_keep_replica_makes_before_it_breaks() -> None:
+    p = ServicePlacement("s", ("a", "b"), 2)
+    assert keep_replica("a", p, ready=())
+    assert keep_replica("c", p, ready={"a"})  # b is not ready yet: c keeps serving
+    assert not keep_replica("c", p, ready={"a", "b"})
+    assert not keep_replica("c", Unplaceable("s", "residency", "no"), ready=())
+
+
 # --------------------------------------------------------------------------- routing
 
 
@@ -304,19 +337,22 @@ def build(view: list[tuple[str, int, float]]) -> list[NodeState]:
 
 @settings(max_examples=300, deadline=None)
 @given(views, sources, residencies, placements, st.integers(1, 8),
-       st.sampled_from((1.0, 2.0, 4.0)), st.randoms(use_true_random=False))
+       st.sampled_from((1.0, 2.0, 4.0)), st.randoms(use_true_random=False),
+       st.lists(st.integers(0, 15), max_size=6))
 def test_placement_properties(view: list[tuple[str, int, float]], src: dict[str, int],
                               res: Residency | None, where: str | frozenset[str], count: int,
-                              cpus: float, shuffler: random.Random) -> None:
+                              cpus: float, shuffler: random.Random, held: list[int]) -> None:
     spec = ServiceSpec("svc", placement=where, residency=res, resources=Resources(cpus))
     nodes = build(view)
-    p = place_service(spec, nodes, src, count)
-    # Deterministic whatever the order of the view and of the call counts.
+    current = [nodes[i].name for i in held if i < len(nodes)] + ["gone"]
+    p = place_service(spec, nodes, src, count, current=current)
+    # Deterministic whatever the order of the view, the call counts and the current set.
     shuffled = list(nodes)
     shuffler.shuffle(shuffled)
     items = list(src.items())
     shuffler.shuffle(items)
-    assert place_service(spec, shuffled, dict(items), count) == p
+    shuffler.shuffle(current)
+    assert place_service(spec, shuffled, dict(items), count, current=current) == p
     if isinstance(p, Unplaceable):
         assert p.rule in {"nodes", "residency", "mode", "resources"}
         return

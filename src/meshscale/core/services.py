@@ -21,9 +21,13 @@ The anchors and where we depart from them:
   replica per node. Calls from a region with no feasible node count for the feasible
   region nearest to it by Vivaldi distance (the smallest estimated RTT between any two
   of their nodes). With no calls at all the replicas spread over the allowed regions.
-  Within a region the nodes are picked by ``core.placement.replica_set`` (rendezvous
-  hashing spread over zones), so a node joining or leaving moves at most one replica of
-  a region and placement shares the data plane's zone spreading.
+  Placement is sticky: a region keeps a replica it holds unless another region's calls
+  beat its own by more than ``stickiness``, and a central service keeps its region while
+  that region still has room; so two regions with nearly equal calls do not trade a
+  replica on every gossip round. Within a region the nodes are picked by
+  ``core.placement.replica_set`` (rendezvous hashing spread over zones), so a node
+  joining or leaving moves at most one replica of a region and placement shares the
+  data plane's zone spreading.
 - Free slots are not an input to placement. A replica occupies its node's slots, so a
   rule that preferred free nodes would move a replica off the node it just filled;
   resources are checked against each node's total capacity, as for tasks.
@@ -92,6 +96,7 @@ __all__ = [
     "adopt_desired",
     "autoscale_step",
     "failover",
+    "keep_replica",
     "place_service",
     "redirect",
     "replicas_wanted",
@@ -288,12 +293,23 @@ def place_service(
     nodes: Iterable[NodeState],
     call_sources: Mapping[str, int],
     count: int,
+    *,
+    current: Collection[str] = (),
+    stickiness: float = 0.25,
 ) -> ServicePlacement | Unplaceable:
     """The nodes that run ``count`` replicas of ``spec``, from the view ``nodes`` and the
     calls per caller region ``call_sources``. The same inputs in any order give the same
-    answer. See the module docstring for the rule."""
+    answer. See the module docstring for the rule.
+
+    ``current`` names the nodes that run a replica now (gossiped, so every node has the
+    same set): a region keeps the replicas it holds unless another region's calls beat
+    its own by more than ``stickiness`` (a fraction), and a central service stays in its
+    region while that region can hold as many replicas as the largest one could. Without
+    it two regions with nearly equal calls would trade a replica on every fluctuation."""
     if not 1 <= count <= MAX_SERVICE_REPLICAS:
         raise ValueError(f"count must be between 1 and {MAX_SERVICE_REPLICAS}, got {count}")
+    if not (math.isfinite(stickiness) and stickiness >= 0):
+        raise ValueError(f"stickiness must be finite and >= 0, got {stickiness!r}")
     view = list(nodes)
     task = TaskSpec(
         task_id=spec.name, cpus=spec.resources.cpus,
@@ -308,11 +324,18 @@ def place_service(
     for n in ok:
         by_region.setdefault(n.region, []).append(n)
     cap = {r: len(ns) for r, ns in by_region.items()}
+    at = {n.name: n.region for n in ok}
+    held = Counter(at[n] for n in set(current) if n in at)
     if spec.placement == CENTRAL:
         region = min(cap, key=lambda r: (-cap[r], r))
+        if held:
+            home = min(held, key=lambda r: (-held[r], r))
+            if cap[home] >= min(count, cap[region]):
+                region = home
         quota = {region: min(count, cap[region])}
     else:
-        quota = _apportion(count, _weights(call_sources, sorted(cap), view), cap, view)
+        weights = _weights(call_sources, sorted(cap), view)
+        quota = _apportion(count, weights, cap, view, held, 1.0 + stickiness)
     key = service_key(spec.name)
     chosen: list[str] = []
     for region in sorted(quota):
@@ -369,12 +392,18 @@ def _weights(call_sources: Mapping[str, int], allowed: Sequence[str],
 
 
 def _apportion(count: int, weights: Mapping[str, int], cap: Mapping[str, int],
-               view: Sequence[NodeState]) -> dict[str, int]:
+               view: Sequence[NodeState], held: Mapping[str, int],
+               bonus: float) -> dict[str, int]:
     """Split ``count`` replicas over regions: one per weighted region (heaviest first),
     the rest by highest averages, never more than ``cap`` per region; what the weighted
-    regions cannot take goes to the others, the nearest to a weighted one filled first."""
+    regions cannot take goes to the others, the nearest to a weighted one filled first.
+    A region's weight counts ``bonus`` times for each replica it already ``held``."""
     quota = dict.fromkeys(cap, 0)
-    order = sorted(weights, key=lambda r: (-weights[r], r))
+
+    def weight(r: str) -> float:
+        return weights[r] * (bonus if quota[r] < held.get(r, 0) else 1.0)
+
+    order = sorted(weights, key=lambda r: (-weight(r), r))
     left = count
     for r in order:
         if left and quota[r] < cap[r]:
@@ -384,7 +413,7 @@ def _apportion(count: int, weights: Mapping[str, int], cap: Mapping[str, int],
         open_ = [r for r in order if quota[r] < cap[r]]
         if not open_:
             break
-        r = min(open_, key=lambda r: (-weights[r] / (quota[r] + 1), -weights[r], r))
+        r = min(open_, key=lambda r: (-weight(r) / (quota[r] + 1), -weights[r], r))
         quota[r] += 1
         left -= 1
     if left:
@@ -403,16 +432,31 @@ def replicas_wanted(
     services: Iterable[tuple[ServiceSpec, int]],
     nodes: Sequence[NodeState],
     call_sources: Mapping[str, Mapping[str, int]],
+    current: Mapping[str, Collection[str]] | None = None,
 ) -> set[str]:
     """The services node ``me`` must run a replica of: for each (spec, desired count),
     the placement from this view; an unplaceable service runs nowhere (its deploy named
     the rule; the view may change)."""
     want: set[str] = set()
     for spec, count in services:
-        p = place_service(spec, nodes, call_sources.get(spec.name, {}), count)
+        p = place_service(spec, nodes, call_sources.get(spec.name, {}), count,
+                          current=(current or {}).get(spec.name, ()))
         if isinstance(p, ServicePlacement) and me in p.nodes:
             want.add(spec.name)
     return want
+
+
+def keep_replica(me: str, placement: ServicePlacement | Unplaceable,
+                 ready: Collection[str]) -> bool:
+    """Does node ``me``, which runs a replica, keep it? Yes while the placement names it;
+    once it does not, still until every node the placement names has its replica ready
+    (``ready``, from gossip): make before break, so a moving replica never leaves the
+    service a replica short. An unplaceable service's replicas stop."""
+    if isinstance(placement, Unplaceable):
+        return False
+    if me in placement.nodes:
+        return True
+    return not all(n in ready for n in placement.nodes)
 
 
 # --------------------------------------------------------------------------- routing
