@@ -27,6 +27,7 @@ from meshscale.core.services import (
     ServiceSpecError,
     Unplaceable,
     adopt_desired,
+    agreed_count,
     autoscale_step,
     failover,
     keep_replica,
@@ -137,6 +138,9 @@ def test_near_caller_spreads_over_zones_and_one_replica_per_node() -> None:
 def test_no_calls_spreads_over_allowed_regions() -> None:
     p = placed(place_service(ServiceSpec("s"), mesh(), {}, 3))
     assert regions_of(p.nodes) == ["ap", "eu", "us"]
+    # ... unless replicas run: no calls (they stopped) keeps them where they are.
+    p = placed(place_service(ServiceSpec("s"), mesh(), {}, 3, current=["us1", "us2"]))
+    assert regions_of(p.nodes) == ["us", "us", "us"]
 
 
 def test_residency_is_never_crossed_and_outside_calls_go_to_nearest_allowed() -> None:
@@ -310,11 +314,15 @@ def test_autoscale_up_after_dwell_down_after_longer_dwell() -> None:
     assert s.desired == 2  # down to min, never below
 
 
-def test_adopt_desired() -> None:
+def test_agreed_count_and_adopt_desired() -> None:
     auto = Autoscale(2, 6, 4.0)
+    assert agreed_count(auto, []) == 2
+    assert agreed_count(auto, [3, 4, 4, 3, 5]) == 4  # the most held, the larger on a tie
+    assert agreed_count(auto, [9, 9, 1]) == 6  # clamped
     assert adopt_desired(auto, []) == ScaleState(2)
-    assert adopt_desired(auto, [3, 4, 4, 3]) == ScaleState(4)
-    assert adopt_desired(auto, [9, 9]) == ScaleState(6)
+    peers = [ScaleState(4, None, 7.0), ScaleState(4, None, 5.0), ScaleState(3, 1.0, None)]
+    assert adopt_desired(auto, peers) == ScaleState(4, None, 5.0)
+    assert adopt_desired(auto, [ScaleState(9, 2.0, None)]) == ScaleState(6, 2.0, None)
 
 
 # --------------------------------------------------------------------------- properties

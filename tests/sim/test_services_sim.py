@@ -71,7 +71,10 @@ def test_replica_count_returns_to_target_after_each_fault(
         assert not r.recovery_problems, (_replay(r), r.recovery_problems[:3], r.faults)
         assert all(ready == target for ready, target in r.final_counts.values()), \
             (_replay(r), r.final_counts)
+    # Faults and autoscaler steps (a burst of badge checks at one site, under the same
+    # faults) both held to the bound: in most runs the autoscaler scaled badge up.
     assert sum(r.recoveries_checked for r in reports) >= 100
+    assert sum(r.peak_targets["badge"] > 2 for r in reports) >= 25
     assert sum(sum(1 for f in r.faults if " crash " in f" {f} ") for r in reports) >= 50
 
 
@@ -96,17 +99,23 @@ def test_autoscaling_follows_a_burst_and_returns_to_min() -> None:
     assert not rep.problems() and not rep.lost, (rep.problems(), SWARM_BASE)
     before = [(n, d) for t, n, d in counts if 4.0 <= t < 5.0]
     during = [(n, d) for t, n, d in counts if 10.0 <= t < 20.0]
-    after = [(n, d) for t, n, d in counts if t >= 67.0]
+    after = [(n, d) for t, n, d in counts if 77.0 <= t <= 80.0]
     # Before the burst: at min (a replica may still be moving to where the calls are).
     assert before and {d for _, d in before} == {2}, (SWARM_BASE, counts)
     assert all(2 <= n <= 3 for n, _ in before), (SWARM_BASE, counts)
     assert max(d for _, d in during) == 5, (SWARM_BASE, counts)  # desired: up to max
     assert max(n for n, _ in during) >= 5, (SWARM_BASE, counts)  # and they ran
-    # Back to min after it: down one replica per scale_down_dwell_s (10 s) of low load.
-    assert after and set(after) == {(2, 2)}, (SWARM_BASE, counts)
+    # Back to min after it: down one replica per scale_down_dwell_s (10 s) of low load
+    # (the final count on target is one of rep.problems()).
+    assert after and {d for _, d in after} == {2}, (SWARM_BASE, counts)
+    assert rep.final_counts["burst"] == (2, 2), (SWARM_BASE, rep.final_counts)
     # Once the first calls have placed it (before them it spreads over every region), never
-    # more ready than desired plus one replica being moved (make before break).
-    assert all(n <= d + 1 for t, n, d in counts if t >= 4.0), (SWARM_BASE, counts)
+    # more ready than desired (as the nodes last gossiped it, up to a gossip round old)
+    # plus the replicas being moved, each made before it is broken: at 1 call/s a 10 s
+    # window of call sources can swing from 2:1 to 1:2 between two regions and move two.
+    for t, n, _ in counts:
+        recent = [d for u, _, d in counts if t - 1.0 <= u <= t]
+        assert t < 4.0 or n <= max(recent) + 2, (SWARM_BASE, t, counts)
 
 
 # --------------------------------------------------------------------------- mutants
@@ -175,8 +184,12 @@ def test_mutant_placement_that_never_replaces_is_caught() -> None:
 
 
 def test_mutant_failover_is_caught() -> None:
-    twice = [chaos_run(s, fail_over=_failover_ignoring_idempotency) for s in MUTANT_SEEDS]
+    # A non-idempotent call runs twice only when its first replica ran it and the answer
+    # was lost (a pause, a partition): about half the seeds; ten make a miss unlikely.
+    seeds = range(SWARM_BASE, SWARM_BASE + 10)
+    twice = [chaos_run(s, fail_over=_failover_ignoring_idempotency) for s in seeds]
     assert any(r.ran_twice for r in twice)
     forgot = [chaos_run(s, fail_over=_failover_forgetting)  # type: ignore[arg-type]
               for s in MUTANT_SEEDS]
-    assert all(r.lost for r in forgot)
+    assert any(r.lost for r in forgot)
+    assert sum(len(r.lost) for r in forgot) >= 5

@@ -20,7 +20,8 @@ The anchors and where we depart from them:
   region while the count lasts, the rest by highest averages (D'Hondt), at most one
   replica per node. Calls from a region with no feasible node count for the feasible
   region nearest to it by Vivaldi distance (the smallest estimated RTT between any two
-  of their nodes). With no calls at all the replicas spread over the allowed regions.
+  of their nodes). With no calls at all the replicas stay in the regions that hold
+  them, and with none held they spread over the allowed regions.
   Placement is sticky: a region keeps a replica it holds unless another region's calls
   beat its own by more than ``stickiness``, and a central service keeps its region while
   that region still has room; so two regions with nearly equal calls do not trade a
@@ -41,8 +42,10 @@ The anchors and where we depart from them:
   the mean in-flight calls per replica has stayed above ``target_inflight`` for
   ``scale_up_dwell_s``, and lowers it by one once it has stayed below
   ``target_inflight * low_water_fraction`` for the longer ``scale_down_dwell_s``; always
-  within ``[min_replicas, max_replicas]``. Every node steps it on the same gossiped
-  counts; a node that starts adopts what its peers gossip (``adopt_desired``).
+  within ``[min_replicas, max_replicas]``. Every node steps its own on the gossiped
+  counts and gossips the result; placement uses the count most nodes gossip
+  (``agreed_count``), so a node whose autoscaler is a step apart does not place with its
+  own; a node that starts takes its peers' state (``adopt_desired``).
 - Failover (``failover``): a call whose replica died (its node left the view) or did not
   answer in time is retried once on another replica when its method is declared
   idempotent, else it fails with ``replica-lost`` saying it may have run. A replica that
@@ -94,6 +97,7 @@ __all__ = [
     "ServiceSpecError",
     "Unplaceable",
     "adopt_desired",
+    "agreed_count",
     "autoscale_step",
     "failover",
     "keep_replica",
@@ -335,6 +339,10 @@ def place_service(
         quota = {region: min(count, cap[region])}
     else:
         weights = _weights(call_sources, sorted(cap), view)
+        if not weights:
+            # No calls: keep the regions held (weighted by their replicas), or with none
+            # held spread over every allowed region.
+            weights = dict(held) if held else dict.fromkeys(cap, 1)
         quota = _apportion(count, weights, cap, view, held, 1.0 + stickiness)
     key = service_key(spec.name)
     chosen: list[str] = []
@@ -368,7 +376,7 @@ def _region_rtt(a: str, b: str, coords: Mapping[str, list[Coordinate]]) -> float
 def _weights(call_sources: Mapping[str, int], allowed: Sequence[str],
              view: Sequence[NodeState]) -> dict[str, int]:
     """Calls per allowed region: a region's own calls plus those of the regions with no
-    allowed node that are nearest to it. No calls at all: weight 1 everywhere."""
+    allowed node that are nearest to it. No calls at all: empty."""
     allowed_set = set(allowed)
     coords: dict[str, list[Coordinate]] | None = None
     w: dict[str, int] = {}
@@ -386,8 +394,6 @@ def _weights(call_sources: Mapping[str, int], allowed: Sequence[str],
             c = coords
             target = min(allowed, key=lambda r: (_region_rtt(src, r, c), r))
         w[target] = w.get(target, 0) + calls
-    if not w:
-        return dict.fromkeys(allowed, 1)
     return w
 
 
@@ -637,11 +643,25 @@ def autoscale_step(
     return ScaleState(desired, None, None)
 
 
-def adopt_desired(auto: Autoscale, peers: Iterable[int]) -> ScaleState:
-    """The state a node that starts takes: the desired count its peers gossip most often
-    (the larger on a tie), else ``min_replicas``."""
-    counts = Counter(peers)
+def agreed_count(auto: Autoscale, gossiped: Iterable[int]) -> int:
+    """The replica count every node places with: the desired count the nodes gossip most
+    often (the larger on a tie), clamped; ``min_replicas`` when none is known. Each node's
+    own autoscaler may be a step ahead or behind (it started later, its gossip came
+    later); placing with the count most of them hold keeps one placement for all, with no
+    leader to hold it."""
+    counts = Counter(gossiped)
     if not counts:
-        return ScaleState(auto.min_replicas)
-    best = max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
-    return ScaleState(_clamp(best, auto))
+        return auto.min_replicas
+    return _clamp(max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0], auto)
+
+
+def adopt_desired(auto: Autoscale, peers: Iterable[ScaleState]) -> ScaleState:
+    """The autoscaler state a node that starts takes from its peers' gossiped states: the
+    desired count most of them hold (``agreed_count``) and, among the peers holding it,
+    the earliest start of each dwell, so that it steps together with them."""
+    states = list(peers)
+    desired = agreed_count(auto, (s.desired for s in states))
+    same = [s for s in states if _clamp(s.desired, auto) == desired]
+    above = [s.above_since for s in same if s.above_since is not None]
+    below = [s.below_since for s in same if s.below_since is not None]
+    return ScaleState(desired, min(above) if above else None, min(below) if below else None)

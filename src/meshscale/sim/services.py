@@ -67,6 +67,7 @@ from meshscale.core.services import (
     ServiceSpec,
     Unplaceable,
     adopt_desired,
+    agreed_count,
     autoscale_step,
     failover,
     keep_replica,
@@ -144,8 +145,8 @@ class Snapshot:
     """service -> node -> (ready, calls in flight)."""
     sources: Mapping[str, Mapping[str, int]]
     """service -> caller region -> calls over the last window."""
-    desired: Mapping[str, tuple[int, ...]]
-    """service -> the desired counts the nodes gossiped."""
+    desired: Mapping[str, tuple[ScaleState, ...]]
+    """service -> the autoscaler states the nodes gossiped."""
 
 
 # --------------------------------------------------------------------------- node
@@ -263,14 +264,15 @@ class ServiceNode:
             reps = self.table.get(name, {})
             ready = {n for n, (ok, _) in reps.items() if ok}
             if spec.autoscale is not None:
+                gossiped = snap.desired.get(name, ())
                 st = self.scale.get(name)
                 if st is None:
-                    st = adopt_desired(spec.autoscale, snap.desired.get(name, ()))
+                    st = adopt_desired(spec.autoscale, gossiped)
                 inflight = sum(reps[n][1] for n in ready)
                 st = autoscale_step(spec.autoscale, self.mesh.config, st, now, inflight,
                                     len(ready))
                 self.scale[name] = st
-                count = st.desired
+                count = agreed_count(spec.autoscale, (g.desired for g in gossiped))
             else:
                 count = spec.bounds[0]
             placement = self.mesh.placement(snap, spec, count)
@@ -295,6 +297,9 @@ class ServiceNode:
     def desired(self, service: str) -> int | None:
         st = self.scale.get(service)
         return None if st is None else st.desired
+
+    def scale_state(self, service: str) -> ScaleState | None:
+        return self.scale.get(service)
 
     # caller side
     def replica_views(self, service: str) -> list[ReplicaView]:
@@ -402,6 +407,7 @@ class ServiceMesh:
         call_timeout_s: float = 1.0,
         source_window_s: float = 10.0,
         service_time_s: tuple[float, float] = (0.005, 0.02),
+        service_time_of: Mapping[str, tuple[float, float]] | None = None,
         recover_bound_s: float = 5.0,
     ) -> None:
         self.topology = topology or Topology.three_regions()
@@ -414,6 +420,7 @@ class ServiceMesh:
         self.start_s, self.call_timeout_s = start_s, call_timeout_s
         self.source_window_s = source_window_s
         self.service_time_s = service_time_s
+        self.service_time_of = dict(service_time_of or {})
         self.recover_bound_s = recover_bound_s
         self.names = [f"n{i}" for i in range(nodes)]
         self.placements = dict(zip(self.names, self.topology.place(nodes), strict=True))
@@ -438,6 +445,9 @@ class ServiceMesh:
         self.routing_violations: list[str] = []
         self.residency_violations: list[str] = []
         self.faults: list[tuple[float, str]] = []
+        self.scale_events: list[tuple[float, str]] = []
+        self.settled_at = 0.0
+        """(when, what) each time a service's target changed (the autoscaler stepped)."""
         self.samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
         """(when, service -> (ready replicas, target))."""
         self._next_cid = 0
@@ -459,7 +469,8 @@ class ServiceMesh:
         return [n for n in self.names if self.sim.is_up(n)]
 
     def service_time(self, service: str, rng: random.Random) -> float:
-        return rng.uniform(*self.service_time_s)
+        """How long one call of ``service`` runs (seconds, uniform in its range)."""
+        return rng.uniform(*self.service_time_of.get(service, self.service_time_s))
 
     def placement(self, snap: Snapshot, spec: ServiceSpec,
                   count: int) -> ServicePlacement | Unplaceable:
@@ -480,7 +491,7 @@ class ServiceMesh:
         now = self.sim.now
         replicas: dict[str, dict[str, tuple[bool, int]]] = {s.name: {} for s in self.specs}
         sources: dict[str, dict[str, int]] = {s.name: {} for s in self.specs}
-        desired: dict[str, list[int]] = {s.name: [] for s in self.specs}
+        desired: dict[str, list[ScaleState]] = {s.name: [] for s in self.specs}
         view = []
         for n in self.names:
             if n in self.detected_down or not self.sim.is_up(n):
@@ -498,9 +509,9 @@ class ServiceMesh:
                 region = node.region
                 sources[s][region] = sources[s].get(region, 0) + 1
             for s in desired:
-                d = node.desired(s)
-                if d is not None:
-                    desired[s].append(d)
+                st = node.scale_state(s)
+                if st is not None:
+                    desired[s].append(st)
         return Snapshot(self.snap_seq, tuple(view), replicas, sources,
                         {s: tuple(v) for s, v in desired.items()})
 
@@ -635,17 +646,52 @@ class ServiceMesh:
         return out
 
     def _sample(self) -> None:
-        self.samples.append((self.sim.now, self.targets()))
-        self.sim.at(self.sim.now + 0.25, self._sample)
+        now = self.sim.now
+        counts = self.targets()
+        if self.samples:
+            before = self.samples[-1][1]
+            for name, (_, target) in counts.items():
+                if before[name][1] != target and now > 1.0:
+                    self.scale_events.append(
+                        (now, f"target of {name} {before[name][1]} -> {target}"))
+        self.samples.append((now, counts))
+        self.sim.at(now + 0.25, self._sample)
+
+    def settle(self, end: float, max_extra_s: float = 30.0) -> float:
+        """Run to ``end``, then on while the last fault or change of target is less than
+        ``recover_bound_s`` old (so the final count is held to it), at most
+        ``max_extra_s`` more; then one more ``recover_bound_s``, the window in which the
+        final counts must be on target (``final_counts``). Returns when it stopped."""
+        self.sim.run_until(end)
+        while self.sim.now < end + max_extra_s:
+            last = max((t for t, _ in self.faults + self.scale_events), default=0.0)
+            if last + self.recover_bound_s < self.sim.now:
+                break
+            self.sim.run_until(last + self.recover_bound_s + 0.25)
+        self.settled_at = self.sim.now
+        self.sim.run_until(self.sim.now + self.recover_bound_s)
+        return self.sim.now
+
+    def final_counts(self) -> dict[str, tuple[int, int]]:
+        """Per service, (ready, target) in the last window of ``settle``: the first sample
+        on target (a replica may still be moving at any one instant: make before break),
+        else the last sample."""
+        window = [smp for when, smp in self.samples if when > self.settled_at]
+        out = {}
+        for spec in self.specs:
+            seen = [smp[spec.name] for smp in window] or [self.targets()[spec.name]]
+            out[spec.name] = next((c for c in seen if c[0] == c[1]), seen[-1])
+        return out
 
     def recovery_problems(self, end: float) -> tuple[list[str], int]:
-        """Faults after which some service's ready replicas did not return to target within
-        ``recover_bound_s`` (only faults with no other fault within the bound are held to
-        it), and how many faults were checked."""
-        times = [t for t, _ in self.faults]
+        """Faults and changes of target (the autoscaler's) after which some service's ready
+        replicas did not reach target within ``recover_bound_s`` (only those with no other
+        fault or change within the bound are held to it), and how many were checked."""
+        events = sorted(self.faults + self.scale_events, key=lambda e: e[0])
+        times = [t for t, _ in events]
         problems = []
         checked = 0
-        for i, (t, what) in enumerate(self.faults):
+        for i, (t, what) in enumerate(events):
             nxt = times[i + 1] if i + 1 < len(times) else end
             if nxt <= t + self.recover_bound_s:
                 continue
@@ -682,6 +728,9 @@ class ServiceReport:
     recovery_problems: list[str]
     recoveries_checked: int
     final_counts: dict[str, tuple[int, int]]
+    """Per service, (ready replicas, target) at the end (``ServiceMesh.final_counts``)."""
+    peak_targets: dict[str, int]
+    """Per service, the largest target during the run (above min: the autoscaler acted)."""
     in_region: dict[str, float]
     """Per service, the share of answered calls answered in the caller's region."""
     trace_hash: str
@@ -730,23 +779,25 @@ def report(mesh: ServiceMesh, seed: int, end: float) -> ServiceReport:
         residency_violations=list(mesh.residency_violations),
         routing_violations=list(mesh.routing_violations),
         recovery_problems=recovery, recoveries_checked=checked,
-        final_counts=mesh.targets(),
+        final_counts=mesh.final_counts(),
+        peak_targets={spec.name: max((smp[spec.name][1] for _, smp in mesh.samples),
+                                     default=0) for spec in mesh.specs},
         in_region={s: round(mesh.answered_in_region[s] / n, 4)
                    for s, n in sorted(mesh.answered_by.items())},
         trace_hash=mesh.sim.trace_hash(),
         faults=[f"{t:.1f} {w}" for t, w in mesh.faults])
 
 
-def _doors(mesh: ServiceMesh, rng: random.Random, until: float, rate_per_s: float) -> None:
-    """Clients at every region calling every service at ``rate_per_s`` each (Poisson)."""
-    regions = list(mesh.topology.regions)
+def _doors(mesh: ServiceMesh, rng: random.Random, start: float, until: float,
+           rate_per_s: float, regions: Sequence[str], services: Sequence[str]) -> None:
+    """Clients at ``regions`` calling ``services`` at ``rate_per_s`` each (Poisson)."""
     for region in regions:
-        for spec in mesh.specs:
-            t = 1.0 + rng.expovariate(rate_per_s)
-            door = 0
+        for service in services:
+            t = start + rng.expovariate(rate_per_s)
+            door = rng.randrange(1 << 16)
             while t < until:
-                method = rng.choice(METHODS.get(spec.name, ("call",)))
-                mesh.sim.at(t, partial(mesh.issue, region, door, spec.name, method))
+                method = rng.choice(METHODS.get(service, ("call",)))
+                mesh.sim.at(t, partial(mesh.issue, region, door, service, method))
                 door += 1
                 t += rng.expovariate(rate_per_s)
 
@@ -758,17 +809,27 @@ def chaos_run(
     fault_until: float = 40.0,
     settle_s: float = 8.0,
     rate_per_s: float = 4.0,
+    burst_rate_per_s: float = 80.0,
+    burst_s: float = 8.0,
     placer: Placer = core_placer,
     router: Router = core_router,
     fail_over: FailOver = failover,
 ) -> ServiceReport:
-    """Callers in every region calling three services while nodes crash (and restart
-    later), pause and get partitioned; then faults stop, partitions heal, crashed nodes
-    restart, and the mesh settles."""
+    """Callers in every region calling three services, and a burst of calls to the
+    autoscaled one from one site, while nodes crash (and restart later), pause and get
+    partitioned; then faults stop, partitions heal, crashed nodes restart, and the mesh
+    settles."""
     rng = random.Random(f"services-chaos/{seed}")
-    mesh = ServiceMesh(nodes, seed=seed, placer=placer, router=router, fail_over=fail_over)
+    mesh = ServiceMesh(nodes, seed=seed, placer=placer, router=router, fail_over=fail_over,
+                       service_time_of={"badge": (0.05, 0.1)})
     sim = mesh.sim
-    _doors(mesh, rng, fault_until + settle_s - 3.0, rate_per_s)
+    regions = list(mesh.topology.regions)
+    _doors(mesh, rng, 1.0, fault_until + settle_s - 3.0, rate_per_s, regions,
+           [s.name for s in mesh.specs])
+    # A burst of badge checks at one site, long enough for the autoscaler to act and
+    # early enough for it to scale back down before the end.
+    b0 = rng.uniform(5.0, 10.0)
+    _doors(mesh, rng, b0, b0 + burst_s, burst_rate_per_s, [rng.choice(regions)], ["badge"])
     down: dict[str, float] = {}
 
     def inject() -> None:
@@ -800,13 +861,12 @@ def chaos_run(
     mesh.heal()
     for n in sorted(down):
         mesh.restart(n)
-    end = fault_until + settle_s
-    sim.run_until(end)
+    end = mesh.settle(fault_until + settle_s)
     return report(mesh, seed, end)
 
 
-def burst_run(seed: int, *, base_rate_per_s: float = 2.0, burst_rate_per_s: float = 160.0,
-              burst: tuple[float, float] = (5.0, 20.0), end_s: float = 70.0) -> tuple[
+def burst_run(seed: int, *, base_rate_per_s: float = 1.0, burst_rate_per_s: float = 160.0,
+              burst: tuple[float, float] = (5.0, 20.0), end_s: float = 80.0) -> tuple[
                   ServiceReport, list[tuple[float, int, int]]]:
     """One autoscaled service, callers in two regions, a burst of calls that each take
     60..100 ms: the report, and (when, ready replicas, desired count) every 0.25 s."""
@@ -821,6 +881,6 @@ def burst_run(seed: int, *, base_rate_per_s: float = 2.0, burst_rate_per_s: floa
         mesh.sim.at(t, partial(mesh.issue, region, door, "burst", "run"))
         door += 1
         t += rng.expovariate(rate)
-    mesh.sim.run_until(end_s)
+    end = mesh.settle(end_s)
     counts = [(when, *s["burst"]) for when, s in mesh.samples]
-    return report(mesh, seed, end_s), counts
+    return report(mesh, seed, end), counts
