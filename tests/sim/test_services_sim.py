@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Collection, Mapping, Sequence
+from functools import partial
 
 import pytest
 
+from meshscale.core.placement import Residency
 from meshscale.core.scheduling import NodeState
 from meshscale.core.services import (
     CallFailed,
@@ -24,7 +26,7 @@ from meshscale.core.services import (
     place_service,
 )
 from meshscale.core.vivaldi import Coordinate
-from meshscale.sim.services import ServiceReport, burst_run, chaos_run
+from meshscale.sim.services import ServiceMesh, ServiceReport, burst_run, chaos_run, report
 
 SWARM_BASE = int(os.environ.get("MESHSCALE_SWARM_SEED")
                  or random.SystemRandom().randrange(2**31))
@@ -116,6 +118,23 @@ def test_autoscaling_follows_a_burst_and_returns_to_min() -> None:
     for t, n, _ in counts:
         recent = [d for u, _, d in counts if t - 1.0 <= u <= t]
         assert t < 4.0 or n <= max(recent) + 2, (SWARM_BASE, t, counts)
+
+
+def test_a_service_no_node_may_run_fails_its_calls_naming_the_rule() -> None:
+    spec = ServiceSpec("vault", replicas=2, residency=Residency(frozenset({"mars"}), "pii"))
+    mesh = ServiceMesh(6, seed=SWARM_BASE, services=[spec, ServiceSpec("ok", replicas=2)])
+    for i in range(20):
+        mesh.sim.at(1.0 + i * 0.1, partial(mesh.issue, "eu-west", i, "vault", "call"))
+        mesh.sim.at(1.0 + i * 0.1, partial(mesh.issue, "us-east", i, "ok", "call"))
+    rep = report(mesh, SWARM_BASE, mesh.settle(6.0))
+    assert rep.issued == 40 and not rep.lost and rep.answered == 20, rep
+    vault = [outs[0][1] for cid, outs in mesh.outcomes.items()
+             if mesh.issued[cid][1] == "vault"]
+    assert len(vault) == 20
+    assert all(e is not None and e.startswith("no-replica: service 'vault': it cannot be "
+                                              "placed: rule residency: ") and "mars" in e
+               for e in vault), vault[:2]
+    assert rep.final_counts["ok"] == (2, 2) and not rep.residency_violations
 
 
 # --------------------------------------------------------------------------- mutants

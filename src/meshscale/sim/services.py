@@ -15,7 +15,7 @@ node's seeded generator and answers.
 ``ServiceMesh`` builds the mesh and, like ``sim/compute.py``, plays gossip and failure
 detection as an oracle with delays: every ``gossip_s`` it snapshots each node's
 replicas (ready or loading, calls in flight), the calls each node sent per service
-over the last ``source_window_s`` and each node's desired counts, and hands the snapshot
+over the last ``source_window_s`` and each node's autoscaler state, and hands the snapshot
 to every live node ``gossip_delay_s`` later; a crashed node is reported down to everyone
 ``detect_s`` after the crash (a paused or partitioned one is not). Faults come from the
 engine (``Simulator.crash``, ``restart``, ``pause``, ``partition``). Clients ("doors")
@@ -23,17 +23,20 @@ sit at sites and send calls through a node of their region (another one when tha
 is down); a caller's node that crashes fails its pending calls with
 ``caller-node-lost`` (the client's connection broke).
 
-Oracles, checked against the true state rather than any node's view:
+Oracles, checked against the true state rather than any node's view (except routing,
+which is judged by what the caller's node could know):
 
 - every call ends exactly once, answered or failed with a stated error
   (``ServiceReport.lost``: issued and never ended);
 - a call to a method not declared idempotent runs at most once (``ran_twice``);
 - every replica starts on a node the service's residency and placement allow
   (``residency_violations``);
-- after each fault, the ready replicas of each service return to target within
-  ``recover_bound_s`` unless another fault comes first, and are at target at the end
-  (``recovery_problems``); the target is the desired count (the count, or the desired
-  count most live nodes hold), capped by the live nodes the rules allow;
+- after each fault and each change of target (an autoscaler step), the ready replicas
+  of each service reach target within ``recover_bound_s`` unless another fault or change
+  comes first (``recovery_problems``), and they are on target in a window of that length
+  after the run settles (``final_counts``); the target is the desired count (the fixed
+  count, or the desired count most live nodes hold), capped by the live nodes the rules
+  allow (for a central service, those of one region);
 - each call goes to a replica in the caller's region whenever the caller's node's view
   has a healthy replica there that the call has not tried (``routing_violations``).
 
@@ -166,6 +169,8 @@ class ServiceNode:
         self.scale: dict[str, ScaleState] = {}
         self.running: dict[str, _Replica] = {}
         self.calls: dict[int, _Call] = {}
+        self.placed: dict[str, ServicePlacement | Unplaceable] = {}
+        """service -> its placement from this node's last view."""
         self.sent: deque[tuple[float, str]] = deque()
         """(when, service) of the calls this node sent: its gossiped call sources."""
         self._timers: list[tuple[float, int, str, int, str]] = []
@@ -276,6 +281,7 @@ class ServiceNode:
             else:
                 count = spec.bounds[0]
             placement = self.mesh.placement(snap, spec, count)
+            self.placed[name] = placement
             mine = self.running.get(name)
             wanted = isinstance(placement, ServicePlacement) and self.name in placement.nodes
             if wanted and (mine is None or mine.stopping):
@@ -315,9 +321,11 @@ class ServiceNode:
         views = self.replica_views(service)
         target = self.mesh.router(self.region, views, self.rng, self.coord, ())
         if target is None:
-            spec = self.mesh.spec_of[service]
-            self.mesh.ended(cid, None, f"no-replica: service {spec.name!r} has no healthy "
-                                       "replica in this node's view", now)
+            placed = self.placed.get(service)
+            why = (f"it cannot be placed: rule {placed.rule}: {placed.message}"
+                   if isinstance(placed, Unplaceable) else
+                   "it has no healthy replica in this node's view")
+            self.mesh.ended(cid, None, f"no-replica: service {service!r}: {why}", now)
             return
         self._dispatch(_Call(cid, service, method, target, set(), 0.0), views, target, now)
 
