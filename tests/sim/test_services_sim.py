@@ -88,6 +88,12 @@ def test_routing_stays_in_the_callers_region_when_a_replica_is_healthy_there(
     # there (the rest went out while the local replica was down or unreachable).
     share = sum(r.in_region["classify"] for r in reports) / len(reports)
     assert share >= 0.9, share
+    # Against the truth: of the first attempts made while a replica was ready on a live
+    # node of the caller's region, the share sent there (the rest left on a view that did
+    # not have it yet: 99.8 % over 50 seeds when measured).
+    local = sum(r.first_local[0] for r in reports)
+    made = sum(r.first_local[1] for r in reports)
+    assert made > 10_000 and local / made >= 0.98, (local, made)
 
 
 def test_same_seed_same_trace() -> None:
@@ -190,6 +196,9 @@ def _failover_forgetting(*args: object, **kw: object) -> object:
 def test_mutant_router_is_caught() -> None:
     bad = [chaos_run(s, router=_broken_router) for s in MUTANT_SEEDS]
     assert all(r.routing_violations for r in bad)
+    local = sum(r.first_local[0] for r in bad)
+    made = sum(r.first_local[1] for r in bad)
+    assert local / made < 0.9, (local, made)
 
 
 def test_mutant_placement_ignoring_residency_is_caught() -> None:

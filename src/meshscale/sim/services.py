@@ -38,7 +38,9 @@ which is judged by what the caller's node could know):
   count, or the desired count most live nodes hold), capped by the live nodes the rules
   allow (for a central service, those of one region);
 - each call goes to a replica in the caller's region whenever the caller's node's view
-  has a healthy replica there that the call has not tried (``routing_violations``).
+  has a healthy replica there that the call has not tried (``routing_violations``); and,
+  against the truth, the share of first attempts sent in-region while a replica was
+  ready on a live node there is reported (``first_local``).
 
 The decisions are parameters (``placer``, ``router``, ``fail_over``; by default the
 core's), so a test can hand in a broken one and see an oracle catch it.
@@ -451,6 +453,9 @@ class ServiceMesh:
         self.answered_in_region: Counter[str] = Counter()
         self.answered_by: Counter[str] = Counter()
         self.routing_violations: list[str] = []
+        self.first_local = [0, 0]
+        """First attempts sent in-region, of those made while a replica was truly ready
+        in the caller's region (the rest went out on a stale view)."""
         self.residency_violations: list[str] = []
         self.faults: list[tuple[float, str]] = []
         self.scale_events: list[tuple[float, str]] = []
@@ -619,6 +624,16 @@ class ServiceMesh:
 
     def check_route(self, caller: str, region: str, call: _Call, views: list[ReplicaView],
                     target: str) -> None:
+        if not call.tried:
+            # First attempts, against the truth: a replica of the service ready on a live
+            # node of the caller's region, and where the call went.
+            now = self.sim.now
+            local = any(self.placements[n].region == region
+                        and (r := self.node(n).running.get(call.service)) is not None
+                        and not r.stopping and r.ready_at <= now for n in self.up())
+            if local:
+                self.first_local[0] += self.placements[target].region == region
+                self.first_local[1] += 1
         near = [v.node for v in views if v.healthy and v.region == region
                 and v.node not in call.tried]
         if near and self.placements[target].region != region:
@@ -739,6 +754,9 @@ class ServiceReport:
     """Per service, (ready replicas, target) at the end (``ServiceMesh.final_counts``)."""
     peak_targets: dict[str, int]
     """Per service, the largest target during the run (above min: the autoscaler acted)."""
+    first_local: tuple[int, int]
+    """(sent in-region, made) of the first attempts made while a replica was truly ready
+    on a live node of the caller's region."""
     in_region: dict[str, float]
     """Per service, the share of answered calls answered in the caller's region."""
     trace_hash: str
@@ -790,6 +808,7 @@ def report(mesh: ServiceMesh, seed: int, end: float) -> ServiceReport:
         final_counts=mesh.final_counts(),
         peak_targets={spec.name: max((smp[spec.name][1] for _, smp in mesh.samples),
                                      default=0) for spec in mesh.specs},
+        first_local=(mesh.first_local[0], mesh.first_local[1]),
         in_region={s: round(mesh.answered_in_region[s] / n, 4)
                    for s, n in sorted(mesh.answered_by.items())},
         trace_hash=mesh.sim.trace_hash(),
