@@ -14,7 +14,7 @@ from meshscale.core.scheduling import NodeState, Resources
 from meshscale.core.services import (
     CENTRAL,
     ERR_NO_REPLICA,
-    ERR_NOT_IDEMPOTENT,
+    ERR_REPLICA_LOST,
     ERR_RETRIES_EXHAUSTED,
     Autoscale,
     CallFailed,
@@ -74,6 +74,8 @@ def regions_of(nodes: tuple[str, ...]) -> list[str]:
     ({"replicas": 2, "autoscale": Autoscale(1, 2, 1.0)}, "replicas"),
     ({"central_region": "eu"}, "central_region"),
     ({"resources": Resources(0.0)}, "resources.cpus"),
+    ({"idempotent": "predict"}, "idempotent"),
+    ({"placement": "central", "central_region": ""}, "central_region"),
 ])
 def test_bad_specs_are_refused_naming_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ServiceSpecError) as e:
@@ -267,7 +269,7 @@ def test_failover_retries_idempotent_once_and_fails_others_with_stated_error() -
     d = failover(spec, "predict", 1, {"eu0", "eu1"}, "eu", reps, rng, cfg)
     assert isinstance(d, CallFailed) and d.code == ERR_RETRIES_EXHAUSTED
     d = failover(spec, "charge", 0, {"eu0"}, "eu", reps, rng, cfg)
-    assert isinstance(d, CallFailed) and d.code == ERR_NOT_IDEMPOTENT
+    assert isinstance(d, CallFailed) and d.code == ERR_REPLICA_LOST
     assert "'charge'" in d.message and "not declared idempotent" in d.message
     d = failover(spec, "predict", 0, {"eu0"}, "eu", [rv("eu0")], rng, cfg)
     assert isinstance(d, CallFailed) and d.code == ERR_NO_REPLICA

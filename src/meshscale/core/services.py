@@ -81,8 +81,8 @@ from meshscale.core.vivaldi import Coordinate, estimate_rtt
 
 __all__ = [
     "CENTRAL",
-    "ERR_NOT_IDEMPOTENT",
     "ERR_NO_REPLICA",
+    "ERR_REPLICA_LOST",
     "ERR_RETRIES_EXHAUSTED",
     "MAX_SERVICE_REPLICAS",
     "NEAR_CALLER",
@@ -115,7 +115,7 @@ MAX_SERVICE_REPLICAS = 64
 
 ERR_NO_REPLICA = "no-replica"
 """No healthy replica the call could be sent to (none placed, all dead or tried)."""
-ERR_NOT_IDEMPOTENT = "replica-lost"
+ERR_REPLICA_LOST = "replica-lost"
 """The call's replica died or stopped answering and its method is not declared
 idempotent: not retried, and it may or may not have run."""
 ERR_RETRIES_EXHAUSTED = "retries-exhausted"
@@ -211,7 +211,13 @@ class ServiceSpec:
                             f"got {self.replicas}")
         if self.resources.cpus <= 0:
             raise ServiceSpecError("resources.cpus", "a replica needs more than 0 cpus")
+        if isinstance(self.idempotent, str):
+            raise ServiceSpecError(
+                "idempotent", f"takes a set of method names, not one string "
+                              f"({self.idempotent!r})")
         object.__setattr__(self, "idempotent", frozenset(self.idempotent))
+        if self.central_region == "":
+            raise ServiceSpecError("central_region", "must be a non-empty region name")
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
 
     @property
@@ -549,7 +555,7 @@ def failover(
     declared idempotent and it has retries left; otherwise a stated error."""
     if not spec.is_idempotent(method):
         return CallFailed(
-            ERR_NOT_IDEMPOTENT,
+            ERR_REPLICA_LOST,
             f"service {spec.name!r}: the replica running {method!r} was lost; the method "
             "is not declared idempotent, so the call was not retried and may or may not "
             "have run")
