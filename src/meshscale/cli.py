@@ -1064,6 +1064,34 @@ def kv_delete_cmd(
         mesh.kv.delete(key, consistency.value)
 
 
+@kv_app.command("list")
+def kv_list_cmd(
+    prefix: Annotated[str, typer.Option("--prefix", help="Only keys starting with this.")] = "",
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print a JSON list of {key, value} (value as UTF-8 text, else "
+                       "value_hex).")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """List the live keys (one a line), in key order."""
+    import json
+    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
+        rows = list(mesh.kv.items(prefix))
+    if not as_json:
+        for key, _ in rows:
+            typer.echo(key)
+        return
+    out: list[dict[str, str]] = []
+    for key, value in rows:
+        try:
+            out.append({"key": key, "value": value.decode("utf-8")})
+        except UnicodeDecodeError:
+            out.append({"key": key, "value_hex": value.hex()})
+    typer.echo(json.dumps(out, indent=2))
+
+
 def _tasks_table(rows: list[dict[str, Any]]) -> str:
     header = ("TASK", "STATE", "NODE", "OWNER", "REASON")
     lines = [header]

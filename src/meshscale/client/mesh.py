@@ -79,6 +79,8 @@ PUT_AHEAD: Final = 2
 MAX_CHUNK_BYTES: Final = 32 * 1024 * 1024
 """Largest chunk size we accept from a node (it must fit in one RPC frame)."""
 LIST_PAGE: Final = 500
+KV_LIST_PAGE: Final = 500
+"""Keys one ``kv.items`` call asks a node for at a time."""
 SPOOL_BYTES: Final = 8 * 1024 * 1024
 """A non-seekable stream is spooled (its size must be known up front); beyond this many
 bytes the spool moves from memory to a temp file."""
@@ -964,6 +966,45 @@ class AsyncKV:
             key=_check_key(key), consistency=_check_consistency(consistency)))
         return reply.ts
 
+    async def items(self, prefix: str = "", *, page_size: int = KV_LIST_PAGE
+                    ) -> AsyncGenerator[tuple[str, bytes], None]:
+        """Every live key starting with ``prefix`` and its value, in key order, fetched
+        ``page_size`` keys at a time (``kv.list``: every live node's records merged, the
+        newest of each key winning; a key all of whose replicas are away is missing)."""
+        if not isinstance(prefix, str):
+            raise ValueError(f"a KV prefix is a string, not {prefix!r:.100}")
+        if isinstance(page_size, bool) or not 1 <= page_size <= obj_api.MAX_KV_LIST_PAGE:
+            raise ValueError(f"page_size must be from 1 to {obj_api.MAX_KV_LIST_PAGE}, "
+                             f"not {page_size!r}")
+        after = ""
+        while True:
+            page = await self._mesh._request(obj_api.KV_LIST, obj_api.KvListRequest(
+                prefix=prefix, after=after, limit=page_size))
+            for e in page.entries:
+                if e.value is not None:
+                    yield e.key, e.value
+            if page.next is None:
+                return
+            if page.next <= after:
+                raise MeshError(f"{self._mesh.address}: kv.list did not advance past {after!r}")
+            after = page.next
+
+    async def keys(self, prefix: str = "", *, limit: int | None = None) -> list[str]:
+        """The live keys starting with ``prefix``, in key order (at most ``limit``)."""
+        out: list[str] = []
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, not {limit!r}")
+        page = KV_LIST_PAGE if limit is None else min(limit, obj_api.MAX_KV_LIST_PAGE)
+        it = self.items(prefix, page_size=page)
+        try:
+            async for key, _ in it:
+                out.append(key)
+                if limit is not None and len(out) >= limit:
+                    break
+        finally:
+            await it.aclose()
+        return out
+
 
 M = TypeVar("M", bound="AsyncMesh")
 
@@ -1206,6 +1247,29 @@ class KV:
 
     def delete(self, key: str, consistency: Consistency = "quorum") -> str:
         return self._mesh._run(self._mesh._inner.kv.delete(key, consistency))
+
+    def items(self, prefix: str = "", *, page_size: int = KV_LIST_PAGE
+              ) -> Iterator[tuple[str, bytes]]:
+        """Every live key starting with ``prefix`` and its value, a page at a time."""
+        mesh = self._mesh
+        it = mesh._inner.kv.items(prefix, page_size=page_size)
+
+        async def step() -> tuple[str, bytes]:
+            return await it.__anext__()
+
+        try:
+            while True:
+                try:
+                    item = mesh._run(step())
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            if not mesh._closed:
+                mesh._run(it.aclose())
+
+    def keys(self, prefix: str = "", *, limit: int | None = None) -> list[str]:
+        return self._mesh._run(self._mesh._inner.kv.keys(prefix, limit=limit))
 
 
 def connect(
