@@ -21,7 +21,6 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -29,7 +28,16 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 import meshscale
-from meshscale.meshfile import MESH_ENV, MeshFile, MeshFileError, read_mesh_file
+from meshscale.meshfile import (
+    BUNDLE_ENV,
+    DEFAULT_NODE,
+    MESH_ENV,
+    MeshFile,
+    MeshFileError,
+    Target,
+    read_mesh_file,
+    resolve_target,
+)
 from meshscale.runtime.agent_main import LATENCY_HELP
 from meshscale.trust.bundle import (
     Bundle,
@@ -53,9 +61,7 @@ except ImportError:  # pragma: no cover - older typer with click installed
     import click.exceptions as _click_exc  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 PROG = "meshscale"
-BUNDLE_ENV = "MESHSCALE_BUNDLE"
 USAGE_EXIT = 2
-DEFAULT_NODE = "127.0.0.1:7946"
 
 
 class CliError(Exception):
@@ -391,15 +397,6 @@ def node_config_example_cmd() -> None:
 # -- reaching the mesh: --node / --mesh / --bundle ---------------------------------------
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where a command goes (addresses tried in order) and the bundle it goes with."""
-
-    addresses: list[str]
-    bundle: Path
-    mesh: MeshFile | None = None
-
-
 def _mesh_file(mesh: Path | None) -> MeshFile | None:
     if mesh is None:
         return None
@@ -411,18 +408,14 @@ def _mesh_file(mesh: Path | None) -> MeshFile | None:
 
 def _target(node: str | None, mesh: Path | None, bundle: Path | None) -> Target:
     """``--node`` over ``--mesh``'s nodes over the default address; ``--bundle`` (or
-    MESHSCALE_BUNDLE) over ``--mesh``'s client bundle."""
-    mf = _mesh_file(mesh)
-    if node is not None:
-        addresses = [_parse_addr(node, "--node")]
-    elif mf is not None:
-        addresses = mf.addresses
-    else:
-        addresses = [DEFAULT_NODE]
-    chosen = bundle if bundle is not None else (mf.bundle if mf is not None else None)
-    if chosen is None:
-        raise CliError(f"missing --bundle DIR (or {BUNDLE_ENV}, or --mesh mesh.json)")
-    return Target(addresses, chosen, mf)
+    MESHSCALE_BUNDLE) over ``--mesh``'s client bundle (``meshfile.resolve_target``; typer
+    read the environment already)."""
+    addr = None if node is None else _parse_addr(node, "--node")
+    try:
+        return resolve_target(addr, mesh, bundle, environ={}, missing_bundle=(
+            f"missing --bundle DIR (or {BUNDLE_ENV}, or --mesh mesh.json)"))
+    except MeshFileError as e:
+        raise CliError(str(e)) from None
 
 
 def _client_creds(bundle: Path) -> Any:

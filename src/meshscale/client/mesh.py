@@ -793,6 +793,50 @@ class AsyncMesh:
         if OBJECT_ID_PREFIX + h.hexdigest() != oid:
             raise IntegrityError(f"{oid}: the bytes read do not match the object id")
 
+    async def read_range(self, ref: ObjectRef | str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``offset`` (fewer where it ends), read with
+        the node's chunk reads (``obj.read`` at offsets; a node without a copy names a
+        holder to read from), never the whole object. Unlike ``get``, the bytes are not
+        checked against the id: a range cannot be (the id hashes the whole object)."""
+        oid, _ = _ref_parts(ref)
+        for what, v in (("offset", offset), ("length", length)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{what} must be an integer >= 0, not {v!r}")
+        out = bytearray()
+        source: RpcConnection | None = None
+        redirect = True
+        while len(out) < length:
+            pos = offset + len(out)
+            want = min(length - len(out), self._read_bytes)
+            args = obj_api.ReadRequest(id=oid, offset=pos, length=want)
+            reply: obj_api.ReadReply | None = None
+            if source is not None:
+                try:
+                    reply = await source.request(obj_api.READ, args)
+                except (RpcError, OSError):
+                    await self._forget_holder(source)
+                    source = None
+            if reply is None:
+                reply = await self._request(obj_api.READ, msgspec.structs.replace(
+                    args, redirect=redirect))
+                redirect = False
+                if reply.redirect is not None:
+                    source, reply = await self._follow(reply.redirect, args)
+                    if reply is None:
+                        reply = await self._request(obj_api.READ, args)
+            if 1 <= reply.chunk_bytes <= MAX_CHUNK_BYTES:
+                self._read_bytes = reply.chunk_bytes
+            data = reply.data
+            if len(data) > want:
+                raise IntegrityError(f"{oid}: {self.address} sent more bytes than asked for")
+            if pos >= reply.size:
+                break
+            if not data:
+                raise MeshError(f"{oid}: {self.address} sent no bytes at offset "
+                                f"{pos}/{reply.size}")
+            out += data
+        return bytes(out)
+
     async def _read_ahead(
         self, source: RpcConnection | None, oid: str, offset: int, size: int, chunk: int
     ) -> _ReadAhead:
@@ -1179,6 +1223,11 @@ class Mesh:
         if path is None:
             return self._run(self._inner.get(ref, progress=progress))
         return self._run(self._inner.get(ref, path=path, progress=progress))
+
+    def read_range(self, ref: ObjectRef | str, offset: int, length: int) -> bytes:
+        """Bytes ``offset`` to ``offset + length`` of the object, unverified (see
+        ``AsyncMesh.read_range``)."""
+        return self._run(self._inner.read_range(ref, offset, length))
 
     def members(self) -> list[dict[str, Any]]:
         """The members as the connected node sees them (see ``AsyncMesh.members``)."""

@@ -117,6 +117,9 @@ class Reads(DataPlaneBase):
             data = await asyncio.to_thread(self._read_range, oid, offset, length)
         except StorageError as e:
             raise ApiError(ErrorCode.INVALID, f"{e.reason}: {oid}") from None
+        # Bytes this node read from its own copies for readers (a client, or a node
+        # relaying to one); a range read counts only the range.
+        self._count("read_served_bytes", len(data))
         return api.ReadReply(data=data, size=meta.size, chunk_bytes=self.cfg.chunk_bytes)
 
     async def _rpc_read(self, req: api.ReadRequest) -> api.ReadReply:
