@@ -169,6 +169,10 @@ def test_write_policy_and_rm(fs: MeshFileSystem, local_mesh: LocalMesh) -> None:
             fs.open("policy/mars.bin", "wb", residency=["mars"]) as f:
         f.write(b"y" * 10)
     assert not fs.exists("policy/mars.bin")
+    # An empty file is an empty object.
+    fs.touch("policy/empty")
+    assert fs.cat_file("policy/empty") == b"" and fs.cat_file("policy/empty", 0, 10) == b""
+    assert fs.info("policy/empty")["size"] == 0
     # rm of a name unbinds it; rm of an id deletes the object.
     oid = info["id"]
     fs.rm("policy/eu.bin")
