@@ -25,6 +25,7 @@ pd = pytest.importorskip("pandas")
 dd = pytest.importorskip("dask.dataframe")
 distributed = pytest.importorskip("distributed")
 
+import meshscale.client.fs  # noqa: E402, F401  (registers meshscale://)
 from meshscale.client import connect  # noqa: E402
 from meshscale.client.tasks import TaskMesh  # noqa: E402
 from meshscale.dask import DaskClusterError, cluster  # noqa: E402
