@@ -657,8 +657,9 @@ def test_cli_delete(local_mesh: LocalMesh, tmp_path: Path) -> None:
     gone = node_cli(local_mesh, "delete", oid, node=1)
     assert gone.returncode == 0, gone.stderr.decode()
     assert gone.stdout.decode().startswith(f"deleted {oid}")
-    assert_one_line_error(node_cli(local_mesh, "get", oid, "-o", tmp_path / "x"))
-    line = assert_one_line_error(node_cli(local_mesh, "delete", "b3-" + "2" * 64))
+    # Not found: exit 1 (the README's exit codes); bad input: 2.
+    assert_one_line_error(node_cli(local_mesh, "get", oid, "-o", tmp_path / "x"), code=1)
+    line = assert_one_line_error(node_cli(local_mesh, "delete", "b3-" + "2" * 64), code=1)
     assert "unknown object id" in line
     assert_one_line_error(node_cli(local_mesh, "delete", "b3-bogus"))
     assert_one_line_error(node_cli(local_mesh, "delete"))
@@ -678,7 +679,6 @@ def test_cli_errors_are_one_line(local_mesh: LocalMesh, tmp_path: Path) -> None:
         ("put", tmp_path / "missing"),
         ("put", tmp_path),
         ("put", src, "--replicas", "many"),
-        ("get", missing, "-o", tmp_path / "out"),
         ("get", "b3-bogus", "-o", tmp_path / "out"),
         ("get", missing),
         ("get", missing, "-o", tmp_path / "no" / "such" / "dir"),
@@ -688,12 +688,16 @@ def test_cli_errors_are_one_line(local_mesh: LocalMesh, tmp_path: Path) -> None:
         line = assert_one_line_error(node_cli(local_mesh, *args))
         if "mars" in map(str, args):
             assert "mars" in line
+    # Not found: exit 1, and nothing written.
+    line = assert_one_line_error(node_cli(local_mesh, "get", missing, "-o", tmp_path / "out"),
+                                 code=1)
+    assert missing in line
     assert leftovers(tmp_path, {"f"}) == []
     line = assert_one_line_error(cli("objects", "--node", "127.0.0.1:1", "--bundle", tmp_path))
     assert "bundle" in line or str(tmp_path) in line
     assert_one_line_error(cli("objects", "--node", "nonsense", "--bundle", local_mesh.bundle_path))
-    assert_one_line_error(
-        cli("objects", "--node", "127.0.0.1:1", "--bundle", local_mesh.bundle_path)
+    assert_one_line_error(  # nothing listens there: exit 3
+        cli("objects", "--node", "127.0.0.1:1", "--bundle", local_mesh.bundle_path), code=3
     )
 
 

@@ -26,6 +26,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -34,7 +35,13 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar, cast, overload
 
 import msgspec
 
-from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError, RpcPipeline
+from meshscale.client.rpc import (
+    ClientCredentials,
+    RemoteError,
+    RpcConnection,
+    RpcError,
+    RpcPipeline,
+)
 from meshscale.core.api import Empty, ErrorCode, Method, Request, ResidencyWire
 from meshscale.core.api import node as node_api
 from meshscale.core.api import objects as obj_api
@@ -103,9 +110,12 @@ class MeshError(Exception):
     """A request to the mesh failed: the node refused it or could not be reached.
     ``code``: the node's ``core.api.ErrorCode`` value when it answered with an error."""
 
-    def __init__(self, message: str = "", code: str = "") -> None:
+    def __init__(self, message: str = "", code: str = "", *, unreachable: bool = False
+                 ) -> None:
         super().__init__(message)
         self.code = code
+        self.unreachable = unreachable
+        """No node answered (as opposed to one that answered with a refusal)."""
 
 
 class ConnectError(MeshError):
@@ -457,6 +467,26 @@ class _PathSink:
 
 # -- the async client -------------------------------------------------------------------
 
+STARTING_WAIT_S = 10.0
+"""How long a call keeps asking a node that answers "node is starting"."""
+
+
+async def _while_starting(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, asked again with backoff while the node answers ``STARTING`` (its
+    planes are not up yet: it did nothing with the request), for up to
+    ``STARTING_WAIT_S``."""
+    deadline = time.monotonic() + STARTING_WAIT_S
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except RemoteError as e:
+            if e.code != ErrorCode.STARTING or time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(0.5, delay * 2)
+
+
 
 class AsyncMesh:
     """A connection to a mesh through one node, for use on an asyncio event loop.
@@ -496,11 +526,11 @@ class AsyncMesh:
             return ObjectNotFoundError(msg, code)
         if code == ErrorCode.UNKNOWN_METHOD:
             msg += " (this node does not serve it; is it an older version?)"
-        return MeshError(msg, code)
+        return MeshError(msg, code, unreachable=e.unreachable)
 
     async def _call(self, method: str, args: dict[str, Any] | None = None) -> Any:
         try:
-            return await self._conn.call(method, args)
+            return await _while_starting(lambda: self._conn.call(method, args))
         except RpcError as e:
             raise self._mesh_error(e, method) from None
         except asyncio.CancelledError:
@@ -510,9 +540,10 @@ class AsyncMesh:
 
     async def _request(self, method: Method[Req, Rep], req: Req) -> Rep:
         """Typed ``method`` (``core/api``) on the connected node; ``MeshError`` if it
-        fails."""
+        fails. A node still starting (it answers ``STARTING`` to a method whose plane is
+        not up yet, having done nothing) is asked again for up to ``STARTING_WAIT_S``."""
         try:
-            return await self._conn.request(method, req)
+            return await _while_starting(lambda: self._conn.request(method, req))
         except RpcError as e:
             raise self._mesh_error(e, method.name) from None
         except asyncio.CancelledError:
@@ -531,7 +562,8 @@ class AsyncMesh:
             await self._conn.request(node_api.MEMBERS, Empty())
         except RpcError as e:
             detail = str(e).removeprefix(f"{self.address}: ")
-            raise ConnectError(f"cannot use node {self.address}: {detail}") from None
+            raise ConnectError(f"cannot use node {self.address}: {detail}",
+                               unreachable=e.unreachable) from None
 
     # -- objects
 

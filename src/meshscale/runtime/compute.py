@@ -95,6 +95,7 @@ from meshscale.core.api.tasks import (
     parse_placement,
     placement_mode,
 )
+from meshscale.core.audit import Kind
 from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
@@ -1167,6 +1168,10 @@ class ComputePlane:
             if self._pool_ready is not None and not self._pool_ready.is_set():
                 await asyncio.wait_for(self._pool_ready.wait(), self.pool.config.start_timeout_s)
             inputs = list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
+            if spec.residency is not None and spec.residency.data_class:
+                self.agent.record(Kind.TASK_RUN, spec.task_id, who=spec.submitter or owner,
+                                  data_class=spec.residency.data_class,
+                                  detail=f"owner {owner}, {len(p.inputs)} inputs")
             call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
             self._running[key] = pool_id
             kw: dict[str, Any] = {"timeout_s": p.timeout_s, "cpus": spec.cpus,

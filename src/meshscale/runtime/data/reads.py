@@ -15,6 +15,7 @@ import msgspec
 
 from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.api import objects as api
+from meshscale.core.audit import Kind
 from meshscale.runtime.data.state import DataPlaneBase
 from meshscale.runtime.storage import ObjectMeta, StorageError
 from meshscale.transport.rpc import RpcError
@@ -120,6 +121,9 @@ class Reads(DataPlaneBase):
         # Bytes this node read from its own copies for readers (a client, or a node
         # relaying to one); a range read counts only the range.
         self._count("read_served_bytes", len(data))
+        if offset == 0:  # one entry per read of an object, not per chunk
+            self.agent.record(Kind.READ, oid, data_class=meta.data_class,
+                              to_region=self._caller_region(), detail=f"{meta.size} bytes")
         return api.ReadReply(data=data, size=meta.size, chunk_bytes=self.cfg.chunk_bytes)
 
     async def _rpc_read(self, req: api.ReadRequest) -> api.ReadReply:

@@ -20,6 +20,7 @@ from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, Residency, is_full, may_hold
 from meshscale.core.puts import PutPlan
 from meshscale.core.replication import ObjectPolicy, ReplicaManager, ReplicationConfig
+from meshscale.runtime import caller
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.local import call_node
 from meshscale.runtime.services import NodeServices, Rep, Req
@@ -31,6 +32,7 @@ from meshscale.runtime.storage import (
     StorageError,
 )
 from meshscale.transport.rpc import RpcConnection, RpcError
+from meshscale.trust.certs import Role
 
 LANE = "data"
 """The data plane's lane of the node's peer pool (``transport/peers.py``)."""
@@ -259,6 +261,19 @@ class DataPlaneBase:
     def _addr(self, name: str) -> str | None:
         m = self.agent.m.members.get(name)
         return None if m is None else m.addr
+
+    def _region_of(self, name: str) -> str:
+        """A member's region as this node sees it ("" if unknown)."""
+        m = self.agent.m.members.get(name)
+        return "" if m is None else m.meta.region
+
+    def _caller_region(self) -> str | None:
+        """The region of the node that made the RPC being served (None: a client, or no
+        RPC: the audit trail then records this node's region)."""
+        who = caller.current.get()
+        if who is None or who.role is not Role.NODE:
+            return None
+        return self._region_of(who.name)
 
     def _live(self, name: str) -> bool:
         m = self.agent.m.members.get(name)
