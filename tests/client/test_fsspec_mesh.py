@@ -1,10 +1,11 @@
 """``meshscale://`` (``client/fs.py``) on a real mesh of 3 node processes: pandas and
 pyarrow write and read parquet through it, a range read moves only the bytes asked for
-(the nodes' ``read_served_bytes`` counters), ``ls`` by prefix, ``info``, the policy of a
+(the nodes' ``read_served_bytes`` counters, in dp.stats and /metrics), ``ls`` by prefix, ``info``, the policy of a
 write, ``rm``, ``kv list`` (API and CLI), the docs' snippet as written, and bad input."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -23,6 +24,8 @@ pd = pytest.importorskip("pandas")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 fsspec = pytest.importorskip("fsspec")
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from meshscale.client import ConnectError, MeshError, connect  # noqa: E402
 from meshscale.client.fs import NAME_PREFIX, MeshFileSystem  # noqa: E402
@@ -69,6 +72,24 @@ def served(local_mesh: LocalMesh) -> int:
         "read_served_bytes", 0) for n in local_mesh.nodes)
 
 
+def served_metric(local_mesh: LocalMesh) -> int:
+    """The same count from the nodes' /metrics (meshscale_read_served_bytes_total)."""
+    token = (local_mesh.bundle_path / "token").read_text().strip()
+    total = 0
+    for n in local_mesh.nodes:
+        host, port = str(n.http).rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+            body = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        fams = {f.name: f for f in text_string_to_metric_families(body)}
+        total += int(sum(s.value for s in fams["meshscale_read_served_bytes"].samples
+                         if s.name.endswith("_total")))
+    return total
+
+
 def test_pandas_parquet_round_trip(fs: MeshFileSystem, opts: dict[str, Any]) -> None:
     seed = random.randrange(1 << 30)
     print(f"seed {seed}")
@@ -105,9 +126,10 @@ def test_range_reads_move_only_the_bytes_asked_for(fs: MeshFileSystem,
     fs.pipe_file("blobs/range.bin", data)
     for start, end in [(1_000_000, 1_000_100), (0, 10), (len(data) - 5, len(data)),
                        (2 * 1024 * 1024 - 3, 2 * 1024 * 1024 + 4096)]:
-        before = served(local_mesh)
+        before, before_metric = served(local_mesh), served_metric(local_mesh)
         assert fs.cat_file("meshscale://blobs/range.bin", start, end) == data[start:end]
         assert served(local_mesh) - before == end - start
+        assert served_metric(local_mesh) - before_metric == end - start
     # Negative offsets count from the end; a range past the end is cut at it.
     before = served(local_mesh)
     assert fs.cat_file("blobs/range.bin", -7, None) == data[-7:]
