@@ -1,7 +1,8 @@
 """``meshscale://`` (``client/fs.py``) on a real mesh of 3 node processes: pandas and
 pyarrow write and read parquet through it, a range read moves only the bytes asked for
-(the nodes' ``read_served_bytes`` counters, in dp.stats and /metrics), ``ls`` by prefix, ``info``, the policy of a
-write, ``rm``, ``kv list`` (API and CLI), the docs' snippet as written, and bad input."""
+(the nodes' ``read_served_bytes`` counters, in dp.stats and /metrics), ``ls`` by prefix,
+``info``, the policy of a write, ``rm``, ``kv list`` (API and CLI), the docs' snippet as
+written, and bad input."""
 
 from __future__ import annotations
 
