@@ -22,7 +22,6 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -30,7 +29,16 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 import meshscale
-from meshscale.meshfile import MESH_ENV, MeshFile, MeshFileError, read_mesh_file
+from meshscale.meshfile import (
+    BUNDLE_ENV,
+    DEFAULT_NODE,
+    MESH_ENV,
+    MeshFile,
+    MeshFileError,
+    Target,
+    read_mesh_file,
+    resolve_target,
+)
 from meshscale.runtime.agent_main import LATENCY_HELP
 from meshscale.trust.bundle import (
     Bundle,
@@ -54,9 +62,7 @@ except ImportError:  # pragma: no cover - older typer with click installed
     import click.exceptions as _click_exc  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 PROG = "meshscale"
-BUNDLE_ENV = "MESHSCALE_BUNDLE"
 USAGE_EXIT = 2
-DEFAULT_NODE = "127.0.0.1:7946"
 
 
 EXIT_FAILED = 1
@@ -408,15 +414,6 @@ def node_config_example_cmd() -> None:
 # -- reaching the mesh: --node / --mesh / --bundle ---------------------------------------
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where a command goes (addresses tried in order) and the bundle it goes with."""
-
-    addresses: list[str]
-    bundle: Path
-    mesh: MeshFile | None = None
-
-
 def _mesh_file(mesh: Path | None) -> MeshFile | None:
     if mesh is None:
         return None
@@ -428,18 +425,14 @@ def _mesh_file(mesh: Path | None) -> MeshFile | None:
 
 def _target(node: str | None, mesh: Path | None, bundle: Path | None) -> Target:
     """``--node`` over ``--mesh``'s nodes over the default address; ``--bundle`` (or
-    MESHSCALE_BUNDLE) over ``--mesh``'s client bundle."""
-    mf = _mesh_file(mesh)
-    if node is not None:
-        addresses = [_parse_addr(node, "--node")]
-    elif mf is not None:
-        addresses = mf.addresses
-    else:
-        addresses = [DEFAULT_NODE]
-    chosen = bundle if bundle is not None else (mf.bundle if mf is not None else None)
-    if chosen is None:
-        raise CliError(f"missing --bundle DIR (or {BUNDLE_ENV}, or --mesh mesh.json)")
-    return Target(addresses, chosen, mf)
+    MESHSCALE_BUNDLE) over ``--mesh``'s client bundle (``meshfile.resolve_target``; typer
+    read the environment already)."""
+    addr = None if node is None else _parse_addr(node, "--node")
+    try:
+        return resolve_target(addr, mesh, bundle, environ={}, missing_bundle=(
+            f"missing --bundle DIR (or {BUNDLE_ENV}, or --mesh mesh.json)"))
+    except MeshFileError as e:
+        raise CliError(str(e)) from None
 
 
 def _client_creds(bundle: Path) -> Any:
@@ -1203,6 +1196,35 @@ def kv_delete_cmd(
     """Delete a key."""
     with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
         mesh.kv.delete(key, consistency.value)
+
+
+@kv_app.command("list")
+def kv_list_cmd(
+    prefix: Annotated[str, typer.Option("--prefix", help="Only keys starting with this.")] = "",
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print a JSON list of {key, value} (as kv get --json: the value as "
+                       "text when it is UTF-8, else base64 under value_base64).")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """List the live keys (one a line), in key order."""
+    import base64
+    import json
+    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
+        rows = list(mesh.kv.items(prefix))
+    if not as_json:
+        for key, _ in rows:
+            typer.echo(key)
+        return
+    out: list[dict[str, str]] = []
+    for key, value in rows:
+        try:
+            out.append({"key": key, "value": value.decode("utf-8")})
+        except UnicodeDecodeError:
+            out.append({"key": key, "value_base64": base64.b64encode(value).decode("ascii")})
+    typer.echo(json.dumps(out, indent=2))
 
 
 def _tasks_table(rows: list[dict[str, Any]]) -> str:

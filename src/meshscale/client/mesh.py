@@ -86,6 +86,8 @@ PUT_AHEAD: Final = 2
 MAX_CHUNK_BYTES: Final = 32 * 1024 * 1024
 """Largest chunk size we accept from a node (it must fit in one RPC frame)."""
 LIST_PAGE: Final = 500
+KV_LIST_PAGE: Final = 500
+"""Keys one ``kv.items`` call asks a node for at a time."""
 SPOOL_BYTES: Final = 8 * 1024 * 1024
 """A non-seekable stream is spooled (its size must be known up front); beyond this many
 bytes the spool moves from memory to a temp file."""
@@ -823,6 +825,50 @@ class AsyncMesh:
         if OBJECT_ID_PREFIX + h.hexdigest() != oid:
             raise IntegrityError(f"{oid}: the bytes read do not match the object id")
 
+    async def read_range(self, ref: ObjectRef | str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``offset`` (fewer where it ends), read with
+        the node's chunk reads (``obj.read`` at offsets; a node without a copy names a
+        holder to read from), never the whole object. Unlike ``get``, the bytes are not
+        checked against the id: a range cannot be (the id hashes the whole object)."""
+        oid, _ = _ref_parts(ref)
+        for what, v in (("offset", offset), ("length", length)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{what} must be an integer >= 0, not {v!r}")
+        out = bytearray()
+        source: RpcConnection | None = None
+        redirect = True
+        while len(out) < length:
+            pos = offset + len(out)
+            want = min(length - len(out), self._read_bytes)
+            args = obj_api.ReadRequest(id=oid, offset=pos, length=want)
+            reply: obj_api.ReadReply | None = None
+            if source is not None:
+                try:
+                    reply = await source.request(obj_api.READ, args)
+                except (RpcError, OSError):
+                    await self._forget_holder(source)
+                    source = None
+            if reply is None:
+                reply = await self._request(obj_api.READ, msgspec.structs.replace(
+                    args, redirect=redirect))
+                redirect = False
+                if reply.redirect is not None:
+                    source, reply = await self._follow(reply.redirect, args)
+                    if reply is None:
+                        reply = await self._request(obj_api.READ, args)
+            if 1 <= reply.chunk_bytes <= MAX_CHUNK_BYTES:
+                self._read_bytes = reply.chunk_bytes
+            data = reply.data
+            if len(data) > want:
+                raise IntegrityError(f"{oid}: {self.address} sent more bytes than asked for")
+            if pos >= reply.size:
+                break
+            if not data:
+                raise MeshError(f"{oid}: {self.address} sent no bytes at offset "
+                                f"{pos}/{reply.size}")
+            out += data
+        return bytes(out)
+
     async def _read_ahead(
         self, source: RpcConnection | None, oid: str, offset: int, size: int, chunk: int
     ) -> _ReadAhead:
@@ -995,6 +1041,45 @@ class AsyncKV:
         reply = await self._mesh._request(obj_api.KV_DELETE, obj_api.KvKeyRequest(
             key=_check_key(key), consistency=_check_consistency(consistency)))
         return reply.ts
+
+    async def items(self, prefix: str = "", *, page_size: int = KV_LIST_PAGE
+                    ) -> AsyncGenerator[tuple[str, bytes], None]:
+        """Every live key starting with ``prefix`` and its value, in key order, fetched
+        ``page_size`` keys at a time (``kv.list``: every live node's records merged, the
+        newest of each key winning; a key all of whose replicas are away is missing)."""
+        if not isinstance(prefix, str):
+            raise ValueError(f"a KV prefix is a string, not {prefix!r:.100}")
+        if isinstance(page_size, bool) or not 1 <= page_size <= obj_api.MAX_KV_LIST_PAGE:
+            raise ValueError(f"page_size must be from 1 to {obj_api.MAX_KV_LIST_PAGE}, "
+                             f"not {page_size!r}")
+        after = ""
+        while True:
+            page = await self._mesh._request(obj_api.KV_LIST, obj_api.KvListRequest(
+                prefix=prefix, after=after, limit=page_size))
+            for e in page.entries:
+                if e.value is not None:
+                    yield e.key, e.value
+            if page.next is None:
+                return
+            if page.next <= after:
+                raise MeshError(f"{self._mesh.address}: kv.list did not advance past {after!r}")
+            after = page.next
+
+    async def keys(self, prefix: str = "", *, limit: int | None = None) -> list[str]:
+        """The live keys starting with ``prefix``, in key order (at most ``limit``)."""
+        out: list[str] = []
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, not {limit!r}")
+        page = KV_LIST_PAGE if limit is None else min(limit, obj_api.MAX_KV_LIST_PAGE)
+        it = self.items(prefix, page_size=page)
+        try:
+            async for key, _ in it:
+                out.append(key)
+                if limit is not None and len(out) >= limit:
+                    break
+        finally:
+            await it.aclose()
+        return out
 
 
 M = TypeVar("M", bound="AsyncMesh")
@@ -1171,6 +1256,11 @@ class Mesh:
             return self._run(self._inner.get(ref, progress=progress))
         return self._run(self._inner.get(ref, path=path, progress=progress))
 
+    def read_range(self, ref: ObjectRef | str, offset: int, length: int) -> bytes:
+        """Bytes ``offset`` to ``offset + length`` of the object, unverified (see
+        ``AsyncMesh.read_range``)."""
+        return self._run(self._inner.read_range(ref, offset, length))
+
     def members(self) -> list[dict[str, Any]]:
         """The members as the connected node sees them (see ``AsyncMesh.members``)."""
         return self._run(self._inner.members())
@@ -1238,6 +1328,29 @@ class KV:
 
     def delete(self, key: str, consistency: Consistency = "quorum") -> str:
         return self._mesh._run(self._mesh._inner.kv.delete(key, consistency))
+
+    def items(self, prefix: str = "", *, page_size: int = KV_LIST_PAGE
+              ) -> Iterator[tuple[str, bytes]]:
+        """Every live key starting with ``prefix`` and its value, a page at a time."""
+        mesh = self._mesh
+        it = mesh._inner.kv.items(prefix, page_size=page_size)
+
+        async def step() -> tuple[str, bytes]:
+            return await it.__anext__()
+
+        try:
+            while True:
+                try:
+                    item = mesh._run(step())
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            if not mesh._closed:
+                mesh._run(it.aclose())
+
+    def keys(self, prefix: str = "", *, limit: int | None = None) -> list[str]:
+        return self._mesh._run(self._mesh._inner.kv.keys(prefix, limit=limit))
 
 
 def connect(

@@ -41,7 +41,7 @@ _GRANTS: dict[str, frozenset[Access]] = {
 
 _READ = (
     "members", "stats", "events", "node.energy",
-    "obj.read", "obj.stat", "obj.list", "kv.get", "dp.stats",
+    "obj.read", "obj.stat", "obj.list", "kv.get", "kv.list", "dp.stats",
     "task.list", "task.stats", "task.result", "task.wait",
     "stream.read", "stream.op_list", "stream.stats",
 )
@@ -55,7 +55,7 @@ _WRITE = (
 _AUDIT = ("audit.query", "audit.verify", "audit.heads")
 _NODE = (
     "obj.rw_begin", "obj.rw_chunk", "obj.rw_end", "obj.rw_small", "obj.read_local",
-    "obj.local_stat", "obj.local_list", "repl.msg", "kv.apply", "kv.read",
+    "obj.local_stat", "obj.local_list", "repl.msg", "kv.apply", "kv.read", "kv.scan",
     "sched.msg", "sched.load", "sched.batch", "task.done", "task.fn", "task.kill",
     "stream.replicate", "stream.fetch", "stream.op_notify",
 )

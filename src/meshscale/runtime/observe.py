@@ -569,6 +569,11 @@ class MeshCollector(Collector):
                             ("failed", "repairs_failed"), ("shed", "repairs_shed")):
             c.add_metric([result], rm_stats.get(key, 0))
         yield c
+        c = CounterMetricFamily("meshscale_read_served_bytes", "Bytes this node read from its "
+                                "own copies for readers (clients, or nodes relaying to "
+                                "them); a range read counts only its range.")
+        c.add_metric([], dp.stats.get("read_served_bytes", 0) if dp is not None else 0)
+        yield c
 
     @staticmethod
     def _streams(agent: ObservedNode) -> Iterator[Metric]:

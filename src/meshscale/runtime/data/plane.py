@@ -127,6 +127,8 @@ class DataPlane(Uploads, Reads, Catalog, KvStore, ReplicaDriver):
         serve(api.KV_GET, self._rpc_kv_get)
         serve(api.KV_APPLY, self._rpc_kv_apply)
         serve(api.KV_READ, self._rpc_kv_read)
+        serve(api.KV_LIST, self._rpc_kv_list)
+        serve(api.KV_SCAN, self._rpc_kv_scan)
         serve(api.DP_STATS, self._rpc_stats)
 
     async def stop(self) -> None:

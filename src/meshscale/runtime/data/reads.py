@@ -118,6 +118,9 @@ class Reads(DataPlaneBase):
             data = await asyncio.to_thread(self._read_range, oid, offset, length)
         except StorageError as e:
             raise ApiError(ErrorCode.INVALID, f"{e.reason}: {oid}") from None
+        # Bytes this node read from its own copies for readers (a client, or a node
+        # relaying to one); a range read counts only the range.
+        self._count("read_served_bytes", len(data))
         if offset == 0:  # one entry per read of an object, not per chunk
             self.agent.record(Kind.READ, oid, data_class=meta.data_class,
                               to_region=self._caller_region(), detail=f"{meta.size} bytes")

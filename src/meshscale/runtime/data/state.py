@@ -324,3 +324,7 @@ class DataPlaneBase:
 
     async def _holders(self, oid: str) -> list[str]:
         raise NotImplementedError  # catalog.py
+
+    async def _fan_out(self, method: Method[Req, Rep], req: Req,
+                       timeout_s: float | None = None) -> dict[str, Rep | None]:
+        raise NotImplementedError  # catalog.py
