@@ -304,3 +304,24 @@ def test_docs_snippet_runs_as_written(local_mesh: LocalMesh, tmp_path: Path) -> 
     # The snippet prints the totals per region of the frame it wrote and read back.
     assert re.search(r"eu\s+15\b", out.stdout) and re.search(r"us\s+20\b", out.stdout), \
         out.stdout
+
+
+def test_a_range_read_is_audited_once(fs: MeshFileSystem, local_mesh: LocalMesh) -> None:
+    """A read that starts past offset 0 (a parquet footer) leaves one audit entry on the
+    node that served it, naming the range; the chunks of one read do not add more."""
+    data = random.Random(5).randbytes(2 * 1024 * 1024 + 99)
+    fs.pipe_file("audit/range.bin", data)
+    oid = fs.info("audit/range.bin")["id"]
+    assert fs.cat_file("audit/range.bin", 1_500_000, 1_500_100) == data[1_500_000:1_500_100]
+    assert fs.cat_file("audit/range.bin", 1_600_000, 1_600_100) == data[1_600_000:1_600_100]
+    exe = Path(sys.executable).parent / "meshscale"
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHSCALE_BUNDLE",
+                                                             "MESHSCALE_MESH")}
+    out = subprocess.run([str(exe), "audit", "--object", oid, "--kind", "read", "--all-nodes",
+                          "--json", "--mesh", str(local_mesh.mesh_json), "--bundle",
+                          str(local_mesh.admin_path)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    reads = json.loads(out.stdout)
+    assert len(reads) == 1, reads  # the second range by the same caller is within the window
+    assert "range from byte 1500000" in reads[0]["detail"], reads

@@ -16,6 +16,7 @@ import msgspec
 from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.api import objects as api
 from meshscale.core.audit import Kind
+from meshscale.runtime import caller
 from meshscale.runtime.data.state import DataPlaneBase
 from meshscale.runtime.storage import ObjectMeta, StorageError
 from meshscale.transport.rpc import RpcError
@@ -102,6 +103,20 @@ class Reads(DataPlaneBase):
             f.seek(offset)
             return f.read(length)
 
+    def _audit_read_now(self, oid: str, offset: int) -> bool:
+        """Whether this chunk read starts a read the audit trail records: every read from
+        offset 0, and a read that starts further on (a range) unless the same caller's
+        read of the object was recorded in the last ``audit_range_read_s``."""
+        who = caller.current.get()
+        key = (who.name if who is not None else "", oid)
+        now = time.monotonic()
+        seen = self._range_reads.get(key)
+        self._range_reads[key] = now
+        self._range_reads.move_to_end(key)
+        while len(self._range_reads) > self.cfg.max_range_reads_tracked:
+            self._range_reads.popitem(last=False)
+        return offset == 0 or seen is None or now - seen > self.cfg.audit_range_read_s
+
     async def _rpc_read_local(self, req: api.ReadRequest) -> api.ReadReply:
         oid, offset = req.id, req.offset
         length = min(req.length, self.cfg.chunk_bytes)
@@ -121,9 +136,11 @@ class Reads(DataPlaneBase):
         # Bytes this node read from its own copies for readers (a client, or a node
         # relaying to one); a range read counts only the range.
         self._count("read_served_bytes", len(data))
-        if offset == 0:  # one entry per read of an object, not per chunk
+        if self._audit_read_now(oid, offset):  # per read of an object, not per chunk
+            detail = (f"{meta.size} bytes" if offset == 0
+                      else f"range from byte {offset} of {meta.size}")
             self.agent.record(Kind.READ, oid, data_class=meta.data_class,
-                              to_region=self._caller_region(), detail=f"{meta.size} bytes")
+                              to_region=self._caller_region(), detail=detail)
         return api.ReadReply(data=data, size=meta.size, chunk_bytes=self.cfg.chunk_bytes)
 
     async def _rpc_read(self, req: api.ReadRequest) -> api.ReadReply:

@@ -75,6 +75,11 @@ class DataPlaneConfig:
     read_source_cache: int = 1024
     verified_cache: int = 4096
     """Local copies remembered as hash-checked (see ``verified_ttl_s``)."""
+    audit_range_read_s: float = 60.0
+    """A read that starts past offset 0 (a range: a parquet footer, one column) is audited
+    once per caller and object in this many seconds; a read from offset 0 always is."""
+    max_range_reads_tracked: int = 4096
+    """(caller, object) pairs remembered for ``audit_range_read_s``."""
     verified_ttl_s: float = 60.0
     """A read from offset 0 re-hashes the whole local copy before serving it, unless that
     copy was hash-checked (when it was committed or by an earlier read) less than this long
@@ -229,6 +234,8 @@ class DataPlaneBase:
         self._hints_wake = asyncio.Event()
         self._hints_lock = asyncio.Lock()  # hint changes reach the store in order
         self._sources: OrderedDict[str, str] = OrderedDict()
+        self._range_reads: OrderedDict[tuple[str, str], float] = OrderedDict()
+        """(caller, object) -> when a read of it was last audited (``audit_range_read_s``)."""
         self._verified: OrderedDict[str, tuple[float, tuple[int, ...]]] = OrderedDict()
         """oid -> (when its local copy was last hash-checked, its file's identity then)."""
         self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
