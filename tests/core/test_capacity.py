@@ -309,3 +309,41 @@ def test_draining_node_returns_when_load_rises() -> None:
     assert c.state is D
     c.update(others(3, busy=3.5), 101.0)
     assert c.state is A and "no longer chosen" in c.drain()[-1].reason
+
+
+def test_operator_hold_sleeps_past_the_plan_and_release_wakes() -> None:
+    # A node the plan would keep (low rank, dwell not over) sleeps when an operator asks,
+    # once drained, and the plan does not wake it for headroom while held.
+    c = controller("n0")
+    assert c.hold(10.0) is None and c.state is D
+    c.update(others(3), 12.0)
+    assert c.state is D  # drain_confirm_s not over
+    c.update(others(3), 20.0)
+    assert c.state is S and "operator" in c.drain()[-1].reason
+    c.update(others(3, busy=3.9), 30.0)  # the rest is short of headroom: still held
+    assert c.state is S
+    c.release(31.0)
+    assert c.state is W
+    c.ready(32.0)
+    assert c.state is A and not c.held
+
+
+def test_operator_hold_keeps_the_region_minimum_and_refuses_pins_and_copies() -> None:
+    c = controller("n0")
+    assert c.hold(10.0) is None
+    c.update(others(1), 20.0)  # one other active node: below the minimum of two
+    assert c.state is D
+    pinned = controller("n0", pinned=True)
+    assert pinned.hold(10.0) == "pinned no-standby" and pinned.state is A
+    keeper = controller("n0")
+    keeper.local(0.0, 0, 2, 5.0)
+    assert "only live copy" in (keeper.hold(10.0) or "") and keeper.state is A
+
+
+def test_demand_on_a_held_node_wakes_it_and_ends_the_hold() -> None:
+    c = controller("n0")
+    c.hold(10.0)
+    c.update(others(3), 20.0)
+    assert c.state is S
+    c.demand(21.0)
+    assert c.state is W and not c.held

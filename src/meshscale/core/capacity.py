@@ -521,6 +521,9 @@ class CapacityController:
         self.queued = 0
         self.sole_copies = 0
         self.transitions = 0
+        self.held = False
+        """An operator put this node on standby (``hold``): the plan does not wake it
+        for headroom until ``release`` or work placed on it (``demand``)."""
         self._events: list[CapacityTransition] = []
 
     def entry(self) -> PeerCapacity:
@@ -558,6 +561,9 @@ class CapacityController:
         verdict, why = verdicts.of(self.name)
         cfg = self.config
         st = self.state
+        if self.held:
+            self._apply_held(now, view)
+            return
         if st is PowerState.ACTIVE:
             if verdict is Verdict.DRAIN and self._may_drain() is None:
                 self._move(PowerState.DRAINING, why, now)
@@ -586,8 +592,33 @@ class CapacityController:
             elif verdict is Verdict.WAKE:
                 self._move(PowerState.WAKING, why, now)
 
+    def hold(self, now: float, reason: str = "an operator asked for standby") -> str | None:
+        """An operator asks this node to sleep. Returns why not (pinned, or it must keep
+        a copy), else None: it drains now and goes to standby once nothing runs, it has
+        drained for ``drain_confirm_s`` and the *other* active nodes keep the region's
+        and zone's minimums (headroom is the operator's call). While held, the plan does
+        not wake it; ``release``, a task placed on it or a copy it must keep does."""
+        if self.pinned:
+            return "pinned no-standby"
+        if self.sole_copies > 0:
+            return f"holds the only live copy of {self.sole_copies} object(s)"
+        self.held = True
+        if self.state is PowerState.ACTIVE:
+            self._move(PowerState.DRAINING, reason, now)
+        return None
+
+    def release(self, now: float, reason: str = "an operator asked to wake") -> None:
+        """Undo ``hold`` (or wake a node the plan put to sleep): draining serves again,
+        standby wakes."""
+        self.held = False
+        if self.state is PowerState.DRAINING:
+            self._move(PowerState.ACTIVE, reason, now)
+        elif self.state is PowerState.STANDBY:
+            self._move(PowerState.WAKING, reason, now)
+
     def demand(self, now: float, reason: str = "a task was placed here") -> None:
         """Work arrived for this node: a draining node serves again, a standby one wakes."""
+        self.held = False
         if self.state is PowerState.DRAINING:
             self._move(PowerState.ACTIVE, reason, now)
         elif self.state is PowerState.STANDBY:
@@ -613,6 +644,30 @@ class CapacityController:
         if self.sole_copies > 0:
             return f"holds the only live copy of {self.sole_copies} object(s)"
         return None
+
+    def _apply_held(self, now: float, view: Iterable[PeerCapacity]) -> None:
+        st = self.state
+        if st is PowerState.ACTIVE:  # back by a restart or ``ready`` after a demand
+            self.held = False
+        elif st is PowerState.DRAINING:
+            if self.pinned or self.sole_copies > 0:
+                self.held = False
+                self._move(PowerState.ACTIVE, "pinned no-standby" if self.pinned else
+                           f"now holds the only live copy of {self.sole_copies} object(s)",
+                           now)
+            elif now - self.since_s > self.config.max_drain_s:
+                self.held = False
+                self._move(PowerState.ACTIVE, f"drain took over max_drain_s "
+                                              f"{self.config.max_drain_s:g}", now)
+            elif self.running <= 0 and self.queued == 0 \
+                    and now - self.since_s >= self.config.drain_confirm_s \
+                    and self._others_short(view) in (None, "headroom"):
+                self._move(PowerState.STANDBY, "drained; an operator asked for standby",
+                           now)
+        elif st is PowerState.STANDBY and self.sole_copies > 0:
+            self.held = False
+            self._move(PowerState.WAKING, f"holds the only live copy of "
+                                          f"{self.sole_copies} object(s)", now)
 
     def _others_short(self, view: Iterable[PeerCapacity]) -> str | None:
         """Whether, counting only the *other* nodes active in ``view``, this node's region
