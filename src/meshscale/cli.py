@@ -464,7 +464,7 @@ def _request(target: Target, method: Method[Req, Rep], req: Req, timeout: float 
 
 
 def _members_table(rows: list[dict[str, Any]]) -> str:
-    header = ("NAME", "ADDRESS", "REGION", "ZONE", "STATE", "INC", "RTT")
+    header = ("NAME", "ADDRESS", "REGION", "ZONE", "STATE", "POWER", "INC", "RTT")
     lines = [header]
     for r in rows:
         rtt = r.get("rtt_ms")
@@ -475,6 +475,7 @@ def _members_table(rows: list[dict[str, Any]]) -> str:
                 r.get("region") or "-",
                 r.get("zone") or "-",
                 r["state"],
+                r.get("power") or "-",
                 str(r["incarnation"]),
                 "-" if rtt is None else f"{rtt:.1f}ms",
             )
@@ -508,7 +509,7 @@ def members_cmd(
     rows: list[dict[str, Any]] = [msgspec.to_builtins(r) for r in infos]
     if as_json:
         keys = ("name", "address", "region", "zone", "state", "incarnation", "rtt_ms",
-                "labels", "cert_expires", "disk_full")
+                "labels", "cert_expires", "disk_full", "power")
         typer.echo(json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=2))
     else:
         typer.echo(_members_table(rows))
@@ -815,6 +816,64 @@ def node_remove_cmd(
     typer.echo(f"node {name} {state}; the removal spreads by gossip (seconds)")
     typer.echo("the removed machine still holds the gossip keyring: rotate it with "
                "`meshscale keys rotate` and copy keyring.json to every node bundle")
+
+
+def _power_cmd(name: str, wake: bool, bundle: Path | None, node: str | None,
+               mesh: Path | None, timeout: float) -> None:
+    """``node.standby`` / ``node.wake`` sent to node ``name`` itself (its address from the
+    members list of the node --node or --mesh names)."""
+    from meshscale.client.rpc import RemoteError, RpcError, request
+    from meshscale.core.api import Empty
+    from meshscale.core.api.node import MEMBERS, NODE_STANDBY, NODE_WAKE
+    from meshscale.trust.certs import check_name
+
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    target = _target(node, mesh, bundle)
+    creds = _client_creds(target.bundle)
+    members = _request(target, MEMBERS, Empty(), timeout=timeout, creds=creds)
+    found = [m for m in members if m.name == name and m.state in ("alive", "suspect")]
+    if not found:
+        raise CliError(f"no live member named {name!r}", exit_code=1)
+    try:
+        reply = request(found[0].address, creds, NODE_WAKE if wake else NODE_STANDBY,
+                        Empty(), timeout=timeout)
+    except RemoteError as e:
+        raise CliError(str(e), _exit_code(e.code)) from None
+    except RpcError as e:
+        raise CliError(f"{name}: {e}", _exit_code("", e.unreachable)) from None
+    detail = f" ({reply.detail})" if reply.detail else ""
+    typer.echo(f"node {reply.name}: {reply.state}{detail}")
+
+
+@node_app.command("standby")
+def node_standby_cmd(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The node to put to sleep.")],
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh: MeshOption = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds.")] = 5.0,
+) -> None:
+    """Put a node on standby (admin): it takes no new work, finishes what runs, then
+    stops its worker processes, while its data stays readable. Refused, naming the rule,
+    for a --no-standby node or one holding the only live copy of an object; it waits
+    while the rest of its region is below its minimum of active nodes. It stays asleep
+    until `node wake` or a task placed on it."""
+    _power_cmd(name, False, bundle, node, mesh, timeout)
+
+
+@node_app.command("wake")
+def node_wake_cmd(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The node to wake.")],
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh: MeshOption = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds.")] = 5.0,
+) -> None:
+    """Wake a node (admin): it starts its workers and takes work again."""
+    _power_cmd(name, True, bundle, node, mesh, timeout)
 
 
 @app.command("top")

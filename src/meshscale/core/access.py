@@ -50,7 +50,7 @@ _WRITE = (
     "obj.delete", "obj.corrupt_local", "kv.put", "kv.delete",
     "task.submit", "task.cancel",
     "stream.publish", "stream.op_register", "stream.op_remove",
-    "admin.revoke",
+    "admin.revoke", "node.standby", "node.wake",
 )
 _AUDIT = ("audit.query", "audit.verify", "audit.heads")
 _NODE = (

@@ -123,6 +123,30 @@ OPTIONS: tuple[Option, ...] = (
            "idle_watts)."),
     Option("power_rapl_dir", "path", "/sys/class/powercap", "Where the RAPL counters are "
            "(for a machine that mounts sysfs elsewhere)."),
+    Option("energy_mode", "str", "off", "Capacity on demand: off (every node stays "
+           "active) or consolidate (idle nodes drain, stop their workers and sleep while "
+           "the rest of their region keeps its headroom and minimums; they wake when work "
+           "needs them). Every node of a region should use the same energy_* settings."),
+    Option("energy_min_active_per_region", "int", 2, "Consolidation never leaves a region "
+           "with fewer active nodes than this."),
+    Option("energy_min_active_per_zone", "int", 1, "Nor a zone with fewer than this."),
+    Option("energy_min_active", "table", {}, "Per-region minimums that override "
+           "energy_min_active_per_region: REGION=N.", flag="--energy-min-active",
+           example={"eu-west": "3"}),
+    Option("energy_headroom_fraction", "float", 0.3, "Share of a region's serving worker "
+           "slots kept free: below it, draining nodes return and sleeping ones wake."),
+    Option("energy_hysteresis_fraction", "float", 0.1, "A node drains only if the rest "
+           "keeps headroom plus this much free (so load near the line does not flap)."),
+    Option("energy_min_dwell_s", "float", 300.0, "Seconds a node stays active (after its "
+           "start or a wake) before it may drain."),
+    Option("energy_drain_confirm_s", "float", 10.0, "Least seconds of draining before "
+           "standby (longer than gossip takes to spread a state)."),
+    Option("energy_max_drain_s", "float", 600.0, "A drain whose tasks have not ended "
+           "after this many seconds is given up."),
+    Option("energy_interval_s", "float", 1.0, "Seconds between two consolidation "
+           "decisions of this node."),
+    Option("no_standby", "bool", False, "Pin this node: it never drains or sleeps "
+           "(consolidation counts it as always active)."),
     Option("latency", "list", [], LATENCY_HELP, example=["eu-west:us-east=80ms"]),
     Option("no_audit", "bool", False, "Keep no audit trail (docs/audit.md): nothing this "
            "node does to data is recorded. For measuring what the trail costs."),
@@ -144,6 +168,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "audit_segment_bytes": (4096, 1 << 34),
     "audit_max_segments": (1, 1_000_000),
     "audit_head_interval_s": (0.1, 86400),
+    "energy_interval_s": (0.05, 3600),
 }
 
 
@@ -381,6 +406,39 @@ def power_settings(source: str, idle_watts: float, peak_watts: float, standby_wa
     return PowerConfig(model=model, source=source, rapl_dir=Path(rapl_dir))
 
 
+def energy_settings(s: Settings) -> Any:
+    """The node's ``CapacitySettings`` from the ``energy_*`` options, checked: a bad
+    value is refused naming its key (a per-region minimum that is not a whole number, a
+    fraction out of range, an unknown mode)."""
+    from meshscale.core.capacity import CapacityConfig, CapacityConfigError
+    from meshscale.runtime.config import CapacitySettings
+
+    by_region: dict[str, int] = {}
+    for region, text in dict(s.energy_min_active).items():
+        try:
+            by_region[region] = int(str(text))
+        except ValueError:
+            raise StartError(f"energy_min_active.{region}: must be a whole number, got "
+                             f"{text!r}") from None
+    try:
+        config = CapacityConfig(
+            mode=s.energy_mode,
+            headroom_fraction=float(s.energy_headroom_fraction),
+            hysteresis_fraction=float(s.energy_hysteresis_fraction),
+            min_active_per_region=s.energy_min_active_per_region,
+            min_active_per_zone=s.energy_min_active_per_zone,
+            min_active_by_region=by_region,
+            min_dwell_s=float(s.energy_min_dwell_s),
+            drain_confirm_s=float(s.energy_drain_confirm_s),
+            max_drain_s=float(s.energy_max_drain_s))
+    except CapacityConfigError as e:
+        key = e.key.replace("energy.min_active_by_region.", "energy_min_active.")
+        key = key.replace("energy.", "energy_")
+        raise StartError(f"{key}: {str(e).split(': ', 1)[1]}") from None
+    return CapacitySettings(config=config, pinned=bool(s.no_standby),
+                            interval_s=float(s.energy_interval_s))
+
+
 def start(argv: Sequence[str]) -> None:
     """Parse ``argv`` (the flags after ``node start``), build the agent and run it until
     SIGTERM/SIGINT. Raises ``StartError``."""
@@ -421,6 +479,7 @@ def start(argv: Sequence[str]) -> None:
         raise StartError(f"--latency: {e}") from None
     power = power_settings(s.power_source, s.idle_watts, s.peak_watts, s.standby_watts,
                            s.power_rapl_dir)
+    energy = energy_settings(s)
     capacity = {k: float(v) for k, v in (("cpus", s.cpus), ("memory_mb", s.memory_mb))
                 if v is not None}
     meta = NodeMeta(region=s.region, zone=s.zone, labels=dict(s.labels), capacity=capacity)
@@ -451,6 +510,7 @@ def start(argv: Sequence[str]) -> None:
                                      metrics_public=s.metrics_public,
                                      stream_max_backlog=s.stream_max_backlog,
                                      power=power,
+                                     energy=energy,
                                      audit=AuditConfig(
                                          enabled=not s.no_audit,
                                          segment_bytes=s.audit_segment_bytes,

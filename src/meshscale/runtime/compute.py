@@ -311,6 +311,12 @@ class ComputePlane:
         self._adopting: dict[str, asyncio.Task[None]] = {}
         self._pool_ready: asyncio.Event | None = None
         self._active_at = float("-inf")
+        self.on_demand: Callable[[], None] | None = None
+        """Called when a task granted here finds the workers stopped (the node is on
+        standby): the capacity driver wakes it (``runtime/capacity.py``)."""
+        self.standby_of: Callable[[dict[str, str]], bool] | None = None
+        """Whether a member's gossiped tags say it takes no new work (draining or on
+        standby): placement then counts its wake cost (``SchedulingConfig.wake_penalty_s``)."""
         self.observer: Callable[[TaskRecord, float], None] | None = None
         """``observer(record, latency_s)`` is called as a task ends (``runtime/observe.py``)."""
         self.bound_observer: Callable[[TaskBound], None] | None = None
@@ -350,6 +356,31 @@ class ComputePlane:
         self.sched = None
         await self.pool.close()
 
+    def workers_running(self) -> bool:
+        return self._pool_ready is not None and self._pool_ready.is_set()
+
+    async def stop_workers(self) -> None:
+        """Standby: end the worker processes (their memory goes back to the machine).
+        Scheduling, records and data still serve; a task granted here meanwhile waits
+        for ``start_workers`` and calls ``on_demand``."""
+        if not self.workers_running():
+            return
+        assert self._pool_ready is not None
+        self._pool_ready.clear()
+        old, self.pool = self.pool, WorkerPool(self.pool.config)
+        await old.close(keep_cgroups=True)
+
+    async def start_workers(self) -> None:
+        """Wake: a fresh warm pool (a pool starts once); raises if it cannot start."""
+        if self._pool_ready is None or self._pool_ready.is_set():
+            return
+        try:
+            await self.pool.start()
+        except BaseException:
+            self.pool = WorkerPool(self.pool.config)  # the failed one closed itself
+            raise
+        self._pool_ready.set()
+
     # ------------------------------------------------------------------ driving core
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -367,7 +398,9 @@ class ComputePlane:
                 load, cap = self._loads.get(m.name, (Load(0, 0, 0.0), self._peer_capacity(m.meta.capacity)))
             out.append(NodeState(
                 Candidate(m.name, m.meta.region, m.meta.zone, dict(m.meta.labels)),
-                cap, load, coord=m.coord if m.name != self.agent.name else self.agent.m.coordinate(),
+                cap, load,
+                standby=self.standby_of is not None and self.standby_of(m.meta.tags),
+                coord=m.coord if m.name != self.agent.name else self.agent.m.coordinate(),
             ))
         return out
 
@@ -1166,6 +1199,8 @@ class ComputePlane:
         try:
             p = msgspec.msgpack.decode(spec.payload, type=_Payload)
             if self._pool_ready is not None and not self._pool_ready.is_set():
+                if self.on_demand is not None:
+                    self.on_demand()
                 await asyncio.wait_for(self._pool_ready.wait(), self.pool.config.start_timeout_s)
             inputs = list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
             if spec.residency is not None and spec.residency.data_class:

@@ -7,10 +7,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshscale.core.capacity import PowerModel
+from meshscale.core.capacity import CapacityConfig, PowerModel
 from meshscale.transport.peers import PeerConfig
 
-__all__ = ["AgentConfig", "AgentStats", "AuditConfig", "PowerConfig"]
+__all__ = ["AgentConfig", "AgentStats", "AuditConfig", "CapacitySettings", "PowerConfig"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,22 @@ class PowerConfig:
     source: str = "auto"
     """``auto``, ``rapl`` or ``model`` (``runtime/power.py``)."""
     rapl_dir: Path = Path("/sys/class/powercap")
+
+
+@dataclass(frozen=True)
+class CapacitySettings:
+    """A node's consolidation (``runtime/capacity.py``; the ``energy_*`` start options).
+    Off unless asked: see the README's "Capacity on demand"."""
+
+    config: CapacityConfig = field(default_factory=lambda: CapacityConfig(mode="off"))
+    pinned: bool = False
+    """``--no-standby``: this node never drains or sleeps."""
+    interval_s: float = 1.0
+    """How often the driver builds the view and asks the controller."""
+    gossip_interval_s: float = 2.0
+    """Least time between two load-only updates of the node's tag."""
+    sole_copies_interval_s: float = 10.0
+    """How often the sole-copy count is recomputed."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,8 @@ class AgentConfig:
     """Concurrent ``/api/v1/stream`` clients; more get 503."""
     power: PowerConfig = field(default_factory=lambda: PowerConfig())
     """Where power figures come from and the declared model (``runtime/power.py``)."""
+    energy: CapacitySettings = field(default_factory=lambda: CapacitySettings())
+    """Consolidation: drain and sleep when idle, wake on demand (``runtime/capacity.py``)."""
     max_refusals_tracked: int = 256
     """Distinct (method, role) pairs counted in ``rpc_refused``; more share one row."""
     max_log_events_tracked: int = 256

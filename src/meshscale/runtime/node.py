@@ -74,6 +74,7 @@ from meshscale.core.api.node import (
     RevokeRequest,
 )
 from meshscale.core.audit import Kind
+from meshscale.core.capacity import PowerState
 from meshscale.core.membership import (
     Member,
     MemberAlive,
@@ -101,6 +102,7 @@ from meshscale.core.rpc import (
 from meshscale.core.wire import WireError
 from meshscale.runtime import caller
 from meshscale.runtime.audit import AuditService
+from meshscale.runtime.capacity import CapacityDriver, placement_standby, power_state
 from meshscale.runtime.compute import ComputePlane
 from meshscale.runtime.config import AgentConfig as AgentConfig
 from meshscale.runtime.config import AgentStats
@@ -313,6 +315,8 @@ class NodeAgent:
         self.membership: Membership | None = None
         self.compute: ComputePlane | None = None
         self.streams: StreamPlane | None = None
+        self.capacity: CapacityDriver | None = None
+        """Consolidation (``runtime/capacity.py``): with the compute plane."""
         self.http: HttpServer | None = None
         self.started_at = time.time()
         self.ready = False
@@ -498,6 +502,12 @@ class NodeAgent:
             await self.compute.start()
             self.streams = StreamPlane(self)
             await self.streams.start()
+            self.compute.standby_of = placement_standby
+            self.capacity = CapacityDriver(
+                self, self.cfg.energy, self.compute, slots=self.compute.capacity.cpus,
+                idle_watts=self.cfg.power.model.idle_watts, load=self._capacity_load,
+                sole_copies=self._sole_copies, on_state=self._power_state)
+            await self.capacity.start()
         # Join only once every plane serves its RPCs: a member others can see must be
         # able to answer them (a client that waits for convergence may call at once).
         if self.seeds:
@@ -1024,6 +1034,48 @@ class NodeAgent:
         self._event_seq += 1
         self.events.append(EventInfo(self._event_seq, time.time(), kind, name, detail=detail))
 
+    def _capacity_load(self) -> tuple[float, int]:
+        """Busy slots (running tasks' CPUs, plus one per stream operator runner here) and
+        queued reservations, for consolidation."""
+        compute = self.compute
+        sched = None if compute is None else compute.sched
+        if compute is None or sched is None:
+            return 0.0, 0
+        ld = sched.load()
+        runners = 0 if self.streams is None else len(self.streams.runners)
+        return max(0.0, compute.capacity.cpus - ld.free_cpus) + runners, ld.queued
+
+    def _sole_copies(self) -> int:
+        """Objects held here that no other live member is confirmed to hold."""
+        rm = None if self.dataplane is None else self.dataplane.rm
+        if rm is None:
+            return 0
+        return sum(1 for oid in rm.inventory() if not rm.confirmed_holders(oid))
+
+    def _power_state(self, state: PowerState) -> None:
+        self.power.state = state
+
+    def _power_reply(self, detail: str = "") -> node_api.PowerReply:
+        st = "active" if self.capacity is None else str(self.capacity.state)
+        return node_api.PowerReply(name=self.name, state=st, detail=detail)
+
+    def _rpc_standby(self, req: Empty) -> node_api.PowerReply:
+        if self.capacity is None:
+            raise ApiError(ErrorCode.REFUSED, f"node {self.name} runs no workers: it has "
+                                              "nothing to put on standby")
+        why = self.capacity.hold()
+        if why is not None:
+            raise ApiError(ErrorCode.REFUSED, f"node {self.name} cannot go on standby: "
+                                              f"{why}")
+        return self._power_reply("drains, then sleeps once nothing runs and the rest of "
+                                 "its region keeps its minimum of active nodes")
+
+    def _rpc_wake(self, req: Empty) -> node_api.PowerReply:
+        if self.capacity is None:
+            return self._power_reply("runs no workers")
+        self.capacity.release()
+        return self._power_reply()
+
     async def _power_loop(self) -> None:
         while True:
             await asyncio.sleep(POWER_TICK_S)
@@ -1105,6 +1157,8 @@ class NodeAgent:
         self.serve(node_api.EVENTS, self._rpc_events)
         self.serve(node_api.ADMIN_REVOKE, self._rpc_revoke)
         self.serve(node_api.ENERGY, self._rpc_energy)
+        self.serve(node_api.NODE_STANDBY, self._rpc_standby)
+        self.serve(node_api.NODE_WAKE, self._rpc_wake)
 
     def member_infos(self) -> list[MemberInfo]:
         out = []
@@ -1125,6 +1179,7 @@ class NodeAgent:
             labels=dict(mm.meta.labels),
             cert_expires=_int_or_none(mm.meta.tags.get("cert_expires")),
             disk_full=is_full(mm.meta.tags),
+            power=str(power_state(mm.meta.tags) or ""),
         )
 
     def _rpc_members(self, req: Empty) -> list[MemberInfo]:

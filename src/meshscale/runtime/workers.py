@@ -367,8 +367,10 @@ class WorkerPool:
             raise
         self._running = True
 
-    async def close(self) -> None:
-        """Fail what is queued or running (``"cancelled"``) and end every worker."""
+    async def close(self, *, keep_cgroups: bool = False) -> None:
+        """Fail what is queued or running (``"cancelled"``) and end every worker;
+        ``keep_cgroups``: leave the node's parent cgroups for a pool started later (a
+        node going on standby, ``runtime/capacity.py``)."""
         self._running = False
         self._closed = True
         for t in list(self._replacing):
@@ -398,7 +400,7 @@ class WorkerPool:
             if not w.exited.done():  # cannot happen short of a stuck kernel; do not hang
                 self._reap_blocking(w)
         iso = self.config.isolation
-        if iso is not None and iso.cgroups is not None:
+        if iso is not None and iso.cgroups is not None and not keep_cgroups:
             with contextlib.suppress(OSError):
                 iso.cgroups.close()  # what is left of the workers' cgroups, and the parent
 

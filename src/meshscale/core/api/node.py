@@ -9,8 +9,9 @@ import msgspec
 
 from meshscale.core.api.contract import Empty, Method, Request
 
-__all__ = ["ADMIN_REVOKE", "EVENTS", "MEMBERS", "METHODS", "STATS", "EventInfo",
-           "EventsRequest", "MemberInfo", "NodeStats", "RevokeReply", "RevokeRequest"]
+__all__ = ["ADMIN_REVOKE", "EVENTS", "MEMBERS", "METHODS", "NODE_STANDBY", "NODE_WAKE",
+           "STATS", "EventInfo", "EventsRequest", "MemberInfo", "NodeStats", "PowerReply",
+           "RevokeReply", "RevokeRequest"]
 
 MAX_REVOCATION_BYTES = 4096
 """A signed revocation entry is a few hundred bytes."""
@@ -32,6 +33,9 @@ class MemberInfo(msgspec.Struct, omit_defaults=True):
     """When the member's node certificate ends (Unix seconds), as it says itself."""
     disk_full: bool = False
     """It says its disk is full: it is left out of new replica sets (``core/placement.py``)."""
+    power: str = ""
+    """Its power state as it gossips it (``core/capacity.py``): ``active``, ``draining``,
+    ``standby`` or ``waking``; ``""`` for a node that says none (no compute plane)."""
 
 
 class EventInfo(msgspec.Struct, omit_defaults=True):
@@ -102,6 +106,15 @@ class EnergyInfo(msgspec.Struct):
     """CPU of the agent and its workers over the last second / the machine's CPUs."""
 
 
+class PowerReply(msgspec.Struct):
+    """What ``node.standby`` / ``node.wake`` did on the node asked."""
+
+    name: str
+    state: str
+    """Its power state after the request (``standby`` comes once it has drained)."""
+    detail: str = ""
+
+
 MEMBERS: Method[Empty, list[MemberInfo]] = Method("members", Empty, list[MemberInfo])
 STATS: Method[Empty, NodeStats] = Method("stats", Empty, NodeStats)
 EVENTS: Method[EventsRequest, list[EventInfo]] = Method("events", EventsRequest,
@@ -111,4 +124,11 @@ ADMIN_REVOKE: Method[RevokeRequest, RevokeReply] = Method("admin.revoke", Revoke
 
 ENERGY: Method[Empty, EnergyInfo] = Method("node.energy", Empty, EnergyInfo)
 
-METHODS: tuple[Method[Any, Any], ...] = (MEMBERS, STATS, EVENTS, ADMIN_REVOKE, ENERGY)
+NODE_STANDBY: Method[Empty, PowerReply] = Method("node.standby", Empty, PowerReply)
+"""Put the node asked on standby (an operator's hold; refused, naming the rule, for a
+pinned node or one that keeps the only live copy of an object)."""
+NODE_WAKE: Method[Empty, PowerReply] = Method("node.wake", Empty, PowerReply)
+"""Wake the node asked (and end an operator's hold)."""
+
+METHODS: tuple[Method[Any, Any], ...] = (MEMBERS, STATS, EVENTS, ADMIN_REVOKE, ENERGY,
+                                         NODE_STANDBY, NODE_WAKE)
