@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +25,7 @@ from meshscale.runtime.capacity import (
     power_state,
 )
 from meshscale.runtime.config import CapacitySettings
+from meshscale.runtime.launcher import LocalMesh
 
 A, D, S, W = PowerState.ACTIVE, PowerState.DRAINING, PowerState.STANDBY, PowerState.WAKING
 
@@ -158,3 +160,31 @@ def test_mode_off_publishes_nothing_until_an_operator_hold() -> None:
     assert d.hold() is None and d.state is D and node.tags[POWER_TAG].startswith("d")
     d.release()
     assert d.state is A and node.tags[POWER_TAG].startswith("a")
+
+
+def test_minimum_larger_than_the_region_is_refused_where_known(tmp_path: Path) -> None:
+    # LocalMesh knows the whole topology: 4 nodes over two regions, 2 per region.
+    args = ["--energy-mode", "consolidate", "--energy-min-active-per-region", "3"]
+    with pytest.raises(ValueError, match="energy_min_active_per_region: 3 is more than"):
+        LocalMesh(tmp_path, 4, node_args=args)
+    with pytest.raises(ValueError, match=r"energy_min_active\.eu-west: 5 is more than"):
+        LocalMesh(tmp_path, 4, node_args=["--energy-mode", "consolidate",
+                                          "--energy-min-active", "eu-west=5"])
+    with pytest.raises(ValueError, match="energy_headroom_fraction"):
+        LocalMesh(tmp_path, 4, node_args=[*args, "--energy-headroom-fraction", "2"])
+    LocalMesh(tmp_path, 6, node_args=args)  # three per region: fine
+    LocalMesh(tmp_path, 4, node_args=["--energy-min-active-per-region", "9"])  # mode off
+
+
+def test_a_node_says_once_when_its_region_is_below_the_minimum() -> None:
+    d, node, _ = driver(peers=1)  # two nodes in region r; the minimum is two: fine
+    d._started -= 60
+    d.step()
+    assert not any("more than" in e for e in node.events)
+    d.settings = CapacitySettings(config=CapacityConfig(mode="consolidate",
+                                                        min_active_per_region=3))
+    d.ctl.config = d.settings.config
+    d.step()
+    d.step()
+    warned = [e for e in node.events if "more than" in e]
+    assert len(warned) == 1 and "energy_min_active_per_region 3" in warned[0], node.events

@@ -66,6 +66,8 @@ POWER_TAG = "pw"
 """The membership tag carrying a node's ``PeerCapacity`` (``encode_tag``)."""
 MAX_COUNT = 99_999
 """Queued tasks and sole copies are gossiped up to this (more reads as this)."""
+REGION_CHECK_AFTER_S = 30.0
+"""How long after its start a node first compares its region's size with the minimum."""
 _LETTER = {PowerState.ACTIVE: "a", PowerState.DRAINING: "d", PowerState.STANDBY: "s",
            PowerState.WAKING: "w"}
 _STATE = {v: k for k, v in _LETTER.items()}
@@ -157,6 +159,8 @@ class CapacityDriver:
         self.wake_s: list[float] = []
         """Seconds from each wake to the workers being up (the most recent last, 32 kept)."""
         self._kick = asyncio.Event()
+        self._started = time.monotonic()
+        self._region_warned = False
         workers.on_demand = self.demand
 
     @property
@@ -195,8 +199,30 @@ class CapacityDriver:
             except Exception as e:  # the count must not stop consolidation: keep the last
                 self.agent.log_limited("capacity_sole_copies_failed", error=repr(e)[:200])
         self.ctl.local(busy, queued, self.sole, now)
-        self.ctl.update(self.view(), now)
+        view = self.view()
+        self.ctl.update(view, now)
         self._act()
+        self._check_region(view, mono)
+
+    def _check_region(self, view: list[PeerCapacity], mono: float) -> None:
+        """Say once (log and event) when the node's region, as it sees it after
+        ``REGION_CHECK_AFTER_S``, is smaller than the minimum asked for: a node's start
+        cannot know the region's size, so this is where such a setting shows."""
+        cfg = self.settings.config
+        if self._region_warned or cfg.mode == "off" \
+                or mono - self._started < REGION_CHECK_AFTER_S:
+            return
+        region = self.agent.meta.region
+        size = 1 + sum(1 for p in view if p.region == region)
+        want = cfg.min_region(region)
+        if size < want:
+            self._region_warned = True
+            key = ("energy_min_active." + region if region in cfg.min_active_by_region
+                   else "energy_min_active_per_region")
+            detail = (f"{key} {want} is more than the {size} consolidating node(s) of "
+                      f"region {region!r}: none of them will sleep")
+            self.agent.record_event("capacity", self.agent.name, detail=detail)
+            self.agent.log("warning", "capacity_minimum_above_region", detail=detail)
 
     def demand(self) -> None:
         """A task granted here found the workers stopped."""

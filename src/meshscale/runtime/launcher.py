@@ -243,6 +243,34 @@ class LocalMesh:
                 )
             )
 
+        self._check_energy_minimums()
+
+    def _check_energy_minimums(self) -> None:
+        """With consolidation asked for in ``node_args``: refuse minimums of active nodes
+        that this mesh's regions or zones cannot meet (``ValueError`` naming the key);
+        here, unlike at one node's start, the whole topology is known."""
+        if not any(a.startswith("--energy") for a in self.node_args):
+            return
+        from meshscale.core.capacity import CapacityConfigError, check_minimums
+        from meshscale.runtime.agent_main import StartError, energy_settings, settings
+
+        try:
+            cfg = energy_settings(settings(self.node_args)).config
+        except StartError as e:
+            raise ValueError(str(e)) from None
+        if cfg.mode == "off":
+            return
+        zones: dict[str, dict[str, int]] = {}
+        for n in self.nodes:
+            per_zone = zones.setdefault(n.region, {})
+            per_zone[n.zone] = per_zone.get(n.zone, 0) + 1
+        try:
+            check_minimums(cfg, zones)
+        except CapacityConfigError as e:
+            raise ValueError(str(e).replace("energy.min_active_by_region.",
+                                            "energy_min_active.").replace("energy.",
+                                                                          "energy_")) from None
+
     @property
     def mesh_json(self) -> Path:
         return self.directory / "mesh.json"
