@@ -199,6 +199,10 @@ class CapacityDriver:
             except Exception as e:  # the count must not stop consolidation: keep the last
                 self.agent.log_limited("capacity_sole_copies_failed", error=repr(e)[:200])
         self.ctl.local(busy, queued, self.sole, now)
+        if busy > 0 and self.ctl.state is PowerState.STANDBY:
+            # Work that needs the workers runs here (a stream operator placed on this
+            # node, whose placement does not yet count sleeping nodes): wake for it.
+            self.ctl.demand(now, "work runs here while asleep (a stream operator)")
         view = self.view()
         self.ctl.update(view, now)
         self._act()
