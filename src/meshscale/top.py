@@ -107,7 +107,8 @@ def render(snap: dict[str, Any]) -> RenderableType:
         load = m.get("load") or {}
         table.add_row(
             m["name"], m["region"] or "-", m["zone"] or "-",
-            Text(m["state"], style=STATE_STYLE.get(m["state"], "")),
+            Text(m["state"] + (f" ({m['power']})" if m.get("power") not in (None, "", "active")
+                               else ""), style=STATE_STYLE.get(m["state"], "")),
             _ms(m.get("rtt_ms")),
             str(load.get("running", "-")), str(load.get("queued", "-")),
             f"{load['slots']:g}" if "slots" in load else "-",

@@ -40,6 +40,7 @@ from meshscale.core.api.tasks import TASK_LIST, ListRequest
 from meshscale.core.membership import State
 from meshscale.core.placement import is_full
 from meshscale.core.streams import split_source
+from meshscale.runtime.capacity import power_state
 from meshscale.runtime.power import PowerMeter
 from meshscale.runtime.services import NodeServices
 
@@ -329,6 +330,7 @@ class NodeObserver:
                 "incarnation": mm.inc,
                 "cert_expires": _int_or_none(mm.meta.tags.get("cert_expires")),
                 "disk_full": is_full(mm.meta.tags),
+                "power": str(power_state(mm.meta.tags) or ""),
                 "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
                 "coord": None if coord is None else {
                     "vec": [float(x) for x in coord.vec],

@@ -772,6 +772,7 @@
       const [x, y] = pos.get(m.name);
       g.style.transform = `translate(${x.toFixed(1)}px, ${y.toFixed(1)}px)`;
       g.dataset.state = m.state;
+      g.dataset.power = m.power || "";
       g.classList.toggle("self", m.name === self);
       g.classList.toggle("highlight", m.name === ui.highlighted);
       const [ring, selfRing, body, cross, name, rtt] = g.children;
@@ -783,9 +784,11 @@
       cross.setAttribute("d", `M${-k} ${-k}L${k} ${k}M${k} ${-k}L${-k} ${k}`);
       name.setAttribute("y", r + 13);
       name.textContent = m.name;
+      const asleep = ["draining", "standby", "waking"].includes(m.power);
       rtt.setAttribute("y", r + 25);
       rtt.textContent = members.length <= 12 && m.name !== self && !["dead", "left", "removed"].includes(m.state)
         && typeof m.rtt_ms === "number" ? fmtMs(m.rtt_ms) : "";
+      if (asleep) rtt.textContent = m.power;
       gNodes.append(g);
     }
     for (const g of existing.values()) g.remove();
