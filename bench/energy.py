@@ -18,10 +18,11 @@ Keys: ``sim_energy_spread_kwh``, ``sim_energy_consolidated_kwh``, ``sim_saving_p
 over nodes, per modelled hour) and the extras in KEYS.
 
 The real half (``real_*`` keys, ``wake_s``): a 6-node local mesh of real processes (one
-region, three zones, one worker slot each) runs the same diurnal curve compressed into
-``--real-day-s`` seconds (trough 10% of the slots at the start and end, peak 80% in the
-middle), twice: ``--energy-mode off`` (spread) and ``consolidate`` (a minimum of two
-active nodes, dwell 5 s). A task sleeps ``--real-task-s`` (it holds a slot, not a CPU).
+region, three zones, ``--real-cpus`` worker slots each, default 1) runs the same diurnal
+curve compressed into ``--real-day-s`` seconds (trough 10% of the slots at the start and
+end, peak 80% in the middle), twice: ``--energy-mode off`` (spread) and ``consolidate``
+(a minimum of two active nodes, dwell ``--real-dwell-s``, default 5 s). A task sleeps
+``--real-task-s`` (it holds a slot, not a CPU).
 Energy is the sum over the nodes of ``node.energy``'s ``joules_total`` over the day,
 **from the power model** (``--power-source model``: 10 W idle, 65 W peak at the node
 processes' CPU share, 2 W on standby), not a meter: nodes sharing one machine cannot each
@@ -95,8 +96,8 @@ def _sleep_task(seconds: float) -> float:
     return t.time()
 
 
-def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int
-              ) -> dict[str, float]:
+def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int, cpus: int,
+              dwell_s: float) -> dict[str, float]:
     """One compressed day on a fresh 6-node mesh; energy (J), p99 (ms), tasks, wakes."""
     import asyncio
     import math
@@ -108,9 +109,9 @@ def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int
     from meshscale.runtime.launcher import LocalMesh
 
     energy = (["--energy-mode", "consolidate", "--energy-min-active-per-region", "2",
-               "--energy-min-dwell-s", "5", "--energy-drain-confirm-s", "2",
+               "--energy-min-dwell-s", str(dwell_s), "--energy-drain-confirm-s", "2",
                "--energy-interval-s", "0.5"] if consolidate else ["--energy-mode", "off"])
-    args = ["--cpus", "1", "--power-source", "model", *energy]
+    args = ["--cpus", str(cpus), "--power-source", "model", *energy]
     rng = random.Random(seed)
 
     async def joules(mesh: LocalMesh) -> float:
@@ -141,7 +142,7 @@ def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int
             while (now := time.time()) < start + day_s:
                 phase = (now - start) / day_s
                 load = 0.1 + 0.7 * (1 - math.cos(2 * math.pi * phase)) / 2
-                owed += load * REAL_NODES / task_s * tick
+                owed += load * REAL_NODES * cpus / task_s * tick
                 n = int(owed)
                 if rng.random() < owed - n:
                     n += 1
@@ -175,9 +176,10 @@ def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int
             "transitions": float(moves)}
 
 
-def real_half(day_s: float, task_s: float, seed: int) -> dict[str, float]:
-    spread = _real_run(False, day_s, task_s, seed)
-    cons = _real_run(True, day_s, task_s, seed)
+def real_half(day_s: float, task_s: float, seed: int, cpus: int, dwell_s: float
+              ) -> dict[str, float]:
+    spread = _real_run(False, day_s, task_s, seed, cpus, dwell_s)
+    cons = _real_run(True, day_s, task_s, seed, cpus, dwell_s)
     return {
         "real_energy_spread_j": spread["joules"],
         "real_energy_consolidated_j": cons["joules"],
@@ -205,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-day-s", type=float, default=None,
                     help="the real day's length (default 240 s, 40 with --quick)")
     ap.add_argument("--real-task-s", type=float, default=1.0)
+    ap.add_argument("--real-cpus", type=int, default=1, help="worker slots per node")
+    ap.add_argument("--real-dwell-s", type=float, default=5.0,
+                    help="--energy-min-dwell-s of the consolidated run")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     if args.no_real and args.real_only:
@@ -226,12 +231,17 @@ def main(argv: list[str] | None = None) -> int:
         keys += KEYS
     if not args.no_real:
         t0 = time.perf_counter()
-        real = real_half(day_s, args.real_task_s, args.seed)
+        if not (1 <= args.real_cpus <= 16) or not (0 <= args.real_dwell_s <= 3600):
+            ap.error("--real-cpus must be in 1..16 and --real-dwell-s in 0..3600")
+        real = real_half(day_s, args.real_task_s, args.seed, args.real_cpus,
+                         args.real_dwell_s)
         res.update(real)
         keys += REAL_KEYS
         ratio = real["real_p99_consolidated_ms"] / real["real_p99_spread_ms"]
         rows += [
-            ("real_day_s", f"{day_s:.0f}", f"{REAL_NODES} node processes, model joules "
+            ("real_day_s", f"{day_s:.0f}", f"{REAL_NODES} node processes x "
+                                           f"{args.real_cpus} slots, dwell "
+                                           f"{args.real_dwell_s:g} s, model joules "
                                            "(not a meter)"),
             ("real_energy_spread_j", f"{real['real_energy_spread_j']:.0f}",
              "energy_mode off"),
