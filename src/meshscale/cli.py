@@ -1064,6 +1064,205 @@ def kv_delete_cmd(
         mesh.kv.delete(key, consistency.value)
 
 
+# -- data-class policies -------------------------------------------------------------------
+
+policy_app = _typer("Data-class policies: where a class's copies may live, how many, how "
+                    "long, who may read them.")
+app.add_typer(policy_app, name="policy")
+
+UNREACHABLE_EXIT = 3
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def _parse_duration(value: str, flag: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or plain seconds, as seconds."""
+    text = value.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:]) if text else None
+    number = text[:-1] if unit is not None else text
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise CliError(f"{flag} {value!r}: give a positive duration such as 30d, 12h or 90s")
+    return seconds
+
+
+def _region_list(value: str, flag: str) -> list[str]:
+    from meshscale.core.policy import PolicyError, check_region
+
+    regions = [r.strip() for r in value.split(",")]
+    try:
+        return [check_region(r) for r in regions]
+    except PolicyError as e:
+        raise CliError(f"{flag} {value!r}: {e}") from None
+
+
+def _policy_request(target: Target, method: Method[Req, Rep], req: Req,
+                    timeout: float) -> Rep:
+    """One typed policy call; the node's answer code decides the exit code: 1 not found or
+    refused, 2 bad input or not allowed, 3 no node could be reached."""
+    from meshscale.client.rpc import RemoteError, RpcError, request
+    from meshscale.core.api import ErrorCode
+
+    creds = _client_creds(target.bundle)
+    last: RpcError | None = None
+    for addr in target.addresses:
+        try:
+            return request(addr, creds, method, req, timeout=timeout)
+        except RemoteError as e:
+            code = 2 if e.code in (ErrorCode.INVALID, ErrorCode.UNAUTHORIZED) else 1
+            raise CliError(str(e), exit_code=code) from None
+        except RpcError as e:
+            last = e
+    assert last is not None
+    raise CliError(f"cannot reach the mesh: {last}", exit_code=UNREACHABLE_EXIT)
+
+
+def _policy_row(p: Any) -> str:
+    ttl = "-" if p.ttl_s is None else f"{p.ttl_s:g}s"
+    streams = ",".join(p.stream_regions) if p.stream_regions is not None else "(same)"
+    return (f"{p.name}  regions={','.join(p.regions)}  replicas={p.replicas}  ttl={ttl}  "
+            f"cross_region_reads={'yes' if p.cross_region_reads else 'no'}  "
+            f"stream_regions={streams}")
+
+
+@policy_app.command("set")
+def policy_set_cmd(
+    name: Annotated[str, typer.Argument(metavar="CLASS", help="Data class, e.g. pii.")],
+    regions: Annotated[str, typer.Option("--regions", help="Regions the class's copies may "
+                                         "live in, e.g. eu-west,eu-central.")],
+    replicas: Annotated[int, typer.Option("--replicas", min=1, max=16,
+                                          help="Copies of each object.")] = 3,
+    ttl: Annotated[str | None, typer.Option("--ttl", help="Collect copies this long after "
+                                            "their put, e.g. 30d, 12h.")] = None,
+    no_cross_region_reads: Annotated[bool, typer.Option(
+        "--no-cross-region-reads", help="Nodes outside the regions may not read it.")] = False,
+    stream_regions: Annotated[str | None, typer.Option(
+        "--stream-regions", help="Regions its stream shards may live in (a subset of "
+        "--regions; default: the same).")] = None,
+    migrate: Annotated[bool, typer.Option(
+        "--migrate", help="Move existing copies the change would break (not built yet: "
+        "such a change is refused).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Set a data class's policy (admin bundle needed). Refused if existing copies of the
+    class would fall outside the new regions."""
+    import json
+
+    import msgspec
+
+    from meshscale.core.api import policy as papi
+    from meshscale.core.policy import PolicyError, make_policy
+
+    try:
+        p = make_policy(name, _region_list(regions, "--regions"), replicas=replicas,
+                        ttl_s=None if ttl is None else _parse_duration(ttl, "--ttl"),
+                        cross_region_reads=not no_cross_region_reads,
+                        stream_regions=None if stream_regions is None
+                        else _region_list(stream_regions, "--stream-regions"))
+    except PolicyError as e:
+        raise CliError(str(e)) from None
+    req = papi.PolicySetRequest(
+        name=p.name, regions=list(p.regions), replicas=p.replicas, ttl_s=p.ttl_s,
+        cross_region_reads=p.cross_region_reads,
+        stream_regions=None if p.stream_regions is None else list(p.stream_regions),
+        migrate=migrate)
+    reply = _policy_request(_target(node, mesh_file, bundle), papi.SET, req, timeout)
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
+        return
+    typer.echo(f"set {_policy_row(reply.policy)}")
+    if reply.previous is not None:
+        typer.echo(f"was {_policy_row(reply.previous)}")
+    typer.echo(f"checked {reply.checked_objects} existing object(s) of class {p.name}: "
+               "none outside the new regions")
+
+
+@policy_app.command("get")
+def policy_get_cmd(
+    name: Annotated[str, typer.Argument(metavar="CLASS")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Print a class's policy (exit 1 if it has none)."""
+    import json
+
+    import msgspec
+
+    from meshscale.core.api import policy as papi
+    from meshscale.core.policy import PolicyError, check_class_name
+
+    try:
+        check_class_name(name)
+    except PolicyError as e:
+        raise CliError(str(e)) from None
+    p = _policy_request(_target(node, mesh_file, bundle), papi.GET,
+                        papi.PolicyNameRequest(name=name), timeout)
+    typer.echo(json.dumps(msgspec.to_builtins(p), indent=2) if as_json else _policy_row(p))
+
+
+@policy_app.command("list")
+def policy_list_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """List every class that has a policy."""
+    import json
+
+    import msgspec
+
+    from meshscale.core.api import Empty
+    from meshscale.core.api import policy as papi
+
+    rows = _policy_request(_target(node, mesh_file, bundle), papi.LIST, Empty(), timeout)
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(rows), indent=2))
+    else:
+        for p in rows:
+            typer.echo(_policy_row(p))
+
+
+@policy_app.command("delete")
+def policy_delete_cmd(
+    name: Annotated[str, typer.Argument(metavar="CLASS")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Delete a class's policy (admin bundle needed; exit 1 if it has none). Objects of
+    the class keep the rule they were put with."""
+    import json
+
+    import msgspec
+
+    from meshscale.core.api import policy as papi
+    from meshscale.core.policy import PolicyError, check_class_name
+
+    try:
+        check_class_name(name)
+    except PolicyError as e:
+        raise CliError(str(e)) from None
+    reply = _policy_request(_target(node, mesh_file, bundle), papi.DELETE,
+                            papi.PolicyNameRequest(name=name), timeout)
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
+    else:
+        typer.echo(f"deleted the policy of class {reply.name}")
+
+
 def _tasks_table(rows: list[dict[str, Any]]) -> str:
     header = ("TASK", "STATE", "NODE", "OWNER", "REASON")
     lines = [header]

@@ -18,6 +18,7 @@ from meshscale.client.mesh import (
     ObjectRef,
     object_id,
 )
+from meshscale.client.policies import AsyncPolicies, Policies, PolicyInfo
 from meshscale.client.tasks import (
     AsyncTaskMesh,
     Future,
@@ -37,6 +38,7 @@ __all__ = [
     "KV",
     "AsyncKV",
     "AsyncMesh",
+    "AsyncPolicies",
     "AsyncTaskMesh",
     "ConnectError",
     "Consistency",
@@ -47,6 +49,8 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFoundError",
     "ObjectRef",
+    "Policies",
+    "PolicyInfo",
     "TaskCancelledError",
     "TaskError",
     "TaskFunction",

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar, cast, overload
 
 import msgspec
 
+from meshscale.client.policies import AsyncPolicies, Policies
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError, RpcPipeline
 from meshscale.core.api import Empty, ErrorCode, Method, Request, ResidencyWire
 from meshscale.core.api import node as node_api
@@ -485,6 +486,8 @@ class AsyncMesh:
         """A second connection to ``address`` for reads it serves or relays."""
         self._read_bytes = DEFAULT_READ_BYTES
         self.kv = AsyncKV(self)
+        self.policies = AsyncPolicies(self)
+        """The mesh's data-class policies (``client/policies.py``)."""
 
     @staticmethod
     def _mesh_error(e: RpcError, method: str) -> MeshError:
@@ -1081,6 +1084,7 @@ class Mesh:
         self._runner = runner
         self._inner = inner
         self.kv = KV(self)
+        self.policies = Policies(self)
         self._closed = False
         weakref.finalize(self, _stop_loop, runner.loop)
 

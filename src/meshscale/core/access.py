@@ -41,13 +41,14 @@ _READ = (
     "obj.read", "obj.stat", "obj.list", "kv.get", "dp.stats",
     "task.list", "task.stats", "task.result", "task.wait",
     "stream.read", "stream.op_list", "stream.stats",
+    "policy.get", "policy.list",
 )
 _WRITE = (
     "obj.put_begin", "obj.put_chunk", "obj.put_end", "obj.put_abort", "obj.put_small",
     "obj.delete", "obj.corrupt_local", "kv.put", "kv.delete",
     "task.submit", "task.cancel",
     "stream.publish", "stream.op_register", "stream.op_remove",
-    "admin.revoke",
+    "admin.revoke", "policy.set", "policy.delete",
 )
 _NODE = (
     "obj.rw_begin", "obj.rw_chunk", "obj.rw_end", "obj.rw_small", "obj.read_local",

@@ -24,6 +24,7 @@ from meshscale.core.kv import (
     kv_placement,
 )
 from meshscale.core.placement import PlacementError
+from meshscale.core.policy import POLICY_PREFIX, is_reserved_key
 from meshscale.runtime.data.state import DataPlaneBase, _stamp, _storage_error
 from meshscale.runtime.storage import MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES, StorageError
 from meshscale.transport.rpc import RpcError
@@ -43,10 +44,15 @@ def _straggler_done(
     return done
 
 
-def _kv_key(key: str) -> str:
-    """A KV key within MAX_KV_KEY_BYTES of UTF-8, else ``invalid`` naming the limit."""
+def _kv_key(key: str, *, write: bool = False) -> str:
+    """A KV key within MAX_KV_KEY_BYTES of UTF-8, else ``invalid`` naming the limit; a
+    ``write`` to a reserved key (``core.policy.is_reserved_key``) is ``unauthorized``."""
     if not key:
         raise ApiError(ErrorCode.INVALID, "a KV key is a non-empty string")
+    if write and is_reserved_key(key):
+        raise ApiError(ErrorCode.UNAUTHORIZED, (
+            f"KV keys under {POLICY_PREFIX!r} are reserved for data-class policies: change "
+            "them with policy.set / policy.delete (`meshscale policy ...`)"))
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
         raise ApiError(ErrorCode.INVALID,
                        f"a KV key is at most {MAX_KV_KEY_BYTES} bytes (MAX_KV_KEY_BYTES)")
@@ -113,7 +119,7 @@ class KvStore(DataPlaneBase):
             coord.expire()
 
     async def _rpc_kv_put(self, req: api.KvPutRequest) -> api.KvWriteReply:
-        key = _kv_key(req.key)
+        key = _kv_key(req.key, write=True)
         # Checked here too: an in-process call (``call_local``) skips the struct's bounds.
         if len(req.value) > MAX_KV_VALUE_BYTES:
             raise ApiError(ErrorCode.INVALID, f"a KV value is at most {MAX_KV_VALUE_BYTES} "
@@ -123,7 +129,7 @@ class KvStore(DataPlaneBase):
                                                         Consistency(req.consistency)))
 
     async def _rpc_kv_delete(self, req: api.KvKeyRequest) -> api.KvWriteReply:
-        return api.KvWriteReply(ts=await self._kv_write(_kv_key(req.key), None,
+        return api.KvWriteReply(ts=await self._kv_write(_kv_key(req.key, write=True), None,
                                                         Consistency(req.consistency)))
 
     async def _rpc_kv_get(self, req: api.KvKeyRequest) -> api.KvValue:

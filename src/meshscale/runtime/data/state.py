@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -18,6 +19,7 @@ from meshscale.core.hlc import HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import KVHintConfig, KVHints
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, Residency, is_full, may_hold
+from meshscale.core.policy import ClassPolicy
 from meshscale.core.puts import PutPlan
 from meshscale.core.replication import ObjectPolicy, ReplicaManager, ReplicationConfig
 from meshscale.runtime.deadline import DeadlineTimer
@@ -90,6 +92,14 @@ class DataPlaneConfig:
     """A node advertised full is advertised not full again only once its free space is at
     least its reserve plus this much (hysteresis: no flapping at the edge)."""
     max_ttl_s: float = 10 * 365 * 86400.0
+    policy_refresh_s: float = 5.0
+    """How often the cached data-class policies are read again from the KV (and how long
+    a class read on a miss is trusted before the next request naming it reads it again)."""
+    max_policies: int = 256
+    """Data classes with a policy, in the mesh and in a node's cache."""
+    policy_scan_max_objects: int = 100_000
+    """Objects a policy change looks through for copies the new rule would break; a mesh
+    holding more refuses the change (it cannot check it)."""
     storage: StorageConfig = field(default_factory=lambda: StorageConfig(min_free_bytes=64 << 20))
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
@@ -236,6 +246,10 @@ class DataPlaneBase:
         self._dropping = False
         self._timer = DeadlineTimer(self._on_timer)
         self.stats: dict[str, int] = {}
+        self.policies: dict[str, ClassPolicy] = {}
+        """Data-class policies this node knows (``runtime/data/policy.py`` keeps it)."""
+        self._policy_read_at: dict[str, float] = {}
+        """class -> when its policy was last read from the KV (monotonic), found or not."""
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
@@ -278,6 +292,17 @@ class DataPlaneBase:
             raise RpcError(f"{name}: not a member")
         return self.agent.peers.checkout(name, addr)
 
+    # -- refusals
+
+    def _refuse(self, rule: str, message: str, **fields: object) -> ApiError:
+        """The one place this plane refuses a request by a policy or residency rule: counts
+        it (``refused_<rule>``), logs it (rate-limited: a peer can cause it) and returns
+        the error to raise. The audit trail hooks in here."""
+        self._count("refusals")
+        self._count(f"refused_{rule}")
+        self.agent.log_limited("refused", rule=rule, message=message[:300], **fields)
+        return ApiError(ErrorCode.REFUSED, f"refused: {message}")
+
     # -- provided by the other rooms (``plane.py`` puts them together)
 
     def _pump(self) -> None:
@@ -309,3 +334,6 @@ class DataPlaneBase:
 
     async def _holders(self, oid: str) -> list[str]:
         raise NotImplementedError  # catalog.py
+
+    async def _policies_for(self, names: Iterable[str | None]) -> Mapping[str, ClassPolicy]:
+        raise NotImplementedError  # policy.py
