@@ -877,11 +877,16 @@ def _parse_residency(value: str | None) -> list[str] | None:
 @app.command("put")
 def put_cmd(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="File to store; - reads stdin.")],
-    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Copies to keep.")] = 3,
-    w: Annotated[int, typer.Option("--w", min=1, help="Copies durable before put returns.")] = 2,
+    replicas: Annotated[int | None, typer.Option(
+        "--replicas", min=1, help="Copies to keep (default: the --class policy's, else 3).")
+    ] = None,
+    w: Annotated[int | None, typer.Option(
+        "--w", min=1, help="Copies durable before put returns (default: 2, at most "
+        "--replicas).")] = None,
     residency: Annotated[
         str | None,
-        typer.Option("--residency", help="Regions copies may live in, e.g. eu-west,eu-central."),
+        typer.Option("--residency", help="Regions copies may live in, e.g. eu-west,eu-central "
+                     "(with --class: may narrow the class's policy, never widen it)."),
     ] = None,
     data_class: Annotated[
         str | None, typer.Option("--class", help="Data class, e.g. pii or telemetry.")
@@ -892,7 +897,7 @@ def put_cmd(
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Store a file (- for stdin) as an object; prints its id on the last line of stdout."""
-    if w > replicas:
+    if w is not None and replicas is not None and w > replicas:
         raise CliError(f"--w {w} is more than --replicas {replicas}")
     regions = _parse_residency(residency)
     source: Any = file

@@ -566,6 +566,12 @@ def test_sync_mesh_works_inside_a_running_loop(local_mesh: LocalMesh) -> None:
 def test_cli_put_get_objects(local_mesh: LocalMesh, tmp_path: Path) -> None:
     src = tmp_path / "data.bin"
     src.write_bytes(os.urandom(9 * MiB))  # > 8 MiB: the progress bar goes to stderr
+    # A class without a policy (and no regions of its own) is refused, naming the class ...
+    unknown = node_cli(local_mesh, "put", src, "--class", "telemetry")
+    assert unknown.returncode == 2 and b"unknown data class 'telemetry'" in unknown.stderr
+    # ... and taken once the class has one.
+    pol = node_cli(local_mesh, "policy", "set", "telemetry", "--regions", ",".join(REGIONS))
+    assert pol.returncode == 0, pol.stderr.decode()
     put = node_cli(local_mesh, "put", src, "--replicas", "2", "--w", "2", "--class", "telemetry")
     assert put.returncode == 0, put.stderr.decode()
     oid = put.stdout.decode().splitlines()[-1]

@@ -317,15 +317,15 @@ def copy_refusal(region: str, header: Residency | None,
     states a wrong or missing rule cannot place a classed copy outside its class."""
     if header is None:
         return None
-    if header.regions is not None and region not in header.regions:
-        return (f"residency rule: this node's region {region!r} is not among the copy's "
-                f"allowed regions {{{','.join(sorted(header.regions))}}}"
-                + (f" (class {header.data_class})" if header.data_class else ""))
     cls = header.data_class
+    if header.regions is not None and region not in header.regions:
+        return (f"this node's region {region!r} may not hold a copy (residency rule: allowed "
+                f"regions {{{','.join(sorted(header.regions))}}}"
+                + (f", class {cls})" if cls else ")"))
     policy = policies.get(cls) if cls is not None else None
     if policy is not None and region not in policy.regions:
-        return (f"residency rule: this node's region {region!r} is not among the regions "
-                f"{{{','.join(policy.regions)}}} of class {cls}'s policy")
+        return (f"this node's region {region!r} may not hold a copy (residency rule of class "
+                f"{cls}'s policy: regions {{{','.join(policy.regions)}}})")
     return None
 
 

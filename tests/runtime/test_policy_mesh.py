@@ -1,0 +1,282 @@
+"""Data-class policies on real node processes (5 nodes, 3 regions): set through the CLI and
+the client, read back from every node; bad input (unknown class, a widening rule,
+malformed regions, a read-only client, ``kv.put`` on the reserved prefix) gets a clear
+error and changes nothing; classed puts land only in the class's regions; a hand-made
+replica write of a classed object to a node of a forbidden region is refused by that node
+and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+from runtime_mesh import wait_for
+
+from meshscale.cli import main as cli_main
+from meshscale.client import connect
+from meshscale.client.mesh import MeshError
+from meshscale.client.rpc import RemoteError, RpcConnection, call
+from meshscale.runtime.launcher import LocalMesh
+from meshscale.trust.bundle import load_bundle, write_client_bundle
+
+pytestmark = pytest.mark.timeout(300)
+
+REGIONS = ["eu-west", "eu-central", "us-east"]
+
+
+def oid_of(data: bytes) -> str:
+    return "b3-" + blake3.blake3(data).hexdigest()  # independent of the code under test
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    with LocalMesh(tmp_path_factory.mktemp("policy"), 5, regions=REGIONS) as m:
+        yield m
+
+
+def cli(mesh: LocalMesh, *args: str, node: int = 0,
+        bundle: Path | None = None) -> int:
+    return cli_main([*args, "--node", mesh.nodes[node].address,
+                     "--bundle", str(bundle or mesh.bundle_path)])
+
+
+def policy_on(mesh: LocalMesh, i: int, name: str) -> dict[str, Any] | None:
+    try:
+        got: dict[str, Any] = call(mesh.nodes[i].address, mesh.credentials(), "policy.get",
+                                   {"name": name}, timeout=10)
+    except RemoteError as e:
+        if e.code == "not_found":
+            return None
+        raise
+    return got
+
+
+def on_disk(mesh: LocalMesh, oid: str) -> set[str]:
+    """Regions whose nodes hold a file of ``oid`` (the disks, not the mesh's report)."""
+    return {n.region for n in mesh.nodes
+            if any(True for _ in (n.data_dir / "store" / "objects").rglob(oid))}
+
+
+def test_policy_set_get_list_delete_through_the_cli(
+        mesh: LocalMesh, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(mesh, "policy", "set", "pii", "--regions", "eu-west,eu-central",
+               "--replicas", "2", "--ttl", "30d", "--no-cross-region-reads") == 0
+    out = capsys.readouterr().out
+    assert "regions=eu-central,eu-west" in out and "replicas=2" in out
+    # Every node reads the same policy (through the replicated KV).
+    for i in range(5):
+        got = policy_on(mesh, i, "pii")
+        assert got is not None
+        assert got["regions"] == ["eu-central", "eu-west"]
+        assert got["replicas"] == 2 and got["ttl_s"] == 30 * 86400.0
+        assert got["cross_region_reads"] is False
+    assert cli(mesh, "policy", "get", "pii", "--json", node=3) == 0
+    assert json.loads(capsys.readouterr().out)["regions"] == ["eu-central", "eu-west"]
+    assert cli(mesh, "policy", "set", "telemetry", "--regions", "us-east,eu-west") == 0
+    capsys.readouterr()
+    assert cli(mesh, "policy", "list", "--json", node=2) == 0
+    names = [p["name"] for p in json.loads(capsys.readouterr().out)]
+    assert names == ["pii", "telemetry"]
+    assert cli(mesh, "policy", "delete", "telemetry") == 0
+    capsys.readouterr()
+    assert policy_on(mesh, 4, "telemetry") is None
+    assert cli(mesh, "policy", "get", "telemetry") == 1  # not found
+    assert "no policy for data class 'telemetry'" in capsys.readouterr().err
+
+
+def test_bad_policy_input_is_refused_and_changes_nothing(
+        mesh: LocalMesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(mesh, "policy", "set", "pii", "--regions", "eu-west,eu-central",
+               "--replicas", "2") == 0
+    capsys.readouterr()
+    before = policy_on(mesh, 0, "pii")
+    # Malformed region names: one line, exit 2, nothing sent.
+    for bad in ("eu west", "eu-west,,eu-central", "eu/west", ""):
+        assert cli(mesh, "policy", "set", "pii", "--regions", bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("meshscale: error: ") and err.count("\n") == 1
+        assert "region" in err
+    assert cli(mesh, "policy", "set", "pii", "--regions", "eu-west", "--ttl", "soon") == 2
+    assert "--ttl" in capsys.readouterr().err
+    assert cli(mesh, "policy", "set", "pii", "--regions", "eu-west",
+               "--stream-regions", "us-east") == 2
+    assert "stream regions" in capsys.readouterr().err
+    # A read-only client may read but not change a policy.
+    admin = load_bundle(mesh.admin_path)
+    viewer = write_client_bundle(admin, "viewer", tmp_path / "viewer", read_only=True).path
+    assert cli(mesh, "policy", "get", "pii", bundle=viewer) == 0
+    capsys.readouterr()
+    assert cli(mesh, "policy", "set", "pii", "--regions", "us-east", bundle=viewer) == 2
+    err = capsys.readouterr().err
+    assert "read-only" in err and "policy.set" in err
+    assert cli(mesh, "policy", "delete", "pii", bundle=viewer) == 2
+    capsys.readouterr()
+    # The KV's own methods cannot write the reserved prefix, even with the admin role.
+    creds = mesh.credentials()
+    with pytest.raises(RemoteError, match="reserved for data-class policies") as e:
+        call(mesh.nodes[1].address, creds, "kv.put",
+             {"key": "__policy/pii", "value": b"\x80"}, timeout=10)
+    assert e.value.code == "unauthorized"
+    with pytest.raises(RemoteError, match="reserved"):
+        call(mesh.nodes[1].address, creds, "kv.delete", {"key": "__policy/pii"}, timeout=10)
+    # A malformed name sent by hand (bypassing the CLI's checks) is refused by the node.
+    with pytest.raises(RemoteError, match="malformed region") as e:
+        call(mesh.nodes[2].address, creds, "policy.set",
+             {"name": "pii", "regions": ["eu west"]}, timeout=10)
+    assert e.value.code == "invalid"
+    # Unknown class: not found, exit 1.
+    assert cli(mesh, "policy", "get", "nosuch") == 1
+    capsys.readouterr()
+    assert cli(mesh, "policy", "delete", "nosuch") == 1
+    capsys.readouterr()
+    for i in range(5):
+        assert policy_on(mesh, i, "pii") == before
+
+
+def test_policies_from_the_python_client(mesh: LocalMesh) -> None:
+    with connect(mesh.nodes[2].address, bundle=mesh.bundle_path) as m:
+        reply = m.policies.set("finance", ["us-east"], replicas=1, ttl_s=3600.0)
+        assert reply.policy.regions == ["us-east"] and reply.previous is None
+        assert m.policies.get("finance").ttl_s == 3600.0
+        assert "finance" in [p.name for p in m.policies.list()]
+        with pytest.raises(ValueError, match="malformed region"):
+            m.policies.set("finance", ["us east"])
+        with pytest.raises(MeshError) as e:
+            m.policies.get("nosuch")
+        assert e.value.code == "not_found"
+        m.policies.delete("finance")
+        with pytest.raises(MeshError):
+            m.policies.get("finance")
+
+
+def _ensure_pii(mesh: LocalMesh) -> None:
+    with connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as m:
+        m.policies.set("pii", ["eu-west", "eu-central"], replicas=2)
+
+
+def test_classed_puts_live_only_in_the_class_regions(mesh: LocalMesh) -> None:
+    _ensure_pii(mesh)
+    us = [i for i, n in enumerate(mesh.nodes) if n.region == "us-east"]
+    oids = []
+    # Through every node, a node of the forbidden region included: the coordinator
+    # resolves the class's rule (the put names the class only).
+    with connect(mesh.nodes[us[0]].address, bundle=mesh.bundle_path) as m:
+        for k in range(6):
+            data = f"patient {k} ".encode() * (50 + k)
+            ref = m.put(data, data_class="pii")
+            assert ref.id == oid_of(data)
+            oids.append(ref.id)
+            info = m.stat(ref)
+            assert info.data_class == "pii"
+            assert set(info.residency or ()) == {"eu-west", "eu-central"}
+            assert info.replicas == 2  # the class's count
+        # A big one (chunked upload, cut-through copies).
+        big = bytes(range(256)) * 4096 * 2
+        oids.append(m.put(big, data_class="pii").id)
+        # An explicit rule may narrow the class's ...
+        narrow = m.put(b"eu-west only " * 10, data_class="pii", residency=["eu-west"])
+        assert set(m.stat(narrow).residency or ()) == {"eu-west"}
+        oids.append(narrow.id)
+        # ... never widen it: refused naming both rules, nothing stored.
+        wide = b"would leave the EU " * 10
+        with pytest.raises(MeshError) as e:
+            m.put(wide, data_class="pii", residency=["eu-west", "us-east"])
+        msg = str(e.value)
+        assert e.value.code == "refused" and "widens" in msg and "class pii" in msg
+        assert "us-east" in msg and "regions={eu-central,eu-west}" in msg
+        # Unknown class without regions: refused.
+        with pytest.raises(MeshError) as e:
+            m.put(b"unclassified " * 10, data_class="nosuch")
+        assert e.value.code == "refused" and "unknown data class 'nosuch'" in str(e.value)
+    for oid in oids:
+        wait_for(lambda o=oid: on_disk(mesh, o) and on_disk(mesh, o) <= {"eu-west", "eu-central"}
+                 and len(on_disk(mesh, o)) >= 1, 30, f"{oid} stored")
+    # Once the spare copies settled, no copy anywhere outside the class's regions.
+    for oid in oids:
+        assert on_disk(mesh, oid) <= {"eu-west", "eu-central"}, oid
+    assert not on_disk(mesh, oid_of(b"would leave the EU " * 10))
+
+
+def _stats(mesh: LocalMesh, i: int) -> dict[str, int]:
+    got: dict[str, int] = call(mesh.nodes[i].address, mesh.credentials(), "dp.stats",
+                               timeout=10)["dataplane"]
+    return got
+
+
+def test_a_replica_write_to_a_forbidden_region_is_refused_by_the_receiver(
+        mesh: LocalMesh) -> None:
+    _ensure_pii(mesh)
+    us = next(i for i, n in enumerate(mesh.nodes) if n.region == "us-east")
+    eu = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
+    # The receiver must know the class: wait until its cache has it (a read on a miss).
+    wait_for(lambda: policy_on(mesh, us, "pii"), 20, "the policy readable at the receiver")
+    data = b"a classed copy sent by hand " * 20
+    oid = oid_of(data)
+    sender = mesh.node_credentials(eu)  # node-to-node: a node's own certificate
+
+    before = _stats(mesh, us).get("refused_residency", 0)
+
+    async def go() -> None:
+        c = RpcConnection(mesh.nodes[us].address, sender, 30)
+        try:
+            # 1. The header states the class only (no regions): the receiver's own
+            #    knowledge of the class refuses it.
+            for header in ({"data_class": "pii"},
+                           # 2. A header that lies about the regions.
+                           {"regions": ["us-east", "eu-west"], "data_class": "pii"},
+                           # 3. A header whose own rule excludes the receiver.
+                           {"regions": ["eu-west"], "data_class": "pii"}):
+                for method, extra in (("obj.rw_small", {"data": data}), ("obj.rw_begin", {})):
+                    with pytest.raises(RemoteError) as e:
+                        await c.call(method, {"id": oid, "size": len(data), "replicas": 2,
+                                              "residency": header, **extra})
+                    assert e.value.code == "refused", (method, header, e.value)
+                    msg = str(e.value)
+                    assert "us-east" in msg and "pii" in msg and "residency rule" in msg
+        finally:
+            await c.close()
+
+    asyncio.run(go())
+    assert _stats(mesh, us).get("refused_residency", 0) - before == 6
+    assert oid_of(data) not in {p.name for p in
+                                (mesh.nodes[us].data_dir / "store" / "objects").rglob("b3-*")}
+    # The same hand-made write to a node of an allowed region is taken (the check is not
+    # a blanket refusal).
+
+    async def allowed() -> None:
+        c = RpcConnection(mesh.nodes[eu].address, mesh.node_credentials(us), 30)
+        try:
+            got = await c.call("obj.rw_small", {"id": oid, "size": len(data), "replicas": 2,
+                                                "residency": {"data_class": "pii"},
+                                                "data": data})
+            assert got["id"] == oid
+        finally:
+            await c.close()
+
+    asyncio.run(allowed())
+    assert "eu-west" in on_disk(mesh, oid)
+
+
+def test_a_policy_change_that_breaks_copies_is_refused(
+        mesh: LocalMesh, capsys: pytest.CaptureFixture[str]) -> None:
+    _ensure_pii(mesh)
+    with connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as m:
+        ref = m.put(b"kept in eu-central too " * 30, data_class="pii")
+    wait_for(lambda: on_disk(mesh, ref.id), 20, "the object stored")
+    regions = on_disk(mesh, ref.id)
+    assert regions <= {"eu-west", "eu-central"}
+    # Narrow to a region that leaves some copy outside: refused, with or without --migrate.
+    outside = "eu-west" if "eu-central" in regions else "eu-central"
+    assert cli(mesh, "policy", "set", "pii", "--regions", outside) == 1
+    err = capsys.readouterr().err
+    assert "would be outside regions" in err and "not changed" in err
+    assert cli(mesh, "policy", "set", "pii", "--regions", outside, "--migrate") == 1
+    err = capsys.readouterr().err
+    assert "migrating copies is not built" in err
+    got = policy_on(mesh, 1, "pii")
+    assert got is not None and got["regions"] == ["eu-central", "eu-west"]
