@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import blake3
 import pytest
-from runtime_mesh import wait_for
+from runtime_mesh import host_like_dir, wait_for
 
 from meshscale.cli import main as cli_main
 from meshscale.client import connect
@@ -34,8 +35,10 @@ def oid_of(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    with LocalMesh(tmp_path_factory.mktemp("policy"), 5, regions=REGIONS) as m:
+def mesh() -> Iterator[LocalMesh]:
+    # Traversable by the worker user (tasks run here too; see runtime_mesh.host_like_dir).
+    with host_like_dir("meshscale-policy-") as directory, \
+            LocalMesh(directory, 5, regions=REGIONS) as m:
         yield m
 
 
@@ -280,3 +283,101 @@ def test_a_policy_change_that_breaks_copies_is_refused(
     assert "migrating copies is not built" in err
     got = policy_on(mesh, 1, "pii")
     assert got is not None and got["regions"] == ["eu-central", "eu-west"]
+
+
+def parent_pid() -> int:
+    """Run as a task: the pid of the process that spawned this worker (its node)."""
+    return os.getppid()
+
+
+def test_a_classed_task_runs_only_in_the_class_regions(mesh: LocalMesh) -> None:
+    from meshscale.client.tasks import TaskSubmitError, task
+    from meshscale.client.tasks import connect as connect_tasks
+
+    _ensure_pii(mesh)
+    us = next(i for i, n in enumerate(mesh.nodes) if n.region == "us-east")
+    by_pid = {n.proc.pid: n for n in mesh.nodes if n.proc is not None}
+    with connect_tasks(mesh.nodes[us].address, bundle=mesh.bundle_path) as client:
+        # Submitted through a node of a forbidden region, naming the class only.
+        tf = task(data_class="pii")(parent_pid)
+        futs = [client.submit(tf) for _ in range(6)]
+        client.wait(futs, timeout=120)
+        ran_in = {by_pid[f.result()].region for f in futs}
+        assert ran_in and ran_in <= {"eu-west", "eu-central"}, ran_in
+        # Narrowing is kept; widening and an unknown class are refused at submit.
+        narrow = [client.submit(task(data_class="pii", residency=["eu-central"])(parent_pid))
+                  for _ in range(3)]
+        client.wait(narrow, timeout=120)
+        assert {by_pid[f.result()].region for f in narrow} == {"eu-central"}
+        with pytest.raises(TaskSubmitError, match="widens") as e:
+            client.submit(task(data_class="pii", residency=["us-east"])(parent_pid))
+        assert "class pii" in str(e.value)
+        with pytest.raises(TaskSubmitError, match="unknown data class 'nosuch'"):
+            client.submit(task(data_class="nosuch")(parent_pid))
+
+
+def tag(rec: Any) -> dict[str, Any]:
+    return {"v": rec.value}
+
+
+def test_classed_streams_and_operators_stay_in_the_class_regions(mesh: LocalMesh) -> None:
+    from meshscale.client.rpc import request
+    from meshscale.client.tasks import connect as connect_tasks
+    from meshscale.core.api import Empty
+    from meshscale.core.api import streams as sapi
+
+    with connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as m:
+        m.policies.set("events", ["eu-west", "eu-central"], stream_regions=["eu-west"])
+    us = next(i for i, n in enumerate(mesh.nodes) if n.region == "us-east")
+    euw = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
+    ec = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-central")
+    rec = {"topic": "ev", "records": [["k", b"v1", "id-1", 1.0]],
+           "residency": {"data_class": "events"}}
+    creds = mesh.credentials()
+    # Records of the class may not enter at a node outside its stream regions.
+    for i in (us, ec):
+        with pytest.raises(RemoteError) as e:
+            call(mesh.nodes[i].address, creds, "stream.publish", rec, timeout=10)
+        assert "residency" in str(e.value) and mesh.nodes[i].region in str(e.value)
+    got = call(mesh.nodes[euw].address, creds, "stream.publish", rec, timeout=10)
+    assert got["node"] == mesh.nodes[euw].name
+
+    def shard_regions() -> set[str]:
+        out = set()
+        for i, n in enumerate(mesh.nodes):
+            st = request(n.address, creds, sapi.STATS, Empty(), timeout=10)
+            if any(s.topic == "ev" for s in st.shards):
+                out.add(mesh.nodes[i].region)
+        return out
+
+    wait_for(shard_regions, 20, "the shard held")
+    assert shard_regions() <= {"eu-west"}
+    # A hand-made backup copy of the shard to a node outside the stream regions: refused
+    # by that node (it knows the class), counted.
+    before = request(mesh.nodes[ec].address, creds, sapi.STATS, Empty(),
+                     timeout=10).counters.get("refused_residency", 0)
+    with pytest.raises(RemoteError) as e:
+        call(mesh.nodes[ec].address, mesh.node_credentials(euw), "stream.replicate",
+             {"topic": "ev", "source": "x~1", "entries": [],
+              "residency": {"data_class": "events"}}, timeout=10)
+    assert e.value.code == "refused" and "events" in str(e.value)
+    after = request(mesh.nodes[ec].address, creds, sapi.STATS, Empty(),
+                    timeout=10).counters.get("refused_residency", 0)
+    assert after == before + 1
+    # An operator of the class runs only in the class's regions, wherever it is registered.
+    with connect_tasks(mesh.nodes[us].address, bundle=mesh.bundle_path) as client:
+        with pytest.raises(MeshError, match="widens"):
+            client.operator("ev", tag, name="tag-wide", data_class="events",
+                            residency=["us-east"])
+        client.operator("ev", tag, name="tag-ev", data_class="events", output="ev-out")
+
+    def runner_regions() -> set[str]:
+        out = set()
+        for n in mesh.nodes:
+            st = request(n.address, creds, sapi.STATS, Empty(), timeout=10)
+            if any(r.startswith("tag-ev@") for r in st.runners):
+                out.add(n.region)
+        return out
+
+    wait_for(runner_regions, 30, "a runner of tag-ev")
+    assert runner_regions() <= {"eu-west", "eu-central"}

@@ -266,7 +266,8 @@ class TaskFunction(Generic[P, R]):
     def __init__(self, fn: Callable[P, R], *, cpus: float = 1, memory_mb: int | None = None,
                  gpus: int = 0, labels: dict[str, str] | None = None,
                  residency: Sequence[str] | None = None, retries: int = 3,
-                 timeout_s: float | None = None, placement: Any = None) -> None:
+                 timeout_s: float | None = None, placement: Any = None,
+                 data_class: str | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"@task needs a function, not {type(fn).__name__}")
         if not cpus > 0:
@@ -279,7 +280,10 @@ class TaskFunction(Generic[P, R]):
             raise ValueError(f"timeout_s must be > 0 or None, not {timeout_s!r}")
         if isinstance(residency, str):
             raise ValueError(f"residency is a list of regions: write residency=[{residency!r}]")
+        if data_class is not None and (not isinstance(data_class, str) or not data_class):
+            raise ValueError(f"data_class must be a non-empty string or None, not {data_class!r}")
         self.fn = fn
+        self.data_class = data_class
         self.cpus = float(cpus)
         self.memory_mb = memory_mb
         self.gpus = gpus
@@ -289,7 +293,8 @@ class TaskFunction(Generic[P, R]):
         self.timeout_s = timeout_s
         self.placement = _placement_wire(placement)
         self._placement = parse_placement(self.placement)
-        self._residency = None if self.residency is None else ResidencyWire(self.residency)
+        self._residency = None if self.residency is None and data_class is None \
+            else ResidencyWire(self.residency, data_class)
         self.__name__ = getattr(fn, "__name__", "task")
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
@@ -303,6 +308,7 @@ class TaskFunction(Generic[P, R]):
             "cpus": self.cpus, "memory_mb": self.memory_mb, "gpus": self.gpus,
             "labels": self.labels, "residency": self.residency, "retries": self.retries,
             "timeout_s": self.timeout_s, "placement": self.placement,
+            "data_class": self.data_class,
         }
         unknown = set(overrides) - set(opts)
         if unknown:
@@ -348,7 +354,7 @@ def task(
     fn: Callable[P, R] | None = None, *, cpus: float = 1, memory_mb: int | None = None,
     gpus: int = 0, labels: dict[str, str] | None = None,
     residency: Sequence[str] | None = None, retries: int = 3,
-    timeout_s: float | None = None, placement: Any = None,
+    timeout_s: float | None = None, placement: Any = None, data_class: str | None = None,
 ) -> Any:
     """Make ``fn`` a task: ``@task`` or ``@task(cpus=2, residency=["eu-west"])``.
 
@@ -356,11 +362,13 @@ def task(
     ``meshscale.Region(R)`` (in region R), ``meshscale.Regions([...])`` (in one of them),
     or the wire form ``{"mode": "central", "region": R}`` / ``{"mode": "regions", ...}``.
     ``retries``: re-runs after a worker crash or a lost result (node loss is retried by
-    the scheduler). ``timeout_s``: the worker is killed after this long."""
+    the scheduler). ``timeout_s``: the worker is killed after this long. ``data_class``:
+    the task runs only where the class's policy allows (the node resolves it; an explicit
+    ``residency`` may narrow the class's regions, never widen them)."""
     def wrap(f: Callable[P, R]) -> TaskFunction[P, R]:
         return TaskFunction(f, cpus=cpus, memory_mb=memory_mb, gpus=gpus, labels=labels,
                             residency=residency, retries=retries, timeout_s=timeout_s,
-                            placement=placement)
+                            placement=placement, data_class=data_class)
 
     return wrap if fn is None else wrap(fn)
 

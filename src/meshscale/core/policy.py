@@ -260,6 +260,13 @@ class Resolved:
             return None
         return Residency(self.rule.regions, self.data_class)
 
+    def stream_residency(self) -> Residency | None:
+        """The rule for a topic's shards and their backups: the stream regions."""
+        regions = self.rule.streams()
+        if regions is None and self.data_class is None:
+            return None
+        return Residency(regions, self.data_class)
+
 
 def resolve(data_class: str | None, explicit: Rule,
             policies: Mapping[str, ClassPolicy]) -> Resolved:
@@ -310,11 +317,12 @@ def resolve(data_class: str | None, explicit: Rule,
 
 
 def copy_refusal(region: str, header: Residency | None,
-                 policies: Mapping[str, ClassPolicy]) -> str | None:
+                 policies: Mapping[str, ClassPolicy], *, stream: bool = False) -> str | None:
     """Why a node in ``region`` must refuse a copy whose header carries rule ``header``
     (None: it may hold it). Both the header's regions and, when the header names a class
-    whose policy the node knows, the class's regions must allow ``region``: a sender that
-    states a wrong or missing rule cannot place a classed copy outside its class."""
+    whose policy the node knows, the class's regions (its stream regions for a
+    ``stream`` shard) must allow ``region``: a sender that states a wrong or missing rule
+    cannot place a classed copy outside its class."""
     if header is None:
         return None
     cls = header.data_class
@@ -323,9 +331,14 @@ def copy_refusal(region: str, header: Residency | None,
                 f"regions {{{','.join(sorted(header.regions))}}}"
                 + (f", class {cls})" if cls else ")"))
     policy = policies.get(cls) if cls is not None else None
-    if policy is not None and region not in policy.regions:
+    if policy is None:
+        return None
+    allowed = policy.stream_regions if stream and policy.stream_regions is not None \
+        else policy.regions
+    if region not in allowed:
+        what = "stream regions" if stream and policy.stream_regions is not None else "regions"
         return (f"this node's region {region!r} may not hold a copy (residency rule of class "
-                f"{cls}'s policy: regions {{{','.join(policy.regions)}}})")
+                f"{cls}'s policy: {what} {{{','.join(allowed)}}})")
     return None
 
 

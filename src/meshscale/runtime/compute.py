@@ -54,7 +54,15 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from meshscale.core.api import ApiError, Empty, ErrorCode, Method, Request, residency_of
+from meshscale.core.api import (
+    ApiError,
+    Empty,
+    ErrorCode,
+    Method,
+    Request,
+    ResidencyWire,
+    residency_of,
+)
 from meshscale.core.api import objects as objects_api
 from meshscale.core.api.tasks import (
     SCHED_BATCH,
@@ -99,6 +107,7 @@ from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, Residency
+from meshscale.core.policy import ClassPolicy, PolicyError, Rule, resolve
 from meshscale.core.scheduling import (
     InputRef,
     Load,
@@ -353,6 +362,31 @@ class ComputePlane:
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
+
+    def _refuse(self, rule: str, message: str, **fields: object) -> ApiError:
+        """The one place this plane refuses a request by a policy or residency rule: counts
+        it (``refused_<rule>``), logs it (rate-limited) and returns the error to raise.
+        The audit trail hooks in here."""
+        self._count("refusals")
+        self._count(f"refused_{rule}")
+        self.agent.log_limited("refused", rule=rule, message=message[:300], **fields)
+        return ApiError(ErrorCode.REFUSED, f"refused: {message}")
+
+    def _resolve_task(self, t: TaskWire, policies: dict[str, ClassPolicy]) -> TaskWire:
+        """``t`` with its data class resolved to the class's regions (``core.policy``):
+        an explicit rule may narrow the class's, never widen it."""
+        res = t.residency
+        if res is None or res.data_class is None:
+            return t
+        explicit = Rule(regions=None if res.regions is None else frozenset(res.regions))
+        try:
+            resolved = resolve(res.data_class, explicit, policies)
+        except PolicyError as e:
+            if e.rule == "malformed":
+                raise ApiError(ErrorCode.INVALID, f"task {t.task_id}: {e}") from None
+            raise self._refuse(e.rule, f"task {t.task_id}: {e}", task=t.task_id,
+                               data_class=res.data_class) from None
+        return msgspec.structs.replace(t, residency=ResidencyWire.of(resolved.residency()))
 
     def _view(self) -> list[NodeState]:
         out = []
@@ -714,6 +748,11 @@ class ComputePlane:
                 raise ApiError(ErrorCode.NEED_FUNCTION, f"need function {fn_id}")
         for fn_id, data in fresh.items():
             self._remember_fn(fn_id, data)
+        classes = {t.residency.data_class for t in wire
+                   if t.residency is not None and t.residency.data_class is not None}
+        if classes:
+            policies = await self.local.class_policies(classes)
+            wire = [self._resolve_task(t, policies) for t in wire]
         recs = [self._record_from_wire(t) for t in wire]
         new = [r for r in recs if r.task_id not in self.book]
         accepted = [r.task_id for r in recs]

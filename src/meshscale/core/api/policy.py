@@ -35,6 +35,10 @@ class PolicySetRequest(Request):
 
 class PolicyNameRequest(Request):
     name: ClassName
+    cached: bool = False
+    """Answer from the node's cache when it read the class in the last
+    ``policy_refresh_s`` (a miss still reads the KV): what a node's own planes ask on
+    every classed publish or submit. False: a quorum read now."""
 
 
 class PolicyInfo(msgspec.Struct, omit_defaults=True):

@@ -31,6 +31,7 @@ from meshscale.core.policy import (
     ClassPolicy,
     PolicyError,
     breaking_copies,
+    check_class_name,
     decode_policy,
     encode_policy,
     make_policy,
@@ -74,14 +75,17 @@ class Policies(Catalog, KvStore):
         """Read class ``name``'s policy (a quorum KV read) into the cache."""
         got = await self._rpc_kv_get(api.KvKeyRequest(key=policy_key(name)))
         policy = None if got.value is None else decode_policy(got.value)
-        self._policy_remember(name, policy)
+        self._policy_remember(name, policy, got.ts)
         return policy, got.ts
 
-    def _policy_remember(self, name: str, policy: ClassPolicy | None) -> None:
-        if policy is None:
+    def _policy_remember(self, name: str, policy: ClassPolicy | None,
+                         ts: str | None) -> None:
+        if policy is None or ts is None:
             self.policies.pop(name, None)
+            self._policy_ts.pop(name, None)
         elif name in self.policies or len(self.policies) < self.cfg.max_policies:
             self.policies[name] = policy
+            self._policy_ts[name] = ts
         self._policy_read_at[name] = time.monotonic()
         if len(self._policy_read_at) > 4 * self.cfg.max_policies:
             # Misses of names that have no policy: forget the oldest.
@@ -158,7 +162,7 @@ class Policies(Catalog, KvStore):
                 f"cop{'y' if len(broken) == 1 else 'ies'} would be outside regions "
                 f"{{{','.join(new.regions)}}} ({where}{more})"), data_class=new.name)
         ts = await self._kv_write(policy_key(new.name), encode_policy(new), Consistency.QUORUM)
-        self._policy_remember(new.name, new)
+        self._policy_remember(new.name, new, ts)
         await self._policy_index_update(new.name, True)
         self._count("policy_sets")
         self.agent.log("info", "policy_set", data_class=new.name, regions=list(new.regions),
@@ -197,7 +201,11 @@ class Policies(Catalog, KvStore):
 
     async def _rpc_policy_get(self, req: papi.PolicyNameRequest) -> papi.PolicyInfo:
         try:
-            policy, ts = await self._policy_fetch(req.name)
+            if req.cached:
+                await self._policies_for([check_class_name(req.name)])
+                policy, ts = self.policies.get(req.name), self._policy_ts.get(req.name)
+            else:
+                policy, ts = await self._policy_fetch(req.name)
         except PolicyError as e:
             raise ApiError(ErrorCode.INVALID, f"{e.rule}: {e}") from None
         if policy is None or ts is None:
@@ -221,7 +229,7 @@ class Policies(Catalog, KvStore):
         if policy is None:
             raise ApiError(ErrorCode.NOT_FOUND, f"no policy for data class {req.name!r}")
         ts = await self._kv_write(policy_key(req.name), None, Consistency.QUORUM)
-        self._policy_remember(req.name, None)
+        self._policy_remember(req.name, None, None)
         await self._policy_index_update(req.name, False)
         self._count("policy_deletes")
         self.agent.log("info", "policy_deleted", data_class=req.name)

@@ -248,6 +248,8 @@ class DataPlaneBase:
         self.stats: dict[str, int] = {}
         self.policies: dict[str, ClassPolicy] = {}
         """Data-class policies this node knows (``runtime/data/policy.py`` keeps it)."""
+        self._policy_ts: dict[str, str] = {}
+        """class -> the HLC time of the cached policy's write."""
         self._policy_read_at: dict[str, float] = {}
         """class -> when its policy was last read from the KV (monotonic), found or not."""
 
