@@ -3,11 +3,13 @@ request's rule against its class, and the replica receiver's check."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshscale.core.placement import Residency
+from meshscale.core.placement import Candidate, ObjectPolicy, PlacementError, Residency
 from meshscale.core.policy import (
     ClassPolicy,
     PolicyError,
@@ -23,6 +25,13 @@ from meshscale.core.policy import (
     narrows,
     policy_key,
     resolve,
+)
+from meshscale.core.replication import (
+    DropLocal,
+    ReplicaManager,
+    ReplicationConfig,
+    SendMessage,
+    Transfer,
 )
 
 PII = make_policy("pii", ["eu-west", "eu-central"], replicas=3, ttl_s=30 * 86400.0,
@@ -207,3 +216,89 @@ def test_an_explicit_narrowing_is_kept(policy: ClassPolicy, explicit: Rule) -> N
 def test_check_region_accepts_common_names() -> None:
     for name in ("eu-west", "us-east-1", "EU", "zone_a", "r1.example"):
         assert check_region(name) == name
+
+
+# ------------------------------------------------------------------ repair and hand-off
+
+NODES = [Candidate(f"{r}-{i}", r, f"{r}-z{i}") for r in ("eu-west", "eu-central", "us-east")
+         for i in range(3)]
+REGION_OF = {c.name: c.region for c in NODES}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.lists(st.booleans(), min_size=1, max_size=30),
+       st.integers(1, 2), st.sets(st.sampled_from([c.name for c in NODES
+                                                   if c.region == "us-east"])))
+def test_put_stand_in_and_repair_targets_stay_in_the_resolved_rule(
+        seed: int, outcomes: list[bool], kill: int, dead_us: set[str]) -> None:
+    """A classed put resolved against its policy, on a small mesh of managers wired by the
+    test: its targets, the stand-ins of failed targets (hinted copies) and the
+    re-replication after members die are all chosen by ``core.placement`` inside the
+    class's regions (the receiver's check is a second line, never the only one)."""
+    policy = make_policy("pii", ["eu-west", "eu-central"], replicas=3)
+    res = resolve("pii", Rule(), {"pii": policy})
+    op = ObjectPolicy(res.rule.replicas or 3, res.residency())
+    rng = random.Random(seed)
+    cfg = ReplicationConfig(view_change_delay_s=0.1, sync_interval_s=2.0)
+    mgrs = {c.name: ReplicaManager(c.name, config=cfg, rng=random.Random(rng.random()),
+                                   now=0.0) for c in NODES}
+    for m in mgrs.values():
+        m.set_view(NODES, 0.0)
+        m.drain()
+    down: set[str] = set()
+    sent: list[Transfer] = []
+    fates = iter(outcomes)
+
+    def flush(now: float) -> None:
+        busy = True
+        while busy:
+            busy = False
+            for name in sorted(mgrs):
+                if name in down:
+                    continue
+                for out in mgrs[name].drain():
+                    busy = True
+                    if isinstance(out, SendMessage) and out.dst not in down:
+                        mgrs[out.dst].handle_message(name, out.payload, now)
+                    elif isinstance(out, Transfer):
+                        sent.append(out)
+                        ok = out.dst not in down and next(fates, True)
+                        if ok:
+                            mgrs[out.dst].object_added(out.oid, out.policy, out.hint_for,
+                                                       now, out.written)
+                        mgrs[name].transfer_done(out.req_id, out.dst, out.oid, ok, now)
+                    elif isinstance(out, DropLocal):
+                        mgrs[name].object_removed(out.oid, now)
+
+    me = "eu-west-0"
+    mgrs[me].object_added("obj", op, None, 0.0, None)
+    try:
+        mgrs[me].begin_put(1, "obj", op, 2, 0.0)
+    except PlacementError:
+        return
+    flush(0.0)
+    put_sent = len(sent)
+    holders = sorted(n for n, m in mgrs.items() if m.holds("obj") and n != me)
+    down |= set(holders[:kill]) | dead_us  # copies lost: re-replication must follow
+    short = len({me, *holders} - down) < 3
+    alive = [c for c in NODES if c.name not in down]
+    now = 0.0
+    for m in (mgrs[c.name] for c in alive):
+        m.set_view(alive, 0.5)
+    for _ in range(100):
+        now = round(now + 0.1, 6)
+        for name in sorted(mgrs):
+            d = mgrs[name].next_deadline()
+            if name not in down and d is not None and d <= now:
+                mgrs[name].on_timer(now)
+        flush(now)
+    assert sent, "no transfer at all: nothing was tested"
+    for t in sent:
+        assert REGION_OF[t.dst] in policy.regions, (t.dst, t.hint_for)
+    live_holders = {n for n, m in mgrs.items() if m.holds("obj") and n not in down}
+    assert {REGION_OF[n] for n in live_holders} <= set(policy.regions)
+    # Enough allowed nodes are left (6 in the class's regions, at most 2 dead): the count
+    # is restored, inside the rule; by re-replication when the deaths left it short.
+    assert len(live_holders) >= 3, live_holders
+    if short:
+        assert len(sent) > put_sent
