@@ -381,3 +381,33 @@ def test_classed_streams_and_operators_stay_in_the_class_regions(mesh: LocalMesh
 
     wait_for(runner_regions, 30, "a runner of tag-ev")
     assert runner_regions() <= {"eu-west", "eu-central"}
+
+
+def test_no_cross_region_reads(mesh: LocalMesh) -> None:
+    us = next(i for i, n in enumerate(mesh.nodes) if n.region == "us-east")
+    euw = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
+    data = b"read me only in the EU " * 40
+    with connect(mesh.nodes[euw].address, bundle=mesh.bundle_path) as m:
+        m.policies.set("health", ["eu-west", "eu-central"], cross_region_reads=False)
+        ref = m.put(data, data_class="health")
+        assert m.get(ref) == data  # a node in the class's regions reads it
+    before = _stats(mesh, us).get("refused_cross_region_read", 0)
+    with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m:
+        with pytest.raises(MeshError) as e:
+            m.get(ref)
+    assert e.value.code == "refused"
+    assert "cross-region read rule" in str(e.value) and "us-east" in str(e.value)
+    assert _stats(mesh, us).get("refused_cross_region_read", 0) > before
+    # A node of another region relaying by hand (node to node) is refused by the holder.
+    holder = next(i for i, n in enumerate(mesh.nodes)
+                  if any(True for _ in (n.data_dir / "store" / "objects").rglob(ref.id)))
+    with pytest.raises(RemoteError) as e2:
+        call(mesh.nodes[holder].address, mesh.node_credentials(us), "obj.read_local",
+             {"id": ref.id, "offset": 0, "length": 100}, timeout=10)
+    assert e2.value.code == "refused" and "cross-region read rule" in str(e2.value)
+    # A class that allows cross-region reads is read from anywhere.
+    with connect(mesh.nodes[euw].address, bundle=mesh.bundle_path) as m:
+        m.policies.set("public", ["eu-west"])
+        ref2 = m.put(b"open " * 40, data_class="public")
+    with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m:
+        assert m.get(ref2) == b"open " * 40

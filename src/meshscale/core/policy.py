@@ -48,6 +48,7 @@ __all__ = [
     "make_policy",
     "narrows",
     "policy_key",
+    "read_refusal",
     "resolve",
 ]
 
@@ -340,6 +341,18 @@ def copy_refusal(region: str, header: Residency | None,
         return (f"this node's region {region!r} may not hold a copy (residency rule of class "
                 f"{cls}'s policy: {what} {{{','.join(allowed)}}})")
     return None
+
+
+def read_refusal(region: str, data_class: str | None,
+                 policies: Mapping[str, ClassPolicy]) -> str | None:
+    """Why a node in ``region`` must refuse to serve (or relay, or redirect) a read of an
+    object of ``data_class`` (None: it may): the class's policy forbids cross-region reads
+    and ``region`` is not one of its regions."""
+    policy = policies.get(data_class) if data_class is not None else None
+    if policy is None or policy.cross_region_reads or region in policy.regions:
+        return None
+    return (f"cross-region read rule: class {data_class}'s policy lets only nodes in regions "
+            f"{{{','.join(policy.regions)}}} read it; this node's region is {region!r}")
 
 
 def breaking_copies(new: ClassPolicy, copies: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

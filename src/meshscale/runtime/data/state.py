@@ -237,6 +237,9 @@ class DataPlaneBase:
         self._hints_wake = asyncio.Event()
         self._hints_lock = asyncio.Lock()  # hint changes reach the store in order
         self._sources: OrderedDict[str, str] = OrderedDict()
+        self._read_classes: OrderedDict[str, str | None] = OrderedDict()
+        """oid -> its data class, for reads of objects not held here (bounded as
+        ``read_source_cache``)."""
         self._verified: OrderedDict[str, tuple[float, tuple[int, ...]]] = OrderedDict()
         """oid -> (when its local copy was last hash-checked, its file's identity then)."""
         self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
@@ -335,6 +338,9 @@ class DataPlaneBase:
         raise NotImplementedError  # reads.py
 
     async def _holders(self, oid: str) -> list[str]:
+        raise NotImplementedError  # catalog.py
+
+    async def _local_stats(self, oid: str) -> dict[str, api.LocalObject]:
         raise NotImplementedError  # catalog.py
 
     async def _policies_for(self, names: Iterable[str | None]) -> Mapping[str, ClassPolicy]:
