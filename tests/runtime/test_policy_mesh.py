@@ -392,9 +392,9 @@ def test_no_cross_region_reads(mesh: LocalMesh) -> None:
         ref = m.put(data, data_class="health")
         assert m.get(ref) == data  # a node in the class's regions reads it
     before = _stats(mesh, us).get("refused_cross_region_read", 0)
-    with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m:
-        with pytest.raises(MeshError) as e:
-            m.get(ref)
+    with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m, \
+            pytest.raises(MeshError) as e:
+        m.get(ref)
     assert e.value.code == "refused"
     assert "cross-region read rule" in str(e.value) and "us-east" in str(e.value)
     assert _stats(mesh, us).get("refused_cross_region_read", 0) > before
