@@ -290,6 +290,10 @@ def parent_pid() -> int:
     return os.getppid()
 
 
+def big_result(n: int) -> bytes:
+    return bytes([n % 256]) * 400_000  # over inline_result_bytes: stored as an object
+
+
 def test_a_classed_task_runs_only_in_the_class_regions(mesh: LocalMesh) -> None:
     from meshscale.client.tasks import TaskSubmitError, task
     from meshscale.client.tasks import connect as connect_tasks
@@ -314,6 +318,16 @@ def test_a_classed_task_runs_only_in_the_class_regions(mesh: LocalMesh) -> None:
         assert "class pii" in str(e.value)
         with pytest.raises(TaskSubmitError, match="unknown data class 'nosuch'"):
             client.submit(task(data_class="nosuch")(parent_pid))
+        # A large result of a classed task is an object of the class: its copies stay in
+        # the class's regions.
+        fut = client.submit(task(data_class="pii")(big_result), 7)
+        assert fut.result(timeout=120) == bytes([7]) * 400_000
+    with connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as m:
+        results = [o for o in m.objects() if o.size > 400_000 and o.data_class == "pii"]
+    assert results, "the result was not stored as an object of the class"
+    for o in results:
+        assert set(o.residency or ()) <= {"eu-west", "eu-central"}
+        assert on_disk(mesh, o.id) and on_disk(mesh, o.id) <= {"eu-west", "eu-central"}
 
 
 def tag(rec: Any) -> dict[str, Any]:

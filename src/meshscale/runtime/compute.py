@@ -1218,7 +1218,11 @@ class ComputePlane:
             if len(result) <= self.cfg.inline_result_bytes:
                 outcome.ok, outcome.value = True, result
             else:
-                ref = await self._put_object(result)
+                # A classed task's result is stored under the task's (resolved) rule.
+                res = spec.residency
+                ref = await self.local.put_object(
+                    result, self.cfg.result_replicas,
+                    ResidencyWire.of(res) if res is not None and res.data_class else None)
                 outcome.ok, outcome.ref = True, ResultRef(str(ref["id"]), int(ref["size"]))
         except WorkerTaskFailed as e:
             outcome.kind, outcome.error, outcome.traceback = e.kind, e.message, e.traceback

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from meshscale.core.api import ApiError, ErrorCode, objects
 from meshscale.core.api import policy as policy_api
-from meshscale.core.api.contract import Method, Request
+from meshscale.core.api.contract import Method, Request, ResidencyWire
 from meshscale.core.objects import object_id
 from meshscale.core.policy import ClassPolicy, make_policy
 from meshscale.runtime.services import NodeServices
@@ -60,16 +60,21 @@ class LocalCalls:
             raise ValueError(f"{oid}: bytes read do not match the id")
         return bytes(buf)
 
-    async def put_object(self, data: bytes, replicas: int) -> dict[str, Any]:
-        """Store ``data`` with ``replicas`` copies (acknowledged at two); its ref."""
-        w = min(2, replicas)
+    async def put_object(self, data: bytes, replicas: int,
+                         residency: ResidencyWire | None = None) -> dict[str, Any]:
+        """Store ``data`` with ``replicas`` copies (acknowledged at two); its ref. With a
+        ``residency`` naming a data class, the class's policy gives the count (and the
+        regions, unless the rule names narrower ones)."""
+        classed = residency is not None and residency.data_class is not None
+        n = None if classed else replicas
+        w = None if classed else min(2, replicas)
         call = self.node.call_local
         if len(data) <= SMALL_PUT_BYTES:
-            r = await call(objects.PUT_SMALL,
-                           objects.PutSmallRequest(data=data, replicas=replicas, w=w))
+            r = await call(objects.PUT_SMALL, objects.PutSmallRequest(
+                data=data, replicas=n, w=w, residency=residency))
         else:
-            up = await call(objects.PUT_BEGIN,
-                            objects.PutBeginRequest(size=len(data), replicas=replicas, w=w))
+            up = await call(objects.PUT_BEGIN, objects.PutBeginRequest(
+                size=len(data), replicas=n, w=w, residency=residency))
             step = up.chunk_bytes
             for i in range(0, len(data), step):
                 await call(objects.PUT_CHUNK, objects.PutChunkRequest(
