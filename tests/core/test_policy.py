@@ -21,6 +21,8 @@ from meshscale.core.policy import (
     decode_policy,
     encode_policy,
     is_reserved_key,
+    kv_key_class,
+    kv_residency,
     make_policy,
     narrows,
     policy_key,
@@ -302,3 +304,43 @@ def test_put_stand_in_and_repair_targets_stay_in_the_resolved_rule(
     assert len(live_holders) >= 3, live_holders
     if short:
         assert len(sent) > put_sent
+
+
+# ------------------------------------------------------------------ KV keys of a class
+
+
+def test_kv_keys_under_a_class_prefix() -> None:
+    assert kv_key_class("pii/customer/42") == "pii"
+    assert kv_key_class("pii") is None  # no prefix
+    assert kv_key_class("__policy/pii") is None  # reserved
+    assert kv_key_class("a b/x") is None
+    assert kv_residency("pii/customer/42", POLICIES) == Residency(
+        frozenset({"eu-west", "eu-central"}), "pii")
+    assert kv_residency("telemetry/x", POLICIES) is None  # a class without a policy
+    assert kv_residency("task/abc", POLICIES) is None
+
+
+def test_kv_hints_for_a_classed_key_go_only_inside_its_class() -> None:
+    """A stand-in's hints for a key under a class's prefix name only intended replicas
+    inside the class's regions (``KVHints`` asks the key's rule)."""
+    from meshscale.core.kv import KVHintConfig, KVHints, kv_placement
+
+    key = "pii/customer/7"
+    rule = kv_residency(key, POLICIES)
+    assert rule is not None
+    home = kv_placement(key, NODES, 3, rule).intended
+    assert {REGION_OF[n] for n in home} <= set(PII.regions)
+    live = [c for c in NODES if c.name not in home[:2]]
+    down = [c for c in NODES if c.name in home[:2]]
+    where = kv_placement(key, live, 3, rule, down=down)
+    assert {REGION_OF[n] for n in where.replicas} <= set(PII.regions)
+    stand_in = where.stand_ins[0]
+    book = KVHints(stand_in, KVHintConfig(startup_watch_s=0.0),
+                   residency=lambda k: kv_residency(k, POLICIES))
+    book.set_view(live, down)
+    targets = book.plan(key, [], 0.0) or ()
+    assert targets and {REGION_OF[n] for n in targets} <= set(PII.regions)
+    # Without the rule the same book would hint for replicas elsewhere too.
+    blind = KVHints(stand_in, KVHintConfig(startup_watch_s=0.0))
+    blind.set_view(live, down)
+    assert set(blind.plan(key, [], 0.0) or ()) != set(targets)

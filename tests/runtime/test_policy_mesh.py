@@ -425,3 +425,54 @@ def test_no_cross_region_reads(mesh: LocalMesh) -> None:
         ref2 = m.put(b"open " * 40, data_class="public")
     with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m:
         assert m.get(ref2) == b"open " * 40
+
+
+def test_kv_keys_under_a_class_prefix(mesh: LocalMesh) -> None:
+    us = next(i for i, n in enumerate(mesh.nodes) if n.region == "us-east")
+    euw = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
+    creds = mesh.credentials()
+    with connect(mesh.nodes[euw].address, bundle=mesh.bundle_path) as m:
+        m.policies.set("vault", ["eu-west", "eu-central"], cross_region_reads=False)
+    apply = {"key": "vault/probe", "value": b"x", "ts": "0000000000000001-00000000-t"}
+
+    def refused_at_us() -> bool:
+        try:
+            call(mesh.nodes[us].address, mesh.node_credentials(euw), "kv.apply", apply,
+                 timeout=10)
+        except RemoteError as e:
+            return e.code == "refused" and "vault" in str(e)
+        return False
+
+    # A replica outside the class refuses a key under its prefix once its cache has the
+    # class (the periodic refresh: policy_refresh_s).
+    wait_for(refused_at_us, 20, "the us-east node refusing a vault/ key")
+    # Written through a node of a forbidden region, the key's replicas are in the class's
+    # regions only (asked node to node: which replicas hold a record of it).
+    with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m:
+        m.kv.put("vault/secret", b"s3cr3t")
+
+    def holders() -> set[str]:
+        out = set()
+        for i, n in enumerate(mesh.nodes):
+            got = call(n.address, mesh.node_credentials(euw), "kv.read",
+                       {"key": "vault/secret"}, timeout=10)
+            if got is not None and got["value"] == b"s3cr3t":
+                out.add(mesh.nodes[i].region)
+        return out
+
+    wait_for(holders, 10, "the key stored")
+    assert holders() <= {"eu-west", "eu-central"}
+    # Read back inside the class's regions; refused through a node outside (the class
+    # forbids cross-region reads).
+    with connect(mesh.nodes[euw].address, bundle=mesh.bundle_path) as m:
+        assert m.kv.get("vault/secret") == b"s3cr3t"
+    with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m, \
+            pytest.raises(MeshError) as e:
+        m.kv.get("vault/secret")
+    assert e.value.code == "refused" and "cross-region read rule" in str(e.value)
+    # Keys outside any class's prefix are untouched.
+    with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m:
+        m.kv.put("plain/key", b"v")
+        assert m.kv.get("plain/key") == b"v"
+    assert call(mesh.nodes[us].address, creds, "dp.stats",
+                timeout=10)["dataplane"].get("refused_residency", 0) >= 1

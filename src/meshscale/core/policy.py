@@ -45,6 +45,8 @@ __all__ = [
     "decode_policy",
     "encode_policy",
     "is_reserved_key",
+    "kv_key_class",
+    "kv_residency",
     "make_policy",
     "narrows",
     "policy_key",
@@ -312,6 +314,30 @@ def resolve(data_class: str | None, explicit: Rule,
             "narrow its class's rule, never widen it"))
     assert narrows(filled, cls)
     return Resolved(filled, data_class, policy)
+
+
+# ------------------------------------------------------------------ KV keys of a class
+
+
+def kv_key_class(key: str) -> str | None:
+    """The data class a KV key would belong to: its first ``/``-separated segment, when
+    that is a well-formed class name (``pii/customer/42`` -> ``pii``); None for reserved
+    keys and keys without one. It belongs to the class only while the class has a policy
+    (``kv_residency``)."""
+    if is_reserved_key(key):
+        return None
+    head, sep, _ = key.partition("/")
+    return head if sep and _NAME_RE.fullmatch(head) else None
+
+
+def kv_residency(key: str, policies: Mapping[str, ClassPolicy]) -> Residency | None:
+    """The residency rule of a KV key under a class's prefix: the class's regions (None:
+    the key is not under the prefix of a class with a policy)."""
+    cls = kv_key_class(key)
+    policy = policies.get(cls) if cls is not None else None
+    if policy is None:
+        return None
+    return Residency(frozenset(policy.regions), cls)
 
 
 # ------------------------------------------------------------------ enforcement

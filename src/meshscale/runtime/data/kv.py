@@ -23,8 +23,15 @@ from meshscale.core.kv import (
     KVRecord,
     kv_placement,
 )
-from meshscale.core.placement import PlacementError
-from meshscale.core.policy import POLICY_PREFIX, is_reserved_key
+from meshscale.core.placement import PlacementError, Residency
+from meshscale.core.policy import (
+    POLICY_PREFIX,
+    copy_refusal,
+    is_reserved_key,
+    kv_key_class,
+    kv_residency,
+    read_refusal,
+)
 from meshscale.runtime.data.state import DataPlaneBase, _stamp, _storage_error
 from meshscale.runtime.storage import MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES, StorageError
 from meshscale.transport.rpc import RpcError
@@ -62,12 +69,28 @@ def _kv_key(key: str, *, write: bool = False) -> str:
 class KvStore(DataPlaneBase):
     """Quorum KV on this node: coordinator and replica."""
 
+    def _kv_rule(self, key: str) -> Residency | None:
+        """The residency rule of ``key``: its data class's regions when it lies under the
+        prefix of a class with a policy this node knows (``core.policy.kv_residency``).
+        From the cache only, never a read on a miss: every KV operation asks (task records,
+        stream offsets...), and a policy read that cannot reach its quorum would stall
+        them. So a class set through another node governs its keys here once this node's
+        refresh has seen it (within ``policy_refresh_s``)."""
+        if kv_key_class(key) is None:
+            return None
+        return kv_residency(key, self.policies)
+
     async def _kv_write(self, key: str, value: bytes | None, consistency: Consistency) -> str:
+        rule = self._kv_rule(key)
         ts = self.hlc.now(time.time())
         rec = KVRecord(key, value, ts)
         try:
-            where = kv_placement(key, self._view(), self.cfg.kv_replicas, down=self._down_view())
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule,
+                                 down=self._down_view())
         except PlacementError as e:
+            if rule is not None:
+                raise self._refuse("residency", f"kv write of {key!r}: {e}", key=key[:200],
+                                   data_class=rule.data_class) from None
             raise ApiError(ErrorCode.REFUSED, f"kv write of {key!r} refused: {e}") from None
         # A delete also goes to full members (it needs no room; it must beat their value).
         coord = KVCoordinator.for_put(rec, where.replicas, consistency,
@@ -134,8 +157,14 @@ class KvStore(DataPlaneBase):
 
     async def _rpc_kv_get(self, req: api.KvKeyRequest) -> api.KvValue:
         key = req.key
+        rule = self._kv_rule(key)
+        if rule is not None and rule.data_class is not None:
+            why = read_refusal(self.agent.meta.region, rule.data_class, self.policies)
+            if why is not None:
+                raise self._refuse("cross_region_read", f"kv read of {key!r}: {why}",
+                                   key=key[:200], data_class=rule.data_class)
         try:
-            where = kv_placement(key, self._view(), self.cfg.kv_replicas)
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule)
         except PlacementError as e:
             raise ApiError(ErrorCode.REFUSED, f"kv read of {key!r} refused: {e}") from None
         coord = KVCoordinator.for_get(key, where.replicas, Consistency(req.consistency),
@@ -169,6 +198,12 @@ class KvStore(DataPlaneBase):
         (``hint_for``: the replicas the coordinator says this node stands in for)."""
         assert self.store is not None
         key, ts = req.key, req.ts
+        rule = self._kv_rule(key)
+        # The replica checks the key's class rule itself, as an object's receiver does.
+        why = copy_refusal(self.agent.meta.region, rule, self.policies)
+        if why is not None:
+            raise self._refuse("residency", f"kv key {key!r:.200}: {why}", key=key[:200],
+                               data_class=None if rule is None else rule.data_class)
         try:
             stamp = HLCTimestamp.decode(ts)
         except ValueError as e:

@@ -19,7 +19,7 @@ from meshscale.core.hlc import HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import KVHintConfig, KVHints
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, Residency, is_full, may_hold
-from meshscale.core.policy import ClassPolicy
+from meshscale.core.policy import ClassPolicy, kv_residency
 from meshscale.core.puts import PutPlan
 from meshscale.core.replication import ObjectPolicy, ReplicaManager, ReplicationConfig
 from meshscale.runtime.deadline import DeadlineTimer
@@ -232,8 +232,11 @@ class DataPlaneBase:
         self._spares: dict[int, _Spare] = {}
         """write id -> the spare copy of a put coordinated outside its replica set."""
         self._kv_stragglers: set[asyncio.Future[None]] = set()
+        self.policies: dict[str, ClassPolicy] = {}
+        """Data-class policies this node knows (``runtime/data/policy.py`` keeps it)."""
         self.hints = KVHints(agent.name, self.cfg.kv_hints, replicas=self.cfg.kv_replicas,
-                             started=time.time())
+                             started=time.time(),
+                             residency=lambda key: kv_residency(key, self.policies))
         self._hints_wake = asyncio.Event()
         self._hints_lock = asyncio.Lock()  # hint changes reach the store in order
         self._sources: OrderedDict[str, str] = OrderedDict()
@@ -249,8 +252,6 @@ class DataPlaneBase:
         self._dropping = False
         self._timer = DeadlineTimer(self._on_timer)
         self.stats: dict[str, int] = {}
-        self.policies: dict[str, ClassPolicy] = {}
-        """Data-class policies this node knows (``runtime/data/policy.py`` keeps it)."""
         self._policy_ts: dict[str, str] = {}
         """class -> the HLC time of the cached policy's write."""
         self._policy_read_at: dict[str, float] = {}
