@@ -1121,19 +1121,45 @@ def objects_cmd(
     node: NodeOption = None,
     mesh_file: MeshOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1_000_000, help="At most this "
+                                       "many objects (the next page: --after the last id "
+                                       "shown).")] = 1000,
+    after: Annotated[str, typer.Option("--after", help="Only ids after this one.")] = "",
+    prefix: Annotated[str, typer.Option("--prefix", help="Only ids that start with this "
+                                        "(b3-...).")] = "",
+    data_class: Annotated[str | None, typer.Option("--class", help="Only objects of this "
+                                                   "data class.")] = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """List every object in the mesh with its holders and health."""
+    """List the objects in the mesh with their holders and health, in id order, a page
+    at a time (--limit, --after); --prefix and --class narrow it."""
     import json
 
     import msgspec
 
+    if prefix and not "b3-".startswith(prefix[:3]):
+        raise CliError(f"--prefix {prefix!r}: object ids start with b3-")
+    start = max(after, prefix) if prefix else after
+    rows: list[Any] = []
+    more = False
     with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
-        rows = mesh.objects()
+        for info in mesh.iter_objects(page_size=min(limit + 1, 1000), after=start):
+            if prefix and not info.id.startswith(prefix):
+                if info.id > prefix:
+                    break  # ids sort as strings: none further on has the prefix
+                continue
+            if data_class is not None and info.data_class != data_class:
+                continue
+            if len(rows) == limit:
+                more = True
+                break
+            rows.append(info)
     if as_json:
         typer.echo(json.dumps(msgspec.to_builtins(rows), indent=2))
     else:
         typer.echo(_objects_table(rows))
+    if more:
+        typer.echo(f"more objects follow: --after {rows[-1].id}", err=True)
 
 
 @kv_app.command("get")

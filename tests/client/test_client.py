@@ -729,3 +729,34 @@ def test_get_with_reads_in_flight(local_mesh: LocalMesh) -> None:
     assert _dp_counter(local_mesh, outsider, "reads_proxied") == proxied  # no byte relayed
     with pytest.raises(ValueError, match="read_ahead"):
         connect_objects(local_mesh.nodes[0].address, bundle=local_mesh.bundle_path, read_ahead=0)
+
+
+@mesh_test
+def test_cli_objects_pages_and_filters(local_mesh: LocalMesh, tmp_path: Path) -> None:
+    ids = []
+    for i in range(3):
+        src = tmp_path / f"o{i}"
+        src.write_bytes(f"paged object {i} ".encode() + os.urandom(16))
+        args: list[str | Path] = ["put", src, "--replicas", "2", "--w", "1"]
+        if i == 0:
+            args += ["--class", "paging-test"]
+        put = node_cli(local_mesh, *args)
+        assert put.returncode == 0, put.stderr.decode()
+        ids.append(put.stdout.decode().splitlines()[-1])
+
+    def listed(*extra: str) -> tuple[list[str], str]:
+        r = node_cli(local_mesh, "objects", "--json", *extra)
+        assert r.returncode == 0, r.stderr.decode()
+        return [o["id"] for o in json.loads(r.stdout)], r.stderr.decode()
+
+    every, _ = listed("--limit", "1000000")
+    assert set(ids) <= set(every) and every == sorted(every)
+    first, note = listed("--limit", "2")
+    assert first == every[:2] and f"--after {first[-1]}" in note
+    rest, _ = listed("--after", first[-1], "--limit", "1000000")
+    assert first + rest == every
+    mine = sorted(ids)[1]
+    assert listed("--prefix", mine[:20])[0] == [mine]
+    assert listed("--class", "paging-test")[0] == [ids[0]]
+    bad = node_cli(local_mesh, "objects", "--prefix", "xyz")
+    assert bad.returncode == 2 and b"object ids start with b3-" in bad.stderr

@@ -930,11 +930,12 @@ class AsyncMesh:
         reply = await self._request(obj_api.DELETE, obj_api.ObjectIdRequest(id=oid))
         return list(reply.holders)
 
-    async def iter_objects(self, page_size: int = LIST_PAGE) -> AsyncGenerator[ObjectInfo, None]:
-        """Every object in the mesh, in id order, fetched a page at a time."""
+    async def iter_objects(self, page_size: int = LIST_PAGE, after: str = ""
+                           ) -> AsyncGenerator[ObjectInfo, None]:
+        """Every object in the mesh (with an id after ``after``), in id order, fetched a
+        page at a time."""
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, not {page_size}")
-        after = ""
         while True:
             page = await self._request(obj_api.LIST, obj_api.ListRequest(
                 after=after, limit=min(page_size, obj_api.MAX_LIST_PAGE)))
@@ -1272,9 +1273,9 @@ class Mesh:
         """Delete the object from every node; returns the live nodes that held a copy."""
         return self._run(self._inner.delete(ref))
 
-    def iter_objects(self, page_size: int = LIST_PAGE) -> Iterator[ObjectInfo]:
-        """Every object in the mesh, a page at a time."""
-        it = self._inner.iter_objects(page_size)
+    def iter_objects(self, page_size: int = LIST_PAGE, after: str = "") -> Iterator[ObjectInfo]:
+        """Every object in the mesh (with an id after ``after``), a page at a time."""
+        it = self._inner.iter_objects(page_size, after)
 
         async def step() -> ObjectInfo:
             return await it.__anext__()
