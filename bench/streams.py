@@ -21,9 +21,13 @@
   received again: delivery is at-least-once) follow the table.
 
 The run exits 1 (after printing) when a record is missing or the backlog passed its bound.
-No peer is run: none of Ray, Dask or Serf has a leaderless stream pipeline to compare
-with on the same terms (Ray's streaming lives in Ray Data / external systems). Prints a
-table and writes JSON with these keys, then the two extra counts.
+Prints a table and writes JSON with these keys, then the two extra counts. ``--runs N``
+repeats the whole run and prints the median and range of each key and every run's
+throughput (the JSON keeps the medians at the top and each run under ``runs``).
+``--peers`` adds the brokers a stream user would otherwise run, on the same records and
+operator: mosquitto (MQTT QoS 1) and NATS (core and JetStream), from
+``bench/stream_peers.py``, alternating with meshscale's runs; their rows go under
+``peers`` in the JSON.
 """
 
 from __future__ import annotations
@@ -224,24 +228,109 @@ def run(quick: bool) -> dict[str, Any]:
             mesh.stop()
 
 
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def summarize(runs: list[dict[str, Any]], key: str) -> tuple[Any, Any, Any]:
+    """(median, min, max) of ``key`` over runs; a missing record's latency (None: infinite)
+    makes the median infinite only if it is the median."""
+    vals = [math.inf if r.get(key) is None else float(r[key]) for r in runs]
+    med = median(vals)
+    return (None if not math.isfinite(med) else round(med, 2), min(vals), max(vals))
+
+
+def fmt(x: Any) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        x = int(x)
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "inf"
+    if isinstance(x, float) and x >= 100:
+        return format(round(x), ",")
+    return format(x, ",") if isinstance(x, int | float) else str(x)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller runs (for tests)")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat the whole run N times (peers alternating with meshscale); "
+                         "print the median and range of each key and every run's throughput")
+    ap.add_argument("--peers", action="store_true",
+                    help="add mosquitto (MQTT QoS 1) and NATS (core, JetStream) rows, same "
+                         "records and operator (bench/stream_peers.py)")
     args = ap.parse_args(argv)
-    res = run(args.quick)
-    print(f"{'metric':<26}{'meshscale':>12}")
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    runs: list[dict[str, Any]] = []
+    peer_runs: list[dict[str, dict[str, Any]]] = []
+    for i in range(args.runs):
+        runs.append(run(args.quick))
+        if args.peers:
+            from stream_peers import run_peers
+
+            peer_runs.append(run_peers(args.quick))
+        if args.runs > 1:
+            print(f"run {i + 1}/{args.runs}: throughput_records_s "
+                  f"{fmt(runs[-1]['throughput_records_s'])}, latency_p50_ms "
+                  f"{fmt(runs[-1]['latency_p50_ms'])}", file=sys.stderr)
+    if args.runs == 1:
+        res = runs[0]
+    else:
+        res = {k: summarize(runs, k)[0] for k in KEYS + EXTRA_KEYS}
+        res["records_missing"] = sum(r["records_missing"] for r in runs)
+        res["records_produced"] = sum(r["records_produced"] for r in runs)
+        res["records_duplicate"] = sum(r["records_duplicate"] for r in runs)
+    columns = ["meshscale"]
+    peers: dict[str, dict[str, Any]] = {}
+    if peer_runs:
+        for name in peer_runs[0]:
+            rows = [p[name] for p in peer_runs]
+            if any("unavailable" in r for r in rows):
+                peers[name] = {"unavailable": next(r["unavailable"] for r in rows
+                                                   if "unavailable" in r)}
+                continue
+            peers[name] = {k: summarize(rows, k)[0] for k in rows[0]}
+            peers[name]["records_missing"] = sum(r["records_missing"] for r in rows)
+            columns.append(name)
+    label = "meshscale" if args.runs == 1 else f"meshscale (median of {args.runs})"
+    print(f"{'metric':<26}{label:>26}" + "".join(f"{c:>18}" for c in columns[1:]))
     for k in KEYS + EXTRA_KEYS:
-        print(f"{k:<26}{'inf' if res[k] is None else format(res[k], ','):>12}")
+        cell = fmt(res[k])
+        if args.runs > 1 and k in KEYS:
+            _, lo, hi = summarize(runs, k)
+            cell = f"{cell} [{fmt(lo)}-{fmt(hi)}]"
+        line = f"{k:<26}{cell:>26}"
+        for c in columns[1:]:
+            line += f"{fmt(peers[c].get(k, '-')):>18}"
+        print(line)
+    for name, p in peers.items():
+        if "unavailable" in p:
+            print(f"{name}: not run: {p['unavailable']}")
+    if args.runs > 1:
+        tps = [float(r["throughput_records_s"]) for r in runs]
+        med = median(tps)
+        print("throughput per run: " + ", ".join(fmt(t) for t in tps))
+        print(f"slowest run / median: {min(tps) / med:.2f} (median / slowest: "
+              f"{med / min(tps):.2f}x)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        doc: dict[str, Any] = dict(res)
+        if args.runs > 1:
+            doc["runs"] = runs
+        if args.peers:
+            doc["peers"] = peers
+            doc["peer_runs"] = peer_runs
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
     bad = []
     if res["records_missing"]:
         bad.append(f"{res['records_missing']} of {res['records_produced']} records never arrived")
-    if res["backlog_max"] > res["backlog_bound"]:
-        bad.append(f"a shard's backlog reached {res['backlog_max']}, over its bound "
-                   f"{res['backlog_bound']}")
+    if any(r["backlog_max"] > r["backlog_bound"] for r in runs):
+        worst = max(r["backlog_max"] for r in runs)
+        bad.append(f"a shard's backlog reached {worst}, over its bound {BACKLOG}")
     for b in bad:
         print(f"FAILED: {b}", file=sys.stderr)
     return 1 if bad else 0

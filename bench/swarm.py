@@ -4,7 +4,9 @@
 
 Each seed is one chaos run of a plane (``sim/dataplane.chaos_run``: puts, deletes and KV
 writes under crashes, restarts, pauses and partitions; ``sim/compute.chaos_run``: tasks of
-every placement mode under the same faults) checked by that plane's invariants. The base
+every placement mode under the same faults; ``sim/services.chaos_run``: calls from three
+sites to three services under crashes, pauses and partitions) checked by that plane's
+invariants. The base
 seed is fresh unless given, and printed, so a failure replays:
 ``python bench/swarm.py --base N --seeds 1``.
 
@@ -16,7 +18,9 @@ KV writes no final replica acknowledged (stand-ins took them; a final read at AL
 misses one is a violation, ``kv sloppy``, unless every node that acknowledged it went
 down for good: ``kv_acks_gone``), the KV hints' hand-offs and those left at the end (for
 nodes down for good), and late commits of deleted objects (each must be an old
-copy, gone once repair is done: that part is checked).
+copy, gone once repair is done: that part is checked); for the services plane ``calls``:
+calls answered and failed by stated error, and how many faults the replica-count
+recovery bound was checked after.
 """
 
 from __future__ import annotations
@@ -95,9 +99,27 @@ def compute_problems(seed: int) -> list[str]:
     return out
 
 
+SERVICE_CALLS: dict[str, int] = {}
+"""Calls of the services seeds by outcome: answered, and failed by stated error (not
+violations: a call whose replica was lost fails so when it may not be retried)."""
+
+
+def services_problems(seed: int) -> list[str]:
+    from meshscale.sim.services import chaos_run
+
+    r = chaos_run(seed)
+    SERVICE_CALLS["answered"] = SERVICE_CALLS.get("answered", 0) + r.answered
+    for code, n in r.errors.items():
+        SERVICE_CALLS[code] = SERVICE_CALLS.get(code, 0) + n
+    SERVICE_CALLS["recoveries_checked"] = (SERVICE_CALLS.get("recoveries_checked", 0)
+                                           + r.recoveries_checked)
+    return r.problems()
+
+
 PLANES: dict[str, Callable[[int], list[str]]] = {
     "data": data_problems,
     "compute": compute_problems,
+    "services": services_problems,
 }
 
 
@@ -148,6 +170,11 @@ def main() -> int:
             # owners, ended by two owners in different states; tasks run more than once.
             result["planes"][plane]["window"] = dict(WINDOW)
             print(f"  compute takeover: {WINDOW}", flush=True)
+        if plane == "services":
+            # Calls answered and failed by stated error, and the faults after which the
+            # replica counts were held to their recovery bound.
+            result["planes"][plane]["calls"] = dict(SERVICE_CALLS)
+            print(f"  services calls: {SERVICE_CALLS}", flush=True)
         result["seeds"] += args.seeds
         result["violations"] += len(bad) - crashes
         result["crashes"] += crashes

@@ -197,3 +197,24 @@ def test_node_remove_needs_the_admin_bundle(bundle_dir: Path, tmp_path: Path) ->
     assert "is a client bundle" in assert_one_line_error(result)
     result = cli("node", "remove", "bad name", "--bundle", bundle_dir)
     assert "invalid node name" in assert_one_line_error(result)
+
+
+def test_no_node_listening_is_exit_3(bundle_dir: Path, tmp_path: Path) -> None:
+    """Exit codes: 3 when nothing answers at the address, for the typed calls and for the
+    data-plane commands alike (2 stays for bad input, 1 for not found)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    addr = f"127.0.0.1:{port}"
+    client = tmp_path / "client"
+    assert cli("bundle", "client", "--bundle", bundle_dir, "--name", "c",
+               "--out", client).returncode == 0
+    for args in (["members"], ["objects"], ["kv", "get", "k"], ["energy"]):
+        line = assert_one_line_error(cli(*args, "--node", addr, "--bundle", client,
+                                         "--timeout", "5"), code=3)
+        assert addr in line, line
+    # Bad input stays 2, whatever the network.
+    assert_one_line_error(cli("get", "b3-xyz", "-o", tmp_path / "o", "--node", addr,
+                              "--bundle", client), code=2)

@@ -3,6 +3,7 @@ a working ``meshscale`` (package data included), without the source tree."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import sysconfig
@@ -47,6 +48,13 @@ def test_the_wheel_installs_and_runs(tmp_path: Path) -> None:
     where = subprocess.run([str(py), "-c", "import meshscale; print(meshscale.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path)
     assert where.stdout.startswith(site), where.stdout
+    # fsspec finds meshscale:// by the wheel's entry point, without an import of ours.
+    if importlib.util.find_spec("fsspec") is not None:
+        found = subprocess.run(
+            [str(py), "-c", "import fsspec; c = fsspec.get_filesystem_class('meshscale'); "
+             "print(c.__module__, c.__name__)"], capture_output=True, text=True, timeout=60,
+            cwd=tmp_path)
+        assert found.stdout.split() == ["meshscale.client.fs", "MeshFileSystem"], found.stderr
     exe = env / "bin" / "meshscale"
     version = subprocess.run([str(exe), "--version"], capture_output=True, text=True,
                              timeout=60, cwd=tmp_path)

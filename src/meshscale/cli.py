@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -29,7 +29,16 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 import meshscale
-from meshscale.meshfile import MESH_ENV, MeshFile, MeshFileError, read_mesh_file
+from meshscale.meshfile import (
+    BUNDLE_ENV,
+    DEFAULT_NODE,
+    MESH_ENV,
+    MeshFile,
+    MeshFileError,
+    Target,
+    read_mesh_file,
+    resolve_target,
+)
 from meshscale.runtime.agent_main import LATENCY_HELP
 from meshscale.trust.bundle import (
     Bundle,
@@ -53,9 +62,23 @@ except ImportError:  # pragma: no cover - older typer with click installed
     import click.exceptions as _click_exc  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 PROG = "meshscale"
-BUNDLE_ENV = "MESHSCALE_BUNDLE"
 USAGE_EXIT = 2
-DEFAULT_NODE = "127.0.0.1:7946"
+
+
+EXIT_FAILED = 1
+"""Not found, or the mesh could not do it (busy, unavailable, out of room)."""
+EXIT_UNREACHABLE = 3
+"""No node answered at the addresses given."""
+_BAD_INPUT_CODES = frozenset({"", "invalid", "refused", "unauthorized", "unknown_method"})
+
+
+def _exit_code(code: str, unreachable: bool = False) -> int:
+    """The documented exit code of a failed request: 3 when no node answered, 2 for a
+    request the mesh refused as given (bad input, a rule, the caller's role), 1 for not
+    found and for failures of the mesh."""
+    if unreachable:
+        return EXIT_UNREACHABLE
+    return USAGE_EXIT if code in _BAD_INPUT_CODES else EXIT_FAILED
 
 
 class CliError(Exception):
@@ -391,15 +414,6 @@ def node_config_example_cmd() -> None:
 # -- reaching the mesh: --node / --mesh / --bundle ---------------------------------------
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where a command goes (addresses tried in order) and the bundle it goes with."""
-
-    addresses: list[str]
-    bundle: Path
-    mesh: MeshFile | None = None
-
-
 def _mesh_file(mesh: Path | None) -> MeshFile | None:
     if mesh is None:
         return None
@@ -411,18 +425,14 @@ def _mesh_file(mesh: Path | None) -> MeshFile | None:
 
 def _target(node: str | None, mesh: Path | None, bundle: Path | None) -> Target:
     """``--node`` over ``--mesh``'s nodes over the default address; ``--bundle`` (or
-    MESHSCALE_BUNDLE) over ``--mesh``'s client bundle."""
-    mf = _mesh_file(mesh)
-    if node is not None:
-        addresses = [_parse_addr(node, "--node")]
-    elif mf is not None:
-        addresses = mf.addresses
-    else:
-        addresses = [DEFAULT_NODE]
-    chosen = bundle if bundle is not None else (mf.bundle if mf is not None else None)
-    if chosen is None:
-        raise CliError(f"missing --bundle DIR (or {BUNDLE_ENV}, or --mesh mesh.json)")
-    return Target(addresses, chosen, mf)
+    MESHSCALE_BUNDLE) over ``--mesh``'s client bundle (``meshfile.resolve_target``; typer
+    read the environment already)."""
+    addr = None if node is None else _parse_addr(node, "--node")
+    try:
+        return resolve_target(addr, mesh, bundle, environ={}, missing_bundle=(
+            f"missing --bundle DIR (or {BUNDLE_ENV}, or --mesh mesh.json)"))
+    except MeshFileError as e:
+        raise CliError(str(e)) from None
 
 
 def _client_creds(bundle: Path) -> Any:
@@ -446,11 +456,11 @@ def _request(target: Target, method: Method[Req, Rep], req: Req, timeout: float 
         try:
             return request(addr, creds, method, req, timeout=timeout)
         except RemoteError as e:
-            raise CliError(str(e)) from None
+            raise CliError(str(e), _exit_code(e.code)) from None
         except RpcError as e:
             last = e
     assert last is not None
-    raise CliError(str(last))
+    raise CliError(str(last), _exit_code("", last.unreachable))
 
 
 def _members_table(rows: list[dict[str, Any]]) -> str:
@@ -516,6 +526,84 @@ def members_cmd(
                            "it with `meshscale bundle node --renew`", err=True)
 
 
+def _energy_rows(target: Target, timeout: float) -> tuple[list[Any], list[str]]:
+    """``node.energy`` of every live member (asked one by one), and the members that did
+    not answer."""
+    from meshscale.client.rpc import RpcError, request
+    from meshscale.core.api import Empty
+    from meshscale.core.api.node import ENERGY, MEMBERS
+
+    creds = _client_creds(target.bundle)
+    members = _request(target, MEMBERS, Empty(), timeout=timeout, creds=creds)
+    rows: list[Any] = []
+    missing: list[str] = []
+    for m in sorted(members, key=lambda m: m.name):
+        if m.state not in ("alive", "suspect"):
+            continue
+        try:
+            rows.append(request(m.address, creds, ENERGY, Empty(), timeout=timeout))
+        except RpcError:
+            missing.append(m.name)
+    return rows, missing
+
+
+def _energy_table(rows: list[Any]) -> str:
+    header = ("NODE", "REGION", "ZONE", "SOURCE", "WATTS", "LAST HOUR J", "WINDOW", "TOTAL J",
+              "CPU")
+    lines = [header]
+    for r in rows:
+        lines.append((r.name, r.region or "-", r.zone or "-", r.source, f"{r.watts:.1f}",
+                      f"{r.joules_last_hour:,.0f}", f"{r.window_s}s",
+                      f"{r.joules_total:,.0f}", f"{r.cpu_utilization:.0%}"))
+    regions: dict[str, list[Any]] = {}
+    for r in rows:
+        regions.setdefault(r.region or "-", []).append(r)
+    for region, rs in sorted(regions.items()):
+        sources = "+".join(sorted({r.source for r in rs}))
+        lines.append((f"[{region}]", region, "", sources, f"{sum(r.watts for r in rs):.1f}",
+                      f"{sum(r.joules_last_hour for r in rs):,.0f}", "",
+                      f"{sum(r.joules_total for r in rs):,.0f}", ""))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines
+    )
+
+
+@app.command("energy")
+def energy_cmd(
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh: MeshOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds.")] = 5.0,
+) -> None:
+    """Power and energy of every live node and region over the last hour, and where each
+    figure comes from: `rapl` (measured) or `model` (declared watts at the node's CPU
+    use: an estimate). Exit 1 if a live node did not answer."""
+    import json
+
+    import msgspec
+
+    rows, missing = _energy_rows(_target(node, mesh, bundle), timeout)
+    if as_json:
+        by_region: dict[str, dict[str, float]] = {}
+        for r in rows:
+            agg = by_region.setdefault(r.region, {"watts": 0.0, "joules_last_hour": 0.0,
+                                                  "joules_total": 0.0})
+            agg["watts"] += r.watts
+            agg["joules_last_hour"] += r.joules_last_hour
+            agg["joules_total"] += r.joules_total
+        typer.echo(json.dumps({"nodes": msgspec.to_builtins(rows), "regions": by_region,
+                               "unreachable": missing}, indent=2))
+    else:
+        typer.echo(_energy_table(rows))
+        if any(r.source == "model" for r in rows):
+            typer.echo("model: declared idle/peak watts at the node's CPU use, an estimate; "
+                       "rapl: the machine's own counters", err=True)
+    if missing:
+        raise CliError(f"no answer from {', '.join(missing)}", exit_code=1)
+
+
 @app.command("up")
 def up_cmd(
     nodes: Annotated[int, typer.Option("--nodes", min=1, max=1000, help="Node processes.")] = 3,
@@ -539,6 +627,9 @@ def up_cmd(
     detach: Annotated[bool, typer.Option("--detach", help="Return once the mesh has "
                                          "converged and leave it running; `meshscale down "
                                          "--dir DIR` stops it.")] = False,
+    metrics_public: Annotated[bool, typer.Option(
+        "--metrics-public", help="Serve every node's /metrics without the token, for the "
+        "Prometheus scraper that DIR/prometheus-targets.json (file_sd) points at.")] = False,
 ) -> None:
     """Start a local mesh of N node processes on 127.0.0.1 until Ctrl-C or SIGTERM (or,
     with --detach, until `meshscale down`)."""
@@ -568,7 +659,8 @@ def up_cmd(
             shutil.rmtree(path, ignore_errors=True)
 
     try:
-        mesh = LocalMesh(path, nodes, regions=region_list, latency=table, base_port=base_port)
+        mesh = LocalMesh(path, nodes, regions=region_list, latency=table, base_port=base_port,
+                         node_args=["--metrics-public"] if metrics_public else None)
     except (ValueError, OSError) as e:
         cleanup()
         raise CliError(str(e)) from None
@@ -608,6 +700,9 @@ def up_cmd(
                 f"pid {n.proc.pid}  log {n.log_path}"
             )
         typer.echo(f"mesh file: {mesh.mesh_json}")
+        typer.echo(f"prometheus targets (file_sd): {mesh.targets_json}"
+                   + ("" if metrics_public else " (scrapes need the token: --metrics-public "
+                      "opens /metrics)"))
         typer.echo(f"export MESHSCALE_MESH={mesh.mesh_json}")
         typer.echo(f"export MESHSCALE_BUNDLE={mesh.bundle_path}")
         if detach:
@@ -800,14 +895,14 @@ def _data_plane(target: Target, timeout: float) -> Iterator[Any]:
             break
         except ConnectError as e:
             if addr == target.addresses[-1]:
-                raise CliError(str(e)) from None
+                raise CliError(str(e), _exit_code(e.code, e.unreachable)) from None
     assert mesh is not None
     try:
         yield mesh
     except IntegrityError as e:
-        raise CliError(str(e), exit_code=1) from None
+        raise CliError(str(e), exit_code=EXIT_FAILED) from None
     except MeshError as e:
-        raise CliError(str(e)) from None
+        raise CliError(str(e), _exit_code(e.code, e.unreachable)) from None
     except ValueError as e:
         raise CliError(str(e)) from None
     except OSError as e:
@@ -874,6 +969,34 @@ def _parse_residency(value: str | None) -> list[str] | None:
     return regions
 
 
+ID_PREFIX_MIN_HEX = 6
+"""Hex digits an abbreviated object id needs (``b3-`` and at least this many)."""
+_ID_PREFIX_RE = re.compile(rf"b3-[0-9a-f]{{{ID_PREFIX_MIN_HEX},64}}")
+
+
+def _resolve_id(target: Target, given: str, timeout: float) -> str:
+    """A whole object id, or the one id that starts with ``given`` (a unique prefix of
+    ``b3-`` and at least ``ID_PREFIX_MIN_HEX`` hex digits, as git takes commits): exit 2
+    for something that is no id, 1 when no object or more than one has that prefix."""
+    from meshscale.core.api.objects import LIST, ListRequest
+    from meshscale.core.objects import OBJECT_ID_RE
+
+    if OBJECT_ID_RE.fullmatch(given) is not None:
+        return given
+    if _ID_PREFIX_RE.fullmatch(given) is None:
+        raise CliError(f"not an object id: {given!r} (expected b3- and 64 hex digits, or a "
+                       f"unique prefix of at least {ID_PREFIX_MIN_HEX} of them)")
+    # Ids sort as strings: those with the prefix come right after it.
+    page = _request(target, LIST, ListRequest(after=given, limit=2), timeout=timeout)
+    found = [o.id for o in page.objects if o.id.startswith(given)]
+    if not found:
+        raise CliError(f"no object id starts with {given}", exit_code=1)
+    if len(found) > 1:
+        raise CliError(f"{given} is ambiguous: more than one object id starts with it "
+                       "(give more digits)", exit_code=1)
+    return found[0]
+
+
 @app.command("put")
 def put_cmd(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="File to store; - reads stdin.")],
@@ -916,7 +1039,8 @@ def put_cmd(
 
 @app.command("get")
 def get_cmd(
-    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...).")],
+    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...), or a "
+                                             "unique prefix of it.")],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="File to write (replaced atomically); - "
                            "for standard output.")
@@ -931,20 +1055,18 @@ def get_cmd(
     import shutil
     import tempfile
 
-    from meshscale.core.objects import OBJECT_ID_RE
-
-    if OBJECT_ID_RE.fullmatch(object_id) is None:
-        raise CliError(f"not an object id: {object_id!r} (expected b3- and 64 hex digits)")
     to_stdout = str(output) == "-"
     if not to_stdout and output.is_dir():
         raise CliError(f"-o {output}: is a directory")
+    target = _target(node, mesh_file, bundle)
+    object_id = _resolve_id(target, object_id, timeout)
     with contextlib.ExitStack() as stack:
         dest = output
         if to_stdout:
             # Verified first (in a private temp file), then copied out: stdout never sees
             # bytes that do not match the id.
             dest = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "object"
-        mesh = stack.enter_context(_data_plane(_target(node, mesh_file, bundle), timeout))
+        mesh = stack.enter_context(_data_plane(target, timeout))
         bar = stack.enter_context(_ProgressBar(f"get {object_id[:12]}"))
         mesh.get(object_id, path=dest, progress=bar)
         if to_stdout:
@@ -955,18 +1077,17 @@ def get_cmd(
 
 @app.command("delete")
 def delete_cmd(
-    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...).")],
+    object_id: Annotated[str, typer.Argument(metavar="ID", help="Object id (b3-...), or a "
+                                             "unique prefix of it.")],
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
     mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Delete an object from every node; repair never brings it back (tombstones)."""
-    from meshscale.core.objects import OBJECT_ID_RE
-
-    if OBJECT_ID_RE.fullmatch(object_id) is None:
-        raise CliError(f"not an object id: {object_id!r} (expected b3- and 64 hex digits)")
-    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
+    target = _target(node, mesh_file, bundle)
+    object_id = _resolve_id(target, object_id, timeout)
+    with _data_plane(target, timeout) as mesh:
         holders = mesh.delete(object_id)
     typer.echo(f"deleted {object_id} (held by {', '.join(holders) or 'no live node'})")
 
@@ -1005,35 +1126,74 @@ def objects_cmd(
     node: NodeOption = None,
     mesh_file: MeshOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1_000_000, help="At most this "
+                                       "many objects (the next page: --after the last id "
+                                       "shown).")] = 1000,
+    after: Annotated[str, typer.Option("--after", help="Only ids after this one.")] = "",
+    prefix: Annotated[str, typer.Option("--prefix", help="Only ids that start with this "
+                                        "(b3-...).")] = "",
+    data_class: Annotated[str | None, typer.Option("--class", help="Only objects of this "
+                                                   "data class.")] = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """List every object in the mesh with its holders and health."""
+    """List the objects in the mesh with their holders and health, in id order, a page
+    at a time (--limit, --after); --prefix and --class narrow it."""
     import json
 
     import msgspec
 
+    if prefix and not "b3-".startswith(prefix[:3]):
+        raise CliError(f"--prefix {prefix!r}: object ids start with b3-")
+    start = max(after, prefix) if prefix else after
+    rows: list[Any] = []
+    more = False
     with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
-        rows = mesh.objects()
+        for info in mesh.iter_objects(page_size=min(limit + 1, 1000), after=start):
+            if prefix and not info.id.startswith(prefix):
+                if info.id > prefix:
+                    break  # ids sort as strings: none further on has the prefix
+                continue
+            if data_class is not None and info.data_class != data_class:
+                continue
+            if len(rows) == limit:
+                more = True
+                break
+            rows.append(info)
     if as_json:
         typer.echo(json.dumps(msgspec.to_builtins(rows), indent=2))
     else:
         typer.echo(_objects_table(rows))
+    if more:
+        typer.echo(f"more objects follow: --after {rows[-1].id}", err=True)
 
 
 @kv_app.command("get")
 def kv_get_cmd(
     key: Annotated[str, typer.Argument(metavar="KEY")],
     consistency: ConsistencyOption = ConsistencyLevel.quorum,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
     mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """Print a key's value (exit 1 if it has none)."""
+    """Print a key's value (exit 1 if it has none); --json prints {"key", "value"} with
+    the value as text when it is UTF-8, else base64 under "value_base64"."""
     with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
         value = mesh.kv.get(key, consistency.value)
     if value is None:
         raise CliError(f"no value for key {key!r}", exit_code=1)
+    if as_json:
+        import base64
+        import json
+
+        doc: dict[str, str] = {"key": key}
+        try:
+            doc["value"] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            doc["value_base64"] = base64.b64encode(value).decode("ascii")
+        typer.echo(json.dumps(doc))
+        return
     out = sys.stdout.buffer
     out.write(value if value.endswith(b"\n") else value + b"\n")
     out.flush()
@@ -1069,13 +1229,41 @@ def kv_delete_cmd(
         mesh.kv.delete(key, consistency.value)
 
 
+@kv_app.command("list")
+def kv_list_cmd(
+    prefix: Annotated[str, typer.Option("--prefix", help="Only keys starting with this.")] = "",
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print a JSON list of {key, value} (as kv get --json: the value as "
+                       "text when it is UTF-8, else base64 under value_base64).")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """List the live keys (one a line), in key order."""
+    import base64
+    import json
+    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
+        rows = list(mesh.kv.items(prefix))
+    if not as_json:
+        for key, _ in rows:
+            typer.echo(key)
+        return
+    out: list[dict[str, str]] = []
+    for key, value in rows:
+        try:
+            out.append({"key": key, "value": value.decode("utf-8")})
+        except UnicodeDecodeError:
+            out.append({"key": key, "value_base64": base64.b64encode(value).decode("ascii")})
+    typer.echo(json.dumps(out, indent=2))
+
+
 # -- data-class policies -------------------------------------------------------------------
 
 policy_app = _typer("Data-class policies: where a class's copies may live, how many, how "
                     "long, who may read them.")
 app.add_typer(policy_app, name="policy")
 
-UNREACHABLE_EXIT = 3
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 
 
@@ -1101,27 +1289,6 @@ def _region_list(value: str, flag: str) -> list[str]:
         return [check_region(r) for r in regions]
     except PolicyError as e:
         raise CliError(f"{flag} {value!r}: {e}") from None
-
-
-def _policy_request(target: Target, method: Method[Req, Rep], req: Req,
-                    timeout: float) -> Rep:
-    """One typed policy call; the node's answer code decides the exit code: 1 not found or
-    refused, 2 bad input or not allowed, 3 no node could be reached."""
-    from meshscale.client.rpc import RemoteError, RpcError, request
-    from meshscale.core.api import ErrorCode
-
-    creds = _client_creds(target.bundle)
-    last: RpcError | None = None
-    for addr in target.addresses:
-        try:
-            return request(addr, creds, method, req, timeout=timeout)
-        except RemoteError as e:
-            code = 2 if e.code in (ErrorCode.INVALID, ErrorCode.UNAUTHORIZED) else 1
-            raise CliError(str(e), exit_code=code) from None
-        except RpcError as e:
-            last = e
-    assert last is not None
-    raise CliError(f"cannot reach the mesh: {last}", exit_code=UNREACHABLE_EXIT)
 
 
 def _policy_row(p: Any) -> str:
@@ -1177,7 +1344,7 @@ def policy_set_cmd(
         cross_region_reads=p.cross_region_reads,
         stream_regions=None if p.stream_regions is None else list(p.stream_regions),
         migrate=migrate)
-    reply = _policy_request(_target(node, mesh_file, bundle), papi.SET, req, timeout)
+    reply = _request(_target(node, mesh_file, bundle), papi.SET, req, timeout=timeout)
     if as_json:
         typer.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
         return
@@ -1209,8 +1376,8 @@ def policy_get_cmd(
         check_class_name(name)
     except PolicyError as e:
         raise CliError(str(e)) from None
-    p = _policy_request(_target(node, mesh_file, bundle), papi.GET,
-                        papi.PolicyNameRequest(name=name), timeout)
+    p = _request(_target(node, mesh_file, bundle), papi.GET,
+                 papi.PolicyNameRequest(name=name), timeout=timeout)
     typer.echo(json.dumps(msgspec.to_builtins(p), indent=2) if as_json else _policy_row(p))
 
 
@@ -1230,7 +1397,7 @@ def policy_list_cmd(
     from meshscale.core.api import Empty
     from meshscale.core.api import policy as papi
 
-    rows = _policy_request(_target(node, mesh_file, bundle), papi.LIST, Empty(), timeout)
+    rows = _request(_target(node, mesh_file, bundle), papi.LIST, Empty(), timeout=timeout)
     if as_json:
         typer.echo(json.dumps(msgspec.to_builtins(rows), indent=2))
     else:
@@ -1260,8 +1427,8 @@ def policy_delete_cmd(
         check_class_name(name)
     except PolicyError as e:
         raise CliError(str(e)) from None
-    reply = _policy_request(_target(node, mesh_file, bundle), papi.DELETE,
-                            papi.PolicyNameRequest(name=name), timeout)
+    reply = _request(_target(node, mesh_file, bundle), papi.DELETE,
+                     papi.PolicyNameRequest(name=name), timeout=timeout)
     if as_json:
         typer.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
     else:
@@ -1305,6 +1472,224 @@ def tasks_cmd(
         typer.echo(json.dumps(rows, indent=2))
     else:
         typer.echo(_tasks_table(rows))
+
+
+# -- audit ----------------------------------------------------------------------------
+
+audit_app = typer.Typer(
+    help="Read the nodes' audit trails (who put, copied, read, deleted or was refused "
+    "what, where); `meshscale audit verify` checks their hash chains. docs/audit.md.",
+    invoke_without_command=True, no_args_is_help=False, add_completion=False,
+    pretty_exceptions_enable=False, rich_markup_mode=None)
+app.add_typer(audit_app, name="audit")
+
+AllNodesOption = Annotated[bool, typer.Option(
+    "--all-nodes", help="Every live member (as the first node that answers sees them), "
+    "not only the node asked.")]
+
+
+def _parse_since(value: str | None) -> float:
+    """``--since``: Unix seconds, an ISO 8601 time (UTC unless it says), or an age such
+    as 90s, 15m, 2h, 7d."""
+    import datetime as dt
+    import re
+    import time
+
+    if value is None:
+        return 0.0
+    v = value.strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", v)
+    if m is not None:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return max(0.0, time.time() - float(m.group(1)) * unit)
+    with contextlib.suppress(ValueError):
+        t = float(v)
+        if 0 <= t < 1e11:
+            return t
+    try:
+        when = dt.datetime.fromisoformat(v)
+    except ValueError:
+        raise CliError(f"--since {value!r}: use Unix seconds, an ISO 8601 time "
+                       "(2026-01-31T12:00) or an age (90s, 15m, 2h, 7d)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, when.timestamp())
+
+
+def _audit_targets(node: str | None, mesh: Path | None, bundle: Path | None, all_nodes: bool,
+                   creds: Any, timeout: float) -> tuple[list[tuple[str, str]],
+                                                        list[tuple[str, str]]]:
+    """``(asked, everyone)``: the nodes to ask and every live member, as
+    ``(name, address)``; exit 3 if no node answers."""
+    import asyncio
+
+    from meshscale.client.audit import live_members
+    from meshscale.client.rpc import RemoteError, RpcError
+
+    if node is not None and all_nodes:
+        raise CliError("give --node or --all-nodes, not both")
+    target = _target(node, mesh, bundle)
+    last: RpcError | None = None
+    for addr in target.addresses:
+        try:
+            members = asyncio.run(live_members(addr, creds, timeout=min(timeout, 10.0)))
+        except RemoteError as e:
+            raise CliError(str(e), _exit_code(e.code)) from None
+        except RpcError as e:
+            last = e
+            continue
+        everyone = sorted((m.name, m.address) for m in members)
+        if all_nodes:
+            return everyone, everyone
+        asked = [(n, a) for n, a in everyone if a == addr] or [(addr, addr)]
+        return asked, everyone
+    assert last is not None
+    raise CliError(f"cannot reach the mesh: {last}", _exit_code("", last.unreachable))
+
+
+def _audit_table(rows: list[Any]) -> str:
+    import datetime as dt
+
+    header = ("TIME (UTC)", "NODE", "SEQ", "WHAT", "OBJECT/KEY", "CLASS", "FROM", "TO", "WHO",
+              "DETAIL")
+    lines = [header]
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r.wall_s, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        who = f"{r.who} ({r.role})" if r.who else "-"
+        subject = r.subject if len(r.subject) <= 24 else r.subject[:21] + "..."
+        lines.append((when, r.node, str(r.seq), r.kind, subject or "-", r.data_class or "-",
+                      r.from_region or "-", r.to_region or "-", who, r.detail or "-"))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in lines)
+
+
+@audit_app.callback()
+def audit_cmd(
+    ctx: typer.Context,
+    obj: Annotated[str | None, typer.Option("--object", help="Only this object id (or "
+                                            "key).")] = None,
+    data_class: Annotated[str | None, typer.Option("--class", help="Only entries of this "
+                                                   "data class.")] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="Only this kind: put, "
+                                             "copy_made, copy_dropped, read, task_run, "
+                                             "operator_placed, delete, policy_change, "
+                                             "refusal.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Only entries since: Unix "
+                                              "seconds, ISO 8601, or an age (15m, 2h, "
+                                              "7d).")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000,
+                                       help="Entries per node at most.")] = 100,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    all_nodes: AllNodesOption = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """List audit entries (oldest first) of one node, or of every node with --all-nodes.
+    Needs an admin bundle."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import asyncio
+    import json
+
+    import msgspec
+
+    from meshscale.client.audit import query_mesh
+    from meshscale.core.api.audit import AuditQuery
+    from meshscale.core.audit import Kind
+
+    if kind is not None and kind not in {k.value for k in Kind}:
+        raise CliError(f"--kind {kind!r}: use one of {', '.join(k.value for k in Kind)}")
+    for flag, value in (("--object", obj), ("--class", data_class)):
+        if value is not None and not 0 < len(value) <= 256:
+            raise CliError(f"{flag} must be 1 to 256 characters")
+    q = AuditQuery(subject=obj, data_class=data_class,
+                   kind=None if kind is None else Kind(kind), since=_parse_since(since),
+                   limit=limit)
+    creds = _client_creds(_target(node, mesh_file, bundle).bundle)
+    asked, _ = _audit_targets(node, mesh_file, bundle, all_nodes, creds, timeout)
+    result = asyncio.run(query_mesh([a for _, a in asked], creds, q, timeout=timeout))
+    if result.refused and len(result.refused) + len(result.errors) == len(asked):
+        raise CliError(next(iter(result.refused.values())), exit_code=USAGE_EXIT)
+    if result.errors and len(result.errors) == len(asked):
+        raise CliError(next(iter(result.errors.values())), exit_code=EXIT_UNREACHABLE)
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(result.rows), indent=2))
+    else:
+        typer.echo(_audit_table(result.rows))
+    for addr, err in sorted(result.errors.items()):
+        typer.echo(f"warning: node {addr} did not answer: {_one_line(err)}", err=True)
+    for addr, err in sorted(result.refused.items()):
+        typer.echo(f"warning: node {addr} refused: {_one_line(err)}", err=True)
+    if result.more:
+        typer.echo(f"warning: some node has more than {limit} matching entries; narrow "
+                   "the query or raise --limit", err=True)
+    if result.errors:
+        raise typer.Exit(EXIT_UNREACHABLE)
+    if result.refused:
+        raise typer.Exit(USAGE_EXIT)
+
+
+@audit_app.command("verify")
+def audit_verify_cmd(
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    all_nodes: AllNodesOption = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    timeout: TimeoutOption = 120.0,
+) -> None:
+    """Check audit hash chains, and each against the signed heads the other nodes
+    remember of it; names the node, segment and entry where a chain broke. Exit 1 if one
+    did, 3 if a node could not be asked."""
+    import asyncio
+    import json
+
+    import msgspec
+
+    from meshscale.client.audit import verify_mesh
+
+    creds = _client_creds(_target(node, mesh_file, bundle).bundle)
+    asked, everyone = _audit_targets(node, mesh_file, bundle, all_nodes, creds, timeout)
+    verdicts = asyncio.run(verify_mesh(asked, everyone, creds, timeout=timeout))
+    broken = unreachable = refused = 0
+    out: list[dict[str, Any]] = []
+    for v in verdicts:
+        r = v.reply
+        if r is None:
+            refused += v.refused
+            unreachable += not v.refused
+            out.append({"node": v.node, "address": v.address, "ok": None, "error": v.error})
+            if not as_json:
+                typer.echo(f"{v.node}: not checked: {_one_line(v.error or '')}")
+            continue
+        if not r.ok:
+            broken += 1
+        out.append({"address": v.address, "heads_given": v.heads_given,
+                    **msgspec.to_builtins(r)})
+        if as_json:
+            continue
+        if r.ok:
+            kept = (f", {r.heads_older_than_kept} older than what is kept"
+                    if r.heads_older_than_kept else "")
+            typer.echo(f"{r.node}: ok: {r.entries} entries (seq {r.first_seq}..{r.last_seq}) "
+                       f"in {r.segments} segments; {r.heads_matched} of {v.heads_given} "
+                       f"signed heads matched{kept}")
+        if r.broke is not None:
+            b = r.broke
+            seq = "" if b.seq is None else f" (seq {b.seq})"
+            typer.echo(f"{r.node}: BROKEN at {b.segment} entry {b.index}{seq}, byte "
+                       f"{b.offset}: {b.kind}: {b.detail}")
+        for bad in r.heads_bad:
+            typer.echo(f"{r.node}: BAD HEAD: {bad}")
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+    if broken or refused:
+        raise typer.Exit(1)
+    if unreachable:
+        raise typer.Exit(EXIT_UNREACHABLE)
 
 
 # -- entry point ----------------------------------------------------------------------

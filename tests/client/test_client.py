@@ -663,8 +663,9 @@ def test_cli_delete(local_mesh: LocalMesh, tmp_path: Path) -> None:
     gone = node_cli(local_mesh, "delete", oid, node=1)
     assert gone.returncode == 0, gone.stderr.decode()
     assert gone.stdout.decode().startswith(f"deleted {oid}")
-    assert_one_line_error(node_cli(local_mesh, "get", oid, "-o", tmp_path / "x"))
-    line = assert_one_line_error(node_cli(local_mesh, "delete", "b3-" + "2" * 64))
+    # Not found: exit 1 (the README's exit codes); bad input: 2.
+    assert_one_line_error(node_cli(local_mesh, "get", oid, "-o", tmp_path / "x"), code=1)
+    line = assert_one_line_error(node_cli(local_mesh, "delete", "b3-" + "2" * 64), code=1)
     assert "unknown object id" in line
     assert_one_line_error(node_cli(local_mesh, "delete", "b3-bogus"))
     assert_one_line_error(node_cli(local_mesh, "delete"))
@@ -684,7 +685,6 @@ def test_cli_errors_are_one_line(local_mesh: LocalMesh, tmp_path: Path) -> None:
         ("put", tmp_path / "missing"),
         ("put", tmp_path),
         ("put", src, "--replicas", "many"),
-        ("get", missing, "-o", tmp_path / "out"),
         ("get", "b3-bogus", "-o", tmp_path / "out"),
         ("get", missing),
         ("get", missing, "-o", tmp_path / "no" / "such" / "dir"),
@@ -694,12 +694,16 @@ def test_cli_errors_are_one_line(local_mesh: LocalMesh, tmp_path: Path) -> None:
         line = assert_one_line_error(node_cli(local_mesh, *args))
         if "mars" in map(str, args):
             assert "mars" in line
+    # Not found: exit 1, and nothing written.
+    line = assert_one_line_error(node_cli(local_mesh, "get", missing, "-o", tmp_path / "out"),
+                                 code=1)
+    assert missing in line
     assert leftovers(tmp_path, {"f"}) == []
     line = assert_one_line_error(cli("objects", "--node", "127.0.0.1:1", "--bundle", tmp_path))
     assert "bundle" in line or str(tmp_path) in line
     assert_one_line_error(cli("objects", "--node", "nonsense", "--bundle", local_mesh.bundle_path))
-    assert_one_line_error(
-        cli("objects", "--node", "127.0.0.1:1", "--bundle", local_mesh.bundle_path)
+    assert_one_line_error(  # nothing listens there: exit 3
+        cli("objects", "--node", "127.0.0.1:1", "--bundle", local_mesh.bundle_path), code=3
     )
 
 
@@ -731,3 +735,36 @@ def test_get_with_reads_in_flight(local_mesh: LocalMesh) -> None:
     assert _dp_counter(local_mesh, outsider, "reads_proxied") == proxied  # no byte relayed
     with pytest.raises(ValueError, match="read_ahead"):
         connect_objects(local_mesh.nodes[0].address, bundle=local_mesh.bundle_path, read_ahead=0)
+
+
+@mesh_test
+def test_cli_objects_pages_and_filters(local_mesh: LocalMesh, tmp_path: Path) -> None:
+    pol = node_cli(local_mesh, "policy", "set", "paging-test", "--regions", ",".join(REGIONS))
+    assert pol.returncode == 0, pol.stderr.decode()  # a class is put only once it has one
+    ids = []
+    for i in range(3):
+        src = tmp_path / f"o{i}"
+        src.write_bytes(f"paged object {i} ".encode() + os.urandom(16))
+        args: list[str | Path] = ["put", src, "--replicas", "2", "--w", "1"]
+        if i == 0:
+            args += ["--class", "paging-test"]
+        put = node_cli(local_mesh, *args)
+        assert put.returncode == 0, put.stderr.decode()
+        ids.append(put.stdout.decode().splitlines()[-1])
+
+    def listed(*extra: str) -> tuple[list[str], str]:
+        r = node_cli(local_mesh, "objects", "--json", *extra)
+        assert r.returncode == 0, r.stderr.decode()
+        return [o["id"] for o in json.loads(r.stdout)], r.stderr.decode()
+
+    every, _ = listed("--limit", "1000000")
+    assert set(ids) <= set(every) and every == sorted(every)
+    first, note = listed("--limit", "2")
+    assert first == every[:2] and f"--after {first[-1]}" in note
+    rest, _ = listed("--after", first[-1], "--limit", "1000000")
+    assert first + rest == every
+    mine = sorted(ids)[1]
+    assert listed("--prefix", mine[:20])[0] == [mine]
+    assert listed("--class", "paging-test")[0] == [ids[0]]
+    bad = node_cli(local_mesh, "objects", "--prefix", "xyz")
+    assert bad.returncode == 2 and b"object ids start with b3-" in bad.stderr

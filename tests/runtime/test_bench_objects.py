@@ -13,7 +13,7 @@ import pytest
 from runtime_mesh import run_bench_quick
 
 KEYS = ["put_mb_s", "get_mb_s", "tls_copy_mb_s", "small_put_p50_ms", "small_put_p99_ms",
-        "rereplicate_s"]
+        "small_put_audited_p99_ms", "rereplicate_s"]
 RATES = ["put_mb_s", "get_mb_s", "tls_copy_mb_s", "put_w3_mb_s", "tls_fanout_mb_s",
          "get_client_mb_s", "get_proxied_mb_s"]
 
@@ -35,6 +35,8 @@ def test_objects_bench_quick(tmp_path: Path) -> None:
     for key in RATES:
         assert data[key] > 0, key
     assert 0 < data["small_put_p50_ms"] <= data["small_put_p99_ms"]
+    assert 0 < data["small_put_audited_p50_ms"] <= data["small_put_audited_p99_ms"]
+    assert "audited small puts: p99 at" in stdout
 
     # Re-replication: every object in the mesh at the kill was checked on disk and ended
     # with exactly 3 copies on the 3 survivors (RF 3); the survivors lacked copies at the

@@ -37,13 +37,13 @@ pytestmark = pytest.mark.timeout(180)
 
 REQUIRED_FAMILIES = {
     "meshscale_members", "meshscale_probes", "meshscale_suspicions", "meshscale_refutations",
-    "meshscale_messages_in", "meshscale_messages_out", "meshscale_bytes_in",
-    "meshscale_bytes_out", "meshscale_rejected_messages", "meshscale_objects_stored",
-    "meshscale_bytes_stored", "meshscale_objects_under_replicated", "meshscale_repairs",
+    "meshscale_received_messages", "meshscale_sent_messages", "meshscale_received_bytes",
+    "meshscale_sent_bytes", "meshscale_rejected_messages", "meshscale_stored_objects",
+    "meshscale_stored_bytes", "meshscale_objects_under_replicated", "meshscale_repairs",
     "meshscale_tasks", "meshscale_tasks_ended", "meshscale_task_latency_seconds",
     "meshscale_task_queue_wait_seconds", "meshscale_placement_decisions",
-    "meshscale_energy_joules", "meshscale_power_watts", "meshscale_stream_records_in",
-    "meshscale_stream_backlog", "meshscale_stream_records_processed",
+    "meshscale_energy_joules", "meshscale_power_watts", "meshscale_stream_appended_records",
+    "meshscale_stream_backlog_records", "meshscale_stream_processed_records",
     "meshscale_stream_cross_region_bytes", "meshscale_rpc_refused", "meshscale_disk_free_bytes",
     "meshscale_disk_reserve_bytes", "meshscale_disk_full",
 }
@@ -204,6 +204,16 @@ def test_metrics_parse_and_have_the_required_families(
 
     fams = scrape()
     assert set(fams) >= REQUIRED_FAMILIES, REQUIRED_FAMILIES - set(fams)
+    # Units last, as the Prometheus naming guide has it (a counter's _total after them).
+    for name in fams:
+        words = name.split("_")
+        for unit in ("bytes", "seconds", "joules", "watts", "ratio"):
+            if unit in words:
+                assert words[-1] == unit, f"{name}: the unit {unit} is not last"
+    # Label values are stable across restarts: no shard epoch (node~epoch) in them.
+    for fam in fams.values():
+        for sample in fam.samples:
+            assert not any("~" in v for v in sample.labels.values()), sample
     states = {s.labels["state"]: s.value for s in fams["meshscale_members"].samples}
     assert states["alive"] == 3 and states["dead"] == 0
     assert fams["meshscale_disk_full"].samples[0].value == 0  # the alarm, not raised
@@ -214,14 +224,14 @@ def test_metrics_parse_and_have_the_required_families(
     lat_count = next(s.value for s in fams["meshscale_task_latency_seconds"].samples
                      if s.name.endswith("_count"))
     assert lat_count >= len(work["tasks"])
-    msgs = {s.labels["type"]: s.value for s in fams["meshscale_messages_in"].samples
+    msgs = {s.labels["type"]: s.value for s in fams["meshscale_received_messages"].samples
             if s.name.endswith("_total")}
     assert msgs.get("gossip", 0) > 0
     # Calls a node makes count too, by method: node-0 sent the object's two other copies
     # (RF 3 on 3 nodes) as requests and took in the replies.
-    out = {s.labels["type"]: s.value for s in fams["meshscale_messages_out"].samples
+    out = {s.labels["type"]: s.value for s in fams["meshscale_sent_messages"].samples
            if s.name.endswith("_total")}
-    out_bytes = {s.labels["type"]: s.value for s in fams["meshscale_bytes_out"].samples
+    out_bytes = {s.labels["type"]: s.value for s in fams["meshscale_sent_bytes"].samples
                  if s.name.endswith("_total")}
     assert out.get("obj.rw_small", 0) >= 2
     assert out_bytes.get("obj.rw_small", 0) >= 2 * len(b"observability " * 100)
@@ -504,3 +514,40 @@ def test_idle_and_excess_http_connections_are_closed(mesh: LocalMesh, token: str
     for s in socks:
         s.close()
     assert before and get_json(str(node.http), "/api/v1/node", token)["name"] == node.name
+
+
+def test_energy_command_lists_every_node_with_its_source(mesh: LocalMesh) -> None:
+    """`meshscale energy --json` asks every live node; each says where its figures come
+    from (RAPL here only if this machine's counters are readable), joules grow, and the
+    region totals are the sums of their nodes."""
+    from meshscale.runtime.power import RaplReader
+
+    exe = Path(sys.executable).parent / "meshscale"
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHSCALE_BUNDLE",
+                                                             "MESHSCALE_MESH")}
+
+    def energy() -> dict[str, Any]:
+        r = subprocess.run([str(exe), "energy", "--json", "--mesh", str(mesh.mesh_json)],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        doc: dict[str, Any] = json.loads(r.stdout)
+        return doc
+
+    first = energy()
+    names = sorted(n["name"] for n in first["nodes"])
+    assert names == sorted(n.name for n in mesh.nodes) and first["unreachable"] == []
+    expected = "rapl" if RaplReader().available else "model"
+    assert {n["source"] for n in first["nodes"]} == {expected}
+    for region, agg in first["regions"].items():
+        mine = [n for n in first["nodes"] if n["region"] == region]
+        assert agg["joules_total"] == pytest.approx(sum(n["joules_total"] for n in mine))
+        assert agg["watts"] == pytest.approx(sum(n["watts"] for n in mine))
+    before = {n["name"]: n["joules_total"] for n in first["nodes"]}
+    later = wait_for(lambda: (lambda d: d if all(
+        n["joules_total"] > before[n["name"]] for n in d["nodes"]) else None)(energy()),
+        20, "every node's energy to grow")
+    assert all(0 <= n["cpu_utilization"] <= 1 for n in later["nodes"])
+    # The table form names the source too.
+    r = subprocess.run([str(exe), "energy", "--mesh", str(mesh.mesh_json)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0 and expected in r.stdout and "[" in r.stdout, r

@@ -66,6 +66,12 @@ def bundle(admin: Bundle, tmp_path: Path) -> Path:
          "must be an IP address, not a name (localhost resolves to 127.0.0.1)"),
         (["--bind", "localhost:0"], "--bind localhost:0: other nodes reach this one"),
         (["--bogus-flag"], "bogus"),
+        (["--idle-watts", "300", "--peak-watts", "200"], "idle_watts: 300 W is above peak_watts"),
+        (["--idle-watts", "-1"], "idle_watts: must be finite and >= 0"),
+        (["--standby-watts", "50", "--idle-watts", "20"], "standby_watts: 50 W is above"),
+        (["--power-source", "solar"], "power_source: 'solar' is not one of auto, rapl, model"),
+        (["--power-source", "rapl", "--power-rapl-dir", "/nonexistent"],
+         "power_source: rapl, but no RAPL package counter under /nonexistent"),
     ],
 )
 def test_bad_flags(bundle: Path, tmp_path: Path, extra: list[str], needle: str) -> None:
@@ -199,7 +205,9 @@ def test_sigterm_leaves_gracefully_and_saves_incarnation(admin: Bundle, tmp_path
         rows = wait_for(lambda: call(f"127.0.0.1:{port}", creds, "members"), 20, "node up")
         assert rows[0]["name"] == "solo" and rows[0]["labels"] == {"gpu": "a100"}
         assert (rows[0]["region"], rows[0]["zone"]) == ("eu-west", "z9")
-        stats = call(f"127.0.0.1:{port}", creds, "task.stats")
+        # `members` answers while the planes still start ("node is starting"): wait.
+        stats = wait_for(lambda: call(f"127.0.0.1:{port}", creds, "task.stats"), 20,
+                         "the compute plane up")
         assert stats["capacity"][0] == 3, stats
         # `members` warns of a certificate that ends within 30 days.
         listed = cli("members", "--bundle", admin.path, "--node", f"127.0.0.1:{port}")

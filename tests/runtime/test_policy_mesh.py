@@ -246,6 +246,14 @@ def test_a_replica_write_to_a_forbidden_region_is_refused_by_the_receiver(
 
     asyncio.run(go())
     assert _stats(mesh, us).get("refused_residency", 0) - before == 6
+    # ... and audited there: a refusal entry per attempt, naming the object, the class,
+    # the sender's region and the rule.
+    rows = call(mesh.nodes[us].address, mesh.credentials(), "audit.query",
+                {"subject": oid, "kind": "refusal"}, timeout=10)["rows"]
+    assert len(rows) == 6, rows
+    for row in rows:
+        assert row["data_class"] == "pii" and row["from_region"] == "eu-west"
+        assert row["to_region"] == "us-east" and "residency rule" in row["detail"]
     assert oid_of(data) not in {p.name for p in
                                 (mesh.nodes[us].data_dir / "store" / "objects").rglob("b3-*")}
     # The same hand-made write to a node of an allowed region is taken (the check is not
@@ -275,10 +283,10 @@ def test_a_policy_change_that_breaks_copies_is_refused(
     assert regions <= {"eu-west", "eu-central"}
     # Narrow to a region that leaves some copy outside: refused, with or without --migrate.
     outside = "eu-west" if "eu-central" in regions else "eu-central"
-    assert cli(mesh, "policy", "set", "pii", "--regions", outside) == 1
+    assert cli(mesh, "policy", "set", "pii", "--regions", outside) == 2  # refused as given
     err = capsys.readouterr().err
     assert "would be outside regions" in err and "not changed" in err
-    assert cli(mesh, "policy", "set", "pii", "--regions", outside, "--migrate") == 1
+    assert cli(mesh, "policy", "set", "pii", "--regions", outside, "--migrate") == 2
     err = capsys.readouterr().err
     assert "migrating copies is not built" in err
     got = policy_on(mesh, 1, "pii")
@@ -470,6 +478,11 @@ def test_kv_keys_under_a_class_prefix(mesh: LocalMesh) -> None:
             pytest.raises(MeshError) as e:
         m.kv.get("vault/secret")
     assert e.value.code == "refused" and "cross-region read rule" in str(e.value)
+    # Nor are its keys listed there (they are, inside the class's regions).
+    with connect(mesh.nodes[euw].address, bundle=mesh.bundle_path) as m:
+        assert "vault/secret" in [k for k, _ in m.kv.items("vault/")]
+    with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m:
+        assert "vault/secret" not in [k for k, _ in m.kv.items("vault/")]
     # Keys outside any class's prefix are untouched.
     with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m:
         m.kv.put("plain/key", b"v")

@@ -30,7 +30,8 @@ def cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 1
 
 @pytest.mark.timeout(240)
 def test_detach_then_every_command_by_mesh_file_then_down(tmp_path: Path) -> None:
-    up = cli("up", "--nodes", "2", "--base-port", "0", "--detach", "--timeout", "60")
+    up = cli("up", "--nodes", "2", "--base-port", "0", "--detach", "--timeout", "60",
+             "--metrics-public")
     assert up.returncode == 0, up.stderr
     m = re.search(r"meshscale down --dir (\S+)", up.stdout)
     assert m, up.stdout
@@ -41,6 +42,16 @@ def test_detach_then_every_command_by_mesh_file_then_down(tmp_path: Path) -> Non
     try:
         assert info["temporary"] is True and all(pid_alive(p) for p in pids)
         assert f"export MESHSCALE_MESH={mesh_json}" in up.stdout
+        # Prometheus file_sd targets beside mesh.json, and /metrics open to a scraper.
+        targets = json.loads((directory / "prometheus-targets.json").read_text())
+        assert sorted(t["labels"]["node"] for t in targets) == ["node-0", "node-1"]
+        assert sorted(a for t in targets for a in t["targets"]) == sorted(
+            n["http"] for n in info["nodes"])
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{targets[0]['targets'][0]}/metrics",
+                                    timeout=30) as r:
+            assert r.status == 200 and b"meshscale_members" in r.read()
         # Every client command, by --mesh alone.
         members = cli("members", "--mesh", mesh_json, "--json")
         assert members.returncode == 0, members.stderr
@@ -54,13 +65,26 @@ def test_detach_then_every_command_by_mesh_file_then_down(tmp_path: Path) -> Non
         assert got.returncode == 0, got.stderr
         assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
         assert oid in cli("objects", "--mesh", mesh_json).stdout
+        # A unique prefix works wherever an id does; a short or unknown one is refused.
+        got = cli("get", oid[:12], "-o", tmp_path / "by-prefix.bin", "--mesh", mesh_json)
+        assert got.returncode == 0, got.stderr
+        assert (tmp_path / "by-prefix.bin").read_bytes() == src.read_bytes()
+        short = cli("get", oid[:6], "-o", "-", "--mesh", mesh_json)
+        assert short.returncode == 2 and "unique prefix of at least 6" in short.stderr
+        other = "b3-" + ("0" if oid[3] != "0" else "1") * 10
+        unknown = cli("get", other, "-o", "-", "--mesh", mesh_json)
+        assert unknown.returncode == 1 and f"no object id starts with {other}" in unknown.stderr
+        absent = cli("get", "b3-" + "0" * 64, "-o", tmp_path / "absent", "--mesh", mesh_json)
+        assert absent.returncode == 1 and "b3-" + "0" * 64 in absent.stderr, absent
         # ... and by MESHSCALE_MESH.
         env = {"MESHSCALE_MESH": str(mesh_json)}
         assert cli("kv", "put", "k", "v1", env=env).returncode == 0
         assert cli("kv", "get", "k", env=env).stdout.strip() == "v1"
+        assert json.loads(cli("kv", "get", "k", "--json", env=env).stdout) == {
+            "key": "k", "value": "v1"}
         assert cli("kv", "delete", "k", env=env).returncode == 0
         assert cli("tasks", env=env).returncode == 0
-        assert cli("delete", oid, env=env).returncode == 0
+        assert cli("delete", oid[:16], env=env).returncode == 0
         # A second `up` on the same directory refuses while it runs.
         again = cli("up", "--nodes", "2", "--base-port", "0", "--dir", directory)
         assert again.returncode == 2 and "still running" in again.stderr, again

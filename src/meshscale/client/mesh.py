@@ -26,6 +26,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -35,7 +36,13 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar, cast, overload
 import msgspec
 
 from meshscale.client.policies import AsyncPolicies, Policies
-from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError, RpcPipeline
+from meshscale.client.rpc import (
+    ClientCredentials,
+    RemoteError,
+    RpcConnection,
+    RpcError,
+    RpcPipeline,
+)
 from meshscale.core.api import Empty, ErrorCode, Method, Request, ResidencyWire
 from meshscale.core.api import node as node_api
 from meshscale.core.api import objects as obj_api
@@ -80,6 +87,8 @@ PUT_AHEAD: Final = 2
 MAX_CHUNK_BYTES: Final = 32 * 1024 * 1024
 """Largest chunk size we accept from a node (it must fit in one RPC frame)."""
 LIST_PAGE: Final = 500
+KV_LIST_PAGE: Final = 500
+"""Keys one ``kv.items`` call asks a node for at a time."""
 SPOOL_BYTES: Final = 8 * 1024 * 1024
 """A non-seekable stream is spooled (its size must be known up front); beyond this many
 bytes the spool moves from memory to a temp file."""
@@ -102,9 +111,12 @@ class MeshError(Exception):
     """A request to the mesh failed: the node refused it or could not be reached.
     ``code``: the node's ``core.api.ErrorCode`` value when it answered with an error."""
 
-    def __init__(self, message: str = "", code: str = "") -> None:
+    def __init__(self, message: str = "", code: str = "", *, unreachable: bool = False
+                 ) -> None:
         super().__init__(message)
         self.code = code
+        self.unreachable = unreachable
+        """No node answered (as opposed to one that answered with a refusal)."""
 
 
 class ConnectError(MeshError):
@@ -465,6 +477,26 @@ class _PathSink:
 
 # -- the async client -------------------------------------------------------------------
 
+STARTING_WAIT_S = 10.0
+"""How long a call keeps asking a node that answers "node is starting"."""
+
+
+async def _while_starting(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, asked again with backoff while the node answers ``STARTING`` (its
+    planes are not up yet: it did nothing with the request), for up to
+    ``STARTING_WAIT_S``."""
+    deadline = time.monotonic() + STARTING_WAIT_S
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except RemoteError as e:
+            if e.code != ErrorCode.STARTING or time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(0.5, delay * 2)
+
+
 
 class AsyncMesh:
     """A connection to a mesh through one node, for use on an asyncio event loop.
@@ -506,11 +538,11 @@ class AsyncMesh:
             return ObjectNotFoundError(msg, code)
         if code == ErrorCode.UNKNOWN_METHOD:
             msg += " (this node does not serve it; is it an older version?)"
-        return MeshError(msg, code)
+        return MeshError(msg, code, unreachable=e.unreachable)
 
     async def _call(self, method: str, args: dict[str, Any] | None = None) -> Any:
         try:
-            return await self._conn.call(method, args)
+            return await _while_starting(lambda: self._conn.call(method, args))
         except RpcError as e:
             raise self._mesh_error(e, method) from None
         except asyncio.CancelledError:
@@ -520,9 +552,10 @@ class AsyncMesh:
 
     async def _request(self, method: Method[Req, Rep], req: Req) -> Rep:
         """Typed ``method`` (``core/api``) on the connected node; ``MeshError`` if it
-        fails."""
+        fails. A node still starting (it answers ``STARTING`` to a method whose plane is
+        not up yet, having done nothing) is asked again for up to ``STARTING_WAIT_S``."""
         try:
-            return await self._conn.request(method, req)
+            return await _while_starting(lambda: self._conn.request(method, req))
         except RpcError as e:
             raise self._mesh_error(e, method.name) from None
         except asyncio.CancelledError:
@@ -541,7 +574,8 @@ class AsyncMesh:
             await self._conn.request(node_api.MEMBERS, Empty())
         except RpcError as e:
             detail = str(e).removeprefix(f"{self.address}: ")
-            raise ConnectError(f"cannot use node {self.address}: {detail}") from None
+            raise ConnectError(f"cannot use node {self.address}: {detail}",
+                               unreachable=e.unreachable) from None
 
     # -- objects
 
@@ -807,6 +841,50 @@ class AsyncMesh:
         if OBJECT_ID_PREFIX + h.hexdigest() != oid:
             raise IntegrityError(f"{oid}: the bytes read do not match the object id")
 
+    async def read_range(self, ref: ObjectRef | str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``offset`` (fewer where it ends), read with
+        the node's chunk reads (``obj.read`` at offsets; a node without a copy names a
+        holder to read from), never the whole object. Unlike ``get``, the bytes are not
+        checked against the id: a range cannot be (the id hashes the whole object)."""
+        oid, _ = _ref_parts(ref)
+        for what, v in (("offset", offset), ("length", length)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{what} must be an integer >= 0, not {v!r}")
+        out = bytearray()
+        source: RpcConnection | None = None
+        redirect = True
+        while len(out) < length:
+            pos = offset + len(out)
+            want = min(length - len(out), self._read_bytes)
+            args = obj_api.ReadRequest(id=oid, offset=pos, length=want)
+            reply: obj_api.ReadReply | None = None
+            if source is not None:
+                try:
+                    reply = await source.request(obj_api.READ, args)
+                except (RpcError, OSError):
+                    await self._forget_holder(source)
+                    source = None
+            if reply is None:
+                reply = await self._request(obj_api.READ, msgspec.structs.replace(
+                    args, redirect=redirect))
+                redirect = False
+                if reply.redirect is not None:
+                    source, reply = await self._follow(reply.redirect, args)
+                    if reply is None:
+                        reply = await self._request(obj_api.READ, args)
+            if 1 <= reply.chunk_bytes <= MAX_CHUNK_BYTES:
+                self._read_bytes = reply.chunk_bytes
+            data = reply.data
+            if len(data) > want:
+                raise IntegrityError(f"{oid}: {self.address} sent more bytes than asked for")
+            if pos >= reply.size:
+                break
+            if not data:
+                raise MeshError(f"{oid}: {self.address} sent no bytes at offset "
+                                f"{pos}/{reply.size}")
+            out += data
+        return bytes(out)
+
     async def _read_ahead(
         self, source: RpcConnection | None, oid: str, offset: int, size: int, chunk: int
     ) -> _ReadAhead:
@@ -868,11 +946,12 @@ class AsyncMesh:
         reply = await self._request(obj_api.DELETE, obj_api.ObjectIdRequest(id=oid))
         return list(reply.holders)
 
-    async def iter_objects(self, page_size: int = LIST_PAGE) -> AsyncGenerator[ObjectInfo, None]:
-        """Every object in the mesh, in id order, fetched a page at a time."""
+    async def iter_objects(self, page_size: int = LIST_PAGE, after: str = ""
+                           ) -> AsyncGenerator[ObjectInfo, None]:
+        """Every object in the mesh (with an id after ``after``), in id order, fetched a
+        page at a time."""
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, not {page_size}")
-        after = ""
         while True:
             page = await self._request(obj_api.LIST, obj_api.ListRequest(
                 after=after, limit=min(page_size, obj_api.MAX_LIST_PAGE)))
@@ -979,6 +1058,45 @@ class AsyncKV:
         reply = await self._mesh._request(obj_api.KV_DELETE, obj_api.KvKeyRequest(
             key=_check_key(key), consistency=_check_consistency(consistency)))
         return reply.ts
+
+    async def items(self, prefix: str = "", *, page_size: int = KV_LIST_PAGE
+                    ) -> AsyncGenerator[tuple[str, bytes], None]:
+        """Every live key starting with ``prefix`` and its value, in key order, fetched
+        ``page_size`` keys at a time (``kv.list``: every live node's records merged, the
+        newest of each key winning; a key all of whose replicas are away is missing)."""
+        if not isinstance(prefix, str):
+            raise ValueError(f"a KV prefix is a string, not {prefix!r:.100}")
+        if isinstance(page_size, bool) or not 1 <= page_size <= obj_api.MAX_KV_LIST_PAGE:
+            raise ValueError(f"page_size must be from 1 to {obj_api.MAX_KV_LIST_PAGE}, "
+                             f"not {page_size!r}")
+        after = ""
+        while True:
+            page = await self._mesh._request(obj_api.KV_LIST, obj_api.KvListRequest(
+                prefix=prefix, after=after, limit=page_size))
+            for e in page.entries:
+                if e.value is not None:
+                    yield e.key, e.value
+            if page.next is None:
+                return
+            if page.next <= after:
+                raise MeshError(f"{self._mesh.address}: kv.list did not advance past {after!r}")
+            after = page.next
+
+    async def keys(self, prefix: str = "", *, limit: int | None = None) -> list[str]:
+        """The live keys starting with ``prefix``, in key order (at most ``limit``)."""
+        out: list[str] = []
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, not {limit!r}")
+        page = KV_LIST_PAGE if limit is None else min(limit, obj_api.MAX_KV_LIST_PAGE)
+        it = self.items(prefix, page_size=page)
+        try:
+            async for key, _ in it:
+                out.append(key)
+                if limit is not None and len(out) >= limit:
+                    break
+        finally:
+            await it.aclose()
+        return out
 
 
 M = TypeVar("M", bound="AsyncMesh")
@@ -1156,6 +1274,11 @@ class Mesh:
             return self._run(self._inner.get(ref, progress=progress))
         return self._run(self._inner.get(ref, path=path, progress=progress))
 
+    def read_range(self, ref: ObjectRef | str, offset: int, length: int) -> bytes:
+        """Bytes ``offset`` to ``offset + length`` of the object, unverified (see
+        ``AsyncMesh.read_range``)."""
+        return self._run(self._inner.read_range(ref, offset, length))
+
     def members(self) -> list[dict[str, Any]]:
         """The members as the connected node sees them (see ``AsyncMesh.members``)."""
         return self._run(self._inner.members())
@@ -1167,9 +1290,9 @@ class Mesh:
         """Delete the object from every node; returns the live nodes that held a copy."""
         return self._run(self._inner.delete(ref))
 
-    def iter_objects(self, page_size: int = LIST_PAGE) -> Iterator[ObjectInfo]:
-        """Every object in the mesh, a page at a time."""
-        it = self._inner.iter_objects(page_size)
+    def iter_objects(self, page_size: int = LIST_PAGE, after: str = "") -> Iterator[ObjectInfo]:
+        """Every object in the mesh (with an id after ``after``), a page at a time."""
+        it = self._inner.iter_objects(page_size, after)
 
         async def step() -> ObjectInfo:
             return await it.__anext__()
@@ -1223,6 +1346,29 @@ class KV:
 
     def delete(self, key: str, consistency: Consistency = "quorum") -> str:
         return self._mesh._run(self._mesh._inner.kv.delete(key, consistency))
+
+    def items(self, prefix: str = "", *, page_size: int = KV_LIST_PAGE
+              ) -> Iterator[tuple[str, bytes]]:
+        """Every live key starting with ``prefix`` and its value, a page at a time."""
+        mesh = self._mesh
+        it = mesh._inner.kv.items(prefix, page_size=page_size)
+
+        async def step() -> tuple[str, bytes]:
+            return await it.__anext__()
+
+        try:
+            while True:
+                try:
+                    item = mesh._run(step())
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            if not mesh._closed:
+                mesh._run(it.aclose())
+
+    def keys(self, prefix: str = "", *, limit: int | None = None) -> list[str]:
+        return self._mesh._run(self._mesh._inner.kv.keys(prefix, limit=limit))
 
 
 def connect(

@@ -16,7 +16,10 @@ was produced. Delivery is at-least-once: after a failure a record may come twice
 the same id; ``Subscription`` drops repeats it has seen (bounded memory of ids).
 
 ``publish`` returns once the record is buffered; a background sender ships batches to
-the node and the node acknowledges once two nodes hold them. When the node's shard has
+the node and the node acknowledges once two nodes hold them. A record published while no
+batch is in flight goes at once; records published while one is in flight go together in
+the next (no linger timer, as with TCP_NODELAY: ``linger_s`` adds one if a caller wants
+bigger batches at the cost of latency). When the node's shard has
 no room (its operator is slower than the producer) the node holds its answer, the buffer
 fills, and ``publish`` blocks: a fast producer is slowed, never dropped. When the node
 dies the sender moves to the nearest other node and re-sends what was not acknowledged.
@@ -238,7 +241,7 @@ class Stream:
     """A producer handle for one topic (see the module docstring)."""
 
     def __init__(self, mesh: Mesh, topic: str, *, residency: Sequence[str] | None = None,
-                 linger_s: float = 0.002, max_batch: int = 512, max_buffer: int = 10_000,
+                 linger_s: float = 0.0, max_batch: int = 512, max_buffer: int = 10_000,
                  timeout: float = 60.0, data_class: str | None = None) -> None:
         if not topic or "/" in topic:
             raise ValueError(f"invalid topic {topic!r}")

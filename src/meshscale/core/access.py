@@ -6,6 +6,8 @@ token it presents can only narrow it. Three kinds of method:
 - ``READ``: list and read; any certificate of the cluster may call them.
 - ``WRITE``: change the mesh (put, delete, submit, publish, remove a node); admin
   clients and nodes (a node forwards what its clients asked).
+- ``AUDIT``: read the audit trail (who did what, where); admin clients and nodes, not
+  read-only ones.
 - ``NODE``: node-to-node (replica writes, transfers, scheduling messages, stream copies);
   node certificates only.
 
@@ -22,6 +24,7 @@ from enum import StrEnum
 class Access(StrEnum):
     READ = "read"
     WRITE = "write"
+    AUDIT = "audit"
     NODE = "node"
 
 
@@ -32,13 +35,13 @@ ROLES = (ROLE_NODE, ROLE_ADMIN, ROLE_READ_ONLY)
 
 _GRANTS: dict[str, frozenset[Access]] = {
     ROLE_NODE: frozenset(Access),
-    ROLE_ADMIN: frozenset({Access.READ, Access.WRITE}),
+    ROLE_ADMIN: frozenset({Access.READ, Access.WRITE, Access.AUDIT}),
     ROLE_READ_ONLY: frozenset({Access.READ}),
 }
 
 _READ = (
-    "members", "stats", "events",
-    "obj.read", "obj.stat", "obj.list", "kv.get", "dp.stats",
+    "members", "stats", "events", "node.energy",
+    "obj.read", "obj.stat", "obj.list", "kv.get", "kv.list", "dp.stats",
     "task.list", "task.stats", "task.result", "task.wait",
     "stream.read", "stream.op_list", "stream.stats",
     "policy.get", "policy.list",
@@ -50,9 +53,10 @@ _WRITE = (
     "stream.publish", "stream.op_register", "stream.op_remove",
     "admin.revoke", "policy.set", "policy.delete",
 )
+_AUDIT = ("audit.query", "audit.verify", "audit.heads")
 _NODE = (
     "obj.rw_begin", "obj.rw_chunk", "obj.rw_end", "obj.rw_small", "obj.read_local",
-    "obj.local_stat", "obj.local_list", "repl.msg", "kv.apply", "kv.read",
+    "obj.local_stat", "obj.local_list", "repl.msg", "kv.apply", "kv.read", "kv.scan",
     "sched.msg", "sched.load", "sched.batch", "task.done", "task.fn", "task.kill",
     "stream.replicate", "stream.fetch", "stream.op_notify",
 )
@@ -60,9 +64,11 @@ _NODE = (
 METHOD_ACCESS: dict[str, Access] = {
     **dict.fromkeys(_READ, Access.READ),
     **dict.fromkeys(_WRITE, Access.WRITE),
+    **dict.fromkeys(_AUDIT, Access.AUDIT),
     **dict.fromkeys(_NODE, Access.NODE),
 }
-assert len(METHOD_ACCESS) == len(_READ) + len(_WRITE) + len(_NODE), "a method listed twice"
+assert len(METHOD_ACCESS) == len(_READ) + len(_WRITE) + len(_AUDIT) + len(_NODE), \
+    "a method listed twice"
 
 
 SENDER_FIELD: dict[str, str] = {

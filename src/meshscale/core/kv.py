@@ -75,10 +75,12 @@ __all__ = [
     "KVOutcome",
     "KVPlacement",
     "KVRecord",
+    "ScanPage",
     "kv_placement",
     "kv_replicas",
     "lww_merge",
     "merge_optional",
+    "merge_scans",
 ]
 
 KV_NAMESPACE = "kv\0"
@@ -122,6 +124,42 @@ def merge_optional(a: KVRecord | None, b: KVRecord | None) -> KVRecord | None:
     if b is None:
         return a
     return lww_merge(a, b)
+
+
+@dataclass(frozen=True)
+class ScanPage:
+    """One replica's records of a key range, in key order (tombstones included);
+    ``full``: the replica stopped at its page bound and may hold more keys after the
+    last one."""
+
+    records: tuple[KVRecord, ...]
+    full: bool
+
+
+def merge_scans(pages: Iterable[ScanPage], limit: int) -> tuple[list[KVRecord], str | None]:
+    """The live keys of a listing, from every replica's scan of the same range: each
+    key's winning record (``lww_merge``), tombstones dropped, at most ``limit`` in key
+    order, and the key to continue after (None: the range is done).
+
+    A replica that filled its page may hold keys beyond its last one, and a tombstone
+    there would beat a value another replica returned; so only keys up to the smallest
+    last key of a full page are decided in this round, the rest wait for the next page.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, not {limit}")
+    merged: dict[str, KVRecord] = {}
+    cut: str | None = None
+    for page in pages:
+        for rec in page.records:
+            merged[rec.key] = merge_optional(merged.get(rec.key), rec) or rec
+        if page.full and page.records:
+            last = page.records[-1].key
+            cut = last if cut is None or last < cut else cut
+    keys = sorted(k for k in merged if cut is None or k <= cut)
+    live = [merged[k] for k in keys if merged[k].value is not None]
+    if len(live) > limit:
+        return live[:limit], live[limit - 1].key
+    return live, cut
 
 
 class Consistency(enum.Enum):

@@ -112,16 +112,38 @@ OPTIONS: tuple[Option, ...] = (
            "64.", example=1024),
     Option("stream_max_backlog", "int", 2000, "Records a stream shard holds for its slowest "
            "operator before producers wait (backpressure)."),
+    Option("power_source", "str", "auto", "Where the node's power figures come from: "
+           "rapl (the machine's RAPL counters; refused at start if none is readable), model "
+           "(idle_watts to peak_watts by the node's CPU utilisation) or auto (rapl when "
+           "readable, else model). `meshscale energy` says which each node used."),
+    Option("idle_watts", "float", 10.0, "Power model: the node's draw with its CPUs idle."),
+    Option("peak_watts", "float", 65.0, "Power model: the draw with every CPU busy (at "
+           "least idle_watts)."),
+    Option("standby_watts", "float", 2.0, "Power model: the draw on standby (at most "
+           "idle_watts)."),
+    Option("power_rapl_dir", "path", "/sys/class/powercap", "Where the RAPL counters are "
+           "(for a machine that mounts sysfs elsewhere)."),
     Option("latency", "list", [], LATENCY_HELP, example=["eu-west:us-east=80ms"]),
+    Option("no_audit", "bool", False, "Keep no audit trail (docs/audit.md): nothing this "
+           "node does to data is recorded. For measuring what the trail costs."),
+    Option("audit_segment_bytes", "int", 4 * 1024 * 1024, "The audit trail's segment "
+           "files grow to about this many bytes before the next one starts."),
+    Option("audit_max_segments", "int", 16, "Audit segments kept; the oldest are deleted "
+           "beyond it (the trail's disk use is about segment bytes times this)."),
+    Option("audit_head_interval_s", "float", 10.0, "Seconds between signing the audit "
+           "chain's head and gossiping it."),
 )
 BY_KEY = {o.key: o for o in OPTIONS}
-BOUNDS: dict[str, tuple[int, int]] = {
+BOUNDS: dict[str, tuple[float, float]] = {
     "task_timeout_s": (1, 30 * 86400),
     "task_memory_mb": (16, 1 << 30),
     "disk_reserve_mb": (0, 1 << 40),
     "stream_max_backlog": (1, 1_000_000),
     "cpus": (1, 4096),
     "memory_mb": (1, 1 << 40),
+    "audit_segment_bytes": (4096, 1 << 34),
+    "audit_max_segments": (1, 1_000_000),
+    "audit_head_interval_s": (0.1, 86400),
 }
 
 
@@ -335,11 +357,36 @@ def parse_labels(labels: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
+def power_settings(source: str, idle_watts: float, peak_watts: float, standby_watts: float,
+                   rapl_dir: Path | str) -> Any:
+    """The node's ``PowerConfig``, checked: a model with idle above peak, negative or
+    non-finite watts, or an unknown source is refused naming its key."""
+    from meshscale.core.capacity import CapacityConfigError, PowerModel
+    from meshscale.runtime.config import PowerConfig
+    from meshscale.runtime.power import POWER_SOURCES
+
+    if source not in POWER_SOURCES:
+        raise StartError(f"power_source: {source!r} is not one of {', '.join(POWER_SOURCES)}")
+    try:
+        model = PowerModel(idle_watts=float(idle_watts), peak_watts=float(peak_watts),
+                           standby_watts=float(standby_watts))
+    except CapacityConfigError as e:
+        raise StartError(str(e).replace("energy.", "")) from None
+    if source == "rapl":
+        from meshscale.runtime.power import RaplReader
+
+        if not RaplReader(Path(rapl_dir)).available:
+            raise StartError(f"power_source: rapl, but no RAPL package counter under "
+                             f"{rapl_dir} is readable (use auto or model)")
+    return PowerConfig(model=model, source=source, rapl_dir=Path(rapl_dir))
+
+
 def start(argv: Sequence[str]) -> None:
     """Parse ``argv`` (the flags after ``node start``), build the agent and run it until
     SIGTERM/SIGINT. Raises ``StartError``."""
     s = settings(argv)
     from meshscale.core.membership import NodeMeta
+    from meshscale.runtime.config import AuditConfig
     from meshscale.runtime.identity import IdentityError, start_identity
     from meshscale.runtime.latency import parse_latency
     from meshscale.runtime.node import AgentConfig, NodeAgent, NodeRemovedError, run_forever
@@ -372,6 +419,8 @@ def start(argv: Sequence[str]) -> None:
         emulated = parse_latency(s.latency)
     except ValueError as e:
         raise StartError(f"--latency: {e}") from None
+    power = power_settings(s.power_source, s.idle_watts, s.peak_watts, s.standby_watts,
+                           s.power_rapl_dir)
     capacity = {k: float(v) for k, v in (("cpus", s.cpus), ("memory_mb", s.memory_mb))
                 if v is not None}
     meta = NodeMeta(region=s.region, zone=s.zone, labels=dict(s.labels), capacity=capacity)
@@ -400,7 +449,13 @@ def start(argv: Sequence[str]) -> None:
                                      worker_user=s.worker_user,
                                      create_worker_user=s.create_worker_user,
                                      metrics_public=s.metrics_public,
-                                     stream_max_backlog=s.stream_max_backlog),
+                                     stream_max_backlog=s.stream_max_backlog,
+                                     power=power,
+                                     audit=AuditConfig(
+                                         enabled=not s.no_audit,
+                                         segment_bytes=s.audit_segment_bytes,
+                                         max_segments=s.audit_max_segments,
+                                         head_interval_s=float(s.audit_head_interval_s))),
         )
     except NodeRemovedError as e:
         raise StartError(str(e), exit_code=EXIT_REMOVED) from None

@@ -103,6 +103,7 @@ from meshscale.core.api.tasks import (
     parse_placement,
     placement_mode,
 )
+from meshscale.core.audit import Kind
 from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
@@ -363,14 +364,20 @@ class ComputePlane:
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
 
-    def _refuse(self, rule: str, message: str, **fields: object) -> ApiError:
+    def _refuse(self, rule: str, message: str, *, subject: str = "",
+                data_class: str | None = None, **fields: object) -> ApiError:
         """The one place this plane refuses a request by a policy or residency rule: counts
-        it (``refused_<rule>``), logs it (rate-limited) and returns the error to raise.
-        The audit trail hooks in here."""
+        it (``refused_<rule>``), records it in the audit trail (a ``refusal`` entry naming
+        ``subject``, the class and the caller's region), logs it (rate-limited: a peer can
+        cause it) and returns the error to raise."""
         self._count("refusals")
         self._count(f"refused_{rule}")
-        self.agent.log_limited("refused", rule=rule, message=message[:300], **fields)
-        return ApiError(ErrorCode.REFUSED, f"refused: {message}")
+        why = f"refused: {message}"
+        self.agent.record(Kind.REFUSAL, subject[:1024], data_class=data_class,
+                          from_region=caller.node_region(self.agent.m.members), detail=why[:1024])
+        self.agent.log_limited("refused", rule=rule, message=message[:300],
+                               subject=subject[:200], data_class=data_class, **fields)
+        return ApiError(ErrorCode.REFUSED, why)
 
     def _resolve_task(self, t: TaskWire, policies: dict[str, ClassPolicy]) -> TaskWire:
         """``t`` with its data class resolved to the class's regions (``core.policy``):
@@ -384,7 +391,7 @@ class ComputePlane:
         except PolicyError as e:
             if e.rule == "malformed":
                 raise ApiError(ErrorCode.INVALID, f"task {t.task_id}: {e}") from None
-            raise self._refuse(e.rule, f"task {t.task_id}: {e}", task=t.task_id,
+            raise self._refuse(e.rule, f"task {t.task_id}: {e}", subject=t.task_id,
                                data_class=res.data_class) from None
         return msgspec.structs.replace(t, residency=ResidencyWire.of(resolved.residency()))
 
@@ -1206,6 +1213,10 @@ class ComputePlane:
             if self._pool_ready is not None and not self._pool_ready.is_set():
                 await asyncio.wait_for(self._pool_ready.wait(), self.pool.config.start_timeout_s)
             inputs = list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
+            if spec.residency is not None and spec.residency.data_class:
+                self.agent.record(Kind.TASK_RUN, spec.task_id, who=spec.submitter or owner,
+                                  data_class=spec.residency.data_class,
+                                  detail=f"owner {owner}, {len(p.inputs)} inputs")
             call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
             self._running[key] = pool_id
             kw: dict[str, Any] = {"timeout_s": p.timeout_s, "cpus": spec.cpus,

@@ -5,10 +5,49 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from meshscale.core.capacity import PowerModel
 from meshscale.transport.peers import PeerConfig
 
-__all__ = ["AgentConfig", "AgentStats"]
+__all__ = ["AgentConfig", "AgentStats", "AuditConfig", "PowerConfig"]
+
+
+@dataclass(frozen=True)
+class PowerConfig:
+    """A node's power source and declared model (``power_source``, ``idle_watts``, ...)."""
+
+    model: PowerModel = field(default_factory=lambda: PowerModel(
+        idle_watts=10.0, peak_watts=65.0, standby_watts=2.0))
+    source: str = "auto"
+    """``auto``, ``rapl`` or ``model`` (``runtime/power.py``)."""
+    rapl_dir: Path = Path("/sys/class/powercap")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The node's audit trail (``runtime/audit.py``): bounds of its files and queue."""
+
+    enabled: bool = True
+    """Keep the trail (off: nothing is recorded, for a benchmark's baseline)."""
+    segment_bytes: int = 4 * 1024 * 1024
+    """A segment file grows to about this size before the next one starts."""
+    max_segments: int = 16
+    """Segments kept; the oldest is deleted beyond it (the trail's disk bound is about
+    ``segment_bytes * max_segments``)."""
+    max_pending_entries: int = 65_536
+    """Entries waiting for the writer thread; beyond it new ones are dropped and counted
+    (``audit_dropped``) rather than growing memory."""
+    flush_interval_s: float = 0.05
+    """The writer thread writes what is pending at least this often (and at once when
+    ``flush_entries`` are waiting)."""
+    flush_entries: int = 512
+    fsync: bool = True
+    """fsync each batch written."""
+    head_interval_s: float = 10.0
+    """Sign the chain head and gossip it this often (when it moved)."""
+    max_heads_seen: int = 4096
+    """Other nodes' heads remembered."""
 
 
 @dataclass(frozen=True)
@@ -17,6 +56,8 @@ class AgentConfig:
 
     peers: PeerConfig = field(default_factory=PeerConfig)
     """The node's connections to other nodes, shared by its planes (``transport/peers.py``)."""
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    """The node's audit trail (``runtime/audit.py``)."""
     bind_attempts: int = 20
     """With port 0, UDP ports the OS offers before one whose TCP twin is free too."""
     max_connections: int = 256
@@ -75,9 +116,8 @@ class AgentConfig:
     headers, is closed."""
     max_http_streams: int = 16
     """Concurrent ``/api/v1/stream`` clients; more get 503."""
-    idle_watts: float = 10.0
-    peak_watts: float = 65.0
-    """Power model: watts at no busy worker slot and at all of them busy."""
+    power: PowerConfig = field(default_factory=lambda: PowerConfig())
+    """Where power figures come from and the declared model (``runtime/power.py``)."""
     max_refusals_tracked: int = 256
     """Distinct (method, role) pairs counted in ``rpc_refused``; more share one row."""
     max_log_events_tracked: int = 256

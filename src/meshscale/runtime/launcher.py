@@ -30,11 +30,12 @@ from typing import Any
 
 import msgspec
 
-from meshscale.core.api import Empty
+from meshscale.core.api import Empty, ErrorCode
 from meshscale.core.api.node import MEMBERS
+from meshscale.core.api.streams import STATS as STREAM_STATS
 from meshscale.runtime.latency import RegionPair, format_latency
 from meshscale.transport.credentials import Credentials
-from meshscale.transport.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.transport.rpc import ClientCredentials, RemoteError, RpcConnection, RpcError
 from meshscale.trust.bundle import (
     init_bundle,
     load_bundle,
@@ -271,10 +272,19 @@ class LocalMesh:
             node.proc = spawn_node(cmd, node.log_path, detach=detach)
         self.write_mesh_json()
 
+    @property
+    def targets_json(self) -> Path:
+        """Prometheus ``file_sd`` targets: every node's HTTP address (``/metrics``)."""
+        return self.directory / "prometheus-targets.json"
+
     def write_mesh_json(self, **extra: Any) -> None:
         data = {"bundle": str(self.bundle_path), "admin_bundle": str(self.admin_path),
                 **extra, "nodes": [n.to_json() for n in self.nodes]}
         write_public(self.mesh_json, (json.dumps(data, indent=2) + "\n").encode())
+        targets = [{"targets": [n.http], "labels": {"job": "meshscale", "node": n.name,
+                                                     "region": n.region, "zone": n.zone}}
+                   for n in self.nodes if n.http]
+        write_public(self.targets_json, (json.dumps(targets, indent=2) + "\n").encode())
 
     def processes(self) -> list[subprocess.Popen[bytes]]:
         return [n.proc for n in self.nodes if n.proc is not None]
@@ -318,7 +328,8 @@ class LocalMesh:
     def wait_converged(
         self, timeout: float, cancelled: Callable[[], bool] | None = None
     ) -> list[dict[str, Any]]:
-        """Wait until every node sees all N alive; returns node 0's members."""
+        """Wait until every node sees all N alive and serves every plane (``serving``);
+        returns node 0's members."""
         addresses = [n.address for n in self.nodes]
         return asyncio.run(
             wait_converged(addresses, self.credentials(), timeout, self.exited, cancelled)
@@ -368,6 +379,22 @@ async def views(conns: list[RpcConnection]) -> list[list[dict[str, Any]] | None]
     return list(await asyncio.gather(*(one(c) for c in conns)))
 
 
+async def serving(conns: list[RpcConnection]) -> list[bool]:
+    """Whether each node serves every plane: a node answers ``STARTING`` to any method
+    its planes do not serve yet, and the stream plane starts last (a node without planes
+    answers "unknown method" once it is up, which counts as serving)."""
+    async def one(c: RpcConnection) -> bool:
+        try:
+            await c.request(STREAM_STATS, Empty())
+            return True
+        except RemoteError as e:
+            return e.code != ErrorCode.STARTING
+        except RpcError:
+            return False
+
+    return list(await asyncio.gather(*(one(c) for c in conns)))
+
+
 async def wait_converged(
     addresses: list[str],
     creds: ClientCredentials,
@@ -387,7 +414,8 @@ async def wait_converged(
                 names = ", ".join(x.name for x in exited())
                 raise RuntimeError(f"node process exited during startup: {names}")
             vs = await views(conns)
-            if all(v is not None and sum(1 for m in v if m["state"] == "alive") == n for v in vs):
+            if all(v is not None and sum(1 for m in v if m["state"] == "alive") == n
+                   for v in vs) and all(await serving(conns)):
                 first = vs[0]
                 assert first is not None
                 return first

@@ -73,6 +73,7 @@ from meshscale.core.api.node import (
     RevokeReply,
     RevokeRequest,
 )
+from meshscale.core.audit import Kind
 from meshscale.core.membership import (
     Member,
     MemberAlive,
@@ -99,6 +100,7 @@ from meshscale.core.rpc import (
 )
 from meshscale.core.wire import WireError
 from meshscale.runtime import caller
+from meshscale.runtime.audit import AuditService
 from meshscale.runtime.compute import ComputePlane
 from meshscale.runtime.config import AgentConfig as AgentConfig
 from meshscale.runtime.config import AgentStats
@@ -107,6 +109,7 @@ from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
 from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.latency import RegionPair
+from meshscale.runtime.power import ENERGY_WINDOW_S, PowerMeter
 from meshscale.runtime.services import Handler, LocalCopies, Rep, Req
 from meshscale.runtime.streams import StreamPlane
 from meshscale.runtime.workers import WorkerPool
@@ -133,6 +136,8 @@ if TYPE_CHECKING:
 UNAUTHORIZED = "unauthorized"
 FORBIDDEN = "forbidden"
 EXIT_REMOVED = 78
+POWER_TICK_S = 1.0
+"""How often the node's power meter samples (``runtime/power.py``)."""
 """Exit status of a node that was removed from the mesh (EX_CONFIG; the systemd unit
 does not restart on it)."""
 
@@ -256,10 +261,16 @@ class NodeAgent:
         """Called with every membership event (the data plane follows the view)."""
         self.dataplane: DataPlane | None = None
         self.with_dataplane = dataplane
+        self.audit: AuditService | None = None
+        """The audit trail (``runtime/audit.py``), from start unless ``cfg.audit`` is off."""
         self.isolation: Isolation | None = None
         """Worker user, work dir, cgroups (``runtime/isolation.py``), set up at start."""
         self.events: deque[EventInfo] = deque(maxlen=self.cfg.recent_events)
         self._event_seq = 0
+        power = self.cfg.power
+        self.power = PowerMeter(power.model, power.source, rapl_dir=power.rapl_dir,
+                                now=time.monotonic())
+        """The node's draw and energy (``runtime/power.py``), ticked once a second."""
         self._server_ctx = server_context(bundle)
         self.creds = Credentials.for_node(bundle)
         self.peers = PeerPool(self.creds, self.cfg.peers, self.stats)
@@ -365,9 +376,26 @@ class NodeAgent:
             tags[key] = value
         if tags == self.meta.tags:
             return
-        self.meta = msgspec.structs.replace(self.meta, tags=tags)
-        self.m.update_meta(self.meta, time.monotonic())
+        meta = msgspec.structs.replace(self.meta, tags=tags)
+        self.m.update_meta(meta, time.monotonic())  # ValueError (too large): nothing changed
+        self.meta = meta
         self._pump()
+
+    def record(self, kind: Kind, subject: str, *, data_class: str | None = "",
+               from_region: str | None = None, to_region: str | None = None,
+               detail: str = "", who: Peer | str | None = None) -> None:
+        """Add an entry to this node's audit trail (``runtime/audit.py``): ``who`` is
+        the caller of the RPC being served unless given (a name alone: role unknown);
+        regions default to this node's.
+        Cheap (the entry is written by a thread); nothing when the trail is off."""
+        audit = self.audit
+        if audit is None:
+            return
+        peer = who if who is not None else caller.current.get()
+        name = peer if isinstance(peer, str) else "" if peer is None else peer.name
+        role = "" if peer is None or isinstance(peer, str) else peer.role.value
+        audit.record(kind, subject, who=name, role=role, data_class=data_class,
+                     from_region=from_region, to_region=to_region, detail=detail)
 
     async def start(self) -> None:
         """Bind the sockets, then join. Raises OSError if the address is taken."""
@@ -439,6 +467,10 @@ class NodeAgent:
         )
         self._pump()
         self.spawn(self._housekeeping())
+        self.spawn(self._power_loop())
+        if self.cfg.audit.enabled:
+            self.audit = AuditService(self)
+            await self.audit.start()
         if self.with_dataplane:
             from meshscale.runtime import isolation
 
@@ -499,6 +531,9 @@ class NodeAgent:
         if self.dataplane is not None:
             await self.dataplane.stop()
             self.dataplane = None
+        if self.audit is not None:
+            await self.audit.stop()
+            self.audit = None
         if self.isolation is not None:
             self.isolation.close()  # the node's parent cgroups
         if self.membership is not None:
@@ -989,6 +1024,23 @@ class NodeAgent:
         self._event_seq += 1
         self.events.append(EventInfo(self._event_seq, time.time(), kind, name, detail=detail))
 
+    async def _power_loop(self) -> None:
+        while True:
+            await asyncio.sleep(POWER_TICK_S)
+            try:
+                await asyncio.to_thread(self.power.tick, time.monotonic())
+            except Exception as e:  # a meter that breaks must not stop the node
+                self.log_limited("power_tick_failed", error=repr(e)[:200])
+
+    def _rpc_energy(self, req: Empty) -> node_api.EnergyInfo:
+        p = self.power
+        return node_api.EnergyInfo(
+            name=self.name, region=self.meta.region, zone=self.meta.zone, source=p.source,
+            watts=round(p.watts, 3), joules_total=round(p.joules, 3),
+            joules_last_hour=round(p.joules_last_hour(), 3),
+            window_s=min(ENERGY_WINDOW_S, round(time.time() - self.started_at)),
+            cpu_utilization=round(p.utilisation, 4))
+
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.key_check_interval_s)
@@ -1052,6 +1104,7 @@ class NodeAgent:
         self.serve(node_api.STATS, self._rpc_stats)
         self.serve(node_api.EVENTS, self._rpc_events)
         self.serve(node_api.ADMIN_REVOKE, self._rpc_revoke)
+        self.serve(node_api.ENERGY, self._rpc_energy)
 
     def member_infos(self) -> list[MemberInfo]:
         out = []

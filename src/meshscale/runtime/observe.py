@@ -2,11 +2,10 @@
 
 ``NodeObserver`` reads the agent's live state (membership, data plane, compute plane) when
 asked, and keeps only what must be accumulated over time: task latency and queue-wait
-histograms, placement decisions, a ring of one-second throughput samples and an energy
-estimate. A sampler task ticks once a second: it closes the throughput sample, integrates
-power (``idle_watts + (peak_watts - idle_watts) * utilization``, utilization = busy
-worker slots / slots) and turns counters of the data and compute planes into events
-(re-replications, task retries) in the agent's recent-events buffer.
+histograms, placement decisions and a ring of one-second throughput samples. A sampler
+task ticks once a second: it closes the throughput sample and turns counters of the data
+and compute planes into events (re-replications, task retries) in the agent's
+recent-events buffer. Power and energy are the agent's own (``runtime/power.py``).
 
 ``MeshCollector`` is a prometheus_client collector over one observer, registered in a
 per-node ``CollectorRegistry``: every scrape reads the state as it is then.
@@ -40,6 +39,8 @@ from meshscale.core.api.objects import MAX_LIST_PAGE
 from meshscale.core.api.tasks import TASK_LIST, ListRequest
 from meshscale.core.membership import State
 from meshscale.core.placement import is_full
+from meshscale.core.streams import split_source
+from meshscale.runtime.power import PowerMeter
 from meshscale.runtime.services import NodeServices
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class ObservedNode(NodeServices, Protocol):
     with_dataplane: bool
     events: deque[EventInfo]
     started_at: float
+    power: PowerMeter
 
     @property
     def compute(self) -> ObservedCompute | None: ...
@@ -163,8 +165,6 @@ class NodeObserver:
         self.placements: Counter[str] = Counter()
         self.tasks_ended: Counter[str] = Counter()
         self.points: deque[dict[str, Any]] = deque(maxlen=THROUGHPUT_POINTS)
-        self.energy_j = 0.0
-        self.watts = agent.cfg.idle_watts
         self._second_done = 0
         self._second_lat: list[float] = []
         self._last_tick = time.monotonic()
@@ -242,9 +242,6 @@ class NodeObserver:
         self._hook_compute()
         dt = max(0.0, now - self._last_tick)
         self._last_tick = now
-        cfg = self.agent.cfg
-        self.watts = cfg.idle_watts + (cfg.peak_watts - cfg.idle_watts) * self.utilization()
-        self.energy_j += self.watts * dt
         lat = sorted(self._second_lat)
         self.points.append({
             "t": round(time.time(), 3),
@@ -463,14 +460,22 @@ class MeshCollector(Collector):
         yield from self._data(obs, agent)
         yield from self._compute(obs, agent)
         yield from self._streams(agent)
-        g = GaugeMetricFamily("meshscale_power_watts", "Estimated power draw now (watts).")
-        g.add_metric([], obs.watts)
+        g = GaugeMetricFamily("meshscale_power_watts", "Power draw over the last second "
+                              "(watts), measured (source=rapl) or modelled (source=model).",
+                              labels=["source"])
+        g.add_metric([agent.power.source], agent.power.watts)
         yield g
-        c = CounterMetricFamily("meshscale_energy_joules", "Estimated energy used since start.")
-        c.add_metric([], obs.energy_j)
+        c = CounterMetricFamily("meshscale_energy_joules", "Energy used since start "
+                                "(joules), measured or modelled as meshscale_power_watts.",
+                                labels=["source"])
+        c.add_metric([agent.power.source], agent.power.joules)
         yield c
         g = GaugeMetricFamily("meshscale_utilization_ratio", "Busy worker slots / slots.")
         g.add_metric([], obs.utilization())
+        yield g
+        g = GaugeMetricFamily("meshscale_cpu_utilization_ratio", "CPU used by the agent and "
+                              "its workers over the last second / the machine's CPUs.")
+        g.add_metric([], agent.power.utilisation)
         yield g
 
     @staticmethod
@@ -505,14 +510,14 @@ class MeshCollector(Collector):
     def _transport(agent: ObservedNode) -> Iterator[Metric]:
         s = agent.stats
         for name, doc, counter in (
-            ("meshscale_messages_in", "Messages received, by type (gossip kinds; for an "
-             "RPC method, requests served and replies to this node's own calls).",
+            ("meshscale_received_messages", "Messages received, by type (gossip kinds; for "
+             "an RPC method, requests served and replies to this node's own calls).",
              s.messages_in),
-            ("meshscale_messages_out", "Messages sent, by type (gossip kinds; for an RPC "
+            ("meshscale_sent_messages", "Messages sent, by type (gossip kinds; for an RPC "
              "method, this node's own calls and its replies to others').", s.messages_out),
-            ("meshscale_bytes_in", "Bytes received, by message type (as messages_in).",
-             s.bytes_in),
-            ("meshscale_bytes_out", "Bytes sent, by message type (as messages_out).",
+            ("meshscale_received_bytes", "Bytes received, by message type (as "
+             "received_messages).", s.bytes_in),
+            ("meshscale_sent_bytes", "Bytes sent, by message type (as sent_messages).",
              s.bytes_out),
         ):
             c = CounterMetricFamily(name, doc, labels=["type"])
@@ -548,8 +553,8 @@ class MeshCollector(Collector):
                 g.add_metric([], value)
                 yield g
         for name, value, doc in (
-            ("meshscale_objects_stored", objects, "Objects stored on this node."),
-            ("meshscale_bytes_stored", nbytes, "Bytes of objects stored on this node."),
+            ("meshscale_stored_objects", objects, "Objects stored on this node."),
+            ("meshscale_stored_bytes", nbytes, "Bytes of objects stored on this node."),
             ("meshscale_objects_under_replicated", under,
              "Objects held here with fewer allowed live nodes than their policy wants."),
         ):
@@ -564,15 +569,20 @@ class MeshCollector(Collector):
                             ("failed", "repairs_failed"), ("shed", "repairs_shed")):
             c.add_metric([result], rm_stats.get(key, 0))
         yield c
+        c = CounterMetricFamily("meshscale_read_served_bytes", "Bytes this node read from its "
+                                "own copies for readers (clients, or nodes relaying to "
+                                "them); a range read counts only its range.")
+        c.add_metric([], dp.stats.get("read_served_bytes", 0) if dp is not None else 0)
+        yield c
 
     @staticmethod
     def _streams(agent: ObservedNode) -> Iterator[Metric]:
         plane = agent.streams
         counters = plane.stats if plane is not None else {}
         for name, key, doc in (
-            ("meshscale_stream_records_in", "records_in", "Records appended to shards whose "
-             "source is this node (producers and operator outputs)."),
-            ("meshscale_stream_records_backed_up", "records_backed_up",
+            ("meshscale_stream_appended_records", "records_in", "Records appended to shards "
+             "whose source is this node (producers and operator outputs)."),
+            ("meshscale_stream_backed_up_records", "records_backed_up",
              "Records copied here as another node's shard backup."),
             ("meshscale_stream_publish_waits", "publish_waits",
              "Times a publish waited for room (backpressure)."),
@@ -582,18 +592,24 @@ class MeshCollector(Collector):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], counters.get(key, 0))
             yield c
-        g = GaugeMetricFamily("meshscale_stream_backlog", "Records a shard held here still "
-                              "waits to have processed by its slowest operator.",
+        g = GaugeMetricFamily("meshscale_stream_backlog_records", "Records a shard held "
+                              "here still waits to have processed by its slowest operator, "
+                              "by topic and the node the shard comes from (its name: stable "
+                              "across restarts, so a restart makes no new series).",
                               labels=["topic", "source", "role"])
         c = CounterMetricFamily("meshscale_stream_cross_region_bytes", "Stream payload bytes "
                                 "this node sent to or fetched from another region.",
                                 labels=["label"])
-        p = CounterMetricFamily("meshscale_stream_records_processed", "Records processed by "
+        p = CounterMetricFamily("meshscale_stream_processed_records", "Records processed by "
                                 "operator runners on this node.", labels=["operator"])
         if plane is not None:
+            backlog: Counter[tuple[str, str, str]] = Counter()
             for (topic, source), log in plane.logs.items():
-                g.add_metric([topic, source, "primary" if source == plane.source_id else "backup"],
-                             log.backlog())
+                role = "primary" if source == plane.source_id else "backup"
+                # An earlier run's shard of the same node adds to the same series.
+                backlog[(topic, split_source(source)[0], role)] += log.backlog()
+            for labels, n in sorted(backlog.items()):
+                g.add_metric(list(labels), n)
             for label, n in plane.cross_region_bytes.items():
                 c.add_metric([label], n)
             for op, st in plane.op_stats.items():

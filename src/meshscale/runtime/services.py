@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from meshscale.core.api.contract import Method, Request
+from meshscale.core.audit import Kind
 from meshscale.core.membership import Membership, NodeMeta
 from meshscale.core.outputs import Event
 from meshscale.runtime.config import AgentConfig, AgentStats
@@ -28,6 +29,7 @@ from meshscale.runtime.workers import WorkerPool
 from meshscale.transport.credentials import Credentials
 from meshscale.transport.peers import PeerPool
 from meshscale.trust.bundle import Bundle
+from meshscale.trust.certs import Peer
 
 __all__ = ["Handler", "LocalCopies", "NodeServices", "Rep", "Req"]
 
@@ -82,7 +84,15 @@ class NodeServices(Protocol):
     def record_event(self, kind: str, name: str = "", detail: str = "") -> None: ...
 
     def set_tag(self, key: str, value: str | None) -> None:
-        """Set (None: remove) one of this node's gossiped tags."""
+        """Set (None: remove) one of this node's gossiped tags; ``ValueError`` if the
+        node's metadata would grow past its bound (nothing changed)."""
+        ...
+
+    def record(self, kind: Kind, subject: str, *, data_class: str | None = "",
+               from_region: str | None = None, to_region: str | None = None,
+               detail: str = "", who: Peer | str | None = None) -> None:
+        """Add an entry to the node's audit trail (``runtime/audit.py``); ``who``: the
+        RPC's caller unless given; regions: this node's unless given."""
         ...
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

@@ -61,6 +61,7 @@ from meshscale.core.api.streams import (
     ShardInfo,
     StreamStats,
 )
+from meshscale.core.audit import Kind
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.policy import PolicyError, Rule, copy_refusal, resolve
@@ -87,6 +88,7 @@ from meshscale.core.streams import (
     source_id,
     split_source,
 )
+from meshscale.runtime import caller
 from meshscale.runtime.local import LocalCalls, call_node
 from meshscale.runtime.services import NodeServices
 from meshscale.runtime.workers import TaskFailed, WorkerPool, pickle_args
@@ -321,14 +323,20 @@ class StreamPlane:
             self.logs[key] = log
         return log
 
-    def _refuse(self, rule: str, message: str, **fields: object) -> ApiError:
+    def _refuse(self, rule: str, message: str, *, subject: str = "",
+                data_class: str | None = None, **fields: object) -> ApiError:
         """The one place this plane refuses a request by a policy or residency rule: counts
-        it (``refused_<rule>``), logs it (rate-limited) and returns the error to raise.
-        The audit trail hooks in here."""
+        it (``refused_<rule>``), records it in the audit trail (a ``refusal`` entry naming
+        ``subject``, the class and the caller's region), logs it (rate-limited: a peer can
+        cause it) and returns the error to raise."""
         self.stats["refusals"] += 1
         self.stats[f"refused_{rule}"] += 1
-        self.agent.log_limited("refused", rule=rule, message=message[:300], **fields)
-        return ApiError(ErrorCode.REFUSED, f"refused: {message}")
+        why = f"refused: {message}"
+        self.agent.record(Kind.REFUSAL, subject[:1024], data_class=data_class,
+                          from_region=caller.node_region(self.agent.m.members), detail=why[:1024])
+        self.agent.log_limited("refused", rule=rule, message=message[:300],
+                               subject=subject[:200], data_class=data_class, **fields)
+        return ApiError(ErrorCode.REFUSED, why)
 
     async def _resolve_class(self, wire: ResidencyWire | None, *, stream: bool
                              ) -> ResidencyWire | None:
@@ -455,7 +463,7 @@ class StreamPlane:
                 why = copy_refusal(self.agent.meta.region, res,
                                    await self.local.class_policies({cls}), stream=True)
                 if why is not None:
-                    raise self._refuse("residency", f"topic {topic!r}: {why}", topic=topic,
+                    raise self._refuse("residency", f"topic {topic!r}: {why}", subject=topic,
                                        data_class=cls)
             self.topic_residency[topic] = res
         else:

@@ -45,7 +45,13 @@ class WireCounter(Protocol):
 
 
 class RpcError(Exception):
-    """An RPC failed: unreachable node, refused credentials, or an error reply."""
+    """An RPC failed: unreachable node, refused credentials, or an error reply.
+    ``unreachable``: nothing answered at the address (refused, timed out, no route), as
+    opposed to a node that answered and refused (TLS, token, an error reply)."""
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class RemoteError(RpcError):
@@ -94,7 +100,8 @@ class RpcConnection:
                     )
             except TimeoutError:
                 raise RpcError(f"{self.addr}: no connection within "
-                               f"{self.connect_timeout:g}s (unreachable?)") from None
+                               f"{self.connect_timeout:g}s (unreachable?)",
+                               unreachable=True) from None
         return self._writer
 
     @property
@@ -125,7 +132,8 @@ class RpcConnection:
             raise
         except TimeoutError:
             await self.close()
-            raise RpcError(f"{self.addr}: timed out after {self.timeout:g}s") from None
+            raise RpcError(f"{self.addr}: timed out after {self.timeout:g}s",
+                           unreachable=True) from None
         except (NodeBusy, VersionMismatch) as e:
             await self.close()
             raise RpcError(str(e)) from None
@@ -140,7 +148,9 @@ class RpcConnection:
             detail = str(e) or type(e).__name__
             if isinstance(e, asyncio.IncompleteReadError):
                 detail = "connection closed by the node (wrong bundle or token?)"
-            raise RpcError(f"{self.addr}: {detail}") from None
+            # TLS refusals are OSErrors too, but something answered.
+            unreachable = isinstance(e, OSError) and not isinstance(e, ssl.SSLError)
+            raise RpcError(f"{self.addr}: {detail}", unreachable=unreachable) from None
 
     async def pipeline(self) -> RpcPipeline:
         """Hold this connection for a series of calls sent ahead of their replies (a

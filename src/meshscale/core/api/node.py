@@ -82,6 +82,26 @@ class RevokeReply(msgspec.Struct):
     """False when this node already knew of the removal."""
 
 
+class EnergyInfo(msgspec.Struct):
+    """A node's power and energy (``node.energy``; ``meshscale energy``)."""
+
+    name: str
+    region: str
+    zone: str
+    source: str
+    """``rapl``: measured by the machine's RAPL counters; ``model``: the declared
+    idle/peak watts at the node's CPU utilisation (an estimate, not a meter)."""
+    watts: float
+    """Draw over the last second."""
+    joules_total: float
+    """Since the node started."""
+    joules_last_hour: float
+    window_s: int
+    """Seconds ``joules_last_hour`` covers (less than an hour for a young node)."""
+    cpu_utilization: float
+    """CPU of the agent and its workers over the last second / the machine's CPUs."""
+
+
 MEMBERS: Method[Empty, list[MemberInfo]] = Method("members", Empty, list[MemberInfo])
 STATS: Method[Empty, NodeStats] = Method("stats", Empty, NodeStats)
 EVENTS: Method[EventsRequest, list[EventInfo]] = Method("events", EventsRequest,
@@ -89,4 +109,6 @@ EVENTS: Method[EventsRequest, list[EventInfo]] = Method("events", EventsRequest,
 ADMIN_REVOKE: Method[RevokeRequest, RevokeReply] = Method("admin.revoke", RevokeRequest,
                                                          RevokeReply)
 
-METHODS: tuple[Method[Any, Any], ...] = (MEMBERS, STATS, EVENTS, ADMIN_REVOKE)
+ENERGY: Method[Empty, EnergyInfo] = Method("node.energy", Empty, EnergyInfo)
+
+METHODS: tuple[Method[Any, Any], ...] = (MEMBERS, STATS, EVENTS, ADMIN_REVOKE, ENERGY)

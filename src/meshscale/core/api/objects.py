@@ -24,8 +24,10 @@ __all__ = [
     "KV_APPLY",
     "KV_DELETE",
     "KV_GET",
+    "KV_LIST",
     "KV_PUT",
     "KV_READ",
+    "KV_SCAN",
     "LIST",
     "LOCAL_LIST",
     "LOCAL_STAT",
@@ -50,7 +52,10 @@ __all__ = [
     "Done",
     "Holder",
     "KvApplyRequest",
+    "KvEntry",
     "KvKeyRequest",
+    "KvListRequest",
+    "KvPage",
     "KvPutRequest",
     "KvReadRequest",
     "KvRecordWire",
@@ -91,6 +96,11 @@ MAX_HINT_TARGETS = 64
 """Replicas one KV stand-in may be told it stands in for."""
 MAX_TS_LENGTH = 512
 """An encoded HLC timestamp."""
+MAX_KV_LIST_PAGE = 1000
+"""Keys one ``kv.list`` (or ``kv.scan``) page may ask for."""
+MAX_KV_PAGE_BYTES = 2 * 1024 * 1024
+"""Keys and values one ``kv.list`` or ``kv.scan`` reply carries at most (beyond the first
+entry): a page stops early rather than outgrow an RPC frame."""
 MAX_REPL_MESSAGE_BYTES = 8 * 1024 * 1024
 """One replication protocol message (``core/replication.py`` bounds its own batches)."""
 
@@ -370,6 +380,30 @@ class KvRecordWire(msgspec.Struct):
     ts: str
 
 
+class KvListRequest(Request):
+    """Keys starting with ``prefix``, in key order, after ``after`` (``kv.list``; a
+    replica's own records with ``kv.scan``)."""
+
+    prefix: Annotated[str, msgspec.Meta(max_length=MAX_KEY_BYTES)] = ""
+    after: Annotated[str, msgspec.Meta(max_length=MAX_KEY_BYTES)] = ""
+    """Only keys after this one ("": from the first)."""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_KV_LIST_PAGE)] = 100
+
+
+class KvEntry(msgspec.Struct):
+    """A key's record (``kv.scan``: None is a tombstone; ``kv.list`` lists live keys)."""
+
+    key: str
+    value: bytes | None
+    ts: str
+
+
+class KvPage(msgspec.Struct):
+    entries: list[KvEntry]
+    next: str | None = None
+    """Pass as ``after`` for the next page; None: the last page."""
+
+
 PUT_BEGIN: Method[PutBeginRequest, PutBeginReply] = Method(
     "obj.put_begin", PutBeginRequest, PutBeginReply)
 PUT_CHUNK: Method[PutChunkRequest, ChunkReply] = Method(
@@ -406,8 +440,11 @@ KV_APPLY: Method[KvApplyRequest, KvApplyReply] = Method("kv.apply", KvApplyReque
                                                         KvApplyReply)
 KV_READ: Method[KvReadRequest, KvRecordWire | None] = Method(
     "kv.read", KvReadRequest, KvRecordWire | None)
+KV_LIST: Method[KvListRequest, KvPage] = Method("kv.list", KvListRequest, KvPage)
+KV_SCAN: Method[KvListRequest, KvPage] = Method("kv.scan", KvListRequest, KvPage)
 
 METHODS: tuple[Method[Any, Any], ...] = (
     PUT_BEGIN, PUT_CHUNK, PUT_END, PUT_ABORT, PUT_SMALL, RW_BEGIN, RW_CHUNK, RW_END,
     RW_SMALL, READ, READ_LOCAL, LOCAL_STAT, LOCAL_LIST, STAT, LIST, DELETE, CORRUPT_LOCAL,
-    DP_STATS, REPL_MSG, KV_PUT, KV_DELETE, KV_GET, KV_APPLY, KV_READ)
+    DP_STATS, REPL_MSG, KV_PUT, KV_DELETE, KV_GET, KV_APPLY, KV_READ,
+    KV_LIST, KV_SCAN)

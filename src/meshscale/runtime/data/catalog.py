@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from meshscale.core.api import ApiError, Empty, ErrorCode, Method, ResidencyWire
 from meshscale.core.api import objects as api
+from meshscale.core.audit import Kind
 from meshscale.core.hlc import ClockSkewError
 from meshscale.core.placement import PlacementError, replica_set, write_set
 from meshscale.core.replication import ReplicationOverloaded
@@ -149,6 +150,9 @@ class Catalog(DataPlaneBase):
             self._deletes.pop(rid, None)
             raise ApiError(ErrorCode.BUSY, f"busy: {e}") from None
         self._count("deletes")
+        self.agent.record(Kind.DELETE, oid, data_class=desc.residency.data_class
+                          if desc.residency is not None else None,
+                          detail=f"held by {len(held)}: {', '.join(sorted(held))}")
         self._pump()
         try:
             kept = await asyncio.wait_for(fut, self.cfg.put_wait_s)

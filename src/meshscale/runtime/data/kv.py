@@ -21,7 +21,9 @@ from meshscale.core.kv import (
     HintStored,
     KVCoordinator,
     KVRecord,
+    ScanPage,
     kv_placement,
+    merge_scans,
 )
 from meshscale.core.placement import PlacementError, Residency
 from meshscale.core.policy import (
@@ -89,7 +91,7 @@ class KvStore(DataPlaneBase):
                                  down=self._down_view())
         except PlacementError as e:
             if rule is not None:
-                raise self._refuse("residency", f"kv write of {key!r}: {e}", key=key[:200],
+                raise self._refuse("residency", f"kv write of {key!r}: {e}", subject=key,
                                    data_class=rule.data_class) from None
             raise ApiError(ErrorCode.REFUSED, f"kv write of {key!r} refused: {e}") from None
         # A delete also goes to full members (it needs no room; it must beat their value).
@@ -162,7 +164,7 @@ class KvStore(DataPlaneBase):
             why = read_refusal(self.agent.meta.region, rule.data_class, self.policies)
             if why is not None:
                 raise self._refuse("cross_region_read", f"kv read of {key!r}: {why}",
-                                   key=key[:200], data_class=rule.data_class)
+                                   subject=key, data_class=rule.data_class)
         try:
             where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule)
         except PlacementError as e:
@@ -202,7 +204,7 @@ class KvStore(DataPlaneBase):
         # The replica checks the key's class rule itself, as an object's receiver does.
         why = copy_refusal(self.agent.meta.region, rule, self.policies)
         if why is not None:
-            raise self._refuse("residency", f"kv key {key!r:.200}: {why}", key=key[:200],
+            raise self._refuse("residency", f"kv key {key!r:.200}: {why}", subject=key,
                                data_class=None if rule is None else rule.data_class)
         try:
             stamp = HLCTimestamp.decode(ts)
@@ -223,6 +225,58 @@ class KvStore(DataPlaneBase):
             self.hints.add(key, stamp, targets, now)
             self._hints_wake.set()
         return api.KvApplyReply(applied=applied)
+
+    async def _rpc_kv_scan(self, req: api.KvListRequest) -> api.KvPage:
+        """This replica's records of keys starting with ``req.prefix`` after ``req.after``
+        (tombstones included), at most ``req.limit`` and about ``MAX_KV_PAGE_BYTES``;
+        ``next`` is set when the page stopped at either bound."""
+        assert self.store is not None
+        prefix, limit = req.prefix, req.limit
+        try:
+            rows = await asyncio.to_thread(self.store.kv_scan, prefix, limit,
+                                           after=req.after or None)
+        except StorageError as e:
+            raise _storage_error(e) from None
+        out: list[api.KvEntry] = []
+        size = 0
+        for key, value, ts in rows:
+            size += len(key) + len(value or b"") + len(ts)
+            if out and size > api.MAX_KV_PAGE_BYTES:
+                break
+            out.append(api.KvEntry(key=key, value=value, ts=ts))
+        full = len(out) < len(rows) or len(rows) >= limit
+        return api.KvPage(entries=out, next=out[-1].key if full and out else None)
+
+    async def _rpc_kv_list(self, req: api.KvListRequest) -> api.KvPage:
+        """Live keys starting with ``req.prefix``, in key order: every live member's
+        ``kv.scan`` of the range merged (``core.kv.merge_scans``: each key's newest record,
+        deletes dropped). A member that does not answer is left out, so a key whose
+        replicas are all away is missing from the listing until they are back."""
+        scans = await self._fan_out(api.KV_SCAN, req, self.cfg.kv_timeout_s)
+        pages: list[ScanPage] = []
+        for page in scans.values():
+            if page is None:
+                continue
+            recs: list[KVRecord] = []
+            for e in page.entries:
+                stamp = _stamp(e.ts)
+                if stamp is not None and e.key.startswith(req.prefix):
+                    recs.append(KVRecord(e.key, e.value, stamp))
+            pages.append(ScanPage(tuple(recs), page.next is not None))
+        if not pages:
+            raise ApiError(ErrorCode.UNAVAILABLE, "kv list failed: no member answered")
+        live, nxt = merge_scans(pages, req.limit)
+        entries = []
+        for r in live:
+            rule = self._kv_rule(r.key)
+            if rule is not None and read_refusal(self.agent.meta.region, rule.data_class,
+                                                 self.policies) is not None:
+                # A class that forbids reads from this node's region: its keys are left out
+                # of the listing here (counted), as a kv.get of them is refused.
+                self._count("kv_list_withheld")
+                continue
+            entries.append(api.KvEntry(key=r.key, value=r.value, ts=r.ts.encode()))
+        return api.KvPage(entries=entries, next=nxt)
 
     async def _hand_off_loop(self) -> None:
         """Hand hints to their replicas when ``KVHints`` says so: at its deadline, after a

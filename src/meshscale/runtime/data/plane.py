@@ -130,6 +130,8 @@ class DataPlane(Policies, Uploads, Reads, Catalog, KvStore, ReplicaDriver):
         serve(api.KV_GET, self._rpc_kv_get)
         serve(api.KV_APPLY, self._rpc_kv_apply)
         serve(api.KV_READ, self._rpc_kv_read)
+        serve(api.KV_LIST, self._rpc_kv_list)
+        serve(api.KV_SCAN, self._rpc_kv_scan)
         serve(api.DP_STATS, self._rpc_stats)
         serve(policy_api.SET, self._rpc_policy_set)
         serve(policy_api.GET, self._rpc_policy_get)

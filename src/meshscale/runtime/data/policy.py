@@ -25,6 +25,7 @@ import msgspec
 from meshscale.core.api import ApiError, Empty, ErrorCode
 from meshscale.core.api import objects as api
 from meshscale.core.api import policy as papi
+from meshscale.core.audit import Kind
 from meshscale.core.kv import Consistency
 from meshscale.core.policy import (
     POLICY_PREFIX,
@@ -165,6 +166,9 @@ class Policies(Catalog, KvStore):
         self._policy_remember(new.name, new, ts)
         await self._policy_index_update(new.name, True)
         self._count("policy_sets")
+        self.agent.record(Kind.POLICY_CHANGE, policy_key(new.name), data_class=new.name,
+                          detail=f"set {new.describe()}"
+                          + ("" if previous is None else f"; was {previous.describe()}"))
         self.agent.log("info", "policy_set", data_class=new.name, regions=list(new.regions),
                        replicas=new.replicas)
         return papi.PolicySetReply(
@@ -232,5 +236,7 @@ class Policies(Catalog, KvStore):
         self._policy_remember(req.name, None, None)
         await self._policy_index_update(req.name, False)
         self._count("policy_deletes")
+        self.agent.record(Kind.POLICY_CHANGE, policy_key(req.name), data_class=req.name,
+                          detail=f"deleted; was {policy.describe()}")
         self.agent.log("info", "policy_deleted", data_class=req.name)
         return papi.PolicyDeleteReply(name=req.name, ts=ts)

@@ -15,6 +15,7 @@ import msgspec
 
 from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.api import objects as api
+from meshscale.core.audit import Kind
 from meshscale.core.policy import read_refusal
 from meshscale.runtime import caller
 from meshscale.runtime.data.state import DataPlaneBase
@@ -103,6 +104,20 @@ class Reads(DataPlaneBase):
             f.seek(offset)
             return f.read(length)
 
+    def _audit_read_now(self, oid: str, offset: int) -> bool:
+        """Whether this chunk read starts a read the audit trail records: every read from
+        offset 0, and a read that starts further on (a range) unless the same caller's
+        read of the object was recorded in the last ``audit_range_read_s``."""
+        who = caller.current.get()
+        key = (who.name if who is not None else "", oid)
+        now = time.monotonic()
+        seen = self._range_reads.get(key)
+        self._range_reads[key] = now
+        self._range_reads.move_to_end(key)
+        while len(self._range_reads) > self.cfg.max_range_reads_tracked:
+            self._range_reads.popitem(last=False)
+        return offset == 0 or seen is None or now - seen > self.cfg.audit_range_read_s
+
     async def _rpc_read_local(self, req: api.ReadRequest) -> api.ReadReply:
         oid, offset = req.id, req.offset
         length = min(req.length, self.cfg.chunk_bytes)
@@ -125,6 +140,14 @@ class Reads(DataPlaneBase):
             data = await asyncio.to_thread(self._read_range, oid, offset, length)
         except StorageError as e:
             raise ApiError(ErrorCode.INVALID, f"{e.reason}: {oid}") from None
+        # Bytes this node read from its own copies for readers (a client, or a node
+        # relaying to one); a range read counts only the range.
+        self._count("read_served_bytes", len(data))
+        if self._audit_read_now(oid, offset):  # per read of an object, not per chunk
+            detail = (f"{meta.size} bytes" if offset == 0
+                      else f"range from byte {offset} of {meta.size}")
+            self.agent.record(Kind.READ, oid, data_class=meta.data_class,
+                              to_region=self._caller_region(), detail=detail)
         return api.ReadReply(data=data, size=meta.size, chunk_bytes=self.cfg.chunk_bytes)
 
     async def _rpc_read(self, req: api.ReadRequest) -> api.ReadReply:
@@ -200,7 +223,7 @@ class Reads(DataPlaneBase):
         class's policy forbids it (``core.policy.read_refusal``)."""
         why = read_refusal(region, data_class, await self._policies_for([data_class]))
         if why is not None:
-            raise self._refuse("cross_region_read", f"read of {oid}: {why}", object=oid,
+            raise self._refuse("cross_region_read", f"read of {oid}: {why}", subject=oid,
                                data_class=data_class, region=region)
 
     def _remember_source(self, oid: str, holder: str) -> None:

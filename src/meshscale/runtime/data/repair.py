@@ -12,6 +12,7 @@ import time
 
 from meshscale.core.api import ResidencyWire
 from meshscale.core.api import objects as api
+from meshscale.core.audit import Kind
 from meshscale.core.outputs import Event
 from meshscale.core.placement import FULL_TAG, disk_full, is_full
 from meshscale.core.puts import spare_may_source
@@ -216,13 +217,29 @@ class ReplicaDriver(DataPlaneBase):
             for oid in batch:
                 del self._drops[oid]
                 self._verified.pop(oid, None)
-            with contextlib.suppress(StorageError):
-                await asyncio.to_thread(self.store.delete_many, batch)
+            try:
+                removed = await asyncio.to_thread(self._delete_batch, batch)
+            except StorageError:
+                removed = {}
             now = time.monotonic()
             for oid in batch:
                 self.rm.object_removed(oid, now)
+            for oid, data_class in removed.items():
+                self.agent.record(Kind.COPY_DROPPED, oid, data_class=data_class,
+                                  detail="deleted" if self.rm.tombstone(oid) is not None
+                                  else "not one of its holders")
             self._count("dropped", len(batch))
             self._pump()
+
+    def _delete_batch(self, batch: list[str]) -> dict[str, str | None]:
+        """Remove the copies in ``batch`` (in a thread): those removed, with their class."""
+        assert self.store is not None
+        classes = {}
+        for oid in batch:
+            meta = self.store.meta(oid)
+            if meta is not None:
+                classes[oid] = meta.data_class
+        return {oid: classes.get(oid) for oid in self.store.delete_many(batch)}
 
     async def _persist_tomb(self, ev: TombstoneStored | TombstoneDropped) -> None:
         store = self.store
@@ -251,6 +268,7 @@ class ReplicaDriver(DataPlaneBase):
         self.rm.object_removed(oid, time.monotonic())
         self._count("quarantined")
         self.agent.log("warning", "corrupt_copy_quarantined", object=oid)
+        self.agent.record(Kind.COPY_DROPPED, oid, detail="corrupt: quarantined")
         self._pump()
 
     async def _check_disk(self) -> None:
@@ -292,5 +310,6 @@ class ReplicaDriver(DataPlaneBase):
                 self._verified.pop(oid, None)
                 self.rm.object_removed(oid, time.monotonic())
                 self._count("gc_expired")
+                self.agent.record(Kind.COPY_DROPPED, oid, detail="expired (ttl)")
             self.rm.collect_tombstones(time.time(), time.monotonic())
             self._pump()

@@ -15,6 +15,7 @@ import msgspec
 
 from meshscale.core.api import ApiError, ErrorCode, Method, ResidencyWire
 from meshscale.core.api import objects as api
+from meshscale.core.audit import Kind
 from meshscale.core.hlc import HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import KVHintConfig, KVHints
 from meshscale.core.membership import State
@@ -22,6 +23,7 @@ from meshscale.core.placement import Candidate, Residency, is_full, may_hold
 from meshscale.core.policy import ClassPolicy, kv_residency
 from meshscale.core.puts import PutPlan
 from meshscale.core.replication import ObjectPolicy, ReplicaManager, ReplicationConfig
+from meshscale.runtime import caller
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.local import call_node
 from meshscale.runtime.services import NodeServices, Rep, Req
@@ -33,6 +35,7 @@ from meshscale.runtime.storage import (
     StorageError,
 )
 from meshscale.transport.rpc import RpcConnection, RpcError
+from meshscale.trust.certs import Role
 
 LANE = "data"
 """The data plane's lane of the node's peer pool (``transport/peers.py``)."""
@@ -75,6 +78,11 @@ class DataPlaneConfig:
     read_source_cache: int = 1024
     verified_cache: int = 4096
     """Local copies remembered as hash-checked (see ``verified_ttl_s``)."""
+    audit_range_read_s: float = 60.0
+    """A read that starts past offset 0 (a range: a parquet footer, one column) is audited
+    once per caller and object in this many seconds; a read from offset 0 always is."""
+    max_range_reads_tracked: int = 4096
+    """(caller, object) pairs remembered for ``audit_range_read_s``."""
     verified_ttl_s: float = 60.0
     """A read from offset 0 re-hashes the whole local copy before serving it, unless that
     copy was hash-checked (when it was committed or by an earlier read) less than this long
@@ -243,6 +251,8 @@ class DataPlaneBase:
         self._read_classes: OrderedDict[str, str | None] = OrderedDict()
         """oid -> its data class, for reads of objects not held here (bounded as
         ``read_source_cache``)."""
+        self._range_reads: OrderedDict[tuple[str, str], float] = OrderedDict()
+        """(caller, object) -> when a read of it was last audited (``audit_range_read_s``)."""
         self._verified: OrderedDict[str, tuple[float, tuple[int, ...]]] = OrderedDict()
         """oid -> (when its local copy was last hash-checked, its file's identity then)."""
         self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
@@ -280,6 +290,19 @@ class DataPlaneBase:
         m = self.agent.m.members.get(name)
         return None if m is None else m.addr
 
+    def _region_of(self, name: str) -> str:
+        """A member's region as this node sees it ("" if unknown)."""
+        m = self.agent.m.members.get(name)
+        return "" if m is None else m.meta.region
+
+    def _caller_region(self) -> str | None:
+        """The region of the node that made the RPC being served (None: a client, or no
+        RPC: the audit trail then records this node's region)."""
+        who = caller.current.get()
+        if who is None or who.role is not Role.NODE:
+            return None
+        return self._region_of(who.name)
+
     def _live(self, name: str) -> bool:
         m = self.agent.m.members.get(name)
         return m is not None and m.state <= State.SUSPECT
@@ -300,14 +323,20 @@ class DataPlaneBase:
 
     # -- refusals
 
-    def _refuse(self, rule: str, message: str, **fields: object) -> ApiError:
+    def _refuse(self, rule: str, message: str, *, subject: str = "",
+                data_class: str | None = None, **fields: object) -> ApiError:
         """The one place this plane refuses a request by a policy or residency rule: counts
-        it (``refused_<rule>``), logs it (rate-limited: a peer can cause it) and returns
-        the error to raise. The audit trail hooks in here."""
+        it (``refused_<rule>``), records it in the audit trail (a ``refusal`` entry naming
+        ``subject``, the class and the caller's region), logs it (rate-limited: a peer can
+        cause it) and returns the error to raise."""
         self._count("refusals")
         self._count(f"refused_{rule}")
-        self.agent.log_limited("refused", rule=rule, message=message[:300], **fields)
-        return ApiError(ErrorCode.REFUSED, f"refused: {message}")
+        why = f"refused: {message}"
+        self.agent.record(Kind.REFUSAL, subject[:1024], data_class=data_class,
+                          from_region=self._caller_region(), detail=why[:1024])
+        self.agent.log_limited("refused", rule=rule, message=message[:300],
+                               subject=subject[:200], data_class=data_class, **fields)
+        return ApiError(ErrorCode.REFUSED, why)
 
     # -- provided by the other rooms (``plane.py`` puts them together)
 
@@ -346,3 +375,6 @@ class DataPlaneBase:
 
     async def _policies_for(self, names: Iterable[str | None]) -> Mapping[str, ClassPolicy]:
         raise NotImplementedError  # policy.py
+    async def _fan_out(self, method: Method[Req, Rep], req: Req,
+                       timeout_s: float | None = None) -> dict[str, Rep | None]:
+        raise NotImplementedError  # catalog.py

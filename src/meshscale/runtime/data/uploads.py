@@ -15,6 +15,7 @@ from typing import Any
 
 from meshscale.core.api import ApiError, ErrorCode, ResidencyWire
 from meshscale.core.api import objects as api
+from meshscale.core.audit import Kind
 from meshscale.core.hlc import ClockSkewError
 from meshscale.core.objects import object_id
 from meshscale.core.placement import PlacementError
@@ -33,6 +34,10 @@ from meshscale.runtime.data.state import (
 )
 from meshscale.runtime.storage import ObjectMeta, StorageError
 from meshscale.transport.rpc import RpcConnection, RpcError
+
+
+def _class(policy: ObjectPolicy) -> str | None:
+    return None if policy.residency is None else policy.residency.data_class
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ class Uploads(DataPlaneBase):
             if why is not None:
                 self._count("replicas_refused_residency")
                 res = policy.residency
-                raise self._refuse("residency", why, object=spec.oid,
+                raise self._refuse("residency", why, subject=spec.oid or "",
                                    data_class=None if res is None else res.data_class)
         plan = None
         if client:
@@ -112,7 +117,10 @@ class Uploads(DataPlaneBase):
                 else:
                     plan = self.rm.plan_put(spec.oid, policy, spec.w, early_copies=early)
             except PlacementError as e:
-                raise ApiError(ErrorCode.REFUSED, f"refused: {put_refusal(e)}") from None
+                why = f"refused: {put_refusal(e)}"
+                self.agent.record(Kind.REFUSAL, spec.oid or "", data_class=_class(policy),
+                                  detail=why)
+                raise ApiError(ErrorCode.REFUSED, why) from None
         now = time.time()
         ttl_s = spec.ttl_s
         if ttl_s is None and spec.expires is not None:
@@ -379,11 +387,12 @@ class Uploads(DataPlaneBase):
             res = policy.residency
             regions = sorted(res.regions) if res is not None and res.regions is not None \
                 else []
-            raise ApiError(ErrorCode.REFUSED, (
-                f"refused by the residency rule (regions {regions}): this node is in "
-                f"{self.agent.meta.region!r} and a put whose id is not sent ahead is stored "
-                "here first; send the id with obj.put_begin, or put through a node in "
-                "those regions"))
+            why = (f"refused by the residency rule (regions {regions}): this node is in "
+                   f"{self.agent.meta.region!r} and a put whose id is not sent ahead is "
+                   "stored here first; send the id with obj.put_begin, or put through a node "
+                   "in those regions")
+            self.agent.record(Kind.REFUSAL, "", data_class=_class(policy), detail=why)
+            raise ApiError(ErrorCode.REFUSED, why)
         if oid is not None:
             up = self._uploads[key]
             self._stamp_after_tombstone(up, oid)
@@ -432,6 +441,10 @@ class Uploads(DataPlaneBase):
         self._drops.pop(meta.object_id, None)
         self.rm.object_added(meta.object_id, up.policy, up.hint_for, time.monotonic(),
                              _stamp(meta.written))
+        self.agent.record(Kind.COPY_MADE, meta.object_id, data_class=_class(up.policy),
+                          from_region=None if up.client else self._caller_region(),
+                          detail=f"{meta.size} bytes" + (f", hint for {up.hint_for}"
+                                                         if up.hint_for else ""))
         return meta
 
     def _commit_writer(self, up: _Upload) -> tuple[ObjectMeta, tuple[int, ...] | None]:
@@ -479,7 +492,13 @@ class Uploads(DataPlaneBase):
         except TimeoutError:
             self._puts.pop(req, None)
             raise ValueError(f"put of {meta.object_id} timed out waiting for W={up.w}") from None
+        self._record_put(oid, up, nodes)
         return api.PutReply(id=oid, size=meta.size, nodes=list(nodes))
+
+    def _record_put(self, oid: str, up: _Upload, nodes: tuple[str, ...]) -> None:
+        regions = sorted({self._region_of(n) for n in nodes})
+        self.agent.record(Kind.PUT, oid, data_class=_class(up.policy), to_region=",".join(regions),
+                          detail=f"{up.size} bytes, acknowledged by {len(nodes)}")
 
     async def _finish_spare(self, key: str, up: _Upload) -> api.PutReply:
         """A put coordinated outside the object's replica set: the members' copies (sent
@@ -520,6 +539,7 @@ class Uploads(DataPlaneBase):
         except TimeoutError:
             self._puts.pop(req, None)
             raise ValueError(f"put of {oid} timed out waiting for W={up.w}") from None
+        self._record_put(oid, up, nodes)
         return api.PutReply(id=oid, size=up.size, nodes=list(nodes))
 
     async def _commit_spare(self, req: int) -> None:

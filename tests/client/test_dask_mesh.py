@@ -1,0 +1,161 @@
+"""``meshscale.dask.cluster`` on a real mesh of 4 node processes in two regions: Dask
+workers run as mesh tasks in the region asked for, a ``dask.dataframe`` job reading
+``meshscale://`` parquet gives the totals plain pandas gives, the workers' processes stop
+listening at close, a worker whose node is killed mid-job is run again by the mesh and
+the job completes, and bad input (a region with no node, a bundle the workers cannot
+read) is a clear error."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import random
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pd = pytest.importorskip("pandas")
+dd = pytest.importorskip("dask.dataframe")
+distributed = pytest.importorskip("distributed")
+
+import meshscale.client.fs  # noqa: E402, F401  (registers meshscale://)
+from meshscale.client import connect  # noqa: E402
+from meshscale.client.tasks import TaskMesh  # noqa: E402
+from meshscale.dask import DaskClusterError, cluster  # noqa: E402
+from meshscale.runtime.launcher import LocalMesh  # noqa: E402
+from meshscale.trust.bundle import load_bundle, write_client_bundle  # noqa: E402
+
+REGIONS = ["eu-west", "us-east"]
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture(scope="module")
+def local_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    with LocalMesh(tmp_path_factory.mktemp("daskmesh"), 4, regions=REGIONS) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def mesh(local_mesh: LocalMesh) -> Iterator[TaskMesh]:
+    with connect(local_mesh.nodes[0].address, bundle=local_mesh.bundle_path) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def opts(local_mesh: LocalMesh) -> dict[str, Any]:
+    return {"address": local_mesh.nodes[0].address, "bundle": str(local_mesh.bundle_path)}
+
+
+@pytest.fixture(scope="module")
+def worker_opts(local_mesh: LocalMesh) -> Iterator[dict[str, Any]]:
+    """Storage options the Dask workers can use: a client bundle of their own that the
+    node's worker user can read (as root, nodes run task code as nobody)."""
+    d = Path(tempfile.mkdtemp(prefix="meshscale-dask-bundle-"))
+    os.chmod(d, 0o711)
+    out = d / "client"
+    write_client_bundle(load_bundle(local_mesh.admin_path), "dask-workers", out)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        for p in [out, *out.iterdir()]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    yield {"address": local_mesh.nodes[0].address, "bundle": str(out)}
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sales(opts: dict[str, Any]) -> Any:
+    """Four parquet files under meshscale://sales/; their rows as one pandas frame."""
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    parts = []
+    for i in range(4):
+        df = pd.DataFrame({"region": [rng.choice(["eu", "us", "ap"]) for _ in range(2000)],
+                           "amount": [rng.randint(1, 1000) for _ in range(2000)]})
+        df.to_parquet(f"meshscale://sales/part-{i}.parquet", storage_options=opts)
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True)
+
+
+def refused(address: str) -> bool:
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def nodes_of(mesh: TaskMesh, task_ids: list[str]) -> dict[str, str | None]:
+    rows = {r["task_id"]: r for r in mesh.tasks()}
+    return {t: rows.get(t, {}).get("node") for t in task_ids}
+
+
+def test_dask_job_on_mesh_workers_gives_the_pandas_totals(
+        mesh: TaskMesh, local_mesh: LocalMesh, worker_opts: dict[str, Any], sales: Any) -> None:
+    us = {n.name for n in local_mesh.nodes if n.region == "us-east"}
+    with cluster(mesh, region="us-east", workers=2, storage_options=worker_opts) as c, \
+            distributed.Client(c) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        placed = nodes_of(mesh, c.worker_tasks())
+        assert set(placed.values()) <= us, placed
+        ddf = dd.read_parquet("meshscale://sales/", storage_options=worker_opts)
+        got = ddf.groupby("region").amount.sum().compute().sort_index()
+        # The Dask tasks ran on the mesh's workers (not in this process).
+        assert set(client.run(os.getpid).values()).isdisjoint({os.getpid()})
+    want = sales.groupby("region").amount.sum().sort_index()
+    assert {str(k): int(v) for k, v in got.items()} == {str(k): int(v) for k, v in want.items()}
+    # Closed: every worker task returned, and nothing listens where they did.
+    done = [f.result(timeout=30) for f in c.futures]
+    assert all(refused(d["address"]) for d in done), done
+    assert refused(c.scheduler_address)
+
+
+def test_a_worker_whose_node_dies_is_replaced_and_the_job_completes(
+        mesh: TaskMesh, local_mesh: LocalMesh, worker_opts: dict[str, Any], sales: Any) -> None:
+    def slow_total(df: Any) -> Any:
+        time.sleep(1.5)
+        return df.groupby("region", as_index=False).amount.sum()
+
+    with cluster(mesh, region="us-east", workers=2, storage_options=worker_opts) as c, \
+            distributed.Client(c) as client:
+        placed = nodes_of(mesh, c.worker_tasks())
+        victim = next(n for n in local_mesh.nodes if n.name in placed.values())
+        assert victim is not local_mesh.nodes[0]  # the node the client reads through
+        ddf = dd.read_parquet("meshscale://sales/", storage_options=worker_opts,
+                              split_row_groups=False).repartition(npartitions=8)
+        meta = pd.DataFrame({"region": pd.Series(dtype=object),
+                             "amount": pd.Series(dtype="int64")})
+        job = client.compute(ddf.map_partitions(slow_total, meta=meta)
+                             .groupby("region").amount.sum())
+        time.sleep(2.0)
+        assert victim.proc is not None and not job.done()  # mid-job
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        got = job.result(timeout=300).sort_index()
+        # The mesh ran the lost worker's task again: two workers again.
+        deadline = time.monotonic() + 120
+        while len(client.scheduler_info()["workers"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(client.scheduler_info()["workers"]) == 2
+    want = sales.groupby("region").amount.sum().sort_index()
+    assert {str(k): int(v) for k, v in got.items()} == {str(k): int(v) for k, v in want.items()}
+
+
+def test_bad_input(mesh: TaskMesh, opts: dict[str, Any]) -> None:
+    with pytest.raises(DaskClusterError, match="mars"):
+        cluster(mesh, region="mars", workers=1, start_timeout_s=60)
+    with pytest.raises(ValueError, match="workers"):
+        cluster(mesh, workers=0)
+    with pytest.raises(ValueError, match="token"):
+        cluster(mesh, workers=1, storage_options={**opts, "token": "x"})
+    if os.geteuid() == 0:
+        # The test's own bundle is root's: the workers (nobody) cannot read it.
+        with pytest.raises(DaskClusterError, match="cannot read the bundle"):
+            cluster(mesh, region="us-east", workers=1, storage_options=opts)
