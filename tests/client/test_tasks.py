@@ -43,7 +43,8 @@ def test_refs_are_inputs_and_replaced_by_bytes() -> None:
     r1 = ObjectRef("b3-" + "1" * 64, 3)
     r2 = ObjectRef("b3-" + "2" * 64, 5)
     nested = [r1]
-    payload, inputs = t._pickle_call((r1, nested), {"extra": r2})
+    payload, inputs, after = t._pickle_call((r1, nested), {"extra": r2})
+    assert after == []
     assert inputs == [r1.id, r2.id]
     _, fn_bytes = t.pickle_function(sizes)
     out = run_like_a_worker(fn_bytes, payload, [b"abc", b"12345"])
@@ -52,7 +53,7 @@ def test_refs_are_inputs_and_replaced_by_bytes() -> None:
 
 def test_same_ref_twice_is_one_input() -> None:
     r = ObjectRef("b3-" + "3" * 64, 1)
-    payload, inputs = t._pickle_call((r, r), {})
+    payload, inputs, _ = t._pickle_call((r, r), {})
     assert inputs == [r.id]
     _, fn_bytes = t.pickle_function(add)
     assert run_like_a_worker(fn_bytes, payload, [b"x"]) == b"xx"
@@ -65,7 +66,7 @@ def test_closure_travels_by_value() -> None:
         return x + k
 
     _, fn_bytes = t.pickle_function(plus_k)
-    payload, _ = t._pickle_call((1,), {})
+    payload, _, _ = t._pickle_call((1,), {})
     assert run_like_a_worker(fn_bytes, payload, []) == 42
 
 

@@ -124,6 +124,7 @@ from meshscale.core.tasks import (
     TaskState,
     Verdict,
     lookup,
+    upstream_failure,
 )
 from meshscale.core.wire import DECODE_ERRORS
 from meshscale.runtime import caller
@@ -210,6 +211,9 @@ class ComputeConfig:
     if they all did, the answer carries the outcomes and only the final records are
     written (as with every task, right after it ends). Slower functions never wait."""
     result_replicas: int = 3
+    max_upstream_inline_bytes: int = 1 << 20
+    """Upstream results (futures passed as arguments) that travel with the task to its
+    worker, in all; beyond it they are stored as objects and read by the worker."""
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
 
 
@@ -217,6 +221,13 @@ _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(TaskRecord)
 _records_encoder = msgspec.msgpack.Encoder()
 _records_decoder = msgspec.msgpack.Decoder(list[TaskRecord])
+
+
+class _Upstream(msgspec.Struct, array_like=True):
+    """One upstream result for the worker: its pickled value, or the object it is in."""
+
+    value: bytes | None = None
+    oid: str = ""
 
 
 class _Payload(msgspec.Struct, array_like=True):
@@ -227,6 +238,9 @@ class _Payload(msgspec.Struct, array_like=True):
     inputs: list[str]
     timeout_s: float | None
     memory_mb: int
+    upstream: list[_Upstream] = []
+    """The results of the task's upstream tasks, in ``TaskRecord.after`` order: the
+    pickled value (small ones), or the id of the object it was stored as."""
 
 
 @dataclass(eq=False)
@@ -287,6 +301,7 @@ class ComputePlane:
         self.pool = WorkerPool(PoolConfig(workers=slots,
                                           default_timeout_s=agent.cfg.task_timeout_s,
                                           default_memory_mb=per_task_mb,
+                                          max_log_bytes=max(1, agent.cfg.task_log_bytes),
                                           isolation=getattr(agent, "isolation", None)))
         self.sched: Scheduler | None = None
         self.stats: dict[str, int] = {}
@@ -577,6 +592,12 @@ class ComputePlane:
         self._count("inputs_by_value")
         return await self._read_object(oid)
 
+    async def _upstream_input(self, up: _Upstream, links: list[Path]) -> bytes | str:
+        """An upstream result for the worker: carried with the task, or an object."""
+        if up.value is not None:
+            return up.value
+        return await self._input(up.oid, links)
+
     async def _read_object(self, oid: str) -> bytes:
         return await self.local.read_object(oid)
 
@@ -661,6 +682,11 @@ class ComputePlane:
         if len(t.inputs) > self.cfg.max_inputs:
             raise ValueError(f"task {task_id}: {len(t.inputs)} inputs "
                              f"(max {self.cfg.max_inputs})")
+        if len(t.after) > self.cfg.max_inputs:
+            raise ValueError(f"task {task_id}: {len(t.after)} futures among its arguments "
+                             f"(max {self.cfg.max_inputs})")
+        if task_id in t.after:
+            raise ValueError(f"task {task_id} cannot take its own result")
         res = t.residency
         return TaskRecord(
             task_id=task_id, owner=self.agent.name, fn_id=t.fn_id, args=t.args,
@@ -670,18 +696,36 @@ class ComputePlane:
             data_class=None if res is None else res.data_class,
             placement=None if t.placement is None else msgspec.to_builtins(t.placement),
             retries=t.retries, timeout_s=t.timeout_s, submitted=time.time(),
+            after=list(t.after),
         )
 
-    async def _spec(self, rec: TaskRecord) -> TaskSpec:
+    async def _spec(self, rec: TaskRecord, upstream: list[TaskView] | None = None) -> TaskSpec:
         """The scheduler's view of ``rec`` (its submitter rides in the record, so a
-        re-submitted or adopted task keeps its owner's share)."""
+        re-submitted or adopted task keeps its owner's share). ``upstream``: the ended
+        views of ``rec.after``; a result stored as an object is one more input for
+        placement (the task goes where its bytes are, as for an ``ObjectRef``)."""
         refs = list(await asyncio.gather(*(self._input_ref(o) for o in rec.inputs)))
+        values: list[_Upstream] = []
+        budget = self.cfg.max_upstream_inline_bytes
+        for v in upstream or ():
+            if v.ref is not None:
+                values.append(_Upstream(oid=v.ref.id))
+                refs.append(await self._input_ref(v.ref.id))
+            elif v.value is not None and len(v.value) <= budget:
+                budget -= len(v.value)
+                values.append(_Upstream(value=v.value))
+            elif v.value is not None:  # too much to carry: the worker reads it
+                stored = await self._put_object(v.value)
+                values.append(_Upstream(oid=str(stored["id"])))
+                refs.append(await self._input_ref(str(stored["id"])))
+            else:
+                raise ValueError(f"upstream task {v.task_id} ended with no result")
         res = None
         if rec.residency is not None or rec.data_class is not None:
             res = Residency(frozenset(rec.residency) if rec.residency is not None else None,
                             rec.data_class)
         payload = msgspec.msgpack.encode(_Payload(
-            rec.fn_id, rec.args or b"", rec.inputs, rec.timeout_s, rec.memory_mb))
+            rec.fn_id, rec.args or b"", rec.inputs, rec.timeout_s, rec.memory_mb, values))
         try:
             return TaskSpec(
                 task_id=rec.task_id, cpus=rec.cpus, memory_mb=rec.memory_mb, gpus=rec.gpus,
@@ -722,9 +766,11 @@ class ComputePlane:
         who = caller.submitter()  # the client's certificate: whose share the tasks use
         for r in new:
             r.submitter = who
-        specs = await asyncio.gather(*(self._spec(r) for r in new))
+        # Tasks that take futures wait for their upstream tasks before they are scheduled.
+        specs = await asyncio.gather(*(self._spec(r) for r in new if not r.after))
         try:
-            sched.submit(list(specs), time.monotonic())
+            if specs:
+                sched.submit(list(specs), time.monotonic())
         except SchedulingError as e:
             raise ValueError(f"refused by the {e.rule} rule: {e}") from None
         except SchedulingOverloaded as e:
@@ -732,7 +778,10 @@ class ComputePlane:
         groups = self._groups_of(new)
         now = time.monotonic()
         for r in new:
-            self.book.add(r, now, group=groups.get(r.task_id))
+            entry = self.book.add(r, now, group=groups.get(r.task_id))
+            if r.after:
+                self._count("tasks_with_upstream")
+                self.agent.spawn(self._start(entry))
         self._pump()
         # Durable before acknowledged: function object and records, so the tasks survive
         # this node (the scheduler has already started placing them). A small submit
@@ -873,13 +922,70 @@ class ComputePlane:
                          kind="lost")
 
     async def _resubmit(self, e: Entry) -> None:
-        assert self.sched is not None
+        await self._start(e)
+
+    async def _start(self, e: Entry) -> bool:
+        """Hand ``e`` to the scheduler, once its upstream tasks (``rec.after``) have ended:
+        their results ride with it, or, when one did not end done, the task fails naming
+        it (``core.tasks.upstream_failure``). False: it failed (or ended meanwhile)."""
+        rec = e.rec
         try:
-            spec = await self._spec(e.rec)
+            views = [await self._upstream_view(e, tid) for tid in rec.after]
+            if rec.state in TERMINAL or self.sched is None:
+                return False
+            failed = upstream_failure([(v.task_id, v.state, v.kind, v.error, v.traceback,
+                                        v.exc) for v in views])
+            if failed is not None:
+                self._count("tasks_upstream_failed")
+                self._finish(e, "failed", error=failed.error, kind=failed.kind,
+                             traceback=failed.traceback, exc=failed.exc)
+                return False
+            spec = await self._spec(rec, views)
+            if rec.state in TERMINAL or self.sched is None:
+                return False
             self.sched.submit([spec], time.monotonic())
-        except (ValueError, SchedulingOverloaded) as exc:
-            self._finish(e, "failed", error=str(exc), kind="refused")
-        self._pump()
+        except SchedulingError as exc:
+            if rec.state not in TERMINAL:
+                self._finish(e, "failed", error=f"refused by the {exc.rule} rule: {exc}",
+                             kind="refused")
+            return False
+        except (ValueError, SchedulingOverloaded, RpcError) as exc:
+            if rec.state not in TERMINAL:
+                self._finish(e, "failed", error=str(exc), kind="refused")
+            return False
+        finally:
+            self._pump()
+        return True
+
+    async def _upstream_view(self, e: Entry, tid: str) -> TaskView:
+        """Upstream task ``tid`` of ``e`` once it has ended (owned here, or asked of its
+        owner or its record), or as soon as ``e`` itself has ended (cancelled)."""
+        unknown_tries = 0
+        while e.rec.state not in TERMINAL:
+            up = self.book.get(tid)
+            if up is not None:
+                if up.rec.state in TERMINAL:
+                    return self._view_of(up.rec)
+                up.waiters += 1
+                try:
+                    await self._changed(self.cfg.max_wait_s)
+                finally:
+                    up.waiters -= 1
+                continue
+            t0 = time.monotonic()
+            found = await self._lookup(tid, self.cfg.max_wait_s)
+            if found is not None and found.state in TERMINAL:
+                return found
+            if found is None and tid not in self.book:
+                # No record (yet: a submit answered early writes it just after): a few
+                # tries, then the task is unknown.
+                unknown_tries += 1
+                if unknown_tries > 5:
+                    return TaskView(task_id=tid, state=TaskState.FAILED, kind="unknown",
+                                    error="no node knows this task (its record was lost)")
+            if time.monotonic() - t0 < 0.1:
+                await asyncio.sleep(0.5)
+        return TaskView(task_id=tid, state=TaskState.CANCELLED, kind="cancelled")
 
     def _on_failed(self, ev: TaskFailed) -> None:
         e = self.book.get(ev.task_id)
@@ -889,9 +995,11 @@ class ComputePlane:
 
     def _finish(self, e: Entry, state: str, *, value: bytes | None = None,
                 ref: dict[str, Any] | None = None, error: str = "", kind: str = "",
-                traceback: str = "", node: str | None = None) -> None:
+                traceback: str = "", node: str | None = None, exc: bytes | None = None,
+                stdout: str = "", stderr: str = "") -> None:
         r = self.book.finish(e, TaskState(state), time.time(), value=value, ref=ref,
-                             error=error, kind=kind, traceback=traceback, node=node)
+                             error=error, kind=kind, traceback=traceback, node=node,
+                             exc=exc, stdout=stdout, stderr=stderr)
         self._count("tasks_" + state)
         if self.observer is not None:
             self.observer(r, time.monotonic() - e.t0)
@@ -937,10 +1045,11 @@ class ComputePlane:
             ref = req.ref
             self._finish(e, "done", value=req.value,
                          ref=None if ref is None else {"id": ref.id, "size": ref.size},
-                         node=req.node)
+                         node=req.node, stdout=req.stdout, stderr=req.stderr)
         else:
             self._finish(e, "failed", error=req.error, kind=req.kind,
-                         traceback=req.traceback, node=req.node)
+                         traceback=req.traceback, node=req.node, exc=req.exc,
+                         stdout=req.stdout, stderr=req.stderr)
         return DoneReply(True)
 
     def _rpc_fn(self, req: FnRequest) -> FnReply:
@@ -954,8 +1063,8 @@ class ComputePlane:
         """A record as an answer (the one place it is converted)."""
         ref = None if r.ref is None else ResultRef(str(r.ref["id"]), int(r.ref["size"]))
         return TaskView(task_id=r.task_id, state=r.state, value=r.value, ref=ref,
-                        error=r.error, kind=r.kind, traceback=r.traceback, node=r.node,
-                        owner=r.owner, reason=r.reason)
+                        error=r.error, kind=r.kind, traceback=r.traceback, exc=r.exc,
+                        node=r.node, owner=r.owner, reason=r.reason)
 
     def _alive(self) -> set[str]:
         return {n for n, m in self.agent.m.members.items() if m.state <= State.SUSPECT}
@@ -1016,13 +1125,10 @@ class ComputePlane:
                 return
             self._remember_fn(rec.fn_id, data)
             self._fns_stored.add(rec.fn_id)
-        try:
-            spec = await self._spec(rec)
-            self.sched.submit([spec], time.monotonic())
-        except (ValueError, SchedulingOverloaded) as exc:
-            self._finish(e, "failed", error=str(exc), kind="refused")
+        if rec.after:  # waits for its upstream tasks: not while the asker waits on it
+            self.agent.spawn(self._start(e))
+        elif not await self._start(e):
             return
-        self._pump()
         await self._kv_put(msgspec.structs.replace(rec))
 
     async def _rpc_result(self, req: ResultRequest) -> TaskView:
@@ -1167,15 +1273,22 @@ class ComputePlane:
             if self._pool_ready is not None and not self._pool_ready.is_set():
                 await asyncio.wait_for(self._pool_ready.wait(), self.pool.config.start_timeout_s)
             inputs = list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
-            call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
+            if p.upstream:
+                upstream = list(await asyncio.gather(*(
+                    self._upstream_input(v, links) for v in p.upstream)))
+                call_args = pickle.dumps(((p.args, inputs, upstream), {}), protocol=5)
+            else:
+                call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
             self._running[key] = pool_id
             kw: dict[str, Any] = {"timeout_s": p.timeout_s, "cpus": spec.cpus,
                                   "memory_mb": p.memory_mb or None, "task_id": pool_id}
             try:
-                result = await self.pool.run(p.fn_id, None, call_args, **kw)
+                ran = await self.pool.run_task(p.fn_id, None, call_args, **kw)
             except FunctionNotCached:
                 fn = await self._function(owner, p.fn_id)
-                result = await self.pool.run(p.fn_id, fn, call_args, **kw)
+                ran = await self.pool.run_task(p.fn_id, fn, call_args, **kw)
+            result = ran.result
+            outcome.stdout, outcome.stderr = ran.stdout, ran.stderr
             if len(result) <= self.cfg.inline_result_bytes:
                 outcome.ok, outcome.value = True, result
             else:
@@ -1183,6 +1296,8 @@ class ComputePlane:
                 outcome.ok, outcome.ref = True, ResultRef(str(ref["id"]), int(ref["size"]))
         except WorkerTaskFailed as e:
             outcome.kind, outcome.error, outcome.traceback = e.kind, e.message, e.traceback
+            outcome.exc = e.exc or None
+            outcome.stdout, outcome.stderr = e.stdout, e.stderr
         except (PoolBusy, PoolClosed) as e:
             outcome.kind, outcome.error = "worker_crashed", f"{type(e).__name__}: {e}"
         except _INPUT_ERRORS as e:

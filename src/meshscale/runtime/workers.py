@@ -65,6 +65,7 @@ from meshscale.runtime.worker_main import (
     KIND_RAISED,
     KIND_TOO_LARGE,
     KIND_UNPICKLABLE,
+    LOG_NOTE_BYTES,
     MAX_ENVELOPE,
     REPLY_SLACK,
     Done,
@@ -87,6 +88,7 @@ __all__ = [
     "PoolBusy",
     "PoolClosed",
     "PoolConfig",
+    "Ran",
     "TaskFailed",
     "WorkerPool",
     "function_id",
@@ -132,6 +134,7 @@ class PoolConfig:
     close_timeout_s: float = 2.0  # idle workers get this long to exit before SIGKILL
     restart_backoff_max_s: float = 5.0  # between replacements that die before ready
     isolation: Isolation | None = None  # worker user, work dir, cgroups (isolation.py)
+    max_log_bytes: int = 64 * 1024  # what one task printed, kept per stream (stdout, stderr)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -142,12 +145,13 @@ class PoolConfig:
             "max_result_bytes",
             "max_cached_functions",
             "max_queue",
+            "max_log_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_function_bytes + self.max_arg_bytes >= 1 << 32:
             raise ValueError("max_function_bytes + max_arg_bytes must fit in 32 bits")
-        if self.max_result_bytes + REPLY_SLACK >= 1 << 32:
+        if self.max_result_bytes + REPLY_SLACK + 2 * self.max_log_bytes >= 1 << 32:
             raise ValueError("max_result_bytes must fit in 32 bits")
         if self.start_method != "spawn":
             raise ValueError(f"unsupported start_method {self.start_method!r}")
@@ -159,14 +163,29 @@ class PoolConfig:
 
 class TaskFailed(Exception):
     """A task did not produce a result. ``kind`` is one of ``FAILURE_KINDS``;
-    for ``"raised"`` (and ``"memory"``) ``traceback`` is the remote traceback text."""
+    for ``"raised"`` (and ``"memory"``) ``traceback`` is the remote traceback text, and
+    for ``"raised"`` ``exc`` the exception pickled (b"" when it would not pickle).
+    ``stdout`` and ``stderr``: what the task printed (bounded; a cut says so)."""
 
-    def __init__(self, kind: str, message: str, traceback: str = "") -> None:
+    def __init__(self, kind: str, message: str, traceback: str = "", *, exc: bytes = b"",
+                 stdout: str = "", stderr: str = "") -> None:
         assert kind in FAILURE_KINDS, kind
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.message = message
         self.traceback = traceback
+        self.exc = exc
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A task's pickled result and what it printed (``WorkerPool.run_task``)."""
+
+    result: bytes
+    stdout: str = ""
+    stderr: str = ""
 
 
 class PoolBusy(Exception):
@@ -237,7 +256,7 @@ class _Job:
         args: bytes,
         timeout_s: float | None,
         memory_mb: int | None,
-        future: asyncio.Future[bytes],
+        future: asyncio.Future[Ran],
         cpus: float | None = None,
     ) -> None:
         self.task_id = task_id
@@ -415,7 +434,23 @@ class WorkerPool:
         task_id: str | None = None,
         cpus: float | None = None,
     ) -> bytes:
-        """Run a function on a warm worker; return its pickled result.
+        """``run_task``'s pickled result alone."""
+        ran = await self.run_task(fn_id, fn_bytes, args, timeout_s=timeout_s,
+                                  memory_mb=memory_mb, task_id=task_id, cpus=cpus)
+        return ran.result
+
+    async def run_task(
+        self,
+        fn_id: str,
+        fn_bytes: bytes | None,
+        args: bytes,
+        *,
+        timeout_s: float | None = None,
+        memory_mb: int | None = None,
+        task_id: str | None = None,
+        cpus: float | None = None,
+    ) -> Ran:
+        """Run a function on a warm worker; return its pickled result and what it printed.
 
         ``args`` is the cloudpickled ``(args, kwargs)`` (see ``pickle_args``); ``cpus`` is
         the task's CPU quota where the worker has a cgroup (default 1). Raises
@@ -590,14 +625,14 @@ class WorkerPool:
         else:
             self._doom(job.worker, KIND_CANCELLED, why)
 
-    def _finish(self, job: _Job, outcome: bytes | BaseException) -> None:
+    def _finish(self, job: _Job, outcome: Ran | BaseException) -> None:
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
         if self._jobs.get(job.task_id) is job:
             del self._jobs[job.task_id]
         job.worker = None
-        if isinstance(outcome, bytes):
+        if isinstance(outcome, Ran):
             self._counts["completed"] += 1
             if not job.future.done():
                 job.future.set_result(outcome)
@@ -628,18 +663,30 @@ class WorkerPool:
         if w.state != "busy" or job is None:
             self._violation(w, "reply without a task")
             return
+        tail = msg.out_len + msg.err_len + (msg.exc_len if isinstance(msg, Failed) else 0)
+        limit = self.config.max_log_bytes + LOG_NOTE_BYTES
+        if (min(msg.out_len, msg.err_len) < 0 or max(msg.out_len, msg.err_len) > limit
+                or tail > len(body)):
+            self._violation(w, "reply lengths out of bounds")
+            return
         w.job = None
         w.state = "idle"
+        head = len(body) - tail
+        out_at = len(body) - msg.out_len - msg.err_len
+        stdout = body[out_at:out_at + msg.out_len].decode("utf-8", "replace")
+        stderr = body[out_at + msg.out_len:].decode("utf-8", "replace")
         if isinstance(msg, Done):
-            self._finish(job, body)
+            self._finish(job, Ran(body[:head], stdout, stderr))
         elif msg.kind == KIND_MISSING:
             w.cached.pop(job.fn_id, None)
             self._finish(job, FunctionNotCached(job.fn_id))
         elif msg.kind in _WORKER_KINDS:
             if msg.kind == KIND_UNPICKLABLE:
                 w.cached.pop(job.fn_id, None)  # the worker did not keep it
-            text = body.decode("utf-8", "replace")
-            self._finish(job, TaskFailed(msg.kind, msg.message, text))
+            text = body[:head].decode("utf-8", "replace")
+            self._finish(job, TaskFailed(msg.kind, msg.message, text,
+                                         exc=body[head:head + msg.exc_len],
+                                         stdout=stdout, stderr=stderr))
         else:
             self._violation(w, f"unknown failure kind {msg.kind!r}")
             return
@@ -776,7 +823,7 @@ class WorkerPool:
                     cg.remove()
         self._workers.add(w)
         self._watch_exit(w)
-        max_body = cfg.max_result_bytes + REPLY_SLACK
+        max_body = cfg.max_result_bytes + REPLY_SLACK + 2 * cfg.max_log_bytes
         try:
             transport, _ = await loop.create_unix_connection(
                 lambda: _WorkerProtocol(self, w, max_body), sock=ours
@@ -795,6 +842,7 @@ class WorkerPool:
                 cfg.max_result_bytes,
                 cfg.max_cached_functions,
                 [p for p in sys.path if isinstance(p, str)],
+                cfg.max_log_bytes,
             )
             env = encoder.encode(init)
             w.send([frame_header(env, 0)])

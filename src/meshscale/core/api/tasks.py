@@ -39,6 +39,7 @@ from meshscale.core.tasks import TaskState
 
 __all__ = [
     "MAX_ARGS_BYTES",
+    "MAX_EXCEPTION_BYTES",
     "MAX_FUNCTION_BYTES",
     "MAX_INLINE_RESULT_BYTES",
     "MAX_INPUTS",
@@ -113,6 +114,8 @@ MAX_SCHED_BATCH = 4096
 MAX_INLINE_RESULT_BYTES = 16 << 20
 """A result carried in ``task.done`` (a node's ``ComputeConfig.inline_result_bytes`` is
 lower: larger ones are stored as objects)."""
+MAX_EXCEPTION_BYTES = 256 * 1024
+"""A pickled exception carried with a failed task's outcome."""
 MAX_RETRIES = 1000
 MAX_TIMEOUT_S = 365 * 86400.0
 
@@ -216,6 +219,10 @@ class TaskWire(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_de
     """Re-runs after a worker crash or a lost outcome."""
     timeout_s: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
     """The worker is killed after this long (None: the node's default)."""
+    after: Annotated[list[TaskId], msgspec.Meta(max_length=MAX_INPUTS)] = []
+    """Upstream tasks (futures among the arguments): the node waits for them to end, runs
+    this task where their results are, and gives the function their values in place of
+    the futures; one that failed fails this task (kind ``upstream``, naming it)."""
 
 
 class ResultRef(msgspec.Struct):
@@ -239,6 +246,8 @@ class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Why it failed: ``raised``, ``timeout``, ``memory``, ``worker_crashed``,
     ``unschedulable``, ``input``, ``lost``, ``refused``, ``cancelled``..."""
     traceback: str = ""
+    exc: bytes | None = None
+    """The exception it raised, pickled (``raised``, when the worker could pickle it)."""
     node: str = ""
     """The node that ran it (last bound to)."""
     owner: str = ""
@@ -337,6 +346,11 @@ class DoneRequest(Request):
     kind: Kind = ""
     error: Text = ""
     traceback: Text = ""
+    exc: Annotated[bytes, msgspec.Meta(max_length=MAX_EXCEPTION_BYTES)] | None = None
+    """The raised exception, pickled (kind ``raised``), when the worker could."""
+    stdout: Text = ""
+    stderr: Text = ""
+    """What the task printed, as the worker node kept it (bounded there)."""
 
 
 class DoneReply(msgspec.Struct):
