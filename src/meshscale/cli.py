@@ -55,6 +55,8 @@ except ImportError:  # pragma: no cover - older typer with click installed
 PROG = "meshscale"
 BUNDLE_ENV = "MESHSCALE_BUNDLE"
 USAGE_EXIT = 2
+UNREACHABLE_EXIT = 3
+"""No node of the mesh answered."""
 DEFAULT_NODE = "127.0.0.1:7946"
 
 
@@ -1101,6 +1103,44 @@ def tasks_cmd(
         typer.echo(json.dumps(rows, indent=2))
     else:
         typer.echo(_tasks_table(rows))
+
+
+@app.command("logs")
+def logs_cmd(
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task's full id.")],
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Print what a task printed: its stdout, then its stderr under a '--- stderr ---'
+    line (kept with the task's record once it has ended, up to the worker node's
+    task_log_bytes of each; a cut is said). Exit 1: no such task; 3: no node answered."""
+    from meshscale.client.rpc import RemoteError, RpcError, request
+    from meshscale.client.tasks import format_logs
+    from meshscale.core.api import ErrorCode
+    from meshscale.core.api.tasks import TASK_LOGS, LogsRequest
+
+    target = _target(node, mesh_file, bundle)
+    creds = _client_creds(target.bundle)
+    last: RpcError | None = None
+    for addr in target.addresses:
+        try:
+            reply = request(addr, creds, TASK_LOGS, LogsRequest(task_id=task_id),
+                            timeout=timeout)
+        except RemoteError as e:
+            raise CliError(str(e), 1 if e.code == ErrorCode.NOT_FOUND else USAGE_EXIT) \
+                from None
+        except RpcError as e:
+            last = e
+            continue
+        text = format_logs(reply.stdout, reply.stderr)
+        if reply.state not in ("done", "failed", "cancelled") and not text:
+            sys.stderr.write(f"{PROG}: task {task_id} is {reply.state}: its output is kept "
+                             "when it ends\n")
+        typer.echo(text, nl=bool(text) and not text.endswith("\n"))
+        return
+    raise CliError(str(last), UNREACHABLE_EXIT)
 
 
 # -- entry point ----------------------------------------------------------------------

@@ -483,3 +483,45 @@ def test_config_is_checked() -> None:
         PoolConfig(max_queue=0)
     with pytest.raises(ValueError):
         PoolConfig(start_method="fork")  # type: ignore[arg-type]
+
+
+def prints(n: int) -> int:
+    print("out", n)
+    print("err", n, file=sys.stderr)
+    os.write(1, b"raw bytes on fd 1\n")  # below sys.stdout: goes nowhere, not to the node
+    return n
+
+
+def prints_then_raises(n: int) -> None:
+    print("before", n)
+    raise ValueError(f"raised {n}")
+
+
+def prints_a_lot(n: int) -> int:
+    sys.stdout.write("é" * n)  # two bytes each: the cut must not split one
+    return n
+
+
+@pytest.mark.timeout(30)
+def test_what_a_task_prints_comes_back_with_its_outcome() -> None:
+    async def body(pool: WorkerPool) -> None:
+        fid, data = pickle_function(prints)
+        ran = await pool.run_task(fid, data, pickle_args(7))
+        assert load_result(ran.result) == 7
+        assert (ran.stdout, ran.stderr) == ("out 7\n", "err 7\n")
+        with pytest.raises(TaskFailed) as info:
+            await call(pool, prints_then_raises, 3)
+        err = info.value
+        assert err.stdout == "before 3\n" and err.stderr == ""
+        exc = cloudpickle.loads(err.exc)  # the exception itself, pickled by the worker
+        assert isinstance(exc, ValueError) and exc.args == ("raised 3",)
+        # The next task starts with empty output.
+        ran = await pool.run_task(fid, None, pickle_args(8))
+        assert (ran.stdout, ran.stderr) == ("out 8\n", "err 8\n")
+        fid, data = pickle_function(prints_a_lot)
+        ran = await pool.run_task(fid, data, pickle_args(1000))
+        kept, _, note = ran.stdout.partition("\n[meshscale: output truncated: ")
+        assert kept == "é" * 50  # 101 bytes allowed: 50 whole characters
+        assert note == "1899 more bytes not kept (task_log_bytes=101)]\n"
+
+    drive(body, PoolConfig(workers=1, max_log_bytes=101))

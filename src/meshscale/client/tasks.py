@@ -48,8 +48,10 @@ import sys
 import threading
 import time
 import traceback
+import types
 import uuid
 import weakref
+from collections import ChainMap
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 from pathlib import Path
@@ -75,11 +77,13 @@ from meshscale.core.api.tasks import (
     MAX_INPUTS,
     TASK_CANCEL,
     TASK_LIST,
+    TASK_LOGS,
     TASK_RESULT,
     TASK_SUBMIT,
     TASK_WAIT,
     CancelRequest,
     ListRequest,
+    LogsRequest,
     ResultRequest,
     SubmitReply,
     SubmitRequest,
@@ -162,7 +166,10 @@ _remote_types_lock = threading.Lock()
 
 
 def _remote_str(self: TaskError) -> str:
-    base = self.message
+    original = getattr(self, "remote_exception", None)
+    base = self.message if original is None else f"{type(original).__name__}: {original}"
+    if self.kind == "upstream":
+        base = self.message  # names the upstream task that raised it
     where = f"task {self.task_id}" + (f" on {self.node}" if self.node else "")
     text = f"{base} ({where})"
     if self.traceback:
@@ -294,17 +301,52 @@ def _make_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     return _meshscale_call
 
 
+def _code_keeping_filename(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, with its file name kept (cloudpickle
+    writes ``<dynamic-code>``, so remote tracebacks would not say where the user's code
+    is): tracebacks on the node name the user's file and line, and show the line where
+    that file is readable there."""
+    reduced = _cloudpickle_code_reduce(code)
+    ctor, args = reduced[0], list(reduced[1])
+    for i, a in enumerate(args):
+        if a == "<dynamic-code>":
+            args[i] = code.co_filename
+            break
+    return (ctor, tuple(args))
+
+
+_cloudpickle_code_reduce: Callable[[types.CodeType], Any] = \
+    cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, keeping code objects' file names (``_code_keeping_filename``)."""
+
+    # Read by the C pickler when an instance is made: a class attribute.
+    dispatch_table = ChainMap({types.CodeType: _code_keeping_filename},
+                              cloudpickle.Pickler.dispatch_table)
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file, protocol=5)
+
+
+def _dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf).dump(obj)
+    return buf.getvalue()
+
+
 _FUTURE_TAG: Final = "meshscale.future"
 """A ``Future`` among a task's arguments pickles to ``(_FUTURE_TAG, i)``, a reference to
 the i-th upstream task of ``TaskWire.after``."""
 
 
-class _CallPickler(cloudpickle.Pickler):  # type: ignore[misc]
+class _CallPickler(_Pickler):
     """Pickles a call's arguments, every ``Future`` among them (however nested) as a
     reference to its task: the node resolves it to the task's value."""
 
     def __init__(self, file: Any) -> None:
-        super().__init__(file, protocol=5)
+        super().__init__(file)
         self.after: list[str] = []
         self._index: dict[str, int] = {}
 
@@ -340,7 +382,7 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
                 cloudpickle.register_pickle_by_value(mod)
                 registered = True
         try:
-            data: bytes = cloudpickle.dumps(_make_call(fn), protocol=5)
+            data = _dumps(_make_call(fn))
         except Exception as e:
             raise TaskSubmitError(
                 f"cannot pickle function {name}: {type(e).__name__}: {e}") from None
@@ -598,6 +640,17 @@ class Future:
                 self._mesh._watch(self)
                 return
         _run_callback(fn, self)
+
+    def logs(self) -> str:
+        """What the task printed: its stdout, then (if any) its stderr under a
+        ``--- stderr ---`` line; empty until it has ended. The worker node keeps up to its
+        ``task_log_bytes`` of each and says where it cut. ``logs_async`` on an
+        ``AsyncTaskMesh``; ``meshscale logs TASK_ID`` from a shell."""
+        return self._run(self.logs_async())  # type: ignore[no-any-return]
+
+    async def logs_async(self) -> str:
+        reply = await self._mesh._trequest(TASK_LOGS, LogsRequest(task_id=self.task_id))
+        return format_logs(reply.stdout, reply.stderr)
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's return value; raises the task's own exception if it raised (a
@@ -1081,6 +1134,14 @@ def gather(*futures: Any, timeout: float | None = None) -> list[Any]:
     if pending:
         raise TimeoutError(f"{len(pending)} of {len(futs)} tasks not finished after {timeout}s")
     return [f.result() for f in futs]
+
+
+def format_logs(stdout: str, stderr: str) -> str:
+    """A task's output as one text: stdout, then stderr under a ``--- stderr ---`` line."""
+    if not stderr:
+        return stdout
+    sep = "" if not stdout or stdout.endswith("\n") else "\n"
+    return f"{stdout}{sep}--- stderr ---\n{stderr}"
 
 
 def _run_callback(fn: Callable[[Future], Any], fut: Future) -> None:

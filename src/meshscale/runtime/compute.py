@@ -65,6 +65,7 @@ from meshscale.core.api.tasks import (
     TASK_FN,
     TASK_KILL,
     TASK_LIST,
+    TASK_LOGS,
     TASK_RESULT,
     TASK_STATS,
     TASK_SUBMIT,
@@ -79,6 +80,7 @@ from meshscale.core.api.tasks import (
     KillRequest,
     ListRequest,
     LoadReport,
+    LogsRequest,
     ResultRef,
     ResultRequest,
     SchedAck,
@@ -86,6 +88,7 @@ from meshscale.core.api.tasks import (
     SchedMsgRequest,
     SubmitReply,
     SubmitRequest,
+    TaskLogs,
     TaskRow,
     TaskStats,
     TaskView,
@@ -351,6 +354,7 @@ class ComputePlane:
         agent.serve(TASK_FN, self._rpc_fn)
         agent.serve(TASK_KILL, self._rpc_kill)
         agent.serve(TASK_STATS, self._rpc_stats)
+        agent.serve(TASK_LOGS, self._rpc_logs)
         agent.event_listeners.append(self._on_member_event)
         agent.spawn(self._gossip_load())
         self._pump()
@@ -1223,6 +1227,21 @@ class ComputePlane:
                 await self._call(node, TASK_KILL, KillRequest(owner=self.agent.name,
                                                               task_id=tid))
         return CancelReply(True, TaskState.CANCELLED)
+
+    async def _rpc_logs(self, req: LogsRequest) -> TaskLogs:
+        """What a task printed: from its record here, or in the KV, or (a task another
+        live node owns whose record there has not ended yet) from that owner."""
+        e = self.book.get(req.task_id)
+        rec = e.rec if e is not None else await self._kv_get(req.task_id)
+        if rec is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown task {req.task_id}")
+        if (e is None and rec.state not in TERMINAL and not req.forwarded
+                and rec.owner != self.agent.name and rec.owner in self._alive()):
+            with contextlib.suppress(RpcError, ValueError):
+                return await self._call(rec.owner, TASK_LOGS, LogsRequest(
+                    task_id=req.task_id, forwarded=True))
+        return TaskLogs(task_id=rec.task_id, state=rec.state, stdout=rec.stdout,
+                        stderr=rec.stderr, node=rec.node)
 
     def _rpc_list(self, req: ListRequest) -> list[TaskRow]:
         limit = min(req.limit, self.cfg.max_list_rows)

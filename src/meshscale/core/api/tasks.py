@@ -57,6 +57,7 @@ __all__ = [
     "TASK_FN",
     "TASK_KILL",
     "TASK_LIST",
+    "TASK_LOGS",
     "TASK_RESULT",
     "TASK_STATS",
     "TASK_SUBMIT",
@@ -71,6 +72,7 @@ __all__ = [
     "KillRequest",
     "ListRequest",
     "LoadReport",
+    "LogsRequest",
     "PlacementCentral",
     "PlacementData",
     "PlacementNearSource",
@@ -83,6 +85,7 @@ __all__ = [
     "SchedMsgRequest",
     "SubmitReply",
     "SubmitRequest",
+    "TaskLogs",
     "TaskRow",
     "TaskStats",
     "TaskView",
@@ -299,6 +302,23 @@ class CancelReply(msgspec.Struct):
     state: TaskState
 
 
+class LogsRequest(Request):
+    task_id: TaskId
+    forwarded: bool = False
+    """Asked by another node on a client's behalf: answered from what that node holds."""
+
+
+class TaskLogs(msgspec.Struct, kw_only=True):
+    """What a task printed (``task.logs``), as its record keeps it once it has ended
+    (bounded by the worker node's ``task_log_bytes``; a cut says so in the text)."""
+
+    task_id: str
+    state: TaskState
+    stdout: str = ""
+    stderr: str = ""
+    node: str = ""
+
+
 class ListRequest(Request):
     limit: Annotated[int, msgspec.Meta(ge=1)] = 1000
     """Newest rows first, up to this many (the node clamps to its bound)."""
@@ -410,6 +430,7 @@ TASK_CANCEL: Method[CancelRequest, CancelReply] = Method("task.cancel", CancelRe
 TASK_LIST: Method[ListRequest, list[TaskRow]] = Method("task.list", ListRequest,
                                                        list[TaskRow])
 TASK_STATS: Method[Empty, TaskStats] = Method("task.stats", Empty, TaskStats)
+TASK_LOGS: Method[LogsRequest, TaskLogs] = Method("task.logs", LogsRequest, TaskLogs)
 TASK_DONE: Method[DoneRequest, DoneReply] = Method("task.done", DoneRequest, DoneReply)
 TASK_FN: Method[FnRequest, FnReply] = Method("task.fn", FnRequest, FnReply)
 TASK_KILL: Method[KillRequest, KillReply] = Method("task.kill", KillRequest, KillReply)
@@ -419,5 +440,6 @@ SCHED_BATCH: Method[SchedBatchRequest, SchedAck] = Method("sched.batch", SchedBa
 SCHED_LOAD: Method[LoadReport, LoadReport] = Method("sched.load", LoadReport, LoadReport)
 
 METHODS: tuple[Method[Any, Any], ...] = (
-    TASK_SUBMIT, TASK_RESULT, TASK_WAIT, TASK_CANCEL, TASK_LIST, TASK_STATS, TASK_DONE,
+    TASK_SUBMIT, TASK_RESULT, TASK_WAIT, TASK_CANCEL, TASK_LIST, TASK_STATS, TASK_LOGS,
+    TASK_DONE,
     TASK_FN, TASK_KILL, SCHED_MSG, SCHED_BATCH, SCHED_LOAD)
