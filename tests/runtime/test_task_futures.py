@@ -1,4 +1,4 @@
-"""Futures as task arguments, on real node processes (3 nodes): a future (or a list,
+"""Futures as task arguments, on real node processes (5 nodes): a future (or a list,
 tuple or dict of them) passed into another task is resolved by the node, an upstream
 failure fails the downstream task naming it, and ``gather``, ``wait`` (each
 ``return_when``), ``add_done_callback`` and ``exception()`` behave as in
@@ -6,6 +6,7 @@ failure fails the downstream task naming it, and ``gather``, ``wait`` (each
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[LocalMesh]:
-    with host_like_dir("meshscale-fut-") as directory, LocalMesh(directory, 3) as m:
+    with host_like_dir("meshscale-fut-") as directory, LocalMesh(directory, 5) as m:
         yield m
 
 
@@ -88,6 +89,23 @@ def test_a_large_upstream_result_travels_as_an_object(client: TaskMesh) -> None:
     assert n.result(timeout=120) == 600_064 + 1
     assert len(big.result(timeout=60)) == 600_064
     assert big._outcome is not None and big._outcome.ref is not None
+
+
+def test_the_task_goes_where_the_upstream_result_is(client: TaskMesh,
+                                                   mesh: LocalMesh) -> None:
+    """A result stored as an object (3 replicas of 5 nodes) steers the tasks that take it,
+    as an ObjectRef input does: each runs on a node that holds it, even when submitted
+    to a node that does not (which would otherwise run them itself)."""
+    big = client.submit(blob, 1 << 20)
+    client.wait([big], timeout=120)
+    assert big._outcome is not None and big._outcome.ref is not None
+    holders = set(client.stat(big._outcome.ref.id).holders)
+    assert 0 < len(holders) < 5
+    elsewhere = next(n for n in mesh.nodes if n.name not in holders)
+    with connect(elsewhere.address, bundle=mesh.bundle_path) as other:
+        downs = [other.submit(length, big, extra=i) for i in range(6)]
+        assert other.gather(downs, timeout=120) == [(1 << 20) + i for i in range(6)]
+        assert {d.node for d in downs} <= holders
 
 
 def test_a_future_of_a_task_owned_by_another_node(client: TaskMesh, mesh: LocalMesh) -> None:
@@ -189,3 +207,26 @@ def test_a_future_pickled_outside_a_task_says_so(client: TaskMesh) -> None:
     with pytest.raises(TypeError, match="only as an argument of a task"):
         pickle.dumps(fut)
     assert fut.result(timeout=60) == 2
+
+
+def test_the_async_client(mesh: LocalMesh) -> None:
+    async def main() -> None:
+        amesh = await meshscale.connect_async(mesh.nodes[1].address, bundle=mesh.bundle_path)
+        try:
+            a = await amesh.submit(add, 2, 3)
+            b = await amesh.submit(total, [a, a, 1])
+            seen: list[Any] = []
+            b.add_done_callback(lambda f: seen.append(f.task_id))
+            assert await amesh.gather([a, b]) == [5, 11]
+            assert seen == [b.task_id]
+            slow = await amesh.submit(nap, 30, 0)
+            done, not_done = await amesh.wait([slow, a], timeout=60,
+                                              return_when=FIRST_COMPLETED)
+            assert done == [a] and not_done == [slow]
+            bad = await amesh.submit(fail_with, "async")
+            assert isinstance(await bad.exception_async(timeout=60), ValueError)
+            assert await slow.cancel_async()
+        finally:
+            await amesh.close()
+
+    asyncio.run(main())
