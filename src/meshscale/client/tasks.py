@@ -14,6 +14,8 @@
     print(fut.result())                    # 6
     futs = mesh.map(count_words, [ref] * 100)
     print(sum(f.result() for f in meshscale.as_completed(futs)))
+    total = mesh.submit(sum, futs)         # futures as arguments: resolved by the node
+    print(meshscale.gather([total])[0])    # 600
 
 How a call travels (the node side is ``runtime/compute.py``):
 
@@ -31,9 +33,19 @@ How a call travels (the node side is ``runtime/compute.py``):
   submit with ``TaskSubmitError``; so does a task no node may run (the error names the
   rule: resources, labels, residency, an input's residency, placement mode) and an
   input object no live node holds.
+- A ``Future`` is an argument like any other, at any depth (a list of them, a dict):
+  it pickles to a reference to its task (``TaskWire.after``), the owner node waits for
+  the upstream tasks before it schedules this one, a result stored as an object steers
+  placement as an input object does, and the function gets the values. An upstream task
+  that failed fails this one (kind ``upstream``, naming it, with its exception).
 - Results come back pickled: small ones inline, large ones as an object the client
   fetches (and verifies) like ``get``. A function that raised makes ``Future.result()``
-  raise ``TaskError`` carrying the remote traceback.
+  raise its own exception, re-made here as an instance of a subclass of its type and of
+  ``TaskError`` (``task_id``, ``node``, the remote ``traceback``), or ``TaskError`` when
+  its type cannot be unpickled here. Code is pickled with its file names, so remote
+  tracebacks name the user's files and lines.
+- What a task prints is kept with its record, bounded by the worker node
+  (``Future.logs()``, ``meshscale logs TASK_ID``).
 - The submitting node owns the task; the task id is an idempotency key (the first
   result wins, even if a node failure makes the task run twice).
 """
