@@ -83,6 +83,12 @@ def test_lists_tuples_and_dicts_of_futures(client: TaskMesh) -> None:
     assert nested.result(timeout=120) == 0 + 25 + 9 + 1
 
 
+def test_a_reduce_over_the_futures_of_a_map(client: TaskMesh) -> None:
+    parts = client.map(square, range(300))  # more futures than a task's input objects
+    s = client.submit(total, parts)
+    assert s.result(timeout=120) == sum(i * i for i in range(300))
+
+
 def test_a_large_upstream_result_travels_as_an_object(client: TaskMesh) -> None:
     big = client.submit(blob, 600_064)  # above the inline bound: stored as an object
     n = client.submit(length, big, extra=1)

@@ -86,7 +86,7 @@ from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
 from meshscale.client.streams import StreamsMixin
 from meshscale.core.api import ErrorCode, Method, Request, ResidencyWire
 from meshscale.core.api.tasks import (
-    MAX_INPUTS,
+    MAX_UPSTREAM,
     TASK_CANCEL,
     TASK_LIST,
     TASK_LOGS,
@@ -448,9 +448,9 @@ def _pickle_call(args: Sequence[Any], kwargs: dict[str, Any]
         raise TaskSubmitError(
             f"arguments of {len(data)} bytes exceed {MAX_ARGS_BYTES} bytes; put large data "
             "with mesh.put() and pass the ObjectRef")
-    if len(pickler.after) > MAX_INPUTS:
+    if len(pickler.after) > MAX_UPSTREAM:
         raise TaskSubmitError(f"{len(pickler.after)} futures among the arguments "
-                              f"(max {MAX_INPUTS})")
+                              f"(max {MAX_UPSTREAM})")
     return data, inputs, pickler.after
 
 

@@ -214,6 +214,8 @@ class ComputeConfig:
     if they all did, the answer carries the outcomes and only the final records are
     written (as with every task, right after it ends). Slower functions never wait."""
     result_replicas: int = 3
+    max_upstream: int = 1024
+    """Upstream tasks (futures among the arguments) of one task."""
     max_upstream_inline_bytes: int = 1 << 20
     """Upstream results (futures passed as arguments) that travel with the task to its
     worker, in all; beyond it they are stored as objects and read by the worker."""
@@ -686,9 +688,9 @@ class ComputePlane:
         if len(t.inputs) > self.cfg.max_inputs:
             raise ValueError(f"task {task_id}: {len(t.inputs)} inputs "
                              f"(max {self.cfg.max_inputs})")
-        if len(t.after) > self.cfg.max_inputs:
+        if len(t.after) > self.cfg.max_upstream:
             raise ValueError(f"task {task_id}: {len(t.after)} futures among its arguments "
-                             f"(max {self.cfg.max_inputs})")
+                             f"(max {self.cfg.max_upstream})")
         if task_id in t.after:
             raise ValueError(f"task {task_id} cannot take its own result")
         res = t.residency
@@ -710,20 +712,25 @@ class ComputePlane:
         placement (the task goes where its bytes are, as for an ``ObjectRef``)."""
         refs = list(await asyncio.gather(*(self._input_ref(o) for o in rec.inputs)))
         values: list[_Upstream] = []
+        stored_in: list[tuple[int, str]] = []  # (size, object id) of upstream results
         budget = self.cfg.max_upstream_inline_bytes
         for v in upstream or ():
             if v.ref is not None:
                 values.append(_Upstream(oid=v.ref.id))
-                refs.append(await self._input_ref(v.ref.id))
+                stored_in.append((v.ref.size, v.ref.id))
             elif v.value is not None and len(v.value) <= budget:
                 budget -= len(v.value)
                 values.append(_Upstream(value=v.value))
             elif v.value is not None:  # too much to carry: the worker reads it
                 stored = await self._put_object(v.value)
                 values.append(_Upstream(oid=str(stored["id"])))
-                refs.append(await self._input_ref(str(stored["id"])))
+                stored_in.append((len(v.value), str(stored["id"])))
             else:
                 raise ValueError(f"upstream task {v.task_id} ended with no result")
+        # The largest steer placement, within the inputs a task may list.
+        room = max(0, self.cfg.max_inputs - len(refs))
+        for _size, oid in sorted(set(stored_in), reverse=True)[:room]:
+            refs.append(await self._input_ref(oid))
         res = None
         if rec.residency is not None or rec.data_class is not None:
             res = Residency(frozenset(rec.residency) if rec.residency is not None else None,

@@ -47,6 +47,7 @@ __all__ = [
     "MAX_SCHED_BATCH",
     "MAX_SCHED_MESSAGE_BYTES",
     "MAX_SUBMIT_TASKS",
+    "MAX_UPSTREAM",
     "MAX_WAIT_IDS",
     "METHODS",
     "SCHED_BATCH",
@@ -105,6 +106,9 @@ MAX_FUNCTION_BYTES = 32 << 20
 """A pickled function (a node's ``ComputeConfig.max_function_bytes`` is lower)."""
 MAX_INPUTS = 256
 """Input objects of one task (as ``core.scheduling.TaskSpec``)."""
+MAX_UPSTREAM = 4096
+"""Upstream tasks (futures among the arguments) of one task (a node's
+``ComputeConfig.max_upstream`` is lower)."""
 MAX_LABELS = 64
 """Labels one task may require."""
 MAX_WAIT_IDS = 4096
@@ -222,7 +226,7 @@ class TaskWire(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_de
     """Re-runs after a worker crash or a lost outcome."""
     timeout_s: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
     """The worker is killed after this long (None: the node's default)."""
-    after: Annotated[list[TaskId], msgspec.Meta(max_length=MAX_INPUTS)] = []
+    after: Annotated[list[TaskId], msgspec.Meta(max_length=MAX_UPSTREAM)] = []
     """Upstream tasks (futures among the arguments): the node waits for them to end, runs
     this task where their results are, and gives the function their values in place of
     the futures; one that failed fails this task (kind ``upstream``, naming it)."""
