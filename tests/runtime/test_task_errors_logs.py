@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from runtime_mesh import host_like_dir, wait_for
@@ -194,3 +200,44 @@ def test_logs_cli(client: TaskMesh, mesh: LocalMesh, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out == f"{MARK} stdout 9\n--- stderr ---\n{MARK} stderr 9\n"
     assert cli_main(["logs", "no-such-task", *where]) == 1
     assert "unknown task no-such-task" in capsys.readouterr().err
+
+
+def prints_and_waits(path: str) -> str:
+    print("step 1", flush=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print("step 2")
+    print("a warning", file=sys.stderr)
+    return "ok"
+
+
+def test_logs_follow_a_running_task(client: TaskMesh, mesh: LocalMesh) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="meshscale-follow-"))
+    shared.chmod(0o755)  # the worker user looks for the file
+    go = shared / "go"
+    try:
+        fut = client.submit(prints_and_waits, str(go))
+        # Seen while it runs: through its owner, from the node that runs it.
+        wait_for(lambda: fut.logs() == "step 1\n", 60, "the first line of a running task")
+        assert not fut.done()
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "meshscale.cli", "logs", "--follow", fut.task_id,
+             "--node", mesh.nodes[1].address, "--bundle", str(mesh.bundle_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert follow.stdout is not None
+            assert follow.stdout.readline() == "step 1\n"  # before the task can go on
+            assert not fut.done()
+            go.touch()
+            out, err = follow.communicate(timeout=60)
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
+        assert follow.returncode == 0, err
+        assert out == "step 2\n" and err == "a warning\n"
+        assert fut.result(timeout=60) == "ok"
+        assert fut.logs() == "step 1\nstep 2\n--- stderr ---\na warning\n"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

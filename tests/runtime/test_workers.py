@@ -525,3 +525,30 @@ def test_what_a_task_prints_comes_back_with_its_outcome() -> None:
         assert note == "1899 more bytes not kept (task_log_bytes=101)]\n"
 
     drive(body, PoolConfig(workers=1, max_log_bytes=101))
+
+
+def prints_and_waits(path: str) -> str:
+    print("step 1", flush=True)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("step 2")
+    return "ok"
+
+
+@pytest.mark.timeout(30)
+def test_the_output_of_a_running_task_is_seen_as_it_comes(tmp_path: Any) -> None:
+    go = tmp_path / "go"
+
+    async def body(pool: WorkerPool) -> None:
+        fid, data = pickle_function(prints_and_waits)
+        run = asyncio.ensure_future(pool.run_task(fid, data, pickle_args(str(go)),
+                                                  task_id="t1"))
+        await until(lambda: pool.output("t1") == ("step 1\n", ""), "the first line, live")
+        assert not run.done()
+        go.touch()
+        ran = await run
+        assert load_result(ran.result) == "ok" and ran.stdout == "step 1\nstep 2\n"
+        assert pool.output("t1") is None  # ended: the outcome carries it all
+
+    drive(body, PoolConfig(workers=1))

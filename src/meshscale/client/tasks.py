@@ -655,9 +655,10 @@ class Future:
 
     def logs(self) -> str:
         """What the task printed: its stdout, then (if any) its stderr under a
-        ``--- stderr ---`` line; empty until it has ended. The worker node keeps up to its
-        ``task_log_bytes`` of each and says where it cut. ``logs_async`` on an
-        ``AsyncTaskMesh``; ``meshscale logs TASK_ID`` from a shell."""
+        ``--- stderr ---`` line; while it runs, what it has printed so far. The worker
+        node keeps up to its ``task_log_bytes`` of each and says where it cut.
+        ``logs_async`` on an ``AsyncTaskMesh``; ``meshscale logs [--follow] TASK_ID`` from
+        a shell."""
         return self._run(self.logs_async())  # type: ignore[no-any-return]
 
     async def logs_async(self) -> str:

@@ -1236,19 +1236,44 @@ class ComputePlane:
         return CancelReply(True, TaskState.CANCELLED)
 
     async def _rpc_logs(self, req: LogsRequest) -> TaskLogs:
-        """What a task printed: from its record here, or in the KV, or (a task another
-        live node owns whose record there has not ended yet) from that owner."""
-        e = self.book.get(req.task_id)
-        rec = e.rec if e is not None else await self._kv_get(req.task_id)
+        """What a task printed: from its record once it has ended (here, or in the KV);
+        while it runs, what its worker node has had so far (asked through the owner, which
+        knows that node). ``forwarded``: answer from this node alone."""
+        tid = req.task_id
+        live = self._live_output(tid)
+        e = self.book.get(tid)
+        rec = e.rec if e is not None else None
+        if rec is None and not (req.forwarded and live is not None):
+            rec = await self._kv_get(tid)
         if rec is None:
-            raise ApiError(ErrorCode.NOT_FOUND, f"unknown task {req.task_id}")
-        if (e is None and rec.state not in TERMINAL and not req.forwarded
-                and rec.owner != self.agent.name and rec.owner in self._alive()):
+            if live is not None:
+                return TaskLogs(task_id=tid, state=TaskState.RUNNING, stdout=live[0],
+                                stderr=live[1], node=self.agent.name)
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown task {tid}")
+        if rec.state in TERMINAL or req.forwarded:
+            if rec.state not in TERMINAL and live is not None:
+                return TaskLogs(task_id=tid, state=rec.state, stdout=live[0],
+                                stderr=live[1], node=self.agent.name)
+            return TaskLogs(task_id=tid, state=rec.state, stdout=rec.stdout,
+                            stderr=rec.stderr, node=rec.node)
+        # Running: the owner knows where; the worker node has the output so far.
+        ask = rec.owner if e is None and rec.owner != self.agent.name else rec.node
+        if ask == self.agent.name:
+            out, err = live if live is not None else ("", "")
+            return TaskLogs(task_id=tid, state=rec.state, stdout=out, stderr=err, node=ask)
+        if ask and ask in self._alive():
             with contextlib.suppress(RpcError, ValueError):
-                return await self._call(rec.owner, TASK_LOGS, LogsRequest(
-                    task_id=req.task_id, forwarded=True))
-        return TaskLogs(task_id=rec.task_id, state=rec.state, stdout=rec.stdout,
-                        stderr=rec.stderr, node=rec.node)
+                # The owner may ask its worker node once more; a worker node answers.
+                return await self._call(ask, TASK_LOGS, LogsRequest(
+                    task_id=tid, forwarded=ask != rec.owner))
+        return TaskLogs(task_id=tid, state=rec.state, node=rec.node)
+
+    def _live_output(self, task_id: str) -> tuple[str, str] | None:
+        """What a task running on this node's workers has printed so far."""
+        for key, pool_id in list(self._running.items()):
+            if key.partition("/")[2] == task_id:
+                return self.pool.output(pool_id)
+        return None
 
     def _rpc_list(self, req: ListRequest) -> list[TaskRow]:
         limit = min(req.limit, self.cfg.max_list_rows)

@@ -14,7 +14,11 @@ under ``/root``): each ``sys.path`` directory it could not reach is opened first
 through ``/proc/self/fd/N`` afterwards (a process may always use its own descriptors).
 
 The worker runs one task at a time on its main thread, with no event loop: read a frame,
-run, write a frame. Functions arrive at most once per worker, keyed by content hash, and
+run, write a frame. What the task prints goes to per-task buffers (``_Capture``, bounded
+by ``Init.max_log_bytes``) that ride in the reply, and, while it runs, to the pool in
+``Output`` frames sent by one helper thread (``_LiveOutput``) for ``logs --follow``; the
+worker's descriptors 1 and 2 lead to /dev/null, so nothing a task prints reaches the
+node's log. Functions arrive at most once per worker, keyed by content hash, and
 are kept in an LRU of unpickled callables. The pool mirrors that LRU exactly (same
 inserts, same evictions, in the same order), so it knows which function bytes a worker
 needs without asking.
@@ -35,6 +39,8 @@ import signal
 import socket
 import struct
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -118,8 +124,16 @@ class Failed(msgspec.Struct, tag="failed", array_like=True):
     err_len: int = 0
 
 
+class Output(msgspec.Struct, tag="output", array_like=True):
+    """Worker -> pool, while a task runs: more of what it printed (body: UTF-8 bytes,
+    within what the task's ``Done``/``Failed`` will carry in full), for followers."""
+
+    stream: int
+    """1: stdout, 2: stderr."""
+
+
 ToWorker = Init | Task
-FromWorker = Ready | Done | Failed
+FromWorker = Ready | Done | Failed | Output
 
 _to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
 from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)
@@ -149,8 +163,18 @@ def _recv_exact(sock: socket.socket, n: int) -> memoryview:
     return view
 
 
-def _send(sock: socket.socket, msg: Ready | Done | Failed,
+_sock_lock = threading.Lock()
+"""Frames to the pool come from the task loop and from the live-output flusher."""
+
+
+def _send(sock: socket.socket, msg: Ready | Done | Failed | Output,
           body: bytes | list[bytes] = b"") -> None:
+    with _sock_lock:
+        _send_locked(sock, msg, body)
+
+
+def _send_locked(sock: socket.socket, msg: Ready | Done | Failed | Output,
+                 body: bytes | list[bytes] = b"") -> None:
     env = encoder.encode(msg)
     parts = body if isinstance(body, list) else [body]
     size = sum(len(p) for p in parts)
@@ -254,19 +278,22 @@ class Worker:
         self.init = init
         self.functions: dict[str, Callable[..., Any]] = {}
         self.max_body = init.max_function_bytes + init.max_arg_bytes
+        self.live = _LiveOutput(sock)
 
     def run_captured(self, msg: Task, body: memoryview) -> tuple[Done | Failed, list[bytes]]:
         """``run`` with what the task prints to ``sys.stdout`` and ``sys.stderr`` kept
         apart, bounded, and sent after the reply's body (the worker's own descriptors 1
         and 2 lead nowhere: the node's log stays its own)."""
         limit = self.init.max_log_bytes
-        out, err = _Capture(limit), _Capture(limit)
+        live = self.live
+        out, err = _Capture(limit, 1, live), _Capture(limit, 2, live)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
         try:
             reply, data, exc = self.run(msg, body)
         finally:
             sys.stdout, sys.stderr = saved
+            live.end_task()
         out_b, err_b = out.value(), err.value()
         if isinstance(reply, Done):
             reply.out_len, reply.err_len = len(out_b), len(err_b)
@@ -378,15 +405,70 @@ def _short(text: str, limit: int = 4096) -> str:
     return text if len(text) <= limit else text[: limit - 15] + "...(truncated)"
 
 
+class _LiveOutput:
+    """Sends what the running task has printed to the pool as it comes (``Output``), at
+    most every ``FLUSH_S``, from a thread started with the worker (so a task's memory
+    limit never stops it from starting). The task's reply carries all of it again; what
+    is pending when the task ends is dropped, and the lock shared with the task loop's
+    sends means no ``Output`` of a task follows its reply."""
+
+    FLUSH_S = 0.25
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending: dict[int, list[bytes]] = {1: [], 2: []}
+        self.active = False
+        self.wake = threading.Event()
+        self.pid = os.getpid()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._main, name="meshscale-output",
+                                       daemon=True)
+        self.thread.start()
+
+    def add(self, stream: int, data: bytes) -> None:
+        if os.getpid() != self.pid:
+            return  # a child the task forked: its output is not this task's to send
+        with _sock_lock:
+            self.pending[stream].append(data)
+            self.active = True
+        self.wake.set()
+
+    def end_task(self) -> None:
+        with _sock_lock:
+            self.active = False
+            self.pending = {1: [], 2: []}
+
+    def _main(self) -> None:
+        while True:
+            self.wake.wait()
+            time.sleep(self.FLUSH_S)
+            with _sock_lock:
+                self.wake.clear()
+                if not self.active:
+                    continue
+                pending, self.pending = self.pending, {1: [], 2: []}
+                try:
+                    for stream, chunks in pending.items():
+                        if chunks:
+                            _send_locked(self.sock, Output(stream), b"".join(chunks))
+                except OSError:
+                    return  # the pool is gone; the task loop finds out too
+
+
 class _Capture:
     """A task's ``sys.stdout`` or ``sys.stderr``: the first ``limit`` bytes (UTF-8) are
-    kept, the rest counted, and ``value`` says how much was cut."""
+    kept (and sent on as they come, through ``live``), the rest counted, and ``value``
+    says how much was cut."""
 
     encoding = "utf-8"
     errors = "replace"
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, stream: int = 1, live: _LiveOutput | None = None) -> None:
         self.limit = limit
+        self.stream = stream
+        self.live = live
         self.parts: list[bytes] = []
         self.size = 0
         self.dropped = 0
@@ -400,6 +482,8 @@ class _Capture:
             kept = data[:room]
             self.parts.append(kept)
             self.size += len(kept)
+            if self.live is not None:
+                self.live.add(self.stream, kept)
         self.dropped += max(0, len(data) - max(room, 0))
         return len(text)
 
@@ -509,7 +593,9 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(devnull, 2)
         os.close(devnull)
         _send(sock, Ready(os.getpid()))
-        Worker(sock, init).serve()
+        worker = Worker(sock, init)
+        worker.live.start()
+        worker.serve()
     except (_Closed, BrokenPipeError, ConnectionResetError):
         pass
     except SystemExit as e:

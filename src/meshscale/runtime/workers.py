@@ -31,7 +31,9 @@ by the BLAKE3 of its cloudpickle (``function_id``). Departures from those system
 - Workers get the agent's ``sys.path`` (after their own), as multiprocessing's spawn
   does, so a function pickled by reference to a module the agent can import resolves.
   Code from remote clients should be pickled by value (``register_pickle_by_value``).
-  Workers share the agent's stdout and stderr; stdin is /dev/null; SIGINT is ignored.
+  A worker's stdout and stderr lead to /dev/null (what a task prints is captured per
+  task and returned with its outcome, ``Ran``/``TaskFailed``, and seen while it runs
+  through ``output``); stdin is /dev/null; SIGINT is ignored.
 - Workers die with the agent (``PR_SET_PDEATHSIG``, Linux). That signal follows the
   thread that started the worker, so start the pool (and let it replace workers) from
   the event loop's thread, which is the only way the pool's code runs anyway.
@@ -71,6 +73,7 @@ from meshscale.runtime.worker_main import (
     Done,
     Failed,
     Init,
+    Output,
     Ready,
     Task,
     encoder,
@@ -245,8 +248,8 @@ _State = Literal["starting", "idle", "busy", "doomed", "dead"]
 
 
 class _Job:
-    __slots__ = ("args", "cpus", "fn_bytes", "fn_id", "future", "memory_mb", "task_id",
-                 "timeout_s", "timer", "worker")
+    __slots__ = ("args", "cpus", "fn_bytes", "fn_id", "future", "live", "memory_mb",
+                 "task_id", "timeout_s", "timer", "worker")
 
     def __init__(
         self,
@@ -269,6 +272,8 @@ class _Job:
         self.future = future
         self.timer: asyncio.TimerHandle | None = None
         self.worker: _Worker | None = None
+        self.live: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        """What the task has printed so far (``Output``), while it runs."""
 
 
 class _Worker:
@@ -545,6 +550,15 @@ class WorkerPool:
         out.update(self._counts)
         return out
 
+    def output(self, task_id: str) -> tuple[str, str] | None:
+        """What the running (or queued) task ``task_id`` has printed so far, to stdout
+        and to stderr; None if the pool does not have it."""
+        job = self._jobs.get(task_id)
+        if job is None:
+            return None
+        # A character cut between two sends is left out until the rest of it arrives.
+        return (job.live[1].decode("utf-8", "ignore"), job.live[2].decode("utf-8", "ignore"))
+
     def worker_pids(self) -> list[int]:
         """Pids of every worker process not yet reaped (for tests and the dashboard)."""
         return sorted(w.pid for w in self._workers)
@@ -646,7 +660,19 @@ class WorkerPool:
 
     # --- worker events ------------------------------------------------------------------
 
-    def _on_message(self, w: _Worker, msg: Ready | Done | Failed, body: bytes) -> None:
+    def _on_message(self, w: _Worker, msg: Ready | Done | Failed | Output,
+                    body: bytes) -> None:
+        if isinstance(msg, Output):
+            job = w.job
+            if w.state != "busy" or job is None or msg.stream not in job.live:
+                self._violation(w, "output without a task")
+                return
+            buf = job.live[msg.stream]
+            if len(buf) + len(body) > self.config.max_log_bytes:
+                self._violation(w, "more output than max_log_bytes")
+                return
+            buf += body
+            return
         if isinstance(msg, Ready):
             if w.state != "starting":
                 self._violation(w, "unexpected ready")
