@@ -119,6 +119,9 @@ def test_a_future_of_a_task_owned_by_another_node(client: TaskMesh, mesh: LocalM
         up = other.submit(nap, 0.5, 20)   # owned by node 2
         down = client.submit(add, up, 1)  # submitted to node 0: it asks node 2
         assert down.result(timeout=120) == 21
+        up = other.submit(nap, 1.0, 30)
+        downs = [client.submit(add, up, i) for i in range(20)]  # one wait for all of them
+        assert client.gather(downs, timeout=120) == [30 + i for i in range(20)]
 
 
 def test_an_upstream_failure_fails_the_downstream_task_naming_it(client: TaskMesh) -> None:

@@ -216,6 +216,9 @@ class ComputeConfig:
     result_replicas: int = 3
     max_upstream: int = 1024
     """Upstream tasks (futures among the arguments) of one task."""
+    max_upstream_waits: int = 64
+    """Upstream tasks owned by other nodes waited on at once (each holds a connection to
+    its owner for up to ``max_wait_s``); one wait per upstream task, however many take it."""
     max_upstream_inline_bytes: int = 1 << 20
     """Upstream results (futures passed as arguments) that travel with the task to its
     worker, in all; beyond it they are stored as objects and read by the worker."""
@@ -328,6 +331,8 @@ class ComputePlane:
         self._watches: dict[str, list[_Watch]] = {}
         self._running: dict[str, str] = {}  # owner/task_id -> pool task id
         self._adopting: dict[str, asyncio.Task[None]] = {}
+        self._upstream_waits: dict[str, asyncio.Task[TaskView | None]] = {}
+        self._upstream_slots = asyncio.Semaphore(self.cfg.max_upstream_waits)
         self._pool_ready: asyncio.Event | None = None
         self._active_at = float("-inf")
         self.observer: Callable[[TaskRecord, float], None] | None = None
@@ -968,6 +973,21 @@ class ComputePlane:
             self._pump()
         return True
 
+    async def _remote_upstream(self, tid: str) -> TaskView | None:
+        """``_lookup`` of an upstream task owned elsewhere, waiting up to ``max_wait_s``:
+        one at a time per task id, at most ``max_upstream_waits`` at once."""
+        task = self._upstream_waits.get(tid)
+        if task is None:
+            async def bounded() -> TaskView | None:
+                async with self._upstream_slots:
+                    return await self._lookup(tid, self.cfg.max_wait_s)
+
+            task = asyncio.get_running_loop().create_task(bounded())
+            self._upstream_waits[tid] = task
+            task.add_done_callback(lambda t: self._upstream_waits.pop(tid, None)
+                                   if self._upstream_waits.get(tid) is t else None)
+        return await asyncio.shield(task)
+
     async def _upstream_view(self, e: Entry, tid: str) -> TaskView:
         """Upstream task ``tid`` of ``e`` once it has ended (owned here, or asked of its
         owner or its record), or as soon as ``e`` itself has ended (cancelled)."""
@@ -984,7 +1004,7 @@ class ComputePlane:
                     up.waiters -= 1
                 continue
             t0 = time.monotonic()
-            found = await self._lookup(tid, self.cfg.max_wait_s)
+            found = await self._remote_upstream(tid)
             if found is not None and found.state in TERMINAL:
                 return found
             if found is None and tid not in self.book:
