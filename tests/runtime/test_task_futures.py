@@ -7,6 +7,8 @@ failure fails the downstream task naming it, and ``gather``, ``wait`` (each
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -239,3 +241,22 @@ def test_the_async_client(mesh: LocalMesh) -> None:
             await amesh.close()
 
     asyncio.run(main())
+
+
+def test_owner_dies_while_a_task_waits_for_its_upstream(mesh: LocalMesh) -> None:
+    """Last in this module (it kills node 4). The waiting task's record (with its
+    upstream ids) is in the KV: the node that takes it over waits for the upstream task
+    (taken over too) and runs it."""
+    owner_node = mesh.nodes[4]
+    owner = connect(owner_node.address, bundle=mesh.bundle_path)
+    other = connect(mesh.nodes[1].address, bundle=mesh.bundle_path)
+    try:
+        up = owner.submit(nap, 2.0, 4)
+        down = owner.submit(total, [up, up, 1])
+        assert owner_node.proc is not None
+        os.kill(owner_node.proc.pid, signal.SIGKILL)
+        owner_node.proc.wait()
+        assert other.future(down.task_id).result(timeout=120) == 9
+    finally:
+        other.close()
+        owner.close()
