@@ -143,9 +143,6 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     owner waits for them to end before it schedules this task (``upstream_failure``)."""
     exc: bytes | None = None
     """The raised exception, pickled by the worker (``raised``), when it could be."""
-    stdout: str = ""
-    stderr: str = ""
-    """What the task printed (bounded by the worker node; a cut says so)."""
 
 
 def move(rec: TaskRecord, name: str) -> None:
@@ -254,14 +251,14 @@ class TaskBook:
 
     def finish(self, e: Entry, state: TaskState, now: float, *, value: bytes | None = None,
                ref: dict[str, Any] | None = None, error: str = "", kind: str = "",
-               traceback: str = "", node: str | None = None, exc: bytes | None = None,
-               stdout: str = "", stderr: str = "") -> TaskRecord:
+               traceback: str = "", node: str | None = None,
+               exc: bytes | None = None) -> TaskRecord:
         """End the task (``now`` is wall-clock seconds, stored as ``finished``)."""
         r = e.rec
         move(r, {TaskState.DONE: "done", TaskState.FAILED: "fail",
                  TaskState.CANCELLED: "cancel"}[state])
         r.value, r.ref, r.error, r.kind, r.traceback = value, ref, error, kind, traceback
-        r.exc, r.stdout, r.stderr = exc, stdout, stderr
+        r.exc = exc
         if node:
             r.node = node
         r.finished = now

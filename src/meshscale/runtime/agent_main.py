@@ -121,7 +121,7 @@ BY_KEY = {o.key: o for o in OPTIONS}
 BOUNDS: dict[str, tuple[int, int]] = {
     "task_timeout_s": (1, 30 * 86400),
     "task_memory_mb": (16, 1 << 30),
-    "task_log_bytes": (1, 1 << 20),
+    "task_log_bytes": (1, 256 * 1024),  # both streams fit one KV value (1 MiB)
     "disk_reserve_mb": (0, 1 << 40),
     "stream_max_backlog": (1, 1_000_000),
     "cpus": (1, 4096),

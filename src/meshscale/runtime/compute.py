@@ -153,6 +153,10 @@ _INPUT_ERRORS: tuple[type[BaseException], ...] = (RpcError, *DECODE_ERRORS)
 BATCH_BYTES = 4 << 20
 """Scheduling messages to one peer are sent together up to this many bytes per RPC."""
 KV_PREFIX = "task/"
+MAX_TASK_LOG_BYTES = 256 * 1024
+"""Largest ``task_log_bytes``: both streams of a task fit one KV value (1 MiB)."""
+LOG_PREFIX = "tasklog/"
+"""What an ended task printed (``_Logs``), beside its record."""
 GROUP_PREFIX = "taskset/"
 GROUP_MAX_BYTES = 900 * 1024
 """Largest ``taskset/`` record (the KV takes values up to 1 MiB)."""
@@ -216,6 +220,9 @@ class ComputeConfig:
     result_replicas: int = 3
     max_upstream: int = 1024
     """Upstream tasks (futures among the arguments) of one task."""
+    max_logs_kept_bytes: int = 64 << 20
+    """What ended tasks printed, kept in memory for ``task.logs`` (newest first); the rest
+    is read from the KV."""
     max_upstream_waits: int = 64
     """Upstream tasks owned by other nodes waited on at once (each holds a connection to
     its owner for up to ``max_wait_s``); one wait per upstream task, however many take it."""
@@ -229,6 +236,17 @@ _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(TaskRecord)
 _records_encoder = msgspec.msgpack.Encoder()
 _records_decoder = msgspec.msgpack.Decoder(list[TaskRecord])
+
+
+class _Logs(msgspec.Struct, array_like=True):
+    """``tasklog/<id>`` in the KV."""
+
+    stdout: str
+    stderr: str
+
+
+_logs_encoder = msgspec.msgpack.Encoder()
+_logs_decoder = msgspec.msgpack.Decoder(_Logs)
 
 
 class _Upstream(msgspec.Struct, array_like=True):
@@ -280,6 +298,11 @@ class _Watch:
     fut: asyncio.Future[None]
 
 
+def _view_bytes(value: bytes | None, exc: bytes | None, traceback: str) -> int:
+    """About what an outcome adds to a ``task.wait`` answer."""
+    return len(value or b"") + len(exc or b"") + len(traceback)
+
+
 def _total_memory_mb() -> int:
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) >> 20
@@ -309,7 +332,8 @@ class ComputePlane:
         self.pool = WorkerPool(PoolConfig(workers=slots,
                                           default_timeout_s=agent.cfg.task_timeout_s,
                                           default_memory_mb=per_task_mb,
-                                          max_log_bytes=max(1, agent.cfg.task_log_bytes),
+                                          max_log_bytes=max(1, min(
+                                              agent.cfg.task_log_bytes, MAX_TASK_LOG_BYTES)),
                                           isolation=getattr(agent, "isolation", None)))
         self.sched: Scheduler | None = None
         self.stats: dict[str, int] = {}
@@ -332,6 +356,8 @@ class ComputePlane:
         self._running: dict[str, str] = {}  # owner/task_id -> pool task id
         self._adopting: dict[str, asyncio.Task[None]] = {}
         self._upstream_waits: dict[str, asyncio.Task[TaskView | None]] = {}
+        self._logs: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._logs_bytes = 0
         self._upstream_slots = asyncio.Semaphore(self.cfg.max_upstream_waits)
         self._pool_ready: asyncio.Event | None = None
         self._active_at = float("-inf")
@@ -1026,11 +1052,11 @@ class ComputePlane:
 
     def _finish(self, e: Entry, state: str, *, value: bytes | None = None,
                 ref: dict[str, Any] | None = None, error: str = "", kind: str = "",
-                traceback: str = "", node: str | None = None, exc: bytes | None = None,
-                stdout: str = "", stderr: str = "") -> None:
+                traceback: str = "", node: str | None = None,
+                exc: bytes | None = None) -> None:
         r = self.book.finish(e, TaskState(state), time.time(), value=value, ref=ref,
                              error=error, kind=kind, traceback=traceback, node=node,
-                             exc=exc, stdout=stdout, stderr=stderr)
+                             exc=exc)
         self._count("tasks_" + state)
         if self.observer is not None:
             self.observer(r, time.monotonic() - e.t0)
@@ -1076,11 +1102,12 @@ class ComputePlane:
             ref = req.ref
             self._finish(e, "done", value=req.value,
                          ref=None if ref is None else {"id": ref.id, "size": ref.size},
-                         node=req.node, stdout=req.stdout, stderr=req.stderr)
+                         node=req.node)
         else:
             self._finish(e, "failed", error=req.error, kind=req.kind,
-                         traceback=req.traceback, node=req.node, exc=req.exc,
-                         stdout=req.stdout, stderr=req.stderr)
+                         traceback=req.traceback, node=req.node, exc=req.exc)
+        if req.stdout or req.stderr:
+            self._keep_logs(req.task_id, req.stdout, req.stderr)
         return DoneReply(True)
 
     def _rpc_fn(self, req: FnRequest) -> FnReply:
@@ -1227,12 +1254,12 @@ class ComputePlane:
                         ws.remove(w)
                         if not ws:
                             del self._watches[t]
-        budget = WAIT_REPLY_BYTES - sum(len(r.value or b"") for r in out)
+        budget = WAIT_REPLY_BYTES - sum(_view_bytes(r.value, r.exc, r.traceback) for r in out)
         for t in local:
             e = self.book.get(t)
             if e is None or e.rec.state not in TERMINAL:
                 continue
-            size = len(e.rec.value or b"")
+            size = _view_bytes(e.rec.value, e.rec.exc, e.rec.traceback)
             if size > budget and out:
                 break  # the rest next time
             budget -= size
@@ -1274,8 +1301,9 @@ class ComputePlane:
             if rec.state not in TERMINAL and live is not None:
                 return TaskLogs(task_id=tid, state=rec.state, stdout=live[0],
                                 stderr=live[1], node=self.agent.name)
-            return TaskLogs(task_id=tid, state=rec.state, stdout=rec.stdout,
-                            stderr=rec.stderr, node=rec.node)
+            out, err = await self._logs_of(tid) if rec.state in TERMINAL else ("", "")
+            return TaskLogs(task_id=tid, state=rec.state, stdout=out, stderr=err,
+                            node=rec.node)
         # Running: the owner knows where; the worker node has the output so far.
         ask = rec.owner if e is None and rec.owner != self.agent.name else rec.node
         if ask == self.agent.name:
@@ -1287,6 +1315,36 @@ class ComputePlane:
                 return await self._call(ask, TASK_LOGS, LogsRequest(
                     task_id=tid, forwarded=ask != rec.owner))
         return TaskLogs(task_id=tid, state=rec.state, node=rec.node)
+
+    # What an ended task printed is kept beside its record: in memory (bounded by
+    # ``max_logs_kept_bytes``, newest kept) and in the KV (``tasklog/<id>``), so records,
+    # and the sets of them one submit writes together, stay small.
+
+    def _keep_logs(self, task_id: str, stdout: str, stderr: str) -> None:
+        old = self._logs.pop(task_id, None)
+        if old is not None:
+            self._logs_bytes -= len(old[0]) + len(old[1])
+        self._logs[task_id] = (stdout, stderr)
+        self._logs_bytes += len(stdout) + len(stderr)
+        while self._logs_bytes > self.cfg.max_logs_kept_bytes and self._logs:
+            _, (o, e) = self._logs.popitem(last=False)
+            self._logs_bytes -= len(o) + len(e)
+        self.agent.spawn(self._kv_put_raw(LOG_PREFIX + task_id, _logs_encoder.encode(
+            _Logs(stdout, stderr))))
+
+    async def _logs_of(self, task_id: str) -> tuple[str, str]:
+        hit = self._logs.get(task_id)
+        if hit is not None:
+            return hit
+        data = await self._kv_read(LOG_PREFIX + task_id)
+        if data is None:
+            return "", ""
+        try:
+            logs = _logs_decoder.decode(data)
+        except DECODE_ERRORS:
+            self._count("kv_bad_record")
+            return "", ""
+        return logs.stdout, logs.stderr
 
     def _live_output(self, task_id: str) -> tuple[str, str] | None:
         """What a task running on this node's workers has printed so far."""

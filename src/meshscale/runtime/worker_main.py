@@ -50,7 +50,7 @@ import msgspec
 FRAME_HEADER = struct.Struct(">II")
 MAX_ENVELOPE = 64 * 1024
 MAX_TRACEBACK = 64 * 1024
-MAX_EXCEPTION = 256 * 1024
+MAX_EXCEPTION = 64 * 1024
 """A pickled exception larger than this is not sent (the caller gets ``TaskError``)."""
 LOG_NOTE_BYTES = 256
 """Room for the note that says a task's output was cut."""

@@ -121,7 +121,7 @@ MAX_SCHED_BATCH = 4096
 MAX_INLINE_RESULT_BYTES = 16 << 20
 """A result carried in ``task.done`` (a node's ``ComputeConfig.inline_result_bytes`` is
 lower: larger ones are stored as objects)."""
-MAX_EXCEPTION_BYTES = 256 * 1024
+MAX_EXCEPTION_BYTES = 64 * 1024
 """A pickled exception carried with a failed task's outcome."""
 MAX_RETRIES = 1000
 MAX_TIMEOUT_S = 365 * 86400.0
