@@ -260,3 +260,20 @@ def test_logs_format() -> None:
     assert t.format_logs("a\n", "") == "a\n"
     assert t.format_logs("a", "b\n") == "a\n--- stderr ---\nb\n"
     assert t.format_logs("", "b") == "--- stderr ---\nb"
+
+
+def test_source_lines_the_node_could_not_show_are_filled_in_here() -> None:
+    line = add.__code__.co_firstlineno + 1
+    remote = ("Traceback (most recent call last):\n"
+              f'  File "{__file__}", line {line}, in add\n'
+              '  File "/nowhere/gone.py", line 3, in lost\n'
+              "ValueError: x\n")
+    err = t._error_of(t.TaskView(task_id="t", state=t.TaskState.FAILED, kind="raised",
+                                 error="ValueError: x", traceback=remote))
+    assert err.traceback == ("Traceback (most recent call last):\n"
+                             f'  File "{__file__}", line {line}, in add\n'
+                             "    return a + b\n"
+                             '  File "/nowhere/gone.py", line 3, in lost\n'
+                             "ValueError: x\n")
+    shown = remote.replace("in add\n", "in add\n    return a + b\n")
+    assert t._with_source(shown) == shown  # a line the node showed is left alone

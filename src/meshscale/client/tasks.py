@@ -56,6 +56,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import io
+import linecache
+import re
 import sys
 import threading
 import time
@@ -245,8 +247,30 @@ def _remote_exception(o: TaskView) -> TaskError | None:
     return err  # type: ignore[no-any-return]
 
 
+_FRAME_LINE = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in ')
+
+
+def _with_source(tb: str) -> str:
+    """A remote traceback with the source lines the node could not show (its copy of the
+    user's file missing or unreadable there) filled in from this machine's copy: the
+    function was pickled from it."""
+    lines = tb.splitlines()
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        m = _FRAME_LINE.match(line)
+        if m is None or (i + 1 < len(lines) and lines[i + 1].startswith("    ")):
+            continue
+        source = linecache.getline(m["file"], int(m["line"])).strip()
+        if source:
+            out.append("    " + source)
+    return "\n".join(out) + ("\n" if tb.endswith("\n") else "")
+
+
 def _error_of(o: TaskView) -> TaskError:
     """What ``Future.result()`` raises for an outcome other than done."""
+    if o.traceback:
+        o = msgspec.structs.replace(o, traceback=_with_source(o.traceback))
     if o.state == TaskState.CANCELLED:
         return TaskCancelledError(o.task_id, o.kind, o.error, o.traceback, o.node)
     return _remote_exception(o) or TaskError(o.task_id, o.kind, o.error, o.traceback, o.node)
