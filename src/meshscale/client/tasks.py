@@ -707,11 +707,7 @@ class Future:
             await self.result_async(timeout)
         except TaskCancelledError:
             raise
-        except TimeoutError:
-            if self._outcome is None:
-                raise
-            return _error_of(self._outcome)  # pragma: no cover - a TimeoutError the task raised
-        except TaskError as e:
+        except TaskError as e:  # before TimeoutError: a task may raise one of its own
             return e
         return None
 
