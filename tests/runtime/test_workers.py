@@ -552,3 +552,31 @@ def test_the_output_of_a_running_task_is_seen_as_it_comes(tmp_path: Any) -> None
         assert pool.output("t1") is None  # ended: the outcome carries it all
 
     drive(body, PoolConfig(workers=1))
+
+
+def leaves_a_printer() -> int:
+    out = sys.stdout  # this task's capture, kept by a thread that outlives the task
+
+    def loop() -> None:
+        for _ in range(60):
+            print("stray", file=out)
+            time.sleep(0.01)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return 1
+
+
+@pytest.mark.timeout(30)
+def test_output_of_a_thread_a_task_left_behind_goes_nowhere() -> None:
+    async def body(pool: WorkerPool) -> None:
+        assert await call(pool, leaves_a_printer) == 1
+        fid, data = pickle_function(prints_and_waits)
+        for i in range(3):
+            ran = await pool.run_task(fid, data if i == 0 else None,
+                                      pickle_args("/"), task_id=f"after-{i}")
+            assert ran.stdout == "step 1\nstep 2\n"
+            await asyncio.sleep(0.3)  # while the stray thread prints on
+        s = pool.stats()
+        assert (s["restarts"], s.get("protocol_errors", 0)) == (0, 0)
+
+    drive(body, PoolConfig(workers=1))

@@ -286,7 +286,8 @@ class Worker:
         and 2 lead nowhere: the node's log stays its own)."""
         limit = self.init.max_log_bytes
         live = self.live
-        out, err = _Capture(limit, 1, live), _Capture(limit, 2, live)
+        seq = live.begin_task()
+        out, err = _Capture(limit, 1, live, seq), _Capture(limit, 2, live, seq)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
         try:
@@ -418,6 +419,9 @@ class _LiveOutput:
         self.sock = sock
         self.pending: dict[int, list[bytes]] = {1: [], 2: []}
         self.active = False
+        self.seq = 0
+        """The current task's number: a capture of an earlier task (kept by a thread or
+        a logging handler the task left behind) adds nothing."""
         self.wake = threading.Event()
         self.pid = os.getpid()
         self.thread: threading.Thread | None = None
@@ -427,12 +431,20 @@ class _LiveOutput:
                                        daemon=True)
         self.thread.start()
 
-    def add(self, stream: int, data: bytes) -> None:
+    def begin_task(self) -> int:
+        with _sock_lock:
+            self.seq += 1
+            self.active = True
+            self.pending = {1: [], 2: []}
+            return self.seq
+
+    def add(self, seq: int, stream: int, data: bytes) -> None:
         if os.getpid() != self.pid:
             return  # a child the task forked: its output is not this task's to send
         with _sock_lock:
+            if seq != self.seq or not self.active:
+                return
             self.pending[stream].append(data)
-            self.active = True
         self.wake.set()
 
     def end_task(self) -> None:
@@ -465,10 +477,12 @@ class _Capture:
     encoding = "utf-8"
     errors = "replace"
 
-    def __init__(self, limit: int, stream: int = 1, live: _LiveOutput | None = None) -> None:
+    def __init__(self, limit: int, stream: int = 1, live: _LiveOutput | None = None,
+                 seq: int = 0) -> None:
         self.limit = limit
         self.stream = stream
         self.live = live
+        self.seq = seq
         self.parts: list[bytes] = []
         self.size = 0
         self.dropped = 0
@@ -483,7 +497,7 @@ class _Capture:
             self.parts.append(kept)
             self.size += len(kept)
             if self.live is not None:
-                self.live.add(self.stream, kept)
+                self.live.add(self.seq, self.stream, kept)
         self.dropped += max(0, len(data) - max(room, 0))
         return len(text)
 
