@@ -994,7 +994,8 @@ class AsyncTaskMesh(AsyncMesh):
         if self._callback_thread is None:
             self._callback_thread = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="meshscale-callbacks")
-        self._callback_thread.submit(_run_callback, fn, fut)
+        with contextlib.suppress(RuntimeError):  # the mesh was closed: no more callbacks
+            self._callback_thread.submit(_run_callback, fn, fut)
 
     async def as_completed(self, futures: Iterable[Future], timeout: float | None = None
                            ) -> AsyncIterator[Future]:
