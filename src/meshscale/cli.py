@@ -63,8 +63,6 @@ except ImportError:  # pragma: no cover - older typer with click installed
 
 PROG = "meshscale"
 USAGE_EXIT = 2
-
-
 EXIT_FAILED = 1
 """Not found, or the mesh could not do it (busy, unavailable, out of room)."""
 EXIT_UNREACHABLE = 3
@@ -1508,6 +1506,72 @@ def audit_verify_cmd(
         raise typer.Exit(1)
     if unreachable:
         raise typer.Exit(EXIT_UNREACHABLE)
+
+
+FOLLOW_POLL_S = 0.5
+"""How often ``logs --follow`` asks for more."""
+
+
+@app.command("logs")
+def logs_cmd(
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task's full id.")],
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Print the output as the running task makes it (stdout here, "
+        "stderr on stderr), until the task ends.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Print what a task printed: its stdout, then its stderr under a '--- stderr ---'
+    line (kept with the task's record, up to the worker node's task_log_bytes of each;
+    a cut is said). Exit 1: no such task; 3: no node answered."""
+    import time
+
+    from meshscale.client.tasks import format_logs
+
+    target = _target(node, mesh_file, bundle)
+    creds = _client_creds(target.bundle)
+    shown = ["", ""]
+    while True:
+        reply = _task_logs(target, creds, task_id, timeout)
+        ended = reply.state in ("done", "failed", "cancelled")
+        if not follow:
+            text = format_logs(reply.stdout, reply.stderr)
+            if not ended and not text:
+                sys.stderr.write(f"{PROG}: task {task_id} is {reply.state}: nothing printed "
+                                 "yet (--follow waits for more)\n")
+            typer.echo(text, nl=bool(text) and not text.endswith("\n"))
+            return
+        for i, (text, stream) in enumerate(((reply.stdout, sys.stdout),
+                                            (reply.stderr, sys.stderr))):
+            new = text[len(shown[i]):] if text.startswith(shown[i]) else text
+            if new:
+                stream.write(new)
+                stream.flush()
+                shown[i] = text
+        if ended:
+            return
+        time.sleep(FOLLOW_POLL_S)
+
+
+def _task_logs(target: Target, creds: Any, task_id: str, timeout: float) -> Any:
+    """``task.logs`` through the first node of ``target`` that answers (exit 1 for an
+    unknown task, 3 when none answers)."""
+    from meshscale.client.rpc import RemoteError, RpcError, request
+    from meshscale.core.api.tasks import TASK_LOGS, LogsRequest
+
+    last: RpcError | None = None
+    for addr in target.addresses:
+        try:
+            return request(addr, creds, TASK_LOGS, LogsRequest(task_id=task_id),
+                           timeout=timeout)
+        except RemoteError as e:
+            raise CliError(str(e), _exit_code(e.code)) from None
+        except RpcError as e:
+            last = e
+    assert last is not None
+    raise CliError(str(last), _exit_code("", last.unreachable))
 
 
 # -- entry point ----------------------------------------------------------------------

@@ -137,3 +137,25 @@ def test_readme_streams_in_10_lines(mesh: LocalMesh, tmp_path: Path) -> None:
     script.write_text(src)
     out = run([str(script)], timeout=90)
     assert out.strip().splitlines()[-1] == "machine-7 True", out
+
+
+def test_readme_tasks(mesh: LocalMesh, tmp_path: Path) -> None:
+    """The README's "Tasks" snippets, in order, as one script: futures as arguments,
+    gather, wait, a remote ValueError caught as itself, logs."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Tasks\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "the Tasks section has two python blocks"
+    target = '"127.0.0.1:PORT", bundle="/tmp/.../client"'
+    assert target in blocks[0]
+    src = "\n".join(blocks).replace(
+        target, f'"{mesh.nodes[0].address}", bundle="{mesh.bundle_path}"')
+    script = tmp_path / "tasks_snippet.py"
+    script.write_text(src)
+    out = run([str(script)], timeout=120)
+    lines = out.splitlines()
+    assert lines[:3] == ["6", "600", "[3, 1]"], out
+    assert lines[3].startswith("upstream upstream task ") and "ValueError: invalid literal" \
+        in lines[3], out
+    assert f'File "{script}", line ' in out and ", in parse" in out, out
+    assert lines[-2:] == ["done: 1", "parsing 1"], out

@@ -19,6 +19,9 @@ from meshscale.client.mesh import (
     object_id,
 )
 from meshscale.client.tasks import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
     AsyncTaskMesh,
     Future,
     TaskCancelledError,
@@ -30,10 +33,15 @@ from meshscale.client.tasks import (
     connect,
     connect_async,
     default_mesh,
+    gather,
     task,
+    wait,
 )
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "KV",
     "AsyncKV",
     "AsyncMesh",
@@ -56,6 +64,8 @@ __all__ = [
     "connect",
     "connect_async",
     "default_mesh",
+    "gather",
     "object_id",
     "task",
+    "wait",
 ]
