@@ -110,7 +110,8 @@ def test_the_wire_shape_of_a_task_spec() -> None:
     ({"retries": -1}, "retries"),
     ({"timeout_s": 0}, "timeout_s"),
     ({"args": b"x" * (api.MAX_ARGS_BYTES + 1)}, "args"),
-    ({"name": "f"}, "name"),
+    ({"name": "f" * (api.MAX_FUNCTION_NAME + 1)}, "name"),
+    ({"nmae": "f"}, "nmae"),  # an unknown field
 ])
 def test_a_task_out_of_contract_is_invalid_naming_the_field(task: dict[str, Any],
                                                             field: str) -> None:

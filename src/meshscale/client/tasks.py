@@ -88,6 +88,7 @@ from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
 from meshscale.client.streams import StreamsMixin
 from meshscale.core.api import ErrorCode, Method, Request, ResidencyWire
 from meshscale.core.api.tasks import (
+    MAX_FUNCTION_NAME,
     MAX_UPSTREAM,
     TASK_CANCEL,
     TASK_LIST,
@@ -513,6 +514,7 @@ class TaskFunction(Generic[P, R]):
         self._placement = parse_placement(self.placement)
         self._residency = None if self.residency is None else ResidencyWire(self.residency)
         self.__name__ = getattr(fn, "__name__", "task")
+        self._name = str(getattr(fn, "__qualname__", None) or self.__name__)[:MAX_FUNCTION_NAME]
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
 
@@ -540,7 +542,8 @@ class TaskFunction(Generic[P, R]):
         fn_id, fn_bytes = pickle_function(self.fn)
         payload, inputs, after = _pickle_call(args, kwargs)
         return fn_id, fn_bytes, TaskWire(
-            task_id=uuid.uuid4().hex, fn_id=fn_id, args=payload, inputs=inputs, after=after,
+            task_id=uuid.uuid4().hex, fn_id=fn_id, name=self._name, args=payload,
+            inputs=inputs, after=after,
             cpus=self.cpus, memory_mb=self.memory_mb or 0, gpus=self.gpus,
             labels=self.labels, residency=self._residency, retries=self.retries,
             timeout_s=self.timeout_s, placement=self._placement)

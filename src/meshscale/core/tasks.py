@@ -138,6 +138,8 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     adoptions: int = 0
     previous_owner: str = ""
     submitter: str = ""
+    name: str = ""
+    """The function's name (listings and metrics)."""
     after: list[str] = []
     """Upstream task ids whose results are arguments of this one (futures passed in): the
     owner waits for them to end before it schedules this task (``upstream_failure``)."""

@@ -734,7 +734,7 @@ class ComputePlane:
             data_class=None if res is None else res.data_class,
             placement=None if t.placement is None else msgspec.to_builtins(t.placement),
             retries=t.retries, timeout_s=t.timeout_s, submitted=time.time(),
-            after=list(t.after),
+            after=list(t.after), name=t.name,
         )
 
     async def _spec(self, rec: TaskRecord, upstream: list[TaskView] | None = None) -> TaskSpec:
@@ -1361,7 +1361,7 @@ class ComputePlane:
             r = e.rec
             out.append(TaskRow(task_id=r.task_id, state=r.state, node=r.node, owner=r.owner,
                                reason=r.reason, submitted=r.submitted, finished=r.finished,
-                               error=r.error[:200]))
+                               error=r.error[:200], name=r.name))
             if len(out) >= limit:
                 break
         return out

@@ -142,14 +142,48 @@ class Histogram:
         self.total += value
 
     def family(self, name: str, doc: str) -> HistogramMetricFamily:
-        buckets: list[tuple[str, float]] = []
+        return HistogramMetricFamily(name, doc, buckets=self.buckets(), sum_value=self.total)
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
         acc = 0
         for bound, n in zip(self.bounds, self.counts, strict=False):
             acc += n
-            buckets.append((repr(bound), acc))
-        acc += self.counts[-1]
-        buckets.append(("+Inf", acc))
-        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.total)
+            out.append((repr(bound), acc))
+        out.append(("+Inf", acc + self.counts[-1]))
+        return out
+
+
+MAX_METRIC_FUNCTIONS = 64
+"""Distinct task function names given their own series; the rest share ``other``."""
+OTHER_FUNCTION = "other"
+
+
+@dataclass
+class TaskLatencies:
+    """Task latency histograms by (function, outcome), with a bounded number of functions
+    (label cardinality stays bounded whatever users name their functions)."""
+
+    series: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+    functions: set[str] = field(default_factory=set)
+
+    def observe(self, function: str, outcome: str, value: float) -> None:
+        fn = function or "unnamed"
+        if fn not in self.functions:
+            if len(self.functions) >= MAX_METRIC_FUNCTIONS:
+                fn = OTHER_FUNCTION
+            else:
+                self.functions.add(fn)
+        h = self.series.get((fn, outcome))
+        if h is None:
+            h = self.series[(fn, outcome)] = Histogram()
+        h.observe(value)
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(name, doc, labels=["function", "outcome"])
+        for (fn, outcome), h in sorted(self.series.items()):
+            fam.add_metric([fn, outcome], h.buckets(), sum_value=h.total)
+        return fam
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -160,7 +194,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 class NodeObserver:
     def __init__(self, agent: ObservedNode) -> None:
         self.agent = agent
-        self.latency = Histogram()
+        self.task_latency = TaskLatencies()
         self.queue_wait = Histogram()
         self.placements: Counter[str] = Counter()
         self.tasks_ended: Counter[str] = Counter()
@@ -199,8 +233,8 @@ class NodeObserver:
     def _task_ended(self, rec: TaskRecord, latency_s: float) -> None:
         state = str(rec.state)
         self.tasks_ended[state] += 1
+        self.task_latency.observe(rec.name, state, latency_s)
         if state == "done":
-            self.latency.observe(latency_s)
             self._second_done += 1
             if len(self._second_lat) < MAX_SAMPLE_LATENCIES:
                 self._second_lat.append(latency_s)
@@ -375,8 +409,8 @@ class NodeObserver:
             tid = r.task_id
             entry = records.get(tid)
             rec = None if entry is None else entry.rec
-            name = ""
-            if rec is not None:
+            name = r.name
+            if not name and rec is not None:  # a client too old to send the name
                 name = rec.labels.get("name") or f"fn:{rec.fn_id[:12]}"
             submitted, finished = r.submitted, r.finished
             out.append({
@@ -640,8 +674,10 @@ class MeshCollector(Collector):
         c = CounterMetricFamily("meshscale_task_retries", "Tasks re-run (lost worker/result).")
         c.add_metric([], cstats.get("resubmitted", 0))
         yield c
-        yield obs.latency.family("meshscale_task_latency_seconds",
-                                 "Submit to outcome of tasks owned here that succeeded.")
+        yield obs.task_latency.family(
+            "meshscale_task_latency_seconds", "Submit to outcome of tasks owned here, by "
+            f"function (up to {MAX_METRIC_FUNCTIONS} names, then 'other') and outcome "
+            "(done, failed, cancelled).")
         yield obs.queue_wait.family("meshscale_task_queue_wait_seconds",
                                     "Submit to binding on a worker node, tasks owned here.")
         c = CounterMetricFamily("meshscale_placement_decisions", "Task placements by reason.",

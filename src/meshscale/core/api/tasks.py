@@ -123,6 +123,8 @@ MAX_INLINE_RESULT_BYTES = 16 << 20
 lower: larger ones are stored as objects)."""
 MAX_EXCEPTION_BYTES = 64 * 1024
 """A pickled exception carried with a failed task's outcome."""
+MAX_FUNCTION_NAME = 200
+"""Characters of a task's function name (its qualified name) kept for listings."""
 MAX_RETRIES = 1000
 MAX_TIMEOUT_S = 365 * 86400.0
 
@@ -207,6 +209,8 @@ class TaskWire(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_de
     """Chosen by the client; an idempotency key (``<prefix>.<n>`` for the tasks of one
     submit: their records are written together)."""
     fn_id: FunctionId
+    name: Annotated[str, msgspec.Meta(max_length=MAX_FUNCTION_NAME)] = ""
+    """The function's qualified name, for listings and metrics (not trusted for more)."""
     fn: Annotated[bytes, msgspec.Meta(max_length=MAX_FUNCTION_BYTES)] | None = None
     """The pickled function, sent when the node answers ``need_function``."""
     args: Annotated[bytes, msgspec.Meta(max_length=MAX_ARGS_BYTES)] = b""
@@ -341,6 +345,8 @@ class TaskRow(msgspec.Struct, kw_only=True):
     finished: float = 0.0
     error: str = ""
     """The first 200 characters."""
+    name: str = ""
+    """The function's name, as its submitter gave it."""
 
 
 class TaskStats(msgspec.Struct, kw_only=True):
