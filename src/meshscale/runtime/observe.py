@@ -40,8 +40,10 @@ from meshscale.core.api.tasks import TASK_LIST, ListRequest
 from meshscale.core.membership import State
 from meshscale.core.placement import is_full
 from meshscale.core.streams import split_source
+from meshscale.runtime.local import call_node
 from meshscale.runtime.power import PowerMeter
 from meshscale.runtime.services import NodeServices
+from meshscale.transport.rpc import RpcError
 
 if TYPE_CHECKING:
     from meshscale.core.scheduling import Load, Resources, Scheduler, TaskBound
@@ -154,6 +156,10 @@ class Histogram:
         return out
 
 
+MESH_TASKS_PER_NODE = 200
+"""Newest tasks asked of each owner for the dashboard's mesh-wide table."""
+MESH_TASKS_TIMEOUT_S = 2.0
+MESH_TASKS_LANE = "observe"
 MAX_METRIC_FUNCTIONS = 64
 """Distinct task function names given their own series; the rest share ``other``."""
 OTHER_FUNCTION = "other"
@@ -392,6 +398,36 @@ class NodeObserver:
     def throughput(self, last: int = THROUGHPUT_POINTS) -> list[dict[str, Any]]:
         pts = list(self.points)
         return pts[-last:] if last > 0 else []
+
+    async def mesh_tasks(self, limit: int, per_node: int = MESH_TASKS_PER_NODE
+                         ) -> dict[str, Any]:
+        """The newest tasks of every live owner (``task.list`` asked of each at once,
+        ``MESH_TASKS_TIMEOUT_S`` each), merged newest first, and how many ended, failed
+        and run now among them: what the dashboard's task table shows."""
+        alive = [mm.name for mm in self.agent.m.members.values() if mm.state <= State.SUSPECT]
+
+        async def one(name: str) -> list[Any] | None:
+            try:
+                return await call_node(self.agent, name, TASK_LIST,
+                                       ListRequest(limit=per_node), lane=MESH_TASKS_LANE,
+                                       timeout_s=MESH_TASKS_TIMEOUT_S)
+            except (ValueError, RpcError, OSError):
+                return None
+
+        answers = await asyncio.gather(*(one(n) for n in alive))
+        rows = [r for rs in answers if rs for r in rs]
+        rows.sort(key=lambda r: (-r.submitted, r.task_id))
+        now = time.time()
+        out = [{
+            "id": r.task_id, "name": r.name or "-", "state": str(r.state),
+            "node": r.node or None, "owner": r.owner, "submitted_at": r.submitted,
+            "duration_ms": round(((r.finished or now) - r.submitted) * 1000, 1)
+            if r.submitted else None,
+            "running": not r.finished, "error": r.error, "reason": r.reason,
+        } for r in rows[:limit]]
+        states = Counter(str(r.state) for r in rows)
+        return {"tasks": out, "counts": dict(states), "nodes_asked": len(alive),
+                "nodes_answered": sum(1 for a in answers if a is not None)}
 
     async def tasks(self, limit: int) -> list[dict[str, Any]]:
         compute = self.agent.compute
