@@ -63,8 +63,6 @@ except ImportError:  # pragma: no cover - older typer with click installed
 
 PROG = "meshscale"
 USAGE_EXIT = 2
-
-
 EXIT_FAILED = 1
 """Not found, or the mesh could not do it (busy, unavailable, out of room)."""
 EXIT_UNREACHABLE = 3
@@ -526,25 +524,49 @@ def members_cmd(
                            "it with `meshscale bundle node --renew`", err=True)
 
 
-def _energy_rows(target: Target, timeout: float) -> tuple[list[Any], list[str]]:
-    """``node.energy`` of every live member (asked one by one), and the members that did
-    not answer."""
-    from meshscale.client.rpc import RpcError, request
+def _ask_live_members(target: Target, method: Method[Req, Rep], req: Req, timeout: float
+                      ) -> tuple[dict[str, Rep], list[str]]:
+    """``method`` on every live member (as the first node of ``target`` that answers sees
+    them), asked at once: the answers by node name, and the members that did not answer."""
+    import asyncio
+
+    from meshscale.client.rpc import RpcConnection, RpcError
     from meshscale.core.api import Empty
-    from meshscale.core.api.node import ENERGY, MEMBERS
+    from meshscale.core.api.node import MEMBERS
 
     creds = _client_creds(target.bundle)
-    members = _request(target, MEMBERS, Empty(), timeout=timeout, creds=creds)
-    rows: list[Any] = []
-    missing: list[str] = []
-    for m in sorted(members, key=lambda m: m.name):
-        if m.state not in ("alive", "suspect"):
-            continue
+    members = [m for m in _request(target, MEMBERS, Empty(), timeout=timeout, creds=creds)
+               if m.state in ("alive", "suspect")]
+
+    async def one(address: str) -> Rep | None:
+        conn = RpcConnection(address, creds, timeout)
         try:
-            rows.append(request(m.address, creds, ENERGY, Empty(), timeout=timeout))
+            return await conn.request(method, req)
         except RpcError:
+            return None
+        finally:
+            await conn.close()
+
+    async def every() -> list[Rep | None]:
+        return list(await asyncio.gather(*(one(m.address) for m in members)))
+
+    answers: dict[str, Rep] = {}
+    missing: list[str] = []
+    for m, rep in zip(members, asyncio.run(every()), strict=True):
+        if rep is None:
             missing.append(m.name)
-    return rows, missing
+        else:
+            answers[m.name] = rep
+    return answers, sorted(missing)
+
+
+def _energy_rows(target: Target, timeout: float) -> tuple[list[Any], list[str]]:
+    """``node.energy`` of every live member, and the members that did not answer."""
+    from meshscale.core.api import Empty
+    from meshscale.core.api.node import ENERGY
+
+    answers, missing = _ask_live_members(target, ENERGY, Empty(), timeout)
+    return [answers[name] for name in sorted(answers)], missing
 
 
 def _energy_table(rows: list[Any]) -> str:
@@ -1435,15 +1457,26 @@ def policy_delete_cmd(
         typer.echo(f"deleted the policy of class {reply.name}")
 
 
+def _duration(r: dict[str, Any]) -> str:
+    start, end = r.get("submitted") or 0.0, r.get("finished") or 0.0
+    if not start:
+        return "-"
+    import time
+
+    secs = (end or time.time()) - start
+    text = f"{secs * 1000:.0f}ms" if secs < 1 else f"{secs:.1f}s"
+    return text if end else f"{text}+"
+
+
 def _tasks_table(rows: list[dict[str, Any]]) -> str:
-    header = ("TASK", "STATE", "NODE", "OWNER", "REASON")
+    header = ("TASK", "FUNCTION", "STATE", "DURATION", "NODE", "OWNER", "REASON")
     lines = [header]
     for r in rows:
         reason = r.get("reason") or ""
         if r.get("state") == "failed" and r.get("error"):
             reason = f"{reason} error: {r['error']}".strip()
-        lines.append((str(r["task_id"])[:16], str(r["state"]), r.get("node") or "-",
-                      r.get("owner") or "-", reason or "-"))
+        lines.append((str(r["task_id"]), r.get("name") or "-", str(r["state"]), _duration(r),
+                      r.get("node") or "-", r.get("owner") or "-", reason or "-"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip() for row in lines
@@ -1455,23 +1488,40 @@ def tasks_cmd(
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
     mesh_file: MeshOption = None,
+    owner: Annotated[str | None, typer.Option(
+        "--owner", help="Only the tasks this node (HOST:PORT) owns, asked of it alone.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Newest N tasks.")] = 100,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """List the tasks a node owns (newest first): state, node it ran on, and why there."""
+    """List the mesh's tasks, newest first, from every live node that owns some (or one
+    node's with --owner): function, state, duration (+ while it runs), the node it ran on,
+    why there, and the error of a failed one. Exit 1 if a live node did not answer."""
     import json
 
     import msgspec
 
     from meshscale.core.api.tasks import TASK_LIST, ListRequest
 
-    rows: list[dict[str, Any]] = msgspec.to_builtins(_request(
-        _target(node, mesh_file, bundle), TASK_LIST, ListRequest(limit=limit), timeout=timeout))
+    req = ListRequest(limit=limit)
+    missing: list[str] = []
+    if owner is not None:
+        target = _target(_parse_addr(owner, "--owner"), mesh_file, bundle)
+        found: list[Any] = _request(target, TASK_LIST, req, timeout=timeout)
+    else:
+        answers, missing = _ask_live_members(_target(node, mesh_file, bundle), TASK_LIST, req,
+                                             timeout)
+        found = [row for rows in answers.values() for row in rows]
+    found.sort(key=lambda r: (-r.submitted, r.task_id))
+    rows: list[dict[str, Any]] = msgspec.to_builtins(found[:limit])
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
         typer.echo(_tasks_table(rows))
+    if missing:
+        raise CliError(f"no answer from {', '.join(missing)}: their tasks are not listed",
+                       exit_code=EXIT_FAILED)
 
 
 # -- audit ----------------------------------------------------------------------------
@@ -1690,6 +1740,72 @@ def audit_verify_cmd(
         raise typer.Exit(1)
     if unreachable:
         raise typer.Exit(EXIT_UNREACHABLE)
+
+
+FOLLOW_POLL_S = 0.5
+"""How often ``logs --follow`` asks for more."""
+
+
+@app.command("logs")
+def logs_cmd(
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task's full id.")],
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Print the output as the running task makes it (stdout here, "
+        "stderr on stderr), until the task ends.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Print what a task printed: its stdout, then its stderr under a '--- stderr ---'
+    line (kept with the task's record, up to the worker node's task_log_bytes of each;
+    a cut is said). Exit 1: no such task; 3: no node answered."""
+    import time
+
+    from meshscale.client.tasks import format_logs
+
+    target = _target(node, mesh_file, bundle)
+    creds = _client_creds(target.bundle)
+    shown = ["", ""]
+    while True:
+        reply = _task_logs(target, creds, task_id, timeout)
+        ended = reply.state in ("done", "failed", "cancelled")
+        if not follow:
+            text = format_logs(reply.stdout, reply.stderr)
+            if not ended and not text:
+                sys.stderr.write(f"{PROG}: task {task_id} is {reply.state}: nothing printed "
+                                 "yet (--follow waits for more)\n")
+            typer.echo(text, nl=bool(text) and not text.endswith("\n"))
+            return
+        for i, (text, stream) in enumerate(((reply.stdout, sys.stdout),
+                                            (reply.stderr, sys.stderr))):
+            new = text[len(shown[i]):] if text.startswith(shown[i]) else text
+            if new:
+                stream.write(new)
+                stream.flush()
+                shown[i] = text
+        if ended:
+            return
+        time.sleep(FOLLOW_POLL_S)
+
+
+def _task_logs(target: Target, creds: Any, task_id: str, timeout: float) -> Any:
+    """``task.logs`` through the first node of ``target`` that answers (exit 1 for an
+    unknown task, 3 when none answers)."""
+    from meshscale.client.rpc import RemoteError, RpcError, request
+    from meshscale.core.api.tasks import TASK_LOGS, LogsRequest
+
+    last: RpcError | None = None
+    for addr in target.addresses:
+        try:
+            return request(addr, creds, TASK_LOGS, LogsRequest(task_id=task_id),
+                           timeout=timeout)
+        except RemoteError as e:
+            raise CliError(str(e), _exit_code(e.code)) from None
+        except RpcError as e:
+            last = e
+    assert last is not None
+    raise CliError(str(last), _exit_code("", last.unreachable))
 
 
 # -- entry point ----------------------------------------------------------------------

@@ -20,6 +20,9 @@ from meshscale.client.mesh import (
 )
 from meshscale.client.policies import AsyncPolicies, Policies, PolicyInfo
 from meshscale.client.tasks import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
     AsyncTaskMesh,
     Future,
     TaskCancelledError,
@@ -31,10 +34,15 @@ from meshscale.client.tasks import (
     connect,
     connect_async,
     default_mesh,
+    gather,
     task,
+    wait,
 )
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "KV",
     "AsyncKV",
     "AsyncMesh",
@@ -60,6 +68,8 @@ __all__ = [
     "connect",
     "connect_async",
     "default_mesh",
+    "gather",
     "object_id",
     "task",
+    "wait",
 ]
