@@ -16,6 +16,7 @@ if TYPE_CHECKING:
         Mesh,
         MeshError,
         ObjectRef,
+        UnderReplicatedWarning,
     )
     from meshscale.client.streams import Record, Region, Regions
     from meshscale.client.tasks import (
@@ -50,6 +51,7 @@ __all__ = [
     "Regions",
     "TaskError",
     "TaskSubmitError",
+    "UnderReplicatedWarning",
     "__version__",
     "as_completed",
     "connect",

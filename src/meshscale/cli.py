@@ -1036,12 +1036,21 @@ def put_cmd(
     data_class: Annotated[
         str | None, typer.Option("--class", help="Data class, e.g. pii or telemetry.")
     ] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Refuse the put when fewer live nodes than --replicas may hold "
+        "it now, instead of storing it under-replicated with a warning.")] = False,
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
     mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """Store a file (- for stdin) as an object; prints its id on the last line of stdout."""
+    """Store a file (- for stdin) as an object; prints its id on the last line of stdout.
+    When fewer live nodes than --replicas may hold it now, it is stored on those there
+    are, with a warning (--strict refuses it instead, exit 2)."""
+    import warnings
+
+    from meshscale.client.mesh import UnderReplicatedWarning
+
     if w is not None and replicas is not None and w > replicas:
         raise CliError(f"--w {w} is more than --replicas {replicas}")
     regions = _parse_residency(residency)
@@ -1052,10 +1061,15 @@ def put_cmd(
         raise CliError(f"{file}: no such file")
     elif file.is_dir():
         raise CliError(f"{file}: is a directory")
-    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh, _ProgressBar(f"put {file.name}") as bar:
-        ref = mesh.put(
-            source, replicas=replicas, w=w, data_class=data_class, residency=regions, progress=bar
-        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnderReplicatedWarning)
+        with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh, \
+                _ProgressBar(f"put {file.name}") as bar:
+            ref = mesh.put(source, replicas=replicas, w=w, data_class=data_class,
+                           residency=regions, progress=bar, allow_degraded=not strict)
+    for warning in caught:
+        if issubclass(warning.category, UnderReplicatedWarning):
+            typer.echo(f"warning: {_one_line(str(warning.message))}", err=True)
     typer.echo(ref.id)
 
 

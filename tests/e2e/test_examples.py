@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshscale.client import connect
+from meshscale.client import connect, object_id
 from meshscale.core.api import Empty
 from meshscale.core.api.tasks import TASK_STATS
 from meshscale.runtime.launcher import LocalMesh
@@ -189,3 +189,41 @@ def test_readme_objects_and_keys(mesh: LocalMesh, tmp_path: Path) -> None:
     eu = {n.name for n in mesh.nodes if n.region == "eu-west"}
     assert info.health == "ok" and set(info.holders) <= eu, info
     assert len(info.holders) == info.replicas, info
+
+
+def test_a_put_that_cannot_reach_its_replicas_warns_or_is_refused(mesh: LocalMesh,
+                                                                  tmp_path: Path) -> None:
+    """On the mesh `up` starts by default, eu-west has 2 nodes: replicas=3 inside eu-west
+    cannot be met. The Python API refuses it (rule named) unless allow_degraded=True,
+    which stores it on the 2 with an UnderReplicatedWarning; the CLI stores it with a
+    warning line, and --strict refuses it (exit 2)."""
+    import warnings
+
+    from meshscale import MeshError, UnderReplicatedWarning
+
+    data = os.urandom(5000)
+    with connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as c:
+        with pytest.raises(MeshError, match="replicas rule: only 2 live node"):
+            c.put(data, replicas=3, residency=["eu-west"])
+        assert all(o.id != object_id(data) for o in c.objects())  # nothing stored
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ref = c.put(data, replicas=3, residency=["eu-west"], allow_degraded=True)
+        assert [w.category for w in caught] == [UnderReplicatedWarning], caught
+        assert "stored on 2 node(s), fewer than replicas=3" in str(caught[0].message)
+        info = c.stat(ref)
+        eu = {n.name for n in mesh.nodes if n.region == "eu-west"}
+        assert set(info.holders) == eu
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(4000))
+    exe = Path(sys.executable).parent / "meshscale"
+    base = [str(exe), "put", str(src), "--replicas", "3", "--residency", "eu-west",
+            "--mesh", str(mesh.mesh_json)]
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHSCALE_BUNDLE",
+                                                             "MESHSCALE_MESH")}
+    warned = subprocess.run(base, capture_output=True, text=True, timeout=60, env=env)
+    assert warned.returncode == 0, warned.stderr
+    assert "warning: " in warned.stderr and "fewer than replicas=3" in warned.stderr
+    strict = subprocess.run([*base[:2], "--strict", *base[2:]], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert strict.returncode == 2 and "replicas rule" in strict.stderr, strict

@@ -16,6 +16,7 @@ from meshscale.client.mesh import (
     ObjectInfo,
     ObjectNotFoundError,
     ObjectRef,
+    UnderReplicatedWarning,
     object_id,
 )
 from meshscale.client.policies import AsyncPolicies, Policies, PolicyInfo
@@ -64,6 +65,7 @@ __all__ = [
     "TaskFunction",
     "TaskMesh",
     "TaskSubmitError",
+    "UnderReplicatedWarning",
     "as_completed",
     "connect",
     "connect_async",

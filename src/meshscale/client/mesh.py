@@ -27,6 +27,7 @@ import stat
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -125,6 +126,10 @@ class ConnectError(MeshError):
 
 class ObjectNotFoundError(MeshError):
     """No live node holds the object."""
+
+
+class UnderReplicatedWarning(UserWarning):
+    """A put stored with fewer copies than asked for (``allow_degraded=True``)."""
 
 
 class IntegrityError(MeshError):
@@ -588,6 +593,7 @@ class AsyncMesh:
         data_class: str | None = None,
         residency: Sequence[str] | None = None,
         progress: Progress | None = None,
+        allow_degraded: bool = False,
     ) -> ObjectRef:
         """Store an object; returns once ``w`` of its ``replicas`` copies are durable.
 
@@ -598,12 +604,28 @@ class AsyncMesh:
         the put gets the class's regions, replicas and TTL for what it leaves out (None),
         and what it gives may narrow the class's rule, never widen it. Without a class,
         ``replicas`` defaults to 3 and ``w`` to 2. ``progress(sent, total)`` is called
-        after each chunk.
+        after each chunk. A put that fewer live nodes than ``replicas`` may hold now is
+        refused (``MeshError``, rule ``replicas``) unless ``allow_degraded``: then it is
+        stored on the nodes there are, with an ``UnderReplicatedWarning``, and repair adds
+        the missing copies as nodes the rule allows join.
         """
+        ref, note = await self._put(data, replicas, w, data_class, residency, progress,
+                                    allow_degraded)
+        if note is not None:
+            warnings.warn(UnderReplicatedWarning(note), stacklevel=2)
+        return ref
+
+    async def _put(self, data: bytes | bytearray | memoryview | str | Path | BinaryIO,
+                   replicas: int | None, w: int | None, data_class: str | None,
+                   residency: Sequence[str] | None, progress: Progress | None,
+                   allow_degraded: bool) -> tuple[ObjectRef, str | None]:
+        """``put``: the ref, and what to warn of when it was stored degraded (the caller
+        warns, in its own thread)."""
         replicas, w, regions = _check_policy(replicas, w, data_class, residency)
         source = await _open_source(data)
         try:
-            return await self._upload(source, replicas, w, data_class, regions, progress)
+            return await self._upload(source, replicas, w, data_class, regions, progress,
+                                      allow_degraded)
         finally:
             source.close()
 
@@ -615,14 +637,16 @@ class AsyncMesh:
         data_class: str | None,
         residency: list[str] | None,
         progress: Progress | None,
-    ) -> ObjectRef:
+        allow_degraded: bool = False,
+    ) -> tuple[ObjectRef, str | None]:
         total = source.size
         if total <= SMALL_PUT_BYTES:
-            return await self._upload_small(source, replicas, w, data_class, residency, progress)
+            return await self._upload_small(source, replicas, w, data_class, residency, progress,
+                                            allow_degraded)
         oid = await source.content_id()
         begin = await self._request(obj_api.PUT_BEGIN, obj_api.PutBeginRequest(
             size=total, replicas=replicas, w=w, residency=_residency(data_class, residency),
-            id=oid))
+            id=oid, allow_degraded=allow_degraded))
         upload, chunk_bytes = begin.upload, begin.chunk_bytes
         try:
             if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
@@ -640,14 +664,21 @@ class AsyncMesh:
         expected = OBJECT_ID_PREFIX + h.hexdigest() if h is not None else str(oid)
         return self._stored(end, expected, total)
 
-    def _stored(self, end: obj_api.PutReply, expected: str, total: int) -> ObjectRef:
-        """The ref of a finished put, once the node's answer matches what was sent."""
+    def _stored(self, end: obj_api.PutReply, expected: str, total: int
+                ) -> tuple[ObjectRef, str | None]:
+        """The ref of a finished put, once the node's answer matches what was sent, and
+        the warning to give when it was stored on fewer nodes than its replicas."""
         if end.id != expected or end.size != total:
             raise IntegrityError(
                 f"{self.address} stored {end.id!r} ({end.size} bytes) but the "
                 f"data sent was {expected} ({total} bytes)"
             )
-        return ObjectRef(expected, total)
+        note = None
+        if 0 < end.planned < end.replicas:
+            note = (f"{expected}: stored on {end.planned} node(s), fewer than replicas="
+                    f"{end.replicas}: only {end.planned} live node(s) may hold a copy under "
+                    "its rule now; repair adds the rest as such nodes join")
+        return ObjectRef(expected, total), note
 
     async def _send_chunks(self, source: _Source, upload: str, chunk_bytes: int,
                            h: Any, progress: Progress | None) -> None:
@@ -700,7 +731,8 @@ class AsyncMesh:
         data_class: str | None,
         residency: list[str] | None,
         progress: Progress | None,
-    ) -> ObjectRef:
+        allow_degraded: bool = False,
+    ) -> tuple[ObjectRef, str | None]:
         """A small object in one round trip (``obj.put_small``)."""
         total = source.size
         data = await source.read(total) if total else b""
@@ -709,11 +741,12 @@ class AsyncMesh:
         await source.check_exhausted()
         expected = object_id(data)
         end = await self._request(obj_api.PUT_SMALL, obj_api.PutSmallRequest(
-            data=data, replicas=replicas, w=w, residency=_residency(data_class, residency)))
-        ref = self._stored(end, expected, total)
+            data=data, replicas=replicas, w=w, residency=_residency(data_class, residency),
+            allow_degraded=allow_degraded))
+        stored = self._stored(end, expected, total)
         if progress is not None:
             progress(total, total)
-        return ref
+        return stored
 
     async def _abort(self, upload: str) -> None:
         # Best effort: the node also drops an upload that goes quiet.
@@ -1238,19 +1271,17 @@ class Mesh:
         data_class: str | None = None,
         residency: Sequence[str] | None = None,
         progress: Progress | None = None,
+        allow_degraded: bool = False,
     ) -> ObjectRef:
         """Store an object; returns once ``w`` of ``replicas`` copies are durable.
-        ``data``: bytes, a file path (str or Path; streamed) or a binary file object."""
-        return self._run(
-            self._inner.put(
-                data,
-                replicas=replicas,
-                w=w,
-                data_class=data_class,
-                residency=residency,
-                progress=progress,
-            )
-        )
+        ``data``: bytes, a file path (str or Path; streamed) or a binary file object.
+        Refused when fewer live nodes than ``replicas`` may hold it, unless
+        ``allow_degraded`` (then an ``UnderReplicatedWarning``): see ``AsyncMesh.put``."""
+        ref, note = self._run(self._inner._put(data, replicas, w, data_class, residency,
+                                               progress, allow_degraded))
+        if note is not None:
+            warnings.warn(UnderReplicatedWarning(note), stacklevel=2)
+        return ref
 
     @overload
     def get(

@@ -70,11 +70,13 @@ class LocalCalls:
         w = None if classed else min(2, replicas)
         call = self.node.call_local
         if len(data) <= SMALL_PUT_BYTES:
+            # The node's own objects (results, operator code) are kept however few
+            # nodes may hold them now; repair adds copies as nodes join.
             r = await call(objects.PUT_SMALL, objects.PutSmallRequest(
-                data=data, replicas=n, w=w, residency=residency))
+                data=data, replicas=n, w=w, residency=residency, allow_degraded=True))
         else:
             up = await call(objects.PUT_BEGIN, objects.PutBeginRequest(
-                size=len(data), replicas=n, w=w, residency=residency))
+                size=len(data), replicas=n, w=w, residency=residency, allow_degraded=True))
             step = up.chunk_bytes
             for i in range(0, len(data), step):
                 await call(objects.PUT_CHUNK, objects.PutChunkRequest(

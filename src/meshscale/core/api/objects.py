@@ -141,6 +141,9 @@ class PutBeginRequest(Request):
     ttl_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
     """Collected everywhere this long after the put (absent: the class's TTL, else kept
     until deleted)."""
+    allow_degraded: bool = False
+    """Store it even when fewer live nodes than ``replicas`` may hold a copy now (the
+    object is under-replicated until more join); without it such a put is refused."""
 
 
 class PutBeginReply(msgspec.Struct):
@@ -170,6 +173,11 @@ class PutReply(msgspec.Struct):
     size: int
     nodes: list[str]
     """The nodes whose durable copies made the write quorum."""
+    planned: int = 0
+    """Copies the put aimed for (its write set): fewer than ``replicas`` for a degraded
+    put (``allow_degraded``); 0 from a node that does not say."""
+    replicas: int = 0
+    """The replication factor the put resolved to (its data class's when it gave none)."""
 
 
 class PutSmallRequest(Request):
@@ -181,6 +189,8 @@ class PutSmallRequest(Request):
     w: Replicas | None = None
     residency: ResidencyWire | None = None
     ttl_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    allow_degraded: bool = False
+    """As ``PutBeginRequest.allow_degraded``."""
 
 
 # ------------------------------------------------------------------ replica transfers

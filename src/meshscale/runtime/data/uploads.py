@@ -40,6 +40,11 @@ def _class(policy: ObjectPolicy) -> str | None:
     return None if policy.residency is None else policy.residency.data_class
 
 
+def _planned(up: _Upload) -> int:
+    """Copies a put aimed for: its plan's write set (0 when it was planned elsewhere)."""
+    return len(up.plan.targets) if up.plan is not None else 0
+
+
 @dataclass(frozen=True)
 class _UploadSpec:
     """An upload as asked for (a client put's or a replica transfer's header)."""
@@ -52,6 +57,8 @@ class _UploadSpec:
     ttl_s: float | None = None
     expires: float | None = None
     written: str | None = None
+    allow_degraded: bool = True
+    """A client put that said it accepts fewer copies than ``replicas`` for now."""
 
 
 class Uploads(DataPlaneBase):
@@ -59,7 +66,7 @@ class Uploads(DataPlaneBase):
 
     async def _client_spec(self, size: int, replicas: int | None, w: int | None,
                            residency: ResidencyWire | None, oid: str | None,
-                           ttl_s: float | None) -> _UploadSpec:
+                           ttl_s: float | None, allow_degraded: bool) -> _UploadSpec:
         """What a client put asks for, its data class's policy resolved here, where the put
         is coordinated (``core.policy.resolve``), and checked against this node's bounds."""
         data_class = None if residency is None else residency.data_class
@@ -84,7 +91,8 @@ class Uploads(DataPlaneBase):
             raise ApiError(ErrorCode.INVALID, f"ttl_s must be in (0, {self.cfg.max_ttl_s:g}], "
                                               f"got {ttl_s:g}")
         return _UploadSpec(size, ObjectPolicy(n, resolved.residency()),
-                           min(2, n) if w is None else w, oid, ttl_s=ttl_s)
+                           min(2, n) if w is None else w, oid, ttl_s=ttl_s,
+                           allow_degraded=allow_degraded)
 
     @staticmethod
     def _replica_spec(h: api.ReplicaHeader) -> _UploadSpec:
@@ -113,9 +121,10 @@ class Uploads(DataPlaneBase):
         if client:
             try:
                 if spec.oid is None:
-                    self.rm.check_put(policy, spec.w)
+                    self.rm.check_put(policy, spec.w, allow_degraded=spec.allow_degraded)
                 else:
-                    plan = self.rm.plan_put(spec.oid, policy, spec.w, early_copies=early)
+                    plan = self.rm.plan_put(spec.oid, policy, spec.w, early_copies=early,
+                                            allow_degraded=spec.allow_degraded)
             except PlacementError as e:
                 why = f"refused: {put_refusal(e)}"
                 self.agent.record(Kind.REFUSAL, spec.oid or "", data_class=_class(policy),
@@ -376,7 +385,7 @@ class Uploads(DataPlaneBase):
     async def _rpc_put_begin(self, req: api.PutBeginRequest) -> api.PutBeginReply:
         oid = req.id
         spec = await self._client_spec(req.size, req.replicas, req.w, req.residency, oid,
-                                       req.ttl_s)
+                                       req.ttl_s, req.allow_degraded)
         key = self._new_upload(spec, client=True,
                                early=oid is not None and req.size > self.cfg.inline_bytes)
         policy = self._uploads[key].policy
@@ -493,7 +502,8 @@ class Uploads(DataPlaneBase):
             self._puts.pop(req, None)
             raise ValueError(f"put of {meta.object_id} timed out waiting for W={up.w}") from None
         self._record_put(oid, up, nodes)
-        return api.PutReply(id=oid, size=meta.size, nodes=list(nodes))
+        return api.PutReply(id=oid, size=meta.size, nodes=list(nodes), planned=_planned(up),
+                            replicas=up.policy.replicas)
 
     def _record_put(self, oid: str, up: _Upload, nodes: tuple[str, ...]) -> None:
         regions = sorted({self._region_of(n) for n in nodes})
@@ -540,7 +550,8 @@ class Uploads(DataPlaneBase):
             self._puts.pop(req, None)
             raise ValueError(f"put of {oid} timed out waiting for W={up.w}") from None
         self._record_put(oid, up, nodes)
-        return api.PutReply(id=oid, size=up.size, nodes=list(nodes))
+        return api.PutReply(id=oid, size=up.size, nodes=list(nodes), planned=_planned(up),
+                            replicas=up.policy.replicas)
 
     async def _commit_spare(self, req: int) -> None:
         """Commit the spare copy of write ``req`` (once; later callers wait for it). A
@@ -632,7 +643,7 @@ class Uploads(DataPlaneBase):
         # (uncommitted) copy, as for a large put, instead of committing a stray copy that
         # it must hand off and drop again.
         spec = await self._client_spec(len(data), req.replicas, req.w, req.residency, oid,
-                                       req.ttl_s)
+                                       req.ttl_s, req.allow_degraded)
         key = self._new_upload(spec, client=True, early=True)
         up = self._uploads[key]
         self._stamp_after_tombstone(up, oid)
