@@ -347,3 +347,15 @@ def test_demand_on_a_held_node_wakes_it_and_ends_the_hold() -> None:
     assert c.state is S
     c.demand(21.0)
     assert c.state is W and not c.held
+
+
+def test_a_hold_while_waking_drains_once_awake() -> None:
+    c = controller("n0")
+    c.hold(10.0)
+    c.update(others(3), 20.0)
+    c.release(21.0)
+    assert c.state is W
+    assert c.hold(22.0) is None and c.state is W
+    c.ready(23.0)
+    c.update(others(3), 24.0)
+    assert c.state is D and c.held

@@ -454,6 +454,16 @@ def test_steal_prefers_reservations_whose_inputs_the_thief_holds() -> None:
     assert [r.hint for r in msg.reservations] == ["t2"]  # type: ignore[union-attr]
 
 
+def test_a_draining_or_sleeping_node_does_not_steal() -> None:
+    busy = node("v", load=Load(1, 3, 0.0))
+    for standby, want in ((False, 1), (True, 0)):
+        t = Scheduler("t", CAP, rng=random.Random(0), now=0.0)
+        t.set_view([busy, node("t", standby=standby)], 0.0)
+        t.idle(0.0)
+        steals = [o for o in t.drain() if isinstance(o, SendMessage) and o.dst == "v"]
+        assert len(steals) == want and t.stats.get("steal_requests", 0) == want
+
+
 def test_node_down_replaces_bound_tasks_and_results_are_idempotent() -> None:
     # The owner is outside the task's regions, so the binding is remote (a binding on
     # the owner itself has no node to lose).

@@ -647,8 +647,11 @@ class CapacityController:
 
     def _apply_held(self, now: float, view: Iterable[PeerCapacity]) -> None:
         st = self.state
-        if st is PowerState.ACTIVE:  # back by a restart or ``ready`` after a demand
-            self.held = False
+        if st is PowerState.ACTIVE:  # held while it was waking: drain now
+            if self.pinned or self.sole_copies > 0:
+                self.held = False
+            else:
+                self._move(PowerState.DRAINING, "an operator asked for standby", now)
         elif st is PowerState.DRAINING:
             if self.pinned or self.sole_copies > 0:
                 self.held = False

@@ -1380,6 +1380,11 @@ class Scheduler:
         if (now < self._next_steal or self._queue or self._asks or cfg.max_steal == 0
                 or self._free.cpus < 1.0 - 1e-9):
             return
+        me = self._view.get(self.name)
+        if me is not None and me.standby:
+            # Draining or asleep (core/capacity.py): it takes no new work of its own
+            # accord; the consolidation plan or a placement that pays the wake cost does.
+            return
         self._next_steal = now + cfg.steal_interval_s
         victims = [(n.load.queued, n.name) for n in self._view.values()
                    if n.name != self.name and n.load.queued > 0]
