@@ -17,7 +17,8 @@ controller's; this module feeds it and carries out what it says:
 - *Acting on transitions* (each one an event, ``capacity``, and a log line, with its
   reason): ``draining`` is published, and placement (``compute._view`` with
   ``placement_standby``) then counts the node's wake cost, so it takes new work only
-  when the active nodes look busier than that; its running tasks finish. ``standby``
+  when the active nodes look busier than that, and it steals no queued work
+  (``core/scheduling.py``); its running tasks finish. ``standby``
   stops the node's worker processes (``ComputePlane.stop_workers``): the node still
   gossips, serves reads of its data, its KV and scheduling. ``waking`` starts them
   again and reports ``ready`` to the controller; the time from the wake to the workers
