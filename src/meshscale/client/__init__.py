@@ -18,6 +18,7 @@ from meshscale.client.mesh import (
     ObjectRef,
     object_id,
 )
+from meshscale.client.services import Service, ServiceCallError
 from meshscale.client.tasks import (
     AsyncTaskMesh,
     Future,
@@ -47,6 +48,8 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFoundError",
     "ObjectRef",
+    "Service",
+    "ServiceCallError",
     "TaskCancelledError",
     "TaskError",
     "TaskFunction",

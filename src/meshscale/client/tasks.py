@@ -64,6 +64,7 @@ from meshscale.client.mesh import (
     open_mesh,
 )
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
+from meshscale.client.services import ServicesMixin
 from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
 from meshscale.client.streams import StreamsMixin
 from meshscale.core.api import ErrorCode, Method, Request, ResidencyWire
@@ -664,9 +665,10 @@ class AsyncTaskMesh(AsyncMesh):
         await super().close()
 
 
-class TaskMesh(StreamsMixin, Mesh):
+class TaskMesh(ServicesMixin, StreamsMixin, Mesh):
     """``Mesh`` plus tasks (blocking): ``submit``, ``map``, ``wait``, ``tasks``; and
-    streams: ``stream``, ``operator``, ``subscribe`` (``client/streams.py``)."""
+    streams: ``stream``, ``operator``, ``subscribe`` (``client/streams.py``); and
+    services: ``deploy``, ``service``, ``services`` (``client/services.py``)."""
 
     _inner: AsyncTaskMesh
 

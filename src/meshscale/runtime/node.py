@@ -111,6 +111,7 @@ from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.latency import RegionPair
 from meshscale.runtime.power import ENERGY_WINDOW_S, PowerMeter
 from meshscale.runtime.services import Handler, LocalCopies, Rep, Req
+from meshscale.runtime.services_plane import ServicePlane
 from meshscale.runtime.streams import StreamPlane
 from meshscale.runtime.workers import WorkerPool
 from meshscale.transport.credentials import Credentials
@@ -313,6 +314,7 @@ class NodeAgent:
         self.membership: Membership | None = None
         self.compute: ComputePlane | None = None
         self.streams: StreamPlane | None = None
+        self.services: ServicePlane | None = None
         self.http: HttpServer | None = None
         self.started_at = time.time()
         self.ready = False
@@ -498,6 +500,8 @@ class NodeAgent:
             await self.compute.start()
             self.streams = StreamPlane(self)
             await self.streams.start()
+            self.services = ServicePlane(self)
+            await self.services.start()
         # Join only once every plane serves its RPCs: a member others can see must be
         # able to answer them (a client that waits for convergence may call at once).
         if self.seeds:
@@ -520,6 +524,10 @@ class NodeAgent:
     async def stop(self) -> None:
         if self.http is not None:
             await self.http.stop()
+        services = self.services
+        if services is not None:
+            await services.stop()
+            self.services = None
         streams = self.streams
         if streams is not None:
             await streams.stop()

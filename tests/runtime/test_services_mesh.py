@@ -1,0 +1,231 @@
+"""Services on real node processes (issue #22): a class constructed once per replica,
+near-caller calls answered in the caller's region, bad input refused with clear errors
+while the service keeps serving, and a SIGKILLed replica node: an idempotent method's
+callers keep succeeding, a non-idempotent call fails with ``replica-lost``, and the
+replica count comes back."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from runtime_mesh import wait_for
+
+from meshscale.client.mesh import MeshError
+from meshscale.client.rpc import RemoteError, request
+from meshscale.client.services import ServiceCallError
+from meshscale.client.tasks import TaskMesh, connect
+from meshscale.core.api import Empty, ErrorCode
+from meshscale.core.api import services as api
+from meshscale.core.api.services import CallReply, CallRequest
+from meshscale.runtime.launcher import LocalMesh
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Counted:
+    """Writes its pid to ``log_dir/constructed`` in ``__init__``: one line per
+    construction."""
+
+    made = 0
+
+    def __init__(self, log_dir: str) -> None:
+        type(self).made += 1
+        with open(os.path.join(log_dir, "constructed"), "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def whoami(self) -> tuple[int, int]:
+        return os.getpid(), type(self).made
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def boom(self, what: str) -> None:
+        raise ValueError(f"bad {what}")
+
+    def write(self, x: int) -> int:
+        return x
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    with LocalMesh(tmp_path_factory.mktemp("services"), 4, regions=["a", "b"]) as m:
+        yield m
+
+
+def raw_call(m: LocalMesh, i: int, service: str, method: str, args: bytes,
+             timeout_s: float = 30.0) -> CallReply:
+    return request(m.nodes[i].address, m.credentials(), api.CALL,
+                   CallRequest(service=service, method=method, args=args,
+                               timeout_s=timeout_s), timeout=timeout_s + 10)
+
+
+def pickled(*args: object) -> bytes:
+    return cloudpickle.dumps((args, {}))
+
+
+def answered(m: LocalMesh, i: int, service: str, method: str = "whoami") -> CallReply | None:
+    r = raw_call(m, i, service, method, pickled())
+    return r if r.outcome == "done" else None
+
+
+def test_near_caller_constructed_once_per_replica(mesh: LocalMesh, client: TaskMesh) -> None:
+    # Replicas run as the worker user (nobody when the tests run as root): a directory
+    # it can write, under the world-writable /tmp.
+    tmp_path = Path(tempfile.mkdtemp(prefix="meshscale-svc-", dir="/tmp"))
+    os.chmod(tmp_path, 0o777)
+    nodes = client.deploy(Counted, "counted", str(tmp_path), replicas=2,
+                          idempotent=["whoami", "add"])
+    assert len(nodes) == 2
+    regions = {mesh.nodes[int(n.split("-")[1])].region for n in nodes}
+    assert regions == {"a", "b"}, nodes
+    # Callers in region a (node-0) and region b (node-1).
+    # Placement follows the calls (gossiped per region): with both regions calling, each
+    # gets one of the two replicas, and then every call stays in its caller's region.
+    def both_in_region() -> bool:
+        ok = True
+        for i in (0, 1):
+            r = answered(mesh, i, "counted")
+            ok = ok and r is not None and r.region == mesh.nodes[i].region
+        return ok
+
+    wait_for(both_in_region, 120, "calls from both regions answered in their region")
+    pids: set[int] = set()
+    for _ in range(40):
+        for i in (0, 1):
+            r = raw_call(mesh, i, "counted", "whoami", pickled())
+            assert r.outcome == "done", r
+            assert r.region == mesh.nodes[i].region, (i, r.node, r.region)
+            pid, made = cloudpickle.loads(r.value)
+            assert made == 1  # __init__ ran once in this process, whatever the calls
+            pids.add(pid)
+    assert len(pids) >= 2  # (a replica moving between regions adds a process)
+    # One construction per replica process: every pid that answered wrote one line (a
+    # replica moved away before both regions called may have written one more).
+    lines = [int(x) for x in (tmp_path / "constructed").read_text().split()]
+    assert len(lines) == len(set(lines)) and pids <= set(lines)
+    h = client.service("counted")
+    assert h.call("add", 2, 3) == 5
+    assert h.add(4, 5) == 9
+    futs = [h.add.remote(i, i) for i in range(20)]
+    assert [f.result(timeout=60) for f in futs] == [2 * i for i in range(20)]
+    info = {s.spec.name: s for s in client.services()}["counted"]
+    assert sorted(r.node for r in info.replicas) == sorted(nodes)
+    assert all(r.constructed == 1 and r.ready for r in info.replicas)
+    assert set(info.calls_by_region) >= {"a"}
+
+
+def test_bad_input_clear_errors_service_keeps_serving(mesh: LocalMesh,
+                                                      client: TaskMesh) -> None:
+    h = client.service("counted")
+    wait_for(lambda: answered(mesh, 0, "counted"), 90, "the service answers")
+    with pytest.raises(MeshError, match="unknown service 'nope'") as e1:
+        client.service("nope").call("whoami")
+    assert e1.value.code == ErrorCode.NOT_FOUND
+    with pytest.raises(MeshError, match="has no method 'missing'") as e2:
+        h.call("missing")
+    assert e2.value.code == ErrorCode.NOT_FOUND
+    r = raw_call(mesh, 0, "counted", "add", b"not a pickle")
+    assert r.outcome == "unpicklable" and "cannot decode the arguments" in r.message
+    with pytest.raises(ServiceCallError) as e3:
+        h.call("boom", "input")
+    assert e3.value.kind == "raised" and "ValueError: bad input" in e3.value.message
+    assert "Remote traceback" in str(e3.value) and "def boom" not in e3.value.message
+    assert "in boom" in e3.value.traceback
+    with pytest.raises(ServiceCallError, match="MAX_CALL_ARGS_BYTES") as e4:
+        h.call("add", b"x" * (api.MAX_CALL_ARGS_BYTES + 1), 1)
+    assert e4.value.kind == "too-large"
+    with pytest.raises(RemoteError, match="args") as e5:
+        raw_call(mesh, 0, "counted", "add", b"x" * (api.MAX_CALL_ARGS_BYTES + 1))
+    assert e5.value.code == ErrorCode.INVALID
+    with pytest.raises(MeshError, match="rule residency") as e6:
+        client.deploy(Counted, "on-mars", "/tmp", residency=["mars"])
+    assert e6.value.code == ErrorCode.REFUSED
+    with pytest.raises(MeshError, match="min_replicas 3 is greater than max_replicas 2"):
+        client.deploy(Counted, "bad-auto", "/tmp", autoscale=(3, 2, 1.0))
+    assert "on-mars" not in {s.spec.name for s in client.services()}
+    # The service kept serving through all of it.
+    assert h.call("add", 1, 1) == 2
+
+
+def test_replica_node_killed_idempotent_callers_recover(mesh: LocalMesh,
+                                                       client: TaskMesh) -> None:
+    """Kill the node of region a's replica; the caller enters at the other node of
+    region a. A non-idempotent call routed to the dead replica fails with replica-lost;
+    idempotent calls keep succeeding (on region b's replica), and within a generous
+    bound region a has a replica again and its calls stay in region a."""
+    client.deploy(Counted, "fo", "/tmp", replicas=2, idempotent=["whoami"])
+    info: dict[str, object] = {}
+
+    lister = [client]
+
+    def placed() -> list[str] | None:
+        svc = {s.spec.name: s for s in lister[0].services()}.get("fo")
+        ready = [r.node for r in svc.replicas if r.ready] if svc else []
+        return ready if len(ready) == 2 else None
+
+    wait_for(placed, 90, "two ready replicas")
+    a_nodes = [i for i, n in enumerate(mesh.nodes) if n.region == "a"]
+    b_node = next(i for i, n in enumerate(mesh.nodes) if n.region == "b")
+    # Calls from both regions, so each region holds one replica (placement follows calls).
+    seen: dict[int, str] = {}
+
+    def settled() -> bool:
+        for i in (a_nodes[0], b_node):
+            r = answered(mesh, i, "fo")
+            if r is None or r.region != mesh.nodes[i].region:
+                return False
+            seen[i] = r.node
+        return True
+
+    wait_for(settled, 120, "calls from both regions answered in their region")
+    victim = seen[a_nodes[0]]
+    vi = int(victim.split("-")[1])
+    entry = next(i for i in a_nodes if i != vi)
+    lister[0] = connect(mesh.nodes[entry].address, bundle=mesh.bundle_path)
+    wait_for(lambda: (r := answered(mesh, entry, "fo")) and r.node == victim, 60,
+             "the caller's calls to reach region a's replica")
+    proc = mesh.nodes[vi].proc
+    assert proc is not None
+    proc.kill()
+    t_kill = time.monotonic()
+    lost = raw_call(mesh, entry, "fo", "write", pickled(1))
+    assert lost.outcome == "replica-lost", lost
+    assert "not declared idempotent" in lost.message
+    first_ok: float | None = None
+    back: float | None = None
+    failures = 0
+    while time.monotonic() - t_kill < 120:
+        r = raw_call(mesh, entry, "fo", "whoami", pickled())
+        if r.outcome != "done":
+            failures += 1
+        elif first_ok is None:
+            first_ok = time.monotonic() - t_kill
+        if r.outcome == "done" and r.region == "a":
+            back = time.monotonic() - t_kill
+            break
+        time.sleep(0.05)
+    info.update(first_ok=first_ok, back=back, failures=failures)
+    print(f"failover: first idempotent success {first_ok}s after the kill, "
+          f"region a served again after {back}s, failed idempotent calls {failures}")
+    assert failures == 0, info
+    assert first_ok is not None and first_ok < 10, info
+    assert back is not None, info
+    t_restored = wait_for(lambda: (r := placed()) is not None and victim not in r
+                          and time.monotonic() - t_kill, 60,
+                          "two ready replicas again, none on the dead node")
+    print(f"failover: replica count restored {t_restored:.2f}s after the kill")
+    lister[0].close()
+
+
+def test_status_is_node_only(mesh: LocalMesh) -> None:
+    """svc.status is node-to-node: a client certificate is refused (node-1 is in region
+    b, alive after the kill above)."""
+    with pytest.raises(RemoteError) as e:
+        request(mesh.nodes[1].address, mesh.credentials(), api.STATUS, Empty(), timeout=10)
+    assert e.value.code == ErrorCode.UNAUTHORIZED
