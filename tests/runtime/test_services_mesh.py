@@ -6,13 +6,17 @@ replica count comes back."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
+import jsonschema
 import pytest
 from runtime_mesh import wait_for
 
@@ -24,6 +28,7 @@ from meshscale.core.api import Empty, ErrorCode
 from meshscale.core.api import services as api
 from meshscale.core.api.services import CallReply, CallRequest
 from meshscale.runtime.launcher import LocalMesh
+from meshscale.trust.bundle import load_bundle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -151,6 +156,65 @@ def test_bad_input_clear_errors_service_keeps_serving(mesh: LocalMesh,
     assert "on-mars" not in {s.spec.name for s in client.services()}
     # The service kept serving through all of it.
     assert h.call("add", 1, 1) == 2
+
+
+def post(addr: str, path: str, body: bytes, token: str | None) -> tuple[int, Any]:
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_http_call_json_in_json_out(mesh: LocalMesh, client: TaskMesh) -> None:
+    """Every node serves POST /api/v1/services/NAME/METHOD (JSON in and out, the admin
+    token); answers and errors match the OpenAPI document's schemas."""
+    bundle = load_bundle(mesh.bundle_path)
+    token = bundle.token
+    host, port = str(mesh.nodes[1].http).rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/api/v1/openapi.json")
+    doc = json.loads(conn.getresponse().read())
+    conn.close()
+
+    def valid(schema: str, body: Any) -> None:
+        root = {"$ref": f"#/components/schemas/{schema}", "components": doc["components"]}
+        jsonschema.Draft202012Validator(root).validate(body)
+
+    wait_for(lambda: answered(mesh, 1, "counted"), 90, "the service answers")
+    for node in mesh.nodes:
+        addr = str(node.http)
+        status, body = post(addr, "/api/v1/services/counted/add", b"[2, 3]", token)
+        assert status == 200 and body["result"] == 5, body
+        valid("ServiceCallResponse", body)
+    addr = str(mesh.nodes[1].http)
+    status, body = post(addr, "/api/v1/services/counted/add",
+                        b'{"args": [1], "kwargs": {"b": 41}}', token)
+    assert (status, body["result"]) == (200, 42)
+    status, body = post(addr, "/api/v1/services/counted/boom", b'["x"]', token)
+    assert status == 500 and body["kind"] == "raised" and "ValueError: bad x" in body["error"]
+    valid("ServiceCallError", body)
+    status, body = post(addr, "/api/v1/services/counted/add", b"{not json", token)
+    assert status == 400 and body["kind"] == "unpicklable", body
+    status, body = post(addr, "/api/v1/services/counted/nope", b"[]", token)
+    assert status == 404 and "has no method 'nope'" in body["error"]
+    status, body = post(addr, "/api/v1/services/nosuch/add", b"[]", token)
+    assert status == 404 and "unknown service 'nosuch'" in body["error"]
+    status, body = post(addr, "/api/v1/services/counted/add",
+                        b"[" + b"1," * (api.MAX_CALL_ARGS_BYTES // 2) + b"1]", token)
+    assert status == 413 and "MAX_CALL_ARGS_BYTES" in body["error"]
+    assert post(addr, "/api/v1/services/counted/add", b"[1, 2]", None)[0] == 401
+    status, body = post(addr, "/api/v1/services/counted/add", b"[1, 2]",
+                        bundle.read_only_token)
+    assert status == 403 and "svc.call needs the admin token" in body["error"]
+    # Still serving.
+    assert post(addr, "/api/v1/services/counted/add", b"[1, 2]", token)[1]["result"] == 3
 
 
 def test_replica_node_killed_idempotent_callers_recover(mesh: LocalMesh,

@@ -15,6 +15,36 @@ _NUM_OR_NULL: dict[str, Any] = {"type": ["number", "null"]}
 _STR_OR_NULL: dict[str, Any] = {"type": ["string", "null"]}
 
 SCHEMAS: dict[str, Any] = {
+    "ServiceCallRequest": {
+        "description": "A JSON list of positional arguments, or args and kwargs.",
+        "oneOf": [
+            {"type": "array"},
+            {"type": "object", "additionalProperties": False,
+             "properties": {"args": {"type": "array"}, "kwargs": {"type": "object"}}},
+        ],
+    },
+    "ServiceCallResponse": {
+        "type": "object",
+        "required": ["result", "node", "region", "attempts"],
+        "properties": {
+            "result": {"description": "The method's return value, as JSON."},
+            "node": {"type": "string", "description": "The replica's node that answered"},
+            "region": {"type": "string"},
+            "attempts": {"type": "integer", "minimum": 1},
+        },
+    },
+    "ServiceCallError": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string"},
+            "kind": {"type": "string", "description": "How the call failed: raised, "
+                     "unpicklable, too-large, timeout, crashed, busy, no-replica, "
+                     "replica-lost, retries-exhausted"},
+            "traceback": {"type": "string"},
+            "node": {"type": "string"},
+        },
+    },
     "Error": {
         "type": "object",
         "required": ["error"],
@@ -280,6 +310,37 @@ def openapi_document() -> dict[str, Any]:
             "503": {"description": "Too many streams open on this node",
                     "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/Error"}}}},
+        },
+    }}
+    paths["/api/v1/services/{name}/{method}"] = {"post": {
+        "summary": "Call a service's method (issue #22): the node routes it to the nearest "
+                   "healthy replica, as the Python client's call. Needs the admin token.",
+        "operationId": "serviceCall",
+        "security": [{"bearer": []}],
+        "parameters": [
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "method", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "timeout_s", "in": "query", "required": False,
+             "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 600}},
+        ],
+        "requestBody": {"required": False, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ServiceCallRequest"}}}},
+        "responses": {
+            "200": {"description": "The method's result", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ServiceCallResponse"}}}},
+            **{code: {"description": why, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ServiceCallError"}}}}
+               for code, why in (
+                   ("400", "Bad arguments (not JSON, not a list or args/kwargs object)"),
+                   ("401", "Missing or wrong token"),
+                   ("403", "The read-only token may not call a service"),
+                   ("404", "Unknown service or method"),
+                   ("413", "Arguments over the call size limit"),
+                   ("429", "The replica's queue is full"),
+                   ("500", "The method raised (kind raised, with the traceback)"),
+                   ("502", "The replica was lost (replica-lost, retries-exhausted, crashed)"),
+                   ("503", "No healthy replica (no-replica), or the node is starting"),
+                   ("504", "The replica did not answer in time"))},
         },
     }}
     paths["/api/v1/openapi.json"] = {"get": {
