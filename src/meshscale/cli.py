@@ -1266,6 +1266,58 @@ def tasks_cmd(
         typer.echo(_tasks_table(rows))
 
 
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _services_table(rows: list[Any]) -> str:
+    header = ("SERVICE", "NODE", "REGION", "READY", "INFLIGHT", "CALLS", "P50_MS", "P99_MS")
+    lines: list[tuple[str, ...]] = [header]
+    notes: list[str] = []
+    for s in rows:
+        for r in s.replicas:
+            lines.append((s.spec.name, r.node, r.region, "yes" if r.ready else "no",
+                          str(r.inflight), str(r.calls), _ms(r.p50_ms), _ms(r.p99_ms)))
+        if not s.replicas:
+            lines.append((s.spec.name, "-", "-", "-", "0", "0", "-", "-"))
+        by = ", ".join(f"{k}={v}" for k, v in sorted(s.calls_by_region.items())) or "none"
+        note = (f"{s.spec.name}: {s.spec.placement}, {s.desired} replica(s) wanted, "
+                f"placed on {', '.join(s.placed) or 'no node'}; calls per source region "
+                f"(last window): {by}")
+        if s.unplaceable:
+            note += f"; unplaceable: {s.unplaceable}"
+        notes.append(note)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    table = "\n".join(
+        "  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip()
+        for row in lines)
+    return table + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+@app.command("services")
+def services_cmd(
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """List the deployed services (issue #22): each replica's node, region, readiness,
+    calls in flight, calls answered, p50/p99 latency, and calls per source region."""
+    import json
+
+    import msgspec
+
+    from meshscale.core.api import Empty
+    from meshscale.core.api.services import LIST
+
+    rows = _request(_target(node, mesh_file, bundle), LIST, Empty(), timeout=timeout).services
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(rows), indent=2))
+    else:
+        typer.echo(_services_table(rows) if rows else "no services")
+
+
 # -- audit ----------------------------------------------------------------------------
 
 audit_app = typer.Typer(

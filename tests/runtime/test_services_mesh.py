@@ -20,6 +20,7 @@ import jsonschema
 import pytest
 from runtime_mesh import wait_for
 
+from meshscale.cli import main as cli_main
 from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import RemoteError, request
 from meshscale.client.services import ServiceCallError
@@ -215,6 +216,26 @@ def test_http_call_json_in_json_out(mesh: LocalMesh, client: TaskMesh) -> None:
     assert status == 403 and "svc.call needs the admin token" in body["error"]
     # Still serving.
     assert post(addr, "/api/v1/services/counted/add", b"[1, 2]", token)[1]["result"] == 3
+
+
+def test_services_cli(mesh: LocalMesh, capsys: pytest.CaptureFixture[str]) -> None:
+    """``meshscale services [--json]``: replicas, nodes, in-flight, p50/p99, calls per
+    source region; an unknown node address exits 3."""
+    wait_for(lambda: answered(mesh, 1, "counted"), 90, "the service answers")
+    args = ["services", "--node", mesh.nodes[1].address, "--bundle", str(mesh.bundle_path)]
+    assert cli_main([*args, "--json"]) == 0
+    rows = {r["spec"]["name"]: r for r in json.loads(capsys.readouterr().out)}
+    c = rows["counted"]
+    assert c["desired"] == 2 and len(c["replicas"]) >= 2
+    assert all(r["calls"] > 0 and r["p50_ms"] is not None and r["p99_ms"] >= r["p50_ms"]
+               for r in c["replicas"] if r["ready"])
+    assert sum(c["calls_by_region"].values()) > 0
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "P99_MS" in out and "calls per source region" in out and "counted" in out
+    bad = ["services", "--node", "127.0.0.1:1", "--bundle", str(mesh.bundle_path),
+           "--timeout", "2"]
+    assert cli_main(bad) == 3
 
 
 def test_replica_node_killed_idempotent_callers_recover(mesh: LocalMesh,
