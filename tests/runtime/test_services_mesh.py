@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -238,6 +239,62 @@ def test_services_cli(mesh: LocalMesh, capsys: pytest.CaptureFixture[str]) -> No
     assert cli_main(bad) == 3
 
 
+class Slow:
+    def work(self, s: float) -> int:
+        time.sleep(s)
+        return os.getpid()
+
+
+def test_autoscale_up_under_burst_and_back_down(mesh: LocalMesh, client: TaskMesh) -> None:
+    """autoscale=(1, 3, target_inflight=1): a burst of 12 concurrent callers keeps the
+    one replica's queue above target for longer than scale_up_dwell_s (2 s): replicas are
+    added (up to 3); after the burst, below half the target for scale_down_dwell_s (10 s)
+    each, they are removed one at a time back to 1."""
+    client.deploy(Slow, "slow", autoscale=(1, 3, 1.0), idempotent=["work"])
+
+    def ready() -> int:
+        svc = {x.spec.name: x for x in client.services()}.get("slow")
+        return sum(1 for r in svc.replicas if r.ready) if svc else 0
+
+    wait_for(lambda: ready() == 1, 90, "one ready replica")
+    stop = time.monotonic() + 1e9
+    pids: set[int] = set()
+    errors: list[str] = []
+
+    def caller() -> None:
+        while time.monotonic() < stop:
+            try:
+                r = raw_call(mesh, 0, "slow", "work", pickled(0.2))
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(repr(e))
+                return
+            if r.outcome == "done":
+                pids.add(cloudpickle.loads(r.value))
+            else:
+                errors.append(f"{r.outcome}: {r.message}")
+
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(12)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        up = wait_for(lambda: ready() >= 2 and time.monotonic() - t0, 90,
+                      "a replica added under the burst")
+        wait_for(lambda: len(pids) >= 2, 60, "calls answered by an added replica")
+    finally:
+        stop = 0.0
+        for t in threads:
+            t.join(60)
+    t1 = time.monotonic()
+    down = wait_for(lambda: ready() == 1 and time.monotonic() - t1, 120,
+                    "back to one replica after the burst")
+    print(f"autoscale: second replica ready {up:.1f}s into the burst, "
+          f"{len(pids)} replica processes answered, back to 1 replica {down:.1f}s after it")
+    assert not errors, errors[:3]
+    desired = {x.spec.name: x for x in client.services()}["slow"].desired
+    assert desired == 1
+
+
 def test_replica_node_killed_idempotent_callers_recover(mesh: LocalMesh,
                                                        client: TaskMesh) -> None:
     """Kill the node of region a's replica; the caller enters at the other node of
@@ -268,8 +325,17 @@ def test_replica_node_killed_idempotent_callers_recover(mesh: LocalMesh,
             seen[i] = r.node
         return True
 
+    def one_per_region() -> str | None:
+        settled()
+        svc = {x.spec.name: x for x in lister[0].services()}.get("fo")
+        reps = svc.replicas if svc else []
+        in_a = [r.node for r in reps if r.region == "a"]
+        if len(reps) == 2 and all(r.ready for r in reps) and len(in_a) == 1:
+            return in_a[0]
+        return None
+
     wait_for(settled, 120, "calls from both regions answered in their region")
-    victim = seen[a_nodes[0]]
+    victim = wait_for(one_per_region, 60, "exactly one replica in each region")
     vi = int(victim.split("-")[1])
     entry = next(i for i in a_nodes if i != vi)
     lister[0] = connect(mesh.nodes[entry].address, bundle=mesh.bundle_path)
