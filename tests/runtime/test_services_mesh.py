@@ -246,7 +246,7 @@ class Slow:
 
 
 def test_autoscale_up_under_burst_and_back_down(mesh: LocalMesh, client: TaskMesh) -> None:
-    """autoscale=(1, 3, target_inflight=1): a burst of 12 concurrent callers keeps the
+    """autoscale=(1, 3, target_inflight=1): a burst of 6 concurrent callers keeps the
     one replica's queue above target for longer than scale_up_dwell_s (2 s): replicas are
     added (up to 3); after the burst, below half the target for scale_down_dwell_s (10 s)
     each, they are removed one at a time back to 1."""
@@ -262,18 +262,22 @@ def test_autoscale_up_under_burst_and_back_down(mesh: LocalMesh, client: TaskMes
     errors: list[str] = []
 
     def caller() -> None:
-        while time.monotonic() < stop:
-            try:
-                r = raw_call(mesh, 0, "slow", "work", pickled(0.2))
-            except Exception as e:  # pragma: no cover - reported below
-                errors.append(repr(e))
-                return
-            if r.outcome == "done":
-                pids.add(cloudpickle.loads(r.value))
-            else:
-                errors.append(f"{r.outcome}: {r.message}")
+        # One client per caller, held for the burst (as a real client would). Few of
+        # them: every node here shares 127.0.0.1, and a node takes at most
+        # max_connections_per_ip (64) connections from one address, peers included.
+        c = connect(mesh.nodes[0].address, bundle=mesh.bundle_path)
+        h = c.service("slow")
+        try:
+            while time.monotonic() < stop:
+                try:
+                    pids.add(h.work(0.2))
+                except Exception as e:  # pragma: no cover - reported below
+                    errors.append(repr(e))
+                    return
+        finally:
+            c.close()
 
-    threads = [threading.Thread(target=caller, daemon=True) for _ in range(12)]
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(6)]
     t0 = time.monotonic()
     for t in threads:
         t.start()

@@ -137,8 +137,12 @@ class Service:
         return CallRequest(service=self.name, method=method, args=data, timeout_s=t)
 
     async def _call(self, req: CallRequest) -> Any:
-        mesh = self._mesh
-        reply = await mesh._inner._request(api.CALL, req)
+        inner = self._mesh._inner
+        # A task mesh's extra connections (4) carry calls side by side; the main one
+        # would take them one at a time.
+        trequest = getattr(inner, "_trequest", None)
+        reply = await (trequest(api.CALL, req) if trequest is not None
+                       else inner._request(api.CALL, req))
         if reply.outcome != "done":
             raise ServiceCallError(self.name, req.method, reply.outcome, reply.message,
                                    reply.traceback, reply.node)
