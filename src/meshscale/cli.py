@@ -1286,6 +1286,8 @@ def _services_table(rows: list[Any]) -> str:
                 f"(last window): {by}")
         if s.unplaceable:
             note += f"; unplaceable: {s.unplaceable}"
+        for n, err in sorted(s.errors.items()):
+            note += f"\n  {n}: replica start failed: {err.splitlines()[0] if err else ''}"
         notes.append(note)
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     table = "\n".join(

@@ -160,6 +160,38 @@ def test_bad_input_clear_errors_service_keeps_serving(mesh: LocalMesh,
     assert h.call("add", 1, 1) == 2
 
 
+class Broken:
+    def __init__(self) -> None:
+        raise RuntimeError("model file missing")
+
+    def predict(self) -> int:
+        return 1
+
+
+def test_init_that_raises_is_visible_and_others_serve(mesh: LocalMesh,
+                                                     client: TaskMesh) -> None:
+    """A class whose ``__init__`` raises never gets a ready replica: its calls fail with
+    no-replica naming the start failure, ``services()`` shows it per node, and the
+    retries back off (doubling from 1 s); the other services keep answering."""
+    client.deploy(Broken, "broken", replicas=1)
+
+    def failing() -> dict[str, str] | None:
+        svc = {x.spec.name: x for x in client.services()}.get("broken")
+        return dict(svc.errors) if svc is not None and svc.errors else None
+
+    errors = wait_for(failing, 60, "the start failure to be reported")
+    assert any("RuntimeError: model file missing" in e for e in errors.values()), errors
+    with pytest.raises(ServiceCallError) as e:
+        client.service("broken").call("predict", timeout=5)
+    assert e.value.kind == "no-replica"
+    assert "fail to start" in e.value.message and "model file missing" in e.value.message
+    assert client.service("counted").add(2, 2) == 4
+    client.remove_service("broken")
+    assert "broken" not in {x.spec.name for x in client.services()}
+    with pytest.raises(MeshError, match="unknown service 'broken'"):
+        client.remove_service("broken")
+
+
 def post(addr: str, path: str, body: bytes, token: str | None) -> tuple[int, Any]:
     host, port = addr.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=60)

@@ -149,7 +149,9 @@ class ServicePlaneConfig:
     """Added to a call's timeout for the hop to the replica's node."""
     code_replicas: int = 3
     restart_backoff_s: float = 1.0
-    """Wait before a replica that died is started again."""
+    """Wait before a replica that died is started again; doubled after each start that
+    failed in a row (its ``__init__`` raised), up to ``restart_backoff_max_s``."""
+    restart_backoff_max_s: float = 30.0
     decisions: ServiceConfig = field(default_factory=ServiceConfig)
 
     def __post_init__(self) -> None:
@@ -366,6 +368,8 @@ class ServicePlane:
         self.code: dict[str, bytes] = {}
         self.replicas: dict[str, Replica] = {}
         self._died_at: dict[str, float] = {}
+        self._start_fails: dict[str, int] = {}
+        self._start_errors: dict[str, str] = {}
         self.statuses: dict[str, tuple[StatusReply, float]] = {}
         self.scale: dict[str, ScaleState] = {}
         self._calls: dict[str, deque[tuple[float, int]]] = {}
@@ -484,7 +488,8 @@ class ServicePlane:
             replicas={n: r.status() for n, r in self.replicas.items()
                       if n in self.specs and not r.dead},
             calls={n: c for n in self.specs if (c := self._window_calls(n, now))},
-            scale=scale)
+            scale=scale,
+            errors={n: e for n, e in self._start_errors.items() if n in self.specs})
 
     def _rpc_status(self, _: Empty) -> StatusReply:
         return self._status(time.monotonic())
@@ -561,6 +566,8 @@ class ServicePlane:
         self.core.pop(name, None)
         self.scale.pop(name, None)
         self._calls.pop(name, None)
+        self._start_fails.pop(name, None)
+        self._start_errors.pop(name, None)
         if name in self.replicas:
             self._stop_replica(name, "service removed")
 
@@ -680,8 +687,9 @@ class ServicePlane:
                 self.replicas.pop(name)
                 self._died_at[name] = now
                 r = None
-            if r is None and now - self._died_at.get(name, -math.inf) >= \
-                    self.cfg.restart_backoff_s:
+            backoff = min(self.cfg.restart_backoff_max_s, self.cfg.restart_backoff_s *
+                          2 ** min(self._start_fails.get(name, 0), 16))
+            if r is None and now - self._died_at.get(name, -math.inf) >= backoff:
                 self._start_replica(name)
         for name in [n for n in self.replicas if n not in want]:
             r = self.replicas[name]
@@ -708,6 +716,8 @@ class ServicePlane:
                     self.code[w.code_id] = code
                 await r.start(code)
                 self.stats["replica_starts"] += 1
+                self._start_fails.pop(name, None)
+                self._start_errors.pop(name, None)
                 self.agent.log("info", "service_replica_ready", service=name,
                                pid=r.proc.pid if r.proc else 0)
             except asyncio.CancelledError:
@@ -715,6 +725,8 @@ class ServicePlane:
                 raise
             except Exception as e:
                 self.stats["replica_start_failed"] += 1
+                self._start_fails[name] = self._start_fails.get(name, 0) + 1
+                self._start_errors[name] = str(e)[:api.MAX_ERROR_CHARS]
                 self.agent.log_limited("service_replica_start_failed", service=name,
                                        error=str(e)[:500])
                 r.kill(f"start failed: {e}")
@@ -777,6 +789,11 @@ class ServicePlane:
             p = self._placement(name, tables)
             if isinstance(p, Unplaceable):
                 msg += f": it cannot be placed: rule {p.rule}: {p.message}"
+            else:
+                errs = [f"{n}: {t.errors[name]}" for n, t in sorted(tables.items())
+                        if name in t.errors]
+                if errs:
+                    msg += "; its replicas fail to start: " + errs[0][:1000]
             self.stats["calls_no_replica"] += 1
             return CallReply("no-replica", message=msg)
         attempts = 0
@@ -864,5 +881,7 @@ class ServicePlane:
                 placed=list(p.nodes) if isinstance(p, ServicePlacement) else [],
                 replicas=reps, calls_by_region=sources.get(name, {}),
                 unplaceable="" if isinstance(p, ServicePlacement)
-                else f"rule {p.rule}: {p.message}"))
+                else f"rule {p.rule}: {p.message}",
+                errors={node: t.errors[name] for node, t in sorted(tables.items())
+                        if name in t.errors}))
         return ListReply(services=out)

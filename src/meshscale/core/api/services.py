@@ -32,7 +32,7 @@ from meshscale.core.api.contract import (
 
 __all__ = [
     "CALL", "DEPLOY", "INVOKE", "LIST", "MAX_CALL_ARGS_BYTES", "MAX_CALL_TIMEOUT_S",
-    "MAX_CODE_BYTES", "MAX_IDEMPOTENT", "MAX_LABELS", "MAX_METHODS", "MAX_METHOD_CHARS",
+    "MAX_CODE_BYTES", "MAX_ERROR_CHARS", "MAX_IDEMPOTENT", "MAX_LABELS", "MAX_METHODS", "MAX_METHOD_CHARS",
     "MAX_RESULT_BYTES", "MAX_SERVICES", "MAX_SERVICE_NAME_CHARS", "MAX_TRACEBACK_CHARS",
     "METHODS", "NOTIFY", "OUTCOMES", "REMOVE", "STATUS", "AutoscaleWire", "CallReply",
     "CallRequest", "DeployReply", "DeployRequest", "Encoding", "InvokeReply",
@@ -58,6 +58,8 @@ MAX_CALL_TIMEOUT_S = 600.0
 MAX_SERVICES = 64
 """Services one mesh may run (each node polls every other node's replica table)."""
 MAX_TRACEBACK_CHARS = 64 * 1024
+MAX_ERROR_CHARS = 2_000
+"""A replica start failure as a status carries it."""
 
 ServiceName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SERVICE_NAME_CHARS,
                                           pattern=r"^[^/\x00]+$")]
@@ -213,6 +215,9 @@ class StatusReply(msgspec.Struct, omit_defaults=True):
     """Calls routed from this node per service over the node's call window."""
     scale: dict[str, ScaleWire] = {}
     """This node's autoscaler state per autoscaled service."""
+    errors: dict[str, str] = {}
+    """Why this node's last start of a service's replica failed (its ``__init__``
+    raised, say), while it waits to try again."""
 
 
 class ReplicaInfo(ReplicaStatus, omit_defaults=True):
@@ -230,6 +235,8 @@ class ServiceInfo(msgspec.Struct, omit_defaults=True):
     calls_by_region: dict[str, int]
     unplaceable: str = ""
     """The rule and message when no node may run it."""
+    errors: dict[str, str] = {}
+    """Per node, why its last start of a replica failed (while it retries)."""
 
 
 class ListReply(msgspec.Struct):
