@@ -24,8 +24,8 @@ out their answers:
   replicas it starts; ``keep_replica`` which of those it runs but is no longer named for
   it stops (make before break).
 - A call (``svc.call``) goes to any node: it refuses an unknown service or method, then
-  routes with ``route_call`` over the replicas it knows (healthy: the node alive in the
-  view, its replica ready, and no transport failure to it in the last
+  routes with ``route_call`` over the replicas it knows (healthy: the node alive or
+  suspect in the view, its replica ready, and no transport failure to it in the last
   ``failed_node_quarantine_s``) and forwards the call (``svc.invoke``). A node with no
   replica answers ``not-here`` (``redirect``); a node that cannot be reached, or a
   replica that died or timed out, is a lost replica (``failover``: an idempotent method
@@ -120,6 +120,9 @@ _BOOT = ("import sys; sys.path.append(sys.argv[1]); "
          "from meshscale.runtime.replica_main import main; main(sys.argv[2:])")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
+_BUSY = "no connection slot free"
+"""How ``transport.rpc`` words a ``NodeBusy`` refusal (it re-raises it as ``RpcError``)."""
+
 _spec_encoder = msgspec.msgpack.Encoder()
 _spec_decoder = msgspec.msgpack.Decoder(ServiceWire)
 _names_decoder = msgspec.msgpack.Decoder(list[str])
@@ -152,6 +155,9 @@ class ServicePlaneConfig:
     """Wait before a replica that died is started again; doubled after each start that
     failed in a row (its ``__init__`` raised), up to ``restart_backoff_max_s``."""
     restart_backoff_max_s: float = 30.0
+    busy_retries: int = 4
+    """A replica's node that answers "no connection slot free" is asked again this many
+    times (50 ms, doubling) before the call counts it as lost."""
     decisions: ServiceConfig = field(default_factory=ServiceConfig)
 
     def __post_init__(self) -> None:
@@ -758,7 +764,9 @@ class ServicePlane:
             m = members.get(node)
             if rs is None or m is None:
                 continue
-            healthy = rs.ready and m.state == State.ALIVE and \
+            # Alive or suspect, as every plane counts a member; a suspect node that is
+            # really gone is quarantined by the first call that cannot reach it.
+            healthy = rs.ready and m.state <= State.SUSPECT and \
                 now >= self._bad.get(node, -math.inf)
             coord = self.agent.m.coordinate() if node == self.agent.name else m.coord
             out.append(ReplicaView(node, m.meta.region, m.meta.zone, rs.inflight, healthy,
@@ -795,6 +803,12 @@ class ServicePlane:
                 if errs:
                     msg += "; its replicas fail to start: " + errs[0][:1000]
             self.stats["calls_no_replica"] += 1
+            now = time.monotonic()
+            self.agent.log_limited(
+                "service_no_replica", service=name,
+                statuses={n: round(now - at, 2) for n, (_, at) in self.statuses.items()},
+                holders=sorted(n for n, t in tables.items() if name in t.replicas),
+                quarantined=sorted(n for n, until in self._bad.items() if until > now))
             return CallReply("no-replica", message=msg)
         attempts = 0
         while True:
@@ -809,8 +823,9 @@ class ServicePlane:
                     reply = InvokeReply("not-here", message=str(e))
                 else:
                     lost = True
-            except (RpcError, TimeoutError):
-                self._bad[node] = time.monotonic() + self.cfg.failed_node_quarantine_s
+            except (RpcError, TimeoutError) as e:
+                if not isinstance(e, RpcError) or e.unreachable:
+                    self._bad[node] = time.monotonic() + self.cfg.failed_node_quarantine_s
                 lost = True
             if reply is not None and reply.outcome in ("crashed", "timeout"):
                 lost = True
@@ -855,12 +870,21 @@ class ServicePlane:
         delay = self.agent.delay_to(m.addr)
         if delay:
             await asyncio.sleep(delay)
-        conn = self.agent.peers.checkout(node, m.addr)
-        conn.timeout = req.timeout_s + self.cfg.forward_slack_s
-        try:
-            out = await conn.request(api.INVOKE, inv)
-        finally:
-            self.agent.peers.checkin(node, conn)
+        for attempt in range(self.cfg.busy_retries + 1):
+            conn = self.agent.peers.checkout(node, m.addr)
+            conn.timeout = req.timeout_s + self.cfg.forward_slack_s
+            try:
+                out = await conn.request(api.INVOKE, inv)
+                break
+            except RpcError as e:
+                # "No connection slot free" is the node's answer before any request is
+                # read (transport/tls.py NodeBusy): the call did not run; ask again.
+                if attempt == self.cfg.busy_retries or _BUSY not in str(e):
+                    raise
+                self.stats["forward_node_busy"] += 1
+            finally:
+                self.agent.peers.checkin(node, conn)
+            await asyncio.sleep(0.05 * 2 ** attempt)
         if delay:
             await asyncio.sleep(delay)
         return out
