@@ -384,6 +384,9 @@ class ServicePlane:
         self.stats: Counter[str] = Counter()
         self.rng = random.Random(agent.rng.random())
         self._cg_seq = 0
+        self._round_started_at = -math.inf
+        """When the last complete round of status polls began: a service installed
+        after it is not placed yet (its call counts and replicas are not all known)."""
         self._stopping = False
 
     def next_cg(self) -> int:
@@ -515,7 +518,9 @@ class ServicePlane:
                     return
                 self.statuses[n] = (st, time.monotonic())
 
+            started = time.monotonic()
             await asyncio.gather(*(poll(n) for n in others))
+            self._round_started_at = started
             for n in [n for n in self.statuses if n not in others]:
                 del self.statuses[n]
 
@@ -685,8 +690,16 @@ class ServicePlane:
         current = {n: [node for node, t in tables.items() if n in t.replicas]
                    for n in self.core}
         counts = [(self.core[n], self._count(n, tables)) for n in sorted(self.core)]
+        counts_by_name = [(spec.name, c) for spec, c in counts]
         me = self.agent.name
         want = replicas_wanted(me, counts, view, sources, current)
+        mine = self.agent.m.members.get(me)
+        if mine is None or mine.state > State.SUSPECT:
+            want = set()  # leaving: start nothing (the node stops its replicas)
+        # Start nothing for a service until one whole round of status polls began after
+        # it was installed here: with a partial table a node places on partial counts.
+        want = {n for n in want if n in self.replicas or
+                self._installed_at.get(n, math.inf) <= self._round_started_at}
         for name in want:
             r = self.replicas.get(name)
             if r is not None and r.dead:
@@ -696,6 +709,11 @@ class ServicePlane:
             backoff = min(self.cfg.restart_backoff_max_s, self.cfg.restart_backoff_s *
                           2 ** min(self._start_fails.get(name, 0), 16))
             if r is None and now - self._died_at.get(name, -math.inf) >= backoff:
+                self.agent.log("info", "service_replica_starting", service=name,
+                               count=dict(counts_by_name).get(name, 0),
+                               current=sorted(current.get(name, [])),
+                               statuses={n: round(now - at, 2)
+                                         for n, (_, at) in self.statuses.items()})
                 self._start_replica(name)
         for name in [n for n in self.replicas if n not in want]:
             r = self.replicas[name]
