@@ -62,6 +62,12 @@ class Counted:
         return x
 
 
+class Slow:
+    def work(self, s: float) -> int:
+        time.sleep(s)
+        return os.getpid()
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     with LocalMesh(tmp_path_factory.mktemp("services"), 4, regions=["a", "b"]) as m:
@@ -131,6 +137,26 @@ def test_near_caller_constructed_once_per_replica(mesh: LocalMesh, client: TaskM
     assert sorted(r.node for r in info.replicas) == sorted(nodes)
     assert all(r.constructed == 1 and r.ready for r in info.replicas)
     assert set(info.calls_by_region) >= {"a"}
+
+
+def test_call_longer_than_the_mesh_timeout(mesh: LocalMesh) -> None:
+    """A client connected with timeout=3 s still gets the answer of a call given
+    timeout=8 that takes 4 s (it goes on a connection of its own); one given less than
+    it takes ends with kind timeout, named."""
+    c = connect(mesh.nodes[0].address, bundle=mesh.bundle_path, timeout=3.0)
+    try:
+        c.deploy(Slow, "slow-long", replicas=1)
+        h = c.service("slow-long")
+        wait_for(lambda: h.call("work", 0.0, timeout=60) > 0, 90, "slow-long answers",
+                 retry=(ServiceCallError,))
+        assert h.call("work", 4.0, timeout=8) > 0
+        with pytest.raises(ServiceCallError) as e:
+            h.call("work", 3.0, timeout=1)
+        assert e.value.kind == "replica-lost" or e.value.kind == "timeout", e.value
+        assert "did not answer within 1" in str(e.value)
+        c.remove_service("slow-long")
+    finally:
+        c.close()
 
 
 def test_bad_input_clear_errors_service_keeps_serving(mesh: LocalMesh,
@@ -275,12 +301,6 @@ def test_services_cli(mesh: LocalMesh, capsys: pytest.CaptureFixture[str]) -> No
     bad = ["services", "--node", "127.0.0.1:1", "--bundle", str(mesh.bundle_path),
            "--timeout", "2"]
     assert cli_main(bad) == 3
-
-
-class Slow:
-    def work(self, s: float) -> int:
-        time.sleep(s)
-        return os.getpid()
 
 
 def test_autoscale_up_under_burst_and_back_down(mesh: LocalMesh, client: TaskMesh) -> None:

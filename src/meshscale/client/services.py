@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from meshscale.client.mesh import MeshError
+from meshscale.client.rpc import RpcConnection, RpcError
 from meshscale.client.shipping import Region, Regions, by_value
 from meshscale.core.api import Empty, ResidencyWire
 from meshscale.core.api import services as api
@@ -43,7 +44,10 @@ from meshscale.core.objects import object_id
 if TYPE_CHECKING:
     from meshscale.client.mesh import Mesh
 
-__all__ = ["Service", "ServiceCallError", "ServicesMixin"]
+__all__ = ["CALL_SLACK_S", "Service", "ServiceCallError", "ServicesMixin"]
+
+CALL_SLACK_S = 10.0
+"""Added to twice a call's timeout for the hops (client -> node -> replica's node)."""
 
 
 class ServiceCallError(MeshError):
@@ -138,11 +142,25 @@ class Service:
 
     async def _call(self, req: CallRequest) -> Any:
         inner = self._mesh._inner
-        # A task mesh's extra connections (4) carry calls side by side; the main one
-        # would take them one at a time.
-        trequest = getattr(inner, "_trequest", None)
-        reply = await (trequest(api.CALL, req) if trequest is not None
-                       else inner._request(api.CALL, req))
+        # A call whose timeout is longer than the mesh's connection timeout gets a
+        # connection of its own with a long enough one: the node may spend the call's
+        # timeout twice (an idempotent call is retried once after a timeout) plus hops.
+        if req.timeout_s > inner.timeout:
+            conn = RpcConnection(inner.address, inner._creds,
+                                 2 * req.timeout_s + CALL_SLACK_S)
+            try:
+                reply = await conn.request(api.CALL, req)
+            except RpcError as e:
+                raise MeshError(str(e), getattr(e, "code", ""),
+                                unreachable=e.unreachable) from None
+            finally:
+                await conn.close()
+        else:
+            # A task mesh's extra connections (4) carry calls side by side; the main one
+            # would take them one at a time.
+            trequest = getattr(inner, "_trequest", None)
+            reply = await (trequest(api.CALL, req) if trequest is not None
+                           else inner._request(api.CALL, req))
         if reply.outcome != "done":
             raise ServiceCallError(self.name, req.method, reply.outcome, reply.message,
                                    reply.traceback, reply.node)
