@@ -137,3 +137,25 @@ def test_readme_streams_in_10_lines(mesh: LocalMesh, tmp_path: Path) -> None:
     script.write_text(src)
     out = run([str(script)], timeout=90)
     assert out.strip().splitlines()[-1] == "machine-7 True", out
+
+
+@pytest.mark.timeout(480)
+def test_batch_dask(mesh: LocalMesh) -> None:
+    """Dask on the mesh inside residency rules: the naive central plan refused, the
+    per-region pre-aggregation and central combine give plain pandas' totals."""
+    out = run([str(EXAMPLES / "batch_dask.py"), str(mesh.mesh_json)], timeout=400)
+    assert "central region eu-west; sales in eu-west, us-east" in out, out
+    stored = re.findall(r"^stored meshscale://sales/\S+/(\S+)/shop-\d\.parquet .* on (.+)$",
+                        out, re.M)
+    assert len(stored) == 6, out
+    region_of = {n.name: n.region for n in mesh.nodes}
+    for region, holders in stored:
+        assert {region_of[h] for h in holders.split(", ")} == {region}, (region, holders)
+    assert re.search(r"naive plan .* refused: .*residency without 'eu-west': b3-\S+ "
+                     r"\(regions=\{us-east\}\)", out), out
+    for region in ("eu-west", "us-east"):
+        m = re.search(rf"^{region}: pre-aggregated 3 files on (\S+) ", out, re.M)
+        assert m is not None and region_of[m.group(1)] == region, out
+    assert re.search(r"^central \(eu-west\): combined 2 partials .* wrote "
+                     r"meshscale://nightly/\S+/totals.parquet = b3-", out, re.M), out
+    assert "totals equal plain pandas on the same files: True (24000 rows)" in out
