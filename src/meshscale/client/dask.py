@@ -208,9 +208,10 @@ def _check_residency(infos: Sequence[ObjectInfo], region: str | None, threads: i
 def _anchors(infos: Sequence[ObjectInfo], n: int, region_nodes: set[str] | None
              ) -> list[str | None]:
     """The input each of ``n`` workers declares: objects with a holder in the region
-    first, each object once before any twice, and among those the one whose least-used
-    holder has been used least (so the workers' holders differ where they can). Which
-    holder runs the worker stays the mesh's choice."""
+    first, each object once before any twice, and among those the one whose holders
+    have been used least (the most-used of them, then all together: so the anchors'
+    holders differ where they can). Which holder runs each worker stays the mesh's
+    choice, so every holder of an anchor counts as used."""
     if not infos:
         return [None] * n
     used: Counter[str] = Counter()
@@ -220,12 +221,13 @@ def _anchors(infos: Sequence[ObjectInfo], n: int, region_nodes: set[str] | None
         best = min(range(len(infos)), key=lambda k: (
             0 if region_nodes is None or set(infos[k].holders) & region_nodes else 1,
             taken[infos[k].id],
-            min((used[h] for h in infos[k].holders), default=0),
+            max((used[h] for h in infos[k].holders), default=0),
+            sum(used[h] for h in infos[k].holders),
             k))
         info = infos[best]
         taken[info.id] += 1
-        if info.holders:
-            used[min(info.holders, key=lambda h: used[h])] += 1
+        for h in info.holders:
+            used[h] += 1
         out.append(info.id)
     return out
 
@@ -233,7 +235,11 @@ def _anchors(infos: Sequence[ObjectInfo], n: int, region_nodes: set[str] | None
 def _read_part(path: str, storage_options: dict[str, Any], columns: list[str] | None,
                node_addresses: dict[str, str]) -> Any:
     """One object as a pandas frame, read by a Dask task through the node its worker
-    runs on (``node_addresses``: Dask worker address -> that node's address)."""
+    runs on (``node_addresses``: Dask worker address -> that node's address): the whole
+    object (a get, verified) when every column is wanted, else range reads of the
+    columns' chunks."""
+    import io
+
     import pandas as pd
     from distributed import get_worker
 
@@ -245,6 +251,8 @@ def _read_part(path: str, storage_options: dict[str, Any], columns: list[str] | 
         if here is not None:
             opts["address"] = here
     fs = MeshFileSystem(**opts)
+    if columns is None:  # every column: one whole read, checked against the id
+        return pd.read_parquet(io.BytesIO(fs.cat_file(path)))
     return pd.read_parquet(path, filesystem=fs, columns=columns)
 
 
