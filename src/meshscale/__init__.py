@@ -19,18 +19,26 @@ if TYPE_CHECKING:
     )
     from meshscale.client.streams import Record, Region, Regions
     from meshscale.client.tasks import (
+        ALL_COMPLETED,
+        FIRST_COMPLETED,
+        FIRST_EXCEPTION,
         Future,
         TaskError,
         TaskSubmitError,
         as_completed,
         connect,
         connect_async,
+        gather,
         task,
+        wait,
     )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "AsyncMesh",
     "Future",
     "IntegrityError",
@@ -46,11 +54,14 @@ __all__ = [
     "as_completed",
     "connect",
     "connect_async",
+    "gather",
     "task",
+    "wait",
 ]
 
-_FROM_TASKS = frozenset({"Future", "TaskError", "TaskSubmitError", "as_completed", "connect",
-                         "connect_async", "task"})
+_FROM_TASKS = frozenset({"ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Future",
+                         "TaskError", "TaskSubmitError", "as_completed", "connect",
+                         "connect_async", "gather", "task", "wait"})
 
 
 def __getattr__(name: str) -> Any:

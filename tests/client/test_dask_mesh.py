@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 pd = pytest.importorskip("pandas")
+dask = pytest.importorskip("dask")
 dd = pytest.importorskip("dask.dataframe")
 distributed = pytest.importorskip("distributed")
 
@@ -187,8 +188,11 @@ def test_workers_are_placed_on_input_holders_and_reads_prefer_them(
         mesh: TaskMesh, worker_opts: dict[str, Any],
         single_copies: tuple[Any, dict[str, str]]) -> None:
     frame, holder = single_copies
-    with cluster(mesh, workers=2, inputs=["meshscale://single/"],
-                 storage_options=worker_opts) as c, distributed.Client(c) as client:
+    # Dask's work stealing may move a loosely restricted task to an idle worker (the
+    # scheduler here reads the caller's config): off, so a read off its holder is ours.
+    with dask.config.set({"distributed.scheduler.work-stealing": False}), \
+            cluster(mesh, workers=2, inputs=["meshscale://single/"],
+                    storage_options=worker_opts) as c, distributed.Client(c) as client:
         on = c.worker_nodes()
         assert len(on) == 2, on
         by_id = {i.id: set(i.holders) for i in c.inputs}

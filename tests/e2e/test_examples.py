@@ -4,6 +4,7 @@ a separate Python process against a real 3-node mesh (what ``meshscale up --node
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from meshscale.client import connect
 from meshscale.core.api import Empty
 from meshscale.core.api.tasks import TASK_STATS
 from meshscale.runtime.launcher import LocalMesh
@@ -137,6 +139,56 @@ def test_readme_streams_in_10_lines(mesh: LocalMesh, tmp_path: Path) -> None:
     script.write_text(src)
     out = run([str(script)], timeout=90)
     assert out.strip().splitlines()[-1] == "machine-7 True", out
+
+
+def test_readme_tasks(mesh: LocalMesh, tmp_path: Path) -> None:
+    """The README's "Tasks" snippets, in order, as one script: futures as arguments,
+    gather, wait, a remote ValueError caught as itself, logs."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Tasks\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "the Tasks section has two python blocks"
+    target = '"127.0.0.1:PORT", bundle="/tmp/.../client"'
+    assert target in blocks[0]
+    src = "\n".join(blocks).replace(
+        target, f'"{mesh.nodes[0].address}", bundle="{mesh.bundle_path}"')
+    script = tmp_path / "tasks_snippet.py"
+    script.write_text(src)
+    out = run([str(script)], timeout=120)
+    lines = out.splitlines()
+    assert lines[:3] == ["6", "600", "[3, 1]"], out
+    assert lines[3].startswith("upstream upstream task ") and "ValueError: invalid literal" \
+        in lines[3], out
+    assert f'File "{script}", line ' in out and ", in parse" in out, out
+    assert lines[-2:] == ["done: 1", "parsing 1"], out
+
+
+def test_readme_objects_and_keys(mesh: LocalMesh, tmp_path: Path) -> None:
+    """The README's "Objects and keys" snippet as written, on the mesh `meshscale up`
+    starts by default (3 nodes, eu-west and us-east): the eu-west-only object gets every
+    copy it asks for there (the snippet must not ask for more than eu-west has)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Objects and keys\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None, "no python block under 'Objects and keys'"
+    target = '"127.0.0.1:PORT", bundle="/tmp/.../client"'
+    assert target in code.group(1) and '"/data/model.onnx"' in code.group(1)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(os.urandom(300_000))
+    src = code.group(1).replace(target, f'"{mesh.nodes[0].address}", '
+                                         f'bundle="{mesh.bundle_path}"')
+    src = src.replace('"/data/model.onnx"', f'"{model}"')
+    src += "\nprint(ref.id)\n"
+    script = tmp_path / "objects_snippet.py"
+    script.write_text(src)
+    out = run([str(script)], timeout=90).strip().splitlines()
+    oid = out[-1]
+    assert out[-2] == repr(oid.encode()), out  # the KV holds the id, read back
+    with connect(mesh.nodes[1].address, bundle=mesh.bundle_path) as c:
+        info = next(o for o in c.objects() if o.id == oid)
+    eu = {n.name for n in mesh.nodes if n.region == "eu-west"}
+    assert info.health == "ok" and set(info.holders) <= eu, info
+    assert len(info.holders) == info.replicas, info
 
 
 @pytest.mark.timeout(480)

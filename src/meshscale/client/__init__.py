@@ -18,7 +18,11 @@ from meshscale.client.mesh import (
     ObjectRef,
     object_id,
 )
+from meshscale.client.policies import AsyncPolicies, Policies, PolicyInfo
 from meshscale.client.tasks import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
     AsyncTaskMesh,
     Future,
     TaskCancelledError,
@@ -30,13 +34,19 @@ from meshscale.client.tasks import (
     connect,
     connect_async,
     default_mesh,
+    gather,
     task,
+    wait,
 )
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "KV",
     "AsyncKV",
     "AsyncMesh",
+    "AsyncPolicies",
     "AsyncTaskMesh",
     "ConnectError",
     "Consistency",
@@ -47,6 +57,8 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFoundError",
     "ObjectRef",
+    "Policies",
+    "PolicyInfo",
     "TaskCancelledError",
     "TaskError",
     "TaskFunction",
@@ -56,6 +68,8 @@ __all__ = [
     "connect",
     "connect_async",
     "default_mesh",
+    "gather",
     "object_id",
     "task",
+    "wait",
 ]

@@ -67,13 +67,15 @@ FSSPEC_OPTIONS: Final = ("skip_instance_cache", "use_listings_cache", "listings_
 def _policy(options: dict[str, Any]) -> dict[str, Any]:
     """The put policy in ``options`` (replicas, w, data_class, residency), checked as a
     put checks it; ``ValueError`` naming the option if it is bad."""
-    replicas = options.get("replicas", 3)
-    w = options.get("w", min(2, replicas) if isinstance(replicas, int) else 2)
     data_class = options.get("data_class")
+    # With a data class, what is left out comes from the class's policy at the node.
+    replicas = options.get("replicas", None if data_class is not None else 3)
+    w = options.get("w", min(2, replicas) if isinstance(replicas, int) else
+                    None if data_class is not None else 2)
     residency = options.get("residency")
     if isinstance(residency, str):
         residency = [residency]
-    regions = _check_policy(replicas, w, data_class, residency)
+    replicas, w, regions = _check_policy(replicas, w, data_class, residency)
     return {"replicas": replicas, "w": w, "data_class": data_class, "residency": regions}
 
 

@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar, cast, overload
 
 import msgspec
 
+from meshscale.client.policies import AsyncPolicies, Policies
 from meshscale.client.rpc import (
     ClientCredentials,
     RemoteError,
@@ -223,16 +224,25 @@ def _check_key(key: object) -> str:
 
 
 def _check_policy(
-    replicas: int, w: int, data_class: str | None, residency: Sequence[str] | None
-) -> list[str] | None:
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+    replicas: int | None, w: int | None, data_class: str | None,
+    residency: Sequence[str] | None,
+) -> tuple[int | None, int | None, list[str] | None]:
+    """A put's replicas, w and regions, checked. Without a data class, replicas defaults
+    to 3 and w to 2; with one, what is left out is None on the wire and the class's policy
+    fills it in at the node."""
+    if data_class is None:
+        replicas = 3 if replicas is None else replicas
+        w = 2 if w is None else w
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int)
+                                 or replicas < 1):
         raise ValueError(f"replicas must be an integer >= 1, not {replicas!r}")
-    if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= replicas:
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1
+                          or (replicas is not None and w > replicas)):
         raise ValueError(f"w must be an integer from 1 to replicas ({replicas}), not {w!r}")
     if data_class is not None and (not isinstance(data_class, str) or not data_class):
         raise ValueError(f"data_class must be a non-empty string or None, not {data_class!r}")
     if residency is None:
-        return None
+        return replicas, w, None
     if isinstance(residency, str | bytes):
         raise ValueError(
             f"residency is a list of regions, not the string {residency!r}; "
@@ -241,7 +251,7 @@ def _check_policy(
     regions = list(residency)
     if not regions or not all(isinstance(r, str) and r.strip() for r in regions):
         raise ValueError(f"residency must list at least one region name, not {regions!r}")
-    return [r.strip() for r in regions]
+    return replicas, w, [r.strip() for r in regions]
 
 
 # -- credentials ----------------------------------------------------------------------
@@ -517,6 +527,8 @@ class AsyncMesh:
         """A second connection to ``address`` for reads it serves or relays."""
         self._read_bytes = DEFAULT_READ_BYTES
         self.kv = AsyncKV(self)
+        self.policies = AsyncPolicies(self)
+        """The mesh's data-class policies (``client/policies.py``)."""
 
     @staticmethod
     def _mesh_error(e: RpcError, method: str) -> MeshError:
@@ -571,8 +583,8 @@ class AsyncMesh:
         self,
         data: bytes | bytearray | memoryview | str | Path | BinaryIO,
         *,
-        replicas: int = 3,
-        w: int = 2,
+        replicas: int | None = None,
+        w: int | None = None,
         data_class: str | None = None,
         residency: Sequence[str] | None = None,
         progress: Progress | None = None,
@@ -582,9 +594,13 @@ class AsyncMesh:
         ``data`` is bytes, a file path (``str`` or ``Path``; streamed, never read whole)
         or a binary file object (read from its current position). ``residency`` lists the
         regions its copies may live in; a rule the mesh cannot meet is refused, never
-        bent. ``progress(sent, total)`` is called after each chunk.
+        bent. ``data_class`` names a class: with a policy set for it (``mesh.policies``)
+        the put gets the class's regions, replicas and TTL for what it leaves out (None),
+        and what it gives may narrow the class's rule, never widen it. Without a class,
+        ``replicas`` defaults to 3 and ``w`` to 2. ``progress(sent, total)`` is called
+        after each chunk.
         """
-        regions = _check_policy(replicas, w, data_class, residency)
+        replicas, w, regions = _check_policy(replicas, w, data_class, residency)
         source = await _open_source(data)
         try:
             return await self._upload(source, replicas, w, data_class, regions, progress)
@@ -594,8 +610,8 @@ class AsyncMesh:
     async def _upload(
         self,
         source: _Source,
-        replicas: int,
-        w: int,
+        replicas: int | None,
+        w: int | None,
         data_class: str | None,
         residency: list[str] | None,
         progress: Progress | None,
@@ -679,8 +695,8 @@ class AsyncMesh:
     async def _upload_small(
         self,
         source: _Source,
-        replicas: int,
-        w: int,
+        replicas: int | None,
+        w: int | None,
         data_class: str | None,
         residency: list[str] | None,
         progress: Progress | None,
@@ -930,11 +946,12 @@ class AsyncMesh:
         reply = await self._request(obj_api.DELETE, obj_api.ObjectIdRequest(id=oid))
         return list(reply.holders)
 
-    async def iter_objects(self, page_size: int = LIST_PAGE) -> AsyncGenerator[ObjectInfo, None]:
-        """Every object in the mesh, in id order, fetched a page at a time."""
+    async def iter_objects(self, page_size: int = LIST_PAGE, after: str = ""
+                           ) -> AsyncGenerator[ObjectInfo, None]:
+        """Every object in the mesh (with an id after ``after``), in id order, fetched a
+        page at a time."""
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, not {page_size}")
-        after = ""
         while True:
             page = await self._request(obj_api.LIST, obj_api.ListRequest(
                 after=after, limit=min(page_size, obj_api.MAX_LIST_PAGE)))
@@ -1198,6 +1215,7 @@ class Mesh:
         self._runner = runner
         self._inner = inner
         self.kv = KV(self)
+        self.policies = Policies(self)
         self._closed = False
         weakref.finalize(self, _stop_loop, runner.loop)
 
@@ -1215,8 +1233,8 @@ class Mesh:
         self,
         data: bytes | bytearray | memoryview | str | Path | BinaryIO,
         *,
-        replicas: int = 3,
-        w: int = 2,
+        replicas: int | None = None,
+        w: int | None = None,
         data_class: str | None = None,
         residency: Sequence[str] | None = None,
         progress: Progress | None = None,
@@ -1272,9 +1290,9 @@ class Mesh:
         """Delete the object from every node; returns the live nodes that held a copy."""
         return self._run(self._inner.delete(ref))
 
-    def iter_objects(self, page_size: int = LIST_PAGE) -> Iterator[ObjectInfo]:
-        """Every object in the mesh, a page at a time."""
-        it = self._inner.iter_objects(page_size)
+    def iter_objects(self, page_size: int = LIST_PAGE, after: str = "") -> Iterator[ObjectInfo]:
+        """Every object in the mesh (with an id after ``after``), a page at a time."""
+        it = self._inner.iter_objects(page_size, after)
 
         async def step() -> ObjectInfo:
             return await it.__anext__()

@@ -42,15 +42,16 @@ _GRANTS: dict[str, frozenset[Access]] = {
 _READ = (
     "members", "stats", "events", "node.energy",
     "obj.read", "obj.stat", "obj.list", "kv.get", "kv.list", "dp.stats",
-    "task.list", "task.stats", "task.result", "task.wait",
+    "task.list", "task.stats", "task.result", "task.wait", "task.logs",
     "stream.read", "stream.op_list", "stream.stats",
+    "policy.get", "policy.list",
 )
 _WRITE = (
     "obj.put_begin", "obj.put_chunk", "obj.put_end", "obj.put_abort", "obj.put_small",
     "obj.delete", "obj.corrupt_local", "kv.put", "kv.delete",
     "task.submit", "task.cancel",
     "stream.publish", "stream.op_register", "stream.op_remove",
-    "admin.revoke",
+    "admin.revoke", "policy.set", "policy.delete",
 )
 _AUDIT = ("audit.query", "audit.verify", "audit.heads")
 _NODE = (

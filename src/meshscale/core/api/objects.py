@@ -128,15 +128,19 @@ class Done(msgspec.Struct):
 
 class PutBeginRequest(Request):
     size: Size
-    replicas: Replicas = 3
+    replicas: Replicas | None = None
+    """Copies to keep; absent: the data class's count (``core/policy.py``), else 3."""
     w: Replicas | None = None
     """Copies durable before the put returns (at most ``replicas``); absent: min(2, replicas)."""
     residency: ResidencyWire | None = None
+    """Where copies may live and the data class: a class with a policy gives the fields
+    left out (regions, replicas, TTL); those given may narrow it, never widen it."""
     id: ObjectId | None = None
     """The object's id sent ahead: the node streams the chunks on to the replica set as
     they arrive (cut-through) and every copy is checked against it."""
     ttl_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    """Collected everywhere this long after the put (absent: kept until deleted)."""
+    """Collected everywhere this long after the put (absent: the class's TTL, else kept
+    until deleted)."""
 
 
 class PutBeginReply(msgspec.Struct):
@@ -172,7 +176,8 @@ class PutSmallRequest(Request):
     """A whole small object in one call (a node's ``inline_bytes`` bounds it)."""
 
     data: Chunk
-    replicas: Replicas = 3
+    replicas: Replicas | None = None
+    """Absent: the data class's count, else 3 (as ``PutBeginRequest.replicas``)."""
     w: Replicas | None = None
     residency: ResidencyWire | None = None
     ttl_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
