@@ -13,12 +13,12 @@ or give a node's address and the cluster bundle directly:
 
 What it does:
 
-1. Writes a day of sales as parquet files through ``meshscale://``: each sales region's
-   files with ``residency=[region]``, so their copies may live only on that region's
-   nodes (data-class policies are not on main yet: the residency rule on the puts stands
-   in for a class "sales-eu may not leave eu-west").
+1. Sets a data-class policy per sales region (``sales-<region>``: copies only in that
+   region) and writes a day of sales as parquet files through ``meshscale://`` under
+   those classes.
 2. The naive plan: one Dask cluster in the mesh's central region declaring every sales
-   file as its input. The mesh's placement rule refuses it, naming the residency rule.
+   file as its input. It is refused before any worker starts, naming the residency rule
+   (the class's regions) and the inputs it keeps out.
 3. The plan that works: in each sales region, a Dask cluster whose workers the mesh
    places on the holders of that region's files pre-aggregates them (totals and counts
    by product), and a Dask task on a worker there writes the partial result back as a
@@ -139,15 +139,17 @@ def main(argv: list[str]) -> int:
             print("this example needs a mesh with two regions or more")
             return 2
 
-        # 1. a day of sales per region; copies only on that region's nodes
+        # 1. a day of sales per region, under a class that keeps it there
         frames = []
         for region in sales_regions:
             copies = min(2, per_region[region])
+            mesh.policies.set(f"sales-{region}", [region], replicas=copies)
+            print(f"policy sales-{region}: copies only in {region}, {copies} of them")
             for i in range(FILES_PER_REGION):
                 df = sales_day(rng, region, ROWS_PER_FILE)
                 path = f"meshscale://sales/{DAY}/{region}/shop-{i}.parquet"
                 df.to_parquet(path, index=False, storage_options={
-                    **opts, "replicas": copies, "residency": [region]})
+                    **opts, "replicas": copies, "data_class": f"sales-{region}"})
                 holders = meshscale.client.fs.MeshFileSystem(**opts).info(path)["holders"]
                 print(f"stored {path} ({len(df)} rows) on {', '.join(holders)}")
                 frames.append(df)

@@ -193,7 +193,7 @@ def test_readme_objects_and_keys(mesh: LocalMesh, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(480)
 def test_batch_dask(mesh: LocalMesh) -> None:
-    """Dask on the mesh inside residency rules: the naive central plan refused, the
+    """Dask on the mesh inside data-class policies: the naive central plan refused, the
     per-region pre-aggregation and central combine give plain pandas' totals."""
     out = run([str(EXAMPLES / "batch_dask.py"), str(mesh.mesh_json)], timeout=400)
     assert "central region eu-west; sales in eu-west, us-east" in out, out
@@ -203,8 +203,9 @@ def test_batch_dask(mesh: LocalMesh) -> None:
     region_of = {n.name: n.region for n in mesh.nodes}
     for region, holders in stored:
         assert {region_of[h] for h in holders.split(", ")} == {region}, (region, holders)
+    assert "policy sales-us-east: copies only in us-east, 1 of them" in out, out
     assert re.search(r"naive plan .* refused: .*residency without 'eu-west': b3-\S+ "
-                     r"\(regions=\{us-east\}\)", out), out
+                     r"\(regions=\{us-east\}, class sales-us-east\)", out), out
     for region in ("eu-west", "us-east"):
         m = re.search(rf"^{region}: pre-aggregated 3 files on (\S+) ", out, re.M)
         assert m is not None and region_of[m.group(1)] == region, out

@@ -232,6 +232,33 @@ def _anchors(infos: Sequence[ObjectInfo], n: int, region_nodes: set[str] | None
     return out
 
 
+def _own_node_options(storage_options: dict[str, Any], node_addresses: dict[str, str]
+                      ) -> dict[str, Any]:
+    """``storage_options`` with the address of the node this Dask worker runs on."""
+    from distributed import get_worker
+
+    opts = dict(storage_options)
+    with contextlib.suppress(ValueError):
+        here = node_addresses.get(get_worker().address)
+        if here is not None:
+            opts["address"] = here
+    return opts
+
+
+def _read_meta(path: str, storage_options: dict[str, Any],
+               node_addresses: dict[str, str]) -> Any:
+    """The empty pandas frame of a parquet object's schema (its footer only), read on a
+    worker through its own node: the caller's process may be outside the object's
+    regions, and a class that forbids cross-region reads is refused there."""
+    import pyarrow.parquet as pq
+
+    from meshscale.client.fs import MeshFileSystem
+
+    fs = MeshFileSystem(**_own_node_options(storage_options, node_addresses))
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f).empty_table().to_pandas()
+
+
 def _read_part(path: str, storage_options: dict[str, Any], columns: list[str] | None,
                node_addresses: dict[str, str]) -> Any:
     """One object as a pandas frame, read by a Dask task through the node its worker
@@ -241,16 +268,10 @@ def _read_part(path: str, storage_options: dict[str, Any], columns: list[str] | 
     import io
 
     import pandas as pd
-    from distributed import get_worker
 
     from meshscale.client.fs import MeshFileSystem
 
-    opts = dict(storage_options)
-    with contextlib.suppress(ValueError):
-        here = node_addresses.get(get_worker().address)
-        if here is not None:
-            opts["address"] = here
-    fs = MeshFileSystem(**opts)
+    fs = MeshFileSystem(**_own_node_options(storage_options, node_addresses))
     if columns is None:  # every column: one whole read, checked against the id
         return pd.read_parquet(io.BytesIO(fs.cat_file(path)))
     return pd.read_parquet(path, filesystem=fs, columns=columns)
@@ -341,6 +362,16 @@ class MeshDaskCluster(LocalCluster):
                 out[addr] = str(node)
         return out
 
+    def _locality(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(Dask worker address -> mesh node, Dask worker address -> its node's address)."""
+        on = self.worker_nodes()
+        addr_of = {str(m["name"]): str(m["address"]) for m in _live(self.mesh)}
+        return on, {w: addr_of[n] for w, n in on.items() if n in addr_of}
+
+    def _near(self, oid: str, on: dict[str, str]) -> list[str]:
+        holders = set(self.mesh.stat(oid).holders)
+        return sorted(w for w, n in on.items() if n in holders)
+
     def read_parts(self, paths: str | Sequence[str],
                    storage_options: dict[str, Any] | None = None,
                    columns: list[str] | None = None, client: Any = None) -> list[Any]:
@@ -354,13 +385,10 @@ class MeshDaskCluster(LocalCluster):
         client = client if client is not None else default_client()  # type: ignore[no-untyped-call]
         objs = expand(self.mesh, [paths] if isinstance(paths, str) else list(paths),
                       MAX_INPUTS)
-        on = self.worker_nodes()
-        addr_of = {str(m["name"]): str(m["address"]) for m in _live(self.mesh)}
-        node_addresses = {w: addr_of[n] for w, n in on.items() if n in addr_of}
+        on, node_addresses = self._locality()
         parts = []
         for path, oid in objs:
-            holders = set(self.mesh.stat(oid).holders)
-            near = sorted(w for w, n in on.items() if n in holders)
+            near = self._near(oid, on)
             parts.append(client.submit(_read_part, path, so, columns, node_addresses,
                                        workers=near or None, allow_other_workers=bool(near),
                                        key=f"meshscale-read-{oid[3:19]}-{uuid.uuid4().hex[:8]}",
@@ -371,18 +399,20 @@ class MeshDaskCluster(LocalCluster):
                      storage_options: dict[str, Any] | None = None,
                      columns: list[str] | None = None, client: Any = None) -> Any:
         """A ``dask.dataframe`` of ``read_parts`` (one partition per object); its
-        columns are the first object's schema."""
+        columns are the first object's schema, read on a worker next to it (never in
+        this process, which may be outside the object's regions)."""
         import dask.dataframe as dd
-        import fsspec
-        import pyarrow.parquet as pq
+        from distributed import default_client
 
         so = self._options(storage_options)
+        client = client if client is not None else default_client()  # type: ignore[no-untyped-call]
         parts = self.read_parts(paths, so, columns, client)
-        first = expand(self.mesh, [paths] if isinstance(paths, str) else list(paths),
-                       MAX_INPUTS)[0][0]
-        fs = fsspec.filesystem("meshscale", **so)
-        with fs.open(first, "rb") as f:
-            meta = pq.read_schema(f).empty_table().to_pandas()
+        path, oid = expand(self.mesh, [paths] if isinstance(paths, str) else list(paths),
+                           MAX_INPUTS)[0]
+        on, node_addresses = self._locality()
+        near = self._near(oid, on)
+        meta = client.submit(_read_meta, path, so, node_addresses, workers=near or None,
+                             allow_other_workers=bool(near), pure=False).result()
         if columns is not None:
             meta = meta[columns]
         return dd.from_delayed(parts, meta=meta, verify_meta=False)
