@@ -16,21 +16,30 @@ if TYPE_CHECKING:
         Mesh,
         MeshError,
         ObjectRef,
+        UnderReplicatedWarning,
     )
     from meshscale.client.streams import Record, Region, Regions
     from meshscale.client.tasks import (
+        ALL_COMPLETED,
+        FIRST_COMPLETED,
+        FIRST_EXCEPTION,
         Future,
         TaskError,
         TaskSubmitError,
         as_completed,
         connect,
         connect_async,
+        gather,
         task,
+        wait,
     )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "AsyncMesh",
     "Future",
     "IntegrityError",
@@ -42,15 +51,19 @@ __all__ = [
     "Regions",
     "TaskError",
     "TaskSubmitError",
+    "UnderReplicatedWarning",
     "__version__",
     "as_completed",
     "connect",
     "connect_async",
+    "gather",
     "task",
+    "wait",
 ]
 
-_FROM_TASKS = frozenset({"Future", "TaskError", "TaskSubmitError", "as_completed", "connect",
-                         "connect_async", "task"})
+_FROM_TASKS = frozenset({"ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Future",
+                         "TaskError", "TaskSubmitError", "as_completed", "connect",
+                         "connect_async", "gather", "task", "wait"})
 
 
 def __getattr__(name: str) -> Any:

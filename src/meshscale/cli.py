@@ -63,8 +63,6 @@ except ImportError:  # pragma: no cover - older typer with click installed
 
 PROG = "meshscale"
 USAGE_EXIT = 2
-
-
 EXIT_FAILED = 1
 """Not found, or the mesh could not do it (busy, unavailable, out of room)."""
 EXIT_UNREACHABLE = 3
@@ -526,25 +524,49 @@ def members_cmd(
                            "it with `meshscale bundle node --renew`", err=True)
 
 
-def _energy_rows(target: Target, timeout: float) -> tuple[list[Any], list[str]]:
-    """``node.energy`` of every live member (asked one by one), and the members that did
-    not answer."""
-    from meshscale.client.rpc import RpcError, request
+def _ask_live_members(target: Target, method: Method[Req, Rep], req: Req, timeout: float
+                      ) -> tuple[dict[str, Rep], list[str]]:
+    """``method`` on every live member (as the first node of ``target`` that answers sees
+    them), asked at once: the answers by node name, and the members that did not answer."""
+    import asyncio
+
+    from meshscale.client.rpc import RpcConnection, RpcError
     from meshscale.core.api import Empty
-    from meshscale.core.api.node import ENERGY, MEMBERS
+    from meshscale.core.api.node import MEMBERS
 
     creds = _client_creds(target.bundle)
-    members = _request(target, MEMBERS, Empty(), timeout=timeout, creds=creds)
-    rows: list[Any] = []
-    missing: list[str] = []
-    for m in sorted(members, key=lambda m: m.name):
-        if m.state not in ("alive", "suspect"):
-            continue
+    members = [m for m in _request(target, MEMBERS, Empty(), timeout=timeout, creds=creds)
+               if m.state in ("alive", "suspect")]
+
+    async def one(address: str) -> Rep | None:
+        conn = RpcConnection(address, creds, timeout)
         try:
-            rows.append(request(m.address, creds, ENERGY, Empty(), timeout=timeout))
+            return await conn.request(method, req)
         except RpcError:
+            return None
+        finally:
+            await conn.close()
+
+    async def every() -> list[Rep | None]:
+        return list(await asyncio.gather(*(one(m.address) for m in members)))
+
+    answers: dict[str, Rep] = {}
+    missing: list[str] = []
+    for m, rep in zip(members, asyncio.run(every()), strict=True):
+        if rep is None:
             missing.append(m.name)
-    return rows, missing
+        else:
+            answers[m.name] = rep
+    return answers, sorted(missing)
+
+
+def _energy_rows(target: Target, timeout: float) -> tuple[list[Any], list[str]]:
+    """``node.energy`` of every live member, and the members that did not answer."""
+    from meshscale.core.api import Empty
+    from meshscale.core.api.node import ENERGY
+
+    answers, missing = _ask_live_members(target, ENERGY, Empty(), timeout)
+    return [answers[name] for name in sorted(answers)], missing
 
 
 def _energy_table(rows: list[Any]) -> str:
@@ -1000,22 +1022,36 @@ def _resolve_id(target: Target, given: str, timeout: float) -> str:
 @app.command("put")
 def put_cmd(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="File to store; - reads stdin.")],
-    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Copies to keep.")] = 3,
-    w: Annotated[int, typer.Option("--w", min=1, help="Copies durable before put returns.")] = 2,
+    replicas: Annotated[int | None, typer.Option(
+        "--replicas", min=1, help="Copies to keep (default: the --class policy's, else 3).")
+    ] = None,
+    w: Annotated[int | None, typer.Option(
+        "--w", min=1, help="Copies durable before put returns (default: 2, at most "
+        "--replicas).")] = None,
     residency: Annotated[
         str | None,
-        typer.Option("--residency", help="Regions copies may live in, e.g. eu-west,eu-central."),
+        typer.Option("--residency", help="Regions copies may live in, e.g. eu-west,eu-central "
+                     "(with --class: may narrow the class's policy, never widen it)."),
     ] = None,
     data_class: Annotated[
         str | None, typer.Option("--class", help="Data class, e.g. pii or telemetry.")
     ] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Refuse the put when fewer live nodes than --replicas may hold "
+        "it now, instead of storing it under-replicated with a warning.")] = False,
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
     mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """Store a file (- for stdin) as an object; prints its id on the last line of stdout."""
-    if w > replicas:
+    """Store a file (- for stdin) as an object; prints its id on the last line of stdout.
+    When fewer live nodes than --replicas may hold it now, it is stored on those there
+    are, with a warning (--strict refuses it instead, exit 2)."""
+    import warnings
+
+    from meshscale.client.mesh import UnderReplicatedWarning
+
+    if w is not None and replicas is not None and w > replicas:
         raise CliError(f"--w {w} is more than --replicas {replicas}")
     regions = _parse_residency(residency)
     source: Any = file
@@ -1025,10 +1061,15 @@ def put_cmd(
         raise CliError(f"{file}: no such file")
     elif file.is_dir():
         raise CliError(f"{file}: is a directory")
-    with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh, _ProgressBar(f"put {file.name}") as bar:
-        ref = mesh.put(
-            source, replicas=replicas, w=w, data_class=data_class, residency=regions, progress=bar
-        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnderReplicatedWarning)
+        with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh, \
+                _ProgressBar(f"put {file.name}") as bar:
+            ref = mesh.put(source, replicas=replicas, w=w, data_class=data_class,
+                           residency=regions, progress=bar, allow_degraded=not strict)
+    for warning in caught:
+        if issubclass(warning.category, UnderReplicatedWarning):
+            typer.echo(f"warning: {_one_line(str(warning.message))}", err=True)
     typer.echo(ref.id)
 
 
@@ -1121,19 +1162,45 @@ def objects_cmd(
     node: NodeOption = None,
     mesh_file: MeshOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1_000_000, help="At most this "
+                                       "many objects (the next page: --after the last id "
+                                       "shown).")] = 1000,
+    after: Annotated[str, typer.Option("--after", help="Only ids after this one.")] = "",
+    prefix: Annotated[str, typer.Option("--prefix", help="Only ids that start with this "
+                                        "(b3-...).")] = "",
+    data_class: Annotated[str | None, typer.Option("--class", help="Only objects of this "
+                                                   "data class.")] = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """List every object in the mesh with its holders and health."""
+    """List the objects in the mesh with their holders and health, in id order, a page
+    at a time (--limit, --after); --prefix and --class narrow it."""
     import json
 
     import msgspec
 
+    if prefix and not "b3-".startswith(prefix[:3]):
+        raise CliError(f"--prefix {prefix!r}: object ids start with b3-")
+    start = max(after, prefix) if prefix else after
+    rows: list[Any] = []
+    more = False
     with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
-        rows = mesh.objects()
+        for info in mesh.iter_objects(page_size=min(limit + 1, 1000), after=start):
+            if prefix and not info.id.startswith(prefix):
+                if info.id > prefix:
+                    break  # ids sort as strings: none further on has the prefix
+                continue
+            if data_class is not None and info.data_class != data_class:
+                continue
+            if len(rows) == limit:
+                more = True
+                break
+            rows.append(info)
     if as_json:
         typer.echo(json.dumps(msgspec.to_builtins(rows), indent=2))
     else:
         typer.echo(_objects_table(rows))
+    if more:
+        typer.echo(f"more objects follow: --after {rows[-1].id}", err=True)
 
 
 @kv_app.command("get")
@@ -1227,15 +1294,203 @@ def kv_list_cmd(
     typer.echo(json.dumps(out, indent=2))
 
 
+# -- data-class policies -------------------------------------------------------------------
+
+policy_app = _typer("Data-class policies: where a class's copies may live, how many, how "
+                    "long, who may read them.")
+app.add_typer(policy_app, name="policy")
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def _parse_duration(value: str, flag: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or plain seconds, as seconds."""
+    text = value.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:]) if text else None
+    number = text[:-1] if unit is not None else text
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise CliError(f"{flag} {value!r}: give a positive duration such as 30d, 12h or 90s")
+    return seconds
+
+
+def _region_list(value: str, flag: str) -> list[str]:
+    from meshscale.core.policy import PolicyError, check_region
+
+    regions = [r.strip() for r in value.split(",")]
+    try:
+        return [check_region(r) for r in regions]
+    except PolicyError as e:
+        raise CliError(f"{flag} {value!r}: {e}") from None
+
+
+def _policy_row(p: Any) -> str:
+    ttl = "-" if p.ttl_s is None else f"{p.ttl_s:g}s"
+    streams = ",".join(p.stream_regions) if p.stream_regions is not None else "(same)"
+    return (f"{p.name}  regions={','.join(p.regions)}  replicas={p.replicas}  ttl={ttl}  "
+            f"cross_region_reads={'yes' if p.cross_region_reads else 'no'}  "
+            f"stream_regions={streams}")
+
+
+@policy_app.command("set")
+def policy_set_cmd(
+    name: Annotated[str, typer.Argument(metavar="CLASS", help="Data class, e.g. pii.")],
+    regions: Annotated[str, typer.Option("--regions", help="Regions the class's copies may "
+                                         "live in, e.g. eu-west,eu-central.")],
+    replicas: Annotated[int, typer.Option("--replicas", min=1, max=16,
+                                          help="Copies of each object.")] = 3,
+    ttl: Annotated[str | None, typer.Option("--ttl", help="Collect copies this long after "
+                                            "their put, e.g. 30d, 12h.")] = None,
+    no_cross_region_reads: Annotated[bool, typer.Option(
+        "--no-cross-region-reads", help="Nodes outside the regions may not read it.")] = False,
+    stream_regions: Annotated[str | None, typer.Option(
+        "--stream-regions", help="Regions its stream shards may live in (a subset of "
+        "--regions; default: the same).")] = None,
+    migrate: Annotated[bool, typer.Option(
+        "--migrate", help="Move existing copies the change would break (not built yet: "
+        "such a change is refused).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Set a data class's policy (admin bundle needed). Refused if existing copies of the
+    class would fall outside the new regions."""
+    import json
+
+    import msgspec
+
+    from meshscale.core.api import policy as papi
+    from meshscale.core.policy import PolicyError, make_policy
+
+    try:
+        p = make_policy(name, _region_list(regions, "--regions"), replicas=replicas,
+                        ttl_s=None if ttl is None else _parse_duration(ttl, "--ttl"),
+                        cross_region_reads=not no_cross_region_reads,
+                        stream_regions=None if stream_regions is None
+                        else _region_list(stream_regions, "--stream-regions"))
+    except PolicyError as e:
+        raise CliError(str(e)) from None
+    req = papi.PolicySetRequest(
+        name=p.name, regions=list(p.regions), replicas=p.replicas, ttl_s=p.ttl_s,
+        cross_region_reads=p.cross_region_reads,
+        stream_regions=None if p.stream_regions is None else list(p.stream_regions),
+        migrate=migrate)
+    reply = _request(_target(node, mesh_file, bundle), papi.SET, req, timeout=timeout)
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
+        return
+    typer.echo(f"set {_policy_row(reply.policy)}")
+    if reply.previous is not None:
+        typer.echo(f"was {_policy_row(reply.previous)}")
+    typer.echo(f"checked {reply.checked_objects} existing object(s) of class {p.name}: "
+               "none outside the new regions")
+
+
+@policy_app.command("get")
+def policy_get_cmd(
+    name: Annotated[str, typer.Argument(metavar="CLASS")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Print a class's policy (exit 1 if it has none)."""
+    import json
+
+    import msgspec
+
+    from meshscale.core.api import policy as papi
+    from meshscale.core.policy import PolicyError, check_class_name
+
+    try:
+        check_class_name(name)
+    except PolicyError as e:
+        raise CliError(str(e)) from None
+    p = _request(_target(node, mesh_file, bundle), papi.GET,
+                 papi.PolicyNameRequest(name=name), timeout=timeout)
+    typer.echo(json.dumps(msgspec.to_builtins(p), indent=2) if as_json else _policy_row(p))
+
+
+@policy_app.command("list")
+def policy_list_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """List every class that has a policy."""
+    import json
+
+    import msgspec
+
+    from meshscale.core.api import Empty
+    from meshscale.core.api import policy as papi
+
+    rows = _request(_target(node, mesh_file, bundle), papi.LIST, Empty(), timeout=timeout)
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(rows), indent=2))
+    else:
+        for p in rows:
+            typer.echo(_policy_row(p))
+
+
+@policy_app.command("delete")
+def policy_delete_cmd(
+    name: Annotated[str, typer.Argument(metavar="CLASS")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Delete a class's policy (admin bundle needed; exit 1 if it has none). Objects of
+    the class keep the rule they were put with."""
+    import json
+
+    import msgspec
+
+    from meshscale.core.api import policy as papi
+    from meshscale.core.policy import PolicyError, check_class_name
+
+    try:
+        check_class_name(name)
+    except PolicyError as e:
+        raise CliError(str(e)) from None
+    reply = _request(_target(node, mesh_file, bundle), papi.DELETE,
+                     papi.PolicyNameRequest(name=name), timeout=timeout)
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
+    else:
+        typer.echo(f"deleted the policy of class {reply.name}")
+
+
+def _duration(r: dict[str, Any]) -> str:
+    start, end = r.get("submitted") or 0.0, r.get("finished") or 0.0
+    if not start:
+        return "-"
+    import time
+
+    secs = (end or time.time()) - start
+    text = f"{secs * 1000:.0f}ms" if secs < 1 else f"{secs:.1f}s"
+    return text if end else f"{text}+"
+
+
 def _tasks_table(rows: list[dict[str, Any]]) -> str:
-    header = ("TASK", "STATE", "NODE", "OWNER", "REASON")
+    header = ("TASK", "FUNCTION", "STATE", "DURATION", "NODE", "OWNER", "REASON")
     lines = [header]
     for r in rows:
         reason = r.get("reason") or ""
         if r.get("state") == "failed" and r.get("error"):
             reason = f"{reason} error: {r['error']}".strip()
-        lines.append((str(r["task_id"])[:16], str(r["state"]), r.get("node") or "-",
-                      r.get("owner") or "-", reason or "-"))
+        lines.append((str(r["task_id"]), r.get("name") or "-", str(r["state"]), _duration(r),
+                      r.get("node") or "-", r.get("owner") or "-", reason or "-"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip() for row in lines
@@ -1247,23 +1502,40 @@ def tasks_cmd(
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
     mesh_file: MeshOption = None,
+    owner: Annotated[str | None, typer.Option(
+        "--owner", help="Only the tasks this node (HOST:PORT) owns, asked of it alone.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Newest N tasks.")] = 100,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """List the tasks a node owns (newest first): state, node it ran on, and why there."""
+    """List the mesh's tasks, newest first, from every live node that owns some (or one
+    node's with --owner): function, state, duration (+ while it runs), the node it ran on,
+    why there, and the error of a failed one. Exit 1 if a live node did not answer."""
     import json
 
     import msgspec
 
     from meshscale.core.api.tasks import TASK_LIST, ListRequest
 
-    rows: list[dict[str, Any]] = msgspec.to_builtins(_request(
-        _target(node, mesh_file, bundle), TASK_LIST, ListRequest(limit=limit), timeout=timeout))
+    req = ListRequest(limit=limit)
+    missing: list[str] = []
+    if owner is not None:
+        target = _target(_parse_addr(owner, "--owner"), mesh_file, bundle)
+        found: list[Any] = _request(target, TASK_LIST, req, timeout=timeout)
+    else:
+        answers, missing = _ask_live_members(_target(node, mesh_file, bundle), TASK_LIST, req,
+                                             timeout)
+        found = [row for rows in answers.values() for row in rows]
+    found.sort(key=lambda r: (-r.submitted, r.task_id))
+    rows: list[dict[str, Any]] = msgspec.to_builtins(found[:limit])
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
         typer.echo(_tasks_table(rows))
+    if missing:
+        raise CliError(f"no answer from {', '.join(missing)}: their tasks are not listed",
+                       exit_code=EXIT_FAILED)
 
 
 def _ms(v: float | None) -> str:
@@ -1536,6 +1808,72 @@ def audit_verify_cmd(
         raise typer.Exit(1)
     if unreachable:
         raise typer.Exit(EXIT_UNREACHABLE)
+
+
+FOLLOW_POLL_S = 0.5
+"""How often ``logs --follow`` asks for more."""
+
+
+@app.command("logs")
+def logs_cmd(
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task's full id.")],
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Print the output as the running task makes it (stdout here, "
+        "stderr on stderr), until the task ends.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """Print what a task printed: its stdout, then its stderr under a '--- stderr ---'
+    line (kept with the task's record, up to the worker node's task_log_bytes of each;
+    a cut is said). Exit 1: no such task; 3: no node answered."""
+    import time
+
+    from meshscale.client.tasks import format_logs
+
+    target = _target(node, mesh_file, bundle)
+    creds = _client_creds(target.bundle)
+    shown = ["", ""]
+    while True:
+        reply = _task_logs(target, creds, task_id, timeout)
+        ended = reply.state in ("done", "failed", "cancelled")
+        if not follow:
+            text = format_logs(reply.stdout, reply.stderr)
+            if not ended and not text:
+                sys.stderr.write(f"{PROG}: task {task_id} is {reply.state}: nothing printed "
+                                 "yet (--follow waits for more)\n")
+            typer.echo(text, nl=bool(text) and not text.endswith("\n"))
+            return
+        for i, (text, stream) in enumerate(((reply.stdout, sys.stdout),
+                                            (reply.stderr, sys.stderr))):
+            new = text[len(shown[i]):] if text.startswith(shown[i]) else text
+            if new:
+                stream.write(new)
+                stream.flush()
+                shown[i] = text
+        if ended:
+            return
+        time.sleep(FOLLOW_POLL_S)
+
+
+def _task_logs(target: Target, creds: Any, task_id: str, timeout: float) -> Any:
+    """``task.logs`` through the first node of ``target`` that answers (exit 1 for an
+    unknown task, 3 when none answers)."""
+    from meshscale.client.rpc import RemoteError, RpcError, request
+    from meshscale.core.api.tasks import TASK_LOGS, LogsRequest
+
+    last: RpcError | None = None
+    for addr in target.addresses:
+        try:
+            return request(addr, creds, TASK_LOGS, LogsRequest(task_id=task_id),
+                           timeout=timeout)
+        except RemoteError as e:
+            raise CliError(str(e), _exit_code(e.code)) from None
+        except RpcError as e:
+            last = e
+    assert last is not None
+    raise CliError(str(last), _exit_code("", last.unreachable))
 
 
 # -- entry point ----------------------------------------------------------------------

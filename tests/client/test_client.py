@@ -566,6 +566,12 @@ def test_sync_mesh_works_inside_a_running_loop(local_mesh: LocalMesh) -> None:
 def test_cli_put_get_objects(local_mesh: LocalMesh, tmp_path: Path) -> None:
     src = tmp_path / "data.bin"
     src.write_bytes(os.urandom(9 * MiB))  # > 8 MiB: the progress bar goes to stderr
+    # A class without a policy (and no regions of its own) is refused, naming the class ...
+    unknown = node_cli(local_mesh, "put", src, "--class", "telemetry")
+    assert unknown.returncode == 2 and b"unknown data class 'telemetry'" in unknown.stderr
+    # ... and taken once the class has one.
+    pol = node_cli(local_mesh, "policy", "set", "telemetry", "--regions", ",".join(REGIONS))
+    assert pol.returncode == 0, pol.stderr.decode()
     put = node_cli(local_mesh, "put", src, "--replicas", "2", "--w", "2", "--class", "telemetry")
     assert put.returncode == 0, put.stderr.decode()
     oid = put.stdout.decode().splitlines()[-1]
@@ -729,3 +735,36 @@ def test_get_with_reads_in_flight(local_mesh: LocalMesh) -> None:
     assert _dp_counter(local_mesh, outsider, "reads_proxied") == proxied  # no byte relayed
     with pytest.raises(ValueError, match="read_ahead"):
         connect_objects(local_mesh.nodes[0].address, bundle=local_mesh.bundle_path, read_ahead=0)
+
+
+@mesh_test
+def test_cli_objects_pages_and_filters(local_mesh: LocalMesh, tmp_path: Path) -> None:
+    pol = node_cli(local_mesh, "policy", "set", "paging-test", "--regions", ",".join(REGIONS))
+    assert pol.returncode == 0, pol.stderr.decode()  # a class is put only once it has one
+    ids = []
+    for i in range(3):
+        src = tmp_path / f"o{i}"
+        src.write_bytes(f"paged object {i} ".encode() + os.urandom(16))
+        args: list[str | Path] = ["put", src, "--replicas", "2", "--w", "1"]
+        if i == 0:
+            args += ["--class", "paging-test"]
+        put = node_cli(local_mesh, *args)
+        assert put.returncode == 0, put.stderr.decode()
+        ids.append(put.stdout.decode().splitlines()[-1])
+
+    def listed(*extra: str) -> tuple[list[str], str]:
+        r = node_cli(local_mesh, "objects", "--json", *extra)
+        assert r.returncode == 0, r.stderr.decode()
+        return [o["id"] for o in json.loads(r.stdout)], r.stderr.decode()
+
+    every, _ = listed("--limit", "1000000")
+    assert set(ids) <= set(every) and every == sorted(every)
+    first, note = listed("--limit", "2")
+    assert first == every[:2] and f"--after {first[-1]}" in note
+    rest, _ = listed("--after", first[-1], "--limit", "1000000")
+    assert first + rest == every
+    mine = sorted(ids)[1]
+    assert listed("--prefix", mine[:20])[0] == [mine]
+    assert listed("--class", "paging-test")[0] == [ids[0]]
+    bad = node_cli(local_mesh, "objects", "--prefix", "xyz")
+    assert bad.returncode == 2 and b"object ids start with b3-" in bad.stderr

@@ -43,7 +43,8 @@ def test_refs_are_inputs_and_replaced_by_bytes() -> None:
     r1 = ObjectRef("b3-" + "1" * 64, 3)
     r2 = ObjectRef("b3-" + "2" * 64, 5)
     nested = [r1]
-    payload, inputs = t._pickle_call((r1, nested), {"extra": r2})
+    payload, inputs, after = t._pickle_call((r1, nested), {"extra": r2})
+    assert after == []
     assert inputs == [r1.id, r2.id]
     _, fn_bytes = t.pickle_function(sizes)
     out = run_like_a_worker(fn_bytes, payload, [b"abc", b"12345"])
@@ -52,7 +53,7 @@ def test_refs_are_inputs_and_replaced_by_bytes() -> None:
 
 def test_same_ref_twice_is_one_input() -> None:
     r = ObjectRef("b3-" + "3" * 64, 1)
-    payload, inputs = t._pickle_call((r, r), {})
+    payload, inputs, _ = t._pickle_call((r, r), {})
     assert inputs == [r.id]
     _, fn_bytes = t.pickle_function(add)
     assert run_like_a_worker(fn_bytes, payload, [b"x"]) == b"xx"
@@ -65,7 +66,7 @@ def test_closure_travels_by_value() -> None:
         return x + k
 
     _, fn_bytes = t.pickle_function(plus_k)
-    payload, _ = t._pickle_call((1,), {})
+    payload, _, _ = t._pickle_call((1,), {})
     assert run_like_a_worker(fn_bytes, payload, []) == 42
 
 
@@ -160,3 +161,119 @@ def test_an_oversized_kv_value_is_refused_before_it_is_sent() -> None:
     with pytest.raises(ValueError, match=r"at most 1048576 bytes \(MAX_VALUE_BYTES\); this "
                        r"one is 9437184"):
         asyncio.run(kv.put("k", b"x" * (9 << 20)))
+
+
+# -- futures as arguments, remote exceptions, logs (issue 18) --------------------------
+
+
+def _future(task_id: str) -> t.Future:
+    return t.Future(None, task_id, "f", None)  # type: ignore[arg-type]
+
+
+def test_futures_at_any_depth_are_references_resolved_on_the_worker() -> None:
+    a, b = _future("up-a"), _future("up-b")
+    r = ObjectRef("b3-" + "4" * 64, 2)
+    payload, inputs, after = t._pickle_call((a, [b, (a, {"k": b})], r), {"extra": b})
+    assert after == ["up-a", "up-b"] and inputs == [r.id]
+    assert len(payload) < 400  # each future is a small reference to its task
+    _, fn_bytes = t.pickle_function(sizes_of_all)
+    values = [cloudpickle.dumps(10), cloudpickle.dumps("bee")]
+    call_args = pickle.dumps(((payload, [b"rr"], values), {}), protocol=5)
+    fn = cloudpickle.loads(fn_bytes)
+    args, kwargs = pickle.loads(call_args)
+    assert fn(*args, **kwargs) == (10, ["bee", (10, {"k": "bee"})], b"rr", "bee")
+
+
+def sizes_of_all(*args: Any, extra: Any = None) -> tuple[Any, ...]:
+    return (*args, extra)
+
+
+def test_a_call_with_futures_refuses_a_worker_without_their_values() -> None:
+    payload, _, after = t._pickle_call((_future("up"),), {})
+    _, fn_bytes = t.pickle_function(add)
+    with pytest.raises(pickle.UnpicklingError, match="unknown reference"):
+        run_like_a_worker(fn_bytes, payload, [])
+    assert after == ["up"]
+
+
+def test_the_users_file_name_travels_with_the_code() -> None:
+    _, fn_bytes = t.pickle_function(add)
+    wrapper = cloudpickle.loads(fn_bytes)
+    inner = wrapper.__closure__[0].cell_contents
+    assert inner.__code__.co_filename == __file__
+    assert inner.__code__.co_filename != "<dynamic-code>"
+
+
+def _view(exc: BaseException | None, **kw: Any) -> t.TaskView:
+    return t.TaskView(task_id="tid", state=t.TaskState.FAILED, kind="raised",
+                      error="the error", traceback="Traceback: ...", node="node-3",
+                      exc=None if exc is None else cloudpickle.dumps(exc), **kw)
+
+
+class NeedsTwo(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}{b}")
+
+
+def test_a_remote_exception_is_its_own_type_and_a_task_error() -> None:
+    err = t._error_of(_view(ValueError("bad value")))
+    assert isinstance(err, ValueError) and isinstance(err, t.TaskError)
+    assert (err.task_id, err.node, err.kind) == ("tid", "node-3", "raised")
+    assert err.args == ("bad value",) and err.traceback == "Traceback: ..."
+    assert str(err).startswith("ValueError: bad value (task tid on node-3)")
+    assert type(err) is type(t._error_of(_view(ValueError("again"))))  # one class per type
+    back = pickle.loads(pickle.dumps(err))  # pickles as the plain exception
+    assert type(back) is ValueError and back.args == ("bad value",)
+    key = t._error_of(_view(KeyError("k")))
+    assert isinstance(key, KeyError) and isinstance(key, LookupError)
+
+
+def test_exceptions_that_cannot_be_remade_here_are_task_errors() -> None:
+    for exc in (NeedsTwo(1, 2), SystemExit(3), None):
+        err = t._error_of(_view(exc))
+        assert type(err) is t.TaskError
+        assert err.task_id == "tid" and "the error" in str(err)
+    cancelled = t._error_of(t.TaskView(task_id="c", state=t.TaskState.CANCELLED,
+                                       kind="cancelled", error="cancelled"))
+    import concurrent.futures
+
+    assert isinstance(cancelled, concurrent.futures.CancelledError)
+    assert isinstance(cancelled, t.TaskCancelledError)
+
+
+def test_return_when_rules() -> None:
+    ok, bad, open_ = _future("ok"), _future("bad"), _future("open")
+    ok._outcome = t.TaskView(task_id="ok", state=t.TaskState.DONE, value=b"")
+    bad._outcome = t.TaskView(task_id="bad", state=t.TaskState.FAILED, kind="raised")
+    assert t._wait_over([ok], t.FIRST_COMPLETED) and not t._wait_over([], t.FIRST_COMPLETED)
+    assert t._wait_over([ok, bad], t.FIRST_EXCEPTION)
+    assert not t._wait_over([ok], t.FIRST_EXCEPTION)
+    assert not t._wait_over([ok, bad], t.ALL_COMPLETED)
+    with pytest.raises(ValueError, match="return_when"):
+        t._check_return_when("ANY")
+    with pytest.raises(TypeError, match="expected Futures"):
+        t.wait([open_, "not a future"])  # type: ignore[list-item]
+    assert t.gather([]) == []
+
+
+def test_logs_format() -> None:
+    assert t.format_logs("a\n", "") == "a\n"
+    assert t.format_logs("a", "b\n") == "a\n--- stderr ---\nb\n"
+    assert t.format_logs("", "b") == "--- stderr ---\nb"
+
+
+def test_source_lines_the_node_could_not_show_are_filled_in_here() -> None:
+    line = add.__code__.co_firstlineno + 1
+    remote = ("Traceback (most recent call last):\n"
+              f'  File "{__file__}", line {line}, in add\n'
+              '  File "/nowhere/gone.py", line 3, in lost\n'
+              "ValueError: x\n")
+    err = t._error_of(t.TaskView(task_id="t", state=t.TaskState.FAILED, kind="raised",
+                                 error="ValueError: x", traceback=remote))
+    assert err.traceback == ("Traceback (most recent call last):\n"
+                             f'  File "{__file__}", line {line}, in add\n'
+                             "    return a + b\n"
+                             '  File "/nowhere/gone.py", line 3, in lost\n'
+                             "ValueError: x\n")
+    shown = remote.replace("in add\n", "in add\n    return a + b\n")
+    assert t._with_source(shown) == shown  # a line the node showed is left alone

@@ -84,6 +84,27 @@ def test_refusals_name_the_rule() -> None:
         _plan("us1", w=4)
 
 
+def test_a_put_short_of_its_replicas_is_refused_unless_degraded_is_allowed() -> None:
+    """Two us nodes and replicas=3 inside us: the write set has 2. A caller that did not
+    accept fewer copies is refused (rule replicas, naming both counts); one that did gets
+    a plan for the 2 there are; the quorum still decides what cannot be done at all."""
+    us3 = ObjectPolicy(3, Residency(frozenset({"us"})))
+    with pytest.raises(PlacementError) as exc:
+        check_feasible(VIEW, us3, 2, allow_degraded=False)
+    assert exc.value.rule == "replicas" and "only 2 live node(s)" in str(exc.value)
+    assert "replicas=3" in str(exc.value) and str(exc.value).startswith("replicas rule: ")
+    with pytest.raises(PlacementError, match="only 2 live"):
+        plan_put("obj", "us1", "us", VIEW, us3, 2, early_copies=True, allow_degraded=False)
+    check_feasible(VIEW, us3, 2)  # the default (the simulator, the node's own puts)
+    plan = plan_put("obj", "us1", "us", VIEW, us3, 2, early_copies=True)
+    assert sorted(plan.targets) == ["us1", "us2"]
+    # Enough nodes: nothing to allow.
+    check_feasible(VIEW, EU, 2, allow_degraded=False)
+    # A quorum larger than the nodes there are is refused either way.
+    with pytest.raises(PlacementError):
+        check_feasible(VIEW, us3, 3, allow_degraded=True)
+
+
 def test_spare_fate() -> None:
     outside = _plan("us1", EU)
     # Outside the rule: dropped whatever became of the members' copies.

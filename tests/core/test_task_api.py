@@ -48,6 +48,7 @@ REQUESTS: dict[str, Any] = {
     "task.cancel": api.CancelRequest(task_id="t1"),
     "task.list": api.ListRequest(limit=5),
     "task.stats": Empty(),
+    "task.logs": api.LogsRequest(task_id="t1"),
     "task.done": api.DoneRequest(task_id="t1", node="n2", attempt=2, ok=True,
                                  ref=api.ResultRef("b3-" + "2" * 64, 300_000)),
     "task.fn": api.FnRequest(fn_id=FN),
@@ -109,7 +110,8 @@ def test_the_wire_shape_of_a_task_spec() -> None:
     ({"retries": -1}, "retries"),
     ({"timeout_s": 0}, "timeout_s"),
     ({"args": b"x" * (api.MAX_ARGS_BYTES + 1)}, "args"),
-    ({"name": "f"}, "name"),
+    ({"name": "f" * (api.MAX_FUNCTION_NAME + 1)}, "name"),
+    ({"nmae": "f"}, "nmae"),  # an unknown field
 ])
 def test_a_task_out_of_contract_is_invalid_naming_the_field(task: dict[str, Any],
                                                             field: str) -> None:
@@ -150,6 +152,8 @@ REPLIES: dict[str, Any] = {
     "task.cancel": api.CancelReply(True, TaskState.CANCELLED),
     "task.list": [api.TaskRow(task_id="t1", state=TaskState.RUNNING, node="n2", owner="n1",
                               submitted=1.5)],
+    "task.logs": api.TaskLogs(task_id="t1", state=TaskState.DONE, stdout="hello\n",
+                              stderr="[meshscale: output truncated]", node="n2"),
     "task.stats": api.TaskStats(compute={"tasks_done": 3}, scheduling={}, pool={"idle": 2},
                                 records=3, load=Load(1, 0, 1.0), capacity=Resources(2.0, 64)),
     "task.done": api.DoneReply(False),

@@ -18,6 +18,7 @@ from meshscale.core.tasks import (
     adopter,
     lookup,
     move,
+    upstream_failure,
 )
 
 
@@ -122,3 +123,20 @@ def test_adopters_spread_and_move_little_when_a_node_leaves() -> None:
     assert all(before[t] == "n0" for t in moved)  # only the leaver's tasks move
     with pytest.raises(ValueError, match="no live node"):
         adopter("t", [])
+
+
+def test_upstream_failure_names_the_first_upstream_task_that_did_not_end_done() -> None:
+    done = ("a", "done", "", "", "", None)
+    failed = ("b", "failed", "raised", "ValueError: no", "Traceback ...", b"exc")
+    cancelled = ("c", "cancelled", "cancelled", "cancelled", "", None)
+    assert upstream_failure([]) is None
+    assert upstream_failure([done, done]) is None
+    f = upstream_failure([done, failed, cancelled])
+    assert f is not None
+    assert f.kind == "upstream"
+    assert f.error == "upstream task b failed (raised): ValueError: no"
+    assert (f.traceback, f.exc) == ("Traceback ...", b"exc")
+    f = upstream_failure([cancelled, failed])
+    assert f is not None and f.error.startswith("upstream task c was cancelled")
+    with pytest.raises(AssertionError, match="has not ended"):
+        upstream_failure([("d", "running", "", "", "", None)])

@@ -4,6 +4,7 @@ a separate Python process against a real 3-node mesh (what ``meshscale up --node
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from meshscale.client import connect, object_id
 from meshscale.core.api import Empty
 from meshscale.core.api.tasks import TASK_STATS
 from meshscale.runtime.launcher import LocalMesh
@@ -137,3 +139,114 @@ def test_readme_streams_in_10_lines(mesh: LocalMesh, tmp_path: Path) -> None:
     script.write_text(src)
     out = run([str(script)], timeout=90)
     assert out.strip().splitlines()[-1] == "machine-7 True", out
+
+
+def test_readme_tasks(mesh: LocalMesh, tmp_path: Path) -> None:
+    """The README's "Tasks" snippets, in order, as one script: futures as arguments,
+    gather, wait, a remote ValueError caught as itself, logs."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Tasks\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, "the Tasks section has two python blocks"
+    target = '"127.0.0.1:PORT", bundle="/tmp/.../client"'
+    assert target in blocks[0]
+    src = "\n".join(blocks).replace(
+        target, f'"{mesh.nodes[0].address}", bundle="{mesh.bundle_path}"')
+    script = tmp_path / "tasks_snippet.py"
+    script.write_text(src)
+    out = run([str(script)], timeout=120)
+    lines = out.splitlines()
+    assert lines[:3] == ["6", "600", "[3, 1]"], out
+    assert lines[3].startswith("upstream upstream task ") and "ValueError: invalid literal" \
+        in lines[3], out
+    assert f'File "{script}", line ' in out and ", in parse" in out, out
+    assert lines[-2:] == ["done: 1", "parsing 1"], out
+
+
+def test_readme_objects_and_keys(mesh: LocalMesh, tmp_path: Path) -> None:
+    """The README's "Objects and keys" snippet as written, on the mesh `meshscale up`
+    starts by default (3 nodes, eu-west and us-east): the eu-west-only object gets every
+    copy it asks for there (the snippet must not ask for more than eu-west has)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Objects and keys\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None, "no python block under 'Objects and keys'"
+    target = '"127.0.0.1:PORT", bundle="/tmp/.../client"'
+    assert target in code.group(1) and '"/data/model.onnx"' in code.group(1)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(os.urandom(300_000))
+    src = code.group(1).replace(target, f'"{mesh.nodes[0].address}", '
+                                         f'bundle="{mesh.bundle_path}"')
+    src = src.replace('"/data/model.onnx"', f'"{model}"')
+    src += "\nprint(ref.id)\n"
+    script = tmp_path / "objects_snippet.py"
+    script.write_text(src)
+    out = run([str(script)], timeout=90).strip().splitlines()
+    oid = out[-1]
+    assert out[-2] == repr(oid.encode()), out  # the KV holds the id, read back
+    with connect(mesh.nodes[1].address, bundle=mesh.bundle_path) as c:
+        info = next(o for o in c.objects() if o.id == oid)
+    eu = {n.name for n in mesh.nodes if n.region == "eu-west"}
+    assert info.health == "ok" and set(info.holders) <= eu, info
+    assert len(info.holders) == info.replicas, info
+
+
+def test_a_put_that_cannot_reach_its_replicas_warns_or_is_refused(mesh: LocalMesh,
+                                                                  tmp_path: Path) -> None:
+    """On the mesh `up` starts by default, eu-west has 2 nodes: replicas=3 inside eu-west
+    cannot be met. The Python API refuses it (rule named) unless allow_degraded=True,
+    which stores it on the 2 with an UnderReplicatedWarning; the CLI stores it with a
+    warning line, and --strict refuses it (exit 2)."""
+    import warnings
+
+    from meshscale import MeshError, UnderReplicatedWarning
+
+    data = os.urandom(5000)
+    with connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as c:
+        with pytest.raises(MeshError, match="replicas rule: only 2 live node"):
+            c.put(data, replicas=3, residency=["eu-west"])
+        assert all(o.id != object_id(data) for o in c.objects())  # nothing stored
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ref = c.put(data, replicas=3, residency=["eu-west"], allow_degraded=True)
+        assert [w.category for w in caught] == [UnderReplicatedWarning], caught
+        assert "stored on 2 node(s), fewer than replicas=3" in str(caught[0].message)
+        info = c.stat(ref)
+        eu = {n.name for n in mesh.nodes if n.region == "eu-west"}
+        assert set(info.holders) == eu
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(4000))
+    exe = Path(sys.executable).parent / "meshscale"
+    base = [str(exe), "put", str(src), "--replicas", "3", "--residency", "eu-west",
+            "--mesh", str(mesh.mesh_json)]
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHSCALE_BUNDLE",
+                                                             "MESHSCALE_MESH")}
+    warned = subprocess.run(base, capture_output=True, text=True, timeout=60, env=env)
+    assert warned.returncode == 0, warned.stderr
+    assert "warning: " in warned.stderr and "fewer than replicas=3" in warned.stderr
+    strict = subprocess.run([*base[:2], "--strict", *base[2:]], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert strict.returncode == 2 and "replicas rule" in strict.stderr, strict
+
+
+@pytest.mark.timeout(480)
+def test_batch_dask(mesh: LocalMesh) -> None:
+    """Dask on the mesh inside data-class policies: the naive central plan refused, the
+    per-region pre-aggregation and central combine give plain pandas' totals."""
+    out = run([str(EXAMPLES / "batch_dask.py"), str(mesh.mesh_json)], timeout=400)
+    assert "central region eu-west; sales in eu-west, us-east" in out, out
+    stored = re.findall(r"^stored meshscale://sales/\S+/(\S+)/shop-\d\.parquet .* on (.+)$",
+                        out, re.M)
+    assert len(stored) == 6, out
+    region_of = {n.name: n.region for n in mesh.nodes}
+    for region, holders in stored:
+        assert {region_of[h] for h in holders.split(", ")} == {region}, (region, holders)
+    assert "policy sales-us-east: copies only in us-east, 1 of them" in out, out
+    assert re.search(r"naive plan .* refused: .*residency without 'eu-west': b3-\S+ "
+                     r"\(regions=\{us-east\}, class sales-us-east\)", out), out
+    for region in ("eu-west", "us-east"):
+        m = re.search(rf"^{region}: pre-aggregated 3 files on (\S+) ", out, re.M)
+        assert m is not None and region_of[m.group(1)] == region, out
+    assert re.search(r"^central \(eu-west\): combined 2 partials .* wrote "
+                     r"meshscale://nightly/\S+/totals.parquet = b3-", out, re.M), out
+    assert "totals equal plain pandas on the same files: True (24000 rows)" in out

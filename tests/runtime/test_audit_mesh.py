@@ -64,6 +64,9 @@ def heads_caught_up(mesh: LocalMesh) -> bool:
 
 def test_audit_across_nodes_then_tampering_is_found(mesh: LocalMesh) -> None:
     creds = mesh.credentials()
+    # The class's policy first (a put of a class without one is refused).
+    call(mesh.nodes[0].address, creds, "policy.set",
+         {"name": "pii", "regions": ["eu-west", "us-east", "ap-south"]}, timeout=30)
 
     async def work() -> list[str]:
         c = RpcConnection(mesh.nodes[0].address, creds, 60)

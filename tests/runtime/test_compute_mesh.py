@@ -46,6 +46,10 @@ def digest(data: bytes, k: int) -> tuple[int, int, str]:
     return k, len(data), hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
+def digest_once(data: bytes) -> tuple[int, int, str]:
+    return digest(data, 1)
+
+
 def parent_pid(data: bytes) -> int:
     """Run as a task: the pid of the process that spawned this worker (its node)."""
     return os.getppid()
@@ -196,7 +200,28 @@ def test_tasks_cli_shows_placement_reasons(
     assert done and all("total=" in r["reason"] and r["node"] for r in done)
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert "REASON" in out and "total=" in out
+    assert "REASON" in out and "total=" in out and "digest" in out and "DURATION" in out
+    # Mesh-wide by default: tasks owned by another node are listed too; --owner is one
+    # node's view. Every task of a map keeps its own id (its .N suffix).
+    other = connect(mesh.nodes[1].address, bundle=mesh.bundle_path)
+    try:
+        mapped = other.map(digest_once, [b"a", b"b", b"c"])
+        assert len(mapped) == 3
+        for f in mapped:
+            f.result(timeout=60)
+    finally:
+        other.close()
+    mapped_ids = {f.task_id for f in mapped}
+    assert len(mapped_ids) == 3
+    assert cli_main([*args, "--json", "--limit", "1000"]) == 0
+    everywhere = json.loads(capsys.readouterr().out)
+    listed = {r["task_id"]: r for r in everywhere}
+    assert mapped_ids <= set(listed), mapped_ids - set(listed)
+    assert {listed[t]["owner"] for t in mapped_ids} == {mesh.nodes[1].name}
+    assert all(listed[t]["name"] == "digest_once" for t in mapped_ids)
+    assert cli_main([*args, "--json", "--owner", mesh.nodes[0].address]) == 0
+    owned = json.loads(capsys.readouterr().out)
+    assert owned and {r["owner"] for r in owned} == {mesh.nodes[0].name}
 
 
 def test_sigkill_worker_node_mid_run(client: TaskMesh, mesh: LocalMesh) -> None:

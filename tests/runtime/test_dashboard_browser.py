@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 from runtime_mesh import detection_bound, wait_for
 
-from meshscale.client.tasks import TaskMesh
+from meshscale.client.tasks import TaskMesh, connect
 from meshscale.runtime.launcher import LocalMesh
 from meshscale.trust.bundle import load_bundle
 from needs import require_tools
@@ -47,6 +47,10 @@ def wait_until(cond: Callable[[], T], timeout: float, what: str, poll: float = 0
 
 def square(x: int) -> int:
     return x * x
+
+
+def boom(x: int) -> int:
+    raise ValueError(f"boom {x}: a task that fails on purpose")
 
 
 def double(rec: Any) -> int:
@@ -143,6 +147,11 @@ def test_dashboard_shows_the_mesh_and_a_killed_node_as_dead(
         client.put(os.urandom(2000 + 5000 * k))
     futs = client.map(square, range(20), progress=False)
     assert [f.result(timeout=60) for f in futs] == [k * k for k in range(20)]
+    # ... and a task that fails, owned by another node than the one the page asks
+    with connect(mesh.nodes[1].address, bundle=mesh.bundle_path) as other:
+        failing = other.submit(boom, 7)
+        with pytest.raises(ValueError, match="boom 7"):
+            failing.result(timeout=60)
     # ... and a stream operator that has processed records
     client.operator("readings", double, output="doubled", name="double-readings")
     producer = client.stream("readings")
@@ -168,6 +177,18 @@ def test_dashboard_shows_the_mesh_and_a_killed_node_as_dead(
     wait_until(lambda: browser.execute_script(
         "return document.querySelectorAll('#objects-body tr[data-object]').length") >= 4,
         20, "the objects table to list the 4 objects")
+    # The task table: mesh-wide, the failed task highlighted with its error, named by
+    # its function; the summary says a task failed.
+    failed_row = wait_until(lambda: browser.execute_script(
+        "const tr = document.querySelector(`#tasks-body tr[data-task='${arguments[0]}']`);"
+        " return tr && {state: tr.dataset.state, cls: tr.className, text: tr.textContent};",
+        failing.task_id), 20, "the failed task in the task table")
+    assert failed_row["state"] == "failed" and "task-failed" in failed_row["cls"], failed_row
+    assert "boom" in failed_row["text"] and "a task that fails on purpose" in failed_row["text"]
+    assert "1 failed" in text(browser, "tasks-summary")
+    done_rows = browser.execute_script(
+        "return document.querySelectorAll('#tasks-body tr[data-state=done]').length")
+    assert done_rows >= 20
     wait_until(lambda: browser.execute_script(
         "return document.querySelector('#events li[data-seq]') !== null"), 10, "events")
     wait_until(lambda: text(browser, "conn-status") == "live", 10, "a live stream")

@@ -222,9 +222,10 @@ def test_metrics_parse_and_have_the_required_families(
     ended = {s.labels["state"]: s.value for s in fams["meshscale_tasks_ended"].samples
              if s.name.endswith("_total")}
     assert ended["done"] >= len(work["tasks"])
-    lat_count = next(s.value for s in fams["meshscale_task_latency_seconds"].samples
-                     if s.name.endswith("_count"))
-    assert lat_count >= len(work["tasks"])
+    lat_count = {(s.labels["function"], s.labels["outcome"]): s.value
+                 for s in fams["meshscale_task_latency_seconds"].samples
+                 if s.name.endswith("_count")}
+    assert lat_count[("square", "done")] >= len(work["tasks"]), lat_count
     msgs = {s.labels["type"]: s.value for s in fams["meshscale_received_messages"].samples
             if s.name.endswith("_total")}
     assert msgs.get("gossip", 0) > 0
@@ -382,6 +383,8 @@ def test_metrics_public_flag(mesh: LocalMesh, tmp_path: Path) -> None:
     """A lone node started with --metrics-public serves /metrics without the token; the
     API still needs it."""
     port, http_port = find_free_base_port(1), find_free_base_port(1)
+    while http_port == port:  # neither is held between the two picks
+        http_port = find_free_base_port(1)
     from meshscale.trust.bundle import load_bundle, write_node_bundle
 
     bundle = write_node_bundle(load_bundle(mesh.admin_path), "solo", tmp_path / "bundle").path

@@ -33,6 +33,7 @@ CASES: dict[str, tuple[dict[str, Any], str, Any]] = {
     "task.cancel": ({"task_id": "t"}, "task_id", 5),
     "task.list": ({}, "limit", "ten"),
     "task.stats": ({}, "", None),
+    "task.logs": ({"task_id": "t"}, "task_id", 9),
     "task.done": ({"task_id": "t", "node": ME}, "ok", "yes"),
     "task.fn": ({"fn_id": FN}, "fn_id", "not-hex"),
     "task.kill": ({"owner": ME, "task_id": "t"}, "task_id", 7),
@@ -109,6 +110,7 @@ def test_typed_calls_answer_in_contract(mesh: LocalMesh, node_creds: Credentials
     typed: list[tuple[Any, Any, str]] = [
         (api.TASK_RESULT, api.ResultRequest(task_id="nope"), "not_found"),
         (api.TASK_CANCEL, api.CancelRequest(task_id="nope"), "not_found"),
+        (api.TASK_LOGS, api.LogsRequest(task_id="nope"), "not_found"),
         (api.TASK_SUBMIT, api.SubmitRequest(tasks=[api.TaskWire(task_id="t", fn_id=FN)]),
          "need_function")]
     for method, req, code in typed:

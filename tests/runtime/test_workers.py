@@ -483,3 +483,100 @@ def test_config_is_checked() -> None:
         PoolConfig(max_queue=0)
     with pytest.raises(ValueError):
         PoolConfig(start_method="fork")  # type: ignore[arg-type]
+
+
+def prints(n: int) -> int:
+    print("out", n)
+    print("err", n, file=sys.stderr)
+    os.write(1, b"raw bytes on fd 1\n")  # below sys.stdout: goes nowhere, not to the node
+    return n
+
+
+def prints_then_raises(n: int) -> None:
+    print("before", n)
+    raise ValueError(f"raised {n}")
+
+
+def prints_a_lot(n: int) -> int:
+    sys.stdout.write("é" * n)  # two bytes each: the cut must not split one
+    return n
+
+
+@pytest.mark.timeout(30)
+def test_what_a_task_prints_comes_back_with_its_outcome() -> None:
+    async def body(pool: WorkerPool) -> None:
+        fid, data = pickle_function(prints)
+        ran = await pool.run_task(fid, data, pickle_args(7))
+        assert load_result(ran.result) == 7
+        assert (ran.stdout, ran.stderr) == ("out 7\n", "err 7\n")
+        with pytest.raises(TaskFailed) as info:
+            await call(pool, prints_then_raises, 3)
+        err = info.value
+        assert err.stdout == "before 3\n" and err.stderr == ""
+        exc = cloudpickle.loads(err.exc)  # the exception itself, pickled by the worker
+        assert isinstance(exc, ValueError) and exc.args == ("raised 3",)
+        # The next task starts with empty output.
+        ran = await pool.run_task(fid, None, pickle_args(8))
+        assert (ran.stdout, ran.stderr) == ("out 8\n", "err 8\n")
+        fid, data = pickle_function(prints_a_lot)
+        ran = await pool.run_task(fid, data, pickle_args(1000))
+        kept, _, note = ran.stdout.partition("\n[meshscale: output truncated: ")
+        assert kept == "é" * 50  # 101 bytes allowed: 50 whole characters
+        assert note == "1899 more bytes not kept (task_log_bytes=101)]\n"
+
+    drive(body, PoolConfig(workers=1, max_log_bytes=101))
+
+
+def prints_and_waits(path: str) -> str:
+    print("step 1", flush=True)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("step 2")
+    return "ok"
+
+
+@pytest.mark.timeout(30)
+def test_the_output_of_a_running_task_is_seen_as_it_comes(tmp_path: Any) -> None:
+    go = tmp_path / "go"
+
+    async def body(pool: WorkerPool) -> None:
+        fid, data = pickle_function(prints_and_waits)
+        run = asyncio.ensure_future(pool.run_task(fid, data, pickle_args(str(go)),
+                                                  task_id="t1"))
+        await until(lambda: pool.output("t1") == ("step 1\n", ""), "the first line, live")
+        assert not run.done()
+        go.touch()
+        ran = await run
+        assert load_result(ran.result) == "ok" and ran.stdout == "step 1\nstep 2\n"
+        assert pool.output("t1") is None  # ended: the outcome carries it all
+
+    drive(body, PoolConfig(workers=1))
+
+
+def leaves_a_printer() -> int:
+    out = sys.stdout  # this task's capture, kept by a thread that outlives the task
+
+    def loop() -> None:
+        for _ in range(60):
+            print("stray", file=out)
+            time.sleep(0.01)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return 1
+
+
+@pytest.mark.timeout(30)
+def test_output_of_a_thread_a_task_left_behind_goes_nowhere() -> None:
+    async def body(pool: WorkerPool) -> None:
+        assert await call(pool, leaves_a_printer) == 1
+        fid, data = pickle_function(prints_and_waits)
+        for i in range(3):
+            ran = await pool.run_task(fid, data if i == 0 else None,
+                                      pickle_args("/"), task_id=f"after-{i}")
+            assert ran.stdout == "step 1\nstep 2\n"
+            await asyncio.sleep(0.3)  # while the stray thread prints on
+        s = pool.stats()
+        assert (s["restarts"], s.get("protocol_errors", 0)) == (0, 0)
+
+    drive(body, PoolConfig(workers=1))

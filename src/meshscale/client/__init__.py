@@ -16,10 +16,15 @@ from meshscale.client.mesh import (
     ObjectInfo,
     ObjectNotFoundError,
     ObjectRef,
+    UnderReplicatedWarning,
     object_id,
 )
+from meshscale.client.policies import AsyncPolicies, Policies, PolicyInfo
 from meshscale.client.services import Service, ServiceCallError
 from meshscale.client.tasks import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
     AsyncTaskMesh,
     Future,
     TaskCancelledError,
@@ -31,13 +36,19 @@ from meshscale.client.tasks import (
     connect,
     connect_async,
     default_mesh,
+    gather,
     task,
+    wait,
 )
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "KV",
     "AsyncKV",
     "AsyncMesh",
+    "AsyncPolicies",
     "AsyncTaskMesh",
     "ConnectError",
     "Consistency",
@@ -48,6 +59,8 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFoundError",
     "ObjectRef",
+    "Policies",
+    "PolicyInfo",
     "Service",
     "ServiceCallError",
     "TaskCancelledError",
@@ -55,10 +68,13 @@ __all__ = [
     "TaskFunction",
     "TaskMesh",
     "TaskSubmitError",
+    "UnderReplicatedWarning",
     "as_completed",
     "connect",
     "connect_async",
     "default_mesh",
+    "gather",
     "object_id",
     "task",
+    "wait",
 ]

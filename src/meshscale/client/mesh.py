@@ -27,6 +27,7 @@ import stat
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -35,6 +36,7 @@ from typing import Any, BinaryIO, Final, Literal, TypeVar, cast, overload
 
 import msgspec
 
+from meshscale.client.policies import AsyncPolicies, Policies
 from meshscale.client.rpc import (
     ClientCredentials,
     RemoteError,
@@ -124,6 +126,10 @@ class ConnectError(MeshError):
 
 class ObjectNotFoundError(MeshError):
     """No live node holds the object."""
+
+
+class UnderReplicatedWarning(UserWarning):
+    """A put stored with fewer copies than asked for (``allow_degraded=True``)."""
 
 
 class IntegrityError(MeshError):
@@ -223,16 +229,25 @@ def _check_key(key: object) -> str:
 
 
 def _check_policy(
-    replicas: int, w: int, data_class: str | None, residency: Sequence[str] | None
-) -> list[str] | None:
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+    replicas: int | None, w: int | None, data_class: str | None,
+    residency: Sequence[str] | None,
+) -> tuple[int | None, int | None, list[str] | None]:
+    """A put's replicas, w and regions, checked. Without a data class, replicas defaults
+    to 3 and w to 2; with one, what is left out is None on the wire and the class's policy
+    fills it in at the node."""
+    if data_class is None:
+        replicas = 3 if replicas is None else replicas
+        w = 2 if w is None else w
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int)
+                                 or replicas < 1):
         raise ValueError(f"replicas must be an integer >= 1, not {replicas!r}")
-    if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= replicas:
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1
+                          or (replicas is not None and w > replicas)):
         raise ValueError(f"w must be an integer from 1 to replicas ({replicas}), not {w!r}")
     if data_class is not None and (not isinstance(data_class, str) or not data_class):
         raise ValueError(f"data_class must be a non-empty string or None, not {data_class!r}")
     if residency is None:
-        return None
+        return replicas, w, None
     if isinstance(residency, str | bytes):
         raise ValueError(
             f"residency is a list of regions, not the string {residency!r}; "
@@ -241,7 +256,7 @@ def _check_policy(
     regions = list(residency)
     if not regions or not all(isinstance(r, str) and r.strip() for r in regions):
         raise ValueError(f"residency must list at least one region name, not {regions!r}")
-    return [r.strip() for r in regions]
+    return replicas, w, [r.strip() for r in regions]
 
 
 # -- credentials ----------------------------------------------------------------------
@@ -517,6 +532,8 @@ class AsyncMesh:
         """A second connection to ``address`` for reads it serves or relays."""
         self._read_bytes = DEFAULT_READ_BYTES
         self.kv = AsyncKV(self)
+        self.policies = AsyncPolicies(self)
+        """The mesh's data-class policies (``client/policies.py``)."""
 
     @staticmethod
     def _mesh_error(e: RpcError, method: str) -> MeshError:
@@ -571,42 +588,65 @@ class AsyncMesh:
         self,
         data: bytes | bytearray | memoryview | str | Path | BinaryIO,
         *,
-        replicas: int = 3,
-        w: int = 2,
+        replicas: int | None = None,
+        w: int | None = None,
         data_class: str | None = None,
         residency: Sequence[str] | None = None,
         progress: Progress | None = None,
+        allow_degraded: bool = False,
     ) -> ObjectRef:
         """Store an object; returns once ``w`` of its ``replicas`` copies are durable.
 
         ``data`` is bytes, a file path (``str`` or ``Path``; streamed, never read whole)
         or a binary file object (read from its current position). ``residency`` lists the
         regions its copies may live in; a rule the mesh cannot meet is refused, never
-        bent. ``progress(sent, total)`` is called after each chunk.
+        bent. ``data_class`` names a class: with a policy set for it (``mesh.policies``)
+        the put gets the class's regions, replicas and TTL for what it leaves out (None),
+        and what it gives may narrow the class's rule, never widen it. Without a class,
+        ``replicas`` defaults to 3 and ``w`` to 2. ``progress(sent, total)`` is called
+        after each chunk. A put that fewer live nodes than ``replicas`` may hold now is
+        refused (``MeshError``, rule ``replicas``) unless ``allow_degraded``: then it is
+        stored on the nodes there are, with an ``UnderReplicatedWarning``, and repair adds
+        the missing copies as nodes the rule allows join.
         """
-        regions = _check_policy(replicas, w, data_class, residency)
+        ref, note = await self._put(data, replicas, w, data_class, residency, progress,
+                                    allow_degraded)
+        if note is not None:
+            warnings.warn(UnderReplicatedWarning(note), stacklevel=2)
+        return ref
+
+    async def _put(self, data: bytes | bytearray | memoryview | str | Path | BinaryIO,
+                   replicas: int | None, w: int | None, data_class: str | None,
+                   residency: Sequence[str] | None, progress: Progress | None,
+                   allow_degraded: bool) -> tuple[ObjectRef, str | None]:
+        """``put``: the ref, and what to warn of when it was stored degraded (the caller
+        warns, in its own thread)."""
+        replicas, w, regions = _check_policy(replicas, w, data_class, residency)
         source = await _open_source(data)
         try:
-            return await self._upload(source, replicas, w, data_class, regions, progress)
+            return await self._upload(source, replicas, w, data_class, regions, progress,
+                                      allow_degraded)
         finally:
             source.close()
 
     async def _upload(
         self,
         source: _Source,
-        replicas: int,
-        w: int,
+        replicas: int | None,
+        w: int | None,
         data_class: str | None,
         residency: list[str] | None,
         progress: Progress | None,
-    ) -> ObjectRef:
+        allow_degraded: bool = False,
+    ) -> tuple[ObjectRef, str | None]:
         total = source.size
         if total <= SMALL_PUT_BYTES:
-            return await self._upload_small(source, replicas, w, data_class, residency, progress)
+            return await self._upload_small(source, replicas, w, data_class, residency, progress,
+                                            allow_degraded)
         oid = await source.content_id()
         begin = await self._request(obj_api.PUT_BEGIN, obj_api.PutBeginRequest(
             size=total, replicas=replicas, w=w, residency=_residency(data_class, residency),
-            id=oid))
+            id=oid, allow_degraded=allow_degraded))
         upload, chunk_bytes = begin.upload, begin.chunk_bytes
         try:
             if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
@@ -624,14 +664,21 @@ class AsyncMesh:
         expected = OBJECT_ID_PREFIX + h.hexdigest() if h is not None else str(oid)
         return self._stored(end, expected, total)
 
-    def _stored(self, end: obj_api.PutReply, expected: str, total: int) -> ObjectRef:
-        """The ref of a finished put, once the node's answer matches what was sent."""
+    def _stored(self, end: obj_api.PutReply, expected: str, total: int
+                ) -> tuple[ObjectRef, str | None]:
+        """The ref of a finished put, once the node's answer matches what was sent, and
+        the warning to give when it was stored on fewer nodes than its replicas."""
         if end.id != expected or end.size != total:
             raise IntegrityError(
                 f"{self.address} stored {end.id!r} ({end.size} bytes) but the "
                 f"data sent was {expected} ({total} bytes)"
             )
-        return ObjectRef(expected, total)
+        note = None
+        if 0 < end.planned < end.replicas:
+            note = (f"{expected}: stored on {end.planned} node(s), fewer than replicas="
+                    f"{end.replicas}: only {end.planned} live node(s) may hold a copy under "
+                    "its rule now; repair adds the rest as such nodes join")
+        return ObjectRef(expected, total), note
 
     async def _send_chunks(self, source: _Source, upload: str, chunk_bytes: int,
                            h: Any, progress: Progress | None) -> None:
@@ -679,12 +726,13 @@ class AsyncMesh:
     async def _upload_small(
         self,
         source: _Source,
-        replicas: int,
-        w: int,
+        replicas: int | None,
+        w: int | None,
         data_class: str | None,
         residency: list[str] | None,
         progress: Progress | None,
-    ) -> ObjectRef:
+        allow_degraded: bool = False,
+    ) -> tuple[ObjectRef, str | None]:
         """A small object in one round trip (``obj.put_small``)."""
         total = source.size
         data = await source.read(total) if total else b""
@@ -693,11 +741,12 @@ class AsyncMesh:
         await source.check_exhausted()
         expected = object_id(data)
         end = await self._request(obj_api.PUT_SMALL, obj_api.PutSmallRequest(
-            data=data, replicas=replicas, w=w, residency=_residency(data_class, residency)))
-        ref = self._stored(end, expected, total)
+            data=data, replicas=replicas, w=w, residency=_residency(data_class, residency),
+            allow_degraded=allow_degraded))
+        stored = self._stored(end, expected, total)
         if progress is not None:
             progress(total, total)
-        return ref
+        return stored
 
     async def _abort(self, upload: str) -> None:
         # Best effort: the node also drops an upload that goes quiet.
@@ -930,11 +979,12 @@ class AsyncMesh:
         reply = await self._request(obj_api.DELETE, obj_api.ObjectIdRequest(id=oid))
         return list(reply.holders)
 
-    async def iter_objects(self, page_size: int = LIST_PAGE) -> AsyncGenerator[ObjectInfo, None]:
-        """Every object in the mesh, in id order, fetched a page at a time."""
+    async def iter_objects(self, page_size: int = LIST_PAGE, after: str = ""
+                           ) -> AsyncGenerator[ObjectInfo, None]:
+        """Every object in the mesh (with an id after ``after``), in id order, fetched a
+        page at a time."""
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, not {page_size}")
-        after = ""
         while True:
             page = await self._request(obj_api.LIST, obj_api.ListRequest(
                 after=after, limit=min(page_size, obj_api.MAX_LIST_PAGE)))
@@ -1198,6 +1248,7 @@ class Mesh:
         self._runner = runner
         self._inner = inner
         self.kv = KV(self)
+        self.policies = Policies(self)
         self._closed = False
         weakref.finalize(self, _stop_loop, runner.loop)
 
@@ -1215,24 +1266,22 @@ class Mesh:
         self,
         data: bytes | bytearray | memoryview | str | Path | BinaryIO,
         *,
-        replicas: int = 3,
-        w: int = 2,
+        replicas: int | None = None,
+        w: int | None = None,
         data_class: str | None = None,
         residency: Sequence[str] | None = None,
         progress: Progress | None = None,
+        allow_degraded: bool = False,
     ) -> ObjectRef:
         """Store an object; returns once ``w`` of ``replicas`` copies are durable.
-        ``data``: bytes, a file path (str or Path; streamed) or a binary file object."""
-        return self._run(
-            self._inner.put(
-                data,
-                replicas=replicas,
-                w=w,
-                data_class=data_class,
-                residency=residency,
-                progress=progress,
-            )
-        )
+        ``data``: bytes, a file path (str or Path; streamed) or a binary file object.
+        Refused when fewer live nodes than ``replicas`` may hold it, unless
+        ``allow_degraded`` (then an ``UnderReplicatedWarning``): see ``AsyncMesh.put``."""
+        ref, note = self._run(self._inner._put(data, replicas, w, data_class, residency,
+                                               progress, allow_degraded))
+        if note is not None:
+            warnings.warn(UnderReplicatedWarning(note), stacklevel=2)
+        return ref
 
     @overload
     def get(
@@ -1272,9 +1321,9 @@ class Mesh:
         """Delete the object from every node; returns the live nodes that held a copy."""
         return self._run(self._inner.delete(ref))
 
-    def iter_objects(self, page_size: int = LIST_PAGE) -> Iterator[ObjectInfo]:
-        """Every object in the mesh, a page at a time."""
-        it = self._inner.iter_objects(page_size)
+    def iter_objects(self, page_size: int = LIST_PAGE, after: str = "") -> Iterator[ObjectInfo]:
+        """Every object in the mesh (with an id after ``after``), a page at a time."""
+        it = self._inner.iter_objects(page_size, after)
 
         async def step() -> ObjectInfo:
             return await it.__anext__()

@@ -156,9 +156,16 @@ Req = TypeVar("Req", bound=Request)
 Rep = TypeVar("Rep")
 
 
-def _residency(regions: Sequence[str] | None) -> ResidencyWire | None:
-    """A user's list of regions as a topic's or operator's residency rule."""
-    return None if regions is None else ResidencyWire.of(Residency(frozenset(regions)))
+def _residency(regions: Sequence[str] | None,
+               data_class: str | None = None) -> ResidencyWire | None:
+    """A user's list of regions (and data class) as a topic's or operator's residency
+    rule; a class with a policy is resolved by the node (``core/policy.py``)."""
+    if data_class is not None and (not isinstance(data_class, str) or not data_class):
+        raise ValueError(f"data_class must be a non-empty string or None, not {data_class!r}")
+    if regions is None and data_class is None:
+        return None
+    return ResidencyWire.of(Residency(None if regions is None else frozenset(regions),
+                                      data_class))
 
 
 class _Failover:
@@ -235,14 +242,14 @@ class Stream:
 
     def __init__(self, mesh: Mesh, topic: str, *, residency: Sequence[str] | None = None,
                  linger_s: float = 0.0, max_batch: int = 512, max_buffer: int = 10_000,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, data_class: str | None = None) -> None:
         if not topic or "/" in topic:
             raise ValueError(f"invalid topic {topic!r}")
         if max_buffer < 1 or max_batch < 1:
             raise ValueError("max_buffer and max_batch must be positive")
         self.mesh = mesh
         self.topic = topic
-        self.residency = _residency(residency)
+        self.residency = _residency(residency, data_class)
         self.linger_s = linger_s
         self.max_batch = max_batch
         self.max_buffer = max_buffer
@@ -438,9 +445,11 @@ class StreamsMixin:
     """``stream`` / ``operator`` / ``subscribe`` on a blocking ``Mesh``."""
 
     def stream(self, topic: str, *, residency: Sequence[str] | None = None,
-               max_buffer: int = 10_000) -> Stream:
-        """A producer for ``topic``; records enter the mesh at this mesh's node."""
-        return Stream(self, topic, residency=residency, max_buffer=max_buffer)  # type: ignore[arg-type]
+               max_buffer: int = 10_000, data_class: str | None = None) -> Stream:
+        """A producer for ``topic``; records enter the mesh at this mesh's node.
+        ``data_class``: the topic's shards stay in the class's stream regions."""
+        return Stream(self, topic, residency=residency, max_buffer=max_buffer,  # type: ignore[arg-type]
+                      data_class=data_class)
 
     def subscribe(self, topic: str) -> Subscription:
         """Read ``topic`` from its start (what the mesh still retains), every shard."""
@@ -450,7 +459,8 @@ class StreamsMixin:
                  placement: str | Region | Regions = "near-source",
                  output: str | None = None, name: str | None = None, batch: bool = False,
                  batch_size: int = 256, residency: Sequence[str] | None = None,
-                 labels: dict[str, str] | None = None) -> Operator:
+                 labels: dict[str, str] | None = None,
+                 data_class: str | None = None) -> Operator:
         """Run ``fn`` on every record of ``topic`` (``fn(record) -> value | None``, or with
         ``batch=True`` ``fn(list_of_records) -> list_of_values``); non-None results go to
         ``output``. ``placement``: "near-source" (on or next to the node where records
@@ -473,7 +483,8 @@ class StreamsMixin:
         mesh: Mesh = self  # type: ignore[assignment]
         r = mesh._run(mesh._inner._request(api.OP_REGISTER, OpRegisterRequest(
             name=op_name, topic=topic, output=output, mode=mode, region=region,
-            regions=regions, residency=_residency(residency), labels=dict(labels or {}),
+            regions=regions, residency=_residency(residency, data_class),
+            labels=dict(labels or {}),
             fn_bytes=data, batch=max(1, min(batch_size, api.MAX_FETCH_RECORDS)))))
         return Operator(op_name, topic, output, r.mode, r.region)
 

@@ -14,6 +14,8 @@
     print(fut.result())                    # 6
     futs = mesh.map(count_words, [ref] * 100)
     print(sum(f.result() for f in meshscale.as_completed(futs)))
+    total = mesh.submit(sum, futs)         # futures as arguments: resolved by the node
+    print(meshscale.gather([total])[0])    # 600
 
 How a call travels (the node side is ``runtime/compute.py``):
 
@@ -31,9 +33,19 @@ How a call travels (the node side is ``runtime/compute.py``):
   submit with ``TaskSubmitError``; so does a task no node may run (the error names the
   rule: resources, labels, residency, an input's residency, placement mode) and an
   input object no live node holds.
+- A ``Future`` is an argument like any other, at any depth (a list of them, a dict):
+  it pickles to a reference to its task (``TaskWire.after``), the owner node waits for
+  the upstream tasks before it schedules this one, a result stored as an object steers
+  placement as an input object does, and the function gets the values. An upstream task
+  that failed fails this one (kind ``upstream``, naming it, with its exception).
 - Results come back pickled: small ones inline, large ones as an object the client
   fetches (and verifies) like ``get``. A function that raised makes ``Future.result()``
-  raise ``TaskError`` carrying the remote traceback.
+  raise its own exception, re-made here as an instance of a subclass of its type and of
+  ``TaskError`` (``task_id``, ``node``, the remote ``traceback``), or ``TaskError`` when
+  its type cannot be unpickled here. Code is pickled with its file names, so remote
+  tracebacks name the user's files and lines.
+- What a task prints is kept with its record, bounded by the worker node
+  (``Future.logs()``, ``meshscale logs TASK_ID``).
 - The submitting node owns the task; the task id is an idempotency key (the first
   result wins, even if a node failure makes the task run twice).
 """
@@ -41,13 +53,21 @@ How a call travels (the node side is ``runtime/compute.py``):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import io
+import linecache
+import re
 import sys
 import threading
 import time
+import traceback
+import types
 import uuid
 import weakref
+from collections import ChainMap
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 from pathlib import Path
 from typing import Any, Final, Generic, ParamSpec, TypeVar
 
@@ -69,12 +89,18 @@ from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
 from meshscale.client.streams import StreamsMixin
 from meshscale.core.api import ErrorCode, Method, Request, ResidencyWire
 from meshscale.core.api.tasks import (
+    MAX_FUNCTION_NAME,
+    MAX_UPSTREAM,
     TASK_CANCEL,
     TASK_LIST,
+    TASK_LOGS,
+    TASK_RESULT,
     TASK_SUBMIT,
     TASK_WAIT,
     CancelRequest,
     ListRequest,
+    LogsRequest,
+    ResultRequest,
     SubmitReply,
     SubmitRequest,
     TaskView,
@@ -86,6 +112,9 @@ from meshscale.core.objects import digest_hex
 from meshscale.core.tasks import TaskState
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "AsyncTaskMesh",
     "Future",
     "TaskCancelledError",
@@ -98,8 +127,10 @@ __all__ = [
     "connect_async",
     "default_mesh",
     "function_id",
+    "gather",
     "pickle_function",
     "task",
+    "wait",
 ]
 
 P = ParamSpec("P")
@@ -142,8 +173,109 @@ class TaskError(MeshError):
         self.node = node
 
 
-class TaskCancelledError(TaskError):
+class TaskCancelledError(TaskError, concurrent.futures.CancelledError):
     """The task was cancelled."""
+
+
+_remote_types: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+_remote_types_lock = threading.Lock()
+
+
+def _remote_str(self: TaskError) -> str:
+    original = getattr(self, "remote_exception", None)
+    base = self.message if original is None else f"{type(original).__name__}: {original}"
+    if self.kind == "upstream":
+        base = self.message  # names the upstream task that raised it
+    where = f"task {self.task_id}" + (f" on {self.node}" if self.node else "")
+    text = f"{base} ({where})"
+    if self.traceback:
+        text += "\n\nRemote traceback:\n" + self.traceback.rstrip()
+    return text
+
+
+def _remote_reduce(self: BaseException) -> Any:
+    # The made-up class exists only here: pickle as the task's own exception.
+    original = getattr(self, "remote_exception", None)
+    if original is None:  # pragma: no cover - always set by _remote_exception
+        return (TaskError, ("?", "raised", str(self)))
+    return original.__reduce_ex__(5)
+
+
+def _remote_type(cls: type[BaseException]) -> type | None:
+    """A subclass of both ``cls`` and ``TaskError`` (one per ``cls``), or None when Python
+    cannot make one (an exception type with a C layout that excludes it)."""
+    with _remote_types_lock:
+        sub = _remote_types.get(cls)
+        if sub is not None:
+            return sub
+        try:
+            sub = type(cls.__name__, (cls, TaskError), {
+                "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                "__str__": _remote_str, "__reduce__": _remote_reduce,
+                "__init__": lambda self, *a, **k: None,
+            })
+        except TypeError:
+            return None
+        _remote_types[cls] = sub
+        return sub
+
+
+def _remote_exception(o: TaskView) -> TaskError | None:
+    """The task's own exception, re-made as an instance of a subclass of its type and of
+    ``TaskError`` (so ``except ValueError`` and ``except TaskError`` both catch it), with
+    the remote traceback, node and task id; None when its type cannot be unpickled here
+    or is not an ``Exception`` (a remote ``SystemExit`` must not end this program)."""
+    if o.exc is None:
+        return None
+    try:
+        original = cloudpickle.loads(o.exc)
+    except Exception:
+        return None
+    if not isinstance(original, Exception):
+        return None
+    sub = _remote_type(type(original))
+    if sub is None:
+        return None
+    try:
+        err: Any = type(original).__new__(sub, *original.args)
+        err.args = original.args
+        err.__dict__.update(getattr(original, "__dict__", {}))
+    except Exception:
+        return None
+    err.task_id, err.kind, err.node = o.task_id, o.kind, o.node
+    err.message = o.error
+    err.traceback = o.traceback
+    err.remote_exception = original
+    return err  # type: ignore[no-any-return]
+
+
+_FRAME_LINE = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in ')
+
+
+def _with_source(tb: str) -> str:
+    """A remote traceback with the source lines the node could not show (its copy of the
+    user's file missing or unreadable there) filled in from this machine's copy: the
+    function was pickled from it."""
+    lines = tb.splitlines()
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        m = _FRAME_LINE.match(line)
+        if m is None or (i + 1 < len(lines) and lines[i + 1].startswith("    ")):
+            continue
+        source = linecache.getline(m["file"], int(m["line"])).strip()
+        if source:
+            out.append("    " + source)
+    return "\n".join(out) + ("\n" if tb.endswith("\n") else "")
+
+
+def _error_of(o: TaskView) -> TaskError:
+    """What ``Future.result()`` raises for an outcome other than done."""
+    if o.traceback:
+        o = msgspec.structs.replace(o, traceback=_with_source(o.traceback))
+    if o.state == TaskState.CANCELLED:
+        return TaskCancelledError(o.task_id, o.kind, o.error, o.traceback, o.node)
+    return _remote_exception(o) or TaskError(o.task_id, o.kind, o.error, o.traceback, o.node)
 
 
 # -- pickling ---------------------------------------------------------------------------
@@ -154,24 +286,48 @@ def function_id(pickled: bytes) -> str:
     return digest_hex(pickled)
 
 
-def _make_call(fn: Callable[..., Any]) -> Callable[[bytes, list[bytes | str]], Any]:
+def _make_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The callable the worker runs: unpickles the call, puts each input object's bytes
     where its ``ObjectRef`` was (an input given as a path, a local copy the node checked
-    and linked for the run, is read from that file), calls ``fn``. Nested, so cloudpickle
-    ships it by value."""
+    and linked for the run, is read from that file) and each upstream task's value where
+    its ``Future`` was (``upstream``, in ``TaskWire.after`` order: the pickled value, or
+    the path of its object's local copy), calls ``fn``. Nested, so cloudpickle ships it
+    by value."""
 
-    def _meshscale_call(payload: bytes, inputs: list[bytes | str]) -> Any:
+    def _meshscale_call(payload: bytes, inputs: list[bytes | str],
+                        upstream: list[bytes | str] | None = None) -> Any:
+        import io as _io
+        import pickle as _pickle
+
         import cloudpickle as _cp
 
-        args, kwargs, slots = _cp.loads(payload)
+        def _bytes_of(value: bytes | str) -> bytes:
+            if isinstance(value, str):  # a checked local copy the node linked for this run
+                with open(value, "rb") as f:
+                    return f.read()
+            return value
+
+        values: dict[int, Any] = {}
+
+        class _Call(_pickle.Unpickler):
+            def persistent_load(self, pid: Any) -> Any:
+                if (not isinstance(pid, tuple) or len(pid) != 2 or pid[0] != _FUTURE_TAG
+                        or upstream is None or not 0 <= pid[1] < len(upstream)):
+                    raise _pickle.UnpicklingError(f"unknown reference {pid!r:.80}")
+                i = pid[1]
+                if i not in values:
+                    values[i] = _cp.loads(_bytes_of(upstream[i]))
+                return values[i]
+
+        _ = _cp  # the call was pickled with cloudpickle (plain pickle reads it)
+        args, kwargs, slots = _Call(_io.BytesIO(payload)).load()
         args = list(args)
         read: dict[int, bytes] = {}
         for where, i in slots:
             value = inputs[i]
-            if isinstance(value, str):  # a checked local copy the node linked for this run
+            if isinstance(value, str):
                 if i not in read:
-                    with open(value, "rb") as f:
-                        read[i] = f.read()
+                    read[i] = _bytes_of(value)
                 value = read[i]
             if isinstance(where, int):
                 args[where] = value
@@ -181,6 +337,65 @@ def _make_call(fn: Callable[..., Any]) -> Callable[[bytes, list[bytes | str]], A
 
     _meshscale_call.__name__ = getattr(fn, "__name__", "task")
     return _meshscale_call
+
+
+def _code_keeping_filename(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, with its file name kept (cloudpickle
+    writes ``<dynamic-code>``, so remote tracebacks would not say where the user's code
+    is): tracebacks on the node name the user's file and line, and show the line where
+    that file is readable there."""
+    reduced = _cloudpickle_code_reduce(code)
+    ctor, args = reduced[0], list(reduced[1])
+    for i, a in enumerate(args):
+        if a == "<dynamic-code>":
+            args[i] = code.co_filename
+            break
+    return (ctor, tuple(args))
+
+
+_cloudpickle_code_reduce: Callable[[types.CodeType], Any] = \
+    cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, keeping code objects' file names (``_code_keeping_filename``)."""
+
+    # Read by the C pickler when an instance is made: a class attribute.
+    dispatch_table = ChainMap({types.CodeType: _code_keeping_filename},
+                              cloudpickle.Pickler.dispatch_table)
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file, protocol=5)
+
+
+def _dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf).dump(obj)
+    return buf.getvalue()
+
+
+_FUTURE_TAG: Final = "meshscale.future"
+"""A ``Future`` among a task's arguments pickles to ``(_FUTURE_TAG, i)``, a reference to
+the i-th upstream task of ``TaskWire.after``."""
+
+
+class _CallPickler(_Pickler):
+    """Pickles a call's arguments, every ``Future`` among them (however nested) as a
+    reference to its task: the node resolves it to the task's value."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self.after: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, Future):
+            i = self._index.get(obj.task_id)
+            if i is None:
+                i = self._index[obj.task_id] = len(self.after)
+                self.after.append(obj.task_id)
+            return (_FUTURE_TAG, i)
+        return None
 
 
 _pickle_lock = threading.Lock()
@@ -205,7 +420,7 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
                 cloudpickle.register_pickle_by_value(mod)
                 registered = True
         try:
-            data: bytes = cloudpickle.dumps(_make_call(fn), protocol=5)
+            data = _dumps(_make_call(fn))
         except Exception as e:
             raise TaskSubmitError(
                 f"cannot pickle function {name}: {type(e).__name__}: {e}") from None
@@ -219,9 +434,11 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
         return out
 
 
-def _pickle_call(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[bytes, list[str]]:
-    """The pickled ``(args, kwargs, slots)`` with top-level ObjectRefs taken out, and
-    the input object ids (``slots`` maps each position/keyword to an input index)."""
+def _pickle_call(args: Sequence[Any], kwargs: dict[str, Any]
+                 ) -> tuple[bytes, list[str], list[str]]:
+    """The pickled ``(args, kwargs, slots)`` with top-level ObjectRefs taken out, the
+    input object ids (``slots`` maps each position/keyword to an input index) and the
+    upstream task ids (the futures among the arguments, at any depth)."""
     inputs: list[str] = []
     index: dict[str, int] = {}
     slots: list[tuple[int | str, int]] = []
@@ -246,15 +463,21 @@ def _pickle_call(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[bytes, li
             plain_kwargs[k] = None
         else:
             plain_kwargs[k] = v
+    buf = io.BytesIO()
+    pickler = _CallPickler(buf)
     try:
-        data: bytes = cloudpickle.dumps((tuple(plain_args), plain_kwargs, slots), protocol=5)
+        pickler.dump((tuple(plain_args), plain_kwargs, slots))
     except Exception as e:
         raise TaskSubmitError(f"cannot pickle arguments: {type(e).__name__}: {e}") from None
+    data = buf.getvalue()
     if len(data) > MAX_ARGS_BYTES:
         raise TaskSubmitError(
             f"arguments of {len(data)} bytes exceed {MAX_ARGS_BYTES} bytes; put large data "
             "with mesh.put() and pass the ObjectRef")
-    return data, inputs
+    if len(pickler.after) > MAX_UPSTREAM:
+        raise TaskSubmitError(f"{len(pickler.after)} futures among the arguments "
+                              f"(max {MAX_UPSTREAM})")
+    return data, inputs, pickler.after
 
 
 # -- task options -----------------------------------------------------------------------
@@ -267,7 +490,8 @@ class TaskFunction(Generic[P, R]):
     def __init__(self, fn: Callable[P, R], *, cpus: float = 1, memory_mb: int | None = None,
                  gpus: int = 0, labels: dict[str, str] | None = None,
                  residency: Sequence[str] | None = None, retries: int = 3,
-                 timeout_s: float | None = None, placement: Any = None) -> None:
+                 timeout_s: float | None = None, placement: Any = None,
+                 data_class: str | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"@task needs a function, not {type(fn).__name__}")
         if not cpus > 0:
@@ -280,7 +504,10 @@ class TaskFunction(Generic[P, R]):
             raise ValueError(f"timeout_s must be > 0 or None, not {timeout_s!r}")
         if isinstance(residency, str):
             raise ValueError(f"residency is a list of regions: write residency=[{residency!r}]")
+        if data_class is not None and (not isinstance(data_class, str) or not data_class):
+            raise ValueError(f"data_class must be a non-empty string or None, not {data_class!r}")
         self.fn = fn
+        self.data_class = data_class
         self.cpus = float(cpus)
         self.memory_mb = memory_mb
         self.gpus = gpus
@@ -290,8 +517,10 @@ class TaskFunction(Generic[P, R]):
         self.timeout_s = timeout_s
         self.placement = _placement_wire(placement)
         self._placement = parse_placement(self.placement)
-        self._residency = None if self.residency is None else ResidencyWire(self.residency)
+        self._residency = None if self.residency is None and data_class is None \
+            else ResidencyWire(self.residency, data_class)
         self.__name__ = getattr(fn, "__name__", "task")
+        self._name = str(getattr(fn, "__qualname__", None) or self.__name__)[:MAX_FUNCTION_NAME]
         self.__doc__ = getattr(fn, "__doc__", None)
         self.__wrapped__ = fn
 
@@ -304,6 +533,7 @@ class TaskFunction(Generic[P, R]):
             "cpus": self.cpus, "memory_mb": self.memory_mb, "gpus": self.gpus,
             "labels": self.labels, "residency": self.residency, "retries": self.retries,
             "timeout_s": self.timeout_s, "placement": self.placement,
+            "data_class": self.data_class,
         }
         unknown = set(overrides) - set(opts)
         if unknown:
@@ -317,9 +547,10 @@ class TaskFunction(Generic[P, R]):
 
     def _wire(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, bytes, TaskWire]:
         fn_id, fn_bytes = pickle_function(self.fn)
-        payload, inputs = _pickle_call(args, kwargs)
+        payload, inputs, after = _pickle_call(args, kwargs)
         return fn_id, fn_bytes, TaskWire(
-            task_id=uuid.uuid4().hex, fn_id=fn_id, args=payload, inputs=inputs,
+            task_id=uuid.uuid4().hex, fn_id=fn_id, name=self._name, args=payload,
+            inputs=inputs, after=after,
             cpus=self.cpus, memory_mb=self.memory_mb or 0, gpus=self.gpus,
             labels=self.labels, residency=self._residency, retries=self.retries,
             timeout_s=self.timeout_s, placement=self._placement)
@@ -349,7 +580,7 @@ def task(
     fn: Callable[P, R] | None = None, *, cpus: float = 1, memory_mb: int | None = None,
     gpus: int = 0, labels: dict[str, str] | None = None,
     residency: Sequence[str] | None = None, retries: int = 3,
-    timeout_s: float | None = None, placement: Any = None,
+    timeout_s: float | None = None, placement: Any = None, data_class: str | None = None,
 ) -> Any:
     """Make ``fn`` a task: ``@task`` or ``@task(cpus=2, residency=["eu-west"])``.
 
@@ -357,11 +588,13 @@ def task(
     ``meshscale.Region(R)`` (in region R), ``meshscale.Regions([...])`` (in one of them),
     or the wire form ``{"mode": "central", "region": R}`` / ``{"mode": "regions", ...}``.
     ``retries``: re-runs after a worker crash or a lost result (node loss is retried by
-    the scheduler). ``timeout_s``: the worker is killed after this long."""
+    the scheduler). ``timeout_s``: the worker is killed after this long. ``data_class``:
+    the task runs only where the class's policy allows (the node resolves it; an explicit
+    ``residency`` may narrow the class's regions, never widen them)."""
     def wrap(f: Callable[P, R]) -> TaskFunction[P, R]:
         return TaskFunction(f, cpus=cpus, memory_mb=memory_mb, gpus=gpus, labels=labels,
                             residency=residency, retries=retries, timeout_s=timeout_s,
-                            placement=placement)
+                            placement=placement, data_class=data_class)
 
     return wrap if fn is None else wrap(fn)
 
@@ -378,8 +611,12 @@ def _as_task(f: Any) -> TaskFunction[Any, Any]:
 
 
 class Future:
-    """The eventual result of one task. ``result()``, ``done()`` and ``cancel()`` block
-    (from a ``TaskMesh``); on an ``AsyncTaskMesh`` await ``result_async()`` or the future."""
+    """The eventual result of one task, with the ``concurrent.futures.Future`` protocol as
+    far as it fits a task on the mesh: ``result(timeout)``, ``exception(timeout)``,
+    ``done()``, ``running()``, ``cancelled()``, ``cancel()``, ``add_done_callback(fn)``.
+    These block (from a ``TaskMesh``); on an ``AsyncTaskMesh`` await ``result_async()``
+    or the future. A future is a valid argument of another task (also inside a list,
+    tuple or dict): the node waits for this task and passes its value."""
 
     def __init__(self, mesh: AsyncTaskMesh, task_id: str, name: str,
                  runner: _LoopThread | None) -> None:
@@ -390,11 +627,27 @@ class Future:
         self._outcome: TaskView | None = None
         self._value: Any = None
         self._loaded = False
+        self._callbacks: list[Callable[[Future], Any]] = []
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"a Future ({self.task_id}) travels only as an argument of a task "
+                        "(the node passes its value); pickle fut.result() instead")
 
     @property
     def node(self) -> str | None:
         """The node that ran it, once known."""
         return None if self._outcome is None else self._outcome.node or None
+
+    def _resolve(self, view: TaskView) -> None:
+        """The task has ended (the first outcome heard wins); runs the done callbacks."""
+        with self._lock:
+            if self._outcome is not None:
+                return
+            self._outcome = view
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            self._mesh._call_back(cb, self)
 
     def _run(self, coro: Any) -> Any:
         if self._runner is None:
@@ -403,14 +656,72 @@ class Future:
         return self._runner.run(coro)
 
     def done(self) -> bool:
+        """Whether the task has ended (asks its node, without waiting)."""
         if self._outcome is None:
             self._run(self._mesh._poll([self], 0.0))
         return self._outcome is not None
 
+    def cancelled(self) -> bool:
+        return self._outcome is not None and self._outcome.state == TaskState.CANCELLED
+
+    def running(self) -> bool:
+        """Whether a worker has the task now (asks its node)."""
+        if self._outcome is not None:
+            return False
+        return bool(self._run(self.running_async()))
+
+    async def running_async(self) -> bool:
+        if self._outcome is not None:
+            return False
+        view = await self._mesh._trequest(TASK_RESULT, ResultRequest(task_id=self.task_id))
+        if view.state in TERMINAL:
+            self._resolve(view)
+        return view.state == TaskState.RUNNING
+
+    def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
+        """Call ``fn(future)`` once the task has ended (at once if it has). On a blocking
+        mesh callbacks run on one thread of the mesh's, in the order the tasks end, and may
+        call ``result()``; an exception in one is printed to stderr and dropped."""
+        with self._lock:
+            if self._outcome is None:
+                self._callbacks.append(fn)
+                self._mesh._watch(self)
+                return
+        _run_callback(fn, self)
+
+    def logs(self) -> str:
+        """What the task printed: its stdout, then (if any) its stderr under a
+        ``--- stderr ---`` line; while it runs, what it has printed so far. The worker
+        node keeps up to its ``task_log_bytes`` of each and says where it cut.
+        ``logs_async`` on an ``AsyncTaskMesh``; ``meshscale logs [--follow] TASK_ID`` from
+        a shell."""
+        return self._run(self.logs_async())  # type: ignore[no-any-return]
+
+    async def logs_async(self) -> str:
+        reply = await self._mesh._trequest(TASK_LOGS, LogsRequest(task_id=self.task_id))
+        return format_logs(reply.stdout, reply.stderr)
+
     def result(self, timeout: float | None = None) -> Any:
-        """The task's return value; raises ``TaskError`` if it failed (with the remote
-        traceback when it raised) and ``TimeoutError`` after ``timeout`` seconds."""
+        """The task's return value; raises the task's own exception if it raised (a
+        subclass of its type and ``TaskError``, when its type can be unpickled here),
+        ``TaskError`` if it failed otherwise, ``TaskCancelledError`` if it was cancelled,
+        and ``TimeoutError`` after ``timeout`` seconds."""
         return self._run(self.result_async(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The exception ``result()`` would raise, or None if the task succeeded;
+        ``TaskCancelledError`` (a ``concurrent.futures.CancelledError``) if cancelled,
+        ``TimeoutError`` after ``timeout`` seconds."""
+        return self._run(self.exception_async(timeout))  # type: ignore[no-any-return]
+
+    async def exception_async(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            await self.result_async(timeout)
+        except TaskCancelledError:
+            raise
+        except TaskError as e:  # before TimeoutError: a task may raise one of its own
+            return e
+        return None
 
     def cancel(self) -> bool:
         """Cancel if not finished (a running task's worker is killed)."""
@@ -421,8 +732,8 @@ class Future:
             return False
         reply = await self._mesh._trequest(TASK_CANCEL, CancelRequest(task_id=self.task_id))
         if reply.cancelled:
-            self._outcome = TaskView(task_id=self.task_id, state=TaskState.CANCELLED,
-                                     error="cancelled", kind="cancelled")
+            self._resolve(TaskView(task_id=self.task_id, state=TaskState.CANCELLED,
+                                   error="cancelled", kind="cancelled"))
             return True
         return False
 
@@ -443,10 +754,8 @@ class Future:
             return self._value
         o = self._outcome
         assert o is not None
-        state = o.state
-        if state != TaskState.DONE:
-            cls = TaskCancelledError if state == TaskState.CANCELLED else TaskError
-            raise cls(self.task_id, o.kind, o.error, o.traceback, o.node)
+        if o.state != TaskState.DONE:
+            raise _error_of(o)
         data = o.value
         ref = o.ref
         if data is None and ref is not None:
@@ -480,6 +789,11 @@ class AsyncTaskMesh(AsyncMesh):
         self._conn_sem = asyncio.Semaphore(TASK_CONNECTIONS)
         self._fns_sent: set[str] = set()
         self.runner: _LoopThread | None = None
+        self._watched: set[Future] = set()
+        self._watch_added = asyncio.Event()
+        self._watcher: asyncio.Future[None] | None = None
+        self._callback_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closing = False
 
     async def _trequest(self, method: Method[Req, Rep], req: Req) -> Rep:
         """A typed task call on one of the extra connections; ``MeshError`` if it fails."""
@@ -547,7 +861,7 @@ class AsyncTaskMesh(AsyncMesh):
             for r in reply.results:
                 fut = by_id.get(r.task_id)
                 if fut is not None and fut._outcome is None and r.state in TERMINAL:
-                    fut._outcome = r
+                    fut._resolve(r)
             submitted += len(batch)
             if report is not None:
                 report(submitted, len(wires))
@@ -610,24 +924,90 @@ class AsyncTaskMesh(AsyncMesh):
         for r in reply.results:
             fut = by_id.get(r.task_id)
             if fut is not None and r.state in TERMINAL:
-                fut._outcome = r
+                fut._resolve(r)
         for tid in reply.unknown:
             fut = by_id.get(tid)
             if fut is not None:
-                fut._outcome = TaskView(task_id=tid, state=TaskState.FAILED, kind="unknown",
-                                        error="no node knows this task (its record was lost)")
+                fut._resolve(TaskView(task_id=tid, state=TaskState.FAILED, kind="unknown",
+                                      error="no node knows this task (its record was lost)"))
 
-    async def wait(self, futures: Iterable[Future], timeout: float | None = None
-                   ) -> tuple[list[Future], list[Future]]:
-        """(done, not_done) once all are done or ``timeout`` passed."""
+    async def wait(self, futures: Iterable[Future], timeout: float | None = None,
+                   return_when: str = ALL_COMPLETED) -> tuple[list[Future], list[Future]]:
+        """``(done, not_done)``, in the order given, as ``concurrent.futures.wait``: once
+        all are done (``ALL_COMPLETED``), one is (``FIRST_COMPLETED``), one failed or all
+        are done (``FIRST_EXCEPTION``), or ``timeout`` seconds passed."""
         futs = list(futures)
+        _check_return_when(return_when)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            done = [f for f in futs if f._outcome is not None]
             pending = [f for f in futs if f._outcome is None]
             left = WAIT_POLL_S if deadline is None else deadline - time.monotonic()
-            if not pending or left <= 0:
-                return [f for f in futs if f._outcome is not None], pending
-            await self._poll(pending, min(left, WAIT_POLL_S), every=True)
+            if not pending or left <= 0 or _wait_over(done, return_when):
+                return done, pending
+            await self._poll(pending, min(left, WAIT_POLL_S),
+                             every=return_when == ALL_COMPLETED)
+
+    async def gather(self, futures: Iterable[Future], timeout: float | None = None
+                     ) -> list[Any]:
+        """The futures' values, in order; raises the first failure (in argument order
+        among those that failed when one was seen) without waiting for the rest."""
+        futs = list(futures)
+        _done, pending = await self.wait(futs, timeout, FIRST_EXCEPTION)
+        for f in futs:
+            o = f._outcome
+            if o is not None and o.state != TaskState.DONE:
+                raise _error_of(o)
+        if pending:
+            raise TimeoutError(f"{len(pending)} of {len(futs)} tasks not finished after "
+                               f"{timeout}s")
+        return [await f._load() for f in futs]
+
+    # Done callbacks: the futures that have some are watched by one task on the mesh's
+    # loop (a long-poll for any of them, as ``wait``); callbacks of a blocking mesh run
+    # on a thread of their own, so they may block on the mesh (``result()``).
+
+    def _watch(self, fut: Future) -> None:
+        """Watch ``fut`` until it ends (any thread)."""
+        if self.runner is not None:
+            self.runner.loop.call_soon_threadsafe(self._watch_here, fut)
+        else:
+            self._watch_here(fut)
+
+    def _watch_here(self, fut: Future) -> None:
+        self._watched.add(fut)
+        self._watch_added.set()
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        while not self._closing:
+            self._watched = {f for f in self._watched if f._outcome is None}
+            if not self._watched:
+                return
+            self._watch_added.clear()
+            poll = asyncio.ensure_future(self._poll(list(self._watched), WAIT_POLL_S))
+            added = asyncio.ensure_future(self._watch_added.wait())
+            try:
+                await asyncio.wait((poll, added), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                added.cancel()
+            if not poll.done():
+                continue  # a new future to watch: the next poll includes it
+            try:
+                poll.result()
+            except MeshError:
+                await asyncio.sleep(1.0)  # the node is away: try again, not in a spin
+
+    def _call_back(self, fn: Callable[[Future], Any], fut: Future) -> None:
+        if self.runner is None:
+            _run_callback(fn, fut)
+            return
+        if self._callback_thread is None:
+            self._callback_thread = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="meshscale-callbacks")
+        with contextlib.suppress(RuntimeError):  # the mesh was closed: no more callbacks
+            self._callback_thread.submit(_run_callback, fn, fut)
 
     async def as_completed(self, futures: Iterable[Future], timeout: float | None = None
                            ) -> AsyncIterator[Future]:
@@ -658,6 +1038,11 @@ class AsyncTaskMesh(AsyncMesh):
         return [msgspec.to_builtins(r) for r in rows]
 
     async def close(self) -> None:
+        self._closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._callback_thread is not None:
+            self._callback_thread.shutdown(wait=False)
         for conn in self._idle_conns:
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -686,10 +1071,14 @@ class TaskMesh(ServicesMixin, StreamsMixin, Mesh):
         items = list(iterable)
         return self._run(self._inner.map(f, items, progress=progress))
 
-    def wait(self, futures: Iterable[Future], timeout: float | None = None
-             ) -> tuple[list[Future], list[Future]]:
-        """(done, not_done) once all are done or ``timeout`` passed."""
-        return self._run(self._inner.wait(list(futures), timeout))
+    def wait(self, futures: Iterable[Future], timeout: float | None = None,
+             return_when: str = ALL_COMPLETED) -> tuple[list[Future], list[Future]]:
+        """``(done, not_done)`` as ``concurrent.futures.wait`` (see ``meshscale.wait``)."""
+        return self._run(self._inner.wait(list(futures), timeout, return_when))
+
+    def gather(self, futures: Iterable[Future], timeout: float | None = None) -> list[Any]:
+        """The futures' values, in order (see ``meshscale.gather``)."""
+        return self._run(self._inner.gather(list(futures), timeout))
 
     def tasks(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The node's task records, newest first (state, node, placement reason)."""
@@ -722,6 +1111,92 @@ def as_completed(futures: Iterable[Future], timeout: float | None = None) -> Ite
         for group in groups.values():
             group[0]._run(group[0]._mesh._poll(group, min(left, WAIT_POLL_S) if len(groups) == 1
                                                else 0.05))
+
+
+def _check_return_when(return_when: str) -> None:
+    if return_when not in (FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED):
+        raise ValueError(f"return_when must be FIRST_COMPLETED, FIRST_EXCEPTION or "
+                         f"ALL_COMPLETED, not {return_when!r}")
+
+
+def _wait_over(done: Sequence[Future], return_when: str) -> bool:
+    """Whether a wait for ``return_when`` is over with ``done`` ended (the rest pending)."""
+    if return_when == FIRST_COMPLETED:
+        return bool(done)
+    if return_when == FIRST_EXCEPTION:
+        return any(f._outcome is not None and f._outcome.state != TaskState.DONE
+                   for f in done)
+    return False
+
+
+def _futures_of(futures: Any) -> list[Future]:
+    futs = list(futures)
+    for f in futs:
+        if not isinstance(f, Future):
+            raise TypeError(f"expected Futures, got a {type(f).__name__}")
+    return futs
+
+
+def wait(futures: Iterable[Future], timeout: float | None = None,
+         return_when: str = ALL_COMPLETED) -> tuple[list[Future], list[Future]]:
+    """``(done, not_done)`` for futures of blocking meshes, in the order given, as
+    ``concurrent.futures.wait``: returns once all have ended (``ALL_COMPLETED``, the
+    default), any has (``FIRST_COMPLETED``), any failed (``FIRST_EXCEPTION``; else all),
+    or after ``timeout`` seconds."""
+    futs = _futures_of(futures)
+    _check_return_when(return_when)
+    groups: dict[int, list[Future]] = {}
+    for f in futs:
+        groups.setdefault(id(f._mesh), []).append(f)
+    if len(groups) == 1:
+        f0 = futs[0]
+        return f0._run(f0._mesh.wait(futs, timeout, return_when))  # type: ignore[no-any-return]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        done = [f for f in futs if f._outcome is not None]
+        pending = [f for f in futs if f._outcome is None]
+        left = WAIT_POLL_S if deadline is None else deadline - time.monotonic()
+        if not pending or left <= 0 or _wait_over(done, return_when):
+            return done, pending
+        for group in groups.values():
+            still = [f for f in group if f._outcome is None]
+            if still:
+                still[0]._run(still[0]._mesh._poll(still, min(left, 0.05)))
+
+
+def gather(*futures: Any, timeout: float | None = None) -> list[Any]:
+    """The values of futures of blocking meshes, in order: ``gather(futs)`` or
+    ``gather(f1, f2)``. Raises the first failure seen (the task's own exception, or
+    ``TaskError``) without waiting for the rest; ``TimeoutError`` after ``timeout``."""
+    items: Any = futures[0] if len(futures) == 1 and not isinstance(futures[0], Future) \
+        else futures
+    futs = _futures_of(items)
+    if not futs:
+        return []
+    _done, pending = wait(futs, timeout, FIRST_EXCEPTION)
+    for f in futs:
+        o = f._outcome
+        if o is not None and o.state != TaskState.DONE:
+            raise _error_of(o)
+    if pending:
+        raise TimeoutError(f"{len(pending)} of {len(futs)} tasks not finished after {timeout}s")
+    return [f.result() for f in futs]
+
+
+def format_logs(stdout: str, stderr: str) -> str:
+    """A task's output as one text: stdout, then stderr under a ``--- stderr ---`` line."""
+    if not stderr:
+        return stdout
+    sep = "" if not stdout or stdout.endswith("\n") else "\n"
+    return f"{stdout}{sep}--- stderr ---\n{stderr}"
+
+
+def _run_callback(fn: Callable[[Future], Any], fut: Future) -> None:
+    try:
+        fn(fut)
+    except Exception:
+        print(f"meshscale: exception in a done callback of {fut!r}:", file=sys.stderr)
+        traceback.print_exc()
 
 
 # -- connecting -------------------------------------------------------------------------

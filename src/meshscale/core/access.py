@@ -42,8 +42,9 @@ _GRANTS: dict[str, frozenset[Access]] = {
 _READ = (
     "members", "stats", "events", "node.energy",
     "obj.read", "obj.stat", "obj.list", "kv.get", "kv.list", "dp.stats",
-    "task.list", "task.stats", "task.result", "task.wait",
+    "task.list", "task.stats", "task.result", "task.wait", "task.logs",
     "stream.read", "stream.op_list", "stream.stats",
+    "policy.get", "policy.list",
     "svc.list",
 )
 _WRITE = (
@@ -51,7 +52,7 @@ _WRITE = (
     "obj.delete", "obj.corrupt_local", "kv.put", "kv.delete",
     "task.submit", "task.cancel",
     "stream.publish", "stream.op_register", "stream.op_remove",
-    "admin.revoke",
+    "admin.revoke", "policy.set", "policy.delete",
     # A service call runs the service's code, which may change what it holds: a write,
     # as a task's submit is (a read-only certificate may list services, not call them).
     "svc.deploy", "svc.remove", "svc.call",

@@ -55,7 +55,7 @@ them with the record, sends the hand-offs and reports the answers.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -518,10 +518,14 @@ class KVHints:
     """
 
     def __init__(self, name: str, config: KVHintConfig | None = None, *,
-                 replicas: int = 3, started: float = 0.0) -> None:
+                 replicas: int = 3, started: float = 0.0,
+                 residency: Callable[[str], Residency | None] | None = None) -> None:
         self.name = name
         self.config = config or KVHintConfig()
         self.replicas = replicas
+        self.residency = residency
+        """A key's residency rule (a key under a data class's prefix: ``core.policy``),
+        so hints go only to intended replicas inside it. None: no rule for any key."""
         self.started = started
         self._hints: dict[str, dict[str, _Hint]] = {}
         self._watches: dict[str, _Hint] = {}
@@ -615,7 +619,12 @@ class KVHints:
     def _intended(self, key: str) -> tuple[str, ...]:
         if not self._live:
             return ()
-        return kv_placement(key, self._live.values(), self.replicas, down=self._down).intended
+        rule = None if self.residency is None else self.residency(key)
+        try:
+            return kv_placement(key, self._live.values(), self.replicas, rule,
+                                down=self._down).intended
+        except PlacementError:
+            return ()  # no live node the key's rule allows: nothing to hand to now
 
     # ------------------------------------------------------------------ the view
 

@@ -41,6 +41,7 @@ from meshscale.core.placement import (
 __all__ = [
     "PutPlan",
     "SpareFate",
+    "check_degraded",
     "check_feasible",
     "plan_put",
     "put_refusal",
@@ -78,25 +79,42 @@ class PutPlan:
         assert set(self.forwards) <= set(self.targets), "a forward outside the write set"
 
 
-def check_feasible(view: Iterable[Candidate], policy: ObjectPolicy, w: int) -> None:
+def check_feasible(view: Iterable[Candidate], policy: ObjectPolicy, w: int, *,
+                   allow_degraded: bool = True) -> None:
     """Refuse, before any byte is taken, a put that the view cannot place whatever its id
-    turns out to be (the write set's size does not depend on the id). Raises
-    ``PlacementError`` worded for the client (``put_refusal``)."""
+    turns out to be (the write set's size does not depend on the id), and, unless
+    ``allow_degraded``, one that cannot reach its replication factor with the nodes the
+    rule allows now (``check_degraded``). Raises ``PlacementError`` worded for the client
+    (``put_refusal``)."""
     try:
-        _checked_write_set("", list(view), policy, w)
+        _checked_write_set("", list(view), policy, w, allow_degraded)
     except PlacementError as e:
         raise put_refusal(e) from None
 
 
+def check_degraded(copies: int, policy: ObjectPolicy) -> None:
+    """A put whose write set (``copies`` nodes) is smaller than its replication factor
+    would stay under-replicated until more nodes the rule allows are live: refused
+    (rule ``replicas``) for a caller that did not say it accepts that."""
+    if copies < policy.replicas:
+        raise PlacementError(
+            "replicas", f"only {copies} live node(s) may hold a copy under this rule now, "
+                        f"fewer than replicas={policy.replicas}: the object would stay "
+                        "under-replicated until more join (allow_degraded=True, or the "
+                        "CLI, stores it anyway)")
+
+
 def plan_put(oid: str, me: str, region: str, view: Iterable[Candidate], policy: ObjectPolicy,
-             w: int, *, early_copies: bool, version: int = 0) -> PutPlan:
+             w: int, *, early_copies: bool, version: int = 0,
+             allow_degraded: bool = True) -> PutPlan:
     """Plan the put of ``oid`` coordinated by node ``me`` (in ``region``) from ``view``
     (version ``version``). ``early_copies``: the driver copies to the members while the
     bytes arrive. Raises ``PlacementError`` when the view cannot meet the policy or quorum
-    ``w``, ``ValueError`` on a bad ``w``."""
+    ``w`` (or, unless ``allow_degraded``, its replication factor), ``ValueError`` on a
+    bad ``w``."""
     if not 1 <= w <= policy.replicas:
         raise ValueError(f"write quorum W={w} must be between 1 and replicas={policy.replicas}")
-    chosen = _checked_write_set(oid, list(view), policy, w)
+    chosen = _checked_write_set(oid, list(view), policy, w, allow_degraded)
     targets = tuple(c.name for c in chosen)
     member = me in targets
     forwards = tuple(t for t in targets if t != me) if early_copies else ()
@@ -114,9 +132,11 @@ def put_refusal(e: PlacementError) -> PlacementError:
 
 
 def _checked_write_set(oid: str, view: list[Candidate], policy: ObjectPolicy,
-                       w: int) -> list[Candidate]:
+                       w: int, allow_degraded: bool = True) -> list[Candidate]:
     chosen = write_set(oid, view, policy.replicas, policy.residency)
     check_quorum(chosen, w, sum(1 for c in view if c.full and policy.allows(c.region)))
+    if not allow_degraded:
+        check_degraded(len(chosen), policy)
     return chosen
 
 

@@ -830,13 +830,13 @@ class ReplicaManager:
 
     # ------------------------------------------------------------------ writes
 
-    def check_put(self, policy: ObjectPolicy, w: int) -> None:
+    def check_put(self, policy: ObjectPolicy, w: int, *, allow_degraded: bool = True) -> None:
         """Refuse, from this manager's view, a put it cannot place whatever the object's
         id (``core.puts.check_feasible``; the refusal is worded for the client)."""
-        check_feasible(self._view.values(), policy, w)
+        check_feasible(self._view.values(), policy, w, allow_degraded=allow_degraded)
 
     def plan_put(self, oid: str, policy: ObjectPolicy, w: int, *,
-                 early_copies: bool) -> PutPlan:
+                 early_copies: bool, allow_degraded: bool = True) -> PutPlan:
         """Plan the put of ``oid`` coordinated here, from this manager's view: the one
         ``begin_put`` works from, so the two cannot disagree about the write set (see
         ``core.puts``). Raises as ``core.puts.plan_put`` does."""
@@ -844,7 +844,8 @@ class ReplicaManager:
         if me is None:
             raise PlacementError("replicas", f"cannot place {oid!r}: no view yet")
         return plan_put(oid, self.name, me.region, self._view.values(), policy, w,
-                        early_copies=early_copies, version=self._view_version)
+                        early_copies=early_copies, version=self._view_version,
+                        allow_degraded=allow_degraded)
 
     def begin_put(self, req_id: int, oid: str, policy: ObjectPolicy, w: int, now: float,
                   written: HLCTimestamp | None = None, *, plan: PutPlan | None = None) -> None:

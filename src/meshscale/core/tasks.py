@@ -70,10 +70,12 @@ __all__ = [
     "TaskBook",
     "TaskRecord",
     "TaskState",
+    "UpstreamFailure",
     "Verdict",
     "adopter",
     "lookup",
     "move",
+    "upstream_failure",
 ]
 
 
@@ -136,6 +138,13 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     adoptions: int = 0
     previous_owner: str = ""
     submitter: str = ""
+    name: str = ""
+    """The function's name (listings and metrics)."""
+    after: list[str] = []
+    """Upstream task ids whose results are arguments of this one (futures passed in): the
+    owner waits for them to end before it schedules this task (``upstream_failure``)."""
+    exc: bytes | None = None
+    """The raised exception, pickled by the worker (``raised``), when it could be."""
 
 
 def move(rec: TaskRecord, name: str) -> None:
@@ -244,12 +253,14 @@ class TaskBook:
 
     def finish(self, e: Entry, state: TaskState, now: float, *, value: bytes | None = None,
                ref: dict[str, Any] | None = None, error: str = "", kind: str = "",
-               traceback: str = "", node: str | None = None) -> TaskRecord:
+               traceback: str = "", node: str | None = None,
+               exc: bytes | None = None) -> TaskRecord:
         """End the task (``now`` is wall-clock seconds, stored as ``finished``)."""
         r = e.rec
         move(r, {TaskState.DONE: "done", TaskState.FAILED: "fail",
                  TaskState.CANCELLED: "cancel"}[state])
         r.value, r.ref, r.error, r.kind, r.traceback = value, ref, error, kind, traceback
+        r.exc = exc
         if node:
             r.node = node
         r.finished = now
@@ -331,3 +342,33 @@ def lookup(rec: TaskRecord, me: str, alive: Collection[str], *,
     if chosen == me or forwarded:
         return Lookup(LookupAction.ADOPT)
     return Lookup(LookupAction.FORWARD, chosen)
+
+
+# --------------------------------------------------------------------------- upstream tasks
+
+
+@dataclass(frozen=True)
+class UpstreamFailure:
+    """Why a task cannot run: an upstream task whose result it takes did not produce one."""
+
+    error: str
+    kind: str
+    traceback: str = ""
+    exc: bytes | None = None
+
+
+def upstream_failure(upstream: list[tuple[str, str, str, str, str, bytes | None]]
+                     ) -> UpstreamFailure | None:
+    """The failure a task inherits from its upstream tasks, given as ``(task_id, state,
+    kind, error, traceback, exc)`` each once all have ended, in argument order: the first
+    that did not end ``done`` fails this task with kind ``upstream``, its id and error in
+    the message, and its traceback and pickled exception (so the caller can raise the
+    upstream's own exception type). None: every upstream task is done; run it."""
+    for task_id, state, kind, error, traceback, exc in upstream:
+        assert state in TERMINAL, f"upstream task {task_id} has not ended ({state})"
+        if state != TaskState.DONE:
+            what = "was cancelled" if state == TaskState.CANCELLED else "failed"
+            return UpstreamFailure(
+                error=f"upstream task {task_id} {what} ({kind or state}): {error}",
+                kind="upstream", traceback=traceback, exc=exc)
+    return None

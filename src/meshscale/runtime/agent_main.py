@@ -100,6 +100,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("task_memory_mb", "int", None, "A task without its own memory_mb may grow by "
            "this much; default: the machine's memory divided by the worker slots.",
            example=2048),
+    Option("task_log_bytes", "int", 65536, "What one task prints to stdout, and to "
+           "stderr, kept with its record (fut.logs(), meshscale logs); beyond it the output "
+           "is cut and the cut is said."),
     Option("worker_user", "str", "nobody", "When the node runs as root, task workers run "
            "as this user, so task code cannot read the node's bundle or data dir ('' runs "
            "them as root). A dedicated user (e.g. meshscale-worker) is better than nobody, "
@@ -137,6 +140,7 @@ BY_KEY = {o.key: o for o in OPTIONS}
 BOUNDS: dict[str, tuple[float, float]] = {
     "task_timeout_s": (1, 30 * 86400),
     "task_memory_mb": (16, 1 << 30),
+    "task_log_bytes": (1, 256 * 1024),  # both streams fit one KV value (1 MiB)
     "disk_reserve_mb": (0, 1 << 40),
     "stream_max_backlog": (1, 1_000_000),
     "cpus": (1, 4096),
@@ -446,6 +450,7 @@ def start(argv: Sequence[str]) -> None:
                                      disk_reserve_mb=s.disk_reserve_mb,
                                      task_timeout_s=float(s.task_timeout_s),
                                      task_memory_mb=s.task_memory_mb,
+                                     task_log_bytes=s.task_log_bytes,
                                      worker_user=s.worker_user,
                                      create_worker_user=s.create_worker_user,
                                      metrics_public=s.metrics_public,

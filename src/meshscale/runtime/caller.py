@@ -10,9 +10,11 @@ is None.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextvars import ContextVar
+from typing import Any
 
-from meshscale.trust.certs import Peer
+from meshscale.trust.certs import Peer, Role
 
 current: ContextVar[Peer | None] = ContextVar("meshscale_rpc_caller", default=None)
 
@@ -22,3 +24,13 @@ def submitter() -> str:
     (its subject CN, unique per client bundle); "" outside an RPC."""
     who = current.get()
     return "" if who is None else who.name
+
+
+def node_region(members: Mapping[str, Any]) -> str | None:
+    """The region of the node that made the RPC being served, from ``members`` (the
+    membership view); None for a client, an unknown node or no RPC."""
+    who = current.get()
+    if who is None or who.role is not Role.NODE:
+        return None
+    m = members.get(who.name)
+    return None if m is None else str(m.meta.region)

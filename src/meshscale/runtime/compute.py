@@ -54,7 +54,15 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from meshscale.core.api import ApiError, Empty, ErrorCode, Method, Request, residency_of
+from meshscale.core.api import (
+    ApiError,
+    Empty,
+    ErrorCode,
+    Method,
+    Request,
+    ResidencyWire,
+    residency_of,
+)
 from meshscale.core.api import objects as objects_api
 from meshscale.core.api.tasks import (
     SCHED_BATCH,
@@ -65,6 +73,7 @@ from meshscale.core.api.tasks import (
     TASK_FN,
     TASK_KILL,
     TASK_LIST,
+    TASK_LOGS,
     TASK_RESULT,
     TASK_STATS,
     TASK_SUBMIT,
@@ -79,6 +88,7 @@ from meshscale.core.api.tasks import (
     KillRequest,
     ListRequest,
     LoadReport,
+    LogsRequest,
     ResultRef,
     ResultRequest,
     SchedAck,
@@ -86,6 +96,7 @@ from meshscale.core.api.tasks import (
     SchedMsgRequest,
     SubmitReply,
     SubmitRequest,
+    TaskLogs,
     TaskRow,
     TaskStats,
     TaskView,
@@ -100,6 +111,7 @@ from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, Residency
+from meshscale.core.policy import ClassPolicy, PolicyError, Rule, resolve
 from meshscale.core.scheduling import (
     InputRef,
     Load,
@@ -125,6 +137,7 @@ from meshscale.core.tasks import (
     TaskState,
     Verdict,
     lookup,
+    upstream_failure,
 )
 from meshscale.core.wire import DECODE_ERRORS
 from meshscale.runtime import caller
@@ -150,6 +163,10 @@ _INPUT_ERRORS: tuple[type[BaseException], ...] = (RpcError, *DECODE_ERRORS)
 BATCH_BYTES = 4 << 20
 """Scheduling messages to one peer are sent together up to this many bytes per RPC."""
 KV_PREFIX = "task/"
+MAX_TASK_LOG_BYTES = 256 * 1024
+"""Largest ``task_log_bytes``: both streams of a task fit one KV value (1 MiB)."""
+LOG_PREFIX = "tasklog/"
+"""What an ended task printed (``_Logs``), beside its record."""
 GROUP_PREFIX = "taskset/"
 GROUP_MAX_BYTES = 900 * 1024
 """Largest ``taskset/`` record (the KV takes values up to 1 MiB)."""
@@ -211,6 +228,17 @@ class ComputeConfig:
     if they all did, the answer carries the outcomes and only the final records are
     written (as with every task, right after it ends). Slower functions never wait."""
     result_replicas: int = 3
+    max_upstream: int = 1024
+    """Upstream tasks (futures among the arguments) of one task."""
+    max_logs_kept_bytes: int = 64 << 20
+    """What ended tasks printed, kept in memory for ``task.logs`` (newest first); the rest
+    is read from the KV."""
+    max_upstream_waits: int = 64
+    """Upstream tasks owned by other nodes waited on at once (each holds a connection to
+    its owner for up to ``max_wait_s``); one wait per upstream task, however many take it."""
+    max_upstream_inline_bytes: int = 1 << 20
+    """Upstream results (futures passed as arguments) that travel with the task to its
+    worker, in all; beyond it they are stored as objects and read by the worker."""
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
 
 
@@ -218,6 +246,24 @@ _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(TaskRecord)
 _records_encoder = msgspec.msgpack.Encoder()
 _records_decoder = msgspec.msgpack.Decoder(list[TaskRecord])
+
+
+class _Logs(msgspec.Struct, array_like=True):
+    """``tasklog/<id>`` in the KV."""
+
+    stdout: str
+    stderr: str
+
+
+_logs_encoder = msgspec.msgpack.Encoder()
+_logs_decoder = msgspec.msgpack.Decoder(_Logs)
+
+
+class _Upstream(msgspec.Struct, array_like=True):
+    """One upstream result for the worker: its pickled value, or the object it is in."""
+
+    value: bytes | None = None
+    oid: str = ""
 
 
 class _Payload(msgspec.Struct, array_like=True):
@@ -228,6 +274,9 @@ class _Payload(msgspec.Struct, array_like=True):
     inputs: list[str]
     timeout_s: float | None
     memory_mb: int
+    upstream: list[_Upstream] = []
+    """The results of the task's upstream tasks, in ``TaskRecord.after`` order: the
+    pickled value (small ones), or the id of the object it was stored as."""
 
 
 @dataclass(eq=False)
@@ -259,6 +308,11 @@ class _Watch:
     fut: asyncio.Future[None]
 
 
+def _view_bytes(value: bytes | None, exc: bytes | None, traceback: str) -> int:
+    """About what an outcome adds to a ``task.wait`` answer."""
+    return len(value or b"") + len(exc or b"") + len(traceback)
+
+
 def _total_memory_mb() -> int:
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) >> 20
@@ -288,6 +342,8 @@ class ComputePlane:
         self.pool = WorkerPool(PoolConfig(workers=slots,
                                           default_timeout_s=agent.cfg.task_timeout_s,
                                           default_memory_mb=per_task_mb,
+                                          max_log_bytes=max(1, min(
+                                              agent.cfg.task_log_bytes, MAX_TASK_LOG_BYTES)),
                                           isolation=getattr(agent, "isolation", None)))
         self.sched: Scheduler | None = None
         self.stats: dict[str, int] = {}
@@ -309,6 +365,10 @@ class ComputePlane:
         self._watches: dict[str, list[_Watch]] = {}
         self._running: dict[str, str] = {}  # owner/task_id -> pool task id
         self._adopting: dict[str, asyncio.Task[None]] = {}
+        self._upstream_waits: dict[str, asyncio.Task[TaskView | None]] = {}
+        self._logs: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._logs_bytes = 0
+        self._upstream_slots = asyncio.Semaphore(self.cfg.max_upstream_waits)
         self._pool_ready: asyncio.Event | None = None
         self._active_at = float("-inf")
         self.observer: Callable[[TaskRecord, float], None] | None = None
@@ -337,6 +397,7 @@ class ComputePlane:
         agent.serve(TASK_FN, self._rpc_fn)
         agent.serve(TASK_KILL, self._rpc_kill)
         agent.serve(TASK_STATS, self._rpc_stats)
+        agent.serve(TASK_LOGS, self._rpc_logs)
         agent.event_listeners.append(self._on_member_event)
         agent.spawn(self._gossip_load())
         self._pump()
@@ -354,6 +415,37 @@ class ComputePlane:
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
+
+    def _refuse(self, rule: str, message: str, *, subject: str = "",
+                data_class: str | None = None, **fields: object) -> ApiError:
+        """The one place this plane refuses a request by a policy or residency rule: counts
+        it (``refused_<rule>``), records it in the audit trail (a ``refusal`` entry naming
+        ``subject``, the class and the caller's region), logs it (rate-limited: a peer can
+        cause it) and returns the error to raise."""
+        self._count("refusals")
+        self._count(f"refused_{rule}")
+        why = f"refused: {message}"
+        self.agent.record(Kind.REFUSAL, subject[:1024], data_class=data_class,
+                          from_region=caller.node_region(self.agent.m.members), detail=why[:1024])
+        self.agent.log_limited("refused", rule=rule, message=message[:300],
+                               subject=subject[:200], data_class=data_class, **fields)
+        return ApiError(ErrorCode.REFUSED, why)
+
+    def _resolve_task(self, t: TaskWire, policies: dict[str, ClassPolicy]) -> TaskWire:
+        """``t`` with its data class resolved to the class's regions (``core.policy``):
+        an explicit rule may narrow the class's, never widen it."""
+        res = t.residency
+        if res is None or res.data_class is None:
+            return t
+        explicit = Rule(regions=None if res.regions is None else frozenset(res.regions))
+        try:
+            resolved = resolve(res.data_class, explicit, policies)
+        except PolicyError as e:
+            if e.rule == "malformed":
+                raise ApiError(ErrorCode.INVALID, f"task {t.task_id}: {e}") from None
+            raise self._refuse(e.rule, f"task {t.task_id}: {e}", subject=t.task_id,
+                               data_class=res.data_class) from None
+        return msgspec.structs.replace(t, residency=ResidencyWire.of(resolved.residency()))
 
     def _view(self) -> list[NodeState]:
         out = []
@@ -578,6 +670,12 @@ class ComputePlane:
         self._count("inputs_by_value")
         return await self._read_object(oid)
 
+    async def _upstream_input(self, up: _Upstream, links: list[Path]) -> bytes | str:
+        """An upstream result for the worker: carried with the task, or an object."""
+        if up.value is not None:
+            return up.value
+        return await self._input(up.oid, links)
+
     async def _read_object(self, oid: str) -> bytes:
         return await self.local.read_object(oid)
 
@@ -662,6 +760,11 @@ class ComputePlane:
         if len(t.inputs) > self.cfg.max_inputs:
             raise ValueError(f"task {task_id}: {len(t.inputs)} inputs "
                              f"(max {self.cfg.max_inputs})")
+        if len(t.after) > self.cfg.max_upstream:
+            raise ValueError(f"task {task_id}: {len(t.after)} futures among its arguments "
+                             f"(max {self.cfg.max_upstream})")
+        if task_id in t.after:
+            raise ValueError(f"task {task_id} cannot take its own result")
         res = t.residency
         return TaskRecord(
             task_id=task_id, owner=self.agent.name, fn_id=t.fn_id, args=t.args,
@@ -671,18 +774,41 @@ class ComputePlane:
             data_class=None if res is None else res.data_class,
             placement=None if t.placement is None else msgspec.to_builtins(t.placement),
             retries=t.retries, timeout_s=t.timeout_s, submitted=time.time(),
+            after=list(t.after), name=t.name,
         )
 
-    async def _spec(self, rec: TaskRecord) -> TaskSpec:
+    async def _spec(self, rec: TaskRecord, upstream: list[TaskView] | None = None) -> TaskSpec:
         """The scheduler's view of ``rec`` (its submitter rides in the record, so a
-        re-submitted or adopted task keeps its owner's share)."""
+        re-submitted or adopted task keeps its owner's share). ``upstream``: the ended
+        views of ``rec.after``; a result stored as an object is one more input for
+        placement (the task goes where its bytes are, as for an ``ObjectRef``)."""
         refs = list(await asyncio.gather(*(self._input_ref(o) for o in rec.inputs)))
+        values: list[_Upstream] = []
+        stored_in: list[tuple[int, str]] = []  # (size, object id) of upstream results
+        budget = self.cfg.max_upstream_inline_bytes
+        for v in upstream or ():
+            if v.ref is not None:
+                values.append(_Upstream(oid=v.ref.id))
+                stored_in.append((v.ref.size, v.ref.id))
+            elif v.value is not None and len(v.value) <= budget:
+                budget -= len(v.value)
+                values.append(_Upstream(value=v.value))
+            elif v.value is not None:  # too much to carry: the worker reads it
+                stored = await self._put_object(v.value)
+                values.append(_Upstream(oid=str(stored["id"])))
+                stored_in.append((len(v.value), str(stored["id"])))
+            else:
+                raise ValueError(f"upstream task {v.task_id} ended with no result")
+        # The largest steer placement, within the inputs a task may list.
+        room = max(0, self.cfg.max_inputs - len(refs))
+        for _size, oid in sorted(set(stored_in), reverse=True)[:room]:
+            refs.append(await self._input_ref(oid))
         res = None
         if rec.residency is not None or rec.data_class is not None:
             res = Residency(frozenset(rec.residency) if rec.residency is not None else None,
                             rec.data_class)
         payload = msgspec.msgpack.encode(_Payload(
-            rec.fn_id, rec.args or b"", rec.inputs, rec.timeout_s, rec.memory_mb))
+            rec.fn_id, rec.args or b"", rec.inputs, rec.timeout_s, rec.memory_mb, values))
         try:
             return TaskSpec(
                 task_id=rec.task_id, cpus=rec.cpus, memory_mb=rec.memory_mb, gpus=rec.gpus,
@@ -715,6 +841,11 @@ class ComputePlane:
                 raise ApiError(ErrorCode.NEED_FUNCTION, f"need function {fn_id}")
         for fn_id, data in fresh.items():
             self._remember_fn(fn_id, data)
+        classes = {t.residency.data_class for t in wire
+                   if t.residency is not None and t.residency.data_class is not None}
+        if classes:
+            policies = await self.local.class_policies(classes)
+            wire = [self._resolve_task(t, policies) for t in wire]
         recs = [self._record_from_wire(t) for t in wire]
         new = [r for r in recs if r.task_id not in self.book]
         accepted = [r.task_id for r in recs]
@@ -723,9 +854,11 @@ class ComputePlane:
         who = caller.submitter()  # the client's certificate: whose share the tasks use
         for r in new:
             r.submitter = who
-        specs = await asyncio.gather(*(self._spec(r) for r in new))
+        # Tasks that take futures wait for their upstream tasks before they are scheduled.
+        specs = await asyncio.gather(*(self._spec(r) for r in new if not r.after))
         try:
-            sched.submit(list(specs), time.monotonic())
+            if specs:
+                sched.submit(list(specs), time.monotonic())
         except SchedulingError as e:
             raise ValueError(f"refused by the {e.rule} rule: {e}") from None
         except SchedulingOverloaded as e:
@@ -733,7 +866,10 @@ class ComputePlane:
         groups = self._groups_of(new)
         now = time.monotonic()
         for r in new:
-            self.book.add(r, now, group=groups.get(r.task_id))
+            entry = self.book.add(r, now, group=groups.get(r.task_id))
+            if r.after:
+                self._count("tasks_with_upstream")
+                self.agent.spawn(self._start(entry))
         self._pump()
         # Durable before acknowledged: function object and records, so the tasks survive
         # this node (the scheduler has already started placing them). A small submit
@@ -874,13 +1010,85 @@ class ComputePlane:
                          kind="lost")
 
     async def _resubmit(self, e: Entry) -> None:
-        assert self.sched is not None
+        await self._start(e)
+
+    async def _start(self, e: Entry) -> bool:
+        """Hand ``e`` to the scheduler, once its upstream tasks (``rec.after``) have ended:
+        their results ride with it, or, when one did not end done, the task fails naming
+        it (``core.tasks.upstream_failure``). False: it failed (or ended meanwhile)."""
+        rec = e.rec
         try:
-            spec = await self._spec(e.rec)
+            views = [await self._upstream_view(e, tid) for tid in rec.after]
+            if rec.state in TERMINAL or self.sched is None:
+                return False
+            failed = upstream_failure([(v.task_id, v.state, v.kind, v.error, v.traceback,
+                                        v.exc) for v in views])
+            if failed is not None:
+                self._count("tasks_upstream_failed")
+                self._finish(e, "failed", error=failed.error, kind=failed.kind,
+                             traceback=failed.traceback, exc=failed.exc)
+                return False
+            spec = await self._spec(rec, views)
+            if rec.state in TERMINAL or self.sched is None:
+                return False
             self.sched.submit([spec], time.monotonic())
-        except (ValueError, SchedulingOverloaded) as exc:
-            self._finish(e, "failed", error=str(exc), kind="refused")
-        self._pump()
+        except SchedulingError as exc:
+            if rec.state not in TERMINAL:
+                self._finish(e, "failed", error=f"refused by the {exc.rule} rule: {exc}",
+                             kind="refused")
+            return False
+        except (ValueError, SchedulingOverloaded, RpcError) as exc:
+            if rec.state not in TERMINAL:
+                self._finish(e, "failed", error=str(exc), kind="refused")
+            return False
+        finally:
+            self._pump()
+        return True
+
+    async def _remote_upstream(self, tid: str) -> TaskView | None:
+        """``_lookup`` of an upstream task owned elsewhere, waiting up to ``max_wait_s``:
+        one at a time per task id, at most ``max_upstream_waits`` at once."""
+        task = self._upstream_waits.get(tid)
+        if task is None:
+            async def bounded() -> TaskView | None:
+                async with self._upstream_slots:
+                    return await self._lookup(tid, self.cfg.max_wait_s)
+
+            task = asyncio.get_running_loop().create_task(bounded())
+            self._upstream_waits[tid] = task
+            task.add_done_callback(lambda t: self._upstream_waits.pop(tid, None)
+                                   if self._upstream_waits.get(tid) is t else None)
+        return await asyncio.shield(task)
+
+    async def _upstream_view(self, e: Entry, tid: str) -> TaskView:
+        """Upstream task ``tid`` of ``e`` once it has ended (owned here, or asked of its
+        owner or its record), or as soon as ``e`` itself has ended (cancelled)."""
+        unknown_tries = 0
+        while e.rec.state not in TERMINAL:
+            up = self.book.get(tid)
+            if up is not None:
+                if up.rec.state in TERMINAL:
+                    return self._view_of(up.rec)
+                up.waiters += 1
+                try:
+                    await self._changed(self.cfg.max_wait_s)
+                finally:
+                    up.waiters -= 1
+                continue
+            t0 = time.monotonic()
+            found = await self._remote_upstream(tid)
+            if found is not None and found.state in TERMINAL:
+                return found
+            if found is None and tid not in self.book:
+                # No record (yet: a submit answered early writes it just after): a few
+                # tries, then the task is unknown.
+                unknown_tries += 1
+                if unknown_tries > 5:
+                    return TaskView(task_id=tid, state=TaskState.FAILED, kind="unknown",
+                                    error="no node knows this task (its record was lost)")
+            if time.monotonic() - t0 < 0.1:
+                await asyncio.sleep(0.5)
+        return TaskView(task_id=tid, state=TaskState.CANCELLED, kind="cancelled")
 
     def _on_failed(self, ev: TaskFailed) -> None:
         e = self.book.get(ev.task_id)
@@ -890,9 +1098,11 @@ class ComputePlane:
 
     def _finish(self, e: Entry, state: str, *, value: bytes | None = None,
                 ref: dict[str, Any] | None = None, error: str = "", kind: str = "",
-                traceback: str = "", node: str | None = None) -> None:
+                traceback: str = "", node: str | None = None,
+                exc: bytes | None = None) -> None:
         r = self.book.finish(e, TaskState(state), time.time(), value=value, ref=ref,
-                             error=error, kind=kind, traceback=traceback, node=node)
+                             error=error, kind=kind, traceback=traceback, node=node,
+                             exc=exc)
         self._count("tasks_" + state)
         if self.observer is not None:
             self.observer(r, time.monotonic() - e.t0)
@@ -941,7 +1151,9 @@ class ComputePlane:
                          node=req.node)
         else:
             self._finish(e, "failed", error=req.error, kind=req.kind,
-                         traceback=req.traceback, node=req.node)
+                         traceback=req.traceback, node=req.node, exc=req.exc)
+        if req.stdout or req.stderr:
+            self._keep_logs(req.task_id, req.stdout, req.stderr)
         return DoneReply(True)
 
     def _rpc_fn(self, req: FnRequest) -> FnReply:
@@ -955,8 +1167,8 @@ class ComputePlane:
         """A record as an answer (the one place it is converted)."""
         ref = None if r.ref is None else ResultRef(str(r.ref["id"]), int(r.ref["size"]))
         return TaskView(task_id=r.task_id, state=r.state, value=r.value, ref=ref,
-                        error=r.error, kind=r.kind, traceback=r.traceback, node=r.node,
-                        owner=r.owner, reason=r.reason)
+                        error=r.error, kind=r.kind, traceback=r.traceback, exc=r.exc,
+                        node=r.node, owner=r.owner, reason=r.reason)
 
     def _alive(self) -> set[str]:
         return {n for n, m in self.agent.m.members.items() if m.state <= State.SUSPECT}
@@ -1017,13 +1229,10 @@ class ComputePlane:
                 return
             self._remember_fn(rec.fn_id, data)
             self._fns_stored.add(rec.fn_id)
-        try:
-            spec = await self._spec(rec)
-            self.sched.submit([spec], time.monotonic())
-        except (ValueError, SchedulingOverloaded) as exc:
-            self._finish(e, "failed", error=str(exc), kind="refused")
+        if rec.after:  # waits for its upstream tasks: not while the asker waits on it
+            self.agent.spawn(self._start(e))
+        elif not await self._start(e):
             return
-        self._pump()
         await self._kv_put(msgspec.structs.replace(rec))
 
     async def _rpc_result(self, req: ResultRequest) -> TaskView:
@@ -1091,12 +1300,12 @@ class ComputePlane:
                         ws.remove(w)
                         if not ws:
                             del self._watches[t]
-        budget = WAIT_REPLY_BYTES - sum(len(r.value or b"") for r in out)
+        budget = WAIT_REPLY_BYTES - sum(_view_bytes(r.value, r.exc, r.traceback) for r in out)
         for t in local:
             e = self.book.get(t)
             if e is None or e.rec.state not in TERMINAL:
                 continue
-            size = len(e.rec.value or b"")
+            size = _view_bytes(e.rec.value, e.rec.exc, e.rec.traceback)
             if size > budget and out:
                 break  # the rest next time
             budget -= size
@@ -1119,6 +1328,77 @@ class ComputePlane:
                                                               task_id=tid))
         return CancelReply(True, TaskState.CANCELLED)
 
+    async def _rpc_logs(self, req: LogsRequest) -> TaskLogs:
+        """What a task printed: from its record once it has ended (here, or in the KV);
+        while it runs, what its worker node has had so far (asked through the owner, which
+        knows that node). ``forwarded``: answer from this node alone."""
+        tid = req.task_id
+        live = self._live_output(tid)
+        e = self.book.get(tid)
+        rec = e.rec if e is not None else None
+        if rec is None and not (req.forwarded and live is not None):
+            rec = await self._kv_get(tid)
+        if rec is None:
+            if live is not None:
+                return TaskLogs(task_id=tid, state=TaskState.RUNNING, stdout=live[0],
+                                stderr=live[1], node=self.agent.name)
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown task {tid}")
+        if rec.state in TERMINAL or req.forwarded:
+            if rec.state not in TERMINAL and live is not None:
+                return TaskLogs(task_id=tid, state=rec.state, stdout=live[0],
+                                stderr=live[1], node=self.agent.name)
+            out, err = await self._logs_of(tid) if rec.state in TERMINAL else ("", "")
+            return TaskLogs(task_id=tid, state=rec.state, stdout=out, stderr=err,
+                            node=rec.node)
+        # Running: the owner knows where; the worker node has the output so far.
+        ask = rec.owner if e is None and rec.owner != self.agent.name else rec.node
+        if ask == self.agent.name:
+            out, err = live if live is not None else ("", "")
+            return TaskLogs(task_id=tid, state=rec.state, stdout=out, stderr=err, node=ask)
+        if ask and ask in self._alive():
+            with contextlib.suppress(RpcError, ValueError):
+                # The owner may ask its worker node once more; a worker node answers.
+                return await self._call(ask, TASK_LOGS, LogsRequest(
+                    task_id=tid, forwarded=ask != rec.owner))
+        return TaskLogs(task_id=tid, state=rec.state, node=rec.node)
+
+    # What an ended task printed is kept beside its record: in memory (bounded by
+    # ``max_logs_kept_bytes``, newest kept) and in the KV (``tasklog/<id>``), so records,
+    # and the sets of them one submit writes together, stay small.
+
+    def _keep_logs(self, task_id: str, stdout: str, stderr: str) -> None:
+        old = self._logs.pop(task_id, None)
+        if old is not None:
+            self._logs_bytes -= len(old[0]) + len(old[1])
+        self._logs[task_id] = (stdout, stderr)
+        self._logs_bytes += len(stdout) + len(stderr)
+        while self._logs_bytes > self.cfg.max_logs_kept_bytes and self._logs:
+            _, (o, e) = self._logs.popitem(last=False)
+            self._logs_bytes -= len(o) + len(e)
+        self.agent.spawn(self._kv_put_raw(LOG_PREFIX + task_id, _logs_encoder.encode(
+            _Logs(stdout, stderr))))
+
+    async def _logs_of(self, task_id: str) -> tuple[str, str]:
+        hit = self._logs.get(task_id)
+        if hit is not None:
+            return hit
+        data = await self._kv_read(LOG_PREFIX + task_id)
+        if data is None:
+            return "", ""
+        try:
+            logs = _logs_decoder.decode(data)
+        except DECODE_ERRORS:
+            self._count("kv_bad_record")
+            return "", ""
+        return logs.stdout, logs.stderr
+
+    def _live_output(self, task_id: str) -> tuple[str, str] | None:
+        """What a task running on this node's workers has printed so far."""
+        for key, pool_id in list(self._running.items()):
+            if key.partition("/")[2] == task_id:
+                return self.pool.output(pool_id)
+        return None
+
     def _rpc_list(self, req: ListRequest) -> list[TaskRow]:
         limit = min(req.limit, self.cfg.max_list_rows)
         out = []
@@ -1126,7 +1406,7 @@ class ComputePlane:
             r = e.rec
             out.append(TaskRow(task_id=r.task_id, state=r.state, node=r.node, owner=r.owner,
                                reason=r.reason, submitted=r.submitted, finished=r.finished,
-                               error=r.error[:200]))
+                               error=r.error[:200], name=r.name))
             if len(out) >= limit:
                 break
         return out
@@ -1172,22 +1452,35 @@ class ComputePlane:
                 self.agent.record(Kind.TASK_RUN, spec.task_id, who=spec.submitter or owner,
                                   data_class=spec.residency.data_class,
                                   detail=f"owner {owner}, {len(p.inputs)} inputs")
-            call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
+            if p.upstream:
+                upstream = list(await asyncio.gather(*(
+                    self._upstream_input(v, links) for v in p.upstream)))
+                call_args = pickle.dumps(((p.args, inputs, upstream), {}), protocol=5)
+            else:
+                call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
             self._running[key] = pool_id
             kw: dict[str, Any] = {"timeout_s": p.timeout_s, "cpus": spec.cpus,
                                   "memory_mb": p.memory_mb or None, "task_id": pool_id}
             try:
-                result = await self.pool.run(p.fn_id, None, call_args, **kw)
+                ran = await self.pool.run_task(p.fn_id, None, call_args, **kw)
             except FunctionNotCached:
                 fn = await self._function(owner, p.fn_id)
-                result = await self.pool.run(p.fn_id, fn, call_args, **kw)
+                ran = await self.pool.run_task(p.fn_id, fn, call_args, **kw)
+            result = ran.result
+            outcome.stdout, outcome.stderr = ran.stdout, ran.stderr
             if len(result) <= self.cfg.inline_result_bytes:
                 outcome.ok, outcome.value = True, result
             else:
-                ref = await self._put_object(result)
+                # A classed task's result is stored under the task's (resolved) rule.
+                res = spec.residency
+                ref = await self.local.put_object(
+                    result, self.cfg.result_replicas,
+                    ResidencyWire.of(res) if res is not None and res.data_class else None)
                 outcome.ok, outcome.ref = True, ResultRef(str(ref["id"]), int(ref["size"]))
         except WorkerTaskFailed as e:
             outcome.kind, outcome.error, outcome.traceback = e.kind, e.message, e.traceback
+            outcome.exc = e.exc or None
+            outcome.stdout, outcome.stderr = e.stdout, e.stderr
         except (PoolBusy, PoolClosed) as e:
             outcome.kind, outcome.error = "worker_crashed", f"{type(e).__name__}: {e}"
         except _INPUT_ERRORS as e:

@@ -95,6 +95,9 @@ class AgentConfig:
     """Default timeout of a task that sets none."""
     task_memory_mb: int | None = None
     """Default memory growth of a task that sets none; None: memory / worker slots."""
+    task_log_bytes: int = 64 * 1024
+    """What one task prints to stdout, and to stderr, kept with its record (each stream;
+    beyond it the output is cut and the cut is said)."""
     worker_user: str | None = "nobody"
     """Workers run as this user when the agent is root (``runtime/isolation.py``); ""
     or None: as the agent."""

@@ -48,6 +48,9 @@ from meshscale.trust.bundle import is_valid_token
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OBJECTS_TTL_S = 5.0
+TASKS_TTL_S = 2.0
+"""The mesh-wide task table (a fan-out to every node) is reused this long."""
+TASK_ROWS = 200
 STREAMS_TIMEOUT_S = 2.0
 STREAMS_TTL_S = 2.0
 SNAPSHOT_TTL_S = 0.9
@@ -115,6 +118,8 @@ class HttpServer:
         self._streams: set[asyncio.Task[Any]] = set()
         self._objects: tuple[float, int, list[dict[str, Any]]] | None = None
         self._objects_lock = asyncio.Lock()
+        self._tasks_lock = asyncio.Lock()
+        self._tasks_cache: tuple[float, dict[str, Any]] | None = None
         self._snapshot: tuple[float, bytes] | None = None
         self._streams_cache: tuple[float, dict[str, Any]] | None = None
         self._snapshot_lock = asyncio.Lock()
@@ -440,12 +445,23 @@ class HttpServer:
                 "shards": sorted(shards, key=lambda s: (s["topic"], s["source"], s["node"])),
                 "cross_region_bytes": cross, "nodes_answered": answered}
 
+    async def _mesh_tasks(self) -> dict[str, Any]:
+        """``observer.mesh_tasks``, reused for ``TASKS_TTL_S``."""
+        async with self._tasks_lock:
+            cached = self._tasks_cache
+            if cached is not None and cached[0] > time.monotonic():
+                return cached[1]
+            view = await self.observer.mesh_tasks(TASK_ROWS)
+            self._tasks_cache = (time.monotonic() + TASKS_TTL_S, view)
+            return view
+
     async def snapshot(self) -> dict[str, Any]:
         return {
             "node": self.observer.node(),
             "members": self.observer.members(),
             "throughput": self.observer.throughput(120),
             "objects": await self._object_list(200),
+            "tasks": await self._mesh_tasks(),
             "events": self.observer.events(0, last=50),
             "streams": await self._streams_cached(),
         }

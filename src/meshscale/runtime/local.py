@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from meshscale.core.api import objects
-from meshscale.core.api.contract import Method, Request
+from meshscale.core.api import ApiError, ErrorCode, objects
+from meshscale.core.api import policy as policy_api
+from meshscale.core.api.contract import Method, Request, ResidencyWire
 from meshscale.core.objects import object_id
+from meshscale.core.policy import ClassPolicy, make_policy
 from meshscale.runtime.services import NodeServices
 from meshscale.transport.rpc import RpcError
 
@@ -58,16 +60,23 @@ class LocalCalls:
             raise ValueError(f"{oid}: bytes read do not match the id")
         return bytes(buf)
 
-    async def put_object(self, data: bytes, replicas: int) -> dict[str, Any]:
-        """Store ``data`` with ``replicas`` copies (acknowledged at two); its ref."""
-        w = min(2, replicas)
+    async def put_object(self, data: bytes, replicas: int,
+                         residency: ResidencyWire | None = None) -> dict[str, Any]:
+        """Store ``data`` with ``replicas`` copies (acknowledged at two); its ref. With a
+        ``residency`` naming a data class, the class's policy gives the count (and the
+        regions, unless the rule names narrower ones)."""
+        classed = residency is not None and residency.data_class is not None
+        n = None if classed else replicas
+        w = None if classed else min(2, replicas)
         call = self.node.call_local
         if len(data) <= SMALL_PUT_BYTES:
-            r = await call(objects.PUT_SMALL,
-                           objects.PutSmallRequest(data=data, replicas=replicas, w=w))
+            # The node's own objects (results, operator code) are kept however few
+            # nodes may hold them now; repair adds copies as nodes join.
+            r = await call(objects.PUT_SMALL, objects.PutSmallRequest(
+                data=data, replicas=n, w=w, residency=residency, allow_degraded=True))
         else:
-            up = await call(objects.PUT_BEGIN,
-                            objects.PutBeginRequest(size=len(data), replicas=replicas, w=w))
+            up = await call(objects.PUT_BEGIN, objects.PutBeginRequest(
+                size=len(data), replicas=n, w=w, residency=residency, allow_degraded=True))
             step = up.chunk_bytes
             for i in range(0, len(data), step):
                 await call(objects.PUT_CHUNK, objects.PutChunkRequest(
@@ -90,3 +99,24 @@ class LocalCalls:
         except (ValueError, RpcError):
             return None
         return r.value
+
+    async def class_policies(self, names: set[str]) -> dict[str, ClassPolicy]:
+        """The policies of the data classes ``names`` as this node's data plane knows them
+        (its cache, read from the KV on a miss); a class without one is left out. Raises
+        ``ApiError`` (``unavailable``) when a class's policy cannot be read."""
+        out: dict[str, ClassPolicy] = {}
+        for name in sorted(names):
+            try:
+                info = await self.node.call_local(
+                    policy_api.GET, policy_api.PolicyNameRequest(name=name, cached=True))
+            except ApiError as e:
+                if e.code is ErrorCode.NOT_FOUND:
+                    continue
+                if e.code is ErrorCode.INVALID:
+                    raise
+                raise ApiError(ErrorCode.UNAVAILABLE,
+                               f"cannot read the policy of data class {name!r}: {e}") from None
+            out[name] = make_policy(info.name, info.regions, replicas=info.replicas,
+                                    ttl_s=info.ttl_s, cross_region_reads=info.cross_region_reads,
+                                    stream_regions=info.stream_regions)
+        return out

@@ -40,8 +40,10 @@ from meshscale.core.api.tasks import TASK_LIST, ListRequest
 from meshscale.core.membership import State
 from meshscale.core.placement import is_full
 from meshscale.core.streams import split_source
+from meshscale.runtime.local import call_node
 from meshscale.runtime.power import PowerMeter
 from meshscale.runtime.services import NodeServices
+from meshscale.transport.rpc import RpcError
 
 if TYPE_CHECKING:
     from meshscale.core.scheduling import Load, Resources, Scheduler, TaskBound
@@ -142,14 +144,52 @@ class Histogram:
         self.total += value
 
     def family(self, name: str, doc: str) -> HistogramMetricFamily:
-        buckets: list[tuple[str, float]] = []
+        return HistogramMetricFamily(name, doc, buckets=self.buckets(), sum_value=self.total)
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
         acc = 0
         for bound, n in zip(self.bounds, self.counts, strict=False):
             acc += n
-            buckets.append((repr(bound), acc))
-        acc += self.counts[-1]
-        buckets.append(("+Inf", acc))
-        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.total)
+            out.append((repr(bound), acc))
+        out.append(("+Inf", acc + self.counts[-1]))
+        return out
+
+
+MESH_TASKS_PER_NODE = 200
+"""Newest tasks asked of each owner for the dashboard's mesh-wide table."""
+MESH_TASKS_TIMEOUT_S = 2.0
+MESH_TASKS_LANE = "observe"
+MAX_METRIC_FUNCTIONS = 64
+"""Distinct task function names given their own series; the rest share ``other``."""
+OTHER_FUNCTION = "other"
+
+
+@dataclass
+class TaskLatencies:
+    """Task latency histograms by (function, outcome), with a bounded number of functions
+    (label cardinality stays bounded whatever users name their functions)."""
+
+    series: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+    functions: set[str] = field(default_factory=set)
+
+    def observe(self, function: str, outcome: str, value: float) -> None:
+        fn = function or "unnamed"
+        if fn not in self.functions:
+            if len(self.functions) >= MAX_METRIC_FUNCTIONS:
+                fn = OTHER_FUNCTION
+            else:
+                self.functions.add(fn)
+        h = self.series.get((fn, outcome))
+        if h is None:
+            h = self.series[(fn, outcome)] = Histogram()
+        h.observe(value)
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(name, doc, labels=["function", "outcome"])
+        for (fn, outcome), h in sorted(self.series.items()):
+            fam.add_metric([fn, outcome], h.buckets(), sum_value=h.total)
+        return fam
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -160,7 +200,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 class NodeObserver:
     def __init__(self, agent: ObservedNode) -> None:
         self.agent = agent
-        self.latency = Histogram()
+        self.task_latency = TaskLatencies()
         self.queue_wait = Histogram()
         self.placements: Counter[str] = Counter()
         self.tasks_ended: Counter[str] = Counter()
@@ -199,8 +239,8 @@ class NodeObserver:
     def _task_ended(self, rec: TaskRecord, latency_s: float) -> None:
         state = str(rec.state)
         self.tasks_ended[state] += 1
+        self.task_latency.observe(rec.name, state, latency_s)
         if state == "done":
-            self.latency.observe(latency_s)
             self._second_done += 1
             if len(self._second_lat) < MAX_SAMPLE_LATENCIES:
                 self._second_lat.append(latency_s)
@@ -359,6 +399,36 @@ class NodeObserver:
         pts = list(self.points)
         return pts[-last:] if last > 0 else []
 
+    async def mesh_tasks(self, limit: int, per_node: int = MESH_TASKS_PER_NODE
+                         ) -> dict[str, Any]:
+        """The newest tasks of every live owner (``task.list`` asked of each at once,
+        ``MESH_TASKS_TIMEOUT_S`` each), merged newest first, and how many ended, failed
+        and run now among them: what the dashboard's task table shows."""
+        alive = [mm.name for mm in self.agent.m.members.values() if mm.state <= State.SUSPECT]
+
+        async def one(name: str) -> list[Any] | None:
+            try:
+                return await call_node(self.agent, name, TASK_LIST,
+                                       ListRequest(limit=per_node), lane=MESH_TASKS_LANE,
+                                       timeout_s=MESH_TASKS_TIMEOUT_S)
+            except (ValueError, RpcError, OSError):
+                return None
+
+        answers = await asyncio.gather(*(one(n) for n in alive))
+        rows = [r for rs in answers if rs for r in rs]
+        rows.sort(key=lambda r: (-r.submitted, r.task_id))
+        now = time.time()
+        out = [{
+            "id": r.task_id, "name": r.name or "-", "state": str(r.state),
+            "node": r.node or None, "owner": r.owner, "submitted_at": r.submitted,
+            "duration_ms": round(((r.finished or now) - r.submitted) * 1000, 1)
+            if r.submitted else None,
+            "running": not r.finished, "error": r.error, "reason": r.reason,
+        } for r in rows[:limit]]
+        states = Counter(str(r.state) for r in rows)
+        return {"tasks": out, "counts": dict(states), "nodes_asked": len(alive),
+                "nodes_answered": sum(1 for a in answers if a is not None)}
+
     async def tasks(self, limit: int) -> list[dict[str, Any]]:
         compute = self.agent.compute
         if compute is None:
@@ -375,8 +445,8 @@ class NodeObserver:
             tid = r.task_id
             entry = records.get(tid)
             rec = None if entry is None else entry.rec
-            name = ""
-            if rec is not None:
+            name = r.name
+            if not name and rec is not None:  # a client too old to send the name
                 name = rec.labels.get("name") or f"fn:{rec.fn_id[:12]}"
             submitted, finished = r.submitted, r.finished
             out.append({
@@ -640,8 +710,10 @@ class MeshCollector(Collector):
         c = CounterMetricFamily("meshscale_task_retries", "Tasks re-run (lost worker/result).")
         c.add_metric([], cstats.get("resubmitted", 0))
         yield c
-        yield obs.latency.family("meshscale_task_latency_seconds",
-                                 "Submit to outcome of tasks owned here that succeeded.")
+        yield obs.task_latency.family(
+            "meshscale_task_latency_seconds", "Submit to outcome of tasks owned here, by "
+            f"function (up to {MAX_METRIC_FUNCTIONS} names, then 'other') and outcome "
+            "(done, failed, cancelled).")
         yield obs.queue_wait.family("meshscale_task_queue_wait_seconds",
                                     "Submit to binding on a worker node, tasks owned here.")
         c = CounterMetricFamily("meshscale_placement_decisions", "Task placements by reason.",

@@ -216,9 +216,38 @@ SCHEMAS["ObjectsResponse"] = _array_of("objects", "Object")
 SCHEMAS["TasksResponse"] = _array_of("tasks", "Task")
 SCHEMAS["EventsResponse"] = _array_of("events", "Event")
 SCHEMAS["ThroughputResponse"] = _array_of("points", "ThroughputPoint")
+SCHEMAS["MeshTask"] = {
+    "type": "object",
+    "required": ["id", "name", "state", "node", "owner", "submitted_at", "duration_ms",
+                 "running", "error", "reason"],
+    "properties": {
+        "id": {"type": "string"},
+        "name": {"type": "string", "description": "The function's name"},
+        "state": {"enum": ["pending", "running", "done", "failed", "cancelled"]},
+        "node": {**_STR_OR_NULL, "description": "Node it runs or ran on"},
+        "owner": {"type": "string"},
+        "submitted_at": {"type": "number", "description": "Unix seconds"},
+        "duration_ms": {**_NUM_OR_NULL, "description": "Submit to outcome, or to now"},
+        "running": {"type": "boolean", "description": "Not ended yet"},
+        "error": {"type": "string", "description": "A failed task's error (200 chars)"},
+        "reason": {"type": "string", "description": "Why it was placed there"},
+    },
+}
+SCHEMAS["MeshTasks"] = {
+    "type": "object",
+    "required": ["tasks", "counts", "nodes_asked", "nodes_answered"],
+    "properties": {
+        "tasks": {"type": "array", "maxItems": 200,
+                  "items": {"$ref": "#/components/schemas/MeshTask"}},
+        "counts": {"type": "object", "additionalProperties": {"type": "integer"},
+                   "description": "Tasks by state among those the owners listed"},
+        "nodes_asked": {"type": "integer", "minimum": 0},
+        "nodes_answered": {"type": "integer", "minimum": 0},
+    },
+}
 SCHEMAS["Snapshot"] = {
     "type": "object",
-    "required": ["node", "members", "throughput", "objects", "events", "streams"],
+    "required": ["node", "members", "throughput", "objects", "tasks", "events", "streams"],
     "properties": {
         "node": {"$ref": "#/components/schemas/Node"},
         "members": {"type": "array", "items": {"$ref": "#/components/schemas/Member"}},
@@ -226,6 +255,7 @@ SCHEMAS["Snapshot"] = {
                        "items": {"$ref": "#/components/schemas/ThroughputPoint"}},
         "objects": {"type": "array", "maxItems": 200,
                     "items": {"$ref": "#/components/schemas/Object"}},
+        "tasks": {"$ref": "#/components/schemas/MeshTasks"},
         "events": {"type": "array", "maxItems": 50,
                    "items": {"$ref": "#/components/schemas/Event"}},
         "streams": {"$ref": "#/components/schemas/StreamsResponse"},

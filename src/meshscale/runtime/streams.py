@@ -61,8 +61,10 @@ from meshscale.core.api.streams import (
     ShardInfo,
     StreamStats,
 )
+from meshscale.core.audit import Kind
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, PlacementError, Residency
+from meshscale.core.policy import PolicyError, Rule, copy_refusal, resolve
 from meshscale.core.scheduling import (
     Central,
     InRegions,
@@ -86,6 +88,7 @@ from meshscale.core.streams import (
     source_id,
     split_source,
 )
+from meshscale.runtime import caller
 from meshscale.runtime.local import LocalCalls, call_node
 from meshscale.runtime.services import NodeServices
 from meshscale.runtime.workers import TaskFailed, WorkerPool, pickle_args
@@ -320,11 +323,45 @@ class StreamPlane:
             self.logs[key] = log
         return log
 
+    def _refuse(self, rule: str, message: str, *, subject: str = "",
+                data_class: str | None = None, **fields: object) -> ApiError:
+        """The one place this plane refuses a request by a policy or residency rule: counts
+        it (``refused_<rule>``), records it in the audit trail (a ``refusal`` entry naming
+        ``subject``, the class and the caller's region), logs it (rate-limited: a peer can
+        cause it) and returns the error to raise."""
+        self.stats["refusals"] += 1
+        self.stats[f"refused_{rule}"] += 1
+        why = f"refused: {message}"
+        self.agent.record(Kind.REFUSAL, subject[:1024], data_class=data_class,
+                          from_region=caller.node_region(self.agent.m.members), detail=why[:1024])
+        self.agent.log_limited("refused", rule=rule, message=message[:300],
+                               subject=subject[:200], data_class=data_class, **fields)
+        return ApiError(ErrorCode.REFUSED, why)
+
+    async def _resolve_class(self, wire: ResidencyWire | None, *, stream: bool
+                             ) -> ResidencyWire | None:
+        """``wire`` with its data class resolved to the class's policy (``core.policy``):
+        for a topic (``stream``) the class's stream regions, for an operator its regions;
+        an explicit rule may narrow the class's, never widen it."""
+        if wire is None or wire.data_class is None:
+            return wire
+        cls = wire.data_class
+        given = None if wire.regions is None else frozenset(wire.regions)
+        explicit = Rule(stream_regions=given) if stream else Rule(regions=given)
+        try:
+            resolved = resolve(cls, explicit, await self.local.class_policies({cls}))
+        except PolicyError as e:
+            if e.rule == "malformed":
+                raise ApiError(ErrorCode.INVALID, str(e)) from None
+            raise self._refuse(e.rule, str(e), data_class=cls) from None
+        return ResidencyWire.of(resolved.stream_residency() if stream
+                                else resolved.residency())
+
     async def _rpc_publish(self, req: PublishRequest) -> PublishReply:
         topic = req.topic
         if len(req.records) > self.cfg.max_publish_records:
             raise ValueError(f"at most {self.cfg.max_publish_records} records per publish")
-        res = residency_of(req.residency)
+        res = residency_of(await self._resolve_class(req.residency, stream=True))
         if topic in self.topic_residency and self.topic_residency[topic] != res:
             raise PlacementError("residency", f"topic {topic!r} was published with another "
                                               "residency rule")
@@ -419,6 +456,15 @@ class StreamPlane:
         if req.residency is not None:
             res = req.residency.rule()
             check_source_allowed(topic, self.agent.meta.region, res)
+            cls = res.data_class
+            if cls is not None:
+                # The backup checks the class's policy as it knows it, not only the rule
+                # the primary sent (the same check as an object's replica receiver).
+                why = copy_refusal(self.agent.meta.region, res,
+                                   await self.local.class_policies({cls}), stream=True)
+                if why is not None:
+                    raise self._refuse("residency", f"topic {topic!r}: {why}", subject=topic,
+                                       data_class=cls)
             self.topic_residency[topic] = res
         else:
             self.topic_residency.setdefault(topic, None)
@@ -482,10 +528,11 @@ class StreamPlane:
         fn_id = function_id(fn_bytes)
         if req.fn_id not in (None, fn_id):
             raise ValueError("fn_bytes do not hash to fn_id")
+        residency = await self._resolve_class(req.residency, stream=False)
         stored = await self.local.put_object(fn_bytes, self.cfg.fn_replicas)
         spec = OperatorSpec(
             name=name, topic=topic, output=req.output, mode=req.mode, region=req.region,
-            regions=req.regions, residency=req.residency, labels=dict(req.labels),
+            regions=req.regions, residency=residency, labels=dict(req.labels),
             fn_id=fn_id, fn_object=str(stored["id"]), batch=req.batch)
         if spec.mode == "central" and not spec.region:
             spec.region = central_region(self._alive())

@@ -14,7 +14,11 @@ under ``/root``): each ``sys.path`` directory it could not reach is opened first
 through ``/proc/self/fd/N`` afterwards (a process may always use its own descriptors).
 
 The worker runs one task at a time on its main thread, with no event loop: read a frame,
-run, write a frame. Functions arrive at most once per worker, keyed by content hash, and
+run, write a frame. What the task prints goes to per-task buffers (``_Capture``, bounded
+by ``Init.max_log_bytes``) that ride in the reply, and, while it runs, to the pool in
+``Output`` frames sent by one helper thread (``_LiveOutput``) for ``logs --follow``; the
+worker's descriptors 1 and 2 lead to /dev/null, so nothing a task prints reaches the
+node's log. Functions arrive at most once per worker, keyed by content hash, and
 are kept in an LRU of unpickled callables. The pool mirrors that LRU exactly (same
 inserts, same evictions, in the same order), so it knows which function bytes a worker
 needs without asking.
@@ -35,6 +39,8 @@ import signal
 import socket
 import struct
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -44,8 +50,12 @@ import msgspec
 FRAME_HEADER = struct.Struct(">II")
 MAX_ENVELOPE = 64 * 1024
 MAX_TRACEBACK = 64 * 1024
-# Body bound for replies: a result, or a (truncated) traceback.
-REPLY_SLACK = MAX_TRACEBACK
+MAX_EXCEPTION = 64 * 1024
+"""A pickled exception larger than this is not sent (the caller gets ``TaskError``)."""
+LOG_NOTE_BYTES = 256
+"""Room for the note that says a task's output was cut."""
+# Body bound for replies besides the result and the two logs: a traceback, an exception.
+REPLY_SLACK = MAX_TRACEBACK + MAX_EXCEPTION + 2 * LOG_NOTE_BYTES
 
 # failure kinds a worker reports (the pool adds timeout / worker_crashed / cancelled)
 KIND_RAISED = "raised"
@@ -75,6 +85,8 @@ class Init(msgspec.Struct, tag="init", array_like=True):
     max_result_bytes: int
     max_cached_functions: int
     sys_path: list[str]
+    max_log_bytes: int = 64 * 1024
+    """What one task printed to stdout, and to stderr, kept (each; the rest is counted)."""
 
 
 class Task(msgspec.Struct, tag="task", array_like=True):
@@ -94,18 +106,34 @@ class Ready(msgspec.Struct, tag="ready", array_like=True):
 
 
 class Done(msgspec.Struct, tag="done", array_like=True):
-    """Worker -> pool. Body: the pickled result."""
+    """Worker -> pool. Body: the pickled result, then ``out_len`` bytes of what the task
+    printed to stdout and ``err_len`` to stderr (UTF-8)."""
+
+    out_len: int = 0
+    err_len: int = 0
 
 
 class Failed(msgspec.Struct, tag="failed", array_like=True):
-    """Worker -> pool. Body: traceback text (UTF-8)."""
+    """Worker -> pool. Body: traceback text (UTF-8), then ``exc_len`` bytes of the pickled
+    exception (kind ``raised``, when it pickles), then stdout and stderr as in ``Done``."""
 
     kind: str
     message: str
+    exc_len: int = 0
+    out_len: int = 0
+    err_len: int = 0
+
+
+class Output(msgspec.Struct, tag="output", array_like=True):
+    """Worker -> pool, while a task runs: more of what it printed (body: UTF-8 bytes,
+    within what the task's ``Done``/``Failed`` will carry in full), for followers."""
+
+    stream: int
+    """1: stdout, 2: stderr."""
 
 
 ToWorker = Init | Task
-FromWorker = Ready | Done | Failed
+FromWorker = Ready | Done | Failed | Output
 
 _to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
 from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)
@@ -135,14 +163,28 @@ def _recv_exact(sock: socket.socket, n: int) -> memoryview:
     return view
 
 
-def _send(sock: socket.socket, msg: Ready | Done | Failed, body: bytes = b"") -> None:
+_sock_lock = threading.Lock()
+"""Frames to the pool come from the task loop and from the live-output flusher."""
+
+
+def _send(sock: socket.socket, msg: Ready | Done | Failed | Output,
+          body: bytes | list[bytes] = b"") -> None:
+    with _sock_lock:
+        _send_locked(sock, msg, body)
+
+
+def _send_locked(sock: socket.socket, msg: Ready | Done | Failed | Output,
+                 body: bytes | list[bytes] = b"") -> None:
     env = encoder.encode(msg)
-    head = frame_header(env, len(body))
-    if len(body) < 64 * 1024:
-        sock.sendall(head + body)
+    parts = body if isinstance(body, list) else [body]
+    size = sum(len(p) for p in parts)
+    head = frame_header(env, size)
+    if size < 64 * 1024:
+        sock.sendall(head + b"".join(parts))
     else:
         sock.sendall(head)
-        sock.sendall(body)
+        for p in parts:
+            sock.sendall(p)
 
 
 _held: dict[str, str] = {}
@@ -236,6 +278,29 @@ class Worker:
         self.init = init
         self.functions: dict[str, Callable[..., Any]] = {}
         self.max_body = init.max_function_bytes + init.max_arg_bytes
+        self.live = _LiveOutput(sock)
+
+    def run_captured(self, msg: Task, body: memoryview) -> tuple[Done | Failed, list[bytes]]:
+        """``run`` with what the task prints to ``sys.stdout`` and ``sys.stderr`` kept
+        apart, bounded, and sent after the reply's body (the worker's own descriptors 1
+        and 2 lead nowhere: the node's log stays its own)."""
+        limit = self.init.max_log_bytes
+        live = self.live
+        seq = live.begin_task()
+        out, err = _Capture(limit, 1, live, seq), _Capture(limit, 2, live, seq)
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            reply, data, exc = self.run(msg, body)
+        finally:
+            sys.stdout, sys.stderr = saved
+            live.end_task()
+        out_b, err_b = out.value(), err.value()
+        if isinstance(reply, Done):
+            reply.out_len, reply.err_len = len(out_b), len(err_b)
+            return reply, [data, out_b, err_b]
+        reply.exc_len, reply.out_len, reply.err_len = len(exc), len(out_b), len(err_b)
+        return reply, [data, exc, out_b, err_b]
 
     def serve(self) -> None:
         import resource
@@ -261,12 +326,12 @@ class Worker:
                     cap = min(cap, hard_as)
                 resource.setrlimit(resource.RLIMIT_AS, (cap, hard_as))
             try:
-                reply, out = self.run(msg, body)
+                reply, parts = self.run_captured(msg, body)
             finally:
                 if limited:
                     resource.setrlimit(resource.RLIMIT_AS, (soft_as, hard_as))
             del body
-            _send(self.sock, reply, out)
+            _send(self.sock, reply, b"".join(parts) if len(parts[0]) < (1 << 20) else parts)
 
     def _function(self, msg: Task, body: memoryview) -> Callable[..., Any] | Failed:
         for old in msg.evict:
@@ -295,11 +360,12 @@ class Worker:
             self.functions.pop(next(iter(self.functions)))
         return loaded  # type: ignore[no-any-return]
 
-    def run(self, msg: Task, body: memoryview) -> tuple[Done | Failed, bytes]:
+    def run(self, msg: Task, body: memoryview) -> tuple[Done | Failed, bytes, bytes]:
+        """The reply, its body (result or traceback) and the pickled exception (if any)."""
         try:
             fn = self._function(msg, body)
             if isinstance(fn, Failed):
-                return fn, b""
+                return fn, b"", b""
             import cloudpickle
 
             try:
@@ -307,7 +373,8 @@ class Worker:
             except MemoryError:
                 raise
             except BaseException as e:
-                return Failed(KIND_UNPICKLABLE, _short(f"cannot unpickle arguments: {e!r}")), b""
+                return (Failed(KIND_UNPICKLABLE, _short(f"cannot unpickle arguments: {e!r}")),
+                        b"", b"")
             result = fn(*args, **kwargs)
             del args, kwargs
             try:
@@ -315,22 +382,23 @@ class Worker:
             except MemoryError:
                 raise
             except BaseException as e:
-                return Failed(KIND_UNPICKLABLE, _short(f"cannot pickle result: {e!r}")), b""
+                return Failed(KIND_UNPICKLABLE, _short(f"cannot pickle result: {e!r}")), b"", b""
             del result
             if len(out) > self.init.max_result_bytes:
                 return Failed(
                     KIND_TOO_LARGE,
                     f"result of {len(out)} bytes exceeds max_result_bytes="
                     f"{self.init.max_result_bytes}",
-                ), b""
-            return Done(), out
+                ), b"", b""
+            return Done(), out, b""
         except MemoryError as e:
             tb = _traceback_text(e)
-            return Failed(KIND_MEMORY, _short(f"MemoryError: {e}")), tb
+            return Failed(KIND_MEMORY, _short(f"MemoryError: {e}")), tb, b""
         except BaseException as e:
             # SystemExit and KeyboardInterrupt from user code fail the task, not the worker.
             tb = _traceback_text(e)
-            return Failed(KIND_RAISED, _short(f"{type(e).__name__}: {e}")), tb
+            return (Failed(KIND_RAISED, _short(f"{type(e).__name__}: {e}")), tb,
+                    _pickle_exception(e))
 
 
 def _short(text: str, limit: int = 4096) -> str:
@@ -338,9 +406,157 @@ def _short(text: str, limit: int = 4096) -> str:
     return text if len(text) <= limit else text[: limit - 15] + "...(truncated)"
 
 
+class _LiveOutput:
+    """Sends what the running task has printed to the pool as it comes (``Output``), at
+    most every ``FLUSH_S``, from a thread started with the worker (so a task's memory
+    limit never stops it from starting). The task's reply carries all of it again; what
+    is pending when the task ends is dropped, and the lock shared with the task loop's
+    sends means no ``Output`` of a task follows its reply."""
+
+    FLUSH_S = 0.25
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending: dict[int, list[bytes]] = {1: [], 2: []}
+        self.active = False
+        self.seq = 0
+        """The current task's number: a capture of an earlier task (kept by a thread or
+        a logging handler the task left behind) adds nothing."""
+        self.wake = threading.Event()
+        self.pid = os.getpid()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._main, name="meshscale-output",
+                                       daemon=True)
+        self.thread.start()
+
+    def begin_task(self) -> int:
+        with _sock_lock:
+            self.seq += 1
+            self.active = True
+            self.pending = {1: [], 2: []}
+            return self.seq
+
+    def add(self, seq: int, stream: int, data: bytes) -> None:
+        if os.getpid() != self.pid:
+            return  # a child the task forked: its output is not this task's to send
+        with _sock_lock:
+            if seq != self.seq or not self.active:
+                return
+            self.pending[stream].append(data)
+        self.wake.set()
+
+    def end_task(self) -> None:
+        with _sock_lock:
+            self.active = False
+            self.pending = {1: [], 2: []}
+
+    def _main(self) -> None:
+        while True:
+            self.wake.wait()
+            time.sleep(self.FLUSH_S)
+            with _sock_lock:
+                self.wake.clear()
+                if not self.active:
+                    continue
+                pending, self.pending = self.pending, {1: [], 2: []}
+                try:
+                    for stream, chunks in pending.items():
+                        if chunks:
+                            _send_locked(self.sock, Output(stream), b"".join(chunks))
+                except OSError:
+                    return  # the pool is gone; the task loop finds out too
+
+
+class _Capture:
+    """A task's ``sys.stdout`` or ``sys.stderr``: the first ``limit`` bytes (UTF-8) are
+    kept (and sent on as they come, through ``live``), the rest counted, and ``value``
+    says how much was cut."""
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def __init__(self, limit: int, stream: int = 1, live: _LiveOutput | None = None,
+                 seq: int = 0) -> None:
+        self.limit = limit
+        self.stream = stream
+        self.live = live
+        self.seq = seq
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.dropped = 0
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        data = text.encode("utf-8", "replace")
+        room = self.limit - self.size
+        if room > 0:
+            kept = data[:room]
+            self.parts.append(kept)
+            self.size += len(kept)
+            if self.live is not None:
+                self.live.add(self.seq, self.stream, kept)
+        self.dropped += max(0, len(data) - max(room, 0))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        import io
+
+        raise io.UnsupportedOperation("a task's output is captured, not a file")
+
+    def value(self) -> bytes:
+        data = b"".join(self.parts)
+        if self.dropped:
+            # Cut where a character begins, so the text decodes cleanly.
+            data = data.decode("utf-8", "ignore").encode("utf-8")
+            note = (f"\n[meshscale: output truncated: {self.dropped} more bytes not kept "
+                    f"(task_log_bytes={self.limit})]\n")
+            data += note.encode()[:LOG_NOTE_BYTES]
+        return data
+
+
+def _pickle_exception(e: BaseException) -> bytes:
+    """``e`` pickled for the caller, or b"" when it does not pickle (or is too large):
+    the caller then gets ``TaskError`` with the text and traceback."""
+    try:
+        import cloudpickle
+
+        data: bytes = cloudpickle.dumps(e, protocol=5)
+    except BaseException:
+        return b""
+    return data if len(data) <= MAX_EXCEPTION else b""
+
+
+def _user_frames(tb: Any) -> Any:
+    """The traceback from the first frame that is not the worker's own (this module and
+    the client's call wrapper), so the caller sees their code first."""
+    first = tb
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename != __file__ and code.co_name != "_meshscale_call":
+            return tb
+        tb = tb.tb_next
+    return first
+
+
 def _traceback_text(e: BaseException) -> bytes:
     try:
-        text = "".join(traceback.format_exception(e))
+        text = "".join(traceback.format_exception(type(e), e, _user_frames(e.__traceback__)))
     except BaseException:
         text = f"{type(e).__name__}: (traceback unavailable)"
     raw = text.encode("utf-8", "replace")
@@ -367,6 +583,7 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     code = 0
+    own_stderr = -1
     try:
         head = _recv_exact(sock, FRAME_HEADER.size)
         env_len, body_len = FRAME_HEADER.unpack(head)
@@ -381,12 +598,24 @@ def main(argv: list[str] | None = None) -> None:
             p = _held.get(p, p)
             if p not in sys.path:
                 sys.path.append(p)
+        # What task code prints is captured per task (``Worker.run_captured``); what
+        # escapes that (a C extension, a child process) goes nowhere rather than into the
+        # node's JSON log. The worker's own last words still reach the node's stderr.
+        own_stderr = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
         _send(sock, Ready(os.getpid()))
-        Worker(sock, init).serve()
+        worker = Worker(sock, init)
+        worker.live.start()
+        worker.serve()
     except (_Closed, BrokenPipeError, ConnectionResetError):
         pass
     except SystemExit as e:
-        print(f"meshscale worker {os.getpid()}: {e}", file=sys.stderr)
+        line = f"meshscale worker {os.getpid()}: {e}\n".encode()
+        with contextlib.suppress(OSError):
+            os.write(own_stderr if own_stderr >= 0 else 2, line)
         code = 1
     finally:
         # Skip interpreter teardown: nothing here needs flushing, and a user module's

@@ -31,7 +31,9 @@ by the BLAKE3 of its cloudpickle (``function_id``). Departures from those system
 - Workers get the agent's ``sys.path`` (after their own), as multiprocessing's spawn
   does, so a function pickled by reference to a module the agent can import resolves.
   Code from remote clients should be pickled by value (``register_pickle_by_value``).
-  Workers share the agent's stdout and stderr; stdin is /dev/null; SIGINT is ignored.
+  A worker's stdout and stderr lead to /dev/null (what a task prints is captured per
+  task and returned with its outcome, ``Ran``/``TaskFailed``, and seen while it runs
+  through ``output``); stdin is /dev/null; SIGINT is ignored.
 - Workers die with the agent (``PR_SET_PDEATHSIG``, Linux). That signal follows the
   thread that started the worker, so start the pool (and let it replace workers) from
   the event loop's thread, which is the only way the pool's code runs anyway.
@@ -65,11 +67,13 @@ from meshscale.runtime.worker_main import (
     KIND_RAISED,
     KIND_TOO_LARGE,
     KIND_UNPICKLABLE,
+    LOG_NOTE_BYTES,
     MAX_ENVELOPE,
     REPLY_SLACK,
     Done,
     Failed,
     Init,
+    Output,
     Ready,
     Task,
     encoder,
@@ -87,6 +91,7 @@ __all__ = [
     "PoolBusy",
     "PoolClosed",
     "PoolConfig",
+    "Ran",
     "TaskFailed",
     "WorkerPool",
     "function_id",
@@ -132,6 +137,7 @@ class PoolConfig:
     close_timeout_s: float = 2.0  # idle workers get this long to exit before SIGKILL
     restart_backoff_max_s: float = 5.0  # between replacements that die before ready
     isolation: Isolation | None = None  # worker user, work dir, cgroups (isolation.py)
+    max_log_bytes: int = 64 * 1024  # what one task printed, kept per stream (stdout, stderr)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -142,12 +148,13 @@ class PoolConfig:
             "max_result_bytes",
             "max_cached_functions",
             "max_queue",
+            "max_log_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_function_bytes + self.max_arg_bytes >= 1 << 32:
             raise ValueError("max_function_bytes + max_arg_bytes must fit in 32 bits")
-        if self.max_result_bytes + REPLY_SLACK >= 1 << 32:
+        if self.max_result_bytes + REPLY_SLACK + 2 * self.max_log_bytes >= 1 << 32:
             raise ValueError("max_result_bytes must fit in 32 bits")
         if self.start_method != "spawn":
             raise ValueError(f"unsupported start_method {self.start_method!r}")
@@ -159,14 +166,29 @@ class PoolConfig:
 
 class TaskFailed(Exception):
     """A task did not produce a result. ``kind`` is one of ``FAILURE_KINDS``;
-    for ``"raised"`` (and ``"memory"``) ``traceback`` is the remote traceback text."""
+    for ``"raised"`` (and ``"memory"``) ``traceback`` is the remote traceback text, and
+    for ``"raised"`` ``exc`` the exception pickled (b"" when it would not pickle).
+    ``stdout`` and ``stderr``: what the task printed (bounded; a cut says so)."""
 
-    def __init__(self, kind: str, message: str, traceback: str = "") -> None:
+    def __init__(self, kind: str, message: str, traceback: str = "", *, exc: bytes = b"",
+                 stdout: str = "", stderr: str = "") -> None:
         assert kind in FAILURE_KINDS, kind
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.message = message
         self.traceback = traceback
+        self.exc = exc
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A task's pickled result and what it printed (``WorkerPool.run_task``)."""
+
+    result: bytes
+    stdout: str = ""
+    stderr: str = ""
 
 
 class PoolBusy(Exception):
@@ -226,8 +248,8 @@ _State = Literal["starting", "idle", "busy", "doomed", "dead"]
 
 
 class _Job:
-    __slots__ = ("args", "cpus", "fn_bytes", "fn_id", "future", "memory_mb", "task_id",
-                 "timeout_s", "timer", "worker")
+    __slots__ = ("args", "cpus", "fn_bytes", "fn_id", "future", "live", "memory_mb",
+                 "task_id", "timeout_s", "timer", "worker")
 
     def __init__(
         self,
@@ -237,7 +259,7 @@ class _Job:
         args: bytes,
         timeout_s: float | None,
         memory_mb: int | None,
-        future: asyncio.Future[bytes],
+        future: asyncio.Future[Ran],
         cpus: float | None = None,
     ) -> None:
         self.task_id = task_id
@@ -250,6 +272,8 @@ class _Job:
         self.future = future
         self.timer: asyncio.TimerHandle | None = None
         self.worker: _Worker | None = None
+        self.live: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        """What the task has printed so far (``Output``), while it runs."""
 
 
 class _Worker:
@@ -415,7 +439,23 @@ class WorkerPool:
         task_id: str | None = None,
         cpus: float | None = None,
     ) -> bytes:
-        """Run a function on a warm worker; return its pickled result.
+        """``run_task``'s pickled result alone."""
+        ran = await self.run_task(fn_id, fn_bytes, args, timeout_s=timeout_s,
+                                  memory_mb=memory_mb, task_id=task_id, cpus=cpus)
+        return ran.result
+
+    async def run_task(
+        self,
+        fn_id: str,
+        fn_bytes: bytes | None,
+        args: bytes,
+        *,
+        timeout_s: float | None = None,
+        memory_mb: int | None = None,
+        task_id: str | None = None,
+        cpus: float | None = None,
+    ) -> Ran:
+        """Run a function on a warm worker; return its pickled result and what it printed.
 
         ``args`` is the cloudpickled ``(args, kwargs)`` (see ``pickle_args``); ``cpus`` is
         the task's CPU quota where the worker has a cgroup (default 1). Raises
@@ -510,6 +550,15 @@ class WorkerPool:
         out.update(self._counts)
         return out
 
+    def output(self, task_id: str) -> tuple[str, str] | None:
+        """What the running (or queued) task ``task_id`` has printed so far, to stdout
+        and to stderr; None if the pool does not have it."""
+        job = self._jobs.get(task_id)
+        if job is None:
+            return None
+        # A character cut between two sends is left out until the rest of it arrives.
+        return (job.live[1].decode("utf-8", "ignore"), job.live[2].decode("utf-8", "ignore"))
+
     def worker_pids(self) -> list[int]:
         """Pids of every worker process not yet reaped (for tests and the dashboard)."""
         return sorted(w.pid for w in self._workers)
@@ -590,14 +639,14 @@ class WorkerPool:
         else:
             self._doom(job.worker, KIND_CANCELLED, why)
 
-    def _finish(self, job: _Job, outcome: bytes | BaseException) -> None:
+    def _finish(self, job: _Job, outcome: Ran | BaseException) -> None:
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
         if self._jobs.get(job.task_id) is job:
             del self._jobs[job.task_id]
         job.worker = None
-        if isinstance(outcome, bytes):
+        if isinstance(outcome, Ran):
             self._counts["completed"] += 1
             if not job.future.done():
                 job.future.set_result(outcome)
@@ -611,7 +660,19 @@ class WorkerPool:
 
     # --- worker events ------------------------------------------------------------------
 
-    def _on_message(self, w: _Worker, msg: Ready | Done | Failed, body: bytes) -> None:
+    def _on_message(self, w: _Worker, msg: Ready | Done | Failed | Output,
+                    body: bytes) -> None:
+        if isinstance(msg, Output):
+            job = w.job
+            if w.state != "busy" or job is None or msg.stream not in job.live:
+                self._violation(w, "output without a task")
+                return
+            buf = job.live[msg.stream]
+            if len(buf) + len(body) > self.config.max_log_bytes:
+                self._violation(w, "more output than max_log_bytes")
+                return
+            buf += body
+            return
         if isinstance(msg, Ready):
             if w.state != "starting":
                 self._violation(w, "unexpected ready")
@@ -628,18 +689,30 @@ class WorkerPool:
         if w.state != "busy" or job is None:
             self._violation(w, "reply without a task")
             return
+        tail = msg.out_len + msg.err_len + (msg.exc_len if isinstance(msg, Failed) else 0)
+        limit = self.config.max_log_bytes + LOG_NOTE_BYTES
+        if (min(msg.out_len, msg.err_len) < 0 or max(msg.out_len, msg.err_len) > limit
+                or tail > len(body)):
+            self._violation(w, "reply lengths out of bounds")
+            return
         w.job = None
         w.state = "idle"
+        head = len(body) - tail
+        out_at = len(body) - msg.out_len - msg.err_len
+        stdout = body[out_at:out_at + msg.out_len].decode("utf-8", "replace")
+        stderr = body[out_at + msg.out_len:].decode("utf-8", "replace")
         if isinstance(msg, Done):
-            self._finish(job, body)
+            self._finish(job, Ran(body[:head], stdout, stderr))
         elif msg.kind == KIND_MISSING:
             w.cached.pop(job.fn_id, None)
             self._finish(job, FunctionNotCached(job.fn_id))
         elif msg.kind in _WORKER_KINDS:
             if msg.kind == KIND_UNPICKLABLE:
                 w.cached.pop(job.fn_id, None)  # the worker did not keep it
-            text = body.decode("utf-8", "replace")
-            self._finish(job, TaskFailed(msg.kind, msg.message, text))
+            text = body[:head].decode("utf-8", "replace")
+            self._finish(job, TaskFailed(msg.kind, msg.message, text,
+                                         exc=body[head:head + msg.exc_len],
+                                         stdout=stdout, stderr=stderr))
         else:
             self._violation(w, f"unknown failure kind {msg.kind!r}")
             return
@@ -776,7 +849,7 @@ class WorkerPool:
                     cg.remove()
         self._workers.add(w)
         self._watch_exit(w)
-        max_body = cfg.max_result_bytes + REPLY_SLACK
+        max_body = cfg.max_result_bytes + REPLY_SLACK + 2 * cfg.max_log_bytes
         try:
             transport, _ = await loop.create_unix_connection(
                 lambda: _WorkerProtocol(self, w, max_body), sock=ours
@@ -795,6 +868,7 @@ class WorkerPool:
                 cfg.max_result_bytes,
                 cfg.max_cached_functions,
                 [p for p in sys.path if isinstance(p, str)],
+                cfg.max_log_bytes,
             )
             env = encoder.encode(init)
             w.send([frame_header(env, 0)])

@@ -80,6 +80,7 @@ from meshscale.core.placement import (
     is_full,
     replica_set,
 )
+from meshscale.core.policy import ClassPolicy, copy_refusal
 from meshscale.core.puts import PutPlan, SpareFate, spare_fate, spare_may_source
 from meshscale.core.replication import (
     DeleteAcked,
@@ -292,6 +293,11 @@ class DataNode:
         self.disk_margin_bytes = disk_margin_bytes
         self.refused_writes = 0
         """Writes (copies and KV values) refused for want of room."""
+        self.policies: dict[str, ClassPolicy] = self.disk.setdefault("policies", {})
+        """Data-class policies this node knows (the runtime reads them from the KV; the
+        simulator has no policy store: a scenario sets them, and they outlive a crash)."""
+        self.refused_copies = 0
+        """Copies refused by the residency rule (``core.policy.copy_refusal``)."""
         self._refused_bytes = 0
         """The largest write refused since the last ``check_disk`` (``disk_full`` makes the
         node full on it)."""
@@ -640,8 +646,11 @@ class DataNode:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return b""
         policy = frame.ref.policy()
-        if not policy.allows(self.region):
-            return b""  # the residency rule is checked by the receiver too
+        if copy_refusal(self.region, policy.residency, self.policies) is not None:
+            # The receiver checks the rule itself (the copy's, and its class's as this node
+            # knows it), with the same function as the runtime's receiver.
+            self.refused_copies += 1
+            return b""
         self._commit(frame.ref.oid, frame.data, policy, frame.hint_for, now, frame.written)
         return _OK if frame.ref.oid in self.objects else b""
 

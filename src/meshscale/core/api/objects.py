@@ -128,15 +128,22 @@ class Done(msgspec.Struct):
 
 class PutBeginRequest(Request):
     size: Size
-    replicas: Replicas = 3
+    replicas: Replicas | None = None
+    """Copies to keep; absent: the data class's count (``core/policy.py``), else 3."""
     w: Replicas | None = None
     """Copies durable before the put returns (at most ``replicas``); absent: min(2, replicas)."""
     residency: ResidencyWire | None = None
+    """Where copies may live and the data class: a class with a policy gives the fields
+    left out (regions, replicas, TTL); those given may narrow it, never widen it."""
     id: ObjectId | None = None
     """The object's id sent ahead: the node streams the chunks on to the replica set as
     they arrive (cut-through) and every copy is checked against it."""
     ttl_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    """Collected everywhere this long after the put (absent: kept until deleted)."""
+    """Collected everywhere this long after the put (absent: the class's TTL, else kept
+    until deleted)."""
+    allow_degraded: bool = False
+    """Store it even when fewer live nodes than ``replicas`` may hold a copy now (the
+    object is under-replicated until more join); without it such a put is refused."""
 
 
 class PutBeginReply(msgspec.Struct):
@@ -166,16 +173,24 @@ class PutReply(msgspec.Struct):
     size: int
     nodes: list[str]
     """The nodes whose durable copies made the write quorum."""
+    planned: int = 0
+    """Copies the put aimed for (its write set): fewer than ``replicas`` for a degraded
+    put (``allow_degraded``); 0 from a node that does not say."""
+    replicas: int = 0
+    """The replication factor the put resolved to (its data class's when it gave none)."""
 
 
 class PutSmallRequest(Request):
     """A whole small object in one call (a node's ``inline_bytes`` bounds it)."""
 
     data: Chunk
-    replicas: Replicas = 3
+    replicas: Replicas | None = None
+    """Absent: the data class's count, else 3 (as ``PutBeginRequest.replicas``)."""
     w: Replicas | None = None
     residency: ResidencyWire | None = None
     ttl_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    allow_degraded: bool = False
+    """As ``PutBeginRequest.allow_degraded``."""
 
 
 # ------------------------------------------------------------------ replica transfers

@@ -39,6 +39,7 @@ from meshscale.core.tasks import TaskState
 
 __all__ = [
     "MAX_ARGS_BYTES",
+    "MAX_EXCEPTION_BYTES",
     "MAX_FUNCTION_BYTES",
     "MAX_INLINE_RESULT_BYTES",
     "MAX_INPUTS",
@@ -46,6 +47,7 @@ __all__ = [
     "MAX_SCHED_BATCH",
     "MAX_SCHED_MESSAGE_BYTES",
     "MAX_SUBMIT_TASKS",
+    "MAX_UPSTREAM",
     "MAX_WAIT_IDS",
     "METHODS",
     "SCHED_BATCH",
@@ -56,6 +58,7 @@ __all__ = [
     "TASK_FN",
     "TASK_KILL",
     "TASK_LIST",
+    "TASK_LOGS",
     "TASK_RESULT",
     "TASK_STATS",
     "TASK_SUBMIT",
@@ -70,6 +73,7 @@ __all__ = [
     "KillRequest",
     "ListRequest",
     "LoadReport",
+    "LogsRequest",
     "PlacementCentral",
     "PlacementData",
     "PlacementNearSource",
@@ -82,6 +86,7 @@ __all__ = [
     "SchedMsgRequest",
     "SubmitReply",
     "SubmitRequest",
+    "TaskLogs",
     "TaskRow",
     "TaskStats",
     "TaskView",
@@ -101,6 +106,9 @@ MAX_FUNCTION_BYTES = 32 << 20
 """A pickled function (a node's ``ComputeConfig.max_function_bytes`` is lower)."""
 MAX_INPUTS = 256
 """Input objects of one task (as ``core.scheduling.TaskSpec``)."""
+MAX_UPSTREAM = 4096
+"""Upstream tasks (futures among the arguments) of one task (a node's
+``ComputeConfig.max_upstream`` is lower)."""
 MAX_LABELS = 64
 """Labels one task may require."""
 MAX_WAIT_IDS = 4096
@@ -113,6 +121,10 @@ MAX_SCHED_BATCH = 4096
 MAX_INLINE_RESULT_BYTES = 16 << 20
 """A result carried in ``task.done`` (a node's ``ComputeConfig.inline_result_bytes`` is
 lower: larger ones are stored as objects)."""
+MAX_EXCEPTION_BYTES = 64 * 1024
+"""A pickled exception carried with a failed task's outcome."""
+MAX_FUNCTION_NAME = 200
+"""Characters of a task's function name (its qualified name) kept for listings."""
 MAX_RETRIES = 1000
 MAX_TIMEOUT_S = 365 * 86400.0
 
@@ -197,6 +209,8 @@ class TaskWire(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_de
     """Chosen by the client; an idempotency key (``<prefix>.<n>`` for the tasks of one
     submit: their records are written together)."""
     fn_id: FunctionId
+    name: Annotated[str, msgspec.Meta(max_length=MAX_FUNCTION_NAME)] = ""
+    """The function's qualified name, for listings and metrics (not trusted for more)."""
     fn: Annotated[bytes, msgspec.Meta(max_length=MAX_FUNCTION_BYTES)] | None = None
     """The pickled function, sent when the node answers ``need_function``."""
     args: Annotated[bytes, msgspec.Meta(max_length=MAX_ARGS_BYTES)] = b""
@@ -216,6 +230,10 @@ class TaskWire(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_de
     """Re-runs after a worker crash or a lost outcome."""
     timeout_s: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
     """The worker is killed after this long (None: the node's default)."""
+    after: Annotated[list[TaskId], msgspec.Meta(max_length=MAX_UPSTREAM)] = []
+    """Upstream tasks (futures among the arguments): the node waits for them to end, runs
+    this task where their results are, and gives the function their values in place of
+    the futures; one that failed fails this task (kind ``upstream``, naming it)."""
 
 
 class ResultRef(msgspec.Struct):
@@ -239,6 +257,8 @@ class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Why it failed: ``raised``, ``timeout``, ``memory``, ``worker_crashed``,
     ``unschedulable``, ``input``, ``lost``, ``refused``, ``cancelled``..."""
     traceback: str = ""
+    exc: bytes | None = None
+    """The exception it raised, pickled (``raised``, when the worker could pickle it)."""
     node: str = ""
     """The node that ran it (last bound to)."""
     owner: str = ""
@@ -290,6 +310,23 @@ class CancelReply(msgspec.Struct):
     state: TaskState
 
 
+class LogsRequest(Request):
+    task_id: TaskId
+    forwarded: bool = False
+    """Asked by another node on a client's behalf: answered from what that node holds."""
+
+
+class TaskLogs(msgspec.Struct, kw_only=True):
+    """What a task printed (``task.logs``), as its record keeps it once it has ended
+    (bounded by the worker node's ``task_log_bytes``; a cut says so in the text)."""
+
+    task_id: str
+    state: TaskState
+    stdout: str = ""
+    stderr: str = ""
+    node: str = ""
+
+
 class ListRequest(Request):
     limit: Annotated[int, msgspec.Meta(ge=1)] = 1000
     """Newest rows first, up to this many (the node clamps to its bound)."""
@@ -308,6 +345,8 @@ class TaskRow(msgspec.Struct, kw_only=True):
     finished: float = 0.0
     error: str = ""
     """The first 200 characters."""
+    name: str = ""
+    """The function's name, as its submitter gave it."""
 
 
 class TaskStats(msgspec.Struct, kw_only=True):
@@ -337,6 +376,11 @@ class DoneRequest(Request):
     kind: Kind = ""
     error: Text = ""
     traceback: Text = ""
+    exc: Annotated[bytes, msgspec.Meta(max_length=MAX_EXCEPTION_BYTES)] | None = None
+    """The raised exception, pickled (kind ``raised``), when the worker could."""
+    stdout: Text = ""
+    stderr: Text = ""
+    """What the task printed, as the worker node kept it (bounded there)."""
 
 
 class DoneReply(msgspec.Struct):
@@ -396,6 +440,7 @@ TASK_CANCEL: Method[CancelRequest, CancelReply] = Method("task.cancel", CancelRe
 TASK_LIST: Method[ListRequest, list[TaskRow]] = Method("task.list", ListRequest,
                                                        list[TaskRow])
 TASK_STATS: Method[Empty, TaskStats] = Method("task.stats", Empty, TaskStats)
+TASK_LOGS: Method[LogsRequest, TaskLogs] = Method("task.logs", LogsRequest, TaskLogs)
 TASK_DONE: Method[DoneRequest, DoneReply] = Method("task.done", DoneRequest, DoneReply)
 TASK_FN: Method[FnRequest, FnReply] = Method("task.fn", FnRequest, FnReply)
 TASK_KILL: Method[KillRequest, KillReply] = Method("task.kill", KillRequest, KillReply)
@@ -405,5 +450,6 @@ SCHED_BATCH: Method[SchedBatchRequest, SchedAck] = Method("sched.batch", SchedBa
 SCHED_LOAD: Method[LoadReport, LoadReport] = Method("sched.load", LoadReport, LoadReport)
 
 METHODS: tuple[Method[Any, Any], ...] = (
-    TASK_SUBMIT, TASK_RESULT, TASK_WAIT, TASK_CANCEL, TASK_LIST, TASK_STATS, TASK_DONE,
+    TASK_SUBMIT, TASK_RESULT, TASK_WAIT, TASK_CANCEL, TASK_LIST, TASK_STATS, TASK_LOGS,
+    TASK_DONE,
     TASK_FN, TASK_KILL, SCHED_MSG, SCHED_BATCH, SCHED_LOAD)

@@ -344,6 +344,7 @@
     renderLoad(snap);
     renderCharts(snap);
     renderObjects(snap);
+    renderTasks(snap);
     renderStreams(snap);
     renderEvents();
   }
@@ -1142,6 +1143,52 @@
         chips.append(chip);
       }
       tr.append(idTd, el("td", "num", fmtBytes(o.size)), cls, chips);
+      body.append(tr);
+    }
+  }
+
+  // ---------------------------------------------------------------- tasks
+
+  // The newest tasks of every live owner (the node asks each), failures first in the
+  // summary and highlighted in the table, so a failed task cannot go unnoticed.
+  function renderTasks(snap) {
+    const view = snap.tasks || { tasks: [], counts: {} };
+    const rows = view.tasks || [];
+    const counts = view.counts || {};
+    const total = Object.values(counts).reduce((a, b) => a + b, 0);
+    const failed = counts.failed || 0;
+    const parts = [];
+    if (failed) parts.push(`${failed} failed`);
+    for (const st of ["running", "pending", "done", "cancelled"]) if (counts[st]) parts.push(`${counts[st]} ${st}`);
+    let summary = total ? `${total} listed: ` + parts.join(", ") : "";
+    if (view.nodes_asked && view.nodes_answered < view.nodes_asked) {
+      summary += ` (${view.nodes_asked - view.nodes_answered} of ${view.nodes_asked} nodes did not answer)`;
+    }
+    const sum = $("tasks-summary");
+    sum.textContent = summary;
+    sum.classList.toggle("bad", failed > 0);
+    const body = $("tasks-body");
+    body.replaceChildren();
+    if (!rows.length) {
+      const tr = el("tr");
+      const td = el("td", "tasks-empty", "No tasks yet.");
+      td.colSpan = 6;
+      tr.append(td);
+      body.append(tr);
+      return;
+    }
+    for (const t of rows) {
+      const tr = el("tr", t.state === "failed" ? "task-failed" : "");
+      tr.dataset.task = t.id;
+      tr.dataset.state = t.state;
+      const dur = typeof t.duration_ms === "number" ? fmtMs(t.duration_ms) + (t.running ? "+" : "") : "\u2013";
+      const err = el("td", "err", t.error || "");
+      err.title = t.error || "";
+      const dot = t.id.lastIndexOf(".");  // a map's tasks: <submit id>.<n>
+      const id = el("td", "mono", dot > 0 ? t.id.slice(0, 8) + "\u2026" + t.id.slice(dot) : shortId(t.id));
+      id.title = t.id + (t.reason ? "\n" + t.reason : "");
+      tr.append(el("td", "mono", t.name || "-"), el("td", "state", t.state),
+        el("td", "", t.node || "\u2013"), el("td", "num", dur), err, id);
       body.append(tr);
     }
   }

@@ -25,7 +25,15 @@ from meshscale.core.kv import (
     kv_placement,
     merge_scans,
 )
-from meshscale.core.placement import PlacementError
+from meshscale.core.placement import PlacementError, Residency
+from meshscale.core.policy import (
+    POLICY_PREFIX,
+    copy_refusal,
+    is_reserved_key,
+    kv_key_class,
+    kv_residency,
+    read_refusal,
+)
 from meshscale.runtime.data.state import DataPlaneBase, _stamp, _storage_error
 from meshscale.runtime.storage import MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES, StorageError
 from meshscale.transport.rpc import RpcError
@@ -45,10 +53,15 @@ def _straggler_done(
     return done
 
 
-def _kv_key(key: str) -> str:
-    """A KV key within MAX_KV_KEY_BYTES of UTF-8, else ``invalid`` naming the limit."""
+def _kv_key(key: str, *, write: bool = False) -> str:
+    """A KV key within MAX_KV_KEY_BYTES of UTF-8, else ``invalid`` naming the limit; a
+    ``write`` to a reserved key (``core.policy.is_reserved_key``) is ``unauthorized``."""
     if not key:
         raise ApiError(ErrorCode.INVALID, "a KV key is a non-empty string")
+    if write and is_reserved_key(key):
+        raise ApiError(ErrorCode.UNAUTHORIZED, (
+            f"KV keys under {POLICY_PREFIX!r} are reserved for data-class policies: change "
+            "them with policy.set / policy.delete (`meshscale policy ...`)"))
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
         raise ApiError(ErrorCode.INVALID,
                        f"a KV key is at most {MAX_KV_KEY_BYTES} bytes (MAX_KV_KEY_BYTES)")
@@ -58,12 +71,28 @@ def _kv_key(key: str) -> str:
 class KvStore(DataPlaneBase):
     """Quorum KV on this node: coordinator and replica."""
 
+    def _kv_rule(self, key: str) -> Residency | None:
+        """The residency rule of ``key``: its data class's regions when it lies under the
+        prefix of a class with a policy this node knows (``core.policy.kv_residency``).
+        From the cache only, never a read on a miss: every KV operation asks (task records,
+        stream offsets...), and a policy read that cannot reach its quorum would stall
+        them. So a class set through another node governs its keys here once this node's
+        refresh has seen it (within ``policy_refresh_s``)."""
+        if kv_key_class(key) is None:
+            return None
+        return kv_residency(key, self.policies)
+
     async def _kv_write(self, key: str, value: bytes | None, consistency: Consistency) -> str:
+        rule = self._kv_rule(key)
         ts = self.hlc.now(time.time())
         rec = KVRecord(key, value, ts)
         try:
-            where = kv_placement(key, self._view(), self.cfg.kv_replicas, down=self._down_view())
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule,
+                                 down=self._down_view())
         except PlacementError as e:
+            if rule is not None:
+                raise self._refuse("residency", f"kv write of {key!r}: {e}", subject=key,
+                                   data_class=rule.data_class) from None
             raise ApiError(ErrorCode.REFUSED, f"kv write of {key!r} refused: {e}") from None
         # A delete also goes to full members (it needs no room; it must beat their value).
         coord = KVCoordinator.for_put(rec, where.replicas, consistency,
@@ -115,7 +144,7 @@ class KvStore(DataPlaneBase):
             coord.expire()
 
     async def _rpc_kv_put(self, req: api.KvPutRequest) -> api.KvWriteReply:
-        key = _kv_key(req.key)
+        key = _kv_key(req.key, write=True)
         # Checked here too: an in-process call (``call_local``) skips the struct's bounds.
         if len(req.value) > MAX_KV_VALUE_BYTES:
             raise ApiError(ErrorCode.INVALID, f"a KV value is at most {MAX_KV_VALUE_BYTES} "
@@ -125,13 +154,19 @@ class KvStore(DataPlaneBase):
                                                         Consistency(req.consistency)))
 
     async def _rpc_kv_delete(self, req: api.KvKeyRequest) -> api.KvWriteReply:
-        return api.KvWriteReply(ts=await self._kv_write(_kv_key(req.key), None,
+        return api.KvWriteReply(ts=await self._kv_write(_kv_key(req.key, write=True), None,
                                                         Consistency(req.consistency)))
 
     async def _rpc_kv_get(self, req: api.KvKeyRequest) -> api.KvValue:
         key = req.key
+        rule = self._kv_rule(key)
+        if rule is not None and rule.data_class is not None:
+            why = read_refusal(self.agent.meta.region, rule.data_class, self.policies)
+            if why is not None:
+                raise self._refuse("cross_region_read", f"kv read of {key!r}: {why}",
+                                   subject=key, data_class=rule.data_class)
         try:
-            where = kv_placement(key, self._view(), self.cfg.kv_replicas)
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule)
         except PlacementError as e:
             raise ApiError(ErrorCode.REFUSED, f"kv read of {key!r} refused: {e}") from None
         coord = KVCoordinator.for_get(key, where.replicas, Consistency(req.consistency),
@@ -165,6 +200,12 @@ class KvStore(DataPlaneBase):
         (``hint_for``: the replicas the coordinator says this node stands in for)."""
         assert self.store is not None
         key, ts = req.key, req.ts
+        rule = self._kv_rule(key)
+        # The replica checks the key's class rule itself, as an object's receiver does.
+        why = copy_refusal(self.agent.meta.region, rule, self.policies)
+        if why is not None:
+            raise self._refuse("residency", f"kv key {key!r:.200}: {why}", subject=key,
+                               data_class=None if rule is None else rule.data_class)
         try:
             stamp = HLCTimestamp.decode(ts)
         except ValueError as e:
@@ -225,8 +266,17 @@ class KvStore(DataPlaneBase):
         if not pages:
             raise ApiError(ErrorCode.UNAVAILABLE, "kv list failed: no member answered")
         live, nxt = merge_scans(pages, req.limit)
-        return api.KvPage(entries=[api.KvEntry(key=r.key, value=r.value, ts=r.ts.encode())
-                                   for r in live], next=nxt)
+        entries = []
+        for r in live:
+            rule = self._kv_rule(r.key)
+            if rule is not None and read_refusal(self.agent.meta.region, rule.data_class,
+                                                 self.policies) is not None:
+                # A class that forbids reads from this node's region: its keys are left out
+                # of the listing here (counted), as a kv.get of them is refused.
+                self._count("kv_list_withheld")
+                continue
+            entries.append(api.KvEntry(key=r.key, value=r.value, ts=r.ts.encode()))
+        return api.KvPage(entries=entries, next=nxt)
 
     async def _hand_off_loop(self) -> None:
         """Hand hints to their replicas when ``KVHints`` says so: at its deadline, after a

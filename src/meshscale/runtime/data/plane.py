@@ -43,12 +43,14 @@ import time
 
 from meshscale.core.api import Empty
 from meshscale.core.api import objects as api
+from meshscale.core.api import policy as policy_api
 from meshscale.core.membership import VIEW_CHANGES
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Residency
 from meshscale.core.replication import ObjectPolicy, ReplicaManager
 from meshscale.runtime.data.catalog import Catalog
 from meshscale.runtime.data.kv import KvStore
+from meshscale.runtime.data.policy import Policies
 from meshscale.runtime.data.reads import Reads
 from meshscale.runtime.data.repair import ReplicaDriver
 from meshscale.runtime.data.state import _stamp, policy_of
@@ -56,7 +58,7 @@ from meshscale.runtime.data.uploads import Uploads
 from meshscale.runtime.storage import LocalStore
 
 
-class DataPlane(Uploads, Reads, Catalog, KvStore, ReplicaDriver):
+class DataPlane(Policies, Uploads, Reads, Catalog, KvStore, ReplicaDriver):
     """Objects and KV on one node; created and started by ``NodeAgent``. Each room is a
     file of ``runtime/data/``; this one starts and stops them and serves their methods."""
 
@@ -100,6 +102,7 @@ class DataPlane(Uploads, Reads, Catalog, KvStore, ReplicaDriver):
         agent.spawn(self._housekeeping())
         agent.spawn(self._watch_disk())
         agent.spawn(self._hand_off_loop())
+        agent.spawn(self._policy_refresh_loop())
         self._pump()
 
     def _serve(self) -> None:
@@ -130,6 +133,10 @@ class DataPlane(Uploads, Reads, Catalog, KvStore, ReplicaDriver):
         serve(api.KV_LIST, self._rpc_kv_list)
         serve(api.KV_SCAN, self._rpc_kv_scan)
         serve(api.DP_STATS, self._rpc_stats)
+        serve(policy_api.SET, self._rpc_policy_set)
+        serve(policy_api.GET, self._rpc_policy_get)
+        serve(policy_api.LIST, self._rpc_policy_list)
+        serve(policy_api.DELETE, self._rpc_policy_delete)
 
     async def stop(self) -> None:
         self._timer.cancel()

@@ -16,6 +16,7 @@ import msgspec
 from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.api import objects as api
 from meshscale.core.audit import Kind
+from meshscale.core.policy import read_refusal
 from meshscale.runtime import caller
 from meshscale.runtime.data.state import DataPlaneBase
 from meshscale.runtime.storage import ObjectMeta, StorageError
@@ -129,6 +130,12 @@ class Reads(DataPlaneBase):
             meta = await asyncio.to_thread(self.store.meta, oid)
         if meta is None:
             raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}")
+        if meta.data_class is not None:
+            # A node relaying a read for its client: it reads only if its region may.
+            peer = caller.current.get()
+            member = None if peer is None else self.agent.m.members.get(peer.name)
+            if member is not None and member.name != self.agent.name:
+                await self._check_read(oid, meta.data_class, member.meta.region)
         try:
             data = await asyncio.to_thread(self._read_range, oid, offset, length)
         except StorageError as e:
@@ -151,6 +158,18 @@ class Reads(DataPlaneBase):
         if await asyncio.to_thread(self.store.has, oid):
             with contextlib.suppress(ValueError):
                 return await self._rpc_read_local(req)
+        # Not held here: a class whose policy forbids cross-region reads is neither relayed
+        # nor redirected to from a node outside its regions.
+        if oid not in self._read_classes:
+            stats = await self._local_stats(oid)
+            desc = next(iter(stats.values()), None)
+            res = None if desc is None else desc.residency
+            self._read_classes[oid] = None if res is None else res.data_class
+            while len(self._read_classes) > self.cfg.read_source_cache:
+                self._read_classes.popitem(last=False)
+        cls = self._read_classes.get(oid)
+        if cls is not None:
+            await self._check_read(oid, cls, self.agent.meta.region)
         src = self._sources.get(oid)
         if src is not None and not self._live(src):
             # Remembered from before it died (or was cut off): never send a reader there.
@@ -198,6 +217,14 @@ class Reads(DataPlaneBase):
             self._count("reads_proxied")
             return result
         raise ApiError(ErrorCode.NOT_FOUND, f"unknown object id {oid}: no live node holds a good copy")
+
+    async def _check_read(self, oid: str, data_class: str, region: str) -> None:
+        """Refuse a read of ``oid`` (class ``data_class``) by a node in ``region`` when the
+        class's policy forbids it (``core.policy.read_refusal``)."""
+        why = read_refusal(region, data_class, await self._policies_for([data_class]))
+        if why is not None:
+            raise self._refuse("cross_region_read", f"read of {oid}: {why}", subject=oid,
+                               data_class=data_class, region=region)
 
     def _remember_source(self, oid: str, holder: str) -> None:
         self._sources[oid] = holder

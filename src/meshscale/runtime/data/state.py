@@ -8,16 +8,19 @@ import asyncio
 import itertools
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
 
 from meshscale.core.api import ApiError, ErrorCode, Method, ResidencyWire
 from meshscale.core.api import objects as api
+from meshscale.core.audit import Kind
 from meshscale.core.hlc import HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import KVHintConfig, KVHints
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, Residency, is_full, may_hold
+from meshscale.core.policy import ClassPolicy, kv_residency
 from meshscale.core.puts import PutPlan
 from meshscale.core.replication import ObjectPolicy, ReplicaManager, ReplicationConfig
 from meshscale.runtime import caller
@@ -97,6 +100,14 @@ class DataPlaneConfig:
     """A node advertised full is advertised not full again only once its free space is at
     least its reserve plus this much (hysteresis: no flapping at the edge)."""
     max_ttl_s: float = 10 * 365 * 86400.0
+    policy_refresh_s: float = 5.0
+    """How often the cached data-class policies are read again from the KV (and how long
+    a class read on a miss is trusted before the next request naming it reads it again)."""
+    max_policies: int = 256
+    """Data classes with a policy, in the mesh and in a node's cache."""
+    policy_scan_max_objects: int = 100_000
+    """Objects a policy change looks through for copies the new rule would break; a mesh
+    holding more refuses the change (it cannot check it)."""
     storage: StorageConfig = field(default_factory=lambda: StorageConfig(min_free_bytes=64 << 20))
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
@@ -229,11 +240,17 @@ class DataPlaneBase:
         self._spares: dict[int, _Spare] = {}
         """write id -> the spare copy of a put coordinated outside its replica set."""
         self._kv_stragglers: set[asyncio.Future[None]] = set()
+        self.policies: dict[str, ClassPolicy] = {}
+        """Data-class policies this node knows (``runtime/data/policy.py`` keeps it)."""
         self.hints = KVHints(agent.name, self.cfg.kv_hints, replicas=self.cfg.kv_replicas,
-                             started=time.time())
+                             started=time.time(),
+                             residency=lambda key: kv_residency(key, self.policies))
         self._hints_wake = asyncio.Event()
         self._hints_lock = asyncio.Lock()  # hint changes reach the store in order
         self._sources: OrderedDict[str, str] = OrderedDict()
+        self._read_classes: OrderedDict[str, str | None] = OrderedDict()
+        """oid -> its data class, for reads of objects not held here (bounded as
+        ``read_source_cache``)."""
         self._range_reads: OrderedDict[tuple[str, str], float] = OrderedDict()
         """(caller, object) -> when a read of it was last audited (``audit_range_read_s``)."""
         self._verified: OrderedDict[str, tuple[float, tuple[int, ...]]] = OrderedDict()
@@ -245,6 +262,10 @@ class DataPlaneBase:
         self._dropping = False
         self._timer = DeadlineTimer(self._on_timer)
         self.stats: dict[str, int] = {}
+        self._policy_ts: dict[str, str] = {}
+        """class -> the HLC time of the cached policy's write."""
+        self._policy_read_at: dict[str, float] = {}
+        """class -> when its policy was last read from the KV (monotonic), found or not."""
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
@@ -300,6 +321,23 @@ class DataPlaneBase:
             raise RpcError(f"{name}: not a member")
         return self.agent.peers.checkout(name, addr)
 
+    # -- refusals
+
+    def _refuse(self, rule: str, message: str, *, subject: str = "",
+                data_class: str | None = None, **fields: object) -> ApiError:
+        """The one place this plane refuses a request by a policy or residency rule: counts
+        it (``refused_<rule>``), records it in the audit trail (a ``refusal`` entry naming
+        ``subject``, the class and the caller's region), logs it (rate-limited: a peer can
+        cause it) and returns the error to raise."""
+        self._count("refusals")
+        self._count(f"refused_{rule}")
+        why = f"refused: {message}"
+        self.agent.record(Kind.REFUSAL, subject[:1024], data_class=data_class,
+                          from_region=self._caller_region(), detail=why[:1024])
+        self.agent.log_limited("refused", rule=rule, message=message[:300],
+                               subject=subject[:200], data_class=data_class, **fields)
+        return ApiError(ErrorCode.REFUSED, why)
+
     # -- provided by the other rooms (``plane.py`` puts them together)
 
     def _pump(self) -> None:
@@ -332,6 +370,11 @@ class DataPlaneBase:
     async def _holders(self, oid: str) -> list[str]:
         raise NotImplementedError  # catalog.py
 
+    async def _local_stats(self, oid: str) -> dict[str, api.LocalObject]:
+        raise NotImplementedError  # catalog.py
+
+    async def _policies_for(self, names: Iterable[str | None]) -> Mapping[str, ClassPolicy]:
+        raise NotImplementedError  # policy.py
     async def _fan_out(self, method: Method[Req, Rep], req: Req,
                        timeout_s: float | None = None) -> dict[str, Rep | None]:
         raise NotImplementedError  # catalog.py

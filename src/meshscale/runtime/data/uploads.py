@@ -19,6 +19,7 @@ from meshscale.core.audit import Kind
 from meshscale.core.hlc import ClockSkewError
 from meshscale.core.objects import object_id
 from meshscale.core.placement import PlacementError
+from meshscale.core.policy import PolicyError, Rule, copy_refusal, resolve
 from meshscale.core.puts import SpareFate, put_refusal, spare_fate
 from meshscale.core.replication import ObjectPolicy
 from meshscale.runtime.data.state import (
@@ -39,6 +40,11 @@ def _class(policy: ObjectPolicy) -> str | None:
     return None if policy.residency is None else policy.residency.data_class
 
 
+def _planned(up: _Upload) -> int:
+    """Copies a put aimed for: its plan's write set (0 when it was planned elsewhere)."""
+    return len(up.plan.targets) if up.plan is not None else 0
+
+
 @dataclass(frozen=True)
 class _UploadSpec:
     """An upload as asked for (a client put's or a replica transfer's header)."""
@@ -51,26 +57,42 @@ class _UploadSpec:
     ttl_s: float | None = None
     expires: float | None = None
     written: str | None = None
+    allow_degraded: bool = True
+    """A client put that said it accepts fewer copies than ``replicas`` for now."""
 
 
 class Uploads(DataPlaneBase):
     """Uploads open on this node and the puts it coordinates."""
 
-    def _client_spec(self, size: int, replicas: int, w: int | None,
-                     residency: ResidencyWire | None, oid: str | None,
-                     ttl_s: float | None) -> _UploadSpec:
-        """What a client put asks for, checked against this node's bounds."""
-        if replicas > self.cfg.max_replicas:
+    async def _client_spec(self, size: int, replicas: int | None, w: int | None,
+                           residency: ResidencyWire | None, oid: str | None,
+                           ttl_s: float | None, allow_degraded: bool) -> _UploadSpec:
+        """What a client put asks for, its data class's policy resolved here, where the put
+        is coordinated (``core.policy.resolve``), and checked against this node's bounds."""
+        data_class = None if residency is None else residency.data_class
+        explicit = Rule(regions=None if residency is None or residency.regions is None
+                        else frozenset(residency.regions), replicas=replicas, ttl_s=ttl_s)
+        policies = await self._policies_for([data_class])
+        try:
+            resolved = resolve(data_class, explicit, policies)
+        except PolicyError as e:
+            if e.rule == "malformed":
+                raise ApiError(ErrorCode.INVALID, str(e)) from None
+            raise self._refuse(e.rule, str(e), data_class=data_class) from None
+        n = resolved.rule.replicas if resolved.rule.replicas is not None else 3
+        ttl_s = resolved.rule.ttl_s
+        if n > self.cfg.max_replicas:
             raise ApiError(ErrorCode.INVALID, f"replicas must be at most "
-                                              f"{self.cfg.max_replicas}, not {replicas}")
-        if w is not None and w > replicas:
-            raise ApiError(ErrorCode.INVALID, f"w must be from 1 to replicas ({replicas}), "
+                                              f"{self.cfg.max_replicas}, not {n}")
+        if w is not None and w > n:
+            raise ApiError(ErrorCode.INVALID, f"w must be from 1 to replicas ({n}), "
                                               f"not {w}")
         if ttl_s is not None and ttl_s > self.cfg.max_ttl_s:
             raise ApiError(ErrorCode.INVALID, f"ttl_s must be in (0, {self.cfg.max_ttl_s:g}], "
                                               f"got {ttl_s:g}")
-        return _UploadSpec(size, _policy(replicas, residency), min(2, replicas) if w is None
-                           else w, oid, ttl_s=ttl_s)
+        return _UploadSpec(size, ObjectPolicy(n, resolved.residency()),
+                           min(2, n) if w is None else w, oid, ttl_s=ttl_s,
+                           allow_degraded=allow_degraded)
 
     @staticmethod
     def _replica_spec(h: api.ReplicaHeader) -> _UploadSpec:
@@ -86,22 +108,23 @@ class Uploads(DataPlaneBase):
         if len(self._uploads) >= self.cfg.max_uploads:
             raise ApiError(ErrorCode.BUSY, f"busy: {self.cfg.max_uploads} uploads already open")
         policy = spec.policy
-        if not client and not self._may_hold(policy):
-            # The receiver checks the rule itself: a replica outside it is never written.
-            self._count("replicas_refused_residency")
-            assert policy.residency is not None
-            why = (f"refused: this node's region {self.agent.meta.region!r} may not hold a "
-                   f"copy ({policy.residency.describe()})")
-            self.agent.record(Kind.REFUSAL, spec.oid or "", data_class=_class(policy),
-                              from_region=self._caller_region(), detail=why)
-            raise ApiError(ErrorCode.REFUSED, why)
+        if not client:
+            # The receiver checks the rule itself, the copy's and its class's as this node
+            # knows it: a replica outside them is never written.
+            why = copy_refusal(self.agent.meta.region, policy.residency, self.policies)
+            if why is not None:
+                self._count("replicas_refused_residency")
+                res = policy.residency
+                raise self._refuse("residency", why, subject=spec.oid or "",
+                                   data_class=None if res is None else res.data_class)
         plan = None
         if client:
             try:
                 if spec.oid is None:
-                    self.rm.check_put(policy, spec.w)
+                    self.rm.check_put(policy, spec.w, allow_degraded=spec.allow_degraded)
                 else:
-                    plan = self.rm.plan_put(spec.oid, policy, spec.w, early_copies=early)
+                    plan = self.rm.plan_put(spec.oid, policy, spec.w, early_copies=early,
+                                            allow_degraded=spec.allow_degraded)
             except PlacementError as e:
                 why = f"refused: {put_refusal(e)}"
                 self.agent.record(Kind.REFUSAL, spec.oid or "", data_class=_class(policy),
@@ -359,10 +382,11 @@ class Uploads(DataPlaneBase):
 
     # -- RPCs
 
-    def _rpc_put_begin(self, req: api.PutBeginRequest) -> api.PutBeginReply:
+    async def _rpc_put_begin(self, req: api.PutBeginRequest) -> api.PutBeginReply:
         oid = req.id
-        key = self._new_upload(self._client_spec(req.size, req.replicas, req.w, req.residency,
-                                                 oid, req.ttl_s), client=True,
+        spec = await self._client_spec(req.size, req.replicas, req.w, req.residency, oid,
+                                       req.ttl_s, req.allow_degraded)
+        key = self._new_upload(spec, client=True,
                                early=oid is not None and req.size > self.cfg.inline_bytes)
         policy = self._uploads[key].policy
         if oid is None and not self._may_hold(policy):
@@ -478,7 +502,8 @@ class Uploads(DataPlaneBase):
             self._puts.pop(req, None)
             raise ValueError(f"put of {meta.object_id} timed out waiting for W={up.w}") from None
         self._record_put(oid, up, nodes)
-        return api.PutReply(id=oid, size=meta.size, nodes=list(nodes))
+        return api.PutReply(id=oid, size=meta.size, nodes=list(nodes), planned=_planned(up),
+                            replicas=up.policy.replicas)
 
     def _record_put(self, oid: str, up: _Upload, nodes: tuple[str, ...]) -> None:
         regions = sorted({self._region_of(n) for n in nodes})
@@ -525,7 +550,8 @@ class Uploads(DataPlaneBase):
             self._puts.pop(req, None)
             raise ValueError(f"put of {oid} timed out waiting for W={up.w}") from None
         self._record_put(oid, up, nodes)
-        return api.PutReply(id=oid, size=up.size, nodes=list(nodes))
+        return api.PutReply(id=oid, size=up.size, nodes=list(nodes), planned=_planned(up),
+                            replicas=up.policy.replicas)
 
     async def _commit_spare(self, req: int) -> None:
         """Commit the spare copy of write ``req`` (once; later callers wait for it). A
@@ -575,6 +601,7 @@ class Uploads(DataPlaneBase):
 
     async def _rpc_rw_begin(self, req: api.ReplicaHeader) -> api.RwBeginReply:
         assert self.store is not None
+        await self._policies_for([None if req.residency is None else req.residency.data_class])
         if await asyncio.to_thread(self.store.has, req.id):
             return api.RwBeginReply(have=True)
         return api.RwBeginReply(upload=self._new_upload(self._replica_spec(req), client=False))
@@ -589,6 +616,7 @@ class Uploads(DataPlaneBase):
         assert self.store is not None
         if await asyncio.to_thread(self.store.has, req.id):
             return api.StoredReply(id=req.id)
+        await self._policies_for([None if req.residency is None else req.residency.data_class])
         key = self._new_upload(self._replica_spec(req), client=False)
         up = self._uploads[key]
         try:
@@ -614,8 +642,9 @@ class Uploads(DataPlaneBase):
         # With the id known, a coordinator outside the replica set keeps only a spare
         # (uncommitted) copy, as for a large put, instead of committing a stray copy that
         # it must hand off and drop again.
-        key = self._new_upload(self._client_spec(len(data), req.replicas, req.w, req.residency,
-                                                 oid, req.ttl_s), client=True, early=True)
+        spec = await self._client_spec(len(data), req.replicas, req.w, req.residency, oid,
+                                       req.ttl_s, req.allow_degraded)
+        key = self._new_upload(spec, client=True, early=True)
         up = self._uploads[key]
         self._stamp_after_tombstone(up, oid)
         self._start_small_copies(up, oid, data)

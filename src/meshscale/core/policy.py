@@ -1,0 +1,387 @@
+"""Data-class policies: the rule an organisation sets once per class of data (``pii``,
+``telemetry``, ...), and how a request's own rule is resolved against it.
+
+A ``ClassPolicy`` names the regions a class's copies may live in, how many copies it gets,
+how long they live (``ttl_s``), whether a node outside those regions may read it, and where
+its stream shards may live. Policies are kept in the mesh's replicated KV under the
+reserved prefix ``POLICY_PREFIX`` (``policy_key``), written only through ``policy.set`` /
+``policy.delete`` (admin role), never by ``kv.put``.
+
+Rules form a partial order, *narrower or equal* (``narrows``): fewer regions, fewer
+copies, a shorter life, no cross-region reads, fewer stream regions. A request that names a
+class gets the class's rule, each field it leaves out filled from the class; a field it
+names may narrow the class's, never widen it (``resolve`` refuses, naming both rules).
+The resolved rule is never wider than the class's (a property test checks it).
+
+Every node that acts asks these functions itself: the coordinator resolves a put's rule
+(``resolve``), and a replica receiver checks that its own region may hold a copy under
+both the rule the copy's header carries and the class policy it knows
+(``copy_refusal``). All of this is pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import msgspec
+
+from meshscale.core.placement import MAX_REPLICAS, Residency
+
+__all__ = [
+    "MAX_POLICY_REGIONS",
+    "MAX_TTL_S",
+    "POLICY_PREFIX",
+    "ClassPolicy",
+    "PolicyError",
+    "Resolved",
+    "Rule",
+    "breaking_copies",
+    "check_class_name",
+    "check_region",
+    "class_of_key",
+    "copy_refusal",
+    "decode_policy",
+    "encode_policy",
+    "is_reserved_key",
+    "kv_key_class",
+    "kv_residency",
+    "make_policy",
+    "narrows",
+    "policy_key",
+    "read_refusal",
+    "resolve",
+]
+
+POLICY_PREFIX = "__policy/"
+"""KV keys of class policies: ``__policy/<class>``. Reserved: ``kv.put`` and ``kv.delete``
+refuse keys under it (``is_reserved_key``)."""
+MAX_POLICY_REGIONS = 64
+MAX_TTL_S = 10 * 365 * 86400.0
+"""Longest TTL a policy may set (a node's own ``max_ttl_s`` has the same default)."""
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""A region or class name: a letter or digit, then letters, digits, ``.``, ``_`` or
+``-``; at most 64 characters. No spaces, commas, slashes or control characters (a name is
+part of a KV key, a CLI list and an error message)."""
+
+
+class PolicyError(ValueError):
+    """A policy or a request's rule refused; ``rule`` names which rule refused it:
+    ``malformed`` (a bad name or value), ``unknown_class``, ``widens`` (an explicit rule
+    wider than its class's) or ``residency`` (a copy outside its rule)."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+def check_region(name: object) -> str:
+    """``name`` if it is a well-formed region name, else ``PolicyError("malformed")``."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise PolicyError("malformed", (
+            f"malformed region name {name!r:.80}: a letter or digit, then letters, digits, "
+            "'.', '_' or '-', at most 64 characters"))
+    return name
+
+
+def check_class_name(name: object) -> str:
+    """``name`` if it is a well-formed data-class name, else ``PolicyError("malformed")``."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise PolicyError("malformed", (
+            f"malformed data class name {name!r:.80}: a letter or digit, then letters, "
+            "digits, '.', '_' or '-', at most 64 characters"))
+    return name
+
+
+def _regions(names: Iterable[str], what: str) -> tuple[str, ...]:
+    if isinstance(names, str):
+        raise PolicyError("malformed", f"{what} is a list of region names, not one string")
+    out = tuple(sorted({check_region(n) for n in names}))
+    if not out:
+        raise PolicyError("malformed", f"{what}: name at least one region")
+    if len(out) > MAX_POLICY_REGIONS:
+        raise PolicyError("malformed", f"{what}: at most {MAX_POLICY_REGIONS} regions")
+    return out
+
+
+class ClassPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The policy of one data class, as kept in the KV (make one with ``make_policy``,
+    which checks it)."""
+
+    name: str
+    regions: tuple[str, ...]
+    """Allowed regions, sorted; never empty."""
+    replicas: int = 3
+    ttl_s: float | None = None
+    """Copies are collected this long after their put (None: kept until deleted)."""
+    cross_region_reads: bool = True
+    """False: a node outside ``regions`` may not read the class's objects."""
+    stream_regions: tuple[str, ...] | None = None
+    """Where the class's stream shards may live (a subset of ``regions``; None: the same)."""
+
+    def rule(self) -> Rule:
+        return Rule(frozenset(self.regions), self.replicas, self.ttl_s,
+                    self.cross_region_reads,
+                    None if self.stream_regions is None else frozenset(self.stream_regions))
+
+    def describe(self) -> str:
+        return f"class {self.name}: {self.rule().describe()}"
+
+
+def make_policy(name: str, regions: Iterable[str], *, replicas: int = 3,
+                ttl_s: float | None = None, cross_region_reads: bool = True,
+                stream_regions: Iterable[str] | None = None) -> ClassPolicy:
+    """A checked ``ClassPolicy``; ``PolicyError("malformed")`` naming what is wrong."""
+    check_class_name(name)
+    regs = _regions(regions, "regions")
+    if isinstance(replicas, bool) or not isinstance(replicas, int) \
+            or not 1 <= replicas <= MAX_REPLICAS:
+        raise PolicyError("malformed",
+                          f"replicas must be an integer from 1 to {MAX_REPLICAS}, not {replicas!r}")
+    if ttl_s is not None and not 0 < ttl_s <= MAX_TTL_S:
+        raise PolicyError("malformed", f"ttl must be in (0, {MAX_TTL_S:g}] seconds, not {ttl_s!r}")
+    streams = None
+    if stream_regions is not None:
+        streams = _regions(stream_regions, "stream regions")
+        outside = sorted(set(streams) - set(regs))
+        if outside:
+            raise PolicyError("malformed", (
+                f"stream regions {outside} are not among the class's regions {list(regs)}"))
+    return ClassPolicy(name, regs, replicas, ttl_s, bool(cross_region_reads), streams)
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(ClassPolicy)
+
+
+def encode_policy(policy: ClassPolicy) -> bytes:
+    return _encoder.encode(policy)
+
+
+def decode_policy(raw: bytes) -> ClassPolicy:
+    """A policy as stored; ``PolicyError("malformed")`` when it is not one (checked as
+    ``make_policy`` checks a new one)."""
+    try:
+        p = _decoder.decode(raw)
+    except msgspec.DecodeError as e:
+        raise PolicyError("malformed", f"stored policy unreadable: {e}") from None
+    return make_policy(p.name, p.regions, replicas=p.replicas, ttl_s=p.ttl_s,
+                       cross_region_reads=p.cross_region_reads, stream_regions=p.stream_regions)
+
+
+def policy_key(name: str) -> str:
+    """The KV key of class ``name``'s policy."""
+    return POLICY_PREFIX + check_class_name(name)
+
+
+def class_of_key(key: str) -> str | None:
+    """The class a policy key names (None: not a policy key)."""
+    return key[len(POLICY_PREFIX):] if key.startswith(POLICY_PREFIX) else None
+
+
+def is_reserved_key(key: str) -> bool:
+    """A KV key that only the policy methods may write."""
+    return key.startswith(POLICY_PREFIX)
+
+
+# ------------------------------------------------------------------ the order of rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule as a request or a class states it. ``None`` in a field means *unbounded*
+    (anywhere, any number of copies, forever); ``stream_regions`` None means "the same as
+    ``regions``"."""
+
+    regions: frozenset[str] | None = None
+    replicas: int | None = None
+    ttl_s: float | None = None
+    cross_region_reads: bool = True
+    stream_regions: frozenset[str] | None = None
+
+    def streams(self) -> frozenset[str] | None:
+        return self.stream_regions if self.stream_regions is not None else self.regions
+
+    def describe(self) -> str:
+        def regs(r: frozenset[str] | None) -> str:
+            return "any" if r is None else "{" + ",".join(sorted(r)) + "}"
+        parts = [f"regions={regs(self.regions)}",
+                 f"replicas={'any' if self.replicas is None else self.replicas}",
+                 f"ttl={'none' if self.ttl_s is None else f'{self.ttl_s:g}s'}",
+                 f"cross_region_reads={'yes' if self.cross_region_reads else 'no'}"]
+        if self.stream_regions is not None:
+            parts.append(f"stream_regions={regs(self.stream_regions)}")
+        return " ".join(parts)
+
+
+def _sub(a: frozenset[str] | None, b: frozenset[str] | None) -> bool:
+    return b is None or (a is not None and a <= b)
+
+
+def _le(a: float | None, b: float | None) -> bool:
+    return b is None or (a is not None and a <= b)
+
+
+def narrows(a: Rule, b: Rule) -> bool:
+    """Is ``a`` narrower than or equal to ``b`` in every field? A partial order
+    (reflexive, antisymmetric, transitive): two rules may be incomparable."""
+    return (_sub(a.regions, b.regions) and _le(a.replicas, b.replicas)
+            and _le(a.ttl_s, b.ttl_s) and (b.cross_region_reads or not a.cross_region_reads)
+            and _sub(a.streams(), b.streams()))
+
+
+def _widened(a: Rule, b: Rule) -> list[str]:
+    """The fields in which ``a`` is wider than ``b``."""
+    out = []
+    if not _sub(a.regions, b.regions):
+        out.append("regions")
+    if not _le(a.replicas, b.replicas):
+        out.append("replicas")
+    if not _le(a.ttl_s, b.ttl_s):
+        out.append("ttl")
+    if a.cross_region_reads and not b.cross_region_reads:
+        out.append("cross_region_reads")
+    if not _sub(a.streams(), b.streams()):
+        out.append("stream_regions")
+    return out
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a request gets: its rule (class fields filled in) and the class it names."""
+
+    rule: Rule
+    data_class: str | None
+    policy: ClassPolicy | None
+    """The class's policy (None: no class, or a class without one; see ``resolve``)."""
+
+    def residency(self) -> Residency | None:
+        """The placement rule (``core.placement.Residency``) for the request's copies."""
+        if self.rule.regions is None and self.data_class is None:
+            return None
+        return Residency(self.rule.regions, self.data_class)
+
+    def stream_residency(self) -> Residency | None:
+        """The rule for a topic's shards and their backups: the stream regions."""
+        regions = self.rule.streams()
+        if regions is None and self.data_class is None:
+            return None
+        return Residency(regions, self.data_class)
+
+
+def resolve(data_class: str | None, explicit: Rule,
+            policies: Mapping[str, ClassPolicy]) -> Resolved:
+    """Resolve a request naming ``data_class`` (None: no class) with its own ``explicit``
+    rule against the known ``policies``.
+
+    - No class: the explicit rule as it is.
+    - A class with a policy: each field the request leaves unbounded is the class's; the
+      result must narrow the class's rule, else ``PolicyError("widens")`` naming both.
+    - A class without a policy: refused (``unknown_class``) unless the request names its
+      own regions, in which case the class is a label only, as before policies existed.
+    """
+    for r in explicit.regions or ():
+        check_region(r)
+    for r in explicit.stream_regions or ():
+        check_region(r)
+    if data_class is None:
+        return Resolved(explicit, None, None)
+    check_class_name(data_class)
+    policy = policies.get(data_class)
+    if policy is None:
+        if explicit.regions is None:
+            known = ", ".join(sorted(policies)[:20]) or "none"
+            raise PolicyError("unknown_class", (
+                f"unknown data class {data_class!r}: no policy is set for it (known classes: "
+                f"{known}); set one with `meshscale policy set {data_class} --regions ...` "
+                "or name the regions yourself"))
+        return Resolved(explicit, data_class, None)
+    cls = policy.rule()
+    filled = Rule(
+        explicit.regions if explicit.regions is not None else cls.regions,
+        explicit.replicas if explicit.replicas is not None else cls.replicas,
+        explicit.ttl_s if explicit.ttl_s is not None else cls.ttl_s,
+        explicit.cross_region_reads and cls.cross_region_reads,
+        explicit.stream_regions if explicit.stream_regions is not None else cls.stream_regions,
+    )
+    wider = _widened(filled, cls)
+    if wider:
+        raise PolicyError("widens", (
+            f"the request's rule ({filled.describe()}) widens the rule of class "
+            f"{data_class} ({cls.describe()}) in {', '.join(wider)}: an explicit rule may "
+            "narrow its class's rule, never widen it"))
+    assert narrows(filled, cls)
+    return Resolved(filled, data_class, policy)
+
+
+# ------------------------------------------------------------------ KV keys of a class
+
+
+def kv_key_class(key: str) -> str | None:
+    """The data class a KV key would belong to: its first ``/``-separated segment, when
+    that is a well-formed class name (``pii/customer/42`` -> ``pii``); None for reserved
+    keys and keys without one. It belongs to the class only while the class has a policy
+    (``kv_residency``)."""
+    if is_reserved_key(key):
+        return None
+    head, sep, _ = key.partition("/")
+    return head if sep and _NAME_RE.fullmatch(head) else None
+
+
+def kv_residency(key: str, policies: Mapping[str, ClassPolicy]) -> Residency | None:
+    """The residency rule of a KV key under a class's prefix: the class's regions (None:
+    the key is not under the prefix of a class with a policy)."""
+    cls = kv_key_class(key)
+    policy = policies.get(cls) if cls is not None else None
+    if policy is None:
+        return None
+    return Residency(frozenset(policy.regions), cls)
+
+
+# ------------------------------------------------------------------ enforcement
+
+
+def copy_refusal(region: str, header: Residency | None,
+                 policies: Mapping[str, ClassPolicy], *, stream: bool = False) -> str | None:
+    """Why a node in ``region`` must refuse a copy whose header carries rule ``header``
+    (None: it may hold it). Both the header's regions and, when the header names a class
+    whose policy the node knows, the class's regions (its stream regions for a
+    ``stream`` shard) must allow ``region``: a sender that states a wrong or missing rule
+    cannot place a classed copy outside its class."""
+    if header is None:
+        return None
+    cls = header.data_class
+    if header.regions is not None and region not in header.regions:
+        return (f"this node's region {region!r} may not hold a copy (residency rule: allowed "
+                f"regions {{{','.join(sorted(header.regions))}}}"
+                + (f", class {cls})" if cls else ")"))
+    policy = policies.get(cls) if cls is not None else None
+    if policy is None:
+        return None
+    allowed = policy.stream_regions if stream and policy.stream_regions is not None \
+        else policy.regions
+    if region not in allowed:
+        what = "stream regions" if stream and policy.stream_regions is not None else "regions"
+        return (f"this node's region {region!r} may not hold a copy (residency rule of class "
+                f"{cls}'s policy: {what} {{{','.join(allowed)}}})")
+    return None
+
+
+def read_refusal(region: str, data_class: str | None,
+                 policies: Mapping[str, ClassPolicy]) -> str | None:
+    """Why a node in ``region`` must refuse to serve (or relay, or redirect) a read of an
+    object of ``data_class`` (None: it may): the class's policy forbids cross-region reads
+    and ``region`` is not one of its regions."""
+    policy = policies.get(data_class) if data_class is not None else None
+    if policy is None or policy.cross_region_reads or region in policy.regions:
+        return None
+    return (f"cross-region read rule: class {data_class}'s policy lets only nodes in regions "
+            f"{{{','.join(policy.regions)}}} read it; this node's region is {region!r}")
+
+
+def breaking_copies(new: ClassPolicy, copies: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (object id, region) copies that ``new`` would put outside its regions."""
+    allowed = set(new.regions)
+    return sorted({(oid, region) for oid, region in copies if region not in allowed})

@@ -1,0 +1,242 @@
+"""Data-class policies on this node (``policy.*``): kept in the replicated KV under the
+reserved prefix ``core.policy.POLICY_PREFIX`` (one key per class, plus an index key
+listing the classes), and cached here for the checks every put and every replica receiver
+make (``core.policy.resolve``, ``core.policy.copy_refusal``).
+
+The cache is refreshed every ``DataPlaneConfig.policy_refresh_s`` (every class in the
+index and every class it holds), on this node's own writes, and on a miss: a class a
+request names that the cache has not read in the last ``policy_refresh_s`` is read at once
+(a quorum KV read), so a policy set through another node applies here on the next request
+that names it. A policy change another node made is therefore seen here at most
+``policy_refresh_s`` late for classes this node already had cached.
+
+What is not built: migrating copies when a policy changes (``--migrate``). A change that
+would leave existing copies outside the class's regions is refused, naming them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable, Mapping
+
+import msgspec
+
+from meshscale.core.api import ApiError, Empty, ErrorCode
+from meshscale.core.api import objects as api
+from meshscale.core.api import policy as papi
+from meshscale.core.audit import Kind
+from meshscale.core.kv import Consistency
+from meshscale.core.policy import (
+    POLICY_PREFIX,
+    ClassPolicy,
+    PolicyError,
+    breaking_copies,
+    check_class_name,
+    decode_policy,
+    encode_policy,
+    make_policy,
+    policy_key,
+)
+from meshscale.runtime.data.catalog import Catalog
+from meshscale.runtime.data.kv import KvStore
+
+POLICY_INDEX_KEY = POLICY_PREFIX + ".index"
+"""The KV key listing the classes that have a policy (a class name never starts with
+``.``, so it is never a class's key)."""
+INDEX_WRITE_TRIES = 3
+"""Times an index update is written and read back before the call fails (two admins
+changing different classes at once: last-writer-wins may drop one name)."""
+
+_names_encoder = msgspec.msgpack.Encoder()
+_names_decoder = msgspec.msgpack.Decoder(list[str])
+
+
+class Policies(Catalog, KvStore):
+    """The ``policy.*`` methods and the node's cache of class policies."""
+
+    # -- the cache
+
+    def _policy_view(self) -> Mapping[str, ClassPolicy]:
+        """The class policies this node knows now (no I/O)."""
+        return self.policies
+
+    async def _policies_for(self, names: Iterable[str | None]) -> Mapping[str, ClassPolicy]:
+        """The known policies, after reading at once any of ``names`` not read in the last
+        ``policy_refresh_s`` (a miss, or a class not cached)."""
+        now = time.monotonic()
+        for name in {n for n in names if n is not None}:
+            if now - self._policy_read_at.get(name, -1e18) < self.cfg.policy_refresh_s:
+                continue
+            with contextlib.suppress(ApiError, PolicyError, ValueError):
+                await self._policy_fetch(name)
+        return self.policies
+
+    async def _policy_fetch(self, name: str) -> tuple[ClassPolicy | None, str | None]:
+        """Read class ``name``'s policy (a quorum KV read) into the cache."""
+        got = await self._rpc_kv_get(api.KvKeyRequest(key=policy_key(name)))
+        policy = None if got.value is None else decode_policy(got.value)
+        self._policy_remember(name, policy, got.ts)
+        return policy, got.ts
+
+    def _policy_remember(self, name: str, policy: ClassPolicy | None,
+                         ts: str | None) -> None:
+        if policy is None or ts is None:
+            self.policies.pop(name, None)
+            self._policy_ts.pop(name, None)
+        elif name in self.policies or len(self.policies) < self.cfg.max_policies:
+            self.policies[name] = policy
+            self._policy_ts[name] = ts
+        self._policy_read_at[name] = time.monotonic()
+        if len(self._policy_read_at) > 4 * self.cfg.max_policies:
+            # Misses of names that have no policy: forget the oldest.
+            for old in sorted(self._policy_read_at, key=self._policy_read_at.__getitem__)[
+                    :len(self._policy_read_at) // 2]:
+                if old not in self.policies:
+                    self._policy_read_at.pop(old, None)
+
+    async def _policy_index(self) -> list[str]:
+        got = await self._rpc_kv_get(api.KvKeyRequest(key=POLICY_INDEX_KEY))
+        if got.value is None:
+            return []
+        try:
+            return sorted(set(_names_decoder.decode(got.value)))
+        except msgspec.DecodeError:
+            self._count("policy_index_unreadable")
+            return []
+
+    async def _policy_refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.policy_refresh_s)
+            try:
+                names = set(await self._policy_index()) | set(self.policies)
+                for name in sorted(names)[:self.cfg.max_policies]:
+                    with contextlib.suppress(PolicyError):
+                        await self._policy_fetch(name)
+                self._count("policy_refreshes")
+            except (ApiError, ValueError) as e:  # no quorum now: the next round retries
+                self._count("policy_refresh_failed")
+                self.agent.log("debug", "policy_refresh_failed", error=str(e)[:200])
+
+    async def _policy_index_update(self, name: str, present: bool) -> None:
+        for _ in range(INDEX_WRITE_TRIES):
+            names = set(await self._policy_index())
+            if (name in names) == present:
+                return
+            if present:
+                if len(names) >= self.cfg.max_policies:
+                    raise ApiError(ErrorCode.INVALID, (
+                        f"the mesh already has {len(names)} class policies "
+                        f"(max_policies={self.cfg.max_policies})"))
+                names.add(name)
+            else:
+                names.discard(name)
+            await self._kv_write(POLICY_INDEX_KEY, _names_encoder.encode(sorted(names)),
+                                 Consistency.QUORUM)
+        if (name in set(await self._policy_index())) != present:
+            raise ApiError(ErrorCode.UNAVAILABLE, (
+                f"the policy of {name!r} was written but the class index did not keep it "
+                "(another change raced it): run the command again"))
+
+    # -- RPCs
+
+    async def _rpc_policy_set(self, req: papi.PolicySetRequest) -> papi.PolicySetReply:
+        try:
+            new = make_policy(req.name, req.regions, replicas=req.replicas, ttl_s=req.ttl_s,
+                              cross_region_reads=req.cross_region_reads,
+                              stream_regions=req.stream_regions)
+        except PolicyError as e:
+            raise ApiError(ErrorCode.INVALID, f"{e.rule}: {e}") from None
+        previous, prev_ts = await self._policy_fetch(new.name)
+        checked, broken = await self._class_copies(new)
+        if broken:
+            where = ", ".join(f"{oid[:16]}… in {region}" for oid, region in broken[:5])
+            more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
+            if req.migrate:
+                raise self._refuse("migrate", (
+                    f"policy of class {new.name} not changed: {len(broken)} existing "
+                    f"cop{'y' if len(broken) == 1 else 'ies'} would be outside regions "
+                    f"{{{','.join(new.regions)}}} ({where}{more}) and migrating copies is not "
+                    "built yet; delete or move those objects first"), data_class=new.name)
+            raise self._refuse("policy_change", (
+                f"policy of class {new.name} not changed: {len(broken)} existing "
+                f"cop{'y' if len(broken) == 1 else 'ies'} would be outside regions "
+                f"{{{','.join(new.regions)}}} ({where}{more})"), data_class=new.name)
+        ts = await self._kv_write(policy_key(new.name), encode_policy(new), Consistency.QUORUM)
+        self._policy_remember(new.name, new, ts)
+        await self._policy_index_update(new.name, True)
+        self._count("policy_sets")
+        self.agent.record(Kind.POLICY_CHANGE, policy_key(new.name), data_class=new.name,
+                          detail=f"set {new.describe()}"
+                          + ("" if previous is None else f"; was {previous.describe()}"))
+        self.agent.log("info", "policy_set", data_class=new.name, regions=list(new.regions),
+                       replicas=new.replicas)
+        return papi.PolicySetReply(
+            policy=papi.PolicyInfo.of(new, ts),
+            previous=None if previous is None or prev_ts is None
+            else papi.PolicyInfo.of(previous, prev_ts),
+            checked_objects=checked)
+
+    async def _class_copies(self, new: ClassPolicy) -> tuple[int, list[tuple[str, str]]]:
+        """The objects of class ``new.name`` the live members hold, and the copies among
+        them that ``new`` would leave outside its regions: (object id, region)."""
+        regions = {m.name: m.meta.region for m in self.agent.m.members.values()}
+        after, seen, copies = "", 0, []
+        while True:
+            pages = await self._fan_out(api.LOCAL_LIST, api.ListRequest(after=after, limit=1000))
+            last: list[str] = []
+            for node, page in pages.items():
+                for desc in page or []:
+                    seen += 1
+                    res = desc.residency
+                    if res is not None and res.data_class == new.name:
+                        copies.append((desc.id, regions.get(node, "")))
+                if page and len(page) >= 1000:
+                    last.append(page[-1].id)
+            if seen > self.cfg.policy_scan_max_objects:
+                raise self._refuse("policy_scan", (
+                    f"cannot check the existing copies of class {new.name}: more than "
+                    f"{self.cfg.policy_scan_max_objects} objects in the mesh "
+                    "(policy_scan_max_objects)"), data_class=new.name)
+            if not last:
+                break
+            after = min(last)
+        return len({oid for oid, _ in copies}), breaking_copies(new, copies)
+
+    async def _rpc_policy_get(self, req: papi.PolicyNameRequest) -> papi.PolicyInfo:
+        try:
+            if req.cached:
+                await self._policies_for([check_class_name(req.name)])
+                policy, ts = self.policies.get(req.name), self._policy_ts.get(req.name)
+            else:
+                policy, ts = await self._policy_fetch(req.name)
+        except PolicyError as e:
+            raise ApiError(ErrorCode.INVALID, f"{e.rule}: {e}") from None
+        if policy is None or ts is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"no policy for data class {req.name!r}")
+        return papi.PolicyInfo.of(policy, ts)
+
+    async def _rpc_policy_list(self, req: Empty) -> list[papi.PolicyInfo]:
+        out = []
+        for name in (await self._policy_index())[:self.cfg.max_policies]:
+            with contextlib.suppress(PolicyError):
+                policy, ts = await self._policy_fetch(name)
+                if policy is not None and ts is not None:
+                    out.append(papi.PolicyInfo.of(policy, ts))
+        return out
+
+    async def _rpc_policy_delete(self, req: papi.PolicyNameRequest) -> papi.PolicyDeleteReply:
+        try:
+            policy, _ = await self._policy_fetch(req.name)
+        except PolicyError as e:
+            raise ApiError(ErrorCode.INVALID, f"{e.rule}: {e}") from None
+        if policy is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"no policy for data class {req.name!r}")
+        ts = await self._kv_write(policy_key(req.name), None, Consistency.QUORUM)
+        self._policy_remember(req.name, None, None)
+        await self._policy_index_update(req.name, False)
+        self._count("policy_deletes")
+        self.agent.record(Kind.POLICY_CHANGE, policy_key(req.name), data_class=req.name,
+                          detail=f"deleted; was {policy.describe()}")
+        self.agent.log("info", "policy_deleted", data_class=req.name)
+        return papi.PolicyDeleteReply(name=req.name, ts=ts)
