@@ -461,6 +461,13 @@ def _request(target: Target, method: Method[Req, Rep], req: Req, timeout: float 
     raise CliError(str(last), _exit_code("", last.unreachable))
 
 
+def _columns(lines: Sequence[Sequence[str]]) -> str:
+    """Rows of cells (the header first) as left-aligned columns two spaces apart."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in lines)
+
+
 def _members_table(rows: list[dict[str, Any]]) -> str:
     header = ("NAME", "ADDRESS", "REGION", "ZONE", "STATE", "INC", "RTT")
     lines = [header]
@@ -477,10 +484,7 @@ def _members_table(rows: list[dict[str, Any]]) -> str:
                 "-" if rtt is None else f"{rtt:.1f}ms",
             )
         )
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines
-    )
+    return _columns(lines)
 
 
 @app.command("members")
@@ -585,10 +589,7 @@ def _energy_table(rows: list[Any]) -> str:
         lines.append((f"[{region}]", region, "", sources, f"{sum(r.watts for r in rs):.1f}",
                       f"{sum(r.joules_last_hour for r in rs):,.0f}", "",
                       f"{sum(r.joules_total for r in rs):,.0f}", ""))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines
-    )
+    return _columns(lines)
 
 
 @app.command("energy")
@@ -1150,10 +1151,7 @@ def _objects_table(rows: list[Any]) -> str:
                 o.health or "-",
             )
         )
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip() for row in lines
-    )
+    return _columns(lines)
 
 
 @app.command("objects")
@@ -1491,10 +1489,7 @@ def _tasks_table(rows: list[dict[str, Any]]) -> str:
             reason = f"{reason} error: {r['error']}".strip()
         lines.append((str(r["task_id"]), r.get("name") or "-", str(r["state"]), _duration(r),
                       r.get("node") or "-", r.get("owner") or "-", reason or "-"))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip() for row in lines
-    )
+    return _columns(lines)
 
 
 @app.command("tasks")
@@ -1561,11 +1556,7 @@ def _services_table(rows: list[Any]) -> str:
         for n, err in sorted(s.errors.items()):
             note += f"\n  {n}: replica start failed: {err.splitlines()[0] if err else ''}"
         notes.append(note)
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    table = "\n".join(
-        "  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip()
-        for row in lines)
-    return table + ("\n\n" + "\n".join(notes) if notes else "")
+    return _columns(lines) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
 @app.command("services")
@@ -1677,9 +1668,7 @@ def _audit_table(rows: list[Any]) -> str:
         subject = r.subject if len(r.subject) <= 24 else r.subject[:21] + "..."
         lines.append((when, r.node, str(r.seq), r.kind, subject or "-", r.data_class or "-",
                       r.from_region or "-", r.to_region or "-", who, r.detail or "-"))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in lines)
+    return _columns(lines)
 
 
 @audit_app.callback()

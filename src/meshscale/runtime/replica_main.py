@@ -20,7 +20,6 @@ before anything is read.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 from typing import Any
@@ -31,12 +30,11 @@ from meshscale.runtime.worker_main import (
     FRAME_HEADER,
     MAX_ENVELOPE,
     _Closed,
-    _drop_privileges,
     _held,
     _recv_exact,
-    _set_parent_death_signal,
     _short,
     _traceback_text,
+    child_socket,
     frame_header,
 )
 
@@ -151,20 +149,7 @@ class Replica:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    fd, parent_pid = int(args[0]), int(args[1])
-    if len(args) >= 4 and args[2] != "-":
-        uid, _, gid = args[2].partition(":")
-        try:
-            _drop_privileges(int(uid), int(gid), args[3])
-        except (OSError, SystemExit) as e:
-            print(f"meshscale replica {os.getpid()}: cannot run as {args[2]}: {e}",
-                  file=sys.stderr)
-            os._exit(1)
-    _set_parent_death_signal(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(True)
+    sock = child_socket(sys.argv[1:] if argv is None else argv, "replica")
     code = 0
     try:
         env_len, body_len = FRAME_HEADER.unpack(_recv_exact(sock, FRAME_HEADER.size))

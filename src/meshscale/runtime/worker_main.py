@@ -565,15 +565,18 @@ def _traceback_text(e: BaseException) -> bytes:
     return raw
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+def child_socket(args: list[str], kind: str) -> socket.socket:
+    """How every child process of a node starts (a task worker, a service replica):
+    ``args`` are its fd, the node's pid and, optionally, ``uid:gid`` and groups to run as.
+    Drops to that user (exit 1 if it cannot), dies with the node, leaves Ctrl-C to the
+    node, and returns the socket to the node."""
     fd, parent_pid = int(args[0]), int(args[1])
     if len(args) >= 4 and args[2] != "-":
         uid, _, gid = args[2].partition(":")
         try:
             _drop_privileges(int(uid), int(gid), args[3])
         except (OSError, SystemExit) as e:
-            print(f"meshscale worker {os.getpid()}: cannot run as {args[2]}: {e}",
+            print(f"meshscale {kind} {os.getpid()}: cannot run as {args[2]}: {e}",
                   file=sys.stderr)
             os._exit(1)
     # After the drop: a change of user clears the parent-death signal.
@@ -582,6 +585,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> None:
+    sock = child_socket(sys.argv[1:] if argv is None else argv, "worker")
     code = 0
     own_stderr = -1
     try:
