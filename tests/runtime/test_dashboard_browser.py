@@ -129,10 +129,11 @@ def stream_ops(driver: Any) -> dict[str, dict[str, Any]]:
 def timeline_bars(driver: Any) -> dict[str, dict[str, str]]:
     """The task stream as the page draws it: task id -> its bar's state, class, fill, lane."""
     return driver.execute_script(
-        "const o = {}; for (const r of document.querySelectorAll('#timeline rect.bar[data-task]'))"
+        "const o = {}; for (const r of document.querySelectorAll('#timeline rect.tl-bar[data-task]'))"
         " o[r.dataset.task] = {state: r.dataset.state, cls: r.getAttribute('class'),"
         " fill: getComputedStyle(r).fill, node: r.closest('g[data-node]').dataset.node,"
-        " width: r.getAttribute('width')};"
+        " width: r.getBBox().width, span: r.ownerSVGElement.viewBox.baseVal.width,"
+        " duration_ms: Number(r.dataset.durationMs)};"
         " return o;"
     )
 
@@ -228,6 +229,11 @@ def test_dashboard_shows_the_mesh_and_a_killed_node_as_dead(
     for tid in square_ids:
         assert bars[tid]["state"] == "done" and "failed" not in bars[tid]["cls"], bars[tid]
         assert bars[tid]["node"] in names and float(bars[tid]["width"]) >= 2
+    # each drawn as wide as its duration (2 px at least) and no wider: the window is 30 s
+    # at the least, so a second takes at most 1/30 of the drawing
+    for b in bars.values():
+        most = max(2.0, b["duration_ms"] / 1000 * b["span"] / 30) + 1
+        assert 2 <= b["width"] <= most, b
     bad = bars[failing.task_id]
     assert bad["state"] == "failed" and "failed" in bad["cls"].split(), bad
     assert bad["fill"] == "rgb(214, 51, 58)", bad  # --dead: red

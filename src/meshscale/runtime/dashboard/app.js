@@ -1310,9 +1310,10 @@
       for (const [t, x0, x1, row] of lane.placed) {
         const state = t.running ? "running" : t.state;
         if (t.state === "failed") failed += 1;
-        const r = svg("rect", { x: x0.toFixed(1), y: lane.y + row * laneH + 1, width: (x1 - x0).toFixed(1), height: laneH - 2, class: "bar " + state });
+        const r = svg("rect", { x: x0.toFixed(1), y: lane.y + row * laneH + 1, width: (x1 - x0).toFixed(1), height: laneH - 2, class: "tl-bar " + state });
         r.dataset.task = t.id;
         r.dataset.state = t.state;
+        r.dataset.durationMs = String(t.duration_ms);
         const tip = svg("title");
         tip.textContent = `${t.name} on ${t.node}: ${t.state}, ${fmtMs(t.duration_ms)}` + (t.error ? "\n" + t.error : "");
         r.append(tip);
