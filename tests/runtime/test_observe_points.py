@@ -90,3 +90,46 @@ def test_node_points_reply_is_bounded(tmp_path: Path) -> None:
     assert reply.points[-1].t == obs.points[-1]["t"]
     with pytest.raises(ApiError, match="last"):
         parse_request(POINTS, {"last": MAX_POINTS_REPLY + 1})
+
+
+def test_mesh_points_asks_only_for_the_new_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import time
+
+    wall = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: wall[0])  # a point's t: one per second
+
+    from meshscale.core.membership import State
+
+    obs, agent = observer(tmp_path)
+    asked: list[int] = []
+
+    async def call_local(method: Any, req: Any) -> Any:
+        assert method is POINTS
+        asked.append(req.last)
+        return obs.node_points(req)
+
+    agent.m = types.SimpleNamespace(  # type: ignore[attr-defined]
+        members={"n0": types.SimpleNamespace(name="n0", state=State.ALIVE)})
+    agent.call_local = call_local  # type: ignore[attr-defined]
+    used = {"memory_rss_bytes": 1, "disk_free_bytes": 2, "disk_used_bytes": 3}
+    for k in range(1, 201):
+        wall[0] = 1_000_000.0 + k
+        obs.tick(float(k), used)
+    first = asyncio.run(obs.mesh_points(per_node=120))
+    assert asked == [120]
+    assert len(first["nodes"]["n0"]) == 120 and first["nodes_answered"] == 1
+    for k in range(201, 203):  # at most elapsed + 1 new seconds since the last ask
+        wall[0] = 1_000_000.0 + k
+        obs.tick(float(k), used)
+    second = asyncio.run(obs.mesh_points(per_node=120))
+    assert asked[1] == 2, asked  # the (whole) seconds since the last ask, plus two
+    pts = second["nodes"]["n0"]
+    assert len(pts) == 120 and pts[-1]["t"] == obs.points[-1]["t"]
+    assert [p["t"] for p in pts] == [1_000_000.0 + k for k in range(83, 203)]
+    assert sum(p["tasks_done_per_s"] for p in second["total"]) == 0
+    agent.m.members.clear()  # type: ignore[attr-defined]
+    assert asyncio.run(obs.mesh_points())["nodes"] == {}
+    assert obs._mesh_pts == {}

@@ -321,7 +321,9 @@ class HttpServer:
         return _json({"events": self.observer.events(since)})
 
     async def _throughput(self, request: web.Request) -> web.StreamResponse:
-        return _json({"points": self.observer.throughput()})
+        resp = _json({"points": self.observer.throughput()})
+        resp.enable_compression()  # the hour is about 1 MB of JSON; gzip when asked
+        return resp
 
     async def _streams_api(self, request: web.Request) -> web.StreamResponse:
         return _json(await self.streams_view())

@@ -218,6 +218,9 @@ class NodeObserver:
         self._second_lat: list[float] = []
         self._last_tick = time.monotonic()
         self._net_seen: tuple[int, int] | None = None
+        # mesh_points keeps each node's newest points and asks only for what is new.
+        self._mesh_pts: dict[str, deque[dict[str, Any]]] = {}
+        self._mesh_asked: dict[str, float] = {}
         self._proc: psutil.Process | None = None
         self._seen: dict[str, int] = {}
         self._hooked: Any = None
@@ -461,16 +464,24 @@ class NodeObserver:
                           points=[NodePoint(**p) for p in self.throughput(req.last)])
 
     async def mesh_points(self, per_node: int = MESH_POINTS_PER_NODE) -> dict[str, Any]:
-        """Every live node's newest points (``node.points`` asked of each at once,
-        ``MESH_POINTS_TIMEOUT_S`` each), and their tasks done and failed summed per
-        second: the dashboard's mesh-wide chart and per-node resources."""
+        """Every live node's newest ``per_node`` points (``node.points`` asked of each at
+        once, ``MESH_POINTS_TIMEOUT_S`` each; a node asked before is asked only for the
+        seconds since, plus two), and their tasks done and failed summed per second: the
+        dashboard's mesh-wide chart and per-node resources."""
         alive = sorted(mm.name for mm in self.agent.m.members.values()
                        if mm.state <= State.SUSPECT)
+        for gone in set(self._mesh_pts) - set(alive):
+            del self._mesh_pts[gone]
+            self._mesh_asked.pop(gone, None)
+        now = time.monotonic()
 
         async def one(name: str) -> NodePoints | None:
+            asked = self._mesh_asked.get(name)
+            last = per_node if asked is None or name not in self._mesh_pts \
+                else min(per_node, int(now - asked) + 2)
             try:
                 return await call_node(self.agent, name, POINTS,
-                                       PointsRequest(last=per_node), lane=MESH_TASKS_LANE,
+                                       PointsRequest(last=last), lane=MESH_TASKS_LANE,
                                        timeout_s=MESH_POINTS_TIMEOUT_S)
             except (ValueError, RpcError, OSError):
                 return None  # not serving HTTP (no points kept), or did not answer
@@ -481,9 +492,17 @@ class NodeObserver:
         failed: Counter[int] = Counter()
         for name, ans in zip(alive, answers, strict=True):
             if ans is None:
+                self._mesh_pts.pop(name, None)  # asked afresh next time
                 continue
-            pts = [{f: getattr(p, f) for f in NodePoint.__struct_fields__}
-                   for p in ans.points]
+            self._mesh_asked[name] = now
+            kept = self._mesh_pts.get(name)
+            if kept is None:
+                kept = self._mesh_pts[name] = deque(maxlen=per_node)
+            newest = kept[-1]["t"] if kept else float("-inf")
+            for np in ans.points:
+                if np.t > newest:
+                    kept.append({f: getattr(np, f) for f in NodePoint.__struct_fields__})
+            pts = list(kept)
             nodes[name] = pts
             for p in pts:
                 sec = int(p["t"])
