@@ -336,3 +336,4 @@ def test_dashboard_shows_the_mesh_and_a_killed_node_as_dead(
         "return document.querySelector('#chart-throughput polyline.series.done') !== null")
     errors = severe(browser)
     assert not errors, f"console errors after the reload: {errors}"
+    screenshot(browser, "dashboard-reloaded.png")
