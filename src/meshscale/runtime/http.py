@@ -39,8 +39,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from meshscale.core.api import ApiError, Empty, ErrorCode
 from meshscale.core.api import services as services_api
 from meshscale.core.api import streams as streams_api
+from meshscale.core.api.node import POINTS
 from meshscale.core.api.streams import StreamStats
-from meshscale.runtime.observe import MeshCollector, NodeObserver, ObservedNode
+from meshscale.runtime.observe import (
+    SNAPSHOT_POINTS,
+    MeshCollector,
+    NodeObserver,
+    ObservedNode,
+)
 from meshscale.runtime.openapi import openapi_document
 from meshscale.transport.framing import split_addr
 from meshscale.trust.bundle import is_valid_token
@@ -51,6 +57,8 @@ OBJECTS_TTL_S = 5.0
 TASKS_TTL_S = 2.0
 """The mesh-wide task table (a fan-out to every node) is reused this long."""
 TASK_ROWS = 200
+POINTS_TTL_S = 2.0
+"""Every node's newest points (a fan-out to every node) are reused this long."""
 STREAMS_TIMEOUT_S = 2.0
 STREAMS_TTL_S = 2.0
 SNAPSHOT_TTL_S = 0.9
@@ -120,6 +128,8 @@ class HttpServer:
         self._objects_lock = asyncio.Lock()
         self._tasks_lock = asyncio.Lock()
         self._tasks_cache: tuple[float, dict[str, Any]] | None = None
+        self._points_lock = asyncio.Lock()
+        self._points_cache: tuple[float, dict[str, Any]] | None = None
         self._snapshot: tuple[float, bytes] | None = None
         self._streams_cache: tuple[float, dict[str, Any]] | None = None
         self._snapshot_lock = asyncio.Lock()
@@ -197,6 +207,9 @@ class HttpServer:
             tags["https"] = "1"
         self.agent.meta = msgspec.structs.replace(meta, tags=tags)
         self.observer.start()
+        # The points live in this server's observer: a node without HTTP keeps none (a
+        # fan-out gets UNKNOWN_METHOD from it and leaves it out).
+        self.agent.serve(POINTS, self.observer.node_points)
         self.agent.log("info", "http_started", http=self.address, https=tls is not None,
                        metrics_public=self.agent.cfg.metrics_public)
 
@@ -385,7 +398,9 @@ class HttpServer:
         return _json({"events": self.observer.events(since)})
 
     async def _throughput(self, request: web.Request) -> web.StreamResponse:
-        return _json({"points": self.observer.throughput()})
+        resp = _json({"points": self.observer.throughput()})
+        resp.enable_compression()  # the hour is about 1 MB of JSON; gzip when asked
+        return resp
 
     async def _streams_api(self, request: web.Request) -> web.StreamResponse:
         return _json(await self.streams_view())
@@ -455,11 +470,22 @@ class HttpServer:
             self._tasks_cache = (time.monotonic() + TASKS_TTL_S, view)
             return view
 
+    async def _mesh_points(self) -> dict[str, Any]:
+        """``observer.mesh_points``, reused for ``POINTS_TTL_S``."""
+        async with self._points_lock:
+            cached = self._points_cache
+            if cached is not None and cached[0] > time.monotonic():
+                return cached[1]
+            view = await self.observer.mesh_points()
+            self._points_cache = (time.monotonic() + POINTS_TTL_S, view)
+            return view
+
     async def snapshot(self) -> dict[str, Any]:
         return {
             "node": self.observer.node(),
             "members": self.observer.members(),
-            "throughput": self.observer.throughput(120),
+            "throughput": self.observer.throughput(SNAPSHOT_POINTS),
+            "mesh_points": await self._mesh_points(),
             "objects": await self._object_list(200),
             "tasks": await self._mesh_tasks(),
             "events": self.observer.events(0, last=50),

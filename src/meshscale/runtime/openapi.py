@@ -155,12 +155,33 @@ SCHEMAS: dict[str, Any] = {
     },
     "ThroughputPoint": {
         "type": "object",
-        "required": ["t", "tasks_done_per_s", "latency_p50_ms", "latency_p99_ms"],
+        "required": ["t", "tasks_done_per_s", "tasks_failed_per_s", "latency_p50_ms",
+                     "latency_p99_ms", "cpu_ratio", "memory_rss_bytes", "disk_free_bytes",
+                     "disk_used_bytes", "net_in_bytes_per_s", "net_out_bytes_per_s"],
         "properties": {
             "t": {"type": "number", "description": "Unix seconds"},
             "tasks_done_per_s": {"type": "number", "minimum": 0},
+            "tasks_failed_per_s": {"type": "number", "minimum": 0},
             "latency_p50_ms": {**_NUM_OR_NULL, "description": "null: no task ended"},
             "latency_p99_ms": _NUM_OR_NULL,
+            "cpu_ratio": {**_NUM_OR_NULL, "description": "CPU of the agent and its "
+                          "workers / the machine's CPUs"},
+            "memory_rss_bytes": {**_NUM_OR_NULL, "description": "Resident memory of the "
+                                 "agent and its workers"},
+            "disk_free_bytes": {**_NUM_OR_NULL, "description": "Data dir's file system"},
+            "disk_used_bytes": _NUM_OR_NULL,
+            "net_in_bytes_per_s": {**_NUM_OR_NULL, "description": "Mesh transport bytes "
+                                   "received (null in the first second)"},
+            "net_out_bytes_per_s": _NUM_OR_NULL,
+        },
+    },
+    "MeshRatePoint": {
+        "type": "object",
+        "required": ["t", "tasks_done_per_s", "tasks_failed_per_s"],
+        "properties": {
+            "t": {"type": "number", "description": "Unix seconds (whole)"},
+            "tasks_done_per_s": {"type": "number", "minimum": 0},
+            "tasks_failed_per_s": {"type": "number", "minimum": 0},
         },
     },
 }
@@ -245,14 +266,34 @@ SCHEMAS["MeshTasks"] = {
         "nodes_answered": {"type": "integer", "minimum": 0},
     },
 }
+SCHEMAS["MeshPoints"] = {
+    "type": "object",
+    "required": ["nodes", "total", "nodes_asked", "nodes_answered"],
+    "properties": {
+        "nodes": {"type": "object", "description": "Node name -> its newest points "
+                  "(up to 120, oldest first)",
+                  "additionalProperties": {
+                      "type": "array", "maxItems": 120,
+                      "items": {"$ref": "#/components/schemas/ThroughputPoint"}}},
+        "total": {"type": "array", "description": "Tasks done and failed per second, "
+                  "summed over the nodes that answered",
+                  "items": {"$ref": "#/components/schemas/MeshRatePoint"}},
+        "nodes_asked": {"type": "integer", "minimum": 0},
+        "nodes_answered": {"type": "integer", "minimum": 0},
+    },
+}
 SCHEMAS["Snapshot"] = {
     "type": "object",
-    "required": ["node", "members", "throughput", "objects", "tasks", "events", "streams"],
+    "required": ["node", "members", "throughput", "mesh_points", "objects", "tasks",
+                 "events", "streams"],
     "properties": {
         "node": {"$ref": "#/components/schemas/Node"},
         "members": {"type": "array", "items": {"$ref": "#/components/schemas/Member"}},
-        "throughput": {"type": "array", "maxItems": 120,
+        "throughput": {"type": "array", "maxItems": 60,
+                       "description": "This node's newest points (the whole hour: "
+                                      "/api/v1/throughput)",
                        "items": {"$ref": "#/components/schemas/ThroughputPoint"}},
+        "mesh_points": {"$ref": "#/components/schemas/MeshPoints"},
         "objects": {"type": "array", "maxItems": 200,
                     "items": {"$ref": "#/components/schemas/Object"}},
         "tasks": {"$ref": "#/components/schemas/MeshTasks"},
@@ -280,7 +321,8 @@ _SUMMARIES = {
     "/api/v1/objects": "Objects in the mesh, their replica sets and holders.",
     "/api/v1/tasks": "Tasks owned by this node, newest first, with placement reasons.",
     "/api/v1/events": "Recent events (membership, re-replications, retries).",
-    "/api/v1/throughput": "Task throughput and latency, one point a second (last 300 s).",
+    "/api/v1/throughput": "This node's tasks done and failed, latency, CPU, memory, disk and "
+                          "network, one point a second (the last hour, oldest first).",
     "/api/v1/snapshot": "Everything the dashboard shows, in one body.",
     "/api/v1/streams": "Stream operators, where they run, shards and their backlog, bytes "
                        "that crossed regions (asked of every live node).",

@@ -9,8 +9,9 @@ import msgspec
 
 from meshscale.core.api.contract import Empty, Method, Request
 
-__all__ = ["ADMIN_REVOKE", "EVENTS", "MEMBERS", "METHODS", "STATS", "EventInfo",
-           "EventsRequest", "MemberInfo", "NodeStats", "RevokeReply", "RevokeRequest"]
+__all__ = ["ADMIN_REVOKE", "EVENTS", "MEMBERS", "METHODS", "POINTS", "STATS", "EventInfo",
+           "EventsRequest", "MemberInfo", "NodePoint", "NodePoints", "NodeStats",
+           "PointsRequest", "RevokeReply", "RevokeRequest"]
 
 MAX_REVOCATION_BYTES = 4096
 """A signed revocation entry is a few hundred bytes."""
@@ -102,6 +103,43 @@ class EnergyInfo(msgspec.Struct):
     """CPU of the agent and its workers over the last second / the machine's CPUs."""
 
 
+MAX_POINTS_REPLY = 3600
+"""Most one-second points one ``node.points`` reply carries (the node keeps an hour)."""
+
+
+class PointsRequest(Request):
+    last: Annotated[int, msgspec.Meta(ge=0, le=MAX_POINTS_REPLY)] = 60
+    """The newest this many seconds."""
+
+
+class NodePoint(msgspec.Struct, omit_defaults=True):
+    """One second of a node, as its dashboard keeps it (``runtime/observe.py``): tasks it
+    owns that ended, and what the node (agent and workers) used in that second."""
+
+    t: float
+    """Wall clock at the end of the second (Unix seconds)."""
+    tasks_done_per_s: float = 0.0
+    tasks_failed_per_s: float = 0.0
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    cpu_ratio: float | None = None
+    """CPU of the agent and its workers / the machine's CPUs."""
+    memory_rss_bytes: int | None = None
+    """Resident memory of the agent and its workers."""
+    disk_free_bytes: int | None = None
+    disk_used_bytes: int | None = None
+    """Of the data dir's file system."""
+    net_in_bytes_per_s: float | None = None
+    net_out_bytes_per_s: float | None = None
+    """Mesh transport bytes received and sent (all message types)."""
+
+
+class NodePoints(msgspec.Struct):
+    name: str
+    points: list[NodePoint]
+    """Oldest first."""
+
+
 MEMBERS: Method[Empty, list[MemberInfo]] = Method("members", Empty, list[MemberInfo])
 STATS: Method[Empty, NodeStats] = Method("stats", Empty, NodeStats)
 EVENTS: Method[EventsRequest, list[EventInfo]] = Method("events", EventsRequest,
@@ -111,4 +149,6 @@ ADMIN_REVOKE: Method[RevokeRequest, RevokeReply] = Method("admin.revoke", Revoke
 
 ENERGY: Method[Empty, EnergyInfo] = Method("node.energy", Empty, EnergyInfo)
 
-METHODS: tuple[Method[Any, Any], ...] = (MEMBERS, STATS, EVENTS, ADMIN_REVOKE, ENERGY)
+POINTS: Method[PointsRequest, NodePoints] = Method("node.points", PointsRequest, NodePoints)
+
+METHODS: tuple[Method[Any, Any], ...] = (MEMBERS, STATS, EVENTS, ADMIN_REVOKE, ENERGY, POINTS)
