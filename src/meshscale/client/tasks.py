@@ -84,7 +84,14 @@ from meshscale.client.mesh import (
     open_mesh,
 )
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
-from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
+from meshscale.client.shipping import (
+    Region,
+    Regions,
+    ShippedModule,
+    TaskSubmitError,
+    by_value,
+    modules_to_ship,
+)
 from meshscale.client.streams import StreamsMixin
 from meshscale.core.api import ErrorCode, Method, Request, ResidencyWire
 from meshscale.core.api.tasks import (
@@ -285,20 +292,78 @@ def function_id(pickled: bytes) -> str:
     return digest_hex(pickled)
 
 
-def _make_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _make_call(fn: Callable[..., Any],
+               shipped: dict[str, ShippedModule] | None = None) -> Callable[..., Any]:
     """The callable the worker runs: unpickles the call, puts each input object's bytes
     where its ``ObjectRef`` was (an input given as a path, a local copy the node checked
     and linked for the run, is read from that file) and each upstream task's value where
     its ``Future`` was (``upstream``, in ``TaskWire.after`` order: the pickled value, or
     the path of its object's local copy), calls ``fn``. Nested, so cloudpickle ships it
-    by value."""
+    by value.
+
+    ``shipped``: the modules of the user's project that ``fn`` needs (``modules_to_ship``).
+    Then ``fn`` travels pickled inside and is unpickled on the worker only once a finder
+    of those modules is first on ``sys.meta_path`` (unpickling ``fn``, its arguments or
+    an ``import`` inside it may need them). The modules a call imported stay with this
+    wrapper between its calls; the worker drops them from ``sys.modules`` and the finder
+    from ``sys.meta_path`` after each task (``worker_main._forget_shipped``: they carry
+    ``meshscale_shipped``), so one job's modules never reach another's task."""
+    sources: dict[str, ShippedModule] = dict(shipped or {})
+    fn_bytes = _dumps(fn) if sources else b""
+    target = None if sources else fn
+    state: dict[str, Any] = {}
 
     def _meshscale_call(payload: bytes, inputs: list[bytes | str],
                         upstream: list[bytes | str] | None = None) -> Any:
         import io as _io
         import pickle as _pickle
+        import sys as _sys
 
         import cloudpickle as _cp
+
+        call_fn = target
+        if sources:
+            finder = state.get("finder")
+            if finder is None:
+                import importlib.abc as _abc
+                import importlib.util as _iu
+
+                class _ShippedModules(_abc.MetaPathFinder, _abc.Loader):
+                    """Serves the modules that travelled with the task, from memory."""
+
+                    meshscale_shipped = True
+
+                    def __init__(self) -> None:
+                        self.modules: dict[str, Any] = {}
+
+                    def find_spec(self, name: str, path: Any = None,
+                                  target: Any = None) -> Any:
+                        entry = sources.get(name)
+                        if entry is None:
+                            return None
+                        spec = _iu.spec_from_loader(name, self, origin=entry[0],
+                                                    is_package=entry[2])
+                        if spec is not None:
+                            spec.has_location = True
+                        return spec
+
+                    def create_module(self, spec: Any) -> Any:
+                        return None
+
+                    def exec_module(self, module: Any) -> None:
+                        filename, source, _ = sources[module.__spec__.name]
+                        module.__file__ = filename
+                        self.modules[module.__spec__.name] = module
+                        exec(compile(source, filename, "exec", dont_inherit=True),
+                             module.__dict__)
+
+                finder = state["finder"] = _ShippedModules()
+            if finder not in _sys.meta_path:
+                _sys.meta_path.insert(0, finder)
+            _sys.modules.update(finder.modules)
+            call_fn = state.get("fn")
+            if call_fn is None:
+                call_fn = state["fn"] = _cp.loads(fn_bytes)
 
         def _bytes_of(value: bytes | str) -> bytes:
             if isinstance(value, str):  # a checked local copy the node linked for this run
@@ -332,7 +397,8 @@ def _make_call(fn: Callable[..., Any]) -> Callable[..., Any]:
                 args[where] = value
             else:
                 kwargs[where] = value
-        return fn(*args, **kwargs)
+        assert call_fn is not None
+        return call_fn(*args, **kwargs)
 
     _meshscale_call.__name__ = getattr(fn, "__name__", "task")
     return _meshscale_call
@@ -412,6 +478,7 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
         if not callable(fn):
             raise TaskSubmitError(f"{name} is not callable (a {type(fn).__name__})")
         module_name = getattr(fn, "__module__", None) or "__main__"
+        shipped = modules_to_ship(fn)
         registered = False
         mod = sys.modules.get(module_name)
         if module_name != "__main__" and mod is not None and by_value(module_name):
@@ -419,7 +486,7 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
                 cloudpickle.register_pickle_by_value(mod)
                 registered = True
         try:
-            data = _dumps(_make_call(fn))
+            data = _dumps(_make_call(fn, shipped))
         except Exception as e:
             raise TaskSubmitError(
                 f"cannot pickle function {name}: {type(e).__name__}: {e}") from None
