@@ -74,6 +74,7 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar
 import cloudpickle
 import msgspec
 
+import meshscale.client.codepack as codepack
 from meshscale.client.mesh import (
     READ_AHEAD,
     AsyncMesh,
@@ -293,7 +294,8 @@ def function_id(pickled: bytes) -> str:
 
 
 def _make_call(fn: Callable[..., Any],
-               shipped: dict[str, ShippedModule] | None = None) -> Callable[..., Any]:
+               shipped: dict[str, ShippedModule] | None = None,
+               code: tuple[str, bytes] | None = None) -> Callable[..., Any]:
     """The callable the worker runs: unpickles the call, puts each input object's bytes
     where its ``ObjectRef`` was (an input given as a path, a local copy the node checked
     and linked for the run, is read from that file) and each upstream task's value where
@@ -307,10 +309,15 @@ def _make_call(fn: Callable[..., Any],
     an ``import`` inside it may need them). The modules a call imported stay with this
     wrapper between its calls; the worker drops them from ``sys.modules`` and the finder
     from ``sys.meta_path`` after each task (``worker_main._forget_shipped``: they carry
-    ``meshscale_shipped``), so one job's modules never reach another's task."""
+    ``meshscale_shipped``), so one job's modules never reach another's task.
+
+    ``code``: the connection's ``(hash, archive)`` (``working_dir``, ``py_modules``;
+    ``client/codepack.py``), unpacked once per hash into the worker's cache and first on
+    ``sys.path`` while the task runs; the worker takes it off after, with the modules
+    imported from it."""
     sources: dict[str, ShippedModule] = dict(shipped or {})
-    fn_bytes = _dumps(fn) if sources else b""
-    target = None if sources else fn
+    fn_bytes = _dumps(fn) if sources or code else b""
+    target = None if sources or code else fn
     state: dict[str, Any] = {}
 
     def _meshscale_call(payload: bytes, inputs: list[bytes | str],
@@ -322,7 +329,8 @@ def _make_call(fn: Callable[..., Any],
         import cloudpickle as _cp
 
         call_fn = target
-        if sources:
+        code_dir = ""
+        if sources or code:
             finder = state.get("finder")
             if finder is None:
                 import importlib.abc as _abc
@@ -335,6 +343,7 @@ def _make_call(fn: Callable[..., Any],
 
                     def __init__(self) -> None:
                         self.modules: dict[str, Any] = {}
+                        self.code_paths: list[str] = []
 
                     def find_spec(self, name: str, path: Any = None,
                                   target: Any = None) -> Any:
@@ -358,6 +367,11 @@ def _make_call(fn: Callable[..., Any],
                              module.__dict__)
 
                 finder = state["finder"] = _ShippedModules()
+            if code is not None:
+                code_dir = codepack.ensure_unpacked(code[0], code[1])
+                finder.code_paths = [code_dir]
+                if code_dir not in _sys.path:
+                    _sys.path.insert(0, code_dir)
             if finder not in _sys.meta_path:
                 _sys.meta_path.insert(0, finder)
             _sys.modules.update(finder.modules)
@@ -398,7 +412,13 @@ def _make_call(fn: Callable[..., Any],
             else:
                 kwargs[where] = value
         assert call_fn is not None
-        return call_fn(*args, **kwargs)
+        try:
+            return call_fn(*args, **kwargs)
+        finally:
+            if code_dir:  # what came from the archive, for this wrapper's next call
+                state["finder"].modules.update(
+                    (n, m) for n, m in list(_sys.modules.items())
+                    if str(getattr(m, "__file__", None) or "").startswith(code_dir + "/"))
 
     _meshscale_call.__name__ = getattr(fn, "__name__", "task")
     return _meshscale_call
@@ -464,14 +484,18 @@ class _CallPickler(_Pickler):
 
 
 _pickle_lock = threading.Lock()
-_pickled: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
+_pickled: weakref.WeakKeyDictionary[Any, dict[str, tuple[str, bytes]]] = \
+    weakref.WeakKeyDictionary()
 
 
-def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
-    """``(function_id, bytes)`` of the call wrapper around ``fn``, computed once per
-    process. Raises ``TaskSubmitError`` naming what could not be pickled."""
+def pickle_function(fn: Callable[..., Any],
+                    code: tuple[str, bytes] | None = None) -> tuple[str, bytes]:
+    """``(function_id, bytes)`` of the call wrapper around ``fn`` (with the connection's
+    code archive ``code``, if any), computed once per process and archive. Raises
+    ``TaskSubmitError`` naming what could not be pickled."""
+    key = "" if code is None else code[0]
     with _pickle_lock:
-        hit = _pickled.get(fn)
+        hit = _pickled.get(fn, {}).get(key)
         if hit is not None:
             return hit
         name = getattr(fn, "__qualname__", None) or repr(fn)
@@ -485,8 +509,10 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
             with contextlib.suppress(ValueError):
                 cloudpickle.register_pickle_by_value(mod)
                 registered = True
+        if code is not None:  # the unpacker travels by value: workers import no client
+            cloudpickle.register_pickle_by_value(codepack)
         try:
-            data = _dumps(_make_call(fn, shipped))
+            data = _dumps(_make_call(fn, shipped, code))
         except Exception as e:
             raise TaskSubmitError(
                 f"cannot pickle function {name}: {type(e).__name__}: {e}") from None
@@ -494,9 +520,12 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
             if registered:
                 with contextlib.suppress(ValueError):
                     cloudpickle.unregister_pickle_by_value(mod)
+            if code is not None:
+                with contextlib.suppress(ValueError):
+                    cloudpickle.unregister_pickle_by_value(codepack)
         out = (function_id(data), data)
         with contextlib.suppress(TypeError):  # not weak-referenceable: not cached
-            _pickled[fn] = out
+            _pickled.setdefault(fn, {})[key] = out
         return out
 
 
@@ -611,8 +640,9 @@ class TaskFunction(Generic[P, R]):
         """Run on the default mesh (the last ``meshscale.connect()``)."""
         return default_mesh().submit(self, *args, **kwargs)
 
-    def _wire(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, bytes, TaskWire]:
-        fn_id, fn_bytes = pickle_function(self.fn)
+    def _wire(self, args: Sequence[Any], kwargs: dict[str, Any],
+              code: tuple[str, bytes] | None = None) -> tuple[str, bytes, TaskWire]:
+        fn_id, fn_bytes = pickle_function(self.fn, code)
         payload, inputs, after = _pickle_call(args, kwargs)
         return fn_id, fn_bytes, TaskWire(
             task_id=uuid.uuid4().hex, fn_id=fn_id, name=self._name, args=payload,
@@ -854,6 +884,8 @@ class AsyncTaskMesh(AsyncMesh):
         self._idle_conns: list[RpcConnection] = []
         self._conn_sem = asyncio.Semaphore(TASK_CONNECTIONS)
         self._fns_sent: set[str] = set()
+        self.code: tuple[str, bytes] | None = None
+        """``(hash, archive)`` of ``working_dir`` and ``py_modules``, sent with every task."""
         self.runner: _LoopThread | None = None
         self._watched: set[Future] = set()
         self._watch_added = asyncio.Event()
@@ -898,7 +930,7 @@ class AsyncTaskMesh(AsyncMesh):
         wires: list[TaskWire] = []
         fn_bytes = b""
         for a, kw in calls:
-            _, fn_bytes, wire = tf._wire(a, kw)
+            _, fn_bytes, wire = tf._wire(a, kw, self.code)
             wires.append(wire)
         report: Callable[[int, int], None] | None
         if progress is True:
@@ -1287,10 +1319,23 @@ async def connect_async(
     token: str | None = None,
     timeout: float = 30.0,
     read_ahead: int = READ_AHEAD,
+    working_dir: str | Path | None = None,
+    py_modules: Sequence[Any] | None = None,
 ) -> AsyncTaskMesh:
-    """Like ``client.mesh.connect_async``, with tasks."""
-    return await open_mesh(AsyncTaskMesh, address, bundle=bundle, token=token,
+    """Like ``client.mesh.connect_async``, with tasks. ``working_dir`` and
+    ``py_modules``: see ``connect``."""
+    code = _pack_code(working_dir, py_modules)
+    mesh = await open_mesh(AsyncTaskMesh, address, bundle=bundle, token=token,
                            timeout=timeout, read_ahead=read_ahead)
+    mesh.code = code
+    return mesh
+
+
+def _pack_code(working_dir: str | Path | None,
+               py_modules: Sequence[Any] | None) -> tuple[str, bytes] | None:
+    if working_dir is None and not py_modules:
+        return None
+    return codepack.pack(working_dir, py_modules)
 
 
 def connect(
@@ -1300,15 +1345,27 @@ def connect(
     token: str | None = None,
     timeout: float = 30.0,
     read_ahead: int = READ_AHEAD,
+    working_dir: str | Path | None = None,
+    py_modules: Sequence[Any] | None = None,
 ) -> TaskMesh:
     """Connect to the mesh through the node at ``address`` (blocking API, with tasks);
     it becomes the default mesh of ``@task(...).submit``. ``token`` and ``read_ahead``:
-    see ``client.mesh.connect_async``. Raises ``ConnectError``."""
+    see ``client.mesh.connect_async``. Raises ``ConnectError``.
+
+    ``working_dir``: a directory whose files every task of this connection finds first
+    on its ``sys.path`` (and ``py_modules``: more modules, each a module, a module name
+    or the path of a ``.py`` file or a package). Packed here into one archive named by
+    its hash (``client/codepack.py``: caches and VCS directories left out, at most
+    ``MAX_CODE_ARCHIVE_BYTES``), sent with the functions and unpacked once per hash on
+    each worker node. Raises ``CodeArchiveError`` (a ``ValueError``) before connecting
+    for a missing directory, an entry that is not importable or too much."""
     global _default
+    code = _pack_code(working_dir, py_modules)
     runner = _LoopThread()
     try:
         inner = runner.run(connect_async(address, bundle=bundle, token=token, timeout=timeout,
                                          read_ahead=read_ahead))
+        inner.code = code
     except BaseException:
         runner.stop()
         raise

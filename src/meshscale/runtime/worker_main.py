@@ -408,11 +408,21 @@ def _forget_shipped() -> None:
     task, maybe another job's, imports none of them. They are known by the
     ``meshscale_shipped`` attribute of their loader (the client's call wrapper keeps
     them for its own next call)."""
-    sys.meta_path[:] = [f for f in sys.meta_path
-                        if not getattr(f, "meshscale_shipped", False)]
+    finders = [f for f in sys.meta_path if getattr(f, "meshscale_shipped", False)]
+    if not finders:
+        return
+    sys.meta_path[:] = [f for f in sys.meta_path if f not in finders]
+    # the connection's unpacked code archive (working_dir, py_modules), if any
+    paths = [str(p) for f in finders for p in getattr(f, "code_paths", ())]
+    if paths:
+        sys.path[:] = [p for p in sys.path if p not in paths]
+        for p in paths:
+            sys.path_importer_cache.pop(p, None)
+    prefixes = tuple(p.rstrip("/") + "/" for p in paths)
     for name in [n for n, m in sys.modules.items()
                  if getattr(getattr(getattr(m, "__spec__", None), "loader", None),
-                            "meshscale_shipped", False)]:
+                            "meshscale_shipped", False)
+                 or (prefixes and str(getattr(m, "__file__", None) or "").startswith(prefixes))]:
         del sys.modules[name]
 
 
