@@ -152,3 +152,36 @@ def test_too_much_to_ship_is_refused_naming_the_limit(
     monkeypatch.setattr(shipping, "MAX_SHIPPED_MODULES", 2)
     with pytest.raises(TaskSubmitError, match="MAX_SHIPPED_MODULES=2"):
         modules_to_ship(project.uses_package)
+
+
+SCRIPT = """\
+import sys
+
+import meshscale
+from shipsibling import shout
+
+def work(x):
+    import shipsibling
+    return shout(x) + shipsibling.MARK
+
+if __name__ == "__main__":
+    with meshscale.connect(sys.argv[1], bundle=sys.argv[2]) as mesh:
+        print(mesh.submit(work, "hi").result(timeout=120))
+"""
+
+
+def test_a_script_ships_the_module_beside_it(mesh: LocalMesh, tmp_path: Path) -> None:
+    """The common case: ``python job.py`` with a helper module beside the script."""
+    import os
+    import subprocess
+
+    (tmp_path / "shipsibling.py").write_text("MARK = '!'\n\ndef shout(s):\n"
+                                             "    return s.upper()\n")
+    (tmp_path / "job.py").write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in sys.path if (Path(p) / "meshscale").is_dir())}
+    out = subprocess.run(
+        [sys.executable, "job.py", mesh.nodes[0].address, str(mesh.bundle_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "HI!"
