@@ -185,3 +185,22 @@ def test_a_script_ships_the_module_beside_it(mesh: LocalMesh, tmp_path: Path) ->
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "HI!"
+
+
+def shout_record(record: object) -> str:
+    from shiphelper import twice
+
+    return f"{twice(record.value)}"  # type: ignore[attr-defined]
+
+
+def test_a_stream_operator_ships_the_modules_it_imports(
+        client: TaskMesh, project: ModuleType) -> None:
+    client.operator("shipnums", shout_record, output="shipnums-out")
+    try:
+        with client.stream("shipnums") as s:
+            s.publish("k", 21)
+        for rec in client.subscribe("shipnums-out"):
+            assert rec.value == "42"
+            break
+    finally:
+        client.remove_operator("shout_record-shipnums")

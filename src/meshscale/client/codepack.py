@@ -11,6 +11,8 @@ so a worker never imports the client."""
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import io
 import os
@@ -19,16 +21,19 @@ import stat
 import tempfile
 import types
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "MAX_CODE_ARCHIVE_BYTES",
     "MAX_CODE_CACHE_BYTES",
     "MAX_CODE_FILES",
     "CodeArchiveError",
+    "ShippedModules",
     "ensure_unpacked",
     "pack",
+    "shipped_call",
     "unpack",
 ]
 
@@ -252,3 +257,79 @@ def _evict(root: Path, keep: str, max_bytes: int) -> None:
             continue
         shutil.rmtree(p, ignore_errors=True)
         total -= sizes[p.name]
+
+
+# -- on the worker: the shipped code, from memory and from the archive ------------------
+
+
+class ShippedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves the modules that travelled with a call (``client/shipping.modules_to_ship``)
+    from memory; first on ``sys.meta_path`` while the call runs. ``meshscale_shipped``
+    tells the worker to take it, ``code_paths`` and every module it or they loaded off
+    after the task (``worker_main._forget_shipped``)."""
+
+    meshscale_shipped = True
+
+    def __init__(self, sources: dict[str, tuple[str, str, bool]]) -> None:
+        self.sources = sources
+        self.modules: dict[str, types.ModuleType] = {}
+        self.code_paths: list[str] = []
+
+    def find_spec(self, name: str, path: object = None,
+                  target: object = None) -> importlib.machinery.ModuleSpec | None:
+        entry = self.sources.get(name)
+        if entry is None:
+            return None
+        spec = importlib.util.spec_from_loader(name, self, origin=entry[0],
+                                               is_package=entry[2])
+        if spec is not None:
+            spec.has_location = True
+        return spec
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        name = module.__spec__.name if module.__spec__ is not None else module.__name__
+        filename, source, _ = self.sources[name]
+        module.__file__ = filename
+        self.modules[name] = module
+        exec(compile(source, filename, "exec", dont_inherit=True), module.__dict__)
+
+
+def shipped_call(call_bytes: bytes, sources: dict[str, tuple[str, str, bool]],
+                 code: tuple[str, bytes] | None) -> Callable[..., Any]:
+    """What travels instead of a call wrapper when code travels with it: the wrapper
+    pickled (``call_bytes``), unpickled on the worker only once the shipped modules are
+    importable (unpickling it, its arguments or an ``import`` inside it may need them).
+    The modules a call imported stay with this object between its calls on one worker."""
+    state: dict[str, Any] = {}
+
+    def _meshscale_call(*args: Any, **kwargs: Any) -> Any:
+        import pickle
+        import sys
+
+        finder = state.get("finder")
+        if finder is None:
+            finder = state["finder"] = ShippedModules(sources)
+        code_dir = ""
+        if code is not None:
+            code_dir = ensure_unpacked(code[0], code[1])
+            finder.code_paths = [code_dir]
+            if code_dir not in sys.path:
+                sys.path.insert(0, code_dir)
+        if finder not in sys.meta_path:
+            sys.meta_path.insert(0, finder)
+        sys.modules.update(finder.modules)
+        call = state.get("call")
+        if call is None:
+            call = state["call"] = pickle.loads(call_bytes)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            if code_dir:  # what came from the archive, for this object's next call
+                finder.modules.update(
+                    (n, m) for n, m in list(sys.modules.items())
+                    if str(getattr(m, "__file__", None) or "").startswith(code_dir + "/"))
+
+    return _meshscale_call

@@ -88,7 +88,6 @@ from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.client.shipping import (
     Region,
     Regions,
-    ShippedModule,
     TaskSubmitError,
     by_value,
     modules_to_ship,
@@ -293,91 +292,20 @@ def function_id(pickled: bytes) -> str:
     return digest_hex(pickled)
 
 
-def _make_call(fn: Callable[..., Any],
-               shipped: dict[str, ShippedModule] | None = None,
-               code: tuple[str, bytes] | None = None) -> Callable[..., Any]:
+def _make_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The callable the worker runs: unpickles the call, puts each input object's bytes
     where its ``ObjectRef`` was (an input given as a path, a local copy the node checked
     and linked for the run, is read from that file) and each upstream task's value where
     its ``Future`` was (``upstream``, in ``TaskWire.after`` order: the pickled value, or
     the path of its object's local copy), calls ``fn``. Nested, so cloudpickle ships it
-    by value.
-
-    ``shipped``: the modules of the user's project that ``fn`` needs (``modules_to_ship``).
-    Then ``fn`` travels pickled inside and is unpickled on the worker only once a finder
-    of those modules is first on ``sys.meta_path`` (unpickling ``fn``, its arguments or
-    an ``import`` inside it may need them). The modules a call imported stay with this
-    wrapper between its calls; the worker drops them from ``sys.modules`` and the finder
-    from ``sys.meta_path`` after each task (``worker_main._forget_shipped``: they carry
-    ``meshscale_shipped``), so one job's modules never reach another's task.
-
-    ``code``: the connection's ``(hash, archive)`` (``working_dir``, ``py_modules``;
-    ``client/codepack.py``), unpacked once per hash into the worker's cache and first on
-    ``sys.path`` while the task runs; the worker takes it off after, with the modules
-    imported from it."""
-    sources: dict[str, ShippedModule] = dict(shipped or {})
-    fn_bytes = _dumps(fn) if sources or code else b""
-    target = None if sources or code else fn
-    state: dict[str, Any] = {}
+    by value."""
 
     def _meshscale_call(payload: bytes, inputs: list[bytes | str],
                         upstream: list[bytes | str] | None = None) -> Any:
         import io as _io
         import pickle as _pickle
-        import sys as _sys
 
         import cloudpickle as _cp
-
-        call_fn = target
-        code_dir = ""
-        if sources or code:
-            finder = state.get("finder")
-            if finder is None:
-                import importlib.abc as _abc
-                import importlib.util as _iu
-
-                class _ShippedModules(_abc.MetaPathFinder, _abc.Loader):
-                    """Serves the modules that travelled with the task, from memory."""
-
-                    meshscale_shipped = True
-
-                    def __init__(self) -> None:
-                        self.modules: dict[str, Any] = {}
-                        self.code_paths: list[str] = []
-
-                    def find_spec(self, name: str, path: Any = None,
-                                  target: Any = None) -> Any:
-                        entry = sources.get(name)
-                        if entry is None:
-                            return None
-                        spec = _iu.spec_from_loader(name, self, origin=entry[0],
-                                                    is_package=entry[2])
-                        if spec is not None:
-                            spec.has_location = True
-                        return spec
-
-                    def create_module(self, spec: Any) -> Any:
-                        return None
-
-                    def exec_module(self, module: Any) -> None:
-                        filename, source, _ = sources[module.__spec__.name]
-                        module.__file__ = filename
-                        self.modules[module.__spec__.name] = module
-                        exec(compile(source, filename, "exec", dont_inherit=True),
-                             module.__dict__)
-
-                finder = state["finder"] = _ShippedModules()
-            if code is not None:
-                code_dir = codepack.ensure_unpacked(code[0], code[1])
-                finder.code_paths = [code_dir]
-                if code_dir not in _sys.path:
-                    _sys.path.insert(0, code_dir)
-            if finder not in _sys.meta_path:
-                _sys.meta_path.insert(0, finder)
-            _sys.modules.update(finder.modules)
-            call_fn = state.get("fn")
-            if call_fn is None:
-                call_fn = state["fn"] = _cp.loads(fn_bytes)
 
         def _bytes_of(value: bytes | str) -> bytes:
             if isinstance(value, str):  # a checked local copy the node linked for this run
@@ -411,14 +339,7 @@ def _make_call(fn: Callable[..., Any],
                 args[where] = value
             else:
                 kwargs[where] = value
-        assert call_fn is not None
-        try:
-            return call_fn(*args, **kwargs)
-        finally:
-            if code_dir:  # what came from the archive, for this wrapper's next call
-                state["finder"].modules.update(
-                    (n, m) for n, m in list(_sys.modules.items())
-                    if str(getattr(m, "__file__", None) or "").startswith(code_dir + "/"))
+        return fn(*args, **kwargs)
 
     _meshscale_call.__name__ = getattr(fn, "__name__", "task")
     return _meshscale_call
@@ -509,10 +430,12 @@ def pickle_function(fn: Callable[..., Any],
             with contextlib.suppress(ValueError):
                 cloudpickle.register_pickle_by_value(mod)
                 registered = True
-        if code is not None:  # the unpacker travels by value: workers import no client
+        lazy = bool(shipped) or code is not None
+        if lazy:  # the loader travels by value: workers import no client
             cloudpickle.register_pickle_by_value(codepack)
         try:
-            data = _dumps(_make_call(fn, shipped, code))
+            call = _make_call(fn)
+            data = _dumps(codepack.shipped_call(_dumps(call), shipped, code) if lazy else call)
         except Exception as e:
             raise TaskSubmitError(
                 f"cannot pickle function {name}: {type(e).__name__}: {e}") from None
@@ -520,7 +443,7 @@ def pickle_function(fn: Callable[..., Any],
             if registered:
                 with contextlib.suppress(ValueError):
                     cloudpickle.unregister_pickle_by_value(mod)
-            if code is not None:
+            if lazy:
                 with contextlib.suppress(ValueError):
                     cloudpickle.unregister_pickle_by_value(codepack)
         out = (function_id(data), data)
