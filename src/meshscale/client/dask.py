@@ -121,9 +121,9 @@ class _WorkerTask(TaskFunction[..., dict[str, Any]]):
     gets the id as a string, not the object's bytes (a plain ``ObjectRef`` argument would
     hand it the bytes)."""
 
-    def _wire(self, args: Sequence[Any], kwargs: dict[str, Any]
-              ) -> tuple[str, bytes, TaskWire]:
-        fn_id, fn_bytes, wire = super()._wire(args, kwargs)
+    def _wire(self, args: Sequence[Any], kwargs: dict[str, Any],
+              code: tuple[str, bytes] | None = None) -> tuple[str, bytes, TaskWire]:
+        fn_id, fn_bytes, wire = super()._wire(args, kwargs, code)
         anchor = kwargs.get("anchor")
         if anchor is not None:
             wire.inputs = [anchor]

@@ -831,6 +831,9 @@ class ComputePlane:
             elif fn_id not in self._fns and fn_id not in fresh:
                 raise ApiError(ErrorCode.NEED_FUNCTION, f"need function {fn_id}")
         for fn_id, data in fresh.items():
+            if fn_id not in self._fns:  # a client's code (with its archive) arriving
+                self._count("functions_received")
+                self._count("function_bytes_received", len(data))
             self._remember_fn(fn_id, data)
         classes = {t.residency.data_class for t in wire
                    if t.residency is not None and t.residency.data_class is not None}
