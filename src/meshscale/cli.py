@@ -461,6 +461,13 @@ def _request(target: Target, method: Method[Req, Rep], req: Req, timeout: float 
     raise CliError(str(last), _exit_code("", last.unreachable))
 
 
+def _columns(lines: Sequence[Sequence[str]]) -> str:
+    """Rows of cells (the header first) as left-aligned columns two spaces apart."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in lines)
+
+
 def _members_table(rows: list[dict[str, Any]]) -> str:
     header = ("NAME", "ADDRESS", "REGION", "ZONE", "STATE", "POWER", "INC", "RTT")
     lines = [header]
@@ -478,10 +485,7 @@ def _members_table(rows: list[dict[str, Any]]) -> str:
                 "-" if rtt is None else f"{rtt:.1f}ms",
             )
         )
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines
-    )
+    return _columns(lines)
 
 
 @app.command("members")
@@ -586,10 +590,7 @@ def _energy_table(rows: list[Any]) -> str:
         lines.append((f"[{region}]", region, "", sources, f"{sum(r.watts for r in rs):.1f}",
                       f"{sum(r.joules_last_hour for r in rs):,.0f}", "",
                       f"{sum(r.joules_total for r in rs):,.0f}", ""))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines
-    )
+    return _columns(lines)
 
 
 @app.command("energy")
@@ -1209,10 +1210,7 @@ def _objects_table(rows: list[Any]) -> str:
                 o.health or "-",
             )
         )
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip() for row in lines
-    )
+    return _columns(lines)
 
 
 @app.command("objects")
@@ -1550,10 +1548,7 @@ def _tasks_table(rows: list[dict[str, Any]]) -> str:
             reason = f"{reason} error: {r['error']}".strip()
         lines.append((str(r["task_id"]), r.get("name") or "-", str(r["state"]), _duration(r),
                       r.get("node") or "-", r.get("owner") or "-", reason or "-"))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip() for row in lines
-    )
+    return _columns(lines)
 
 
 @app.command("tasks")
@@ -1595,6 +1590,56 @@ def tasks_cmd(
     if missing:
         raise CliError(f"no answer from {', '.join(missing)}: their tasks are not listed",
                        exit_code=EXIT_FAILED)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _services_table(rows: list[Any]) -> str:
+    header = ("SERVICE", "NODE", "REGION", "READY", "INFLIGHT", "CALLS", "P50_MS", "P99_MS")
+    lines: list[tuple[str, ...]] = [header]
+    notes: list[str] = []
+    for s in rows:
+        for r in s.replicas:
+            lines.append((s.spec.name, r.node, r.region, "yes" if r.ready else "no",
+                          str(r.inflight), str(r.calls), _ms(r.p50_ms), _ms(r.p99_ms)))
+        if not s.replicas:
+            lines.append((s.spec.name, "-", "-", "-", "0", "0", "-", "-"))
+        by = ", ".join(f"{k}={v}" for k, v in sorted(s.calls_by_region.items())) or "none"
+        note = (f"{s.spec.name}: {s.spec.placement}, {s.desired} replica(s) wanted, "
+                f"placed on {', '.join(s.placed) or 'no node'}; calls per source region "
+                f"(last window): {by}")
+        if s.unplaceable:
+            note += f"; unplaceable: {s.unplaceable}"
+        for n, err in sorted(s.errors.items()):
+            note += f"\n  {n}: replica start failed: {err.splitlines()[0] if err else ''}"
+        notes.append(note)
+    return _columns(lines) + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+@app.command("services")
+def services_cmd(
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """List the deployed services (issue #22): each replica's node, region, readiness,
+    calls in flight, calls answered, p50/p99 latency, and calls per source region."""
+    import json
+
+    import msgspec
+
+    from meshscale.core.api import Empty
+    from meshscale.core.api.services import LIST
+
+    rows = _request(_target(node, mesh_file, bundle), LIST, Empty(), timeout=timeout).services
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(rows), indent=2))
+    else:
+        typer.echo(_services_table(rows) if rows else "no services")
 
 
 # -- audit ----------------------------------------------------------------------------
@@ -1682,9 +1727,7 @@ def _audit_table(rows: list[Any]) -> str:
         subject = r.subject if len(r.subject) <= 24 else r.subject[:21] + "..."
         lines.append((when, r.node, str(r.seq), r.kind, subject or "-", r.data_class or "-",
                       r.from_region or "-", r.to_region or "-", who, r.detail or "-"))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in lines)
+    return _columns(lines)
 
 
 @audit_app.callback()

@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 
 pd = pytest.importorskip("pandas")
+dask = pytest.importorskip("dask")
 dd = pytest.importorskip("dask.dataframe")
 distributed = pytest.importorskip("distributed")
 
-import meshscale.client.fs  # noqa: E402, F401  (registers meshscale://)
+import meshscale.client.fs  # noqa: E402  (also registers meshscale://)
 from meshscale.client import connect  # noqa: E402
 from meshscale.client.tasks import TaskMesh  # noqa: E402
 from meshscale.dask import DaskClusterError, cluster  # noqa: E402
@@ -159,3 +160,85 @@ def test_bad_input(mesh: TaskMesh, opts: dict[str, Any]) -> None:
         # The test's own bundle is root's: the workers (nobody) cannot read it.
         with pytest.raises(DaskClusterError, match="cannot read the bundle"):
             cluster(mesh, region="us-east", workers=1, storage_options=opts)
+
+
+@pytest.fixture(scope="module")
+def single_copies(opts: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+    """Four parquet files under meshscale://single/, one copy each (so each has one
+    holder); their rows as one pandas frame, and each file's holder."""
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    fs = meshscale.client.fs.MeshFileSystem(**opts, replicas=1, skip_instance_cache=True)
+    parts, holder = [], {}
+    for i in range(4):
+        df = pd.DataFrame({"region": [rng.choice(["eu", "us", "ap"]) for _ in range(1500)],
+                           "amount": [rng.randint(1, 1000) for _ in range(1500)]})
+        path = f"meshscale://single/part-{i}.parquet"
+        with fs.open(path, "wb") as f:
+            df.to_parquet(f)
+        info = fs.info(path)
+        assert len(info["holders"]) == 1, info
+        holder[path] = info["holders"][0]
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True), holder
+
+
+def test_workers_are_placed_on_input_holders_and_reads_prefer_them(
+        mesh: TaskMesh, worker_opts: dict[str, Any],
+        single_copies: tuple[Any, dict[str, str]]) -> None:
+    frame, holder = single_copies
+    # Dask's work stealing may move a loosely restricted task to an idle worker (the
+    # scheduler here reads the caller's config): off, so a read off its holder is ours.
+    with dask.config.set({"distributed.scheduler.work-stealing": False}), \
+            cluster(mesh, workers=2, inputs=["meshscale://single/"],
+                    storage_options=worker_opts) as c, distributed.Client(c) as client:
+        on = c.worker_nodes()
+        assert len(on) == 2, on
+        by_id = {i.id: set(i.holders) for i in c.inputs}
+        anchors = [a for a in c.anchors if a is not None]
+        assert len(anchors) == 2 and len(set(anchors)) == 2, c.anchors
+        # Each worker runs on the holder of the object its task declared.
+        placed = nodes_of(mesh, c.worker_tasks())
+        for task_id, anchor in zip(c.worker_tasks(), c.anchors, strict=True):
+            assert anchor is not None and placed[task_id] in by_id[anchor], (placed, by_id)
+        # Anchors were dealt over different holders when there are two or more.
+        if len(set().union(*by_id.values())) >= 2:
+            assert len(set(placed.values())) == 2, placed
+        parts = c.read_parts("meshscale://single/")
+        got = pd.concat(client.gather(parts), ignore_index=True)
+        who = client.who_has(parts)
+        # Each part whose holder runs a worker was read by that worker.
+        paths = sorted(holder)
+        for path, part in zip(paths, parts, strict=True):
+            near = {w for w, n in on.items() if n == holder[path]}
+            if near:
+                assert set(who[part.key]) <= near, (path, who[part.key], on)
+        ddf = c.read_parquet("meshscale://single/")
+        total = ddf.groupby("region").amount.sum().compute().sort_index()
+    want = frame.groupby("region").amount.sum().sort_index()
+    assert len(got) == len(frame)
+    assert {str(k): int(v) for k, v in total.items()} == \
+        {str(k): int(v) for k, v in want.items()}
+
+
+def test_central_region_and_input_residency(mesh: TaskMesh, local_mesh: LocalMesh,
+                                            opts: dict[str, Any],
+                                            worker_opts: dict[str, Any]) -> None:
+    # Two nodes in each region: the central region is the first by name.
+    with cluster(mesh, region="central", workers=1, storage_options=worker_opts) as c:
+        assert c.region == "eu-west"
+        placed = nodes_of(mesh, c.worker_tasks())
+        eu = {n.name for n in local_mesh.nodes if n.region == "eu-west"}
+        assert set(placed.values()) <= eu, placed
+    # An input that must stay in us-east: no Dask worker for it in eu-west.
+    fs = meshscale.client.fs.MeshFileSystem(**opts, replicas=1, residency=["us-east"],
+                                            skip_instance_cache=True)
+    fs.pipe_file("meshscale://kept/us.parquet",
+                 pd.DataFrame({"amount": [1, 2]}).to_parquet())
+    with pytest.raises(DaskClusterError, match=r"residency without 'eu-west': b3-\S+ \(regions=\{us-east\}\)"):
+        cluster(mesh, region="eu-west", workers=1, inputs=["meshscale://kept/"])
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        cluster(mesh, workers=1, inputs=["meshscale://nothing-here/"])
+    with pytest.raises(DaskClusterError, match=r"no live node in region 'mars'"):
+        cluster(mesh, region="mars", workers=1)

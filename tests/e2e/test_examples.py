@@ -227,3 +227,26 @@ def test_a_put_that_cannot_reach_its_replicas_warns_or_is_refused(mesh: LocalMes
     strict = subprocess.run([*base[:2], "--strict", *base[2:]], capture_output=True,
                             text=True, timeout=60, env=env)
     assert strict.returncode == 2 and "replicas rule" in strict.stderr, strict
+
+
+@pytest.mark.timeout(480)
+def test_batch_dask(mesh: LocalMesh) -> None:
+    """Dask on the mesh inside data-class policies: the naive central plan refused, the
+    per-region pre-aggregation and central combine give plain pandas' totals."""
+    out = run([str(EXAMPLES / "batch_dask.py"), str(mesh.mesh_json)], timeout=400)
+    assert "central region eu-west; sales in eu-west, us-east" in out, out
+    stored = re.findall(r"^stored meshscale://sales/\S+/(\S+)/shop-\d\.parquet .* on (.+)$",
+                        out, re.M)
+    assert len(stored) == 6, out
+    region_of = {n.name: n.region for n in mesh.nodes}
+    for region, holders in stored:
+        assert {region_of[h] for h in holders.split(", ")} == {region}, (region, holders)
+    assert "policy sales-us-east: copies only in us-east, 1 of them" in out, out
+    assert re.search(r"naive plan .* refused: .*residency without 'eu-west': b3-\S+ "
+                     r"\(regions=\{us-east\}, class sales-us-east\)", out), out
+    for region in ("eu-west", "us-east"):
+        m = re.search(rf"^{region}: pre-aggregated 3 files on (\S+) ", out, re.M)
+        assert m is not None and region_of[m.group(1)] == region, out
+    assert re.search(r"^central \(eu-west\): combined 2 partials .* wrote "
+                     r"meshscale://nightly/\S+/totals.parquet = b3-", out, re.M), out
+    assert "totals equal plain pandas on the same files: True (24000 rows)" in out

@@ -10,9 +10,11 @@ bound plus the dashboard's own refresh. Screenshots are saved under ``artifacts/
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +27,7 @@ from meshscale.runtime.launcher import LocalMesh
 from meshscale.trust.bundle import load_bundle
 from needs import require_tools
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(480)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -124,6 +126,37 @@ def stream_ops(driver: Any) -> dict[str, dict[str, Any]]:
     )
 
 
+def timeline_bars(driver: Any) -> dict[str, dict[str, str]]:
+    """The task stream as the page draws it: task id -> its bar's state, class, fill, lane."""
+    return driver.execute_script(
+        "const o = {}; for (const r of document.querySelectorAll('#timeline rect.tl-bar[data-task]'))"
+        " o[r.dataset.task] = {state: r.dataset.state, cls: r.getAttribute('class'),"
+        " fill: getComputedStyle(r).fill, node: r.closest('g[data-node]').dataset.node,"
+        " width: r.getBBox().width, span: r.ownerSVGElement.viewBox.baseVal.width,"
+        " duration_ms: Number(r.dataset.durationMs)};"
+        " return o;"
+    )
+
+
+def resource_cells(driver: Any) -> dict[str, dict[str, float | None]]:
+    """The nodes table: node -> the numbers behind its CPU, memory, disk and network cells."""
+    return driver.execute_script(
+        "const o = {}; for (const tr of document.querySelectorAll('#resources-body tr[data-node]')) {"
+        " const v = (c) => { const td = tr.querySelector('td.' + c);"
+        "   return td && td.dataset.value !== undefined ? Number(td.dataset.value) : null; };"
+        " o[tr.dataset.node] = {cpu: v('cpu'), mem: v('mem'), disk: v('disk'), net: v('net')}; }"
+        " return o;"
+    )
+
+
+def api_points(http: str, token: str) -> list[dict[str, Any]]:
+    """The node's own throughput ring, straight from its API."""
+    req = urllib.request.Request(f"http://{http}/api/v1/throughput",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return list(json.load(resp)["points"])
+
+
 def screenshot(driver: Any, name: str) -> Path:
     """The whole page, not only the viewport."""
     ARTIFACTS.mkdir(exist_ok=True)
@@ -189,6 +222,43 @@ def test_dashboard_shows_the_mesh_and_a_killed_node_as_dead(
     done_rows = browser.execute_script(
         "return document.querySelectorAll('#tasks-body tr[data-state=done]').length")
     assert done_rows >= 20
+    # The task stream: a bar per task in its node's lane, the failed one red.
+    square_ids = {f.task_id for f in futs}
+    bars = wait_until(lambda: (b := timeline_bars(browser)) and square_ids <= set(b)
+                      and failing.task_id in b and b, 20, "timeline bars for every task")
+    for tid in square_ids:
+        assert bars[tid]["state"] == "done" and "failed" not in bars[tid]["cls"], bars[tid]
+        assert bars[tid]["node"] in names and float(bars[tid]["width"]) >= 2
+    # each drawn as wide as its duration (2 px at least) and no wider: the window is 30 s
+    # at the least, so a second takes at most 1/30 of the drawing
+    for b in bars.values():
+        most = max(2.0, b["duration_ms"] / 1000 * b["span"] / 30) + 1
+        assert 2 <= b["width"] <= most, b
+    bad = bars[failing.task_id]
+    assert bad["state"] == "failed" and "failed" in bad["cls"].split(), bad
+    assert bad["fill"] == "rgb(214, 51, 58)", bad  # --dead: red
+    assert {b["node"] for b in bars.values()} <= names
+    # Per-node CPU, memory, disk and network, each node's own numbers (node.points).
+    cells = wait_until(lambda: (c := resource_cells(browser)) and set(c) == names
+                       and all(v["net"] is not None for v in c.values()) and c, 20,
+                       "CPU, memory, disk and network numbers for every node")
+    for name, v in cells.items():
+        assert v["cpu"] is not None and 0 <= v["cpu"] <= 100, (name, v)
+        assert v["mem"] is not None and v["mem"] > 10_000_000, (name, v)  # an agent's RSS
+        assert v["disk"] is not None and v["disk"] > 0, (name, v)
+        assert v["net"] is not None and v["net"] >= 0, (name, v)
+    # The mesh-wide chart counts failures of any owner: one more fails now, on node 1.
+    with connect(mesh.nodes[1].address, bundle=mesh.bundle_path) as other:
+        again = other.submit(boom, 8)
+        with pytest.raises(ValueError, match="boom 8"):
+            again.result(timeout=60)
+    wait_until(lambda: float(browser.execute_script(
+        "return document.getElementById('chart-mesh').dataset.failed || 0")) >= 1
+        and browser.execute_script(
+            "return document.querySelector('#chart-mesh polyline.series.failed,"
+            " #chart-mesh circle.dot.failed') !== null"),
+        20, "the mesh-wide chart to show a failed task")
+    assert "failed" in text(browser, "mesh-now")
     wait_until(lambda: browser.execute_script(
         "return document.querySelector('#events li[data-seq]') !== null"), 10, "events")
     wait_until(lambda: text(browser, "conn-status") == "live", 10, "a live stream")
@@ -246,3 +316,24 @@ def test_dashboard_shows_the_mesh_and_a_killed_node_as_dead(
     assert browser.execute_script("return window.__noReload") == 1
     errors = severe(browser)
     assert not errors, f"console errors after re-entering the token: {errors}"
+
+    # The throughput history is the node's: a reload shows all of it at once, more than a
+    # snapshot carries (60 points), from the node's first point on.
+    wait_until(lambda: len(api_points(http, token)) > 75, 120,
+               "the node to have kept more points than a snapshot carries")
+    browser.refresh()
+    wait_until(lambda: text(browser, "conn-status") == "live", 20, "live after the reload")
+    served = api_points(http, token)
+    shown = wait_until(lambda: browser.execute_script(
+        "const d = document.getElementById('chart-throughput').dataset;"
+        " return Number(d.loaded) > 0 && {points: Number(d.points), first: Number(d.first),"
+        " loaded: Number(d.loaded)};"), 20, "the history loaded after the reload")
+    assert shown["loaded"] >= len(served) - 3 and shown["points"] >= len(served) - 3, \
+        (shown, len(served))
+    assert shown["points"] > 75, shown
+    assert abs(shown["first"] - served[0]["t"]) < 0.01, (shown, served[0])
+    assert browser.execute_script(
+        "return document.querySelector('#chart-throughput polyline.series.done') !== null")
+    errors = severe(browser)
+    assert not errors, f"console errors after the reload: {errors}"
+    screenshot(browser, "dashboard-reloaded.png")

@@ -125,7 +125,8 @@ def test_every_endpoint_matches_its_schema(
     mesh: LocalMesh, token: str, openapi: dict[str, Any], work: dict[str, Any]
 ) -> None:
     documented = {p for p in openapi["paths"] if p.startswith("/api/v1/")}
-    assert set(PATH_SCHEMAS) | {"/api/v1/stream", "/api/v1/openapi.json"} == documented
+    assert set(PATH_SCHEMAS) | {"/api/v1/stream", "/api/v1/openapi.json",
+                                "/api/v1/services/{name}/{method}"} == documented
     for node in mesh.nodes:
         addr = str(node.http)
         for path, schema in PATH_SCHEMAS.items():
@@ -190,6 +191,30 @@ def test_tasks_objects_events_and_throughput_have_content(
     snap = get_json(addr, "/api/v1/snapshot", token)
     validate(openapi, "Snapshot", snap)
     assert any(o["id"] == work["object"] for o in snap["objects"])
+    # What the node used, in its own points; every live node's points in the snapshot
+    # (node.points), their tasks summed per second.
+    # (a node's first point has no network rate yet: no earlier counter)
+    last = wait_for(lambda: (p := get_json(addr, "/api/v1/throughput", token)["points"][-1])
+                    and p["net_in_bytes_per_s"] is not None and p, 10, "a second point")
+    assert last["memory_rss_bytes"] > 10_000_000 and last["disk_free_bytes"] > 0
+    assert last["disk_used_bytes"] > 0 and 0 <= last["cpu_ratio"] <= 1
+    assert last["net_in_bytes_per_s"] >= 0 and last["net_out_bytes_per_s"] >= 0
+    assert last["tasks_failed_per_s"] == 0
+    names = {n.name for n in mesh.nodes}
+
+    def mesh_points() -> dict[str, Any] | None:
+        # the snapshot's view of the mesh is a couple of seconds old at most
+        mp: dict[str, Any] = get_json(addr, "/api/v1/snapshot", token)["mesh_points"]
+        done = sum(p["tasks_done_per_s"] for p in mp["total"])
+        return mp if set(mp["nodes"]) == names and done > 0 else None
+
+    mesh_pts = wait_for(mesh_points, 10, "every node's points, the tasks done among them")
+    assert mesh_pts["nodes_asked"] == mesh_pts["nodes_answered"] == len(names)
+    done_total = sum(p["tasks_done_per_s"] for p in mesh_pts["total"])
+    done_own = sum(p["tasks_done_per_s"] for pts in mesh_pts["nodes"].values() for p in pts)
+    assert done_total == pytest.approx(done_own, abs=0.01)
+    # rates: count / the sampler's second, which a loaded machine stretches (never shrinks)
+    assert len(work["tasks"]) / 2 < done_total <= len(work["tasks"]) + 0.1
 
 
 def test_metrics_parse_and_have_the_required_families(

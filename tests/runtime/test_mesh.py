@@ -293,7 +293,11 @@ def test_survives_garbage(mesh: Mesh) -> None:
     assert after["membership"]["pings_in"] > before["membership"].get("pings_in", 0)
     assert mesh.deaths() == deaths
     mesh.wait_converged(10)
-    assert after["connections"] <= 1
+    # Every garbage connection is closed: what stays open is what was open before (the
+    # test's own, and links other nodes keep for their background calls, e.g. policy
+    # refreshes), give or take one such link made meanwhile.
+    wait_for(lambda: mesh.stats(target)["connections"] <= before["connections"] + 1, 10,
+             "the garbage connections closed")
 
 
 @pytest.mark.timeout(90)

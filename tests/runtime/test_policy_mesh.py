@@ -429,7 +429,7 @@ def test_no_cross_region_reads(mesh: LocalMesh) -> None:
     assert e2.value.code == "refused" and "cross-region read rule" in str(e2.value)
     # A class that allows cross-region reads is read from anywhere.
     with connect(mesh.nodes[euw].address, bundle=mesh.bundle_path) as m:
-        m.policies.set("public", ["eu-west"])
+        m.policies.set("public", ["eu-west"], replicas=2)  # eu-west has 2 nodes
         ref2 = m.put(b"open " * 40, data_class="public")
     with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m:
         assert m.get(ref2) == b"open " * 40

@@ -153,7 +153,7 @@ def test_tasks_cannot_read_the_nodes_secrets(rooted: LocalMesh) -> None:
                     node.data_dir / "store" / "objects", node.data_dir]
     by_path = 0
     with meshscale.connect(rooted.nodes[0].address, bundle=rooted.bundle_path) as c:
-        ref = c.put(b"an input the task may read")  # on both nodes: linked for the run
+        ref = c.put(b"an input the task may read", replicas=2)  # both nodes: linked for the run
         out = c.submit(probe, [str(p) for p in secrets], ref).result(timeout=60)
     for node in rooted.nodes:
         with meshscale.connect(node.address, bundle=rooted.bundle_path) as c:

@@ -20,6 +20,7 @@ from meshscale.client.mesh import (
     object_id,
 )
 from meshscale.client.policies import AsyncPolicies, Policies, PolicyInfo
+from meshscale.client.services import Service, ServiceCallError
 from meshscale.client.tasks import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -60,6 +61,8 @@ __all__ = [
     "ObjectRef",
     "Policies",
     "PolicyInfo",
+    "Service",
+    "ServiceCallError",
     "TaskCancelledError",
     "TaskError",
     "TaskFunction",

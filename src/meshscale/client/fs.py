@@ -50,7 +50,7 @@ from meshscale.core.api.objects import MAX_OBJECT_BYTES
 from meshscale.core.objects import OBJECT_ID_RE
 from meshscale.meshfile import MeshFileError, resolve_target
 
-__all__ = ["NAME_PREFIX", "MeshFileSystem", "MeshWriteFile"]
+__all__ = ["NAME_PREFIX", "MeshFileSystem", "MeshWriteFile", "expand"]
 
 PROTOCOL: Final = "meshscale"
 NAME_PREFIX: Final = "fs/"
@@ -129,6 +129,8 @@ class MeshFileSystem(AbstractFileSystem):  # type: ignore[misc]
             raise ConnectError(str(e)) from None
         self.mesh: Mesh = self._connect(target.addresses, target.bundle, options.get("token"),
                                         float(timeout))
+        self.bytes_read = 0
+        """Bytes this instance's range reads returned (a whole ``cat_file`` not counted)."""
 
     @staticmethod
     def _connect(addresses: Sequence[str], bundle: Path, token: str | None,
@@ -249,7 +251,9 @@ class MeshFileSystem(AbstractFileSystem):  # type: ignore[misc]
             else:
                 assert size is not None or end >= 0
                 length = (end if end >= 0 else size + end) - lo  # type: ignore[operator]
-            return self.mesh.read_range(oid, lo, length) if length > 0 else b""
+            data = self.mesh.read_range(oid, lo, length) if length > 0 else b""
+            self.bytes_read += len(data)
+            return data
         except ObjectNotFoundError:
             raise FileNotFoundError(f"{path}: object {oid} is not held by any live "
                                     "node") from None
@@ -353,7 +357,9 @@ class MeshReadFile(AbstractBufferedFile):  # type: ignore[misc]
         fs: MeshFileSystem = self.fs
         if end <= start:
             return b""
-        return fs.mesh.read_range(self.oid, start, end - start)
+        data = fs.mesh.read_range(self.oid, start, end - start)
+        fs.bytes_read += len(data)
+        return data
 
 
 class MeshWriteFile(AbstractBufferedFile):  # type: ignore[misc]
@@ -386,6 +392,42 @@ class MeshWriteFile(AbstractBufferedFile):  # type: ignore[misc]
         with contextlib.suppress(OSError):
             self.spool.close()
         super().discard()
+
+
+def expand(mesh: Mesh, paths: Sequence[str], limit: int) -> list[tuple[str, str]]:
+    """``(path, object id)`` of each object ``paths`` name, in order, without duplicates:
+    ``meshscale://`` (or bare) object ids, names, and directories (every name under the
+    prefix, sorted). ``FileNotFoundError`` naming a path that names nothing,
+    ``ValueError`` past ``limit`` objects."""
+    out: dict[str, str] = {}
+    for raw in paths:
+        if not isinstance(raw, str):
+            raise ValueError(f"a meshscale:// path or object id, not {raw!r:.80}")
+        p = str(MeshFileSystem._strip_protocol(raw))
+        if not p:
+            raise ValueError("the meshscale:// root is every name: name a directory")
+        found: list[tuple[str, str]] = []
+        if OBJECT_ID_RE.fullmatch(p):
+            found.append((f"{PROTOCOL}://{p}", p))
+        else:
+            value = mesh.kv.get(NAME_PREFIX + p)
+            if value is not None:
+                try:
+                    found.append((f"{PROTOCOL}://{p}", _pointer(value)[0]))
+                except ValueError as e:
+                    raise FileNotFoundError(f"meshscale://{p}: {e}") from None
+            else:
+                for name, v in sorted(mesh.kv.items(NAME_PREFIX + p + "/")):
+                    with contextlib.suppress(ValueError):
+                        found.append((f"{PROTOCOL}://{name[len(NAME_PREFIX):]}",
+                                      _pointer(v)[0]))
+        if not found:
+            raise FileNotFoundError(f"meshscale://{p}: no such name, directory or object id")
+        for path, oid in found:
+            out.setdefault(path, oid)
+            if len(out) > limit:
+                raise ValueError(f"more than {limit} objects under {', '.join(paths)}")
+    return list(out.items())
 
 
 fsspec.register_implementation(PROTOCOL, MeshFileSystem, clobber=True)

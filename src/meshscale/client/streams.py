@@ -40,9 +40,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import cloudpickle
 import msgspec
 
+import meshscale.client.codepack as codepack
 from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import RemoteError, RpcConnection, RpcError
-from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
+from meshscale.client.shipping import (
+    Region,
+    Regions,
+    TaskSubmitError,
+    by_value,
+    modules_to_ship,
+)
 from meshscale.core.api import Empty, ErrorCode, Method, Request, ResidencyWire
 from meshscale.core.api import node as node_api
 from meshscale.core.api import streams as api
@@ -126,20 +133,34 @@ def _make_operator_call(fn: Callable[..., Any], batch: bool) -> Callable[[list[A
     return _meshscale_operator
 
 
-def _pickle_operator(fn: Callable[..., Any], batch: bool) -> bytes:
+def _pickle_operator(fn: Callable[..., Any], batch: bool,
+                     code: tuple[str, bytes] | None = None) -> bytes:
+    """The operator's call wrapper pickled, with the modules of the user's project it
+    reaches and the connection's code archive (``working_dir``) when there are any, as
+    a task's function travels (``client/codepack.shipped_call``)."""
     if not callable(fn):
         raise TaskSubmitError(f"{fn!r} is not callable")
     import sys
 
     module_name = getattr(fn, "__module__", None) or "__main__"
     mod = sys.modules.get(module_name)
+    shipped = modules_to_ship(fn)
+    lazy = bool(shipped) or code is not None
     registered = False
     if module_name != "__main__" and mod is not None and by_value(module_name):
         with contextlib.suppress(ValueError):
             cloudpickle.register_pickle_by_value(mod)
             registered = True
+    if lazy:
+        cloudpickle.register_pickle_by_value(codepack)
     try:
-        data: bytes = cloudpickle.dumps(_make_operator_call(fn, batch), protocol=5)
+        call = _make_operator_call(fn, batch)
+        if lazy:
+            inner: bytes = cloudpickle.dumps(call, protocol=5)
+            data: bytes = cloudpickle.dumps(codepack.shipped_call(inner, shipped, code),
+                                            protocol=5)
+        else:
+            data = cloudpickle.dumps(call, protocol=5)
         return data
     except Exception as e:
         raise TaskSubmitError(f"cannot pickle operator {getattr(fn, '__name__', fn)!r}: "
@@ -148,6 +169,9 @@ def _pickle_operator(fn: Callable[..., Any], batch: bool) -> bytes:
         if registered:
             with contextlib.suppress(ValueError):
                 cloudpickle.unregister_pickle_by_value(mod)
+        if lazy:
+            with contextlib.suppress(ValueError):
+                cloudpickle.unregister_pickle_by_value(codepack)
 
 
 MAX_STARTING_RETRIES = 100
@@ -478,9 +502,9 @@ class StreamsMixin:
         elif placement != "near-source":
             raise ValueError(f"placement must be 'near-source', 'central', Region(...) or "
                              f"Regions([...]), not {placement!r}")
-        data = _pickle_operator(fn, batch)
-        op_name = name or f"{getattr(fn, '__name__', 'operator')}-{topic}"
         mesh: Mesh = self  # type: ignore[assignment]
+        data = _pickle_operator(fn, batch, getattr(mesh._inner, "code", None))
+        op_name = name or f"{getattr(fn, '__name__', 'operator')}-{topic}"
         r = mesh._run(mesh._inner._request(api.OP_REGISTER, OpRegisterRequest(
             name=op_name, topic=topic, output=output, mode=mode, region=region,
             regions=regions, residency=_residency(residency, data_class),

@@ -74,6 +74,7 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar
 import cloudpickle
 import msgspec
 
+import meshscale.client.codepack as codepack
 from meshscale.client.mesh import (
     READ_AHEAD,
     AsyncMesh,
@@ -84,7 +85,14 @@ from meshscale.client.mesh import (
     open_mesh,
 )
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
-from meshscale.client.shipping import Region, Regions, TaskSubmitError, by_value
+from meshscale.client.services import ServicesMixin
+from meshscale.client.shipping import (
+    Region,
+    Regions,
+    TaskSubmitError,
+    by_value,
+    modules_to_ship,
+)
 from meshscale.client.streams import StreamsMixin
 from meshscale.core.api import ErrorCode, Method, Request, ResidencyWire
 from meshscale.core.api.tasks import (
@@ -398,28 +406,37 @@ class _CallPickler(_Pickler):
 
 
 _pickle_lock = threading.Lock()
-_pickled: weakref.WeakKeyDictionary[Any, tuple[str, bytes]] = weakref.WeakKeyDictionary()
+_pickled: weakref.WeakKeyDictionary[Any, dict[str, tuple[str, bytes]]] = \
+    weakref.WeakKeyDictionary()
 
 
-def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
-    """``(function_id, bytes)`` of the call wrapper around ``fn``, computed once per
-    process. Raises ``TaskSubmitError`` naming what could not be pickled."""
+def pickle_function(fn: Callable[..., Any],
+                    code: tuple[str, bytes] | None = None) -> tuple[str, bytes]:
+    """``(function_id, bytes)`` of the call wrapper around ``fn`` (with the connection's
+    code archive ``code``, if any), computed once per process and archive. Raises
+    ``TaskSubmitError`` naming what could not be pickled."""
+    key = "" if code is None else code[0]
     with _pickle_lock:
-        hit = _pickled.get(fn)
+        hit = _pickled.get(fn, {}).get(key)
         if hit is not None:
             return hit
         name = getattr(fn, "__qualname__", None) or repr(fn)
         if not callable(fn):
             raise TaskSubmitError(f"{name} is not callable (a {type(fn).__name__})")
         module_name = getattr(fn, "__module__", None) or "__main__"
+        shipped = modules_to_ship(fn)
         registered = False
         mod = sys.modules.get(module_name)
         if module_name != "__main__" and mod is not None and by_value(module_name):
             with contextlib.suppress(ValueError):
                 cloudpickle.register_pickle_by_value(mod)
                 registered = True
+        lazy = bool(shipped) or code is not None
+        if lazy:  # the loader travels by value: workers import no client
+            cloudpickle.register_pickle_by_value(codepack)
         try:
-            data = _dumps(_make_call(fn))
+            call = _make_call(fn)
+            data = _dumps(codepack.shipped_call(_dumps(call), shipped, code) if lazy else call)
         except Exception as e:
             raise TaskSubmitError(
                 f"cannot pickle function {name}: {type(e).__name__}: {e}") from None
@@ -427,9 +444,12 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
             if registered:
                 with contextlib.suppress(ValueError):
                     cloudpickle.unregister_pickle_by_value(mod)
+            if lazy:
+                with contextlib.suppress(ValueError):
+                    cloudpickle.unregister_pickle_by_value(codepack)
         out = (function_id(data), data)
         with contextlib.suppress(TypeError):  # not weak-referenceable: not cached
-            _pickled[fn] = out
+            _pickled.setdefault(fn, {})[key] = out
         return out
 
 
@@ -544,8 +564,9 @@ class TaskFunction(Generic[P, R]):
         """Run on the default mesh (the last ``meshscale.connect()``)."""
         return default_mesh().submit(self, *args, **kwargs)
 
-    def _wire(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, bytes, TaskWire]:
-        fn_id, fn_bytes = pickle_function(self.fn)
+    def _wire(self, args: Sequence[Any], kwargs: dict[str, Any],
+              code: tuple[str, bytes] | None = None) -> tuple[str, bytes, TaskWire]:
+        fn_id, fn_bytes = pickle_function(self.fn, code)
         payload, inputs, after = _pickle_call(args, kwargs)
         return fn_id, fn_bytes, TaskWire(
             task_id=uuid.uuid4().hex, fn_id=fn_id, name=self._name, args=payload,
@@ -787,6 +808,8 @@ class AsyncTaskMesh(AsyncMesh):
         self._idle_conns: list[RpcConnection] = []
         self._conn_sem = asyncio.Semaphore(TASK_CONNECTIONS)
         self._fns_sent: set[str] = set()
+        self.code: tuple[str, bytes] | None = None
+        """``(hash, archive)`` of ``working_dir`` and ``py_modules``, sent with every task."""
         self.runner: _LoopThread | None = None
         self._watched: set[Future] = set()
         self._watch_added = asyncio.Event()
@@ -831,7 +854,7 @@ class AsyncTaskMesh(AsyncMesh):
         wires: list[TaskWire] = []
         fn_bytes = b""
         for a, kw in calls:
-            _, fn_bytes, wire = tf._wire(a, kw)
+            _, fn_bytes, wire = tf._wire(a, kw, self.code)
             wires.append(wire)
         report: Callable[[int, int], None] | None
         if progress is True:
@@ -1049,9 +1072,10 @@ class AsyncTaskMesh(AsyncMesh):
         await super().close()
 
 
-class TaskMesh(StreamsMixin, Mesh):
+class TaskMesh(ServicesMixin, StreamsMixin, Mesh):
     """``Mesh`` plus tasks (blocking): ``submit``, ``map``, ``wait``, ``tasks``; and
-    streams: ``stream``, ``operator``, ``subscribe`` (``client/streams.py``)."""
+    streams: ``stream``, ``operator``, ``subscribe`` (``client/streams.py``); and
+    services: ``deploy``, ``service``, ``services`` (``client/services.py``)."""
 
     _inner: AsyncTaskMesh
 
@@ -1220,10 +1244,23 @@ async def connect_async(
     token: str | None = None,
     timeout: float = 30.0,
     read_ahead: int = READ_AHEAD,
+    working_dir: str | Path | None = None,
+    py_modules: Sequence[Any] | None = None,
 ) -> AsyncTaskMesh:
-    """Like ``client.mesh.connect_async``, with tasks."""
-    return await open_mesh(AsyncTaskMesh, address, bundle=bundle, token=token,
+    """Like ``client.mesh.connect_async``, with tasks. ``working_dir`` and
+    ``py_modules``: see ``connect``."""
+    code = _pack_code(working_dir, py_modules)
+    mesh = await open_mesh(AsyncTaskMesh, address, bundle=bundle, token=token,
                            timeout=timeout, read_ahead=read_ahead)
+    mesh.code = code
+    return mesh
+
+
+def _pack_code(working_dir: str | Path | None,
+               py_modules: Sequence[Any] | None) -> tuple[str, bytes] | None:
+    if working_dir is None and not py_modules:
+        return None
+    return codepack.pack(working_dir, py_modules)
 
 
 def connect(
@@ -1233,15 +1270,27 @@ def connect(
     token: str | None = None,
     timeout: float = 30.0,
     read_ahead: int = READ_AHEAD,
+    working_dir: str | Path | None = None,
+    py_modules: Sequence[Any] | None = None,
 ) -> TaskMesh:
     """Connect to the mesh through the node at ``address`` (blocking API, with tasks);
     it becomes the default mesh of ``@task(...).submit``. ``token`` and ``read_ahead``:
-    see ``client.mesh.connect_async``. Raises ``ConnectError``."""
+    see ``client.mesh.connect_async``. Raises ``ConnectError``.
+
+    ``working_dir``: a directory whose files every task of this connection finds first
+    on its ``sys.path`` (and ``py_modules``: more modules, each a module, a module name
+    or the path of a ``.py`` file or a package). Packed here into one archive named by
+    its hash (``client/codepack.py``: caches and VCS directories left out, at most
+    ``MAX_CODE_ARCHIVE_BYTES``), sent with the functions and unpacked once per hash on
+    each worker node. Raises ``CodeArchiveError`` (a ``ValueError``) before connecting
+    for a missing directory, an entry that is not importable or too much."""
     global _default
+    code = _pack_code(working_dir, py_modules)
     runner = _LoopThread()
     try:
         inner = runner.run(connect_async(address, bundle=bundle, token=token, timeout=timeout,
                                          read_ahead=read_ahead))
+        inner.code = code
     except BaseException:
         runner.stop()
         raise

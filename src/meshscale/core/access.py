@@ -40,11 +40,12 @@ _GRANTS: dict[str, frozenset[Access]] = {
 }
 
 _READ = (
-    "members", "stats", "events", "node.energy",
+    "members", "stats", "events", "node.energy", "node.points",
     "obj.read", "obj.stat", "obj.list", "kv.get", "kv.list", "dp.stats",
     "task.list", "task.stats", "task.result", "task.wait", "task.logs",
     "stream.read", "stream.op_list", "stream.stats",
     "policy.get", "policy.list",
+    "svc.list",
 )
 _WRITE = (
     "obj.put_begin", "obj.put_chunk", "obj.put_end", "obj.put_abort", "obj.put_small",
@@ -52,6 +53,9 @@ _WRITE = (
     "task.submit", "task.cancel",
     "stream.publish", "stream.op_register", "stream.op_remove",
     "admin.revoke", "node.standby", "node.wake", "policy.set", "policy.delete",
+    # A service call runs the service's code, which may change what it holds: a write,
+    # as a task's submit is (a read-only certificate may list services, not call them).
+    "svc.deploy", "svc.remove", "svc.call",
 )
 _AUDIT = ("audit.query", "audit.verify", "audit.heads")
 _NODE = (
@@ -59,6 +63,7 @@ _NODE = (
     "obj.local_stat", "obj.local_list", "repl.msg", "kv.apply", "kv.read", "kv.scan",
     "sched.msg", "sched.load", "sched.batch", "task.done", "task.fn", "task.kill",
     "stream.replicate", "stream.fetch", "stream.op_notify",
+    "svc.notify", "svc.invoke", "svc.status",
 )
 
 METHOD_ACCESS: dict[str, Access] = {

@@ -143,7 +143,7 @@ from meshscale.core.wire import DECODE_ERRORS
 from meshscale.runtime import caller
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.local import LocalCalls, call_node
-from meshscale.runtime.services import NodeServices
+from meshscale.runtime.services import NodeServices, refusal
 from meshscale.runtime.workers import (
     FunctionNotCached,
     PoolBusy,
@@ -448,19 +448,10 @@ class ComputePlane:
         self.stats[key] = self.stats.get(key, 0) + n
 
     def _refuse(self, rule: str, message: str, *, subject: str = "",
-                data_class: str | None = None, **fields: object) -> ApiError:
-        """The one place this plane refuses a request by a policy or residency rule: counts
-        it (``refused_<rule>``), records it in the audit trail (a ``refusal`` entry naming
-        ``subject``, the class and the caller's region), logs it (rate-limited: a peer can
-        cause it) and returns the error to raise."""
-        self._count("refusals")
-        self._count(f"refused_{rule}")
-        why = f"refused: {message}"
-        self.agent.record(Kind.REFUSAL, subject[:1024], data_class=data_class,
-                          from_region=caller.node_region(self.agent.m.members), detail=why[:1024])
-        self.agent.log_limited("refused", rule=rule, message=message[:300],
-                               subject=subject[:200], data_class=data_class, **fields)
-        return ApiError(ErrorCode.REFUSED, why)
+                data_class: str | None = None, **fields: Any) -> ApiError:
+        """This plane's refusals (``runtime.services.refusal``)."""
+        return refusal(self.agent, self._count, rule, message, subject=subject,
+                       data_class=data_class, **fields)
 
     def _resolve_task(self, t: TaskWire, policies: dict[str, ClassPolicy]) -> TaskWire:
         """``t`` with its data class resolved to the class's regions (``core.policy``):
@@ -873,6 +864,9 @@ class ComputePlane:
             elif fn_id not in self._fns and fn_id not in fresh:
                 raise ApiError(ErrorCode.NEED_FUNCTION, f"need function {fn_id}")
         for fn_id, data in fresh.items():
+            if fn_id not in self._fns:  # a client's code (with its archive) arriving
+                self._count("functions_received")
+                self._count("function_bytes_received", len(data))
             self._remember_fn(fn_id, data)
         classes = {t.residency.data_class for t in wire
                    if t.residency is not None and t.residency.data_class is not None}

@@ -9,6 +9,9 @@ its membership meta (tag ``http``), so any node can point at the others:
   in ``openapi.py`` (served at ``/api/v1/openapi.json`` without auth);
 - ``/api/v1/stream``: server-sent events, one ``snapshot`` a second; at most
   ``AgentConfig.max_http_streams`` at once, 503 beyond;
+- ``POST /api/v1/services/{name}/{method}``: call a service (issue #22) with JSON
+  arguments, the admin token (a call is a write; the read-only token gets 403); the node
+  routes it as ``svc.call`` does for the Python client;
 - ``/metrics``: Prometheus text from a per-node registry (``observe.MeshCollector``);
   token required unless ``AgentConfig.metrics_public``.
 
@@ -33,10 +36,17 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from meshscale.core.api import Empty
+from meshscale.core.api import ApiError, Empty, ErrorCode
+from meshscale.core.api import services as services_api
 from meshscale.core.api import streams as streams_api
+from meshscale.core.api.node import POINTS
 from meshscale.core.api.streams import StreamStats
-from meshscale.runtime.observe import MeshCollector, NodeObserver, ObservedNode
+from meshscale.runtime.observe import (
+    SNAPSHOT_POINTS,
+    MeshCollector,
+    NodeObserver,
+    ObservedNode,
+)
 from meshscale.runtime.openapi import openapi_document
 from meshscale.transport.framing import split_addr
 from meshscale.trust.bundle import is_valid_token
@@ -47,6 +57,8 @@ OBJECTS_TTL_S = 5.0
 TASKS_TTL_S = 2.0
 """The mesh-wide task table (a fan-out to every node) is reused this long."""
 TASK_ROWS = 200
+POINTS_TTL_S = 2.0
+"""Every node's newest points (a fan-out to every node) are reused this long."""
 STREAMS_TIMEOUT_S = 2.0
 STREAMS_TTL_S = 2.0
 SNAPSHOT_TTL_S = 0.9
@@ -68,6 +80,24 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
+
+
+_OUTCOME_STATUS = {
+    "raised": 500, "unpicklable": 400, "too-large": 413, "timeout": 504, "crashed": 502,
+    "busy": 429, "no-replica": 503, "replica-lost": 502, "retries-exhausted": 502,
+    "not-here": 503,
+}
+"""HTTP status of each way a service call can fail (``core.api.services.OUTCOMES``)."""
+
+
+def _service_error(status: int, kind: str, message: str, traceback: str = "",
+                   node: str = "") -> web.Response:
+    body: dict[str, Any] = {"error": message, "kind": kind}
+    if traceback:
+        body["traceback"] = traceback
+    if node:
+        body["node"] = node
+    return _json(body, status)
 
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -98,6 +128,8 @@ class HttpServer:
         self._objects_lock = asyncio.Lock()
         self._tasks_lock = asyncio.Lock()
         self._tasks_cache: tuple[float, dict[str, Any]] | None = None
+        self._points_lock = asyncio.Lock()
+        self._points_cache: tuple[float, dict[str, Any]] | None = None
         self._snapshot: tuple[float, bytes] | None = None
         self._streams_cache: tuple[float, dict[str, Any]] | None = None
         self._snapshot_lock = asyncio.Lock()
@@ -128,6 +160,7 @@ class HttpServer:
             "streams": self._streams_api,
         }.items():
             r.add_get(f"/api/v1/{path}", self._authed(handler))
+        r.add_post("/api/v1/services/{name}/{method}", self._service_call)
         cfg = self.agent.cfg
         # keepalive_timeout also bounds a connection that has not sent a whole request yet
         # (aiohttp's default of 3630 s let 300 half-open connections stay for an hour).
@@ -174,6 +207,9 @@ class HttpServer:
             tags["https"] = "1"
         self.agent.meta = msgspec.structs.replace(meta, tags=tags)
         self.observer.start()
+        # The points live in this server's observer: a node without HTTP keeps none (a
+        # fan-out gets UNKNOWN_METHOD from it and leaves it out).
+        self.agent.serve(POINTS, self.observer.node_points)
         self.agent.log("info", "http_started", http=self.address, https=tls is not None,
                        metrics_public=self.agent.cfg.metrics_public)
 
@@ -239,6 +275,60 @@ class HttpServer:
             return denied if denied is not None else await handler(request)
 
         return wrapped
+
+    # ------------------------------------------------------------------ services
+
+    async def _service_call(self, request: web.Request) -> web.StreamResponse:
+        """``POST /api/v1/services/NAME/METHOD``: the body is a JSON list of arguments or
+        ``{"args": [...], "kwargs": {...}}`` (empty: no arguments); the answer is
+        ``{"result": ..., "node", "region", "attempts"}``. The node never decodes the
+        arguments or the result: the replica does (``runtime/replica_main.py``)."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not is_valid_token(token) or \
+                not self.agent.bundle.check_read_token(token):
+            self.agent.stats.rejected["http_unauthorized"] += 1
+            return _error(401, "missing or wrong token (Authorization: Bearer TOKEN)")
+        if not self.agent.bundle.check_token(token):
+            return _error(403, "a service call is a write: the read-only token may not "
+                               "make it (rule: svc.call needs the admin token)")
+        if self.agent.membership is None:
+            return _error(503, "node is starting")
+        limit = services_api.MAX_CALL_ARGS_BYTES
+        if request.content_length is not None and request.content_length > limit:
+            return _service_error(413, "too-large", f"arguments of {request.content_length} "
+                                  f"bytes exceed MAX_CALL_ARGS_BYTES={limit}")
+        body = await request.content.read(limit + 1)
+        if len(body) > limit:
+            return _service_error(413, "too-large",
+                                  f"arguments exceed MAX_CALL_ARGS_BYTES={limit}")
+        try:
+            timeout_s = float(request.query.get("timeout_s", "30"))
+        except ValueError:
+            raise BadRequest("timeout_s must be a number of seconds") from None
+        if not 0 < timeout_s <= services_api.MAX_CALL_TIMEOUT_S:
+            raise BadRequest(f"timeout_s must be in (0, {services_api.MAX_CALL_TIMEOUT_S:g}]")
+        try:
+            req = services_api.CallRequest(
+                service=request.match_info["name"], method=request.match_info["method"],
+                args=body.strip() or b"[]", encoding="json", timeout_s=timeout_s)
+            req = msgspec.convert(msgspec.to_builtins(req, builtin_types=(bytes,)),
+                                  services_api.CallRequest, builtin_types=(bytes,))
+        except msgspec.ValidationError as e:
+            raise BadRequest(str(e)) from None
+        try:
+            reply = await self.agent.call_local(services_api.CALL, req)
+        except ApiError as e:
+            status = 404 if e.code == ErrorCode.NOT_FOUND else 400
+            return _error(status, str(e))
+        if reply.outcome != "done":
+            return _service_error(_OUTCOME_STATUS.get(reply.outcome, 500), reply.outcome,
+                                  reply.message, reply.traceback, reply.node)
+        head = json.dumps({"node": reply.node, "region": reply.region,
+                           "attempts": reply.attempts}, separators=(",", ":")).encode()
+        return web.Response(body=head[:-1] + b',"result":' + reply.value + b"}",
+                            content_type="application/json")
 
     # ------------------------------------------------------------------ dashboard files
 
@@ -308,7 +398,9 @@ class HttpServer:
         return _json({"events": self.observer.events(since)})
 
     async def _throughput(self, request: web.Request) -> web.StreamResponse:
-        return _json({"points": self.observer.throughput()})
+        resp = _json({"points": self.observer.throughput()})
+        resp.enable_compression()  # the hour is about 1 MB of JSON; gzip when asked
+        return resp
 
     async def _streams_api(self, request: web.Request) -> web.StreamResponse:
         return _json(await self.streams_view())
@@ -378,11 +470,22 @@ class HttpServer:
             self._tasks_cache = (time.monotonic() + TASKS_TTL_S, view)
             return view
 
+    async def _mesh_points(self) -> dict[str, Any]:
+        """``observer.mesh_points``, reused for ``POINTS_TTL_S``."""
+        async with self._points_lock:
+            cached = self._points_cache
+            if cached is not None and cached[0] > time.monotonic():
+                return cached[1]
+            view = await self.observer.mesh_points()
+            self._points_cache = (time.monotonic() + POINTS_TTL_S, view)
+            return view
+
     async def snapshot(self) -> dict[str, Any]:
         return {
             "node": self.observer.node(),
             "members": self.observer.members(),
-            "throughput": self.observer.throughput(120),
+            "throughput": self.observer.throughput(SNAPSHOT_POINTS),
+            "mesh_points": await self._mesh_points(),
             "objects": await self._object_list(200),
             "tasks": await self._mesh_tasks(),
             "events": self.observer.events(0, last=50),

@@ -113,6 +113,7 @@ from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.latency import RegionPair
 from meshscale.runtime.power import ENERGY_WINDOW_S, PowerMeter
 from meshscale.runtime.services import Handler, LocalCopies, Rep, Req
+from meshscale.runtime.services_plane import ServicePlane
 from meshscale.runtime.streams import StreamPlane
 from meshscale.runtime.workers import WorkerPool
 from meshscale.transport.credentials import Credentials
@@ -317,6 +318,7 @@ class NodeAgent:
         self.streams: StreamPlane | None = None
         self.capacity: CapacityDriver | None = None
         """Consolidation (``runtime/capacity.py``): with the compute plane."""
+        self.services: ServicePlane | None = None
         self.http: HttpServer | None = None
         self.started_at = time.time()
         self.ready = False
@@ -508,6 +510,8 @@ class NodeAgent:
                 idle_watts=self.cfg.power.model.idle_watts, load=self._capacity_load,
                 sole_copies=self._sole_copies, on_state=self._power_state)
             await self.capacity.start()
+            self.services = ServicePlane(self)
+            await self.services.start()
         # Join only once every plane serves its RPCs: a member others can see must be
         # able to answer them (a client that waits for convergence may call at once).
         if self.seeds:
@@ -530,6 +534,10 @@ class NodeAgent:
     async def stop(self) -> None:
         if self.http is not None:
             await self.http.stop()
+        services = self.services
+        if services is not None:
+            await services.stop()
+            self.services = None
         streams = self.streams
         if streams is not None:
             await streams.stop()

@@ -17,12 +17,14 @@ import asyncio
 import bisect
 import contextlib
 import os
+import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import psutil
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -34,7 +36,7 @@ from prometheus_client.registry import Collector
 import meshscale
 from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.api import objects as objects_api
-from meshscale.core.api.node import EventInfo
+from meshscale.core.api.node import POINTS, EventInfo, NodePoint, NodePoints, PointsRequest
 from meshscale.core.api.objects import MAX_LIST_PAGE
 from meshscale.core.api.tasks import TASK_LIST, ListRequest
 from meshscale.core.membership import State
@@ -125,7 +127,13 @@ def _int_or_none(text: str | None) -> int | None:
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0, 30.0, 60.0, 300.0)
-THROUGHPUT_POINTS = 300
+THROUGHPUT_POINTS = 3600
+"""One-second points the node keeps: the last hour (``/api/v1/throughput``)."""
+SNAPSHOT_POINTS = 60
+"""Newest points in each snapshot (the dashboard loads the rest once, on open)."""
+MESH_POINTS_PER_NODE = 120
+"""Newest points asked of each live node for the mesh-wide charts and node table."""
+MESH_POINTS_TIMEOUT_S = 2.0
 MAX_SAMPLE_LATENCIES = 10_000
 """Latencies kept for one second's percentiles (beyond this, the rest are not sampled)."""
 MAX_BOUND_PENDING = 50_000
@@ -207,8 +215,14 @@ class NodeObserver:
         self.tasks_ended: Counter[str] = Counter()
         self.points: deque[dict[str, Any]] = deque(maxlen=THROUGHPUT_POINTS)
         self._second_done = 0
+        self._second_failed = 0
         self._second_lat: list[float] = []
         self._last_tick = time.monotonic()
+        self._net_seen: tuple[int, int] | None = None
+        # mesh_points keeps each node's newest points and asks only for what is new.
+        self._mesh_pts: dict[str, deque[dict[str, Any]]] = {}
+        self._mesh_asked: dict[str, float] = {}
+        self._proc: psutil.Process | None = None
         self._seen: dict[str, int] = {}
         self._hooked: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -245,7 +259,9 @@ class NodeObserver:
             self._second_done += 1
             if len(self._second_lat) < MAX_SAMPLE_LATENCIES:
                 self._second_lat.append(latency_s)
-        elif rec.kind == "unschedulable":
+        elif state == "failed":
+            self._second_failed += 1
+        if state != "done" and rec.kind == "unschedulable":
             self.placements["unschedulable"] += 1
 
     def _task_bound(self, compute: ObservedCompute, ev: TaskBound) -> None:
@@ -275,22 +291,65 @@ class NodeObserver:
         while True:
             await asyncio.sleep(1.0)
             try:
-                self.tick(time.monotonic())
+                # /proc and statvfs reads stay off the event loop.
+                used = await asyncio.to_thread(self.resources)
+                self.tick(time.monotonic(), used)
             except Exception as e:  # the API must outlive a bug in a counter
                 self.agent.log("error", "observer_tick_failed", error=repr(e))
 
-    def tick(self, now: float) -> None:
+    def resources(self) -> dict[str, int | None]:
+        """Memory of the agent and its workers, and the data dir's file system (blocking
+        reads: the sampler runs this in a thread)."""
+        rss: int | None = None
+        try:
+            if self._proc is None:
+                self._proc = psutil.Process()
+            procs = [self._proc]
+            with contextlib.suppress(psutil.Error):
+                procs += self._proc.children(recursive=True)
+            total = 0
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+            rss = total
+        except psutil.Error:
+            rss = None
+        free = used = None
+        with contextlib.suppress(OSError):
+            du = shutil.disk_usage(self.agent.data_dir)
+            free, used = du.free, du.used
+        return {"memory_rss_bytes": rss, "disk_free_bytes": free, "disk_used_bytes": used}
+
+    def tick(self, now: float, used: Mapping[str, int | None] | None = None) -> None:
+        """Close the current second: one point into the bounded ring."""
         self._hook_compute()
+        if used is None:
+            used = self.resources()
         dt = max(0.0, now - self._last_tick)
         self._last_tick = now
         lat = sorted(self._second_lat)
+        st = self.agent.stats
+        net = (sum(st.bytes_in.values()), sum(st.bytes_out.values()))
+        before, self._net_seen = self._net_seen, net
+        net_in = net_out = None
+        if before is not None and dt > 0:
+            net_in = round(max(0, net[0] - before[0]) / dt, 1)
+            net_out = round(max(0, net[1] - before[1]) / dt, 1)
         self.points.append({
             "t": round(time.time(), 3),
             "tasks_done_per_s": round(self._second_done / dt, 3) if dt > 0 else 0.0,
+            "tasks_failed_per_s": round(self._second_failed / dt, 3) if dt > 0 else 0.0,
             "latency_p50_ms": round(_percentile(lat, 0.5) * 1000, 3) if lat else None,
             "latency_p99_ms": round(_percentile(lat, 0.99) * 1000, 3) if lat else None,
+            "cpu_ratio": round(float(self.agent.power.utilisation), 4),
+            "memory_rss_bytes": used.get("memory_rss_bytes"),
+            "disk_free_bytes": used.get("disk_free_bytes"),
+            "disk_used_bytes": used.get("disk_used_bytes"),
+            "net_in_bytes_per_s": net_in,
+            "net_out_bytes_per_s": net_out,
         })
         self._second_done = 0
+        self._second_failed = 0
         self._second_lat = []
         self._events_from_counters()
 
@@ -400,6 +459,61 @@ class NodeObserver:
     def throughput(self, last: int = THROUGHPUT_POINTS) -> list[dict[str, Any]]:
         pts = list(self.points)
         return pts[-last:] if last > 0 else []
+
+    def node_points(self, req: PointsRequest) -> NodePoints:
+        """``node.points``: this node's newest points (bounded by the request's struct)."""
+        return NodePoints(name=self.agent.name,
+                          points=[NodePoint(**p) for p in self.throughput(req.last)])
+
+    async def mesh_points(self, per_node: int = MESH_POINTS_PER_NODE) -> dict[str, Any]:
+        """Every live node's newest ``per_node`` points (``node.points`` asked of each at
+        once, ``MESH_POINTS_TIMEOUT_S`` each; a node asked before is asked only for the
+        seconds since, plus two), and their tasks done and failed summed per second: the
+        dashboard's mesh-wide chart and per-node resources."""
+        alive = sorted(mm.name for mm in self.agent.m.members.values()
+                       if mm.state <= State.SUSPECT)
+        for gone in set(self._mesh_pts) - set(alive):
+            del self._mesh_pts[gone]
+            self._mesh_asked.pop(gone, None)
+        now = time.monotonic()
+
+        async def one(name: str) -> NodePoints | None:
+            asked = self._mesh_asked.get(name)
+            last = per_node if asked is None or name not in self._mesh_pts \
+                else min(per_node, int(now - asked) + 2)
+            try:
+                return await call_node(self.agent, name, POINTS,
+                                       PointsRequest(last=last), lane=MESH_TASKS_LANE,
+                                       timeout_s=MESH_POINTS_TIMEOUT_S)
+            except (ValueError, RpcError, OSError):
+                return None  # not serving HTTP (no points kept), or did not answer
+
+        answers = await asyncio.gather(*(one(n) for n in alive))
+        nodes: dict[str, list[dict[str, Any]]] = {}
+        done: Counter[int] = Counter()
+        failed: Counter[int] = Counter()
+        for name, ans in zip(alive, answers, strict=True):
+            if ans is None:
+                self._mesh_pts.pop(name, None)  # asked afresh next time
+                continue
+            self._mesh_asked[name] = now
+            kept = self._mesh_pts.get(name)
+            if kept is None:
+                kept = self._mesh_pts[name] = deque(maxlen=per_node)
+            newest = kept[-1]["t"] if kept else float("-inf")
+            for np in ans.points:
+                if np.t > newest:
+                    kept.append({f: getattr(np, f) for f in NodePoint.__struct_fields__})
+            pts = list(kept)
+            nodes[name] = pts
+            for p in pts:
+                sec = int(p["t"])
+                done[sec] += p["tasks_done_per_s"]
+                failed[sec] += p["tasks_failed_per_s"]
+        total = [{"t": float(sec), "tasks_done_per_s": round(done[sec], 3),
+                  "tasks_failed_per_s": round(failed[sec], 3)} for sec in sorted(done)]
+        return {"nodes": nodes, "total": total, "nodes_asked": len(alive),
+                "nodes_answered": len(nodes)}
 
     async def mesh_tasks(self, limit: int, per_node: int = MESH_TASKS_PER_NODE
                          ) -> dict[str, Any]:

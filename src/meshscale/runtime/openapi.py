@@ -15,6 +15,36 @@ _NUM_OR_NULL: dict[str, Any] = {"type": ["number", "null"]}
 _STR_OR_NULL: dict[str, Any] = {"type": ["string", "null"]}
 
 SCHEMAS: dict[str, Any] = {
+    "ServiceCallRequest": {
+        "description": "A JSON list of positional arguments, or args and kwargs.",
+        "oneOf": [
+            {"type": "array"},
+            {"type": "object", "additionalProperties": False,
+             "properties": {"args": {"type": "array"}, "kwargs": {"type": "object"}}},
+        ],
+    },
+    "ServiceCallResponse": {
+        "type": "object",
+        "required": ["result", "node", "region", "attempts"],
+        "properties": {
+            "result": {"description": "The method's return value, as JSON."},
+            "node": {"type": "string", "description": "The replica's node that answered"},
+            "region": {"type": "string"},
+            "attempts": {"type": "integer", "minimum": 1},
+        },
+    },
+    "ServiceCallError": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string"},
+            "kind": {"type": "string", "description": "How the call failed: raised, "
+                     "unpicklable, too-large, timeout, crashed, busy, no-replica, "
+                     "replica-lost, retries-exhausted"},
+            "traceback": {"type": "string"},
+            "node": {"type": "string"},
+        },
+    },
     "Error": {
         "type": "object",
         "required": ["error"],
@@ -125,12 +155,33 @@ SCHEMAS: dict[str, Any] = {
     },
     "ThroughputPoint": {
         "type": "object",
-        "required": ["t", "tasks_done_per_s", "latency_p50_ms", "latency_p99_ms"],
+        "required": ["t", "tasks_done_per_s", "tasks_failed_per_s", "latency_p50_ms",
+                     "latency_p99_ms", "cpu_ratio", "memory_rss_bytes", "disk_free_bytes",
+                     "disk_used_bytes", "net_in_bytes_per_s", "net_out_bytes_per_s"],
         "properties": {
             "t": {"type": "number", "description": "Unix seconds"},
             "tasks_done_per_s": {"type": "number", "minimum": 0},
+            "tasks_failed_per_s": {"type": "number", "minimum": 0},
             "latency_p50_ms": {**_NUM_OR_NULL, "description": "null: no task ended"},
             "latency_p99_ms": _NUM_OR_NULL,
+            "cpu_ratio": {**_NUM_OR_NULL, "description": "CPU of the agent and its "
+                          "workers / the machine's CPUs"},
+            "memory_rss_bytes": {**_NUM_OR_NULL, "description": "Resident memory of the "
+                                 "agent and its workers"},
+            "disk_free_bytes": {**_NUM_OR_NULL, "description": "Data dir's file system"},
+            "disk_used_bytes": _NUM_OR_NULL,
+            "net_in_bytes_per_s": {**_NUM_OR_NULL, "description": "Mesh transport bytes "
+                                   "received (null in the first second)"},
+            "net_out_bytes_per_s": _NUM_OR_NULL,
+        },
+    },
+    "MeshRatePoint": {
+        "type": "object",
+        "required": ["t", "tasks_done_per_s", "tasks_failed_per_s"],
+        "properties": {
+            "t": {"type": "number", "description": "Unix seconds (whole)"},
+            "tasks_done_per_s": {"type": "number", "minimum": 0},
+            "tasks_failed_per_s": {"type": "number", "minimum": 0},
         },
     },
 }
@@ -215,14 +266,34 @@ SCHEMAS["MeshTasks"] = {
         "nodes_answered": {"type": "integer", "minimum": 0},
     },
 }
+SCHEMAS["MeshPoints"] = {
+    "type": "object",
+    "required": ["nodes", "total", "nodes_asked", "nodes_answered"],
+    "properties": {
+        "nodes": {"type": "object", "description": "Node name -> its newest points "
+                  "(up to 120, oldest first)",
+                  "additionalProperties": {
+                      "type": "array", "maxItems": 120,
+                      "items": {"$ref": "#/components/schemas/ThroughputPoint"}}},
+        "total": {"type": "array", "description": "Tasks done and failed per second, "
+                  "summed over the nodes that answered",
+                  "items": {"$ref": "#/components/schemas/MeshRatePoint"}},
+        "nodes_asked": {"type": "integer", "minimum": 0},
+        "nodes_answered": {"type": "integer", "minimum": 0},
+    },
+}
 SCHEMAS["Snapshot"] = {
     "type": "object",
-    "required": ["node", "members", "throughput", "objects", "tasks", "events", "streams"],
+    "required": ["node", "members", "throughput", "mesh_points", "objects", "tasks",
+                 "events", "streams"],
     "properties": {
         "node": {"$ref": "#/components/schemas/Node"},
         "members": {"type": "array", "items": {"$ref": "#/components/schemas/Member"}},
-        "throughput": {"type": "array", "maxItems": 120,
+        "throughput": {"type": "array", "maxItems": 60,
+                       "description": "This node's newest points (the whole hour: "
+                                      "/api/v1/throughput)",
                        "items": {"$ref": "#/components/schemas/ThroughputPoint"}},
+        "mesh_points": {"$ref": "#/components/schemas/MeshPoints"},
         "objects": {"type": "array", "maxItems": 200,
                     "items": {"$ref": "#/components/schemas/Object"}},
         "tasks": {"$ref": "#/components/schemas/MeshTasks"},
@@ -250,7 +321,8 @@ _SUMMARIES = {
     "/api/v1/objects": "Objects in the mesh, their replica sets and holders.",
     "/api/v1/tasks": "Tasks owned by this node, newest first, with placement reasons.",
     "/api/v1/events": "Recent events (membership, re-replications, retries).",
-    "/api/v1/throughput": "Task throughput and latency, one point a second (last 300 s).",
+    "/api/v1/throughput": "This node's tasks done and failed, latency, CPU, memory, disk and "
+                          "network, one point a second (the last hour, oldest first).",
     "/api/v1/snapshot": "Everything the dashboard shows, in one body.",
     "/api/v1/streams": "Stream operators, where they run, shards and their backlog, bytes "
                        "that crossed regions (asked of every live node).",
@@ -310,6 +382,37 @@ def openapi_document() -> dict[str, Any]:
             "503": {"description": "Too many streams open on this node",
                     "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/Error"}}}},
+        },
+    }}
+    paths["/api/v1/services/{name}/{method}"] = {"post": {
+        "summary": "Call a service's method (issue #22): the node routes it to the nearest "
+                   "healthy replica, as the Python client's call. Needs the admin token.",
+        "operationId": "serviceCall",
+        "security": [{"bearer": []}],
+        "parameters": [
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "method", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "timeout_s", "in": "query", "required": False,
+             "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 600}},
+        ],
+        "requestBody": {"required": False, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ServiceCallRequest"}}}},
+        "responses": {
+            "200": {"description": "The method's result", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ServiceCallResponse"}}}},
+            **{code: {"description": why, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ServiceCallError"}}}}
+               for code, why in (
+                   ("400", "Bad arguments (not JSON, not a list or args/kwargs object)"),
+                   ("401", "Missing or wrong token"),
+                   ("403", "The read-only token may not call a service"),
+                   ("404", "Unknown service or method"),
+                   ("413", "Arguments over the call size limit"),
+                   ("429", "The replica's queue is full"),
+                   ("500", "The method raised (kind raised, with the traceback)"),
+                   ("502", "The replica was lost (replica-lost, retries-exhausted, crashed)"),
+                   ("503", "No healthy replica (no-replica), or the node is starting"),
+                   ("504", "The replica did not answer in time"))},
         },
     }}
     paths["/api/v1/openapi.json"] = {"get": {

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from meshscale.core.api.contract import Method, Request
+from meshscale.core.api.errors import ApiError, ErrorCode
 from meshscale.core.audit import Kind
 from meshscale.core.membership import Membership, NodeMeta
 from meshscale.core.outputs import Event
+from meshscale.runtime import caller
 from meshscale.runtime.config import AgentConfig, AgentStats
 from meshscale.runtime.isolation import Isolation
 from meshscale.runtime.workers import WorkerPool
@@ -31,7 +33,7 @@ from meshscale.transport.peers import PeerPool
 from meshscale.trust.bundle import Bundle
 from meshscale.trust.certs import Peer
 
-__all__ = ["Handler", "LocalCopies", "NodeServices", "Rep", "Req"]
+__all__ = ["Handler", "LocalCopies", "NodeServices", "Rep", "Req", "refusal"]
 
 Req = TypeVar("Req", bound=Request)
 Rep = TypeVar("Rep")
@@ -118,3 +120,22 @@ class NodeServices(Protocol):
     def worker_pool(self) -> WorkerPool | None:
         """The compute plane's warm worker pool, or None before it starts."""
         ...
+
+
+def refusal(node: NodeServices, count: Callable[[str], None], rule: str, message: str, *,
+            subject: str = "", data_class: str | None = None,
+            from_region: str | None = None, **fields: Any) -> ApiError:
+    """A plane refusing a request by a policy or residency rule, in one place for every
+    plane: counts it (``refusals``, ``refused_<rule>``), records it in the audit trail (a
+    ``refusal`` entry naming ``subject``, the class and the caller's region: the RPC's
+    caller's unless given), logs it (rate-limited: a peer can cause it) and returns the
+    error to raise."""
+    count("refusals")
+    count(f"refused_{rule}")
+    why = f"refused: {message}"
+    region = from_region if from_region is not None else caller.node_region(node.m.members)
+    node.record(Kind.REFUSAL, subject[:1024], data_class=data_class, from_region=region,
+                detail=why[:1024])
+    node.log_limited("refused", rule=rule, message=message[:300], subject=subject[:200],
+                     data_class=data_class, **fields)
+    return ApiError(ErrorCode.REFUSED, why)

@@ -33,7 +33,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -61,7 +61,6 @@ from meshscale.core.api.streams import (
     ShardInfo,
     StreamStats,
 )
-from meshscale.core.audit import Kind
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.policy import PolicyError, Rule, copy_refusal, resolve
@@ -88,9 +87,8 @@ from meshscale.core.streams import (
     source_id,
     split_source,
 )
-from meshscale.runtime import caller
 from meshscale.runtime.local import LocalCalls, call_node
-from meshscale.runtime.services import NodeServices
+from meshscale.runtime.services import NodeServices, refusal
 from meshscale.runtime.workers import TaskFailed, WorkerPool, pickle_args
 from meshscale.transport.rpc import RpcError
 
@@ -324,19 +322,10 @@ class StreamPlane:
         return log
 
     def _refuse(self, rule: str, message: str, *, subject: str = "",
-                data_class: str | None = None, **fields: object) -> ApiError:
-        """The one place this plane refuses a request by a policy or residency rule: counts
-        it (``refused_<rule>``), records it in the audit trail (a ``refusal`` entry naming
-        ``subject``, the class and the caller's region), logs it (rate-limited: a peer can
-        cause it) and returns the error to raise."""
-        self.stats["refusals"] += 1
-        self.stats[f"refused_{rule}"] += 1
-        why = f"refused: {message}"
-        self.agent.record(Kind.REFUSAL, subject[:1024], data_class=data_class,
-                          from_region=caller.node_region(self.agent.m.members), detail=why[:1024])
-        self.agent.log_limited("refused", rule=rule, message=message[:300],
-                               subject=subject[:200], data_class=data_class, **fields)
-        return ApiError(ErrorCode.REFUSED, why)
+                data_class: str | None = None, **fields: Any) -> ApiError:
+        """This plane's refusals (``runtime.services.refusal``)."""
+        return refusal(self.agent, lambda key: self.stats.update({key: 1}), rule, message,
+                       subject=subject, data_class=data_class, **fields)
 
     async def _resolve_class(self, wire: ResidencyWire | None, *, stream: bool
                              ) -> ResidencyWire | None:

@@ -295,6 +295,7 @@ class Worker:
         finally:
             sys.stdout, sys.stderr = saved
             live.end_task()
+            _forget_shipped()
         out_b, err_b = out.value(), err.value()
         if isinstance(reply, Done):
             reply.out_len, reply.err_len = len(out_b), len(err_b)
@@ -399,6 +400,30 @@ class Worker:
             tb = _traceback_text(e)
             return (Failed(KIND_RAISED, _short(f"{type(e).__name__}: {e}")), tb,
                     _pickle_exception(e))
+
+
+def _forget_shipped() -> None:
+    """Drop the modules that travelled with the task just run, and their finder, once its
+    result and exception are pickled (both may name the task's own classes): the next
+    task, maybe another job's, imports none of them. They are known by the
+    ``meshscale_shipped`` attribute of their loader (the client's call wrapper keeps
+    them for its own next call)."""
+    finders = [f for f in sys.meta_path if getattr(f, "meshscale_shipped", False)]
+    if not finders:
+        return
+    sys.meta_path[:] = [f for f in sys.meta_path if f not in finders]
+    # the connection's unpacked code archive (working_dir, py_modules), if any
+    paths = [str(p) for f in finders for p in getattr(f, "code_paths", ())]
+    if paths:
+        sys.path[:] = [p for p in sys.path if p not in paths]
+        for p in paths:
+            sys.path_importer_cache.pop(p, None)
+    prefixes = tuple(p.rstrip("/") + "/" for p in paths)
+    for name in [n for n, m in sys.modules.items()
+                 if getattr(getattr(getattr(m, "__spec__", None), "loader", None),
+                            "meshscale_shipped", False)
+                 or (prefixes and str(getattr(m, "__file__", None) or "").startswith(prefixes))]:
+        del sys.modules[name]
 
 
 def _short(text: str, limit: int = 4096) -> str:
@@ -565,15 +590,18 @@ def _traceback_text(e: BaseException) -> bytes:
     return raw
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+def child_socket(args: list[str], kind: str) -> socket.socket:
+    """How every child process of a node starts (a task worker, a service replica):
+    ``args`` are its fd, the node's pid and, optionally, ``uid:gid`` and groups to run as.
+    Drops to that user (exit 1 if it cannot), dies with the node, leaves Ctrl-C to the
+    node, and returns the socket to the node."""
     fd, parent_pid = int(args[0]), int(args[1])
     if len(args) >= 4 and args[2] != "-":
         uid, _, gid = args[2].partition(":")
         try:
             _drop_privileges(int(uid), int(gid), args[3])
         except (OSError, SystemExit) as e:
-            print(f"meshscale worker {os.getpid()}: cannot run as {args[2]}: {e}",
+            print(f"meshscale {kind} {os.getpid()}: cannot run as {args[2]}: {e}",
                   file=sys.stderr)
             os._exit(1)
     # After the drop: a change of user clears the parent-death signal.
@@ -582,6 +610,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> None:
+    sock = child_socket(sys.argv[1:] if argv is None else argv, "worker")
     code = 0
     own_stderr = -1
     try:

@@ -10,8 +10,9 @@ import msgspec
 from meshscale.core.api.contract import Empty, Method, Request
 
 __all__ = ["ADMIN_REVOKE", "EVENTS", "MEMBERS", "METHODS", "NODE_STANDBY", "NODE_WAKE",
-           "STATS", "EventInfo", "EventsRequest", "MemberInfo", "NodeStats", "PowerReply",
-           "RevokeReply", "RevokeRequest"]
+           "POINTS", "STATS", "EventInfo", "EventsRequest", "MemberInfo", "NodePoint",
+           "NodePoints", "NodeStats", "PointsRequest", "PowerReply", "RevokeReply",
+           "RevokeRequest"]
 
 MAX_REVOCATION_BYTES = 4096
 """A signed revocation entry is a few hundred bytes."""
@@ -115,6 +116,43 @@ class PowerReply(msgspec.Struct):
     detail: str = ""
 
 
+MAX_POINTS_REPLY = 3600
+"""Most one-second points one ``node.points`` reply carries (the node keeps an hour)."""
+
+
+class PointsRequest(Request):
+    last: Annotated[int, msgspec.Meta(ge=0, le=MAX_POINTS_REPLY)] = 60
+    """The newest this many seconds."""
+
+
+class NodePoint(msgspec.Struct, omit_defaults=True):
+    """One second of a node, as its dashboard keeps it (``runtime/observe.py``): tasks it
+    owns that ended, and what the node (agent and workers) used in that second."""
+
+    t: float
+    """Wall clock at the end of the second (Unix seconds)."""
+    tasks_done_per_s: float = 0.0
+    tasks_failed_per_s: float = 0.0
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    cpu_ratio: float | None = None
+    """CPU of the agent and its workers / the machine's CPUs."""
+    memory_rss_bytes: int | None = None
+    """Resident memory of the agent and its workers."""
+    disk_free_bytes: int | None = None
+    disk_used_bytes: int | None = None
+    """Of the data dir's file system."""
+    net_in_bytes_per_s: float | None = None
+    net_out_bytes_per_s: float | None = None
+    """Mesh transport bytes received and sent (all message types)."""
+
+
+class NodePoints(msgspec.Struct):
+    name: str
+    points: list[NodePoint]
+    """Oldest first."""
+
+
 MEMBERS: Method[Empty, list[MemberInfo]] = Method("members", Empty, list[MemberInfo])
 STATS: Method[Empty, NodeStats] = Method("stats", Empty, NodeStats)
 EVENTS: Method[EventsRequest, list[EventInfo]] = Method("events", EventsRequest,
@@ -130,5 +168,7 @@ pinned node or one that keeps the only live copy of an object)."""
 NODE_WAKE: Method[Empty, PowerReply] = Method("node.wake", Empty, PowerReply)
 """Wake the node asked (and end an operator's hold)."""
 
+POINTS: Method[PointsRequest, NodePoints] = Method("node.points", PointsRequest, NodePoints)
+
 METHODS: tuple[Method[Any, Any], ...] = (MEMBERS, STATS, EVENTS, ADMIN_REVOKE, ENERGY,
-                                         NODE_STANDBY, NODE_WAKE)
+                                         NODE_STANDBY, NODE_WAKE, POINTS)

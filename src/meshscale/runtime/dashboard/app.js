@@ -12,6 +12,12 @@
   const STALE_AFTER_MS = 3500;
   const MAX_EVENTS = 200;
   const MAX_OBJECT_ROWS = 300;
+  // The node keeps its last hour of one-second points; the page loads them once on open
+  // (and after the node restarts) and adds each snapshot's newest.
+  const HISTORY_POINTS = 3600;
+  const TIMELINE_MIN_S = 30;
+  const TIMELINE_MAX_S = 600;
+  const TIMELINE_SUBROWS = 4;
   const SVG_NS = "http://www.w3.org/2000/svg";
   const MAP_W = 800;
   const MAP_H = 560;
@@ -53,6 +59,8 @@
     highlighted: "",
     connStatus: "connecting",
     counterHist: new Map(), // "op:NAME" / "x:LABEL" -> [[ms, value], ...] for rates
+    history: [], // this node's one-second points, oldest first (from the node)
+    historyLoaded: -1, // points the last history load brought (-1: not loaded yet)
   };
 
   // ---------------------------------------------------------------- token
@@ -309,7 +317,11 @@
     if (key !== ui.viewedKey) {
       ui.viewedKey = key;
       ui.events.clear();
+      ui.history = [];
+      ui.historyLoaded = -1;
+      loadHistory(key);
     }
+    mergePoints(snap.throughput);
     for (const ev of snap.events || []) ui.events.set(ev.seq, ev);
     if (ui.events.size > MAX_EVENTS) {
       const keep = [...ui.events.keys()].sort((a, b) => b - a).slice(0, MAX_EVENTS);
@@ -321,6 +333,30 @@
     $("last-update").textContent = "updated just now";
     if (ui.connStatus === "stale") setStatus("live", "live");
     render();
+  }
+
+  // The node's whole ring (the last hour): what a reload shows at once.
+  async function loadHistory(key) {
+    try {
+      const resp = await fetch(API + "throughput", { headers: authHeaders(), cache: "no-store" });
+      if (resp.status === 401 || resp.status === 403) return unauthorized();
+      if (!resp.ok || key !== ui.viewedKey) return;
+      const body = await resp.json();
+      if (key !== ui.viewedKey) return;
+      const pts = Array.isArray(body.points) ? body.points : [];
+      mergePoints(pts);
+      ui.historyLoaded = pts.length;
+      if (ui.snap) renderCharts(ui.snap);
+    } catch (e) {
+      console.warn("meshscale: could not load the throughput history", e);
+    }
+  }
+
+  function mergePoints(pts) {
+    if (!Array.isArray(pts) || !pts.length) return;
+    const byT = new Map(ui.history.map((p) => [p.t, p]));
+    for (const p of pts) if (p && typeof p.t === "number") byT.set(p.t, p);
+    ui.history = [...byT.values()].sort((a, b) => a.t - b.t).slice(-HISTORY_POINTS);
   }
 
   // The object listing is a mesh-wide fan-out the node caches for a few seconds; the
@@ -344,6 +380,8 @@
     renderLoad(snap);
     renderCharts(snap);
     renderObjects(snap);
+    renderResources(snap);
+    renderTimeline(snap);
     renderTasks(snap);
     renderStreams(snap);
     renderEvents();
@@ -1081,12 +1119,22 @@
     }
   }
 
+  const TASK_SERIES = [
+    { key: "tasks_done_per_s", cls: "done", area: true },
+    { key: "tasks_failed_per_s", cls: "failed" },
+  ];
+
+  function sumKey(pts, key) {
+    return pts.reduce((a, p) => a + (Number(p[key]) || 0), 0);
+  }
+
   function renderCharts(snap) {
-    const pts = (snap.throughput || [])
-      .filter((p) => p && typeof p.t === "number")
-      .map((p) => Object.assign({}, p, { t: p.t > 1e11 ? p.t / 1000 : p.t }))
-      .sort((a, b) => a.t - b.t);
-    drawChart($("chart-throughput"), pts, [{ key: "tasks_done_per_s", cls: "tp", area: true }], "/s");
+    const pts = ui.history;
+    const tp = $("chart-throughput");
+    drawChart(tp, pts, TASK_SERIES, "/s");
+    tp.dataset.points = String(pts.length);
+    tp.dataset.first = pts.length ? String(pts[0].t) : "";
+    tp.dataset.loaded = String(ui.historyLoaded);
     drawChart($("chart-latency"), pts, [
       { key: "latency_p50_ms", cls: "p50" },
       { key: "latency_p99_ms", cls: "p99" },
@@ -1095,6 +1143,189 @@
     $("tp-now").textContent = last ? fmtNum(last.tasks_done_per_s || 0) + " /s" : "";
     $("lat-now").textContent = last && typeof last.latency_p50_ms === "number"
       ? `p50 ${fmtMs(last.latency_p50_ms)} \u00b7 p99 ${fmtMs(last.latency_p99_ms)}` : "";
+    // Mesh-wide: every live node's tasks done and failed, summed per second. The newest
+    // second is left out: not every node has closed it yet.
+    const mp = snap.mesh_points || {};
+    const total = (mp.total || []).filter((p) => p && typeof p.t === "number").slice(0, -1);
+    const mesh = $("chart-mesh");
+    drawChart(mesh, total, TASK_SERIES, "/s");
+    const failed = sumKey(total, "tasks_failed_per_s");
+    const done = sumKey(total, "tasks_done_per_s");
+    mesh.dataset.failed = String(failed);
+    mesh.dataset.done = String(done);
+    const lastM = total[total.length - 1];
+    const now = $("mesh-now");
+    now.textContent = lastM ? fmtNum(lastM.tasks_done_per_s) + " /s"
+      + (failed ? ` \u00b7 ${Math.max(1, Math.round(failed))} failed` : "") : "";
+    now.classList.toggle("bad", failed > 0);
+    if (total.length > 1) now.title = `over the last ${fmtAge(total[total.length - 1].t - total[0].t)}: `
+      + `${fmtNum(done)} done, ${fmtNum(failed)} failed (${mp.nodes_answered} of ${mp.nodes_asked} nodes answered)`;
+  }
+
+  // ---------------------------------------------------------------- node resources
+
+  function sparkline(values, cls) {
+    const s = svg("svg", { class: "spark", viewBox: "0 0 80 18", preserveAspectRatio: "none" });
+    const vs = values.map((v) => (typeof v === "number" && isFinite(v) ? v : null));
+    const nums = vs.filter((v) => v !== null);
+    if (nums.length < 2) return s;
+    const max = Math.max(...nums) || 1;
+    const step = 80 / Math.max(1, vs.length - 1);
+    const coords = [];
+    vs.forEach((v, i) => { if (v !== null) coords.push(`${(i * step).toFixed(1)},${(17 - (v / max) * 16).toFixed(1)}`); });
+    s.append(svg("polyline", { points: coords.join(" "), class: cls || "" }));
+    return s;
+  }
+
+  function numCell(text, value, cls) {
+    const td = el("td", "num " + (cls || ""), text);
+    if (typeof value === "number" && isFinite(value)) td.dataset.value = String(value);
+    return td;
+  }
+
+  function sparkCell(...lines) {
+    const td = el("td", "spark-cell");
+    const wrap = lines.length > 1 ? el("div", "spark-stack") : td;
+    for (const [values, cls] of lines) {
+      const sp = sparkline(values, cls);
+      if (lines.length > 1) sp.style.position = "absolute";
+      wrap.append(sp);
+    }
+    if (lines.length > 1) { wrap.style.position = "relative"; wrap.style.height = "18px"; td.append(wrap); }
+    return td;
+  }
+
+  function renderResources(snap) {
+    const mp = snap.mesh_points || { nodes: {} };
+    const nodes = mp.nodes || {};
+    const live = snap.members.filter((m) => m.state === "alive" || m.state === "suspect").map((m) => m.name);
+    const names = [...new Set([...Object.keys(nodes), ...live])].sort(byName);
+    $("resources-summary").textContent = mp.nodes_asked
+      ? `${mp.nodes_answered} of ${mp.nodes_asked} live nodes answered` : "";
+    const body = $("resources-body");
+    body.replaceChildren();
+    for (const name of names) {
+      const pts = nodes[name] || [];
+      const last = pts[pts.length - 1];
+      const tr = el("tr", last ? "" : "no-answer");
+      tr.dataset.node = name;
+      const nameTd = el("td", "", name);
+      if (!last) {
+        const td = el("td", "sub", "no points (did not answer, or serves no HTTP)");
+        td.colSpan = 7;
+        tr.append(nameTd, td);
+        body.append(tr);
+        continue;
+      }
+      const col = (k) => pts.map((p) => p[k]);
+      const cpu = Number(last.cpu_ratio);
+      const rss = last.memory_rss_bytes;
+      const free = last.disk_free_bytes, used = last.disk_used_bytes;
+      const nin = last.net_in_bytes_per_s, nout = last.net_out_bytes_per_s;
+      tr.append(
+        nameTd,
+        numCell(isFinite(cpu) ? (cpu * 100).toFixed(1) + " %" : "\u2013", cpu * 100, "cpu"),
+        sparkCell([col("cpu_ratio")]),
+        numCell(typeof rss === "number" ? fmtBytes(rss) : "\u2013", rss, "mem"),
+        sparkCell([col("memory_rss_bytes")]),
+        numCell(typeof free === "number" ? `${fmtBytes(free)} / ${fmtBytes(used)}` : "\u2013", free, "disk"),
+        numCell(typeof nin === "number" ? `${fmtBytes(nin)}/s / ${fmtBytes(nout)}/s` : "\u2013",
+          typeof nin === "number" ? nin + nout : null, "net"),
+        sparkCell([col("net_in_bytes_per_s"), ""], [col("net_out_bytes_per_s"), "net-out"]),
+      );
+      body.append(tr);
+    }
+  }
+
+  // ---------------------------------------------------------------- task stream
+
+  // Like Dask's task stream: one lane per node, a bar per recent task from its submit to
+  // its end (or now), failures in red. Overlapping tasks of a node take sub-rows.
+  function renderTimeline(snap) {
+    const box = $("timeline");
+    const tasks = ((snap.tasks || {}).tasks || []).filter((t) => t.node && typeof t.submitted_at === "number");
+    const last = ui.history[ui.history.length - 1];
+    const now = last ? Math.max(last.t, Date.now() / 1000) : Date.now() / 1000;
+    const w = Math.max(300, box.clientWidth || 800);
+    box.replaceChildren();
+    if (!tasks.length) {
+      box.setAttribute("viewBox", `0 0 ${w} 40`);
+      box.setAttribute("height", "40");
+      const t = svg("text", { x: w / 2, y: 24, "text-anchor": "middle", class: "tl-empty" });
+      t.textContent = "No tasks yet.";
+      box.append(t);
+      $("timeline-summary").textContent = "";
+      return;
+    }
+    const oldest = Math.min(...tasks.map((t) => t.submitted_at));
+    const span = Math.min(TIMELINE_MAX_S, Math.max(TIMELINE_MIN_S, now - oldest + 2));
+    const t0 = now - span;
+    const left = 90, right = 10, top = 4, laneH = 8, gap = 6, axisH = 16;
+    const X = (t) => left + ((Math.max(t0, Math.min(now, t)) - t0) / span) * (w - left - right);
+    const lanes = new Map();
+    for (const name of snap.members.filter((m) => m.state === "alive" || m.state === "suspect").map((m) => m.name)) lanes.set(name, []);
+    const shown = tasks.filter((t) => {
+      const end = t.submitted_at + (Number(t.duration_ms) || 0) / 1000;
+      return end >= t0;
+    }).sort((a, b) => a.submitted_at - b.submitted_at);
+    for (const t of shown) {
+      if (!lanes.has(t.node)) lanes.set(t.node, []);
+      lanes.get(t.node).push(t);
+    }
+    const names = [...lanes.keys()].sort(byName);
+    // Greedy sub-rows: a bar goes in the first sub-row whose last bar has ended.
+    const layout = new Map();
+    let y = top;
+    for (const name of names) {
+      const ends = [];
+      const placed = [];
+      for (const t of lanes.get(name)) {
+        const x0 = X(t.submitted_at);
+        const x1 = Math.max(x0 + 2, X(t.submitted_at + (Number(t.duration_ms) || 0) / 1000));
+        let row = ends.findIndex((e) => e <= x0);
+        if (row < 0) row = ends.length < TIMELINE_SUBROWS ? ends.length : ends.indexOf(Math.min(...ends));
+        ends[row] = x1;
+        placed.push([t, x0, x1, row]);
+      }
+      const rows = Math.max(1, ends.length);
+      layout.set(name, { y, rows, placed });
+      y += rows * laneH + gap;
+    }
+    const h = y + axisH;
+    box.setAttribute("viewBox", `0 0 ${w} ${h}`);
+    box.setAttribute("height", String(h));
+    for (let k = 0; k <= 4; k++) {
+      const x = left + (k / 4) * (w - left - right);
+      box.append(svg("line", { x1: x, x2: x, y1: top, y2: h - axisH, class: "grid-line" }));
+      const lab = svg("text", { x, y: h - 4, "text-anchor": k === 0 ? "start" : k === 4 ? "end" : "middle", class: "tick" });
+      lab.textContent = k === 4 ? "now" : "\u2212" + fmtAge(span * (1 - k / 4));
+      box.append(lab);
+    }
+    let failed = 0;
+    for (const name of names) {
+      const lane = layout.get(name);
+      const g = svg("g", { class: "tl-lane" });
+      g.dataset.node = name;
+      g.append(svg("rect", { x: left, y: lane.y, width: w - left - right, height: lane.rows * laneH, class: "lane" }));
+      const lab = svg("text", { x: left - 6, y: lane.y + (lane.rows * laneH) / 2 + 4, "text-anchor": "end", class: "lane-name" });
+      lab.textContent = name;
+      g.append(lab);
+      for (const [t, x0, x1, row] of lane.placed) {
+        const state = t.running ? "running" : t.state;
+        if (t.state === "failed") failed += 1;
+        const r = svg("rect", { x: x0.toFixed(1), y: lane.y + row * laneH + 1, width: (x1 - x0).toFixed(1), height: laneH - 2, class: "tl-bar " + state });
+        r.dataset.task = t.id;
+        r.dataset.state = t.state;
+        r.dataset.durationMs = String(t.duration_ms);
+        const tip = svg("title");
+        tip.textContent = `${t.name} on ${t.node}: ${t.state}, ${fmtMs(t.duration_ms)}` + (t.error ? "\n" + t.error : "");
+        r.append(tip);
+        g.append(r);
+      }
+      box.append(g);
+    }
+    $("timeline-summary").textContent = `${shown.length} tasks in the last ${fmtAge(span)}`
+      + (failed ? `, ${failed} failed` : "");
   }
 
   // ---------------------------------------------------------------- objects

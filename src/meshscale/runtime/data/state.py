@@ -10,12 +10,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
 from meshscale.core.api import ApiError, ErrorCode, Method, ResidencyWire
 from meshscale.core.api import objects as api
-from meshscale.core.audit import Kind
 from meshscale.core.hlc import HLCTimestamp, HybridLogicalClock
 from meshscale.core.kv import KVHintConfig, KVHints
 from meshscale.core.membership import State
@@ -26,7 +26,7 @@ from meshscale.core.replication import ObjectPolicy, ReplicaManager, Replication
 from meshscale.runtime import caller
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.local import call_node
-from meshscale.runtime.services import NodeServices, Rep, Req
+from meshscale.runtime.services import NodeServices, Rep, Req, refusal
 from meshscale.runtime.storage import (
     LocalStore,
     ObjectMeta,
@@ -324,19 +324,10 @@ class DataPlaneBase:
     # -- refusals
 
     def _refuse(self, rule: str, message: str, *, subject: str = "",
-                data_class: str | None = None, **fields: object) -> ApiError:
-        """The one place this plane refuses a request by a policy or residency rule: counts
-        it (``refused_<rule>``), records it in the audit trail (a ``refusal`` entry naming
-        ``subject``, the class and the caller's region), logs it (rate-limited: a peer can
-        cause it) and returns the error to raise."""
-        self._count("refusals")
-        self._count(f"refused_{rule}")
-        why = f"refused: {message}"
-        self.agent.record(Kind.REFUSAL, subject[:1024], data_class=data_class,
-                          from_region=self._caller_region(), detail=why[:1024])
-        self.agent.log_limited("refused", rule=rule, message=message[:300],
-                               subject=subject[:200], data_class=data_class, **fields)
-        return ApiError(ErrorCode.REFUSED, why)
+                data_class: str | None = None, **fields: Any) -> ApiError:
+        """This plane's refusals (``runtime.services.refusal``)."""
+        return refusal(self.agent, self._count, rule, message, subject=subject,
+                       data_class=data_class, from_region=self._caller_region(), **fields)
 
     # -- provided by the other rooms (``plane.py`` puts them together)
 

@@ -1,0 +1,264 @@
+"""Batch on the mesh: a parquet group-by with Dask, mesh vs Dask's own local cluster.
+
+    python bench/batch.py [--quick] --json out.json
+
+Parquet files (``--quick``: about 50 MB in 8 files; full: about 1 GB in 32 files; columns
+``key`` (1000 groups), ``value`` (float64), ``qty`` (int64), random) are written to a local
+directory and the same bytes put on a 4-node local mesh (``replicas=2``: each file on two
+of the four nodes). Then, in one run, the same group-by (sum of value and qty, count, by
+key), timed from graph submission to the result in this process:
+
+- ``mesh_dask_s``: ``meshscale.dask.cluster`` with 4 workers (1 thread each) as mesh tasks,
+  declared ``inputs=["meshscale://bench/"]`` so the mesh places them on holders, and
+  ``cluster.read_parquet``: one Dask task per file, restricted (loosely) to the workers
+  on its holders, each reading through its own node (range reads). The cluster's start
+  is not timed (``mesh_cluster_start_s``, extra).
+- ``local_dask_s``: ``distributed.LocalCluster`` (4 worker processes, 1 thread each)
+  running ``dd.read_parquet`` on the local directory.
+- ``mesh_bytes_moved_mb``: bytes that crossed between nodes during the mesh run, the sum
+  of three counts (each also given, extra):
+  ``mesh_nonlocal_read_mb``: for every file whose Dask task ran on a worker whose node
+  holds no copy (``client.who_has`` of the read tasks, the workers' nodes from the mesh's
+  task records, the holders from ``stat``), the bytes served for it, taken as the file's
+  size (a parquet read of every column reads nearly all of it; those reads are served by
+  another node); ``mesh_node_copy_mb``: the nodes' data-plane ``bytes_sent`` counters
+  (``dp.stats``: object copies node to node: puts' forwards, repair), summed, delta over
+  the run; ``mesh_dask_transfer_mb``: Dask's own worker-to-worker transfers
+  (``Worker.transfer_outgoing_bytes_total``, summed over the workers; the reduction's
+  partial results), all counted as crossing nodes.
+  Also ``mesh_read_served_mb`` (extra): the nodes' ``read_served_bytes`` counters (bytes a
+  node read from its own copies for a reader), summed, delta over the run: every byte
+  the reads took, local or not.
+- extras: ``mesh_dask_rerun_s`` and ``local_dask_rerun_s``: each run once more on the same
+  workers (the mesh workers' connections to their nodes are open by then: the first
+  run pays a TLS connection per worker and node); ``mesh_plain_dask_s`` and ``mesh_plain_read_served_mb``: the same group-by
+  with a plain ``dd.read_parquet("meshscale://bench/")`` on the same mesh workers (no
+  locality: every read goes through one node, which redirects to a holder);
+  ``input_mb``; ``same_result`` (1 when the mesh's and the local run's group sums agree
+  to 1e-6 relative and the counts exactly).
+
+The machine the numbers come from is usually shared: times are wall-clock under whatever
+else runs there. Prints a table and writes JSON with the three keys first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import dask.dataframe as dd
+import distributed
+import numpy as np
+import pandas as pd
+
+import meshscale.client.fs  # registers meshscale://
+from meshscale.client import connect
+from meshscale.client.rpc import request
+from meshscale.core.api import Empty
+from meshscale.core.api.objects import DP_STATS
+from meshscale.dask import cluster
+from meshscale.runtime.launcher import LocalMesh
+from meshscale.trust.bundle import load_bundle, write_client_bundle
+
+KEYS = ("mesh_dask_s", "local_dask_s", "mesh_bytes_moved_mb")
+MB = 1e6
+WORKERS = 4
+GROUPS = 1000
+
+
+def make_files(local: Path, n_files: int, rows: int, seed: int) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_files):
+        df = pd.DataFrame({"key": rng.integers(0, GROUPS, rows, dtype=np.int64),
+                           "value": rng.random(rows),
+                           "qty": rng.integers(1, 100, rows, dtype=np.int64)})
+        p = local / f"part-{i:03d}.parquet"
+        df.to_parquet(p, index=False)
+        out.append(p)
+    return out
+
+
+def group_by(ddf: Any) -> pd.DataFrame:
+    # split_out=1: a tree reduction of per-partition partials (Dask would otherwise pick
+    # a shuffle for many partitions, moving whole partitions between workers).
+    got = ddf.groupby("key").agg({"value": "sum", "qty": ["sum", "count"]},
+                                 split_out=1).compute()
+    got.columns = ["value", "qty", "rows"]
+    return got.sort_index()
+
+
+def counters(m: LocalMesh) -> dict[str, int]:
+    creds = m.credentials()
+    out = {"read_served_bytes": 0, "bytes_sent": 0}
+    for n in m.nodes:
+        st = request(n.address, creds, DP_STATS, Empty(), timeout=30).dataplane
+        for k in out:
+            out[k] += int(st.get(k, 0))
+    return out
+
+
+def worker_opts(m: LocalMesh, d: Path) -> dict[str, Any]:
+    """Storage options the mesh's Dask workers can use (a bundle their user can read)."""
+    os.chmod(d, 0o711)
+    out = d / "dask-client"
+    write_client_bundle(load_bundle(m.admin_path), "bench-dask", out)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        for p in [out, *out.iterdir()]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    return {"address": m.nodes[0].address, "bundle": str(out)}
+
+
+def warm() -> None:
+    """Imports a worker's first read and group-by pay, paid before the clock starts
+    (both clusters)."""
+    import dask.dataframe  # noqa: F401
+    import pandas  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
+    import meshscale.client.fs  # noqa: F401
+
+
+def transfer_bytes(client: distributed.Client) -> int:
+    def sent(dask_worker: Any) -> int:
+        return int(getattr(dask_worker, "transfer_outgoing_bytes_total", 0))
+
+    return sum(client.run(sent).values())
+
+
+def run_mesh(m: LocalMesh, d: Path, files: list[Path], res: dict[str, float]) -> pd.DataFrame:
+    opts = {"address": m.nodes[0].address, "bundle": str(m.bundle_path)}
+    fs = meshscale.client.fs.MeshFileSystem(**opts, replicas=2, w=2)
+    sizes: dict[str, int] = {}
+    for p in files:
+        name = f"meshscale://bench/{p.name}"
+        fs.pipe_file(name, p.read_bytes())
+        sizes[name] = p.stat().st_size
+    wopts = worker_opts(m, d)
+    meta = pd.read_parquet(files[0]).iloc[:0]
+    with connect(m.nodes[0].address, bundle=m.bundle_path) as mesh:
+        t0 = time.monotonic()
+        with cluster(mesh, workers=WORKERS, threads=1, inputs=["meshscale://bench/"],
+                     storage_options=wopts) as c, distributed.Client(c) as client:
+            res["mesh_cluster_start_s"] = time.monotonic() - t0
+            on = c.worker_nodes()
+            res["mesh_worker_nodes"] = float(len(set(on.values())))
+            client.run(warm)
+            before, moved0 = counters(m), transfer_bytes(client)
+            t0 = time.monotonic()
+            parts = c.read_parts("meshscale://bench/")
+            got = group_by(dd.from_delayed(parts, meta=meta, verify_meta=False))
+            res["mesh_dask_s"] = time.monotonic() - t0
+            after, moved1 = counters(m), transfer_bytes(client)
+            who = client.who_has(parts)
+            names = sorted(sizes)
+            nonlocal_bytes = 0
+            for name, part in zip(names, parts, strict=True):
+                holders = set(fs.info(name)["holders"])
+                readers = {on.get(w) for w in who[part.key]}
+                if not readers & holders:
+                    nonlocal_bytes += sizes[name]
+            del parts
+            res["mesh_nonlocal_read_mb"] = nonlocal_bytes / MB
+            res["mesh_node_copy_mb"] = (after["bytes_sent"] - before["bytes_sent"]) / MB
+            res["mesh_dask_transfer_mb"] = (moved1 - moved0) / MB
+            res["mesh_read_served_mb"] = (after["read_served_bytes"]
+                                          - before["read_served_bytes"]) / MB
+            res["mesh_bytes_moved_mb"] = (res["mesh_nonlocal_read_mb"]
+                                          + res["mesh_node_copy_mb"]
+                                          + res["mesh_dask_transfer_mb"])
+            t0 = time.monotonic()
+            again = group_by(dd.from_delayed(c.read_parts("meshscale://bench/"), meta=meta,
+                                             verify_meta=False))
+            res["mesh_dask_rerun_s"] = time.monotonic() - t0
+            res["rerun_same_result"] = float(same(got, again))
+            before = counters(m)
+            t0 = time.monotonic()
+            plain = group_by(dd.read_parquet("meshscale://bench/", storage_options=wopts))
+            res["mesh_plain_dask_s"] = time.monotonic() - t0
+            res["mesh_plain_read_served_mb"] = (counters(m)["read_served_bytes"]
+                                                - before["read_served_bytes"]) / MB
+            res["plain_same_result"] = float(same(got, plain))
+    return got
+
+
+def run_local(local: Path, res: dict[str, float]) -> pd.DataFrame:
+    with distributed.LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as lc, distributed.Client(lc) as client:
+        client.run(warm)
+        t0 = time.monotonic()
+        got = group_by(dd.read_parquet(str(local)))
+        res["local_dask_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        group_by(dd.read_parquet(str(local)))
+        res["local_dask_rerun_s"] = time.monotonic() - t0
+    return got
+
+
+def same(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    return (a.index.equals(b.index) and a["rows"].astype("int64").equals(b["rows"].astype("int64"))
+            and a["qty"].astype("int64").equals(b["qty"].astype("int64"))
+            and bool(np.allclose(a["value"], b["value"], rtol=1e-6)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="batch (Dask group-by) benchmark")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    n_files, rows = (8, 560_000) if args.quick else (32, 2_800_000)
+    seed = int.from_bytes(os.urandom(4), "big")
+    print(f"seed {seed}")
+    res: dict[str, float] = {}
+    d = Path(tempfile.mkdtemp(prefix="meshscale-bench-batch-"))
+    try:
+        local = d / "local"
+        local.mkdir()
+        files = make_files(local, n_files, rows, seed)
+        res["input_mb"] = sum(p.stat().st_size for p in files) / MB
+        with LocalMesh(d / "mesh", 4) as m:
+            mesh_got = run_mesh(m, d, files, res)
+        local_got = run_local(local, res)
+        res["same_result"] = float(same(mesh_got, local_got))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    notes = {
+        "mesh_dask_s": "Dask on 4 mesh workers, cluster.read_parquet (locality)",
+        "local_dask_s": "Dask LocalCluster (4 procs), dd.read_parquet local dir",
+        "mesh_bytes_moved_mb": "nonlocal reads + node copies + Dask transfers",
+        "mesh_nonlocal_read_mb": "files read by a worker on a non-holder (file size)",
+        "mesh_node_copy_mb": "nodes' data-plane bytes_sent (copies), delta",
+        "mesh_dask_transfer_mb": "Dask worker-to-worker transfers",
+        "mesh_read_served_mb": "nodes' read_served_bytes, delta (all reads)",
+        "mesh_cluster_start_s": "4 worker tasks placed, started, joined (not timed above)",
+        "mesh_worker_nodes": "distinct nodes the 4 workers ran on",
+        "mesh_dask_rerun_s": "the same again (workers' node connections now open)",
+        "rerun_same_result": "1: the rerun's totals equal the first run's",
+        "local_dask_rerun_s": "the local run again",
+        "mesh_plain_dask_s": "same workers, plain dd.read_parquet(meshscale://)",
+        "mesh_plain_read_served_mb": "nodes' read_served_bytes for the plain run",
+        "plain_same_result": "1: plain run's totals equal the locality run's",
+        "input_mb": "parquet bytes, on disk and on the mesh (2 copies each)",
+        "same_result": "1: mesh and local totals equal",
+    }
+    print(f"{'metric':<26}  {'value':>10}  note")
+    for k in (*KEYS, *(k for k in res if k not in KEYS)):
+        print(f"{k:<26}  {res[k]:>10.2f}  {notes.get(k, '')}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        out = {k: res[k] for k in KEYS} | {k: v for k, v in res.items() if k not in KEYS}
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0 if res.get("same_result") == 1.0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Services for users (issue #22): a class deployed as replicas that construct it once
+and answer calls, placed near their callers.
+
+    import meshscale
+    mesh = meshscale.connect("127.0.0.1:7946")
+    mesh.deploy(Classifier, "digits", "weights-v3", placement="near-caller", replicas=2,
+                idempotent=["predict"])
+    h = mesh.service("digits")
+    h.call("predict", image, timeout=5.0)
+    fut = h.predict.remote(image)       # a concurrent.futures.Future
+    fut.result()
+
+A call goes to the node this mesh is connected to, which routes it to a replica (the
+caller's region first, the less busy of two) and forwards it. A method that raised makes
+the call raise ``ServiceCallError`` with ``kind="raised"`` and the remote traceback, as a
+task's ``TaskError`` does; so do the routing errors (``no-replica``, ``replica-lost``:
+its replica died and the method is not declared idempotent, ``retries-exhausted``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from meshscale.client.mesh import MeshError
+from meshscale.client.rpc import RpcConnection, RpcError
+from meshscale.client.shipping import Region, Regions, by_value
+from meshscale.core.api import Empty, ResidencyWire
+from meshscale.core.api import services as api
+from meshscale.core.api.services import (
+    AutoscaleWire,
+    CallRequest,
+    DeployRequest,
+    RemoveRequest,
+    ServiceWire,
+)
+from meshscale.core.objects import object_id
+
+if TYPE_CHECKING:
+    from meshscale.client.mesh import Mesh
+
+__all__ = ["CALL_SLACK_S", "Service", "ServiceCallError", "ServicesMixin"]
+
+CALL_SLACK_S = 10.0
+"""Added to twice a call's timeout for the hops (client -> node -> replica's node)."""
+
+
+class ServiceCallError(MeshError):
+    """A service call that did not return a value. ``kind``: ``raised`` (the method
+    raised; ``traceback`` is the replica's), ``unpicklable``, ``too-large``, ``timeout``,
+    ``crashed``, ``busy``, ``no-replica``, ``replica-lost``, ``retries-exhausted``."""
+
+    def __init__(self, service: str, method: str, kind: str, message: str,
+                 traceback: str = "", node: str = "") -> None:
+        text = f"service {service!r}.{method} failed ({kind}): {message}"
+        if node:
+            text += f" on {node}"
+        if traceback:
+            text += "\n\nRemote traceback:\n" + traceback.rstrip()
+        super().__init__(text, kind)
+        self.service = service
+        self.method = method
+        self.kind = kind
+        self.message = message
+        self.traceback = traceback
+        self.node = node
+
+
+def _public_methods(cls: type) -> list[str]:
+    return sorted(n for n in dir(cls)
+                  if not n.startswith("_") and callable(getattr(cls, n, None)))
+
+
+def _pickle_class(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    module_name = getattr(cls, "__module__", None) or "__main__"
+    mod = sys.modules.get(module_name)
+    registered = False
+    if module_name != "__main__" and mod is not None and by_value(module_name):
+        with contextlib.suppress(ValueError):
+            cloudpickle.register_pickle_by_value(mod)
+            registered = True
+    try:
+        data: bytes = cloudpickle.dumps((cls, args, kwargs), protocol=5)
+        return data
+    except Exception as e:
+        raise MeshError(f"cannot pickle service class {cls.__name__!r} or its arguments: "
+                        f"{type(e).__name__}: {e}") from None
+    finally:
+        if registered:
+            with contextlib.suppress(ValueError):
+                cloudpickle.unregister_pickle_by_value(mod)
+
+
+class _Method:
+    def __init__(self, service: Service, name: str) -> None:
+        self._service = service
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._service.call(self._name, *args, **kwargs)
+
+    def remote(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Start the call; a ``concurrent.futures.Future`` of its value."""
+        return self._service.call_future(self._name, *args, **kwargs)
+
+
+class Service:
+    """A handle on a deployed service: ``call("method", *args, timeout=)``,
+    ``handle.method(*args)`` and ``handle.method.remote(*args)`` (a future)."""
+
+    def __init__(self, mesh: Mesh, name: str, timeout: float = 30.0) -> None:
+        self._mesh = mesh
+        self.name = name
+        self.timeout = timeout
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _Method(self, name)
+
+    def _request(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 timeout: float | None) -> CallRequest:
+        t = self.timeout if timeout is None else timeout
+        if not 0 < t <= api.MAX_CALL_TIMEOUT_S:
+            raise ValueError(f"timeout must be in (0, {api.MAX_CALL_TIMEOUT_S:g}] s, got {t!r}")
+        try:
+            data = cloudpickle.dumps((args, kwargs), protocol=5)
+        except Exception as e:
+            raise ServiceCallError(self.name, method, "unpicklable",
+                                   f"cannot pickle the arguments: {type(e).__name__}: {e}"
+                                   ) from None
+        if len(data) > api.MAX_CALL_ARGS_BYTES:
+            raise ServiceCallError(self.name, method, "too-large",
+                                   f"arguments of {len(data)} bytes exceed the call size "
+                                   f"limit MAX_CALL_ARGS_BYTES={api.MAX_CALL_ARGS_BYTES}")
+        return CallRequest(service=self.name, method=method, args=data, timeout_s=t)
+
+    async def _call(self, req: CallRequest) -> Any:
+        inner = self._mesh._inner
+        # A call whose timeout is longer than the mesh's connection timeout gets a
+        # connection of its own with a long enough one: the node may spend the call's
+        # timeout twice (an idempotent call is retried once after a timeout) plus hops.
+        if req.timeout_s > inner.timeout:
+            conn = RpcConnection(inner.address, inner._creds,
+                                 2 * req.timeout_s + CALL_SLACK_S)
+            try:
+                reply = await conn.request(api.CALL, req)
+            except RpcError as e:
+                raise MeshError(str(e), getattr(e, "code", ""),
+                                unreachable=e.unreachable) from None
+            finally:
+                await conn.close()
+        else:
+            # A task mesh's extra connections (4) carry calls side by side; the main one
+            # would take them one at a time.
+            trequest = getattr(inner, "_trequest", None)
+            reply = await (trequest(api.CALL, req) if trequest is not None
+                           else inner._request(api.CALL, req))
+        if reply.outcome != "done":
+            raise ServiceCallError(self.name, req.method, reply.outcome, reply.message,
+                                   reply.traceback, reply.node)
+        return cloudpickle.loads(reply.value)
+
+    def call(self, method: str, *args: Any, timeout: float | None = None,
+             **kwargs: Any) -> Any:
+        """Call ``method(*args, **kwargs)`` on a replica and return its value; raises
+        ``ServiceCallError`` (``MeshError`` for an unknown service or method)."""
+        req = self._request(method, args, kwargs, timeout)
+        return self._mesh._run(self._call(req))
+
+    def call_future(self, method: str, *args: Any, timeout: float | None = None,
+                    **kwargs: Any) -> concurrent.futures.Future[Any]:
+        req = self._request(method, args, kwargs, timeout)
+        mesh = self._mesh
+        if mesh._closed:
+            raise MeshError("this Mesh is closed")
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(self._call(req), mesh._runner.loop)
+
+
+class ServicesMixin:
+    """``deploy`` / ``service`` / ``services`` / ``remove_service`` on a blocking ``Mesh``."""
+
+    def deploy(self, cls: type, name: str, *init_args: Any,
+               placement: str | Region | Regions = "near-caller",
+               replicas: int | None = None,
+               autoscale: tuple[int, int, float] | None = None,
+               cpus: float = 1.0, memory_mb: int = 0, gpus: int = 0,
+               data_class: str | None = None, residency: Sequence[str] | None = None,
+               labels: dict[str, str] | None = None,
+               idempotent: Iterable[str] = (), **init_kwargs: Any) -> list[str]:
+        """Deploy class ``cls`` as service ``name``: each replica runs
+        ``cls(*init_args, **init_kwargs)`` once, then answers calls to its public methods.
+        ``placement``: "near-caller", "central", ``Region(name)`` (central there) or
+        ``Regions([...])``; ``replicas=N`` or ``autoscale=(min, max, target_inflight)``;
+        ``idempotent``: the methods retried once on another replica when theirs dies.
+        Returns the nodes the replicas go to. ``MeshError`` names the field or the
+        placement rule that refused it."""
+        if not isinstance(cls, type):
+            raise TypeError(f"deploy takes a class, not {type(cls).__name__}")
+        mode: api.Placement = "near-caller"
+        central: str | None = None
+        regions: list[str] | None = None
+        if isinstance(placement, Region):
+            mode, central = "central", placement.name
+        elif isinstance(placement, Regions):
+            mode, regions = "regions", list(placement.names)
+        elif placement in ("near-caller", "central"):
+            mode = placement  # type: ignore[assignment]
+        else:
+            raise ValueError(f"placement must be 'near-caller', 'central', Region(...) or "
+                             f"Regions([...]), not {placement!r}")
+        if isinstance(idempotent, str):
+            raise ValueError(f"idempotent takes a list of method names, not one string "
+                             f"({idempotent!r})")
+        methods = _public_methods(cls)
+        if not methods:
+            raise ValueError(f"class {cls.__name__} has no public method to call")
+        code = _pickle_class(cls, init_args, init_kwargs)
+        res = None
+        if data_class is not None or residency is not None:
+            res = ResidencyWire(None if residency is None else list(residency), data_class)
+        auto = None if autoscale is None else AutoscaleWire(*autoscale)
+        spec = ServiceWire(
+            name=name, placement=mode, regions=regions, central_region=central,
+            replicas=replicas, autoscale=auto, cpus=cpus, memory_mb=memory_mb, gpus=gpus,
+            residency=res, labels=dict(labels or {}), idempotent=sorted(set(idempotent)),
+            methods=methods, class_name=cls.__qualname__, code_id=object_id(code))
+        mesh: Mesh = self  # type: ignore[assignment]
+        r = mesh._run(mesh._inner._request(api.DEPLOY, DeployRequest(spec=spec, code=code)))
+        return list(r.nodes)
+
+    def service(self, name: str, *, timeout: float = 30.0) -> Service:
+        """A handle on service ``name`` (nothing is asked of the mesh until a call)."""
+        return Service(self, name, timeout)  # type: ignore[arg-type]
+
+    def services(self) -> list[api.ServiceInfo]:
+        """The deployed services as the connected node sees them: replicas, nodes,
+        in-flight calls, latencies, calls per source region."""
+        mesh: Mesh = self  # type: ignore[assignment]
+        return list(mesh._run(mesh._inner._request(api.LIST, Empty())).services)
+
+    def remove_service(self, name: str) -> None:
+        """Stop service ``name`` everywhere (``MeshError`` if there is none)."""
+        mesh: Mesh = self  # type: ignore[assignment]
+        mesh._run(mesh._inner._request(api.REMOVE, RemoveRequest(name=name)))

@@ -1,0 +1,929 @@
+"""The node's services plane (issue #22): replica processes, and the calls routed to them.
+
+Every decision is ``core.services``'s; this module only gathers their inputs and carries
+out their answers:
+
+- ``svc.deploy`` (a client, through any node): the spec is checked by building a
+  ``core.services.ServiceSpec`` (``ServiceSpecError`` names the field), then placed once
+  on the node's view (``place_service``): an ``Unplaceable`` is refused with ``refused``
+  naming the rule. Otherwise the pickled ``(class, args, kwargs)`` is stored as a
+  replicated object, the spec (``ServiceWire``) in the replicated KV under
+  ``service/<name>`` (an index under ``services``), and every live node is told
+  (``svc.notify``); a node that missed it reads the KV within ``kv_reload_s``. The same
+  way stream operators are registered (``runtime/streams.py``).
+- Every ``status_interval_s`` each node polls every other live node's ``svc.status``:
+  the replicas it runs (starting or ready, in-flight calls, latencies), the calls routed
+  from it per service over ``call_window_s``, and its autoscaler state. The membership
+  tags are too small for this (``max_meta_bytes`` = 512), so it is a poll, bounded by
+  ``MAX_SERVICES`` services and the members of the view.
+- Every ``reconcile_interval_s`` each node computes, from those tables, the calls per
+  region (its own node's region counts its calls), the nodes that hold a replica
+  (``current``) or a ready one, and the replica count (fixed, or ``agreed_count`` of the
+  gossiped autoscaler states after stepping its own with ``autoscale_step``; a node with
+  no state yet takes its peers' with ``adopt_desired``). ``replicas_wanted`` says which
+  replicas it starts; ``keep_replica`` which of those it runs but is no longer named for
+  it stops (make before break).
+- A call (``svc.call``) goes to any node: it refuses an unknown service or method, then
+  routes with ``route_call`` over the replicas it knows (healthy: the node alive or
+  suspect in the view, its replica ready, and no transport failure to it in the last
+  ``failed_node_quarantine_s``) and forwards the call (``svc.invoke``). A node with no
+  replica answers ``not-here`` (``redirect``); a node that cannot be reached, or a
+  replica that died or timed out, is a lost replica (``failover``: an idempotent method
+  is retried once elsewhere, another fails with ``replica-lost``).
+
+A replica is a long-lived process (``runtime/replica_main.py``) with the task workers'
+isolation: the worker user when the agent is root, a cgroup of its own when the node
+has them, death with the node. Calls reach it one at a time over a socketpair; a call
+that times out kills it (it may be stuck in C code), and the reconcile loop starts a new
+one. Nothing here unpickles user data: the node moves bytes, the replica decodes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from meshscale.core.api import ApiError, Empty, ErrorCode
+from meshscale.core.api import services as api
+from meshscale.core.api.contract import residency_of
+from meshscale.core.api.services import (
+    CallReply,
+    CallRequest,
+    DeployReply,
+    DeployRequest,
+    InvokeReply,
+    InvokeRequest,
+    ListReply,
+    NotifyRequest,
+    RemoveReply,
+    RemoveRequest,
+    ReplicaInfo,
+    ReplicaStatus,
+    ScaleWire,
+    ServiceInfo,
+    ServiceWire,
+    StatusReply,
+)
+from meshscale.core.membership import State
+from meshscale.core.objects import object_id
+from meshscale.core.placement import Candidate
+from meshscale.core.scheduling import NodeState, Resources
+from meshscale.core.services import (
+    Autoscale,
+    CallFailed,
+    ReplicaView,
+    Retry,
+    ScaleState,
+    ServiceConfig,
+    ServicePlacement,
+    ServiceSpec,
+    ServiceSpecError,
+    Unplaceable,
+    adopt_desired,
+    agreed_count,
+    autoscale_step,
+    failover,
+    keep_replica,
+    place_service,
+    redirect,
+    replicas_wanted,
+    route_call,
+)
+from meshscale.runtime.local import LocalCalls, call_node
+from meshscale.runtime.replica_main import Call, Done, Failed, Init, Ready, decode_from_replica
+from meshscale.runtime.replica_main import encoder as replica_encoder
+from meshscale.runtime.services import NodeServices
+from meshscale.runtime.worker_main import FRAME_HEADER, MAX_ENVELOPE, REPLY_SLACK, frame_header
+from meshscale.transport.rpc import RemoteError, RpcError
+
+__all__ = ["INDEX_KEY", "SPEC_PREFIX", "ServicePlane", "ServicePlaneConfig", "spec_of"]
+
+SPEC_PREFIX = "service/"
+INDEX_KEY = "services"
+LANE_STATUS = "svc.status"
+LANE_NOTIFY = "svc.notify"
+
+_BOOT = ("import sys; sys.path.append(sys.argv[1]); "
+         "from meshscale.runtime.replica_main import main; main(sys.argv[2:])")
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+_BUSY = "no connection slot free"
+"""How ``transport.rpc`` words a ``NodeBusy`` refusal (it re-raises it as ``RpcError``)."""
+
+_spec_encoder = msgspec.msgpack.Encoder()
+_spec_decoder = msgspec.msgpack.Decoder(ServiceWire)
+_names_decoder = msgspec.msgpack.Decoder(list[str])
+
+
+@dataclass(frozen=True)
+class ServicePlaneConfig:
+    status_interval_s: float = 0.5
+    """How often each node polls every other live node's ``svc.status``."""
+    status_timeout_s: float = 2.0
+    status_stale_s: float = 5.0
+    """A status older than this is not used (its node is slow or gone)."""
+    reconcile_interval_s: float = 0.5
+    kv_reload_s: float = 5.0
+    call_window_s: float = 10.0
+    """Calls per source region are counted over this window (as the simulator does)."""
+    replica_start_timeout_s: float = 120.0
+    """A replica's ``__init__`` (the model load) must finish within this."""
+    replica_queue: int = 1_024
+    """Calls waiting for one replica; beyond: ``busy``."""
+    latency_samples: int = 1_024
+    """Latencies kept per replica for p50/p99."""
+    failed_node_quarantine_s: float = 3.0
+    """A node a forwarded call could not reach is not routed to for this long (or until
+    the view says it is back with a new status)."""
+    forward_slack_s: float = 2.0
+    """Added to a call's timeout for the hop to the replica's node."""
+    code_replicas: int = 3
+    restart_backoff_s: float = 1.0
+    """Wait before a replica that died is started again; doubled after each start that
+    failed in a row (its ``__init__`` raised), up to ``restart_backoff_max_s``."""
+    restart_backoff_max_s: float = 30.0
+    busy_retries: int = 4
+    """A replica's node that answers "no connection slot free" is asked again this many
+    times (50 ms, doubling) before the call counts it as lost."""
+    decisions: ServiceConfig = field(default_factory=ServiceConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("status_interval_s", "status_timeout_s", "reconcile_interval_s",
+                     "call_window_s", "replica_start_timeout_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {v!r}")
+        if self.replica_queue < 1 or self.latency_samples < 1:
+            raise ValueError("replica_queue and latency_samples must be >= 1")
+
+
+def spec_of(w: ServiceWire) -> ServiceSpec:
+    """The decisions' spec of a wire spec; ``ServiceSpecError`` names a bad field."""
+    placement: str | frozenset[str] = w.placement
+    if w.placement == "regions":
+        placement = frozenset(w.regions or ())
+    elif w.regions is not None:
+        raise ServiceSpecError("regions", "only a placement of 'regions' names regions")
+    auto = None
+    if w.autoscale is not None:
+        a = w.autoscale
+        auto = Autoscale(a.min_replicas, a.max_replicas, a.target_inflight)
+    unknown = sorted(set(w.idempotent) - set(w.methods))
+    if unknown:
+        raise ServiceSpecError("idempotent", f"names methods the class does not have: "
+                                             f"{', '.join(unknown)}")
+    return ServiceSpec(
+        name=w.name, placement=placement, replicas=w.replicas, autoscale=auto,
+        resources=Resources(w.cpus, w.memory_mb, w.gpus), residency=residency_of(w.residency),
+        labels=dict(w.labels), idempotent=frozenset(w.idempotent),
+        central_region=w.central_region)
+
+
+def _percentile(samples: list[float], q: float) -> float | None:
+    if not samples:
+        return None
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class _ReplicaDied(Exception):
+    """The replica's process died, or a call to it timed out (it was killed)."""
+
+
+class Replica:
+    """One replica process of a service on this node."""
+
+    def __init__(self, plane: ServicePlane, service: str, code_id: str) -> None:
+        self.plane = plane
+        self.service = service
+        self.code_id = code_id
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.ready = False
+        self.dead = False
+        self.inflight = 0
+        self.calls = 0
+        self.failed = 0
+        self.constructed = 0
+        self.latencies: deque[float] = deque(maxlen=plane.cfg.latency_samples)
+        self.lock = asyncio.Lock()
+        self.task: asyncio.Task[None] | None = None
+        self.cg: Any = None
+        self.error = ""
+
+    def status(self) -> ReplicaStatus:
+        lat = list(self.latencies)
+        p50 = _percentile(lat, 0.5)
+        p99 = _percentile(lat, 0.99)
+        return ReplicaStatus(ready=self.ready and not self.dead, inflight=self.inflight,
+                             calls=self.calls, failed=self.failed,
+                             p50_ms=None if p50 is None else round(p50 * 1000, 3),
+                             p99_ms=None if p99 is None else round(p99 * 1000, 3),
+                             constructed=self.constructed)
+
+    async def start(self, code: bytes) -> None:
+        agent = self.plane.agent
+        iso = agent.isolation
+        argv = [sys.executable, "-c", _BOOT, _PACKAGE_ROOT]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv += [str(theirs.fileno()), str(os.getpid())]
+        if iso is not None and iso.user is not None:
+            assert iso.work_dir is not None
+            argv += [f"{iso.user.uid}:{iso.user.gid}", str(iso.work_dir)]
+        try:
+            self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),),
+                                         stdin=subprocess.DEVNULL, close_fds=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        if iso is not None and iso.cgroups is not None:
+            try:
+                self.cg = iso.cgroups.worker(f"svc-{self.plane.next_cg()}")
+                self.cg.attach(self.proc.pid)
+            except OSError:
+                self.cg = None
+                self.plane.stats["cgroup_errors"] += 1
+        self.reader, self.writer = await asyncio.open_unix_connection(
+            sock=ours, limit=api.MAX_RESULT_BYTES + REPLY_SLACK)
+        init = Init(api.MAX_CALL_ARGS_BYTES, api.MAX_RESULT_BYTES,
+                    [p for p in sys.path if isinstance(p, str)])
+        env = replica_encoder.encode(init)
+        self.writer.write(frame_header(env, len(code)) + code)
+        await self.writer.drain()
+        async with asyncio.timeout(self.plane.cfg.replica_start_timeout_s):
+            msg, body = await self._read()
+        if isinstance(msg, Failed):
+            raise RuntimeError(f"__init__ failed: {msg.message}\n"
+                               f"{body.decode('utf-8', 'replace')}")
+        if not isinstance(msg, Ready):
+            raise RuntimeError("the replica did not answer ready")
+        self.constructed += 1
+        self.ready = True
+
+    async def _read(self) -> tuple[Ready | Done | Failed, bytes]:
+        assert self.reader is not None
+        try:
+            head = await self.reader.readexactly(FRAME_HEADER.size)
+            env_len, body_len = FRAME_HEADER.unpack(head)
+            if env_len > MAX_ENVELOPE or body_len > api.MAX_RESULT_BYTES + REPLY_SLACK:
+                raise _ReplicaDied("the replica sent a frame over its bounds")
+            msg = decode_from_replica.decode(await self.reader.readexactly(env_len))
+            body = await self.reader.readexactly(body_len) if body_len else b""
+        except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError) as e:
+            raise _ReplicaDied(f"the replica's process died ({type(e).__name__})") from None
+        return msg, body
+
+    async def call(self, method: str, args: bytes, encoding: str, timeout_s: float
+                   ) -> InvokeReply:
+        if self.inflight >= self.plane.cfg.replica_queue:
+            return InvokeReply("busy", message=f"the replica of {self.service!r} has "
+                               f"{self.inflight} calls queued (replica_queue)")
+        self.inflight += 1
+        t0 = time.monotonic()
+        try:
+            async with self.lock:
+                if self.dead or self.writer is None:
+                    return InvokeReply("crashed", message="the replica's process died")
+                left = timeout_s - (time.monotonic() - t0)
+                if left <= 0:
+                    return InvokeReply("timeout", message=f"queued longer than {timeout_s}s")
+                env = replica_encoder.encode(Call(method, encoding))
+                try:
+                    self.writer.write(frame_header(env, len(args)) + args)
+                    async with asyncio.timeout(left):
+                        await self.writer.drain()
+                        msg, body = await self._read()
+                except TimeoutError:
+                    self.kill(f"a call to {method!r} took more than {timeout_s}s")
+                    self.failed += 1
+                    return InvokeReply("timeout", message=f"{method!r} did not answer within "
+                                       f"{timeout_s}s; the replica was restarted")
+                except (_ReplicaDied, ConnectionError) as e:
+                    self.kill(str(e))
+                    self.failed += 1
+                    return InvokeReply("crashed", message=f"{e} while running {method!r}")
+        finally:
+            self.inflight -= 1
+        self.latencies.append(time.monotonic() - t0)
+        if isinstance(msg, Done):
+            self.calls += 1
+            return InvokeReply("done", value=body)
+        if isinstance(msg, Failed):
+            self.failed += 1
+            kind = msg.kind if msg.kind in api.OUTCOMES else "raised"
+            if msg.kind == "unknown-method":
+                kind = "raised"
+            return InvokeReply(kind, message=msg.message,  # type: ignore[arg-type]
+                               traceback=body.decode("utf-8", "replace")[
+                                   :api.MAX_TRACEBACK_CHARS])
+        self.kill("unexpected message")
+        return InvokeReply("crashed", message="the replica sent an unexpected message")
+
+    def kill(self, why: str) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self.ready = False
+        self.error = why
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        if self.writer is not None:
+            self.writer.close()
+        self.plane.agent.log("info", "service_replica_stopped", service=self.service,
+                             reason=why[:200])
+        proc, cg = self.proc, self.cg
+
+        async def reap() -> None:
+            if proc is not None:
+                for _ in range(50):
+                    if proc.poll() is not None:
+                        break
+                    await asyncio.sleep(0.1)
+            if cg is not None:
+                with contextlib.suppress(OSError):
+                    cg.remove()
+
+        self.plane.agent.spawn(reap())
+
+
+class ServicePlane:
+    def __init__(self, agent: NodeServices, config: ServicePlaneConfig | None = None) -> None:
+        self.agent = agent
+        self.cfg = config or ServicePlaneConfig()
+        self.local = LocalCalls(agent)
+        self.specs: dict[str, ServiceWire] = {}
+        self.core: dict[str, ServiceSpec] = {}
+        self._installed_at: dict[str, float] = {}
+        self.code: dict[str, bytes] = {}
+        self.replicas: dict[str, Replica] = {}
+        self._died_at: dict[str, float] = {}
+        self._start_fails: dict[str, int] = {}
+        self._start_errors: dict[str, str] = {}
+        self.statuses: dict[str, tuple[StatusReply, float]] = {}
+        self.scale: dict[str, ScaleState] = {}
+        self._calls: dict[str, deque[tuple[float, int]]] = {}
+        """Per service, (second, calls routed from here that second), the last window."""
+        self._bad: dict[str, float] = {}
+        self.stats: Counter[str] = Counter()
+        self.rng = random.Random(agent.rng.random())
+        self._cg_seq = 0
+        self._round_started_at = -math.inf
+        """When the last complete round of status polls began: a service installed
+        after it is not placed yet (its call counts and replicas are not all known)."""
+        self._stopping = False
+
+    def next_cg(self) -> int:
+        self._cg_seq += 1
+        return self._cg_seq
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        a = self.agent
+        a.serve(api.DEPLOY, self._rpc_deploy)
+        a.serve(api.REMOVE, self._rpc_remove)
+        a.serve(api.LIST, self._rpc_list)
+        a.serve(api.CALL, self._rpc_call)
+        a.serve(api.NOTIFY, self._rpc_notify)
+        a.serve(api.INVOKE, self._rpc_invoke)
+        a.serve(api.STATUS, self._rpc_status)
+        a.spawn(self._status_loop())
+        a.spawn(self._reconcile_loop())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for r in list(self.replicas.values()):
+            if r.task is not None:
+                r.task.cancel()
+            r.kill("the node stops")
+        self.replicas.clear()
+
+    # ------------------------------------------------------------------ view
+
+    def _alive(self) -> list[Any]:
+        return [m for m in self.agent.m.members.values() if m.state <= State.SUSPECT]
+
+    def _view(self) -> list[NodeState]:
+        me = self.agent.name
+        out = []
+        for m in self._alive():
+            cap = dict(m.meta.capacity)
+            coord = self.agent.m.coordinate() if m.name == me else m.coord
+            out.append(NodeState(
+                Candidate(m.name, m.meta.region, m.meta.zone, dict(m.meta.labels)),
+                Resources(float(cap.get("cpus") or os.cpu_count() or 1),
+                          int(cap.get("memory_mb") or 1 << 40), int(cap.get("gpus") or 0)),
+                coord=coord))
+        return out
+
+    def _tables(self) -> dict[str, StatusReply]:
+        """Every live node's latest status (this node's own, fresh)."""
+        now = time.monotonic()
+        alive = {m.name for m in self._alive()}
+        out = {n: s for n, (s, at) in self.statuses.items()
+               if n in alive and now - at <= self.cfg.status_stale_s}
+        out[self.agent.name] = self._status(now)
+        return out
+
+    def _call_sources(self, tables: dict[str, StatusReply]) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for st in tables.values():
+            for svc, n in st.calls.items():
+                if n > 0:
+                    by = out.setdefault(svc, {})
+                    by[st.region] = by.get(st.region, 0) + n
+        return out
+
+    def _count(self, name: str, tables: dict[str, StatusReply]) -> int:
+        spec = self.core[name]
+        if spec.autoscale is None:
+            return spec.bounds[0]
+        return agreed_count(spec.autoscale,
+                            (t.scale[name].desired for t in tables.values() if name in t.scale))
+
+    def _placement(self, name: str, tables: dict[str, StatusReply]
+                   ) -> ServicePlacement | Unplaceable:
+        current = [n for n, t in tables.items() if name in t.replicas]
+        return place_service(self.core[name], self._view(),
+                             self._call_sources(tables).get(name, {}),
+                             self._count(name, tables), current=current)
+
+    # ------------------------------------------------------------------ status
+
+    def _window_calls(self, name: str, now: float) -> int:
+        q = self._calls.get(name)
+        if not q:
+            return 0
+        while q and q[0][0] < now - self.cfg.call_window_s:
+            q.popleft()
+        return sum(n for _, n in q)
+
+    def _note_call(self, name: str) -> None:
+        sec = float(int(time.monotonic()))
+        q = self._calls.setdefault(name, deque())
+        if q and q[-1][0] == sec:
+            q[-1] = (sec, q[-1][1] + 1)
+        else:
+            q.append((sec, 1))
+            while len(q) > self.cfg.call_window_s + 2:
+                q.popleft()
+
+    def _status(self, now: float) -> StatusReply:
+        scale = {}
+        for name, s in self.scale.items():
+            if name in self.core:
+                scale[name] = ScaleWire(
+                    s.desired, None if s.above_since is None else now - s.above_since,
+                    None if s.below_since is None else now - s.below_since)
+        return StatusReply(
+            node=self.agent.name, region=self.agent.meta.region,
+            replicas={n: r.status() for n, r in self.replicas.items()
+                      if n in self.specs and not r.dead},
+            calls={n: c for n in self.specs if (c := self._window_calls(n, now))},
+            scale=scale,
+            errors={n: e for n, e in self._start_errors.items() if n in self.specs})
+
+    def _rpc_status(self, _: Empty) -> StatusReply:
+        return self._status(time.monotonic())
+
+    async def _status_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.cfg.status_interval_s)
+            if not self.specs or self.agent.membership is None:
+                continue
+            others = [m.name for m in self._alive() if m.name != self.agent.name]
+
+            async def poll(n: str) -> None:
+                try:
+                    st = await call_node(self.agent, n, api.STATUS, Empty(), lane=LANE_STATUS,
+                                         timeout_s=self.cfg.status_timeout_s)
+                except (RpcError, ValueError):
+                    return
+                self.statuses[n] = (st, time.monotonic())
+
+            started = time.monotonic()
+            await asyncio.gather(*(poll(n) for n in others))
+            self._round_started_at = started
+            for n in [n for n in self.statuses if n not in others]:
+                del self.statuses[n]
+
+    # ------------------------------------------------------------------ deploy, remove
+
+    async def _rpc_deploy(self, req: DeployRequest) -> DeployReply:
+        w = req.spec
+        if w.name not in self.specs and len(self.specs) >= api.MAX_SERVICES:
+            raise ApiError(ErrorCode.INVALID, f"{api.MAX_SERVICES} services already run "
+                                              "(MAX_SERVICES)")
+        try:
+            spec = spec_of(w)
+        except ServiceSpecError as e:
+            raise ApiError(ErrorCode.INVALID, f"service {w.name!r}: {e}") from None
+        if object_id(req.code) != w.code_id:
+            raise ApiError(ErrorCode.INVALID, "code does not hash to spec.code_id")
+        tables = self._tables()
+        count = spec.bounds[0]
+        p = place_service(spec, self._view(), {}, count,
+                          current=[n for n, t in tables.items() if w.name in t.replicas])
+        if isinstance(p, Unplaceable):
+            raise ApiError(ErrorCode.REFUSED, f"rule {p.rule}: {p.message}")
+        stored = await self.local.put_object(req.code, self.cfg.code_replicas)
+        if stored["id"] != w.code_id:
+            raise ApiError(ErrorCode.INTERNAL, "stored code under another id")
+        self.code[w.code_id] = req.code
+        await self.local.kv_put(SPEC_PREFIX + w.name, _spec_encoder.encode(w))
+        index = await self.local.kv_get(INDEX_KEY)
+        names = set(_names_decoder.decode(index)) if index else set()
+        if w.name not in names:
+            names.add(w.name)
+            await self.local.kv_put(INDEX_KEY, _spec_encoder.encode(sorted(names)))
+        self._install(w, spec)
+        await self._notify_all(NotifyRequest(spec=w))
+        self.agent.log("info", "service_deployed", service=w.name, nodes=list(p.nodes))
+        return DeployReply(name=w.name, nodes=list(p.nodes), wanted=p.wanted)
+
+    def _install(self, w: ServiceWire, spec: ServiceSpec | None = None) -> None:
+        try:
+            spec = spec or spec_of(w)
+        except ServiceSpecError as e:
+            self.agent.log_limited("service_spec_unusable", service=w.name, error=str(e))
+            return
+        old = self.specs.get(w.name)
+        if old is not None and old.code_id != w.code_id and w.name in self.replicas:
+            self._stop_replica(w.name, "redeployed with new code")
+        if w.name not in self.specs:
+            self._installed_at[w.name] = time.monotonic()
+        self.specs[w.name] = w
+        self.core[w.name] = spec
+
+    def _uninstall(self, name: str) -> None:
+        self.specs.pop(name, None)
+        self.core.pop(name, None)
+        self.scale.pop(name, None)
+        self._calls.pop(name, None)
+        self._start_fails.pop(name, None)
+        self._start_errors.pop(name, None)
+        if name in self.replicas:
+            self._stop_replica(name, "service removed")
+
+    async def _notify_all(self, req: NotifyRequest) -> None:
+        async def notify(n: str) -> None:
+            with contextlib.suppress(RpcError, ValueError, TimeoutError):
+                await call_node(self.agent, n, api.NOTIFY, req, lane=LANE_NOTIFY,
+                                timeout_s=self.cfg.status_timeout_s * 2)
+
+        await asyncio.gather(*(notify(m.name) for m in self._alive()
+                               if m.name != self.agent.name))
+
+    def _rpc_notify(self, req: NotifyRequest) -> None:
+        if (req.spec is None) == (req.removed is None):
+            raise ValueError("svc.notify carries one of spec and removed")
+        if req.removed is not None:
+            self._uninstall(req.removed)
+        elif req.spec is not None:
+            self._install(req.spec)
+
+    async def _rpc_remove(self, req: RemoveRequest) -> RemoveReply:
+        name = req.name
+        index = await self.local.kv_get(INDEX_KEY)
+        names = set(_names_decoder.decode(index)) if index else set()
+        if name not in names and name not in self.specs:
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown service {name!r}")
+        names.discard(name)
+        await self.local.kv_put(INDEX_KEY, _spec_encoder.encode(sorted(names)))
+        with contextlib.suppress(ValueError, RpcError):
+            await self.local.kv_delete(SPEC_PREFIX + name)
+        self._uninstall(name)
+        await self._notify_all(NotifyRequest(removed=name))
+        return RemoveReply(removed=name)
+
+    async def _load_from_kv(self) -> None:
+        index = await self.local.kv_get(INDEX_KEY)
+        if index is None:
+            return
+        listed = set(_names_decoder.decode(index))
+        for name in [n for n in self.specs if n not in listed and
+                     time.monotonic() - self._installed_at.get(n, 0.0) > 30.0]:
+            self._uninstall(name)  # removed while this node missed the notice
+        for name in sorted(listed):
+            if name in self.specs:
+                continue
+            raw = await self.local.kv_get(SPEC_PREFIX + name)
+            if not raw:
+                continue
+            try:
+                self._install(_spec_decoder.decode(raw))
+            except msgspec.DecodeError as e:
+                self.agent.log_limited("service_spec_unreadable", service=name,
+                                       error=str(e)[:200])
+
+    # ------------------------------------------------------------------ replicas
+
+    async def _reconcile_loop(self) -> None:
+        loaded_at = -math.inf
+        while not self._stopping:
+            await asyncio.sleep(self.cfg.reconcile_interval_s)
+            if self.agent.membership is None:
+                continue
+            now = time.monotonic()
+            if now - loaded_at > self.cfg.kv_reload_s:
+                loaded_at = now
+                try:
+                    await self._load_from_kv()
+                except Exception as e:
+                    self.agent.log_limited("service_kv_load_failed", error=str(e)[:200])
+            try:
+                self._reconcile(now)
+            except Exception as e:  # never let the loop die
+                self.agent.log_limited("service_reconcile_failed", error=str(e)[:300])
+
+    def _step_autoscalers(self, now: float, tables: dict[str, StatusReply]) -> None:
+        for name, spec in self.core.items():
+            auto = spec.autoscale
+            if auto is None:
+                continue
+            state = self.scale.get(name)
+            if state is None:
+                peers = []
+                for n, t in tables.items():
+                    sw = t.scale.get(name)
+                    if n != self.agent.name and sw is not None:
+                        up, down = sw.above_age_s, sw.below_age_s
+                        peers.append(ScaleState(sw.desired, None if up is None else now - up,
+                                                None if down is None else now - down))
+                state = adopt_desired(auto, peers)
+            inflight = sum(t.replicas[name].inflight for t in tables.values()
+                           if name in t.replicas)
+            running = sum(1 for t in tables.values()
+                          if name in t.replicas and t.replicas[name].ready)
+            self.scale[name] = autoscale_step(auto, self.cfg.decisions, state, now,
+                                              float(inflight), running)
+
+    def _reconcile(self, now: float) -> None:
+        if self._stopping:
+            return
+        for name in [n for n in self.replicas if n not in self.specs]:
+            self._stop_replica(name, "service removed")
+        if not self.core:
+            return
+        tables = self._tables()
+        self._step_autoscalers(now, tables)
+        tables[self.agent.name] = self._status(now)
+        view = self._view()
+        sources = self._call_sources(tables)
+        current = {n: [node for node, t in tables.items() if n in t.replicas]
+                   for n in self.core}
+        counts = [(self.core[n], self._count(n, tables)) for n in sorted(self.core)]
+        counts_by_name = [(spec.name, c) for spec, c in counts]
+        me = self.agent.name
+        want = replicas_wanted(me, counts, view, sources, current)
+        mine = self.agent.m.members.get(me)
+        if mine is None or mine.state > State.SUSPECT:
+            want = set()  # leaving: start nothing (the node stops its replicas)
+        # Start nothing for a service until one whole round of status polls began after
+        # it was installed here: with a partial table a node places on partial counts.
+        want = {n for n in want if n in self.replicas or
+                self._installed_at.get(n, math.inf) <= self._round_started_at}
+        for name in want:
+            r = self.replicas.get(name)
+            if r is not None and r.dead:
+                self.replicas.pop(name)
+                self._died_at[name] = now
+                r = None
+            backoff = min(self.cfg.restart_backoff_max_s, self.cfg.restart_backoff_s *
+                          2 ** min(self._start_fails.get(name, 0), 16))
+            if r is None and now - self._died_at.get(name, -math.inf) >= backoff:
+                self.agent.log("info", "service_replica_starting", service=name,
+                               count=dict(counts_by_name).get(name, 0),
+                               current=sorted(current.get(name, [])),
+                               statuses={n: round(now - at, 2)
+                                         for n, (_, at) in self.statuses.items()})
+                self._start_replica(name)
+        for name in [n for n in self.replicas if n not in want]:
+            r = self.replicas[name]
+            if r.dead:
+                self.replicas.pop(name)
+                continue
+            ready = [node for node, t in tables.items()
+                     if name in t.replicas and t.replicas[name].ready]
+            placement = place_service(self.core[name], view, sources.get(name, {}),
+                                      self._count(name, tables), current=current[name])
+            if not keep_replica(me, placement, ready):
+                self._stop_replica(name, "placed elsewhere")
+
+    def _start_replica(self, name: str) -> None:
+        w = self.specs[name]
+        r = Replica(self, name, w.code_id)
+        self.replicas[name] = r
+
+        async def run() -> None:
+            try:
+                code = self.code.get(w.code_id)
+                if code is None:
+                    code = await self.local.read_object(w.code_id)
+                    self.code[w.code_id] = code
+                await r.start(code)
+                self.stats["replica_starts"] += 1
+                self._start_fails.pop(name, None)
+                self._start_errors.pop(name, None)
+                self.agent.log("info", "service_replica_ready", service=name,
+                               pid=r.proc.pid if r.proc else 0)
+            except asyncio.CancelledError:
+                r.kill("cancelled")
+                raise
+            except Exception as e:
+                self.stats["replica_start_failed"] += 1
+                self._start_fails[name] = self._start_fails.get(name, 0) + 1
+                self._start_errors[name] = str(e)[:api.MAX_ERROR_CHARS]
+                self.agent.log_limited("service_replica_start_failed", service=name,
+                                       error=str(e)[:500])
+                r.kill(f"start failed: {e}")
+
+        r.task = asyncio.get_running_loop().create_task(run())
+
+    def _stop_replica(self, name: str, why: str) -> None:
+        r = self.replicas.pop(name, None)
+        if r is not None:
+            if r.task is not None and not r.task.done():
+                r.task.cancel()
+            r.kill(why)
+
+    # ------------------------------------------------------------------ calls
+
+    async def _rpc_invoke(self, req: InvokeRequest) -> InvokeReply:
+        r = self.replicas.get(req.service)
+        if r is None or not r.ready or r.dead:
+            return InvokeReply("not-here", message=f"{self.agent.name} runs no ready "
+                               f"replica of {req.service!r}")
+        return await r.call(req.method, req.args, req.encoding, req.timeout_s)
+
+    def _replica_views(self, name: str, tables: dict[str, StatusReply]) -> list[ReplicaView]:
+        now = time.monotonic()
+        members = self.agent.m.members
+        out = []
+        for node, t in tables.items():
+            rs = t.replicas.get(name)
+            m = members.get(node)
+            if rs is None or m is None:
+                continue
+            # Alive or suspect, as every plane counts a member; a suspect node that is
+            # really gone is quarantined by the first call that cannot reach it.
+            healthy = rs.ready and m.state <= State.SUSPECT and \
+                now >= self._bad.get(node, -math.inf)
+            coord = self.agent.m.coordinate() if node == self.agent.name else m.coord
+            out.append(ReplicaView(node, m.meta.region, m.meta.zone, rs.inflight, healthy,
+                                   coord))
+        return out
+
+    async def _rpc_call(self, req: CallRequest) -> CallReply:
+        name = req.service
+        w = self.specs.get(name)
+        if w is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown service {name!r}")
+        if req.method not in w.methods:
+            raise ApiError(ErrorCode.NOT_FOUND,
+                           f"service {name!r} has no method {req.method!r} (it has: "
+                           f"{', '.join(w.methods[:20])})")
+        spec = self.core[name]
+        self._note_call(name)
+        my_region = self.agent.meta.region
+        my_coord = self.agent.m.coordinate()
+        cfg = self.cfg.decisions
+        tried: list[str] = []
+        retries = redirects = 0
+        tables = self._tables()
+        node = route_call(
+            my_region, self._replica_views(name, tables), self.rng, caller_coord=my_coord)
+        if node is None:
+            msg = f"service {name!r}: no healthy replica to send {req.method!r} to"
+            p = self._placement(name, tables)
+            if isinstance(p, Unplaceable):
+                msg += f": it cannot be placed: rule {p.rule}: {p.message}"
+            else:
+                errs = [f"{n}: {t.errors[name]}" for n, t in sorted(tables.items())
+                        if name in t.errors]
+                if errs:
+                    msg += "; its replicas fail to start: " + errs[0][:1000]
+            self.stats["calls_no_replica"] += 1
+            now = time.monotonic()
+            self.agent.log_limited(
+                "service_no_replica", service=name,
+                statuses={n: round(now - at, 2) for n, (_, at) in self.statuses.items()},
+                holders=sorted(n for n, t in tables.items() if name in t.replicas),
+                quarantined=sorted(n for n, until in self._bad.items() if until > now))
+            return CallReply("no-replica", message=msg)
+        attempts = 0
+        while True:
+            attempts += 1
+            tried.append(node)
+            lost = False
+            reply: InvokeReply | None = None
+            try:
+                reply = await self._forward(node, req)
+            except RemoteError as e:
+                if e.code in (ErrorCode.UNKNOWN_METHOD, ErrorCode.STARTING):
+                    reply = InvokeReply("not-here", message=str(e))
+                else:
+                    lost = True
+            except (RpcError, TimeoutError) as e:
+                if not isinstance(e, RpcError) or e.unreachable:
+                    self._bad[node] = time.monotonic() + self.cfg.failed_node_quarantine_s
+                lost = True
+            if reply is not None and reply.outcome in ("crashed", "timeout"):
+                lost = True
+            region = self._region_of(node)
+            if not lost and reply is not None and reply.outcome != "not-here":
+                self.stats[f"calls_{reply.outcome}"] += 1
+                return CallReply(reply.outcome, value=reply.value, message=reply.message,
+                                 traceback=reply.traceback, node=node, region=region,
+                                 attempts=attempts)
+            views = self._replica_views(name, self._tables())
+            decision: Retry | CallFailed
+            if lost:
+                decision = failover(spec, req.method, retries, tried, my_region, views,
+                                    self.rng, cfg, caller_coord=my_coord)
+                retries += 1
+            else:
+                decision = redirect(spec, req.method, redirects, tried, my_region, views,
+                                    self.rng, cfg, caller_coord=my_coord)
+                redirects += 1
+            if isinstance(decision, CallFailed):
+                self.stats[f"calls_{decision.code}"] += 1
+                why = "" if reply is None else f" ({reply.outcome}: {reply.message})"
+                return CallReply(decision.code,  # type: ignore[arg-type]
+                                 message=decision.message + why, node=node, region=region,
+                                 attempts=attempts)
+            self.stats["calls_rerouted"] += 1
+            node = decision.node
+
+    def _region_of(self, node: str) -> str:
+        m = self.agent.m.members.get(node)
+        return "" if m is None else m.meta.region
+
+    async def _forward(self, node: str, req: CallRequest) -> InvokeReply:
+        inv = InvokeRequest(service=req.service, method=req.method, args=req.args,
+                            encoding=req.encoding, timeout_s=req.timeout_s,
+                            caller_region=self.agent.meta.region)
+        if node == self.agent.name:
+            return await self._rpc_invoke(inv)
+        m = self.agent.m.members.get(node)
+        if m is None:
+            raise RpcError(f"{node}: not a member", unreachable=True)
+        delay = self.agent.delay_to(m.addr)
+        if delay:
+            await asyncio.sleep(delay)
+        for attempt in range(self.cfg.busy_retries + 1):
+            conn = self.agent.peers.checkout(node, m.addr)
+            conn.timeout = req.timeout_s + self.cfg.forward_slack_s
+            try:
+                out = await conn.request(api.INVOKE, inv)
+                break
+            except RpcError as e:
+                # "No connection slot free" is the node's answer before any request is
+                # read (transport/tls.py NodeBusy): the call did not run; ask again.
+                if attempt == self.cfg.busy_retries or _BUSY not in str(e):
+                    raise
+                self.stats["forward_node_busy"] += 1
+            finally:
+                self.agent.peers.checkin(node, conn)
+            await asyncio.sleep(0.05 * 2 ** attempt)
+        if delay:
+            await asyncio.sleep(delay)
+        return out
+
+    # ------------------------------------------------------------------ list
+
+    def _rpc_list(self, _: Empty) -> ListReply:
+        tables = self._tables()
+        sources = self._call_sources(tables)
+        out = []
+        for name in sorted(self.specs):
+            reps = [ReplicaInfo(**msgspec.structs.asdict(t.replicas[name]), node=node,
+                                region=t.region)
+                    for node, t in sorted(tables.items()) if name in t.replicas]
+            p = self._placement(name, tables)
+            out.append(ServiceInfo(
+                spec=self.specs[name], desired=self._count(name, tables),
+                placed=list(p.nodes) if isinstance(p, ServicePlacement) else [],
+                replicas=reps, calls_by_region=sources.get(name, {}),
+                unplaceable="" if isinstance(p, ServicePlacement)
+                else f"rule {p.rule}: {p.message}",
+                errors={node: t.errors[name] for node, t in sorted(tables.items())
+                        if name in t.errors}))
+        return ListReply(services=out)

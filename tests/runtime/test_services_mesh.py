@@ -1,0 +1,444 @@
+"""Services on real node processes (issue #22): a class constructed once per replica,
+near-caller calls answered in the caller's region, bad input refused with clear errors
+while the service keeps serving, and a SIGKILLed replica node: an idempotent method's
+callers keep succeeding, a non-idempotent call fails with ``replica-lost``, and the
+replica count comes back."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import jsonschema
+import pytest
+from runtime_mesh import wait_for
+
+from meshscale.cli import main as cli_main
+from meshscale.client.mesh import MeshError
+from meshscale.client.rpc import RemoteError, request
+from meshscale.client.services import ServiceCallError
+from meshscale.client.tasks import TaskMesh, connect
+from meshscale.core.api import Empty, ErrorCode
+from meshscale.core.api import services as api
+from meshscale.core.api.services import CallReply, CallRequest
+from meshscale.runtime.launcher import LocalMesh
+from meshscale.trust.bundle import load_bundle
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Counted:
+    """Writes its pid to ``log_dir/constructed`` in ``__init__``: one line per
+    construction."""
+
+    made = 0
+
+    def __init__(self, log_dir: str) -> None:
+        type(self).made += 1
+        with open(os.path.join(log_dir, "constructed"), "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def whoami(self) -> tuple[int, int]:
+        return os.getpid(), type(self).made
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def uid(self) -> int:
+        return os.getuid()
+
+    def boom(self, what: str) -> None:
+        raise ValueError(f"bad {what}")
+
+    def write(self, x: int) -> int:
+        return x
+
+
+class Slow:
+    def work(self, s: float) -> int:
+        time.sleep(s)
+        return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    with LocalMesh(tmp_path_factory.mktemp("services"), 4, regions=["a", "b"]) as m:
+        yield m
+
+
+def raw_call(m: LocalMesh, i: int, service: str, method: str, args: bytes,
+             timeout_s: float = 30.0) -> CallReply:
+    return request(m.nodes[i].address, m.credentials(), api.CALL,
+                   CallRequest(service=service, method=method, args=args,
+                               timeout_s=timeout_s), timeout=timeout_s + 10)
+
+
+def pickled(*args: object) -> bytes:
+    return cloudpickle.dumps((args, {}))
+
+
+def answered(m: LocalMesh, i: int, service: str, method: str = "whoami") -> CallReply | None:
+    r = raw_call(m, i, service, method, pickled())
+    return r if r.outcome == "done" else None
+
+
+def test_near_caller_constructed_once_per_replica(mesh: LocalMesh, client: TaskMesh) -> None:
+    # Replicas run as the worker user (nobody when the tests run as root): a directory
+    # it can write, under the world-writable /tmp.
+    tmp_path = Path(tempfile.mkdtemp(prefix="meshscale-svc-", dir="/tmp"))
+    os.chmod(tmp_path, 0o777)
+    nodes = client.deploy(Counted, "counted", str(tmp_path), replicas=2,
+                          idempotent=["whoami", "add"])
+    assert len(nodes) == 2
+    regions = {mesh.nodes[int(n.split("-")[1])].region for n in nodes}
+    assert regions == {"a", "b"}, nodes
+    # Callers in region a (node-0) and region b (node-1).
+    # Placement follows the calls (gossiped per region): with both regions calling, each
+    # gets one of the two replicas, and then every call stays in its caller's region.
+    def both_in_region() -> bool:
+        ok = True
+        for i in (0, 1):
+            r = answered(mesh, i, "counted")
+            ok = ok and r is not None and r.region == mesh.nodes[i].region
+        return ok
+
+    wait_for(both_in_region, 120, "calls from both regions answered in their region")
+    pids: set[int] = set()
+    for _ in range(40):
+        for i in (0, 1):
+            r = raw_call(mesh, i, "counted", "whoami", pickled())
+            assert r.outcome == "done", r
+            assert r.region == mesh.nodes[i].region, (i, r.node, r.region)
+            pid, made = cloudpickle.loads(r.value)
+            assert made == 1  # __init__ ran once in this process, whatever the calls
+            pids.add(pid)
+    assert len(pids) >= 2  # (a replica moving between regions adds a process)
+    # One construction per replica process: every pid that answered wrote one line (a
+    # replica moved away before both regions called may have written one more).
+    lines = [int(x) for x in (tmp_path / "constructed").read_text().split()]
+    assert len(lines) == len(set(lines)) and pids <= set(lines)
+    h = client.service("counted")
+    if os.geteuid() == 0:
+        # A node run as root runs replicas as its worker user, as it runs task workers.
+        assert h.uid() != 0
+    assert h.call("add", 2, 3) == 5
+    assert h.add(4, 5) == 9
+    futs = [h.add.remote(i, i) for i in range(20)]
+    assert [f.result(timeout=60) for f in futs] == [2 * i for i in range(20)]
+    info = {s.spec.name: s for s in client.services()}["counted"]
+    assert sorted(r.node for r in info.replicas) == sorted(nodes)
+    assert all(r.constructed == 1 and r.ready for r in info.replicas)
+    assert set(info.calls_by_region) >= {"a"}
+
+
+def test_call_longer_than_the_mesh_timeout(mesh: LocalMesh) -> None:
+    """A client connected with timeout=3 s still gets the answer of a call given
+    timeout=8 that takes 4 s (it goes on a connection of its own); one given less than
+    it takes ends with kind timeout, named."""
+    c = connect(mesh.nodes[0].address, bundle=mesh.bundle_path, timeout=3.0)
+    try:
+        c.deploy(Slow, "slow-long", replicas=1)
+        h = c.service("slow-long")
+        wait_for(lambda: h.call("work", 0.0, timeout=60) > 0, 90, "slow-long answers",
+                 retry=(ServiceCallError,))
+        assert h.call("work", 4.0, timeout=8) > 0
+        with pytest.raises(ServiceCallError) as e:
+            h.call("work", 3.0, timeout=1)
+        assert e.value.kind == "replica-lost" or e.value.kind == "timeout", e.value
+        assert "did not answer within 1" in str(e.value)
+        c.remove_service("slow-long")
+    finally:
+        c.close()
+
+
+def test_bad_input_clear_errors_service_keeps_serving(mesh: LocalMesh,
+                                                      client: TaskMesh) -> None:
+    h = client.service("counted")
+    wait_for(lambda: answered(mesh, 0, "counted"), 90, "the service answers")
+    with pytest.raises(MeshError, match="unknown service 'nope'") as e1:
+        client.service("nope").call("whoami")
+    assert e1.value.code == ErrorCode.NOT_FOUND
+    with pytest.raises(MeshError, match="has no method 'missing'") as e2:
+        h.call("missing")
+    assert e2.value.code == ErrorCode.NOT_FOUND
+    r = raw_call(mesh, 0, "counted", "add", b"not a pickle")
+    assert r.outcome == "unpicklable" and "cannot decode the arguments" in r.message
+    with pytest.raises(ServiceCallError) as e3:
+        h.call("boom", "input")
+    assert e3.value.kind == "raised" and "ValueError: bad input" in e3.value.message
+    assert "Remote traceback" in str(e3.value) and "def boom" not in e3.value.message
+    assert "in boom" in e3.value.traceback
+    with pytest.raises(ServiceCallError, match="MAX_CALL_ARGS_BYTES") as e4:
+        h.call("add", b"x" * (api.MAX_CALL_ARGS_BYTES + 1), 1)
+    assert e4.value.kind == "too-large"
+    with pytest.raises(RemoteError, match="args") as e5:
+        raw_call(mesh, 0, "counted", "add", b"x" * (api.MAX_CALL_ARGS_BYTES + 1))
+    assert e5.value.code == ErrorCode.INVALID
+    with pytest.raises(MeshError, match="rule residency") as e6:
+        client.deploy(Counted, "on-mars", "/tmp", residency=["mars"])
+    assert e6.value.code == ErrorCode.REFUSED
+    with pytest.raises(MeshError, match="min_replicas 3 is greater than max_replicas 2"):
+        client.deploy(Counted, "bad-auto", "/tmp", autoscale=(3, 2, 1.0))
+    assert "on-mars" not in {s.spec.name for s in client.services()}
+    # The service kept serving through all of it.
+    assert h.call("add", 1, 1) == 2
+
+
+class Broken:
+    def __init__(self) -> None:
+        raise RuntimeError("model file missing")
+
+    def predict(self) -> int:
+        return 1
+
+
+def test_init_that_raises_is_visible_and_others_serve(mesh: LocalMesh,
+                                                     client: TaskMesh) -> None:
+    """A class whose ``__init__`` raises never gets a ready replica: its calls fail with
+    no-replica naming the start failure, ``services()`` shows it per node, and the
+    retries back off (doubling from 1 s); the other services keep answering."""
+    client.deploy(Broken, "broken", replicas=1)
+
+    def failing() -> dict[str, str] | None:
+        svc = {x.spec.name: x for x in client.services()}.get("broken")
+        return dict(svc.errors) if svc is not None and svc.errors else None
+
+    errors = wait_for(failing, 60, "the start failure to be reported")
+    assert any("RuntimeError: model file missing" in e for e in errors.values()), errors
+    with pytest.raises(ServiceCallError) as e:
+        client.service("broken").call("predict", timeout=5)
+    assert e.value.kind == "no-replica"
+    assert "fail to start" in e.value.message and "model file missing" in e.value.message
+    assert client.service("counted").add(2, 2) == 4
+    client.remove_service("broken")
+    assert "broken" not in {x.spec.name for x in client.services()}
+    with pytest.raises(MeshError, match="unknown service 'broken'"):
+        client.remove_service("broken")
+
+
+def post(addr: str, path: str, body: bytes, token: str | None) -> tuple[int, Any]:
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_http_call_json_in_json_out(mesh: LocalMesh, client: TaskMesh) -> None:
+    """Every node serves POST /api/v1/services/NAME/METHOD (JSON in and out, the admin
+    token); answers and errors match the OpenAPI document's schemas."""
+    bundle = load_bundle(mesh.bundle_path)
+    token = bundle.token
+    host, port = str(mesh.nodes[1].http).rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/api/v1/openapi.json")
+    doc = json.loads(conn.getresponse().read())
+    conn.close()
+
+    def valid(schema: str, body: Any) -> None:
+        root = {"$ref": f"#/components/schemas/{schema}", "components": doc["components"]}
+        jsonschema.Draft202012Validator(root).validate(body)
+
+    wait_for(lambda: answered(mesh, 1, "counted"), 90, "the service answers")
+    for node in mesh.nodes:
+        addr = str(node.http)
+        status, body = post(addr, "/api/v1/services/counted/add", b"[2, 3]", token)
+        assert status == 200 and body["result"] == 5, body
+        valid("ServiceCallResponse", body)
+    addr = str(mesh.nodes[1].http)
+    status, body = post(addr, "/api/v1/services/counted/add",
+                        b'{"args": [1], "kwargs": {"b": 41}}', token)
+    assert (status, body["result"]) == (200, 42)
+    status, body = post(addr, "/api/v1/services/counted/boom", b'["x"]', token)
+    assert status == 500 and body["kind"] == "raised" and "ValueError: bad x" in body["error"]
+    valid("ServiceCallError", body)
+    status, body = post(addr, "/api/v1/services/counted/add", b"{not json", token)
+    assert status == 400 and body["kind"] == "unpicklable", body
+    status, body = post(addr, "/api/v1/services/counted/nope", b"[]", token)
+    assert status == 404 and "has no method 'nope'" in body["error"]
+    status, body = post(addr, "/api/v1/services/nosuch/add", b"[]", token)
+    assert status == 404 and "unknown service 'nosuch'" in body["error"]
+    status, body = post(addr, "/api/v1/services/counted/add",
+                        b"[" + b"1," * (api.MAX_CALL_ARGS_BYTES // 2) + b"1]", token)
+    assert status == 413 and "MAX_CALL_ARGS_BYTES" in body["error"]
+    assert post(addr, "/api/v1/services/counted/add", b"[1, 2]", None)[0] == 401
+    status, body = post(addr, "/api/v1/services/counted/add", b"[1, 2]",
+                        bundle.read_only_token)
+    assert status == 403 and "svc.call needs the admin token" in body["error"]
+    # Still serving.
+    assert post(addr, "/api/v1/services/counted/add", b"[1, 2]", token)[1]["result"] == 3
+
+
+def test_services_cli(mesh: LocalMesh, capsys: pytest.CaptureFixture[str]) -> None:
+    """``meshscale services [--json]``: replicas, nodes, in-flight, p50/p99, calls per
+    source region; an unknown node address exits 3."""
+    wait_for(lambda: answered(mesh, 1, "counted"), 90, "the service answers")
+    args = ["services", "--node", mesh.nodes[1].address, "--bundle", str(mesh.bundle_path)]
+    assert cli_main([*args, "--json"]) == 0
+    rows = {r["spec"]["name"]: r for r in json.loads(capsys.readouterr().out)}
+    c = rows["counted"]
+    assert c["desired"] == 2 and len(c["replicas"]) >= 2
+    assert all(r["calls"] > 0 and r["p50_ms"] is not None and r["p99_ms"] >= r["p50_ms"]
+               for r in c["replicas"] if r["ready"])
+    assert sum(c["calls_by_region"].values()) > 0
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "P99_MS" in out and "calls per source region" in out and "counted" in out
+    bad = ["services", "--node", "127.0.0.1:1", "--bundle", str(mesh.bundle_path),
+           "--timeout", "2"]
+    assert cli_main(bad) == 3
+
+
+def test_autoscale_up_under_burst_and_back_down(mesh: LocalMesh, client: TaskMesh) -> None:
+    """autoscale=(1, 3, target_inflight=1): a burst of 6 concurrent callers keeps the
+    one replica's queue above target for longer than scale_up_dwell_s (2 s): replicas are
+    added (up to 3); after the burst, below half the target for scale_down_dwell_s (10 s)
+    each, they are removed one at a time back to 1."""
+    client.deploy(Slow, "slow", autoscale=(1, 3, 1.0), idempotent=["work"])
+
+    def ready() -> int:
+        svc = {x.spec.name: x for x in client.services()}.get("slow")
+        return sum(1 for r in svc.replicas if r.ready) if svc else 0
+
+    wait_for(lambda: ready() == 1, 90, "one ready replica")
+    stop = time.monotonic() + 1e9
+    pids: set[int] = set()
+    errors: list[str] = []
+
+    def caller() -> None:
+        # One client per caller, held for the burst (as a real client would). Few of
+        # them: every node here shares 127.0.0.1, and a node takes at most
+        # max_connections_per_ip (64) connections from one address, peers included.
+        c = connect(mesh.nodes[0].address, bundle=mesh.bundle_path)
+        h = c.service("slow")
+        try:
+            while time.monotonic() < stop:
+                try:
+                    pids.add(h.work(0.2))
+                except Exception as e:  # pragma: no cover - reported below
+                    errors.append(repr(e))
+                    return
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(6)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        up = wait_for(lambda: ready() >= 2 and time.monotonic() - t0, 90,
+                      "a replica added under the burst")
+        wait_for(lambda: len(pids) >= 2, 60, "calls answered by an added replica")
+    finally:
+        stop = 0.0
+        for t in threads:
+            t.join(60)
+    t1 = time.monotonic()
+    down = wait_for(lambda: ready() == 1 and time.monotonic() - t1, 120,
+                    "back to one replica after the burst")
+    print(f"autoscale: second replica ready {up:.1f}s into the burst, "
+          f"{len(pids)} replica processes answered, back to 1 replica {down:.1f}s after it")
+    assert not errors, errors[:3]
+    desired = {x.spec.name: x for x in client.services()}["slow"].desired
+    assert desired == 1
+
+
+def test_replica_node_killed_idempotent_callers_recover(mesh: LocalMesh,
+                                                       client: TaskMesh) -> None:
+    """Kill the node of region a's replica; the caller enters at the other node of
+    region a. A non-idempotent call routed to the dead replica fails with replica-lost;
+    idempotent calls keep succeeding (on region b's replica), and within a generous
+    bound region a has a replica again and its calls stay in region a."""
+    client.deploy(Counted, "fo", "/tmp", replicas=2, idempotent=["whoami"])
+    info: dict[str, object] = {}
+
+    lister = [client]
+
+    def placed() -> list[str] | None:
+        svc = {s.spec.name: s for s in lister[0].services()}.get("fo")
+        ready = [r.node for r in svc.replicas if r.ready] if svc else []
+        return ready if len(ready) == 2 else None
+
+    wait_for(placed, 90, "two ready replicas")
+    a_nodes = [i for i, n in enumerate(mesh.nodes) if n.region == "a"]
+    b_node = next(i for i, n in enumerate(mesh.nodes) if n.region == "b")
+    # Calls from both regions, so each region holds one replica (placement follows calls).
+    seen: dict[int, str] = {}
+
+    def settled() -> bool:
+        for i in (a_nodes[0], b_node):
+            r = answered(mesh, i, "fo")
+            if r is None or r.region != mesh.nodes[i].region:
+                return False
+            seen[i] = r.node
+        return True
+
+    def one_per_region() -> str | None:
+        settled()
+        svc = {x.spec.name: x for x in lister[0].services()}.get("fo")
+        reps = svc.replicas if svc else []
+        in_a = [r.node for r in reps if r.region == "a"]
+        if len(reps) == 2 and all(r.ready for r in reps) and len(in_a) == 1:
+            return in_a[0]
+        return None
+
+    wait_for(settled, 120, "calls from both regions answered in their region")
+    victim = wait_for(one_per_region, 60, "exactly one replica in each region")
+    vi = int(victim.split("-")[1])
+    entry = next(i for i in a_nodes if i != vi)
+    lister[0] = connect(mesh.nodes[entry].address, bundle=mesh.bundle_path)
+    wait_for(lambda: (r := answered(mesh, entry, "fo")) and r.node == victim, 60,
+             "the caller's calls to reach region a's replica")
+    proc = mesh.nodes[vi].proc
+    assert proc is not None
+    proc.kill()
+    t_kill = time.monotonic()
+    lost = raw_call(mesh, entry, "fo", "write", pickled(1))
+    assert lost.outcome == "replica-lost", lost
+    assert "not declared idempotent" in lost.message
+    first_ok: float | None = None
+    back: float | None = None
+    failures = 0
+    while time.monotonic() - t_kill < 120:
+        r = raw_call(mesh, entry, "fo", "whoami", pickled())
+        if r.outcome != "done":
+            failures += 1
+        elif first_ok is None:
+            first_ok = time.monotonic() - t_kill
+        if r.outcome == "done" and r.region == "a":
+            back = time.monotonic() - t_kill
+            break
+        time.sleep(0.05)
+    info.update(first_ok=first_ok, back=back, failures=failures)
+    print(f"failover: first idempotent success {first_ok}s after the kill, "
+          f"region a served again after {back}s, failed idempotent calls {failures}")
+    assert failures == 0, info
+    assert first_ok is not None and first_ok < 10, info
+    assert back is not None, info
+    t_restored = wait_for(lambda: (r := placed()) is not None and victim not in r
+                          and time.monotonic() - t_kill, 60,
+                          "two ready replicas again, none on the dead node")
+    print(f"failover: replica count restored {t_restored:.2f}s after the kill")
+    lister[0].close()
+
+
+def test_status_is_node_only(mesh: LocalMesh) -> None:
+    """svc.status is node-to-node: a client certificate is refused (node-1 is in region
+    b, alive after the kill above)."""
+    with pytest.raises(RemoteError) as e:
+        request(mesh.nodes[1].address, mesh.credentials(), api.STATUS, Empty(), timeout=10)
+    assert e.value.code == ErrorCode.UNAUTHORIZED
