@@ -881,9 +881,10 @@ def node_standby_cmd(
 ) -> None:
     """Put a node on standby (admin): it takes no new work, finishes what runs, then
     stops its worker processes, while its data stays readable. Refused, naming the rule,
-    for a --no-standby node or one holding the only live copy of an object; it waits
-    while the rest of its region is below its minimum of active nodes. It stays asleep
-    until `node wake` or a task placed on it."""
+    for a --no-standby node or one holding the only live copy of an object; once
+    drained, it gives the request up (an event says why) if the rest of its region would
+    drop below its minimum of active nodes. It stays asleep until `node wake` or a task
+    placed on it."""
     _power_cmd(name, False, bundle, node, mesh, timeout)
 
 

@@ -144,36 +144,42 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, env=env)
 
 
+def steady(mesh: LocalMesh, live: list[int]) -> dict[int, str] | None:
+    """Each live node's own state once three are active and the rest asleep."""
+    states = {i: own_state(mesh, i) for i in live}
+    vals = list(states.values())
+    ok = vals.count("active") == 3 and vals.count("standby") == len(live) - 3
+    return states if ok else None
+
+
 def test_operator_wakes_and_puts_a_node_to_sleep(mesh: LocalMesh) -> None:
-    """``meshscale node wake`` / ``standby`` (after the first test: five live nodes, at
-    least three active). A node put on standby by hand stays asleep (no load wakes it);
-    one whose region would drop below its minimum stays draining."""
+    """``meshscale node wake`` / ``standby`` (after the first test: five live nodes). A
+    woken node serves; a node put on standby while the rest could not keep the minimum
+    of three active drains, then gives the hold up (back to active, saying why)."""
     live = [i for i, n in enumerate(mesh.nodes) if n.proc is not None and n.proc.poll() is None]
     mf = str(mesh.mesh_json)
-    wait_for(lambda: sum(own_state(mesh, i) == "active" for i in live) >= 3, 150,
-             "three active nodes")
-    target = next((i for i in live if own_state(mesh, i) == "standby"), None)
-    if target is not None:
-        r = cli("node", "wake", mesh.nodes[target].name, "--mesh", mf)
-        assert r.returncode == 0, r.stderr
-        wait_for(lambda: own_state(mesh, target) == "active", 60, "the woken node active")
-        assert workers_of(mesh, target)
-    actives = [i for i in live if own_state(mesh, i) == "active"]
-    # Put every active node but three to sleep by hand: each drains, then sleeps.
-    for i in actives[3:]:
-        r = cli("node", "standby", mesh.nodes[i].name, "--mesh", mf)
-        assert r.returncode == 0, r.stderr
-        assert "draining" in r.stdout or "standby" in r.stdout, r.stdout
-    for i in actives[3:]:
-        wait_for(lambda i=i: own_state(mesh, i) == "standby", 90, "a held node asleep")  # type: ignore[misc]
-    # One more would leave two active: it drains and stays so (the region's minimum).
-    keep = actives[0]
+    states = wait_for(lambda: steady(mesh, live), 150, "three active, the rest asleep",
+                      poll=0.5)
+    target = next(i for i, st in states.items() if st == "standby")
+    r = cli("node", "wake", mesh.nodes[target].name, "--mesh", mf)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: own_state(mesh, target) == "active", 60, "the woken node active")
+    assert workers_of(mesh, target)
+    # Idle, the plan puts one of the four to sleep again (a hold that succeeds is
+    # tested in tests/core/test_capacity.py: here the plan would race it).
+    states = wait_for(lambda: steady(mesh, live), 150, "steady again", poll=0.5)
+    # One more would leave two active: the hold is given up, the reason says why.
+    keep = next(i for i, st in states.items() if st == "active")
     r = cli("node", "standby", mesh.nodes[keep].name, "--mesh", mf)
     assert r.returncode == 0, r.stderr
-    time.sleep(6)  # three times drain_confirm_s
-    assert own_state(mesh, keep) == "draining"
-    r = cli("node", "wake", mesh.nodes[keep].name, "--mesh", mf)
-    assert r.returncode == 0 and "active" in r.stdout, (r.stdout, r.stderr)
+
+    def given_up() -> bool:
+        events = asyncio.run(_call(mesh, keep, "events"))
+        return any(e["event"] == "capacity" and "draining -> active" in e["detail"]
+                   and "region minimum" in e["detail"] for e in events)
+
+    wait_for(given_up, 60, "the hold given up for the region's minimum", poll=0.5)
+    wait_for(lambda: own_state(mesh, keep) == "active", 30, "the kept node active")
     r = cli("node", "standby", "no-such-node", "--mesh", mf)
     assert r.returncode == 1 and "no live member" in r.stderr, r.stderr
     r = cli("members", "--mesh", mf)

@@ -597,7 +597,9 @@ class CapacityController:
         a copy), else None: it drains now and goes to standby once nothing runs, it has
         drained for ``drain_confirm_s`` and the *other* active nodes keep the region's
         and zone's minimums (headroom is the operator's call). While held, the plan does
-        not wake it; ``release``, a task placed on it or a copy it must keep does."""
+        not wake it; ``release``, a task placed on it or a copy it must keep does. A
+        drained node whose region or zone would drop below its minimum gives the hold
+        up (back to active, the reason says so)."""
         if self.pinned:
             return "pinned no-standby"
         if self.sole_copies > 0:
@@ -663,10 +665,19 @@ class CapacityController:
                 self._move(PowerState.ACTIVE, f"drain took over max_drain_s "
                                               f"{self.config.max_drain_s:g}", now)
             elif self.running <= 0 and self.queued == 0 \
-                    and now - self.since_s >= self.config.drain_confirm_s \
-                    and self._others_short(view) in (None, "headroom"):
-                self._move(PowerState.STANDBY, "drained; an operator asked for standby",
-                           now)
+                    and now - self.since_s >= self.config.drain_confirm_s:
+                short = self._others_short(view)
+                if short in (None, "headroom"):
+                    self._move(PowerState.STANDBY, "drained; an operator asked for standby",
+                               now)
+                else:
+                    # Given up rather than left draining: the others' plans count a
+                    # draining node as the first to return, so a held one would keep a
+                    # sleeper from waking when the region is short.
+                    self.held = False
+                    self._move(PowerState.ACTIVE, f"an operator asked for standby, but "
+                                                  f"the others would not keep the {short}",
+                               now)
         elif st is PowerState.STANDBY and self.sole_copies > 0:
             self.held = False
             self._move(PowerState.WAKING, f"holds the only live copy of "

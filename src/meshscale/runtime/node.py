@@ -1075,8 +1075,9 @@ class NodeAgent:
         if why is not None:
             raise ApiError(ErrorCode.REFUSED, f"node {self.name} cannot go on standby: "
                                               f"{why}")
-        return self._power_reply("drains, then sleeps once nothing runs and the rest of "
-                                 "its region keeps its minimum of active nodes")
+        return self._power_reply("drains, then sleeps once nothing runs if the rest of "
+                                 "its region keeps its minimum of active nodes (else it "
+                                 "gives up: see its events)")
 
     def _rpc_wake(self, req: Empty) -> node_api.PowerReply:
         if self.capacity is None:
