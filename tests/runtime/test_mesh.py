@@ -132,7 +132,7 @@ def test_members_command(mesh: Mesh) -> None:
     table = cli("members", "--node", mesh.addr(1), "--bundle", mesh.bundle)
     assert table.returncode == 0, table.stderr
     assert table.stdout.splitlines()[0].split() == [
-        "NAME", "ADDRESS", "REGION", "ZONE", "STATE", "INC", "RTT"
+        "NAME", "ADDRESS", "REGION", "ZONE", "STATE", "POWER", "INC", "RTT"
     ]
     assert len(table.stdout.splitlines()) == N + 1
     # No credential, a missing one, and another cluster's: one line, exit code 2.
