@@ -1323,21 +1323,7 @@ class Mesh:
 
     def iter_objects(self, page_size: int = LIST_PAGE, after: str = "") -> Iterator[ObjectInfo]:
         """Every object in the mesh (with an id after ``after``), a page at a time."""
-        it = self._inner.iter_objects(page_size, after)
-
-        async def step() -> ObjectInfo:
-            return await it.__anext__()
-
-        try:
-            while True:
-                try:
-                    item = self._run(step())
-                except StopAsyncIteration:
-                    return
-                yield item
-        finally:
-            if not self._closed:
-                self._run(it.aclose())
+        return _blocking_iter(self, self._inner.iter_objects(page_size, after))
 
     def objects(self) -> list[ObjectInfo]:
         return list(self.iter_objects())
@@ -1381,22 +1367,7 @@ class KV:
     def items(self, prefix: str = "", *, page_size: int = KV_LIST_PAGE
               ) -> Iterator[tuple[str, bytes]]:
         """Every live key starting with ``prefix`` and its value, a page at a time."""
-        mesh = self._mesh
-        it = mesh._inner.kv.items(prefix, page_size=page_size)
-
-        async def step() -> tuple[str, bytes]:
-            return await it.__anext__()
-
-        try:
-            while True:
-                try:
-                    item = mesh._run(step())
-                except StopAsyncIteration:
-                    return
-                yield item
-        finally:
-            if not mesh._closed:
-                mesh._run(it.aclose())
+        return _blocking_iter(self._mesh, self._mesh._inner.kv.items(prefix, page_size=page_size))
 
     def keys(self, prefix: str = "", *, limit: int | None = None) -> list[str]:
         return self._mesh._run(self._mesh._inner.kv.keys(prefix, limit=limit))
@@ -1427,3 +1398,25 @@ def connect(
         runner.stop()
         raise
     return Mesh(runner, inner)
+
+
+_I = TypeVar("_I")
+
+
+def _blocking_iter(mesh: Mesh, agen: AsyncGenerator[_I, None]) -> Iterator[_I]:
+    """An async generator of ``mesh``'s loop walked from the caller's thread, one item at
+    a time (closed with the mesh's loop when the caller stops early)."""
+
+    async def step() -> _I:
+        return await agen.__anext__()
+
+    try:
+        while True:
+            try:
+                item = mesh._run(step())
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if not mesh._closed:
+            mesh._run(agen.aclose())
