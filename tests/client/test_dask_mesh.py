@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runtime_mesh import wait_for
 
 pd = pytest.importorskip("pandas")
 dask = pytest.importorskip("dask")
@@ -141,9 +142,8 @@ def test_a_worker_whose_node_dies_is_replaced_and_the_job_completes(
         os.kill(victim.proc.pid, signal.SIGKILL)
         got = job.result(timeout=300).sort_index()
         # The mesh ran the lost worker's task again: two workers again.
-        deadline = time.monotonic() + 120
-        while len(client.scheduler_info()["workers"]) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_for(lambda: len(client.scheduler_info()["workers"]) >= 2, 120,
+                 "the lost Dask worker replaced", poll=0.5)
         assert len(client.scheduler_info()["workers"]) == 2
     want = sales.groupby("region").amount.sum().sort_index()
     assert {str(k): int(v) for k, v in got.items()} == {str(k): int(v) for k, v in want.items()}

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runtime_mesh import wait_for
 
 from meshscale.core.capacity import PowerModel, PowerState
 from meshscale.runtime.power import PowerError, PowerMeter, ProcessTreeCpu, RaplReader
@@ -88,20 +89,13 @@ def _spin(seconds: float) -> None:
 def test_process_tree_cpu_counts_a_busy_child() -> None:
     cpu = ProcessTreeCpu()
     cpu.utilisation(time.monotonic())
-    child = multiprocessing.get_context("fork").Process(target=_spin, args=(0.3,))
-    child.start()
-    time.sleep(0.1)  # the child is running (and spinning) when it is sampled
-    child.join(30)
-    # The child's CPU counts while it is a child we can see; after it exits, what it used
-    # is gone from the tree, so sample it while alive: spin again and sample mid-run.
+    # The child's CPU counts while it is a child we can see (after it exits, what it used
+    # is gone from the tree), so it is sampled while it spins.
     child = multiprocessing.get_context("fork").Process(target=_spin, args=(5.0,))
     child.start()
     try:
-        deadline = time.monotonic() + 20
-        used = 0.0
-        while used <= 0.0 and time.monotonic() < deadline:
-            time.sleep(0.3)
-            used = cpu.utilisation(time.monotonic())
+        used = wait_for(lambda: cpu.utilisation(time.monotonic()) or None, 20,
+                        "the spinning child's CPU counted", poll=0.3)
         assert 0.0 < used <= 1.0
     finally:
         child.terminate()
