@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runtime_mesh import wait_for
+
+from waiting import wait_for
 
 pd = pytest.importorskip("pandas")
 dask = pytest.importorskip("dask")

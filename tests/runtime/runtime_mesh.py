@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -12,53 +11,19 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from meshscale.client.rpc import ClientCredentials, RpcError, call
+from meshscale.client.rpc import ClientCredentials, call
 from meshscale.core.membership import MembershipConfig, suspicion_min_timeout
 from meshscale.trust.bundle import load_bundle
+from waiting import wait_for, wait_for_async
+
+__all__ = ["wait_for", "wait_for_async"]
 
 T = TypeVar("T")
 CONFIG = MembershipConfig()
-
-
-def wait_for(cond: Callable[[], T | None], timeout: float, what: str, poll: float = 0.1,
-             retry: tuple[type[BaseException], ...] = (RpcError,)) -> T:
-    """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds.
-    Exceptions of the ``retry`` types count as "not yet". The one place tests poll."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = cond()
-        except retry as e:
-            last = e
-        if last and not isinstance(last, BaseException):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
-        time.sleep(poll)
-
-
-async def wait_for_async(cond: Callable[[], Awaitable[T | None]], timeout: float, what: str,
-                         poll: float = 0.1,
-                         retry: tuple[type[BaseException], ...] = (RpcError,)) -> T:
-    """``wait_for`` for an async condition, on the caller's event loop."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = await cond()
-        except retry as e:
-            last = e
-        if last and not isinstance(last, BaseException):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
-        await asyncio.sleep(poll)
 
 
 async def call_node(address: str, creds: Any, method: str, args: dict[str, Any]) -> Any:
