@@ -13,7 +13,11 @@
   is from the kill until the caller's next answered call;
 - idle_rss_mb: resident memory of an idle no-op replica process (mean over replicas).
 
-Ray Serve is not run beside it (the issue asks for it): ``ray`` is not installed here.
+With ``--peers`` (run it in the peers' environment: ``make bench-peers``, then
+``.venv-bench/bin/python bench/services.py --peers``), Ray Serve is measured in the same run
+on the same figures (bench/serve_peer.py says how) and printed in a second column; the
+JSON gains ``"ray_serve": {...}`` (or ``null`` and ``"ray_serve_unavailable"`` with the
+reason when Ray is not installed).
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--peers", action="store_true",
+                    help="also run Ray Serve on the same figures (needs make bench-peers)")
     args = ap.parse_args(argv)
     seq_n = 300 if args.quick else 3_000
     conc_s = 3.0 if args.quick else 10.0
@@ -185,13 +191,30 @@ def main(argv: list[str] | None = None) -> int:
                 out["failover_gap_s"] = None
                 break
         c.close()
+    peer: dict[str, Any] | None = None
+    unavailable: str | None = "not asked for (--peers)"
+    if args.peers:
+        import serve_peer
+
+        try:
+            peer = serve_peer.run(seq_n, conc_s, callers, images)
+            unavailable = None
+        except serve_peer.Unavailable as e:
+            unavailable = str(e)
     width = max(len(k) for k in KEYS)
-    print(f"{'key'.ljust(width)}  meshscale")
+    print(f"{'key'.ljust(width)}  {'meshscale':>12}  {'ray_serve':>12}")
     for k in KEYS:
-        print(f"{k.ljust(width)}  {out[k]}")
-    print("(Ray Serve not run: not installed on this machine)")
+        theirs = "-" if peer is None else peer.get(k)
+        print(f"{k.ljust(width)}  {out[k]!s:>12}  {theirs!s:>12}")
+    if peer is None:
+        print(f"(Ray Serve not run: {unavailable})")
+    elif peer.get("note"):
+        print(f"(Ray Serve: {peer['note']})")
     if args.json:
-        args.json.write_text(json.dumps({k: out[k] for k in KEYS}, indent=2))
+        doc: dict[str, Any] = {k: out[k] for k in KEYS}
+        doc["ray_serve"] = peer
+        doc["ray_serve_unavailable"] = unavailable
+        args.json.write_text(json.dumps(doc, indent=2))
     return 0
 
 
