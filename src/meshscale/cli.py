@@ -1643,6 +1643,130 @@ def services_cmd(
         typer.echo(_services_table(rows) if rows else "no services")
 
 
+# -- erasure --------------------------------------------------------------------------
+
+
+def _erase_verify(path: str, bundle: Path | None, mesh_file: Path | None,
+                  as_json: bool) -> None:
+    """``meshscale erase verify RECEIPT.json``: offline, against the bundle's CA."""
+    import json
+
+    from meshscale.client.erasure import ReceiptError, verify_receipt_file
+    from meshscale.meshfile import MeshFileError
+
+    if bundle is None and mesh_file is not None:
+        try:
+            bundle = _target(None, mesh_file, None).bundle
+        except (CliError, MeshFileError):
+            bundle = None
+    if bundle is None:
+        raise CliError(f"missing --bundle DIR (or {BUNDLE_ENV}, or --mesh mesh.json): the "
+                       "cluster's CA certificate checks the receipt")
+    ca = load_bundle(bundle).ca_cert_pem
+    try:
+        receipt, problems = verify_receipt_file(path, ca)
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file", exit_code=EXIT_FAILED) from None
+    except IsADirectoryError:
+        raise CliError(f"{path}: is a directory, not a receipt file") from None
+    except OSError as e:
+        raise CliError(f"{path}: cannot read: {e.strerror or e}", exit_code=EXIT_FAILED) \
+            from None
+    except ReceiptError as e:
+        if e.malformed:
+            raise CliError(f"{path}: {e}") from None
+        raise CliError(f"{path}: does NOT verify: {e}", exit_code=EXIT_FAILED) from None
+    b = receipt.body
+    copies = sum(len(o.copies) for o in b.objects)
+    if as_json:
+        typer.echo(json.dumps({"receipt_id": b.receipt_id, "verified": True,
+                               "complete": not problems, "objects": len(b.objects),
+                               "copies": copies, "keys": len(b.keys),
+                               "coordinator": b.coordinator,
+                               "confirmed_by": [c.node for c in b.confirmations],
+                               "problems": problems}, indent=2))
+    else:
+        typer.echo(f"{b.receipt_id}: signatures verify (coordinator {b.coordinator}, "
+                   f"{len(b.confirmations)} holder confirmations, CA of this bundle)")
+        typer.echo(f"{len(b.objects)} objects, {copies} copies, {len(b.keys)} keys erased "
+                   f"({b.selector.describe()}), requested by {b.requested_by or '-'} "
+                   f"({b.requested_role or '-'})")
+        for p in problems:
+            typer.echo(f"NOT PROVEN: {p}")
+        if not problems:
+            typer.echo("complete: every copy listed is confirmed gone by the node that held it")
+    if problems:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("erase")
+def erase_cmd(
+    ids: Annotated[list[str] | None, typer.Argument(
+        metavar="[ID...] | verify RECEIPT.json",
+        help="Object ids to erase; or `verify RECEIPT.json` to check a receipt.")] = None,
+    data_class: Annotated[str | None, typer.Option(
+        "--class", help="Erase every object of this data class.")] = None,
+    key_prefix: Annotated[str | None, typer.Option(
+        "--key-prefix", help="With --class: only the KV keys under this prefix (under "
+        "'CLASS/') and the objects of the class they name.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Where to write the signed receipt (default: "
+        "./erasure-<receipt id>.json).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the receipt (or the "
+                                          "verification) as JSON.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 300.0,
+) -> None:
+    """Erase objects everywhere (admin bundle needed) and write a signed receipt listing
+    every copy and the node that confirmed dropping it. `meshscale erase verify
+    RECEIPT.json` checks a receipt offline with the bundle's CA certificate. Exit 0: done
+    (verified and complete); 1: an id not found, an erasure not complete, a receipt that
+    does not verify; 2: bad input (a malformed id, class or receipt file; an unknown
+    class; a read-only bundle); 3: no node answered."""
+    from meshscale.client.erasure import save_receipt
+    from meshscale.core.api import erasure as eapi
+    from meshscale.core.erasure import check_selector, receipt_json
+    from meshscale.core.policy import PolicyError
+
+    args = list(ids or [])
+    if args[:1] == ["verify"]:
+        if len(args) != 2 or data_class is not None or key_prefix is not None \
+                or out is not None:
+            raise CliError("usage: meshscale erase verify RECEIPT.json [--bundle DIR] [--json]")
+        _erase_verify(args[1], bundle, mesh_file, as_json)
+        return
+    try:
+        sel = check_selector(data_class, key_prefix, args)
+    except PolicyError as e:
+        raise CliError(str(e)) from None
+    target = _target(node, mesh_file, bundle)
+    receipt = _request(target, eapi.RUN, eapi.EraseRequest(
+        data_class=sel.data_class, key_prefix=sel.key_prefix, ids=list(sel.ids)),
+        timeout=timeout)
+    b = receipt.body
+    path = save_receipt(receipt, out if out is not None else Path(f"erasure-{b.receipt_id}.json"))
+    if as_json:
+        sys.stdout.buffer.write(receipt_json(receipt))
+        sys.stdout.buffer.flush()
+    else:
+        copies = sum(len(o.copies) for o in b.objects)
+        typer.echo(f"erased {len(b.objects)} objects ({copies} copies on "
+                   f"{len(b.confirmations)} nodes) and {len(b.keys)} keys: "
+                   f"{sel.describe()}")
+        for o in b.objects:
+            where = ", ".join(f"{c.node} ({c.region})" for c in o.copies)
+            typer.echo(f"  {o.id}  {o.data_class or '-'}  {_human_size(o.size)}  {where}")
+        for m in b.missing:
+            typer.echo(f"  {m}: not held by any live node", err=True)
+        for p in b.problems:
+            typer.echo(f"NOT CONFIRMED: {p}", err=True)
+        typer.echo(f"receipt {b.receipt_id} signed by {b.coordinator}: {path}")
+    if not b.complete or b.missing:
+        raise typer.Exit(EXIT_FAILED)
+
+
 # -- audit ----------------------------------------------------------------------------
 
 audit_app = typer.Typer(

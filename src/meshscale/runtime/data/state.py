@@ -108,6 +108,13 @@ class DataPlaneConfig:
     policy_scan_max_objects: int = 100_000
     """Objects a policy change looks through for copies the new rule would break; a mesh
     holding more refuses the change (it cannot check it)."""
+    erase_max_objects: int = 100_000
+    """Objects one erase may select (``erase.run``); more is refused as given."""
+    erase_parallel: int = 8
+    """Deletes (and holder confirmations) an erase runs at once."""
+    erase_confirm_wait_s: float = 30.0
+    """How long a holder waits for its copies of an erase to be gone before it answers
+    ``erase.confirm`` naming those still held."""
     storage: StorageConfig = field(default_factory=lambda: StorageConfig(min_free_bytes=64 << 20))
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
