@@ -1767,6 +1767,80 @@ def erase_cmd(
         raise typer.Exit(EXIT_FAILED)
 
 
+# -- compliance -----------------------------------------------------------------------
+
+compliance_app = _typer("Compliance: the residency report (where every copy of each data "
+                        "class is, and whether any left its rule). docs/compliance.md.")
+app.add_typer(compliance_app, name="compliance")
+
+
+@compliance_app.command("report")
+def compliance_report_cmd(
+    data_class: Annotated[str | None, typer.Option("--class", help="Only this data "
+                                                   "class.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Refusals since: Unix "
+                                              "seconds, ISO 8601, or an age (15m, 2h, 7d); "
+                                              "default: all the trails hold.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    html_file: Annotated[Path | None, typer.Option(
+        "--html", help="Also write the report as one self-contained HTML file.")] = None,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 120.0,
+) -> None:
+    """For each data class: which regions hold how many copies and bytes, the duplication
+    and storage overhead, every copy outside its rule, the refusals in the period (from the
+    audit trails) and each node's audit chain verification. Needs an admin bundle for the
+    trails. Exit 0: every copy inside its rule and every chain verified; 1: not so (the
+    report says what); 2: bad input; 3: no node answered."""
+    import json
+
+    import msgspec
+
+    from meshscale.client.compliance import gather_report_blocking, render_html, render_text
+    from meshscale.client.rpc import RemoteError, RpcError
+    from meshscale.core.policy import PolicyError, check_class_name
+
+    if data_class is not None:
+        try:
+            check_class_name(data_class)
+        except PolicyError as e:
+            raise CliError(f"--class: {e}") from None
+    since_s = _parse_since(since)
+    if html_file is not None and html_file.is_dir():
+        raise CliError(f"--html {html_file}: is a directory; name a file")
+    target = _target(node, mesh_file, bundle)
+    creds = _client_creds(target.bundle)
+    last: RpcError | None = None
+    for addr in target.addresses:
+        try:
+            report = gather_report_blocking(addr, creds, data_class=data_class,
+                                            since_wall_s=since_s, timeout=timeout)
+            break
+        except RemoteError as e:
+            raise CliError(str(e), _exit_code(e.code)) from None
+        except RpcError as e:
+            last = e
+    else:
+        assert last is not None
+        raise CliError(f"cannot reach the mesh: {last}", _exit_code("", last.unreachable))
+    if html_file is not None:
+        try:
+            html_file.write_text(render_html(report), encoding="utf-8")
+        except OSError as e:
+            raise CliError(f"--html {html_file}: cannot write: {e.strerror or e}",
+                           exit_code=EXIT_FAILED) from None
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(report), indent=2))
+    else:
+        typer.echo(render_text(report))
+        if html_file is not None:
+            typer.echo(f"wrote {html_file}")
+    if report.out_of_rule or not report.chains_ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
 # -- audit ----------------------------------------------------------------------------
 
 audit_app = typer.Typer(
@@ -1865,7 +1939,7 @@ def audit_cmd(
     kind: Annotated[str | None, typer.Option("--kind", help="Only this kind: put, "
                                              "copy_made, copy_dropped, read, task_run, "
                                              "operator_placed, delete, policy_change, "
-                                             "refusal.")] = None,
+                                             "refusal, erase.")] = None,
     since: Annotated[str | None, typer.Option("--since", help="Only entries since: Unix "
                                               "seconds, ISO 8601, or an age (15m, 2h, "
                                               "7d).")] = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -71,8 +72,45 @@ def test_erase_a_class_everywhere_with_a_signed_receipt(
     for oid in [*oids, keep]:
         wait_for(lambda o=oid: len(disk_holders(mesh, o)) >= (2 if o != keep else 1), 30,
                  f"{oid} stored")
-    before = {oid: disk_holders(mesh, oid) for oid in oids}
+    # A put that would widen the class's rule is refused (and audited): a refusal.
+    with connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as m, \
+            pytest.raises(MeshError):
+        m.put(b"to the US " * 10, data_class="gdpr", residency=["us-east", "eu-west"])
     regions = {n.name: n.region for n in mesh.nodes}
+
+    def by_region_on_disk() -> dict[str, int]:
+        out: dict[str, int] = {}
+        for oid in oids:
+            for h in disk_holders(mesh, oid):
+                out[regions[h]] = out.get(regions[h], 0) + 1
+        return out
+
+    # The residency report: copies by region as the disks hold them, none outside the
+    # rule, the refusal counted, every chain verified.
+    html = tmp_path / "report.html"
+
+    def report() -> dict[str, Any] | None:
+        code = cli(mesh, "compliance", "report", "--class", "gdpr", "--json",
+                   "--html", str(html))
+        got: dict[str, Any] = json.loads(capsys.readouterr().out)
+        (cls,) = got["classes"]
+        disk = by_region_on_disk()
+        mine = {u["region"]: u["copies"] for u in cls["regions"]}
+        return got if code == 0 and mine == disk else None
+
+    got = wait_for(report, 30, "the report matching the disks")
+    (cls,) = got["classes"]
+    assert cls["objects"] == len(oids) and cls["out_of_rule"] == []
+    assert cls["logical_bytes"] == sum(len(d) for d in datas)
+    assert cls["stored_bytes"] == sum(len(d) * len(disk_holders(mesh, o))
+                                      for d, o in zip(datas, oids, strict=True))
+    assert set(cls["policy_regions"]) == EU and cls["refusals"] >= 1
+    assert any("widens" in r["detail"] for r in got["refusals"])
+    assert got["chains_ok"] and len(got["chains"]) == len(mesh.nodes)
+    page = html.read_text()
+    assert "<svg" in page and "<script" not in page and "Class gdpr" in page
+
+    before = {oid: disk_holders(mesh, oid) for oid in oids}
     assert all({regions[h] for h in hs} <= EU for hs in before.values())
 
     out = tmp_path / "receipt.json"
