@@ -33,7 +33,7 @@ import msgspec
 
 from meshscale.core.policy import PolicyError, check_class_name, kv_key_class
 
-__all__ = ["MAX_ERASE_IDS", "MAX_ERASE_OBJECTS", "MAX_RECEIPT_BYTES", "RECEIPT_VERSION", "ConfirmPayload", "ErasedCopy",
+__all__ = ["MAX_ERASE_IDS", "MAX_RECEIPT_BYTES", "RECEIPT_VERSION", "ConfirmPayload", "ErasedCopy",
            "ErasedKey", "ErasedObject", "HeldCopy", "NodeConfirmation", "Receipt",
            "ReceiptBody", "ReceiptError", "Selection", "Selector", "check_selector",
            "confirmation_payload", "decode_receipt", "is_object_id", "object_id_of_value",
@@ -42,8 +42,6 @@ __all__ = ["MAX_ERASE_IDS", "MAX_ERASE_OBJECTS", "MAX_RECEIPT_BYTES", "RECEIPT_V
 RECEIPT_VERSION = 1
 MAX_ERASE_IDS = 10_000
 """Object ids one erase may name."""
-MAX_ERASE_OBJECTS = 100_000
-"""Objects one erase may select (a class or prefix that selects more is refused)."""
 MAX_RECEIPT_BYTES = 64 * 1024 * 1024
 """Largest receipt file ``decode_receipt`` reads."""
 _OID_PREFIX = "b3-"

@@ -57,12 +57,17 @@ class Erasure(Catalog, KvStore):
     async def _inventory(self) -> list[HeldCopy]:
         """Every copy the live members hold now (each member's store, page by page)."""
         regions = {m.name: m.meta.region for m in self.agent.m.members.values()}
-        limit = self.cfg.erase_max_objects
+        limit = self.cfg.erase_scan_max_copies
 
         async def one(name: str) -> list[HeldCopy]:
             out: list[HeldCopy] = []
             after = ""
-            while len(out) <= limit:
+            while True:
+                if len(out) > limit:
+                    raise ApiError(ErrorCode.INVALID, (
+                        f"member {name} holds more than {limit} copies "
+                        "(erase_scan_max_copies): an erase cannot list them all to be "
+                        "sure it erases every copy"))
                 page = await asyncio.wait_for(
                     self._call(name, api.LOCAL_LIST, api.ListRequest(after=after, limit=_PAGE)),
                     self.agent.peers.cfg.call_timeout_s)
@@ -81,6 +86,8 @@ class Erasure(Catalog, KvStore):
         got = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
         copies: list[HeldCopy] = []
         for name, r in zip(names, got, strict=True):
+            if isinstance(r, ApiError):
+                raise r
             if isinstance(r, RpcError | ValueError | TimeoutError):
                 raise ApiError(ErrorCode.UNAVAILABLE, (
                     f"cannot list the copies of member {name}: {r}; an erase must see every "

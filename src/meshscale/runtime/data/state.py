@@ -108,8 +108,14 @@ class DataPlaneConfig:
     policy_scan_max_objects: int = 100_000
     """Objects a policy change looks through for copies the new rule would break; a mesh
     holding more refuses the change (it cannot check it)."""
-    erase_max_objects: int = 100_000
-    """Objects one erase may select (``erase.run``); more is refused as given."""
+    erase_max_objects: int = 5_000
+    """Objects one erase may select (``erase.run``); more is refused as given (narrow it
+    with a key prefix, or name ids in batches). The signed receipt travels in one RPC
+    reply (``transport.framing.MAX_FRAME``, 4 MiB; a receipt costs about 600 bytes per
+    object with 3 copies)."""
+    erase_scan_max_copies: int = 200_000
+    """Copies an erase lists per member to find what it selects; a member holding more
+    refuses the erase (it cannot be sure to have seen every copy)."""
     erase_parallel: int = 8
     """Deletes (and holder confirmations) an erase runs at once."""
     erase_confirm_wait_s: float = 30.0
