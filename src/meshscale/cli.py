@@ -1408,8 +1408,9 @@ def policy_set_cmd(
         "--stream-regions", help="Regions its stream shards may live in (a subset of "
         "--regions; default: the same).")] = None,
     migrate: Annotated[bool, typer.Option(
-        "--migrate", help="Move existing copies the change would break (not built yet: "
-        "such a change is refused).")] = False,
+        "--migrate", help="Move existing copies the change would break into the new "
+        "regions (by re-replication) and report what moved; without it such a change is "
+        "refused.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
@@ -1417,7 +1418,8 @@ def policy_set_cmd(
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Set a data class's policy (admin bundle needed). Refused if existing copies of the
-    class would fall outside the new regions."""
+    class would fall outside the new regions, unless --migrate (exit 1 if some copy is
+    still outside when the node stops waiting; it keeps moving)."""
     import json
 
     import msgspec
@@ -1445,8 +1447,19 @@ def policy_set_cmd(
     typer.echo(f"set {_policy_row(reply.policy)}")
     if reply.previous is not None:
         typer.echo(f"was {_policy_row(reply.previous)}")
-    typer.echo(f"checked {reply.checked_objects} existing object(s) of class {p.name}: "
-               "none outside the new regions")
+    if not reply.migrated:
+        typer.echo(f"checked {reply.checked_objects} existing object(s) of class {p.name}: "
+                   "none outside the new regions")
+        return
+    typer.echo(f"migrated {len(reply.migrated)} of {reply.checked_objects} object(s) of "
+               f"class {p.name} into regions {','.join(p.regions)}:")
+    for moved in reply.migrated:
+        typer.echo(f"  {moved.id}  from {','.join(moved.from_regions)}  now in "
+                   f"{','.join(moved.to_regions) or '(no live copy)'}")
+    for copy in reply.still_outside:
+        typer.echo(f"still outside the new regions (moving): {copy}", err=True)
+    if reply.still_outside:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @policy_app.command("get")

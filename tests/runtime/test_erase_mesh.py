@@ -238,3 +238,39 @@ def test_erase_from_python_by_id_and_by_key_prefix(mesh: LocalMesh, tmp_path: Pa
         with pytest.raises(MeshError) as e:
             m.erase(b)  # already gone
         assert e.value.code == "not_found"
+
+
+def test_policy_set_migrate_moves_copies_by_re_replication(
+        mesh: LocalMesh, capsys: pytest.CaptureFixture[str]) -> None:
+    regions = {n.name: n.region for n in mesh.nodes}
+    with connect(mesh.nodes[2].address, bundle=mesh.bundle_path) as m:
+        m.policies.set("moving", sorted(EU), replicas=2)
+        datas = [f"moving record {k} ".encode() * (30 + k) for k in range(4)]
+        refs = [m.put(d, data_class="moving") for d in datas]
+    for r in refs:
+        wait_for(lambda o=r.id: len(disk_holders(mesh, o)) >= 2, 30, f"{r.id} stored")
+    assert any("eu-central" in {regions[h] for h in disk_holders(mesh, r.id)} for r in refs)
+    # Narrowing to eu-west breaks the eu-central copies: refused without --migrate ...
+    assert cli(mesh, "policy", "set", "moving", "--regions", "eu-west", "--replicas", "2") == 2
+    assert "would be outside regions" in capsys.readouterr().err
+    # ... moved with it, through re-replication, and reported.
+    assert cli(mesh, "policy", "set", "moving", "--regions", "eu-west", "--replicas", "2",
+               "--migrate", node=1) == 0
+    out = capsys.readouterr().out
+    assert "migrated " in out and "from eu-central" in out and "now in eu-west" in out
+    for r in refs:
+        wait_for(lambda o=r.id: {regions[h] for h in disk_holders(mesh, o)} == {"eu-west"}
+                 and len(disk_holders(mesh, o)) == 2, 30, f"{r.id} only in eu-west")
+    with connect(mesh.nodes[2].address, bundle=mesh.bundle_path) as m:
+        assert [m.get(r) for r in refs] == datas
+        assert set(m.stat(refs[0]).residency or ()) == {"eu-west"}
+    # Audited where each copy's rule was rewritten; the report finds nothing outside.
+    rows = [row for n in mesh.nodes
+            for row in call(n.address, mesh.credentials(), "audit.query",
+                            {"kind": "policy_change", "data_class": "moving"},
+                            timeout=10)["rows"]]
+    assert any("policy migrate" in row["detail"] for row in rows), rows
+    assert any("migrated" in row["detail"] for row in rows), rows
+    assert cli(mesh, "compliance", "report", "--class", "moving", "--json") == 0
+    (cls,) = json.loads(capsys.readouterr().out)["classes"]
+    assert cls["out_of_rule"] == [] and [u["region"] for u in cls["regions"]] == ["eu-west"]

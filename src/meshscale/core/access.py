@@ -64,7 +64,7 @@ _NODE = (
     "obj.local_stat", "obj.local_list", "repl.msg", "kv.apply", "kv.read", "kv.scan",
     "sched.msg", "sched.load", "sched.batch", "task.done", "task.fn", "task.kill",
     "stream.replicate", "stream.fetch", "stream.op_notify",
-    "svc.notify", "svc.invoke", "svc.status", "erase.confirm",
+    "svc.notify", "svc.invoke", "svc.status", "erase.confirm", "policy.migrate_local",
 )
 
 METHOD_ACCESS: dict[str, Access] = {

@@ -139,6 +139,7 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
         serve(policy_api.GET, self._rpc_policy_get)
         serve(policy_api.LIST, self._rpc_policy_list)
         serve(policy_api.DELETE, self._rpc_policy_delete)
+        serve(policy_api.MIGRATE_LOCAL, self._rpc_policy_migrate_local)
         serve(erasure_api.RUN, self._rpc_erase)
         serve(erasure_api.CONFIRM, self._rpc_erase_confirm)
 

@@ -108,6 +108,9 @@ class DataPlaneConfig:
     policy_scan_max_objects: int = 100_000
     """Objects a policy change looks through for copies the new rule would break; a mesh
     holding more refuses the change (it cannot check it)."""
+    migrate_wait_s: float = 60.0
+    """How long ``policy.set`` with ``migrate`` waits for re-replication to move the copies
+    the new rule breaks before it answers (naming those still outside)."""
     erase_max_objects: int = 5_000
     """Objects one erase may select (``erase.run``); more is refused as given (narrow it
     with a key prefix, or name ids in batches). The signed receipt travels in one RPC
