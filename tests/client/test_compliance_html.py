@@ -31,7 +31,8 @@ def test_html_is_one_self_contained_file() -> None:
     page = render_html(report(rogue=False))
     assert page.startswith("<!doctype html>") and page.count("<svg") == 1
     assert "<script" not in page and not re.search(r"(src|href)=\"?(https?:|//)", page)
-    assert "copies per region" in page and "eu-central" in page
+    assert "copies per region" in page and "kB stored per region" in page
+    assert "eu-central" in page
     assert "No copy outside its rule." in page
     assert "&lt;residency&gt; rule" in page  # escaped, not markup
     assert "every copy inside its rule; every audit chain verifies" in page

@@ -187,8 +187,11 @@ def _chart(c: ClassReport) -> str:
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 2.6))
     a.bar(names, [u.copies for u in c.regions], color=colours)
     a.set_title("copies per region")
-    b.bar(names, [u.bytes / 1e6 for u in c.regions], color=colours)
-    b.set_title("MB stored per region")
+    top = max(u.bytes for u in c.regions)
+    unit, scale = next(((n, f) for n, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
+                        if top >= f), ("bytes", 1.0))
+    b.bar(names, [u.bytes / scale for u in c.regions], color=colours)
+    b.set_title(f"{unit} stored per region")
     for ax in (a, b):
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
