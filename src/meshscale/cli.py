@@ -1408,8 +1408,9 @@ def policy_set_cmd(
         "--stream-regions", help="Regions its stream shards may live in (a subset of "
         "--regions; default: the same).")] = None,
     migrate: Annotated[bool, typer.Option(
-        "--migrate", help="Move existing copies the change would break (not built yet: "
-        "such a change is refused).")] = False,
+        "--migrate", help="Move existing copies the change would break into the new "
+        "regions (by re-replication) and report what moved; without it such a change is "
+        "refused.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
@@ -1417,7 +1418,8 @@ def policy_set_cmd(
     timeout: TimeoutOption = 30.0,
 ) -> None:
     """Set a data class's policy (admin bundle needed). Refused if existing copies of the
-    class would fall outside the new regions."""
+    class would fall outside the new regions, unless --migrate (exit 1 if some copy is
+    still outside when the node stops waiting; it keeps moving)."""
     import json
 
     import msgspec
@@ -1445,8 +1447,19 @@ def policy_set_cmd(
     typer.echo(f"set {_policy_row(reply.policy)}")
     if reply.previous is not None:
         typer.echo(f"was {_policy_row(reply.previous)}")
-    typer.echo(f"checked {reply.checked_objects} existing object(s) of class {p.name}: "
-               "none outside the new regions")
+    if not reply.migrated:
+        typer.echo(f"checked {reply.checked_objects} existing object(s) of class {p.name}: "
+                   "none outside the new regions")
+        return
+    typer.echo(f"migrated {len(reply.migrated)} of {reply.checked_objects} object(s) of "
+               f"class {p.name} into regions {','.join(p.regions)}:")
+    for moved in reply.migrated:
+        typer.echo(f"  {moved.id}  from {','.join(moved.from_regions)}  now in "
+                   f"{','.join(moved.to_regions) or '(no live copy)'}")
+    for copy in reply.still_outside:
+        typer.echo(f"still outside the new regions (moving): {copy}", err=True)
+    if reply.still_outside:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @policy_app.command("get")
@@ -1643,6 +1656,204 @@ def services_cmd(
         typer.echo(_services_table(rows) if rows else "no services")
 
 
+# -- erasure --------------------------------------------------------------------------
+
+
+def _erase_verify(path: str, bundle: Path | None, mesh_file: Path | None,
+                  as_json: bool) -> None:
+    """``meshscale erase verify RECEIPT.json``: offline, against the bundle's CA."""
+    import json
+
+    from meshscale.client.erasure import ReceiptError, verify_receipt_file
+    from meshscale.meshfile import MeshFileError
+
+    if bundle is None and mesh_file is not None:
+        try:
+            bundle = _target(None, mesh_file, None).bundle
+        except (CliError, MeshFileError):
+            bundle = None
+    if bundle is None:
+        raise CliError(f"missing --bundle DIR (or {BUNDLE_ENV}, or --mesh mesh.json): the "
+                       "cluster's CA certificate checks the receipt")
+    ca = load_bundle(bundle).ca_cert_pem
+    try:
+        receipt, problems = verify_receipt_file(path, ca)
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file", exit_code=EXIT_FAILED) from None
+    except IsADirectoryError:
+        raise CliError(f"{path}: is a directory, not a receipt file") from None
+    except OSError as e:
+        raise CliError(f"{path}: cannot read: {e.strerror or e}", exit_code=EXIT_FAILED) \
+            from None
+    except ReceiptError as e:
+        if e.malformed:
+            raise CliError(f"{path}: {e}") from None
+        raise CliError(f"{path}: does NOT verify: {e}", exit_code=EXIT_FAILED) from None
+    b = receipt.body
+    copies = sum(len(o.copies) for o in b.objects)
+    if as_json:
+        typer.echo(json.dumps({"receipt_id": b.receipt_id, "verified": True,
+                               "complete": not problems, "objects": len(b.objects),
+                               "copies": copies, "keys": len(b.keys),
+                               "coordinator": b.coordinator,
+                               "confirmed_by": [c.node for c in b.confirmations],
+                               "problems": problems}, indent=2))
+    else:
+        typer.echo(f"{b.receipt_id}: signatures verify (coordinator {b.coordinator}, "
+                   f"{len(b.confirmations)} holder confirmations, CA of this bundle)")
+        typer.echo(f"{len(b.objects)} objects, {copies} copies, {len(b.keys)} keys erased "
+                   f"({b.selector.describe()}), requested by {b.requested_by or '-'} "
+                   f"({b.requested_role or '-'})")
+        for p in problems:
+            typer.echo(f"NOT PROVEN: {p}")
+        if not problems:
+            typer.echo("complete: every copy listed is confirmed gone by the node that held it")
+    if problems:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("erase")
+def erase_cmd(
+    ids: Annotated[list[str] | None, typer.Argument(
+        metavar="[ID...] | verify RECEIPT.json",
+        help="Object ids to erase; or `verify RECEIPT.json` to check a receipt.")] = None,
+    data_class: Annotated[str | None, typer.Option(
+        "--class", help="Erase every object of this data class.")] = None,
+    key_prefix: Annotated[str | None, typer.Option(
+        "--key-prefix", help="With --class: only the KV keys under this prefix (under "
+        "'CLASS/') and the objects of the class they name.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Where to write the signed receipt (default: "
+        "./erasure-<receipt id>.json).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the receipt (or the "
+                                          "verification) as JSON.")] = False,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 300.0,
+) -> None:
+    """Erase objects everywhere (admin bundle needed) and write a signed receipt listing
+    every copy and the node that confirmed dropping it. `meshscale erase verify
+    RECEIPT.json` checks a receipt offline with the bundle's CA certificate. Exit 0: done
+    (verified and complete); 1: an id not found, an erasure not complete, a receipt that
+    does not verify; 2: bad input (a malformed id, class or receipt file; an unknown
+    class; a read-only bundle); 3: no node answered."""
+    from meshscale.client.erasure import save_receipt
+    from meshscale.core.api import erasure as eapi
+    from meshscale.core.erasure import check_selector, receipt_json
+    from meshscale.core.policy import PolicyError
+
+    args = list(ids or [])
+    if args[:1] == ["verify"]:
+        if len(args) != 2 or data_class is not None or key_prefix is not None \
+                or out is not None:
+            raise CliError("usage: meshscale erase verify RECEIPT.json [--bundle DIR] [--json]")
+        _erase_verify(args[1], bundle, mesh_file, as_json)
+        return
+    try:
+        sel = check_selector(data_class, key_prefix, args)
+    except PolicyError as e:
+        raise CliError(str(e)) from None
+    target = _target(node, mesh_file, bundle)
+    receipt = _request(target, eapi.RUN, eapi.EraseRequest(
+        data_class=sel.data_class, key_prefix=sel.key_prefix, ids=list(sel.ids)),
+        timeout=timeout)
+    b = receipt.body
+    path = save_receipt(receipt, out if out is not None else Path(f"erasure-{b.receipt_id}.json"))
+    if as_json:
+        sys.stdout.buffer.write(receipt_json(receipt))
+        sys.stdout.buffer.flush()
+    else:
+        copies = sum(len(o.copies) for o in b.objects)
+        typer.echo(f"erased {len(b.objects)} objects ({copies} copies on "
+                   f"{len(b.confirmations)} nodes) and {len(b.keys)} keys: "
+                   f"{sel.describe()}")
+        for o in b.objects:
+            where = ", ".join(f"{c.node} ({c.region})" for c in o.copies)
+            typer.echo(f"  {o.id}  {o.data_class or '-'}  {_human_size(o.size)}  {where}")
+        for m in b.missing:
+            typer.echo(f"  {m}: not held by any live node", err=True)
+        for p in b.problems:
+            typer.echo(f"NOT CONFIRMED: {p}", err=True)
+        typer.echo(f"receipt {b.receipt_id} signed by {b.coordinator}: {path}")
+    if not b.complete or b.missing:
+        raise typer.Exit(EXIT_FAILED)
+
+
+# -- compliance -----------------------------------------------------------------------
+
+compliance_app = _typer("Compliance: the residency report (where every copy of each data "
+                        "class is, and whether any left its rule). docs/compliance.md.")
+app.add_typer(compliance_app, name="compliance")
+
+
+@compliance_app.command("report")
+def compliance_report_cmd(
+    data_class: Annotated[str | None, typer.Option("--class", help="Only this data "
+                                                   "class.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Refusals since: Unix "
+                                              "seconds, ISO 8601, or an age (15m, 2h, 7d); "
+                                              "default: all the trails hold.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    html_file: Annotated[Path | None, typer.Option(
+        "--html", help="Also write the report as one self-contained HTML file.")] = None,
+    bundle: ClientBundleOption = None,
+    node: NodeOption = None,
+    mesh_file: MeshOption = None,
+    timeout: TimeoutOption = 120.0,
+) -> None:
+    """For each data class: which regions hold how many copies and bytes, the duplication
+    and storage overhead, every copy outside its rule, the refusals in the period (from the
+    audit trails) and each node's audit chain verification. Needs an admin bundle for the
+    trails. Exit 0: every copy inside its rule and every chain verified; 1: not so (the
+    report says what); 2: bad input; 3: no node answered."""
+    import json
+
+    import msgspec
+
+    from meshscale.client.compliance import gather_report_blocking, render_html, render_text
+    from meshscale.client.rpc import RemoteError, RpcError
+    from meshscale.core.policy import PolicyError, check_class_name
+
+    if data_class is not None:
+        try:
+            check_class_name(data_class)
+        except PolicyError as e:
+            raise CliError(f"--class: {e}") from None
+    since_s = _parse_since(since)
+    if html_file is not None and html_file.is_dir():
+        raise CliError(f"--html {html_file}: is a directory; name a file")
+    target = _target(node, mesh_file, bundle)
+    creds = _client_creds(target.bundle)
+    last: RpcError | None = None
+    for addr in target.addresses:
+        try:
+            report = gather_report_blocking(addr, creds, data_class=data_class,
+                                            since_wall_s=since_s, timeout=timeout)
+            break
+        except RemoteError as e:
+            raise CliError(str(e), _exit_code(e.code)) from None
+        except RpcError as e:
+            last = e
+    else:
+        assert last is not None
+        raise CliError(f"cannot reach the mesh: {last}", _exit_code("", last.unreachable))
+    if html_file is not None:
+        try:
+            html_file.write_text(render_html(report), encoding="utf-8")
+        except OSError as e:
+            raise CliError(f"--html {html_file}: cannot write: {e.strerror or e}",
+                           exit_code=EXIT_FAILED) from None
+    if as_json:
+        typer.echo(json.dumps(msgspec.to_builtins(report), indent=2))
+    else:
+        typer.echo(render_text(report))
+        if html_file is not None:
+            typer.echo(f"wrote {html_file}")
+    if report.out_of_rule or not report.chains_ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
 # -- audit ----------------------------------------------------------------------------
 
 audit_app = typer.Typer(
@@ -1741,7 +1952,7 @@ def audit_cmd(
     kind: Annotated[str | None, typer.Option("--kind", help="Only this kind: put, "
                                              "copy_made, copy_dropped, read, task_run, "
                                              "operator_placed, delete, policy_change, "
-                                             "refusal.")] = None,
+                                             "refusal, erase.")] = None,
     since: Annotated[str | None, typer.Option("--since", help="Only entries since: Unix "
                                               "seconds, ISO 8601, or an age (15m, 2h, "
                                               "7d).")] = None,

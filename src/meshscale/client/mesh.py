@@ -45,10 +45,13 @@ from meshscale.client.rpc import (
     RpcPipeline,
 )
 from meshscale.core.api import Empty, ErrorCode, Method, Request, ResidencyWire
+from meshscale.core.api import erasure as erasure_api
 from meshscale.core.api import node as node_api
 from meshscale.core.api import objects as obj_api
+from meshscale.core.erasure import Receipt, check_selector
 from meshscale.core.kv import MAX_VALUE_BYTES
 from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
+from meshscale.core.policy import PolicyError
 from meshscale.transport.framing import split_addr
 from meshscale.transport.tls import TLSConfigError
 from meshscale.trust.bundle import MAX_TOKEN_LENGTH, BundleError, is_valid_token, load_bundle
@@ -979,6 +982,23 @@ class AsyncMesh:
         reply = await self._request(obj_api.DELETE, obj_api.ObjectIdRequest(id=oid))
         return list(reply.holders)
 
+    async def erase(self, *refs: ObjectRef | str, data_class: str | None = None,
+                    key_prefix: str | None = None) -> Receipt:
+        """Erase objects everywhere and get a signed receipt (admin role): name objects,
+        or a ``data_class`` (every object of it; with ``key_prefix``, under the class's
+        prefix ``<class>/``: the KV keys under it and the objects of the class they name).
+        Every copy is deleted as ``delete`` deletes it; each node that held one confirms,
+        signing it, that its copy is gone. Save the receipt with
+        ``meshscale.client.erasure.save_receipt`` and check it with ``verify_receipt``
+        (``docs/compliance.md``). ``ValueError`` for a malformed selector, before anything
+        is sent; ``MeshError`` (``not_found``) if no live node holds any id named."""
+        try:
+            sel = check_selector(data_class, key_prefix, [_ref_parts(r)[0] for r in refs])
+        except PolicyError as e:
+            raise ValueError(str(e)) from None
+        return await self._request(erasure_api.RUN, erasure_api.EraseRequest(
+            data_class=sel.data_class, key_prefix=sel.key_prefix, ids=list(sel.ids)))
+
     async def iter_objects(self, page_size: int = LIST_PAGE, after: str = ""
                            ) -> AsyncGenerator[ObjectInfo, None]:
         """Every object in the mesh (with an id after ``after``), in id order, fetched a
@@ -1320,6 +1340,12 @@ class Mesh:
     def delete(self, ref: ObjectRef | str) -> list[str]:
         """Delete the object from every node; returns the live nodes that held a copy."""
         return self._run(self._inner.delete(ref))
+
+    def erase(self, *refs: ObjectRef | str, data_class: str | None = None,
+              key_prefix: str | None = None) -> Receipt:
+        """Erase objects everywhere; the signed receipt (see ``AsyncMesh.erase``)."""
+        return self._run(self._inner.erase(*refs, data_class=data_class,
+                                           key_prefix=key_prefix))
 
     def iter_objects(self, page_size: int = LIST_PAGE, after: str = "") -> Iterator[ObjectInfo]:
         """Every object in the mesh (with an id after ``after``), a page at a time."""

@@ -70,8 +70,10 @@ class AsyncPolicies:
                   stream_regions: Sequence[str] | None = None,
                   migrate: bool = False) -> PolicySetReply:
         """Set class ``name``'s policy. Refused (``MeshError``, code ``refused``) when
-        existing copies of the class would fall outside ``regions``; ``migrate=True`` is
-        refused too: moving copies is not built."""
+        existing copies of the class would fall outside ``regions``, unless
+        ``migrate=True``: then they are moved by re-replication and the reply's
+        ``migrated`` says what moved (``still_outside``: copies not yet moved when the node
+        stopped waiting)."""
         return await self._mesh._request(papi.SET, _set_request(
             name, regions, replicas, ttl_s, cross_region_reads, stream_regions, migrate))
 

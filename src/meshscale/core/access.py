@@ -53,6 +53,7 @@ _WRITE = (
     "task.submit", "task.cancel",
     "stream.publish", "stream.op_register", "stream.op_remove",
     "admin.revoke", "node.standby", "node.wake", "policy.set", "policy.delete",
+    "erase.run",
     # A service call runs the service's code, which may change what it holds: a write,
     # as a task's submit is (a read-only certificate may list services, not call them).
     "svc.deploy", "svc.remove", "svc.call",
@@ -63,7 +64,7 @@ _NODE = (
     "obj.local_stat", "obj.local_list", "repl.msg", "kv.apply", "kv.read", "kv.scan",
     "sched.msg", "sched.load", "sched.batch", "task.done", "task.fn", "task.kill",
     "stream.replicate", "stream.fetch", "stream.op_notify",
-    "svc.notify", "svc.invoke", "svc.status",
+    "svc.notify", "svc.invoke", "svc.status", "erase.confirm", "policy.migrate_local",
 )
 
 METHOD_ACCESS: dict[str, Access] = {

@@ -72,6 +72,9 @@ class Kind(StrEnum):
     DELETE = "delete"
     POLICY_CHANGE = "policy_change"
     REFUSAL = "refusal"
+    ERASE = "erase"
+    """Coordinated an erasure (subject: the receipt id; detail: what it covered and the
+    receipt's hash), or, on a holder, confirmed its copies of one gone."""
 
 
 class AuditEntry(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):

@@ -48,6 +48,7 @@ __all__ = [
     "kv_key_class",
     "kv_residency",
     "make_policy",
+    "migrated_regions",
     "narrows",
     "policy_key",
     "read_refusal",
@@ -385,3 +386,17 @@ def breaking_copies(new: ClassPolicy, copies: Iterable[tuple[str, str]]) -> list
     """The (object id, region) copies that ``new`` would put outside its regions."""
     allowed = set(new.regions)
     return sorted({(oid, region) for oid, region in copies if region not in allowed})
+
+
+def migrated_regions(current: Iterable[str] | None, new: ClassPolicy) -> frozenset[str] | None:
+    """The regions a stored copy's rule gets when its class's policy changes to ``new``
+    with ``--migrate`` (None: its rule already fits ``new``). The copy keeps whatever its
+    own rule and the new regions have in common; if nothing, the new regions: the class's
+    rule, which the admin just set, wins over the narrower rule the object was put with."""
+    allowed = frozenset(new.regions)
+    if current is None:
+        return allowed
+    mine = frozenset(current)
+    if mine <= allowed:
+        return None
+    return (mine & allowed) or allowed

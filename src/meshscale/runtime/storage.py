@@ -1114,6 +1114,29 @@ class LocalStore:
                 os.unlink(path)
         return old is not None
 
+    def set_residency(self, rules: Iterable[tuple[str, tuple[str, ...] | None]]
+                      ) -> builtins.list[str]:
+        """Give these stored objects a new residency rule (a class's policy changed with
+        ``--migrate``), in one transaction; returns those that were stored."""
+        items = [(_check_id(o), r) for o, r in rules]
+        changed: builtins.list[str] = []
+        with self._db_lock:
+            self._check_open()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for oid, regions in items:
+                    cur = self._db.execute(
+                        "UPDATE objects SET residency = ? WHERE id = ?",
+                        (None if regions is None else json.dumps(sorted(regions)), oid))
+                    if cur.rowcount:
+                        changed.append(oid)
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+        return changed
+
     def delete_many(self, object_ids: Iterable[str]) -> builtins.list[str]:
         """Remove these objects in one transaction (one fsync for all the rows, not one
         each); returns those that were stored. Rows go first, files after the commit, as

@@ -11,7 +11,8 @@ import msgspec
 from meshscale.core.api.contract import Empty, Method, Request
 from meshscale.core.policy import MAX_POLICY_REGIONS, MAX_TTL_S, ClassPolicy
 
-__all__ = ["DELETE", "GET", "LIST", "METHODS", "SET", "PolicyDeleteReply", "PolicyInfo",
+__all__ = ["DELETE", "GET", "LIST", "METHODS", "MIGRATE_LOCAL", "SET", "MigrateLocalReply",
+           "MigrateLocalRequest", "MovedObject", "PolicyDeleteReply", "PolicyInfo",
            "PolicyNameRequest", "PolicySetReply", "PolicySetRequest"]
 
 ClassName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -29,8 +30,9 @@ class PolicySetRequest(Request):
     cross_region_reads: bool = True
     stream_regions: Regions | None = None
     migrate: bool = False
-    """Move existing copies the change would leave outside the class's regions (not built:
-    such a change is refused either way, naming the copies)."""
+    """Move existing copies the change would leave outside the class's regions (through
+    re-replication: each holder rewrites the rule of its copies and hands them off);
+    without it such a change is refused, naming the copies."""
 
 
 class PolicyNameRequest(Request):
@@ -64,6 +66,34 @@ class PolicySetReply(msgspec.Struct, omit_defaults=True):
     """The policy it replaced (None: the class had none)."""
     checked_objects: int = 0
     """Objects of the class found in the mesh and checked against the new rule."""
+    migrated: list[MovedObject] = []
+    """With ``migrate``: each object that had copies outside the new regions, and where
+    its copies are once the move settled."""
+    still_outside: list[str] = []
+    """With ``migrate``: copies still outside the new regions when the node stopped
+    waiting (``migrate_wait_s``), as ``"<id> in <region>"``; they keep moving."""
+
+
+class MovedObject(msgspec.Struct):
+    id: str
+    from_regions: list[str]
+    """Regions that held a copy outside the new rule."""
+    to_regions: list[str]
+    """Regions holding its copies after the move (as the members listed them)."""
+
+
+class MigrateLocalRequest(Request):
+    """Node to node: rewrite the rule of this member's copies of class ``name`` that the
+    class's new ``regions`` break, and let re-replication move them."""
+
+    name: ClassName
+    regions: Regions
+
+
+class MigrateLocalReply(msgspec.Struct):
+    node: str
+    rewritten: list[str]
+    """Objects whose copy here got the new rule."""
 
 
 class PolicyDeleteReply(msgspec.Struct):
@@ -78,4 +108,7 @@ LIST: Method[Empty, list[PolicyInfo]] = Method("policy.list", Empty, list[Policy
 DELETE: Method[PolicyNameRequest, PolicyDeleteReply] = Method(
     "policy.delete", PolicyNameRequest, PolicyDeleteReply)
 
-METHODS: tuple[Method[Any, Any], ...] = (SET, GET, LIST, DELETE)
+MIGRATE_LOCAL: Method[MigrateLocalRequest, MigrateLocalReply] = Method(
+    "policy.migrate_local", MigrateLocalRequest, MigrateLocalReply)
+
+METHODS: tuple[Method[Any, Any], ...] = (SET, GET, LIST, DELETE, MIGRATE_LOCAL)

@@ -42,6 +42,7 @@ import random
 import time
 
 from meshscale.core.api import Empty
+from meshscale.core.api import erasure as erasure_api
 from meshscale.core.api import objects as api
 from meshscale.core.api import policy as policy_api
 from meshscale.core.membership import VIEW_CHANGES
@@ -49,6 +50,7 @@ from meshscale.core.outputs import Event
 from meshscale.core.placement import Residency
 from meshscale.core.replication import ObjectPolicy, ReplicaManager
 from meshscale.runtime.data.catalog import Catalog
+from meshscale.runtime.data.erasure import Erasure
 from meshscale.runtime.data.kv import KvStore
 from meshscale.runtime.data.policy import Policies
 from meshscale.runtime.data.reads import Reads
@@ -58,7 +60,7 @@ from meshscale.runtime.data.uploads import Uploads
 from meshscale.runtime.storage import LocalStore
 
 
-class DataPlane(Policies, Uploads, Reads, Catalog, KvStore, ReplicaDriver):
+class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriver):
     """Objects and KV on one node; created and started by ``NodeAgent``. Each room is a
     file of ``runtime/data/``; this one starts and stops them and serves their methods."""
 
@@ -137,6 +139,9 @@ class DataPlane(Policies, Uploads, Reads, Catalog, KvStore, ReplicaDriver):
         serve(policy_api.GET, self._rpc_policy_get)
         serve(policy_api.LIST, self._rpc_policy_list)
         serve(policy_api.DELETE, self._rpc_policy_delete)
+        serve(policy_api.MIGRATE_LOCAL, self._rpc_policy_migrate_local)
+        serve(erasure_api.RUN, self._rpc_erase)
+        serve(erasure_api.CONFIRM, self._rpc_erase_confirm)
 
     async def stop(self) -> None:
         self._timer.cancel()

@@ -10,8 +10,14 @@ request names that the cache has not read in the last ``policy_refresh_s`` is re
 that names it. A policy change another node made is therefore seen here at most
 ``policy_refresh_s`` late for classes this node already had cached.
 
-What is not built: migrating copies when a policy changes (``--migrate``). A change that
-would leave existing copies outside the class's regions is refused, naming them."""
+A change that would leave existing copies outside the class's regions is refused, naming
+them, unless ``migrate``: then the policy is written, every live member rewrites the rule
+of its copies of the class that the new regions break (``policy.migrate_local``;
+``core.policy.migrated_regions`` decides the new rule) and hands them to
+``ReplicaManager`` again under it, so the ordinary re-replication moves them: copies go
+to the new replica set (receivers check the new rule), and a holder outside it drops its
+copy once every member of the set keeps one. The node asked waits up to
+``migrate_wait_s`` for no copy to be left outside and reports what moved."""
 
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from meshscale.core.api import objects as api
 from meshscale.core.api import policy as papi
 from meshscale.core.audit import Kind
 from meshscale.core.kv import Consistency
+from meshscale.core.placement import Residency
 from meshscale.core.policy import (
     POLICY_PREFIX,
     ClassPolicy,
@@ -36,10 +43,14 @@ from meshscale.core.policy import (
     decode_policy,
     encode_policy,
     make_policy,
+    migrated_regions,
     policy_key,
 )
+from meshscale.core.replication import ObjectPolicy
 from meshscale.runtime.data.catalog import Catalog
 from meshscale.runtime.data.kv import KvStore
+from meshscale.runtime.data.state import _stamp
+from meshscale.runtime.storage import ObjectMeta
 
 POLICY_INDEX_KEY = POLICY_PREFIX + ".index"
 """The KV key listing the classes that have a policy (a class name never starts with
@@ -48,6 +59,7 @@ INDEX_WRITE_TRIES = 3
 """Times an index update is written and read back before the call fails (two admins
 changing different classes at once: last-writer-wins may drop one name)."""
 
+_MIGRATE_POLL_S = 0.25
 _names_encoder = msgspec.msgpack.Encoder()
 _names_decoder = msgspec.msgpack.Decoder(list[str])
 
@@ -149,15 +161,9 @@ class Policies(Catalog, KvStore):
             raise ApiError(ErrorCode.INVALID, f"{e.rule}: {e}") from None
         previous, prev_ts = await self._policy_fetch(new.name)
         checked, broken = await self._class_copies(new)
-        if broken:
+        if broken and not req.migrate:
             where = ", ".join(f"{oid[:16]}… in {region}" for oid, region in broken[:5])
             more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
-            if req.migrate:
-                raise self._refuse("migrate", (
-                    f"policy of class {new.name} not changed: {len(broken)} existing "
-                    f"cop{'y' if len(broken) == 1 else 'ies'} would be outside regions "
-                    f"{{{','.join(new.regions)}}} ({where}{more}) and migrating copies is not "
-                    "built yet; delete or move those objects first"), data_class=new.name)
             raise self._refuse("policy_change", (
                 f"policy of class {new.name} not changed: {len(broken)} existing "
                 f"cop{'y' if len(broken) == 1 else 'ies'} would be outside regions "
@@ -166,16 +172,104 @@ class Policies(Catalog, KvStore):
         self._policy_remember(new.name, new, ts)
         await self._policy_index_update(new.name, True)
         self._count("policy_sets")
+        moved: list[papi.MovedObject] = []
+        still: list[str] = []
+        if broken:
+            moved, still = await self._migrate(new, broken)
         self.agent.record(Kind.POLICY_CHANGE, policy_key(new.name), data_class=new.name,
                           detail=f"set {new.describe()}"
-                          + ("" if previous is None else f"; was {previous.describe()}"))
+                          + ("" if previous is None else f"; was {previous.describe()}")
+                          + (f"; migrated {len(moved)} objects" if broken else "")
+                          + (f", {len(still)} copies still outside" if still else ""))
         self.agent.log("info", "policy_set", data_class=new.name, regions=list(new.regions),
                        replicas=new.replicas)
         return papi.PolicySetReply(
             policy=papi.PolicyInfo.of(new, ts),
             previous=None if previous is None or prev_ts is None
             else papi.PolicyInfo.of(previous, prev_ts),
-            checked_objects=checked)
+            checked_objects=checked, migrated=moved, still_outside=still)
+
+    async def _migrate(self, new: ClassPolicy, broken: list[tuple[str, str]]
+                       ) -> tuple[list[papi.MovedObject], list[str]]:
+        """Have every live member rewrite the rule of its copies that ``new`` breaks, then
+        wait (``migrate_wait_s``) for re-replication to move them; what moved, and the
+        copies still outside."""
+        req = papi.MigrateLocalRequest(name=new.name, regions=list(new.regions))
+        answers = await self._fan_out(papi.MIGRATE_LOCAL, req)
+        self._count("policy_migrations")
+        self.agent.log("info", "policy_migrate", data_class=new.name, copies=len(broken),
+                       members=sum(a is not None for a in answers.values()))
+        deadline = time.monotonic() + self.cfg.migrate_wait_s
+        left = broken
+        while True:
+            _, left = await self._class_copies(new)
+            if not left or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(_MIGRATE_POLL_S)
+        after = await self._class_regions(new.name, {oid for oid, _ in broken})
+        from_regions: dict[str, set[str]] = {}
+        for oid, region in broken:
+            from_regions.setdefault(oid, set()).add(region)
+        moved = [papi.MovedObject(oid, sorted(regs), sorted(after.get(oid, ())))
+                 for oid, regs in sorted(from_regions.items())]
+        return moved, [f"{oid} in {region}" for oid, region in left]
+
+    async def _class_regions(self, name: str, oids: set[str]) -> dict[str, set[str]]:
+        """The regions holding a copy of each of ``oids`` (of class ``name``) now."""
+        regions = {m.name: m.meta.region for m in self.agent.m.members.values()}
+        out: dict[str, set[str]] = {}
+        for oid in sorted(oids):
+            for node in await self._holders(oid):
+                out.setdefault(oid, set()).add(regions.get(node, ""))
+        return out
+
+    def _rewrite_rules(self, name: str, regions: tuple[str, ...]
+                       ) -> list[tuple[ObjectMeta, frozenset[str]]]:
+        """In a thread: give this node's copies of class ``name`` that ``regions`` break
+        their new rule in the store; the copies changed, with it."""
+        store = self.store
+        assert store is not None
+        policy = make_policy(name, regions)
+        changes: list[tuple[ObjectMeta, frozenset[str]]] = []
+        after = ""
+        while True:
+            page = store.list(after=after, limit=1000)
+            for meta in page:
+                if meta.data_class != name:
+                    continue
+                target = migrated_regions(meta.residency, policy)
+                if target is not None:
+                    changes.append((meta, target))
+            if len(page) < 1000:
+                break
+            after = page[-1].object_id
+        done = set(store.set_residency((m.object_id, tuple(sorted(t))) for m, t in changes))
+        return [(m, t) for m, t in changes if m.object_id in done]
+
+    async def _rpc_policy_migrate_local(self, req: papi.MigrateLocalRequest
+                                        ) -> papi.MigrateLocalReply:
+        try:
+            make_policy(req.name, req.regions)
+        except PolicyError as e:
+            raise ApiError(ErrorCode.INVALID, f"{e.rule}: {e}") from None
+        assert self.rm is not None
+        changed = await asyncio.to_thread(self._rewrite_rules, req.name, tuple(req.regions))
+        now = time.monotonic()
+        for meta, target in changed:
+            # Handed to the replica manager again under the new rule: the ordinary
+            # re-replication (handoff of a copy outside its set, repair of a short set)
+            # moves it from here.
+            self.rm.object_removed(meta.object_id, now)
+            self.rm.object_added(meta.object_id,
+                                 ObjectPolicy(meta.replicas, Residency(target, req.name)),
+                                 meta.hint_for, now, _stamp(meta.written))
+            self.agent.record(Kind.POLICY_CHANGE, meta.object_id, data_class=req.name,
+                              detail=f"copy's rule rewritten to regions "
+                                     f"{{{','.join(sorted(target))}}} (policy migrate)")
+        self._count("copies_migrated", len(changed))
+        self._pump()
+        return papi.MigrateLocalReply(node=self.agent.name,
+                                      rewritten=[m.object_id for m, _ in changed])
 
     async def _class_copies(self, new: ClassPolicy) -> tuple[int, list[tuple[str, str]]]:
         """The objects of class ``new.name`` the live members hold, and the copies among

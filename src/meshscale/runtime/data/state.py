@@ -108,6 +108,22 @@ class DataPlaneConfig:
     policy_scan_max_objects: int = 100_000
     """Objects a policy change looks through for copies the new rule would break; a mesh
     holding more refuses the change (it cannot check it)."""
+    migrate_wait_s: float = 60.0
+    """How long ``policy.set`` with ``migrate`` waits for re-replication to move the copies
+    the new rule breaks before it answers (naming those still outside)."""
+    erase_max_objects: int = 5_000
+    """Objects one erase may select (``erase.run``); more is refused as given (narrow it
+    with a key prefix, or name ids in batches). The signed receipt travels in one RPC
+    reply (``transport.framing.MAX_FRAME``, 4 MiB; a receipt costs about 600 bytes per
+    object with 3 copies)."""
+    erase_scan_max_copies: int = 200_000
+    """Copies an erase lists per member to find what it selects; a member holding more
+    refuses the erase (it cannot be sure to have seen every copy)."""
+    erase_parallel: int = 8
+    """Deletes (and holder confirmations) an erase runs at once."""
+    erase_confirm_wait_s: float = 30.0
+    """How long a holder waits for its copies of an erase to be gone before it answers
+    ``erase.confirm`` naming those still held."""
     storage: StorageConfig = field(default_factory=lambda: StorageConfig(min_free_bytes=64 << 20))
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
