@@ -41,6 +41,10 @@ def _health(e: api.ListedObject) -> api.ListedObject:
     return e
 
 
+LIST_PAGE_COPIES = 1000
+"""Copies asked of a member per ``obj.local_list`` page when every copy must be listed."""
+
+
 class Catalog(DataPlaneBase):
     """Looking objects up across the members, and deleting them."""
 
@@ -68,6 +72,25 @@ class Catalog(DataPlaneBase):
 
         results = await asyncio.gather(*(one(n) for n in names))
         return dict(zip(names, results, strict=True))
+
+    async def _member_copies(self, name: str, max_copies: int) -> list[api.ObjectDesc] | None:
+        """Every copy member ``name`` holds, page by page with a cursor of its own (one
+        cursor shared by several members skips or repeats copies); None once it holds more
+        than ``max_copies``. RPC failures propagate: the caller decides what a silent
+        member means."""
+        out: list[api.ObjectDesc] = []
+        after = ""
+        while True:
+            if len(out) > max_copies:
+                return None
+            page = await asyncio.wait_for(
+                self._call(name, api.LOCAL_LIST,
+                           api.ListRequest(after=after, limit=LIST_PAGE_COPIES)),
+                self.agent.peers.cfg.call_timeout_s)
+            out += page
+            if len(page) < LIST_PAGE_COPIES:
+                return out
+            after = page[-1].id
 
     def _describe(self, meta: ObjectMeta) -> api.ObjectDesc:
         policy = policy_of(meta)

@@ -47,7 +47,6 @@ from meshscale.runtime.data.kv import KvStore
 from meshscale.transport.rpc import RpcError
 from meshscale.trust.receipts import sign_bytes
 
-_PAGE = 1000
 _POLL_S = 0.05
 
 
@@ -60,27 +59,17 @@ class Erasure(Catalog, KvStore):
         limit = self.cfg.erase_scan_max_copies
 
         async def one(name: str) -> list[HeldCopy]:
-            out: list[HeldCopy] = []
-            after = ""
-            while True:
-                if len(out) > limit:
-                    raise ApiError(ErrorCode.INVALID, (
-                        f"member {name} holds more than {limit} copies "
-                        "(erase_scan_max_copies): an erase cannot list them all to be "
-                        "sure it erases every copy"))
-                page = await asyncio.wait_for(
-                    self._call(name, api.LOCAL_LIST, api.ListRequest(after=after, limit=_PAGE)),
-                    self.agent.peers.cfg.call_timeout_s)
-                for d in page:
-                    res = d.residency
-                    out.append(HeldCopy(
-                        d.id, name, regions.get(name, ""), d.size,
-                        None if res is None else res.data_class,
-                        None if res is None or res.regions is None else tuple(res.regions)))
-                if len(page) < _PAGE:
-                    break
-                after = page[-1].id
-            return out
+            page = await self._member_copies(name, limit)
+            if page is None:
+                raise ApiError(ErrorCode.INVALID, (
+                    f"member {name} holds more than {limit} copies "
+                    "(erase_scan_max_copies): an erase cannot list them all to be "
+                    "sure it erases every copy"))
+            return [HeldCopy(d.id, name, regions.get(name, ""), d.size,
+                             None if d.residency is None else d.residency.data_class,
+                             None if d.residency is None or d.residency.regions is None
+                             else tuple(d.residency.regions))
+                    for d in page]
 
         names = [c.name for c in self._view()]
         got = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)

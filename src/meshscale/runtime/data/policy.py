@@ -51,6 +51,7 @@ from meshscale.runtime.data.catalog import Catalog
 from meshscale.runtime.data.kv import KvStore
 from meshscale.runtime.data.state import _stamp
 from meshscale.runtime.storage import ObjectMeta
+from meshscale.transport.rpc import RpcError
 
 POLICY_INDEX_KEY = POLICY_PREFIX + ".index"
 """The KV key listing the classes that have a policy (a class name never starts with
@@ -275,26 +276,23 @@ class Policies(Catalog, KvStore):
         """The objects of class ``new.name`` the live members hold, and the copies among
         them that ``new`` would leave outside its regions: (object id, region)."""
         regions = {m.name: m.meta.region for m in self.agent.m.members.values()}
-        after, seen, copies = "", 0, []
-        while True:
-            pages = await self._fan_out(api.LOCAL_LIST, api.ListRequest(after=after, limit=1000))
-            last: list[str] = []
-            for node, page in pages.items():
-                for desc in page or []:
-                    seen += 1
-                    res = desc.residency
-                    if res is not None and res.data_class == new.name:
-                        copies.append((desc.id, regions.get(node, "")))
-                if page and len(page) >= 1000:
-                    last.append(page[-1].id)
-            if seen > self.cfg.policy_scan_max_objects:
+        limit = self.cfg.policy_scan_max_objects
+        names = [c.name for c in self._view()]
+        got = await asyncio.gather(*(self._member_copies(n, limit) for n in names),
+                                   return_exceptions=True)
+        copies: list[tuple[str, str]] = []
+        for node, page in zip(names, got, strict=True):
+            if isinstance(page, RpcError | ValueError | TimeoutError):
+                continue  # a silent member: its copies are checked when it is back
+            if isinstance(page, BaseException):
+                raise page
+            if page is None:
                 raise self._refuse("policy_scan", (
                     f"cannot check the existing copies of class {new.name}: more than "
-                    f"{self.cfg.policy_scan_max_objects} objects in the mesh "
-                    "(policy_scan_max_objects)"), data_class=new.name)
-            if not last:
-                break
-            after = min(last)
+                    f"{limit} objects on member {node} (policy_scan_max_objects)"),
+                    data_class=new.name)
+            copies += [(d.id, regions.get(node, "")) for d in page
+                       if d.residency is not None and d.residency.data_class == new.name]
         return len({oid for oid, _ in copies}), breaking_copies(new, copies)
 
     async def _rpc_policy_get(self, req: papi.PolicyNameRequest) -> papi.PolicyInfo:

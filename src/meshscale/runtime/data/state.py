@@ -106,8 +106,8 @@ class DataPlaneConfig:
     max_policies: int = 256
     """Data classes with a policy, in the mesh and in a node's cache."""
     policy_scan_max_objects: int = 100_000
-    """Objects a policy change looks through for copies the new rule would break; a mesh
-    holding more refuses the change (it cannot check it)."""
+    """Copies a policy change looks through on each member for those the new rule would
+    break; a member holding more refuses the change (it cannot check it)."""
     migrate_wait_s: float = 60.0
     """How long ``policy.set`` with ``migrate`` waits for re-replication to move the copies
     the new rule breaks before it answers (naming those still outside)."""
