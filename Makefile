@@ -24,7 +24,7 @@ sysdeps:
 	@scripts/system-deps
 
 test: lint sysdeps
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/meshscale demo
