@@ -1274,7 +1274,7 @@ def kv_get_cmd(
     """Print a key's value (exit 1 if it has none); --json prints {"key", "value"} with
     the value as text when it is UTF-8, else base64 under "value_base64"."""
     with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
-        value = mesh.kv.get(key, consistency.value)
+        value = mesh.kv.get(key, consistency.value, binary=True)
     if value is None:
         raise CliError(f"no value for key {key!r}", exit_code=1)
     if as_json:
@@ -1338,7 +1338,7 @@ def kv_list_cmd(
     import base64
     import json
     with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
-        rows = list(mesh.kv.items(prefix))
+        rows = list(mesh.kv.items(prefix, binary=True))
     if not as_json:
         for key, _ in rows:
             typer.echo(key)

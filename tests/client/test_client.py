@@ -503,13 +503,26 @@ def test_objects_lists_the_mesh(mesh: Mesh) -> None:
 def test_kv_put_get_delete(mesh: Mesh) -> None:
     assert mesh.kv.get("test/missing") is None
     ts1 = mesh.kv.put("test/k", b"v1")
-    assert mesh.kv.get("test/k") == b"v1"
+    assert mesh.kv.get("test/k") == "v1"
     ts2 = mesh.kv.put("test/k", "v2 é", consistency="all")
     assert ts1 != ts2
-    assert mesh.kv.get("test/k", "all") == "v2 é".encode()
-    assert mesh.kv.get("test/k", consistency="one") in (b"v1", "v2 é".encode())
+    assert mesh.kv.get("test/k", "all") == "v2 é"
+    assert mesh.kv.get("test/k", binary=True) == "v2 é".encode()
+    assert mesh.kv.get("test/k", consistency="one") in ("v1", "v2 é")
     mesh.kv.delete("test/k")
     assert mesh.kv.get("test/k") is None
+    # Bytes that are not UTF-8: as text, an error naming the way to get them; as bytes, intact.
+    mesh.kv.put("test/bin", b"\xff\x00raw")
+    with pytest.raises(ValueError, match=r"not UTF-8 text.*binary=True"):
+        mesh.kv.get("test/bin")
+    assert mesh.kv.get("test/bin", binary=True) == b"\xff\x00raw"
+    assert dict(mesh.kv.items("test/bin", binary=True)) == {"test/bin": b"\xff\x00raw"}
+    with pytest.raises(ValueError, match="test/bin"):
+        list(mesh.kv.items("test/bin"))
+    mesh.kv.put("test/txt", "naïve")
+    assert dict(mesh.kv.items("test/txt")) == {"test/txt": "naïve"}
+    mesh.kv.delete("test/bin")
+    mesh.kv.delete("test/txt")
 
 
 @mesh_test
@@ -522,7 +535,7 @@ def test_async_mesh(local_mesh: LocalMesh) -> None:
             for ref in refs:
                 assert len(await m.get(ref)) == 5000
             await m.kv.put("test/async", b"a")
-            assert await m.kv.get("test/async") == b"a"
+            assert await m.kv.get("test/async") == "a"
 
     asyncio.run(main())
 

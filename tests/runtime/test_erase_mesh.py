@@ -225,7 +225,7 @@ def test_erase_from_python_by_id_and_by_key_prefix(mesh: LocalMesh, tmp_path: Pa
         assert verify_receipt(receipt, ca) == []
         assert disk_holders(mesh, a.id) == set()
         assert m.kv.get("gdpr/customer/alice") is None
-        assert m.kv.get("gdpr/customer/bob") == b.id.encode()
+        assert m.kv.get("gdpr/customer/bob") == b.id
         assert m.get(b) == b"bob " * 50
         # By id; the saved file verifies as the in-memory receipt does.
         receipt = m.erase(b)

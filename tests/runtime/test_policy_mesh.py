@@ -471,7 +471,7 @@ def test_kv_keys_under_a_class_prefix(mesh: LocalMesh) -> None:
     # Read back inside the class's regions; refused through a node outside (the class
     # forbids cross-region reads).
     with connect(mesh.nodes[euw].address, bundle=mesh.bundle_path) as m:
-        assert m.kv.get("vault/secret") == b"s3cr3t"
+        assert m.kv.get("vault/secret") == "s3cr3t"
     with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m, \
             pytest.raises(MeshError) as e:
         m.kv.get("vault/secret")
@@ -484,6 +484,6 @@ def test_kv_keys_under_a_class_prefix(mesh: LocalMesh) -> None:
     # Keys outside any class's prefix are untouched.
     with connect(mesh.nodes[us].address, bundle=mesh.bundle_path) as m:
         m.kv.put("plain/key", b"v")
-        assert m.kv.get("plain/key") == b"v"
+        assert m.kv.get("plain/key") == "v"
     assert call(mesh.nodes[us].address, creds, "dp.stats",
                 timeout=10)["dataplane"].get("refused_residency", 0) >= 1

@@ -170,7 +170,7 @@ class MeshFileSystem(AbstractFileSystem):  # type: ignore[misc]
             return p, None
         if not p:
             raise IsADirectoryError("meshscale://: the root is a directory, not an object")
-        value = self.mesh.kv.get(self._key(p))
+        value = self.mesh.kv.get(self._key(p), binary=True)
         if value is None:
             raise FileNotFoundError(f"meshscale://{p}: no such name (KV key {self._key(p)!r})")
         try:
@@ -179,7 +179,8 @@ class MeshFileSystem(AbstractFileSystem):  # type: ignore[misc]
             raise FileNotFoundError(f"meshscale://{p}: {e}") from None
 
     def _names(self, prefix: str) -> list[tuple[str, bytes]]:
-        return [(k[len(NAME_PREFIX):], v) for k, v in self.mesh.kv.items(NAME_PREFIX + prefix)]
+        return [(k[len(NAME_PREFIX):], v) for k, v in self.mesh.kv.items(NAME_PREFIX + prefix,
+                                                                       binary=True)]
 
     # -- metadata
 
@@ -223,7 +224,7 @@ class MeshFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 continue
             entries[name] = {"name": name, "size": size, "type": "file", "id": oid}
         if not entries and p:
-            if self.is_id(p) or self.mesh.kv.get(self._key(p)) is not None:
+            if self.is_id(p) or self.mesh.kv.get(self._key(p), binary=True) is not None:
                 info = self.info(p)
                 return [info] if detail else [info["name"]]
             raise FileNotFoundError(f"meshscale://{p}: no such name or directory")
@@ -275,7 +276,7 @@ class MeshFileSystem(AbstractFileSystem):  # type: ignore[misc]
         if not p or self.is_id(p):
             raise ValueError(f"meshscale://{p}: write to a name, not an object id "
                              "(an id is the hash of its bytes)")
-        if mode == "xb" and self.mesh.kv.get(self._key(p)) is not None:
+        if mode == "xb" and self.mesh.kv.get(self._key(p), binary=True) is not None:
             raise FileExistsError(f"meshscale://{p}: the name exists")
         policy = _policy({**self.policy, **{k: kwargs[k] for k in POLICY_OPTIONS if k in kwargs}})
         return MeshWriteFile(self, p, policy, block_size=block_size)
@@ -310,7 +311,7 @@ class MeshFileSystem(AbstractFileSystem):  # type: ignore[misc]
             except ObjectNotFoundError:
                 raise FileNotFoundError(f"meshscale://{p}: no live node holds it") from None
         else:
-            if self.mesh.kv.get(self._key(p)) is None:
+            if self.mesh.kv.get(self._key(p), binary=True) is None:
                 raise FileNotFoundError(f"meshscale://{p}: no such name")
             self.mesh.kv.delete(self._key(p))
         self.invalidate_cache()
@@ -410,14 +411,14 @@ def expand(mesh: Mesh, paths: Sequence[str], limit: int) -> list[tuple[str, str]
         if OBJECT_ID_RE.fullmatch(p):
             found.append((f"{PROTOCOL}://{p}", p))
         else:
-            value = mesh.kv.get(NAME_PREFIX + p)
+            value = mesh.kv.get(NAME_PREFIX + p, binary=True)
             if value is not None:
                 try:
                     found.append((f"{PROTOCOL}://{p}", _pointer(value)[0]))
                 except ValueError as e:
                     raise FileNotFoundError(f"meshscale://{p}: {e}") from None
             else:
-                for name, v in sorted(mesh.kv.items(NAME_PREFIX + p + "/")):
+                for name, v in sorted(mesh.kv.items(NAME_PREFIX + p + "/", binary=True)):
                     with contextlib.suppress(ValueError):
                         found.append((f"{PROTOCOL}://{name[len(NAME_PREFIX):]}",
                                       _pointer(v)[0]))

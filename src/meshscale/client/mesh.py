@@ -1076,6 +1076,17 @@ class _ReadAhead:
         self.next_offset = self.size
         await self.pipeline.close()
 
+def _kv_value(key: str, value: bytes | None, binary: bool) -> str | bytes | None:
+    """A KV value as the caller asked: the stored bytes, or their UTF-8 text."""
+    if value is None or binary:
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"the value of key {key!r} is not UTF-8 text ({len(value)} bytes): "
+                         "ask for it with binary=True") from None
+
+
 class AsyncKV:
     """The mesh's replicated key-value space (last writer wins on HLC timestamps).
 
@@ -1086,11 +1097,22 @@ class AsyncKV:
     def __init__(self, mesh: AsyncMesh) -> None:
         self._mesh = mesh
 
-    async def get(self, key: str, consistency: Consistency = "quorum") -> bytes | None:
-        """The value, or None if the key has none (never set, or deleted)."""
+    @overload
+    async def get(self, key: str, consistency: Consistency = ...,
+                  *, binary: Literal[False] = ...) -> str | None: ...
+
+    @overload
+    async def get(self, key: str, consistency: Consistency = ...,
+                  *, binary: Literal[True]) -> bytes | None: ...
+
+    async def get(self, key: str, consistency: Consistency = "quorum",
+                  *, binary: bool = False) -> str | bytes | None:
+        """The value as text (it was put as str, or is UTF-8), or None if the key has none
+        (never set, or deleted). ``binary=True`` returns the bytes as stored; a value that
+        is not UTF-8 asked for as text raises ``ValueError`` naming ``binary=True``."""
         reply = await self._mesh._request(obj_api.KV_GET, obj_api.KvKeyRequest(
             key=_check_key(key), consistency=_check_consistency(consistency)))
-        return reply.value
+        return _kv_value(key, reply.value, binary)
 
     async def put(self, key: str, value: bytes | str, consistency: Consistency = "quorum") -> str:
         """Set ``key`` (a str value is stored as UTF-8); returns the write's timestamp."""
@@ -1112,11 +1134,37 @@ class AsyncKV:
             key=_check_key(key), consistency=_check_consistency(consistency)))
         return reply.ts
 
-    async def items(self, prefix: str = "", *, page_size: int = KV_LIST_PAGE
-                    ) -> AsyncGenerator[tuple[str, bytes], None]:
-        """Every live key starting with ``prefix`` and its value, in key order, fetched
-        ``page_size`` keys at a time (``kv.list``: every live node's records merged, the
-        newest of each key winning; a key all of whose replicas are away is missing)."""
+    @overload
+    def items(self, prefix: str = ..., *, page_size: int = ...,
+              binary: Literal[False] = ...) -> AsyncGenerator[tuple[str, str], None]: ...
+
+    @overload
+    def items(self, prefix: str = ..., *, page_size: int = ...,
+              binary: Literal[True]) -> AsyncGenerator[tuple[str, bytes], None]: ...
+
+    def items(self, prefix: str = "", *, page_size: int = KV_LIST_PAGE, binary: bool = False
+              ) -> AsyncGenerator[tuple[str, str], None] | AsyncGenerator[tuple[str, bytes], None]:
+        """Every live key starting with ``prefix`` and its value (text, or bytes with
+        ``binary=True``, as ``get``), in key order, fetched ``page_size`` keys at a time
+        (``kv.list``: every live node's records merged, the newest of each key winning; a
+        key all of whose replicas are away is missing)."""
+        if binary:
+            return self._items(prefix, page_size)
+        return self._text_items(prefix, page_size)
+
+    async def _text_items(self, prefix: str, page_size: int
+                          ) -> AsyncGenerator[tuple[str, str], None]:
+        it = self._items(prefix, page_size)
+        try:
+            async for key, value in it:
+                text = _kv_value(key, value, False)
+                assert isinstance(text, str)
+                yield key, text
+        finally:
+            await it.aclose()
+
+    async def _items(self, prefix: str, page_size: int
+                     ) -> AsyncGenerator[tuple[str, bytes], None]:
         if not isinstance(prefix, str):
             raise ValueError(f"a KV prefix is a string, not {prefix!r:.100}")
         if isinstance(page_size, bool) or not 1 <= page_size <= obj_api.MAX_KV_LIST_PAGE:
@@ -1141,7 +1189,7 @@ class AsyncKV:
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 or None, not {limit!r}")
         page = KV_LIST_PAGE if limit is None else min(limit, obj_api.MAX_KV_LIST_PAGE)
-        it = self.items(prefix, page_size=page)
+        it = self._items(prefix, page)
         try:
             async for key, _ in it:
                 out.append(key)
@@ -1381,8 +1429,21 @@ class KV:
     def __init__(self, mesh: Mesh) -> None:
         self._mesh = mesh
 
-    def get(self, key: str, consistency: Consistency = "quorum") -> bytes | None:
-        return self._mesh._run(self._mesh._inner.kv.get(key, consistency))
+    @overload
+    def get(self, key: str, consistency: Consistency = ...,
+            *, binary: Literal[False] = ...) -> str | None: ...
+
+    @overload
+    def get(self, key: str, consistency: Consistency = ...,
+            *, binary: Literal[True]) -> bytes | None: ...
+
+    def get(self, key: str, consistency: Consistency = "quorum",
+            *, binary: bool = False) -> str | bytes | None:
+        """The value as text, or bytes with ``binary=True``; see ``AsyncKV.get``."""
+        inner = self._mesh._inner.kv
+        if binary:
+            return self._mesh._run(inner.get(key, consistency, binary=True))
+        return self._mesh._run(inner.get(key, consistency))
 
     def put(self, key: str, value: bytes | str, consistency: Consistency = "quorum") -> str:
         return self._mesh._run(self._mesh._inner.kv.put(key, value, consistency))
@@ -1390,10 +1451,23 @@ class KV:
     def delete(self, key: str, consistency: Consistency = "quorum") -> str:
         return self._mesh._run(self._mesh._inner.kv.delete(key, consistency))
 
-    def items(self, prefix: str = "", *, page_size: int = KV_LIST_PAGE
-              ) -> Iterator[tuple[str, bytes]]:
-        """Every live key starting with ``prefix`` and its value, a page at a time."""
-        return _blocking_iter(self._mesh, self._mesh._inner.kv.items(prefix, page_size=page_size))
+    @overload
+    def items(self, prefix: str = ..., *, page_size: int = ...,
+              binary: Literal[False] = ...) -> Iterator[tuple[str, str]]: ...
+
+    @overload
+    def items(self, prefix: str = ..., *, page_size: int = ...,
+              binary: Literal[True]) -> Iterator[tuple[str, bytes]]: ...
+
+    def items(self, prefix: str = "", *, page_size: int = KV_LIST_PAGE, binary: bool = False
+              ) -> Iterator[tuple[str, str]] | Iterator[tuple[str, bytes]]:
+        """Every live key starting with ``prefix`` and its value (text, or bytes with
+        ``binary=True``), a page at a time."""
+        inner = self._mesh._inner.kv
+        if binary:
+            return _blocking_iter(self._mesh, inner.items(prefix, page_size=page_size,
+                                                          binary=True))
+        return _blocking_iter(self._mesh, inner.items(prefix, page_size=page_size))
 
     def keys(self, prefix: str = "", *, limit: int | None = None) -> list[str]:
         return self._mesh._run(self._mesh._inner.kv.keys(prefix, limit=limit))
