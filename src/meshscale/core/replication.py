@@ -1359,11 +1359,13 @@ class ReplicaManager:
             return False
         return bool(loc.no_room) or self.name not in loc.rs
 
-    def _index(self, loc: _Local) -> None:
+    def _index(self, loc: _Local, *, seq: int | None = None) -> None:
         """``loc`` (in the inventory) changed: move its share of the pair digests and its
         handoff membership to its new state. Call ``_settle`` before changing it."""
-        self._seq += 1
-        loc.seq = self._seq
+        if seq is None:
+            self._seq += 1
+            seq = self._seq
+        loc.seq = seq
         new = self._pair_peers(loc)
         if new is not loc.dg or loc.dg_h != loc.h:
             count, acc, me = self._dg_count, self._dg_acc, self.name
@@ -1400,9 +1402,12 @@ class ReplicaManager:
         self._dg_count = {}
         self._dg_acc = {}
         self._handoff = set()
+        # No match is pending (``set_view`` settled them): a round started from now on
+        # covers every entry as it is now. One shared counter value, not one int each.
+        assert not self._matched
         for loc in self._inv.values():
             loc.dg = ()
-            self._index(loc)
+            self._index(loc, seq=0)
 
     def _settle(self, loc: _Local) -> None:
         """Write into ``loc.confirmed`` the digest matches that cover it (see
