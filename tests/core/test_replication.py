@@ -16,6 +16,7 @@ from meshscale.core.placement import (
     write_set,
 )
 from meshscale.core.replication import (
+    DigestDrift,
     DigestMsg,
     DigestReply,
     DropLocal,
@@ -51,7 +52,10 @@ VIEW = [
 REGION = {c.name: c.region for c in VIEW}
 EU = ObjectPolicy(3, Residency(frozenset({"eu"}), "pii"))
 ANY = ObjectPolicy(3)
-CFG = ReplicationConfig(sync_interval_s=5.0, view_change_delay_s=0.2, put_timeout_s=4.0)
+# self_check: every sync round of every test compares the incremental pair digests with a
+# full recomputation (DigestDrift on a difference).
+CFG = ReplicationConfig(sync_interval_s=5.0, view_change_delay_s=0.2, put_timeout_s=4.0,
+                        self_check=True)
 
 
 def manager(name: str, view: list[Candidate] = VIEW, cfg: ReplicationConfig = CFG) -> ReplicaManager:
@@ -174,9 +178,9 @@ class Mesh:
     """Managers wired together by the test: messages delivered at once (unless a node is
     down), transfers executed at once."""
 
-    def __init__(self, view: list[Candidate] = VIEW) -> None:
+    def __init__(self, view: list[Candidate] = VIEW, cfg: ReplicationConfig = CFG) -> None:
         self.view = list(view)
-        self.m = {c.name: manager(c.name, view) for c in view}
+        self.m = {c.name: manager(c.name, view, cfg) for c in view}
         self.down: set[str] = set()
         self.now = 0.0
         self.sent_transfers: list[Transfer] = []
@@ -817,3 +821,131 @@ def test_a_full_node_is_never_a_put_target_nor_a_stand_in() -> None:
     with pytest.raises(PlacementError) as e:
         m.begin_put(1, "x", EU, 1, 0.0)
     assert e.value.rule == "disk_full"
+
+
+# --------------------------------------------------------------------------- idle cost
+
+
+class _NoWalk(dict[str, object]):
+    """An inventory that may be looked up but not walked."""
+
+    def _walked(self, *_: object) -> None:
+        raise AssertionError("the inventory was walked")
+
+    __iter__ = keys = values = items = _walked  # type: ignore[assignment]
+
+
+def test_an_idle_round_does_not_walk_the_inventory_and_still_hands_off() -> None:
+    mesh = Mesh(cfg=ReplicationConfig(sync_interval_s=5.0, view_change_delay_s=0.2))
+    oids = [f"idle{i}" for i in range(40)]
+    for oid in oids:
+        for n in names(replica_set(oid, VIEW, 3)):
+            mesh.add(n, oid, ANY)
+    mesh.run(12.0)
+    stray = next(n for n in sorted(mesh.m) if n not in names(replica_set(oids[0], VIEW, 3)))
+    for m in mesh.m.values():
+        m._inv = _NoWalk(m._inv)  # type: ignore[assignment]
+    rounds = {n: m.stats.get("sync_rounds", 0) for n, m in mesh.m.items()}
+    mismatches = sum(m.stats.get("digest_mismatches", 0) for m in mesh.m.values())
+    # A copy held outside its replica set (a hint) is offered and handed off all the same.
+    mesh.add(stray, oids[0], ANY, hint_for="eu1")
+    mesh.run(mesh.now + 12.0)
+    assert all(m.stats.get("sync_rounds", 0) > rounds[n] for n, m in mesh.m.items())
+    assert sum(m.stats.get("digest_mismatches", 0) for m in mesh.m.values()) == mismatches
+    assert (stray, oids[0]) in mesh.drops and not mesh.m[stray].holds(oids[0])
+    # Matches confirm every id of the pair set without touching it, read when asked.
+    for oid in oids:
+        rs = names(replica_set(oid, VIEW, 3))
+        assert mesh.m[rs[0]].confirmed_holders(oid) == sorted(rs[1:])
+
+
+def test_the_self_check_trips_on_a_corrupted_digest() -> None:
+    mesh = Mesh()
+    for oid in (f"sc{i}" for i in range(10)):
+        for n in names(replica_set(oid, VIEW, 3)):
+            mesh.add(n, oid, ANY)
+    mesh.run(6.0)  # rounds ran, every self-check passed
+    m = mesh.m["eu1"]
+    peer = next(p for p, c in m._dg_count.items() if c)
+    m._dg_acc[peer] ^= 1  # one flipped bit in one accumulator
+    with pytest.raises(DigestDrift, match=f"pair digest with {peer}"):
+        m.on_timer(m.next_deadline() or 0.0)
+    m._dg_acc[peer] ^= 1
+    # An object whose state changed behind the manager's back (not re-indexed) trips it too.
+    oid = next(o for o in m.inventory() if peer in names(replica_set(o, VIEW, 3)))
+    m._inv[oid].dropping = True
+    with pytest.raises(DigestDrift):
+        m.on_timer(m.next_deadline() or 0.0)
+
+
+class _LateDrops(FullMesh):
+    """Drops are carried out later (``apply_drops``), as a real store does them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late: list[tuple[str, str]] = []
+
+    def route(self, src: str, out: object) -> None:
+        if isinstance(out, DropLocal):
+            self.late.append((src, out.oid))
+        else:
+            super().route(src, out)
+
+    def apply_drops(self) -> None:
+        late, self.late = self.late, []
+        for src, oid in late:
+            super().route(src, DropLocal(oid))
+
+
+def test_incremental_digests_track_every_kind_of_change() -> None:
+    """Random puts, removals, deletes, hints, full disks, departures and returns, drops
+    carried out late: after every step each manager's kept digests equal a full
+    recomputation, and the mesh converges as before (every self-check in the rounds
+    passes)."""
+    rng = random.Random(2026)
+    mesh = _LateDrops()
+    alive = set(mesh.m)
+    oids = [f"r{i}" for i in range(30)]
+    for step in range(120):
+        mesh.now = round(mesh.now + 0.5, 6)
+        op = rng.choice(["add", "add", "hint", "remove", "delete", "full", "leave", "run"])
+        oid = rng.choice(oids)
+        up = sorted(alive - mesh.down)
+        node = rng.choice(up)
+        if op == "add":
+            mesh.m[node].object_added(oid, ANY, None, mesh.now, ts(step + 1, node))
+        elif op == "hint":
+            mesh.m[node].object_added(oid, ANY, rng.choice(up), mesh.now, ts(step + 1, node))
+        elif op == "remove":
+            mesh.m[node].object_removed(oid, mesh.now)
+        elif op == "delete":
+            mesh.m[node].delete(oid, ANY, ts(step + 1, node), mesh.now, float(step + 1))
+        elif op == "full":
+            mesh.set_full(set(rng.sample(sorted(alive), rng.randint(0, 2))))
+        elif op == "leave":
+            if len(mesh.down) < 2 and rng.random() < 0.5:
+                mesh.down.add(node)
+            elif mesh.down:
+                mesh.down.discard(sorted(mesh.down)[0])
+            mesh.view = [c for c in VIEW if c.name not in mesh.down]
+            mesh.view = [Candidate(c.name, c.region, c.zone, full=c.name in mesh.full)
+                         for c in mesh.view]
+            mesh.set_view(mesh.view)
+        mesh.flush()
+        if op == "run":
+            mesh.run(mesh.now + 4.0)
+            mesh.apply_drops()
+        for n in alive - mesh.down:
+            mesh.m[n]._verify()
+    mesh.down.clear()
+    mesh.set_full(set())
+    mesh.set_view(list(VIEW))
+    for _ in range(6):
+        mesh.run(mesh.now + 5.0)
+        mesh.apply_drops()
+    for n in mesh.m:
+        mesh.m[n]._verify()
+    for oid in oids:
+        holders = mesh.holders(oid)
+        if holders:
+            assert holders == set(names(replica_set(oid, VIEW, 3))), oid

@@ -23,6 +23,22 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   (we have no ranges: placement is rendezvous hashing) with one digest per node pair, and
   Dynamo's separate hint store with the inventory itself: a hint is just a copy whose
   holder is not in the set.
+- An idle round costs O(peers), not O(objects) (Dynamo's Merkle roots have the same aim).
+  XOR is its own inverse, so the pair digests are kept, not computed: every entry (copy
+  or tombstone) remembers the peers whose digest it is in and the hash it put there, and
+  any change to it (added, removed, deleted, dropping, a peer declining it for want of
+  room) takes its old share out of each peer's count and accumulator and puts the new one
+  in. Only a view change recomputes them all (replica sets move; one pass over the
+  inventory, as that change needs anyway). Entries to offer beyond the digests (held
+  outside the replica set, or declined by a full member) are kept in a small *handoff
+  set*, so a round finds them without walking the inventory. A digest match confirms the
+  whole pair set without touching it: the manager notes (peer, time, change counter at
+  the round's start), and an entry unchanged since then counts as confirmed by that peer
+  at that time, written into the entry when it is next read or changed (``_settle``); a
+  view change writes them all. Only a mismatch lists the ids (``Offer`` pages, the pair
+  set as it is when the mismatch is answered). ``ReplicationConfig.self_check`` (on in
+  the simulator's swarms and the core tests, off in the runtime) recomputes everything
+  before each round and raises ``DigestDrift`` on any difference.
 - Confirmations that allow a drop are *keep* confirmations: the peer holds the object and
   considers itself in the replica set under its own view. A peer that holds it but thinks
   it is not responsible answers ``not_mine``, so two nodes with different views cannot
@@ -97,6 +113,7 @@ from meshscale.core.wire import VersionedCodec, WireError
 
 __all__ = [
     "REPLICATION_PROTOCOL_VERSION",
+    "DigestDrift",
     "DigestMsg",
     "DigestReply",
     "DropLocal",
@@ -167,6 +184,10 @@ class ReplicationConfig:
     max_tombstones: int = 1_000_000
     """Live tombstones kept; a delete beyond it is refused (``ReplicationOverloaded``)
     and a tombstone received beyond it still kills older copies but is not kept."""
+    self_check: bool = False
+    """Before every sync round, recompute the pair digests and the handoff set from the
+    whole inventory and raise ``DigestDrift`` if the incrementally kept ones differ.
+    O(objects) per round: for the simulator's swarms and tests, off in the runtime."""
 
 
 # --------------------------------------------------------------------------- outputs
@@ -279,6 +300,12 @@ ReplicationOutput = SendMessage | Event
 
 class ReplicationOverloaded(RuntimeError):
     """A bound was hit (``max_pending_puts``); the request is refused, nothing was done."""
+
+
+class DigestDrift(AssertionError):
+    """``ReplicationConfig.self_check``: an incrementally kept pair digest or the handoff
+    set differs from a full recomputation (a bug: some change of an object's state did
+    not update them)."""
 
 
 # --------------------------------------------------------------------------- wire
@@ -431,6 +458,13 @@ class _Local:
     """A copy: when the newest write of these bytes that reached us happened."""
     tomb: HLCTimestamp | None = None
     """Set: this entry is a tombstone, not a copy (no bytes are held)."""
+    dg: tuple[str, ...] = ()
+    """The peers whose pair digest holds this entry (``dg_h`` XORed into their
+    accumulators), as last indexed; may name this node, which is skipped."""
+    dg_h: int = 0
+    seq: int = 0
+    """The manager's change counter when this entry's digest state last changed: a
+    digest match of a round started at or after it covers this entry."""
 
 
 @dataclass(slots=True)
@@ -465,7 +499,13 @@ class _Put:
 class _PeerRound:
     round: int
     started: float
-    pair: list[str]
+    view: int
+    """The view version the round started under."""
+    seq: int
+    """The change counter when it started: its digest covered entries with ``seq`` <= it."""
+    pair_tombs: dict[str, HLCTimestamp] = field(default_factory=dict)
+    """Tombstones with a delete pending here that the round's digest covered, with their
+    timestamp then (credited on a match)."""
     pages: dict[int, list[str]] = field(default_factory=dict)
     next_page: int = 0
     tombs: dict[str, HLCTimestamp] = field(default_factory=dict)
@@ -518,6 +558,19 @@ class ReplicaManager:
         """(expiry wall time, oid), lazily invalidated."""
         self._wall = 0.0
         """The latest wall clock the driver told us (``delete``, ``collect_tombstones``)."""
+        self._dg_count: dict[str, int] = {}
+        self._dg_acc: dict[str, int] = {}
+        """Peer -> count and XOR of the entries in our pair digest with it (kept as
+        entries change; rebuilt on a view change)."""
+        self._handoff: set[str] = set()
+        """Entries to offer beyond the pair digests: held outside their replica set, or
+        with a member that declined them (``no_room``)."""
+        self._seq = 0
+        self._matched: dict[str, tuple[float, int]] = {}
+        """Peer -> (when, round's change counter) of its last digest match under the
+        current view: every entry in our pair digest with it and unchanged since that
+        round started counts as confirmed by it then (``_settle``)."""
+        self._under = 0
 
     # ------------------------------------------------------------------ driver contract
 
@@ -581,7 +634,7 @@ class ReplicaManager:
 
     def under_replicated_count(self) -> int:
         """Objects held here with fewer live copies than their policy wants."""
-        return sum(1 for loc in self._inv.values() if loc.under)
+        return self._under
 
     def set_view(self, candidates: Iterable[Candidate], now: float) -> None:
         """The live view changed (alive and suspect members, this node included)."""
@@ -592,6 +645,12 @@ class ReplicaManager:
             return
         removed = [n for n in self._view if n not in view]
         added = [n for n in view if n not in self._view]
+        # Digest matches under the old view become plain confirmations before the pair
+        # sets move (O(objects), as is the rebuild below: once per view change).
+        if self._matched:
+            for loc in self._inv.values():
+                self._settle(loc)
+            self._matched.clear()
         if removed:
             for loc in self._inv.values():
                 old = self._rs_of_local(loc)
@@ -608,6 +667,7 @@ class ReplicaManager:
         self._view_since = now
         self._peers = sorted(n for n in view if n != self.name)
         self._count("view_changes")
+        self._rebuild()
         # Promptly re-check with everyone: the replica sets of some objects moved.
         self._prompt(self._peers, now)
         for oid in sorted(self._inv):
@@ -634,7 +694,9 @@ class ReplicaManager:
             loc = None
         if loc is not None:
             if loc.dropping:
+                self._settle(loc)
                 loc.dropping = False  # a fresh copy arrived before the drop: keep it
+                self._index(loc)
             if loc.hint_for is not None and hint_for is None:
                 loc.hint_for = None
             if w > loc.written:
@@ -642,6 +704,7 @@ class ReplicaManager:
             return
         loc = _Local(oid, policy, hint_for, _id_hash(oid), written=w)
         self._inv[oid] = loc
+        self._index(loc)
         self._count("objects_added")
         if self.name not in self._rs_of_local(loc):
             # A hint or a stray copy: hand it off soon rather than at the next period.
@@ -652,6 +715,7 @@ class ReplicaManager:
         """The store no longer holds ``oid`` (dropped, collected or found corrupt)."""
         loc = self._inv.get(oid)
         if loc is not None and loc.tomb is None:
+            self._unindex(loc)
             del self._inv[oid]
             self._count("objects_removed")
 
@@ -664,7 +728,10 @@ class ReplicaManager:
 
     def confirmed_holders(self, oid: str) -> list[str]:
         loc = self._inv.get(oid)
-        return [] if loc is None or loc.tomb is not None else sorted(loc.confirmed)
+        if loc is None or loc.tomb is not None:
+            return []
+        self._settle(loc)
+        return sorted(loc.confirmed)
 
     # ------------------------------------------------------------------ deletes
 
@@ -703,6 +770,8 @@ class ReplicaManager:
             raise ReplicationOverloaded(
                 f"{self._tomb_count} tombstones kept (max_tombstones="
                 f"{self.config.max_tombstones})")
+        if loc is not None:
+            self._settle(loc)
         known = set(loc.confirmed) if loc is not None and loc.tomb is None else set()
         self._apply_tomb(oid, policy, ts, keep=True)
         self._count("deletes")
@@ -781,6 +850,7 @@ class ReplicaManager:
 
     def _forget_tomb(self, loc: _Local) -> None:
         assert loc.tomb is not None
+        self._unindex(loc)
         del self._inv[loc.oid]
         self._tomb_count -= 1
         self._outputs.append(TombstoneDropped(loc.oid))
@@ -803,6 +873,7 @@ class ReplicaManager:
             loc.tomb = ts
             loc.h = _tomb_hash(oid, ts)
             loc.confirmed.clear()
+            self._index(loc)
             heapq.heappush(self._tomb_heap, (self._expiry(ts), oid))
             if persist:
                 self._outputs.append(TombstoneStored(oid, loc.policy, ts))
@@ -814,6 +885,7 @@ class ReplicaManager:
                 self._outputs.append(DropLocal(oid))
             self._count("copies_deleted")
             keep = True  # we held it: keep the tombstone so the copy does not come back
+            self._unindex(loc)
             del self._inv[oid]
         if not keep:
             return "applied"
@@ -822,6 +894,7 @@ class ReplicaManager:
             return "applied"
         new = _Local(oid, policy, None, _tomb_hash(oid, ts), tomb=ts)
         self._inv[oid] = new
+        self._index(new)
         self._tomb_count += 1
         heapq.heappush(self._tomb_heap, (self._expiry(ts), oid))
         if persist:
@@ -958,6 +1031,8 @@ class ReplicaManager:
         loc = self._inv.get(oid)
         if loc is not None and loc.tomb is not None:
             loc = None
+        if loc is not None:
+            self._settle(loc)
         known = set(loc.confirmed) if loc is not None else set()
         out: list[str] = [self.name] if loc is not None else []
         out += [n for n in chosen if n in known and n not in out]
@@ -998,7 +1073,7 @@ class ReplicaManager:
         self._outputs.append(SendMessage(dst, encode_message(msg)))
 
     def _on_digest(self, src: str, msg: DigestMsg, now: float) -> None:
-        count, h = self._pair_digest(self._pair_set(src))
+        count, h = self._pair_digest(src)
         match = count == msg.count and h == msg.digest
         self._send(src, DigestReply(msg.round, match))
         if not match and src in self._view:
@@ -1013,21 +1088,30 @@ class ReplicaManager:
         if st is None or st.round != msg.round:
             return
         if msg.match:
-            for oid in st.pair:
-                loc = self._inv.get(oid)
-                if loc is not None:
-                    loc.confirmed[src] = now
-                    loc.no_room.pop(src, None)
-                    sent = st.tombs.get(oid)
-                    if sent is not None and loc.tomb is not None:
-                        self._credit_deletes(oid, sent, src)
-            self._check_drops(now, st.pair)
+            if st.view != self._view_version:
+                return  # the pair set it covered moved since: the next round confirms
+            # Every entry of the pair set unchanged since the round started is confirmed
+            # by src now, without touching it (``_settle`` applies it when it is read or
+            # changes): an idle round costs O(peers), not O(objects).
+            self._matched[src] = (now, st.seq)
+            for held in [self._inv[o] for o in self._handoff if src in self._inv[o].no_room]:
+                if src in held.dg and held.seq <= st.seq:
+                    self._settle(held)
+                    del held.no_room[src]
+                    self._index(held)
+            for oid, sent in st.pair_tombs.items():
+                got = self._inv.get(oid)
+                if got is not None and got.tomb is not None:
+                    self._credit_deletes(oid, sent, src)
             return
         self._count("digest_mismatches")
-        # Unconfirmed first: they are the likely difference.
-        pair = sorted(st.pair, key=lambda o: (src in self._inv[o].confirmed, o)
-                      if o in self._inv else (True, o))
-        self._offer(src, st, pair)
+        # The pair set is listed only now, on a mismatch; unconfirmed first: they are the
+        # likely difference.
+        pair = [loc for loc in self._inv.values() if src in loc.dg]
+        for loc in pair:
+            self._settle(loc)
+        pair.sort(key=lambda loc: (src in loc.confirmed, loc.oid))
+        self._offer(src, st, [loc.oid for loc in pair])
 
     def _stamp(self, s: str | None) -> HLCTimestamp | None:
         if s is None:
@@ -1096,8 +1180,8 @@ class ReplicaManager:
             stand_in = (tomb is None and not mine and self._any_full
                         and self.name in self._ws(ref.oid, policy))
             loc = self._inv.get(ref.oid)
-            if tomb is None and loc is not None:
-                loc.no_room.pop(src, None)  # the sender offers a copy: it holds one
+            if tomb is None and loc is not None and src in loc.no_room:
+                self._set_no_room(loc, src, None)  # the sender offers a copy: it holds one
             if tomb is None and loc is not None and loc.tomb is not None:
                 written = self._stamp(ref.written) or ZERO_TS
                 if written <= loc.tomb:
@@ -1146,19 +1230,19 @@ class ReplicaManager:
             if loc is None or loc.dropping or oid not in answered:
                 continue
             if oid in missing and loc.tomb is None:
-                loc.no_room.pop(src, None)
+                self._set_no_room(loc, src, None)
                 self._queue_repair(src, oid, loc)
             elif oid in no_room and loc.tomb is None:
-                loc.confirmed.pop(src, None)
+                self._unconfirm(loc, src)
                 if src not in loc.no_room:
-                    loc.no_room[src] = now
+                    self._set_no_room(loc, src, now)
                     # Its stand-in should have a copy: ask it soon, not next period.
                     self._prompt(self._stand_ins(loc), now)
             elif oid in not_mine:
-                loc.confirmed.pop(src, None)
+                self._unconfirm(loc, src)
             else:
                 loc.confirmed[src] = now
-                loc.no_room.pop(src, None)
+                self._set_no_room(loc, src, None)
                 sent = st.tombs.get(oid)
                 if sent is not None and loc.tomb is not None:
                     self._credit_deletes(oid, sent, src)
@@ -1189,43 +1273,45 @@ class ReplicaManager:
         self._check_drops(now)
 
     def _sync(self, peers: list[str], now: float) -> None:
-        """Start a digest round with each peer: pair set by digest, handoffs by offer."""
+        """Start a digest round with each peer: pair set by digest, handoffs by offer.
+        Costs O(peers + handoff entries): the digests are kept as entries change."""
         if not peers:
             return
+        if self.config.self_check:
+            self._verify()
         wanted = set(peers)
-        pair: dict[str, list[str]] = {p: [] for p in peers}
         handoff: dict[str, list[str]] = {p: [] for p in peers}
-        for oid in sorted(self._inv):
+        for oid in sorted(self._handoff):
             loc = self._inv[oid]
-            if loc.dropping:
-                continue
+            self._settle(loc)
             rs = self._rs_of_local(loc)
-            mine = self.name in rs
-            # A copy held outside the set for a full member that lacks it (a stand-in's)
-            # stays until that member has room: meanwhile, members that confirmed it
-            # since the last view change are not asked again every round.
-            waiting = not mine and any(self._declined(loc, q) for q in rs)
-            for p in rs:
-                if p in wanted and not self._declined(loc, p):
-                    if waiting and loc.confirmed.get(p, float("-inf")) >= self._view_since:
-                        continue
-                    (pair if mine else handoff)[p].append(oid)
+            if self.name not in rs:
+                # A copy held outside the set for a full member that lacks it (a
+                # stand-in's) stays until that member has room: meanwhile, members that
+                # confirmed it since the last view change are not asked again every round.
+                waiting = any(self._declined(loc, q) for q in rs)
+                for p in rs:
+                    if p in wanted and not self._declined(loc, p):
+                        if waiting and loc.confirmed.get(p, float("-inf")) >= self._view_since:
+                            continue
+                        handoff[p].append(oid)
             for p in self._stand_ins(loc):
                 if p in wanted and p not in loc.confirmed:
                     handoff[p].append(oid)
         for p in peers:
-            if not pair[p] and not handoff[p]:
+            count = self._dg_count.get(p, 0)
+            if not count and not handoff[p]:
                 continue
             self._round_seq += 1
-            st = _PeerRound(self._round_seq, now, pair[p])
-            for oid in pair[p]:
-                tomb = self._inv[oid].tomb
-                if tomb is not None:
-                    st.tombs[oid] = tomb
+            st = _PeerRound(self._round_seq, now, self._view_version, self._seq)
             self._rounds[p] = st
             self._count("sync_rounds")
-            if pair[p]:
-                count, h = self._pair_digest(pair[p])
+            if count:
+                for oid in self._deletes_of:
+                    tomb = self._inv.get(oid)
+                    if tomb is not None and tomb.tomb is not None and p in tomb.dg:
+                        st.pair_tombs[oid] = tomb.tomb
+                _, h = self._pair_digest(p)
                 self._send(p, DigestMsg(st.round, count, h))
             if handoff[p]:
                 self._offer(p, st, handoff[p])
@@ -1249,29 +1335,139 @@ class ReplicaManager:
             self._count("offer_pages")
             self._send(peer, Offer(st.round, page, refs))
 
-    def _pair_set(self, peer: str) -> list[str]:
-        """Local ids whose replica set contains both this node and ``peer``."""
-        out = []
-        for oid, loc in self._inv.items():
-            if loc.dropping:
-                continue
-            rs = self._rs_of_local(loc)
-            if peer in rs and self.name in rs and not self._declined(loc, peer):
-                out.append(oid)
-        return out
+    def _pair_digest(self, peer: str) -> tuple[int, bytes]:
+        """Count and XOR of what this node holds that both it and ``peer`` should hold."""
+        return self._dg_count.get(peer, 0), self._dg_acc.get(peer, 0).to_bytes(16, "big")
 
-    def _pair_digest(self, oids: list[str]) -> tuple[int, bytes]:
-        acc = 0
-        for oid in oids:
-            loc = self._inv.get(oid)
-            acc ^= loc.h if loc is not None else _id_hash(oid)
-        return len(oids), acc.to_bytes(16, "big")
+    # ------------------------------------------------------------------ incremental digests
+
+    def _pair_peers(self, loc: _Local) -> tuple[str, ...]:
+        """The nodes whose pair digest with this one holds ``loc`` (this node may be named:
+        it is skipped): the replica set, if this node is in it, less members that declined
+        the copy (``_declined``)."""
+        if loc.dropping:
+            return ()
+        rs = self._rs_of_local(loc)
+        if self.name not in rs:
+            return ()
+        if loc.no_room and self._any_full and any(self._declined(loc, p) for p in rs):
+            return tuple(p for p in rs if not self._declined(loc, p))
+        return rs
+
+    def _in_handoff(self, loc: _Local) -> bool:
+        if loc.dropping or not self._rs_of_local(loc):
+            return False
+        return bool(loc.no_room) or self.name not in loc.rs
+
+    def _index(self, loc: _Local, *, seq: int | None = None) -> None:
+        """``loc`` (in the inventory) changed: move its share of the pair digests and its
+        handoff membership to its new state. Call ``_settle`` before changing it."""
+        if seq is None:
+            self._seq += 1
+            seq = self._seq
+        loc.seq = seq
+        new = self._pair_peers(loc)
+        if new is not loc.dg or loc.dg_h != loc.h:
+            count, acc, me = self._dg_count, self._dg_acc, self.name
+            for p in loc.dg:
+                if p != me:
+                    count[p] -= 1
+                    acc[p] ^= loc.dg_h
+            for p in new:
+                if p != me:
+                    count[p] = count.get(p, 0) + 1
+                    acc[p] = acc.get(p, 0) ^ loc.h
+            loc.dg = new
+            loc.dg_h = loc.h
+        if self._in_handoff(loc):
+            self._handoff.add(loc.oid)
+        else:
+            self._handoff.discard(loc.oid)
+
+    def _unindex(self, loc: _Local) -> None:
+        """``loc`` leaves the inventory."""
+        count, acc, me = self._dg_count, self._dg_acc, self.name
+        for p in loc.dg:
+            if p != me:
+                count[p] -= 1
+                acc[p] ^= loc.dg_h
+        loc.dg = ()
+        self._handoff.discard(loc.oid)
+        if loc.under:
+            loc.under = False
+            self._under -= 1
+
+    def _rebuild(self) -> None:
+        """The view changed: every entry's replica set may have moved. O(objects)."""
+        self._dg_count = {}
+        self._dg_acc = {}
+        self._handoff = set()
+        # No match is pending (``set_view`` settled them): a round started from now on
+        # covers every entry as it is now. One shared counter value, not one int each.
+        assert not self._matched
+        for loc in self._inv.values():
+            loc.dg = ()
+            self._index(loc, seq=0)
+
+    def _settle(self, loc: _Local) -> None:
+        """Write into ``loc.confirmed`` the digest matches that cover it (see
+        ``_on_digest_reply``). Idempotent; call it before reading ``confirmed`` or
+        changing ``loc``."""
+        if not self._matched or not loc.dg:
+            return
+        for p in loc.dg:
+            m = self._matched.get(p)
+            if (m is not None and loc.seq <= m[1] and p != self.name
+                    and loc.confirmed.get(p, float("-inf")) < m[0]):
+                loc.confirmed[p] = m[0]
+
+    def _set_no_room(self, loc: _Local, peer: str, at: float | None) -> None:
+        """``peer`` declined ``loc`` for want of room at ``at`` (None: it no longer does)."""
+        if at is None and peer not in loc.no_room:
+            return
+        self._settle(loc)
+        if at is None:
+            del loc.no_room[peer]
+        else:
+            loc.no_room[peer] = at
+        self._index(loc)
+
+    def _unconfirm(self, loc: _Local, peer: str) -> None:
+        """``peer`` does not keep ``loc``: forget its confirmation, a digest match's too."""
+        self._settle(loc)
+        loc.confirmed.pop(peer, None)
+        if peer in loc.dg:
+            self._index(loc)  # later than any match that covered it
+
+    def _verify(self) -> None:
+        """``ReplicationConfig.self_check``: the kept digests and handoff set against a
+        full recomputation; raises ``DigestDrift`` on a difference."""
+        count: dict[str, int] = {}
+        acc: dict[str, int] = {}
+        handoff = set()
+        for loc in self._inv.values():
+            for p in self._pair_peers(loc):
+                if p != self.name:
+                    count[p] = count.get(p, 0) + 1
+                    acc[p] = acc.get(p, 0) ^ loc.h
+            if self._in_handoff(loc):
+                handoff.add(loc.oid)
+        for p in sorted(set(count) | set(self._dg_count)):
+            want = (count.get(p, 0), acc.get(p, 0))
+            have = (self._dg_count.get(p, 0), self._dg_acc.get(p, 0))
+            if want != have:
+                raise DigestDrift(f"{self.name}: pair digest with {p} is {have[0]} ids "
+                                  f"{have[1]:032x}, recomputed {want[0]} ids {want[1]:032x}")
+        if handoff != self._handoff:
+            raise DigestDrift(f"{self.name}: handoff set differs from a recomputation: "
+                              f"{sorted(handoff ^ self._handoff)[:5]}")
 
     def _check_drops(self, now: float, oids: Iterable[str] | None = None) -> None:
         """Drop copies this node holds outside the replica set once every member keeps one
-        (all local copies, or only ``oids``: those whose confirmations just changed)."""
+        (all of them: the handoff set, or only ``oids``: those whose confirmations just
+        changed)."""
         busy = {p.oid for p in self._puts.values()}
-        for oid in sorted(self._inv) if oids is None else oids:
+        for oid in sorted(self._handoff) if oids is None else oids:
             loc = self._inv.get(oid)
             if loc is None or loc.dropping:
                 continue
@@ -1293,6 +1489,7 @@ class ReplicaManager:
                     self._count("tombstones_handed_off")
                     continue
                 loc.dropping = True
+                self._index(loc)
                 self._count("drops")
                 self._outputs.append(DropLocal(oid))
 
@@ -1305,6 +1502,7 @@ class ReplicaManager:
         if len(self._repair_queued) >= self.config.max_repair_queue:
             self._count("repairs_shed")
             return
+        self._settle(loc)
         prio = (len(loc.confirmed), -loc.failed_at, oid, dst)
         heapq.heappush(self._repair_heap, (prio, dst, oid))
         self._repair_queued.add(key)
@@ -1400,6 +1598,7 @@ class ReplicaManager:
         under = len(rs) < loc.policy.replicas
         if under and not loc.under:
             self._outputs.append(UnderReplicated(oid, len(rs), loc.policy.replicas))
+        self._under += under - loc.under
         loc.under = under
 
     # ------------------------------------------------------------------ misc

@@ -848,7 +848,8 @@ class DataMesh:
         self.disk_margin_bytes = disk_margin_bytes
         self.mconfig = membership_config or MembershipConfig()
         self.rconfig = replication_config or ReplicationConfig(
-            sync_interval_s=3.0, put_timeout_s=8.0, view_change_delay_s=0.3
+            sync_interval_s=3.0, put_timeout_s=8.0, view_change_delay_s=0.3,
+            self_check=True,  # a drift of the incremental digests fails the seed
         )
         self.sim = Simulator(self.topology, seed, record_trace=record_trace)
         self.names = [f"n{i}" for i in range(nodes)]
