@@ -38,7 +38,8 @@ counts when no other live member is a *confirmed* holder of it in this node's
 replication state (``ReplicaManager.confirmed_holders``, filled by anti-entropy and
 cleared of members that leave the view). Conservative: a copy not yet confirmed
 elsewhere counts as the only one, so a node that may hold the only copy never drains.
-It is recounted every ``sole_copies_interval_s`` (it walks the local inventory).
+It is recounted every ``sole_copies_interval_s`` (it walks the local inventory), only
+while consolidating (mode ``off`` never counts: nothing uses it there).
 """
 
 from __future__ import annotations
@@ -192,7 +193,9 @@ class CapacityDriver:
         now = time.time() if now is None else now
         busy, queued = self._load()
         mono = time.monotonic()
-        if self._sole_copies is not None and \
+        # The count walks the inventory: only a consolidating node, whose controller and
+        # peers use it, pays for it (an idle node's cost must not grow with its data).
+        if self._sole_copies is not None and self.settings.config.mode != "off" and \
                 mono - self._sole_at >= self.settings.sole_copies_interval_s:
             self._sole_at = mono
             try:
