@@ -12,6 +12,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,23 @@ class Counted:
 
     def write(self, x: int) -> int:
         return x
+
+
+class Sickly:
+    """Passes its health check until ``fall_ill`` is called; a new process starts well."""
+
+    def __init__(self) -> None:
+        self.ill = False
+
+    def whoami(self) -> int:
+        return os.getpid()
+
+    def fall_ill(self) -> int:
+        self.ill = True
+        return os.getpid()
+
+    def check(self) -> bool:
+        return not self.ill
 
 
 class Slow:
@@ -355,6 +373,67 @@ def test_autoscale_up_under_burst_and_back_down(mesh: LocalMesh, client: TaskMes
     assert not errors, errors[:3]
     desired = {x.spec.name: x for x in client.services()}["slow"].desired
     assert desired == 1
+
+
+def test_health_method_failing_replica_routed_around_and_replaced(
+        mesh: LocalMesh, client: TaskMesh) -> None:
+    """A service naming a health method: once a replica's check starts failing, its node
+    marks it unhealthy (in its status), routes no more calls to it and starts a new
+    process, while every call is answered. A service without one has no health state."""
+    with pytest.raises(ValueError, match="health names 'nope', not a public method"):
+        client.deploy(Sickly, "sickly", health="nope")
+    client.deploy(Sickly, "sickly", replicas=2, health="check", idempotent=["whoami"])
+
+    def ready_nodes() -> list[str] | None:
+        svc = {s.spec.name: s for s in client.services()}.get("sickly")
+        ready = [r.node for r in svc.replicas if r.ready] if svc else []
+        return ready if len(ready) == 2 else None
+
+    nodes = wait_for(ready_nodes, 90, "two ready replicas of sickly")
+    si = int(nodes[0].split("-")[1])
+    # The sick node's own calls: its status of its own replica is always fresh.
+    wait_for(lambda: (r := answered(mesh, si, "sickly")) and r.node == nodes[0], 60,
+             "a call answered by the replica on its own node")
+    sick = raw_call(mesh, si, "sickly", "fall_ill", pickled())
+    assert sick.outcome == "done" and sick.node == nodes[0], sick
+    sick_pid = cloudpickle.loads(sick.value)
+    t0 = time.monotonic()
+    unhealthy_at: float | None = None
+    sick_answers: list[float] = []
+    outcomes: Counter[str] = Counter()
+    replaced: float | None = None
+    while time.monotonic() - t0 < 120 and replaced is None:
+        r = raw_call(mesh, si, "sickly", "whoami", pickled())
+        outcomes[r.outcome] += 1
+        if r.outcome == "done":
+            pid = cloudpickle.loads(r.value)
+            if pid == sick_pid:
+                sick_answers.append(time.monotonic())
+            elif r.node == sick.node:
+                replaced = time.monotonic() - t0
+        listed = request(mesh.nodes[si].address, mesh.credentials(), api.LIST, Empty(),
+                         timeout=30).services
+        mine = [x for s in listed if s.spec.name == "sickly" for x in s.replicas
+                if x.node == sick.node]
+        if unhealthy_at is None and mine and not mine[0].healthy:
+            unhealthy_at = time.monotonic()
+            assert mine[0].health_failures >= 3, mine[0]
+        time.sleep(0.05)
+    print(f"health: unhealthy seen {None if unhealthy_at is None else unhealthy_at - t0}s "
+          f"after falling ill, replaced after {replaced}s, outcomes {dict(outcomes)}")
+    assert replaced is not None, "the unhealthy replica was never replaced on its node"
+    assert unhealthy_at is not None, "the replica was never listed as unhealthy"
+    assert all(t < unhealthy_at for t in sick_answers), "calls reached the unhealthy replica"
+    assert set(outcomes) == {"done"}, outcomes
+    # The new process passes its checks and stays.
+    info = {s.spec.name: s for s in client.services()}
+    new = [x for x in info["sickly"].replicas if x.node == sick.node]
+    assert new and new[0].healthy, new
+    assert info["sickly"].spec.health == "check"
+    if "counted" in info:  # deployed by the first test of this module, without health
+        assert info["counted"].spec.health is None
+        assert all(x.healthy and x.health_failures == 0 for x in info["counted"].replicas)
+    client.remove_service("sickly")
 
 
 def test_replica_node_killed_idempotent_callers_recover(mesh: LocalMesh,
