@@ -20,6 +20,7 @@ from typing import Any
 import cloudpickle
 import jsonschema
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from runtime_mesh import wait_for
 
 from meshscale.cli import main as cli_main
@@ -299,6 +300,85 @@ def test_http_call_json_in_json_out(mesh: LocalMesh, client: TaskMesh) -> None:
     assert status == 403 and "svc.call needs the admin token" in body["error"]
     # Still serving.
     assert post(addr, "/api/v1/services/counted/add", b"[1, 2]", token)[1]["result"] == 3
+
+
+def get(addr: str, path: str, token: str) -> bytes:
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200, (path, resp.status, body[:200])
+        return body
+    finally:
+        conn.close()
+
+
+def test_metrics_per_service_and_method_and_dashboard_view(mesh: LocalMesh) -> None:
+    """The node's Prometheus metrics count the calls that entered at it by service,
+    method and outcome, with a latency histogram, calls in flight and its replicas by
+    state; /api/v1/services (the dashboard's panel) lists the replicas per node with
+    in-flight and p50/p99, matching its schema."""
+    token = load_bundle(mesh.bundle_path).token
+    addr = str(mesh.nodes[1].http)
+    wait_for(lambda: answered(mesh, 1, "counted"), 90, "the service answers")
+
+    def scrape(i: int = 1) -> dict[str, Any]:
+        text = get(str(mesh.nodes[i].http), "/metrics", token).decode()
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(fams: dict[str, Any], fam: str, suffix: str, **labels: str) -> float:
+        return sum(x.value for x in fams[fam].samples if x.name == fam + suffix and
+                   all(x.labels.get(k) == v for k, v in labels.items()))
+
+    before = scrape()
+    n = 7
+    for i in range(n):
+        assert post(addr, "/api/v1/services/counted/add", f"[{i}, 1]".encode(),
+                    token)[0] == 200
+    assert post(addr, "/api/v1/services/counted/boom", b'["y"]', token)[0] == 500
+    assert post(addr, "/api/v1/services/counted/nope", b"[]", token)[0] == 404
+    after = scrape()
+    calls, lat = "meshscale_service_calls", "meshscale_service_call_latency_seconds"
+    for o in ("done", "raised"):
+        d = value(after, calls, "_total", service="counted", method="add" if o == "done"
+                  else "boom", outcome=o) - value(before, calls, "_total", service="counted",
+                                                  method="add" if o == "done" else "boom",
+                                                  outcome=o)
+        assert d == (n if o == "done" else 1), (o, d)
+    assert value(after, lat, "_count", service="counted", method="add") - \
+        value(before, lat, "_count", service="counted", method="add") == n
+    assert value(after, lat, "_sum", service="counted", method="add") > \
+        value(before, lat, "_sum", service="counted", method="add")
+    # An unknown method is refused before it is counted: no series for it.
+    assert not any(x.labels.get("method") == "nope" for x in after[calls].samples)
+    assert value(after, "meshscale_service_inflight_calls", "", service="counted") == 0
+    # The replicas gauge: each node reports its own replica of counted (ready: 1).
+    holders = {int(r.node.split("-")[1]) for s in request(
+        mesh.nodes[1].address, mesh.credentials(), api.LIST, Empty(), timeout=30).services
+        if s.spec.name == "counted" for r in s.replicas if r.ready and r.healthy}
+    assert holders
+    for i in holders:
+        fams = scrape(i)
+        assert value(fams, "meshscale_service_replicas", "", service="counted",
+                     state="ready") == 1
+        assert value(fams, "meshscale_service_replicas", "", service="counted",
+                     state="unhealthy") == 0
+    # The dashboard's view, as its schema says.
+    doc = json.loads(get(addr, "/api/v1/openapi.json", token))
+    view = json.loads(get(addr, "/api/v1/services", token))
+    jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/ServicesResponse",
+         "components": doc["components"]}).validate(view)
+    row = next(s for s in view["services"] if s["name"] == "counted")
+    assert {r["node"] for r in row["replicas"] if r["state"] == "ready"} >= \
+        {f"node-{i}" for i in holders}
+    assert any(r["calls"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in row["replicas"])
+    assert sum(row["calls_by_region"].values()) > 0
+    snap = json.loads(get(addr, "/api/v1/snapshot", token))
+    assert [s["name"] for s in snap["services"]["services"]] == \
+        [s["name"] for s in view["services"]]
 
 
 def test_services_cli(mesh: LocalMesh, capsys: pytest.CaptureFixture[str]) -> None:

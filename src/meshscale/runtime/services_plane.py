@@ -105,6 +105,7 @@ from meshscale.core.services import (
     route_call,
 )
 from meshscale.runtime.local import LocalCalls, call_node
+from meshscale.runtime.observe import ServiceCallMetrics
 from meshscale.runtime.replica_main import Call, Done, Failed, Init, Ready, decode_from_replica
 from meshscale.runtime.replica_main import encoder as replica_encoder
 from meshscale.runtime.services import NodeServices
@@ -472,12 +473,25 @@ class ServicePlane:
         """Per service, (second, calls routed from here that second), the last window."""
         self._bad: dict[str, float] = {}
         self.stats: Counter[str] = Counter()
+        self.call_metrics = ServiceCallMetrics()
+        """Calls entered here, for the node's Prometheus metrics (``runtime/observe.py``)."""
         self.rng = random.Random(agent.rng.random())
         self._cg_seq = 0
         self._round_started_at = -math.inf
         """When the last complete round of status polls began: a service installed
         after it is not placed yet (its call counts and replicas are not all known)."""
         self._stopping = False
+
+    def replica_states(self) -> dict[str, tuple[str, int]]:
+        """Service -> (this node's replica: starting, ready or unhealthy; its calls in
+        flight), for the metrics."""
+        out = {}
+        for name, r in self.replicas.items():
+            if r.dead or name not in self.specs:
+                continue
+            state = "starting" if not r.ready else "ready" if r.health.healthy else "unhealthy"
+            out[name] = (state, r.inflight)
+        return out
 
     def next_cg(self) -> int:
         self._cg_seq += 1
@@ -906,6 +920,19 @@ class ServicePlane:
             raise ApiError(ErrorCode.NOT_FOUND,
                            f"service {name!r} has no method {req.method!r} (it has: "
                            f"{', '.join(w.methods[:20])})")
+        key = self.call_metrics.key(name, req.method)
+        self.call_metrics.started(key)
+        t0 = time.monotonic()
+        outcome = "cancelled"
+        try:
+            reply = await self._route_call(req)
+            outcome = reply.outcome
+            return reply
+        finally:
+            self.call_metrics.ended(key, outcome, time.monotonic() - t0)
+
+    async def _route_call(self, req: CallRequest) -> CallReply:
+        name = req.service
         spec = self.core[name]
         self._note_call(name)
         my_region = self.agent.meta.region
@@ -1014,6 +1041,25 @@ class ServicePlane:
         return out
 
     # ------------------------------------------------------------------ list
+
+    def view(self) -> dict[str, Any]:
+        """What the dashboard shows of the services (``/api/v1/services``): per service its
+        replicas per node (state, in flight, calls, p50/p99), the calls in flight on them
+        and per source region, from this node's latest status tables."""
+        out = []
+        for s in self._rpc_list(Empty()).services:
+            reps = []
+            for r in s.replicas:
+                state = "starting" if not r.ready else "ready" if r.healthy else "unhealthy"
+                reps.append({"node": r.node, "region": r.region, "state": state,
+                             "inflight": r.inflight, "calls": r.calls, "failed": r.failed,
+                             "p50_ms": r.p50_ms, "p99_ms": r.p99_ms})
+            out.append({
+                "name": s.spec.name, "placement": s.spec.placement, "desired": s.desired,
+                "health": s.spec.health, "replicas": reps,
+                "inflight": sum(r.inflight for r in s.replicas),
+                "calls_by_region": dict(s.calls_by_region), "unplaceable": s.unplaceable})
+        return {"services": out}
 
     def _rpc_list(self, _: Empty) -> ListReply:
         tables = self._tables()
