@@ -73,9 +73,11 @@ class Sickly:
     def whoami(self) -> int:
         return os.getpid()
 
-    def fall_ill(self) -> int:
-        self.ill = True
-        return os.getpid()
+    def fall_ill(self, pid: int) -> bool:
+        """Only the process ``pid`` falls ill (the call may be routed to another)."""
+        if pid == os.getpid():
+            self.ill = True
+        return self.ill
 
     def check(self) -> bool:
         return not self.ill
@@ -472,11 +474,13 @@ def test_health_method_failing_replica_routed_around_and_replaced(
     nodes = wait_for(ready_nodes, 90, "two ready replicas of sickly")
     si = int(nodes[0].split("-")[1])
     # The sick node's own calls: its status of its own replica is always fresh.
-    wait_for(lambda: (r := answered(mesh, si, "sickly")) and r.node == nodes[0], 60,
-             "a call answered by the replica on its own node")
-    sick = raw_call(mesh, si, "sickly", "fall_ill", pickled())
-    assert sick.outcome == "done" and sick.node == nodes[0], sick
-    sick_pid = cloudpickle.loads(sick.value)
+    first = wait_for(lambda: (r := answered(mesh, si, "sickly")) and r.node == nodes[0] and r,
+                     60, "a call answered by the replica on its own node")
+    sick_pid = cloudpickle.loads(first.value)
+    sick = wait_for(lambda: (r := raw_call(mesh, si, "sickly", "fall_ill",
+                                           pickled(sick_pid))).outcome == "done"
+                    and cloudpickle.loads(r.value) and r, 60, "that replica to fall ill")
+    assert sick.node == nodes[0], sick
     t0 = time.monotonic()
     unhealthy_at: float | None = None
     sick_answers: list[float] = []
@@ -505,10 +509,14 @@ def test_health_method_failing_replica_routed_around_and_replaced(
     assert unhealthy_at is not None, "the replica was never listed as unhealthy"
     assert all(t < unhealthy_at for t in sick_answers), "calls reached the unhealthy replica"
     assert set(outcomes) == {"done"}, outcomes
-    # The new process passes its checks and stays.
+    # The new process passes its checks and stays (as the client's node sees it too).
+    def new_replica() -> bool:
+        svc = {s.spec.name: s for s in client.services()}["sickly"]
+        new = [x for x in svc.replicas if x.node == sick.node]
+        return bool(new) and new[0].ready and new[0].healthy
+
+    wait_for(new_replica, 30, "the new replica ready and healthy in the client's view")
     info = {s.spec.name: s for s in client.services()}
-    new = [x for x in info["sickly"].replicas if x.node == sick.node]
-    assert new and new[0].healthy, new
     assert info["sickly"].spec.health == "check"
     if "counted" in info:  # deployed by the first test of this module, without health
         assert info["counted"].spec.health is None
