@@ -776,7 +776,8 @@ class ServicePlane:
             inflight = sum(t.replicas[name].inflight for t in tables.values()
                            if name in t.replicas)
             running = sum(1 for t in tables.values()
-                          if name in t.replicas and t.replicas[name].ready)
+                          if name in t.replicas and t.replicas[name].ready
+                          and t.replicas[name].healthy)
             self.scale[name] = autoscale_step(auto, self.cfg.decisions, state, now,
                                               float(inflight), running)
 
@@ -826,7 +827,8 @@ class ServicePlane:
                 self.replicas.pop(name)
                 continue
             ready = [node for node, t in tables.items()
-                     if name in t.replicas and t.replicas[name].ready]
+                     if name in t.replicas and t.replicas[name].ready
+                     and t.replicas[name].healthy]
             placement = place_service(self.core[name], view, sources.get(name, {}),
                                       self._count(name, tables), current=current[name])
             if not keep_replica(me, placement, ready):
