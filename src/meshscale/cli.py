@@ -1616,7 +1616,8 @@ def _services_table(rows: list[Any]) -> str:
     notes: list[str] = []
     for s in rows:
         for r in s.replicas:
-            lines.append((s.spec.name, r.node, r.region, "yes" if r.ready else "no",
+            ready = ("unhealthy" if not r.healthy else "yes") if r.ready else "no"
+            lines.append((s.spec.name, r.node, r.region, ready,
                           str(r.inflight), str(r.calls), _ms(r.p50_ms), _ms(r.p99_ms)))
         if not s.replicas:
             lines.append((s.spec.name, "-", "-", "-", "0", "0", "-", "-"))

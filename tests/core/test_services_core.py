@@ -18,6 +18,7 @@ from meshscale.core.services import (
     ERR_RETRIES_EXHAUSTED,
     Autoscale,
     CallFailed,
+    HealthState,
     ReplicaView,
     Retry,
     ScaleState,
@@ -30,6 +31,7 @@ from meshscale.core.services import (
     agreed_count,
     autoscale_step,
     failover,
+    health_step,
     keep_replica,
     place_service,
     redirect,
@@ -106,6 +108,8 @@ def test_config_is_validated() -> None:
         ServiceConfig(scale_up_dwell_s=float("nan"))
     with pytest.raises(ValueError, match="max_retries"):
         ServiceConfig(max_retries=-1)
+    with pytest.raises(ValueError, match="health_failures"):
+        ServiceConfig(health_failures=0)
 
 
 # --------------------------------------------------------------------------- placement
@@ -245,6 +249,21 @@ def test_route_prefers_caller_region_then_nearest() -> None:
     assert route_call("us", down, rng, caller_coord=coord) == "eu0"
     assert route_call("us", down, rng, caller_coord=coord, exclude={"eu0"}) == "ap0"
     assert route_call("us", [rv("us0", healthy=False)], rng) is None
+
+
+def test_health_unhealthy_after_failures_in_a_row_then_routed_around() -> None:
+    cfg = ServiceConfig(health_failures=3)
+    h = HealthState()
+    for ok in (False, False, True, False, False):  # a pass resets the count
+        h = health_step(h, ok, cfg)
+    assert h == HealthState(2, True)
+    h = health_step(h, False, cfg)
+    assert h == HealthState(3, False)
+    assert health_step(h, True, cfg) == h  # unhealthy until restarted
+    assert health_step(HealthState(), False, ServiceConfig(health_failures=1)).healthy is False
+    rng = random.Random(2)
+    reps = [rv("us0", healthy=h.healthy), rv("us1"), rv("eu0")]
+    assert {route_call("us", reps, rng) for _ in range(30)} == {"us1"}
 
 
 def test_power_of_two_choices_picks_the_less_busy() -> None:

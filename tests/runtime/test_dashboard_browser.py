@@ -63,6 +63,17 @@ def double(rec: Any) -> int:
 STREAM_RECORDS = 30
 
 
+class Echo:
+    """The service the page must show (module level: pickled by value with its module)."""
+
+    def echo(self, x: int) -> int:
+        return x
+
+    def hold(self, s: float) -> float:
+        time.sleep(s)
+        return s
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     with LocalMesh(tmp_path_factory.mktemp("dash"), 3, regions=REGIONS, latency=LATENCY) as m:
@@ -122,6 +133,23 @@ def stream_ops(driver: Any) -> dict[str, dict[str, Any]]:
         " o[tr.dataset.operator] = {count: Number(tr.querySelector('.processed').dataset.count),"
         " text: tr.textContent,"
         " runners: [...tr.querySelectorAll('.chip.runner')].map(c => c.dataset.node || '')};"
+        " return o;"
+    )
+
+
+def service_rows(driver: Any) -> dict[str, dict[str, Any]]:
+    """The services panel as the page shows it: service -> its row's numbers and chips."""
+    return driver.execute_script(
+        "const o = {}; for (const tr of document.querySelectorAll('#services-body tr[data-service]')) {"
+        " const c = tr.querySelector('td.replicas'); const p = tr.querySelector('td.p50');"
+        " const q = tr.querySelector('td.p99');"
+        " o[tr.dataset.service] = {ready: Number(c.dataset.ready), desired: Number(c.dataset.desired),"
+        " inflight: Number(tr.dataset.inflight), text: tr.textContent,"
+        " p50: p.dataset.ms === undefined ? null : Number(p.dataset.ms),"
+        " p99: q.dataset.ms === undefined ? null : Number(q.dataset.ms),"
+        " replicas: [...tr.querySelectorAll('.chip.replica')].map(e => ({node: e.dataset.node,"
+        "   state: e.dataset.state, inflight: Number(e.dataset.inflight)})),"
+        " regions: [...tr.querySelectorAll('td.calls-by-region .chip')].map(e => e.dataset.region)}; }"
         " return o;"
     )
 
@@ -273,6 +301,24 @@ def test_dashboard_shows_the_mesh_and_a_killed_node_as_dead(
     assert op["runners"] and set(op["runners"]) <= names, op
     assert 0 < op["count"] <= STREAM_RECORDS, op
     assert "1 operator" in text(browser, "streams-summary")
+    # the services panel: replicas per node, calls in flight, p50/p99, calls per region
+    client.deploy(Echo, "echo", replicas=2)
+    echo = client.service("echo", timeout=60)
+    wait_until(lambda: echo.echo(1) == 1, 120, "the echo service to answer")
+    for k in range(20):
+        assert echo.echo(k) == k
+    held = echo.hold.remote(8.0)
+    row = wait_until(lambda: (r := service_rows(browser).get("echo")) and r["ready"] == 2
+                     and r["p50"] is not None and r["inflight"] >= 1 and r, 30,
+                     "the services panel to show echo's 2 ready replicas and a call in flight")
+    assert row["desired"] == 2 and len(row["replicas"]) == 2, row
+    assert {r["node"] for r in row["replicas"]} <= names, row
+    assert all(r["state"] == "ready" for r in row["replicas"]), row
+    assert sum(r["inflight"] for r in row["replicas"]) == row["inflight"] >= 1, row
+    assert row["p99"] is not None and row["p99"] >= row["p50"] > 0, row
+    assert set(row["regions"]) <= set(REGIONS) and row["regions"], row
+    assert held.result(timeout=60) == 8.0
+    assert "1 service, 2 replicas" in text(browser, "services-summary")
     errors = severe(browser)
     assert not errors, f"console errors on load: {errors}"
     screenshot(browser, "dashboard-alive.png")

@@ -45,7 +45,9 @@ REQUIRED_FAMILIES = {
     "meshscale_energy_joules", "meshscale_power_watts", "meshscale_stream_appended_records",
     "meshscale_stream_backlog_records", "meshscale_stream_processed_records",
     "meshscale_stream_cross_region_bytes", "meshscale_rpc_refused", "meshscale_disk_free_bytes",
-    "meshscale_disk_reserve_bytes", "meshscale_disk_full",
+    "meshscale_disk_reserve_bytes", "meshscale_disk_full", "meshscale_service_calls",
+    "meshscale_service_call_latency_seconds", "meshscale_service_inflight_calls",
+    "meshscale_service_replicas", "meshscale_service_replica_inflight_calls",
 }
 
 

@@ -12,6 +12,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import cloudpickle
 import jsonschema
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from runtime_mesh import wait_for
 
 from meshscale.cli import main as cli_main
@@ -60,6 +62,25 @@ class Counted:
 
     def write(self, x: int) -> int:
         return x
+
+
+class Sickly:
+    """Passes its health check until ``fall_ill`` is called; a new process starts well."""
+
+    def __init__(self) -> None:
+        self.ill = False
+
+    def whoami(self) -> int:
+        return os.getpid()
+
+    def fall_ill(self, pid: int) -> bool:
+        """Only the process ``pid`` falls ill (the call may be routed to another)."""
+        if pid == os.getpid():
+            self.ill = True
+        return self.ill
+
+    def check(self) -> bool:
+        return not self.ill
 
 
 class Slow:
@@ -283,6 +304,85 @@ def test_http_call_json_in_json_out(mesh: LocalMesh, client: TaskMesh) -> None:
     assert post(addr, "/api/v1/services/counted/add", b"[1, 2]", token)[1]["result"] == 3
 
 
+def get(addr: str, path: str, token: str) -> bytes:
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200, (path, resp.status, body[:200])
+        return body
+    finally:
+        conn.close()
+
+
+def test_metrics_per_service_and_method_and_dashboard_view(mesh: LocalMesh) -> None:
+    """The node's Prometheus metrics count the calls that entered at it by service,
+    method and outcome, with a latency histogram, calls in flight and its replicas by
+    state; /api/v1/services (the dashboard's panel) lists the replicas per node with
+    in-flight and p50/p99, matching its schema."""
+    token = load_bundle(mesh.bundle_path).token
+    addr = str(mesh.nodes[1].http)
+    wait_for(lambda: answered(mesh, 1, "counted"), 90, "the service answers")
+
+    def scrape(i: int = 1) -> dict[str, Any]:
+        text = get(str(mesh.nodes[i].http), "/metrics", token).decode()
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(fams: dict[str, Any], fam: str, suffix: str, **labels: str) -> float:
+        return sum(x.value for x in fams[fam].samples if x.name == fam + suffix and
+                   all(x.labels.get(k) == v for k, v in labels.items()))
+
+    before = scrape()
+    n = 7
+    for i in range(n):
+        assert post(addr, "/api/v1/services/counted/add", f"[{i}, 1]".encode(),
+                    token)[0] == 200
+    assert post(addr, "/api/v1/services/counted/boom", b'["y"]', token)[0] == 500
+    assert post(addr, "/api/v1/services/counted/nope", b"[]", token)[0] == 404
+    after = scrape()
+    calls, lat = "meshscale_service_calls", "meshscale_service_call_latency_seconds"
+    for o in ("done", "raised"):
+        d = value(after, calls, "_total", service="counted", method="add" if o == "done"
+                  else "boom", outcome=o) - value(before, calls, "_total", service="counted",
+                                                  method="add" if o == "done" else "boom",
+                                                  outcome=o)
+        assert d == (n if o == "done" else 1), (o, d)
+    assert value(after, lat, "_count", service="counted", method="add") - \
+        value(before, lat, "_count", service="counted", method="add") == n
+    assert value(after, lat, "_sum", service="counted", method="add") > \
+        value(before, lat, "_sum", service="counted", method="add")
+    # An unknown method is refused before it is counted: no series for it.
+    assert not any(x.labels.get("method") == "nope" for x in after[calls].samples)
+    assert value(after, "meshscale_service_inflight_calls", "", service="counted") == 0
+    # The replicas gauge: each node reports its own replica of counted (ready: 1).
+    holders = {int(r.node.split("-")[1]) for s in request(
+        mesh.nodes[1].address, mesh.credentials(), api.LIST, Empty(), timeout=30).services
+        if s.spec.name == "counted" for r in s.replicas if r.ready and r.healthy}
+    assert holders
+    for i in holders:
+        fams = scrape(i)
+        assert value(fams, "meshscale_service_replicas", "", service="counted",
+                     state="ready") == 1
+        assert value(fams, "meshscale_service_replicas", "", service="counted",
+                     state="unhealthy") == 0
+    # The dashboard's view, as its schema says.
+    doc = json.loads(get(addr, "/api/v1/openapi.json", token))
+    view = json.loads(get(addr, "/api/v1/services", token))
+    jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/ServicesResponse",
+         "components": doc["components"]}).validate(view)
+    row = next(s for s in view["services"] if s["name"] == "counted")
+    assert {r["node"] for r in row["replicas"] if r["state"] == "ready"} >= \
+        {f"node-{i}" for i in holders}
+    assert any(r["calls"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in row["replicas"])
+    assert sum(row["calls_by_region"].values()) > 0
+    snap = json.loads(get(addr, "/api/v1/snapshot", token))
+    assert [s["name"] for s in snap["services"]["services"]] == \
+        [s["name"] for s in view["services"]]
+
+
 def test_services_cli(mesh: LocalMesh, capsys: pytest.CaptureFixture[str]) -> None:
     """``meshscale services [--json]``: replicas, nodes, in-flight, p50/p99, calls per
     source region; an unknown node address exits 3."""
@@ -355,6 +455,73 @@ def test_autoscale_up_under_burst_and_back_down(mesh: LocalMesh, client: TaskMes
     assert not errors, errors[:3]
     desired = {x.spec.name: x for x in client.services()}["slow"].desired
     assert desired == 1
+
+
+def test_health_method_failing_replica_routed_around_and_replaced(
+        mesh: LocalMesh, client: TaskMesh) -> None:
+    """A service naming a health method: once a replica's check starts failing, its node
+    marks it unhealthy (in its status), routes no more calls to it and starts a new
+    process, while every call is answered. A service without one has no health state."""
+    with pytest.raises(ValueError, match="health names 'nope', not a public method"):
+        client.deploy(Sickly, "sickly", health="nope")
+    client.deploy(Sickly, "sickly", replicas=2, health="check", idempotent=["whoami"])
+
+    def ready_nodes() -> list[str] | None:
+        svc = {s.spec.name: s for s in client.services()}.get("sickly")
+        ready = [r.node for r in svc.replicas if r.ready] if svc else []
+        return ready if len(ready) == 2 else None
+
+    nodes = wait_for(ready_nodes, 90, "two ready replicas of sickly")
+    si = int(nodes[0].split("-")[1])
+    # The sick node's own calls: its status of its own replica is always fresh.
+    first = wait_for(lambda: (r := answered(mesh, si, "sickly")) and r.node == nodes[0] and r,
+                     60, "a call answered by the replica on its own node")
+    sick_pid = cloudpickle.loads(first.value)
+    sick = wait_for(lambda: (r := raw_call(mesh, si, "sickly", "fall_ill",
+                                           pickled(sick_pid))).outcome == "done"
+                    and cloudpickle.loads(r.value) and r, 60, "that replica to fall ill")
+    assert sick.node == nodes[0], sick
+    t0 = time.monotonic()
+    unhealthy_at: float | None = None
+    sick_answers: list[float] = []
+    outcomes: Counter[str] = Counter()
+    replaced: float | None = None
+    while time.monotonic() - t0 < 120 and replaced is None:
+        r = raw_call(mesh, si, "sickly", "whoami", pickled())
+        outcomes[r.outcome] += 1
+        if r.outcome == "done":
+            pid = cloudpickle.loads(r.value)
+            if pid == sick_pid:
+                sick_answers.append(time.monotonic())
+            elif r.node == sick.node:
+                replaced = time.monotonic() - t0
+        listed = request(mesh.nodes[si].address, mesh.credentials(), api.LIST, Empty(),
+                         timeout=30).services
+        mine = [x for s in listed if s.spec.name == "sickly" for x in s.replicas
+                if x.node == sick.node]
+        if unhealthy_at is None and mine and not mine[0].healthy:
+            unhealthy_at = time.monotonic()
+            assert mine[0].health_failures >= 3, mine[0]
+        time.sleep(0.05)
+    print(f"health: unhealthy seen {None if unhealthy_at is None else unhealthy_at - t0}s "
+          f"after falling ill, replaced after {replaced}s, outcomes {dict(outcomes)}")
+    assert replaced is not None, "the unhealthy replica was never replaced on its node"
+    assert unhealthy_at is not None, "the replica was never listed as unhealthy"
+    assert all(t < unhealthy_at for t in sick_answers), "calls reached the unhealthy replica"
+    assert set(outcomes) == {"done"}, outcomes
+    # The new process passes its checks and stays (as the client's node sees it too).
+    def new_replica() -> bool:
+        svc = {s.spec.name: s for s in client.services()}["sickly"]
+        new = [x for x in svc.replicas if x.node == sick.node]
+        return bool(new) and new[0].ready and new[0].healthy
+
+    wait_for(new_replica, 30, "the new replica ready and healthy in the client's view")
+    info = {s.spec.name: s for s in client.services()}
+    assert info["sickly"].spec.health == "check"
+    if "counted" in info:  # deployed by the first test of this module, without health
+        assert info["counted"].spec.health is None
+        assert all(x.healthy and x.health_failures == 0 for x in info["counted"].replicas)
+    client.remove_service("sickly")
 
 
 def test_replica_node_killed_idempotent_callers_recover(mesh: LocalMesh,

@@ -40,6 +40,7 @@ def test_good_spec_keeps_every_field() -> None:
      "min_replicas 3 is greater than max_replicas 2"),
     ({"replicas": 2, "autoscale": AutoscaleWire(1, 2, 1.0)}, "replicas", "not both"),
     ({"central_region": "a"}, "central_region", "only a central service names one"),
+    ({"health": "check"}, "health", "names a method the class does not have: check"),
 ])
 def test_bad_spec_names_the_field(kw: dict[str, object], field: str, text: str) -> None:
     with pytest.raises(ServiceSpecError, match=text) as e:

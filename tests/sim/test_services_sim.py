@@ -6,6 +6,7 @@ a broken decision handed to the simulator (never an edit of core) is caught."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Collection, Mapping, Sequence
@@ -24,6 +25,7 @@ from meshscale.core.services import (
     Unplaceable,
     failover,
     place_service,
+    route_call,
 )
 from meshscale.core.vivaldi import Coordinate
 from meshscale.sim.services import ServiceMesh, ServiceReport, burst_run, chaos_run, report
@@ -199,6 +201,48 @@ def test_mutant_router_is_caught() -> None:
     local = sum(r.first_local[0] for r in bad)
     made = sum(r.first_local[1] for r in bad)
     assert local / made < 0.9, (local, made)
+
+
+def _router_ignoring_health(region: str, replicas: Sequence[ReplicaView],
+                            rng: random.Random, coord: Coordinate | None,
+                            exclude: Collection[str]) -> str | None:
+    every = [dataclasses.replace(r, healthy=True) for r in replicas]
+    return route_call(region, every, rng, caller_coord=coord, exclude=exclude)
+
+
+def test_unhealthy_replicas_are_routed_around_and_replaced(
+        reports: list[ServiceReport]) -> None:
+    for r in reports:
+        assert not r.unhealthy_routes, (_replay(r), r.unhealthy_routes[:3])
+    # The swarm made replicas sick (a fault among the others) and their checks found it.
+    assert sum(r.unhealthy_marked for r in reports) >= 10
+
+
+def test_a_sick_replica_is_found_by_its_checks_and_the_count_comes_back() -> None:
+    # Replicas kept in one region (its 3 nodes), called from there: they never move.
+    mesh = ServiceMesh(9, seed=SWARM_BASE, services=[
+        ServiceSpec("s", placement=frozenset({"eu-west"}), replicas=3)])
+    for k in range(400):
+        mesh.sim.at(1.0 + k * 0.05, partial(mesh.issue, "eu-west", k, "s", "call"))
+    mesh.sim.run_until(4.0)
+    holders = sorted(n for n in mesh.up() if mesh.node(n).running.get("s") is not None)
+    assert len(holders) == 3, holders
+    assert mesh.sicken(holders[0], "s")
+    mesh.sim.run_until(25.0)
+    marked = [(t, n) for t, n, svc in mesh.unhealthy_marked if svc == "s"]
+    assert [n for _, n in marked] == [holders[0]], marked
+    # health_failures (3) checks every 0.5 s: found within 2 s of falling sick.
+    assert marked[0][0] - 4.0 <= 3 * mesh.health_interval_s + 0.5, marked
+    r = report(mesh, SWARM_BASE, 25.0)
+    assert not r.unhealthy_routes and not r.lost and r.failed == 0, r.problems()
+    assert r.final_counts["s"] == (3, 3), r.final_counts
+    rep = mesh.node(holders[0]).running["s"]
+    assert rep.health.healthy and not rep.sick  # a new, well replica on the same node
+
+
+def test_mutant_router_ignoring_health_is_caught() -> None:
+    bad = [chaos_run(s, router=_router_ignoring_health) for s in MUTANT_SEEDS]
+    assert any(r.unhealthy_routes for r in bad)
 
 
 def test_mutant_placement_ignoring_residency_is_caught() -> None:

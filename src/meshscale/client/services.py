@@ -194,12 +194,16 @@ class ServicesMixin:
                cpus: float = 1.0, memory_mb: int = 0, gpus: int = 0,
                data_class: str | None = None, residency: Sequence[str] | None = None,
                labels: dict[str, str] | None = None,
-               idempotent: Iterable[str] = (), **init_kwargs: Any) -> list[str]:
+               idempotent: Iterable[str] = (), health: str | None = None,
+               **init_kwargs: Any) -> list[str]:
         """Deploy class ``cls`` as service ``name``: each replica runs
         ``cls(*init_args, **init_kwargs)`` once, then answers calls to its public methods.
         ``placement``: "near-caller", "central", ``Region(name)`` (central there) or
         ``Regions([...])``; ``replicas=N`` or ``autoscale=(min, max, target_inflight)``;
         ``idempotent``: the methods retried once on another replica when theirs dies.
+        ``health``: a public method each replica's node calls with no arguments every
+        few seconds; returning ``False``, raising or not answering a few times in a row
+        makes the replica unhealthy: calls go elsewhere and it is restarted.
         Returns the nodes the replicas go to. ``MeshError`` names the field or the
         placement rule that refused it."""
         if not isinstance(cls, type):
@@ -222,6 +226,9 @@ class ServicesMixin:
         methods = _public_methods(cls)
         if not methods:
             raise ValueError(f"class {cls.__name__} has no public method to call")
+        if health is not None and health not in methods:
+            raise ValueError(f"health names {health!r}, not a public method of class "
+                             f"{cls.__name__} (it has: {', '.join(methods[:20])})")
         code = _pickle_class(cls, init_args, init_kwargs)
         res = None
         if data_class is not None or residency is not None:
@@ -231,7 +238,7 @@ class ServicesMixin:
             name=name, placement=mode, regions=regions, central_region=central,
             replicas=replicas, autoscale=auto, cpus=cpus, memory_mb=memory_mb, gpus=gpus,
             residency=res, labels=dict(labels or {}), idempotent=sorted(set(idempotent)),
-            methods=methods, class_name=cls.__qualname__, code_id=object_id(code))
+            methods=methods, health=health, class_name=cls.__qualname__, code_id=object_id(code))
         mesh: Mesh = self  # type: ignore[assignment]
         r = mesh._run(mesh._inner._request(api.DEPLOY, DeployRequest(spec=spec, code=code)))
         return list(r.nodes)

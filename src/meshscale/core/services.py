@@ -52,8 +52,14 @@ The anchors and where we depart from them:
   answers "not here" (the caller's view was stale) did not run the call, so that call is
   re-routed whatever its method, at most ``max_redirects`` times.
 
-Not here yet: actors (one replica per key), a service's own health method, the wire
-types and the runtime that starts replicas and carries calls.
+- Health (``health_step``): the membership says whether a replica's node is alive; a
+  service's own health method, when its class names one, says whether the replica is.
+  A replica whose health method fails or does not answer ``health_failures`` times in a
+  row is unhealthy: ``route_call`` skips it (``ReplicaView.healthy``) and its node
+  restarts it; one success resets the count, as Consul's and Kubernetes' checks count
+  consecutive failures before they act.
+
+Not here yet: actors (one replica per key).
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ __all__ = [
     "NEAR_CALLER",
     "Autoscale",
     "CallFailed",
+    "HealthState",
     "ReplicaView",
     "Retry",
     "ScaleState",
@@ -100,6 +107,7 @@ __all__ = [
     "agreed_count",
     "autoscale_step",
     "failover",
+    "health_step",
     "keep_replica",
     "place_service",
     "redirect",
@@ -253,6 +261,8 @@ class ServiceConfig:
     """Retries of an idempotent call whose replica was lost (the issue's rule: once)."""
     max_redirects: int = 3
     """Re-routes of a call answered "not here" (never ran) before it fails."""
+    health_failures: int = 3
+    """Health checks failed or unanswered in a row before a replica is unhealthy."""
 
     def __post_init__(self) -> None:
         for name in ("scale_up_dwell_s", "scale_down_dwell_s"):
@@ -264,6 +274,8 @@ class ServiceConfig:
                              f"{self.low_water_fraction!r}")
         if self.max_retries < 0 or self.max_redirects < 0:
             raise ValueError("max_retries and max_redirects must be >= 0")
+        if self.health_failures < 1:
+            raise ValueError(f"health_failures must be >= 1, got {self.health_failures!r}")
 
 
 # --------------------------------------------------------------------------- placement
@@ -471,13 +483,37 @@ def keep_replica(me: str, placement: ServicePlacement | Unplaceable,
     return not all(n in ready for n in placement.nodes)
 
 
+# --------------------------------------------------------------------------- health
+
+
+@dataclass(frozen=True)
+class HealthState:
+    """A replica's health checks: ``failures`` in a row so far, and whether it is
+    ``healthy`` (routed to). Unhealthy stays unhealthy: the replica is restarted, and
+    the new process starts from ``HealthState()``."""
+
+    failures: int = 0
+    healthy: bool = True
+
+
+def health_step(state: HealthState, ok: bool, config: ServiceConfig) -> HealthState:
+    """The state after one health check that passed (``ok``) or failed or timed out: a
+    pass resets the count; ``health_failures`` failures in a row make it unhealthy."""
+    if not state.healthy:
+        return state
+    if ok:
+        return HealthState()
+    failures = state.failures + 1
+    return HealthState(failures, failures < config.health_failures)
+
+
 # --------------------------------------------------------------------------- routing
 
 
 @dataclass(frozen=True)
 class ReplicaView:
     """A replica as a caller's node sees it: where, how busy (gossiped), and whether it is
-    healthy (its node in the view and its replica ready)."""
+    healthy (its node in the view, its replica ready and passing its health checks)."""
 
     node: str
     region: str

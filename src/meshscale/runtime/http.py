@@ -157,7 +157,7 @@ class HttpServer:
             "node": self._node, "members": self._members, "objects": self._objects_api,
             "tasks": self._tasks, "events": self._events, "throughput": self._throughput,
             "snapshot": self._snapshot_api, "stream": self._stream,
-            "streams": self._streams_api,
+            "streams": self._streams_api, "services": self._services_api,
         }.items():
             r.add_get(f"/api/v1/{path}", self._authed(handler))
         r.add_post("/api/v1/services/{name}/{method}", self._service_call)
@@ -402,6 +402,17 @@ class HttpServer:
         resp.enable_compression()  # the hour is about 1 MB of JSON; gzip when asked
         return resp
 
+    def services_view(self) -> dict[str, Any]:
+        """The services plane's ``view`` (its tables are local: no call to other nodes)."""
+        plane = getattr(self.agent, "services", None)
+        if plane is None:
+            return {"services": []}
+        view: dict[str, Any] = plane.view()
+        return view
+
+    async def _services_api(self, request: web.Request) -> web.StreamResponse:
+        return _json(self.services_view())
+
     async def _streams_api(self, request: web.Request) -> web.StreamResponse:
         return _json(await self.streams_view())
 
@@ -490,6 +501,7 @@ class HttpServer:
             "tasks": await self._mesh_tasks(),
             "events": self.observer.events(0, last=50),
             "streams": await self._streams_cached(),
+            "services": self.services_view(),
         }
 
     async def _snapshot_bytes(self) -> bytes:

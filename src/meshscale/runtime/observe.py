@@ -92,6 +92,21 @@ class ObservedStreams(Protocol):
         ...
 
 
+class ObservedServices(Protocol):
+    """What the observer reads of the services plane (``runtime/services_plane.py``)."""
+
+    @property
+    def call_metrics(self) -> ServiceCallMetrics: ...
+
+    def replica_states(self) -> dict[str, tuple[str, int]]:
+        """Service -> (state of this node's replica: starting, ready or unhealthy, and
+        its calls in flight)."""
+        ...
+
+    @property
+    def stats(self) -> Mapping[str, int]: ...
+
+
 class ObservedNode(NodeServices, Protocol):
     """The node as its dashboard and metrics read it: its services, its planes (the
     compute and stream planes start after the HTTP server, so they may still be None),
@@ -108,6 +123,9 @@ class ObservedNode(NodeServices, Protocol):
 
     @property
     def streams(self) -> ObservedStreams | None: ...
+
+    @property
+    def services(self) -> ObservedServices | None: ...
 
     def http_address(self) -> str | None: ...
 
@@ -199,6 +217,45 @@ class TaskLatencies:
         for (fn, outcome), h in sorted(self.series.items()):
             fam.add_metric([fn, outcome], h.buckets(), sum_value=h.total)
         return fam
+
+
+MAX_METRIC_METHODS = 64
+"""Distinct (service, method) pairs given their own series; the rest share ``other``."""
+
+
+@dataclass
+class ServiceCallMetrics:
+    """Service calls entered at this node (``svc.call``): counts by (service, method,
+    outcome), latency histograms and calls in flight by (service, method). At most
+    ``MAX_METRIC_METHODS`` pairs get their own series; a later pair's method is ``other``
+    (its service too when that service has no series yet), so label cardinality stays
+    bounded whatever services are deployed and removed over time."""
+
+    calls: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    latency: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+    inflight: Counter[tuple[str, str]] = field(default_factory=Counter)
+    pairs: set[tuple[str, str]] = field(default_factory=set)
+
+    def key(self, service: str, method: str) -> tuple[str, str]:
+        pair = (service, method)
+        if pair in self.pairs:
+            return pair
+        if len(self.pairs) < MAX_METRIC_METHODS:
+            self.pairs.add(pair)
+            return pair
+        known = any(s == service for s, _ in self.pairs)
+        return (service if known else OTHER_FUNCTION, OTHER_FUNCTION)
+
+    def started(self, key: tuple[str, str]) -> None:
+        self.inflight[key] += 1
+
+    def ended(self, key: tuple[str, str], outcome: str, seconds: float) -> None:
+        self.inflight[key] -= 1
+        self.calls[(*key, outcome)] += 1
+        h = self.latency.get(key)
+        if h is None:
+            h = self.latency[key] = Histogram()
+        h.observe(seconds)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -646,6 +703,7 @@ class MeshCollector(Collector):
         yield from self._data(obs, agent)
         yield from self._compute(obs, agent)
         yield from self._streams(agent)
+        yield from self._services(agent)
         g = GaugeMetricFamily("meshscale_power_watts", "Power draw over the last second "
                               "(watts), measured (source=rapl) or modelled (source=model).",
                               labels=["source"])
@@ -803,6 +861,55 @@ class MeshCollector(Collector):
         yield g
         yield c
         yield p
+
+    @staticmethod
+    def _services(agent: ObservedNode) -> Iterator[Metric]:
+        plane = agent.services
+        m = plane.call_metrics if plane is not None else ServiceCallMetrics()
+        labels = ["service", "method"]
+        c = CounterMetricFamily(
+            "meshscale_service_calls", "Service calls that entered at this node and ended, "
+            f"by service, method (up to {MAX_METRIC_METHODS} pairs, then 'other') and "
+            "outcome (done, raised, timeout, no-replica, replica-lost, ...).",
+            labels=[*labels, "outcome"])
+        for triple, n in sorted(m.calls.items()):
+            c.add_metric(list(triple), n)
+        yield c
+        h = HistogramMetricFamily(
+            "meshscale_service_call_latency_seconds", "Service calls that entered at this "
+            "node: arrival to answer (routing, forwarding, retries included), by service "
+            "and method.", labels=labels)
+        for key, hist in sorted(m.latency.items()):
+            h.add_metric(list(key), hist.buckets(), sum_value=hist.total)
+        yield h
+        g = GaugeMetricFamily("meshscale_service_inflight_calls", "Service calls that "
+                              "entered at this node and are not answered yet.",
+                              labels=labels)
+        for key, n in sorted(m.inflight.items()):
+            g.add_metric(list(key), n)
+        yield g
+        states = plane.replica_states() if plane is not None else {}
+        g = GaugeMetricFamily("meshscale_service_replicas", "Replicas of each service on "
+                              "this node, by state (starting, ready, unhealthy).",
+                              labels=["service", "state"])
+        r = GaugeMetricFamily("meshscale_service_replica_inflight_calls", "Calls queued or "
+                              "running on this node's replica of each service.",
+                              labels=["service"])
+        for svc, (state, inflight) in sorted(states.items()):
+            for each in ("starting", "ready", "unhealthy"):
+                g.add_metric([svc, each], 1 if each == state else 0)
+            r.add_metric([svc], inflight)
+        yield g
+        yield r
+        counts: Mapping[str, int] = plane.stats if plane is not None else {}
+        c = CounterMetricFamily("meshscale_service_health_checks_failed", "Health checks "
+                                "of this node's replicas that failed or were not answered.")
+        c.add_metric([], counts.get("health_checks_failed", 0))
+        yield c
+        c = CounterMetricFamily("meshscale_service_unhealthy_restarts", "Replicas this node "
+                                "restarted because their health method failed in a row.")
+        c.add_metric([], counts.get("replica_health_restarts", 0))
+        yield c
 
     @staticmethod
     def _compute(obs: NodeObserver, agent: ObservedNode) -> Iterator[Metric]:

@@ -232,6 +232,46 @@ SCHEMAS["StreamsResponse"] = {
         "nodes_answered": {"type": "integer", "minimum": 0},
     },
 }
+SCHEMAS["ServicesResponse"] = {
+    "type": "object",
+    "required": ["services"],
+    "properties": {
+        "services": {"type": "array", "maxItems": 64, "items": {
+            "type": "object",
+            "required": ["name", "placement", "desired", "health", "replicas", "inflight",
+                         "calls_by_region", "unplaceable"],
+            "properties": {
+                "name": {"type": "string"},
+                "placement": {"enum": ["near-caller", "central", "regions"]},
+                "desired": {"type": "integer", "minimum": 0,
+                            "description": "Replicas wanted (fixed, or the autoscaler's)"},
+                "health": {**_STR_OR_NULL, "description": "Its health method, if any"},
+                "inflight": {"type": "integer", "minimum": 0,
+                             "description": "Calls in flight on all its replicas"},
+                "calls_by_region": {"type": "object",
+                                    "additionalProperties": {"type": "integer",
+                                                             "minimum": 0},
+                                    "description": "Calls per source region over the "
+                                                   "last window (10 s)"},
+                "unplaceable": {"type": "string",
+                                "description": "The placement rule no node meets, or ''"},
+                "replicas": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["node", "region", "state", "inflight", "calls", "failed",
+                                 "p50_ms", "p99_ms"],
+                    "properties": {
+                        "node": {"type": "string"}, "region": {"type": "string"},
+                        "state": {"enum": ["starting", "ready", "unhealthy"]},
+                        "inflight": {"type": "integer", "minimum": 0},
+                        "calls": {"type": "integer", "minimum": 0},
+                        "failed": {"type": "integer", "minimum": 0},
+                        "p50_ms": {**_NUM_OR_NULL,
+                                   "description": "Over its last 1024 calls"},
+                        "p99_ms": _NUM_OR_NULL,
+                    }}},
+            }}},
+    },
+}
 SCHEMAS["MembersResponse"] = _array_of("members", "Member")
 SCHEMAS["ObjectsResponse"] = _array_of("objects", "Object")
 SCHEMAS["TasksResponse"] = _array_of("tasks", "Task")
@@ -285,7 +325,7 @@ SCHEMAS["MeshPoints"] = {
 SCHEMAS["Snapshot"] = {
     "type": "object",
     "required": ["node", "members", "throughput", "mesh_points", "objects", "tasks",
-                 "events", "streams"],
+                 "events", "streams", "services"],
     "properties": {
         "node": {"$ref": "#/components/schemas/Node"},
         "members": {"type": "array", "items": {"$ref": "#/components/schemas/Member"}},
@@ -300,6 +340,7 @@ SCHEMAS["Snapshot"] = {
         "events": {"type": "array", "maxItems": 50,
                    "items": {"$ref": "#/components/schemas/Event"}},
         "streams": {"$ref": "#/components/schemas/StreamsResponse"},
+        "services": {"$ref": "#/components/schemas/ServicesResponse"},
     },
 }
 
@@ -312,6 +353,7 @@ PATH_SCHEMAS = {
     "/api/v1/throughput": "ThroughputResponse",
     "/api/v1/snapshot": "Snapshot",
     "/api/v1/streams": "StreamsResponse",
+    "/api/v1/services": "ServicesResponse",
 }
 """Every JSON endpoint and the schema of its 200 body (used by the tests too)."""
 
@@ -326,6 +368,8 @@ _SUMMARIES = {
     "/api/v1/snapshot": "Everything the dashboard shows, in one body.",
     "/api/v1/streams": "Stream operators, where they run, shards and their backlog, bytes "
                        "that crossed regions (asked of every live node).",
+    "/api/v1/services": "Deployed services: replicas per node with their state, calls in "
+                        "flight and p50/p99, calls per source region (this node's view).",
 }
 
 

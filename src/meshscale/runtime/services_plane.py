@@ -84,6 +84,7 @@ from meshscale.core.scheduling import NodeState, Resources
 from meshscale.core.services import (
     Autoscale,
     CallFailed,
+    HealthState,
     ReplicaView,
     Retry,
     ScaleState,
@@ -96,6 +97,7 @@ from meshscale.core.services import (
     agreed_count,
     autoscale_step,
     failover,
+    health_step,
     keep_replica,
     place_service,
     redirect,
@@ -103,6 +105,7 @@ from meshscale.core.services import (
     route_call,
 )
 from meshscale.runtime.local import LocalCalls, call_node
+from meshscale.runtime.observe import ServiceCallMetrics
 from meshscale.runtime.replica_main import Call, Done, Failed, Init, Ready, decode_from_replica
 from meshscale.runtime.replica_main import encoder as replica_encoder
 from meshscale.runtime.services import NodeServices
@@ -158,14 +161,29 @@ class ServicePlaneConfig:
     busy_retries: int = 4
     """A replica's node that answers "no connection slot free" is asked again this many
     times (50 ms, doubling) before the call counts it as lost."""
+    service_health_interval_s: float = 2.0
+    """How often a node calls the health method of each of its replicas whose service
+    names one (``deploy(..., health="method")``)."""
+    service_health_timeout_s: float = 2.0
+    """A health check not answered within this is a failed one (``decisions.
+    health_failures`` in a row make the replica unhealthy)."""
+    service_health_drain_s: float = 1.0
+    """An unhealthy replica is listed as such (routed around, its calls in flight left
+    to finish) at most this long before it is killed and started again, so that the
+    other nodes' next status poll sees it."""
     decisions: ServiceConfig = field(default_factory=ServiceConfig)
 
     def __post_init__(self) -> None:
         for name in ("status_interval_s", "status_timeout_s", "reconcile_interval_s",
-                     "call_window_s", "replica_start_timeout_s"):
+                     "call_window_s", "replica_start_timeout_s",
+                     "service_health_interval_s", "service_health_timeout_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {v!r}")
+        if not (math.isfinite(self.service_health_drain_s) and
+                self.service_health_drain_s >= 0):
+            raise ValueError(f"service_health_drain_s must be finite and >= 0, got "
+                             f"{self.service_health_drain_s!r}")
         if self.replica_queue < 1 or self.latency_samples < 1:
             raise ValueError("replica_queue and latency_samples must be >= 1")
 
@@ -185,6 +203,9 @@ def spec_of(w: ServiceWire) -> ServiceSpec:
     if unknown:
         raise ServiceSpecError("idempotent", f"names methods the class does not have: "
                                              f"{', '.join(unknown)}")
+    if w.health is not None and w.health not in w.methods:
+        raise ServiceSpecError("health", f"names a method the class does not have: "
+                                         f"{w.health}")
     return ServiceSpec(
         name=w.name, placement=placement, replicas=w.replicas, autoscale=auto,
         resources=Resources(w.cpus, w.memory_mb, w.gpus), residency=residency_of(w.residency),
@@ -224,6 +245,8 @@ class Replica:
         self.task: asyncio.Task[None] | None = None
         self.cg: Any = None
         self.error = ""
+        self.health = HealthState()
+        self._health_call: asyncio.Task[tuple[bool, str]] | None = None
 
     def status(self) -> ReplicaStatus:
         lat = list(self.latencies)
@@ -233,7 +256,8 @@ class Replica:
                              calls=self.calls, failed=self.failed,
                              p50_ms=None if p50 is None else round(p50 * 1000, 3),
                              p99_ms=None if p99 is None else round(p99 * 1000, 3),
-                             constructed=self.constructed)
+                             constructed=self.constructed, healthy=self.health.healthy,
+                             health_failures=self.health.failures)
 
     async def start(self, code: bytes) -> None:
         agent = self.plane.agent
@@ -335,6 +359,73 @@ class Replica:
         self.kill("unexpected message")
         return InvokeReply("crashed", message="the replica sent an unexpected message")
 
+    async def check_health(self, method: str) -> None:
+        """One health check (``service_health_interval_s``): call ``method`` with no
+        arguments, JSON-encoded so the node decodes no user pickle; ``false``, a raise or
+        no answer within ``service_health_timeout_s`` is a failure (``health_step``). A
+        replica busy with calls is not checked (each call has its own timeout)."""
+        if self.dead or not self.ready or not self.health.healthy:
+            return
+        cfg = self.plane.cfg
+        pending = self._health_call
+        if pending is not None and not pending.done():
+            ok, why = False, f"{method!r} has not answered the previous check yet"
+        elif self.lock.locked():
+            return
+        else:
+            task = asyncio.get_running_loop().create_task(self._run_health(method))
+            self._health_call = task
+            try:
+                async with asyncio.timeout(cfg.service_health_timeout_s):
+                    ok, why = await asyncio.shield(task)
+            except TimeoutError:
+                ok, why = False, (f"{method!r} did not answer within "
+                                  f"{cfg.service_health_timeout_s}s")
+        if self.dead:
+            return
+        before = self.health
+        self.health = health_step(self.health, ok, cfg.decisions)
+        if not ok:
+            self.plane.stats["health_checks_failed"] += 1
+            self.plane.agent.log_limited("service_health_check_failed", service=self.service,
+                                         failures=self.health.failures, error=why[:300])
+        if before.healthy and not self.health.healthy:
+            self.plane.stats["replica_health_restarts"] += 1
+            self.plane.agent.log("warning", "service_replica_unhealthy", service=self.service,
+                                 failures=self.health.failures, error=why[:300])
+            self.plane.agent.spawn(self._drain_and_kill(
+                f"unhealthy: {self.health.failures} health checks failed in a row "
+                f"(last: {why[:200]})"))
+
+    async def _run_health(self, method: str) -> tuple[bool, str]:
+        async with self.lock:
+            if self.dead or self.writer is None:
+                return False, "the replica's process died"
+            env = replica_encoder.encode(Call(method, "json"))
+            try:
+                self.writer.write(frame_header(env, 0))
+                await self.writer.drain()
+                msg, body = await self._read()
+            except (_ReplicaDied, ConnectionError) as e:
+                self.kill(str(e))
+                return False, str(e)
+        if isinstance(msg, Done):
+            if body.strip() == b"false":
+                return False, f"{method!r} returned false"
+            return True, ""
+        if isinstance(msg, Failed):
+            return False, f"{method!r} failed ({msg.kind}): {msg.message}"
+        return False, "the replica sent an unexpected message"
+
+    async def _drain_and_kill(self, why: str) -> None:
+        deadline = time.monotonic() + self.plane.cfg.service_health_drain_s
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = deadline - time.monotonic()
+        if left > 0:
+            await asyncio.sleep(left)  # listed unhealthy until the peers' next poll
+        self.kill(why)
+
     def kill(self, why: str) -> None:
         if self.dead:
             return
@@ -382,12 +473,25 @@ class ServicePlane:
         """Per service, (second, calls routed from here that second), the last window."""
         self._bad: dict[str, float] = {}
         self.stats: Counter[str] = Counter()
+        self.call_metrics = ServiceCallMetrics()
+        """Calls entered here, for the node's Prometheus metrics (``runtime/observe.py``)."""
         self.rng = random.Random(agent.rng.random())
         self._cg_seq = 0
         self._round_started_at = -math.inf
         """When the last complete round of status polls began: a service installed
         after it is not placed yet (its call counts and replicas are not all known)."""
         self._stopping = False
+
+    def replica_states(self) -> dict[str, tuple[str, int]]:
+        """Service -> (this node's replica: starting, ready or unhealthy; its calls in
+        flight), for the metrics."""
+        out = {}
+        for name, r in self.replicas.items():
+            if r.dead or name not in self.specs:
+                continue
+            state = "starting" if not r.ready else "ready" if r.health.healthy else "unhealthy"
+            out[name] = (state, r.inflight)
+        return out
 
     def next_cg(self) -> int:
         self._cg_seq += 1
@@ -406,6 +510,7 @@ class ServicePlane:
         a.serve(api.STATUS, self._rpc_status)
         a.spawn(self._status_loop())
         a.spawn(self._reconcile_loop())
+        a.spawn(self._health_loop())
 
     async def stop(self) -> None:
         self._stopping = True
@@ -671,7 +776,8 @@ class ServicePlane:
             inflight = sum(t.replicas[name].inflight for t in tables.values()
                            if name in t.replicas)
             running = sum(1 for t in tables.values()
-                          if name in t.replicas and t.replicas[name].ready)
+                          if name in t.replicas and t.replicas[name].ready
+                          and t.replicas[name].healthy)
             self.scale[name] = autoscale_step(auto, self.cfg.decisions, state, now,
                                               float(inflight), running)
 
@@ -721,11 +827,27 @@ class ServicePlane:
                 self.replicas.pop(name)
                 continue
             ready = [node for node, t in tables.items()
-                     if name in t.replicas and t.replicas[name].ready]
+                     if name in t.replicas and t.replicas[name].ready
+                     and t.replicas[name].healthy]
             placement = place_service(self.core[name], view, sources.get(name, {}),
                                       self._count(name, tables), current=current[name])
             if not keep_replica(me, placement, ready):
                 self._stop_replica(name, "placed elsewhere")
+
+    async def _health_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.cfg.service_health_interval_s)
+            checks = []
+            for name, r in list(self.replicas.items()):
+                w = self.specs.get(name)
+                if w is not None and w.health is not None:
+                    checks.append(r.check_health(w.health))
+            if checks:
+                results = await asyncio.gather(*checks, return_exceptions=True)
+                for e in results:
+                    if isinstance(e, Exception):
+                        self.agent.log_limited("service_health_loop_failed",
+                                               error=str(e)[:300])
 
     def _start_replica(self, name: str) -> None:
         w = self.specs[name]
@@ -768,7 +890,7 @@ class ServicePlane:
 
     async def _rpc_invoke(self, req: InvokeRequest) -> InvokeReply:
         r = self.replicas.get(req.service)
-        if r is None or not r.ready or r.dead:
+        if r is None or not r.ready or r.dead or not r.health.healthy:
             return InvokeReply("not-here", message=f"{self.agent.name} runs no ready "
                                f"replica of {req.service!r}")
         return await r.call(req.method, req.args, req.encoding, req.timeout_s)
@@ -784,7 +906,7 @@ class ServicePlane:
                 continue
             # Alive or suspect, as every plane counts a member; a suspect node that is
             # really gone is quarantined by the first call that cannot reach it.
-            healthy = rs.ready and m.state <= State.SUSPECT and \
+            healthy = rs.ready and rs.healthy and m.state <= State.SUSPECT and \
                 now >= self._bad.get(node, -math.inf)
             coord = self.agent.m.coordinate() if node == self.agent.name else m.coord
             out.append(ReplicaView(node, m.meta.region, m.meta.zone, rs.inflight, healthy,
@@ -800,6 +922,19 @@ class ServicePlane:
             raise ApiError(ErrorCode.NOT_FOUND,
                            f"service {name!r} has no method {req.method!r} (it has: "
                            f"{', '.join(w.methods[:20])})")
+        key = self.call_metrics.key(name, req.method)
+        self.call_metrics.started(key)
+        t0 = time.monotonic()
+        outcome = "cancelled"
+        try:
+            reply = await self._route_call(req)
+            outcome = reply.outcome
+            return reply
+        finally:
+            self.call_metrics.ended(key, outcome, time.monotonic() - t0)
+
+    async def _route_call(self, req: CallRequest) -> CallReply:
+        name = req.service
         spec = self.core[name]
         self._note_call(name)
         my_region = self.agent.meta.region
@@ -908,6 +1043,25 @@ class ServicePlane:
         return out
 
     # ------------------------------------------------------------------ list
+
+    def view(self) -> dict[str, Any]:
+        """What the dashboard shows of the services (``/api/v1/services``): per service its
+        replicas per node (state, in flight, calls, p50/p99), the calls in flight on them
+        and per source region, from this node's latest status tables."""
+        out = []
+        for s in self._rpc_list(Empty()).services:
+            reps = []
+            for r in s.replicas:
+                state = "starting" if not r.ready else "ready" if r.healthy else "unhealthy"
+                reps.append({"node": r.node, "region": r.region, "state": state,
+                             "inflight": r.inflight, "calls": r.calls, "failed": r.failed,
+                             "p50_ms": r.p50_ms, "p99_ms": r.p99_ms})
+            out.append({
+                "name": s.spec.name, "placement": s.spec.placement, "desired": s.desired,
+                "health": s.spec.health, "replicas": reps,
+                "inflight": sum(r.inflight for r in s.replicas),
+                "calls_by_region": dict(s.calls_by_region), "unplaceable": s.unplaceable})
+        return {"services": out}
 
     def _rpc_list(self, _: Empty) -> ListReply:
         tables = self._tables()

@@ -38,9 +38,17 @@ which is judged by what the caller's node could know):
   count, or the desired count most live nodes hold), capped by the live nodes the rules
   allow (for a central service, those of one region);
 - each call goes to a replica in the caller's region whenever the caller's node's view
-  has a healthy replica there that the call has not tried (``routing_violations``); and,
+  has a healthy replica there that the call has not tried (``routing_violations``), and
+  never to one its view lists as unhealthy (``unhealthy_routes``); and,
   against the truth, the share of first attempts sent in-region while a replica was
   ready on a live node there is reported (``first_local``).
+
+Health: every service has a health method in the simulator. Each node checks its ready
+replicas every ``health_interval_s`` and steps ``core.services.health_step``; a replica
+made sick by the fault ``ServiceMesh.sicken`` fails its checks, and after
+``health_failures`` in a row it is unhealthy: gossiped as not healthy, it answers "not
+here" to calls, and once its calls in flight are done the node starts a new one (which
+is well), as the runtime does.
 
 The decisions are parameters (``placer``, ``router``, ``fail_over``; by default the
 core's), so a test can hand in a broken one and see an oracle catch it.
@@ -64,6 +72,7 @@ from meshscale.core.services import (
     CENTRAL,
     Autoscale,
     CallFailed,
+    HealthState,
     ReplicaView,
     Retry,
     ScaleState,
@@ -75,6 +84,7 @@ from meshscale.core.services import (
     agreed_count,
     autoscale_step,
     failover,
+    health_step,
     keep_replica,
     place_service,
     redirect,
@@ -138,6 +148,12 @@ class _Replica:
     ready_at: float
     inflight: int = 0
     stopping: bool = False
+    sick: bool = False
+    """Its health method fails (the fault ``ServiceMesh.sicken``)."""
+    health: HealthState = field(default_factory=HealthState)
+
+    def serving(self, now: float) -> bool:
+        return not self.stopping and self.ready_at <= now and self.health.healthy
 
 
 @dataclass(frozen=True)
@@ -147,7 +163,7 @@ class Snapshot:
     seq: int
     view: tuple[NodeState, ...]
     replicas: Mapping[str, Mapping[str, tuple[bool, int]]]
-    """service -> node -> (ready, calls in flight)."""
+    """service -> node -> (ready and healthy, calls in flight)."""
     sources: Mapping[str, Mapping[str, int]]
     """service -> caller region -> calls over the last window."""
     desired: Mapping[str, tuple[ScaleState, ...]]
@@ -178,6 +194,7 @@ class ServiceNode:
         self._timers: list[tuple[float, int, str, int, str]] = []
         self._seq = 0
         self._out: list[Output] = []
+        self._timer(self.rng.uniform(0.0, mesh.health_interval_s), "health")
 
     # driver contract
     def handle_datagram(self, src: str, payload: bytes, now: float) -> None:
@@ -225,6 +242,17 @@ class ServiceNode:
                 rep = self.running.get(text)
                 if rep is not None and not rep.stopping:
                     self.mesh.replica_ready(self.name, text, now)
+            elif kind == "health":
+                self._check_health(now)
+                self._timer(now + self.mesh.health_interval_s, "health")
+
+    def _check_health(self, now: float) -> None:
+        for service, rep in sorted(self.running.items()):
+            if rep.stopping or rep.ready_at > now or not rep.health.healthy:
+                continue
+            rep.health = health_step(rep.health, not rep.sick, self.mesh.config)
+            if not rep.health.healthy:
+                self.mesh.replica_unhealthy(self.name, service, now)
 
     def drain(self) -> list[Output]:
         out, self._out = self._out, []
@@ -241,7 +269,7 @@ class ServiceNode:
     # replica side
     def _serve(self, src: str, cid: int, service: str, method: str, now: float) -> None:
         rep = self.running.get(service)
-        if rep is None or rep.stopping or rep.ready_at > now:
+        if rep is None or not rep.serving(now):
             self._send(src, _NOT_HERE, cid, service, method)
             return
         rep.inflight += 1
@@ -286,7 +314,10 @@ class ServiceNode:
             self.placed[name] = placement
             mine = self.running.get(name)
             wanted = isinstance(placement, ServicePlacement) and self.name in placement.nodes
-            if wanted and (mine is None or mine.stopping):
+            if wanted and mine is not None and not mine.health.healthy:
+                if mine.inflight == 0:
+                    self._start(name, now)  # a new process in place of the unhealthy one
+            elif wanted and (mine is None or mine.stopping):
                 if mine is not None:
                     mine.stopping = False
                 else:
@@ -315,6 +346,10 @@ class ServiceNode:
         for n, (ready, inflight) in sorted(self.table.get(service, {}).items()):
             v = self.view.get(n)
             if v is not None:
+                # This node's own replica: its health is known here before any gossip.
+                mine = self.running.get(service) if n == self.name else None
+                if mine is not None and not mine.health.healthy:
+                    ready = False
                 out.append(ReplicaView(n, v.region, v.member.zone, inflight, ready, v.coord))
         return out
 
@@ -419,6 +454,7 @@ class ServiceMesh:
         service_time_s: tuple[float, float] = (0.005, 0.02),
         service_time_of: Mapping[str, tuple[float, float]] | None = None,
         recover_bound_s: float = 5.0,
+        health_interval_s: float = 0.5,
     ) -> None:
         self.topology = topology or Topology.three_regions()
         self.sim = Simulator(self.topology, seed)
@@ -432,6 +468,10 @@ class ServiceMesh:
         self.service_time_s = service_time_s
         self.service_time_of = dict(service_time_of or {})
         self.recover_bound_s = recover_bound_s
+        self.health_interval_s = health_interval_s
+        self.unhealthy_routes: list[str] = []
+        self.unhealthy_marked: list[tuple[float, str, str]] = []
+        """(when, node, service) each time a replica was found unhealthy."""
         self.names = [f"n{i}" for i in range(nodes)]
         self.placements = dict(zip(self.names, self.topology.place(nodes), strict=True))
         regions = list(self.topology.regions)
@@ -515,7 +555,7 @@ class ServiceMesh:
             node = self.node(n)
             for s, rep in node.running.items():
                 if not rep.stopping:
-                    replicas[s][n] = (rep.ready_at <= now, rep.inflight)
+                    replicas[s][n] = (rep.serving(now), rep.inflight)
             while node.sent and node.sent[0][0] < now - self.source_window_s:
                 node.sent.popleft()
             for _, s in node.sent:
@@ -555,6 +595,21 @@ class ServiceMesh:
                 self.ended(cid, None, f"{CALLER_NODE_LOST}: node {name} went down",
                            self.sim.now)
         self.sim.at(self.sim.now + self.detect_s, partial(self._detect, name))
+
+    def sicken(self, name: str, service: str) -> bool:
+        """Make ``name``'s replica of ``service`` fail its health checks (a fault); False
+        when it runs none that is ready and healthy."""
+        if not self.sim.is_up(name):
+            return False
+        rep = self.node(name).running.get(service)
+        if rep is None or not rep.serving(self.sim.now) or rep.sick:
+            return False
+        rep.sick = True
+        self.faults.append((self.sim.now, f"sicken {service} on {name}"))
+        return True
+
+    def replica_unhealthy(self, node: str, service: str, now: float) -> None:
+        self.unhealthy_marked.append((now, node, service))
 
     def _detect(self, name: str) -> None:
         if self.sim.is_up(name) or name in self.detected_down:
@@ -630,10 +685,14 @@ class ServiceMesh:
             now = self.sim.now
             local = any(self.placements[n].region == region
                         and (r := self.node(n).running.get(call.service)) is not None
-                        and not r.stopping and r.ready_at <= now for n in self.up())
+                        and r.serving(now) for n in self.up())
             if local:
                 self.first_local[0] += self.placements[target].region == region
                 self.first_local[1] += 1
+        if any(v.node == target and not v.healthy for v in views):
+            self.unhealthy_routes.append(
+                f"{self.sim.now:.2f} call {call.cid} from {caller} sent to {target}, "
+                "which its view lists as unhealthy")
         near = [v.node for v in views if v.healthy and v.region == region
                 and v.node not in call.tried]
         if near and self.placements[target].region != region:
@@ -644,13 +703,13 @@ class ServiceMesh:
 
     # replica counts
     def targets(self) -> dict[str, tuple[int, int]]:
-        """service -> (ready replicas on live nodes, target)."""
+        """service -> (ready, healthy replicas on live nodes, target)."""
         now = self.sim.now
         up = self.up()
         out = {}
         for spec in self.specs:
             ready = sum(1 for n in up if (r := self.node(n).running.get(spec.name)) is not None
-                        and not r.stopping and r.ready_at <= now)
+                        and r.serving(now))
             allowed = [n for n in up if (spec.residency is None
                                          or spec.residency.allows(self.placements[n].region))
                        and (not isinstance(spec.placement, frozenset)
@@ -748,6 +807,10 @@ class ServiceReport:
     """Non-idempotent calls that ran more than once (must be none)."""
     residency_violations: list[str]
     routing_violations: list[str]
+    unhealthy_routes: list[str]
+    """Calls sent to a replica the caller's node's view listed as unhealthy (none)."""
+    unhealthy_marked: int
+    """Replicas found unhealthy by their health checks (each then replaced)."""
     recovery_problems: list[str]
     recoveries_checked: int
     final_counts: dict[str, tuple[int, int]]
@@ -765,7 +828,7 @@ class ServiceReport:
     def problems(self) -> list[str]:
         out = []
         for name in ("lost", "twice", "ran_twice", "residency_violations",
-                     "routing_violations", "recovery_problems"):
+                     "routing_violations", "unhealthy_routes", "recovery_problems"):
             v = getattr(self, name)
             if v:
                 out.append(f"{name}: {v[0]}")
@@ -804,6 +867,8 @@ def report(mesh: ServiceMesh, seed: int, end: float) -> ServiceReport:
         errors=dict(errors), lost=lost, twice=twice, ran_twice=ran_twice,
         residency_violations=list(mesh.residency_violations),
         routing_violations=list(mesh.routing_violations),
+        unhealthy_routes=list(mesh.unhealthy_routes),
+        unhealthy_marked=len(mesh.unhealthy_marked),
         recovery_problems=recovery, recoveries_checked=checked,
         final_counts=mesh.final_counts(),
         peak_targets={spec.name: max((smp[spec.name][1] for _, smp in mesh.samples),
@@ -872,8 +937,14 @@ def chaos_run(
         if roll < 0.45 and len(down) < 2:
             down[victim] = now + rng.uniform(4.0, 12.0)
             mesh.crash(victim)
-        elif roll < 0.7:
+        elif roll < 0.6:
             mesh.pause(victim, rng.uniform(0.5, 3.0))
+        elif roll < 0.75:
+            services = [sp.name for sp in mesh.specs]
+            rng.shuffle(services)
+            for service in services:
+                if mesh.sicken(victim, service):
+                    break
         else:
             cut = list(up)
             rng.shuffle(cut)

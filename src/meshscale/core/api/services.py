@@ -114,6 +114,9 @@ class ServiceWire(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idempotent: Annotated[list[MethodName], msgspec.Meta(max_length=MAX_IDEMPOTENT)] = []
     methods: Annotated[list[MethodName], msgspec.Meta(min_length=1, max_length=MAX_METHODS)]
     """The class's public methods (a call to another is refused at the caller's node)."""
+    health: MethodName | None = None
+    """The method each replica's node calls every ``service_health_interval_s`` (no
+    arguments; returning ``False``, raising or not answering is a failed check)."""
     class_name: Annotated[str, msgspec.Meta(max_length=256)] = ""
     code_id: Id
     """The object holding the pickled ``(class, args, kwargs)`` (its content id)."""
@@ -195,6 +198,11 @@ class ReplicaStatus(msgspec.Struct, omit_defaults=True):
     p99_ms: float | None = None
     constructed: int = 0
     """Times its class was constructed (1 per process start)."""
+    healthy: bool = True
+    """False once its health method failed ``health_failures`` times in a row: not
+    routed to, and restarted."""
+    health_failures: int = 0
+    """Health checks failed or unanswered in a row now."""
 
 
 class ScaleWire(msgspec.Struct, array_like=True):

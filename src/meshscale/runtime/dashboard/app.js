@@ -384,6 +384,7 @@
     renderTimeline(snap);
     renderTasks(snap);
     renderStreams(snap);
+    renderServices(snap);
     renderEvents();
   }
 
@@ -1764,6 +1765,114 @@
     if (ms < 1) return ms.toFixed(2) + " ms";
     if (ms < 10) return ms.toFixed(1) + " ms";
     return Math.round(ms) + " ms";
+  }
+
+  // ---------------------------------------------------------------- services
+
+  const MAX_SERVICE_ROWS = 64;
+
+  // A service's p50 from its replicas' p50s (each over its last calls), weighted by
+  // their calls; its p99 is the largest replica p99 (an upper bound, not a merge).
+  function serviceLatency(reps) {
+    let weight = 0;
+    let sum = 0;
+    let p99 = null;
+    for (const r of reps) {
+      if (r.p50_ms !== null && r.p50_ms !== undefined) {
+        const w = Math.max(1, Number(r.calls) || 0);
+        weight += w;
+        sum += w * Number(r.p50_ms);
+      }
+      if (r.p99_ms !== null && r.p99_ms !== undefined) {
+        p99 = p99 === null ? Number(r.p99_ms) : Math.max(p99, Number(r.p99_ms));
+      }
+    }
+    return { p50: weight ? sum / weight : null, p99 };
+  }
+
+  function fmtMs(v) {
+    return v === null || v === undefined ? "-" : Number(v).toFixed(2);
+  }
+
+  function renderServices(snap) {
+    const card = $("services-card");
+    const sv = snap.services;
+    if (!sv || typeof sv !== "object") { card.hidden = true; return; }
+    card.hidden = false;
+    const members = new Map(snap.members.map((m) => [m.name, m]));
+    const regionOf = (n) => (members.get(n) || {}).region;
+    const list = (sv.services || []).slice().sort((a, b) => byName(a.name, b.name));
+    if (!list.length) {
+      $("services-wrap").hidden = true;
+      $("services-empty").hidden = false;
+      $("services-empty").textContent = "No services yet: mesh.deploy(Class, name, ...) "
+        + "runs a class as replicas near its callers.";
+      $("services-summary").textContent = "";
+      return;
+    }
+    $("services-wrap").hidden = false;
+    $("services-empty").hidden = true;
+    const body = $("services-body");
+    body.replaceChildren();
+    let replicas = 0;
+    let unhealthy = 0;
+    for (const s of list.slice(0, MAX_SERVICE_ROWS)) {
+      const reps = (s.replicas || []).slice().sort((a, b) => byName(a.node, b.node));
+      const ready = reps.filter((r) => r.state === "ready").length;
+      replicas += reps.length;
+      unhealthy += reps.filter((r) => r.state === "unhealthy").length;
+      const tr = el("tr");
+      tr.dataset.service = s.name;
+      tr.dataset.inflight = String(Number(s.inflight) || 0);
+      tr.append(el("td", "op-name", s.name));
+      tr.append(el("td", null, s.placement + (s.health ? ` · health: ${s.health}` : "")));
+      const count = el("td", "num replicas", `${ready}/${s.desired}`);
+      count.dataset.ready = String(ready);
+      count.dataset.desired = String(s.desired);
+      tr.append(count);
+      const chips = el("td", "replica-nodes");
+      for (const r of reps) {
+        const chip = el("span", "chip replica " + r.state);
+        chip.dataset.node = r.node;
+        chip.dataset.state = r.state;
+        chip.dataset.inflight = String(Number(r.inflight) || 0);
+        chip.title = `${r.node} (${r.region}): ${r.state}, ${r.inflight} in flight, `
+          + `${r.calls} calls answered, ${r.failed} failed, p50 ${fmtMs(r.p50_ms)} ms, `
+          + `p99 ${fmtMs(r.p99_ms)} ms`;
+        chip.append(nodeDot(r.region || regionOf(r.node)), el("b", null, r.node),
+          el("span", "chip-sub", ` · ${r.inflight}`));
+        if (r.state !== "ready") chip.append(el("span", "chip-sub", ` ${r.state}`));
+        chips.append(chip);
+      }
+      if (s.unplaceable) {
+        chips.append(el("span", "unplaceable", `unplaceable: ${s.unplaceable}`));
+        chips.classList.add("unplaceable");
+      } else if (!reps.length) {
+        chips.append(el("span", "sub", "no replica yet"));
+      }
+      tr.append(chips);
+      tr.append(el("td", "num inflight", String(Number(s.inflight) || 0)));
+      const lat = serviceLatency(reps);
+      const p50 = el("td", "num p50", fmtMs(lat.p50));
+      const p99 = el("td", "num p99", fmtMs(lat.p99));
+      if (lat.p50 !== null) p50.dataset.ms = String(lat.p50);
+      if (lat.p99 !== null) p99.dataset.ms = String(lat.p99);
+      tr.append(p50, p99);
+      const by = Object.entries(s.calls_by_region || {}).sort((a, b) => byName(a[0], b[0]));
+      const src = el("td", "calls-by-region");
+      for (const [region, n] of by) {
+        const chip = el("span", "chip");
+        chip.dataset.region = region;
+        chip.append(nodeDot(region), document.createTextNode(`${region} ${fmtNum(Number(n) || 0)}`));
+        src.append(chip);
+      }
+      if (!by.length) src.append(el("span", "sub", "no calls"));
+      tr.append(src);
+      body.append(tr);
+    }
+    $("services-summary").textContent = `${list.length} service${list.length === 1 ? "" : "s"}, `
+      + `${replicas} replica${replicas === 1 ? "" : "s"}`
+      + (unhealthy ? `, ${unhealthy} unhealthy` : "");
   }
 
   function fmtNum(v) {
