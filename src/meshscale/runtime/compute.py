@@ -889,7 +889,8 @@ class ComputePlane:
         except SchedulingError as e:
             raise ValueError(f"refused by the {e.rule} rule: {e}") from None
         except SchedulingOverloaded as e:
-            raise ValueError(f"busy: {e}") from None
+            # Typed, so a client waits and sends the same tasks again (nothing was done).
+            raise ApiError(ErrorCode.BUSY, f"busy: {e}") from None
         groups = self._groups_of(new)
         now = time.monotonic()
         for r in new:
