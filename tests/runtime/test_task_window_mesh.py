@@ -54,8 +54,16 @@ def test_a_map_of_many_times_the_nodes_bound_gets_every_result_in_order(
         seen = list(c.imap(square, (x for x in range(n))))
         assert seen == [x * x for x in range(n)]
         # The owner keeps at most its bound of ended records in memory (the rest are
-        # in the KV), however many tasks it owned.
+        # in the KV), however many tasks it owned ...
         assert _stats(c)["records"] <= MAX_RECORDS
+        # ... and still answers for the ones it dropped (from the KV), and lists the
+        # newest, ended, with where they ran.
+        assert c.future(futs[0].task_id).result(timeout=60) == 0
+        assert c.future(futs[-1].task_id).result(timeout=60) == (n - 1) ** 2
+        rows = c.tasks(limit=10)
+        assert len(rows) == 10 and all(r["state"] == "done" and r["node"] for r in rows)
+        assert [r["submitted"] for r in rows] == sorted((r["submitted"] for r in rows),
+                                                        reverse=True)
 
 
 def test_a_failed_task_raises_at_its_place_in_imap(mesh: LocalMesh) -> None:

@@ -28,14 +28,17 @@ driver (it writes it to the store, where takeover and late questions read it) an
 only an ``Ended``: what a ``tasks`` listing and a result question need (ids, state,
 node, placement reason, times, error and the result itself), with its repeated strings
 (owner, function id, node, name) interned, so ended tasks of one map share them. The
-book keeps at most ``max_records`` of them, the oldest dropped first; a question about
-a dropped one is answered from the store. Measured (CPython 3.11, tracemalloc, a
-finished no-op of a map: 41-byte task id, a 30-byte placement reason, its 5-byte
-pickled result): ``Ended`` with its strings and its place in the book's map costs
-about 330 bytes (ENDED_BYTES), against about 1,090 for the full record it replaces
-(``TaskRecord``, ``Entry`` and their per-record lists and strings); so an owner's
-memory for ended tasks is at most about ``max_records`` x 330 bytes (16 MB at the
-default 50,000) plus the results they returned, whatever the number of tasks it owned.
+book keeps at most ``max_records`` of them (10,000), the oldest dropped first; a
+question about a dropped one is answered from the store (the replicated KV, on disk).
+
+Measured (CPython 3.11, tracemalloc over 20,000 ended no-ops of a map, each with its
+39-byte task id, a 99-byte placement reason and its 5-byte pickled result, the strings
+made afresh as a decoder makes them): ``ENDED_BYTES`` = 551 bytes per ended task held
+(the ``Ended``, its own strings and bytes, its slot in the book's map), against 1,340
+for the full record kept before (``TaskRecord``, ``Entry`` and their per-record lists
+and strings). The task id, reason and result are about 280 of the 551. So the memory
+an owner spends on ended tasks is at most ``max_records`` x ~550 bytes (5.5 MB at the
+default) plus what the kept results hold beyond a no-op's, however many tasks it owned.
 
 Durability and takeover (the runtime writes records to the replicated KV at submit,
 before the submit is acknowledged, and again when a task ends; the simulator models that
@@ -164,8 +167,8 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     """The raised exception, pickled by the worker (``raised``), when it could be."""
 
 
-ENDED_BYTES = 330
-"""Measured memory of one ``Ended`` of a no-op in the book (see the module docstring)."""
+ENDED_BYTES = 551
+"""Measured memory of one ended no-op in the book (see the module docstring)."""
 
 
 class Ended(msgspec.Struct, array_like=True, gc=False):
@@ -257,7 +260,7 @@ class TaskBook:
     """The records one node owns, and the owner's decisions about them."""
 
     name: str
-    max_records: int = 50_000
+    max_records: int = 10_000
     """``Ended`` records kept; the oldest beyond it are dropped (the store has them)."""
     records: OrderedDict[str, Entry] = field(default_factory=OrderedDict)
     """Live tasks (pending or running), oldest first."""

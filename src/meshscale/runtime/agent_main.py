@@ -115,9 +115,9 @@ OPTIONS: tuple[Option, ...] = (
            "64.", example=1024),
     Option("max_pending_tasks", "int", 10_000, "Tasks this node owns and has no result "
            "for; a submit beyond it is refused as busy (clients wait and send it again)."),
-    Option("max_task_records", "int", 50_000, "Ended task records this node keeps in "
-           "memory for `tasks` and result questions (the oldest beyond it are answered "
-           "from the replicated KV)."),
+    Option("max_task_records", "int", 10_000, "Ended task records this node keeps in "
+           "memory for `tasks` and result questions, about 550 bytes each (the oldest "
+           "beyond it are answered from the replicated KV, on disk)."),
     Option("stream_max_backlog", "int", 2000, "Records a stream shard holds for its slowest "
            "operator before producers wait (backpressure)."),
     Option("power_source", "str", "auto", "Where the node's power figures come from: "

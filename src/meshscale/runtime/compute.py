@@ -198,8 +198,10 @@ class ComputeConfig:
     max_args_bytes: int = 512 * 1024
     """Pickled arguments of one task (they ride in the KV record, bounded at 1 MiB)."""
     max_inputs: int = 64
-    max_records: int = 50_000
-    """Task records kept in memory; the oldest finished ones are evicted beyond this."""
+    max_records: int = 10_000
+    """Ended task records kept in memory (``core.tasks.Ended``, ~550 bytes each); the
+    oldest beyond it are answered from the KV. Live tasks are bounded by the scheduler's
+    ``max_pending_tasks``."""
     max_functions: int = 256
     """Function bytes kept by an owner for workers that ask (LRU)."""
     max_function_bytes: int = 16 << 20

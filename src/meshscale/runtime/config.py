@@ -130,7 +130,7 @@ class AgentConfig:
     """Records a stream shard holds for its slowest operator before producers wait."""
     max_pending_tasks: int = 10_000
     """Tasks this node owns with no result yet; a submit beyond it is refused ``busy``."""
-    max_task_records: int = 50_000
+    max_task_records: int = 10_000
     """Ended task records kept in memory (``core.tasks.TaskBook``); older ones are read
     from the KV when asked for."""
     max_http_connections: int = 256
