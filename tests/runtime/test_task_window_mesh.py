@@ -44,14 +44,16 @@ def test_a_map_of_many_times_the_nodes_bound_gets_every_result_in_order(
     with meshscale.connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as c:
         # The client's window (4096 by default) is far above the node's bound: the
         # node answers busy, and the client narrows its window and waits.
-        futs = c.map(square, range(n))
+        said: list[tuple[int, int]] = []
+        futs = c.map(square, range(n), progress=lambda sent, total: said.append((sent, total)))
         assert len(futs) == n
+        assert said[-1] == (n, n) and [s for s, _ in said] == sorted(s for s, _ in said)
         assert c.gather(futs, timeout=240) == [x * x for x in range(n)]
         refused = _stats(c).get("submits_refused.overloaded", 0)
         assert refused > 0, "the node never said busy: the test did not test the wait"
 
         # imap: a generator with no length, results in order as they come.
-        seen = list(c.imap(square, (x for x in range(n))))
+        seen = list(c.imap(square, (x for x in range(n)), progress=True))
         assert seen == [x * x for x in range(n)]
         # The owner keeps at most its bound of ended records in memory (the rest are
         # in the KV), however many tasks it owned ...
