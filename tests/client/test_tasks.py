@@ -337,13 +337,15 @@ def test_backoff_doubles_with_jitter_up_to_a_cap_and_gives_up() -> None:
 
 class _BusyNode:
     """A node's submit and wait, as the client sees them: refuses with ``busy`` any
-    submit that would take it past ``max_pending`` unfinished tasks, and ends tasks when
-    asked to wait."""
+    submit that would take it past ``max_pending`` unfinished tasks (and, with
+    ``busy_every``, every n-th submit: a request in the middle of a round), and ends the
+    two oldest tasks asked about on each wait, each returning its first argument."""
 
-    def __init__(self, max_pending: int) -> None:
+    def __init__(self, max_pending: int, busy_every: int = 0) -> None:
         self.max_pending = max_pending
-        self.pending: dict[str, int] = {}
-        self.order: list[str] = []
+        self.busy_every = busy_every
+        self.submits = 0
+        self.pending: dict[str, bytes] = {}
         self.busy = 0
         self.most_pending = 0
 
@@ -352,29 +354,23 @@ class _BusyNode:
         from meshscale.core.api.tasks import SubmitReply, TaskView, WaitReply
 
         if method.name == "task.submit":
-            if len(self.pending) + len(req.tasks) > self.max_pending:
+            self.submits += 1
+            if len(self.pending) + len(req.tasks) > self.max_pending or (
+                    self.busy_every and self.submits % self.busy_every == 0):
                 self.busy += 1
                 raise MeshError(f"busy: {len(self.pending)} tasks pending", ErrorCode.BUSY)
             for w in req.tasks:
-                self.pending[w.task_id] = 0
-                self.order.append(w.task_id)
+                args, _kwargs, _slots = pickle.loads(w.args)
+                self.pending[w.task_id] = cloudpickle.dumps(args[0])
             self.most_pending = max(self.most_pending, len(self.pending))
             return SubmitReply([w.task_id for w in req.tasks])
         assert method.name == "task.wait"
-        # The node ends the two oldest tasks asked about (as workers would).
         done = [tid for tid in req.task_ids if tid in self.pending][:2]
-        views = []
-        for tid in done:
-            del self.pending[tid]
-            views.append(TaskView(task_id=tid, state="done",
-                                  value=cloudpickle.dumps(self.order.index(tid))))
-        return WaitReply(views, [])
+        return WaitReply([TaskView(task_id=tid, state="done", value=self.pending.pop(tid))
+                          for tid in done], [])
 
 
-def test_a_map_past_the_nodes_bound_waits_on_busy_and_keeps_its_window() -> None:
-    import asyncio
-
-    node = _BusyNode(max_pending=40)
+def _fake_mesh(node: _BusyNode) -> t.AsyncTaskMesh:
     mesh = t.AsyncTaskMesh.__new__(t.AsyncTaskMesh)
     mesh.code = None
     mesh.runner = None
@@ -383,6 +379,14 @@ def test_a_map_past_the_nodes_bound_waits_on_busy_and_keeps_its_window() -> None
     mesh.map_window_tasks = 64
     mesh.busy_give_up_s = 30.0
     mesh._trequest = node.request  # type: ignore[method-assign]
+    return mesh
+
+
+def test_a_map_past_the_nodes_bound_waits_on_busy_and_keeps_its_window() -> None:
+    import asyncio
+
+    node = _BusyNode(max_pending=40)
+    mesh = _fake_mesh(node)
 
     async def run() -> list[int]:
         return [v async for v in mesh.imap(add, range(500))]
@@ -390,3 +394,22 @@ def test_a_map_past_the_nodes_bound_waits_on_busy_and_keeps_its_window() -> None
     assert asyncio.run(run()) == list(range(500))
     assert node.busy > 0  # the window (64) is above the node's bound (40): it said busy
     assert node.most_pending <= 40 and not node.pending
+
+
+def test_map_keeps_order_when_a_request_in_the_middle_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    # Small requests, so one round sends several at once and the node refuses one of
+    # them while taking the ones after it.
+    monkeypatch.setattr(t, "SUBMIT_BATCH", 8)
+    node = _BusyNode(max_pending=1000, busy_every=3)
+    mesh = _fake_mesh(node)
+
+    async def run() -> list[int]:
+        futs = await mesh.map(add, range(300))
+        await mesh.wait(futs)
+        return [await f for f in futs]
+
+    assert asyncio.run(run()) == list(range(300))
+    assert node.busy >= 10  # refused requests were sent again after later ones

@@ -1043,13 +1043,14 @@ class AsyncTaskMesh(AsyncMesh):
         the window and waits (``Backoff``) before the same tasks are sent again; any
         other refusal raises ``TaskSubmitError``.
 
-        ``hold``: yield each run of futures as it is submitted (``submit_many``: the
-        caller keeps them; the last ones may still run), else each run of futures that
-        have ended, in order (``imap``), dropping them here."""
+        ``hold``: yield every future, in order, once all are submitted (``submit_many``:
+        the caller keeps them; the last ones may still run), else each run of futures
+        that have ended, in order (``imap``), dropping them here. Order is the order of
+        ``calls`` even when a refused request is sent again after later ones."""
         win = SubmitWindow(self.map_window_tasks, SUBMIT_BATCH)
         backoff = Backoff(give_up_s=self.busy_give_up_s)
         queue: deque[tuple[TaskWire, Future]] = deque()  # made, to (re)send
-        order: deque[Future] = deque()  # submitted, not handed out (imap)
+        order: deque[Future] = deque()  # made, in order, not handed out
         live: dict[str, Future] = {}  # submitted, not ended: the window
         fn_bytes = b""
         exhausted = False
@@ -1068,8 +1069,7 @@ class AsyncTaskMesh(AsyncMesh):
                 _, fn_bytes, wire = tf._wire(a, kw, self.code)
                 fut = Future(self, wire.task_id, tf.__name__, self.runner)
                 queue.append((wire, fut))
-                if not hold:
-                    order.append(fut)
+                order.append(fut)
 
         def batch(n: int) -> list[tuple[TaskWire, Future]]:
             # One id prefix per submit request (``<prefix>.<n>``): the node keeps the
@@ -1119,8 +1119,6 @@ class AsyncTaskMesh(AsyncMesh):
                         if ok:
                             submitted += len(b)
                             win.accepted(len(b))
-                            if hold:
-                                yield [fut for _, fut in b]
                         else:
                             busy = True
                             win.ended(len(b))
@@ -1146,7 +1144,10 @@ class AsyncTaskMesh(AsyncMesh):
                     if ready:
                         yield ready
                 done = exhausted and not queue
-                if done and (hold or not order):
+                if done and hold:
+                    yield list(order)
+                    return
+                if done and not order:
                     return
                 if live and (win.next_batch() <= 0 or done or not batches):
                     await self._settle(live, win, WAIT_POLL_S)
