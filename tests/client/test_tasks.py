@@ -341,9 +341,12 @@ class _BusyNode:
     ``busy_every``, every n-th submit: a request in the middle of a round), and ends the
     two oldest tasks asked about on each wait, each returning its first argument."""
 
-    def __init__(self, max_pending: int, busy_every: int = 0) -> None:
+    def __init__(self, max_pending: int, busy_every: int = 0, lose_first: int = 0) -> None:
         self.max_pending = max_pending
         self.busy_every = busy_every
+        self.lose_first = lose_first
+        """Take the first n submits, then lose their answers (as a timeout does)."""
+        self.taken: list[str] = []
         self.submits = 0
         self.pending: dict[str, bytes] = {}
         self.busy = 0
@@ -360,9 +363,14 @@ class _BusyNode:
                 self.busy += 1
                 raise MeshError(f"busy: {len(self.pending)} tasks pending", ErrorCode.BUSY)
             for w in req.tasks:
+                if w.task_id in self.taken:
+                    continue  # an id is taken once (the node's idempotency)
+                self.taken.append(w.task_id)
                 args, _kwargs, _slots = pickle.loads(w.args)
                 self.pending[w.task_id] = cloudpickle.dumps(args[0])
             self.most_pending = max(self.most_pending, len(self.pending))
+            if self.submits <= self.lose_first:
+                raise MeshError("fake:1: timed out after 30s", unreachable=True)
             return SubmitReply([w.task_id for w in req.tasks])
         assert method.name == "task.wait"
         done = [tid for tid in req.task_ids if tid in self.pending][:2]
@@ -413,3 +421,27 @@ def test_map_keeps_order_when_a_request_in_the_middle_is_refused(
 
     assert asyncio.run(run()) == list(range(300))
     assert node.busy >= 10  # refused requests were sent again after later ones
+
+
+def test_a_submit_whose_answer_is_lost_is_sent_again_with_the_same_ids() -> None:
+    import asyncio
+
+    node = _BusyNode(max_pending=1000, lose_first=2)
+    mesh = _fake_mesh(node)
+
+    async def run() -> list[int]:
+        return [v async for v in mesh.imap(add, range(200))]
+
+    assert asyncio.run(run()) == list(range(200))
+    assert len(node.taken) == 200  # each task taken once: the resent ones kept their ids
+
+    # An answer lost every time: the map gives up after a few tries, naming why.
+    node = _BusyNode(max_pending=1000, lose_first=10**6)
+    mesh = _fake_mesh(node)
+
+    async def doomed() -> list[int]:
+        return [v async for v in mesh.imap(add, range(10))]
+
+    with pytest.raises(t.TaskSubmitError, match="timed out after 30s"):
+        asyncio.run(doomed())
+    assert node.submits == t.SUBMIT_LOST_TRIES + 1

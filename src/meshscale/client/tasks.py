@@ -807,8 +807,18 @@ BUSY_GIVE_UP_S: Final = 600.0
 ``busy`` without a request getting through before ``TaskSubmitError``."""
 
 
+SUBMIT_LOST_TRIES: Final = 3
+"""Times a submit whose answer never came (timed out, connection lost) is sent again,
+with the same task ids, before ``TaskSubmitError``."""
+
+
 class _Busy(Exception):
     """The node refused a submit with ``ErrorCode.BUSY`` (nothing was submitted)."""
+
+
+class _Lost(Exception):
+    """A submit got no answer (timed out, connection lost): the node may have taken it.
+    Sent again with the same task ids, which the node takes once (idempotency keys)."""
 
 
 class SubmitWindow:
@@ -965,7 +975,8 @@ class AsyncTaskMesh(AsyncMesh):
                 ok = True
             except RpcError as e:
                 ok = conn.is_open
-                raise MeshError(str(e), getattr(e, "code", "")) from None
+                raise MeshError(str(e), getattr(e, "code", ""),
+                                unreachable=e.unreachable) from None
             finally:
                 if ok:
                     self._idle_conns.append(conn)
@@ -1056,6 +1067,8 @@ class AsyncTaskMesh(AsyncMesh):
         exhausted = False
         submitted = 0
         busy_said = ""
+        lost = 0  # submits in a row whose answer was lost
+        sent_once: set[str] = set()  # ids of tasks in a submit whose answer was lost
         bar = _ProgressBar(progress, total, tf.__name__)
 
         def refill(n: int) -> None:
@@ -1074,21 +1087,32 @@ class AsyncTaskMesh(AsyncMesh):
         def batch(n: int) -> list[tuple[TaskWire, Future]]:
             # One id prefix per submit request (``<prefix>.<n>``): the node keeps the
             # records of a request as one KV value.
+            # A task sent before keeps its id: the node may hold it (an answer lost).
             out = [queue.popleft() for _ in range(min(n, len(queue)))]
-            if len(out) > 1:
+            if len(out) > 1 and not any(w.task_id in sent_once for w, _ in out):
                 prefix = uuid.uuid4().hex
                 for i, (w, fut) in enumerate(out):
                     w.task_id = fut.task_id = f"{prefix}.{i}"
             return out
 
         async def send(b: list[tuple[TaskWire, Future]]) -> bool:
-            """False: the node was busy (nothing was submitted)."""
-            nonlocal busy_said
+            """False: the node was busy (nothing was submitted), or its answer was lost
+            (it may have taken the tasks: they keep their ids)."""
+            nonlocal busy_said, lost
             try:
                 reply = await self._submit_batch([w for w, _ in b], fn_bytes)
             except _Busy as e:
                 busy_said = str(e)
                 return False
+            except _Lost as e:
+                lost += 1
+                if lost > SUBMIT_LOST_TRIES:
+                    detail = str(e).removeprefix(f"{self.address}: ")
+                    raise TaskSubmitError(f"submit failed: {detail} ({lost} times)") from None
+                sent_once.update(w.task_id for w, _ in b)
+                busy_said = str(e)
+                return False
+            lost = 0
             for _w, fut in b:
                 live[fut.task_id] = fut
             for r in reply.results:
@@ -1189,6 +1213,8 @@ class AsyncTaskMesh(AsyncMesh):
                     continue
                 if e.code == ErrorCode.BUSY:
                     raise _Busy(msg) from None
+                if e.unreachable:
+                    raise _Lost(msg) from None
                 detail = msg.removeprefix(f"{self.address}: ")
                 raise TaskSubmitError(f"submit refused: {detail}") from None
         raise AssertionError("unreachable")
