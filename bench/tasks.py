@@ -32,6 +32,15 @@ Workloads (``--quick`` sizes in brackets):
   input whose one copy was on the killed node is lost, and its tasks fail;
 - ``idle_rss_mb``: the resident memory of the idle 4-node cluster, summed over its processes.
 
+``--map-size N`` runs something else, meshscale alone: one ``mesh.imap`` of N no-ops
+through the first node of a 3-node ``LocalMesh`` (one task slot per node), every result
+taken in order as it comes, and reports ``map_tasks_per_s`` (N over first submit -> last
+result), ``owner_rss_mb_after`` (the RSS of the node that owned the tasks, its worker
+processes not counted, ``MAP_SETTLE_S`` after the last result; ``owner_rss_mb_idle`` is
+the same before the map), ``client_rss_mb_peak`` (this process, sampled every 50 ms
+during the map; ``client_rss_mb_before`` before it) and the owner's task records in
+memory after (``owner_task_records``).
+
 Each system runs in its own try/except and always tears its cluster down: a system that
 fails (or, for meshscale, lacks the task API) is reported as ``null`` with a reason under
 ``errors``, and the others still run. Prints one table (metrics x systems) and writes JSON:
@@ -251,6 +260,88 @@ def bytes_moved(runs: list[tuple[int, str]], holders: dict[int, set[str]], size:
 
 def settle(seconds: float = 3.0) -> None:
     time.sleep(seconds)  # let lazily started processes (worker pools) come up before RSS
+
+
+MAP_NODES = 3
+MAP_SETTLE_S = 5.0
+MAP_KEYS = ("map_tasks", "map_tasks_per_s", "map_s", "owner_rss_mb_idle",
+            "owner_rss_mb_after", "owner_task_records", "client_rss_mb_before",
+            "client_rss_mb_peak")
+
+
+class _PeakRss:
+    """This process's peak RSS (MB), sampled every ``period_s`` on a thread."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        import threading
+
+        self.peak = rss_mb(os.getpid())
+        self._stop = threading.Event()
+        self._period_s = period_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period_s):
+            self.peak = max(self.peak, rss_mb(os.getpid()))
+
+    def __enter__(self) -> _PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb(os.getpid()))
+
+
+def run_map(n: int, out: dict[str, Any]) -> None:
+    """One ``imap`` of ``n`` no-ops on a 3-node mesh (see the module docstring)."""
+    meshscale, _, _ = _ms_api()
+    from meshscale.core.api import Empty
+    from meshscale.core.api.tasks import TASK_STATS
+    from meshscale.runtime.launcher import LocalMesh
+
+    with tempfile.TemporaryDirectory(prefix="bench-map-") as tmp:
+        lm = LocalMesh(Path(tmp), MAP_NODES, http=False, node_args=["--cpus", "1"])
+        try:
+            lm.start()
+            lm.wait_converged(60)
+            with meshscale.connect(lm.nodes[0].address, bundle=lm.bundle_path) as mesh:
+                owner = lm.processes()[0].pid
+                assert sum(1 for _ in mesh.imap(noop, range(100))) == 100  # warm up
+                settle()
+                out["owner_rss_mb_idle"] = round(rss_mb(owner), 1)
+                out["client_rss_mb_before"] = round(rss_mb(os.getpid()), 1)
+                got = 0
+                t0 = time.perf_counter()
+                with _PeakRss() as peak:
+                    for i, v in enumerate(mesh.imap(noop, range(n))):
+                        if v != i:
+                            raise AssertionError(f"result {i} is {v!r}: out of order")
+                        got += 1
+                took = time.perf_counter() - t0
+                if got != n:
+                    raise AssertionError(f"{got} results of {n}")
+                out["map_tasks"] = n
+                out["map_s"] = round(took, 2)
+                out["map_tasks_per_s"] = round(n / took, 1)
+                out["client_rss_mb_peak"] = round(peak.peak, 1)
+                time.sleep(MAP_SETTLE_S)
+                out["owner_rss_mb_after"] = round(rss_mb(owner), 1)
+                st = mesh._run(mesh._inner._request(TASK_STATS, Empty()))
+                out["owner_task_records"] = st.records
+        finally:
+            track()
+            lm.stop()
+
+
+def map_table(out: dict[str, Any]) -> str:
+    rows = [("metric", "meshscale")] + [(k, fmt(out.get(k))) for k in MAP_KEYS]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{r[0].ljust(w0)}  {r[1].rjust(w1)}" for r in rows]
+    lines.insert(1, f"{'-' * w0}  {'-' * w1}")
+    return "\n".join(lines)
 
 
 class KillRun:
@@ -834,7 +925,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, required=True, help="where to write the results")
     ap.add_argument("--only", default=",".join(SYSTEMS),
                     help="comma-separated subset of " + ",".join(SYSTEMS))
+    ap.add_argument("--map-size", type=int, metavar="N",
+                    help="instead: one imap of N no-ops on a 3-node meshscale mesh")
     args = ap.parse_args(argv)
+    if args.map_size is not None:
+        if args.map_size < 1:
+            ap.error(f"--map-size must be >= 1, not {args.map_size}")
+        return map_main(args.map_size, args.json)
     p = QUICK if args.quick else FULL
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(chosen) - set(SYSTEMS)
@@ -887,6 +984,35 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
+
+
+def map_main(n: int, json_path: Path) -> int:
+    out: dict[str, Any] = {}
+    error = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            run_map(n, out)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    left = leftovers()
+    deadline = time.monotonic() + 15
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = leftovers()
+    doc = {"meshscale": None if error else {k: out.get(k) for k in MAP_KEYS},
+           "errors": {"meshscale": error} if error else {},
+           "config": {"map_size": n, "nodes": MAP_NODES, "slots_per_node": 1,
+                      "settle_s": MAP_SETTLE_S, "host": HOST},
+           "versions": versions(), "leftover_processes": left}
+    print(map_table(out))
+    if error:
+        print(f"meshscale: null ({error})")
+    if left:
+        print("WARNING: processes left behind:\n  " + "\n  ".join(left))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    return 1 if error else 0
 
 
 if __name__ == "__main__":

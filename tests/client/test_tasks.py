@@ -282,3 +282,166 @@ def test_source_lines_the_node_could_not_show_are_filled_in_here() -> None:
                              "ValueError: x\n")
     shown = remote.replace("in add\n", "in add\n    return a + b\n")
     assert t._with_source(shown) == shown  # a line the node showed is left alone
+
+
+def test_the_submit_window_narrows_on_busy_and_widens_as_requests_get_through() -> None:
+    w = t.SubmitWindow(100, 30)
+    assert w.next_batch() == 30
+    w.sent(30)
+    w.sent(30)
+    w.sent(30)
+    assert w.next_batch() == 10  # never more than the window in flight
+    w.sent(10)
+    assert w.next_batch() == 0
+    w.ended(40)
+    assert w.next_batch() == 30
+    # The node said busy with 60 in flight: the window halves below what is in flight,
+    # so nothing more is sent until enough end.
+    w.busy()
+    assert w.size_tasks == 30 and w.next_batch() == 0
+    w.ended(50)
+    assert w.next_batch() == 20
+    w.sent(20)
+    w.accepted(20)  # a request got through: the window widens by its size, to the limit
+    assert w.size_tasks == 50
+    for _ in range(10):
+        w.accepted(30)
+    assert w.size_tasks == 100
+    w.ended(30)
+    for _ in range(20):
+        w.busy()
+    assert w.size_tasks == 1 and w.next_batch() == 1  # always room for one task
+    with pytest.raises(ValueError):
+        w.ended(1)
+    with pytest.raises(ValueError):
+        t.SubmitWindow(0, 10)
+
+
+def test_backoff_doubles_with_jitter_up_to_a_cap_and_gives_up() -> None:
+    import random
+
+    now = [0.0]
+    b = t.Backoff(first_s=0.1, max_s=1.0, give_up_s=5.0, rng=random.Random(7),
+                  clock=lambda: now[0])
+    caps = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    for cap in caps:
+        d = b.next_delay()
+        assert d is not None and cap / 2 <= d <= cap
+        now[0] += d
+    now[0] = 5.0
+    assert b.next_delay() is None  # refused for give_up_s: the caller raises
+    b.reset()  # a request got through: start again from first_s
+    d = b.next_delay()
+    assert d is not None and d <= 0.1
+
+
+class _BusyNode:
+    """A node's submit and wait, as the client sees them: refuses with ``busy`` any
+    submit that would take it past ``max_pending`` unfinished tasks (and, with
+    ``busy_every``, every n-th submit: a request in the middle of a round), and ends the
+    two oldest tasks asked about on each wait, each returning its first argument."""
+
+    def __init__(self, max_pending: int, busy_every: int = 0, lose_first: int = 0) -> None:
+        self.max_pending = max_pending
+        self.busy_every = busy_every
+        self.lose_first = lose_first
+        """Take the first n submits, then lose their answers (as a timeout does)."""
+        self.taken: list[str] = []
+        self.submits = 0
+        self.pending: dict[str, bytes] = {}
+        self.busy = 0
+        self.most_pending = 0
+
+    async def request(self, method: Any, req: Any) -> Any:
+        from meshscale.core.api import ErrorCode
+        from meshscale.core.api.tasks import SubmitReply, TaskView, WaitReply
+
+        if method.name == "task.submit":
+            self.submits += 1
+            if len(self.pending) + len(req.tasks) > self.max_pending or (
+                    self.busy_every and self.submits % self.busy_every == 0):
+                self.busy += 1
+                raise MeshError(f"busy: {len(self.pending)} tasks pending", ErrorCode.BUSY)
+            for w in req.tasks:
+                if w.task_id in self.taken:
+                    continue  # an id is taken once (the node's idempotency)
+                self.taken.append(w.task_id)
+                args, _kwargs, _slots = pickle.loads(w.args)
+                self.pending[w.task_id] = cloudpickle.dumps(args[0])
+            self.most_pending = max(self.most_pending, len(self.pending))
+            if self.submits <= self.lose_first:
+                raise MeshError("fake:1: timed out after 30s", unreachable=True)
+            return SubmitReply([w.task_id for w in req.tasks])
+        assert method.name == "task.wait"
+        done = [tid for tid in req.task_ids if tid in self.pending][:2]
+        return WaitReply([TaskView(task_id=tid, state="done", value=self.pending.pop(tid))
+                          for tid in done], [])
+
+
+def _fake_mesh(node: _BusyNode) -> t.AsyncTaskMesh:
+    mesh = t.AsyncTaskMesh.__new__(t.AsyncTaskMesh)
+    mesh.code = None
+    mesh.runner = None
+    mesh.address = "fake:1"
+    mesh._fns_sent = set()
+    mesh.map_window_tasks = 64
+    mesh.busy_give_up_s = 30.0
+    mesh._trequest = node.request  # type: ignore[method-assign]
+    return mesh
+
+
+def test_a_map_past_the_nodes_bound_waits_on_busy_and_keeps_its_window() -> None:
+    import asyncio
+
+    node = _BusyNode(max_pending=40)
+    mesh = _fake_mesh(node)
+
+    async def run() -> list[int]:
+        return [v async for v in mesh.imap(add, range(500))]
+
+    assert asyncio.run(run()) == list(range(500))
+    assert node.busy > 0  # the window (64) is above the node's bound (40): it said busy
+    assert node.most_pending <= 40 and not node.pending
+
+
+def test_map_keeps_order_when_a_request_in_the_middle_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    # Small requests, so one round sends several at once and the node refuses one of
+    # them while taking the ones after it.
+    monkeypatch.setattr(t, "SUBMIT_BATCH", 8)
+    node = _BusyNode(max_pending=1000, busy_every=3)
+    mesh = _fake_mesh(node)
+
+    async def run() -> list[int]:
+        futs = await mesh.map(add, range(300))
+        await mesh.wait(futs)
+        return [await f for f in futs]
+
+    assert asyncio.run(run()) == list(range(300))
+    assert node.busy >= 10  # refused requests were sent again after later ones
+
+
+def test_a_submit_whose_answer_is_lost_is_sent_again_with_the_same_ids() -> None:
+    import asyncio
+
+    node = _BusyNode(max_pending=1000, lose_first=2)
+    mesh = _fake_mesh(node)
+
+    async def run() -> list[int]:
+        return [v async for v in mesh.imap(add, range(200))]
+
+    assert asyncio.run(run()) == list(range(200))
+    assert len(node.taken) == 200  # each task taken once: the resent ones kept their ids
+
+    # An answer lost every time: the map gives up after a few tries, naming why.
+    node = _BusyNode(max_pending=1000, lose_first=10**6)
+    mesh = _fake_mesh(node)
+
+    async def doomed() -> list[int]:
+        return [v async for v in mesh.imap(add, range(10))]
+
+    with pytest.raises(t.TaskSubmitError, match="timed out after 30s"):
+        asyncio.run(doomed())
+    assert node.submits == t.SUBMIT_LOST_TRIES + 1

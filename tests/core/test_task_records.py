@@ -9,6 +9,7 @@ import pytest
 from meshscale.core.tasks import (
     TERMINAL,
     TRANSITIONS,
+    Ended,
     IllegalTransition,
     LookupAction,
     TaskBook,
@@ -66,14 +67,47 @@ def test_worker_crashes_are_retried_up_to_the_records_retries() -> None:
     assert book.scheduler_finished("t2") == "lost"
 
 
-def test_eviction_keeps_live_and_waited_on_records() -> None:
+def test_ended_tasks_shrink_to_a_bounded_number_of_ended_records() -> None:
     book = TaskBook("a", max_records=3)
-    entries = [book.add(rec(f"t{i}"), float(i)) for i in range(3)]
-    book.finish(entries[0], TaskState.DONE, 1.0)
-    book.finish(entries[1], TaskState.DONE, 1.0)
-    entries[1].waiters = 1
-    book.add(rec("t3"), 3.0)
-    assert "t0" not in book and "t1" in book and "t2" in book and len(book) == 3
+    entries = [book.add(rec(f"t{i}", args=b"x" * 1000, labels={"k": "v"}), float(i))
+               for i in range(10)]
+    # Live tasks are never dropped, however many (the scheduler bounds them).
+    assert len(book.records) == 10 and not book.ended
+    for i, e in enumerate(entries[:8]):
+        full = book.finish(e, TaskState.DONE, 100.0 + i, value=b"%d" % i, node="n2")
+        assert full is e.rec and full.state == TaskState.DONE  # the store gets it all
+    # Ended: only the newest max_records are kept, and as Ended, not full records.
+    assert list(book.ended) == ["t5", "t6", "t7"]
+    assert all(isinstance(x, Ended) for x in book.ended.values())
+    assert "t0" not in book and "t7" in book and "t8" in book and len(book) == 5
+    assert book.stats["ended_evicted"] == 5
+    kept = book.find("t7")
+    assert isinstance(kept, Ended)
+    assert (kept.state, kept.value, kept.node, kept.finished) == (TaskState.DONE, b"7", "n2",
+                                                                  107.0)
+    # What a listing or a result question reads survives; arguments and rules do not.
+    back = book.record("t7")
+    assert back is not None and back.args is None and back.labels == {}
+    assert back.task_id == "t7" and back.owner == "a" and back.fn_id == "fn"
+    # The entry a waiter holds still shows the whole ended record.
+    assert entries[7].rec.labels == {"k": "v"}
+    # An ended task is not live: outcomes for it are duplicates, it cannot be re-added.
+    assert book.get("t7") is None
+    assert book.outcome("t7", ok=True) is Verdict.DUPLICATE
+    with pytest.raises(ValueError):
+        book.add(rec("t7"), 0.0)
+    with pytest.raises(ValueError):
+        Ended.of(rec("t9"))
+
+
+def test_ended_records_stay_bounded_over_a_long_run() -> None:
+    book = TaskBook("a", max_records=100)
+    for i in range(5000):
+        e = book.add(rec(f"t{i}", args=b"a" * 100), float(i))
+        book.finish(e, TaskState.DONE if i % 3 else TaskState.FAILED, float(i),
+                    error="" if i % 3 else "boom")
+        assert len(book.ended) <= 100 and not book.records
+    assert len(book) == 100 and list(book.ended)[-1] == "t4999"
 
 
 def test_adoption_moves_ownership_and_counts() -> None:

@@ -142,8 +142,8 @@ def test_readme_streams_in_10_lines(mesh: LocalMesh, tmp_path: Path) -> None:
 
 
 def test_readme_tasks(mesh: LocalMesh, tmp_path: Path) -> None:
-    """The README's "Tasks" snippets, in order, as one script: futures as arguments,
-    gather, wait, a remote ValueError caught as itself, logs."""
+    """The README's "Tasks" snippets, in order, as one script: map, imap, futures as
+    arguments, gather, wait, a remote ValueError caught as itself, logs."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("\n## Tasks\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
@@ -156,9 +156,9 @@ def test_readme_tasks(mesh: LocalMesh, tmp_path: Path) -> None:
     script.write_text(src)
     out = run([str(script)], timeout=120)
     lines = out.splitlines()
-    assert lines[:3] == ["6", "600", "[3, 1]"], out
-    assert lines[3].startswith("upstream upstream task ") and "ValueError: invalid literal" \
-        in lines[3], out
+    assert lines[:4] == ["6", "600", "6000", "[3, 1]"], out
+    assert lines[4].startswith("upstream upstream task ") and "ValueError: invalid literal" \
+        in lines[4], out
     assert f'File "{script}", line ' in out and ", in parse" in out, out
     assert lines[-2:] == ["done: 1", "parsing 1"], out
 

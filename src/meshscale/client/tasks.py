@@ -57,6 +57,7 @@ import concurrent.futures
 import contextlib
 import io
 import linecache
+import random
 import re
 import sys
 import threading
@@ -65,8 +66,8 @@ import traceback
 import types
 import uuid
 import weakref
-from collections import ChainMap
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections import ChainMap, deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 from pathlib import Path
 from typing import Any, Final, Generic, ParamSpec, TypeVar
@@ -81,6 +82,7 @@ from meshscale.client.mesh import (
     Mesh,
     MeshError,
     ObjectRef,
+    _blocking_iter,
     _LoopThread,
     open_mesh,
 )
@@ -795,6 +797,146 @@ class Future:
         return f"<Future {self.name} {self.task_id} {state}>"
 
 
+# -- submitting in a window ---------------------------------------------------------------
+
+MAP_WINDOW_TASKS: Final = 4096
+"""Default ``map_window_tasks``: tasks one ``map`` keeps in flight at its node (below the
+node's default ``max_pending_tasks``, 10,000, so two clients of one node fit)."""
+BUSY_GIVE_UP_S: Final = 600.0
+"""Default ``busy_give_up_s``: how long a submit keeps retrying a node that answers
+``busy`` without a request getting through before ``TaskSubmitError``."""
+
+
+SUBMIT_LOST_TRIES: Final = 3
+"""Times a submit whose answer never came (timed out, connection lost) is sent again,
+with the same task ids, before ``TaskSubmitError``."""
+
+
+class _Busy(Exception):
+    """The node refused a submit with ``ErrorCode.BUSY`` (nothing was submitted)."""
+
+
+class _Lost(Exception):
+    """A submit got no answer (timed out, connection lost): the node may have taken it.
+    Sent again with the same task ids, which the node takes once (idempotency keys)."""
+
+
+class SubmitWindow:
+    """How many tasks one map keeps in flight at the node that owns them (sans-I/O).
+
+    ``limit_tasks`` bounds it; a ``busy`` answer (another client, or a node bound below
+    the window) halves it, down to one task, and every request that gets through widens
+    it again by its size (additive increase, multiplicative decrease, as TCP's window):
+    the map then runs at what the node takes instead of hammering it."""
+
+    def __init__(self, limit_tasks: int, batch_tasks: int) -> None:
+        if limit_tasks < 1 or batch_tasks < 1:
+            raise ValueError(f"a window of {limit_tasks} tasks in batches of {batch_tasks}: "
+                             "both must be >= 1")
+        self.limit_tasks = limit_tasks
+        self.batch_tasks = batch_tasks
+        self.size_tasks = limit_tasks
+        self.in_flight = 0
+
+    def next_batch(self) -> int:
+        """Tasks the next request may carry (0: wait for some to end)."""
+        return max(0, min(self.batch_tasks, self.size_tasks - self.in_flight))
+
+    def sent(self, n: int) -> None:
+        self.in_flight += n
+
+    def ended(self, n: int) -> None:
+        """``n`` tasks ended (or a request of ``n`` was refused)."""
+        if n > self.in_flight:
+            raise ValueError(f"{n} tasks ended, {self.in_flight} in flight")
+        self.in_flight -= n
+
+    def accepted(self, n: int) -> None:
+        self.size_tasks = min(self.limit_tasks, self.size_tasks + n)
+
+    def busy(self) -> None:
+        self.size_tasks = max(1, min(self.size_tasks, max(self.in_flight, 1)) // 2)
+
+
+class Backoff:
+    """Waits between tries of a refused request: ``first_s`` doubling up to ``max_s``,
+    each drawn uniformly from its upper half (jitter, so clients refused together do not
+    come back together); ``next_delay`` returns None once ``give_up_s`` have passed since
+    the first refusal after a ``reset``."""
+
+    def __init__(self, *, first_s: float = 0.05, max_s: float = 2.0,
+                 give_up_s: float = BUSY_GIVE_UP_S, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.first_s, self.max_s, self.give_up_s = first_s, max_s, give_up_s
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._next = first_s
+        self._since: float | None = None
+
+    def next_delay(self) -> float | None:
+        now = self._clock()
+        if self._since is None:
+            self._since = now
+        elif now - self._since >= self.give_up_s:
+            return None
+        delay = self._next
+        self._next = min(self.max_s, self._next * 2)
+        return self._rng.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self._next = self.first_s
+        self._since = None
+
+
+def _length(items: Any) -> int | None:
+    try:
+        return len(items)
+    except TypeError:
+        return None
+
+
+class _ProgressBar:
+    """``progress`` of a map: True draws a ``rich`` bar on stderr (tasks ended of the
+    total, and how many are submitted), a callable gets ``(submitted, total)`` (total 0
+    when unknown)."""
+
+    def __init__(self, progress: bool | Callable[[int, int], None], total: int | None,
+                 name: str) -> None:
+        self._call = progress if callable(progress) else None
+        self._total = total
+        self._bar: Any = None
+        self._last = -1
+        if progress is True:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[sent]}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=False)
+            self._task = self._bar.add_task(name, total=total, sent="")
+            self._bar.start()
+
+    def update(self, submitted: int, ended: int) -> None:
+        if self._call is not None and submitted != self._last:
+            self._last = submitted
+            self._call(submitted, self._total or 0)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=ended, sent=f"{submitted} submitted")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
 # -- meshes with tasks ------------------------------------------------------------------
 
 
@@ -816,6 +958,11 @@ class AsyncTaskMesh(AsyncMesh):
         self._watcher: asyncio.Future[None] | None = None
         self._callback_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._closing = False
+        self.map_window_tasks = MAP_WINDOW_TASKS
+        """Tasks one ``map``/``imap``/``submit_many`` keeps in flight at the node (which
+        owns them); the rest wait here until some end."""
+        self.busy_give_up_s = BUSY_GIVE_UP_S
+        """How long a submit keeps waiting on a node that answers ``busy``."""
 
     async def _trequest(self, method: Method[Req, Rep], req: Req) -> Rep:
         """A typed task call on one of the extra connections; ``MeshError`` if it fails."""
@@ -828,7 +975,8 @@ class AsyncTaskMesh(AsyncMesh):
                 ok = True
             except RpcError as e:
                 ok = conn.is_open
-                raise MeshError(str(e), getattr(e, "code", "")) from None
+                raise MeshError(str(e), getattr(e, "code", ""),
+                                unreachable=e.unreachable) from None
             finally:
                 if ok:
                     self._idle_conns.append(conn)
@@ -842,77 +990,213 @@ class AsyncTaskMesh(AsyncMesh):
 
     async def map(self, f: Any, iterable: Iterable[Any],
                   progress: bool | Callable[[int, int], None] = False) -> list[Future]:
-        """One task per item (``f(item)``), submitted in batches; returns the futures in
-        order. ``progress``: True prints a line to stderr, or ``progress(done, total)``."""
-        return await self.submit_many(f, [((x,), {}) for x in iterable], progress=progress)
+        """One task per item (``f(item)``); returns the futures in order, once every task
+        is submitted. At most ``map_window_tasks`` of them are in flight at the node at
+        a time (the rest wait here, taken from ``iterable`` as tasks end), so a map of
+        any length never meets the node's ``max_pending_tasks``; the futures (and their
+        results) stay here, so use ``imap`` for a map too long to hold. ``progress``: True
+        shows a progress bar on stderr, or ``progress(submitted, total)`` (total 0 when
+        ``iterable`` has no length)."""
+        return await self.submit_many(f, (((x,), {}) for x in iterable), progress=progress,
+                                      total=_length(iterable))
+
+    async def imap(self, f: Any, iterable: Iterable[Any],
+                   progress: bool | Callable[[int, int], None] = False) -> AsyncIterator[Any]:
+        """``f(item)`` for each item, as the results come in, in order (as
+        ``concurrent.futures.Executor.map``): items are taken from ``iterable`` as tasks
+        end, at most ``map_window_tasks`` in flight, and a result is dropped here once
+        handed out, so memory on both sides stays bounded however long the map. A task
+        that failed raises its error at its place (the map stops)."""
+        async for chunk in self._imap_chunks(f, iterable, progress):
+            for ok, value in chunk:
+                if not ok:
+                    raise value
+                yield value
+
+    async def _imap_chunks(self, f: Any, iterable: Iterable[Any],
+                           progress: bool | Callable[[int, int], None]
+                           ) -> AsyncGenerator[list[tuple[bool, Any]], None]:
+        """``imap``'s results, a run of ended tasks at a time: ``(True, value)`` or
+        ``(False, error)`` each (a blocking mesh walks it with one round trip per run)."""
+        stream = self._windowed(_as_task(f), (((x,), {}) for x in iterable), progress,
+                                _length(iterable), hold=False)
+        async for futs in stream:
+            chunk: list[tuple[bool, Any]] = []
+            for fut in futs:
+                try:
+                    chunk.append((True, await fut._load()))
+                except Exception as e:
+                    chunk.append((False, e))
+            yield chunk
 
     async def submit_many(
-        self, f: Any, calls: Sequence[tuple[Sequence[Any], dict[str, Any]]],
-        progress: bool | Callable[[int, int], None] = False,
+        self, f: Any, calls: Iterable[tuple[Sequence[Any], dict[str, Any]]],
+        progress: bool | Callable[[int, int], None] = False, total: int | None = None,
     ) -> list[Future]:
-        tf = _as_task(f)
-        wires: list[TaskWire] = []
-        fn_bytes = b""
-        for a, kw in calls:
-            _, fn_bytes, wire = tf._wire(a, kw, self.code)
-            wires.append(wire)
-        report: Callable[[int, int], None] | None
-        if progress is True:
-            def report(done: int, total: int) -> None:
-                sys.stderr.write(f"\rsubmitted {done}/{total} {tf.__name__}")
-                if done == total:
-                    sys.stderr.write("\n")
-                sys.stderr.flush()
-        else:
-            report = progress or None
-        # One id prefix per submit request (``<prefix>.<n>``): the node keeps the
-        # records of a request as one KV value.
-        batches = [wires[i:i + SUBMIT_BATCH] for i in range(0, len(wires), SUBMIT_BATCH)]
-        for batch in batches:
-            if len(batch) > 1:
-                prefix = uuid.uuid4().hex
-                for n, w in enumerate(batch):
-                    w.task_id = f"{prefix}.{n}"
-        futures = [Future(self, w.task_id, tf.__name__, self.runner) for w in wires]
-        by_id = {f.task_id: f for f in futures}
-        submitted = 0
-
-        async def send(batch: list[TaskWire]) -> None:
-            nonlocal submitted
-            reply = await self._submit_batch(batch, fn_bytes)
-            for r in reply.results:
-                fut = by_id.get(r.task_id)
-                if fut is not None and fut._outcome is None and r.state in TERMINAL:
-                    fut._resolve(r)
-            submitted += len(batch)
-            if report is not None:
-                report(submitted, len(wires))
-
-        # The first request alone (it may have to carry the function), the rest
-        # concurrently on the task connections; an error stops the rest from starting.
-        if batches:
-            await send(batches[0])
-        rest = batches[1:]
-        failed: list[BaseException] = []
-
-        async def lane() -> None:
-            while rest and not failed:
-                try:
-                    await send(rest.pop(0))
-                except BaseException as e:
-                    failed.append(e)
-                    raise
-
-        if rest:
-            results = await asyncio.gather(*(lane() for _ in range(min(len(rest),
-                                                                          TASK_CONNECTIONS))),
-                                           return_exceptions=True)
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
+        """``f(*args, **kwargs)`` for each ``(args, kwargs)`` of ``calls``; the futures in
+        order, once all are submitted (at most ``map_window_tasks`` in flight at a time:
+        see ``map``)."""
+        if total is None:
+            total = _length(calls)
+        futures: list[Future] = []
+        async for run in self._windowed(_as_task(f), iter(calls), progress, total,
+                                        hold=True):
+            futures.extend(run)
         return futures
 
+    async def _windowed(self, tf: TaskFunction[Any, Any],
+                        calls: Iterator[tuple[Sequence[Any], dict[str, Any]]],
+                        progress: bool | Callable[[int, int], None], total: int | None,
+                        *, hold: bool) -> AsyncIterator[list[Future]]:
+        """Submit ``calls`` through a ``SubmitWindow``: up to ``TASK_CONNECTIONS`` submit
+        requests at once while the window has room, then a wait for tasks to end. A
+        ``busy`` answer (``ErrorCode.BUSY``: the node's ``max_pending_tasks``) narrows
+        the window and waits (``Backoff``) before the same tasks are sent again; any
+        other refusal raises ``TaskSubmitError``.
+
+        ``hold``: yield every future, in order, once all are submitted (``submit_many``:
+        the caller keeps them; the last ones may still run), else each run of futures
+        that have ended, in order (``imap``), dropping them here. Order is the order of
+        ``calls`` even when a refused request is sent again after later ones."""
+        win = SubmitWindow(self.map_window_tasks, SUBMIT_BATCH)
+        backoff = Backoff(give_up_s=self.busy_give_up_s)
+        queue: deque[tuple[TaskWire, Future]] = deque()  # made, to (re)send
+        order: deque[Future] = deque()  # made, in order, not handed out
+        live: dict[str, Future] = {}  # submitted, not ended: the window
+        fn_bytes = b""
+        exhausted = False
+        submitted = 0
+        busy_said = ""
+        lost = 0  # submits in a row whose answer was lost
+        sent_once: set[str] = set()  # ids of tasks in a submit whose answer was lost
+        bar = _ProgressBar(progress, total, tf.__name__)
+
+        def refill(n: int) -> None:
+            nonlocal exhausted, fn_bytes
+            while len(queue) < n and not exhausted:
+                try:
+                    a, kw = next(calls)
+                except StopIteration:
+                    exhausted = True
+                    return
+                _, fn_bytes, wire = tf._wire(a, kw, self.code)
+                fut = Future(self, wire.task_id, tf.__name__, self.runner)
+                queue.append((wire, fut))
+                order.append(fut)
+
+        def batch(n: int) -> list[tuple[TaskWire, Future]]:
+            # One id prefix per submit request (``<prefix>.<n>``): the node keeps the
+            # records of a request as one KV value.
+            # A task sent before keeps its id: the node may hold it (an answer lost).
+            out = [queue.popleft() for _ in range(min(n, len(queue)))]
+            if len(out) > 1 and not any(w.task_id in sent_once for w, _ in out):
+                prefix = uuid.uuid4().hex
+                for i, (w, fut) in enumerate(out):
+                    w.task_id = fut.task_id = f"{prefix}.{i}"
+            return out
+
+        async def send(b: list[tuple[TaskWire, Future]]) -> bool:
+            """False: the node was busy (nothing was submitted), or its answer was lost
+            (it may have taken the tasks: they keep their ids)."""
+            nonlocal busy_said, lost
+            try:
+                reply = await self._submit_batch([w for w, _ in b], fn_bytes)
+            except _Busy as e:
+                busy_said = str(e)
+                return False
+            except _Lost as e:
+                lost += 1
+                if lost > SUBMIT_LOST_TRIES:
+                    detail = str(e).removeprefix(f"{self.address}: ")
+                    raise TaskSubmitError(f"submit failed: {detail} ({lost} times)") from None
+                sent_once.update(w.task_id for w, _ in b)
+                busy_said = str(e)
+                return False
+            lost = 0
+            for _w, fut in b:
+                live[fut.task_id] = fut
+            for r in reply.results:
+                ended = live.get(r.task_id)
+                if ended is not None and ended._outcome is None and r.state in TERMINAL:
+                    ended._resolve(r)
+            return True
+
+        try:
+            first = True
+            while True:
+                # Fill the window: the first request alone (it may carry the function).
+                lanes = 1 if first else TASK_CONNECTIONS
+                batches: list[list[tuple[TaskWire, Future]]] = []
+                for _ in range(lanes):
+                    n = min(win.next_batch(), SUBMIT_BATCH)
+                    refill(n)
+                    if n <= 0 or not queue:
+                        break
+                    b = batch(n)
+                    win.sent(len(b))
+                    batches.append(b)
+                if batches:
+                    first = False
+                    oks = await asyncio.gather(*(send(b) for b in batches))
+                    busy = False
+                    for b, ok in zip(batches, oks, strict=True):
+                        if ok:
+                            submitted += len(b)
+                            win.accepted(len(b))
+                        else:
+                            busy = True
+                            win.ended(len(b))
+                            queue.extendleft(reversed(b))
+                    if busy:
+                        win.busy()
+                        delay = backoff.next_delay()
+                        if delay is None:
+                            detail = busy_said.removeprefix(f"{self.address}: ")
+                            raise TaskSubmitError(
+                                f"submit refused: the node stayed busy for "
+                                f"{self.busy_give_up_s:g}s: {detail}")
+                        await self._settle(live, win, delay)
+                    else:
+                        backoff.reset()
+                    bar.update(submitted, submitted - len(live))
+                    if not busy and win.next_batch() > 0 and (queue or not exhausted):
+                        continue
+                if not hold:
+                    ready: list[Future] = []
+                    while order and order[0]._outcome is not None:
+                        ready.append(order.popleft())
+                    if ready:
+                        yield ready
+                done = exhausted and not queue
+                if done and hold:
+                    yield list(order)
+                    return
+                if done and not order:
+                    return
+                if live and (win.next_batch() <= 0 or done or not batches):
+                    await self._settle(live, win, WAIT_POLL_S)
+                    bar.update(submitted, submitted - len(live))
+        finally:
+            bar.close()
+
+    async def _settle(self, live: dict[str, Future], win: SubmitWindow,
+                      timeout: float) -> None:
+        """Wait up to ``timeout`` for tasks of ``live`` to end (a quarter of them, so a
+        wait frees room for a full request, not one task at a time); drop those that
+        did from ``live`` and the window."""
+        if not live:
+            await asyncio.sleep(timeout)
+            return
+        futs = list(live.values())[:WAIT_IDS]
+        await self._poll(futs, timeout, min_done=max(1, min(len(futs) // 4, SUBMIT_BATCH)))
+        ended = [tid for tid, fut in live.items() if fut._outcome is not None]
+        for tid in ended:
+            del live[tid]
+        win.ended(len(ended))
+
     async def _submit_batch(self, batch: list[TaskWire], fn_bytes: bytes) -> SubmitReply:
+        """One ``task.submit``; raises ``_Busy`` when the node is at its bound (nothing
+        was submitted), ``TaskSubmitError`` for any other refusal."""
         fn_id = batch[0].fn_id
         if fn_id in self._fns_sent:
             for w in batch:
@@ -927,22 +1211,27 @@ class AsyncTaskMesh(AsyncMesh):
                 if e.code == ErrorCode.NEED_FUNCTION and attempt == 0:
                     batch[0].fn = fn_bytes  # the node asked: send the bytes once
                     continue
+                if e.code == ErrorCode.BUSY:
+                    raise _Busy(msg) from None
+                if e.unreachable:
+                    raise _Lost(msg) from None
                 detail = msg.removeprefix(f"{self.address}: ")
                 raise TaskSubmitError(f"submit refused: {detail}") from None
         raise AssertionError("unreachable")
 
     async def _poll(self, futures: Sequence[Future], timeout: float, *,
-                    every: bool = False) -> None:
+                    every: bool = False, min_done: int = 1) -> None:
         """Ask the node for the outcomes of those futures not yet resolved; waits up to
-        ``timeout`` for at least one (``every``: for all of those asked about, so a
-        large ``wait`` costs a few calls, not one per completion)."""
+        ``timeout`` for at least ``min_done`` of them (``every``: for all of those asked
+        about, so a large ``wait`` costs a few calls, not one per completion)."""
         pending = [f for f in futures if f._outcome is None]
         if not pending:
             return
         by_id = {f.task_id: f for f in pending[:WAIT_IDS]}
         ids = list(by_id)
         reply = await self._trequest(TASK_WAIT, WaitRequest(
-            task_ids=ids, timeout_s=max(0.0, timeout), min_done=len(ids) if every else 1))
+            task_ids=ids, timeout_s=max(0.0, timeout),
+            min_done=len(ids) if every else max(1, min(min_done, len(ids)))))
         for r in reply.results:
             fut = by_id.get(r.task_id)
             if fut is not None and r.state in TERMINAL:
@@ -1089,9 +1378,34 @@ class TaskMesh(ServicesMixin, StreamsMixin, Mesh):
 
     def map(self, f: Any, iterable: Iterable[Any],
             progress: bool | Callable[[int, int], None] = False) -> list[Future]:
-        """One task per item, submitted in batches; the futures in order."""
-        items = list(iterable)
-        return self._run(self._inner.map(f, items, progress=progress))
+        """One task per item; the futures in order, once all are submitted, with at most
+        ``map_window_tasks`` in flight at a time (see ``AsyncTaskMesh.map``; ``imap``
+        for a map too long to keep every future). ``progress=True`` shows a bar."""
+        return self._run(self._inner.map(f, iterable, progress=progress))
+
+    def imap(self, f: Any, iterable: Iterable[Any],
+             progress: bool | Callable[[int, int], None] = False) -> Iterator[Any]:
+        """``f(item)`` for each item, the results in order as they come (as
+        ``concurrent.futures.Executor.map``), with bounded memory here and at the node
+        however long ``iterable`` is (see ``AsyncTaskMesh.imap``). A failed task raises
+        its error at its place. ``progress=True`` shows a bar."""
+        chunks = _blocking_iter(self, self._inner._imap_chunks(f, iterable, progress))
+        try:
+            for chunk in chunks:
+                for ok, value in chunk:
+                    if not ok:
+                        raise value
+                    yield value
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    def submit_many(self, f: Any, calls: Iterable[tuple[Sequence[Any], dict[str, Any]]],
+                    progress: bool | Callable[[int, int], None] = False) -> list[Future]:
+        """``f(*args, **kwargs)`` for each ``(args, kwargs)``; the futures in order (as
+        ``map``)."""
+        return self._run(self._inner.submit_many(f, calls, progress=progress))
 
     def wait(self, futures: Iterable[Future], timeout: float | None = None,
              return_when: str = ALL_COMPLETED) -> tuple[list[Future], list[Future]]:
@@ -1246,14 +1560,26 @@ async def connect_async(
     read_ahead: int = READ_AHEAD,
     working_dir: str | Path | None = None,
     py_modules: Sequence[Any] | None = None,
+    map_window_tasks: int = MAP_WINDOW_TASKS,
+    busy_give_up_s: float = BUSY_GIVE_UP_S,
 ) -> AsyncTaskMesh:
-    """Like ``client.mesh.connect_async``, with tasks. ``working_dir`` and
-    ``py_modules``: see ``connect``."""
+    """Like ``client.mesh.connect_async``, with tasks. ``working_dir``, ``py_modules``,
+    ``map_window_tasks`` and ``busy_give_up_s``: see ``connect``."""
+    _check_window(map_window_tasks, busy_give_up_s)
     code = _pack_code(working_dir, py_modules)
     mesh = await open_mesh(AsyncTaskMesh, address, bundle=bundle, token=token,
                            timeout=timeout, read_ahead=read_ahead)
     mesh.code = code
+    mesh.map_window_tasks = map_window_tasks
+    mesh.busy_give_up_s = busy_give_up_s
     return mesh
+
+
+def _check_window(map_window_tasks: int, busy_give_up_s: float) -> None:
+    if not isinstance(map_window_tasks, int) or map_window_tasks < 1:
+        raise ValueError(f"map_window_tasks must be an int >= 1, not {map_window_tasks!r}")
+    if not busy_give_up_s > 0:
+        raise ValueError(f"busy_give_up_s must be > 0, not {busy_give_up_s!r}")
 
 
 def _pack_code(working_dir: str | Path | None,
@@ -1272,6 +1598,8 @@ def connect(
     read_ahead: int = READ_AHEAD,
     working_dir: str | Path | None = None,
     py_modules: Sequence[Any] | None = None,
+    map_window_tasks: int = MAP_WINDOW_TASKS,
+    busy_give_up_s: float = BUSY_GIVE_UP_S,
 ) -> TaskMesh:
     """Connect to the mesh through the node at ``address`` (blocking API, with tasks);
     it becomes the default mesh of ``@task(...).submit``. ``token`` and ``read_ahead``:
@@ -1283,14 +1611,23 @@ def connect(
     its hash (``client/codepack.py``: caches and VCS directories left out, at most
     ``MAX_CODE_ARCHIVE_BYTES``), sent with the functions and unpacked once per hash on
     each worker node. Raises ``CodeArchiveError`` (a ``ValueError``) before connecting
-    for a missing directory, an entry that is not importable or too much."""
+    for a missing directory, an entry that is not importable or too much.
+
+    ``map_window_tasks``: tasks one ``map``, ``imap`` or ``submit_many`` keeps in flight
+    at the node (the rest are taken from the iterable as tasks end), so a map of any
+    length fits the node's ``max_pending_tasks``. ``busy_give_up_s``: how long a submit
+    keeps waiting (with backoff) on a node that answers ``busy`` before it raises
+    ``TaskSubmitError``."""
     global _default
+    _check_window(map_window_tasks, busy_give_up_s)
     code = _pack_code(working_dir, py_modules)
     runner = _LoopThread()
     try:
         inner = runner.run(connect_async(address, bundle=bundle, token=token, timeout=timeout,
                                          read_ahead=read_ahead))
         inner.code = code
+        inner.map_window_tasks = map_window_tasks
+        inner.busy_give_up_s = busy_give_up_s
     except BaseException:
         runner.stop()
         raise

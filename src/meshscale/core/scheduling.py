@@ -321,8 +321,10 @@ class SchedulingConfig:
     """Reservations handed over per steal."""
     max_steal_hint: int = 64
     """Object ids a thief names in a steal request."""
-    max_finished_remembered: int = 100_000
-    """Finished task ids remembered to drop duplicate results."""
+    max_finished_remembered: int = 10_000
+    """Finished task ids remembered, to count a late result for one as a duplicate
+    (``results_duplicate``) rather than ``results_unknown`` (both are dropped): about
+    130 bytes each, so 1.3 MB at most."""
     sweep_interval_s: float = 0.25
     """Period of the timeout sweep."""
     max_message_bytes: int = 4 << 20

@@ -113,6 +113,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("disk_reserve_mb", "int", None, "Free space the data dir keeps, in MB: object "
            "and KV writes that would eat into it are refused (deletes still work); default "
            "64.", example=1024),
+    Option("max_pending_tasks", "int", 10_000, "Tasks this node owns and has no result "
+           "for; a submit beyond it is refused as busy (clients wait and send it again)."),
+    Option("max_task_records", "int", 10_000, "Ended task records this node keeps in "
+           "memory for `tasks` and result questions, about 550 bytes each (the oldest "
+           "beyond it are answered from the replicated KV, on disk)."),
     Option("stream_max_backlog", "int", 2000, "Records a stream shard holds for its slowest "
            "operator before producers wait (backpressure)."),
     Option("power_source", "str", "auto", "Where the node's power figures come from: "
@@ -167,6 +172,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "task_log_bytes": (1, 256 * 1024),  # both streams fit one KV value (1 MiB)
     "disk_reserve_mb": (0, 1 << 40),
     "stream_max_backlog": (1, 1_000_000),
+    "max_pending_tasks": (1, 10_000_000),
+    "max_task_records": (1, 10_000_000),
     "cpus": (1, 4096),
     "memory_mb": (1, 1 << 40),
     "audit_segment_bytes": (4096, 1 << 34),
@@ -514,6 +521,8 @@ def start(argv: Sequence[str]) -> None:
                                      create_worker_user=s.create_worker_user,
                                      metrics_public=s.metrics_public,
                                      stream_max_backlog=s.stream_max_backlog,
+                                     max_pending_tasks=s.max_pending_tasks,
+                                     max_task_records=s.max_task_records,
                                      power=power,
                                      energy=energy,
                                      audit=AuditConfig(

@@ -42,12 +42,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import os
 import pickle
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -130,6 +132,7 @@ from meshscale.core.scheduling import (
 )
 from meshscale.core.tasks import (
     TERMINAL,
+    Ended,
     Entry,
     LookupAction,
     TaskBook,
@@ -195,8 +198,10 @@ class ComputeConfig:
     max_args_bytes: int = 512 * 1024
     """Pickled arguments of one task (they ride in the KV record, bounded at 1 MiB)."""
     max_inputs: int = 64
-    max_records: int = 50_000
-    """Task records kept in memory; the oldest finished ones are evicted beyond this."""
+    max_records: int = 10_000
+    """Ended task records kept in memory (``core.tasks.Ended``, ~550 bytes each); the
+    oldest beyond it are answered from the KV. Live tasks are bounded by the scheduler's
+    ``max_pending_tasks``."""
     max_functions: int = 256
     """Function bytes kept by an owner for workers that ask (LRU)."""
     max_function_bytes: int = 16 << 20
@@ -889,7 +894,8 @@ class ComputePlane:
         except SchedulingError as e:
             raise ValueError(f"refused by the {e.rule} rule: {e}") from None
         except SchedulingOverloaded as e:
-            raise ValueError(f"busy: {e}") from None
+            # Typed, so a client waits and sends the same tasks again (nothing was done).
+            raise ApiError(ErrorCode.BUSY, f"busy: {e}") from None
         groups = self._groups_of(new)
         now = time.monotonic()
         for r in new:
@@ -1092,10 +1098,11 @@ class ComputePlane:
         owner or its record), or as soon as ``e`` itself has ended (cancelled)."""
         unknown_tries = 0
         while e.rec.state not in TERMINAL:
+            ended = self.book.ended.get(tid)
+            if ended is not None:
+                return self._view_of(ended)
             up = self.book.get(tid)
             if up is not None:
-                if up.rec.state in TERMINAL:
-                    return self._view_of(up.rec)
                 up.waiters += 1
                 try:
                     await self._changed(self.cfg.max_wait_s)
@@ -1190,7 +1197,7 @@ class ComputePlane:
         return FnReply(data)
 
     @staticmethod
-    def _view_of(r: TaskRecord) -> TaskView:
+    def _view_of(r: TaskRecord | Ended) -> TaskView:
         """A record as an answer (the one place it is converted)."""
         ref = None if r.ref is None else ResultRef(str(r.ref["id"]), int(r.ref["size"]))
         return TaskView(task_id=r.task_id, state=r.state, value=r.value, ref=ref,
@@ -1266,6 +1273,9 @@ class ComputePlane:
         tid = req.task_id
         wait_s = min(req.timeout_s, self.cfg.max_wait_s)
         deadline = time.monotonic() + wait_s
+        ended = self.book.ended.get(tid)
+        if ended is not None:
+            return self._view_of(ended)
         e = self.book.get(tid)
         if e is None:
             found = await self._lookup(tid, wait_s, forwarded=req.forwarded)
@@ -1273,6 +1283,9 @@ class ComputePlane:
                 return found
             e = self.book.get(tid)
             if e is None:
+                ended = self.book.ended.get(tid)  # adopted, and failed at once
+                if ended is not None:
+                    return self._view_of(ended)
                 raise ApiError(ErrorCode.NOT_FOUND, f"unknown task {tid}")
         e.waiters += 1
         try:
@@ -1307,7 +1320,7 @@ class ComputePlane:
             elif found is None and tid not in self.book:
                 unknown.append(tid)
         local = [t for t in ids if t in self.book]
-        pending = [t for t in local if self.book.records[t].rec.state not in TERMINAL]
+        pending = [t for t in local if t in self.book.records]  # live: not ended
         need = min_done - (len(out) + len(unknown) + len(local) - len(pending))
         left = deadline - time.monotonic()
         if need > 0 and left > 0 and not pending:
@@ -1329,18 +1342,21 @@ class ComputePlane:
                             del self._watches[t]
         budget = WAIT_REPLY_BYTES - sum(_view_bytes(r.value, r.exc, r.traceback) for r in out)
         for t in local:
-            e = self.book.get(t)
-            if e is None or e.rec.state not in TERMINAL:
+            ended = self.book.ended.get(t)
+            if ended is None:
                 continue
-            size = _view_bytes(e.rec.value, e.rec.exc, e.rec.traceback)
+            size = _view_bytes(ended.value, ended.exc, ended.traceback)
             if size > budget and out:
                 break  # the rest next time
             budget -= size
-            out.append(self._view_of(e.rec))
+            out.append(self._view_of(ended))
         return WaitReply(out, unknown)
 
     async def _rpc_cancel(self, req: CancelRequest) -> CancelReply:
         tid = req.task_id
+        ended = self.book.ended.get(tid)
+        if ended is not None:
+            return CancelReply(False, ended.state)
         e = self.book.get(tid)
         if e is None:
             raise ApiError(ErrorCode.NOT_FOUND, f"unknown task {tid} (cancel it at the node "
@@ -1361,8 +1377,8 @@ class ComputePlane:
         knows that node). ``forwarded``: answer from this node alone."""
         tid = req.task_id
         live = self._live_output(tid)
-        e = self.book.get(tid)
-        rec = e.rec if e is not None else None
+        rec: TaskRecord | Ended | None = self.book.find(tid)
+        held = rec is not None
         if rec is None and not (req.forwarded and live is not None):
             rec = await self._kv_get(tid)
         if rec is None:
@@ -1378,7 +1394,7 @@ class ComputePlane:
             return TaskLogs(task_id=tid, state=rec.state, stdout=out, stderr=err,
                             node=rec.node)
         # Running: the owner knows where; the worker node has the output so far.
-        ask = rec.owner if e is None and rec.owner != self.agent.name else rec.node
+        ask = rec.owner if not held and rec.owner != self.agent.name else rec.node
         if ask == self.agent.name:
             out, err = live if live is not None else ("", "")
             return TaskLogs(task_id=tid, state=rec.state, stdout=out, stderr=err, node=ask)
@@ -1428,15 +1444,14 @@ class ComputePlane:
 
     def _rpc_list(self, req: ListRequest) -> list[TaskRow]:
         limit = min(req.limit, self.cfg.max_list_rows)
-        out = []
-        for e in reversed(self.book.records.values()):
-            r = e.rec
-            out.append(TaskRow(task_id=r.task_id, state=r.state, node=r.node, owner=r.owner,
-                               reason=r.reason, submitted=r.submitted, finished=r.finished,
-                               error=r.error[:200], name=r.name))
-            if len(out) >= limit:
-                break
-        return out
+        # Newest submitted first, live and ended alike (both bounded: a few ms).
+        every: Iterator[TaskRecord | Ended] = itertools.chain(
+            (e.rec for e in self.book.records.values()), self.book.ended.values())
+        newest = heapq.nlargest(limit, every, key=lambda r: r.submitted)
+        return [TaskRow(task_id=r.task_id, state=r.state, node=r.node, owner=r.owner,
+                        reason=r.reason, submitted=r.submitted, finished=r.finished,
+                        error=r.error[:200], name=r.name)
+                for r in newest]
 
     async def _rpc_stats(self, req: Empty) -> TaskStats:
         assert self.sched is not None

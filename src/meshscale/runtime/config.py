@@ -128,6 +128,11 @@ class AgentConfig:
     """Serve ``/metrics`` without the admin token (for a scraper)."""
     stream_max_backlog: int = 2_000
     """Records a stream shard holds for its slowest operator before producers wait."""
+    max_pending_tasks: int = 10_000
+    """Tasks this node owns with no result yet; a submit beyond it is refused ``busy``."""
+    max_task_records: int = 10_000
+    """Ended task records kept in memory (``core.tasks.TaskBook``); older ones are read
+    from the KV when asked for."""
     max_http_connections: int = 256
     """Open HTTP connections; more are closed on arrival (counted ``http_busy``)."""
     http_idle_timeout_s: float = 15.0

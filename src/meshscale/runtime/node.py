@@ -99,11 +99,12 @@ from meshscale.core.rpc import (
     decode_stream_message,
     encode_stream_message,
 )
+from meshscale.core.scheduling import SchedulingConfig
 from meshscale.core.wire import WireError
 from meshscale.runtime import caller
 from meshscale.runtime.audit import AuditService
 from meshscale.runtime.capacity import CapacityDriver, placement_standby, power_state
-from meshscale.runtime.compute import ComputePlane
+from meshscale.runtime.compute import ComputeConfig, ComputePlane
 from meshscale.runtime.config import AgentConfig as AgentConfig
 from meshscale.runtime.config import AgentStats
 from meshscale.runtime.data import DataPlane
@@ -500,7 +501,9 @@ class NodeAgent:
                     link_group=link_group))
             self.dataplane = DataPlane(self, dp_cfg)
             await self.dataplane.start()
-            self.compute = ComputePlane(self)
+            self.compute = ComputePlane(self, ComputeConfig(
+                max_records=self.cfg.max_task_records,
+                scheduling=SchedulingConfig(max_pending_tasks=self.cfg.max_pending_tasks)))
             await self.compute.start()
             self.streams = StreamPlane(self)
             await self.streams.start()

@@ -42,6 +42,7 @@ from meshscale.core.api.tasks import TASK_LIST, ListRequest
 from meshscale.core.membership import State
 from meshscale.core.placement import is_full
 from meshscale.core.streams import split_source
+from meshscale.core.tasks import TaskRecord
 from meshscale.runtime.capacity import power_state
 from meshscale.runtime.local import call_node
 from meshscale.runtime.power import PowerMeter
@@ -51,7 +52,7 @@ from meshscale.transport.rpc import RpcError
 if TYPE_CHECKING:
     from meshscale.core.scheduling import Load, Resources, Scheduler, TaskBound
     from meshscale.core.streams import ShardLog
-    from meshscale.core.tasks import TaskBook, TaskRecord
+    from meshscale.core.tasks import TaskBook
     from meshscale.runtime.data import DataPlane
 
 
@@ -612,15 +613,15 @@ class NodeObserver:
             if e.code == ErrorCode.UNKNOWN_METHOD:  # not served yet
                 return []
             raise
-        records = compute.book.records
+        book = compute.book
         out = []
         for r in rows:
             tid = r.task_id
-            entry = records.get(tid)
-            rec = None if entry is None else entry.rec
+            rec = book.find(tid)
             name = r.name
             if not name and rec is not None:  # a client too old to send the name
-                name = rec.labels.get("name") or f"fn:{rec.fn_id[:12]}"
+                labels = rec.labels if isinstance(rec, TaskRecord) else {}
+                name = labels.get("name") or f"fn:{rec.fn_id[:12]}"
             submitted, finished = r.submitted, r.finished
             out.append({
                 "id": tid,

@@ -163,9 +163,9 @@ class ComputeNode:
     def ask(self, tid: str, forwarded: bool, now: float) -> tuple[str, TaskRecord | str | None]:
         """A client asks for ``tid``: ``("state", record)``, ``("owner", node)`` (ask the
         owner), ``("forward", node)`` (ask the adopter) or ``("unknown", None)``."""
-        e = self.book.get(tid)
-        if e is not None:
-            return "state", e.rec
+        held = self.book.record(tid)
+        if held is not None:
+            return "state", held
         rec = self.mesh.kv.get(tid)
         if rec is None:
             return "unknown", None
