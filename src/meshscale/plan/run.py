@@ -343,8 +343,14 @@ def _run_flows(lay: _Layout, flows: list[Stream | Calls], modes: dict[str, dict[
                 while t < win:
                     node = sh.node
                     region = lay.region_of(node) if node else ""
-                    records.append(FlowRecord(t, site, node, region, in_b, out_b,
-                                              cpu_s * (0.75 + 0.5 * rng.random())))
+                    rec = FlowRecord(t, site, node, region, in_b, out_b,
+                                     cpu_s * (0.75 + 0.5 * rng.random()))
+                    if isinstance(w, Stream):  # pulled by its shard's runner, in batches
+                        rec.runner = sh.task_id
+                        rec.batch_cpu_s = w.cpu_ms_per_batch / 1000
+                        rec.batch_records = w.batch_records
+                        rec.result_site = w.results_to
+                    records.append(rec)
                     owner.append(w.name)
                     t += rng.expovariate(rate)
     served = [i for i, r in enumerate(records) if r.operator_node]
@@ -352,7 +358,8 @@ def _run_flows(lay: _Layout, flows: list[Stream | Calls], modes: dict[str, dict[
                  {n: lay.region_of(n) for n in lay.names}, lay.path,
                  {r.name: r.lan_rtt_ms / 1000 for r in plan.regions},
                  {r for r, ns in lay.by_region.items() if ns},
-                 hop_overhead_s=plan.hop_overhead_ms / 1000, jitter=lay.topology.jitter)
+                 hop_overhead_s=plan.hop_overhead_ms / 1000, jitter=lay.topology.jitter,
+                 host_cores=plan.host_cores)
     fr.run([records[i] for i in served])
     for w in flows:
         f = out[w.name]
@@ -381,7 +388,8 @@ def _run_flows(lay: _Layout, flows: list[Stream | Calls], modes: dict[str, dict[
             busy[r.operator_region] = busy.get(r.operator_region, 0.0) + r.cpu_s
             if r.operator_region != r.site:
                 egress += (r.in_bytes * lay.path(r.site, r.operator_region).price_per_byte
-                           + r.out_bytes * lay.path(r.operator_region, r.site).price_per_byte)
+                           + r.out_bytes * lay.path(r.operator_region, r.result_site
+                                                    or r.site).price_per_byte)
         f.egress_cost_per_day = egress * scale
         total_busy = sum(busy.values()) or 1.0
         f.runs_in = {reg: b / total_busy for reg, b in sorted(busy.items())}
