@@ -9,8 +9,8 @@ the source, then the same operator in the cloud; a controller at edge-a reads th
 results) and prints each checked figure predicted beside measured.
 
 The plan's costs are measured on this machine first, each on its own, never from the
-calibration run: the software time of one hop (`bench/stream_hop.py`: a two-node
-pipeline with an operator that does nothing), and the demo operator's CPU cost (its
+calibration run: the software time and the CPU of one hop (`bench/stream_hop.py`: a
+two-node pipeline with an operator that does nothing), and the demo operator's CPU cost (its
 IsolationForest timed here on batches of 1 and of 128 readings: a fixed cost per call
 plus a cost per reading). The network is loopback (`lan_rtt_ms` 0.05), and the six
 nodes share this machine's cores (`host_cores` = `os.cpu_count()`).
@@ -21,8 +21,8 @@ pipeline's latency p50 and p99, and the central pipeline's bytes across regions.
 
 Limits of this version: the real run is the live demo, which kills site A's entry node
 as production ends (`kill_at=1.0`), so a few late records see a re-route; the plan
-knows the nodes share the machine, not what else runs on it (nor the nodes' own CPU for
-moving records); record and result sizes are estimates (RECORD_BYTES, OUTPUT_BYTES).
+knows the nodes share the machine and what moving records costs it, not what else runs
+on it; record and result sizes are estimates (RECORD_BYTES, OUTPUT_BYTES).
 
     .venv/bin/python bench/plan_calibration.py [--quick] --json out.json
 """
@@ -80,7 +80,7 @@ def operator_cost(reps: int = 40) -> tuple[float, float]:
 
 
 def plan_text(duration_s: float, rate_per_site: float, hop_ms: float = 1.0,
-              batch_ms: float = 0.0, record_ms: float = 1.0) -> str:
+              batch_ms: float = 0.0, record_ms: float = 1.0, hop_cpu_ms: float = 0.0) -> str:
     per_source = rate_per_site / MACHINES_PER_SITE
     region = ('[[regions]]\nname = "{n}"\nnodes = 2\ncores_per_node = 2\n'
               'jurisdiction = "DE"\nlan_rtt_ms = 0.05\n')
@@ -91,6 +91,7 @@ def plan_text(duration_s: float, rate_per_site: float, hop_ms: float = 1.0,
         f"window_s = {min(600.0, duration_s)}",
         f"hop_overhead_ms = {hop_ms:.4f}",
         f"host_cores = {os.cpu_count() or 1}",
+        f"hop_cpu_ms = {hop_cpu_ms:.4f}",
         "",
         region.format(n="edge-a"), region.format(n="edge-b"), region.format(n="cloud"),
         link.format(a="edge-a", b="edge-b", rtt=4), link.format(a="edge-a", b="cloud", rtt=60),
@@ -123,6 +124,11 @@ def measure(duration_s: float, rate_per_site: float, only: str) -> dict[str, Any
     return run_live_demo(cfg)
 
 
+FIGURE = {"p50_ms": "latency_p50_ms", "p99_ms": "latency_p99_ms",
+          "cross_region_bytes": "cross_region_bytes_per_day"}
+"""Each row's figure, as ``meshscale plan`` names it (``plan.run.METHOD``)."""
+
+
 def rel(pred: float, real: float) -> float:
     return abs(pred - real) / abs(real) if real else float("inf")
 
@@ -137,11 +143,13 @@ def main() -> int:
     hop = stream_hop.measure(6.0 if args.quick else 10.0)
     batch_ms, record_ms = operator_cost()
     print(f"measured on this machine: hop {hop['hop_ms']:.3f} ms (bench/stream_hop.py, "
-          f"pipeline p50 {hop['pipeline_p50_ms']:.2f} ms / {hop['hops']} hops); operator "
+          f"pipeline p50 {hop['pipeline_p50_ms']:.2f} ms / {hop['hops']} hops), "
+          f"{hop['hop_cpu_ms']:.3f} ms of CPU per hop; operator "
           f"{batch_ms:.3f} ms per call + {record_ms:.4f} ms per reading")
     with tempfile.TemporaryDirectory(prefix="plan-cal-") as tmp:
         path = Path(tmp) / "calibration.toml"
-        path.write_text(plan_text(duration, rate, hop["hop_ms"], batch_ms, record_ms))
+        path.write_text(plan_text(duration, rate, hop["hop_ms"], batch_ms, record_ms,
+                                  hop["hop_cpu_ms"]))
         pred = predict(path, args.seed)
     w = pred["workloads"][0]["placements"]
     near = measure(duration, rate, "near-source")["pipelines"]["near-source"]
@@ -164,7 +172,10 @@ def main() -> int:
         "cross_region_bytes_real": cent["cross_region_bytes"],
         "max_rel_err": max(errs),
         "rel_err": {name: round(e, 4) for (name, _, _), e in zip(rows, errs, strict=True)},
-        "hop_ms": hop["hop_ms"], "operator_ms_per_call": round(batch_ms, 4),
+        "figures": [{"figure": FIGURE[name.split()[0]], "placement": name.split()[1],
+                     "predicted": p, "measured": r, "rel_err": e}
+                    for (name, p, r), e in zip(rows, errs, strict=True)],
+        "hop_ms": hop["hop_ms"], "hop_cpu_ms": hop["hop_cpu_ms"], "operator_ms_per_call": round(batch_ms, 4),
         "operator_ms_per_record": round(record_ms, 4),
         "quick": args.quick, "seed": args.seed,
     }

@@ -17,6 +17,11 @@ the flow model charges on that path (``HOPS``):
 ``hop_ms`` = the median pipeline time / ``HOPS``. Loopback network time (tens of
 microseconds) is left in, so the figure is, if anything, a little high.
 
+``hop_cpu_ms`` is the CPU the same hops cost: the CPU time of the node processes, their
+workers and this process (the producer and the consumer) while the records flow, less
+what they use idle (measured over ``IDLE_S`` before), per record, over ``HOPS``. It is
+what a shared host loses to moving records (``host_cores`` in a plan).
+
     .venv/bin/python bench/stream_hop.py [--quick] --json out.json
 """
 
@@ -35,6 +40,29 @@ from typing import Any
 
 HOPS = 4
 """Hops ``sim/flows.py`` charges on the measured path (see the module docstring)."""
+IDLE_S = 3.0
+
+
+def _cpu_s(pids: set[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far."""
+    import os
+
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _mesh_cpu_s(lm: Any) -> float:
+    from meshscale.runtime.launcher import children_of
+
+    pids = {p.pid for p in lm.processes()}
+    return _cpu_s(pids | children_of(pids)) + time.process_time()
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -93,6 +121,10 @@ def measure(duration_s: float = 10.0, rate: float = 20.0) -> dict[str, Any]:
 
             th = threading.Thread(target=consume, daemon=True)
             th.start()
+            c0, t0 = _mesh_cpu_s(lm), time.monotonic()
+            time.sleep(IDLE_S)
+            idle_per_s = (_mesh_cpu_s(lm) - c0) / (time.monotonic() - t0)
+            c1, t1 = _mesh_cpu_s(lm), time.monotonic()
             producer = meshscale.connect(entry.address, bundle=lm.bundle_path)
             s = producer.stream("hop-in")
             n = 0
@@ -109,6 +141,7 @@ def measure(duration_s: float = 10.0, rate: float = 20.0) -> dict[str, Any]:
             deadline = time.monotonic() + 30
             while len(lat) < n and time.monotonic() < deadline:
                 time.sleep(0.05)
+            busy = _mesh_cpu_s(lm) - c1 - idle_per_s * (time.monotonic() - t1)
             stop.set()
             th.join(timeout=5)
             s.close()
@@ -120,7 +153,9 @@ def measure(duration_s: float = 10.0, rate: float = 20.0) -> dict[str, Any]:
     p50 = _pct(ms, 50)
     return {"records": n, "received": len(ms), "warm": warm, "rate_per_s": rate,
             "pipeline_p50_ms": round(p50, 2), "pipeline_p99_ms": round(_pct(ms, 99), 2),
-            "hops": HOPS, "hop_ms": round(p50 / HOPS, 3)}
+            "hops": HOPS, "hop_ms": round(p50 / HOPS, 3),
+            "idle_cpu_cores": round(idle_per_s, 4),
+            "hop_cpu_ms": round(max(0.0, busy) / max(1, len(ms)) / HOPS * 1000, 4)}
 
 
 def main() -> int:

@@ -8,10 +8,12 @@ from meshscale.sim.flows import FlowRecord, FlowRun, Path
 
 
 def _run(records: list[FlowRecord], *, cores: dict[str, int], region_of: dict[str, str],
-         rtt_s: float = 0.1, hop_s: float = 0.0, host_cores: float = 0.0) -> FlowRun:
+         rtt_s: float = 0.1, hop_s: float = 0.0, host_cores: float = 0.0,
+         hop_cpu_s: float = 0.0) -> FlowRun:
     fr = FlowRun(1, cores, region_of, lambda a, b: Path(rtt_s, 1e12),
                  {r: 0.002 for r in set(region_of.values())}, set(region_of.values()),
-                 hop_overhead_s=hop_s, jitter=0.0, host_cores=host_cores)
+                 hop_overhead_s=hop_s, jitter=0.0, host_cores=host_cores,
+                 hop_cpu_s=hop_cpu_s)
     fr.run(records)
     return fr
 
@@ -68,6 +70,20 @@ def test_jobs_on_a_shared_host_share_its_cores() -> None:
     assert own == pytest.approx([1.003, 1.003])
     assert shared == pytest.approx([2.003, 2.003])  # two jobs at half speed each
     assert run(2.0) == pytest.approx(own)
+
+
+def test_moving_records_takes_cpu_from_a_shared_host() -> None:
+    def run(host_cores: float) -> float:
+        rec = _rec(1.2, "a", "n0", "a", cpu_s=1.0)
+        _run([rec], cores={"n0": 1}, region_of={"n0": "a"}, host_cores=host_cores,
+             hop_cpu_s=0.5)
+        return rec.done_s - rec.created_s
+
+    # On one shared core the publish's and the hand-off's 0.5 s of CPU run beside the
+    # operator's 1 s: all three at a third of the core until the two hops are done
+    # (1.5 s), then the operator's last 0.5 s alone. Nodes with their own cores: 1 s.
+    assert run(1.0) == pytest.approx(0.001 + 2.0 + 0.002)
+    assert run(0.0) == pytest.approx(0.001 + 1.0 + 0.002)
 
 
 def test_calls_are_still_pushed_and_answered() -> None:

@@ -168,9 +168,14 @@ class Plan(_Strict, kw_only=True, frozen=True):
     max_records: Annotated[int, msgspec.Meta(ge=100, le=1_000_000)] = 40_000
     """Records (or calls) simulated per workload and placement; the window shrinks to fit."""
     hop_overhead_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 1.0
-    """Software time a node adds to each record it passes on (framing, TLS, queues)."""
+    """Software time of one hop of a record between processes (an RPC, a hand-off to a
+    worker: framing, TLS, the event loop); ``bench/stream_hop.py`` measures it."""
     target_utilization: Fraction = 0.7
     """Elastic regions get enough servers to stay below this at peak."""
+    hop_cpu_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 0.0
+    """With ``host_cores``: CPU one hop of a stream message costs the shared host (the
+    nodes' own work moving records, which slows the operators); ``bench/stream_hop.py``
+    measures it."""
     host_cores: Annotated[float, msgspec.Meta(ge=0.0, le=4096.0)] = 0.0
     """0: every node has its own cores. Above 0: every node of the plan runs on one host
     with this many cores (a test mesh on one machine, as ``meshscale up`` starts it), so
@@ -345,7 +350,7 @@ central_region = "cloud"        # where "all work in one central region" runs
 price_per_kwh = 0.25            # electricity, in `currency`
 currency = "EUR"
 window_s = 20                   # virtual seconds of peak traffic simulated per workload
-hop_overhead_ms = 1.0           # software time a node adds per record it passes on
+hop_overhead_ms = 1.0           # software time of one hop (bench/stream_hop.py measures it)
 target_utilization = 0.7        # elastic regions are sized to stay below this
 
 [[regions]]
@@ -408,6 +413,8 @@ sources = { plant-a = 6, plant-b = 4 }   # sources per site
 records_per_s = 10              # per source
 record_bytes = 40000
 cpu_ms_per_record = 12
+cpu_ms_per_batch = 0            # fixed CPU cost of one operator call (per batch)
+batch_records = 256             # records per operator call at most (its batch_size)
 output_bytes = 200
 latency_slo_ms = 40
 start_hour = 6                  # active hours (local time)

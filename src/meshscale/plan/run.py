@@ -55,7 +55,9 @@ overhead the flow model does not have yet), so latency stays "model only"."""
 
 METHOD: dict[str, str] = {
     "latency_p50_ms": "median time from a record's creation at its source to its result "
-                      "back at the source's site, over every record simulated at peak",
+                      "at the consumer (the source's site, or the stream's results_to), "
+                      "over every record simulated at peak; streams through the stream "
+                      "plane's pull protocol (long-poll fetches, batches)",
     "latency_p99_ms": "99th percentile of the same; a record never served counts as "
                       "infinitely late",
     "makespan_h": "batch: from the start to the last task's result, simulated in "
@@ -359,7 +361,7 @@ def _run_flows(lay: _Layout, flows: list[Stream | Calls], modes: dict[str, dict[
                  {r.name: r.lan_rtt_ms / 1000 for r in plan.regions},
                  {r for r, ns in lay.by_region.items() if ns},
                  hop_overhead_s=plan.hop_overhead_ms / 1000, jitter=lay.topology.jitter,
-                 host_cores=plan.host_cores)
+                 host_cores=plan.host_cores, hop_cpu_s=plan.hop_cpu_ms / 1000)
     fr.run([records[i] for i in served])
     for w in flows:
         f = out[w.name]

@@ -125,6 +125,10 @@ class FlowRun:
     follow_records: int = 1024
     """Results a consumer's node fetches at once (``runtime.streams.FOLLOW_BATCH``)."""
     follow_wait_s: float = 0.5
+    hop_cpu_s: float = 0.0
+    """CPU one hop of a stream message costs the shared host (``host_cores`` above 0):
+    publishing a record, a fetch's reply, handing a batch to a worker, a consumer's read.
+    It slows the operators running then; ``bench/stream_hop.py`` measures it."""
     host_cores: float = 0.0
     """0: every node has its own ``cores``. Above 0: every node runs on one host with this
     many cores (several node processes on one machine, as ``meshscale up`` runs them):
@@ -205,7 +209,7 @@ class FlowRun:
         # The shared host (``host_cores``): running jobs' CPU seconds left, what each one
         # does when it ends, and the time the amounts were last brought up to date.
         active: dict[int, float] = {}
-        then: dict[int, tuple[float, int, int]] = {}
+        then: dict[int, tuple[float, int, int] | None] = {}
         host_t = 0.0
         host_gen = 0
         jobs = 0
@@ -247,10 +251,24 @@ class FlowRun:
             if gen != host_gen:
                 return
             host_advance(t)
-            for j in [j for j, left_s in active.items() if left_s <= 1e-12]:
+            for j in [j for j, left_s in active.items() if left_s <= 1e-9]:
                 del active[j]
-                extra, kind, i = then.pop(j)
-                push(t + extra, kind, i)
+                action = then.pop(j)
+                if action is not None:
+                    extra, kind, i = action
+                    push(t + extra, kind, i)
+            host_next(t)
+
+        def hop_cpu(t: float, messages: int = 1) -> None:
+            """The host's CPU for ``messages`` hops at ``t`` (a shared host only): work that
+            slows every job running then, while the hop's own delay is ``hop_overhead_s``."""
+            nonlocal jobs
+            if self.host_cores <= 0 or self.hop_cpu_s <= 0:
+                return
+            host_advance(t)
+            jobs += 1
+            active[jobs] = self.hop_cpu_s * messages
+            then[jobs] = None
             host_next(t)
         left = sum(1 for r in rec_runner if r >= 0)
         """Stream records not yet back: pullers stop polling once it is 0."""
@@ -324,6 +342,7 @@ class FlowRun:
             t, _, kind, i = heapq.heappop(heap)
             if kind >= _AT_SHARD:
                 if kind == _AT_SHARD:
+                    hop_cpu(t)  # the publish
                     arrive(t, rec_runner[i], [i])
                 elif kind == _FETCH:
                     fetch(t, i, _FETCH_TIMEOUT, self.fetch_wait_s)
@@ -331,6 +350,7 @@ class FlowRun:
                     timed_out(t, i, _FETCH)
                 elif kind == _BATCH:
                     pl = pullers[i]
+                    hop_cpu(t, 1 if pl.local else 2)  # (the fetch's reply,) the hand-off
                     cpu = records[pl.batch[0]].batch_cpu_s + sum(
                         records[j].cpu_s for j in pl.batch)
                     run_job(t, pl.node, cpu, hop, _APPLIED, i)
@@ -352,6 +372,7 @@ class FlowRun:
                     timed_out(t, i, _FOLLOW)
                 else:  # _RESULTS_BACK: at the consumer's node; handed to the consumer
                     pl = pullers[i]
+                    hop_cpu(t, 2)  # the fetch's reply, the consumer's read
                     for j in pl.batch:
                         records[j].done_s = t + one_way(pl.puller_region,
                                                         pl.puller_region) + hop
