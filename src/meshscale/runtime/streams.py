@@ -721,12 +721,12 @@ class StreamPlane:
         op_name = spec.name
         last_ckpt = time.monotonic()
         backoff = 0.1
-        # The offset checkpoint is a quorum KV write, which may wait on a node in another
-        # region: it runs beside the loop (one at a time, so they land in order), never
-        # in its way. Awaited in the loop, it held every record that came in meanwhile:
-        # a near-source runner stalled for a round trip to another region every
-        # checkpoint_interval_s. A checkpoint only ever trails the outputs appended; one
-        # that is late or lost means replays, which the derived output ids absorb.
+        # The offset checkpoint is a quorum KV write, which waits on other nodes (slow
+        # or far ones too, up to rpc_timeout_s): it runs beside the loop (one at a
+        # time, so they land in order), never in its way. Awaited in the loop, it held
+        # every record that landed meanwhile, every checkpoint_interval_s. A checkpoint
+        # only ever trails the outputs appended; one that is late or lost means
+        # replays, which the derived output ids absorb.
         ckpt: asyncio.Task[None] | None = None
         try:
             while not self._stopping:
