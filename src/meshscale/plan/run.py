@@ -53,7 +53,7 @@ its 0.2 target in every run (``tests/plan/test_plan_calibration.py`` holds them 
 Cross-region bytes: within 0.11 in every run. Latency is compared there too and stays
 "model only": since the flow model follows the stream plane's pull protocol, batches and
 the measured cost of a hop, the central pipeline's p50 came within 0.2 in some runs, but
-on the shared 2-core machine of those runs (load average 10 to 14 from other work) no
+on the shared 2-core machine of those runs (load average 6 to 22 from other work) no
 latency figure did in every run (docs/plan.md has the runs)."""
 
 METHOD: dict[str, str] = {
