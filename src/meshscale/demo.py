@@ -58,6 +58,9 @@ class DemoConfig:
     directory: Path | None = None
     drain_timeout_s: float = 60.0
     quiet: bool = False
+    only: str | None = None
+    """Run one pipeline alone ("near-source" or "central"), not both side by side (the
+    calibration bench measures each placement on its own, as the planner predicts it)."""
 
 
 @dataclass
@@ -139,8 +142,13 @@ class Demo:
         self.site_of: dict[str, str] = {}
         self.created: dict[str, float] = {}
         self.lock = threading.Lock()
-        self.pipes = {NEAR_OUT: _Pipeline("near-source", NEAR_OP, NEAR_OUT),
-                      CENTRAL_OUT: _Pipeline("central (cloud)", CENTRAL_OP, CENTRAL_OUT)}
+        if cfg.only not in (None, "near-source", "central"):
+            raise ValueError(f"only must be 'near-source' or 'central', not {cfg.only!r}")
+        self.pipes: dict[str, _Pipeline] = {}
+        if cfg.only != "central":
+            self.pipes[NEAR_OUT] = _Pipeline("near-source", NEAR_OP, NEAR_OUT)
+        if cfg.only != "near-source":
+            self.pipes[CENTRAL_OUT] = _Pipeline("central (cloud)", CENTRAL_OP, CENTRAL_OUT)
         self.kill_time: float | None = None
         self.stop_consumers = threading.Event()
         self.errors: list[str] = []
@@ -212,16 +220,18 @@ class Demo:
         b_entry = by_region[EDGE_B][0]
         control = meshscale.connect(a_other.address, bundle=lm.bundle_path)
         detect = make_detector(model)
-        control.operator(TOPIC, detect, placement="near-source", output=NEAR_OUT,
-                         name=NEAR_OP, batch=True, batch_size=128)
-        control.operator(TOPIC, detect, placement=Region(CLOUD), output=CENTRAL_OUT,
-                         name=CENTRAL_OP, batch=True, batch_size=128)
+        if NEAR_OUT in self.pipes:
+            control.operator(TOPIC, detect, placement="near-source", output=NEAR_OUT,
+                             name=NEAR_OP, batch=True, batch_size=128)
+        if CENTRAL_OUT in self.pipes:
+            control.operator(TOPIC, detect, placement=Region(CLOUD), output=CENTRAL_OUT,
+                             name=CENTRAL_OP, batch=True, batch_size=128)
         self.say(f"operators: {NEAR_OP} near-source, {CENTRAL_OP} in region {CLOUD}; "
                  f"site A machines -> {a_entry.name}, site B machines -> {b_entry.name}; "
                  f"controller at site A reads both outputs via {a_other.name}")
         self._wait_warm(lm)
         consumers = [threading.Thread(target=self._consume, args=(control, topic),
-                                      daemon=True) for topic in (NEAR_OUT, CENTRAL_OUT)]
+                                      daemon=True) for topic in self.pipes]
         for t in consumers:
             t.start()
         producers: list[tuple[str, Any]] = []
@@ -285,15 +295,15 @@ class Demo:
         want = len(lm.nodes)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            warm = {NEAR_OP: 0, CENTRAL_OP: 0}
+            warm = {p.op: 0 for p in self.pipes.values()}
             for n in lm.nodes:
                 with contextlib.suppress(RpcError, OSError):
                     st = request(n.address, creds, STATS, Empty(), timeout=5)
                     for op in warm:
                         warm[op] += st.operators.get(op, {}).get("runners_warm", 0)
             if all(v >= want for v in warm.values()):
-                self.say(f"operators warm on every runner ({warm[NEAR_OP]} near-source, "
-                         f"{warm[CENTRAL_OP]} central)")
+                self.say("operators warm on every runner ("
+                         + ", ".join(f"{v} {op}" for op, v in warm.items()) + ")")
                 return
             time.sleep(0.25)
         self.say("[yellow]operators not warm after 60 s; starting anyway[/]")
@@ -404,8 +414,8 @@ class Demo:
                 "site_a_rerouted_s": round(min(a_after) - kill, 2) if a_after else None,
                 "site_a_recovered_s": round(max(a_before) - kill, 2) if a_before else None,
             }
-        for name, op, out in (("near-source", NEAR_OP, NEAR_OUT),
-                              ("central (cloud)", CENTRAL_OP, CENTRAL_OUT)):
+        for p in self.pipes.values():
+            name, op, out = p.name, p.op, p.topic
             raw = bytes_for(f"{TOPIC}:fetch:{op}")
             results = bytes_for(f"{out}:")
             pipes[name]["raw_cross_region_bytes"] = raw

@@ -112,6 +112,14 @@ class Stream(_Strict, tag="stream", tag_field="kind", kw_only=True, frozen=True)
     """Per source."""
     record_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = 1000
     cpu_ms_per_record: Annotated[float, msgspec.Meta(gt=0.0, le=3_600_000.0)] = 5.0
+    cpu_ms_per_batch: Annotated[float, msgspec.Meta(ge=0.0, le=3_600_000.0)] = 0.0
+    """Fixed CPU cost of one operator call, whatever its batch's size (loading inputs
+    into a model, a library's per-call overhead); measure it as ``cpu_ms_per_record``."""
+    batch_records: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
+    """Records the operator is given at most per call (its ``batch_size``)."""
+    results_to: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    """The site whose consumer reads every result (a control room); "" (the default):
+    each source's own site."""
     output_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = 100
     latency_slo_ms: Positive = 100.0
     start_hour: Hour = 0.0
@@ -160,9 +168,18 @@ class Plan(_Strict, kw_only=True, frozen=True):
     max_records: Annotated[int, msgspec.Meta(ge=100, le=1_000_000)] = 40_000
     """Records (or calls) simulated per workload and placement; the window shrinks to fit."""
     hop_overhead_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 1.0
-    """Software time a node adds to each record it passes on (framing, TLS, queues)."""
+    """Software time of one hop of a record between processes (an RPC, a hand-off to a
+    worker: framing, TLS, the event loop); ``bench/stream_hop.py`` measures it."""
     target_utilization: Fraction = 0.7
     """Elastic regions get enough servers to stay below this at peak."""
+    hop_cpu_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 0.0
+    """With ``host_cores``: CPU one hop of a stream message costs the shared host (the
+    nodes' own work moving records, which slows the operators); ``bench/stream_hop.py``
+    measures it."""
+    host_cores: Annotated[float, msgspec.Meta(ge=0.0, le=4096.0)] = 0.0
+    """0: every node has its own cores. Above 0: every node of the plan runs on one host
+    with this many cores (a test mesh on one machine, as ``meshscale up`` starts it), so
+    operators running at once share them."""
     regions: Annotated[list[Region], msgspec.Meta(min_length=1, max_length=1000)]
     links: Annotated[list[Link], msgspec.Meta(max_length=100_000)] = []
     failures: Failures = Failures()
@@ -316,6 +333,8 @@ def check(plan: Plan) -> None:
         for site in sites:
             if site not in seen:
                 raise PlanError(f"{where}.{key}", f"{site!r} is not a region")
+        if isinstance(w, Stream) and w.results_to and w.results_to not in seen:
+            raise PlanError(f"{where}.results_to", f"{w.results_to!r} is not a region")
         if isinstance(w, Stream | Calls) and w.end_hour <= w.start_hour:
             raise PlanError(f"{where}.end_hour", f"{w.end_hour} is not after start_hour "
                             f"{w.start_hour}")
@@ -331,7 +350,7 @@ central_region = "cloud"        # where "all work in one central region" runs
 price_per_kwh = 0.25            # electricity, in `currency`
 currency = "EUR"
 window_s = 20                   # virtual seconds of peak traffic simulated per workload
-hop_overhead_ms = 1.0           # software time a node adds per record it passes on
+hop_overhead_ms = 1.0           # software time of one hop (bench/stream_hop.py measures it)
 target_utilization = 0.7        # elastic regions are sized to stay below this
 
 [[regions]]
@@ -394,6 +413,8 @@ sources = { plant-a = 6, plant-b = 4 }   # sources per site
 records_per_s = 10              # per source
 record_bytes = 40000
 cpu_ms_per_record = 12
+cpu_ms_per_batch = 0            # fixed CPU cost of one operator call (per batch)
+batch_records = 256             # records per operator call at most (its batch_size)
 output_bytes = 200
 latency_slo_ms = 40
 start_hour = 6                  # active hours (local time)

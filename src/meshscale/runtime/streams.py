@@ -721,48 +721,61 @@ class StreamPlane:
         op_name = spec.name
         last_ckpt = time.monotonic()
         backoff = 0.1
-        while not self._stopping:
-            alive = self._alive()
-            holder = self._holder(spec.topic, source, alive)
-            if holder is None:
-                await asyncio.sleep(0.5)
-                continue
-            holders.add(holder)
-            try:
-                r = await self._call(holder, api.FETCH, FetchRequest(
-                    topic=spec.topic, source=source, offset=offset, limit=spec.batch,
-                    wait_s=self.cfg.fetch_wait_s, op=op_name, committed=offset,
-                ), lane=lane, label=f"{spec.topic}:fetch:{op_name}")
-            except (RpcError, ValueError, OSError) as e:
-                st["fetch_errors"] += 1
-                self.agent.log("debug", "stream_fetch_failed", operator=op_name,
-                               source=source, holder=holder, error=str(e))
-                await asyncio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
-                continue
-            backoff = 0.1
-            if r.missing:
-                continue  # the holder waited fetch_wait_s for the shard to appear
-            entries = r.entries
-            if offset is None:
-                offset = r.base
-            elif entries and entries[0].offset > offset:
-                st["records_skipped"] += entries[0].offset - offset  # evicted before read
-            if not entries:
-                continue
-            outputs = await self._apply(spec, entries, st)
-            if outputs is None:
-                await asyncio.sleep(1.0)
-                continue
-            if spec.output is not None and outputs:
-                await self.append_local(spec.output, outputs)
-            offset = entries[-1].offset + 1
-            st["records_processed"] += len(entries)
-            st["records_out"] += len(outputs)
-            now = time.monotonic()
-            if now - last_ckpt >= self.cfg.checkpoint_interval_s:
-                last_ckpt = now
-                await self._checkpoint(op_name, source, offset)
+        # The offset checkpoint is a quorum KV write, which waits on other nodes (slow
+        # or far ones too, up to rpc_timeout_s): it runs beside the loop (one at a
+        # time, so they land in order), never in its way. Awaited in the loop, it held
+        # every record that landed meanwhile, every checkpoint_interval_s. A checkpoint
+        # only ever trails the outputs appended; one that is late or lost means
+        # replays, which the derived output ids absorb.
+        ckpt: asyncio.Task[None] | None = None
+        try:
+            while not self._stopping:
+                alive = self._alive()
+                holder = self._holder(spec.topic, source, alive)
+                if holder is None:
+                    await asyncio.sleep(0.5)
+                    continue
+                holders.add(holder)
+                try:
+                    r = await self._call(holder, api.FETCH, FetchRequest(
+                        topic=spec.topic, source=source, offset=offset, limit=spec.batch,
+                        wait_s=self.cfg.fetch_wait_s, op=op_name, committed=offset,
+                    ), lane=lane, label=f"{spec.topic}:fetch:{op_name}")
+                except (RpcError, ValueError, OSError) as e:
+                    st["fetch_errors"] += 1
+                    self.agent.log("debug", "stream_fetch_failed", operator=op_name,
+                                   source=source, holder=holder, error=str(e))
+                    await asyncio.sleep(backoff)
+                    backoff = min(2.0, backoff * 2)
+                    continue
+                backoff = 0.1
+                if r.missing:
+                    continue  # the holder waited fetch_wait_s for the shard to appear
+                entries = r.entries
+                if offset is None:
+                    offset = r.base
+                elif entries and entries[0].offset > offset:
+                    st["records_skipped"] += entries[0].offset - offset  # evicted before read
+                if not entries:
+                    continue
+                outputs = await self._apply(spec, entries, st)
+                if outputs is None:
+                    await asyncio.sleep(1.0)
+                    continue
+                if spec.output is not None and outputs:
+                    await self.append_local(spec.output, outputs)
+                offset = entries[-1].offset + 1
+                st["records_processed"] += len(entries)
+                st["records_out"] += len(outputs)
+                now = time.monotonic()
+                if now - last_ckpt >= self.cfg.checkpoint_interval_s and (
+                        ckpt is None or ckpt.done()):
+                    last_ckpt = now
+                    ckpt = asyncio.get_running_loop().create_task(
+                        self._checkpoint(op_name, source, offset))
+        finally:
+            if ckpt is not None and not ckpt.done():
+                ckpt.cancel()
 
     def _pool(self) -> WorkerPool:
         pool = self.agent.worker_pool()

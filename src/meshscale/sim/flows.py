@@ -12,6 +12,28 @@ is processed, and its result travels back to the source's site. Every node adds
   Each direction is its own pipe. Inside a region the LAN is not a bottleneck.
 - A node is ``cores`` FIFO servers shared by every operator placed on it.
 
+A record with a ``runner`` (a stream record) goes through the stream plane's pull
+protocol instead, as ``runtime.streams`` runs it:
+
+- it is published to a node of its site (one hop) and waits in that node's shard;
+- the operator's runner long-polls the shard: a fetch travels to the shard's node
+  (half the path's RTT; nothing when the runner runs on the site, as near-source), takes
+  every record waiting there up to the record's ``batch_records`` at once (or waits for the next one,
+  at most ``fetch_wait_s``, then comes back empty), and travels back; the runner sends
+  its next fetch only once the batch is processed. So a record that lands while the
+  fetch is on its way back, or while the batch is processed, waits for the next round
+  trip: up to one RTT plus one batch's time more than a push would take;
+- the runner runs the whole batch as one call on a core of its node, costing
+  ``batch_cpu_s`` (fixed per call) plus every record's own ``cpu_s``, plus one hop for
+  handing the batch to a worker process;
+- the results go back the same way, to the record's ``result_site``: the consumer's
+  node long-polls the runner's node for them (``follow_wait_s``, up to
+  ``follow_records`` at once) and hands them to the consumer (one hop each).
+
+``hop_overhead_s`` is the software time of one hop (an RPC between processes on one
+machine: framing, TLS, the event loop, pickling to a worker). Its value is not a
+guess: ``bench/stream_hop.py`` measures it on the machine that runs the mesh.
+
 Events are processed in (time, sequence) order from one heap and every random draw comes
 from one ``random.Random`` seeded by the caller, so a run is a pure function of its inputs.
 """
@@ -20,6 +42,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,9 +71,39 @@ class FlowRecord:
     cpu_s: float
     done_s: float = float("inf")
     cross_region_bytes: int = 0
+    runner: str = ""
+    """The operator runner (one per operator shard) that pulls this record; empty for a
+    call, which is pushed to its replica and answered."""
+    batch_cpu_s: float = 0.0
+    """Fixed CPU cost of one operator call on a batch (a stream record)."""
+    batch_records: int = 256
+    """Records its runner fetches, and runs as one call, at most (``OperatorSpec.batch``)."""
+    result_site: str = ""
+    """Where a stream record's result is consumed ("": its own ``site``)."""
+
+
+@dataclass(slots=True)
+class _Puller:
+    """One long-poll loop: a runner pulling a shard, or a consumer's node pulling results."""
+
+    holder_region: str
+    puller_region: str
+    local: bool
+    """Puller and holder are the same node (a fetch is an in-process call)."""
+    node: str
+    """The runner's node (where its batches run); for a follower, the holder's."""
+    limit: int
+    pending: deque[int] = field(default_factory=deque)
+    waiting: bool = False
+    gen: int = 0
+    batch: list[int] = field(default_factory=list)
 
 
 _ARRIVE_ENTRY, _ARRIVE_OP, _DONE, _ARRIVE_BACK = 0, 1, 2, 3
+_AT_SHARD, _FETCH, _FETCH_TIMEOUT, _BATCH, _APPLIED, _FOLLOW, _FOLLOW_TIMEOUT, \
+    _RESULTS_BACK = 4, 5, 6, 7, 8, 9, 10, 11
+_HOST_DONE = 12
+_POLLS = frozenset({_FETCH, _FETCH_TIMEOUT, _FOLLOW, _FOLLOW_TIMEOUT})
 
 
 @dataclass
@@ -67,6 +120,20 @@ class FlowRun:
     site_has_nodes: set[str]
     hop_overhead_s: float = 0.001
     jitter: float = 0.1
+    fetch_wait_s: float = 0.5
+    """How long a runner's fetch waits at the shard for a record (``StreamConfig``)."""
+    follow_records: int = 1024
+    """Results a consumer's node fetches at once (``runtime.streams.FOLLOW_BATCH``)."""
+    follow_wait_s: float = 0.5
+    hop_cpu_s: float = 0.0
+    """CPU one hop of a stream message costs the shared host (``host_cores`` above 0):
+    publishing a record, a fetch's reply, handing a batch to a worker, a consumer's read.
+    It slows the operators running then; ``bench/stream_hop.py`` measures it."""
+    host_cores: float = 0.0
+    """0: every node has its own ``cores``. Above 0: every node runs on one host with this
+    many cores (several node processes on one machine, as ``meshscale up`` runs them):
+    each job then starts at once and all running jobs share the host's cores equally
+    (processor sharing), none faster than one core."""
     busy_s: dict[str, float] = field(default_factory=dict)
     """Core-seconds each node spent processing."""
 
@@ -80,30 +147,239 @@ class FlowRun:
         seq = 0
         link_free: dict[tuple[str, str], float] = {}
         core_free = {n: [0.0] * c for n, c in self.cores.items()}
+        hop = self.hop_overhead_s
+        left = 0
 
         def push(t: float, kind: int, i: int) -> None:
             nonlocal seq
+            if kind in _POLLS and not left:
+                return  # every stream record is back: the pullers stop
             seq += 1
             heapq.heappush(heap, (t, seq, kind, i))
 
-        def travel(t: float, a: str, b: str, nbytes: int, rec: FlowRecord) -> float:
+        def one_way(a: str, b: str) -> float:
             if a == b:
-                return t + self._one_way(self.lan_rtt_s.get(a, 0.0005), rng)
+                return self._one_way(self.lan_rtt_s.get(a, 0.0005), rng)
+            return self._one_way(self.path(a, b).rtt_s, rng)
+
+        def send(t: float, a: str, b: str, nbytes: int) -> float:
+            """When ``nbytes`` sent from region ``a`` at ``t`` have arrived in ``b``."""
+            if a == b:
+                return t + one_way(a, a)
             p = self.path(a, b)
             start = max(t, link_free.get((a, b), 0.0))
             free = start + nbytes * 8.0 / p.bandwidth_bps
             link_free[(a, b)] = free
-            rec.cross_region_bytes += nbytes
             return free + self._one_way(p.rtt_s, rng)
 
+        def travel(t: float, a: str, b: str, nbytes: int, rec: FlowRecord) -> float:
+            if a != b:
+                rec.cross_region_bytes += nbytes
+            return send(t, a, b, nbytes)
+
+        # Stream records: one puller per runner (it pulls the site's shard) and one per
+        # (site, runner node) for the results (the consumer's node pulls them).
+        pullers: list[_Puller] = []
+        runner_of: dict[str, int] = {}
+        follower_of: dict[tuple[str, str], int] = {}
+        rec_runner: list[int] = []
+        rec_follower: list[int] = []
+        for rec in records:
+            if not rec.runner:
+                rec_runner.append(-1)
+                rec_follower.append(-1)
+                continue
+            holder = rec.site if rec.site in self.site_has_nodes else rec.operator_region
+            r = runner_of.get(rec.runner)
+            if r is None:
+                r = runner_of[rec.runner] = len(pullers)
+                pullers.append(_Puller(holder, rec.operator_region,
+                                       holder == rec.operator_region, rec.operator_node,
+                                       max(1, rec.batch_records)))
+            dest = rec.result_site or rec.site
+            key = (dest, rec.operator_node)
+            f = follower_of.get(key)
+            if f is None:
+                f = follower_of[key] = len(pullers)
+                pullers.append(_Puller(rec.operator_region, dest, False,
+                                       rec.operator_node, max(1, self.follow_records)))
+            rec_runner.append(r)
+            rec_follower.append(f)
+        followers = set(follower_of.values())
+        # The shared host (``host_cores``): running jobs' CPU seconds left, what each one
+        # does when it ends, and the time the amounts were last brought up to date.
+        active: dict[int, float] = {}
+        then: dict[int, tuple[float, int, int] | None] = {}
+        host_t = 0.0
+        host_gen = 0
+        jobs = 0
+
+        def host_rate() -> float:
+            return 1.0 if len(active) <= self.host_cores else self.host_cores / len(active)
+
+        def host_advance(t: float) -> None:
+            nonlocal host_t
+            done = (t - host_t) * host_rate()
+            for j in active:
+                active[j] -= done
+            host_t = t
+
+        def host_next(t: float) -> None:
+            nonlocal host_gen
+            host_gen += 1
+            if active:
+                push(t + max(0.0, min(active.values())) / host_rate(), _HOST_DONE, host_gen)
+
+        def run_job(t: float, node: str, cpu: float, extra: float, kind: int, i: int) -> None:
+            """``cpu`` seconds of work on ``node`` from ``t``; at its end plus ``extra``,
+            event ``kind`` for ``i``."""
+            nonlocal jobs
+            self.busy_s[node] = self.busy_s.get(node, 0.0) + cpu
+            if self.host_cores <= 0:
+                free = core_free[node]
+                end = max(t, heapq.heappop(free)) + cpu
+                heapq.heappush(free, end)
+                push(end + extra, kind, i)
+                return
+            host_advance(t)
+            jobs += 1
+            active[jobs] = cpu
+            then[jobs] = (extra, kind, i)
+            host_next(t)
+
+        def host_done(t: float, gen: int) -> None:
+            if gen != host_gen:
+                return
+            host_advance(t)
+            for j in [j for j, left_s in active.items() if left_s <= 1e-9]:
+                del active[j]
+                action = then.pop(j)
+                if action is not None:
+                    extra, kind, i = action
+                    push(t + extra, kind, i)
+            host_next(t)
+
+        def hop_cpu(t: float, messages: int = 1) -> None:
+            """The host's CPU for ``messages`` hops at ``t`` (a shared host only): work that
+            slows every job running then, while the hop's own delay is ``hop_overhead_s``."""
+            nonlocal jobs
+            if self.host_cores <= 0 or self.hop_cpu_s <= 0:
+                return
+            host_advance(t)
+            jobs += 1
+            active[jobs] = self.hop_cpu_s * messages
+            then[jobs] = None
+            host_next(t)
+        left = sum(1 for r in rec_runner if r >= 0)
+        """Stream records not yet back: pullers stop polling once it is 0."""
+        for k, pl in enumerate(pullers):
+            first = 0.0 if pl.local else one_way(pl.puller_region, pl.holder_region)
+            push(first, _FOLLOW if k in followers else _FETCH, k)
+
+        def reply(t: float, k: int) -> None:
+            """The fetch waiting at ``k``'s holder takes what is there and goes back."""
+            pl = pullers[k]
+            pl.waiting = False
+            pl.gen += 1
+            batch = [pl.pending.popleft() for _ in range(min(pl.limit, len(pl.pending)))]
+            pl.batch = batch
+            nbytes = 0
+            for j in batch:
+                rec = records[j]
+                b = rec.out_bytes if k in followers else rec.in_bytes
+                nbytes += b
+                if pl.holder_region != pl.puller_region:
+                    rec.cross_region_bytes += b
+            if pl.local:
+                push(t, _BATCH, k)
+                return
+            back = send(t, pl.holder_region, pl.puller_region, nbytes) + hop
+            push(back, _RESULTS_BACK if k in followers else _BATCH, k)
+
+        def arrive(t: float, k: int, js: list[int]) -> None:
+            """Records ``js`` are appended to ``k``'s shard together."""
+            pl = pullers[k]
+            pl.pending.extend(js)
+            if pl.waiting:
+                reply(t, k)
+
+        def fetch(t: float, k: int, timeout_kind: int, wait_s: float) -> None:
+            pl = pullers[k]
+            if pl.pending:
+                reply(t, k)
+            else:
+                pl.waiting = True
+                push(t + wait_s, timeout_kind, k * 1_000_000 + pl.gen % 1_000_000)
+
+        def timed_out(t: float, code: int, next_kind: int) -> None:
+            k, gen = divmod(code, 1_000_000)
+            pl = pullers[k]
+            if not pl.waiting or pl.gen % 1_000_000 != gen:
+                return
+            pl.waiting = False
+            pl.gen += 1
+            if pl.local:
+                push(t, next_kind, k)
+            else:
+                back = t + one_way(pl.holder_region, pl.puller_region)
+                push(back + one_way(pl.puller_region, pl.holder_region), next_kind, k)
+
         for i, rec in enumerate(records):
-            if rec.site in self.site_has_nodes:
+            if rec.runner:
+                pl = pullers[rec_runner[i]]
+                if rec.site in self.site_has_nodes:
+                    t_in = travel(rec.created_s, rec.site, rec.site, rec.in_bytes, rec) + hop
+                else:
+                    t_in = travel(rec.created_s, rec.site, pl.holder_region, rec.in_bytes,
+                                  rec) + hop
+                push(t_in, _AT_SHARD, i)
+            elif rec.site in self.site_has_nodes:
                 push(travel(rec.created_s, rec.site, rec.site, rec.in_bytes, rec)
                      + self.hop_overhead_s, _ARRIVE_ENTRY, i)
             else:
                 push(rec.created_s, _ARRIVE_ENTRY, i)
         while heap:
             t, _, kind, i = heapq.heappop(heap)
+            if kind >= _AT_SHARD:
+                if kind == _AT_SHARD:
+                    hop_cpu(t)  # the publish
+                    arrive(t, rec_runner[i], [i])
+                elif kind == _FETCH:
+                    fetch(t, i, _FETCH_TIMEOUT, self.fetch_wait_s)
+                elif kind == _FETCH_TIMEOUT:
+                    timed_out(t, i, _FETCH)
+                elif kind == _BATCH:
+                    pl = pullers[i]
+                    hop_cpu(t, 1 if pl.local else 2)  # (the fetch's reply,) the hand-off
+                    cpu = records[pl.batch[0]].batch_cpu_s + sum(
+                        records[j].cpu_s for j in pl.batch)
+                    run_job(t, pl.node, cpu, hop, _APPLIED, i)
+                elif kind == _APPLIED:
+                    pl = pullers[i]
+                    outputs: dict[int, list[int]] = {}
+                    for j in pl.batch:  # a batch's results are appended in one go
+                        outputs.setdefault(rec_follower[j], []).append(j)
+                    for f, js in outputs.items():
+                        arrive(t, f, js)
+                    pl.batch = []
+                    nxt = t if pl.local else t + one_way(pl.puller_region, pl.holder_region)
+                    push(nxt, _FETCH, i)
+                elif kind == _HOST_DONE:
+                    host_done(t, i)
+                elif kind == _FOLLOW:
+                    fetch(t, i, _FOLLOW_TIMEOUT, self.follow_wait_s)
+                elif kind == _FOLLOW_TIMEOUT:
+                    timed_out(t, i, _FOLLOW)
+                else:  # _RESULTS_BACK: at the consumer's node; handed to the consumer
+                    pl = pullers[i]
+                    hop_cpu(t, 2)  # the fetch's reply, the consumer's read
+                    for j in pl.batch:
+                        records[j].done_s = t + one_way(pl.puller_region,
+                                                        pl.puller_region) + hop
+                    left -= len(pl.batch)
+                    pl.batch = []
+                    push(t + one_way(pl.puller_region, pl.holder_region), _FOLLOW, i)
+                continue
             rec = records[i]
             if kind == _ARRIVE_ENTRY:
                 if rec.operator_region == rec.site and rec.site in self.site_has_nodes:
@@ -112,13 +388,7 @@ class FlowRun:
                 push(travel(t, rec.site, rec.operator_region, rec.in_bytes, rec)
                      + self.hop_overhead_s, _ARRIVE_OP, i)
             elif kind == _ARRIVE_OP:
-                free = core_free[rec.operator_node]
-                start = max(t, heapq.heappop(free))
-                end = start + rec.cpu_s
-                heapq.heappush(free, end)
-                self.busy_s[rec.operator_node] = self.busy_s.get(rec.operator_node,
-                                                                 0.0) + rec.cpu_s
-                push(end, _DONE, i)
+                run_job(t, rec.operator_node, rec.cpu_s, 0.0, _DONE, i)
             elif kind == _DONE:
                 push(travel(t, rec.operator_region, rec.site, rec.out_bytes, rec)
                      + self.hop_overhead_s, _ARRIVE_BACK, i)

@@ -1,0 +1,174 @@
+"""The software time of one hop of the stream plane, measured on this machine.
+
+`meshscale plan` charges ``hop_overhead_ms`` for every hop a record makes between
+processes (``sim/flows.py``). This script measures it, independently of any plan: two
+real node processes in one region (no emulated delay: loopback), an operator that does
+nothing (``lambda rs: rs``'s like, no model), near-source; a producer publishes to
+node-0 at a low rate (no queueing) and a consumer reads the results through node-1.
+A record's time from ``publish`` to the consumer is then software only, over the hops
+the flow model charges on that path (``HOPS``):
+
+1. the producer's publish to node-0 (client -> node RPC);
+2. the runner's hand-off of the batch to a worker process and back (the fetch itself
+   is an in-process call: the runner runs on node-0, near-source);
+3. node-1's fetch of the result from node-0 (node -> node RPC);
+4. node-1's answer to the consumer's read (node -> client RPC).
+
+``hop_ms`` = the median pipeline time / ``HOPS``. Loopback network time (tens of
+microseconds) is left in, so the figure is, if anything, a little high.
+
+``hop_cpu_ms`` is the CPU the same hops cost: the CPU time of the node processes, their
+workers and this process (the producer and the consumer) while the records flow, less
+what they use idle (measured over ``IDLE_S`` before), per record, over ``HOPS``. It is
+what a shared host loses to moving records (``host_cores`` in a plan).
+
+    .venv/bin/python bench/stream_hop.py [--quick] --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HOPS = 4
+"""Hops ``sim/flows.py`` charges on the measured path (see the module docstring)."""
+IDLE_S = 3.0
+
+
+def _cpu_s(pids: set[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far."""
+    import os
+
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _mesh_cpu_s(lm: Any) -> float:
+    from meshscale.runtime.launcher import children_of
+
+    pids = {p.pid for p in lm.processes()}
+    return _cpu_s(pids | children_of(pids)) + time.process_time()
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
+
+
+def _nothing(records: list[Any]) -> list[Any]:
+    return [r.value for r in records]
+
+
+def _wait_warm(lm: Any, op: str, timeout_s: float = 60.0) -> bool:
+    from meshscale.client.rpc import RpcError, request
+    from meshscale.core.api import Empty
+    from meshscale.core.api.streams import STATS
+
+    creds = lm.credentials()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        warm = 0
+        for n in lm.nodes:
+            with contextlib.suppress(RpcError, OSError):
+                st = request(n.address, creds, STATS, Empty(), timeout=5)
+                warm += st.operators.get(op, {}).get("runners_warm", 0)
+        if warm >= 1:
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def measure(duration_s: float = 10.0, rate: float = 20.0) -> dict[str, Any]:
+    """Run the two-node pipeline; returns the figures (see the module docstring)."""
+    import meshscale
+    from meshscale.runtime.launcher import LocalMesh
+
+    with tempfile.TemporaryDirectory(prefix="stream-hop-") as tmp:
+        lm = LocalMesh(Path(tmp) / "mesh", 2, regions=["lan"])
+        lm.start()
+        try:
+            lm.wait_converged(60)
+            entry, other = lm.nodes[0], lm.nodes[1]
+            consumer = meshscale.connect(other.address, bundle=lm.bundle_path)
+            consumer.operator("hop-in", _nothing, placement="near-source", output="hop-out",
+                              name="hop-op", batch=True, batch_size=128)
+            warm = _wait_warm(lm, "hop-op")
+            sub = consumer.subscribe("hop-out")
+            lat: list[float] = []
+            stop = threading.Event()
+
+            def consume() -> None:
+                while not stop.is_set():
+                    for r in sub.poll(timeout=0.5):
+                        lat.append(time.time() - r.ts)
+
+            th = threading.Thread(target=consume, daemon=True)
+            th.start()
+            c0, t0 = _mesh_cpu_s(lm), time.monotonic()
+            time.sleep(IDLE_S)
+            idle_per_s = (_mesh_cpu_s(lm) - c0) / (time.monotonic() - t0)
+            c1, t1 = _mesh_cpu_s(lm), time.monotonic()
+            producer = meshscale.connect(entry.address, bundle=lm.bundle_path)
+            s = producer.stream("hop-in")
+            n = 0
+            nxt = time.monotonic()
+            end = nxt + duration_s
+            while (now := time.monotonic()) < end:
+                if now < nxt:
+                    time.sleep(min(nxt - now, 0.01))
+                    continue
+                nxt += 1.0 / rate
+                s.publish("k", n)
+                n += 1
+            s.flush(timeout=60)
+            deadline = time.monotonic() + 30
+            while len(lat) < n and time.monotonic() < deadline:
+                time.sleep(0.05)
+            busy = _mesh_cpu_s(lm) - c1 - idle_per_s * (time.monotonic() - t1)
+            stop.set()
+            th.join(timeout=5)
+            s.close()
+            producer.close()
+            consumer.close()
+        finally:
+            lm.stop()
+    ms = [x * 1000 for x in lat]
+    p50 = _pct(ms, 50)
+    return {"records": n, "received": len(ms), "warm": warm, "rate_per_s": rate,
+            "pipeline_p50_ms": round(p50, 2), "pipeline_p99_ms": round(_pct(ms, 99), 2),
+            "hops": HOPS, "hop_ms": round(p50 / HOPS, 3),
+            "idle_cpu_cores": round(idle_per_s, 4),
+            "hop_cpu_ms": round(max(0.0, busy) / max(1, len(ms)) / HOPS * 1000, 4)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="6 s instead of 15 s")
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+    r = measure(6.0 if args.quick else 15.0)
+    for k, v in r.items():
+        print(f"{k:<18} {v}")
+    args.json.write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""An operator runner's offset checkpoint never holds up its records.
+
+The checkpoint is a quorum KV write, which waits on other nodes (a slow or far one up to
+the RPC timeout). Awaited in the runner's loop, it held every record that landed
+meanwhile, every ``checkpoint_interval_s`` (found tracing records through the live
+demo's pipeline for issue 17; there the write took about 3 ms). Here the checkpoint
+never finishes, and the runner must keep fetching and running batches. Deterministic:
+no clock is read for the outcome, only loop turns."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from types import SimpleNamespace
+from typing import Any
+
+from meshscale.core.api.streams import FetchReply, FetchRequest, OperatorSpec
+from meshscale.core.streams import LogEntry
+from meshscale.runtime.streams import StreamConfig, StreamPlane
+
+HOUR = 3600.0
+
+
+async def turns(n: int = 50) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_runner_keeps_running_batches_while_a_checkpoint_hangs() -> None:
+    async def main() -> None:
+        agent: Any = SimpleNamespace(name="n0", meta=SimpleNamespace(tags={}),
+                                     m=SimpleNamespace(members={}),
+                                     log=lambda *a, **k: None)
+        p = StreamPlane(agent, StreamConfig(read_wait_max_s=HOUR, fetch_wait_s=HOUR,
+                                            checkpoint_interval_s=0.0))
+        checkpoints: list[int] = []
+        hang = asyncio.Event()
+
+        async def checkpoint(op: str, source: str, offset: int) -> None:
+            checkpoints.append(offset)
+            await hang.wait()  # a KV write that waits for ever
+
+        async def call(name: str, method: Any, req: FetchRequest, **kw: Any) -> FetchReply:
+            return await p._rpc_fetch(req)
+
+        async def apply(spec: OperatorSpec, entries: list[LogEntry], st: Any) -> list[Any]:
+            return []
+
+        p._alive = lambda: []  # type: ignore[method-assign]
+        p._holder = lambda topic, source, alive: "n0"  # type: ignore[method-assign]
+        p._call = call  # type: ignore[method-assign,assignment]
+        p._apply = apply  # type: ignore[method-assign,assignment]
+        p._checkpoint = checkpoint  # type: ignore[method-assign]
+        log = p._log("t", "src~0")
+        log.append([("k", b"v", "r0", 0.0)])
+        spec = OperatorSpec(name="op", topic="t", fn_id="f" * 64, fn_object="o" * 64)
+        st: Counter[str] = Counter()
+        runner = asyncio.ensure_future(p._read_shard(spec, "src~0", None, "lane", set(), st))
+        await turns()
+        assert st["records_processed"] == 1 and checkpoints == [1]
+        for i in (1, 2):
+            async with p._changed:
+                log.append([("k", b"v", f"r{i}", 0.0)])
+                p._changed.notify_all()
+            await turns()
+            assert st["records_processed"] == 1 + i, "the runner waited for its checkpoint"
+        assert checkpoints == [1]  # one write at a time: the next waits for this one
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await turns()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not pending, pending  # the hung checkpoint went with its runner
+
+    asyncio.run(main())

@@ -1,0 +1,93 @@
+"""``sim.flows``: the stream plane's pull protocol, batches and a shared host, by the clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshscale.sim.flows import FlowRecord, FlowRun, Path
+
+
+def _run(records: list[FlowRecord], *, cores: dict[str, int], region_of: dict[str, str],
+         rtt_s: float = 0.1, hop_s: float = 0.0, host_cores: float = 0.0,
+         hop_cpu_s: float = 0.0) -> FlowRun:
+    fr = FlowRun(1, cores, region_of, lambda a, b: Path(rtt_s, 1e12),
+                 {r: 0.002 for r in set(region_of.values())}, set(region_of.values()),
+                 hop_overhead_s=hop_s, jitter=0.0, host_cores=host_cores,
+                 hop_cpu_s=hop_cpu_s)
+    fr.run(records)
+    return fr
+
+
+def _rec(t: float, site: str, node: str, region: str, *, cpu_s: float = 0.001,
+         batch_cpu_s: float = 0.0, runner: str = "r") -> FlowRecord:
+    return FlowRecord(t, site, node, region, 100, 10, cpu_s, runner=runner,
+                      batch_cpu_s=batch_cpu_s)
+
+
+def test_near_source_record_pays_its_hops_lan_and_cpu() -> None:
+    rec = _rec(1.2, "a", "n0", "a", cpu_s=0.010, batch_cpu_s=0.005)
+    _run([rec], cores={"n0": 1}, region_of={"n0": "a"}, hop_s=0.003)
+    # publish (LAN + hop), batch to a worker (hop + 5 + 10 ms), results fetched by the
+    # consumer's node (LAN + hop) and handed to the consumer (LAN + hop).
+    assert rec.done_s - rec.created_s == pytest.approx(3 * 0.001 + 4 * 0.003 + 0.015)
+    assert rec.cross_region_bytes == 0
+
+
+def test_a_record_that_misses_the_fetch_waits_one_round_trip_more() -> None:
+    # The runner is in region c, 100 ms from the shard at site s; with nothing to fetch
+    # its long-polls wait 0.5 s at the shard and come back empty, so from 1.25 s its
+    # fetch waits there. Record a lands while it waits; record b lands just after that
+    # fetch went back, so it waits for the runner's next fetch: one RTT (plus a's batch)
+    # later.
+    a = _rec(1.3, "s", "c0", "c")
+    b = _rec(1.3 + 1e-6, "s", "c0", "c")
+    _run([a, b], cores={"s0": 1, "c0": 1}, region_of={"s0": "s", "c0": "c"})
+    lat_a, lat_b = a.done_s - a.created_s, b.done_s - b.created_s
+    assert lat_a == pytest.approx(0.001 + 0.05 + 0.001 + 0.05 + 0.001, abs=1e-9)
+    assert lat_b - lat_a == pytest.approx(0.1 + 0.001 - 1e-6, abs=1e-9)
+    assert a.cross_region_bytes == b.cross_region_bytes == 110
+
+
+def test_records_waiting_at_the_shard_run_as_one_call() -> None:
+    recs = [_rec(1.2, "a", "n0", "a", cpu_s=0.002, batch_cpu_s=0.010) for _ in range(10)]
+    fr = _run(recs, cores={"n0": 1}, region_of={"n0": "a"})
+    # The first lands on the waiting fetch and runs alone; the nine others wait for it
+    # and run as one call: two calls' fixed cost, not ten.
+    assert fr.busy_s["n0"] == pytest.approx(2 * 0.010 + 10 * 0.002)
+    assert recs[1].done_s == recs[9].done_s > recs[0].done_s
+
+
+def test_jobs_on_a_shared_host_share_its_cores() -> None:
+    def run(host_cores: float) -> list[float]:
+        recs = [_rec(1.2, "a", "n0", "a", cpu_s=1.0, runner="r0"),
+                _rec(1.2, "a", "n1", "a", cpu_s=1.0, runner="r1")]
+        _run(recs, cores={"n0": 1, "n1": 1}, region_of={"n0": "a", "n1": "a"},
+             host_cores=host_cores)
+        return [r.done_s - r.created_s for r in recs]
+
+    own = run(0.0)
+    shared = run(1.0)
+    assert own == pytest.approx([1.003, 1.003])
+    assert shared == pytest.approx([2.003, 2.003])  # two jobs at half speed each
+    assert run(2.0) == pytest.approx(own)
+
+
+def test_moving_records_takes_cpu_from_a_shared_host() -> None:
+    def run(host_cores: float) -> float:
+        rec = _rec(1.2, "a", "n0", "a", cpu_s=1.0)
+        _run([rec], cores={"n0": 1}, region_of={"n0": "a"}, host_cores=host_cores,
+             hop_cpu_s=0.5)
+        return rec.done_s - rec.created_s
+
+    # On one shared core the publish's and the hand-off's 0.5 s of CPU run beside the
+    # operator's 1 s: all three at a third of the core until the two hops are done
+    # (1.5 s), then the operator's last 0.5 s alone. Nodes with their own cores: 1 s.
+    assert run(1.0) == pytest.approx(0.001 + 2.0 + 0.002)
+    assert run(0.0) == pytest.approx(0.001 + 1.0 + 0.002)
+
+
+def test_calls_are_still_pushed_and_answered() -> None:
+    rec = FlowRecord(1.2, "s", "c0", "c", 100, 10, 0.004)
+    _run([rec], cores={"s0": 1, "c0": 1}, region_of={"s0": "s", "c0": "c"}, hop_s=0.002)
+    # entry (LAN + hop), to the replica (50 ms + hop), 4 ms CPU, back (50 ms + hop).
+    assert rec.done_s - rec.created_s == pytest.approx(0.001 + 0.05 + 0.004 + 0.05 + 3 * 0.002)
