@@ -177,7 +177,7 @@ def _chart(c: ClassReport) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from meshscale.plan.report import _svg
+    from meshscale.plan.report import figure_svg
 
     plt.rcParams.update({"font.size": 9, "svg.hashsalt": "meshscale-compliance",
                          "svg.fonttype": "none"})
@@ -195,7 +195,7 @@ def _chart(c: ClassReport) -> str:
     for ax in (a, b):
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
-    return _svg(fig)
+    return figure_svg(fig)
 
 
 def render_html(r: ComplianceReport) -> str:

@@ -172,7 +172,9 @@ def _map(r: PlanResult, plt: Any) -> Any:
     return fig
 
 
-def _svg(fig: Any) -> str:
+def figure_svg(fig: Any) -> str:
+    """A matplotlib figure as inline SVG markup (no date, so the same figure gives the same
+    bytes), the figure closed: the plan report's and the compliance report's charts."""
     import matplotlib.pyplot as plt
 
     buf = io.StringIO()
@@ -242,7 +244,7 @@ def render_html(r: PlanResult) -> str:
         if key in figs:
             title, mkey = captions[key]
             plots.append(f"<figure><figcaption>{e(title)} <span class='tag'>"
-                         f"{_tag(mkey)}</span></figcaption>{_svg(figs[key])}</figure>")
+                         f"{_tag(mkey)}</span></figcaption>{figure_svg(figs[key])}</figure>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>meshscale plan: {e(r.name)}</title>
