@@ -867,7 +867,14 @@ class ComputePlane:
                    if r is not None and r.data_class is not None}
         if not classes:
             return None
-        policies = await self.local.class_policies(classes)
+        try:
+            policies = await self.local.class_policies(classes)
+        except ApiError as e:
+            if e.code is not ErrorCode.UNAVAILABLE:
+                raise
+            # No quorum to read a policy: the inputs' own stored rules still bound it.
+            self._count("result_rule_without_policies")
+            policies = {}
         try:
             out = result_rule(declared, inputs, policies)
         except PolicyError as e:

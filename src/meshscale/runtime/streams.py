@@ -504,7 +504,13 @@ class StreamPlane:
         region = caller.node_region(self.agent.m.members)
         if cls is None or region is None:
             return
-        why = read_refusal(region, cls, await self.local.class_policies({cls}))
+        try:
+            policies = await self.local.class_policies({cls})
+        except ApiError as e:
+            if e.code is not ErrorCode.UNAVAILABLE:
+                raise
+            return  # no quorum to read the policy: as a receiver does, the rule it has
+        why = read_refusal(region, cls, policies)
         if why is not None:
             raise self._refuse("cross_region_read", f"records of topic {topic!r}: {why}",
                                subject=topic, data_class=cls, region=region)
