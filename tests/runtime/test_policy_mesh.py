@@ -312,8 +312,15 @@ def both_lengths(a: bytes, b: bytes) -> int:
     return len(a) + len(b)
 
 
+def sleep_then_length(data: bytes) -> int:
+    import time
+
+    time.sleep(60)
+    return len(data)
+
+
 def test_a_classed_task_runs_only_in_the_class_regions(mesh: LocalMesh) -> None:
-    from meshscale.client.tasks import TaskSubmitError, task
+    from meshscale.client.tasks import TaskError, TaskSubmitError, task
     from meshscale.client.tasks import connect as connect_tasks
 
     _ensure_pii(mesh)
@@ -381,6 +388,23 @@ def test_a_classed_task_runs_only_in_the_class_regions(mesh: LocalMesh) -> None:
         with pytest.raises(TaskSubmitError, match="ambiguous") as e2:
             client.submit(task(both_lengths), ref, usref)
         assert "usonly" in str(e2.value) and "pii" in str(e2.value)
+        # An owner sent a classed result inline (by a worker not keeping the rule)
+        # refuses it: the task fails naming the rule, and the owner audits the refusal.
+        slow = client.submit(task(sleep_then_length), ref)
+        wait_for(lambda: call(mesh.nodes[us].address, creds, "task.result",
+                              {"task_id": slow.task_id}, timeout=30)["state"] == "running",
+                 60, "the slow task running")
+        euw = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
+        got = call(mesh.nodes[us].address, mesh.node_credentials(euw), "task.done",
+                   {"task_id": slow.task_id, "node": mesh.nodes[euw].name, "ok": True,
+                    "value": b"inline bytes"}, timeout=30)
+        assert got["accepted"]
+        with pytest.raises(TaskError, match="its result is of class pii") as e3:
+            slow.result(timeout=60)
+        assert e3.value.kind == "refused"
+        rows = call(mesh.nodes[us].address, creds, "audit.query",
+                    {"subject": slow.task_id, "kind": "refusal"}, timeout=10)["rows"]
+        assert rows and rows[0]["data_class"] == "pii", rows
 
 
 def tag(rec: Any) -> dict[str, Any]:
