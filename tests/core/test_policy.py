@@ -27,6 +27,7 @@ from meshscale.core.policy import (
     narrows,
     policy_key,
     resolve,
+    result_rule,
 )
 from meshscale.core.replication import (
     DropLocal,
@@ -344,3 +345,89 @@ def test_kv_hints_for_a_classed_key_go_only_inside_its_class() -> None:
     blind = KVHints(stand_in, KVHintConfig(startup_watch_s=0.0))
     blind.set_view(live, down)
     assert set(blind.plan(key, [], 0.0) or ()) != set(targets)
+
+
+# ------------------------------------------------------------------ a task's result
+
+TELEMETRY = make_policy("telemetry", ["eu-west", "eu-central", "us-east"], replicas=3)
+US_ONLY = make_policy("usdata", ["us-east"], replicas=2)
+EU = frozenset({"eu-west", "eu-central"})
+ALL3 = POLICIES | {"telemetry": TELEMETRY, "usdata": US_ONLY}
+
+
+@pytest.mark.parametrize(("declared", "inputs", "expected"), [
+    # No class anywhere: no class for the result (a regions-only task included).
+    (None, [], None),
+    (None, [None, Residency(frozenset({"eu-west"}))], None),
+    (Residency(frozenset({"us-east"})), [None], None),
+    # A declared class wins, with the task's rule (the inputs bound placement only).
+    (Residency(EU, "pii"), [Residency(frozenset({"us-east"}), "usdata")], Residency(EU, "pii")),
+    (Residency(frozenset({"us-east"}), "telemetry"), [Residency(EU, "pii")],
+     Residency(frozenset({"us-east"}), "telemetry")),
+    # Undeclared: the inputs' strictest class, its regions narrowed by every input's.
+    (None, [Residency(EU, "pii")], Residency(EU, "pii")),
+    (None, [Residency(None, "telemetry"), Residency(EU, "pii"), None], Residency(EU, "pii")),
+    (None, [Residency(frozenset({"eu-west"}), "pii"), Residency(None, "telemetry")],
+     Residency(frozenset({"eu-west"}), "pii")),
+    (None, [Residency(EU, "telemetry")], Residency(EU, "telemetry")),
+    # A regions-only declaration narrows the inherited rule.
+    (Residency(frozenset({"eu-central", "us-east"})), [Residency(EU, "pii")],
+     Residency(frozenset({"eu-central"}), "pii")),
+    # A class without a policy (a label only) gets the regions its inputs share.
+    (None, [Residency(frozenset({"eu-west"}), "tag"),
+            Residency(frozenset({"eu-west", "us-east"}), "tag")],
+     Residency(frozenset({"eu-west"}), "tag")),
+])
+def test_result_rule_table(declared: Residency | None, inputs: list[Residency | None],
+                           expected: Residency | None) -> None:
+    assert result_rule(declared, inputs, ALL3) == expected
+
+
+def test_result_rule_refuses_incomparable_classes_and_no_region() -> None:
+    with pytest.raises(PolicyError) as e:
+        result_rule(None, [Residency(EU, "pii"), Residency(None, "usdata")], ALL3)
+    assert e.value.rule == "result_class"
+    assert "pii" in str(e.value) and "usdata" in str(e.value) and "data_class=" in str(e.value)
+    # A label-only class bounds no copy count: not narrower than a policy's rule.
+    with pytest.raises(PolicyError, match="ambiguous"):
+        result_rule(None, [Residency(frozenset({"eu-west"}), "tag"),
+                           Residency(None, "telemetry")], ALL3)
+    # Declaring the result's class settles it.
+    assert result_rule(Residency(EU, "pii"), [Residency(EU, "pii"), Residency(None, "usdata")],
+                       ALL3) == Residency(EU, "pii")
+    with pytest.raises(PolicyError) as e2:
+        result_rule(None, [Residency(EU, "pii"), Residency(frozenset({"us-east"}), "telemetry")],
+                    ALL3)
+    assert e2.value.rule == "residency" and "pii" in str(e2.value)
+
+
+classes = st.sampled_from(["pii", "telemetry", "usdata", "tag", None])
+input_rules = st.one_of(st.none(), st.builds(Residency, region_sets, classes))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(input_rules, max_size=5), st.one_of(st.none(), st.builds(Residency, region_sets)))
+def test_an_undeclared_result_is_never_wider_than_any_classed_input(
+        inputs: list[Residency | None], declared: Residency | None) -> None:
+    """Undeclared: the result has a class exactly when an input has one; it is one of the
+    inputs' classes, whose rule narrows every other input class's; and it may live only
+    where every classed input, its class's policy and the task's regions allow."""
+    classed = [r for r in inputs if r is not None and r.data_class is not None]
+    try:
+        got = result_rule(declared, inputs, ALL3)
+    except PolicyError as e:
+        assert classed and e.rule in {"result_class", "residency"}
+        return
+    if not classed:
+        assert got is None
+        return
+    assert got is not None and got.data_class in {r.data_class for r in classed}
+    for r in classed:
+        policy = ALL3.get(r.data_class or "")
+        if policy is not None:
+            assert got.regions is not None and got.regions <= set(policy.regions)
+        if r.regions is not None:
+            assert got.regions is not None and got.regions <= r.regions
+    if declared is not None and declared.regions is not None:
+        assert got.regions is not None and got.regions <= declared.regions
+    assert got.regions is None or got.regions

@@ -300,8 +300,27 @@ def big_result(n: int) -> bytes:
     return bytes([n % 256]) * 400_000  # over inline_result_bytes: stored as an object
 
 
+def length_and_pid(data: bytes) -> tuple[int, int]:
+    return len(data), os.getppid()
+
+
+def plus_one(got: tuple[int, int]) -> int:
+    return got[0] + 1
+
+
+def both_lengths(a: bytes, b: bytes) -> int:
+    return len(a) + len(b)
+
+
+def sleep_then_length(data: bytes) -> int:
+    import time
+
+    time.sleep(60)
+    return len(data)
+
+
 def test_a_classed_task_runs_only_in_the_class_regions(mesh: LocalMesh) -> None:
-    from meshscale.client.tasks import TaskSubmitError, task
+    from meshscale.client.tasks import TaskError, TaskSubmitError, task
     from meshscale.client.tasks import connect as connect_tasks
 
     _ensure_pii(mesh)
@@ -334,6 +353,58 @@ def test_a_classed_task_runs_only_in_the_class_regions(mesh: LocalMesh) -> None:
     for o in results:
         assert set(o.residency or ()) <= {"eu-west", "eu-central"}
         assert on_disk(mesh, o.id) and on_disk(mesh, o.id) <= {"eu-west", "eu-central"}
+    # A task that names no class but reads a pii object takes the class: it runs in the
+    # class's regions, and its result, however small, is an object of the class (only
+    # the reference reaches its owner, here a node of a forbidden region); so does the
+    # result of a task that takes that result.
+    eu = {"eu-west", "eu-central"}
+    region_of = {n.name: n.region for n in mesh.nodes}
+    creds = mesh.credentials()
+    with connect_tasks(mesh.nodes[us].address, bundle=mesh.bundle_path) as client:
+        ref = client.put(b"customer 42", data_class="pii")
+        first = client.submit(task(length_and_pid), ref)
+        second = client.submit(task(plus_one), first)
+        assert second.result(timeout=120) == 12
+        n, pid = first.result(timeout=120)
+        assert n == 11 and by_pid[pid].region in eu
+        for fut in (first, second):
+            view = call(mesh.nodes[us].address, creds, "task.result",
+                        {"task_id": fut.task_id}, timeout=30)
+            assert view.get("value") is None and view.get("ref"), view
+            st = client.stat(view["ref"]["id"])
+            assert st.data_class == "pii" and set(st.residency or ()) <= eu
+            assert on_disk(mesh, st.id) and on_disk(mesh, st.id) <= eu
+            assert region_of[view["node"]] in eu
+            # Audited where it ran: a task run on classed data, naming the result's class.
+            rows = call(mesh.nodes[[n.name for n in mesh.nodes].index(view["node"])].address,
+                        creds, "audit.query", {"subject": fut.task_id, "kind": "task_run"},
+                        timeout=10)["rows"]
+            assert rows and all(r["data_class"] == "pii" for r in rows), rows
+            assert "result class pii" in rows[-1]["detail"], rows
+        # Inputs of classes neither of which is the stricter: refused at submit, naming
+        # the rule, until the task declares its result's class.
+        client.policies.set("usonly", ["us-east"], replicas=1)
+        usref = client.put(b"us data", data_class="usonly")
+        with pytest.raises(TaskSubmitError, match="ambiguous") as e2:
+            client.submit(task(both_lengths), ref, usref)
+        assert "usonly" in str(e2.value) and "pii" in str(e2.value)
+        # An owner sent a classed result inline (by a worker not keeping the rule)
+        # refuses it: the task fails naming the rule, and the owner audits the refusal.
+        slow = client.submit(task(sleep_then_length), ref)
+        wait_for(lambda: call(mesh.nodes[us].address, creds, "task.result",
+                              {"task_id": slow.task_id}, timeout=30)["state"] == "running",
+                 60, "the slow task running")
+        euw = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
+        got = call(mesh.nodes[us].address, mesh.node_credentials(euw), "task.done",
+                   {"task_id": slow.task_id, "node": mesh.nodes[euw].name, "ok": True,
+                    "value": b"inline bytes"}, timeout=30)
+        assert got["accepted"]
+        with pytest.raises(TaskError, match="its result is of class pii") as e3:
+            slow.result(timeout=60)
+        assert e3.value.kind == "refused"
+        rows = call(mesh.nodes[us].address, creds, "audit.query",
+                    {"subject": slow.task_id, "kind": "refusal"}, timeout=10)["rows"]
+        assert rows and rows[0]["data_class"] == "pii", rows
 
 
 def tag(rec: Any) -> dict[str, Any]:
@@ -347,7 +418,8 @@ def test_classed_streams_and_operators_stay_in_the_class_regions(mesh: LocalMesh
     from meshscale.core.api import streams as sapi
 
     with connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as m:
-        m.policies.set("events", ["eu-west", "eu-central"], stream_regions=["eu-west"])
+        m.policies.set("events", ["eu-west", "eu-central"], stream_regions=["eu-west"],
+                       cross_region_reads=False)
     us = next(i for i, n in enumerate(mesh.nodes) if n.region == "us-east")
     euw = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
     ec = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-central")
@@ -401,6 +473,41 @@ def test_classed_streams_and_operators_stay_in_the_class_regions(mesh: LocalMesh
 
     wait_for(runner_regions, 30, "a runner of tag-ev")
     assert runner_regions() <= {"eu-west", "eu-central"}
+    # The class forbids cross-region reads: a subscription through a node outside its
+    # regions is refused (the shard holder refuses that node's follower; the node refuses
+    # its subscriber), naming the rule; through a node of the class's regions it reads.
+    held_before = request(mesh.nodes[euw].address, creds, sapi.STATS, Empty(),
+                          timeout=10).counters.get("refused_cross_region_read", 0)
+    refused: list[str] = []
+
+    def subscribe_refused() -> bool:
+        try:
+            call(mesh.nodes[us].address, creds, "stream.read",
+                 {"topic": "ev", "wait_s": 5.0}, timeout=30)
+        except RemoteError as e:
+            refused.append(f"{e.code}: {e}")
+            return True
+        return False
+
+    wait_for(subscribe_refused, 60, "the subscription through us-east refused")
+    assert refused[-1].startswith("refused: ") and "cross-region read rule" in refused[-1]
+    assert "events" in refused[-1] and "us-east" in refused[-1]
+    assert request(mesh.nodes[euw].address, creds, sapi.STATS, Empty(), timeout=10
+                   ).counters.get("refused_cross_region_read", 0) > held_before
+    rows = call(mesh.nodes[euw].address, creds, "audit.query",
+                {"subject": "ev", "kind": "refusal"}, timeout=10)["rows"]
+    assert any(r["data_class"] == "events" and r["from_region"] == "us-east"
+               and "cross-region read rule" in r["detail"] for r in rows), rows
+    assert call(mesh.nodes[us].address, creds, "audit.query",
+                {"subject": "ev", "kind": "refusal"}, timeout=10)["rows"]
+
+    def read_in_eu() -> list[Any]:
+        got: list[Any] = call(mesh.nodes[ec].address, creds, "stream.read",
+                              {"topic": "ev", "wait_s": 5.0}, timeout=30)["records"]
+        return got
+
+    got = wait_for(read_in_eu, 60, "a subscription through eu-central")
+    assert any(r[3] == b"v1" for r in got), got
 
 
 def test_no_cross_region_reads(mesh: LocalMesh) -> None:

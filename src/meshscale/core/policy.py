@@ -53,6 +53,7 @@ __all__ = [
     "policy_key",
     "read_refusal",
     "resolve",
+    "result_rule",
 ]
 
 POLICY_PREFIX = "__policy/"
@@ -315,6 +316,67 @@ def resolve(data_class: str | None, explicit: Rule,
             "narrow its class's rule, never widen it"))
     assert narrows(filled, cls)
     return Resolved(filled, data_class, policy)
+
+
+# ------------------------------------------------------------------ a task's result
+
+
+def _class_rule(cls: str, inputs: list[Residency],
+                policies: Mapping[str, ClassPolicy]) -> Rule:
+    """The rule of ``cls`` for choosing the strictest class: its policy's, or (a class
+    without a policy, a label only) the regions its inputs share."""
+    policy = policies.get(cls)
+    if policy is not None:
+        return policy.rule()
+    regions: frozenset[str] | None = None
+    for r in inputs:
+        if r.data_class == cls and r.regions is not None:
+            regions = r.regions if regions is None else regions & r.regions
+    return Rule(regions=regions)
+
+
+def result_rule(declared: Residency | None, inputs: Iterable[Residency | None],
+                policies: Mapping[str, ClassPolicy]) -> Residency | None:
+    """The rule a task's result is stored under (None: the result has no class).
+
+    ``declared`` is the task's own (resolved) rule, ``inputs`` the rules of what it reads:
+    its input objects and its upstream tasks' results.
+
+    - A task that declares a class: its result is of that class, under the task's rule
+      (the declaration wins; the inputs still bound where the task runs).
+    - Else, when some input has a class: the result takes the strictest of the inputs'
+      classes, the one whose rule (``ClassPolicy.rule``; a class without a policy: the
+      regions its inputs share) narrows every other's; equal rules are broken by name.
+      Its regions are that class's, narrowed by every classed input's own regions and the
+      task's declared regions: the result may live only where all of its sources may.
+      ``PolicyError("result_class")`` when no class is strictest (incomparable rules:
+      the task must declare its result's class) or ``PolicyError("residency")`` when no
+      region is left.
+    - Else: None (no classed input, no declared class).
+    """
+    if declared is not None and declared.data_class is not None:
+        return declared
+    classed = [r for r in inputs if r is not None and r.data_class is not None]
+    if not classed:
+        return None
+    names = sorted({r.data_class for r in classed if r.data_class is not None})
+    rules = {c: _class_rule(c, classed, policies) for c in names}
+    strictest = [c for c in names if all(narrows(rules[c], rules[d]) for d in names)]
+    if not strictest:
+        listed = "; ".join(f"{c} ({rules[c].describe()})" for c in names[:8])
+        raise PolicyError("result_class", (
+            f"the task's inputs are of classes {listed}, none of whose rules narrows all "
+            "the others': the result's class is ambiguous; declare it (data_class=)"))
+    chosen = strictest[0]
+    regions = rules[chosen].regions
+    for r in [*classed, *([declared] if declared is not None else [])]:
+        if r.regions is not None:
+            regions = r.regions if regions is None else regions & r.regions
+    if regions is not None and not regions:
+        raise PolicyError("residency", (
+            f"the task's result (class {chosen}, the strictest of its inputs' classes "
+            f"{', '.join(names[:8])}) has no region that all of its inputs' rules allow"))
+    return Residency(regions, chosen)
 
 
 # ------------------------------------------------------------------ KV keys of a class

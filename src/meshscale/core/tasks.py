@@ -165,6 +165,10 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     owner waits for them to end before it schedules this task (``upstream_failure``)."""
     exc: bytes | None = None
     """The raised exception, pickled by the worker (``raised``), when it could be."""
+    result_class: str | None = None
+    """The data class of the task's result (``core.policy.result_rule``: the declared
+    class, else its inputs' strictest), set when the owner schedules it. A classed result
+    is always stored as an object of the class; only its reference reaches the owner."""
 
 
 ENDED_BYTES = 551

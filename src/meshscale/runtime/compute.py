@@ -113,7 +113,7 @@ from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, Residency
-from meshscale.core.policy import ClassPolicy, PolicyError, Rule, resolve
+from meshscale.core.policy import ClassPolicy, PolicyError, Rule, resolve, result_rule
 from meshscale.core.scheduling import (
     InputRef,
     Load,
@@ -282,6 +282,9 @@ class _Payload(msgspec.Struct, array_like=True):
     upstream: list[_Upstream] = []
     """The results of the task's upstream tasks, in ``TaskRecord.after`` order: the
     pickled value (small ones), or the id of the object it was stored as."""
+    result_rule: ResidencyWire | None = None
+    """The rule the result is stored under (``core.policy.result_rule``); with a class,
+    the result is always an object of it, whatever its size (never carried inline)."""
 
 
 @dataclass(eq=False)
@@ -823,21 +826,29 @@ class ComputePlane:
                 budget -= len(v.value)
                 values.append(_Upstream(value=v.value))
             elif v.value is not None:  # too much to carry: the worker reads it
-                stored = await self._put_object(v.value)
-                values.append(_Upstream(oid=str(stored["id"])))
-                stored_in.append((len(v.value), str(stored["id"])))
+                put = await self._put_object(v.value)
+                values.append(_Upstream(oid=str(put["id"])))
+                stored_in.append((len(v.value), str(put["id"])))
             else:
                 raise ValueError(f"upstream task {v.task_id} ended with no result")
         # The largest steer placement, within the inputs a task may list.
         room = max(0, self.cfg.max_inputs - len(refs))
-        for _size, oid in sorted(set(stored_in), reverse=True)[:room]:
-            refs.append(await self._input_ref(oid))
-        res = None
+        stored = [await self._input_ref(oid)
+                  for _size, oid in sorted(set(stored_in), reverse=True)]
+        declared = None
         if rec.residency is not None or rec.data_class is not None:
-            res = Residency(frozenset(rec.residency) if rec.residency is not None else None,
-                            rec.data_class)
+            declared = Residency(
+                frozenset(rec.residency) if rec.residency is not None else None,
+                rec.data_class)
+        out = await self._result_rule(rec, declared, [r.residency for r in refs + stored])
+        refs += stored[:room]
+        # A task that reads classed data runs under its result's rule too (the inputs'
+        # own rules bound it as well: core.scheduling's input-residency).
+        res = declared if out is None or (declared is not None and declared.data_class) \
+            else out
         payload = msgspec.msgpack.encode(_Payload(
-            rec.fn_id, rec.args or b"", rec.inputs, rec.timeout_s, rec.memory_mb, values))
+            rec.fn_id, rec.args or b"", rec.inputs, rec.timeout_s, rec.memory_mb, values,
+            ResidencyWire.of(out)))
         try:
             return TaskSpec(
                 task_id=rec.task_id, cpus=rec.cpus, memory_mb=rec.memory_mb, gpus=rec.gpus,
@@ -846,6 +857,31 @@ class ComputePlane:
                 payload=payload, submitter=rec.submitter)
         except (msgspec.ValidationError, TypeError) as e:
             raise ValueError(f"task {rec.task_id}: {e}") from None
+
+    async def _result_rule(self, rec: TaskRecord, declared: Residency | None,
+                           inputs: list[Residency | None]) -> Residency | None:
+        """The rule ``rec``'s result is stored under (``core.policy.result_rule``), kept on
+        the record; a refusal (inputs of incomparable classes, no region left) names the
+        rule (``runtime.services.refusal``)."""
+        classes = {r.data_class for r in [declared, *inputs]
+                   if r is not None and r.data_class is not None}
+        if not classes:
+            return None
+        try:
+            policies = await self.local.class_policies(classes)
+        except ApiError as e:
+            if e.code is not ErrorCode.UNAVAILABLE:
+                raise
+            # No quorum to read a policy: the inputs' own stored rules still bound it.
+            self._count("result_rule_without_policies")
+            policies = {}
+        try:
+            out = result_rule(declared, inputs, policies)
+        except PolicyError as e:
+            raise self._refuse(e.rule, f"task {rec.task_id}: {e}", subject=rec.task_id,
+                               data_class=",".join(sorted(classes))[:200]) from None
+        rec.result_class = None if out is None else out.data_class
+        return out
 
     async def _rpc_submit(self, req: SubmitRequest) -> SubmitReply:
         sched = self.sched
@@ -1178,7 +1214,14 @@ class ComputePlane:
             return DoneReply(False)
         if verdict is Verdict.RETRY:
             return DoneReply(True)  # the scheduler's TaskFinished follows: run it again
-        if req.ok:
+        if req.ok and req.value is not None and e.rec.result_class is not None:
+            # A classed result travels only as a reference to an object of its class.
+            why = self._refuse("result_class", (
+                f"task {req.task_id}: its result is of class {e.rec.result_class} and must "
+                f"be stored as an object of the class; node {req.node} sent it inline"),
+                subject=req.task_id, data_class=e.rec.result_class)
+            self._finish(e, "failed", error=str(why), kind="refused", node=req.node)
+        elif req.ok:
             ref = req.ref
             self._finish(e, "done", value=req.value,
                          ref=None if ref is None else {"id": ref.id, "size": ref.size},
@@ -1492,10 +1535,20 @@ class ComputePlane:
                     self.on_demand()
                 await asyncio.wait_for(self._pool_ready.wait(), self.pool.config.start_timeout_s)
             inputs = list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
-            if spec.residency is not None and spec.residency.data_class:
-                self.agent.record(Kind.TASK_RUN, spec.task_id, who=spec.submitter or owner,
-                                  data_class=spec.residency.data_class,
-                                  detail=f"owner {owner}, {len(p.inputs)} inputs")
+            out = p.result_rule
+            if out is None and spec.residency is not None and spec.residency.data_class:
+                out = ResidencyWire.of(spec.residency)  # an owner without result rules
+            in_classes = sorted({i.residency.data_class for i in spec.inputs
+                                 if i.residency is not None and i.residency.data_class})
+            run_class = spec.residency.data_class if spec.residency is not None else None
+            if run_class or in_classes or (out is not None and out.data_class):
+                result_class = out.data_class if out is not None else None
+                self.agent.record(
+                    Kind.TASK_RUN, spec.task_id, who=spec.submitter or owner,
+                    data_class=result_class or run_class or in_classes[0],
+                    detail=f"owner {owner}, {len(p.inputs)} inputs"
+                           + (f" of classes {','.join(in_classes)}" if in_classes else "")
+                           + f", result class {result_class or 'none'}")
             if p.upstream:
                 upstream = list(await asyncio.gather(*(
                     self._upstream_input(v, links) for v in p.upstream)))
@@ -1512,14 +1565,15 @@ class ComputePlane:
                 ran = await self.pool.run_task(p.fn_id, fn, call_args, **kw)
             result = ran.result
             outcome.stdout, outcome.stderr = ran.stdout, ran.stderr
-            if len(result) <= self.cfg.inline_result_bytes:
+            classed = out is not None and out.data_class is not None
+            if len(result) <= self.cfg.inline_result_bytes and not classed:
                 outcome.ok, outcome.value = True, result
             else:
-                # A classed task's result is stored under the task's (resolved) rule.
-                res = spec.residency
+                # A classed result, whatever its size, is an object of its class under
+                # its rule (core.policy.result_rule): only the reference goes to the
+                # owner, which may be outside the class's regions.
                 ref = await self.local.put_object(
-                    result, self.cfg.result_replicas,
-                    ResidencyWire.of(res) if res is not None and res.data_class else None)
+                    result, self.cfg.result_replicas, out if classed else None)
                 outcome.ok, outcome.ref = True, ResultRef(str(ref["id"]), int(ref["size"]))
         except WorkerTaskFailed as e:
             outcome.kind, outcome.error, outcome.traceback = e.kind, e.message, e.traceback

@@ -63,7 +63,7 @@ from meshscale.core.api.streams import (
 )
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, PlacementError, Residency
-from meshscale.core.policy import PolicyError, Rule, copy_refusal, resolve
+from meshscale.core.policy import PolicyError, Rule, copy_refusal, read_refusal, resolve
 from meshscale.core.scheduling import (
     Central,
     InRegions,
@@ -87,10 +87,11 @@ from meshscale.core.streams import (
     source_id,
     split_source,
 )
+from meshscale.runtime import caller
 from meshscale.runtime.local import LocalCalls, call_node
 from meshscale.runtime.services import NodeServices, refusal
 from meshscale.runtime.workers import TaskFailed, WorkerPool, pickle_args
-from meshscale.transport.rpc import RpcError
+from meshscale.transport.rpc import RemoteError, RpcError
 
 Req = TypeVar("Req", bound=Request)
 Rep = TypeVar("Rep")
@@ -104,6 +105,9 @@ EPOCH_TAG = "epoch"
 
 FOLLOW_BATCH = 1_024
 """Entries a subscription's follower fetches at a time."""
+REFUSED_FOLLOW_RETRY_S = 2.0
+"""A follower the shard holder refused (cross-region read rule) asks again this often:
+the class's policy may change."""
 LANE = "stream"
 """The peer-pool lane of the plane's control calls (operator notices, stats)."""
 LANE_REPL = "stream.repl"
@@ -181,6 +185,10 @@ class StreamPlane:
         self.runners: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.followers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._follow_used: dict[str, float] = {}
+        self._read_refused: dict[str, str] = {}
+        """Topics whose shard holders refused this node's follower (a class without
+        cross-region reads, this node outside its regions): the holder's words. Cleared
+        when a fetch succeeds again or the topic's followers idle out."""
         self.stats: Counter[str] = Counter()
         self.cross_region_bytes: Counter[str] = Counter()
         self.op_stats: dict[str, Counter[str]] = {}
@@ -475,6 +483,7 @@ class StreamPlane:
         log = await self._wait_ready(lambda: self.logs.get((topic, source)), deadline)
         if log is None:
             return FetchReply(missing=True)
+        await self._check_fetch(topic)
         if req.op is not None:
             log.register(req.op)
             if req.committed is not None:
@@ -484,6 +493,27 @@ class StreamPlane:
         start = log.base if req.offset is None else req.offset
         entries = await self._wait_ready(lambda: log.read(start, limit), deadline)
         return FetchReply(entries=entries, base=log.base, head=log.head)
+
+    async def _check_fetch(self, topic: str) -> None:
+        """Refuse a node outside a classed topic's regions a fetch of its records when
+        the class's policy forbids cross-region reads (``core.policy.read_refusal``): it
+        would hold them (a subscriber's mirror) or relay them. Operator runners and
+        followers alike fetch here; clients do not."""
+        res = self.topic_residency.get(topic)
+        cls = None if res is None else res.data_class
+        region = caller.node_region(self.agent.m.members)
+        if cls is None or region is None:
+            return
+        try:
+            policies = await self.local.class_policies({cls})
+        except ApiError as e:
+            if e.code is not ErrorCode.UNAVAILABLE:
+                raise
+            return  # no quorum to read the policy: as a receiver does, the rule it has
+        why = read_refusal(region, cls, policies)
+        if why is not None:
+            raise self._refuse("cross_region_read", f"records of topic {topic!r}: {why}",
+                               subject=topic, data_class=cls, region=region)
 
     async def _wait_ready(self, ready: Callable[[], _T], deadline: float) -> _T:
         """``ready()`` as soon as it is truthy, else its last value at ``deadline`` (or
@@ -840,6 +870,14 @@ class StreamPlane:
         deadline = time.monotonic() + wait
 
         def ready() -> list[ReadRecord]:
+            why = self._read_refused.get(topic)
+            if why is not None:
+                # Through this node the subscriber would read what its holders refuse
+                # it: refused here too, whatever this node's mirror still holds.
+                raise self._refuse("cross_region_read", (
+                    f"subscription to topic {topic!r} through node {self.agent.name} "
+                    f"(region {self.agent.meta.region!r}): {why}"), subject=topic,
+                    from_region=self.agent.meta.region)
             out: list[ReadRecord] = []
             for (t, source), mirror in list(self.mirrors.items()):
                 if t != topic:
@@ -870,6 +908,7 @@ class StreamPlane:
         for topic, used in list(self._follow_used.items()):
             if now - used > self.cfg.follower_idle_s:
                 del self._follow_used[topic]
+                self._read_refused.pop(topic, None)
                 for key in [k for k in self.followers if k[0] == topic]:
                     self.followers.pop(key).cancel()
                     self.mirrors.pop(key, None)
@@ -900,11 +939,23 @@ class StreamPlane:
                     topic=topic, source=source, offset=mirror.head, limit=FOLLOW_BATCH,
                     wait_s=self.cfg.follow_wait_s,
                 ), lane=lane, label=f"{topic}:follow")
+            except RemoteError as e:
+                if e.code != ErrorCode.REFUSED.value:
+                    await asyncio.sleep(backoff)
+                    backoff = min(2.0, backoff * 2)
+                    continue
+                async with self._changed:
+                    why = str(e).split(": ", 1)[-1].removeprefix("refused: ")
+                    self._read_refused[topic] = f"shard holder {holder} refused it: {why}"[:1000]
+                    self._changed.notify_all()
+                await asyncio.sleep(REFUSED_FOLLOW_RETRY_S)  # the policy may change
+                continue
             except (RpcError, ValueError, OSError):
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 continue
             backoff = 0.1
+            self._read_refused.pop(topic, None)
             if r.missing:
                 continue  # the holder waited follow_wait_s for the shard to appear
             if r.entries:
