@@ -33,6 +33,18 @@
   objects checked, the copies found on disk when the clock stopped, the copies the
   survivors lacked at the kill and the MB on the killed node's disk.
 
+``--scale N`` (issue #24) runs instead a data-scale measurement: N small objects (512 B,
+RF 3) on a 3-node mesh, put through the mesh with ``put_small`` from 8 concurrent loops
+per node, each on its own connection (``--preload``: written into every node's store
+through its own API before the nodes start; ``--tmpfs``: data dirs on /dev/shm), then
+``objects_held_per_node``, ``rss_mb_per_node`` (node process, workers not counted),
+``rss_bytes_per_object`` (over the same nodes empty, or an empty mesh of its own with
+``--preload``), ``idle_cpu_pct_per_node`` (a 30 s window from 60 s after every node holds
+every object; --quick: 10 s from 5 s), ``list_page_ms`` (median ``obj.list`` page of
+1,000), ``restart_to_serving_s`` (SIGKILL one node, restart it on its data dir, until it
+answers an ``obj.read`` with the bytes) and ``anti_entropy_bytes_per_min`` (replication
+message bytes the node counts as sent, ``dp.stats`` ``repl_bytes_sent``, same window).
+
 The same put, get and small puts are then run on a second mesh whose data dirs sit on
 tmpfs (/dev/shm): every fsync is then free, so those rows (``*_tmpfs``) are the software
 ceiling, apart from the disk (all replicas of this local mesh share one disk).
@@ -60,11 +72,11 @@ from pathlib import Path
 from typing import Any
 
 from meshscale.client.mesh import READ_AHEAD, AsyncMesh
-from meshscale.client.rpc import ClientCredentials, RpcConnection
+from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.core.api import Empty
 from meshscale.core.api import objects as api
 from meshscale.core.api.tasks import TASK_STATS
-from meshscale.runtime.launcher import LocalMesh, NodeProcess
+from meshscale.runtime.launcher import LocalMesh, NodeProcess, node_command, spawn_node
 from meshscale.transport.tls import client_context, server_context
 from meshscale.trust.bundle import issue_node_cert, load_bundle
 
@@ -504,10 +516,299 @@ async def rereplicate(mesh: LocalMesh, quick: bool) -> dict[str, float]:
             "rereplicate_copies_made": to_make, "rereplicate_victim_mb": victim_bytes / MB}
 
 
+# ------------------------------------------------------------------ --scale N
+
+SCALE_KEYS = ("objects_held_per_node", "rss_mb_per_node", "rss_bytes_per_object",
+              "idle_cpu_pct_per_node", "list_page_ms", "restart_to_serving_s",
+              "anti_entropy_bytes_per_min")
+SCALE_OBJECT_BYTES = 512
+SCALE_CONNS_PER_NODE = 8
+"""Concurrent put loops per node: each has its own connection (a node answers the calls of
+one connection one at a time)."""
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (not its worker children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _pids(mesh: LocalMesh) -> list[int]:
+    pids = []
+    for n in mesh.nodes:
+        assert n.proc is not None and n.proc.poll() is None, f"{n.name} is not running"
+        pids.append(n.proc.pid)
+    return pids
+
+
+async def _dp_stats(mesh: LocalMesh) -> list[api.DataPlaneStats]:
+    creds = mesh.credentials()
+    out = []
+    for n in mesh.nodes:
+        c = RpcConnection(n.address, creds, 120)
+        try:
+            out.append(await c.request(api.DP_STATS, Empty()))
+        finally:
+            await c.close()
+    return out
+
+
+async def _idle_window(mesh: LocalMesh, window_s: float) -> tuple[list[float], list[float]]:
+    """(CPU % of one core per node, replication message bytes sent per minute per node)
+    over ``window_s`` seconds in which nothing is asked of the mesh. The stats calls that
+    read the byte counters fall outside the CPU window."""
+    before = [s.dataplane.get("repl_bytes_sent", 0) for s in await _dp_stats(mesh)]
+    pids = _pids(mesh)
+    c0 = [_proc_cpu_s(p) for p in pids]
+    t0 = time.perf_counter()
+    await asyncio.sleep(window_s)
+    c1 = [_proc_cpu_s(p) for p in pids]
+    dt = time.perf_counter() - t0
+    after = [s.dataplane.get("repl_bytes_sent", 0) for s in await _dp_stats(mesh)]
+    cpu = [(b - a) / dt * 100 for a, b in zip(c0, c1, strict=True)]
+    ae = [(b - a) / dt * 60 for a, b in zip(before, after, strict=True)]
+    return cpu, ae
+
+
+async def _load(mesh: LocalMesh, n: int) -> list[str]:
+    """Put ``n`` small objects (RF 3, W 2) from ``SCALE_CONNS_PER_NODE`` concurrent loops
+    per node, each on a connection of its own, spread over every node; their ids."""
+    creds = mesh.credentials()
+    ids: list[str] = []
+    left = [n]
+
+    async def loop(addr: str) -> None:
+        c = RpcConnection(addr, creds, 120)
+        try:
+            while left[0] > 0:
+                left[0] -= 1
+                data = os.urandom(SCALE_OBJECT_BYTES)
+                for attempt in range(20):
+                    try:
+                        ids.append(await put_small(c, data))
+                        break
+                    except RpcError as e:  # a busy node (no connection slot): again
+                        if "busy" not in str(e) or attempt == 19:
+                            raise
+                        await asyncio.sleep(0.5)
+        finally:
+            await c.close()
+
+    await asyncio.gather(*(loop(node.address) for node in mesh.nodes
+                           for _ in range(SCALE_CONNS_PER_NODE)))
+    return ids
+
+
+async def _wait_held(mesh: LocalMesh, n: int, timeout_s: float) -> list[int]:
+    """Until every node holds ``n`` objects (RF 3 over 3 nodes: each holds all)."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        held = [s.store["objects"] for s in await _dp_stats(mesh)]
+        if min(held) >= n:
+            return held
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"nodes hold {held} objects, not {n}, {timeout_s:g} s after "
+                               "the last put")
+        await asyncio.sleep(1)
+
+
+async def _list_page_ms(mesh: LocalMesh, ids: list[str], pages: int) -> float:
+    """Median ms of one ``obj.list`` page of 1,000 asked of node 0, from the start and
+    from ``pages - 1`` points spread over the ids."""
+    c = RpcConnection(mesh.nodes[0].address, mesh.credentials(), 120)
+    order = sorted(ids)
+    starts = [""] + [order[i * len(order) // pages] for i in range(1, pages)]
+    times = []
+    try:
+        await c.request(api.LIST, api.ListRequest(limit=1))  # connection set up untimed
+        for after in starts:
+            t = time.perf_counter()
+            page = await c.request(api.LIST, api.ListRequest(after=after, limit=1000))
+            times.append((time.perf_counter() - t) * 1000)
+            if len(page.objects) != min(1000, sum(1 for i in order if i > after)):
+                raise RuntimeError(f"a page after {after!r} listed {len(page.objects)} objects")
+    finally:
+        await c.close()
+    return statistics.median(times)
+
+
+async def _restart(mesh: LocalMesh, ids: list[str]) -> float:
+    """SIGKILL the last node, start it again on its data dir; seconds from the start of the
+    new process until it answers an ``obj.read`` (no redirect) of an object with its bytes."""
+    node = mesh.nodes[-1]
+    assert node.proc is not None and node.log_path is not None
+    node.proc.send_signal(signal.SIGKILL)
+    node.proc.wait()
+    creds = mesh.credentials()
+    oid = ids[len(ids) // 2]
+    cmd = node_command(node, [mesh.nodes[0].address], "", mesh.node_args)
+    t0 = time.perf_counter()
+    node.proc = spawn_node(cmd, node.log_path)
+    c = RpcConnection(node.address, creds, 5, connect_timeout=1)
+    try:
+        while True:
+            with contextlib.suppress(RpcError):
+                r = await c.request(api.READ, api.ReadRequest(id=oid, offset=0, length=4096,
+                                                              redirect=False))
+                if len(r.data) == SCALE_OBJECT_BYTES:
+                    break
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"{node.name} exited on restart (see {node.log_path})")
+            if time.perf_counter() - t0 > 600:
+                raise RuntimeError(f"{node.name} did not serve a read 600 s after restart")
+            await asyncio.sleep(0.05)
+        served = time.perf_counter() - t0
+        # Then until it serves every plane (writes, replication, ...) and the others see
+        # it alive again, as a mesh that converged (``LocalMesh.wait_converged``).
+        await asyncio.to_thread(mesh.wait_converged, 600)
+        EXTRA["restart_to_converged_s"] = time.perf_counter() - t0
+        return served
+    finally:
+        await c.close()
+
+
+def _preload(mesh: LocalMesh, n: int) -> list[str]:
+    """Write the same ``n`` small objects (RF 3) into every node's store before the nodes
+    start, through the store's own API (``LocalStore.put_bytes``: the file and index row a
+    put leaves, with a write timestamp), one thread per node; their ids."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meshscale.core.hlc import HybridLogicalClock
+    from meshscale.runtime.storage import LocalStore, StorageConfig
+
+    blobs = [os.urandom(SCALE_OBJECT_BYTES) for _ in range(n)]
+    hlc = HybridLogicalClock("bench")
+    stamps = [hlc.now(time.time()).encode() for _ in range(n)]
+
+    def fill(node: NodeProcess) -> list[str]:
+        store = LocalStore(node.data_dir / "store", StorageConfig())
+        try:
+            return [store.put_bytes(b, now=time.time(), replicas=3, written=w).object_id
+                    for b, w in zip(blobs, stamps, strict=True)]
+        finally:
+            store.close()
+
+    with ThreadPoolExecutor(len(mesh.nodes)) as pool:
+        per_node = list(pool.map(fill, mesh.nodes))
+    return per_node[0]
+
+
+def _start(mesh: LocalMesh) -> None:
+    mesh.start()
+    mesh.wait_converged(300)
+    asyncio.run(wait_warm(mesh, 300))
+
+
+def run_scale(n: int, quick: bool, tmpfs: bool, preload: bool) -> dict[str, float]:
+    settle_s, window_s = (5.0, 10.0) if quick else (60.0, 30.0)
+    res: dict[str, float] = {}
+    regions = ["eu-west", "us-east", "ap-south"]
+    where = "/dev/shm" if tmpfs else None
+    with tempfile.TemporaryDirectory(prefix="meshscale-bench-", dir=where) as d:
+        if preload:
+            # The baseline of memory and idle cost from an empty mesh of its own.
+            empty = LocalMesh(Path(d) / "empty", 3, regions=regions)
+            try:
+                _start(empty)
+                time.sleep(settle_s)
+                rss0 = [_proc_rss_bytes(p) for p in _pids(empty)]
+                cpu0, ae0 = asyncio.run(_idle_window(empty, window_s))
+            finally:
+                empty.stop()
+        mesh = LocalMesh(Path(d) / "full", 3, regions=regions)
+        if preload:
+            mesh.make_bundles()
+            t0 = time.perf_counter()
+            ids = _preload(mesh, n)
+            put_s = time.perf_counter() - t0
+        try:
+            _start(mesh)
+            if not preload:
+                # The empty mesh first: the baseline of memory and idle cost.
+                time.sleep(settle_s)
+                rss0 = [_proc_rss_bytes(p) for p in _pids(mesh)]
+                cpu0, ae0 = asyncio.run(_idle_window(mesh, window_s))
+                t0 = time.perf_counter()
+                ids = asyncio.run(_load(mesh, n))
+                put_s = time.perf_counter() - t0
+            held = asyncio.run(_wait_held(mesh, n, 600))
+            time.sleep(settle_s)
+            rss = [_proc_rss_bytes(p) for p in _pids(mesh)]
+            cpu, ae = asyncio.run(_idle_window(mesh, window_s))
+            res["objects_held_per_node"] = statistics.mean(held)
+            res["rss_mb_per_node"] = statistics.mean(rss) / MB
+            res["rss_bytes_per_object"] = statistics.mean(
+                (b - a) / h for a, b, h in zip(rss0, rss, held, strict=True))
+            res["idle_cpu_pct_per_node"] = statistics.mean(cpu)
+            res["list_page_ms"] = asyncio.run(_list_page_ms(mesh, ids, 5))
+            res["restart_to_serving_s"] = asyncio.run(_restart(mesh, ids))
+            res["anti_entropy_bytes_per_min"] = statistics.mean(ae)
+            EXTRA["preload_puts_per_s" if preload else "puts_per_s"] = n / put_s
+            EXTRA["rss_mb_per_node_empty"] = statistics.mean(rss0) / MB
+            EXTRA["idle_cpu_pct_per_node_empty"] = statistics.mean(cpu0)
+            EXTRA["anti_entropy_bytes_per_min_empty"] = statistics.mean(ae0)
+            EXTRA["idle_cpu_pct_per_node_max"] = max(cpu)
+        finally:
+            mesh.stop()
+    return res
+
+
+def scale_main(n: int, quick: bool, tmpfs: bool, preload: bool, out: Path | None) -> int:
+    settle_s, window_s = (5, 10) if quick else (60, 30)
+    res = run_scale(n, quick, tmpfs, preload)
+    notes = {
+        "objects_held_per_node": f"{n:,} objects of {SCALE_OBJECT_BYTES} B, RF 3, 3 nodes"
+                                 + (", data dirs on tmpfs" if tmpfs else "")
+                                 + (", preloaded" if preload else ""),
+        "rss_mb_per_node": "node process RSS (workers not counted), after the puts",
+        "rss_bytes_per_object": "RSS over the same node empty, per object held",
+        "idle_cpu_pct_per_node": f"% of a core, {window_s} s window from {settle_s} s after "
+                                 "the puts were all held",
+        "list_page_ms": "obj.list page of 1,000 asked of one node, median of 5 points",
+        "restart_to_serving_s": "SIGKILL one node, restart: until it serves an obj.read",
+        "anti_entropy_bytes_per_min": "replication messages sent per node, same idle window",
+    }
+    extra_notes = {
+        "puts_per_s": f"put_small, {SCALE_CONNS_PER_NODE} connections per node, all nodes",
+        "preload_puts_per_s": "objects per s written into the 3 stores before the start",
+        "rss_mb_per_node_empty": ("an empty mesh of its own" if preload else
+                                  "the same nodes before the puts"),
+        "idle_cpu_pct_per_node_empty": "the same nodes before the puts, same window",
+        "anti_entropy_bytes_per_min_empty": "the same nodes before the puts",
+        "idle_cpu_pct_per_node_max": "the busiest node in the idle window",
+        "restart_to_converged_s": "same restart: until every node serves every plane and "
+                                  "sees 3 alive",
+    }
+    print(f"{'metric':<34}  {'value':>11}  note")
+    for k in SCALE_KEYS:
+        print(f"{k:<34}  {res[k]:>11.2f}  {notes[k]}")
+    for k, v in EXTRA.items():
+        print(f"{k:<34}  {v:>11.2f}  {extra_notes.get(k, '')}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"objects": n} | res | EXTRA, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="object store benchmark (real processes)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--scale", type=int, metavar="N",
+                    help="data-scale mode: N small objects on a 3-node mesh (issue #24)")
+    ap.add_argument("--tmpfs", action="store_true",
+                    help="with --scale: node data dirs on /dev/shm (no fsync cost, faster "
+                         "loading; memory, idle and listing costs are the same code)")
+    ap.add_argument("--preload", action="store_true",
+                    help="with --scale: write the objects into every node's store (its own "
+                         "API) before the nodes start, instead of putting them")
     ap.add_argument("--role", choices=["sink", "relay"], help=argparse.SUPPRESS)
     ap.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--total", type=int, help=argparse.SUPPRESS)
@@ -516,6 +817,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.role is not None:  # one process of tls_fanout
         asyncio.run(_fanout_role(args.role, args.bundle, args.total, args.to))
         return 0
+    if args.scale is not None:
+        if args.scale < 1:
+            print("--scale: N must be at least 1", file=sys.stderr)
+            return 2
+        if args.tmpfs and not os.access("/dev/shm", os.W_OK):
+            print("--tmpfs: /dev/shm is not writable here", file=sys.stderr)
+            return 2
+        return scale_main(args.scale, args.quick, args.tmpfs, args.preload, args.json)
     res: dict[str, float] = {}
 
     def disk(mesh: LocalMesh) -> None:

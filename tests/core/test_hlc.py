@@ -272,3 +272,12 @@ def test_causality_across_nodes(
         # Skew (<= 0.2 s) stays inside the default 0.5 s offset, so no message is
         # refused, and no timestamp runs ahead of the fastest wall clock.
         assert got.wall_ns <= _ns(true_time + 0.2) + 1
+
+
+def test_decoded_timestamps_share_their_node_name() -> None:
+    a = HLCTimestamp(5, 1, "node-" + "7").encode()
+    b = HLCTimestamp(6, 0, "node-" + "7").encode()
+    da, db = HLCTimestamp.decode(a), HLCTimestamp.decode(b)
+    assert da.node == db.node == "node-7"
+    assert da.node is db.node
+    assert (da.wall_ns, da.logical, db.wall_ns, db.logical) == (5, 1, 6, 0)

@@ -949,3 +949,27 @@ def test_incremental_digests_track_every_kind_of_change() -> None:
         holders = mesh.holders(oid)
         if holders:
             assert holders == set(names(replica_set(oid, VIEW, 3))), oid
+
+
+def test_placement_is_the_cached_replica_and_write_set_shared_between_entries() -> None:
+    """``placement`` gives what replication keeps for a held copy: the replica set over the
+    current view (as ``placement.replica_set`` computes it) and the write set; entries with
+    equal sets hold one tuple, not one each."""
+    view = [Candidate("eu1", "eu", "eu-a"), Candidate("eu2", "eu", "eu-b"),
+            Candidate("us1", "us", "us-a"), Candidate("us2", "us", "us-b")]
+    m = manager("eu1", view)
+    oids = [f"obj-{i}" for i in range(60)]
+    for oid in oids:
+        m.object_added(oid, ObjectPolicy(3), None, 1.0)  # a policy object per copy
+    seen: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for oid in oids:
+        got = m.placement(oid, ANY)
+        assert got is not None
+        rs, ws = got
+        assert list(rs) == names(replica_set(oid, view, 3))
+        assert ws == rs  # no node is full
+        assert seen.setdefault(rs, rs) is rs
+    assert len(seen) < len(oids)  # 60 objects, at most 24 orders of 3 of 4 nodes
+    assert m.placement("obj-unknown", ANY) is None
+    assert m.placement(oids[0], EU) is None  # held under another policy
+

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -165,11 +165,13 @@ class Mesh:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_bench_quick(script: str, out: Path, timeout: float = 280) -> dict[str, Any]:
-    """Run ``bench/<script> --quick --json out`` to completion; its JSON, with the printed
-    table under ``"_stdout"``. Fails the test with the tail of stderr if it exits non-zero."""
+def run_bench_quick(script: str, out: Path, timeout: float = 280,
+                    args: Sequence[str] = ()) -> dict[str, Any]:
+    """Run ``bench/<script> --quick --json out [args]`` to completion; its JSON, with the
+    printed table under ``"_stdout"``. Fails the test with the tail of stderr if it exits
+    non-zero."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--quick", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / script), "--quick", "--json", str(out), *args],
         capture_output=True, text=True, timeout=timeout, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

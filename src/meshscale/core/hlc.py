@@ -31,6 +31,10 @@ _WALL_CLOCK_NS_MAX = 2**63 - 1
 """Largest physical time a driver may pass in (the year 2262); leaves head room below
 ``WALL_NS_MAX`` for the offset and overflow bumps."""
 
+NODE_NAMES_SHARED_MAX = 4096
+"""Node names ``HLCTimestamp.decode`` keeps one string of (beyond: a string per stamp)."""
+_NODE_NAMES: dict[str, str] = {}
+
 _ENCODED = re.compile(r"([0-9a-f]{16})-([0-9a-f]{8})-(.*)", re.DOTALL)
 
 
@@ -61,7 +65,12 @@ class HLCTimestamp(msgspec.Struct, frozen=True, order=True):
         m = _ENCODED.fullmatch(s) if isinstance(s, str) else None
         if m is None:
             raise ValueError(f"not an encoded HLC timestamp: {s!r:.80}")
-        return cls(wall_ns=int(m[1], 16), logical=int(m[2], 16), node=m[3])
+        node = m[3]
+        # Few nodes, many stamps held (one per copy): one string per node name.
+        shared = _NODE_NAMES.get(node)
+        if shared is None and len(_NODE_NAMES) < NODE_NAMES_SHARED_MAX:
+            _NODE_NAMES[node] = shared = node
+        return cls(wall_ns=int(m[1], 16), logical=int(m[2], 16), node=shared or node)
 
 
 class ClockSkewError(ValueError):

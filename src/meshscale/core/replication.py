@@ -92,7 +92,7 @@ import heapq
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, TypeVar, cast
 
 import msgspec
 
@@ -434,6 +434,17 @@ def _tomb_hash(oid: str, ts: HLCTimestamp) -> int:
 # --------------------------------------------------------------------------- state
 
 
+_T = TypeVar("_T")
+
+_NO_ROOM: dict[str, float] = {}
+"""The ``no_room`` of every entry no full peer declined (read only: ``_set_no_room`` gives
+an entry a dict of its own before writing one)."""
+
+SHARED_VALUES_MAX = 4096
+"""Distinct policies and replica-set tuples ``ReplicaManager`` keeps one copy of, for its
+entries to share (beyond it, new ones are stored as they come)."""
+
+
 @dataclass(slots=True)
 class _Local:
     """A copy this node holds."""
@@ -450,8 +461,9 @@ class _Local:
     ws: tuple[str, ...] = ()
     """The write set under the current view (== ``rs`` unless a member is full)."""
     rs_version: int = -1
-    no_room: dict[str, float] = field(default_factory=dict)
-    """Full peer -> when it said it lacks this copy and has no room for it."""
+    no_room: dict[str, float] = field(default_factory=lambda: _NO_ROOM)
+    """Full peer -> when it said it lacks this copy and has no room for it. Nearly always
+    empty: then the one shared ``_NO_ROOM`` (never written to), not a dict per entry."""
     under: bool = False
     dropping: bool = False
     written: HLCTimestamp = ZERO_TS
@@ -571,6 +583,19 @@ class ReplicaManager:
         current view: every entry in our pair digest with it and unchanged since that
         round started counts as confirmed by it then (``_settle``)."""
         self._under = 0
+        self._shared: dict[object, object] = {}
+        """One copy of each policy and replica-set tuple the entries hold (many objects,
+        few distinct values: a few hundred bytes per entry otherwise), up to
+        ``SHARED_VALUES_MAX``."""
+
+    def _share(self, value: _T) -> _T:
+        """``value``, or the equal one already held for the entries to share."""
+        got = self._shared.get(value)
+        if got is None:
+            if len(self._shared) < SHARED_VALUES_MAX:
+                self._shared[value] = value
+            return value
+        return cast(_T, got)
 
     # ------------------------------------------------------------------ driver contract
 
@@ -702,7 +727,7 @@ class ReplicaManager:
             if w > loc.written:
                 loc.written = w
             return
-        loc = _Local(oid, policy, hint_for, _id_hash(oid), written=w)
+        loc = _Local(oid, self._share(policy), hint_for, _id_hash(oid), written=w)
         self._inv[oid] = loc
         self._index(loc)
         self._count("objects_added")
@@ -722,6 +747,16 @@ class ReplicaManager:
     def holds(self, oid: str) -> bool:
         loc = self._inv.get(oid)
         return loc is not None and loc.tomb is None
+
+    def placement(self, oid: str, policy: ObjectPolicy
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """(replica set, write set) under the current view of a copy held here under
+        ``policy``, as replication keeps them (cached per view: no hashing); empty when no
+        live node may hold it. None when no copy is held here, or under another policy."""
+        loc = self._inv.get(oid)
+        if loc is None or loc.tomb is not None or loc.policy != policy:
+            return None
+        return self._rs_of_local(loc), loc.ws
 
     def inventory(self) -> list[str]:
         return sorted(o for o, loc in self._inv.items() if loc.tomb is None)
@@ -892,7 +927,7 @@ class ReplicaManager:
         if self._tomb_count >= self.config.max_tombstones:
             self._count("tombstones_shed")
             return "applied"
-        new = _Local(oid, policy, None, _tomb_hash(oid, ts), tomb=ts)
+        new = _Local(oid, self._share(policy), None, _tomb_hash(oid, ts), tomb=ts)
         self._inv[oid] = new
         self._index(new)
         self._tomb_count += 1
@@ -1428,7 +1463,11 @@ class ReplicaManager:
         self._settle(loc)
         if at is None:
             del loc.no_room[peer]
+            if not loc.no_room:
+                loc.no_room = _NO_ROOM
         else:
+            if loc.no_room is _NO_ROOM:
+                loc.no_room = {}
             loc.no_room[peer] = at
         self._index(loc)
 
@@ -1461,6 +1500,8 @@ class ReplicaManager:
         if handoff != self._handoff:
             raise DigestDrift(f"{self.name}: handoff set differs from a recomputation: "
                               f"{sorted(handoff ^ self._handoff)[:5]}")
+        if _NO_ROOM:
+            raise DigestDrift(f"{self.name}: the shared empty no_room was written to")
 
     def _check_drops(self, now: float, oids: Iterable[str] | None = None) -> None:
         """Drop copies this node holds outside the replica set once every member keeps one
@@ -1544,7 +1585,7 @@ class ReplicaManager:
 
     def _rs(self, oid: str, policy: ObjectPolicy) -> tuple[str, ...]:
         chosen = replica_set(oid, self._view.values(), policy.replicas, policy.residency)
-        return tuple(c.name for c in chosen)
+        return self._share(tuple(c.name for c in chosen))
 
     def _ws(self, oid: str, policy: ObjectPolicy) -> tuple[str, ...]:
         """The write set (``placement.write_set``); empty when no allowed node has room."""
@@ -1557,7 +1598,7 @@ class ReplicaManager:
             chosen = write_set(oid, self._view.values(), policy.replicas, policy.residency)
         except PlacementError:
             return ()
-        return tuple(c.name for c in chosen)
+        return self._share(tuple(c.name for c in chosen))
 
     def _rs_of_local(self, loc: _Local) -> tuple[str, ...]:
         """The replica set of a local object under the current view (cached per view);

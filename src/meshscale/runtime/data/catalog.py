@@ -14,7 +14,7 @@ from meshscale.core.api import ApiError, Empty, ErrorCode, Method, ResidencyWire
 from meshscale.core.api import objects as api
 from meshscale.core.audit import Kind
 from meshscale.core.hlc import ClockSkewError
-from meshscale.core.placement import PlacementError, replica_set, write_set
+from meshscale.core.placement import Candidate, PlacementError, replica_set, write_set
 from meshscale.core.replication import ReplicationOverloaded
 from meshscale.runtime.data.state import DataPlaneBase, _policy, _stamp, policy_of
 from meshscale.runtime.services import Rep, Req
@@ -92,9 +92,19 @@ class Catalog(DataPlaneBase):
                 return out
             after = page[-1].id
 
-    def _describe(self, meta: ObjectMeta) -> api.ObjectDesc:
+    def _describe(self, meta: ObjectMeta, view: list[Candidate] | None = None
+                  ) -> api.ObjectDesc:
+        """``meta`` with its replica and write sets under the current view: as replication
+        keeps them for a copy it tracks (no hashing), else placed now over ``view`` (None:
+        the current one)."""
         policy = policy_of(meta)
-        view = self._view()
+        known = None if self.rm is None else self.rm.placement(meta.object_id, policy)
+        if known is not None:
+            return api.ObjectDesc(id=meta.object_id, size=meta.size, replicas=meta.replicas,
+                                  residency=ResidencyWire.of(policy.residency),
+                                  replica_set=list(known[0]), write_set=list(known[1]))
+        if view is None:
+            view = self._view()
         try:
             rs = [c.name for c in replica_set(meta.object_id, view, policy.replicas,
                                               policy.residency)]
@@ -119,7 +129,8 @@ class Catalog(DataPlaneBase):
     async def _rpc_local_list(self, req: api.ListRequest) -> list[api.ObjectDesc]:
         assert self.store is not None
         page = await asyncio.to_thread(self.store.list, after=req.after, limit=req.limit)
-        return [self._describe(m) for m in page]
+        view = self._view()
+        return [self._describe(m, view) for m in page]
 
     async def _rpc_stat(self, req: api.ObjectIdRequest) -> api.ObjectStat:
         oid = req.id

@@ -71,15 +71,10 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
         self.rm = ReplicaManager(
             agent.name, config=self.cfg.replication, rng=random.Random(agent.rng.random()), now=now
         )
-        after = ""
-        while True:
-            page = await asyncio.to_thread(self.store.list, after=after, limit=1000)
-            for meta in page:
-                self.rm.object_added(meta.object_id, policy_of(meta), meta.hint_for, now,
-                                     _stamp(meta.written))
-            if len(page) < 1000:
-                break
-            after = page[-1].object_id
+        # Tombstones first (few): a read of a deleted object must not be served from a
+        # copy that outlived its delete. Then reads are served from the store while the
+        # copies are read into the replica manager (O(objects)): a restarted node answers
+        # for its copies at once; writes and replication wait for the whole inventory.
         after = ""
         while True:
             tombs = await asyncio.to_thread(self.store.tombstones, after=after, limit=1000)
@@ -92,6 +87,16 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
             if len(tombs) < 1000:
                 break
             after = tombs[-1][0]
+        self._serve_reads()
+        after = ""
+        while True:
+            page = await asyncio.to_thread(self.store.list, after=after, limit=1000)
+            for meta in page:
+                self.rm.object_added(meta.object_id, policy_of(meta), meta.hint_for, now,
+                                     _stamp(meta.written))
+            if len(page) < 1000:
+                break
+            after = page[-1].object_id
         for key, target, ts, since in await asyncio.to_thread(self.store.kv_hints):
             stamp = _stamp(ts)
             if stamp is not None:
@@ -107,6 +112,15 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
         agent.spawn(self._policy_refresh_loop())
         self._pump()
 
+    def _serve_reads(self) -> None:
+        """Reads of what this node holds, and lookups: served from the store (and the
+        tombstones) before the replica manager knows every copy."""
+        serve = self.agent.serve
+        serve(api.READ, self._rpc_read)
+        serve(api.READ_LOCAL, self._rpc_read_local)
+        serve(api.LOCAL_STAT, self._rpc_local_stat)
+        serve(api.LOCAL_LIST, self._rpc_local_list)
+
     def _serve(self) -> None:
         serve = self.agent.serve
         serve(api.PUT_BEGIN, self._rpc_put_begin)
@@ -118,10 +132,6 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
         serve(api.RW_CHUNK, self._rpc_put_chunk)
         serve(api.RW_END, self._rpc_rw_end)
         serve(api.RW_SMALL, self._rpc_rw_small)
-        serve(api.READ, self._rpc_read)
-        serve(api.READ_LOCAL, self._rpc_read_local)
-        serve(api.LOCAL_STAT, self._rpc_local_stat)
-        serve(api.LOCAL_LIST, self._rpc_local_list)
         serve(api.STAT, self._rpc_stat)
         serve(api.LIST, self._rpc_list)
         serve(api.CORRUPT_LOCAL, self._rpc_corrupt_local)

@@ -88,6 +88,9 @@ class ReplicaDriver(DataPlaneBase):
                          after: list[asyncio.Task[None]] | None = None) -> None:
         if after:
             await asyncio.gather(*after, return_exceptions=True)
+        # Counted as sent when handed to the connection: the idle anti-entropy cost.
+        self._count("repl_msgs_sent")
+        self._count("repl_bytes_sent", len(payload))
         try:
             await self._call(dst, api.REPL_MSG,
                              api.ReplMsgRequest(src=self.agent.name, payload=payload))
