@@ -83,6 +83,8 @@ CLOSE_WAIT_S: Final = 30.0
 """How long ``close`` waits for worker tasks to return before cancelling them."""
 MAX_INPUTS: Final = 100_000
 """Most objects ``inputs`` (or ``read_parquet``) may name."""
+STAT_CONCURRENCY: Final = 16
+"""Object stats (holders) in flight at once when a cluster looks up many objects."""
 
 
 class DaskClusterError(MeshError):
@@ -159,17 +161,32 @@ def _resolve_region(mesh: TaskMesh, region: str | None,
     return region
 
 
+def _stat_many(mesh: TaskMesh, objs: Sequence[tuple[str, str]]) -> list[ObjectInfo]:
+    """``stat`` of each ``(path, object id)``, in order, ``STAT_CONCURRENCY`` at a time
+    (one round trip each: done one after another they were most of a job's start for
+    many objects); ``FileNotFoundError`` naming a path whose object no live node holds."""
+    inner = mesh._inner
+    gate = asyncio.Semaphore(STAT_CONCURRENCY)
+
+    async def one(path: str, oid: str) -> ObjectInfo:
+        async with gate:
+            try:
+                return await inner.stat(oid)
+            except ObjectNotFoundError:
+                raise FileNotFoundError(f"{path}: object {oid} is not held by any live "
+                                        "node") from None
+
+    async def every() -> list[ObjectInfo]:
+        return list(await asyncio.gather(*(one(p, o) for p, o in objs)))
+
+    got: list[ObjectInfo] = mesh._run(every())
+    return got
+
+
 def _stat_inputs(mesh: TaskMesh, inputs: Sequence[str | ObjectRef]) -> list[ObjectInfo]:
     """Each object ``inputs`` name (directories expanded), with its holders and rule."""
     paths = [i.id if isinstance(i, ObjectRef) else i for i in inputs]
-    out = []
-    for path, oid in expand(mesh, paths, MAX_INPUTS):
-        try:
-            out.append(mesh.stat(oid))
-        except ObjectNotFoundError:
-            raise FileNotFoundError(f"{path}: object {oid} is not held by any live "
-                                    "node") from None
-    return out
+    return _stat_many(mesh, expand(mesh, paths, MAX_INPUTS))
 
 
 def _check_residency(infos: Sequence[ObjectInfo], region: str | None, threads: int,
@@ -368,8 +385,10 @@ class MeshDaskCluster(LocalCluster):
         addr_of = {str(m["name"]): str(m["address"]) for m in _live(self.mesh)}
         return on, {w: addr_of[n] for w, n in on.items() if n in addr_of}
 
-    def _near(self, oid: str, on: dict[str, str]) -> list[str]:
-        holders = set(self.mesh.stat(oid).holders)
+    @staticmethod
+    def _near(info: ObjectInfo, on: dict[str, str]) -> list[str]:
+        """The Dask workers (of ``on``: worker -> node) on a holder of ``info``."""
+        holders = set(info.holders)
         return sorted(w for w, n in on.items() if n in holders)
 
     def read_parts(self, paths: str | Sequence[str],
@@ -387,8 +406,8 @@ class MeshDaskCluster(LocalCluster):
                       MAX_INPUTS)
         on, node_addresses = self._locality()
         parts = []
-        for path, oid in objs:
-            near = self._near(oid, on)
+        for (path, oid), info in zip(objs, _stat_many(self.mesh, objs), strict=True):
+            near = self._near(info, on)
             parts.append(client.submit(_read_part, path, so, columns, node_addresses,
                                        workers=near or None, allow_other_workers=bool(near),
                                        key=f"meshscale-read-{oid[3:19]}-{uuid.uuid4().hex[:8]}",
@@ -407,10 +426,11 @@ class MeshDaskCluster(LocalCluster):
         so = self._options(storage_options)
         client = client if client is not None else default_client()  # type: ignore[no-untyped-call]
         parts = self.read_parts(paths, so, columns, client)
-        path, oid = expand(self.mesh, [paths] if isinstance(paths, str) else list(paths),
-                           MAX_INPUTS)[0]
+        first = expand(self.mesh, [paths] if isinstance(paths, str) else list(paths),
+                       MAX_INPUTS)[:1]
+        path = first[0][0]
         on, node_addresses = self._locality()
-        near = self._near(oid, on)
+        near = self._near(_stat_many(self.mesh, first)[0], on)
         meta = client.submit(_read_meta, path, so, node_addresses, workers=near or None,
                              allow_other_workers=bool(near), pure=False).result()
         if columns is not None:
