@@ -256,7 +256,10 @@ def run_both(m: LocalMesh, d: Path, local: Path, files: list[Path], rounds: int,
                 locals_.append(local_s)
                 print(f"round {r + 1}: mesh {setup_s + compute_s:.2f} s (setup {setup_s:.2f} "
                       f"+ compute {compute_s:.2f}), local {local_s:.2f} s, mesh moved "
-                      f"{total_moved:.2f} MB", flush=True)
+                      f"{total_moved:.2f} MB (nonlocal reads "
+                      f"{moved['mesh_nonlocal_read_mb']:.2f}, Dask transfers "
+                      f"{moved['mesh_dask_transfer_mb']:.2f}, node copies "
+                      f"{moved['mesh_node_copy_mb']:.2f})", flush=True)
             res["mesh_dask_s"] = statistics.median(totals)
             res["local_dask_s"] = statistics.median(locals_)
             res["mesh_dask_setup_s"] = statistics.median(setups)
