@@ -104,9 +104,10 @@ def nodes_of(mesh: TaskMesh, task_ids: list[str]) -> dict[str, str | None]:
 def test_dask_job_on_mesh_workers_gives_the_pandas_totals(
         mesh: TaskMesh, local_mesh: LocalMesh, worker_opts: dict[str, Any], sales: Any) -> None:
     us = {n.name for n in local_mesh.nodes if n.region == "us-east"}
-    with cluster(mesh, region="us-east", workers=2, storage_options=worker_opts) as c, \
-            distributed.Client(c) as client:
+    with cluster(mesh, region="us-east", workers=2, storage_options=worker_opts,
+                 work_stealing=True) as c, distributed.Client(c) as client:
         assert len(client.scheduler_info()["workers"]) == 2
+        assert c.scheduler is not None and "stealing" in c.scheduler.extensions
         placed = nodes_of(mesh, c.worker_tasks())
         assert set(placed.values()) <= us, placed
         ddf = dd.read_parquet("meshscale://sales/", storage_options=worker_opts)
@@ -155,6 +156,8 @@ def test_bad_input(mesh: TaskMesh, opts: dict[str, Any]) -> None:
         cluster(mesh, region="mars", workers=1, start_timeout_s=60)
     with pytest.raises(ValueError, match="workers"):
         cluster(mesh, workers=0)
+    with pytest.raises(ValueError, match="work_stealing"):
+        cluster(mesh, workers=1, work_stealing="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="token"):
         cluster(mesh, workers=1, storage_options={**opts, "token": "x"})
     if os.geteuid() == 0:
@@ -189,11 +192,13 @@ def test_workers_are_placed_on_input_holders_and_reads_prefer_them(
         mesh: TaskMesh, worker_opts: dict[str, Any],
         single_copies: tuple[Any, dict[str, str]]) -> None:
     frame, holder = single_copies
-    # Dask's work stealing may move a loosely restricted task to an idle worker (the
-    # scheduler here reads the caller's config): off, so a read off its holder is ours.
-    with dask.config.set({"distributed.scheduler.work-stealing": False}), \
+    # Dask's work stealing (which may move a loosely restricted task to an idle worker)
+    # is off by default on the cluster's scheduler, even where the caller's config has
+    # it on: a read off its holder is ours.
+    with dask.config.set({"distributed.scheduler.work-stealing": True}), \
             cluster(mesh, workers=2, inputs=["meshscale://single/"],
                     storage_options=worker_opts) as c, distributed.Client(c) as client:
+        assert c.scheduler is not None and "stealing" not in c.scheduler.extensions
         on = c.worker_nodes()
         assert len(on) == 2, on
         by_id = {i.id: set(i.holders) for i in c.inputs}

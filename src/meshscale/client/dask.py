@@ -83,6 +83,8 @@ CLOSE_WAIT_S: Final = 30.0
 """How long ``close`` waits for worker tasks to return before cancelling them."""
 MAX_INPUTS: Final = 100_000
 """Most objects ``inputs`` (or ``read_parquet``) may name."""
+STAT_CONCURRENCY: Final = 16
+"""Object stats (holders) in flight at once when a cluster looks up many objects."""
 
 
 class DaskClusterError(MeshError):
@@ -159,17 +161,32 @@ def _resolve_region(mesh: TaskMesh, region: str | None,
     return region
 
 
+def _stat_many(mesh: TaskMesh, objs: Sequence[tuple[str, str]]) -> list[ObjectInfo]:
+    """``stat`` of each ``(path, object id)``, in order, ``STAT_CONCURRENCY`` at a time
+    (one round trip each: done one after another they were most of a job's start for
+    many objects); ``FileNotFoundError`` naming a path whose object no live node holds."""
+    inner = mesh._inner
+    gate = asyncio.Semaphore(STAT_CONCURRENCY)
+
+    async def one(path: str, oid: str) -> ObjectInfo:
+        async with gate:
+            try:
+                return await inner.stat(oid)
+            except ObjectNotFoundError:
+                raise FileNotFoundError(f"{path}: object {oid} is not held by any live "
+                                        "node") from None
+
+    async def every() -> list[ObjectInfo]:
+        return list(await asyncio.gather(*(one(p, o) for p, o in objs)))
+
+    got: list[ObjectInfo] = mesh._run(every())
+    return got
+
+
 def _stat_inputs(mesh: TaskMesh, inputs: Sequence[str | ObjectRef]) -> list[ObjectInfo]:
     """Each object ``inputs`` name (directories expanded), with its holders and rule."""
     paths = [i.id if isinstance(i, ObjectRef) else i for i in inputs]
-    out = []
-    for path, oid in expand(mesh, paths, MAX_INPUTS):
-        try:
-            out.append(mesh.stat(oid))
-        except ObjectNotFoundError:
-            raise FileNotFoundError(f"{path}: object {oid} is not held by any live "
-                                    "node") from None
-    return out
+    return _stat_many(mesh, expand(mesh, paths, MAX_INPUTS))
 
 
 def _check_residency(infos: Sequence[ObjectInfo], region: str | None, threads: int,
@@ -260,11 +277,12 @@ def _read_meta(path: str, storage_options: dict[str, Any],
 
 
 def _read_part(path: str, storage_options: dict[str, Any], columns: list[str] | None,
-               node_addresses: dict[str, str]) -> Any:
+               node_addresses: dict[str, str], oid: str | None = None) -> Any:
     """One object as a pandas frame, read by a Dask task through the node its worker
     runs on (``node_addresses``: Dask worker address -> that node's address): the whole
     object (a get, verified) when every column is wanted, else range reads of the
-    columns' chunks."""
+    columns' chunks. ``oid``: the object ``path`` named when the read was planned, read
+    by id (no KV look-up of the name, a quorum read, per task)."""
     import io
 
     import pandas as pd
@@ -273,7 +291,7 @@ def _read_part(path: str, storage_options: dict[str, Any], columns: list[str] | 
 
     fs = MeshFileSystem(**_own_node_options(storage_options, node_addresses))
     if columns is None:  # every column: one whole read, checked against the id
-        return pd.read_parquet(io.BytesIO(fs.cat_file(path)))
+        return pd.read_parquet(io.BytesIO(fs.cat_file(path if oid is None else oid)))
     return pd.read_parquet(path, filesystem=fs, columns=columns)
 
 
@@ -284,7 +302,10 @@ class MeshDaskCluster(LocalCluster):
     def __init__(self, mesh: TaskMesh, *, region: str | None, workers: int, threads: int,
                  memory: str | int, scheduler_host: str, start_timeout_s: float,
                  death_timeout_s: float, storage_options: dict[str, Any] | None,
-                 inputs: Sequence[str | ObjectRef] | None = None) -> None:
+                 inputs: Sequence[str | ObjectRef] | None = None,
+                 work_stealing: bool | None = False) -> None:
+        import dask
+
         self.mesh = mesh
         live = _live(mesh)
         self.region = _resolve_region(mesh, region, live)
@@ -297,10 +318,13 @@ class MeshDaskCluster(LocalCluster):
         self.anchors = _anchors(self.inputs, workers, region_nodes)
         self.futures: list[Future] = []
         self._closing = False
-        super().__init__(  # type: ignore[no-untyped-call]
-            n_workers=0, processes=False, protocol="tcp://", host=scheduler_host,
-            scheduler_port=0, dashboard_address=f"{scheduler_host}:0",
-            name=f"meshscale-dask-{uuid.uuid4().hex[:8]}")
+        steal = ({} if work_stealing is None
+                 else {"distributed.scheduler.work-stealing": work_stealing})
+        with dask.config.set(steal):  # read once, as the scheduler starts
+            super().__init__(  # type: ignore[no-untyped-call]
+                n_workers=0, processes=False, protocol="tcp://", host=scheduler_host,
+                scheduler_port=0, dashboard_address=f"{scheduler_host}:0",
+                name=f"meshscale-dask-{uuid.uuid4().hex[:8]}")
         try:
             run = _WorkerTask(serve_worker, cpus=threads, retries=3,
                               timeout_s=WORKER_TIMEOUT_S,
@@ -368,8 +392,10 @@ class MeshDaskCluster(LocalCluster):
         addr_of = {str(m["name"]): str(m["address"]) for m in _live(self.mesh)}
         return on, {w: addr_of[n] for w, n in on.items() if n in addr_of}
 
-    def _near(self, oid: str, on: dict[str, str]) -> list[str]:
-        holders = set(self.mesh.stat(oid).holders)
+    @staticmethod
+    def _near(info: ObjectInfo, on: dict[str, str]) -> list[str]:
+        """The Dask workers (of ``on``: worker -> node) on a holder of ``info``."""
+        holders = set(info.holders)
         return sorted(w for w, n in on.items() if n in holders)
 
     def read_parts(self, paths: str | Sequence[str],
@@ -378,7 +404,9 @@ class MeshDaskCluster(LocalCluster):
         """One Dask future per parquet object ``paths`` name (names, directories, ids),
         in path order: a pandas frame read by a task restricted (loosely:
         ``allow_other_workers``) to the workers on the object's holders, through their
-        own node. ``storage_options``: the workers' (default: the cluster's)."""
+        own node; a name is read as the object it names now (by id: a name bound again
+        meanwhile does not change what the job reads). ``storage_options``: the
+        workers' (default: the cluster's)."""
         from distributed import default_client
 
         so = self._options(storage_options)
@@ -387,9 +415,9 @@ class MeshDaskCluster(LocalCluster):
                       MAX_INPUTS)
         on, node_addresses = self._locality()
         parts = []
-        for path, oid in objs:
-            near = self._near(oid, on)
-            parts.append(client.submit(_read_part, path, so, columns, node_addresses,
+        for (path, oid), info in zip(objs, _stat_many(self.mesh, objs), strict=True):
+            near = self._near(info, on)
+            parts.append(client.submit(_read_part, path, so, columns, node_addresses, oid,
                                        workers=near or None, allow_other_workers=bool(near),
                                        key=f"meshscale-read-{oid[3:19]}-{uuid.uuid4().hex[:8]}",
                                        pure=False))
@@ -407,10 +435,11 @@ class MeshDaskCluster(LocalCluster):
         so = self._options(storage_options)
         client = client if client is not None else default_client()  # type: ignore[no-untyped-call]
         parts = self.read_parts(paths, so, columns, client)
-        path, oid = expand(self.mesh, [paths] if isinstance(paths, str) else list(paths),
-                           MAX_INPUTS)[0]
+        first = expand(self.mesh, [paths] if isinstance(paths, str) else list(paths),
+                       MAX_INPUTS)[:1]
+        path = first[0][0]
         on, node_addresses = self._locality()
-        near = self._near(oid, on)
+        near = self._near(_stat_many(self.mesh, first)[0], on)
         meta = client.submit(_read_meta, path, so, node_addresses, workers=near or None,
                              allow_other_workers=bool(near), pure=False).result()
         if columns is not None:
@@ -451,7 +480,8 @@ def cluster(mesh: TaskMesh, region: str | None = None, *, workers: int = 2, thre
             memory: str | int = "auto", scheduler_host: str = "127.0.0.1",
             start_timeout_s: float = 120.0, death_timeout_s: float = 60.0,
             storage_options: dict[str, Any] | None = None,
-            inputs: Sequence[str | ObjectRef] | None = None) -> MeshDaskCluster:
+            inputs: Sequence[str | ObjectRef] | None = None,
+            work_stealing: bool | None = False) -> MeshDaskCluster:
     """A Dask cluster whose ``workers`` run as mesh tasks (in ``region`` if named;
     ``"central"``: the mesh's central region), each with ``threads`` threads (and as
     many cpus asked of the mesh) and ``memory`` (Dask's ``memory_limit``); the scheduler
@@ -467,7 +497,16 @@ def cluster(mesh: TaskMesh, region: str | None = None, *, workers: int = 2, thre
     ``storage_options``: the ``meshscale://`` options the job's Dask tasks will use; each
     worker checks it can connect with them before joining, so a bundle the node's worker
     user cannot read (workers are mesh tasks: they run as that user) is a clear error
-    here. They travel in the task's record: name a bundle, never a token."""
+    here. They travel in the task's record: name a bundle, never a token.
+
+    ``work_stealing``: Dask's work stealing on the cluster's scheduler; off by default,
+    as the read tasks are placed on their objects' holders and stealing moves a task
+    (and the partition it needs) to another worker, often on another node (in a full
+    ``bench/batch.py`` run it moved 418 to 492 MB of the 935 MB input's partitions
+    between workers, against 0.21 MB without it); True turns it on, None leaves it to
+    the caller's Dask config."""
+    if work_stealing is not None and not isinstance(work_stealing, bool):
+        raise ValueError(f"work_stealing is True, False or None, not {work_stealing!r:.80}")
     if storage_options is not None:
         if not isinstance(storage_options, dict):
             raise ValueError(f"storage_options is a dict, not {storage_options!r:.80}")
@@ -486,4 +525,5 @@ def cluster(mesh: TaskMesh, region: str | None = None, *, workers: int = 2, thre
     return MeshDaskCluster(mesh, region=region, workers=workers, threads=threads,
                            memory=memory, scheduler_host=scheduler_host,
                            start_timeout_s=start_timeout_s, death_timeout_s=death_timeout_s,
-                           storage_options=storage_options, inputs=inputs)
+                           storage_options=storage_options, inputs=inputs,
+                           work_stealing=work_stealing)
