@@ -47,7 +47,8 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def run(seq_n: int, conc_s: float, callers: int, images: list[list[float]]) -> dict[str, Any]:
+def run(seq_n: int, conc_s: float, callers: int, images: list[list[float]],
+        model_cls: type) -> dict[str, Any]:
     """The Ray Serve row: the keys of bench/services.py plus ``note``."""
     try:
         import ray
@@ -67,17 +68,8 @@ def run(seq_n: int, conc_s: float, callers: int, images: list[list[float]]) -> d
             node = ray.get_runtime_context().get_node_id()
             return node, os.getpid(), psutil.Process().memory_info().rss / 1e6
 
-    @serve.deployment(num_replicas=1)
-    class Digits:
-        def __init__(self) -> None:
-            from sklearn.datasets import load_digits
-            from sklearn.linear_model import LogisticRegression
-
-            d = load_digits()
-            self.model = LogisticRegression(max_iter=2000).fit(d.data, d.target)
-
-        def predict(self, pixels: list[float]) -> int:
-            return int(self.model.predict([pixels])[0])
+    # The same classifier class as the meshscale half (bench/services.py), one replica.
+    Digits = serve.deployment(num_replicas=1)(model_cls)
 
     out: dict[str, Any] = {}
     node_args = {"num_cpus": 1, "node_ip_address": HOST, "object_store_memory": OBJECT_STORE_BYTES}

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         import serve_peer
 
         try:
-            peer = serve_peer.run(seq_n, conc_s, callers, images)
+            peer = serve_peer.run(seq_n, conc_s, callers, images, Digits)
             unavailable = None
         except serve_peer.Unavailable as e:
             unavailable = str(e)
