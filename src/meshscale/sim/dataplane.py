@@ -80,7 +80,7 @@ from meshscale.core.placement import (
     is_full,
     replica_set,
 )
-from meshscale.core.policy import ClassPolicy, copy_refusal
+from meshscale.core.policy import ClassPolicy, copy_refusal, stored_rule
 from meshscale.core.puts import PutPlan, SpareFate, spare_fate, spare_may_source
 from meshscale.core.replication import (
     DeleteAcked,
@@ -102,6 +102,7 @@ from meshscale.sim.topology import Topology
 
 __all__ = [
     "ChaosReport",
+    "CopyRefused",
     "DataMesh",
     "DataNode",
     "DeleteDone",
@@ -136,6 +137,17 @@ class ObjectCommitted(Event):
     region: str
     hint_for: str | None
     written: HLCTimestamp | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRefused(Event):
+    """This node refused a copy of ``oid`` by the residency rule (``copy_refusal``):
+    ``reason`` names the rule; ``src`` sent it (this node itself for its own copy)."""
+
+    oid: str
+    src: str
+    data_class: str | None
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +308,9 @@ class DataNode:
         self.policies: dict[str, ClassPolicy] = self.disk.setdefault("policies", {})
         """Data-class policies this node knows (the runtime reads them from the KV; the
         simulator has no policy store: a scenario sets them, and they outlive a crash)."""
+        self.check_residency = True
+        """Refuse copies outside the rule (``copy_refusal``); off only in a test that shows
+        the oracles catch a receiver that does not check."""
         self.refused_copies = 0
         """Copies refused by the residency rule (``core.policy.copy_refusal``)."""
         self._refused_bytes = 0
@@ -602,6 +617,9 @@ class DataNode:
             if data is None:
                 self.replicas.transfer_done(out.req_id, out.dst, out.oid, False, now)
             elif out.dst == self.name:
+                if self._refuses(self.name, out.oid, out.policy):
+                    self.replicas.transfer_done(out.req_id, out.dst, out.oid, False, now)
+                    return
                 self._commit(out.oid, data, out.policy, out.hint_for, now, out.written)
                 self.replicas.transfer_done(out.req_id, out.dst, out.oid,
                                             out.oid in self.objects, now)
@@ -646,13 +664,28 @@ class DataNode:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return b""
         policy = frame.ref.policy()
-        if copy_refusal(self.region, policy.residency, self.policies) is not None:
-            # The receiver checks the rule itself (the copy's, and its class's as this node
-            # knows it), with the same function as the runtime's receiver.
-            self.refused_copies += 1
+        if self._refuses(src, frame.ref.oid, policy):
             return b""
+        if self.check_residency:
+            kept = stored_rule(policy.residency, self.policies)
+            if kept is not policy.residency:
+                policy = ObjectPolicy(policy.replicas, kept)
         self._commit(frame.ref.oid, frame.data, policy, frame.hint_for, now, frame.written)
         return _OK if frame.ref.oid in self.objects else b""
+
+    def _refuses(self, src: str, oid: str, policy: ObjectPolicy) -> bool:
+        """Must this node refuse a copy of ``oid`` under ``policy`` (from ``src``, or its
+        own)? The receiver checks the rule itself (the copy's, and its class's as this node
+        knows it), with the same function as the runtime's receiver."""
+        if not self.check_residency:
+            return False
+        why = copy_refusal(self.region, policy.residency, self.policies)
+        if why is None:
+            return False
+        self.refused_copies += 1
+        res = policy.residency
+        self._out.append(CopyRefused(oid, src, None if res is None else res.data_class, why))
+        return True
 
     # ------------------------------------------------------------------ KV
 
