@@ -41,7 +41,7 @@ def test_policy_chaos_is_deterministic() -> None:
     assert policy_chaos_run(seed).trace_hash == policy_chaos_run(seed).trace_hash
 
 
-@pytest.mark.parametrize("broken", ["receiver", "migration"])
+@pytest.mark.parametrize("broken", ["receiver", "stale_rule", "migration", "fanout"])
 def test_the_oracles_catch_a_broken_decision(broken: str) -> None:
     base = random.randrange(1 << 30)
     print(f"base seed {base}")
@@ -69,3 +69,22 @@ def test_a_rewritten_audit_entry_breaks_the_chain() -> None:
     chain[1] = bytes(raw)
     breaks = verify_audit(mesh)
     assert breaks and breaks[0].startswith(f"{mesh.names[0]}:"), breaks
+
+
+def test_a_delete_under_a_stale_rule_follows_migrated_copies() -> None:
+    # Swarm seed 1414881169: a delete coordinated under an object's old rule (a paused
+    # coordinator, before a narrowing moved the copies) left its tombstones with the old
+    # set only; the moved copies lived on. Receivers now keep a tombstone under its
+    # class's rule (ReplicaManager.class_policies) and migrations rewrite tombstones too.
+    r = policy_chaos_run(1414881169)
+    assert not r.problems(), r.problems()[:5]
+    assert r.deleted == 4
+
+
+def test_a_put_under_way_across_a_narrowing_keeps_its_copy_under_the_class_rule() -> None:
+    # Swarm seed 1081647952: a coordinator that heard of a narrowing while its put was
+    # under way stored its own (hinted) copy under the put's older, wider rule, and kept
+    # pushing it to regions the class no longer allows. Its own copy is now kept under
+    # the rule narrowed to the class's, as a received copy is.
+    r = policy_chaos_run(1081647952)
+    assert not r.problems(), r.problems()[:5]

@@ -311,6 +311,11 @@ class DataNode:
         self.check_residency = True
         """Refuse copies outside the rule (``copy_refusal``); off only in a test that shows
         the oracles catch a receiver that does not check."""
+        self.replicas.class_policies = self.policies
+        self.narrow_rules = True
+        """Keep a received copy under its rule narrowed to the class this node knows
+        (``core.policy.stored_rule``); off only in a test that shows the oracles catch a
+        copy kept under a sender's stale, wider rule."""
         self.refused_copies = 0
         """Copies refused by the residency rule (``core.policy.copy_refusal``)."""
         self._refused_bytes = 0
@@ -525,13 +530,16 @@ class DataNode:
         self._spare_count("committed")
         self._commit(spare.plan.oid, spare.data, spare.policy, None, now, spare.written)
 
-    def delete(self, oid: str, policy: ObjectPolicy, now: float) -> None:
-        """Delete ``oid`` everywhere (the mesh knows its policy, as a client's stat would);
+    def delete(self, oid: str, policy: ObjectPolicy, now: float,
+               holders: tuple[str, ...] = ()) -> None:
+        """Delete ``oid`` everywhere (the mesh knows its policy, as a client's stat would;
+        ``holders``: nodes found holding a copy, told at once as the runtime does);
         acknowledged by the core's ``DeleteAcked`` once a quorum keeps the tombstone."""
         self._delete_req += 1
         ts = self.hlc.now(now)
         with contextlib.suppress(ReplicationOverloaded):
-            peers = self.replicas.delete(oid, policy, ts, now, now, req_id=self._delete_req)
+            peers = self.replicas.delete(oid, policy, ts, now, now, holders,
+                                         req_id=self._delete_req)
             self._out.append(DeleteDone(oid, tuple(peers), ts))
         self._settle(now)
 
@@ -620,7 +628,8 @@ class DataNode:
                 if self._refuses(self.name, out.oid, out.policy):
                     self.replicas.transfer_done(out.req_id, out.dst, out.oid, False, now)
                     return
-                self._commit(out.oid, data, out.policy, out.hint_for, now, out.written)
+                self._commit(out.oid, data, self._kept(out.policy), out.hint_for, now,
+                             out.written)
                 self.replicas.transfer_done(out.req_id, out.dst, out.oid,
                                             out.oid in self.objects, now)
             else:
@@ -666,12 +675,19 @@ class DataNode:
         policy = frame.ref.policy()
         if self._refuses(src, frame.ref.oid, policy):
             return b""
-        if self.check_residency:
-            kept = stored_rule(policy.residency, self.policies)
-            if kept is not policy.residency:
-                policy = ObjectPolicy(policy.replicas, kept)
+        policy = self._kept(policy)
         self._commit(frame.ref.oid, frame.data, policy, frame.hint_for, now, frame.written)
         return _OK if frame.ref.oid in self.objects else b""
+
+    def _kept(self, policy: ObjectPolicy) -> ObjectPolicy:
+        """The rule a copy this node takes (from a peer, or its own for a put it
+        coordinates) is kept under: narrowed to its class's as this node knows it
+        (``core.policy.stored_rule``): a put under way, or a sender, may still carry the
+        rule of before a narrowing (swarm seed 1081647952 of the policy plane)."""
+        if not self.narrow_rules:
+            return policy
+        kept = stored_rule(policy.residency, self.policies)
+        return policy if kept is policy.residency else ObjectPolicy(policy.replicas, kept)
 
     def _refuses(self, src: str, oid: str, policy: ObjectPolicy) -> bool:
         """Must this node refuse a copy of ``oid`` under ``policy`` (from ``src``, or its

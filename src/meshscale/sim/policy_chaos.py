@@ -34,8 +34,12 @@ every node's disk every ``scan_s`` of virtual time:
   the end.
 
 ``break_`` breaks one decision, to show that the oracles can fail: ``receiver`` (receivers
-skip ``copy_refusal``) or ``migration`` (one node updates its view but leaves its copies'
-rules as they were).
+skip ``copy_refusal``), ``stale_rule`` (receivers keep a copy under the rule its sender
+stated, which is wider than the class's when the sender has not heard of a narrowing) or
+``migration`` (one node updates its view but leaves its copies' rules as they were), or
+``fanout`` (what the runtime's ``policy set --migrate`` does today: only the members the
+setting node reaches at that moment rewrite their copies; a member down or cut off then
+hears of the policy later through its cache refresh but never rewrites its copies).
 """
 
 from __future__ import annotations
@@ -60,6 +64,12 @@ from meshscale.core.replication import DropLocal, ObjectPolicy
 from meshscale.sim.dataplane import CopyRefused, DataMesh, DataNode, ObjectCommitted
 
 __all__ = ["PolicyChaosReport", "policy_chaos_run", "verify_audit"]
+
+
+def _delete(p: DrivenProtocol, oid: str, policy: ObjectPolicy, now: float,
+            holders: tuple[str, ...]) -> None:
+    assert isinstance(p, DataNode)
+    p.delete(oid, policy, now, holders)
 
 CLASSES = ("pii", "fin", "ops")
 
@@ -141,6 +151,8 @@ def policy_chaos_run(
     report = PolicyChaosReport(seed, 0, 0, 0, [], [])
     violations = report.violations
     migration_skipper = mesh.names[rng.randrange(nodes)] if break_ == "migration" else None
+    reached: dict[tuple[str, int], set[str]] = {}
+    """``fanout``: the nodes the admin's ``policy.migrate_local`` fan-out reached."""
 
     # Initial policies, known everywhere at the start.
     start_regions = [regions[:1], regions[:2], regions]
@@ -153,6 +165,8 @@ def policy_chaos_run(
         node.disk["policy_version"] = dict(version)
         if break_ == "receiver":
             node.check_residency = False
+        elif break_ == "stale_rule":
+            node.narrow_rules = False
 
     def view_version(n: str, cls: str) -> int:
         got: dict[str, int] = mesh.node(n).disk.get("policy_version", {})
@@ -220,7 +234,8 @@ def policy_chaos_run(
         versions[cls] = ver
         p.policies[cls] = policy
         _audit(p, Kind.POLICY_CHANGE, cls, cls, "", f"heard {policy.describe()}", now)
-        if p.name != migration_skipper:
+        if p.name != migration_skipper and (break_ != "fanout"
+                                            or p.name in reached.get((cls, ver), ())):
             for oid in sorted(p.objects):
                 s = p.objects[oid]
                 res = s.policy.residency
@@ -233,6 +248,7 @@ def policy_chaos_run(
                 report.migrated += 1
                 p.replicas.object_removed(oid, now)
                 p.replicas.object_added(oid, s.policy, s.hint_for, now, s.written)
+            report.migrated += len(p.replicas.migrate_tombstones(policy))
         p._settle(now)
         for oid in sorted(p.objects):
             check_copy(p.name, oid, "heard")
@@ -268,6 +284,12 @@ def policy_chaos_run(
         report.changes.append(f"{sim.now:.1f} {cls} {list(old.regions)} -> "
                               f"{list(new.regions)} at {admin}")
         sim.call(admin, partial(apply, cls, ver, new))
+        if break_ == "fanout":
+            # The runtime today: the node that sets the policy asks the members it reaches
+            # now to migrate; the others only ever refresh their view of the policy.
+            reached[(cls, ver)] = {n for n in mesh.up() if sim.connected(admin, n)}
+            for n in sorted(reached[(cls, ver)] - {admin}):
+                sim.call(n, partial(apply, cls, ver, new))
         for n in mesh.names:
             if n != admin:
                 sim.at(sim.now + rng.uniform(0.0, refresh_s), partial(deliver, n, cls, ver))
@@ -290,10 +312,21 @@ def policy_chaos_run(
         mesh.put_async(coord, f"policy-object-{seed}-{i}".encode(), ObjectPolicy(3, res), 2)
 
     def delete() -> None:
+        """A delete as the runtime's ``obj.delete`` runs it: the coordinator asks the
+        members it reaches for their copies, takes the rule of the first holder's copy
+        (its current rule, rewritten by a migration), and tells every holder at once."""
         up = mesh.up()
         live = [oid for oid in sorted(mesh.live()) if oid not in mesh.delete_requests]
-        if up and live:
-            mesh.delete_async(up[rng.randrange(len(up))], live[rng.randrange(len(live))])
+        if not up or not live:
+            return
+        coord = up[rng.randrange(len(up))]
+        oid = live[rng.randrange(len(live))]
+        held = [n for n in up if sim.connected(coord, n) and oid in mesh.node(n).objects]
+        if not held:
+            return
+        policy = mesh.node(held[0]).objects[oid].policy
+        mesh.delete_requests.add(oid)
+        sim.call(coord, lambda p, now: _delete(p, oid, policy, now, tuple(held)))
 
     sim.run_until(2.0)
     for i in range(objects):

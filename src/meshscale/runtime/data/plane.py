@@ -71,6 +71,9 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
         self.rm = ReplicaManager(
             agent.name, config=self.cfg.replication, rng=random.Random(agent.rng.random()), now=now
         )
+        # The class policies this node knows: a received tombstone is kept under its rule
+        # narrowed to its class's, as a received copy is (uploads.py, core.policy.stored_rule).
+        self.rm.class_policies = self.policies
         after = ""
         while True:
             page = await asyncio.to_thread(self.store.list, after=after, limit=1000)
