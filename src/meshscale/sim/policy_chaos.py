@@ -262,7 +262,10 @@ def policy_chaos_run(
         sim.at(sim.now + refresh_s, partial(deliver, n, cls, ver))
 
     def change() -> None:
-        up = mesh.up()
+        # The admin's node must run the change now: a change asked of a paused node that
+        # crashed before it resumed was never set (the client had no answer), and must
+        # not count as the truth (swarm seed 1018236081 of the policy plane).
+        up = [n for n in mesh.up() if not sim.is_paused(n)]
         if not up:
             return
         cls = CLASSES[rng.randrange(len(CLASSES))]
