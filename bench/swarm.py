@@ -6,7 +6,9 @@ Each seed is one chaos run of a plane (``sim/dataplane.chaos_run``: puts, delete
 writes under crashes, restarts, pauses and partitions; ``sim/compute.chaos_run``: tasks of
 every placement mode under the same faults; ``sim/services.chaos_run``: calls from three
 sites to three services under crashes, pauses and partitions) checked by that plane's
-invariants. The base
+invariants; ``sim/policy_chaos.policy_chaos_run``: classed puts, deletes and policy
+changes under crashes, pauses and partitions, no copy of a class outside its rule at any
+step, audit chains verified). The base
 seed is fresh unless given, and printed, so a failure replays:
 ``python bench/swarm.py --base N --seeds 1``.
 
@@ -116,10 +118,30 @@ def services_problems(seed: int) -> list[str]:
     return r.problems()
 
 
+POLICY_COUNTS: dict[str, int] = {}
+"""Of the policy seeds: copies refused by receivers, copy rules rewritten by a migration,
+policy changes, oracle scans and commits checked, audit entries verified."""
+
+
+def policy_problems(seed: int) -> list[str]:
+    from meshscale.sim.policy_chaos import policy_chaos_run
+
+    r = policy_chaos_run(seed)
+    for key, v in (("refused", r.refused), ("migrated", r.migrated),
+                   ("changes", len(r.changes)), ("scans", r.scans),
+                   ("commits_checked", r.commits_checked), ("audit_entries", r.audit_entries)):
+        POLICY_COUNTS[key] = POLICY_COUNTS.get(key, 0) + v
+    out = r.problems()[:1]
+    if r.acked < 20:
+        out.append(f"puts: only {r.acked} acknowledged")
+    return out
+
+
 PLANES: dict[str, Callable[[int], list[str]]] = {
     "data": data_problems,
     "compute": compute_problems,
     "services": services_problems,
+    "policy": policy_problems,
 }
 
 
@@ -175,6 +197,9 @@ def main() -> int:
             # replica counts were held to their recovery bound.
             result["planes"][plane]["calls"] = dict(SERVICE_CALLS)
             print(f"  services calls: {SERVICE_CALLS}", flush=True)
+        if plane == "policy":
+            result["planes"][plane]["counts"] = dict(POLICY_COUNTS)
+            print(f"  policy counts: {POLICY_COUNTS}", flush=True)
         result["seeds"] += args.seeds
         result["violations"] += len(bad) - crashes
         result["crashes"] += crashes

@@ -973,3 +973,48 @@ def test_placement_is_the_cached_replica_and_write_set_shared_between_entries() 
     assert m.placement("obj-unknown", ANY) is None
     assert m.placement(oids[0], EU) is None  # held under another policy
 
+
+# --------------------------------------------------------------- tombstones follow a class
+
+
+def test_a_tombstone_under_a_stale_rule_is_kept_under_the_class_rule() -> None:
+    # The delete's coordinator has not heard that class pii narrowed to {eu}: it sends the
+    # tombstone under the old rule {eu,us}. A receiver that has heard keeps it (it is in
+    # the old set, which counts it) but under the narrowed rule, so that it is handed off
+    # to the class's set, where the copies a migration moved are (swarm seed 1414881169).
+    from meshscale.core.policy import make_policy
+
+    wide = ObjectPolicy(3, Residency(frozenset({"eu", "us"}), "pii"))
+    oid = "b3-" + "7" * 64
+    coord = manager("us1")
+    rs = set(names(replica_set(oid, VIEW, 3, wide.residency)))
+    receiver = next(n for n in sorted(rs) if REGION[n] == "us" and n != "us1")
+    coord.delete(oid, wide, ts(10.0, "us1"), 10.0, 10.0, req_id=1)
+    msg = next(o for o in coord.drain()
+               if isinstance(o, SendMessage) and o.dst == receiver)
+    m = manager(receiver)
+    m.class_policies = {"pii": make_policy("pii", ["eu"])}
+    m.handle_message("us1", msg.payload, 10.1)
+    stored = [o for o in m.drain() if isinstance(o, TombstoneStored)]
+    assert stored and stored[0].policy == EU, stored
+    # A receiver that knows no narrowing keeps the rule as it came.
+    plain = manager(receiver)
+    plain.handle_message("us1", msg.payload, 10.1)
+    assert [o.policy for o in plain.drain() if isinstance(o, TombstoneStored)] == [wide]
+
+
+def test_migrate_tombstones_rewrites_the_rule_of_a_class_tombstones() -> None:
+    from meshscale.core.policy import make_policy
+
+    wide = ObjectPolicy(3, Residency(frozenset({"eu", "us"}), "pii"))
+    other = ObjectPolicy(3, Residency(frozenset({"us"}), "fin"))
+    m = manager("us1")
+    a, b = "b3-" + "1" * 64, "b3-" + "2" * 64
+    m.delete(a, wide, ts(10.0, "us1"), 10.0, 10.0)
+    m.delete(b, other, ts(10.0, "us1"), 10.0, 10.0)
+    m.drain()
+    assert m.migrate_tombstones(make_policy("pii", ["eu"])) == [a]
+    assert [(o.oid, o.policy) for o in m.drain() if isinstance(o, TombstoneStored)] == [(a, EU)]
+    # Already under the new rule (and another class's untouched): nothing more to do.
+    assert m.migrate_tombstones(make_policy("pii", ["eu"])) == []
+    assert m.tombstone(a) == ts(10.0, "us1") and m.tombstone(b) == ts(10.0, "us1")

@@ -272,6 +272,28 @@ def test_a_replica_write_to_a_forbidden_region_is_refused_by_the_receiver(
     asyncio.run(allowed())
     assert "eu-west" in on_disk(mesh, oid)
 
+    # A sender that has not heard of a narrowing states the old, wider rule: a receiver
+    # the class allows takes the copy, but keeps it under the rule narrowed to the class's
+    # regions (core.policy.stored_rule), so the copy never claims a region the class
+    # forbids.
+    wide = b"a classed copy with a stale, wider rule " * 20
+    wide_oid = oid_of(wide)
+
+    async def stale() -> dict[str, Any]:
+        c = RpcConnection(mesh.nodes[eu].address, mesh.node_credentials(us), 30)
+        try:
+            await c.call("obj.rw_small", {"id": wide_oid, "size": len(wide), "replicas": 2,
+                                          "residency": {"regions": ["eu-west", "us-east"],
+                                                        "data_class": "pii"},
+                                          "data": wide})
+            got: dict[str, Any] = await c.call("obj.local_stat", {"id": wide_oid})
+            return got
+        finally:
+            await c.close()
+
+    local = asyncio.run(stale())
+    assert local["residency"] == {"regions": ["eu-west"], "data_class": "pii"}, local
+
 
 def test_a_policy_change_that_breaks_copies_is_refused(
         mesh: LocalMesh, capsys: pytest.CaptureFixture[str]) -> None:

@@ -54,6 +54,7 @@ __all__ = [
     "read_refusal",
     "resolve",
     "result_rule",
+    "stored_rule",
 ]
 
 POLICY_PREFIX = "__policy/"
@@ -462,3 +463,19 @@ def migrated_regions(current: Iterable[str] | None, new: ClassPolicy) -> frozens
     if mine <= allowed:
         return None
     return (mine & allowed) or allowed
+
+
+def stored_rule(header: Residency | None,
+                policies: Mapping[str, ClassPolicy]) -> Residency | None:
+    """The rule a receiver keeps a copy under, once ``copy_refusal`` let it in: the
+    header's, narrowed to the class's regions as this node knows them (the decision of
+    ``migrated_regions``). A sender that has not yet heard of a narrowing sends the old,
+    wider rule; kept as it came, the copy would go on claiming regions its class no longer
+    allows (and be pushed there again)."""
+    if header is None or header.data_class is None:
+        return header
+    policy = policies.get(header.data_class)
+    if policy is None or header.regions is None:
+        return header
+    target = migrated_regions(header.regions, policy)
+    return header if target is None else Residency(target, header.data_class)

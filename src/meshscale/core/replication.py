@@ -90,7 +90,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar, cast
 
@@ -108,6 +108,7 @@ from meshscale.core.placement import (
     replica_set,
     write_set,
 )
+from meshscale.core.policy import ClassPolicy, migrated_regions, stored_rule
 from meshscale.core.puts import PutPlan, check_feasible, plan_put
 from meshscale.core.wire import VersionedCodec, WireError
 
@@ -570,6 +571,12 @@ class ReplicaManager:
         """(expiry wall time, oid), lazily invalidated."""
         self._wall = 0.0
         """The latest wall clock the driver told us (``delete``, ``collect_tombstones``)."""
+        self.class_policies: Mapping[str, ClassPolicy] = {}
+        """The data-class policies this node knows (its driver's, ``core.policy``): a
+        tombstone received under a rule wider than its class's (a delete coordinated by a
+        node that has not heard of a narrowing) is kept under the rule narrowed to the
+        class's (``stored_rule``), as a received copy is, so that it follows the copies a
+        migration moved (swarm seed 1414881169 of the policy plane)."""
         self._dg_count: dict[str, int] = {}
         self._dg_acc: dict[str, int] = {}
         """Peer -> count and XOR of the entries in our pair digest with it (kept as
@@ -777,6 +784,33 @@ class ReplicaManager:
 
     def tombstones(self) -> list[str]:
         return sorted(o for o, loc in self._inv.items() if loc.tomb is not None)
+
+    def migrate_tombstones(self, new: ClassPolicy) -> list[str]:
+        """Class ``new.name``'s policy changed to ``new`` (``policy.migrate_local``): the
+        tombstones of the class kept here get the rule ``migrated_regions`` decides, as the
+        copies do, and are handed off under it like copies. The ones changed."""
+        changed = []
+        for oid in self.tombstones():
+            loc = self._inv[oid]
+            res = loc.policy.residency
+            if res is None or res.data_class != new.name:
+                continue
+            target = migrated_regions(res.regions, new)
+            if target is None:
+                continue
+            assert loc.tomb is not None
+            self._settle(loc)
+            loc.policy = ObjectPolicy(loc.policy.replicas, Residency(target, new.name))
+            loc.rs_version = -1
+            self._index(loc)
+            self._outputs.append(TombstoneStored(oid, loc.policy, loc.tomb))
+            changed.append(oid)
+        return changed
+
+    def _kept_rule(self, policy: ObjectPolicy) -> ObjectPolicy:
+        """The rule a received tombstone is kept under (see ``class_policies``)."""
+        res = stored_rule(policy.residency, self.class_policies)
+        return policy if res is policy.residency else ObjectPolicy(policy.replicas, res)
 
     def accepts(self, oid: str, written: HLCTimestamp | None) -> bool:
         """Whether a copy of ``oid`` written at ``written`` may be stored here (False: a
@@ -1170,8 +1204,11 @@ class ReplicaManager:
             if ts is None:
                 continue
             policy = ref.policy()
-            keep = self._mine(ref.oid, policy)
-            self._apply_tomb(ref.oid, policy, ts, keep=keep)
+            rule = self._kept_rule(policy)
+            # Kept by the sender's replica set (the delete counts it) and by the class's.
+            keep = self._mine(ref.oid, policy) or (rule is not policy
+                                                   and self._mine(ref.oid, rule))
+            self._apply_tomb(ref.oid, rule, ts, keep=keep)
             kept = kept or keep
         if msg.ack:
             self._send(src, TombstoneAck(msg.ack, kept))
@@ -1191,7 +1228,9 @@ class ReplicaManager:
                 continue  # a bad stamp: ignore the ref (the sender retries next round)
             if tomb is not None:
                 # Applied even where we may not hold the object: an older copy must go.
-                outcome = self._apply_tomb(ref.oid, policy, tomb, keep=self._mine(ref.oid, policy))
+                rule = self._kept_rule(policy)
+                outcome = self._apply_tomb(ref.oid, rule, tomb, keep=self._mine(ref.oid, policy)
+                                           or (rule is not policy and self._mine(ref.oid, rule)))
                 if outcome == "superseded":
                     superseded.append(ref.oid)
                     continue
@@ -1250,7 +1289,7 @@ class ReplicaManager:
         for ref in msg.deleted:
             ts = self._stamp(ref.deleted)
             if ts is not None and ref.oid in answered:
-                self._apply_tomb(ref.oid, ref.policy(), ts, keep=True)
+                self._apply_tomb(ref.oid, self._kept_rule(ref.policy()), ts, keep=True)
                 answered.discard(ref.oid)
         for oid in msg.superseded:
             loc = self._inv.get(oid)

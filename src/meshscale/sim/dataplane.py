@@ -80,7 +80,7 @@ from meshscale.core.placement import (
     is_full,
     replica_set,
 )
-from meshscale.core.policy import ClassPolicy, copy_refusal
+from meshscale.core.policy import ClassPolicy, copy_refusal, stored_rule
 from meshscale.core.puts import PutPlan, SpareFate, spare_fate, spare_may_source
 from meshscale.core.replication import (
     DeleteAcked,
@@ -102,6 +102,7 @@ from meshscale.sim.topology import Topology
 
 __all__ = [
     "ChaosReport",
+    "CopyRefused",
     "DataMesh",
     "DataNode",
     "DeleteDone",
@@ -136,6 +137,17 @@ class ObjectCommitted(Event):
     region: str
     hint_for: str | None
     written: HLCTimestamp | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRefused(Event):
+    """This node refused a copy of ``oid`` by the residency rule (``copy_refusal``):
+    ``reason`` names the rule; ``src`` sent it (this node itself for its own copy)."""
+
+    oid: str
+    src: str
+    data_class: str | None
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +308,14 @@ class DataNode:
         self.policies: dict[str, ClassPolicy] = self.disk.setdefault("policies", {})
         """Data-class policies this node knows (the runtime reads them from the KV; the
         simulator has no policy store: a scenario sets them, and they outlive a crash)."""
+        self.check_residency = True
+        """Refuse copies outside the rule (``copy_refusal``); off only in a test that shows
+        the oracles catch a receiver that does not check."""
+        self.replicas.class_policies = self.policies
+        self.narrow_rules = True
+        """Keep a received copy under its rule narrowed to the class this node knows
+        (``core.policy.stored_rule``); off only in a test that shows the oracles catch a
+        copy kept under a sender's stale, wider rule."""
         self.refused_copies = 0
         """Copies refused by the residency rule (``core.policy.copy_refusal``)."""
         self._refused_bytes = 0
@@ -510,13 +530,16 @@ class DataNode:
         self._spare_count("committed")
         self._commit(spare.plan.oid, spare.data, spare.policy, None, now, spare.written)
 
-    def delete(self, oid: str, policy: ObjectPolicy, now: float) -> None:
-        """Delete ``oid`` everywhere (the mesh knows its policy, as a client's stat would);
+    def delete(self, oid: str, policy: ObjectPolicy, now: float,
+               holders: tuple[str, ...] = ()) -> None:
+        """Delete ``oid`` everywhere (the mesh knows its policy, as a client's stat would;
+        ``holders``: nodes found holding a copy, told at once as the runtime does);
         acknowledged by the core's ``DeleteAcked`` once a quorum keeps the tombstone."""
         self._delete_req += 1
         ts = self.hlc.now(now)
         with contextlib.suppress(ReplicationOverloaded):
-            peers = self.replicas.delete(oid, policy, ts, now, now, req_id=self._delete_req)
+            peers = self.replicas.delete(oid, policy, ts, now, now, holders,
+                                         req_id=self._delete_req)
             self._out.append(DeleteDone(oid, tuple(peers), ts))
         self._settle(now)
 
@@ -602,7 +625,11 @@ class DataNode:
             if data is None:
                 self.replicas.transfer_done(out.req_id, out.dst, out.oid, False, now)
             elif out.dst == self.name:
-                self._commit(out.oid, data, out.policy, out.hint_for, now, out.written)
+                if self._refuses(self.name, out.oid, out.policy):
+                    self.replicas.transfer_done(out.req_id, out.dst, out.oid, False, now)
+                    return
+                self._commit(out.oid, data, self._kept(out.policy), out.hint_for, now,
+                             out.written)
                 self.replicas.transfer_done(out.req_id, out.dst, out.oid,
                                             out.oid in self.objects, now)
             else:
@@ -646,13 +673,35 @@ class DataNode:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return b""
         policy = frame.ref.policy()
-        if copy_refusal(self.region, policy.residency, self.policies) is not None:
-            # The receiver checks the rule itself (the copy's, and its class's as this node
-            # knows it), with the same function as the runtime's receiver.
-            self.refused_copies += 1
+        if self._refuses(src, frame.ref.oid, policy):
             return b""
+        policy = self._kept(policy)
         self._commit(frame.ref.oid, frame.data, policy, frame.hint_for, now, frame.written)
         return _OK if frame.ref.oid in self.objects else b""
+
+    def _kept(self, policy: ObjectPolicy) -> ObjectPolicy:
+        """The rule a copy this node takes (from a peer, or its own for a put it
+        coordinates) is kept under: narrowed to its class's as this node knows it
+        (``core.policy.stored_rule``): a put under way, or a sender, may still carry the
+        rule of before a narrowing (swarm seed 1081647952 of the policy plane)."""
+        if not self.narrow_rules:
+            return policy
+        kept = stored_rule(policy.residency, self.policies)
+        return policy if kept is policy.residency else ObjectPolicy(policy.replicas, kept)
+
+    def _refuses(self, src: str, oid: str, policy: ObjectPolicy) -> bool:
+        """Must this node refuse a copy of ``oid`` under ``policy`` (from ``src``, or its
+        own)? The receiver checks the rule itself (the copy's, and its class's as this node
+        knows it), with the same function as the runtime's receiver."""
+        if not self.check_residency:
+            return False
+        why = copy_refusal(self.region, policy.residency, self.policies)
+        if why is None:
+            return False
+        self.refused_copies += 1
+        res = policy.residency
+        self._out.append(CopyRefused(oid, src, None if res is None else res.data_class, why))
+        return True
 
     # ------------------------------------------------------------------ KV
 

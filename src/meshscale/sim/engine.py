@@ -308,6 +308,14 @@ class Simulator:
     def is_up(self, name: str) -> bool:
         return self._node(name).up
 
+    def is_paused(self, name: str) -> bool:
+        return self._node(name).paused
+
+    def connected(self, a: str, b: str) -> bool:
+        """Can ``a`` and ``b`` reach each other through the current partition (whether or
+        not they are up)?"""
+        return not self._blocked(self._node(a), self._node(b))
+
     def placement(self, name: str) -> Placement:
         return self._node(name).placement
 

@@ -71,6 +71,9 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
         self.rm = ReplicaManager(
             agent.name, config=self.cfg.replication, rng=random.Random(agent.rng.random()), now=now
         )
+        # The class policies this node knows: a received tombstone is kept under its rule
+        # narrowed to its class's, as a received copy is (uploads.py, core.policy.stored_rule).
+        self.rm.class_policies = self.policies
         # Tombstones first (few): a read of a deleted object must not be served from a
         # copy that outlived its delete. Then reads are served from the store while the
         # copies are read into the replica manager (O(objects)): a restarted node answers

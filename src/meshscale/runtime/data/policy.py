@@ -268,6 +268,10 @@ class Policies(Catalog, KvStore):
                               detail=f"copy's rule rewritten to regions "
                                      f"{{{','.join(sorted(target))}}} (policy migrate)")
         self._count("copies_migrated", len(changed))
+        # Its tombstones of the class too, or a delete kept under the old rule would not
+        # follow the copies the migration moves (a deleted object would live on there).
+        tombs = self.rm.migrate_tombstones(make_policy(req.name, req.regions))
+        self._count("tombstones_migrated", len(tombs))
         self._pump()
         return papi.MigrateLocalReply(node=self.agent.name,
                                       rewritten=[m.object_id for m, _ in changed])

@@ -19,7 +19,7 @@ from meshscale.core.audit import Kind
 from meshscale.core.hlc import ClockSkewError
 from meshscale.core.objects import object_id
 from meshscale.core.placement import PlacementError
-from meshscale.core.policy import PolicyError, Rule, copy_refusal, resolve
+from meshscale.core.policy import PolicyError, Rule, copy_refusal, resolve, stored_rule
 from meshscale.core.puts import SpareFate, put_refusal, spare_fate
 from meshscale.core.replication import ObjectPolicy
 from meshscale.runtime.data.state import (
@@ -117,6 +117,12 @@ class Uploads(DataPlaneBase):
                 res = policy.residency
                 raise self._refuse("residency", why, subject=spec.oid or "",
                                    data_class=None if res is None else res.data_class)
+            # Kept under its rule narrowed to the class's regions as this node knows them:
+            # a sender that has not heard of a narrowing still sends the wider rule.
+            kept = stored_rule(policy.residency, self.policies)
+            if kept is not policy.residency:
+                self._count("replica_rules_narrowed")
+                policy = ObjectPolicy(policy.replicas, kept)
         plan = None
         if client:
             try:
