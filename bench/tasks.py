@@ -302,7 +302,7 @@ def run_map(n: int, out: dict[str, Any]) -> None:
     from meshscale.runtime.launcher import LocalMesh
 
     with tempfile.TemporaryDirectory(prefix="bench-map-") as tmp:
-        lm = LocalMesh(Path(tmp), MAP_NODES, http=False, node_args=["--cpus", "1"])
+        lm = LocalMesh(Path(tmp), MAP_NODES, http=False, node_settings={"cpus": 1})
         try:
             lm.start()
             lm.wait_converged(60)
