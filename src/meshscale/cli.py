@@ -776,17 +776,18 @@ def up_cmd(
 
 def _mesh_pids(mf: MeshFile) -> list[int]:
     """The node processes of a mesh.json that are still running as those nodes (a pid
-    counts only while its command line names the node's data dir: never a reused pid)."""
+    counts only while its command line names the node's config file, or for a mesh.json
+    that has none, its data dir: never a reused pid)."""
     out = []
     for n in mf.nodes:
-        pid, data_dir = n.get("pid"), n.get("data_dir")
-        if not isinstance(pid, int) or not isinstance(data_dir, str):
+        pid, named = n.get("pid"), n.get("config", n.get("data_dir"))
+        if not isinstance(pid, int) or not isinstance(named, str):
             continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if data_dir.encode() in cmdline:
+        if named.encode() in cmdline:
             out.append(pid)
     return out
 

@@ -85,6 +85,7 @@ class NodeProcess:
             "pid": self.proc.pid if self.proc is not None else None,
             "data_dir": str(self.data_dir),
             "bundle": str(self.bundle_dir),
+            "config": str(self.config_path.absolute()),
         }
 
 
