@@ -712,7 +712,7 @@ def up_cmd(
 
     try:
         mesh = LocalMesh(path, nodes, regions=region_list, latency=table, base_port=base_port,
-                         node_settings={"metrics_public": metrics_public})
+                         node_settings={"metrics_public": True} if metrics_public else None)
     except (ValueError, OSError) as e:
         cleanup()
         raise CliError(str(e)) from None

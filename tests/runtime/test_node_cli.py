@@ -367,3 +367,33 @@ def test_stream_message_decoding() -> None:
         with pytest.raises(WireError) as e:
             decode_stream_message(data, 1024)
         assert e.value.reason == reason
+
+
+def test_node_config_files_round_trip_and_bad_settings_are_refused(tmp_path: Path) -> None:
+    """What LocalMesh writes for a node reads back as given (any string: quotes,
+    backslashes, newlines, DEL, non-ASCII; table keys that are no bare TOML key), and a
+    setting that is not one, or of the wrong type or out of bounds, is refused before
+    any node starts."""
+    import tomllib
+
+    from meshscale.runtime.agent_main import StartError, read_config, to_toml
+    from meshscale.runtime.launcher import LocalMesh
+
+    odd = 'a "q" \\ b\nc\td\x7f é 😀'
+    values = {"region": odd, "cpus": 3, "idle_watts": 1e-05, "no_audit": True,
+              "join": ["10.0.0.1:7946", odd], "labels": {"a.b c": odd, "": "empty key"},
+              "energy_min_active": {"eu-west": "2"}, "data_dir": str(tmp_path / "d")}
+    text = to_toml(values)
+    assert tomllib.loads(text) == values
+    conf = tmp_path / "node.toml"
+    conf.write_text(text)
+    assert read_config(conf)["labels"] == values["labels"]
+    with pytest.raises(StartError, match="unknown key 'rpc_port'"):
+        to_toml({"rpc_port": 1})
+    for bad, needle in (({"rpc_port": 1}, "unknown key 'rpc_port'"),
+                        ({"cpus": "2"}, "'cpus' must be an integer, not str"),
+                        ({"no_audit": 1}, "'no_audit' must be true or false"),
+                        ({"cpus": 0}, "--cpus must be in 1..4096, not 0")):
+        with pytest.raises(ValueError, match=needle):
+            LocalMesh(tmp_path / "m", 2, node_settings=bad)
+    assert not (tmp_path / "m").exists()

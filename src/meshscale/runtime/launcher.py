@@ -3,8 +3,9 @@
 ``LocalMesh`` makes a throw-away admin bundle (``admin/``), a node bundle per node
 (``bundles/node-i``), an admin client bundle (``client/``, what users of this mesh connect
 with) and one data dir per node under its directory, writes a config file per node
-(``nodes/node-i.toml``) and spawns ``python -m meshscale.runtime.agent_main --config`` it
-(the agent without the CLI framework; node 0 is the seed the others join; node i listens on base_port + i, UDP and TCP, and serves HTTP on a second run of free
+(``nodes/node-i.toml``) and runs ``python -m meshscale.runtime.agent_main --config`` on
+it (the agent without the CLI framework; node 0 is the seed the others join; node i
+listens on base_port + i, UDP and TCP, and serves HTTP on a second run of free
 ports, http_base + i), waits until every node sees every other alive, and writes
 ``mesh.json`` (each node's address and HTTP address). ``stop()`` sends SIGTERM to every
 node it started, waits, then SIGKILLs stragglers. Children run in their own session (a Ctrl-C in the terminal
