@@ -108,10 +108,11 @@ def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int, cpus: i
     from meshscale.client.rpc import RpcConnection
     from meshscale.runtime.launcher import LocalMesh
 
-    energy = (["--energy-mode", "consolidate", "--energy-min-active-per-region", "2",
-               "--energy-min-dwell-s", str(dwell_s), "--energy-drain-confirm-s", "2",
-               "--energy-interval-s", "0.5"] if consolidate else ["--energy-mode", "off"])
-    args = ["--cpus", str(cpus), "--power-source", "model", *energy]
+    energy: dict[str, object] = (
+        {"energy_mode": "consolidate", "energy_min_active_per_region": 2,
+         "energy_min_dwell_s": float(dwell_s), "energy_drain_confirm_s": 2.0,
+         "energy_interval_s": 0.5} if consolidate else {"energy_mode": "off"})
+    node_settings = {"cpus": cpus, "power_source": "model", **energy}
     rng = random.Random(seed)
 
     async def joules(mesh: LocalMesh) -> float:
@@ -125,7 +126,7 @@ def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int, cpus: i
         return total
 
     with tempfile.TemporaryDirectory(prefix="bench-energy-") as d, \
-            LocalMesh(Path(d), REAL_NODES, regions=["eu-west"], node_args=args,
+            LocalMesh(Path(d), REAL_NODES, regions=["eu-west"], node_settings=node_settings,
                       http=False) as mesh:
         client = meshscale.connect(mesh.nodes[0].address, bundle=mesh.bundle_path,
                                    timeout=120)

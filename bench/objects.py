@@ -420,9 +420,9 @@ async def wait_warm(mesh: LocalMesh, timeout_s: float = 60) -> None:
             await c.close()
 
 
-def run_mesh(directory: Path, work: Any, node_args: list[str] | None = None) -> Any:
+def run_mesh(directory: Path, work: Any, node_settings: dict[str, Any] | None = None) -> Any:
     mesh = LocalMesh(directory, 4, regions=["eu-west", "us-east", "ap-south"],
-                     node_args=node_args)
+                     node_settings=node_settings)
     mesh.start()
     try:
         mesh.wait_converged(60)
@@ -648,7 +648,7 @@ async def _restart(mesh: LocalMesh, ids: list[str]) -> float:
     node.proc.wait()
     creds = mesh.credentials()
     oid = ids[len(ids) // 2]
-    cmd = node_command(node, [mesh.nodes[0].address], "", mesh.node_args)
+    cmd = node_command(node, [mesh.nodes[0].address], "", mesh.node_settings)
     t0 = time.perf_counter()
     node.proc = spawn_node(cmd, node.log_path)
     c = RpcConnection(node.address, creds, 5, connect_timeout=1)
@@ -831,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         res.update(asyncio.run(measure(mesh, args.quick)))
         with tempfile.TemporaryDirectory(prefix="meshscale-bench-") as d2:
             small = run_mesh(Path(d2), lambda plain: asyncio.run(
-                measure_small_pair(mesh, plain, args.quick)), node_args=["--no-audit"])
+                measure_small_pair(mesh, plain, args.quick)), node_settings={"no_audit": True})
         EXTRA["small_put_audited_p50_ms"] = small.pop("small_put_audited_p50_ms")
         res.update(small)
         rr = asyncio.run(rereplicate(mesh, args.quick))

@@ -134,7 +134,7 @@ def run(quick: bool) -> dict[str, Any]:
     n_slow = 800 if quick else 2_000
     with tempfile.TemporaryDirectory(prefix="meshscale-bench-streams-") as tmp:
         mesh = LocalMesh(Path(tmp), 3, regions=["r1"],
-                         node_args=["--stream-max-backlog", str(BACKLOG)])
+                         node_settings={"stream_max_backlog": BACKLOG})
         mesh.start()
         try:
             mesh.wait_converged(60)

@@ -145,7 +145,10 @@ def digest_and_work(blob: Any, work_s: float) -> int:
 
 def meshscale_node_name() -> str:
     """The meshscale node this worker runs under: ``MESHSCALE_NODE`` if the runtime sets it,
-    otherwise the ``--name`` of the nearest ``meshscale node start`` ancestor process."""
+    otherwise the ``--name`` of the nearest ``meshscale node start`` ancestor process, or
+    for the nearest ``agent_main --config DIR/NAME.toml`` one (how LocalMesh starts its
+    nodes: the file is named after the node, and a worker may not be allowed to read it)
+    its NAME."""
     name = os.environ.get("MESHSCALE_NODE")
     if name:
         return name
@@ -155,6 +158,8 @@ def meshscale_node_name() -> str:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if b"--name" in argv:
                 return argv[argv.index(b"--name") + 1].decode()
+            if b"meshscale.runtime.agent_main" in argv and b"--config" in argv:
+                return Path(argv[argv.index(b"--config") + 1].decode()).stem
             stat = Path(f"/proc/{pid}/stat").read_text()
             pid = int(stat.rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
@@ -302,7 +307,7 @@ def run_map(n: int, out: dict[str, Any]) -> None:
     from meshscale.runtime.launcher import LocalMesh
 
     with tempfile.TemporaryDirectory(prefix="bench-map-") as tmp:
-        lm = LocalMesh(Path(tmp), MAP_NODES, http=False, node_args=["--cpus", "1"])
+        lm = LocalMesh(Path(tmp), MAP_NODES, http=False, node_settings={"cpus": 1})
         try:
             lm.start()
             lm.wait_converged(60)

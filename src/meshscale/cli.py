@@ -18,6 +18,7 @@ a bundle, a file), 78 a removed node's ``node start``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import sys
@@ -385,20 +386,47 @@ def _parse_addr(value: str, flag: str) -> str:
         raise CliError(str(e)) from None
 
 
-@node_app.command(
-    "start",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                      "help_option_names": []},
-    add_help_option=False,
-)
-def node_start_cmd(ctx: typer.Context) -> None:
+def node_start_cmd(config: Path | None = None, **flags: Any) -> None:
     """Run a node in the foreground (JSON log lines on stderr); SIGTERM/SIGINT leave
-    gracefully. `meshscale node start --help` lists the flags."""
-    from meshscale.runtime.agent_main import run
+    gracefully. Every setting can also be given in a --config file; flags override it."""
+    from meshscale.runtime.agent_main import BY_KEY, StartError, merge, parse_labels, start
 
-    code = run(ctx.args)
-    if code:
-        raise typer.Exit(code)
+    try:
+        given = {key: parse_labels(value, BY_KEY[key].option)
+                 if BY_KEY[key].kind == "table" and value else value
+                 for key, value in flags.items()}
+        start(merge(given, config))
+    except StartError as e:
+        raise CliError(str(e), e.exit_code) from None
+
+
+def _node_start_signature() -> inspect.Signature:
+    """``node start``'s options, one per entry of agent_main's ``OPTIONS`` (its flag,
+    type and help), plus ``--config``: typer reads them from this signature."""
+    from meshscale.runtime.agent_main import OPTIONS
+
+    kinds: dict[str, Any] = {"str": str, "path": Path, "int": int, "float": float,
+                             "list": list[str], "table": list[str]}
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("config", keyword, default=None, annotation=Annotated[
+        Path | None, typer.Option("--config", metavar="FILE", help="TOML file with any of "
+                                  "the settings below (`meshscale node config-example` "
+                                  "prints one); flags override it.")])]
+    for o in OPTIONS:
+        if o.kind == "bool":
+            params.append(inspect.Parameter(o.key, keyword, default=False, annotation=Annotated[
+                bool, typer.Option(o.option, help=o.help)]))
+            continue
+        more = " Repeat." if o.kind in ("list", "table") else ""
+        if o.default not in (None, "", [], {}):  # None here: the flag was not given
+            more += f"  [default: {o.default}]"
+        params.append(inspect.Parameter(o.key, keyword, default=None, annotation=Annotated[
+            kinds[o.kind] | None, typer.Option(o.option, help=o.help + more)]))
+    return inspect.Signature(params)
+
+
+node_start_cmd.__signature__ = _node_start_signature()  # type: ignore[attr-defined]
+node_app.command("start")(node_start_cmd)
 
 
 @node_app.command("config-example")
@@ -684,7 +712,7 @@ def up_cmd(
 
     try:
         mesh = LocalMesh(path, nodes, regions=region_list, latency=table, base_port=base_port,
-                         node_args=["--metrics-public"] if metrics_public else None)
+                         node_settings={"metrics_public": True} if metrics_public else None)
     except (ValueError, OSError) as e:
         cleanup()
         raise CliError(str(e)) from None
@@ -748,17 +776,18 @@ def up_cmd(
 
 def _mesh_pids(mf: MeshFile) -> list[int]:
     """The node processes of a mesh.json that are still running as those nodes (a pid
-    counts only while its command line names the node's data dir: never a reused pid)."""
+    counts only while its command line names the node's config file, or for a mesh.json
+    that has none, its data dir: never a reused pid)."""
     out = []
     for n in mf.nodes:
-        pid, data_dir = n.get("pid"), n.get("data_dir")
-        if not isinstance(pid, int) or not isinstance(data_dir, str):
+        pid, named = n.get("pid"), n.get("config", n.get("data_dir"))
+        if not isinstance(pid, int) or not isinstance(named, str):
             continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if data_dir.encode() in cmdline:
+        if named.encode() in cmdline:
             out.append(pid)
     return out
 

@@ -3,7 +3,7 @@ command can take ``--mesh DIR/mesh.json`` (or ``MESHSCALE_MESH``) in place of
 ``--node HOST:PORT`` and ``--bundle DIR``.
 
     {"bundle": CLIENT_BUNDLE, "admin_bundle": ADMIN_BUNDLE, "temporary": bool,
-     "nodes": [{"name", "address", "http", "pid", "data_dir", "bundle", ...}, ...]}
+     "nodes": [{"name", "address", "http", "pid", "data_dir", "bundle", "config", ...}, ...]}
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from meshscale.runtime.launcher import LocalMesh
 pytestmark = pytest.mark.timeout(300)
 
 MESHSCALE = Path(sys.executable).parent / "meshscale"
-ARGS = ["--audit-head-interval-s", "0.3", "--audit-segment-bytes", "4096"]
+ARGS = {"audit_head_interval_s": 0.3, "audit_segment_bytes": 4096}
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -37,7 +37,7 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     with LocalMesh(tmp_path_factory.mktemp("audit"), 4,
-                   regions=["eu-west", "us-east", "ap-south"], node_args=ARGS) as m:
+                   regions=["eu-west", "us-east", "ap-south"], node_settings=ARGS) as m:
         yield m
 
 

@@ -164,16 +164,16 @@ def test_mode_off_publishes_nothing_until_an_operator_hold() -> None:
 
 def test_minimum_larger_than_the_region_is_refused_where_known(tmp_path: Path) -> None:
     # LocalMesh knows the whole topology: 4 nodes over two regions, 2 per region.
-    args = ["--energy-mode", "consolidate", "--energy-min-active-per-region", "3"]
+    args = {"energy_mode": "consolidate", "energy_min_active_per_region": 3}
     with pytest.raises(ValueError, match="energy_min_active_per_region: 3 is more than"):
-        LocalMesh(tmp_path, 4, node_args=args)
+        LocalMesh(tmp_path, 4, node_settings=args)
     with pytest.raises(ValueError, match=r"energy_min_active\.eu-west: 5 is more than"):
-        LocalMesh(tmp_path, 4, node_args=["--energy-mode", "consolidate",
-                                          "--energy-min-active", "eu-west=5"])
+        LocalMesh(tmp_path, 4, node_settings={"energy_mode": "consolidate",
+                                              "energy_min_active": {"eu-west": "5"}})
     with pytest.raises(ValueError, match="energy_headroom_fraction"):
-        LocalMesh(tmp_path, 4, node_args=[*args, "--energy-headroom-fraction", "2"])
-    LocalMesh(tmp_path, 6, node_args=args)  # three per region: fine
-    LocalMesh(tmp_path, 4, node_args=["--energy-min-active-per-region", "9"])  # mode off
+        LocalMesh(tmp_path, 4, node_settings={**args, "energy_headroom_fraction": 2.0})
+    LocalMesh(tmp_path, 6, node_settings=args)  # three per region: fine
+    LocalMesh(tmp_path, 4, node_settings={"energy_min_active_per_region": 9})  # mode off
 
 
 def test_a_node_says_once_when_its_region_is_below_the_minimum() -> None:

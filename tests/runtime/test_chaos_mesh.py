@@ -49,12 +49,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
         yield m
 
 
-def restart(node: NodeProcess, mesh: LocalMesh, extra: list[str] | None = None) -> None:
+def restart(node: NodeProcess, mesh: LocalMesh, extra: dict[str, Any] | None = None) -> None:
     if node.proc is not None and node.proc.poll() is None:
         node.proc.send_signal(signal.SIGCONT)
         node.proc.kill()
         node.proc.wait()
-    cmd = node_command(node, [mesh.nodes[0].address], "", extra or [])
+    cmd = node_command(node, [mesh.nodes[0].address], "", extra)
     # detach: the parent-death signal fires when the spawning *thread* ends, and the
     # nemesis thread ends before the checks (the mesh's exit still stops these nodes).
     node.proc = spawn_node(cmd, node.data_dir.parent / f"{node.name}-chaos.log", detach=True)
@@ -88,7 +88,7 @@ def nemesis(mesh: LocalMesh, rng: random.Random, stop: threading.Event,
             restart(node, mesh)
         else:
             log.append(f"{at} fill {node.name}'s disk for 6s")
-            restart(node, mesh, ["--disk-reserve-mb", str(1 << 40)])
+            restart(node, mesh, {"disk_reserve_mb": 1 << 40})
             stop.wait(6.0)
             restart(node, mesh)
 

@@ -115,7 +115,7 @@ def test_put_200_objects_kill_one_node_read_back_restore_rf_restart(mesh: LocalM
     # Restart the victim from the same data dir: it serves what it had.
     from meshscale.runtime.launcher import node_command, spawn_node
 
-    cmd = node_command(victim, [mesh.nodes[0].address], "", [])
+    cmd = node_command(victim, [mesh.nodes[0].address], "")
     victim.proc = spawn_node(cmd, victim.data_dir.parent / "node-3-restart.log")
 
     async def phase3() -> None:

@@ -56,7 +56,7 @@ async def sync_rounds(node: NodeProcess, creds: Any) -> int:
 
 
 def restart(mesh: LocalMesh, node: NodeProcess, tag: str) -> None:
-    cmd = node_command(node, [mesh.nodes[0].address], "", [])
+    cmd = node_command(node, [mesh.nodes[0].address], "")
     node.proc = spawn_node(cmd, node.data_dir.parent / f"{node.name}-{tag}.log")
 
 

@@ -47,7 +47,7 @@ def on_disk(mesh: LocalMesh, oid: str) -> set[str]:
             if any(True for _ in Path(n.data_dir, "store", "objects").rglob(oid))}
 
 
-def restart(mesh: LocalMesh, node: NodeProcess, extra: list[str], log: Path) -> None:
+def restart(mesh: LocalMesh, node: NodeProcess, extra: dict[str, Any], log: Path) -> None:
     assert node.proc is not None
     node.proc.kill()
     node.proc.wait()
@@ -107,7 +107,7 @@ def test_a_full_node_leaves_new_replica_sets_and_its_copies_stay(mesh: LocalMesh
         held = wait_for(lambda: {o for o in before if full.name in on_disk(mesh, o)}, 30,
                         "node-3 to hold some copies")
 
-        restart(mesh, full, ["--disk-reserve-mb", str(1 << 40)],
+        restart(mesh, full, {"disk_reserve_mb": 1 << 40},
                 full.data_dir.parent / f"{full.name}-full.log")
         wait_for(lambda: asyncio.run(_members_full(mesh, full.name)), 60,
                  "every node to see node-3 alive and full", poll=0.5)
@@ -142,7 +142,7 @@ def test_a_full_node_leaves_new_replica_sets_and_its_copies_stay(mesh: LocalMesh
         assert refused_towards(mesh, full.name) == refused
 
         # Room again: it takes the copies it lacks; the stand-ins drop theirs.
-        restart(mesh, full, [], full.data_dir.parent / f"{full.name}-room.log")
+        restart(mesh, full, {}, full.data_dir.parent / f"{full.name}-room.log")
         for oid in after:
             rule = {c.name for c in replica_set(oid, view, 3)}
             wait_for(lambda oid=oid, rule=rule: on_disk(mesh, oid) == rule, 120,

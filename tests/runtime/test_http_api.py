@@ -417,7 +417,7 @@ def test_metrics_public_flag(mesh: LocalMesh, tmp_path: Path) -> None:
     node = NodeProcess("solo", "eu-west", "eu-west-z1", port, tmp_path / "solo", bundle,
                        http_port=http_port)
     # Its disk is "full": a reserve larger than any disk (every write would be refused).
-    cmd = node_command(node, [], extra=["--metrics-public", "--disk-reserve-mb", str(1 << 40)])
+    cmd = node_command(node, [], extra={"metrics_public": True, "disk_reserve_mb": 1 << 40})
     proc = spawn_node(cmd, tmp_path / "solo.log")
     try:
         addr = str(node.http)

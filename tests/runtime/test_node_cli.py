@@ -65,7 +65,17 @@ def bundle(admin: Bundle, tmp_path: Path) -> Path:
         (["--advertise", "localhost:7946"],
          "must be an IP address, not a name (localhost resolves to 127.0.0.1)"),
         (["--bind", "localhost:0"], "--bind localhost:0: other nodes reach this one"),
-        (["--bogus-flag"], "bogus"),
+        (["--bogus-flag"], "No such option: --bogus-flag"),
+        (["--rpc-port", "7000"], "No such option: --rpc-port"),
+        (["--cpus", "notanint"], "Invalid value for '--cpus'"),
+        (["--idle-watts", "lots"], "Invalid value for '--idle-watts'"),
+        (["--cpus", "0"], "--cpus must be in 1..4096, not 0"),
+        (["--task-log-bytes", str(1 << 30)], "--task-log-bytes must be in 1..262144"),
+        (["--energy-min-active", "eu-west"], "invalid --energy-min-active 'eu-west'"),
+        (["--energy-min-active", "eu-west=many"],
+         "energy_min_active.eu-west: must be a whole"),
+        (["--region"], "Option '--region' requires an argument"),
+        (["extra-word"], "unexpected extra argument"),
         (["--idle-watts", "300", "--peak-watts", "200"], "idle_watts: 300 W is above peak_watts"),
         (["--idle-watts", "-1"], "idle_watts: must be finite and >= 0"),
         (["--standby-watts", "50", "--idle-watts", "20"], "standby_watts: 50 W is above"),
@@ -77,6 +87,109 @@ def bundle(admin: Bundle, tmp_path: Path) -> Path:
 def test_bad_flags(bundle: Path, tmp_path: Path, extra: list[str], needle: str) -> None:
     base = ["node", "start", "--name", "n1", "--data-dir", tmp_path / "d", "--bundle", bundle]
     assert needle in one_line_error(cli(*base, *extra))
+    assert not (tmp_path / "d").exists()  # refused before anything was made
+
+
+@pytest.mark.timeout(60)
+def test_help_lists_every_setting() -> None:
+    """`node start --help` is the same framework's help as every other command's, and its
+    options are agent_main's OPTIONS, every one of them."""
+    from meshscale.runtime.agent_main import OPTIONS
+
+    result = cli("node", "start", "--help")
+    assert result.returncode == 0 and result.stderr == "", result
+    assert result.stdout.startswith("Usage: meshscale node start [OPTIONS]")
+    flags = set(re.findall(r"^  (--[a-z0-9-]+)", result.stdout, re.MULTILINE))
+    assert {"--data-dir", "--region", "--power-source", "--label", "--config"} <= flags
+    assert flags == {o.option for o in OPTIONS} | {"--config", "--help"}
+    assert "[default: 127.0.0.1:7946]" in result.stdout  # --bind's default, from OPTIONS
+
+
+def test_flags_of_every_kind_over_the_file_over_the_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The typer command's values reach agent_main's merge typed as a file gives them;
+    a flag wins over the file, the file over the default; a flag not given (a bool
+    flag left off, a repeatable option not repeated) leaves the file's value."""
+    import meshscale.runtime.agent_main as agent_main
+    from meshscale.cli import main
+
+    got: list[agent_main.Settings] = []
+    monkeypatch.setattr(agent_main, "start", got.append)
+    monkeypatch.delenv("MESHSCALE_BUNDLE", raising=False)
+    conf = tmp_path / "node.toml"
+    conf.write_text('bundle = "b"\nregion = "us-east"\nzone = "z1"\ncpus = 3\n'
+                    'no_audit = true\njoin = ["10.0.0.1:7946"]\nidle_watts = 5\n'
+                    '[labels]\nsite = "file"\n')
+    assert main(["node", "start", "--config", str(conf), "--region", "eu-west",
+                 "--label", "gpu=a100", "--label", "rack=7", "--idle-watts", "7.5",
+                 "--data-dir", "rel/d", "--metrics-public", "--http", "127.0.0.1:0"]) == 0
+    s = got.pop().values
+    assert s["region"] == "eu-west" and s["zone"] == "z1"  # flag over file; file
+    assert s["labels"] == {"gpu": "a100", "rack": "7"}  # a table given replaces the file's
+    assert s["idle_watts"] == 7.5 and s["cpus"] == 3 and s["no_audit"] is True
+    assert s["join"] == ["10.0.0.1:7946"] and s["metrics_public"] is True
+    assert s["bundle"] == tmp_path / "b"  # relative to the file
+    assert s["data_dir"] == Path("rel/d")  # a flag's path is as given (the cwd's)
+    assert s["stream_max_backlog"] == 2000 and s["power_source"] == "auto"  # defaults
+    assert main(["node", "start", "--config", str(conf)]) == 0
+    assert got.pop().values["labels"] == {"site": "file"}
+    monkeypatch.setenv("MESHSCALE_BUNDLE", str(tmp_path / "env"))
+    assert main(["node", "start", "--data-dir", "d"]) == 0
+    assert got.pop().values["bundle"] == tmp_path / "env"  # env only where neither sets it
+    assert main(["node", "start", "--config", str(conf)]) == 0
+    assert got.pop().values["bundle"] == tmp_path / "b"
+
+
+LAUNCHER = [sys.executable, "-m", "meshscale.runtime.agent_main"]
+
+
+@pytest.mark.timeout(60)
+def test_the_lean_launcher_takes_a_config_file_only(bundle: Path, tmp_path: Path) -> None:
+    """`python -m meshscale.runtime.agent_main --config FILE` and nothing else: flags are
+    `meshscale node start`'s."""
+    conf = tmp_path / "node.toml"
+    conf.write_text(f'bundle = "{bundle}"\ndata_dir = "d"\ncpus = 0\n')
+    for argv in ([], ["--help"], ["--config"], ["--name", "n1"], ["--config=" + str(conf)],
+                 ["--config", str(conf), "--region", "x"], ["-c", str(conf)]):
+        result = subprocess.run([*LAUNCHER, *argv], capture_output=True, text=True,
+                                timeout=30)
+        line = one_line_error(result)
+        assert "usage: python -m meshscale.runtime.agent_main --config FILE" in line, argv
+    # The form it takes reads the file, with its checks: out of bounds is refused.
+    result = subprocess.run([*LAUNCHER, "--config", str(conf)], capture_output=True,
+                            text=True, timeout=30)
+    assert "--cpus must be in 1..4096, not 0" in one_line_error(result)
+    result = subprocess.run([*LAUNCHER, "--config", str(tmp_path / "none.toml")],
+                            capture_output=True, text=True, timeout=30)
+    assert "cannot read" in one_line_error(result)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_local_mesh_node_loads_no_cli_framework(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LocalMesh's nodes run from a config file through the lean launcher: the node
+    process never imports typer, click or rich (~12 MB of RSS each). Python's own import
+    log (-X importtime, on stderr, in the node's log) says what it imported."""
+    from meshscale.runtime.launcher import LocalMesh
+
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    mesh = LocalMesh(tmp_path / "mesh", 1, http=True, node_settings={"cpus": 1})
+    with mesh:
+        node = mesh.nodes[0]
+        config = node.config_path.read_text()
+        assert 'name = "node-0"' in config and "cpus = 1" in config
+        assert node.proc is not None and node.proc.args[-2:] == ["--config",
+                                                                  str(node.config_path)]
+    assert node.log_path is not None
+    imported = {line.rpartition("|")[2].strip() for line in node.log_path.read_text()
+                .splitlines() if line.startswith("import time:")}
+    assert {"meshscale.runtime.node", "tomllib"} <= imported  # the log can tell
+    framework = {m for m in imported if m.split(".")[0] in {"typer", "click", "rich",
+                                                            "pydantic"}}
+    assert not framework, sorted(framework)
 
 
 @pytest.mark.timeout(60)
@@ -254,3 +367,33 @@ def test_stream_message_decoding() -> None:
         with pytest.raises(WireError) as e:
             decode_stream_message(data, 1024)
         assert e.value.reason == reason
+
+
+def test_node_config_files_round_trip_and_bad_settings_are_refused(tmp_path: Path) -> None:
+    """What LocalMesh writes for a node reads back as given (any string: quotes,
+    backslashes, newlines, DEL, non-ASCII; table keys that are no bare TOML key), and a
+    setting that is not one, or of the wrong type or out of bounds, is refused before
+    any node starts."""
+    import tomllib
+
+    from meshscale.runtime.agent_main import StartError, read_config, to_toml
+    from meshscale.runtime.launcher import LocalMesh
+
+    odd = 'a "q" \\ b\nc\td\x7f é 😀'
+    values = {"region": odd, "cpus": 3, "idle_watts": 1e-05, "no_audit": True,
+              "join": ["10.0.0.1:7946", odd], "labels": {"a.b c": odd, "": "empty key"},
+              "energy_min_active": {"eu-west": "2"}, "data_dir": str(tmp_path / "d")}
+    text = to_toml(values)
+    assert tomllib.loads(text) == values
+    conf = tmp_path / "node.toml"
+    conf.write_text(text)
+    assert read_config(conf)["labels"] == values["labels"]
+    with pytest.raises(StartError, match="unknown key 'rpc_port'"):
+        to_toml({"rpc_port": 1})
+    for bad, needle in (({"rpc_port": 1}, "unknown key 'rpc_port'"),
+                        ({"cpus": "2"}, "'cpus' must be an integer, not str"),
+                        ({"no_audit": 1}, "'no_audit' must be true or false"),
+                        ({"cpus": 0}, "--cpus must be in 1..4096, not 0")):
+        with pytest.raises(ValueError, match=needle):
+            LocalMesh(tmp_path / "m", 2, node_settings=bad)
+    assert not (tmp_path / "m").exists()

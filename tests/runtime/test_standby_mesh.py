@@ -32,15 +32,15 @@ from meshscale.runtime.launcher import LocalMesh, children_of
 
 pytestmark = pytest.mark.timeout(420)
 
-ENERGY = ["--energy-mode", "consolidate", "--energy-min-active-per-region", "3",
-          "--energy-min-dwell-s", "3", "--energy-drain-confirm-s", "2",
-          "--energy-interval-s", "0.5", "--cpus", "1"]
+ENERGY = {"energy_mode": "consolidate", "energy_min_active_per_region": 3,
+          "energy_min_dwell_s": 3.0, "energy_drain_confirm_s": 2.0,
+          "energy_interval_s": 0.5, "cpus": 1}
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     with LocalMesh(tmp_path_factory.mktemp("standby"), 6, regions=["eu-west"],
-                   node_args=ENERGY, http=False) as m:
+                   node_settings=ENERGY, http=False) as m:
         yield m
 
 

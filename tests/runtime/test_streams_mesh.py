@@ -29,7 +29,7 @@ BACKLOG = 200
 
 
 def local_mesh(path: Path, n: int) -> LocalMesh:
-    return LocalMesh(path, n, regions=["a", "b"], node_args=["--stream-max-backlog", str(BACKLOG)])
+    return LocalMesh(path, n, regions=["a", "b"], node_settings={"stream_max_backlog": BACKLOG})
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_entry_node_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
         # reused under the old shard's checkpoint).
         from meshscale.runtime.launcher import node_command, spawn_node
 
-        cmd = node_command(entry, [m.nodes[0].address], "", [])
+        cmd = node_command(entry, [m.nodes[0].address], "")
         entry.proc = spawn_node(cmd, entry.data_dir.parent / "node-2-restart.log")
         again = wait_for(lambda: connect(entry.address, bundle=m.bundle_path), 60,
                          "the restarted node to answer", poll=0.2, retry=(MeshError,))

@@ -60,8 +60,8 @@ def hog(mb: int) -> int:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     with LocalMesh(tmp_path_factory.mktemp("limits"), 2, http=False,
-                   node_args=["--task-timeout-s", "2", "--task-memory-mb", "128",
-                              "--cpus", str(SLOTS_PER_NODE)]) as m:
+                   node_settings={"task_timeout_s": 2, "task_memory_mb": 128,
+                                  "cpus": SLOTS_PER_NODE}) as m:
         yield m
 
 
@@ -120,7 +120,7 @@ def rooted() -> Iterator[LocalMesh]:
         pytest.skip("workers run as another user, in cgroups, only when the agent is root; "
                     "run as root to include this test")
     with host_like_dir("meshscale-isolation-") as directory, \
-            LocalMesh(directory, 2, http=False, node_args=["--cpus", "2"]) as m:
+            LocalMesh(directory, 2, http=False, node_settings={"cpus": 2}) as m:
         yield m
 
 

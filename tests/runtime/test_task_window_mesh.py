@@ -28,8 +28,8 @@ def square(x: int) -> int:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     with LocalMesh(tmp_path_factory.mktemp("window"), 3, http=False,
-                   node_args=["--max-pending-tasks", str(MAX_PENDING),
-                              "--max-task-records", str(MAX_RECORDS), "--cpus", "2"]) as m:
+                   node_settings={"max_pending_tasks": MAX_PENDING,
+                                  "max_task_records": MAX_RECORDS, "cpus": 2}) as m:
         yield m
 
 

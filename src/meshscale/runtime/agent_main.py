@@ -1,15 +1,16 @@
 """``meshscale node start``: the node's settings, from a TOML file and flags, and the agent.
 
 Every setting is declared once, in ``OPTIONS``: its flag, its key in the config file, its
-type, default and help. From that one table come the argparse flags, the checks of a
-``--config node.toml`` file (read with the standard library's ``tomllib``) and the
+type, default and help. From that one table come the options of ``meshscale node start``
+(typer, in ``cli.py``), the checks of a ``--config node.toml`` file (read with the
+standard library's ``tomllib``), the files ``LocalMesh`` writes (``to_toml``) and the
 commented example that ``meshscale node config-example`` prints. Flags override the file;
-the file overrides the defaults.
+the file overrides the defaults (``merge``).
 
-``python -m meshscale.runtime.agent_main FLAGS`` runs a node without loading the CLI
-framework (typer, click, rich and pydantic: ~12 MB of RSS per node process).
-``meshscale node start`` in ``cli.py`` passes its arguments through to ``run``;
-``LocalMesh`` (``meshscale up``, the demo, the tests) starts nodes here directly.
+``python -m meshscale.runtime.agent_main --config FILE`` (exactly that, no flags) runs a
+node without loading the CLI framework (typer, click, rich and pydantic: ~12 MB of RSS
+per node process); ``LocalMesh`` (``meshscale up``, the demo, the tests) starts its nodes
+this way, with a config file per node.
 
 Bad input (a flag, a config key or value, a bundle) gets one line on stderr
 (``meshscale: error: ...``) and exit code 2; a port that cannot be bound or a store that
@@ -18,16 +19,17 @@ cannot be opened exits 1; a node that was removed from the mesh exits 78.
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 PROG = "meshscale"
+LAUNCHER_USAGE = "python -m meshscale.runtime.agent_main --config FILE"
 BUNDLE_ENV = "MESHSCALE_BUNDLE"
 USAGE_EXIT = 2
 EXIT_REMOVED = 78
@@ -183,30 +185,6 @@ BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise StartError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Flags from ``OPTIONS``; every default is None, so what was given is known."""
-    p = _Parser(prog=f"{PROG} node start", description="Run a node in the foreground (JSON "
-                "log lines on stderr); SIGTERM/SIGINT leave gracefully.",
-                argument_default=None)
-    p.add_argument("--config", type=Path, help="TOML file with any of the settings below "
-                   "(`meshscale node config-example` prints one); flags override it.")
-    for o in OPTIONS:
-        dest = o.key
-        if o.kind == "bool":
-            p.add_argument(o.option, dest=dest, action="store_true", default=None, help=o.help)
-        elif o.kind in ("list", "table"):
-            p.add_argument(o.option, dest=dest, action="append", help=o.help + " Repeat.")
-        else:
-            conv: Any = {"path": Path, "int": int, "float": float}.get(o.kind, str)
-            p.add_argument(o.option, dest=dest, type=conv, help=o.help)
-    return p
-
-
 def _type_ok(o: Option, value: Any) -> bool:
     if o.kind in ("str", "path"):
         return isinstance(value, str)
@@ -226,6 +204,18 @@ _KIND_NAMES = {"str": "a string", "path": "a path (string)", "int": "an integer"
                "table": "a table of strings"}
 
 
+def check_value(key: str, value: Any, where: str) -> None:
+    """``StartError`` (``where: ...``) unless ``key`` is a setting and ``value`` has its
+    type as a TOML file would give it."""
+    o = BY_KEY.get(key)
+    if o is None:
+        raise StartError(f"{where}: unknown key {key!r} (`meshscale node config-example` "
+                         "lists every key)")
+    if not _type_ok(o, value):
+        raise StartError(f"{where}: {key!r} must be {_KIND_NAMES[o.kind]}, not "
+                         f"{type(value).__name__}")
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """The settings in a TOML file, checked against ``OPTIONS``; ``StartError`` naming
     the file and the key for an unknown key or a wrong type."""
@@ -242,14 +232,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise StartError(f"--config {path}: not valid TOML: {e}") from None
     out: dict[str, Any] = {}
     for key, value in data.items():
-        o = BY_KEY.get(key)
-        if o is None:
-            raise StartError(f"--config {path}: unknown key {key!r} (`meshscale node "
-                             "config-example` lists every key)")
-        if not _type_ok(o, value):
-            raise StartError(f"--config {path}: {key!r} must be {_KIND_NAMES[o.kind]}, "
-                             f"not {type(value).__name__}")
-        if o.kind == "path":
+        check_value(key, value, f"--config {path}")
+        if BY_KEY[key].kind == "path":
             # Relative paths in a file are relative to the file, as in systemd and Nomad.
             value = (Path(path).parent / Path(value).expanduser()).resolve()
         out[key] = value
@@ -269,22 +253,20 @@ class Settings:
             raise AttributeError(key) from None
 
 
-def settings(argv: Sequence[str]) -> Settings:
-    """Parse the flags and the ``--config`` file: flags over the file over defaults."""
-    args = build_parser().parse_args(list(argv))
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
-    from_file = read_config(args.config) if args.config is not None else {}
+def merge(given: Mapping[str, Any], config: Path | None = None) -> Settings:
+    """A node's settings: ``given`` (what the flags set, already parsed: a table as a
+    dict, a bool flag only when set) over the ``config`` file over the defaults, then
+    ``MESHSCALE_BUNDLE`` for a bundle neither sets, then the bounds. ``StartError``."""
+    from_file = read_config(config) if config is not None else {}
     values: dict[str, Any] = {}
     for o in OPTIONS:
-        if o.key in given:
-            value = given[o.key]
-            if o.kind == "table":
-                value = parse_labels(value)
+        flag = given.get(o.key)
+        if flag is not None and flag is not False and flag != []:
+            values[o.key] = flag
         elif o.key in from_file:
-            value = from_file[o.key]
+            values[o.key] = from_file[o.key]
         else:
-            value = o.default
-        values[o.key] = value
+            values[o.key] = o.default
     if values["bundle"] is None and os.environ.get(BUNDLE_ENV):
         values["bundle"] = Path(os.environ[BUNDLE_ENV])
     for key, (lo, hi) in BOUNDS.items():
@@ -315,6 +297,22 @@ def config_example() -> str:
     return "\n".join(lines)
 
 
+def to_toml(values: Mapping[str, Any]) -> str:
+    """A node config file setting ``values`` (keys of ``OPTIONS``, each checked as
+    ``read_config`` would; paths as strings or ``Path``), for ``--config``."""
+    lines: list[str] = []
+    tables: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, Path):
+            value = str(value)
+        check_value(key, value, "node settings")
+        if BY_KEY[key].kind == "table":
+            tables += ["", f"[{key}]"] + [f"{_toml(k)} = {_toml(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{key} = {_toml(value)}")
+    return "\n".join([*lines, *tables, ""])
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -322,8 +320,8 @@ def _toml(value: Any) -> str:
         return str(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    # A JSON string is a TOML basic string, once DEL (which JSON leaves) is escaped.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _wrap(text: str, width: int = 86) -> list[str]:
@@ -383,12 +381,13 @@ def is_loopback(addr: str) -> bool:
         return False
 
 
-def parse_labels(labels: Sequence[str] | None) -> dict[str, str]:
+def parse_labels(labels: Sequence[str] | None, flag: str = "--label") -> dict[str, str]:
+    """``KEY=VALUE`` items (``--label``, or another table option's ``flag``) as a dict."""
     out: dict[str, str] = {}
     for item in labels or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise StartError(f"invalid --label {item!r}: use KEY=VALUE")
+            raise StartError(f"invalid {flag} {item!r}: use KEY=VALUE")
         out[key.strip()] = value.strip()
     return out
 
@@ -450,10 +449,9 @@ def energy_settings(s: Settings) -> Any:
                             interval_s=float(s.energy_interval_s))
 
 
-def start(argv: Sequence[str]) -> None:
-    """Parse ``argv`` (the flags after ``node start``), build the agent and run it until
-    SIGTERM/SIGINT. Raises ``StartError``."""
-    s = settings(argv)
+def start(s: Settings) -> None:
+    """Build the agent of settings ``s`` (``merge``) and run it until SIGTERM/SIGINT.
+    Raises ``StartError``."""
     from meshscale.core.membership import NodeMeta
     from meshscale.runtime.config import AuditConfig
     from meshscale.runtime.identity import IdentityError, start_identity
@@ -552,17 +550,24 @@ def start(argv: Sequence[str]) -> None:
         raise StartError(f"cannot listen on {where}: {e.strerror or e}", exit_code=1) from None
 
 
+def error_line(e: StartError) -> str:
+    """The one line ``e`` is reported as (without the ``meshscale: error:`` prefix)."""
+    return " ".join(str(e).split())
+
+
 def run(argv: Sequence[str]) -> int:
-    """``start`` with its errors as one line on stderr; returns the exit code."""
+    """The lean launcher: ``argv`` must be exactly ``--config FILE`` (flags are
+    ``meshscale node start``'s). Runs the node; errors are one line on stderr; returns
+    the exit code."""
     try:
-        start(argv)
+        if len(argv) != 2 or argv[0] != "--config" or not argv[1]:
+            raise StartError(f"usage: {LAUNCHER_USAGE} (this launcher takes a config file "
+                             "only; `meshscale node start` takes flags)")
+        start(merge({}, Path(argv[1])))
     except StartError as e:
-        message = " ".join(str(e).split())
-        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.stderr.write(f"{PROG}: error: {error_line(e)}\n")
         sys.stderr.flush()
         return e.exit_code
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         return 130
     return 0

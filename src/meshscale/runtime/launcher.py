@@ -2,9 +2,10 @@
 
 ``LocalMesh`` makes a throw-away admin bundle (``admin/``), a node bundle per node
 (``bundles/node-i``), an admin client bundle (``client/``, what users of this mesh connect
-with) and one data dir per node under its directory, spawns ``python -m meshscale node
-start`` per node (node 0 is the seed the others join;
-node i listens on base_port + i, UDP and TCP, and serves HTTP on a second run of free
+with) and one data dir per node under its directory, writes a config file per node
+(``nodes/node-i.toml``) and runs ``python -m meshscale.runtime.agent_main --config`` on
+it (the agent without the CLI framework; node 0 is the seed the others join; node i
+listens on base_port + i, UDP and TCP, and serves HTTP on a second run of free
 ports, http_base + i), waits until every node sees every other alive, and writes
 ``mesh.json`` (each node's address and HTTP address). ``stop()`` sends SIGTERM to every
 node it started, waits, then SIGKILLs stragglers. Children run in their own session (a Ctrl-C in the terminal
@@ -23,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,11 @@ class NodeProcess:
         return f"{HOST}:{self.port}"
 
     @property
+    def config_path(self) -> Path:
+        """The node's config file, beside its data dir (``node_command`` writes it)."""
+        return self.data_dir.parent / f"{self.name}.toml"
+
+    @property
     def http(self) -> str | None:
         """HOST:PORT of the node's HTTP API and dashboard, if it serves one."""
         return None if self.http_port is None else f"{HOST}:{self.http_port}"
@@ -80,6 +86,7 @@ class NodeProcess:
             "pid": self.proc.pid if self.proc is not None else None,
             "data_dir": str(self.data_dir),
             "bundle": str(self.bundle_dir),
+            "config": str(self.config_path.absolute()),
         }
 
 
@@ -123,34 +130,37 @@ def node_command(
     node: NodeProcess,
     seeds: list[str],
     latency: str = "",
-    extra: list[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    # The agent's own entry point: the same flags as `meshscale node start`, without
-    # loading the CLI framework into every node process.
-    cmd = [
-        sys.executable,
-        "-m",
-        "meshscale.runtime.agent_main",
-        "--name",
-        node.name,
-        "--region",
-        node.region,
-        "--zone",
-        node.zone,
-        "--bind",
-        node.address,
-        "--data-dir",
-        str(node.data_dir),
-        "--bundle",
-        str(node.bundle_dir),
-    ]
-    for seed in seeds:
-        cmd += ["--join", seed]
+    """Write ``node``'s config file (``config_path``: its name, region, zone, addresses,
+    data dir and bundle, ``seeds``, ``latency``, then the ``extra`` settings, keys of
+    agent_main's ``OPTIONS``) and return the command that runs it: the agent's own entry
+    point, which takes that file and no flags, so no node process loads the CLI
+    framework."""
+    from meshscale.runtime.agent_main import StartError, to_toml
+
+    values: dict[str, Any] = {
+        "name": node.name,
+        "region": node.region,
+        "zone": node.zone,
+        "bind": node.address,
+        "data_dir": str(node.data_dir.absolute()),
+        "bundle": str(node.bundle_dir.absolute()),
+        "join": list(seeds),
+    }
     if latency:
-        cmd += ["--latency", latency]
+        values["latency"] = [latency]
     if node.http is not None:
-        cmd += ["--http", node.http]
-    return cmd + list(extra or [])
+        values["http"] = node.http
+    values.update(extra or {})
+    try:
+        text = to_toml(values)
+    except StartError as e:
+        raise ValueError(str(e)) from None
+    node.config_path.parent.mkdir(parents=True, exist_ok=True)
+    node.config_path.write_text(text)
+    return [sys.executable, "-m", "meshscale.runtime.agent_main", "--config",
+            str(node.config_path.absolute())]
 
 
 def spawn_node(cmd: list[str], log_path: Path, *, detach: bool = False
@@ -202,7 +212,7 @@ class LocalMesh:
         regions: list[str] | None = None,
         latency: dict[RegionPair, float] | None = None,
         base_port: int = 0,
-        node_args: list[str] | None = None,
+        node_settings: Mapping[str, Any] | None = None,
         converge_timeout_s: float = 60.0,
         http: bool = True,
     ) -> None:
@@ -215,7 +225,9 @@ class LocalMesh:
         self.base_port = base_port or find_free_base_port(nodes)
         if not 1 <= self.base_port <= 65535 - nodes + 1:
             raise ValueError(f"--base-port {self.base_port} leaves no room for {nodes} nodes")
-        self.node_args = list(node_args or [])
+        self.node_settings = dict(node_settings or {})
+        """Settings every node gets (keys of agent_main's ``OPTIONS``, values as a TOML
+        file has them: ``{"cpus": 2, "no_audit": True}``), in its config file."""
         self.converge_timeout_s = converge_timeout_s
         # Node i serves HTTP on H+i, a second run of free ports.
         ports = range(self.base_port, self.base_port + nodes)
@@ -246,16 +258,19 @@ class LocalMesh:
         self._check_energy_minimums()
 
     def _check_energy_minimums(self) -> None:
-        """With consolidation asked for in ``node_args``: refuse minimums of active nodes
-        that this mesh's regions or zones cannot meet (``ValueError`` naming the key);
-        here, unlike at one node's start, the whole topology is known."""
-        if not any(a.startswith("--energy") for a in self.node_args):
-            return
+        """With consolidation asked for in ``node_settings``: refuse minimums of active
+        nodes that this mesh's regions or zones cannot meet (``ValueError`` naming the
+        key); here, unlike at one node's start, the whole topology is known. A bad
+        setting of any kind is refused here too."""
         from meshscale.core.capacity import CapacityConfigError, check_minimums
-        from meshscale.runtime.agent_main import StartError, energy_settings, settings
+        from meshscale.runtime.agent_main import StartError, energy_settings, merge, to_toml
 
         try:
-            cfg = energy_settings(settings(self.node_args)).config
+            to_toml(self.node_settings)
+            given = merge(self.node_settings)
+            if not any(k.startswith("energy") for k in self.node_settings):
+                return
+            cfg = energy_settings(given).config
         except StartError as e:
             raise ValueError(str(e)) from None
         if cfg.mode == "off":
@@ -295,7 +310,7 @@ class LocalMesh:
         seed = self.nodes[0].address
         spec = format_latency(self.latency)
         for i, node in enumerate(self.nodes):
-            cmd = node_command(node, [] if i == 0 else [seed], spec, self.node_args)
+            cmd = node_command(node, [] if i == 0 else [seed], spec, self.node_settings)
             node.log_path = node.data_dir.parent / f"{node.name}.log"
             node.proc = spawn_node(cmd, node.log_path, detach=detach)
         self.write_mesh_json()
