@@ -23,8 +23,12 @@ lint: venv
 sysdeps:
 	@scripts/system-deps
 
+# Two test processes (pytest-xdist), a test file's tests in one of them (module fixtures
+# start a mesh once); TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
+
 test: lint sysdeps
-	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/meshscale demo
