@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from meshscale.core.api.contract import Empty, Method, Request, ResidencyWire
-from meshscale.core.kv import MAX_KEY_BYTES, MAX_VALUE_BYTES
+from meshscale.core.kv import MAX_EXPECTED, MAX_KEY_BYTES, MAX_VALUE_BYTES
 
 __all__ = [
     "CORRUPT_LOCAL",
@@ -339,10 +339,18 @@ class ReplMsgRequest(Request):
 # ------------------------------------------------------------------ KV
 
 
+Version = Annotated[str, msgspec.Meta(max_length=MAX_TS_LENGTH)]
+"""An encoded HLC stamp, or "" (``core.kv.ABSENT``: no live value)."""
+Expected = Annotated[list[Version], msgspec.Meta(min_length=1, max_length=MAX_EXPECTED)]
+
+
 class KvPutRequest(Request):
     key: KvKey
     value: KvBytes
     consistency: ConsistencyName = "quorum"
+    expected: Expected | None = None
+    """A conditional put (``core.kv``, compare-and-swap): applied only where the key's
+    record is one of these versions; refused with ``conflict`` otherwise."""
 
 
 class KvKeyRequest(Request):
@@ -372,11 +380,17 @@ class KvApplyRequest(Request):
     ts: Stamp
     hint_for: Annotated[list[NodeName], msgspec.Meta(max_length=MAX_HINT_TARGETS)] = []
     """The replicas this node stands in for (``core.kv.KVHints``)."""
+    expected: Expected | None = None
+    """A conditional put's versions: apply only if this replica's record is one of them."""
 
 
-class KvApplyReply(msgspec.Struct):
+class KvApplyReply(msgspec.Struct, omit_defaults=True):
     applied: bool
-    """False: the replica had a newer record."""
+    """False: the replica had a newer record (or, ``conflict``, another version)."""
+    conflict: bool = False
+    """A conditional put refused: the replica's record is none of the expected ones."""
+    current: str | None = None
+    """With ``conflict``: the stamp of the replica's record (None: it has none)."""
 
 
 class KvReadRequest(Request):

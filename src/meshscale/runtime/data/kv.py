@@ -15,6 +15,7 @@ from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.api import objects as api
 from meshscale.core.hlc import ClockSkewError, HLCTimestamp
 from meshscale.core.kv import (
+    ABSENT,
     Consistency,
     HintDeleted,
     HintSend,
@@ -22,6 +23,7 @@ from meshscale.core.kv import (
     KVCoordinator,
     KVRecord,
     ScanPage,
+    cas_refusal,
     kv_placement,
     merge_scans,
 )
@@ -82,8 +84,18 @@ class KvStore(DataPlaneBase):
             return None
         return kv_residency(key, self.policies)
 
-    async def _kv_write(self, key: str, value: bytes | None, consistency: Consistency) -> str:
+    async def _kv_write(self, key: str, value: bytes | None, consistency: Consistency,
+                        expected: list[str] | None = None, _again: bool = False) -> str:
         rule = self._kv_rule(key)
+        if expected is not None:
+            # The write's stamp must be above every version it replaces (``for_cas``).
+            for e in expected:
+                if e != ABSENT:
+                    try:
+                        self.hlc.update(HLCTimestamp.decode(e), time.time())
+                    except ValueError as err:
+                        raise ApiError(ErrorCode.INVALID,
+                                       f"expected version {e!r:.80}: {err}") from None
         ts = self.hlc.now(time.time())
         rec = KVRecord(key, value, ts)
         try:
@@ -94,21 +106,45 @@ class KvStore(DataPlaneBase):
                 raise self._refuse("residency", f"kv write of {key!r}: {e}", subject=key,
                                    data_class=rule.data_class) from None
             raise ApiError(ErrorCode.REFUSED, f"kv write of {key!r} refused: {e}") from None
-        # A delete also goes to full members (it needs no room; it must beat their value).
-        coord = KVCoordinator.for_put(rec, where.replicas, consistency,
-                                      where.full if value is None else ())
-        apply = api.KvApplyRequest(key=key, value=value, ts=ts.encode())
+        if expected is not None:
+            why = cas_refusal(where, consistency)
+            if why is not None:
+                raise ApiError(ErrorCode.UNAVAILABLE, f"kv conditional put of {key!r}: {why}")
+            coord = KVCoordinator.for_cas(rec, where.replicas, consistency, expected)
+        else:
+            # A delete also goes to full members (it needs no room; it must beat their
+            # value).
+            coord = KVCoordinator.for_put(rec, where.replicas, consistency,
+                                          where.full if value is None else ())
+        apply = api.KvApplyRequest(key=key, value=value, ts=ts.encode(), expected=expected)
 
         async def ask(node: str) -> None:
             # A stand-in is told whom it stands in for (``KVHints``).
             targets = where.hint_targets(node)
             req = msgspec.structs.replace(apply, hint_for=list(targets)) if targets else apply
-            await self._call(node, api.KV_APPLY, req)
-            coord.on_reply(node, None)
+            got = await self._call(node, api.KV_APPLY, req)
+            if got.conflict:
+                coord.on_conflict(node, got.current)
+            else:
+                coord.on_reply(node, None)
 
-        await self._kv_round(coord, ask, reads=False)
+        # A conditional put waits for every replica: a refusal may name a residue to
+        # overwrite (``KVCoordinator.residues``).
+        await self._kv_round(coord, ask, reads=expected is not None)
+        if coord.outcome is not None and coord.outcome.ok and expected is not None \
+                and not _again:
+            residues = coord.residues()
+            if residues:
+                self._count("kv_cas_residues_overwritten", len(residues))
+                with contextlib.suppress(ApiError):
+                    return await self._kv_write(key, value, consistency,
+                                                [ts.encode(), *residues], _again=True)
         if coord.outcome is None or not coord.outcome.ok:
             reason = coord.outcome.reason if coord.outcome else "no outcome"
+            if coord.outcome is not None and coord.outcome.conflict:
+                self._count("kv_cas_conflicts")
+                raise ApiError(ErrorCode.CONFLICT,
+                               f"kv conditional put of {key!r} refused: {reason}")
             raise ApiError(ErrorCode.UNAVAILABLE, f"kv write of {key!r} failed: {reason}")
         return ts.encode()
 
@@ -151,7 +187,8 @@ class KvStore(DataPlaneBase):
                                               f"bytes (MAX_KV_VALUE_BYTES); this one is "
                                               f"{len(req.value)}")
         return api.KvWriteReply(ts=await self._kv_write(key, req.value,
-                                                        Consistency(req.consistency)))
+                                                        Consistency(req.consistency),
+                                                        req.expected))
 
     async def _rpc_kv_delete(self, req: api.KvKeyRequest) -> api.KvWriteReply:
         return api.KvWriteReply(ts=await self._kv_write(_kv_key(req.key, write=True), None,
@@ -218,7 +255,15 @@ class KvStore(DataPlaneBase):
             raise ApiError(ErrorCode.BUSY, f"hints_full: this node holds hints for "
                                            f"{self.cfg.kv_hints.max_hints} keys (max_hints)")
         try:
-            applied = await asyncio.to_thread(self.store.kv_put, key, req.value, ts, targets, now)
+            if req.expected is not None:
+                applied, current = await asyncio.to_thread(
+                    self.store.kv_put_if, key, req.value, ts, req.expected, targets, now)
+                if not applied:
+                    self._count("kv_cas_refused")
+                    return api.KvApplyReply(applied=False, conflict=True, current=current)
+            else:
+                applied = await asyncio.to_thread(self.store.kv_put, key, req.value, ts,
+                                                  targets, now)
         except StorageError as e:
             raise _storage_error(e) from None
         if targets:
