@@ -28,6 +28,7 @@ __all__ = [
     "KV_PUT",
     "KV_READ",
     "KV_SCAN",
+    "KV_VERSIONS",
     "LIST",
     "LOCAL_LIST",
     "LOCAL_STAT",
@@ -404,6 +405,22 @@ class KvRecordWire(msgspec.Struct):
     ts: str
 
 
+class KvVersion(msgspec.Struct):
+    """One replica's record of a key (``kv.versions``)."""
+
+    node: str
+    ts: str | None = None
+    """None: the replica has no record."""
+    value: bytes | None = None
+
+
+class KvVersions(msgspec.Struct):
+    """Every replica's record of a key that answered (a quorum at least): for a reader of
+    conditional puts that decides on its own rule (``core.actors.pick_checkpoint``)."""
+
+    versions: list[KvVersion]
+
+
 class KvListRequest(Request):
     """Keys starting with ``prefix``, in key order, after ``after`` (``kv.list``; a
     replica's own records with ``kv.scan``)."""
@@ -466,9 +483,11 @@ KV_READ: Method[KvReadRequest, KvRecordWire | None] = Method(
     "kv.read", KvReadRequest, KvRecordWire | None)
 KV_LIST: Method[KvListRequest, KvPage] = Method("kv.list", KvListRequest, KvPage)
 KV_SCAN: Method[KvListRequest, KvPage] = Method("kv.scan", KvListRequest, KvPage)
+KV_VERSIONS: Method[KvKeyRequest, KvVersions] = Method("kv.versions", KvKeyRequest,
+                                                       KvVersions)
 
 METHODS: tuple[Method[Any, Any], ...] = (
     PUT_BEGIN, PUT_CHUNK, PUT_END, PUT_ABORT, PUT_SMALL, RW_BEGIN, RW_CHUNK, RW_END,
     RW_SMALL, READ, READ_LOCAL, LOCAL_STAT, LOCAL_LIST, STAT, LIST, DELETE, CORRUPT_LOCAL,
     DP_STATS, REPL_MSG, KV_PUT, KV_DELETE, KV_GET, KV_APPLY, KV_READ,
-    KV_LIST, KV_SCAN)
+    KV_LIST, KV_SCAN, KV_VERSIONS)

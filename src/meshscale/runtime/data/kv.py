@@ -231,6 +231,39 @@ class KvStore(DataPlaneBase):
             return api.KvValue()
         return api.KvValue(value=best.value, ts=best.ts.encode())
 
+    async def _rpc_kv_versions(self, req: api.KvKeyRequest) -> api.KvVersions:
+        """Each replica's own record of ``req.key`` (no merge, no read repair), once the
+        consistency level's count of them answered; for readers of conditional puts."""
+        key = req.key
+        rule = self._kv_rule(key)
+        if rule is not None and rule.data_class is not None:
+            why = read_refusal(self.agent.meta.region, rule.data_class, self.policies)
+            if why is not None:
+                raise self._refuse("cross_region_read", f"kv read of {key!r}: {why}",
+                                   subject=key, data_class=rule.data_class)
+        try:
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule)
+        except PlacementError as e:
+            raise ApiError(ErrorCode.REFUSED, f"kv read of {key!r} refused: {e}") from None
+        coord = KVCoordinator.for_get(key, where.replicas, Consistency(req.consistency))
+        read = api.KvReadRequest(key=key)
+        out: dict[str, api.KvVersion] = {}
+
+        async def ask(node: str) -> None:
+            got = await self._call(node, api.KV_READ, read)
+            if got is None:
+                out[node] = api.KvVersion(node=node)
+                coord.on_reply(node, None)
+                return
+            out[node] = api.KvVersion(node=node, ts=got.ts, value=got.value)
+            coord.on_reply(node, KVRecord(key, got.value, HLCTimestamp.decode(got.ts)))
+
+        await self._kv_round(coord, ask, reads=True)
+        if coord.outcome is None or not coord.outcome.ok:
+            reason = coord.outcome.reason if coord.outcome else "no outcome"
+            raise ApiError(ErrorCode.UNAVAILABLE, f"kv read of {key!r} failed: {reason}")
+        return api.KvVersions(versions=[out[n] for n in sorted(out)])
+
     async def _rpc_kv_apply(self, req: api.KvApplyRequest) -> api.KvApplyReply:
         """Take one replica's part of a KV write (a coordinator's, a read repair or a
         hand-off), with the hints ``KVHints.plan`` asks for stored in the same transaction

@@ -1,0 +1,101 @@
+"""Actors on real node processes (issue #22, ``core/actors.py``): a counter per key on a
+4-node mesh; keys spread over owners; the owner's node of one key is SIGKILLed and the
+next call, at a new owner, continues from the last checkpoint with no acknowledged
+increment lost; bad input is refused naming the rule."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from meshscale.client.mesh import MeshError
+from meshscale.client.services import ServiceCallError
+from meshscale.client.tasks import connect
+from meshscale.runtime.launcher import LocalMesh
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Counter:
+    """One counter per key; its state is the instance."""
+
+    def __init__(self, start: int) -> None:
+        self.count = start
+        self.history: list[int] = []
+
+    def incr(self, by: int = 1) -> int:
+        self.count += by
+        self.history.append(by)
+        return self.count
+
+    def get(self) -> int:
+        return self.count
+
+    def fail(self) -> None:
+        self.count += 1000  # not kept: a call that raises is not checkpointed
+        raise RuntimeError("no")
+
+    def grow(self, n: int) -> int:
+        self.history.extend([0] * n)
+        return len(self.history)
+
+
+def test_actor_state_moves_with_its_checkpoint_when_the_owner_dies(tmp_path: Path) -> None:
+    with LocalMesh(tmp_path, 4, http=False) as mesh:
+        c = connect(mesh.nodes[0].address, bundle=mesh.bundle_path, timeout=60.0)
+        try:
+            c.deploy_actor(Counter, "counter", 10)
+            owners: dict[str, str] = {}
+            acked: dict[str, int] = {}
+            for i in range(8):
+                key = f"k{i}"
+                h = c.actor("counter", key)
+                for _ in range(3):
+                    acked[key] = h.incr()
+                owners[key] = h.last_node
+                assert acked[key] == 13, (key, acked[key])
+            # Rendezvous spreads keys: more than one owner among 8 keys on 4 nodes.
+            assert len(set(owners.values())) > 1, owners
+            # A call that raises is not checkpointed; the next call sees the old state.
+            with pytest.raises(ServiceCallError) as err:
+                c.actor("counter", "k0").fail()
+            assert err.value.kind == "raised"
+            assert c.actor("counter", "k0").get() == 13
+            # A state over the bound fails that call, and the state stays as it was.
+            with pytest.raises(ServiceCallError) as err:
+                c.actor("counter", "k0").grow(300_000)
+            assert err.value.kind == "too-large" and "max_state_bytes" in str(err.value)
+            assert c.actor("counter", "k0").incr() == 14
+            acked["k0"] = 14
+            # Bad input: no key for an actor, a key for a plain service.
+            with pytest.raises(MeshError, match="is an actor"):
+                c.service("counter").get()
+            with pytest.raises(ValueError, match="MAX_ACTOR_KEY_CHARS"):
+                c.actor("counter", "x" * 300)
+
+            # Kill the owner of a key not owned by the node the client talks to.
+            key = next(k for k, o in owners.items() if o != mesh.nodes[0].name)
+            victim = next(n for n in mesh.nodes if n.name == owners[key])
+            assert victim.proc is not None
+            victim.proc.kill()
+            victim.proc.wait()
+            t_kill = time.monotonic()
+            h = c.actor("counter", key)
+            got = h.incr()
+            took = time.monotonic() - t_kill
+            assert got == acked[key] + 1, (got, acked[key])
+            assert h.last_node not in ("", victim.name)
+            print(f"first call after SIGKILL of {victim.name} answered by {h.last_node} "
+                  f"in {took:.2f}s")
+            for _ in range(3):
+                got = h.incr()
+            assert got == acked[key] + 4
+            # Every other key continues too (those the victim owned move, the rest stay).
+            for k, n in acked.items():
+                if k == key:
+                    continue
+                assert c.actor("counter", k).incr() == n + 1, k
+        finally:
+            c.close()
