@@ -18,6 +18,7 @@ from meshscale.core.kv import (
     KVRecord,
     cas_allows,
     cas_refusal,
+    strict_replicas,
 )
 
 
@@ -70,15 +71,23 @@ def test_conditional_put_checks_its_arguments() -> None:
     assert "a" not in plain.failures
 
 
-def test_strict_quorum_refusal() -> None:
+def test_strict_quorum_is_the_intended_set() -> None:
+    assert cas_refusal(Consistency.QUORUM) is None
+    assert "ONE" in (cas_refusal(Consistency.ONE) or "")
     ok = KVPlacement(("a", "b", "c"), ())
-    assert cas_refusal(ok, Consistency.QUORUM) is None
-    assert "ONE" in (cas_refusal(ok, Consistency.ONE) or "")
+    assert strict_replicas(ok) == (("a", "b", "c"), ())
+    # c is down: the write set has a stand-in d; the strict set is still a, b, c.
     sloppy = KVPlacement(("a", "b", "d"), (), ("a", "b", "c"))
-    why = cas_refusal(sloppy, Consistency.QUORUM)
-    assert why is not None and "strict quorum" in why and "c" in why
-    full = KVPlacement(("a", "b", "d"), ("c",))
-    assert cas_refusal(full, Consistency.ALL) is not None
+    assert strict_replicas(sloppy) == (("a", "b", "c"), ("c",))
+    full = KVPlacement(("a", "b", "d"), ("c",), ("a", "b", "c"))  # as kv_placement makes it
+    assert strict_replicas(full) == (("a", "b", "c"), ("c",))
+    # One of three down: QUORUM still reachable; two down: not.
+    coord = KVCoordinator.for_cas(rec(9), ("a", "b", "c"), Consistency.QUORUM,
+                                  [ts(5).encode()])
+    coord.on_failure("c", "down")
+    assert coord.outcome is None
+    coord.on_failure("b", "down")
+    assert coord.outcome is not None and not coord.outcome.ok
 
 
 def _race(seed: int, n: int, level: Consistency) -> list[bool]:

@@ -52,13 +52,14 @@ replica applies it only if its own current record is one of them (``cas_allows``
 atomically with the write) and otherwise answers *conflict* with its current stamp; the
 coordinator (``KVCoordinator``, ``expected`` set) succeeds on ``required`` applies and fails
 with ``conflict`` once too many replicas refused to reach it. A conditional put needs a
-counted level (QUORUM or ALL, never ONE) and a *strict* quorum: every member of the key's
-intended replica set live with room (``cas_refusal``), so no stand-in and no hint takes
-part. Its timestamp is above every expected stamp. What this gives, exactly:
+counted level (QUORUM or ALL, never ONE) and a *strict* quorum: it is sent to the key's
+intended replica set alone (``strict_replicas``: over the live and the down members of
+the view), a down or full member counting as a failure, so no stand-in and no hint takes
+part, and a QUORUM still succeeds with one of three replicas down. Its timestamp is above every expected stamp. What this gives, exactly:
 
 - Mutual exclusion. Two conditional puts of one key whose coordinators compute the same
   replica set of N nodes, neither naming the other's new stamp (so: concurrent ones),
-  cannot both succeed: each needs ``N // 2 + 1`` replicas to apply it, two majorities of
+  cannot both succeed: each needs ``N // 2 + 1`` replicas of the intended set to apply it, two majorities of
   one set share a replica, and that replica applies only the first of the two to arrive
   (after it, its record is a stamp the other does not name). This holds under any
   partition, loss or delay of messages, as long as the two coordinators agree on the
@@ -121,6 +122,7 @@ __all__ = [
     "lww_merge",
     "merge_optional",
     "merge_scans",
+    "strict_replicas",
 ]
 
 KV_NAMESPACE = "kv\0"
@@ -162,18 +164,20 @@ def cas_matches(stamp: str | None, live: bool, expected: Iterable[str]) -> bool:
     return (stamp is not None and stamp in names) or (ABSENT in names and not live)
 
 
-def cas_refusal(where: KVPlacement, consistency: Consistency) -> str | None:
-    """Why a conditional put cannot run on ``where`` (None: it can): it needs a counted
-    level and every intended replica of the key live with room (a strict quorum, see the
-    module docstring)."""
+def cas_refusal(consistency: Consistency) -> str | None:
+    """Why a conditional put cannot run at ``consistency`` (None: it can)."""
     if consistency is Consistency.ONE:
         return "a conditional put needs consistency QUORUM or ALL, not ONE"
-    missing = [n for n in where.intended if n not in where.replicas]
-    if missing or where.full:
-        away = sorted(set(missing) | set(where.full))
-        return (f"a conditional put needs a strict quorum: the key's replica(s) "
-                f"{', '.join(away)} are down or full, and no stand-in may take part")
     return None
+
+
+def strict_replicas(where: KVPlacement) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A strict quorum for a conditional put, or a read for one: the key's *intended*
+    replica set (over the live and the down members of the view, never a stand-in), and
+    those of it that cannot take part now (down, or full for a value): the driver reports
+    them as failed at once, so the level counts the whole intended set."""
+    away = tuple(n for n in where.intended if n not in where.replicas or n in where.full)
+    return where.intended, away
 
 
 def lww_merge(a: KVRecord, b: KVRecord) -> KVRecord:

@@ -26,6 +26,7 @@ from meshscale.core.kv import (
     cas_refusal,
     kv_placement,
     merge_scans,
+    strict_replicas,
 )
 from meshscale.core.placement import PlacementError, Residency
 from meshscale.core.policy import (
@@ -106,11 +107,15 @@ class KvStore(DataPlaneBase):
                 raise self._refuse("residency", f"kv write of {key!r}: {e}", subject=key,
                                    data_class=rule.data_class) from None
             raise ApiError(ErrorCode.REFUSED, f"kv write of {key!r} refused: {e}") from None
+        away: tuple[str, ...] = ()
         if expected is not None:
-            why = cas_refusal(where, consistency)
+            why = cas_refusal(consistency)
             if why is not None:
-                raise ApiError(ErrorCode.UNAVAILABLE, f"kv conditional put of {key!r}: {why}")
-            coord = KVCoordinator.for_cas(rec, where.replicas, consistency, expected)
+                raise ApiError(ErrorCode.INVALID, f"kv conditional put of {key!r}: {why}")
+            strict, away = strict_replicas(where)
+            coord = KVCoordinator.for_cas(rec, strict, consistency, expected)
+            for n in away:
+                coord.on_failure(n, "down or full (a conditional put takes no stand-in)")
         else:
             # A delete also goes to full members (it needs no room; it must beat their
             # value).
@@ -119,6 +124,8 @@ class KvStore(DataPlaneBase):
         apply = api.KvApplyRequest(key=key, value=value, ts=ts.encode(), expected=expected)
 
         async def ask(node: str) -> None:
+            if node in away:
+                return
             # A stand-in is told whom it stands in for (``KVHints``).
             targets = where.hint_targets(node)
             req = msgspec.structs.replace(apply, hint_for=list(targets)) if targets else apply
@@ -242,14 +249,22 @@ class KvStore(DataPlaneBase):
                 raise self._refuse("cross_region_read", f"kv read of {key!r}: {why}",
                                    subject=key, data_class=rule.data_class)
         try:
-            where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule)
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule,
+                                 down=self._down_view())
         except PlacementError as e:
             raise ApiError(ErrorCode.REFUSED, f"kv read of {key!r} refused: {e}") from None
-        coord = KVCoordinator.for_get(key, where.replicas, Consistency(req.consistency))
+        # The same strict set a conditional put writes to (full members can be read).
+        strict, _ = strict_replicas(where)
+        gone = [n for n in strict if n not in where.replicas and n not in where.full]
+        coord = KVCoordinator.for_get(key, strict, Consistency(req.consistency))
+        for n in gone:
+            coord.on_failure(n, "down")
         read = api.KvReadRequest(key=key)
         out: dict[str, api.KvVersion] = {}
 
         async def ask(node: str) -> None:
+            if node in gone:
+                return
             got = await self._call(node, api.KV_READ, read)
             if got is None:
                 out[node] = api.KvVersion(node=node)
