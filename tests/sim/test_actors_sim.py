@@ -1,5 +1,5 @@
 """Actors in the simulator (``sim/actors.py``): 50 seeds of calls to counters under
-crashes, restarts, pauses and datagram loss, each checked by the oracles (every call
+crashes, restarts, pauses, a partition and datagram loss, each checked by the oracles (every call
 ends once with a value or a stated error; no count acknowledged twice; the state a
 loader picks holds every acknowledged call and no more than ran). A KV that does not
 check conditional puts (nothing fences a stale owner) is caught by the same oracles."""
@@ -17,7 +17,8 @@ def test_actor_swarm_keeps_every_acknowledged_call() -> None:
     acked = calls = 0
     for i in range(50):
         seed = base + i
-        r = actor_chaos_run(seed, loss=(0.0, 0.01, 0.03)[i % 3], duration_s=30.0)
+        r = actor_chaos_run(seed, loss=(0.0, 0.01, 0.03)[i % 3], duration_s=30.0,
+                            partitions=1 + i % 2)
         assert not r.problems(), (seed, r.problems())
         assert set(r.failed) <= {"replica-lost", "caller-node-lost", "no-replica"}, r.failed
         acked += r.acked

@@ -1,6 +1,6 @@
 """Actors in the simulator: owners chosen, keys claimed, calls served and checkpoints
 fenced by ``core/actors.py`` over a KV of conditional puts decided by ``core/kv.py``, with
-crashes, restarts, pauses and lost datagrams.
+crashes, restarts, pauses, partitions and lost datagrams.
 
 Each ``ActorSimNode`` is a KV replica (its records on its ``disk``, which survives a
 crash), a caller's node and an owner, as in the runtime (``runtime/services_plane.py``,
@@ -526,9 +526,13 @@ def report(mesh: ActorMesh, seed: int) -> ActorReport:
 
 def actor_chaos_run(seed: int, *, nodes: int = 6, keys: int = 6, duration_s: float = 40.0,
                     rate_per_s: float = 10.0, crashes: int = 3, pauses: int = 3,
-                    loss: float = 0.0, unfenced: bool = False) -> ActorReport:
+                    partitions: int = 1, loss: float = 0.0,
+                    unfenced: bool = False) -> ActorReport:
     """Calls to ``keys`` counters at ``rate_per_s`` for ``duration_s``, with ``crashes``
-    crash-and-restart faults and ``pauses`` pauses of a random node; then the calls
+    crash-and-restart faults, ``pauses`` pauses of a random node and ``partitions``
+    partitions (a random minority or half cut off for 2 to 8 s; the membership oracle
+    does not report its nodes down, so both sides keep their views and owners on both
+    sides may claim and serve, and only the KV's majorities decide); then the calls
     settle and the oracles are checked."""
     rng = random.Random(seed)
     mesh = ActorMesh(nodes, seed=seed, unfenced=unfenced)
@@ -563,5 +567,11 @@ def actor_chaos_run(seed: int, *, nodes: int = 6, keys: int = 6, duration_s: flo
                 mesh.sim.pause(v, length)
 
         mesh.sim.at(at, pause)
+    for _ in range(partitions):
+        at = rng.uniform(2.0, duration_s - 10.0)
+        side = rng.sample(mesh.names, rng.randrange(1, nodes // 2 + 1))
+        rest = [n for n in mesh.names if n not in side]
+        mesh.sim.at(at, partial(mesh.sim.partition, side, rest))
+        mesh.sim.at(at + rng.uniform(2.0, 8.0), mesh.sim.heal)
     mesh.sim.run_until(duration_s + 30.0)
     return report(mesh, seed)
