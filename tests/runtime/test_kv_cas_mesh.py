@@ -6,10 +6,12 @@ node, have at most one winner each, and the key ends at the winner's value."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
 
+from meshscale.cli import main as cli_main
 from meshscale.client.mesh import MeshError, connect_async
 from meshscale.core.api import ErrorCode
 from meshscale.runtime.launcher import LocalMesh
@@ -17,7 +19,8 @@ from meshscale.runtime.launcher import LocalMesh
 pytestmark = pytest.mark.timeout(240)
 
 
-def test_concurrent_conditional_puts_have_at_most_one_winner(tmp_path: Path) -> None:
+def test_concurrent_conditional_puts_have_at_most_one_winner(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with LocalMesh(tmp_path, 4, http=False) as mesh:
         async def go() -> None:
             meshes = [await connect_async(n.address, bundle=mesh.bundle_path)
@@ -63,6 +66,19 @@ def test_concurrent_conditional_puts_have_at_most_one_winner(tmp_path: Path) -> 
                     # a minority may hold a refused put's residue (core/kv.py, "No undo").
                     version = now
                 print(f"{winners} of 20 contended rounds had a winner")
+                # The command line: kv get --json names the version, kv put --expected.
+                args = ["--node", mesh.nodes[2].address, "--bundle", str(mesh.bundle_path)]
+                capsys.readouterr()
+                assert cli_main(["kv", "get", "cas/k", "--json", *args]) == 0
+                doc = json.loads(capsys.readouterr().out)
+                assert doc["version"] == version
+                assert cli_main(["kv", "put", "cas/k", "cli", "--expected", version,
+                                 *args]) == 0
+                new = capsys.readouterr().out.strip()
+                assert cli_main(["kv", "put", "cas/k", "late", "--expected", version,
+                                 *args]) == 1
+                assert "kv_conflict" in capsys.readouterr().err
+                assert (await kv.get_version("cas/k")) == (b"cli", new)
             finally:
                 for m in meshes:
                     await m.close()
