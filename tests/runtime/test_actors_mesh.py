@@ -5,9 +5,12 @@ increment lost; bad input is refused naming the rule."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from runtime_mesh import wait_for
@@ -16,6 +19,7 @@ from meshscale.client.mesh import MeshError
 from meshscale.client.services import ServiceCallError
 from meshscale.client.tasks import connect
 from meshscale.runtime.launcher import LocalMesh
+from meshscale.trust.bundle import load_bundle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,10 +49,19 @@ class Counter:
 
 
 def test_actor_state_moves_with_its_checkpoint_when_the_owner_dies(tmp_path: Path) -> None:
-    with LocalMesh(tmp_path, 4, http=False) as mesh:
+    with LocalMesh(tmp_path, 4) as mesh:
         c = connect(mesh.nodes[0].address, bundle=mesh.bundle_path, timeout=60.0)
         try:
             c.deploy_actor(Counter, "counter", 10)
+            # Outside Python: JSON in and out, the key in the query (each node routes).
+            token = load_bundle(mesh.bundle_path).token
+            for i, node in enumerate(mesh.nodes):
+                status, body = _post(str(node.http), "/api/v1/services/counter/incr?key=web",
+                                     b"[2]", token)
+                assert status == 200 and body["result"] == 10 + 2 * (i + 1), body
+            status, body = _post(str(mesh.nodes[1].http), "/api/v1/services/counter/get",
+                                 b"[]", token)
+            assert status == 400 and "is an actor" in json.dumps(body), body
             owners: dict[str, str] = {}
             acked: dict[str, int] = {}
             for i in range(8):
@@ -156,6 +169,18 @@ def test_a_paused_owner_that_comes_back_is_fenced_and_counts_stay_exact(
             assert c.actor("counter", key).incr() == counted + 1
         finally:
             c.close()
+
+
+def _post(addr: str, path: str, body: bytes, token: str) -> tuple[int, Any]:
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("POST", path, body=body, headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
 
 
 def _owner_of(c: object, key: str) -> str:

@@ -764,8 +764,14 @@ class ServicePlane:
             self.agent.log_limited("service_spec_unusable", service=w.name, error=str(e))
             return
         old = self.specs.get(w.name)
-        if old is not None and old.code_id != w.code_id and w.name in self.replicas:
+        changed = old is not None and (old.code_id != w.code_id or old.actor != w.actor)
+        if changed and w.name in self.replicas:
             self._stop_replica(w.name, "redeployed with new code")
+        proc = self.actor_procs.pop(w.name, None) if changed else None
+        if proc is not None:
+            # Its keys' leases stay (their checkpoints are current): the next call of
+            # each loads it into a process of the new code.
+            proc.kill("redeployed with new code")
         if w.name not in self.specs:
             self._installed_at[w.name] = time.monotonic()
         self.specs[w.name] = w
