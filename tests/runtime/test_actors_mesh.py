@@ -98,9 +98,18 @@ def test_actor_state_moves_with_its_checkpoint_when_the_owner_dies(tmp_path: Pat
             victim.proc.wait()
             t_kill = time.monotonic()
             h = c.actor("counter", key)
-            got = h.incr()
+            maybe = 0
+            try:
+                got = h.incr()
+            except ServiceCallError as e:
+                # The call reached the dying owner's connection before the reset: it is
+                # reported lost and may or may not count (the stated outcome).
+                assert e.kind == "replica-lost", e
+                maybe = 1
+                got = h.incr()
             took = time.monotonic() - t_kill
-            assert got == acked[key] + 1, (got, acked[key])
+            assert acked[key] + 1 <= got <= acked[key] + 1 + maybe, (got, acked[key])
+            acked[key] = got - 1
             assert h.last_node not in ("", victim.name)
             print(f"first call after SIGKILL of {victim.name} answered by {h.last_node} "
                   f"in {took:.2f}s")
