@@ -1300,17 +1300,18 @@ def kv_get_cmd(
     mesh_file: MeshOption = None,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """Print a key's value (exit 1 if it has none); --json prints {"key", "value"} with
-    the value as text when it is UTF-8, else base64 under "value_base64"."""
+    """Print a key's value (exit 1 if it has none); --json prints {"key", "value",
+    "version"} with the value as text when it is UTF-8, else base64 under
+    "value_base64"; "version" is what `kv put --expected` names."""
     with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
-        value = mesh.kv.get(key, consistency.value, binary=True)
+        value, version = mesh.kv.get_version(key, consistency.value)
     if value is None:
         raise CliError(f"no value for key {key!r}", exit_code=1)
     if as_json:
         import base64
         import json
 
-        doc: dict[str, str] = {"key": key}
+        doc: dict[str, str] = {"key": key, "version": version}
         try:
             doc["value"] = value.decode("utf-8")
         except UnicodeDecodeError:
@@ -1327,6 +1328,11 @@ def kv_put_cmd(
     key: Annotated[str, typer.Argument(metavar="KEY")],
     value: Annotated[str, typer.Argument(metavar="VALUE", help="The value; - reads stdin.")],
     consistency: ConsistencyOption = ConsistencyLevel.quorum,
+    expected: Annotated[str | None, typer.Option(
+        "--expected", metavar="VERSION",
+        help="Conditional put: only if the key is still at VERSION (`kv get --json` "
+             "prints it; \"\" for no value); else exit 1, code conflict. Prints the new "
+             "version.")] = None,
     bundle: ClientBundleOption = None,
     node: NodeOption = None,
     mesh_file: MeshOption = None,
@@ -1335,7 +1341,9 @@ def kv_put_cmd(
     """Set a key."""
     data = sys.stdin.buffer.read() if value == "-" else value.encode("utf-8")
     with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
-        mesh.kv.put(key, data, consistency.value)
+        version = mesh.kv.put(key, data, consistency.value, expected=expected)
+    if expected is not None:
+        typer.echo(version)
 
 
 @kv_app.command("delete")

@@ -883,3 +883,16 @@ def test_kv_writes_keep_the_reserve_and_deletes_still_work(tmp_path: Path) -> No
     assert ei.value.reason == "disk_full" and "min_free_bytes" in str(ei.value)
     assert store.kv_put("k", None, "0003")  # a delete needs no room: it works
     store.close()
+
+
+def test_kv_put_if_applies_only_over_an_expected_version(store: LocalStore) -> None:
+    assert store.kv_put_if("c", b"a", "0001", ["0000"]) == (False, None)
+    assert store.kv_get("c") is None
+    assert store.kv_put_if("c", b"a", "0001", [""]) == (True, None)  # absent
+    assert store.kv_put_if("c", b"b", "0002", [""]) == (False, "0001")
+    assert store.kv_put_if("c", b"b", "0002", ["0000", "0001"]) == (True, "0001")
+    assert store.kv_put_if("c", b"z", "0001x", ["0002"]) == (False, "0002")  # not newer
+    assert store.kv_get("c") == (b"b", "0002")
+    store.kv_put("c", None, "0003")  # a tombstone is no live value
+    assert store.kv_put_if("c", b"d", "0004", [""], ["peer-1"], 5.0) == (True, "0003")
+    assert store.kv_get("c") == (b"d", "0004")

@@ -49,7 +49,7 @@ from meshscale.core.api import erasure as erasure_api
 from meshscale.core.api import node as node_api
 from meshscale.core.api import objects as obj_api
 from meshscale.core.erasure import Receipt, check_selector
-from meshscale.core.kv import MAX_VALUE_BYTES
+from meshscale.core.kv import MAX_EXPECTED, MAX_VALUE_BYTES
 from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
 from meshscale.core.policy import PolicyError
 from meshscale.transport.framing import split_addr
@@ -1114,8 +1114,28 @@ class AsyncKV:
             key=_check_key(key), consistency=_check_consistency(consistency)))
         return _kv_value(key, reply.value, binary)
 
-    async def put(self, key: str, value: bytes | str, consistency: Consistency = "quorum") -> str:
-        """Set ``key`` (a str value is stored as UTF-8); returns the write's timestamp."""
+    async def get_version(self, key: str, consistency: Consistency = "quorum"
+                          ) -> tuple[bytes | None, str]:
+        """The value as stored (None: no live value) and its version: the stamp to name
+        in a conditional ``put(..., expected=)`` ("" when the key has no value)."""
+        reply = await self._mesh._request(obj_api.KV_GET, obj_api.KvKeyRequest(
+            key=_check_key(key), consistency=_check_consistency(consistency)))
+        if reply.value is None:
+            return None, ""
+        return reply.value, reply.ts or ""
+
+    async def put(self, key: str, value: bytes | str, consistency: Consistency = "quorum",
+                  *, expected: str | Sequence[str] | None = None) -> str:
+        """Set ``key`` (a str value is stored as UTF-8); returns the write's timestamp,
+        the key's new version.
+
+        ``expected`` makes it conditional (compare-and-swap): the version(s) the value
+        must still have (from ``get_version`` or an earlier ``put``; "" for "no value"),
+        else ``MeshError`` with code ``conflict`` and nothing is acknowledged. Of two
+        concurrent conditional puts naming the same version at most one succeeds while
+        the key's replicas are all up and both nodes' views agree on them (``core/kv.py``
+        states the guarantee); it needs every replica of the key live (``unavailable``
+        otherwise). A refused put may have reached a minority of replicas."""
         if isinstance(value, str):
             value = value.encode("utf-8")
         if not isinstance(value, bytes | bytearray | memoryview):
@@ -1123,9 +1143,14 @@ class AsyncKV:
         if len(value) > MAX_VALUE_BYTES:  # refused here, naming the limit, not mid-send
             raise ValueError(f"a KV value is at most {MAX_VALUE_BYTES} bytes "
                              f"(MAX_VALUE_BYTES); this one is {len(value)}")
+        exp: list[str] | None = None
+        if expected is not None:
+            exp = [expected] if isinstance(expected, str) else list(expected)
+            if not 1 <= len(exp) <= MAX_EXPECTED or not all(isinstance(e, str) for e in exp):
+                raise ValueError(f"expected takes 1..{MAX_EXPECTED} version strings")
         reply = await self._mesh._request(obj_api.KV_PUT, obj_api.KvPutRequest(
             key=_check_key(key), value=bytes(value),
-            consistency=_check_consistency(consistency)))
+            consistency=_check_consistency(consistency), expected=exp))
         return reply.ts
 
     async def delete(self, key: str, consistency: Consistency = "quorum") -> str:
@@ -1445,8 +1470,16 @@ class KV:
             return self._mesh._run(inner.get(key, consistency, binary=True))
         return self._mesh._run(inner.get(key, consistency))
 
-    def put(self, key: str, value: bytes | str, consistency: Consistency = "quorum") -> str:
-        return self._mesh._run(self._mesh._inner.kv.put(key, value, consistency))
+    def put(self, key: str, value: bytes | str, consistency: Consistency = "quorum",
+            *, expected: str | Sequence[str] | None = None) -> str:
+        """See ``AsyncKV.put`` (``expected``: a conditional put)."""
+        return self._mesh._run(self._mesh._inner.kv.put(key, value, consistency,
+                                                        expected=expected))
+
+    def get_version(self, key: str, consistency: Consistency = "quorum"
+                    ) -> tuple[bytes | None, str]:
+        """See ``AsyncKV.get_version``."""
+        return self._mesh._run(self._mesh._inner.kv.get_version(key, consistency))
 
     def delete(self, key: str, consistency: Consistency = "quorum") -> str:
         return self._mesh._run(self._mesh._inner.kv.delete(key, consistency))

@@ -30,6 +30,7 @@ import cloudpickle
 from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import RpcConnection, RpcError
 from meshscale.client.shipping import Region, Regions, by_value
+from meshscale.core.actors import check_actor_key
 from meshscale.core.api import Empty, ResidencyWire
 from meshscale.core.api import services as api
 from meshscale.core.api.services import (
@@ -44,7 +45,7 @@ from meshscale.core.objects import object_id
 if TYPE_CHECKING:
     from meshscale.client.mesh import Mesh
 
-__all__ = ["CALL_SLACK_S", "Service", "ServiceCallError", "ServicesMixin"]
+__all__ = ["CALL_SLACK_S", "Actor", "Service", "ServiceCallError", "ServicesMixin"]
 
 CALL_SLACK_S = 10.0
 """Added to twice a call's timeout for the hops (client -> node -> replica's node)."""
@@ -113,10 +114,14 @@ class Service:
     """A handle on a deployed service: ``call("method", *args, timeout=)``,
     ``handle.method(*args)`` and ``handle.method.remote(*args)`` (a future)."""
 
+    _actor_key: str | None = None
+
     def __init__(self, mesh: Mesh, name: str, timeout: float = 30.0) -> None:
         self._mesh = mesh
         self.name = name
         self.timeout = timeout
+        self.last_node = ""
+        """The node that answered the last call that returned a value."""
 
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
@@ -138,7 +143,8 @@ class Service:
             raise ServiceCallError(self.name, method, "too-large",
                                    f"arguments of {len(data)} bytes exceed the call size "
                                    f"limit MAX_CALL_ARGS_BYTES={api.MAX_CALL_ARGS_BYTES}")
-        return CallRequest(service=self.name, method=method, args=data, timeout_s=t)
+        return CallRequest(service=self.name, method=method, args=data, timeout_s=t,
+                           actor_key=self._actor_key)
 
     async def _call(self, req: CallRequest) -> Any:
         inner = self._mesh._inner
@@ -164,6 +170,7 @@ class Service:
         if reply.outcome != "done":
             raise ServiceCallError(self.name, req.method, reply.outcome, reply.message,
                                    reply.traceback, reply.node)
+        self.last_node = reply.node
         return cloudpickle.loads(reply.value)
 
     def call(self, method: str, *args: Any, timeout: float | None = None,
@@ -182,6 +189,16 @@ class Service:
         import asyncio
 
         return asyncio.run_coroutine_threadsafe(self._call(req), mesh._runner.loop)
+
+
+class Actor(Service):
+    """A handle on one key of an actor service (``mesh.actor(name, key)``): the calls
+    of ``Service``, all to that key's instance, one at a time."""
+
+    def __init__(self, mesh: Mesh, name: str, key: str, timeout: float = 30.0) -> None:
+        super().__init__(mesh, name, timeout)
+        self._actor_key = key
+        self.key = key
 
 
 class ServicesMixin:
@@ -206,6 +223,39 @@ class ServicesMixin:
         makes the replica unhealthy: calls go elsewhere and it is restarted.
         Returns the nodes the replicas go to. ``MeshError`` names the field or the
         placement rule that refused it."""
+        return self._deploy(cls, name, init_args, init_kwargs, False, placement=placement,
+                            replicas=replicas, autoscale=autoscale, cpus=cpus,
+                            memory_mb=memory_mb, gpus=gpus, data_class=data_class,
+                            residency=residency, labels=labels, idempotent=idempotent,
+                            health=health)
+
+    def deploy_actor(self, cls: type, name: str, *init_args: Any,
+                     placement: str | Region | Regions = "near-caller",
+                     cpus: float = 1.0, memory_mb: int = 0, gpus: int = 0,
+                     data_class: str | None = None, residency: Sequence[str] | None = None,
+                     labels: dict[str, str] | None = None,
+                     idempotent: Iterable[str] = (), **init_kwargs: Any) -> None:
+        """Deploy class ``cls`` as actor service ``name``: one instance per key
+        (``mesh.actor(name, key)``), on the key's owner, a node chosen by rendezvous
+        hashing among those the placement rules allow. A key's first call constructs
+        ``cls(*init_args, **init_kwargs)``; its calls run one at a time, and after each
+        the instance is pickled into a checkpoint in the mesh's KV before the call
+        returns, so when the owner's node dies the next call continues, on the next
+        owner, from the last call that returned (``core/actors.py`` states the exact
+        guarantee). The pickled state is bounded (``ActorConfig.max_state_bytes``).
+        ``idempotent``: methods retried once when their owner is lost mid-call."""
+        self._deploy(cls, name, init_args, init_kwargs, True, placement=placement,
+                     replicas=None, autoscale=None, cpus=cpus, memory_mb=memory_mb,
+                     gpus=gpus, data_class=data_class, residency=residency, labels=labels,
+                     idempotent=idempotent, health=None)
+
+    def _deploy(self, cls: type, name: str, init_args: tuple[Any, ...],
+                init_kwargs: dict[str, Any], actor: bool, *,
+                placement: str | Region | Regions, replicas: int | None,
+                autoscale: tuple[int, int, float] | None, cpus: float, memory_mb: int,
+                gpus: int, data_class: str | None, residency: Sequence[str] | None,
+                labels: dict[str, str] | None, idempotent: Iterable[str],
+                health: str | None) -> list[str]:
         if not isinstance(cls, type):
             raise TypeError(f"deploy takes a class, not {type(cls).__name__}")
         mode: api.Placement = "near-caller"
@@ -238,10 +288,16 @@ class ServicesMixin:
             name=name, placement=mode, regions=regions, central_region=central,
             replicas=replicas, autoscale=auto, cpus=cpus, memory_mb=memory_mb, gpus=gpus,
             residency=res, labels=dict(labels or {}), idempotent=sorted(set(idempotent)),
-            methods=methods, health=health, class_name=cls.__qualname__, code_id=object_id(code))
+            methods=methods, health=health, class_name=cls.__qualname__, code_id=object_id(code),
+            actor=actor)
         mesh: Mesh = self  # type: ignore[assignment]
         r = mesh._run(mesh._inner._request(api.DEPLOY, DeployRequest(spec=spec, code=code)))
         return list(r.nodes)
+
+    def actor(self, name: str, key: str, *, timeout: float = 30.0) -> Actor:
+        """A handle on key ``key`` of actor service ``name``: ``call("method", *args)``,
+        ``handle.method(*args)``, ``handle.method.remote(*args)``."""
+        return Actor(self, name, check_actor_key(key), timeout)  # type: ignore[arg-type]
 
     def service(self, name: str, *, timeout: float = 30.0) -> Service:
         """A handle on service ``name`` (nothing is asked of the mesh until a call)."""

@@ -41,7 +41,7 @@ _GRANTS: dict[str, frozenset[Access]] = {
 
 _READ = (
     "members", "stats", "events", "node.energy", "node.points",
-    "obj.read", "obj.stat", "obj.list", "kv.get", "kv.list", "dp.stats",
+    "obj.read", "obj.stat", "obj.list", "kv.get", "kv.list", "kv.versions", "dp.stats",
     "task.list", "task.stats", "task.result", "task.wait", "task.logs",
     "stream.read", "stream.op_list", "stream.stats",
     "policy.get", "policy.list",

@@ -46,6 +46,42 @@ full node was full, it hands to that node once the node has room again (``KVHint
 When every allowed node is full, the write set is the replica set itself, so a value
 write fails naming ``disk_full`` while a delete still succeeds.
 
+Conditional puts (compare-and-swap). A put may name ``expected``: the versions (encoded
+HLC stamps, ``ABSENT`` for "no live value") the writer read and means to replace. Each
+replica applies it only if its own current record is one of them (``cas_allows``, checked
+atomically with the write) and otherwise answers *conflict* with its current stamp; the
+coordinator (``KVCoordinator``, ``expected`` set) succeeds on ``required`` applies and fails
+with ``conflict`` once too many replicas refused to reach it. A conditional put needs a
+counted level (QUORUM or ALL, never ONE) and a *strict* quorum: it is sent to the key's
+intended replica set alone (``strict_replicas``: over the live and the down members of
+the view), a down or full member counting as a failure, so no stand-in and no hint takes
+part, and a QUORUM still succeeds with one of three replicas down. Its timestamp is above every expected stamp. What this gives, exactly:
+
+- Mutual exclusion. Two conditional puts of one key whose coordinators compute the same
+  replica set of N nodes, neither naming the other's new stamp (so: concurrent ones),
+  cannot both succeed: each needs ``N // 2 + 1`` replicas of the intended set to apply it, two majorities of
+  one set share a replica, and that replica applies only the first of the two to arrive
+  (after it, its record is a stamp the other does not name). This holds under any
+  partition, loss or delay of messages, as long as the two coordinators agree on the
+  set; it is not linearizable across two views that disagree on the key's top-N nodes
+  (a node joining that ranks into the set, or a member forgotten), where the two
+  majorities may not intersect. ``ABSENT`` is the weakest case there: a new member that
+  never held the key matches it.
+- No undo. A put that fails (conflict, or too few answers in time) may still have been
+  applied by a minority of replicas, and that *residue* may carry a newer timestamp
+  than the winner's. The winner's coordinator waits for every replica's answer and,
+  when a refusal names a newer version, at once writes its value again over it with a
+  second conditional put (``KVCoordinator.residues``), whose stamp it returns. So a
+  read after a successful put returns its value (or a later one), except when a
+  residue sits on a replica that did not answer the winner in time (or the second put
+  failed): then a last-writer-wins read may return the residue, and read repair may
+  spread it, until the next conditional put of the key, which names the version it
+  read. A reader that must never see residue decides with its own rule on what it
+  reads (actors, ``core/actors.py``: their checkpoints carry a sequence and an epoch).
+- Unconditional writes, read repair and hint hand-offs of the same key are not checked:
+  they follow last-writer-wins as before. Keys managed by conditional puts must only be
+  written by them.
+
 This module is sans-I/O: ``KVCoordinator`` tracks one operation's replies and decides; the
 driver sends the requests, feeds the replies and applies the read repairs. ``KVHints``
 keeps a stand-in's hints and decides when to hand which key to whom; the driver stores
@@ -64,6 +100,8 @@ from meshscale.core.hlc import HLCTimestamp
 from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set, write_set
 
 __all__ = [
+    "ABSENT",
+    "MAX_EXPECTED",
     "WATCH",
     "Consistency",
     "HintDeleted",
@@ -76,11 +114,15 @@ __all__ = [
     "KVPlacement",
     "KVRecord",
     "ScanPage",
+    "cas_allows",
+    "cas_matches",
+    "cas_refusal",
     "kv_placement",
     "kv_replicas",
     "lww_merge",
     "merge_optional",
     "merge_scans",
+    "strict_replicas",
 ]
 
 KV_NAMESPACE = "kv\0"
@@ -99,6 +141,43 @@ MAX_KEY_BYTES = 1024
 """Largest KV key (UTF-8), checked where a write enters and where it is stored."""
 MAX_VALUE_BYTES = 1024 * 1024
 """Largest KV value: the KV holds references, policies and records, not data."""
+
+
+ABSENT = ""
+"""In a conditional put's ``expected``: the key has no live value (no record, or a
+tombstone)."""
+MAX_EXPECTED = 16
+"""Versions one conditional put may name."""
+
+
+def cas_allows(current: KVRecord | None, expected: Iterable[str]) -> bool:
+    """May a replica whose record of the key is ``current`` apply a conditional put that
+    names ``expected`` (encoded stamps, ``ABSENT``)? Only when its record is one of them."""
+    return cas_matches(None if current is None else current.ts.encode(),
+                       current is not None and current.value is not None, expected)
+
+
+def cas_matches(stamp: str | None, live: bool, expected: Iterable[str]) -> bool:
+    """``cas_allows`` on a stored row: its encoded ``stamp`` (None: no record) and whether
+    it holds a value (``live``; False for a tombstone)."""
+    names = set(expected)
+    return (stamp is not None and stamp in names) or (ABSENT in names and not live)
+
+
+def cas_refusal(consistency: Consistency) -> str | None:
+    """Why a conditional put cannot run at ``consistency`` (None: it can)."""
+    if consistency is Consistency.ONE:
+        return "a conditional put needs consistency QUORUM or ALL, not ONE"
+    return None
+
+
+def strict_replicas(where: KVPlacement) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A strict quorum for a conditional put, or a read for one: the key's *intended*
+    replica set (over the live and the down members of the view, never a stand-in), and
+    those of it that cannot take part now (down, or full for a value): the driver reports
+    them as failed at once, so the level counts the whole intended set."""
+    away = tuple(n for n in where.intended if n not in where.replicas or n in where.full)
+    return where.intended, away
 
 
 def lww_merge(a: KVRecord, b: KVRecord) -> KVRecord:
@@ -264,6 +343,9 @@ class KVOutcome:
     stale: tuple[str, ...] = ()
     """For a get: replicas that answered with an older record or none (read repair)."""
     reason: str = ""
+    conflict: bool = False
+    """For a conditional put that failed: at least one replica held another version
+    (``KVCoordinator.conflicts``); the writer should read again."""
 
 
 @dataclass
@@ -290,6 +372,10 @@ class KVCoordinator:
     outcome: KVOutcome | None = None
     first_failure: str = ""
     """The first failed replica's reason, as it gave it."""
+    expected: frozenset[str] | None = None
+    """A conditional put's versions (``cas_allows``); None: an unconditional write."""
+    conflicts: dict[str, str | None] = field(default_factory=dict)
+    """Replicas that refused a conditional put -> the stamp they hold (None: nothing)."""
 
     def __post_init__(self) -> None:
         if not self.replicas:
@@ -298,6 +384,16 @@ class KVCoordinator:
             raise ValueError(f"replicas listed twice: {self.replicas} {self.extra}")
         if self.write is not None and self.write.key != self.key:
             raise ValueError("the record's key is not the operation's key")
+        if self.expected is not None:
+            if self.write is None or self.extra:
+                raise ValueError("only a put to its replicas alone can be conditional")
+            if not self.expected or len(self.expected) > MAX_EXPECTED:
+                raise ValueError(f"a conditional put names 1..{MAX_EXPECTED} versions")
+            if self.consistency is Consistency.ONE:
+                raise ValueError("a conditional put needs QUORUM or ALL")
+            for e in self.expected:
+                if e != ABSENT and HLCTimestamp.decode(e) >= self.write.ts:
+                    raise ValueError(f"the write's stamp is not above expected {e!r}")
 
     @classmethod
     def for_get(cls, key: str, replicas: Iterable[str], consistency: Consistency,
@@ -314,6 +410,15 @@ class KVCoordinator:
         if extra and record.value is not None:
             raise ValueError("a value is never sent to a full node: extra is for deletes")
         return cls(record.key, tuple(replicas), consistency, write=record, extra=extra)
+
+    @classmethod
+    def for_cas(cls, record: KVRecord, replicas: Iterable[str], consistency: Consistency,
+                expected: Iterable[str]) -> KVCoordinator:
+        """A conditional put: each replica applies ``record`` only if it holds one of the
+        ``expected`` versions (``cas_allows``); report a refusal with ``on_conflict``. The
+        record's stamp must be above every expected one."""
+        return cls(record.key, tuple(replicas), consistency, write=record,
+                   expected=frozenset(expected))
 
     @property
     def asked(self) -> tuple[str, ...]:
@@ -344,6 +449,33 @@ class KVCoordinator:
         if reason and self.first_failure == "":
             self.first_failure = f"{node}: {reason}"[:200]
         self._decide()
+
+    def on_conflict(self, node: str, current: str | None) -> None:
+        """``node`` refused a conditional put: it holds ``current`` (None: no record)."""
+        if self.expected is None or node not in self.replicas or node in self.replies \
+                or node in self.failures:
+            return
+        self.failures.add(node)
+        self.conflicts[node] = current
+        self._decide()
+
+    def residues(self) -> tuple[str, ...]:
+        """After a conditional put succeeded: the versions refusing replicas hold that
+        are *newer* than the write (a concurrent loser's residue, see the module
+        docstring), which a last-writer-wins read would prefer to it. The driver
+        overwrites them at once with a second conditional put of the same value that
+        names the write's own stamp and these (``KVCoordinator.for_cas``), so a read
+        returns the winner."""
+        assert self.write is not None
+        out = set()
+        for cur in self.conflicts.values():
+            if cur is not None and cur != ABSENT:
+                try:
+                    if HLCTimestamp.decode(cur) > self.write.ts:
+                        out.add(cur)
+                except ValueError:
+                    continue
+        return tuple(sorted(out)[-(MAX_EXPECTED - 1):])
 
     def expire(self) -> None:
         if self.outcome is None:
@@ -383,6 +515,14 @@ class KVCoordinator:
                     True, self.winner(), tuple(n for n, _ in self.read_repair())
                 )
         elif len(self.replicas) - len(self.failures - set(self.extra)) < need:
+            if self.conflicts:
+                held = sorted({c or "nothing" for c in self.conflicts.values()})
+                self.outcome = KVOutcome(
+                    False, reason=f"kv_conflict: {len(self.conflicts)} of "
+                    f"{len(self.replicas)} replicas hold another version than expected "
+                    f"({', '.join(held)[:300]}); {self.consistency.name} needs {need}",
+                    conflict=True)
+                return
             why = f" ({self.first_failure})" if self.first_failure else ""
             self.outcome = KVOutcome(
                 False, reason=f"{len(self.failures - set(self.extra))} of {len(self.replicas)} replicas "

@@ -59,7 +59,7 @@ The anchors and where we depart from them:
   restarts it; one success resets the count, as Consul's and Kubernetes' checks count
   consecutive failures before they act.
 
-Not here yet: actors (one replica per key).
+Actors (one instance per key, state checkpointed in the KV) are ``core/actors.py``.
 """
 
 from __future__ import annotations

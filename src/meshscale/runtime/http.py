@@ -279,8 +279,9 @@ class HttpServer:
     # ------------------------------------------------------------------ services
 
     async def _service_call(self, request: web.Request) -> web.StreamResponse:
-        """``POST /api/v1/services/NAME/METHOD``: the body is a JSON list of arguments or
-        ``{"args": [...], "kwargs": {...}}`` (empty: no arguments); the answer is
+        """``POST /api/v1/services/NAME/METHOD[?key=K]``: the body is a JSON list of
+        arguments or ``{"args": [...], "kwargs": {...}}`` (empty: no arguments); ``key``
+        names an actor's key (``deploy_actor``); the answer is
         ``{"result": ..., "node", "region", "attempts"}``. The node never decodes the
         arguments or the result: the replica does (``runtime/replica_main.py``)."""
         header = request.headers.get("Authorization", "")
@@ -312,7 +313,8 @@ class HttpServer:
         try:
             req = services_api.CallRequest(
                 service=request.match_info["name"], method=request.match_info["method"],
-                args=body.strip() or b"[]", encoding="json", timeout_s=timeout_s)
+                args=body.strip() or b"[]", encoding="json", timeout_s=timeout_s,
+                actor_key=request.query.get("key"))
             req = msgspec.convert(msgspec.to_builtins(req, builtin_types=(bytes,)),
                                   services_api.CallRequest, builtin_types=(bytes,))
         except msgspec.ValidationError as e:

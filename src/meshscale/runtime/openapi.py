@@ -438,6 +438,10 @@ def openapi_document() -> dict[str, Any]:
             {"name": "method", "in": "path", "required": True, "schema": {"type": "string"}},
             {"name": "timeout_s", "in": "query", "required": False,
              "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 600}},
+            {"name": "key", "in": "query", "required": False,
+             "description": "For an actor service (deploy_actor): the key whose instance "
+                            "takes the call (required there, refused elsewhere).",
+             "schema": {"type": "string", "minLength": 1, "maxLength": 256}},
         ],
         "requestBody": {"required": False, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/ServiceCallRequest"}}}},

@@ -38,7 +38,7 @@ from meshscale.runtime.worker_main import (
     frame_header,
 )
 
-__all__ = ["Call", "Done", "Failed", "Init", "Ready", "decode_from_replica", "encoder",
+__all__ = ["ActorCall", "Call", "Done", "Drop", "Failed", "Init", "Load", "Ready", "decode_from_replica", "encoder",
            "frame_header", "main"]
 
 
@@ -48,11 +48,36 @@ class Init(msgspec.Struct, tag="init", array_like=True):
     max_args_bytes: int
     max_result_bytes: int
     sys_path: list[str]
+    max_state_bytes: int = 0
+    """Non-zero: an actor's process (``core/actors.py``): one instance per key, each call
+    names its key and is answered with the instance's pickled state after it."""
 
 
 class Call(msgspec.Struct, tag="call", array_like=True):
     """Plane -> replica. Body: the encoded arguments."""
 
+    method: str
+    encoding: str
+
+
+class Load(msgspec.Struct, tag="load", array_like=True):
+    """Plane -> actor process: make ``key``'s instance from the body (its pickled state;
+    empty: construct the class, its ``__init__`` runs). Answered ``Done``/``Failed``."""
+
+    key: str
+
+
+class Drop(msgspec.Struct, tag="drop", array_like=True):
+    """Plane -> actor process: forget ``key``'s instance. Not answered."""
+
+    key: str
+
+
+class ActorCall(msgspec.Struct, tag="acall", array_like=True):
+    """Plane -> actor process: ``Call`` on ``key``'s instance. Answered ``Done`` with
+    ``state_bytes`` set: the body is the result followed by the pickled instance."""
+
+    key: str
     method: str
     encoding: str
 
@@ -63,7 +88,9 @@ class Ready(msgspec.Struct, tag="ready", array_like=True):
 
 
 class Done(msgspec.Struct, tag="done", array_like=True):
-    """Replica -> plane. Body: the encoded result."""
+    """Replica -> plane. Body: the encoded result (an actor call: then its state)."""
+
+    state_bytes: int = 0
 
 
 class Failed(msgspec.Struct, tag="failed", array_like=True):
@@ -73,7 +100,7 @@ class Failed(msgspec.Struct, tag="failed", array_like=True):
     message: str
 
 
-_to_replica = msgspec.msgpack.Decoder(Init | Call)
+_to_replica = msgspec.msgpack.Decoder(Init | Call | Load | Drop | ActorCall)
 decode_from_replica = msgspec.msgpack.Decoder(Ready | Done | Failed)
 encoder = msgspec.msgpack.Encoder()
 _json = msgspec.json.Encoder()
@@ -93,6 +120,8 @@ class Replica:
         self.sock = sock
         self.init = init
         self.instance = instance
+        """The service's instance; for an actor process, its ``(class, args, kwargs)``."""
+        self.actors: dict[str, Any] = {}
 
     def serve(self) -> None:
         while True:
@@ -101,16 +130,69 @@ class Replica:
                 raise SystemExit(f"frame too large ({env_len}, {body_len})")
             msg = _to_replica.decode(_recv_exact(self.sock, env_len))
             body = bytes(_recv_exact(self.sock, body_len)) if body_len else b""
-            if not isinstance(msg, Call):
+            if isinstance(msg, Call) and not self.actors_on:
+                reply, out = self.call(msg, body)
+            elif isinstance(msg, Load) and self.actors_on:
+                reply, out = self.load(msg.key, body)
+            elif isinstance(msg, Drop) and self.actors_on:
+                self.actors.pop(msg.key, None)
+                continue
+            elif isinstance(msg, ActorCall) and self.actors_on:
+                reply, out = self.actor_call(msg, body)
+            else:
                 raise SystemExit("unexpected message")
-            reply, out = self.call(msg, body)
             _send(self.sock, reply, out)
 
-    def call(self, msg: Call, body: bytes) -> tuple[Done | Failed, bytes]:
+    @property
+    def actors_on(self) -> bool:
+        return self.init.max_state_bytes > 0
+
+    def load(self, key: str, state: bytes) -> tuple[Done | Failed, bytes]:
+        import cloudpickle
+
+        try:
+            if state:
+                self.actors[key] = cloudpickle.loads(state)
+            else:
+                cls, cargs, ckwargs = self.instance
+                self.actors[key] = cls(*cargs, **ckwargs)
+        except BaseException as e:
+            return Failed("raised", _short(f"cannot make the instance of key {key!r}: "
+                                           f"{type(e).__name__}: {e}")), _traceback_text(e)
+        return Done(), b""
+
+    def actor_call(self, msg: ActorCall, body: bytes) -> tuple[Done | Failed, bytes]:
+        """A call on one key's instance; the instance's pickled state follows the result.
+        A call that fails drops the instance: its node loads the last checkpoint again,
+        so a half-done call leaves no trace."""
+        import cloudpickle
+
+        inst = self.actors.get(msg.key)
+        if inst is None:
+            return Failed("crashed", f"key {msg.key!r} is not loaded"), b""
+        reply, out = self.call(Call(msg.method, msg.encoding), body, inst)
+        if isinstance(reply, Failed):
+            self.actors.pop(msg.key, None)
+            return reply, out
+        try:
+            state = cloudpickle.dumps(inst, protocol=5)
+        except BaseException as e:
+            self.actors.pop(msg.key, None)
+            return Failed("unpicklable", _short(f"cannot pickle the actor's state: "
+                                                f"{type(e).__name__}: {e}")), b""
+        if len(state) > self.init.max_state_bytes:
+            self.actors.pop(msg.key, None)
+            return Failed("too-large", f"the actor's state is {len(state)} bytes, over "
+                                       f"max_state_bytes={self.init.max_state_bytes}"), b""
+        return Done(len(state)), out + state
+
+    def call(self, msg: Call, body: bytes, instance: Any = None
+             ) -> tuple[Done | Failed, bytes]:
         import cloudpickle
 
         name = msg.method
-        fn = None if name.startswith("_") else getattr(self.instance, name, None)
+        target = self.instance if instance is None else instance
+        fn = None if name.startswith("_") else getattr(target, name, None)
         if fn is None or not callable(fn):
             return Failed("unknown-method", f"the service has no method {name!r}"), b""
         try:
@@ -167,13 +249,15 @@ def main(argv: list[str] | None = None) -> None:
             import cloudpickle
 
             cls, cargs, ckwargs = cloudpickle.loads(code_bytes)
-            instance = cls(*cargs, **ckwargs)
+            instance = ((cls, cargs, ckwargs) if init.max_state_bytes > 0
+                        else cls(*cargs, **ckwargs))
         except BaseException as e:
             _send(sock, Failed("init", _short(f"{type(e).__name__}: {e}")),
                   _traceback_text(e))
             raise _Closed from None
         del code_bytes
-        _send(sock, Ready(os.getpid(), public_methods(instance)))
+        _send(sock, Ready(os.getpid(), public_methods(
+            instance[0] if init.max_state_bytes > 0 else instance)))
         Replica(sock, init, instance).serve()
     except (_Closed, BrokenPipeError, ConnectionResetError):
         pass

@@ -56,7 +56,18 @@ from typing import Any
 
 import msgspec
 
+from meshscale.core.actors import (
+    ActorCheckpoint,
+    ActorConfig,
+    actor_kv_key,
+    actor_owner,
+    after_call,
+    claim,
+    encode_checkpoint,
+    pick_checkpoint,
+)
 from meshscale.core.api import ApiError, Empty, ErrorCode
+from meshscale.core.api import objects as obj_api
 from meshscale.core.api import services as api
 from meshscale.core.api.contract import residency_of
 from meshscale.core.api.services import (
@@ -106,7 +117,17 @@ from meshscale.core.services import (
 )
 from meshscale.runtime.local import LocalCalls, call_node
 from meshscale.runtime.observe import ServiceCallMetrics
-from meshscale.runtime.replica_main import Call, Done, Failed, Init, Ready, decode_from_replica
+from meshscale.runtime.replica_main import (
+    ActorCall,
+    Call,
+    Done,
+    Drop,
+    Failed,
+    Init,
+    Load,
+    Ready,
+    decode_from_replica,
+)
 from meshscale.runtime.replica_main import encoder as replica_encoder
 from meshscale.runtime.services import NodeServices
 from meshscale.runtime.worker_main import FRAME_HEADER, MAX_ENVELOPE, REPLY_SLACK, frame_header
@@ -172,6 +193,10 @@ class ServicePlaneConfig:
     to finish) at most this long before it is killed and started again, so that the
     other nodes' next status poll sees it."""
     decisions: ServiceConfig = field(default_factory=ServiceConfig)
+    actors: ActorConfig = field(default_factory=ActorConfig)
+    actor_max_redirects: int = 8
+    """An actor call answered "not here" (the asked node's view names another owner, or
+    it was fenced) is routed again this many times, backing off, before it fails."""
 
     def __post_init__(self) -> None:
         for name in ("status_interval_s", "status_timeout_s", "reconcile_interval_s",
@@ -220,6 +245,17 @@ def _percentile(samples: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+@dataclass
+class _Lease:
+    """This node's hold on one actor key: the checkpoint its last successful put wrote
+    (None: it holds none, the next call claims), and the process holding the instance."""
+
+    ck: ActorCheckpoint | None = None
+    version: str = ""
+    loaded_in: Replica | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class _ReplicaDied(Exception):
     """The replica's process died, or a call to it timed out (it was killed)."""
 
@@ -227,10 +263,13 @@ class _ReplicaDied(Exception):
 class Replica:
     """One replica process of a service on this node."""
 
-    def __init__(self, plane: ServicePlane, service: str, code_id: str) -> None:
+    def __init__(self, plane: ServicePlane, service: str, code_id: str,
+                 max_state_bytes: int = 0) -> None:
         self.plane = plane
         self.service = service
         self.code_id = code_id
+        self.max_state_bytes = max_state_bytes
+        """Non-zero: an actor's process (one instance per key, ``core/actors.py``)."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -285,8 +324,8 @@ class Replica:
                 self.plane.stats["cgroup_errors"] += 1
         self.reader, self.writer = await asyncio.open_unix_connection(
             sock=ours, limit=api.MAX_RESULT_BYTES + REPLY_SLACK)
-        init = Init(api.MAX_CALL_ARGS_BYTES, api.MAX_RESULT_BYTES,
-                    [p for p in sys.path if isinstance(p, str)])
+        init = Init(max(api.MAX_CALL_ARGS_BYTES, self.max_state_bytes), api.MAX_RESULT_BYTES,
+                    [p for p in sys.path if isinstance(p, str)], self.max_state_bytes)
         env = replica_encoder.encode(init)
         self.writer.write(frame_header(env, len(code)) + code)
         await self.writer.drain()
@@ -305,7 +344,8 @@ class Replica:
         try:
             head = await self.reader.readexactly(FRAME_HEADER.size)
             env_len, body_len = FRAME_HEADER.unpack(head)
-            if env_len > MAX_ENVELOPE or body_len > api.MAX_RESULT_BYTES + REPLY_SLACK:
+            if env_len > MAX_ENVELOPE or \
+                    body_len > api.MAX_RESULT_BYTES + self.max_state_bytes + REPLY_SLACK:
                 raise _ReplicaDied("the replica sent a frame over its bounds")
             msg = decode_from_replica.decode(await self.reader.readexactly(env_len))
             body = await self.reader.readexactly(body_len) if body_len else b""
@@ -313,7 +353,42 @@ class Replica:
             raise _ReplicaDied(f"the replica's process died ({type(e).__name__})") from None
         return msg, body
 
-    async def call(self, method: str, args: bytes, encoding: str, timeout_s: float
+    async def load(self, key: str, state: bytes, timeout_s: float) -> InvokeReply:
+        """Make actor ``key``'s instance in the process from its ``state`` (empty: run
+        ``__init__``)."""
+        async with self.lock:
+            if self.dead or self.writer is None:
+                return InvokeReply("crashed", message="the actor's process died")
+            env = replica_encoder.encode(Load(key))
+            try:
+                self.writer.write(frame_header(env, len(state)) + state)
+                async with asyncio.timeout(timeout_s):
+                    await self.writer.drain()
+                    msg, body = await self._read()
+            except TimeoutError:
+                self.kill(f"loading actor key {key!r} took more than {timeout_s}s")
+                return InvokeReply("timeout", message=f"loading key {key!r} did not finish "
+                                   f"within {timeout_s}s; the process was restarted")
+            except (_ReplicaDied, ConnectionError) as e:
+                self.kill(str(e))
+                return InvokeReply("crashed", message=f"{e} while loading key {key!r}")
+        if isinstance(msg, Done):
+            return InvokeReply("done")
+        if isinstance(msg, Failed):
+            return InvokeReply("raised", message=msg.message,
+                               traceback=body.decode("utf-8", "replace")[
+                                   :api.MAX_TRACEBACK_CHARS])
+        self.kill("unexpected message")
+        return InvokeReply("crashed", message="the actor's process sent an unexpected message")
+
+    def drop(self, key: str) -> None:
+        """Forget actor ``key``'s instance (not answered)."""
+        if not self.dead and self.writer is not None:
+            env = replica_encoder.encode(Drop(key))
+            self.writer.write(frame_header(env, 0))
+
+    async def call(self, method: str, args: bytes, encoding: str, timeout_s: float,
+                   key: str | None = None, state_out: list[bytes] | None = None
                    ) -> InvokeReply:
         if self.inflight >= self.plane.cfg.replica_queue:
             return InvokeReply("busy", message=f"the replica of {self.service!r} has "
@@ -327,7 +402,8 @@ class Replica:
                 left = timeout_s - (time.monotonic() - t0)
                 if left <= 0:
                     return InvokeReply("timeout", message=f"queued longer than {timeout_s}s")
-                env = replica_encoder.encode(Call(method, encoding))
+                env = replica_encoder.encode(
+                    Call(method, encoding) if key is None else ActorCall(key, method, encoding))
                 try:
                     self.writer.write(frame_header(env, len(args)) + args)
                     async with asyncio.timeout(left):
@@ -347,6 +423,13 @@ class Replica:
         self.latencies.append(time.monotonic() - t0)
         if isinstance(msg, Done):
             self.calls += 1
+            if msg.state_bytes:
+                cut = len(body) - msg.state_bytes
+                if cut < 0 or state_out is None:
+                    self.kill("a state it was not asked for")
+                    return InvokeReply("crashed", message="the replica sent a bad frame")
+                state_out.append(body[cut:])
+                body = body[:cut]
             return InvokeReply("done", value=body)
         if isinstance(msg, Failed):
             self.failed += 1
@@ -481,6 +564,12 @@ class ServicePlane:
         """When the last complete round of status polls began: a service installed
         after it is not placed yet (its call counts and replicas are not all known)."""
         self._stopping = False
+        self.actor_procs: dict[str, Replica] = {}
+        """Per actor service, this node's process holding the instances of the keys it
+        owns (``core/actors.py``)."""
+        self._actor_start: dict[str, asyncio.Lock] = {}
+        self.leases: dict[tuple[str, str], _Lease] = {}
+        """(service, key) -> this node's hold on the key, least recently called first."""
 
     def replica_states(self) -> dict[str, tuple[str, int]]:
         """Service -> (this node's replica: starting, ready or unhealthy; its calls in
@@ -514,6 +603,11 @@ class ServicePlane:
 
     async def stop(self) -> None:
         self._stopping = True
+        for r in list(self.actor_procs.values()):
+            if r.task is not None:
+                r.task.cancel()
+            r.kill("the node stops")
+        self.actor_procs.clear()
         for r in list(self.replicas.values()):
             if r.task is not None:
                 r.task.cancel()
@@ -670,14 +764,25 @@ class ServicePlane:
             self.agent.log_limited("service_spec_unusable", service=w.name, error=str(e))
             return
         old = self.specs.get(w.name)
-        if old is not None and old.code_id != w.code_id and w.name in self.replicas:
+        changed = old is not None and (old.code_id != w.code_id or old.actor != w.actor)
+        if changed and w.name in self.replicas:
             self._stop_replica(w.name, "redeployed with new code")
+        proc = self.actor_procs.pop(w.name, None) if changed else None
+        if proc is not None:
+            # Its keys' leases stay (their checkpoints are current): the next call of
+            # each loads it into a process of the new code.
+            proc.kill("redeployed with new code")
         if w.name not in self.specs:
             self._installed_at[w.name] = time.monotonic()
         self.specs[w.name] = w
         self.core[w.name] = spec
 
     def _uninstall(self, name: str) -> None:
+        proc = self.actor_procs.pop(name, None)
+        if proc is not None:
+            proc.kill("service removed")
+        for k in [k for k in self.leases if k[0] == name]:
+            del self.leases[k]
         self.specs.pop(name, None)
         self.core.pop(name, None)
         self.scale.pop(name, None)
@@ -795,7 +900,9 @@ class ServicePlane:
         sources = self._call_sources(tables)
         current = {n: [node for node, t in tables.items() if n in t.replicas]
                    for n in self.core}
-        counts = [(self.core[n], self._count(n, tables)) for n in sorted(self.core)]
+        # Actors run where their keys' owners are (``_actor_invoke``), not as replicas.
+        counts = [(self.core[n], self._count(n, tables)) for n in sorted(self.core)
+                  if not self.specs[n].actor]
         counts_by_name = [(spec.name, c) for spec, c in counts]
         me = self.agent.name
         want = replicas_wanted(me, counts, view, sources, current)
@@ -889,6 +996,12 @@ class ServicePlane:
     # ------------------------------------------------------------------ calls
 
     async def _rpc_invoke(self, req: InvokeRequest) -> InvokeReply:
+        w = self.specs.get(req.service)
+        if w is not None and w.actor:
+            if req.actor_key is None:
+                return InvokeReply("not-here", message=f"{req.service!r} is an actor: a "
+                                   "call names a key")
+            return await self._actor_invoke(req)
         r = self.replicas.get(req.service)
         if r is None or not r.ready or r.dead or not r.health.healthy:
             return InvokeReply("not-here", message=f"{self.agent.name} runs no ready "
@@ -922,12 +1035,17 @@ class ServicePlane:
             raise ApiError(ErrorCode.NOT_FOUND,
                            f"service {name!r} has no method {req.method!r} (it has: "
                            f"{', '.join(w.methods[:20])})")
+        if w.actor != (req.actor_key is not None):
+            raise ApiError(ErrorCode.INVALID,
+                           f"service {name!r} is an actor: a call names a key "
+                           "(mesh.actor(name, key))" if w.actor else
+                           f"service {name!r} is not an actor: a call names no key")
         key = self.call_metrics.key(name, req.method)
         self.call_metrics.started(key)
         t0 = time.monotonic()
         outcome = "cancelled"
         try:
-            reply = await self._route_call(req)
+            reply = await (self._route_actor_call(req) if w.actor else self._route_call(req))
             outcome = reply.outcome
             return reply
         finally:
@@ -1011,10 +1129,12 @@ class ServicePlane:
         m = self.agent.m.members.get(node)
         return "" if m is None else m.meta.region
 
-    async def _forward(self, node: str, req: CallRequest) -> InvokeReply:
+    async def _forward(self, node: str, req: CallRequest,
+                       exclude: list[str] | None = None) -> InvokeReply:
         inv = InvokeRequest(service=req.service, method=req.method, args=req.args,
                             encoding=req.encoding, timeout_s=req.timeout_s,
-                            caller_region=self.agent.meta.region)
+                            caller_region=self.agent.meta.region, actor_key=req.actor_key,
+                            exclude=list(exclude or ())[:64])
         if node == self.agent.name:
             return await self._rpc_invoke(inv)
         m = self.agent.m.members.get(node)
@@ -1041,6 +1161,194 @@ class ServicePlane:
         if delay:
             await asyncio.sleep(delay)
         return out
+
+    # ------------------------------------------------------------------ actors
+
+    async def _route_actor_call(self, req: CallRequest) -> CallReply:
+        """An actor call, at the node a client asked: to the key's owner in this view
+        (``actor_owner``), leaving out the nodes it could not reach; "not here" (the
+        owner's view differs, or it was fenced) is routed again, a lost owner follows
+        the services' failover rule (an idempotent method is retried once)."""
+        name, key = req.service, req.actor_key
+        assert key is not None
+        spec = self.core[name]
+        self._note_call(name)
+        cfg = self.cfg.decisions
+        now = time.monotonic()
+        exclude = sorted(n for n, until in self._bad.items() if until > now)
+        attempts = retries = redirects = 0
+        deadline = now + req.timeout_s
+        while True:
+            owner = actor_owner(spec, key, self._view(), exclude)
+            if isinstance(owner, Unplaceable):
+                return CallReply("no-replica", message=f"actor {name!r} key {key!r}: no "
+                                 f"node may own it: rule {owner.rule}: {owner.message}",
+                                 attempts=attempts)
+            attempts += 1
+            lost = False
+            reply: InvokeReply | None = None
+            try:
+                reply = await self._forward(owner, req, exclude)
+            except RemoteError as e:
+                if e.code in (ErrorCode.UNKNOWN_METHOD, ErrorCode.STARTING):
+                    reply = InvokeReply("not-here", message=str(e))
+                else:
+                    lost = True
+            except (RpcError, TimeoutError) as e:
+                if isinstance(e, RpcError) and e.unreachable:
+                    # Never reached it: the call did not run there. Its next owner.
+                    self._bad[owner] = time.monotonic() + self.cfg.failed_node_quarantine_s
+                    exclude = sorted({*exclude, owner})
+                    reply = InvokeReply("not-here", message=f"{owner} unreachable: {e}")
+                else:
+                    lost = True
+            if reply is not None and reply.outcome in ("crashed", "timeout"):
+                lost = True
+            region = self._region_of(owner)
+            if not lost and reply is not None and reply.outcome != "not-here":
+                self.stats[f"calls_{reply.outcome}"] += 1
+                return CallReply(reply.outcome, value=reply.value, message=reply.message,
+                                 traceback=reply.traceback, node=owner, region=region,
+                                 attempts=attempts)
+            why = "" if reply is None else f" ({reply.outcome}: {reply.message})"
+            if lost:
+                if not spec.is_idempotent(req.method) or retries >= cfg.max_retries:
+                    code = "replica-lost" if not spec.is_idempotent(req.method) \
+                        else "retries-exhausted"
+                    self.stats[f"calls_{code}"] += 1
+                    return CallReply(code, message=f"actor {name!r} key {key!r}: its owner "  # type: ignore[arg-type]
+                                     f"{owner} was lost running {req.method!r}; the call "
+                                     "may or may not count" + why, node=owner,
+                                     region=region, attempts=attempts)
+                retries += 1
+                self._bad[owner] = time.monotonic() + self.cfg.failed_node_quarantine_s
+                exclude = sorted({*exclude, owner})
+                continue
+            redirects += 1
+            left = deadline - time.monotonic()
+            if redirects > self.cfg.actor_max_redirects or left <= 0:
+                self.stats["calls_no-replica"] += 1
+                return CallReply("no-replica", message=f"actor {name!r} key {key!r}: no "
+                                 f"owner took {req.method!r} after {attempts} tries" + why,
+                                 node=owner, region=region, attempts=attempts)
+            self.stats["calls_rerouted"] += 1
+            await asyncio.sleep(min(left, 0.05 * 2 ** min(redirects, 5)))
+
+    async def _actor_proc(self, name: str) -> Replica:
+        """This node's process of actor service ``name``, started on first use."""
+        lock = self._actor_start.setdefault(name, asyncio.Lock())
+        async with lock:
+            r = self.actor_procs.get(name)
+            if r is not None and not r.dead and r.ready:
+                return r
+            w = self.specs[name]
+            r = Replica(self, name, w.code_id, self.cfg.actors.max_state_bytes)
+            self.actor_procs[name] = r
+            code = self.code.get(w.code_id)
+            if code is None:
+                code = await self.local.read_object(w.code_id)
+                self.code[w.code_id] = code
+            try:
+                await r.start(code)
+            except BaseException:
+                r.kill("start failed")
+                raise
+            self.stats["actor_process_starts"] += 1
+            return r
+
+    def _lease(self, name: str, key: str) -> _Lease:
+        k = (name, key)
+        lease = self.leases.pop(k, None) or _Lease()
+        self.leases[k] = lease  # most recently called last
+        over = len(self.leases) - self.cfg.actors.max_keys_per_node
+        for old in list(self.leases)[:max(0, over)]:
+            held = self.leases[old]
+            if held.lock.locked():
+                continue
+            del self.leases[old]
+            if held.loaded_in is not None:
+                held.loaded_in.drop(old[1])
+            self.stats["actor_keys_evicted"] += 1
+        return lease
+
+    async def _actor_invoke(self, req: InvokeRequest) -> InvokeReply:
+        """Serve one call of an actor key this node owns (``core/actors.py``): claim the
+        key from its checkpoint if this node holds no lease on it, load the instance into
+        the process, run the call, and checkpoint the state with a conditional put naming
+        this node's last version; only then is the call answered ``done``."""
+        name, key = req.service, req.actor_key
+        assert key is not None
+        me = self.agent.name
+        spec = self.core[name]
+        owner = actor_owner(spec, key, self._view(), req.exclude)
+        if owner != me:
+            return InvokeReply("not-here", message=f"{me} does not own actor key {key!r} "
+                               f"of {name!r} (its view names {owner})")
+        lease = self._lease(name, key)
+        kv_key = actor_kv_key(name, key)
+        acfg = self.cfg.actors
+        async with lease.lock:
+            try:
+                proc = await self._actor_proc(name)
+            except Exception as e:
+                return InvokeReply("crashed", message=f"the actor's process did not start: "
+                                   f"{str(e)[:500]}")
+            if lease.ck is None:
+                for _ in range(acfg.claim_retries):
+                    try:
+                        got = await self.agent.call_local(
+                            obj_api.KV_VERSIONS, obj_api.KvKeyRequest(key=kv_key))
+                        loaded = pick_checkpoint((v.ts, v.value) for v in got.versions)
+                        mine = claim(loaded.checkpoint, me)
+                        put = await self.agent.call_local(obj_api.KV_PUT, obj_api.KvPutRequest(
+                            key=kv_key, value=encode_checkpoint(mine),
+                            expected=list(loaded.expected)))
+                    except ApiError as e:
+                        if e.code is ErrorCode.CONFLICT:
+                            self.stats["actor_claim_conflicts"] += 1
+                            continue
+                        return InvokeReply("busy", message=f"cannot claim actor key {key!r}:"
+                                           f" {str(e)[:500]}")
+                    except (ValueError, RpcError) as e:
+                        return InvokeReply("busy", message=f"cannot claim actor key {key!r}:"
+                                           f" {str(e)[:500]}")
+                    lease.ck, lease.version, lease.loaded_in = mine, put.ts, None
+                    self.stats["actor_claims"] += 1
+                    self.agent.log("info", "actor_key_claimed", service=name, key=key[:200],
+                                   seq=mine.seq, epoch=mine.epoch)
+                    break
+                else:
+                    return InvokeReply("not-here", message=f"actor key {key!r}: claims "
+                                       f"conflicted {acfg.claim_retries} times in a row")
+            assert lease.ck is not None
+            if lease.loaded_in is not proc:
+                got_load = await proc.load(key, lease.ck.state or b"", req.timeout_s)
+                if got_load.outcome != "done":
+                    return got_load
+                lease.loaded_in = proc
+            states: list[bytes] = []
+            reply = await proc.call(req.method, req.args, req.encoding, req.timeout_s,
+                                    key=key, state_out=states)
+            if reply.outcome != "done" or not states:
+                lease.loaded_in = None  # the process dropped the instance: reload it
+                return reply
+            try:
+                nxt = after_call(lease.ck, me, states[0], acfg)
+                put = await self.agent.call_local(obj_api.KV_PUT, obj_api.KvPutRequest(
+                    key=kv_key, value=encode_checkpoint(nxt), expected=[lease.version]))
+            except (ValueError, RpcError) as e:
+                proc.drop(key)
+                lease.ck, lease.version, lease.loaded_in = None, "", None
+                if isinstance(e, ApiError) and e.code is ErrorCode.CONFLICT:
+                    self.stats["actor_fenced"] += 1
+                    self.agent.log("info", "actor_key_fenced", service=name, key=key[:200])
+                    return InvokeReply("not-here", message=f"fenced: another node claimed "
+                                       f"actor key {key!r}; the call did not count")
+                self.stats["actor_checkpoint_failed"] += 1
+                return InvokeReply("crashed", message=f"the call ran but its checkpoint "
+                                   f"failed ({str(e)[:300]}): it may or may not count")
+            lease.ck, lease.version = nxt, put.ts
+            return reply
 
     # ------------------------------------------------------------------ list
 

@@ -49,7 +49,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Final
 
-from meshscale.core.kv import MAX_KEY_BYTES, MAX_VALUE_BYTES
+from meshscale.core.kv import MAX_KEY_BYTES, MAX_VALUE_BYTES, cas_matches
 from meshscale.core.objects import OBJECT_ID_PREFIX, OBJECT_ID_RE, new_hasher, object_id
 
 __all__ = [
@@ -1438,6 +1438,54 @@ class LocalStore:
                     raise StorageError("disk_full", f"disk full writing KV key: {e}") from None
                 raise
             return applied
+
+    def kv_put_if(self, key: str, value: bytes | None, ts: str, expected: Sequence[str],
+                  hints: Sequence[str] = (), since: float = 0.0
+                  ) -> tuple[bool, str | None]:
+        """A conditional put's part on this replica (``core.kv.cas_allows``), atomic with
+        the check: store (value, ts) only if the key's record is one of ``expected``
+        (encoded stamps; "" for no record or a tombstone) and ``ts`` sorts after it.
+        Returns (applied, the stamp of the record held before: None for no record). The
+        hints are stored, as ``kv_put`` stores them, only when it applied."""
+        self._check_key(key)
+        if not isinstance(ts, str) or not ts or len(ts.encode("utf-8")) > MAX_KV_TS_BYTES:
+            raise ValueError("KV timestamp must be a non-empty str within MAX_KV_TS_BYTES")
+        if value is not None:
+            value = bytes(value)
+            if len(value) > MAX_KV_VALUE_BYTES:
+                raise StorageError(
+                    "too_large",
+                    f"KV value of {len(value)} bytes exceeds {MAX_KV_VALUE_BYTES} bytes")
+            self._check_free(len(key) + len(value) + len(ts) + KV_ROW_OVERHEAD_BYTES, 0)
+        hints = [_check_hint_target(t) for t in hints]
+        with self._db_lock:
+            self._check_open()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    row = self._db.execute("SELECT value, ts FROM kv WHERE key = ?",
+                                           (key,)).fetchone()
+                    current: str | None = None if row is None else row[1]
+                    live = row is not None and row[0] is not None
+                    applied = cas_matches(current, live, expected) and (current is None or ts > current)
+                    if applied:
+                        self._db.execute(
+                            "INSERT INTO kv (key, value, ts) VALUES (?, ?, ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, "
+                            "ts = excluded.ts", (key, value, ts))
+                        if hints:
+                            self._db.executemany(_HINT_UPSERT,
+                                                 [(key, t, ts, since) for t in hints])
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as e:
+                if _is_no_space(e):
+                    raise StorageError("disk_full", f"disk full writing KV key: {e}") from None
+                raise
+        return applied, current
 
     def kv_hints_apply(
         self,

@@ -44,6 +44,9 @@ class ErrorCode(enum.StrEnum):
     """Not enough free space above the node's disk reserve."""
     UNAVAILABLE = "unavailable"
     """Not enough replicas answered for the consistency or durability asked for."""
+    CONFLICT = "conflict"
+    """A conditional KV put found another version than the one it named (``kv_conflict``,
+    ``core.kv.cas_allows``): read the key again."""
     REMOVED = "removed"
     """The calling node was removed from the mesh."""
     INTERNAL = "internal"

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from meshscale.core.api.contract import Empty, Method, Request, ResidencyWire
-from meshscale.core.kv import MAX_KEY_BYTES, MAX_VALUE_BYTES
+from meshscale.core.kv import MAX_EXPECTED, MAX_KEY_BYTES, MAX_VALUE_BYTES
 
 __all__ = [
     "CORRUPT_LOCAL",
@@ -28,6 +28,7 @@ __all__ = [
     "KV_PUT",
     "KV_READ",
     "KV_SCAN",
+    "KV_VERSIONS",
     "LIST",
     "LOCAL_LIST",
     "LOCAL_STAT",
@@ -339,10 +340,18 @@ class ReplMsgRequest(Request):
 # ------------------------------------------------------------------ KV
 
 
+Version = Annotated[str, msgspec.Meta(max_length=MAX_TS_LENGTH)]
+"""An encoded HLC stamp, or "" (``core.kv.ABSENT``: no live value)."""
+Expected = Annotated[list[Version], msgspec.Meta(min_length=1, max_length=MAX_EXPECTED)]
+
+
 class KvPutRequest(Request):
     key: KvKey
     value: KvBytes
     consistency: ConsistencyName = "quorum"
+    expected: Expected | None = None
+    """A conditional put (``core.kv``, compare-and-swap): applied only where the key's
+    record is one of these versions; refused with ``conflict`` otherwise."""
 
 
 class KvKeyRequest(Request):
@@ -372,11 +381,17 @@ class KvApplyRequest(Request):
     ts: Stamp
     hint_for: Annotated[list[NodeName], msgspec.Meta(max_length=MAX_HINT_TARGETS)] = []
     """The replicas this node stands in for (``core.kv.KVHints``)."""
+    expected: Expected | None = None
+    """A conditional put's versions: apply only if this replica's record is one of them."""
 
 
-class KvApplyReply(msgspec.Struct):
+class KvApplyReply(msgspec.Struct, omit_defaults=True):
     applied: bool
-    """False: the replica had a newer record."""
+    """False: the replica had a newer record (or, ``conflict``, another version)."""
+    conflict: bool = False
+    """A conditional put refused: the replica's record is none of the expected ones."""
+    current: str | None = None
+    """With ``conflict``: the stamp of the replica's record (None: it has none)."""
 
 
 class KvReadRequest(Request):
@@ -388,6 +403,22 @@ class KvRecordWire(msgspec.Struct):
 
     value: bytes | None
     ts: str
+
+
+class KvVersion(msgspec.Struct):
+    """One replica's record of a key (``kv.versions``)."""
+
+    node: str
+    ts: str | None = None
+    """None: the replica has no record."""
+    value: bytes | None = None
+
+
+class KvVersions(msgspec.Struct):
+    """Every replica's record of a key that answered (a quorum at least): for a reader of
+    conditional puts that decides on its own rule (``core.actors.pick_checkpoint``)."""
+
+    versions: list[KvVersion]
 
 
 class KvListRequest(Request):
@@ -452,9 +483,11 @@ KV_READ: Method[KvReadRequest, KvRecordWire | None] = Method(
     "kv.read", KvReadRequest, KvRecordWire | None)
 KV_LIST: Method[KvListRequest, KvPage] = Method("kv.list", KvListRequest, KvPage)
 KV_SCAN: Method[KvListRequest, KvPage] = Method("kv.scan", KvListRequest, KvPage)
+KV_VERSIONS: Method[KvKeyRequest, KvVersions] = Method("kv.versions", KvKeyRequest,
+                                                       KvVersions)
 
 METHODS: tuple[Method[Any, Any], ...] = (
     PUT_BEGIN, PUT_CHUNK, PUT_END, PUT_ABORT, PUT_SMALL, RW_BEGIN, RW_CHUNK, RW_END,
     RW_SMALL, READ, READ_LOCAL, LOCAL_STAT, LOCAL_LIST, STAT, LIST, DELETE, CORRUPT_LOCAL,
     DP_STATS, REPL_MSG, KV_PUT, KV_DELETE, KV_GET, KV_APPLY, KV_READ,
-    KV_LIST, KV_SCAN)
+    KV_LIST, KV_SCAN, KV_VERSIONS)

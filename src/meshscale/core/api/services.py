@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from meshscale.core.actors import MAX_ACTOR_KEY_CHARS
 from meshscale.core.api.contract import (
     MAX_REGIONS,
     Empty,
@@ -74,6 +75,9 @@ Count = Annotated[int, msgspec.Meta(ge=1, le=64)]
 Encoding = Literal["pickle", "json"]
 Placement = Literal["near-caller", "central", "regions"]
 TimeoutS = Annotated[float, msgspec.Meta(gt=0, le=MAX_CALL_TIMEOUT_S)]
+ActorKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ACTOR_KEY_CHARS,
+                                       pattern=r"^[^\x00]+$")]
+NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 Outcome = Literal["done", "raised", "unpicklable", "too-large", "timeout", "crashed",
                   "not-here", "busy", "no-replica", "replica-lost", "retries-exhausted"]
@@ -120,6 +124,9 @@ class ServiceWire(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     class_name: Annotated[str, msgspec.Meta(max_length=256)] = ""
     code_id: Id
     """The object holding the pickled ``(class, args, kwargs)`` (its content id)."""
+    actor: bool = False
+    """An actor service (``core/actors.py``): one instance per key, on the key's owner,
+    its state checkpointed in the KV after each call; calls name a key."""
 
 
 class DeployRequest(Request):
@@ -156,6 +163,8 @@ class CallRequest(Request):
     args: Annotated[bytes, msgspec.Meta(max_length=MAX_CALL_ARGS_BYTES)]
     encoding: Encoding = "pickle"
     timeout_s: TimeoutS = 30.0
+    actor_key: ActorKey | None = None
+    """The key a call to an actor service goes to (required there, refused elsewhere)."""
 
 
 class CallReply(msgspec.Struct, omit_defaults=True):
@@ -179,6 +188,10 @@ class InvokeRequest(Request):
     encoding: Encoding = "pickle"
     timeout_s: TimeoutS = 30.0
     caller_region: RegionName | None = None
+    actor_key: ActorKey | None = None
+    exclude: Annotated[list[NodeName], msgspec.Meta(max_length=64)] = []
+    """For an actor call: nodes the caller could not reach, left out of the owner's
+    rendezvous (``core.actors.actor_owner``) by the node asked too."""
 
 
 class InvokeReply(msgspec.Struct, omit_defaults=True):

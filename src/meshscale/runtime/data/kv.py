@@ -15,6 +15,7 @@ from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.api import objects as api
 from meshscale.core.hlc import ClockSkewError, HLCTimestamp
 from meshscale.core.kv import (
+    ABSENT,
     Consistency,
     HintDeleted,
     HintSend,
@@ -22,8 +23,10 @@ from meshscale.core.kv import (
     KVCoordinator,
     KVRecord,
     ScanPage,
+    cas_refusal,
     kv_placement,
     merge_scans,
+    strict_replicas,
 )
 from meshscale.core.placement import PlacementError, Residency
 from meshscale.core.policy import (
@@ -82,8 +85,18 @@ class KvStore(DataPlaneBase):
             return None
         return kv_residency(key, self.policies)
 
-    async def _kv_write(self, key: str, value: bytes | None, consistency: Consistency) -> str:
+    async def _kv_write(self, key: str, value: bytes | None, consistency: Consistency,
+                        expected: list[str] | None = None, _again: bool = False) -> str:
         rule = self._kv_rule(key)
+        if expected is not None:
+            # The write's stamp must be above every version it replaces (``for_cas``).
+            for e in expected:
+                if e != ABSENT:
+                    try:
+                        self.hlc.update(HLCTimestamp.decode(e), time.time())
+                    except ValueError as err:
+                        raise ApiError(ErrorCode.INVALID,
+                                       f"expected version {e!r:.80}: {err}") from None
         ts = self.hlc.now(time.time())
         rec = KVRecord(key, value, ts)
         try:
@@ -94,21 +107,51 @@ class KvStore(DataPlaneBase):
                 raise self._refuse("residency", f"kv write of {key!r}: {e}", subject=key,
                                    data_class=rule.data_class) from None
             raise ApiError(ErrorCode.REFUSED, f"kv write of {key!r} refused: {e}") from None
-        # A delete also goes to full members (it needs no room; it must beat their value).
-        coord = KVCoordinator.for_put(rec, where.replicas, consistency,
-                                      where.full if value is None else ())
-        apply = api.KvApplyRequest(key=key, value=value, ts=ts.encode())
+        away: tuple[str, ...] = ()
+        if expected is not None:
+            why = cas_refusal(consistency)
+            if why is not None:
+                raise ApiError(ErrorCode.INVALID, f"kv conditional put of {key!r}: {why}")
+            strict, away = strict_replicas(where)
+            coord = KVCoordinator.for_cas(rec, strict, consistency, expected)
+            for n in away:
+                coord.on_failure(n, "down or full (a conditional put takes no stand-in)")
+        else:
+            # A delete also goes to full members (it needs no room; it must beat their
+            # value).
+            coord = KVCoordinator.for_put(rec, where.replicas, consistency,
+                                          where.full if value is None else ())
+        apply = api.KvApplyRequest(key=key, value=value, ts=ts.encode(), expected=expected)
 
         async def ask(node: str) -> None:
+            if node in away:
+                return
             # A stand-in is told whom it stands in for (``KVHints``).
             targets = where.hint_targets(node)
             req = msgspec.structs.replace(apply, hint_for=list(targets)) if targets else apply
-            await self._call(node, api.KV_APPLY, req)
-            coord.on_reply(node, None)
+            got = await self._call(node, api.KV_APPLY, req)
+            if got.conflict:
+                coord.on_conflict(node, got.current)
+            else:
+                coord.on_reply(node, None)
 
-        await self._kv_round(coord, ask, reads=False)
+        # A conditional put waits for every replica: a refusal may name a residue to
+        # overwrite (``KVCoordinator.residues``).
+        await self._kv_round(coord, ask, reads=expected is not None)
+        if coord.outcome is not None and coord.outcome.ok and expected is not None \
+                and not _again:
+            residues = coord.residues()
+            if residues:
+                self._count("kv_cas_residues_overwritten", len(residues))
+                with contextlib.suppress(ApiError):
+                    return await self._kv_write(key, value, consistency,
+                                                [ts.encode(), *residues], _again=True)
         if coord.outcome is None or not coord.outcome.ok:
             reason = coord.outcome.reason if coord.outcome else "no outcome"
+            if coord.outcome is not None and coord.outcome.conflict:
+                self._count("kv_cas_conflicts")
+                raise ApiError(ErrorCode.CONFLICT,
+                               f"kv conditional put of {key!r} refused: {reason}")
             raise ApiError(ErrorCode.UNAVAILABLE, f"kv write of {key!r} failed: {reason}")
         return ts.encode()
 
@@ -151,7 +194,8 @@ class KvStore(DataPlaneBase):
                                               f"bytes (MAX_KV_VALUE_BYTES); this one is "
                                               f"{len(req.value)}")
         return api.KvWriteReply(ts=await self._kv_write(key, req.value,
-                                                        Consistency(req.consistency)))
+                                                        Consistency(req.consistency),
+                                                        req.expected))
 
     async def _rpc_kv_delete(self, req: api.KvKeyRequest) -> api.KvWriteReply:
         return api.KvWriteReply(ts=await self._kv_write(_kv_key(req.key, write=True), None,
@@ -194,6 +238,47 @@ class KvStore(DataPlaneBase):
             return api.KvValue()
         return api.KvValue(value=best.value, ts=best.ts.encode())
 
+    async def _rpc_kv_versions(self, req: api.KvKeyRequest) -> api.KvVersions:
+        """Each replica's own record of ``req.key`` (no merge, no read repair), once the
+        consistency level's count of them answered; for readers of conditional puts."""
+        key = req.key
+        rule = self._kv_rule(key)
+        if rule is not None and rule.data_class is not None:
+            why = read_refusal(self.agent.meta.region, rule.data_class, self.policies)
+            if why is not None:
+                raise self._refuse("cross_region_read", f"kv read of {key!r}: {why}",
+                                   subject=key, data_class=rule.data_class)
+        try:
+            where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule,
+                                 down=self._down_view())
+        except PlacementError as e:
+            raise ApiError(ErrorCode.REFUSED, f"kv read of {key!r} refused: {e}") from None
+        # The same strict set a conditional put writes to (full members can be read).
+        strict, _ = strict_replicas(where)
+        gone = [n for n in strict if n not in where.replicas and n not in where.full]
+        coord = KVCoordinator.for_get(key, strict, Consistency(req.consistency))
+        for n in gone:
+            coord.on_failure(n, "down")
+        read = api.KvReadRequest(key=key)
+        out: dict[str, api.KvVersion] = {}
+
+        async def ask(node: str) -> None:
+            if node in gone:
+                return
+            got = await self._call(node, api.KV_READ, read)
+            if got is None:
+                out[node] = api.KvVersion(node=node)
+                coord.on_reply(node, None)
+                return
+            out[node] = api.KvVersion(node=node, ts=got.ts, value=got.value)
+            coord.on_reply(node, KVRecord(key, got.value, HLCTimestamp.decode(got.ts)))
+
+        await self._kv_round(coord, ask, reads=True)
+        if coord.outcome is None or not coord.outcome.ok:
+            reason = coord.outcome.reason if coord.outcome else "no outcome"
+            raise ApiError(ErrorCode.UNAVAILABLE, f"kv read of {key!r} failed: {reason}")
+        return api.KvVersions(versions=[out[n] for n in sorted(out)])
+
     async def _rpc_kv_apply(self, req: api.KvApplyRequest) -> api.KvApplyReply:
         """Take one replica's part of a KV write (a coordinator's, a read repair or a
         hand-off), with the hints ``KVHints.plan`` asks for stored in the same transaction
@@ -218,7 +303,15 @@ class KvStore(DataPlaneBase):
             raise ApiError(ErrorCode.BUSY, f"hints_full: this node holds hints for "
                                            f"{self.cfg.kv_hints.max_hints} keys (max_hints)")
         try:
-            applied = await asyncio.to_thread(self.store.kv_put, key, req.value, ts, targets, now)
+            if req.expected is not None:
+                applied, current = await asyncio.to_thread(
+                    self.store.kv_put_if, key, req.value, ts, req.expected, targets, now)
+                if not applied:
+                    self._count("kv_cas_refused")
+                    return api.KvApplyReply(applied=False, conflict=True, current=current)
+            else:
+                applied = await asyncio.to_thread(self.store.kv_put, key, req.value, ts,
+                                                  targets, now)
         except StorageError as e:
             raise _storage_error(e) from None
         if targets:
