@@ -126,7 +126,7 @@ def test_two_concurrent_conditional_puts_never_both_win() -> None:
     assert wins > 0  # the race is not always lost by both
 
 
-def test_residues_are_the_newer_versions_refusers_hold() -> None:
+def test_residues_are_the_versions_refusers_hold() -> None:
     c = KVCoordinator.for_cas(rec(9), ("a", "b", "c", "d", "e"), Consistency.QUORUM,
                               [ts(5).encode()])
     c.on_conflict("a", ts(12, "z").encode())  # a loser's residue, newer than the write
@@ -135,7 +135,15 @@ def test_residues_are_the_newer_versions_refusers_hold() -> None:
     c.on_reply("d", None)
     c.on_reply("e", None)
     assert c.outcome is not None and c.outcome.ok
-    assert c.residues() == (ts(12, "z").encode(),)
+    # Both: the newer one would win a last-writer-wins read; the older one, repaired to
+    # the version this write replaced, would match a later round's loser.
+    assert c.residues() == (ts(3, "z").encode(), ts(12, "z").encode())
     again = KVCoordinator.for_cas(rec(13), c.replicas, Consistency.QUORUM,
                                   [ts(9).encode(), *c.residues()])
-    assert again.expected == {ts(9).encode(), ts(12, "z").encode()}
+    assert again.expected == {ts(9).encode(), ts(3, "z").encode(), ts(12, "z").encode()}
+    # A replica with no record at all is named as ABSENT.
+    d = KVCoordinator.for_cas(rec(9), ("a", "b", "c"), Consistency.QUORUM, [ts(5).encode()])
+    d.on_conflict("a", None)
+    d.on_reply("b", None)
+    d.on_reply("c", None)
+    assert d.outcome is not None and d.outcome.ok and d.residues() == (ABSENT,)

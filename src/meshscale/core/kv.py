@@ -70,8 +70,9 @@ part, and a QUORUM still succeeds with one of three replicas down. Its timestamp
 - No undo. A put that fails (conflict, or too few answers in time) may still have been
   applied by a minority of replicas, and that *residue* may carry a newer timestamp
   than the winner's. The winner's coordinator waits for every replica's answer and,
-  when a refusal names a newer version, at once writes its value again over it with a
-  second conditional put (``KVCoordinator.residues``), whose stamp it returns. So a
+  when replicas refused, at once writes its value again over what they hold (a newer
+  residue or an older record) with a second conditional put (``KVCoordinator.residues``),
+  whose stamp it returns. So a
   read after a successful put returns its value (or a later one), except when a
   residue sits on a replica that did not answer the winner in time (or the second put
   failed): then a last-writer-wins read may return the residue, and read repair may
@@ -460,21 +461,27 @@ class KVCoordinator:
         self._decide()
 
     def residues(self) -> tuple[str, ...]:
-        """After a conditional put succeeded: the versions refusing replicas hold that
-        are *newer* than the write (a concurrent loser's residue, see the module
-        docstring), which a last-writer-wins read would prefer to it. The driver
-        overwrites them at once with a second conditional put of the same value that
-        names the write's own stamp and these (``KVCoordinator.for_cas``), so a read
-        returns the winner."""
+        """After a conditional put succeeded: the versions the refusing replicas hold
+        (``ABSENT`` for none), which the driver overwrites at once with a second
+        conditional put of the same value naming the write's own stamp and these
+        (``KVCoordinator.for_cas``). A *newer* one is a concurrent loser's residue, which
+        a last-writer-wins read would prefer to the winner (see the module docstring). An
+        *older* one is a replica a round behind: left alone, a read repair may bring it up
+        to the version this write replaced while a later round is under way, and a loser
+        of that round naming that version would then be applied there with a stamp newer
+        than that round's winner (found on a 4-node mesh: ``test_kv_cas_mesh``). So every
+        replica that answered ends the round holding the winner."""
         assert self.write is not None
         out = set()
         for cur in self.conflicts.values():
-            if cur is not None and cur != ABSENT:
-                try:
-                    if HLCTimestamp.decode(cur) > self.write.ts:
-                        out.add(cur)
-                except ValueError:
-                    continue
+            if cur is None or cur == ABSENT:
+                out.add(ABSENT)
+                continue
+            try:
+                if HLCTimestamp.decode(cur) != self.write.ts:
+                    out.add(cur)
+            except ValueError:
+                continue
         return tuple(sorted(out)[-(MAX_EXPECTED - 1):])
 
     def expire(self) -> None:
