@@ -415,6 +415,13 @@ class ObjectWriter:
             self._rehash()  # and from now on as they are written
         return OBJECT_ID_PREFIX + self._hash.hexdigest()
 
+    def narrow_residency(self, residency: tuple[str, ...]) -> None:
+        """Store the object under this residency rule instead of the one it was opened
+        with (before ``commit``): its class was narrowed while the bytes arrived."""
+        if self._done:
+            raise ValueError("narrow_residency of a committed or aborted ObjectWriter")
+        self._residency = tuple(residency)
+
     def commit(self, expected_id: str | None = None) -> ObjectMeta:
         """Make the object durable and visible; return its metadata.
 
