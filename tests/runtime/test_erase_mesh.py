@@ -301,7 +301,7 @@ def test_a_member_down_for_a_migration_migrates_its_copies_when_back(
     capsys.readouterr()
     # Its copies, on its disk, still under the old rule: it comes back with them.
     assert all(victim.name in disk_holders(mesh, oid) for oid in held)
-    cmd = node_command(victim, [mesh.nodes[other].address], "", [])
+    cmd = node_command(victim, [mesh.nodes[other].address], "")
     victim.proc = spawn_node(cmd, victim.data_dir.parent / f"{victim.name}-latecomer.log")
     for oid in held:
         wait_for(lambda o=oid: {regions[h] for h in disk_holders(mesh, o)} == {"eu-west"}
