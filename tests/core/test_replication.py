@@ -1018,3 +1018,42 @@ def test_migrate_tombstones_rewrites_the_rule_of_a_class_tombstones() -> None:
     # Already under the new rule (and another class's untouched): nothing more to do.
     assert m.migrate_tombstones(make_policy("pii", ["eu"])) == []
     assert m.tombstone(a) == ts(10.0, "us1") and m.tombstone(b) == ts(10.0, "us1")
+
+
+def test_a_holder_keeps_a_tombstone_a_migration_moved_away_from_it() -> None:
+    # Policy swarm seed 1144458676: a member of an object's set was down for its delete
+    # and for the migration that moved the tombstones to another region; back, it heard
+    # only a later policy that still allowed its copy's rule. The copy's set is the old
+    # one: the old holders must still keep the tombstone, or the copy spreads again.
+    from meshscale.core.policy import make_policy
+
+    old = ObjectPolicy(2, Residency(frozenset({"eu"}), "pii"))
+    oid = "b3-" + "5" * 64
+    mesh = TombMesh()
+    a, b = names(replica_set(oid, VIEW, 2, old.residency))
+    for n in (a, b):
+        mesh.m[n].object_added(oid, old, None, 0.0, ts(100))
+    mesh.run(6.0)
+    mesh.down.add(b)  # misses the delete and the migration
+    mesh.m[a].delete(oid, old, ts(200, a), mesh.now, 200.0)
+    mesh.flush()
+    assert mesh.m[a].tombstone(oid) == ts(200, a)
+    moved = make_policy("pii", ["us"], replicas=2)
+    for n, m in mesh.m.items():
+        if n != b:
+            m.class_policies = {"pii": moved}
+    assert mesh.m[a].migrate_tombstones(moved) == [oid]
+    mesh.run(mesh.now + 12.0)
+    assert {n for n, k in mesh.kept.items() if oid in k} >= {"us1", "us2"}
+    # Handed off to the new set, and still kept here, no longer offered every round.
+    assert mesh.m[a].tombstone(oid) == ts(200, a) and oid in mesh.kept[a]
+    assert mesh.m[a].stats.get("tombstones_kept.moved", 0) == 1
+    # The class widens again (eu and us); b comes back, having heard only that: its
+    # copy's rule {eu} fits, so it keeps it, in the old set, which meets a's tombstone.
+    wide = make_policy("pii", ["eu", "us"], replicas=2)
+    for m in mesh.m.values():
+        m.class_policies = {"pii": wide}
+    mesh.down.discard(b)
+    mesh.run(mesh.now + 12.0)
+    assert mesh.holders(oid) == set()
+    assert (b, oid) in mesh.drops

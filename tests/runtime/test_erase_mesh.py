@@ -4,11 +4,13 @@ or on its disk, the receipt lists every copy that existed with the node that con
 it, verifies against the CA, and fails to once one byte of it is changed; the erasure is
 in the coordinator's audit trail. Bad input (unknown class, malformed ids, a read-only
 bundle, malformed or missing receipt files) gets one line and its documented exit code.
-The Python API erases by id and by a KV key prefix."""
+The Python API erases by id and by a KV key prefix. ``policy set --migrate`` moves copies,
+those of a member that was down at the time too: it migrates its own when it is back."""
 
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from meshscale.client import connect
 from meshscale.client.erasure import save_receipt, verify_receipt_file
 from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import call
-from meshscale.runtime.launcher import LocalMesh
+from meshscale.runtime.launcher import LocalMesh, node_command, spawn_node
 from meshscale.trust.bundle import init_bundle, load_bundle, write_client_bundle
 from meshscale.trust.receipts import verify_receipt
 from waiting import wait_for
@@ -274,3 +276,38 @@ def test_policy_set_migrate_moves_copies_by_re_replication(
     assert cli(mesh, "compliance", "report", "--class", "moving", "--json") == 0
     (cls,) = json.loads(capsys.readouterr().out)["classes"]
     assert cls["out_of_rule"] == [] and [u["region"] for u in cls["regions"]] == ["eu-west"]
+
+
+def test_a_member_down_for_a_migration_migrates_its_copies_when_back(
+        mesh: LocalMesh, capsys: pytest.CaptureFixture[str]) -> None:
+    # `policy set --migrate` asks the members that answer then; one that is down rewrites
+    # its own copies when its policy cache reads the new rule (runtime/data/policy.py).
+    regions = {n.name: n.region for n in mesh.nodes}
+    with connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as m:
+        m.policies.set("latecomer", sorted(EU), replicas=2)
+        datas = [f"latecomer record {k} ".encode() * (40 + k) for k in range(8)]
+        refs = [m.put(d, data_class="latecomer") for d in datas]
+    for r in refs:
+        wait_for(lambda o=r.id: len(disk_holders(mesh, o)) >= 2, 30, f"{r.id} stored")
+    victim = next(n for n in mesh.nodes if n.region == "eu-central")
+    held = [r.id for r in refs if victim.name in disk_holders(mesh, r.id)]
+    assert held, "the eu-central node holds none of the class's copies: nothing to test"
+    assert victim.proc is not None
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    other = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
+    assert cli(mesh, "policy", "set", "latecomer", "--regions", "eu-west", "--replicas", "2",
+               "--migrate", node=other) == 0
+    capsys.readouterr()
+    # Its copies, on its disk, still under the old rule: it comes back with them.
+    assert all(victim.name in disk_holders(mesh, oid) for oid in held)
+    cmd = node_command(victim, [mesh.nodes[other].address], "")
+    victim.proc = spawn_node(cmd, victim.data_dir.parent / f"{victim.name}-latecomer.log")
+    for oid in held:
+        wait_for(lambda o=oid: {regions[h] for h in disk_holders(mesh, o)} == {"eu-west"}
+                 and len(disk_holders(mesh, o)) == 2, 60, f"{oid} only in eu-west")
+    with connect(mesh.nodes[other].address, bundle=mesh.bundle_path) as m:
+        assert [m.get(r) for r in refs] == datas
+    rows = call(victim.address, mesh.credentials(), "audit.query",
+                {"kind": "policy_change", "data_class": "latecomer"}, timeout=10)["rows"]
+    assert any("policy refresh" in row["detail"] for row in rows), rows

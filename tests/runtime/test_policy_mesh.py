@@ -616,3 +616,40 @@ def test_kv_keys_under_a_class_prefix(mesh: LocalMesh) -> None:
         assert m.kv.get("plain/key") == "v"
     assert call(mesh.nodes[us].address, creds, "dp.stats",
                 timeout=10)["dataplane"].get("refused_residency", 0) >= 1
+
+
+def test_the_coordinators_own_copy_takes_a_narrowing_made_during_its_upload(
+        mesh: LocalMesh) -> None:
+    # The put's rule is resolved when its upload begins; the class is narrowed (through
+    # the same node, whose cache has it at once) before the bytes are all there. The
+    # coordinator keeps its own copy under the narrowed rule (core.policy.stored_rule),
+    # as a receiver keeps a replica, not under the rule resolved before the change.
+    eu = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
+    with connect(mesh.nodes[eu].address, bundle=mesh.bundle_path) as m:
+        m.policies.set("narrowing", ["eu-west", "eu-central"], replicas=2)
+    data = b"uploaded while its class narrowed " * 40
+    oid = oid_of(data)
+
+    async def go() -> dict[str, Any]:
+        c = RpcConnection(mesh.nodes[eu].address, mesh.credentials(), 30)
+        try:
+            began = await c.call("obj.put_begin", {"size": len(data),
+                                                   "residency": {"data_class": "narrowing"}})
+            await c.call("obj.put_chunk", {"upload": began["upload"], "data": data[:100]})
+            await c.call("policy.set", {"name": "narrowing", "regions": ["eu-west"],
+                                        "replicas": 2, "migrate": True})
+            await c.call("obj.put_chunk", {"upload": began["upload"], "data": data[100:]})
+            put = await c.call("obj.put_end", {"upload": began["upload"]})
+            assert put["id"] == oid
+        finally:
+            await c.close()
+        # Another node's certificate: obj.local_stat is node-to-node.
+        peer = RpcConnection(mesh.nodes[eu].address, mesh.node_credentials((eu + 1) % 5), 30)
+        try:
+            got: dict[str, Any] = await peer.call("obj.local_stat", {"id": oid})
+            return got
+        finally:
+            await peer.close()
+
+    local = asyncio.run(go())
+    assert local["residency"] == {"regions": ["eu-west"], "data_class": "narrowing"}, local

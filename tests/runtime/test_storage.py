@@ -795,6 +795,21 @@ def test_object_tombstones_survive_a_restart(tmp_path: Path) -> None:
             s.tombstone_put("nope", "x", replicas=3, data_class=None, residency=None)
 
 
+def test_a_tombstone_rule_rewritten_at_the_same_timestamp_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    # A class policy migration rewrites a kept tombstone's rule, not its timestamp
+    # (ReplicaManager.migrate_tombstones): the new rule must be the one kept on disk, or
+    # a restart brings the tombstone back under the old rule, in the old replica set.
+    oid = object_id_of(b"moved")
+    ts = "0000000000000005-00000000-a"
+    with open_store(tmp_path) as s:
+        s.tombstone_put(oid, ts, replicas=3, data_class="pii", residency=["ap-south"])
+        s.tombstone_put(oid, ts, replicas=3, data_class="pii", residency=["eu-west"])
+    with open_store(tmp_path) as s:
+        assert s.tombstones() == [(oid, ts, 3, "pii", ("eu-west",))]
+
+
 def _age_store(path: Path, version: int) -> None:
     """Make the store in ``path`` look as an older meshscale left it."""
     import sqlite3

@@ -74,7 +74,10 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   the replica set and handed off like copies, except that a holder outside the set keeps
   its tombstone while the set is short of the policy's replicas (its members are then
   all that would keep the delete, and losing them would let a returning copy live
-  again); they expire ``tombstone_grace_s`` after their timestamp
+  again), and that a holder keeps a tombstone whose rule changed while it held it (a
+  class policy migration, ``migrate_tombstones``, or a rule narrowed on receipt): a copy
+  on a node that missed the change is still placed by the old rule, among the old
+  holders, which must still know of the delete; they expire ``tombstone_grace_s`` after their timestamp
   (``collect_tombstones``): a node that was away longer than that and comes back with a
   deleted copy can resurrect it, exactly as with Cassandra's gc_grace_seconds.
 
@@ -471,6 +474,16 @@ class _Local:
     """A copy: when the newest write of these bytes that reached us happened."""
     tomb: HLCTimestamp | None = None
     """Set: this entry is a tombstone, not a copy (no bytes are held)."""
+    moved: bool = False
+    """A tombstone whose rule changed while this node kept it (a migration, or a rule
+    narrowed to its class's on receipt): kept here until it expires, not forgotten once
+    the new set holds it. Copies on nodes that missed the change are still placed by the
+    old rule, so their replica sets meet this node, not the tombstone's new set (swarm
+    seed 1144458676 of the policy plane)."""
+    handed: bool = False
+    """A moved tombstone held outside its replica set, which every member confirmed
+    keeping since the last view change: no longer offered to them (until the view
+    changes)."""
     dg: tuple[str, ...] = ()
     """The peers whose pair digest holds this entry (``dg_h`` XORed into their
     accumulators), as last indexed; may name this node, which is skipped."""
@@ -802,6 +815,8 @@ class ReplicaManager:
             self._settle(loc)
             loc.policy = ObjectPolicy(loc.policy.replicas, Residency(target, new.name))
             loc.rs_version = -1
+            loc.moved = True
+            loc.handed = False
             self._index(loc)
             self._outputs.append(TombstoneStored(oid, loc.policy, loc.tomb))
             changed.append(oid)
@@ -926,20 +941,26 @@ class ReplicaManager:
 
     def _apply_tomb(
         self, oid: str, policy: ObjectPolicy, ts: HLCTimestamp, *, keep: bool,
-        persist: bool = True,
+        persist: bool = True, moved: bool = False,
     ) -> str:
         """A tombstone for ``oid`` at ``ts`` arrived. Returns ``"older"`` (ours is newer),
         ``"superseded"`` (we hold a copy written after it), or ``"applied"``. A copy
         older than it is dropped; the tombstone is kept if ``keep`` (or to replace a
-        dropped copy) and not expired."""
+        dropped copy) and not expired. ``moved``: its rule is narrower than the one it
+        came with (``_kept_rule``), so the tombstone is kept here as a moved one."""
         if self._expiry(ts) <= self._wall:
             self._count("tombstones_ignored.expired")
             return "older"
         loc = self._inv.get(oid)
         if loc is not None and loc.tomb is not None:
             if ts <= loc.tomb:
+                if ts == loc.tomb and moved and not loc.moved:
+                    self._settle(loc)
+                    loc.moved = True
+                    self._index(loc)
                 return "applied" if ts == loc.tomb else "older"
             loc.tomb = ts
+            loc.moved = loc.moved or moved
             loc.h = _tomb_hash(oid, ts)
             loc.confirmed.clear()
             self._index(loc)
@@ -961,7 +982,7 @@ class ReplicaManager:
         if self._tomb_count >= self.config.max_tombstones:
             self._count("tombstones_shed")
             return "applied"
-        new = _Local(oid, self._share(policy), None, _tomb_hash(oid, ts), tomb=ts)
+        new = _Local(oid, self._share(policy), None, _tomb_hash(oid, ts), tomb=ts, moved=moved)
         self._inv[oid] = new
         self._index(new)
         self._tomb_count += 1
@@ -1208,7 +1229,7 @@ class ReplicaManager:
             # Kept by the sender's replica set (the delete counts it) and by the class's.
             keep = self._mine(ref.oid, policy) or (rule is not policy
                                                    and self._mine(ref.oid, rule))
-            self._apply_tomb(ref.oid, rule, ts, keep=keep)
+            self._apply_tomb(ref.oid, rule, ts, keep=keep, moved=rule is not policy)
             kept = kept or keep
         if msg.ack:
             self._send(src, TombstoneAck(msg.ack, kept))
@@ -1230,7 +1251,8 @@ class ReplicaManager:
                 # Applied even where we may not hold the object: an older copy must go.
                 rule = self._kept_rule(policy)
                 outcome = self._apply_tomb(ref.oid, rule, tomb, keep=self._mine(ref.oid, policy)
-                                           or (rule is not policy and self._mine(ref.oid, rule)))
+                                           or (rule is not policy and self._mine(ref.oid, rule)),
+                                           moved=rule is not policy)
                 if outcome == "superseded":
                     superseded.append(ref.oid)
                     continue
@@ -1289,7 +1311,9 @@ class ReplicaManager:
         for ref in msg.deleted:
             ts = self._stamp(ref.deleted)
             if ts is not None and ref.oid in answered:
-                self._apply_tomb(ref.oid, self._kept_rule(ref.policy()), ts, keep=True)
+                stated = ref.policy()
+                rule = self._kept_rule(stated)
+                self._apply_tomb(ref.oid, rule, ts, keep=True, moved=rule is not stated)
                 answered.discard(ref.oid)
         for oid in msg.superseded:
             loc = self._inv.get(oid)
@@ -1429,7 +1453,7 @@ class ReplicaManager:
         return rs
 
     def _in_handoff(self, loc: _Local) -> bool:
-        if loc.dropping or not self._rs_of_local(loc):
+        if loc.dropping or loc.handed or not self._rs_of_local(loc):
             return False
         return bool(loc.no_room) or self.name not in loc.rs
 
@@ -1481,6 +1505,7 @@ class ReplicaManager:
         assert not self._matched
         for loc in self._inv.values():
             loc.dg = ()
+            loc.handed = False  # the set moved: a moved tombstone is offered to it again
             self._index(loc, seq=0)
 
     def _settle(self, loc: _Local) -> None:
@@ -1563,6 +1588,14 @@ class ReplicaManager:
                         # that would keep it: R-1 failures among them would lose the delete
                         # and a returning holder's copy would come back (swarm seed 2115).
                         # Keep ours, still offered to them each round, until the set is full.
+                        continue
+                    if loc.moved:
+                        # Its rule moved it away from here, where copies that missed the
+                        # change still look for it: kept (not offered again) until it
+                        # expires.
+                        loc.handed = True
+                        self._index(loc)
+                        self._count("tombstones_kept.moved")
                         continue
                     # Every member of a full set keeps the tombstone: a non-member need not.
                     self._forget_tomb(loc)

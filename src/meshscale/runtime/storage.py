@@ -415,6 +415,13 @@ class ObjectWriter:
             self._rehash()  # and from now on as they are written
         return OBJECT_ID_PREFIX + self._hash.hexdigest()
 
+    def narrow_residency(self, residency: tuple[str, ...]) -> None:
+        """Store the object under this residency rule instead of the one it was opened
+        with (before ``commit``): its class was narrowed while the bytes arrived."""
+        if self._done:
+            raise ValueError("narrow_residency of a committed or aborted ObjectWriter")
+        self._residency = tuple(residency)
+
     def commit(self, expected_id: str | None = None) -> ObjectMeta:
         """Make the object durable and visible; return its metadata.
 
@@ -1316,7 +1323,10 @@ class LocalStore:
         residency: Sequence[str] | None,
     ) -> None:
         """Keep (durably, when this returns) the tombstone of an explicitly deleted object:
-        ``ts`` is its encoded HLC timestamp; the policy says where it belongs."""
+        ``ts`` is its encoded HLC timestamp; the policy says where it belongs. A kept
+        tombstone is replaced by a newer one, and its rule by the one given at the same
+        timestamp (a class policy migration rewrites the rule of a tombstone, not its
+        timestamp); an older one is ignored."""
         _check_id(object_id)
         if not isinstance(ts, str) or not ts or len(ts.encode()) > MAX_KV_TS_BYTES:
             raise ValueError(f"tombstone timestamp must be a str of at most {MAX_KV_TS_BYTES} bytes")
@@ -1329,7 +1339,7 @@ class LocalStore:
                     "INSERT INTO obj_tombstones (id, ts, replicas, data_class, residency) "
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, "
                     "replicas = excluded.replicas, data_class = excluded.data_class, "
-                    "residency = excluded.residency WHERE excluded.ts > obj_tombstones.ts",
+                    "residency = excluded.residency WHERE excluded.ts >= obj_tombstones.ts",
                     (object_id, ts, int(replicas), data_class, res),
                 )
             except sqlite3.OperationalError as e:

@@ -37,9 +37,10 @@ every node's disk every ``scan_s`` of virtual time:
 skip ``copy_refusal``), ``stale_rule`` (receivers keep a copy under the rule its sender
 stated, which is wider than the class's when the sender has not heard of a narrowing) or
 ``migration`` (one node updates its view but leaves its copies' rules as they were), or
-``fanout`` (what the runtime's ``policy set --migrate`` does today: only the members the
-setting node reaches at that moment rewrite their copies; a member down or cut off then
-hears of the policy later through its cache refresh but never rewrites its copies).
+``fanout`` (what the runtime's ``policy set --migrate`` did before its members migrated
+their own copies on a cache refresh: only the members the setting node reaches at that
+moment rewrite their copies; a member down or cut off then hears of the policy later
+through its cache refresh but never rewrites its copies).
 """
 
 from __future__ import annotations

@@ -17,7 +17,13 @@ of its copies of the class that the new regions break (``policy.migrate_local``;
 ``ReplicaManager`` again under it, so the ordinary re-replication moves them: copies go
 to the new replica set (receivers check the new rule), and a holder outside it drops its
 copy once every member of the set keeps one. The node asked waits up to
-``migrate_wait_s`` for no copy to be left outside and reports what moved."""
+``migrate_wait_s`` for no copy to be left outside and reports what moved.
+
+A member that did not answer then (down, cut off) does the same by itself: whenever its
+cache reads a class's policy whose regions differ from the ones it had cached (or a class
+it had none cached for, as after a restart), it rewrites its own copies of the class the
+same way (``_migrate_own``), as the simulator's nodes do on hearing a change
+(``sim/policy_chaos.py``)."""
 
 from __future__ import annotations
 
@@ -94,12 +100,19 @@ class Policies(Catalog, KvStore):
 
     def _policy_remember(self, name: str, policy: ClassPolicy | None,
                          ts: str | None) -> None:
+        cached = self.policies.get(name)
         if policy is None or ts is None:
             self.policies.pop(name, None)
             self._policy_ts.pop(name, None)
         elif name in self.policies or len(self.policies) < self.cfg.max_policies:
             self.policies[name] = policy
             self._policy_ts[name] = ts
+            if (cached is None or cached.regions != policy.regions) \
+                    and self.rm is not None \
+                    and self.store is not None:
+                # This node's copies of the class follow the rule it now knows, whether
+                # or not a `policy set --migrate` reached it when it was made.
+                self.agent.spawn(self._migrate_own(name, "policy refresh"))
         self._policy_read_at[name] = time.monotonic()
         if len(self._policy_read_at) > 4 * self.cfg.max_policies:
             # Misses of names that have no policy: forget the oldest.
@@ -250,31 +263,47 @@ class Policies(Catalog, KvStore):
     async def _rpc_policy_migrate_local(self, req: papi.MigrateLocalRequest
                                         ) -> papi.MigrateLocalReply:
         try:
-            make_policy(req.name, req.regions)
+            policy = make_policy(req.name, req.regions)
         except PolicyError as e:
             raise ApiError(ErrorCode.INVALID, f"{e.rule}: {e}") from None
-        assert self.rm is not None
-        changed = await asyncio.to_thread(self._rewrite_rules, req.name, tuple(req.regions))
-        now = time.monotonic()
-        for meta, target in changed:
-            # Handed to the replica manager again under the new rule: the ordinary
-            # re-replication (handoff of a copy outside its set, repair of a short set)
-            # moves it from here.
-            self.rm.object_removed(meta.object_id, now)
-            self.rm.object_added(meta.object_id,
-                                 ObjectPolicy(meta.replicas, Residency(target, req.name)),
-                                 meta.hint_for, now, _stamp(meta.written))
-            self.agent.record(Kind.POLICY_CHANGE, meta.object_id, data_class=req.name,
-                              detail=f"copy's rule rewritten to regions "
-                                     f"{{{','.join(sorted(target))}}} (policy migrate)")
-        self._count("copies_migrated", len(changed))
-        # Its tombstones of the class too, or a delete kept under the old rule would not
-        # follow the copies the migration moves (a deleted object would live on there).
-        tombs = self.rm.migrate_tombstones(make_policy(req.name, req.regions))
-        self._count("tombstones_migrated", len(tombs))
-        self._pump()
-        return papi.MigrateLocalReply(node=self.agent.name,
-                                      rewritten=[m.object_id for m, _ in changed])
+        rewritten = await self._migrate_own(req.name, "policy migrate", policy)
+        return papi.MigrateLocalReply(node=self.agent.name, rewritten=rewritten)
+
+    async def _migrate_own(self, name: str, why: str,
+                           policy: ClassPolicy | None = None) -> list[str]:
+        """Rewrite the rule of this node's copies (and tombstones) of class ``name`` that
+        ``policy`` (None: the class's policy as this node knows it now) breaks, and hand
+        them to the replica manager again under it; the ids of the copies rewritten.
+        ``why`` goes into the audit entries."""
+        async with self._migrate_lock:
+            if policy is None:
+                policy = self.policies.get(name)
+                if policy is None:
+                    return []
+            assert self.rm is not None
+            changed = await asyncio.to_thread(self._rewrite_rules, name, policy.regions)
+            now = time.monotonic()
+            for meta, target in changed:
+                # Handed to the replica manager again under the new rule: the ordinary
+                # re-replication (handoff of a copy outside its set, repair of a short set)
+                # moves it from here.
+                self.rm.object_removed(meta.object_id, now)
+                self.rm.object_added(meta.object_id,
+                                     ObjectPolicy(meta.replicas, Residency(target, name)),
+                                     meta.hint_for, now, _stamp(meta.written))
+                self.agent.record(Kind.POLICY_CHANGE, meta.object_id, data_class=name,
+                                  detail=f"copy's rule rewritten to regions "
+                                         f"{{{','.join(sorted(target))}}} ({why})")
+            self._count("copies_migrated", len(changed))
+            # Its tombstones of the class too, or a delete kept under the old rule would not
+            # follow the copies the migration moves (a deleted object would live on there).
+            tombs = self.rm.migrate_tombstones(policy)
+            self._count("tombstones_migrated", len(tombs))
+            if changed or tombs:
+                self.agent.log("info", "policy_migrated_here", data_class=name, why=why,
+                               copies=len(changed), tombstones=len(tombs))
+            self._pump()
+            return [m.object_id for m, _ in changed]
 
     async def _class_copies(self, new: ClassPolicy) -> tuple[int, list[tuple[str, str]]]:
         """The objects of class ``new.name`` the live members hold, and the copies among

@@ -282,6 +282,8 @@ class DataPlaneBase:
         """class -> the HLC time of the cached policy's write."""
         self._policy_read_at: dict[str, float] = {}
         """class -> when its policy was last read from the KV (monotonic), found or not."""
+        self._migrate_lock = asyncio.Lock()
+        """One rewrite of this node's copy rules at a time (``policy.py``)."""
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n

@@ -446,6 +446,18 @@ class Uploads(DataPlaneBase):
         assert self.rm is not None
         if up.client:
             self._stamp_after_tombstone(up, up.expected_id or up.writer.peek_id())
+        # This node's own copy (a put it coordinates, or a replica) is kept under its rule
+        # narrowed to its class's as this node knows it now, as the simulator's node does
+        # (core.policy.stored_rule): the class may have been narrowed since the put's
+        # rule was resolved (a long upload), and a copy kept under the old rule would go
+        # on claiming regions its class no longer allows. The put itself goes on under
+        # its rule; receivers narrow theirs.
+        kept = stored_rule(up.policy.residency, self.policies)
+        local = up.policy
+        if kept is not up.policy.residency and kept is not None and kept.regions is not None:
+            self._count("local_rules_narrowed")
+            local = ObjectPolicy(up.policy.replicas, kept)
+            up.writer.narrow_residency(tuple(sorted(kept.regions)))
         try:
             meta, file_key = await asyncio.to_thread(self._commit_writer, up)
         except StorageError as e:
@@ -454,7 +466,7 @@ class Uploads(DataPlaneBase):
         # A copy committed again while its drop waits in the queue is kept (the manager
         # asks again if it is still not ours to hold).
         self._drops.pop(meta.object_id, None)
-        self.rm.object_added(meta.object_id, up.policy, up.hint_for, time.monotonic(),
+        self.rm.object_added(meta.object_id, local, up.hint_for, time.monotonic(),
                              _stamp(meta.written))
         self.agent.record(Kind.COPY_MADE, meta.object_id, data_class=_class(up.policy),
                           from_region=None if up.client else self._caller_region(),
