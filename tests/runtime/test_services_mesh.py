@@ -6,6 +6,7 @@ replica count comes back."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -154,6 +155,11 @@ def test_near_caller_constructed_once_per_replica(mesh: LocalMesh, client: TaskM
     assert h.add(4, 5) == 9
     futs = [h.add.remote(i, i) for i in range(20)]
     assert [f.result(timeout=60) for f in futs] == [2 * i for i in range(20)]
+
+    async def from_a_loop() -> list[Any]:
+        return list(await asyncio.gather(*(h.add.call_async(i, 1) for i in range(10)),
+                                         h.call_async("add", 7, 8)))
+    assert asyncio.run(from_a_loop()) == [i + 1 for i in range(10)] + [15]
     info = {s.spec.name: s for s in client.services()}["counted"]
     assert sorted(r.node for r in info.replicas) == sorted(nodes)
     assert all(r.constructed == 1 and r.ready for r in info.replicas)

@@ -9,6 +9,7 @@ and answer calls, placed near their callers.
     h.call("predict", image, timeout=5.0)
     fut = h.predict.remote(image)       # a concurrent.futures.Future
     fut.result()
+    await h.predict.call_async(image)   # from the caller's own asyncio loop
 
 A call goes to the node this mesh is connected to, which routes it to a replica (the
 caller's region first, the less busy of two) and forwards it. A method that raised makes
@@ -109,10 +110,16 @@ class _Method:
         """Start the call; a ``concurrent.futures.Future`` of its value."""
         return self._service.call_future(self._name, *args, **kwargs)
 
+    async def call_async(self, *args: Any, **kwargs: Any) -> Any:
+        """The call, awaited in the caller's own asyncio loop (``Service.call_async``)."""
+        return await self._service.call_async(self._name, *args, **kwargs)
+
 
 class Service:
     """A handle on a deployed service: ``call("method", *args, timeout=)``,
-    ``handle.method(*args)`` and ``handle.method.remote(*args)`` (a future)."""
+    ``handle.method(*args)``, ``handle.method.remote(*args)`` (a future) and, in an
+    asyncio program, ``await handle.method.call_async(*args)`` or
+    ``await handle.call_async("method", *args)``."""
 
     _actor_key: str | None = None
 
@@ -189,6 +196,16 @@ class Service:
         import asyncio
 
         return asyncio.run_coroutine_threadsafe(self._call(req), mesh._runner.loop)
+
+    async def call_async(self, method: str, *args: Any, timeout: float | None = None,
+                         **kwargs: Any) -> Any:
+        """``call`` for an asyncio program: awaits the call in the caller's loop while the
+        mesh's own loop (its thread) carries it, so the caller's loop is never blocked;
+        many such calls run side by side (``asyncio.gather``)."""
+        import asyncio
+
+        return await asyncio.wrap_future(self.call_future(method, *args, timeout=timeout,
+                                                          **kwargs))
 
 
 class Actor(Service):
