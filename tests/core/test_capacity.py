@@ -4,6 +4,7 @@ consolidation rule (hysteresis, dwell, minimums, only copies, pins, same plan ev
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -136,6 +137,26 @@ def test_idle_region_drains_lowest_ranked_down_to_headroom() -> None:
     # The rest must keep 40% free (headroom + hysteresis): 10 / 0.6 -> 17 slots: 5 nodes.
     assert len(chosen) == 5
     assert chosen == set(order[:5])  # the ranking, not the load, picks
+
+
+def test_the_emptiest_nodes_drain_first() -> None:
+    """Among equally efficient nodes the ones holding the least work drain first (they
+    finish their drain soonest); the fixed hash only breaks ties. Here the hash would
+    pick the busiest nodes."""
+    order = sorted(mesh([0.0] * 10), key=rank_key)
+    busy = {p.name: (3.0 if k < 5 else 0.0) for k, p in enumerate(order)}
+    busy[order[5].name] = 1.0  # 16 busy of 40 slots
+    view = [peer(int(p.name[1:]), busy[p.name]) for p in order]
+    chosen = drains(view)
+    # The rest must keep 40% free: 16 / 0.6 -> 27 slots: 7 nodes stay, 3 drain, and
+    # they are idle ones (the hash's first five are the busiest).
+    assert len(chosen) == 3
+    assert all(busy[n] == 0.0 for n in chosen), chosen
+    # A drain under way keeps its place ahead of an emptier active node.
+    view = [replace(p, state=D, since_s=NOW - 1) if p.name == order[0].name else p
+            for p in view]
+    chosen = drains(view)
+    assert order[0].name in chosen and len(chosen) == 3
 
 
 def test_hysteresis_band_neither_drains_nor_wakes() -> None:
