@@ -16,6 +16,7 @@ from meshscale.core.capacity import (
     PeerCapacity,
     PowerModel,
     PowerState,
+    TaskEnergy,
     Verdict,
     check_minimums,
     plan,
@@ -380,3 +381,21 @@ def test_a_hold_while_waking_drains_once_awake() -> None:
     c.ready(23.0)
     c.update(others(3), 24.0)
     assert c.state is D and c.held
+
+
+def test_task_energy_splits_the_draw_by_slots_over_run_time() -> None:
+    e = TaskEnergy(watts=100.0, now=0.0)
+    e.start("a", 1.0, 0.0)
+    e.start("b", 3.0, 2.0)      # a alone for 2 s: 200 J
+    e.set_watts(40.0, 4.0)      # 2 s at 100 W split 1:3: a 50 J, b 150 J
+    assert e.end("a", 6.0) == pytest.approx(200 + 50 + 2 * 40 / 4)  # then 2 s at 40 W
+    assert e.end("b", 8.0) == pytest.approx(150 + 2 * 40 * 3 / 4 + 2 * 40)
+    assert e.end("b", 9.0) == 0.0 and len(e) == 0  # an unknown key
+    # Nothing runs: nothing is charged; a task started later pays from its start.
+    e.set_watts(10.0, 20.0)
+    e.start("c", 2.0, 30.0)
+    assert e.end("c", 31.5) == pytest.approx(15.0)
+    # A bad reading counts as no draw rather than poisoning the sums.
+    e.start("d", 1.0, 40.0)
+    e.set_watts(float("nan"), 41.0)
+    assert e.end("d", 50.0) == pytest.approx(10.0)

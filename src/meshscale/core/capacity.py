@@ -87,6 +87,7 @@ __all__ = [
     "PeerCapacity",
     "PowerModel",
     "PowerState",
+    "TaskEnergy",
     "Verdict",
     "check_minimums",
     "plan",
@@ -168,6 +169,47 @@ def task_share_joules(model: PowerModel, utilisation: float, task_slots: float,
         return 0.0
     share = min(1.0, task_slots / busy_slots)
     return model.draw_watts(PowerState.ACTIVE, utilisation) * seconds * share
+
+
+class TaskEnergy:
+    """Joules per running task on one node: the node's draw, as its meter last gave it,
+    divided over the tasks running there in proportion to the slots (cpus) each holds,
+    integrated over each task's run time. Between two changes (a task starts or ends,
+    the draw is updated) the draw and the split are constant. A task alone on a node
+    pays all of the node's draw, idle part included (it is what keeps the node up);
+    with ``n`` equal tasks each pays ``1/n``. Sans-I/O: every call carries ``now``."""
+
+    def __init__(self, watts: float = 0.0, now: float = 0.0) -> None:
+        self._watts = max(0.0, watts)
+        self._last = now
+        self._tasks: dict[str, list[float]] = {}  # key -> [slots, joules]
+
+    def _advance(self, now: float) -> None:
+        dt = now - self._last
+        if dt > 0 and self._tasks:
+            total = sum(t[0] for t in self._tasks.values())
+            if total > 0:
+                for t in self._tasks.values():
+                    t[1] += self._watts * dt * t[0] / total
+        self._last = max(self._last, now)
+
+    def set_watts(self, watts: float, now: float) -> None:
+        """The node's draw from ``now`` on."""
+        self._advance(now)
+        self._watts = max(0.0, watts) if math.isfinite(watts) else 0.0
+
+    def start(self, key: str, slots: float, now: float) -> None:
+        self._advance(now)
+        self._tasks[key] = [max(slots, 1e-3), 0.0]
+
+    def end(self, key: str, now: float) -> float:
+        """The task's joules from its ``start`` to ``now`` (0 for an unknown key)."""
+        self._advance(now)
+        t = self._tasks.pop(key, None)
+        return 0.0 if t is None else t[1]
+
+    def __len__(self) -> int:
+        return len(self._tasks)
 
 
 @dataclass
