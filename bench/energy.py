@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -106,10 +107,25 @@ def _sleep_task(seconds: float) -> float:
 def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int, cpus: int,
               dwell_s: float) -> dict[str, float]:
     """One compressed day on a fresh 6-node mesh; energy (J), p99 (ms), tasks, wakes."""
+    import tempfile
+
+    # Kept when the run fails (its node logs say why), removed when it succeeds.
+    d = tempfile.mkdtemp(prefix="bench-energy-")
+    try:
+        out = _real_run_in(Path(d), consolidate, day_s, task_s, seed, cpus, dwell_s)
+    except BaseException:
+        print(f"the real run failed; its mesh and node logs are kept in {d}",
+              file=sys.stderr)
+        raise
+    shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+def _real_run_in(d: Path, consolidate: bool, day_s: float, task_s: float, seed: int,
+                 cpus: int, dwell_s: float) -> dict[str, float]:
     import asyncio
     import math
     import random
-    import tempfile
 
     import meshscale
     from meshscale.client.rpc import RpcConnection
@@ -136,9 +152,8 @@ def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int, cpus: i
                 await c.close()
         return total
 
-    with tempfile.TemporaryDirectory(prefix="bench-energy-") as d, \
-            LocalMesh(Path(d), REAL_NODES, regions=["eu-west"], node_args=args,
-                      http=False) as mesh:
+    with LocalMesh(d, REAL_NODES, regions=["eu-west"], node_args=args,
+                   http=False) as mesh:
         client = meshscale.connect(mesh.nodes[0].address, bundle=mesh.bundle_path,
                                    timeout=120)
         try:
