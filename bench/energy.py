@@ -18,11 +18,15 @@ Keys: ``sim_energy_spread_kwh``, ``sim_energy_consolidated_kwh``, ``sim_saving_p
 over nodes, per modelled hour) and the extras in KEYS.
 
 The real half (``real_*`` keys, ``wake_s``): a 6-node local mesh of real processes (one
-region, three zones, ``--real-cpus`` worker slots each, default 1) runs the same diurnal
-curve compressed into ``--real-day-s`` seconds (trough 10% of the slots at the start and
-end, peak 80% in the middle), twice: ``--energy-mode off`` (spread) and ``consolidate``
-(a minimum of two active nodes, dwell ``--real-dwell-s``, default 5 s). A task sleeps
-``--real-task-s`` (it holds a slot, not a CPU).
+region, three zones, ``--real-cpus`` worker slots each, default 4 as in the simulator)
+runs the simulator's load curve (``DiurnalLoad``: trough 10% of the slots at midnight,
+peak 80% at noon) compressed into ``--real-day-s`` seconds, after a quarter day of the
+evening before that is run but not measured (as the simulator's warm-up), twice:
+``--energy-mode off`` (spread) and ``consolidate`` (the simulator's headroom 0.3 and
+hysteresis 0.05, a minimum of two active nodes per region and one per zone, dwell
+``--real-dwell-s``, default 5 s). A task sleeps ``--real-task-s`` (it holds a slot, not
+a CPU). With three zones of two nodes, at least three nodes stay awake: even a rule that
+followed the load perfectly would sleep at most 32% of the node-time over this day.
 Energy is the sum over the nodes of ``node.energy``'s ``joules_total`` over the day,
 **from the power model** (``--power-source model``: 10 W idle, 65 W peak at the node
 processes' CPU share, 2 W on standby), not a meter: nodes sharing one machine cannot each
@@ -40,10 +44,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from meshscale.sim.energy import EnergyReport, EnergyScenario, run_day
@@ -61,6 +67,8 @@ REAL_KEYS = (
     "real_transitions",
 )
 REAL_NODES = 6
+REAL_WARMUP_FRACTION = 0.25
+"""Of the real day: the evening before, run and not measured (as the simulator's)."""
 
 KEYS = (
     "nodes",
@@ -99,19 +107,39 @@ def _sleep_task(seconds: float) -> float:
 def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int, cpus: int,
               dwell_s: float) -> dict[str, float]:
     """One compressed day on a fresh 6-node mesh; energy (J), p99 (ms), tasks, wakes."""
+    import tempfile
+
+    # Kept when the run fails (its node logs say why), removed when it succeeds.
+    d = tempfile.mkdtemp(prefix="bench-energy-")
+    try:
+        out = _real_run_in(Path(d), consolidate, day_s, task_s, seed, cpus, dwell_s)
+    except BaseException:
+        print(f"the real run failed; its mesh and node logs are kept in {d}",
+              file=sys.stderr)
+        raise
+    shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+def _real_run_in(d: Path, consolidate: bool, day_s: float, task_s: float, seed: int,
+                 cpus: int, dwell_s: float) -> dict[str, float]:
     import asyncio
     import math
     import random
-    import tempfile
 
     import meshscale
     from meshscale.client.rpc import RpcConnection
     from meshscale.runtime.launcher import LocalMesh
 
+    cap = EnergyScenario().capacity  # the simulator's headroom and hysteresis
     energy: dict[str, object] = (
         {"energy_mode": "consolidate", "energy_min_active_per_region": 2,
+         "energy_headroom_fraction": cap.headroom_fraction,
+         "energy_hysteresis_fraction": cap.hysteresis_fraction,
          "energy_min_dwell_s": float(dwell_s), "energy_drain_confirm_s": 2.0,
          "energy_interval_s": 0.5} if consolidate else {"energy_mode": "off"})
+    curve = replace(EnergyScenario().load, day_s=day_s)  # the simulator's day, compressed
+    warm_s = day_s * REAL_WARMUP_FRACTION
     node_settings = {"cpus": cpus, "power_source": "model", **energy}
     rng = random.Random(seed)
 
@@ -125,9 +153,8 @@ def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int, cpus: i
                 await c.close()
         return total
 
-    with tempfile.TemporaryDirectory(prefix="bench-energy-") as d, \
-            LocalMesh(Path(d), REAL_NODES, regions=["eu-west"], node_settings=node_settings,
-                      http=False) as mesh:
+    with LocalMesh(d, REAL_NODES, regions=["eu-west"], node_settings=node_settings,
+                   http=False) as mesh:
         client = meshscale.connect(mesh.nodes[0].address, bundle=mesh.bundle_path,
                                    timeout=120)
         try:
@@ -135,22 +162,31 @@ def _real_run(consolidate: bool, day_s: float, task_s: float, seed: int, cpus: i
             for f in [client.submit(_sleep_task, 0.01) for _ in range(REAL_NODES)]:
                 f.result(timeout=120)
             time.sleep(5.0)
-            j0 = asyncio.run(joules(mesh))
-            start = time.time()
+            # The evening before (warm_s, not measured), then the day from midnight.
+            start = time.time() + warm_s
+            j0 = -1.0
             subs: list[tuple[float, object]] = []
+            warm: list[object] = []
             owed = 0.0
             tick = 0.25
             while (now := time.time()) < start + day_s:
-                phase = (now - start) / day_s
-                load = 0.1 + 0.7 * (1 - math.cos(2 * math.pi * phase)) / 2
+                if j0 < 0 and now >= start:
+                    j0 = asyncio.run(joules(mesh))
+                load = curve.at(now - start)
                 owed += load * REAL_NODES * cpus / task_s * tick
                 n = int(owed)
                 if rng.random() < owed - n:
                     n += 1
                 owed -= n
                 for _ in range(n):
-                    subs.append((time.time(), client.submit(_sleep_task, task_s)))
+                    fut = client.submit(_sleep_task, task_s)
+                    if now >= start:
+                        subs.append((time.time(), fut))
+                    else:
+                        warm.append(fut)
                 time.sleep(max(0.0, tick - (time.time() - now)))
+            for fut in warm:
+                fut.result(timeout=300)  # type: ignore[attr-defined]
             lat = []
             for t_sub, fut in subs:
                 end = fut.result(timeout=300)  # type: ignore[attr-defined]
@@ -208,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-day-s", type=float, default=None,
                     help="the real day's length (default 240 s, 40 with --quick)")
     ap.add_argument("--real-task-s", type=float, default=1.0)
-    ap.add_argument("--real-cpus", type=int, default=1, help="worker slots per node")
+    ap.add_argument("--real-cpus", type=int, default=4, help="worker slots per node "
+                    "(default 4, the simulator's)")
     ap.add_argument("--real-dwell-s", type=float, default=5.0,
                     help="--energy-min-dwell-s of the consolidated run")
     ap.add_argument("--json", type=Path, help="write the results here")

@@ -4,6 +4,7 @@ consolidation rule (hysteresis, dwell, minimums, only copies, pins, same plan ev
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -15,6 +16,7 @@ from meshscale.core.capacity import (
     PeerCapacity,
     PowerModel,
     PowerState,
+    TaskEnergy,
     Verdict,
     check_minimums,
     plan,
@@ -136,6 +138,26 @@ def test_idle_region_drains_lowest_ranked_down_to_headroom() -> None:
     # The rest must keep 40% free (headroom + hysteresis): 10 / 0.6 -> 17 slots: 5 nodes.
     assert len(chosen) == 5
     assert chosen == set(order[:5])  # the ranking, not the load, picks
+
+
+def test_the_emptiest_nodes_drain_first() -> None:
+    """Among equally efficient nodes the ones holding the least work drain first (they
+    finish their drain soonest); the fixed hash only breaks ties. Here the hash would
+    pick the busiest nodes."""
+    order = sorted(mesh([0.0] * 10), key=rank_key)
+    busy = {p.name: (3.0 if k < 5 else 0.0) for k, p in enumerate(order)}
+    busy[order[5].name] = 1.0  # 16 busy of 40 slots
+    view = [peer(int(p.name[1:]), busy[p.name]) for p in order]
+    chosen = drains(view)
+    # The rest must keep 40% free: 16 / 0.6 -> 27 slots: 7 nodes stay, 3 drain, and
+    # they are idle ones (the hash's first five are the busiest).
+    assert len(chosen) == 3
+    assert all(busy[n] == 0.0 for n in chosen), chosen
+    # A drain under way keeps its place ahead of an emptier active node.
+    view = [replace(p, state=D, since_s=NOW - 1) if p.name == order[0].name else p
+            for p in view]
+    chosen = drains(view)
+    assert order[0].name in chosen and len(chosen) == 3
 
 
 def test_hysteresis_band_neither_drains_nor_wakes() -> None:
@@ -359,3 +381,21 @@ def test_a_hold_while_waking_drains_once_awake() -> None:
     c.ready(23.0)
     c.update(others(3), 24.0)
     assert c.state is D and c.held
+
+
+def test_task_energy_splits_the_draw_by_slots_over_run_time() -> None:
+    e = TaskEnergy(watts=100.0, now=0.0)
+    e.start("a", 1.0, 0.0)
+    e.start("b", 3.0, 2.0)      # a alone for 2 s: 200 J
+    e.set_watts(40.0, 4.0)      # 2 s at 100 W split 1:3: a 50 J, b 150 J
+    assert e.end("a", 6.0) == pytest.approx(200 + 50 + 2 * 40 / 4)  # then 2 s at 40 W
+    assert e.end("b", 8.0) == pytest.approx(150 + 2 * 40 * 3 / 4 + 2 * 40)
+    assert e.end("b", 9.0) == 0.0 and len(e) == 0  # an unknown key
+    # Nothing runs: nothing is charged; a task started later pays from its start.
+    e.set_watts(10.0, 20.0)
+    e.start("c", 2.0, 30.0)
+    assert e.end("c", 31.5) == pytest.approx(15.0)
+    # A bad reading counts as no draw rather than poisoning the sums.
+    e.start("d", 1.0, 40.0)
+    e.set_watts(float("nan"), 41.0)
+    assert e.end("d", 50.0) == pytest.approx(10.0)

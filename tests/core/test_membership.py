@@ -492,3 +492,78 @@ def test_envelope_is_built_as_msgpack_would_encode_it(n: int) -> None:
     assert encode_envelope(msgs) == ref
     if n <= 256:
         assert [bytes(r) for r in decode_envelope(ref, 10**7)] == msgs
+
+
+STANDBY_META = NodeMeta(region="r1", zone="z1", tags={"pw": "s1765000000:4:0:0:0:10"})
+
+
+def _with_standby(names: list[str], sleepers: set[str]) -> dict[str, Membership]:
+    nodes = {n: Membership(n, n, STANDBY_META if n in sleepers else
+                           NodeMeta(region="r1", zone="z1"),
+                           rng=random.Random(n), now=0.0) for n in names}
+    view = [(n, n, 0, nodes[n].meta) for n in names]
+    for m in nodes.values():
+        m.install_view(view, 0.0)
+        m.drain()
+    return nodes
+
+
+def test_standby_members_are_probed_less_often() -> None:
+    """A sleeper (its capacity tag says standby, as runtime.capacity.encode_tag writes
+    it) gets one probe in ``standby_probe_every`` of its turns; the others every turn."""
+    from meshscale.core.capacity import PeerCapacity, PowerState
+    from meshscale.runtime.capacity import POWER_TAG, encode_tag
+
+    cfg = MembershipConfig()
+    asleep = encode_tag(PeerCapacity("s", "r1", "z1", PowerState.STANDBY, 1.0, 4.0))
+    awake = encode_tag(PeerCapacity("s", "r1", "z1", PowerState.ACTIVE, 1.0, 4.0))
+    assert cfg.standby_tag == POWER_TAG and asleep.startswith(cfg.standby_prefix)
+    assert not awake.startswith(cfg.standby_prefix)
+    names = [f"n{i}" for i in range(8)]
+    sleepers = {"n5", "n6", "n7"}
+    nodes = _with_standby(names, sleepers)
+    a = nodes["n0"]
+    probed: dict[str, int] = {}
+    pick = a._next_probe_target
+
+    def counting() -> object:
+        m = pick()
+        if m is not None:
+            probed[m.name] = probed.get(m.name, 0) + 1
+        return m
+
+    a._next_probe_target = counting  # type: ignore[method-assign]
+    events = pump(nodes, 120.0)
+    assert not [e for (_, _, e) in events if isinstance(e, MemberSuspect)]
+    every = cfg.standby_probe_every
+    active_mean = sum(probed[n] for n in names[1:5]) / 4
+    for n in sleepers:
+        assert probed.get(n, 0) > 0, probed  # still probed: a dead sleeper is found
+        assert probed[n] <= active_mean / every * 1.5 + 1, probed
+    assert a.stats["standby_probes_skipped"] > 0
+
+
+def test_a_suspected_sleeper_gets_a_longer_suspicion_and_is_still_found_dead() -> None:
+    names = ["a", "b", "c", "d"]
+    nodes = _with_standby(names, {"b"})
+    a = nodes["a"]
+    every = a.config.standby_probe_every
+    t_min = suspicion_min_timeout(a.config, 4)
+    for who in ("b", "c"):  # b sleeps, c is active
+        a.handle_datagram("d", encode_envelope([msgspec.msgpack.encode(Suspect(who, 0, "d"))]),
+                          1.0)
+    a.drain()
+    a.on_timer(1.0 + t_min + 0.01)  # c's last-chance ping goes out
+    a.on_timer(1.0 + t_min + 0.02 + a.config.probe_timeout_s)
+    assert a.state_of("c") == State.DEAD
+    assert a.state_of("b") == State.SUSPECT  # its probes come every `every` turns
+    a.on_timer(1.0 + every * t_min - 0.01)
+    assert a.state_of("b") == State.SUSPECT
+    # Then its last chance (two pings, a probe timeout scaled by a's own health: a's
+    # unanswered probes in this driverless test raise it) and death.
+    t = 1.0 + every * t_min
+    while a.state_of("b") == State.SUSPECT and t < 1.0 + every * t_min + 10.0:
+        t += 0.05
+        a.on_timer(t)
+    assert a.state_of("b") == State.DEAD
+    assert a.stats["standby_suspicions"] == 1

@@ -191,9 +191,16 @@ def test_tasks_cli_shows_placement_reasons(
     client: TaskMesh, mesh: LocalMesh, capsys: pytest.CaptureFixture[str]
 ) -> None:
     client.submit(digest, b"cli", 5).result(timeout=60)
+    napped = client.submit(nap, 0, 2.5)  # spans two of the node's power ticks (1 s)
+    napped.result(timeout=60)
     args = ["tasks", "--node", mesh.nodes[0].address, "--bundle", str(mesh.bundle_path)]
     assert cli_main([*args, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
+    # Its share of its node's draw while it ran (RAPL or the model: at least the
+    # model's idle draw of 10 W shared with whatever else ran there; far below the
+    # 65 W peak over the run).
+    row = next(r for r in rows if r["task_id"] == napped.task_id)
+    assert 0.0 < row["energy_j"] < 1000.0, row
     assert rows and all(r["state"] in ("done", "failed", "cancelled", "pending", "running")
                         for r in rows)
     done = [r for r in rows if r["state"] == "done"]

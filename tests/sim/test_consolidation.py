@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 
 import pytest
 
-from meshscale.sim.energy import EnergyReport, EnergyScenario, run_day
+from meshscale.sim.energy import EnergyReport, EnergyScenario, EnergySim, run_day
 
 SWARM_BASE = int(os.environ.get("MESHSCALE_SWARM_SEED")
                  or random.SystemRandom().randrange(2**31))
@@ -59,3 +60,27 @@ def test_same_seed_same_run() -> None:
     a, b, c = run_day(5, sc), run_day(5, sc), run_day(6, sc)
     assert a.trace_hash == b.trace_hash and a.energy_kwh == b.energy_kwh
     assert a.trace_hash != c.trace_hash
+
+
+def test_the_measured_day_starts_in_steady_state() -> None:
+    """The mesh runs the evening before (``warmup_s``) and only the day is measured: at
+    midnight the consolidated mesh is already down to its night state, not every node
+    awake as after starting them all at once; the spread run's joules are the whole
+    day's at every node awake (idle draw at least)."""
+    seed = random.SystemRandom().randrange(2**31)
+    sc = EnergyScenario(nodes=NODES)
+    assert sc.warmup_s > 0
+    sim = EnergySim(sc, seed)
+    sim.run()
+    assert sim.awake_fractions, f"seed {seed}"
+    # The first check of the day, at midnight's 10% load with 30% headroom: the night
+    # state, far below everyone awake.
+    assert sim.awake_fractions[0] < 0.5, (f"seed {seed}", sim.awake_fractions[:3])
+    spread = run_day(seed, replace(sc, consolidate=False))
+    w = sc.power
+    expect_kwh = NODES * (w.idle_watts + (w.peak_watts - w.idle_watts) * sc.load.mean()) \
+        * sc.load.day_s / 3.6e6
+    # Crashed nodes draw nothing while down; the warm-up's energy is not counted (it
+    # would add a quarter).
+    assert 0.9 * expect_kwh < spread.energy_kwh < 1.1 * expect_kwh, (f"seed {seed}",
+                                                                    spread.energy_kwh)

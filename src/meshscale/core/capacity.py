@@ -17,10 +17,13 @@ The rule, per region (``plan``):
   service and then standby nodes wake (the highest-ranked first, the zone short of its
   minimum first) until the free fraction is back at the middle of the hysteresis band.
   A standby node that must keep a copy (``sole_copies`` > 0) also wakes.
-- Only when nothing is short: walk the awake nodes in a fixed ranking (least
-  power-efficient at idle first, then a BLAKE3 hash of the name, so the order is the
-  same everywhere and does not move with load) and mark a node to drain when, without
-  it and those marked before it, the region still keeps ``headroom_fraction +
+- Only when nothing is short: walk the draining nodes (a drain under way is kept while
+  it can be), then the active ones, least power-efficient at idle first, then the
+  emptiest (fewest busy and queued slots: its drain ends soonest, so the region pays
+  less idle draw for nodes on their way to sleep), then a BLAKE3 hash of the name (the
+  order is a function of the view alone, the same on every node holding it), and mark a
+  node to drain when, without it and those marked before it, the region still keeps
+  ``headroom_fraction +
   hysteresis_fraction`` free and at least ``min_active_per_region`` / ``_per_zone``
   active nodes. Never a pinned node, one that must keep a copy, or one that has been
   active for less than ``min_dwell_s``; at most ``drain_step_fraction`` of the region
@@ -84,6 +87,7 @@ __all__ = [
     "PeerCapacity",
     "PowerModel",
     "PowerState",
+    "TaskEnergy",
     "Verdict",
     "check_minimums",
     "plan",
@@ -165,6 +169,47 @@ def task_share_joules(model: PowerModel, utilisation: float, task_slots: float,
         return 0.0
     share = min(1.0, task_slots / busy_slots)
     return model.draw_watts(PowerState.ACTIVE, utilisation) * seconds * share
+
+
+class TaskEnergy:
+    """Joules per running task on one node: the node's draw, as its meter last gave it,
+    divided over the tasks running there in proportion to the slots (cpus) each holds,
+    integrated over each task's run time. Between two changes (a task starts or ends,
+    the draw is updated) the draw and the split are constant. A task alone on a node
+    pays all of the node's draw, idle part included (it is what keeps the node up);
+    with ``n`` equal tasks each pays ``1/n``. Sans-I/O: every call carries ``now``."""
+
+    def __init__(self, watts: float = 0.0, now: float = 0.0) -> None:
+        self._watts = max(0.0, watts)
+        self._last = now
+        self._tasks: dict[str, list[float]] = {}  # key -> [slots, joules]
+
+    def _advance(self, now: float) -> None:
+        dt = now - self._last
+        if dt > 0 and self._tasks:
+            total = sum(t[0] for t in self._tasks.values())
+            if total > 0:
+                for t in self._tasks.values():
+                    t[1] += self._watts * dt * t[0] / total
+        self._last = max(self._last, now)
+
+    def set_watts(self, watts: float, now: float) -> None:
+        """The node's draw from ``now`` on."""
+        self._advance(now)
+        self._watts = max(0.0, watts) if math.isfinite(watts) else 0.0
+
+    def start(self, key: str, slots: float, now: float) -> None:
+        self._advance(now)
+        self._tasks[key] = [max(slots, 1e-3), 0.0]
+
+    def end(self, key: str, now: float) -> float:
+        """The task's joules from its ``start`` to ``now`` (0 for an unknown key)."""
+        self._advance(now)
+        t = self._tasks.pop(key, None)
+        return 0.0 if t is None else t[1]
+
+    def __len__(self) -> int:
+        return len(self._tasks)
 
 
 @dataclass
@@ -428,8 +473,8 @@ def _plan_region(region: str, nodes: list[PeerCapacity], now: float, cfg: Capaci
     new_drains = 0
     step = max(1, math.floor(cfg.drain_step_fraction * len(nodes)))
     chosen: set[str] = set()
-    for rank, p in enumerate(nodes):
-        if p.state not in (PowerState.ACTIVE, PowerState.DRAINING) or p.name in returning:
+    for rank, p in enumerate(_drain_order(nodes)):
+        if p.name in returning:
             continue
         why = _not_eligible(p, now, cfg)
         if why is None and short:
@@ -455,7 +500,7 @@ def _plan_region(region: str, nodes: list[PeerCapacity], now: float, cfg: Capaci
                     keep_zone[p.zone] = rest_zone
                     new_drains += 1
                 free_after = 1.0 - demand / rest_cap if rest_cap > 0 else 0.0
-                out[p.name] = (Verdict.DRAIN, f"rank {rank} in {region}; the rest "
+                out[p.name] = (Verdict.DRAIN, f"drain order {rank} in {region}; the rest "
                                               f"keeps {free_after:.0%} free")
                 continue
         if p.state is PowerState.DRAINING and why is not None and p.name not in chosen:
@@ -467,6 +512,18 @@ def _plan_region(region: str, nodes: list[PeerCapacity], now: float, cfg: Capaci
             out[p.name] = ((Verdict.SLEEP, "not needed") if p.state is PowerState.STANDBY
                            else (Verdict.SERVE, "waking"))
     return summary
+
+
+def _drain_order(nodes: list[PeerCapacity]) -> list[PeerCapacity]:
+    """Who is considered for draining, first first: the nodes already draining (in rank
+    order: a drain under way is kept while the headroom allows), then the active ones by
+    idle watts per slot (least efficient first), then by the work they hold (busy plus
+    queued: the emptiest finishes its drain soonest and moves the least), then the fixed
+    hash. A pure function of the view, so every node holding the same view orders alike."""
+    draining = [p for p in nodes if p.state is PowerState.DRAINING]
+    active = sorted((p for p in nodes if p.state is PowerState.ACTIVE),
+                    key=lambda p: (rank_key(p)[0], p.busy + p.queued, rank_key(p)[1]))
+    return draining + active
 
 
 def _not_eligible(p: PeerCapacity, now: float, cfg: CapacityConfig) -> str | None:

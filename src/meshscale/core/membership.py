@@ -38,6 +38,11 @@ Departures from memberlist, and why:
   bound; without it a slow node costs O(N) broadcasts per accuser).
 - No TCP fallback ping: a lossy path costs a suspicion (which is refuted), not a second
   transport.
+- Sleepers (capacity on demand): a member whose capacity tag says standby is probed on
+  one of ``standby_probe_every`` of its turns in the probe round, and a suspicion of it
+  lasts that many times longer (minimum and maximum alike), since it hears of the
+  suspicion through that many fewer pings. A suspect sleeper is probed on every turn,
+  and one that died is still declared dead, only later.
 
 Removal (not in SWIM or memberlist, which only know leaving): an operator removes a node
 for good with an entry signed by the cluster CA. The entry spreads like any update
@@ -91,6 +96,16 @@ class MembershipConfig:
     probes, which take two RTTs through a relay in a third region."""
     indirect_checks: int = 3
     """k: members asked to probe a target indirectly."""
+    standby_probe_every: int = 4
+    """A member on standby (capacity on demand: its ``standby_tag`` starts with
+    ``standby_prefix``) is probed on one of this many of its turns in the probe round
+    (a sleeper is woken less often), and a suspicion of it lasts this many times longer
+    (it hears of the suspicion through fewer pings, so its refutation may take that
+    much longer). 1: no difference. A suspect is probed on every turn."""
+    standby_tag: str = "pw"
+    """The tag carrying the capacity state (``runtime.capacity.POWER_TAG``)."""
+    standby_prefix: str = "s"
+    """How that tag's value starts on standby (``runtime.capacity.encode_tag``)."""
     suspicion_mult: float = 1.5
     """Minimum suspicion timeout = suspicion_mult * log10(N) * probe_interval_s (memberlist
     uses 4 with a 1 s period; with Lifeguard's confirmations a lone accuser still
@@ -495,6 +510,9 @@ class Membership:
         self._relays: dict[int, _Relay] = {}
         self._probe_order: list[str] = []
         self._probe_index = 0
+        self._standby_turns: dict[str, int] = {}
+        """Turns in the probe round each standby member was passed over since its last
+        probe (``standby_probe_every``)."""
         self._current_probe: _Probe | None = None
         self._suspicions: dict[str, _Suspicion] = {}
         self._broadcasts: dict[str, _Broadcast] = {}
@@ -992,8 +1010,21 @@ class Membership:
             self._probe_index += 1
             m = self.members.get(name)
             if m is not None and m.state <= _SUSPECT and name != self.name:
+                if m.state == _ALIVE and self._is_standby(m):
+                    turns = self._standby_turns.get(name, 0) + 1
+                    if turns < self.config.standby_probe_every:
+                        self._standby_turns[name] = turns
+                        self._count("standby_probes_skipped")
+                        continue
+                self._standby_turns.pop(name, None)
                 return m
         return None
+
+    def _is_standby(self, m: Member) -> bool:
+        """Whether ``m``'s capacity tag says it is on standby (``standby_probe_every``)."""
+        cfg = self.config
+        return cfg.standby_probe_every > 1 and m.meta.tags.get(
+            cfg.standby_tag, "").startswith(cfg.standby_prefix)
 
     def _probe_timeout(self, probe: _Probe, now: float) -> None:
         """No direct ack in time: ask k members to probe indirectly."""
@@ -1236,6 +1267,11 @@ class Membership:
             max_s = self.config.suspicion_max_mult * min_s
         else:
             k, max_s = 0, min_s
+        if self._is_standby(m):
+            # Probed on one turn in standby_probe_every: allow its refutation as long.
+            every = self.config.standby_probe_every
+            min_s, max_s = min_s * every, max_s * every
+            self._count("standby_suspicions")
         sus = _Suspicion(msg.source, k, min_s, max_s, now)
         self._suspicions[m.name] = sus
         self._arm_suspicion(m.name, sus)

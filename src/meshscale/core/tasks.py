@@ -165,6 +165,10 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     owner waits for them to end before it schedules this task (``upstream_failure``)."""
     exc: bytes | None = None
     """The raised exception, pickled by the worker (``raised``), when it could be."""
+    energy_j: float = 0.0
+    """Joules the task's attempts drew at the nodes that ran them (each node's draw split
+    over its running tasks by slots: ``core.capacity.TaskEnergy``), as the workers
+    reported them with their outcomes."""
     result_class: str | None = None
     """The data class of the task's result (``core.policy.result_rule``: the declared
     class, else its inputs' strictest), set when the owner schedules it. A classed result
@@ -199,6 +203,7 @@ class Ended(msgspec.Struct, array_like=True, gc=False):
     attempts: int
     adoptions: int
     previous_owner: str
+    energy_j: float = 0.0
 
     @classmethod
     def of(cls, r: TaskRecord) -> Ended:
@@ -209,7 +214,7 @@ class Ended(msgspec.Struct, array_like=True, gc=False):
         return cls(r.task_id, intern(r.owner), intern(r.fn_id), r.state, intern(r.node),
                    intern(r.name), r.reason, r.error, intern(r.kind), r.traceback, r.value,
                    r.ref, r.exc, r.submitted, r.finished, r.attempts, r.adoptions,
-                   intern(r.previous_owner))
+                   intern(r.previous_owner), r.energy_j)
 
     def record(self) -> TaskRecord:
         """A ``TaskRecord`` with what is kept (the rest at its defaults)."""
@@ -219,7 +224,7 @@ class Ended(msgspec.Struct, array_like=True, gc=False):
             kind=self.kind, traceback=self.traceback, value=self.value, ref=self.ref,
             exc=self.exc, submitted=self.submitted, finished=self.finished,
             attempts=self.attempts, adoptions=self.adoptions,
-            previous_owner=self.previous_owner)
+            previous_owner=self.previous_owner, energy_j=self.energy_j)
 
 
 def move(rec: TaskRecord, name: str) -> None:

@@ -109,6 +109,7 @@ from meshscale.core.api.tasks import (
     placement_mode,
 )
 from meshscale.core.audit import Kind
+from meshscale.core.capacity import TaskEnergy
 from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
@@ -372,6 +373,8 @@ class ComputePlane:
         self._tick: asyncio.Future[None] | None = None
         self._watches: dict[str, list[_Watch]] = {}
         self._running: dict[str, str] = {}  # owner/task_id -> pool task id
+        self.energy = TaskEnergy(now=time.monotonic())
+        """Joules per running attempt (pool task id): the node feeds its draw in."""
         self._adopting: dict[str, asyncio.Task[None]] = {}
         self._upstream_waits: dict[str, asyncio.Task[TaskView | None]] = {}
         self._logs: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -1212,6 +1215,7 @@ class ComputePlane:
         if verdict is Verdict.DUPLICATE or e is None:
             self._count("outcomes_duplicate")
             return DoneReply(False)
+        e.rec.energy_j += req.energy_j  # every attempt's, a retried one's too
         if verdict is Verdict.RETRY:
             return DoneReply(True)  # the scheduler's TaskFinished follows: run it again
         if req.ok and req.value is not None and e.rec.result_class is not None:
@@ -1493,7 +1497,7 @@ class ComputePlane:
         newest = heapq.nlargest(limit, every, key=lambda r: r.submitted)
         return [TaskRow(task_id=r.task_id, state=r.state, node=r.node, owner=r.owner,
                         reason=r.reason, submitted=r.submitted, finished=r.finished,
-                        error=r.error[:200], name=r.name)
+                        error=r.error[:200], name=r.name, energy_j=round(r.energy_j, 3))
                 for r in newest]
 
     async def _rpc_stats(self, req: Empty) -> TaskStats:
@@ -1556,6 +1560,7 @@ class ComputePlane:
             else:
                 call_args = pickle.dumps(((p.args, inputs), {}), protocol=5)
             self._running[key] = pool_id
+            self.energy.start(pool_id, spec.cpus, time.monotonic())
             kw: dict[str, Any] = {"timeout_s": p.timeout_s, "cpus": spec.cpus,
                                   "memory_mb": p.memory_mb or None, "task_id": pool_id}
             try:
@@ -1587,6 +1592,7 @@ class ComputePlane:
             outcome.kind, outcome.error = "worker_crashed", "workers did not start"
         finally:
             self._running.pop(key, None)
+            outcome.energy_j = self.energy.end(pool_id, time.monotonic())
             copies = self.agent.local_copies()
             if links and copies is not None:
                 await asyncio.to_thread(copies.release_copy_paths, links)

@@ -1093,6 +1093,9 @@ class NodeAgent:
             await asyncio.sleep(POWER_TICK_S)
             try:
                 await asyncio.to_thread(self.power.tick, time.monotonic())
+                if self.compute is not None:
+                    # Tasks share the draw of the interval just measured from now on.
+                    self.compute.energy.set_watts(self.power.watts, time.monotonic())
             except Exception as e:  # a meter that breaks must not stop the node
                 self.log_limited("power_tick_failed", error=repr(e)[:200])
 

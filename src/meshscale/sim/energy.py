@@ -126,6 +126,11 @@ class EnergyScenario:
     pinned_fraction: float = 0.01
     starve_bound_s: float = 30.0
     settle_s: float = 600.0
+    warmup_s: float = 360.0
+    """The mesh runs the evening before (a quarter day, from 18:00) before the measured
+    day starts at midnight: a steady-state day, not the first one after every node was
+    started at once. Nothing is measured in it (energy, latency, awake share,
+    transitions per hour); the oracles check it too."""
 
     @property
     def hour_s(self) -> float:
@@ -169,6 +174,9 @@ class _Node:
         self.rank: tuple[float, bytes] = (0.0, b"")
 
 
+_NOT_STARTED = -math.inf
+
+
 class _Task:
     __slots__ = ("attempt", "duration", "node", "probes", "region", "started", "submitted")
 
@@ -177,7 +185,7 @@ class _Task:
         self.submitted = submitted
         self.duration = duration
         self.node: str | None = None
-        self.started = -1.0
+        self.started = _NOT_STARTED
         self.probes: list[str] = []
         self.attempt = 0
 
@@ -207,7 +215,8 @@ class EnergyReport:
     trace_hash: str
 
 
-_ARRIVE, _FINISH, _GOSSIP, _DELIVER, _READY, _CRASH, _RESTART, _DETECT, _PROBE = range(9)
+_ARRIVE, _FINISH, _GOSSIP, _DELIVER, _READY, _CRASH, _RESTART, _DETECT, _PROBE, _METER = \
+    range(10)
 
 
 class EnergySim:
@@ -255,7 +264,7 @@ class EnergySim:
             if pinned:
                 self.pinned.add(name)
             ctl = CapacityController(name, p.region, p.zone, slots=float(sc.slots),
-                                     config=cap, now=-cap.min_dwell_s, pinned=pinned,
+                                     config=cap, now=-sc.warmup_s - cap.min_dwell_s, pinned=pinned,
                                      idle_watts=sc.power.idle_watts)
             node = _Node(name, p.region, p.zone, ctl, EnergyMeter(sc.power, 0.0))
             node.rank = rank_key(ctl.entry())
@@ -282,7 +291,7 @@ class EnergySim:
         self.holder_nodes = [sorted((self.nodes[h] for h in hs), key=lambda n: n.rank,
                                     reverse=True) for hs in self.holders]
         self.tasks: list[_Task] = []
-        self.now = 0.0
+        self.now = -sc.warmup_s
         self._heap: list[tuple[float, int, int, int, str]] = []
         self._seq = 0
         self.detected: set[str] = set()
@@ -317,8 +326,9 @@ class EnergySim:
     def run(self) -> EnergyReport:
         sc = self.sc
         day = sc.load.day_s
-        self._at(self.rng.expovariate(self._lambda_max), _ARRIVE)
-        self._at(0.0, _GOSSIP)
+        self._at(-sc.warmup_s + self.rng.expovariate(self._lambda_max), _ARRIVE)
+        self._at(-sc.warmup_s, _GOSSIP)
+        self._at(0.0, _METER)
         if self._crash_rate > 0:
             self._at(self.rng.expovariate(self._crash_rate), _CRASH)
         end = day + sc.settle_s
@@ -349,6 +359,10 @@ class EnergySim:
                 self._detect(b, a)
             elif kind == _PROBE:
                 self._probe_timeout(a)
+            elif kind == _METER:
+                for node in self.nodes.values():
+                    node.meter.advance(0.0, node.ctl.state if node.up else None,
+                                       node.busy / sc.slots)
         return self._report()
 
     def _all_done(self) -> bool:
@@ -447,7 +461,7 @@ class EnergySim:
             self.nodes[name].pending -= 1
         task.probes = []
         task.node = node.name
-        if task.started < 0:
+        if task.started == _NOT_STARTED:
             task.started = self.now
         node.busy += 1
         node.running.add(tid)
@@ -468,7 +482,7 @@ class EnergySim:
         self._pump(node)
 
     def _meter(self, node: _Node) -> None:
-        if self.now <= self.sc.load.day_s:
+        if 0.0 <= self.now <= self.sc.load.day_s:
             node.meter.advance(self.now, node.ctl.state if node.up else None,
                                node.busy / self.sc.slots)
 
@@ -608,7 +622,7 @@ class EnergySim:
         self.crashes += 1
         self.last_crash[victim.region] = self.now
         self.last_crash[f"{victim.region}/{victim.zone}"] = self.now
-        if self.now <= sc.load.day_s:
+        if 0.0 <= self.now <= sc.load.day_s:
             victim.meter.advance(self.now, None, 0.0)
         lost = list(victim.running)
         for tid in victim.queue:
@@ -662,7 +676,8 @@ class EnergySim:
                         and now - self.last_crash.get(f"{r}/{z}", -1e9) > grace:
                     self.problems.append(f"{now:.1f} zone {z}: {n_z} awake, minimum "
                                          f"{self.min_zone_n}")
-        self.awake_fractions.append(awake_total / len(self.nodes))
+        if now >= 0.0:
+            self.awake_fractions.append(awake_total / len(self.nodes))
 
     def _report(self) -> EnergyReport:
         sc = self.sc
@@ -670,17 +685,19 @@ class EnergySim:
         for node in self.nodes.values():
             node.meter.advance(day, None, 0.0)
         joules = sum(n.meter.joules for n in self.nodes.values())
-        lat = sorted(-t.duration for t in self.tasks if t.duration < 0)
-        waits = sorted(t.started - t.submitted for t in self.tasks if t.started >= 0)
+        day_tasks = [t for t in self.tasks if t.submitted >= 0.0]
+        lat = sorted(-t.duration for t in day_tasks if t.duration < 0)
+        waits = sorted(t.started - t.submitted for t in day_tasks if t.started != _NOT_STARTED)
+        all_waits = [t.started - t.submitted for t in self.tasks if t.started != _NOT_STARTED]
         unfinished = sum(1 for t in self.tasks if t.duration >= 0)
         if unfinished:
             self.problems.append(f"{unfinished} task(s) never finished")
-        starved = [w for w in waits if w > sc.starve_bound_s]
-        never = sum(1 for t in self.tasks if t.started < 0)
+        starved = [w for w in all_waits if w > sc.starve_bound_s]
+        never = sum(1 for t in self.tasks if t.started == _NOT_STARTED)
         if starved or never:
             self.problems.append(f"{len(starved) + never} task(s) waited more than "
                                  f"starve_bound_s {sc.starve_bound_s:g} (longest "
-                                 f"{max(waits, default=0):.1f} s)")
+                                 f"{max(all_waits, default=0):.1f} s)")
         hour = sc.hour_s
         worst = 0
         for times in self.transitions.values():
@@ -692,14 +709,14 @@ class EnergySim:
         if worst > sc.flap_bound_per_h:
             self.problems.append(f"a node made {worst} transitions in a modelled hour "
                                  f"(bound {sc.flap_bound_per_h})")
-        total_tr = sum(len(v) for v in self.transitions.values())
+        total_tr = sum(1 for v in self.transitions.values() for t in v if t >= 0.0)
 
         def pct(xs: list[float], q: float) -> float:
             return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000.0 if xs else 0.0
 
         return EnergyReport(
             seed=self.seed, consolidate=sc.consolidate, nodes=sc.nodes,
-            energy_kwh=joules / 3.6e6, tasks=len(self.tasks), finished=len(lat),
+            energy_kwh=joules / 3.6e6, tasks=len(day_tasks), finished=len(lat),
             p99_ms=pct(lat, 0.99), p50_ms=pct(lat, 0.5), wait_p99_ms=pct(waits, 0.99),
             transitions=total_tr,
             transitions_per_node_per_h=total_tr / sc.nodes / 24.0,

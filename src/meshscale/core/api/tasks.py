@@ -347,6 +347,10 @@ class TaskRow(msgspec.Struct, kw_only=True):
     """The first 200 characters."""
     name: str = ""
     """The function's name, as its submitter gave it."""
+    energy_j: float = 0.0
+    """Joules its attempts drew: each running node's draw (RAPL or its power model, as
+    ``meshscale energy`` says) split over the tasks running there by the slots they
+    held, integrated over the task's run time (``core.capacity.TaskEnergy``)."""
 
 
 class TaskStats(msgspec.Struct, kw_only=True):
@@ -378,6 +382,8 @@ class DoneRequest(Request):
     traceback: Text = ""
     exc: Annotated[bytes, msgspec.Meta(max_length=MAX_EXCEPTION_BYTES)] | None = None
     """The raised exception, pickled (kind ``raised``), when the worker could."""
+    energy_j: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    """Joules this attempt drew at the worker node (its share of the node's draw)."""
     stdout: Text = ""
     stderr: Text = ""
     """What the task printed, as the worker node kept it (bounded there)."""
