@@ -20,7 +20,7 @@ from meshscale.transport.peers import PeerConfig
 
 pytestmark = pytest.mark.timeout(600)
 
-PUTS = 1500
+PUTS = 3000
 CONNS_PER_NODE = 8
 LANES = 16
 """Shared connections a node may hold to one member (one per plane's lane, generous)."""
@@ -79,7 +79,11 @@ def test_small_puts_reuse_peer_connections(tmp_path_factory: pytest.TempPathFact
         assert asyncio.run(put_all(mesh)) == PUTS
         after = asyncio.run(stats(mesh))
     peers = len(mesh.nodes) - 1
-    bound = peers * (PeerConfig().max_idle_per_peer + LANES)
+    # Pooled connections, plus reconnects: a member closes a connection idle for its
+    # ``idle_timeout_s`` (30 s), so a long run opens a few more (~20 a minute measured),
+    # never one per put (at 4 idle and no bound on copies in flight: ~0.2 per put, 337
+    # for 1,500 puts).
+    bound = peers * (PeerConfig().max_idle_per_peer + LANES) + PUTS // 10
     for b, a in zip(before, after, strict=True):
         opened = a.runtime["peer_connections_opened"] - b.runtime.get(
             "peer_connections_opened", 0)
