@@ -554,7 +554,14 @@ async def _dp_stats(mesh: LocalMesh) -> list[api.DataPlaneStats]:
     for n in mesh.nodes:
         c = RpcConnection(n.address, creds, 120)
         try:
-            out.append(await c.request(api.DP_STATS, Empty()))
+            for attempt in range(20):
+                try:
+                    out.append(await c.request(api.DP_STATS, Empty()))
+                    break
+                except RpcError as e:  # a busy node (no connection slot): again
+                    if "busy" not in str(e) or attempt == 19:
+                        raise
+                    await asyncio.sleep(0.5)
         finally:
             await c.close()
     return out

@@ -828,6 +828,7 @@ class NodeAgent:
             conn.connection_made(tls)
             pending = False
             self._authenticated(ip)
+            self.stats.runtime["tls_accepted"] += 1
             who = peer_of(tls.get_extra_info("ssl_object"))
             if who is None:
                 self._reject("no_role")  # a CA-signed certificate without a meshscale role
@@ -1218,7 +1219,7 @@ class NodeAgent:
             health=self.m.health_score(),
             membership=dict(self.m.stats),
             rejected_messages=self.rejected_messages(),
-            runtime=dict(self.stats.runtime),
+            runtime=dict(self.stats.runtime) | {"peer_connections_opened": self.peers.opened},
             connections=self._conns,
             streams_in_flight=self._streams_in_flight,
             seal_key=self._keys.seal_ring.primary_id,

@@ -34,8 +34,18 @@ class PeerConfig:
     connect_timeout_s: float = 3.0
     """TCP + greeting + TLS set-up of a new connection (a peer behind a partition drops
     the SYN: without this bound a call would wait its whole ``call_timeout_s``)."""
-    max_idle_per_peer: int = 4
-    """Idle checked-in connections kept per member."""
+    max_idle_per_peer: int = 16
+    """Idle checked-in connections kept per member. It should cover the transfers a node
+    runs to one member at once under load (a small put's copy takes a connection of its
+    own; 8 client connections per node keep ~8-16 copies per member in flight): each
+    connection given back beyond it is closed and the next transfer pays a new mutual TLS
+    handshake. At 4 (until Dec 2026) 10,000 small puts cost each node ~4,200 handshakes,
+    and the allocations of those set-ups and tear-downs left the node's heap ~13 KB per
+    object held larger (issue #24). An idle one costs ~70 KB (its 32 KB frame buffer and
+    TLS state), the member closes it after its ``idle_timeout_s``, and it counts toward
+    the member's ``max_connections_per_ip`` (64): members that share one address (a
+    local mesh on 127.0.0.1) share that too, so keep (members on an address - 1) x this
+    plus the lanes and clients under it."""
 
 
 class PeerPool:
@@ -49,8 +59,11 @@ class PeerPool:
         self._shared: dict[tuple[str, str], RpcConnection] = {}
         self._idle: dict[str, list[RpcConnection]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.opened = 0
+        """Connections this pool has made (each one a TLS handshake when first used)."""
 
     def _new(self, addr: str, timeout_s: float | None) -> RpcConnection:
+        self.opened += 1
         return RpcConnection(addr, self.creds,
                              self.cfg.call_timeout_s if timeout_s is None else timeout_s,
                              counter=self.counter, connect_timeout=self.cfg.connect_timeout_s)

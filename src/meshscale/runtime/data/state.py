@@ -272,6 +272,9 @@ class DataPlaneBase:
         self._verified: OrderedDict[str, tuple[float, tuple[int, ...]]] = OrderedDict()
         """oid -> (when its local copy was last hash-checked, its file's identity then)."""
         self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
+        self._copy_slots: dict[str, asyncio.Semaphore] = {}
+        """Member -> small copies to it in flight, at most the peer pool's
+        ``max_idle_per_peer`` (``_copy_slot``)."""
         self._tomb_lock = asyncio.Lock()  # tombstone writes reach the store in order
         self._drops: dict[str, None] = {}
         """Copies to drop, in order; one task removes them in batches (``_drain_drops``)."""
@@ -331,6 +334,19 @@ class DataPlaneBase:
     async def _call(self, name: str, method: Method[Req, Rep], req: Req) -> Rep:
         """Typed ``method`` on member ``name`` (in-process when it is this node)."""
         return await call_node(self.agent, name, method, req, lane=LANE)
+
+    def _copy_slot(self, name: str) -> asyncio.Semaphore:
+        """What a small copy to member ``name`` holds while it runs: no more of them go at
+        once than the pool keeps idle connections to a member, so each finds or leaves
+        one there. Unbounded, every copy beyond those in flight paid a TLS handshake and
+        its connection was closed after one call (issue #24: ~4,200 handshakes per node
+        for 10,000 small puts, and a heap ~13 KB per object held larger). One per
+        member ever copied to, as the pool's own entries."""
+        sem = self._copy_slots.get(name)
+        if sem is None:
+            sem = self._copy_slots[name] = asyncio.Semaphore(
+                self.agent.peers.cfg.max_idle_per_peer)
+        return sem
 
     def _checkout(self, name: str) -> RpcConnection:
         """A pooled connection to ``name`` for one transfer alone (``peers.checkout``)."""

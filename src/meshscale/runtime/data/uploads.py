@@ -292,14 +292,15 @@ class Uploads(DataPlaneBase):
     async def _run_small_copy(self, fwd: _Forward, header: api.ReplicaSmallRequest) -> None:
         ok = False
         try:
-            conn = self._checkout(fwd.dst)
-            try:
-                await conn.request(api.RW_SMALL, header)
-                ok = True
-            except BaseException:
-                await conn.close()
-                raise
-            self.agent.peers.checkin(fwd.dst, conn)
+            async with self._copy_slot(fwd.dst):
+                conn = self._checkout(fwd.dst)
+                try:
+                    await conn.request(api.RW_SMALL, header)
+                    ok = True
+                except BaseException:
+                    await conn.close()
+                    raise
+                self.agent.peers.checkin(fwd.dst, conn)
             self._count("bytes_sent", header.size)
         except (RpcError, ValueError, OSError) as e:
             self._count("transfers_early_errors")
