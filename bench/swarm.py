@@ -120,7 +120,9 @@ def services_problems(seed: int) -> list[str]:
 
 POLICY_COUNTS: dict[str, int] = {}
 """Of the policy seeds: copies refused by receivers, copy rules rewritten by a migration,
-policy changes, oracle scans and commits checked, audit entries verified."""
+policy changes, oracle scans and commits checked, audit entries verified; classed task runs
+placed and refused, task results stored under their rule; stream shards and backups made,
+refused and dropped on a narrowing."""
 
 
 def policy_problems(seed: int) -> list[str]:
@@ -129,7 +131,10 @@ def policy_problems(seed: int) -> list[str]:
     r = policy_chaos_run(seed)
     for key, v in (("refused", r.refused), ("migrated", r.migrated),
                    ("changes", len(r.changes)), ("scans", r.scans),
-                   ("commits_checked", r.commits_checked), ("audit_entries", r.audit_entries)):
+                   ("commits_checked", r.commits_checked), ("audit_entries", r.audit_entries),
+                   ("tasks_placed", r.tasks_placed), ("tasks_refused", r.tasks_refused),
+                   ("results", r.results), ("shards", r.shards), ("backups", r.backups),
+                   ("stream_refused", r.stream_refused), ("shard_drops", r.shard_drops)):
         POLICY_COUNTS[key] = POLICY_COUNTS.get(key, 0) + v
     out = r.problems()[:1]
     if r.acked < 20:

@@ -1,9 +1,12 @@
 """Data-class policies under chaos in the simulator (``sim.policy_chaos``): fresh seeds of
-crashes, pauses, partitions, puts, deletes and policy changes (narrowing and widening),
-checked at every step: no copy of a class is made, or kept as a replica, outside the rule
-its node knows; after the faults every node knows the latest rule and no copy sits
-outside it; every node's audit chain verifies. And the oracles can fail: a receiver that
-skips its check, or a node that skips the migration, is caught."""
+crashes, pauses, partitions, puts, deletes, classed tasks, classed stream publishes and
+policy changes (narrowing and widening), checked at every step: no copy, stream shard or
+shard backup of a class is made, or kept, outside the rule its node knows, no task runs
+outside the rules of its inputs' classes, and a task's result takes its inputs' strictest
+class; after the faults every node knows the latest rule and no copy or shard sits outside
+it; every node's audit chain verifies. And the oracles can fail: a receiver that skips its
+check, a node that skips the migration, an owner that places a task without its classes'
+rules, a source that places its shard or its backup without the topic's rule, is caught."""
 
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ def _check(r: PolicyChaosReport) -> None:
     assert r.refused > 0, "no copy was ever refused: nothing was tested"
     assert r.migrated > 0, "no copy's rule was ever rewritten: no narrowing reached a copy"
     assert r.audit_entries > 0 and r.scans > 100
+    assert r.tasks_placed > 0 and r.results > 0, "no classed task ran: nothing was tested"
+    assert r.shards > 0 and r.backups > 0, "no classed shard or backup was placed"
+    assert r.stream_refused > 0, "no shard or backup was ever refused: nothing was tested"
 
 
 def test_policy_chaos_fresh_seeds() -> None:
@@ -41,7 +47,8 @@ def test_policy_chaos_is_deterministic() -> None:
     assert policy_chaos_run(seed).trace_hash == policy_chaos_run(seed).trace_hash
 
 
-@pytest.mark.parametrize("broken", ["receiver", "stale_rule", "migration", "fanout"])
+@pytest.mark.parametrize("broken", ["receiver", "stale_rule", "migration", "fanout",
+                                    "task_class", "shard_class", "backup_class"])
 def test_the_oracles_catch_a_broken_decision(broken: str) -> None:
     base = random.randrange(1 << 30)
     print(f"base seed {base}")

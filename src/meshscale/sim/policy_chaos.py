@@ -12,6 +12,29 @@ hears when it is back). On hearing a change a node does what the runtime's
 break gets the rule ``core.policy.migrated_regions`` decides, and is handed to its replica
 manager again under it, so that the ordinary re-replication moves it.
 
+Classed tasks. A task reads one or two live objects and may declare a class; it is
+submitted to a random node, its owner, which places it as the runtime's owner does
+(``runtime/compute.py``): the rules of its inputs from the first copy it reaches (its
+``obj.stat``), its declared class resolved from its own view (``core.policy.resolve``),
+its result's rule ``core.policy.result_rule`` (the declared class, else the strictest of
+its inputs' classes), the task's own rule the declared one or else the result's; then
+``core.scheduling.feasible`` over its membership view, and the cheapest node by
+``core.scheduling.score``. The runner holds the task in memory for a while; if it crashed
+meanwhile the owner places it again (resolving anew from its current view), else the
+runner puts the result through the simulated put path as an object of its class under
+that rule, which the copy oracles below then follow.
+
+Classed streams. One topic per class; publishes enter at random nodes. The entry node
+resolves the topic's stream rule from its view (``Resolved.stream_residency``), refuses a
+record its region may not take (``core.streams.check_source_allowed``), opens its shard
+(``topic``, ``node~epoch``) and copies it to the backup ``core.streams.backup_for`` picks
+from its view; the backup checks the rule it was sent and its own view of the class
+(``copy_refusal(..., stream=True)``) and refuses, the source then passing to the next
+(the runtime's ``_replicate`` / ``_rpc_replicate``). Every second a source re-places its
+backup from its current view (a crashed backup, a changed rule). Shard logs are in
+memory: a crash loses them. A node that hears a change drops its shard copies of the
+class that the new rule forbids.
+
 The oracles. A node's *current* rule for a class is the policy version in its view. The
 state the oracles look at changes only when a copy is committed, when a node hears a
 change, or as time passes; they are checked at each of these steps: on every
@@ -29,6 +52,16 @@ every node's disk every ``scan_s`` of virtual time:
 - ``end``: once faults stop, partitions heal, every node has heard every change and the
   repair bound has passed: every node's view is the truth, no up node holds a copy of a
   class outside the class's current regions, and no up node holds a deleted object.
+- ``task placement``: a task is placed only on a node in the regions that the owner's
+  current rules of every class it touches (declared, inputs') allow, and its inputs' and
+  own rules; on every scan, every running task still sits inside the rules its
+  placement went by. ``result rule``: an undeclared task's result is of a class and no
+  wider than any of its classed inputs' rules as the owner knows them.
+- ``shard placement`` / ``backup placement`` / ``backup commit`` / ``scan``: a stream
+  shard or backup copy sits only where the acting node's current stream rule of the
+  topic's class (the source when it places, the receiver once it holds it, the holder on
+  every scan) and the rule the copy came under allow; at the ``end`` no up node holds a
+  shard copy outside its class's current regions.
 - ``audit``: each node records what it did (copy made, copy dropped, refusal, policy
   change) in a hash-chained log (``core.audit``) kept on its disk; every chain verifies at
   the end.
@@ -40,12 +73,20 @@ stated, which is wider than the class's when the sender has not heard of a narro
 ``fanout`` (what the runtime's ``policy set --migrate`` did before its members migrated
 their own copies on a cache refresh: only the members the setting node reaches at that
 moment rewrite their copies; a member down or cut off then hears of the policy later
-through its cache refresh but never rewrites its copies).
+through its cache refresh but never rewrites its copies), ``task_class`` (the owner
+places a task without its own and its inputs' rules), ``shard_class`` (a source takes
+records and places their backup without the topic's rule) or ``backup_class`` (a source
+picks and tells its backup without the topic's rule).
+
+Tasks and streams draw from a generator of their own, so the draws of the puts, deletes,
+changes and faults of a seed are those they were before tasks and streams were added
+(the trace differs: results are put, shards are audited).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -59,9 +100,28 @@ from meshscale.core.audit import (
     verify_records,
 )
 from meshscale.core.outputs import DrivenProtocol, Event
-from meshscale.core.placement import Residency
-from meshscale.core.policy import ClassPolicy, copy_refusal, make_policy, migrated_regions
+from meshscale.core.placement import Candidate, PlacementError, Residency
+from meshscale.core.policy import (
+    ClassPolicy,
+    PolicyError,
+    Rule,
+    copy_refusal,
+    make_policy,
+    migrated_regions,
+    resolve,
+    result_rule,
+)
 from meshscale.core.replication import DropLocal, ObjectPolicy
+from meshscale.core.scheduling import (
+    InputRef,
+    NodeState,
+    Resources,
+    SchedulingConfig,
+    TaskSpec,
+    feasible,
+    score,
+)
+from meshscale.core.streams import backup_for, check_source_allowed
 from meshscale.sim.dataplane import CopyRefused, DataMesh, DataNode, ObjectCommitted
 
 __all__ = ["PolicyChaosReport", "policy_chaos_run", "verify_audit"]
@@ -73,6 +133,25 @@ def _delete(p: DrivenProtocol, oid: str, policy: ObjectPolicy, now: float,
     p.delete(oid, policy, now, holders)
 
 CLASSES = ("pii", "fin", "ops")
+TOPICS = tuple(f"topic-{c}" for c in CLASSES)
+TOPIC_CLASS = dict(zip(TOPICS, CLASSES, strict=True))
+"""A classed stream per class: its shards and backups live under the class's stream rule."""
+
+
+@dataclass
+class _Task:
+    """A classed task as its owner keeps it: what it reads, the class it declares, and
+    where its latest placement put it (with the rules that placement went by)."""
+
+    tid: str
+    owner: str
+    inputs: tuple[str, ...]
+    declared: str | None
+    runner: str = ""
+    epoch: int = -1
+    out: Residency | None = None
+    rules: list[Residency | None] = field(default_factory=list)
+    tries: int = 0
 
 
 @dataclass
@@ -94,6 +173,21 @@ class PolicyChaosReport:
     scans: int = 0
     commits_checked: int = 0
     audit_entries: int = 0
+    tasks_placed: int = 0
+    """Task runs placed by ``core.scheduling`` (re-placements after a lost runner too)."""
+    tasks_refused: int = 0
+    """Placements no node could take (``feasible``) and tasks whose result's class was
+    ambiguous (``result_rule``)."""
+    results: int = 0
+    """Task results put as classed objects under ``core.policy.result_rule``."""
+    shards: int = 0
+    """Stream shards opened at their source (a publish accepted)."""
+    backups: int = 0
+    """Shard backup copies made (first and re-placed)."""
+    stream_refused: int = 0
+    """Publishes refused at the entry node and backups refused by their receiver."""
+    shard_drops: int = 0
+    """Shard copies a node dropped on hearing a change that no longer allows it."""
     trace_hash: str = ""
 
     def problems(self) -> list[str]:
@@ -139,6 +233,8 @@ def policy_chaos_run(
     repair_bound_s: float = 40.0,
     refresh_s: float = 3.0,
     scan_s: float = 0.25,
+    tasks: int = 16,
+    publishes: int = 40,
     break_: str | None = None,
 ) -> PolicyChaosReport:
     """One randomized run (see the module docstring); the report lists every breach."""
@@ -200,6 +296,12 @@ def policy_chaos_run(
         for n in mesh.names:
             for oid in sorted(mesh.node(n).objects):
                 check_copy(n, oid, "scan")
+        for n in mesh.names:
+            for (topic, _sid), res in sorted(shards[n].items()):
+                check_shard(mesh.node(n), n, topic, res, "scan")
+        for t in running.values():
+            if epoch[t.runner] == t.epoch:
+                check_run(t, "scan")
 
     def observe(t: float, n: str, ev: Event) -> None:
         node = mesh.node(n)
@@ -251,6 +353,7 @@ def policy_chaos_run(
                 p.replicas.object_added(oid, s.policy, s.hint_for, now, s.written)
             report.migrated += len(p.replicas.migrate_tombstones(policy))
         p._settle(now)
+        drop_shards(p, cls, now)
         for oid in sorted(p.objects):
             check_copy(p.name, oid, "heard")
 
@@ -332,7 +435,278 @@ def policy_chaos_run(
         mesh.delete_requests.add(oid)
         sim.call(coord, lambda p, now: _delete(p, oid, policy, now, tuple(held)))
 
+    # ------------------------------------------------------------ tasks
+    # Drawn from their own generator, so the draws of puts, deletes, changes and faults
+    # stay those of the seed.
+
+    trng = random.Random(f"policy-chaos/tasks-streams/{seed}")
+    sched_cfg = SchedulingConfig()
+    running: dict[str, _Task] = {}
+    epoch = dict.fromkeys(mesh.names, 0)
+    """Bumped by a crash: what a node held in memory (running tasks, shard logs) is gone."""
+
+    def outside(region: str, classes: Iterable[str], p: DataNode, *,
+                stream: bool = False) -> str | None:
+        """Why ``p``'s current rules of ``classes`` forbid ``region`` (None: they allow it)."""
+        for cls in sorted(classes):
+            why = copy_refusal(region, Residency(None, cls), p.policies, stream=stream)
+            if why is not None:
+                return why
+        return None
+
+    def check_run(t: _Task, when: str) -> None:
+        region = region_of[t.runner]
+        for r in t.rules:
+            if r is not None and not r.allows(region):
+                violations.append(f"{sim.now:.3f} {when}: task {t.tid} runs on {t.runner} in "
+                                  f"{region}, outside {r.describe()} its owner placed it under")
+
+    def stat(p: DataNode, oid: str) -> InputRef | None:
+        """What the owner's ``obj.stat`` of an input tells it: the rule of the first copy it
+        reaches, and who holds it. A header naming the class only is resolved from the
+        owner's view (a runtime put always stores the resolved rule)."""
+        holders = tuple(m for m in mesh.names if sim.is_up(m) and oid in mesh.node(m).objects)
+        for h in holders:
+            if sim.is_paused(h) or not sim.connected(p.name, h):
+                continue
+            res = mesh.node(h).objects[oid].policy.residency
+            if res is not None and res.regions is None and res.data_class is not None:
+                res = resolve(res.data_class, Rule(), p.policies).residency()
+            return InputRef(oid, 0, holders[:8], res)
+        return None
+
+    def place(t: _Task, p: DrivenProtocol, now: float) -> None:
+        """The owner ``p`` places task ``t`` from its own view, as the runtime's owner does:
+        its inputs' rules from ``stat``, the task's declared class resolved
+        (``core.policy.resolve``), the result's rule (``core.policy.result_rule``), the
+        task's rule the declared one or else the result's; then ``core.scheduling.feasible``
+        and the cheapest node by ``core.scheduling.score``. Each placement (a re-placement
+        after a lost runner too) resolves the rules anew from the owner's current view."""
+        assert isinstance(p, DataNode)
+        refs = [r for r in (stat(p, oid) for oid in t.inputs) if r is not None]
+        if not refs:
+            return
+        declared = None if t.declared is None else \
+            resolve(t.declared, Rule(), p.policies).residency()
+        in_rules = [r.residency for r in refs]
+        try:
+            out = result_rule(declared, in_rules, p.policies)
+        except PolicyError as e:
+            report.tasks_refused += 1
+            _audit(p, Kind.REFUSAL, t.tid, t.declared, "", f"{e.rule}: {e}", now)
+            return
+        res = declared if out is None or (declared is not None and declared.data_class) \
+            else out
+        classes = {r.data_class for r in [declared, *in_rules]
+                   if r is not None and r.data_class is not None}
+        if out is not None and declared is None:
+            # The result takes its inputs' strictest class: no wider than any of them.
+            for r in in_rules:
+                if r is None or r.data_class is None:
+                    continue
+                known = p.policies.get(r.data_class)
+                bound = set(known.regions) if known is not None else r.regions
+                if out.regions is None or (bound is not None and not out.regions <= bound) \
+                        or (r.regions is not None and not out.regions <= r.regions):
+                    violations.append(f"{now:.3f} result rule: task {t.tid}'s result "
+                                      f"{out.describe()} is wider than its input's class "
+                                      f"{r.data_class} ({r.describe()})")
+        if break_ == "task_class":
+            res = None
+            refs = [InputRef(r.oid, r.size, r.holders, None) for r in refs]
+        spec = TaskSpec(task_id=t.tid, residency=res, inputs=tuple(refs))
+        view = [NodeState(member=c, capacity=Resources(4.0, 0, 0)) for c in p._candidates()]
+        try:
+            nodes = feasible(spec, view)
+        except PlacementError as e:  # SchedulingError is one
+            report.tasks_refused += 1
+            _audit(p, Kind.REFUSAL, t.tid, sorted(classes)[0] if classes else None, "",
+                   f"{e.rule}: {e}", now)
+            return
+        busy: dict[str, int] = {}
+        for other in running.values():
+            busy[other.runner] = busy.get(other.runner, 0) + 1
+        runner = min(nodes, key=lambda n: (score(spec, n, None, sched_cfg,
+                                                 extra_tasks=busy.get(n.name, 0)).total,
+                                           n.name)).name
+        report.tasks_placed += 1
+        t.runner, t.out = runner, out
+        t.rules = [res, *in_rules, *(Residency(frozenset(p.policies[c].regions), c)
+                                     for c in sorted(classes) if c in p.policies)]
+        why = outside(region_of[runner], classes, p)
+        if why is not None:
+            violations.append(f"{now:.3f} task placement: {p.name} placed {t.tid} "
+                              f"(classes {sorted(classes)}) on {runner}: {why}")
+        check_run(t, "task placement")
+        if not sim.is_up(runner) or sim.is_paused(runner) or not sim.connected(p.name, runner):
+            sim.at(now + 1.0, partial(retry, t))  # the grant is lost: placed again
+            return
+        t.epoch = epoch[runner]
+        running[t.tid] = t
+        _audit(mesh.node(runner), Kind.TASK_RUN, t.tid, sorted(classes)[0] if classes else None,
+               region_of[p.name], f"owner {p.name}, result class "
+               f"{'none' if out is None else out.data_class}", now)
+        sim.at(now + trng.uniform(0.5, 3.0), partial(finish, t))
+
+    def retry(t: _Task) -> None:
+        t.tries += 1
+        if t.tries <= 4 and sim.is_up(t.owner):
+            sim.call(t.owner, partial(place, t))
+
+    def finish(t: _Task) -> None:
+        running.pop(t.tid, None)
+        r = t.runner
+        if not sim.is_up(r) or epoch[r] != t.epoch:
+            retry(t)  # the runner died: its owner places the task again
+            return
+        if t.out is not None:
+            # The worker stores a classed result as an object of its class, under its rule.
+            report.results += 1
+            mesh.put_async(r, f"policy-result-{seed}-{t.tid}".encode(),
+                           ObjectPolicy(3, t.out), 2)
+
+    def submit(i: int) -> None:
+        up = mesh.up()
+        live = mesh.live()
+        if not up or not live:
+            return
+        owner = up[trng.randrange(len(up))]
+        inputs = tuple(trng.sample(live, min(len(live), trng.randint(1, 2))))
+        declared = CLASSES[trng.randrange(len(CLASSES))] if trng.random() < 0.3 else None
+        t = _Task(f"task-{seed}-{i}", owner, inputs, declared)
+        sim.call(owner, partial(place, t))
+
+    # ------------------------------------------------------------ streams
+
+    shards: dict[str, dict[tuple[str, str], Residency | None]] = {n: {} for n in mesh.names}
+    """Shard copies each node keeps in memory: (topic, source) -> the rule it came under."""
+    backup_of: dict[tuple[str, str], str] = {}
+
+    def check_shard(p: DataNode, holder: str, topic: str, res: Residency | None,
+                    when: str) -> None:
+        """A shard copy of ``topic`` on ``holder`` must be where ``p``'s current rule of the
+        topic's class (its stream regions) and the rule the copy was placed under allow."""
+        cls = TOPIC_CLASS[topic]
+        region = region_of[holder]
+        why = outside(region, (cls,), p, stream=True)
+        if why is None and res is not None and not res.allows(region):
+            why = f"outside the shard's own {res.describe()}"
+        if why is not None:
+            violations.append(f"{sim.now:.3f} {when}: {p.name} has a shard of {topic} "
+                              f"(class {cls}) on {holder}: {why}")
+
+    def stream_rule(p: DataNode, cls: str) -> Residency | None:
+        if break_ == "shard_class":
+            return None
+        return resolve(cls, Rule(), p.policies).stream_residency()
+
+    def replicate(p: DataNode, topic: str, sid: str, res: Residency | None, now: float) -> None:
+        """The runtime's ``_replicate``: the backup ``core.streams.backup_for`` picks from the
+        source's view; a backup that fails or refuses is passed over for the next."""
+        key = (topic, sid)
+        bad: set[str] = set()
+        if break_ == "backup_class":
+            res = None  # the source picks (and tells) its backup without the topic's rule
+        me = Candidate(p.name, region_of[p.name], mesh.metas[p.name].zone)
+        for _ in range(3):
+            b = backup_for(topic, me, [c for c in p._candidates() if c.name not in bad], res)
+            if b is None:
+                return
+            if backup_of.get(key) == b and key in shards[b]:
+                shards[b][key] = res
+                return
+            check_shard(p, b, topic, res, "backup placement")
+            q = mesh.node(b)
+            if not sim.is_up(b) or sim.is_paused(b) or not sim.connected(p.name, b):
+                bad.add(b)
+                continue
+            why: str | None = None
+            if res is not None:  # the receiver's checks (runtime: _rpc_replicate)
+                try:
+                    check_source_allowed(topic, q.region, res)
+                    why = copy_refusal(q.region, res, q.policies, stream=True)
+                except PlacementError as e:
+                    why = str(e)
+            if why is not None:
+                report.stream_refused += 1
+                _audit(q, Kind.REFUSAL, f"{topic}/{sid}", TOPIC_CLASS[topic],
+                       region_of[p.name], why, now)
+                bad.add(b)
+                continue
+            if key not in shards[b]:
+                report.backups += 1
+                _audit(q, Kind.COPY_MADE, f"{topic}/{sid}", TOPIC_CLASS[topic],
+                       region_of[p.name], "stream backup", now)
+            shards[b][key] = res
+            backup_of[key] = b
+            check_shard(q, b, topic, res, "backup commit")
+            return
+
+    def publish(topic: str, p: DrivenProtocol, now: float) -> None:
+        """A record entering ``topic`` at ``p`` (the runtime's ``stream.publish``)."""
+        assert isinstance(p, DataNode)
+        cls = TOPIC_CLASS[topic]
+        res = stream_rule(p, cls)
+        try:
+            check_source_allowed(topic, p.region, res)
+        except PlacementError as e:
+            report.stream_refused += 1
+            _audit(p, Kind.REFUSAL, topic, cls, "", str(e), now)
+            return
+        sid = f"{p.name}~{epoch[p.name]}"
+        key = (topic, sid)
+        check_shard(p, p.name, topic, res, "shard placement")
+        if key not in shards[p.name]:
+            report.shards += 1
+            _audit(p, Kind.COPY_MADE, f"{topic}/{sid}", cls, "", "stream shard", now)
+        shards[p.name][key] = res
+        replicate(p, topic, sid, res, now)
+
+    def keep_backup(topic: str, sid: str, p: DrivenProtocol, now: float) -> None:
+        """A source re-places its shard's backup when its view changes (a crash, a change
+        of the class's rule)."""
+        assert isinstance(p, DataNode)
+        if (topic, sid) not in shards[p.name]:
+            return
+        res = stream_rule(p, TOPIC_CLASS[topic])
+        shards[p.name][(topic, sid)] = res
+        replicate(p, topic, sid, res, now)
+
+    def drop_shards(p: DataNode, cls: str, now: float) -> None:
+        """On hearing a change of ``cls``: drop every shard copy the new rule forbids."""
+        for key in sorted(shards[p.name]):
+            if TOPIC_CLASS[key[0]] == cls and outside(p.region, (cls,), p, stream=True):
+                del shards[p.name][key]
+                report.shard_drops += 1
+                _audit(p, Kind.COPY_DROPPED, f"{key[0]}/{key[1]}", cls, "", "stream shard", now)
+
+    def memory_lost(n: str) -> None:
+        shards[n].clear()
+        epoch[n] += 1
+
+    def publish_event() -> None:
+        up = [n for n in mesh.up() if not sim.is_paused(n)]
+        if up:
+            topic = TOPICS[trng.randrange(len(TOPICS))]
+            sim.call(up[trng.randrange(len(up))], partial(publish, topic))
+
+    def stream_tick() -> None:
+        for n in mesh.up():
+            if sim.is_paused(n):
+                continue
+            for topic, sid in sorted(shards[n]):
+                if sid == f"{n}~{epoch[n]}":
+                    sim.call(n, partial(keep_backup, topic, sid))
+
     sim.run_until(2.0)
+    for i in range(tasks):
+        sim.at(14.0 + (fault_until - 20.0) * i / tasks, partial(submit, i))
+    for k in range(publishes):
+        sim.at(3.0 + (fault_until - 6.0) * k / publishes, publish_event)
+    t_tick = 4.0
+    while t_tick < fault_until + refresh_s + repair_bound_s:
+        sim.at(t_tick, stream_tick)
+        t_tick += 1.0
     for i in range(objects):
         sim.at(2.0 + (fault_until - 4.0) * i / objects, partial(put, i))
     for k in range(changes):
@@ -359,6 +733,7 @@ def policy_chaos_run(
         if roll < 0.35 and len(transient) < 2:
             transient[victim] = now + rng.uniform(4.0, 15.0)
             mesh.crash(victim)
+            memory_lost(victim)
             report.faults.append(f"{now:.1f} crash {victim}")
         elif roll < 0.6:
             d = rng.uniform(1.0, 6.0)
@@ -403,6 +778,11 @@ def policy_chaos_run(
             if held is not None and region_of[n] not in truth[held].regions:
                 violations.append(f"end: {n} in {region_of[n]} still holds {oid[:12]} of "
                                   f"class {held} (regions {list(truth[held].regions)})")
+        for (topic, sid) in sorted(shards[n]):
+            cls = TOPIC_CLASS[topic]
+            if region_of[n] not in truth[cls].regions:
+                violations.append(f"end: {n} in {region_of[n]} still holds shard {sid} of "
+                                  f"{topic} (class {cls}, regions {list(truth[cls].regions)})")
     for oid in mesh.resurrected():
         violations.append(f"end: deleted {oid[:12]} still held by a live node")
     for t_commit, n, oid, written in mesh.late_commits:
