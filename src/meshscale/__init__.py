@@ -1,7 +1,8 @@
 """meshscale: a decentralized compute mesh.
 
 ``meshscale.connect(address)`` returns a ``Mesh`` with tasks (see ``meshscale.client``);
-``@meshscale.task`` makes a function submittable. The client is imported on first use, so
+``@meshscale.task`` makes a function submittable, ``@meshscale.service(...)`` a class
+deployable (``mesh.deploy``). The client is imported on first use, so
 ``import meshscale`` (and the node agent) stay light.
 """
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
         ObjectRef,
         UnderReplicatedWarning,
     )
+    from meshscale.client.services import service
     from meshscale.client.streams import Record, Region, Regions
     from meshscale.client.tasks import (
         ALL_COMPLETED,
@@ -57,6 +59,7 @@ __all__ = [
     "connect",
     "connect_async",
     "gather",
+    "service",
     "task",
     "wait",
 ]
@@ -67,6 +70,10 @@ _FROM_TASKS = frozenset({"ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", 
 
 
 def __getattr__(name: str) -> Any:
+    if name == "service":
+        from meshscale.client import services
+
+        return services.service
     if name in ("Record", "Region", "Regions"):
         from meshscale.client import streams
 

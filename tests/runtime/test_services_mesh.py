@@ -7,6 +7,7 @@ replica count comes back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -24,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from runtime_mesh import wait_for
 
+import meshscale
 from meshscale.cli import main as cli_main
 from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import RemoteError, request
@@ -82,6 +84,26 @@ class Sickly:
 
     def check(self) -> bool:
         return not self.ill
+
+
+@meshscale.service(replicas=2, idempotent=["add"], placement="central")
+class Declared:
+    """Deployment options declared on the class (``@meshscale.service``)."""
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+
+@meshscale.service(actor=True)
+class Tally:
+    """An actor declared on the class: one count per key."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def incr(self) -> int:
+        self.n += 1
+        return self.n
 
 
 class Slow:
@@ -164,6 +186,37 @@ def test_near_caller_constructed_once_per_replica(mesh: LocalMesh, client: TaskM
     assert sorted(r.node for r in info.replicas) == sorted(nodes)
     assert all(r.constructed == 1 and r.ready for r in info.replicas)
     assert set(info.calls_by_region) >= {"a"}
+
+
+def test_options_declared_on_the_class_deploy_it(client: TaskMesh) -> None:
+    """``@meshscale.service(...)`` options are ``deploy``'s when the call gives none; a
+    keyword given to ``deploy`` wins; ``actor=True`` deploys one instance per key."""
+    try:
+        nodes = client.deploy(Declared, "declared")
+        assert len(nodes) == 2
+        spec = {s.spec.name: s for s in client.services()}["declared"].spec
+        assert (spec.replicas, spec.idempotent, spec.placement) == (2, ["add"], "central")
+
+        def declared_answers() -> bool:
+            try:
+                return bool(client.service("declared").add(2, 3) == 5)
+            except ServiceCallError as e:
+                assert e.kind == "no-replica", e  # not ready yet; anything else fails
+                return False
+        wait_for(declared_answers, 90, "the declared service answers")
+        assert len(client.deploy(Declared, "declared-one", replicas=1)) == 1
+        spec = {s.spec.name: s for s in client.services()}["declared-one"].spec
+        assert (spec.replicas, spec.idempotent) == (1, ["add"])
+        client.deploy(Tally, "tally")
+        assert {s.spec.name: s for s in client.services()}["tally"].spec.actor
+        a, b = client.actor("tally", "door-1"), client.actor("tally", "door-2")
+        assert [a.incr(), a.incr(), b.incr(), a.incr()] == [1, 2, 1, 3]
+        with pytest.raises(ValueError, match="actor"):
+            client.deploy(Tally, "tally-bad", replicas=2)
+    finally:
+        for name in ("declared", "declared-one", "tally"):
+            with contextlib.suppress(MeshError):
+                client.remove_service(name)
 
 
 def test_call_longer_than_the_mesh_timeout(mesh: LocalMesh) -> None:

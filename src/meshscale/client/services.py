@@ -7,6 +7,14 @@ and answer calls, placed near their callers.
                 idempotent=["predict"])
     h = mesh.service("digits")
     h.call("predict", image, timeout=5.0)
+
+A class can carry its deployment options, as ``@meshscale.service(...)``; ``deploy``'s own
+keywords override them::
+
+    @meshscale.service(placement="near-caller", autoscale=(1, 4, 8.0), idempotent=["predict"])
+    class Classifier: ...
+
+    mesh.deploy(Classifier, "digits", "weights-v3")
     fut = h.predict.remote(image)       # a concurrent.futures.Future
     fut.result()
     await h.predict.call_async(image)   # from the caller's own asyncio loop
@@ -23,8 +31,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import sys
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import cloudpickle
 
@@ -46,7 +55,88 @@ from meshscale.core.objects import object_id
 if TYPE_CHECKING:
     from meshscale.client.mesh import Mesh
 
-__all__ = ["CALL_SLACK_S", "Actor", "Service", "ServiceCallError", "ServicesMixin"]
+__all__ = ["CALL_SLACK_S", "Actor", "Service", "ServiceCallError", "ServiceOptions",
+           "ServicesMixin", "service"]
+
+_C = TypeVar("_C", bound=type)
+
+SERVICE_ATTR: Final = "__meshscale_service__"
+"""Where ``@service(...)`` keeps a class's deployment options."""
+
+_BUILTIN: Final[dict[str, Any]] = {"placement": "near-caller", "cpus": 1.0, "memory_mb": 0,
+                                   "gpus": 0, "idempotent": ()}
+"""``deploy``'s defaults for an option neither the call nor the class sets."""
+
+_ACTOR_REFUSES: Final = ("replicas", "autoscale", "health")
+"""Options of replicated services that an actor (one instance per key) has no use for."""
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """A class's deployment options from ``@service(...)``: only the ones it set."""
+
+    actor: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def service(*, placement: str | Region | Regions | None = None,
+            replicas: int | None = None,
+            autoscale: tuple[int, int, float] | None = None,
+            cpus: float | None = None, memory_mb: int | None = None,
+            gpus: int | None = None, data_class: str | None = None,
+            residency: Sequence[str] | None = None,
+            labels: dict[str, str] | None = None,
+            idempotent: Iterable[str] | None = None, health: str | None = None,
+            actor: bool = False) -> Callable[[_C], _C]:
+    """``@meshscale.service(...)``: a class decorator that records how the class is
+    deployed (the keywords of ``Mesh.deploy``, each optional); ``mesh.deploy(Cls, name,
+    *init_args)`` uses them, and a keyword given to ``deploy`` overrides the class's
+    (``replicas`` and ``autoscale`` count as one choice: giving either drops both of the
+    class's). ``actor=True`` makes it an actor service (one instance per key,
+    ``mesh.actor(name, key)``): ``deploy`` then deploys it as ``deploy_actor`` does, and
+    ``replicas``, ``autoscale`` and ``health`` are refused. The class itself is returned
+    unchanged but for the recorded options; it can still be constructed locally."""
+    given: dict[str, Any] = {k: v for k, v in (("placement", placement), ("replicas", replicas),
+                               ("autoscale", autoscale), ("cpus", cpus),
+                               ("memory_mb", memory_mb), ("gpus", gpus),
+                               ("data_class", data_class), ("residency", residency),
+                               ("labels", labels), ("idempotent", idempotent),
+                               ("health", health)) if v is not None}
+    if idempotent is not None:
+        if isinstance(idempotent, str):
+            raise ValueError(f"idempotent takes a list of method names, not one string "
+                             f"({idempotent!r})")
+        given["idempotent"] = tuple(idempotent)
+    if actor:
+        bad = [k for k in _ACTOR_REFUSES if k in given]
+        if bad:
+            raise ValueError(f"an actor service has one instance per key: "
+                             f"{', '.join(bad)} do not apply to it")
+    if "replicas" in given and "autoscale" in given:
+        raise ValueError("give replicas or autoscale, not both")
+
+    def wrap(cls: _C) -> _C:
+        if not isinstance(cls, type):
+            raise TypeError(f"@meshscale.service decorates a class, not "
+                            f"{type(cls).__name__}")
+        setattr(cls, SERVICE_ATTR, ServiceOptions(actor, dict(given)))
+        return cls
+
+    return wrap
+
+
+def _options(cls: type, given: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """(actor, every deploy option): ``given`` (the call's, None for not given) over the
+    class's ``@service`` options over the defaults."""
+    declared = getattr(cls, SERVICE_ATTR, None)
+    if not isinstance(declared, ServiceOptions):
+        declared = ServiceOptions()
+    out = {"replicas": None, "autoscale": None, "data_class": None, "residency": None,
+           "labels": None, "health": None, **_BUILTIN, **declared.options}
+    if given.get("replicas") is not None or given.get("autoscale") is not None:
+        out["replicas"] = out["autoscale"] = None
+    out.update({k: v for k, v in given.items() if v is not None})
+    return declared.actor, out
 
 CALL_SLACK_S = 10.0
 """Added to twice a call's timeout for the hops (client -> node -> replica's node)."""
@@ -222,36 +312,47 @@ class ServicesMixin:
     """``deploy`` / ``service`` / ``services`` / ``remove_service`` on a blocking ``Mesh``."""
 
     def deploy(self, cls: type, name: str, *init_args: Any,
-               placement: str | Region | Regions = "near-caller",
+               placement: str | Region | Regions | None = None,
                replicas: int | None = None,
                autoscale: tuple[int, int, float] | None = None,
-               cpus: float = 1.0, memory_mb: int = 0, gpus: int = 0,
+               cpus: float | None = None, memory_mb: int | None = None,
+               gpus: int | None = None,
                data_class: str | None = None, residency: Sequence[str] | None = None,
                labels: dict[str, str] | None = None,
-               idempotent: Iterable[str] = (), health: str | None = None,
+               idempotent: Iterable[str] | None = None, health: str | None = None,
                **init_kwargs: Any) -> list[str]:
         """Deploy class ``cls`` as service ``name``: each replica runs
         ``cls(*init_args, **init_kwargs)`` once, then answers calls to its public methods.
-        ``placement``: "near-caller", "central", ``Region(name)`` (central there) or
-        ``Regions([...])``; ``replicas=N`` or ``autoscale=(min, max, target_inflight)``;
+        ``placement``: "near-caller" (the default), "central", ``Region(name)`` (central
+        there) or ``Regions([...])``; ``replicas=N`` or ``autoscale=(min, max,
+        target_inflight)``; ``cpus`` (1.0), ``memory_mb``, ``gpus`` (0);
         ``idempotent``: the methods retried once on another replica when theirs dies.
         ``health``: a public method each replica's node calls with no arguments every
         few seconds; returning ``False``, raising or not answering a few times in a row
         makes the replica unhealthy: calls go elsewhere and it is restarted.
-        Returns the nodes the replicas go to. ``MeshError`` names the field or the
-        placement rule that refused it."""
-        return self._deploy(cls, name, init_args, init_kwargs, False, placement=placement,
-                            replicas=replicas, autoscale=autoscale, cpus=cpus,
-                            memory_mb=memory_mb, gpus=gpus, data_class=data_class,
-                            residency=residency, labels=labels, idempotent=idempotent,
-                            health=health)
+        An option not given here comes from the class's ``@meshscale.service(...)``, if
+        it has one (a class declared ``actor=True`` is deployed as ``deploy_actor``
+        does), else from the defaults. Returns the nodes the replicas go to.
+        ``MeshError`` names the field or the placement rule that refused it."""
+        actor, o = _options(cls, {
+            "placement": placement, "replicas": replicas, "autoscale": autoscale,
+            "cpus": cpus, "memory_mb": memory_mb, "gpus": gpus, "data_class": data_class,
+            "residency": residency, "labels": labels, "idempotent": idempotent,
+            "health": health})
+        if actor:
+            bad = [k for k in _ACTOR_REFUSES if o[k] is not None]
+            if bad:
+                raise ValueError(f"{cls.__name__} is an actor service (@meshscale.service("
+                                 f"actor=True)): {', '.join(bad)} do not apply to it")
+        return self._deploy(cls, name, init_args, init_kwargs, actor, **o)
 
     def deploy_actor(self, cls: type, name: str, *init_args: Any,
-                     placement: str | Region | Regions = "near-caller",
-                     cpus: float = 1.0, memory_mb: int = 0, gpus: int = 0,
+                     placement: str | Region | Regions | None = None,
+                     cpus: float | None = None, memory_mb: int | None = None,
+                     gpus: int | None = None,
                      data_class: str | None = None, residency: Sequence[str] | None = None,
                      labels: dict[str, str] | None = None,
-                     idempotent: Iterable[str] = (), **init_kwargs: Any) -> None:
+                     idempotent: Iterable[str] | None = None, **init_kwargs: Any) -> None:
         """Deploy class ``cls`` as actor service ``name``: one instance per key
         (``mesh.actor(name, key)``), on the key's owner, a node chosen by rendezvous
         hashing among those the placement rules allow. A key's first call constructs
@@ -260,11 +361,17 @@ class ServicesMixin:
         returns, so when the owner's node dies the next call continues, on the next
         owner, from the last call that returned (``core/actors.py`` states the exact
         guarantee). The pickled state is bounded (``ActorConfig.max_state_bytes``).
-        ``idempotent``: methods retried once when their owner is lost mid-call."""
-        self._deploy(cls, name, init_args, init_kwargs, True, placement=placement,
-                     replicas=None, autoscale=None, cpus=cpus, memory_mb=memory_mb,
-                     gpus=gpus, data_class=data_class, residency=residency, labels=labels,
-                     idempotent=idempotent, health=None)
+        ``idempotent``: methods retried once when their owner is lost mid-call. Options
+        not given come from the class's ``@meshscale.service(...)``, as for ``deploy``."""
+        _, o = _options(cls, {
+            "placement": placement, "cpus": cpus, "memory_mb": memory_mb, "gpus": gpus,
+            "data_class": data_class, "residency": residency, "labels": labels,
+            "idempotent": idempotent})
+        bad = [k for k in _ACTOR_REFUSES if o[k] is not None]
+        if bad:
+            raise ValueError(f"{cls.__name__}'s @meshscale.service sets {', '.join(bad)}, "
+                             f"which an actor service (one instance per key) has no use for")
+        self._deploy(cls, name, init_args, init_kwargs, True, **o)
 
     def _deploy(self, cls: type, name: str, init_args: tuple[Any, ...],
                 init_kwargs: dict[str, Any], actor: bool, *,
