@@ -109,13 +109,32 @@ def _port_free(port: int) -> bool:
     return True
 
 
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def ephemeral_ports() -> range:
+    """The ports the kernel hands to outgoing connections (Linux's default when unknown)."""
+    try:
+        with open(EPHEMERAL_RANGE_FILE) as f:
+            lo, hi = (int(x) for x in f.read().split()[:2])
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return range(lo, hi + 1)
+
+
 def find_free_base_port(
     n: int, start: int = 20000, end: int = 60000, avoid: range | None = None
 ) -> int:
     """A base port P such that P..P+n-1 are free for both TCP and UDP right now (and, given
-    ``avoid``, none of them in it)."""
+    ``avoid``, none of them in it). Outside the kernel's ephemeral range when there is room
+    below it: a port found free there can be taken by any outgoing connection's local port
+    before the node binds it (seen as a node exiting at startup with "address already in
+    use" while other meshes on the machine were busy)."""
     import random
 
+    eph = ephemeral_ports()
+    if start < eph.start and eph.start - start > 4 * n:
+        end = min(end, eph.start)
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(start, end - n)
