@@ -7,6 +7,10 @@ backs a shard up, how much a shard may hold); this module moves the records:
   this node's shard of the topic once the shard has room (credit: the producer's call
   waits, bounded by ``publish_wait_s``), copied to the shard's backup and acknowledged
   when both hold them. A node the topic's residency rule forbids refuses, naming it.
+  A topic of a data class follows the class's current policy (``core.streams.topic_rule``):
+  when this node's policy cache sees the class change, its shard copies of the class's
+  topics follow the new rule (``_class_changed``: backups re-placed inside it, copies it
+  forbids dropped and audited).
 - Operators are registered once (``stream.op_register``: spec in the replicated KV under
   ``streamop/<name>``, the pickled function as a replicated object, a notice to every live
   node). Every ``reconcile_interval_s`` each node starts a *runner* for each (operator,
@@ -389,8 +393,6 @@ class StreamPlane:
             raise PlacementError("residency", f"topic {topic!r} was published with another "
                                               f"residency rule ({_describe(known)}; this "
                                               f"publish: {_describe(declared)})")
-        self.topic_declared[topic] = declared
-        self.topic_residency[topic] = res
         check_source_allowed(topic, self.agent.meta.region, res)
         limit = self.cfg.max_record_bytes
         if limit < api.MAX_RECORD_BYTES:  # else the contract has checked it
@@ -399,6 +401,8 @@ class StreamPlane:
                     raise ValueError(f"record {r.id!r} has {len(r.value)} bytes; the limit "
                                      f"is {limit} (max_record_bytes)")
         records = [(r.key, r.value, r.id, r.ts) for r in req.records]
+        self.topic_declared[topic] = declared
+        self.topic_residency[topic] = res
         entries = await self.append_local(topic, records)
         return PublishReply(node=self.agent.name, source=self.source_id,
                             first=entries[0].offset, last=entries[-1].offset)
