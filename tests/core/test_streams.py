@@ -41,9 +41,11 @@ from meshscale.core.streams import (
     runners_wanted,
     shard_holder,
     shard_key,
+    shard_refusal,
     shard_runner,
     source_id,
     split_source,
+    topic_rule,
 )
 
 # --------------------------------------------------------------------------- helpers
@@ -738,6 +740,45 @@ def test_a_live_epoch_holds_its_shard_a_gone_one_is_held_by_its_backup() -> None
     # The node may be alive again (restarted): its old epoch's shard is still the backup's.
     assert shard_holder("t", E1, False, MESH, None) == backup_for("t", E1, MESH, None) == "e2"
     assert shard_holder("t", A1, False, without(A1), Residency(frozenset({"ap"}))) is None
+
+
+def test_a_source_its_topics_rule_no_longer_allows_hands_its_shard_to_the_backup() -> None:
+    eu = Residency(frozenset({"eu"}), "pii")
+    us = Residency(frozenset({"us"}), "pii")
+    assert shard_holder("t", E1, True, MESH, eu) == "e1"
+    assert shard_holder("t", E1, True, MESH, us) == backup_for("t", E1, MESH, us)
+    assert shard_holder("t", E1, True, MESH, us) in {"u1", "u2", "u3"}
+
+
+# --------------------------------------------------------------------------- class changes
+
+
+def test_a_classed_topic_follows_its_class_current_policy() -> None:
+    from meshscale.core.policy import make_policy
+
+    wide = {"pii": make_policy("pii", ["eu", "us", "ap"])}
+    narrow = {"pii": make_policy("pii", ["eu", "us"], stream_regions=["eu"])}
+    declared = Residency(None, "pii")
+    assert topic_rule(declared, wide) == Residency(frozenset({"eu", "us", "ap"}), "pii")
+    assert topic_rule(declared, narrow) == Residency(frozenset({"eu"}), "pii")
+    # The topic's own regions narrow the class's, never widen them; with nothing left
+    # the class's regions win (as for an object's copies).
+    own = Residency(frozenset({"us", "ap"}), "pii")
+    assert topic_rule(own, wide) == Residency(frozenset({"us", "ap"}), "pii")
+    assert topic_rule(own, {"pii": make_policy("pii", ["us", "eu"])}) == \
+        Residency(frozenset({"us"}), "pii")
+    assert topic_rule(own, narrow) == Residency(frozenset({"eu"}), "pii")
+    # No class, or a class without a policy: the declared rule as it is.
+    assert topic_rule(None, narrow) is None
+    label = Residency(frozenset({"ap"}), "other")
+    assert topic_rule(label, narrow) == label
+    # Holders the new rule forbids must let go; the others keep their copies.
+    assert shard_refusal("eu", declared, narrow) is None
+    why = shard_refusal("us", declared, narrow)
+    assert why is not None and "pii" in why and "'us'" in why
+    assert shard_refusal("ap", own, wide) is None
+    assert shard_refusal("ap", own, {"pii": make_policy("pii", ["us", "eu"])}) is not None
+    assert shard_refusal("ap", None, narrow) is None
 
 
 def test_a_gone_epochs_shard_runs_on_its_backup_even_if_its_node_is_back() -> None:

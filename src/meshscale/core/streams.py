@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from meshscale.core.placement import Candidate, PlacementError, Residency, hrw_score
+from meshscale.core.policy import ClassPolicy, copy_refusal
 from meshscale.core.scheduling import (
     Central,
     InRegions,
@@ -174,8 +175,10 @@ def split_source(sid: str) -> tuple[str, str]:
 def shard_holder(topic: str, source: Candidate, source_live: bool,
                  alive: Iterable[Candidate], residency: Residency | None) -> str | None:
     """Who serves shard ``(topic, source)``: the source while the epoch that wrote it
-    lives, else its backup (``None`` when there is none)."""
-    if source_live:
+    lives and the topic's rule allows its region, else its backup (``None`` when there is
+    none). A source the rule no longer allows (its class narrowed) handed its shard to a
+    backup inside the rule and dropped its own copy (``shard_refusal``)."""
+    if source_live and (residency is None or residency.allows(source.region)):
         return source.name
     return backup_for(topic, source, alive, residency)
 
@@ -429,5 +432,50 @@ def check_source_allowed(topic: str, region: str, residency: Residency | None) -
         )
 
 
-__all__ += ["SchedulingError", "candidates_to_states", "central_region", "check_source_allowed",
-            "shard_holder", "shard_runner", "source_id", "split_source"]
+def topic_rule(declared: Residency | None,
+               policies: Mapping[str, ClassPolicy]) -> Residency | None:
+    """The rule a topic's shards and their backups follow *now*.
+
+    ``declared`` is the rule the topic was published with, as its producer stated it (a
+    data class and, optionally, its own stream regions), not resolved. A topic with a
+    class follows its class's current policy (its stream regions, else its regions): the
+    class is the authority, so a change of the policy changes the topic's rule. The
+    topic's own regions may only narrow the class's: they are kept where the class allows
+    them; when none is left, the class's regions, which the admin just set, win (as
+    ``core.policy.migrated_regions`` decides for an object's copies). A topic without a
+    class, or whose class has no policy (a label only), keeps its declared rule."""
+    if declared is None or declared.data_class is None:
+        return declared
+    policy = policies.get(declared.data_class)
+    if policy is None:
+        return declared
+    allowed = frozenset(policy.stream_regions if policy.stream_regions is not None
+                        else policy.regions)
+    if declared.regions is None:
+        return Residency(allowed, declared.data_class)
+    return Residency((declared.regions & allowed) or allowed, declared.data_class)
+
+
+def shard_refusal(region: str, declared: Residency | None,
+                  policies: Mapping[str, ClassPolicy]) -> str | None:
+    """Why a node in ``region`` may no longer hold a copy (primary or backup) of a shard
+    of a topic declared with rule ``declared`` under the class policies it knows (None:
+    it may). Asked by every holder when it hears that a class's policy changed: a copy
+    refused here is dropped (audited), and a source re-places its backup inside the new
+    rule (``backup_for`` with ``topic_rule``) before it drops its own copy."""
+    return (copy_refusal(region, declared, policies, stream=True)
+            or copy_refusal(region, topic_rule(declared, policies), policies, stream=True))
+
+
+__all__ += [
+    "SchedulingError",
+    "candidates_to_states",
+    "central_region",
+    "check_source_allowed",
+    "shard_holder",
+    "shard_refusal",
+    "shard_runner",
+    "source_id",
+    "split_source",
+    "topic_rule",
+]

@@ -507,6 +507,8 @@ class NodeAgent:
             await self.compute.start()
             self.streams = StreamPlane(self)
             await self.streams.start()
+            # A class's policy change reaches this node's shards of its topics.
+            self.dataplane.policy_listeners.append(self.streams.class_changed)
             self.compute.standby_of = placement_standby
             self.capacity = CapacityDriver(
                 self, self.cfg.energy, self.compute, slots=self.compute.capacity.cpus,

@@ -7,6 +7,10 @@ backs a shard up, how much a shard may hold); this module moves the records:
   this node's shard of the topic once the shard has room (credit: the producer's call
   waits, bounded by ``publish_wait_s``), copied to the shard's backup and acknowledged
   when both hold them. A node the topic's residency rule forbids refuses, naming it.
+  A topic of a data class follows the class's current policy (``core.streams.topic_rule``):
+  when this node's policy cache sees the class change, its shard copies of the class's
+  topics follow the new rule (``_class_changed``: backups re-placed inside it, copies it
+  forbids dropped and audited).
 - Operators are registered once (``stream.op_register``: spec in the replicated KV under
   ``streamop/<name>``, the pickled function as a replicated object, a notice to every live
   node). Every ``reconcile_interval_s`` each node starts a *runner* for each (operator,
@@ -61,6 +65,7 @@ from meshscale.core.api.streams import (
     ShardInfo,
     StreamStats,
 )
+from meshscale.core.audit import Kind
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.policy import PolicyError, Rule, copy_refusal, read_refusal, resolve
@@ -84,8 +89,10 @@ from meshscale.core.streams import (
     place_operator,
     runners_wanted,
     shard_holder,
+    shard_refusal,
     source_id,
     split_source,
+    topic_rule,
 )
 from meshscale.runtime import caller
 from meshscale.runtime.local import LocalCalls, call_node
@@ -152,6 +159,14 @@ class StreamConfig:
     log: ShardLogConfig = field(default_factory=ShardLogConfig)
 
 
+def _class(rule: Residency | None) -> str | None:
+    return None if rule is None else rule.data_class
+
+
+def _describe(rule: Residency | None) -> str:
+    return "no rule" if rule is None else rule.describe()
+
+
 def _placement(spec: OperatorSpec) -> OperatorPlacement:
     mode: PlacementMode | None = None
     if spec.mode == "central":
@@ -180,6 +195,12 @@ class StreamPlane:
         self.logs: dict[tuple[str, str], ShardLog] = {}
         self.mirrors: dict[tuple[str, str], ShardLog] = {}
         self.topic_residency: dict[str, Residency | None] = {}
+        """Each topic's rule as this node applies it now (``core.streams.topic_rule``)."""
+        self.topic_declared: dict[str, Residency | None] = {}
+        """The rule producers publish a topic with at this node, as they state it (its data
+        class and its own stream regions, unresolved): the topic's identity. Its rule in
+        force is resolved from it and the class's current policy at each publish and on
+        each change of the class's policy."""
         self.ops: dict[str, OperatorSpec] = {}
         self._fn_bytes: dict[str, bytes] = {}
         self.runners: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -358,10 +379,20 @@ class StreamPlane:
         topic = req.topic
         if len(req.records) > self.cfg.max_publish_records:
             raise ValueError(f"at most {self.cfg.max_publish_records} records per publish")
+        # A topic of a class follows the class's current policy (resolved anew at each
+        # publish: the class is the authority); what must not change is the rule its
+        # producers state (the class, and the topic's own narrower regions).
+        declared = residency_of(req.residency)
         res = residency_of(await self._resolve_class(req.residency, stream=True))
-        if topic in self.topic_residency and self.topic_residency[topic] != res:
+        known = self.topic_declared.get(topic, self.topic_residency.get(topic))
+        if topic in self.topic_declared:
+            other = known != declared
+        else:  # only a backup's copy here: the class it came under
+            other = topic in self.topic_residency and _class(known) != _class(declared)
+        if other:
             raise PlacementError("residency", f"topic {topic!r} was published with another "
-                                              "residency rule")
+                                              f"residency rule ({_describe(known)}; this "
+                                              f"publish: {_describe(declared)})")
         check_source_allowed(topic, self.agent.meta.region, res)
         limit = self.cfg.max_record_bytes
         if limit < api.MAX_RECORD_BYTES:  # else the contract has checked it
@@ -370,6 +401,7 @@ class StreamPlane:
                     raise ValueError(f"record {r.id!r} has {len(r.value)} bytes; the limit "
                                      f"is {limit} (max_record_bytes)")
         records = [(r.key, r.value, r.id, r.ts) for r in req.records]
+        self.topic_declared[topic] = declared
         self.topic_residency[topic] = res
         entries = await self.append_local(topic, records)
         return PublishReply(node=self.agent.name, source=self.source_id,
@@ -465,12 +497,103 @@ class StreamPlane:
             self.topic_residency[topic] = res
         else:
             self.topic_residency.setdefault(topic, None)
+        new = (topic, req.source) not in self.logs
         log = self._log(topic, req.source)
+        res_now = self.topic_residency.get(topic)
+        if new and res_now is not None and res_now.data_class is not None:
+            self.agent.record(Kind.COPY_MADE, f"{topic}/{req.source}",
+                              data_class=res_now.data_class,
+                              from_region=caller.node_region(self.agent.m.members),
+                              detail=f"stream backup under {res_now.describe()}")
         n = log.apply(req.entries, req.low)
         self.stats["records_backed_up"] += n
         async with self._changed:
             self._changed.notify_all()
         return ReplicateReply(head=log.head)
+
+    # ------------------------------------------------------------------ policy changes
+
+    def class_changed(self, name: str) -> None:
+        """The data plane's policy cache saw class ``name``'s policy change (or read it
+        for the first time): this node's shards of the class's topics follow it."""
+        if not self._stopping:
+            self.agent.spawn(self._class_changed(name))
+
+    async def _class_changed(self, cls: str) -> None:
+        """Make this node's shard copies of the topics of class ``cls`` follow the
+        class's current policy, as the simulator's nodes do (``sim/policy_chaos.py``):
+
+        - each topic's rule in force becomes ``core.streams.topic_rule`` of its declared
+          rule (a backup, which never saw the declaration, narrows the rule its source
+          sent);
+        - a copy whose region the rule still allows stays; if this node is its source,
+          its backup is re-placed from the new rule (``backup_for``; the new backup
+          checks the rule itself, ``_rpc_replicate``), and gets the whole retained log;
+        - a backup copy the rule forbids here (``core.streams.shard_refusal``) is
+          dropped and audited (``copy_dropped``); its source re-places its backup when
+          it hears the change;
+        - a source the rule now forbids refuses new records of the topic, naming the rule
+          (``check_source_allowed`` at publish). Its existing records are first copied
+          to a backup inside the new rule (``_replicate``), then its own copy is dropped
+          and audited: the class's policy is the authority, so no copy of its records may
+          stay outside it, and handing them over first keeps every acknowledged record
+          that a node inside the rule can take. ``core.streams.shard_holder`` then sends
+          readers of the shard to that backup. If no node inside the rule can take them
+          (none alive, or all refuse), the copy is dropped all the same (the records are
+          lost, counted in ``shard_records_lost``): a residency rule wins over
+          availability, as for an object whose every allowed holder is gone.
+        """
+        topics = sorted(t for t, r in self.topic_residency.items()
+                        if r is not None and r.data_class == cls)
+        if not topics:
+            return
+        try:
+            policies = await self.local.class_policies({cls})
+        except ApiError as e:  # no quorum to read it now: the next refresh tells again
+            self.agent.log("debug", "stream_policy_read_failed", data_class=cls,
+                           error=str(e)[:200])
+            return
+        region = self.agent.meta.region
+        for topic in topics:
+            declared = self.topic_declared.get(topic, self.topic_residency.get(topic))
+            self.topic_residency[topic] = topic_rule(declared, policies)
+            why = shard_refusal(region, declared, policies)
+            for key in sorted(k for k in self.logs if k[0] == topic):
+                log = self.logs.get(key)
+                if log is None:
+                    continue
+                mine = key[1] == self.source_id
+                if mine:
+                    # Re-place the backup inside the rule (hand the records over first
+                    # when this node itself must let go of them).
+                    await self._replicate(topic, key[1], log)
+                if why is not None:
+                    await self._drop_shard(topic, key[1], cls, why)
+
+    async def _drop_shard(self, topic: str, source: str, cls: str, why: str) -> None:
+        """Drop this node's copy of shard ``(topic, source)``, which the rule of class
+        ``cls`` forbids here (``why``), and audit it."""
+        key = (topic, source)
+        async with self._repl_locks.setdefault(key, asyncio.Lock()):
+            log = self.logs.pop(key, None)
+        self._repl_locks.pop(key, None)
+        backup = self._backup_of.pop(key, None)
+        for k in [k for k in self._sent if k[:2] == key]:
+            del self._sent[k]
+        if log is None:
+            return
+        mine = source == self.source_id
+        held = log.head - log.base
+        self.stats["shards_dropped_policy"] += 1
+        if mine and backup is None and held:
+            self.stats["shard_records_lost"] += held
+        self.agent.record(Kind.COPY_DROPPED, f"{topic}/{source}", data_class=cls,
+                          detail=f"stream {'shard' if mine else 'backup'} of {held} "
+                                 f"records dropped: {why}"[:1000])
+        self.agent.log("info", "stream_shard_dropped", topic=topic, source=source,
+                       data_class=cls, records=held)
+        async with self._changed:
+            self._changed.notify_all()
 
     # ------------------------------------------------------------------ fetch
 

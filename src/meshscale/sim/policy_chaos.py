@@ -121,7 +121,7 @@ from meshscale.core.scheduling import (
     feasible,
     score,
 )
-from meshscale.core.streams import backup_for, check_source_allowed
+from meshscale.core.streams import backup_for, check_source_allowed, shard_refusal, topic_rule
 from meshscale.sim.dataplane import CopyRefused, DataMesh, DataNode, ObjectCommitted
 
 __all__ = ["PolicyChaosReport", "policy_chaos_run", "verify_audit"]
@@ -598,7 +598,7 @@ def policy_chaos_run(
     def stream_rule(p: DataNode, cls: str) -> Residency | None:
         if break_ == "shard_class":
             return None
-        return resolve(cls, Rule(), p.policies).stream_residency()
+        return topic_rule(Residency(None, cls), p.policies)
 
     def replicate(p: DataNode, topic: str, sid: str, res: Residency | None, now: float) -> None:
         """The runtime's ``_replicate``: the backup ``core.streams.backup_for`` picks from the
@@ -675,7 +675,8 @@ def policy_chaos_run(
     def drop_shards(p: DataNode, cls: str, now: float) -> None:
         """On hearing a change of ``cls``: drop every shard copy the new rule forbids."""
         for key in sorted(shards[p.name]):
-            if TOPIC_CLASS[key[0]] == cls and outside(p.region, (cls,), p, stream=True):
+            if TOPIC_CLASS[key[0]] == cls and \
+                    shard_refusal(p.region, Residency(None, cls), p.policies) is not None:
                 del shards[p.name][key]
                 report.shard_drops += 1
                 _audit(p, Kind.COPY_DROPPED, f"{key[0]}/{key[1]}", cls, "", "stream shard", now)

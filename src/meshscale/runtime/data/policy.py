@@ -113,6 +113,10 @@ class Policies(Catalog, KvStore):
                 # This node's copies of the class follow the rule it now knows, whether
                 # or not a `policy set --migrate` reached it when it was made.
                 self.agent.spawn(self._migrate_own(name, "policy refresh"))
+            if cached is None or cached.regions != policy.regions \
+                    or cached.stream_regions != policy.stream_regions:
+                for listener in self.policy_listeners:
+                    listener(name)
         self._policy_read_at[name] = time.monotonic()
         if len(self._policy_read_at) > 4 * self.cfg.max_policies:
             # Misses of names that have no policy: forget the oldest.

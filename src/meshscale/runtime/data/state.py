@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,6 +287,9 @@ class DataPlaneBase:
         """class -> when its policy was last read from the KV (monotonic), found or not."""
         self._migrate_lock = asyncio.Lock()
         """One rewrite of this node's copy rules at a time (``policy.py``)."""
+        self.policy_listeners: list[Callable[[str], None]] = []
+        """Called with a class's name when this node's cache sees its policy's regions or
+        stream regions change (or first read it): the stream plane's shards follow it."""
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
