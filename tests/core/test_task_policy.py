@@ -201,6 +201,27 @@ def test_a_lost_runner_with_no_region_left_fails_naming_the_rule() -> None:
     assert owner.pending() == []
 
 
+def test_a_stale_policy_narrows_a_new_task_until_the_fresh_one_is_given() -> None:
+    # The driver gives the scheduler the policies it resolved a submit under first: a
+    # staler map (here pii={a}, since moved to {b}) would leave the new task no region.
+    view = [node("o", "c"), node("a1", "a"), node("b1", "b")]
+    for fresh in (False, True):
+        m = Mesh(view)
+        owner = m.s["o"]
+        owner.submit([TaskSpec("t1", residency=Residency(R({"a"}), "pii"))], 0.0)
+        owner.set_policies({"pii": pol("pii", "a")}, 0.0)
+        m.pump()
+        if fresh:
+            owner.set_policies({"pii": pol("pii", "b")}, 0.1)
+        owner.submit([TaskSpec("t2", residency=Residency(R({"b"}), "pii"))], 0.2)
+        m.pump()
+        ran = [t for t, _ in m.runs]
+        if fresh:
+            assert ran == ["t1", "t2"] and not m.failed, (m.runs, m.failed)
+        else:
+            assert ran == ["t1"] and [f.task_id for f in m.failed] == ["t2"]
+
+
 def test_a_queued_task_is_narrowed_at_once_and_fails_when_nothing_is_left() -> None:
     view = [node("o", "a"), node("b1", "b")]
     m = Mesh(view)

@@ -868,7 +868,7 @@ class Scheduler:
         one with no region left fails naming the rule. A running one keeps running; its
         next placement (after a lost runner) goes by the narrowed rule."""
         self._policies.update(policies)
-        carried = set(self.classes())
+        carried = set(self.classes()) | set(policies)  # given before a submit: kept
         for name in [c for c in self._policies if c not in carried]:
             del self._policies[name]
         for tid in sorted(self._tasks, key=lambda k: self._tasks[k].order):

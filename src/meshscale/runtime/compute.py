@@ -914,6 +914,10 @@ class ComputePlane:
             # No quorum to read a policy: the inputs' own stored rules still bound it.
             self._count("result_rule_without_policies")
             policies = {}
+        if policies and self.sched is not None:
+            # The rules this task is resolved under are the scheduler's current ones too
+            # (one read older would narrow it by a class since widened).
+            self.sched.set_policies(policies, time.monotonic())
         try:
             out = result_rule(declared, inputs, policies)
         except PolicyError as e:
