@@ -50,10 +50,12 @@ __all__ = [
     "make_policy",
     "migrated_regions",
     "narrows",
+    "placement_residency",
     "policy_key",
     "read_refusal",
     "resolve",
     "result_rule",
+    "result_within",
     "stored_rule",
 ]
 
@@ -378,6 +380,59 @@ def result_rule(declared: Residency | None, inputs: Iterable[Residency | None],
             f"the task's result (class {chosen}, the strictest of its inputs' classes "
             f"{', '.join(names[:8])}) has no region that all of its inputs' rules allow"))
     return Residency(regions, chosen)
+
+
+def placement_residency(submitted: Residency | None, classes: Iterable[str],
+                        policies: Mapping[str, ClassPolicy]) -> Residency | None:
+    """The rule a classed task is placed under *now*: the rule it was ``submitted`` under
+    (resolved at submit), narrowed by the current policy of each class it carries (its
+    own class and its inputs'; ``classes``) as the owner knows them (``policies``).
+
+    Never wider than ``submitted``: the regions are the intersection of the submitted
+    regions and every known class's regions; a class without a known policy narrows
+    nothing. The class named is ``submitted``'s, else the first of ``classes``.
+    ``PolicyError("residency")`` naming both rules when no region is left: the task
+    must not be placed at all. Every placement asks it (the first, and each one after a
+    lost runner), so a class narrowed after submit binds the task's next placement.
+    """
+    names = sorted(set(classes))
+    regions = None if submitted is None else submitted.regions
+    narrowed_by: list[str] = []
+    for cls in names:
+        policy = policies.get(cls)
+        if policy is None:
+            continue
+        allowed = frozenset(policy.regions)
+        if regions is None or not regions <= allowed:
+            narrowed_by.append(cls)
+        regions = allowed if regions is None else regions & allowed
+    data_class = submitted.data_class if submitted is not None and submitted.data_class \
+        else (names[0] if names else None)
+    if regions is not None and not regions:
+        sub = "any region" if submitted is None or submitted.regions is None else \
+            "regions {" + ",".join(sorted(submitted.regions)) + "}"
+        now = "; ".join(policies[c].describe() for c in narrowed_by[:8])
+        raise PolicyError("residency", (
+            f"the task was submitted for {sub}; the current rule of its classes ({now}) "
+            "leaves it no region: it may not be placed"))
+    if submitted is None and regions is None and data_class is None:
+        return None
+    if submitted is not None and regions == submitted.regions \
+            and data_class == submitted.data_class:
+        return submitted
+    return Residency(regions, data_class)
+
+
+def result_within(out: Residency | None, placed: Residency | None) -> Residency | None:
+    """The rule a task's result is stored under, given the rule ``out`` its owner chose at
+    submit (``result_rule``) and the rule ``placed`` the task runs under now (narrowed by
+    ``placement_residency`` since): ``out``'s regions within ``placed``'s when both name
+    some and they share one, else ``out``. Never wider than ``out``: a class narrowed
+    after submit binds the result's copies as it binds where the task runs."""
+    if out is None or placed is None or out.regions is None or placed.regions is None:
+        return out
+    both = out.regions & placed.regions
+    return Residency(both, out.data_class) if both and both != out.regions else out
 
 
 # ------------------------------------------------------------------ KV keys of a class

@@ -79,6 +79,7 @@ import msgspec
 
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, PlacementError, Residency
+from meshscale.core.policy import ClassPolicy, PolicyError, placement_residency
 from meshscale.core.vivaldi import Coordinate, estimate_rtt
 from meshscale.core.wire import VersionedCodec, WireError
 
@@ -688,6 +689,13 @@ class _Task:
     demand: Resources | None = None
     rules: list[_Filter] | None = None
     """``_filters(spec)``, built once: every ask re-checks the rules (hot path)."""
+    submitted: Residency | None = None
+    """The task's rule as submitted; ``spec.residency`` is it narrowed by the current
+    policies of ``classes`` (``core.policy.placement_residency``)."""
+    classes: tuple[str, ...] = ()
+    """The data classes the task carries: its own and its inputs'."""
+    no_region: bool = False
+    """Running while its classes' current rules leave it no region (counted once)."""
 
     def allowed_on(self, node: NodeState) -> bool:
         if self.rules is None:
@@ -775,6 +783,8 @@ class Scheduler:
         self._outputs: list[SchedulingOutput] = []
         self._view: dict[str, NodeState] = {}
         self._held: set[str] = set()
+        self._policies: dict[str, ClassPolicy] = {}
+        """Class policies as the driver last gave them (``set_policies``)."""
         # owner side
         self._tasks: dict[str, _Task] = {}
         self._batches: dict[int, list[str]] = {}
@@ -846,6 +856,34 @@ class Scheduler:
     def view(self) -> list[NodeState]:
         return [self._view[k] for k in sorted(self._view)]
 
+    def classes(self) -> list[str]:
+        """The data classes the pending tasks carry (whose policies the driver feeds in
+        with ``set_policies``)."""
+        return sorted({c for t in self._tasks.values() for c in t.classes})
+
+    def set_policies(self, policies: Mapping[str, ClassPolicy], now: float) -> None:
+        """The owner's current view of the class policies of ``classes()`` (a class left
+        out keeps the policy last given). Every pending task's rule is narrowed at once to
+        its submitted rule within its classes' current rules (never widened); an unbound
+        one with no region left fails naming the rule. A running one keeps running; its
+        next placement (after a lost runner) goes by the narrowed rule."""
+        self._policies.update(policies)
+        carried = set(self.classes()) | set(policies)  # given before a submit: kept
+        for name in [c for c in self._policies if c not in carried]:
+            del self._policies[name]
+        for tid in sorted(self._tasks, key=lambda k: self._tasks[k].order):
+            t = self._tasks.get(tid)
+            if t is not None and t.classes and t.node is None:
+                self._narrow(t)
+            elif t is not None and t.classes:
+                try:
+                    self._renarrow(t)
+                except PolicyError:  # it fails at its next placement, if it needs one
+                    if not t.no_region:
+                        t.no_region = True
+                        self._count("policy_no_region")
+        self._deliver(now)
+
     # ------------------------------------------------------------------ owner
 
     def submit(self, tasks: Sequence[TaskSpec], now: float) -> int:
@@ -884,7 +922,11 @@ class Scheduler:
         self._batches[batch] = list(ids)
         for t in tasks:
             self._order += 1
-            self._tasks[t.task_id] = _Task(t, batch, self._order, _holders(t, self._view))
+            classes = sorted({r.data_class for r in (t.residency,
+                                                     *(i.residency for i in t.inputs))
+                              if r is not None and r.data_class is not None})
+            self._tasks[t.task_id] = _Task(t, batch, self._order, _holders(t, self._view),
+                                           submitted=t.residency, classes=tuple(classes))
             self._count("tasks_submitted")
         for tid in ids:
             self._place(self._tasks[tid], now)
@@ -990,10 +1032,34 @@ class Scheduler:
         d = self.config.probes_per_task
         return self._bound_on.get(name, 0) + self._probes_on.get(name, 0) / d
 
+    def _renarrow(self, t: _Task) -> None:
+        """``t.spec``'s rule from its submitted one and the current class policies;
+        raises ``PolicyError`` when no region is left."""
+        res = placement_residency(t.submitted, t.classes, self._policies)
+        if res != t.spec.residency:
+            t.spec = msgspec.structs.replace(t.spec, residency=res)
+            t.rules = None
+            self._count("policy_narrowed")
+
+    def _narrow(self, t: _Task) -> bool:
+        """``_renarrow`` an unbound task; False: it failed (no region left)."""
+        if not t.classes:
+            return True
+        try:
+            self._renarrow(t)
+        except PolicyError as exc:
+            self._count("place_refused." + exc.rule)
+            self._fail(t, f"{exc.rule}: task {t.spec.task_id!r}: {exc}")
+            return False
+        return True
+
     def _place(self, t: _Task, now: float) -> None:
-        """Send ``probes_per_task`` reservations for unbound task ``t``."""
+        """Send ``probes_per_task`` reservations for unbound task ``t`` (its rule narrowed
+        first to its classes' current policies)."""
         assert t.node is None
         cfg = self.config
+        if not self._narrow(t):
+            return
         try:
             nodes = feasible(t.spec, self._view.values())
         except SchedulingError as exc:

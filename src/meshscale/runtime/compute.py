@@ -114,7 +114,14 @@ from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Candidate, Residency
-from meshscale.core.policy import ClassPolicy, PolicyError, Rule, resolve, result_rule
+from meshscale.core.policy import (
+    ClassPolicy,
+    PolicyError,
+    Rule,
+    resolve,
+    result_rule,
+    result_within,
+)
 from meshscale.core.scheduling import (
     InputRef,
     Load,
@@ -245,6 +252,10 @@ class ComputeConfig:
     max_upstream_inline_bytes: int = 1 << 20
     """Upstream results (futures passed as arguments) that travel with the task to its
     worker, in all; beyond it they are stored as objects and read by the worker."""
+    policy_refresh_s: float = 1.0
+    """How often an owner with classed tasks pending reads their classes' policies (from
+    its data plane's cache) into its scheduler: a class narrowed after submit binds each
+    later placement of its tasks (``core.policy.placement_residency``)."""
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
 
 
@@ -417,6 +428,7 @@ class ComputePlane:
         agent.serve(TASK_LOGS, self._rpc_logs)
         agent.event_listeners.append(self._on_member_event)
         agent.spawn(self._gossip_load())
+        agent.spawn(self._refresh_policies())
         self._pump()
         # Serve scheduling at once (the node is already in the membership); tasks granted
         # here meanwhile wait for the workers.
@@ -688,6 +700,30 @@ class ComputePlane:
             await asyncio.gather(*(one(n) for n in peers))
             self._refresh_view()
 
+    async def _refresh_policies(self) -> None:
+        """Feed the current policies of the pending tasks' classes to the scheduler, every
+        ``policy_refresh_s``: each placement (the first, a re-placement after a lost
+        runner, a queued task's dispatch) goes by them, narrowed, never widened."""
+        while True:
+            await asyncio.sleep(self.cfg.policy_refresh_s)
+            sched = self.sched
+            if sched is None:
+                return
+            classes = sched.classes()
+            if not classes:
+                continue
+            try:
+                policies = await self.local.class_policies(set(classes))
+            except ApiError as e:
+                # No quorum to read one: the rules already applied stay (never widened).
+                self._count("task_policies_unreadable")
+                self.agent.log("debug", "task_policies_unreadable", error=str(e))
+                continue
+            if self.sched is not sched:
+                return
+            sched.set_policies(policies, time.monotonic())
+            self._pump()
+
     # ------------------------------------------------------------------ local data plane
 
     async def _input(self, oid: str, links: list[Path]) -> bytes | str:
@@ -878,6 +914,10 @@ class ComputePlane:
             # No quorum to read a policy: the inputs' own stored rules still bound it.
             self._count("result_rule_without_policies")
             policies = {}
+        if policies and self.sched is not None:
+            # The rules this task is resolved under are the scheduler's current ones too
+            # (one read older would narrow it by a class since widened).
+            self.sched.set_policies(policies, time.monotonic())
         try:
             out = result_rule(declared, inputs, policies)
         except PolicyError as e:
@@ -1542,6 +1582,10 @@ class ComputePlane:
             out = p.result_rule
             if out is None and spec.residency is not None and spec.residency.data_class:
                 out = ResidencyWire.of(spec.residency)  # an owner without result rules
+            elif out is not None:
+                # The owner may have narrowed the task's rule since submit (its class
+                # narrowed): the result's copies keep within it too.
+                out = ResidencyWire.of(result_within(out.rule(), spec.residency))
             in_classes = sorted({i.residency.data_class for i in spec.inputs
                                  if i.residency is not None and i.residency.data_class})
             run_class = spec.residency.data_class if spec.residency is not None else None

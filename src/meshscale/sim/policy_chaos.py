@@ -108,6 +108,7 @@ from meshscale.core.policy import (
     copy_refusal,
     make_policy,
     migrated_regions,
+    placement_residency,
     resolve,
     result_rule,
 )
@@ -479,8 +480,10 @@ def policy_chaos_run(
         """The owner ``p`` places task ``t`` from its own view, as the runtime's owner does:
         its inputs' rules from ``stat``, the task's declared class resolved
         (``core.policy.resolve``), the result's rule (``core.policy.result_rule``), the
-        task's rule the declared one or else the result's; then ``core.scheduling.feasible``
-        and the cheapest node by ``core.scheduling.score``. Each placement (a re-placement
+        task's rule the declared one or else the result's, within every class's current
+        rule (``core.policy.placement_residency``, as the runtime's scheduler narrows it at
+        each placement); then ``core.scheduling.feasible`` and the cheapest node by
+        ``core.scheduling.score``. Each placement (a re-placement
         after a lost runner too) resolves the rules anew from the owner's current view."""
         assert isinstance(p, DataNode)
         refs = [r for r in (stat(p, oid) for oid in t.inputs) if r is not None]
@@ -499,6 +502,15 @@ def policy_chaos_run(
             else out
         classes = {r.data_class for r in [declared, *in_rules]
                    if r is not None and r.data_class is not None}
+        try:
+            # As the runtime's scheduler does at each placement: the task's rule within
+            # every one of its classes' current rules (never wider).
+            res = placement_residency(res, classes, p.policies)
+        except PolicyError as e:
+            report.tasks_refused += 1
+            _audit(p, Kind.REFUSAL, t.tid, sorted(classes)[0] if classes else None, "",
+                   f"{e.rule}: {e}", now)
+            return
         if out is not None and declared is None:
             # The result takes its inputs' strictest class: no wider than any of them.
             for r in in_rules:
