@@ -113,3 +113,13 @@ def test_a_copy_that_missed_a_delete_and_a_migration_meets_the_old_tombstones() 
     # it expires (ReplicaManager: moved tombstones are handed off, never forgotten).
     r = policy_chaos_run(1144458676)
     assert not r.problems(), r.problems()[:5]
+
+
+def test_a_task_reading_a_narrowed_class_is_placed_within_its_current_rule() -> None:
+    # Swarm seed 310954887: a task declaring class fin read an input of class ops whose
+    # holder still had it under the rule before ops narrowed to eu-west; the owner placed
+    # it in ap-south. Each placement now keeps the task within every one of its classes'
+    # current rules (core.policy.placement_residency).
+    r = policy_chaos_run(310954887)
+    assert r.tasks_placed > 0
+    assert not r.problems(), r.problems()[:5]
