@@ -42,8 +42,9 @@ def test_objects_bench_quick(tmp_path: Path) -> None:
     # with exactly 3 copies on the 3 survivors (RF 3); the survivors lacked copies at the
     # kill (the killed node held some), so the clock timed real work.
     objects = data["rereplicate_objects"]
-    # 2 + 2 big puts, 100 small puts, and at least 100 MB in 32 MB objects.
-    assert objects >= 4 + 100 + 3
+    # 2 + 2 big puts, 100 small puts, and 32 MB objects until the victim holds 100 MB:
+    # at least one (the big puts it already holds count too, so sometimes only two).
+    assert objects >= 4 + 100 + 1
     assert data["rereplicate_copies_on_disk"] == 3 * objects
     assert 0 < data["rereplicate_copies_made"] <= objects
     assert data["rereplicate_victim_mb"] >= 100
