@@ -1388,17 +1388,9 @@ class LocalStore:
             row = self._db.execute("SELECT value, ts FROM kv WHERE key = ?", (key,)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def kv_put(self, key: str, value: bytes | None, ts: str,
-               hints: Sequence[str] = (), since: float = 0.0) -> bool:
-        """Last-writer-wins: store (value, ts) only if ``ts`` sorts after the stored ts.
-
-        ``ts`` is an opaque string that sorts in time order (``HLCTimestamp.encode()``);
-        an equal ts does not apply (HLC timestamps carry the node name, so equal means the
-        same write). ``value`` None writes a tombstone. Returns whether it applied; the
-        write is durable when this returns. ``hints``: targets this write must reach
-        (``core.kv.KVHints``), stored in the same transaction, applied or not, as
-        ``kv_hints_apply`` stores them (made at ``since``, wall clock).
-        """
+    def _check_kv_write(self, key: str, value: bytes | None, ts: str) -> bytes | None:
+        """A KV write's key, timestamp and value checked (``kv_put``, ``kv_put_if``), and
+        room for it: the value as bytes."""
         self._check_key(key)
         if not isinstance(ts, str) or not ts:
             raise ValueError("KV timestamp must be a non-empty str")
@@ -1410,17 +1402,31 @@ class LocalStore:
             raise StorageError(
                 "too_large", f"KV timestamp of {ts_len} bytes exceeds {MAX_KV_TS_BYTES} bytes"
             )
-        if value is not None:
-            value = bytes(value)
-            if len(value) > MAX_KV_VALUE_BYTES:
-                raise StorageError(
-                    "too_large",
-                    f"KV value of {len(value)} bytes exceeds {MAX_KV_VALUE_BYTES} bytes",
-                )
-        if value is not None:
-            # The same reserve as objects: writes are refused before the disk is full, so
-            # deletes (which need no room) keep working and space can be won back.
-            self._check_free(len(key) + len(value) + ts_len + KV_ROW_OVERHEAD_BYTES, 0)
+        if value is None:
+            return None
+        value = bytes(value)
+        if len(value) > MAX_KV_VALUE_BYTES:
+            raise StorageError(
+                "too_large",
+                f"KV value of {len(value)} bytes exceeds {MAX_KV_VALUE_BYTES} bytes",
+            )
+        # The same reserve as objects: writes are refused before the disk is full, so
+        # deletes (which need no room) keep working and space can be won back.
+        self._check_free(len(key) + len(value) + ts_len + KV_ROW_OVERHEAD_BYTES, 0)
+        return value
+
+    def kv_put(self, key: str, value: bytes | None, ts: str,
+               hints: Sequence[str] = (), since: float = 0.0) -> bool:
+        """Last-writer-wins: store (value, ts) only if ``ts`` sorts after the stored ts.
+
+        ``ts`` is an opaque string that sorts in time order (``HLCTimestamp.encode()``);
+        an equal ts does not apply (HLC timestamps carry the node name, so equal means the
+        same write). ``value`` None writes a tombstone. Returns whether it applied; the
+        write is durable when this returns. ``hints``: targets this write must reach
+        (``core.kv.KVHints``), stored in the same transaction, applied or not, as
+        ``kv_hints_apply`` stores them (made at ``since``, wall clock).
+        """
+        value = self._check_kv_write(key, value, ts)
         hints = [_check_hint_target(t) for t in hints]
         with self._db_lock:
             self._check_open()
@@ -1457,16 +1463,7 @@ class LocalStore:
         (encoded stamps; "" for no record or a tombstone) and ``ts`` sorts after it.
         Returns (applied, the stamp of the record held before: None for no record). The
         hints are stored, as ``kv_put`` stores them, only when it applied."""
-        self._check_key(key)
-        if not isinstance(ts, str) or not ts or len(ts.encode("utf-8")) > MAX_KV_TS_BYTES:
-            raise ValueError("KV timestamp must be a non-empty str within MAX_KV_TS_BYTES")
-        if value is not None:
-            value = bytes(value)
-            if len(value) > MAX_KV_VALUE_BYTES:
-                raise StorageError(
-                    "too_large",
-                    f"KV value of {len(value)} bytes exceeds {MAX_KV_VALUE_BYTES} bytes")
-            self._check_free(len(key) + len(value) + len(ts) + KV_ROW_OVERHEAD_BYTES, 0)
+        value = self._check_kv_write(key, value, ts)
         hints = [_check_hint_target(t) for t in hints]
         with self._db_lock:
             self._check_open()
