@@ -190,3 +190,17 @@ def test_fenced_owners_never_lose_an_acknowledged_call() -> None:
                 assert have >= m.acked, (base + s, have, m.acked)
         total_acked += m.acked
     assert total_acked > 1000  # the model makes progress
+
+
+def test_a_lost_owner_retries_only_an_idempotent_method_with_retries_left() -> None:
+    from meshscale.core.actors import actor_lost
+    from meshscale.core.services import ServiceConfig
+
+    spec = ServiceSpec("counter", idempotent=frozenset({"get"}))
+    cfg = ServiceConfig(max_retries=1)
+    assert actor_lost(spec, "k", "get", "n1", 0, cfg) is None  # again, at the next owner
+    spent = actor_lost(spec, "k", "get", "n1", 1, cfg)
+    assert spent is not None and spent.code == "retries-exhausted"
+    lost = actor_lost(spec, "k", "incr", "n1", 0, cfg)
+    assert lost is not None and lost.code == "replica-lost"
+    assert "n1" in lost.message and "may or may not count" in lost.message

@@ -58,7 +58,14 @@ import msgspec
 from meshscale.core.kv import ABSENT, MAX_EXPECTED
 from meshscale.core.placement import replica_set
 from meshscale.core.scheduling import NodeState, SchedulingError, TaskSpec, feasible
-from meshscale.core.services import ServiceSpec, Unplaceable
+from meshscale.core.services import (
+    ERR_REPLICA_LOST,
+    ERR_RETRIES_EXHAUSTED,
+    CallFailed,
+    ServiceConfig,
+    ServiceSpec,
+    Unplaceable,
+)
 
 __all__ = [
     "ACTOR_PREFIX",
@@ -222,3 +229,17 @@ def after_call(current: ActorCheckpoint, me: str, state: bytes,
         raise ValueError(f"the actor's state is {len(state)} bytes, over "
                          f"max_state_bytes={config.max_state_bytes}")
     return ActorCheckpoint(current.seq + 1, current.epoch, me, state)
+
+
+def actor_lost(spec: ServiceSpec, key: str, method: str, owner: str, retries: int,
+               config: ServiceConfig) -> CallFailed | None:
+    """A call to ``key`` lost its owner mid-call (``retries``: how many times it was
+    already retried after such a loss). None: send it again, to the key's next owner; that
+    only for a method declared idempotent with retries left (``config.max_retries``), as
+    ``core.services.failover`` rules for a service. Otherwise the stated error: the call
+    may or may not count (the owner may have checkpointed it before it was lost)."""
+    if spec.is_idempotent(method) and retries < config.max_retries:
+        return None
+    code = ERR_REPLICA_LOST if not spec.is_idempotent(method) else ERR_RETRIES_EXHAUSTED
+    return CallFailed(code, f"actor {spec.name!r} key {key!r}: its owner {owner} was lost "
+                            f"running {method!r}; the call may or may not count")

@@ -60,6 +60,7 @@ from meshscale.core.actors import (
     ActorCheckpoint,
     ActorConfig,
     actor_kv_key,
+    actor_lost,
     actor_owner,
     after_call,
     claim,
@@ -1102,10 +1103,7 @@ class ServicePlane:
                 lost = True
             region = self._region_of(node)
             if not lost and reply is not None and reply.outcome != "not-here":
-                self.stats[f"calls_{reply.outcome}"] += 1
-                return CallReply(reply.outcome, value=reply.value, message=reply.message,
-                                 traceback=reply.traceback, node=node, region=region,
-                                 attempts=attempts)
+                return self._answered(reply, node, region, attempts)
             views = self._replica_views(name, self._tables())
             decision: Retry | CallFailed
             if lost:
@@ -1124,6 +1122,14 @@ class ServicePlane:
                                  attempts=attempts)
             self.stats["calls_rerouted"] += 1
             node = decision.node
+
+    def _answered(self, reply: InvokeReply, node: str, region: str,
+                  attempts: int) -> CallReply:
+        """The caller's reply to a call ``node`` answered (done, raised, ...), counted."""
+        self.stats[f"calls_{reply.outcome}"] += 1
+        return CallReply(reply.outcome, value=reply.value, message=reply.message,
+                         traceback=reply.traceback, node=node, region=region,
+                         attempts=attempts)
 
     def _region_of(self, node: str) -> str:
         m = self.agent.m.members.get(node)
@@ -1206,19 +1212,14 @@ class ServicePlane:
                 lost = True
             region = self._region_of(owner)
             if not lost and reply is not None and reply.outcome != "not-here":
-                self.stats[f"calls_{reply.outcome}"] += 1
-                return CallReply(reply.outcome, value=reply.value, message=reply.message,
-                                 traceback=reply.traceback, node=owner, region=region,
-                                 attempts=attempts)
+                return self._answered(reply, owner, region, attempts)
             why = "" if reply is None else f" ({reply.outcome}: {reply.message})"
             if lost:
-                if not spec.is_idempotent(req.method) or retries >= cfg.max_retries:
-                    code = "replica-lost" if not spec.is_idempotent(req.method) \
-                        else "retries-exhausted"
-                    self.stats[f"calls_{code}"] += 1
-                    return CallReply(code, message=f"actor {name!r} key {key!r}: its owner "  # type: ignore[arg-type]
-                                     f"{owner} was lost running {req.method!r}; the call "
-                                     "may or may not count" + why, node=owner,
+                failed = actor_lost(spec, key, req.method, owner, retries, cfg)
+                if failed is not None:
+                    self.stats[f"calls_{failed.code}"] += 1
+                    return CallReply(failed.code,  # type: ignore[arg-type]
+                                     message=failed.message + why, node=owner,
                                      region=region, attempts=attempts)
                 retries += 1
                 self._bad[owner] = time.monotonic() + self.cfg.failed_node_quarantine_s
