@@ -85,6 +85,18 @@ class KvStore(DataPlaneBase):
             return None
         return kv_residency(key, self.policies)
 
+    def _read_rule(self, key: str) -> Residency | None:
+        """The rule a read of ``key`` from this node follows; refused (naming
+        ``cross_region_read``) when the key's class keeps reads inside regions this node's
+        is not in."""
+        rule = self._kv_rule(key)
+        if rule is not None and rule.data_class is not None:
+            why = read_refusal(self.agent.meta.region, rule.data_class, self.policies)
+            if why is not None:
+                raise self._refuse("cross_region_read", f"kv read of {key!r}: {why}",
+                                   subject=key, data_class=rule.data_class)
+        return rule
+
     async def _kv_write(self, key: str, value: bytes | None, consistency: Consistency,
                         expected: list[str] | None = None, _again: bool = False) -> str:
         rule = self._kv_rule(key)
@@ -203,12 +215,7 @@ class KvStore(DataPlaneBase):
 
     async def _rpc_kv_get(self, req: api.KvKeyRequest) -> api.KvValue:
         key = req.key
-        rule = self._kv_rule(key)
-        if rule is not None and rule.data_class is not None:
-            why = read_refusal(self.agent.meta.region, rule.data_class, self.policies)
-            if why is not None:
-                raise self._refuse("cross_region_read", f"kv read of {key!r}: {why}",
-                                   subject=key, data_class=rule.data_class)
+        rule = self._read_rule(key)
         try:
             where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule)
         except PlacementError as e:
@@ -242,12 +249,7 @@ class KvStore(DataPlaneBase):
         """Each replica's own record of ``req.key`` (no merge, no read repair), once the
         consistency level's count of them answered; for readers of conditional puts."""
         key = req.key
-        rule = self._kv_rule(key)
-        if rule is not None and rule.data_class is not None:
-            why = read_refusal(self.agent.meta.region, rule.data_class, self.policies)
-            if why is not None:
-                raise self._refuse("cross_region_read", f"kv read of {key!r}: {why}",
-                                   subject=key, data_class=rule.data_class)
+        rule = self._read_rule(key)
         try:
             where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule,
                                  down=self._down_view())
