@@ -438,12 +438,16 @@ class TombMesh(Mesh):
     def __init__(self, view: list[Candidate] = VIEW) -> None:
         super().__init__(view)
         self.kept: dict[str, dict[str, HLCTimestamp]] = {n: {} for n in self.m}
+        self.disk: dict[str, dict[str, TombstoneStored]] = {n: {} for n in self.m}
+        """What each node's driver last stored per tombstone (``kept`` is its stamp)."""
 
     def route(self, src: str, out: object) -> None:
         if isinstance(out, TombstoneStored):
             self.kept[src][out.oid] = out.ts
+            self.disk[src][out.oid] = out
         elif isinstance(out, TombstoneDropped):
             self.kept[src].pop(out.oid, None)
+            self.disk[src].pop(out.oid, None)
         else:
             super().route(src, out)
 
@@ -1050,6 +1054,45 @@ def test_a_holder_keeps_a_tombstone_a_migration_moved_away_from_it() -> None:
     assert mesh.m[a].stats.get("tombstones_kept.moved", 0) == 1
     # The class widens again (eu and us); b comes back, having heard only that: its
     # copy's rule {eu} fits, so it keeps it, in the old set, which meets a's tombstone.
+    wide = make_policy("pii", ["eu", "us"], replicas=2)
+    for m in mesh.m.values():
+        m.class_policies = {"pii": wide}
+    mesh.down.discard(b)
+    mesh.run(mesh.now + 12.0)
+    assert mesh.holders(oid) == set()
+    assert (b, oid) in mesh.drops
+
+
+def test_a_moved_tombstone_is_still_kept_after_its_holder_restarts() -> None:
+    # The same story as above, with a restart of the holder after the hand-off: its
+    # driver stored the tombstone as a moved one, and it must come back as one, or it is
+    # forgotten once handed off again and b's copy spreads when b returns.
+    from meshscale.core.policy import make_policy
+
+    old = ObjectPolicy(2, Residency(frozenset({"eu"}), "pii"))
+    oid = "b3-" + "6" * 64
+    mesh = TombMesh()
+    a, b = names(replica_set(oid, VIEW, 2, old.residency))
+    for n in (a, b):
+        mesh.m[n].object_added(oid, old, None, 0.0, ts(100))
+    mesh.run(6.0)
+    mesh.down.add(b)
+    mesh.m[a].delete(oid, old, ts(200, a), mesh.now, 200.0)
+    mesh.flush()
+    moved = make_policy("pii", ["us"], replicas=2)
+    for n, m in mesh.m.items():
+        if n != b:
+            m.class_policies = {"pii": moved}
+    assert mesh.m[a].migrate_tombstones(moved) == [oid]
+    mesh.run(mesh.now + 12.0)
+    assert mesh.disk[a][oid].moved
+    # a restarts: a new manager, fed what its driver stored.
+    mesh.m[a] = manager(a, VIEW, CFG)
+    mesh.m[a].class_policies = {"pii": moved}
+    for rec in mesh.disk[a].values():
+        mesh.m[a].tombstone_loaded(rec.oid, rec.policy, rec.ts, moved=rec.moved)
+    mesh.run(mesh.now + 12.0)
+    assert mesh.m[a].tombstone(oid) == ts(200, a) and oid in mesh.kept[a]
     wide = make_policy("pii", ["eu", "us"], replicas=2)
     for m in mesh.m.values():
         m.class_policies = {"pii": wide}

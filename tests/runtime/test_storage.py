@@ -787,7 +787,8 @@ def test_object_tombstones_survive_a_restart(tmp_path: Path) -> None:
         s.tombstone_put(oid, "0000000000000004-00000000-b", replicas=1, data_class=None,
                         residency=None)  # older: ignored
     with open_store(tmp_path) as s:
-        assert s.tombstones() == [(oid, "0000000000000005-00000000-a", 3, "pii", ("eu-west",))]
+        assert s.tombstones() == [
+            (oid, "0000000000000005-00000000-a", 3, "pii", ("eu-west",), False)]
         s.tombstone_drop(oid)
         s.tombstone_drop(oid)
         assert s.tombstones() == []
@@ -805,9 +806,33 @@ def test_a_tombstone_rule_rewritten_at_the_same_timestamp_survives_a_restart(
     ts = "0000000000000005-00000000-a"
     with open_store(tmp_path) as s:
         s.tombstone_put(oid, ts, replicas=3, data_class="pii", residency=["ap-south"])
-        s.tombstone_put(oid, ts, replicas=3, data_class="pii", residency=["eu-west"])
+        s.tombstone_put(oid, ts, replicas=3, data_class="pii", residency=["eu-west"],
+                        moved=True)
     with open_store(tmp_path) as s:
-        assert s.tombstones() == [(oid, ts, 3, "pii", ("eu-west",))]
+        assert s.tombstones() == [(oid, ts, 3, "pii", ("eu-west",), True)]
+        # A newer delete of the same id, not moved here, replaces it whole.
+        later = "0000000000000006-00000000-a"
+        s.tombstone_put(oid, later, replicas=3, data_class="pii", residency=["eu-west"])
+        assert s.tombstones() == [(oid, later, 3, "pii", ("eu-west",), False)]
+
+
+def test_a_version_4_store_gains_the_moved_flag_of_its_tombstones(tmp_path: Path) -> None:
+    import sqlite3
+
+    oid = object_id_of(b"kept")
+    ts = "0000000000000005-00000000-a"
+    with open_store(tmp_path) as s:
+        s.tombstone_put(oid, ts, replicas=2, data_class=None, residency=None)
+    db = sqlite3.connect(tmp_path / "meta.sqlite3")
+    db.execute("ALTER TABLE obj_tombstones DROP COLUMN moved")
+    db.execute("PRAGMA user_version=4")
+    db.commit()
+    db.close()
+    with open_store(tmp_path) as s:
+        assert s.tombstones() == [(oid, ts, 2, None, None, False)]
+        s.tombstone_put(oid, ts, replicas=2, data_class=None, residency=None, moved=True)
+    with open_store(tmp_path) as s:
+        assert s.tombstones() == [(oid, ts, 2, None, None, True)]
 
 
 def _age_store(path: Path, version: int) -> None:

@@ -133,5 +133,9 @@ def test_task_and_data_sims_are_unchanged(hash_seed: str) -> None:
         # offers the pair set as it is when the mismatch is answered, no longer as it was
         # when the round started (the first difference, at 8.5 s: n2 offers n4 a copy
         # that reached it during the round as well). The task sims are unchanged.
-        "3e96d7f43ad0264782a3fa1cc6030e68f53f0d2bb16b7bc9ffaefc3b677d3cc7",
+        # Re-recorded again when TombstoneStored gained ``moved`` (a moved tombstone is
+        # restored as one after a restart, issue #15): the 54 lines that differ are the
+        # TombstoneStored events' text, each ending ", moved=False"; with that removed the
+        # 37,470 lines of the trace are identical (this run has no data class).
+        "0496fa53d2ff12bcfebdaac5991321ade3c820ab7588687d1e28816467ba2f88",
     ]

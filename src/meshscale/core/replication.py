@@ -230,6 +230,10 @@ class TombstoneStored(Event):
     oid: str
     policy: ObjectPolicy
     ts: HLCTimestamp
+    moved: bool = False
+    """Kept here as a moved tombstone (``_Local.moved``): restore it as one, or after a
+    restart it is forgotten once handed off, and a copy its old replica set missed can
+    spread again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -818,7 +822,7 @@ class ReplicaManager:
             loc.moved = True
             loc.handed = False
             self._index(loc)
-            self._outputs.append(TombstoneStored(oid, loc.policy, loc.tomb))
+            self._outputs.append(TombstoneStored(oid, loc.policy, loc.tomb, moved=True))
             changed.append(oid)
         return changed
 
@@ -909,9 +913,12 @@ class ReplicaManager:
                 d.durable.add(peer)
                 self._check_delete(d)
 
-    def tombstone_loaded(self, oid: str, policy: ObjectPolicy, ts: HLCTimestamp) -> None:
-        """A tombstone the driver kept (``TombstoneStored``) is back after a restart."""
-        self._apply_tomb(oid, policy, ts, keep=True, persist=False)
+    def tombstone_loaded(
+        self, oid: str, policy: ObjectPolicy, ts: HLCTimestamp, *, moved: bool = False,
+    ) -> None:
+        """A tombstone the driver kept (``TombstoneStored``, with its ``moved``) is back
+        after a restart."""
+        self._apply_tomb(oid, policy, ts, keep=True, persist=False, moved=moved)
 
     def collect_tombstones(self, wall: float, now: float) -> int:
         """Forget tombstones whose grace period has passed at wall time ``wall``; returns
@@ -958,6 +965,8 @@ class ReplicaManager:
                     self._settle(loc)
                     loc.moved = True
                     self._index(loc)
+                    if persist:
+                        self._outputs.append(TombstoneStored(oid, loc.policy, ts, moved=True))
                 return "applied" if ts == loc.tomb else "older"
             loc.tomb = ts
             loc.moved = loc.moved or moved
@@ -966,7 +975,7 @@ class ReplicaManager:
             self._index(loc)
             heapq.heappush(self._tomb_heap, (self._expiry(ts), oid))
             if persist:
-                self._outputs.append(TombstoneStored(oid, loc.policy, ts))
+                self._outputs.append(TombstoneStored(oid, loc.policy, ts, moved=loc.moved))
             return "applied"
         if loc is not None:
             if loc.written > ts:
@@ -988,7 +997,7 @@ class ReplicaManager:
         self._tomb_count += 1
         heapq.heappush(self._tomb_heap, (self._expiry(ts), oid))
         if persist:
-            self._outputs.append(TombstoneStored(oid, policy, ts))
+            self._outputs.append(TombstoneStored(oid, policy, ts, moved=moved))
         return "applied"
 
     # ------------------------------------------------------------------ writes

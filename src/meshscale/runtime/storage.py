@@ -81,8 +81,8 @@ LINK_SUFFIX: Final = ".in"
 DB_FILE: Final = "meta.sqlite3"
 LOCK_FILE: Final = "storage.lock"
 TMP_SUFFIX: Final = ".part"
-SCHEMA_VERSION: Final = 4
-"""4: ``kv_hints`` (KV hinted handoff); 3: object ids are BLAKE3 (``b3-``); 2: HLC write
+SCHEMA_VERSION: Final = 5
+"""5: ``obj_tombstones.moved``; 4: ``kv_hints`` (KV hinted handoff); 3: object ids are BLAKE3 (``b3-``); 2: HLC write
 stamps; 1: the first."""
 _FIRST_BLAKE3_SCHEMA: Final = 3
 """2: ``objects.written`` and the ``obj_tombstones`` table (explicit deletes)."""
@@ -110,7 +110,8 @@ CREATE TABLE IF NOT EXISTS obj_tombstones (
     ts         TEXT NOT NULL,
     replicas   INTEGER NOT NULL,
     data_class TEXT,
-    residency  TEXT
+    residency  TEXT,
+    moved      INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (
     key   TEXT PRIMARY KEY,
@@ -602,6 +603,9 @@ class LocalStore:
             columns = {r[1] for r in db.execute("PRAGMA table_info(objects)")}
             if "written" not in columns:  # a version 1 store
                 db.execute("ALTER TABLE objects ADD COLUMN written TEXT")
+            columns = {r[1] for r in db.execute("PRAGMA table_info(obj_tombstones)")}
+            if "moved" not in columns:  # a store before version 5
+                db.execute("ALTER TABLE obj_tombstones ADD COLUMN moved INTEGER NOT NULL DEFAULT 0")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as e:
             db.close()
@@ -1320,13 +1324,14 @@ class LocalStore:
 
     def tombstone_put(
         self, object_id: str, ts: str, *, replicas: int, data_class: str | None,
-        residency: Sequence[str] | None,
+        residency: Sequence[str] | None, moved: bool = False,
     ) -> None:
         """Keep (durably, when this returns) the tombstone of an explicitly deleted object:
         ``ts`` is its encoded HLC timestamp; the policy says where it belongs. A kept
         tombstone is replaced by a newer one, and its rule by the one given at the same
         timestamp (a class policy migration rewrites the rule of a tombstone, not its
-        timestamp); an older one is ignored."""
+        timestamp); an older one is ignored. ``moved``: kept here because its rule moved
+        it away (``core.replication``'s moved tombstones), restored as one."""
         _check_id(object_id)
         if not isinstance(ts, str) or not ts or len(ts.encode()) > MAX_KV_TS_BYTES:
             raise ValueError(f"tombstone timestamp must be a str of at most {MAX_KV_TS_BYTES} bytes")
@@ -1336,11 +1341,12 @@ class LocalStore:
             self._check_open()
             try:
                 self._db.execute(
-                    "INSERT INTO obj_tombstones (id, ts, replicas, data_class, residency) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, "
+                    "INSERT INTO obj_tombstones (id, ts, replicas, data_class, residency, moved) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET ts = excluded.ts, "
                     "replicas = excluded.replicas, data_class = excluded.data_class, "
-                    "residency = excluded.residency WHERE excluded.ts >= obj_tombstones.ts",
-                    (object_id, ts, int(replicas), data_class, res),
+                    "residency = excluded.residency, moved = excluded.moved "
+                    "WHERE excluded.ts >= obj_tombstones.ts",
+                    (object_id, ts, int(replicas), data_class, res, int(bool(moved))),
                 )
             except sqlite3.OperationalError as e:
                 if _is_no_space(e):
@@ -1356,16 +1362,16 @@ class LocalStore:
 
     def tombstones(
         self, *, after: str = "", limit: int = 1000
-    ) -> builtins.list[tuple[str, str, int, str | None, tuple[str, ...] | None]]:
-        """(id, ts, replicas, data_class, residency) of kept tombstones, in id order."""
+    ) -> builtins.list[tuple[str, str, int, str | None, tuple[str, ...] | None, bool]]:
+        """(id, ts, replicas, data_class, residency, moved) of kept tombstones, in id order."""
         with self._db_lock:
             self._check_open()
             rows = self._db.execute(
-                "SELECT id, ts, replicas, data_class, residency FROM obj_tombstones "
+                "SELECT id, ts, replicas, data_class, residency, moved FROM obj_tombstones "
                 "WHERE id > ? ORDER BY id LIMIT ?", (after, _clip(limit)),
             ).fetchall()
-        return [(i, t, r, d, None if res is None else tuple(json.loads(res)))
-                for i, t, r, d, res in rows]
+        return [(i, t, r, d, None if res is None else tuple(json.loads(res)), bool(m))
+                for i, t, r, d, res, m in rows]
 
     # -- KV ----------------------------------------------------------------------------------
 

@@ -284,7 +284,8 @@ class DataNode:
         self.disk["incarnation"] = inc
         self.objects: dict[str, Stored] = self.disk.setdefault("objects", {})
         self.kv: dict[str, KVRecord] = self.disk.setdefault("kv", {})
-        self.tombs: dict[str, tuple[ObjectPolicy, HLCTimestamp]] = self.disk.setdefault("tombs", {})
+        self.tombs: dict[str, tuple[ObjectPolicy, HLCTimestamp, bool]] = self.disk.setdefault(
+            "tombs", {})
         self.kv_hint_rows: dict[tuple[str, str], tuple[HLCTimestamp, float]] = \
             self.disk.setdefault("kv_hints", {})
         """(key, target) -> (ts, since): the hints on disk, as the runtime's table."""
@@ -337,8 +338,8 @@ class DataNode:
             s = self.objects[oid]
             self.replicas.object_added(oid, s.policy, s.hint_for, ctx.now, s.written)
         for oid in sorted(self.tombs):
-            policy, ts = self.tombs[oid]
-            self.replicas.tombstone_loaded(oid, policy, ts)
+            policy, ts, moved = self.tombs[oid]
+            self.replicas.tombstone_loaded(oid, policy, ts, moved=moved)
         self.check_disk(ctx.now)  # before joining: a node comes back full if it is
         if ctx.restarts:
             self.membership.join([s for s in seeds if s != ctx.name][:3], ctx.now)
@@ -640,7 +641,7 @@ class DataNode:
             self.replicas.object_removed(out.oid, now)
             self.check_disk(now)
         elif isinstance(out, TombstoneStored):
-            self.tombs[out.oid] = (out.policy, out.ts)
+            self.tombs[out.oid] = (out.policy, out.ts, out.moved)
         elif isinstance(out, TombstoneDropped):
             self.tombs.pop(out.oid, None)
         elif isinstance(out, PutAcked | PutFailed):

@@ -81,12 +81,13 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
         after = ""
         while True:
             tombs = await asyncio.to_thread(self.store.tombstones, after=after, limit=1000)
-            for oid, ts, replicas, data_class, residency in tombs:
+            for oid, ts, replicas, data_class, residency, moved in tombs:
                 stamp = _stamp(ts)
                 if stamp is not None:
                     rule = None if residency is None and data_class is None else Residency(
                         None if residency is None else frozenset(residency), data_class)
-                    self.rm.tombstone_loaded(oid, ObjectPolicy(replicas, rule), stamp)
+                    self.rm.tombstone_loaded(oid, ObjectPolicy(replicas, rule), stamp,
+                                             moved=moved)
             if len(tombs) < 1000:
                 break
             after = tombs[-1][0]

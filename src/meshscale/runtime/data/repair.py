@@ -255,7 +255,7 @@ class ReplicaDriver(DataPlaneBase):
                         store.tombstone_put, ev.oid, ev.ts.encode(), replicas=ev.policy.replicas,
                         data_class=res.data_class if res is not None else None,
                         residency=sorted(res.regions) if res is not None and res.regions is not None
-                        else None)
+                        else None, moved=ev.moved)
                     self._count("tombstones_stored")
                 else:
                     await asyncio.to_thread(store.tombstone_drop, ev.oid)
