@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 description of a node's HTTP API (served at ``/api/v1/openapi.json``).
 
 The schemas are JSON Schema 2020-12; the API tests validate every response body against
-them, so this document and ``runtime/http.py`` cannot drift apart silently.
+them, so this document and ``runtime/http_app.py`` cannot drift apart silently.
 """
 
 from __future__ import annotations
