@@ -523,6 +523,10 @@ class NodeAgent:
             self.m.join(self.seeds, time.monotonic())
             self._pump()
         self.ready = True
+        # The end of start-up, in the recent events: how long the mesh then takes to see
+        # this node is bench/runtime_membership.py's converge_after_start_s.
+        self.record_event("ready", self.name, detail=f"every plane serves; joining "
+                          f"{len(self.seeds)} seed(s)")
 
     async def leave_and_stop(self) -> None:
         """Graceful leave: tell the mesh, give it time to spread, then close."""

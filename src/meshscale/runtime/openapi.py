@@ -148,7 +148,8 @@ SCHEMAS: dict[str, Any] = {
             "time": {"type": "number", "description": "Unix seconds"},
             "kind": {"type": "string", "description": (
                 "member_joined, member_alive, member_suspect, member_down, member_left, "
-                "member_updated, re_replication, under_replicated, task_retry, task_adopted")},
+                "member_updated, re_replication, under_replicated, task_retry, task_adopted, "
+                "capacity, ready (the node finished starting)")},
             "node": {"type": "string"},
             "detail": {"type": "string"},
         },
