@@ -39,7 +39,7 @@ from meshscale.core.placement import is_full
 from meshscale.core.tasks import TaskRecord
 from meshscale.runtime.capacity import power_state
 from meshscale.runtime.local import call_node
-from meshscale.runtime.power import PowerMeter
+from meshscale.runtime.power import PowerMeter, proc_rss_bytes, tree_pids
 from meshscale.runtime.services import NodeServices
 from meshscale.transport.rpc import RpcError
 
@@ -358,6 +358,20 @@ class NodeObserver:
     def resources(self) -> dict[str, int | None]:
         """Memory of the agent and its workers, and the data dir's file system (blocking
         reads: the sampler runs this in a thread)."""
+        rss: int | None
+        pids = tree_pids(os.getpid())
+        if pids is not None:
+            rss = sum(proc_rss_bytes(pid) or 0 for pid in pids)
+        else:
+            rss = self._psutil_tree_rss()
+        free = used = None
+        with contextlib.suppress(OSError):
+            du = shutil.disk_usage(self.agent.data_dir)
+            free, used = du.free, du.used
+        return {"memory_rss_bytes": rss, "disk_free_bytes": free, "disk_used_bytes": used}
+
+    def _psutil_tree_rss(self) -> int | None:
+        """``resources``' memory where ``tree_pids`` cannot walk the tree."""
         rss: int | None = None
         try:
             if self._proc is None:
@@ -372,11 +386,7 @@ class NodeObserver:
             rss = total
         except psutil.Error:
             rss = None
-        free = used = None
-        with contextlib.suppress(OSError):
-            du = shutil.disk_usage(self.agent.data_dir)
-            free, used = du.free, du.used
-        return {"memory_rss_bytes": rss, "disk_free_bytes": free, "disk_used_bytes": used}
+        return rss
 
     def tick(self, now: float, used: Mapping[str, int | None] | None = None) -> None:
         """Close the current second: one point into the bounded ring."""

@@ -25,7 +25,8 @@ import psutil
 
 from meshscale.core.capacity import PowerModel, PowerState
 
-__all__ = ["ENERGY_WINDOW_S", "POWER_SOURCES", "PowerMeter", "ProcessTreeCpu", "RaplReader"]
+__all__ = ["ENERGY_WINDOW_S", "POWER_SOURCES", "PowerMeter", "ProcessTreeCpu", "RaplReader",
+           "proc_cpu_s", "proc_rss_bytes", "tree_pids"]
 
 POWER_SOURCES = ("auto", "rapl", "model")
 ENERGY_WINDOW_S = 3600
@@ -91,6 +92,65 @@ class RaplReader:
         return total_uj / 1e6
 
 
+MAX_TREE_PIDS = 4096
+"""Bound on the processes ``tree_pids`` walks (a node has its workers and replicas)."""
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def tree_pids(pid: int) -> list[int] | None:
+    """``pid`` and its descendants, read from ``/proc/PID/task/TID/children``: the cost is
+    the size of the tree. None where the kernel has no such file (the caller then asks
+    psutil, whose ``children`` reads the ``stat`` of every process on the machine: twice
+    a second per node, that was most of an idle node's CPU)."""
+    out = [pid]
+    i = 0
+    while i < len(out) and len(out) < MAX_TREE_PIDS:
+        parent = out[i]
+        i += 1
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            if parent == pid:
+                return None
+            continue  # exited meanwhile
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
+                    text = f.read()
+            except FileNotFoundError:
+                if parent == pid and os.path.isdir(f"/proc/{parent}/task/{tid}"):
+                    return None  # the thread is there, the file is not: no such file here
+                continue  # the thread or the process ended meanwhile
+            except OSError:
+                continue
+            out.extend(int(c) for c in text.split())
+    return out[:MAX_TREE_PIDS]
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` (``/proc/PID/stat``), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data.rpartition(b")")[2].split()
+    try:
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (IndexError, ValueError):
+        return None
+
+
+def proc_rss_bytes(pid: int) -> int | None:
+    """Resident memory of ``pid`` (``/proc/PID/statm``), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class ProcessTreeCpu:
     """CPU utilisation (0..1 of the machine's CPUs) of this process and its descendants
     since the previous call."""
@@ -105,6 +165,13 @@ class ProcessTreeCpu:
 
     def _cpu_s(self) -> dict[int, float]:
         out: dict[int, float] = {}
+        pids = tree_pids(self.proc.pid)
+        if pids is not None:
+            for pid in pids:
+                cpu = proc_cpu_s(pid)
+                if cpu is not None:
+                    out[pid] = cpu
+            return out
         procs = [self.proc]
         with contextlib.suppress(psutil.Error):
             procs += self.proc.children(recursive=True)
