@@ -10,10 +10,12 @@ be (the lazy path works, and the check can see a module that is loaded)."""
 from __future__ import annotations
 
 import http.client
+import os
 import sys
 from pathlib import Path
 
 from meshscale.runtime.launcher import LocalMesh, node_command, spawn_node
+from meshscale.runtime.power import tree_pids
 from waiting import wait_for
 
 NEVER_WHILE_IDLE = (
@@ -26,6 +28,10 @@ NEVER_WHILE_IDLE = (
     "typer", "click", "rich", "pydantic", "numpy", "pandas", "pyarrow", "fsspec", "dask",
     "jinja2", "meshscale.client",
 )
+
+if tree_pids(os.getpid()) is not None:
+    # psutil only where /proc/PID/task/TID/children is missing (runtime/power.py)
+    NEVER_WHILE_IDLE += ("psutil",)
 
 WRAPPER = """
 import os, runpy, sys, threading, time

@@ -26,8 +26,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import psutil
-
 import meshscale
 from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.api import objects as objects_api
@@ -280,7 +278,6 @@ class NodeObserver:
         # mesh_points keeps each node's newest points and asks only for what is new.
         self._mesh_pts: dict[str, deque[dict[str, Any]]] = {}
         self._mesh_asked: dict[str, float] = {}
-        self._proc: psutil.Process | None = None
         self._seen: dict[str, int] = {}
         self._hooked: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -372,13 +369,14 @@ class NodeObserver:
 
     def _psutil_tree_rss(self) -> int | None:
         """``resources``' memory where ``tree_pids`` cannot walk the tree."""
+        import psutil  # only where /proc cannot say (a node never loads it on Linux)
+
         rss: int | None = None
         try:
-            if self._proc is None:
-                self._proc = psutil.Process()
-            procs = [self._proc]
+            me = psutil.Process()
+            procs = [me]
             with contextlib.suppress(psutil.Error):
-                procs += self._proc.children(recursive=True)
+                procs += me.children(recursive=True)
             total = 0
             for p in procs:
                 with contextlib.suppress(psutil.Error):

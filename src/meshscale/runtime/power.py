@@ -6,7 +6,8 @@ where it does not, and always labelled with which.
   whole machine's packages: nodes sharing a machine each report all of it.
 - ``model``: the declared ``core.capacity.PowerModel`` (``idle_watts``, ``peak_watts``,
   ``standby_watts``) at the node's measured CPU utilisation: the CPU seconds of the agent
-  process and its worker processes (psutil) per wall second, over the machine's CPUs.
+  process and its worker processes (from /proc; psutil where that cannot be walked) per
+  wall second, over the machine's CPUs.
 
 ``power_source = "auto"`` takes RAPL when its counters are readable, else the model.
 ``PowerMeter.tick`` is called once a second by the node's observer; it keeps the total
@@ -20,8 +21,6 @@ import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
 
 from meshscale.core.capacity import PowerModel, PowerState
 
@@ -156,7 +155,7 @@ class ProcessTreeCpu:
     since the previous call."""
 
     def __init__(self, pid: int | None = None) -> None:
-        self.proc = psutil.Process(pid or os.getpid())
+        self.pid = pid or os.getpid()
         self.cpus = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                         else (os.cpu_count() or 1))
         self._seen: dict[int, float] = {}
@@ -165,20 +164,24 @@ class ProcessTreeCpu:
 
     def _cpu_s(self) -> dict[int, float]:
         out: dict[int, float] = {}
-        pids = tree_pids(self.proc.pid)
+        pids = tree_pids(self.pid)
         if pids is not None:
             for pid in pids:
                 cpu = proc_cpu_s(pid)
                 if cpu is not None:
                     out[pid] = cpu
             return out
-        procs = [self.proc]
+        import psutil  # only where /proc cannot say (a node never loads it on Linux)
+
         with contextlib.suppress(psutil.Error):
-            procs += self.proc.children(recursive=True)
-        for p in procs:
+            me = psutil.Process(self.pid)
+            procs = [me]
             with contextlib.suppress(psutil.Error):
-                t = p.cpu_times()
-                out[p.pid] = t.user + t.system
+                procs += me.children(recursive=True)
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    out[p.pid] = t.user + t.system
         return out
 
     def utilisation(self, now: float) -> float:
