@@ -1,18 +1,31 @@
 """The node's power meter (runtime/power.py): RAPL counters read from a sysfs tree the
 test makes (packages summed, sub-zones not counted twice, wrap-around, a counter that
-cannot be read), the model at a utilisation, and the CPU of a process tree."""
+cannot be read), the model at a utilisation, and the CPU of a process tree (walked from
+/proc, as psutil would find it)."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
+import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from runtime_mesh import wait_for
 
 from meshscale.core.capacity import PowerModel, PowerState
-from meshscale.runtime.power import PowerError, PowerMeter, ProcessTreeCpu, RaplReader
+from meshscale.runtime.power import (
+    PowerError,
+    PowerMeter,
+    ProcessTreeCpu,
+    RaplReader,
+    proc_cpu_s,
+    proc_rss_bytes,
+    tree_pids,
+)
 
 
 def zone(root: Path, name: str, label: str, energy_uj: int, max_uj: int = 1_000_000) -> Path:
@@ -100,3 +113,35 @@ def test_process_tree_cpu_counts_a_busy_child() -> None:
     finally:
         child.terminate()
         child.join(10)
+
+
+def test_tree_pids_reads_the_process_tree_as_psutil_does() -> None:
+    """``tree_pids`` (``/proc/PID/task/TID/children``) finds a child and a grandchild, the
+    same tree as psutil's scan of every process; the CPU and memory read from /proc agree
+    with psutil's for this process."""
+    shell = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30; wait"])
+    try:
+        me = psutil.Process()
+        expected = wait_for(
+            lambda: (lambda kids: kids if len(kids) >= 3 else None)(
+                {p.pid for p in me.children(recursive=True)}),
+            20, "the shell and its two sleeps")
+        pids = tree_pids(os.getpid())
+        if pids is None:
+            pytest.skip("this kernel has no /proc/PID/task/TID/children")
+        assert pids[0] == os.getpid()
+        assert shell.pid in pids
+        assert set(pids[1:]) == expected
+    finally:
+        with contextlib.suppress(psutil.Error):
+            for p in psutil.Process(shell.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+        shell.kill()
+        shell.wait(10)
+    assert tree_pids(2**22 + 1) is None  # no such process
+    t = psutil.Process().cpu_times()
+    cpu = proc_cpu_s(os.getpid())
+    assert cpu is not None and abs(cpu - (t.user + t.system)) < 0.5
+    rss = proc_rss_bytes(os.getpid())
+    assert rss is not None and abs(rss - psutil.Process().memory_info().rss) < 16 << 20

@@ -1,6 +1,7 @@
-"""Service call metrics (``runtime/observe.py``): bounded label values (at most 64
-(service, method) pairs, then ``other``), counts, histograms and in-flight gauges as the
-node's Prometheus families show them, and no family when the plane has none."""
+"""Service call metrics (``runtime/observe.py``; families in ``runtime/metrics.py``):
+bounded label values (at most 64 (service, method) pairs, then ``other``), counts,
+histograms and in-flight gauges as the node's Prometheus families show them, and no family
+when the plane has none."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from collections import Counter
 from types import SimpleNamespace
 from typing import Any, cast
 
+from meshscale.runtime.metrics import MeshCollector
 from meshscale.runtime.observe import (
     MAX_METRIC_METHODS,
-    MeshCollector,
     ObservedNode,
     ServiceCallMetrics,
 )

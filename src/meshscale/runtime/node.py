@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import json
 import os
@@ -142,6 +143,8 @@ FORBIDDEN = "forbidden"
 EXIT_REMOVED = 78
 POWER_TICK_S = 1.0
 """How often the node's power meter samples (``runtime/power.py``)."""
+SETTLE_MEMORY_S = 5.0
+"""After start-up, when ``NodeAgent._settle_memory`` runs once."""
 """Exit status of a node that was removed from the mesh (EX_CONFIG; the systemd unit
 does not restart on it)."""
 
@@ -523,6 +526,22 @@ class NodeAgent:
             self.m.join(self.seeds, time.monotonic())
             self._pump()
         self.ready = True
+        # The end of start-up, in the recent events: how long the mesh then takes to see
+        # this node is bench/runtime_membership.py's converge_after_start_s.
+        self.record_event("ready", self.name, detail=f"every plane serves; joining "
+                          f"{len(self.seeds)} seed(s)")
+        self.spawn(self._settle_memory())
+
+    async def _settle_memory(self) -> None:
+        """Some seconds after start-up (the workers are up, the join is done): collect
+        what start-up left behind and give the C heap's free pages back to the system
+        (glibc's ``malloc_trim``; elsewhere nothing), about 2 MB of an idle node's RSS."""
+        await asyncio.sleep(SETTLE_MEMORY_S)
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
 
     async def leave_and_stop(self) -> None:
         """Graceful leave: tell the mesh, give it time to spread, then close."""

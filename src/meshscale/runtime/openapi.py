@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 description of a node's HTTP API (served at ``/api/v1/openapi.json``).
 
 The schemas are JSON Schema 2020-12; the API tests validate every response body against
-them, so this document and ``runtime/http.py`` cannot drift apart silently.
+them, so this document and ``runtime/http_app.py`` cannot drift apart silently.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ SCHEMAS: dict[str, Any] = {
             "time": {"type": "number", "description": "Unix seconds"},
             "kind": {"type": "string", "description": (
                 "member_joined, member_alive, member_suspect, member_down, member_left, "
-                "member_updated, re_replication, under_replicated, task_retry, task_adopted")},
+                "member_updated, re_replication, under_replicated, task_retry, task_adopted, "
+                "capacity, ready (the node finished starting)")},
             "node": {"type": "string"},
             "detail": {"type": "string"},
         },

@@ -6,7 +6,8 @@ where it does not, and always labelled with which.
   whole machine's packages: nodes sharing a machine each report all of it.
 - ``model``: the declared ``core.capacity.PowerModel`` (``idle_watts``, ``peak_watts``,
   ``standby_watts``) at the node's measured CPU utilisation: the CPU seconds of the agent
-  process and its worker processes (psutil) per wall second, over the machine's CPUs.
+  process and its worker processes (from /proc; psutil where that cannot be walked) per
+  wall second, over the machine's CPUs.
 
 ``power_source = "auto"`` takes RAPL when its counters are readable, else the model.
 ``PowerMeter.tick`` is called once a second by the node's observer; it keeps the total
@@ -21,11 +22,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from meshscale.core.capacity import PowerModel, PowerState
 
-__all__ = ["ENERGY_WINDOW_S", "POWER_SOURCES", "PowerMeter", "ProcessTreeCpu", "RaplReader"]
+__all__ = ["ENERGY_WINDOW_S", "POWER_SOURCES", "PowerMeter", "ProcessTreeCpu", "RaplReader",
+           "proc_cpu_s", "proc_rss_bytes", "tree_pids"]
 
 POWER_SOURCES = ("auto", "rapl", "model")
 ENERGY_WINDOW_S = 3600
@@ -91,12 +91,71 @@ class RaplReader:
         return total_uj / 1e6
 
 
+MAX_TREE_PIDS = 4096
+"""Bound on the processes ``tree_pids`` walks (a node has its workers and replicas)."""
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def tree_pids(pid: int) -> list[int] | None:
+    """``pid`` and its descendants, read from ``/proc/PID/task/TID/children``: the cost is
+    the size of the tree. None where the kernel has no such file (the caller then asks
+    psutil, whose ``children`` reads the ``stat`` of every process on the machine: twice
+    a second per node, that was most of an idle node's CPU)."""
+    out = [pid]
+    i = 0
+    while i < len(out) and len(out) < MAX_TREE_PIDS:
+        parent = out[i]
+        i += 1
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            if parent == pid:
+                return None
+            continue  # exited meanwhile
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
+                    text = f.read()
+            except FileNotFoundError:
+                if parent == pid and os.path.isdir(f"/proc/{parent}/task/{tid}"):
+                    return None  # the thread is there, the file is not: no such file here
+                continue  # the thread or the process ended meanwhile
+            except OSError:
+                continue
+            out.extend(int(c) for c in text.split())
+    return out[:MAX_TREE_PIDS]
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` (``/proc/PID/stat``), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data.rpartition(b")")[2].split()
+    try:
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (IndexError, ValueError):
+        return None
+
+
+def proc_rss_bytes(pid: int) -> int | None:
+    """Resident memory of ``pid`` (``/proc/PID/statm``), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class ProcessTreeCpu:
     """CPU utilisation (0..1 of the machine's CPUs) of this process and its descendants
     since the previous call."""
 
     def __init__(self, pid: int | None = None) -> None:
-        self.proc = psutil.Process(pid or os.getpid())
+        self.pid = pid or os.getpid()
         self.cpus = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                         else (os.cpu_count() or 1))
         self._seen: dict[int, float] = {}
@@ -105,13 +164,24 @@ class ProcessTreeCpu:
 
     def _cpu_s(self) -> dict[int, float]:
         out: dict[int, float] = {}
-        procs = [self.proc]
+        pids = tree_pids(self.pid)
+        if pids is not None:
+            for pid in pids:
+                cpu = proc_cpu_s(pid)
+                if cpu is not None:
+                    out[pid] = cpu
+            return out
+        import psutil  # only where /proc cannot say (a node never loads it on Linux)
+
         with contextlib.suppress(psutil.Error):
-            procs += self.proc.children(recursive=True)
-        for p in procs:
+            me = psutil.Process(self.pid)
+            procs = [me]
             with contextlib.suppress(psutil.Error):
-                t = p.cpu_times()
-                out[p.pid] = t.user + t.system
+                procs += me.children(recursive=True)
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    out[p.pid] = t.user + t.system
         return out
 
     def utilisation(self, now: float) -> float:

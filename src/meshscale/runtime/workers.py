@@ -58,8 +58,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import cloudpickle
-
 from meshscale.runtime.worker_main import (
     FRAME_HEADER,
     KIND_MEMORY,
@@ -217,6 +215,8 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
         raise TaskFailed(
             KIND_UNPICKLABLE, f"{name} is not callable (a {type(fn).__name__} object)"
         )
+    import cloudpickle  # here: a node that runs no task never loads it
+
     try:
         data = cloudpickle.dumps(fn, protocol=5)
     except Exception as e:
@@ -228,6 +228,8 @@ def pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
 
 def pickle_args(*args: Any, **kwargs: Any) -> bytes:
     """The ``args`` bytes ``WorkerPool.run`` expects."""
+    import cloudpickle
+
     try:
         data: bytes = cloudpickle.dumps((args, kwargs), protocol=5)
         return data
@@ -239,6 +241,8 @@ def pickle_args(*args: Any, **kwargs: Any) -> bytes:
 
 def load_result(data: bytes) -> Any:
     """The value a task returned, from ``WorkerPool.run``'s bytes."""
+    import cloudpickle
+
     return cloudpickle.loads(data)
 
 
