@@ -35,12 +35,12 @@ REC = [("k", b"v", "r0", 0.0)]
 async def race(p: StreamPlane, poll: Any, land: Any) -> Any:
     """Start ``poll`` while the lock is held, let it queue, ``land`` records and notify
     under the lock, release; the poll must then finish without its timer."""
-    async with p._changed:
+    async with p._lock:
         task = asyncio.ensure_future(poll)
         await turns()
         assert not task.done()
         land()
-        p._changed.notify_all()
+        p._notify("t")
     await turns()
     assert task.done(), "the long-poll slept through records that had landed"
     return task.result()
@@ -90,5 +90,95 @@ def test_read_wakes_for_records_mirrored_while_it_queued_for_the_lock() -> None:
             for t in p.followers.values():
                 t.cancel()
             await turns()
+
+    asyncio.run(main())
+
+
+def test_append_answers_the_woken_fetch_before_the_copy_goes_to_the_backup() -> None:
+    """A record's way to its operator does not include encoding and sending the copy to
+    the shard's backup; the producer's acknowledgement still waits for the copy."""
+
+    async def main() -> None:
+        p = plane()
+        p._log("t", "n0~0")
+        seen: list[bool] = []
+        backup_answers = asyncio.Event()
+        fetch = asyncio.ensure_future(p._rpc_fetch(FetchRequest(
+            topic="t", source="n0~0", offset=0, wait_s=HOUR)))
+        await turns()
+        assert not fetch.done()
+
+        async def replicate(topic: str, source: str, log: ShardLog) -> None:
+            seen.append(fetch.done())
+            await backup_answers.wait()  # a backup that has not answered yet
+
+        p._replicate = replicate  # type: ignore[method-assign,assignment]
+        publish = asyncio.ensure_future(p.append_local("t", list(REC)))
+        await turns()
+        assert seen == [True], "the copy to the backup went before the fetch's answer"
+        assert [e.rid for e in fetch.result().entries] == ["r0"]
+        assert not publish.done(), "acknowledged before the backup held the record"
+        backup_answers.set()
+        await turns()
+        assert [e.rid for e in publish.result()] == ["r0"]
+        assert not p._waits  # no waiter left behind, none remembered
+
+    asyncio.run(main())
+
+
+def test_producer_held_for_room_wakes_when_the_operator_commits() -> None:
+    """Backpressure: a publish to a full shard waits (an hour-long bound here) and goes
+    on the moment the operator's fetch commits the record that filled it."""
+
+    async def main() -> None:
+        p = StreamPlane(plane().agent, StreamConfig(
+            read_wait_max_s=HOUR, publish_wait_s=HOUR,
+            log=ShardLogConfig(max_backlog=1, max_records=10)))
+
+        async def replicate(topic: str, source: str, log: ShardLog) -> None:
+            return None
+
+        p._replicate = replicate  # type: ignore[method-assign,assignment]
+        log = p._log("t", "n0~0")
+        log.register("op")
+        await p.append_local("t", list(REC))
+        assert log.room() == 0
+        second = asyncio.ensure_future(p.append_local("t", [("k", b"v", "r1", 0.0)]))
+        await turns()
+        assert not second.done() and p.stats["publish_waits"] == 1
+        r: FetchReply = await p._rpc_fetch(FetchRequest(
+            topic="t", source="n0~0", offset=1, wait_s=0.0, op="op", committed=1))
+        assert r.head == 1
+        await turns()
+        assert second.done(), "the producer slept through the room the commit made"
+        assert [e.offset for e in second.result()] == [1]
+        assert not p._waits
+
+    asyncio.run(main())
+
+
+def test_a_change_wakes_only_its_own_topics_long_polls() -> None:
+    """Records landing in another topic leave a long-poll waiting (no spurious answer),
+    and each topic's waiters are remembered only while they wait."""
+
+    async def main() -> None:
+        p = plane()
+        log = p._log("t", "src~0")
+        other = p._log("u", "src~0")
+        fetch = asyncio.ensure_future(p._rpc_fetch(FetchRequest(
+            topic="t", source="src~0", offset=0, wait_s=HOUR)))
+        await turns()
+        assert set(p._waits) == {"t"}
+        async with p._lock:
+            other.append(REC)
+            p._notify("u")
+        await turns()
+        assert not fetch.done()
+        async with p._lock:
+            log.append(REC)
+            p._notify("t")
+        await turns()
+        assert fetch.done() and [e.rid for e in fetch.result().entries] == ["r0"]
+        assert not p._waits
 
     asyncio.run(main())
