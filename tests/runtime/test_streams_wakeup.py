@@ -182,3 +182,45 @@ def test_a_change_wakes_only_its_own_topics_long_polls() -> None:
         assert not p._waits
 
     asyncio.run(main())
+
+
+def test_a_subscribers_read_answers_before_its_follower_fetches_again() -> None:
+    """Records a follower brings into the node's mirror go to the waiting subscriber
+    before the follower's next long-poll to the shard holder is sent."""
+
+    async def main() -> None:
+        p = plane()
+        p._alive = lambda: []  # type: ignore[method-assign]
+        p._holder = lambda topic, source, alive: "n1"  # type: ignore[method-assign]
+        p._release = lambda names, lane: None  # type: ignore[method-assign]
+        fed = ShardLog("t", "n0~0", ShardLogConfig())
+        entries = fed.append(REC)
+        fetches: list[bool] = []
+        holder_answers = asyncio.Event()
+        read: asyncio.Future[ReadReply] | None = None
+
+        async def call(name: str, method: Any, req: FetchRequest, **kw: Any) -> FetchReply:
+            assert read is not None
+            fetches.append(read.done())
+            if len(fetches) == 1:
+                await holder_answers.wait()
+                return FetchReply(entries=entries, base=0, head=1)
+            await asyncio.Event().wait()  # the next long-poll: nothing more comes
+            raise AssertionError("unreachable")
+
+        p._call = call  # type: ignore[method-assign,assignment]
+        try:
+            read = asyncio.ensure_future(p._rpc_read(ReadRequest(topic="t", wait_s=HOUR)))
+            await turns()
+            assert fetches == [False] and not read.done()
+            holder_answers.set()
+            await turns()
+            assert fetches == [False, True], "the follower fetched again before the read"
+            assert [x.id for x in read.result().records] == ["r0"]
+        finally:
+            p._stopping = True
+            for t in p.followers.values():
+                t.cancel()
+            await turns()
+
+    asyncio.run(main())

@@ -1118,6 +1118,7 @@ class StreamPlane:
                 async with self._lock:
                     mirror.apply(r.entries)
                     self._notify(topic)
+                await asyncio.sleep(0)  # the reads just woken answer before the next fetch
 
     # ------------------------------------------------------------------ stats
 
