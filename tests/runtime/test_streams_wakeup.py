@@ -11,7 +11,13 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from meshscale.core.api.streams import FetchReply, FetchRequest, ReadReply, ReadRequest
+from meshscale.core.api.streams import (
+    FetchReply,
+    FetchRequest,
+    OperatorSpec,
+    ReadReply,
+    ReadRequest,
+)
 from meshscale.core.streams import ShardLog, ShardLogConfig
 from meshscale.runtime.streams import StreamConfig, StreamPlane
 
@@ -222,5 +228,37 @@ def test_a_subscribers_read_answers_before_its_follower_fetches_again() -> None:
             for t in p.followers.values():
                 t.cancel()
             await turns()
+
+    asyncio.run(main())
+
+
+def test_producer_held_by_an_operator_goes_on_when_the_operator_is_removed() -> None:
+    """However this node hears of the removal (here: the reconcile loop's read of the KV
+    index, which calls ``_uninstall``), the producer it held is released at once."""
+
+    async def main() -> None:
+        agent: Any = SimpleNamespace(name="n0", meta=SimpleNamespace(tags={}),
+                                     m=SimpleNamespace(members={}),
+                                     log=lambda *a, **k: None,
+                                     spawn=asyncio.ensure_future)
+        p = StreamPlane(agent, StreamConfig(
+            read_wait_max_s=HOUR, publish_wait_s=HOUR,
+            log=ShardLogConfig(max_backlog=1, max_records=10)))
+
+        async def replicate(topic: str, source: str, log: ShardLog) -> None:
+            return None
+
+        p._replicate = replicate  # type: ignore[method-assign,assignment]
+        p.ops["op"] = OperatorSpec(name="op", topic="t", fn_id="f" * 64, fn_object="o" * 64)
+        log = p._log("t", "n0~0")
+        assert "op" in log.committed
+        await p.append_local("t", list(REC))
+        held = asyncio.ensure_future(p.append_local("t", [("k", b"v", "r1", 0.0)]))
+        await turns()
+        assert not held.done()
+        assert p._uninstall("op")
+        await turns()
+        assert held.done(), "the producer waited for its timer after the operator went"
+        assert [e.offset for e in held.result()] == [1]
 
     asyncio.run(main())

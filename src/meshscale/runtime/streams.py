@@ -757,6 +757,10 @@ class StreamPlane:
             self.runners.pop(key).cancel()
         for log in self.logs.values():
             log.unregister(name)
+        # Producers held for room by it go on now, however the removal was heard (a
+        # notice, this node's own remove, or the KV's index read by the reconcile loop),
+        # not when their publish_wait_s runs out.
+        self._notify_changed()
         self.agent.log("info", "stream_operator_removed", operator=name)
         return True
 
@@ -765,7 +769,6 @@ class StreamPlane:
             raise ValueError("stream.op_notify carries one of spec and removed")
         if req.removed is not None:
             self._uninstall(req.removed)
-            self._notify_changed()
         elif req.spec is not None:
             self._install(req.spec)
             self._reconcile()
@@ -790,7 +793,6 @@ class StreamPlane:
         with contextlib.suppress(ValueError, RpcError):
             await self.local.kv_delete(OP_PREFIX + name)
         self._uninstall(name)
-        self._notify_changed()
         await self._notify_all(self._alive(), OpNotifyRequest(removed=name))
         return OpRemoveReply(removed=name)
 
