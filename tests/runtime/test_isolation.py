@@ -116,6 +116,20 @@ def test_v2_parent_and_worker_cgroups(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (parent / "w1" / "cpu.max").read_text() == "max 100000"
     (parent / "w1" / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\n")
     assert w.oom_kills() == 2
+    # The control files stay open from task to task (w.files), and are read afresh.
+    assert w.files
+    (parent / "w1" / "memory.events").write_text("oom 3\noom_kill 3\n")
+    assert w.oom_kills() == 3
+    w.set_limits(1 << 40, 1.0)
+    assert (parent / "w1" / "memory.max").read_text() == str(1 << 40)
+    w.set_limits(7 << 20, 1.0)
+    assert (parent / "w1" / "memory.max").read_text() == str(7 << 20)
+    fds = list(w.files.values())
+    w.close_files()  # as remove() does first (a fake cgroup's directory cannot be removed)
+    assert not w.files
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
 
 
 def test_no_cgroup_is_a_statement_not_an_error(tmp_path: Path) -> None:

@@ -59,9 +59,9 @@ def test_runner_keeps_running_batches_while_a_checkpoint_hangs() -> None:
         await turns()
         assert st["records_processed"] == 1 and checkpoints == [1]
         for i in (1, 2):
-            async with p._changed:
+            async with p._lock:
                 log.append([("k", b"v", f"r{i}", 0.0)])
-                p._changed.notify_all()
+                p._notify("t")
             await turns()
             assert st["records_processed"] == 1 + i, "the runner waited for its checkpoint"
         assert checkpoints == [1]  # one write at a time: the next waits for this one

@@ -368,7 +368,8 @@ class Stream:
                     return
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                    async with asyncio.timeout(0.5):  # no task made per wait
+                        await self._wake.wait()
                 if self.linger_s:
                     await asyncio.sleep(self.linger_s)
                 continue

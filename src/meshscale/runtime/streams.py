@@ -213,7 +213,13 @@ class StreamPlane:
         self.stats: Counter[str] = Counter()
         self.cross_region_bytes: Counter[str] = Counter()
         self.op_stats: dict[str, Counter[str]] = {}
-        self._changed = asyncio.Condition()
+        self._lock = asyncio.Lock()
+        """Held to change what a long-poll waits for (an append, a copy applied, a
+        commit, a mirror filled) and to check for it (``_wait_ready``)."""
+        self._waits: dict[str, tuple[asyncio.Condition, int]] = {}
+        """Per topic, the condition its long-polls wait on (sharing ``_lock``) and how
+        many wait: a change wakes the waiters of its own topic only, and a topic's entry
+        goes when its last waiter does (bounded by the waiters)."""
         self._known: dict[str, Candidate] = {}
         self._installed_at: dict[str, float] = {}
         self._seen_sources: OrderedDict[str, None] = OrderedDict()
@@ -418,23 +424,25 @@ class StreamPlane:
         out: list[LogEntry] = []
         i = 0
         while i < len(records):
-            async with self._changed:
-                while log.room() == 0:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        self.stats["publish_backpressure_timeouts"] += 1
-                        raise ApiError(
-                            ErrorCode.BACKPRESSURE,
-                            f"topic {topic!r} at {sid}: {log.backlog()} records "
-                            "wait for a slow operator; try again (backpressure)")
-                    self.stats["publish_waits"] += 1
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), left)
+            if log.room() == 0:
+                self.stats["publish_waits"] += 1
+                if not await self._wait_ready(topic, log.room, deadline):
+                    self.stats["publish_backpressure_timeouts"] += 1
+                    raise ApiError(
+                        ErrorCode.BACKPRESSURE,
+                        f"topic {topic!r} at {sid}: {log.backlog()} records "
+                        "wait for a slow operator; try again (backpressure)")
+            async with self._lock:
                 n = min(log.room(), len(records) - i)
                 new = log.append(records[i:i + n])
                 i += n
-                self._changed.notify_all()
+                self._notify(topic)
             out.extend(new)
+            # One loop turn first: the long-polls this append woke (the operator runner
+            # on this node, a subscriber's follower) answer before the copy to the backup
+            # is encoded and sent, so a record's way to its operator does not include
+            # the backup's send. The producer's acknowledgement still waits for the copy.
+            await asyncio.sleep(0)
             await self._replicate(topic, sid, log)
         self.stats["records_in"] += len(records)
         return out
@@ -505,10 +513,10 @@ class StreamPlane:
                               data_class=res_now.data_class,
                               from_region=caller.node_region(self.agent.m.members),
                               detail=f"stream backup under {res_now.describe()}")
-        n = log.apply(req.entries, req.low)
+        async with self._lock:
+            n = log.apply(req.entries, req.low)
+            self._notify(topic)
         self.stats["records_backed_up"] += n
-        async with self._changed:
-            self._changed.notify_all()
         return ReplicateReply(head=log.head)
 
     # ------------------------------------------------------------------ policy changes
@@ -592,8 +600,8 @@ class StreamPlane:
                                  f"records dropped: {why}"[:1000])
         self.agent.log("info", "stream_shard_dropped", topic=topic, source=source,
                        data_class=cls, records=held)
-        async with self._changed:
-            self._changed.notify_all()
+        async with self._lock:
+            self._notify(topic)
 
     # ------------------------------------------------------------------ fetch
 
@@ -603,18 +611,20 @@ class StreamPlane:
         deadline = time.monotonic() + wait
         # Long-poll for a shard that does not exist yet too: its first record should not
         # wait for the asker's retry timer.
-        log = await self._wait_ready(lambda: self.logs.get((topic, source)), deadline)
+        log = await self._wait_ready(topic, lambda: self.logs.get((topic, source)), deadline)
         if log is None:
             return FetchReply(missing=True)
         await self._check_fetch(topic)
         if req.op is not None:
             log.register(req.op)
             if req.committed is not None:
-                log.commit(req.op, req.committed)
-                async with self._changed:
-                    self._changed.notify_all()
+                async with self._lock:
+                    low = log.low_water()
+                    log.commit(req.op, req.committed)
+                    if log.low_water() != low:  # room for a waiting producer, maybe
+                        self._notify(topic)
         start = log.base if req.offset is None else req.offset
-        entries = await self._wait_ready(lambda: log.read(start, limit), deadline)
+        entries = await self._wait_ready(topic, lambda: log.read(start, limit), deadline)
         return FetchReply(entries=entries, base=log.base, head=log.head)
 
     async def _check_fetch(self, topic: str) -> None:
@@ -638,23 +648,46 @@ class StreamPlane:
             raise self._refuse("cross_region_read", f"records of topic {topic!r}: {why}",
                                subject=topic, data_class=cls, region=region)
 
-    async def _wait_ready(self, ready: Callable[[], _T], deadline: float) -> _T:
+    def _notify(self, topic: str) -> None:
+        """Wake the long-polls of ``topic`` (the caller holds ``_lock``)."""
+        entry = self._waits.get(topic)
+        if entry is not None:
+            entry[0].notify_all()
+
+    def _wake_all(self) -> None:
+        """Wake every long-poll (the caller holds ``_lock``)."""
+        for cv, _ in self._waits.values():
+            cv.notify_all()
+
+    async def _wait_ready(self, topic: str, ready: Callable[[], _T], deadline: float) -> _T:
         """``ready()`` as soon as it is truthy, else its last value at ``deadline`` (or
-        when the plane stops). It is evaluated with ``_changed``'s lock held, right before
-        each wait: every change a long-poll waits for (an append, a copy applied, a commit,
-        a mirror filled) is made or announced under that lock, so none can land between
-        the check and the wait. (Checked outside the lock, a change and its
-        ``notify_all`` could slip in while the waiter queued for the lock, and the waiter
+        when the plane stops). It is evaluated with ``_lock`` held, right before each
+        wait: every change a long-poll waits for (an append, a copy applied, a commit, a
+        mirror filled) is made or announced under that lock with ``_notify(topic)``, so
+        none can land between the check and the wait. (Checked outside the lock, a change
+        and its notify could slip in while the waiter queued for the lock, and the waiter
         then slept through ready records until its timer ran out: issue 23's 0.5 s
-        stall.)"""
-        async with self._changed:
-            while True:
-                got = ready()
-                left = deadline - time.monotonic()
-                if got or left <= 0 or self._stopping:
-                    return got
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), left)
+        stall.) A change wakes only its topic's waiters, and a wait is a plain
+        ``Condition.wait`` under a deadline (no task made per wait)."""
+        async with self._lock:
+            entry = self._waits.get(topic)
+            cv = asyncio.Condition(self._lock) if entry is None else entry[0]
+            self._waits[topic] = (cv, 1 if entry is None else entry[1] + 1)
+            try:
+                while True:
+                    got = ready()
+                    left = deadline - time.monotonic()
+                    if got or left <= 0 or self._stopping:
+                        return got
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(left):
+                            await cv.wait()
+            finally:
+                cv, n = self._waits[topic]
+                if n <= 1:
+                    del self._waits[topic]
+                else:
+                    self._waits[topic] = (cv, n - 1)
 
     # ------------------------------------------------------------------ operators
 
@@ -724,6 +757,10 @@ class StreamPlane:
             self.runners.pop(key).cancel()
         for log in self.logs.values():
             log.unregister(name)
+        # Producers held for room by it go on now, however the removal was heard (a
+        # notice, this node's own remove, or the KV's index read by the reconcile loop),
+        # not when their publish_wait_s runs out.
+        self._notify_changed()
         self.agent.log("info", "stream_operator_removed", operator=name)
         return True
 
@@ -732,15 +769,14 @@ class StreamPlane:
             raise ValueError("stream.op_notify carries one of spec and removed")
         if req.removed is not None:
             self._uninstall(req.removed)
-            self._notify_changed()
         elif req.spec is not None:
             self._install(req.spec)
             self._reconcile()
 
     def _notify_changed(self) -> None:
         async def wake() -> None:
-            async with self._changed:
-                self._changed.notify_all()
+            async with self._lock:
+                self._wake_all()
 
         self.agent.spawn(wake())
 
@@ -757,7 +793,6 @@ class StreamPlane:
         with contextlib.suppress(ValueError, RpcError):
             await self.local.kv_delete(OP_PREFIX + name)
         self._uninstall(name)
-        self._notify_changed()
         await self._notify_all(self._alive(), OpNotifyRequest(removed=name))
         return OpRemoveReply(removed=name)
 
@@ -1014,7 +1049,7 @@ class StreamPlane:
                     break
             return out
 
-        return ReadReply(records=await self._wait_ready(ready, deadline))
+        return ReadReply(records=await self._wait_ready(topic, ready, deadline))
 
     def _ensure_followers(self, topic: str) -> None:
         for source in self._sources() or [self.source_id]:
@@ -1067,10 +1102,10 @@ class StreamPlane:
                     await asyncio.sleep(backoff)
                     backoff = min(2.0, backoff * 2)
                     continue
-                async with self._changed:
+                async with self._lock:
                     why = str(e).split(": ", 1)[-1].removeprefix("refused: ")
                     self._read_refused[topic] = f"shard holder {holder} refused it: {why}"[:1000]
-                    self._changed.notify_all()
+                    self._notify(topic)
                 await asyncio.sleep(REFUSED_FOLLOW_RETRY_S)  # the policy may change
                 continue
             except (RpcError, ValueError, OSError):
@@ -1082,9 +1117,10 @@ class StreamPlane:
             if r.missing:
                 continue  # the holder waited follow_wait_s for the shard to appear
             if r.entries:
-                mirror.apply(r.entries)
-                async with self._changed:
-                    self._changed.notify_all()
+                async with self._lock:
+                    mirror.apply(r.entries)
+                    self._notify(topic)
+                await asyncio.sleep(0)  # the reads just woken answer before the next fetch
 
     # ------------------------------------------------------------------ stats
 
