@@ -375,3 +375,18 @@ def _beats_and_reads(m: LocalMesh, mesh: TaskMesh, opts: dict[str, Any],
         # later round as in the first; every byte served from a holder's copy.
         assert second["reads_redirected"] == second["reads_proxied"] == 0, second
         assert second["read_served_bytes"] == first["read_served_bytes"] > 0
+
+
+def test_worker_nodes_trusts_only_running_records() -> None:
+    """A worker task's record that is not ``running`` (a second run of it that failed on
+    its taken name, while the first run's Dask worker still serves) names no node the
+    worker is on: that worker gets no locality, not the failed run's node."""
+    from meshscale.client.dask import nodes_of_workers
+
+    records = [{"task_id": "t.0", "state": "running", "node": "node-1"},
+               {"task_id": "t.1", "state": "failed", "node": "node-3"},
+               {"task_id": "t.2", "state": "pending", "node": ""},
+               {"task_id": "t.3", "state": "running", "node": "node-2"}]
+    task_of = {f"w-{i}": f"t.{i}" for i in range(3)}
+    names = {f"tcp://a{i}": f"w-{i}" for i in range(3)} | {"tcp://x": "someone-else"}
+    assert nodes_of_workers(records, task_of, names) == {"tcp://a0": "node-1"}
