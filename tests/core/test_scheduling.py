@@ -580,6 +580,21 @@ def test_beats_stop_with_the_run_and_a_stale_beat_keeps_nothing() -> None:
     assert net.s["a"].pending()
 
 
+def test_no_beats_to_an_owner_out_of_the_view() -> None:
+    cfg = SchedulingConfig(run_timeout_s=6.0, running_beat_s=2.0)
+    net = Net([node("a", cap=Resources(0.0, 0, 0)), node("b")], cfg,
+              caps={"a": Resources(0.0, 0, 0)})
+    net.s["a"].submit([TaskSpec("t")], 0.0)
+    net.pump()
+    tick(net, 5.0)
+    sent = net.s["b"].stats["running_beats_sent"]
+    assert sent >= 1
+    net.s["b"].node_down("a", 5.5)  # the owner died: its tasks are someone else's now
+    net.down.add("a")
+    tick(net, 20.0, start=6.0)
+    assert net.s["b"].stats["running_beats_sent"] == sent
+
+
 def test_bounds_are_enforced() -> None:
     from meshscale.core.scheduling import SchedulingOverloaded
     s = Scheduler("a", CAP, config=SchedulingConfig(max_pending_tasks=2, max_batch=2),

@@ -1486,11 +1486,12 @@ class Scheduler:
             self._beat(now)
 
     def _beat(self, now: float) -> None:
-        """``Running`` to each owner, for its tasks that have run ``beat_s`` here
-        (shorter ones are still inside their binding's first ``run_timeout_s``)."""
+        """``Running`` to each owner in the view, for its tasks that have run ``beat_s``
+        here (shorter ones are still inside their binding's first ``run_timeout_s``; an
+        owner out of the view has none: whoever takes its tasks over runs them again)."""
         by_owner: dict[str, list[tuple[str, int]]] = {}
         for (owner, tid, attempt), since in sorted(self._running_since.items()):
-            if now - since >= self.config.beat_s:
+            if now - since >= self.config.beat_s and owner in self._view:
                 by_owner.setdefault(owner, []).append((tid, attempt))
         for owner, pairs in by_owner.items():
             for i in range(0, len(pairs), MAX_RUNNING_BEAT):
