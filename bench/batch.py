@@ -48,7 +48,11 @@ printed, and the two times are the medians of the rounds:
   with a plain ``dd.read_parquet("meshscale://bench/")`` on the same mesh workers (no
   locality: every read goes through one node, which redirects to a holder);
   ``input_mb``; ``same_result`` (1 when the mesh's and the local run's group sums agree
-  to 1e-6 relative and the counts exactly).
+  to 1e-6 relative and the counts exactly); ``mesh_worker_nodes_changed``: the rounds
+  after which ``cluster.worker_nodes()`` (the workers' nodes by the mesh's task
+  records, what ``read_parts`` restricts reads by) differed from the start's (0 unless
+  the mesh ran a worker task again: before the scheduler's ``Running`` beats, it did so
+  for every worker task 60 s after its start, and later rounds read on non-holders).
 
 The machine the numbers come from is usually shared: times are wall-clock under whatever
 else runs there. Prints a table and writes JSON with the three keys first.
@@ -217,10 +221,16 @@ def run_both(m: LocalMesh, d: Path, local: Path, files: list[Path], rounds: int,
             setups, computes, totals, locals_ = [], [], [], []
             first: pd.DataFrame | None = None
             moved_max = 0.0
+            res["mesh_worker_nodes_changed"] = 0.0
             for r in range(rounds):
                 before, moved0 = counters(m), transfer_bytes(client)
                 setup_s, compute_s, got, parts, stream = mesh_round(c, client, meta)
                 after, moved1 = counters(m), transfer_bytes(client)
+                # The workers as the cluster sees them now (the mesh's task records) and
+                # as they were at the start: a difference is a worker the mesh ran again
+                # (once every worker task past 60 s, before the scheduler's beats).
+                changed = c.worker_nodes() != on
+                res["mesh_worker_nodes_changed"] += float(changed)
                 who = client.who_has(parts)
                 nonlocal_bytes = 0
                 for name, part in zip(sorted(sizes), parts, strict=True):
@@ -259,7 +269,8 @@ def run_both(m: LocalMesh, d: Path, local: Path, files: list[Path], rounds: int,
                       f"{total_moved:.2f} MB (nonlocal reads "
                       f"{moved['mesh_nonlocal_read_mb']:.2f}, Dask transfers "
                       f"{moved['mesh_dask_transfer_mb']:.2f}, node copies "
-                      f"{moved['mesh_node_copy_mb']:.2f})", flush=True)
+                      f"{moved['mesh_node_copy_mb']:.2f})"
+                      + (", workers' records changed" if changed else ""), flush=True)
             res["mesh_dask_s"] = statistics.median(totals)
             res["local_dask_s"] = statistics.median(locals_)
             res["mesh_dask_setup_s"] = statistics.median(setups)
@@ -320,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "mesh_read_served_mb": "nodes' read_served_bytes, round 1 (all reads)",
         "mesh_cluster_start_s": "4 worker tasks placed, started, joined (not timed above)",
         "mesh_worker_nodes": "distinct nodes the 4 workers ran on",
+        "mesh_worker_nodes_changed": "rounds after which worker_nodes() differed from start",
         "mesh_dask_first_s": "round 1 on the mesh (workers' node connections cold)",
         "local_dask_first_s": "round 1 locally",
         "same_result": "1: mesh and local totals equal (round 1)",

@@ -7,6 +7,7 @@ read) is a clear error."""
 
 from __future__ import annotations
 
+import math
 import os
 import pwd
 import random
@@ -31,6 +32,7 @@ distributed = pytest.importorskip("distributed")
 import meshscale.client.fs  # noqa: E402  (also registers meshscale://)
 from meshscale.client import connect  # noqa: E402
 from meshscale.client.tasks import TaskMesh  # noqa: E402
+from meshscale.core.scheduling import SchedulingConfig  # noqa: E402
 from meshscale.dask import DaskClusterError, cluster  # noqa: E402
 from meshscale.runtime.launcher import LocalMesh  # noqa: E402
 from meshscale.trust.bundle import load_bundle, write_client_bundle  # noqa: E402
@@ -61,6 +63,13 @@ def worker_opts(local_mesh: LocalMesh) -> Iterator[dict[str, Any]]:
     """Storage options the Dask workers can use: a client bundle of their own that the
     node's worker user can read (as root, nodes run task code as nobody)."""
     d = Path(tempfile.mkdtemp(prefix="meshscale-dask-bundle-"))
+    yield worker_bundle(local_mesh, d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def worker_bundle(local_mesh: LocalMesh, d: Path) -> dict[str, Any]:
+    """Storage options with a client bundle written under ``d`` (a directory with no
+    closed parent) that the node's worker user can read."""
     os.chmod(d, 0o711)
     out = d / "client"
     write_client_bundle(load_bundle(local_mesh.admin_path), "dask-workers", out)
@@ -68,8 +77,7 @@ def worker_opts(local_mesh: LocalMesh) -> Iterator[dict[str, Any]]:
         nobody = pwd.getpwnam("nobody")
         for p in [out, *out.iterdir()]:
             os.chown(p, nobody.pw_uid, nobody.pw_gid)
-    yield {"address": local_mesh.nodes[0].address, "bundle": str(out)}
-    shutil.rmtree(d, ignore_errors=True)
+    return {"address": local_mesh.nodes[0].address, "bundle": str(out)}
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +256,137 @@ def test_central_region_and_input_residency(mesh: TaskMesh, local_mesh: LocalMes
         cluster(mesh, workers=1, inputs=["meshscale://nothing-here/"])
     with pytest.raises(DaskClusterError, match=r"no live node in region 'mars'"):
         cluster(mesh, region="mars", workers=1)
+
+
+def _node_of_pid(pid: int, node_pids: dict[int, str]) -> str | None:
+    """The mesh node whose process tree runs ``pid`` (its parents in /proc), if any."""
+    seen = 0
+    while pid > 1 and seen < 64:
+        if pid in node_pids:
+            return node_pids[pid]
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        pid = int(stat.rpartition(")")[2].split()[1])
+        seen += 1
+    return None
+
+
+def _counts(m: LocalMesh, method: Any, part: str, keys: tuple[str, ...]) -> dict[str, int]:
+    from meshscale.client.rpc import request
+    from meshscale.core.api import Empty
+
+    creds = m.credentials()
+    out = dict.fromkeys(keys, 0)
+    for n in m.nodes:
+        got = getattr(request(n.address, creds, method, Empty(), timeout=30), part)
+        for k in keys:
+            out[k] += int(got.get(k, 0))
+    return out
+
+
+def test_workers_keep_their_nodes_past_the_run_timeout_and_later_reads_stay_on_holders(
+        tmp_path: Path) -> None:
+    """Issue 20: later rounds of a full bench run read on nodes without a copy. The mesh
+    ran every task bound for longer than its run timeout (60 s) a second time: each Dask
+    worker's task was run again elsewhere (failing: its name was taken) while the first
+    worker went on, and the task records, from which the cluster learns where its
+    workers are, named the second run's node. Here the nodes' run timeout is 6 s: the
+    workers beat (core.scheduling.Running), keep their one run and record, and a round
+    of reads well past the timeout goes to holders only."""
+    run_timeout_s = 6.0
+    with LocalMesh(tmp_path / "mesh", 4,
+                   node_settings={"task_run_timeout_s": run_timeout_s}) as m, \
+            connect(m.nodes[0].address, bundle=m.bundle_path) as mesh:
+        opts = {"address": m.nodes[0].address, "bundle": str(m.bundle_path)}
+        d = Path(tempfile.mkdtemp(prefix="meshscale-dask-bundle-"))
+        try:
+            _beats_and_reads(m, mesh, opts, worker_bundle(m, d), run_timeout_s)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _beats_and_reads(m: LocalMesh, mesh: TaskMesh, opts: dict[str, Any],
+                     wopts: dict[str, Any], run_timeout_s: float) -> None:
+    from meshscale.core.api.objects import DP_STATS
+    from meshscale.core.api.tasks import TASK_STATS
+
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    fs = meshscale.client.fs.MeshFileSystem(**opts, replicas=2, w=2,
+                                            skip_instance_cache=True)
+    paths = [f"meshscale://beat/part-{i}.parquet" for i in range(8)]
+    for path in paths:
+        df = pd.DataFrame({"k": [rng.randrange(10) for _ in range(3000)],
+                           "v": [rng.randrange(1000) for _ in range(3000)]})
+        fs.pipe_file(path, df.to_parquet())
+    node_pids = {n.proc.pid: n.name for n in m.nodes if n.proc is not None}
+    with cluster(mesh, workers=2, inputs=["meshscale://beat/"],
+                 storage_options=wopts) as c, \
+            distributed.Client(c, set_as_default=False) as client:
+        placed = nodes_of(mesh, c.worker_tasks())
+        truth = {w: _node_of_pid(pid, node_pids)
+                 for w, pid in client.run(os.getpid).items()}
+        assert None not in truth.values() and c.worker_nodes() == truth, (
+            c.worker_nodes(), truth)
+        # The files with a copy on a worker's node (each worker's anchor at least):
+        # each is read by a worker there, through that node, from its own copy.
+        holders = {p: set(fs.info(p)["holders"]) for p in paths}
+        near = [p for p in paths if holders[p] & set(truth.values())]
+        assert near, (holders, truth)
+
+        def one_round() -> dict[str, int]:
+            keys = ("read_served_bytes", "reads_redirected", "reads_proxied")
+            before = _counts(m, DP_STATS, "dataplane", keys)
+            parts = c.read_parts(near, client=client)
+            frames = client.gather(parts)
+            assert sum(len(f) for f in frames) == len(near) * 3000
+            who = client.who_has(parts)
+            after = _counts(m, DP_STATS, "dataplane", keys)
+            for path, part in zip(near, parts, strict=True):
+                ran_on = {truth[w] for w in who[part.key]}
+                assert ran_on <= holders[path], (path, ran_on, holders[path])
+            return {k: after[k] - before[k] for k in keys}
+
+        first = one_round()
+        assert first["reads_redirected"] == first["reads_proxied"] == 0, first
+        # Two and a half run timeouts after the worker tasks were submitted, the owner
+        # (node-0, where the client submits) has re-placed none of them: it has had
+        # their beats instead (one each per beat_s).
+        submitted = max(float(r["submitted"]) for r in mesh.tasks()
+                        if r["task_id"] in placed)
+        wait_for(lambda: time.time() - submitted >= 2.5 * run_timeout_s, 120,
+                 "2.5 run timeouts of the worker tasks", poll=0.5)
+        sched = _counts(m, TASK_STATS, "scheduling",
+                        ("replaced", "running_beats", "running_beats_stale"))
+        assert sched["replaced"] == sched["running_beats_stale"] == 0, sched
+        beat_s = SchedulingConfig(run_timeout_s=run_timeout_s).beat_s
+        assert sched["running_beats"] >= 2 * math.floor(run_timeout_s / beat_s), sched
+        rows = {r["task_id"]: r for r in mesh.tasks()}
+        assert {t: rows[t]["state"] for t in c.worker_tasks()} == dict.fromkeys(
+            c.worker_tasks(), "running")
+        assert nodes_of(mesh, c.worker_tasks()) == placed
+        assert len(client.scheduler_info()["workers"]) == 2
+        assert c.worker_nodes() == truth
+        second = one_round()
+        # Nothing read by a node without a copy (no redirect, no relay), in the
+        # later round as in the first; every byte served from a holder's copy.
+        assert second["reads_redirected"] == second["reads_proxied"] == 0, second
+        assert second["read_served_bytes"] == first["read_served_bytes"] > 0
+
+
+def test_worker_nodes_trusts_only_running_records() -> None:
+    """A worker task's record that is not ``running`` (a second run of it that failed on
+    its taken name, while the first run's Dask worker still serves) names no node the
+    worker is on: that worker gets no locality, not the failed run's node."""
+    from meshscale.client.dask import nodes_of_workers
+
+    records = [{"task_id": "t.0", "state": "running", "node": "node-1"},
+               {"task_id": "t.1", "state": "failed", "node": "node-3"},
+               {"task_id": "t.2", "state": "pending", "node": ""},
+               {"task_id": "t.3", "state": "running", "node": "node-2"}]
+    task_of = {f"w-{i}": f"t.{i}" for i in range(3)}
+    names = {f"tcp://a{i}": f"w-{i}" for i in range(3)} | {"tcp://x": "someone-else"}
+    assert nodes_of_workers(records, task_of, names) == {"tcp://a0": "node-1"}

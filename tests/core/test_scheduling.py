@@ -18,6 +18,7 @@ from meshscale.core.scheduling import (
     NodeState,
     Reserve,
     Resources,
+    Running,
     RunTask,
     Scheduler,
     SchedulingConfig,
@@ -522,6 +523,78 @@ def test_run_timeout_replaces_a_silent_binding() -> None:
     assert len(net.of(TaskFinished)) == 1
 
 
+def tick(net: Net, until: float, step: float = 0.5, start: float = 0.0) -> None:
+    """Every scheduler's timer every ``step`` seconds from ``start`` to ``until``, the
+    messages delivered after each."""
+    now = start
+    while now <= until:
+        for name, s in net.s.items():
+            if name not in net.down:
+                s.on_timer(now)
+        net.pump(now)
+        now += step
+
+
+def test_a_long_task_keeps_its_binding_while_its_worker_says_it_runs() -> None:
+    # Issue 20: a task running past run_timeout_s (a Dask worker: hours) was run a
+    # second time elsewhere while the first run went on. The worker's Running beats
+    # restart the binding's timeout; the task runs once, for 10x run_timeout_s.
+    cfg = SchedulingConfig(run_timeout_s=6.0, running_beat_s=2.0)
+    assert cfg.beat_s == 2.0
+    net = Net([node("a", cap=Resources(0.0, 0, 0)), node("b")], cfg,
+              caps={"a": Resources(0.0, 0, 0)})
+    net.s["a"].submit([TaskSpec("t")], 0.0)
+    net.pump()
+    assert [(b.node, b.attempt) for b in net.of(TaskBound)] == [("b", 1)]  # type: ignore[attr-defined]
+    tick(net, 60.0)
+    assert [(b.node, b.attempt) for b in net.of(TaskBound)] == [("b", 1)]  # type: ignore[attr-defined]
+    assert net.s["b"].stats["running_beats_sent"] >= 60.0 / 2.0 - 2
+    assert net.s["a"].stats["running_beats"] == net.s["b"].stats["running_beats_sent"]
+    assert net.s["a"].pending()
+    net.finish_all(61.0)
+    assert [(f.node, f.attempt) for f in net.of(TaskFinished)] == [("b", 1)]  # type: ignore[attr-defined]
+    # Finished: no more beats for it.
+    sent = net.s["b"].stats["running_beats_sent"]
+    tick(net, 80.0, start=61.5)
+    assert net.s["b"].stats["running_beats_sent"] == sent
+
+
+def test_beats_stop_with_the_run_and_a_stale_beat_keeps_nothing() -> None:
+    cfg = SchedulingConfig(run_timeout_s=6.0, running_beat_s=2.0)
+    net = Net([node("a", cap=Resources(0.0, 0, 0)), node("b"), node("c")], cfg,
+              caps={"a": Resources(0.0, 0, 0)})
+    net.s["a"].submit([TaskSpec("t")], 0.0)
+    net.pump()
+    first = net.of(TaskBound)[0].node  # type: ignore[attr-defined]
+    # The worker's node goes silent (its run and its beats lost, not out of the view):
+    # the owner re-places after run_timeout_s, as before.
+    net.down.add(first)
+    tick(net, 7.0)
+    net.down.discard(first)
+    bound = [(b.node, b.attempt) for b in net.of(TaskBound)]  # type: ignore[attr-defined]
+    assert len(bound) == 2 and bound[1][1] == 2, bound
+    # The first run's node still beats for attempt 1 (it never stopped it): ignored, the
+    # binding of attempt 2 is kept only by its own node's beats.
+    net.s["a"].handle_message(first, encode_message(Running([("t", 1)])), 7.0)
+    assert net.s["a"].stats["running_beats_stale"] >= 1
+    assert net.s["a"].pending()
+
+
+def test_no_beats_to_an_owner_out_of_the_view() -> None:
+    cfg = SchedulingConfig(run_timeout_s=6.0, running_beat_s=2.0)
+    net = Net([node("a", cap=Resources(0.0, 0, 0)), node("b")], cfg,
+              caps={"a": Resources(0.0, 0, 0)})
+    net.s["a"].submit([TaskSpec("t")], 0.0)
+    net.pump()
+    tick(net, 5.0)
+    sent = net.s["b"].stats["running_beats_sent"]
+    assert sent >= 1
+    net.s["b"].node_down("a", 5.5)  # the owner died: its tasks are someone else's now
+    net.down.add("a")
+    tick(net, 20.0, start=6.0)
+    assert net.s["b"].stats["running_beats_sent"] == sent
+
+
 def test_bounds_are_enforced() -> None:
     from meshscale.core.scheduling import SchedulingOverloaded
     s = Scheduler("a", CAP, config=SchedulingConfig(max_pending_tasks=2, max_batch=2),
@@ -545,6 +618,8 @@ def test_wire_roundtrip_and_garbage() -> None:
                     InRegions(frozenset({"eu"})), b"\x00fn")
     msg = Grant(7, spec, 2)
     assert decode_message(encode_message(msg), 1 << 20) == msg
+    beat = Running([("t", 2), ("u", 1)])
+    assert decode_message(encode_message(beat), 1 << 20) == beat
     for bad in (b"", b"\xc1", encode_message(msg)[:-3]):
         with pytest.raises(WireError):
             decode_message(bad, 1 << 20)

@@ -295,6 +295,21 @@ def _read_part(path: str, storage_options: dict[str, Any], columns: list[str] | 
     return pd.read_parquet(path, filesystem=fs, columns=columns)
 
 
+def nodes_of_workers(records: Sequence[dict[str, Any]], task_of: dict[str, str],
+                     names: dict[str, str]) -> dict[str, str]:
+    """Dask worker address -> mesh node, from the mesh's task ``records``, ``task_of``
+    (worker name -> its mesh task id) and ``names`` (worker address -> name): only a
+    record in state ``running`` places a worker (see ``MeshDaskCluster.worker_nodes``)."""
+    by_task = {r["task_id"]: r.get("node") for r in records if r.get("state") == "running"}
+    out = {}
+    for addr, name in names.items():
+        tid = task_of.get(name)
+        node = None if tid is None else by_task.get(tid)
+        if node:
+            out[addr] = str(node)
+    return out
+
+
 class MeshDaskCluster(LocalCluster):
     """A Dask scheduler here (a ``distributed.LocalCluster`` with no local worker) and
     workers as mesh tasks; pass it to ``distributed.Client``. See the module docstring."""
@@ -374,17 +389,16 @@ class MeshDaskCluster(LocalCluster):
 
     def worker_nodes(self) -> dict[str, str]:
         """Dask worker address -> the mesh node it runs on, for the workers joined now
-        (from the mesh's task records: a worker the mesh ran again is on its new node)."""
+        (from the mesh's task records: a worker the mesh ran again is on its new node).
+        Only a record in state ``running`` places a worker: one that ended (a run that
+        failed, say a second run of the task refused its taken name) or waits for a node
+        names no node the worker is on, and such a worker gets no locality rather than
+        another node's."""
         assert self.scheduler is not None
-        by_task = {r["task_id"]: r.get("node") for r in self.mesh.tasks(limit=1000)}
-        node_of = {self.worker_name(i): by_task.get(f.task_id)
-                   for i, f in enumerate(self.futures)}
-        out = {}
-        for addr, ws in list(self.scheduler.workers.items()):
-            node = node_of.get(str(ws.name))
-            if node:
-                out[addr] = str(node)
-        return out
+        return nodes_of_workers(
+            self.mesh.tasks(limit=1000),
+            {self.worker_name(i): f.task_id for i, f in enumerate(self.futures)},
+            {addr: str(ws.name) for addr, ws in list(self.scheduler.workers.items())})
 
     def _locality(self) -> tuple[dict[str, str], dict[str, str]]:
         """(Dask worker address -> mesh node, Dask worker address -> its node's address)."""

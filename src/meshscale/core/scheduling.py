@@ -44,6 +44,17 @@ view costs a round trip rather than a stampede. Departures from Sparrow, and why
   never comes is re-probed after ``probe_timeout_s`` / ``run_timeout_s``. A task may thus
   *run* more than once (a node thought dead may still finish), but its owner accepts one
   result per task id and drops the rest (idempotency), remembering finished ids (bounded).
+- Long tasks: ``run_timeout_s`` is the silence after which a binding counts as lost (a
+  grant or a result dropped on the way), not a bound on a task's run time (its own
+  timeout, enforced by the worker's driver, is). A worker running a task tells its owner
+  so (``Running``, the (task id, attempt) pairs it runs for that owner, every
+  ``beat_s`` once a task has run that long), and each beat restarts the
+  binding's ``run_timeout_s``. Without it every task running past ``run_timeout_s`` (60 s)
+  was run a second time elsewhere while the first run went on: a Dask worker (a mesh
+  task for hours) then ran twice, the second failing to join under its taken name, and
+  the task's record named the second run's node, not the first's (issue 20's later
+  bench rounds read on nodes without a copy). A beat from another node or attempt than
+  the binding's is ignored (counted).
 - Fair share per submitter (#13: twelve never-ending tasks of one user filled every slot
   and another user's no-op waited behind them). A task carries its ``submitter`` (the
   identity of the client, as the owner node saw its certificate) and so does each of its
@@ -115,6 +126,8 @@ __all__ = [
 ]
 
 SCHEDULING_PROTOCOL_VERSION = 1
+MAX_RUNNING_BEAT = 1024
+"""Most (task id, attempt) pairs in one ``Running`` message (more go in several)."""
 
 TaskId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Oid = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -302,7 +315,11 @@ class SchedulingConfig:
     probe_timeout_s: float = 2.0
     """An unbound task is re-probed after this long."""
     run_timeout_s: float = 60.0
-    """A bound task with no result after this long is re-placed."""
+    """A bound task with no result and no ``Running`` beat for this long is re-placed."""
+    running_beat_s: float = 20.0
+    """A worker tells each owner which of its tasks it still runs (``Running``) this
+    often, for the tasks that have run at least this long; at most a third of
+    ``run_timeout_s`` (``beat_s``), so that one or two lost beats cost nothing."""
     max_retries: int = 3
     """Re-placements of one task (after node loss or timeout) before it fails."""
     max_pending_tasks: int = 10_000
@@ -330,14 +347,20 @@ class SchedulingConfig:
     """Period of the timeout sweep."""
     max_message_bytes: int = 4 << 20
 
+    @property
+    def beat_s(self) -> float:
+        """The ``Running`` period in force: ``running_beat_s``, at most
+        ``run_timeout_s / 3``."""
+        return min(self.running_beat_s, self.run_timeout_s / 3.0)
+
     def __post_init__(self) -> None:
         if not 1 <= self.probes_per_task <= 8:
             raise ValueError(f"probes_per_task must be in 1..8, got {self.probes_per_task}")
         if self.pool_size < self.probes_per_task:
             raise ValueError("pool_size must be >= probes_per_task")
         for name in ("sample_temperature_s", "mean_task_s", "probe_timeout_s", "run_timeout_s",
-                     "reservation_ttl_s", "ask_timeout_s", "steal_interval_s",
-                     "sweep_interval_s"):
+                     "running_beat_s", "reservation_ttl_s", "ask_timeout_s",
+                     "steal_interval_s", "sweep_interval_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {v}")
@@ -642,6 +665,14 @@ class Result(msgspec.Struct, tag=5, array_like=True):
     detail: Annotated[str, msgspec.Meta(max_length=4096)] = ""
 
 
+class Running(msgspec.Struct, tag=8, array_like=True):
+    """Worker -> owner: these of your tasks (id, attempt) still run here. An older peer
+    drops it (an unknown tag: ``rejected``) and re-places after ``run_timeout_s`` as
+    before."""
+
+    tasks: Annotated[list[tuple[TaskId, Count]], msgspec.Meta(max_length=MAX_RUNNING_BEAT)]
+
+
 class Steal(msgspec.Struct, tag=6, array_like=True):
     free: Resources
     holds: Annotated[list[Oid], msgspec.Meta(max_length=1024)] = []
@@ -651,7 +682,8 @@ class StealReply(msgspec.Struct, tag=7, array_like=True):
     reservations: Annotated[list[ResRef], msgspec.Meta(max_length=1024)]
 
 
-SchedulingMessage = Reserve | GetTask | Grant | NoTask | Result | Steal | StealReply
+SchedulingMessage = (Reserve | GetTask | Grant | NoTask | Result | Steal | StealReply
+                     | Running)
 
 _codec: VersionedCodec[SchedulingMessage] = VersionedCodec("scheduling", SCHEDULING_PROTOCOL_VERSION, SchedulingMessage)
 
@@ -803,6 +835,9 @@ class Scheduler:
         self._ask_seq = 0
         self._running: dict[tuple[str, str, int], tuple[Resources, str]] = {}
         """(owner, task id, attempt) -> (demand, submitter) of what runs here."""
+        self._running_since: dict[tuple[str, str, int], float] = {}
+        """(owner, task id, attempt) -> when it was granted here (for ``Running``)."""
+        self._next_beat = now + self.config.beat_s
         self._waiting: dict[str, int] = {}
         """Queued reservations per submitter (the fair share counts who waits)."""
         self._holding: dict[str, float] = {}
@@ -948,6 +983,7 @@ class Scheduler:
     ) -> None:
         """The driver finished running a ``RunTask``: report it to its owner, free slots."""
         run = self._running.pop((owner, task_id, attempt), None)
+        self._running_since.pop((owner, task_id, attempt), None)
         if run is None:
             return  # not ours (a previous incarnation's), or reported twice
         demand, submitter = run
@@ -1008,6 +1044,8 @@ class Scheduler:
             self._on_result(src, msg, now)
         elif isinstance(msg, Steal):
             self._on_steal(src, msg, now)
+        elif isinstance(msg, Running):
+            self._on_running(src, msg, now)
         else:
             self._on_steal_reply(src, msg, now)
 
@@ -1419,6 +1457,7 @@ class Scheduler:
             return
         self._free = self._free.minus(demand)
         self._running[key] = (demand, msg.task.submitter)
+        self._running_since[key] = now
         self._hold(msg.task.submitter, demand)
         self._outputs.append(RunTask(src, msg.task, msg.attempt))
         self._pump(now)
@@ -1442,6 +1481,33 @@ class Scheduler:
             self._count("asks_timed_out")
         if self._queue and self._queue[0].expires <= now:
             self._set_queue(r for r in self._queue if r.expires > now)
+        if now >= self._next_beat:
+            self._next_beat = now + self.config.beat_s
+            self._beat(now)
+
+    def _beat(self, now: float) -> None:
+        """``Running`` to each owner in the view, for its tasks that have run ``beat_s``
+        here (shorter ones are still inside their binding's first ``run_timeout_s``; an
+        owner out of the view has none: whoever takes its tasks over runs them again)."""
+        by_owner: dict[str, list[tuple[str, int]]] = {}
+        for (owner, tid, attempt), since in sorted(self._running_since.items()):
+            if now - since >= self.config.beat_s and owner in self._view:
+                by_owner.setdefault(owner, []).append((tid, attempt))
+        for owner, pairs in by_owner.items():
+            for i in range(0, len(pairs), MAX_RUNNING_BEAT):
+                self._count("running_beats_sent")
+                self._send(owner, Running(pairs[i:i + MAX_RUNNING_BEAT]))
+
+    def _on_running(self, src: str, msg: Running, now: float) -> None:
+        # owner side: a beat restarts the binding's run_timeout_s, only from the node
+        # and attempt it is bound to (a stale run elsewhere does not keep it).
+        for tid, attempt in msg.tasks:
+            t = self._tasks.get(tid)
+            if t is not None and t.node == src and t.attempt == attempt:
+                t.bound_at = now
+                self._count("running_beats")
+            else:
+                self._count("running_beats_stale")
 
     def _maybe_steal(self, now: float) -> None:
         cfg = self.config

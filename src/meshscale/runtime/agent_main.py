@@ -117,6 +117,9 @@ OPTIONS: tuple[Option, ...] = (
            "64.", example=1024),
     Option("max_pending_tasks", "int", 10_000, "Tasks this node owns and has no result "
            "for; a submit beyond it is refused as busy (clients wait and send it again)."),
+    Option("task_run_timeout_s", "float", 60.0, "A task this node owns whose worker "
+           "neither reports a result nor says it still runs it (every third of this, at "
+           "most 20 s) for this long is run again elsewhere (its binding counts as lost)."),
     Option("max_task_records", "int", 10_000, "Ended task records this node keeps in "
            "memory for `tasks` and result questions, about 550 bytes each (the oldest "
            "beyond it are answered from the replicated KV, on disk)."),
@@ -176,6 +179,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "stream_max_backlog": (1, 1_000_000),
     "max_pending_tasks": (1, 10_000_000),
     "max_task_records": (1, 10_000_000),
+    "task_run_timeout_s": (1, 86400),
     "cpus": (1, 4096),
     "memory_mb": (1, 1 << 40),
     "audit_segment_bytes": (4096, 1 << 34),
@@ -521,6 +525,7 @@ def start(s: Settings) -> None:
                                      stream_max_backlog=s.stream_max_backlog,
                                      max_pending_tasks=s.max_pending_tasks,
                                      max_task_records=s.max_task_records,
+                                     task_run_timeout_s=float(s.task_run_timeout_s),
                                      power=power,
                                      energy=energy,
                                      audit=AuditConfig(

@@ -133,6 +133,9 @@ class AgentConfig:
     max_task_records: int = 10_000
     """Ended task records kept in memory (``core.tasks.TaskBook``); older ones are read
     from the KV when asked for."""
+    task_run_timeout_s: float = 60.0
+    """A task bound to a worker that neither reports its result nor beats (``Running``)
+    for this long is run again elsewhere (``core.scheduling.SchedulingConfig``)."""
     max_http_connections: int = 256
     """Open HTTP connections; more are closed on arrival (counted ``http_busy``)."""
     http_idle_timeout_s: float = 15.0

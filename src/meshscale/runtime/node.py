@@ -506,7 +506,8 @@ class NodeAgent:
             await self.dataplane.start()
             self.compute = ComputePlane(self, ComputeConfig(
                 max_records=self.cfg.max_task_records,
-                scheduling=SchedulingConfig(max_pending_tasks=self.cfg.max_pending_tasks)))
+                scheduling=SchedulingConfig(max_pending_tasks=self.cfg.max_pending_tasks,
+                                            run_timeout_s=self.cfg.task_run_timeout_s)))
             await self.compute.start()
             self.streams = StreamPlane(self)
             await self.streams.start()
