@@ -29,6 +29,7 @@ from meshscale.core.scheduling import (
     SendMessage,
     TaskFailed,
     TaskSpec,
+    TaskStopped,
 )
 
 R = frozenset
@@ -137,6 +138,7 @@ class Mesh:
         self.down: set[str] = set()
         self.runs: list[tuple[str, str]] = []
         self.failed: list[TaskFailed] = []
+        self.stopped: list[tuple[str, str]] = []
 
     def pump(self) -> None:
         moved = True
@@ -153,6 +155,8 @@ class Mesh:
                         self.runs.append((o.task.task_id, name))
                     elif isinstance(o, TaskFailed):
                         self.failed.append(o)
+                    elif isinstance(o, TaskStopped):
+                        self.stopped.append((o.task_id, o.node))
 
     def kill(self, name: str, view: list[NodeState]) -> None:
         self.down.add(name)
@@ -181,7 +185,7 @@ def test_a_lost_runner_is_replaced_only_inside_the_narrowed_class() -> None:
     assert m.runs[1:] == [("t", "c1")], m.runs  # not the other node of region b
 
 
-def test_a_lost_runner_with_no_region_left_fails_naming_the_rule() -> None:
+def test_a_running_task_left_no_region_is_stopped_and_fails_naming_the_rule() -> None:
     view = [node("o", "a"), node("b1", "b"), node("b2", "b")]
     m = Mesh(view)
     owner = m.s["o"]
@@ -190,15 +194,47 @@ def test_a_lost_runner_with_no_region_left_fails_naming_the_rule() -> None:
     m.pump()
     (_, runner), = m.runs
     owner.set_policies({"pii": pol("pii", "a")}, 0.5)
-    assert not m.failed  # a running task keeps running
-    assert owner.stats["policy_no_region"] == 1
-    owner.set_policies({"pii": pol("pii", "a")}, 0.6)
-    assert owner.stats["policy_no_region"] == 1  # counted once
-    m.kill(runner, view)
-    assert len(m.runs) == 1, m.runs
+    m.pump()
+    assert m.stopped == [("t", runner)], m.stopped
     (f,) = m.failed
     assert f.reason.startswith("residency:") and "class pii" in f.reason, f.reason
     assert owner.pending() == []
+    owner.set_policies({"pii": pol("pii", "a")}, 0.6)
+    m.pump()
+    assert len(m.stopped) == 1 and len(m.failed) == 1  # once
+    # The stopped runner's late result is not taken as the task's.
+    m.s[runner].task_finished("o", "t", 1, True, "", 0.7)
+    m.pump()
+    assert owner.stats.get("results", 0) == 0
+
+
+def test_a_running_task_outside_its_narrowed_class_is_stopped_and_runs_inside() -> None:
+    view = [node("o", "a"), node("b1", "b"), node("c1", "c")]
+    m = Mesh(view)
+    owner = m.s["o"]
+    for s in m.s.values():
+        s.set_view(view[:2], 0.0)  # c1 not seen yet: the task first runs in region b
+    owner.submit([TaskSpec("t", residency=Residency(R({"b", "c"}), "pii"))], 0.0)
+    m.pump()
+    assert m.runs == [("t", "b1")]
+    for s in m.s.values():
+        s.set_view(view, 0.4)
+    owner.set_policies({"pii": pol("pii", "a", "b", "c")}, 0.45)  # still allowed: runs on
+    m.pump()
+    assert m.stopped == [] and len(m.runs) == 1
+    owner.set_policies({"pii": pol("pii", "a", "c")}, 0.5)
+    m.pump()
+    assert m.stopped == [("t", "b1")]
+    assert m.runs[1:] == [("t", "c1")], m.runs
+    assert not m.failed
+    # b1 was not killed in time and reports: dropped; c1's result is the task's.
+    m.s["b1"].task_finished("o", "t", 1, True, "", 0.6)
+    m.pump()
+    assert owner.stats["results_dropped.stopped"] == 1
+    assert owner.owner_state("t") == ("c1", 2)
+    m.s["c1"].task_finished("o", "t", 2, True, "", 0.7)
+    m.pump()
+    assert owner.stats["results"] == 1 and owner.pending() == []
 
 
 def test_a_stale_policy_narrows_a_new_task_until_the_fresh_one_is_given() -> None:
@@ -217,7 +253,9 @@ def test_a_stale_policy_narrows_a_new_task_until_the_fresh_one_is_given() -> Non
         m.pump()
         ran = [t for t, _ in m.runs]
         if fresh:
-            assert ran == ["t1", "t2"] and not m.failed, (m.runs, m.failed)
+            # t2 runs; t1, running in a when pii moved to {b}, is stopped there and fails.
+            assert ran == ["t1", "t2"], m.runs
+            assert m.stopped == [("t1", "a1")] and [f.task_id for f in m.failed] == ["t1"]
         else:
             assert ran == ["t1"] and [f.task_id for f in m.failed] == ["t2"]
 

@@ -54,6 +54,17 @@ def test_first_outcome_wins_and_a_second_finish_is_refused() -> None:
     assert book.outcome("nope", ok=True) is Verdict.DUPLICATE
 
 
+def test_an_outcome_from_a_node_the_task_was_stopped_on_is_dropped() -> None:
+    book = TaskBook("a")
+    e = book.add(rec(), 0.0)
+    book.stopped("t1", "b1")  # its class no longer allows b1's region
+    assert book.outcome("t1", ok=False, kind="cancelled", node="b1") is Verdict.STOPPED
+    assert book.outcome("t1", ok=True, node="b1") is Verdict.STOPPED
+    assert e.rec.state not in TERMINAL and book.stats["outcomes_dropped.stopped"] == 2
+    assert book.outcome("t1", ok=True, node="c1") is Verdict.ACCEPTED
+    book.stopped("gone", "b1")  # not a live task here: nothing to do
+
+
 def test_worker_crashes_are_retried_up_to_the_records_retries() -> None:
     book = TaskBook("a")
     book.add(rec(retries=2), 0.0)

@@ -594,6 +594,18 @@ class TaskFinished(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class TaskStopped(Event):
+    """Owner side: ``task_id`` must stop running on ``node``, whose region its classes'
+    current rules no longer allow (issue #15). The driver kills it there and drops any
+    outcome from that node; the task is placed again inside the rule (``TaskBound``
+    follows) or fails (``TaskFailed``)."""
+
+    task_id: str
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class TaskFailed(Event):
     """Owner side: ``task_id`` will not run (retries exhausted, or no node may run it)."""
 
@@ -726,8 +738,9 @@ class _Task:
     policies of ``classes`` (``core.policy.placement_residency``)."""
     classes: tuple[str, ...] = ()
     """The data classes the task carries: its own and its inputs'."""
-    no_region: bool = False
-    """Running while its classes' current rules leave it no region (counted once)."""
+    stopped_on: set[str] | None = None
+    """Nodes this owner stopped the task on (``TaskStopped``): their results are
+    dropped."""
 
     def allowed_on(self, node: NodeState) -> bool:
         if self.rules is None:
@@ -899,9 +912,10 @@ class Scheduler:
     def set_policies(self, policies: Mapping[str, ClassPolicy], now: float) -> None:
         """The owner's current view of the class policies of ``classes()`` (a class left
         out keeps the policy last given). Every pending task's rule is narrowed at once to
-        its submitted rule within its classes' current rules (never widened); an unbound
-        one with no region left fails naming the rule. A running one keeps running; its
-        next placement (after a lost runner) goes by the narrowed rule."""
+        its submitted rule within its classes' current rules (never widened); one with no
+        region left fails naming the rule. A running one whose node's region the narrowed
+        rule leaves out is stopped there (``TaskStopped``) and placed again inside it
+        (retries count); one left no region at all is stopped and fails."""
         self._policies.update(policies)
         carried = set(self.classes()) | set(policies)  # given before a submit: kept
         for name in [c for c in self._policies if c not in carried]:
@@ -911,13 +925,38 @@ class Scheduler:
             if t is not None and t.classes and t.node is None:
                 self._narrow(t)
             elif t is not None and t.classes:
-                try:
-                    self._renarrow(t)
-                except PolicyError:  # it fails at its next placement, if it needs one
-                    if not t.no_region:
-                        t.no_region = True
-                        self._count("policy_no_region")
+                self._recheck_running(t, now)
         self._deliver(now)
+
+    def _recheck_running(self, t: _Task, now: float) -> None:
+        """Running ``t`` under its classes' current rules: stopped where they no longer
+        allow its node's region (see ``set_policies``)."""
+        node = t.node
+        assert node is not None
+        try:
+            self._renarrow(t)
+        except PolicyError as exc:
+            reason = f"{exc.rule}: task {t.spec.task_id!r}: {exc}"
+            self._stop(t, node, reason)
+            self._count("place_refused." + exc.rule)
+            self._fail(t, reason)
+            return
+        state = self._view.get(node)
+        res = t.spec.residency
+        if state is None or res is None or res.allows(state.region):
+            return
+        reason = (f"residency: task {t.spec.task_id!r} was running on {node} in region "
+                  f"{state.region}, which its classes' current rule {res.describe()} leaves "
+                  "out")
+        self._stop(t, node, reason)
+        self._replace(t, reason, now)
+
+    def _stop(self, t: _Task, node: str, reason: str) -> None:
+        if t.stopped_on is None:
+            t.stopped_on = set()
+        t.stopped_on.add(node)
+        self._count("policy_stopped")
+        self._outputs.append(TaskStopped(t.spec.task_id, node, reason))
 
     # ------------------------------------------------------------------ owner
 
@@ -1235,6 +1274,10 @@ class Scheduler:
         self._send(src, Grant(ask, chosen.spec, chosen.attempt))
 
     def _on_result(self, src: str, msg: Result, now: float) -> None:
+        t = self._tasks.get(msg.task_id)
+        if t is not None and t.stopped_on is not None and src in t.stopped_on:
+            self._count("results_dropped.stopped")  # ran where its class no longer allows
+            return
         t = self._tasks.pop(msg.task_id, None)
         if t is None:
             self._count("results_duplicate" if msg.task_id in self._done else "results_unknown")

@@ -246,6 +246,9 @@ class Verdict(enum.StrEnum):
     RETRY = "retry"
     """A worker crash with retries left: the task runs again when the scheduler says
     the attempt is over (``scheduler_finished`` then answers ``"resubmit"``)."""
+    STOPPED = "stopped"
+    """From a node the task was stopped on (its class no longer allows the node's
+    region: ``core.scheduling.TaskStopped``): dropped; the task runs elsewhere."""
 
 
 @dataclass(eq=False, slots=True)
@@ -262,6 +265,8 @@ class Entry:
     waiters: int = 0
     """Callers waiting on this task (they hold the entry: it stays theirs when the task
     ends and the book keeps only its ``Ended``)."""
+    stopped_on: frozenset[str] = frozenset()
+    """Nodes the task was stopped on (``stopped``): their outcomes are dropped."""
 
 
 @dataclass
@@ -321,17 +326,28 @@ class TaskBook:
         e.rec.node, e.rec.attempts, e.rec.reason = node, attempt, reason
         return e
 
-    def outcome(self, task_id: str, *, ok: bool, kind: str = "") -> Verdict:
-        """A worker's outcome: the first one wins. The driver then calls ``finish`` on an
-        ``ACCEPTED`` verdict."""
+    def outcome(self, task_id: str, *, ok: bool, kind: str = "", node: str = "") -> Verdict:
+        """A worker's outcome (from ``node``): the first one wins, unless it comes from a
+        node the task was stopped on. The driver then calls ``finish`` on an ``ACCEPTED``
+        verdict."""
         e = self.records.get(task_id)
         if e is None or e.rec.state in TERMINAL:
             self._count("outcomes_duplicate")
             return Verdict.DUPLICATE
+        if node and node in e.stopped_on:
+            self._count("outcomes_dropped.stopped")
+            return Verdict.STOPPED
         if not ok and kind == "worker_crashed" and e.crash_retries < e.rec.retries:
             e.resubmit = True
             return Verdict.RETRY
         return Verdict.ACCEPTED
+
+    def stopped(self, task_id: str, node: str) -> None:
+        """The scheduler stopped ``task_id`` on ``node`` (``TaskStopped``): an outcome
+        from that node no longer counts."""
+        e = self.records.get(task_id)
+        if e is not None:
+            e.stopped_on = e.stopped_on | {node}
 
     def scheduler_finished(self, task_id: str) -> str | None:
         """The scheduler accepted a result for the task (its attempt is over). If the task

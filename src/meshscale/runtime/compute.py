@@ -137,6 +137,7 @@ from meshscale.core.scheduling import (
     TaskFailed,
     TaskFinished,
     TaskSpec,
+    TaskStopped,
 )
 from meshscale.core.tasks import (
     TERMINAL,
@@ -547,6 +548,8 @@ class ComputePlane:
                 self._on_finished(out)
             elif isinstance(out, TaskFailed):
                 self._on_failed(out)
+            elif isinstance(out, TaskStopped):
+                self._on_stopped(out)
         self._timer.arm(sched.next_deadline())
 
     def _on_timer(self) -> None:
@@ -1203,6 +1206,23 @@ class ComputePlane:
                 await asyncio.sleep(0.5)
         return TaskView(task_id=tid, state=TaskState.CANCELLED, kind="cancelled")
 
+    def _on_stopped(self, ev: TaskStopped) -> None:
+        """The scheduler stopped a task on a node its class no longer allows: its outcome
+        from there no longer counts; kill it there (best effort: a node that does not
+        answer has its result dropped anyway)."""
+        self.book.stopped(ev.task_id, ev.node)
+        e = self.book.get(ev.task_id)
+        m = self.agent.m.members.get(ev.node)
+        self._refuse("residency", ev.reason, subject=ev.task_id,
+                     data_class=None if e is None else e.rec.data_class,
+                     from_region="" if m is None else str(m.meta.region), runner=ev.node)
+
+        async def kill() -> None:
+            with contextlib.suppress(RpcError, ValueError, OSError):
+                await self._call(ev.node, TASK_KILL, KillRequest(owner=self.agent.name,
+                                                                 task_id=ev.task_id))
+        self.agent.spawn(kill())
+
     def _on_failed(self, ev: TaskFailed) -> None:
         e = self.book.get(ev.task_id)
         if e is None or e.rec.state in TERMINAL:
@@ -1250,8 +1270,11 @@ class ComputePlane:
 
     async def _rpc_done(self, req: DoneRequest) -> DoneReply:
         """A worker's outcome for a task we own; the first one wins."""
-        verdict = self.book.outcome(req.task_id, ok=req.ok, kind=req.kind)
+        verdict = self.book.outcome(req.task_id, ok=req.ok, kind=req.kind, node=req.node)
         e = self.book.get(req.task_id)
+        if verdict is Verdict.STOPPED:
+            self._count("outcomes_dropped_stopped")
+            return DoneReply(False)
         if verdict is Verdict.DUPLICATE or e is None:
             self._count("outcomes_duplicate")
             return DoneReply(False)

@@ -70,6 +70,7 @@ from meshscale.core.scheduling import (
     TaskFailed,
     TaskFinished,
     TaskSpec,
+    TaskStopped,
     feasible,
 )
 from meshscale.core.tasks import (
@@ -213,11 +214,13 @@ class ComputeNode:
             elif isinstance(o, TaskFinished):
                 # The worker's outcome rides with its result here (the runtime sends it
                 # as task.done just before): the first one wins.
-                if self.book.outcome(o.task_id, ok=o.ok) is Verdict.ACCEPTED:
+                if self.book.outcome(o.task_id, ok=o.ok, node=o.node) is Verdict.ACCEPTED:
                     self._finish(o.task_id, TaskState.DONE if o.ok else TaskState.FAILED,
                                  now, error=o.detail, node=o.node,
                                  kind="" if o.ok else "error")
                 self._after_result(o.task_id, now)
+            elif isinstance(o, TaskStopped):
+                self.book.stopped(o.task_id, o.node)
             elif isinstance(o, TaskFailed) and o.task_id in self.book:
                 e = self.book.get(o.task_id)
                 if e is not None and e.rec.state not in TERMINAL:
