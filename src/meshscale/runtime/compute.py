@@ -16,12 +16,13 @@ the way ``runtime/data/`` drives ``core.replication``:
   (``NodeServices.peers``): scheduling on lane ``sched``, task calls on lane ``tasks``, a
   waiting ``task.result`` on a connection checked out for it;
 - a runner lost before membership says so (issue #19): when a connection from a node
-  this owner runs tasks on closes (the node's agent serves nothing then: a crash closes
-  every socket it had) or a call to it fails, the owner checks the node with a fresh
-  connection (``runner_check_timeout_s``); refused, reset or not set up in time, the
-  tasks bound there are re-placed at once (``Scheduler.runner_unreachable``) instead of
-  after SWIM's suspicion timeout. A live node answers the check and nothing changes; a
-  node that was only slow may still finish, and the first outcome wins (``TaskBook``);
+  this owner runs tasks on closes (a crash closes every socket the process had) or a
+  call to it fails, the owner checks the node with a fresh connection; refused or reset
+  (nothing listens at its address any more), the tasks bound there are re-placed at
+  once (``Scheduler.runner_unreachable``) instead of after SWIM's suspicion timeout. A
+  live node answers the check and nothing changes; a check that times out proves
+  nothing (a loaded node can be slow) and membership decides, as before. A node that
+  was only slow may still finish, and the first outcome wins (``TaskBook``);
 - ``RunTask``: the worker node fetches the task's input objects itself (local store
   first, else ``obj.read`` proxies from a holder: never through the client), runs the
   function in the pool (fetching its bytes from the owner, or the function object, if
@@ -263,11 +264,12 @@ class ComputeConfig:
     """How often an owner with classed tasks pending reads their classes' policies (from
     its data plane's cache) into its scheduler: a class narrowed after submit binds each
     later placement of its tasks (``core.policy.placement_residency``)."""
-    runner_check_timeout_s: float = 1.0
-    """The check of a node this owner runs tasks on, made when a connection to or from
-    it broke (``_check_runner``): a fresh connection to it that is refused, reset or
-    not set up within this is the evidence ``core.scheduling.runner_unreachable`` acts
-    on. A live node sets one up in milliseconds; a crashed process refuses it at once."""
+    runner_check_timeout_s: float = 2.0
+    """Bound of the check of a node this owner runs tasks on, made when a connection to
+    or from it broke (``_check_runner``). A fresh connection to it that is refused or
+    reset (a crashed process's port) is the evidence ``core.scheduling
+    .runner_unreachable`` acts on; no answer within this is not (a loaded node may be
+    that slow): membership's verdict decides then, as before."""
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
 
 
@@ -560,8 +562,9 @@ class ComputePlane:
 
     async def _check_runner(self, name: str) -> None:
         """Call ``name`` on a fresh connection (never a pooled one, which may be the
-        broken one); refused, reset or no answer within ``runner_check_timeout_s``: its
-        tasks are re-placed (``core.scheduling.Scheduler.runner_unreachable``)."""
+        broken one); refused or reset: its tasks are re-placed
+        (``core.scheduling.Scheduler.runner_unreachable``). Anything else (an answer, a
+        timeout) leaves them to membership's verdict."""
         try:
             member = self.agent.m.members.get(name)
             if member is None or self.sched is None:
@@ -575,8 +578,10 @@ class ComputePlane:
                 return  # it answers: alive (its broken connection was something else)
             except RemoteError:
                 return  # it answered, with an error: alive
-            except RpcError:
-                pass
+            except RpcError as e:
+                if not e.refused:
+                    self._count("runner_checks_inconclusive")
+                    return
             finally:
                 await conn.close()
             if self.sched is None:
