@@ -261,7 +261,6 @@ class NodeAgent:
         self.addr = advertise or bind
         self.meta = meta or NodeMeta()
         self.seeds = list(seeds or [])
-        # The payload budget leaves room for the seal and the freshness header.
         self.config = config or membership_config()
         self.cfg = agent_config or AgentConfig()
         self.latency = dict(emulated_latency or {})
