@@ -25,8 +25,9 @@ Workloads (``--quick`` sizes in brackets):
   client talks to) killed hard once a third of them have succeeded; the clock runs from the
   first submit to the last *successful* result. A task that fails is not finished: it is
   counted in ``kill_failed_tasks`` and not timed (``kill_all_results_s`` runs to the last
-  result, failed or not). Ray and Dask rebuild a lost input from its lineage; meshscale
-  keeps 3 copies, made before the clock starts, and has no lineage;
+  result, failed or not; ``kill_at_s`` in the JSON says when the kill came, so the
+  makespan less it is the recovery). Ray and Dask rebuild a lost input from its
+  lineage; meshscale keeps 3 copies, made before the clock starts, and has no lineage;
 - ``*_1_replica`` (meshscale only): the locality run, and the kill run on a fresh 4-node
   mesh (warmed up the same way), with one copy of each input, as Ray and Dask keep: an
   input whose one copy was on the killed node is lost, and its tasks fail;
@@ -364,6 +365,7 @@ class KillRun:
         self.t0 = 0.0
         self.last_ok = 0.0
         self.last_any = 0.0
+        self.kill_at = 0.0
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
@@ -378,13 +380,17 @@ class KillRun:
             self.failed += 1
         if not self.fired and self.ok >= self.total // 3:
             self.fired = True
+            self.kill_at = now
             self.kill()
 
     def report(self, out: dict[str, Any], suffix: str = "") -> None:
         out[f"kill_one_node_makespan_s{suffix}"] = round(self.last_ok, 2) if self.ok else None
         out[f"kill_failed_tasks{suffix}"] = self.failed
         out[f"kill_all_results_s{suffix}"] = round(self.last_any, 2)
-        if not self.fired:
+        if self.fired:
+            # When the kill came: the makespan less this is the run's recovery.
+            out[f"kill_at_s{suffix}"] = round(self.kill_at, 2)
+        else:
             out[f"kill_not_fired{suffix}"] = True
 
 

@@ -492,6 +492,79 @@ def test_node_down_replaces_bound_tasks_and_results_are_idempotent() -> None:
     assert net.s["a"].stats.get("results_duplicate") == 1
 
 
+def test_an_unreachable_runner_loses_its_tasks_before_the_membership_verdict() -> None:
+    # Issue #19: the driver's evidence that a runner is gone (its connection closed, a
+    # fresh one refused) re-places its tasks at once, while the node is still in the view
+    # (membership has not decided); no new reservation goes to it.
+    view = [node("a", "us"), node("b"), node("c"), node("d")]
+    net = Net(view, SchedulingConfig(probes_per_task=2, pool_size=3, max_retries=2,
+                                     lost_runner_hold_s=10.0))
+    owner = net.s["a"]
+    owner.submit([TaskSpec(f"t{i}", placement=InRegions(frozenset({"eu"})))
+                  for i in range(3)], 0.0)
+    net.pump()
+    bound = {b.task_id: b.node for b in net.of(TaskBound)}  # type: ignore[attr-defined]
+    victim = bound["t0"]
+    on_victim = sorted(t for t, n in bound.items() if n == victim)
+    assert owner.runs_on(victim) == len(on_victim)
+    old_runs = [(n, r) for n, r in net.running if n == victim]
+    net.running = [(n, r) for n, r in net.running if n != victim]
+    net.down.add(victim)
+    sent_before = len(net.events)
+    assert owner.runner_unreachable(victim, 1.0) == len(on_victim)
+    net.pump(1.0)
+    assert victim in names(owner.view())  # not a membership verdict
+    assert owner.unreachable(1.0) == [victim]
+    rebound = [b for b in net.of(TaskBound)[len(bound):]]
+    assert sorted(b.task_id for b in rebound) == on_victim  # type: ignore[attr-defined]
+    assert all(b.node != victim and b.attempt == 2 for b in rebound)  # type: ignore[attr-defined]
+    assert owner.runs_on(victim) == 0 and owner.stats["replaced_unreachable"] == len(on_victim)
+    assert len(net.events) > sent_before
+    # A new task gets no reservation on the unreachable node while the hold lasts.
+    reserved: list[str] = []
+    owner.submit([TaskSpec(f"n{i}", placement=InRegions(frozenset({"eu"})))
+                  for i in range(6)], 2.0)
+    for o in owner.drain():
+        if isinstance(o, SendMessage) and isinstance(decode_message(o.payload, 1 << 20),
+                                                      Reserve):
+            reserved.append(o.dst)
+    assert reserved and victim not in reserved
+    # The node was alive after all (only slow): its late result is the first, so it is
+    # the one accepted; the re-run's result is dropped as a duplicate.
+    net.down.discard(victim)
+    name, r = old_runs[0]
+    net.s[name].task_finished(r.owner, r.task.task_id, r.attempt, True, "", 3.0)
+    net.pump(3.0)
+    assert owner.unreachable(3.0) == []  # it spoke: it is reachable again
+    net.finish_all(4.0)
+    done = [d for d in net.of(TaskFinished) if d.task_id in bound]  # type: ignore[attr-defined]
+    assert sorted(d.task_id for d in done) == sorted(bound)  # type: ignore[attr-defined]
+    first = next(d for d in done if d.task_id == r.task.task_id)  # type: ignore[attr-defined]
+    assert first.node == victim and first.attempt == 1  # type: ignore[attr-defined]
+    assert owner.stats.get("results_duplicate", 0) >= 1
+
+
+def test_unreachable_hold_ends_and_is_ignored_for_unknown_nodes() -> None:
+    net = Net([node("a", "us"), node("b"), node("c")],
+              SchedulingConfig(lost_runner_hold_s=2.0))
+    owner = net.s["a"]
+    assert owner.runner_unreachable("zz", 0.0) == 0  # not in the view
+    assert owner.runner_unreachable("a", 0.0) == 0  # itself
+    assert owner.runner_unreachable("b", 0.0) == 0  # nothing bound there
+    assert owner.unreachable(1.0) == ["b"]
+    owner.on_timer(2.5)
+    assert owner.unreachable(2.5) == []
+    # Only unreachable nodes may run it: they are probed all the same (not failed).
+    owner.runner_unreachable("b", 3.0)
+    owner.runner_unreachable("c", 3.0)
+    owner.submit([TaskSpec("t", placement=InRegions(frozenset({"eu"})))], 3.0)
+    dsts = {o.dst for o in owner.drain() if isinstance(o, SendMessage)}
+    assert dsts and dsts <= {"b", "c"}
+    assert not any(isinstance(e, TaskFailed) for _, e in net.events)
+    with pytest.raises(ValueError, match="lost_runner_hold_s"):
+        SchedulingConfig(lost_runner_hold_s=0.0)
+
+
 def test_retries_are_bounded() -> None:
     cfg = SchedulingConfig(probes_per_task=1, pool_size=1, max_retries=1)
     small = Resources(0.5, 0, 0)  # the owner cannot run the task itself

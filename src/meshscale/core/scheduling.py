@@ -55,6 +55,18 @@ view costs a round trip rather than a stampede. Departures from Sparrow, and why
   the task's record named the second run's node, not the first's (issue 20's later
   bench rounds read on nodes without a copy). A beat from another node or attempt than
   the binding's is ignored (counted).
+- A lost runner before the membership verdict (issue #19): SWIM's verdict on a crashed
+  node takes seconds (a probe round, then the suspicion timeout), while the crash itself
+  closes the node's connections at once. When the driver has such evidence (a connection
+  to the node closed or refused, and a fresh one refused or timed out:
+  ``runner_unreachable``), the tasks this owner bound to the node are re-placed at once,
+  its reservations are written off, and it gets no new ones for ``lost_runner_hold_s``
+  (or until a message from it shows it alive, or it leaves the view). This is Ray's and
+  Dask's reaction to a closed socket. It costs nothing in correctness: tasks are
+  at-least-once already, and should the node be alive after all, whichever result comes
+  first is the one accepted (the other is dropped as a duplicate). It is not a
+  membership verdict: the node stays in the view, and its data and its own tasks are the
+  other planes' business.
 - Fair share per submitter (#13: twelve never-ending tasks of one user filled every slot
   and another user's no-op waited behind them). A task carries its ``submitter`` (the
   identity of the client, as the owner node saw its certificate) and so does each of its
@@ -322,6 +334,10 @@ class SchedulingConfig:
     ``run_timeout_s`` (``beat_s``), so that one or two lost beats cost nothing."""
     max_retries: int = 3
     """Re-placements of one task (after node loss or timeout) before it fails."""
+    lost_runner_hold_s: float = 10.0
+    """After ``runner_unreachable`` (the driver could not reach a node): how long this
+    owner sends the node no reservation, unless a message from it comes first or it
+    leaves the view (membership's verdict normally comes well within this)."""
     max_pending_tasks: int = 10_000
     """Tasks this node owns and has no result for; more are refused."""
     max_batch: int = 1024
@@ -360,7 +376,7 @@ class SchedulingConfig:
             raise ValueError("pool_size must be >= probes_per_task")
         for name in ("sample_temperature_s", "mean_task_s", "probe_timeout_s", "run_timeout_s",
                      "running_beat_s", "reservation_ttl_s", "ask_timeout_s",
-                     "steal_interval_s", "sweep_interval_s"):
+                     "steal_interval_s", "sweep_interval_s", "lost_runner_hold_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {v}")
@@ -840,6 +856,9 @@ class Scheduler:
         self._bound_on: dict[str, int] = {}
         self._asked_at: dict[str, float] = {}
         """When each node last asked this owner for a task (``GetTask``)."""
+        self._unreachable: dict[str, float] = {}
+        """Nodes the driver could not reach (``runner_unreachable``) -> until when they
+        get no reservations from this owner."""
         # worker side
         self._queue: deque[_Reservation] = deque()
         self._queue_min_cpus = math.inf
@@ -896,6 +915,32 @@ class Scheduler:
         """Membership declared ``name`` dead: re-place its tasks, drop its reservations."""
         self._view.pop(name, None)
         self._lost(name, now)
+
+    def runner_unreachable(self, name: str, now: float) -> int:
+        """Evidence, ahead of membership's verdict, that node ``name`` is gone: the
+        driver could not reach it (see the module docstring). Every task this owner bound
+        to it is re-placed now (as after ``node_down``; retries count), its reservations
+        there are written off, and it gets no new ones for ``lost_runner_hold_s`` unless
+        a message from it arrives first. It stays in the view. Returns how many bound
+        tasks were re-placed."""
+        if name == self.name or name not in self._view:
+            return 0
+        self._unreachable[name] = now + self.config.lost_runner_hold_s
+        self._count("runners_unreachable")
+        moved = self._reassign(name, f"node {name} is unreachable", now)
+        if moved:
+            self._count("replaced_unreachable", moved)
+        self._deliver(now)
+        return moved
+
+    def runs_on(self, name: str) -> int:
+        """Tasks this owner has bound to ``name`` and no result for (the driver watches
+        the connections of those nodes: ``runner_unreachable``)."""
+        return self._bound_on.get(name, 0)
+
+    def unreachable(self, now: float) -> list[str]:
+        """Nodes kept out of placement after ``runner_unreachable`` (sorted)."""
+        return sorted(n for n, until in self._unreachable.items() if until > now)
 
     def objects_held(self, oids: Iterable[str]) -> None:
         """The objects this node stores (named in steal requests)."""
@@ -1055,6 +1100,8 @@ class Scheduler:
         except WireError as exc:
             self._count("rejected." + exc.reason)
             return
+        if self._unreachable and self._unreachable.pop(src, None) is not None:
+            self._count("unreachable_cleared")  # it speaks: it is alive after all
         self._inbox.append((src, msg))
         self._deliver(now)
 
@@ -1146,6 +1193,13 @@ class Scheduler:
             if t.placements > cfg.max_retries + 1:
                 self._fail(t, f"{exc.rule}: {exc}")
             return
+        if self._unreachable:
+            # Nodes the driver could not reach get no reservation while others may run
+            # the task (when only they may, they are probed as usual: the timeouts or
+            # membership's verdict settle it).
+            reachable = [n for n in nodes if self._unreachable.get(n.name, -math.inf) <= now]
+            if reachable:
+                nodes = reachable
         active = [n for n in nodes if not n.standby]
         if t.placements == 0:
             t.holders = _holders(t.spec, self._view)
@@ -1315,15 +1369,17 @@ class Scheduler:
         self._count("replaced")
         self._place(t, now)
 
-    def _lost(self, name: str, now: float) -> None:
-        # owner side
-        self._asked_at.pop(name, None)
+    def _reassign(self, name: str, why: str, now: float) -> int:
+        """Owner side of losing ``name``: re-place the tasks bound to it, write off its
+        reservations (a task left with none is placed again). Returns the re-placed."""
+        moved = 0
         for tid in sorted(self._tasks, key=lambda k: self._tasks[k].order):
             t = self._tasks.get(tid)
             if t is None:
                 continue
             if t.node == name:
-                self._replace(t, f"node {name} left the view", now)
+                moved += 1
+                self._replace(t, why, now)
             elif t.node is None and name in t.probes:
                 t.probes.discard(name)
                 c = self._probes_on.get(name, 0) - 1
@@ -1333,6 +1389,13 @@ class Scheduler:
                     self._probes_on.pop(name, None)
                 if not t.probes:
                     self._place(t, now)
+        return moved
+
+    def _lost(self, name: str, now: float) -> None:
+        # owner side
+        self._asked_at.pop(name, None)
+        self._unreachable.pop(name, None)
+        self._reassign(name, f"node {name} left the view", now)
         # worker side: the owner is gone; its tasks will be re-run by whoever takes over
         self._set_queue(r for r in self._queue if r.owner != name)
         for ask_id in [a for a, ask in self._asks.items() if ask.res.owner == name]:
@@ -1342,6 +1405,8 @@ class Scheduler:
 
     def _sweep_owner(self, now: float) -> None:
         cfg = self.config
+        for name in [n for n, until in self._unreachable.items() if until <= now]:
+            del self._unreachable[name]
         for tid in sorted(self._tasks, key=lambda k: self._tasks[k].order):
             t = self._tasks.get(tid)
             if t is None:

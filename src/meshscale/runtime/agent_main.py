@@ -161,6 +161,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("no_standby", "bool", False, "Pin this node: it never drains or sleeps "
            "(consolidation counts it as always active)."),
     Option("latency", "list", [], LATENCY_HELP, example=["eu-west:us-east=80ms"]),
+    Option("suspicion_mult", "float", 1.5, "Failure detection: a suspected member is "
+           "declared dead after at least suspicion_mult x log10(members) x the 0.75 s probe "
+           "interval (4 times that with no one confirming). Raise it on lossy links; every "
+           "node should use the same value."),
     Option("no_audit", "bool", False, "Keep no audit trail (docs/audit.md): nothing this "
            "node does to data is recorded. For measuring what the trail costs."),
     Option("audit_segment_bytes", "int", 4 * 1024 * 1024, "The audit trail's segment "
@@ -186,6 +190,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "audit_max_segments": (1, 1_000_000),
     "audit_head_interval_s": (0.1, 86400),
     "energy_interval_s": (0.05, 3600),
+    "suspicion_mult": (0.5, 1000),
 }
 
 
@@ -460,7 +465,13 @@ def start(s: Settings) -> None:
     from meshscale.runtime.config import AuditConfig
     from meshscale.runtime.identity import IdentityError, start_identity
     from meshscale.runtime.latency import parse_latency
-    from meshscale.runtime.node import AgentConfig, NodeAgent, NodeRemovedError, run_forever
+    from meshscale.runtime.node import (
+        AgentConfig,
+        NodeAgent,
+        NodeRemovedError,
+        membership_config,
+        run_forever,
+    )
     from meshscale.transport.credentials import check_not_expired
     from meshscale.transport.tls import TLSConfigError
     from meshscale.trust.bundle import NODE_NAME_RE, BundleError, BundleKind, load_bundle
@@ -507,6 +518,7 @@ def start(s: Settings) -> None:
         identity = start_identity(s.data_dir, loaded.name)
         agent = NodeAgent(
             identity=identity,
+            config=membership_config(float(s.suspicion_mult)),
             data_dir=s.data_dir,
             bundle=loaded,
             bind=bind,

@@ -15,6 +15,14 @@ the way ``runtime/data/`` drives ``core.replication``:
   a round trip, not a wrong placement. Connections to peers are the node's pool
   (``NodeServices.peers``): scheduling on lane ``sched``, task calls on lane ``tasks``, a
   waiting ``task.result`` on a connection checked out for it;
+- a runner lost before membership says so (issue #19): when a connection from a node
+  this owner runs tasks on closes (a crash closes every socket the process had) or a
+  call to it fails, the owner checks the node with a fresh connection; refused or reset
+  (nothing listens at its address any more), the tasks bound there are re-placed at
+  once (``Scheduler.runner_unreachable``) instead of after SWIM's suspicion timeout. A
+  live node answers the check and nothing changes; a check that times out proves
+  nothing (a loaded node can be slow) and membership decides, as before. A node that
+  was only slow may still finish, and the first outcome wins (``TaskBook``);
 - ``RunTask``: the worker node fetches the task's input objects itself (local store
   first, else ``obj.read`` proxies from a holder: never through the client), runs the
   function in the pool (fetching its bytes from the owner, or the function object, if
@@ -165,7 +173,7 @@ from meshscale.runtime.workers import (
     function_id,
 )
 from meshscale.runtime.workers import TaskFailed as WorkerTaskFailed
-from meshscale.transport.rpc import RemoteError, RpcError
+from meshscale.transport.rpc import RemoteError, RpcConnection, RpcError
 
 Req = TypeVar("Req", bound=Request)
 Rep = TypeVar("Rep")
@@ -257,6 +265,12 @@ class ComputeConfig:
     """How often an owner with classed tasks pending reads their classes' policies (from
     its data plane's cache) into its scheduler: a class narrowed after submit binds each
     later placement of its tasks (``core.policy.placement_residency``)."""
+    runner_check_timeout_s: float = 2.0
+    """Bound of the check of a node this owner runs tasks on, made when a connection to
+    or from it broke (``_check_runner``). A fresh connection to it that is refused or
+    reset (a crashed process's port) is the evidence ``core.scheduling
+    .runner_unreachable`` acts on; no answer within this is not (a loaded node may be
+    that slow): membership's verdict decides then, as before."""
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
 
 
@@ -382,6 +396,8 @@ class ComputePlane:
         self._flushing: set[str] = set()
         self._old_peers: set[str] = set()
         self._timer = DeadlineTimer(self._on_timer)
+        self._checking: set[str] = set()
+        """Nodes whose check (``_check_runner``) is under way: one at a time per node."""
         self._tick: asyncio.Future[None] | None = None
         self._watches: dict[str, list[_Watch]] = {}
         self._running: dict[str, str] = {}  # owner/task_id -> pool task id
@@ -428,6 +444,7 @@ class ComputePlane:
         agent.serve(TASK_STATS, self._rpc_stats)
         agent.serve(TASK_LOGS, self._rpc_logs)
         agent.event_listeners.append(self._on_member_event)
+        agent.peer_closed_listeners.append(self._on_peer_closed)
         agent.spawn(self._gossip_load())
         agent.spawn(self._refresh_policies())
         self._pump()
@@ -529,6 +546,53 @@ class ComputePlane:
             self._loads.pop(str(getattr(ev, "name", "")), None)
         if isinstance(ev, VIEW_CHANGES):
             self._refresh_view()
+
+    def _on_peer_closed(self, name: str) -> None:
+        """A connection from node ``name`` to this one ended (its end closed it)."""
+        self._suspect(name)
+
+    def _suspect(self, name: str) -> None:
+        """A connection to or from ``name`` broke: if this owner runs tasks there, check
+        the node now rather than wait for membership's verdict."""
+        sched = self.sched
+        if (sched is None or name == self.agent.name or name in self._checking
+                or sched.runs_on(name) == 0):
+            return
+        self._checking.add(name)
+        self.agent.spawn(self._check_runner(name))
+
+    async def _check_runner(self, name: str) -> None:
+        """Call ``name`` on a fresh connection (never a pooled one, which may be the
+        broken one); refused or reset: its tasks are re-placed
+        (``core.scheduling.Scheduler.runner_unreachable``). Anything else (an answer, a
+        timeout) leaves them to membership's verdict."""
+        try:
+            member = self.agent.m.members.get(name)
+            if member is None or self.sched is None:
+                return
+            self._count("runner_checks")
+            timeout = self.cfg.runner_check_timeout_s
+            conn = RpcConnection(member.addr, self.agent.peers.creds, timeout,
+                                 connect_timeout=timeout)
+            try:
+                await conn.request(SCHED_LOAD, self._load_report())
+                return  # it answers: alive (its broken connection was something else)
+            except RemoteError:
+                return  # it answered, with an error: alive
+            except RpcError as e:
+                if not e.refused:
+                    self._count("runner_checks_inconclusive")
+                    return
+            finally:
+                await conn.close()
+            if self.sched is None:
+                return
+            moved = self.sched.runner_unreachable(name, time.monotonic())
+            self._count("runners_lost_early")
+            self.agent.log("info", "runner_unreachable", peer=name, replaced=moved)
+            self._pump()
+        finally:
+            self._checking.discard(name)
 
     def _pump(self) -> None:
         sched = self.sched
@@ -652,6 +716,8 @@ class ComputePlane:
         except (RpcError, ValueError) as e:
             self._count("sched_send_failed")
             self.agent.log("debug", "sched_send_failed", peer=dst, error=str(e))
+            if isinstance(e, RpcError) and not isinstance(e, RemoteError):
+                self._suspect(dst)
 
     def _rpc_sched_msg(self, req: SchedMsgRequest) -> SchedAck:
         if self.sched is None:
@@ -697,7 +763,11 @@ class ComputePlane:
                         self._call(name, SCHED_LOAD, self._load_report(), lane=SCHED_LANE),
                         self.cfg.load_interval_s * 2)
                     self._loads[name] = (reply.load, reply.cap)
-                except (RpcError, ValueError, TimeoutError):
+                except RemoteError:
+                    pass
+                except (RpcError, TimeoutError):
+                    self._suspect(name)
+                except ValueError:
                     pass
 
             await asyncio.gather(*(one(n) for n in peers))

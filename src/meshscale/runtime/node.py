@@ -225,6 +225,14 @@ class _AcceptProtocol(asyncio.Protocol):
         self.early_data = True
 
 
+def membership_config(suspicion_mult: float = MembershipConfig.suspicion_mult
+                      ) -> MembershipConfig:
+    """A node's membership settings: the payload budget leaves room for the seal and the
+    freshness header; ``suspicion_mult`` is the node's setting of that name."""
+    return MembershipConfig(max_payload_bytes=1400 - SEAL_OVERHEAD - FRESHNESS_BYTES,
+                            suspicion_mult=suspicion_mult)
+
+
 class NodeAgent:
     """One node: a ``Membership`` driven over UDP and mutually-authenticated TLS."""
 
@@ -256,9 +264,7 @@ class NodeAgent:
         self.addr = advertise or bind
         self.meta = meta or NodeMeta()
         self.seeds = list(seeds or [])
-        # The payload budget leaves room for the seal and the freshness header.
-        self.config = config or MembershipConfig(
-            max_payload_bytes=1400 - SEAL_OVERHEAD - FRESHNESS_BYTES)
+        self.config = config or membership_config()
         self.cfg = agent_config or AgentConfig()
         self.latency = dict(emulated_latency or {})
         self.log = log or JsonLog(self.name)
@@ -266,6 +272,10 @@ class NodeAgent:
         self.stats = AgentStats()
         self.event_listeners: list[Callable[[Event], None]] = []
         """Called with every membership event (the data plane follows the view)."""
+        self.peer_closed_listeners: list[Callable[[str], None]] = []
+        """Called with a node's name when a connection it made to this one ends from its
+        side (closed, reset or cut short): a crashed node's sockets all close at once,
+        long before membership's verdict (the compute plane checks its runners then)."""
         self.dataplane: DataPlane | None = None
         self.with_dataplane = dataplane
         self.audit: AuditService | None = None
@@ -823,6 +833,9 @@ class NodeAgent:
     ) -> None:
         conn: FrameConnection | None = None
         pending = True  # counted among the unauthenticated until its certificate is read
+        node: str | None = None
+        """The node at the other end, once it has shown its certificate."""
+        ended_by_peer = False
         try:
             assert self._loop is not None
             # Frames are received straight into buffers of their own (a large body is
@@ -866,10 +879,16 @@ class NodeAgent:
                 await conn.write_frame(encode_stream_message(refusal),
                                        max_size=self.cfg.max_frame_bytes)
                 return
-            await self._serve_connection(conn, peer, who)
+            if who.role is Role.NODE:
+                node = who.name
+            ended_by_peer = await self._serve_connection(conn, peer, who)
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             self.stats.runtime["connection_errors"] += 1
+            ended_by_peer = True
         finally:
+            if node is not None and ended_by_peer:
+                for listener in self.peer_closed_listeners:
+                    listener(node)
             if pending:
                 self._authenticated(ip)
             self._conns -= 1
@@ -881,7 +900,8 @@ class NodeAgent:
             else:
                 raw.abort()
 
-    async def _serve_connection(self, conn: FrameConnection, peer: Any, who: Peer) -> None:
+    async def _serve_connection(self, conn: FrameConnection, peer: Any, who: Peer) -> bool:
+        """Serve ``conn``'s requests until it ends; True: its other end ended it."""
         src = f"{peer[0]}:{peer[1]}" if peer else "?"
         while True:
             try:
@@ -890,29 +910,29 @@ class NodeAgent:
             except asyncio.IncompleteReadError as e:
                 if e.partial:
                     self._reject("truncated")
-                return
+                return True
             except FrameTooLarge:
                 self._reject("oversized")
-                return
+                return False
             except TimeoutError:
-                return
+                return False
             try:
                 msg = decode_stream_message(data, self.cfg.max_frame_bytes)
             except WireError as e:
                 self._reject(e.reason, src, e.detail)
-                return
+                return False
             kind = self._message_kind(msg)
             self.stats.count_in(kind, len(data))
             del data  # the request holds what it needs; the frame's buffer can go
             reply = await self._handle_message(msg, src, who)
             if reply is None:
-                return
+                return False
             out = encode_stream_message(reply)
             await conn.write_frame(out, max_size=self.cfg.max_frame_bytes)
             self.stats.count_out(kind, len(out))
             if isinstance(reply, RpcResponse) and reply.error.startswith(
                     (UNAUTHORIZED, FORBIDDEN)):
-                return  # an unauthorised caller gets one answer, then the door
+                return False  # an unauthorised caller gets one answer, then the door
 
     def _message_kind(self, msg: StreamMessage) -> str:
         if isinstance(msg, RpcRequest):

@@ -69,6 +69,9 @@ class NodeServices(Protocol):
     bundle: Bundle
     membership: Membership | None
     event_listeners: list[Callable[[Event], None]]
+    peer_closed_listeners: list[Callable[[str], None]]
+    """Called with a node's name when a connection it made to this node ends from its
+    side (``NodeAgent._serve``)."""
     isolation: Isolation | None
     """Worker user, work dir and cgroups (``runtime/isolation.py``), set up at start."""
 

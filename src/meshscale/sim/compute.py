@@ -23,7 +23,10 @@ outcome observed by its client, whatever happened to its owner.
 delays* rather than running SWIM: every ``gossip_s`` it snapshots each node's load and
 hands the snapshot to every node ``gossip_delay_s`` later (so every view is stale), and a
 crashed node is reported with ``node_down`` to everyone ``detect_s`` after the crash (a
-paused or partitioned node is not). Vivaldi coordinates are synthetic (one axis per
+paused or partitioned node is not). Sooner, ``runner_check_s`` after the crash, the
+owners with tasks bound on it act on its closed connections as the runtime's do
+(``Scheduler.runner_unreachable``: a check of a crashed process is refused; a paused or
+cut-off node's silence is no evidence). Vivaldi coordinates are synthetic (one axis per
 region, the access latency as height). Membership itself is tested elsewhere; this
 harness tests the scheduling decisions on top of a view with the same failure modes
 (stale loads, late detection).
@@ -131,7 +134,21 @@ class ComputeNode:
         return None
 
     def stream_failed(self, dst: str, now: float) -> None:
-        self.streams_failed += 1  # a lost message: the scheduler's timeouts cover it
+        # A lost message: the scheduler's timeouts cover it. To a node this owner runs
+        # tasks on, the runtime then checks the node (runtime/compute.py
+        # ``_check_runner``): a crashed process's port refuses the check, which is the
+        # evidence of a lost runner; a paused or cut-off node's silence is not (the
+        # check times out and membership decides). The engine models one exchange, not
+        # the connection, so the check's answer is whether ``dst`` is down.
+        self.streams_failed += 1
+        self.runner_gone(dst, now)
+
+    def runner_gone(self, dst: str, now: float) -> None:
+        """A connection to or from ``dst`` broke: if this owner runs tasks there and a
+        check would be refused (``dst`` is down), they are re-placed now."""
+        if self.sched.runs_on(dst) and not self.mesh.sim.is_up(dst):
+            self.sched.runner_unreachable(dst, now)
+            self._settle(now)
 
     def next_deadline(self) -> float | None:
         d = self.sched.next_deadline()
@@ -261,6 +278,7 @@ class ComputeMesh:
         gossip_s: float = 1.0,
         gossip_delay_s: float = 0.3,
         detect_s: float = 2.0,
+        runner_check_s: float = 0.05,
         poll_s: float = 1.0,
         kv_delay_s: float = 0.05,
         record_trace: bool = False,
@@ -354,6 +372,10 @@ class ComputeMesh:
         self.gossip_s = gossip_s
         self.gossip_delay_s = gossip_delay_s
         self.detect_s = detect_s
+        self.runner_check_s = runner_check_s
+        """From a crash to the owners with tasks bound on the crashed node acting on its
+        closed connections: the FIN reaches them and their check is refused (the
+        runtime's ``_check_runner``), about two one-way delays; 0: not modelled."""
         self.gossip_on = True
         self._last_load: dict[str, Load] = {}
         self.sim.observers.append(self._observe)
@@ -422,7 +444,18 @@ class ComputeMesh:
         self.sim.crash(name)
         if for_good:
             self.down_for_good.add(name)
+        if self.runner_check_s > 0:
+            self.sim.at(self.sim.now + self.runner_check_s, partial(self._closed, name))
         self.sim.at(self.sim.now + self.detect_s, partial(self._detect, name))
+
+    def _closed(self, name: str) -> None:
+        """The crash of ``name`` closed its connections: every owner it ran tasks for
+        (it asked them for those tasks, so it had a connection to each) checks it and is
+        refused, while it is still down (``ComputeNode.runner_gone``)."""
+        if self.sim.is_up(name):
+            return
+        for n in self.up():
+            self.sim.call(n, partial(_runner_closed, name))
 
     def _detect(self, name: str) -> None:
         if self.sim.is_up(name) or name in self.detected_down:
@@ -658,6 +691,11 @@ def _set_view(view: list[NodeState], p: DrivenProtocol, now: float) -> None:
     assert isinstance(p, ComputeNode)
     p.sched.set_view(view, now)
     p._settle(now)
+
+
+def _runner_closed(name: str, p: DrivenProtocol, now: float) -> None:
+    assert isinstance(p, ComputeNode)
+    p.runner_gone(name, now)
 
 
 def _node_down(name: str, p: DrivenProtocol, now: float) -> None:

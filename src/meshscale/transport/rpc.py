@@ -47,11 +47,15 @@ class WireCounter(Protocol):
 class RpcError(Exception):
     """An RPC failed: unreachable node, refused credentials, or an error reply.
     ``unreachable``: nothing answered at the address (refused, timed out, no route), as
-    opposed to a node that answered and refused (TLS, token, an error reply)."""
+    opposed to a node that answered and refused (TLS, token, an error reply).
+    ``refused``: the address itself said no one is there: the connection was refused or
+    reset (a crashed process's port), as opposed to a silence that may be a slow node."""
 
-    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+    def __init__(self, message: str, *, unreachable: bool = False,
+                 refused: bool = False) -> None:
         super().__init__(message)
-        self.unreachable = unreachable
+        self.unreachable = unreachable or refused
+        self.refused = refused
 
 
 class RemoteError(RpcError):
@@ -150,7 +154,9 @@ class RpcConnection:
                 detail = "connection closed by the node (wrong bundle or token?)"
             # TLS refusals are OSErrors too, but something answered.
             unreachable = isinstance(e, OSError) and not isinstance(e, ssl.SSLError)
-            raise RpcError(f"{self.addr}: {detail}", unreachable=unreachable) from None
+            refused = isinstance(e, ConnectionRefusedError | ConnectionResetError)
+            raise RpcError(f"{self.addr}: {detail}", unreachable=unreachable,
+                           refused=refused) from None
 
     async def pipeline(self) -> RpcPipeline:
         """Hold this connection for a series of calls sent ahead of their replies (a
