@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,13 +60,6 @@ class DataPlaneConfig:
     """Chunks queued per replica for a cut-through put (see ``_start_forwards``)."""
     forward_ahead: int = 2
     """Chunks of a cut-through copy sent to a member ahead of its replies."""
-    write_ahead: int = 4
-    """Local writes of one upload's chunks outstanding at once, the one being written and
-    those queued behind it (1: each chunk waits for the write of the one before): a disk
-    write that stalls for a moment (dirty-page throttling, a
-    busy device) no longer holds the next chunk's answer, and so the whole stream (the
-    client's, or the coordinator's cut-through copy). Bounds an upload's queued bytes at
-    ``write_ahead * chunk_bytes``."""
     forward_stall_s: float = 5.0
     """A replica whose cut-through queue stays full this long is dropped from it (its copy
     is then pushed from the coordinator's own once that is committed)."""
@@ -146,12 +139,10 @@ class _Upload:
     client: bool
     received: int = 0
     last: float = field(default_factory=time.monotonic)
-    writes: deque[asyncio.Future[None]] = field(default_factory=deque)
-    """Local writes of the chunks taken, oldest first, still running or waiting for the
-    one before (write-behind: a chunk is answered once queued, so the next ones cross the
-    network while it is written, up to ``DataPlaneConfig.write_ahead`` of them; each runs
-    after the one before, whose error it carries on; an error is raised on a later chunk
-    or at the end)."""
+    pending: asyncio.Future[None] | None = None
+    """The local write of the previous chunk, still running (write-behind: a chunk is
+    answered once queued, so the next one crosses the network while this one is written;
+    its error is raised on the next chunk or at the end)."""
     req: int | None = None
     """The write's id, allocated early when copies start before the local commit."""
     forwards: dict[str, _Forward] = field(default_factory=dict)

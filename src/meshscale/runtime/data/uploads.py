@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -204,46 +203,31 @@ class Uploads(DataPlaneBase):
             self._stop_forward(fwd)
             if up.req is not None:
                 self._early.pop((up.req, fwd.dst), None)
-        writes, up.writes = up.writes, deque()
-
-        def abort(_: object = None) -> None:
-            for fut in writes:
-                if fut.done() and not fut.cancelled():
+        pending, up.pending = up.pending, None
+        if pending is not None and not pending.done():
+            def abort(fut: asyncio.Future[None]) -> None:
+                if not fut.cancelled():
                     fut.exception()  # retrieved: the upload is gone anyway
+                up.writer.abort()
+
+            pending.add_done_callback(abort)
+        else:
+            if pending is not None and not pending.cancelled():
+                pending.exception()
             up.writer.abort()
 
-        # Each write runs after the one before: once the last is done, all are.
-        if writes and not writes[-1].done():
-            writes[-1].add_done_callback(abort)
-        else:
-            abort()
-
-    def _queue_write(self, up: _Upload, data: bytes) -> None:
-        """Write ``data`` to the upload's local copy after the chunks queued before it."""
-        before = up.writes[-1] if up.writes else None
-        up.writes.append(asyncio.ensure_future(self._write_after(before, up, data)))
-
-    @staticmethod
-    async def _write_after(before: asyncio.Future[None] | None, up: _Upload,
-                           data: bytes) -> None:
-        if before is not None:
-            await asyncio.shield(before)  # its error is this write's too
-        if up.writer.closed:
-            return  # aborted meanwhile: nothing more to write
-        await asyncio.to_thread(up.writer.write, data)
-
-    async def _settle(self, key: str, up: _Upload, keep: int = 0) -> None:
-        """Wait until at most ``keep`` local writes of the upload are outstanding (0: all
-        of them done); a failed write ends the upload."""
-        while up.writes and (len(up.writes) > keep or up.writes[0].done()):
-            first = up.writes[0]
-            try:
-                await asyncio.shield(first)
-            except StorageError as e:
-                self._drop_upload(key, up)  # the writer already removed its temp file
-                raise _storage_error(e) from None
-            if up.writes and up.writes[0] is first:
-                up.writes.popleft()
+    async def _settle(self, key: str, up: _Upload) -> None:
+        """Wait for the local write of the previous chunk; its failure ends the upload."""
+        pending = up.pending
+        if pending is None:
+            return
+        try:
+            await asyncio.shield(pending)
+        except StorageError as e:
+            self._drop_upload(key, up)  # the writer already removed its temp file
+            raise _storage_error(e) from None
+        if up.pending is pending:
+            up.pending = None
 
     def _stamp_after_tombstone(self, up: _Upload, oid: str) -> None:
         """Putting bytes again after they were deleted: stamp the write after the
@@ -445,10 +429,10 @@ class Uploads(DataPlaneBase):
             self._drop_upload(key, up)
             raise ValueError(f"more bytes than the declared size {up.size}; upload aborted")
         up.last = time.monotonic()
-        await self._settle(key, up, keep=max(1, self.cfg.write_ahead) - 1)
+        await self._settle(key, up)
         if key not in self._uploads:
             raise ValueError(f"unknown or expired upload {key!r}")
-        self._queue_write(up, data)
+        up.pending = asyncio.ensure_future(asyncio.to_thread(up.writer.write, data))
         up.received += len(data)
         if up.forwards:
             await self._feed_forwards(up, data)
