@@ -349,6 +349,7 @@ class ObjectWriter:
         """Bytes written since writeback was last started (see ``writeback_bytes``)."""
         self._done = False
         self._hash_deferred = False
+        self._early_writeback = True
 
     @property
     def closed(self) -> bool:
@@ -358,10 +359,13 @@ class ObjectWriter:
         """Hash the bytes at ``commit`` (reading the file back) instead of as they are
         written: for a copy that will most likely be aborted, never committed (a put's
         coordinator outside the object's replica set keeps one only in case a member's
-        copy fails). Call before the first ``write``."""
+        copy fails). Its bytes are not sent to the disk ahead of ``commit`` either (no
+        ``writeback_bytes`` hint): aborted, they mostly never reach it; committed, its
+        fsync writes them. Call before the first ``write``."""
         if self.written:
             raise ValueError("defer_hash after bytes were written")
         self._hash_deferred = True
+        self._early_writeback = False
 
     def _rehash(self) -> None:
         if not self._hash_deferred:
@@ -406,7 +410,8 @@ class ObjectWriter:
         self.written += n
         self._unsynced += n
         every = self._store.config.writeback_bytes
-        if every and self._unsynced >= every and _start_writeback is not None:
+        if (every and self._unsynced >= every and self._early_writeback
+                and _start_writeback is not None):
             _start_writeback(self._fd, self.written - self._unsynced, self._unsynced)
             self._unsynced = 0
 
