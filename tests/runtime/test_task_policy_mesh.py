@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from runtime_mesh import host_like_dir, wait_for
 
+from meshscale.cli import main as cli_main
 from meshscale.client.mesh import MeshError
 from meshscale.client.tasks import TaskError, TaskMesh, connect, task
 from meshscale.core.api import Empty
@@ -119,7 +120,9 @@ def prints(n: int) -> int:
     return n + 1
 
 
-def test_a_classed_tasks_error_and_output_stay_in_its_class(mesh: LocalMesh) -> None:
+def test_a_classed_tasks_error_and_output_stay_in_its_class(
+    mesh: LocalMesh, capsys: pytest.CaptureFixture[str],
+) -> None:
     """What a classed task raises and prints is kept by its runner as one object of its
     class (``core.policy.detail_rule``): its owner, outside the class's regions, keeps
     and answers only the exception's type name and where the object is; the object is
@@ -145,6 +148,11 @@ def test_a_classed_tasks_error_and_output_stay_in_its_class(mesh: LocalMesh) -> 
         logs = fut.logs()
         assert OUT_MARK not in logs and ERR_MARK not in logs, logs
         assert ref.id in logs and "class td" in logs, logs
+        capsys.readouterr()
+        where = ["--node", mesh.nodes[OWNER].address, "--bundle", str(mesh.bundle_path)]
+        assert cli_main(["logs", fut.task_id, *where]) == 0
+        shown = capsys.readouterr().out
+        assert OUT_MARK not in shown and ref.id in shown and "class td" in shown, shown
         rows = [r for r in client.tasks(100) if r["task_id"] == fut.task_id]
         assert rows and ERR_MARK not in str(rows), rows
         # What the owner stored in the KV: the record and the task's log key.
