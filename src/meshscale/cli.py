@@ -2137,7 +2137,7 @@ def logs_cmd(
         reply = _task_logs(target, creds, task_id, timeout)
         ended = reply.state in ("done", "failed", "cancelled")
         if not follow:
-            text = format_logs(reply.stdout, reply.stderr)
+            text = format_logs(reply.stdout, reply.stderr, reply.detail_ref)
             if not ended and not text:
                 sys.stderr.write(f"{PROG}: task {task_id} is {reply.state}: nothing printed "
                                  "yet (--follow waits for more)\n")
@@ -2151,6 +2151,8 @@ def logs_cmd(
                 stream.flush()
                 shown[i] = text
         if ended:
+            if reply.detail_ref is not None:
+                sys.stderr.write(format_logs("", "", reply.detail_ref))
             return
         time.sleep(FOLLOW_POLL_S)
 

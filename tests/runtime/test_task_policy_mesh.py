@@ -6,6 +6,8 @@ the rule when the new rule leaves it no region (issue #15)."""
 from __future__ import annotations
 
 import os
+import pickle
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +16,12 @@ from typing import Any
 import pytest
 from runtime_mesh import host_like_dir, wait_for
 
+from meshscale.cli import main as cli_main
+from meshscale.client.mesh import MeshError
 from meshscale.client.tasks import TaskError, TaskMesh, connect, task
 from meshscale.core.api import Empty
 from meshscale.core.api.tasks import TASK_STATS
+from meshscale.core.tasks import decode_detail
 from meshscale.runtime.launcher import LocalMesh
 
 pytestmark = pytest.mark.timeout(300)
@@ -97,3 +102,90 @@ def test_a_running_task_is_stopped_where_its_class_no_longer_allows(
         assert region_of[fut.node] == other
         victim = next(n for n in mesh.nodes if n.name == runner)
         assert victim.proc is not None and victim.proc.poll() is None  # not a lost runner
+
+
+OUT_MARK = "printed-marker-7f3a"
+ERR_MARK = "raised-marker-91c2"
+
+
+def leaks(n: int) -> int:
+    """Run as a task: print class data on both streams, then raise it."""
+    print(f"{OUT_MARK} row {n}")
+    print(f"{OUT_MARK} on stderr", file=sys.stderr)
+    raise ValueError(f"{ERR_MARK} for customer {n}")
+
+
+def prints(n: int) -> int:
+    print(f"{OUT_MARK} row {n}")
+    return n + 1
+
+
+def test_a_classed_tasks_error_and_output_stay_in_its_class(
+    mesh: LocalMesh, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What a classed task raises and prints is kept by its runner as one object of its
+    class (``core.policy.detail_rule``): its owner, outside the class's regions, keeps
+    and answers only the exception's type name and where the object is; the object is
+    read from within the class's regions, and the class's read rule refuses it
+    elsewhere, naming the rule."""
+    eu = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
+    assert mesh.nodes[OWNER].region == "us-east"
+    with connect(mesh.nodes[OWNER].address, bundle=mesh.bundle_path) as client, \
+            connect(mesh.nodes[eu].address, bundle=mesh.bundle_path) as inside:
+        client.policies.set("td", ["eu-west", "eu-central"], replicas=1,
+                            cross_region_reads=False)
+        fut = client.submit(task(data_class="td", retries=0)(leaks), 7)
+        with pytest.raises(TaskError) as e:
+            fut.result(timeout=120)
+        err = e.value
+        seen = f"{err} {err.message} {err.traceback}"
+        assert ERR_MARK not in seen and OUT_MARK not in seen, seen
+        assert err.kind == "raised" and err.message.startswith("ValueError: "), err.message
+        ref = err.detail_ref
+        assert ref is not None and ref.data_class == "td", ref
+        assert ref.id in str(err) and "class td" in str(err), str(err)
+        # The owner's logs and rows, as a client of the owner sees them.
+        logs = fut.logs()
+        assert OUT_MARK not in logs and ERR_MARK not in logs, logs
+        assert ref.id in logs and "class td" in logs, logs
+        capsys.readouterr()
+        where = ["--node", mesh.nodes[OWNER].address, "--bundle", str(mesh.bundle_path)]
+        assert cli_main(["logs", fut.task_id, *where]) == 0
+        shown = capsys.readouterr().out
+        assert OUT_MARK not in shown and ref.id in shown and "class td" in shown, shown
+        rows = [r for r in client.tasks(100) if r["task_id"] == fut.task_id]
+        assert rows and ERR_MARK not in str(rows), rows
+        # What the owner stored in the KV: the record and the task's log key.
+        def stored() -> bytes | None:
+            return client.kv.get("task/" + fut.task_id, binary=True)
+        record = wait_for(stored, 30, "the task's record in the KV")
+        assert ERR_MARK.encode() not in record and OUT_MARK.encode() not in record
+        assert ref.id.encode() in record
+        log = client.kv.get("tasklog/" + fut.task_id, binary=True)
+        assert log is None or (OUT_MARK.encode() not in log and ERR_MARK.encode() not in log)
+        # The owner's region may not read the class: refused, naming the rule.
+        with pytest.raises(MeshError, match="cross-region read rule"):
+            fut.detail()
+        # From within the class's regions the object holds all of it.
+        detail = inside.future(fut.task_id).detail()
+        assert detail is not None and detail.kind == "raised"
+        assert ERR_MARK in detail.error and ERR_MARK in detail.traceback
+        assert OUT_MARK in detail.stdout and OUT_MARK in detail.stderr
+        assert detail.exc is not None and ERR_MARK in str(pickle.loads(detail.exc))
+        assert decode_detail(inside.get(ref.id)) == detail
+
+        # A classed task that succeeds: its output is an object of the class too.
+        # (Its result is one as well: read from within the regions too.)
+        ok = client.submit(task(data_class="td")(prints), 1)
+        assert inside.future(ok.task_id).result(timeout=120) == 2
+        logs = ok.logs()
+        assert OUT_MARK not in logs and "class td" in logs, logs
+        kept = inside.future(ok.task_id).detail()
+        assert kept is not None and OUT_MARK in kept.stdout and not kept.error
+
+        # An unclassed task: all of it travels inline, as before.
+        plain = client.submit(task(retries=0)(leaks), 3)
+        with pytest.raises(ValueError, match=ERR_MARK) as pe:
+            plain.result(timeout=120)
+        assert isinstance(pe.value, TaskError) and pe.value.detail_ref is None
+        assert OUT_MARK in plain.logs() and plain.detail() is None

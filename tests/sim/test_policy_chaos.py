@@ -30,6 +30,7 @@ def _check(r: PolicyChaosReport) -> None:
     assert r.migrated > 0, "no copy's rule was ever rewritten: no narrowing reached a copy"
     assert r.audit_entries > 0 and r.scans > 100
     assert r.tasks_placed > 0 and r.results > 0, "no classed task ran: nothing was tested"
+    assert r.details > 0, "no classed task's detail was stored: nothing was tested"
     assert r.shards > 0 and r.backups > 0, "no classed shard or backup was placed"
     assert r.stream_refused > 0, "no shard or backup was ever refused: nothing was tested"
 

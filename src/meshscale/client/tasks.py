@@ -107,6 +107,7 @@ from meshscale.core.api.tasks import (
     TASK_SUBMIT,
     TASK_WAIT,
     CancelRequest,
+    DetailRef,
     ListRequest,
     LogsRequest,
     ResultRequest,
@@ -118,7 +119,7 @@ from meshscale.core.api.tasks import (
     parse_placement,
 )
 from meshscale.core.objects import digest_hex
-from meshscale.core.tasks import TaskState
+from meshscale.core.tasks import TaskDetail, TaskState, decode_detail
 
 __all__ = [
     "ALL_COMPLETED",
@@ -180,6 +181,10 @@ class TaskError(MeshError):
         self.message = message
         self.traceback = traceback
         self.node = node
+        self.detail_ref: DetailRef | None = None
+        """A classed task: its message, traceback and output are not here but kept as
+        this object of its class (``Future.detail()`` reads it, from within the
+        class's regions)."""
 
 
 class TaskCancelledError(TaskError, concurrent.futures.CancelledError):
@@ -283,8 +288,12 @@ def _error_of(o: TaskView) -> TaskError:
     if o.traceback:
         o = msgspec.structs.replace(o, traceback=_with_source(o.traceback))
     if o.state == TaskState.CANCELLED:
-        return TaskCancelledError(o.task_id, o.kind, o.error, o.traceback, o.node)
-    return _remote_exception(o) or TaskError(o.task_id, o.kind, o.error, o.traceback, o.node)
+        err: TaskError = TaskCancelledError(o.task_id, o.kind, o.error, o.traceback, o.node)
+    else:
+        err = _remote_exception(o) or TaskError(o.task_id, o.kind, o.error, o.traceback,
+                                                o.node)
+    err.detail_ref = o.detail_ref
+    return err
 
 
 # -- pickling ---------------------------------------------------------------------------
@@ -721,7 +730,22 @@ class Future:
 
     async def logs_async(self) -> str:
         reply = await self._mesh._trequest(TASK_LOGS, LogsRequest(task_id=self.task_id))
-        return format_logs(reply.stdout, reply.stderr)
+        return format_logs(reply.stdout, reply.stderr, reply.detail_ref)
+
+    def detail(self) -> TaskDetail | None:
+        """A classed task's error message, traceback, pickled exception and output, which
+        the node that ran it kept as one object of the task's class instead of sending
+        them to the task's owner (``TaskError.detail_ref``, ``logs()`` names it); None
+        for an unclassed or unended task (``result()`` and ``logs()`` have them). Read
+        through the connected node, so the class's read rules apply: from outside its
+        regions a read the class refuses raises, naming the rule."""
+        return self._run(self.detail_async())  # type: ignore[no-any-return]
+
+    async def detail_async(self) -> TaskDetail | None:
+        reply = await self._mesh._trequest(TASK_LOGS, LogsRequest(task_id=self.task_id))
+        if reply.detail_ref is None:
+            return None
+        return decode_detail(await self._mesh.get(reply.detail_ref.id))
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's return value; raises the task's own exception if it raised (a
@@ -1519,12 +1543,19 @@ def gather(*futures: Any, timeout: float | None = None) -> list[Any]:
     return [f.result() for f in futs]
 
 
-def format_logs(stdout: str, stderr: str) -> str:
-    """A task's output as one text: stdout, then stderr under a ``--- stderr ---`` line."""
-    if not stderr:
-        return stdout
-    sep = "" if not stdout or stdout.endswith("\n") else "\n"
-    return f"{stdout}{sep}--- stderr ---\n{stderr}"
+def format_logs(stdout: str, stderr: str, detail_ref: DetailRef | None = None) -> str:
+    """A task's output as one text: stdout, then stderr under a ``--- stderr ---`` line;
+    for a classed task whose output is kept as an object of its class, where it is."""
+    text = stdout
+    if stderr:
+        sep = "" if not stdout or stdout.endswith("\n") else "\n"
+        text = f"{stdout}{sep}--- stderr ---\n{stderr}"
+    if detail_ref is not None:
+        sep = "" if not text or text.endswith("\n") else "\n"
+        text += (f"{sep}--- output, error and traceback kept as object {detail_ref.id} of "
+                 f"class {detail_ref.data_class} (readable from within the class's "
+                 "regions: Future.detail(), meshscale get) ---\n")
+    return text
 
 
 def _run_callback(fn: Callable[[Future], Any], fut: Future) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "class_of_key",
     "copy_refusal",
     "decode_policy",
+    "detail_rule",
     "encode_policy",
     "is_reserved_key",
     "kv_key_class",
@@ -380,6 +381,32 @@ def result_rule(declared: Residency | None, inputs: Iterable[Residency | None],
             f"the task's result (class {chosen}, the strictest of its inputs' classes "
             f"{', '.join(names[:8])}) has no region that all of its inputs' rules allow"))
     return Residency(regions, chosen)
+
+
+def detail_rule(result: Residency | None, run: Residency | None,
+                inputs: Iterable[Residency | None]) -> Residency | None:
+    """The rule a task's *detail* (its error message, traceback, pickled exception and
+    printed output, which may carry the task's data) is stored under at the node that ran
+    it; None: the task carries no class and its detail travels inline to its owner, as
+    the result of an unclassed task does.
+
+    ``result`` is the rule its result is stored under (``result_rule``, maybe narrowed
+    since by ``result_within``), ``run`` the rule it runs under, ``inputs`` the rules of
+    what it reads. A classed task's detail is one object under its result's rule when
+    that has a class (the class its data takes), else under its own rule when that
+    names a class, else under the rule ``result_rule`` gives its inputs (their
+    strictest class; ``PolicyError("result_class")`` when that is ambiguous: the caller
+    keeps the detail at the runner and sends none of it). Only a reference to the object
+    reaches the owner, which may be outside the class's regions.
+    """
+    if result is not None and result.data_class is not None:
+        return result
+    if run is not None and run.data_class is not None:
+        return run
+    ins = list(inputs)
+    if not any(r is not None and r.data_class is not None for r in ins):
+        return None
+    return result_rule(run, ins, {})
 
 
 def placement_residency(submitted: Residency | None, classes: Iterable[str],

@@ -68,6 +68,7 @@ as in Ray and Dask; the simulator counts these double adoptions (``double_owners
 from __future__ import annotations
 
 import enum
+import re
 import sys
 from collections import OrderedDict
 from collections.abc import Collection
@@ -88,11 +89,16 @@ __all__ = [
     "Lookup",
     "LookupAction",
     "TaskBook",
+    "TaskDetail",
     "TaskRecord",
     "TaskState",
     "UpstreamFailure",
     "Verdict",
     "adopter",
+    "decode_detail",
+    "detail_note",
+    "detail_withheld",
+    "encode_detail",
     "lookup",
     "move",
     "upstream_failure",
@@ -173,6 +179,69 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     """The data class of the task's result (``core.policy.result_rule``: the declared
     class, else its inputs' strictest), set when the owner schedules it. A classed result
     is always stored as an object of the class; only its reference reaches the owner."""
+    detail_ref: dict[str, Any] | None = None
+    """A classed task's error, traceback, exception and output, stored by its runner as
+    one object of its class (``core.policy.detail_rule``, ``TaskDetail``): ``id``,
+    ``size`` and ``data_class``. Set, the record's ``error`` is ``detail_note``'s and it
+    keeps no traceback, exception or output of its own."""
+
+
+class TaskDetail(msgspec.Struct, omit_defaults=True):
+    """What a classed task raised and printed, stored as one object of its class by the
+    node that ran it (``core.policy.detail_rule``), msgpack-encoded (``encode_detail``):
+    its owner, maybe outside the class's regions, gets only its reference
+    (``TaskRecord.detail_ref``) and ``detail_note``."""
+
+    task_id: str
+    kind: str = ""
+    error: str = ""
+    traceback: str = ""
+    exc: bytes | None = None
+    stdout: str = ""
+    stderr: str = ""
+
+
+_detail_encoder = msgspec.msgpack.Encoder()
+_detail_decoder = msgspec.msgpack.Decoder(TaskDetail)
+
+
+def encode_detail(d: TaskDetail) -> bytes:
+    return _detail_encoder.encode(d)
+
+
+def decode_detail(data: bytes) -> TaskDetail:
+    """A stored ``TaskDetail``; ``ValueError`` for bytes that are not one."""
+    try:
+        return _detail_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValueError(f"not a task detail object: {e}") from None
+
+
+_TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,199}")
+
+
+def detail_note(kind: str, error: str, object_id: str, data_class: str) -> str:
+    """The error text that travels inline for a classed task whose detail is stored as
+    object ``object_id`` of ``data_class``: no task data, only the exception's type name
+    (from ``error``, ``Type: message`` as a worker writes a raised one) or the failure
+    ``kind``, and where the rest is kept."""
+    what = "the task's output is"
+    if kind:
+        head = error.partition(":")[0].strip()
+        name = head if kind == "raised" and _TYPE_NAME.fullmatch(head) else kind
+        what = f"{name}: the message, traceback and output are"
+    return (f"{what} kept as object {object_id} of class {data_class} (readable from "
+            "within the class's regions)")
+
+
+def detail_withheld(kind: str, error: str, data_class: str, why: str) -> str:
+    """The error text that travels inline for a classed task whose detail could not be
+    kept as an object of its class (``why``): like ``detail_note``, no task data; the
+    detail is dropped rather than sent out of the class's regions."""
+    head = error.partition(":")[0].strip()
+    name = head if kind == "raised" and _TYPE_NAME.fullmatch(head) else (kind or "output")
+    return (f"{name}: the message, traceback and output of this task of class "
+            f"{data_class} are withheld ({why})")
 
 
 ENDED_BYTES = 551
@@ -204,6 +273,7 @@ class Ended(msgspec.Struct, array_like=True, gc=False):
     adoptions: int
     previous_owner: str
     energy_j: float = 0.0
+    detail_ref: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, r: TaskRecord) -> Ended:
@@ -214,7 +284,7 @@ class Ended(msgspec.Struct, array_like=True, gc=False):
         return cls(r.task_id, intern(r.owner), intern(r.fn_id), r.state, intern(r.node),
                    intern(r.name), r.reason, r.error, intern(r.kind), r.traceback, r.value,
                    r.ref, r.exc, r.submitted, r.finished, r.attempts, r.adoptions,
-                   intern(r.previous_owner), r.energy_j)
+                   intern(r.previous_owner), r.energy_j, r.detail_ref)
 
     def record(self) -> TaskRecord:
         """A ``TaskRecord`` with what is kept (the rest at its defaults)."""
@@ -224,7 +294,8 @@ class Ended(msgspec.Struct, array_like=True, gc=False):
             kind=self.kind, traceback=self.traceback, value=self.value, ref=self.ref,
             exc=self.exc, submitted=self.submitted, finished=self.finished,
             attempts=self.attempts, adoptions=self.adoptions,
-            previous_owner=self.previous_owner, energy_j=self.energy_j)
+            previous_owner=self.previous_owner, energy_j=self.energy_j,
+            detail_ref=self.detail_ref)
 
 
 def move(rec: TaskRecord, name: str) -> None:
@@ -368,14 +439,15 @@ class TaskBook:
     def finish(self, e: Entry, state: TaskState, now: float, *, value: bytes | None = None,
                ref: dict[str, Any] | None = None, error: str = "", kind: str = "",
                traceback: str = "", node: str | None = None,
-               exc: bytes | None = None) -> TaskRecord:
+               exc: bytes | None = None,
+               detail_ref: dict[str, Any] | None = None) -> TaskRecord:
         """End the task (``now`` is wall-clock seconds, stored as ``finished``). Returns
         the full record (for the store); the book keeps its ``Ended``."""
         r = e.rec
         move(r, {TaskState.DONE: "done", TaskState.FAILED: "fail",
                  TaskState.CANCELLED: "cancel"}[state])
         r.value, r.ref, r.error, r.kind, r.traceback = value, ref, error, kind, traceback
-        r.exc = exc
+        r.exc, r.detail_ref = exc, detail_ref
         if node:
             r.node = node
         r.finished = now

@@ -90,6 +90,7 @@ from meshscale.core.api.tasks import (
     TASK_WAIT,
     CancelReply,
     CancelRequest,
+    DetailRef,
     DoneReply,
     DoneRequest,
     FnReply,
@@ -126,6 +127,7 @@ from meshscale.core.policy import (
     ClassPolicy,
     PolicyError,
     Rule,
+    detail_rule,
     resolve,
     result_rule,
     result_within,
@@ -153,9 +155,13 @@ from meshscale.core.tasks import (
     Entry,
     LookupAction,
     TaskBook,
+    TaskDetail,
     TaskRecord,
     TaskState,
     Verdict,
+    detail_note,
+    detail_withheld,
+    encode_detail,
     lookup,
     upstream_failure,
 )
@@ -401,6 +407,9 @@ class ComputePlane:
         self._tick: asyncio.Future[None] | None = None
         self._watches: dict[str, list[_Watch]] = {}
         self._running: dict[str, str] = {}  # owner/task_id -> pool task id
+        self._kept_running: set[str] = set()
+        """Running here, classed: what they print is kept within their class (no live
+        output is served; it is stored with their detail at the end)."""
         self.energy = TaskEnergy(now=time.monotonic())
         """Joules per running attempt (pool task id): the node feeds its draw in."""
         self._adopting: dict[str, asyncio.Task[None]] = {}
@@ -1302,10 +1311,11 @@ class ComputePlane:
     def _finish(self, e: Entry, state: str, *, value: bytes | None = None,
                 ref: dict[str, Any] | None = None, error: str = "", kind: str = "",
                 traceback: str = "", node: str | None = None,
-                exc: bytes | None = None) -> None:
+                exc: bytes | None = None,
+                detail_ref: dict[str, Any] | None = None) -> None:
         r = self.book.finish(e, TaskState(state), time.time(), value=value, ref=ref,
                              error=error, kind=kind, traceback=traceback, node=node,
-                             exc=exc)
+                             exc=exc, detail_ref=detail_ref)
         self._count("tasks_" + state)
         if self.observer is not None:
             self.observer(r, time.monotonic() - e.t0)
@@ -1351,21 +1361,35 @@ class ComputePlane:
         e.rec.energy_j += req.energy_j  # every attempt's, a retried one's too
         if verdict is Verdict.RETRY:
             return DoneReply(True)  # the scheduler's TaskFinished follows: run it again
+        if e.rec.result_class is not None and req.detail_ref is None and (
+                req.traceback or req.exc or req.stdout or req.stderr):
+            # A classed task's detail travels only as an object of its class
+            # (core.policy.detail_rule): what came inline is dropped, never kept here.
+            self._count("detail_inline_dropped")
+            req = msgspec.structs.replace(
+                req, traceback="", exc=None, stdout="", stderr="",
+                error=detail_withheld(req.kind, req.error, e.rec.result_class,
+                                      f"node {req.node} sent them inline")
+                if req.error else "")
+        d = req.detail_ref
+        detail = None if d is None else {"id": d.id, "size": d.size, "data_class": d.data_class}
         if req.ok and req.value is not None and e.rec.result_class is not None:
             # A classed result travels only as a reference to an object of its class.
             why = self._refuse("result_class", (
                 f"task {req.task_id}: its result is of class {e.rec.result_class} and must "
                 f"be stored as an object of the class; node {req.node} sent it inline"),
                 subject=req.task_id, data_class=e.rec.result_class)
-            self._finish(e, "failed", error=str(why), kind="refused", node=req.node)
+            self._finish(e, "failed", error=str(why), kind="refused", node=req.node,
+                         detail_ref=detail)
         elif req.ok:
             ref = req.ref
             self._finish(e, "done", value=req.value,
                          ref=None if ref is None else {"id": ref.id, "size": ref.size},
-                         node=req.node)
+                         node=req.node, detail_ref=detail)
         else:
             self._finish(e, "failed", error=req.error, kind=req.kind,
-                         traceback=req.traceback, node=req.node, exc=req.exc)
+                         traceback=req.traceback, node=req.node, exc=req.exc,
+                         detail_ref=detail)
         if req.stdout or req.stderr:
             self._keep_logs(req.task_id, req.stdout, req.stderr)
         return DoneReply(True)
@@ -1382,7 +1406,15 @@ class ComputePlane:
         ref = None if r.ref is None else ResultRef(str(r.ref["id"]), int(r.ref["size"]))
         return TaskView(task_id=r.task_id, state=r.state, value=r.value, ref=ref,
                         error=r.error, kind=r.kind, traceback=r.traceback, exc=r.exc,
-                        node=r.node, owner=r.owner, reason=r.reason)
+                        node=r.node, owner=r.owner, reason=r.reason,
+                        detail_ref=ComputePlane._detail_of(r))
+
+    @staticmethod
+    def _detail_of(r: TaskRecord | Ended) -> DetailRef | None:
+        d = r.detail_ref
+        if d is None:
+            return None
+        return DetailRef(str(d["id"]), int(d["size"]), str(d["data_class"]))
 
     def _alive(self) -> set[str]:
         return {n for n, m in self.agent.m.members.items() if m.state <= State.SUSPECT}
@@ -1572,7 +1604,7 @@ class ComputePlane:
                                 stderr=live[1], node=self.agent.name)
             out, err = await self._logs_of(tid) if rec.state in TERMINAL else ("", "")
             return TaskLogs(task_id=tid, state=rec.state, stdout=out, stderr=err,
-                            node=rec.node)
+                            node=rec.node, detail_ref=self._detail_of(rec))
         # Running: the owner knows where; the worker node has the output so far.
         ask = rec.owner if not held and rec.owner != self.agent.name else rec.node
         if ask == self.agent.name:
@@ -1619,6 +1651,8 @@ class ComputePlane:
         """What a task running on this node's workers has printed so far."""
         for key, pool_id in list(self._running.items()):
             if key.partition("/")[2] == task_id:
+                if key in self._kept_running:
+                    return "", ""  # core.policy.detail_rule: kept within its class
                 return self.pool.output(pool_id)
         return None
 
@@ -1659,12 +1693,49 @@ class ComputePlane:
             raise ValueError(f"function bytes do not hash to {fn_id}")
         return data
 
+    async def _keep_detail(self, outcome: DoneRequest, rule: Residency | None,
+                           why: str) -> None:
+        """A classed task's error, traceback, exception and output: stored here as one
+        object under ``rule`` (``core.policy.detail_rule``), the way a classed result is;
+        ``outcome`` keeps only its reference and ``core.tasks.detail_note``. Nothing of it
+        travels inline: if it cannot be stored (or ``why``: its rule is ambiguous), it is
+        dropped and the error says so."""
+        if not (outcome.error or outcome.traceback or outcome.exc or outcome.stdout
+                or outcome.stderr):
+            return
+        cls = rule.data_class if rule is not None and rule.data_class else "unknown"
+        if rule is not None and not why:
+            body = encode_detail(TaskDetail(
+                task_id=outcome.task_id, kind=outcome.kind, error=outcome.error,
+                traceback=outcome.traceback, exc=outcome.exc, stdout=outcome.stdout,
+                stderr=outcome.stderr))
+            try:
+                ref = await self.local.put_object(body, self.cfg.result_replicas,
+                                                  ResidencyWire.of(rule))
+            except (RpcError, ValueError) as e:
+                self._count("detail_store_failed")
+                why = f"it could not be stored as an object of class {cls}: {str(e)[:200]}"
+            else:
+                oid = str(ref["id"])
+                outcome.detail_ref = DetailRef(oid, int(ref["size"]), cls)
+                if outcome.error:
+                    outcome.error = detail_note(outcome.kind, outcome.error, oid, cls)
+                self._count("details_stored")
+        if why:
+            self._count("details_withheld")
+            if outcome.error or not outcome.ok:
+                outcome.error = detail_withheld(outcome.kind, outcome.error, cls, why)
+        outcome.traceback, outcome.exc, outcome.stdout, outcome.stderr = "", None, "", ""
+
     async def _run(self, rt: RunTask) -> None:
         spec, owner = rt.task, rt.owner
         outcome = DoneRequest(task_id=spec.task_id, node=self.agent.name, attempt=rt.attempt)
         key = f"{owner}/{spec.task_id}"
         pool_id = f"{key}/{rt.attempt}"
         links: list[Path] = []
+        kept: Residency | None = None  # the detail's rule (core.policy.detail_rule)
+        detail_why = ""  # the detail's rule is ambiguous: it is withheld
+        ran_task = False  # the outcome carries what the task itself raised or printed
         try:
             p = msgspec.msgpack.decode(spec.payload, type=_Payload)
             if self._pool_ready is not None and not self._pool_ready.is_set():
@@ -1682,6 +1753,13 @@ class ComputePlane:
             in_classes = sorted({i.residency.data_class for i in spec.inputs
                                  if i.residency is not None and i.residency.data_class})
             run_class = spec.residency.data_class if spec.residency is not None else None
+            try:
+                kept = detail_rule(None if out is None else out.rule(), spec.residency,
+                                     [i.residency for i in spec.inputs])
+            except PolicyError as e:
+                detail_why = str(e)
+            if kept is not None or detail_why:
+                self._kept_running.add(key)
             if run_class or in_classes or (out is not None and out.data_class):
                 result_class = out.data_class if out is not None else None
                 self.agent.record(
@@ -1707,6 +1785,7 @@ class ComputePlane:
                 ran = await self.pool.run_task(p.fn_id, fn, call_args, **kw)
             result = ran.result
             outcome.stdout, outcome.stderr = ran.stdout, ran.stderr
+            ran_task = True
             classed = out is not None and out.data_class is not None
             if len(result) <= self.cfg.inline_result_bytes and not classed:
                 outcome.ok, outcome.value = True, result
@@ -1721,6 +1800,7 @@ class ComputePlane:
             outcome.kind, outcome.error, outcome.traceback = e.kind, e.message, e.traceback
             outcome.exc = e.exc or None
             outcome.stdout, outcome.stderr = e.stdout, e.stderr
+            ran_task = True
         except (PoolBusy, PoolClosed) as e:
             outcome.kind, outcome.error = "worker_crashed", f"{type(e).__name__}: {e}"
         except _INPUT_ERRORS as e:
@@ -1729,10 +1809,13 @@ class ComputePlane:
             outcome.kind, outcome.error = "worker_crashed", "workers did not start"
         finally:
             self._running.pop(key, None)
+            self._kept_running.discard(key)
             outcome.energy_j = self.energy.end(pool_id, time.monotonic())
             copies = self.agent.local_copies()
             if links and copies is not None:
                 await asyncio.to_thread(copies.release_copy_paths, links)
+        if ran_task and (kept is not None or detail_why):
+            await self._keep_detail(outcome, kept, detail_why)
         for attempt in range(3):
             try:
                 await self._call(owner, TASK_DONE, outcome)

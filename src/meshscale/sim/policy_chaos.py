@@ -106,6 +106,7 @@ from meshscale.core.policy import (
     PolicyError,
     Rule,
     copy_refusal,
+    detail_rule,
     make_policy,
     migrated_regions,
     placement_residency,
@@ -152,6 +153,9 @@ class _Task:
     epoch: int = -1
     out: Residency | None = None
     rules: list[Residency | None] = field(default_factory=list)
+    run: Residency | None = None
+    """The rule its latest placement ran it under."""
+    in_rules: list[Residency | None] = field(default_factory=list)
     tries: int = 0
 
 
@@ -181,6 +185,9 @@ class PolicyChaosReport:
     ambiguous (``result_rule``)."""
     results: int = 0
     """Task results put as classed objects under ``core.policy.result_rule``."""
+    details: int = 0
+    """Task details (what a task raised and printed: every other task raises) put as
+    classed objects under ``core.policy.detail_rule``."""
     shards: int = 0
     """Stream shards opened at their source (a publish accepted)."""
     backups: int = 0
@@ -542,7 +549,7 @@ def policy_chaos_run(
                                                  extra_tasks=busy.get(n.name, 0)).total,
                                            n.name)).name
         report.tasks_placed += 1
-        t.runner, t.out = runner, out
+        t.runner, t.out, t.run, t.in_rules = runner, out, res, in_rules
         t.rules = [res, *in_rules, *(Residency(frozenset(p.policies[c].regions), c)
                                      for c in sorted(classes) if c in p.policies)]
         why = outside(region_of[runner], classes, p)
@@ -576,6 +583,24 @@ def policy_chaos_run(
             report.results += 1
             mesh.put_async(r, f"policy-result-{seed}-{t.tid}".encode(),
                            ObjectPolicy(3, t.out), 2)
+        if int(t.tid.rsplit("-", 1)[1]) % 2:
+            # Every other task raises and prints: as the runtime's runner does, its detail
+            # is one object under ``core.policy.detail_rule`` (None: it goes inline to
+            # the owner, which must then be a task of no class).
+            try:
+                kept = detail_rule(t.out, t.run, t.in_rules)
+            except PolicyError:
+                return  # withheld at the runner
+            classes = {x.data_class for x in [t.out, t.run, *t.in_rules]
+                       if x is not None and x.data_class is not None}
+            if kept is None:
+                if classes:
+                    violations.append(f"{sim.now:.3f} task detail: {t.tid} (classes "
+                                      f"{sorted(classes)}) would send its detail inline")
+                return
+            report.details += 1
+            mesh.put_async(r, f"policy-detail-{seed}-{t.tid}".encode(),
+                           ObjectPolicy(3, kept), 2)
 
     def submit(i: int) -> None:
         up = mesh.up()

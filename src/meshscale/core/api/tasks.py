@@ -20,6 +20,7 @@ import msgspec
 
 from meshscale.core.api.contract import (
     MAX_REGIONS,
+    DataClass,
     Empty,
     Method,
     RegionName,
@@ -65,6 +66,7 @@ __all__ = [
     "TASK_WAIT",
     "CancelReply",
     "CancelRequest",
+    "DetailRef",
     "DoneReply",
     "DoneRequest",
     "FnReply",
@@ -243,6 +245,16 @@ class ResultRef(msgspec.Struct):
     size: Annotated[int, msgspec.Meta(ge=0)]
 
 
+class DetailRef(msgspec.Struct):
+    """A classed task's error, traceback, exception and output, stored by the node that
+    ran it as one object of its class (``core.tasks.TaskDetail``,
+    ``core.policy.detail_rule``): read it from within the class's regions."""
+
+    id: ObjectId
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    data_class: DataClass
+
+
 class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A task's state and outcome as its owner (or its stored record) knows it."""
 
@@ -264,6 +276,9 @@ class TaskView(msgspec.Struct, kw_only=True, omit_defaults=True):
     owner: str = ""
     reason: str = ""
     """Why it was placed where it was."""
+    detail_ref: DetailRef | None = None
+    """Set for a classed task whose error and output are kept as an object of its class
+    (``error`` then says so, and ``traceback`` and ``exc`` are empty)."""
 
 
 class SubmitRequest(Request):
@@ -325,6 +340,8 @@ class TaskLogs(msgspec.Struct, kw_only=True):
     stdout: str = ""
     stderr: str = ""
     node: str = ""
+    detail_ref: DetailRef | None = None
+    """A classed task's output is not here: it is kept as this object of its class."""
 
 
 class ListRequest(Request):
@@ -387,6 +404,10 @@ class DoneRequest(Request):
     stdout: Text = ""
     stderr: Text = ""
     """What the task printed, as the worker node kept it (bounded there)."""
+    detail_ref: DetailRef | None = None
+    """A classed task: its error, traceback, exception and output are this object of its
+    class (``core.policy.detail_rule``); ``error`` is ``core.tasks.detail_note``'s and
+    ``traceback``, ``exc``, ``stdout`` and ``stderr`` are empty."""
 
 
 class DoneReply(msgspec.Struct):
