@@ -855,10 +855,14 @@ def policy_chaos_run(
                 continue
             report.reads_served += 1
             _audit(h, Kind.READ, f"{topic}/{sid}", cls, p.region, "subscriber fetch", now)
-            refused = read_refusal(p.region, cls, h.policies)
-            if refused is not None:
+            # The oracle states the rule itself (not through the decision it checks): a
+            # class without cross-region reads is read only from its regions.
+            known = h.policies.get(cls)
+            if known is not None and not known.cross_region_reads \
+                    and p.region not in known.regions:
                 violations.append(f"{now:.3f} read: {holder} served shard {sid} of {topic} to "
-                                  f"a subscriber at {p.name}: {refused}")
+                                  f"a subscriber at {p.name} in {p.region}: class {cls} "
+                                  f"refuses cross-region reads outside {list(known.regions)}")
 
     def read_event() -> None:
         up = [n for n in mesh.up() if not sim.is_paused(n)]
