@@ -122,7 +122,8 @@ POLICY_COUNTS: dict[str, int] = {}
 """Of the policy seeds: copies refused by receivers, copy rules rewritten by a migration,
 policy changes, oracle scans and commits checked, audit entries verified; classed task runs
 placed and refused, task results stored under their rule; stream shards and backups made,
-refused and dropped on a narrowing."""
+refused and dropped on a narrowing; operator runners started and stopped, subscriber fetches
+served and refused."""
 
 
 def policy_problems(seed: int) -> list[str]:
@@ -134,7 +135,10 @@ def policy_problems(seed: int) -> list[str]:
                    ("commits_checked", r.commits_checked), ("audit_entries", r.audit_entries),
                    ("tasks_placed", r.tasks_placed), ("tasks_refused", r.tasks_refused),
                    ("results", r.results), ("shards", r.shards), ("backups", r.backups),
-                   ("stream_refused", r.stream_refused), ("shard_drops", r.shard_drops)):
+                   ("stream_refused", r.stream_refused), ("shard_drops", r.shard_drops),
+                   ("operators_placed", r.operators_placed),
+                   ("operators_stopped", r.operators_stopped),
+                   ("reads_served", r.reads_served), ("reads_refused", r.reads_refused)):
         POLICY_COUNTS[key] = POLICY_COUNTS.get(key, 0) + v
     out = r.problems()[:1]
     if r.acked < 20:

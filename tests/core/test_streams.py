@@ -37,6 +37,7 @@ from meshscale.core.streams import (
     central_region,
     check_source_allowed,
     distance_class,
+    operator_now,
     place_operator,
     runners_wanted,
     shard_holder,
@@ -827,3 +828,31 @@ def test_runners_wanted_near_source_live_gone_and_infeasible() -> None:
     # A gone source's shard nobody keeps a copy of is not run near-source.
     assert all(("near", gone.sid) not in runners_wanted(n.name, ops, [gone], view,
                                                        lambda t, s: False) for n in MESH)
+
+
+# --------------------------------------------------------------------------- operator_now
+
+
+def test_an_operator_is_placed_under_its_class_current_rule() -> None:
+    from meshscale.core.policy import make_policy
+
+    op = OperatorPlacement("agg", InRegions(frozenset({"eu", "us", "ap"})),
+                           Residency(frozenset({"eu", "us"}), "pii"))
+    # The policy it was registered under: unchanged, the very placement.
+    wide = {"pii": make_policy("pii", ["eu", "us"])}
+    assert operator_now(op, ["pii"], wide) is op
+    # Narrowed after registration: placed inside the new rule only, wherever HRW went.
+    narrow = {"pii": make_policy("pii", ["us"])}
+    now = operator_now(op, ["pii"], narrow)
+    assert now is not None and now.residency == Residency(frozenset({"us"}), "pii")
+    assert (now.name, now.mode) == (op.name, op.mode)
+    for src in MESH:
+        assert place_operator(now, "t", src, states(MESH)) in {"u1", "u2", "u3"}
+    # Widened: never wider than the rule it was registered under.
+    widened = {"pii": make_policy("pii", ["eu", "us", "ap"])}
+    assert operator_now(op, ["pii"], widened) is op
+    # Moved away from every region it may run in: no node may run it now.
+    assert operator_now(op, ["pii"], {"pii": make_policy("pii", ["ap"])}) is None
+    # No class, or a class without a known policy: nothing narrows it.
+    assert operator_now(op, [], narrow) is op
+    assert operator_now(op, ["pii"], {}) is op

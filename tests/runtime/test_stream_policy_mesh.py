@@ -2,7 +2,8 @@
 per region): a topic of a class stays publishable after the class narrows (its rule is the
 class's current one, not the one of its first publish), and a narrowing that excludes a
 shard's backup drops that copy (audited) while its source places a new backup inside the
-rule that holds every record, readable by a subscriber once the source is gone."""
+rule that holds every record, readable by a subscriber once the source is gone; an operator of a class whose rule narrows
+after it was registered moves its runners inside the new rule."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from runtime_mesh import wait_for
 
 from meshscale.client import connect
 from meshscale.client.rpc import RemoteError, call, request
+from meshscale.client.streams import Record
 from meshscale.core.api import Empty
 from meshscale.core.api import streams as sapi
 from meshscale.core.api.streams import ShardInfo
@@ -70,6 +72,47 @@ def test_classed_topic_stays_publishable_after_its_class_narrows(mesh: LocalMesh
 
     why = wait_for(refused, 30, "the publish at r3 refused")
     assert "residency" in why and "r3" in why
+
+
+def keep(rec: Record) -> Any:
+    return rec.value
+
+
+def runner_nodes(mesh: LocalMesh, op: str) -> set[int]:
+    out = set()
+    for i, n in enumerate(mesh.nodes):
+        st = request(n.address, mesh.credentials(), sapi.STATS, Empty(), timeout=10)
+        if any(r.startswith(f"{op}@") for r in st.runners):
+            out.add(i)
+    return out
+
+
+def test_narrowing_moves_a_classed_operator_inside_the_new_rule(mesh: LocalMesh) -> None:
+    # An operator registered with a class whose rule was then narrowed went on running
+    # where it was (its rule was resolved once, at registration). Each placement now
+    # narrows it by the class's current policy (core.streams.operator_now), as the policy
+    # swarm checks (sim/policy_chaos.py).
+    from meshscale.client.streams import Regions
+    from meshscale.client.tasks import connect as connect_tasks
+
+    set_policy(mesh, "cd", REGIONS)
+    publish(mesh, 0, "td", "cd", ["d-1"])
+    with connect_tasks(mesh.nodes[0].address, bundle=mesh.bundle_path) as client:
+        client.operator("td", keep, name="keep-td", data_class="cd", output="td-out",
+                        placement=Regions(REGIONS))
+    # One runner per shard source, each on the node HRW picks among the allowed ones.
+    where = wait_for(lambda: runner_nodes(mesh, "keep-td"), 30, "a runner of keep-td")
+    old = min(where)
+    gone = mesh.nodes[old].region
+    # The class narrows to leave out a runner's region: its runners move inside.
+    set_policy(mesh, "cd", [r for r in REGIONS if r != gone])
+
+    def moved() -> set[int]:
+        now = runner_nodes(mesh, "keep-td")
+        return now if now and all(mesh.nodes[i].region != gone for i in now) else set()
+
+    now = wait_for(moved, 60, f"no runner of keep-td left in {gone}")
+    assert old not in now, now
 
 
 def test_narrowing_drops_a_backup_outside_and_replaces_it_inside(mesh: LocalMesh) -> None:

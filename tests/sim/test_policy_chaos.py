@@ -6,7 +6,11 @@ outside the rules of its inputs' classes, and a task's result takes its inputs' 
 class; after the faults every node knows the latest rule and no copy or shard sits outside
 it; every node's audit chain verifies. And the oracles can fail: a receiver that skips its
 check, a node that skips the migration, an owner that places a task without its classes'
-rules, a source that places its shard or its backup without the topic's rule, is caught."""
+rules, a source that places its shard or its backup without the topic's rule, a node that
+places operator runners without its class's current rule, a holder that serves a subscriber
+the class's cross-region read rule refuses, is caught. Operator runners and subscriber
+reads are checked too: no runner of a classed topic's operator runs outside the class's
+rule its node knows, no refused read is served."""
 
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ def _check(r: PolicyChaosReport) -> None:
     assert r.details > 0, "no classed task's detail was stored: nothing was tested"
     assert r.shards > 0 and r.backups > 0, "no classed shard or backup was placed"
     assert r.stream_refused > 0, "no shard or backup was ever refused: nothing was tested"
+    assert r.operators_placed > 0 and r.operators_stopped > 0, "no operator runner moved"
+    assert r.reads_served > 0 and r.reads_refused > 0, "no subscriber read was refused"
 
 
 def test_policy_chaos_fresh_seeds() -> None:
@@ -49,7 +55,8 @@ def test_policy_chaos_is_deterministic() -> None:
 
 
 @pytest.mark.parametrize("broken", ["receiver", "stale_rule", "migration", "fanout",
-                                    "task_class", "shard_class", "backup_class"])
+                                    "task_class", "shard_class", "backup_class",
+                                    "operator", "read"])
 def test_the_oracles_catch_a_broken_decision(broken: str) -> None:
     base = random.randrange(1 << 30)
     print(f"base seed {base}")

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from meshscale.core.placement import Candidate, PlacementError, Residency, hrw_score
-from meshscale.core.policy import ClassPolicy, copy_refusal
+from meshscale.core.policy import ClassPolicy, PolicyError, copy_refusal, placement_residency
 from meshscale.core.scheduling import (
     Central,
     InRegions,
@@ -467,11 +467,33 @@ def shard_refusal(region: str, declared: Residency | None,
             or copy_refusal(region, topic_rule(declared, policies), policies, stream=True))
 
 
+def operator_now(op: OperatorPlacement, classes: Iterable[str],
+                 policies: Mapping[str, ClassPolicy]) -> OperatorPlacement | None:
+    """``op`` as it is placed *now*: its rule (resolved when it was registered) narrowed by
+    the current policy of each class it carries (its own class and its topic's;
+    ``classes``) as the placing node knows them (``policies``), as a task's placement is
+    (``core.policy.placement_residency``). A narrowing of a class after registration thus
+    moves the operator's runners inside the new rule at the next placement; a class
+    without a known policy narrows nothing. ``None`` when the classes leave it no region:
+    no node may run it now (its runners stop; a later widening brings them back)."""
+    names = sorted(set(classes))
+    if not names:
+        return op
+    try:
+        res = placement_residency(op.residency, names, policies)
+    except PolicyError:
+        return None
+    if res == op.residency:
+        return op
+    return OperatorPlacement(op.name, op.mode, res, op.labels, op.cpus)
+
+
 __all__ += [
     "SchedulingError",
     "candidates_to_states",
     "central_region",
     "check_source_allowed",
+    "operator_now",
     "shard_holder",
     "shard_refusal",
     "shard_runner",

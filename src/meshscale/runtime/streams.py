@@ -68,7 +68,14 @@ from meshscale.core.api.streams import (
 from meshscale.core.audit import Kind
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, PlacementError, Residency
-from meshscale.core.policy import PolicyError, Rule, copy_refusal, read_refusal, resolve
+from meshscale.core.policy import (
+    ClassPolicy,
+    PolicyError,
+    Rule,
+    copy_refusal,
+    read_refusal,
+    resolve,
+)
 from meshscale.core.scheduling import (
     Central,
     InRegions,
@@ -86,6 +93,7 @@ from meshscale.core.streams import (
     backup_for,
     central_region,
     check_source_allowed,
+    operator_now,
     place_operator,
     runners_wanted,
     shard_holder,
@@ -221,6 +229,10 @@ class StreamPlane:
         many wait: a change wakes the waiters of its own topic only, and a topic's entry
         goes when its last waiter does (bounded by the waiters)."""
         self._known: dict[str, Candidate] = {}
+        self._op_policies: dict[str, ClassPolicy] = {}
+        """The policies of the operators' data classes as this node's policy cache had them
+        at its last reconcile (or change of a class): each operator is placed under its
+        rule narrowed by its class's current policy (``core.streams.operator_now``)."""
         self._installed_at: dict[str, float] = {}
         self._seen_sources: OrderedDict[str, None] = OrderedDict()
         """Shard sources (``node~epoch``) seen, most recent last (bounded)."""
@@ -551,6 +563,10 @@ class StreamPlane:
           lost, counted in ``shard_records_lost``): a residency rule wins over
           availability, as for an object whose every allowed holder is gone.
         """
+        if cls in self._op_classes():
+            # Operators of the class follow its rule at once (not at the next reconcile).
+            await self._refresh_op_policies({cls})
+            self._reconcile()
         topics = sorted(t for t, r in self.topic_residency.items()
                         if r is not None and r.data_class == cls)
         if not topics:
@@ -837,14 +853,40 @@ class StreamPlane:
                 loaded_at = now
                 with contextlib.suppress(Exception):
                     await self._load_ops_from_kv()
+            await self._refresh_op_policies()
             try:
                 self._reconcile()
             except Exception as e:  # never let the loop die
                 self.agent.log("error", "stream_reconcile_failed", error=str(e))
             self._expire_followers(now)
 
+    def _op_classes(self) -> set[str]:
+        return {s.residency.data_class for s in self.ops.values()
+                if s.residency is not None and s.residency.data_class is not None}
+
+    async def _refresh_op_policies(self, classes: set[str] | None = None) -> None:
+        """Read the operators' classes' policies from this node's policy cache; on a read
+        that fails (no quorum), the ones it had are kept (as a receiver keeps its rule)."""
+        names = self._op_classes() if classes is None else classes
+        if not names:
+            return
+        try:
+            got = await self.local.class_policies(names)
+        except ApiError as e:
+            self.agent.log("debug", "stream_policy_read_failed", data_class=sorted(names)[0],
+                           error=str(e)[:200])
+            return
+        for name in names:
+            if name in got:
+                self._op_policies[name] = got[name]
+            else:  # the class has no policy (any more): it narrows nothing
+                self._op_policies.pop(name, None)
+
     def _reconcile(self) -> None:
-        """Start the runners this node owns, stop the others."""
+        """Start the runners this node owns, stop the others. Each operator is placed under
+        its rule narrowed by its class's current policy (``core.streams.operator_now``): a
+        class narrowed after the operator was registered moves its runners inside the
+        new rule (and stops them where none is left)."""
         if self._stopping or self.agent.membership is None:
             return
         states = self._states(self._alive())
@@ -853,10 +895,15 @@ class StreamPlane:
             src = self._source_candidate(sid)
             if src is not None:
                 sources.append(ShardSource(sid, src, self._source_live(sid)))
+        ops = []
+        for spec in self.ops.values():
+            cls = None if spec.residency is None else spec.residency.data_class
+            placed = operator_now(_placement(spec), () if cls is None else (cls,),
+                                  self._op_policies)
+            if placed is not None:
+                ops.append((placed, spec.topic, spec.mode == "near-source"))
         want = runners_wanted(
-            self.agent.name,
-            [(_placement(spec), spec.topic, spec.mode == "near-source")
-             for spec in self.ops.values()],
+            self.agent.name, ops,
             sources, states, lambda topic, sid: (topic, sid) in self.logs)
         for key in list(self.runners):
             if key not in want:

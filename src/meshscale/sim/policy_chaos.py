@@ -62,6 +62,17 @@ every node's disk every ``scan_s`` of virtual time:
   topic's class (the source when it places, the receiver once it holds it, the holder on
   every scan) and the rule the copy came under allow; at the ``end`` no up node holds a
   shard copy outside its class's current regions.
+- ``operator placement`` / ``scan``: an operator runner (started by a node's
+  ``_reconcile``: ``core.streams.runners_wanted`` over its view, each operator's rule
+  narrowed by its topic's class's current policy as the node knows it,
+  ``core.streams.operator_now``) runs only where the running node's current rule of the
+  topic's class and the rule the runner was placed under allow; checked when it starts,
+  on every scan (a node re-reconciles on hearing a change, so a narrowing stops its
+  runners outside the new rule at once, as a shard holder drops its copy), and at the
+  ``end`` against the class's current regions.
+- ``read``: a subscriber's fetch of a classed shard is served by its holder only when
+  ``core.policy.read_refusal`` from the holder's view lets the subscriber's region read
+  (pii and fin refuse cross-region reads).
 - ``audit``: each node records what it did (copy made, copy dropped, refusal, policy
   change) in a hash-chained log (``core.audit``) kept on its disk; every chain verifies at
   the end.
@@ -76,9 +87,12 @@ moment rewrite their copies; a member down or cut off then hears of the policy l
 through its cache refresh but never rewrites its copies), ``task_class`` (the owner
 places a task without its own and its inputs' rules), ``shard_class`` (a source takes
 records and places their backup without the topic's rule) or ``backup_class`` (a source
-picks and tells its backup without the topic's rule).
+picks and tells its backup without the topic's rule), ``operator`` (nodes place runners
+under the rule an operator was registered with, never narrowed by its class's current
+policy) or ``read`` (holders serve subscribers without ``read_refusal``).
 
-Tasks and streams draw from a generator of their own, so the draws of the puts, deletes,
+Tasks and streams draw from a generator of their own (operators' subscribers' reads from
+another), so the draws of the puts, deletes,
 changes and faults of a seed are those they were before tasks and streams were added
 (the trace differs: results are put, shards are audited).
 """
@@ -110,12 +124,14 @@ from meshscale.core.policy import (
     make_policy,
     migrated_regions,
     placement_residency,
+    read_refusal,
     resolve,
     result_rule,
 )
 from meshscale.core.replication import DropLocal, ObjectPolicy
 from meshscale.core.scheduling import (
     InputRef,
+    InRegions,
     NodeState,
     Resources,
     SchedulingConfig,
@@ -123,7 +139,17 @@ from meshscale.core.scheduling import (
     feasible,
     score,
 )
-from meshscale.core.streams import backup_for, check_source_allowed, shard_refusal, topic_rule
+from meshscale.core.streams import (
+    OperatorPlacement,
+    ShardSource,
+    backup_for,
+    check_source_allowed,
+    operator_now,
+    runners_wanted,
+    shard_holder,
+    shard_refusal,
+    topic_rule,
+)
 from meshscale.sim.dataplane import CopyRefused, DataMesh, DataNode, ObjectCommitted
 
 __all__ = ["PolicyChaosReport", "policy_chaos_run", "verify_audit"]
@@ -196,6 +222,15 @@ class PolicyChaosReport:
     """Publishes refused at the entry node and backups refused by their receiver."""
     shard_drops: int = 0
     """Shard copies a node dropped on hearing a change that no longer allows it."""
+    operators_placed: int = 0
+    """Operator runners a node started (``core.streams.runners_wanted``)."""
+    operators_stopped: int = 0
+    """Runners a node stopped because its view no longer gives them to it (a narrowing,
+    a node back, a source gone)."""
+    reads_served: int = 0
+    """Subscriber fetches of a classed shard a holder served."""
+    reads_refused: int = 0
+    """Subscriber fetches a holder refused (``core.policy.read_refusal``)."""
     trace_hash: str = ""
 
     def problems(self) -> list[str]:
@@ -243,6 +278,7 @@ def policy_chaos_run(
     scan_s: float = 0.25,
     tasks: int = 16,
     publishes: int = 40,
+    reads: int = 60,
     break_: str | None = None,
 ) -> PolicyChaosReport:
     """One randomized run (see the module docstring); the report lists every breach."""
@@ -262,7 +298,8 @@ def policy_chaos_run(
     # Initial policies, known everywhere at the start.
     start_regions = [regions[:1], regions[:2], regions]
     for cls, regs in zip(CLASSES, start_regions, strict=True):
-        truth[cls] = make_policy(cls, regs, replicas=3)
+        # pii and fin refuse cross-region reads: their subscribers outside are refused.
+        truth[cls] = make_policy(cls, regs, replicas=3, cross_region_reads=cls == "ops")
         version[cls] = 0
     for n in mesh.names:
         node = mesh.node(n)
@@ -310,6 +347,9 @@ def policy_chaos_run(
         for t in running.values():
             if epoch[t.runner] == t.epoch:
                 check_run(t, "scan")
+        for n in mesh.names:
+            for (op, sid), rule in sorted(runners[n].items()):
+                check_operator(mesh.node(n), op, sid, rule, "scan")
 
     def observe(t: float, n: str, ev: Event) -> None:
         node = mesh.node(n)
@@ -362,6 +402,7 @@ def policy_chaos_run(
             report.migrated += len(p.replicas.migrate_tombstones(policy))
         p._settle(now)
         drop_shards(p, cls, now)
+        reconcile(p, now)
         for oid in sorted(p.objects):
             check_copy(p.name, oid, "heard")
 
@@ -391,7 +432,8 @@ def policy_chaos_run(
                 new_regions = rng.sample(cur, len(cur) - 1)
             else:
                 new_regions = [*cur, outside[rng.randrange(len(outside))]]
-        new = make_policy(cls, new_regions, replicas=old.replicas)
+        new = make_policy(cls, new_regions, replicas=old.replicas,
+                          cross_region_reads=old.cross_region_reads)
         version[cls] += 1
         ver = version[cls]
         truth[cls] = new
@@ -692,6 +734,7 @@ def policy_chaos_run(
             return
         sid = f"{p.name}~{epoch[p.name]}"
         key = (topic, sid)
+        sources[sid] = p.name
         check_shard(p, p.name, topic, res, "shard placement")
         if key not in shards[p.name]:
             report.shards += 1
@@ -720,6 +763,7 @@ def policy_chaos_run(
 
     def memory_lost(n: str) -> None:
         shards[n].clear()
+        runners[n].clear()
         epoch[n] += 1
 
     def publish_event() -> None:
@@ -735,12 +779,129 @@ def policy_chaos_run(
             for topic, sid in sorted(shards[n]):
                 if sid == f"{n}~{epoch[n]}":
                     sim.call(n, partial(keep_backup, topic, sid))
+            if int(sim.now) % 2 == 0:  # every 2 s (and on hearing a change): kept cheap
+                sim.call(n, reconcile)
+
+    # ------------------------------------------------------------ operators and subscribers
+    # Operators are registered at the start (a near-source one and one placed anywhere
+    # the rules allow, per topic), each with its topic's class: its rule is the class's,
+    # resolved when it is registered (the runtime's ``_resolve_class``). Every node runs
+    # the runtime's ``_reconcile`` each second and on hearing a change: the runners
+    # ``core.streams.runners_wanted`` gives it from its own view, each operator's rule
+    # narrowed by its classes' current policies as the node knows them
+    # (``core.streams.operator_now``). Subscribers read a classed shard through its
+    # holder (``core.streams.shard_holder`` from the subscriber's node's view), which
+    # serves or refuses by ``core.policy.read_refusal`` from its own view (the runtime's
+    # ``_check_fetch``).
+
+    orng = random.Random(f"policy-chaos/operators-reads/{seed}")
+    sources: dict[str, str] = {}
+    """Every shard source ever opened: ``node~epoch`` -> node."""
+    runners: dict[str, dict[tuple[str, str], Residency | None]] = {n: {} for n in mesh.names}
+    """The runners each node runs (in memory): (operator, source) -> the rule it was
+    placed under."""
+    operators: dict[str, tuple[OperatorPlacement, str, bool]] = {}
+    for topic in TOPICS:
+        cls = TOPIC_CLASS[topic]
+        rule = resolve(cls, Rule(), truth).residency()
+        operators[f"near-{topic}"] = (OperatorPlacement(f"near-{topic}", None, rule), topic,
+                                      True)
+        operators[f"any-{topic}"] = (OperatorPlacement(
+            f"any-{topic}", InRegions(frozenset(regions)), rule), topic, False)
+
+    def check_operator(p: DataNode, op: str, sid: str, rule: Residency | None,
+                       when: str) -> None:
+        """A runner of ``op`` on ``p`` must be where ``p``'s current rule of the operator's
+        topic's class and the rule it was placed under allow."""
+        cls = TOPIC_CLASS[operators[op][1]]
+        region = region_of[p.name]
+        why = outside(region, (cls,), p)
+        if why is None and rule is not None and not rule.allows(region):
+            why = f"outside the rule it was placed under ({rule.describe()})"
+        if why is not None:
+            violations.append(f"{sim.now:.3f} {when}: {p.name} runs operator {op} on shard "
+                              f"{sid} (class {cls}): {why}")
+
+    def reconcile(p: DrivenProtocol, now: float) -> None:
+        """The runtime's ``_reconcile``: start the runners this node's view gives it, stop
+        the others."""
+        assert isinstance(p, DataNode)
+        cands = p._candidates()
+        view = [NodeState(member=c, capacity=Resources(1e6, 1 << 40, 1 << 16)) for c in cands]
+        alive = {c.name for c in cands}
+        srcs = [ShardSource(sid, Candidate(n, region_of[n], mesh.metas[n].zone),
+                            n in alive and sid == f"{n}~{epoch[n]}")
+                for sid, n in sorted(sources.items())]
+        placed: dict[str, OperatorPlacement] = {}
+        for name, (op, topic, _near) in operators.items():
+            now_op = op if break_ == "operator" else \
+                operator_now(op, (TOPIC_CLASS[topic],), p.policies)
+            if now_op is not None:
+                placed[name] = now_op
+        want = runners_wanted(p.name, [(placed[k], operators[k][1], operators[k][2])
+                                       for k in sorted(placed)],
+                              srcs, view, lambda t, sid: (t, sid) in shards[p.name])
+        mine = runners[p.name]
+        for key in sorted(mine):
+            if key not in want:
+                del mine[key]
+                report.operators_stopped += 1
+        for key in sorted(want - set(mine)):
+            op_name, sid = key
+            rule = placed[op_name].residency
+            mine[key] = rule
+            report.operators_placed += 1
+            cls = TOPIC_CLASS[operators[op_name][1]]
+            _audit(p, Kind.OPERATOR_PLACED, f"{op_name}/{sid}", cls, "",
+                   "runner started", now)
+            check_operator(p, op_name, sid, rule, "operator placement")
+
+    def subscribe(topic: str, p: DrivenProtocol, now: float) -> None:
+        """A subscriber of ``topic`` at ``p``: ``p`` follows each shard at its holder, which
+        serves the fetch unless ``read_refusal`` (from the holder's view) forbids it."""
+        assert isinstance(p, DataNode)
+        cls = TOPIC_CLASS[topic]
+        cands = p._candidates()
+        alive = {c.name for c in cands}
+        res = topic_rule(Residency(None, cls), p.policies)
+        for sid, n in sorted(sources.items()):
+            src = Candidate(n, region_of[n], mesh.metas[n].zone)
+            live = n in alive and sid == f"{n}~{epoch[n]}"
+            holder = shard_holder(topic, src, live, cands, res)
+            if holder is None or not sim.is_up(holder) or sim.is_paused(holder) \
+                    or not sim.connected(p.name, holder) or (topic, sid) not in shards[holder]:
+                continue
+            h = mesh.node(holder)
+            why = None if break_ == "read" else read_refusal(p.region, cls, h.policies)
+            if why is not None:
+                report.reads_refused += 1
+                _audit(h, Kind.REFUSAL, f"{topic}/{sid}", cls, p.region,
+                       f"cross_region_read: {why}", now)
+                continue
+            report.reads_served += 1
+            _audit(h, Kind.READ, f"{topic}/{sid}", cls, p.region, "subscriber fetch", now)
+            # The oracle states the rule itself (not through the decision it checks): a
+            # class without cross-region reads is read only from its regions.
+            known = h.policies.get(cls)
+            if known is not None and not known.cross_region_reads \
+                    and p.region not in known.regions:
+                violations.append(f"{now:.3f} read: {holder} served shard {sid} of {topic} to "
+                                  f"a subscriber at {p.name} in {p.region}: class {cls} "
+                                  f"refuses cross-region reads outside {list(known.regions)}")
+
+    def read_event() -> None:
+        up = [n for n in mesh.up() if not sim.is_paused(n)]
+        if up:
+            topic = TOPICS[orng.randrange(len(TOPICS))]
+            sim.call(up[orng.randrange(len(up))], partial(subscribe, topic))
 
     sim.run_until(2.0)
     for i in range(tasks):
         sim.at(14.0 + (fault_until - 20.0) * i / tasks, partial(submit, i))
     for k in range(publishes):
         sim.at(3.0 + (fault_until - 6.0) * k / publishes, publish_event)
+    for k in range(reads):
+        sim.at(4.0 + (fault_until + refresh_s + repair_bound_s - 6.0) * k / reads, read_event)
     t_tick = 4.0
     while t_tick < fault_until + refresh_s + repair_bound_s:
         sim.at(t_tick, stream_tick)
@@ -816,6 +977,11 @@ def policy_chaos_run(
             if held is not None and region_of[n] not in truth[held].regions:
                 violations.append(f"end: {n} in {region_of[n]} still holds {oid[:12]} of "
                                   f"class {held} (regions {list(truth[held].regions)})")
+        for (op, sid) in sorted(runners[n]):
+            cls = TOPIC_CLASS[operators[op][1]]
+            if region_of[n] not in truth[cls].regions:
+                violations.append(f"end: {n} in {region_of[n]} still runs operator {op} on "
+                                  f"{sid} (class {cls}, regions {list(truth[cls].regions)})")
         for (topic, sid) in sorted(shards[n]):
             cls = TOPIC_CLASS[topic]
             if region_of[n] not in truth[cls].regions:
