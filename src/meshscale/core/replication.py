@@ -28,8 +28,10 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   or tombstone) remembers the peers whose digest it is in and the hash it put there, and
   any change to it (added, removed, deleted, dropping, a peer declining it for want of
   room) takes its old share out of each peer's count and accumulator and puts the new one
-  in. Only a view change recomputes them all (replica sets move; one pass over the
-  inventory, as that change needs anyway). Entries to offer beyond the digests (held
+  in. Only a view change recomputes them, for the entries whose replica set it moves
+  (one pass over the inventory; by property 1 of ``core.placement`` an entry whose set
+  holds no departed node and gains no new one keeps it, order included, without being
+  placed again, and every set is placed with one ``Placer`` per view). Entries to offer beyond the digests (held
   outside the replica set, or declined by a full member) are kept in a small *handoff
   set*, so a round finds them without walking the inventory. A digest match confirms the
   whole pair set without touching it: the manager notes (peer, time, change counter at
@@ -93,7 +95,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar, cast
 
@@ -106,10 +108,10 @@ from meshscale.core.placement import (
     Candidate,
     ObjectPolicy,
     PlacementError,
+    Placer,
     Residency,
     hrw_score,
     replica_set,
-    write_set,
 )
 from meshscale.core.policy import ClassPolicy, migrated_regions, stored_rule
 from meshscale.core.puts import PutPlan, check_feasible, plan_put
@@ -559,6 +561,7 @@ class ReplicaManager:
         self.stats: dict[str, int] = {}
         self._outputs: list[ReplicationOutput] = []
         self._view: dict[str, Candidate] = {}
+        self._placer: Placer | None = None
         self._any_full = False
         self._view_version = 0
         self._view_since = now
@@ -706,20 +709,55 @@ class ReplicaManager:
                         loc.failed_at = now
             for r in removed:
                 self._rounds.pop(r, None)
+        old_view = self._view
         self._view = view
+        self._placer = None
         self._any_full = any(c.full for c in view.values())
         self._view_version += 1
         self._view_since = now
         self._peers = sorted(n for n in view if n != self.name)
         self._count("view_changes")
-        self._rebuild()
+        moved = self._rebuild(self._unmoved(old_view, removed, added))
         # Promptly re-check with everyone: the replica sets of some objects moved.
         self._prompt(self._peers, now)
-        for oid in sorted(self._inv):
-            if self._inv[oid].tomb is None:
-                self._check_under(oid, self._inv[oid])
+        # Only an entry whose replica set moved can change its count of live replicas.
+        for oid in sorted(moved):
+            loc = self._inv[oid]
+            if loc.tomb is None:
+                self._check_under(oid, loc)
         if added or removed:
             self._pump(now)
+
+    def _unmoved(self, old_view: Mapping[str, Candidate], removed: list[str], added: list[str]
+                 ) -> Callable[[_Local], bool] | None:
+        """For a view change that only removes and adds nodes, none of them full, and
+        leaves the other nodes as they were: a test of whether an entry's replica and
+        write sets (cached under the old view) are still its sets. By property 1 of
+        ``core.placement`` a set that holds no removed node and that no added node enters
+        is unchanged, order included, so most entries of a large mesh keep theirs without
+        being placed again. None for any other change (every set is placed again)."""
+        if not old_view:
+            return None
+        gone = set(removed)
+        if any(old_view[n].full for n in gone) or any(self._view[n].full for n in added):
+            return None
+        if any(old_view[n] != c for n, c in self._view.items() if n in old_view):
+            return None  # a node changed (its region, zone, labels, or disk filled)
+        joined = [self._view[n] for n in added]
+        placer = self._placement()
+        any_full = self._any_full
+
+        def unmoved(loc: _Local) -> bool:
+            if gone and (not gone.isdisjoint(loc.rs) or not gone.isdisjoint(loc.ws)):
+                return False
+            if not joined:
+                return True
+            if not loc.rs or any_full:
+                return False  # no set to keep, or a write set apart to check too
+            return placer.unmoved_by(loc.oid, loc.policy.replicas, loc.policy.residency,
+                                     loc.rs, joined)
+
+        return unmoved
 
     def object_added(
         self, oid: str, policy: ObjectPolicy, hint_for: str | None, now: float,
@@ -1495,18 +1533,33 @@ class ReplicaManager:
             loc.under = False
             self._under -= 1
 
-    def _rebuild(self) -> None:
-        """The view changed: every entry's replica set may have moved. O(objects)."""
-        self._dg_count = {}
-        self._dg_acc = {}
-        self._handoff = set()
+    def _rebuild(self, unmoved: Callable[[_Local], bool] | None) -> list[str]:
+        """The view changed: the replica set of any entry may have moved. Entries whose
+        cached sets ``unmoved`` keeps (see ``_unmoved``) are carried over to the new view
+        without placing them again; the others are placed and re-indexed. Returns the ids
+        of the latter. One pass over the inventory, cheap for an entry that stays."""
         # No match is pending (``set_view`` settled them): a round started from now on
-        # covers every entry as it is now. One shared counter value, not one int each.
+        # covers every entry as it is now.
         assert not self._matched
+        version = self._view_version
+        old = version - 1
+        moved: list[str] = []
         for loc in self._inv.values():
-            loc.dg = ()
+            if unmoved is not None and loc.rs_version == old and unmoved(loc):
+                loc.rs_version = version
+                if loc.handed or loc.no_room is not _NO_ROOM:
+                    # Not offered for the old set (``handed``), or declined by a member
+                    # that left (its ``no_room`` entry went): its handoff state may change.
+                    loc.handed = False
+                    self._index(loc, seq=0)
+                continue
+            moved.append(loc.oid)
             loc.handed = False  # the set moved: a moved tombstone is offered to it again
             self._index(loc, seq=0)
+        for p in [p for p, n in self._dg_count.items() if not n and p not in self._view]:
+            del self._dg_count[p]
+            self._dg_acc.pop(p, None)
+        return moved
 
     def _settle(self, loc: _Local) -> None:
         """Write into ``loc.confirmed`` the digest matches that cover it (see
@@ -1655,9 +1708,16 @@ class ReplicaManager:
 
     # ------------------------------------------------------------------ placement cache
 
+    def _placement(self) -> Placer:
+        """Placement under the current view (one ``Placer`` per view)."""
+        placer = self._placer
+        if placer is None:
+            placer = self._placer = Placer(self._view.values())
+        return placer
+
     def _rs(self, oid: str, policy: ObjectPolicy) -> tuple[str, ...]:
-        chosen = replica_set(oid, self._view.values(), policy.replicas, policy.residency)
-        return self._share(tuple(c.name for c in chosen))
+        return self._share(self._placement().replica_set(oid, policy.replicas,
+                                                         policy.residency))
 
     def _ws(self, oid: str, policy: ObjectPolicy) -> tuple[str, ...]:
         """The write set (``placement.write_set``); empty when no allowed node has room."""
@@ -1667,10 +1727,10 @@ class ReplicaManager:
             except PlacementError:
                 return ()
         try:
-            chosen = write_set(oid, self._view.values(), policy.replicas, policy.residency)
+            return self._share(self._placement().write_set(oid, policy.replicas,
+                                                           policy.residency))
         except PlacementError:
             return ()
-        return self._share(tuple(c.name for c in chosen))
 
     def _rs_of_local(self, loc: _Local) -> tuple[str, ...]:
         """The replica set of a local object under the current view (cached per view);
