@@ -446,6 +446,9 @@ _NO_ROOM: dict[str, float] = {}
 """The ``no_room`` of every entry no full peer declined (read only: ``_set_no_room`` gives
 an entry a dict of its own before writing one)."""
 
+_NONE_CONFIRMED: dict[str, float] = {}
+"""The ``confirmed`` of every entry no peer confirmed (read only, as every ``confirmed``)."""
+
 SHARED_VALUES_MAX = 4096
 """Distinct policies and replica-set tuples ``ReplicaManager`` keeps one copy of, for its
 entries to share (beyond it, new ones are stored as they come)."""
@@ -459,8 +462,9 @@ class _Local:
     policy: ObjectPolicy
     hint_for: str | None
     h: int
-    confirmed: dict[str, float] = field(default_factory=dict)
-    """Peer -> when it last confirmed holding (and keeping) this object."""
+    confirmed: dict[str, float] = field(default_factory=lambda: _NONE_CONFIRMED)
+    """Peer -> when it last confirmed holding (and keeping) this object. Shared between
+    entries and never changed in place: set with ``ReplicaManager._set_confirmed``."""
     failed_at: float = float("-inf")
     """When a member of its replica set last left the view (repair priority)."""
     rs: tuple[str, ...] = ()
@@ -606,6 +610,9 @@ class ReplicaManager:
         current view: every entry in our pair digest with it and unchanged since that
         round started counts as confirmed by it then (``_settle``)."""
         self._under = 0
+        self._confirmations: dict[tuple[tuple[str, float], ...], dict[str, float]] = {}
+        """Confirmations the entries share (``_set_confirmed``), up to
+        ``SHARED_VALUES_MAX`` (then forgotten and started again)."""
         self._shared: dict[object, object] = {}
         """One copy of each policy and replica-set tuple the entries hold (many objects,
         few distinct values: a few hundred bytes per entry otherwise), up to
@@ -700,10 +707,13 @@ class ReplicaManager:
                 self._settle(loc)
             self._matched.clear()
         if removed:
+            gone = set(removed)
             for loc in self._inv.values():
                 old = self._rs_of_local(loc)
+                if loc.confirmed and not gone.isdisjoint(loc.confirmed):
+                    self._set_confirmed(loc, {p: t for p, t in loc.confirmed.items()
+                                              if p not in gone})
                 for r in removed:
-                    loc.confirmed.pop(r, None)
                     loc.no_room.pop(r, None)
                     if r in old:
                         loc.failed_at = now
@@ -1000,7 +1010,7 @@ class ReplicaManager:
             loc.tomb = ts
             loc.moved = loc.moved or moved
             loc.h = _tomb_hash(oid, ts)
-            loc.confirmed.clear()
+            loc.confirmed = _NONE_CONFIRMED
             self._index(loc)
             heapq.heappush(self._tomb_heap, (self._expiry(ts), oid))
             if persist:
@@ -1377,7 +1387,7 @@ class ReplicaManager:
             elif oid in not_mine:
                 self._unconfirm(loc, src)
             else:
-                loc.confirmed[src] = now
+                self._set_confirmed(loc, {**loc.confirmed, src: now})
                 self._set_no_room(loc, src, None)
                 sent = st.tombs.get(oid)
                 if sent is not None and loc.tomb is not None:
@@ -1567,11 +1577,33 @@ class ReplicaManager:
         changing ``loc``."""
         if not self._matched or not loc.dg:
             return
+        new: dict[str, float] | None = None
         for p in loc.dg:
             m = self._matched.get(p)
             if (m is not None and loc.seq <= m[1] and p != self.name
                     and loc.confirmed.get(p, float("-inf")) < m[0]):
-                loc.confirmed[p] = m[0]
+                if new is None:
+                    new = dict(loc.confirmed)
+                new[p] = m[0]
+        if new is not None:
+            self._set_confirmed(loc, new)
+
+    def _set_confirmed(self, loc: _Local, confirmed: dict[str, float]) -> None:
+        """Give ``loc`` the confirmations ``confirmed`` (a new dict, not to be changed
+        after), or the equal one another entry already holds: entries share them (after a
+        digest match, every entry of a pair set has the same ones), so each is a value,
+        never changed in place (a change makes a new one)."""
+        if not confirmed:
+            loc.confirmed = _NONE_CONFIRMED
+            return
+        table = self._confirmations
+        key = tuple(confirmed.items())
+        got = table.get(key)
+        if got is None:
+            if len(table) >= SHARED_VALUES_MAX:
+                table.clear()  # older ones stay shared by their entries, no longer found
+            table[key] = got = confirmed
+        loc.confirmed = got
 
     def _set_no_room(self, loc: _Local, peer: str, at: float | None) -> None:
         """``peer`` declined ``loc`` for want of room at ``at`` (None: it no longer does)."""
@@ -1591,7 +1623,8 @@ class ReplicaManager:
     def _unconfirm(self, loc: _Local, peer: str) -> None:
         """``peer`` does not keep ``loc``: forget its confirmation, a digest match's too."""
         self._settle(loc)
-        loc.confirmed.pop(peer, None)
+        if peer in loc.confirmed:
+            self._set_confirmed(loc, {p: t for p, t in loc.confirmed.items() if p != peer})
         if peer in loc.dg:
             self._index(loc)  # later than any match that covered it
 
@@ -1619,6 +1652,11 @@ class ReplicaManager:
                               f"{sorted(handoff ^ self._handoff)[:5]}")
         if _NO_ROOM:
             raise DigestDrift(f"{self.name}: the shared empty no_room was written to")
+        if _NONE_CONFIRMED:
+            raise DigestDrift(f"{self.name}: the shared empty confirmed was written to")
+        for key, confirmed in self._confirmations.items():
+            if tuple(confirmed.items()) != key:
+                raise DigestDrift(f"{self.name}: shared confirmations were changed in place")
 
     def _check_drops(self, now: float, oids: Iterable[str] | None = None) -> None:
         """Drop copies this node holds outside the replica set once every member keeps one
