@@ -338,14 +338,16 @@ class Placer:
     def _pick(self, object_id: str, replicas: int, allowed: list[tuple[bytes, Candidate]],
               distinct: bool) -> tuple[str, ...]:
         prefix = object_id.encode() + b"\0"
-        blake2b = hashlib.blake2b
-        ranked = sorted(allowed, key=lambda a: (-int.from_bytes(
-            blake2b(prefix + a[0], digest_size=8).digest(), "big"), a[1].name))
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        # (-score, name) as ``replica_set`` ranks them; names are unique, so the
+        # candidates themselves are never compared.
+        ranked = sorted([(-from_bytes(blake2b(prefix + b, digest_size=8).digest(), "big"),
+                          c.name, c) for b, c in allowed])
         if distinct:
             # Every region holds one node: each pick is the best-ranked node left (its
             # region is fresh), so ``_spread`` reduces to the top of the ranking.
-            return tuple(c.name for _, c in ranked[:replicas])
-        return tuple(c.name for c in _spread([c for _, c in ranked], replicas))
+            return tuple([r[1] for r in ranked[:replicas]])
+        return tuple([c.name for c in _spread([r[2] for r in ranked], replicas)])
 
     def replica_set(self, object_id: str, replicas: int,
                     residency: Residency | None = None) -> tuple[str, ...]:
