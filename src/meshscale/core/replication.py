@@ -437,6 +437,11 @@ def _tomb_hash(oid: str, ts: HLCTimestamp) -> int:
     return _id_hash(f"{oid}\x00tomb\x00{ts.encode()}")
 
 
+def _entry_hash(loc: _Local) -> int:
+    """What an entry contributes to a pair digest: its id's hash, or its tombstone's."""
+    return _id_hash(loc.oid) if loc.tomb is None else _tomb_hash(loc.oid, loc.tomb)
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -461,7 +466,6 @@ class _Local:
     oid: str
     policy: ObjectPolicy
     hint_for: str | None
-    h: int
     confirmed: dict[str, float] = field(default_factory=lambda: _NONE_CONFIRMED)
     """Peer -> when it last confirmed holding (and keeping) this object. Shared between
     entries and never changed in place: set with ``ReplicaManager._set_confirmed``."""
@@ -491,9 +495,10 @@ class _Local:
     keeping since the last view change: no longer offered to them (until the view
     changes)."""
     dg: tuple[str, ...] = ()
-    """The peers whose pair digest holds this entry (``dg_h`` XORed into their
-    accumulators), as last indexed; may name this node, which is skipped."""
-    dg_h: int = 0
+    """The peers whose pair digest holds this entry (``_entry_hash`` XORed into their
+    accumulators), as last indexed; may name this node, which is skipped. The hash is
+    computed when needed, not kept (16 bytes of digest cost a 44-byte int per entry):
+    an entry whose hash changes (a newer tombstone) leaves the digests first."""
     seq: int = 0
     """The manager's change counter when this entry's digest state last changed: a
     digest match of a round started at or after it covers this entry."""
@@ -795,7 +800,7 @@ class ReplicaManager:
             if w > loc.written:
                 loc.written = w
             return
-        loc = _Local(oid, self._share(policy), hint_for, _id_hash(oid), written=w)
+        loc = _Local(oid, self._share(policy), hint_for, written=w)
         self._inv[oid] = loc
         self._index(loc)
         self._count("objects_added")
@@ -1007,9 +1012,9 @@ class ReplicaManager:
                     loc.moved = True
                     self._index(loc)
                 return "applied" if ts == loc.tomb else "older"
+            self._undigest(loc)  # its share was XORed in with the old tombstone's hash
             loc.tomb = ts
             loc.moved = loc.moved or moved
-            loc.h = _tomb_hash(oid, ts)
             loc.confirmed = _NONE_CONFIRMED
             self._index(loc)
             heapq.heappush(self._tomb_heap, (self._expiry(ts), oid))
@@ -1030,7 +1035,7 @@ class ReplicaManager:
         if self._tomb_count >= self.config.max_tombstones:
             self._count("tombstones_shed")
             return "applied"
-        new = _Local(oid, self._share(policy), None, _tomb_hash(oid, ts), tomb=ts, moved=moved)
+        new = _Local(oid, self._share(policy), None, tomb=ts, moved=moved)
         self._inv[oid] = new
         self._index(new)
         self._tomb_count += 1
@@ -1513,31 +1518,37 @@ class ReplicaManager:
             seq = self._seq
         loc.seq = seq
         new = self._pair_peers(loc)
-        if new is not loc.dg or loc.dg_h != loc.h:
+        if new is not loc.dg:
             count, acc, me = self._dg_count, self._dg_acc, self.name
+            h = _entry_hash(loc)
             for p in loc.dg:
                 if p != me:
                     count[p] -= 1
-                    acc[p] ^= loc.dg_h
+                    acc[p] ^= h
             for p in new:
                 if p != me:
                     count[p] = count.get(p, 0) + 1
-                    acc[p] = acc.get(p, 0) ^ loc.h
+                    acc[p] = acc.get(p, 0) ^ h
             loc.dg = new
-            loc.dg_h = loc.h
         if self._in_handoff(loc):
             self._handoff.add(loc.oid)
         else:
             self._handoff.discard(loc.oid)
 
+    def _undigest(self, loc: _Local) -> None:
+        """Take ``loc``'s share out of the pair digests (before its hash changes)."""
+        if loc.dg:
+            count, acc, me = self._dg_count, self._dg_acc, self.name
+            h = _entry_hash(loc)
+            for p in loc.dg:
+                if p != me:
+                    count[p] -= 1
+                    acc[p] ^= h
+            loc.dg = ()
+
     def _unindex(self, loc: _Local) -> None:
         """``loc`` leaves the inventory."""
-        count, acc, me = self._dg_count, self._dg_acc, self.name
-        for p in loc.dg:
-            if p != me:
-                count[p] -= 1
-                acc[p] ^= loc.dg_h
-        loc.dg = ()
+        self._undigest(loc)
         self._handoff.discard(loc.oid)
         if loc.under:
             loc.under = False
@@ -1638,7 +1649,7 @@ class ReplicaManager:
             for p in self._pair_peers(loc):
                 if p != self.name:
                     count[p] = count.get(p, 0) + 1
-                    acc[p] = acc.get(p, 0) ^ loc.h
+                    acc[p] = acc.get(p, 0) ^ _entry_hash(loc)
             if self._in_handoff(loc):
                 handoff.add(loc.oid)
         for p in sorted(set(count) | set(self._dg_count)):
