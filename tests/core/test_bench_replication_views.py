@@ -28,7 +28,8 @@ def test_replication_views_bench_quick_writes_exact_keys(tmp_path: Path) -> None
     rows = got["rows"]
     assert len(rows) == 6 and "core_bytes_per_copy" in proc.stdout
     for r in rows:
-        assert list(r) == ["scenario", "objects", "nodes", "seconds", "replaced", "moved"]
+        assert list(r) == ["scenario", "objects", "nodes", "seconds", "cpu_s", "replaced",
+                          "moved"]
         assert r["objects"] == 2000 and r["replaced"] >= r["moved"]
         if r["nodes"] <= 3:
             assert r["moved"] == 2000  # every set holds every node
