@@ -25,19 +25,20 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   holder is not in the set.
 - An idle round costs O(peers), not O(objects) (Dynamo's Merkle roots have the same aim).
   XOR is its own inverse, so the pair digests are kept, not computed: every entry (copy
-  or tombstone) remembers the peers whose digest it is in and the hash it put there, and
-  any change to it (added, removed, deleted, dropping, a peer declining it for want of
-  room) takes its old share out of each peer's count and accumulator and puts the new one
-  in. Only a view change recomputes them, for the entries whose replica set it moves
-  (one pass over the inventory; by property 1 of ``core.placement`` an entry whose set
-  holds no departed node and gains no new one keeps it, order included, without being
-  placed again, and every set is placed with one ``Placer`` per view). Entries to offer beyond the digests (held
-  outside the replica set, or declined by a full member) are kept in a small *handoff
-  set*, so a round finds them without walking the inventory. A digest match confirms the
-  whole pair set without touching it: the manager notes (peer, time, change counter at
-  the round's start), and an entry unchanged since then counts as confirmed by that peer
-  at that time, written into the entry when it is next read or changed (``_settle``); a
-  view change writes them all. Only a mismatch lists the ids (``Offer`` pages, the pair
+  or tombstone) remembers the peers whose digest it is in (its hash, of its id or of its
+  tombstone, is computed again when needed), and any change to it (added, removed,
+  deleted, dropping, a peer declining it for want of room) takes its old share out of
+  each peer's count and accumulator and puts the new one in. Only a view change
+  recomputes them, for the entries whose replica set it moves (one pass over the
+  inventory; by property 1 of ``core.placement`` an entry whose set holds no departed
+  node and gains no new one keeps it, order included, without being placed again, and
+  every set is placed with one ``Placer`` per view). Entries to offer beyond the digests
+  (held outside the replica set, or declined by a full member) are kept in a small
+  *handoff set*, so a round finds them without walking the inventory. A digest match
+  confirms the whole pair set without touching it: the manager notes (peer, time, change
+  counter at the round's start), and an entry unchanged since then counts as confirmed
+  by that peer at that time, written into the entry when it is next read or changed
+  (``_settle``); a view change writes them all (entries share equal confirmations). Only a mismatch lists the ids (``Offer`` pages, the pair
   set as it is when the mismatch is answered). ``ReplicationConfig.self_check`` (on in
   the simulator's swarms and the core tests, off in the runtime) recomputes everything
   before each round and raises ``DigestDrift`` on any difference.
