@@ -38,10 +38,11 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   confirms the whole pair set without touching it: the manager notes (peer, time, change
   counter at the round's start), and an entry unchanged since then counts as confirmed
   by that peer at that time, written into the entry when it is next read or changed
-  (``_settle``); a view change writes them all (entries share equal confirmations). Only a mismatch lists the ids (``Offer`` pages, the pair
-  set as it is when the mismatch is answered). ``ReplicationConfig.self_check`` (on in
-  the simulator's swarms and the core tests, off in the runtime) recomputes everything
-  before each round and raises ``DigestDrift`` on any difference.
+  (``_settle``); a view change writes them all (entries share equal confirmations).
+  Only a mismatch lists the ids (``Offer`` pages, the pair set as it is when the
+  mismatch is answered). ``ReplicationConfig.self_check`` (on in the simulator's swarms
+  and the core tests, off in the runtime) recomputes everything before each round and
+  raises ``DigestDrift`` on any difference.
 - Confirmations that allow a drop are *keep* confirmations: the peer holds the object and
   considers itself in the replica set under its own view. A peer that holds it but thinks
   it is not responsible answers ``not_mine``, so two nodes with different views cannot
