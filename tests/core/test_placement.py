@@ -13,6 +13,7 @@ from meshscale.core.placement import (
     MAX_REPLICAS,
     Candidate,
     PlacementError,
+    Placer,
     Residency,
     admits_write,
     check_quorum,
@@ -417,3 +418,57 @@ def test_a_write_refused_for_want_of_room_makes_the_node_full() -> None:
     assert not disk_full(200, reserve, margin, was_full=False, refused_bytes=20)
     with pytest.raises(ValueError):
         disk_full(68, reserve, margin, was_full=False, refused_bytes=-1)
+
+
+def _outcome(f: object, *args: object) -> tuple[str, ...] | tuple[str, str, str]:
+    """The names a placement returns, or the refusal it raises (type, rule, message)."""
+    try:
+        got = f(*args)  # type: ignore[operator]
+    except PlacementError as e:
+        return ("PlacementError", e.rule, str(e))
+    except ValueError as e:
+        return ("ValueError", "", str(e))
+    return tuple(c if isinstance(c, str) else c.name for c in got)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(object_ids, min_size=1, max_size=5), topologies,
+       st.integers(min_value=0, max_value=MAX_REPLICAS + 1), residencies, st.data())
+def test_a_placer_answers_as_replica_set_and_write_set(
+    oids: list[str], nodes: list[Candidate], r: int, residency: Residency | None,
+    data: st.DataObject,
+) -> None:
+    full = data.draw(st.sets(st.sampled_from([c.name for c in nodes])))
+    view = _fill(nodes, full)
+    placer = Placer(view)
+    assert placer.any_full == bool(full)
+    for oid in oids:  # several objects: the per-view work is shared between them
+        assert _outcome(placer.replica_set, oid, r, residency) == _outcome(
+            replica_set, oid, view, r, residency)
+        assert _outcome(placer.write_set, oid, r, residency) == _outcome(
+            write_set, oid, view, r, residency)
+
+
+def test_a_placer_of_an_empty_view_refuses_as_replica_set() -> None:
+    with pytest.raises(PlacementError) as e:
+        Placer([]).replica_set("x", 3)
+    assert e.value.rule == "replicas"
+
+
+@settings(max_examples=300, deadline=None)
+@given(object_ids, topologies, replica_counts, residencies, st.data())
+def test_a_placer_tells_whether_joined_nodes_move_a_set(
+    oid: str, nodes: list[Candidate], r: int, residency: Residency | None, data: st.DataObject
+) -> None:
+    names = data.draw(st.sets(st.sampled_from([c.name for c in nodes]), max_size=3))
+    joined = [c for c in nodes if c.name in names]
+    base = [c for c in nodes if c.name not in names]
+    try:
+        old = _names(replica_set(oid, base, r, residency))
+    except PlacementError:
+        old = []
+    try:
+        new = _names(replica_set(oid, nodes, r, residency))
+    except PlacementError:
+        new = []
+    assert Placer(nodes).unmoved_by(oid, r, residency, old, joined) == (new == old)

@@ -199,18 +199,23 @@ def test_a_member_joining_between_plan_and_begin_put_changes_nothing() -> None:
 
 
 def test_the_write_set_is_computed_once_per_put(monkeypatch: pytest.MonkeyPatch) -> None:
+    import meshscale.core.placement as placement
     import meshscale.core.puts as puts
-    import meshscale.core.replication as replication
 
     calls: list[str] = []
     real = puts.write_set
+    real_placer = placement.Placer.write_set
 
     def counted(oid: str, *a: object, **kw: object) -> object:
         calls.append(oid)
         return real(oid, *a, **kw)  # type: ignore[arg-type]
 
+    def placer_counted(self: placement.Placer, oid: str, *a: object, **kw: object) -> object:
+        calls.append(oid)  # the replication manager places its copies with a Placer
+        return real_placer(self, oid, *a, **kw)  # type: ignore[arg-type]
+
     monkeypatch.setattr(puts, "write_set", counted)
-    monkeypatch.setattr(replication, "write_set", counted)
+    monkeypatch.setattr(placement.Placer, "write_set", placer_counted)
     m = _rm(VIEW)
     m.begin_put(1, "obj", ANY, 2, 0.0)  # planned inside begin_put
     plan = m.plan_put("obj2", ANY, 2, early_copies=True)

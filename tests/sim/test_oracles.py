@@ -70,6 +70,19 @@ def test_placement_outside_the_rule_is_caught(monkeypatch: pytest.MonkeyPatch) -
     for mod in (placement, replication, sim_dataplane):
         if hasattr(mod, "replica_set"):
             monkeypatch.setattr(mod, "replica_set", anywhere)
+    # And the Placer the replication manager places its copies with.
+    placer_rs, placer_ws = placement.Placer.replica_set, placement.Placer.write_set
+
+    def placer_anywhere_rs(self: placement.Placer, oid: str, replicas: int,
+                           residency: placement.Residency | None = None) -> tuple[str, ...]:
+        return placer_rs(self, oid, replicas, None)
+
+    def placer_anywhere_ws(self: placement.Placer, oid: str, replicas: int,
+                           residency: placement.Residency | None = None) -> tuple[str, ...]:
+        return placer_ws(self, oid, replicas, None)
+
+    monkeypatch.setattr(placement.Placer, "replica_set", placer_anywhere_rs)
+    monkeypatch.setattr(placement.Placer, "write_set", placer_anywhere_ws)
     # Caught by the swarm's residency check, or earlier by the invariant the replication
     # code asserts before it hands out a transfer: either way the run cannot pass.
     caught = 0

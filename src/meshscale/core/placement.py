@@ -95,6 +95,7 @@ __all__ = [
     "Candidate",
     "ObjectPolicy",
     "PlacementError",
+    "Placer",
     "Residency",
     "admits_write",
     "check_quorum",
@@ -297,6 +298,106 @@ def write_set(
     chosen = replica_set(object_id, room, replicas, residency)
     assert not any(c.full for c in chosen), "a full node in a write set"
     return chosen
+
+
+class Placer:
+    """``replica_set`` and ``write_set`` of many objects under one view, as names: the same
+    answers (and the same refusals) as the functions, with the per-view work (checking the
+    candidates, filtering them by each residency rule, encoding their names) done once
+    instead of once per object. A view change re-places every object a node holds, so
+    this is the inner loop of a node holding millions. Build one per view."""
+
+    __slots__ = ("_any_full", "_by_name", "_live", "_room", "_rules")
+
+    def __init__(self, candidates: Iterable[Candidate]) -> None:
+        self._live = _dedupe(candidates)
+        self._by_name = {c.name: c for c in self._live}
+        self._room = [c for c in self._live if not c.full]
+        self._any_full = len(self._room) != len(self._live)
+        # (residency, room only) -> (allowed [(encoded name, candidate)], regions distinct)
+        self._rules: dict[tuple[Residency | None, bool],
+                          tuple[list[tuple[bytes, Candidate]], bool]] = {}
+
+    @property
+    def any_full(self) -> bool:
+        """Some candidate is full (then write sets may differ from replica sets)."""
+        return self._any_full
+
+    def _allowed(self, residency: Residency | None, room: bool
+                 ) -> tuple[list[tuple[bytes, Candidate]], bool]:
+        key = (residency, room)
+        got = self._rules.get(key)
+        if got is None:
+            pool = self._room if room else self._live
+            allowed = [(c.name.encode(), c) for c in pool
+                       if residency is None or residency.allows(c.region)]
+            distinct = len({c.region for _, c in allowed}) == len(allowed)
+            got = self._rules[key] = (allowed, distinct)
+        return got
+
+    def _pick(self, object_id: str, replicas: int, allowed: list[tuple[bytes, Candidate]],
+              distinct: bool) -> tuple[str, ...]:
+        prefix = object_id.encode() + b"\0"
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        # (-score, name) as ``replica_set`` ranks them; names are unique, so the
+        # candidates themselves are never compared.
+        ranked = sorted([(-from_bytes(blake2b(prefix + b, digest_size=8).digest(), "big"),
+                          c.name, c) for b, c in allowed])
+        if distinct:
+            # Every region holds one node: each pick is the best-ranked node left (its
+            # region is fresh), so ``_spread`` reduces to the top of the ranking.
+            return tuple([r[1] for r in ranked[:replicas]])
+        return tuple([c.name for c in _spread([r[2] for r in ranked], replicas)])
+
+    def replica_set(self, object_id: str, replicas: int,
+                    residency: Residency | None = None) -> tuple[str, ...]:
+        """The names ``replica_set`` returns, in its order; raises as it does."""
+        allowed, distinct = self._allowed(residency, False)
+        if not allowed or not 1 <= replicas <= MAX_REPLICAS:
+            return tuple(c.name for c in replica_set(object_id, self._live, replicas, residency))
+        return self._pick(object_id, replicas, allowed, distinct)
+
+    def unmoved_by(self, object_id: str, replicas: int, residency: Residency | None,
+                   chosen: Sequence[str], joined: Sequence[Candidate]) -> bool:
+        """Whether ``chosen``, the replica set of ``object_id`` under this view less the
+        candidates ``joined`` (so every member of ``chosen`` is in this view), is still its
+        replica set here (then in the same order). By property 1 of the module docstring
+        that holds exactly when no joined node would be picked, which is decided by
+        replaying the picks of ``chosen`` against the joined nodes' keys: one score per
+        member and per joined node, instead of one per candidate."""
+        new = [j for j in joined if residency is None or residency.allows(j.region)]
+        if not new:
+            return True  # none of them is a candidate for this object
+        if len(chosen) < replicas:
+            return False  # every allowed node was picked: a new one is picked too
+        prefix = object_id.encode() + b"\0"
+
+        def rank(name: str) -> tuple[int, str]:
+            return (-int.from_bytes(hashlib.blake2b(prefix + name.encode(), digest_size=8)
+                                    .digest(), "big"), name)
+
+        ranks = [rank(j.name) for j in new]
+        in_region: dict[str, int] = {}
+        in_zone: dict[tuple[str, str], int] = {}
+        for name in chosen:
+            c = self._by_name[name]
+            key = (in_region.get(c.region, 0), in_zone.get((c.region, c.zone), 0), rank(name))
+            for j, r in zip(new, ranks, strict=True):
+                if (in_region.get(j.region, 0), in_zone.get((j.region, j.zone), 0), r) < key:
+                    return False  # j would be picked here instead of this member
+            in_region[c.region] = in_region.get(c.region, 0) + 1
+            in_zone[(c.region, c.zone)] = in_zone.get((c.region, c.zone), 0) + 1
+        return True
+
+    def write_set(self, object_id: str, replicas: int,
+                  residency: Residency | None = None) -> tuple[str, ...]:
+        """The names ``write_set`` returns, in its order; raises as it does."""
+        if not self._any_full:
+            return self.replica_set(object_id, replicas, residency)
+        allowed, distinct = self._allowed(residency, True)
+        if not allowed or not 1 <= replicas <= MAX_REPLICAS:
+            return tuple(c.name for c in write_set(object_id, self._live, replicas, residency))
+        return self._pick(object_id, replicas, allowed, distinct)
 
 
 def check_quorum(chosen: Sequence[Candidate], w: int, full: int = 0) -> None:

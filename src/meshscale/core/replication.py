@@ -25,20 +25,24 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   holder is not in the set.
 - An idle round costs O(peers), not O(objects) (Dynamo's Merkle roots have the same aim).
   XOR is its own inverse, so the pair digests are kept, not computed: every entry (copy
-  or tombstone) remembers the peers whose digest it is in and the hash it put there, and
-  any change to it (added, removed, deleted, dropping, a peer declining it for want of
-  room) takes its old share out of each peer's count and accumulator and puts the new one
-  in. Only a view change recomputes them all (replica sets move; one pass over the
-  inventory, as that change needs anyway). Entries to offer beyond the digests (held
-  outside the replica set, or declined by a full member) are kept in a small *handoff
-  set*, so a round finds them without walking the inventory. A digest match confirms the
-  whole pair set without touching it: the manager notes (peer, time, change counter at
-  the round's start), and an entry unchanged since then counts as confirmed by that peer
-  at that time, written into the entry when it is next read or changed (``_settle``); a
-  view change writes them all. Only a mismatch lists the ids (``Offer`` pages, the pair
-  set as it is when the mismatch is answered). ``ReplicationConfig.self_check`` (on in
-  the simulator's swarms and the core tests, off in the runtime) recomputes everything
-  before each round and raises ``DigestDrift`` on any difference.
+  or tombstone) remembers the peers whose digest it is in (its hash, of its id or of its
+  tombstone, is computed again when needed), and any change to it (added, removed,
+  deleted, dropping, a peer declining it for want of room) takes its old share out of
+  each peer's count and accumulator and puts the new one in. Only a view change
+  recomputes them, for the entries whose replica set it moves (one pass over the
+  inventory; by property 1 of ``core.placement`` an entry whose set holds no departed
+  node and gains no new one keeps it, order included, without being placed again, and
+  every set is placed with one ``Placer`` per view). Entries to offer beyond the digests
+  (held outside the replica set, or declined by a full member) are kept in a small
+  *handoff set*, so a round finds them without walking the inventory. A digest match
+  confirms the whole pair set without touching it: the manager notes (peer, time, change
+  counter at the round's start), and an entry unchanged since then counts as confirmed
+  by that peer at that time, written into the entry when it is next read or changed
+  (``_settle``); a view change writes them all (entries share equal confirmations).
+  Only a mismatch lists the ids (``Offer`` pages, the pair set as it is when the
+  mismatch is answered). ``ReplicationConfig.self_check`` (on in the simulator's swarms
+  and the core tests, off in the runtime) recomputes everything before each round and
+  raises ``DigestDrift`` on any difference.
 - Confirmations that allow a drop are *keep* confirmations: the peer holds the object and
   considers itself in the replica set under its own view. A peer that holds it but thinks
   it is not responsible answers ``not_mine``, so two nodes with different views cannot
@@ -93,7 +97,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar, cast
 
@@ -106,10 +110,10 @@ from meshscale.core.placement import (
     Candidate,
     ObjectPolicy,
     PlacementError,
+    Placer,
     Residency,
     hrw_score,
     replica_set,
-    write_set,
 )
 from meshscale.core.policy import ClassPolicy, migrated_regions, stored_rule
 from meshscale.core.puts import PutPlan, check_feasible, plan_put
@@ -439,6 +443,11 @@ def _tomb_hash(oid: str, ts: HLCTimestamp) -> int:
     return _id_hash(f"{oid}\x00tomb\x00{ts.encode()}")
 
 
+def _entry_hash(loc: _Local) -> int:
+    """What an entry contributes to a pair digest: its id's hash, or its tombstone's."""
+    return _id_hash(loc.oid) if loc.tomb is None else _tomb_hash(loc.oid, loc.tomb)
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -447,6 +456,9 @@ _T = TypeVar("_T")
 _NO_ROOM: dict[str, float] = {}
 """The ``no_room`` of every entry no full peer declined (read only: ``_set_no_room`` gives
 an entry a dict of its own before writing one)."""
+
+_NONE_CONFIRMED: dict[str, float] = {}
+"""The ``confirmed`` of every entry no peer confirmed (read only, as every ``confirmed``)."""
 
 SHARED_VALUES_MAX = 4096
 """Distinct policies and replica-set tuples ``ReplicaManager`` keeps one copy of, for its
@@ -460,9 +472,9 @@ class _Local:
     oid: str
     policy: ObjectPolicy
     hint_for: str | None
-    h: int
-    confirmed: dict[str, float] = field(default_factory=dict)
-    """Peer -> when it last confirmed holding (and keeping) this object."""
+    confirmed: dict[str, float] = field(default_factory=lambda: _NONE_CONFIRMED)
+    """Peer -> when it last confirmed holding (and keeping) this object. Shared between
+    entries and never changed in place: set with ``ReplicaManager._set_confirmed``."""
     failed_at: float = float("-inf")
     """When a member of its replica set last left the view (repair priority)."""
     rs: tuple[str, ...] = ()
@@ -489,9 +501,10 @@ class _Local:
     keeping since the last view change: no longer offered to them (until the view
     changes)."""
     dg: tuple[str, ...] = ()
-    """The peers whose pair digest holds this entry (``dg_h`` XORed into their
-    accumulators), as last indexed; may name this node, which is skipped."""
-    dg_h: int = 0
+    """The peers whose pair digest holds this entry (``_entry_hash`` XORed into their
+    accumulators), as last indexed; may name this node, which is skipped. The hash is
+    computed when needed, not kept (16 bytes of digest cost a 44-byte int per entry):
+    an entry whose hash changes (a newer tombstone) leaves the digests first."""
     seq: int = 0
     """The manager's change counter when this entry's digest state last changed: a
     digest match of a round started at or after it covers this entry."""
@@ -563,6 +576,7 @@ class ReplicaManager:
         self.stats: dict[str, int] = {}
         self._outputs: list[ReplicationOutput] = []
         self._view: dict[str, Candidate] = {}
+        self._placer: Placer | None = None
         self._any_full = False
         self._view_version = 0
         self._view_since = now
@@ -607,6 +621,9 @@ class ReplicaManager:
         current view: every entry in our pair digest with it and unchanged since that
         round started counts as confirmed by it then (``_settle``)."""
         self._under = 0
+        self._confirmations: dict[tuple[tuple[str, float], ...], dict[str, float]] = {}
+        """Confirmations the entries share (``_set_confirmed``), up to
+        ``SHARED_VALUES_MAX`` (then forgotten and started again)."""
         self._shared: dict[object, object] = {}
         """One copy of each policy and replica-set tuple the entries hold (many objects,
         few distinct values: a few hundred bytes per entry otherwise), up to
@@ -701,29 +718,67 @@ class ReplicaManager:
                 self._settle(loc)
             self._matched.clear()
         if removed:
+            gone = set(removed)
             for loc in self._inv.values():
                 old = self._rs_of_local(loc)
+                if loc.confirmed and not gone.isdisjoint(loc.confirmed):
+                    self._set_confirmed(loc, {p: t for p, t in loc.confirmed.items()
+                                              if p not in gone})
                 for r in removed:
-                    loc.confirmed.pop(r, None)
                     loc.no_room.pop(r, None)
                     if r in old:
                         loc.failed_at = now
             for r in removed:
                 self._rounds.pop(r, None)
+        old_view = self._view
         self._view = view
+        self._placer = None
         self._any_full = any(c.full for c in view.values())
         self._view_version += 1
         self._view_since = now
         self._peers = sorted(n for n in view if n != self.name)
         self._count("view_changes")
-        self._rebuild()
+        moved = self._rebuild(self._unmoved(old_view, removed, added))
         # Promptly re-check with everyone: the replica sets of some objects moved.
         self._prompt(self._peers, now)
-        for oid in sorted(self._inv):
-            if self._inv[oid].tomb is None:
-                self._check_under(oid, self._inv[oid])
+        # Only an entry whose replica set moved can change its count of live replicas.
+        for oid in sorted(moved):
+            loc = self._inv[oid]
+            if loc.tomb is None:
+                self._check_under(oid, loc)
         if added or removed:
             self._pump(now)
+
+    def _unmoved(self, old_view: Mapping[str, Candidate], removed: list[str], added: list[str]
+                 ) -> Callable[[_Local], bool] | None:
+        """For a view change that only removes and adds nodes, none of them full, and
+        leaves the other nodes as they were: a test of whether an entry's replica and
+        write sets (cached under the old view) are still its sets. By property 1 of
+        ``core.placement`` a set that holds no removed node and that no added node enters
+        is unchanged, order included, so most entries of a large mesh keep theirs without
+        being placed again. None for any other change (every set is placed again)."""
+        if not old_view:
+            return None
+        gone = set(removed)
+        if any(old_view[n].full for n in gone) or any(self._view[n].full for n in added):
+            return None
+        if any(old_view[n] != c for n, c in self._view.items() if n in old_view):
+            return None  # a node changed (its region, zone, labels, or disk filled)
+        joined = [self._view[n] for n in added]
+        placer = self._placement()
+        any_full = self._any_full
+
+        def unmoved(loc: _Local) -> bool:
+            if gone and (not gone.isdisjoint(loc.rs) or not gone.isdisjoint(loc.ws)):
+                return False
+            if not joined:
+                return True
+            if not loc.rs or any_full:
+                return False  # no set to keep, or a write set apart to check too
+            return placer.unmoved_by(loc.oid, loc.policy.replicas, loc.policy.residency,
+                                     loc.rs, joined)
+
+        return unmoved
 
     def object_added(
         self, oid: str, policy: ObjectPolicy, hint_for: str | None, now: float,
@@ -751,7 +806,7 @@ class ReplicaManager:
             if w > loc.written:
                 loc.written = w
             return
-        loc = _Local(oid, self._share(policy), hint_for, _id_hash(oid), written=w)
+        loc = _Local(oid, self._share(policy), hint_for, written=w)
         self._inv[oid] = loc
         self._index(loc)
         self._count("objects_added")
@@ -968,10 +1023,10 @@ class ReplicaManager:
                     if persist:
                         self._outputs.append(TombstoneStored(oid, loc.policy, ts, moved=True))
                 return "applied" if ts == loc.tomb else "older"
+            self._undigest(loc)  # its share was XORed in with the old tombstone's hash
             loc.tomb = ts
             loc.moved = loc.moved or moved
-            loc.h = _tomb_hash(oid, ts)
-            loc.confirmed.clear()
+            loc.confirmed = _NONE_CONFIRMED
             self._index(loc)
             heapq.heappush(self._tomb_heap, (self._expiry(ts), oid))
             if persist:
@@ -991,7 +1046,7 @@ class ReplicaManager:
         if self._tomb_count >= self.config.max_tombstones:
             self._count("tombstones_shed")
             return "applied"
-        new = _Local(oid, self._share(policy), None, _tomb_hash(oid, ts), tomb=ts, moved=moved)
+        new = _Local(oid, self._share(policy), None, tomb=ts, moved=moved)
         self._inv[oid] = new
         self._index(new)
         self._tomb_count += 1
@@ -1348,7 +1403,7 @@ class ReplicaManager:
             elif oid in not_mine:
                 self._unconfirm(loc, src)
             else:
-                loc.confirmed[src] = now
+                self._set_confirmed(loc, {**loc.confirmed, src: now})
                 self._set_no_room(loc, src, None)
                 sent = st.tombs.get(oid)
                 if sent is not None and loc.tomb is not None:
@@ -1474,48 +1529,69 @@ class ReplicaManager:
             seq = self._seq
         loc.seq = seq
         new = self._pair_peers(loc)
-        if new is not loc.dg or loc.dg_h != loc.h:
+        if new is not loc.dg:
             count, acc, me = self._dg_count, self._dg_acc, self.name
+            h = _entry_hash(loc)
             for p in loc.dg:
                 if p != me:
                     count[p] -= 1
-                    acc[p] ^= loc.dg_h
+                    acc[p] ^= h
             for p in new:
                 if p != me:
                     count[p] = count.get(p, 0) + 1
-                    acc[p] = acc.get(p, 0) ^ loc.h
+                    acc[p] = acc.get(p, 0) ^ h
             loc.dg = new
-            loc.dg_h = loc.h
         if self._in_handoff(loc):
             self._handoff.add(loc.oid)
         else:
             self._handoff.discard(loc.oid)
 
+    def _undigest(self, loc: _Local) -> None:
+        """Take ``loc``'s share out of the pair digests (before its hash changes)."""
+        if loc.dg:
+            count, acc, me = self._dg_count, self._dg_acc, self.name
+            h = _entry_hash(loc)
+            for p in loc.dg:
+                if p != me:
+                    count[p] -= 1
+                    acc[p] ^= h
+            loc.dg = ()
+
     def _unindex(self, loc: _Local) -> None:
         """``loc`` leaves the inventory."""
-        count, acc, me = self._dg_count, self._dg_acc, self.name
-        for p in loc.dg:
-            if p != me:
-                count[p] -= 1
-                acc[p] ^= loc.dg_h
-        loc.dg = ()
+        self._undigest(loc)
         self._handoff.discard(loc.oid)
         if loc.under:
             loc.under = False
             self._under -= 1
 
-    def _rebuild(self) -> None:
-        """The view changed: every entry's replica set may have moved. O(objects)."""
-        self._dg_count = {}
-        self._dg_acc = {}
-        self._handoff = set()
+    def _rebuild(self, unmoved: Callable[[_Local], bool] | None) -> list[str]:
+        """The view changed: the replica set of any entry may have moved. Entries whose
+        cached sets ``unmoved`` keeps (see ``_unmoved``) are carried over to the new view
+        without placing them again; the others are placed and re-indexed. Returns the ids
+        of the latter. One pass over the inventory, cheap for an entry that stays."""
         # No match is pending (``set_view`` settled them): a round started from now on
-        # covers every entry as it is now. One shared counter value, not one int each.
+        # covers every entry as it is now.
         assert not self._matched
+        version = self._view_version
+        old = version - 1
+        moved: list[str] = []
         for loc in self._inv.values():
-            loc.dg = ()
+            if unmoved is not None and loc.rs_version == old and unmoved(loc):
+                loc.rs_version = version
+                if loc.handed or loc.no_room is not _NO_ROOM:
+                    # Not offered for the old set (``handed``), or declined by a member
+                    # that left (its ``no_room`` entry went): its handoff state may change.
+                    loc.handed = False
+                    self._index(loc, seq=0)
+                continue
+            moved.append(loc.oid)
             loc.handed = False  # the set moved: a moved tombstone is offered to it again
             self._index(loc, seq=0)
+        for p in [p for p, n in self._dg_count.items() if not n and p not in self._view]:
+            del self._dg_count[p]
+            self._dg_acc.pop(p, None)
+        return moved
 
     def _settle(self, loc: _Local) -> None:
         """Write into ``loc.confirmed`` the digest matches that cover it (see
@@ -1523,11 +1599,33 @@ class ReplicaManager:
         changing ``loc``."""
         if not self._matched or not loc.dg:
             return
+        new: dict[str, float] | None = None
         for p in loc.dg:
             m = self._matched.get(p)
             if (m is not None and loc.seq <= m[1] and p != self.name
                     and loc.confirmed.get(p, float("-inf")) < m[0]):
-                loc.confirmed[p] = m[0]
+                if new is None:
+                    new = dict(loc.confirmed)
+                new[p] = m[0]
+        if new is not None:
+            self._set_confirmed(loc, new)
+
+    def _set_confirmed(self, loc: _Local, confirmed: dict[str, float]) -> None:
+        """Give ``loc`` the confirmations ``confirmed`` (a new dict, not to be changed
+        after), or the equal one another entry already holds: entries share them (after a
+        digest match, every entry of a pair set has the same ones), so each is a value,
+        never changed in place (a change makes a new one)."""
+        if not confirmed:
+            loc.confirmed = _NONE_CONFIRMED
+            return
+        table = self._confirmations
+        key = tuple(confirmed.items())
+        got = table.get(key)
+        if got is None:
+            if len(table) >= SHARED_VALUES_MAX:
+                table.clear()  # older ones stay shared by their entries, no longer found
+            table[key] = got = confirmed
+        loc.confirmed = got
 
     def _set_no_room(self, loc: _Local, peer: str, at: float | None) -> None:
         """``peer`` declined ``loc`` for want of room at ``at`` (None: it no longer does)."""
@@ -1547,7 +1645,8 @@ class ReplicaManager:
     def _unconfirm(self, loc: _Local, peer: str) -> None:
         """``peer`` does not keep ``loc``: forget its confirmation, a digest match's too."""
         self._settle(loc)
-        loc.confirmed.pop(peer, None)
+        if peer in loc.confirmed:
+            self._set_confirmed(loc, {p: t for p, t in loc.confirmed.items() if p != peer})
         if peer in loc.dg:
             self._index(loc)  # later than any match that covered it
 
@@ -1561,7 +1660,7 @@ class ReplicaManager:
             for p in self._pair_peers(loc):
                 if p != self.name:
                     count[p] = count.get(p, 0) + 1
-                    acc[p] = acc.get(p, 0) ^ loc.h
+                    acc[p] = acc.get(p, 0) ^ _entry_hash(loc)
             if self._in_handoff(loc):
                 handoff.add(loc.oid)
         for p in sorted(set(count) | set(self._dg_count)):
@@ -1575,6 +1674,11 @@ class ReplicaManager:
                               f"{sorted(handoff ^ self._handoff)[:5]}")
         if _NO_ROOM:
             raise DigestDrift(f"{self.name}: the shared empty no_room was written to")
+        if _NONE_CONFIRMED:
+            raise DigestDrift(f"{self.name}: the shared empty confirmed was written to")
+        for key, confirmed in self._confirmations.items():
+            if tuple(confirmed.items()) != key:
+                raise DigestDrift(f"{self.name}: shared confirmations were changed in place")
 
     def _check_drops(self, now: float, oids: Iterable[str] | None = None) -> None:
         """Drop copies this node holds outside the replica set once every member keeps one
@@ -1664,9 +1768,16 @@ class ReplicaManager:
 
     # ------------------------------------------------------------------ placement cache
 
+    def _placement(self) -> Placer:
+        """Placement under the current view (one ``Placer`` per view)."""
+        placer = self._placer
+        if placer is None:
+            placer = self._placer = Placer(self._view.values())
+        return placer
+
     def _rs(self, oid: str, policy: ObjectPolicy) -> tuple[str, ...]:
-        chosen = replica_set(oid, self._view.values(), policy.replicas, policy.residency)
-        return self._share(tuple(c.name for c in chosen))
+        return self._share(self._placement().replica_set(oid, policy.replicas,
+                                                         policy.residency))
 
     def _ws(self, oid: str, policy: ObjectPolicy) -> tuple[str, ...]:
         """The write set (``placement.write_set``); empty when no allowed node has room."""
@@ -1676,10 +1787,10 @@ class ReplicaManager:
             except PlacementError:
                 return ()
         try:
-            chosen = write_set(oid, self._view.values(), policy.replicas, policy.residency)
+            return self._share(self._placement().write_set(oid, policy.replicas,
+                                                           policy.residency))
         except PlacementError:
             return ()
-        return self._share(tuple(c.name for c in chosen))
 
     def _rs_of_local(self, loc: _Local) -> tuple[str, ...]:
         """The replica set of a local object under the current view (cached per view);

@@ -74,6 +74,9 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
         # The class policies this node knows: a received tombstone is kept under its rule
         # narrowed to its class's, as a received copy is (uploads.py, core.policy.stored_rule).
         self.rm.class_policies = self.policies
+        # The view first (this node alone, until it joins): each copy read below is placed
+        # once as it is added, not all of them again by a view change at the end.
+        self.rm.set_view(self._view(), now)
         # Tombstones first (few): a read of a deleted object must not be served from a
         # copy that outlived its delete. Then reads are served from the store while the
         # copies are read into the replica manager (O(objects)): a restarted node answers

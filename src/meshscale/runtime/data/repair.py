@@ -32,6 +32,12 @@ from meshscale.runtime.data.state import DataPlaneBase, _await, _small_copy
 from meshscale.runtime.storage import StorageError
 from meshscale.transport.rpc import RpcConnection, RpcError
 
+UNDER_REPLICATED_LOGGED = 8
+"""``UnderReplicated`` events logged one line each per batch of outputs; the rest of the
+batch is one line with their count. A view change reports every held object it leaves
+short of replicas, and a node holding millions must not write (and flush) a line each
+on its event loop. The ``under_replicated_events`` counter still counts every one."""
+
 
 class ReplicaDriver(DataPlaneBase):
     """Drives ``ReplicaManager``: ``_pump`` carries out what it decided."""
@@ -41,6 +47,7 @@ class ReplicaDriver(DataPlaneBase):
         if rm is None:
             return
         persisting: list[asyncio.Task[None]] = []
+        under = 0
         for out in rm.drain():
             if isinstance(out, SendMessage):
                 # A message after a tombstone in the same batch (a TombstoneAck, an offer
@@ -73,10 +80,16 @@ class ReplicaDriver(DataPlaneBase):
                     pfut.set_exception(ValueError(f"put of {out.oid} failed: {out.reason}"))
             elif isinstance(out, UnderReplicated):
                 self._count("under_replicated_events")
-                self.agent.log("warning", "under_replicated", object=out.oid,
-                               live=out.live_replicas, wanted=out.wanted)
+                under += 1
+                if under <= UNDER_REPLICATED_LOGGED:
+                    self.agent.log("warning", "under_replicated", object=out.oid,
+                                   live=out.live_replicas, wanted=out.wanted)
             elif isinstance(out, Event):
                 self.agent.log("info", type(out).__name__)
+        if under > UNDER_REPLICATED_LOGGED:
+            self.agent.log("warning", "under_replicated", objects=under - UNDER_REPLICATED_LOGGED,
+                           detail="more held objects with fewer live replicas than wanted "
+                                  "(not listed one by one)")
         self._timer.arm(rm.next_deadline())
 
     def _on_timer(self) -> None:
