@@ -397,7 +397,8 @@ def push_pull_period(config: MembershipConfig, n: int) -> float:
 class _Suspicion:
     """Lifeguard's dynamic suspicion timer for one member."""
 
-    __slots__ = ("answered", "confirmations", "k", "last_chances", "max_s", "min_s", "start", "timer")
+    __slots__ = ("answered", "confirmations", "expire", "k", "last_chances", "max_s", "min_s",
+                 "start", "timer")
 
     def __init__(self, source: str, k: int, min_s: float, max_s: float, start: float) -> None:
         self.confirmations = {source}
@@ -406,6 +407,8 @@ class _Suspicion:
         self.max_s = max_s
         self.start = start
         self.timer: _Timer | None = None
+        self.expire: Callable[[float], None] | None = None
+        """Its expiry callback, made once (a suspicion is re-armed by each confirmation)."""
         self.last_chances = 0
         self.answered = False
 
@@ -1304,7 +1307,10 @@ class Membership:
     def _arm_suspicion(self, name: str, sus: _Suspicion) -> None:
         if sus.timer is not None:
             self._cancel(sus.timer)
-        sus.timer = self._at(sus.deadline(), partial(self._suspicion_expired, name, sus))
+        expire = sus.expire
+        if expire is None:
+            expire = sus.expire = partial(self._suspicion_expired, name, sus)
+        sus.timer = self._at(sus.deadline(), expire)
 
     def _suspicion_expired(self, name: str, sus: _Suspicion, now: float) -> None:
         m = self.members.get(name)
