@@ -567,3 +567,25 @@ def test_a_suspected_sleeper_gets_a_longer_suspicion_and_is_still_found_dead() -
         a.on_timer(t)
     assert a.state_of("b") == State.DEAD
     assert a.stats["standby_suspicions"] == 1
+
+
+def test_cancelled_timers_are_dropped_in_bulk_and_deadlines_are_unchanged() -> None:
+    # Each confirmation of a suspicion re-arms its timer and cancels the earlier one.
+    names = [f"n{i}" for i in range(60)]
+    m = converged(names)["n0"]
+    for round_ in range(3):
+        for i, subject in enumerate(names[1:]):
+            src = names[(i + round_ + 2) % len(names)]
+            payload = encode_envelope([msgspec.msgpack.encode(Suspect(subject, 0, src))])
+            m.handle_datagram(src, payload, 1.0)
+    assert m.stats["suspicion_confirmations"] == 2 * (len(names) - 1)
+    live = [(at, seq) for at, seq, t in m._timers if t.active]
+    cancelled = len(m._timers) - len(live)
+    assert cancelled == m._cancelled
+    # 118 cancellations; without the bulk drop they would all still be in the heap.
+    assert cancelled < max(64, len(live))
+    assert m.next_deadline() == min(live)[0]
+    m.on_timer(1000.0)  # the suspicions expire: a last-chance ping each
+    m.on_timer(1001.0)  # unanswered: dead
+    assert all(m.state_of(n) == State.DEAD for n in names[1:])
+    assert m._cancelled == sum(1 for _, _, t in m._timers if not t.active)

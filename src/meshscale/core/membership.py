@@ -397,7 +397,8 @@ def push_pull_period(config: MembershipConfig, n: int) -> float:
 class _Suspicion:
     """Lifeguard's dynamic suspicion timer for one member."""
 
-    __slots__ = ("answered", "confirmations", "k", "last_chances", "max_s", "min_s", "start", "timer")
+    __slots__ = ("answered", "confirmations", "expire", "k", "last_chances", "max_s", "min_s",
+                 "start", "timer")
 
     def __init__(self, source: str, k: int, min_s: float, max_s: float, start: float) -> None:
         self.confirmations = {source}
@@ -406,6 +407,8 @@ class _Suspicion:
         self.max_s = max_s
         self.start = start
         self.timer: _Timer | None = None
+        self.expire: Callable[[float], None] | None = None
+        """Its expiry callback, made once (a suspicion is re-armed by each confirmation)."""
         self.last_chances = 0
         self.answered = False
 
@@ -501,6 +504,8 @@ class Membership:
         self.stats: dict[str, int] = {}
         self._outputs: list[Output] = []
         self._timers: list[tuple[float, int, _Timer]] = []
+        self._cancelled = 0
+        """Cancelled timers still in ``_timers`` (dropped in bulk, see ``_cancel``)."""
         self._timer_seq = 0
         self._seq = 0
         self._probes: dict[int, _Probe] = {}
@@ -658,7 +663,7 @@ class Membership:
         self._bqueue_sorted = True
         self._joined = True
         # Spread the first full-state exchange over the period this mesh size calls for.
-        self._push_pull_timer.active = False
+        self._cancel(self._push_pull_timer)
         period = push_pull_period(self.config, self._alive_count)
         self._push_pull_timer = self._at(now + self.rng.uniform(0, period), self._push_pull_tick)
 
@@ -687,6 +692,7 @@ class Membership:
         timers = self._timers
         while timers and not timers[0][2].active:
             heapq.heappop(timers)
+            self._cancelled -= 1
         return timers[0][0] if timers else None
 
     def on_timer(self, now: float) -> None:
@@ -697,6 +703,8 @@ class Membership:
                 timer.active = False
                 self._now = now
                 timer.fn(now)
+            else:
+                self._cancelled -= 1
 
     def handle_datagram(self, src: str, payload: bytes, now: float) -> None:
         self._now = now
@@ -767,6 +775,24 @@ class Membership:
         self._timer_seq += 1
         heapq.heappush(self._timers, (at, self._timer_seq, timer))
         return timer
+
+    def _cancel(self, timer: _Timer) -> None:
+        """Cancel a timer. It stays in the heap (skipped when it comes up) until the
+        cancelled ones are at least half of the heap: then they are dropped in one pass.
+        A suspicion re-armed by each confirmation leaves its earlier timer behind, and
+        at 1,000 nodes with slow members these made most of a node's heap (and most of
+        what the cyclic GC walks). Which timers fire, and in which order, is the same:
+        the heap is ordered by (deadline, sequence number) alone."""
+        if not timer.active:
+            return  # fired or cancelled already: not in the heap as a live entry
+        timer.active = False
+        self._cancelled += 1
+        timers = self._timers
+        if self._cancelled >= 64 and 2 * self._cancelled >= len(timers):
+            # In place: on_timer may be iterating over this very list.
+            timers[:] = [entry for entry in timers if entry[2].active]
+            heapq.heapify(timers)
+            self._cancelled = 0
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -1055,7 +1081,7 @@ class Membership:
         if probe.acked:
             return
         if probe.timeout_timer is not None:
-            probe.timeout_timer.active = False
+            self._cancel(probe.timeout_timer)
         target = self.members.get(probe.target)
         if target is None or target.state > _SUSPECT:
             return
@@ -1096,7 +1122,7 @@ class Membership:
         relay = self._relays.pop(msg.seq, None)
         if relay is not None:
             if relay.timer is not None:
-                relay.timer.active = False
+                self._cancel(relay.timer)
             self._send(relay.origin_addr, _encode(Ack(relay.origin_seq, msg.source)), now)
             return
         lc_name = self._last_chance.pop(msg.seq, None)
@@ -1110,7 +1136,7 @@ class Membership:
             return
         probe.acked = True
         if probe.timeout_timer is not None:
-            probe.timeout_timer.active = False
+            self._cancel(probe.timeout_timer)
         if self._current_probe is probe:
             self._apply_awareness(-1)
         self._count("acks")
@@ -1280,8 +1306,11 @@ class Membership:
 
     def _arm_suspicion(self, name: str, sus: _Suspicion) -> None:
         if sus.timer is not None:
-            sus.timer.active = False
-        sus.timer = self._at(sus.deadline(), partial(self._suspicion_expired, name, sus))
+            self._cancel(sus.timer)
+        expire = sus.expire
+        if expire is None:
+            expire = sus.expire = partial(self._suspicion_expired, name, sus)
+        sus.timer = self._at(sus.deadline(), expire)
 
     def _suspicion_expired(self, name: str, sus: _Suspicion, now: float) -> None:
         m = self.members.get(name)
@@ -1329,7 +1358,7 @@ class Membership:
     def _cancel_suspicion(self, name: str) -> None:
         sus = self._suspicions.pop(name, None)
         if sus is not None and sus.timer is not None:
-            sus.timer.active = False
+            self._cancel(sus.timer)
         if self._last_chance:
             self._forget_last_chance(name)
 
@@ -1528,3 +1557,4 @@ class Membership:
         for _, _, t in self._timers:
             t.active = False
         self._timers.clear()
+        self._cancelled = 0

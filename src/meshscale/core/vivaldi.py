@@ -133,7 +133,7 @@ def is_valid(c: Coordinate, config: VivaldiConfig) -> bool:
     """
     if len(c.vec) != config.dimensionality:
         return False
-    if not all(math.isfinite(x) for x in c.vec):
+    if not all(map(math.isfinite, c.vec)):
         return False
     if not (math.isfinite(c.height) and math.isfinite(c.error) and math.isfinite(c.adjustment)):
         return False
@@ -182,10 +182,7 @@ class VivaldiClient:
             self.rejected += 1
             return self._coord
 
-        rtt = self._latency_filter(peer, rtt_s)
-        self._update_vivaldi(peer_coord, rtt)
-        self._update_adjustment(peer_coord, rtt)
-        self._update_gravity()
+        self._step(peer_coord, self._latency_filter(peer, rtt_s))
         if not is_valid(self._coord, self._config):
             # Overflow from an absurd (yet finite) peer coordinate, most likely.
             self.resets += 1
@@ -194,7 +191,7 @@ class VivaldiClient:
             self._adjustment_index = 0
 
         c = self._coord
-        assert is_valid(c, self._config)
+        # Valid here: checked just above (the origin is valid).
         assert self._config.height_min <= c.height
         assert 0.0 <= c.error <= self._config.error_max
         return c
@@ -204,19 +201,30 @@ class VivaldiClient:
         self._latency_samples.pop(peer, None)
 
     def _latency_filter(self, peer: str, rtt_s: float) -> float:
-        samples = self._latency_samples.pop(peer, None)
+        filters = self._latency_samples
+        samples = filters.get(peer)
         if samples is None:
             samples = deque(maxlen=self._config.latency_filter_size)
-            while len(self._latency_samples) >= self._config.max_peers:
-                self._latency_samples.popitem(last=False)
+            while len(filters) >= self._config.max_peers:
+                filters.popitem(last=False)
+            filters[peer] = samples  # inserted last: most recently used
+        else:
+            filters.move_to_end(peer)
         samples.append(rtt_s)
-        self._latency_samples[peer] = samples  # re-inserted last: most recently used
         ordered = sorted(samples)
         return ordered[len(ordered) // 2]
 
-    def _update_vivaldi(self, other: Coordinate, rtt: float) -> None:
+    def _step(self, other: Coordinate, rtt: float) -> None:
+        """One Vivaldi step toward ``other`` at filtered RTT ``rtt``: the spring force,
+        then the adjustment term, then gravity toward the origin, into one new
+        coordinate. Every number is computed by the same operations, in the same order,
+        as three separate steps would (a run is reproducible bit for bit), without
+        building the coordinates in between."""
         cfg = self._config
         me = self._coord
+        mine = me.vec
+        theirs = other.vec
+        # The spring: move away from (toward) the peer by the weighted residual.
         dist = estimate_rtt(me, other)
         wrongness = abs(dist - rtt) / rtt
         total_error = max(me.error + other.error, _ZERO_THRESHOLD)
@@ -224,45 +232,49 @@ class VivaldiClient:
         error = cfg.ce * weight * wrongness + me.error * (1.0 - cfg.ce * weight)
         error = min(error, cfg.error_max)
         force = cfg.cc * weight * (rtt - dist)
-        moved = self._apply_force(me, force, other, random_if_coincident=True)
-        self._coord = msgspec.structs.replace(moved, error=error)
+        vec, height = self._moved(mine, me.height, force, theirs, other.height, True)
+        # The adjustment: the mean residual against the raw distance over a window
+        # (adjustments must not feed on themselves).
+        adjustment = me.adjustment
+        window = cfg.adjustment_window_size
+        if window:
+            samples = self._adjustment_samples
+            samples[self._adjustment_index] = rtt - (
+                math.dist(vec, theirs) + (height + other.height))
+            self._adjustment_index = (self._adjustment_index + 1) % window
+            adjustment = sum(samples) / (2.0 * window)
+        # Gravity: a pull toward the origin growing with the square of the distance.
+        o = self._origin
+        raw = math.dist(o.vec, vec) + (o.height + height)
+        adjusted = raw + (o.adjustment + adjustment)
+        ratio = (adjusted if adjusted > 0.0 else raw) / cfg.gravity_rho
+        vec, height = self._moved(vec, height, -(ratio * ratio), o.vec, o.height, False)
+        self._coord = Coordinate(vec, height, error, adjustment)
 
-    def _update_adjustment(self, other: Coordinate, rtt: float) -> None:
-        window = self._config.adjustment_window_size
-        if window == 0:
-            return
-        # The residual against the raw distance: adjustments must not feed on themselves.
-        self._adjustment_samples[self._adjustment_index] = rtt - _raw_distance(self._coord, other)
-        self._adjustment_index = (self._adjustment_index + 1) % window
-        adjustment = sum(self._adjustment_samples) / (2.0 * window)
-        self._coord = msgspec.structs.replace(self._coord, adjustment=adjustment)
-
-    def _update_gravity(self) -> None:
-        ratio = estimate_rtt(self._origin, self._coord) / self._config.gravity_rho
-        force = -(ratio * ratio)
-        self._coord = self._apply_force(
-            self._coord, force, self._origin, random_if_coincident=False
-        )
-
-    def _apply_force(
-        self, me: Coordinate, force: float, other: Coordinate, *, random_if_coincident: bool
-    ) -> Coordinate:
-        """Move ``me`` by ``force`` seconds away from ``other`` (toward it if negative)."""
-        diff = [a - b for a, b in zip(me.vec, other.vec, strict=True)]
+    def _moved(
+        self,
+        mine: tuple[float, ...],
+        height: float,
+        force: float,
+        theirs: tuple[float, ...],
+        their_height: float,
+        random_if_coincident: bool,
+    ) -> tuple[tuple[float, ...], float]:
+        """Position and height moved by ``force`` seconds away from ``theirs`` (toward it
+        if negative)."""
+        diff = [a - b for a, b in zip(mine, theirs, strict=True)]
         mag = math.hypot(*diff)
         if mag > _ZERO_THRESHOLD:
-            unit = [d / mag for d in diff]
-            # The height takes its share of the force in proportion to its share of the
-            # distance; it never drops below the floor.
-            height = me.height + force * (me.height + other.height) / mag
-            height = max(height, self._config.height_min)
-        elif random_if_coincident:
+            # Each component moves by its share of the unit vector (d / mag) times the
+            # force. The height takes its share of the force in proportion to its share
+            # of the distance; it never drops below the floor.
+            moved = height + force * (height + their_height) / mag
+            return (tuple([x + d / mag * force for x, d in zip(mine, diff, strict=True)]),
+                    max(moved, self._config.height_min))
+        if random_if_coincident:
             unit = self._random_unit_vector()
-            height = me.height
-        else:
-            return me
-        vec = tuple(x + u * force for x, u in zip(me.vec, unit, strict=True))
-        return msgspec.structs.replace(me, vec=vec, height=height)
+            return tuple([x + u * force for x, u in zip(mine, unit, strict=True)]), height
+        return mine, height
 
     def _random_unit_vector(self) -> list[float]:
         dims = self._config.dimensionality

@@ -72,9 +72,13 @@ _TRACE_FLUSH_BYTES = 1 << 20
 # While events run, the cyclic GC's youngest generation is collected after this many
 # allocations instead of CPython's 700: a run allocates millions of short-lived,
 # acyclic objects (messages, tuples), and at 1,000 nodes and more a young collection
-# every 700 of them (and the older ones it triggers) cost a third of the run. Cycles
-# are still collected, just in bigger batches; the setting is restored on return.
-_GC_GEN0_THRESHOLD = 100_000
+# every 700 of them (and the older ones it triggers) cost a third of the run. What a
+# young collection walks is what is still alive of the young objects, mostly protocol
+# timers waiting in their heaps (at 1,000 nodes with slow members, hundreds of
+# thousands): at 100,000 each survivor was walked again by a middle-generation
+# collection every ten young ones. Cycles are still collected, just in bigger
+# batches; the setting is restored on return.
+_GC_GEN0_THRESHOLD = 1_000_000
 _HEADER = struct.Struct("<dBIII")  # time, kind, node index a, node index b, payload length
 _pack_header = _HEADER.pack
 
