@@ -75,7 +75,8 @@ def test_a_running_task_is_stopped_where_its_class_no_longer_allows(
             held_until), flag_a)
         runner = wait_for(lambda: running_on(client, fut.task_id), 90, "task a running")
         assert region_of[runner] == "eu-central"
-        client.policies.set("tp", ["eu-west"], replicas=1)
+        # (migrate: copies of the class made so far, e.g. by earlier tasks, move with it)
+        client.policies.set("tp", ["eu-west"], replicas=1, migrate=True)
         with pytest.raises(TaskError) as e:
             fut.result(timeout=120)
         Path(flag_a).touch()
@@ -92,7 +93,7 @@ def test_a_running_task_is_stopped_where_its_class_no_longer_allows(
         first = region_of[runner]
         other = ({"eu-west", "eu-central"} - {first}).pop()
         before = sched_stat(client, "policy_stopped")
-        client.policies.set("tp", [other], replicas=1)
+        client.policies.set("tp", [other], replicas=1, migrate=True)
         wait_for(lambda: (n := running_on(client, fut.task_id)) is not None and n != runner,
                  90, "task b running again")
         assert sched_stat(client, "policy_stopped") > before

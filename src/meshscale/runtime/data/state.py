@@ -403,6 +403,8 @@ class DataPlaneBase:
 
     async def _policies_for(self, names: Iterable[str | None]) -> Mapping[str, ClassPolicy]:
         raise NotImplementedError  # policy.py
+    async def _policy_fetch(self, name: str) -> tuple[ClassPolicy | None, str | None]:
+        raise NotImplementedError  # policy.py
     async def _fan_out(self, method: Method[Req, Rep], req: Req,
                        timeout_s: float | None = None) -> dict[str, Rep | None]:
         raise NotImplementedError  # catalog.py

@@ -78,7 +78,17 @@ class Uploads(DataPlaneBase):
         except PolicyError as e:
             if e.rule == "malformed":
                 raise ApiError(ErrorCode.INVALID, str(e)) from None
-            raise self._refuse(e.rule, str(e), data_class=data_class) from None
+            if e.rule != "widens" or data_class is None:
+                raise self._refuse(e.rule, str(e), data_class=data_class) from None
+            # The cached rule may be older than the caller's (a task's result, put by a
+            # runner an owner placed under a policy it read since): a refusal for
+            # widening is confirmed by a fresh read of the class's policy first.
+            with contextlib.suppress(ApiError, PolicyError, ValueError):
+                await self._policy_fetch(data_class)
+            try:
+                resolved = resolve(data_class, explicit, self.policies)
+            except PolicyError as again:
+                raise self._refuse(again.rule, str(again), data_class=data_class) from None
         n = resolved.rule.replicas if resolved.rule.replicas is not None else 3
         ttl_s = resolved.rule.ttl_s
         if n > self.cfg.max_replicas:
