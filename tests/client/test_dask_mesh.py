@@ -147,7 +147,8 @@ def test_a_worker_whose_node_dies_is_replaced_and_the_job_completes(
                              "amount": pd.Series(dtype="int64")})
         job = client.compute(ddf.map_partitions(slow_total, meta=meta)
                              .groupby("region").amount.sum())
-        time.sleep(2.0)
+        wait_for(lambda: any(client.processing().values()), 120,
+                 "the job's tasks running on the workers", poll=0.1)
         assert victim.proc is not None and not job.done()  # mid-job
         os.kill(victim.proc.pid, signal.SIGKILL)
         got = job.result(timeout=300).sort_index()
