@@ -1532,10 +1532,7 @@ class ReplicaManager:
         if new is not loc.dg:
             count, acc, me = self._dg_count, self._dg_acc, self.name
             h = _entry_hash(loc)
-            for p in loc.dg:
-                if p != me:
-                    count[p] -= 1
-                    acc[p] ^= h
+            self._undigest(loc, h)
             for p in new:
                 if p != me:
                     count[p] = count.get(p, 0) + 1
@@ -1546,11 +1543,13 @@ class ReplicaManager:
         else:
             self._handoff.discard(loc.oid)
 
-    def _undigest(self, loc: _Local) -> None:
-        """Take ``loc``'s share out of the pair digests (before its hash changes)."""
+    def _undigest(self, loc: _Local, h: int | None = None) -> None:
+        """Take ``loc``'s share out of the pair digests (before its hash changes); ``h``:
+        its hash, if the caller has it."""
         if loc.dg:
             count, acc, me = self._dg_count, self._dg_acc, self.name
-            h = _entry_hash(loc)
+            if h is None:
+                h = _entry_hash(loc)
             for p in loc.dg:
                 if p != me:
                     count[p] -= 1
