@@ -415,26 +415,39 @@ def test_metrics_per_service_and_method_and_dashboard_view(mesh: LocalMesh) -> N
     # An unknown method is refused before it is counted: no series for it.
     assert not any(x.labels.get("method") == "nope" for x in after[calls].samples)
     assert value(after, "meshscale_service_inflight_calls", "", service="counted") == 0
-    # The replicas gauge: each node reports its own replica of counted (ready: 1).
-    holders = {int(r.node.split("-")[1]) for s in request(
-        mesh.nodes[1].address, mesh.credentials(), api.LIST, Empty(), timeout=30).services
-        if s.spec.name == "counted" for r in s.replicas if r.ready and r.healthy}
-    assert holders
-    for i in holders:
-        fams = scrape(i)
-        assert value(fams, "meshscale_service_replicas", "", service="counted",
-                     state="ready") == 1
-        assert value(fams, "meshscale_service_replicas", "", service="counted",
-                     state="unhealthy") == 0
-    # The dashboard's view, as its schema says.
+    # The replicas gauge: each node reports its own replica of counted (ready: 1), and the
+    # dashboard's view lists it as ready. Replicas follow their callers (every call here
+    # comes from region b), so one may move between a listing and a scrape: the three
+    # views are compared on one snapshot, taken again until they agree.
     doc = json.loads(get(addr, "/api/v1/openapi.json", token))
-    view = json.loads(get(addr, "/api/v1/services", token))
-    jsonschema.Draft202012Validator(
-        {"$ref": "#/components/schemas/ServicesResponse",
-         "components": doc["components"]}).validate(view)
+    schema = jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/ServicesResponse", "components": doc["components"]})
+
+    def agreed() -> tuple[set[int], dict[str, Any]] | None:
+        holders = {int(r.node.split("-")[1]) for s in request(
+            mesh.nodes[1].address, mesh.credentials(), api.LIST, Empty(),
+            timeout=30).services
+            if s.spec.name == "counted" for r in s.replicas if r.ready and r.healthy}
+        if not holders:
+            return None
+        for i in holders:
+            fams = scrape(i)
+            if value(fams, "meshscale_service_replicas", "", service="counted",
+                     state="ready") != 1 or value(
+                    fams, "meshscale_service_replicas", "", service="counted",
+                    state="unhealthy") != 0:
+                return None
+        view = json.loads(get(addr, "/api/v1/services", token))
+        schema.validate(view)
+        row = next(s for s in view["services"] if s["name"] == "counted")
+        if not {r["node"] for r in row["replicas"] if r["state"] == "ready"} >= \
+                {f"node-{i}" for i in holders}:
+            return None
+        return holders, view
+
+    _, view = wait_for(agreed, 60, "the listing, each holder's replicas gauge and "
+                       "the dashboard's view to agree on counted's ready replicas")
     row = next(s for s in view["services"] if s["name"] == "counted")
-    assert {r["node"] for r in row["replicas"] if r["state"] == "ready"} >= \
-        {f"node-{i}" for i in holders}
     assert any(r["calls"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in row["replicas"])
     assert sum(row["calls_by_region"].values()) > 0
     snap = json.loads(get(addr, "/api/v1/snapshot", token))
