@@ -497,7 +497,7 @@ class ComputePlane:
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
 
-    def _refuse(self, rule: str, message: str, *, subject: str = "",
+    def _refuse(self, rule: str, message: str, /, *, subject: str = "",
                 data_class: str | None = None, **fields: Any) -> ApiError:
         """This plane's refusals (``runtime.services.refusal``)."""
         return refusal(self.agent, self._count, rule, message, subject=subject,

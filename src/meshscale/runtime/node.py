@@ -187,7 +187,7 @@ class JsonLog:
         self.node = node
         self.stream = stream if stream is not None else sys.stderr
 
-    def __call__(self, level: str, event: str, **fields: Any) -> None:
+    def __call__(self, level: str, event: str, /, **fields: Any) -> None:
         rec = {"ts": round(time.time(), 6), "level": level, "node": self.node, "event": event}
         rec.update(fields)
         with contextlib.suppress(OSError, ValueError):
@@ -630,7 +630,7 @@ class NodeAgent:
         finally:
             self._timer.arm(m.next_deadline())
 
-    def log_limited(self, event: str, **fields: Any) -> None:
+    def log_limited(self, event: str, /, **fields: Any) -> None:
         """An error log line, at most one per ``log_limit_s`` per event (the rest are
         counted in ``log_suppressed``): a peer must not be able to fill the log."""
         now = time.monotonic()

@@ -80,9 +80,9 @@ class NodeServices(Protocol):
         """The membership protocol (the node has started)."""
         ...
 
-    def log(self, level: str, event: str, **fields: Any) -> None: ...
+    def log(self, level: str, event: str, /, **fields: Any) -> None: ...
 
-    def log_limited(self, event: str, **fields: Any) -> None:
+    def log_limited(self, event: str, /, **fields: Any) -> None:
         """An error line a peer can cause: at most one per ``log_limit_s`` per event."""
         ...
 
@@ -125,20 +125,22 @@ class NodeServices(Protocol):
         ...
 
 
-def refusal(node: NodeServices, count: Callable[[str], None], rule: str, message: str, *,
-            subject: str = "", data_class: str | None = None,
+def refusal(node: NodeServices, count: Callable[[str], None], rule: str, message: str, /,
+            *, subject: str = "", data_class: str | None = None,
             from_region: str | None = None, **fields: Any) -> ApiError:
     """A plane refusing a request by a policy or residency rule, in one place for every
     plane: counts it (``refusals``, ``refused_<rule>``), records it in the audit trail (a
     ``refusal`` entry naming ``subject``, the class and the caller's region: the RPC's
     caller's unless given), logs it (rate-limited: a peer can cause it) and returns the
-    error to raise."""
+    error to raise. Its own parameters are positional-only, so any name can be a log
+    field (``node=``, ``rule=``: the refusal's own fields win) and none raises a TypeError
+    in the middle of a plane's pump."""
     count("refusals")
     count(f"refused_{rule}")
     why = f"refused: {message}"
     region = from_region if from_region is not None else caller.node_region(node.m.members)
     node.record(Kind.REFUSAL, subject[:1024], data_class=data_class, from_region=region,
                 detail=why[:1024])
-    node.log_limited("refused", rule=rule, message=message[:300], subject=subject[:200],
-                     data_class=data_class, **fields)
+    node.log_limited("refused", **{**fields, "rule": rule, "message": message[:300],
+                                   "subject": subject[:200], "data_class": data_class})
     return ApiError(ErrorCode.REFUSED, why)

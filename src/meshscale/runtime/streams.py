@@ -368,7 +368,7 @@ class StreamPlane:
             self.logs[key] = log
         return log
 
-    def _refuse(self, rule: str, message: str, *, subject: str = "",
+    def _refuse(self, rule: str, message: str, /, *, subject: str = "",
                 data_class: str | None = None, **fields: Any) -> ApiError:
         """This plane's refusals (``runtime.services.refusal``)."""
         return refusal(self.agent, lambda key: self.stats.update({key: 1}), rule, message,

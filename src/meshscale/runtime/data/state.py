@@ -360,7 +360,7 @@ class DataPlaneBase:
 
     # -- refusals
 
-    def _refuse(self, rule: str, message: str, *, subject: str = "",
+    def _refuse(self, rule: str, message: str, /, *, subject: str = "",
                 data_class: str | None = None, **fields: Any) -> ApiError:
         """This plane's refusals (``runtime.services.refusal``)."""
         return refusal(self.agent, self._count, rule, message, subject=subject,
