@@ -565,6 +565,45 @@ def test_unreachable_hold_ends_and_is_ignored_for_unknown_nodes() -> None:
         SchedulingConfig(lost_runner_hold_s=0.0)
 
 
+def test_a_restarted_runner_loses_its_tasks_when_its_new_boot_speaks() -> None:
+    # A node restarted on the same address answers every check and membership may never
+    # see it gone; the first message from its new process (another boot) re-places what
+    # this owner bound to the old one. It keeps getting reservations: it is alive.
+    view = [node("a", "us"), node("b"), node("c"), node("d")]
+    net = Net(view, SchedulingConfig(probes_per_task=2, pool_size=3, max_retries=2))
+    owner = net.s["a"]
+    for n in ("b", "c", "d"):
+        assert owner.peer_boot(n, f"{n}-1", 0.0) == 0  # first boot seen: nothing to do
+    owner.submit([TaskSpec(f"t{i}", placement=InRegions(frozenset({"eu"})))
+                  for i in range(3)], 0.0)
+    net.pump()
+    bound = {b.task_id: b.node for b in net.of(TaskBound)}  # type: ignore[attr-defined]
+    victim = bound["t0"]
+    on_victim = sorted(t for t, n in bound.items() if n == victim)
+    assert owner.peer_boot(victim, f"{victim}-1", 1.0) == 0  # the same process
+    assert owner.peer_boot(victim, "", 1.0) == 0  # a peer that sends none
+    assert owner.runs_on(victim) == len(on_victim)
+    net.running = [(n, r) for n, r in net.running if n != victim]  # died with it
+    assert owner.peer_boot(victim, f"{victim}-2", 2.0) == len(on_victim)
+    net.pump(2.0)
+    rebound = net.of(TaskBound)[len(bound):]
+    assert sorted(b.task_id for b in rebound) == on_victim  # type: ignore[attr-defined]
+    assert all(b.attempt == 2 for b in rebound)  # type: ignore[attr-defined]
+    assert owner.stats["runners_restarted"] == 1
+    assert owner.stats["replaced_restarted"] == len(on_victim)
+    assert owner.unreachable(2.0) == []  # alive: not held out of placement
+    assert owner.peer_boot(victim, f"{victim}-2", 3.0) == 0  # told once
+    # Everything still finishes, each task once.
+    net.finish_all(3.0)
+    done = sorted(f.task_id for f in net.of(TaskFinished))  # type: ignore[attr-defined]
+    assert done == ["t0", "t1", "t2"]
+    # A node that left the view and came back with a new boot was handled by the view.
+    owner.set_view([n for n in view if n.name != "b"], 4.0)
+    owner.set_view(view, 5.0)
+    assert owner.peer_boot("b", "b-9", 5.0) == 0
+    assert owner.peer_boot("zz", "x", 5.0) == 0 and owner.peer_boot("a", "y", 5.0) == 0
+
+
 def test_retries_are_bounded() -> None:
     cfg = SchedulingConfig(probes_per_task=1, pool_size=1, max_retries=1)
     small = Resources(0.5, 0, 0)  # the owner cannot run the task itself

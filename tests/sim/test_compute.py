@@ -136,6 +136,26 @@ def test_crashed_worker_tasks_are_replaced() -> None:
     assert any(len(b) > 1 for b in mesh.bindings.values())
 
 
+def test_a_runner_restarted_at_once_loses_its_tasks_at_its_next_load_exchange() -> None:
+    # Restarted with no gap (a supervisor restarting the agent on the same address): no
+    # check is refused and membership never sees it gone. Its new boot, in the next load
+    # exchange, re-places what it ran; without that the tasks wait for run_timeout_s.
+    mesh = ComputeMesh(6, seed=11)
+    sim = mesh.sim
+    sim.run_until(1.5)
+    assert mesh.submit("n0", [TaskSpec(f"t{i}") for i in range(12)], [5.0] * 12) is None
+    sim.run_until(2.5)
+    victim = sorted({b[0].node for b in mesh.bindings.values()} - {"n0"})[0]
+    lost = sorted(t for t, b in mesh.bindings.items() if b[-1].node == victim)
+    assert lost
+    mesh.restart(victim)
+    timeout = mesh.config.run_timeout_s
+    assert sim.run_until_true(mesh.all_done, 2.5 + timeout, 0.1), "waited for run_timeout_s"
+    assert not mesh.result_problems() and not mesh.violations
+    assert all(len(mesh.bindings[t]) == 2 for t in lost)
+    assert mesh.node("n0").sched.stats["runners_restarted"] == 1
+
+
 def test_same_seed_same_trace() -> None:
     a, b, c = chaos_run(5), chaos_run(5), chaos_run(6)
     assert a.trace_hash == b.trace_hash and a.faults == b.faults

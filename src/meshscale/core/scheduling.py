@@ -67,6 +67,12 @@ view costs a round trip rather than a stampede. Departures from Sparrow, and why
   first is the one accepted (the other is dropped as a duplicate). It is not a
   membership verdict: the node stays in the view, and its data and its own tasks are the
   other planes' business.
+- A restarted runner (``peer_boot``). A node restarted on the same address answers the
+  check above, and membership may never see it gone; its tasks died with the old
+  process, and without more they waited for ``run_timeout_s``. Every scheduling message
+  carries the sender's boot (random per process start, ``core.api.tasks.LoadReport``);
+  when a node's boot changes, the tasks this owner bound to it are re-placed at once
+  (retries count), like a lost runner's, but it keeps getting reservations: it is alive.
 - Fair share per submitter (#13: twelve never-ending tasks of one user filled every slot
   and another user's no-op waited behind them). A task carries its ``submitter`` (the
   identity of the client, as the owner node saw its certificate) and so does each of its
@@ -859,6 +865,8 @@ class Scheduler:
         self._unreachable: dict[str, float] = {}
         """Nodes the driver could not reach (``runner_unreachable``) -> until when they
         get no reservations from this owner."""
+        self._boots: dict[str, str] = {}
+        """The boot each node in the view last sent (``peer_boot``)."""
         # worker side
         self._queue: deque[_Reservation] = deque()
         self._queue_min_cpus = math.inf
@@ -930,6 +938,26 @@ class Scheduler:
         moved = self._reassign(name, f"node {name} is unreachable", now)
         if moved:
             self._count("replaced_unreachable", moved)
+        self._deliver(now)
+        return moved
+
+    def peer_boot(self, name: str, boot: str, now: float) -> int:
+        """Node ``name`` sent a message from the process started as ``boot`` (see the
+        module docstring; call it before handing its message in). A boot other than the
+        one it sent before means it restarted: every task this owner bound to it is
+        re-placed now (retries count). Returns how many were re-placed. An empty boot (a
+        peer that does not send one) and a node outside the view are ignored."""
+        if not boot or name == self.name or name not in self._view:
+            return 0
+        old = self._boots.get(name)
+        self._boots[name] = boot
+        if old is None or old == boot:
+            return 0
+        self._count("runners_restarted")
+        self._unreachable.pop(name, None)
+        moved = self._reassign(name, f"node {name} restarted", now)
+        if moved:
+            self._count("replaced_restarted", moved)
         self._deliver(now)
         return moved
 
@@ -1395,6 +1423,7 @@ class Scheduler:
         # owner side
         self._asked_at.pop(name, None)
         self._unreachable.pop(name, None)
+        self._boots.pop(name, None)
         self._reassign(name, f"node {name} left the view", now)
         # worker side: the owner is gone; its tasks will be re-run by whoever takes over
         self._set_queue(r for r in self._queue if r.owner != name)

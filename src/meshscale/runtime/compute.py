@@ -395,6 +395,9 @@ class ComputePlane:
         self._fns_stored: set[str] = set()
         self._inputs: dict[str, tuple[InputRef, float]] = {}
         self._loads: dict[str, tuple[Load, Resources]] = {}
+        self._boot = os.urandom(8).hex()
+        """This plane's boot, sent with every ``sched.*`` request and reply: a peer that
+        sees it change knows the tasks it bound here died (``Scheduler.peer_boot``)."""
         self._outq: dict[str, list[bytes]] = {}
         self._group_keys: OrderedDict[str, None] = OrderedDict()
         self._fn_time: dict[str, float] = {}
@@ -584,7 +587,11 @@ class ComputePlane:
             conn = RpcConnection(member.addr, self.agent.peers.creds, timeout,
                                  connect_timeout=timeout)
             try:
-                await conn.request(SCHED_LOAD, self._load_report())
+                reply = await conn.request(SCHED_LOAD, self._load_report())
+                if reply.src == name:
+                    # Alive; a restarted process answers too, with a new boot (its
+                    # tasks here died with the old one: ``Scheduler.peer_boot``).
+                    self._note_load(reply)
                 return  # it answers: alive (its broken connection was something else)
             except RemoteError:
                 return  # it answered, with an error: alive
@@ -668,14 +675,23 @@ class ComputePlane:
         ld = self.sched.load()
         return LoadReport(src=self.agent.name,
                           load=Load(ld.running, ld.queued, max(0.0, ld.free_cpus)),
-                          cap=self.capacity)
+                          cap=self.capacity, boot=self._boot)
 
     def peer_loads(self) -> dict[str, tuple[Load, Resources]]:
         """The last load and capacity each peer reported (``sched.load``), by name."""
         return dict(self._loads)
 
     def _note_load(self, report: LoadReport) -> None:
+        """A peer's load, capacity and boot (in every ``sched.*`` request and
+        ``sched.load`` reply; a reply's ``src`` is checked by the caller)."""
         self._loads[report.src] = (report.load, report.cap)
+        sched = self.sched
+        if sched is not None and report.boot:
+            moved = sched.peer_boot(report.src, report.boot, time.monotonic())
+            if moved:
+                self._count("runners_restarted_replaced", moved)
+                self.agent.log("info", "runner_restarted", peer=report.src, replaced=moved)
+                self._pump()
 
     def _enqueue(self, dst: str, payload: bytes) -> None:
         """Queue a scheduling message for ``dst``; one sender per peer drains the queue,
@@ -771,7 +787,8 @@ class ComputePlane:
                     reply = await asyncio.wait_for(
                         self._call(name, SCHED_LOAD, self._load_report(), lane=SCHED_LANE),
                         self.cfg.load_interval_s * 2)
-                    self._loads[name] = (reply.load, reply.cap)
+                    if reply.src == name:
+                        self._note_load(reply)
                 except RemoteError:
                     pass
                 except (RpcError, TimeoutError):

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -112,6 +112,7 @@ class ComputeNode:
         self.name = ctx.name
         self.mesh = mesh
         self.incarnation = mesh.incarnation[ctx.name]
+        self._boot = bytes([self.incarnation % 256])
         self.book = TaskBook(ctx.name)
         self.sched = Scheduler(ctx.name, mesh.capacity[ctx.name], config=mesh.config,
                                rng=ctx.rng, now=ctx.now)
@@ -126,7 +127,10 @@ class ComputeNode:
         return None
 
     def handle_stream(self, src: str, payload: bytes, now: float) -> bytes | None:
-        self.sched.handle_message(src, payload, now)
+        # Each message carries its sender's boot, as the runtime's ``sched.*`` requests
+        # do (``LoadReport.boot``): one byte of incarnation, then the message.
+        self.sched.peer_boot(src, f"{src}.{payload[0]}", now)  # as ComputeMesh.boot
+        self.sched.handle_message(src, payload[1:], now)
         self._settle(now)
         return None
 
@@ -220,7 +224,7 @@ class ComputeNode:
     def _settle(self, now: float) -> None:
         for o in self.sched.drain():
             if isinstance(o, SendMessage):
-                self._out.append(StreamRequest(o.dst, o.payload))
+                self._out.append(StreamRequest(o.dst, self._boot + o.payload))
                 continue
             if isinstance(o, RunTask):
                 self._seq += 1
@@ -383,7 +387,7 @@ class ComputeMesh:
             self.sim.add_node(name, self.placements[name], self._factory)
         snapshot = self.snapshot()
         for name in self.names:
-            self.sim.call(name, partial(_set_view, snapshot))
+            self.sim.call(name, partial(_set_view, snapshot, {}))
         self.sim.at(gossip_s, self._gossip)
 
     def _factory(self, ctx: NodeContext) -> DrivenProtocol:
@@ -423,20 +427,29 @@ class ComputeMesh:
             out.append(self.state_of(n, self._last_load.get(n, Load())))
         return out
 
-    def install_view(self, view: list[NodeState]) -> None:
+    def boot(self, name: str) -> str:
+        """The boot ``name``'s process sends (``Scheduler.peer_boot``)."""
+        return f"{name}.{self.incarnation[name] % 256}"
+
+    def install_view(self, view: list[NodeState],
+                     boots: Mapping[str, str] | None = None) -> None:
         for n in self.up():
-            self.sim.call(n, partial(_set_view, view))
+            self.sim.call(n, partial(_set_view, view, boots or {}))
 
     def _gossip(self) -> None:
         if self.gossip_on:
             snap = self.snapshot()
-            self.sim.at(self.sim.now + self.gossip_delay_s, partial(self._deliver, snap))
+            # The runtime's load exchange (``sched.load``) carries each live node's boot
+            # as of the exchange.
+            boots = {n: self.boot(n) for n in self.up()}
+            self.sim.at(self.sim.now + self.gossip_delay_s,
+                        partial(self._deliver, snap, boots))
         self.sim.at(self.sim.now + self.gossip_s, self._gossip)
 
-    def _deliver(self, snap: list[NodeState]) -> None:
+    def _deliver(self, snap: list[NodeState], boots: Mapping[str, str]) -> None:
         if self.gossip_on:
             view = [s for s in snap if s.name not in self.detected_down]
-            self.install_view(view)
+            self.install_view(view, boots)
 
     # ------------------------------------------------------------------ faults
 
@@ -471,7 +484,7 @@ class ComputeMesh:
         self.sim.restart(name)
         self.detected_down.discard(name)
         view = [s for s in self.snapshot() if s.name not in self.detected_down]
-        self.sim.call(name, partial(_set_view, view))
+        self.sim.call(name, partial(_set_view, view, {}))
 
     # ------------------------------------------------------------------ the record store
 
@@ -687,9 +700,12 @@ class ComputeMesh:
         return all(tid in self.observed for tid in self.acknowledged)
 
 
-def _set_view(view: list[NodeState], p: DrivenProtocol, now: float) -> None:
+def _set_view(view: list[NodeState], boots: Mapping[str, str], p: DrivenProtocol,
+              now: float) -> None:
     assert isinstance(p, ComputeNode)
     p.sched.set_view(view, now)
+    for name in sorted(boots):
+        p.sched.peer_boot(name, boots[name], now)
     p._settle(now)
 
 

@@ -441,14 +441,17 @@ class LoadReport(Request):
     """The sending node (must be the caller)."""
     load: Load
     cap: Resources
+    boot: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    """The sending process's boot (random per start of its compute plane): a new boot
+    tells an owner the node restarted (``core.scheduling.Scheduler.peer_boot``)."""
 
 
-class SchedMsgRequest(LoadReport):
+class SchedMsgRequest(LoadReport, kw_only=True):
     payload: Annotated[bytes, msgspec.Meta(max_length=MAX_SCHED_MESSAGE_BYTES)]
     """One ``core.scheduling`` message, as ``encode_message`` made it."""
 
 
-class SchedBatchRequest(LoadReport):
+class SchedBatchRequest(LoadReport, kw_only=True):
     payloads: Annotated[list[Annotated[bytes, msgspec.Meta(
         max_length=MAX_SCHED_MESSAGE_BYTES)]], msgspec.Meta(max_length=MAX_SCHED_BATCH)]
     """Scheduling messages, handled in order."""
