@@ -234,6 +234,10 @@ class ComputeConfig:
     load_interval_s: float = 1.0
     gossip_idle_s: float = 5.0
     """Load reports stop this long after the last scheduling activity on this node."""
+    runner_exchange_s: float = 5.0
+    """While load reports are stopped, an owner with tasks running elsewhere still
+    exchanges one with each of those runners this often: the reply's boot shows a runner
+    restarted since (``Scheduler.peer_boot``), long before ``task_run_timeout_s``."""
     rpc_timeout_s: float = 30.0
     inputs_by_path: bool = True
     """Give a worker the path of a local input object's file instead of its bytes (see
@@ -770,17 +774,25 @@ class ComputePlane:
         return self._load_report()
 
     async def _gossip_load(self) -> None:
+        runners_at = float("-inf")
         while True:
             await asyncio.sleep(self.cfg.load_interval_s)
             if self.sched is None:
                 return
-            idle_s = time.monotonic() - self._active_at
-            if idle_s > self.cfg.gossip_idle_s:
-                # Nothing to schedule: an idle mesh's loads are all zero and stay so; stop
-                # the traffic until work comes.
-                continue
+            now = time.monotonic()
+            idle_s = now - self._active_at
             peers = [m.name for m in self.agent.m.members.values()
                      if m.state <= State.SUSPECT and m.name != self.agent.name]
+            if idle_s > self.cfg.gossip_idle_s:
+                # Nothing to schedule: an idle mesh's loads are all zero and stay so; stop
+                # the traffic until work comes, but for the nodes this owner's tasks run
+                # on, now and then (a restarted one tells by its boot).
+                if now - runners_at < self.cfg.runner_exchange_s:
+                    continue
+                runners_at = now
+                peers = [n for n in peers if self.sched.runs_on(n)]
+                if not peers:
+                    continue
 
             async def one(name: str) -> None:
                 try:
