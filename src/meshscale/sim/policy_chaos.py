@@ -789,10 +789,10 @@ def policy_chaos_run(
     # resolved when it is registered (the runtime's ``_resolve_class``); and one per topic
     # placed anywhere with no class at all (registered before its topic had a class),
     # which every node binds by its topic's class (``core.streams.operator_classes``).
-    # ``break_="operator_topic"`` leaves the topic's class out: the oracles must catch it. Every node runs
-    # the runtime's ``_reconcile`` each second and on hearing a change: the runners
-    # ``core.streams.runners_wanted`` gives it from its own view, each operator's rule
-    # narrowed by its classes' current policies as the node knows them
+    # (``break_="operator_topic"`` leaves the topic's class out: the oracles catch it.)
+    # Every node runs the runtime's ``_reconcile`` each second and on hearing a change:
+    # the runners ``core.streams.runners_wanted`` gives it from its own view, each
+    # operator's rule narrowed by its classes' current policies as the node knows them
     # (``core.streams.operator_now``). Subscribers read a classed shard through its
     # holder (``core.streams.shard_holder`` from the subscriber's node's view), which
     # serves or refuses by ``core.policy.read_refusal`` from its own view (the runtime's
