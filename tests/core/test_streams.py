@@ -5,6 +5,7 @@ and regional HRW spread, residency, labels), and the source residency check."""
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Sequence
 
 import pytest
@@ -856,3 +857,148 @@ def test_an_operator_is_placed_under_its_class_current_rule() -> None:
     # No class, or a class without a known policy: nothing narrows it.
     assert operator_now(op, [], narrow) is op
     assert operator_now(op, ["pii"], {}) is op
+
+
+# ------------------------------------------------- an operator's class, topic records, mirrors
+
+
+def test_a_topic_has_one_declared_rule_mesh_wide() -> None:
+    from meshscale.core.streams import topic_conflict
+
+    pii = Residency(None, "pii")
+    assert topic_conflict("t", None, pii) is None  # no record yet: it may be published
+    assert topic_conflict("t", pii, Residency(None, "pii")) is None
+    why = topic_conflict("t", pii, Residency(None, "fin"))
+    assert why is not None and "pii" in why and "fin" in why and "'t'" in why
+    why = topic_conflict("t", pii, None)  # unclassed publish of a classed topic
+    assert why is not None and "no rule" in why and "pii" in why
+    narrower = Residency(frozenset({"eu"}), "pii")
+    assert topic_conflict("t", pii, narrower) is not None
+
+
+def test_an_operator_takes_its_input_topics_class() -> None:
+    from meshscale.core.policy import PolicyError
+    from meshscale.core.streams import operator_rule
+
+    # No class on the topic (none recorded): the operator's own rule as it is.
+    assert operator_rule("op", "t", None, None) is None
+    own = Residency(frozenset({"eu"}), "pii")
+    assert operator_rule("op", "t", own, None) is own
+    # No class on the operator: the topic's, its own regions kept (resolve narrows them).
+    assert operator_rule("op", "t", None, "pii") == Residency(None, "pii")
+    assert operator_rule("op", "t", Residency(frozenset({"eu"})), "pii") == own
+    # The same class: unchanged. Another class: refused, naming both.
+    assert operator_rule("op", "t", own, "pii") is own
+    with pytest.raises(PolicyError) as e:
+        operator_rule("op", "t", Residency(None, "fin"), "pii")
+    assert e.value.rule == "topic_class"
+    assert "fin" in str(e.value) and "pii" in str(e.value) and "'t'" in str(e.value)
+
+
+def test_operator_classes_are_its_own_and_its_topics() -> None:
+    from meshscale.core.streams import operator_classes
+
+    assert operator_classes(None, None) == ()
+    assert operator_classes(Residency(frozenset({"eu"})), None) == ()
+    assert operator_classes(None, "pii") == ("pii",)
+    assert operator_classes(Residency(None, "pii"), "pii") == ("pii",)
+    assert operator_classes(Residency(None, "pii"), "fin") == ("fin", "pii")
+
+
+def test_an_unclassed_operator_on_a_classed_topic_runs_only_in_the_class() -> None:
+    """Registered without a class, and its topic given one afterwards (by the topic's
+    replicated record): every node binds it by the topic's class, so the nodes agree on
+    one runner per shard, inside the class's regions; a narrowing of the class moves it."""
+    from meshscale.core.policy import make_policy
+    from meshscale.core.streams import operator_classes
+
+    anywhere = OperatorPlacement("agg", InRegions(frozenset({"eu", "us", "ap"})))
+    srcs = [ShardSource(source_id(c.name, "1"), c, True) for c in MESH]
+    view = states(MESH)
+    for allowed in (["us"], ["eu", "ap"], ["ap"], ["eu", "us", "ap"]):
+        policies = {"pii": make_policy("pii", allowed)}
+        placed = operator_now(anywhere, operator_classes(None, "pii"), policies)
+        assert placed is not None
+        where: dict[str, list[str]] = {}
+        for n in MESH:
+            for _op, sid in runners_wanted(n.name, [(placed, "t", False)], srcs, view,
+                                           lambda t, s: False):
+                where.setdefault(sid, []).append(n.region)
+        assert sorted(where) == sorted(s.sid for s in srcs)  # every shard runs ...
+        assert all(len(r) == 1 and r[0] in allowed for r in where.values()), where  # once, inside
+    # Without the topic's class it would run where HRW picks, outside too.
+    free = {n.region for n in MESH for _ in runners_wanted(
+        n.name, [(anywhere, "t", False)], srcs, view, lambda t, s: False)}
+    assert free - {"us"}
+
+
+@given(st.sets(st.sampled_from(["eu", "us", "ap"]), min_size=1),
+       st.sets(st.sampled_from(["eu", "us", "ap"]), min_size=1),
+       st.booleans(), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_no_runner_outside_the_topics_class(allowed: set[str], own: set[str],
+                                            near: bool, own_class: bool) -> None:
+    """Whatever the operator declared (its own regions, the topic's class or none), no
+    node runs it on a shard outside the topic's class's current regions, nor outside its
+    own regions; at most one node runs each runner."""
+    from meshscale.core.policy import make_policy
+    from meshscale.core.streams import operator_classes
+
+    res = Residency(frozenset(own), "pii" if own_class else None)
+    op = OperatorPlacement("op", None if near else InRegions(frozenset({"eu", "us", "ap"})),
+                           res)
+    policies = {"pii": make_policy("pii", sorted(allowed))}
+    placed = operator_now(op, operator_classes(res, "pii"), policies)
+    if not allowed & own:
+        assert placed is None
+        return
+    assert placed is not None
+    srcs = [ShardSource(source_id(c.name, "1"), c, True) for c in MESH]
+    count: dict[str, int] = {}
+    for n in MESH:
+        for _op, sid in runners_wanted(n.name, [(placed, "t", near)], srcs, states(MESH),
+                                       lambda t, s: False):
+            assert n.region in allowed and n.region in own
+            count[sid] = count.get(sid, 0) + 1
+    assert all(v == 1 for v in count.values())
+
+
+def test_a_holder_refuses_an_operator_runner_outside_the_topics_class() -> None:
+    from meshscale.core.policy import make_policy
+    from meshscale.core.streams import operator_refusal
+
+    policies = {"pii": make_policy("pii", ["eu"], stream_regions=["eu"])}
+    assert operator_refusal("eu", "pii", policies) is None
+    why = operator_refusal("us", "pii", policies)
+    assert why is not None and "pii" in why and "'us'" in why and "{eu}" in why
+    assert operator_refusal("us", None, policies) is None  # an unclassed topic
+    assert operator_refusal("us", "fin", policies) is None  # a label only: no policy known
+    # Cross-region reads allowed or not: an operator runs only inside the class.
+    closed = {"pii": make_policy("pii", ["eu"], cross_region_reads=False)}
+    assert operator_refusal("us", "pii", closed) is not None
+
+
+def test_a_mirror_follows_the_class_read_rule() -> None:
+    from meshscale.core.policy import make_policy
+    from meshscale.core.streams import mirror_refusal
+
+    open_ = {"pii": make_policy("pii", ["eu"])}
+    closed = {"pii": make_policy("pii", ["eu"], cross_region_reads=False)}
+    # Cross-region reads allowed: a node outside may read, so may buffer what it reads.
+    assert mirror_refusal("us", "pii", open_) is None
+    assert mirror_refusal("eu", "pii", closed) is None
+    why = mirror_refusal("us", "pii", closed)
+    assert why is not None and "cross-region read rule" in why and "'us'" in why
+    assert mirror_refusal("us", None, closed) is None
+    assert mirror_refusal("us", "fin", closed) is None
+
+
+def test_clearing_a_log_keeps_its_offsets() -> None:
+    log = ShardLog("t", "s", ShardLogConfig(max_backlog=1, max_records=100))
+    log.append(recs(0, 5))
+    assert log.clear() == 5
+    assert (log.base, log.head, log.bytes, log.entries) == (5, 5, 0, deque())
+    assert log.read(0, 10) == []
+    log.apply([LogEntry(5, "k", b"v", "r5", 5.0)])
+    assert offsets(log.read(0, 10)) == [5]
+    assert log.clear() == 1 and log.clear() == 0 and log.head == 6

@@ -496,8 +496,10 @@ def test_classed_streams_and_operators_stay_in_the_class_regions(mesh: LocalMesh
     wait_for(runner_regions, 30, "a runner of tag-ev")
     assert runner_regions() <= {"eu-west", "eu-central"}
     # The class forbids cross-region reads: a subscription through a node outside its
-    # regions is refused (the shard holder refuses that node's follower; the node refuses
-    # its subscriber), naming the rule; through a node of the class's regions it reads.
+    # regions is refused, naming the rule, by that node before it follows the topic (it
+    # reads the topic's class from the topic's replicated record: no mirror is made
+    # there); the shard holder refuses that node's fetches itself; through a node of the
+    # class's regions it reads.
     held_before = request(mesh.nodes[euw].address, creds, sapi.STATS, Empty(),
                           timeout=10).counters.get("refused_cross_region_read", 0)
     refused: list[str] = []
@@ -514,14 +516,23 @@ def test_classed_streams_and_operators_stay_in_the_class_regions(mesh: LocalMesh
     wait_for(subscribe_refused, 60, "the subscription through us-east refused")
     assert refused[-1].startswith("refused: ") and "cross-region read rule" in refused[-1]
     assert "events" in refused[-1] and "us-east" in refused[-1]
+    st_us = request(mesh.nodes[us].address, creds, sapi.STATS, Empty(), timeout=10)
+    assert not [m for m in st_us.mirrors if m.topic == "ev"], st_us.mirrors
+    # The holder's own check: a fetch sent with the us-east node's certificate.
+    with pytest.raises(RemoteError) as e3:
+        call(mesh.nodes[euw].address, mesh.node_credentials(us), "stream.fetch",
+             {"topic": "ev", "source": got["source"], "limit": 10}, timeout=10)
+    assert e3.value.code == "refused" and "cross-region read rule" in str(e3.value)
     assert request(mesh.nodes[euw].address, creds, sapi.STATS, Empty(), timeout=10
                    ).counters.get("refused_cross_region_read", 0) > held_before
     rows = call(mesh.nodes[euw].address, creds, "audit.query",
                 {"subject": "ev", "kind": "refusal"}, timeout=10)["rows"]
     assert any(r["data_class"] == "events" and r["from_region"] == "us-east"
                and "cross-region read rule" in r["detail"] for r in rows), rows
-    assert call(mesh.nodes[us].address, creds, "audit.query",
+    rows = call(mesh.nodes[us].address, creds, "audit.query",
                 {"subject": "ev", "kind": "refusal"}, timeout=10)["rows"]
+    assert any(r["data_class"] == "events" and "cross-region read rule" in r["detail"]
+               for r in rows), rows
 
     def read_in_eu() -> list[Any]:
         got: list[Any] = call(mesh.nodes[ec].address, creds, "stream.read",

@@ -3,7 +3,10 @@ per region): a topic of a class stays publishable after the class narrows (its r
 class's current one, not the one of its first publish), and a narrowing that excludes a
 shard's backup drops that copy (audited) while its source places a new backup inside the
 rule that holds every record, readable by a subscriber once the source is gone; an operator of a class whose rule narrows
-after it was registered moves its runners inside the new rule."""
+after it was registered moves its runners inside the new rule; an operator registered
+without a class on a classed topic (or before its topic had one) runs only inside the
+topic's class, and leaves a region the class drops; a subscriber's node that the class
+stops letting read drops its mirror at once."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import pytest
 from runtime_mesh import wait_for
 
 from meshscale.client import connect
+from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import RemoteError, call, request
 from meshscale.client.streams import Record
 from meshscale.core.api import Empty
@@ -113,6 +117,176 @@ def test_narrowing_moves_a_classed_operator_inside_the_new_rule(mesh: LocalMesh)
 
     now = wait_for(moved, 60, f"no runner of keep-td left in {gone}")
     assert old not in now, now
+
+
+def set_policy_with(mesh: LocalMesh, name: str, regions: list[str], **kw: Any) -> None:
+    with connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as m:
+        m.policies.set(name, regions, **kw)
+
+
+def node_in(mesh: LocalMesh, region: str) -> int:
+    return next(i for i, n in enumerate(mesh.nodes) if n.region == region)
+
+
+def topic_run_in(mesh: LocalMesh, prefix: str, source: str, region: str) -> str:
+    """A topic whose shard from ``source`` an operator placed anywhere (``Regions`` of
+    every region, no class) would run in ``region`` (``core.streams.place_operator``,
+    the HRW every node computes): without its topic's class binding it, it runs there."""
+    from meshscale.core.placement import Candidate
+    from meshscale.core.scheduling import InRegions
+    from meshscale.core.streams import OperatorPlacement, candidates_to_states, place_operator
+
+    cands = [Candidate(n.name, n.region, n.region) for n in mesh.nodes]
+    src = next(c for c in cands if source.startswith(c.name + "~"))
+    want = mesh.nodes[node_in(mesh, region)].name
+    op = OperatorPlacement(f"keep-{prefix}", InRegions(frozenset(REGIONS)))
+    for k in range(500):
+        topic = f"{prefix}-{k}"
+        if place_operator(op, topic, src, candidates_to_states(cands)) == want:
+            return topic
+    raise AssertionError(f"no topic of {prefix} runs in {region}")
+
+
+def operator_anywhere(mesh: LocalMesh, topic: str, name: str) -> None:
+    """``keep`` on ``topic`` registered WITHOUT a class, placed anywhere (all regions)."""
+    from meshscale.client.streams import Regions
+    from meshscale.client.tasks import connect as connect_tasks
+
+    with connect_tasks(mesh.nodes[0].address, bundle=mesh.bundle_path) as client:
+        client.operator(topic, keep, name=name, output=f"{topic}-out",
+                        placement=Regions(REGIONS))
+
+
+def regions_of(mesh: LocalMesh, nodes: set[int]) -> set[str]:
+    return {mesh.nodes[i].region for i in nodes}
+
+
+def test_an_operator_without_a_class_runs_only_in_its_topics_class(mesh: LocalMesh) -> None:
+    # An operator registered without data_class= on a classed topic was bound by nothing
+    # but the holders' cross-region read rule: it ran wherever HRW put it. The node that
+    # registers it now reads the topic's replicated record and writes the operator's
+    # spec with the topic's class (core.streams.operator_rule), so every node places it
+    # inside the class. The topic is chosen so that, unbound, its runner would be in r1.
+    set_policy(mesh, "ce", ["r2", "r3"])
+    r2 = node_in(mesh, "r2")
+    sid = publish(mesh, r2, "te-probe", "ce", ["p-1"])["source"]
+    topic = topic_run_in(mesh, "te", sid, "r1")
+    publish(mesh, r2, topic, "ce", ["e-1"])
+    operator_anywhere(mesh, topic, "keep-te")
+    ops = call(mesh.nodes[node_in(mesh, "r1")].address, mesh.credentials(),
+               "stream.op_list", {}, timeout=10)["operators"]
+    spec = next(o for o in ops if o["name"] == "keep-te")
+    assert spec["residency"]["data_class"] == "ce", spec
+    assert set(spec["residency"]["regions"]) == {"r2", "r3"}, spec
+
+    def inside() -> set[int]:
+        now = runner_nodes(mesh, "keep-te")
+        return now if now and regions_of(mesh, now) <= {"r2", "r3"} else set()
+
+    wait_for(inside, 30, "keep-te running, and only in r2/r3")
+    # Naming another class than the topic's is refused, naming both.
+    from meshscale.client.tasks import connect as connect_tasks
+
+    set_policy(mesh, "cx", REGIONS)
+    with connect_tasks(mesh.nodes[0].address, bundle=mesh.bundle_path) as client, \
+            pytest.raises(MeshError) as e:
+        client.operator(topic, keep, name="keep-te-cx", data_class="cx")
+    assert e.value.code == "refused" and "cx" in str(e.value) and "ce" in str(e.value)
+
+
+def test_a_topic_given_a_class_after_its_operator_binds_it(mesh: LocalMesh) -> None:
+    # The operator exists before its topic has a class: its spec carries none. The
+    # topic's first classed publish writes the topic's replicated record; every node
+    # reads it and places the operator under the class (core.streams.operator_classes),
+    # so the runner HRW had put in r1 moves inside the class.
+    set_policy(mesh, "cf", ["r2", "r3"])
+    r2 = node_in(mesh, "r2")
+    sid = publish(mesh, r2, "tf-probe", "cf", ["p-1"])["source"]
+    topic = topic_run_in(mesh, "tf", sid, "r1")
+    operator_anywhere(mesh, topic, "keep-tf")
+    before = wait_for(lambda: runner_nodes(mesh, "keep-tf"), 30, "a runner of keep-tf")
+    assert "r1" in regions_of(mesh, before), before  # unbound: HRW's pick, in r1
+    publish(mesh, r2, topic, "cf", ["f-1"])
+
+    def inside() -> set[int]:
+        now = runner_nodes(mesh, "keep-tf")
+        return now if now and regions_of(mesh, now) <= {"r2", "r3"} else set()
+
+    wait_for(inside, 40, "no runner of keep-tf left in r1")
+
+
+def test_runners_of_an_unclassed_operator_leave_a_region_its_topics_class_drops(
+        mesh: LocalMesh) -> None:
+    set_policy(mesh, "cg", REGIONS)
+    r2 = node_in(mesh, "r2")
+    sid = publish(mesh, r2, "tg-probe", "cg", ["p-1"])["source"]
+    topic = topic_run_in(mesh, "tg", sid, "r1")
+    publish(mesh, r2, topic, "cg", ["g-1"])
+    operator_anywhere(mesh, topic, "keep-tg")
+
+    def in_r1() -> set[int]:
+        now = runner_nodes(mesh, "keep-tg")
+        return now if "r1" in regions_of(mesh, now) else set()
+
+    wait_for(in_r1, 30, "keep-tg running in r1 (the class allows it)")
+    set_policy(mesh, "cg", ["r2", "r3"])
+
+    def moved() -> set[int]:
+        now = runner_nodes(mesh, "keep-tg")
+        return now if now and regions_of(mesh, now) <= {"r2", "r3"} else set()
+
+    wait_for(moved, 60, "no runner of keep-tg left in r1")
+
+
+def mirrors(mesh: LocalMesh, i: int, topic: str) -> list[ShardInfo]:
+    st = request(mesh.nodes[i].address, mesh.credentials(), sapi.STATS, Empty(), timeout=10)
+    return [m for m in st.mirrors if m.topic == topic]
+
+
+def stream_counter(mesh: LocalMesh, i: int, name: str) -> int:
+    st = request(mesh.nodes[i].address, mesh.credentials(), sapi.STATS, Empty(), timeout=10)
+    return st.counters.get(name, 0)
+
+
+def test_a_subscriber_the_class_stops_allowing_loses_its_mirror(mesh: LocalMesh) -> None:
+    # A node following a classed topic for its subscribers kept its mirror (a bounded
+    # copy of the shard's records) after the class stopped letting its region read,
+    # until it idled out (follower_idle_s, 30 s). It now drops it when it hears the
+    # change (or at its next reconcile), stops following, counts and audits it.
+    set_policy(mesh, "ch", REGIONS)
+    r1, r3 = node_in(mesh, "r1"), node_in(mesh, "r3")
+    ids = [f"h-{k}" for k in range(5)]
+    sid = publish(mesh, r1, "th", "ch", ids)["source"]
+    creds = mesh.credentials()
+    seen: set[str] = set()
+
+    def read_all() -> bool:
+        r = call(mesh.nodes[r3].address, creds, "stream.read",
+                 {"topic": "th", "wait_s": 2.0}, timeout=30)
+        seen.update(rec[4] for rec in r["records"])
+        return seen >= set(ids)
+
+    wait_for(read_all, 30, "the subscriber at r3 reading every record")
+    assert [m.head for m in mirrors(mesh, r3, "th") if m.source == sid] == [len(ids)]
+    dropped = stream_counter(mesh, r3, "mirrors_dropped_policy")
+    set_policy_with(mesh, "ch", ["r1", "r2"], cross_region_reads=False)
+
+    def gone() -> bool:
+        return not mirrors(mesh, r3, "th") and \
+            stream_counter(mesh, r3, "mirrors_dropped_policy") > dropped
+
+    # Well within follower_idle_s (30 s): the drop is the policy's, not idleness.
+    wait_for(gone, 20, "the mirror of th at r3 dropped")
+    rows = call(mesh.nodes[r3].address, creds, "audit.query",
+                {"subject": f"th/{sid}", "kind": "copy_dropped"}, timeout=10)["rows"]
+    assert any(r["data_class"] == "ch" and "subscriber mirror of 5 records" in r["detail"]
+               and "cross-region read rule" in r["detail"] for r in rows), rows
+    # A read through r3 now is refused before any mirror is made again.
+    with pytest.raises(RemoteError) as e:
+        call(mesh.nodes[r3].address, creds, "stream.read", {"topic": "th", "wait_s": 1.0},
+             timeout=30)
+    assert e.value.code == "refused" and "cross-region read rule" in str(e.value)
+    assert not mirrors(mesh, r3, "th")
 
 
 def test_narrowing_drops_a_backup_outside_and_replaces_it_inside(mesh: LocalMesh) -> None:

@@ -27,7 +27,13 @@ HOUR = 3600.0
 def plane() -> StreamPlane:
     agent: Any = SimpleNamespace(name="n0", meta=SimpleNamespace(tags={}),
                                  m=SimpleNamespace(members={}))
-    return StreamPlane(agent, StreamConfig(read_wait_max_s=HOUR))
+    p = StreamPlane(agent, StreamConfig(read_wait_max_s=HOUR))
+
+    async def no_record(key: str) -> bytes | None:
+        return None  # no KV here: the topics have no replicated record (no class)
+
+    p.local.kv_get = no_record  # type: ignore[method-assign]
+    return p
 
 
 async def turns(n: int = 50) -> None:

@@ -131,3 +131,20 @@ def test_a_task_reading_a_narrowed_class_is_placed_within_its_current_rule() -> 
     r = policy_chaos_run(310954887)
     assert r.tasks_placed > 0
     assert not r.problems(), r.problems()[:5]
+
+
+def test_an_operator_without_a_class_is_bound_by_its_topics() -> None:
+    """Each topic has an operator registered with no class (placed anywhere): with its
+    topic's class (``core.streams.operator_classes``) no seed finds a runner outside the
+    class; without it (``operator_topic``) the oracles catch one."""
+    base = random.randrange(1 << 30)
+    print(f"base seed {base}")
+    caught = []
+    for seed in range(base, base + 8):
+        r = policy_chaos_run(seed, break_="operator_topic")
+        bare = [v for v in r.violations if "operator bare-" in v]
+        if bare:
+            caught.append((seed, bare[0]))
+            break
+    assert caught, f"no seed of {base}..{base + 7} caught an unbound bare operator"
+    print(caught[0])

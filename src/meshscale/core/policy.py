@@ -76,7 +76,9 @@ part of a KV key, a CLI list and an error message)."""
 class PolicyError(ValueError):
     """A policy or a request's rule refused; ``rule`` names which rule refused it:
     ``malformed`` (a bad name or value), ``unknown_class``, ``widens`` (an explicit rule
-    wider than its class's) or ``residency`` (a copy outside its rule)."""
+    wider than its class's), ``residency`` (a copy outside its rule), ``result_class`` (a
+    task result's class ambiguous) or ``topic_class`` (an operator naming another class
+    than its input topic's, ``core.streams.operator_rule``)."""
 
     def __init__(self, rule: str, message: str) -> None:
         super().__init__(message)

@@ -55,7 +55,13 @@ from dataclasses import dataclass, field
 import msgspec
 
 from meshscale.core.placement import Candidate, PlacementError, Residency, hrw_score
-from meshscale.core.policy import ClassPolicy, PolicyError, copy_refusal, placement_residency
+from meshscale.core.policy import (
+    ClassPolicy,
+    PolicyError,
+    copy_refusal,
+    placement_residency,
+    read_refusal,
+)
 from meshscale.core.scheduling import (
     Central,
     InRegions,
@@ -421,6 +427,15 @@ class ShardLog:
         self.bytes -= e.size
         self.base = e.offset + 1
 
+    def clear(self) -> int:
+        """Drop every entry held (the offsets go on from the head: a reader of the old
+        ones sees a gap, never a reused offset); returns how many were dropped."""
+        n, head = len(self.entries), self.head
+        self.entries.clear()
+        self.bytes = 0
+        self.base = head
+        return n
+
 
 def check_source_allowed(topic: str, region: str, residency: Residency | None) -> None:
     """Refuse a record entering ``topic`` at a node of ``region`` that its rule forbids."""
@@ -488,16 +503,112 @@ def operator_now(op: OperatorPlacement, classes: Iterable[str],
     return OperatorPlacement(op.name, op.mode, res, op.labels, op.cpus)
 
 
+def _regions(regions: Iterable[str]) -> str:
+    return "{" + ",".join(sorted(regions)) + "}"
+
+
+def topic_conflict(topic: str, recorded: Residency | None,
+                   declared: Residency | None) -> str | None:
+    """Why a publish of ``topic`` under the rule its producer ``declared`` must be refused
+    given the rule the topic's replicated record holds (``recorded``, written by the first
+    node that took a classed record of it; None: no record): a topic has one declared
+    rule mesh-wide (its class and its own stream regions), so that every node reads the
+    same class for it (``operator_classes``). None: it may be published."""
+    if recorded is None or recorded == declared:
+        return None
+    def says(r: Residency | None) -> str:
+        return "no rule" if r is None else r.describe()
+    return (f"topic {topic!r} was published with another residency rule ({says(recorded)}; "
+            f"this publish: {says(declared)})")
+
+
+def operator_rule(name: str, topic: str, declared: Residency | None,
+                  topic_class: str | None) -> Residency | None:
+    """The rule operator ``name`` on ``topic`` is registered under, before it is resolved
+    against its class's policy (``core.policy.resolve``, which may narrow it or refuse a
+    wider one): the rule it ``declared`` (its own class, its own regions), with its input
+    topic's class (``topic_class``, from the topic's replicated record; None: the topic
+    has no class known yet) when it names none. The registering node writes the result in
+    the operator's replicated spec, so every node places it under the same class.
+
+    An operator runs under its input's class: one that names another class than its
+    topic's is refused, naming both (``PolicyError("topic_class")``): records of class A
+    read by an operator labelled B would be placed, audited and reported as B's."""
+    if topic_class is None:
+        return declared
+    own = None if declared is None else declared.data_class
+    if own is None:
+        return Residency(None if declared is None else declared.regions, topic_class)
+    if own != topic_class:
+        raise PolicyError("topic_class", (
+            f"operator {name!r} names data class {own} but its input topic {topic!r} is of "
+            f"class {topic_class}: an operator runs under its input topic's class (name "
+            f"{topic_class}, or no class to get it)"))
+    return declared
+
+
+def operator_classes(own: Residency | None, topic_class: str | None) -> tuple[str, ...]:
+    """The data classes whose current policies bound where an operator runs
+    (``operator_now``): its own (the one its spec carries: the class it named, or its
+    topic's, given at registration by ``operator_rule``) and its input topic's class as
+    the topic's replicated record states it (None: no record read). Every node computes it
+    from the same replicated state (the operator's spec, the topic's record and the
+    classes' policies), so the nodes agree on where its runners go: a topic first
+    published with a class after the operator was registered binds it once its record is
+    read, and a narrowing of the class moves its runners inside the new rule."""
+    names = {c for c in (None if own is None else own.data_class, topic_class) if c}
+    return tuple(sorted(names))
+
+
+def operator_refusal(region: str, topic_class: str | None,
+                     policies: Mapping[str, ClassPolicy]) -> str | None:
+    """Why a shard holder must refuse an operator runner in ``region`` a fetch of a topic
+    of ``topic_class`` (None: it may serve it): the class's policy, as the holder knows
+    it, does not list ``region`` among its regions. Runners are placed inside the rule
+    (``operator_classes``, ``operator_now``); this is the holder's own check, which holds
+    even against a runner placed from a view that had not yet read the topic's record or
+    the class's change."""
+    policy = policies.get(topic_class) if topic_class is not None else None
+    if policy is None or region in policy.regions:
+        return None
+    return (f"residency rule of class {topic_class}'s policy: an operator on its records "
+            f"runs only in regions {_regions(policy.regions)}; the runner's region is "
+            f"{region!r}")
+
+
+def mirror_refusal(region: str, topic_class: str | None,
+                   policies: Mapping[str, ClassPolicy]) -> str | None:
+    """Why a node in ``region`` may not keep (nor start) a subscriber's mirror of a topic
+    of ``topic_class`` (None: it may): the class's read rule (``core.policy.read_refusal``:
+    no cross-region reads, and ``region`` is not one of the class's regions). A mirror
+    refused is dropped at once (its followers stop) and a subscription through the node
+    is refused before one is made.
+
+    The read rule, not the copy rule (``copy_refusal``): a mirror is the buffer of reads
+    through this node, bounded (``mirror_records``) and kept only while subscribers read
+    (``follower_idle_s``), not a stored copy of the class. A class that allows
+    cross-region reads lets a node outside its regions read its records and relay them
+    to its subscribers, as an object read is relayed; holding the mirror to the copy rule
+    would forbid every subscription through such a node and leave ``cross_region_reads``
+    meaningless for streams."""
+    return read_refusal(region, topic_class, policies)
+
+
 __all__ += [
     "SchedulingError",
     "candidates_to_states",
     "central_region",
     "check_source_allowed",
+    "mirror_refusal",
+    "operator_classes",
     "operator_now",
+    "operator_refusal",
+    "operator_rule",
     "shard_holder",
     "shard_refusal",
     "shard_runner",
     "source_id",
     "split_source",
+    "topic_conflict",
     "topic_rule",
 ]

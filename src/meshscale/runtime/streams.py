@@ -93,13 +93,18 @@ from meshscale.core.streams import (
     backup_for,
     central_region,
     check_source_allowed,
+    mirror_refusal,
+    operator_classes,
     operator_now,
+    operator_refusal,
+    operator_rule,
     place_operator,
     runners_wanted,
     shard_holder,
     shard_refusal,
     source_id,
     split_source,
+    topic_conflict,
     topic_rule,
 )
 from meshscale.runtime import caller
@@ -115,6 +120,14 @@ _T = TypeVar("_T")
 OP_PREFIX = "streamop/"
 OFFSET_PREFIX = "streamoff/"
 OPS_INDEX_KEY = "streamops"
+TOPIC_PREFIX = "streamtopic/"
+"""A classed topic's replicated record (``streamtopic/<topic>``: the rule its producers
+declare, its class and its own stream regions), written once by the first node that takes
+a classed record of it. Every node reads its operators' topics' classes from it
+(``core.streams.operator_classes``) and a subscriber's node its topic's."""
+TOPIC_RECORD_REFRESH_S = 5.0
+"""How often a node reads again the record of a topic it knows no class of (one its
+operators or subscribers read): a class, once recorded, never changes."""
 EPOCH_TAG = "epoch"
 """Membership tag: the incarnation the node started with (new at every start)."""
 
@@ -189,6 +202,7 @@ def _placement(spec: OperatorSpec) -> OperatorPlacement:
 _spec_encoder = msgspec.msgpack.Encoder()
 _spec_decoder = msgspec.msgpack.Decoder(OperatorSpec)
 _names_decoder = msgspec.msgpack.Decoder(list[str])
+_wire_decoder = msgspec.msgpack.Decoder(ResidencyWire)
 
 
 class StreamPlane:
@@ -233,6 +247,17 @@ class StreamPlane:
         """The policies of the operators' data classes as this node's policy cache had them
         at its last reconcile (or change of a class): each operator is placed under its
         rule narrowed by its class's current policy (``core.streams.operator_now``)."""
+        self._op_policies_read: set[str] = set()
+        """Classes whose policy this node has looked up for its operators (found or not): an
+        operator with a class not yet looked up is not placed (``_reconcile``)."""
+        self._topic_records: OrderedDict[str, Residency | None] = OrderedDict()
+        """Topics' replicated records (``TOPIC_PREFIX``) as last read or written here (None:
+        no record), most recently read last (bounded)."""
+        self._topic_read_at: dict[str, float] = {}
+        self._topic_refresh: asyncio.Task[None] | None = None
+        self._mirror_refused: dict[str, str] = {}
+        """Topics whose mirrors this node dropped under their class's read rule: why. Reads
+        waiting then are refused; the next read checks the rule again."""
         self._installed_at: dict[str, float] = {}
         self._seen_sources: OrderedDict[str, None] = OrderedDict()
         """Shard sources (``node~epoch``) seen, most recent last (bounded)."""
@@ -259,6 +284,8 @@ class StreamPlane:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._topic_refresh is not None:
+            self._topic_refresh.cancel()
         for t in [*self.runners.values(), *self.followers.values()]:
             t.cancel()
 
@@ -393,6 +420,73 @@ class StreamPlane:
         return ResidencyWire.of(resolved.stream_residency() if stream
                                 else resolved.residency())
 
+    # ------------------------------------------------------------------ topic records
+
+    def _topic_class(self, topic: str) -> str | None:
+        """``topic``'s data class as this node knows it: its replicated record's, else the
+        class it was published with here or its shard copies came under."""
+        return (_class(self._topic_records.get(topic)) or _class(self.topic_declared.get(topic))
+                or _class(self.topic_residency.get(topic)))
+
+    def _remember_topic(self, topic: str, record: Residency | None) -> None:
+        self._topic_records[topic] = record
+        self._topic_records.move_to_end(topic)
+        self._topic_read_at[topic] = time.monotonic()
+        while len(self._topic_records) > 4 * self.cfg.max_topics:
+            old, _ = self._topic_records.popitem(last=False)
+            self._topic_read_at.pop(old, None)
+
+    async def _read_topic_record(self, topic: str) -> Residency | None:
+        """``topic``'s replicated record (a quorum KV read; None: none, or the read
+        failed), remembered. A record already read is kept when the read finds none (a
+        read that failed): a class, once recorded, does not change."""
+        raw = await self.local.kv_get(TOPIC_PREFIX + topic)
+        record: Residency | None = self._topic_records.get(topic)
+        if raw:
+            try:
+                record = residency_of(_wire_decoder.decode(raw))
+            except msgspec.DecodeError as e:
+                self.agent.log_limited("stream_topic_record_unreadable", topic=topic,
+                                       error=str(e)[:200])
+        self._remember_topic(topic, record)
+        return record
+
+    async def _refresh_topic_records(self, topics: set[str]) -> None:
+        """Read again the records of ``topics`` this node knows no class of, at most every
+        ``TOPIC_RECORD_REFRESH_S`` each (a class once recorded does not change). A class
+        newly read binds the topic's operators here (``_reconcile``)."""
+        now = time.monotonic()
+        for topic in sorted(topics):
+            if _class(self._topic_records.get(topic)) is not None or \
+                    now - self._topic_read_at.get(topic, -1e9) < TOPIC_RECORD_REFRESH_S:
+                continue
+            with contextlib.suppress(RpcError, ValueError):
+                await self._read_topic_record(topic)
+
+    async def _record_topic(self, topic: str, declared: Residency | None) -> None:
+        """At the first publish of a classed topic here: check the declared rule against the
+        topic's replicated record (``core.streams.topic_conflict``: refused, naming both)
+        and write the record when there is none, so that every node reads the same class
+        for the topic. Not yet recorded (the write failed): the next publish tries again."""
+        if declared is None or declared.data_class is None or \
+                self._topic_records.get(topic) == declared:
+            return
+        recorded = await self._read_topic_record(topic)
+        why = topic_conflict(topic, recorded, declared)
+        if why is not None:
+            raise PlacementError("residency", why)
+        if recorded is not None:
+            return
+        try:
+            await self.local.kv_put(TOPIC_PREFIX + topic,
+                                    _spec_encoder.encode(ResidencyWire.of(declared)))
+        except (ValueError, RpcError) as e:
+            self.stats["kv_write_failed"] += 1
+            self.agent.log("warning", "stream_kv_write_failed", key=TOPIC_PREFIX + topic,
+                           error=str(e)[:200])
+            return
+        self._remember_topic(topic, declared)
+
     async def _rpc_publish(self, req: PublishRequest) -> PublishReply:
         topic = req.topic
         if len(req.records) > self.cfg.max_publish_records:
@@ -412,6 +506,7 @@ class StreamPlane:
                                               f"residency rule ({_describe(known)}; this "
                                               f"publish: {_describe(declared)})")
         check_source_allowed(topic, self.agent.meta.region, res)
+        await self._record_topic(topic, declared)
         limit = self.cfg.max_record_bytes
         if limit < api.MAX_RECORD_BYTES:  # else the contract has checked it
             for r in req.records:
@@ -567,6 +662,7 @@ class StreamPlane:
             # Operators of the class follow its rule at once (not at the next reconcile).
             await self._refresh_op_policies({cls})
             self._reconcile()
+        await self._check_mirrors({cls})  # and subscribers' mirrors of its topics
         topics = sorted(t for t, r in self.topic_residency.items()
                         if r is not None and r.data_class == cls)
         if not topics:
@@ -630,7 +726,7 @@ class StreamPlane:
         log = await self._wait_ready(topic, lambda: self.logs.get((topic, source)), deadline)
         if log is None:
             return FetchReply(missing=True)
-        await self._check_fetch(topic)
+        await self._check_fetch(topic, req.op)
         if req.op is not None:
             log.register(req.op)
             if req.committed is not None:
@@ -643,11 +739,14 @@ class StreamPlane:
         entries = await self._wait_ready(topic, lambda: log.read(start, limit), deadline)
         return FetchReply(entries=entries, base=log.base, head=log.head)
 
-    async def _check_fetch(self, topic: str) -> None:
+    async def _check_fetch(self, topic: str, op: str | None = None) -> None:
         """Refuse a node outside a classed topic's regions a fetch of its records when
         the class's policy forbids cross-region reads (``core.policy.read_refusal``): it
         would hold them (a subscriber's mirror) or relay them. Operator runners and
-        followers alike fetch here; clients do not."""
+        followers alike fetch here; clients do not. An operator runner (``op``) outside
+        the class's regions is refused whatever the read rule
+        (``core.streams.operator_refusal``): no record of the class is processed outside
+        its regions, even by a runner placed before its node read the topic's class."""
         res = self.topic_residency.get(topic)
         cls = None if res is None else res.data_class
         region = caller.node_region(self.agent.m.members)
@@ -662,6 +761,10 @@ class StreamPlane:
         why = read_refusal(region, cls, policies)
         if why is not None:
             raise self._refuse("cross_region_read", f"records of topic {topic!r}: {why}",
+                               subject=topic, data_class=cls, region=region)
+        why = None if op is None else operator_refusal(region, cls, policies)
+        if why is not None:
+            raise self._refuse("residency", f"operator {op!r} on topic {topic!r}: {why}",
                                subject=topic, data_class=cls, region=region)
 
     def _notify(self, topic: str) -> None:
@@ -719,7 +822,15 @@ class StreamPlane:
         fn_id = function_id(fn_bytes)
         if req.fn_id not in (None, fn_id):
             raise ValueError("fn_bytes do not hash to fn_id")
-        residency = await self._resolve_class(req.residency, stream=False)
+        # An operator runs under its input topic's class: one that names none gets the
+        # class of the topic's replicated record (read now), so its spec, which every node
+        # reads, carries it; one that names another class is refused, naming both.
+        topic_cls = _class(await self._read_topic_record(topic)) or self._topic_class(topic)
+        try:
+            declared = operator_rule(name, topic, residency_of(req.residency), topic_cls)
+        except PolicyError as e:
+            raise self._refuse(e.rule, str(e), subject=topic, data_class=topic_cls) from None
+        residency = await self._resolve_class(ResidencyWire.of(declared), stream=False)
         stored = await self.local.put_object(fn_bytes, self.cfg.fn_replicas)
         spec = OperatorSpec(
             name=name, topic=topic, output=req.output, mode=req.mode, region=req.region,
@@ -744,6 +855,7 @@ class StreamPlane:
             await self._kv_put(OPS_INDEX_KEY, _spec_encoder.encode(sorted(names)))
         self._install(spec)
         await self._notify_all(alive, OpNotifyRequest(spec=spec))
+        await self._refresh_op_policies()
         self._reconcile()
         return OpRegisterReply(name=name, fn_id=fn_id, mode=spec.mode, region=spec.region)
 
@@ -853,16 +965,26 @@ class StreamPlane:
                 loaded_at = now
                 with contextlib.suppress(Exception):
                     await self._load_ops_from_kv()
+            if self._topic_refresh is None or self._topic_refresh.done():
+                # Beside the loop (quorum reads may be slow), one at a time.
+                self._topic_refresh = asyncio.get_running_loop().create_task(
+                    self._refresh_topic_records(
+                        {s.topic for s in self.ops.values()} | set(self._follow_used)))
             await self._refresh_op_policies()
             try:
                 self._reconcile()
             except Exception as e:  # never let the loop die
                 self.agent.log("error", "stream_reconcile_failed", error=str(e))
+            try:
+                await self._check_mirrors()
+            except Exception as e:
+                self.agent.log("error", "stream_mirror_check_failed", error=str(e)[:200])
             self._expire_followers(now)
 
     def _op_classes(self) -> set[str]:
-        return {s.residency.data_class for s in self.ops.values()
-                if s.residency is not None and s.residency.data_class is not None}
+        """The classes that bound this node's operators: their own and their topics'."""
+        return {c for s in self.ops.values()
+                for c in operator_classes(residency_of(s.residency), self._topic_class(s.topic))}
 
     async def _refresh_op_policies(self, classes: set[str] | None = None) -> None:
         """Read the operators' classes' policies from this node's policy cache; on a read
@@ -881,12 +1003,18 @@ class StreamPlane:
                 self._op_policies[name] = got[name]
             else:  # the class has no policy (any more): it narrows nothing
                 self._op_policies.pop(name, None)
+            self._op_policies_read.add(name)
+        if len(self._op_policies_read) > 4 * self.cfg.max_operators:
+            self._op_policies_read &= self._op_classes()
 
     def _reconcile(self) -> None:
         """Start the runners this node owns, stop the others. Each operator is placed under
-        its rule narrowed by its class's current policy (``core.streams.operator_now``): a
-        class narrowed after the operator was registered moves its runners inside the
-        new rule (and stops them where none is left)."""
+        its rule narrowed by the current policies of its class and its input topic's
+        (``core.streams.operator_classes``, ``operator_now``): a class narrowed after the
+        operator was registered, or a topic first published with a class after it, moves
+        its runners inside the rule (and stops them where none is left). An operator with
+        a class whose policy this node has not looked up yet is not placed until it has
+        (``_refresh_op_policies``, within a reconcile interval): never unbound."""
         if self._stopping or self.agent.membership is None:
             return
         states = self._states(self._alive())
@@ -897,9 +1025,11 @@ class StreamPlane:
                 sources.append(ShardSource(sid, src, self._source_live(sid)))
         ops = []
         for spec in self.ops.values():
-            cls = None if spec.residency is None else spec.residency.data_class
-            placed = operator_now(_placement(spec), () if cls is None else (cls,),
-                                  self._op_policies)
+            classes = operator_classes(residency_of(spec.residency),
+                                       self._topic_class(spec.topic))
+            if any(c not in self._op_policies_read for c in classes):
+                continue
+            placed = operator_now(_placement(spec), classes, self._op_policies)
             if placed is not None:
                 ops.append((placed, spec.topic, spec.mode == "near-source"))
         want = runners_wanted(
@@ -1070,11 +1200,18 @@ class StreamPlane:
     async def _rpc_read(self, req: ReadRequest) -> ReadReply:
         topic, cursors, limit = req.topic, req.cursors, req.limit
         wait = min(req.wait_s, self.cfg.read_wait_max_s)
+        await self._check_subscription(topic)
         self._follow_used[topic] = time.monotonic()
         self._ensure_followers(topic)
         deadline = time.monotonic() + wait
 
         def ready() -> list[ReadRecord]:
+            dropped = self._mirror_refused.get(topic)
+            if dropped is not None:  # its mirror was dropped while this read waited
+                raise self._refuse("cross_region_read", (
+                    f"subscription to topic {topic!r} through node {self.agent.name} "
+                    f"(region {self.agent.meta.region!r}): {dropped}"), subject=topic,
+                    data_class=self._topic_class(topic), from_region=self.agent.meta.region)
             why = self._read_refused.get(topic)
             if why is not None:
                 # Through this node the subscriber would read what its holders refuse
@@ -1097,6 +1234,80 @@ class StreamPlane:
             return out
 
         return ReadReply(records=await self._wait_ready(topic, ready, deadline))
+
+    async def _check_subscription(self, topic: str) -> None:
+        """Refuse, before any mirror is made, a subscription through this node to a topic
+        whose class's read rule (``core.streams.mirror_refusal``) forbids this node's
+        region; a mirror it still had is dropped. The topic's class is this node's
+        knowledge of it, else (its first read here) its replicated record."""
+        cls = self._topic_class(topic)
+        if cls is None and topic not in self._topic_read_at:
+            cls = _class(await self._read_topic_record(topic))
+        if cls is None:
+            self._mirror_refused.pop(topic, None)
+            return
+        try:
+            policies = await self.local.class_policies({cls})
+        except ApiError as e:
+            if e.code is not ErrorCode.UNAVAILABLE:
+                raise
+            return  # no quorum to read the policy: the shard holders check it themselves
+        region = self.agent.meta.region
+        why = mirror_refusal(region, cls, policies)
+        if why is None:
+            self._mirror_refused.pop(topic, None)
+            return
+        if topic in self._follow_used or any(k[0] == topic for k in self.mirrors):
+            await self._drop_mirrors(topic, cls, why)
+        raise self._refuse("cross_region_read", (
+            f"subscription to topic {topic!r} through node {self.agent.name} (region "
+            f"{region!r}): {why}"), subject=topic, data_class=cls, from_region=region)
+
+    async def _check_mirrors(self, classes: set[str] | None = None) -> None:
+        """Drop at once every mirror this node keeps of a topic whose class's read rule
+        (``core.streams.mirror_refusal``) now forbids this node's region (only topics of
+        ``classes``, when given): on a change of a class's policy and every reconcile."""
+        topics = {t for t, _ in self.mirrors} | set(self._follow_used)
+        by_class: dict[str, list[str]] = {}
+        for topic in sorted(topics):
+            cls = self._topic_class(topic)
+            if cls is not None and (classes is None or cls in classes):
+                by_class.setdefault(cls, []).append(topic)
+        region = self.agent.meta.region
+        for cls, names in sorted(by_class.items()):
+            try:
+                policies = await self.local.class_policies({cls})
+            except ApiError:
+                continue  # no quorum to read it now: the next reconcile asks again
+            why = mirror_refusal(region, cls, policies)
+            if why is not None:
+                for topic in names:
+                    await self._drop_mirrors(topic, cls, why)
+
+    async def _drop_mirrors(self, topic: str, cls: str | None, why: str) -> None:
+        """Stop following ``topic`` and drop its mirrors here, which class ``cls``'s rule
+        forbids (``why``): each counted (``mirrors_dropped_policy``) and audited as a copy
+        dropped. Reads waiting on them are refused."""
+        self._follow_used.pop(topic, None)
+        self._read_refused.pop(topic, None)
+        for key in [k for k in self.followers if k[0] == topic]:
+            self.followers.pop(key).cancel()
+        async with self._lock:
+            dropped = [(k, self.mirrors.pop(k)) for k in sorted(self.mirrors) if k[0] == topic]
+            self._mirror_refused[topic] = why[:1000]
+            while len(self._mirror_refused) > self.cfg.max_topics:
+                del self._mirror_refused[next(iter(self._mirror_refused))]
+            self._notify(topic)
+        for (_, source), mirror in dropped:
+            self._mirror_dropped(topic, source, cls, mirror.head - mirror.base, why)
+
+    def _mirror_dropped(self, topic: str, source: str, cls: str | None, held: int,
+                        why: str) -> None:
+        self.stats["mirrors_dropped_policy"] += 1
+        self.agent.record(Kind.COPY_DROPPED, f"{topic}/{source}", data_class=cls,
+                          detail=f"subscriber mirror of {held} records dropped: {why}"[:1000])
+        self.agent.log("info", "stream_mirror_dropped", topic=topic, source=source,
+                       data_class=cls, records=held)
 
     def _ensure_followers(self, topic: str) -> None:
         for source in self._sources() or [self.source_id]:
@@ -1152,7 +1363,12 @@ class StreamPlane:
                 async with self._lock:
                     why = str(e).split(": ", 1)[-1].removeprefix("refused: ")
                     self._read_refused[topic] = f"shard holder {holder} refused it: {why}"[:1000]
+                    # What the mirror holds of the shard may not be read here: dropped.
+                    held = mirror.clear()
                     self._notify(topic)
+                if held:
+                    self._mirror_dropped(topic, source, self._topic_class(topic), held,
+                                         self._read_refused.get(topic, why))
                 await asyncio.sleep(REFUSED_FOLLOW_RETRY_S)  # the policy may change
                 continue
             except (RpcError, ValueError, OSError):
@@ -1184,4 +1400,7 @@ class StreamPlane:
                     for (t, s), lg in sorted(self.logs.items())],
             operators={name: dict(c) for name, c in self.op_stats.items()},
             runners=sorted(f"{o}@{s}" for o, s in self.runners),
+            mirrors=[ShardInfo(topic=t, source=s, base=m.base, head=m.head, backlog=0,
+                               backlog_max=0, bytes=m.bytes, evicted=m.evicted, role="mirror")
+                     for (t, s), m in sorted(self.mirrors.items())],
         )

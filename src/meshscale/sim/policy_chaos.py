@@ -144,6 +144,7 @@ from meshscale.core.streams import (
     ShardSource,
     backup_for,
     check_source_allowed,
+    operator_classes,
     operator_now,
     runners_wanted,
     shard_holder,
@@ -785,10 +786,13 @@ def policy_chaos_run(
     # ------------------------------------------------------------ operators and subscribers
     # Operators are registered at the start (a near-source one and one placed anywhere
     # the rules allow, per topic), each with its topic's class: its rule is the class's,
-    # resolved when it is registered (the runtime's ``_resolve_class``). Every node runs
-    # the runtime's ``_reconcile`` each second and on hearing a change: the runners
-    # ``core.streams.runners_wanted`` gives it from its own view, each operator's rule
-    # narrowed by its classes' current policies as the node knows them
+    # resolved when it is registered (the runtime's ``_resolve_class``); and one per topic
+    # placed anywhere with no class at all (registered before its topic had a class),
+    # which every node binds by its topic's class (``core.streams.operator_classes``).
+    # (``break_="operator_topic"`` leaves the topic's class out: the oracles catch it.)
+    # Every node runs the runtime's ``_reconcile`` each second and on hearing a change:
+    # the runners ``core.streams.runners_wanted`` gives it from its own view, each
+    # operator's rule narrowed by its classes' current policies as the node knows them
     # (``core.streams.operator_now``). Subscribers read a classed shard through its
     # holder (``core.streams.shard_holder`` from the subscriber's node's view), which
     # serves or refuses by ``core.policy.read_refusal`` from its own view (the runtime's
@@ -808,6 +812,10 @@ def policy_chaos_run(
                                       True)
         operators[f"any-{topic}"] = (OperatorPlacement(
             f"any-{topic}", InRegions(frozenset(regions)), rule), topic, False)
+        # Registered without a class before its topic had one (its spec carries none):
+        # bound by the topic's class as every node reads it (the runtime's topic record).
+        operators[f"bare-{topic}"] = (OperatorPlacement(
+            f"bare-{topic}", InRegions(frozenset(regions)), None), topic, False)
 
     def check_operator(p: DataNode, op: str, sid: str, rule: Residency | None,
                        when: str) -> None:
@@ -835,7 +843,9 @@ def policy_chaos_run(
         placed: dict[str, OperatorPlacement] = {}
         for name, (op, topic, _near) in operators.items():
             now_op = op if break_ == "operator" else \
-                operator_now(op, (TOPIC_CLASS[topic],), p.policies)
+                operator_now(op, operator_classes(
+                    op.residency, None if break_ == "operator_topic" else TOPIC_CLASS[topic]),
+                    p.policies)
             if now_op is not None:
                 placed[name] = now_op
         want = runners_wanted(p.name, [(placed[k], operators[k][1], operators[k][2])

@@ -274,7 +274,8 @@ class ShardInfo(msgspec.Struct):
     """The highest backlog it ever had."""
     bytes: int
     evicted: int
-    role: Literal["primary", "backup"]
+    role: Literal["primary", "backup", "mirror"]
+    """``mirror``: a subscriber's bounded copy on the asked node (``StreamStats.mirrors``)."""
 
 
 class StreamStats(msgspec.Struct):
@@ -287,6 +288,8 @@ class StreamStats(msgspec.Struct):
     operators: dict[str, dict[str, int]]
     """Per operator, this node's counters for it."""
     runners: list[str]
+    mirrors: list[ShardInfo] = []
+    """The shards this node follows into a mirror for its subscribers."""
 
 
 PUBLISH: Method[PublishRequest, PublishReply] = Method(

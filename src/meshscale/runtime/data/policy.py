@@ -114,7 +114,8 @@ class Policies(Catalog, KvStore):
                 # or not a `policy set --migrate` reached it when it was made.
                 self.agent.spawn(self._migrate_own(name, "policy refresh"))
             if cached is None or cached.regions != policy.regions \
-                    or cached.stream_regions != policy.stream_regions:
+                    or cached.stream_regions != policy.stream_regions \
+                    or cached.cross_region_reads != policy.cross_region_reads:
                 for listener in self.policy_listeners:
                     listener(name)
         self._policy_read_at[name] = time.monotonic()

@@ -288,8 +288,9 @@ class DataPlaneBase:
         self._migrate_lock = asyncio.Lock()
         """One rewrite of this node's copy rules at a time (``policy.py``)."""
         self.policy_listeners: list[Callable[[str], None]] = []
-        """Called with a class's name when this node's cache sees its policy's regions or
-        stream regions change (or first read it): the stream plane's shards follow it."""
+        """Called with a class's name when this node's cache sees its policy's regions,
+        stream regions or cross-region reads change (or first read it): the stream plane's
+        shards, operators and subscribers' mirrors follow it."""
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
