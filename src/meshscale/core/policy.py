@@ -51,6 +51,7 @@ __all__ = [
     "make_policy",
     "migrated_regions",
     "narrows",
+    "payload_rule",
     "placement_residency",
     "policy_key",
     "read_refusal",
@@ -409,6 +410,29 @@ def detail_rule(result: Residency | None, run: Residency | None,
     if not any(r is not None and r.data_class is not None for r in ins):
         return None
     return result_rule(run, ins, {})
+
+
+def payload_rule(declared: Residency | None, inputs: Iterable[Residency | None],
+                 policies: Mapping[str, ClassPolicy]) -> Residency | None:
+    """The rule a task's *payload* (its pickled arguments and keyword arguments, which
+    the client sent and which may be class data) is kept under when its owner stores it
+    for a takeover; None: the task carries no rule and its arguments stay in its KV
+    record (``task/<id>``), replicated like any key, as always.
+
+    ``declared`` is the task's own (resolved) rule, ``inputs`` the rules of the input
+    objects it reads. The payload goes where the task's result goes (``result_rule``:
+    its declared class, else its inputs' strictest class, regions narrowed by every
+    classed input and the declared regions), else, for a task that names regions but no
+    class and reads no classed input, under those regions. ``PolicyError`` as
+    ``result_rule`` raises it (inputs of incomparable classes, no region left): the
+    caller keeps the payload nowhere but in the owner's memory (the task is refused or
+    fails before it runs)."""
+    out = result_rule(declared, inputs, policies)
+    if out is not None:
+        return out
+    if declared is not None and declared.regions is not None:
+        return declared
+    return None
 
 
 def placement_residency(submitted: Residency | None, classes: Iterable[str],

@@ -90,17 +90,23 @@ __all__ = [
     "LookupAction",
     "TaskBook",
     "TaskDetail",
+    "TaskPayload",
     "TaskRecord",
     "TaskState",
     "UpstreamFailure",
     "Verdict",
     "adopter",
     "decode_detail",
+    "decode_payload",
     "detail_note",
     "detail_withheld",
     "encode_detail",
+    "encode_payload",
     "lookup",
     "move",
+    "payload_missing",
+    "payload_ref",
+    "stored_record",
     "upstream_failure",
 ]
 
@@ -184,6 +190,74 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     one object of its class (``core.policy.detail_rule``, ``TaskDetail``): ``id``,
     ``size`` and ``data_class``. Set, the record's ``error`` is ``detail_note``'s and it
     keeps no traceback, exception or output of its own."""
+    payload_ref: dict[str, Any] | None = None
+    """Set on a task whose arguments are class data (``core.policy.payload_rule``): its
+    pickled arguments are kept as one object under that rule (``TaskPayload``), never in
+    the KV record (``stored_record``): ``id`` (empty while the object is being stored, or
+    when it could not be), ``size`` and ``data_class`` (empty: a rule of regions only)."""
+
+
+class TaskPayload(msgspec.Struct, omit_defaults=True):
+    """The data of a task whose arguments are class data, stored by its owner as one
+    object under the task's payload rule (``core.policy.payload_rule``), msgpack-encoded
+    (``encode_payload``). The KV record (``task/<id>``, ``taskset/<prefix>``) keeps only
+    its reference (``TaskRecord.payload_ref``); a node that takes the task over reads it
+    (an ordinary object read: the class's read rule applies). The task id makes the
+    object one task's own (two tasks with the same arguments do not share it)."""
+
+    task_id: str
+    args: bytes
+
+
+_payload_encoder = msgspec.msgpack.Encoder()
+_payload_decoder = msgspec.msgpack.Decoder(TaskPayload)
+
+
+def encode_payload(p: TaskPayload) -> bytes:
+    return _payload_encoder.encode(p)
+
+
+def decode_payload(data: bytes, task_id: str) -> TaskPayload:
+    """Stored payload of ``task_id``; ``ValueError`` for bytes that are not one, or that
+    are another task's."""
+    try:
+        p = _payload_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValueError(f"not a task payload object: {e}") from None
+    if p.task_id != task_id:
+        raise ValueError(f"the payload object is of task {p.task_id[:80]!r}, not {task_id!r}")
+    return p
+
+
+def payload_ref(object_id: str, size: int, data_class: str | None) -> dict[str, Any]:
+    """``TaskRecord.payload_ref`` of a payload stored as ``object_id`` (``""``: not stored,
+    yet or at all; the record still holds none of the arguments)."""
+    return {"id": object_id, "size": size, "data_class": data_class or ""}
+
+
+def stored_record(rec: TaskRecord) -> TaskRecord:
+    """What the replicated KV holds of ``rec`` (``task/<id>``, and each record of a
+    ``taskset/<prefix>``): ``rec`` itself for a task whose arguments are not class data
+    (no copy: the hot path), else ``rec`` without its arguments, which live only in the
+    payload object ``payload_ref`` names (or nowhere but the owner's memory, while that
+    object is being stored or when it could not be). State, node, class, resources and
+    the outcome (a classed task's result and detail are references already) stay."""
+    if rec.payload_ref is None or rec.args is None:
+        return rec
+    return msgspec.structs.replace(rec, args=None)
+
+
+def payload_missing(rec: TaskRecord, why: str = "") -> str:
+    """Why a taken-over ``rec`` cannot run again for want of its arguments (the error it
+    fails with): its record never held them, and its payload object was not stored or
+    could not be read here (``why``: the read's refusal, which names the rule)."""
+    ref = rec.payload_ref or {}
+    cls = str(ref.get("data_class") or "")
+    oid = str(ref.get("id") or "")
+    where = f"object {oid}" if oid else "an object that was never stored"
+    return (f"owner {rec.owner} died; the task's arguments are class data"
+            + (f" of class {cls}" if cls else "") + f", kept in {where}, not in its "
+            "record" + (f", and this node cannot read them: {why}" if why else ""))
 
 
 class TaskDetail(msgspec.Struct, omit_defaults=True):
@@ -469,10 +543,13 @@ class TaskBook:
             self._count("ended_evicted", dropped)
         return dropped
 
-    def adopt(self, rec: TaskRecord, now: float) -> tuple[Entry, str | None]:
+    def adopt(self, rec: TaskRecord, now: float, *,
+              payload_error: str = "") -> tuple[Entry, str | None]:
         """Take over ``rec`` (read from the store; its owner is dead, or is this node
         after a restart). Returns the new entry and, if the task cannot run again, why
-        (the driver then fails it with that reason)."""
+        (the driver then fails it with that reason). A record whose arguments are kept
+        in a payload object (``payload_ref``) comes with them read back by the driver,
+        or with ``payload_error``, why they could not be."""
         if rec.task_id in self:
             raise ValueError(f"task {rec.task_id} is already owned here")
         new = msgspec.structs.replace(rec, owner=self.name, node="",
@@ -482,6 +559,8 @@ class TaskBook:
         e = Entry(new, now)
         self.records[new.task_id] = e
         self._count("tasks_adopted")
+        if new.args is None and new.payload_ref is not None:
+            return e, payload_missing(rec, payload_error)
         if new.args is None:
             return e, (f"owner {rec.owner} died and the record has no arguments to run "
                        "it again")
