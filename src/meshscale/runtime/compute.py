@@ -128,6 +128,7 @@ from meshscale.core.policy import (
     PolicyError,
     Rule,
     detail_rule,
+    payload_rule,
     resolve,
     result_rule,
     result_within,
@@ -156,13 +157,18 @@ from meshscale.core.tasks import (
     LookupAction,
     TaskBook,
     TaskDetail,
+    TaskPayload,
     TaskRecord,
     TaskState,
     Verdict,
+    decode_payload,
     detail_note,
     detail_withheld,
     encode_detail,
+    encode_payload,
     lookup,
+    payload_ref,
+    stored_record,
     upstream_failure,
 )
 from meshscale.core.wire import DECODE_ERRORS
@@ -288,6 +294,20 @@ _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(TaskRecord)
 _records_encoder = msgspec.msgpack.Encoder()
 _records_decoder = msgspec.msgpack.Decoder(list[TaskRecord])
+
+
+def _declared(rec: TaskRecord) -> Residency | None:
+    """The rule ``rec`` was submitted under (resolved at submit), if any."""
+    if rec.residency is None and rec.data_class is None:
+        return None
+    return Residency(frozenset(rec.residency) if rec.residency is not None else None,
+                     rec.data_class)
+
+
+def _encode_group(recs: list[TaskRecord]) -> bytes:
+    """A ``taskset/<prefix>`` value: what the KV holds of each record
+    (``core.tasks.stored_record``: no class data)."""
+    return _records_encoder.encode([stored_record(r) for r in recs])
 
 
 class _Logs(msgspec.Struct, array_like=True):
@@ -865,7 +885,8 @@ class ComputePlane:
         return await self.local.put_object(data, self.cfg.result_replicas)
 
     async def _kv_put(self, rec: TaskRecord) -> None:
-        await self._kv_put_raw(KV_PREFIX + rec.task_id, _record_encoder.encode(rec))
+        await self._kv_put_raw(KV_PREFIX + rec.task_id,
+                               _record_encoder.encode(stored_record(rec)))
 
     async def _kv_put_raw(self, key: str, value: bytes) -> None:
         if not self.cfg.persist:
@@ -985,11 +1006,7 @@ class ComputePlane:
         room = max(0, self.cfg.max_inputs - len(refs))
         stored = [await self._input_ref(oid)
                   for _size, oid in sorted(set(stored_in), reverse=True)]
-        declared = None
-        if rec.residency is not None or rec.data_class is not None:
-            declared = Residency(
-                frozenset(rec.residency) if rec.residency is not None else None,
-                rec.data_class)
+        declared = _declared(rec)
         out = await self._result_rule(rec, declared, [r.residency for r in refs + stored])
         refs += stored[:room]
         # A task that reads classed data runs under its result's rule too (the inputs'
@@ -1078,6 +1095,9 @@ class ComputePlane:
             r.submitter = who
         # Tasks that take futures wait for their upstream tasks before they are scheduled.
         specs = await asyncio.gather(*(self._spec(r) for r in new if not r.after))
+        # Arguments that are class data never go into a KV record (marked here, before
+        # any record is written; stored as objects of their rule in ``_persist``).
+        rules = await self._payload_rules(new)
         try:
             if specs:
                 sched.submit(list(specs), time.monotonic())
@@ -1113,7 +1133,7 @@ class ComputePlane:
             if all(r.state in TERMINAL for r in new):
                 self._count("acks_with_outcome")
                 return SubmitReply(accepted, [self._view_of(r) for r in new])
-        persist = asyncio.get_running_loop().create_task(self._persist(new, groups))
+        persist = asyncio.get_running_loop().create_task(self._persist(new, groups, rules))
         if len(new) <= EARLY_ACK_MAX_TASKS:
             while not persist.done() and not all(r.state in TERMINAL for r in new):
                 if self._tick is None:
@@ -1133,12 +1153,104 @@ class ComputePlane:
             self._count("persist_failed")
             self.agent.log("warning", "task_persist_failed", error=str(task.exception()))
 
-    async def _persist(self, new: list[TaskRecord], groups: dict[str, _Group]) -> None:
+    async def _persist(self, new: list[TaskRecord], groups: dict[str, _Group],
+                       rules: dict[str, Residency]) -> None:
         fns = {r.fn_id for r in new}
-        await asyncio.gather(*(self._ensure_fn_stored(f, self._fns[f]) for f in fns
+        await asyncio.gather(self._store_payloads(new, rules),
+                             *(self._ensure_fn_stored(f, self._fns[f]) for f in fns
                                if f in self._fns))
         await asyncio.gather(self._persist_many([r for r in new if r.task_id not in groups]),
                              *(self._write_group(g) for g in set(groups.values())))
+
+    async def _payload_rules(self, recs: list[TaskRecord]) -> dict[str, Residency]:
+        """The rule under which each of ``recs`` whose arguments are class data keeps them
+        (``core.policy.payload_rule``: a classed task's, one that names regions, one that
+        reads classed inputs). Each such record is marked at once (``payload_ref`` without
+        an id): from now on no write of it carries its arguments (``stored_record``).
+        A task whose rule cannot be decided (ambiguous input classes, an unknown input:
+        it fails before it runs) is marked and keeps them only in memory. Records with
+        no rule, no class and no inputs (the common case) cost nothing here."""
+        maybe = [r for r in recs if r.args is not None and (
+            r.residency is not None or r.data_class is not None or r.inputs)]
+        if not maybe:
+            return {}
+        found: dict[str, tuple[Residency | None, list[Residency | None]]] = {}
+        classes: set[str] = set()
+        undecided: set[str] = set()
+        for r in maybe:
+            declared = _declared(r)
+            try:
+                refs = await asyncio.gather(*(self._input_ref(o) for o in r.inputs))
+            except (ValueError, RpcError):
+                undecided.add(r.task_id)
+                continue
+            inputs = [ref.residency for ref in refs]
+            found[r.task_id] = (declared, inputs)
+            classes.update(x.data_class for x in [declared, *inputs]
+                           if x is not None and x.data_class is not None)
+        policies: dict[str, ClassPolicy] = {}
+        if classes:
+            with contextlib.suppress(ApiError):  # unreadable: the stored rules still bound
+                policies = await self.local.class_policies(classes)
+        out: dict[str, Residency] = {}
+        for r in maybe:
+            rule: Residency | None = None
+            if r.task_id not in undecided:
+                declared, inputs = found[r.task_id]
+                try:
+                    rule = payload_rule(declared, inputs, policies)
+                except PolicyError:
+                    undecided.add(r.task_id)
+            if rule is not None:
+                out[r.task_id] = rule
+            if rule is not None or r.task_id in undecided:
+                r.payload_ref = payload_ref(
+                    "", 0, None if rule is None else rule.data_class)
+        return out
+
+    async def _store_payloads(self, recs: list[TaskRecord],
+                              rules: dict[str, Residency]) -> None:
+        """The arguments of each of ``recs`` with a payload rule, stored as one object
+        under it (``core.tasks.TaskPayload``), so a node taking the task over can run it
+        again; the record keeps the reference. Not stored: the record says so and a
+        takeover fails the task naming it (never a copy of the arguments in the KV)."""
+        if not rules or not self.cfg.persist:
+            return
+        sem = asyncio.Semaphore(32)
+
+        async def one(r: TaskRecord, rule: Residency) -> None:
+            args = r.args
+            if args is None or r.state in TERMINAL:
+                return  # ended already: nothing will run it again
+            body = encode_payload(TaskPayload(r.task_id, args))
+            async with sem:
+                try:
+                    ref = await self.local.put_object(body, self.cfg.result_replicas,
+                                                      ResidencyWire.of(rule))
+                except (RpcError, ValueError) as e:
+                    self._count("task_payload_store_failed")
+                    self.agent.log("warning", "task_payload_store_failed", task=r.task_id,
+                                   error=str(e)[:200])
+                    return
+            r.payload_ref = payload_ref(str(ref["id"]), int(ref["size"]), rule.data_class)
+            self._count("task_payloads_stored")
+
+        await asyncio.gather(*(one(r, rules[r.task_id]) for r in recs if r.task_id in rules))
+
+    async def _read_payload(self, rec: TaskRecord) -> tuple[TaskRecord, str]:
+        """``rec`` (read from the KV) with its arguments read back from its payload object
+        (``payload_ref``), or ``rec`` and why they could not be: the object was never
+        stored, or this node may not read it (the refusal names the rule)."""
+        oid = str((rec.payload_ref or {}).get("id") or "")
+        if rec.args is not None or not oid:
+            return rec, ""
+        try:
+            p = decode_payload(await self._read_object(oid), rec.task_id)
+        except (RpcError, ValueError) as e:
+            self._count("task_payload_unreadable")
+            return rec, str(e)[:300]
+        self._count("task_payloads_read")
+        return msgspec.structs.replace(rec, args=p.args), ""
 
     # Records of one submit whose ids share a client-chosen prefix (``<prefix>.<n>``, as
     # ``map`` names them) are written as one KV value, ``taskset/<prefix>``: one quorum
@@ -1170,7 +1282,7 @@ class ComputePlane:
     async def _write_group(self, g: _Group) -> None:
         g.writing = True
         try:
-            await self._kv_put_raw(GROUP_PREFIX + g.prefix, _records_encoder.encode(g.recs))
+            await self._kv_put_raw(GROUP_PREFIX + g.prefix, _encode_group(g.recs))
         finally:
             g.writing = False
         self._group_changed(g, delay=False)
@@ -1187,7 +1299,7 @@ class ComputePlane:
             while g.dirty and self.sched is not None:
                 await asyncio.sleep(GROUP_FLUSH_S)
                 g.dirty = False
-                data = _records_encoder.encode(g.recs)
+                data = _encode_group(g.recs)
                 if len(data) > GROUP_MAX_BYTES:  # large results: per-task records
                     done = [r for r in g.recs if r.state in TERMINAL
                             and r.task_id not in g.written]
@@ -1488,7 +1600,10 @@ class ComputePlane:
     async def _adopt_now(self, stored: TaskRecord) -> None:
         assert self.sched is not None
         old_owner = stored.owner
-        e, why = self.book.adopt(stored, time.monotonic())
+        payload_error = ""
+        if stored.payload_ref is not None and stored.state not in TERMINAL:
+            stored, payload_error = await self._read_payload(stored)
+        e, why = self.book.adopt(stored, time.monotonic(), payload_error=payload_error)
         rec = e.rec
         self._count("tasks_adopted")
         self.agent.log("info", "task_adopted", task=rec.task_id, previous_owner=old_owner)
