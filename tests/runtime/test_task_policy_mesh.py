@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from runtime_mesh import host_like_dir, wait_for
 
@@ -21,7 +23,7 @@ from meshscale.client.mesh import MeshError
 from meshscale.client.tasks import TaskError, TaskMesh, connect, task
 from meshscale.core.api import Empty
 from meshscale.core.api.tasks import TASK_STATS
-from meshscale.core.tasks import decode_detail
+from meshscale.core.tasks import TaskRecord, decode_detail, decode_payload
 from meshscale.runtime.launcher import LocalMesh
 
 pytestmark = pytest.mark.timeout(300)
@@ -190,3 +192,117 @@ def test_a_classed_tasks_error_and_output_stay_in_its_class(
             plain.result(timeout=120)
         assert isinstance(pe.value, TaskError) and pe.value.detail_ref is None
         assert OUT_MARK in plain.logs() and plain.detail() is None
+
+
+# Made at import, so the test's source (which a client ships with its functions) does
+# not hold them.
+ARG_MARK = "classed-argument-" + os.urandom(6).hex()
+PLAIN_MARK = "plain-argument-" + os.urandom(6).hex()
+
+
+def held_len(flag: str, secret: str) -> int:
+    """Run as a task: wait until ``flag`` exists, then the length of ``secret``."""
+    deadline = time.monotonic() + 240
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(secret)
+
+
+def held_item(item: tuple[str, str]) -> int:
+    return held_len(*item)
+
+
+def stored_bytes(node: Any) -> list[tuple[str, bytes]]:
+    """Everything ``node`` keeps of the mesh's data, read from its disk: every KV value
+    (its SQLite store, read-only) and every object file."""
+    store = node.data_dir / "store"
+    db = sqlite3.connect(f"file:{store / 'meta.sqlite3'}?mode=ro", uri=True)
+    try:
+        out = [(f"kv {k}", bytes(v)) for k, v in
+               db.execute("SELECT key, value FROM kv WHERE value IS NOT NULL")]
+    finally:
+        db.close()
+    for f in sorted((store / "objects").rglob("b3-*")):
+        out.append((f"object {f.name}", f.read_bytes()))
+    return out
+
+
+def test_a_classed_tasks_arguments_stay_in_its_class(mesh: LocalMesh) -> None:
+    """A classed task's pickled arguments are class data: its owner (outside the class's
+    regions) stores them as one object of the class (``core.tasks.TaskPayload``); its KV
+    record (``task/<id>``, or the ``taskset/<prefix>`` of a map) keeps only a reference
+    (``core.tasks.stored_record``). No node outside the class's regions holds them in any
+    KV value or object, while the tasks wait to run; the records are still read by id
+    from anywhere and listed; the tasks run."""
+    eu = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
+    assert mesh.nodes[OWNER].region == "us-east"
+    outside = [n for n in mesh.nodes if n.region == "us-east"]
+    flag = str(mesh.directory / "release-args")
+    with connect(mesh.nodes[OWNER].address, bundle=mesh.bundle_path) as client, \
+            connect(mesh.nodes[eu].address, bundle=mesh.bundle_path) as inside:
+        client.policies.set("ta", ["eu-west", "eu-central"], replicas=2,
+                            cross_region_reads=False)
+        fn = task(data_class="ta", retries=0)(held_len)
+        singles = [client.submit(fn, flag, f"{ARG_MARK} customer {k}") for k in range(8)]
+        mapped = client.map(task(data_class="ta", retries=0)(held_item),
+                            [(flag, f"{ARG_MARK} row {k}") for k in range(4)])
+        # An unclassed task keeps its arguments in its record, as before.
+        plain = client.submit(task(retries=0)(held_len), flag, PLAIN_MARK)
+
+        def record(task_id: str) -> TaskRecord | None:
+            data = client.kv.get("task/" + task_id, binary=True)
+            return None if data is None else msgspec.msgpack.decode(data, type=TaskRecord)
+
+        recs = {f.task_id: wait_for(lambda f=f: record(f.task_id), 30, "a task's record")
+                for f in singles}
+        for tid, rec in recs.items():
+            assert rec.state in ("pending", "running") and rec.data_class == "ta", rec
+            assert rec.args is None, tid  # no arguments in the record: a reference
+            assert rec.payload_ref is not None and rec.payload_ref["data_class"] == "ta"
+            assert rec.payload_ref["id"].startswith("b3-"), rec.payload_ref
+        raw = client.kv.get("task/" + singles[0].task_id, binary=True)
+        assert raw is not None and ARG_MARK.encode() not in raw
+        plain_rec = wait_for(lambda: record(plain.task_id), 30, "the plain task's record")
+        assert plain_rec.args is not None and PLAIN_MARK.encode() in plain_rec.args
+        assert plain_rec.payload_ref is None
+        # The map's tasks share one record, taskset/<prefix>: no arguments in it either.
+        prefix = mapped[0].task_id.rpartition(".")[0]
+        group = wait_for(lambda: client.kv.get("taskset/" + prefix, binary=True), 30,
+                         "the map's record")
+        assert ARG_MARK.encode() not in group
+        members = msgspec.msgpack.decode(group, type=list[TaskRecord])
+        assert {r.task_id for r in members} == {f.task_id for f in mapped}
+        assert all(r.args is None and r.payload_ref is not None for r in members)
+
+        # Every KV value and object on the node outside the class: no argument of a
+        # classed task.
+        for node in outside:
+            leaked = [what for what, data in stored_bytes(node) if ARG_MARK.encode() in data]
+            assert not leaked, (node.name, leaked)
+        # ... while the class's own nodes hold them, as objects of the class.
+        held = [what for n in mesh.nodes if n.region != "us-east"
+                for what, data in stored_bytes(n)
+                if f"{ARG_MARK} customer 0".encode() in data]
+        assert held and all(w.startswith("object ") for w in held), held
+
+        # The payload, read by id: refused outside the class's regions (its read rule,
+        # named), whole inside them.
+        oid = recs[singles[0].task_id].payload_ref["id"]  # type: ignore[index]
+        with pytest.raises(MeshError, match="cross-region read rule"):
+            client.get(oid)
+        payload = decode_payload(inside.get(oid), singles[0].task_id)
+        assert f"{ARG_MARK} customer 0".encode() in payload.args
+
+        # Listed by their owner; run once released; their final records too.
+        listed = {r["task_id"] for r in client.tasks(1000)}
+        assert {f.task_id for f in singles + mapped} <= listed
+        Path(flag).touch()
+        for k, f in enumerate(singles):
+            assert inside.future(f.task_id).result(timeout=120) == \
+                len(f"{ARG_MARK} customer {k}")
+        for k, f in enumerate(mapped):
+            assert inside.future(f.task_id).result(timeout=120) == len(f"{ARG_MARK} row {k}")
+        assert plain.result(timeout=120) == len(PLAIN_MARK)
+        final = wait_for(lambda: (r := record(singles[0].task_id)) is not None
+                         and r.state == "done" and r, 30, "the final record")
+        assert final.args is None and final.payload_ref == recs[singles[0].task_id].payload_ref
