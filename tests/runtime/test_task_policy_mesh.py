@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sqlite3
 import sys
 import time
@@ -306,3 +307,36 @@ def test_a_classed_tasks_arguments_stay_in_its_class(mesh: LocalMesh) -> None:
         final = wait_for(lambda: (r := record(singles[0].task_id)) is not None
                          and r.state == "done" and r, 30, "the final record")
         assert final.args is None and final.payload_ref == recs[singles[0].task_id].payload_ref
+
+
+def test_a_classed_task_taken_over_reads_its_arguments_back(mesh: LocalMesh) -> None:
+    """The owner of classed tasks dies before they end: the node that takes each over
+    reads its arguments back from the payload object (its record has none) and runs it.
+    Last in the module: it kills a node."""
+    owner_node = mesh.nodes[4]
+    assert owner_node.region == "eu-central" and owner_node.proc is not None
+    flag = str(mesh.directory / "release-adopted")
+    with connect(owner_node.address, bundle=mesh.bundle_path) as owner, \
+            connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as other:
+        owner.policies.set("tk", ["eu-west", "eu-central"], replicas=2)
+        fn = task(data_class="tk")(held_len)
+        futs = [owner.submit(fn, flag, f"{ARG_MARK} adopted {k}") for k in range(3)]
+        for f in futs:  # durable before acknowledged: the records hold a reference
+            data = other.kv.get("task/" + f.task_id, binary=True)
+            assert data is not None and ARG_MARK.encode() not in data
+            rec = msgspec.msgpack.decode(data, type=TaskRecord)
+            assert rec.payload_ref is not None and rec.payload_ref["id"], rec
+        os.kill(owner_node.proc.pid, signal.SIGKILL)
+        owner_node.proc.wait()
+        Path(flag).touch()
+        got = [other.future(f.task_id).result(timeout=120) for f in futs]
+        assert got == [len(f"{ARG_MARK} adopted {k}") for k in range(3)]
+        adopted = read = 0
+        for n in mesh.nodes:
+            if n.proc is None or n.proc.poll() is not None:
+                continue
+            with connect(n.address, bundle=mesh.bundle_path) as c:
+                stats: Any = c._run(c._inner._trequest(TASK_STATS, Empty()))
+                adopted += stats.compute.get("tasks_adopted", 0)
+                read += stats.compute.get("task_payloads_read", 0)
+        assert adopted == 3 and read == 3, (adopted, read)
