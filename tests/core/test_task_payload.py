@@ -1,6 +1,7 @@
-"""Where a task's arguments are kept for a takeover (issue #15): in its KV record for a
-task with no rule (as always), else as one object under ``core.policy.payload_rule``,
-the record (``core.tasks.stored_record``) keeping only a reference."""
+"""Where a task's arguments and function are kept for a takeover (issue #15): in its KV
+record and an unclassed object for a task with no rule (as always), else as objects
+under ``core.policy.payload_rule``, the record (``core.tasks.stored_record``) keeping only
+references."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from meshscale.core.tasks import (
     TaskBook,
     TaskPayload,
     TaskRecord,
+    decode_function,
     decode_payload,
+    encode_function,
     encode_payload,
+    function_scope,
     payload_missing,
     payload_ref,
     stored_record,
@@ -138,3 +142,18 @@ def test_a_takeover_without_readable_arguments_fails_naming_why() -> None:
     back = msgspec.structs.replace(stored, task_id="t3", args=MARK)
     _, ok = book.adopt(back, 0.0)
     assert ok is None
+
+
+def test_a_ruled_tasks_function_is_one_object_per_rule() -> None:
+    fn = b"\x80\x05cloudpickled closure with class data"
+    pii = encode_function(fn, EU)
+    assert decode_function(pii) == fn
+    # the rule is part of the object (content-addressed ids): never one object, two rules
+    assert encode_function(fn, Residency(R({"eu-west"}), "pii")) != pii
+    assert encode_function(fn, Residency(R({"eu-west", "eu-central"}))) != pii
+    assert function_scope(EU) == "pii@eu-central,eu-west"
+    assert function_scope(Residency(None, "pii")) == "pii@*"
+    with pytest.raises(ValueError, match="not a task function"):
+        decode_function(b"\x00junk")
+    ref = payload_ref("b3-aa", 3, "pii", "b3-bb")
+    assert ref == {"id": "b3-aa", "size": 3, "data_class": "pii", "fn": "b3-bb"}

@@ -11,7 +11,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,13 @@ def held_item(item: tuple[str, str]) -> int:
     return held_len(*item)
 
 
+def capturing(secret: str) -> Callable[[str, str], int]:
+    """A function whose pickle carries ``secret`` (a closure cell): class data too."""
+    def run(flag: str, arg: str) -> int:
+        return held_len(flag, arg) if secret else -1
+    return run
+
+
 def stored_bytes(node: Any) -> list[tuple[str, bytes]]:
     """Everything ``node`` keeps of the mesh's data, read from its disk: every KV value
     (its SQLite store, read-only) and every object file."""
@@ -232,9 +239,10 @@ def test_a_classed_tasks_arguments_stay_in_its_class(mesh: LocalMesh) -> None:
     """A classed task's pickled arguments are class data: its owner (outside the class's
     regions) stores them as one object of the class (``core.tasks.TaskPayload``); its KV
     record (``task/<id>``, or the ``taskset/<prefix>`` of a map) keeps only a reference
-    (``core.tasks.stored_record``). No node outside the class's regions holds them in any
-    KV value or object, while the tasks wait to run; the records are still read by id
-    from anywhere and listed; the tasks run."""
+    (``core.tasks.stored_record``). Its function, which may carry captured data, is kept
+    under the class too (``core.tasks.FunctionPayload``). No node outside the class's
+    regions holds either in any KV value or object, while the tasks wait to run; the
+    records are still read by id from anywhere and listed; the tasks run."""
     eu = next(i for i, n in enumerate(mesh.nodes) if n.region == "eu-west")
     assert mesh.nodes[OWNER].region == "us-east"
     outside = [n for n in mesh.nodes if n.region == "us-east"]
@@ -243,8 +251,10 @@ def test_a_classed_tasks_arguments_stay_in_its_class(mesh: LocalMesh) -> None:
             connect(mesh.nodes[eu].address, bundle=mesh.bundle_path) as inside:
         client.policies.set("ta", ["eu-west", "eu-central"], replicas=2,
                             cross_region_reads=False)
-        fn = task(data_class="ta", retries=0)(held_len)
-        singles = [client.submit(fn, flag, f"{ARG_MARK} customer {k}") for k in range(8)]
+        # Each with a function of its own, capturing class data.
+        singles = [client.submit(task(data_class="ta", retries=0)(
+            capturing(f"{ARG_MARK} captured {k}")), flag, f"{ARG_MARK} customer {k}")
+            for k in range(8)]
         mapped = client.map(task(data_class="ta", retries=0)(held_item),
                             [(flag, f"{ARG_MARK} row {k}") for k in range(4)])
         # An unclassed task keeps its arguments in its record, as before.
@@ -261,6 +271,7 @@ def test_a_classed_tasks_arguments_stay_in_its_class(mesh: LocalMesh) -> None:
             assert rec.args is None, tid  # no arguments in the record: a reference
             assert rec.payload_ref is not None and rec.payload_ref["data_class"] == "ta"
             assert rec.payload_ref["id"].startswith("b3-"), rec.payload_ref
+            assert rec.payload_ref["fn"].startswith("b3-"), rec.payload_ref
         raw = client.kv.get("task/" + singles[0].task_id, binary=True)
         assert raw is not None and ARG_MARK.encode() not in raw
         plain_rec = wait_for(lambda: record(plain.task_id), 30, "the plain task's record")
@@ -281,10 +292,10 @@ def test_a_classed_tasks_arguments_stay_in_its_class(mesh: LocalMesh) -> None:
             leaked = [what for what, data in stored_bytes(node) if ARG_MARK.encode() in data]
             assert not leaked, (node.name, leaked)
         # ... while the class's own nodes hold them, as objects of the class.
-        held = [what for n in mesh.nodes if n.region != "us-east"
-                for what, data in stored_bytes(n)
-                if f"{ARG_MARK} customer 0".encode() in data]
-        assert held and all(w.startswith("object ") for w in held), held
+        for mark in (f"{ARG_MARK} customer 0", f"{ARG_MARK} captured 0"):
+            held = [what for n in mesh.nodes if n.region != "us-east"
+                    for what, data in stored_bytes(n) if mark.encode() in data]
+            assert held and all(w.startswith("object ") for w in held), (mark, held)
 
         # The payload, read by id: refused outside the class's regions (its read rule,
         # named), whole inside them.
@@ -311,15 +322,16 @@ def test_a_classed_tasks_arguments_stay_in_its_class(mesh: LocalMesh) -> None:
 
 def test_a_classed_task_taken_over_reads_its_arguments_back(mesh: LocalMesh) -> None:
     """The owner of classed tasks dies before they end: the node that takes each over
-    reads its arguments back from the payload object (its record has none) and runs it.
-    Last in the module: it kills a node."""
+    reads its arguments and its function back from the objects of its class (its record
+    has neither) and runs it. Last in the module: it kills a node."""
     owner_node = mesh.nodes[4]
     assert owner_node.region == "eu-central" and owner_node.proc is not None
     flag = str(mesh.directory / "release-adopted")
     with connect(owner_node.address, bundle=mesh.bundle_path) as owner, \
             connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as other:
         owner.policies.set("tk", ["eu-west", "eu-central"], replicas=2)
-        fn = task(data_class="tk")(held_len)
+        # A function no task has used: stored only under the class, read back from there.
+        fn = task(data_class="tk")(capturing(f"{ARG_MARK} adopted"))
         futs = [owner.submit(fn, flag, f"{ARG_MARK} adopted {k}") for k in range(3)]
         for f in futs:  # durable before acknowledged: the records hold a reference
             data = other.kv.get("task/" + f.task_id, binary=True)

@@ -77,7 +77,7 @@ from typing import Any
 
 import msgspec
 
-from meshscale.core.placement import hrw_score
+from meshscale.core.placement import Residency, hrw_score
 
 __all__ = [
     "ENDED_BYTES",
@@ -85,6 +85,7 @@ __all__ = [
     "TRANSITIONS",
     "Ended",
     "Entry",
+    "FunctionPayload",
     "IllegalTransition",
     "Lookup",
     "LookupAction",
@@ -97,11 +98,14 @@ __all__ = [
     "Verdict",
     "adopter",
     "decode_detail",
+    "decode_function",
     "decode_payload",
     "detail_note",
     "detail_withheld",
     "encode_detail",
+    "encode_function",
     "encode_payload",
+    "function_scope",
     "lookup",
     "move",
     "payload_missing",
@@ -194,7 +198,10 @@ class TaskRecord(msgspec.Struct, omit_defaults=True):
     """Set on a task whose arguments are class data (``core.policy.payload_rule``): its
     pickled arguments are kept as one object under that rule (``TaskPayload``), never in
     the KV record (``stored_record``): ``id`` (empty while the object is being stored, or
-    when it could not be), ``size`` and ``data_class`` (empty: a rule of regions only)."""
+    when it could not be), ``size``, ``data_class`` (empty: a rule of regions only) and
+    ``fn``, the object its pickled function is kept in under the same rule
+    (``FunctionPayload``; a function can carry captured data), instead of the
+    unclassed ``b3-<fn_id>`` an unruled task's function is stored as."""
 
 
 class TaskPayload(msgspec.Struct, omit_defaults=True):
@@ -207,6 +214,40 @@ class TaskPayload(msgspec.Struct, omit_defaults=True):
 
     task_id: str
     args: bytes
+
+
+class FunctionPayload(msgspec.Struct, omit_defaults=True):
+    """The pickled function of a task with a payload rule (cloudpickle: its closure
+    cells, defaults and globals pickled by value are data the caller captured), stored
+    once per function and rule by the owner under that rule (``encode_function``); the
+    ``scope`` (``function_scope``) makes the object the rule's own, so a function used
+    under two rules, or also unruled, is never one object with two rules."""
+
+    scope: str
+    fn: bytes
+
+
+def function_scope(rule: Residency) -> str:
+    """``FunctionPayload.scope`` of a function kept under ``rule``."""
+    regions = "*" if rule.regions is None else ",".join(sorted(rule.regions))
+    return f"{rule.data_class or ''}@{regions}"
+
+
+_function_encoder = msgspec.msgpack.Encoder()
+_function_decoder = msgspec.msgpack.Decoder(FunctionPayload)
+
+
+def encode_function(fn: bytes, rule: Residency) -> bytes:
+    return _function_encoder.encode(FunctionPayload(function_scope(rule), fn))
+
+
+def decode_function(data: bytes) -> bytes:
+    """The pickled function a stored ``FunctionPayload`` holds; ``ValueError`` for bytes
+    that are not one (the caller checks the bytes against the function id)."""
+    try:
+        return _function_decoder.decode(data).fn
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValueError(f"not a task function object: {e}") from None
 
 
 _payload_encoder = msgspec.msgpack.Encoder()
@@ -229,10 +270,12 @@ def decode_payload(data: bytes, task_id: str) -> TaskPayload:
     return p
 
 
-def payload_ref(object_id: str, size: int, data_class: str | None) -> dict[str, Any]:
+def payload_ref(object_id: str, size: int, data_class: str | None,
+                fn: str = "") -> dict[str, Any]:
     """``TaskRecord.payload_ref`` of a payload stored as ``object_id`` (``""``: not stored,
-    yet or at all; the record still holds none of the arguments)."""
-    return {"id": object_id, "size": size, "data_class": data_class or ""}
+    yet or at all; the record still holds none of the arguments) and its function stored
+    as ``fn`` (``FunctionPayload``; ``""``: not stored)."""
+    return {"id": object_id, "size": size, "data_class": data_class or "", "fn": fn}
 
 
 def stored_record(rec: TaskRecord) -> TaskRecord:

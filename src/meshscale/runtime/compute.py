@@ -161,11 +161,14 @@ from meshscale.core.tasks import (
     TaskRecord,
     TaskState,
     Verdict,
+    decode_function,
     decode_payload,
     detail_note,
     detail_withheld,
     encode_detail,
+    encode_function,
     encode_payload,
+    function_scope,
     lookup,
     payload_ref,
     stored_record,
@@ -342,6 +345,9 @@ class _Payload(msgspec.Struct, array_like=True):
     result_rule: ResidencyWire | None = None
     """The rule the result is stored under (``core.policy.result_rule``); with a class,
     the result is always an object of it, whatever its size (never carried inline)."""
+    fn_object: str = ""
+    """Where a task with a payload rule has its function kept under that rule
+    (``core.tasks.FunctionPayload``), for a worker whose owner no longer has it."""
 
 
 @dataclass(eq=False)
@@ -417,6 +423,10 @@ class ComputePlane:
         """The tasks this node owns (core/tasks.py: lifecycle, first outcome, takeover)."""
         self._fns: OrderedDict[str, bytes] = OrderedDict()
         self._fns_stored: set[str] = set()
+        self._fn_objects: dict[str, str] = {}
+        """``<fn_id>/<scope>`` -> the object a function is kept in under a payload rule
+        (``core.tasks.FunctionPayload``), once stored by this node."""
+        self._fn_storing: dict[str, asyncio.Future[str]] = {}
         self._inputs: dict[str, tuple[InputRef, float]] = {}
         self._loads: dict[str, tuple[Load, Resources]] = {}
         self._boot = os.urandom(8).hex()
@@ -1015,7 +1025,7 @@ class ComputePlane:
             else out
         payload = msgspec.msgpack.encode(_Payload(
             rec.fn_id, rec.args or b"", rec.inputs, rec.timeout_s, rec.memory_mb, values,
-            ResidencyWire.of(out)))
+            ResidencyWire.of(out), str((rec.payload_ref or {}).get("fn") or "")))
         try:
             return TaskSpec(
                 task_id=rec.task_id, cpus=rec.cpus, memory_mb=rec.memory_mb, gpus=rec.gpus,
@@ -1155,7 +1165,9 @@ class ComputePlane:
 
     async def _persist(self, new: list[TaskRecord], groups: dict[str, _Group],
                        rules: dict[str, Residency]) -> None:
-        fns = {r.fn_id for r in new}
+        # A ruled task's function is kept under its rule (``_store_payloads``), never as
+        # the unclassed object an unruled task's is.
+        fns = {r.fn_id for r in new if r.payload_ref is None}
         await asyncio.gather(self._store_payloads(new, rules),
                              *(self._ensure_fn_stored(f, self._fns[f]) for f in fns
                                if f in self._fns))
@@ -1224,6 +1236,7 @@ class ComputePlane:
                 return  # ended already: nothing will run it again
             body = encode_payload(TaskPayload(r.task_id, args))
             async with sem:
+                fn_oid = await self._store_function(r.fn_id, rule)
                 try:
                     ref = await self.local.put_object(body, self.cfg.result_replicas,
                                                       ResidencyWire.of(rule))
@@ -1231,11 +1244,57 @@ class ComputePlane:
                     self._count("task_payload_store_failed")
                     self.agent.log("warning", "task_payload_store_failed", task=r.task_id,
                                    error=str(e)[:200])
+                    r.payload_ref = payload_ref("", 0, rule.data_class, fn_oid)
                     return
-            r.payload_ref = payload_ref(str(ref["id"]), int(ref["size"]), rule.data_class)
+            r.payload_ref = payload_ref(str(ref["id"]), int(ref["size"]), rule.data_class,
+                                        fn_oid)
             self._count("task_payloads_stored")
 
         await asyncio.gather(*(one(r, rules[r.task_id]) for r in recs if r.task_id in rules))
+
+    async def _store_function(self, fn_id: str, rule: Residency) -> str:
+        """The object function ``fn_id`` is kept in under ``rule``
+        (``core.tasks.FunctionPayload``), stored once per function and rule by this node;
+        ``""`` when it is not known here or could not be stored (a takeover then fails
+        naming it, unless the function is also stored unclassed)."""
+        data = self._fns.get(fn_id)
+        key = f"{fn_id}/{function_scope(rule)}"
+        oid = self._fn_objects.get(key)
+        if oid is not None or data is None or not self.cfg.persist:
+            return oid or ""
+        storing = self._fn_storing.get(key)
+        if storing is not None:  # the tasks of one map: one put
+            return await asyncio.shield(storing)
+        storing = self._fn_storing[key] = asyncio.get_running_loop().create_future()
+        oid = ""
+        try:
+            ref = await self.local.put_object(encode_function(data, rule),
+                                              self.cfg.result_replicas, ResidencyWire.of(rule))
+            oid = str(ref["id"])
+            if len(self._fn_objects) >= 4 * self.cfg.max_functions:
+                self._fn_objects.clear()
+            self._fn_objects[key] = oid
+            self._count("task_functions_stored")
+        except (RpcError, ValueError) as e:
+            self._count("task_function_store_failed")
+            self.agent.log("warning", "task_function_store_failed", fn=fn_id,
+                           error=str(e)[:200])
+        finally:
+            del self._fn_storing[key]
+            storing.set_result(oid)
+        return oid
+
+    async def _read_function(self, fn_id: str, stored: str) -> bytes:
+        """Function ``fn_id`` read back: from ``stored``, the object it is kept in under
+        its task's payload rule, else from the unclassed ``b3-<fn_id>``; checked against
+        its id (``ValueError`` otherwise)."""
+        if stored:
+            data = decode_function(await self._read_object(stored))
+        else:
+            data = await self._read_object(OBJECT_ID_PREFIX + fn_id)
+        if function_id(data) != fn_id:
+            raise ValueError(f"function bytes do not hash to {fn_id}")
+        return data
 
     async def _read_payload(self, rec: TaskRecord) -> tuple[TaskRecord, str]:
         """``rec`` (read from the KV) with its arguments read back from its payload object
@@ -1611,14 +1670,16 @@ class ComputePlane:
             self._finish(e, "failed", error=why, kind="lost")
             return
         if rec.fn_id not in self._fns:
+            fn_object = str((rec.payload_ref or {}).get("fn") or "")
             try:
-                data = await self._read_object(OBJECT_ID_PREFIX + rec.fn_id)
+                data = await self._read_function(rec.fn_id, fn_object)
             except (ValueError, RpcError) as exc:
                 self._finish(e, "failed", error=f"owner {old_owner} died; its function "
                                                 f"object is unreadable: {exc}", kind="lost")
                 return
             self._remember_fn(rec.fn_id, data)
-            self._fns_stored.add(rec.fn_id)
+            if not fn_object:
+                self._fns_stored.add(rec.fn_id)
         if rec.after:  # waits for its upstream tasks: not while the asker waits on it
             self.agent.spawn(self._start(e))
         elif not await self._start(e):
@@ -1825,14 +1886,14 @@ class ComputePlane:
             return KillReply(False)
         return KillReply(await self.pool.cancel(pool_id))
 
-    async def _function(self, owner: str, fn_id: str) -> bytes:
+    async def _function(self, owner: str, fn_id: str, stored: str = "") -> bytes:
         data = self._fns.get(fn_id)
         if data is not None:
             return data
         try:
             data = (await self._call(owner, TASK_FN, FnRequest(fn_id=fn_id))).fn
         except (RpcError, ValueError):
-            data = await self._read_object(OBJECT_ID_PREFIX + fn_id)
+            return await self._read_function(fn_id, stored)
         if function_id(data) != fn_id:
             raise ValueError(f"function bytes do not hash to {fn_id}")
         return data
@@ -1925,7 +1986,7 @@ class ComputePlane:
             try:
                 ran = await self.pool.run_task(p.fn_id, None, call_args, **kw)
             except FunctionNotCached:
-                fn = await self._function(owner, p.fn_id)
+                fn = await self._function(owner, p.fn_id, p.fn_object)
                 ran = await self.pool.run_task(p.fn_id, fn, call_args, **kw)
             result = ran.result
             outcome.stdout, outcome.stderr = ran.stdout, ran.stderr
