@@ -1182,10 +1182,9 @@ class ComputePlane:
         A task whose rule cannot be decided (ambiguous input classes, an unknown input:
         it fails before it runs) is marked and keeps them only in memory. Records with
         no rule, no class and no inputs (the common case) cost nothing here."""
-        maybe = [r for r in recs if r.args is not None and (
-            r.residency is not None or r.data_class is not None or r.inputs)]
+        maybe = [r for r in recs if self._maybe_ruled(r)]
         if not maybe:
-            return {}
+            return {}  # no await: an unruled submit goes on as before
         found: dict[str, tuple[Residency | None, list[Residency | None]]] = {}
         classes: set[str] = set()
         undecided: set[str] = set()
@@ -1219,6 +1218,21 @@ class ComputePlane:
                 r.payload_ref = payload_ref(
                     "", 0, None if rule is None else rule.data_class)
         return out
+
+    def _maybe_ruled(self, rec: TaskRecord) -> bool:
+        """Might ``rec`` have a payload rule? It names a rule or a class, or reads an input
+        whose rule is classed or not known here yet (``_spec`` has just looked up the
+        inputs of every task that takes no futures: they are known)."""
+        if rec.args is None:
+            return False
+        if rec.residency is not None or rec.data_class is not None:
+            return True
+        for oid in rec.inputs:
+            hit = self._inputs.get(oid)
+            if hit is None or (hit[0].residency is not None
+                               and hit[0].residency.data_class is not None):
+                return True
+        return False
 
     async def _store_payloads(self, recs: list[TaskRecord],
                               rules: dict[str, Residency]) -> None:
