@@ -36,7 +36,13 @@ the way ``runtime/data/`` drives ``core.replication``:
   ``b3-`` + the function id) and the arguments ride in the record, so when the owner
   dies a node asked for the task's result acts on ``core.tasks.lookup``: it asks the
   live owner, forwards to the task's adopter (one node, by rendezvous hashing), or adopts
-  the task itself and re-submits it from the record.
+  the task itself and re-submits it from the record. A task with a payload rule
+  (``core.policy.payload_rule``: a classed task, one that names regions, one that reads
+  classed inputs) keeps neither in the KV nor in an unclassed object: its arguments are
+  one object under the rule (``core.tasks.TaskPayload``), its function another (once
+  per function and rule, ``FunctionPayload``), and its record holds their references
+  (``TaskRecord.payload_ref``; ``core.tasks.stored_record`` is what any KV write of a
+  record holds). The adopter reads them back, under the class's read rule.
 
 Calling convention with the client (``client/tasks.py``): the function the client ships
 is a wrapper ``call(args_bytes, inputs)``; the node hands the worker
@@ -228,7 +234,8 @@ class ComputeConfig:
     inline_result_bytes: int = 256 * 1024
     """Results up to this size (pickled) live in the task record; larger become objects."""
     max_args_bytes: int = 512 * 1024
-    """Pickled arguments of one task (they ride in the KV record, bounded at 1 MiB)."""
+    """Pickled arguments of one task (they ride in the KV record, bounded at 1 MiB, or,
+    for a task with a payload rule, in an object of that rule)."""
     max_inputs: int = 64
     max_records: int = 10_000
     """Ended task records kept in memory (``core.tasks.Ended``, ~550 bytes each); the
