@@ -39,6 +39,7 @@ from meshscale.core.streams import (
     distance_class,
     operator_now,
     place_operator,
+    releasable,
     runners_wanted,
     shard_holder,
     shard_key,
@@ -177,6 +178,38 @@ def test_commit_frees_room_and_retention_drops_committed_records() -> None:
     assert log.evicted == 0, "dropping committed records is not an eviction"
     log.commit("op", 4)
     assert (log.base, log.head, log.bytes, log.room()) == (4, 4, 0, 4)
+    check_shape(log)
+
+
+def test_releasable_is_the_low_water_bounded_by_the_confirmed_copy() -> None:
+    assert releasable(None, None) is None
+    assert releasable(None, 5) is None  # no operator: retention by size bounds alone
+    assert releasable(7, None) == 7  # no copy awaited (a backup's copy, no backup)
+    assert releasable(7, 5) == 5
+    assert releasable(3, 5) == 3
+
+
+def test_a_primary_keeps_committed_records_until_its_backup_confirms_them() -> None:
+    """An operator may commit records the backup does not hold yet (the primary wakes its
+    readers at the append): they stay until the copy is confirmed, so the copy sent next
+    still has them."""
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=4, max_records=8))
+    log.copied = 0
+    log.register("op")
+    log.append(recs(0, 4))
+    log.confirm_copy(2)
+    log.commit("op", 4)
+    assert log.room() == 4, "a commit frees credit at once"
+    assert log.base == 2 and offsets(log.read(0, 10)) == [2, 3]
+    log.confirm_copy(1)  # a late, smaller confirmation moves nothing back
+    assert log.copied == 2 and log.base == 2
+    log.confirm_copy(99)  # clamped to the head
+    assert (log.copied, log.base, log.bytes) == (4, 4, 0)
+    log.append(recs(4, 1))
+    log.commit("op", 5)
+    assert log.base == 4
+    log.confirm_copy(None)  # no backup left: retention by the commits alone
+    assert log.copied is None and log.base == 5
     check_shape(log)
 
 

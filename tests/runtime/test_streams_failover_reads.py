@@ -167,3 +167,39 @@ def test_records_read_before_the_backup_copy_then_the_primary_dies_repeat_never_
 
     asyncio.run(main())
 
+
+def test_records_committed_before_their_copy_still_reach_the_backup_before_the_ack() -> None:
+    """Beside the question above: with a copy to the backup in flight (a shard's copies
+    go one at a time), a second publish's records are read and committed by the operator
+    before their own copy is sent. The primary keeps them until the backup confirms them
+    (``core.streams.releasable``), so their copy still carries them and their ack means
+    two copies. (Dropped at the commit, they were never copied yet acknowledged: a
+    subscriber reading the topic after the primary died missed them.)"""
+
+    async def main() -> None:
+        net = Net()
+        a, b = net.planes["A"], net.planes["B"]
+        sa = a.source_id
+        net.held.add("B")
+        net.gate.clear()
+        first = asyncio.ensure_future(
+            a._rpc_publish(PublishRequest(topic=T, records=recs("r0", "r1", "r2"))))
+        await turns()
+        second = asyncio.ensure_future(
+            a._rpc_publish(PublishRequest(topic=T, records=recs("r3"))))
+        await turns()
+        assert not first.done() and not second.done()
+        r = await fetch(a, sa, 0)
+        assert [e.rid for e in r.entries] == ["r0", "r1", "r2", "r3"]
+        await fetch(a, sa, 4, committed=4)
+        assert a.logs[(T, sa)].committed["sink"] == 4
+        net.gate.set()
+        await turns()
+        assert (await first).last == 2 and (await second).last == 3
+        copy = b.logs[(T, sa)]
+        assert [e.rid for e in copy.entries] == ["r0", "r1", "r2", "r3"]
+        assert a.stats["unreplicated_appends"] == 0
+        # Confirmed, the committed records go from the primary.
+        assert a.logs[(T, sa)].base == 4 and a.logs[(T, sa)].bytes == 0
+
+    asyncio.run(main())

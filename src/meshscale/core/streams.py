@@ -77,6 +77,7 @@ __all__ = [
     "backup_for",
     "distance_class",
     "place_operator",
+    "releasable",
     "runners_wanted",
     "shard_key",
 ]
@@ -287,8 +288,10 @@ class ShardLog:
     The primary appends and assigns offsets; the backup applies the primary's entries at
     the same offsets (``apply``). Consumers read from an offset; operators commit one
     (``commit``), which frees room. Retention drops the oldest records once every
-    registered operator committed them, or once ``max_records`` or ``max_bytes`` is
-    exceeded when the topic has no operator (counted in ``evicted``)."""
+    registered operator committed them and, on a primary that has a backup, once the
+    backup confirmed its copy of them (``copied``, ``releasable``); or once
+    ``max_records`` or ``max_bytes`` is exceeded when the topic has no operator (counted
+    in ``evicted``)."""
 
     def __init__(self, topic: str, source: str, config: ShardLogConfig | None = None) -> None:
         self.topic = topic
@@ -305,6 +308,10 @@ class ShardLog:
         self.backlog_max = 0
         """The largest backlog this log ever had (checked where it can grow: append,
         apply, register), so the bound is read, not sampled."""
+        self.copied: int | None = None
+        """Primary side: the offset before which the shard's backup confirmed holding the
+        records (``confirm_copy``); ``None`` when no copy is awaited (a backup's copy, a
+        mirror, a primary with no backup to copy to)."""
 
     @property
     def head(self) -> int:
@@ -314,6 +321,16 @@ class ShardLog:
     def low_water(self) -> int | None:
         """The smallest committed offset over the operators, or None if there are none."""
         return min(self.committed.values()) if self.committed else None
+
+    def confirm_copy(self, upto: int | None) -> None:
+        """The backup confirmed holding every record before ``upto`` (``None``: no backup
+        is left to copy to, the records stay on this node alone); committed records up to
+        there may now go."""
+        if upto is None:
+            self.copied = None
+        elif self.copied is None or upto > self.copied:
+            self.copied = min(upto, self.head)
+        self._retain()
 
     def backlog(self) -> int:
         low = self.low_water()
@@ -405,7 +422,7 @@ class ShardLog:
         self.backlog_max = max(self.backlog_max, self.backlog())
 
     def _retain(self) -> None:
-        low = self.low_water()
+        low = releasable(self.low_water(), self.copied)
         cfg = self.config
         while self.entries and low is not None and self.entries[0].offset < low:
             self._drop_oldest()
@@ -420,6 +437,19 @@ class ShardLog:
         e = self.entries.popleft()
         self.bytes -= e.size
         self.base = e.offset + 1
+
+
+def releasable(low_water: int | None, copied: int | None) -> int | None:
+    """The offset before which a shard log may drop records: what every operator
+    committed (``low_water``), and on a primary no further than its backup confirmed
+    holding (``copied``). An operator may read and commit a record before it is copied
+    (the primary wakes its readers at the append), but until the copy is confirmed the
+    record stays here, so the copy sent next still carries it: an acknowledged record
+    always had its second copy. ``None``: no operator holds records back (retention by
+    ``max_records`` / ``max_bytes`` alone)."""
+    if low_water is None or copied is None:
+        return low_water
+    return min(low_water, copied)
 
 
 def check_source_allowed(topic: str, region: str, residency: Residency | None) -> None:
