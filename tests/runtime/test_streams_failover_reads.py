@@ -38,6 +38,7 @@ from meshscale.core.api.streams import (
     PublishRequest,
 )
 from meshscale.core.membership import State
+from meshscale.core.streams import ShardLogConfig
 from meshscale.runtime.streams import StreamConfig, StreamPlane
 
 T = "t"
@@ -52,7 +53,7 @@ class Net:
     """Three planes, A and B in one zone (B backs A's shards up), C in another (it backs
     B's up once A is gone). Copies to ``held`` wait for ``gate``."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: StreamConfig | None = None) -> None:
         self.members = {n: member(n, z) for n, z in (("A", "z1"), ("B", "z1"), ("C", "z2"))}
         self.planes: dict[str, StreamPlane] = {}
         self.gate = asyncio.Event()
@@ -62,7 +63,7 @@ class Net:
             agent: Any = SimpleNamespace(
                 name=name, meta=m.meta, m=SimpleNamespace(members=self.members),
                 log=lambda *a, **k: None)
-            p = StreamPlane(agent, StreamConfig())
+            p = StreamPlane(agent, config or StreamConfig())
             p._call = self.caller()  # type: ignore[method-assign]
             self.planes[name] = p
 
@@ -201,5 +202,38 @@ def test_records_committed_before_their_copy_still_reach_the_backup_before_the_a
         assert a.stats["unreplicated_appends"] == 0
         # Confirmed, the committed records go from the primary.
         assert a.logs[(T, sa)].base == 4 and a.logs[(T, sa)].bytes == 0
+
+    asyncio.run(main())
+
+
+def test_a_producer_waiting_for_byte_room_is_woken_when_the_copy_frees_it() -> None:
+    """Committed records held for their copy count against the log's byte bound: the
+    confirmation that frees them wakes a producer waiting for room (here with an
+    hour-long publish wait, so a missed wake-up leaves it waiting)."""
+
+    async def main() -> None:
+        size = 29  # one record below: 2 value + 1 key + 2 id bytes + 24
+        net = Net(StreamConfig(publish_wait_s=3600.0,
+                               log=ShardLogConfig(max_backlog=8, max_bytes=2 * size)))
+        a = net.planes["A"]
+        sa = a.source_id
+        a._log(T, sa).register("sink")
+        net.held.add("B")
+        net.gate.clear()
+        first = asyncio.ensure_future(
+            a._rpc_publish(PublishRequest(topic=T, records=recs("r0", "r1"))))
+        await turns()
+        await fetch(a, sa, 2, committed=2)
+        log = a.logs[(T, sa)]
+        assert log.entries[0].size == size and log.room() == 0  # held for their copy
+        second = asyncio.ensure_future(
+            a._rpc_publish(PublishRequest(topic=T, records=recs("r2"))))
+        await turns()
+        assert a.stats["publish_waits"] == 1 and not second.done()
+        net.gate.set()
+        await turns()
+        assert second.done(), "the producer slept through the room its copy freed"
+        assert (await first).last == 1 and (await second).first == 2
+        assert net.planes["B"].stats["records_backed_up"] == 3
 
     asyncio.run(main())

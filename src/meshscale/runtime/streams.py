@@ -508,11 +508,12 @@ class StreamPlane:
     async def _copied(self, topic: str, log: ShardLog, upto: int | None) -> None:
         """The backup confirmed its copy of ``log`` up to ``upto`` (``None``: there is no
         backup to copy to): the records every operator committed before it may go
-        (``ShardLog.confirm_copy``); a producer waiting for byte room is woken."""
+        (``ShardLog.confirm_copy``). Only a producer waiting for room (the log at its
+        byte bound) is woken by it: readers wait for records, which this never adds."""
         async with self._lock:
-            base = log.base
+            full = log.room() == 0
             log.confirm_copy(upto)
-            if log.base != base:
+            if full and log.room() > 0:
                 self._notify(topic)
 
     async def _rpc_replicate(self, req: ReplicateRequest) -> ReplicateReply:
