@@ -213,6 +213,19 @@ def test_a_primary_keeps_committed_records_until_its_backup_confirms_them() -> N
     check_shape(log)
 
 
+def test_records_held_for_their_copy_count_against_the_logs_bounds() -> None:
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=2, max_records=3))
+    log.copied = 0
+    log.register("op")
+    log.append(recs(0, 2))
+    log.commit("op", 2)
+    assert log.backlog() == 0 and log.room() == 1, "max_records: 2 held for their copy"
+    log.append(recs(2, 1))
+    assert log.room() == 0 and len(log.entries) == 3
+    log.confirm_copy(2)
+    assert log.room() == 1 and offsets(log.entries) == [2]  # the backlog's credit again
+
+
 def test_commit_never_moves_back_and_is_clamped_to_the_head() -> None:
     log = ShardLog("t", "e1")
     log.register("op")
@@ -415,6 +428,7 @@ class ShardLogMachine(RuleBasedStateMachine):
         self.cfg = ShardLogConfig(max_backlog=backlog, max_records=backlog + extra,
                                   max_bytes=max_bytes)
         self.log = ShardLog("t", "src", self.cfg)
+        self.log.copied = 0  # a primary with a backup: retention waits for its copy
         self.backup = ShardLog("t", "src", ShardLogConfig(max_backlog=1,
                                                           max_records=backup_records))
         self.history: list[LogEntry] = []
@@ -425,8 +439,11 @@ class ShardLogMachine(RuleBasedStateMachine):
             assert self.log.evicted == evicted_before, "evicted while an operator needs it"
         low = self.log.low_water()
         if low is not None:
-            # nothing at or past the slowest operator's position was dropped by this step
+            # nothing at or past the slowest operator's position was dropped by this step,
+            # nor anything the backup has not confirmed
             assert self.log.base <= max(low, base_before)
+            if self.log.copied is not None:
+                assert self.log.base <= max(self.log.copied, base_before)
 
     @rule(n=st.integers(1, 5), size=st.integers(0, 40), key=st.sampled_from(["a", "b"]))
     def append(self, n: int, size: int, key: str) -> None:
@@ -465,6 +482,19 @@ class ShardLogMachine(RuleBasedStateMachine):
         if op not in self.model:
             self.model[op] = self.log.base if offset is None else min(offset, self.log.head)
         assert self.log.committed == self.model
+        self._check_after(had_ops, ev, base)
+
+    @rule(data=st.data())
+    def confirm_copy(self, data: st.DataObject) -> None:
+        """The backup confirmed a copy up to some offset (or no backup is left)."""
+        upto = data.draw(st.none() | st.integers(0, self.log.head + 3))
+        had_ops, ev, base = bool(self.log.committed), self.log.evicted, self.log.base
+        before = self.log.copied
+        self.log.confirm_copy(upto)
+        want = None if upto is None else min(upto, self.log.head)
+        if want is not None and before is not None:
+            want = max(before, want)  # a confirmation never moves back
+        assert self.log.copied == want
         self._check_after(had_ops, ev, base)
 
     @precondition(lambda self: bool(self.history))

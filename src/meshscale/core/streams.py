@@ -337,13 +337,15 @@ class ShardLog:
         return 0 if low is None else self.head - max(low, self.base)
 
     def room(self) -> int:
-        """How many more records may be appended now (0 = the producer must wait)."""
+        """How many more records may be appended now (0 = the producer must wait): the
+        backlog's credit, within the log's bounds (records committed but held for their
+        copy count against ``max_records`` and ``max_bytes`` until it is confirmed)."""
         cfg = self.config
         if self.low_water() is None:
             return cfg.max_backlog  # retention evicts; never blocks a consumer-less topic
         if self.bytes >= cfg.max_bytes:
             return 0
-        return max(0, cfg.max_backlog - self.backlog())
+        return max(0, min(cfg.max_backlog - self.backlog(), cfg.max_records - len(self.entries)))
 
     def append(self, records: Sequence[tuple[str, bytes, str, float]]) -> list[LogEntry]:
         """Append ``(key, value, rid, ts)`` records; the caller checked ``room()``."""
