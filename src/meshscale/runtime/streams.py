@@ -509,11 +509,14 @@ class StreamPlane:
         """The backup confirmed its copy of ``log`` up to ``upto`` (``None``: there is no
         backup to copy to): the records every operator committed before it may go
         (``ShardLog.confirm_copy``). Only a producer waiting for room (the log at its
-        byte bound) is woken by it: readers wait for records, which this never adds."""
-        async with self._lock:
-            full = log.room() == 0
-            log.confirm_copy(upto)
-            if full and log.room() > 0:
+        bounds) is woken by it: readers wait for records, which this never adds. The
+        change itself needs no lock (no await splits it, and a waiter checks under the
+        lock before it waits); the lock is taken only to notify, so an ack does not queue
+        for it behind the long-polls an append just woke."""
+        full = log.room() == 0
+        log.confirm_copy(upto)
+        if full and log.room() > 0:
+            async with self._lock:
                 self._notify(topic)
 
     async def _rpc_replicate(self, req: ReplicateRequest) -> ReplicateReply:
