@@ -40,6 +40,7 @@ from meshscale.core.streams import (
     distance_class,
     operator_now,
     place_operator,
+    releasable,
     runners_wanted,
     shard_holder,
     shard_key,
@@ -179,6 +180,51 @@ def test_commit_frees_room_and_retention_drops_committed_records() -> None:
     log.commit("op", 4)
     assert (log.base, log.head, log.bytes, log.room()) == (4, 4, 0, 4)
     check_shape(log)
+
+
+def test_releasable_is_the_low_water_bounded_by_the_confirmed_copy() -> None:
+    assert releasable(None, None) is None
+    assert releasable(None, 5) is None  # no operator: retention by size bounds alone
+    assert releasable(7, None) == 7  # no copy awaited (a backup's copy, no backup)
+    assert releasable(7, 5) == 5
+    assert releasable(3, 5) == 3
+
+
+def test_a_primary_keeps_committed_records_until_its_backup_confirms_them() -> None:
+    """An operator may commit records the backup does not hold yet (the primary wakes its
+    readers at the append): they stay until the copy is confirmed, so the copy sent next
+    still has them."""
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=4, max_records=8))
+    log.copied = 0
+    log.register("op")
+    log.append(recs(0, 4))
+    log.confirm_copy(2)
+    log.commit("op", 4)
+    assert log.room() == 4, "a commit frees credit at once"
+    assert log.base == 2 and offsets(log.read(0, 10)) == [2, 3]
+    log.confirm_copy(1)  # a late, smaller confirmation moves nothing back
+    assert log.copied == 2 and log.base == 2
+    log.confirm_copy(99)  # clamped to the head
+    assert (log.copied, log.base, log.bytes) == (4, 4, 0)
+    log.append(recs(4, 1))
+    log.commit("op", 5)
+    assert log.base == 4
+    log.confirm_copy(None)  # no backup left: retention by the commits alone
+    assert log.copied is None and log.base == 5
+    check_shape(log)
+
+
+def test_records_held_for_their_copy_count_against_the_logs_bounds() -> None:
+    log = ShardLog("t", "e1", ShardLogConfig(max_backlog=2, max_records=3))
+    log.copied = 0
+    log.register("op")
+    log.append(recs(0, 2))
+    log.commit("op", 2)
+    assert log.backlog() == 0 and log.room() == 1, "max_records: 2 held for their copy"
+    log.append(recs(2, 1))
+    assert log.room() == 0 and len(log.entries) == 3
+    log.confirm_copy(2)
+    assert log.room() == 1 and offsets(log.entries) == [2]  # the backlog's credit again
 
 
 def test_commit_never_moves_back_and_is_clamped_to_the_head() -> None:
@@ -383,6 +429,7 @@ class ShardLogMachine(RuleBasedStateMachine):
         self.cfg = ShardLogConfig(max_backlog=backlog, max_records=backlog + extra,
                                   max_bytes=max_bytes)
         self.log = ShardLog("t", "src", self.cfg)
+        self.log.copied = 0  # a primary with a backup: retention waits for its copy
         self.backup = ShardLog("t", "src", ShardLogConfig(max_backlog=1,
                                                           max_records=backup_records))
         self.history: list[LogEntry] = []
@@ -393,8 +440,11 @@ class ShardLogMachine(RuleBasedStateMachine):
             assert self.log.evicted == evicted_before, "evicted while an operator needs it"
         low = self.log.low_water()
         if low is not None:
-            # nothing at or past the slowest operator's position was dropped by this step
+            # nothing at or past the slowest operator's position was dropped by this step,
+            # nor anything the backup has not confirmed
             assert self.log.base <= max(low, base_before)
+            if self.log.copied is not None:
+                assert self.log.base <= max(self.log.copied, base_before)
 
     @rule(n=st.integers(1, 5), size=st.integers(0, 40), key=st.sampled_from(["a", "b"]))
     def append(self, n: int, size: int, key: str) -> None:
@@ -433,6 +483,19 @@ class ShardLogMachine(RuleBasedStateMachine):
         if op not in self.model:
             self.model[op] = self.log.base if offset is None else min(offset, self.log.head)
         assert self.log.committed == self.model
+        self._check_after(had_ops, ev, base)
+
+    @rule(data=st.data())
+    def confirm_copy(self, data: st.DataObject) -> None:
+        """The backup confirmed a copy up to some offset (or no backup is left)."""
+        upto = data.draw(st.none() | st.integers(0, self.log.head + 3))
+        had_ops, ev, base = bool(self.log.committed), self.log.evicted, self.log.base
+        before = self.log.copied
+        self.log.confirm_copy(upto)
+        want = None if upto is None else min(upto, self.log.head)
+        if want is not None and before is not None:
+            want = max(before, want)  # a confirmation never moves back
+        assert self.log.copied == want
         self._check_after(had_ops, ev, base)
 
     @precondition(lambda self: bool(self.history))

@@ -83,6 +83,7 @@ __all__ = [
     "backup_for",
     "distance_class",
     "place_operator",
+    "releasable",
     "runners_wanted",
     "shard_key",
 ]
@@ -293,8 +294,10 @@ class ShardLog:
     The primary appends and assigns offsets; the backup applies the primary's entries at
     the same offsets (``apply``). Consumers read from an offset; operators commit one
     (``commit``), which frees room. Retention drops the oldest records once every
-    registered operator committed them, or once ``max_records`` or ``max_bytes`` is
-    exceeded when the topic has no operator (counted in ``evicted``)."""
+    registered operator committed them and, on a primary that has a backup, once the
+    backup confirmed its copy of them (``copied``, ``releasable``); or once
+    ``max_records`` or ``max_bytes`` is exceeded when the topic has no operator (counted
+    in ``evicted``)."""
 
     def __init__(self, topic: str, source: str, config: ShardLogConfig | None = None) -> None:
         self.topic = topic
@@ -311,6 +314,10 @@ class ShardLog:
         self.backlog_max = 0
         """The largest backlog this log ever had (checked where it can grow: append,
         apply, register), so the bound is read, not sampled."""
+        self.copied: int | None = None
+        """Primary side: the offset before which the shard's backup confirmed holding the
+        records (``confirm_copy``); ``None`` when no copy is awaited (a backup's copy, a
+        mirror, a primary with no backup to copy to)."""
 
     @property
     def head(self) -> int:
@@ -321,18 +328,30 @@ class ShardLog:
         """The smallest committed offset over the operators, or None if there are none."""
         return min(self.committed.values()) if self.committed else None
 
+    def confirm_copy(self, upto: int | None) -> None:
+        """The backup confirmed holding every record before ``upto`` (``None``: no backup
+        is left to copy to, the records stay on this node alone); committed records up to
+        there may now go."""
+        if upto is None:
+            self.copied = None
+        elif self.copied is None or upto > self.copied:
+            self.copied = min(upto, self.head)
+        self._retain()
+
     def backlog(self) -> int:
         low = self.low_water()
         return 0 if low is None else self.head - max(low, self.base)
 
     def room(self) -> int:
-        """How many more records may be appended now (0 = the producer must wait)."""
+        """How many more records may be appended now (0 = the producer must wait): the
+        backlog's credit, within the log's bounds (records committed but held for their
+        copy count against ``max_records`` and ``max_bytes`` until it is confirmed)."""
         cfg = self.config
         if self.low_water() is None:
             return cfg.max_backlog  # retention evicts; never blocks a consumer-less topic
         if self.bytes >= cfg.max_bytes:
             return 0
-        return max(0, cfg.max_backlog - self.backlog())
+        return max(0, min(cfg.max_backlog - self.backlog(), cfg.max_records - len(self.entries)))
 
     def append(self, records: Sequence[tuple[str, bytes, str, float]]) -> list[LogEntry]:
         """Append ``(key, value, rid, ts)`` records; the caller checked ``room()``."""
@@ -411,7 +430,7 @@ class ShardLog:
         self.backlog_max = max(self.backlog_max, self.backlog())
 
     def _retain(self) -> None:
-        low = self.low_water()
+        low = releasable(self.low_water(), self.copied)
         cfg = self.config
         while self.entries and low is not None and self.entries[0].offset < low:
             self._drop_oldest()
@@ -435,6 +454,19 @@ class ShardLog:
         self.bytes = 0
         self.base = head
         return n
+
+
+def releasable(low_water: int | None, copied: int | None) -> int | None:
+    """The offset before which a shard log may drop records: what every operator
+    committed (``low_water``), and on a primary no further than its backup confirmed
+    holding (``copied``). An operator may read and commit a record before it is copied
+    (the primary wakes its readers at the append), but until the copy is confirmed the
+    record stays here, so the copy sent next still carries it: an acknowledged record
+    always had its second copy. ``None``: no operator holds records back (retention by
+    ``max_records`` / ``max_bytes`` alone)."""
+    if low_water is None or copied is None:
+        return low_water
+    return min(low_water, copied)
 
 
 def check_source_allowed(topic: str, region: str, residency: Residency | None) -> None:

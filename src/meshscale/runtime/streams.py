@@ -389,6 +389,8 @@ class StreamPlane:
                 raise ValueError(f"this node already holds {self.cfg.max_topics} topics "
                                  "(max_topics)")
             log = ShardLog(topic, source, self.cfg.log)
+            if source == self.source_id:
+                log.copied = log.head  # this node's own shard: it keeps what is not copied
             for op in self.ops.values():
                 if op.topic == topic:
                     log.register(op.name)
@@ -576,6 +578,7 @@ class StreamPlane:
                     start = max(log.base, self._sent.get((topic, source, backup), log.base))
                 pending = log.read(start, log.head - start, max_bytes=1 << 62)
                 if not pending:
+                    await self._copied(topic, log, log.head)
                     return
                 try:
                     await self._call(backup, api.REPLICATE, ReplicateRequest(
@@ -592,8 +595,24 @@ class StreamPlane:
                     continue
                 self._backup_of[key] = backup
                 self._sent[(topic, source, backup)] = pending[-1].offset + 1
+                await self._copied(topic, log, pending[-1].offset + 1)
                 return
             self.stats["unreplicated_appends"] += 1
+            await self._copied(topic, log, None)
+
+    async def _copied(self, topic: str, log: ShardLog, upto: int | None) -> None:
+        """The backup confirmed its copy of ``log`` up to ``upto`` (``None``: there is no
+        backup to copy to): the records every operator committed before it may go
+        (``ShardLog.confirm_copy``). Only a producer waiting for room (the log at its
+        bounds) is woken by it: readers wait for records, which this never adds. The
+        change itself needs no lock (no await splits it, and a waiter checks under the
+        lock before it waits); the lock is taken only to notify, so an ack does not queue
+        for it behind the long-polls an append just woke."""
+        full = log.room() == 0
+        log.confirm_copy(upto)
+        if full and log.room() > 0:
+            async with self._lock:
+                self._notify(topic)
 
     async def _rpc_replicate(self, req: ReplicateRequest) -> ReplicateReply:
         topic = req.topic
