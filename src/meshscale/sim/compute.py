@@ -67,6 +67,7 @@ from meshscale.core.scheduling import (
     Scheduler,
     SchedulingConfig,
     SchedulingError,
+    SchedulingOutput,
     SchedulingOverloaded,
     SendMessage,
     TaskBound,
@@ -94,6 +95,7 @@ __all__ = [
     "ComputeNode",
     "ComputeReport",
     "HerdReport",
+    "SchedulerHost",
     "chaos_run",
     "herd_run",
     "naive_herd",
@@ -104,21 +106,113 @@ __all__ = [
 # --------------------------------------------------------------------------- node
 
 
+class SchedulerHost:
+    """The driving of one ``core.scheduling.Scheduler`` in the simulator, as
+    ``runtime/compute.py`` drives it: its messages go out through ``send`` (the caller's
+    one-way stream to the peer's host, whose ``handle_message`` takes them), each
+    prefixed with this process's boot (one byte of incarnation, as the runtime's
+    ``sched.*`` requests carry ``LoadReport.boot``: the receiver hands it to
+    ``Scheduler.peer_boot`` first), a ``RunTask`` occupies the node's slots until its
+    simulated run ends (``duration``, asked when it starts) and is then reported to its
+    owner (``task_finished``, with the outcome ``ended`` gives), and every other output
+    is passed to ``emit`` in order (the caller's record keeping: ``TaskBound``,
+    ``TaskFinished``, ``TaskStopped``, ``TaskFailed``; ``RunTask`` too, after it is
+    queued). ``kill`` ends a run early (the runtime's ``task.kill`` after a
+    ``TaskStopped``). Shared by ``ComputeNode`` and the policy swarm's nodes
+    (``sim.policy_chaos``), so both simulators drive the scheduler the runtime drives,
+    the same way."""
+
+    def __init__(
+        self,
+        sched: Scheduler,
+        *,
+        incarnation: int,
+        send: Callable[[str, bytes], None],
+        emit: Callable[[SchedulingOutput, float], None],
+        duration: Callable[[RunTask, float], float],
+        ended: Callable[[str, str, int, float], tuple[bool, str]] | None = None,
+    ) -> None:
+        self.sched = sched
+        self.boot = bytes([incarnation % 256])
+        self.send = send
+        self.emit = emit
+        self.duration = duration
+        self.ended = ended
+        self.runs: list[tuple[float, int, str, str, int]] = []
+        """(end, seq, owner, task id, attempt) of what runs here, soonest first."""
+        self._seq = 0
+
+    @staticmethod
+    def boot_of(name: str, incarnation: int) -> str:
+        """The boot ``name``'s process sends in its ``incarnation`` (``peer_boot``)."""
+        return f"{name}.{incarnation % 256}"
+
+    def handle_message(self, src: str, payload: bytes, now: float) -> None:
+        if not payload:
+            return
+        self.sched.peer_boot(src, f"{src}.{payload[0]}", now)  # as boot_of
+        self.sched.handle_message(src, payload[1:], now)
+        self.settle(now)
+
+    def next_deadline(self) -> float:
+        d = self.sched.next_deadline()
+        if self.runs:
+            d = min(d, self.runs[0][0])
+        return d
+
+    def on_timer(self, now: float) -> None:
+        while self.runs and self.runs[0][0] <= now:
+            _, _, owner, tid, attempt = heapq.heappop(self.runs)
+            ok, detail = (True, "") if self.ended is None else \
+                self.ended(owner, tid, attempt, now)
+            self.sched.task_finished(owner, tid, attempt, ok, detail, now)
+        self.sched.on_timer(now)
+        self.settle(now)
+
+    def kill(self, owner: str, tid: str, now: float) -> bool:
+        """End the runs of ``owner``'s ``tid`` here now, reported as failed ("killed":
+        the owner that stopped it drops the outcome). False: nothing of it ran here."""
+        mine = [r for r in self.runs if r[2] == owner and r[3] == tid]
+        if not mine:
+            return False
+        self.runs = [r for r in self.runs if not (r[2] == owner and r[3] == tid)]
+        heapq.heapify(self.runs)
+        for _, _, o, t, attempt in mine:
+            self.sched.task_finished(o, t, attempt, False, "killed", now)
+        self.settle(now)
+        return True
+
+    def settle(self, now: float) -> None:
+        """Route what the scheduler output (drained once: what handling it causes is
+        routed by the next call)."""
+        for o in self.sched.drain():
+            if isinstance(o, SendMessage):
+                self.send(o.dst, self.boot + o.payload)
+                continue
+            if isinstance(o, RunTask):
+                self._seq += 1
+                end = now + self.duration(o, now)
+                heapq.heappush(self.runs, (end, self._seq, o.owner, o.task.task_id, o.attempt))
+            self.emit(o, now)
+
+
 class ComputeNode:
-    """One simulated node: a ``Scheduler``, a ``TaskBook`` and slots that run tasks for a
-    duration."""
+    """One simulated node: a ``Scheduler`` (driven by a ``SchedulerHost``), a
+    ``TaskBook`` and slots that run tasks for a duration."""
 
     def __init__(self, ctx: NodeContext, mesh: ComputeMesh) -> None:
         self.name = ctx.name
         self.mesh = mesh
         self.incarnation = mesh.incarnation[ctx.name]
-        self._boot = bytes([self.incarnation % 256])
         self.book = TaskBook(ctx.name)
         self.sched = Scheduler(ctx.name, mesh.capacity[ctx.name], config=mesh.config,
                                rng=ctx.rng, now=ctx.now)
         self.sched.objects_held(sorted(mesh.objects_on.get(ctx.name, ())))
-        self._runs: list[tuple[float, int, str, str, int]] = []
-        self._seq = 0
+        self.host = SchedulerHost(
+            self.sched, incarnation=self.incarnation,
+            send=lambda dst, payload: self._out.append(StreamRequest(dst, payload)),
+            emit=self._record,
+            duration=lambda o, now: self.mesh.duration(o.task.task_id, self.name, now))
         self._out: list[Output] = []
         self.streams_failed = 0
 
@@ -127,11 +221,8 @@ class ComputeNode:
         return None
 
     def handle_stream(self, src: str, payload: bytes, now: float) -> bytes | None:
-        # Each message carries its sender's boot, as the runtime's ``sched.*`` requests
-        # do (``LoadReport.boot``): one byte of incarnation, then the message.
-        self.sched.peer_boot(src, f"{src}.{payload[0]}", now)  # as ComputeMesh.boot
-        self.sched.handle_message(src, payload[1:], now)
-        self._settle(now)
+        # Each message carries its sender's boot (``SchedulerHost``).
+        self.host.handle_message(src, payload, now)
         return None
 
     def handle_stream_reply(self, src: str, payload: bytes, now: float) -> None:
@@ -155,17 +246,10 @@ class ComputeNode:
             self._settle(now)
 
     def next_deadline(self) -> float | None:
-        d = self.sched.next_deadline()
-        if self._runs:
-            d = min(d, self._runs[0][0])
-        return d
+        return self.host.next_deadline()
 
     def on_timer(self, now: float) -> None:
-        while self._runs and self._runs[0][0] <= now:
-            _, _, owner, tid, attempt = heapq.heappop(self._runs)
-            self.sched.task_finished(owner, tid, attempt, True, "", now)
-        self.sched.on_timer(now)
-        self._settle(now)
+        self.host.on_timer(now)
 
     def drain(self) -> list[Output]:
         out = self._out
@@ -222,32 +306,29 @@ class ComputeNode:
         self.mesh.kv_write(self.name, rec)
 
     def _settle(self, now: float) -> None:
-        for o in self.sched.drain():
-            if isinstance(o, SendMessage):
-                self._out.append(StreamRequest(o.dst, self._boot + o.payload))
-                continue
-            if isinstance(o, RunTask):
-                self._seq += 1
-                end = now + self.mesh.duration(o.task.task_id, self.name, now)
-                heapq.heappush(self._runs, (end, self._seq, o.owner, o.task.task_id, o.attempt))
-            elif isinstance(o, TaskBound):
-                self.book.bound(o.task_id, o.node, o.attempt, "")
-            elif isinstance(o, TaskFinished):
-                # The worker's outcome rides with its result here (the runtime sends it
-                # as task.done just before): the first one wins.
-                if self.book.outcome(o.task_id, ok=o.ok, node=o.node) is Verdict.ACCEPTED:
-                    self._finish(o.task_id, TaskState.DONE if o.ok else TaskState.FAILED,
-                                 now, error=o.detail, node=o.node,
-                                 kind="" if o.ok else "error")
-                self._after_result(o.task_id, now)
-            elif isinstance(o, TaskStopped):
-                self.book.stopped(o.task_id, o.node)
-            elif isinstance(o, TaskFailed) and o.task_id in self.book:
-                e = self.book.get(o.task_id)
-                if e is not None and e.rec.state not in TERMINAL:
-                    self._finish(o.task_id, TaskState.FAILED, now, error=o.reason,
-                                 kind="unschedulable")
-            self._out.append(o)
+        self.host.settle(now)
+
+    def _record(self, o: SchedulingOutput, now: float) -> None:
+        """What the owner's book keeps of a scheduling output (``SchedulerHost.emit``)."""
+        if isinstance(o, TaskBound):
+            self.book.bound(o.task_id, o.node, o.attempt, "")
+        elif isinstance(o, TaskFinished):
+            # The worker's outcome rides with its result here (the runtime sends it
+            # as task.done just before): the first one wins.
+            if self.book.outcome(o.task_id, ok=o.ok, node=o.node) is Verdict.ACCEPTED:
+                self._finish(o.task_id, TaskState.DONE if o.ok else TaskState.FAILED,
+                             now, error=o.detail, node=o.node,
+                             kind="" if o.ok else "error")
+            self._after_result(o.task_id, now)
+        elif isinstance(o, TaskStopped):
+            self.book.stopped(o.task_id, o.node)
+        elif isinstance(o, TaskFailed) and o.task_id in self.book:
+            e = self.book.get(o.task_id)
+            if e is not None and e.rec.state not in TERMINAL:
+                self._finish(o.task_id, TaskState.FAILED, now, error=o.reason,
+                             kind="unschedulable")
+        assert not isinstance(o, SendMessage)
+        self._out.append(o)
 
     def _after_result(self, tid: str, now: float) -> None:
         if self.book.scheduler_finished(tid) == "resubmit":
@@ -429,7 +510,7 @@ class ComputeMesh:
 
     def boot(self, name: str) -> str:
         """The boot ``name``'s process sends (``Scheduler.peer_boot``)."""
-        return f"{name}.{self.incarnation[name] % 256}"
+        return SchedulerHost.boot_of(name, self.incarnation[name])
 
     def install_view(self, view: list[NodeState],
                      boots: Mapping[str, str] | None = None) -> None:
