@@ -7,8 +7,9 @@ writes under crashes, restarts, pauses and partitions; ``sim/compute.chaos_run``
 every placement mode under the same faults; ``sim/services.chaos_run``: calls from three
 sites to three services under crashes, pauses and partitions) checked by that plane's
 invariants; ``sim/policy_chaos.policy_chaos_run``: classed puts, deletes and policy
-changes under crashes, pauses and partitions, no copy of a class outside its rule at any
-step, audit chains verified). The base
+changes under crashes, pauses and partitions, classed tasks placed by each owner's
+``core.scheduling.Scheduler``, no copy or task of a class outside its rule at any step,
+audit chains verified). The base
 seed is fresh unless given, and printed, so a failure replays:
 ``python bench/swarm.py --base N --seeds 1``.
 
@@ -121,7 +122,9 @@ def services_problems(seed: int) -> list[str]:
 POLICY_COUNTS: dict[str, int] = {}
 """Of the policy seeds: copies refused by receivers, copy rules rewritten by a migration,
 policy changes, oracle scans and commits checked, audit entries verified; classed task runs
-placed and refused, task results stored under their rule; stream shards and backups made,
+placed (by each owner's ``core.scheduling.Scheduler``) and refused, runs stopped by a
+narrowing, results taken and tasks failed by their owners, task results stored under their
+rule; stream shards and backups made,
 refused and dropped on a narrowing; operator runners started and stopped, subscriber fetches
 served and refused."""
 
@@ -134,6 +137,8 @@ def policy_problems(seed: int) -> list[str]:
                    ("changes", len(r.changes)), ("scans", r.scans),
                    ("commits_checked", r.commits_checked), ("audit_entries", r.audit_entries),
                    ("tasks_placed", r.tasks_placed), ("tasks_refused", r.tasks_refused),
+                   ("tasks_stopped", r.tasks_stopped), ("tasks_done", r.tasks_done),
+                   ("tasks_failed", r.tasks_failed),
                    ("results", r.results), ("shards", r.shards), ("backups", r.backups),
                    ("stream_refused", r.stream_refused), ("shard_drops", r.shard_drops),
                    ("operators_placed", r.operators_placed),

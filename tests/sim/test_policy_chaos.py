@@ -8,7 +8,10 @@ it; every node's audit chain verifies. And the oracles can fail: a receiver that
 check, a node that skips the migration, an owner that places a task without its classes'
 rules, a source that places its shard or its backup without the topic's rule, a node that
 places operator runners without its class's current rule, a holder that serves a subscriber
-the class's cross-region read rule refuses, is caught. Operator runners and subscriber
+the class's cross-region read rule refuses, is caught; so is a broken residency decision
+of the ``core.scheduling.Scheduler`` every node places its tasks with (a narrowing that
+does not stop a running task, a re-placement under the task's old rule, a result taken
+from a runner the owner stopped the task on). Operator runners and subscriber
 reads are checked too: no runner of a classed topic's operator runs outside the class's
 rule its node knows, no refused read is served."""
 
@@ -39,13 +42,20 @@ def _check(r: PolicyChaosReport) -> None:
     assert r.stream_refused > 0, "no shard or backup was ever refused: nothing was tested"
     assert r.operators_placed > 0 and r.operators_stopped > 0, "no operator runner moved"
     assert r.reads_served > 0 and r.reads_refused > 0, "no subscriber read was refused"
+    assert r.tasks_done > 0, "no owner took a task's result"
 
 
 def test_policy_chaos_fresh_seeds() -> None:
     base = random.randrange(1 << 30)
     print(f"base seed {base}")
+    stopped = 0
     for seed in range(base, base + SEEDS):
-        _check(policy_chaos_run(seed))
+        r = policy_chaos_run(seed)
+        _check(r)
+        stopped += r.tasks_stopped
+    # A narrowing reached a running task on some seed: its owner's scheduler stopped it
+    # (and placed it again inside the rule, or failed it naming the rule).
+    assert stopped > 0, "no running task was ever stopped by a narrowing: nothing was tested"
 
 
 def test_policy_chaos_is_deterministic() -> None:
@@ -55,7 +65,8 @@ def test_policy_chaos_is_deterministic() -> None:
 
 
 @pytest.mark.parametrize("broken", ["receiver", "stale_rule", "migration", "fanout",
-                                    "task_class", "shard_class", "backup_class",
+                                    "task_class", "task_stop", "replace_rule",
+                                    "stopped_result", "shard_class", "backup_class",
                                     "operator", "read"])
 def test_the_oracles_catch_a_broken_decision(broken: str) -> None:
     base = random.randrange(1 << 30)

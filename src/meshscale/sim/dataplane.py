@@ -594,12 +594,17 @@ class DataNode:
                 self.replicas.set_view(view, now)
                 self.hints.set_view(view, self._down_candidates())
                 self._hand_off(now)
+                self._view_changed(view, now)
             for rout in self.replicas.drain():
                 busy = True
                 self._execute(rout, now)
             if not busy:
                 return
         raise AssertionError(f"{self.name}: outputs did not settle")
+
+    def _view_changed(self, view: list[Candidate], now: float) -> None:
+        """The live members changed (``view``): a subclass that drives more parts over
+        the same membership (``sim.policy_chaos``'s scheduler) follows it here."""
 
     def _execute(self, out: SendMessage | Event, now: float) -> None:
         if isinstance(out, SendMessage):

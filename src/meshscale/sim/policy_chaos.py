@@ -13,16 +13,28 @@ break gets the rule ``core.policy.migrated_regions`` decides, and is handed to i
 manager again under it, so that the ordinary re-replication moves it.
 
 Classed tasks. A task reads one or two live objects and may declare a class; it is
-submitted to a random node, its owner, which places it as the runtime's owner does
-(``runtime/compute.py``): the rules of its inputs from the first copy it reaches (its
-``obj.stat``), its declared class resolved from its own view (``core.policy.resolve``),
-its result's rule ``core.policy.result_rule`` (the declared class, else the strictest of
-its inputs' classes), the task's own rule the declared one or else the result's; then
-``core.scheduling.feasible`` over its membership view, and the cheapest node by
-``core.scheduling.score``. The runner holds the task in memory for a while; if it crashed
-meanwhile the owner places it again (resolving anew from its current view), else the
-runner puts the result through the simulated put path as an object of its class under
-that rule, which the copy oracles below then follow.
+submitted to a random node, its owner, which resolves it as the runtime's owner does
+(``runtime/compute.py`` ``_resolve_task``): the rules of its inputs from the first copy it
+reaches (its ``obj.stat``), its declared class resolved from its own view
+(``core.policy.resolve``), its result's rule ``core.policy.result_rule`` (the declared
+class, else the strictest of its inputs' classes; carried to the runner in the task's
+payload), the task's own rule the declared one or else the result's. It then submits it
+to its own ``core.scheduling.Scheduler`` -- the scheduler the runtime drives -- which
+every node runs beside its data plane (``_TaskNode``, driven by
+``sim.compute.SchedulerHost`` as the task simulator's nodes are): reservations, grants and
+results travel between the nodes' schedulers as simulated streams, its view is the
+node's membership, and the node gives it the class policies it knows at submit and
+whenever it hears a change (the runtime's ``_refresh_policies``). So every residency
+decision is the scheduler's: each placement narrowed to the classes' current rules
+(``placement_residency``), a running task whose class narrowed away from its runner
+stopped there (``TaskStopped``: the owner kills it there, best effort) and placed again
+inside the rule or failed naming the rule when no region is left, results from a
+stopped runner dropped, lost runners re-placed, retries bounded. The runner holds a
+task for ``task_s`` seconds; then it puts the result through the simulated put path as
+an object of its class under that rule (one object per run), which the copy oracles
+below then follow, and reports to the owner. An owner's crash loses its scheduler and
+the tasks it owned (the runtime's takeover by another node is not modelled here:
+``sim.compute`` tests it).
 
 Classed streams. One topic per class; publishes enter at random nodes. The entry node
 resolves the topic's stream rule from its view (``Resolved.stream_residency``), refuses a
@@ -52,11 +64,18 @@ every node's disk every ``scan_s`` of virtual time:
 - ``end``: once faults stop, partitions heal, every node has heard every change and the
   repair bound has passed: every node's view is the truth, no up node holds a copy of a
   class outside the class's current regions, and no up node holds a deleted object.
-- ``task placement``: a task is placed only on a node in the regions that the owner's
-  current rules of every class it touches (declared, inputs') allow, and its inputs' and
-  own rules; on every scan, every running task still sits inside the rules its
-  placement went by. ``result rule``: an undeclared task's result is of a class and no
-  wider than any of its classed inputs' rules as the owner knows them.
+- ``task placement`` / ``task run``: a task is bound (``TaskBound``) only on a node in
+  the regions that the owner's current rules of every class it touches (declared,
+  inputs') allow, and its own and its inputs' rules; a runner runs it (``RunTask``)
+  only inside the rule it was granted under; on every scan, every run still sits
+  inside the rules its placement went by. ``result rule``: an undeclared task's result
+  is of a class and no wider than any of its classed inputs' rules as the owner knows
+  them.
+- ``task stop``: on every scan, no owner keeps a task bound to a runner that its
+  current rules of the task's classes leave out (a narrowing it heard stopped it
+  there); a task failed as it is stopped fails naming the rule (``residency: ...``);
+  at the ``end`` every task stopped was placed again or ended. ``stopped result``: an
+  owner never takes a result (``TaskFinished``) from a runner it stopped the task on.
 - ``shard placement`` / ``backup placement`` / ``backup commit`` / ``scan``: a stream
   shard or backup copy sits only where the acting node's current stream rule of the
   topic's class (the source when it places, the receiver once it holds it, the holder on
@@ -85,7 +104,10 @@ stated, which is wider than the class's when the sender has not heard of a narro
 their own copies on a cache refresh: only the members the setting node reaches at that
 moment rewrite their copies; a member down or cut off then hears of the policy later
 through its cache refresh but never rewrites its copies), ``task_class`` (the owner
-places a task without its own and its inputs' rules), ``shard_class`` (a source takes
+places a task without its own and its inputs' rules), ``task_stop``, ``replace_rule``
+or ``stopped_result`` (a residency decision inside every node's ``Scheduler``: a
+narrowing never stops a running task; placements keep the submitted rule, never
+narrowed; results from stopped runners are taken), ``shard_class`` (a source takes
 records and places their backup without the topic's rule) or ``backup_class`` (a source
 picks and tells its backup without the topic's rule), ``operator`` (nodes place runners
 under the rule an operator was registered with, never narrowed by its class's current
@@ -100,9 +122,11 @@ changes and faults of a seed are those they were before tasks and streams were a
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
+
+import msgspec
 
 from meshscale.core.audit import (
     ZERO_HASH,
@@ -113,6 +137,7 @@ from meshscale.core.audit import (
     record_of,
     verify_records,
 )
+from meshscale.core.membership import MembershipConfig, NodeMeta
 from meshscale.core.outputs import DrivenProtocol, Event
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.policy import (
@@ -123,21 +148,28 @@ from meshscale.core.policy import (
     detail_rule,
     make_policy,
     migrated_regions,
-    placement_residency,
     read_refusal,
     resolve,
     result_rule,
 )
-from meshscale.core.replication import DropLocal, ObjectPolicy
+from meshscale.core.replication import DropLocal, ObjectPolicy, ReplicationConfig
 from meshscale.core.scheduling import (
     InputRef,
     InRegions,
     NodeState,
     Resources,
+    Result,
+    RunTask,
+    Scheduler,
     SchedulingConfig,
+    SchedulingError,
+    SchedulingOutput,
+    SendMessage,
+    TaskBound,
+    TaskFailed,
+    TaskFinished,
     TaskSpec,
-    feasible,
-    score,
+    TaskStopped,
 )
 from meshscale.core.streams import (
     OperatorPlacement,
@@ -151,7 +183,9 @@ from meshscale.core.streams import (
     shard_refusal,
     topic_rule,
 )
-from meshscale.sim.dataplane import CopyRefused, DataMesh, DataNode, ObjectCommitted
+from meshscale.sim.compute import SchedulerHost
+from meshscale.sim.dataplane import _HDR, CopyRefused, DataMesh, DataNode, ObjectCommitted
+from meshscale.sim.engine import NodeContext
 
 __all__ = ["PolicyChaosReport", "policy_chaos_run", "verify_audit"]
 
@@ -169,21 +203,201 @@ TOPIC_CLASS = dict(zip(TOPICS, CLASSES, strict=True))
 
 @dataclass
 class _Task:
-    """A classed task as its owner keeps it: what it reads, the class it declares, and
-    where its latest placement put it (with the rules that placement went by)."""
+    """A classed task as its owner resolved it at submit (the runtime's
+    ``_resolve_task``): what it reads, the class it declares, its result's rule and the
+    rule it was submitted under; its owner's ``Scheduler`` places it from then on."""
 
     tid: str
     owner: str
     inputs: tuple[str, ...]
     declared: str | None
-    runner: str = ""
-    epoch: int = -1
+    owner_incarnation: int = -1
     out: Residency | None = None
-    rules: list[Residency | None] = field(default_factory=list)
-    run: Residency | None = None
-    """The rule its latest placement ran it under."""
+    res: Residency | None = None
     in_rules: list[Residency | None] = field(default_factory=list)
-    tries: int = 0
+    classes: frozenset[str] = frozenset()
+    bound_rules: dict[str, list[Residency | None]] = field(default_factory=dict)
+    """Runner -> the rules its latest placement there went by (the submitted rule, the
+    inputs' rules, the owner's current rules of the task's classes when it bound)."""
+    stopped: set[str] = field(default_factory=set)
+    """Runners its owner stopped it on (``TaskStopped``)."""
+    halted: set[str] = field(default_factory=set)
+    """Runners it was stopped on and not bound to again since."""
+    stopped_at: float | None = None
+    rebound: bool = False
+    """Bound (``TaskBound``) again since its latest stop."""
+    outcome: str = ""
+    """``done`` or ``failed`` once its owner ended it."""
+
+
+TAG_SCHED = 9
+"""Stream tag of scheduling messages between the nodes' ``Scheduler``s."""
+TASK_CAPACITY = Resources(4.0, 16_000, 0)
+
+
+def _encode_rule(res: Residency | None) -> bytes:
+    """A task's result rule as its payload carries it to the runner (the runtime's
+    ``_Payload.result_rule``)."""
+    if res is None:
+        return b""
+    regions = None if res.regions is None else sorted(res.regions)
+    return msgspec.msgpack.encode([regions, res.data_class])
+
+
+def _decode_rule(payload: bytes) -> Residency | None:
+    if not payload:
+        return None
+    regions, cls = msgspec.msgpack.decode(payload, type=tuple[list[str] | None, str | None])
+    return Residency(None if regions is None else frozenset(regions), cls)
+
+
+@dataclass
+class _TaskHooks:
+    """What the scenario tells the nodes' scheduler drivers (filled in by
+    ``policy_chaos_run`` once its closures exist)."""
+
+    seed: int
+    config: SchedulingConfig
+    duration: Callable[[str, RunTask, float], float] = lambda n, o, now: 1.0
+    ended: Callable[[str, RunTask, float], tuple[bool, str]] = \
+        lambda n, o, now: (True, "")
+    is_up: Callable[[str], bool] = lambda n: True
+    patch: Callable[[Scheduler], None] = lambda s: None
+
+
+class _TaskNode(DataNode):
+    """A ``DataNode`` that also drives a ``core.scheduling.Scheduler`` (through
+    ``sim.compute.SchedulerHost``, as ``ComputeNode`` does): scheduling messages travel
+    as streams tagged ``TAG_SCHED``, its view is its membership's live members, and
+    what its scheduler outputs (``TaskBound``, ``RunTask``, ``TaskStopped``, ...) are
+    events the scenario observes. Its messages carry its boot (its incarnation on disk),
+    so a runner restarted under its owner's feet has its tasks re-placed
+    (``Scheduler.peer_boot``). Its scheduler lives in memory: a crash loses it."""
+
+    def __init__(self, ctx: NodeContext, meta: NodeMeta, hooks: _TaskHooks, *,
+                 membership_config: MembershipConfig,
+                 replication_config: ReplicationConfig, seeds: list[str],
+                 spares: bool) -> None:
+        self.host: SchedulerHost | None = None
+        self.specs: dict[tuple[str, str, int], TaskSpec] = {}
+        """(owner, task id, attempt) -> what runs here."""
+        super().__init__(ctx, meta, membership_config=membership_config,
+                         replication_config=replication_config, seeds=seeds, spares=spares)
+        self.hooks = hooks
+        sched = Scheduler(ctx.name, TASK_CAPACITY, config=hooks.config,
+                          rng=random.Random(f"policy-chaos/scheduler/{hooks.seed}/"
+                                            f"{ctx.name}/{ctx.restarts}"), now=ctx.now)
+        hooks.patch(sched)
+        self.host = SchedulerHost(
+            sched, incarnation=int(self.disk["incarnation"]), send=lambda dst, payload: self._stream(dst, TAG_SCHED, payload, None),
+            emit=self._emit, duration=self._duration, ended=self._ended)
+        self._set_view(self._candidates(), ctx.now)
+        self._settle(ctx.now)
+
+    def _emit(self, o: SchedulingOutput, now: float) -> None:
+        assert not isinstance(o, SendMessage)  # SchedulerHost sends those
+        self._out.append(o)
+
+    def _duration(self, o: RunTask, now: float) -> float:
+        self.specs[(o.owner, o.task.task_id, o.attempt)] = o.task
+        return self.hooks.duration(self.name, o, now)
+
+    def _ended(self, owner: str, tid: str, attempt: int, now: float) -> tuple[bool, str]:
+        spec = self.specs.pop((owner, tid, attempt), None)
+        if spec is None:
+            return True, ""
+        return self.hooks.ended(self.name, RunTask(owner, spec, attempt), now)
+
+    def kill(self, owner: str, tid: str, now: float) -> None:
+        if self.host is not None and self.host.kill(owner, tid, now):
+            for key in [k for k in self.specs if k[0] == owner and k[1] == tid]:
+                del self.specs[key]
+            self._settle(now)
+
+    def handle_stream(self, src: str, payload: bytes, now: float) -> bytes | None:
+        if len(payload) >= _HDR.size and payload[0] == TAG_SCHED:
+            _, sid = _HDR.unpack_from(payload)
+            if self.host is not None:
+                self.host.handle_message(src, payload[_HDR.size:], now)
+            self._settle(now)
+            return _HDR.pack(TAG_SCHED, sid)
+        return super().handle_stream(src, payload, now)
+
+    def stream_failed(self, dst: str, now: float) -> None:
+        super().stream_failed(dst, now)
+        # As ComputeNode.runner_gone: a check of a crashed runner is refused.
+        host = self.host
+        if host is not None and host.sched.runs_on(dst) and not self.hooks.is_up(dst):
+            host.sched.runner_unreachable(dst, now)
+            host.settle(now)
+
+    def next_deadline(self) -> float | None:
+        d = super().next_deadline()
+        if self.host is None:
+            return d
+        h = self.host.next_deadline()
+        return h if d is None else min(d, h)
+
+    def on_timer(self, now: float) -> None:
+        d = super().next_deadline()
+        if d is not None and d <= now:
+            super().on_timer(now)
+        if self.host is not None:
+            self.host.on_timer(now)
+
+    def _view_changed(self, view: list[Candidate], now: float) -> None:
+        if self.host is not None:
+            self._set_view(view, now)
+
+    def _set_view(self, view: list[Candidate], now: float) -> None:
+        assert self.host is not None
+        self.host.sched.set_view([NodeState(member=c, capacity=TASK_CAPACITY) for c in view],
+                                 now)
+
+    def _settle(self, now: float) -> None:
+        super()._settle(now)
+        if self.host is not None:
+            self.host.settle(now)
+
+
+def _break_scheduler(break_: str | None) -> Callable[[Scheduler], None]:
+    """Break one residency decision of every node's ``Scheduler`` (to show that the
+    oracles catch it): ``task_stop`` (a narrowing never stops a running task),
+    ``replace_rule`` (placements keep the task's submitted rule, never narrowed to its
+    classes' current ones) or ``stopped_result`` (results from runners the owner stopped
+    the task on are taken)."""
+
+    def patch(s: Scheduler) -> None:
+        if break_ == "task_stop":
+            s.__dict__["_recheck_running"] = lambda t, now: None
+        elif break_ == "replace_rule":
+            s.__dict__["_renarrow"] = lambda t: None
+        elif break_ == "stopped_result":
+            take = s._on_result
+
+            def on_result(src: str, msg: Result, now: float) -> None:
+                t = s._tasks.get(msg.task_id)
+                if t is not None:
+                    t.stopped_on = None
+                take(src, msg, now)
+
+            s.__dict__["_on_result"] = on_result
+
+    return patch
+
+
+class _TaskMesh(DataMesh):
+    """A ``DataMesh`` of ``_TaskNode``s."""
+
+    def __init__(self, nodes: int, *, seed: int, hooks: _TaskHooks) -> None:
+        self.hooks = hooks
+        super().__init__(nodes, seed=seed)
+
+    def _factory(self, ctx: NodeContext) -> DataNode:
+        return _TaskNode(
+            ctx, self.metas[ctx.name], self.hooks, membership_config=self.mconfig,
+            replication_config=self.rconfig, seeds=self.names, spares=self.spares,
+        )
 
 
 @dataclass
@@ -206,10 +420,18 @@ class PolicyChaosReport:
     commits_checked: int = 0
     audit_entries: int = 0
     tasks_placed: int = 0
-    """Task runs placed by ``core.scheduling`` (re-placements after a lost runner too)."""
+    """Task bindings the owners' ``core.scheduling.Scheduler`` made (``TaskBound``:
+    re-placements after a lost or stopped runner too)."""
     tasks_refused: int = 0
-    """Placements no node could take (``feasible``) and tasks whose result's class was
-    ambiguous (``result_rule``)."""
+    """Submits refused (``Scheduler.submit``: no node may run it) and tasks whose
+    result's class was ambiguous (``result_rule``)."""
+    tasks_stopped: int = 0
+    """Runs an owner's scheduler stopped because its view of a class narrowed away from
+    the runner's region (``TaskStopped``)."""
+    tasks_done: int = 0
+    """Results owners took (``TaskFinished``)."""
+    tasks_failed: int = 0
+    """Tasks owners failed (``TaskFailed``: no region or node left, retries spent)."""
     results: int = 0
     """Task results put as classed objects under ``core.policy.result_rule``."""
     details: int = 0
@@ -277,13 +499,15 @@ def policy_chaos_run(
     repair_bound_s: float = 40.0,
     refresh_s: float = 3.0,
     scan_s: float = 0.25,
-    tasks: int = 16,
+    tasks: int = 24,
+    task_s: tuple[float, float] = (2.0, 12.0),
     publishes: int = 40,
     reads: int = 60,
     break_: str | None = None,
 ) -> PolicyChaosReport:
     """One randomized run (see the module docstring); the report lists every breach."""
-    mesh = DataMesh(nodes, seed=seed)
+    hooks = _TaskHooks(seed, SchedulingConfig(), patch=_break_scheduler(break_))
+    mesh = _TaskMesh(nodes, seed=seed, hooks=hooks)
     sim = mesh.sim
     rng = random.Random(f"policy-chaos/{seed}")
     regions = sorted(mesh.topology.regions)
@@ -345,9 +569,7 @@ def policy_chaos_run(
         for n in mesh.names:
             for (topic, _sid), res in sorted(shards[n].items()):
                 check_shard(mesh.node(n), n, topic, res, "scan")
-        for t in running.values():
-            if epoch[t.runner] == t.epoch:
-                check_run(t, "scan")
+        check_tasks()
         for n in mesh.names:
             for (op, sid), rule in sorted(runners[n].items()):
                 check_operator(mesh.node(n), op, sid, rule, "scan")
@@ -402,6 +624,7 @@ def policy_chaos_run(
                 p.replicas.object_added(oid, s.policy, s.hint_for, now, s.written)
             report.migrated += len(p.replicas.migrate_tombstones(policy))
         p._settle(now)
+        tasks_heard(p, now)
         drop_shards(p, cls, now)
         reconcile(p, now)
         for oid in sorted(p.objects):
@@ -488,13 +711,13 @@ def policy_chaos_run(
 
     # ------------------------------------------------------------ tasks
     # Drawn from their own generator, so the draws of puts, deletes, changes and faults
-    # stay those of the seed.
+    # stay those of the seed. Each node's ``Scheduler`` (``_TaskNode``) places the tasks
+    # it owns; the scenario submits, runs them at their runners and observes.
 
     trng = random.Random(f"policy-chaos/tasks-streams/{seed}")
-    sched_cfg = SchedulingConfig()
-    running: dict[str, _Task] = {}
+    tasks_of: dict[str, _Task] = {}
     epoch = dict.fromkeys(mesh.names, 0)
-    """Bumped by a crash: what a node held in memory (running tasks, shard logs) is gone."""
+    """Bumped by a crash: what a node held in memory (shard logs) is gone."""
 
     def outside(region: str, classes: Iterable[str], p: DataNode, *,
                 stream: bool = False) -> str | None:
@@ -505,12 +728,62 @@ def policy_chaos_run(
                 return why
         return None
 
-    def check_run(t: _Task, when: str) -> None:
-        region = region_of[t.runner]
-        for r in t.rules:
+    def task_node(n: str) -> _TaskNode:
+        node = mesh.node(n)
+        assert isinstance(node, _TaskNode) and node.host is not None
+        return node
+
+    def owned(t: _Task) -> bool:
+        """``t``'s owner is up in the incarnation that took it (a crash loses its
+        scheduler and what it owned)."""
+        return sim.is_up(t.owner) and \
+            mesh.node(t.owner).disk.get("incarnation") == t.owner_incarnation
+
+    def check_run(tid: str, runner: str, rules: Iterable[Residency | None],
+                  when: str) -> None:
+        region = region_of[runner]
+        for r in rules:
             if r is not None and not r.allows(region):
-                violations.append(f"{sim.now:.3f} {when}: task {t.tid} runs on {t.runner} in "
+                violations.append(f"{sim.now:.3f} {when}: task {tid} runs on {runner} in "
                                   f"{region}, outside {r.describe()} its owner placed it under")
+                return
+
+    def run_rules(n: str, spec: TaskSpec) -> list[Residency | None]:
+        """The rules a run of ``spec`` on ``n`` went by: the rule it was granted under, its
+        inputs' rules and its owner's rules of its classes when it bound there."""
+        t = tasks_of.get(spec.task_id)
+        return [spec.residency, *(i.residency for i in spec.inputs),
+                *(t.bound_rules.get(n, []) if t is not None else [])]
+
+    def check_tasks() -> None:
+        """On every scan: every run sits inside the rules its placement went by, and no
+        owner keeps a task bound to a runner its current rules leave out (hearing a
+        narrowing, it stops it there: ``TaskStopped``)."""
+        for n in mesh.up():
+            for (_owner, tid, _attempt), spec in sorted(task_node(n).specs.items()):
+                check_run(tid, n, run_rules(n, spec), "scan")
+        for tid, t in sorted(tasks_of.items()):
+            if t.outcome or not owned(t):
+                continue
+            p = task_node(t.owner)
+            assert p.host is not None
+            state = p.host.sched.owner_state(tid)
+            runner = None if state is None else state[0]
+            if runner is None or runner in t.halted:
+                continue
+            why = outside(region_of[runner], t.classes, p)
+            if why is not None:
+                violations.append(f"{sim.now:.3f} task stop: {t.owner} keeps {tid} (classes "
+                                  f"{sorted(t.classes)}) on {runner} in {region_of[runner]}, "
+                                  f"which its current rule leaves out: {why}")
+
+    def tasks_heard(p: DataNode, now: float) -> None:
+        """A node that hears a change gives its scheduler the class policies it now knows
+        (the runtime's ``_refresh_policies``): tasks its narrowed rules leave out are
+        stopped and placed again inside them, or fail naming the rule."""
+        assert isinstance(p, _TaskNode) and p.host is not None
+        p.host.sched.set_policies(dict(p.policies), now)
+        p.host.settle(now)
 
     def stat(p: DataNode, oid: str) -> InputRef | None:
         """What the owner's ``obj.stat`` of an input tells it: the rule of the first copy it
@@ -527,21 +800,24 @@ def policy_chaos_run(
         return None
 
     def place(t: _Task, p: DrivenProtocol, now: float) -> None:
-        """The owner ``p`` places task ``t`` from its own view, as the runtime's owner does:
-        its inputs' rules from ``stat``, the task's declared class resolved
-        (``core.policy.resolve``), the result's rule (``core.policy.result_rule``), the
-        task's rule the declared one or else the result's, within every class's current
-        rule (``core.policy.placement_residency``, as the runtime's scheduler narrows it at
-        each placement); then ``core.scheduling.feasible`` and the cheapest node by
-        ``core.scheduling.score``. Each placement (a re-placement
-        after a lost runner too) resolves the rules anew from the owner's current view."""
-        assert isinstance(p, DataNode)
+        """The owner ``p`` resolves task ``t`` from its own view, as the runtime's owner
+        does (``_resolve_task``): its inputs' rules from ``stat``, the task's declared class
+        resolved (``core.policy.resolve``), the result's rule (``core.policy.result_rule``,
+        carried to the runner in the payload), the task's rule the declared one or else
+        the result's; and submits it to its ``Scheduler``, which places it (and places it
+        again after a lost or stopped runner) narrowed by its classes' current rules."""
+        assert isinstance(p, _TaskNode) and p.host is not None
         refs = [r for r in (stat(p, oid) for oid in t.inputs) if r is not None]
         if not refs:
             return
         declared = None if t.declared is None else \
             resolve(t.declared, Rule(), p.policies).residency()
         in_rules = [r.residency for r in refs]
+        classes = {r.data_class for r in [declared, *in_rules]
+                   if r is not None and r.data_class is not None}
+        sched = p.host.sched
+        # As the runtime's _result_rule: the scheduler's rules are the ones resolved from.
+        sched.set_policies(dict(p.policies), now)
         try:
             out = result_rule(declared, in_rules, p.policies)
         except PolicyError as e:
@@ -550,17 +826,6 @@ def policy_chaos_run(
             return
         res = declared if out is None or (declared is not None and declared.data_class) \
             else out
-        classes = {r.data_class for r in [declared, *in_rules]
-                   if r is not None and r.data_class is not None}
-        try:
-            # As the runtime's scheduler does at each placement: the task's rule within
-            # every one of its classes' current rules (never wider).
-            res = placement_residency(res, classes, p.policies)
-        except PolicyError as e:
-            report.tasks_refused += 1
-            _audit(p, Kind.REFUSAL, t.tid, sorted(classes)[0] if classes else None, "",
-                   f"{e.rule}: {e}", now)
-            return
         if out is not None and declared is None:
             # The result takes its inputs' strictest class: no wider than any of them.
             for r in in_rules:
@@ -573,77 +838,138 @@ def policy_chaos_run(
                     violations.append(f"{now:.3f} result rule: task {t.tid}'s result "
                                       f"{out.describe()} is wider than its input's class "
                                       f"{r.data_class} ({r.describe()})")
+        t.owner_incarnation = p.disk["incarnation"]
+        t.out, t.res, t.in_rules, t.classes = out, res, in_rules, frozenset(classes)
+        spec_res = res
         if break_ == "task_class":
-            res = None
+            spec_res = None
             refs = [InputRef(r.oid, r.size, r.holders, None) for r in refs]
-        spec = TaskSpec(task_id=t.tid, residency=res, inputs=tuple(refs))
-        view = [NodeState(member=c, capacity=Resources(4.0, 0, 0)) for c in p._candidates()]
+        spec = TaskSpec(task_id=t.tid, cpus=1.0, residency=spec_res, inputs=tuple(refs),
+                        payload=_encode_rule(out))
+        tasks_of[t.tid] = t
         try:
-            nodes = feasible(spec, view)
-        except PlacementError as e:  # SchedulingError is one
+            sched.submit([spec], now)
+        except SchedulingError as e:
+            del tasks_of[t.tid]
             report.tasks_refused += 1
             _audit(p, Kind.REFUSAL, t.tid, sorted(classes)[0] if classes else None, "",
                    f"{e.rule}: {e}", now)
-            return
-        busy: dict[str, int] = {}
-        for other in running.values():
-            busy[other.runner] = busy.get(other.runner, 0) + 1
-        runner = min(nodes, key=lambda n: (score(spec, n, None, sched_cfg,
-                                                 extra_tasks=busy.get(n.name, 0)).total,
-                                           n.name)).name
-        report.tasks_placed += 1
-        t.runner, t.out, t.run, t.in_rules = runner, out, res, in_rules
-        t.rules = [res, *in_rules, *(Residency(frozenset(p.policies[c].regions), c)
-                                     for c in sorted(classes) if c in p.policies)]
-        why = outside(region_of[runner], classes, p)
-        if why is not None:
-            violations.append(f"{now:.3f} task placement: {p.name} placed {t.tid} "
-                              f"(classes {sorted(classes)}) on {runner}: {why}")
-        check_run(t, "task placement")
-        if not sim.is_up(runner) or sim.is_paused(runner) or not sim.connected(p.name, runner):
-            sim.at(now + 1.0, partial(retry, t))  # the grant is lost: placed again
-            return
-        t.epoch = epoch[runner]
-        running[t.tid] = t
-        _audit(mesh.node(runner), Kind.TASK_RUN, t.tid, sorted(classes)[0] if classes else None,
-               region_of[p.name], f"owner {p.name}, result class "
-               f"{'none' if out is None else out.data_class}", now)
-        sim.at(now + trng.uniform(0.5, 3.0), partial(finish, t))
+        p.host.settle(now)
 
-    def retry(t: _Task) -> None:
-        t.tries += 1
-        if t.tries <= 4 and sim.is_up(t.owner):
-            sim.call(t.owner, partial(place, t))
+    def send_kill(owner: str, runner: str, tid: str) -> None:
+        """The owner's ``task.kill`` after a ``TaskStopped`` (lost when the runner is down or
+        cut off: its outcome is dropped anyway)."""
+        if sim.is_up(runner) and sim.connected(owner, runner):
+            sim.call(runner, lambda p, now: task_node(runner).kill(owner, tid, now))
 
-    def finish(t: _Task) -> None:
-        running.pop(t.tid, None)
-        r = t.runner
-        if not sim.is_up(r) or epoch[r] != t.epoch:
-            retry(t)  # the runner died: its owner places the task again
+    def observe_tasks(t_now: float, n: str, ev: Event) -> None:
+        """What the owners' schedulers decide (``TaskBound``, ``TaskStopped``,
+        ``TaskFinished``, ``TaskFailed``) and the runners run (``RunTask``), checked as
+        it happens."""
+        if isinstance(ev, RunTask):
+            tid = ev.task.task_id
+            check_run(tid, n, run_rules(n, ev.task), "task run")
+            t = tasks_of.get(tid)
+            cls = sorted(t.classes)[0] if t is not None and t.classes else None
+            out = _decode_rule(ev.task.payload)
+            _audit(mesh.node(n), Kind.TASK_RUN, tid, cls, region_of[ev.owner],
+                   f"owner {ev.owner}, result class "
+                   f"{'none' if out is None else out.data_class}", t_now)
             return
-        if t.out is not None:
-            # The worker stores a classed result as an object of its class, under its rule.
+        if not isinstance(ev, TaskBound | TaskStopped | TaskFinished | TaskFailed):
+            return
+        t = tasks_of.get(ev.task_id)
+        if t is None or t.owner != n:
+            return
+        p = mesh.node(n)
+        if isinstance(ev, TaskBound):
+            report.tasks_placed += 1
+            rules = [t.res, *t.in_rules, *(Residency(frozenset(p.policies[c].regions), c)
+                                           for c in sorted(t.classes) if c in p.policies)]
+            t.bound_rules[ev.node] = rules
+            t.halted.discard(ev.node)
+            t.rebound = True
+            why = outside(region_of[ev.node], t.classes, p)
+            if why is not None:
+                violations.append(f"{t_now:.3f} task placement: {n} placed {t.tid} "
+                                  f"(classes {sorted(t.classes)}) on {ev.node}: {why}")
+            check_run(t.tid, ev.node, rules, "task placement")
+        elif isinstance(ev, TaskStopped):
+            report.tasks_stopped += 1
+            t.stopped.add(ev.node)
+            t.halted.add(ev.node)
+            t.stopped_at, t.rebound = t_now, False
+            _audit(p, Kind.REFUSAL, t.tid, sorted(t.classes)[0] if t.classes else None,
+                   region_of[ev.node], ev.reason, t_now)
+            sim.at(t_now + 0.01, partial(send_kill, n, ev.node, t.tid))
+        elif isinstance(ev, TaskFinished):
+            report.tasks_done += 1
+            t.outcome = "done"
+            if ev.node in t.stopped:
+                violations.append(f"{t_now:.3f} stopped result: {n} took {t.tid}'s result "
+                                  f"from {ev.node}, which it stopped the task on")
+        else:
+            report.tasks_failed += 1
+            t.outcome = "failed"
+            if t.stopped_at == t_now and not ev.reason.startswith("residency:"):
+                violations.append(f"{t_now:.3f} task stop: {n} failed {t.tid} when it "
+                                  f"stopped it without naming the rule: {ev.reason[:120]}")
+
+    sim.observers.append(observe_tasks)
+
+    def put_later(runner: str, data: bytes, policy: ObjectPolicy) -> None:
+        """A put the runner starts once the event that ended its run is handled."""
+
+        def start() -> None:
+            mesh.put_async(runner, data, policy, 2)
+
+        sim.at(sim.now, start)
+
+    def run_ended(runner: str, o: RunTask, now: float) -> tuple[bool, str]:
+        """A run ends at ``runner``: a classed result is put as an object of its class
+        under its rule (``core.policy.result_rule``, from the payload), and every other
+        task's detail (it raises and prints) under ``core.policy.detail_rule``; then the
+        outcome goes to the owner."""
+        tid = o.task.task_id
+        out = _decode_rule(o.task.payload)
+        run = o.task.residency
+        in_rules = [i.residency for i in o.task.inputs]
+        if out is not None:
             report.results += 1
-            mesh.put_async(r, f"policy-result-{seed}-{t.tid}".encode(),
-                           ObjectPolicy(3, t.out), 2)
-        if int(t.tid.rsplit("-", 1)[1]) % 2:
-            # Every other task raises and prints: as the runtime's runner does, its detail
-            # is one object under ``core.policy.detail_rule`` (None: it goes inline to
-            # the owner, which must then be a task of no class).
+            # One object per run: a task run twice (a runner the owner lost, then found
+            # alive) puts two results, and a delete of the first must not meet the second.
+            put_later(runner, f"policy-result-{seed}-{tid}-{runner}-{o.attempt}".encode(),
+                      ObjectPolicy(3, out))
+        if int(tid.rsplit("-", 1)[1]) % 2:
+            # As the runtime's runner does: the detail is one object under
+            # ``core.policy.detail_rule`` (None: it goes inline to the owner, which must
+            # then be a task of no class).
             try:
-                kept = detail_rule(t.out, t.run, t.in_rules)
+                kept = detail_rule(out, run, in_rules)
             except PolicyError:
-                return  # withheld at the runner
-            classes = {x.data_class for x in [t.out, t.run, *t.in_rules]
+                return True, ""  # withheld at the runner
+            classes = {x.data_class for x in [out, run, *in_rules]
                        if x is not None and x.data_class is not None}
             if kept is None:
                 if classes:
-                    violations.append(f"{sim.now:.3f} task detail: {t.tid} (classes "
+                    violations.append(f"{now:.3f} task detail: {tid} (classes "
                                       f"{sorted(classes)}) would send its detail inline")
-                return
+                return True, ""
             report.details += 1
-            mesh.put_async(r, f"policy-detail-{seed}-{t.tid}".encode(),
-                           ObjectPolicy(3, kept), 2)
+            put_later(runner, f"policy-detail-{seed}-{tid}-{runner}-{o.attempt}".encode(),
+                      ObjectPolicy(3, kept))
+        return True, ""
+
+    hooks.duration = lambda n, o, now: trng.uniform(*task_s)
+    hooks.ended = run_ended
+    hooks.is_up = sim.is_up
+
+    def tasks_end() -> None:
+        """At the end: every task stopped on a runner was placed again or ended."""
+        for tid, t in sorted(tasks_of.items()):
+            if t.stopped and owned(t) and not t.outcome and not t.rebound:
+                violations.append(f"end: {tid} stopped on {sorted(t.stopped)} by {t.owner} "
+                                  "was neither placed again nor failed")
 
     def submit(i: int) -> None:
         up = mesh.up()
@@ -1003,6 +1329,7 @@ def policy_chaos_run(
         if written is not None and written > mesh.delete_ts[oid]:
             violations.append(f"{t_commit:.3f} {n}: copy of deleted {oid[:12]} written "
                               "after its delete")
+    tasks_end()
     report.audit_breaks = verify_audit(mesh)
     report.audit_entries = sum(len(mesh.node(n).disk.get("audit", [])) for n in mesh.names)
     report.acked = len(mesh.acked)
