@@ -758,7 +758,10 @@ def policy_chaos_run(
     def check_tasks() -> None:
         """On every scan: every run sits inside the rules its placement went by, and no
         owner keeps a task bound to a runner its current rules leave out (hearing a
-        narrowing, it stops it there: ``TaskStopped``)."""
+        narrowing, it stops it there: ``TaskStopped``). Which runner an owner has a task
+        bound to is its scheduler's own record (``owner_state``: a re-placement after a
+        lost runner unbinds without an event); whether that runner's region is allowed
+        is judged here, from the node's policies."""
         for n in mesh.up():
             for (_owner, tid, _attempt), spec in sorted(task_node(n).specs.items()):
                 check_run(tid, n, run_rules(n, spec), "scan")
