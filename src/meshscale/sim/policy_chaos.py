@@ -24,7 +24,9 @@ meanwhile the owner places it again (resolving anew from its current view), else
 runner puts the result through the simulated put path as an object of its class under
 that rule, which the copy oracles below then follow.
 
-Classed streams. One topic per class; publishes enter at random nodes. The entry node
+Classed streams. One topic per class; publishes enter at random nodes, about half of
+them naming no class (the entry node takes the class of the topic's record,
+``core.streams.publish_rule``). The entry node
 resolves the topic's stream rule from its view (``Resolved.stream_residency``), refuses a
 record its region may not take (``core.streams.check_source_allowed``), opens its shard
 (``topic``, ``node~epoch``) and copies it to the backup ``core.streams.backup_for`` picks
@@ -89,7 +91,9 @@ places a task without its own and its inputs' rules), ``shard_class`` (a source 
 records and places their backup without the topic's rule) or ``backup_class`` (a source
 picks and tells its backup without the topic's rule), ``operator`` (nodes place runners
 under the rule an operator was registered with, never narrowed by its class's current
-policy) or ``read`` (holders serve subscribers without ``read_refusal``).
+policy), ``read`` (holders serve subscribers without ``read_refusal``) or
+``publish_record`` (a publish that names no class is taken without its topic record's
+class, ``core.streams.publish_rule``).
 
 Tasks and streams draw from a generator of their own (operators' subscribers' reads from
 another), so the draws of the puts, deletes,
@@ -146,6 +150,7 @@ from meshscale.core.streams import (
     check_source_allowed,
     operator_classes,
     operator_now,
+    publish_rule,
     runners_wanted,
     shard_holder,
     shard_refusal,
@@ -223,6 +228,8 @@ class PolicyChaosReport:
     """Publishes refused at the entry node and backups refused by their receiver."""
     shard_drops: int = 0
     """Shard copies a node dropped on hearing a change that no longer allows it."""
+    bare_publishes: int = 0
+    """Publishes that named no class (taken under their topic record's class)."""
     operators_placed: int = 0
     """Operator runners a node started (``core.streams.runners_wanted``)."""
     operators_stopped: int = 0
@@ -675,10 +682,11 @@ def policy_chaos_run(
             violations.append(f"{sim.now:.3f} {when}: {p.name} has a shard of {topic} "
                               f"(class {cls}) on {holder}: {why}")
 
-    def stream_rule(p: DataNode, cls: str) -> Residency | None:
+    def stream_rule(p: DataNode, declared: Residency | None) -> Residency | None:
+        """The rule a shard of a topic published under ``declared`` follows at ``p`` now."""
         if break_ == "shard_class":
             return None
-        return topic_rule(Residency(None, cls), p.policies)
+        return topic_rule(declared, p.policies)
 
     def replicate(p: DataNode, topic: str, sid: str, res: Residency | None, now: float) -> None:
         """The runtime's ``_replicate``: the backup ``core.streams.backup_for`` picks from the
@@ -722,19 +730,37 @@ def policy_chaos_run(
             check_shard(q, b, topic, res, "backup commit")
             return
 
+    # Every topic has its replicated record (``streamtopic/<topic>``: its class) from the
+    # start. About half the publishes name no class (``bare_rng``, a generator of their
+    # own, so the other draws are those they were): the entry node takes the record's
+    # class (``core.streams.publish_rule``, the runtime's ``_admit``), so the shard and its
+    # backup follow the class like a classed publish's. (``break_="publish_record"``
+    # takes them unbound: the oracles, which hold every shard to its topic's class, catch
+    # it.) A source keeps the rule it took its shard under (``declared_of``).
+    bare_rng = random.Random(f"policy-chaos/bare-publishes/{seed}")
+    declared_of: dict[tuple[str, str], Residency | None] = {}
+
     def publish(topic: str, p: DrivenProtocol, now: float) -> None:
         """A record entering ``topic`` at ``p`` (the runtime's ``stream.publish``)."""
         assert isinstance(p, DataNode)
         cls = TOPIC_CLASS[topic]
-        res = stream_rule(p, cls)
+        named: Residency | None = Residency(None, cls)
+        if bare_rng.random() < 0.5:
+            report.bare_publishes += 1
+            named = None if break_ == "publish_record" else \
+                publish_rule(topic, None, Residency(None, cls))
+        sid = f"{p.name}~{epoch[p.name]}"
+        if (topic, sid) in declared_of and declared_of[(topic, sid)] != named:
+            named = declared_of[(topic, sid)]  # the runtime refuses another rule; kept
+        res = stream_rule(p, named)
         try:
             check_source_allowed(topic, p.region, res)
         except PlacementError as e:
             report.stream_refused += 1
             _audit(p, Kind.REFUSAL, topic, cls, "", str(e), now)
             return
-        sid = f"{p.name}~{epoch[p.name]}"
         key = (topic, sid)
+        declared_of[key] = named
         sources[sid] = p.name
         check_shard(p, p.name, topic, res, "shard placement")
         if key not in shards[p.name]:
@@ -749,7 +775,7 @@ def policy_chaos_run(
         assert isinstance(p, DataNode)
         if (topic, sid) not in shards[p.name]:
             return
-        res = stream_rule(p, TOPIC_CLASS[topic])
+        res = stream_rule(p, declared_of.get((topic, sid)))
         shards[p.name][(topic, sid)] = res
         replicate(p, topic, sid, res, now)
 
