@@ -93,7 +93,8 @@ picks and tells its backup without the topic's rule), ``operator`` (nodes place 
 under the rule an operator was registered with, never narrowed by its class's current
 policy), ``read`` (holders serve subscribers without ``read_refusal``) or
 ``publish_record`` (a publish that names no class is taken without its topic record's
-class, ``core.streams.publish_rule``).
+class, ``core.streams.publish_rule``) or ``output_class`` (operators' outputs published
+without the operator's class, ``core.streams.output_rule``).
 
 Tasks and streams draw from a generator of their own (operators' subscribers' reads from
 another), so the draws of the puts, deletes,
@@ -150,6 +151,7 @@ from meshscale.core.streams import (
     check_source_allowed,
     operator_classes,
     operator_now,
+    output_rule,
     publish_rule,
     runners_wanted,
     shard_holder,
@@ -168,8 +170,12 @@ def _delete(p: DrivenProtocol, oid: str, policy: ObjectPolicy, now: float,
 
 CLASSES = ("pii", "fin", "ops")
 TOPICS = tuple(f"topic-{c}" for c in CLASSES)
-TOPIC_CLASS = dict(zip(TOPICS, CLASSES, strict=True))
-"""A classed stream per class: its shards and backups live under the class's stream rule."""
+OUTPUT_TOPIC = {t: f"{t}-out" for t in TOPICS}
+"""Where each topic's operators write their outputs (a runner, when it starts)."""
+TOPIC_CLASS = {**dict(zip(TOPICS, CLASSES, strict=True)),
+               **{OUTPUT_TOPIC[t]: c for t, c in zip(TOPICS, CLASSES, strict=True)}}
+"""A classed stream per class: its shards and backups live under the class's stream rule;
+its operators' output topic is of the class too (``core.streams.output_rule``)."""
 
 
 @dataclass
@@ -228,6 +234,8 @@ class PolicyChaosReport:
     """Publishes refused at the entry node and backups refused by their receiver."""
     shard_drops: int = 0
     """Shard copies a node dropped on hearing a change that no longer allows it."""
+    outputs: int = 0
+    """Operator runners' outputs published to their output topics."""
     bare_publishes: int = 0
     """Publishes that named no class (taken under their topic record's class)."""
     operators_placed: int = 0
@@ -749,6 +757,12 @@ def policy_chaos_run(
             report.bare_publishes += 1
             named = None if break_ == "publish_record" else \
                 publish_rule(topic, None, Residency(None, cls))
+        take(topic, p, named, now)
+
+    def take(topic: str, p: DataNode, named: Residency | None, now: float) -> None:
+        """Records of ``topic`` published at ``p`` under the rule ``named`` (a producer's,
+        with its record's class; an operator's output rule)."""
+        cls = TOPIC_CLASS[topic]
         sid = f"{p.name}~{epoch[p.name]}"
         if (topic, sid) in declared_of and declared_of[(topic, sid)] != named:
             named = declared_of[(topic, sid)]  # the runtime refuses another rule; kept
@@ -891,6 +905,15 @@ def policy_chaos_run(
             _audit(p, Kind.OPERATOR_PLACED, f"{op_name}/{sid}", cls, "",
                    "runner started", now)
             check_operator(p, op_name, sid, rule, "operator placement")
+            # Its first batch's outputs enter its output topic here, under the output rule
+            # its registration wrote (the operator's class: ``output_rule``). With
+            # ``break_="output_class"`` they carry no class: the shard oracles catch it.
+            op, topic, _near = operators[op_name]
+            out = OUTPUT_TOPIC[topic]
+            named = None if break_ == "output_class" else output_rule(
+                op_name, out, operator_classes(op.residency, TOPIC_CLASS[topic]), None, truth)
+            report.outputs += 1
+            take(out, p, named, now)
 
     def subscribe(topic: str, p: DrivenProtocol, now: float) -> None:
         """A subscriber of ``topic`` at ``p``: ``p`` follows each shard at its holder, which
