@@ -1065,3 +1065,99 @@ def test_clearing_a_log_keeps_its_offsets() -> None:
     log.apply([LogEntry(5, "k", b"v", "r5", 5.0)])
     assert offsets(log.read(0, 10)) == [5]
     assert log.clear() == 1 and log.clear() == 0 and log.head == 6
+
+
+def test_a_publish_without_a_class_takes_its_topics_record() -> None:
+    from meshscale.core.policy import PolicyError
+    from meshscale.core.streams import publish_rule, topic_conflict
+
+    pii = Residency(None, "pii")
+    eu = Residency(frozenset({"eu"}), "pii")
+    # No record: the publish's own rule, classed or not.
+    assert publish_rule("t", None, None) is None
+    assert publish_rule("t", eu, None) is eu
+    bare = Residency(frozenset({"eu"}))
+    assert publish_rule("t", bare, None) is bare
+    # A record and no class named: the record's whole rule (its class, its own regions).
+    assert publish_rule("t", None, pii) is pii
+    assert publish_rule("t", None, eu) is eu
+    assert publish_rule("t", Residency(None), eu) is eu
+    # Regions but no class: the regions under the record's class; topic_conflict then
+    # holds them to the recorded ones.
+    assert publish_rule("t", bare, eu) == eu
+    assert topic_conflict("t", eu, publish_rule("t", bare, eu)) is None
+    got = publish_rule("t", Residency(frozenset({"us"})), eu)
+    assert got == Residency(frozenset({"us"}), "pii")
+    assert topic_conflict("t", eu, got) is not None
+    # The record's class named: the publish's rule. Another class: refused naming both.
+    assert publish_rule("t", eu, pii) is eu
+    with pytest.raises(PolicyError) as e:
+        publish_rule("t", Residency(None, "fin"), pii)
+    assert e.value.rule == "topic_class"
+    assert "fin" in str(e.value) and "pii" in str(e.value) and "'t'" in str(e.value)
+    # A record without a class (a rule of regions only) binds no class.
+    regions_only = Residency(frozenset({"eu"}))
+    assert publish_rule("t", None, regions_only) is None
+
+
+def test_an_unclassed_publish_of_a_classed_topic_resolves_to_the_class() -> None:
+    """What the runtime does with publish_rule's answer: resolve it against the class's
+    policy (``core.policy.resolve``): the shards' rule is the class's, and a rule that
+    widens it is refused (``widens``)."""
+    from meshscale.core.policy import PolicyError, Rule, make_policy, resolve
+    from meshscale.core.streams import publish_rule
+
+    policies = {"pii": make_policy("pii", ["eu", "eu2"])}
+    rule = publish_rule("t", None, Residency(None, "pii"))
+    assert rule is not None and rule.data_class == "pii"
+    got = resolve(rule.data_class, Rule(stream_regions=rule.regions), policies)
+    assert got.stream_residency() == Residency(frozenset({"eu", "eu2"}), "pii")
+    wide = publish_rule("t", Residency(frozenset({"eu", "us"})), Residency(None, "pii"))
+    assert wide is not None
+    with pytest.raises(PolicyError) as e:
+        resolve(wide.data_class, Rule(stream_regions=wide.regions), policies)
+    assert e.value.rule == "widens" and "pii" in str(e.value)
+
+
+def test_an_operators_output_takes_its_class() -> None:
+    from meshscale.core.policy import PolicyError, make_policy
+    from meshscale.core.streams import output_rule
+
+    policies = {"pii": make_policy("pii", ["eu", "eu2"]),
+                "strict": make_policy("strict", ["eu"], replicas=2),
+                "wide": make_policy("wide", ["eu", "eu2", "us"]),
+                "other": make_policy("other", ["us"])}
+    # No class on the operator: the output's declared rule as it is (maybe none).
+    assert output_rule("op", "o", [], None, policies) is None
+    own = Residency(None, "wide")
+    assert output_rule("op", "o", [], own, policies) is own
+    # A classed operator: its output takes its class when it declares none.
+    assert output_rule("op", "o", ["pii"], None, policies) == Residency(None, "pii")
+    assert output_rule("op", "o", ["pii"], Residency(frozenset({"eu"})), policies) == \
+        Residency(frozenset({"eu"}), "pii")
+    # Two classes (its own and its topic's): the strictest.
+    assert output_rule("op", "o", ["pii", "strict"], None, policies) == \
+        Residency(None, "strict")
+    assert output_rule("op", "o", ["wide", "pii"], None, policies) == Residency(None, "pii")
+    with pytest.raises(PolicyError) as e:
+        output_rule("op", "o", ["pii", "other"], None, policies)
+    assert e.value.rule == "result_class"
+    # A declared class as strict or stricter: kept.
+    same = Residency(None, "pii")
+    assert output_rule("op", "o", ["pii"], same, policies) is same
+    stricter = Residency(None, "strict")
+    assert output_rule("op", "o", ["pii"], stricter, policies) is stricter
+    # A declared class that widens (or is incomparable): refused, naming both.
+    for cls in ("wide", "other"):
+        with pytest.raises(PolicyError) as e:
+            output_rule("op", "o", ["pii"], Residency(None, cls), policies)
+        assert e.value.rule == "widens"
+        assert cls in str(e.value) and "pii" in str(e.value) and "'o'" in str(e.value)
+    # Narrower than one of two classes only: refused too.
+    with pytest.raises(PolicyError) as e:
+        output_rule("op", "o", ["pii", "strict"], Residency(None, "pii"), policies)
+    assert e.value.rule == "widens" and "strict" in str(e.value)
+    # A declared class with no known policy cannot be shown as strict.
+    with pytest.raises(PolicyError) as e:
+        output_rule("op", "o", ["pii"], Residency(frozenset({"eu"}), "label"), policies)
+    assert e.value.rule == "unknown_class"

@@ -6,7 +6,9 @@ rule that holds every record, readable by a subscriber once the source is gone; 
 after it was registered moves its runners inside the new rule; an operator registered
 without a class on a classed topic (or before its topic had one) runs only inside the
 topic's class, and leaves a region the class drops; a subscriber's node that the class
-stops letting read drops its mirror at once."""
+stops letting read drops its mirror at once; a publish naming no class takes its topic's
+class (read from the topic's record by a node that never saw the topic); a classed
+operator's output topic takes the operator's class."""
 
 from __future__ import annotations
 
@@ -289,6 +291,121 @@ def test_a_subscriber_the_class_stops_allowing_loses_its_mirror(mesh: LocalMesh)
     assert not mirrors(mesh, r3, "th")
 
 
+def publish_bare(mesh: LocalMesh, i: int, topic: str, ids: list[str]) -> dict[str, Any]:
+    """A publish naming no class (no residency at all)."""
+    got: dict[str, Any] = call(mesh.nodes[i].address, mesh.credentials(), "stream.publish", {
+        "topic": topic, "records": [["k", f"v-{rid}".encode(), rid, 1.0] for rid in ids]},
+        timeout=30)
+    return got
+
+
+def shards_of(mesh: LocalMesh, topic: str) -> dict[int, ShardInfo]:
+    """Each node's shard copy of ``topic`` (primary or backup; not mirrors)."""
+    return {i: s for i in range(len(mesh.nodes)) if (s := shard(mesh, i, topic)) is not None}
+
+
+def test_a_publish_naming_no_class_takes_its_topics_class(mesh: LocalMesh) -> None:
+    # A publish naming no class was checked only against the rule its node had for the
+    # topic: a node that never saw the topic's classed publish opened an unbound shard
+    # (and placed its backup anywhere). It now reads the topic's replicated record before
+    # its first shard of the topic (core.streams.publish_rule) and takes its class.
+    set_policy(mesh, "ci", ["r1", "r2"])
+    r1, r2, r3 = node_in(mesh, "r1"), node_in(mesh, "r2"), node_in(mesh, "r3")
+    publish(mesh, r1, "ti", "ci", ["i-1"])  # writes the record; its backup is at r2
+    # At r3 (outside the class, never saw the topic): refused, naming the rule and region.
+    with pytest.raises(RemoteError) as e:
+        publish_bare(mesh, r3, "ti", ["i-x"])
+    why = str(e.value)
+    assert "residency" in why and "r3" in why and "class ci" in why and "'ti'" in why, why
+    assert shard(mesh, r3, "ti") is None
+    # At r2 (inside): taken under the class; its shard's backup is at r1, never at r3.
+    n = 5
+    got = publish_bare(mesh, r2, "ti", [f"i-{k}" for k in range(2, 2 + n)])
+    assert got["node"] == mesh.nodes[r2].name
+
+    def backed_up() -> bool:
+        st = request(mesh.nodes[r1].address, mesh.credentials(), sapi.STATS, Empty(),
+                     timeout=10)
+        return any(x.topic == "ti" and x.source == got["source"] and x.role == "backup"
+                   and x.head == got["last"] + 1 for x in st.shards)
+
+    wait_for(backed_up, 30, "r2's shard of ti backed up at r1")
+    assert r3 not in shards_of(mesh, "ti")
+    # Naming another class than the topic's is refused, naming both (rule topic_class).
+    set_policy(mesh, "cy", REGIONS)
+    with pytest.raises(RemoteError) as e:
+        publish(mesh, r2, "ti", "cy", ["i-y"])
+    assert e.value.code == "refused" and "cy" in str(e.value) and "ci" in str(e.value)
+
+
+def topic_backup_in(mesh: LocalMesh, prefix: str, source: str, region: str) -> str:
+    """A topic whose shard from ``source`` an unbound rule would back up in ``region``
+    (``core.streams.backup_for`` with no residency, as every node computes it)."""
+    from meshscale.core.placement import Candidate
+    from meshscale.core.streams import backup_for
+
+    cands = [Candidate(n.name, n.region, n.region) for n in mesh.nodes]
+    src = next(c for c in cands if source.startswith(c.name + "~"))
+    want = mesh.nodes[node_in(mesh, region)].name
+    for k in range(500):
+        topic = f"{prefix}-{k}"
+        if backup_for(f"{topic}-out", src, cands, None) == want:
+            return topic
+    raise AssertionError(f"no topic of {prefix} backs its output up in {region}")
+
+
+def test_a_classed_operators_output_topic_takes_its_class(mesh: LocalMesh) -> None:
+    # What an operator wrote to its output topic carried no class: the output's shard
+    # (at the runner, inside the class) was backed up anywhere and any node could
+    # subscribe to it. The output topic now takes the operator's class
+    # (core.streams.output_rule), written to its record at registration. The topic is
+    # chosen so that, unbound, the output's backup would be in r1, outside the class.
+    from meshscale.client.tasks import connect as connect_tasks
+
+    set_policy_with(mesh, "cj", ["r2", "r3"], cross_region_reads=False)
+    r1, r2 = node_in(mesh, "r1"), node_in(mesh, "r2")
+    sid = publish(mesh, r2, "tj-probe", "cj", ["p-1"])["source"]
+    topic = topic_backup_in(mesh, "tj", sid, "r1")
+    out = f"{topic}-out"
+    n = 6
+    ids = [f"j-{k}" for k in range(n)]
+    from meshscale.client.streams import encode_value
+
+    call(mesh.nodes[r2].address, mesh.credentials(), "stream.publish", {
+        "topic": topic, "records": [["k", encode_value(rid), rid, 1.0] for rid in ids],
+        "residency": {"data_class": "cj"}}, timeout=30)  # values the operator decodes
+    set_policy(mesh, "cw", REGIONS)
+    with connect_tasks(mesh.nodes[0].address, bundle=mesh.bundle_path) as client:
+        # A declared output class wider than the operator's is refused, naming both.
+        with pytest.raises(MeshError) as e:
+            client.operator(topic, keep, name="keep-tj-wide", output=out,
+                            data_class="cj", output_class="cw")
+        assert e.value.code == "refused" and "cj" in str(e.value) and "cw" in str(e.value)
+        # Near-source: the runner is the source, at r2.
+        client.operator(topic, keep, name="keep-tj", output=out, data_class="cj")
+    ops = call(mesh.nodes[r1].address, mesh.credentials(), "stream.op_list", {},
+               timeout=10)["operators"]
+    spec = next(o for o in ops if o["name"] == "keep-tj")
+    assert spec["output_residency"]["data_class"] == "cj", spec
+
+    def output_backed_up() -> dict[int, ShardInfo]:
+        s = shards_of(mesh, out)
+        done = [i for i, x in s.items() if x.role == "backup" and x.head == n]
+        return s if done else {}
+
+    held = wait_for(output_backed_up, 60, f"the output {out} written and backed up")
+    assert regions_of(mesh, set(held)) <= {"r2", "r3"}, held
+    assert r1 not in held
+    # A subscriber through r1 (outside the class, no cross-region reads) is refused
+    # before any mirror is made.
+    with pytest.raises(RemoteError) as e:
+        call(mesh.nodes[r1].address, mesh.credentials(), "stream.read",
+             {"topic": out, "wait_s": 1.0}, timeout=30)
+    assert e.value.code == "refused" and "cross-region read rule" in str(e.value)
+    assert not mirrors(mesh, r1, out)
+    assert shard(mesh, r1, out) is None
+
+
 def test_narrowing_drops_a_backup_outside_and_replaces_it_inside(mesh: LocalMesh) -> None:
     set_policy(mesh, "cb", REGIONS)
     n = 20
@@ -337,3 +454,4 @@ def test_narrowing_drops_a_backup_outside_and_replaces_it_inside(mesh: LocalMesh
     wait_for(read_all, 90, "every record read after the source died")
     assert seen == set(ids)
     assert shard(mesh, old, "tb") is None
+    # (Last in the file: it kills node 0, which the module's mesh does not restart.)

@@ -159,3 +159,45 @@ def test_an_operator_without_a_class_is_bound_by_its_topics() -> None:
             break
     assert caught, f"no seed of {base}..{base + 7} caught an unbound bare operator"
     print(caught[0])
+
+
+def test_a_publish_naming_no_class_is_bound_by_its_topics_record() -> None:
+    """About half the publishes name no class: taken under the class of the topic's
+    record (``core.streams.publish_rule``) no seed finds their shard or backup outside
+    it (``_check``, run by the fresh-seed test); taken unbound (``publish_record``) the
+    oracles catch one."""
+    base = random.randrange(1 << 30)
+    print(f"base seed {base}")
+    r = policy_chaos_run(base)
+    assert r.bare_publishes > 0
+    _check(r)
+    caught = []
+    for seed in range(base, base + 8):
+        r = policy_chaos_run(seed, break_="publish_record")
+        bare = [v for v in r.violations if "has a shard of" in v]
+        if bare:
+            caught.append((seed, bare[0]))
+            break
+    assert caught, f"no seed of {base}..{base + 7} caught an unbound unclassed publish"
+    print(caught[0])
+
+
+def test_an_operators_output_topic_is_bound_by_its_class() -> None:
+    """A runner's outputs enter its operator's output topic at the runner's node, under
+    the output rule (``core.streams.output_rule``: the operator's class): no seed finds
+    an output shard or backup outside the class; published without it (``output_class``)
+    the oracles catch one."""
+    base = random.randrange(1 << 30)
+    print(f"base seed {base}")
+    r = policy_chaos_run(base)
+    assert r.outputs > 0
+    _check(r)
+    caught = []
+    for seed in range(base, base + 8):
+        r = policy_chaos_run(seed, break_="output_class")
+        bad = [v for v in r.violations if "has a shard of topic-" in v and "-out" in v]
+        if bad:
+            caught.append((seed, bad[0]))
+            break
+    assert caught, f"no seed of {base}..{base + 7} caught an unclassed operator output"
+    print(caught[0])

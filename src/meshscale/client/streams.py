@@ -485,12 +485,15 @@ class StreamsMixin:
                  output: str | None = None, name: str | None = None, batch: bool = False,
                  batch_size: int = 256, residency: Sequence[str] | None = None,
                  labels: dict[str, str] | None = None,
-                 data_class: str | None = None) -> Operator:
+                 data_class: str | None = None,
+                 output_class: str | None = None) -> Operator:
         """Run ``fn`` on every record of ``topic`` (``fn(record) -> value | None``, or with
         ``batch=True`` ``fn(list_of_records) -> list_of_values``); non-None results go to
         ``output``. ``placement``: "near-source" (on or next to the node where records
         enter), "central" (the region with the most nodes), ``Region(name)`` or
-        ``Regions([...])``. Raises ``MeshError`` naming the rule when nowhere fits."""
+        ``Regions([...])``. ``output`` takes the operator's class (its own, else its input
+        topic's); ``output_class`` declares another, which must be at least as strict.
+        Raises ``MeshError`` naming the rule when nowhere fits or a class is refused."""
         mode: OperatorMode = "near-source"
         region: str | None = None
         regions: list[str] | None = None
@@ -510,6 +513,7 @@ class StreamsMixin:
             name=op_name, topic=topic, output=output, mode=mode, region=region,
             regions=regions, residency=_residency(residency, data_class),
             labels=dict(labels or {}),
+            output_residency=_residency(None, output_class),
             fn_bytes=data, batch=max(1, min(batch_size, api.MAX_FETCH_RECORDS)))))
         return Operator(op_name, topic, output, r.mode, r.region)
 

@@ -58,7 +58,9 @@ from meshscale.core.placement import Candidate, PlacementError, Residency, hrw_s
 from meshscale.core.policy import (
     ClassPolicy,
     PolicyError,
+    Rule,
     copy_refusal,
+    narrows,
     placement_residency,
     read_refusal,
 )
@@ -579,6 +581,100 @@ def operator_rule(name: str, topic: str, declared: Residency | None,
     return declared
 
 
+def publish_rule(topic: str, declared: Residency | None,
+                 recorded: Residency | None) -> Residency | None:
+    """The rule a publish of ``topic`` is taken under, before it is resolved against its
+    class's policy (which may narrow it, or refuse a rule that widens the class's:
+    ``PolicyError("widens")``) and checked against the record (``topic_conflict``):
+    the rule its producer ``declared``, with the class of the topic's replicated record
+    (``recorded``; None: no record) when it names none, as an operator without a class
+    takes its topic's (``operator_rule``).
+
+    - No record: ``declared`` as it is (a classed one writes the record).
+    - A record, and a publish that names no class: the record's rule when the publish
+      names no regions (the topic's shards and backups go only where its class, and its
+      own recorded regions, allow, as for a classed publish); its own regions under the
+      record's class when it names some (then ``topic_conflict`` refuses regions other
+      than the recorded ones).
+    - A record of class C and a publish naming C: ``declared``. Naming another class is
+      refused, naming both (``PolicyError("topic_class")``): records of class C published
+      under a class D would be placed, audited and reported as D's.
+
+    The node a producer talks to reads the record before it places a topic's first shard
+    (it is replicated; this node may never have seen the topic's classed publish), so an
+    unclassed publish of a classed topic never opens an unbound shard."""
+    cls = None if recorded is None else recorded.data_class
+    if cls is None:
+        return declared
+    own = None if declared is None else declared.data_class
+    if own is None:
+        if declared is None or declared.regions is None:
+            return recorded
+        return Residency(declared.regions, cls)
+    if own != cls:
+        raise PolicyError("topic_class", (
+            f"a publish to topic {topic!r} names data class {own} but the topic is of class "
+            f"{cls} (its record): a topic has one class (name {cls}, or no class to get "
+            "it)"))
+    return declared
+
+
+def output_rule(name: str, output: str, classes: Iterable[str],
+                declared: Residency | None,
+                policies: Mapping[str, ClassPolicy]) -> Residency | None:
+    """The rule the records operator ``name`` writes to its ``output`` topic are published
+    under (the output topic's declared rule, written to its replicated record), from the
+    operator's ``classes`` (``operator_classes``: its own and its input topic's) and the
+    output rule it ``declared`` (None: none).
+
+    An operator's output derives from its input, as a task's result from its inputs
+    (``core.policy.result_rule``): without a declared class the output takes the
+    strictest of the operator's classes (its rule narrows every other's; a class without
+    a known policy counts as unbounded), as a class alone (its stream rule is the class's
+    current one, ``topic_rule``), with the declared regions if it names some. A declared
+    class must be at least as strict as each of the operator's classes (its policy's rule
+    narrows theirs, ``core.policy.narrows``): one that widens is refused naming both
+    (``PolicyError("widens")``); so is a declared class whose policy is not known when the
+    operator has a class (``PolicyError("unknown_class")``): nothing shows it is as
+    strict. Unlike a task's declared result class, which its submitter may widen
+    deliberately, an operator's output is a stream of its input's records transformed,
+    and its class is read from the output topic's record by its shards' holders, its
+    subscribers' nodes and its downstream operators: a wider class would carry the
+    input's data out of its class's regions. None: no class anywhere (nothing to record).
+    Ambiguous classes (incomparable rules) are ``PolicyError("result_class")``."""
+    names = sorted(set(classes))
+    own = None if declared is None else declared.data_class
+    if not names:
+        return declared
+    rules = {c: (policies[c].rule() if c in policies else Rule()) for c in names}
+    if own is None:
+        strictest = [c for c in names if all(narrows(rules[c], rules[d]) for d in names)]
+        if not strictest:
+            listed = "; ".join(f"{c} ({rules[c].describe()})" for c in names[:8])
+            raise PolicyError("result_class", (
+                f"operator {name!r} carries classes {listed}, none of whose rules narrows "
+                f"the others': the class of its output topic {output!r} is ambiguous; "
+                "declare it"))
+        return Residency(None if declared is None else declared.regions, strictest[0])
+    if own in names and all(narrows(rules[own], rules[d]) for d in names):
+        return declared
+    mine = policies.get(own)
+    if mine is None:
+        raise PolicyError("unknown_class", (
+            f"operator {name!r} declares class {own} for its output topic {output!r}, which "
+            f"has no known policy: it cannot be shown at least as strict as the operator's "
+            f"class {names[0]} ({rules[names[0]].describe()})"))
+    wider = [d for d in names if not narrows(mine.rule(), rules[d])]
+    if wider:
+        d = wider[0]
+        raise PolicyError("widens", (
+            f"operator {name!r} declares class {own} ({mine.rule().describe()}) for its output "
+            f"topic {output!r}, which widens the rule of its class {d} ({rules[d].describe()}): "
+            f"an operator's output keeps its input's class, or a stricter one (name {d}, or "
+            "no output class to get it)"))
+    return declared
+
+
 def operator_classes(own: Residency | None, topic_class: str | None) -> tuple[str, ...]:
     """The data classes whose current policies bound where an operator runs
     (``operator_now``): its own (the one its spec carries: the class it named, or its
@@ -636,6 +732,8 @@ __all__ += [
     "operator_now",
     "operator_refusal",
     "operator_rule",
+    "output_rule",
+    "publish_rule",
     "shard_holder",
     "shard_refusal",
     "shard_runner",

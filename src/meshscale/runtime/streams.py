@@ -98,7 +98,9 @@ from meshscale.core.streams import (
     operator_now,
     operator_refusal,
     operator_rule,
+    output_rule,
     place_operator,
+    publish_rule,
     runners_wanted,
     shard_holder,
     shard_refusal,
@@ -474,6 +476,11 @@ class StreamPlane:
                 self._topic_records.get(topic) == declared:
             return
         recorded = await self._read_topic_record(topic)
+        try:
+            publish_rule(topic, declared, recorded)
+        except PolicyError as e:
+            raise self._refuse(e.rule, str(e), subject=topic,
+                               data_class=_class(recorded)) from None
         why = topic_conflict(topic, recorded, declared)
         if why is not None:
             raise PlacementError("residency", why)
@@ -489,15 +496,36 @@ class StreamPlane:
             return
         self._remember_topic(topic, declared)
 
-    async def _rpc_publish(self, req: PublishRequest) -> PublishReply:
-        topic = req.topic
-        if len(req.records) > self.cfg.max_publish_records:
-            raise ValueError(f"at most {self.cfg.max_publish_records} records per publish")
+    async def _publish_rule(self, topic: str, declared: Residency | None) -> Residency | None:
+        """The rule a publish of ``topic`` declaring ``declared`` is taken under here
+        (``core.streams.publish_rule``): one that names no class takes the class of the
+        topic's replicated record. Before the topic's first shard or copy here, the record
+        is read (a quorum KV read), so a node that never saw the topic's classed publish
+        does not open an unbound shard of a classed topic; after that, the record as last
+        read here (a class, once recorded, does not change)."""
+        recorded = self._topic_records.get(topic)
+        if _class(recorded) is None and _class(declared) is None and \
+                topic not in self.topic_declared:
+            recorded = await self._read_topic_record(topic)
+        try:
+            return publish_rule(topic, declared, recorded)
+        except PolicyError as e:
+            raise self._refuse(e.rule, str(e), subject=topic,
+                               data_class=_class(recorded)) from None
+
+    async def _admit(self, topic: str, declared: Residency | None) -> None:
+        """Take records of ``topic`` published here under the rule ``declared`` (a
+        producer's, or an operator's output rule): the topic's class from its record when
+        ``declared`` names none, resolved against the class's current policy (an explicit
+        rule may narrow it, never widen it), the same declared rule as the topic's
+        earlier publishes here, this node's region allowed, and the topic's record
+        written at its first classed publish. Then this node's shard and its backup
+        follow the resolved rule (``topic_residency``)."""
         # A topic of a class follows the class's current policy (resolved anew at each
         # publish: the class is the authority); what must not change is the rule its
         # producers state (the class, and the topic's own narrower regions).
-        declared = residency_of(req.residency)
-        res = residency_of(await self._resolve_class(req.residency, stream=True))
+        declared = await self._publish_rule(topic, declared)
+        res = residency_of(await self._resolve_class(ResidencyWire.of(declared), stream=True))
         known = self.topic_declared.get(topic, self.topic_residency.get(topic))
         if topic in self.topic_declared:
             other = known != declared
@@ -509,15 +537,21 @@ class StreamPlane:
                                               f"publish: {_describe(declared)})")
         check_source_allowed(topic, self.agent.meta.region, res)
         await self._record_topic(topic, declared)
+        self.topic_declared[topic] = declared
+        self.topic_residency[topic] = res
+
+    async def _rpc_publish(self, req: PublishRequest) -> PublishReply:
+        topic = req.topic
+        if len(req.records) > self.cfg.max_publish_records:
+            raise ValueError(f"at most {self.cfg.max_publish_records} records per publish")
         limit = self.cfg.max_record_bytes
         if limit < api.MAX_RECORD_BYTES:  # else the contract has checked it
             for r in req.records:
                 if len(r.value) > limit:
                     raise ValueError(f"record {r.id!r} has {len(r.value)} bytes; the limit "
                                      f"is {limit} (max_record_bytes)")
+        await self._admit(topic, residency_of(req.residency))
         records = [(r.key, r.value, r.id, r.ts) for r in req.records]
-        self.topic_declared[topic] = declared
-        self.topic_residency[topic] = res
         entries = await self.append_local(topic, records)
         return PublishReply(node=self.agent.name, source=self.source_id,
                             first=entries[0].offset, last=entries[-1].offset)
@@ -850,10 +884,12 @@ class StreamPlane:
         except PolicyError as e:
             raise self._refuse(e.rule, str(e), subject=topic, data_class=topic_cls) from None
         residency = await self._resolve_class(ResidencyWire.of(declared), stream=False)
+        output_rule_ = await self._output_rule(req, residency_of(residency), topic_cls)
         stored = await self.local.put_object(fn_bytes, self.cfg.fn_replicas)
         spec = OperatorSpec(
             name=name, topic=topic, output=req.output, mode=req.mode, region=req.region,
             regions=req.regions, residency=residency, labels=dict(req.labels),
+            output_residency=ResidencyWire.of(output_rule_),
             fn_id=fn_id, fn_object=str(stored["id"]), batch=req.batch)
         if spec.mode == "central" and not spec.region:
             spec.region = central_region(self._alive())
@@ -866,6 +902,11 @@ class StreamPlane:
         except (SchedulingError, PlacementError) as e:
             raise PlacementError(getattr(e, "rule", "placement"), str(e)) from None
         self._fn_bytes[fn_id] = fn_bytes
+        if spec.output is not None:
+            # The output topic's record carries the output's class before any record of
+            # it is published, so its shards, backups, subscribers' nodes and downstream
+            # operators follow the class from the first.
+            await self._record_topic(spec.output, output_rule_)
         await self._kv_put(OP_PREFIX + name, _spec_encoder.encode(spec))
         index = await self.local.kv_get(OPS_INDEX_KEY)
         names = set(_names_decoder.decode(index)) if index else set()
@@ -877,6 +918,60 @@ class StreamPlane:
         await self._refresh_op_policies()
         self._reconcile()
         return OpRegisterReply(name=name, fn_id=fn_id, mode=spec.mode, region=spec.region)
+
+    async def _output_rule(self, req: OpRegisterRequest, own: Residency | None,
+                           topic_cls: str | None) -> Residency | None:
+        """The rule operator ``req.name``'s output topic is published under (unresolved):
+        ``core.streams.output_rule`` of the operator's classes (``own``, its resolved rule,
+        and its input topic's class) and the output rule it declared; without a declared
+        one, an output topic that already has a record keeps it when its class is at
+        least as strict. Refused, naming both, when the declared (or recorded) class
+        widens the operator's, names another class than the output topic's record, or
+        the output rule widens its class's own rule."""
+        if req.output is None:
+            if req.output_residency is not None:
+                raise ValueError("an output rule needs an output topic")
+            return None
+        output = req.output
+        declared = residency_of(req.output_residency)
+        recorded = await self._read_topic_record(output)
+        classes = operator_classes(own, topic_cls)
+        names = set(classes) | {c for c in (_class(declared), _class(recorded)) if c}
+        policies = await self.local.class_policies(names) if names else {}
+        try:
+            if declared is None and _class(recorded) is not None:
+                rule = output_rule(req.name, output, classes, recorded, policies)
+            else:
+                rule = publish_rule(output, output_rule(req.name, output, classes, declared,
+                                                        policies), recorded)
+        except PolicyError as e:
+            raise self._refuse(e.rule, str(e), subject=output,
+                               data_class=_class(declared) or (classes or (None,))[0]
+                               ) from None
+        why = topic_conflict(output, recorded, rule) if _class(rule) is not None else None
+        if why is not None:
+            raise PlacementError("residency", why)
+        # An explicit rule may narrow its class's, never widen it (checked, not kept: the
+        # record holds the declared rule, resolved at each publish).
+        await self._resolve_class(ResidencyWire.of(rule), stream=True)
+        return rule
+
+    def _output_declared(self, spec: OperatorSpec) -> Residency | None:
+        """The rule ``spec``'s runner publishes its outputs under: the one its registration
+        wrote (its spec) when that names a class; else, when the operator has a class now
+        (its input topic recorded one since it was registered), ``output_rule`` of its
+        classes as this node knows them (the output topic's record, when it has a class,
+        must be at least as strict). Raises ``PolicyError`` when that class widens."""
+        declared = residency_of(spec.output_residency)
+        if _class(declared) is not None or spec.output is None:
+            return declared
+        classes = operator_classes(residency_of(spec.residency), self._topic_class(spec.topic))
+        if not classes:
+            return declared
+        recorded = self._topic_records.get(spec.output)
+        return output_rule(spec.name, spec.output, classes,
+                           recorded if _class(recorded) is not None else declared,
+                           self._op_policies)
 
     async def _notify_all(self, alive: list[Candidate], req: OpNotifyRequest) -> None:
         """Tell every other live node of an operator registered or removed (a node that
@@ -1147,6 +1242,17 @@ class StreamPlane:
                     await asyncio.sleep(1.0)
                     continue
                 if spec.output is not None and outputs:
+                    # The output topic is published under the operator's output rule (its
+                    # class, written to the output topic's record at registration).
+                    try:
+                        await self._admit(spec.output, self._output_declared(spec))
+                    except (ApiError, ValueError) as e:
+                        st["output_refused"] += 1
+                        self.agent.log_limited("stream_operator_output_refused",
+                                               operator=op_name, topic=spec.output,
+                                               error=str(e)[:200])
+                        await asyncio.sleep(1.0)
+                        continue  # not committed: the batch is run again
                     await self.append_local(spec.output, outputs)
                 offset = entries[-1].offset + 1
                 st["records_processed"] += len(entries)

@@ -36,7 +36,9 @@ below then follow, and reports to the owner. An owner's crash loses its schedule
 the tasks it owned (the runtime's takeover by another node is not modelled here:
 ``sim.compute`` tests it).
 
-Classed streams. One topic per class; publishes enter at random nodes. The entry node
+Classed streams. One topic per class; publishes enter at random nodes, about half of
+them naming no class (the entry node takes the class of the topic's record,
+``core.streams.publish_rule``). The entry node
 resolves the topic's stream rule from its view (``Resolved.stream_residency``), refuses a
 record its region may not take (``core.streams.check_source_allowed``), opens its shard
 (``topic``, ``node~epoch``) and copies it to the backup ``core.streams.backup_for`` picks
@@ -111,7 +113,10 @@ narrowed; results from stopped runners are taken), ``shard_class`` (a source tak
 records and places their backup without the topic's rule) or ``backup_class`` (a source
 picks and tells its backup without the topic's rule), ``operator`` (nodes place runners
 under the rule an operator was registered with, never narrowed by its class's current
-policy) or ``read`` (holders serve subscribers without ``read_refusal``).
+policy), ``read`` (holders serve subscribers without ``read_refusal``) or
+``publish_record`` (a publish that names no class is taken without its topic record's
+class, ``core.streams.publish_rule``) or ``output_class`` (operators' outputs published
+without the operator's class, ``core.streams.output_rule``).
 
 Tasks and streams draw from a generator of their own (operators' subscribers' reads from
 another), so the draws of the puts, deletes,
@@ -178,6 +183,8 @@ from meshscale.core.streams import (
     check_source_allowed,
     operator_classes,
     operator_now,
+    output_rule,
+    publish_rule,
     runners_wanted,
     shard_holder,
     shard_refusal,
@@ -197,8 +204,12 @@ def _delete(p: DrivenProtocol, oid: str, policy: ObjectPolicy, now: float,
 
 CLASSES = ("pii", "fin", "ops")
 TOPICS = tuple(f"topic-{c}" for c in CLASSES)
-TOPIC_CLASS = dict(zip(TOPICS, CLASSES, strict=True))
-"""A classed stream per class: its shards and backups live under the class's stream rule."""
+OUTPUT_TOPIC = {t: f"{t}-out" for t in TOPICS}
+"""Where each topic's operators write their outputs (a runner, when it starts)."""
+TOPIC_CLASS = {**dict(zip(TOPICS, CLASSES, strict=True)),
+               **{OUTPUT_TOPIC[t]: c for t, c in zip(TOPICS, CLASSES, strict=True)}}
+"""A classed stream per class: its shards and backups live under the class's stream rule;
+its operators' output topic is of the class too (``core.streams.output_rule``)."""
 
 
 @dataclass
@@ -445,6 +456,10 @@ class PolicyChaosReport:
     """Publishes refused at the entry node and backups refused by their receiver."""
     shard_drops: int = 0
     """Shard copies a node dropped on hearing a change that no longer allows it."""
+    outputs: int = 0
+    """Operator runners' outputs published to their output topics."""
+    bare_publishes: int = 0
+    """Publishes that named no class (taken under their topic record's class)."""
     operators_placed: int = 0
     """Operator runners a node started (``core.streams.runners_wanted``)."""
     operators_stopped: int = 0
@@ -1004,10 +1019,11 @@ def policy_chaos_run(
             violations.append(f"{sim.now:.3f} {when}: {p.name} has a shard of {topic} "
                               f"(class {cls}) on {holder}: {why}")
 
-    def stream_rule(p: DataNode, cls: str) -> Residency | None:
+    def stream_rule(p: DataNode, declared: Residency | None) -> Residency | None:
+        """The rule a shard of a topic published under ``declared`` follows at ``p`` now."""
         if break_ == "shard_class":
             return None
-        return topic_rule(Residency(None, cls), p.policies)
+        return topic_rule(declared, p.policies)
 
     def replicate(p: DataNode, topic: str, sid: str, res: Residency | None, now: float) -> None:
         """The runtime's ``_replicate``: the backup ``core.streams.backup_for`` picks from the
@@ -1051,19 +1067,43 @@ def policy_chaos_run(
             check_shard(q, b, topic, res, "backup commit")
             return
 
+    # Every topic has its replicated record (``streamtopic/<topic>``: its class) from the
+    # start. About half the publishes name no class (``bare_rng``, a generator of their
+    # own, so the other draws are those they were): the entry node takes the record's
+    # class (``core.streams.publish_rule``, the runtime's ``_admit``), so the shard and its
+    # backup follow the class like a classed publish's. (``break_="publish_record"``
+    # takes them unbound: the oracles, which hold every shard to its topic's class, catch
+    # it.) A source keeps the rule it took its shard under (``declared_of``).
+    bare_rng = random.Random(f"policy-chaos/bare-publishes/{seed}")
+    declared_of: dict[tuple[str, str], Residency | None] = {}
+
     def publish(topic: str, p: DrivenProtocol, now: float) -> None:
         """A record entering ``topic`` at ``p`` (the runtime's ``stream.publish``)."""
         assert isinstance(p, DataNode)
         cls = TOPIC_CLASS[topic]
-        res = stream_rule(p, cls)
+        named: Residency | None = Residency(None, cls)
+        if bare_rng.random() < 0.5:
+            report.bare_publishes += 1
+            named = None if break_ == "publish_record" else \
+                publish_rule(topic, None, Residency(None, cls))
+        take(topic, p, named, now)
+
+    def take(topic: str, p: DataNode, named: Residency | None, now: float) -> None:
+        """Records of ``topic`` published at ``p`` under the rule ``named`` (a producer's,
+        with its record's class; an operator's output rule)."""
+        cls = TOPIC_CLASS[topic]
+        sid = f"{p.name}~{epoch[p.name]}"
+        if (topic, sid) in declared_of and declared_of[(topic, sid)] != named:
+            named = declared_of[(topic, sid)]  # the runtime refuses another rule; kept
+        res = stream_rule(p, named)
         try:
             check_source_allowed(topic, p.region, res)
         except PlacementError as e:
             report.stream_refused += 1
             _audit(p, Kind.REFUSAL, topic, cls, "", str(e), now)
             return
-        sid = f"{p.name}~{epoch[p.name]}"
         key = (topic, sid)
+        declared_of[key] = named
         sources[sid] = p.name
         check_shard(p, p.name, topic, res, "shard placement")
         if key not in shards[p.name]:
@@ -1078,7 +1118,7 @@ def policy_chaos_run(
         assert isinstance(p, DataNode)
         if (topic, sid) not in shards[p.name]:
             return
-        res = stream_rule(p, TOPIC_CLASS[topic])
+        res = stream_rule(p, declared_of.get((topic, sid)))
         shards[p.name][(topic, sid)] = res
         replicate(p, topic, sid, res, now)
 
@@ -1194,6 +1234,15 @@ def policy_chaos_run(
             _audit(p, Kind.OPERATOR_PLACED, f"{op_name}/{sid}", cls, "",
                    "runner started", now)
             check_operator(p, op_name, sid, rule, "operator placement")
+            # Its first batch's outputs enter its output topic here, under the output rule
+            # its registration wrote (the operator's class: ``output_rule``). With
+            # ``break_="output_class"`` they carry no class: the shard oracles catch it.
+            op, topic, _near = operators[op_name]
+            out = OUTPUT_TOPIC[topic]
+            named = None if break_ == "output_class" else output_rule(
+                op_name, out, operator_classes(op.residency, TOPIC_CLASS[topic]), None, truth)
+            report.outputs += 1
+            take(out, p, named, now)
 
     def subscribe(topic: str, p: DrivenProtocol, now: float) -> None:
         """A subscriber of ``topic`` at ``p``: ``p`` follows each shard at its holder, which

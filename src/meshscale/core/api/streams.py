@@ -198,6 +198,10 @@ class OperatorSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     residency: ResidencyWire | None = None
     labels: Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=MAX_LABELS)] = {}
     """Labels a node must carry to run it."""
+    output_residency: ResidencyWire | None = None
+    """The rule its output records are published under (unresolved, as the output topic's
+    record holds it): the operator's class unless it declared one at least as strict
+    (``core.streams.output_rule``); None: no class (nor rule) on the output."""
     fn_id: Id
     """The function's id (``worker_main.function_id`` of its pickled bytes)."""
     fn_object: Id
@@ -224,6 +228,10 @@ class OpRegisterRequest(Request):
     regions: Annotated[list[RegionName], msgspec.Meta(max_length=MAX_REGIONS)] | None = None
     residency: ResidencyWire | None = None
     labels: Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=MAX_LABELS)] = {}
+    output_residency: ResidencyWire | None = None
+    """The output topic's rule as the operator declares it (a data class at least as
+    strict as the operator's, and maybe its own stream regions); None: the output takes
+    the operator's class (``core.streams.output_rule``)."""
     fn_id: Id | None = None
     """If given, ``fn_bytes`` must hash to it."""
     batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_FETCH_RECORDS)] = 256
