@@ -237,6 +237,42 @@ def test_a_running_task_outside_its_narrowed_class_is_stopped_and_runs_inside() 
     assert owner.stats["results"] == 1 and owner.pending() == []
 
 
+def test_a_run_given_up_on_then_left_out_by_its_class_is_never_the_answer() -> None:
+    # The owner re-places a task off b1 (unreachable: only cut off), onto c1; then the
+    # class leaves b out. Only the current binding (c1, allowed) is checked by the
+    # narrowing; b1's run comes back later and must not become the task's answer: it is
+    # dropped and stopped (the driver kills and audits it), and c1's is taken.
+    view = [node("o", "a"), node("b1", "b"), node("c1", "c")]
+    m = Mesh(view)
+    owner = m.s["o"]
+    for s in m.s.values():
+        s.set_view(view[:2], 0.0)  # c1 not seen yet: the task first runs in region b
+    owner.submit([TaskSpec("t", residency=Residency(R({"b", "c"}), "pii"))], 0.0)
+    m.pump()
+    assert m.runs == [("t", "b1")]
+    for s in m.s.values():
+        s.set_view(view, 0.2)
+    assert owner.runner_unreachable("b1", 0.3) == 1
+    m.pump()
+    assert m.runs[1:] == [("t", "c1")], m.runs
+    owner.set_policies({"pii": pol("pii", "a", "c")}, 0.5)
+    m.pump()
+    assert m.stopped == []  # c1 is allowed; b1 is no longer the binding
+    assert owner.outcome_refusal("t", "c1", 0.55) is None
+    # b1 was alive after all: its result (a Result message) comes first.
+    m.s["b1"].task_finished("o", "t", 1, True, "", 0.6)
+    m.pump()
+    assert owner.stats["results_dropped.stopped"] == 1 and owner.stats.get("results", 0) == 0
+    assert m.stopped == [("t", "b1")]
+    assert owner.owner_state("t") == ("c1", 2)
+    # The driver's check of a worker's outcome (task.done) refuses it the same way.
+    assert owner.outcome_refusal("t", "b1", 0.65) == "task 't' was stopped on b1"
+    m.s["c1"].task_finished("o", "t", 2, True, "", 0.7)
+    m.pump()
+    assert owner.stats["results"] == 1 and owner.pending() == []
+    assert owner.outcome_refusal("t", "b1", 0.8) is None  # ended: nothing pending
+
+
 def test_a_stale_policy_narrows_a_new_task_until_the_fresh_one_is_given() -> None:
     # The driver gives the scheduler the policies it resolved a submit under first: a
     # staler map (here pii={a}, since moved to {b}) would leave the new task no region.

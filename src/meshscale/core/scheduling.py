@@ -763,6 +763,8 @@ class _Task:
     stopped_on: set[str] | None = None
     """Nodes this owner stopped the task on (``TaskStopped``): their results are
     dropped."""
+    ran_in: dict[str, str] | None = None
+    """Node -> region of every binding of a task with a rule (``outcome_refusal``)."""
 
     def allowed_on(self, node: NodeState) -> bool:
         if self.rules is None:
@@ -1347,6 +1349,10 @@ class Scheduler:
         chosen.node = src
         chosen.attempt += 1
         chosen.bound_at = now
+        if chosen.spec.residency is not None:
+            if chosen.ran_in is None:
+                chosen.ran_in = {}
+            chosen.ran_in[src] = state.region
         self._bound_on[src] = self._bound_on.get(src, 0) + 1
         cost = score(chosen.spec, state, self._origin(chosen.spec), self.config)
         self._count("bound_stolen" if stolen else "bound")
@@ -1355,9 +1361,40 @@ class Scheduler:
             local_bytes(chosen.spec, src) > 0, now < chosen.local_until, stolen))
         self._send(src, Grant(ask, chosen.spec, chosen.attempt))
 
+    def outcome_refusal(self, task_id: str, node: str, now: float) -> str | None:
+        """Why an outcome of pending task ``task_id`` from ``node`` must be dropped (None:
+        it may be taken): this owner stopped the task there, or ``node``'s region (as it
+        was when the task was bound there) is outside the task's current rule. The second
+        catches a run the owner had already given up on (re-placed after a lost runner
+        that was only cut off) when the class narrowed: only the current binding is
+        stopped then, and the old run's late result must not become the answer. The
+        driver asks before taking a worker's outcome; ``Result`` messages are checked
+        here. A refused node is recorded as stopped (``TaskStopped``: the driver kills
+        the run there and audits it); if the task is bound there, it is placed again."""
+        t = self._tasks.get(task_id)
+        if t is None:
+            return None
+        if t.stopped_on is not None and node in t.stopped_on:
+            return f"task {task_id!r} was stopped on {node}"
+        res = t.spec.residency
+        if res is None:
+            return None
+        region = (t.ran_in or {}).get(node)
+        if region is None:
+            state = self._view.get(node)
+            region = None if state is None else state.region
+        if region is None or res.allows(region):
+            return None
+        reason = (f"residency: task {task_id!r} ran on {node} in region {region}, which "
+                  f"its classes' current rule {res.describe()} leaves out")
+        self._stop(t, node, reason)
+        if t.node == node:
+            self._replace(t, reason, now)
+        self._deliver(now)
+        return reason
+
     def _on_result(self, src: str, msg: Result, now: float) -> None:
-        t = self._tasks.get(msg.task_id)
-        if t is not None and t.stopped_on is not None and src in t.stopped_on:
+        if self.outcome_refusal(msg.task_id, src, now) is not None:
             self._count("results_dropped.stopped")  # ran where its class no longer allows
             return
         t = self._tasks.pop(msg.task_id, None)

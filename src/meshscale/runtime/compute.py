@@ -1570,7 +1570,15 @@ class ComputePlane:
     # ------------------------------------------------------------------ owner: RPCs
 
     async def _rpc_done(self, req: DoneRequest) -> DoneReply:
-        """A worker's outcome for a task we own; the first one wins."""
+        """A worker's outcome for a task we own; the first one wins, unless it ran
+        where the task's current rule leaves out (``Scheduler.outcome_refusal``: that
+        run is stopped, killed and audited as the scheduler's ``TaskStopped`` says)."""
+        sched = self.sched
+        if sched is not None and sched.outcome_refusal(req.task_id, req.node,
+                                                       time.monotonic()) is not None:
+            self._count("outcomes_dropped_stopped")
+            self._pump()
+            return DoneReply(False)
         verdict = self.book.outcome(req.task_id, ok=req.ok, kind=req.kind, node=req.node)
         e = self.book.get(req.task_id)
         if verdict is Verdict.STOPPED:

@@ -163,7 +163,6 @@ from meshscale.core.scheduling import (
     InRegions,
     NodeState,
     Resources,
-    Result,
     RunTask,
     Scheduler,
     SchedulingConfig,
@@ -384,15 +383,8 @@ def _break_scheduler(break_: str | None) -> Callable[[Scheduler], None]:
         elif break_ == "replace_rule":
             s.__dict__["_renarrow"] = lambda t: None
         elif break_ == "stopped_result":
-            take = s._on_result
-
-            def on_result(src: str, msg: Result, now: float) -> None:
-                t = s._tasks.get(msg.task_id)
-                if t is not None:
-                    t.stopped_on = None
-                take(src, msg, now)
-
-            s.__dict__["_on_result"] = on_result
+            # Every outcome is taken: from a runner stopped, or outside the current rule.
+            s.__dict__["outcome_refusal"] = lambda task_id, node, now: None
 
     return patch
 
