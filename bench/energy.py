@@ -237,7 +237,12 @@ def _real_run_in(d: Path, consolidate: bool, day_s: float, task_s: float, seed: 
             for line in n.log_path.read_text(errors="replace").splitlines():
                 if '"capacity' not in line:
                     continue
-                with_fields = json.loads(line)
+                try:
+                    with_fields = json.loads(line)
+                except json.JSONDecodeError:
+                    # A worker's stderr shares the log: a line of its can cut into
+                    # one of the agent's. Not counted (none was in runs that woke well).
+                    continue
                 if with_fields.get("event") == "capacity_awake":
                     wakes.append(float(with_fields["wake_s"]))
                 elif with_fields.get("event") == "capacity":
