@@ -18,8 +18,9 @@ Keys: ``sim_energy_spread_kwh``, ``sim_energy_consolidated_kwh``, ``sim_saving_p
 over nodes, per modelled hour) and the extras in KEYS.
 
 The real half (``real_*`` keys, ``wake_s``): a 6-node local mesh of real processes (one
-region of ``--real-zones`` zones, default 2: two zones of three nodes, a two-availability-
-zone site; ``--real-zones 3``: three zones of two; ``--real-cpus`` worker slots each,
+region of ``--real-zones`` zones, default 3: three zones of two nodes; ``--real-zones 2``:
+two zones of three, a two-availability-zone site, where one of two full runs collapsed
+(see the README); ``--real-cpus`` worker slots each,
 default 4 as in the simulator) runs the simulator's load curve (``DiurnalLoad``: trough
 10% of the slots at midnight, peak 80% at noon) compressed into ``--real-day-s`` seconds,
 after a quarter day of the evening before that is run but not measured (as the
@@ -82,7 +83,7 @@ REAL_KEYS = (
     "real_ceiling_pct",
 )
 REAL_NODES = 6
-REAL_ZONES = 2
+REAL_ZONES = 3
 """Zones of the real mesh's one region (``--real-zones``); see the module docstring."""
 REAL_MIN_REGION = 2
 """``energy_min_active_per_region`` of the consolidated run: the node default."""
@@ -368,9 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-dwell-s", type=float, default=5.0,
                     help="--energy-min-dwell-s of the consolidated run")
     ap.add_argument("--real-zones", type=int, default=REAL_ZONES,
-                    help=f"zones of the real mesh's one region (default {REAL_ZONES}: two "
-                         "zones of three nodes; 3: three of two, where the one-per-zone "
-                         "minimum keeps three nodes awake)")
+                    help=f"zones of the real mesh's one region (default {REAL_ZONES}: three "
+                         "zones of two nodes, where the one-per-zone minimum keeps three "
+                         "awake; 2: two zones of three, two awake at least)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     if args.no_real and args.real_only:

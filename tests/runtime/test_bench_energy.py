@@ -35,8 +35,8 @@ def test_energy_bench_real_half_quick(tmp_path: Path) -> None:
         assert key in proc.stdout
     assert data["real_energy_spread_j"] > 0 and data["real_energy_consolidated_j"] > 0
     assert data["real_tasks"] > 0 and data["real_day_s"] == 40
-    # The default topology: one region of two zones of three nodes.
-    assert data["real_zones"] == 2 and 0 < data["real_ceiling_pct"] < 100
+    # The default topology: one region of three zones of two nodes.
+    assert data["real_zones"] == 3 and 0 < data["real_ceiling_pct"] < 100
     # Consolidation moved nodes (drain, sleep) during the day; any wake was measured.
     assert data["real_transitions"] >= 2
     assert data["wake_s"] >= 0 and (data["real_wakes"] == 0) == (data["wake_s"] == 0)
