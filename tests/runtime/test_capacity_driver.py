@@ -176,6 +176,23 @@ def test_minimum_larger_than_the_region_is_refused_where_known(tmp_path: Path) -
     LocalMesh(tmp_path, 4, node_settings={"energy_min_active_per_region": 9})  # mode off
 
 
+def test_local_mesh_deals_a_region_over_the_zones_asked_for(tmp_path: Path) -> None:
+    # Default: three zones per region; zones_per_region=2 gives two zones of three.
+    three = LocalMesh(tmp_path / "a", 6, regions=["eu-west"], http=False)
+    assert [n.zone for n in three.nodes] == ["eu-west-z1", "eu-west-z2", "eu-west-z3"] * 2
+    two = LocalMesh(tmp_path / "b", 6, regions=["eu-west"], http=False, zones_per_region=2)
+    assert [n.zone for n in two.nodes] == ["eu-west-z1", "eu-west-z2"] * 3
+    # The minimums are checked against the zones as dealt: 3 per zone fits two zones of
+    # three, not three zones of two.
+    args = {"energy_mode": "consolidate", "energy_min_active_per_zone": 3}
+    LocalMesh(tmp_path / "c", 6, regions=["eu-west"], http=False, zones_per_region=2,
+              node_settings=args)
+    with pytest.raises(ValueError, match="energy_min_active_per_zone: 3 is more than"):
+        LocalMesh(tmp_path / "d", 6, regions=["eu-west"], http=False, node_settings=args)
+    with pytest.raises(ValueError, match="zones_per_region"):
+        LocalMesh(tmp_path / "e", 2, zones_per_region=3)
+
+
 def test_a_node_says_once_when_its_region_is_below_the_minimum() -> None:
     d, node, _ = driver(peers=1)  # two nodes in region r; the minimum is two: fine
     d._started -= 60

@@ -204,3 +204,32 @@ def test_empty_parents_of_nodes_gone_for_good_are_swept(
     isolation._sweep_stale(base, "meshscale-me-0")
     assert cleared == ["meshscale-old-1"]
     assert removed == [isolation._temp_work_dir("meshscale-old-1")]
+
+
+def test_a_live_nodes_parent_is_not_swept_while_it_has_no_workers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node on standby has stopped its workers (``runtime/capacity.py``): its parent is
+    empty and old, yet the node is alive and will start workers in it again when it
+    wakes. It holds its parent's lock; a node starting meanwhile must leave the parent
+    (and its temp work dir) alone. Once the lock is gone (the node crashed), it goes."""
+    base = tmp_path / "base"
+    for name in ("meshscale-asleep-1", "meshscale-crashed-2"):
+        (base / name / "w1").mkdir(parents=True)
+        (base / name / "cgroup.procs").write_text("")
+        (base / name / "w1" / "cgroup.procs").write_text("")
+        old = time.time() - 2 * isolation.STALE_AFTER_S
+        os.utime(base / name, (old, old))
+    cleared: list[str] = []
+    monkeypatch.setattr(isolation, "_clear_children",
+                        lambda d, version=None: cleared.append(d.name))
+    monkeypatch.setattr(isolation, "_remove", lambda p: None)
+    fd = isolation._hold(base / "meshscale-asleep-1")
+    try:
+        isolation._sweep_stale(base, "meshscale-me-0")
+        assert cleared == ["meshscale-crashed-2"]
+    finally:
+        os.close(fd)
+    # Plain directories stand in for cgroups (rmdir of one with files fails): the next
+    # sweep tries both again, the unlocked one too.
+    isolation._sweep_stale(base, "meshscale-me-0")
+    assert sorted(cleared[1:]) == ["meshscale-asleep-1", "meshscale-crashed-2"]

@@ -29,6 +29,9 @@ warm worker processes (``workers.py``). Three things stand between it and the no
   add to the worker's current usage) and ``cpus``. The kernel kills a worker that goes
   over; the pool reports it as ``"memory"``. Worker cgroups are removed as workers exit,
   the parent when the pool closes, and stale ones (a node that crashed) when it starts.
+  A live node holds a shared ``flock`` on its parent directory for as long as it runs,
+  so another node's sweep never takes it for a crashed one's, even while it has no
+  workers (on standby, ``runtime/capacity.py``, the workers stop and the parent stays).
   Where no cgroup can be written (not root without delegation, a read-only cgroupfs),
   memory is limited per process with ``RLIMIT_AS`` and CPU is not limited; the agent
   logs which.
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import pwd
@@ -82,8 +86,9 @@ CGROUP_PREFIX = "meshscale-"
 KILL_WAIT_S = 2.0
 """Longest wait for the processes of a stale cgroup to die (at start, blocking)."""
 STALE_AFTER_S = 60.0
-"""Another node's parent cgroup with no process left in it for this long is a crashed
-node's that will not restart with its data dir (removed by the next node to start)."""
+"""Another node's parent cgroup with no process left in it for this long, and no lock
+held on it, is a crashed node's that will not restart with its data dir (removed by the
+next node to start)."""
 
 
 class IsolationError(Exception):
@@ -458,6 +463,10 @@ class Cgroups:
     cpu: Path | None
     made: list[Path] = field(default_factory=list)
     """Parent directories this node made (removed by ``close``)."""
+    held: list[int] = field(default_factory=list)
+    """Open descriptors of the parents, each with a shared ``flock``: this node is alive
+    (``_sweep_stale`` leaves a locked parent alone; the kernel drops the lock with the
+    process, so a crashed node's parent is swept)."""
 
     def worker(self, name: str) -> WorkerCgroup:
         """Make (or clear and reuse) the cgroup ``name`` for one worker."""
@@ -485,12 +494,40 @@ class Cgroups:
         return f"cgroup v{self.version}: " + ", ".join(parts)
 
     def close(self) -> None:
-        """Remove the per-node parents (their worker cgroups must be gone first)."""
+        """Remove the per-node parents (their worker cgroups must be gone first) and
+        release their locks."""
         for d in reversed(self.made):
             with contextlib.suppress(OSError):
                 _clear_children(d)
                 os.rmdir(d)
         self.made.clear()
+        for fd in self.held:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.held.clear()
+
+
+def _hold(parent: Path) -> int:
+    """A shared ``flock`` on ``parent`` (a directory), held while the descriptor is open."""
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _held_by_a_live_node(parent: Path) -> bool:
+    """Whether a running node holds ``parent``'s lock (``_hold``)."""
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _mkdir(d: Path) -> None:
@@ -528,8 +565,9 @@ def _has_processes(parent: Path) -> bool:
 
 def _sweep_stale(base: Path, keep: str) -> None:
     """Remove the parents of other nodes that crashed and never came back: empty (no
-    process in them or their workers' cgroups) for ``STALE_AFTER_S``. A live node's
-    parent always holds its workers, and it removes the parent itself when it stops."""
+    process in them or their workers' cgroups) for ``STALE_AFTER_S`` and not locked. A
+    live node holds its parent's lock (``_hold``; its workers may be stopped, on
+    standby), and it removes the parent itself when it stops."""
     try:
         entries = list(os.scandir(base))
     except OSError:
@@ -540,7 +578,8 @@ def _sweep_stale(base: Path, keep: str) -> None:
         with contextlib.suppress(OSError):
             if (not e.is_dir(follow_symlinks=False)
                     or time.time() - e.stat().st_mtime < STALE_AFTER_S
-                    or _has_processes(Path(e.path))):
+                    or _has_processes(Path(e.path))
+                    or _held_by_a_live_node(Path(e.path))):
                 continue
             _clear_children(Path(e.path))
             _remove(_temp_work_dir(e.name))  # its workers' directory, if it had to be there
@@ -605,11 +644,12 @@ def _open_v2(name: str, mounts: list[_Mount], mine: dict[str, str], why: list[st
             _clear_children(parent, 2)
         _mkdir(parent)
         _enable(parent, wanted)
+        held = [_hold(parent)]
     except OSError as e:
         why.append(f"v2 at {base}: {getattr(e, 'strerror', None) or e}")
         return None
     return Cgroups(2, parent if "memory" in wanted else None,
-                   parent if "cpu" in wanted else None, [parent])
+                   parent if "cpu" in wanted else None, [parent], held)
 
 
 def _enable(cg: Path, controllers: list[str]) -> None:
@@ -643,6 +683,7 @@ def _open_v1(name: str, mounts: list[_Mount], mine: dict[str, str], why: list[st
              ) -> Cgroups | None:
     parents: dict[str, Path] = {}
     made: list[Path] = []
+    held: list[int] = []
     for controller in ("memory", "cpu"):
         mount = next((m for m in mounts if m.fstype == "cgroup" and controller in m.options),
                      None)
@@ -664,14 +705,17 @@ def _open_v1(name: str, mounts: list[_Mount], mine: dict[str, str], why: list[st
             probe = parent / "probe"
             probe.mkdir(exist_ok=True)
             os.rmdir(probe)
+            held.append(_hold(parent))
         except OSError as e:
             why.append(f"v1 {controller} at {base}: {getattr(e, 'strerror', None) or e}")
             continue
         parents[controller] = parent
         made.append(parent)
     if not parents:
+        for fd in held:
+            os.close(fd)
         return None
-    return Cgroups(1, parents.get("memory"), parents.get("cpu"), made)
+    return Cgroups(1, parents.get("memory"), parents.get("cpu"), made, held)
 
 
 def own_limits() -> dict[str, float | int | str | None]:

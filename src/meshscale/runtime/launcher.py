@@ -234,12 +234,18 @@ class LocalMesh:
         node_settings: Mapping[str, Any] | None = None,
         converge_timeout_s: float = 60.0,
         http: bool = True,
+        zones_per_region: int = ZONES_PER_REGION,
     ) -> None:
         if nodes < 1:
             raise ValueError("--nodes must be at least 1")
+        if not 1 <= zones_per_region <= nodes:
+            raise ValueError(f"zones_per_region must be in 1..{nodes}, got "
+                             f"{zones_per_region}")
         self.directory = Path(directory)
         self.n = nodes
         self.regions = list(regions or DEFAULT_REGIONS)
+        self.zones_per_region = zones_per_region
+        """Each region's nodes are dealt round-robin over this many zones (``R-z1`` ..)."""
         self.latency = dict(latency or {})
         self.base_port = base_port or find_free_base_port(nodes)
         if not 1 <= self.base_port <= 65535 - nodes + 1:
@@ -261,7 +267,7 @@ class LocalMesh:
             region = self.regions[i % len(self.regions)]
             k = per_region.get(region, 0)
             per_region[region] = k + 1
-            zone = f"{region}-z{k % ZONES_PER_REGION + 1}"
+            zone = f"{region}-z{k % zones_per_region + 1}"
             self.nodes.append(
                 NodeProcess(
                     name=f"node-{i}",
