@@ -792,6 +792,16 @@ class StreamPlane:
         entries = await self._wait_ready(topic, lambda: log.read(start, limit), deadline)
         return FetchReply(entries=entries, base=log.base, head=log.head)
 
+    async def _policies_if_readable(self, cls: str) -> dict[str, ClassPolicy] | None:
+        """The policy of class ``cls`` as this node knows it (``{}``: none), or None when
+        it cannot be read now (no KV quorum); any other error is raised."""
+        try:
+            return await self.local.class_policies({cls})
+        except ApiError as e:
+            if e.code is not ErrorCode.UNAVAILABLE:
+                raise
+            return None
+
     async def _check_fetch(self, topic: str, op: str | None = None) -> None:
         """Refuse a node outside a classed topic's regions a fetch of its records when
         the class's policy forbids cross-region reads (``core.policy.read_refusal``): it
@@ -805,11 +815,8 @@ class StreamPlane:
         region = caller.node_region(self.agent.m.members)
         if cls is None or region is None:
             return
-        try:
-            policies = await self.local.class_policies({cls})
-        except ApiError as e:
-            if e.code is not ErrorCode.UNAVAILABLE:
-                raise
+        policies = await self._policies_if_readable(cls)
+        if policies is None:
             return  # no quorum to read the policy: as a receiver does, the rule it has
         why = read_refusal(region, cls, policies)
         if why is not None:
@@ -1371,11 +1378,8 @@ class StreamPlane:
         if cls is None:
             self._mirror_refused.pop(topic, None)
             return
-        try:
-            policies = await self.local.class_policies({cls})
-        except ApiError as e:
-            if e.code is not ErrorCode.UNAVAILABLE:
-                raise
+        policies = await self._policies_if_readable(cls)
+        if policies is None:
             return  # no quorum to read the policy: the shard holders check it themselves
         region = self.agent.meta.region
         why = mirror_refusal(region, cls, policies)
