@@ -44,6 +44,10 @@ from meshscale.runtime.streams import StreamConfig, StreamPlane
 T = "t"
 
 
+async def no_record(key: str) -> bytes | None:
+    return None  # no KV here: the topics have no replicated record (no class)
+
+
 def member(name: str, zone: str) -> Any:
     return SimpleNamespace(name=name, addr=f"{name}:1", state=State.ALIVE, meta=SimpleNamespace(
         region="r", zone=zone, labels={}, tags={"epoch": "1"}))
@@ -65,6 +69,7 @@ class Net:
                 log=lambda *a, **k: None)
             p = StreamPlane(agent, config or StreamConfig())
             p._call = self.caller()  # type: ignore[method-assign]
+            p.local.kv_get = no_record  # type: ignore[method-assign]
             self.planes[name] = p
 
     def caller(self) -> Any:
