@@ -189,8 +189,12 @@ def test_local_mesh_deals_a_region_over_the_zones_asked_for(tmp_path: Path) -> N
               node_settings=args)
     with pytest.raises(ValueError, match="energy_min_active_per_zone: 3 is more than"):
         LocalMesh(tmp_path / "d", 6, regions=["eu-west"], http=False, node_settings=args)
-    with pytest.raises(ValueError, match="zones_per_region"):
-        LocalMesh(tmp_path / "e", 2, zones_per_region=3)
+    # A mesh smaller than the default zone count (most tests' meshes) uses a zone per node.
+    small = LocalMesh(tmp_path / "e", 2, regions=["eu-west"], http=False)
+    assert [n.zone for n in small.nodes] == ["eu-west-z1", "eu-west-z2"]
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="zones_per_region"):
+            LocalMesh(tmp_path / "f", 2, zones_per_region=bad)
 
 
 def test_a_node_says_once_when_its_region_is_below_the_minimum() -> None:

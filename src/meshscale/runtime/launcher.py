@@ -47,6 +47,8 @@ from meshscale.trust.bundle import (
 
 DEFAULT_REGIONS = ("eu-west", "us-east")
 ZONES_PER_REGION = 3
+MAX_ZONES_PER_REGION = 64
+"""Largest ``zones_per_region`` (a region with fewer nodes uses as many zones as nodes)."""
 HOST = "127.0.0.1"
 
 
@@ -238,8 +240,8 @@ class LocalMesh:
     ) -> None:
         if nodes < 1:
             raise ValueError("--nodes must be at least 1")
-        if not 1 <= zones_per_region <= nodes:
-            raise ValueError(f"zones_per_region must be in 1..{nodes}, got "
+        if not 1 <= zones_per_region <= MAX_ZONES_PER_REGION:
+            raise ValueError(f"zones_per_region must be in 1..{MAX_ZONES_PER_REGION}, got "
                              f"{zones_per_region}")
         self.directory = Path(directory)
         self.n = nodes
