@@ -18,6 +18,7 @@ rule its node knows, no refused read is served."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -144,21 +145,26 @@ def test_a_task_reading_a_narrowed_class_is_placed_within_its_current_rule() -> 
     assert not r.problems(), r.problems()[:5]
 
 
+def _caught(base: int, break_: str, matches: Callable[[str], bool], what: str) -> None:
+    """The first of seeds ``base`` .. ``base + 7`` whose run with ``break_`` has a
+    violation ``matches``; fails naming ``what`` when none has."""
+    for seed in range(base, base + 8):
+        r = policy_chaos_run(seed, break_=break_)
+        bad = [v for v in r.violations if matches(v)]
+        if bad:
+            print((seed, bad[0]))
+            return
+    raise AssertionError(f"no seed of {base}..{base + 7} caught {what}")
+
+
 def test_an_operator_without_a_class_is_bound_by_its_topics() -> None:
     """Each topic has an operator registered with no class (placed anywhere): with its
     topic's class (``core.streams.operator_classes``) no seed finds a runner outside the
     class; without it (``operator_topic``) the oracles catch one."""
     base = random.randrange(1 << 30)
     print(f"base seed {base}")
-    caught = []
-    for seed in range(base, base + 8):
-        r = policy_chaos_run(seed, break_="operator_topic")
-        bare = [v for v in r.violations if "operator bare-" in v]
-        if bare:
-            caught.append((seed, bare[0]))
-            break
-    assert caught, f"no seed of {base}..{base + 7} caught an unbound bare operator"
-    print(caught[0])
+    _caught(base, "operator_topic", lambda v: "operator bare-" in v,
+            "an unbound bare operator")
 
 
 def test_a_publish_naming_no_class_is_bound_by_its_topics_record() -> None:
@@ -171,15 +177,8 @@ def test_a_publish_naming_no_class_is_bound_by_its_topics_record() -> None:
     r = policy_chaos_run(base)
     assert r.bare_publishes > 0
     _check(r)
-    caught = []
-    for seed in range(base, base + 8):
-        r = policy_chaos_run(seed, break_="publish_record")
-        bare = [v for v in r.violations if "has a shard of" in v]
-        if bare:
-            caught.append((seed, bare[0]))
-            break
-    assert caught, f"no seed of {base}..{base + 7} caught an unbound unclassed publish"
-    print(caught[0])
+    _caught(base, "publish_record", lambda v: "has a shard of" in v,
+            "an unbound unclassed publish")
 
 
 def test_an_operators_output_topic_is_bound_by_its_class() -> None:
@@ -192,12 +191,5 @@ def test_an_operators_output_topic_is_bound_by_its_class() -> None:
     r = policy_chaos_run(base)
     assert r.outputs > 0
     _check(r)
-    caught = []
-    for seed in range(base, base + 8):
-        r = policy_chaos_run(seed, break_="output_class")
-        bad = [v for v in r.violations if "has a shard of topic-" in v and "-out" in v]
-        if bad:
-            caught.append((seed, bad[0]))
-            break
-    assert caught, f"no seed of {base}..{base + 7} caught an unclassed operator output"
-    print(caught[0])
+    _caught(base, "output_class", lambda v: "has a shard of topic-" in v and "-out" in v,
+            "an unclassed operator output")
