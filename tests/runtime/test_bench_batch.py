@@ -30,5 +30,4 @@ def test_batch_bench_quick(tmp_path: Path) -> None:
     # Every input byte was read from some node's copy (whole reads of every file).
     assert data["mesh_read_served_mb"] >= data["input_mb"] * 0.99
     assert data["mesh_nonlocal_read_mb"] <= data["input_mb"]
-    assert 1 <= data["mesh_worker_nodes"] <= 4  # placement's choice, within the 4 workers
     assert data["mesh_worker_nodes_changed"] == 0  # the workers kept their nodes (issue 20)
