@@ -150,7 +150,7 @@ class SchedulerHost:
     def handle_message(self, src: str, payload: bytes, now: float) -> None:
         if not payload:
             return
-        self.sched.peer_boot(src, f"{src}.{payload[0]}", now)  # as boot_of
+        self.sched.peer_boot(src, self.boot_of(src, payload[0]), now)
         self.sched.handle_message(src, payload[1:], now)
         self.settle(now)
 
