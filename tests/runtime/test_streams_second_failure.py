@@ -217,3 +217,31 @@ def test_a_copy_outside_the_rule_is_handed_to_both_copies_then_dropped() -> None
         assert net.planes[other].stats["frozen_copies_handed_over"] == 1
 
     asyncio.run(main())
+
+
+def test_a_copy_lost_in_a_restart_is_made_again() -> None:
+    """The second copy's node restarts (a new epoch, empty in-memory logs): the holder,
+    which knows each copy it made by the run of the node that took it, makes it again."""
+
+    async def main() -> None:
+        net = Net()
+        a, b = net.planes["A"], net.planes["B"]
+        sa = a.source_id
+        await a._rpc_publish(PublishRequest(topic=T, records=recs("r0", "r1")))
+        net.kill("A")
+        await net.keep_copies()
+        second = backup_for(T, cand("A"), [cand("C"), cand("D")], None)
+        assert second is not None and net.planes[second].logs[(T, sa)].head == 2
+
+        # The restart: a new plane, a new epoch in the views.
+        net.members[second].meta.tags["epoch"] = "2"
+        fresh = StreamPlane(net.planes[second].agent, StreamConfig())
+        fresh._call = net.caller()  # type: ignore[method-assign]
+        fresh.local.kv_get = no_record  # type: ignore[method-assign]
+        net.planes[second] = fresh
+        await net.keep_copies()
+        assert (T, sa) in fresh.logs, "the holder took the restarted node's copy as made"
+        assert [e.rid for e in fresh.logs[(T, sa)].entries] == ["r0", "r1"]
+        assert b.stats["frozen_records_copied"] == 4
+
+    asyncio.run(main())

@@ -706,10 +706,12 @@ class StreamPlane:
             src = self._source_candidate(sid)
             if sid == self.source_id or src is None or self._stopping:
                 continue
-            copies = shard_copies(topic, src, self._source_live(sid), alive,
-                                  self.topic_residency.get(topic))
-            if not copies or copies[0] == src.name:
+            live, res = self._source_live(sid), self.topic_residency.get(topic)
+            if shard_holder(topic, src, live, alive, res) == src.name:
                 continue  # its source serves it and keeps its backup itself
+            copies = shard_copies(topic, src, live, alive, res)
+            if not copies:
+                continue
             targets, keep = frozen_copy_targets(self.agent.name, copies)
             lock = self._repl_locks.setdefault(key, asyncio.Lock())
             async with lock:
@@ -717,6 +719,10 @@ class StreamPlane:
                 if log is None:
                     continue
                 done = [await self._copy_frozen(topic, sid, log, t) for t in targets]
+                now_sent = {self._target_id(t) for t in targets}
+                for k in [k for k in self._sent if k[:2] == key and k[2] not in now_sent]:
+                    del self._sent[k]  # a copy no longer wanted: known again if it is
+                    self._sent_low.pop(k, None)
                 if keep or not all(done):
                     continue
                 del self.logs[key]
@@ -725,8 +731,19 @@ class StreamPlane:
                     self._sent_low.pop(k, None)
             self._repl_locks.pop(key, None)
             self.stats["frozen_copies_handed_over"] += 1
+            cls = _class(self.topic_residency.get(topic))
+            if cls is not None:
+                self.agent.record(Kind.COPY_DROPPED, f"{topic}/{sid}", data_class=cls,
+                                  detail=f"stream copy of {log.head - log.base} records "
+                                         f"handed over to {', '.join(copies)}"[:1000])
             async with self._lock:
                 self._notify(topic)
+
+    def _target_id(self, name: str) -> str:
+        """What a copy sent to node ``name`` is known by: the node's run (``node~epoch``),
+        since a restarted node lost its in-memory copies."""
+        m = self.agent.m.members.get(name)
+        return source_id(name, "0" if m is None else m.meta.tags.get(EPOCH_TAG, "0"))
 
     async def _copy_frozen(self, topic: str, source: str, log: ShardLog, target: str
                            ) -> bool:
@@ -734,10 +751,7 @@ class StreamPlane:
         ``log`` (records and operators' commits), in bounded batches; whether it now
         holds everything this node holds. A failure is counted and tried again at the
         next round."""
-        m = self.agent.m.members.get(target)
-        # Known per run of the target: a restarted one (a new epoch) lost its copy.
-        sk = (topic, source, source_id(target, "0" if m is None else
-                                        m.meta.tags.get(EPOCH_TAG, "0")))
+        sk = (topic, source, self._target_id(target))
         low = log.low_water()
         start = max(log.base, self._sent.get(sk, log.base))
         if sk in self._sent and start >= log.head and self._sent_low.get(sk) == low:
