@@ -37,6 +37,7 @@ from meshscale.core.placement import Candidate
 from meshscale.core.streams import backup_for
 from meshscale.runtime.streams import StreamConfig, StreamPlane
 from meshscale.transport.rpc import RpcError
+from waiting import wait_for_async
 
 T = "t"
 ZONES = (("A", "z1"), ("B", "z1"), ("C", "z2"), ("D", "z2"))
@@ -243,5 +244,37 @@ def test_a_copy_lost_in_a_restart_is_made_again() -> None:
         assert (T, sa) in fresh.logs, "the holder took the restarted node's copy as made"
         assert [e.rid for e in fresh.logs[(T, sa)].entries] == ["r0", "r1"]
         assert b.stats["frozen_records_copied"] == 4
+
+    asyncio.run(main())
+
+
+def test_the_reconcile_loop_keeps_the_copies() -> None:
+    """The rounds run beside each node's reconcile loop (not only when a test calls
+    them): with A dead, B's loop makes the second copy."""
+
+    async def main() -> None:
+        net = Net()
+        a = net.planes["A"]
+        sa = a.source_id
+        await a._rpc_publish(PublishRequest(topic=T, records=recs("r0")))
+        net.kill("A")
+        second = backup_for(T, cand("A"), [cand("C"), cand("D")], None)
+        assert second is not None
+        loops = []
+        for p in net.live():
+            p.cfg = StreamConfig(reconcile_interval_s=0.01)
+            loops.append(asyncio.ensure_future(p._reconcile_loop()))
+
+        async def copied() -> bool:
+            return (T, sa) in net.planes[second].logs
+
+        try:
+            await wait_for_async(copied, 30, "the second copy of the dead source's shard")
+        finally:
+            for p in net.live():
+                await p.stop()
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
 
     asyncio.run(main())
