@@ -125,7 +125,7 @@ policy changes, oracle scans and commits checked, audit entries verified; classe
 placed (by each owner's ``core.scheduling.Scheduler``) and refused, runs stopped by a
 narrowing, results taken and tasks failed by their owners, task results stored under their
 rule; stream shards and backups made,
-refused and dropped on a narrowing; operator runners started and stopped, subscriber fetches
+refused and dropped on a narrowing, copies of gone sources' shards made and handed over; operator runners started and stopped, subscriber fetches
 served and refused."""
 
 
@@ -141,6 +141,8 @@ def policy_problems(seed: int) -> list[str]:
                    ("tasks_failed", r.tasks_failed),
                    ("results", r.results), ("shards", r.shards), ("backups", r.backups),
                    ("stream_refused", r.stream_refused), ("shard_drops", r.shard_drops),
+                   ("frozen_copies", r.frozen_copies),
+                   ("frozen_handed_over", r.frozen_handed_over),
                    ("operators_placed", r.operators_placed),
                    ("operators_stopped", r.operators_stopped),
                    ("reads_served", r.reads_served), ("reads_refused", r.reads_refused)):

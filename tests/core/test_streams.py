@@ -38,10 +38,12 @@ from meshscale.core.streams import (
     central_region,
     check_source_allowed,
     distance_class,
+    frozen_copy_targets,
     operator_now,
     place_operator,
     releasable,
     runners_wanted,
+    shard_copies,
     shard_holder,
     shard_key,
     shard_refusal,
@@ -1161,3 +1163,46 @@ def test_an_operators_output_takes_its_class() -> None:
     with pytest.raises(PolicyError) as e:
         output_rule("op", "o", ["pii"], Residency(frozenset({"eu"}), "label"), policies)
     assert e.value.rule == "unknown_class"
+
+
+# --------------------------------------------------------------------------- copies of a shard
+
+
+def test_shard_copies_are_the_source_and_its_backup_while_it_serves() -> None:
+    assert shard_copies("t", E1, True, MESH, None) == ("e1", "e2")
+    assert shard_copies("t", E1, True, [E1], None) == ("e1",)  # a one-node mesh
+
+
+def test_a_gone_sources_copies_are_the_next_two_in_backup_order() -> None:
+    """The holder readers go to first, then the node that becomes the holder when that
+    one dies too: a second failure leaves readers at the second copy."""
+    for topic in [f"t{i}" for i in range(20)]:
+        alive = without(E1)
+        copies = shard_copies(topic, E1, False, alive, None)
+        assert copies[0] == shard_holder(topic, E1, False, alive, None) == "e2"
+        assert copies[1] == "e3"
+        rest = [c for c in alive if c.name != copies[0]]
+        assert copies[1] == shard_holder(topic, E1, False, rest, None)
+        assert shard_copies(topic, E1, False, rest, None)[0] == copies[1]
+    # A restarted source (a new epoch, the same name) is no copy of its old shard.
+    assert "e1" not in shard_copies("t", E1, False, MESH, None)
+    assert shard_copies("t", E1, False, [E1, E2], None) == ("e2",)
+    assert shard_copies("t", E1, False, [E1], None) == ()
+
+
+def test_a_gone_sources_copies_stay_inside_the_topics_rule() -> None:
+    eu_only = Residency(frozenset({"eu"}))
+    assert shard_copies("t", E1, False, without(E1), eu_only) == ("e2", "e3")
+    assert shard_copies("t", E1, False, without(E1, E2), eu_only) == ("e3",)
+    # A source whose region the rule no longer allows handed its shard to the backup.
+    us_only = Residency(frozenset({"us"}))
+    copies = shard_copies("t", E1, True, MESH, us_only)
+    assert copies[0] == shard_holder("t", E1, True, MESH, us_only)
+    assert set(copies) <= {"u1", "u2", "u3"} and len(copies) == 2
+
+
+def test_frozen_copy_targets_send_to_the_other_copies_and_drop_outside_them() -> None:
+    assert frozen_copy_targets("b", ("b", "c")) == (("c",), True)
+    assert frozen_copy_targets("c", ("b", "c")) == (("b",), True)
+    assert frozen_copy_targets("d", ("b", "c")) == (("b", "c"), False)
+    assert frozen_copy_targets("b", ("b",)) == ((), True)

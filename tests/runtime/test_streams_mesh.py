@@ -4,8 +4,10 @@ with nothing lost, central placement in the named region, refusals that name the
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -230,6 +232,57 @@ def test_entry_node_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
         assert s2.nodes_used == ["node-2"]
         collect(watcher.subscribe("fo-out"), lambda g: len(g) >= n + 50, 90)
         again.close()
+        watcher.close()
+
+
+def test_a_dead_entry_nodes_records_survive_its_backups_death(tmp_path: Path) -> None:
+    """Issue 23: records acknowledged at the entry node and its backup, not yet processed
+    (the operator's gate is closed: each batch raises and is retried), survive the entry
+    node's death and then its backup's: the backup copied the dead node's shard to the
+    next node (``core.streams.shard_copies``), which serves it once the backup is gone."""
+    # The gate is a file the workers (user nobody) can see: not under tmp_path (0700).
+    gate = Path(tempfile.gettempdir()) / f"meshscale-test-gate-{uuid.uuid4().hex}"
+    flag = str(gate)
+    with local_mesh(tmp_path / "sf", 4) as m:
+        entry, backup = m.nodes[2], m.nodes[0]  # region a: node-0 backs node-2 up
+        producer = connect(entry.address, bundle=m.bundle_path)
+        watcher = connect(m.nodes[1].address, bundle=m.bundle_path)
+
+        def gated(rec: Record) -> dict[str, Any]:
+            import os
+
+            if not os.path.exists(flag):
+                raise RuntimeError("the gate is closed")
+            return {"i": rec.value["i"]}
+
+        watcher.operator("sf", gated, output="sf-out", name="gate-sf")
+        sub = watcher.subscribe("sf-out")
+        sub.poll(timeout=0.1)
+        s = producer.stream("sf")
+        n = 100
+        for i in range(n):
+            s.publish(f"k{i % 3}", {"i": i}, id=f"r{i}")
+        s.flush(60)
+        assert s.nodes_used == ["node-2"]
+        producer.close()
+        assert entry.proc is not None and backup.proc is not None
+        entry.proc.kill()
+
+        def second_copy() -> str | None:
+            for i in (1, 3):
+                for sh in stats(m, i).shards:
+                    if sh.topic == "sf" and sh.source.startswith("node-2~") and sh.head == n:
+                        return m.nodes[i].name
+            return None
+
+        where = wait_for(second_copy, 60, "the dead entry node's shard copied to a second node")
+        backup.proc.kill()
+        gate.touch()
+        try:
+            got = collect(sub, lambda g: len(g) >= n, 120)
+        finally:
+            gate.unlink()
+        assert {r.value["i"] for r in got.values()} == set(range(n)), where
         watcher.close()
 
 

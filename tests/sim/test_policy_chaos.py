@@ -68,7 +68,7 @@ def test_policy_chaos_is_deterministic() -> None:
 @pytest.mark.parametrize("broken", ["receiver", "stale_rule", "migration", "fanout",
                                     "task_class", "task_stop", "replace_rule",
                                     "stopped_result", "shard_class", "backup_class",
-                                    "operator", "read"])
+                                    "operator", "read", "frozen_copies"])
 def test_the_oracles_catch_a_broken_decision(broken: str) -> None:
     base = random.randrange(1 << 30)
     print(f"base seed {base}")

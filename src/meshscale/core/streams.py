@@ -16,7 +16,10 @@ instead of from a controller. Departures, and why:
   and a near-source operator for it moves to that same node: the records and the work
   that reads them fail over together.
 - Acknowledgement at two copies (primary + backup), in memory. A record acked to its
-  producer survives the loss of either node, not of both at once; the shard log is not
+  producer survives the loss of either node, not of both at once. When the source dies,
+  its backup serves the shard and copies it to the next node in the same order
+  (``shard_copies``), so the shard keeps two copies until its consumers are done with it
+  and a second failure, once that copy is made, loses nothing either; the shard log is not
   written to disk (it is bounded, and its consumers' positions are checkpointed in the
   replicated KV, so what a restarted operator needs is the unprocessed tail).
 - Operators are placed by the same rules as tasks (``core.scheduling.feasible``: the
@@ -48,6 +51,7 @@ Sans-I/O: no clock, no sockets. The runtime (``runtime/streams.py``) drives it.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +88,7 @@ __all__ = [
     "ShardSource",
     "backup_for",
     "distance_class",
+    "frozen_copy_targets",
     "place_operator",
     "releasable",
     "runners_wanted",
@@ -159,15 +164,19 @@ def backup_for(
     live node the topic's residency allows (zone, then region, then anywhere; HRW breaks
     ties). ``None`` when there is none (a one-node mesh, or a rule that allows only the
     source's region and nobody else lives there)."""
+    nearest = _nearest(topic, source, alive, residency, 1)
+    return nearest[0] if nearest else None
+
+
+def _nearest(topic: str, source: Candidate, alive: Iterable[Candidate],
+             residency: Residency | None, n: int) -> tuple[str, ...]:
+    """The ``n`` live nodes other than the source that ``backup_for`` ranks first, in its
+    order (zone, then region, then anywhere; HRW breaks ties), within ``residency``."""
     key = shard_key(topic, source.name)
-    best: tuple[int, int, str] | None = None
-    for n in alive:
-        if n.name == source.name or (residency is not None and not residency.allows(n.region)):
-            continue
-        rank = (distance_class(n, source), -hrw_score(key, n.name), n.name)
-        if best is None or rank < best:
-            best = rank
-    return None if best is None else best[2]
+    ranked = heapq.nsmallest(n, (
+        (distance_class(c, source), -hrw_score(key, c.name), c.name) for c in alive
+        if c.name != source.name and (residency is None or residency.allows(c.region))))
+    return tuple(r[2] for r in ranked)
 
 
 def source_id(node: str, epoch: str) -> str:
@@ -190,6 +199,38 @@ def shard_holder(topic: str, source: Candidate, source_live: bool,
     if source_live and (residency is None or residency.allows(source.region)):
         return source.name
     return backup_for(topic, source, alive, residency)
+
+
+def shard_copies(topic: str, source: Candidate, source_live: bool,
+                 alive: Iterable[Candidate], residency: Residency | None) -> tuple[str, ...]:
+    """The nodes that keep the two copies of shard ``(topic, source)``, its holder
+    (``shard_holder``) first: the source and its backup while the source serves it; once
+    it does not (its epoch gone, or its region out of the topic's rule), the shard is a
+    frozen prefix (only its owner appended) and its copies are the two nearest other live
+    nodes the rule allows, in ``backup_for``'s order: the backup that holds it now, and
+    the next one, which becomes its holder if that one dies too (it is next in the same
+    order, so readers find the copy there without being told). Fewer when fewer nodes
+    may hold it. Every holder of a copy of a gone source's shard brings these nodes' copies
+    up to its own (``frozen_copy_targets``), so an acknowledged record survives a second
+    failure once that copy is made; the copies go as the operators commit (retention)."""
+    view = list(alive)
+    holder = shard_holder(topic, source, source_live, view, residency)
+    if holder == source.name:
+        backup = backup_for(topic, source, view, residency)
+        return (holder,) if backup is None else (holder, backup)
+    return _nearest(topic, source, view, residency, 2)
+
+
+def frozen_copy_targets(me: str, copies: Sequence[str]) -> tuple[tuple[str, ...], bool]:
+    """What node ``me``, holding a copy of a gone source's shard whose copies should be
+    ``copies`` (``shard_copies``), does with it: the nodes it sends its records to (the
+    other copies: the holder and the second copy exchange, so the one that has more,
+    such as a backup the source switched to after passing over a failed one, brings the
+    other up) and whether it keeps its own. A node outside ``copies`` (a backup the
+    source passed over or switched away from, or one the view moved past) sends to every
+    copy and drops its own once all of them confirmed holding what it holds: its records,
+    which readers would never read there, reach the copies they do read."""
+    return tuple(c for c in copies if c != me), me in copies
 
 
 def shard_runner(op: OperatorPlacement, topic: str, source: Candidate, source_live: bool,
@@ -734,6 +775,7 @@ __all__ += [
     "operator_rule",
     "output_rule",
     "publish_rule",
+    "shard_copies",
     "shard_holder",
     "shard_refusal",
     "shard_runner",

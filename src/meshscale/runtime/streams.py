@@ -93,6 +93,7 @@ from meshscale.core.streams import (
     backup_for,
     central_region,
     check_source_allowed,
+    frozen_copy_targets,
     mirror_refusal,
     operator_classes,
     operator_now,
@@ -102,6 +103,7 @@ from meshscale.core.streams import (
     place_operator,
     publish_rule,
     runners_wanted,
+    shard_copies,
     shard_holder,
     shard_refusal,
     source_id,
@@ -257,6 +259,7 @@ class StreamPlane:
         no record), most recently read last (bounded)."""
         self._topic_read_at: dict[str, float] = {}
         self._topic_refresh: asyncio.Task[None] | None = None
+        self._copies_task: asyncio.Task[None] | None = None
         self._mirror_refused: dict[str, str] = {}
         """Topics whose mirrors this node dropped under their class's read rule: why. Reads
         waiting then are refused; the next read checks the rule again."""
@@ -266,6 +269,9 @@ class StreamPlane:
         self._backup_of: dict[tuple[str, str], str | None] = {}
         self._repl_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._sent: dict[tuple[str, str, str], int] = {}
+        self._sent_low: dict[tuple[str, str, str], int | None] = {}
+        """Copies of gone sources' shards (``_keep_copies``): the operators' low water
+        last sent to each copy."""
         self._bad_backup: dict[str, float] = {}
         self._stopping = False
 
@@ -288,6 +294,8 @@ class StreamPlane:
         self._stopping = True
         if self._topic_refresh is not None:
             self._topic_refresh.cancel()
+        if self._copies_task is not None:
+            self._copies_task.cancel()
         for t in [*self.runners.values(), *self.followers.values()]:
             t.cancel()
 
@@ -678,6 +686,101 @@ class StreamPlane:
             self._notify(topic)
         self.stats["records_backed_up"] += n
         return ReplicateReply(head=log.head)
+
+    # ------------------------------------------------------------------ gone sources
+
+    async def _keep_copies(self) -> None:
+        """Keep two copies of every gone source's shard this node holds a copy of (run
+        beside the reconcile loop): the nodes that should hold them are
+        ``core.streams.shard_copies`` from this node's view (the holder readers go to,
+        and the next node in the same order, which becomes the holder if that one dies
+        too); this node sends its records to the others (``frozen_copy_targets``), so
+        the two copies hold everything any copy holds, and a copy outside them is
+        dropped once they confirmed it. Without this a backup holding a dead source's
+        shard was its only copy (a second failure lost its acknowledged records), and a
+        backup the source had switched to after passing over a failed one held records
+        that readers, sent to the first backup by the rule, never read."""
+        alive = self._alive()
+        for key in sorted(self.logs):
+            topic, sid = key
+            src = self._source_candidate(sid)
+            if sid == self.source_id or src is None or self._stopping:
+                continue
+            live, res = self._source_live(sid), self.topic_residency.get(topic)
+            if shard_holder(topic, src, live, alive, res) == src.name:
+                continue  # its source serves it and keeps its backup itself
+            copies = shard_copies(topic, src, live, alive, res)
+            if not copies:
+                continue
+            targets, keep = frozen_copy_targets(self.agent.name, copies)
+            lock = self._repl_locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                log = self.logs.get(key)
+                if log is None:
+                    continue
+                done = [await self._copy_frozen(topic, sid, log, t) for t in targets]
+                now_sent = {self._target_id(t) for t in targets}
+                for k in [k for k in self._sent if k[:2] == key and k[2] not in now_sent]:
+                    del self._sent[k]  # a copy no longer wanted: known again if it is
+                    self._sent_low.pop(k, None)
+                if keep or not all(done):
+                    continue
+                del self.logs[key]
+                for k in [k for k in self._sent if k[:2] == key]:
+                    del self._sent[k]
+                    self._sent_low.pop(k, None)
+            self._repl_locks.pop(key, None)
+            self.stats["frozen_copies_handed_over"] += 1
+            cls = _class(self.topic_residency.get(topic))
+            if cls is not None:
+                self.agent.record(Kind.COPY_DROPPED, f"{topic}/{sid}", data_class=cls,
+                                  detail=f"stream copy of {log.head - log.base} records "
+                                         f"handed over to {', '.join(copies)}"[:1000])
+            async with self._lock:
+                self._notify(topic)
+
+    def _target_id(self, name: str) -> str:
+        """What a copy sent to node ``name`` is known by: the node's run (``node~epoch``),
+        since a restarted node lost its in-memory copies."""
+        m = self.agent.m.members.get(name)
+        return source_id(name, "0" if m is None else m.meta.tags.get(EPOCH_TAG, "0"))
+
+    async def _copy_frozen(self, topic: str, source: str, log: ShardLog, target: str
+                           ) -> bool:
+        """Bring ``target``'s copy of gone source ``source``'s shard up to this node's
+        ``log`` (records and operators' commits), in bounded batches; whether it now
+        holds everything this node holds. A failure is counted and tried again at the
+        next round."""
+        sk = (topic, source, self._target_id(target))
+        low = log.low_water()
+        start = max(log.base, self._sent.get(sk, log.base))
+        if sk in self._sent and start >= log.head and self._sent_low.get(sk) == low:
+            return True
+        while True:
+            pending = log.read(start, self.cfg.batch_records * 16)
+            try:
+                reply = await self._call(target, api.REPLICATE, ReplicateRequest(
+                    topic=topic, source=source, entries=pending, low=low,
+                    residency=ResidencyWire.of(self.topic_residency.get(topic)),
+                ), lane=LANE_REPL, label=f"{topic}:repl",
+                    payload_bytes=sum(e.size for e in pending))
+            except (RpcError, ValueError) as e:
+                self.stats["frozen_copy_failed"] += 1
+                self.agent.log("warning", "stream_frozen_copy_failed", topic=topic,
+                               source=source, target=target, error=str(e)[:200])
+                self._sent.pop(sk, None)
+                return False
+            if pending:
+                start = pending[-1].offset + 1
+                self.stats["frozen_records_copied"] += len(pending)
+            if reply.head < start and log.base < start:
+                start = max(log.base, reply.head)  # it lacks records thought sent: resend
+                continue
+            start = max(start, min(reply.head, log.head))
+            self._sent[sk] = start
+            self._sent_low[sk] = low
+            if start >= log.head:
+                return True
 
     # ------------------------------------------------------------------ policy changes
 
@@ -1091,6 +1194,10 @@ class StreamPlane:
                 self._topic_refresh = asyncio.get_running_loop().create_task(
                     self._refresh_topic_records(
                         {s.topic for s in self.ops.values()} | set(self._follow_used)))
+            if self._copies_task is None or self._copies_task.done():
+                # Beside the loop too (a copy waits on another node), one round at a time.
+                self._copies_task = asyncio.get_running_loop().create_task(
+                    self._keep_copies_logged())
             await self._refresh_op_policies()
             try:
                 self._reconcile()
@@ -1101,6 +1208,12 @@ class StreamPlane:
             except Exception as e:
                 self.agent.log("error", "stream_mirror_check_failed", error=str(e)[:200])
             self._expire_followers(now)
+
+    async def _keep_copies_logged(self) -> None:
+        try:
+            await self._keep_copies()
+        except Exception as e:  # never let a failed round stop the next
+            self.agent.log("error", "stream_keep_copies_failed", error=str(e)[:200])
 
     def _op_classes(self) -> set[str]:
         """The classes that bound this node's operators: their own and their topics'."""

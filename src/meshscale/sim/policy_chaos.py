@@ -45,7 +45,11 @@ record its region may not take (``core.streams.check_source_allowed``), opens it
 from its view; the backup checks the rule it was sent and its own view of the class
 (``copy_refusal(..., stream=True)``) and refuses, the source then passing to the next
 (the runtime's ``_replicate`` / ``_rpc_replicate``). Every second a source re-places its
-backup from its current view (a crashed backup, a changed rule). Shard logs are in
+backup from its current view (a crashed backup, a changed rule), and every node holding a
+copy of a shard whose source no longer serves it (crashed, restarted, or outside the
+rule) makes the two copies ``core.streams.shard_copies`` wants from its view, each
+receiver checking the rule, and drops its own when it is not one of them and both hold it
+(``frozen_copy_targets``; the runtime's ``_keep_copies``). Shard logs are in
 memory: a crash loses them. A node that hears a change drops its shard copies of the
 class that the new rule forbids.
 
@@ -91,6 +95,9 @@ every node's disk every ``scan_s`` of virtual time:
   on every scan (a node re-reconciles on hearing a change, so a narrowing stops its
   runners outside the new rule at once, as a shard holder drops its copy), and at the
   ``end`` against the class's current regions.
+- ``frozen copies``: at the ``end``, every shard whose source is gone and that a live
+  node still holds is held by both copies ``core.streams.shard_copies`` wants from the
+  end's view (the truth's rule), so a further failure of its holder would lose nothing.
 - ``read``: a subscriber's fetch of a classed shard is served by its holder only when
   ``core.policy.read_refusal`` from the holder's view lets the subscriber's region read
   (pii and fin refuse cross-region reads).
@@ -116,7 +123,8 @@ under the rule an operator was registered with, never narrowed by its class's cu
 policy), ``read`` (holders serve subscribers without ``read_refusal``) or
 ``publish_record`` (a publish that names no class is taken without its topic record's
 class, ``core.streams.publish_rule``) or ``output_class`` (operators' outputs published
-without the operator's class, ``core.streams.output_rule``).
+without the operator's class, ``core.streams.output_rule``) or ``frozen_copies`` (no node
+keeps a gone source's shard's copies: its backup stays its only copy).
 
 Tasks and streams draw from a generator of their own (operators' subscribers' reads from
 another), so the draws of the puts, deletes,
@@ -180,11 +188,13 @@ from meshscale.core.streams import (
     ShardSource,
     backup_for,
     check_source_allowed,
+    frozen_copy_targets,
     operator_classes,
     operator_now,
     output_rule,
     publish_rule,
     runners_wanted,
+    shard_copies,
     shard_holder,
     shard_refusal,
     topic_rule,
@@ -444,6 +454,10 @@ class PolicyChaosReport:
     """Stream shards opened at their source (a publish accepted)."""
     backups: int = 0
     """Shard backup copies made (first and re-placed)."""
+    frozen_copies: int = 0
+    """Copies made of gone sources' shards (``core.streams.shard_copies``)."""
+    frozen_handed_over: int = 0
+    """Copies of gone sources' shards dropped once the copies the rule wants held them."""
     stream_refused: int = 0
     """Publishes refused at the entry node and backups refused by their receiver."""
     shard_drops: int = 0
@@ -1017,6 +1031,17 @@ def policy_chaos_run(
             return None
         return topic_rule(declared, p.policies)
 
+    def receiver_refusal(q: DataNode, topic: str, res: Residency | None) -> str | None:
+        """Why ``q`` refuses a shard copy of ``topic`` sent under ``res`` (the runtime's
+        ``_rpc_replicate`` checks), or None."""
+        if res is None:
+            return None
+        try:
+            check_source_allowed(topic, q.region, res)
+            return copy_refusal(q.region, res, q.policies, stream=True)
+        except PlacementError as e:
+            return str(e)
+
     def replicate(p: DataNode, topic: str, sid: str, res: Residency | None, now: float) -> None:
         """The runtime's ``_replicate``: the backup ``core.streams.backup_for`` picks from the
         source's view; a backup that fails or refuses is passed over for the next."""
@@ -1037,13 +1062,7 @@ def policy_chaos_run(
             if not sim.is_up(b) or sim.is_paused(b) or not sim.connected(p.name, b):
                 bad.add(b)
                 continue
-            why: str | None = None
-            if res is not None:  # the receiver's checks (runtime: _rpc_replicate)
-                try:
-                    check_source_allowed(topic, q.region, res)
-                    why = copy_refusal(q.region, res, q.policies, stream=True)
-                except PlacementError as e:
-                    why = str(e)
+            why = receiver_refusal(q, topic, res)
             if why is not None:
                 report.stream_refused += 1
                 _audit(q, Kind.REFUSAL, f"{topic}/{sid}", TOPIC_CLASS[topic],
@@ -1114,6 +1133,59 @@ def policy_chaos_run(
         shards[p.name][(topic, sid)] = res
         replicate(p, topic, sid, res, now)
 
+    def keep_copies(p: DrivenProtocol, now: float) -> None:
+        """The runtime's ``_keep_copies``: for each copy ``p`` holds of a shard its source
+        no longer serves (in ``p``'s view), the copies ``core.streams.shard_copies`` wants
+        are made (``frozen_copy_targets``: ``p`` sends to the others; the receiver checks
+        the rule) and a copy of ``p``'s outside them is dropped once they all hold it."""
+        assert isinstance(p, DataNode)
+        if break_ == "frozen_copies":
+            return
+        cands = p._candidates()
+        alive = {c.name for c in cands}
+        for key in sorted(shards[p.name]):
+            topic, sid = key
+            n = sources.get(sid)
+            if n is None or key not in shards[p.name]:
+                continue
+            src = Candidate(n, region_of[n], mesh.metas[n].zone)
+            res = stream_rule(p, declared_of.get(key))
+            copies = shard_copies(topic, src, n in alive and sid == f"{n}~{epoch[n]}",
+                                  cands, res)
+            if not copies or copies[0] == n:
+                continue
+            targets, keep = frozen_copy_targets(p.name, copies)
+            held = [copy_frozen(p, b, topic, sid, res, now) for b in targets]
+            if keep or not all(held):
+                continue
+            del shards[p.name][key]
+            report.frozen_handed_over += 1
+            _audit(p, Kind.COPY_DROPPED, f"{topic}/{sid}", TOPIC_CLASS[topic], "",
+                   "stream copy handed over", now)
+
+    def copy_frozen(p: DataNode, b: str, topic: str, sid: str, res: Residency | None,
+                    now: float) -> bool:
+        """``p`` brings ``b``'s copy of a gone source's shard up (the runtime's
+        ``_copy_frozen``); whether ``b`` holds it now."""
+        key = (topic, sid)
+        check_shard(p, b, topic, res, "frozen copy placement")
+        q = mesh.node(b)
+        if not sim.is_up(b) or sim.is_paused(b) or not sim.connected(p.name, b):
+            return False
+        why = receiver_refusal(q, topic, res)
+        if why is not None:
+            report.stream_refused += 1
+            _audit(q, Kind.REFUSAL, f"{topic}/{sid}", TOPIC_CLASS[topic], region_of[p.name],
+                   why, now)
+            return False
+        if key not in shards[b]:
+            report.frozen_copies += 1
+            _audit(q, Kind.COPY_MADE, f"{topic}/{sid}", TOPIC_CLASS[topic], region_of[p.name],
+                   "stream copy of a gone source's shard", now)
+            shards[b][key] = res
+        check_shard(q, b, topic, shards[b][key], "frozen copy commit")
+        return True
+
     def drop_shards(p: DataNode, cls: str, now: float) -> None:
         """On hearing a change of ``cls``: drop every shard copy the new rule forbids."""
         for key in sorted(shards[p.name]):
@@ -1141,6 +1213,8 @@ def policy_chaos_run(
             for topic, sid in sorted(shards[n]):
                 if sid == f"{n}~{epoch[n]}":
                     sim.call(n, partial(keep_backup, topic, sid))
+            if any(sid != f"{n}~{epoch[n]}" for _, sid in shards[n]):
+                sim.call(n, keep_copies)
             if int(sim.now) % 2 == 0:  # every 2 s (and on hearing a change): kept cheap
                 sim.call(n, reconcile)
 
@@ -1367,6 +1441,22 @@ def policy_chaos_run(
             if region_of[n] not in truth[cls].regions:
                 violations.append(f"end: {n} in {region_of[n]} still holds shard {sid} of "
                                   f"{topic} (class {cls}, regions {list(truth[cls].regions)})")
+    # Every shard a gone source left (held by a live node) is where ``shard_copies`` from
+    # the end's view wants its two copies: a second failure would lose none of it.
+    up = set(mesh.up())
+    end_view = [Candidate(n, region_of[n], mesh.metas[n].zone) for n in sorted(up)]
+    for key in sorted({k for n in up for k in shards[n]}):
+        topic, sid = key
+        n = sources[sid]
+        rule = topic_rule(Residency(None, TOPIC_CLASS[topic]), truth)
+        copies = shard_copies(topic, Candidate(n, region_of[n], mesh.metas[n].zone),
+                              n in up and sid == f"{n}~{epoch[n]}", end_view, rule)
+        if copies and copies[0] != n:
+            lacking = [c for c in copies if key not in shards[c]]
+            if lacking:
+                violations.append(f"end: shard {sid} of {topic}, its source gone, lacks its "
+                                  f"copies on {lacking} (held on "
+                                  f"{sorted(m for m in up if key in shards[m])})")
     for oid in mesh.resurrected():
         violations.append(f"end: deleted {oid[:12]} still held by a live node")
     for t_commit, n, oid, written in mesh.late_commits:
