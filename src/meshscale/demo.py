@@ -415,6 +415,14 @@ class Demo:
                 "site_a_recovered_s": round(max(a_before) - kill, 2) if a_before else None,
             }
         for p in self.pipes.values():
+            # The operator's time per batch in the worker pools (live nodes' runners).
+            us = sum(st.operators.get(p.op, {}).get("apply_us", 0) for st in stats)
+            calls = sum(st.operators.get(p.op, {}).get("batches_applied", 0) for st in stats)
+            pipes[p.name]["operator_ms_per_call"] = round(us / calls / 1000, 3) if calls else None
+            pipes[p.name]["operator_records_per_call"] = (
+                round(sum(st.operators.get(p.op, {}).get("records_processed", 0)
+                          for st in stats) / calls, 2) if calls else None)
+        for p in self.pipes.values():
             name, op, out = p.name, p.op, p.topic
             raw = bytes_for(f"{TOPIC}:fetch:{op}")
             results = bytes_for(f"{out}:")
