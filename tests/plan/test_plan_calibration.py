@@ -102,3 +102,20 @@ def test_the_plan_takes_the_operator_call_timed_in_a_worker(
     data = json.loads((tmp_path / "out.json").read_text())
     assert data["operator_ms_per_call"] == 47.0
     assert data["operator_ms_per_call_alone"] == 3.0
+
+
+def test_the_real_run_kills_no_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner's latency is the steady state's: the bench's real run must not kill a
+    node (with the demo's kill at the end of production, the dead node's last records
+    waited seconds for the failover and made the measured p99, issue 17)."""
+    import meshscale.demo
+
+    seen: list[meshscale.demo.DemoConfig] = []
+
+    def run(cfg: meshscale.demo.DemoConfig) -> dict[str, object]:
+        seen.append(cfg)
+        return {"pipelines": {}}
+
+    monkeypatch.setattr(meshscale.demo, "run_live_demo", run)
+    plan_calibration.measure(15.0, 60.0, "near-source")
+    assert seen and seen[0].kill_at is None and seen[0].only == "near-source"
