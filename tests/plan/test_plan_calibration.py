@@ -46,3 +46,76 @@ def test_checked_figures_are_within_the_target_on_a_real_mesh(tmp_path: Path) ->
         for r in rows:
             if r["figure"] == figure:
                 assert r["rel_err"] <= TARGET, (figure, r, proc.stdout)
+
+
+# ------------------------------------------------------------------ the bench's costs (no mesh)
+
+sys.path.insert(0, str(ROOT / "bench"))
+import plan_calibration  # noqa: E402  (bench/, after its path)
+
+
+def test_per_call_cost_is_the_median_call_less_its_readings() -> None:
+    calls = [(30.0, 10), (12.0, 1), (21.0, 5), (500.0, 2), (16.0, 3)]
+    # less 1 ms a reading: 20, 11, 16, 498, 13 -> median 16
+    assert plan_calibration.per_call_ms(calls, 1.0) == pytest.approx(16.0)
+    assert plan_calibration.per_call_ms([(0.5, 4)], 1.0) == 0.0
+    with pytest.raises(ValueError):
+        plan_calibration.per_call_ms([], 1.0)
+
+
+def test_timed_operator_reports_its_call_on_every_output() -> None:
+    class Rec:
+        def __init__(self, key: str) -> None:
+            self.key, self.value = key, {}
+
+    op = plan_calibration._timed(lambda rs: [{"machine": r.key} for r in rs])
+    out = op([Rec("a"), Rec("b"), Rec("c")])
+    assert [o["machine"] for o in out] == ["a", "b", "c"]
+    assert {(o["call_ms"], o["n"], o["first"]) for o in out} == {(out[0]["call_ms"], 3, "a")}
+    assert out[0]["call_ms"] >= 0.0
+
+
+def test_the_plan_takes_the_operator_call_timed_in_a_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan's ``cpu_ms_per_batch`` is the call's time in a worker of a running mesh
+    (what the real path spends, issue 17), not the call timed alone in the bench."""
+    plans: list[str] = []
+    placement = {"p50_ms": 1.0, "p99_ms": 1.0, "cross_region_bytes_per_day": 1.0}
+    pipeline = {"latency_p50_ms": 1.0, "latency_p99_ms": 1.0, "cross_region_bytes": 1.0}
+
+    def predict(path: Path, seed: int) -> dict[str, object]:
+        plans.append(path.read_text())
+        return {"workloads": [{"placements": {"mesh": placement, "central": placement}}]}
+
+    monkeypatch.setattr(plan_calibration.stream_hop, "measure", lambda s: {
+        "hop_ms": 2.0, "hop_cpu_ms": 0.5, "pipeline_p50_ms": 8.0, "hops": 4})
+    monkeypatch.setattr(plan_calibration, "operator_cost", lambda: (3.0, 0.01))
+    monkeypatch.setattr(plan_calibration, "operator_cost_in_mesh",
+                        lambda d, r, rec: {"call_ms": 47.0, "calls": 9, "batch_p50": 5})
+    monkeypatch.setattr(plan_calibration, "predict", predict)
+    monkeypatch.setattr(plan_calibration, "measure", lambda d, r, only: {"pipelines": {
+        "near-source": pipeline, "central (cloud)": pipeline}})
+    monkeypatch.setattr(sys, "argv", ["plan_calibration.py", "--quick", "--json",
+                                      str(tmp_path / "out.json")])
+    assert plan_calibration.main() == 0
+    assert "cpu_ms_per_batch = 47.0000" in plans[0]
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["operator_ms_per_call"] == 47.0
+    assert data["operator_ms_per_call_alone"] == 3.0
+
+
+def test_the_real_run_kills_no_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner's latency is the steady state's: the bench's real run must not kill a
+    node (with the demo's kill at the end of production, the dead node's last records
+    waited seconds for the failover and made the measured p99, issue 17)."""
+    import meshscale.demo
+
+    seen: list[meshscale.demo.DemoConfig] = []
+
+    def run(cfg: meshscale.demo.DemoConfig) -> dict[str, object]:
+        seen.append(cfg)
+        return {"pipelines": {}}
+
+    monkeypatch.setattr(meshscale.demo, "run_live_demo", run)
+    plan_calibration.measure(15.0, 60.0, "near-source")
+    assert seen and seen[0].kill_at is None and seen[0].only == "near-source"

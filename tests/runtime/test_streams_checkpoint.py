@@ -72,3 +72,49 @@ def test_runner_keeps_running_batches_while_a_checkpoint_hangs() -> None:
         assert not pending, pending  # the hung checkpoint went with its runner
 
     asyncio.run(main())
+
+
+def test_runner_counts_its_batches_time_in_the_worker_pool(monkeypatch: Any) -> None:
+    """``apply_us`` / ``batches_applied``: what an operator's calls take where it runs
+    (``bench/plan_calibration.py`` reads them to tell a change of load from a model
+    error, issue 17). A fake clock: 7 ms pass in each call, none outside."""
+    import meshscale.runtime.streams as streams_mod
+
+    now = [100.0]
+    monkeypatch.setattr(streams_mod, "_clock", lambda: now[0])
+
+    async def main() -> None:
+        agent: Any = SimpleNamespace(name="n0", meta=SimpleNamespace(tags={}),
+                                     m=SimpleNamespace(members={}),
+                                     log=lambda *a, **k: None)
+        p = StreamPlane(agent, StreamConfig(read_wait_max_s=HOUR, fetch_wait_s=HOUR,
+                                            checkpoint_interval_s=HOUR))
+
+        async def call(name: str, method: Any, req: FetchRequest, **kw: Any) -> FetchReply:
+            return await p._rpc_fetch(req)
+
+        async def apply(spec: OperatorSpec, entries: list[LogEntry], st: Any) -> list[Any]:
+            now[0] += 0.007
+            return []
+
+        p._alive = lambda: []  # type: ignore[method-assign]
+        p._holder = lambda topic, source, alive: "n0"  # type: ignore[method-assign]
+        p._call = call  # type: ignore[method-assign,assignment]
+        p._apply = apply  # type: ignore[method-assign,assignment]
+        log = p._log("t", "src~0")
+        log.append([("k", b"v", "r0", 0.0), ("k", b"v", "r1", 0.0)])
+        spec = OperatorSpec(name="op", topic="t", fn_id="f" * 64, fn_object="o" * 64)
+        st: Counter[str] = Counter()
+        runner = asyncio.ensure_future(p._read_shard(spec, "src~0", None, "lane", set(), st))
+        await turns()
+        async with p._lock:
+            log.append([("k", b"v", "r2", 0.0)])
+            p._notify("t")
+        await turns()
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        assert st["records_processed"] == 3
+        assert st["batches_applied"] == 2
+        assert st["apply_us"] == 14_000
+
+    asyncio.run(main())

@@ -135,6 +135,9 @@ operators or subscribers read): a class, once recorded, never changes."""
 EPOCH_TAG = "epoch"
 """Membership tag: the incarnation the node started with (new at every start)."""
 
+_clock = time.perf_counter
+"""What an operator runner times its batches with (``apply_us``)."""
+
 FOLLOW_BATCH = 1_024
 """Entries a subscription's follower fetches at a time."""
 REFUSED_FOLLOW_RETRY_S = 2.0
@@ -1357,10 +1360,15 @@ class StreamPlane:
                     st["records_skipped"] += entries[0].offset - offset  # evicted before read
                 if not entries:
                     continue
+                began = _clock()
                 outputs = await self._apply(spec, entries, st)
                 if outputs is None:
                     await asyncio.sleep(1.0)
                     continue
+                # The batch's time in the worker pool (hand-off, the call, the way back):
+                # what the operator costs where it runs, shared cores and all (issue 17).
+                st["apply_us"] += round((_clock() - began) * 1e6)
+                st["batches_applied"] += 1
                 if spec.output is not None and outputs:
                     # The output topic is published under the operator's output rule (its
                     # class, written to the output topic's record at registration).

@@ -26,6 +26,11 @@ protocol instead, as ``runtime.streams`` runs it:
 - the runner runs the whole batch as one call on a core of its node, costing
   ``batch_cpu_s`` (fixed per call) plus every record's own ``cpu_s``, plus one hop for
   handing the batch to a worker process;
+- the runner appends a batch's results to its node's shard of the output topic (the
+  consumer's node's long-poll takes them at once) and sends its next fetch only once
+  their copy is at the shard's backup, a node of its region: one hop and a LAN round
+  trip more per round (``runtime.streams`` ``append_local``; 1 to 8 ms a round in
+  issue 17's traces of the live demo);
 - the results go back the same way, to the record's ``result_site``: the consumer's
   node long-polls the runner's node for them (``follow_wait_s``, up to
   ``follow_records`` at once) and hands them to the consumer (one hop each).
@@ -362,6 +367,11 @@ class FlowRun:
                     for f, js in outputs.items():
                         arrive(t, f, js)
                     pl.batch = []
+                    # The runner fetches again once its outputs' copy is at their backup
+                    # (a node of its region): one hop and a LAN round trip.
+                    hop_cpu(t)
+                    t = t + hop + one_way(pl.puller_region, pl.puller_region) + one_way(
+                        pl.puller_region, pl.puller_region)
                     nxt = t if pl.local else t + one_way(pl.puller_region, pl.holder_region)
                     push(nxt, _FETCH, i)
                 elif kind == _HOST_DONE:
