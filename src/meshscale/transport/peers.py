@@ -153,7 +153,12 @@ class PeerPool:
     @property
     def open_count(self) -> int:
         """Connections the pool holds (shared and idle)."""
-        return len(self._shared) + sum(len(v) for v in self._idle.values())
+        return len(self._shared) + self.idle_count
+
+    @property
+    def idle_count(self) -> int:
+        """Checked-in connections kept for the next checkout."""
+        return sum(len(v) for v in self._idle.values())
 
     async def close(self) -> None:
         conns = [*self._shared.values(), *(c for v in self._idle.values() for c, _ in v)]
