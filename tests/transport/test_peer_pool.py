@@ -40,43 +40,32 @@ class _Conn:
         self.is_open = False
 
 
-def test_sweep_closes_connections_idle_for_idle_close_s() -> None:
-    """Issue #24: idle checked-in connections (~300 KB each on both ends) are closed once
-    idle for ``idle_close_s``, and those the member closed are let go, instead of being
-    held until the next checkout."""
+def test_sweep_closes_a_quiet_members_idle_connections() -> None:
+    """Issue #24: a member's idle connections (~300 KB each on both ends) are closed once
+    none was checked out or in for ``idle_close_s``, and those the member closed are let
+    go at once, instead of being held until the next checkout."""
 
     async def run() -> None:
         pool = PeerPool(cast(Any, None), PeerConfig(idle_close_s=5.0))
-        old, new, cut = _Conn(), _Conn(), _Conn()
-        pool.checkin("n1", cast(Any, old), now=100.0)
-        pool.checkin("n1", cast(Any, cut), now=102.0)
-        pool.checkin("n2", cast(Any, new), now=103.0)
-        cut.is_open = False  # the member closed its end
-        assert pool.open_count == 3
-        assert pool.sweep(104.9) == 1  # only the closed one
-        assert pool.open_count == 2
-        assert pool.sweep(105.0) == 1  # ``old`` has been idle 5 s
-        await asyncio.sleep(0)
-        assert old.closed and not new.closed
-        assert pool.open_count == 1
-        assert pool.checkout("n2", "127.0.0.1:9") is new
-        assert pool.sweep(1000.0) == 0 and pool.open_count == 0
-        await pool.close()
-
-    asyncio.run(run())
-
-
-def test_checkout_takes_the_newest_idle_connection() -> None:
-    """The newest is reused, so the oldest are those that age out under light traffic."""
-
-    async def run() -> None:
-        pool = PeerPool(cast(Any, None), PeerConfig(idle_close_s=5.0))
-        a, b = _Conn(), _Conn()
+        a, b, cut, other = _Conn(), _Conn(), _Conn(), _Conn()
         pool.checkin("n1", cast(Any, a), now=100.0)
-        pool.checkin("n1", cast(Any, b), now=101.0)
-        assert pool.checkout("n1", "127.0.0.1:9") is b
-        pool.checkin("n1", cast(Any, b), now=104.0)
-        assert pool.sweep(105.0) == 1 and pool.checkout("n1", "127.0.0.1:9") is b
+        pool.checkin("n1", cast(Any, cut), now=101.0)
+        pool.checkin("n1", cast(Any, b), now=102.0)
+        pool.checkin("n2", cast(Any, other), now=103.0)
+        cut.is_open = False  # the member closed its end
+        assert pool.idle_count == 4
+        assert pool.sweep(106.9) == 1  # only the closed one: n1 was used 4.9 s ago
+        assert pool.idle_count == 3 and pool.open_count == 3
+        # A pool in use keeps every connection, however long one of them sat.
+        assert pool.checkout("n1", "127.0.0.1:9", now=106.0) is b
+        pool.checkin("n1", cast(Any, b), now=108.0)
+        assert pool.sweep(112.9) == 1  # n2 is quiet (5 s), n1 is not yet
+        await asyncio.sleep(0)
+        assert other.closed and not a.closed and not b.closed
+        assert pool.sweep(113.0) == 2 and pool.idle_count == 0
+        await asyncio.sleep(0)
+        assert a.closed and b.closed
+        assert pool.sweep(1000.0) == 0
         await pool.close()
 
     asyncio.run(run())

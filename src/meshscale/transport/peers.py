@@ -11,8 +11,8 @@ than a small object's whole transfer).
 Bounds: one shared connection per (member, lane) — lanes are a small fixed set named by
 the planes, plus one per long-lived reader (a stream runner's long-polls), which
 ``release`` closes when the reader stops — plus ``max_idle_per_peer`` idle ones per
-member, each closed by ``sweep`` once idle for ``idle_close_s``; ``forget`` closes a gone
-member's, and a member that comes back at a new address gets new connections.
+member, closed by ``sweep`` once none was used for ``idle_close_s``; ``forget`` closes a
+gone member's, and a member that comes back at a new address gets new connections.
 """
 
 from __future__ import annotations
@@ -48,14 +48,16 @@ class PeerConfig:
     local mesh on 127.0.0.1) share that too, so keep (members on an address - 1) x this
     plus the lanes and clients under it."""
     idle_close_s: float = 5.0
-    """An idle checked-in connection not taken again for this long is closed by
-    ``sweep`` (the node sweeps every second). Each holds ~300 KB on both ends (TLS
-    state, the TLS layer's read buffer, the 64 KB frame buffer): a burst of small puts
-    left the 16 per member of ``max_idle_per_peer`` open on each side (64 per node of a
-    3-node mesh, ~20 MB, ~2 KB per object held after 10,000 puts) until the member's
-    ``idle_timeout_s`` (30 s) closed its end, and the pool went on holding the closed
-    ones (their frame buffers) until its next checkout (issue #24). Shorter than the member's
-    ``idle_timeout_s``, so a connection is retired here before the member cuts it."""
+    """A member's idle connections are closed by ``sweep`` (the node sweeps every
+    second) once none was checked out or in for this long: a pool in use keeps its
+    connections (no handshakes while puts come and go), a pool that fell quiet lets them
+    go. Each holds ~300 KB on both ends (TLS state, the TLS layer's read buffer, the 64 KB
+    frame buffer): a burst of small puts left the 16 per member of
+    ``max_idle_per_peer`` open on each side (64 per node of a 3-node mesh, ~20 MB, ~2 KB
+    per object held after 10,000 puts) until the member's ``idle_timeout_s`` (30 s)
+    closed its end, and the pool went on holding the closed ones (their frame buffers)
+    until its next checkout (issue #24). Shorter than the member's ``idle_timeout_s``, so
+    they are retired here before the member cuts them."""
 
 
 class PeerPool:
@@ -67,9 +69,9 @@ class PeerPool:
         self.cfg = config or PeerConfig()
         self.counter = counter
         self._shared: dict[tuple[str, str], RpcConnection] = {}
-        self._idle: dict[str, list[tuple[RpcConnection, float]]] = {}
-        """Member -> its idle connections, with when each was checked in (monotonic),
-        oldest first: ``checkout`` takes the newest, so the oldest age out."""
+        self._idle: dict[str, list[RpcConnection]] = {}
+        self._used: dict[str, float] = {}
+        """Member -> when a connection to it was last checked out or in (monotonic)."""
         self._closing: set[asyncio.Task[None]] = set()
         self.opened = 0
         """Connections this pool has made (each one a TLS handshake when first used)."""
@@ -92,43 +94,47 @@ class PeerPool:
             self._shared[key] = conn
         return conn
 
-    def checkout(self, name: str, addr: str) -> RpcConnection:
-        """A connection to ``name`` for one caller alone: an idle one if there is one."""
+    def checkout(self, name: str, addr: str, now: float | None = None) -> RpcConnection:
+        """A connection to ``name`` for one caller alone: an idle one if there is one.
+        ``now``: monotonic seconds (default: the clock's), as for ``checkin``."""
+        self._used[name] = time.monotonic() if now is None else now
         idle = self._idle.get(name)
         while idle:
-            conn, _ = idle.pop()
+            conn = idle.pop()
             if conn.addr == addr and conn.is_open:
                 return conn
             self._close_later(conn)
         return self._new(addr, None)
 
     def checkin(self, name: str, conn: RpcConnection, now: float | None = None) -> None:
-        """Give back a checked-out connection (kept idle, or closed beyond the bound);
-        ``now``: monotonic seconds (default: the clock's)."""
+        """Give back a checked-out connection (kept idle, or closed beyond the bound)."""
+        self._used[name] = time.monotonic() if now is None else now
         idle = self._idle.setdefault(name, [])
         if len(idle) < self.cfg.max_idle_per_peer and conn.is_open:
-            idle.append((conn, time.monotonic() if now is None else now))
+            idle.append(conn)
         else:
             self._close_later(conn)
 
     def sweep(self, now: float | None = None) -> int:
-        """Close the idle connections checked in ``idle_close_s`` or more before ``now``
-        (monotonic seconds, default: the clock's) and those the member already closed;
-        how many were let go."""
+        """Let go of the idle connections the members closed, and of every idle one to a
+        member none was checked out or in for ``idle_close_s`` before ``now`` (monotonic
+        seconds, default: the clock's); how many were let go."""
         now = time.monotonic() if now is None else now
         let_go = 0
         for name in list(self._idle):
             idle = self._idle[name]
-            keep = [(c, t) for c, t in idle if c.is_open and now - t < self.cfg.idle_close_s]
+            quiet = now - self._used.get(name, now) >= self.cfg.idle_close_s
+            keep = [] if quiet else [c for c in idle if c.is_open]
             if len(keep) != len(idle):
-                for c, t in idle:
-                    if not (c.is_open and now - t < self.cfg.idle_close_s):
+                for c in idle:
+                    if c not in keep:
                         self._close_later(c)
                 let_go += len(idle) - len(keep)
             if keep:
                 self._idle[name] = keep
             else:
                 del self._idle[name]
+                self._used.pop(name, None)
         return let_go
 
     def release(self, name: str, lane: str) -> None:
@@ -142,7 +148,8 @@ class PeerPool:
         """Member ``name`` is gone: close its connections."""
         for key in [k for k in self._shared if k[0] == name]:
             self._close_later(self._shared.pop(key))
-        for conn, _ in self._idle.pop(name, []):
+        self._used.pop(name, None)
+        for conn in self._idle.pop(name, []):
             self._close_later(conn)
 
     def _close_later(self, conn: RpcConnection) -> None:
@@ -161,7 +168,7 @@ class PeerPool:
         return sum(len(v) for v in self._idle.values())
 
     async def close(self) -> None:
-        conns = [*self._shared.values(), *(c for v in self._idle.values() for c, _ in v)]
+        conns = [*self._shared.values(), *(c for v in self._idle.values() for c in v)]
         self._shared.clear()
         self._idle.clear()
         for conn in conns:
