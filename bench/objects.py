@@ -45,7 +45,7 @@ every object; --quick: 10 s from 5 s), ``list_page_ms`` (median ``obj.list`` pag
 answers an ``obj.read`` with the bytes) and ``anti_entropy_bytes_per_min`` (replication
 message bytes the node counts as sent, ``dp.stats`` ``repl_bytes_sent``, same window).
 ``peer_connections_idle_per_node`` (extra): the nodes' pooled connections to members idle
-when the RSS was read (~300 KB each, on both ends; a node closes them once idle for
+when the RSS was read (~160 KB of RSS each, on both ends; a node closes them once idle for
 ``PeerConfig.idle_close_s``, so a --quick reading, 5 s after the last copy, may still
 count them, and the full one, 60 s after, should not).
 
@@ -573,8 +573,8 @@ async def _dp_stats(mesh: LocalMesh) -> list[api.DataPlaneStats]:
 
 
 async def _idle_peer_connections(mesh: LocalMesh) -> list[int]:
-    """Each node's idle pooled connections to members (``peer_connections_idle``): ~300 KB
-    each on both ends, in the RSS until the pool retires them (``PeerConfig.idle_close_s``)."""
+    """Each node's idle pooled connections to members (``peer_connections_idle``): ~160 KB
+    of RSS each on both ends, until the pool retires them (``PeerConfig.idle_close_s``)."""
     creds = mesh.credentials()
     out = []
     for n in mesh.nodes:
@@ -813,7 +813,7 @@ def scale_main(n: int, quick: bool, tmpfs: bool, preload: bool, out: Path | None
         "anti_entropy_bytes_per_min_empty": "the same nodes before the puts",
         "idle_cpu_pct_per_node_max": "the busiest node in the idle window",
         "peer_connections_idle_per_node": "pooled connections to members idle when the RSS "
-                                          "was read (~300 KB each, on both ends)",
+                                          "was read (~160 KB of RSS each, on both ends)",
         "restart_to_converged_s": "same restart: until every node serves every plane and "
                                   "sees 3 alive",
     }

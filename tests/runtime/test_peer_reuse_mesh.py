@@ -82,7 +82,7 @@ def test_small_puts_reuse_peer_connections(tmp_path_factory: pytest.TempPathFact
         busy = [a.runtime["peer_connections_idle"] for a in after]
         print(f"idle connections to members after the puts: {busy}")
         # Once the puts are over, each node closes its idle ones (``idle_close_s``, 5 s):
-        # ~300 KB each on both ends, held until the member cut them after its
+        # ~160 KB of RSS each on both ends, held until the member cut them after its
         # ``idle_timeout_s`` (30 s), and then still counted here (issue #24).
         wait_for(lambda: all(s.runtime["peer_connections_idle"] == 0
                              for s in asyncio.run(stats(mesh))),

@@ -41,7 +41,7 @@ class _Conn:
 
 
 def test_sweep_closes_a_quiet_members_idle_connections() -> None:
-    """Issue #24: a member's idle connections (~300 KB each on both ends) are closed once
+    """Issue #24: a member's idle connections (~160 KB of RSS each, on both ends) are closed once
     none was checked out or in for ``idle_close_s``, and those the member closed are let
     go at once, instead of being held until the next checkout."""
 
