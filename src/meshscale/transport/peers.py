@@ -42,8 +42,8 @@ class PeerConfig:
     connection given back beyond it is closed and the next transfer pays a new mutual TLS
     handshake. At 4 (until Dec 2026) 10,000 small puts cost each node ~4,200 handshakes,
     and the allocations of those set-ups and tear-downs left the node's heap ~13 KB per
-    object held larger (issue #24). An idle one costs ~70 KB (its 32 KB frame buffer and
-    TLS state), the member closes it after its ``idle_timeout_s``, and it counts toward
+    object held larger (issue #24). An idle one costs ~160 KB of RSS on each end (see
+    ``idle_close_s``, which retires them), the member closes it after its ``idle_timeout_s``, and it counts toward
     the member's ``max_connections_per_ip`` (64): members that share one address (a
     local mesh on 127.0.0.1) share that too, so keep (members on an address - 1) x this
     plus the lanes and clients under it."""
