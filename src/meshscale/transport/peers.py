@@ -43,10 +43,10 @@ class PeerConfig:
     handshake. At 4 (until Dec 2026) 10,000 small puts cost each node ~4,200 handshakes,
     and the allocations of those set-ups and tear-downs left the node's heap ~13 KB per
     object held larger (issue #24). An idle one costs ~160 KB of RSS on each end (see
-    ``idle_close_s``, which retires them), the member closes it after its ``idle_timeout_s``, and it counts toward
-    the member's ``max_connections_per_ip`` (64): members that share one address (a
-    local mesh on 127.0.0.1) share that too, so keep (members on an address - 1) x this
-    plus the lanes and clients under it."""
+    ``idle_close_s``, which retires them), the member closes it after its
+    ``idle_timeout_s``, and it counts toward the member's ``max_connections_per_ip``
+    (64): members that share one address (a local mesh on 127.0.0.1) share that too, so
+    keep (members on an address - 1) x this plus the lanes and clients under it."""
     idle_close_s: float = 5.0
     """A member's idle connections are closed by ``sweep`` (the node sweeps every
     second) once none was checked out or in for this long: a pool in use keeps its
@@ -55,10 +55,10 @@ class PeerConfig:
     buffer, the 64 KB frame buffer, TLS state), ~160 KB of it resident: a burst of small
     puts left the 16 per member of ``max_idle_per_peer`` open on each side (64 per node
     of a 3-node mesh; closing them and trimming the heap gave back ~10 MB of a node's RSS
-    after 4,000 puts) until the member's ``idle_timeout_s`` (30 s)
-    closed its end, and the pool went on holding the closed ones (their frame buffers)
-    until its next checkout (issue #24). Shorter than the member's ``idle_timeout_s``, so
-    they are retired here before the member cuts them."""
+    after 4,000 puts) until the member's ``idle_timeout_s`` (30 s) closed its end, and
+    the pool went on holding the closed ones (their frame buffers) until its next
+    checkout (issue #24). Shorter than the member's ``idle_timeout_s``, so they are
+    retired here before the member cuts them."""
 
 
 class PeerPool:
