@@ -44,6 +44,10 @@ every object; --quick: 10 s from 5 s), ``list_page_ms`` (median ``obj.list`` pag
 1,000), ``restart_to_serving_s`` (SIGKILL one node, restart it on its data dir, until it
 answers an ``obj.read`` with the bytes) and ``anti_entropy_bytes_per_min`` (replication
 message bytes the node counts as sent, ``dp.stats`` ``repl_bytes_sent``, same window).
+``peer_connections_idle_per_node`` (extra): the nodes' pooled connections to members idle
+when the RSS was read (~160 KB of RSS each, on both ends; a node closes them once idle for
+``PeerConfig.idle_close_s``, so a --quick reading, 5 s after the last copy, may still
+count them, and the full one, 60 s after, should not).
 
 The same put, get and small puts are then run on a second mesh whose data dirs sit on
 tmpfs (/dev/shm): every fsync is then free, so those rows (``*_tmpfs``) are the software
@@ -74,6 +78,7 @@ from typing import Any
 from meshscale.client.mesh import READ_AHEAD, AsyncMesh
 from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
 from meshscale.core.api import Empty
+from meshscale.core.api import node as node_api
 from meshscale.core.api import objects as api
 from meshscale.core.api.tasks import TASK_STATS
 from meshscale.runtime.launcher import LocalMesh, NodeProcess, node_command, spawn_node
@@ -567,6 +572,21 @@ async def _dp_stats(mesh: LocalMesh) -> list[api.DataPlaneStats]:
     return out
 
 
+async def _idle_peer_connections(mesh: LocalMesh) -> list[int]:
+    """Each node's idle pooled connections to members (``peer_connections_idle``): ~160 KB
+    of RSS each on both ends, until the pool retires them (``PeerConfig.idle_close_s``)."""
+    creds = mesh.credentials()
+    out = []
+    for n in mesh.nodes:
+        c = RpcConnection(n.address, creds, 120)
+        try:
+            st = await c.request(node_api.STATS, Empty())
+            out.append(int(st.runtime.get("peer_connections_idle", 0)))
+        finally:
+            await c.close()
+    return out
+
+
 async def _idle_window(mesh: LocalMesh, window_s: float) -> tuple[list[float], list[float]]:
     """(CPU % of one core per node, replication message bytes sent per minute per node)
     over ``window_s`` seconds in which nothing is asked of the mesh. The stats calls that
@@ -748,6 +768,7 @@ def run_scale(n: int, quick: bool, tmpfs: bool, preload: bool) -> dict[str, floa
             held = asyncio.run(_wait_held(mesh, n, 600))
             time.sleep(settle_s)
             rss = [_proc_rss_bytes(p) for p in _pids(mesh)]
+            idle_conns = asyncio.run(_idle_peer_connections(mesh))
             cpu, ae = asyncio.run(_idle_window(mesh, window_s))
             res["objects_held_per_node"] = statistics.mean(held)
             res["rss_mb_per_node"] = statistics.mean(rss) / MB
@@ -762,6 +783,7 @@ def run_scale(n: int, quick: bool, tmpfs: bool, preload: bool) -> dict[str, floa
             EXTRA["idle_cpu_pct_per_node_empty"] = statistics.mean(cpu0)
             EXTRA["anti_entropy_bytes_per_min_empty"] = statistics.mean(ae0)
             EXTRA["idle_cpu_pct_per_node_max"] = max(cpu)
+            EXTRA["peer_connections_idle_per_node"] = statistics.mean(idle_conns)
         finally:
             mesh.stop()
     return res
@@ -790,6 +812,8 @@ def scale_main(n: int, quick: bool, tmpfs: bool, preload: bool, out: Path | None
         "idle_cpu_pct_per_node_empty": "the same nodes before the puts, same window",
         "anti_entropy_bytes_per_min_empty": "the same nodes before the puts",
         "idle_cpu_pct_per_node_max": "the busiest node in the idle window",
+        "peer_connections_idle_per_node": "pooled connections to members idle when the RSS "
+                                          "was read (~160 KB of RSS each, on both ends)",
         "restart_to_converged_s": "same restart: until every node serves every plane and "
                                   "sees 3 alive",
     }

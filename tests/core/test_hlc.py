@@ -281,3 +281,13 @@ def test_decoded_timestamps_share_their_node_name() -> None:
     assert da.node == db.node == "node-7"
     assert da.node is db.node
     assert (da.wall_ns, da.logical, db.wall_ns, db.logical) == (5, 1, 6, 0)
+
+
+def test_timestamp_carries_no_gc_header() -> None:
+    """A node keeps one stamp per copy it holds (issue #24): an ``HLCTimestamp`` holds only
+    ints and a string, so it is built without the cycle collector's 16-byte header."""
+    import sys
+
+    t = HLCTimestamp(1_796_602_450_123_456_789, 3, "node-1")
+    assert sys.getsizeof(t) <= 40
+    assert HLCTimestamp.__struct_config__.gc is False

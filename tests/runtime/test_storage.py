@@ -951,3 +951,13 @@ def test_kv_put_if_applies_only_over_an_expected_version(store: LocalStore) -> N
     store.kv_put("c", None, "0003")  # a tombstone is no live value
     assert store.kv_put_if("c", b"d", "0004", [""], ["peer-1"], 5.0) == (True, "0003")
     assert store.kv_get("c") == (b"d", "0004")
+
+
+def test_object_path_does_not_intern_the_id(store: LocalStore) -> None:
+    """Issue #24: the id string a caller passes is the one the replica manager keeps for
+    the copy; pathlib interns every part it is given, so building the path from it put an
+    entry per object ever stored or read into the interpreter's interned-string table."""
+    oid = "".join(["b3-", os.urandom(32).hex()])  # a string of its own, never interned
+    path = store.object_path(oid)
+    assert path.name == oid and path.parent.parent.parent == store.objects_dir
+    assert sys.intern("".join([oid[:3], oid[3:]])) is not oid

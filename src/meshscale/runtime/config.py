@@ -94,6 +94,10 @@ class AgentConfig:
     handshake_timeout_s: float = 3.0
     idle_timeout_s: float = 30.0
     """Close an inbound connection that sends no frame for this long."""
+    heap_trim_interval_s: float = 30.0
+    """Once the node's idle connections to members are closed (``PeerConfig.idle_close_s``),
+    the C heap's free pages are given back to the system (``malloc_trim``), at most this
+    often (it walks the heap: a few ms per 100 MB); 0: never."""
     stream_timeout_s: float = 10.0
     """A whole outgoing push/pull exchange (connect, TLS, request, reply)."""
     max_streams_in_flight: int = 32

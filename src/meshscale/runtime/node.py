@@ -145,6 +145,9 @@ POWER_TICK_S = 1.0
 """How often the node's power meter samples (``runtime/power.py``)."""
 SETTLE_MEMORY_S = 5.0
 """After start-up, when ``NodeAgent._settle_memory`` runs once."""
+TRIM_AFTER_CLOSE_S = 2.0
+"""How long after idle connections to members were closed the heap is trimmed (the
+members close theirs, to us, within about a housekeeping tick of ours)."""
 """Exit status of a node that was removed from the mesh (EX_CONFIG; the systemd unit
 does not restart on it)."""
 
@@ -223,6 +226,15 @@ class _AcceptProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # A client must wait for our greeting before it speaks.
         self.early_data = True
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``;
+    elsewhere nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def membership_config(suspicion_mult: float = MembershipConfig.suspicion_mult
@@ -324,6 +336,10 @@ class NodeAgent:
         self._timer = DeadlineTimer(self._on_timer)
         self._region_by_addr: dict[str, str] = {}
         self._saved_inc = identity.incarnation
+        self._heap_trimmed_at = float("-inf")
+        """When ``_retire_idle_connections`` last trimmed the heap (monotonic)."""
+        self._trim_at: float | None = None
+        """When it is to trim the heap next (connections were closed), if it is."""
         self._udp: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -549,10 +565,7 @@ class NodeAgent:
         (glibc's ``malloc_trim``; elsewhere nothing), about 2 MB of an idle node's RSS."""
         await asyncio.sleep(SETTLE_MEMORY_S)
         gc.collect()
-        with contextlib.suppress(OSError, AttributeError):
-            import ctypes
-
-            ctypes.CDLL(None).malloc_trim(0)
+        trim_heap()
 
     async def leave_and_stop(self) -> None:
         """Graceful leave: tell the mesh, give it time to spread, then close."""
@@ -1156,6 +1169,22 @@ class NodeAgent:
             await asyncio.sleep(self.cfg.key_check_interval_s)
             self._check_keyring()
             self._save_incarnation()
+            self._retire_idle_connections()
+
+    def _retire_idle_connections(self) -> None:
+        """Close the pool's connections idle for ``PeerConfig.idle_close_s``; once some
+        were, give the C heap's free pages back (``TRIM_AFTER_CLOSE_S`` later, when the
+        members closed their ends too; at most every ``heap_trim_interval_s``): their
+        TLS state and buffers are freed into the allocator's heap, which keeps them
+        otherwise (after a burst of small puts, ~10 MB of a node's RSS; issue #24)."""
+        now = time.monotonic()
+        if self.peers.sweep(now) and self.cfg.heap_trim_interval_s > 0:
+            self._trim_at = now + TRIM_AFTER_CLOSE_S
+        if (self._trim_at is not None and now >= self._trim_at
+                and now - self._heap_trimmed_at >= self.cfg.heap_trim_interval_s):
+            self._trim_at = None
+            self._heap_trimmed_at = now
+            trim_heap()
 
     def _check_keyring(self) -> None:
         keys = self._keys
@@ -1261,7 +1290,8 @@ class NodeAgent:
             health=self.m.health_score(),
             membership=dict(self.m.stats),
             rejected_messages=self.rejected_messages(),
-            runtime=dict(self.stats.runtime) | {"peer_connections_opened": self.peers.opened},
+            runtime=dict(self.stats.runtime) | {"peer_connections_opened": self.peers.opened,
+                                                "peer_connections_idle": self.peers.idle_count},
             connections=self._conns,
             streams_in_flight=self._streams_in_flight,
             seal_key=self._keys.seal_ring.primary_id,

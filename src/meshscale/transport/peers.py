@@ -11,14 +11,15 @@ than a small object's whole transfer).
 Bounds: one shared connection per (member, lane) — lanes are a small fixed set named by
 the planes, plus one per long-lived reader (a stream runner's long-polls), which
 ``release`` closes when the reader stops — plus ``max_idle_per_peer`` idle ones per
-member; ``forget`` closes a gone member's, and a member that comes back at a new address
-gets new connections.
+member, closed by ``sweep`` once none was used for ``idle_close_s``; ``forget`` closes a
+gone member's, and a member that comes back at a new address gets new connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 
 from meshscale.transport.credentials import Credentials
@@ -41,11 +42,23 @@ class PeerConfig:
     connection given back beyond it is closed and the next transfer pays a new mutual TLS
     handshake. At 4 (until Dec 2026) 10,000 small puts cost each node ~4,200 handshakes,
     and the allocations of those set-ups and tear-downs left the node's heap ~13 KB per
-    object held larger (issue #24). An idle one costs ~70 KB (its 32 KB frame buffer and
-    TLS state), the member closes it after its ``idle_timeout_s``, and it counts toward
-    the member's ``max_connections_per_ip`` (64): members that share one address (a
-    local mesh on 127.0.0.1) share that too, so keep (members on an address - 1) x this
-    plus the lanes and clients under it."""
+    object held larger (issue #24). An idle one costs ~160 KB of RSS on each end (see
+    ``idle_close_s``, which retires them), the member closes it after its
+    ``idle_timeout_s``, and it counts toward the member's ``max_connections_per_ip``
+    (64): members that share one address (a local mesh on 127.0.0.1) share that too, so
+    keep (members on an address - 1) x this plus the lanes and clients under it."""
+    idle_close_s: float = 5.0
+    """A member's idle connections are closed by ``sweep`` (the node sweeps every
+    second) once none was checked out or in for this long: a pool in use keeps its
+    connections (no handshakes while puts come and go), a pool that fell quiet lets them
+    go. Each costs both ends ~330 KB allocated (tracemalloc: uvloop's 256 KB TLS read
+    buffer, the 64 KB frame buffer, TLS state), ~160 KB of it resident: a burst of small
+    puts left the 16 per member of ``max_idle_per_peer`` open on each side (64 per node
+    of a 3-node mesh; closing them and trimming the heap gave back ~10 MB of a node's RSS
+    after 4,000 puts) until the member's ``idle_timeout_s`` (30 s) closed its end, and
+    the pool went on holding the closed ones (their frame buffers) until its next
+    checkout (issue #24). Shorter than the member's ``idle_timeout_s``, so they are
+    retired here before the member cuts them."""
 
 
 class PeerPool:
@@ -58,6 +71,8 @@ class PeerPool:
         self.counter = counter
         self._shared: dict[tuple[str, str], RpcConnection] = {}
         self._idle: dict[str, list[RpcConnection]] = {}
+        self._used: dict[str, float] = {}
+        """Member -> when a connection to it was last checked out or in (monotonic)."""
         self._closing: set[asyncio.Task[None]] = set()
         self.opened = 0
         """Connections this pool has made (each one a TLS handshake when first used)."""
@@ -80,8 +95,10 @@ class PeerPool:
             self._shared[key] = conn
         return conn
 
-    def checkout(self, name: str, addr: str) -> RpcConnection:
-        """A connection to ``name`` for one caller alone: an idle one if there is one."""
+    def checkout(self, name: str, addr: str, now: float | None = None) -> RpcConnection:
+        """A connection to ``name`` for one caller alone: an idle one if there is one.
+        ``now``: monotonic seconds (default: the clock's), as for ``checkin``."""
+        self._used[name] = time.monotonic() if now is None else now
         idle = self._idle.get(name)
         while idle:
             conn = idle.pop()
@@ -90,13 +107,36 @@ class PeerPool:
             self._close_later(conn)
         return self._new(addr, None)
 
-    def checkin(self, name: str, conn: RpcConnection) -> None:
+    def checkin(self, name: str, conn: RpcConnection, now: float | None = None) -> None:
         """Give back a checked-out connection (kept idle, or closed beyond the bound)."""
+        self._used[name] = time.monotonic() if now is None else now
         idle = self._idle.setdefault(name, [])
         if len(idle) < self.cfg.max_idle_per_peer and conn.is_open:
             idle.append(conn)
         else:
             self._close_later(conn)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Let go of the idle connections the members closed, and of every idle one to a
+        member none was checked out or in for ``idle_close_s`` before ``now`` (monotonic
+        seconds, default: the clock's); how many were let go."""
+        now = time.monotonic() if now is None else now
+        let_go = 0
+        for name in list(self._idle):
+            idle = self._idle[name]
+            quiet = now - self._used.get(name, now) >= self.cfg.idle_close_s
+            keep = [] if quiet else [c for c in idle if c.is_open]
+            if len(keep) != len(idle):
+                for c in idle:
+                    if c not in keep:
+                        self._close_later(c)
+                let_go += len(idle) - len(keep)
+            if keep:
+                self._idle[name] = keep
+            else:
+                del self._idle[name]
+                self._used.pop(name, None)
+        return let_go
 
     def release(self, name: str, lane: str) -> None:
         """Close the shared connection of ``lane`` to ``name``, if open: a lane that served
@@ -109,6 +149,7 @@ class PeerPool:
         """Member ``name`` is gone: close its connections."""
         for key in [k for k in self._shared if k[0] == name]:
             self._close_later(self._shared.pop(key))
+        self._used.pop(name, None)
         for conn in self._idle.pop(name, []):
             self._close_later(conn)
 
@@ -120,7 +161,12 @@ class PeerPool:
     @property
     def open_count(self) -> int:
         """Connections the pool holds (shared and idle)."""
-        return len(self._shared) + sum(len(v) for v in self._idle.values())
+        return len(self._shared) + self.idle_count
+
+    @property
+    def idle_count(self) -> int:
+        """Checked-in connections kept for the next checkout."""
+        return sum(len(v) for v in self._idle.values())
 
     async def close(self) -> None:
         conns = [*self._shared.values(), *(c for v in self._idle.values() for c in v)]
