@@ -99,6 +99,11 @@ class SwimMesh:
                 # A thousand views of a thousand members are long-lived containers:
                 # keep the cyclic GC from walking them over and over (at 1,000 nodes
                 # its older generations took a seventh of a run's CPU time).
+                # Frozen objects are never collected: first let go of what an earlier
+                # mesh froze (its nodes hold cycles, bound methods in their handler
+                # tables), or every mesh a process builds stays in memory (a 10,000-
+                # node benchmark held both of its meshes, over 6 GB).
+                gc.unfreeze()
                 gc.collect()
                 gc.freeze()
         else:
