@@ -62,6 +62,14 @@ class SwimMesh:
     ) -> None:
         """``placements``, one per node, lays the nodes out (``nodes`` is then ignored);
         by default they are spread round robin over the topology."""
+        if gc.get_freeze_count():
+            # An earlier large mesh froze its objects (below), and frozen objects are
+            # never collected: a mesh's nodes hold cycles (bound methods in their
+            # handler tables), so every mesh a process built stayed in memory (a
+            # 10,000-node benchmark held both of its meshes, over 6 GB). Let go of
+            # those nobody refers to before building this one.
+            gc.unfreeze()
+            gc.collect()
         self.topology = topology or Topology.three_regions()
         self.config = config or MembershipConfig()
         self.sim = Simulator(self.topology, seed, loss=loss, record_trace=record_trace)
@@ -99,11 +107,6 @@ class SwimMesh:
                 # A thousand views of a thousand members are long-lived containers:
                 # keep the cyclic GC from walking them over and over (at 1,000 nodes
                 # its older generations took a seventh of a run's CPU time).
-                # Frozen objects are never collected: first let go of what an earlier
-                # mesh froze (its nodes hold cycles, bound methods in their handler
-                # tables), or every mesh a process builds stays in memory (a 10,000-
-                # node benchmark held both of its meshes, over 6 GB).
-                gc.unfreeze()
                 gc.collect()
                 gc.freeze()
         else:
