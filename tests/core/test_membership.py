@@ -21,6 +21,7 @@ from meshscale.core.membership import (
     MembershipConfig,
     MemberSuspect,
     MemberUpdated,
+    Nack,
     NodeMeta,
     Ping,
     State,
@@ -589,3 +590,39 @@ def test_cancelled_timers_are_dropped_in_bulk_and_deadlines_are_unchanged() -> N
     m.on_timer(1001.0)  # unanswered: dead
     assert all(m.state_of(n) == State.DEAD for n in names[1:])
     assert m._cancelled == sum(1 for _, _, t in m._timers if not t.active)
+
+
+def _twin_datagrams() -> list[bytes]:
+    """Datagrams a node may get: well formed, with one bad message among good ones,
+    of another version, with too many messages, oversized, not an envelope at all."""
+    enc = msgspec.msgpack.encode
+    good = [enc(Suspect("n1", 0, "n2")), enc(Alive("n3", 1, "n3", NodeMeta(region="r2"))),
+            enc(Ping(5, "a", "n2", "n2")), enc(Suspect("n1", 0, "n3")), enc(Dead("n3", 1, "n2"))]
+    bad = enc([6, "n1"])  # a Suspect's tag with its fields missing
+    unknown = enc([42, "x"])  # no such tag
+    return [
+        encode_envelope(good),
+        encode_envelope([good[0], bad, good[1], unknown, good[3]]),
+        msgspec.msgpack.encode((PROTOCOL_VERSION + 1, [msgspec.Raw(m) for m in good])),
+        encode_envelope([enc(Nack(9))] * 257),  # 257 messages in 780 bytes
+        encode_envelope([good[2]] * 130),  # over max_payload_bytes
+        encode_envelope([]),
+        b"\x92\x03",  # truncated
+        enc({"not": "an envelope"}),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_twin_datagrams())))
+def test_whole_datagram_decoding_acts_as_message_by_message(index: int) -> None:
+    # handle_datagram parses a well-formed datagram in one call; anything else goes
+    # message by message. Both must leave a node in the same state with the same output.
+    payload = _twin_datagrams()[index]
+    names = ["a", "n1", "n2", "n3"]
+    fast, slow = converged(names)["a"], converged(names)["a"]
+    fast.handle_datagram("n2", payload, 1.0)
+    slow._handle_datagram_slowly(payload, 1.0)
+    assert fast.stats == slow.stats
+    assert fast.drain() == slow.drain()
+    assert {n: (m.inc, m.state) for n, m in fast.members.items()} == {
+        n: (m.inc, m.state) for n, m in slow.members.items()}
+    assert fast.next_deadline() == slow.next_deadline()

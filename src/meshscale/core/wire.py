@@ -76,7 +76,12 @@ def encode_envelope(messages: list[bytes]) -> bytes:
     return head + b"".join(messages)
 
 
-def decode_envelope(payload: bytes, max_size: int, max_messages: int = 256) -> list[msgspec.Raw]:
+MAX_ENVELOPE_MESSAGES = 256
+"""Most messages one datagram may carry (``decode_envelope``'s default)."""
+
+
+def decode_envelope(payload: bytes, max_size: int,
+                    max_messages: int = MAX_ENVELOPE_MESSAGES) -> list[msgspec.Raw]:
     """Split a datagram payload into its raw messages, or raise ``WireError``."""
     if len(payload) > max_size:
         raise WireError("oversized", f"{len(payload)} > {max_size} bytes")

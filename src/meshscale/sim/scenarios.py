@@ -62,6 +62,14 @@ class SwimMesh:
     ) -> None:
         """``placements``, one per node, lays the nodes out (``nodes`` is then ignored);
         by default they are spread round robin over the topology."""
+        if gc.get_freeze_count():
+            # An earlier large mesh froze its objects (below), and frozen objects are
+            # never collected: a mesh's nodes hold cycles (bound methods in their
+            # handler tables), so every mesh a process built stayed in memory (a
+            # 10,000-node benchmark held both of its meshes, over 6 GB). Let go of
+            # those nobody refers to before building this one.
+            gc.unfreeze()
+            gc.collect()
         self.topology = topology or Topology.three_regions()
         self.config = config or MembershipConfig()
         self.sim = Simulator(self.topology, seed, loss=loss, record_trace=record_trace)
