@@ -1520,18 +1520,24 @@ class Scheduler:
         cfg = self.config
         for name in [n for n, until in self._unreachable.items() if until <= now]:
             del self._unreachable[name]
-        for tid in sorted(self._tasks, key=lambda k: self._tasks[k].order):
+        # Nodes that asked for work within probe_timeout_s, once per sweep (not per task:
+        # the sweep walks every pending task, 4,096 of a map's window, four times a
+        # second). ``_tasks`` is in submit order, which is ``order``.
+        asking = frozenset(n for n, at in self._asked_at.items()
+                           if now - at < cfg.probe_timeout_s)
+        for tid in list(self._tasks):
             t = self._tasks.get(tid)
             if t is None:
                 continue
             if t.node is None:
-                if now - t.probed_at >= cfg.probe_timeout_s and self._probes_lost(t, now):
+                if (now - t.probed_at >= cfg.probe_timeout_s
+                        and self._probes_lost(t, now, asking)):
                     self._count("reprobed")
                     self._place(t, now)
             elif now - t.bound_at >= cfg.run_timeout_s:
                 self._replace(t, f"no result from {t.node} within {cfg.run_timeout_s} s", now)
 
-    def _probes_lost(self, t: _Task, now: float) -> bool:
+    def _probes_lost(self, t: _Task, now: float, asking: frozenset[str]) -> bool:
         """Whether unbound ``t``'s reservations look lost (``probe_timeout_s`` passed since
         they were sent). Not while a probed node still asks this owner for work: its
         queue is working through our reservations, and late binding hands any of them
@@ -1541,8 +1547,7 @@ class Scheduler:
         cfg = self.config
         if now - t.probed_at >= cfg.reservation_ttl_s:
             return True
-        return not any(now - self._asked_at.get(n, -math.inf) < cfg.probe_timeout_s
-                       for n in t.probes)
+        return t.probes.isdisjoint(asking)
 
     # ------------------------------------------------------------------ worker internals
 
