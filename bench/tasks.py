@@ -270,6 +270,10 @@ def settle(seconds: float = 3.0) -> None:
 
 MAP_NODES = 3
 MAP_SETTLE_S = 5.0
+MAP_PROGRESS_LINES = 20
+"""A long map prints how far it got on stderr about this many times."""
+MAP_PROGRESS_MIN = 10_000
+"""Fewest results between two of those lines (a short map prints none)."""
 MAP_KEYS = ("map_tasks", "map_tasks_per_s", "map_s", "owner_rss_mb_idle",
             "owner_rss_mb_after", "owner_task_records", "client_rss_mb_before",
             "client_rss_mb_peak")
@@ -319,12 +323,18 @@ def run_map(n: int, out: dict[str, Any]) -> None:
                 out["owner_rss_mb_idle"] = round(rss_mb(owner), 1)
                 out["client_rss_mb_before"] = round(rss_mb(os.getpid()), 1)
                 got = 0
+                step = max(MAP_PROGRESS_MIN, n // MAP_PROGRESS_LINES)
                 t0 = time.perf_counter()
                 with _PeakRss() as peak:
                     for i, v in enumerate(mesh.imap(noop, range(n))):
                         if v != i:
                             raise AssertionError(f"result {i} is {v!r}: out of order")
                         got += 1
+                        if got % step == 0 and got < n:
+                            # On stderr: how far a long map got, if it is cut short.
+                            t = time.perf_counter() - t0
+                            print(f"map: {got} of {n} results in {t:.1f} s "
+                                  f"({got / t:.1f}/s)", file=sys.stderr, flush=True)
                 took = time.perf_counter() - t0
                 if got != n:
                     raise AssertionError(f"{got} results of {n}")

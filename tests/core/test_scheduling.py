@@ -11,6 +11,8 @@ import pytest
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.scheduling import (
     Central,
+    GetTask,
+    Grant,
     InputRef,
     InRegions,
     Load,
@@ -18,6 +20,7 @@ from meshscale.core.scheduling import (
     NodeState,
     Reserve,
     Resources,
+    Result,
     Running,
     RunTask,
     Scheduler,
@@ -351,6 +354,97 @@ def test_worker_scan_stops_when_nothing_fits() -> None:
     finally:
         Resources.fits_in = real  # type: ignore[method-assign]
     assert calls <= 2 and w.load().queued == 1000
+
+
+def _sent(s: Scheduler) -> list[tuple[str, object]]:
+    """What ``s`` sends, decoded, in order (other outputs dropped)."""
+    return [(o.dst, decode_message(o.payload, CFG.max_message_bytes)) for o in s.drain()
+            if isinstance(o, SendMessage)]
+
+
+def _owner_without_slots() -> Scheduler:
+    # No cpus of its own: every task goes to "w" (its asks are what the test sends).
+    none = Resources(0.0, 8000, 0)
+    o = Scheduler("o", none, config=CFG, rng=random.Random(0), now=0.0)
+    o.set_view([node("o", cap=none), node("w")], 0.0)
+    return o
+
+
+def test_an_ask_whose_hint_is_taken_gets_the_first_unbound_task_without_a_scan() -> None:
+    # A 500-task batch without inputs: every ask after the hinted task's is bound takes
+    # the earliest unbound one. That is the best by (local bytes, order), so the owner
+    # stops at it; checking every task of the batch per ask made a long map cost
+    # O(batch) per task at its owner.
+    o = _owner_without_slots()
+    batch = o.submit([TaskSpec(f"t{i}") for i in range(500)], 0.0)
+    o.drain()
+    free = Resources(1.0, 8000, 0)
+    o.handle_message("w", encode_message(GetTask(1, batch, "t0", free)), 0.1)
+    assert [m.task.task_id for _, m in _sent(o) if isinstance(m, Grant)] == ["t0"]
+    calls = 0
+    real = Scheduler._eligible
+
+    def counting(self: Scheduler, *args: object) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(self, *args)  # type: ignore[arg-type]
+
+    Scheduler._eligible = counting  # type: ignore[assignment,method-assign]
+    try:
+        o.handle_message("w", encode_message(GetTask(2, batch, "t0", free)), 0.2)
+    finally:
+        Scheduler._eligible = real  # type: ignore[method-assign]
+    assert [m.task.task_id for _, m in _sent(o) if isinstance(m, Grant)] == ["t1"]
+    assert calls <= 3
+
+
+def test_an_ask_in_a_batch_with_inputs_still_takes_the_most_local_task() -> None:
+    # With inputs the first unbound task is not always the best: a later one whose
+    # input the asker holds wins (the scan must not stop early there).
+    o = _owner_without_slots()
+    far = InputRef("x", 10, ("o",))
+    near = InputRef("y", 10, ("w",))
+    tasks = [TaskSpec("t0"), TaskSpec("t1", inputs=(far,)), TaskSpec("t2"),
+             TaskSpec("t3", inputs=(near,))]
+    batch = o.submit(tasks, 0.0)
+    o.drain()
+    free = Resources(1.0, 8000, 0)
+    o.handle_message("w", encode_message(GetTask(1, batch, "t0", free)), 0.1)
+    o.handle_message("w", encode_message(GetTask(2, batch, "t0", free)), 0.1)
+    assert [m.task.task_id for _, m in _sent(o) if isinstance(m, Grant)] == ["t0", "t3"]
+
+
+def test_run_ended_frees_the_slot_before_the_result_goes() -> None:
+    # A one-slot worker whose run is over asks for its next task at once, while the
+    # outcome travels to the owner; the Result (which the owner takes as the end of the
+    # task, and re-runs it if the outcome has not arrived) goes only at task_finished.
+    one = Resources(1.0, 8000, 0)
+    o = _owner_without_slots()
+    w = Scheduler("w", one, config=CFG, rng=random.Random(1), now=0.0)
+    w.set_view([node("o", cap=Resources(0.0, 8000, 0)), node("w", cap=one)], 0.0)
+    net = Net([])
+    net.s = {"o": o, "w": w}
+    o.submit([TaskSpec("t0"), TaskSpec("t1")], 0.0)
+    net.pump(0.0)
+    assert [r.task.task_id for _, r in net.running] == ["t0"]
+    assert w.load().running == 1 and w.has_work()
+    w.run_ended("o", "t0", 1, 0.1)
+    sent = _sent(w)
+    assert [type(m) for _, m in sent] == [GetTask] and w.load().running == 0
+    assert w.has_work()  # still reporting t0
+    o.handle_message("w", encode_message(sent[0][1]), 0.1)  # type: ignore[arg-type]
+    grants = [m for _, m in _sent(o) if isinstance(m, Grant)]
+    assert [g.task.task_id for g in grants] == ["t1"]
+    assert "results" not in o.stats  # t0 is still the owner's: no Result yet
+    # A second grant of the attempt that is reporting is not run again.
+    w.handle_message("o", encode_message(Grant(99, TaskSpec("t0"), 1)), 0.1)
+    w.handle_message("o", encode_message(grants[0]), 0.1)
+    assert [(r.task.task_id, r.attempt) for r in _runs(w)] == [("t1", 1)]
+    assert w.stats["grants_refused"] == 1
+    w.task_finished("o", "t0", 1, True, "", 0.2)
+    assert [(d, type(m)) for d, m in _sent(w)] == [("o", Result)]
+    w.task_finished("o", "t0", 1, True, "", 0.2)  # twice: nothing more
+    assert _sent(w) == [] and w.stats["tasks_run"] == 1
 
 
 def _runs(s: Scheduler) -> list[RunTask]:

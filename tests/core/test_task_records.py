@@ -7,6 +7,9 @@ import random
 import pytest
 
 from meshscale.core.tasks import (
+    GROUP_FLUSH_BYTES_PER_S,
+    GROUP_FLUSH_MAX_S,
+    GROUP_FLUSH_MIN_S,
     TERMINAL,
     TRANSITIONS,
     Ended,
@@ -17,6 +20,7 @@ from meshscale.core.tasks import (
     TaskState,
     Verdict,
     adopter,
+    group_flush_delay_s,
     lookup,
     move,
     upstream_failure,
@@ -185,3 +189,18 @@ def test_upstream_failure_names_the_first_upstream_task_that_did_not_end_done() 
     assert f is not None and f.error.startswith("upstream task c was cancelled")
     with pytest.raises(AssertionError, match="has not ended"):
         upstream_failure([("d", "running", "", "", "", None)])
+
+
+def test_a_task_sets_record_is_rewritten_at_a_bounded_rate() -> None:
+    assert group_flush_delay_s(0) == GROUP_FLUSH_MIN_S
+    assert group_flush_delay_s(1_000) == GROUP_FLUSH_MIN_S  # a small set: as soon as before
+    # A 512-task map set (~130 KB for no-ops): about twice a second, not 20 times.
+    d = group_flush_delay_s(130_000)
+    assert 130_000 / d <= GROUP_FLUSH_BYTES_PER_S + 1 and d > 8 * GROUP_FLUSH_MIN_S
+    # The KV's largest value: still written within GROUP_FLUSH_MAX_S.
+    assert group_flush_delay_s(1 << 20) == GROUP_FLUSH_MAX_S <= 1.0
+    sizes = [0, 10_000, 50_000, 100_000, 300_000, 900_000]
+    delays = [group_flush_delay_s(n) for n in sizes]
+    assert delays == sorted(delays)
+    with pytest.raises(ValueError):
+        group_flush_delay_s(-1)

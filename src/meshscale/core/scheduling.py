@@ -581,7 +581,8 @@ class SendMessage:
 
 @dataclass(frozen=True, slots=True)
 class RunTask(Event):
-    """Worker side: run ``task`` (for ``owner``), then call ``task_finished``."""
+    """Worker side: run ``task`` (for ``owner``), then call ``task_finished`` (and, if the
+    outcome travels to the owner before the ``Result`` may go, ``run_ended`` first)."""
 
     owner: str
     task: TaskSpec
@@ -857,6 +858,9 @@ class Scheduler:
         # owner side
         self._tasks: dict[str, _Task] = {}
         self._batches: dict[int, list[str]] = {}
+        self._data_batches: set[int] = set()
+        """Batches with a task that has inputs: only there can a later task beat an
+        earlier one for an asking node (``_on_get``'s key is local bytes, then order)."""
         self._batch_seq = 0
         self._order = 0
         self._done: OrderedDict[str, None] = OrderedDict()
@@ -879,6 +883,11 @@ class Scheduler:
         """(owner, task id, attempt) -> (demand, submitter) of what runs here."""
         self._running_since: dict[tuple[str, str, int], float] = {}
         """(owner, task id, attempt) -> when it was granted here (for ``Running``)."""
+        self._reporting: set[tuple[str, str, int]] = set()
+        """(owner, task id, attempt) whose run is over (``run_ended``: its resources are
+        free again) and whose ``Result`` waits for ``task_finished``. As many as runs
+        that ended and are still reporting: at most what ran here at once, times the
+        reports in flight."""
         self._next_beat = now + self.config.beat_s
         self._waiting: dict[str, int] = {}
         """Queued reservations per submitter (the fair share counts who waits)."""
@@ -1069,6 +1078,8 @@ class Scheduler:
         self._batch_seq += 1
         batch = self._batch_seq
         self._batches[batch] = list(ids)
+        if any(t.inputs for t in tasks):
+            self._data_batches.add(batch)
         for t in tasks:
             self._order += 1
             classes = sorted({r.data_class for r in (t.residency,
@@ -1092,18 +1103,42 @@ class Scheduler:
 
     # ------------------------------------------------------------------ worker
 
-    def task_finished(
-        self, owner: str, task_id: str, attempt: int, ok: bool, detail: str, now: float
-    ) -> None:
-        """The driver finished running a ``RunTask``: report it to its owner, free slots."""
-        run = self._running.pop((owner, task_id, attempt), None)
-        self._running_since.pop((owner, task_id, attempt), None)
+    def run_ended(self, owner: str, task_id: str, attempt: int, now: float) -> None:
+        """The driver's run of a ``RunTask`` is over, and its outcome is on its way to the
+        owner (which must have it before the ``Result``): free the run's resources now,
+        so the next reservation's ``GetTask`` travels while the outcome does instead of
+        after it (one round trip less per task on a busy slot). ``task_finished`` must
+        follow (it sends the ``Result``); until then the run still sends ``Running``
+        beats, and a second grant of the same attempt is refused."""
+        key = (owner, task_id, attempt)
+        run = self._running.pop(key, None)
         if run is None:
-            return  # not ours (a previous incarnation's), or reported twice
+            return  # not ours (a previous incarnation's), or ended twice
         demand, submitter = run
         self._unhold(submitter, demand)
         self._free = self._free.plus(demand)
         assert self._free.fits_in(self.capacity)
+        self._reporting.add(key)
+        self._pump(now)
+        self._deliver(now)
+
+    def task_finished(
+        self, owner: str, task_id: str, attempt: int, ok: bool, detail: str, now: float
+    ) -> None:
+        """The driver finished running a ``RunTask``: report it to its owner, free slots
+        (unless ``run_ended`` already did)."""
+        key = (owner, task_id, attempt)
+        run = self._running.pop(key, None)
+        self._running_since.pop(key, None)
+        if run is not None:
+            demand, submitter = run
+            self._unhold(submitter, demand)
+            self._free = self._free.plus(demand)
+            assert self._free.fits_in(self.capacity)
+        elif key in self._reporting:
+            self._reporting.discard(key)
+        else:
+            return  # not ours (a previous incarnation's), or reported twice
         self._count("tasks_run")
         self._send(owner, Result(task_id, attempt, ok, detail[:4096]))
         self._pump(now)
@@ -1115,6 +1150,11 @@ class Scheduler:
 
     def running(self) -> list[tuple[str, str, int]]:
         return sorted(self._running)
+
+    def has_work(self) -> bool:
+        """Whether this node owns tasks without a result or runs (or reports) any: O(1),
+        for a driver that asks on every event."""
+        return bool(self._tasks or self._running or self._reporting)
 
     def idle(self, now: float) -> None:
         """Try to steal now if idle (otherwise the sweep tries every ``steal_interval_s``)."""
@@ -1325,6 +1365,10 @@ class Scheduler:
                     and self._eligible(hinted, src, msg.free, now)):
                 chosen = hinted
             else:
+                # ``ids`` is in submit order. Without inputs in the batch every key's
+                # local bytes are 0, so the first eligible task is the best: stop there
+                # (a full scan per ask made a long burst cost O(batch) per task).
+                first_wins = msg.batch not in self._data_batches
                 best: tuple[int, int] | None = None
                 for tid in ids:
                     t = self._tasks.get(tid)
@@ -1336,6 +1380,8 @@ class Scheduler:
                     key = (-local_bytes(t.spec, src), t.order)
                     if best is None or key < best:
                         best, chosen = key, t
+                        if first_wins:
+                            break
         if chosen is None:
             self._count("no_task")
             self._send(src, NoTask(msg.ask, exhausted=not unbound))
@@ -1413,6 +1459,7 @@ class Scheduler:
             ids.remove(t.spec.task_id)
             if not ids:
                 del self._batches[t.batch]
+                self._data_batches.discard(t.batch)
         self._done[t.spec.task_id] = None
         while len(self._done) > self.config.max_finished_remembered:
             self._done.popitem(last=False)
@@ -1473,18 +1520,24 @@ class Scheduler:
         cfg = self.config
         for name in [n for n, until in self._unreachable.items() if until <= now]:
             del self._unreachable[name]
-        for tid in sorted(self._tasks, key=lambda k: self._tasks[k].order):
+        # Nodes that asked for work within probe_timeout_s, once per sweep (not per task:
+        # the sweep walks every pending task, 4,096 of a map's window, four times a
+        # second). ``_tasks`` is in submit order, which is ``order``.
+        asking = frozenset(n for n, at in self._asked_at.items()
+                           if now - at < cfg.probe_timeout_s)
+        for tid in list(self._tasks):
             t = self._tasks.get(tid)
             if t is None:
                 continue
             if t.node is None:
-                if now - t.probed_at >= cfg.probe_timeout_s and self._probes_lost(t, now):
+                if (now - t.probed_at >= cfg.probe_timeout_s
+                        and self._probes_lost(t, now, asking)):
                     self._count("reprobed")
                     self._place(t, now)
             elif now - t.bound_at >= cfg.run_timeout_s:
                 self._replace(t, f"no result from {t.node} within {cfg.run_timeout_s} s", now)
 
-    def _probes_lost(self, t: _Task, now: float) -> bool:
+    def _probes_lost(self, t: _Task, now: float, asking: frozenset[str]) -> bool:
         """Whether unbound ``t``'s reservations look lost (``probe_timeout_s`` passed since
         they were sent). Not while a probed node still asks this owner for work: its
         queue is working through our reservations, and late binding hands any of them
@@ -1494,8 +1547,7 @@ class Scheduler:
         cfg = self.config
         if now - t.probed_at >= cfg.reservation_ttl_s:
             return True
-        return not any(now - self._asked_at.get(n, -math.inf) < cfg.probe_timeout_s
-                       for n in t.probes)
+        return t.probes.isdisjoint(asking)
 
     # ------------------------------------------------------------------ worker internals
 
@@ -1625,7 +1677,7 @@ class Scheduler:
             self._count("grants_late")
         demand = msg.task.demand
         key = (src, msg.task.task_id, msg.attempt)
-        if not demand.fits_in(self._free) or key in self._running:
+        if not demand.fits_in(self._free) or key in self._running or key in self._reporting:
             self._count("grants_refused")
             self._pump(now)
             return

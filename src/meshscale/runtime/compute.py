@@ -175,6 +175,7 @@ from meshscale.core.tasks import (
     encode_function,
     encode_payload,
     function_scope,
+    group_flush_delay_s,
     lookup,
     payload_ref,
     stored_record,
@@ -211,8 +212,6 @@ LOG_PREFIX = "tasklog/"
 GROUP_PREFIX = "taskset/"
 GROUP_MAX_BYTES = 900 * 1024
 """Largest ``taskset/`` record (the KV takes values up to 1 MiB)."""
-GROUP_FLUSH_S = 0.05
-"""Terminal states of a set's tasks are written to its record at most this often."""
 EARLY_ACK_MAX_TASKS = 16
 """Submits of up to this many tasks are answered with the outcomes if all tasks end
 before their records are written (the answer then carries what the records would)."""
@@ -366,6 +365,8 @@ class _Group:
     dirty: bool = False
     writing: bool = False
     written: set[str] = field(default_factory=set)
+    size_bytes: int = 0
+    """The record's length when last written (``core.tasks.group_flush_delay_s``)."""
 
 
 def _group_prefix(task_id: str) -> str | None:
@@ -656,7 +657,7 @@ class ComputePlane:
         if sched is None:
             return
         outs = sched.drain()
-        if outs or sched.pending() or sched.running():
+        if outs or sched.has_work():
             self._active_at = time.monotonic()
         for out in outs:
             if isinstance(out, SendMessage):
@@ -1335,9 +1336,10 @@ class ComputePlane:
     # Records of one submit whose ids share a client-chosen prefix (``<prefix>.<n>``, as
     # ``map`` names them) are written as one KV value, ``taskset/<prefix>``: one quorum
     # write per submit instead of one per task. Lookups try ``task/<id>`` first, then the
-    # set. Terminal states reach the set record within ``GROUP_FLUSH_S`` (coalesced); an
-    # owner that dies inside that window leaves them pending there, so a node taking over
-    # runs those tasks again (as after a lost ``task.done``: the first result wins).
+    # set. Terminal states reach the set record within ``group_flush_delay_s`` (coalesced:
+    # longer for a larger record, at most a second); an owner that dies inside that window
+    # leaves them pending there, so a node taking over runs those tasks again (as after a
+    # lost ``task.done``: the first result wins).
 
     def _groups_of(self, new: list[TaskRecord]) -> dict[str, _Group]:
         by_prefix: dict[str, list[TaskRecord]] = {}
@@ -1362,7 +1364,9 @@ class ComputePlane:
     async def _write_group(self, g: _Group) -> None:
         g.writing = True
         try:
-            await self._kv_put_raw(GROUP_PREFIX + g.prefix, _encode_group(g.recs))
+            data = _encode_group(g.recs)
+            g.size_bytes = len(data)
+            await self._kv_put_raw(GROUP_PREFIX + g.prefix, data)
         finally:
             g.writing = False
         self._group_changed(g, delay=False)
@@ -1377,9 +1381,10 @@ class ComputePlane:
     async def _flush_group(self, g: _Group) -> None:
         try:
             while g.dirty and self.sched is not None:
-                await asyncio.sleep(GROUP_FLUSH_S)
+                await asyncio.sleep(group_flush_delay_s(g.size_bytes))
                 g.dirty = False
                 data = _encode_group(g.recs)
+                g.size_bytes = len(data)
                 if len(data) > GROUP_MAX_BYTES:  # large results: per-task records
                     done = [r for r in g.recs if r.state in TERMINAL
                             and r.task_id not in g.written]
@@ -2048,6 +2053,11 @@ class ComputePlane:
             copies = self.agent.local_copies()
             if links and copies is not None:
                 await asyncio.to_thread(copies.release_copy_paths, links)
+        if self.sched is not None:
+            # The slot is free: its next GetTask goes out while the outcome travels (the
+            # Result follows the outcome, in task_finished below).
+            self.sched.run_ended(owner, spec.task_id, rt.attempt, time.monotonic())
+            self._pump()
         if ran_task and (kept is not None or detail_why):
             await self._keep_detail(outcome, kept, detail_why)
         for attempt in range(3):
