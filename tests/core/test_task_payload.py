@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshscale.core.placement import Residency
@@ -75,6 +75,7 @@ residencies = st.one_of(
                                          and r.regions <= {"eu-west", "eu-central"}))))
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a loaded CI machine
 @given(residencies, st.lists(residencies, max_size=4))
 def test_a_task_with_any_rule_or_classed_input_keeps_them_out_of_its_record(
     declared: Residency | None, inputs: list[Residency | None],
