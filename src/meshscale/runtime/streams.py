@@ -601,6 +601,17 @@ class StreamPlane:
         self.stats["records_in"] += len(records)
         return out
 
+    async def _send_copy(self, target: str, topic: str, source: str,
+                         entries: list[LogEntry], low: int | None) -> ReplicateReply:
+        """Send ``entries`` of shard ``(topic, source)`` to ``target``'s copy, with the
+        shard's low water mark and the topic's rule (the receiver checks both), on the
+        replication lane; the receiver's reply (its copy's head)."""
+        return await self._call(target, api.REPLICATE, ReplicateRequest(
+            topic=topic, source=source, entries=entries, low=low,
+            residency=ResidencyWire.of(self.topic_residency.get(topic)),
+        ), lane=LANE_REPL, label=f"{topic}:repl",
+            payload_bytes=sum(e.size for e in entries))
+
     async def _replicate(self, topic: str, source: str, log: ShardLog) -> None:
         """Bring the backup's copy of the shard up to ``log.head``. A backup that fails
         is passed over for ``bad_backup_s`` and the next nearest node takes its place
@@ -626,11 +637,7 @@ class StreamPlane:
                     await self._copied(topic, log, log.head)
                     return
                 try:
-                    await self._call(backup, api.REPLICATE, ReplicateRequest(
-                        topic=topic, source=source, entries=pending, low=log.low_water(),
-                        residency=ResidencyWire.of(self.topic_residency.get(topic)),
-                    ), lane=LANE_REPL, label=f"{topic}:repl",
-                        payload_bytes=sum(e.size for e in pending))
+                    await self._send_copy(backup, topic, source, pending, log.low_water())
                 except (RpcError, ValueError) as e:
                     self.stats["replicate_failed"] += 1
                     self.agent.log("warning", "stream_replicate_failed", topic=topic,
@@ -762,11 +769,7 @@ class StreamPlane:
         while True:
             pending = log.read(start, self.cfg.batch_records * 16)
             try:
-                reply = await self._call(target, api.REPLICATE, ReplicateRequest(
-                    topic=topic, source=source, entries=pending, low=low,
-                    residency=ResidencyWire.of(self.topic_residency.get(topic)),
-                ), lane=LANE_REPL, label=f"{topic}:repl",
-                    payload_bytes=sum(e.size for e in pending))
+                reply = await self._send_copy(target, topic, source, pending, low)
             except (RpcError, ValueError) as e:
                 self.stats["frozen_copy_failed"] += 1
                 self.agent.log("warning", "stream_frozen_copy_failed", topic=topic,
