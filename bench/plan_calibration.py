@@ -162,16 +162,8 @@ def operator_cost_in_mesh(duration_s: float, rate: float, record_ms: float,
             producer = meshscale.connect(entry.address, bundle=lm.bundle_path)
             s = producer.stream("op-in")
             rng = random.Random(3)
-            n = 0
-            nxt = time.monotonic()
-            end = nxt + duration_s
-            while (now := time.monotonic()) < end:
-                if now < nxt:
-                    time.sleep(min(nxt - now, 0.01))
-                    continue
-                nxt += 1.0 / rate
-                s.publish(f"m-{n}", {"f": reading(rng, False), "site": "a"})
-                n += 1
+            n = stream_hop.publish_paced(rate, duration_s, lambda i: s.publish(
+                f"m-{i}", {"f": reading(rng, False), "site": "a"}))
             s.flush(timeout=60)
             deadline = time.monotonic() + 30
             while got[0] < n and time.monotonic() < deadline:

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,22 @@ def _wait_warm(lm: Any, op: str, timeout_s: float = 60.0) -> bool:
     return False
 
 
+def publish_paced(rate: float, duration_s: float, publish: Callable[[int], object]) -> int:
+    """Call ``publish(i)`` for i = 0, 1, ... at ``rate`` a second for ``duration_s``
+    (paced on the monotonic clock, no burst to catch up); how many were published."""
+    n = 0
+    nxt = time.monotonic()
+    end = nxt + duration_s
+    while (now := time.monotonic()) < end:
+        if now < nxt:
+            time.sleep(min(nxt - now, 0.01))
+            continue
+        nxt += 1.0 / rate
+        publish(n)
+        n += 1
+    return n
+
+
 def measure(duration_s: float = 10.0, rate: float = 20.0) -> dict[str, Any]:
     """Run the two-node pipeline; returns the figures (see the module docstring)."""
     import meshscale
@@ -127,16 +144,7 @@ def measure(duration_s: float = 10.0, rate: float = 20.0) -> dict[str, Any]:
             c1, t1 = _mesh_cpu_s(lm), time.monotonic()
             producer = meshscale.connect(entry.address, bundle=lm.bundle_path)
             s = producer.stream("hop-in")
-            n = 0
-            nxt = time.monotonic()
-            end = nxt + duration_s
-            while (now := time.monotonic()) < end:
-                if now < nxt:
-                    time.sleep(min(nxt - now, 0.01))
-                    continue
-                nxt += 1.0 / rate
-                s.publish("k", n)
-                n += 1
+            n = publish_paced(rate, duration_s, lambda i: s.publish("k", i))
             s.flush(timeout=60)
             deadline = time.monotonic() + 30
             while len(lat) < n and time.monotonic() < deadline:
