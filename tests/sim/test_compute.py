@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 
 import pytest
 
 from meshscale.core.placement import Residency
-from meshscale.core.scheduling import Load, TaskFailed, TaskSpec
+from meshscale.core.scheduling import (
+    GetTask,
+    Load,
+    Result,
+    TaskFailed,
+    TaskSpec,
+    decode_message,
+)
 from meshscale.sim.compute import (
     ComputeMesh,
     ComputeReport,
@@ -161,3 +169,36 @@ def test_same_seed_same_trace() -> None:
     assert a.trace_hash == b.trace_hash and a.faults == b.faults
     assert a.trace_hash != c.trace_hash
     assert herd_run(3).trace_hash == herd_run(3).trace_hash
+
+
+def test_a_busy_slots_next_ask_leaves_before_the_result_as_in_the_runtime() -> None:
+    # runtime/compute.py frees a run's slot (Scheduler.run_ended) as soon as the run ends,
+    # so the next GetTask travels while the outcome goes to the owner; the Result follows
+    # (task_finished). The simulator drives the scheduler in the same order: at the end
+    # of a run on a full node with reservations queued, its GetTask is sent before the
+    # Result (with task_finished alone it went after).
+    mesh = ComputeMesh(3, seed=4, cpus=1.0)
+    sim = mesh.sim
+    sent: list[tuple[float, str, type]] = []
+    for name in mesh.names:
+        host = mesh.node(name).host
+
+        def send(dst: str, payload: bytes, name: str = name,
+                 inner: Callable[[str, bytes], None] = host.send) -> None:
+            msg = decode_message(payload[1:], 1 << 20)  # after the sender's boot byte
+            sent.append((sim.now, name, type(msg)))
+            inner(dst, payload)
+
+        host.send = send
+    sim.run_until(1.5)
+    assert mesh.submit("n0", [TaskSpec(f"t{i}") for i in range(12)], [1.0] * 12) is None
+    assert sim.run_until_true(mesh.all_done, 60.0, 0.5)
+    assert not mesh.result_problems() and not mesh.violations
+    # Each (time, node) at which a node sent both a Result and a GetTask: the order.
+    moments: dict[tuple[float, str], list[type]] = {}
+    for t, name, kind in sent:
+        if kind in (GetTask, Result):
+            moments.setdefault((t, name), []).append(kind)
+    both = [kinds for kinds in moments.values() if GetTask in kinds and Result in kinds]
+    assert len(both) >= 3, moments
+    assert all(kinds.index(GetTask) < kinds.index(Result) for kinds in both), both

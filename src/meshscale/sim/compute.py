@@ -3,8 +3,8 @@
 ``ComputeNode`` is a ``DrivenProtocol`` holding one ``core.scheduling.Scheduler`` and
 one ``core.tasks.TaskBook``, playing their driver as ``runtime/compute.py`` does:
 scheduling messages travel as one-way streams (the engine's TCP model), a ``RunTask``
-occupies the node's slots for the task's simulated duration and then reports
-``task_finished``. The records a node owns live in its memory (lost in a crash) and in a
+occupies the node's slots for the task's simulated duration and then frees them
+(``run_ended``) and reports ``task_finished``. The records a node owns live in its memory (lost in a crash) and in a
 replicated store (``ComputeMesh.kv``, the runtime's KV: a record is written at submit,
 before the submit is acknowledged, and when the task ends, ``kv_delay_s`` later and only
 if its writer is still up then).
@@ -113,8 +113,9 @@ class SchedulerHost:
     prefixed with this process's boot (one byte of incarnation, as the runtime's
     ``sched.*`` requests carry ``LoadReport.boot``: the receiver hands it to
     ``Scheduler.peer_boot`` first), a ``RunTask`` occupies the node's slots until its
-    simulated run ends (``duration``, asked when it starts) and is then reported to its
-    owner (``task_finished``, with the outcome ``ended`` gives), and every other output
+    simulated run ends (``duration``, asked when it starts), which frees them
+    (``run_ended``) and is then reported to its owner (``task_finished``, with the outcome
+    ``ended`` gives; both at the same simulated moment, see ``on_timer``), and every other output
     is passed to ``emit`` in order (the caller's record keeping: ``TaskBound``,
     ``TaskFinished``, ``TaskStopped``, ``TaskFailed``; ``RunTask`` too, after it is
     queued). ``kill`` ends a run early (the runtime's ``task.kill`` after a
@@ -165,6 +166,13 @@ class SchedulerHost:
             _, _, owner, tid, attempt = heapq.heappop(self.runs)
             ok, detail = (True, "") if self.ended is None else \
                 self.ended(owner, tid, attempt, now)
+            # As runtime/compute.py: the slot is freed first (run_ended: the next
+            # reservation's GetTask goes out now), then the outcome goes to the owner,
+            # then the Result (task_finished). Here the outcome rides with the Result
+            # (the owner's book takes it from TaskFinished), so the runtime's wait for
+            # task.done's acknowledgement is not modelled: both calls are made at the
+            # run's end, in the runtime's order.
+            self.sched.run_ended(owner, tid, attempt, now)
             self.sched.task_finished(owner, tid, attempt, ok, detail, now)
         self.sched.on_timer(now)
         self.settle(now)
@@ -178,6 +186,7 @@ class SchedulerHost:
         self.runs = [r for r in self.runs if not (r[2] == owner and r[3] == tid)]
         heapq.heapify(self.runs)
         for _, _, o, t, attempt in mine:
+            self.sched.run_ended(o, t, attempt, now)  # as on_timer: the runtime's order
             self.sched.task_finished(o, t, attempt, False, "killed", now)
         self.settle(now)
         return True
