@@ -27,8 +27,10 @@ the way ``runtime/data/`` drives ``core.replication``:
   first, else ``obj.read`` proxies from a holder: never through the client), runs the
   function in the pool (fetching its bytes from the owner, or the function object, if
   no worker has it), stores the result (inline up to ``inline_result_bytes``, otherwise
-  as a replicated object through the data plane's put path), tells the owner
-  (``task.done``) and only then reports ``task_finished`` to the scheduler;
+  as a replicated object through the data plane's put path), frees the run's slot
+  (``run_ended``: the next ``GetTask`` travels while the outcome does), tells the owner
+  (``task.done``) and only then reports ``task_finished`` to the scheduler (its
+  ``Result`` never reaches the owner before the outcome);
 - task records (Ray's ownership): the node a task is submitted to owns its record, kept
   in memory in a ``core.tasks.TaskBook`` (lifecycle, first outcome wins, crash retries,
   bounded) and written to the replicated KV (``task/<id>``, msgpack ``TaskRecord``) at
