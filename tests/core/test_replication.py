@@ -978,6 +978,25 @@ def test_placement_is_the_cached_replica_and_write_set_shared_between_entries() 
     assert m.placement(oids[0], EU) is None  # held under another policy
 
 
+def test_an_entrys_flags_are_independent_bits() -> None:
+    """``under``, ``dropping``, ``moved`` and ``handed`` share one int: setting or clearing
+    one leaves the others as they were."""
+    from meshscale.core.replication import _Local
+
+    names_ = ("under", "dropping", "moved", "handed")
+    loc = _Local("x", ANY, None)
+    for i, name in enumerate(names_):
+        for on in (True, False, True):
+            setattr(loc, name, on)
+            assert getattr(loc, name) is on
+            assert [getattr(loc, n) for n in names_] == [j <= i if j != i else on
+                                                          for j in range(len(names_))]
+    assert loc.flags == 15
+    for name in names_:
+        setattr(loc, name, False)
+    assert loc.flags == 0
+
+
 # --------------------------------------------------------------- tombstones follow a class
 
 
