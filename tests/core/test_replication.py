@@ -1009,6 +1009,34 @@ def _answer(m: ReplicaManager, peer: str, offer: Offer, now: float,
     m.handle_message(peer, encode_message(OfferReply(offer.round, offer.page, [], list(not_mine))), now)
 
 
+def test_entries_sharing_confirmations_change_them_apart() -> None:
+    """Entries confirmed alike share one confirmations dict (``_set_confirmed``): a change
+    to one entry's (a new confirmation, or one withdrawn) makes it a new dict and leaves
+    the other entries' as they were (a dict changed in place would change them all)."""
+    cfg = ReplicationConfig(sync_interval_s=5.0, page_size=1, self_check=True)
+    m = manager("us1", cfg=cfg)
+    for o in ("o0", "o1", "o2"):
+        m.object_added(o, ObjectPolicy(7), None, 0.0)  # 7 of 7 nodes: us1 pairs with all
+    pages = _offer_round(m, ["ap1", "eu2"], 1.0)
+    for p in ("ap1", "eu2"):
+        for o in ("o0", "o1", "o2"):
+            _answer(m, p, pages[p][o], 1.1)
+    shared = m._inv["o0"].confirmed
+    assert shared == {"ap1": 1.1, "eu2": 1.1}
+    assert m._inv["o1"].confirmed is shared and m._inv["o2"].confirmed is shared
+    # A later round: ap1 withdraws o0 (not_mine), eu2 confirms o1 again, later; o2 is
+    # not answered at all.
+    pages = _offer_round(m, ["ap1", "eu2"], 2.0)
+    _answer(m, "ap1", pages["ap1"]["o0"], 2.1, not_mine=("o0",))
+    _answer(m, "eu2", pages["eu2"]["o1"], 2.1)
+    assert m.confirmed_holders("o0") == ["eu2"]
+    assert m._inv["o0"].confirmed == {"eu2": 1.1}
+    assert m._inv["o1"].confirmed == {"ap1": 1.1, "eu2": 2.1}
+    assert m._inv["o2"].confirmed == {"ap1": 1.1, "eu2": 1.1}
+    assert m._inv["o2"].confirmed is shared
+    assert m.confirmed_holders("o2") == ["ap1", "eu2"]
+
+
 def test_a_digest_match_covers_the_entries_unchanged_since_its_round_started() -> None:
     """An entry (re)indexed after a round started is not confirmed by that round's digest
     match; one unchanged since is (the manager's change epoch advances as a round starts:
