@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import TypeVar
 
 import msgspec
 import pytest
@@ -39,6 +40,8 @@ from meshscale.core.replication import (
     encode_message,
 )
 from meshscale.core.wire import WireError
+
+_M = TypeVar("_M")
 
 VIEW = [
     Candidate("eu1", "eu", "eu-a"),
@@ -976,6 +979,100 @@ def test_placement_is_the_cached_replica_and_write_set_shared_between_entries() 
     assert len(seen) < len(oids)  # 60 objects, at most 24 orders of 3 of 4 nodes
     assert m.placement("obj-unknown", ANY) is None
     assert m.placement(oids[0], EU) is None  # held under another policy
+
+
+def _messages(m: ReplicaManager, kind: type[_M]) -> dict[str, list[_M]]:
+    """What ``m`` sent of message type ``kind``, by destination."""
+    got: dict[str, list[_M]] = {}
+    for out in m.drain():
+        if isinstance(out, SendMessage):
+            msg = decode_message(out.payload, 1 << 20)
+            if isinstance(msg, kind):
+                got.setdefault(out.dst, []).append(msg)
+    return got
+
+
+def _offer_round(m: ReplicaManager, peers: list[str], now: float) -> dict[str, dict[str, Offer]]:
+    """Start a round on ``m`` and have ``peers`` answer its digest with a mismatch: the
+    offer pages each sends back for, by peer and then by the one id of the page."""
+    m.on_timer(m.next_deadline() or 0.0)
+    digests = _messages(m, DigestMsg)
+    pages: dict[str, dict[str, Offer]] = {}
+    for p in peers:
+        m.handle_message(p, encode_message(DigestReply(digests[p][0].round, False)), now)
+        pages[p] = {o.refs[0].oid: o for o in _messages(m, Offer)[p]}
+    return pages
+
+
+def _answer(m: ReplicaManager, peer: str, offer: Offer, now: float,
+            not_mine: tuple[str, ...] = ()) -> None:
+    m.handle_message(peer, encode_message(OfferReply(offer.round, offer.page, [], list(not_mine))), now)
+
+
+def test_entries_sharing_confirmations_change_them_apart() -> None:
+    """Entries confirmed alike share one confirmations dict (``_set_confirmed``): a change
+    to one entry's (a new confirmation, or one withdrawn) makes it a new dict and leaves
+    the other entries' as they were (a dict changed in place would change them all)."""
+    cfg = ReplicationConfig(sync_interval_s=5.0, page_size=1, self_check=True)
+    m = manager("us1", cfg=cfg)
+    for o in ("o0", "o1", "o2"):
+        m.object_added(o, ObjectPolicy(7), None, 0.0)  # 7 of 7 nodes: us1 pairs with all
+    pages = _offer_round(m, ["ap1", "eu2"], 1.0)
+    for p in ("ap1", "eu2"):
+        for o in ("o0", "o1", "o2"):
+            _answer(m, p, pages[p][o], 1.1)
+    shared = m._inv["o0"].confirmed
+    assert shared == {"ap1": 1.1, "eu2": 1.1}
+    assert m._inv["o1"].confirmed is shared and m._inv["o2"].confirmed is shared
+    # A later round: ap1 withdraws o0 (not_mine), eu2 confirms o1 again, later; o2 is
+    # not answered at all.
+    pages = _offer_round(m, ["ap1", "eu2"], 2.0)
+    _answer(m, "ap1", pages["ap1"]["o0"], 2.1, not_mine=("o0",))
+    _answer(m, "eu2", pages["eu2"]["o1"], 2.1)
+    assert m.confirmed_holders("o0") == ["eu2"]
+    assert m._inv["o0"].confirmed == {"eu2": 1.1}
+    assert m._inv["o1"].confirmed == {"ap1": 1.1, "eu2": 2.1}
+    assert m._inv["o2"].confirmed == {"ap1": 1.1, "eu2": 1.1}
+    assert m._inv["o2"].confirmed is shared
+    assert m.confirmed_holders("o2") == ["ap1", "eu2"]
+
+
+def test_a_digest_match_covers_the_entries_unchanged_since_its_round_started() -> None:
+    """An entry (re)indexed after a round started is not confirmed by that round's digest
+    match; one unchanged since is (the manager's change epoch advances as a round starts:
+    entries changed within one epoch share its int)."""
+    m = manager("us1")
+    for o in ("o0", "o1", "o2"):
+        m.object_added(o, ObjectPolicy(7), None, 0.0)
+    m.on_timer(m.next_deadline() or 0.0)
+    digest = _messages(m, DigestMsg)["ap1"][0]
+    for o in ("o1", "o2"):  # copies lost and made again after the round started: ap1's
+        m.object_removed(o, 1.0)  # digest did not cover them
+        m.object_added(o, ObjectPolicy(7), None, 1.0)
+    m.drain()
+    m.handle_message("ap1", encode_message(DigestReply(digest.round, True)), 1.1)
+    assert m.confirmed_holders("o0") == ["ap1"]
+    assert m.confirmed_holders("o1") == m.confirmed_holders("o2") == []
+    assert m._inv["o1"].seq == m._inv["o2"].seq  # changed in one epoch: one int
+
+
+def test_an_entrys_flags_are_independent_bits() -> None:
+    """``under``, ``dropping``, ``moved`` and ``handed`` share one int: setting or clearing
+    one leaves the others as they were."""
+    from meshscale.core.replication import _Local
+
+    names_ = ("under", "dropping", "moved", "handed")
+    loc = _Local("x", ANY, None)
+    for i, name in enumerate(names_):
+        for on in (True, False, True):
+            setattr(loc, name, on)
+            assert getattr(loc, name) is on
+            assert [getattr(loc, n) for n in names_] == [j <= i if j != i else on
+                                                          for j in range(len(names_))]
+    assert loc.flags == 15
+    for name in names_:
+        setattr(loc, name, False)
+    assert loc.flags == 0
 
 
 # --------------------------------------------------------------- tombstones follow a class

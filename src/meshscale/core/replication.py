@@ -36,7 +36,7 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   (held outside the replica set, or declined by a full member) are kept in a small
   *handoff set*, so a round finds them without walking the inventory. A digest match
   confirms the whole pair set without touching it: the manager notes (peer, time, change
-  counter at the round's start), and an entry unchanged since then counts as confirmed
+  epoch at the round's start: it advances as each round starts), and an entry unchanged since then counts as confirmed
   by that peer at that time, written into the entry when it is next read or changed
   (``_settle``); a view change writes them all (entries share equal confirmations).
   Only a mismatch lists the ids (``Offer`` pages, the pair set as it is when the
@@ -465,6 +465,10 @@ SHARED_VALUES_MAX = 4096
 entries to share (beyond it, new ones are stored as they come)."""
 
 
+_UNDER, _DROPPING, _MOVED, _HANDED = 1, 2, 4, 8
+"""The bits of ``_Local.flags``."""
+
+
 @dataclass(slots=True)
 class _Local:
     """A copy this node holds."""
@@ -484,30 +488,64 @@ class _Local:
     no_room: dict[str, float] = field(default_factory=lambda: _NO_ROOM)
     """Full peer -> when it said it lacks this copy and has no room for it. Nearly always
     empty: then the one shared ``_NO_ROOM`` (never written to), not a dict per entry."""
-    under: bool = False
-    dropping: bool = False
     written: HLCTimestamp = ZERO_TS
     """A copy: when the newest write of these bytes that reached us happened."""
     tomb: HLCTimestamp | None = None
     """Set: this entry is a tombstone, not a copy (no bytes are held)."""
-    moved: bool = False
-    """A tombstone whose rule changed while this node kept it (a migration, or a rule
-    narrowed to its class's on receipt): kept here until it expires, not forgotten once
-    the new set holds it. Copies on nodes that missed the change are still placed by the
-    old rule, so their replica sets meet this node, not the tombstone's new set (swarm
-    seed 1144458676 of the policy plane)."""
-    handed: bool = False
-    """A moved tombstone held outside its replica set, which every member confirmed
-    keeping since the last view change: no longer offered to them (until the view
-    changes)."""
     dg: tuple[str, ...] = ()
     """The peers whose pair digest holds this entry (``_entry_hash`` XORed into their
     accumulators), as last indexed; may name this node, which is skipped. The hash is
     computed when needed, not kept (16 bytes of digest cost a 44-byte int per entry):
     an entry whose hash changes (a newer tombstone) leaves the digests first."""
     seq: int = 0
-    """The manager's change counter when this entry's digest state last changed: a
-    digest match of a round started at or after it covers this entry."""
+    """The manager's change epoch when this entry's digest state last changed: a digest
+    match of a round started at or after it covers this entry. The epoch advances when a
+    round starts, not at every change, so entries share its int (not 32 bytes each)."""
+    flags: int = 0
+    """``under``, ``dropping``, ``moved`` and ``handed`` as bits (``_UNDER``...): one
+    slot, a small cached int, where four slots took 24 bytes more per entry."""
+
+    @property
+    def under(self) -> bool:
+        """Held here with fewer allowed live nodes than its policy wants."""
+        return bool(self.flags & _UNDER)
+
+    @under.setter
+    def under(self, on: bool) -> None:
+        self.flags = self.flags | _UNDER if on else self.flags & ~_UNDER
+
+    @property
+    def dropping(self) -> bool:
+        """``DropLocal`` was emitted: the copy is going away."""
+        return bool(self.flags & _DROPPING)
+
+    @dropping.setter
+    def dropping(self, on: bool) -> None:
+        self.flags = self.flags | _DROPPING if on else self.flags & ~_DROPPING
+
+    @property
+    def moved(self) -> bool:
+        """A tombstone whose rule changed while this node kept it (a migration, or a rule
+        narrowed to its class's on receipt): kept here until it expires, not forgotten
+        once the new set holds it. Copies on nodes that missed the change are still
+        placed by the old rule, so their replica sets meet this node, not the tombstone's
+        new set (swarm seed 1144458676 of the policy plane)."""
+        return bool(self.flags & _MOVED)
+
+    @moved.setter
+    def moved(self, on: bool) -> None:
+        self.flags = self.flags | _MOVED if on else self.flags & ~_MOVED
+
+    @property
+    def handed(self) -> bool:
+        """A moved tombstone held outside its replica set, which every member confirmed
+        keeping since the last view change: no longer offered to them (until the view
+        changes)."""
+        return bool(self.flags & _HANDED)
+
+    @handed.setter
+    def handed(self, on: bool) -> None:
+        self.flags = self.flags | _HANDED if on else self.flags & ~_HANDED
 
 
 @dataclass(slots=True)
@@ -545,7 +583,7 @@ class _PeerRound:
     view: int
     """The view version the round started under."""
     seq: int
-    """The change counter when it started: its digest covered entries with ``seq`` <= it."""
+    """The change epoch when it started: its digest covered entries with ``seq`` <= it."""
     pair_tombs: dict[str, HLCTimestamp] = field(default_factory=dict)
     """Tombstones with a delete pending here that the round's digest covered, with their
     timestamp then (credited on a match)."""
@@ -616,8 +654,12 @@ class ReplicaManager:
         """Entries to offer beyond the pair digests: held outside their replica set, or
         with a member that declined them (``no_room``)."""
         self._seq = 0
+        """The change epoch: an entry that changes takes it (``_index``); a round starting
+        records it and advances it, so a change before the start has a ``seq`` <= the
+        round's and one after a greater one (a counter per change would give the same
+        order, with an int of its own for nearly every entry)."""
         self._matched: dict[str, tuple[float, int]] = {}
-        """Peer -> (when, round's change counter) of its last digest match under the
+        """Peer -> (when, round's change epoch) of its last digest match under the
         current view: every entry in our pair digest with it and unchanged since that
         round started counts as confirmed by it then (``_settle``)."""
         self._under = 0
@@ -1046,7 +1088,7 @@ class ReplicaManager:
         if self._tomb_count >= self.config.max_tombstones:
             self._count("tombstones_shed")
             return "applied"
-        new = _Local(oid, self._share(policy), None, tomb=ts, moved=moved)
+        new = _Local(oid, self._share(policy), None, tomb=ts, flags=_MOVED if moved else 0)
         self._inv[oid] = new
         self._index(new)
         self._tomb_count += 1
@@ -1466,6 +1508,7 @@ class ReplicaManager:
                 continue
             self._round_seq += 1
             st = _PeerRound(self._round_seq, now, self._view_version, self._seq)
+            self._seq += 1  # entries changed from now on are not covered by this round
             self._rounds[p] = st
             self._count("sync_rounds")
             if count:
@@ -1524,10 +1567,7 @@ class ReplicaManager:
     def _index(self, loc: _Local, *, seq: int | None = None) -> None:
         """``loc`` (in the inventory) changed: move its share of the pair digests and its
         handoff membership to its new state. Call ``_settle`` before changing it."""
-        if seq is None:
-            self._seq += 1
-            seq = self._seq
-        loc.seq = seq
+        loc.seq = self._seq if seq is None else seq
         new = self._pair_peers(loc)
         if new is not loc.dg:
             count, acc, me = self._dg_count, self._dg_acc, self.name
