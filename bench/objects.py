@@ -76,8 +76,8 @@ from pathlib import Path
 from typing import Any
 
 from meshscale.client.mesh import READ_AHEAD, AsyncMesh
-from meshscale.client.rpc import ClientCredentials, RpcConnection, RpcError
-from meshscale.core.api import Empty
+from meshscale.client.rpc import ClientCredentials, RemoteError, RpcConnection, RpcError
+from meshscale.core.api import Empty, ErrorCode
 from meshscale.core.api import node as node_api
 from meshscale.core.api import objects as api
 from meshscale.core.api.tasks import TASK_STATS
@@ -604,6 +604,20 @@ async def _idle_window(mesh: LocalMesh, window_s: float) -> tuple[list[float], l
     return cpu, ae
 
 
+LOAD_ATTEMPTS = 20
+"""Tries of one put while loading a scale run, 0.5 s apart, before the run fails."""
+TRANSIENT_CODES = frozenset({ErrorCode.BUSY, ErrorCode.STARTING, ErrorCode.UNAVAILABLE})
+"""Answers a put may get from a healthy mesh under load: no slot free, a plane still
+starting, a write quorum not met in time (the same data put again has the same id)."""
+
+
+def _transient(e: RpcError) -> bool:
+    """Whether a failed put is worth another try: a transient answer, or no answer."""
+    if isinstance(e, RemoteError):
+        return e.code in TRANSIENT_CODES
+    return e.unreachable or "timed out" in str(e)
+
+
 async def _load(mesh: LocalMesh, n: int) -> list[str]:
     """Put ``n`` small objects (RF 3, W 2) from ``SCALE_CONNS_PER_NODE`` concurrent loops
     per node, each on a connection of its own, spread over every node; their ids."""
@@ -617,13 +631,14 @@ async def _load(mesh: LocalMesh, n: int) -> list[str]:
             while left[0] > 0:
                 left[0] -= 1
                 data = os.urandom(SCALE_OBJECT_BYTES)
-                for attempt in range(20):
+                for attempt in range(LOAD_ATTEMPTS):
                     try:
                         ids.append(await put_small(c, data))
                         break
-                    except RpcError as e:  # a busy node (no connection slot): again
-                        if "busy" not in str(e) or attempt == 19:
+                    except RpcError as e:  # a transient refusal or a lost answer: again
+                        if not _transient(e) or attempt == LOAD_ATTEMPTS - 1:
                             raise
+                        EXTRA["load_retries"] = EXTRA.get("load_retries", 0) + 1
                         await asyncio.sleep(0.5)
         finally:
             await c.close()
@@ -816,6 +831,8 @@ def scale_main(n: int, quick: bool, tmpfs: bool, preload: bool, out: Path | None
                                           "was read (~160 KB of RSS each, on both ends)",
         "restart_to_converged_s": "same restart: until every node serves every plane and "
                                   "sees 3 alive",
+        "load_retries": "puts tried again after a transient answer (busy, starting, "
+                        "unavailable) or none",
     }
     print(f"{'metric':<34}  {'value':>11}  note")
     for k in SCALE_KEYS:

@@ -33,7 +33,8 @@ LAUNCHER_USAGE = "python -m meshscale.runtime.agent_main --config FILE"
 BUNDLE_ENV = "MESHSCALE_BUNDLE"
 USAGE_EXIT = 2
 EXIT_REMOVED = 78
-"""A removed node (``meshscale node remove``) will not start (see ``runtime/node.py``)."""
+"""Exit status of a node removed from the mesh (``meshscale node remove``): it stops and
+will not start again (EX_CONFIG; the systemd unit does not restart on it)."""
 MAX_CONFIG_BYTES = 1024 * 1024
 LATENCY_HELP = (
     "Emulated inter-region RTT, e.g. eu-west:us-east=80ms (repeat or comma-separate). "

@@ -140,7 +140,6 @@ if TYPE_CHECKING:
 
 UNAUTHORIZED = "unauthorized"
 FORBIDDEN = "forbidden"
-EXIT_REMOVED = 78
 POWER_TICK_S = 1.0
 """How often the node's power meter samples (``runtime/power.py``)."""
 SETTLE_MEMORY_S = 5.0
@@ -148,8 +147,6 @@ SETTLE_MEMORY_S = 5.0
 TRIM_AFTER_CLOSE_S = 2.0
 """How long after idle connections to members were closed the heap is trimmed (the
 members close theirs, to us, within about a housekeeping tick of ours)."""
-"""Exit status of a node that was removed from the mesh (EX_CONFIG; the systemd unit
-does not restart on it)."""
 
 STATE_NAMES = {
     State.ALIVE: "alive",
@@ -315,7 +312,7 @@ class NodeAgent:
                 f"{self.revocations.path}); it cannot rejoin: give the machine a new node "
                 "bundle with another name")
         self.removed = False
-        """This node was removed from the mesh (it stops; see ``EXIT_REMOVED``)."""
+        """This node was removed from the mesh (it stops; see ``agent_main.EXIT_REMOVED``)."""
         self.stop_requested = asyncio.Event()
         self._keys = _Keys(open_ring=bundle.keyring, seal_ring=bundle.keyring)
         with contextlib.suppress(OSError):
