@@ -151,6 +151,8 @@ class Demo:
         if cfg.only != "near-source":
             self.pipes[CENTRAL_OUT] = _Pipeline("central (cloud)", CENTRAL_OP, CENTRAL_OUT)
         self.kill_time: float | None = None
+        self.victim_stats: list[StreamStats] = []
+        """The killed node's stream counters, read just before the kill."""
         self.stop_consumers = threading.Event()
         self.errors: list[str] = []
 
@@ -255,6 +257,9 @@ class Demo:
             while time.monotonic() < kill_at:
                 time.sleep(0.05)
             assert a_entry.proc is not None
+            # Its counters die with it: read them first (what it counts in the few ms
+            # between this read and the kill is lost), added to the live nodes' at the end.
+            self.victim_stats = self._stream_stats(control, lm, [a_entry])
             a_entry.proc.send_signal(signal.SIGKILL)
             self.kill_time = time.time()
             self.say(f"[red]killed {a_entry.name}[/] (site A's entry node) at "
@@ -278,7 +283,7 @@ class Demo:
         self.stop_consumers.set()
         for t in consumers:
             t.join(timeout=10)
-        stats = self._stream_stats(control, lm)
+        stats = self._stream_stats(control, lm) + self.victim_stats
         for s in streams.values():
             s.close()
         for _, m in producers:
@@ -368,14 +373,16 @@ class Demo:
         with self.lock:
             pipe.duplicates += sub.duplicates
 
-    def _stream_stats(self, mesh: Any, lm: Any) -> list[StreamStats]:
+    def _stream_stats(self, mesh: Any, lm: Any, nodes: list[Any] | None = None
+                      ) -> list[StreamStats]:
+        """The stream counters of ``nodes`` (default: every node) that are running."""
         from meshscale.client.rpc import RpcError, request
         from meshscale.core.api import Empty
         from meshscale.core.api.streams import STATS
 
         creds = lm.credentials()
         out = []
-        for n in lm.nodes:
+        for n in lm.nodes if nodes is None else nodes:
             if n.proc is None or n.proc.poll() is not None:
                 continue
             with contextlib.suppress(RpcError, OSError):
@@ -420,13 +427,16 @@ class Demo:
                                        if a_before and killed else None),
             }
         for p in self.pipes.values():
-            # The operator's time per batch in the worker pools (live nodes' runners).
+            # The operator's time per batch in the worker pools (every runner's, the
+            # killed node's up to its kill), and the records its runners took: every
+            # record at least once, more where a runner re-read after the failover.
             us = sum(st.operators.get(p.op, {}).get("apply_us", 0) for st in stats)
             calls = sum(st.operators.get(p.op, {}).get("batches_applied", 0) for st in stats)
+            done = sum(st.operators.get(p.op, {}).get("records_processed", 0) for st in stats)
+            pipes[p.name]["operator_records"] = done
             pipes[p.name]["operator_ms_per_call"] = round(us / calls / 1000, 3) if calls else None
-            pipes[p.name]["operator_records_per_call"] = (
-                round(sum(st.operators.get(p.op, {}).get("records_processed", 0)
-                          for st in stats) / calls, 2) if calls else None)
+            pipes[p.name]["operator_records_per_call"] = (round(done / calls, 2) if calls
+                                                          else None)
         for p in self.pipes.values():
             name, op, out = p.name, p.op, p.topic
             raw = bytes_for(f"{TOPIC}:fetch:{op}")
