@@ -83,6 +83,30 @@ def test_a_reply_out_of_contract_is_refused() -> None:
     assert request_args(RevokeRequest(entry=b"x")) == {"entry": b"x"}
 
 
+def test_a_reply_decoded_off_the_wire_is_checked_as_parse_reply_checks_it() -> None:
+    """``decode_reply`` (what a caller uses) takes the encoded reply straight into the
+    method's type: the same replies pass and fail as through builtins and ``parse_reply``."""
+    import msgspec
+
+    from meshscale.core.api import parse_reply
+    from meshscale.core.api.contract import decode_reply
+    from meshscale.core.api.node import ADMIN_REVOKE, MEMBERS, RevokeReply
+    from meshscale.core.api.objects import LOCAL_LIST, ObjectDesc
+
+    enc = msgspec.msgpack.encode
+    assert decode_reply(ADMIN_REVOKE, enc({"name": "n1", "new": True})) == RevokeReply("n1", True)
+    page = [ObjectDesc(id="a" * 64, size=3, replicas=2, replica_set=["n1", "n2"])]
+    assert decode_reply(LOCAL_LIST, enc(page)) == page == parse_reply(
+        LOCAL_LIST, msgspec.to_builtins(page))
+    for bad in ({"name": "n1", "new": "yes"}, {"name": "n1"}, [1, 2], None):
+        with pytest.raises(ValueError, match="malformed reply"):
+            decode_reply(ADMIN_REVOKE, enc(bad))
+        with pytest.raises(ValueError, match="malformed reply"):
+            parse_reply(ADMIN_REVOKE, bad)
+    with pytest.raises(ValueError, match="malformed reply"):
+        decode_reply(MEMBERS, b"\xc1")  # not msgpack at all
+
+
 def test_residency_goes_on_the_wire_in_one_form() -> None:
     import msgspec
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from meshscale.core.api import ErrorCode
 from meshscale.core.outputs import SendDatagram
+from meshscale.core.rpc import RpcResponse, decode_stream_message
 from meshscale.runtime.identity import start_identity
 from meshscale.runtime.node import NodeAgent
 from meshscale.trust.bundle import init_bundle, write_node_bundle
@@ -48,3 +50,24 @@ def test_a_name_where_an_address_belongs_costs_one_send(tmp_path: Path) -> None:
         uvloop.run(go())
     finally:
         sink.close()
+
+
+def test_a_reply_that_cannot_be_encoded_is_answered_as_an_internal_error(tmp_path: Path
+                                                                        ) -> None:
+    """Replies are encoded as the handler returned them (no builtins copy first): a
+    result msgpack cannot carry (a handler bug) becomes an ``internal`` answer to that
+    call, counted, instead of an exception that would drop the caller's connection."""
+    admin = init_bundle(tmp_path / "admin")
+    bundle = write_node_bundle(admin, "n1", tmp_path / "n1")
+    agent = NodeAgent(identity=start_identity(tmp_path / "d", "n1"), data_dir=tmp_path / "d",
+                      bundle=bundle, bind="127.0.0.1:0", dataplane=False)
+    before = agent.stats.runtime["rpc_errors"]
+    out = decode_stream_message(agent._encode_reply(RpcResponse(7, True, result=object())),
+                                1 << 20)
+    assert isinstance(out, RpcResponse)
+    assert (out.id, out.ok, out.code) == (7, False, ErrorCode.INTERNAL)
+    assert "not encodable" in out.error
+    assert agent.stats.runtime["rpc_errors"] == before + 1
+    fine = decode_stream_message(agent._encode_reply(RpcResponse(8, True, result={"a": b"x"})),
+                                 1 << 20)
+    assert fine == RpcResponse(8, True, result={"a": b"x"})

@@ -49,10 +49,25 @@ class RpcResponse(msgspec.Struct, tag="resp", array_like=True):
     """``core.api.ErrorCode`` of a failed answer (decisions use it, never ``error``)."""
 
 
+class RpcReply(msgspec.Struct, tag="resp", array_like=True):
+    """An ``RpcResponse`` as its caller decodes it: the result kept encoded, so the caller
+    decodes it straight into the reply type its method names
+    (``core.api.contract.decode_reply``) instead of into builtins first."""
+
+    id: RequestId
+    ok: bool
+    result: msgspec.Raw = msgspec.Raw(b"\xc0")
+    error: str = ""
+    code: str = ""
+
+
 StreamMessage = PushPullFrame | RpcRequest | RpcResponse
+ReplyMessage = PushPullFrame | RpcRequest | RpcReply
+"""What a caller reads: the same frames, an answer's result left encoded."""
 
 _outer_decoder = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
 _message_decoder = msgspec.msgpack.Decoder(StreamMessage)
+_reply_decoder = msgspec.msgpack.Decoder(ReplyMessage)
 
 
 def encode_stream_message(msg: StreamMessage) -> bytes:
@@ -62,6 +77,19 @@ def encode_stream_message(msg: StreamMessage) -> bytes:
 def decode_stream_message(data: bytes | bytearray, max_size: int) -> StreamMessage:
     """Parse one frame body, or raise ``WireError`` (reason: oversized, malformed,
     version or unknown)."""
+    msg: StreamMessage = _decode(data, max_size, _message_decoder)
+    return msg
+
+
+def decode_reply_message(data: bytes | bytearray, max_size: int) -> ReplyMessage:
+    """``decode_stream_message`` for a caller: an answer is an ``RpcReply``, its result
+    still encoded."""
+    msg: ReplyMessage = _decode(data, max_size, _reply_decoder)
+    return msg
+
+
+def _decode(data: bytes | bytearray, max_size: int, decoder: msgspec.msgpack.Decoder[Any]
+            ) -> Any:
     if len(data) > max_size:
         raise WireError("oversized", f"{len(data)} > {max_size} bytes")
     try:
@@ -72,7 +100,7 @@ def decode_stream_message(data: bytes | bytearray, max_size: int) -> StreamMessa
         raise WireError("version", f"stream version {version}, expected "
                                    f"{STREAM_PROTOCOL_VERSION}")
     try:
-        msg: StreamMessage = _message_decoder.decode(raw)
+        msg = decoder.decode(raw)
     except msgspec.ValidationError as exc:
         # A well-formed array whose tag we do not know is "unknown"; anything else malformed.
         reason = "unknown" if "Invalid value" in str(exc) and "$[0]" in str(exc) else "malformed"

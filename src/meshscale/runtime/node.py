@@ -65,7 +65,7 @@ import msgspec
 from meshscale.core.access import METHOD_ACCESS, allowed, claimed_sender, narrowest
 from meshscale.core.api import METHODS, ApiError, Empty, ErrorCode, code_of
 from meshscale.core.api import node as node_api
-from meshscale.core.api.contract import Method, parse_request, reply_builtins
+from meshscale.core.api.contract import Method, parse_request
 from meshscale.core.api.node import (
     EventInfo,
     EventsRequest,
@@ -357,7 +357,7 @@ class NodeAgent:
     def serve(self, method: Method[Req, Rep], handler: Handler[Req, Rep]) -> None:
         """Serve typed ``method`` (``core/api``): the request is checked against its
         struct (``core.api.contract.parse_request``) before ``handler`` sees it, and its
-        reply sent as builtins. Raising ``ValueError`` (``ApiError`` for a code) answers
+        reply encoded as it is (a Struct as its builtins; ``_encode_reply``). Raising ``ValueError`` (``ApiError`` for a code) answers
         with an error. The method must be one of ``core.api.METHODS`` and be in
         ``core.access.METHOD_ACCESS`` (who may call it)."""
         name = method.name
@@ -937,12 +937,26 @@ class NodeAgent:
             reply = await self._handle_message(msg, src, who)
             if reply is None:
                 return False
-            out = encode_stream_message(reply)
+            out = self._encode_reply(reply)
             await conn.write_frame(out, max_size=self.cfg.max_frame_bytes)
             self.stats.count_out(kind, len(out))
             if isinstance(reply, RpcResponse) and reply.error.startswith(
                     (UNAUTHORIZED, FORBIDDEN)):
                 return False  # an unauthorised caller gets one answer, then the door
+
+    def _encode_reply(self, reply: StreamMessage) -> bytes:
+        """``reply``'s frame body; a handler's result that cannot be encoded (a handler
+        bug) is answered as an internal error instead."""
+        try:
+            return encode_stream_message(reply)
+        except (TypeError, ValueError, msgspec.EncodeError) as e:
+            if not isinstance(reply, RpcResponse):
+                raise
+            self.stats.runtime["rpc_errors"] += 1
+            self.log_limited("rpc_failed", error=type(e).__name__)
+            return encode_stream_message(RpcResponse(
+                reply.id, False, error=f"internal error: reply not encodable: {e}",
+                code=ErrorCode.INTERNAL))
 
     def _message_kind(self, msg: StreamMessage) -> str:
         if isinstance(msg, RpcRequest):
@@ -1029,7 +1043,8 @@ class NodeAgent:
             result = handler(req.args)
             if inspect.isawaitable(result):
                 result = await result
-            return RpcResponse(req.id, True, result=reply_builtins(result))
+            # Encoded as it is (a Struct encodes as its builtins would): see _encode_reply.
+            return RpcResponse(req.id, True, result=result)
         except (ValueError, TypeError, KeyError) as e:
             return RpcResponse(req.id, False, error=str(e) or type(e).__name__,
                                code=code_of(e))

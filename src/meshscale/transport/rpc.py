@@ -17,11 +17,13 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any, Protocol, TypeVar
 
-from meshscale.core.api.contract import Method, Request, parse_reply, request_args
+import msgspec
+
+from meshscale.core.api.contract import Method, Request, decode_reply, request_args
 from meshscale.core.rpc import (
+    RpcReply,
     RpcRequest,
-    RpcResponse,
-    decode_stream_message,
+    decode_reply_message,
     encode_stream_message,
 )
 from meshscale.core.wire import WireError
@@ -33,6 +35,14 @@ MAX_REPLY_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
 Req = TypeVar("Req", bound=Request)
 Rep = TypeVar("Rep")
+
+
+def _builtins(raw: msgspec.Raw) -> Any:
+    """An encoded result as msgpack builtins (the untyped calls' result)."""
+    try:
+        return msgspec.msgpack.decode(raw)
+    except msgspec.DecodeError as e:  # not seen: the frame's decoder checked its shape
+        raise RpcError(f"malformed reply: {e}") from None
 
 
 class WireCounter(Protocol):
@@ -114,15 +124,20 @@ class RpcConnection:
         return self._writer is not None and not self._writer.is_closing()
 
     async def call(self, method: str, args: dict[str, Any] | None = None) -> Any:
+        """Call ``method`` by name; its result as msgpack builtins."""
+        return _builtins(await self.call_raw(method, args))
+
+    async def call_raw(self, method: str, args: dict[str, Any] | None = None) -> msgspec.Raw:
+        """Call ``method`` by name; its result still encoded."""
         async with self._lock:
             return await self._guarded(self._call(method, args or {}))
 
     async def request(self, method: Method[Req, Rep], req: Req) -> Rep:
         """Call typed ``method`` (``core/api``) with ``req``; its reply, checked against
         the method's reply type (a reply out of contract raises ``RpcError``)."""
-        result = await self.call(method.name, request_args(req))
+        raw = await self.call_raw(method.name, request_args(req))
         try:
-            return parse_reply(method, result)
+            return decode_reply(method, raw)
         except ValueError as e:
             raise RpcError(f"{self.addr}: {e}") from None
 
@@ -166,7 +181,7 @@ class RpcConnection:
         await self._lock.acquire()
         return RpcPipeline(self)
 
-    async def _call(self, method: str, args: dict[str, Any]) -> Any:
+    async def _call(self, method: str, args: dict[str, Any]) -> msgspec.Raw:
         conn = await self._connect()
         req = RpcRequest(next(_ids), method, self.creds.token, args)
         frame = encode_stream_message(req)
@@ -176,8 +191,8 @@ class RpcConnection:
         data = await conn.read_frame()
         if self.counter is not None:
             self.counter.count_in(method, len(data))
-        msg = decode_stream_message(data, MAX_REPLY_BYTES)
-        if not isinstance(msg, RpcResponse) or msg.id != req.id:
+        msg = decode_reply_message(data, MAX_REPLY_BYTES)
+        if not isinstance(msg, RpcReply) or msg.id != req.id:
             await self.close()
             raise RpcError(f"{self.addr}: unexpected reply")
         if not msg.ok:
@@ -230,18 +245,23 @@ class RpcPipeline:
     async def receive_reply(self, method: Method[Any, Rep]) -> Rep:
         """The reply to the oldest call sent, as ``method``'s reply type (``RpcError``
         when it is out of contract)."""
-        result = await self.receive()
+        raw = await self.receive_raw()
         try:
-            return parse_reply(method, result)
+            return decode_reply(method, raw)
         except ValueError as e:
             raise RpcError(f"{self.conn.addr}: {e}") from None
 
     async def receive(self) -> Any:
-        """The result of the oldest call sent; ``RemoteError`` if the node refused it."""
+        """The result of the oldest call sent, as msgpack builtins; ``RemoteError`` if the
+        node refused it."""
+        return _builtins(await self.receive_raw())
+
+    async def receive_raw(self) -> msgspec.Raw:
+        """The result of the oldest call sent, still encoded."""
         assert self._open and self._sent
         conn = self.conn
 
-        async def receive() -> Any:
+        async def receive() -> msgspec.Raw:
             frames = conn._writer
             if frames is None:
                 raise RpcError(f"{conn.addr}: connection lost with calls outstanding")
@@ -249,8 +269,8 @@ class RpcPipeline:
             want, method = self._sent.popleft()
             if conn.counter is not None:
                 conn.counter.count_in(method, len(data))
-            msg = decode_stream_message(data, MAX_REPLY_BYTES)
-            if not isinstance(msg, RpcResponse) or msg.id != want:
+            msg = decode_reply_message(data, MAX_REPLY_BYTES)
+            if not isinstance(msg, RpcReply) or msg.id != want:
                 await conn.close()
                 raise RpcError(f"{conn.addr}: unexpected reply")
             if not msg.ok:

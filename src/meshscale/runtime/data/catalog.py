@@ -10,6 +10,8 @@ import contextlib
 import time
 from typing import Any, TypeVar
 
+import msgspec
+
 from meshscale.core.api import ApiError, Empty, ErrorCode, Method, ResidencyWire
 from meshscale.core.api import objects as api
 from meshscale.core.audit import Kind
@@ -24,9 +26,13 @@ from meshscale.transport.rpc import RpcError
 D = TypeVar("D", bound=api.ObjectDesc)
 
 
+_DESC_FIELDS = len(api.ObjectDesc.__struct_fields__)
+
+
 def _as(cls: type[D], desc: api.ObjectDesc, **extra: Any) -> D:
-    """``desc``'s fields as a ``cls`` (a richer description) with ``extra``."""
-    return cls(**{f: getattr(desc, f) for f in api.ObjectDesc.__struct_fields__}, **extra)
+    """``desc``'s ``ObjectDesc`` fields as a ``cls`` (a richer description) with ``extra``
+    (positionally: a subclass's fields come after its base's)."""
+    return cls(*msgspec.structs.astuple(desc)[:_DESC_FIELDS], **extra)
 
 
 def _health(e: api.ListedObject) -> api.ListedObject:
@@ -142,13 +148,21 @@ class Catalog(DataPlaneBase):
     async def _rpc_list(self, req: api.ListRequest) -> api.ObjectPage:
         limit = req.limit
         pages = await self._fan_out(api.LOCAL_LIST, api.ListRequest(after=req.after, limit=limit))
-        merged: dict[str, api.ListedObject] = {}
+        # Each id's first description (every holder describes it alike from its own view)
+        # and its holders; only the page's objects are built.
+        merged: dict[str, tuple[api.ObjectDesc, list[str]]] = {}
         for node, page in pages.items():
             for desc in page or []:
-                entry = merged.setdefault(desc.id, _as(api.ListedObject, desc, holders=[]))
-                entry.holders.append(node)
+                entry = merged.get(desc.id)
+                if entry is None:
+                    merged[desc.id] = (desc, [node])
+                else:
+                    entry[1].append(node)
         ids = sorted(merged)[:limit]
-        out = [_health(merged[oid]) for oid in ids]
+        out = []
+        for oid in ids:
+            desc, holders = merged[oid]
+            out.append(_health(_as(api.ListedObject, desc, holders=holders)))
         # A node that filled its page may hold more beyond it, even if the merge did not.
         more = len(merged) > limit or any(len(p or []) >= limit for p in pages.values())
         return api.ObjectPage(objects=out, next=ids[-1] if more and ids else None)
