@@ -24,6 +24,8 @@ NEVER_WHILE_IDLE = (
     "meshscale.runtime.metrics",
     # loaded when a task's function or arguments are pickled
     "cloudpickle",
+    # loaded when a task runs (runtime/compute.py pickles its call's arguments)
+    "pickle",
     # never a node's: the CLI framework, the client's data libraries
     "typer", "click", "rich", "pydantic", "numpy", "pandas", "pyarrow", "fsspec", "dask",
     "jinja2", "meshscale.client",

@@ -61,7 +61,6 @@ import contextlib
 import heapq
 import itertools
 import os
-import pickle
 import random
 import time
 from collections import OrderedDict
@@ -2009,6 +2008,9 @@ class ComputePlane:
                     detail=f"owner {owner}, {len(p.inputs)} inputs"
                            + (f" of classes {','.join(in_classes)}" if in_classes else "")
                            + f", result class {result_class or 'none'}")
+            # Here only: an idle node does not load pickle (test_idle_imports.py).
+            import pickle
+
             if p.upstream:
                 upstream = list(await asyncio.gather(*(
                     self._upstream_input(v, links) for v in p.upstream)))
