@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -147,6 +147,9 @@ LANE = "stream"
 """The peer-pool lane of the plane's control calls (operator notices, stats)."""
 LANE_REPL = "stream.repl"
 """Copies of a shard to its backup (one at a time per shard: ``_repl_locks``)."""
+OUTPUT_COPIES_IN_FLIGHT = 8
+"""An operator runner's batches whose outputs are appended but whose copy to the output
+shard's backup is not confirmed yet: beyond it the runner waits for the oldest."""
 
 
 def _fetch_lane(op: str, source: str) -> str:
@@ -276,6 +279,8 @@ class StreamPlane:
         """Copies of gone sources' shards (``_keep_copies``): the operators' low water
         last sent to each copy."""
         self._bad_backup: dict[str, float] = {}
+        self._output_copies: set[asyncio.Task[None]] = set()
+        """Runners' output copies in flight (``_copy_outputs``), held until they end."""
         self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -299,7 +304,7 @@ class StreamPlane:
             self._topic_refresh.cancel()
         if self._copies_task is not None:
             self._copies_task.cancel()
-        for t in [*self.runners.values(), *self.followers.values()]:
+        for t in [*self.runners.values(), *self.followers.values(), *self._output_copies]:
             t.cancel()
 
     # ------------------------------------------------------------------ view
@@ -567,11 +572,14 @@ class StreamPlane:
         return PublishReply(node=self.agent.name, source=self.source_id,
                             first=entries[0].offset, last=entries[-1].offset)
 
-    async def append_local(self, topic: str, records: list[tuple[str, bytes, str, float]]
-                           ) -> list[LogEntry]:
+    async def append_local(self, topic: str, records: list[tuple[str, bytes, str, float]],
+                           *, copied: bool = True) -> list[LogEntry]:
         """Append to this node's shard of ``topic`` once there is room, then copy to the
         backup; returns when both hold the records (or only this node has them, when no
-        backup exists). Raises ValueError when room does not come in ``publish_wait_s``."""
+        backup exists). Raises ValueError when room does not come in ``publish_wait_s``.
+        ``copied=False``: returns once the records are appended, the copy of the last
+        of them left to the caller (``_copy_outputs``); a batch appended in parts, as
+        room comes, still has its earlier parts copied before the next is appended."""
         sid = self.source_id
         log = self._log(topic, sid)
         deadline = time.monotonic() + self.cfg.publish_wait_s
@@ -592,6 +600,8 @@ class StreamPlane:
                 i += n
                 self._notify(topic)
             out.extend(new)
+            if not copied and i >= len(records):
+                break  # the caller copies (the long-polls just woken answer first)
             # One loop turn first: the long-polls this append woke (the operator runner
             # on this node, a subscriber's follower) answer before the copy to the backup
             # is encoded and sent, so a record's way to its operator does not include
@@ -1322,10 +1332,26 @@ class StreamPlane:
     async def _read_shard(self, spec: OperatorSpec, source: str, offset: int | None,
                           lane: str, holders: set[str], st: Counter[str]) -> None:
         """The runner's loop: fetch a batch from the shard's holder, run it, append the
-        outputs, commit (``holders``: the nodes it fetched from, for ``_release``)."""
+        outputs, commit (``holders``: the nodes it fetched from, for ``_release``).
+
+        The outputs' copy to the output shard's backup goes on beside the loop: the next
+        batch is fetched and run while it travels (awaited in the loop, it held every
+        record that landed meanwhile for a round trip to the backup: issue 23). What the
+        runner commits (with its next fetch, and in its checkpoint) is only ever the
+        offset before which every batch's outputs are confirmed copied (``committed``),
+        so a record is released only once its outputs are held twice. Outputs are still
+        appended in order, by the loop itself; at most ``OUTPUT_COPIES_IN_FLIGHT``
+        batches wait for their copy."""
         op_name = spec.name
         last_ckpt = time.monotonic()
         backoff = 0.1
+        # ``committed``: the offset before which every batch's outputs are copied (what
+        # may be committed). ``copies``: the batches whose outputs wait for their copy,
+        # oldest first, each with the offset committed once it (and every batch before
+        # it) is copied; None for a batch without outputs that came behind one with.
+        committed = offset
+        copies: deque[tuple[asyncio.Task[None] | None, int]] = deque()
+        ckpt_at = offset
         # The offset checkpoint is a quorum KV write, which waits on other nodes (slow
         # or far ones too, up to rpc_timeout_s): it runs beside the loop (one at a
         # time, so they land in order), never in its way. Awaited in the loop, it held
@@ -1335,6 +1361,18 @@ class StreamPlane:
         ckpt: asyncio.Task[None] | None = None
         try:
             while not self._stopping:
+                while copies and (copies[0][0] is None or copies[0][0].done()):
+                    task, upto = copies.popleft()
+                    if task is not None:
+                        task.result()  # a copy that failed unexpectedly: the runner restarts
+                    committed = upto
+                now = time.monotonic()
+                if committed is not None and committed != ckpt_at and \
+                        now - last_ckpt >= self.cfg.checkpoint_interval_s and (
+                        ckpt is None or ckpt.done()):
+                    last_ckpt, ckpt_at = now, committed
+                    ckpt = asyncio.get_running_loop().create_task(
+                        self._checkpoint(op_name, source, committed))
                 alive = self._alive()
                 holder = self._holder(spec.topic, source, alive)
                 if holder is None:
@@ -1344,7 +1382,7 @@ class StreamPlane:
                 try:
                     r = await self._call(holder, api.FETCH, FetchRequest(
                         topic=spec.topic, source=source, offset=offset, limit=spec.batch,
-                        wait_s=self.cfg.fetch_wait_s, op=op_name, committed=offset,
+                        wait_s=self.cfg.fetch_wait_s, op=op_name, committed=committed,
                     ), lane=lane, label=f"{spec.topic}:fetch:{op_name}")
                 except (RpcError, ValueError, OSError) as e:
                     st["fetch_errors"] += 1
@@ -1359,6 +1397,8 @@ class StreamPlane:
                 entries = r.entries
                 if offset is None:
                     offset = r.base
+                    if not copies:
+                        committed = ckpt_at = offset  # where it starts: nothing to write
                 elif entries and entries[0].offset > offset:
                     st["records_skipped"] += entries[0].offset - offset  # evicted before read
                 if not entries:
@@ -1384,19 +1424,33 @@ class StreamPlane:
                                                error=str(e)[:200])
                         await asyncio.sleep(1.0)
                         continue  # not committed: the batch is run again
-                    await self.append_local(spec.output, outputs)
+                    await self.append_local(spec.output, outputs, copied=False)
+                    copy: asyncio.Task[None] | None = self._copy_outputs(spec.output)
+                else:
+                    copy = None
                 offset = entries[-1].offset + 1
                 st["records_processed"] += len(entries)
                 st["records_out"] += len(outputs)
-                now = time.monotonic()
-                if now - last_ckpt >= self.cfg.checkpoint_interval_s and (
-                        ckpt is None or ckpt.done()):
-                    last_ckpt = now
-                    ckpt = asyncio.get_running_loop().create_task(
-                        self._checkpoint(op_name, source, offset))
+                if copy is None and not copies:
+                    committed = offset
+                else:
+                    copies.append((copy, offset))
+                    oldest = copies[0][0]
+                    if len(copies) > OUTPUT_COPIES_IN_FLIGHT and oldest is not None:
+                        await asyncio.wait([oldest])  # not cancelled if the runner is
         finally:
             if ckpt is not None and not ckpt.done():
                 ckpt.cancel()
+
+    def _copy_outputs(self, topic: str) -> asyncio.Task[None]:
+        """Copy this node's shard of output ``topic`` to its backup, up to its head, beside
+        the runner that appended to it (``_read_shard``). The copy goes on when its runner
+        stops: what it appended stays uncommitted until then, and is copied either way."""
+        task = asyncio.get_running_loop().create_task(
+            self._replicate(topic, self.source_id, self._log(topic, self.source_id)))
+        self._output_copies.add(task)
+        task.add_done_callback(self._output_copies.discard)
+        return task
 
     def _pool(self) -> WorkerPool:
         pool = self.agent.worker_pool()
