@@ -193,3 +193,15 @@ def test_runner_runs_the_next_batch_while_its_outputs_copy_travels() -> None:
         await turns()
 
     asyncio.run(main())
+
+
+def test_a_batch_reaches_the_worker_as_pickle_args_would_send_it() -> None:
+    """The runner pickles a batch with the standard pickler (``_batch_args``); the worker
+    reads it as it reads ``pickle_args``'s bytes (``cloudpickle.loads``)."""
+    import cloudpickle
+
+    from meshscale.runtime.streams import _batch_args
+    from meshscale.runtime.workers import pickle_args
+
+    batch = [["k", b"\x00v", "r0", 1.5], ["k2", b"", "r1", 0.0]]
+    assert cloudpickle.loads(_batch_args(batch)) == cloudpickle.loads(pickle_args(batch))
