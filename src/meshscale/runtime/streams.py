@@ -224,6 +224,41 @@ _names_decoder = msgspec.msgpack.Decoder(list[str])
 _wire_decoder = msgspec.msgpack.Decoder(ResidencyWire)
 
 
+class _OutputCopies:
+    """An operator runner's batches whose outputs are appended but wait for their copy
+    to the output shard's backup (``StreamPlane._read_shard``), oldest first, and the
+    offset the runner may commit: the one before which every batch's outputs are
+    copied. A batch without outputs behind one waiting waits with it."""
+
+    def __init__(self, committed: int | None) -> None:
+        self.committed = committed
+        self.batches: deque[_Batch] = deque()
+
+    def settle(self) -> int | None:
+        """Drop the batches copied, oldest first, and move ``committed`` past them; a
+        copy that failed unexpectedly raises here (the runner restarts from its
+        checkpoint, which never passed it)."""
+        q = self.batches
+        while q:
+            b = q[0]
+            if b.task is not None and not b.copied:
+                if not b.task.done():
+                    break
+                b.task.result()  # it failed (raises), and stays: nothing commits past it
+            q.popleft()
+            self.committed = b.upto
+        return self.committed
+
+
+@dataclass
+class _Batch:
+    upto: int
+    """The offset after the batch."""
+    task: asyncio.Task[None] | None = None
+    """Its outputs' copy (None: it has no outputs)."""
+    copied: bool = False
+
+
 class StreamPlane:
     def __init__(self, agent: NodeServices, config: StreamConfig | None = None) -> None:
         self.agent = agent
@@ -911,14 +946,19 @@ class StreamPlane:
         if req.op is not None:
             log.register(req.op)
             if req.committed is not None:
-                async with self._lock:
-                    low = log.low_water()
-                    log.commit(req.op, req.committed)
-                    if log.low_water() != low:  # room for a waiting producer, maybe
-                        self._notify(topic)
+                await self._commit(topic, log, req.op, req.committed)
         start = log.base if req.offset is None else req.offset
         entries = await self._wait_ready(topic, lambda: log.read(start, limit), deadline)
         return FetchReply(entries=entries, base=log.base, head=log.head)
+
+    async def _commit(self, topic: str, log: ShardLog, op: str, offset: int) -> None:
+        """Operator ``op`` has processed ``log`` before ``offset`` (its outputs copied):
+        its records may go, and a producer waiting for room goes on."""
+        async with self._lock:
+            low = log.low_water()
+            log.commit(op, offset)
+            if log.low_water() != low:  # room for a waiting producer, maybe
+                self._notify(topic)
 
     async def _policies_if_readable(self, cls: str) -> dict[str, ClassPolicy] | None:
         """The policy of class ``cls`` as this node knows it (``{}``: none), or None when
@@ -1354,27 +1394,18 @@ class StreamPlane:
         op_name = spec.name
         last_ckpt = time.monotonic()
         backoff = 0.1
-        # ``committed``: the offset before which every batch's outputs are copied (what
-        # may be committed). ``copies``: the batches whose outputs wait for their copy,
-        # oldest first, each with the offset committed once it (and every batch before
-        # it) is copied; None for a batch without outputs that came behind one with.
-        committed = offset
-        copies: deque[tuple[asyncio.Task[None] | None, int]] = deque()
+        pending = _OutputCopies(offset)
         ckpt_at = offset
         # The offset checkpoint is a quorum KV write, which waits on other nodes (slow
         # or far ones too, up to rpc_timeout_s): it runs beside the loop (one at a
         # time, so they land in order), never in its way. Awaited in the loop, it held
         # every record that landed meanwhile, every checkpoint_interval_s. A checkpoint
-        # only ever trails the outputs appended; one that is late or lost means
+        # only ever trails the outputs copied; one that is late or lost means
         # replays, which the derived output ids absorb.
         ckpt: asyncio.Task[None] | None = None
         try:
             while not self._stopping:
-                while copies and (copies[0][0] is None or copies[0][0].done()):
-                    task, upto = copies.popleft()
-                    if task is not None:
-                        task.result()  # a copy that failed unexpectedly: the runner restarts
-                    committed = upto
+                committed = pending.settle()
                 now = time.monotonic()
                 if committed is not None and committed != ckpt_at and \
                         now - last_ckpt >= self.cfg.checkpoint_interval_s and (
@@ -1388,10 +1419,16 @@ class StreamPlane:
                     await asyncio.sleep(0.5)
                     continue
                 holders.add(holder)
+                # A copy that ends while the fetch waits commits at once on this node's
+                # shard (``_copy_outputs``); a remote holder hears a commit only with a
+                # fetch, so while copies travel that fetch does not wait (a producer
+                # held for room would wait for its timer).
+                local = holder == self.agent.name
                 try:
                     r = await self._call(holder, api.FETCH, FetchRequest(
                         topic=spec.topic, source=source, offset=offset, limit=spec.batch,
-                        wait_s=self.cfg.fetch_wait_s, op=op_name, committed=committed,
+                        wait_s=self.cfg.fetch_wait_s if local or not pending.batches
+                        else 0.0, op=op_name, committed=committed,
                     ), lane=lane, label=f"{spec.topic}:fetch:{op_name}")
                 except (RpcError, ValueError, OSError) as e:
                     st["fetch_errors"] += 1
@@ -1406,11 +1443,15 @@ class StreamPlane:
                 entries = r.entries
                 if offset is None:
                     offset = r.base
-                    if not copies:
-                        committed = ckpt_at = offset  # where it starts: nothing to write
+                    if not pending.batches:
+                        pending.committed = ckpt_at = offset  # where it starts
                 elif entries and entries[0].offset > offset:
                     st["records_skipped"] += entries[0].offset - offset  # evicted before read
                 if not entries:
+                    if pending.batches and not local:
+                        oldest = pending.batches[0].task
+                        if oldest is not None:
+                            await asyncio.wait([oldest])  # then commit with the next fetch
                     continue
                 began = _clock()
                 outputs = await self._apply(spec, entries, st)
@@ -1421,6 +1462,7 @@ class StreamPlane:
                 # what the operator costs where it runs, shared cores and all (issue 17).
                 st["apply_us"] += round((_clock() - began) * 1e6)
                 st["batches_applied"] += 1
+                batch = _Batch(entries[-1].offset + 1)
                 if spec.output is not None and outputs:
                     # The output topic is published under the operator's output rule (its
                     # class, written to the output topic's record at registration).
@@ -1434,29 +1476,43 @@ class StreamPlane:
                         await asyncio.sleep(1.0)
                         continue  # not committed: the batch is run again
                     await self.append_local(spec.output, outputs, copied=False)
-                    copy: asyncio.Task[None] | None = self._copy_outputs(spec.output)
-                else:
-                    copy = None
-                offset = entries[-1].offset + 1
+                    batch.task = self._copy_outputs(spec, source, spec.output, batch,
+                                                    pending)
+                offset = batch.upto
                 st["records_processed"] += len(entries)
                 st["records_out"] += len(outputs)
-                if copy is None and not copies:
-                    committed = offset
+                if batch.task is None and not pending.batches:
+                    pending.committed = offset
                 else:
-                    copies.append((copy, offset))
-                    oldest = copies[0][0]
-                    if len(copies) > OUTPUT_COPIES_IN_FLIGHT and oldest is not None:
+                    pending.batches.append(batch)
+                    oldest = pending.batches[0].task
+                    if len(pending.batches) > OUTPUT_COPIES_IN_FLIGHT and oldest is not None:
                         await asyncio.wait([oldest])  # not cancelled if the runner is
         finally:
             if ckpt is not None and not ckpt.done():
                 ckpt.cancel()
 
-    def _copy_outputs(self, topic: str) -> asyncio.Task[None]:
-        """Copy this node's shard of output ``topic`` to its backup, up to its head, beside
-        the runner that appended to it (``_read_shard``). The copy goes on when its runner
-        stops: what it appended stays uncommitted until then, and is copied either way."""
-        task = asyncio.get_running_loop().create_task(
-            self._replicate(topic, self.source_id, self._log(topic, self.source_id)))
+    def _copy_outputs(self, spec: OperatorSpec, source: str, output: str, batch: _Batch,
+                      pending: _OutputCopies) -> asyncio.Task[None]:
+        """Copy this node's shard of ``output`` to its backup, up to its head, beside the
+        runner of ``spec`` on ``source`` that appended ``batch``'s outputs to it
+        (``_read_shard``); then, when the runner reads its shard here, commit what is
+        now copied at once (a runner waiting in its long-poll would carry it only with
+        its next fetch, and a producer held for room waits on it). The copy goes on if
+        its runner stops: what it appended stays uncommitted by it, and is copied
+        either way."""
+
+        async def copy() -> None:
+            await self._replicate(output, self.source_id, self._log(output, self.source_id))
+            batch.copied = True
+            committed = pending.settle()
+            log = self.logs.get((spec.topic, source))
+            if committed is None or log is None or spec.name not in log.committed or \
+                    self._holder(spec.topic, source, self._alive()) != self.agent.name:
+                return
+            await self._commit(spec.topic, log, spec.name, committed)
+
+        task = asyncio.get_running_loop().create_task(copy())
         self._output_copies.add(task)
         task.add_done_callback(self._output_copies.discard)
         return task
