@@ -644,13 +644,14 @@ class StreamPlane:
                 i += n
                 self._notify(topic)
             out.extend(new)
-            if not copied and i >= len(records):
-                break  # the caller copies (the long-polls just woken answer first)
             # One loop turn first: the long-polls this append woke (the operator runner
             # on this node, a subscriber's follower) answer before the copy to the backup
             # is encoded and sent, so a record's way to its operator does not include
-            # the backup's send. The producer's acknowledgement still waits for the copy.
+            # the backup's send (nor, for a runner's outputs, the runner's next round).
+            # The producer's acknowledgement still waits for the copy.
             await asyncio.sleep(0)
+            if not copied and i >= len(records):
+                break  # the caller copies
             await self._replicate(topic, sid, log)
         self.stats["records_in"] += len(records)
         return out
