@@ -268,3 +268,22 @@ def test_producer_held_by_an_operator_goes_on_when_the_operator_is_removed() -> 
         assert [e.offset for e in held.result()] == [1]
 
     asyncio.run(main())
+
+
+def test_an_append_left_uncopied_answers_the_woken_fetch_before_it_returns() -> None:
+    """A runner appends its outputs and copies them beside its loop (``copied=False``):
+    the follower fetch the append woke answers before the runner goes on to its next
+    round."""
+
+    async def main() -> None:
+        p = plane()
+        p._log("t", "n0~0")
+        fetch = asyncio.ensure_future(p._rpc_fetch(FetchRequest(
+            topic="t", source="n0~0", offset=0, wait_s=HOUR)))
+        await turns()
+        assert not fetch.done()
+        await p.append_local("t", list(REC), copied=False)
+        assert fetch.done(), "the append returned before the woken fetch answered"
+        assert [e.rid for e in fetch.result().entries] == ["r0"]
+
+    asyncio.run(main())

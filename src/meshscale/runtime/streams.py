@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pickle
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -147,6 +148,9 @@ LANE = "stream"
 """The peer-pool lane of the plane's control calls (operator notices, stats)."""
 LANE_REPL = "stream.repl"
 """Copies of a shard to its backup (one at a time per shard: ``_repl_locks``)."""
+OUTPUT_COPIES_IN_FLIGHT = 8
+"""An operator runner's batches whose outputs are appended but whose copy to the output
+shard's backup is not confirmed yet: beyond it the runner waits for the oldest."""
 
 
 def _fetch_lane(op: str, source: str) -> str:
@@ -206,10 +210,53 @@ def _placement(spec: OperatorSpec) -> OperatorPlacement:
                              dict(spec.labels))
 
 
+def _batch_args(batch: list[list[Any]]) -> bytes:
+    """A batch's ``args`` bytes for ``WorkerPool.run`` (``pickle_args(batch)``'s form,
+    which the worker reads with ``pickle.loads``): its rows are plain str, bytes and
+    float, which the standard pickler writes without cloudpickle's per-object hook (a
+    tenth of the time: this is on every record's way to its operator)."""
+    return pickle.dumps(((batch,), {}), protocol=5)
+
+
 _spec_encoder = msgspec.msgpack.Encoder()
 _spec_decoder = msgspec.msgpack.Decoder(OperatorSpec)
 _names_decoder = msgspec.msgpack.Decoder(list[str])
 _wire_decoder = msgspec.msgpack.Decoder(ResidencyWire)
+
+
+class _OutputCopies:
+    """An operator runner's batches whose outputs are appended but wait for their copy
+    to the output shard's backup (``StreamPlane._read_shard``), oldest first, and the
+    offset the runner may commit: the one before which every batch's outputs are
+    copied. A batch without outputs behind one waiting waits with it."""
+
+    def __init__(self, committed: int | None) -> None:
+        self.committed = committed
+        self.batches: deque[_Batch] = deque()
+
+    def settle(self) -> int | None:
+        """Drop the batches copied, oldest first, and move ``committed`` past them; a
+        copy that failed unexpectedly raises here (the runner restarts from its
+        checkpoint, which never passed it)."""
+        q = self.batches
+        while q:
+            b = q[0]
+            if b.task is not None and not b.copied:
+                if not b.task.done():
+                    break
+                b.task.result()  # it failed (raises), and stays: nothing commits past it
+            q.popleft()
+            self.committed = b.upto
+        return self.committed
+
+
+@dataclass
+class _Batch:
+    upto: int
+    """The offset after the batch."""
+    task: asyncio.Task[None] | None = None
+    """Its outputs' copy (None: it has no outputs)."""
+    copied: bool = False
 
 
 class StreamPlane:
@@ -276,6 +323,8 @@ class StreamPlane:
         """Copies of gone sources' shards (``_keep_copies``): the operators' low water
         last sent to each copy."""
         self._bad_backup: dict[str, float] = {}
+        self._output_copies: set[asyncio.Task[None]] = set()
+        """Runners' output copies in flight (``_copy_outputs``), held until they end."""
         self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -299,7 +348,7 @@ class StreamPlane:
             self._topic_refresh.cancel()
         if self._copies_task is not None:
             self._copies_task.cancel()
-        for t in [*self.runners.values(), *self.followers.values()]:
+        for t in [*self.runners.values(), *self.followers.values(), *self._output_copies]:
             t.cancel()
 
     # ------------------------------------------------------------------ view
@@ -567,11 +616,14 @@ class StreamPlane:
         return PublishReply(node=self.agent.name, source=self.source_id,
                             first=entries[0].offset, last=entries[-1].offset)
 
-    async def append_local(self, topic: str, records: list[tuple[str, bytes, str, float]]
-                           ) -> list[LogEntry]:
+    async def append_local(self, topic: str, records: list[tuple[str, bytes, str, float]],
+                           *, copied: bool = True) -> list[LogEntry]:
         """Append to this node's shard of ``topic`` once there is room, then copy to the
         backup; returns when both hold the records (or only this node has them, when no
-        backup exists). Raises ValueError when room does not come in ``publish_wait_s``."""
+        backup exists). Raises ValueError when room does not come in ``publish_wait_s``.
+        ``copied=False``: returns once the records are appended, the copy of the last
+        of them left to the caller (``_copy_outputs``); a batch appended in parts, as
+        room comes, still has its earlier parts copied before the next is appended."""
         sid = self.source_id
         log = self._log(topic, sid)
         deadline = time.monotonic() + self.cfg.publish_wait_s
@@ -595,8 +647,11 @@ class StreamPlane:
             # One loop turn first: the long-polls this append woke (the operator runner
             # on this node, a subscriber's follower) answer before the copy to the backup
             # is encoded and sent, so a record's way to its operator does not include
-            # the backup's send. The producer's acknowledgement still waits for the copy.
+            # the backup's send (nor, for a runner's outputs, the runner's next round).
+            # The producer's acknowledgement still waits for the copy.
             await asyncio.sleep(0)
+            if not copied and i >= len(records):
+                break  # the caller copies
             await self._replicate(topic, sid, log)
         self.stats["records_in"] += len(records)
         return out
@@ -892,14 +947,19 @@ class StreamPlane:
         if req.op is not None:
             log.register(req.op)
             if req.committed is not None:
-                async with self._lock:
-                    low = log.low_water()
-                    log.commit(req.op, req.committed)
-                    if log.low_water() != low:  # room for a waiting producer, maybe
-                        self._notify(topic)
+                await self._commit(topic, log, req.op, req.committed)
         start = log.base if req.offset is None else req.offset
         entries = await self._wait_ready(topic, lambda: log.read(start, limit), deadline)
         return FetchReply(entries=entries, base=log.base, head=log.head)
+
+    async def _commit(self, topic: str, log: ShardLog, op: str, offset: int) -> None:
+        """Operator ``op`` has processed ``log`` before ``offset`` (its outputs copied):
+        its records may go, and a producer waiting for room goes on."""
+        async with self._lock:
+            low = log.low_water()
+            log.commit(op, offset)
+            if log.low_water() != low:  # room for a waiting producer, maybe
+                self._notify(topic)
 
     async def _policies_if_readable(self, cls: str) -> dict[str, ClassPolicy] | None:
         """The policy of class ``cls`` as this node knows it (``{}``: none), or None when
@@ -1322,29 +1382,54 @@ class StreamPlane:
     async def _read_shard(self, spec: OperatorSpec, source: str, offset: int | None,
                           lane: str, holders: set[str], st: Counter[str]) -> None:
         """The runner's loop: fetch a batch from the shard's holder, run it, append the
-        outputs, commit (``holders``: the nodes it fetched from, for ``_release``)."""
+        outputs, commit (``holders``: the nodes it fetched from, for ``_release``).
+
+        The outputs' copy to the output shard's backup goes on beside the loop: the next
+        batch is fetched and run while it travels (awaited in the loop, it held every
+        record that landed meanwhile for a round trip to the backup: issue 23). What the
+        runner commits (with its next fetch, and in its checkpoint) is only ever the
+        offset before which every batch's outputs are confirmed copied (``committed``),
+        so a record is released only once its outputs are held twice. Outputs are still
+        appended in order, by the loop itself; at most ``OUTPUT_COPIES_IN_FLIGHT``
+        batches wait for their copy."""
         op_name = spec.name
         last_ckpt = time.monotonic()
         backoff = 0.1
+        pending = _OutputCopies(offset)
+        ckpt_at = offset
         # The offset checkpoint is a quorum KV write, which waits on other nodes (slow
         # or far ones too, up to rpc_timeout_s): it runs beside the loop (one at a
         # time, so they land in order), never in its way. Awaited in the loop, it held
         # every record that landed meanwhile, every checkpoint_interval_s. A checkpoint
-        # only ever trails the outputs appended; one that is late or lost means
+        # only ever trails the outputs copied; one that is late or lost means
         # replays, which the derived output ids absorb.
         ckpt: asyncio.Task[None] | None = None
         try:
             while not self._stopping:
+                committed = pending.settle()
+                now = time.monotonic()
+                if committed is not None and committed != ckpt_at and \
+                        now - last_ckpt >= self.cfg.checkpoint_interval_s and (
+                        ckpt is None or ckpt.done()):
+                    last_ckpt, ckpt_at = now, committed
+                    ckpt = asyncio.get_running_loop().create_task(
+                        self._checkpoint(op_name, source, committed))
                 alive = self._alive()
                 holder = self._holder(spec.topic, source, alive)
                 if holder is None:
                     await asyncio.sleep(0.5)
                     continue
                 holders.add(holder)
+                # A copy that ends while the fetch waits commits at once on this node's
+                # shard (``_copy_outputs``); a remote holder hears a commit only with a
+                # fetch, so while copies travel that fetch does not wait (a producer
+                # held for room would wait for its timer).
+                local = holder == self.agent.name
                 try:
                     r = await self._call(holder, api.FETCH, FetchRequest(
                         topic=spec.topic, source=source, offset=offset, limit=spec.batch,
-                        wait_s=self.cfg.fetch_wait_s, op=op_name, committed=offset,
+                        wait_s=self.cfg.fetch_wait_s if local or not pending.batches
+                        else 0.0, op=op_name, committed=committed,
                     ), lane=lane, label=f"{spec.topic}:fetch:{op_name}")
                 except (RpcError, ValueError, OSError) as e:
                     st["fetch_errors"] += 1
@@ -1359,9 +1444,15 @@ class StreamPlane:
                 entries = r.entries
                 if offset is None:
                     offset = r.base
+                    if not pending.batches:
+                        pending.committed = ckpt_at = offset  # where it starts
                 elif entries and entries[0].offset > offset:
                     st["records_skipped"] += entries[0].offset - offset  # evicted before read
                 if not entries:
+                    if pending.batches and not local:
+                        oldest = pending.batches[0].task
+                        if oldest is not None:
+                            await asyncio.wait([oldest])  # then commit with the next fetch
                     continue
                 began = _clock()
                 outputs = await self._apply(spec, entries, st)
@@ -1372,6 +1463,7 @@ class StreamPlane:
                 # what the operator costs where it runs, shared cores and all (issue 17).
                 st["apply_us"] += round((_clock() - began) * 1e6)
                 st["batches_applied"] += 1
+                batch = _Batch(entries[-1].offset + 1)
                 if spec.output is not None and outputs:
                     # The output topic is published under the operator's output rule (its
                     # class, written to the output topic's record at registration).
@@ -1384,19 +1476,47 @@ class StreamPlane:
                                                error=str(e)[:200])
                         await asyncio.sleep(1.0)
                         continue  # not committed: the batch is run again
-                    await self.append_local(spec.output, outputs)
-                offset = entries[-1].offset + 1
+                    await self.append_local(spec.output, outputs, copied=False)
+                    batch.task = self._copy_outputs(spec, source, spec.output, batch,
+                                                    pending)
+                offset = batch.upto
                 st["records_processed"] += len(entries)
                 st["records_out"] += len(outputs)
-                now = time.monotonic()
-                if now - last_ckpt >= self.cfg.checkpoint_interval_s and (
-                        ckpt is None or ckpt.done()):
-                    last_ckpt = now
-                    ckpt = asyncio.get_running_loop().create_task(
-                        self._checkpoint(op_name, source, offset))
+                if batch.task is None and not pending.batches:
+                    pending.committed = offset
+                else:
+                    pending.batches.append(batch)
+                    oldest = pending.batches[0].task
+                    if len(pending.batches) > OUTPUT_COPIES_IN_FLIGHT and oldest is not None:
+                        await asyncio.wait([oldest])  # not cancelled if the runner is
         finally:
             if ckpt is not None and not ckpt.done():
                 ckpt.cancel()
+
+    def _copy_outputs(self, spec: OperatorSpec, source: str, output: str, batch: _Batch,
+                      pending: _OutputCopies) -> asyncio.Task[None]:
+        """Copy this node's shard of ``output`` to its backup, up to its head, beside the
+        runner of ``spec`` on ``source`` that appended ``batch``'s outputs to it
+        (``_read_shard``); then, when the runner reads its shard here, commit what is
+        now copied at once (a runner waiting in its long-poll would carry it only with
+        its next fetch, and a producer held for room waits on it). The copy goes on if
+        its runner stops: what it appended stays uncommitted by it, and is copied
+        either way."""
+
+        async def copy() -> None:
+            await self._replicate(output, self.source_id, self._log(output, self.source_id))
+            batch.copied = True
+            committed = pending.settle()
+            log = self.logs.get((spec.topic, source))
+            if committed is None or log is None or spec.name not in log.committed or \
+                    self._holder(spec.topic, source, self._alive()) != self.agent.name:
+                return
+            await self._commit(spec.topic, log, spec.name, committed)
+
+        task = asyncio.get_running_loop().create_task(copy())
+        self._output_copies.add(task)
+        task.add_done_callback(self._output_copies.discard)
+        return task
 
     def _pool(self) -> WorkerPool:
         pool = self.agent.worker_pool()
@@ -1426,7 +1546,7 @@ class StreamPlane:
         try:
             fn_bytes = await self._fn(spec)
             result = await self._pool().run(
-                spec.fn_id, fn_bytes, pickle_args(batch),
+                spec.fn_id, fn_bytes, _batch_args(batch),
                 timeout_s=self.cfg.operator_timeout_s)
         except TaskFailed as e:
             st["batch_failures"] += 1
@@ -1442,9 +1562,7 @@ class StreamPlane:
             self.agent.log("warning", "stream_operator_failed", operator=spec.name,
                            error=f"{type(e).__name__}: {e}"[:500])
             return None
-        import cloudpickle
-
-        produced: list[tuple[int, bytes]] = cloudpickle.loads(result)
+        produced: list[tuple[int, bytes]] = pickle.loads(result)
         out: list[tuple[str, bytes, str, float]] = []
         for idx, value in produced:
             src = entries[idx]
