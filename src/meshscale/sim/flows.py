@@ -27,10 +27,11 @@ protocol instead, as ``runtime.streams`` runs it:
   ``batch_cpu_s`` (fixed per call) plus every record's own ``cpu_s``, plus one hop for
   handing the batch to a worker process;
 - the runner appends a batch's results to its node's shard of the output topic (the
-  consumer's node's long-poll takes them at once) and sends its next fetch only once
-  their copy is at the shard's backup, a node of its region: one hop and a LAN round
-  trip more per round (``runtime.streams`` ``append_local``; 1 to 8 ms a round in
-  issue 17's traces of the live demo);
+  consumer's node's long-poll takes them at once) and sends its next fetch at once:
+  their copy to the shard's backup (a node of its region) travels beside the loop and
+  costs one hop of CPU, and holds only what the runner commits, not its next fetch
+  (``runtime.streams`` ``_read_shard``, issue 23; before, the runner waited for the copy,
+  1 to 8 ms a round in issue 17's traces of the live demo);
 - the results go back the same way, to the record's ``result_site``: the consumer's
   node long-polls the runner's node for them (``follow_wait_s``, up to
   ``follow_records`` at once) and hands them to the consumer (one hop each).
@@ -367,11 +368,9 @@ class FlowRun:
                     for f, js in outputs.items():
                         arrive(t, f, js)
                     pl.batch = []
-                    # The runner fetches again once its outputs' copy is at their backup
-                    # (a node of its region): one hop and a LAN round trip.
+                    # The outputs' copy to their backup costs a hop of CPU and travels
+                    # beside the runner, which fetches again at once.
                     hop_cpu(t)
-                    t = t + hop + one_way(pl.puller_region, pl.puller_region) + one_way(
-                        pl.puller_region, pl.puller_region)
                     nxt = t if pl.local else t + one_way(pl.puller_region, pl.holder_region)
                     push(nxt, _FETCH, i)
                 elif kind == _HOST_DONE:
