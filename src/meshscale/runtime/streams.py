@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import pickle
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -214,7 +213,10 @@ def _batch_args(batch: list[list[Any]]) -> bytes:
     """A batch's ``args`` bytes for ``WorkerPool.run`` (``pickle_args(batch)``'s form,
     which the worker reads with ``pickle.loads``): its rows are plain str, bytes and
     float, which the standard pickler writes without cloudpickle's per-object hook (a
-    tenth of the time: this is on every record's way to its operator)."""
+    tenth of the time: this is on every record's way to its operator). Imported here: an
+    idle node never loads pickle (``test_idle_imports.py``)."""
+    import pickle
+
     return pickle.dumps(((batch,), {}), protocol=5)
 
 
@@ -1562,6 +1564,8 @@ class StreamPlane:
             self.agent.log("warning", "stream_operator_failed", operator=spec.name,
                            error=f"{type(e).__name__}: {e}"[:500])
             return None
+        import pickle  # here: see _batch_args
+
         produced: list[tuple[int, bytes]] = pickle.loads(result)
         out: list[tuple[str, bytes, str, float]] = []
         for idx, value in produced:
