@@ -1194,7 +1194,9 @@ class AsyncTaskMesh(AsyncMesh):
                     batches.append(b)
                 if batches:
                     first = False
-                    oks = await asyncio.gather(*(send(b) for b in batches))
+                    # One request (a lone submit) is awaited in place: no task around it.
+                    oks = ([await send(batches[0])] if len(batches) == 1
+                           else await asyncio.gather(*(send(b) for b in batches)))
                     busy = False
                     for b, ok in zip(batches, oks, strict=True):
                         if ok:
