@@ -1573,7 +1573,11 @@ class ComputePlane:
         if isinstance(e.group, _Group) and self.cfg.persist:
             self._group_changed(e.group)
         else:
-            self.agent.spawn(self._kv_put(msgspec.structs.replace(r)))
+            # Started once the waiters woken above have run (a lone submit's answer
+            # carries this outcome): spawned at once, the write's first steps
+            # (placement, encoding, the replicas' sends) ran ahead of them (issue #19).
+            write = self._kv_put(msgspec.structs.replace(r))
+            asyncio.get_running_loop().call_soon(self.agent.spawn, write)
 
     def _wake(self) -> None:
         tick, self._tick = self._tick, None
