@@ -489,3 +489,21 @@ def test_an_ended_future_answers_without_the_loop_thread() -> None:
     with pytest.raises(AssertionError, match="loop thread"):
         big.result()
     assert runner.trips == 1
+
+
+def test_the_call_wrapper_makes_no_class_per_call() -> None:
+    """The worker-side wrapper reads a call with a plain ``Unpickler`` whose
+    ``persistent_load`` is set on the instance: a subclass made on every call (to
+    resolve futures) took ~100 us, more than the rest of a no-op's run (issue #19)."""
+    import gc
+
+    _, fn_bytes = t.pickle_function(add)
+    payload, _, _ = t._pickle_call((2,), {"b": 3})
+    gc.collect()
+    gc.disable()  # a class made per call lingers until collected: count them
+    try:
+        before = len(pickle.Unpickler.__subclasses__())
+        assert [run_like_a_worker(fn_bytes, payload, []) for _ in range(5)] == [5] * 5
+        assert len(pickle.Unpickler.__subclasses__()) == before
+    finally:
+        gc.enable()
