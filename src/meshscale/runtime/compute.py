@@ -1122,9 +1122,12 @@ class ComputePlane:
             r.submitter = who
         # Tasks that take futures wait for their upstream tasks before they are scheduled.
         ready = [r for r in new if not r.after]
-        # One alone is awaited in place: a gather wraps each in a task of its own (a turn
-        # of the loop, and its allocations, on every lone submit).
-        specs = ([await self._spec(ready[0])] if len(ready) == 1
+        # Awaited in place, one after the other, when none can wait for anything (one
+        # alone, or none with inputs or a rule: the common map): a gather wraps each in
+        # a task of its own, a turn of the loop and its allocations per task.
+        quick = len(ready) == 1 or not any(r.inputs or _declared(r) is not None
+                                           for r in ready)
+        specs = ([await self._spec(r) for r in ready] if quick
                  else await asyncio.gather(*(self._spec(r) for r in ready)))
         # Arguments that are class data never go into a KV record (marked here, before
         # any record is written; stored as objects of their rule in ``_persist``).
