@@ -15,6 +15,7 @@ import meshscale
 from meshscale.client import tasks as t
 from meshscale.client.mesh import MeshError, ObjectRef
 from meshscale.core.api import ResidencyWire
+from meshscale.core.api.tasks import ResultRef
 
 
 def add(a: int, b: int = 0) -> int:
@@ -445,3 +446,64 @@ def test_a_submit_whose_answer_is_lost_is_sent_again_with_the_same_ids() -> None
     with pytest.raises(t.TaskSubmitError, match="timed out after 30s"):
         asyncio.run(doomed())
     assert node.submits == t.SUBMIT_LOST_TRIES + 1
+
+
+class _CountingRunner:
+    """Stands in for a blocking mesh's loop thread: counts the trips through it."""
+
+    def __init__(self) -> None:
+        self.trips = 0
+
+    def run(self, coro: Any) -> Any:
+        self.trips += 1
+        coro.close()
+        raise AssertionError("went through the mesh's loop thread")
+
+
+def test_an_ended_future_answers_without_the_loop_thread() -> None:
+    """A task whose outcome came inline (as a submit's answer brings a short task's)
+    is answered in the caller's thread: no wake-up of the mesh's loop and back."""
+    runner = _CountingRunner()
+    ok = t.Future(None, "ok", "f", runner)  # type: ignore[arg-type]
+    ok._resolve(t.TaskView(task_id="ok", state=t.TaskState.DONE,
+                           value=cloudpickle.dumps({"n": 7})))
+    assert ok.result() == {"n": 7}
+    assert ok.result(timeout=0) is ok.result()  # loaded once
+    assert ok.exception() is None
+    bad = t.Future(None, "bad", "f", runner)  # type: ignore[arg-type]
+    bad._resolve(t.TaskView(task_id="bad", state=t.TaskState.FAILED, kind="raised",
+                            error="ValueError: no"))
+    with pytest.raises(t.TaskError, match="no"):
+        bad.result()
+    assert isinstance(bad.exception(), t.TaskError)
+    gone = t.Future(None, "gone", "f", runner)  # type: ignore[arg-type]
+    gone._resolve(t.TaskView(task_id="gone", state=t.TaskState.CANCELLED,
+                             kind="cancelled", error="cancelled"))
+    with pytest.raises(t.TaskCancelledError):
+        gone.exception()
+    assert runner.trips == 0
+    # A result stored as an object is fetched: that one goes through the loop.
+    big = t.Future(None, "big", "f", runner)  # type: ignore[arg-type]
+    big._resolve(t.TaskView(task_id="big", state=t.TaskState.DONE,
+                            ref=ResultRef("b3-" + "4" * 64, 9)))
+    with pytest.raises(AssertionError, match="loop thread"):
+        big.result()
+    assert runner.trips == 1
+
+
+def test_the_call_wrapper_makes_no_class_per_call() -> None:
+    """The worker-side wrapper reads a call with a plain ``Unpickler`` whose
+    ``persistent_load`` is set on the instance: a subclass made on every call (to
+    resolve futures) took ~100 us, more than the rest of a no-op's run (issue #19)."""
+    import gc
+
+    _, fn_bytes = t.pickle_function(add)
+    payload, _, _ = t._pickle_call((2,), {"b": 3})
+    gc.collect()
+    gc.disable()  # a class made per call lingers until collected: count them
+    try:
+        before = len(pickle.Unpickler.__subclasses__())
+        assert [run_like_a_worker(fn_bytes, payload, []) for _ in range(5)] == [5] * 5
+        assert len(pickle.Unpickler.__subclasses__()) == before
+    finally:
+        gc.enable()

@@ -313,6 +313,44 @@ def test_owner_with_a_free_slot_binds_here_without_probes() -> None:
     assert "bound_here" not in net2.s["a"].stats
 
 
+def test_a_lone_task_bound_here_scores_this_node_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every cost is >= 0, so when this node's is within ``sample_temperature_s`` of
+    zero it is within it of the cheapest: the owner binds here without scoring the rest
+    of the mesh (issue #19: a lone no-op's placement scored every node, and computed
+    its feasible set twice). The decision is the same as with every node scored."""
+    import meshscale.core.scheduling as sched
+
+    calls: list[str] = []
+    real_score, real_feasible = sched.score, sched.feasible
+
+    def counting_score(task: TaskSpec, n: NodeState, *a: object, **kw: object) -> object:
+        calls.append(n.name)
+        return real_score(task, n, *a, **kw)  # type: ignore[arg-type]
+
+    feasible_calls: list[str] = []
+
+    def counting_feasible(task: TaskSpec, nodes: object) -> list[NodeState]:
+        feasible_calls.append(task.task_id)
+        return real_feasible(task, nodes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sched, "score", counting_score)
+    monkeypatch.setattr(sched, "feasible", counting_feasible)
+    one = Resources(1.0, 8000, 0)
+    net = Net([node(n, cap=one) for n in ("a", "b", "c", "d")])
+    net.s["a"].submit([TaskSpec("t0")], 0.0)
+    out = net.s["a"].drain()
+    assert [o.task.task_id for o in out if isinstance(o, RunTask)] == ["t0"]
+    assert not [o for o in out if isinstance(o, SendMessage)]
+    # One score for the decision, one for the binding's reported cost; one feasible set.
+    assert calls == ["a", "a"] and feasible_calls == ["t0"]
+    # Not bindable here (the slot is taken): every node is scored, and probed as before.
+    calls.clear()
+    net.s["a"].submit([TaskSpec("t1")], 0.1)
+    assert sorted(calls) == ["a", "b", "c", "d"]
+    assert net.s["a"].stats["probes_sent"] == 2
+
+
 def test_an_exhausted_batch_cancels_its_other_reservations() -> None:
     # 100 tasks, two reservations each, on three one-slot nodes: once every task of the
     # batch is bound, the first NoTask tells a worker so and it drops the rest of its

@@ -1282,11 +1282,22 @@ async def connect_async(
 # -- the blocking client ---------------------------------------------------------------
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """The blocking client's loop: uvloop where installed (a dependency on POSIX), as
+    the nodes run; its TLS and sockets are compiled code, where asyncio's are Python (a
+    lone task's round trip spent most of the client's CPU in ``sslproto``)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class _LoopThread:
     """An asyncio loop running in a daemon thread; ``run`` blocks on a coroutine there."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
         self._thread = threading.Thread(target=self._main, name="meshscale-client", daemon=True)
         self._thread.start()
 

@@ -327,18 +327,21 @@ def _make_call(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         values: dict[int, Any] = {}
 
-        class _Call(_pickle.Unpickler):
-            def persistent_load(self, pid: Any) -> Any:
-                if (not isinstance(pid, tuple) or len(pid) != 2 or pid[0] != _FUTURE_TAG
-                        or upstream is None or not 0 <= pid[1] < len(upstream)):
-                    raise _pickle.UnpicklingError(f"unknown reference {pid!r:.80}")
-                i = pid[1]
-                if i not in values:
-                    values[i] = _cp.loads(_bytes_of(upstream[i]))
-                return values[i]
+        def _reference(pid: Any) -> Any:
+            if (not isinstance(pid, tuple) or len(pid) != 2 or pid[0] != _FUTURE_TAG
+                    or upstream is None or not 0 <= pid[1] < len(upstream)):
+                raise _pickle.UnpicklingError(f"unknown reference {pid!r:.80}")
+            i = pid[1]
+            if i not in values:
+                values[i] = _cp.loads(_bytes_of(upstream[i]))
+            return values[i]
 
         _ = _cp  # the call was pickled with cloudpickle (plain pickle reads it)
-        args, kwargs, slots = _Call(_io.BytesIO(payload)).load()
+        # The hook set on the instance: a subclass made per call cost more than the
+        # rest of a no-op's run in the worker (~100 us to create a class).
+        unpickler = _pickle.Unpickler(_io.BytesIO(payload))
+        unpickler.persistent_load = _reference  # type: ignore[method-assign]
+        args, kwargs, slots = unpickler.load()
         args = list(args)
         read: dict[int, bytes] = {}
         for where, i in slots:
@@ -752,12 +755,27 @@ class Future:
         subclass of its type and ``TaskError``, when its type can be unpickled here),
         ``TaskError`` if it failed otherwise, ``TaskCancelledError`` if it was cancelled,
         and ``TimeoutError`` after ``timeout`` seconds."""
+        o = self._outcome
+        if o is not None and self._runner is not None and (self._loaded or o.ref is None):
+            # Ended, with the value inline (often known from the submit's answer): no
+            # trip through the mesh's loop thread, which costs a wake-up each way.
+            return self._load_inline()
         return self._run(self.result_async(timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception ``result()`` would raise, or None if the task succeeded;
         ``TaskCancelledError`` (a ``concurrent.futures.CancelledError``) if cancelled,
         ``TimeoutError`` after ``timeout`` seconds."""
+        o = self._outcome
+        if o is not None and self._runner is not None and (
+                o.state != TaskState.DONE or self._loaded or o.ref is None):
+            try:  # ended, nothing to fetch: as ``result``, without the loop's thread
+                self._load_inline()
+            except TaskCancelledError:
+                raise
+            except TaskError as e:
+                return e
+            return None
         return self._run(self.exception_async(timeout))  # type: ignore[no-any-return]
 
     async def exception_async(self, timeout: float | None = None) -> BaseException | None:
@@ -806,15 +824,33 @@ class Future:
         ref = o.ref
         if data is None and ref is not None:
             data = await self._mesh.get(ObjectRef(ref.id, ref.size))
-        if not isinstance(data, bytes):
-            raise MeshError(f"task {self.task_id}: the node returned no value")
-        try:
-            self._value = cloudpickle.loads(data)
-        except Exception as e:
-            raise TaskError(self.task_id, "unpicklable",
-                            f"cannot unpickle the result here: {type(e).__name__}: {e}") from None
-        self._loaded = True
-        return self._value
+        return self._unpickle(data)
+
+    def _load_inline(self) -> Any:
+        """``_load`` of an ended task whose value came inline (no I/O: any thread)."""
+        if self._loaded:
+            return self._value
+        o = self._outcome
+        assert o is not None
+        if o.state != TaskState.DONE:
+            raise _error_of(o)
+        return self._unpickle(o.value)
+
+    def _unpickle(self, data: bytes | None) -> Any:
+        # Under the future's lock: the caller's thread and the mesh's loop may both load.
+        with self._lock:
+            if self._loaded:
+                return self._value
+            if not isinstance(data, bytes):
+                raise MeshError(f"task {self.task_id}: the node returned no value")
+            try:
+                self._value = cloudpickle.loads(data)
+            except Exception as e:
+                raise TaskError(self.task_id, "unpicklable",
+                                f"cannot unpickle the result here: {type(e).__name__}: {e}"
+                                ) from None
+            self._loaded = True
+            return self._value
 
     def __repr__(self) -> str:
         state = "pending" if self._outcome is None else self._outcome.state
@@ -1161,7 +1197,9 @@ class AsyncTaskMesh(AsyncMesh):
                     batches.append(b)
                 if batches:
                     first = False
-                    oks = await asyncio.gather(*(send(b) for b in batches))
+                    # One request (a lone submit) is awaited in place: no task around it.
+                    oks = ([await send(batches[0])] if len(batches) == 1
+                           else await asyncio.gather(*(send(b) for b in batches)))
                     busy = False
                     for b, ok in zip(batches, oks, strict=True):
                         if ok:

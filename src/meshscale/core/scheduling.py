@@ -1069,9 +1069,10 @@ class Scheduler:
                 f"{len(self._tasks)} tasks pending (max_pending_tasks="
                 f"{self.config.max_pending_tasks})")
         view = self._view.values()
+        first: dict[str, list[NodeState]] = {}
         for t in tasks:
             try:
-                feasible(t, view)
+                first[t.task_id] = feasible(t, view)
             except SchedulingError as exc:
                 self._count("submits_refused." + exc.rule)
                 raise
@@ -1089,7 +1090,9 @@ class Scheduler:
                                            submitted=t.residency, classes=tuple(classes))
             self._count("tasks_submitted")
         for tid in ids:
-            self._place(self._tasks[tid], now)
+            # The feasible set just checked is the first placement's (same view, same
+            # rule): not computed twice.
+            self._place(self._tasks[tid], now, first.get(tid))
         self._deliver(now)
         return batch
 
@@ -1247,15 +1250,18 @@ class Scheduler:
             return False
         return True
 
-    def _place(self, t: _Task, now: float) -> None:
+    def _place(self, t: _Task, now: float, checked: list[NodeState] | None = None) -> None:
         """Send ``probes_per_task`` reservations for unbound task ``t`` (its rule narrowed
-        first to its classes' current policies)."""
+        first to its classes' current policies). ``checked``: ``feasible`` of ``t`` on
+        the current view, just computed by the caller (used only when no class may have
+        narrowed the rule since)."""
         assert t.node is None
         cfg = self.config
         if not self._narrow(t):
             return
         try:
-            nodes = feasible(t.spec, self._view.values())
+            nodes = (checked if checked is not None and not t.classes
+                     else feasible(t.spec, self._view.values()))
         except SchedulingError as exc:
             t.placements += 1
             t.probed_at = now
@@ -1282,13 +1288,24 @@ class Scheduler:
             pool = nodes  # every holder left the view: go wide now
             t.local_until = float("-inf")
         origin = self._origin(t.spec)
+        t.probed_at = now
+        inputs = [i.oid for i in t.spec.inputs]
+        keep = max(cfg.pool_size, cfg.probes_per_task)
+        if len(pool) <= keep and self._may_bind_here(t):
+            # Every cost is >= 0, so a cost of this node's within ``sample_temperature_s``
+            # of zero is within it of the cheapest: ``_bind_here`` would take it, and the
+            # other nodes need no score (the lone task's common case, issue #19).
+            me = next((n for n in pool if n.name == self.name), None)
+            if me is not None:
+                mine = score(t.spec, me, origin, cfg, extra_tasks=self._extra(me.name)).total
+                if mine <= cfg.sample_temperature_s:
+                    self._bind_here(t, [(mine, me.name)], inputs, now)
+                    return
         scored = sorted(
             (score(t.spec, n, origin, cfg, extra_tasks=self._extra(n.name)).total, n.name)
             for n in pool
         )
-        scored = scored[: max(cfg.pool_size, cfg.probes_per_task)]
-        t.probed_at = now
-        inputs = [i.oid for i in t.spec.inputs]
+        scored = scored[:keep]
         if self._bind_here(t, scored, inputs, now):
             return
         picks = _weighted_sample(scored, cfg.probes_per_task, cfg.sample_temperature_s,
@@ -1310,8 +1327,7 @@ class Scheduler:
         remote one would come back as a wasted ``GetTask`` -> ``NoTask``. Queued
         reservations of other owners keep their turn (the queue must be empty)."""
         cfg = self.config
-        if (not scored or self._queue or len(self._asks) >= cfg.max_concurrent_asks
-                or not t.spec.demand.fits_in(self._free)):
+        if not scored or not self._may_bind_here(t):
             return False
         mine = next((c for c, n in scored if n == self.name), None)
         if mine is None or mine - scored[0][0] > cfg.sample_temperature_s:
@@ -1325,6 +1341,12 @@ class Scheduler:
         self._count("bound_here")
         self._bind(t, self.name, self._ask_seq, False, now)
         return True
+
+    def _may_bind_here(self, t: _Task) -> bool:
+        """This node, as a worker, could run ``t`` now: nothing queued ahead, an ask
+        free, the resources free."""
+        return (not self._queue and len(self._asks) < self.config.max_concurrent_asks
+                and t.spec.demand.fits_in(self._free))
 
     def _unprobe(self, t: _Task) -> None:
         for name in t.probes:

@@ -270,11 +270,16 @@ class ComputeConfig:
     """Largest ``task.list`` answer."""
     persist: bool = True
     """Write task records to the replicated KV."""
-    submit_grace_s: float = 0.002
+    submit_grace_s: float = 0.005
     """A small submit of functions that recently ended this fast (submit to outcome,
     moving average) waits this long for its tasks to end before writing their records:
     if they all did, the answer carries the outcomes and only the final records are
-    written (as with every task, right after it ends). Slower functions never wait."""
+    written (as with every task, right after it ends). Slower functions never wait.
+    A record write is a quorum write to three nodes' SQLite (about 4 ms of CPU across
+    the mesh on a loaded 2-core machine, more than the rest of a no-op's path), so the
+    bound is wide enough that a no-op on a busy node still ends within it (issue #19:
+    at 2 ms, the moving average of a no-op crossed it under load, each lone no-op then
+    cost two writes, the extra CPU slowed the next, and it stayed above)."""
     result_replicas: int = 3
     max_upstream: int = 1024
     """Upstream tasks (futures among the arguments) of one task."""
@@ -910,6 +915,7 @@ class ComputePlane:
     async def _kv_put_raw(self, key: str, value: bytes) -> None:
         if not self.cfg.persist:
             return
+        self._count("record_writes")  # a quorum write each: what a record costs the mesh
         try:
             await self.local.kv_put(key, value)
         except (ValueError, RpcError) as e:
@@ -1004,7 +1010,8 @@ class ComputePlane:
         re-submitted or adopted task keeps its owner's share). ``upstream``: the ended
         views of ``rec.after``; a result stored as an object is one more input for
         placement (the task goes where its bytes are, as for an ``ObjectRef``)."""
-        refs = list(await asyncio.gather(*(self._input_ref(o) for o in rec.inputs)))
+        refs = (list(await asyncio.gather(*(self._input_ref(o) for o in rec.inputs)))
+                if rec.inputs else [])
         values: list[_Upstream] = []
         stored_in: list[tuple[int, str]] = []  # (size, object id) of upstream results
         budget = self.cfg.max_upstream_inline_bytes
@@ -1113,7 +1120,14 @@ class ComputePlane:
         for r in new:
             r.submitter = who
         # Tasks that take futures wait for their upstream tasks before they are scheduled.
-        specs = await asyncio.gather(*(self._spec(r) for r in new if not r.after))
+        ready = [r for r in new if not r.after]
+        # Awaited in place, one after the other, when none can wait for anything (one
+        # alone, or none with inputs or a rule: the common map): a gather wraps each in
+        # a task of its own, a turn of the loop and its allocations per task.
+        quick = len(ready) == 1 or not any(r.inputs or _declared(r) is not None
+                                           for r in ready)
+        specs = ([await self._spec(r) for r in ready] if quick
+                 else await asyncio.gather(*(self._spec(r) for r in ready)))
         # Arguments that are class data never go into a KV record (marked here, before
         # any record is written; stored as objects of their rule in ``_persist``).
         rules = await self._payload_rules(new)
@@ -1151,6 +1165,7 @@ class ComputePlane:
                 await self._changed(left)
             if all(r.state in TERMINAL for r in new):
                 self._count("acks_with_outcome")
+                self._count("acks_in_grace")  # the records were written once, at the end
                 return SubmitReply(accepted, [self._view_of(r) for r in new])
         persist = asyncio.get_running_loop().create_task(self._persist(new, groups, rules))
         if len(new) <= EARLY_ACK_MAX_TASKS:
@@ -1560,7 +1575,11 @@ class ComputePlane:
         if isinstance(e.group, _Group) and self.cfg.persist:
             self._group_changed(e.group)
         else:
-            self.agent.spawn(self._kv_put(msgspec.structs.replace(r)))
+            # Started once the waiters woken above have run (a lone submit's answer
+            # carries this outcome): spawned at once, the write's first steps
+            # (placement, encoding, the replicas' sends) ran ahead of them (issue #19).
+            write = self._kv_put(msgspec.structs.replace(r))
+            asyncio.get_running_loop().call_soon(self.agent.spawn, write)
 
     def _wake(self) -> None:
         tick, self._tick = self._tick, None
@@ -1568,10 +1587,26 @@ class ComputePlane:
             tick.set_result(None)
 
     async def _changed(self, timeout: float) -> None:
+        """Until a task ends (``_wake``) or ``timeout`` seconds pass."""
+        loop = asyncio.get_running_loop()
         if self._tick is None:
-            self._tick = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._tick), timeout)
+            self._tick = loop.create_future()
+        # The tick is shared by every waiter: each waits on a future of its own that the
+        # tick or its timer ends (no task, no shield: one turn of the loop to wake).
+        mine = loop.create_future()
+
+        def end(_: object = None) -> None:
+            if not mine.done():
+                mine.set_result(None)
+
+        tick = self._tick
+        tick.add_done_callback(end)
+        timer = loop.call_later(timeout, end)
+        try:
+            await mine
+        finally:
+            timer.cancel()
+            tick.remove_done_callback(end)
 
     # ------------------------------------------------------------------ owner: RPCs
 
