@@ -279,7 +279,9 @@ class ComputeConfig:
     the mesh on a loaded 2-core machine, more than the rest of a no-op's path), so the
     bound is wide enough that a no-op on a busy node still ends within it (issue #19:
     at 2 ms, the moving average of a no-op crossed it under load, each lone no-op then
-    cost two writes, the extra CPU slowed the next, and it stayed above)."""
+    cost two writes, the extra CPU slowed the next, and it stayed above). The price: a
+    caller's loop of lone submits of such functions waits up to this long per submit
+    (``map`` and ``submit_many`` send many tasks per submit and do not)."""
     result_replicas: int = 3
     max_upstream: int = 1024
     """Upstream tasks (futures among the arguments) of one task."""
