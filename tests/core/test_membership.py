@@ -626,3 +626,29 @@ def test_whole_datagram_decoding_acts_as_message_by_message(index: int) -> None:
     assert {n: (m.inc, m.state) for n, m in fast.members.items()} == {
         n: (m.inc, m.state) for n, m in slow.members.items()}
     assert fast.next_deadline() == slow.next_deadline()
+
+
+def test_an_update_is_retransmitted_as_often_as_the_current_view_says() -> None:
+    # The retransmit limit is computed once per live count (and config), not per
+    # datagram: it must still follow the view as members die and the config it runs.
+    names = [f"n{i}" for i in range(12)]
+    m = converged(names)["n0"]
+
+    def sends(data: bytes) -> int:
+        m._queue_broadcast("probe-marker", data)
+        count = 0
+        for _ in range(100):
+            count += m._take_broadcasts(1000).count(data)
+            if "probe-marker" not in m._broadcasts:
+                return count
+        raise AssertionError("the update never expired")
+
+    assert m.alive_count() == 12
+    assert sends(b"\xa1a") == retransmit_limit(m.config, 12) == 8
+    for name in names[1:4]:
+        dead = msgspec.msgpack.encode(Dead(name, 0, "n5"))
+        m.handle_datagram("n5", encode_envelope([dead]), 1.0)
+    assert m.alive_count() == 9
+    assert sends(b"\xa1b") == retransmit_limit(m.config, 9) == 4
+    m.config = MembershipConfig(retransmit_mult=2)
+    assert sends(b"\xa1c") == retransmit_limit(m.config, 9) == 2

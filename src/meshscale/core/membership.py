@@ -187,14 +187,21 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True)
     """Free-form service endpoints and flags (for example the HTTP address)."""
 
 
-class Ping(msgspec.Struct, tag=1, array_like=True):
+# The gossip messages are not tracked by the cyclic GC (``gc=False``): they hold strings,
+# numbers, a ``NodeMeta`` or a ``Coordinate``, never a container that could lead back to
+# them, so they cannot be part of a cycle; every datagram decodes about twenty of them,
+# and an untracked struct is cheaper to make and to free (decoding a datagram of twenty
+# suspicions: 2.5 us instead of 3.2).
+
+
+class Ping(msgspec.Struct, tag=1, array_like=True, gc=False):
     seq: Seq
     target: Name
     source: Name
     source_addr: Addr
 
 
-class IndirectPing(msgspec.Struct, tag=2, array_like=True):
+class IndirectPing(msgspec.Struct, tag=2, array_like=True, gc=False):
     seq: Seq
     target: Name
     target_addr: Addr
@@ -203,30 +210,30 @@ class IndirectPing(msgspec.Struct, tag=2, array_like=True):
     nack: bool
 
 
-class Ack(msgspec.Struct, tag=3, array_like=True):
+class Ack(msgspec.Struct, tag=3, array_like=True, gc=False):
     seq: Seq
     source: Name
     coord: Coordinate | None = None
 
 
-class Nack(msgspec.Struct, tag=4, array_like=True):
+class Nack(msgspec.Struct, tag=4, array_like=True, gc=False):
     seq: Seq
 
 
-class Alive(msgspec.Struct, tag=5, array_like=True):
+class Alive(msgspec.Struct, tag=5, array_like=True, gc=False):
     node: Name
     inc: Inc
     addr: Addr
     meta: NodeMeta
 
 
-class Suspect(msgspec.Struct, tag=6, array_like=True):
+class Suspect(msgspec.Struct, tag=6, array_like=True, gc=False):
     node: Name
     inc: Inc
     source: Name
 
 
-class Dead(msgspec.Struct, tag=7, array_like=True):
+class Dead(msgspec.Struct, tag=7, array_like=True, gc=False):
     node: Name
     inc: Inc
     source: Name
@@ -236,7 +243,7 @@ class Dead(msgspec.Struct, tag=7, array_like=True):
 RevocationEntry = Annotated[bytes, msgspec.Meta(max_length=512)]
 
 
-class Revoke(msgspec.Struct, tag=9, array_like=True):
+class Revoke(msgspec.Struct, tag=9, array_like=True, gc=False):
     """A CA-signed entry removing a node for good (opaque here; the driver verifies)."""
 
     entry: RevocationEntry
@@ -403,12 +410,14 @@ def push_pull_period(config: MembershipConfig, n: int) -> float:
 class _Suspicion:
     """Lifeguard's dynamic suspicion timer for one member."""
 
-    __slots__ = ("answered", "confirmations", "expire", "k", "last_chances", "max_s", "min_s",
-                 "start", "timer")
+    __slots__ = ("answered", "confirmations", "expire", "k", "last_chances", "log_k1", "max_s",
+                 "min_s", "start", "timer")
 
     def __init__(self, source: str, k: int, min_s: float, max_s: float, start: float) -> None:
         self.confirmations = {source}
         self.k = k
+        self.log_k1 = math.log(k + 1) if k >= 1 else 0.0
+        """``log(k + 1)``, the denominator of every ``timeout()`` (re-armed per confirmation)."""
         self.min_s = min_s
         self.max_s = max_s
         self.start = start
@@ -422,7 +431,7 @@ class _Suspicion:
         if self.k < 1:
             return self.min_s
         n = len(self.confirmations) - 1
-        frac = math.log(n + 1) / math.log(self.k + 1)
+        frac = math.log(n + 1) / self.log_k1
         return max(self.min_s, self.max_s - frac * (self.max_s - self.min_s))
 
     def deadline(self) -> float:
@@ -533,6 +542,10 @@ class Membership:
         self._bqueue: list[_Broadcast] = []
         self._bqueue_sorted = True
         self._broadcast_order = 0
+        self._limit = 0
+        """``retransmit_limit`` for ``_limit_alive`` live members under ``_limit_config``."""
+        self._limit_alive = -1
+        self._limit_config: MembershipConfig | None = None
         self._gossip_timer: _Timer | None = None
         self._gossip_phase = rng.uniform(0, self.config.gossip_interval_s)
         self._alive_count = 1
@@ -878,15 +891,25 @@ class Membership:
         if not msgs:
             return
         payload = encode_envelope(msgs)
-        assert len(payload) <= self.config.max_payload_bytes, len(payload)
-        self._count("packets_out")
-        self._count_n("bytes_out", len(payload))
+        size = len(payload)
+        assert size <= self.config.max_payload_bytes, size
+        stats = self.stats  # self._count("packets_out"), self._count_n("bytes_out", size)
+        stats["packets_out"] = stats.get("packets_out", 0) + 1
+        stats["bytes_out"] = stats.get("bytes_out", 0) + size
         self._outputs.append(SendDatagram(addr, payload))
 
     def _take_broadcasts(self, budget: int) -> list[bytes]:
         if not self._broadcasts or budget <= 2:
             return []
-        limit = retransmit_limit(self.config, self._alive_count)
+        n = self._alive_count
+        config = self.config
+        if n != self._limit_alive or config is not self._limit_config:
+            # The same number retransmit_limit gives, computed when the view's size changes
+            # (two logarithms per datagram otherwise).
+            self._limit = retransmit_limit(config, n)
+            self._limit_alive = n
+            self._limit_config = config
+        limit = self._limit
         # Fewest transmissions first, newest first among equals (memberlist's order).
         queue = self._bqueue
         if not self._bqueue_sorted:
@@ -1234,7 +1257,7 @@ class Membership:
         return mine
 
     def _on_alive(self, msg: Alive, now: float) -> None:
-        if msg.node in self.revoked:
+        if self.revoked and msg.node in self.revoked:
             self._count("rejected.removed")
             return
         if msg.node == self.name:
@@ -1279,7 +1302,8 @@ class Membership:
         # The hot path of a mesh with slow members: most suspicions gossiped to us are
         # about a member we already suspect, with K confirmations counted.
         source = msg.source
-        if source in self.revoked:
+        revoked = self.revoked
+        if revoked and source in revoked:
             self._count("rejected.removed")
             return
         node = msg.node
@@ -1294,10 +1318,11 @@ class Membership:
             sus = self._suspicions.get(node)
             # Count (and re-gossip) at most K confirmations, as memberlist does: beyond
             # K the timeout is already at its minimum, and re-gossiping every further
-            # accuser of a slow node costs O(N) messages each.
+            # accuser of a slow node costs O(N) messages each. (The size first: once K
+            # are counted, the usual case, the source need not be looked up.)
             if sus is not None:
                 confirmations = sus.confirmations
-                if source not in confirmations and len(confirmations) <= sus.k:
+                if len(confirmations) <= sus.k and source not in confirmations:
                     confirmations.add(source)
                     self._count("suspicion_confirmations")
                     self._arm_suspicion(node, sus)
@@ -1388,7 +1413,7 @@ class Membership:
             self._forget_last_chance(name)
 
     def _on_dead(self, msg: Dead, now: float) -> None:
-        if msg.source in self.revoked:
+        if self.revoked and msg.source in self.revoked:
             self._count("rejected.removed")
             return
         if msg.node == self.name:

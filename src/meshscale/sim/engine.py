@@ -662,12 +662,20 @@ class Simulator:
 
     def _route(self, node: _Node, outs: list[Output], now: float) -> None:
         st = node.st
+        # Fixed for the simulator's life: looked up once per drained batch, not per
+        # datagram (the loss is not: an observer may change it between two outputs).
+        nodes = self._nodes
+        heap = self._heap
+        seq = self._seq
+        rnd = self._net_rng.random
+        half = self._half
+        jit = self._jit
         for out in outs:
-            if isinstance(out, SendDatagram):
+            if type(out) is SendDatagram or isinstance(out, SendDatagram):
                 payload = out.payload
                 st.datagrams_sent += 1
                 st.bytes_sent += len(payload)
-                dst = self._nodes.get(out.addr)
+                dst = nodes.get(out.addr)
                 if dst is None:
                     st.dropped_unknown_dst += 1
                     continue
@@ -683,23 +691,14 @@ class Simulator:
                     pl = node.link_loss.get(out.addr)
                     if pl:
                         p = 1.0 - (1.0 - p) * (1.0 - pl)
-                rnd = self._net_rng.random
                 if p and rnd() < p:
                     dst.st.dropped_loss += 1
                     continue
                 rtt = node.zrow[dst.z] + node.access + dst.access
                 heappush(
-                    self._heap,
-                    (
-                        now + rtt * (self._half + self._jit * rnd()),
-                        next(self._seq),
-                        _K_DGRAM,
-                        dst,
-                        node,
-                        payload,
-                        0,
-                        0,
-                    ),
+                    heap,
+                    (now + rtt * (half + jit * rnd()), next(seq), _K_DGRAM, dst, node, payload,
+                     0, 0),
                 )
             elif isinstance(out, StreamRequest):
                 self._open_stream(node, out, now)
