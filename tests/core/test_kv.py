@@ -389,7 +389,7 @@ def test_kv_placer_answers_and_refuses_as_kv_placement_did(
     view = [c for i, c in enumerate(nodes) if i not in down_at]
     down = [c for i, c in enumerate(nodes) if i in down_at]
     placer = KVPlacer(view, n, down)
-    for key in keys:
+    for key in keys + keys:  # the second time from the placer's memo
         try:
             want: KVPlacement | str = _reference_placement(key, view, n, rule, down)
         except PlacementError as e:
@@ -433,3 +433,13 @@ def test_a_watch_alone_does_not_ask_the_driver_to_look_for_hand_offs() -> None:
     assert book.add("k", ts(3), (home[1],), 1003.0) is True
     assert book.due(1003.0) == [HintSend("k", home[1], ts(3))]
     assert book.add("k", ts(4), (home[1],), 1004.0) is True  # renewed: sent again at once
+
+
+def test_kv_placer_memo_is_bounded_and_keyed_by_the_rule() -> None:
+    placer = KVPlacer(VIEW)
+    eu = Residency(frozenset({"eu"}))
+    assert placer.place("k", eu) == kv_placement("k", VIEW, residency=eu)
+    assert placer.place("k") == kv_placement("k", VIEW)  # not the eu answer
+    for i in range(KVPlacer.MEMO_MAX + 5):
+        assert placer.place(f"k{i}") == kv_placement(f"k{i}", VIEW)
+    assert len(placer._memo) <= KVPlacer.MEMO_MAX

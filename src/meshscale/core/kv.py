@@ -338,7 +338,11 @@ class KVPlacer:
     tenth of an owner's CPU per task (issue #19). Build one per view (live and down
     members): nothing in it changes afterwards."""
 
-    __slots__ = ("_all", "_live", "_n")
+    __slots__ = ("_all", "_live", "_memo", "_n")
+
+    MEMO_MAX = 1024
+    """Keys whose placement is kept (a task's record is written a few times in a row:
+    submitted, running, done); the memo is emptied when full."""
 
     def __init__(self, candidates: Iterable[Candidate], n: int = 3,
                  down: Iterable[Candidate] = ()) -> None:
@@ -349,9 +353,19 @@ class KVPlacer:
         self._live = Placer(view)
         self._all = Placer(view + away) if away else None
         """Over the live and the down members: the intended sets (None: nobody down)."""
+        self._memo: dict[tuple[str, Residency | None], KVPlacement] = {}
 
     def place(self, key: str, residency: Residency | None = None) -> KVPlacement:
         """``kv_placement(key, ..., residency)`` under this view."""
+        got = self._memo.get((key, residency))
+        if got is None:
+            got = self._place(key, residency)  # a refusal is not kept: it raises again
+            if len(self._memo) >= self.MEMO_MAX:
+                self._memo.clear()
+            self._memo[(key, residency)] = got
+        return got
+
+    def _place(self, key: str, residency: Residency | None) -> KVPlacement:
         pid = KV_NAMESPACE + key
         home = self._live.replica_set(pid, self._n, residency)
         intended = home if self._all is None else self._all.replica_set(pid, self._n,
