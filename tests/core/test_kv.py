@@ -14,13 +14,15 @@ from meshscale.core.kv import (
     KVCoordinator,
     KVHintConfig,
     KVHints,
+    KVPlacement,
+    KVPlacer,
     KVRecord,
     kv_placement,
     kv_replicas,
     lww_merge,
     merge_optional,
 )
-from meshscale.core.placement import Candidate, PlacementError, Residency
+from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set, write_set
 
 
 def rec(value: bytes | None, wall: int, node: str = "a", logical: int = 0) -> KVRecord:
@@ -352,3 +354,92 @@ def test_hand_offs_in_flight_are_bounded_and_an_unreported_one_times_out() -> No
     assert book.due(20.0) == []
     book.abandon("k1", "n0")
     assert len(book) == 0 and book.stats["abandoned"] == 1
+
+
+def _reference_placement(key: str, view: list[Candidate], n: int, rule: Residency | None,
+                         down: list[Candidate]) -> KVPlacement:
+    """kv_placement as it was written before KVPlacer, from the placement functions."""
+    pid = "kv\0" + key
+    live = {c.name for c in view}
+    away = [c for c in down if c.name not in live]
+    home = [c.name for c in replica_set(pid, view, n, rule)]
+    intended = [c.name for c in replica_set(pid, view + away, n, rule)] if away else home
+    try:
+        room = [c.name for c in write_set(pid, view, n, rule)]
+    except PlacementError:
+        return KVPlacement(tuple(home), (), tuple(intended))
+    return KVPlacement(tuple(room), tuple(h for h in home if h not in room), tuple(intended))
+
+
+_nodes = st.lists(
+    st.builds(Candidate, st.sampled_from([f"n{i}" for i in range(8)]),
+              st.sampled_from(["eu", "us", "ap"]), st.sampled_from(["z1", "z2"]),
+              full=st.booleans()),
+    max_size=8, unique_by=lambda c: c.name)
+
+
+@given(_nodes, st.sets(st.integers(0, 7)), st.integers(1, 4),
+       st.sampled_from([None, Residency(frozenset({"eu"})), Residency(frozenset({"eu", "us"})),
+                        Residency(frozenset({"mars"}))]),
+       st.lists(st.text("abk/", max_size=6), min_size=1, max_size=5))
+def test_kv_placer_answers_and_refuses_as_kv_placement_did(
+    nodes: list[Candidate], down_at: set[int], n: int, rule: Residency | None,
+    keys: list[str],
+) -> None:
+    view = [c for i, c in enumerate(nodes) if i not in down_at]
+    down = [c for i, c in enumerate(nodes) if i in down_at]
+    placer = KVPlacer(view, n, down)
+    for key in keys + keys:  # the second time from the placer's memo
+        try:
+            want: KVPlacement | str = _reference_placement(key, view, n, rule, down)
+        except PlacementError as e:
+            want = f"{e.rule}: {e}"
+        for how in ("placer", "function"):
+            try:
+                got: KVPlacement | str = (placer.place(key, rule) if how == "placer"
+                                          else kv_placement(key, view, n, rule, down=down))
+            except PlacementError as e:
+                got = f"{e.rule}: {e}"
+            assert got == want, (how, key)
+
+
+def test_hints_place_keys_by_the_view_of_the_last_set_view() -> None:
+    """KVHints keeps one placement per view: a set_view must replace it, or a node would
+    go on deciding by the view it had at its first write."""
+    home = kv_replicas("k", VIEW)
+    book = _book(home[2])
+    book.set_view(VIEW)
+    assert book.plan("k", [], 0.0) == ()  # a replica of the key: no hint
+    # Two members ranked above it come and go: it is no longer a replica, it stands in.
+    young = [c for c in VIEW if c.name not in home[:2]]
+    outsider = next(n for n in kv_replicas("k", young) if n not in home)
+    other = _book(outsider)
+    other.set_view(young)
+    assert other.plan("k", [], 0.0) == ()  # a replica in its view (the two are unknown)
+    other.set_view(young, [c for c in VIEW if c.name in home[:2]])
+    assert set(other.plan("k", [], 0.0) or ()) == set(home)
+
+
+def test_a_watch_alone_does_not_ask_the_driver_to_look_for_hand_offs() -> None:
+    """Every write a young node takes is watched; only a hint for a replica can give
+    ``due`` work, so only that asks the driver to wake its hand-off loop."""
+    home = kv_replicas("k", VIEW)
+    book = KVHints(home[0], KVHintConfig(startup_watch_s=60.0), started=1000.0)
+    book.set_view(VIEW)
+    assert book.plan("k", [], 1001.0) == (WATCH,)
+    assert book.add("k", ts(1), (WATCH,), 1001.0) is False
+    assert book.due(1001.0) == []
+    assert book.add("k", ts(2), (WATCH,), 1002.0) is False  # renewed: still nothing due
+    assert book.add("k", ts(3), (home[1],), 1003.0) is True
+    assert book.due(1003.0) == [HintSend("k", home[1], ts(3))]
+    assert book.add("k", ts(4), (home[1],), 1004.0) is True  # renewed: sent again at once
+
+
+def test_kv_placer_memo_is_bounded_and_keyed_by_the_rule() -> None:
+    placer = KVPlacer(VIEW)
+    eu = Residency(frozenset({"eu"}))
+    assert placer.place("k", eu) == kv_placement("k", VIEW, residency=eu)
+    assert placer.place("k") == kv_placement("k", VIEW)  # not the eu answer
+    for i in range(KVPlacer.MEMO_MAX + 5):
+        assert placer.place(f"k{i}") == kv_placement(f"k{i}", VIEW)
+    assert len(placer._memo) <= KVPlacer.MEMO_MAX

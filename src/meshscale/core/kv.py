@@ -98,7 +98,13 @@ from dataclasses import dataclass, field
 import msgspec
 
 from meshscale.core.hlc import HLCTimestamp
-from meshscale.core.placement import Candidate, PlacementError, Residency, replica_set, write_set
+from meshscale.core.placement import (
+    Candidate,
+    PlacementError,
+    Placer,
+    Residency,
+    replica_set,
+)
 
 __all__ = [
     "ABSENT",
@@ -113,6 +119,7 @@ __all__ = [
     "KVHints",
     "KVOutcome",
     "KVPlacement",
+    "KVPlacer",
     "KVRecord",
     "ScanPage",
     "cas_allows",
@@ -320,18 +327,56 @@ def kv_placement(
     ``down``: members the view holds as down (dead, not left, not yet forgotten); they
     only shape ``intended``. Without them only full members are missing from the write
     set."""
-    view = list(candidates)
-    live = {c.name for c in view}
-    away = [c for c in down if c.name not in live]
-    home = [c.name for c in replica_set(KV_NAMESPACE + key, view, n, residency)]
-    intended = home
-    if away:
-        intended = [c.name for c in replica_set(KV_NAMESPACE + key, view + away, n, residency)]
-    try:
-        room = [c.name for c in write_set(KV_NAMESPACE + key, view, n, residency)]
-    except PlacementError:  # all full: values are refused, deletes work
-        return KVPlacement(tuple(home), (), tuple(intended))
-    return KVPlacement(tuple(room), tuple(h for h in home if h not in room), tuple(intended))
+    return KVPlacer(candidates, n, down).place(key, residency)
+
+
+class KVPlacer:
+    """``kv_placement`` of many keys under one view: the same answers and the same
+    refusals, with the per-view work (checking the candidates, filtering them by each
+    residency rule, encoding their names: ``placement.Placer``) done once instead of on
+    every write. A node coordinates or takes a KV write per task record, so this was a
+    tenth of an owner's CPU per task (issue #19). Build one per view (live and down
+    members): nothing in it changes afterwards."""
+
+    __slots__ = ("_all", "_live", "_memo", "_n")
+
+    MEMO_MAX = 1024
+    """Keys whose placement is kept (a task's record is written a few times in a row:
+    submitted, running, done); the memo is emptied when full."""
+
+    def __init__(self, candidates: Iterable[Candidate], n: int = 3,
+                 down: Iterable[Candidate] = ()) -> None:
+        view = list(candidates)
+        live = {c.name for c in view}
+        away = [c for c in down if c.name not in live]
+        self._n = n
+        self._live = Placer(view)
+        self._all = Placer(view + away) if away else None
+        """Over the live and the down members: the intended sets (None: nobody down)."""
+        self._memo: dict[tuple[str, Residency | None], KVPlacement] = {}
+
+    def place(self, key: str, residency: Residency | None = None) -> KVPlacement:
+        """``kv_placement(key, ..., residency)`` under this view."""
+        got = self._memo.get((key, residency))
+        if got is None:
+            got = self._place(key, residency)  # a refusal is not kept: it raises again
+            if len(self._memo) >= self.MEMO_MAX:
+                self._memo.clear()
+            self._memo[(key, residency)] = got
+        return got
+
+    def _place(self, key: str, residency: Residency | None) -> KVPlacement:
+        pid = KV_NAMESPACE + key
+        home = self._live.replica_set(pid, self._n, residency)
+        intended = home if self._all is None else self._all.replica_set(pid, self._n,
+                                                                         residency)
+        if not self._live.any_full:
+            return KVPlacement(home, (), intended)
+        try:
+            room = self._live.write_set(pid, self._n, residency)
+        except PlacementError:  # all full: values are refused, deletes work
+            return KVPlacement(home, (), intended)
+        return KVPlacement(room, tuple(h for h in home if h not in room), intended)
 
 
 @dataclass(frozen=True)
@@ -678,6 +723,8 @@ class KVHints:
         self._watches: dict[str, _Hint] = {}
         self._live: dict[str, Candidate] = {}
         self._down: list[Candidate] = []
+        self._placer: KVPlacer | None = None
+        """Placement under the view (built at the first write after a ``set_view``)."""
         self._known: set[str] = set()
         """Every name the view ever held: a watch is rechecked only when a new one shows
         up (only a node ranked above this one can push it out of a key's set)."""
@@ -739,12 +786,21 @@ class KVHints:
             return (WATCH,)
         return ()
 
-    def add(self, key: str, ts: HLCTimestamp, targets: Iterable[str], now: float) -> None:
+    def add(self, key: str, ts: HLCTimestamp, targets: Iterable[str], now: float) -> bool:
         """The write of ``key`` at ``ts`` was applied and ``plan``'s hints stored with it
-        (upsert, as ``HintStored``)."""
+        (upsert, as ``HintStored``). True when a hint for a replica was added or renewed:
+        ``due`` may have a hand-off to start now. A watch alone never does (its only
+        deadline, ``max_hint_age_s`` after the write, is past every other), so a young
+        node taking writes (each one watched) need not look at its book after each."""
+        handoff = False
         for target in targets:
             self._merge(key, target, ts, now)
-            self._count("watched" if target == WATCH else "added")
+            if target == WATCH:
+                self._count("watched")
+            else:
+                self._count("added")
+                handoff = True
+        return handoff
 
     def _merge(self, key: str, target: str, ts: HLCTimestamp, since: float) -> _Hint:
         if target == WATCH:
@@ -767,9 +823,11 @@ class KVHints:
         if not self._live:
             return ()
         rule = None if self.residency is None else self.residency(key)
+        placer = self._placer
+        if placer is None:
+            placer = self._placer = KVPlacer(self._live.values(), self.replicas, self._down)
         try:
-            return kv_placement(key, self._live.values(), self.replicas, rule,
-                                down=self._down).intended
+            return placer.place(key, rule).intended
         except PlacementError:
             return ()  # no live node the key's rule allows: nothing to hand to now
 
@@ -782,6 +840,7 @@ class KVHints:
         was = set(self._live)
         self._live = {c.name: c for c in live}
         self._down = list(down)
+        self._placer = None
         for per in self._hints.values():
             for target, h in per.items():
                 if target in self._live and target not in was:

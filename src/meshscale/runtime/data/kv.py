@@ -24,7 +24,6 @@ from meshscale.core.kv import (
     KVRecord,
     ScanPage,
     cas_refusal,
-    kv_placement,
     merge_scans,
     strict_replicas,
 )
@@ -112,8 +111,7 @@ class KvStore(DataPlaneBase):
         ts = self.hlc.now(time.time())
         rec = KVRecord(key, value, ts)
         try:
-            where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule,
-                                 down=self._down_view())
+            where = self._kv_where(key, rule)
         except PlacementError as e:
             if rule is not None:
                 raise self._refuse("residency", f"kv write of {key!r}: {e}", subject=key,
@@ -217,7 +215,7 @@ class KvStore(DataPlaneBase):
         key = req.key
         rule = self._read_rule(key)
         try:
-            where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule)
+            where = self._kv_where(key, rule)
         except PlacementError as e:
             raise ApiError(ErrorCode.REFUSED, f"kv read of {key!r} refused: {e}") from None
         coord = KVCoordinator.for_get(key, where.replicas, Consistency(req.consistency),
@@ -251,8 +249,7 @@ class KvStore(DataPlaneBase):
         key = req.key
         rule = self._read_rule(key)
         try:
-            where = kv_placement(key, self._view(), self.cfg.kv_replicas, rule,
-                                 down=self._down_view())
+            where = self._kv_where(key, rule)
         except PlacementError as e:
             raise ApiError(ErrorCode.REFUSED, f"kv read of {key!r} refused: {e}") from None
         # The same strict set a conditional put writes to (full members can be read).
@@ -316,8 +313,7 @@ class KvStore(DataPlaneBase):
                                                   targets, now)
         except StorageError as e:
             raise _storage_error(e) from None
-        if targets:
-            self.hints.add(key, stamp, targets, now)
+        if targets and self.hints.add(key, stamp, targets, now):
             self._hints_wake.set()
         return api.KvApplyReply(applied=applied)
 

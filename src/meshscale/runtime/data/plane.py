@@ -45,7 +45,7 @@ from meshscale.core.api import Empty
 from meshscale.core.api import erasure as erasure_api
 from meshscale.core.api import objects as api
 from meshscale.core.api import policy as policy_api
-from meshscale.core.membership import VIEW_CHANGES
+from meshscale.core.membership import VIEW_CHANGES, MemberReaped
 from meshscale.core.outputs import Event
 from meshscale.core.placement import Residency
 from meshscale.core.replication import ObjectPolicy, ReplicaManager
@@ -174,6 +174,8 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
             self.store.close()
 
     def _on_member_event(self, ev: Event) -> None:
+        if isinstance(ev, (*VIEW_CHANGES, MemberReaped)):
+            self._kv_placer = None  # a reaped member leaves the down view (intended sets)
         if self.rm is None:
             return
         if isinstance(ev, VIEW_CHANGES):

@@ -17,7 +17,7 @@ import msgspec
 from meshscale.core.api import ApiError, ErrorCode, Method, ResidencyWire
 from meshscale.core.api import objects as api
 from meshscale.core.hlc import HLCTimestamp, HybridLogicalClock
-from meshscale.core.kv import KVHintConfig, KVHints
+from meshscale.core.kv import KVHintConfig, KVHints, KVPlacement, KVPlacer
 from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, Residency, is_full, may_hold
 from meshscale.core.policy import ClassPolicy, kv_residency
@@ -261,6 +261,9 @@ class DataPlaneBase:
         self.hints = KVHints(agent.name, self.cfg.kv_hints, replicas=self.cfg.kv_replicas,
                              started=time.time(),
                              residency=lambda key: kv_residency(key, self.policies))
+        self._kv_placer: KVPlacer | None = None
+        """KV placement under the current view (``kv_where``); dropped at every view
+        change (``VIEW_CHANGES``, which also covers a member's full flag)."""
         self._hints_wake = asyncio.Event()
         self._hints_lock = asyncio.Lock()  # hint changes reach the store in order
         self._sources: OrderedDict[str, str] = OrderedDict()
@@ -310,6 +313,15 @@ class DataPlaneBase:
             for m in self.agent.m.members.values()
             if m.state == State.DEAD
         ]
+
+    def _kv_where(self, key: str, rule: Residency | None) -> KVPlacement:
+        """``core.kv.kv_placement`` of ``key`` over the live and the down members, with
+        the view's placement built once per view rather than once per KV operation."""
+        placer = self._kv_placer
+        if placer is None:
+            placer = self._kv_placer = KVPlacer(self._view(), self.cfg.kv_replicas,
+                                                self._down_view())
+        return placer.place(key, rule)
 
     def _addr(self, name: str) -> str | None:
         m = self.agent.m.members.get(name)
