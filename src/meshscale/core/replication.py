@@ -622,7 +622,9 @@ class _Rebuild:
     oids: list[str]
     """The inventory when the view last changed, in its order: each is re-placed and
     re-indexed once (an entry added since was indexed under the current view). After a
-    view change during a rebuild, the ids the rebuild had not reached come first."""
+    view change during a rebuild, the ids the rebuild had not reached come first, then
+    the whole inventory again (the second time, such an entry's sets are cached under
+    this view: it is only checked and re-indexed)."""
     pos: int
     """How many of ``oids`` are done."""
     forced: int
