@@ -37,8 +37,8 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   a million objects does not stall its driver's loop for seconds at every membership
   change (issue #24); until the last slice no digest round starts and no digest received
   is answered (a half-rebuilt side compares as nothing), while every other path reads an
-  entry's sets under the current view and keeps the digests exact. Entries to offer beyond the digests
-  (held outside the replica set, or declined by a full member) are kept in a small
+  entry's sets under the current view and keeps the digests exact. Entries to offer
+  beyond the digests (held outside the replica set, or declined by a full member) are kept in a small
   *handoff set*, so a round finds them without walking the inventory. A digest match
   confirms the whole pair set without touching it: the manager notes (peer, time, change
   epoch at the round's start: it advances as each round starts), and an entry unchanged since then counts as confirmed
@@ -818,8 +818,9 @@ class ReplicaManager:
         inventory. Until the last slice no digest round starts (see ``_rebuilding``);
         everything else reads an entry's replica set under the current view (``_rs_of_local``
         places it again when its cache is older) and keeps the digests exact as it changes
-        entries (``_index``). A view change during a rebuild starts it again over the whole
-        inventory (cheap for entries already rebuilt: their sets mostly stay)."""
+        entries (``_index``). A view change during a rebuild starts it again: the entries
+        it had not reached first, then the whole inventory (cheap for an entry already
+        rebuilt or placed under the new view: its sets mostly stay)."""
         view = {c.name: c for c in candidates}
         if self.name not in view:
             raise ValueError(f"the view of {self.name!r} must include itself")
@@ -832,7 +833,7 @@ class ReplicaManager:
             self._rounds.pop(r, None)
         # Digest matches under the old view become plain confirmations before the pair
         # sets move: as each entry is rebuilt, or settled before that. A departed node's
-        # go with its confirmations.
+        # matches go, as its confirmations do.
         self._stale = {p: m for p, m in {**self._stale, **self._matched}.items()
                        if p not in self._gone}
         self._matched = {}
