@@ -38,11 +38,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+REBUILD_SLICE_ENTRIES: int | None = None
+"""``--rebuild-slice``: the data plane's view changes rebuilt in slices this small."""
+
 
 def data_problems(seed: int) -> list[str]:
     from meshscale.sim.dataplane import chaos_run
 
-    r = chaos_run(seed)
+    r = chaos_run(seed, rebuild_slice_entries=REBUILD_SLICE_ENTRIES)
     out = []
     if r.residency_violations:
         out.append(f"residency: {r.residency_violations[0]}")
@@ -168,7 +171,12 @@ def main() -> int:
     ap.add_argument("--plane", choices=sorted(PLANES), action="append",
                     help="plane(s) to run (default: all)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--rebuild-slice", type=int, default=None, metavar="N",
+                    help="data plane: rebuild each view change in slices of N entries "
+                         "(ReplicationConfig.rebuild_slice_entries; default: at once)")
     args = ap.parse_args()
+    global REBUILD_SLICE_ENTRIES
+    REBUILD_SLICE_ENTRIES = args.rebuild_slice
     base = args.base if args.base is not None else random.SystemRandom().randrange(2**31)
     planes = args.plane or sorted(PLANES)
     print(f"swarm base seed {base}: seeds {base}..{base + args.seeds - 1} per plane", flush=True)

@@ -32,13 +32,19 @@ durable copies exist, hinted ones included. Departures from Dynamo, and why:
   recomputes them, for the entries whose replica set it moves (one pass over the
   inventory; by property 1 of ``core.placement`` an entry whose set holds no departed
   node and gains no new one keeps it, order included, without being placed again, and
-  every set is placed with one ``Placer`` per view). Entries to offer beyond the digests
-  (held outside the replica set, or declined by a full member) are kept in a small
+  every set is placed with one ``Placer`` per view). That pass is done in slices of
+  ``rebuild_slice_entries`` per call (``set_view``, then ``on_timer``), so a node holding
+  a million objects does not stall its driver's loop for seconds at every membership
+  change (issue #24); until the last slice no digest round starts and no digest received
+  is answered (a half-rebuilt side compares as nothing), while every other path reads an
+  entry's sets under the current view and keeps the digests exact. Entries to offer
+  beyond the digests (held outside the replica set, or declined by a full member) are kept in a small
   *handoff set*, so a round finds them without walking the inventory. A digest match
   confirms the whole pair set without touching it: the manager notes (peer, time, change
   epoch at the round's start: it advances as each round starts), and an entry unchanged since then counts as confirmed
   by that peer at that time, written into the entry when it is next read or changed
-  (``_settle``); a view change writes them all (entries share equal confirmations).
+  (``_settle``); a view change's rebuild writes them into each entry before it moves
+  (entries share equal confirmations).
   Only a mismatch lists the ids (``Offer`` pages, the pair set as it is when the
   mismatch is answered). ``ReplicationConfig.self_check`` (on in the simulator's swarms
   and the core tests, off in the runtime) recomputes everything before each round and
@@ -192,10 +198,25 @@ class ReplicationConfig:
     max_tombstones: int = 1_000_000
     """Live tombstones kept; a delete beyond it is refused (``ReplicationOverloaded``)
     and a tombstone received beyond it still kills older copies but is not kept."""
+    rebuild_slice_entries: int = 2_000
+    """Inventory entries a view change re-places and re-indexes per call on the driver's
+    loop: ``set_view`` does the first slice, each ``on_timer`` the next (``next_deadline``
+    asks for it), and anti-entropy rounds wait until the last one. An inventory this small
+    or smaller is rebuilt in ``set_view`` itself."""
+    rebuild_slice_pause_s: float = 0.0
+    """Time between two slices of a view change's rebuild (0: the next one is due at
+    once; the driver's loop still runs whatever is ready in between)."""
     self_check: bool = False
     """Before every sync round, recompute the pair digests and the handoff set from the
     whole inventory and raise ``DigestDrift`` if the incrementally kept ones differ.
-    O(objects) per round: for the simulator's swarms and tests, off in the runtime."""
+    O(objects) per round (and after every view change's rebuild): for the simulator's
+    swarms and tests, off in the runtime."""
+
+    def __post_init__(self) -> None:
+        if self.rebuild_slice_entries < 1:
+            raise ValueError("rebuild_slice_entries must be at least 1")
+        if self.rebuild_slice_pause_s < 0:
+            raise ValueError("rebuild_slice_pause_s must not be negative")
 
 
 # --------------------------------------------------------------------------- outputs
@@ -594,6 +615,28 @@ class _PeerRound:
     the peer's confirmation is of that one (``_credit_deletes``)."""
 
 
+@dataclass(slots=True)
+class _Rebuild:
+    """A view change's pass over the inventory, done in slices (``_rebuild_slice``)."""
+
+    oids: list[str]
+    """The inventory when the view last changed, in its order: each is re-placed and
+    re-indexed once (an entry added since was indexed under the current view). After a
+    view change during a rebuild, the ids the rebuild had not reached come first, then
+    the whole inventory again (the second time, such an entry's sets are cached under
+    this view: it is only checked and re-indexed)."""
+    pos: int
+    """How many of ``oids`` are done."""
+    forced: int
+    """The first ``forced`` ids had not been rebuilt when the view changed again: their
+    cached sets (placed under the last view by a read, perhaps) are not taken as indexed
+    under it, so they are placed and checked again whatever ``unmoved`` says."""
+    unmoved: Callable[[_Local], bool] | None
+    """``ReplicaManager._unmoved`` for the last view change."""
+    at: float
+    """When the next slice is due."""
+
+
 # --------------------------------------------------------------------------- manager
 
 
@@ -662,6 +705,17 @@ class ReplicaManager:
         """Peer -> (when, round's change epoch) of its last digest match under the
         current view: every entry in our pair digest with it and unchanged since that
         round started counts as confirmed by it then (``_settle``)."""
+        self._rebuilding: _Rebuild | None = None
+        """The view change's rebuild still under way, if any: until it is done, entries
+        after ``pos`` are indexed under an older view, so no digest round starts, a
+        digest received is not answered, and the two below are applied to an entry when
+        it is next settled (``_settle``), or by its slice."""
+        self._stale: dict[str, tuple[float, int]] = {}
+        """The digest matches (``_matched``) pending when the view changed, for the
+        entries not yet rebuilt (their ``dg`` and ``seq`` still those the match covered)."""
+        self._gone: dict[str, float] = {}
+        """Nodes that left the view since the rebuild started -> when: their confirmations
+        and ``no_room`` entries go from every entry, as it is settled or rebuilt."""
         self._under = 0
         self._confirmations: dict[tuple[tuple[str, float], ...], dict[str, float]] = {}
         """Confirmations the entries share (``_set_confirmed``), up to
@@ -688,9 +742,13 @@ class ReplicaManager:
         return out
 
     def next_deadline(self) -> float | None:
-        times = [self._next_sync]
-        if self._prompt_at is not None:
-            times.append(self._prompt_at)
+        rb = self._rebuilding
+        if rb is not None:
+            times = [rb.at]  # rounds wait until the rebuild is done
+        else:
+            times = [self._next_sync]
+            if self._prompt_at is not None:
+                times.append(self._prompt_at)
         heap = self._put_deadlines
         while heap and heap[0][1] not in self._puts:
             heapq.heappop(heap)
@@ -728,6 +786,13 @@ class ReplicaManager:
         for k in expired:
             del self._inflight[k]
             self._count("transfers_expired")
+        rb = self._rebuilding
+        if rb is not None:
+            if now >= rb.at:
+                self._rebuild_slice(now)
+            if self._rebuilding is not None:
+                self._pump(now)
+                return  # no round on a half-rebuilt index: it starts once the rebuild is done
         if now >= self._next_sync:
             self._next_sync = now + self.config.sync_interval_s * self.rng.uniform(0.8, 1.2)
             self._periodic_round(now)
@@ -745,7 +810,17 @@ class ReplicaManager:
         return self._under
 
     def set_view(self, candidates: Iterable[Candidate], now: float) -> None:
-        """The live view changed (alive and suspect members, this node included)."""
+        """The live view changed (alive and suspect members, this node included).
+
+        The entries are re-placed and re-indexed for it in slices of at most
+        ``ReplicationConfig.rebuild_slice_entries`` (the first here, the next at each
+        ``on_timer``): the work on the driver's loop per call is bounded, whatever the
+        inventory. Until the last slice no digest round starts (see ``_rebuilding``);
+        everything else reads an entry's replica set under the current view (``_rs_of_local``
+        places it again when its cache is older) and keeps the digests exact as it changes
+        entries (``_index``). A view change during a rebuild starts it again: the entries
+        it had not reached first, then the whole inventory (cheap for an entry already
+        rebuilt or placed under the new view: its sets mostly stay)."""
         view = {c.name: c for c in candidates}
         if self.name not in view:
             raise ValueError(f"the view of {self.name!r} must include itself")
@@ -753,25 +828,15 @@ class ReplicaManager:
             return
         removed = [n for n in self._view if n not in view]
         added = [n for n in view if n not in self._view]
+        for r in removed:
+            self._gone[r] = now
+            self._rounds.pop(r, None)
         # Digest matches under the old view become plain confirmations before the pair
-        # sets move (O(objects), as is the rebuild below: once per view change).
-        if self._matched:
-            for loc in self._inv.values():
-                self._settle(loc)
-            self._matched.clear()
-        if removed:
-            gone = set(removed)
-            for loc in self._inv.values():
-                old = self._rs_of_local(loc)
-                if loc.confirmed and not gone.isdisjoint(loc.confirmed):
-                    self._set_confirmed(loc, {p: t for p, t in loc.confirmed.items()
-                                              if p not in gone})
-                for r in removed:
-                    loc.no_room.pop(r, None)
-                    if r in old:
-                        loc.failed_at = now
-            for r in removed:
-                self._rounds.pop(r, None)
+        # sets move: as each entry is rebuilt, or settled before that. A departed node's
+        # matches go, as its confirmations do.
+        self._stale = {p: m for p, m in {**self._stale, **self._matched}.items()
+                       if p not in self._gone}
+        self._matched = {}
         old_view = self._view
         self._view = view
         self._placer = None
@@ -780,14 +845,18 @@ class ReplicaManager:
         self._view_since = now
         self._peers = sorted(n for n in view if n != self.name)
         self._count("view_changes")
-        moved = self._rebuild(self._unmoved(old_view, removed, added))
-        # Promptly re-check with everyone: the replica sets of some objects moved.
+        rb = self._rebuilding
+        left = [] if rb is None else rb.oids[rb.pos:]
+        if rb is not None:
+            self._count("rebuilds_restarted")
+        self._rebuilding = _Rebuild(left + list(self._inv), 0, len(left),
+                                    self._unmoved(old_view, removed, added), now)
+        # Promptly re-check with everyone (once the rebuild is done): the replica sets of
+        # some objects moved.
         self._prompt(self._peers, now)
-        # Only an entry whose replica set moved can change its count of live replicas.
-        for oid in sorted(moved):
-            loc = self._inv[oid]
-            if loc.tomb is None:
-                self._check_under(oid, loc)
+        self._rebuild_slice(now)
+        if self._rebuilding is not None:
+            self._count("rebuilds_sliced")
         if added or removed:
             self._pump(now)
 
@@ -1269,6 +1338,13 @@ class ReplicaManager:
         self._outputs.append(SendMessage(dst, encode_message(msg)))
 
     def _on_digest(self, src: str, msg: DigestMsg, now: float) -> None:
+        if self._rebuilding is not None:
+            # Half of our side may still be indexed under the old view: no answer (a
+            # mismatch would have the sender list its pair set for nothing). Once rebuilt,
+            # this node syncs with everyone (``set_view`` prompted them).
+            self._count("digests_unanswered.rebuilding")
+            self._prompt([src], now)
+            return
         count, h = self._pair_digest(src)
         match = count == msg.count and h == msg.digest
         self._send(src, DigestReply(msg.round, match))
@@ -1301,6 +1377,10 @@ class ReplicaManager:
                     self._credit_deletes(oid, sent, src)
             return
         self._count("digest_mismatches")
+        if self._rebuilding is not None:
+            # A round of an older view (none starts during a rebuild): its pair set is
+            # half rebuilt. The round that follows the rebuild lists it if need be.
+            return
         # The pair set is listed only now, on a mismatch; unconfirmed first: they are the
         # likely difference.
         pair = [loc for loc in self._inv.values() if src in loc.dg]
@@ -1604,43 +1684,84 @@ class ReplicaManager:
             loc.under = False
             self._under -= 1
 
-    def _rebuild(self, unmoved: Callable[[_Local], bool] | None) -> list[str]:
-        """The view changed: the replica set of any entry may have moved. Entries whose
-        cached sets ``unmoved`` keeps (see ``_unmoved``) are carried over to the new view
-        without placing them again; the others are placed and re-indexed. Returns the ids
-        of the latter. One pass over the inventory, cheap for an entry that stays."""
-        # No match is pending (``set_view`` settled them): a round started from now on
-        # covers every entry as it is now.
-        assert not self._matched
+    def _rebuild_slice(self, now: float) -> None:
+        """The next slice of the view change's rebuild: for each entry of it, the digest
+        matches and departures since it was last indexed (``_settle``), then its replica
+        set: an entry whose cached sets ``unmoved`` keeps (see ``_unmoved``) is carried
+        over to the new view without placing it again; the others are placed again (and
+        their count of live replicas checked). Either way it is re-indexed: its share of
+        the pair digests and its handoff membership follow its sets. Cheap for an entry
+        that stays."""
+        rb = self._rebuilding
+        assert rb is not None
+        end = min(len(rb.oids), rb.pos + self.config.rebuild_slice_entries)
         version = self._view_version
         old = version - 1
+        unmoved = rb.unmoved
+        gone = self._gone
+        inv = self._inv
         moved: list[str] = []
-        for loc in self._inv.values():
-            if unmoved is not None and loc.rs_version == old and unmoved(loc):
+        for i in range(rb.pos, end):
+            loc = inv.get(rb.oids[i])
+            if loc is None:
+                continue  # gone since the view changed
+            self._settle(loc)
+            if gone:
+                # Repair priority: a member of its set (as last placed) left.
+                for r, t in gone.items():
+                    if r in loc.rs and t > loc.failed_at:
+                        loc.failed_at = t
+            if (unmoved is not None and i >= rb.forced and loc.rs_version == old
+                    and unmoved(loc)):
                 loc.rs_version = version
-                if loc.handed or loc.no_room is not _NO_ROOM:
-                    # Not offered for the old set (``handed``), or declined by a member
-                    # that left (its ``no_room`` entry went): its handoff state may change.
-                    loc.handed = False
-                    self._index(loc, seq=0)
-                continue
-            moved.append(loc.oid)
-            loc.handed = False  # the set moved: a moved tombstone is offered to it again
-            self._index(loc, seq=0)
+            else:
+                moved.append(loc.oid)
+            loc.handed = False  # a moved tombstone is offered to its (new) set again
+            # Later than any digest match pending from before the view change: a match
+            # of an older pair set must not cover it once it is indexed for the new one.
+            self._index(loc)
+        rb.pos = end
+        # Only an entry whose replica set moved can change its count of live replicas.
+        for oid in sorted(moved):
+            loc = inv[oid]
+            if loc.tomb is None:
+                self._check_under(oid, loc)
+        if rb.pos < len(rb.oids):
+            rb.at = now + self.config.rebuild_slice_pause_s
+            self._count("rebuild_slices")
+            return
+        self._rebuilding = None
+        self._stale = {}
+        self._gone = {}
         for p in [p for p, n in self._dg_count.items() if not n and p not in self._view]:
             del self._dg_count[p]
             self._dg_acc.pop(p, None)
-        return moved
+        if self.config.self_check:
+            self._verify()
 
     def _settle(self, loc: _Local) -> None:
         """Write into ``loc.confirmed`` the digest matches that cover it (see
-        ``_on_digest_reply``). Idempotent; call it before reading ``confirmed`` or
-        changing ``loc``."""
-        if not self._matched or not loc.dg:
-            return
+        ``_on_digest_reply``), and while a view change's rebuild is under way, forget
+        what departed nodes said of it. Idempotent; call it before reading ``confirmed``
+        or changing ``loc``."""
+        if self._rebuilding is not None:
+            if self._stale and loc.dg:
+                self._apply_matches(loc, self._stale)
+            gone = self._gone
+            if gone:
+                if loc.confirmed and not gone.keys().isdisjoint(loc.confirmed):
+                    self._set_confirmed(loc, {p: t for p, t in loc.confirmed.items()
+                                              if p not in gone})
+                if loc.no_room is not _NO_ROOM:
+                    for r in gone:
+                        loc.no_room.pop(r, None)
+        if self._matched and loc.dg:
+            self._apply_matches(loc, self._matched)
+
+    def _apply_matches(self, loc: _Local, matched: Mapping[str, tuple[float, int]]) -> None:
         new: dict[str, float] | None = None
         for p in loc.dg:
-            m = self._matched.get(p)
+            m = matched.get(p)
             if (m is not None and loc.seq <= m[1] and p != self.name
                     and loc.confirmed.get(p, float("-inf")) < m[0]):
                 if new is None:

@@ -41,7 +41,7 @@ import contextlib
 import random
 import struct
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -896,6 +896,7 @@ class DataMesh:
         disk_reserve_bytes: int = 0,
         disk_margin_bytes: int = 0,
         spares: bool = False,
+        rebuild_slice_entries: int | None = None,
     ) -> None:
         self.spares = spares
         self.topology = topology or Topology.three_regions()
@@ -906,6 +907,11 @@ class DataMesh:
             sync_interval_s=3.0, put_timeout_s=8.0, view_change_delay_s=0.3,
             self_check=True,  # a drift of the incremental digests fails the seed
         )
+        if rebuild_slice_entries is not None:
+            # A view change's rebuild in slices this small, spread over virtual time, so
+            # that messages, writes and further view changes meet half-rebuilt indexes.
+            self.rconfig = replace(self.rconfig, rebuild_slice_entries=rebuild_slice_entries,
+                                   rebuild_slice_pause_s=0.05)
         self.sim = Simulator(self.topology, seed, record_trace=record_trace)
         self.names = [f"n{i}" for i in range(nodes)]
         self.placements = dict(zip(self.names, self.topology.place(nodes), strict=True))
@@ -1230,6 +1236,7 @@ def chaos_run(
     replicas: int = 3,
     deletes: int = 8,
     spares: bool = False,
+    rebuild_slice_entries: int | None = None,
 ) -> ChaosReport:
     """Random crashes, restarts, pauses, partitions and full disks (a node refuses every
     write for a while, advertising itself full) over a 12-node, 3-region mesh, with
@@ -1241,9 +1248,12 @@ def chaos_run(
     Objects written before the faults use W=2 and have time to reach full replication;
     objects written during the faults use W=R (hinted copies count), so that losing R-1
     nodes for good can never take every acknowledged copy.
+
+    ``rebuild_slice_entries``: rebuild each view change in slices of that many entries
+    (``ReplicationConfig.rebuild_slice_entries``, 0.05 s apart) rather than at once.
     """
     mesh = DataMesh(nodes, seed=seed, disk_reserve_bytes=64, disk_margin_bytes=64,
-                    spares=spares)
+                    spares=spares, rebuild_slice_entries=rebuild_slice_entries)
     sim = mesh.sim
     rng = random.Random(f"chaos/{seed}")
     regions = list(mesh.topology.regions)
