@@ -16,6 +16,7 @@ from meshscale.core.scheduling import (
     InputRef,
     InRegions,
     Load,
+    Moved,
     NearSource,
     NodeState,
     Reserve,
@@ -657,6 +658,76 @@ def test_unreachable_hold_ends_and_is_ignored_for_unknown_nodes() -> None:
     assert not any(isinstance(e, TaskFailed) for _, e in net.events)
     with pytest.raises(ValueError, match="lost_runner_hold_s"):
         SchedulingConfig(lost_runner_hold_s=0.0)
+
+
+def _stolen_by_a_thief(cfg: SchedulingConfig) -> tuple[Scheduler, list[tuple[str, object]]]:
+    """Owner "o" (no cpus of its own) submits three tasks, one per batch (as a client's
+    single submits are), all probed on "v" (one cpu): v runs t0 and queues t1, t2. Then
+    "t" steals from v, which gives t2 (the head, t1, stays) and tells o so. Returns
+    (o, what v sent for the steal), none of it delivered yet."""
+    none, one = Resources(0.0, 8000, 0), Resources(1.0, 8000, 0)
+    s = {n: Scheduler(n, c, config=cfg, rng=random.Random(0), now=0.0)
+         for n, c in (("o", none), ("v", one), ("t", one))}
+    o, v, t = s["o"], s["v"], s["t"]
+    o.set_view([node("o", cap=none), node("v", cap=one)], 0.0)  # t not seen yet
+    for i in range(3):
+        o.submit([TaskSpec(f"t{i}")], 0.0)
+        for dst, msg in _sent(o):
+            assert dst == "v" and isinstance(msg, Reserve)
+            v.handle_message("o", encode_message(msg), 0.0)
+        for _, msg in _sent(v):  # v's GetTask for the first: granted
+            o.handle_message("v", encode_message(msg), 0.0)  # type: ignore[arg-type]
+            for _, m2 in _sent(o):
+                v.handle_message("o", encode_message(m2), 0.0)  # type: ignore[arg-type]
+    assert o.owner_state("t0") == ("v", 1) and len(v._queue) == 2
+    view = [node("o", cap=none), node("v", cap=one, load=Load(1, 2, 0.0)),
+            node("t", cap=one)]
+    for x in s.values():
+        x.set_view(view, 0.0)
+    v.drain()
+    t.idle(0.0)
+    ((dst, steal),) = _sent(t)
+    assert dst == "v"
+    v.handle_message("t", encode_message(steal), 0.0)  # type: ignore[arg-type]
+    return o, _sent(v)
+
+
+def test_reservations_a_crashed_thief_took_are_written_off_with_it() -> None:
+    # Issue #19's kill run: an idle node stole queued reservations, then was killed
+    # before asking for their tasks. The owner counted them at the node they were
+    # stolen from, which went on asking for its other tasks: the task waited for
+    # probe_timeout_s after the last of them (seconds at the end of the run). The victim
+    # of the steal now tells the owner (Moved), and losing the thief re-places them.
+    cfg = SchedulingConfig(probes_per_task=1, pool_size=1)
+    o, sent = _stolen_by_a_thief(cfg)
+    assert [type(m).__name__ for _, m in sent] == ["StealReply", "Moved"]
+    (moved,) = [m for dst, m in sent if dst == "o"]
+    assert moved.thief == "t" and moved.reservations == [(3, "t2")]  # type: ignore[attr-defined]
+    o.handle_message("v", encode_message(moved), 0.1)  # type: ignore[arg-type]
+    assert o.waits_on("t") == 1 and o.waits_on("v") == 2  # t0 bound, t1 queued there
+    # The thief dies holding it (its StealReply is never acted on): the owner's check
+    # of the broken connection finds it gone.
+    assert o.runner_unreachable("t", 0.5) == 0  # nothing was bound there
+    again = [(dst, m) for dst, m in _sent(o) if isinstance(m, Reserve)]
+    assert again == [("v", Reserve(3, "t2", Resources(1.0, 0, 0), []))]
+    assert o.waits_on("t") == 0 and o.stats["reservations_moved"] == 1
+    # The same when membership's verdict comes first: the thief leaves the view.
+    o2, sent2 = _stolen_by_a_thief(cfg)
+    o2.handle_message("v", encode_message(sent2[1][1]), 0.1)  # type: ignore[arg-type]
+    o2.node_down("t", 0.5)
+    assert [(d, m.hint) for d, m in _sent(o2) if isinstance(m, Reserve)] == [("v", "t2")]  # type: ignore[attr-defined]
+
+
+def test_a_move_to_a_thief_already_lost_re_places_at_once() -> None:
+    o, sent = _stolen_by_a_thief(SchedulingConfig(probes_per_task=1, pool_size=1))
+    assert o.runner_unreachable("t", 0.05) == 0
+    _sent(o)
+    o.handle_message("v", encode_message(sent[1][1]), 0.1)  # type: ignore[arg-type]
+    assert [(d, m.hint) for d, m in _sent(o) if isinstance(m, Reserve)] == [("v", "t2")]  # type: ignore[attr-defined]
+    assert o.stats["reservations_moved_lost"] == 1 and o.waits_on("t") == 0
+    # A move of a task already bound, or not from where it was probed, changes nothing.
+    o.handle_message("x", encode_message(Moved("t", [(3, "t2"), (1, "t0")])), 0.2)
+    assert o.stats["reservations_moved"] == 1 and o.owner_state("t0") == ("v", 1)
 
 
 def test_a_restarted_runner_loses_its_tasks_when_its_new_boot_speaks() -> None:

@@ -38,7 +38,12 @@ view costs a round trip rather than a stampede. Departures from Sparrow, and why
 - Work stealing: an idle worker (free slots, nothing queued) asks a peer whose gossiped
   queue is long for some of its queued reservations, naming objects it holds; the victim
   hands over reservations from the tail of its queue, those whose inputs the thief holds
-  first. The thief then asks the owner like any other worker.
+  first. The thief then asks the owner like any other worker. The victim tells each
+  owner which of its reservations went to the thief (``Moved``): losing the thief (its
+  crash, ``runner_unreachable`` or ``node_down``) then writes them off and re-places
+  their tasks. Before, an owner still counted them at the victim, and a task whose
+  reservations a crashed thief had taken waited until its probed nodes stopped asking
+  for work and ``probe_timeout_s`` passed: issue #19's kill run ended seconds late.
 - Failures: when a node leaves the view (``node_down`` or ``set_view``), tasks bound to
   it are re-placed, up to ``max_retries`` times; a reservation or a binding whose answer
   never comes is re-probed after ``probe_timeout_s`` / ``run_timeout_s``. A task may thus
@@ -717,8 +722,18 @@ class StealReply(msgspec.Struct, tag=7, array_like=True):
     reservations: Annotated[list[ResRef], msgspec.Meta(max_length=1024)]
 
 
+class Moved(msgspec.Struct, tag=9, array_like=True):
+    """Worker -> owner: these of your reservations ((batch, hint) each) are now queued at
+    ``thief`` (a steal took them), so that losing the thief writes them off. An older
+    peer drops it (an unknown tag: ``rejected``) and learns as before: when a reprobe
+    after ``probe_timeout_s`` finds them lost."""
+
+    thief: NodeName
+    reservations: Annotated[list[tuple[Count, TaskId]], msgspec.Meta(max_length=1024)]
+
+
 SchedulingMessage = (Reserve | GetTask | Grant | NoTask | Result | Steal | StealReply
-                     | Running)
+                     | Running | Moved)
 
 _codec: VersionedCodec[SchedulingMessage] = VersionedCodec("scheduling", SCHEDULING_PROTOCOL_VERSION, SchedulingMessage)
 
@@ -977,6 +992,12 @@ class Scheduler:
         the connections of those nodes: ``runner_unreachable``)."""
         return self._bound_on.get(name, 0)
 
+    def waits_on(self, name: str) -> int:
+        """Tasks this owner has bound to ``name`` or has a reservation of queued there
+        (its own or moved there by a steal): what losing ``name`` would hold up. A driver
+        that sees a connection to ``name`` break checks the node when this is not 0."""
+        return self._bound_on.get(name, 0) + self._probes_on.get(name, 0)
+
     def unreachable(self, now: float) -> list[str]:
         """Nodes kept out of placement after ``runner_unreachable`` (sorted)."""
         return sorted(n for n, until in self._unreachable.items() if until > now)
@@ -1202,6 +1223,8 @@ class Scheduler:
             self._on_steal(src, msg, now)
         elif isinstance(msg, Running):
             self._on_running(src, msg, now)
+        elif isinstance(msg, Moved):
+            self._on_moved(src, msg, now)
         else:
             self._on_steal_reply(src, msg, now)
 
@@ -1789,6 +1812,36 @@ class Scheduler:
         else:
             self._count("steal_empty")
         self._send(src, StealReply(out))
+        moved: dict[str, list[tuple[int, str]]] = {}
+        for ref in out:
+            moved.setdefault(ref.owner, []).append((ref.batch, ref.hint))
+        for owner, refs in moved.items():
+            self._send(owner, Moved(src, refs))
+
+    def _on_moved(self, src: str, msg: Moved, now: float) -> None:
+        """Owner side: reservations of ours that ``src`` held are at ``msg.thief`` now
+        (see the module docstring). A task still unbound counts its probe there; one
+        whose thief is already lost (out of the view, or unreachable) is placed again
+        if no other reservation is left."""
+        thief = msg.thief
+        lost = thief not in self._view or self._unreachable.get(thief, -math.inf) > now
+        for batch, hint in msg.reservations:
+            t = self._tasks.get(hint)
+            if t is None or t.batch != batch or t.node is not None or src not in t.probes:
+                continue
+            t.probes.discard(src)
+            c = self._probes_on.get(src, 0) - 1
+            if c > 0:
+                self._probes_on[src] = c
+            else:
+                self._probes_on.pop(src, None)
+            self._count("reservations_moved")
+            if not lost and thief not in t.probes:
+                t.probes.add(thief)
+                self._probes_on[thief] = self._probes_on.get(thief, 0) + 1
+            elif not t.probes:
+                self._count("reservations_moved_lost")
+                self._place(t, now)
 
     def _on_steal_reply(self, src: str, msg: StealReply, now: float) -> None:
         for ref in msg.reservations[: self.config.max_steal]:
