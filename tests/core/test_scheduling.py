@@ -11,6 +11,7 @@ import pytest
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.scheduling import (
     Central,
+    Declined,
     GetTask,
     Grant,
     InputRef,
@@ -728,6 +729,48 @@ def test_a_move_to_a_thief_already_lost_re_places_at_once() -> None:
     # A move of a task already bound, or not from where it was probed, changes nothing.
     o.handle_message("x", encode_message(Moved("t", [(3, "t2"), (1, "t0")])), 0.2)
     assert o.stats["reservations_moved"] == 1 and o.owner_state("t0") == ("v", 1)
+
+
+def test_a_late_grant_with_no_room_is_declined_and_placed_again_at_once() -> None:
+    # Issue #19's full kill run: the owner's node stalled past ask_timeout_s, so a
+    # worker's ask timed out and its slot went to another task; the grant that came
+    # after was refused without a word, and the owner waited run_timeout_s (60 s) for
+    # a run that never started. Now the worker declines it and the owner re-places it.
+    none, one = Resources(0.0, 8000, 0), Resources(1.0, 8000, 0)
+    view = [node("o", cap=none), node("w", cap=one)]
+    o = Scheduler("o", none, config=CFG, rng=random.Random(0), now=0.0)
+    w = Scheduler("w", one, config=CFG, rng=random.Random(0), now=0.0)
+    for x in (o, w):
+        x.set_view(view, 0.0)
+
+    def deliver(src: Scheduler, dst: Scheduler, now: float) -> list[object]:
+        msgs = [m for d, m in _sent(src) if d == dst.name]
+        for m in msgs:
+            dst.handle_message(src.name, encode_message(m), now)  # type: ignore[arg-type]
+        return msgs
+
+    o.submit([TaskSpec("t0")], 0.0)
+    deliver(o, w, 0.0)  # its reservation: w asks (GetTask), which o is slow to answer
+    (slow_ask,) = [m for _, m in _sent(w)]
+    w.on_timer(CFG.ask_timeout_s + 1.0)  # the ask times out: the slot is free again
+    o.submit([TaskSpec("t1")], 3.0)
+    deliver(o, w, 3.0)
+    deliver(w, o, 3.0)  # w's ask for t1, granted
+    deliver(o, w, 3.0)  # w runs t1: its one slot is taken
+    assert [tid for _, tid, _ in w.running()] == ["t1"]
+    assert o.owner_state("t1") == ("w", 1) and w.stats.get("grants_refused", 0) == 0
+    o.handle_message("w", encode_message(slow_ask), 3.5)  # type: ignore[arg-type]
+    assert o.owner_state("t0") == ("w", 1)  # bound to w, its grant on the way
+    deliver(o, w, 3.5)  # the late grant: no room
+    assert w.stats["grants_refused"] == 1 and w.stats["grants_declined"] == 1
+    deliver(w, o, 3.5)
+    assert o.stats["replaced_declined"] == 1
+    assert o.owner_state("t0") == (None, 1)  # placed again now, not at run_timeout_s
+    assert [(d, m.hint) for d, m in _sent(o) if isinstance(m, Reserve)] == [("w", "t0")]  # type: ignore[attr-defined]
+    # A decline of an attempt no longer bound there changes nothing.
+    o.handle_message("w", encode_message(Declined("t0", 1)), 3.6)
+    o.handle_message("w", encode_message(Declined("t1", 2)), 3.6)
+    assert o.stats["declines_stale"] == 2 and o.owner_state("t1") == ("w", 1)
 
 
 def test_a_restarted_runner_loses_its_tasks_when_its_new_boot_speaks() -> None:

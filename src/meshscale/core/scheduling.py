@@ -46,7 +46,11 @@ view costs a round trip rather than a stampede. Departures from Sparrow, and why
   for work and ``probe_timeout_s`` passed: issue #19's kill run ended seconds late.
 - Failures: when a node leaves the view (``node_down`` or ``set_view``), tasks bound to
   it are re-placed, up to ``max_retries`` times; a reservation or a binding whose answer
-  never comes is re-probed after ``probe_timeout_s`` / ``run_timeout_s``. A task may thus
+  never comes is re-probed after ``probe_timeout_s`` / ``run_timeout_s``. A grant that
+  reaches its worker after the ask timed out (``ask_timeout_s``) and finds the slot taken
+  is declined (``Declined``) and placed again at once: it was dropped, and in issue #19's
+  full kill run, with the owner's node stalled for a second, two tasks waited the 60 s
+  of ``run_timeout_s`` for runs that never started. A task may thus
   *run* more than once (a node thought dead may still finish), but its owner accepts one
   result per task id and drops the rest (idempotency), remembering finished ids (bounded).
 - Long tasks: ``run_timeout_s`` is the silence after which a binding counts as lost (a
@@ -732,8 +736,18 @@ class Moved(msgspec.Struct, tag=9, array_like=True):
     reservations: Annotated[list[tuple[Count, TaskId]], msgspec.Meta(max_length=1024)]
 
 
+class Declined(msgspec.Struct, tag=10, array_like=True):
+    """Worker -> owner: the grant of (``task_id``, ``attempt``) came after its ask had
+    timed out and the slot went to other work: it does not run here, place it again. An
+    older peer drops it (an unknown tag) and re-places after ``run_timeout_s`` as
+    before."""
+
+    task_id: TaskId
+    attempt: Count
+
+
 SchedulingMessage = (Reserve | GetTask | Grant | NoTask | Result | Steal | StealReply
-                     | Running | Moved)
+                     | Running | Moved | Declined)
 
 _codec: VersionedCodec[SchedulingMessage] = VersionedCodec("scheduling", SCHEDULING_PROTOCOL_VERSION, SchedulingMessage)
 
@@ -1225,6 +1239,8 @@ class Scheduler:
             self._on_running(src, msg, now)
         elif isinstance(msg, Moved):
             self._on_moved(src, msg, now)
+        elif isinstance(msg, Declined):
+            self._on_declined(src, msg, now)
         else:
             self._on_steal_reply(src, msg, now)
 
@@ -1476,6 +1492,16 @@ class Scheduler:
         self._count("results")
         self._outputs.append(TaskFinished(msg.task_id, src, msg.attempt, msg.ok, msg.detail))
 
+    def _on_declined(self, src: str, msg: Declined, now: float) -> None:
+        """``src`` will not run the attempt bound to it (a late grant it had no room
+        for): place the task again now, as after a lost binding (retries count)."""
+        t = self._tasks.get(msg.task_id)
+        if t is None or t.node != src or t.attempt != msg.attempt:
+            self._count("declines_stale")
+            return
+        self._count("replaced_declined")
+        self._replace(t, f"{src} declined attempt {msg.attempt} (its ask had timed out)", now)
+
     def _forget(self, t: _Task) -> None:
         ids = self._batches.get(t.batch)
         if ids is not None:
@@ -1696,12 +1722,17 @@ class Scheduler:
         ask = self._release(msg.ask)
         if ask is None or ask.res.owner != src:
             # Timed out meanwhile: run it anyway if it fits (the owner counts on us; a
-            # duplicate run is harmless, a dropped grant costs a run_timeout).
+            # duplicate run is harmless); if not, it is declined below.
             self._count("grants_late")
         demand = msg.task.demand
         key = (src, msg.task.task_id, msg.attempt)
         if not demand.fits_in(self._free) or key in self._running or key in self._reporting:
             self._count("grants_refused")
+            if key not in self._running and key not in self._reporting:
+                # It does not fit (a late grant: the slot went to other work): say so,
+                # or the owner waits run_timeout_s for a run that never starts.
+                self._count("grants_declined")
+                self._send(src, Declined(msg.task.task_id, msg.attempt))
             self._pump(now)
             return
         self._free = self._free.minus(demand)
