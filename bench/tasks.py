@@ -684,6 +684,13 @@ def _ms_cluster() -> Iterator[tuple[Any, list[Any]]]:
     from meshscale.runtime.launcher import LocalMesh
 
     with tempfile.TemporaryDirectory(prefix="bench-tasks-") as tmp:
+        # Traversable by the worker user, as a node's data dir on a host is (/var/lib):
+        # a node run as root links local input objects for its workers. A temp dir is
+        # 0700, and then every input went to the worker by value (its bytes read by the
+        # node, pickled and piped: 20 MB per task in the full mode), which Ray's and
+        # Dask's workers, reading their own store or memory, never pay
+        # (runtime/isolation.py; tests/runtime/runtime_mesh.host_like_dir).
+        os.chmod(tmp, 0o711)
         # HTTP (API + dashboard) off, as Ray's and Dask's dashboards are here.
         lm = LocalMesh(Path(tmp), NODES, regions=["eu-west", "us-east", "ap-south"],
                        http=False)

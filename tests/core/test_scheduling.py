@@ -11,11 +11,13 @@ import pytest
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.scheduling import (
     Central,
+    Declined,
     GetTask,
     Grant,
     InputRef,
     InRegions,
     Load,
+    Moved,
     NearSource,
     NodeState,
     Reserve,
@@ -695,6 +697,118 @@ def test_unreachable_hold_ends_and_is_ignored_for_unknown_nodes() -> None:
     assert not any(isinstance(e, TaskFailed) for _, e in net.events)
     with pytest.raises(ValueError, match="lost_runner_hold_s"):
         SchedulingConfig(lost_runner_hold_s=0.0)
+
+
+def _stolen_by_a_thief(cfg: SchedulingConfig) -> tuple[Scheduler, list[tuple[str, object]]]:
+    """Owner "o" (no cpus of its own) submits three tasks, one per batch (as a client's
+    single submits are), all probed on "v" (one cpu): v runs t0 and queues t1, t2. Then
+    "t" steals from v, which gives t2 (the head, t1, stays) and tells o so. Returns
+    (o, what v sent for the steal), none of it delivered yet."""
+    none, one = Resources(0.0, 8000, 0), Resources(1.0, 8000, 0)
+    s = {n: Scheduler(n, c, config=cfg, rng=random.Random(0), now=0.0)
+         for n, c in (("o", none), ("v", one), ("t", one))}
+    o, v, t = s["o"], s["v"], s["t"]
+    o.set_view([node("o", cap=none), node("v", cap=one)], 0.0)  # t not seen yet
+    for i in range(3):
+        o.submit([TaskSpec(f"t{i}")], 0.0)
+        for dst, msg in _sent(o):
+            assert dst == "v" and isinstance(msg, Reserve)
+            v.handle_message("o", encode_message(msg), 0.0)
+        for _, msg in _sent(v):  # v's GetTask for the first: granted
+            o.handle_message("v", encode_message(msg), 0.0)  # type: ignore[arg-type]
+            for _, m2 in _sent(o):
+                v.handle_message("o", encode_message(m2), 0.0)  # type: ignore[arg-type]
+    assert o.owner_state("t0") == ("v", 1) and len(v._queue) == 2
+    view = [node("o", cap=none), node("v", cap=one, load=Load(1, 2, 0.0)),
+            node("t", cap=one)]
+    for x in s.values():
+        x.set_view(view, 0.0)
+    v.drain()
+    t.idle(0.0)
+    ((dst, steal),) = _sent(t)
+    assert dst == "v"
+    v.handle_message("t", encode_message(steal), 0.0)  # type: ignore[arg-type]
+    return o, _sent(v)
+
+
+def test_reservations_a_crashed_thief_took_are_written_off_with_it() -> None:
+    # Issue #19's kill run: an idle node stole queued reservations, then was killed
+    # before asking for their tasks. The owner counted them at the node they were
+    # stolen from, which went on asking for its other tasks: the task waited for
+    # probe_timeout_s after the last of them (seconds at the end of the run). The victim
+    # of the steal now tells the owner (Moved), and losing the thief re-places them.
+    cfg = SchedulingConfig(probes_per_task=1, pool_size=1)
+    o, sent = _stolen_by_a_thief(cfg)
+    assert [type(m).__name__ for _, m in sent] == ["StealReply", "Moved"]
+    (moved,) = [m for dst, m in sent if dst == "o"]
+    assert moved.thief == "t" and moved.reservations == [(3, "t2")]  # type: ignore[attr-defined]
+    o.handle_message("v", encode_message(moved), 0.1)  # type: ignore[arg-type]
+    assert o.waits_on("t") == 1 and o.waits_on("v") == 2  # t0 bound, t1 queued there
+    # The thief dies holding it (its StealReply is never acted on): the owner's check
+    # of the broken connection finds it gone.
+    assert o.runner_unreachable("t", 0.5) == 0  # nothing was bound there
+    again = [(dst, m) for dst, m in _sent(o) if isinstance(m, Reserve)]
+    assert again == [("v", Reserve(3, "t2", Resources(1.0, 0, 0), []))]
+    assert o.waits_on("t") == 0 and o.stats["reservations_moved"] == 1
+    # The same when membership's verdict comes first: the thief leaves the view.
+    o2, sent2 = _stolen_by_a_thief(cfg)
+    o2.handle_message("v", encode_message(sent2[1][1]), 0.1)  # type: ignore[arg-type]
+    o2.node_down("t", 0.5)
+    assert [(d, m.hint) for d, m in _sent(o2) if isinstance(m, Reserve)] == [("v", "t2")]  # type: ignore[attr-defined]
+
+
+def test_a_move_to_a_thief_already_lost_re_places_at_once() -> None:
+    o, sent = _stolen_by_a_thief(SchedulingConfig(probes_per_task=1, pool_size=1))
+    assert o.runner_unreachable("t", 0.05) == 0
+    _sent(o)
+    o.handle_message("v", encode_message(sent[1][1]), 0.1)  # type: ignore[arg-type]
+    assert [(d, m.hint) for d, m in _sent(o) if isinstance(m, Reserve)] == [("v", "t2")]  # type: ignore[attr-defined]
+    assert o.stats["reservations_moved_lost"] == 1 and o.waits_on("t") == 0
+    # A move of a task already bound, or not from where it was probed, changes nothing.
+    o.handle_message("x", encode_message(Moved("t", [(3, "t2"), (1, "t0")])), 0.2)
+    assert o.stats["reservations_moved"] == 1 and o.owner_state("t0") == ("v", 1)
+
+
+def test_a_late_grant_with_no_room_is_declined_and_placed_again_at_once() -> None:
+    # Issue #19's full kill run: the owner's node stalled past ask_timeout_s, so a
+    # worker's ask timed out and its slot went to another task; the grant that came
+    # after was refused without a word, and the owner waited run_timeout_s (60 s) for
+    # a run that never started. Now the worker declines it and the owner re-places it.
+    none, one = Resources(0.0, 8000, 0), Resources(1.0, 8000, 0)
+    view = [node("o", cap=none), node("w", cap=one)]
+    o = Scheduler("o", none, config=CFG, rng=random.Random(0), now=0.0)
+    w = Scheduler("w", one, config=CFG, rng=random.Random(0), now=0.0)
+    for x in (o, w):
+        x.set_view(view, 0.0)
+
+    def deliver(src: Scheduler, dst: Scheduler, now: float) -> list[object]:
+        msgs = [m for d, m in _sent(src) if d == dst.name]
+        for m in msgs:
+            dst.handle_message(src.name, encode_message(m), now)  # type: ignore[arg-type]
+        return msgs
+
+    o.submit([TaskSpec("t0")], 0.0)
+    deliver(o, w, 0.0)  # its reservation: w asks (GetTask), which o is slow to answer
+    (slow_ask,) = [m for _, m in _sent(w)]
+    w.on_timer(CFG.ask_timeout_s + 1.0)  # the ask times out: the slot is free again
+    o.submit([TaskSpec("t1")], 3.0)
+    deliver(o, w, 3.0)
+    deliver(w, o, 3.0)  # w's ask for t1, granted
+    deliver(o, w, 3.0)  # w runs t1: its one slot is taken
+    assert [tid for _, tid, _ in w.running()] == ["t1"]
+    assert o.owner_state("t1") == ("w", 1) and w.stats.get("grants_refused", 0) == 0
+    o.handle_message("w", encode_message(slow_ask), 3.5)  # type: ignore[arg-type]
+    assert o.owner_state("t0") == ("w", 1)  # bound to w, its grant on the way
+    deliver(o, w, 3.5)  # the late grant: no room
+    assert w.stats["grants_refused"] == 1 and w.stats["grants_declined"] == 1
+    deliver(w, o, 3.5)
+    assert o.stats["replaced_declined"] == 1
+    assert o.owner_state("t0") == (None, 1)  # placed again now, not at run_timeout_s
+    assert [(d, m.hint) for d, m in _sent(o) if isinstance(m, Reserve)] == [("w", "t0")]  # type: ignore[attr-defined]
+    # A decline of an attempt no longer bound there changes nothing.
+    o.handle_message("w", encode_message(Declined("t0", 1)), 3.6)
+    o.handle_message("w", encode_message(Declined("t1", 2)), 3.6)
+    assert o.stats["declines_stale"] == 2 and o.owner_state("t1") == ("w", 1)
 
 
 def test_a_restarted_runner_loses_its_tasks_when_its_new_boot_speaks() -> None:

@@ -38,10 +38,19 @@ view costs a round trip rather than a stampede. Departures from Sparrow, and why
 - Work stealing: an idle worker (free slots, nothing queued) asks a peer whose gossiped
   queue is long for some of its queued reservations, naming objects it holds; the victim
   hands over reservations from the tail of its queue, those whose inputs the thief holds
-  first. The thief then asks the owner like any other worker.
+  first. The thief then asks the owner like any other worker. The victim tells each
+  owner which of its reservations went to the thief (``Moved``): losing the thief (its
+  crash, ``runner_unreachable`` or ``node_down``) then writes them off and re-places
+  their tasks. Before, an owner still counted them at the victim, and a task whose
+  reservations a crashed thief had taken waited until its probed nodes stopped asking
+  for work and ``probe_timeout_s`` passed: issue #19's kill run ended seconds late.
 - Failures: when a node leaves the view (``node_down`` or ``set_view``), tasks bound to
   it are re-placed, up to ``max_retries`` times; a reservation or a binding whose answer
-  never comes is re-probed after ``probe_timeout_s`` / ``run_timeout_s``. A task may thus
+  never comes is re-probed after ``probe_timeout_s`` / ``run_timeout_s``. A grant that
+  reaches its worker after the ask timed out (``ask_timeout_s``) and finds the slot taken
+  is declined (``Declined``) and placed again at once: it was dropped, and in issue #19's
+  full kill run, with the owner's node stalled for a second, two tasks waited the 60 s
+  of ``run_timeout_s`` for runs that never started. A task may thus
   *run* more than once (a node thought dead may still finish), but its owner accepts one
   result per task id and drops the rest (idempotency), remembering finished ids (bounded).
 - Long tasks: ``run_timeout_s`` is the silence after which a binding counts as lost (a
@@ -717,8 +726,28 @@ class StealReply(msgspec.Struct, tag=7, array_like=True):
     reservations: Annotated[list[ResRef], msgspec.Meta(max_length=1024)]
 
 
+class Moved(msgspec.Struct, tag=9, array_like=True):
+    """Worker -> owner: these of your reservations ((batch, hint) each) are now queued at
+    ``thief`` (a steal took them), so that losing the thief writes them off. An older
+    peer drops it (an unknown tag: ``rejected``) and learns as before: when a reprobe
+    after ``probe_timeout_s`` finds them lost."""
+
+    thief: NodeName
+    reservations: Annotated[list[tuple[Count, TaskId]], msgspec.Meta(max_length=1024)]
+
+
+class Declined(msgspec.Struct, tag=10, array_like=True):
+    """Worker -> owner: the grant of (``task_id``, ``attempt``) came after its ask had
+    timed out and the slot went to other work: it does not run here, place it again. An
+    older peer drops it (an unknown tag) and re-places after ``run_timeout_s`` as
+    before."""
+
+    task_id: TaskId
+    attempt: Count
+
+
 SchedulingMessage = (Reserve | GetTask | Grant | NoTask | Result | Steal | StealReply
-                     | Running)
+                     | Running | Moved | Declined)
 
 _codec: VersionedCodec[SchedulingMessage] = VersionedCodec("scheduling", SCHEDULING_PROTOCOL_VERSION, SchedulingMessage)
 
@@ -977,6 +1006,12 @@ class Scheduler:
         the connections of those nodes: ``runner_unreachable``)."""
         return self._bound_on.get(name, 0)
 
+    def waits_on(self, name: str) -> int:
+        """Tasks this owner has bound to ``name`` or has a reservation of queued there
+        (its own or moved there by a steal): what losing ``name`` would hold up. A driver
+        that sees a connection to ``name`` break checks the node when this is not 0."""
+        return self._bound_on.get(name, 0) + self._probes_on.get(name, 0)
+
     def unreachable(self, now: float) -> list[str]:
         """Nodes kept out of placement after ``runner_unreachable`` (sorted)."""
         return sorted(n for n, until in self._unreachable.items() if until > now)
@@ -1205,6 +1240,10 @@ class Scheduler:
             self._on_steal(src, msg, now)
         elif isinstance(msg, Running):
             self._on_running(src, msg, now)
+        elif isinstance(msg, Moved):
+            self._on_moved(src, msg, now)
+        elif isinstance(msg, Declined):
+            self._on_declined(src, msg, now)
         else:
             self._on_steal_reply(src, msg, now)
 
@@ -1475,6 +1514,16 @@ class Scheduler:
         self._count("results")
         self._outputs.append(TaskFinished(msg.task_id, src, msg.attempt, msg.ok, msg.detail))
 
+    def _on_declined(self, src: str, msg: Declined, now: float) -> None:
+        """``src`` will not run the attempt bound to it (a late grant it had no room
+        for): place the task again now, as after a lost binding (retries count)."""
+        t = self._tasks.get(msg.task_id)
+        if t is None or t.node != src or t.attempt != msg.attempt:
+            self._count("declines_stale")
+            return
+        self._count("replaced_declined")
+        self._replace(t, f"{src} declined attempt {msg.attempt} (its ask had timed out)", now)
+
     def _forget(self, t: _Task) -> None:
         ids = self._batches.get(t.batch)
         if ids is not None:
@@ -1695,12 +1744,17 @@ class Scheduler:
         ask = self._release(msg.ask)
         if ask is None or ask.res.owner != src:
             # Timed out meanwhile: run it anyway if it fits (the owner counts on us; a
-            # duplicate run is harmless, a dropped grant costs a run_timeout).
+            # duplicate run is harmless); if not, it is declined below.
             self._count("grants_late")
         demand = msg.task.demand
         key = (src, msg.task.task_id, msg.attempt)
         if not demand.fits_in(self._free) or key in self._running or key in self._reporting:
             self._count("grants_refused")
+            if key not in self._running and key not in self._reporting:
+                # It does not fit (a late grant: the slot went to other work): say so,
+                # or the owner waits run_timeout_s for a run that never starts.
+                self._count("grants_declined")
+                self._send(src, Declined(msg.task.task_id, msg.attempt))
             self._pump(now)
             return
         self._free = self._free.minus(demand)
@@ -1811,6 +1865,36 @@ class Scheduler:
         else:
             self._count("steal_empty")
         self._send(src, StealReply(out))
+        moved: dict[str, list[tuple[int, str]]] = {}
+        for ref in out:
+            moved.setdefault(ref.owner, []).append((ref.batch, ref.hint))
+        for owner, refs in moved.items():
+            self._send(owner, Moved(src, refs))
+
+    def _on_moved(self, src: str, msg: Moved, now: float) -> None:
+        """Owner side: reservations of ours that ``src`` held are at ``msg.thief`` now
+        (see the module docstring). A task still unbound counts its probe there; one
+        whose thief is already lost (out of the view, or unreachable) is placed again
+        if no other reservation is left."""
+        thief = msg.thief
+        lost = thief not in self._view or self._unreachable.get(thief, -math.inf) > now
+        for batch, hint in msg.reservations:
+            t = self._tasks.get(hint)
+            if t is None or t.batch != batch or t.node is not None or src not in t.probes:
+                continue
+            t.probes.discard(src)
+            c = self._probes_on.get(src, 0) - 1
+            if c > 0:
+                self._probes_on[src] = c
+            else:
+                self._probes_on.pop(src, None)
+            self._count("reservations_moved")
+            if not lost and thief not in t.probes:
+                t.probes.add(thief)
+                self._probes_on[thief] = self._probes_on.get(thief, 0) + 1
+            elif not t.probes:
+                self._count("reservations_moved_lost")
+                self._place(t, now)
 
     def _on_steal_reply(self, src: str, msg: StealReply, now: float) -> None:
         for ref in msg.reservations[: self.config.max_steal]:

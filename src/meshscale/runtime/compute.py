@@ -614,11 +614,12 @@ class ComputePlane:
         self._suspect(name)
 
     def _suspect(self, name: str) -> None:
-        """A connection to or from ``name`` broke: if this owner runs tasks there, check
-        the node now rather than wait for membership's verdict."""
+        """A connection to or from ``name`` broke: if this owner runs tasks there, or has
+        reservations queued there (a task waiting on them waits on the node as much),
+        check the node now rather than wait for membership's verdict."""
         sched = self.sched
         if (sched is None or name == self.agent.name or name in self._checking
-                or sched.runs_on(name) == 0):
+                or sched.waits_on(name) == 0):
             return
         self._checking.add(name)
         self.agent.spawn(self._check_runner(name))

@@ -248,9 +248,10 @@ class ComputeNode:
         self.runner_gone(dst, now)
 
     def runner_gone(self, dst: str, now: float) -> None:
-        """A connection to or from ``dst`` broke: if this owner runs tasks there and a
-        check would be refused (``dst`` is down), they are re-placed now."""
-        if self.sched.runs_on(dst) and not self.mesh.sim.is_up(dst):
+        """A connection to or from ``dst`` broke: if this owner runs tasks there or has
+        reservations queued there, and a check would be refused (``dst`` is down), they
+        are re-placed now."""
+        if self.sched.waits_on(dst) and not self.mesh.sim.is_up(dst):
             self.sched.runner_unreachable(dst, now)
             self._settle(now)
 
