@@ -816,10 +816,7 @@ class Future:
     async def _load(self) -> Any:
         if self._loaded:
             return self._value
-        o = self._outcome
-        assert o is not None
-        if o.state != TaskState.DONE:
-            raise _error_of(o)
+        o = self._ended_well()
         data = o.value
         ref = o.ref
         if data is None and ref is not None:
@@ -830,11 +827,15 @@ class Future:
         """``_load`` of an ended task whose value came inline (no I/O: any thread)."""
         if self._loaded:
             return self._value
+        return self._unpickle(self._ended_well().value)
+
+    def _ended_well(self) -> TaskView:
+        """The outcome of a task that ended well; its error raised if it did not."""
         o = self._outcome
         assert o is not None
         if o.state != TaskState.DONE:
             raise _error_of(o)
-        return self._unpickle(o.value)
+        return o
 
     def _unpickle(self, data: bytes | None) -> Any:
         # Under the future's lock: the caller's thread and the mesh's loop may both load.
