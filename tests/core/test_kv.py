@@ -314,6 +314,67 @@ def test_a_young_node_watches_its_writes_and_hints_once_its_view_says_it_stands_
     assert book.plan(mine, [], 1000.0 + 60.0) == ()
 
 
+def test_a_restarted_stand_in_hands_a_hint_for_a_target_it_never_heard_of_to_the_replicas() -> None:
+    """Swarm seed 1205159859: a stand-in restarted after the member it stands in for
+    went down for good never hears of it, and its small view makes it one of the key's
+    replicas. Once its view grows and shows it outside the key's set, the key's replicas
+    get hints too, with the unknown target's timestamp and age (the write's other copy
+    may be gone for good: this node's record is then the only one)."""
+    home = kv_replicas("k", VIEW)
+    gone = home[0]  # down for good before the stand-in restarted
+    small = [c for c in VIEW if c.name not in home]  # it knows none of the key's replicas
+    me = kv_replicas("k", small)[0]
+    book = _book(me)
+    book.set_view(small)
+    assert book.plan("k", [gone], 100.0) == (gone,)
+    book.add("k", ts(7), (gone,), 100.0)
+    assert book.drain() == [] and book.pending("k") == {gone: ts(7)}  # a replica by its view
+    # Its view grows: the two live replicas show up, the gone one never does.
+    rest = [c for c in VIEW if c.name != gone]
+    now_home = kv_replicas("k", rest)
+    assert me not in now_home
+    book.set_view(rest)
+    assert book.pending("k") == {gone: ts(7), **{t: ts(7) for t in now_home}}
+    assert book.drain() == [HintStored("k", t, ts(7), 100.0) for t in now_home]
+    assert {s.target for s in book.due(101.0)} == set(now_home)
+    assert book.stats["orphans_adopted"] == 3
+    # Handed off: the hints for the replicas go; the one for the unknown target stays
+    # (it ages out) and is not adopted twice.
+    for t in now_home:
+        book.handed_off("k", t, ts(7))
+    book.set_view(rest[:-1])
+    assert book.pending("k") == {gone: ts(7)} and book.stats["orphans_adopted"] == 3
+
+
+def test_a_hint_for_a_reaped_target_goes_to_the_keys_replicas() -> None:
+    """A second stand-in holds hints for a key's replicas, two of them down; one is
+    reaped (``dead_reap_s``): the key's replicas by the view without it get hints too
+    (here the first stand-in, now a replica), since the reaped target never takes one."""
+    def case(key: str) -> tuple[list[str], list[Candidate], list[Candidate], str]:
+        home = kv_replicas(key, VIEW)
+        live = [c for c in VIEW if c.name not in home[:2]]
+        down = [c for c in VIEW if c.name in home[:2]]
+        return home, live, down, kv_placement(key, live, down=down).stand_ins[1]
+
+    # A key whose second stand-in stays outside the set once home[0] is reaped.
+    key = next(k for k in (f"k{i}" for i in range(100))
+               if case(k)[3] not in kv_replicas(k, [c for c in VIEW if c.name != case(k)[0][0]]))
+    home, live, down, second = case(key)
+    book = _book(second)
+    book.set_view(live, down)
+    assert set(book.plan(key, [home[0]], 50.0) or ()) == set(home)
+    book.add(key, ts(3), home, 50.0)
+    book.set_view(VIEW)  # they come back and go down again: nothing to adopt
+    book.set_view(live, down)
+    assert book.drain() == [] and "orphans_adopted" not in book.stats
+    reaped = [c for c in live if c.name != home[0]]
+    after = kv_replicas(key, reaped + down[1:])
+    assert second not in after and set(after) - set(home)
+    book.set_view(reaped, down[1:])
+    assert book.drain() == [HintStored(key, t, ts(3), 50.0) for t in after if t not in home]
+    assert book.pending(key) == {t: ts(3) for t in [*home, *after]}
+
+
 def test_hints_are_bounded_refused_beyond_max_hints_dropped_beyond_max_age() -> None:
     book = _book("s", max_hints=1, max_hint_age_s=100.0)
     assert book.plan("k1", ["a"], 0.0) == ("a",)

@@ -286,6 +286,20 @@ def test_without_hand_off_the_swarm_check_fails(monkeypatch: pytest.MonkeyPatch)
         _check(r)
 
 
+def test_a_restarted_stand_in_for_a_member_gone_for_good_hands_its_write_to_the_replicas(
+) -> None:
+    """Swarm seed 1205159859 (CI, stop 32): ref/5 written at 65.1 s by a coordinator cut
+    off from the key's replicas was acknowledged by n6 (down for good 0.1 s later) and
+    by n2, standing in for n11 (down for good since 55.8 s). n2 had restarted at 62.3 s
+    and never heard of n11; its hint for n11 could never be handed off, and the final
+    read at ALL missed the write. Now n2 hands it to the replicas once its view shows it
+    is not one (``KVHints._adopt_orphans``)."""
+    r = chaos_run(1205159859)
+    assert r.kv_sloppy_missed == [], r.kv_sloppy_missed
+    assert r.kv_hint_stats.get("orphans_adopted", 0) > 0
+    _check(r)
+
+
 def test_chaos_one_seed_and_same_seed_same_trace() -> None:
     a = chaos_run(7)
     _check(a)

@@ -698,10 +698,12 @@ class KVHints:
     Bounds (``KVHintConfig``): ``max_hints`` keys (beyond it a stand-in refuses the
     write), ``max_hint_age_s`` per hint (beyond it the hint is dropped, counted),
     ``max_in_flight`` hand-offs. A target forgotten by the view (it left, or was reaped
-    after ``dead_reap_s``) is never live again: its hint ages out, and the key's other
-    intended replicas have the record from their own hints or the write. A member that
-    no node taking the write knew of (down since before every one of them started) gets
-    no hint: only read repair reaches it.
+    after ``dead_reap_s``) is never live again, and a restarted stand-in may not have heard
+    of its target at all: while a hint's target is not in the view, the key's intended
+    replicas by the view get hints too, once the view shows this node outside them
+    (``_adopt_orphans``), so that the record survives the loss of the write's other
+    copies. A member that no node taking the write knew of (down since before every one
+    of them started) gets no hint: only read repair reaches it.
 
     Sans-I/O: the driver stores the hints ``plan`` named with the record, then calls
     ``add``; every other change to persist comes out of ``drain`` (``HintStored``,
@@ -728,6 +730,12 @@ class KVHints:
         self._known: set[str] = set()
         """Every name the view ever held: a watch is rechecked only when a new one shows
         up (only a node ranked above this one can push it out of a key's set)."""
+        self._names: frozenset[str] = frozenset()
+        """The names in the view now (live and down)."""
+        self._orphans: set[str] = set()
+        """Keys with a hint for a target the view does not hold (never heard of by this
+        node, or forgotten: left or reaped), rechecked at each change of the view's names
+        (``set_view``)."""
         self._in_flight = 0
         self._out: list[HintStored | HintDeleted] = []
         self.stats: dict[str, int] = {}
@@ -761,6 +769,8 @@ class KVHints:
     def load(self, key: str, target: str, ts: HLCTimestamp, since: float) -> None:
         """A hint (or watch) found on disk at start (not bounded: it was accepted)."""
         self._merge(key, target, ts, since)
+        if target != WATCH and target not in self._names:
+            self._orphans.add(key)
 
     def plan(self, key: str, named: Iterable[str], now: float) -> tuple[str, ...] | None:
         """The hints a write of ``key`` this node is about to take must leave: the
@@ -800,6 +810,8 @@ class KVHints:
             else:
                 self._count("added")
                 handoff = True
+                if target not in self._names:
+                    self._orphans.add(key)
         return handoff
 
     def _merge(self, key: str, target: str, ts: HLCTimestamp, since: float) -> _Hint:
@@ -845,7 +857,15 @@ class KVHints:
             for target, h in per.items():
                 if target in self._live and target not in was:
                     h.retry_at = 0.0  # back in the view: try at once
-        names = set(self._live) | {c.name for c in self._down}
+        names = frozenset(self._live).union(c.name for c in self._down)
+        if names == self._names:
+            return
+        gone = self._names - names
+        self._names = names
+        if gone:
+            self._orphans.update(k for k, per in self._hints.items() if not gone.isdisjoint(per))
+        if self._orphans:
+            self._adopt_orphans()
         if names <= self._known:
             return
         self._known |= names
@@ -862,6 +882,39 @@ class KVHints:
                 h = self._merge(key, target, watch.ts, watch.since)
                 self._out.append(HintStored(key, target, h.ts, h.since))
             self._out.append(HintDeleted(key, WATCH, watch.ts))
+
+    def _adopt_orphans(self) -> None:
+        """A hint whose target the view does not hold may never be handed off: the target
+        is gone for good (reaped, or left), or this node, restarted, has not heard of it
+        yet, and its view may not yet show that this node is outside the key's intended
+        replicas. Should the other copies of the write be lost too (the replicas that
+        took it fail for good), this node's record is the only one, outside the set that
+        reads ask. So while a key has such a hint, each change of the view's names
+        rechecks it: when the view shows this node outside the key's intended replicas,
+        they get hints for the newest record owed to the unknown targets (the same age:
+        ``max_hint_age_s`` still bounds it), once: a replica that takes one and finds
+        itself outside the key's set by its own view hints onward (``plan``). The hint
+        for the unknown target stays: if the target turns up, it is handed off as any
+        other."""
+        for key in sorted(self._orphans):
+            per = self._hints.get(key)
+            unknown = [h for t, h in per.items() if t not in self._names] if per else []
+            if not unknown or per is None:
+                self._orphans.discard(key)
+                continue
+            intended = self._intended(key)
+            if not intended or self.name in intended:
+                continue
+            self._orphans.discard(key)  # adopted (a newer write for it comes back here)
+            ts = max(h.ts for h in unknown)
+            since = min(h.since for h in unknown)
+            for target in intended:
+                h = per.get(target)
+                if h is not None and h.ts >= ts:
+                    continue
+                self._count("orphans_adopted")
+                h = self._merge(key, target, ts, since)
+                self._out.append(HintStored(key, target, h.ts, h.since))
 
     def _reachable(self, target: str) -> bool:
         c = self._live.get(target)
@@ -929,6 +982,7 @@ class KVHints:
         del per[target]
         if not per:
             del self._hints[key]
+            self._orphans.discard(key)
         self._out.append(HintDeleted(key, target, upto))
 
     def expire(self, now: float) -> None:

@@ -181,6 +181,8 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
         if isinstance(ev, VIEW_CHANGES):
             self.rm.set_view(self._view(), time.monotonic())
             self._pump()
+        if isinstance(ev, (*VIEW_CHANGES, MemberReaped)):
+            # A reaped member leaves the down view: hints for it go to the key's replicas.
             self.hints.set_view(self._view(), self._down_view())
             self._hints_wake.set()
 
