@@ -58,7 +58,6 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -309,9 +308,9 @@ def run_map(n: int, out: dict[str, Any]) -> None:
     meshscale, _, _ = _ms_api()
     from meshscale.core.api import Empty
     from meshscale.core.api.tasks import TASK_STATS
-    from meshscale.runtime.launcher import LocalMesh
+    from meshscale.runtime.launcher import LocalMesh, temporary_mesh_dir
 
-    with tempfile.TemporaryDirectory(prefix="bench-map-") as tmp:
+    with temporary_mesh_dir("bench-map-") as tmp:
         lm = LocalMesh(Path(tmp), MAP_NODES, http=False, node_settings={"cpus": 1})
         try:
             lm.start()
@@ -681,16 +680,14 @@ def _ms_gather(mesh: Any, futs: list[Any]) -> list[Any]:
 def _ms_cluster() -> Iterator[tuple[Any, list[Any]]]:
     """A fresh 4-node ``LocalMesh`` and one client connection per node."""
     meshscale, _, _ = _ms_api()
-    from meshscale.runtime.launcher import LocalMesh
+    from meshscale.runtime.launcher import LocalMesh, temporary_mesh_dir
 
-    with tempfile.TemporaryDirectory(prefix="bench-tasks-") as tmp:
-        # Traversable by the worker user, as a node's data dir on a host is (/var/lib):
-        # a node run as root links local input objects for its workers. A temp dir is
-        # 0700, and then every input went to the worker by value (its bytes read by the
-        # node, pickled and piped: 20 MB per task in the full mode), which Ray's and
-        # Dask's workers, reading their own store or memory, never pay
-        # (runtime/isolation.py; tests/runtime/runtime_mesh.host_like_dir).
-        os.chmod(tmp, 0o711)
+    # Traversable by the worker user, as a node's data dir on a host is (/var/lib): a
+    # node run as root links local input objects for its workers. Below a 0700 temp dir
+    # every input went to the worker by value (its bytes read by the node, pickled and
+    # piped: 20 MB per task in the full mode), which Ray's and Dask's workers, reading
+    # their own store or memory, never pay (runtime/launcher.mesh_temp_dir).
+    with temporary_mesh_dir("bench-tasks-") as tmp:
         # HTTP (API + dashboard) off, as Ray's and Dask's dashboards are here.
         lm = LocalMesh(Path(tmp), NODES, regions=["eu-west", "us-east", "ap-south"],
                        http=False)

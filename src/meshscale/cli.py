@@ -687,11 +687,10 @@ def up_cmd(
     with --detach, until `meshscale down`)."""
     import shutil
     import signal
-    import tempfile
     import threading
 
     from meshscale.runtime.latency import parse_latency
-    from meshscale.runtime.launcher import Interrupted, LocalMesh
+    from meshscale.runtime.launcher import Interrupted, LocalMesh, mesh_temp_dir
 
     region_list = [r.strip() for r in regions.split(",") if r.strip()]
     if not region_list:
@@ -701,7 +700,7 @@ def up_cmd(
     except ValueError as e:
         raise CliError(f"--latency: {e}") from None
     temporary = directory is None
-    path = directory or Path(tempfile.mkdtemp(prefix="meshscale-up-"))
+    path = directory or mesh_temp_dir("meshscale-up-")
     if not temporary and (path / "mesh.json").exists() and _mesh_running(path):
         raise CliError(f"{path}: a mesh from there is still running; `meshscale down --dir "
                        f"{path}` first")

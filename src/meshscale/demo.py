@@ -23,7 +23,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -157,15 +156,15 @@ class Demo:
         self.errors: list[str] = []
 
     def run(self) -> dict[str, Any]:
-        from meshscale.runtime.launcher import LocalMesh
+        from meshscale.runtime.launcher import LocalMesh, mesh_temp_dir
         from meshscale.trust.bundle import load_bundle
 
         cfg = self.cfg
         t_start = time.monotonic()
         tmp = None
         if cfg.directory is None:
-            tmp = tempfile.mkdtemp(prefix="meshscale-demo-")
-            directory = Path(tmp)
+            directory = mesh_temp_dir("meshscale-demo-")
+            tmp = str(directory)
         else:
             directory = cfg.directory
         self.say("[bold]meshscale demo[/]: anomaly detection near the data vs in the cloud")

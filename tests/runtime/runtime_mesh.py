@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from meshscale.client.rpc import ClientCredentials, call
 from meshscale.core.membership import MembershipConfig, suspicion_min_timeout
+from meshscale.runtime.launcher import temporary_mesh_dir
 from meshscale.trust.bundle import load_bundle
 from waiting import wait_for, wait_for_async
 
@@ -37,18 +35,9 @@ async def call_node(address: str, creds: Any, method: str, args: dict[str, Any])
         await c.close()
 
 
-@contextlib.contextmanager
-def host_like_dir(prefix: str) -> Iterator[Path]:
-    """A directory for a mesh that the worker user can traverse, as /var/lib is on a host
-    (pytest's temp dirs sit below a 0700 one): a node run as root then links local input
-    objects for its workers instead of passing them by value (``runtime/isolation.py``).
-    Removed afterwards."""
-    directory = Path(tempfile.mkdtemp(prefix=prefix))
-    directory.chmod(0o711)
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+host_like_dir = temporary_mesh_dir
+"""A directory for a mesh that the worker user can traverse, as /var/lib is on a host
+(pytest's temp dirs sit below a 0700 one), removed afterwards."""
 
 
 def detection_bound(n: int, config: MembershipConfig = CONFIG) -> float:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,11 @@ def test_detach_then_every_command_by_mesh_file_then_down(tmp_path: Path) -> Non
     pids = [n["pid"] for n in info["nodes"]]
     try:
         assert info["temporary"] is True and all(pid_alive(p) for p in pids)
+        # Traversable by the nodes' task workers, as /var/lib is (local inputs are linked
+        # for them, not piped by value), not listable; the bundles stay the operator's.
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o711
+        for bundle in (info["admin_bundle"], info["bundle"]):
+            assert stat.S_IMODE(Path(bundle).stat().st_mode) == 0o700, bundle
         assert f"export MESHSCALE_MESH={mesh_json}" in up.stdout
         # Prometheus file_sd targets beside mesh.json, and /metrics open to a scraper.
         targets = json.loads((directory / "prometheus-targets.json").read_text())

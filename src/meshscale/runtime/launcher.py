@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +182,32 @@ def node_command(
     node.config_path.write_text(text)
     return [sys.executable, "-m", "meshscale.runtime.agent_main", "--config",
             str(node.config_path.absolute())]
+
+
+def mesh_temp_dir(prefix: str) -> Path:
+    """A new temporary directory for a local mesh, traversable (0711) by the worker user
+    as a node's data dir on a host is (/var/lib): a node run as root then links local
+    input objects for its task workers (``runtime/isolation.py``) instead of reading and
+    piping their bytes, which it must below a 0700 temp dir. Only names known inside are
+    reachable: bundles are 0700 and secrets 0600 (``trust.bundle``). The caller removes
+    it."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o711)
+    return path
+
+
+@contextlib.contextmanager
+def temporary_mesh_dir(prefix: str) -> Iterator[Path]:
+    """``mesh_temp_dir``, removed on exit."""
+    import shutil
+
+    path = mesh_temp_dir(prefix)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def spawn_node(cmd: list[str], log_path: Path, *, detach: bool = False
