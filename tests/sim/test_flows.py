@@ -9,11 +9,11 @@ from meshscale.sim.flows import FlowRecord, FlowRun, Path
 
 def _run(records: list[FlowRecord], *, cores: dict[str, int], region_of: dict[str, str],
          rtt_s: float = 0.1, hop_s: float = 0.0, host_cores: float = 0.0,
-         hop_cpu_s: float = 0.0) -> FlowRun:
+         hop_cpu_s: float = 0.0, background: float = 0.0) -> FlowRun:
     fr = FlowRun(1, cores, region_of, lambda a, b: Path(rtt_s, 1e12),
                  {r: 0.002 for r in set(region_of.values())}, set(region_of.values()),
                  hop_overhead_s=hop_s, jitter=0.0, host_cores=host_cores,
-                 hop_cpu_s=hop_cpu_s)
+                 hop_cpu_s=hop_cpu_s, host_background_jobs=background)
     fr.run(records)
     return fr
 
@@ -96,6 +96,22 @@ def test_moving_records_takes_cpu_from_a_shared_host() -> None:
     # (1.5 s), then the operator's last 0.5 s alone. Nodes with their own cores: 1 s.
     assert run(1.0) == pytest.approx(0.001 + 2.0 + 0.002)
     assert run(0.0) == pytest.approx(0.001 + 1.0 + 0.002)
+
+
+def test_other_work_on_a_shared_host_takes_its_share_of_the_cores() -> None:
+    def run(background: float, host_cores: float = 2.0) -> float:
+        rec = _rec(1.2, "a", "n0", "a", cpu_s=1.0)
+        _run([rec], cores={"n0": 1}, region_of={"n0": "a"}, host_cores=host_cores,
+             background=background)
+        return rec.done_s - rec.created_s
+
+    # Two cores, three runnable threads of other work beside the operator: each of the
+    # four runs at half a core (the host's scheduler shares the cores among runnable
+    # threads alike), so the operator's 1 s of CPU takes 2 s. One other thread leaves
+    # a core free for it; nodes with their own cores do not share with other work.
+    assert run(3.0) == pytest.approx(0.001 + 2.0 + 0.002)
+    assert run(1.0) == pytest.approx(0.001 + 1.0 + 0.002)
+    assert run(3.0, host_cores=0.0) == pytest.approx(0.001 + 1.0 + 0.002)
 
 
 def test_calls_are_still_pushed_and_answered() -> None:

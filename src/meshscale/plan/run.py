@@ -364,7 +364,8 @@ def _run_flows(lay: _Layout, flows: list[Stream | Calls], modes: dict[str, dict[
                  {r.name: r.lan_rtt_ms / 1000 for r in plan.regions},
                  {r for r, ns in lay.by_region.items() if ns},
                  hop_overhead_s=plan.hop_overhead_ms / 1000, jitter=lay.topology.jitter,
-                 host_cores=plan.host_cores, hop_cpu_s=plan.hop_cpu_ms / 1000)
+                 host_cores=plan.host_cores, hop_cpu_s=plan.hop_cpu_ms / 1000,
+                 host_background_jobs=plan.host_background_jobs)
     fr.run([records[i] for i in served])
     for w in flows:
         f = out[w.name]

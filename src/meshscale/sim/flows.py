@@ -139,9 +139,18 @@ class FlowRun:
     """0: every node has its own ``cores``. Above 0: every node runs on one host with this
     many cores (several node processes on one machine, as ``meshscale up`` runs them):
     each job then starts at once and all running jobs share the host's cores equally
-    (processor sharing), none faster than one core."""
+    (processor sharing), none faster than one core, with ``host_background_jobs``."""
+    host_background_jobs: float = 0.0
+    """With ``host_cores``: threads of other work runnable on the host, on average (its run
+    queue less the mesh's own). The host's scheduler shares its cores among every
+    runnable thread alike (CFS), so they take their share as the mesh's jobs do: with
+    ``b`` of them and ``n`` jobs running, each job runs at ``host_cores / (n + b)`` of a
+    core once ``n + b`` is above ``host_cores``. ``bench/plan_calibration.py`` measures
+    it (``background_jobs``). 0: the host runs nothing else."""
     busy_s: dict[str, float] = field(default_factory=dict)
     """Core-seconds each node spent processing."""
+    hop_messages: int = 0
+    """Stream messages charged ``hop_cpu_s`` in the run (a shared host only)."""
 
     def _one_way(self, rtt_s: float, rng: random.Random) -> float:
         return 0.5 * rtt_s * (1.0 + self.jitter * (2.0 * rng.random() - 1.0))
@@ -220,8 +229,11 @@ class FlowRun:
         host_gen = 0
         jobs = 0
 
+        background = max(0.0, self.host_background_jobs)
+
         def host_rate() -> float:
-            return 1.0 if len(active) <= self.host_cores else self.host_cores / len(active)
+            running = len(active) + background
+            return 1.0 if running <= self.host_cores else self.host_cores / running
 
         def host_advance(t: float) -> None:
             nonlocal host_t
@@ -271,6 +283,7 @@ class FlowRun:
             nonlocal jobs
             if self.host_cores <= 0 or self.hop_cpu_s <= 0:
                 return
+            self.hop_messages += messages
             host_advance(t)
             jobs += 1
             active[jobs] = self.hop_cpu_s * messages
