@@ -28,10 +28,14 @@ protocol instead, as ``runtime.streams`` runs it:
   handing the batch to a worker process;
 - the runner appends a batch's results to its node's shard of the output topic (the
   consumer's node's long-poll takes them at once) and sends its next fetch at once:
-  their copy to the shard's backup (a node of its region) travels beside the loop and
-  costs one hop of CPU, and holds only what the runner commits, not its next fetch
-  (``runtime.streams`` ``_read_shard``, issue 23; before, the runner waited for the copy,
-  1 to 8 ms a round in issue 17's traces of the live demo);
+  their copy to the shard's backup (a node of its region: a hop and a LAN round trip)
+  travels beside the loop and costs one hop of CPU, and holds only what the runner
+  commits, not its next fetch (``runtime.streams`` ``_read_shard``, issue 23; before,
+  the runner waited for the copy, 1 to 8 ms a round in issue 17's traces of the live
+  demo). A runner fetching from a remote holder sends that fetch without a long-poll
+  (it would carry no commit): when the shard is empty it comes back at once, and the
+  runner fetches again, long-polling, once the copy is done: a record landing in
+  between waits for that second fetch, up to one RTT more;
 - the results go back the same way, to the record's ``result_site``: the consumer's
   node long-polls the runner's node for them (``follow_wait_s``, up to
   ``follow_records`` at once) and hands them to the consumer (one hop each).
@@ -103,6 +107,9 @@ class _Puller:
     waiting: bool = False
     gen: int = 0
     batch: list[int] = field(default_factory=list)
+    copied_s: float = -1.0
+    """A remote runner's fetch sent while its last outputs' copy travels (until this
+    time) does not long-poll (``runtime.streams`` ``_read_shard``); -1: no such copy."""
 
 
 _ARRIVE_ENTRY, _ARRIVE_OP, _DONE, _ARRIVE_BACK = 0, 1, 2, 3
@@ -324,8 +331,17 @@ class FlowRun:
 
         def fetch(t: float, k: int, timeout_kind: int, wait_s: float) -> None:
             pl = pullers[k]
+            copying = pl.copied_s
+            pl.copied_s = -1.0
             if pl.pending:
                 reply(t, k)
+            elif copying >= 0.0:
+                # Sent while its outputs' copy travelled: this fetch carries no commit
+                # and does not wait. It comes back empty; the runner waits for the copy,
+                # then fetches again (that one long-polls).
+                back = t + one_way(pl.holder_region, pl.puller_region)
+                push(max(back, copying) + one_way(pl.puller_region, pl.holder_region),
+                     _FETCH, k)
             else:
                 pl.waiting = True
                 push(t + wait_s, timeout_kind, k * 1_000_000 + pl.gen % 1_000_000)
@@ -381,11 +397,16 @@ class FlowRun:
                     for f, js in outputs.items():
                         arrive(t, f, js)
                     pl.batch = []
-                    # The outputs' copy to their backup costs a hop of CPU and travels
-                    # beside the runner, which fetches again at once.
+                    # The outputs' copy to their backup (a node of the runner's region)
+                    # costs a hop of CPU and travels beside the runner, which fetches
+                    # again at once; a remote holder's fetch then does not long-poll.
                     hop_cpu(t)
-                    nxt = t if pl.local else t + one_way(pl.puller_region, pl.holder_region)
-                    push(nxt, _FETCH, i)
+                    if pl.local:
+                        push(t, _FETCH, i)
+                    else:
+                        pl.copied_s = t + hop + 2 * one_way(pl.puller_region,
+                                                            pl.puller_region)
+                        push(t + one_way(pl.puller_region, pl.holder_region), _FETCH, i)
                 elif kind == _HOST_DONE:
                     host_done(t, i)
                 elif kind == _FOLLOW:
