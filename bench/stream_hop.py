@@ -17,10 +17,15 @@ the flow model charges on that path (``HOPS``):
 ``hop_ms`` = the median pipeline time / ``HOPS``. Loopback network time (tens of
 microseconds) is left in, so the figure is, if anything, a little high.
 
-``hop_cpu_ms`` is the CPU the same hops cost: the CPU time of the node processes, their
+``hop_cpu_ms`` is the CPU the same path costs: the CPU time of the node processes, their
 workers and this process (the producer and the consumer) while the records flow, less
-what they use idle (measured over ``IDLE_S`` before), per record, over ``HOPS``. It is
-what a shared host loses to moving records (``host_cores`` in a plan).
+what they use idle (measured over ``IDLE_S`` before), per record, over ``CPU_HOPS``, the
+messages the flow model charges a hop of CPU for on this path (a record is its own batch
+at this rate): the publish, the hand-off to a worker, the outputs' copy to their backup,
+node-1's fetch reply and the consumer's read. Until issue 17's second calibration it was
+divided by ``HOPS`` (4) while the model charged 5 hops of CPU on the same path: every
+record's CPU was counted a quarter too high. It is what a shared host loses to moving
+records (``host_cores`` in a plan).
 
     .venv/bin/python bench/stream_hop.py [--quick] --json out.json
 """
@@ -41,6 +46,9 @@ from typing import Any
 
 HOPS = 4
 """Hops ``sim/flows.py`` charges on the measured path (see the module docstring)."""
+CPU_HOPS = 5
+"""Messages ``sim/flows.py`` charges ``hop_cpu_s`` for on the measured path (its
+``_AT_SHARD``, a local ``_BATCH``, ``_APPLIED``'s copy, ``_RESULTS_BACK``'s two)."""
 IDLE_S = 3.0
 
 
@@ -163,7 +171,8 @@ def measure(duration_s: float = 10.0, rate: float = 20.0) -> dict[str, Any]:
             "pipeline_p50_ms": round(p50, 2), "pipeline_p99_ms": round(_pct(ms, 99), 2),
             "hops": HOPS, "hop_ms": round(p50 / HOPS, 3),
             "idle_cpu_cores": round(idle_per_s, 4),
-            "hop_cpu_ms": round(max(0.0, busy) / max(1, len(ms)) / HOPS * 1000, 4)}
+            "cpu_hops": CPU_HOPS,
+            "hop_cpu_ms": round(max(0.0, busy) / max(1, len(ms)) / CPU_HOPS * 1000, 4)}
 
 
 def main() -> int:

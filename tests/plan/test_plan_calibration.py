@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from meshscale.plan.run import CHECKED, METHOD
+from meshscale.sim.flows import FlowRecord, FlowRun
+from meshscale.sim.flows import Path as FlowPath
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = 0.2
@@ -52,6 +54,19 @@ def test_checked_figures_are_within_the_target_on_a_real_mesh(tmp_path: Path) ->
 
 sys.path.insert(0, str(ROOT / "bench"))
 import plan_calibration  # noqa: E402  (bench/, after its path)
+
+
+def test_stream_hop_spreads_its_cpu_over_the_hops_the_model_charges() -> None:
+    """``bench/stream_hop.py`` spreads the CPU of its path over ``CPU_HOPS`` messages: as
+    many as ``sim.flows`` charges ``hop_cpu_s`` for on that path (a record alone, the
+    runner near-source, the consumer's node another node of the region). Over its 4
+    delay hops, as until issue 17's second calibration, a record's CPU was counted a
+    quarter too high."""
+    rec = FlowRecord(1.2, "a", "n0", "a", 100, 10, 0.001, runner="r")
+    fr = FlowRun(1, {"n0": 1}, {"n0": "a"}, lambda a, b: FlowPath(0.1, 1e12), {"a": 0.002},
+                 {"a"}, hop_overhead_s=0.001, jitter=0.0, host_cores=2.0, hop_cpu_s=1e-6)
+    fr.run([rec])
+    assert fr.hop_messages == plan_calibration.stream_hop.CPU_HOPS == 5
 
 
 def test_per_call_cost_is_the_median_call_less_its_readings() -> None:
