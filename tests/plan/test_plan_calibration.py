@@ -67,6 +67,18 @@ def test_stream_hop_spreads_its_cpu_over_the_hops_the_model_charges() -> None:
                  {"a"}, hop_overhead_s=0.001, jitter=0.0, host_cores=2.0, hop_cpu_s=1e-6)
     fr.run([rec])
     assert fr.hop_messages == plan_calibration.stream_hop.CPU_HOPS == 5
+    assert plan_calibration.stream_hop.cpu_messages(1, 1) == 5
+    assert plan_calibration.stream_hop.cpu_messages(1, 0) == 5  # batches not read
+
+
+def test_stream_hop_charges_a_batch_its_messages_once() -> None:
+    """Ten records in two batches: ten publishes, then per batch a hand-off, a copy, a
+    fetch reply and a read, as ``sim.flows`` charges them."""
+    recs = [FlowRecord(1.2, "a", "n0", "a", 100, 10, 0.2, runner="r") for _ in range(10)]
+    fr = FlowRun(1, {"n0": 1}, {"n0": "a"}, lambda a, b: FlowPath(0.1, 1e12), {"a": 0.002},
+                 {"a"}, hop_overhead_s=0.001, jitter=0.0, host_cores=2.0, hop_cpu_s=1e-6)
+    fr.run(recs)  # the first alone on the waiting fetch, the nine others in one batch
+    assert fr.hop_messages == plan_calibration.stream_hop.cpu_messages(10, 2) == 18
 
 
 def test_per_call_cost_is_the_median_call_less_its_readings() -> None:
