@@ -81,6 +81,19 @@ def test_stream_hop_charges_a_batch_its_messages_once() -> None:
     assert fr.hop_messages == plan_calibration.stream_hop.cpu_messages(10, 2) == 18
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux /proc")
+def test_other_work_leaves_out_the_bench_and_its_mesh() -> None:
+    """``BackgroundJobs`` counts the machine's runnable threads less the bench's own (and
+    its descendants'): the thread reading /proc is runnable and is the bench's."""
+    import os
+
+    assert plan_calibration._runnable_threads({os.getpid()}) >= 1
+    bg = plan_calibration.BackgroundJobs()
+    bg.samples = [0, 2, 4, 6, 1, 1, 1, 1, 9, 9]
+    assert bg.jobs == pytest.approx(3.4)
+    assert bg.spread(0.4) == {"min": 1.0, "p50": 2.0, "max": 3.0}
+
+
 def test_per_call_cost_is_the_median_call_less_its_readings() -> None:
     calls = [(30.0, 10), (12.0, 1), (21.0, 5), (500.0, 2), (16.0, 3)]
     # less 1 ms a reading: 20, 11, 16, 498, 13 -> median 16
