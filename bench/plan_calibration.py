@@ -190,12 +190,16 @@ class BackgroundJobs:
     def jobs(self) -> float:
         return statistics.fmean(self.samples) if self.samples else 0.0
 
+    def means(self, window_s: float = 1.0) -> list[float]:
+        """Its means over consecutive windows of ``window_s``."""
+        k = max(1, round(window_s / self.interval_s))
+        return [statistics.fmean(self.samples[i:i + k])
+                for i in range(0, len(self.samples) - k + 1, k)]
+
     def spread(self, window_s: float = 1.0) -> dict[str, float]:
         """How the other work moved: the lowest, median and highest of its means over
         windows of ``window_s`` (the model takes it as steady: ``jobs``)."""
-        k = max(1, round(window_s / self.interval_s))
-        means = [statistics.fmean(self.samples[i:i + k])
-                 for i in range(0, len(self.samples) - k + 1, k)]
+        means = self.means(window_s)
         if not means:
             return {}
         return {"min": round(min(means), 2), "p50": round(statistics.median(means), 2),
@@ -275,7 +279,8 @@ def operator_cost_in_mesh(duration_s: float, rate: float, record_ms: float,
             "batch_p50": statistics.median(k for _, k in timed) if timed else 0,
             "call_ms": per_call_ms(timed, record_ms),
             "call_cpu_ms": per_call_ms(timed_cpu, record_ms),
-            "background_jobs": background.jobs, "background_spread": background.spread()}
+            "background_jobs": background.jobs, "background_spread": background.spread(),
+            "background_per_s": [round(x, 2) for x in background.means()]}
 
 
 def plan_text(duration_s: float, rate_per_site: float, hop_ms: float = 1.0,
@@ -332,6 +337,7 @@ def measure(duration_s: float, rate_per_site: float, only: str) -> dict[str, Any
         out = run_live_demo(cfg)
     out["background_jobs"] = background.jobs
     out["background_spread"] = background.spread()
+    out["background_per_s"] = [round(x, 2) for x in background.means()]
     return out
 
 
@@ -451,6 +457,9 @@ def main() -> int:
         "background_spread": {"before": in_mesh.get("background_spread"),
                               "near-source": near_run.get("background_spread"),
                               "central": cent_run.get("background_spread")},
+        "background_per_s": {"before": in_mesh.get("background_per_s"),
+                             "near-source": near_run.get("background_per_s"),
+                             "central": cent_run.get("background_per_s")},
         "operator_in_runs": {label: {k: r.get(k) for k in (
             "operator_ms_per_call", "operator_records_per_call")}
             for label, r in (("near-source", near), ("central", cent))},
