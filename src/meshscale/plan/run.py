@@ -56,7 +56,7 @@ the measured cost of a hop, the central pipeline's p50 came within 0.2 in some r
 on the shared 2-core machine of those runs (load average 6 to 22 from other work) no
 latency figure did in every run (docs/plan.md has the runs). With the operator's CPU per
 call and the machine's other work measured (issue 17's second calibration), the p50s
-came within 0.2 in three of five runs and the p99s in one: still not every run."""
+came within 0.2 in three of six runs and the p99s in one: still not every run."""
 
 METHOD: dict[str, str] = {
     "latency_p50_ms": "median time from a record's creation at its source to its result "
