@@ -11,36 +11,46 @@ results) and prints each checked figure predicted beside measured.
 The plan's costs are measured on this machine first, each on its own, never from the
 calibration run: the software time and the CPU of one hop (`bench/stream_hop.py`: a
 two-node pipeline with an operator that does nothing), the demo operator's time per
-reading (its IsolationForest timed here on batches of 1 and of 128 readings), and its
-time per call where the real path runs it (`operator_cost_in_mesh`: the operator's own
-wall time in a warm worker of a running two-node mesh fed at one site's rate). The
-network is loopback (`lan_rtt_ms` 0.05), and the six nodes share this machine's cores
-(`host_cores` = `os.cpu_count()`).
+reading (its IsolationForest timed here on batches of 1 and of 128 readings), its CPU
+time per call where the real path runs it (`operator_cost_in_mesh`: the worker's
+process time over the call, in a warm worker of a running two-node mesh fed at one
+site's rate), and the machine's other work while that mesh runs (`BackgroundJobs`:
+threads runnable on the machine less this process's and its descendants', sampled
+every 0.1 s, averaged; the plan's `host_background_jobs`). The network is loopback
+(`lan_rtt_ms` 0.05), and the six nodes share this machine's cores (`host_cores` =
+`os.cpu_count()`) with that other work.
 
-Why the call is timed in a worker (issue 17): stage timestamps of sampled records in
-the real runs put nearly all of the gap between predicted and measured latency in the
-operator's call: on this shared 2-core machine the worker's call took 4 to 6 times its
-CPU time (e.g. 62 ms of wall for 13.5 ms of CPU at load ~12: the worker waits for a
-core), and the wait for the runner's next fetch grows with it (a record waits about
-half a fetch-to-fetch cycle); every other stage matched the flow model. The same call
-timed alone in this process, at another moment, was as low as its CPU time (12 ms),
-and the plan fed with it predicted a third to a half of the measured latency. Fed
-with the call's time measured in the worker during the run, the unchanged flow model
-came within 0.1 of both pipelines' p50 (a check, not the method: the bench never
-takes costs from the calibration run).
+Why the call's CPU and the other work (issue 17): stage timestamps of sampled records
+in the real runs put nearly all of the gap between predicted and measured latency in
+the operator's call, which took 4 to 6 times its CPU time (e.g. 62 ms of wall for 13.5
+ms of CPU at load ~12): the worker waits for a core, and the wait for the runner's
+next fetch grows with it. Until the second calibration of issue 17 the plan took the
+call's wall time in the worker as its cost: that counted the wait for a core at the
+load of the moment it was measured, in a two-node mesh, and then the model shared the
+host among the mesh's jobs only, as if nothing else ran on it. The machine's CPU
+during a real near-source run (/proc/stat against the mesh's process tree) was 100%
+busy, 0.7 to 1.0 cores of it the mesh's (about what the model's operator and hop CPU
+add up to) and the rest other work, and the call took 84 ms of wall for about 18 of
+CPU. Now the cost is the call's CPU, and the wait for a core is the model's: the
+mesh's jobs and the other work's runnable threads share the host's cores
+(`sim/flows.py`, processor sharing, as the kernel's scheduler shares them among
+runnable threads). The prediction of the model before that change (the call's wall
+time, no other work, the hop CPU over 4 hops) is printed beside it, on the same
+measurements and the same real runs (`old_model` in the JSON).
 
 Checked figures: the near-source (mesh) pipeline's latency p50 and p99, the central
 pipeline's latency p50 and p99, and the central pipeline's bytes across regions.
 `max_rel_err` is the largest relative error over them.
 
 Limits of this version: the real run is the live demo without its node kill (the plan
-predicts the steady state; `measure`). The plan knows the nodes share the machine and
-what moving records costs it, not what else runs on it: the operator's time per call
-is measured in a running mesh under the load of that moment, and when other work on
-the machine changes between that measurement and the real runs (on the shared test
-host the load average moved between 1 and 21 within minutes), so does the real
-operator's time and every latency with it; `check_at_run_cost` shows how much of an
-error that is. Record and result sizes are estimates (RECORD_BYTES, OUTPUT_BYTES).
+predicts the steady state; `measure`). The other work is measured before the real
+runs and moves (on the shared test host the load average moved between 1 and 21
+within minutes): `check_at_run_background` predicts each pipeline again with the
+other work measured during its own run (nothing of the mesh's), which shows how much
+of an error that move is. The model takes the other work as a steady number of
+runnable threads: its swings within a run, and the scheduler's wake-up delays at each
+hop, are not in it, and they widen the measured p99 most. Record and result sizes are
+estimates (RECORD_BYTES, OUTPUT_BYTES).
 
     .venv/bin/python bench/plan_calibration.py [--quick] --json out.json
 """
@@ -73,8 +83,9 @@ BATCH_RECORDS = 128
 def operator_cost(reps: int = 40) -> tuple[float, float]:
     """The demo operator's cost on this machine now: (ms per call, ms per reading), from
     its median time on batches of 1 and of BATCH_RECORDS readings, timed in turns so a
-    change of load weighs on both alike. Wall time, not CPU time: on a machine shared
-    with other work that is what a call takes (see the module docstring's limits)."""
+    change of load weighs on both alike. CPU time (this process's), not wall time: the
+    wait for a core on a machine shared with other work is the model's
+    (``host_background_jobs``); until issue 17's second calibration it was wall time."""
     from meshscale.demo import make_detector, reading, train_model
 
     class Rec:
@@ -91,9 +102,9 @@ def operator_cost(reps: int = 40) -> tuple[float, float]:
         detect(batches[n])
     for _ in range(reps):
         for n in sizes:
-            t = time.perf_counter()
+            t = time.process_time()
             detect(batches[n])
-            times[n].append((time.perf_counter() - t) * 1000)
+            times[n].append((time.process_time() - t) * 1000)
     one, full = statistics.median(times[1]), statistics.median(times[BATCH_RECORDS])
     per_record = max(0.001, (full - one) / (BATCH_RECORDS - 1))
     return max(0.0, one - per_record), per_record
@@ -101,15 +112,98 @@ def operator_cost(reps: int = 40) -> tuple[float, float]:
 
 def _timed(detect: Any) -> Any:
     """The demo operator, each output carrying the call's own wall time in the worker
-    (``call_ms``) and its batch's size (``n``)."""
+    (``call_ms``), its CPU time there (``cpu_ms``: the worker's process time) and its
+    batch's size (``n``)."""
 
     def timed_detect(records: list[Any]) -> list[dict[str, Any]]:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = detect(records)
         ms = (time.perf_counter() - t) * 1000
-        return [dict(o, call_ms=ms, n=len(records), first=records[0].key) for o in out]
+        cpu = (time.process_time() - c) * 1000
+        return [dict(o, call_ms=ms, cpu_ms=cpu, n=len(records), first=records[0].key)
+                for o in out]
 
     return timed_detect
+
+
+def _runnable_threads(pids: set[int]) -> int:
+    """Threads of ``pids`` the kernel has runnable now (state R)."""
+    n = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    if f.read().rpartition(")")[2].split()[0] == "R":
+                        n += 1
+            except (OSError, IndexError):
+                continue
+    return n
+
+
+class BackgroundJobs:
+    """The other work on this machine, as the flow model shares its cores
+    (``host_background_jobs``): threads runnable now (``/proc/stat``'s
+    ``procs_running``) less this process's and its descendants' (the mesh's nodes, their
+    workers, the producer, the consumer and this sampler), sampled every
+    ``interval_s`` while it runs, averaged. Linux only (0 elsewhere)."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.interval_s = interval_s
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from meshscale.runtime.launcher import children_of
+
+        mine: set[int] = {os.getpid()}
+        listed = 0.0
+        while not self._stop.wait(self.interval_s):
+            now = time.monotonic()
+            if now - listed >= 1.0:  # the process tree changes seldom; /proc is long
+                mine, frontier = {os.getpid()}, {os.getpid()}
+                while frontier:
+                    frontier = children_of(frontier) - mine
+                    mine |= frontier
+                listed = now
+            try:
+                with open("/proc/stat") as f:
+                    running = next(int(line.split()[1]) for line in f
+                                   if line.startswith("procs_running"))
+            except (OSError, StopIteration, ValueError):
+                return
+            self.samples.append(max(0, running - _runnable_threads(mine)))
+
+    def __enter__(self) -> BackgroundJobs:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    @property
+    def jobs(self) -> float:
+        return statistics.fmean(self.samples) if self.samples else 0.0
+
+    def means(self, window_s: float = 1.0) -> list[float]:
+        """Its means over consecutive windows of ``window_s``."""
+        k = max(1, round(window_s / self.interval_s))
+        return [statistics.fmean(self.samples[i:i + k])
+                for i in range(0, len(self.samples) - k + 1, k)]
+
+    def spread(self, window_s: float = 1.0) -> dict[str, float]:
+        """How the other work moved: the lowest, median and highest of its means over
+        windows of ``window_s`` (the model takes it as steady: ``jobs``)."""
+        means = self.means(window_s)
+        if not means:
+            return {}
+        return {"min": round(min(means), 2), "p50": round(statistics.median(means), 2),
+                "max": round(max(means), 2)}
 
 
 def per_call_ms(calls: list[tuple[float, int]], record_ms: float) -> float:
@@ -135,7 +229,8 @@ def operator_cost_in_mesh(duration_s: float, rate: float, record_ms: float,
     from meshscale.runtime.launcher import LocalMesh
 
     detect = _timed(make_detector(train_model(7)))
-    calls: dict[tuple[float, int, str], float] = {}
+    calls: dict[tuple[float, int, str], tuple[float, float]] = {}
+    background = BackgroundJobs()
     with tempfile.TemporaryDirectory(prefix="plan-cal-op-") as tmp:
         lm = LocalMesh(Path(tmp) / "mesh", 2, regions=["lan"])
         lm.start()
@@ -155,15 +250,17 @@ def operator_cost_in_mesh(duration_s: float, rate: float, record_ms: float,
                     for r in sub.poll(timeout=0.5):
                         got[0] += 1
                         v = r.value
-                        calls.setdefault((v["call_ms"], v["n"], v["first"]), r.ts)
+                        calls.setdefault((v["call_ms"], v["n"], v["first"]),
+                                         (r.ts, v["cpu_ms"]))
 
             th = threading.Thread(target=consume, daemon=True)
             th.start()
             producer = meshscale.connect(entry.address, bundle=lm.bundle_path)
             s = producer.stream("op-in")
             rng = random.Random(3)
-            n = stream_hop.publish_paced(rate, duration_s, lambda i: s.publish(
-                f"m-{i}", {"f": reading(rng, False), "site": "a"}))
+            with background:
+                n = stream_hop.publish_paced(rate, duration_s, lambda i: s.publish(
+                    f"m-{i}", {"f": reading(rng, False), "site": "a"}))
             s.flush(timeout=60)
             deadline = time.monotonic() + 30
             while got[0] < n and time.monotonic() < deadline:
@@ -175,16 +272,20 @@ def operator_cost_in_mesh(duration_s: float, rate: float, record_ms: float,
             consumer.close()
         finally:
             lm.stop()
-    t0 = min(calls.values(), default=0.0) + settle_s
-    timed = [(ms, k) for (ms, k, _), ts in calls.items() if ts >= t0]
+    t0 = min((ts for ts, _ in calls.values()), default=0.0) + settle_s
+    timed = [(ms, k) for (ms, k, _), (ts, _) in calls.items() if ts >= t0]
+    timed_cpu = [(cpu, k) for (_, k, _), (ts, cpu) in calls.items() if ts >= t0]
     return {"calls": len(timed), "readings": n, "received": got[0], "warm": warm,
             "batch_p50": statistics.median(k for _, k in timed) if timed else 0,
-            "call_ms": per_call_ms(timed, record_ms)}
+            "call_ms": per_call_ms(timed, record_ms),
+            "call_cpu_ms": per_call_ms(timed_cpu, record_ms),
+            "background_jobs": background.jobs, "background_spread": background.spread(),
+            "background_per_s": [round(x, 2) for x in background.means()]}
 
 
 def plan_text(duration_s: float, rate_per_site: float, hop_ms: float = 1.0,
-              batch_ms: float = 0.0, record_ms: float = 1.0, hop_cpu_ms: float = 0.0
-              ) -> str:
+              batch_ms: float = 0.0, record_ms: float = 1.0, hop_cpu_ms: float = 0.0,
+              background_jobs: float = 0.0) -> str:
     per_source = rate_per_site / MACHINES_PER_SITE
     region = ('[[regions]]\nname = "{n}"\nnodes = 2\ncores_per_node = 2\n'
               'jurisdiction = "DE"\nlan_rtt_ms = 0.05\n')
@@ -196,6 +297,7 @@ def plan_text(duration_s: float, rate_per_site: float, hop_ms: float = 1.0,
         f"hop_overhead_ms = {hop_ms:.4f}",
         f"host_cores = {os.cpu_count() or 1}",
         f"hop_cpu_ms = {hop_cpu_ms:.4f}",
+        f"host_background_jobs = {background_jobs:.4f}",
         "",
         region.format(n="edge-a"), region.format(n="edge-b"), region.format(n="cloud"),
         link.format(a="edge-a", b="edge-b", rtt=4), link.format(a="edge-a", b="cloud", rtt=60),
@@ -231,7 +333,12 @@ def measure(duration_s: float, rate_per_site: float, only: str) -> dict[str, Any
 
     cfg = DemoConfig(duration_s=duration_s, rate_per_site=rate_per_site, kill_at=None,
                      quiet=True, machines_per_site=MACHINES_PER_SITE, only=only)
-    return run_live_demo(cfg)
+    with BackgroundJobs() as background:
+        out = run_live_demo(cfg)
+    out["background_jobs"] = background.jobs
+    out["background_spread"] = background.spread()
+    out["background_per_s"] = [round(x, 2) for x in background.means()]
+    return out
 
 
 FIGURE = {"p50_ms": "latency_p50_ms", "p99_ms": "latency_p99_ms",
@@ -243,33 +350,33 @@ def rel(pred: float, real: float) -> float:
     return abs(pred - real) / abs(real) if real else float("inf")
 
 
-def check_at_run_cost(duration: float, rate: float, hop: dict[str, Any], record_ms: float,
-                      seed: int, batch_ms: float, near: dict[str, Any],
-                      cent: dict[str, Any]) -> dict[str, Any]:
-    """A check of the model apart from its inputs, not the prediction: each pipeline's
-    latency predicted again with the operator's time per call its own run measured in
-    the worker pools (``operator_ms_per_call``, the hand-off to the worker included,
-    its readings' own cost taken out). When these come close and the prediction did
-    not, the operator's cost changed between its measurement and the run (other work
-    on the machine), not the flow model. Every other cost is the prediction's."""
-    out: dict[str, Any] = {"operator_ms_per_call_before": round(batch_ms, 3)}
-    print(f"model check, operator cost from each run itself (not the prediction; "
-          f"{batch_ms:.1f} ms per call was measured before):")
-    for label, real, key in (("near-source", near, "mesh"), ("central", cent, "central")):
-        run_ms, per_call = real.get("operator_ms_per_call"), real.get("operator_records_per_call")
-        if run_ms is None or per_call is None:
+def check_at_run_background(duration: float, rate: float, hop: dict[str, Any],
+                            record_ms: float, seed: int, batch_ms: float, before: float,
+                            runs: dict[str, tuple[dict[str, Any], float | None]]
+                            ) -> dict[str, Any]:
+    """A check of the model apart from the machine's other work, not the prediction: each
+    pipeline's latency predicted again with the background load measured during its own
+    run (``BackgroundJobs``: other work's runnable threads, never the mesh's), every
+    cost as the prediction's (measured before). When these come close and the
+    prediction did not, the other work on the machine changed between the measurement
+    and the run, not the flow model. Nothing of the mesh's own run goes in."""
+    out: dict[str, Any] = {"background_jobs_before": round(before, 3)}
+    print(f"model check, background load of each run itself (not the prediction; "
+          f"{before:.2f} runnable threads of other work were measured before):")
+    for label, (real, bg) in runs.items():
+        if bg is None:
             continue
-        call_ms = max(0.0, run_ms - record_ms * per_call)
+        key = "mesh" if label == "near-source" else "central"
         with tempfile.TemporaryDirectory(prefix="plan-cal-check-") as tmp:
             path = Path(tmp) / "calibration.toml"
-            path.write_text(plan_text(duration, rate, hop["hop_ms"], call_ms, record_ms,
-                                      hop["hop_cpu_ms"]))
+            path.write_text(plan_text(duration, rate, hop["hop_ms"], batch_ms, record_ms,
+                                      hop["hop_cpu_ms"], bg))
             w = predict(path, seed)["workloads"][0]["placements"][key]
         for fig, real_key in (("p50_ms", "latency_p50_ms"), ("p99_ms", "latency_p99_ms")):
             e = rel(w[fig], real[real_key])
-            out[f"{fig} {label}"] = {"operator_ms_per_call": call_ms, "predicted": w[fig],
+            out[f"{fig} {label}"] = {"background_jobs": round(bg, 3), "predicted": w[fig],
                                      "measured": real[real_key], "rel_err": round(e, 4)}
-            print(f"  {fig + ' ' + label:<26} operator {call_ms:6.1f} ms/call  predicted "
+            print(f"  {fig + ' ' + label:<26} background {bg:5.2f}  predicted "
                   f"{w[fig]:8.1f}  measured {real[real_key]:8.1f}  rel err {e:.2f}")
     return out
 
@@ -284,21 +391,35 @@ def main() -> int:
     hop = stream_hop.measure(6.0 if args.quick else 10.0)
     alone_ms, record_ms = operator_cost()
     in_mesh = operator_cost_in_mesh(6.0 if args.quick else 10.0, rate, record_ms)
-    batch_ms = in_mesh["call_ms"]
+    # The operator's cost is its CPU per call; the time it waits for a core (the mesh's
+    # own jobs and the machine's other work, ``host_background_jobs``) is the model's.
+    batch_ms, background = in_mesh["call_cpu_ms"], in_mesh["background_jobs"]
     print(f"measured on this machine: hop {hop['hop_ms']:.3f} ms (bench/stream_hop.py, "
           f"pipeline p50 {hop['pipeline_p50_ms']:.2f} ms / {hop['hops']} hops), "
-          f"{hop['hop_cpu_ms']:.3f} ms of CPU per hop; operator "
-          f"{batch_ms:.3f} ms per call in a worker of a running mesh "
-          f"({in_mesh['calls']} calls, batch p50 {in_mesh['batch_p50']}; alone in this "
-          f"process {alone_ms:.3f} ms) + {record_ms:.4f} ms per reading")
+          f"{hop['hop_cpu_ms']:.3f} ms of CPU per hop ({hop.get('cpu_hops')} a record); "
+          f"operator {batch_ms:.3f} ms of CPU per call in a worker of a running mesh "
+          f"(wall {in_mesh['call_ms']:.3f} ms; {in_mesh['calls']} calls, batch p50 "
+          f"{in_mesh['batch_p50']}; alone in this process {alone_ms:.3f} ms of CPU) + "
+          f"{record_ms:.4f} ms per reading; other work {background:.2f} runnable threads")
     with tempfile.TemporaryDirectory(prefix="plan-cal-") as tmp:
         path = Path(tmp) / "calibration.toml"
         path.write_text(plan_text(duration, rate, hop["hop_ms"], batch_ms, record_ms,
-                                  hop["hop_cpu_ms"]))
+                                  hop["hop_cpu_ms"], background))
         pred = predict(path, args.seed)
+        # The model before issue 17's second calibration, on the same measurements: the
+        # call's wall time in the worker as its cost, no other work on the host, and
+        # the CPU of stream_hop's path over its 4 delay hops (5 charged).
+        path.write_text(plan_text(duration, rate, hop["hop_ms"], in_mesh["call_ms"],
+                                  record_ms, hop["hop_cpu_ms"] * hop.get(
+                                      "cpu_hops", stream_hop.CPU_HOPS) / stream_hop.HOPS,
+                                  0.0))
+        old = predict(path, args.seed)
     w = pred["workloads"][0]["placements"]
-    near = measure(duration, rate, "near-source")["pipelines"]["near-source"]
-    cent = measure(duration, rate, "central")["pipelines"]["central (cloud)"]
+    w_old = old["workloads"][0]["placements"]
+    near_run = measure(duration, rate, "near-source")
+    cent_run = measure(duration, rate, "central")
+    near = near_run["pipelines"]["near-source"]
+    cent = cent_run["pipelines"]["central (cloud)"]
     rows = [
         ("p50_ms near-source", w["mesh"]["p50_ms"], near["latency_p50_ms"]),
         ("p99_ms near-source", w["mesh"]["p99_ms"], near["latency_p99_ms"]),
@@ -308,6 +429,9 @@ def main() -> int:
          cent["cross_region_bytes"]),
     ]
     errs = [rel(p, r) for _, p, r in rows]
+    old_pred = [w_old["mesh"]["p50_ms"], w_old["mesh"]["p99_ms"], w_old["central"]["p50_ms"],
+                w_old["central"]["p99_ms"], w_old["central"]["cross_region_bytes_per_day"]]
+    old_errs = [rel(p, r) for p, (_, _, r) in zip(old_pred, rows, strict=True)]
     result = {
         "p50_pred_ms": w["central"]["p50_ms"], "p50_real_ms": cent["latency_p50_ms"],
         "p99_pred_ms": w["central"]["p99_ms"], "p99_real_ms": cent["latency_p99_ms"],
@@ -320,18 +444,38 @@ def main() -> int:
         "figures": [{"figure": FIGURE[name.split()[0]], "placement": name.split()[1],
                      "predicted": p, "measured": r, "rel_err": e}
                     for (name, p, r), e in zip(rows, errs, strict=True)],
-        "hop_ms": hop["hop_ms"], "hop_cpu_ms": hop["hop_cpu_ms"], "operator_ms_per_call": round(batch_ms, 4),
+        "old_model": {name: {"predicted": p, "rel_err": round(e, 4)} for (name, _, _), p, e
+                      in zip(rows, old_pred, old_errs, strict=True)},
+        "hop_ms": hop["hop_ms"], "hop_cpu_ms": hop["hop_cpu_ms"],
+        "operator_ms_per_call": round(batch_ms, 4),
+        "operator_wall_ms_per_call": round(in_mesh["call_ms"], 4),
         "operator_ms_per_call_alone": round(alone_ms, 4), "operator_calls_timed": in_mesh["calls"],
         "operator_ms_per_record": round(record_ms, 4), "host_cores": os.cpu_count() or 1,
+        "background_jobs": round(background, 3),
+        "background_jobs_runs": {"near-source": near_run.get("background_jobs"),
+                                 "central": cent_run.get("background_jobs")},
+        "background_spread": {"before": in_mesh.get("background_spread"),
+                              "near-source": near_run.get("background_spread"),
+                              "central": cent_run.get("background_spread")},
+        "background_per_s": {"before": in_mesh.get("background_per_s"),
+                             "near-source": near_run.get("background_per_s"),
+                             "central": cent_run.get("background_per_s")},
+        "operator_in_runs": {label: {k: r.get(k) for k in (
+            "operator_ms_per_call", "operator_records_per_call")}
+            for label, r in (("near-source", near), ("central", cent))},
         "quick": args.quick, "seed": args.seed,
     }
-    print(f"{'figure':<28} {'predicted':>14} {'measured':>14} {'rel err':>8}")
-    print(f"{'-' * 28} {'-' * 14} {'-' * 14} {'-' * 8}")
-    for (name, p, r), e in zip(rows, errs, strict=True):
-        print(f"{name:<28} {p:>14,.1f} {r:>14,.1f} {e:>8.2f}")
-    print(f"max_rel_err {result['max_rel_err']:.2f} (target <= 0.2)")
-    result["check_at_run_cost"] = check_at_run_cost(
-        duration, rate, hop, record_ms, args.seed, batch_ms, near, cent)
+    print(f"{'figure':<28} {'predicted':>14} {'measured':>14} {'rel err':>8} "
+          f"{'old model':>14} {'rel err':>8}")
+    print(f"{'-' * 28} {'-' * 14} {'-' * 14} {'-' * 8} {'-' * 14} {'-' * 8}")
+    for (name, p, r), e, po, eo in zip(rows, errs, old_pred, old_errs, strict=True):
+        print(f"{name:<28} {p:>14,.1f} {r:>14,.1f} {e:>8.2f} {po:>14,.1f} {eo:>8.2f}")
+    print(f"max_rel_err {result['max_rel_err']:.2f} (target <= 0.2; old model "
+          f"{max(old_errs):.2f})")
+    result["check_at_run_background"] = check_at_run_background(
+        duration, rate, hop, record_ms, args.seed, batch_ms, background,
+        {"near-source": (near, near_run.get("background_jobs")),
+         "central": (cent, cent_run.get("background_jobs"))})
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -17,10 +17,18 @@ the flow model charges on that path (``HOPS``):
 ``hop_ms`` = the median pipeline time / ``HOPS``. Loopback network time (tens of
 microseconds) is left in, so the figure is, if anything, a little high.
 
-``hop_cpu_ms`` is the CPU the same hops cost: the CPU time of the node processes, their
+``hop_cpu_ms`` is the CPU the same path costs: the CPU time of the node processes, their
 workers and this process (the producer and the consumer) while the records flow, less
-what they use idle (measured over ``IDLE_S`` before), per record, over ``HOPS``. It is
-what a shared host loses to moving records (``host_cores`` in a plan).
+what they use idle (measured over ``IDLE_S`` before), per record, over ``CPU_HOPS``, the
+messages the flow model charges a hop of CPU for on this path (a record is its own batch
+at a low rate): the publish, the hand-off to a worker, the outputs' copy to their
+backup, node-1's fetch reply and the consumer's read; the last four once a batch when
+the runner takes several records at once (``cpu_messages``, from the runners'
+``batches_applied``), as the model charges them. Until issue 17's second calibration it
+was divided by ``HOPS`` (4) while the model charged 5 hops of CPU on the same path:
+every record's CPU was counted a quarter too high, and more when a loaded machine
+made the runner take records in batches. It is what a shared host loses to moving
+records (``host_cores`` in a plan).
 
     .venv/bin/python bench/stream_hop.py [--quick] --json out.json
 """
@@ -41,6 +49,9 @@ from typing import Any
 
 HOPS = 4
 """Hops ``sim/flows.py`` charges on the measured path (see the module docstring)."""
+CPU_HOPS = 5
+"""Messages ``sim/flows.py`` charges ``hop_cpu_s`` for on the measured path (its
+``_AT_SHARD``, a local ``_BATCH``, ``_APPLIED``'s copy, ``_RESULTS_BACK``'s two)."""
 IDLE_S = 3.0
 
 
@@ -94,6 +105,33 @@ def _wait_warm(lm: Any, op: str, timeout_s: float = 60.0) -> bool:
             return True
         time.sleep(0.25)
     return False
+
+
+def _batches_applied(lm: Any, op: str) -> int:
+    """Batches the runners of ``op`` ran so far, over the mesh's nodes (0: unreadable)."""
+    from meshscale.client.rpc import RpcError, request
+    from meshscale.core.api import Empty
+    from meshscale.core.api.streams import STATS
+
+    creds = lm.credentials()
+    n = 0
+    for node in lm.nodes:
+        with contextlib.suppress(RpcError, OSError):
+            st = request(node.address, creds, STATS, Empty(), timeout=5)
+            n += st.operators.get(op, {}).get("batches_applied", 0)
+    return n
+
+
+def cpu_messages(records: int, batches: int) -> int:
+    """Messages ``sim/flows.py`` charges a hop of CPU for on the measured path: each
+    record's publish, and for each batch its hand-off to a worker, its outputs' copy,
+    node-1's fetch reply and the consumer's read (a batch's results are appended at
+    once, so node-1 takes them in one fetch). ``CPU_HOPS`` a record when each record is
+    its own batch; fewer when the runner takes several at once (a loaded machine), as
+    the model charges them. ``batches`` 0 (unread): every record its own batch."""
+    if batches <= 0 or batches > records:
+        batches = records
+    return records + (CPU_HOPS - 1) * batches
 
 
 def publish_paced(rate: float, duration_s: float, publish: Callable[[int], object]) -> int:
@@ -150,6 +188,7 @@ def measure(duration_s: float = 10.0, rate: float = 20.0) -> dict[str, Any]:
             while len(lat) < n and time.monotonic() < deadline:
                 time.sleep(0.05)
             busy = _mesh_cpu_s(lm) - c1 - idle_per_s * (time.monotonic() - t1)
+            batches = _batches_applied(lm, "hop-op")
             stop.set()
             th.join(timeout=5)
             s.close()
@@ -163,7 +202,10 @@ def measure(duration_s: float = 10.0, rate: float = 20.0) -> dict[str, Any]:
             "pipeline_p50_ms": round(p50, 2), "pipeline_p99_ms": round(_pct(ms, 99), 2),
             "hops": HOPS, "hop_ms": round(p50 / HOPS, 3),
             "idle_cpu_cores": round(idle_per_s, 4),
-            "hop_cpu_ms": round(max(0.0, busy) / max(1, len(ms)) / HOPS * 1000, 4)}
+            "batches": batches, "cpu_hops": round(cpu_messages(len(ms), batches)
+                                                  / max(1, len(ms)), 3),
+            "hop_cpu_ms": round(max(0.0, busy) / max(1, cpu_messages(len(ms), batches))
+                                * 1000, 4)}
 
 
 def main() -> int:

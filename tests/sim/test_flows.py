@@ -9,11 +9,11 @@ from meshscale.sim.flows import FlowRecord, FlowRun, Path
 
 def _run(records: list[FlowRecord], *, cores: dict[str, int], region_of: dict[str, str],
          rtt_s: float = 0.1, hop_s: float = 0.0, host_cores: float = 0.0,
-         hop_cpu_s: float = 0.0) -> FlowRun:
+         hop_cpu_s: float = 0.0, background: float = 0.0) -> FlowRun:
     fr = FlowRun(1, cores, region_of, lambda a, b: Path(rtt_s, 1e12),
                  {r: 0.002 for r in set(region_of.values())}, set(region_of.values()),
                  hop_overhead_s=hop_s, jitter=0.0, host_cores=host_cores,
-                 hop_cpu_s=hop_cpu_s)
+                 hop_cpu_s=hop_cpu_s, host_background_jobs=background)
     fr.run(records)
     return fr
 
@@ -60,6 +60,23 @@ def test_the_runner_fetches_again_without_waiting_for_its_outputs_copy() -> None
     assert b.done_s - a.done_s == pytest.approx(0.015 + 0.003, abs=1e-9)
 
 
+def test_a_remote_runner_does_not_long_poll_while_its_outputs_copy_travels() -> None:
+    # The runner is in region c, 50 ms one way from the shard at site s. a lands on its
+    # waiting fetch at 1.301 and is back in c at 1.351; run (1 ms) and appended by
+    # 1.352, a's outputs' copy to their backup in c takes a LAN round trip (2 ms). The
+    # runner's next fetch, sent at once, carries no commit and does not wait: it finds
+    # the shard empty at 1.402 and comes back at 1.452; the runner, its copy done, then
+    # fetches again, long-polling, there at 1.502 (runtime.streams ``_read_shard``, issue
+    # 23). b lands at 1.411, between the two: it waits for the second fetch, 91 ms;
+    # a fetch that long-polled at once would have taken it as it landed.
+    a = _rec(1.3, "s", "c0", "c")
+    b = _rec(1.41, "s", "c0", "c")
+    _run([a, b], cores={"s0": 1, "c0": 1}, region_of={"s0": "s", "c0": "c"})
+    lat_a, lat_b = a.done_s - a.created_s, b.done_s - b.created_s
+    assert lat_a == pytest.approx(0.001 + 0.05 + 0.001 + 0.05 + 0.001, abs=1e-9)
+    assert lat_b - lat_a == pytest.approx(1.502 - 1.411, abs=1e-9)
+
+
 def test_records_waiting_at_the_shard_run_as_one_call() -> None:
     recs = [_rec(1.2, "a", "n0", "a", cpu_s=0.002, batch_cpu_s=0.010) for _ in range(10)]
     fr = _run(recs, cores={"n0": 1}, region_of={"n0": "a"})
@@ -96,6 +113,22 @@ def test_moving_records_takes_cpu_from_a_shared_host() -> None:
     # (1.5 s), then the operator's last 0.5 s alone. Nodes with their own cores: 1 s.
     assert run(1.0) == pytest.approx(0.001 + 2.0 + 0.002)
     assert run(0.0) == pytest.approx(0.001 + 1.0 + 0.002)
+
+
+def test_other_work_on_a_shared_host_takes_its_share_of_the_cores() -> None:
+    def run(background: float, host_cores: float = 2.0) -> float:
+        rec = _rec(1.2, "a", "n0", "a", cpu_s=1.0)
+        _run([rec], cores={"n0": 1}, region_of={"n0": "a"}, host_cores=host_cores,
+             background=background)
+        return rec.done_s - rec.created_s
+
+    # Two cores, three runnable threads of other work beside the operator: each of the
+    # four runs at half a core (the host's scheduler shares the cores among runnable
+    # threads alike), so the operator's 1 s of CPU takes 2 s. One other thread leaves
+    # a core free for it; nodes with their own cores do not share with other work.
+    assert run(3.0) == pytest.approx(0.001 + 2.0 + 0.002)
+    assert run(1.0) == pytest.approx(0.001 + 1.0 + 0.002)
+    assert run(3.0, host_cores=0.0) == pytest.approx(0.001 + 1.0 + 0.002)
 
 
 def test_calls_are_still_pushed_and_answered() -> None:

@@ -180,6 +180,10 @@ class Plan(_Strict, kw_only=True, frozen=True):
     """0: every node has its own cores. Above 0: every node of the plan runs on one host
     with this many cores (a test mesh on one machine, as ``meshscale up`` starts it), so
     operators running at once share them."""
+    host_background_jobs: Annotated[float, msgspec.Meta(ge=0.0, le=100_000.0)] = 0.0
+    """With ``host_cores``: threads of other work runnable on that host, on average (its
+    run queue less the mesh's own); each takes its share of the cores as an operator
+    does. ``bench/plan_calibration.py`` measures it on its machine."""
     regions: Annotated[list[Region], msgspec.Meta(min_length=1, max_length=1000)]
     links: Annotated[list[Link], msgspec.Meta(max_length=100_000)] = []
     failures: Failures = Failures()

@@ -28,10 +28,14 @@ protocol instead, as ``runtime.streams`` runs it:
   handing the batch to a worker process;
 - the runner appends a batch's results to its node's shard of the output topic (the
   consumer's node's long-poll takes them at once) and sends its next fetch at once:
-  their copy to the shard's backup (a node of its region) travels beside the loop and
-  costs one hop of CPU, and holds only what the runner commits, not its next fetch
-  (``runtime.streams`` ``_read_shard``, issue 23; before, the runner waited for the copy,
-  1 to 8 ms a round in issue 17's traces of the live demo);
+  their copy to the shard's backup (a node of its region: a hop and a LAN round trip)
+  travels beside the loop and costs one hop of CPU, and holds only what the runner
+  commits, not its next fetch (``runtime.streams`` ``_read_shard``, issue 23; before,
+  the runner waited for the copy, 1 to 8 ms a round in issue 17's traces of the live
+  demo). A runner fetching from a remote holder sends that fetch without a long-poll
+  (it would carry no commit): when the shard is empty it comes back at once, and the
+  runner fetches again, long-polling, once the copy is done: a record landing in
+  between waits for that second fetch, up to one RTT more;
 - the results go back the same way, to the record's ``result_site``: the consumer's
   node long-polls the runner's node for them (``follow_wait_s``, up to
   ``follow_records`` at once) and hands them to the consumer (one hop each).
@@ -103,6 +107,9 @@ class _Puller:
     waiting: bool = False
     gen: int = 0
     batch: list[int] = field(default_factory=list)
+    copied_s: float = -1.0
+    """A remote runner's fetch sent while its last outputs' copy travels (until this
+    time) does not long-poll (``runtime.streams`` ``_read_shard``); -1: no such copy."""
 
 
 _ARRIVE_ENTRY, _ARRIVE_OP, _DONE, _ARRIVE_BACK = 0, 1, 2, 3
@@ -139,9 +146,18 @@ class FlowRun:
     """0: every node has its own ``cores``. Above 0: every node runs on one host with this
     many cores (several node processes on one machine, as ``meshscale up`` runs them):
     each job then starts at once and all running jobs share the host's cores equally
-    (processor sharing), none faster than one core."""
+    (processor sharing), none faster than one core, with ``host_background_jobs``."""
+    host_background_jobs: float = 0.0
+    """With ``host_cores``: threads of other work runnable on the host, on average (its run
+    queue less the mesh's own). The host's scheduler shares its cores among every
+    runnable thread alike (CFS), so they take their share as the mesh's jobs do: with
+    ``b`` of them and ``n`` jobs running, each job runs at ``host_cores / (n + b)`` of a
+    core once ``n + b`` is above ``host_cores``. ``bench/plan_calibration.py`` measures
+    it (``background_jobs``). 0: the host runs nothing else."""
     busy_s: dict[str, float] = field(default_factory=dict)
     """Core-seconds each node spent processing."""
+    hop_messages: int = 0
+    """Stream messages charged ``hop_cpu_s`` in the run (a shared host only)."""
 
     def _one_way(self, rtt_s: float, rng: random.Random) -> float:
         return 0.5 * rtt_s * (1.0 + self.jitter * (2.0 * rng.random() - 1.0))
@@ -220,8 +236,11 @@ class FlowRun:
         host_gen = 0
         jobs = 0
 
+        background = max(0.0, self.host_background_jobs)
+
         def host_rate() -> float:
-            return 1.0 if len(active) <= self.host_cores else self.host_cores / len(active)
+            running = len(active) + background
+            return 1.0 if running <= self.host_cores else self.host_cores / running
 
         def host_advance(t: float) -> None:
             nonlocal host_t
@@ -271,6 +290,7 @@ class FlowRun:
             nonlocal jobs
             if self.host_cores <= 0 or self.hop_cpu_s <= 0:
                 return
+            self.hop_messages += messages
             host_advance(t)
             jobs += 1
             active[jobs] = self.hop_cpu_s * messages
@@ -311,8 +331,17 @@ class FlowRun:
 
         def fetch(t: float, k: int, timeout_kind: int, wait_s: float) -> None:
             pl = pullers[k]
+            copying = pl.copied_s
+            pl.copied_s = -1.0
             if pl.pending:
                 reply(t, k)
+            elif copying >= 0.0:
+                # Sent while its outputs' copy travelled: this fetch carries no commit
+                # and does not wait. It comes back empty; the runner waits for the copy,
+                # then fetches again (that one long-polls).
+                back = t + one_way(pl.holder_region, pl.puller_region)
+                push(max(back, copying) + one_way(pl.puller_region, pl.holder_region),
+                     _FETCH, k)
             else:
                 pl.waiting = True
                 push(t + wait_s, timeout_kind, k * 1_000_000 + pl.gen % 1_000_000)
@@ -368,11 +397,16 @@ class FlowRun:
                     for f, js in outputs.items():
                         arrive(t, f, js)
                     pl.batch = []
-                    # The outputs' copy to their backup costs a hop of CPU and travels
-                    # beside the runner, which fetches again at once.
+                    # The outputs' copy to their backup (a node of the runner's region)
+                    # costs a hop of CPU and travels beside the runner, which fetches
+                    # again at once; a remote holder's fetch then does not long-poll.
                     hop_cpu(t)
-                    nxt = t if pl.local else t + one_way(pl.puller_region, pl.holder_region)
-                    push(nxt, _FETCH, i)
+                    if pl.local:
+                        push(t, _FETCH, i)
+                    else:
+                        pl.copied_s = t + hop + 2 * one_way(pl.puller_region,
+                                                            pl.puller_region)
+                        push(t + one_way(pl.puller_region, pl.holder_region), _FETCH, i)
                 elif kind == _HOST_DONE:
                     host_done(t, i)
                 elif kind == _FOLLOW:
