@@ -37,6 +37,7 @@ def test_what_no_one_may_call() -> None:
 @pytest.mark.parametrize(
     ("method", "access"),
     [("obj.rw_small", Access.NODE), ("repl.msg", Access.NODE), ("kv.apply", Access.NODE),
+     ("kv.apply_batch", Access.NODE), ("kv.put_batch", Access.NODE),
      ("stream.replicate", Access.NODE), ("obj.put_small", Access.WRITE),
      ("kv.put", Access.WRITE), ("admin.revoke", Access.WRITE), ("obj.read", Access.READ),
      ("members", Access.READ)],

@@ -29,6 +29,11 @@ REQUESTS: list[tuple[Any, Any]] = [
     (api.REPL_MSG, api.ReplMsgRequest(src="n1", payload=b"\x00")),
     (api.KV_PUT, api.KvPutRequest(key="k", value=b"v", consistency="all")),
     (api.KV_APPLY, api.KvApplyRequest(key="k", value=None, ts="t", hint_for=["n3"])),
+    (api.KV_PUT_BATCH, api.KvPutBatchRequest(items=[api.KvPutItem(key="k", value=b"v"),
+                                                    api.KvPutItem(key="j", value=b"")])),
+    (api.KV_APPLY_BATCH, api.KvApplyBatchRequest(items=[
+        api.KvApplyItem(key="k", value=b"v", ts="t", hint_for=["n3"]),
+        api.KvApplyItem(key="j", value=None, ts="u")])),
 ]
 
 REPLIES: list[tuple[Any, Any]] = [
@@ -45,6 +50,10 @@ REPLIES: list[tuple[Any, Any]] = [
     (api.DELETE, api.DeleteReply(id=OID, holders=["n1"], already_deleted=True)),
     (api.KV_GET, api.KvValue()),
     (api.KV_READ, api.KvRecordWire(value=b"v", ts="t")),
+    (api.KV_PUT_BATCH, api.KvPutBatchReply([api.KvItemResult(ts="t"), api.KvItemResult(
+        error="kv write of 'j' failed: no quorum", code="unavailable")])),
+    (api.KV_APPLY_BATCH, api.KvApplyBatchReply([api.KvItemResult(applied=True),
+                                                api.KvItemResult()])),
 ]
 
 
@@ -71,6 +80,9 @@ def test_replies_round_trip(method: Any, reply: Any) -> None:
     (api.KV_PUT, {"key": "k", "value": b"x", "consistency": "most"}, "consistency"),
     (api.KV_APPLY, {"key": "k", "value": None, "ts": "t",
                     "hint_for": ["n"] * (api.MAX_HINT_TARGETS + 1)}, "hint_for"),
+    (api.KV_PUT_BATCH, {"items": []}, "items"),
+    (api.KV_PUT_BATCH, {"items": [["k", b""]] * (api.MAX_KV_BATCH_ITEMS + 1)}, "items"),
+    (api.KV_APPLY_BATCH, {"items": [["", b"", "t"]]}, "items[0][0]"),
 ])
 def test_bounds_are_invalid_naming_the_field(method: Any, args: dict[str, Any],
                                              field: str) -> None:

@@ -698,6 +698,27 @@ def test_kv_hints_are_stored_with_the_write_and_kept_newest(tmp_path: Path) -> N
     store.close()
 
 
+def test_kv_put_many_is_kv_put_of_each_row_in_one_transaction(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "data")
+    assert store.kv_put("old", b"v2", "0002")
+    assert store.kv_put_many([("a", b"1", "0001", ()), ("old", b"v1", "0001", ()),
+                              ("b", None, "0003", ["n2"]), ("a", b"2", "0004", ())],
+                             since=7.0) == [True, False, True, True]
+    assert store.kv_get("a") == (b"2", "0004")  # a key twice: the later row, as in turn
+    assert store.kv_get("old") == (b"v2", "0002")  # last writer wins per row
+    assert store.kv_get("b") == (None, "0003")
+    assert store.kv_hints() == [("b", "n2", "0003", 7.0)]
+    # A row that fails its checks writes nothing of the batch.
+    with pytest.raises(StorageError):
+        store.kv_put_many([("c", b"x", "0005", ()),
+                           ("d", b"x" * (MAX_KV_VALUE_BYTES + 1), "0005", ())])
+    assert store.kv_get("c") is None
+    store.close()
+    store = open_store(tmp_path / "data")  # durable
+    assert store.kv_get("a") == (b"2", "0004")
+    store.close()
+
+
 def test_kv_with_hlc_timestamps(store: LocalStore) -> None:
     from meshscale.core.hlc import HLCTimestamp
 

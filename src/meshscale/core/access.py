@@ -61,7 +61,8 @@ _WRITE = (
 _AUDIT = ("audit.query", "audit.verify", "audit.heads")
 _NODE = (
     "obj.rw_begin", "obj.rw_chunk", "obj.rw_end", "obj.rw_small", "obj.read_local",
-    "obj.local_stat", "obj.local_list", "repl.msg", "kv.apply", "kv.read", "kv.scan",
+    "obj.local_stat", "obj.local_list", "repl.msg", "kv.apply", "kv.apply_batch", "kv.put_batch",
+    "kv.read", "kv.scan",
     "sched.msg", "sched.load", "sched.batch", "task.done", "task.fn", "task.kill",
     "stream.replicate", "stream.fetch", "stream.op_notify",
     "svc.notify", "svc.invoke", "svc.status", "erase.confirm", "policy.migrate_local",

@@ -41,8 +41,8 @@ an owner spends on ended tasks is at most ``max_records`` x ~550 bytes (5.5 MB a
 default) plus what the kept results hold beyond a no-op's, however many tasks it owned.
 
 Durability and takeover (the runtime writes records to the replicated KV at submit,
-before the submit is acknowledged, and again when a task ends; the simulator models that
-store). When a node is asked for a task it does not hold, it reads the record and
+before the submit is acknowledged, and again when a task ends, within
+``RECORD_WINDOW_S``, in batches: ``RecordQueue``; the simulator models that store). When a node is asked for a task it does not hold, it reads the record and
 ``lookup`` decides:
 
 - terminal record: answer it;
@@ -81,6 +81,9 @@ from meshscale.core.placement import Residency, hrw_score
 
 __all__ = [
     "ENDED_BYTES",
+    "RECORD_BATCH_BYTES",
+    "RECORD_BATCH_ITEMS",
+    "RECORD_WINDOW_S",
     "TERMINAL",
     "TRANSITIONS",
     "Ended",
@@ -89,6 +92,7 @@ __all__ = [
     "IllegalTransition",
     "Lookup",
     "LookupAction",
+    "RecordQueue",
     "TaskBook",
     "TaskDetail",
     "TaskPayload",
@@ -637,6 +641,129 @@ def group_flush_delay_s(record_bytes: int) -> float:
     if record_bytes < 0:
         raise ValueError(f"record_bytes must be >= 0, not {record_bytes}")
     return min(GROUP_FLUSH_MAX_S, max(GROUP_FLUSH_MIN_S, record_bytes / GROUP_FLUSH_BYTES_PER_S))
+
+
+# --------------------------------------------------------------------------- record writes
+
+RECORD_WINDOW_S = 0.05
+"""The longest a record that nothing waits for (a task's end) stays unwritten, gathering
+others to go with it (``RecordQueue``)."""
+RECORD_BATCH_ITEMS = 256
+"""Records written together at most (``core.api.objects.MAX_KV_BATCH_ITEMS``)."""
+RECORD_BATCH_BYTES = 2 * 1024 * 1024
+"""Their bytes at most, beyond the first (``core.api.objects.MAX_KV_BATCH_BYTES``)."""
+
+
+class RecordQueue:
+    """An owner's record writes, coalesced: when each goes to the store, and with which.
+
+    A record write is a quorum write to three replicas' SQLite (a transaction and an
+    fsync each, and a round trip to each): about 4 ms of CPU across a loaded mesh, more
+    than the rest of a no-op task's path (issue #19). So records go in batches: the
+    driver writes each batch as one ``kv.put_batch`` (each key keeps its own stamp,
+    replicas and quorum; each replica takes all of its keys in one transaction).
+
+    - an *urgent* record (one a caller waits for: a submit is acknowledged only once its
+      records are durable; an adoption) makes the queue due at once: the driver writes
+      it at the end of the loop turn, with every record put in that turn and every
+      record waiting. No timer is added to a lone call;
+    - a record nothing waits for (a task's end, written after its outcome was answered)
+      waits at most ``window_s`` for others, so a run of lone tasks shares writes. An
+      owner that dies inside the window leaves that end unwritten: a task whose
+      submit record is in the store is then run again by the node taking it over (at
+      least once, as after a lost ``task.done``; the first result wins), and one whose
+      outcome was already answered with its submit, before any record was written, is
+      not in the store at all (its caller has the outcome);
+    - a key put again before it was written is written once, with its last value (a
+      task that ended before its submit record went out is written once, ended);
+    - a batch holds at most ``max_items`` records and ``max_bytes`` (beyond its first);
+      at most ``max_in_flight`` batches are written at once, the rest wait their turn.
+
+    Sans-I/O: the driver puts, asks ``due`` and ``deadline`` (its one timer), ``take``s
+    a batch when due and says when it was ``written``. Times are the driver's monotonic
+    clock. Memory: one pending value per key, and keys are records an owner holds."""
+
+    def __init__(self, window_s: float = RECORD_WINDOW_S, *,
+                 max_items: int = RECORD_BATCH_ITEMS, max_bytes: int = RECORD_BATCH_BYTES,
+                 max_in_flight: int = 4) -> None:
+        if window_s < 0 or max_items < 1 or max_bytes < 1 or max_in_flight < 1:
+            raise ValueError(f"bad record queue bounds: window {window_s} s, {max_items} "
+                             f"items, {max_bytes} bytes, {max_in_flight} in flight")
+        self.window_s = window_s
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.max_in_flight = max_in_flight
+        self._pending: dict[str, tuple[bytes, float]] = {}
+        """Key -> (value, when first put since last written), oldest first."""
+        self._urgent: set[str] = set()
+        self._bytes = 0
+        self.in_flight = 0
+        self.stats: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def put(self, key: str, value: bytes, now: float, *, urgent: bool = False) -> None:
+        """Record ``key`` is to be written with ``value`` (replacing a value put before
+        and not yet taken)."""
+        old = self._pending.get(key)
+        if old is not None:
+            self._bytes -= len(old[0])
+            self._pending[key] = (value, old[1])
+            self._count("records_replaced")
+        else:
+            self._pending[key] = (value, now)
+        self._bytes += len(value)
+        if urgent:
+            self._urgent.add(key)
+
+    def hurry(self) -> None:
+        """Every record waiting is due at once (the owner is stopping)."""
+        self._urgent.update(self._pending)
+
+    def due(self, now: float) -> bool:
+        """Should a batch be taken now?"""
+        if not self._pending or self.in_flight >= self.max_in_flight:
+            return False
+        if self._urgent or len(self._pending) >= self.max_items or \
+                self._bytes >= self.max_bytes:
+            return True
+        return now >= next(iter(self._pending.values()))[1] + self.window_s
+
+    def deadline(self) -> float | None:
+        """When the oldest record waiting will be due by time alone (None: none waits,
+        or only for a batch in flight to be written)."""
+        if not self._pending or self.in_flight >= self.max_in_flight:
+            return None
+        return next(iter(self._pending.values()))[1] + self.window_s
+
+    def take(self) -> list[tuple[str, bytes]]:
+        """The next batch, oldest first (the driver writes it, then calls ``written``)."""
+        out: list[tuple[str, bytes]] = []
+        size = 0
+        for key, (value, _) in self._pending.items():
+            if out and (len(out) >= self.max_items or size + len(value) > self.max_bytes):
+                break
+            out.append((key, value))
+            size += len(value)
+        for key, value in out:
+            del self._pending[key]
+            self._urgent.discard(key)
+            self._bytes -= len(value)
+        if out:
+            self.in_flight += 1
+            self._count("batches")
+            self._count("records", len(out))
+        return out
+
+    def written(self) -> None:
+        """A batch ``take`` gave was written (or failed)."""
+        if self.in_flight <= 0:
+            raise ValueError("no batch in flight")
+        self.in_flight -= 1
 
 
 # --------------------------------------------------------------------------- takeover

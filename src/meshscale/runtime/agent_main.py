@@ -124,6 +124,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_task_records", "int", 10_000, "Ended task records this node keeps in "
            "memory for `tasks` and result questions, about 550 bytes each (the oldest "
            "beyond it are answered from the replicated KV, on disk)."),
+    Option("task_record_window_s", "float", 0.05, "The longest a task's final record waits "
+           "to be written to the replicated KV together with others (one batch, one round "
+           "per replica); an owner that dies within it leaves the task to run again where "
+           "it is taken over."),
     Option("stream_max_backlog", "int", 2000, "Records a stream shard holds for its slowest "
            "operator before producers wait (backpressure)."),
     Option("power_source", "str", "auto", "Where the node's power figures come from: "
@@ -185,6 +189,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "max_pending_tasks": (1, 10_000_000),
     "max_task_records": (1, 10_000_000),
     "task_run_timeout_s": (1, 86400),
+    "task_record_window_s": (0, 60),
     "cpus": (1, 4096),
     "memory_mb": (1, 1 << 40),
     "audit_segment_bytes": (4096, 1 << 34),
@@ -539,6 +544,7 @@ def start(s: Settings) -> None:
                                      max_pending_tasks=s.max_pending_tasks,
                                      max_task_records=s.max_task_records,
                                      task_run_timeout_s=float(s.task_run_timeout_s),
+                                     task_record_window_s=float(s.task_record_window_s),
                                      power=power,
                                      energy=energy,
                                      audit=AuditConfig(

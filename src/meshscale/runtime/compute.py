@@ -34,11 +34,15 @@ the way ``runtime/data/`` drives ``core.replication``:
 - task records (Ray's ownership): the node a task is submitted to owns its record, kept
   in memory in a ``core.tasks.TaskBook`` (lifecycle, first outcome wins, crash retries,
   bounded) and written to the replicated KV (``task/<id>``, msgpack ``TaskRecord``) at
-  submit and when it ends. The pickled function is stored as an object (its id is
-  ``b3-`` + the function id) and the arguments ride in the record, so when the owner
-  dies a node asked for the task's result acts on ``core.tasks.lookup``: it asks the
-  live owner, forwards to the task's adopter (one node, by rendezvous hashing), or adopts
-  the task itself and re-submits it from the record. A task with a payload rule
+  submit and when it ends. Writes go in batches (``core.tasks.RecordQueue``, one
+  ``kv.put_batch`` each: every key its own quorum write, each replica one transaction
+  for all of its keys): a submit's records at the end of its loop turn, with whatever
+  waits, before the submit is answered; an end within ``record_window_s``. The pickled
+  function is stored as an object (its id is ``b3-`` + the function id) and the
+  arguments ride in the record, so when the owner dies a node asked for the task's
+  result acts on ``core.tasks.lookup``: it asks the live owner, forwards to the task's
+  adopter (one node, by rendezvous hashing), or adopts the task itself and re-submits
+  it from the record. A task with a payload rule
   (``core.policy.payload_rule``: a classed task, one that names regions, one that reads
   classed inputs) keeps neither in the KV nor in an unclassed object: its arguments are
   one object under the rule (``core.tasks.TaskPayload``), its function another (once
@@ -158,10 +162,12 @@ from meshscale.core.scheduling import (
     TaskStopped,
 )
 from meshscale.core.tasks import (
+    RECORD_WINDOW_S,
     TERMINAL,
     Ended,
     Entry,
     LookupAction,
+    RecordQueue,
     TaskBook,
     TaskDetail,
     TaskPayload,
@@ -270,6 +276,12 @@ class ComputeConfig:
     """Largest ``task.list`` answer."""
     persist: bool = True
     """Write task records to the replicated KV."""
+    record_window_s: float = RECORD_WINDOW_S
+    """The longest a task's final record (written after its outcome is answered) waits to
+    be written with others (``core.tasks.RecordQueue``: records go to the KV in batches,
+    one ``kv.put_batch`` each; a record a caller waits for goes at the end of the loop
+    turn, with every record waiting). An owner that dies inside it leaves that end
+    unwritten: a task whose submit record was written runs again where it is taken over."""
     submit_grace_s: float = 0.005
     """A small submit of functions that recently ended this fast (submit to outcome,
     moving average) waits this long for its tasks to end before writing their records:
@@ -455,6 +467,13 @@ class ComputePlane:
         self._flushing: set[str] = set()
         self._old_peers: set[str] = set()
         self._timer = DeadlineTimer(self._on_timer)
+        self._records = RecordQueue(self.cfg.record_window_s)
+        """Record writes waiting to go to the KV, in batches (``core.tasks.RecordQueue``)."""
+        self._record_waits: dict[str, asyncio.Future[None]] = {}
+        """Key -> done once the value waiting for it (or a later one) is written."""
+        self._record_timer: asyncio.TimerHandle | None = None
+        self._record_soon = False
+        self._record_writes: set[asyncio.Task[None]] = set()
         self._checking: set[str] = set()
         """Nodes whose check (``_check_runner``) is under way: one at a time per node."""
         self._tick: asyncio.Future[None] | None = None
@@ -517,6 +536,11 @@ class ComputePlane:
 
     async def stop(self) -> None:
         self._timer.cancel()
+        # Records still waiting for company go now (the KV stops after this plane).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._records_drained(), self.cfg.rpc_timeout_s)
+        if self._record_timer is not None:
+            self._record_timer.cancel()
         self.sched = None
         await self.pool.close()
 
@@ -912,18 +936,100 @@ class ComputePlane:
         return await self.local.put_object(data, self.cfg.result_replicas)
 
     async def _kv_put(self, rec: TaskRecord) -> None:
+        """``rec`` written to the KV (in a batch, at the end of this loop turn)."""
         await self._kv_put_raw(KV_PREFIX + rec.task_id,
                                _record_encoder.encode(stored_record(rec)))
 
+    def _kv_put_later(self, rec: TaskRecord) -> None:
+        """``rec`` to be written within ``record_window_s`` (nothing waits for it)."""
+        self._record_put(KV_PREFIX + rec.task_id, _record_encoder.encode(stored_record(rec)),
+                         urgent=False)
+
     async def _kv_put_raw(self, key: str, value: bytes) -> None:
+        """``value`` written under ``key`` with the batch this loop turn sends; a failure
+        is counted and logged (the task goes on)."""
         if not self.cfg.persist:
             return
-        self._count("record_writes")  # a quorum write each: what a record costs the mesh
+        await self._record_put(key, value, urgent=True)
+
+    def _record_put(self, key: str, value: bytes, *, urgent: bool) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        if not self.cfg.persist:
+            done = loop.create_future()
+            done.set_result(None)
+            return done
+        self._count("record_writes")  # records written (batched: ``record_batches``)
+        self._records.put(key, value, loop.time(), urgent=urgent)
+        fut = self._record_waits.get(key)
+        if fut is None:
+            fut = self._record_waits[key] = loop.create_future()
+        self._records_kick()
+        return fut
+
+    def _records_kick(self) -> None:
+        """Take what is due at the end of this loop turn, or set the timer for it."""
+        loop = asyncio.get_running_loop()
+        q = self._records
+        if q.due(loop.time()):
+            if not self._record_soon:
+                self._record_soon = True
+                loop.call_soon(self._records_flush)
+            return
+        when = q.deadline()
+        if when is None:
+            return
+        t = self._record_timer
+        if t is not None and not t.cancelled() and t.when() <= when:
+            return
+        if t is not None:
+            t.cancel()
+        self._record_timer = loop.call_at(when, self._records_flush)
+
+    def _records_flush(self) -> None:
+        self._record_soon = False
+        if self._record_timer is not None:
+            self._record_timer.cancel()  # this call may be it, or come before it
+            self._record_timer = None
+        loop = asyncio.get_running_loop()
+        q = self._records
+        while q.due(loop.time()):
+            batch = q.take()
+            waits = [w for w in (self._record_waits.pop(k, None) for k, _ in batch)
+                     if w is not None]
+            task = loop.create_task(self._records_write(batch, waits))
+            self._record_writes.add(task)
+            task.add_done_callback(self._record_writes.discard)
+        self._records_kick()
+
+    async def _records_write(self, batch: list[tuple[str, bytes]],
+                             waits: list[asyncio.Future[None]]) -> None:
+        self._count("record_batches")  # a quorum write per key, one round per replica
         try:
-            await self.local.kv_put(key, value)
-        except (ValueError, RpcError) as e:
-            self._count("kv_write_failed")
-            self.agent.log("warning", "task_record_write_failed", key=key, error=str(e))
+            try:
+                errors = await self.local.kv_put_batch(batch)
+            except (ValueError, RpcError) as e:
+                errors = [str(e) or type(e).__name__] * len(batch)
+            for (key, _), error in zip(batch, errors, strict=True):
+                if error:
+                    self._count("kv_write_failed")
+                    self.agent.log("warning", "task_record_write_failed", key=key,
+                                   error=error[:300])
+        finally:
+            self._records.written()
+            for w in waits:
+                if not w.done():
+                    w.set_result(None)
+            self._records_kick()
+
+    async def _records_drained(self) -> None:
+        """Until every record put so far is written (or failed)."""
+        while len(self._records) or self._record_writes:
+            self._records.hurry()
+            self._records_kick()
+            if self._record_writes:
+                await asyncio.wait(set(self._record_writes))
+            else:
+                await asyncio.sleep(0)
 
     async def _kv_read(self, key: str) -> bytes | None:
         return await self.local.kv_get(key)
@@ -1415,13 +1521,14 @@ class ComputePlane:
             g.writing = False
 
     async def _persist_many(self, recs: list[TaskRecord]) -> None:
-        sem = asyncio.Semaphore(32)
-
-        async def one(r: TaskRecord) -> None:
-            async with sem:
-                await self._kv_put(r)
-
-        await asyncio.gather(*(one(r) for r in recs))
+        """``recs`` written, in as few batches as ``core.tasks.RecordQueue`` allows."""
+        if not recs or not self.cfg.persist:
+            return
+        waits = {id(w): w for w in (
+            self._record_put(KV_PREFIX + r.task_id,
+                             _record_encoder.encode(stored_record(r)), urgent=True)
+            for r in recs)}
+        await asyncio.gather(*waits.values())
 
     # ------------------------------------------------------------------ owner: events
 
@@ -1578,11 +1685,9 @@ class ComputePlane:
         if isinstance(e.group, _Group) and self.cfg.persist:
             self._group_changed(e.group)
         else:
-            # Started once the waiters woken above have run (a lone submit's answer
-            # carries this outcome): spawned at once, the write's first steps
-            # (placement, encoding, the replicas' sends) ran ahead of them (issue #19).
-            write = self._kv_put(msgspec.structs.replace(r))
-            asyncio.get_running_loop().call_soon(self.agent.spawn, write)
+            # Nothing waits for it (a waiting submit's answer carries this outcome): it
+            # goes with the next batch, within ``record_window_s``.
+            self._kv_put_later(r)
 
     def _wake(self) -> None:
         tick, self._tick = self._tick, None
@@ -1908,8 +2013,8 @@ class ComputePlane:
         while self._logs_bytes > self.cfg.max_logs_kept_bytes and self._logs:
             _, (o, e) = self._logs.popitem(last=False)
             self._logs_bytes -= len(o) + len(e)
-        self.agent.spawn(self._kv_put_raw(LOG_PREFIX + task_id, _logs_encoder.encode(
-            _Logs(stdout, stderr))))
+        self._record_put(LOG_PREFIX + task_id, _logs_encoder.encode(_Logs(stdout, stderr)),
+                         urgent=False)
 
     async def _logs_of(self, task_id: str) -> tuple[str, str]:
         hit = self._logs.get(task_id)

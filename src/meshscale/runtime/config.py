@@ -137,6 +137,9 @@ class AgentConfig:
     max_task_records: int = 10_000
     """Ended task records kept in memory (``core.tasks.TaskBook``); older ones are read
     from the KV when asked for."""
+    task_record_window_s: float = 0.05
+    """The longest a task's final record waits to be written with others
+    (``ComputeConfig.record_window_s``)."""
     task_run_timeout_s: float = 60.0
     """A task bound to a worker that neither reports its result nor beats (``Running``)
     for this long is run again elsewhere (``core.scheduling.SchedulingConfig``)."""

@@ -88,6 +88,14 @@ class LocalCalls:
         """A quorum KV write; raises ``ValueError`` or ``RpcError`` if it fails."""
         await self.node.call_local(objects.KV_PUT, objects.KvPutRequest(key=key, value=value))
 
+    async def kv_put_batch(self, items: list[tuple[str, bytes]]) -> list[str]:
+        """Quorum KV writes of several keys at once (``kv.put_batch``): for each key, in
+        order, "" when it was written or why not. Raises ``ValueError`` or ``RpcError``
+        when the batch as a whole failed."""
+        r = await self.node.call_local(objects.KV_PUT_BATCH, objects.KvPutBatchRequest(
+            items=[objects.KvPutItem(key=k, value=v) for k, v in items]))
+        return [x.error for x in r.results]
+
     async def kv_delete(self, key: str) -> None:
         """A quorum KV delete; raises ``ValueError`` or ``RpcError`` if it fails."""
         await self.node.call_local(objects.KV_DELETE, objects.KvKeyRequest(key=key))

@@ -529,6 +529,7 @@ class NodeAgent:
             await self.dataplane.start()
             self.compute = ComputePlane(self, ComputeConfig(
                 max_records=self.cfg.max_task_records,
+                record_window_s=self.cfg.task_record_window_s,
                 scheduling=SchedulingConfig(max_pending_tasks=self.cfg.max_pending_tasks,
                                             run_timeout_s=self.cfg.task_run_timeout_s)))
             await self.compute.start()

@@ -1472,6 +1472,43 @@ class LocalStore:
                 raise
             return applied
 
+    def kv_put_many(self, rows: Sequence[tuple[str, bytes | None, str, Sequence[str]]],
+                    since: float = 0.0) -> builtins.list[bool]:
+        """``kv_put`` of each of ``rows`` (key, value, ts, hints), in one transaction: one
+        commit (one fsync) for all of them. Returns whether each applied; all are durable
+        when this returns. A row that fails its checks fails the whole call (nothing
+        written): a batch's coordinator checked them already."""
+        checked = [(key, self._check_kv_write(key, value, ts), ts,
+                    [_check_hint_target(t) for t in hints])
+                   for key, value, ts, hints in rows]
+        out: builtins.list[bool] = []
+        with self._db_lock:
+            self._check_open()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for key, value, ts, hints in checked:
+                        cur = self._db.execute(
+                            "INSERT INTO kv (key, value, ts) VALUES (?, ?, ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, "
+                            "ts = excluded.ts WHERE excluded.ts > kv.ts",
+                            (key, value, ts),
+                        )
+                        out.append(cur.rowcount > 0)
+                        if hints:
+                            self._db.executemany(_HINT_UPSERT,
+                                                 [(key, t, ts, since) for t in hints])
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as e:
+                if _is_no_space(e):
+                    raise StorageError("disk_full", f"disk full writing KV keys: {e}") from None
+                raise
+        return out
+
     def kv_put_if(self, key: str, value: bytes | None, ts: str, expected: Sequence[str],
                   hints: Sequence[str] = (), since: float = 0.0
                   ) -> tuple[bool, str | None]:

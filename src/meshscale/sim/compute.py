@@ -7,7 +7,8 @@ occupies the node's slots for the task's simulated duration and then frees them
 (``run_ended``) and reports ``task_finished``. The records a node owns live in its memory (lost in a crash) and in a
 replicated store (``ComputeMesh.kv``, the runtime's KV: a record is written at submit,
 before the submit is acknowledged, and when the task ends, ``kv_delay_s`` later and only
-if its writer is still up then).
+if its writer is still up then: by default ``core.tasks.RECORD_WINDOW_S``, the longest
+the runtime's ``RecordQueue`` keeps an end waiting for company).
 
 Clients: each accepted task has a client that asks for its result every ``poll_s``,
 at the node it submitted to (one poll in five: any live node) and, when that node is
@@ -78,6 +79,7 @@ from meshscale.core.scheduling import (
     feasible,
 )
 from meshscale.core.tasks import (
+    RECORD_WINDOW_S,
     TERMINAL,
     LookupAction,
     TaskBook,
@@ -375,7 +377,7 @@ class ComputeMesh:
         detect_s: float = 2.0,
         runner_check_s: float = 0.05,
         poll_s: float = 1.0,
-        kv_delay_s: float = 0.05,
+        kv_delay_s: float = RECORD_WINDOW_S,
         record_trace: bool = False,
         placements: Sequence[Placement] | None = None,
         cpus_of: dict[str, float] | None = None,

@@ -22,10 +22,12 @@ __all__ = [
     "DELETE",
     "DP_STATS",
     "KV_APPLY",
+    "KV_APPLY_BATCH",
     "KV_DELETE",
     "KV_GET",
     "KV_LIST",
     "KV_PUT",
+    "KV_PUT_BATCH",
     "KV_READ",
     "KV_SCAN",
     "KV_VERSIONS",
@@ -52,11 +54,18 @@ __all__ = [
     "DeleteReply",
     "Done",
     "Holder",
+    "KvApplyBatchReply",
+    "KvApplyBatchRequest",
+    "KvApplyItem",
     "KvApplyRequest",
     "KvEntry",
+    "KvItemResult",
     "KvKeyRequest",
     "KvListRequest",
     "KvPage",
+    "KvPutBatchReply",
+    "KvPutBatchRequest",
+    "KvPutItem",
     "KvPutRequest",
     "KvReadRequest",
     "KvRecordWire",
@@ -102,6 +111,11 @@ MAX_KV_LIST_PAGE = 1000
 MAX_KV_PAGE_BYTES = 2 * 1024 * 1024
 """Keys and values one ``kv.list`` or ``kv.scan`` reply carries at most (beyond the first
 entry): a page stops early rather than outgrow an RPC frame."""
+MAX_KV_BATCH_ITEMS = 256
+"""Keys one ``kv.put_batch`` or ``kv.apply_batch`` carries at most."""
+MAX_KV_BATCH_BYTES = 2 * 1024 * 1024
+"""Values one batch carries at most in all (beyond its first: a value alone may be as
+large as ``MAX_VALUE_BYTES``), well within an RPC frame."""
 MAX_REPL_MESSAGE_BYTES = 8 * 1024 * 1024
 """One replication protocol message (``core/replication.py`` bounds its own batches)."""
 
@@ -394,6 +408,59 @@ class KvApplyReply(msgspec.Struct, omit_defaults=True):
     """With ``conflict``: the stamp of the replica's record (None: it has none)."""
 
 
+class KvPutItem(msgspec.Struct, array_like=True):
+    """One key of a ``kv.put_batch``."""
+
+    key: KvKey
+    value: KvBytes
+
+
+class KvPutBatchRequest(Request):
+    """Quorum writes of several keys at once, by a node's own planes (task records): each
+    key is written as ``kv.put`` writes it (its own stamp, replicas and quorum), and each
+    replica takes its part of all of them in one ``kv.apply_batch`` (one transaction), so
+    a batch of n keys costs one round per replica instead of n."""
+
+    items: Annotated[list[KvPutItem], msgspec.Meta(min_length=1, max_length=MAX_KV_BATCH_ITEMS)]
+
+
+class KvItemResult(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One key's part of a batch: ``ts`` (``kv.put_batch``: the write's stamp) or
+    ``applied`` (``kv.apply_batch``), or why it failed (``error``, ``code``)."""
+
+    ts: str = ""
+    applied: bool = False
+    error: str = ""
+    code: str = ""
+
+
+class KvPutBatchReply(msgspec.Struct):
+    results: list[KvItemResult]
+    """In the request's order."""
+
+
+class KvApplyItem(msgspec.Struct, array_like=True):
+    """One key of a replica's ``kv.apply_batch`` (as a ``KvApplyRequest`` without
+    ``expected``: conditional puts are never batched)."""
+
+    key: KvKey
+    value: KvBytes | None
+    ts: Stamp
+    hint_for: Annotated[list[NodeName], msgspec.Meta(max_length=MAX_HINT_TARGETS)] = []
+
+
+class KvApplyBatchRequest(Request):
+    """One replica's part of several KV writes, applied in one transaction."""
+
+    items: Annotated[list[KvApplyItem], msgspec.Meta(min_length=1,
+                                                     max_length=MAX_KV_BATCH_ITEMS)]
+
+
+class KvApplyBatchReply(msgspec.Struct):
+    results: list[KvItemResult]
+    """In the request's order."""
+
+
 class KvReadRequest(Request):
     key: KvKey
 
@@ -479,6 +546,10 @@ KV_DELETE: Method[KvKeyRequest, KvWriteReply] = Method("kv.delete", KvKeyRequest
 KV_GET: Method[KvKeyRequest, KvValue] = Method("kv.get", KvKeyRequest, KvValue)
 KV_APPLY: Method[KvApplyRequest, KvApplyReply] = Method("kv.apply", KvApplyRequest,
                                                         KvApplyReply)
+KV_APPLY_BATCH: Method[KvApplyBatchRequest, KvApplyBatchReply] = Method(
+    "kv.apply_batch", KvApplyBatchRequest, KvApplyBatchReply)
+KV_PUT_BATCH: Method[KvPutBatchRequest, KvPutBatchReply] = Method(
+    "kv.put_batch", KvPutBatchRequest, KvPutBatchReply)
 KV_READ: Method[KvReadRequest, KvRecordWire | None] = Method(
     "kv.read", KvReadRequest, KvRecordWire | None)
 KV_LIST: Method[KvListRequest, KvPage] = Method("kv.list", KvListRequest, KvPage)
@@ -489,5 +560,5 @@ KV_VERSIONS: Method[KvKeyRequest, KvVersions] = Method("kv.versions", KvKeyReque
 METHODS: tuple[Method[Any, Any], ...] = (
     PUT_BEGIN, PUT_CHUNK, PUT_END, PUT_ABORT, PUT_SMALL, RW_BEGIN, RW_CHUNK, RW_END,
     RW_SMALL, READ, READ_LOCAL, LOCAL_STAT, LOCAL_LIST, STAT, LIST, DELETE, CORRUPT_LOCAL,
-    DP_STATS, REPL_MSG, KV_PUT, KV_DELETE, KV_GET, KV_APPLY, KV_READ,
+    DP_STATS, REPL_MSG, KV_PUT, KV_DELETE, KV_GET, KV_APPLY, KV_APPLY_BATCH, KV_PUT_BATCH, KV_READ,
     KV_LIST, KV_SCAN, KV_VERSIONS)

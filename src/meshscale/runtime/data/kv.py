@@ -21,6 +21,7 @@ from meshscale.core.kv import (
     HintSend,
     HintStored,
     KVCoordinator,
+    KVPlacement,
     KVRecord,
     ScanPage,
     cas_refusal,
@@ -38,7 +39,7 @@ from meshscale.core.policy import (
 )
 from meshscale.runtime.data.state import DataPlaneBase, _stamp, _storage_error
 from meshscale.runtime.storage import MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES, StorageError
-from meshscale.transport.rpc import RpcError
+from meshscale.transport.rpc import RemoteError, RpcError
 
 KV_STRAGGLERS_MAX = 256
 """KV replica calls left running after their write returned (see ``_kv_round``)."""
@@ -207,6 +208,110 @@ class KvStore(DataPlaneBase):
                                                         Consistency(req.consistency),
                                                         req.expected))
 
+    async def _rpc_kv_put_batch(self, req: api.KvPutBatchRequest) -> api.KvPutBatchReply:
+        """Several quorum writes at once (``KvPutBatchRequest``): each key with its own
+        stamp, replicas and quorum as ``kv.put`` gives it, each replica asked once for all
+        of its keys (``kv.apply_batch``). Answers each key's stamp or why it failed."""
+        items = req.items
+        results = [api.KvItemResult() for _ in items]
+        coords: dict[int, tuple[KVCoordinator, KVPlacement, str]] = {}
+        per_node: dict[str, list[int]] = {}
+        total = 0
+        for i, item in enumerate(items):
+            try:
+                key = _kv_key(item.key, write=True)
+                if len(item.value) > MAX_KV_VALUE_BYTES:
+                    raise ApiError(ErrorCode.INVALID, f"a KV value is at most "
+                                                      f"{MAX_KV_VALUE_BYTES} bytes")
+                total += len(item.value)
+                if i and total > api.MAX_KV_BATCH_BYTES:
+                    raise ApiError(ErrorCode.INVALID, f"a KV batch carries at most "
+                                                      f"{api.MAX_KV_BATCH_BYTES} bytes")
+                rule = self._kv_rule(key)
+                try:
+                    where = self._kv_where(key, rule)
+                except PlacementError as e:
+                    if rule is not None:
+                        raise self._refuse("residency", f"kv write of {key!r}: {e}",
+                                           subject=key, data_class=rule.data_class) from None
+                    raise ApiError(ErrorCode.REFUSED,
+                                   f"kv write of {key!r} refused: {e}") from None
+            except ApiError as e:
+                results[i] = api.KvItemResult(error=str(e), code=e.code.value)
+                continue
+            ts = self.hlc.now(time.time())
+            coord = KVCoordinator.for_put(KVRecord(key, item.value, ts), where.replicas,
+                                          Consistency.QUORUM)
+            coords[i] = (coord, where, ts.encode())
+            for node in coord.asked:
+                per_node.setdefault(node, []).append(i)
+
+        async def ask(node: str, idxs: list[int]) -> None:
+            batch = []
+            for i in idxs:
+                _, where, ts = coords[i]
+                batch.append(api.KvApplyItem(key=items[i].key, value=items[i].value, ts=ts,
+                                             hint_for=list(where.hint_targets(node))))
+            try:
+                try:
+                    got = await asyncio.wait_for(self._call(
+                        node, api.KV_APPLY_BATCH, api.KvApplyBatchRequest(items=batch)),
+                        self.cfg.kv_timeout_s)
+                except RemoteError as e:
+                    if e.code != ErrorCode.UNKNOWN_METHOD.value:
+                        raise
+                    # A node from before batches: its part of each key, one by one.
+                    got = api.KvApplyBatchReply(await asyncio.wait_for(asyncio.gather(
+                        *(self._apply_one(node, b) for b in batch)), self.cfg.kv_timeout_s))
+            except (RpcError, ValueError, TimeoutError) as e:
+                for i in idxs:
+                    coords[i][0].on_failure(node, str(e) or type(e).__name__)
+                return
+            for i, r in zip(idxs, got.results, strict=False):
+                if r.error:
+                    coords[i][0].on_failure(node, r.error)
+                else:
+                    coords[i][0].on_reply(node, None)
+            for i in idxs[len(got.results):]:
+                coords[i][0].on_failure(node, "no answer for this key")
+
+        calls = [asyncio.ensure_future(ask(n, idxs)) for n, idxs in per_node.items()]
+        stragglers = self._kv_stragglers
+        early = len(stragglers) < KV_STRAGGLERS_MAX
+        try:
+            pending: set[asyncio.Future[None]] = set(calls)
+            while pending and (not early or any(c.outcome is None
+                                                for c, _, _ in coords.values())):
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            for c in calls:
+                c.cancel()
+            raise
+        for left in pending:
+            stragglers.add(left)
+            left.add_done_callback(_straggler_done(stragglers))
+        for i, (coord, _, stamp) in coords.items():
+            if coord.outcome is None:
+                coord.expire()
+            if coord.outcome is not None and coord.outcome.ok:
+                results[i] = api.KvItemResult(ts=stamp)
+            else:
+                reason = coord.outcome.reason if coord.outcome else "no outcome"
+                results[i] = api.KvItemResult(
+                    error=f"kv write of {items[i].key!r} failed: {reason}",
+                    code=ErrorCode.UNAVAILABLE.value)
+        self._count("kv_batches")
+        self._count("kv_batch_keys", len(items))
+        return api.KvPutBatchReply(results)
+
+    async def _apply_one(self, node: str, item: api.KvApplyItem) -> api.KvItemResult:
+        try:
+            got = await self._call(node, api.KV_APPLY, api.KvApplyRequest(
+                key=item.key, value=item.value, ts=item.ts, hint_for=item.hint_for))
+        except (RpcError, ValueError) as e:
+            return api.KvItemResult(error=str(e) or type(e).__name__)
+        return api.KvItemResult(applied=got.applied)
+
     async def _rpc_kv_delete(self, req: api.KvKeyRequest) -> api.KvWriteReply:
         return api.KvWriteReply(ts=await self._kv_write(_kv_key(req.key, write=True), None,
                                                         Consistency(req.consistency)))
@@ -316,6 +421,54 @@ class KvStore(DataPlaneBase):
         if targets and self.hints.add(key, stamp, targets, now):
             self._hints_wake.set()
         return api.KvApplyReply(applied=applied)
+
+    async def _rpc_kv_apply_batch(self, req: api.KvApplyBatchRequest
+                                  ) -> api.KvApplyBatchReply:
+        """Take one replica's part of several KV writes (``kv.put_batch``) in one
+        transaction, each key checked as ``kv.apply`` checks it; a key refused here is
+        answered with its reason and the others are applied."""
+        assert self.store is not None
+        now = time.time()
+        results = [api.KvItemResult() for _ in req.items]
+        rows: list[tuple[str, bytes | None, str, tuple[str, ...]]] = []
+        taken: list[tuple[int, HLCTimestamp]] = []
+        for i, item in enumerate(req.items):
+            key = item.key
+            try:
+                rule = self._kv_rule(key)
+                why = copy_refusal(self.agent.meta.region, rule, self.policies)
+                if why is not None:
+                    raise self._refuse("residency", f"kv key {key!r:.200}: {why}",
+                                       subject=key,
+                                       data_class=None if rule is None else rule.data_class)
+                try:
+                    stamp = HLCTimestamp.decode(item.ts)
+                except ValueError as e:
+                    raise ApiError(ErrorCode.INVALID,
+                                   f"bad timestamp {item.ts!r:.80}: {e}") from None
+                targets = self.hints.plan(key, item.hint_for, now)
+                if targets is None:
+                    raise ApiError(ErrorCode.BUSY, f"hints_full: this node holds hints "
+                                                   f"for {self.cfg.kv_hints.max_hints} keys "
+                                                   "(max_hints)")
+            except ApiError as e:
+                results[i] = api.KvItemResult(error=str(e), code=e.code.value)
+                continue
+            with contextlib.suppress(ClockSkewError, ValueError):
+                self.hlc.update(stamp, now)
+            rows.append((key, item.value, item.ts, targets))
+            taken.append((i, stamp))
+        if rows:
+            try:
+                applied = await asyncio.to_thread(self.store.kv_put_many, rows, now)
+            except StorageError as e:
+                raise _storage_error(e) from None
+            for (i, stamp), row, ok in zip(taken, rows, applied, strict=True):
+                results[i] = api.KvItemResult(applied=ok)
+                if row[3] and self.hints.add(row[0], stamp, row[3], now):
+                    self._hints_wake.set()
+        self._count("kv_apply_batches")
+        return api.KvApplyBatchReply(results)
 
     async def _rpc_kv_scan(self, req: api.KvListRequest) -> api.KvPage:
         """This replica's records of keys starting with ``req.prefix`` after ``req.after``

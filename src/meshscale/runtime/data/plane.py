@@ -148,6 +148,8 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
         serve(api.KV_DELETE, self._rpc_kv_delete)
         serve(api.KV_GET, self._rpc_kv_get)
         serve(api.KV_APPLY, self._rpc_kv_apply)
+        serve(api.KV_APPLY_BATCH, self._rpc_kv_apply_batch)
+        serve(api.KV_PUT_BATCH, self._rpc_kv_put_batch)
         serve(api.KV_VERSIONS, self._rpc_kv_versions)
         serve(api.KV_READ, self._rpc_kv_read)
         serve(api.KV_LIST, self._rpc_kv_list)
