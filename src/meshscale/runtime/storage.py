@@ -1443,34 +1443,7 @@ class LocalStore:
         (``core.kv.KVHints``), stored in the same transaction, applied or not, as
         ``kv_hints_apply`` stores them (made at ``since``, wall clock).
         """
-        value = self._check_kv_write(key, value, ts)
-        hints = [_check_hint_target(t) for t in hints]
-        with self._db_lock:
-            self._check_open()
-            try:
-                if hints:
-                    self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    cur = self._db.execute(
-                        "INSERT INTO kv (key, value, ts) VALUES (?, ?, ?) "
-                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value, "
-                        "ts = excluded.ts WHERE excluded.ts > kv.ts",
-                        (key, value, ts),
-                    )
-                    applied = cur.rowcount > 0
-                    if hints:
-                        self._db.executemany(_HINT_UPSERT, [(key, t, ts, since) for t in hints])
-                        self._db.execute("COMMIT")
-                except BaseException:
-                    if hints:
-                        with contextlib.suppress(sqlite3.Error):
-                            self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as e:
-                if _is_no_space(e):
-                    raise StorageError("disk_full", f"disk full writing KV key: {e}") from None
-                raise
-            return applied
+        return self.kv_put_many([(key, value, ts, hints)], since)[0]
 
     def kv_put_many(self, rows: Sequence[tuple[str, bytes | None, str, Sequence[str]]],
                     since: float = 0.0) -> builtins.list[bool]:
@@ -1481,11 +1454,14 @@ class LocalStore:
         checked = [(key, self._check_kv_write(key, value, ts), ts,
                     [_check_hint_target(t) for t in hints])
                    for key, value, ts, hints in rows]
+        # One row without hints is one statement: its own transaction.
+        explicit = len(checked) > 1 or any(hints for _, _, _, hints in checked)
         out: builtins.list[bool] = []
         with self._db_lock:
             self._check_open()
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                if explicit:
+                    self._db.execute("BEGIN IMMEDIATE")
                 try:
                     for key, value, ts, hints in checked:
                         cur = self._db.execute(
@@ -1498,14 +1474,16 @@ class LocalStore:
                         if hints:
                             self._db.executemany(_HINT_UPSERT,
                                                  [(key, t, ts, since) for t in hints])
-                    self._db.execute("COMMIT")
+                    if explicit:
+                        self._db.execute("COMMIT")
                 except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
+                    if explicit:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
                     raise
             except sqlite3.OperationalError as e:
                 if _is_no_space(e):
-                    raise StorageError("disk_full", f"disk full writing KV keys: {e}") from None
+                    raise StorageError("disk_full", f"disk full writing KV key: {e}") from None
                 raise
         return out
 

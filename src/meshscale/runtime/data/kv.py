@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
@@ -177,15 +177,21 @@ class KvStore(DataPlaneBase):
                 coord.on_failure(name, str(e) or type(e).__name__)
 
         calls = [asyncio.ensure_future(one(n)) for n in coord.asked]
-        # A write returns once its consistency level is met (W acknowledgements, or a
-        # failure that decides it); the other replicas' calls finish in the background,
-        # at most KV_STRAGGLERS_MAX of them at a time (beyond that, wait for all as a
-        # read does: its read repair needs every reply).
+        await self._await_replicas(calls, lambda: coord.outcome is not None, reads=reads)
+        if coord.outcome is None:
+            coord.expire()
+
+    async def _await_replicas(self, calls: Sequence[asyncio.Future[None]],
+                              decided: Callable[[], bool], *, reads: bool) -> None:
+        """Wait for the replicas' ``calls``: a write returns once ``decided`` (its
+        consistency level met: W acknowledgements, or a failure that decides it); the
+        other calls finish in the background, at most KV_STRAGGLERS_MAX of them at a time
+        (beyond that, wait for all as a read does: its read repair needs every reply)."""
         stragglers = self._kv_stragglers
         early = not reads and len(stragglers) < KV_STRAGGLERS_MAX
         try:
             pending: set[asyncio.Future[None]] = set(calls)
-            while pending and (coord.outcome is None or not early):
+            while pending and (not early or not decided()):
                 _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             for c in calls:
@@ -194,8 +200,6 @@ class KvStore(DataPlaneBase):
         for left in pending:
             stragglers.add(left)
             left.add_done_callback(_straggler_done(stragglers))
-        if coord.outcome is None:
-            coord.expire()
 
     async def _rpc_kv_put(self, req: api.KvPutRequest) -> api.KvWriteReply:
         key = _kv_key(req.key, write=True)
@@ -276,20 +280,9 @@ class KvStore(DataPlaneBase):
                 coords[i][0].on_failure(node, "no answer for this key")
 
         calls = [asyncio.ensure_future(ask(n, idxs)) for n, idxs in per_node.items()]
-        stragglers = self._kv_stragglers
-        early = len(stragglers) < KV_STRAGGLERS_MAX
-        try:
-            pending: set[asyncio.Future[None]] = set(calls)
-            while pending and (not early or any(c.outcome is None
-                                                for c, _, _ in coords.values())):
-                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            for c in calls:
-                c.cancel()
-            raise
-        for left in pending:
-            stragglers.add(left)
-            left.add_done_callback(_straggler_done(stragglers))
+        await self._await_replicas(
+            calls, lambda: all(c.outcome is not None for c, _, _ in coords.values()),
+            reads=False)
         for i, (coord, _, stamp) in coords.items():
             if coord.outcome is None:
                 coord.expire()
