@@ -1389,12 +1389,20 @@ class Scheduler:
 
     def _unprobe(self, t: _Task) -> None:
         for name in t.probes:
-            c = self._probes_on.get(name, 0) - 1
-            if c > 0:
-                self._probes_on[name] = c
-            else:
-                self._probes_on.pop(name, None)
+            self._count_unprobe(name)
         t.probes.clear()
+
+    def _unprobe_one(self, t: _Task, name: str) -> None:
+        """``t`` no longer holds a reservation on ``name``."""
+        t.probes.discard(name)
+        self._count_unprobe(name)
+
+    def _count_unprobe(self, name: str) -> None:
+        c = self._probes_on.get(name, 0) - 1
+        if c > 0:
+            self._probes_on[name] = c
+        else:
+            self._probes_on.pop(name, None)
 
     def _unbind(self, t: _Task) -> None:
         if t.node is not None:
@@ -1564,12 +1572,7 @@ class Scheduler:
                 moved += 1
                 self._replace(t, why, now)
             elif t.node is None and name in t.probes:
-                t.probes.discard(name)
-                c = self._probes_on.get(name, 0) - 1
-                if c > 0:
-                    self._probes_on[name] = c
-                else:
-                    self._probes_on.pop(name, None)
+                self._unprobe_one(t, name)
                 if not t.probes:
                     self._place(t, now)
         return moved
@@ -1882,12 +1885,7 @@ class Scheduler:
             t = self._tasks.get(hint)
             if t is None or t.batch != batch or t.node is not None or src not in t.probes:
                 continue
-            t.probes.discard(src)
-            c = self._probes_on.get(src, 0) - 1
-            if c > 0:
-                self._probes_on[src] = c
-            else:
-                self._probes_on.pop(src, None)
+            self._unprobe_one(t, src)
             self._count("reservations_moved")
             if not lost and thief not in t.probes:
                 t.probes.add(thief)
