@@ -42,8 +42,9 @@ default) plus what the kept results hold beyond a no-op's, however many tasks it
 
 Durability and takeover (the runtime writes records to the replicated KV at submit,
 before the submit is acknowledged, and again when a task ends, within
-``RECORD_WINDOW_S``, in batches: ``RecordQueue``; the simulator models that store). When a node is asked for a task it does not hold, it reads the record and
-``lookup`` decides:
+``RECORD_WINDOW_S``, in batches: ``RecordQueue``; the simulator models that store).
+When a node is asked for a task it does not hold, it reads the record and ``lookup``
+decides:
 
 - terminal record: answer it;
 - owner alive in the asker's view (and not the asker): ask the owner;

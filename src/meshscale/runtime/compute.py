@@ -325,6 +325,11 @@ _records_encoder = msgspec.msgpack.Encoder()
 _records_decoder = msgspec.msgpack.Decoder(list[TaskRecord])
 
 
+def _record_row(rec: TaskRecord) -> tuple[str, bytes]:
+    """``rec``'s key and value in the KV."""
+    return KV_PREFIX + rec.task_id, _record_encoder.encode(stored_record(rec))
+
+
 def _declared(rec: TaskRecord) -> Residency | None:
     """The rule ``rec`` was submitted under (resolved at submit), if any."""
     if rec.residency is None and rec.data_class is None:
@@ -937,19 +942,15 @@ class ComputePlane:
 
     async def _kv_put(self, rec: TaskRecord) -> None:
         """``rec`` written to the KV (in a batch, at the end of this loop turn)."""
-        await self._kv_put_raw(KV_PREFIX + rec.task_id,
-                               _record_encoder.encode(stored_record(rec)))
+        await self._record_put(*_record_row(rec), urgent=True)
 
     def _kv_put_later(self, rec: TaskRecord) -> None:
         """``rec`` to be written within ``record_window_s`` (nothing waits for it)."""
-        self._record_put(KV_PREFIX + rec.task_id, _record_encoder.encode(stored_record(rec)),
-                         urgent=False)
+        self._record_put(*_record_row(rec), urgent=False)
 
     async def _kv_put_raw(self, key: str, value: bytes) -> None:
         """``value`` written under ``key`` with the batch this loop turn sends; a failure
         is counted and logged (the task goes on)."""
-        if not self.cfg.persist:
-            return
         await self._record_put(key, value, urgent=True)
 
     def _record_put(self, key: str, value: bytes, *, urgent: bool) -> asyncio.Future[None]:
@@ -1522,12 +1523,8 @@ class ComputePlane:
 
     async def _persist_many(self, recs: list[TaskRecord]) -> None:
         """``recs`` written, in as few batches as ``core.tasks.RecordQueue`` allows."""
-        if not recs or not self.cfg.persist:
-            return
-        waits = {id(w): w for w in (
-            self._record_put(KV_PREFIX + r.task_id,
-                             _record_encoder.encode(stored_record(r)), urgent=True)
-            for r in recs)}
+        waits = {id(w): w for w in (self._record_put(*_record_row(r), urgent=True)
+                                    for r in recs)}
         await asyncio.gather(*waits.values())
 
     # ------------------------------------------------------------------ owner: events
