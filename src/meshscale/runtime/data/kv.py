@@ -97,6 +97,16 @@ class KvStore(DataPlaneBase):
                                    subject=key, data_class=rule.data_class)
         return rule
 
+    def _write_where(self, key: str, rule: Residency | None) -> KVPlacement:
+        """Where a write of ``key`` goes, or the refusal naming why none can take it."""
+        try:
+            return self._kv_where(key, rule)
+        except PlacementError as e:
+            if rule is not None:
+                raise self._refuse("residency", f"kv write of {key!r}: {e}", subject=key,
+                                   data_class=rule.data_class) from None
+            raise ApiError(ErrorCode.REFUSED, f"kv write of {key!r} refused: {e}") from None
+
     async def _kv_write(self, key: str, value: bytes | None, consistency: Consistency,
                         expected: list[str] | None = None, _again: bool = False) -> str:
         rule = self._kv_rule(key)
@@ -111,13 +121,7 @@ class KvStore(DataPlaneBase):
                                        f"expected version {e!r:.80}: {err}") from None
         ts = self.hlc.now(time.time())
         rec = KVRecord(key, value, ts)
-        try:
-            where = self._kv_where(key, rule)
-        except PlacementError as e:
-            if rule is not None:
-                raise self._refuse("residency", f"kv write of {key!r}: {e}", subject=key,
-                                   data_class=rule.data_class) from None
-            raise ApiError(ErrorCode.REFUSED, f"kv write of {key!r} refused: {e}") from None
+        where = self._write_where(key, rule)
         away: tuple[str, ...] = ()
         if expected is not None:
             why = cas_refusal(consistency)
@@ -231,15 +235,7 @@ class KvStore(DataPlaneBase):
                 if i and total > api.MAX_KV_BATCH_BYTES:
                     raise ApiError(ErrorCode.INVALID, f"a KV batch carries at most "
                                                       f"{api.MAX_KV_BATCH_BYTES} bytes")
-                rule = self._kv_rule(key)
-                try:
-                    where = self._kv_where(key, rule)
-                except PlacementError as e:
-                    if rule is not None:
-                        raise self._refuse("residency", f"kv write of {key!r}: {e}",
-                                           subject=key, data_class=rule.data_class) from None
-                    raise ApiError(ErrorCode.REFUSED,
-                                   f"kv write of {key!r} refused: {e}") from None
+                where = self._write_where(key, self._kv_rule(key))
             except ApiError as e:
                 results[i] = api.KvItemResult(error=str(e), code=e.code.value)
                 continue
@@ -376,14 +372,13 @@ class KvStore(DataPlaneBase):
             raise ApiError(ErrorCode.UNAVAILABLE, f"kv read of {key!r} failed: {reason}")
         return api.KvVersions(versions=[out[n] for n in sorted(out)])
 
-    async def _rpc_kv_apply(self, req: api.KvApplyRequest) -> api.KvApplyReply:
-        """Take one replica's part of a KV write (a coordinator's, a read repair or a
-        hand-off), with the hints ``KVHints.plan`` asks for stored in the same transaction
-        (``hint_for``: the replicas the coordinator says this node stands in for)."""
-        assert self.store is not None
-        key, ts = req.key, req.ts
+    def _take_check(self, key: str, ts: str, hint_for: Sequence[str], now: float
+                    ) -> tuple[HLCTimestamp, tuple[str, ...]]:
+        """A replica's checks of its part of a write of ``key`` stamped ``ts``: the key's
+        class rule (checked here, as an object's receiver does), the stamp, and room for
+        the hints ``KVHints.plan`` asks for. Returns the stamp and those hints, or raises
+        the refusal."""
         rule = self._kv_rule(key)
-        # The replica checks the key's class rule itself, as an object's receiver does.
         why = copy_refusal(self.agent.meta.region, rule, self.policies)
         if why is not None:
             raise self._refuse("residency", f"kv key {key!r:.200}: {why}", subject=key,
@@ -392,13 +387,22 @@ class KvStore(DataPlaneBase):
             stamp = HLCTimestamp.decode(ts)
         except ValueError as e:
             raise ApiError(ErrorCode.INVALID, f"bad timestamp {ts!r:.80}: {e}") from None
-        with contextlib.suppress(ClockSkewError, ValueError):
-            self.hlc.update(stamp, time.time())
-        now = time.time()
-        targets = self.hints.plan(key, req.hint_for, now)
+        targets = self.hints.plan(key, hint_for, now)
         if targets is None:
             raise ApiError(ErrorCode.BUSY, f"hints_full: this node holds hints for "
                                            f"{self.cfg.kv_hints.max_hints} keys (max_hints)")
+        return stamp, targets
+
+    async def _rpc_kv_apply(self, req: api.KvApplyRequest) -> api.KvApplyReply:
+        """Take one replica's part of a KV write (a coordinator's, a read repair or a
+        hand-off), with the hints ``KVHints.plan`` asks for stored in the same transaction
+        (``hint_for``: the replicas the coordinator says this node stands in for)."""
+        assert self.store is not None
+        key, ts = req.key, req.ts
+        now = time.time()
+        stamp, targets = self._take_check(key, ts, req.hint_for, now)
+        with contextlib.suppress(ClockSkewError, ValueError):
+            self.hlc.update(stamp, now)
         try:
             if req.expected is not None:
                 applied, current = await asyncio.to_thread(
@@ -428,22 +432,7 @@ class KvStore(DataPlaneBase):
         for i, item in enumerate(req.items):
             key = item.key
             try:
-                rule = self._kv_rule(key)
-                why = copy_refusal(self.agent.meta.region, rule, self.policies)
-                if why is not None:
-                    raise self._refuse("residency", f"kv key {key!r:.200}: {why}",
-                                       subject=key,
-                                       data_class=None if rule is None else rule.data_class)
-                try:
-                    stamp = HLCTimestamp.decode(item.ts)
-                except ValueError as e:
-                    raise ApiError(ErrorCode.INVALID,
-                                   f"bad timestamp {item.ts!r:.80}: {e}") from None
-                targets = self.hints.plan(key, item.hint_for, now)
-                if targets is None:
-                    raise ApiError(ErrorCode.BUSY, f"hints_full: this node holds hints "
-                                                   f"for {self.cfg.kv_hints.max_hints} keys "
-                                                   "(max_hints)")
+                stamp, targets = self._take_check(key, item.ts, item.hint_for, now)
             except ApiError as e:
                 results[i] = api.KvItemResult(error=str(e), code=e.code.value)
                 continue
