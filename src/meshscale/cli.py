@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import os
 import re
 import sys
@@ -2188,8 +2189,34 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _reliable_stdio() -> None:
+    """Make ``sys.stdout`` and ``sys.stderr`` write every byte under ``PYTHONUNBUFFERED``.
+
+    Unbuffered (``-u``, ``PYTHONUNBUFFERED=1``, as many container images set it), their
+    ``.buffer`` is a raw ``FileIO`` whose ``write`` may take only part of what it is
+    given: a write to a full pipe that a signal interrupts (glibc signals every thread
+    when any one calls ``setgid``, for one) returns what went in so far. Neither the text
+    layer nor ``shutil.copyfileobj`` looks at that count, so the rest was dropped without
+    a word (20 MiB written so, 1 MiB at a time, arrived as 1.4 MiB here). A
+    ``BufferedWriter`` writes on until all is out; line buffering keeps text prompt."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        raw = getattr(stream, "buffer", None)
+        if not isinstance(stream, io.TextIOWrapper) or not isinstance(raw, io.RawIOBase):
+            continue  # buffered already, or replaced by a caller (a test's capture)
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError):
+            continue
+        stream.flush()
+        writer = io.BufferedWriter(io.FileIO(fd, "w", closefd=False))
+        setattr(sys, name, io.TextIOWrapper(writer, encoding=stream.encoding,
+                                            errors=stream.errors, line_buffering=True))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script passes it to sys.exit)."""
+    _reliable_stdio()
     args = list(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
     try:
