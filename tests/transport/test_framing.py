@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshscale.transport.framing import (
@@ -258,3 +258,63 @@ def test_a_node_of_another_wire_version_is_refused_by_name(tmp_path: Path) -> No
         server.close()
 
     run(go())
+
+
+# -- FrameConnection's receive buffer: small while the frames are (issue #19) -------------
+
+
+def _feed(sizes: list[int], chunks: list[int]) -> tuple[list[bytes], list[int]]:
+    """Frames of ``sizes`` received by a server-side ``FrameConnection`` in reads of at
+    most ``chunks`` bytes each (cycled) and at most what it offers, as a transport reads:
+    the frames it delivers and its receive buffer's size after each read."""
+    from meshscale.transport.framing import FrameConnection
+
+    data = b"".join(encode_frame(bytes([n % 251]) * n, max_size=1 << 20) for n in sizes)
+
+    async def go() -> tuple[list[bytes], list[int]]:
+        conn = FrameConnection(1 << 20, server=True)
+        frames: list[bytes] = []
+        buffers: list[int] = []
+        pos = i = 0
+        while pos < len(data):
+            view = conn.get_buffer(-1)
+            assert len(view) > 0
+            n = min(len(view), chunks[i % len(chunks)], len(data) - pos)
+            view[:n] = data[pos : pos + n]
+            del view
+            conn.buffer_updated(n)
+            pos += n
+            i += 1
+            buffers.append(len(conn._small))
+            while conn._frames:
+                frames.append(bytes(await conn.read_frame()))
+        return frames, buffers
+
+    return run(go())
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.one_of(st.integers(0, 9_000), st.integers(9_000, 90_000)), max_size=6),
+       st.lists(st.one_of(st.integers(1, 8), st.integers(9, 70_000)), min_size=1, max_size=5))
+def test_frames_survive_any_reads_as_the_receive_buffer_grows(sizes: list[int],
+                                                              chunks: list[int]) -> None:
+    from meshscale.transport.framing import FrameConnection
+
+    frames, buffers = _feed(sizes, chunks)
+    assert frames == [bytes([n % 251]) * n for n in sizes]
+    assert all(FrameConnection._FIRST <= b <= FrameConnection._SMALL for b in buffers)
+
+
+def test_a_connection_of_small_frames_keeps_a_small_receive_buffer() -> None:
+    """Each open connection holds its receive buffer, resident: one that carries small
+    frames (a node's long-held connections to members, mostly) keeps 4 kB, not 64 kB;
+    frames of up to 64 kB still go through it, as before, once they come."""
+    frames, buffers = _feed([100, 0, 3000, 200] * 20, [500, 1500, 1, 2000])
+    assert len(frames) == 80
+    assert max(buffers) <= 4096
+    frames, buffers = _feed([100, 30_000, 100], [500])
+    assert frames[1] == bytes([30_000 % 251]) * 30_000
+    assert buffers[-1] == 32 * 1024  # grown to fit the frame, no further
+    frames, buffers = _feed([100] * 3000, [70_000])  # reads filling it: it doubles, to 64 kB
+    assert len(frames) == 3000
+    assert buffers[:5] == [8192, 16384, 32768, 65536, 65536]
