@@ -7,10 +7,17 @@ host per site holding a client bundle. Skipped, with the reason, without root, `
 
 from __future__ import annotations
 
+import array
+import collections
+import contextlib
+import fcntl
 import json
+import os
 import select
+import signal
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,33 +35,76 @@ PORT = 7946
 
 
 class NsClient:
-    """``nsclient.py`` running in a client host: requests in, JSON answers out."""
+    """``nsclient.py`` running in a client host: requests in, JSON answers out.
+
+    An answer is read from the pipe with a deadline on the whole line (a client that
+    wrote part of a line and stalled fails the call, it does not hang the test); a call
+    past its deadline dumps the client's threads into its log (SIGUSR1, see nsclient.py),
+    quotes them in the failure and starts a fresh client for the calls after it."""
 
     def __init__(self, host: Any, bundle: Path, log: Path) -> None:
         self.host = host
+        self.bundle = bundle
+        self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            host.command([sys.executable, str(HERE / "nsclient.py"), str(bundle)]),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "ab"),  # noqa: SIM115
-            text=True, start_new_session=True)
-        host.procs.append(self.proc)
+        self._start()
 
-    def __call__(self, op: str, timeout: float = 90, **kw: Any) -> dict[str, Any]:
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.host.command([sys.executable, str(HERE / "nsclient.py"), str(self.bundle)]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(self.log, "ab"),  # noqa: SIM115
+            start_new_session=True)
+        self.host.procs.append(self.proc)
+        self._buf = b""
+        self._trace: collections.deque[str] = collections.deque(maxlen=40)
+
+    def __call__(self, op: str, deadline_s: float = 90, **kw: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+        self.proc.stdin.write(json.dumps({"op": op, **kw}).encode() + b"\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            raise AssertionError(f"client in {self.host.name}: no answer to {op} in {timeout}s")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"client in {self.host.name} exited ({self.proc.poll()})")
+        fd = self.proc.stdout.fileno()
+        self._trace.append(f"{time.time():.3f} sent {op} {kw.get('id') or kw.get('method') or ''}"
+                           f" (buffered {len(self._buf)})")
+        deadline = time.monotonic() + deadline_s
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            ready = select.select([fd], [], [], max(0.0, left))[0] if left > 0 else []
+            if not ready:
+                self._stuck(op, deadline_s)
+            chunk = os.read(fd, 1 << 16)
+            self._trace.append(f"{time.time():.3f} read {len(chunk)}")
+            if not chunk:
+                raise AssertionError(f"client in {self.host.name} exited ({self.proc.poll()})")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        self._trace.append(f"{time.time():.3f} line {len(line)} (left {len(self._buf)})")
         answer: dict[str, Any] = json.loads(line)
         return answer
 
+    def _stuck(self, op: str, timeout: float) -> None:
+        assert self.proc.stdout is not None
+        waiting = array.array("i", [0])
+        fcntl.ioctl(self.proc.stdout.fileno(), termios.FIONREAD, waiting)
+        with contextlib.suppress(OSError):
+            os.kill(self.proc.pid, signal.SIGUSR1)  # nsclient dumps its threads to the log
+        time.sleep(1.0)
+        tail = self.log.read_bytes()[-6000:].decode(errors="replace")
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        calls = "\n".join(self._trace)
+        got = len(self._buf)
+        self._start()
+        raise AssertionError(
+            f"client in {self.host.name}: no whole answer to {op} in {timeout:g}s ({got} "
+            f"bytes of it read, {waiting[0]} more in the pipe); the calls:\n{calls}\n"
+            f"its log and threads:\n{tail}")
+
     def call(self, addr: str, method: str, args: dict[str, Any] | None = None,
              timeout: float = 5) -> Any:
-        answer = self("call", addr=addr, method=method, args=args or {}, timeout=timeout)
+        # The RPC's own timeout goes to the client; the pipe waits longer than that.
+        answer = self("call", deadline_s=timeout + 30, addr=addr, method=method,
+                      args=args or {}, timeout=timeout)
         if not answer["ok"]:
             raise RuntimeError(f"{method} via {addr}: {answer['error']}")
         return answer["result"]

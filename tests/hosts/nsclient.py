@@ -13,10 +13,13 @@ Requests: ``{"op": "call", "addr", "method", "args"}`` (one RPC),
 from __future__ import annotations
 
 import base64
+import faulthandler
 import json
 import os
+import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +78,29 @@ def handle(req: dict[str, Any], bundle: Path, creds: Credentials) -> dict[str, A
 
 
 def main() -> None:
+    # The test sends SIGUSR1 to a client past a call's deadline: its threads, to stderr (the log).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     bundle = Path(sys.argv[1])
     creds = Credentials.from_bundle(load_bundle(bundle))
     for line in sys.stdin:
+        req = json.loads(line)
+        t0 = time.monotonic()
         try:
-            answer = {"ok": True, **handle(json.loads(line), bundle, creds)}
+            answer = {"ok": True, **handle(req, bundle, creds)}
         except Exception as e:  # every failure is an answer, the client lives on
             answer = {"ok": False, "error": str(e), "type": type(e).__name__}
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
+        t1 = time.monotonic()
+        out = json.dumps(answer) + "\n"
+        # os.write until all is out, not sys.stdout: under PYTHONUNBUFFERED its write may
+        # take part of a line when a signal interrupts a write to a full pipe, and the
+        # rest was lost (the test then waited for a line that never came).
+        data = memoryview(out.encode())
+        while data:
+            data = data[os.write(1, data):]
+        # When each answer was made and sent, for a test that waited too long for one.
+        print(f"{time.time():.3f} {req.get('op')} {req.get('method') or req.get('id') or ''}: "
+              f"answered in {t1 - t0:.3f}s, {len(out)} bytes written in "
+              f"{time.monotonic() - t1:.3f}s, ok={answer['ok']}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
