@@ -33,7 +33,7 @@ from meshscale.core.rpc import (
 )
 from meshscale.runtime.launcher import pid_alive
 from meshscale.transport.framing import HEADER
-from meshscale.transport.tls import GREETING, connect_tls
+from meshscale.transport.tls import GREETING, NodeBusy, connect_tls
 from meshscale.trust.bundle import init_bundle, load_bundle, write_node_bundle, write_private
 from meshscale.trust.keyring import Keyring
 
@@ -223,9 +223,20 @@ async def _garbage_frames(addr: str, creds: ClientCredentials, count: int) -> No
             return HEADER.pack(100) + rng.randbytes(10)
         return HEADER.pack(len(body)) + body
 
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # The whole local mesh dials from 127.0.0.1: a node whose per-address connection
+        # slots are all taken (its closes of our last garbage not yet done, on a loaded
+        # machine) says busy, try again; so do, as a client would.
+        for attempt in range(50):
+            try:
+                return await connect_tls(host, int(port), creds.ssl_context)
+            except NodeBusy:
+                await asyncio.sleep(0.02 * (attempt + 1))
+        raise AssertionError(f"{addr} stayed busy")
+
     async def one(i: int) -> None:
         async with sem:
-            reader, writer = await connect_tls(host, int(port), creds.ssl_context)
+            reader, writer = await connect()
             try:
                 writer.write(frame(i))
                 await writer.drain()
