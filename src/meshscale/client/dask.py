@@ -87,6 +87,10 @@ STAT_CONCURRENCY: Final = 16
 """Object stats (holders) in flight at once when a cluster looks up many objects."""
 
 
+NAME_TAKEN_RETRY_S: Final = 0.5
+"""How often a worker whose name the scheduler still holds for a lost run asks again."""
+
+
 class DaskClusterError(MeshError):
     """The cluster could not be started (no node for a worker, a worker that failed)."""
 
@@ -107,9 +111,21 @@ def serve_worker(scheduler: str, threads: int, name: str, memory_limit: str | in
         MeshFileSystem(**storage_options, skip_instance_cache=True).close()
 
     async def main() -> dict[str, Any]:
-        w = Worker(scheduler, nthreads=threads, name=name, memory_limit=memory_limit,
-                   death_timeout=death_timeout_s, dashboard=False)
-        await w
+        deadline = time.monotonic() + death_timeout_s
+        while True:
+            w = Worker(scheduler, nthreads=threads, name=name, memory_limit=memory_limit,
+                       death_timeout=death_timeout_s, dashboard=False)
+            try:
+                await w
+                break
+            except RuntimeError as e:
+                # The mesh runs this task again when its node dies, and the new run can
+                # reach the scheduler before it has seen the old run's connection close:
+                # the name is still taken. Ask again until the old registration is gone
+                # (a run whose twin still lives gives up after death_timeout_s).
+                if "name taken" not in str(e.__cause__) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(NAME_TAKEN_RETRY_S)
         address = w.address
         await w.finished()  # type: ignore[no-untyped-call]
         return {"name": name, "address": address, "anchor": anchor}
