@@ -103,13 +103,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar, cast
 
 import msgspec
 
 from meshscale.core.hlc import HLCTimestamp
+from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
 from meshscale.core.placement import (
     MAX_REPLICAS,
@@ -486,18 +487,61 @@ SHARED_VALUES_MAX = 4096
 entries to share (beyond it, new ones are stored as they come)."""
 
 
-_UNDER, _DROPPING, _MOVED, _HANDED = 1, 2, 4, 8
+_UNDER, _DROPPING, _MOVED, _HANDED, _TOMB = 1, 2, 4, 8, 16
 """The bits of ``_Local.flags``."""
 
+_Key = str | int
+"""An object id as the inventory keeps it (``_key``)."""
 
-@dataclass(slots=True)
-class _Local:
-    """A copy this node holds."""
+_ID_HEX = 64
+"""Hex digits of a content id after ``OBJECT_ID_PREFIX`` (``core.objects``)."""
 
-    oid: str
+
+def _key(oid: _Key) -> _Key:
+    """The inventory's key of ``oid``: a content id (``OBJECT_ID_PREFIX`` and 64 lowercase
+    hex digits, every id the store makes) as the int of its digest, 64 bytes where its
+    string takes 128 (issue #24); any other string (tests name objects "o1") as itself.
+    Exact: ``_oid`` gives ``oid`` back, and a key already made is returned as it is."""
+    if (type(oid) is str and len(oid) == len(OBJECT_ID_PREFIX) + _ID_HEX
+            and oid.startswith(OBJECT_ID_PREFIX)):
+        try:
+            k = int(oid[len(OBJECT_ID_PREFIX):], 16)
+        except ValueError:
+            return oid
+        # int() also takes upper case, underscores and a sign: only the canonical
+        # spelling is packed, so that unpacking gives back the very same id.
+        if f"{OBJECT_ID_PREFIX}{k:064x}" == oid:
+            return k
+    return oid
+
+
+def _oid(key: _Key) -> str:
+    """The object id of an inventory key (``_key``'s inverse)."""
+    return key if type(key) is str else f"{OBJECT_ID_PREFIX}{key:064x}"
+
+
+_LOGICAL_BITS = 32
+_LOGICAL_MASK = (1 << _LOGICAL_BITS) - 1
+
+
+def _unpack_stamp(stamp: int, node: str) -> HLCTimestamp:
+    if not stamp and not node:
+        return ZERO_TS
+    return HLCTimestamp(stamp >> _LOGICAL_BITS, stamp & _LOGICAL_MASK, node)
+
+
+class _Local(msgspec.Struct, gc=False):
+    """A copy this node holds, or a tombstone (``tomb``): one per object in the inventory,
+    so every field costs 8 bytes per copy held (issue #24). ``gc=False``: it refers to
+    strings, ints, tuples, policies and dicts of floats, never back to itself, so it
+    can be in no reference cycle and goes without the collector's header (16 bytes)."""
+
+    key: _Key
+    """The object's id as ``_key`` packs it (the same object as its inventory key);
+    ``oid`` is the id."""
     policy: ObjectPolicy
     hint_for: str | None
-    confirmed: dict[str, float] = field(default_factory=lambda: _NONE_CONFIRMED)
+    confirmed: dict[str, float] = msgspec.field(default_factory=lambda: _NONE_CONFIRMED)
     """Peer -> when it last confirmed holding (and keeping) this object. Shared between
     entries and never changed in place: set with ``ReplicaManager._set_confirmed``."""
     failed_at: float = float("-inf")
@@ -506,13 +550,15 @@ class _Local:
     ws: tuple[str, ...] = ()
     """The write set under the current view (== ``rs`` unless a member is full)."""
     rs_version: int = -1
-    no_room: dict[str, float] = field(default_factory=lambda: _NO_ROOM)
+    no_room: dict[str, float] = msgspec.field(default_factory=lambda: _NO_ROOM)
     """Full peer -> when it said it lacks this copy and has no room for it. Nearly always
     empty: then the one shared ``_NO_ROOM`` (never written to), not a dict per entry."""
-    written: HLCTimestamp = ZERO_TS
-    """A copy: when the newest write of these bytes that reached us happened."""
-    tomb: HLCTimestamp | None = None
-    """Set: this entry is a tombstone, not a copy (no bytes are held)."""
+    stamp: int = 0
+    stamp_node: str = ""
+    """The entry's HLC timestamp, ``written`` for a copy and ``tomb`` for a tombstone
+    (``_TOMB`` in ``flags`` says which; a tombstone has no write stamp): its wall and
+    logical parts packed in one int (48 bytes, where an ``HLCTimestamp`` and its wall int
+    took 96) and its node name, a string shared by every stamp of that node."""
     dg: tuple[str, ...] = ()
     """The peers whose pair digest holds this entry (``_entry_hash`` XORed into their
     accumulators), as last indexed; may name this node, which is skipped. The hash is
@@ -523,8 +569,43 @@ class _Local:
     match of a round started at or after it covers this entry. The epoch advances when a
     round starts, not at every change, so entries share its int (not 32 bytes each)."""
     flags: int = 0
-    """``under``, ``dropping``, ``moved`` and ``handed`` as bits (``_UNDER``...): one
-    slot, a small cached int, where four slots took 24 bytes more per entry."""
+    """``under``, ``dropping``, ``moved``, ``handed`` and ``_TOMB`` as bits (``_UNDER``...):
+    one slot, a small cached int, where four slots took 24 bytes more per entry."""
+
+    @property
+    def oid(self) -> str:
+        return _oid(self.key)
+
+    @property
+    def written(self) -> HLCTimestamp:
+        """A copy: when the newest write of these bytes that reached us happened
+        (``ZERO_TS``: unknown; always so for a tombstone)."""
+        if self.flags & _TOMB:
+            return ZERO_TS
+        return _unpack_stamp(self.stamp, self.stamp_node)
+
+    @written.setter
+    def written(self, ts: HLCTimestamp) -> None:
+        assert not self.flags & _TOMB, "a tombstone has no write stamp"
+        self.stamp = ts.wall_ns << _LOGICAL_BITS | ts.logical
+        self.stamp_node = ts.node
+
+    @property
+    def tomb(self) -> HLCTimestamp | None:
+        """Set: this entry is a tombstone, not a copy (no bytes are held)."""
+        if not self.flags & _TOMB:
+            return None
+        return _unpack_stamp(self.stamp, self.stamp_node)
+
+    @tomb.setter
+    def tomb(self, ts: HLCTimestamp | None) -> None:
+        if ts is None:
+            self.flags &= ~_TOMB
+            self.stamp, self.stamp_node = 0, ""
+        else:
+            self.flags |= _TOMB
+            self.stamp = ts.wall_ns << _LOGICAL_BITS | ts.logical
+            self.stamp_node = ts.node
 
     @property
     def under(self) -> bool:
@@ -567,6 +648,62 @@ class _Local:
     @handed.setter
     def handed(self, on: bool) -> None:
         self.flags = self.flags | _HANDED if on else self.flags & ~_HANDED
+
+
+
+def _new_local(oid: str, policy: ObjectPolicy, hint_for: str | None, *,
+               written: HLCTimestamp = ZERO_TS, tomb: HLCTimestamp | None = None,
+               flags: int = 0) -> _Local:
+    """A new inventory entry: a copy written at ``written``, or the tombstone ``tomb``."""
+    loc = _Local(_key(oid), policy, hint_for, flags=flags)
+    if tomb is not None:
+        loc.tomb = tomb
+    elif written is not ZERO_TS:
+        loc.written = written
+    return loc
+
+
+class _Inventory:
+    """Object id -> its ``_Local``, the inventory. Looked up by id (a string), kept by
+    ``_key`` (a content id as an int: one object per copy held, shared with its entry's
+    ``key``). Walking it gives ids in the order the entries were added, as a dict does."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: dict[_Key, _Local] = {}
+
+    def get(self, oid: _Key) -> _Local | None:
+        return self._d.get(_key(oid))
+
+    def __getitem__(self, oid: _Key) -> _Local:
+        return self._d[_key(oid)]
+
+    def __contains__(self, oid: object) -> bool:
+        return isinstance(oid, (str, int)) and _key(oid) in self._d
+
+    def __setitem__(self, oid: str, loc: _Local) -> None:
+        assert _key(oid) == loc.key, f"{oid} is not the id of the entry of {loc.oid}"
+        self._d[loc.key] = loc  # the entry's key object, not a second one
+
+    def __delitem__(self, oid: _Key) -> None:
+        del self._d[_key(oid)]
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __iter__(self) -> Iterator[str]:
+        return map(_oid, self._d)
+
+    def keys(self) -> list[_Key]:
+        """The keys (``_key``), in order: for a walk that looks entries up again."""
+        return list(self._d)
+
+    def values(self) -> Iterable[_Local]:
+        return self._d.values()
+
+    def items(self) -> Iterator[tuple[str, _Local]]:
+        return ((_oid(k), loc) for k, loc in self._d.items())
 
 
 @dataclass(slots=True)
@@ -619,8 +756,8 @@ class _PeerRound:
 class _Rebuild:
     """A view change's pass over the inventory, done in slices (``_rebuild_slice``)."""
 
-    oids: list[str]
-    """The inventory when the view last changed, in its order: each is re-placed and
+    oids: list[_Key]
+    """The inventory's keys (``_key``) when the view last changed, in its order: each is re-placed and
     re-indexed once (an entry added since was indexed under the current view). After a
     view change during a rebuild, the ids the rebuild had not reached come first, then
     the whole inventory again (the second time, such an entry's sets are cached under
@@ -663,7 +800,7 @@ class ReplicaManager:
         self._view_since = now
         self._peers: list[str] = []
         self._peer_cursor = 0
-        self._inv: dict[str, _Local] = {}
+        self._inv = _Inventory()
         self._puts: dict[int, _Put] = {}
         self._put_deadlines: list[tuple[float, int]] = []
         self._deletes: dict[int, _Delete] = {}
@@ -693,7 +830,7 @@ class ReplicaManager:
         self._dg_acc: dict[str, int] = {}
         """Peer -> count and XOR of the entries in our pair digest with it (kept as
         entries change; rebuilt on a view change)."""
-        self._handoff: set[str] = set()
+        self._handoff: set[_Key] = set()
         """Entries to offer beyond the pair digests: held outside their replica set, or
         with a member that declined them (``no_room``)."""
         self._seq = 0
@@ -849,7 +986,7 @@ class ReplicaManager:
         left = [] if rb is None else rb.oids[rb.pos:]
         if rb is not None:
             self._count("rebuilds_restarted")
-        self._rebuilding = _Rebuild(left + list(self._inv), 0, len(left),
+        self._rebuilding = _Rebuild(left + self._inv.keys(), 0, len(left),
                                     self._unmoved(old_view, removed, added), now)
         # Promptly re-check with everyone (once the rebuild is done): the replica sets of
         # some objects moved.
@@ -917,7 +1054,7 @@ class ReplicaManager:
             if w > loc.written:
                 loc.written = w
             return
-        loc = _Local(oid, self._share(policy), hint_for, written=w)
+        loc = _new_local(oid, self._share(policy), hint_for, written=w)
         self._inv[oid] = loc
         self._index(loc)
         self._count("objects_added")
@@ -1157,7 +1294,8 @@ class ReplicaManager:
         if self._tomb_count >= self.config.max_tombstones:
             self._count("tombstones_shed")
             return "applied"
-        new = _Local(oid, self._share(policy), None, tomb=ts, flags=_MOVED if moved else 0)
+        new = _new_local(oid, self._share(policy), None, tomb=ts,
+                         flags=_MOVED if moved else 0)
         self._inv[oid] = new
         self._index(new)
         self._tomb_count += 1
@@ -1565,7 +1703,7 @@ class ReplicaManager:
             self._verify()
         wanted = set(peers)
         handoff: dict[str, list[str]] = {p: [] for p in peers}
-        for oid in sorted(self._handoff):
+        for oid in sorted(map(_oid, self._handoff)):
             loc = self._inv[oid]
             self._settle(loc)
             rs = self._rs_of_local(loc)
@@ -1659,9 +1797,9 @@ class ReplicaManager:
                     acc[p] = acc.get(p, 0) ^ h
             loc.dg = new
         if self._in_handoff(loc):
-            self._handoff.add(loc.oid)
+            self._handoff.add(loc.key)
         else:
-            self._handoff.discard(loc.oid)
+            self._handoff.discard(loc.key)
 
     def _undigest(self, loc: _Local, h: int | None = None) -> None:
         """Take ``loc``'s share out of the pair digests (before its hash changes); ``h``:
@@ -1679,7 +1817,7 @@ class ReplicaManager:
     def _unindex(self, loc: _Local) -> None:
         """``loc`` leaves the inventory."""
         self._undigest(loc)
-        self._handoff.discard(loc.oid)
+        self._handoff.discard(loc.key)
         if loc.under:
             loc.under = False
             self._under -= 1
@@ -1822,7 +1960,7 @@ class ReplicaManager:
                     count[p] = count.get(p, 0) + 1
                     acc[p] = acc.get(p, 0) ^ _entry_hash(loc)
             if self._in_handoff(loc):
-                handoff.add(loc.oid)
+                handoff.add(loc.key)
         for p in sorted(set(count) | set(self._dg_count)):
             want = (count.get(p, 0), acc.get(p, 0))
             have = (self._dg_count.get(p, 0), self._dg_acc.get(p, 0))
@@ -1831,7 +1969,7 @@ class ReplicaManager:
                                   f"{have[1]:032x}, recomputed {want[0]} ids {want[1]:032x}")
         if handoff != self._handoff:
             raise DigestDrift(f"{self.name}: handoff set differs from a recomputation: "
-                              f"{sorted(handoff ^ self._handoff)[:5]}")
+                              f"{sorted(map(_oid, handoff ^ self._handoff))[:5]}")
         if _NO_ROOM:
             raise DigestDrift(f"{self.name}: the shared empty no_room was written to")
         if _NONE_CONFIRMED:
@@ -1845,7 +1983,7 @@ class ReplicaManager:
         (all of them: the handoff set, or only ``oids``: those whose confirmations just
         changed)."""
         busy = {p.oid for p in self._puts.values()}
-        for oid in sorted(self._handoff) if oids is None else oids:
+        for oid in sorted(map(_oid, self._handoff)) if oids is None else oids:
             loc = self._inv.get(oid)
             if loc is None or loc.dropping:
                 continue
