@@ -1,0 +1,110 @@
+"""The inventory's compact forms (issue #24): a content id kept as the int of its digest,
+an entry's stamp packed in one int, the inventory looked up and walked by id. Each must
+give back exactly what went in, for every input, or copies would be confused or lost."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshscale.core.hlc import LOGICAL_MAX, WALL_NS_MAX, HLCTimestamp
+from meshscale.core.objects import OBJECT_ID_PREFIX, object_id
+from meshscale.core.placement import ObjectPolicy
+from meshscale.core.replication import (
+    _DROPPING,
+    _HANDED,
+    _TOMB,
+    _UNDER,
+    ZERO_TS,
+    _Inventory,
+    _key,
+    _new_local,
+    _oid,
+)
+
+HEX = "0123456789abcdef"
+ANY = ObjectPolicy(3)
+
+canonical = st.text(HEX, min_size=64, max_size=64).map(lambda h: OBJECT_ID_PREFIX + h)
+# Strings that look like content ids but are not spelled canonically: int() takes them
+# (upper case, underscores, a sign, white space) but packing them would change them.
+near = st.one_of(
+    canonical.map(str.upper),
+    canonical.map(lambda s: s[:-1] + "F"),
+    canonical.map(lambda s: s[:3] + "+" + s[4:]),
+    canonical.map(lambda s: s[:3] + " " + s[4:]),
+    canonical.map(lambda s: s[:10] + "_" + s[11:]),
+    canonical.map(lambda s: s[:-1]),
+    canonical.map(lambda s: s + "0"),
+    canonical.map(lambda s: "b4-" + s[3:]),
+    st.text(HEX, min_size=67, max_size=67),
+)
+any_id = st.one_of(canonical, near, st.text(max_size=80))
+
+
+@given(canonical)
+def test_a_content_id_is_kept_as_an_int_and_given_back(oid: str) -> None:
+    k = _key(oid)
+    assert isinstance(k, int)
+    assert _oid(k) == oid
+    assert _key(k) is k  # a key already made is kept as it is
+
+
+@given(near)
+def test_an_id_spelled_otherwise_is_kept_as_its_string(oid: str) -> None:
+    assert _key(oid) == oid and _oid(_key(oid)) == oid
+
+
+@given(st.lists(any_id, unique=True, max_size=30))
+def test_distinct_ids_have_distinct_keys(oids: list[str]) -> None:
+    keys = [_key(o) for o in oids]
+    assert len(set(keys)) == len(oids)
+    assert [_oid(k) for k in keys] == oids
+
+
+stamps = st.builds(HLCTimestamp, st.integers(0, WALL_NS_MAX), st.integers(0, LOGICAL_MAX),
+                   st.sampled_from(["", "a", "node-1", "n\x00\u00e9"]))
+
+
+@given(stamps, st.integers(0, _UNDER | _DROPPING | _HANDED))
+def test_an_entrys_stamp_is_given_back_as_a_write_or_a_tombstone(
+        ts: HLCTimestamp, flags: int) -> None:
+    copy = _new_local("o", ANY, None, written=ts, flags=flags)
+    assert copy.written == ts and copy.tomb is None and copy.flags == flags
+    tomb = _new_local("o", ANY, None, tomb=ts, flags=flags)
+    assert tomb.tomb == ts and tomb.written == ZERO_TS and tomb.flags == flags | _TOMB
+    assert _new_local("o", ANY, None).written is ZERO_TS
+
+
+@given(stamps, stamps)
+def test_a_newer_stamp_replaces_the_old_one(a: HLCTimestamp, b: HLCTimestamp) -> None:
+    loc = _new_local("o", ANY, None, written=a)
+    loc.written = b
+    assert loc.written == b and loc.tomb is None
+    loc = _new_local("o", ANY, None, tomb=a)
+    loc.tomb = b
+    assert loc.tomb == b and loc.written == ZERO_TS
+    loc.under = True
+    assert loc.tomb == b
+
+
+def test_the_inventory_is_looked_up_and_walked_by_id_in_insertion_order() -> None:
+    oids = [object_id(os.urandom(8)) for _ in range(20)] + ["o1", "B3-X", "o2"]
+    inv = _Inventory()
+    for oid in oids:
+        loc = _new_local(oid, ANY, None)
+        inv[oid] = loc
+        assert inv[oid] is loc and inv.get(oid) is loc and oid in inv
+        keys = inv.keys()
+        assert next(k for k in keys if k == loc.key) is loc.key  # one key object
+    assert list(inv) == oids
+    assert [o for o, _ in inv.items()] == oids
+    assert [loc.oid for loc in inv.values()] == oids
+    assert len(inv) == len(oids)
+    for oid in oids[::2]:
+        del inv[oid]
+    assert list(inv) == oids[1::2]
+    assert all(inv.get(o) is None and o not in inv for o in oids[::2])
+    assert oids[0].upper() not in inv and 3 not in inv
