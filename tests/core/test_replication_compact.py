@@ -95,7 +95,7 @@ def test_the_inventory_is_looked_up_and_walked_by_id_in_insertion_order() -> Non
     inv = _Inventory()
     for oid in oids:
         loc = _new_local(oid, ANY, None)
-        inv[oid] = loc
+        inv.add(loc)
         assert inv[oid] is loc and inv.get(oid) is loc and oid in inv
         keys = inv.keys()
         assert next(k for k in keys if k == loc.key) is loc.key  # one key object

@@ -504,20 +504,28 @@ def _key(oid: _Key) -> _Key:
     Exact: ``_oid`` gives ``oid`` back, and a key already made is returned as it is."""
     if (type(oid) is str and len(oid) == len(OBJECT_ID_PREFIX) + _ID_HEX
             and oid.startswith(OBJECT_ID_PREFIX)):
+        digits = oid[len(OBJECT_ID_PREFIX):]
         try:
-            k = int(oid[len(OBJECT_ID_PREFIX):], 16)
-        except ValueError:
-            return oid
-        # int() also takes upper case, underscores and a sign: only the canonical
-        # spelling is packed, so that unpacking gives back the very same id.
-        if f"{OBJECT_ID_PREFIX}{k:064x}" == oid:
-            return k
+            k = int(digits, 16)
+            # int() also takes upper case, underscores, white space and a sign: only
+            # the canonical spelling is packed, so that unpacking gives back the id.
+            if k.to_bytes(_ID_HEX // 2, "big").hex() == digits:
+                return k
+        except (ValueError, OverflowError):
+            pass
     return oid
+
+
+def _first(pair: tuple[str, object]) -> str:
+    return pair[0]
 
 
 def _oid(key: _Key) -> str:
     """The object id of an inventory key (``_key``'s inverse)."""
-    return key if type(key) is str else f"{OBJECT_ID_PREFIX}{key:064x}"
+    if type(key) is str:
+        return key
+    assert isinstance(key, int)
+    return OBJECT_ID_PREFIX + key.to_bytes(_ID_HEX // 2, "big").hex()
 
 
 _LOGICAL_BITS = 32
@@ -651,10 +659,11 @@ class _Local(msgspec.Struct, gc=False):
 
 
 
-def _new_local(oid: str, policy: ObjectPolicy, hint_for: str | None, *,
+def _new_local(oid: _Key, policy: ObjectPolicy, hint_for: str | None, *,
                written: HLCTimestamp = ZERO_TS, tomb: HLCTimestamp | None = None,
                flags: int = 0) -> _Local:
-    """A new inventory entry: a copy written at ``written``, or the tombstone ``tomb``."""
+    """A new inventory entry of ``oid`` (an id, or its ``_key``): a copy written at
+    ``written``, or the tombstone ``tomb``."""
     loc = _Local(_key(oid), policy, hint_for, flags=flags)
     if tomb is not None:
         loc.tomb = tomb
@@ -682,9 +691,9 @@ class _Inventory:
     def __contains__(self, oid: object) -> bool:
         return isinstance(oid, (str, int)) and _key(oid) in self._d
 
-    def __setitem__(self, oid: str, loc: _Local) -> None:
-        assert _key(oid) == loc.key, f"{oid} is not the id of the entry of {loc.oid}"
-        self._d[loc.key] = loc  # the entry's key object, not a second one
+    def add(self, loc: _Local) -> None:
+        """Add (or replace) the entry of ``loc.oid``, under its own key object."""
+        self._d[loc.key] = loc
 
     def __delitem__(self, oid: _Key) -> None:
         del self._d[_key(oid)]
@@ -1036,7 +1045,8 @@ class ReplicaManager:
         ``written`` (None: unknown, older than any tombstone). A copy older than a live
         tombstone here is dropped at once (``DropLocal``); a newer one supersedes it."""
         w = ZERO_TS if written is None else written
-        loc = self._inv.get(oid)
+        key = _key(oid)
+        loc = self._inv.get(key)
         if loc is not None and loc.tomb is not None:
             if w <= loc.tomb:
                 self._count("resurrections_refused")
@@ -1054,8 +1064,8 @@ class ReplicaManager:
             if w > loc.written:
                 loc.written = w
             return
-        loc = _new_local(oid, self._share(policy), hint_for, written=w)
-        self._inv[oid] = loc
+        loc = _new_local(key, self._share(policy), hint_for, written=w)
+        self._inv.add(loc)
         self._index(loc)
         self._count("objects_added")
         if self.name not in self._rs_of_local(loc):
@@ -1296,7 +1306,7 @@ class ReplicaManager:
             return "applied"
         new = _new_local(oid, self._share(policy), None, tomb=ts,
                          flags=_MOVED if moved else 0)
-        self._inv[oid] = new
+        self._inv.add(new)
         self._index(new)
         self._tomb_count += 1
         heapq.heappush(self._tomb_heap, (self._expiry(ts), oid))
@@ -1838,7 +1848,7 @@ class ReplicaManager:
         unmoved = rb.unmoved
         gone = self._gone
         inv = self._inv
-        moved: list[str] = []
+        moved: list[tuple[str, _Local]] = []
         for i in range(rb.pos, end):
             loc = inv.get(rb.oids[i])
             if loc is None:
@@ -1853,15 +1863,15 @@ class ReplicaManager:
                     and unmoved(loc)):
                 loc.rs_version = version
             else:
-                moved.append(loc.oid)
+                moved.append((loc.oid, loc))
             loc.handed = False  # a moved tombstone is offered to its (new) set again
             # Later than any digest match pending from before the view change: a match
             # of an older pair set must not cover it once it is indexed for the new one.
             self._index(loc)
         rb.pos = end
         # Only an entry whose replica set moved can change its count of live replicas.
-        for oid in sorted(moved):
-            loc = inv[oid]
+        moved.sort(key=_first)  # by id (ids are unique)
+        for oid, loc in moved:
             if loc.tomb is None:
                 self._check_under(oid, loc)
         if rb.pos < len(rb.oids):
