@@ -5,23 +5,32 @@ give back exactly what went in, for every input, or copies would be confused or 
 from __future__ import annotations
 
 import os
+import random
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from meshscale.core.hlc import LOGICAL_MAX, WALL_NS_MAX, HLCTimestamp
 from meshscale.core.objects import OBJECT_ID_PREFIX, object_id
-from meshscale.core.placement import ObjectPolicy
+from meshscale.core.placement import Candidate, ObjectPolicy
 from meshscale.core.replication import (
     _DROPPING,
     _HANDED,
     _TOMB,
     _UNDER,
     ZERO_TS,
+    DigestMsg,
+    DigestReply,
+    Offer,
+    ReplicaManager,
+    ReplicationConfig,
+    SendMessage,
     _Inventory,
     _key,
     _new_local,
     _oid,
+    decode_message,
+    encode_message,
 )
 
 HEX = "0123456789abcdef"
@@ -108,3 +117,39 @@ def test_the_inventory_is_looked_up_and_walked_by_id_in_insertion_order() -> Non
     assert list(inv) == oids[1::2]
     assert all(inv.get(o) is None and o not in inv for o in oids[::2])
     assert oids[0].upper() not in inv and 3 not in inv
+
+
+def test_a_mismatch_offers_the_unconfirmed_first_in_id_order_up_to_the_round_budget() -> None:
+    """A digest mismatch lists only the ids the round may offer (``max_ids_per_round``),
+    chosen as before: the pair set's unconfirmed entries first, each part in id order
+    (content ids, kept as ints, and other ids ordered together as strings)."""
+    cfg = ReplicationConfig(sync_interval_s=5.0, view_change_delay_s=0.1,
+                            max_ids_per_round=10, page_size=4)
+    m = ReplicaManager("a", config=cfg, rng=random.Random(1), now=0.0)
+    m.set_view([Candidate("a", "eu", "eu-a"), Candidate("b", "us", "us-a")], 0.0)
+    oids = [object_id(bytes([i])) for i in range(15)] + [f"o{i}" for i in range(15)]
+    for oid in oids:
+        m.object_added(oid, ObjectPolicy(2), None, 0.0)
+    confirmed = set(oids[::3])
+    for oid in confirmed:
+        m._set_confirmed(m._inv[oid], {"b": 0.5})
+    m.drain()
+    digest: DigestMsg | None = None
+    now = 0.0
+    while digest is None:
+        now = m.next_deadline() or now + 1.0
+        m.on_timer(now)
+        for out in m.drain():
+            if isinstance(out, SendMessage) and out.dst == "b":
+                msg = decode_message(out.payload, 1 << 20)
+                if isinstance(msg, DigestMsg):
+                    digest = msg
+    assert digest.count == len(oids)
+    m.handle_message("b", encode_message(DigestReply(digest.round, False)), now)
+    offered = []
+    for out in m.drain():
+        if isinstance(out, SendMessage):
+            msg = decode_message(out.payload, 1 << 20)
+            if isinstance(msg, Offer):
+                offered += [ref.oid for ref in msg.refs]
+    assert offered == sorted(oids, key=lambda o: (o in confirmed, o))[:10]

@@ -1534,8 +1534,12 @@ class ReplicaManager:
         pair = [loc for loc in self._inv.values() if src in loc.dg]
         for loc in pair:
             self._settle(loc)
-        pair.sort(key=lambda loc: (src in loc.confirmed, loc.oid))
-        self._offer(src, st, [loc.oid for loc in pair])
+        # Only the first ``_offer`` takes are listed (nsmallest is sorted()[:n]): an id
+        # string per entry of the pair set, held at once, was a high-water mark of
+        # ~200 B per copy (issue #24).
+        first = heapq.nsmallest(self._offer_budget(st), pair,
+                                key=lambda loc: (src in loc.confirmed, loc.oid))
+        self._offer(src, st, [loc.oid for loc in first])
 
     def _stamp(self, s: str | None) -> HLCTimestamp | None:
         if s is None:
@@ -1749,11 +1753,14 @@ class ReplicaManager:
             if handoff[p]:
                 self._offer(p, st, handoff[p])
 
+    def _offer_budget(self, st: _PeerRound) -> int:
+        """How many more ids ``st``'s round may offer (``max_ids_per_round``)."""
+        return max(0, self.config.max_ids_per_round - sum(len(v) for v in st.pages.values()))
+
     def _offer(self, peer: str, st: _PeerRound, oids: list[str]) -> None:
-        budget = self.config.max_ids_per_round - sum(len(v) for v in st.pages.values())
         # A round's ids were listed when it started; a copy dropped or deleted since has no
         # inventory entry to offer (indexing it raised KeyError out of the digest reply).
-        oids = [o for o in oids if o in self._inv][: max(0, budget)]
+        oids = [o for o in oids if o in self._inv][: self._offer_budget(st)]
         size = self.config.page_size
         for i in range(0, len(oids), size):
             chunk = oids[i : i + size]
