@@ -153,3 +153,23 @@ def test_a_mismatch_offers_the_unconfirmed_first_in_id_order_up_to_the_round_bud
             if isinstance(msg, Offer):
                 offered += [ref.oid for ref in msg.refs]
     assert offered == sorted(oids, key=lambda o: (o in confirmed, o))[:10]
+
+
+def test_the_unconfirmed_count_is_the_copies_no_peer_confirmed() -> None:
+    """``unconfirmed_count`` (the capacity controller's sole copies) counts what listing
+    the inventory and asking ``confirmed_holders`` of each id counted, tombstones aside."""
+    cfg = ReplicationConfig(sync_interval_s=5.0, view_change_delay_s=0.1)
+    m = ReplicaManager("a", config=cfg, rng=random.Random(2), now=0.0)
+    m.set_view([Candidate("a", "eu", "eu-a"), Candidate("b", "us", "us-a")], 0.0)
+    oids = [object_id(bytes([i])) for i in range(12)] + [f"o{i}" for i in range(6)]
+    for oid in oids:
+        m.object_added(oid, ObjectPolicy(2), None, 0.0)
+    for oid in oids[::4]:
+        m._set_confirmed(m._inv[oid], {"b": 0.5})
+    m.delete(oids[1], ObjectPolicy(2), HLCTimestamp(5, 0, "a"), 1.0, 1.0)
+    m._matched["b"] = (2.0, -1)  # a match older than every entry: covers none
+    want = sum(1 for o in m.inventory() if not m.confirmed_holders(o))
+    assert want == len(oids) - 1 - len(oids[::4])
+    assert m.unconfirmed_count() == want
+    m._matched["b"] = (3.0, m._seq)  # a digest match covering every entry of the pair
+    assert m.unconfirmed_count() == 0

@@ -1098,6 +1098,16 @@ class ReplicaManager:
     def inventory(self) -> list[str]:
         return sorted(o for o, loc in self._inv.items() if loc.tomb is None)
 
+    def unconfirmed_count(self) -> int:
+        """Copies held here that no peer is confirmed to hold (``confirmed_holders``
+        empty), counted without listing their ids (a string each, from its key)."""
+        n = 0
+        for loc in self._inv.values():
+            if loc.tomb is None:
+                self._settle(loc)
+                n += not loc.confirmed
+        return n
+
     def confirmed_holders(self, oid: str) -> list[str]:
         loc = self._inv.get(oid)
         if loc is None or loc.tomb is not None:
