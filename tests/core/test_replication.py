@@ -1068,7 +1068,7 @@ def test_an_entrys_flags_are_independent_bits() -> None:
     from meshscale.core.replication import _Local
 
     names_ = ("under", "dropping", "moved", "handed")
-    loc = _Local("x", ANY, None)
+    loc = _Local("x", ANY)
     for i, name in enumerate(names_):
         for on in (True, False, True):
             setattr(loc, name, on)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from meshscale.core.placement import Candidate, ObjectPolicy
 from meshscale.core.replication import (
     _DROPPING,
     _HANDED,
+    _NO_ROOM,
     _TOMB,
     _UNDER,
     ZERO_TS,
@@ -173,3 +175,38 @@ def test_the_unconfirmed_count_is_the_copies_no_peer_confirmed() -> None:
     assert m.unconfirmed_count() == want
     m._matched["b"] = (3.0, m._seq)  # a digest match covering every entry of the pair
     assert m.unconfirmed_count() == 0
+
+
+fields = st.fixed_dictionaries({
+    "hint_for": st.sampled_from([None, "eu1", "us2"]),
+    "failed_at": st.sampled_from([float("-inf"), 1.5, 7.0]),
+    "no_room": st.sampled_from([None, {"ap1": 2.0}]),
+})
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), fields), max_size=12))
+def test_an_entrys_rare_fields_are_independent_and_never_shared_when_changed(
+        steps: list[tuple[int, dict[str, Any]]]) -> None:
+    """``hint_for``, ``failed_at`` and ``no_room`` share one slot (``_Local.rare``), a value
+    shared between entries: setting one on an entry leaves its others, and every other
+    entry's, as they were; a ``no_room`` dict is the entry's own."""
+    locs = [_new_local(f"o{i}", ANY, None) for i in range(4)]
+    want = [{"hint_for": None, "failed_at": float("-inf"), "no_room": {}} for _ in locs]
+    for i, f in steps:
+        for name, value in f.items():
+            if name == "no_room":
+                # As _set_no_room does: a new dict of the entry's own, or back to none.
+                value = _NO_ROOM if value is None else dict(value)
+            setattr(locs[i], name, value)
+            want[i][name] = dict(value) if name == "no_room" else value
+        if locs[i].no_room is not _NO_ROOM:
+            locs[i].no_room["x"] = 9.0  # changed in place, as _set_no_room does
+            want[i]["no_room"]["x"] = 9.0
+        for loc, w in zip(locs, want, strict=True):
+            assert {"hint_for": loc.hint_for, "failed_at": loc.failed_at,
+                    "no_room": dict(loc.no_room)} == w
+    assert _NO_ROOM == {}
+    same = [_new_local(f"p{i}", ANY, None) for i in range(3)]
+    for loc in same:
+        loc.failed_at = 4.25
+    assert same[0].rare is same[1].rare is same[2].rare  # one value for all of them

@@ -538,6 +538,41 @@ def _unpack_stamp(stamp: int, node: str) -> HLCTimestamp:
     return HLCTimestamp(stamp >> _LOGICAL_BITS, stamp & _LOGICAL_MASK, node)
 
 
+class _Rare(msgspec.Struct, frozen=True, gc=False):
+    """The fields of an entry that nearly always have their default (``_Local.rare``):
+    one slot of the entry, shared (``_rare``) while ``no_room`` is empty. Never changed:
+    an entry gets another one (``no_room``, an entry's own dict once not empty, is
+    changed in place, as it was)."""
+
+    hint_for: str | None = None
+    failed_at: float = float("-inf")
+    no_room: dict[str, float] = msgspec.field(default_factory=lambda: _NO_ROOM)
+
+
+_COMMON = _Rare()
+"""The ``rare`` of an entry with every one of them at its default."""
+
+_RARES: dict[tuple[str | None, float], _Rare] = {}
+"""The shared ``_Rare`` of each (hint_for, failed_at) with no ``no_room``: after a node
+leaves, every entry it was in gets the same ``failed_at``. Up to ``SHARED_VALUES_MAX``
+(then forgotten and started again: older ones stay shared by their entries). Values, never
+changed, so every manager of the process may share them."""
+
+
+def _rare(hint_for: str | None, failed_at: float, no_room: dict[str, float]) -> _Rare:
+    if no_room is not _NO_ROOM:
+        return _Rare(hint_for, failed_at, no_room)  # the entry's own dict: not shared
+    if hint_for is None and failed_at == float("-inf"):
+        return _COMMON
+    key = (hint_for, failed_at)
+    got = _RARES.get(key)
+    if got is None:
+        if len(_RARES) >= SHARED_VALUES_MAX:
+            _RARES.clear()
+        _RARES[key] = got = _Rare(hint_for, failed_at, _NO_ROOM)
+    return got
+
+
 class _Local(msgspec.Struct, gc=False):
     """A copy this node holds, or a tombstone (``tomb``): one per object in the inventory,
     so every field costs 8 bytes per copy held (issue #24). ``gc=False``: it refers to
@@ -548,19 +583,15 @@ class _Local(msgspec.Struct, gc=False):
     """The object's id as ``_key`` packs it (the same object as its inventory key);
     ``oid`` is the id."""
     policy: ObjectPolicy
-    hint_for: str | None
+    rare: _Rare = _COMMON
+    """``hint_for``, ``failed_at`` and ``no_room``, read and set through properties."""
     confirmed: dict[str, float] = msgspec.field(default_factory=lambda: _NONE_CONFIRMED)
     """Peer -> when it last confirmed holding (and keeping) this object. Shared between
     entries and never changed in place: set with ``ReplicaManager._set_confirmed``."""
-    failed_at: float = float("-inf")
-    """When a member of its replica set last left the view (repair priority)."""
     rs: tuple[str, ...] = ()
     ws: tuple[str, ...] = ()
     """The write set under the current view (== ``rs`` unless a member is full)."""
     rs_version: int = -1
-    no_room: dict[str, float] = msgspec.field(default_factory=lambda: _NO_ROOM)
-    """Full peer -> when it said it lacks this copy and has no room for it. Nearly always
-    empty: then the one shared ``_NO_ROOM`` (never written to), not a dict per entry."""
     stamp: int = 0
     stamp_node: str = ""
     """The entry's HLC timestamp, ``written`` for a copy and ``tomb`` for a tombstone
@@ -583,6 +614,38 @@ class _Local(msgspec.Struct, gc=False):
     @property
     def oid(self) -> str:
         return _oid(self.key)
+
+    @property
+    def hint_for(self) -> str | None:
+        """The node this copy is held for (a hinted copy), if any."""
+        return self.rare.hint_for
+
+    @hint_for.setter
+    def hint_for(self, node: str | None) -> None:
+        r = self.rare
+        self.rare = _rare(node, r.failed_at, r.no_room)
+
+    @property
+    def failed_at(self) -> float:
+        """When a member of its replica set last left the view (repair priority)."""
+        return self.rare.failed_at
+
+    @failed_at.setter
+    def failed_at(self, at: float) -> None:
+        r = self.rare
+        self.rare = _rare(r.hint_for, at, r.no_room)
+
+    @property
+    def no_room(self) -> dict[str, float]:
+        """Full peer -> when it said it lacks this copy and has no room for it. Nearly
+        always empty: then the one shared ``_NO_ROOM`` (never written to), not a dict
+        per entry."""
+        return self.rare.no_room
+
+    @no_room.setter
+    def no_room(self, no_room: dict[str, float]) -> None:
+        r = self.rare
+        self.rare = _rare(r.hint_for, r.failed_at, no_room)
 
     @property
     def written(self) -> HLCTimestamp:
@@ -664,7 +727,8 @@ def _new_local(oid: _Key, policy: ObjectPolicy, hint_for: str | None, *,
                flags: int = 0) -> _Local:
     """A new inventory entry of ``oid`` (an id, or its ``_key``): a copy written at
     ``written``, or the tombstone ``tomb``."""
-    loc = _Local(_key(oid), policy, hint_for, flags=flags)
+    loc = _Local(_key(oid), policy, _COMMON if hint_for is None
+                 else _rare(hint_for, float("-inf"), _NO_ROOM), flags=flags)
     if tomb is not None:
         loc.tomb = tomb
     elif written is not ZERO_TS:
