@@ -8,9 +8,11 @@ import os
 import random
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshscale.core import replication
 from meshscale.core.hlc import LOGICAL_MAX, WALL_NS_MAX, HLCTimestamp
 from meshscale.core.objects import OBJECT_ID_PREFIX, object_id
 from meshscale.core.placement import Candidate, ObjectPolicy
@@ -18,6 +20,7 @@ from meshscale.core.replication import (
     _DROPPING,
     _HANDED,
     _NO_ROOM,
+    _NODE_BITS,
     _TOMB,
     _UNDER,
     ZERO_TS,
@@ -181,17 +184,22 @@ fields = st.fixed_dictionaries({
     "hint_for": st.sampled_from([None, "eu1", "us2"]),
     "failed_at": st.sampled_from([float("-inf"), 1.5, 7.0]),
     "no_room": st.sampled_from([None, {"ap1": 2.0}]),
+    "ws": st.sampled_from([("a", "b"), ("a", "d")]),
 })
 
 
 @given(st.lists(st.tuples(st.integers(0, 3), fields), max_size=12))
 def test_an_entrys_rare_fields_are_independent_and_never_shared_when_changed(
         steps: list[tuple[int, dict[str, Any]]]) -> None:
-    """``hint_for``, ``failed_at`` and ``no_room`` share one slot (``_Local.rare``), a value
-    shared between entries: setting one on an entry leaves its others, and every other
-    entry's, as they were; a ``no_room`` dict is the entry's own."""
+    """``hint_for``, ``failed_at``, ``no_room`` and ``ws`` share one slot (``_Local.rare``),
+    a value shared between entries: setting one on an entry leaves its others, and every
+    other entry's, as they were; a ``no_room`` dict is the entry's own; a write set equal
+    to the replica set is not kept apart."""
     locs = [_new_local(f"o{i}", ANY, None) for i in range(4)]
-    want = [{"hint_for": None, "failed_at": float("-inf"), "no_room": {}} for _ in locs]
+    for loc in locs:
+        loc.rs = ("a", "b")
+    want = [{"hint_for": None, "failed_at": float("-inf"), "no_room": {}, "ws": ("a", "b")}
+            for _ in locs]
     for i, f in steps:
         for name, value in f.items():
             if name == "no_room":
@@ -204,9 +212,32 @@ def test_an_entrys_rare_fields_are_independent_and_never_shared_when_changed(
             want[i]["no_room"]["x"] = 9.0
         for loc, w in zip(locs, want, strict=True):
             assert {"hint_for": loc.hint_for, "failed_at": loc.failed_at,
-                    "no_room": dict(loc.no_room)} == w
+                    "no_room": dict(loc.no_room), "ws": loc.ws} == w
+            assert loc.rs == ("a", "b")
+            if loc.ws == loc.rs:
+                assert loc.rare.ws is None
     assert _NO_ROOM == {}
     same = [_new_local(f"p{i}", ANY, None) for i in range(3)]
     for loc in same:
         loc.failed_at = 4.25
     assert same[0].rare is same[1].rare is same[2].rare  # one value for all of them
+    loc = same[0]
+    loc.rs, loc.ws = ("x", "y"), ("x", "z")  # as _rs_of_local sets them: rs, then ws
+    assert loc.ws == ("x", "z")
+    loc.rs, loc.ws = ("p",), ("p",)
+    assert loc.ws == ("p",) and loc.rare is same[1].rare
+
+
+def test_stamps_of_more_nodes_than_the_table_names_are_kept_as_they_are(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A packed stamp names its node by its number in a table of ``2 ** _NODE_BITS``; the
+    stamp of a node beyond it is kept whole, and every stamp reads back as it was."""
+    monkeypatch.setattr(replication, "_STAMP_NODES", [""])
+    monkeypatch.setattr(replication, "_STAMP_NODE_NUMBERS", {"": 0})
+    n = (1 << _NODE_BITS) + 50
+    stamps = [HLCTimestamp(WALL_NS_MAX - i, LOGICAL_MAX - i, f"node{i}") for i in range(n)]
+    locs = [_new_local("o", ANY, None, written=ts) for ts in stamps]
+    assert [loc.written for loc in locs] == stamps
+    assert sum(type(loc.stamp) is int for loc in locs) == (1 << _NODE_BITS) - 1
+    tomb = _new_local("o", ANY, None, tomb=stamps[-1])
+    assert tomb.tomb == stamps[-1] and tomb.written == ZERO_TS

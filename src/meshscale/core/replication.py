@@ -532,10 +532,37 @@ _LOGICAL_BITS = 32
 _LOGICAL_MASK = (1 << _LOGICAL_BITS) - 1
 
 
-def _unpack_stamp(stamp: int, node: str) -> HLCTimestamp:
-    if not stamp and not node:
+_NODE_BITS = 12
+_NODE_MASK = (1 << _NODE_BITS) - 1
+_STAMP_NODES: list[str] = [""]
+"""Node names of the stamps entries keep, by their number in a packed stamp (``_pack``):
+at most ``2 ** _NODE_BITS``, never forgotten (a stamp's name beyond them is not packed).
+Values, the same in every manager of the process."""
+_STAMP_NODE_NUMBERS: dict[str, int] = {"": 0}
+
+
+def _pack(ts: HLCTimestamp) -> int | HLCTimestamp:
+    """``ts`` as an entry keeps it: its wall, logical and node number in one int (48
+    bytes, where an ``HLCTimestamp`` and its wall int take 96 and the name a slot), or
+    itself when ``_STAMP_NODES`` is full and does not name its node."""
+    n = _STAMP_NODE_NUMBERS.get(ts.node)
+    if n is None:
+        if len(_STAMP_NODES) > _NODE_MASK:
+            return ts
+        n = _STAMP_NODE_NUMBERS[ts.node] = len(_STAMP_NODES)
+        _STAMP_NODES.append(ts.node)
+    return ((ts.wall_ns << _LOGICAL_BITS | ts.logical) << _NODE_BITS) | n
+
+
+def _unpack(stamp: int | HLCTimestamp) -> HLCTimestamp:
+    """``_pack``'s inverse."""
+    if type(stamp) is not int:
+        assert isinstance(stamp, HLCTimestamp)
+        return stamp
+    if not stamp:
         return ZERO_TS
-    return HLCTimestamp(stamp >> _LOGICAL_BITS, stamp & _LOGICAL_MASK, node)
+    return HLCTimestamp(stamp >> (_NODE_BITS + _LOGICAL_BITS),
+                        (stamp >> _NODE_BITS) & _LOGICAL_MASK, _STAMP_NODES[stamp & _NODE_MASK])
 
 
 class _Rare(msgspec.Struct, frozen=True, gc=False):
@@ -547,29 +574,32 @@ class _Rare(msgspec.Struct, frozen=True, gc=False):
     hint_for: str | None = None
     failed_at: float = float("-inf")
     no_room: dict[str, float] = msgspec.field(default_factory=lambda: _NO_ROOM)
+    ws: tuple[str, ...] | None = None
+    """None: the write set is the replica set (no member is full)."""
 
 
 _COMMON = _Rare()
 """The ``rare`` of an entry with every one of them at its default."""
 
-_RARES: dict[tuple[str | None, float], _Rare] = {}
-"""The shared ``_Rare`` of each (hint_for, failed_at) with no ``no_room``: after a node
-leaves, every entry it was in gets the same ``failed_at``. Up to ``SHARED_VALUES_MAX``
+_RARES: dict[tuple[str | None, float, tuple[str, ...] | None], _Rare] = {}
+"""The shared ``_Rare`` of each (hint_for, failed_at, ws) with no ``no_room``: after a
+node leaves, every entry it was in gets the same ``failed_at``, and write sets are few. Up to ``SHARED_VALUES_MAX``
 (then forgotten and started again: older ones stay shared by their entries). Values, never
 changed, so every manager of the process may share them."""
 
 
-def _rare(hint_for: str | None, failed_at: float, no_room: dict[str, float]) -> _Rare:
+def _rare(hint_for: str | None, failed_at: float, no_room: dict[str, float],
+          ws: tuple[str, ...] | None) -> _Rare:
     if no_room is not _NO_ROOM:
-        return _Rare(hint_for, failed_at, no_room)  # the entry's own dict: not shared
-    if hint_for is None and failed_at == float("-inf"):
+        return _Rare(hint_for, failed_at, no_room, ws)  # the entry's own dict: not shared
+    if hint_for is None and failed_at == float("-inf") and ws is None:
         return _COMMON
-    key = (hint_for, failed_at)
+    key = (hint_for, failed_at, ws)
     got = _RARES.get(key)
     if got is None:
         if len(_RARES) >= SHARED_VALUES_MAX:
             _RARES.clear()
-        _RARES[key] = got = _Rare(hint_for, failed_at, _NO_ROOM)
+        _RARES[key] = got = _Rare(hint_for, failed_at, _NO_ROOM, ws)
     return got
 
 
@@ -584,20 +614,17 @@ class _Local(msgspec.Struct, gc=False):
     ``oid`` is the id."""
     policy: ObjectPolicy
     rare: _Rare = _COMMON
-    """``hint_for``, ``failed_at`` and ``no_room``, read and set through properties."""
+    """``hint_for``, ``failed_at``, ``no_room`` and ``ws``, read and set through
+    properties."""
     confirmed: dict[str, float] = msgspec.field(default_factory=lambda: _NONE_CONFIRMED)
     """Peer -> when it last confirmed holding (and keeping) this object. Shared between
     entries and never changed in place: set with ``ReplicaManager._set_confirmed``."""
     rs: tuple[str, ...] = ()
-    ws: tuple[str, ...] = ()
-    """The write set under the current view (== ``rs`` unless a member is full)."""
     rs_version: int = -1
-    stamp: int = 0
-    stamp_node: str = ""
-    """The entry's HLC timestamp, ``written`` for a copy and ``tomb`` for a tombstone
-    (``_TOMB`` in ``flags`` says which; a tombstone has no write stamp): its wall and
-    logical parts packed in one int (48 bytes, where an ``HLCTimestamp`` and its wall int
-    took 96) and its node name, a string shared by every stamp of that node."""
+    stamp: int | HLCTimestamp = 0
+    """The entry's HLC timestamp as ``_pack`` keeps it, ``written`` for a copy and
+    ``tomb`` for a tombstone (``_TOMB`` in ``flags`` says which; a tombstone has no write
+    stamp)."""
     dg: tuple[str, ...] = ()
     """The peers whose pair digest holds this entry (``_entry_hash`` XORed into their
     accumulators), as last indexed; may name this node, which is skipped. The hash is
@@ -623,7 +650,7 @@ class _Local(msgspec.Struct, gc=False):
     @hint_for.setter
     def hint_for(self, node: str | None) -> None:
         r = self.rare
-        self.rare = _rare(node, r.failed_at, r.no_room)
+        self.rare = _rare(node, r.failed_at, r.no_room, r.ws)
 
     @property
     def failed_at(self) -> float:
@@ -633,7 +660,7 @@ class _Local(msgspec.Struct, gc=False):
     @failed_at.setter
     def failed_at(self, at: float) -> None:
         r = self.rare
-        self.rare = _rare(r.hint_for, at, r.no_room)
+        self.rare = _rare(r.hint_for, at, r.no_room, r.ws)
 
     @property
     def no_room(self) -> dict[str, float]:
@@ -645,7 +672,21 @@ class _Local(msgspec.Struct, gc=False):
     @no_room.setter
     def no_room(self, no_room: dict[str, float]) -> None:
         r = self.rare
-        self.rare = _rare(r.hint_for, r.failed_at, no_room)
+        self.rare = _rare(r.hint_for, r.failed_at, no_room, r.ws)
+
+    @property
+    def ws(self) -> tuple[str, ...]:
+        """The write set under the current view (== ``rs`` unless a member is full); set
+        it after ``rs``."""
+        ws = self.rare.ws
+        return self.rs if ws is None else ws
+
+    @ws.setter
+    def ws(self, ws: tuple[str, ...]) -> None:
+        r = self.rare
+        kept = None if ws == self.rs else ws
+        if kept != r.ws:
+            self.rare = _rare(r.hint_for, r.failed_at, r.no_room, kept)
 
     @property
     def written(self) -> HLCTimestamp:
@@ -653,30 +694,28 @@ class _Local(msgspec.Struct, gc=False):
         (``ZERO_TS``: unknown; always so for a tombstone)."""
         if self.flags & _TOMB:
             return ZERO_TS
-        return _unpack_stamp(self.stamp, self.stamp_node)
+        return _unpack(self.stamp)
 
     @written.setter
     def written(self, ts: HLCTimestamp) -> None:
         assert not self.flags & _TOMB, "a tombstone has no write stamp"
-        self.stamp = ts.wall_ns << _LOGICAL_BITS | ts.logical
-        self.stamp_node = ts.node
+        self.stamp = _pack(ts)
 
     @property
     def tomb(self) -> HLCTimestamp | None:
         """Set: this entry is a tombstone, not a copy (no bytes are held)."""
         if not self.flags & _TOMB:
             return None
-        return _unpack_stamp(self.stamp, self.stamp_node)
+        return _unpack(self.stamp)
 
     @tomb.setter
     def tomb(self, ts: HLCTimestamp | None) -> None:
         if ts is None:
             self.flags &= ~_TOMB
-            self.stamp, self.stamp_node = 0, ""
+            self.stamp = 0
         else:
             self.flags |= _TOMB
-            self.stamp = ts.wall_ns << _LOGICAL_BITS | ts.logical
-            self.stamp_node = ts.node
+            self.stamp = _pack(ts)
 
     @property
     def under(self) -> bool:
@@ -728,7 +767,7 @@ def _new_local(oid: _Key, policy: ObjectPolicy, hint_for: str | None, *,
     """A new inventory entry of ``oid`` (an id, or its ``_key``): a copy written at
     ``written``, or the tombstone ``tomb``."""
     loc = _Local(_key(oid), policy, _COMMON if hint_for is None
-                 else _rare(hint_for, float("-inf"), _NO_ROOM), flags=flags)
+                 else _rare(hint_for, float("-inf"), _NO_ROOM, None), flags=flags)
     if tomb is not None:
         loc.tomb = tomb
     elif written is not ZERO_TS:
