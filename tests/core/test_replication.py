@@ -36,6 +36,7 @@ from meshscale.core.replication import (
     TombstoneStored,
     Transfer,
     UnderReplicated,
+    _Inventory,
     decode_message,
     encode_message,
 )
@@ -833,8 +834,13 @@ def test_a_full_node_is_never_a_put_target_nor_a_stand_in() -> None:
 # --------------------------------------------------------------------------- idle cost
 
 
-class _NoWalk(dict[str, object]):
+class _NoWalk(_Inventory):
     """An inventory that may be looked up but not walked."""
+
+    def __init__(self, inv: _Inventory) -> None:
+        super().__init__()
+        for loc in inv.values():
+            self.add(loc)
 
     def _walked(self, *_: object) -> None:
         raise AssertionError("the inventory was walked")
@@ -1062,7 +1068,7 @@ def test_an_entrys_flags_are_independent_bits() -> None:
     from meshscale.core.replication import _Local
 
     names_ = ("under", "dropping", "moved", "handed")
-    loc = _Local("x", ANY, None)
+    loc = _Local("x", ANY)
     for i, name in enumerate(names_):
         for on in (True, False, True):
             setattr(loc, name, on)

@@ -103,13 +103,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar, cast
 
 import msgspec
 
 from meshscale.core.hlc import HLCTimestamp
+from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
 from meshscale.core.placement import (
     MAX_REPLICAS,
@@ -486,33 +487,144 @@ SHARED_VALUES_MAX = 4096
 entries to share (beyond it, new ones are stored as they come)."""
 
 
-_UNDER, _DROPPING, _MOVED, _HANDED = 1, 2, 4, 8
+_UNDER, _DROPPING, _MOVED, _HANDED, _TOMB = 1, 2, 4, 8, 16
 """The bits of ``_Local.flags``."""
 
+_Key = str | int
+"""An object id as the inventory keeps it (``_key``)."""
 
-@dataclass(slots=True)
-class _Local:
-    """A copy this node holds."""
+_ID_HEX = 64
+"""Hex digits of a content id after ``OBJECT_ID_PREFIX`` (``core.objects``)."""
 
-    oid: str
+
+def _key(oid: _Key) -> _Key:
+    """The inventory's key of ``oid``: a content id (``OBJECT_ID_PREFIX`` and 64 lowercase
+    hex digits, every id the store makes) as the int of its digest, 64 bytes where its
+    string takes 128 (issue #24); any other string (tests name objects "o1") as itself.
+    Exact: ``_oid`` gives ``oid`` back, and a key already made is returned as it is."""
+    if (type(oid) is str and len(oid) == len(OBJECT_ID_PREFIX) + _ID_HEX
+            and oid.startswith(OBJECT_ID_PREFIX)):
+        digits = oid[len(OBJECT_ID_PREFIX):]
+        try:
+            k = int(digits, 16)
+            # int() also takes upper case, underscores, white space and a sign: only
+            # the canonical spelling is packed, so that unpacking gives back the id.
+            if k.to_bytes(_ID_HEX // 2, "big").hex() == digits:
+                return k
+        except (ValueError, OverflowError):
+            pass
+    return oid
+
+
+def _first(pair: tuple[str, object]) -> str:
+    return pair[0]
+
+
+def _oid(key: _Key) -> str:
+    """The object id of an inventory key (``_key``'s inverse)."""
+    if type(key) is str:
+        return key
+    assert isinstance(key, int)
+    return OBJECT_ID_PREFIX + key.to_bytes(_ID_HEX // 2, "big").hex()
+
+
+_LOGICAL_BITS = 32
+_LOGICAL_MASK = (1 << _LOGICAL_BITS) - 1
+
+
+_NODE_BITS = 12
+_NODE_MASK = (1 << _NODE_BITS) - 1
+_STAMP_NODES: list[str] = [""]
+"""Node names of the stamps entries keep, by their number in a packed stamp (``_pack``):
+at most ``2 ** _NODE_BITS``, never forgotten (a stamp's name beyond them is not packed).
+Values, the same in every manager of the process."""
+_STAMP_NODE_NUMBERS: dict[str, int] = {"": 0}
+
+
+def _pack(ts: HLCTimestamp) -> int | HLCTimestamp:
+    """``ts`` as an entry keeps it: its wall, logical and node number in one int (48
+    bytes, where an ``HLCTimestamp`` and its wall int take 96 and the name a slot), or
+    itself when ``_STAMP_NODES`` is full and does not name its node."""
+    n = _STAMP_NODE_NUMBERS.get(ts.node)
+    if n is None:
+        if len(_STAMP_NODES) > _NODE_MASK:
+            return ts
+        n = _STAMP_NODE_NUMBERS[ts.node] = len(_STAMP_NODES)
+        _STAMP_NODES.append(ts.node)
+    return ((ts.wall_ns << _LOGICAL_BITS | ts.logical) << _NODE_BITS) | n
+
+
+def _unpack(stamp: int | HLCTimestamp) -> HLCTimestamp:
+    """``_pack``'s inverse."""
+    if type(stamp) is not int:
+        assert isinstance(stamp, HLCTimestamp)
+        return stamp
+    if not stamp:
+        return ZERO_TS
+    return HLCTimestamp(stamp >> (_NODE_BITS + _LOGICAL_BITS),
+                        (stamp >> _NODE_BITS) & _LOGICAL_MASK, _STAMP_NODES[stamp & _NODE_MASK])
+
+
+class _Rare(msgspec.Struct, frozen=True, gc=False):
+    """The fields of an entry that nearly always have their default (``_Local.rare``):
+    one slot of the entry, shared (``_rare``) while ``no_room`` is empty. Never changed:
+    an entry gets another one (``no_room``, an entry's own dict once not empty, is
+    changed in place, as it was)."""
+
+    hint_for: str | None = None
+    failed_at: float = float("-inf")
+    no_room: dict[str, float] = msgspec.field(default_factory=lambda: _NO_ROOM)
+    ws: tuple[str, ...] | None = None
+    """None: the write set is the replica set (no member is full)."""
+
+
+_COMMON = _Rare()
+"""The ``rare`` of an entry with every one of them at its default."""
+
+_RARES: dict[tuple[str | None, float, tuple[str, ...] | None], _Rare] = {}
+"""The shared ``_Rare`` of each (hint_for, failed_at, ws) with no ``no_room``: after a
+node leaves, every entry it was in gets the same ``failed_at``, and write sets are few. Up to ``SHARED_VALUES_MAX``
+(then forgotten and started again: older ones stay shared by their entries). Values, never
+changed, so every manager of the process may share them."""
+
+
+def _rare(hint_for: str | None, failed_at: float, no_room: dict[str, float],
+          ws: tuple[str, ...] | None) -> _Rare:
+    if no_room is not _NO_ROOM:
+        return _Rare(hint_for, failed_at, no_room, ws)  # the entry's own dict: not shared
+    if hint_for is None and failed_at == float("-inf") and ws is None:
+        return _COMMON
+    key = (hint_for, failed_at, ws)
+    got = _RARES.get(key)
+    if got is None:
+        if len(_RARES) >= SHARED_VALUES_MAX:
+            _RARES.clear()
+        _RARES[key] = got = _Rare(hint_for, failed_at, _NO_ROOM, ws)
+    return got
+
+
+class _Local(msgspec.Struct, gc=False):
+    """A copy this node holds, or a tombstone (``tomb``): one per object in the inventory,
+    so every field costs 8 bytes per copy held (issue #24). ``gc=False``: it refers to
+    strings, ints, tuples, policies and dicts of floats, never back to itself, so it
+    can be in no reference cycle and goes without the collector's header (16 bytes)."""
+
+    key: _Key
+    """The object's id as ``_key`` packs it (the same object as its inventory key);
+    ``oid`` is the id."""
     policy: ObjectPolicy
-    hint_for: str | None
-    confirmed: dict[str, float] = field(default_factory=lambda: _NONE_CONFIRMED)
+    rare: _Rare = _COMMON
+    """``hint_for``, ``failed_at``, ``no_room`` and ``ws``, read and set through
+    properties."""
+    confirmed: dict[str, float] = msgspec.field(default_factory=lambda: _NONE_CONFIRMED)
     """Peer -> when it last confirmed holding (and keeping) this object. Shared between
     entries and never changed in place: set with ``ReplicaManager._set_confirmed``."""
-    failed_at: float = float("-inf")
-    """When a member of its replica set last left the view (repair priority)."""
     rs: tuple[str, ...] = ()
-    ws: tuple[str, ...] = ()
-    """The write set under the current view (== ``rs`` unless a member is full)."""
     rs_version: int = -1
-    no_room: dict[str, float] = field(default_factory=lambda: _NO_ROOM)
-    """Full peer -> when it said it lacks this copy and has no room for it. Nearly always
-    empty: then the one shared ``_NO_ROOM`` (never written to), not a dict per entry."""
-    written: HLCTimestamp = ZERO_TS
-    """A copy: when the newest write of these bytes that reached us happened."""
-    tomb: HLCTimestamp | None = None
-    """Set: this entry is a tombstone, not a copy (no bytes are held)."""
+    stamp: int | HLCTimestamp = 0
+    """The entry's HLC timestamp as ``_pack`` keeps it, ``written`` for a copy and
+    ``tomb`` for a tombstone (``_TOMB`` in ``flags`` says which; a tombstone has no write
+    stamp)."""
     dg: tuple[str, ...] = ()
     """The peers whose pair digest holds this entry (``_entry_hash`` XORed into their
     accumulators), as last indexed; may name this node, which is skipped. The hash is
@@ -523,8 +635,87 @@ class _Local:
     match of a round started at or after it covers this entry. The epoch advances when a
     round starts, not at every change, so entries share its int (not 32 bytes each)."""
     flags: int = 0
-    """``under``, ``dropping``, ``moved`` and ``handed`` as bits (``_UNDER``...): one
-    slot, a small cached int, where four slots took 24 bytes more per entry."""
+    """``under``, ``dropping``, ``moved``, ``handed`` and ``_TOMB`` as bits (``_UNDER``...):
+    one slot, a small cached int, where four slots took 24 bytes more per entry."""
+
+    @property
+    def oid(self) -> str:
+        return _oid(self.key)
+
+    @property
+    def hint_for(self) -> str | None:
+        """The node this copy is held for (a hinted copy), if any."""
+        return self.rare.hint_for
+
+    @hint_for.setter
+    def hint_for(self, node: str | None) -> None:
+        r = self.rare
+        self.rare = _rare(node, r.failed_at, r.no_room, r.ws)
+
+    @property
+    def failed_at(self) -> float:
+        """When a member of its replica set last left the view (repair priority)."""
+        return self.rare.failed_at
+
+    @failed_at.setter
+    def failed_at(self, at: float) -> None:
+        r = self.rare
+        self.rare = _rare(r.hint_for, at, r.no_room, r.ws)
+
+    @property
+    def no_room(self) -> dict[str, float]:
+        """Full peer -> when it said it lacks this copy and has no room for it. Nearly
+        always empty: then the one shared ``_NO_ROOM`` (never written to), not a dict
+        per entry."""
+        return self.rare.no_room
+
+    @no_room.setter
+    def no_room(self, no_room: dict[str, float]) -> None:
+        r = self.rare
+        self.rare = _rare(r.hint_for, r.failed_at, no_room, r.ws)
+
+    @property
+    def ws(self) -> tuple[str, ...]:
+        """The write set under the current view (== ``rs`` unless a member is full); set
+        it after ``rs``."""
+        ws = self.rare.ws
+        return self.rs if ws is None else ws
+
+    @ws.setter
+    def ws(self, ws: tuple[str, ...]) -> None:
+        r = self.rare
+        kept = None if ws == self.rs else ws
+        if kept != r.ws:
+            self.rare = _rare(r.hint_for, r.failed_at, r.no_room, kept)
+
+    @property
+    def written(self) -> HLCTimestamp:
+        """A copy: when the newest write of these bytes that reached us happened
+        (``ZERO_TS``: unknown; always so for a tombstone)."""
+        if self.flags & _TOMB:
+            return ZERO_TS
+        return _unpack(self.stamp)
+
+    @written.setter
+    def written(self, ts: HLCTimestamp) -> None:
+        assert not self.flags & _TOMB, "a tombstone has no write stamp"
+        self.stamp = _pack(ts)
+
+    @property
+    def tomb(self) -> HLCTimestamp | None:
+        """Set: this entry is a tombstone, not a copy (no bytes are held)."""
+        if not self.flags & _TOMB:
+            return None
+        return _unpack(self.stamp)
+
+    @tomb.setter
+    def tomb(self, ts: HLCTimestamp | None) -> None:
+        if ts is None:
+            self.flags &= ~_TOMB
+            self.stamp = 0
+        else:
+            self.flags |= _TOMB
+            self.stamp = _pack(ts)
 
     @property
     def under(self) -> bool:
@@ -567,6 +758,64 @@ class _Local:
     @handed.setter
     def handed(self, on: bool) -> None:
         self.flags = self.flags | _HANDED if on else self.flags & ~_HANDED
+
+
+
+def _new_local(oid: _Key, policy: ObjectPolicy, hint_for: str | None, *,
+               written: HLCTimestamp = ZERO_TS, tomb: HLCTimestamp | None = None,
+               flags: int = 0) -> _Local:
+    """A new inventory entry of ``oid`` (an id, or its ``_key``): a copy written at
+    ``written``, or the tombstone ``tomb``."""
+    loc = _Local(_key(oid), policy, _COMMON if hint_for is None
+                 else _rare(hint_for, float("-inf"), _NO_ROOM, None), flags=flags)
+    if tomb is not None:
+        loc.tomb = tomb
+    elif written is not ZERO_TS:
+        loc.written = written
+    return loc
+
+
+class _Inventory:
+    """Object id -> its ``_Local``, the inventory. Looked up by id (a string), kept by
+    ``_key`` (a content id as an int: one object per copy held, shared with its entry's
+    ``key``). Walking it gives ids in the order the entries were added, as a dict does."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: dict[_Key, _Local] = {}
+
+    def get(self, oid: _Key) -> _Local | None:
+        return self._d.get(_key(oid))
+
+    def __getitem__(self, oid: _Key) -> _Local:
+        return self._d[_key(oid)]
+
+    def __contains__(self, oid: object) -> bool:
+        return isinstance(oid, (str, int)) and _key(oid) in self._d
+
+    def add(self, loc: _Local) -> None:
+        """Add (or replace) the entry of ``loc.oid``, under its own key object."""
+        self._d[loc.key] = loc
+
+    def __delitem__(self, oid: _Key) -> None:
+        del self._d[_key(oid)]
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __iter__(self) -> Iterator[str]:
+        return map(_oid, self._d)
+
+    def keys(self) -> list[_Key]:
+        """The keys (``_key``), in order: for a walk that looks entries up again."""
+        return list(self._d)
+
+    def values(self) -> Iterable[_Local]:
+        return self._d.values()
+
+    def items(self) -> Iterator[tuple[str, _Local]]:
+        return ((_oid(k), loc) for k, loc in self._d.items())
 
 
 @dataclass(slots=True)
@@ -619,8 +868,8 @@ class _PeerRound:
 class _Rebuild:
     """A view change's pass over the inventory, done in slices (``_rebuild_slice``)."""
 
-    oids: list[str]
-    """The inventory when the view last changed, in its order: each is re-placed and
+    oids: list[_Key]
+    """The inventory's keys (``_key``) when the view last changed, in its order: each is re-placed and
     re-indexed once (an entry added since was indexed under the current view). After a
     view change during a rebuild, the ids the rebuild had not reached come first, then
     the whole inventory again (the second time, such an entry's sets are cached under
@@ -663,7 +912,7 @@ class ReplicaManager:
         self._view_since = now
         self._peers: list[str] = []
         self._peer_cursor = 0
-        self._inv: dict[str, _Local] = {}
+        self._inv = _Inventory()
         self._puts: dict[int, _Put] = {}
         self._put_deadlines: list[tuple[float, int]] = []
         self._deletes: dict[int, _Delete] = {}
@@ -693,7 +942,7 @@ class ReplicaManager:
         self._dg_acc: dict[str, int] = {}
         """Peer -> count and XOR of the entries in our pair digest with it (kept as
         entries change; rebuilt on a view change)."""
-        self._handoff: set[str] = set()
+        self._handoff: set[_Key] = set()
         """Entries to offer beyond the pair digests: held outside their replica set, or
         with a member that declined them (``no_room``)."""
         self._seq = 0
@@ -849,7 +1098,7 @@ class ReplicaManager:
         left = [] if rb is None else rb.oids[rb.pos:]
         if rb is not None:
             self._count("rebuilds_restarted")
-        self._rebuilding = _Rebuild(left + list(self._inv), 0, len(left),
+        self._rebuilding = _Rebuild(left + self._inv.keys(), 0, len(left),
                                     self._unmoved(old_view, removed, added), now)
         # Promptly re-check with everyone (once the rebuild is done): the replica sets of
         # some objects moved.
@@ -899,7 +1148,8 @@ class ReplicaManager:
         ``written`` (None: unknown, older than any tombstone). A copy older than a live
         tombstone here is dropped at once (``DropLocal``); a newer one supersedes it."""
         w = ZERO_TS if written is None else written
-        loc = self._inv.get(oid)
+        key = _key(oid)
+        loc = self._inv.get(key)
         if loc is not None and loc.tomb is not None:
             if w <= loc.tomb:
                 self._count("resurrections_refused")
@@ -917,8 +1167,8 @@ class ReplicaManager:
             if w > loc.written:
                 loc.written = w
             return
-        loc = _Local(oid, self._share(policy), hint_for, written=w)
-        self._inv[oid] = loc
+        loc = _new_local(key, self._share(policy), hint_for, written=w)
+        self._inv.add(loc)
         self._index(loc)
         self._count("objects_added")
         if self.name not in self._rs_of_local(loc):
@@ -950,6 +1200,16 @@ class ReplicaManager:
 
     def inventory(self) -> list[str]:
         return sorted(o for o, loc in self._inv.items() if loc.tomb is None)
+
+    def unconfirmed_count(self) -> int:
+        """Copies held here that no peer is confirmed to hold (``confirmed_holders``
+        empty), counted without listing their ids (a string each, from its key)."""
+        n = 0
+        for loc in self._inv.values():
+            if loc.tomb is None:
+                self._settle(loc)
+                n += not loc.confirmed
+        return n
 
     def confirmed_holders(self, oid: str) -> list[str]:
         loc = self._inv.get(oid)
@@ -1157,8 +1417,9 @@ class ReplicaManager:
         if self._tomb_count >= self.config.max_tombstones:
             self._count("tombstones_shed")
             return "applied"
-        new = _Local(oid, self._share(policy), None, tomb=ts, flags=_MOVED if moved else 0)
-        self._inv[oid] = new
+        new = _new_local(oid, self._share(policy), None, tomb=ts,
+                         flags=_MOVED if moved else 0)
+        self._inv.add(new)
         self._index(new)
         self._tomb_count += 1
         heapq.heappush(self._tomb_heap, (self._expiry(ts), oid))
@@ -1386,8 +1647,12 @@ class ReplicaManager:
         pair = [loc for loc in self._inv.values() if src in loc.dg]
         for loc in pair:
             self._settle(loc)
-        pair.sort(key=lambda loc: (src in loc.confirmed, loc.oid))
-        self._offer(src, st, [loc.oid for loc in pair])
+        # Only the first ``_offer`` takes are listed (nsmallest is sorted()[:n]): an id
+        # string per entry of the pair set, held at once, was a high-water mark of
+        # ~200 B per copy (issue #24).
+        first = heapq.nsmallest(self._offer_budget(st), pair,
+                                key=lambda loc: (src in loc.confirmed, loc.oid))
+        self._offer(src, st, [loc.oid for loc in first])
 
     def _stamp(self, s: str | None) -> HLCTimestamp | None:
         if s is None:
@@ -1565,7 +1830,7 @@ class ReplicaManager:
             self._verify()
         wanted = set(peers)
         handoff: dict[str, list[str]] = {p: [] for p in peers}
-        for oid in sorted(self._handoff):
+        for oid in sorted(map(_oid, self._handoff)):
             loc = self._inv[oid]
             self._settle(loc)
             rs = self._rs_of_local(loc)
@@ -1601,11 +1866,14 @@ class ReplicaManager:
             if handoff[p]:
                 self._offer(p, st, handoff[p])
 
+    def _offer_budget(self, st: _PeerRound) -> int:
+        """How many more ids ``st``'s round may offer (``max_ids_per_round``)."""
+        return max(0, self.config.max_ids_per_round - sum(len(v) for v in st.pages.values()))
+
     def _offer(self, peer: str, st: _PeerRound, oids: list[str]) -> None:
-        budget = self.config.max_ids_per_round - sum(len(v) for v in st.pages.values())
         # A round's ids were listed when it started; a copy dropped or deleted since has no
         # inventory entry to offer (indexing it raised KeyError out of the digest reply).
-        oids = [o for o in oids if o in self._inv][: max(0, budget)]
+        oids = [o for o in oids if o in self._inv][: self._offer_budget(st)]
         size = self.config.page_size
         for i in range(0, len(oids), size):
             chunk = oids[i : i + size]
@@ -1659,9 +1927,9 @@ class ReplicaManager:
                     acc[p] = acc.get(p, 0) ^ h
             loc.dg = new
         if self._in_handoff(loc):
-            self._handoff.add(loc.oid)
+            self._handoff.add(loc.key)
         else:
-            self._handoff.discard(loc.oid)
+            self._handoff.discard(loc.key)
 
     def _undigest(self, loc: _Local, h: int | None = None) -> None:
         """Take ``loc``'s share out of the pair digests (before its hash changes); ``h``:
@@ -1679,7 +1947,7 @@ class ReplicaManager:
     def _unindex(self, loc: _Local) -> None:
         """``loc`` leaves the inventory."""
         self._undigest(loc)
-        self._handoff.discard(loc.oid)
+        self._handoff.discard(loc.key)
         if loc.under:
             loc.under = False
             self._under -= 1
@@ -1700,7 +1968,7 @@ class ReplicaManager:
         unmoved = rb.unmoved
         gone = self._gone
         inv = self._inv
-        moved: list[str] = []
+        moved: list[tuple[str, _Local]] = []
         for i in range(rb.pos, end):
             loc = inv.get(rb.oids[i])
             if loc is None:
@@ -1715,15 +1983,15 @@ class ReplicaManager:
                     and unmoved(loc)):
                 loc.rs_version = version
             else:
-                moved.append(loc.oid)
+                moved.append((loc.oid, loc))
             loc.handed = False  # a moved tombstone is offered to its (new) set again
             # Later than any digest match pending from before the view change: a match
             # of an older pair set must not cover it once it is indexed for the new one.
             self._index(loc)
         rb.pos = end
         # Only an entry whose replica set moved can change its count of live replicas.
-        for oid in sorted(moved):
-            loc = inv[oid]
+        moved.sort(key=_first)  # by id (ids are unique)
+        for oid, loc in moved:
             if loc.tomb is None:
                 self._check_under(oid, loc)
         if rb.pos < len(rb.oids):
@@ -1822,7 +2090,7 @@ class ReplicaManager:
                     count[p] = count.get(p, 0) + 1
                     acc[p] = acc.get(p, 0) ^ _entry_hash(loc)
             if self._in_handoff(loc):
-                handoff.add(loc.oid)
+                handoff.add(loc.key)
         for p in sorted(set(count) | set(self._dg_count)):
             want = (count.get(p, 0), acc.get(p, 0))
             have = (self._dg_count.get(p, 0), self._dg_acc.get(p, 0))
@@ -1831,7 +2099,7 @@ class ReplicaManager:
                                   f"{have[1]:032x}, recomputed {want[0]} ids {want[1]:032x}")
         if handoff != self._handoff:
             raise DigestDrift(f"{self.name}: handoff set differs from a recomputation: "
-                              f"{sorted(handoff ^ self._handoff)[:5]}")
+                              f"{sorted(map(_oid, handoff ^ self._handoff))[:5]}")
         if _NO_ROOM:
             raise DigestDrift(f"{self.name}: the shared empty no_room was written to")
         if _NONE_CONFIRMED:
@@ -1845,7 +2113,7 @@ class ReplicaManager:
         (all of them: the handoff set, or only ``oids``: those whose confirmations just
         changed)."""
         busy = {p.oid for p in self._puts.values()}
-        for oid in sorted(self._handoff) if oids is None else oids:
+        for oid in sorted(map(_oid, self._handoff)) if oids is None else oids:
             loc = self._inv.get(oid)
             if loc is None or loc.dropping:
                 continue

@@ -1130,7 +1130,7 @@ class NodeAgent:
         rm = None if self.dataplane is None else self.dataplane.rm
         if rm is None:
             return 0
-        return sum(1 for oid in rm.inventory() if not rm.confirmed_holders(oid))
+        return rm.unconfirmed_count()
 
     def _power_state(self, state: PowerState) -> None:
         self.power.state = state

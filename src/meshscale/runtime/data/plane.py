@@ -101,6 +101,8 @@ class DataPlane(Policies, Erasure, Uploads, Reads, Catalog, KvStore, ReplicaDriv
             for meta in page:
                 self.rm.object_added(meta.object_id, policy_of(meta), meta.hint_for, now,
                                      _stamp(meta.written))
+            # Not an UnderReplicated event kept per copy until the end (_hold_outputs).
+            self._hold_outputs()
             if len(page) < 1000:
                 break
             after = page[-1].object_id

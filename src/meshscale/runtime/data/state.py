@@ -22,7 +22,12 @@ from meshscale.core.membership import State
 from meshscale.core.placement import Candidate, Residency, is_full, may_hold
 from meshscale.core.policy import ClassPolicy, kv_residency
 from meshscale.core.puts import PutPlan
-from meshscale.core.replication import ObjectPolicy, ReplicaManager, ReplicationConfig
+from meshscale.core.replication import (
+    ObjectPolicy,
+    ReplicaManager,
+    ReplicationConfig,
+    ReplicationOutput,
+)
 from meshscale.runtime import caller
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.local import call_node
@@ -256,6 +261,11 @@ class DataPlaneBase:
         self._spares: dict[int, _Spare] = {}
         """write id -> the spare copy of a put coordinated outside its replica set."""
         self._kv_stragglers: set[asyncio.Future[None]] = set()
+        self._held: list[ReplicationOutput] = []
+        """Replica manager outputs drained early (``_hold_outputs``), carried out first by
+        the next ``_pump``."""
+        self._unlisted = 0
+        """``UnderReplicated`` events ``_hold_outputs`` counted instead of holding."""
         self.policies: dict[str, ClassPolicy] = {}
         """Data-class policies this node knows (``runtime/data/policy.py`` keeps it)."""
         self.hints = KVHints(agent.name, self.cfg.kv_hints, replicas=self.cfg.kv_replicas,
