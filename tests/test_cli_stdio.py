@@ -9,11 +9,18 @@ object bytes through ``sys.stdout.buffer``; ``typer.echo`` writes through ``sys.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import hashlib
 import os
 import subprocess
 import sys
-import time
+import termios
+
+from waiting import wait_for
+
+PIPE_BYTES = 64 * 1024
+"""A Linux pipe's default capacity."""
 
 CHILD = r"""
 import os, sys, threading, time
@@ -43,10 +50,19 @@ def test_stdout_keeps_every_byte_under_pythonunbuffered() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+
+    def full_or_done() -> bool:
+        # A slow reader: read only once the pipe is full (the child's write is blocked
+        # on it, where a signal cuts it short) or the child has finished.
+        waiting = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, waiting)
+        return waiting[0] >= PIPE_BYTES or proc.poll() is not None
+
     got = bytearray()
     while True:
-        time.sleep(0.0003)  # a slow reader: the child's writes meet a full pipe
-        chunk = os.read(proc.stdout.fileno(), 1 << 16)
+        wait_for(full_or_done, 60, "the pipe full or the child done", poll=0.0002)
+        chunk = os.read(fd, 1 << 16)
         if not chunk:
             break
         got += chunk

@@ -41,8 +41,7 @@ def test_a_worker_run_again_waits_for_its_lost_runs_name() -> None:
             async def twin_main() -> None:
                 async with Worker(addr, name="w-x", nthreads=1, dashboard=False):
                     twin_up.set()
-                    while not twin_stop.is_set():
-                        await asyncio.sleep(0.02)
+                    await asyncio.to_thread(twin_stop.wait, 60)
 
             twin = threading.Thread(target=asyncio.run, args=(twin_main(),))
             twin.start()
