@@ -110,7 +110,7 @@ from typing import Annotated, TypeVar, cast
 import msgspec
 
 from meshscale.core.hlc import HLCTimestamp
-from meshscale.core.objects import OBJECT_ID_PREFIX
+from meshscale.core.objects import OBJECT_ID_PREFIX, is_object_id
 from meshscale.core.outputs import Event
 from meshscale.core.placement import (
     MAX_REPLICAS,
@@ -498,21 +498,13 @@ _ID_HEX = 64
 
 
 def _key(oid: _Key) -> _Key:
-    """The inventory's key of ``oid``: a content id (``OBJECT_ID_PREFIX`` and 64 lowercase
-    hex digits, every id the store makes) as the int of its digest, 64 bytes where its
-    string takes 128 (issue #24); any other string (tests name objects "o1") as itself.
-    Exact: ``_oid`` gives ``oid`` back, and a key already made is returned as it is."""
-    if (type(oid) is str and len(oid) == len(OBJECT_ID_PREFIX) + _ID_HEX
-            and oid.startswith(OBJECT_ID_PREFIX)):
-        digits = oid[len(OBJECT_ID_PREFIX):]
-        try:
-            k = int(digits, 16)
-            # int() also takes upper case, underscores, white space and a sign: only
-            # the canonical spelling is packed, so that unpacking gives back the id.
-            if k.to_bytes(_ID_HEX // 2, "big").hex() == digits:
-                return k
-        except (ValueError, OverflowError):
-            pass
+    """The inventory's key of ``oid``: a content id (``core.objects.is_object_id``: the
+    prefix and 64 lowercase hex digits, every id the store makes) as the int of its
+    digest, 64 bytes where its string takes 128 (issue #24); any other string (tests name
+    objects "o1") as itself. Exact: ``_oid`` gives ``oid`` back, and a key already made
+    is returned as it is."""
+    if is_object_id(oid):
+        return int(cast(str, oid)[len(OBJECT_ID_PREFIX):], 16)
     return oid
 
 
