@@ -748,11 +748,36 @@ def _start(mesh: LocalMesh) -> None:
     asyncio.run(wait_warm(mesh, 300))
 
 
-def run_scale(n: int, quick: bool, tmpfs: bool, preload: bool) -> dict[str, float]:
+SCALE_NODES = 3
+"""Nodes of the --scale mesh; each holds every object (RF 3)."""
+FILE_ROOM_BYTES = 4096
+"""What one small object's file takes on a filesystem at least (a page of tmpfs, a block
+of ext4), besides its inode."""
+
+
+def room_problem(directory: str, n: int) -> str | None:
+    """Why ``directory``'s filesystem cannot hold N small objects on every node of the
+    --scale mesh (files and bytes), or None. Checked before a run that may take an hour,
+    not found out part-way: a tmpfs of the default size has one inode per page of RAM
+    halved, about 3 million on a 24 GB machine, fewer than 3 nodes x 1,000,000 files."""
+    st = os.statvfs(directory)
+    files = SCALE_NODES * n
+    need_bytes = files * FILE_ROOM_BYTES
+    if st.f_favail < files:
+        return (f"{directory} has room for {st.f_favail:,} more files, and {n:,} objects on "
+                f"{SCALE_NODES} nodes need {files:,} (mount a tmpfs with more inodes, e.g. "
+                "nr_inodes=0, and pass it as --tmpfs-dir)")
+    if st.f_bavail * st.f_frsize < need_bytes:
+        return (f"{directory} has {st.f_bavail * st.f_frsize / 2**30:.1f} GiB free, and {n:,} "
+                f"objects on {SCALE_NODES} nodes need about {need_bytes / 2**30:.1f} GiB")
+    return None
+
+
+def run_scale(n: int, quick: bool, tmpfs_dir: str | None, preload: bool) -> dict[str, float]:
     settle_s, window_s = (5.0, 10.0) if quick else (60.0, 30.0)
     res: dict[str, float] = {}
     regions = ["eu-west", "us-east", "ap-south"]
-    where = "/dev/shm" if tmpfs else None
+    where = tmpfs_dir
     with tempfile.TemporaryDirectory(prefix="meshscale-bench-", dir=where) as d:
         if preload:
             # The baseline of memory and idle cost from an empty mesh of its own.
@@ -764,7 +789,7 @@ def run_scale(n: int, quick: bool, tmpfs: bool, preload: bool) -> dict[str, floa
                 cpu0, ae0 = asyncio.run(_idle_window(empty, window_s))
             finally:
                 empty.stop()
-        mesh = LocalMesh(Path(d) / "full", 3, regions=regions)
+        mesh = LocalMesh(Path(d) / "full", SCALE_NODES, regions=regions)
         if preload:
             mesh.make_bundles()
             t0 = time.perf_counter()
@@ -804,12 +829,13 @@ def run_scale(n: int, quick: bool, tmpfs: bool, preload: bool) -> dict[str, floa
     return res
 
 
-def scale_main(n: int, quick: bool, tmpfs: bool, preload: bool, out: Path | None) -> int:
+def scale_main(n: int, quick: bool, tmpfs_dir: str | None, preload: bool,
+               out: Path | None) -> int:
     settle_s, window_s = (5, 10) if quick else (60, 30)
-    res = run_scale(n, quick, tmpfs, preload)
+    res = run_scale(n, quick, tmpfs_dir, preload)
     notes = {
         "objects_held_per_node": f"{n:,} objects of {SCALE_OBJECT_BYTES} B, RF 3, 3 nodes"
-                                 + (", data dirs on tmpfs" if tmpfs else "")
+                                 + (", data dirs on tmpfs" if tmpfs_dir else "")
                                  + (", preloaded" if preload else ""),
         "rss_mb_per_node": "node process RSS (workers not counted), after the puts",
         "rss_bytes_per_object": "RSS over the same node empty, per object held",
@@ -854,6 +880,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmpfs", action="store_true",
                     help="with --scale: node data dirs on /dev/shm (no fsync cost, faster "
                          "loading; memory, idle and listing costs are the same code)")
+    ap.add_argument("--tmpfs-dir", default="/dev/shm", metavar="DIR",
+                    help="with --tmpfs: the tmpfs to put the node data dirs under "
+                         "(default /dev/shm)")
     ap.add_argument("--preload", action="store_true",
                     help="with --scale: write the objects into every node's store (its own "
                          "API) before the nodes start, instead of putting them")
@@ -869,10 +898,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.scale < 1:
             print("--scale: N must be at least 1", file=sys.stderr)
             return 2
-        if args.tmpfs and not os.access("/dev/shm", os.W_OK):
-            print("--tmpfs: /dev/shm is not writable here", file=sys.stderr)
+        where = args.tmpfs_dir if args.tmpfs else tempfile.gettempdir()
+        if not os.access(where, os.W_OK):
+            print(f"--scale: {where} is not writable here", file=sys.stderr)
             return 2
-        return scale_main(args.scale, args.quick, args.tmpfs, args.preload, args.json)
+        problem = room_problem(where, args.scale)
+        if problem is not None:
+            print(f"--scale: {problem}", file=sys.stderr)
+            return 2
+        return scale_main(args.scale, args.quick, args.tmpfs_dir if args.tmpfs else None,
+                          args.preload, args.json)
     res: dict[str, float] = {}
 
     def disk(mesh: LocalMesh) -> None:
