@@ -763,7 +763,7 @@ def room_problem(directory: str, n: int) -> str | None:
     st = os.statvfs(directory)
     files = SCALE_NODES * n
     need_bytes = files * FILE_ROOM_BYTES
-    if st.f_favail < files:
+    if st.f_files and st.f_favail < files:  # f_files 0: no limit (tmpfs nr_inodes=0)
         return (f"{directory} has room for {st.f_favail:,} more files, and {n:,} objects on "
                 f"{SCALE_NODES} nodes need {files:,} (mount a tmpfs with more inodes, e.g. "
                 "nr_inodes=0, and pass it as --tmpfs-dir)")
