@@ -353,6 +353,39 @@ def test_a_lone_task_bound_here_scores_this_node_alone(
     assert net.s["a"].stats["probes_sent"] == 2
 
 
+def test_an_owner_scores_itself_by_its_own_load_not_its_view_entry() -> None:
+    """The owner's entry in its view is a snapshot from the last view update, and the
+    tasks it bound here count as extra work until their ``Result``. A caller's loop of
+    lone tasks submits the next one as soon as the last one's answer comes (its run
+    ended, its slot free): scored by that snapshot (running 1, no free slot) or by that
+    count, this node cost a whole ``mean_task_s`` more than an idle peer, and the task
+    went to a remote node by way of reservations (issue #19: most lone no-ops of the
+    benchmark ran remotely, a round trip of reservations more each). This node's own
+    load is known exactly (``load()``): it is scored by that."""
+    one = Resources(1.0, 8000, 0)
+    view = [node(n, cap=one) for n in ("a", "b", "c", "d")]
+    net = Net(view)
+    a = net.s["a"]
+    # The view's snapshot of "a" shows a run, as one taken while the last task ran did.
+    a.set_view([node("a", cap=one, load=Load(1, 0, 0.0)), *view[1:]], 0.0)
+    a.submit([TaskSpec("t0")], 0.0)
+    out = a.drain()
+    assert [o.task.task_id for o in out if isinstance(o, RunTask)] == ["t0"]
+    assert not [o for o in out if isinstance(o, SendMessage)]
+    # t0's run ended (its slot is free, ``run_ended``) and its outcome travels; its
+    # Result is not in yet, so t0 still counts as bound here when t1 comes.
+    a.run_ended("a", "t0", 1, 0.01)
+    a.drain()
+    a.submit([TaskSpec("t1")], 0.02)
+    out = a.drain()
+    assert [o.task.task_id for o in out if isinstance(o, RunTask)] == ["t1"]
+    assert not [o for o in out if isinstance(o, SendMessage)]
+    assert a.stats["bound_here"] == 2 and a.stats.get("probes_sent", 0) == 0
+    # Busy (t1 runs): the next task is probed out as before.
+    a.submit([TaskSpec("t2")], 0.03)
+    assert a.stats["probes_sent"] == 2
+
+
 def test_an_exhausted_batch_cancels_its_other_reservations() -> None:
     # 100 tasks, two reservations each, on three one-slot nodes: once every task of the
     # batch is bound, the first NoTask tells a worker so and it drops the rest of its

@@ -114,6 +114,14 @@ def test_v2_parent_and_worker_cgroups(tmp_path: Path, monkeypatch: pytest.Monkey
     w.set_limits(None, None)
     assert (parent / "w1" / "memory.max").read_text() == "max"
     assert (parent / "w1" / "cpu.max").read_text() == "max 100000"
+    # The same quota as the last task's is not written again (only the node writes it);
+    # the memory limit always is.
+    (parent / "w1" / "cpu.max").write_text("not written again")
+    w.set_limits(200 << 20, None)
+    assert (parent / "w1" / "memory.max").read_text() == str(200 << 20)
+    assert (parent / "w1" / "cpu.max").read_text() == "not written again"
+    w.set_limits(None, 1.5)
+    assert (parent / "w1" / "cpu.max").read_text() == "150000 100000"
     (parent / "w1" / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\n")
     assert w.oom_kills() == 2
     # The control files stay open from task to task (w.files), and are read afresh.
@@ -155,6 +163,11 @@ def test_v1_worker_cgroup_on_this_host_if_writable() -> None:
         limit_file = "memory.max" if cgs.version == 2 else "memory.limit_in_bytes"
         assert int((w.memory / limit_file).read_text()) == 64 << 20
         w.set_limits(None, 1.0)  # up again: v1 memsw first
+        quota = "cpu.max" if cgs.version == 2 else "cpu.cfs_quota_us"
+        assert (w.cpu / quota).read_text().split()[0] == "100000"
+        w.set_limits(None, 1.0)  # the same quota: not written again
+        w.set_limits(None, 0.25)
+        assert (w.cpu / quota).read_text().split()[0] == "25000"
         assert w.remove()
     finally:
         cgs.close()

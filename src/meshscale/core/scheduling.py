@@ -110,7 +110,7 @@ import math
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 import msgspec
@@ -1263,6 +1263,20 @@ class Scheduler:
         me = self._view.get(self.name)
         return None if me is None else me.coord
 
+    def _cost(self, spec: TaskSpec, n: NodeState, origin: Coordinate | None) -> float:
+        """``score``'s total for ``spec`` on ``n`` as this owner places it. Another node
+        is scored by its gossiped load plus the work this owner sent it that gossip may
+        not show yet (``_extra``); this node by its own load as it is now (``load()``:
+        what it runs, has asked for and has queued, exactly), with nothing added. Its
+        entry in the view is a snapshot from the last view update, which can still show
+        the run that has just ended, and the tasks this owner bound here stay counted
+        until their ``Result``: either sent a lone task (the next one a caller submits
+        after the last one's answer) to a remote node by way of reservations while this
+        node's slot was free (issue #19)."""
+        if n.name == self.name:
+            return score(spec, replace(n, load=self.load()), origin, self.config).total
+        return score(spec, n, origin, self.config, extra_tasks=self._extra(n.name)).total
+
     def _extra(self, name: str) -> float:
         """Work this owner sent to ``name`` that gossip may not show yet."""
         d = self.config.probes_per_task
@@ -1336,14 +1350,11 @@ class Scheduler:
             # other nodes need no score (the lone task's common case, issue #19).
             me = next((n for n in pool if n.name == self.name), None)
             if me is not None:
-                mine = score(t.spec, me, origin, cfg, extra_tasks=self._extra(me.name)).total
+                mine = self._cost(t.spec, me, origin)
                 if mine <= cfg.sample_temperature_s:
                     self._bind_here(t, [(mine, me.name)], inputs, now)
                     return
-        scored = sorted(
-            (score(t.spec, n, origin, cfg, extra_tasks=self._extra(n.name)).total, n.name)
-            for n in pool
-        )
+        scored = sorted((self._cost(t.spec, n, origin), n.name) for n in pool)
         scored = scored[:keep]
         if self._bind_here(t, scored, inputs, now):
             return

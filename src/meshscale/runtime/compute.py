@@ -476,7 +476,10 @@ class ComputePlane:
         """Record writes waiting to go to the KV, in batches (``core.tasks.RecordQueue``)."""
         self._record_waits: dict[str, asyncio.Future[None]] = {}
         """Key -> done once the value waiting for it (or a later one) is written."""
-        self._record_timer: asyncio.TimerHandle | None = None
+        self._record_timer: asyncio.Handle | None = None
+        self._record_timer_at = 0.0
+        """When ``_record_timer`` fires (loop time): kept here, since uvloop hands back a
+        plain ``Handle`` (no ``when()``) for a ``call_at`` less than a millisecond away."""
         self._record_soon = False
         self._record_writes: set[asyncio.Task[None]] = set()
         self._checking: set[str] = set()
@@ -980,11 +983,12 @@ class ComputePlane:
         if when is None:
             return
         t = self._record_timer
-        if t is not None and not t.cancelled() and t.when() <= when:
+        if t is not None and not t.cancelled() and self._record_timer_at <= when:
             return
         if t is not None:
             t.cancel()
         self._record_timer = loop.call_at(when, self._records_flush)
+        self._record_timer_at = when
 
     def _records_flush(self) -> None:
         self._record_soon = False

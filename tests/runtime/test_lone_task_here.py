@@ -1,0 +1,51 @@
+"""A caller's loop of lone tasks on real node processes: each runs on the owner's own free
+slot, never by way of reservations on other nodes (issue #19: the owner scored itself by
+its view entry's snapshot, which still showed a run or a map's queue, and by the tasks it
+had bound here without a ``Result`` yet; most lone no-ops of ``bench/tasks.py`` then went
+to a remote node, a round of reservations more each)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from runtime_mesh import host_like_dir
+
+from meshscale.client.tasks import TaskMesh, connect
+from meshscale.core.api import Empty
+from meshscale.core.api.tasks import TASK_STATS
+from meshscale.runtime.launcher import LocalMesh
+
+pytestmark = pytest.mark.timeout(240)
+
+LONE_TASKS = 400
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[LocalMesh]:
+    # One slot per node, as the benchmark's mesh: a node running one task has none free.
+    with host_like_dir("meshscale-lone-") as directory, \
+            LocalMesh(directory, 4, regions=["eu-west", "us-east", "ap-south"], http=False,
+                      node_settings={"cpus": 1}) as m:
+        yield m
+
+
+def noop(i: int) -> int:
+    return i
+
+
+def scheduling_stats(c: TaskMesh) -> dict[str, int]:
+    return dict(c._run(c._inner._trequest(TASK_STATS, Empty())).scheduling)
+
+
+def test_lone_tasks_after_a_map_run_on_the_owner(mesh: LocalMesh) -> None:
+    with connect(mesh.nodes[0].address, bundle=mesh.bundle_path) as c:
+        # A map first, as the benchmark does: the owner's view entry shows its queue.
+        assert c.gather(c.map(noop, range(200)), timeout=120) == list(range(200))
+        before = scheduling_stats(c)
+        for i in range(LONE_TASKS):
+            assert c.submit(noop, i).result(timeout=60) == i
+        after = scheduling_stats(c)
+    delta = {k: after.get(k, 0) - before.get(k, 0)
+             for k in ("bound", "bound_here", "probes_sent")}
+    assert delta == {"bound": LONE_TASKS, "bound_here": LONE_TASKS, "probes_sent": 0}
