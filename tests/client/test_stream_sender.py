@@ -133,3 +133,24 @@ def test_a_node_that_fails_before_the_copy_gets_every_unacked_record_resent_in_o
     s.flush(10)
     assert b.published[-1] == ["r3"] and s.acked == 4
     s.close()
+
+
+def test_a_full_window_waits_for_an_ack_and_sends_what_piled_up_in_one_batch(
+        net: Any) -> None:
+    """At most ``AckWindow.max_batches`` batches wait for their copy: a flood keeps its
+    batches large instead of sending a small one per append."""
+    mesh, nodes = net
+    a = nodes["a"]
+    s = client_streams.Stream(mesh, "t")
+    room = s._window.max_batches
+    for i in range(room):
+        s.publish("k", i, id=f"r{i}")
+        wait_for(lambda i=i: len(a.published) == i + 1, 10, f"r{i} sent")
+    s.publish("k", room, id="x0")
+    # Either x0 went (no bound), or the sender holds it for an ack (the bound).
+    wait_for(lambda: len(a.published) > room or s.window_waits > 0, 10, "x0 sent or held")
+    s.publish("k", room + 1, id="x1")
+    a.release()
+    wait_for(lambda: s.acked == room + 2, 10, "all acknowledged")
+    assert a.published[room:] == [["x0", "x1"]]
+    s.close()

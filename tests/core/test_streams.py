@@ -1228,3 +1228,15 @@ def test_ack_window_gives_back_every_unacknowledged_batch_in_order() -> None:
     w.settle("A~1", 1)
     assert w.take_all() == ["b1", "b2"]
     assert w.records == 0 and w.wanted() is None
+
+
+def test_ack_window_is_full_at_its_bound_of_batches() -> None:
+    w: AckWindow[str] = AckWindow(max_batches=2)
+    w.appended("A~1", 1, "b0", 1)
+    assert not w.full()
+    w.appended("A~1", 2, "b1", 1)
+    assert w.full()
+    w.settle("A~1", 1)
+    assert not w.full()
+    with pytest.raises(ValueError):
+        AckWindow(max_batches=0)

@@ -305,11 +305,15 @@ class Stream:
         self._closed = False
         self.acked = 0
         self.failovers = 0
+        self.window_waits = 0
+        """How often the sender waited for an acknowledgement, its window full."""
         self.nodes_used: list[str] = []
         loop = mesh._runner.loop
         self._wake = asyncio.Event()
         self._acks_wake = asyncio.Event()
         """Set when the window grows (the ack loop has a copy to wait for)."""
+        self._acked_wake = asyncio.Event()
+        """Set when the ack loop acknowledged something (a full window has room)."""
         self._acks: RpcConnection | None = None
         """The connection ``stream.copied`` waits on (the publish connection answers
         the calls of one connection in order: a wait there would hold the next batch)."""
@@ -436,6 +440,15 @@ class Stream:
                 await self._route.move()
                 self._moves += 1
                 self.failovers += 1
+            if self._window.full():
+                # As many batches as the window holds await their copy: what is
+                # published meanwhile goes together once one is acknowledged.
+                self.window_waits += 1
+                self._acked_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await self._acked_wake.wait()
+                continue
             with self._cv:
                 batch = [self._buf.popleft() for _ in range(min(self.max_batch, len(self._buf)))]
                 self._sending = len(batch)
@@ -529,12 +542,14 @@ class Stream:
                 self._acks_wake.clear()
                 self._node_failed = moves
                 self._wake.set()
+                self._acked_wake.set()  # a sender waiting for room hears it too
                 await self._acks_wake.wait()  # until the sender has sent the window again
                 continue
             with self._cv:
                 self.acked += self._window.settle(source, r.copied)
                 self._count()
                 self._cv.notify_all()
+            self._acked_wake.set()
 
 
 class Subscription:

@@ -519,13 +519,23 @@ class AckWindow(Generic[_P]):
     anything newer (``take_all``), so per-key order holds in the shard it lands in and
     nothing acknowledged depends on the failed node."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_batches: int = 4) -> None:
+        if max_batches < 1:
+            raise ValueError("max_batches must be positive")
+        self.max_batches = max_batches
+        """Batches a producer may have appended and not acknowledged: beyond it, it
+        waits for an acknowledgement, and what it is given meanwhile goes in one batch
+        (a flood keeps its batches large; a lone record never waits)."""
         self.batches: deque[tuple[str, int, _P, int]] = deque()
         self.records = 0
         """Records in the window (not yet acknowledged)."""
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def full(self) -> bool:
+        """Whether the producer must wait for an acknowledgement before its next batch."""
+        return len(self.batches) >= self.max_batches
 
     def appended(self, source: str, upto: int, batch: _P, n: int) -> None:
         """``n`` records (``batch``) appended to shard ``source`` before offset ``upto``."""
