@@ -408,6 +408,14 @@ class Stream:
         self._sending = 0
         self._count()
 
+    def _again(self, batch: list[PublishRecord]) -> None:
+        """``batch`` back at the front of the buffer (the node held it for room until
+        its wait ran out): sent again next, behind what the window holds."""
+        with self._cv:
+            self._buf.extendleft(reversed(batch))
+            self._sending = 0
+            self._count()
+
     def _fail(self, e: MeshError, batch: list[PublishRecord]) -> None:
         with self._cv:
             self._error = e
@@ -470,16 +478,14 @@ class Stream:
                     ack="appended"), fail_over=False)
             except MeshError as e:
                 if e.code == ErrorCode.BACKPRESSURE:
-                    with self._cv:  # the node's wait ran out: ask again, keep the order
-                        self._buf.extendleft(reversed(batch))
+                    self._again(batch)  # the node's wait ran out: ask again, in order
                     continue
                 self._fail(e, batch)
                 return
             except RpcError as e:
                 if isinstance(e, RemoteError):
                     if e.code == ErrorCode.BACKPRESSURE:
-                        with self._cv:
-                            self._buf.extendleft(reversed(batch))
+                        self._again(batch)
                         continue
                     self._fail(MeshError(str(e), getattr(e, "code", "")), batch)
                     return
