@@ -28,6 +28,7 @@ from meshscale.core.scheduling import (
     SchedulingError,
 )
 from meshscale.core.streams import (
+    AckWindow,
     LogEntry,
     OperatorPlacement,
     ShardLog,
@@ -1206,3 +1207,36 @@ def test_frozen_copy_targets_send_to_the_other_copies_and_drop_outside_them() ->
     assert frozen_copy_targets("c", ("b", "c")) == (("b",), True)
     assert frozen_copy_targets("d", ("b", "c")) == (("b", "c"), False)
     assert frozen_copy_targets("b", ("b",)) == ((), True)
+
+
+def test_ack_window_acknowledges_only_what_the_backup_confirmed_oldest_first() -> None:
+    w: AckWindow[str] = AckWindow()
+    w.appended("A~1", 1, "b0", 1)
+    w.appended("A~1", 3, "b1", 2)
+    assert w.wanted() == ("A~1", 3) and w.records == 3
+    assert w.settle("A~1", 0) == 0
+    assert w.settle("A~1", 2) == 1  # b0 is held twice; b1 only in part: it waits
+    assert w.wanted() == ("A~1", 3) and w.records == 2
+    assert w.settle("B~1", 9) == 0  # another shard's copy acknowledges nothing here
+    assert w.settle("A~1", 3) == 2 and w.wanted() is None and len(w) == 0
+
+
+def test_ack_window_gives_back_every_unacknowledged_batch_in_order() -> None:
+    w: AckWindow[str] = AckWindow()
+    for i in range(3):
+        w.appended("A~1", i + 1, f"b{i}", 1)
+    w.settle("A~1", 1)
+    assert w.take_all() == ["b1", "b2"]
+    assert w.records == 0 and w.wanted() is None
+
+
+def test_ack_window_is_full_at_its_bound_of_batches() -> None:
+    w: AckWindow[str] = AckWindow(max_batches=2)
+    w.appended("A~1", 1, "b0", 1)
+    assert not w.full()
+    w.appended("A~1", 2, "b1", 1)
+    assert w.full()
+    w.settle("A~1", 1)
+    assert not w.full()
+    with pytest.raises(ValueError):
+        AckWindow(max_batches=0)

@@ -30,8 +30,12 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+from meshscale.core.api import ApiError, ErrorCode
 from meshscale.core.api import streams as api
 from meshscale.core.api.streams import (
+    CopiedRequest,
     FetchReply,
     FetchRequest,
     PublishRecord,
@@ -240,5 +244,55 @@ def test_a_producer_waiting_for_byte_room_is_woken_when_the_copy_frees_it() -> N
         assert second.done(), "the producer slept through the room its copy freed"
         assert (await first).last == 1 and (await second).first == 2
         assert net.planes["B"].stats["records_backed_up"] == 3
+
+    asyncio.run(main())
+
+
+def test_a_publish_asking_for_appended_is_answered_before_its_copy_and_acked_after_it() -> None:
+    """A producer that asks for ``ack="appended"`` (the client's, so its next batch need
+    not wait behind this one's copy) is answered as soon as its records are appended,
+    the copy to the backup under way; ``stream.copied`` then answers only once the
+    backup holds them: the acknowledgement still means two copies. (Answered after the
+    copy, the producer's next record waited for the backup's round trip: issue 23.)"""
+
+    async def main() -> None:
+        net = Net()
+        a, b = net.planes["A"], net.planes["B"]
+        sa = a.source_id
+        net.held.add("B")
+        net.gate.clear()
+        first = asyncio.ensure_future(a._rpc_publish(
+            PublishRequest(topic=T, records=recs("r0"), ack="appended")))
+        await turns()
+        assert first.done(), "the publish waited for the copy to the backup"
+        r = first.result()
+        assert (r.source, r.first, r.last, r.copied) == (sa, 0, 0, 0)
+        # The next batch goes in behind it at once, in order.
+        r2 = await a._rpc_publish(PublishRequest(topic=T, records=recs("r1"), ack="appended"))
+        assert (r2.first, r2.copied) == (1, 0)
+        acked = asyncio.ensure_future(a._rpc_copied(CopiedRequest(topic=T, source=sa, offset=2)))
+        await turns()
+        assert not acked.done(), "acknowledged before the backup held the records"
+        assert (T, sa) not in b.logs
+        net.gate.set()
+        await turns()
+        assert acked.done() and acked.result().copied == 2
+        assert [e.rid for e in b.logs[(T, sa)].entries] == ["r0", "r1"]
+        # Asked again once copied, it answers at once.
+        assert (await a._rpc_copied(CopiedRequest(topic=T, source=sa, offset=2))).copied == 2
+
+    asyncio.run(main())
+
+
+def test_copied_of_a_shard_the_node_does_not_have_is_refused_so_the_producer_resends() -> None:
+    """A node asked for the copy of a shard it does not own (it restarted: its shard has
+    a new source) refuses, not found: the producer sends its unacknowledged records
+    again instead of waiting."""
+
+    async def main() -> None:
+        a = Net().planes["A"]
+        with pytest.raises(ApiError) as e:
+            await a._rpc_copied(CopiedRequest(topic=T, source="A~0", offset=1))
+        assert e.value.code is ErrorCode.NOT_FOUND
 
     asyncio.run(main())

@@ -19,7 +19,11 @@ the same id; ``Subscription`` drops repeats it has seen (bounded memory of ids).
 the node and the node acknowledges once two nodes hold them. A record published while no
 batch is in flight goes at once; records published while one is in flight go together in
 the next (no linger timer, as with TCP_NODELAY: ``linger_s`` adds one if a caller wants
-bigger batches at the cost of latency). When the node's shard has
+bigger batches at the cost of latency). A batch is in flight until the node has appended
+it, not until its copy to the backup is confirmed: the sender waits for that copy beside
+(``stream.copied``, ``core.streams.AckWindow``), counts a record acknowledged (``acked``,
+``flush``) only once two nodes hold it, and keeps every record not acknowledged (within
+``max_buffer``) to send again, in order, if the node fails. When the node's shard has
 no room (its operator is slower than the producer) the node holds its answer, the buffer
 fills, and ``publish`` blocks: a fast producer is slowed, never dropped. When the node
 dies the sender moves to the nearest other node and re-sends what was not acknowledged.
@@ -63,7 +67,7 @@ from meshscale.core.api.streams import (
     ReadRequest,
 )
 from meshscale.core.placement import Residency
-from meshscale.core.streams import split_source
+from meshscale.core.streams import AckWindow, split_source
 
 if TYPE_CHECKING:
     from meshscale.client.mesh import Mesh
@@ -220,9 +224,12 @@ class _Failover:
                              and m.state in ("alive", "suspect")), key=rank)
             self.order = [self.order[0], *[m.address for m in others]]
 
-    async def request(self, method: Method[Req, Rep], req: Req, attempts: int = 0) -> Rep:
+    async def request(self, method: Method[Req, Rep], req: Req, attempts: int = 0, *,
+                      fail_over: bool = True) -> Rep:
         """Call on the current node; on a connection failure move to the next one and try
-        again (up to every known node once). Errors the node answered are raised as is."""
+        again (up to every known node once). Errors the node answered are raised as is.
+        ``fail_over=False``: on a connection failure move to the next node and raise (the
+        caller sends again, in its own order)."""
         tries = max(attempts, len(self.order))
         last: Exception | None = None
         starting = 0
@@ -239,10 +246,16 @@ class _Failover:
                     raise
                 tries -= 1
                 last = e
-                await self.conn.close()
-                self.index = (self.index + 1) % len(self.order)
-                self.conn = RpcConnection(self.order[self.index], self.creds, self.timeout)
+                await self.move()
+                if not fail_over:
+                    raise
         raise MeshError(f"no node answered {method.name}: {last}")
+
+    async def move(self) -> None:
+        """Go to the next node in the order (this one failed)."""
+        await self.conn.close()
+        self.index = (self.index + 1) % len(self.order)
+        self.conn = RpcConnection(self.order[self.index], self.creds, self.timeout)
 
     @property
     def address(self) -> str:
@@ -278,7 +291,13 @@ class Stream:
         self.max_batch = max_batch
         self.max_buffer = max_buffer
         self._buf: deque[PublishRecord] = deque()
+        self._sending = 0
+        """Records in the publish call in flight."""
+        self._window: AckWindow[list[PublishRecord]] = AckWindow()
+        """Batches appended at the node whose copy to the shard's backup is not
+        confirmed yet (``core.streams.AckWindow``)."""
         self._inflight = 0
+        """Records sent and not acknowledged: ``_sending`` and the window's."""
         self._cv = threading.Condition()
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}-{time.time_ns():x}-{id(self):x}"
@@ -286,9 +305,23 @@ class Stream:
         self._closed = False
         self.acked = 0
         self.failovers = 0
+        self.window_waits = 0
+        """How often the sender waited for an acknowledgement, its window full."""
         self.nodes_used: list[str] = []
         loop = mesh._runner.loop
         self._wake = asyncio.Event()
+        self._acks_wake = asyncio.Event()
+        """Set when the window grows (the ack loop has a copy to wait for)."""
+        self._acked_wake = asyncio.Event()
+        """Set when the ack loop acknowledged something (a full window has room)."""
+        self._acks: RpcConnection | None = None
+        """The connection ``stream.copied`` waits on (the publish connection answers
+        the calls of one connection in order: a wait there would hold the next batch)."""
+        self._moves = 0
+        """How often the sender moved to another node (an ack loop's failure is acted on
+        only if the sender has not moved since)."""
+        self._node_failed = -1
+        """The ``_moves`` at which the ack loop found the node failed (-1: none)."""
         self._route = _Failover(mesh, timeout)
         mesh._run(self._route.learn())
         self._sender = asyncio.run_coroutine_threadsafe(self._send_loop(), loop)
@@ -349,7 +382,12 @@ class Stream:
         with contextlib.suppress(Exception):
             self._sender.result(timeout=5.0)
         with contextlib.suppress(Exception):
-            self.mesh._run(self._route.close())
+            self.mesh._run(self._close_connections())
+
+    async def _close_connections(self) -> None:
+        await self._route.close()
+        if self._acks is not None:
+            await self._acks.close()
 
     def __enter__(self) -> Stream:
         return self
@@ -357,11 +395,72 @@ class Stream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _count(self) -> None:
+        """``_inflight`` from its parts (the caller holds ``_cv``)."""
+        self._inflight = self._sending + self._window.records
+
+    def _requeue(self, batch: list[PublishRecord]) -> None:
+        """Put the window's records, then ``batch``, back at the front of the buffer, in
+        the order they were published (the caller holds ``_cv``): they are sent again,
+        before anything newer."""
+        again = [r for b in self._window.take_all() for r in b] + batch
+        self._buf.extendleft(reversed(again))
+        self._sending = 0
+        self._count()
+
+    def _again(self, batch: list[PublishRecord]) -> None:
+        """``batch`` back at the front of the buffer (the node held it for room until
+        its wait ran out): sent again next, behind what the window holds."""
+        with self._cv:
+            self._buf.extendleft(reversed(batch))
+            self._sending = 0
+            self._count()
+
+    def _fail(self, e: MeshError, batch: list[PublishRecord]) -> None:
+        with self._cv:
+            self._error = e
+            self._requeue(batch)
+            self._cv.notify_all()
+
     async def _send_loop(self) -> None:
+        acks = asyncio.get_running_loop().create_task(self._ack_loop())
+        try:
+            await self._send_batches()
+        finally:
+            # No await here: this also runs when a stream never closed is collected
+            # after its mesh's loop closed.
+            with contextlib.suppress(RuntimeError):
+                acks.cancel()
+
+    async def _send_batches(self) -> None:
+        """Send what the buffer holds, a batch at a time, each as soon as the previous
+        one is appended (its copy to the backup confirmed beside, by ``_ack_loop``): a
+        record published while nothing is in flight goes at once, and records published
+        while a batch is in flight go together in the next. On a node's failure every
+        record not acknowledged is sent again to the next node, in order."""
+        failures = 0
         while True:
+            if self._node_failed == self._moves:
+                # The ack loop lost the node: move, and send the window again.
+                self._node_failed = -1
+                with self._cv:
+                    self._requeue([])
+                await self._route.move()
+                self._moves += 1
+                self.failovers += 1
+            if self._window.full():
+                # As many batches as the window holds await their copy: what is
+                # published meanwhile goes together once one is acknowledged.
+                self.window_waits += 1
+                self._acked_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await self._acked_wake.wait()
+                continue
             with self._cv:
                 batch = [self._buf.popleft() for _ in range(min(self.max_batch, len(self._buf)))]
-                self._inflight = len(batch)
+                self._sending = len(batch)
+                self._count()
                 closed = self._closed
             if not batch:
                 if closed:
@@ -373,40 +472,90 @@ class Stream:
                 if self.linger_s:
                     await asyncio.sleep(self.linger_s)
                 continue
-            while True:
-                before = self._route.address
-                try:
-                    r = await self._route.request(api.PUBLISH, PublishRequest(
-                        topic=self.topic, records=batch, residency=self.residency))
-                    break
-                except MeshError as e:
+            try:
+                r = await self._route.request(api.PUBLISH, PublishRequest(
+                    topic=self.topic, records=batch, residency=self.residency,
+                    ack="appended"), fail_over=False)
+            except MeshError as e:
+                if e.code == ErrorCode.BACKPRESSURE:
+                    self._again(batch)  # the node's wait ran out: ask again, in order
+                    continue
+                self._fail(e, batch)
+                return
+            except RpcError as e:
+                if isinstance(e, RemoteError):
                     if e.code == ErrorCode.BACKPRESSURE:
-                        continue  # the node's wait ran out: ask again, keep the records
-                    with self._cv:
-                        self._error = e
-                        self._buf.extendleft(reversed(batch))
-                        self._inflight = 0
-                        self._cv.notify_all()
-                    return
-                except RpcError as e:
-                    if isinstance(e, RemoteError) and e.code == ErrorCode.BACKPRESSURE:
+                        self._again(batch)
                         continue
-                    with self._cv:
-                        self._error = MeshError(str(e), getattr(e, "code", ""))
-                        self._buf.extendleft(reversed(batch))
-                        self._inflight = 0
-                        self._cv.notify_all()
+                    self._fail(MeshError(str(e), getattr(e, "code", "")), batch)
                     return
-                finally:
-                    if self._route.address != before:
-                        self.failovers += 1
+                # The node failed (the route moved on): what it holds unacknowledged
+                # goes again to the next node, oldest first.
+                failures += 1
+                self._moves += 1
+                self.failovers += 1
+                if failures > len(self._route.order):
+                    self._fail(MeshError(f"no node answered {api.PUBLISH.name}: {e}"), batch)
+                    return
+                with self._cv:
+                    self._requeue(batch)
+                continue
+            failures = 0
             node = r.node
             if not self.nodes_used or self.nodes_used[-1] != node:
                 self.nodes_used.append(node)
             with self._cv:
-                self.acked += len(batch)
-                self._inflight = 0
+                self._sending = 0
+                self._window.appended(r.source, r.last + 1, batch, len(batch))
+                if r.copied is not None:
+                    self.acked += self._window.settle(r.source, r.copied)
+                self._count()
                 self._cv.notify_all()
+            self._acks_wake.set()
+
+    async def _ack_loop(self) -> None:
+        """Wait for the copy of what the window holds (``stream.copied``, on a connection
+        of its own) and acknowledge it. A node that fails, or no longer has the shard,
+        is left to the sender (``_node_failed``), which sends the window again."""
+        while True:
+            with self._cv:
+                want = self._window.wanted()
+            if want is None:
+                self._acks_wake.clear()
+                await self._acks_wake.wait()
+                continue
+            source, upto = want
+            moves, address = self._moves, self._route.address
+            if self._acks is None or self._acks.addr != address:
+                if self._acks is not None:
+                    await self._acks.close()
+                self._acks = RpcConnection(address, self._route.creds, self._route.timeout)
+            try:
+                r = await self._acks.request(api.COPIED, api.CopiedRequest(
+                    topic=self.topic, source=source, offset=upto))
+            except RpcError as e:
+                if isinstance(e, RemoteError) and e.code != ErrorCode.NOT_FOUND:
+                    with self._cv:
+                        self._error = MeshError(str(e), e.code)
+                        self._cv.notify_all()
+                    return
+                await self._acks.close()
+                self._acks = None
+                with self._cv:
+                    same = self._window.wanted() == want
+                if not same or self._moves != moves:
+                    continue  # acknowledged or sent again meanwhile: wait for what is left
+                self._acks_wake.clear()
+                self._node_failed = moves
+                self._wake.set()
+                self._acked_wake.set()  # a sender waiting for room hears it too
+                await self._acks_wake.wait()  # until the sender has sent the window again
+                continue
+            with self._cv:
+                self.acked += self._window.settle(source, r.copied)
+                self._count()
+                self._cv.notify_all()
+            self._acked_wake.set()
 
 
 class Subscription:

@@ -51,7 +51,7 @@ _WRITE = (
     "obj.put_begin", "obj.put_chunk", "obj.put_end", "obj.put_abort", "obj.put_small",
     "obj.delete", "obj.corrupt_local", "kv.put", "kv.delete",
     "task.submit", "task.cancel",
-    "stream.publish", "stream.op_register", "stream.op_remove",
+    "stream.publish", "stream.copied", "stream.op_register", "stream.op_remove",
     "admin.revoke", "node.standby", "node.wake", "policy.set", "policy.delete",
     "erase.run",
     # A service call runs the service's code, which may change what it holds: a write,

@@ -55,6 +55,7 @@ import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import msgspec
 
@@ -80,7 +81,10 @@ from meshscale.core.scheduling import (
     feasible,
 )
 
+_P = TypeVar("_P")
+
 __all__ = [
+    "AckWindow",
     "LogEntry",
     "OperatorPlacement",
     "ShardLog",
@@ -497,6 +501,75 @@ class ShardLog:
         self.bytes = 0
         self.base = head
         return n
+
+
+class AckWindow(Generic[_P]):
+    """A producer's batches appended at its node but not yet acknowledged (held by the
+    shard's two copies), oldest first, each with the shard it went to and the offset
+    after its last record.
+
+    A producer sends its next batch as soon as the previous one is *appended* (the node
+    answers ``stream.publish`` with ``ack="appended"`` before the copy to the backup) and
+    learns that the copy is confirmed from that answer or from ``stream.copied``; so a
+    record published while the previous batch's copy travels goes at once, in order on
+    the same connection, instead of waiting behind that copy (Nagle's wait, at the scale
+    of a replication round trip: issue 23). The guarantees stay the node's: a batch is
+    acknowledged only at an offset its shard's backup confirmed (``settle``); a batch
+    still here when its node fails is sent again, every one of them in order before
+    anything newer (``take_all``), so per-key order holds in the shard it lands in and
+    nothing acknowledged depends on the failed node."""
+
+    def __init__(self, max_batches: int = 4) -> None:
+        if max_batches < 1:
+            raise ValueError("max_batches must be positive")
+        self.max_batches = max_batches
+        """Batches a producer may have appended and not acknowledged: beyond it, it
+        waits for an acknowledgement, and what it is given meanwhile goes in one batch
+        (a flood keeps its batches large; a lone record never waits)."""
+        self.batches: deque[tuple[str, int, _P, int]] = deque()
+        self.records = 0
+        """Records in the window (not yet acknowledged)."""
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def full(self) -> bool:
+        """Whether the producer must wait for an acknowledgement before its next batch."""
+        return len(self.batches) >= self.max_batches
+
+    def appended(self, source: str, upto: int, batch: _P, n: int) -> None:
+        """``n`` records (``batch``) appended to shard ``source`` before offset ``upto``."""
+        self.batches.append((source, upto, batch, n))
+        self.records += n
+
+    def settle(self, source: str, copied: int) -> int:
+        """Shard ``source`` is held twice before offset ``copied``: the batches it covers
+        leave the window, oldest first (a batch at another shard stops it: it waits for
+        its own). Returns the records now acknowledged."""
+        done = 0
+        q = self.batches
+        while q and q[0][0] == source and q[0][1] <= copied:
+            done += q.popleft()[3]
+        self.records -= done
+        return done
+
+    def wanted(self) -> tuple[str, int] | None:
+        """The shard and offset to wait for the copy of: the oldest batch's shard, up to
+        its newest batch there (one wait covers them all); None when the window is
+        empty."""
+        if not self.batches:
+            return None
+        source = self.batches[0][0]
+        upto = max(b[1] for b in self.batches if b[0] == source)
+        return source, upto
+
+    def take_all(self) -> list[_P]:
+        """Empty the window (its node failed): the batches to send again, oldest
+        first."""
+        out = [b[2] for b in self.batches]
+        self.batches.clear()
+        self.records = 0
+        return out
 
 
 def releasable(low_water: int | None, copied: int | None) -> int | None:

@@ -6,7 +6,10 @@ backs a shard up, how much a shard may hold); this module moves the records:
 - ``stream.publish`` (a producer, through its nearest node): the records are appended to
   this node's shard of the topic once the shard has room (credit: the producer's call
   waits, bounded by ``publish_wait_s``), copied to the shard's backup and acknowledged
-  when both hold them. A node the topic's residency rule forbids refuses, naming it.
+  when both hold them: in the publish's answer, or (a producer that asks for
+  ``ack="appended"``, as the client's does) in ``stream.copied``'s, the publish answered
+  as soon as its records are appended so the producer's next batch need not wait for
+  the copy. A node the topic's residency rule forbids refuses, naming it.
   A topic of a data class follows the class's current policy (``core.streams.topic_rule``):
   when this node's policy cache sees the class change, its shard copies of the class's
   topics follow the new rule (``_class_changed``: backups re-placed inside it, copies it
@@ -35,7 +38,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -45,6 +48,8 @@ from meshscale.core.api import ApiError, Empty, ErrorCode, Method, Request, Resi
 from meshscale.core.api import streams as api
 from meshscale.core.api.contract import residency_of
 from meshscale.core.api.streams import (
+    CopiedReply,
+    CopiedRequest,
     FetchReply,
     FetchRequest,
     OperatorInfo,
@@ -190,6 +195,12 @@ class StreamConfig:
     log: ShardLogConfig = field(default_factory=ShardLogConfig)
 
 
+def _held_twice(log: ShardLog) -> int:
+    """The offset before which ``log`` (this node's own shard) is acknowledged: held by
+    its backup too, or by this node alone when no backup was left to copy to."""
+    return log.head if log.copied is None else log.copied
+
+
 def _class(rule: Residency | None) -> str | None:
     return None if rule is None else rule.data_class
 
@@ -326,7 +337,8 @@ class StreamPlane:
         last sent to each copy."""
         self._bad_backup: dict[str, float] = {}
         self._output_copies: set[asyncio.Task[None]] = set()
-        """Runners' output copies in flight (``_copy_outputs``), held until they end."""
+        """Copies to a backup running beside their caller (a runner's outputs,
+        ``_copy_outputs``; a publish answered once appended), held until they end."""
         self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -334,6 +346,7 @@ class StreamPlane:
     async def start(self) -> None:
         a = self.agent
         a.serve(api.PUBLISH, self._rpc_publish)
+        a.serve(api.COPIED, self._rpc_copied)
         a.serve(api.REPLICATE, self._rpc_replicate)
         a.serve(api.FETCH, self._rpc_fetch)
         a.serve(api.READ, self._rpc_read)
@@ -614,9 +627,38 @@ class StreamPlane:
                                      f"is {limit} (max_record_bytes)")
         await self._admit(topic, residency_of(req.residency))
         records = [(r.key, r.value, r.id, r.ts) for r in req.records]
-        entries = await self.append_local(topic, records)
-        return PublishReply(node=self.agent.name, source=self.source_id,
-                            first=entries[0].offset, last=entries[-1].offset)
+        if req.ack == "copied":
+            entries = await self.append_local(topic, records)
+            return PublishReply(node=self.agent.name, source=self.source_id,
+                                first=entries[0].offset, last=entries[-1].offset)
+        # Answered once appended; the copy to the backup goes on beside (the producer
+        # asks how far it got with stream.copied, and sends its next batch meanwhile).
+        sid = self.source_id
+        entries = await self.append_local(topic, records, copied=False)
+        log = self._log(topic, sid)
+        self._spawn_copy(self._replicate(topic, sid, log))
+        return PublishReply(node=self.agent.name, source=sid, first=entries[0].offset,
+                            last=entries[-1].offset, copied=_held_twice(log))
+
+    async def _rpc_copied(self, req: CopiedRequest) -> CopiedReply:
+        """Answer once this node's shard ``(topic, source)`` is held twice before
+        ``offset`` (the copy ``_rpc_publish`` left under way, awaited through the
+        shard's copy lock, or made here if none covered it)."""
+        log = self.logs.get((req.topic, req.source))
+        if log is None or req.source != self.source_id:
+            raise ApiError(ErrorCode.NOT_FOUND, f"no shard {req.source} of topic "
+                                                f"{req.topic!r} at {self.agent.name}")
+        if log.copied is None or log.copied < req.offset:
+            await self._replicate(req.topic, req.source, log)
+        return CopiedReply(copied=_held_twice(log))
+
+    def _spawn_copy(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a copy to a backup beside its caller, held until it ends (cancelled when
+        the plane stops)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._output_copies.add(task)
+        task.add_done_callback(self._output_copies.discard)
+        return task
 
     async def append_local(self, topic: str, records: list[tuple[str, bytes, str, float]],
                            *, copied: bool = True) -> list[LogEntry]:
@@ -1515,10 +1557,7 @@ class StreamPlane:
                 return
             await self._commit(spec.topic, log, spec.name, committed)
 
-        task = asyncio.get_running_loop().create_task(copy())
-        self._output_copies.add(task)
-        task.add_done_callback(self._output_copies.discard)
-        return task
+        return self._spawn_copy(copy())
 
     def _pool(self) -> WorkerPool:
         pool = self.agent.worker_pool()

@@ -28,11 +28,11 @@ from meshscale.core.api.contract import (
 from meshscale.core.streams import LogEntry
 
 __all__ = [
-    "FETCH", "MAX_CURSORS", "MAX_FETCH_RECORDS", "MAX_FN_BYTES", "MAX_KEY_CHARS",
+    "COPIED", "FETCH", "MAX_CURSORS", "MAX_FETCH_RECORDS", "MAX_FN_BYTES", "MAX_KEY_CHARS",
     "MAX_LABELS", "MAX_NAME_CHARS", "MAX_PUBLISH_RECORDS", "MAX_READ_RECORDS",
     "MAX_RECORD_BYTES", "MAX_RECORD_ID_CHARS", "MAX_WAIT_S", "METHODS", "OPERATOR_MODES",
     "OP_LIST", "OP_NOTIFY", "OP_REGISTER", "OP_REMOVE", "PUBLISH", "READ", "REPLICATE",
-    "STATS", "FetchReply", "FetchRequest", "Name", "OpListReply", "OpNotifyRequest",
+    "STATS", "CopiedReply", "CopiedRequest", "FetchReply", "FetchRequest", "Name", "OpListReply", "OpNotifyRequest",
     "OpRegisterReply", "OpRegisterRequest", "OpRemoveReply", "OpRemoveRequest",
     "OperatorInfo", "OperatorSpec", "PublishRecord", "PublishReply", "PublishRequest",
     "ReadRecord", "ReadReply", "ReadRequest", "ReplicateReply", "ReplicateRequest",
@@ -111,6 +111,12 @@ class PublishRequest(Request):
                        msgspec.Meta(min_length=1, max_length=MAX_PUBLISH_RECORDS)]
     residency: ResidencyWire | None = None
     """The topic's rule; every publish to a topic must carry the same one."""
+    ack: Literal["copied", "appended"] = "copied"
+    """``copied``: answered once the shard's two copies hold the records (the
+    acknowledgement). ``appended``: answered once they are appended at the entry node,
+    their copy to the backup under way (the reply's ``copied`` says how far it got); the
+    producer learns the rest from ``stream.copied`` and sends its next batch meanwhile
+    (``core.streams.AckWindow``)."""
 
 
 class PublishReply(msgspec.Struct):
@@ -121,6 +127,25 @@ class PublishReply(msgspec.Struct):
     first: int
     last: int
     """Offsets of the first and last record in that shard."""
+    copied: int | None = None
+    """With ``ack="appended"``: the offset before which the shard is held twice (or by
+    this node alone when no backup is left to copy to) as the reply leaves."""
+
+
+class CopiedRequest(Request):
+    """Wait until shard ``(topic, source)`` of the node asked is held twice before
+    ``offset`` (its copy to the backup made, or found impossible: no backup left), then
+    answer how far it is. Refused (not found) when that node no longer has the shard
+    (it restarted: a new source): its producer sends the records again."""
+
+    topic: Name
+    source: Name
+    offset: Offset
+
+
+class CopiedReply(msgspec.Struct):
+    copied: int
+    """The offset before which the shard is held twice now (at least the one asked)."""
 
 
 class ReadRequest(Request):
@@ -302,6 +327,8 @@ class StreamStats(msgspec.Struct):
 
 PUBLISH: Method[PublishRequest, PublishReply] = Method(
     "stream.publish", PublishRequest, PublishReply)
+COPIED: Method[CopiedRequest, CopiedReply] = Method(
+    "stream.copied", CopiedRequest, CopiedReply)
 READ: Method[ReadRequest, ReadReply] = Method("stream.read", ReadRequest, ReadReply)
 REPLICATE: Method[ReplicateRequest, ReplicateReply] = Method(
     "stream.replicate", ReplicateRequest, ReplicateReply)
@@ -314,5 +341,5 @@ OP_REMOVE: Method[OpRemoveRequest, OpRemoveReply] = Method(
 OP_LIST: Method[Empty, OpListReply] = Method("stream.op_list", Empty, OpListReply)
 STATS: Method[Empty, StreamStats] = Method("stream.stats", Empty, StreamStats)
 
-METHODS: tuple[Method[Any, Any], ...] = (PUBLISH, READ, REPLICATE, FETCH, OP_REGISTER,
-                                         OP_NOTIFY, OP_REMOVE, OP_LIST, STATS)
+METHODS: tuple[Method[Any, Any], ...] = (PUBLISH, COPIED, READ, REPLICATE, FETCH,
+                                         OP_REGISTER, OP_NOTIFY, OP_REMOVE, OP_LIST, STATS)
