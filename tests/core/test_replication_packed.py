@@ -209,15 +209,19 @@ def test_the_inventory_behaves_as_a_dict_in_insertion_order(
 
 def test_removals_are_compacted_and_lookups_still_find_every_entry() -> None:
     inv = _Inventory()
-    oids = [object_id(i.to_bytes(4, "big")) for i in range(5000)]
-    for oid in oids:
-        inv.add(_Local(_key(oid), POLICIES[0], stamp=7))
+    # Content ids, and every 100th an id kept as a _Local (not a content id).
+    oids = [object_id(i.to_bytes(4, "big")) if i % 100 else f"o{i}" for i in range(5000)]
+    for i, oid in enumerate(oids):
+        inv.add(_Local(_key(oid), POLICIES[0], stamp=7, seq=i))
+    held = inv[oids[4321]]  # a _Local held across the compaction
     for oid in oids[:4000]:
         del inv[oid]
     assert inv._compactions >= 1
     assert len(inv._words) // _WORDS < 5000
     assert list(inv) == oids[4000:]
     assert all(o in inv for o in oids[4000:]) and not any(o in inv for o in oids[:4000])
+    assert [loc.seq for loc in inv.values()] == list(range(4000, 5000))
+    assert inv[oids[4321]] is held and inv[oids[4500]].key == "o4500"
     inv.add(_Local(_key(oids[0]), POLICIES[0], stamp=8))
     assert list(inv)[-1] == oids[0] and inv[oids[0]].stamp == 8
 

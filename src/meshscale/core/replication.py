@@ -2405,6 +2405,10 @@ class ReplicaManager:
         for oid, loc in moved:
             if loc.tomb is None:
                 self._check_under(oid, loc)
+        # The slice's entries back in their packed form (else up to two slices of them
+        # stay _Local until enough other entries are read; the last one read is held).
+        moved.clear()
+        inv.pack()
         if rb.pos < len(rb.oids):
             rb.at = now + self.config.rebuild_slice_pause_s
             self._count("rebuild_slices")
