@@ -792,13 +792,11 @@ rs_version, dg, seq, flags)."""
 
 
 def _held_refs() -> int:
-    """``sys.getrefcount`` of an entry that only ``_Inventory._objs`` holds, as
-    ``_Inventory._flush`` reads it (its loop's variable and the call's argument count)."""
+    """``sys.getrefcount`` of an entry that only ``_Inventory._objs`` holds, read as
+    ``_Inventory._flush`` reads it (straight from the dict, no variable of its own that a
+    debugger's snapshot of the frame's locals could add to)."""
     objs = {0: _Local(0, ObjectPolicy(1))}
-    for p in [0]:
-        loc = objs.get(p)
-        return sys.getrefcount(loc)
-    raise AssertionError
+    return sys.getrefcount(objs[0])
 
 
 class _Keys:
@@ -1032,13 +1030,12 @@ class _Inventory:
         objs, held = self._objs, _HELD_REFS
         keep: dict[int, None] = {}
         for p in self._dirty:
-            loc = objs.get(p)
-            if loc is None:
+            if p not in objs:
                 continue  # removed
-            if sys.getrefcount(loc) > held:
+            if sys.getrefcount(objs[p]) > held:
                 keep[p] = None
             else:
-                self._store(p, loc)
+                self._store(p, objs[p])
         self._dirty = keep
         self._flush_at = max(_FLUSH_AT, 2 * len(keep))
 
