@@ -224,6 +224,9 @@ def test_removals_are_compacted_and_lookups_still_find_every_entry() -> None:
     assert inv[oids[4321]] is held and inv[oids[4500]].key == "o4500"
     inv.add(_Local(_key(oids[0]), POLICIES[0], stamp=8))
     assert list(inv)[-1] == oids[0] and inv[oids[0]].stamp == 8
+    for gone in (oids[1], oids[100]):  # as a dict: removing what is not there
+        with pytest.raises(KeyError):
+            del inv[gone]
 
 
 def test_the_data_sims_chaos_run_is_the_same_with_every_entry_packed_at_once(

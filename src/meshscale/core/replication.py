@@ -855,9 +855,8 @@ class _Inventory:
     a content id (tests name objects "o1"), a stamp kept whole (``_pack``)."""
 
     __slots__ = ("_compactions", "_dirty", "_flush_at", "_free_slot", "_ids", "_index",
-                 "_missed", "_n",
-                 "_objs", "_shape_free", "_shape_of", "_shape_refs", "_shapes", "_strs",
-                 "_used", "_words")
+                 "_missed", "_n", "_objs", "_shape_free", "_shape_of", "_shape_refs",
+                 "_shapes", "_strs", "_used", "_words")
 
     def __init__(self) -> None:
         self._ids = bytearray()
@@ -903,13 +902,14 @@ class _Inventory:
             i = (i * 5 + h + 1) & mask
 
     def _slot(self, kb: bytes) -> int:
-        """The ``_index`` slot of the live content id ``kb``."""
+        """The ``_index`` slot of the content id ``kb`` (``KeyError`` if it is not held)."""
         idx, ids, mask = self._index, self._ids, len(self._index) - 1
         h = hash(kb) & _WORD_MASK
         i = h & mask
         while True:
             p = idx[i]
-            assert p != _EMPTY
+            if p == _EMPTY:
+                raise KeyError(kb.hex())
             if p >= 0 and ids[p * _ID_BYTES:(p + 1) * _ID_BYTES] == kb:
                 return i
             h >>= 5
