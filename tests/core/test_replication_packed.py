@@ -251,3 +251,39 @@ def test_the_data_sims_chaos_run_is_the_same_with_every_entry_packed_at_once(
     assert dataplane.chaos_run(7).trace_hash == (
         "0496fa53d2ff12bcfebdaac5991321ade3c820ab7588687d1e28816467ba2f88")
     assert stored[0] > 1000
+
+
+def test_the_unconfirmed_count_of_packed_entries_is_counted_by_shape() -> None:
+    """``unconfirmed_count`` settles each shape of packed entries once and counts it for
+    all of them: the same count as asking ``confirmed_holders`` of every id, whether a
+    match covers every entry, none, or only those unchanged since its round started."""
+    from meshscale.core.placement import Candidate
+    from meshscale.core.replication import ReplicaManager, ReplicationConfig
+
+    cfg = ReplicationConfig(sync_interval_s=5.0, view_change_delay_s=0.1)
+    m = ReplicaManager("a", config=cfg, rng=random.Random(2), now=0.0)
+    m.set_view([Candidate("a", "eu", "eu-a"), Candidate("b", "us", "us-a")], 0.0)
+    oids = [object_id(i.to_bytes(2, "big")) for i in range(400)] + ["o1", "o2"]
+    for oid in oids[:200]:
+        m.object_added(oid, ObjectPolicy(2), None, 0.0)
+    m._seq += 1  # a round starts: entries changed from now on are not covered by it
+    for oid in oids[200:]:
+        m.object_added(oid, ObjectPolicy(2), None, 0.0)
+    for oid in oids[::7]:
+        m._set_confirmed(m._inv[oid], {"b": 0.5})
+    m.delete(oids[3], ObjectPolicy(2), HLCTimestamp(5, 0, "a"), 1.0, 1.0)
+
+    def count() -> tuple[int, int]:
+        m._inv.pack()
+        assert sum(_packed(m._inv, o) for o in oids if o[0] != "o") > 390
+        got = m.unconfirmed_count()
+        return got, sum(1 for o in m.inventory() if not m.confirmed_holders(o))
+
+    got, want = count()
+    assert got == want == len(oids) - 1 - len([o for o in oids[::7] if o != oids[3]])
+    m._matched["b"] = (2.0, m._seq - 1)  # covers the entries added before the round
+    got, want = count()
+    assert got == want and 0 < want < 200
+    m._matched["b"] = (3.0, m._seq)  # covers every entry of the pair set
+    got, want = count()
+    assert got == want == 0

@@ -1175,6 +1175,43 @@ class _Inventory:
     def __len__(self) -> int:
         return self._n
 
+    def by_shape(self) -> Iterator[tuple[_Local, int]]:
+        """Every entry as (a ``_Local``, how many entries it stands for): each entry kept
+        as a ``_Local`` (itself, 1), then for each shape of packed entries a new
+        ``_Local`` with its fields (key 0, stamp 0: not in the inventory) and how many
+        have it. Change nothing in the inventory meanwhile."""
+        for loc in list(self._objs.values()):
+            yield loc, 1
+        refs = self._shape_refs
+        for s, sh in enumerate(self._shapes):
+            if sh is not None and refs[s]:
+                yield self.shape_entry(s), refs[s]
+
+    def shape_entry(self, s: int) -> _Local:
+        """A new ``_Local`` with the fields of shape ``s`` (key 0, stamp 0: not in the
+        inventory)."""
+        sh = self._shapes[s]
+        assert sh is not None
+        return _Local(0, sh[0], sh[1], sh[2], sh[3], sh[4], 0, sh[5], sh[6], sh[7])
+
+    def walk(self) -> Iterator[tuple[int, int, _Local | None]]:
+        """(position, shape, None) for each packed entry, (position, -1, the entry) for
+        each kept as a ``_Local``, in order, none made a ``_Local``. Change nothing in
+        the inventory meanwhile."""
+        words, objs = self._words, self._objs
+        for p in range(len(words) // _WORDS):
+            s = words[p * _WORDS + 2]
+            if s == _GONE:
+                continue
+            if s == _AS_OBJECT:
+                yield p, -1, objs[p]
+            else:
+                yield p, s, None
+
+    def oid_at(self, p: int) -> str:
+        """The id of the packed entry at position ``p``."""
+        return OBJECT_ID_PREFIX + self._ids[p * _ID_BYTES:(p + 1) * _ID_BYTES].hex()
+
     def _live(self) -> Iterator[int]:
         """The live positions, in order (a compaction during the walk is an error, as a
         dict changed during one)."""
@@ -1606,12 +1643,16 @@ class ReplicaManager:
 
     def unconfirmed_count(self) -> int:
         """Copies held here that no peer is confirmed to hold (``confirmed_holders``
-        empty), counted without listing their ids (a string each, from its key)."""
+        empty), counted without listing their ids (a string each, from its key), and
+        without walking the packed entries: what ``_settle`` makes of an entry depends
+        only on the fields of its shape, so each shape is settled once (a copy of it,
+        not written back: settling is idempotent, each reader settles again) and counts
+        for its entries. O(shapes + entries kept as ``_Local``)."""
         n = 0
-        for loc in self._inv.values():
+        for loc, entries in self._inv.by_shape():
             if loc.tomb is None:
                 self._settle(loc)
-                n += not loc.confirmed
+                n += entries * (not loc.confirmed)
         return n
 
     def confirmed_holders(self, oid: str) -> list[str]:
@@ -2051,16 +2092,33 @@ class ReplicaManager:
         # string per entry of the pair set, held at once, was a high-water mark of
         # ~200 B per copy (issue #24); the pair set is walked, not listed (a list would
         # hold each entry as a ``_Local``, not packed).
-        first = heapq.nsmallest(self._offer_budget(st), self._pair_settled(src),
-                                key=lambda loc: (src in loc.confirmed, loc.oid))
-        self._offer(src, st, [loc.oid for loc in first])
+        first = heapq.nsmallest(self._offer_budget(st), self._pair_keys(src))
+        self._offer(src, st, [oid for _, oid in first])
 
-    def _pair_settled(self, src: str) -> Iterator[_Local]:
-        """The entries of the pair set with ``src``, each settled (``_settle``)."""
-        for loc in self._inv.values():
-            if src in loc.dg:
-                self._settle(loc)
-                yield loc
+    def _pair_keys(self, src: str) -> Iterator[tuple[bool, str]]:
+        """For each entry of the pair set with ``src``, in the inventory's order: (``src``
+        confirmed it, its id), settled (``_settle``). A packed entry is not made a
+        ``_Local``: what settling makes of it depends only on its shape, settled once (a
+        copy of it, not written back: each reader settles again)."""
+        inv = self._inv
+        of_shape: dict[int, bool | None] = {}
+        for p, s, loc in inv.walk():
+            if loc is not None:
+                if src in loc.dg:
+                    self._settle(loc)
+                    yield src in loc.confirmed, loc.oid
+                continue
+            if s in of_shape:
+                c = of_shape[s]
+            else:
+                like = inv.shape_entry(s)
+                c = None
+                if src in like.dg:
+                    self._settle(like)
+                    c = src in like.confirmed
+                of_shape[s] = c
+            if c is not None:
+                yield c, inv.oid_at(p)
 
     def _stamp(self, s: str | None) -> HLCTimestamp | None:
         if s is None:
