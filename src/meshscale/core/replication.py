@@ -103,6 +103,8 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
+import sys
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar, cast
@@ -767,47 +769,493 @@ def _new_local(oid: _Key, policy: ObjectPolicy, hint_for: str | None, *,
     return loc
 
 
-class _Inventory:
-    """Object id -> its ``_Local``, the inventory. Looked up by id (a string), kept by
-    ``_key`` (a content id as an int: one object per copy held, shared with its entry's
-    ``key``). Walking it gives ids in the order the entries were added, as a dict does."""
+_ID_BYTES = _ID_HEX // 2
+_WORDS = 3
+"""Words of a packed record (``_Inventory``): the stamp's low and high 64 bits, and the
+number of its shape (or ``_AS_OBJECT``, ``_GONE``)."""
+_AS_OBJECT = (1 << 64) - 1
+"""A record's shape word: the entry is a ``_Local`` (``_Inventory._objs``)."""
+_GONE = (1 << 64) - 2
+"""A record's shape word: the entry was removed (the position waits for compaction)."""
+_WORD_MASK = (1 << 64) - 1
+_STAMP_LIMIT = 1 << 128
+_EMPTY, _DUMMY = -1, -2
+"""Slots of ``_Inventory._index`` not naming a position: never used, or used and freed."""
+_FLUSH_AT = 256
+"""Entries made ``_Local`` that ``_Inventory`` packs again once this many wait."""
+_INDEX_MIN = 8
 
-    __slots__ = ("_d",)
+_Shape = tuple[ObjectPolicy, _Rare, dict[str, float], tuple[str, ...], int,
+               tuple[str, ...], int, int]
+"""The fields of a ``_Local`` but its key and stamp: (policy, rare, confirmed, rs,
+rs_version, dg, seq, flags)."""
 
-    def __init__(self) -> None:
-        self._d: dict[_Key, _Local] = {}
 
-    def get(self, oid: _Key) -> _Local | None:
-        return self._d.get(_key(oid))
+def _held_refs() -> int:
+    """``sys.getrefcount`` of an entry that only ``_Inventory._objs`` holds, read as
+    ``_Inventory._flush`` reads it (straight from the dict, no variable of its own that a
+    debugger's snapshot of the frame's locals could add to)."""
+    objs = {0: _Local(0, ObjectPolicy(1))}
+    return sys.getrefcount(objs[0])
 
-    def __getitem__(self, oid: _Key) -> _Local:
-        return self._d[_key(oid)]
 
-    def __contains__(self, oid: object) -> bool:
-        return isinstance(oid, (str, int)) and _key(oid) in self._d
+class _Keys:
+    """A sequence of inventory keys (``_Inventory.keys``): 32 bytes of digest each, those
+    that are not content ids by their index in ``others``."""
 
-    def add(self, loc: _Local) -> None:
-        """Add (or replace) the entry of ``loc.oid``, under its own key object."""
-        self._d[loc.key] = loc
+    __slots__ = ("_ids", "_others")
 
-    def __delitem__(self, oid: _Key) -> None:
-        del self._d[_key(oid)]
+    def __init__(self, ids: bytes = b"", others: dict[int, str] | None = None) -> None:
+        self._ids = ids
+        self._others = others or {}
 
     def __len__(self) -> int:
-        return len(self._d)
+        return len(self._ids) // _ID_BYTES
+
+    def __getitem__(self, i: int) -> _Key:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = self._others.get(i)
+        if k is not None:
+            return k
+        return int.from_bytes(self._ids[i * _ID_BYTES:(i + 1) * _ID_BYTES], "big")
+
+    def __iter__(self) -> Iterator[_Key]:
+        return (self[i] for i in range(len(self)))
+
+    def tail(self, start: int) -> _Keys:
+        """The keys from index ``start`` on."""
+        return _Keys(self._ids[start * _ID_BYTES:],
+                     {i - start: k for i, k in self._others.items() if i >= start})
+
+    def __add__(self, other: _Keys) -> _Keys:
+        n = len(self)
+        return _Keys(self._ids + other._ids,
+                     {**self._others, **{i + n: k for i, k in other._others.items()}})
+
+
+class _Inventory:
+    """Object id -> its ``_Local``, the inventory (issue #24). Looked up by id (a string)
+    or by ``_key``; walking it gives ids in the order the entries were added, as a dict
+    does (a replaced entry keeps its place, a removed one added again goes last).
+
+    Packed: an entry of a content id is a fixed-width record, not objects. Each entry has
+    a *position* (the order): 32 bytes of its id's digest in ``_ids`` and ``_WORDS``
+    unsigned 64-bit words in ``_words`` (its stamp, and the number of its *shape*: every
+    other field of the entry, a tuple shared by the entries with the same ones, counted
+    and forgotten when no entry has it). ``_index`` is an open-addressing hash table of
+    positions (CPython's dict probing), so a lookup is O(1) with no object per entry:
+    about 32 + 24 + 8 bytes per copy held, where a ``_Local``, its key int, its stamp int
+    and a dict slot took ~250.
+
+    An entry read (``get``, a walk) is made a ``_Local`` and kept as one (``_objs``), so
+    the caller reads and changes it as before; once ``_FLUSH_AT`` wait, those only the
+    inventory still refers to (``sys.getrefcount``: no caller can change them any more)
+    are packed again. An entry that cannot be packed stays a ``_Local``: an id that is not
+    a content id (tests name objects "o1"), a stamp kept whole (``_pack``)."""
+
+    __slots__ = ("_compactions", "_dirty", "_flush_at", "_free_slot", "_ids", "_index",
+                 "_missed", "_n", "_objs", "_shape_free", "_shape_of", "_shape_refs",
+                 "_shapes", "_strs", "_used", "_words")
+
+    def __init__(self) -> None:
+        self._ids = bytearray()
+        self._words = array("Q")
+        self._objs: dict[int, _Local] = {}
+        """Position -> its entry, for the entries kept as ``_Local``."""
+        self._strs: dict[str, int] = {}
+        """An id that is not a content id -> its position (its ``_ids`` bytes are zero)."""
+        self._index = array("i", [_EMPTY]) * _INDEX_MIN
+        self._used = 0
+        """Slots of ``_index`` not ``_EMPTY``."""
+        self._n = 0
+        self._dirty: dict[int, None] = {}
+        """Positions of content ids read or added as ``_Local`` since the last ``_flush``
+        (a dict: each once, in order)."""
+        self._flush_at = _FLUSH_AT
+        self._shapes: list[_Shape | None] = []
+        self._shape_refs = array("q")
+        self._shape_of: dict[tuple[object, ...], int] = {}
+        self._shape_free: list[int] = []
+        self._compactions = 0
+        self._free_slot = 0
+        self._missed: tuple[int, bytes, int] | None = None
+        """The key last looked up and not found, and its digest, while nothing was added
+        since (``object_added`` looks an id up, then adds it: one search, not two)."""
+
+    # -- index
+
+    def _find(self, kb: bytes) -> int:
+        """The position of the content id whose digest is ``kb``, or -1 (then
+        ``_free_slot`` is the empty slot of ``_index`` where it would go)."""
+        idx, ids, mask = self._index, self._ids, len(self._index) - 1
+        h = hash(kb) & _WORD_MASK
+        i = h & mask
+        while True:
+            p = idx[i]
+            if p == _EMPTY:
+                self._free_slot = i
+                return -1
+            if p >= 0 and ids[p * _ID_BYTES:(p + 1) * _ID_BYTES] == kb:
+                return p
+            h >>= 5
+            i = (i * 5 + h + 1) & mask
+
+    def _slot(self, kb: bytes) -> int:
+        """The ``_index`` slot of the content id ``kb`` (``KeyError`` if it is not held)."""
+        idx, ids, mask = self._index, self._ids, len(self._index) - 1
+        h = hash(kb) & _WORD_MASK
+        i = h & mask
+        while True:
+            p = idx[i]
+            if p == _EMPTY:
+                raise KeyError(kb.hex())
+            if p >= 0 and ids[p * _ID_BYTES:(p + 1) * _ID_BYTES] == kb:
+                return i
+            h >>= 5
+            i = (i * 5 + h + 1) & mask
+
+    def _put_index(self, kb: bytes, p: int) -> None:
+        if (self._used + 1) * 3 >= len(self._index) * 2:
+            self._reindex(self._n + 1)
+        idx, mask = self._index, len(self._index) - 1
+        h = hash(kb) & _WORD_MASK
+        i = h & mask
+        while idx[i] >= 0:
+            h >>= 5
+            i = (i * 5 + h + 1) & mask
+        if idx[i] == _EMPTY:
+            self._used += 1
+        idx[i] = p
+
+    def _reindex(self, n: int) -> None:
+        """Make ``_index`` anew for ``n`` entries: at most a third full, so it doubles
+        (and is made again) when the inventory does, as a dict."""
+        size = _INDEX_MIN
+        while size <= 3 * n:
+            size *= 2
+        idx = self._index = array("i", [_EMPTY]) * size
+        mask = size - 1
+        ids, words, objs = bytes(self._ids), self._words, self._objs
+        used = 0
+        for p in range(len(words) // _WORDS):
+            s = words[p * _WORDS + 2]
+            if s == _GONE or (s == _AS_OBJECT and type(objs[p].key) is str):
+                continue
+            h = hash(ids[p * _ID_BYTES:(p + 1) * _ID_BYTES]) & _WORD_MASK
+            i = h & mask
+            while idx[i] != _EMPTY:
+                h >>= 5
+                i = (i * 5 + h + 1) & mask
+            idx[i] = p
+            used += 1
+        self._used = used
+
+    # -- shapes
+
+    def _shape(self, loc: _Local) -> int:
+        rs, dg = loc.rs, loc.dg
+        same = dg is rs
+        key = (id(loc.policy), id(loc.rare), id(loc.confirmed), rs, loc.rs_version,
+               same, None if same else dg, loc.seq, loc.flags)
+        s = self._shape_of.get(key)
+        if s is None:
+            value = (loc.policy, loc.rare, loc.confirmed, rs, loc.rs_version, dg, loc.seq,
+                     loc.flags)
+            if self._shape_free:
+                s = self._shape_free.pop()
+                self._shapes[s] = value
+            else:
+                s = len(self._shapes)
+                self._shapes.append(value)
+                self._shape_refs.append(0)
+            self._shape_of[key] = s
+        self._shape_refs[s] += 1
+        return s
+
+    def _unshape(self, s: int) -> None:
+        refs = self._shape_refs[s] - 1
+        self._shape_refs[s] = refs
+        if not refs:
+            sh = self._shapes[s]
+            assert sh is not None
+            rs, dg = sh[3], sh[5]
+            same = dg is rs
+            del self._shape_of[(id(sh[0]), id(sh[1]), id(sh[2]), rs, sh[4], same,
+                                None if same else dg, sh[6], sh[7])]
+            self._shapes[s] = None
+            self._shape_free.append(s)
+
+    # -- records
+
+    def _load(self, p: int) -> _Local:
+        """The entry at position ``p`` as a ``_Local`` (made one if packed)."""
+        words = self._words
+        b = p * _WORDS
+        s = words[b + 2]
+        if s == _AS_OBJECT:
+            loc = self._objs[p]
+            if type(loc.key) is int and p not in self._dirty:
+                # Not packed when last tried (a stamp kept whole): perhaps it can be now.
+                self._dirty[p] = None
+            return loc
+        sh = self._shapes[s]
+        assert sh is not None
+        loc = _Local(int.from_bytes(self._ids[p * _ID_BYTES:(p + 1) * _ID_BYTES], "big"),
+                     sh[0], sh[1], sh[2], sh[3], sh[4], words[b + 1] << 64 | words[b],
+                     sh[5], sh[6], sh[7])
+        self._unshape(s)
+        words[b + 2] = _AS_OBJECT
+        self._objs[p] = loc
+        self._dirty[p] = None
+        if len(self._dirty) >= self._flush_at:
+            self._flush()
+        return loc
+
+    def _store(self, p: int, loc: _Local) -> bool:
+        """Pack the ``_Local`` at ``p`` into its record, if it can be."""
+        stamp = loc.stamp
+        if type(stamp) is not int or not 0 <= stamp < _STAMP_LIMIT or type(loc.key) is not int:
+            return False
+        words = self._words
+        b = p * _WORDS
+        words[b + 2] = self._shape(loc)
+        words[b] = stamp & _WORD_MASK
+        words[b + 1] = stamp >> 64
+        del self._objs[p]
+        return True
+
+    def _flush(self) -> None:
+        """Pack the entries made ``_Local`` that no caller holds any more."""
+        objs, held = self._objs, _HELD_REFS
+        keep: dict[int, None] = {}
+        for p in self._dirty:
+            if p not in objs:
+                continue  # removed
+            if sys.getrefcount(objs[p]) > held:
+                keep[p] = None
+            else:
+                self._store(p, objs[p])
+        self._dirty = keep
+        self._flush_at = max(_FLUSH_AT, 2 * len(keep))
+
+    def pack(self) -> None:
+        """Pack every entry it can that no caller holds (tests, and a walk's end)."""
+        self._flush()
+
+    def _drop(self, p: int) -> None:
+        """Forget what position ``p`` holds (its shape's count, its ``_Local``)."""
+        b = p * _WORDS + 2
+        s = self._words[b]
+        if s == _AS_OBJECT:
+            del self._objs[p]
+        elif s != _GONE:
+            self._unshape(s)
+        self._words[b] = _GONE
+
+    def _append(self, kb: bytes) -> int:
+        p = len(self._words) // _WORDS
+        self._ids += kb
+        self._words.extend((0, 0, _GONE))
+        return p
+
+    def _position(self, oid: _Key) -> int:
+        if type(oid) is int:
+            kb = oid.to_bytes(_ID_BYTES, "big")
+            p = self._find(kb)
+            if p < 0:
+                self._missed = (oid, kb, self._free_slot)
+            return p
+        assert isinstance(oid, str)
+        if is_object_id(oid):
+            return self._find(bytes.fromhex(oid[len(OBJECT_ID_PREFIX):]))
+        return self._strs.get(oid, -1)
+
+    # -- the mapping
+
+    def get(self, oid: _Key) -> _Local | None:
+        p = self._position(oid)
+        return None if p < 0 else self._load(p)
+
+    def __getitem__(self, oid: _Key) -> _Local:
+        p = self._position(oid)
+        if p < 0:
+            raise KeyError(oid)
+        return self._load(p)
+
+    def __contains__(self, oid: object) -> bool:
+        return isinstance(oid, (str, int)) and self._position(oid) >= 0
+
+    def flags(self, oid: _Key) -> int | None:
+        """``get(oid).flags`` without making the entry a ``_Local``; None if absent."""
+        p = self._position(oid)
+        if p < 0:
+            return None
+        s = self._words[p * _WORDS + 2]
+        if s == _AS_OBJECT:
+            return self._objs[p].flags
+        sh = self._shapes[s]
+        assert sh is not None
+        return sh[7]
+
+    def add(self, loc: _Local) -> None:
+        """Add (or replace) the entry of ``loc.oid``."""
+        key = loc.key
+        if type(key) is str:
+            p = self._strs.get(key, -1)
+            if p < 0:
+                p = self._strs[key] = self._append(bytes(_ID_BYTES))
+                self._n += 1
+            else:
+                self._drop(p)
+        else:
+            assert isinstance(key, int)
+            missed = self._missed
+            self._missed = None
+            if missed is not None and missed[0] is key:
+                kb, p, slot = missed[1], -1, missed[2]
+            else:
+                kb = key.to_bytes(_ID_BYTES, "big")
+                p = self._find(kb)
+                slot = self._free_slot
+            if p < 0:
+                p = self._append(kb)
+                if (self._used + 1) * 3 < len(self._index) * 2:
+                    self._index[slot] = p  # the empty slot its search ended on
+                    self._used += 1
+                else:
+                    self._put_index(kb, p)
+                self._n += 1
+            else:
+                self._drop(p)
+            self._dirty[p] = None
+        self._words[p * _WORDS + 2] = _AS_OBJECT
+        self._objs[p] = loc
+        if len(self._dirty) >= self._flush_at:
+            self._flush()
+
+    def __delitem__(self, oid: _Key) -> None:
+        self._missed = None
+        key = _key(oid)
+        if type(key) is str:
+            p = self._strs.pop(key)
+        else:
+            assert isinstance(key, int)
+            kb = key.to_bytes(_ID_BYTES, "big")
+            i = self._slot(kb)
+            p = self._index[i]
+            self._index[i] = _DUMMY
+        self._drop(p)
+        self._n -= 1
+        gone = len(self._words) // _WORDS - self._n
+        if gone > 1024 and gone > self._n:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Close the gaps removed entries left (positions change: no walk may be under
+        way, as no dict may change size during one)."""
+        self._flush()
+        words, ids = self._words, self._ids
+        new_words, new_ids = array("Q"), bytearray()
+        moved: dict[int, int] = {}
+        for p in range(len(words) // _WORDS):
+            b = p * _WORDS
+            if words[b + 2] == _GONE:
+                continue
+            moved[p] = len(new_words) // _WORDS
+            new_words.extend(words[b:b + _WORDS])
+            new_ids += ids[p * _ID_BYTES:(p + 1) * _ID_BYTES]
+        self._words, self._ids = new_words, new_ids
+        self._objs = {moved[p]: loc for p, loc in self._objs.items()}
+        self._strs = {k: moved[p] for k, p in self._strs.items()}
+        self._dirty = {moved[p]: None for p in self._dirty if p in moved}
+        self._compactions += 1
+        self._reindex(self._n)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def by_shape(self) -> Iterator[tuple[_Local, int]]:
+        """Every entry as (a ``_Local``, how many entries it stands for): each entry kept
+        as a ``_Local`` (itself, 1), then for each shape of packed entries a new
+        ``_Local`` with its fields (key 0, stamp 0: not in the inventory) and how many
+        have it. Change nothing in the inventory meanwhile."""
+        for loc in list(self._objs.values()):
+            yield loc, 1
+        refs = self._shape_refs
+        for s, sh in enumerate(self._shapes):
+            if sh is not None and refs[s]:
+                yield self.shape_entry(s), refs[s]
+
+    def shape_entry(self, s: int) -> _Local:
+        """A new ``_Local`` with the fields of shape ``s`` (key 0, stamp 0: not in the
+        inventory)."""
+        sh = self._shapes[s]
+        assert sh is not None
+        return _Local(0, sh[0], sh[1], sh[2], sh[3], sh[4], 0, sh[5], sh[6], sh[7])
+
+    def walk(self) -> Iterator[tuple[int, int, _Local | None]]:
+        """(position, shape, None) for each packed entry, (position, -1, the entry) for
+        each kept as a ``_Local``, in order, none made a ``_Local``. Change nothing in
+        the inventory meanwhile."""
+        words, objs = self._words, self._objs
+        for p in range(len(words) // _WORDS):
+            s = words[p * _WORDS + 2]
+            if s == _GONE:
+                continue
+            if s == _AS_OBJECT:
+                yield p, -1, objs[p]
+            else:
+                yield p, s, None
+
+    def oid_at(self, p: int) -> str:
+        """The id of the packed entry at position ``p``."""
+        return OBJECT_ID_PREFIX + self._ids[p * _ID_BYTES:(p + 1) * _ID_BYTES].hex()
+
+    def _live(self) -> Iterator[int]:
+        """The live positions, in order (a compaction during the walk is an error, as a
+        dict changed during one)."""
+        words, at = self._words, self._compactions
+        for p in range(len(words) // _WORDS):
+            if at != self._compactions:
+                raise RuntimeError("inventory compacted during a walk")
+            words = self._words
+            if words[p * _WORDS + 2] != _GONE:
+                yield p
+
+    def _key_at(self, p: int) -> _Key:
+        loc = self._objs.get(p)
+        if loc is not None:
+            return loc.key
+        return int.from_bytes(self._ids[p * _ID_BYTES:(p + 1) * _ID_BYTES], "big")
 
     def __iter__(self) -> Iterator[str]:
-        return map(_oid, self._d)
+        return (_oid(self._key_at(p)) for p in self._live())
 
-    def keys(self) -> list[_Key]:
-        """The keys (``_key``), in order: for a walk that looks entries up again."""
-        return list(self._d)
+    def keys(self) -> _Keys:
+        """The keys (``_key``), in order: for a walk that looks entries up again. Packed
+        (32 bytes each), not a list of ints (72 bytes each, made at every view change)."""
+        words, ids, n = self._words, self._ids, len(self._words) // _WORDS
+        strs = {p: k for k, p in self._strs.items()}
+        if n == self._n:
+            return _Keys(bytes(ids), strs)
+        out, others = bytearray(), {}
+        for p in range(n):
+            if words[p * _WORDS + 2] != _GONE:
+                k = strs.get(p)
+                if k is not None:
+                    others[len(out) // _ID_BYTES] = k
+                out += ids[p * _ID_BYTES:(p + 1) * _ID_BYTES]
+        return _Keys(bytes(out), others)
 
-    def values(self) -> Iterable[_Local]:
-        return self._d.values()
+    def values(self) -> Iterator[_Local]:
+        return (self._load(p) for p in self._live())
 
     def items(self) -> Iterator[tuple[str, _Local]]:
-        return ((_oid(k), loc) for k, loc in self._d.items())
+        return ((loc.oid, loc) for loc in self.values())
+
+
+_HELD_REFS = _held_refs()
 
 
 @dataclass(slots=True)
@@ -860,7 +1308,7 @@ class _PeerRound:
 class _Rebuild:
     """A view change's pass over the inventory, done in slices (``_rebuild_slice``)."""
 
-    oids: list[_Key]
+    oids: _Keys
     """The inventory's keys (``_key``) when the view last changed, in its order: each is re-placed and
     re-indexed once (an entry added since was indexed under the current view). After a
     view change during a rebuild, the ids the rebuild had not reached come first, then
@@ -1087,7 +1535,7 @@ class ReplicaManager:
         self._peers = sorted(n for n in view if n != self.name)
         self._count("view_changes")
         rb = self._rebuilding
-        left = [] if rb is None else rb.oids[rb.pos:]
+        left = _Keys() if rb is None else rb.oids.tail(rb.pos)
         if rb is not None:
             self._count("rebuilds_restarted")
         self._rebuilding = _Rebuild(left + self._inv.keys(), 0, len(left),
@@ -1177,8 +1625,8 @@ class ReplicaManager:
             self._count("objects_removed")
 
     def holds(self, oid: str) -> bool:
-        loc = self._inv.get(oid)
-        return loc is not None and loc.tomb is None
+        flags = self._inv.flags(oid)  # without making the entry a _Local
+        return flags is not None and not flags & _TOMB
 
     def placement(self, oid: str, policy: ObjectPolicy
                   ) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
@@ -1195,12 +1643,16 @@ class ReplicaManager:
 
     def unconfirmed_count(self) -> int:
         """Copies held here that no peer is confirmed to hold (``confirmed_holders``
-        empty), counted without listing their ids (a string each, from its key)."""
+        empty), counted without listing their ids (a string each, from its key), and
+        without walking the packed entries: what ``_settle`` makes of an entry depends
+        only on the fields of its shape, so each shape is settled once (a copy of it,
+        not written back: settling is idempotent, each reader settles again) and counts
+        for its entries. O(shapes + entries kept as ``_Local``)."""
         n = 0
-        for loc in self._inv.values():
+        for loc, entries in self._inv.by_shape():
             if loc.tomb is None:
                 self._settle(loc)
-                n += not loc.confirmed
+                n += entries * (not loc.confirmed)
         return n
 
     def confirmed_holders(self, oid: str) -> list[str]:
@@ -1636,15 +2088,37 @@ class ReplicaManager:
             return
         # The pair set is listed only now, on a mismatch; unconfirmed first: they are the
         # likely difference.
-        pair = [loc for loc in self._inv.values() if src in loc.dg]
-        for loc in pair:
-            self._settle(loc)
         # Only the first ``_offer`` takes are listed (nsmallest is sorted()[:n]): an id
         # string per entry of the pair set, held at once, was a high-water mark of
-        # ~200 B per copy (issue #24).
-        first = heapq.nsmallest(self._offer_budget(st), pair,
-                                key=lambda loc: (src in loc.confirmed, loc.oid))
-        self._offer(src, st, [loc.oid for loc in first])
+        # ~200 B per copy (issue #24); the pair set is walked, not listed (a list would
+        # hold each entry as a ``_Local``, not packed).
+        first = heapq.nsmallest(self._offer_budget(st), self._pair_keys(src))
+        self._offer(src, st, [oid for _, oid in first])
+
+    def _pair_keys(self, src: str) -> Iterator[tuple[bool, str]]:
+        """For each entry of the pair set with ``src``, in the inventory's order: (``src``
+        confirmed it, its id), settled (``_settle``). A packed entry is not made a
+        ``_Local``: what settling makes of it depends only on its shape, settled once (a
+        copy of it, not written back: each reader settles again)."""
+        inv = self._inv
+        of_shape: dict[int, bool | None] = {}
+        for p, s, loc in inv.walk():
+            if loc is not None:
+                if src in loc.dg:
+                    self._settle(loc)
+                    yield src in loc.confirmed, loc.oid
+                continue
+            if s in of_shape:
+                c = of_shape[s]
+            else:
+                like = inv.shape_entry(s)
+                c = None
+                if src in like.dg:
+                    self._settle(like)
+                    c = src in like.confirmed
+                of_shape[s] = c
+            if c is not None:
+                yield c, inv.oid_at(p)
 
     def _stamp(self, s: str | None) -> HLCTimestamp | None:
         if s is None:
@@ -1986,6 +2460,10 @@ class ReplicaManager:
         for oid, loc in moved:
             if loc.tomb is None:
                 self._check_under(oid, loc)
+        # The slice's entries back in their packed form (else up to two slices of them
+        # stay _Local until enough other entries are read; the last one read is held).
+        moved.clear()
+        inv.pack()
         if rb.pos < len(rb.oids):
             rb.at = now + self.config.rebuild_slice_pause_s
             self._count("rebuild_slices")
