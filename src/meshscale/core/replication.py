@@ -854,8 +854,8 @@ class _Inventory:
     are packed again. An entry that cannot be packed stays a ``_Local``: an id that is not
     a content id (tests name objects "o1"), a stamp kept whole (``_pack``)."""
 
-    __slots__ = ("_compactions", "_dirty", "_flush_at", "_free_slot", "_ids", "_index",
-                 "_missed", "_n", "_objs", "_shape_free", "_shape_of", "_shape_refs",
+    __slots__ = ("_compactions", "_dirty", "_flush_at", "_ids", "_index", "_missed", "_n",
+                 "_objs", "_probed_slot", "_shape_free", "_shape_of", "_shape_refs",
                  "_shapes", "_strs", "_used", "_words")
 
     def __init__(self) -> None:
@@ -878,7 +878,7 @@ class _Inventory:
         self._shape_of: dict[tuple[object, ...], int] = {}
         self._shape_free: list[int] = []
         self._compactions = 0
-        self._free_slot = 0
+        self._probed_slot = 0
         self._missed: tuple[int, bytes, int] | None = None
         """The key last looked up and not found, and its digest, while nothing was added
         since (``object_added`` looks an id up, then adds it: one search, not two)."""
@@ -886,34 +886,25 @@ class _Inventory:
     # -- index
 
     def _find(self, kb: bytes) -> int:
-        """The position of the content id whose digest is ``kb``, or -1 (then
-        ``_free_slot`` is the empty slot of ``_index`` where it would go)."""
+        """The position of the content id whose digest is ``kb``, or -1. ``_probed_slot`` is
+        then the slot of ``_index`` it is at, or the empty one where it would go (one
+        probe loop for both: it is on the way of every lookup)."""
         idx, ids, mask = self._index, self._ids, len(self._index) - 1
         h = hash(kb) & _WORD_MASK
         i = h & mask
         while True:
             p = idx[i]
-            if p == _EMPTY:
-                self._free_slot = i
-                return -1
-            if p >= 0 and ids[p * _ID_BYTES:(p + 1) * _ID_BYTES] == kb:
-                return p
+            if p == _EMPTY or (p >= 0 and ids[p * _ID_BYTES:(p + 1) * _ID_BYTES] == kb):
+                self._probed_slot = i
+                return -1 if p == _EMPTY else p
             h >>= 5
             i = (i * 5 + h + 1) & mask
 
     def _slot(self, kb: bytes) -> int:
         """The ``_index`` slot of the content id ``kb`` (``KeyError`` if it is not held)."""
-        idx, ids, mask = self._index, self._ids, len(self._index) - 1
-        h = hash(kb) & _WORD_MASK
-        i = h & mask
-        while True:
-            p = idx[i]
-            if p == _EMPTY:
-                raise KeyError(kb.hex())
-            if p >= 0 and ids[p * _ID_BYTES:(p + 1) * _ID_BYTES] == kb:
-                return i
-            h >>= 5
-            i = (i * 5 + h + 1) & mask
+        if self._find(kb) < 0:
+            raise KeyError(kb.hex())
+        return self._probed_slot
 
     def _put_index(self, kb: bytes, p: int) -> None:
         if (self._used + 1) * 3 >= len(self._index) * 2:
@@ -1064,7 +1055,7 @@ class _Inventory:
             kb = oid.to_bytes(_ID_BYTES, "big")
             p = self._find(kb)
             if p < 0:
-                self._missed = (oid, kb, self._free_slot)
+                self._missed = (oid, kb, self._probed_slot)
             return p
         assert isinstance(oid, str)
         if is_object_id(oid):
@@ -1117,7 +1108,7 @@ class _Inventory:
             else:
                 kb = key.to_bytes(_ID_BYTES, "big")
                 p = self._find(kb)
-                slot = self._free_slot
+                slot = self._probed_slot
             if p < 0:
                 p = self._append(kb)
                 if (self._used + 1) * 3 < len(self._index) * 2:
