@@ -36,7 +36,10 @@
 ``--scale N`` (issue #24) runs instead a data-scale measurement: N small objects (512 B,
 RF 3) on a 3-node mesh, put through the mesh with ``put_small`` from 8 concurrent loops
 per node, each on its own connection (``--preload``: written into every node's store
-through its own API before the nodes start; ``--tmpfs``: data dirs on /dev/shm), then
+through its own API before the nodes start; ``--tmpfs``: data dirs on /dev/shm, or on
+``--tmpfs-dir``: a run that cannot fit its files there, inodes or bytes, is refused at
+once; at 1,000,000 a default /dev/shm lacks the inodes, so mount one, e.g.
+``mount -t tmpfs -o size=20g,nr_inodes=0 tmpfs DIR``), then
 ``objects_held_per_node``, ``rss_mb_per_node`` (node process, workers not counted),
 ``rss_bytes_per_object`` (over the same nodes empty, or an empty mesh of its own with
 ``--preload``), ``idle_cpu_pct_per_node`` (a 30 s window from 60 s after every node holds
