@@ -100,10 +100,20 @@ def test_audit_across_nodes_then_tampering_is_found(mesh: LocalMesh) -> None:
     assert len({r["node"] for r in made}) == 3 and all(r["data_class"] == "pii" for r in made)
     put = next(r for r in rows if r["kind"] == "put")
     assert put["node"] == "node-0" and put["who"] == "local-admin" and put["role"] == "admin"
-    for r in made:
-        if r["node"] != "node-0":  # a replica: sent by node-0, from its region to ours
-            assert r["who"] == "node-0" and r["from_region"] == "eu-west"
-            assert r["to_region"] == next(n.region for n in mesh.nodes if n.name == r["node"])
+    region = {n.name: n.region for n in mesh.nodes}
+    holders = {r["node"] for r in made}
+    for node in holders - {"node-0"}:
+        # A replica: sent by node-0 (the put), from its region to ours.
+        mine = [r for r in made if r["node"] == node]
+        assert any(r["who"] == "node-0" and r["from_region"] == "eu-west" for r in mine), mine
+        for r in mine:
+            # Anti-entropy may send it again from another holder while the put's copy
+            # is on its way (a digest compared before that copy landed: seen once in a
+            # loaded CI run, node-2 -> node-3 2 ms after node-0's copy); the trail says
+            # so, with the sender's region, and only the put's node or a holder sends.
+            assert r["who"] in holders | {"node-0"} and r["who"] != node, mine
+            assert r["from_region"] == region[r["who"]], mine
+            assert r["to_region"] == region[node], mine
     read = cli("audit", "--object", oids[0], "--kind", "read", "--all-nodes", "--json",
                "--mesh", mesh.mesh_json)
     assert read.returncode == 0, read
