@@ -287,3 +287,54 @@ def test_the_unconfirmed_count_of_packed_entries_is_counted_by_shape() -> None:
     m._matched["b"] = (3.0, m._seq)  # covers every entry of the pair set
     got, want = count()
     assert got == want == 0
+
+
+def test_placement_reads_a_packed_entrys_sets_from_its_shape_and_matches_the_entry() -> None:
+    """``placement`` (a listing page asks it of a thousand ids) gives a packed entry's
+    replica and write sets from its shape without making it a ``_Local`` while the view
+    is the one they were computed under, and exactly what the entry itself gives: for
+    copies, a tombstone, another policy, a write set unlike the replica set, and after
+    a view change (when the sets must be computed again)."""
+    from meshscale.core.placement import Candidate
+    from meshscale.core.replication import ReplicaManager, ReplicationConfig
+
+    cfg = ReplicationConfig(sync_interval_s=5.0, view_change_delay_s=0.1,
+                            rebuild_slice_entries=100)  # a view change leaves most stale
+    m = ReplicaManager("a", config=cfg, rng=random.Random(3), now=0.0)
+    nodes = [Candidate("a", "eu", "eu-a"), Candidate("b", "us", "us-a"),
+             Candidate("c", "ap", "ap-a"), Candidate("d", "eu", "eu-b")]
+    m.set_view(nodes, 0.0)
+    pol = ObjectPolicy(2)
+    oids = [object_id(i.to_bytes(2, "big")) for i in range(300)] + ["o1"]
+    for oid in oids:
+        m.object_added(oid, pol, None, 0.0)
+    m.delete(oids[5], pol, HLCTimestamp(5, 0, "a"), 1.0, 1.0)
+    odd = m._inv[oids[7]]
+    odd.ws = ("b", "d")  # a write set unlike its replica set (a member full)
+    del odd
+
+    def want(oid: str, policy: ObjectPolicy) -> object:
+        loc = m._inv.get(oid)
+        if loc is None or loc.tomb is not None or loc.policy != policy:
+            return None
+        return m._rs_of_local(loc), loc.ws
+
+    for oid in oids:
+        m.placement(oid, pol)  # computes the sets under this view
+    first: dict[str, object] = {}
+    for view in (None, nodes[:3]):
+        if view is not None:
+            m.set_view(view, 2.0)  # the sets of entries past the first slice are stale
+        m._inv.pack()
+        packed = [o for o in oids if o[0] != "o" and _packed(m._inv, o)]
+        assert len(packed) > 290
+        got = {o: m.placement(o, pol) for o in oids}
+        first = first if view is not None else got
+        other = {o: m.placement(o, ObjectPolicy(3)) for o in oids}
+        if view is None:
+            assert all(_packed(m._inv, o) for o in packed), "placement unpacked an entry"
+            assert got[oids[7]] is not None and got[oids[7]][1] == ("b", "d")
+        assert got == {o: want(o, pol) for o in oids}
+        assert other == {o: None for o in oids}
+        assert got[oids[5]] is None and got[oids[7]] is not None
+    assert got != first  # the view change moved some sets

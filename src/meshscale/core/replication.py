@@ -1089,6 +1089,18 @@ class _Inventory:
         assert sh is not None
         return sh[7]
 
+    def peek(self, oid: _Key) -> _Local | _Shape | None:
+        """The entry of ``oid`` as it is kept, made a ``_Local`` by no one: its ``_Local``
+        if kept as one, else its shape (every field but key and stamp); None if absent.
+        For readers of shared fields on a hot path (a listing page reads a thousand)."""
+        p = self._position(oid)
+        if p < 0:
+            return None
+        s = self._words[p * _WORDS + 2]
+        if s == _AS_OBJECT:
+            return self._objs[p]
+        return self._shapes[s]
+
     def add(self, loc: _Local) -> None:
         """Add (or replace) the entry of ``loc.oid``."""
         key = loc.key
@@ -1624,10 +1636,22 @@ class ReplicaManager:
         """(replica set, write set) under the current view of a copy held here under
         ``policy``, as replication keeps them (cached per view: no hashing); empty when no
         live node may hold it. None when no copy is held here, or under another policy."""
-        loc = self._inv.get(oid)
-        if loc is None or loc.tomb is not None or loc.policy != policy:
+        got = self._inv.peek(oid)
+        if got is None:
             return None
-        return self._rs_of_local(loc), loc.ws
+        if type(got) is tuple:
+            # Packed: read the sets from its shape unless the view changed since they
+            # were computed (then the entry must be made a _Local to keep new ones).
+            pol, rare, _, rs, rs_version, _, _, flags = got
+            if flags & _TOMB or pol != policy:
+                return None
+            if rs_version == self._view_version:
+                return rs, rs if rare.ws is None else rare.ws
+            got = self._inv[oid]
+        assert isinstance(got, _Local)
+        if got.tomb is not None or got.policy != policy:
+            return None
+        return self._rs_of_local(got), got.ws
 
     def inventory(self) -> list[str]:
         return sorted(o for o, loc in self._inv.items() if loc.tomb is None)
