@@ -36,6 +36,9 @@ class Node:
         self.copied = 0
         self.held = True
         self.dead = False
+        self.short = False
+        """The backup cannot be reached: ``stream.copied`` answers at once, short."""
+        self.copied_calls = 0
         self.gate = asyncio.Event()
         self.loop = loop
 
@@ -55,13 +58,16 @@ class Node:
             self.head += len(req.records)
             if req.ack == "copied":
                 await self.copy()
-            elif not self.held:
+            elif not self.held and not self.short:
                 self.copied = self.head
             return PublishReply(node=self.name, source=f"{self.name}~1", first=first,
                                 last=self.head - 1,
                                 copied=None if req.ack == "copied" else self.copied)
         if method is api.COPIED:
             assert req.source == f"{self.name}~1"
+            self.copied_calls += 1
+            if self.short:
+                return CopiedReply(copied=self.copied)
             await self.copy()
             return CopiedReply(copied=self.copied)
         raise RpcError(f"{self.name}: {method.name} not served here")
@@ -153,4 +159,45 @@ def test_a_full_window_waits_for_an_ack_and_sends_what_piled_up_in_one_batch(
     a.release()
     wait_for(lambda: s.acked == room + 2, 10, "all acknowledged")
     assert a.published[room:] == [["x0", "x1"]]
+    s.close()
+
+
+def test_a_short_copied_answer_is_asked_again_after_a_growing_pause_not_at_once(
+        net: Any) -> None:
+    """While the node cannot reach its backup, ``stream.copied`` answers at once without
+    the copy: the ack loop pauses (``core.backoff``, doubling) before each ask again
+    instead of spinning against the node, and starts from the shortest pause once a
+    copy is acknowledged."""
+    mesh, nodes = net
+    a = nodes["a"]
+    a.held, a.short = False, True
+    s = client_streams.Stream(mesh, "t")
+    pauses: list[float] = []
+    real = s._copy_backoff
+
+    class Recorded:
+        def next_delay(self) -> float | None:
+            d = real.next_delay()
+            assert d is not None
+            pauses.append(d)
+            return 0.001  # the test waits on the count, not on the pauses
+
+        def reset(self) -> None:
+            pauses.append(-1.0)
+            real.reset()
+
+    s._copy_backoff = Recorded()  # type: ignore[assignment]
+    s.publish("k", 0, id="r0")
+    wait_for(lambda: a.copied_calls >= 6, 10, "stream.copied asked again")
+    assert s.acked == 0
+    calls = a.copied_calls
+    assert len(pauses) in (calls, calls - 1), "a pause before each ask again"
+    first, cap = client_streams.COPY_RETRY_FIRST_S, client_streams.COPY_RETRY_MAX_S
+    for i, d in enumerate(pauses[:6]):  # doubling to the cap, drawn in its upper half
+        top = min(cap, first * 2 ** i)
+        assert top / 2 <= d <= top, (i, d, pauses)
+    a.short = False
+    a.copied = a.head
+    wait_for(lambda: s.acked == 1, 10, "acknowledged once copied")
+    wait_for(lambda: -1.0 in pauses, 10, "the pause reset after the ack")
     s.close()

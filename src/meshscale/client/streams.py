@@ -66,6 +66,7 @@ from meshscale.core.api.streams import (
     PublishRequest,
     ReadRequest,
 )
+from meshscale.core.backoff import Backoff
 from meshscale.core.placement import Residency
 from meshscale.core.streams import AckWindow, split_source
 
@@ -274,6 +275,12 @@ def _is_connection_error(e: RpcError) -> bool:
     return not isinstance(e, RemoteError)
 
 
+COPY_RETRY_FIRST_S = 0.005
+"""The first pause of a producer's ack loop after a ``stream.copied`` answer that
+acknowledged nothing; it doubles up to ``COPY_RETRY_MAX_S`` until one does."""
+COPY_RETRY_MAX_S = 0.5
+
+
 class Stream:
     """A producer handle for one topic (see the module docstring)."""
 
@@ -322,6 +329,9 @@ class Stream:
         only if the sender has not moved since)."""
         self._node_failed = -1
         """The ``_moves`` at which the ack loop found the node failed (-1: none)."""
+        self._copy_backoff = Backoff(first_s=COPY_RETRY_FIRST_S, max_s=COPY_RETRY_MAX_S)
+        """The ack loop's wait after a ``stream.copied`` answer that acknowledged nothing
+        (the node could not reach its backup): it asks again after it, not at once."""
         self._route = _Failover(mesh, timeout)
         mesh._run(self._route.learn())
         self._sender = asyncio.run_coroutine_threadsafe(self._send_loop(), loop)
@@ -552,10 +562,17 @@ class Stream:
                 await self._acks_wake.wait()  # until the sender has sent the window again
                 continue
             with self._cv:
-                self.acked += self._window.settle(source, r.copied)
+                settled = self._window.settle(source, r.copied)
+                self.acked += settled
                 self._count()
                 self._cv.notify_all()
             self._acked_wake.set()
+            if settled:
+                self._copy_backoff.reset()
+            else:
+                # No copy yet (the backup is unreachable until the node's view drops it):
+                # ask again after a growing pause, not in a loop as fast as it answers.
+                await asyncio.sleep(self._copy_backoff.next_delay() or COPY_RETRY_MAX_S)
 
 
 class Subscription:

@@ -57,7 +57,6 @@ import concurrent.futures
 import contextlib
 import io
 import linecache
-import random
 import re
 import sys
 import threading
@@ -118,6 +117,7 @@ from meshscale.core.api.tasks import (
     WaitRequest,
     parse_placement,
 )
+from meshscale.core.backoff import Backoff
 from meshscale.core.objects import digest_hex
 from meshscale.core.tasks import TaskDetail, TaskState, decode_detail
 
@@ -917,36 +917,6 @@ class SubmitWindow:
 
     def busy(self) -> None:
         self.size_tasks = max(1, min(self.size_tasks, max(self.in_flight, 1)) // 2)
-
-
-class Backoff:
-    """Waits between tries of a refused request: ``first_s`` doubling up to ``max_s``,
-    each drawn uniformly from its upper half (jitter, so clients refused together do not
-    come back together); ``next_delay`` returns None once ``give_up_s`` have passed since
-    the first refusal after a ``reset``."""
-
-    def __init__(self, *, first_s: float = 0.05, max_s: float = 2.0,
-                 give_up_s: float = BUSY_GIVE_UP_S, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.first_s, self.max_s, self.give_up_s = first_s, max_s, give_up_s
-        self._rng = rng or random.Random()
-        self._clock = clock
-        self._next = first_s
-        self._since: float | None = None
-
-    def next_delay(self) -> float | None:
-        now = self._clock()
-        if self._since is None:
-            self._since = now
-        elif now - self._since >= self.give_up_s:
-            return None
-        delay = self._next
-        self._next = min(self.max_s, self._next * 2)
-        return self._rng.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self._next = self.first_s
-        self._since = None
 
 
 def _length(items: Any) -> int | None:
