@@ -751,7 +751,9 @@ class Membership:
                     stats["packets_in"] = stats.get("packets_in", 0) + 1
                     handlers = self._handlers
                     suspicions = self._suspicions
+                    members = self.members
                     revoked = self.revoked
+                    me = self.name
                     for msg in msgs:
                         if type(msg) is Suspect and not revoked:
                             # The hot case of a mesh with slow members (about fourteen
@@ -764,6 +766,12 @@ class Membership:
                             # out of suspect cancels it first), and it is never this node.
                             sus = suspicions.get(msg.node)
                             if sus is not None and len(sus.confirmations) > sus.settled_above:
+                                continue
+                        elif type(msg) is Alive and not revoked and msg.node != me:
+                            # The gossip of a refutation, heard again: _on_alive returns
+                            # at once for an incarnation it has (no counter, no output).
+                            m = members.get(msg.node)
+                            if m is not None and msg.inc <= m.inc:
                                 continue
                         handlers[type(msg)](msg, now)
                     return
