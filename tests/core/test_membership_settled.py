@@ -1,6 +1,6 @@
 """The receive path's shortcuts (``Membership.handle_datagram`` skips a ``Suspect``
-about a member suspected with more than K confirmations, and an ``Alive`` about another
-member at an incarnation it has) must act exactly as the full path, a handler call for
+about a member suspected with more than K confirmations or by the same source already,
+and an ``Alive`` about another member at an incarnation it has) must act exactly as the full path, a handler call for
 every message: the message-by-message path (``_handle_datagram_slowly``) takes no
 shortcut, so the two are compared on generated traffic, datagram by datagram."""
 
@@ -84,7 +84,9 @@ def test_settled_suspicions_are_skipped_exactly_as_the_full_path_would(
     seed: int, lifeguard: bool
 ) -> None:
     fast, full = _node(lifeguard), _node(lifeguard)
-    settled = 0  # suspicions the shortcut may skip: the test must exercise it
+    # Suspicions the shortcut may skip, settled and from a known source: the test must
+    # exercise both.
+    settled = known = 0
     installed = False
     now = 1.0
     for i, payload in enumerate(_traffic(seed, revokes=seed % 2 == 1)):
@@ -99,9 +101,11 @@ def test_settled_suspicions_are_skipped_exactly_as_the_full_path_would(
             installed = True
         sus = fast._suspicions
         for msg in msgspec.msgpack.decode(payload)[1]:
-            if (msg[0] == 6 and not fast.revoked and msg[1] in sus
-                    and len(sus[msg[1]].confirmations) > sus[msg[1]].k):
-                settled += 1
+            if msg[0] == 6 and not fast.revoked and msg[1] in sus and sus[msg[1]].shortcut:
+                if len(sus[msg[1]].confirmations) > sus[msg[1]].k:
+                    settled += 1
+                elif msg[3] in sus[msg[1]].confirmations:
+                    known += 1
         fast.handle_datagram("n1", payload, now)
         full._now = now  # as handle_datagram sets it before taking the slow path
         full._handle_datagram_slowly(payload, now)
@@ -113,6 +117,7 @@ def test_settled_suspicions_are_skipped_exactly_as_the_full_path_would(
                 m.on_timer(now)
             assert fast.drain() == full.drain(), i
             assert _state(fast) == _state(full), i
-    print("settled suspicions in the traffic:", settled)
+    print("settled suspicions in the traffic:", settled, "known sources:", known)
     assert settled > 50
+    assert known > 20 or not lifeguard  # without Lifeguard, K = 0: settled at once
     assert installed

@@ -411,7 +411,7 @@ class _Suspicion:
     """Lifeguard's dynamic suspicion timer for one member."""
 
     __slots__ = ("answered", "confirmations", "expire", "k", "last_chances", "log_k1", "max_s",
-                 "min_s", "settled_above", "start", "timer")
+                 "min_s", "shortcut", "start", "timer")
 
     def __init__(self, source: str, k: int, min_s: float, max_s: float, start: float) -> None:
         self.confirmations = {source}
@@ -426,12 +426,11 @@ class _Suspicion:
         """Its expiry callback, made once (a suspicion is re-armed by each confirmation)."""
         self.last_chances = 0
         self.answered = False
-        self.settled_above = k
-        """With more confirmations than this the suspicion is *settled*: a ``Suspect``
-        about its member changes nothing any more (``_on_suspect`` counts at most K), so
-        a datagram skips it without a call (``Membership.handle_datagram``). Equal to
-        ``k``; set out of reach when the view is replaced under a pending suspicion (the
-        member's record may then no longer say suspect, see ``install_shared_view``)."""
+        self.shortcut = True
+        """Whether a datagram may skip a ``Suspect`` that cannot change this suspicion
+        (``Membership.handle_datagram``): its member's record says suspect while the
+        suspicion is pending, except after the view was replaced under it
+        (``install_shared_view``), which sets this False."""
 
     def timeout(self) -> float:
         if self.k < 1:
@@ -667,9 +666,8 @@ class Membership:
         O(N^2) for the mesh)."""
         self._now = now
         for sus in self._suspicions.values():
-            # Their members' records are replaced: leave them to _on_suspect's full
-            # checks (a suspicion never counts more than K + 1 confirmations).
-            sus.settled_above = sus.k + 1
+            # Their members' records are replaced: leave them to _on_suspect's checks.
+            sus.shortcut = False
         mine = self.members[self.name]
         self.members = dict(records)
         self.members[self.name] = mine
@@ -758,15 +756,18 @@ class Membership:
                         if type(msg) is Suspect and not revoked:
                             # The hot case of a mesh with slow members (about fourteen
                             # per datagram at 1,000 nodes): a suspicion about a member we
-                            # suspect already, with more than K confirmations counted.
-                            # _on_suspect would return without a change (no counter, no
-                            # output, no timer): skip it here, before the member lookup
-                            # and the call. A pending suspicion means the member is
-                            # suspect at the suspicion's incarnation (every transition
-                            # out of suspect cancels it first), and it is never this node.
+                            # suspect already, with more than K confirmations counted or
+                            # from a source counted already. _on_suspect would return
+                            # without a change (no counter, no output, no timer): skip it
+                            # here, before the member lookup and the call. A pending
+                            # suspicion means the member is suspect at the suspicion's
+                            # incarnation (every transition out of suspect cancels it
+                            # first), and it is never this node.
                             sus = suspicions.get(msg.node)
-                            if sus is not None and len(sus.confirmations) > sus.settled_above:
-                                continue
+                            if sus is not None and sus.shortcut:
+                                confirmations = sus.confirmations
+                                if len(confirmations) > sus.k or msg.source in confirmations:
+                                    continue
                         elif type(msg) is Alive and not revoked and msg.node != me:
                             # The gossip of a refutation, heard again: _on_alive returns
                             # at once for an incarnation it has (no counter, no output).
