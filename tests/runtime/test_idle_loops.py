@@ -1,18 +1,19 @@
-"""An idle node's periodic loops (issue #19): the streams reconcile loop and the services
-status, reconcile and health loops do not wake at their interval while their plane holds
-nothing, still do their idle duty (reading the KV's index) on time, keep their interval
-exactly once busy, and react at once to work that arrives.
+"""An idle node's periodic loops (issue #19): the streams reconcile loop, the services
+status, reconcile and health loops, and the compute plane's load gossip and policy
+refresh do not wake at their interval while they have nothing to act on, still do
+their idle duty (reading the KV's index, the runners' load exchange) on time, keep
+their interval exactly once busy, and react at once to work that arrives.
 
-No clock is read: the pacing tests drive the loop on a fake clock (each wait advances
-it by the time asked), and the wake-up tests use hour-long intervals, so only a wake-up
-can make the loop run a round within a few loop turns."""
+The pacing tests drive a loop on a fake clock (each wait advances it by the time
+asked); the wake-up tests use hour-long waits, so only a wake-up can make the loop run
+a round within a few loop turns."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,10 +21,14 @@ import pytest
 
 from meshscale.core.api.services import ServiceWire
 from meshscale.core.api.streams import OperatorSpec
+from meshscale.runtime import compute as compute_mod
 from meshscale.runtime import services_plane as services_mod
 from meshscale.runtime import streams as streams_mod
+from meshscale.runtime.compute import ComputeConfig, ComputePlane
+from meshscale.runtime.pacing import Wakeup
 from meshscale.runtime.services_plane import ServicePlane, ServicePlaneConfig
 from meshscale.runtime.streams import StreamConfig, StreamPlane
+from waiting import wait_for_async
 
 HOUR = 3600.0
 FAKE_MINUTE_S = 60.0
@@ -60,6 +65,13 @@ class FakeWakeup:
             self.stop()
         await asyncio.sleep(0)
         return False
+
+
+def async_value(f: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def get() -> bool:
+        return f()
+
+    return get
 
 
 async def turns(n: int = 50) -> None:
@@ -282,3 +294,95 @@ def test_idle_bounds_are_checked() -> None:
         StreamConfig(ops_reload_s=0.0)
     with pytest.raises(ValueError):
         ServicePlaneConfig(idle_max_s=-1.0)
+
+
+# ---------------------------------------------------------------------- compute
+
+class FakeSched:
+    def __init__(self, classes: list[str]) -> None:
+        self.class_list = classes
+        self.asked = 0
+
+    def classes(self) -> list[str]:
+        self.asked += 1
+        return self.class_list
+
+    def set_policies(self, policies: Any, now: float) -> None:
+        pass
+
+
+def compute_plane(cfg: ComputeConfig, classes: list[str]) -> tuple[ComputePlane, list[float]]:
+    """Just what the load-gossip and policy-refresh loops use (the real constructor
+    starts a worker pool)."""
+    p = ComputePlane.__new__(ComputePlane)
+    p.cfg = cfg
+    p.sched = FakeSched(classes)  # type: ignore[assignment]
+    p.agent = SimpleNamespace(name="n0", m=SimpleNamespace(members={}))  # type: ignore[assignment]
+    p._active_at = -math.inf
+    p._load_wakeup, p._policy_wakeup = Wakeup(), Wakeup()
+    p._policy_idle = False
+    views: list[float] = []
+    clock = compute_mod.time
+    p._refresh_view = lambda: views.append(clock.monotonic())  # type: ignore[method-assign]
+
+    async def class_policies(names: set[str]) -> dict[str, Any]:
+        return {}
+
+    p.local = SimpleNamespace(class_policies=class_policies)  # type: ignore[assignment]
+    p._pump = lambda: None  # type: ignore[method-assign]
+    return p, views
+
+
+def test_quiet_compute_loops_wake_for_their_duties_only(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(compute_mod, "time", clock)
+    cfg = ComputeConfig()
+
+    def run(loop_name: str, classes: list[str]) -> list[float]:
+        p, _ = compute_plane(cfg, classes)
+        clock.now = 1000.0
+        fake = FakeWakeup(clock, clock.now + FAKE_MINUTE_S, lambda: setattr(p, "sched", None))
+        p._load_wakeup = p._policy_wakeup = fake  # type: ignore[assignment]
+        asyncio.run(asyncio.wait_for(getattr(p, loop_name)(), 30))
+        return fake.waits
+
+    # Fixed periods: 60 wakes each in the minute.
+    gossip = run("_gossip_load", [])
+    assert len(gossip) <= FAKE_MINUTE_S / cfg.runner_exchange_s + 2, gossip
+    policies = run("_refresh_policies", [])
+    assert len(policies) <= FAKE_MINUTE_S / cfg.policy_refresh_idle_max_s + 2, policies
+    # Classed tasks pending: the refresh keeps its interval.
+    assert set(run("_refresh_policies", ["pii"])[1:]) == {cfg.policy_refresh_s}
+
+
+def test_quiet_compute_loops_react_at_once_to_work() -> None:
+    async def main() -> None:
+        cfg = ComputeConfig(load_interval_s=HOUR, runner_exchange_s=HOUR, gossip_idle_s=HOUR,
+                            policy_refresh_s=0.01, policy_refresh_idle_max_s=HOUR)
+        p, views = compute_plane(cfg, [])
+        sched = p.sched
+        assert isinstance(sched, FakeSched)
+        loops = [asyncio.ensure_future(p._gossip_load()),
+                 asyncio.ensure_future(p._refresh_policies())]
+        try:
+            await turns()
+            assert views == []
+            # The refresh's first round (0.01 s) finds no classed task: it sleeps an hour.
+            await wait_for_async(async_value(lambda: sched.asked >= 1), 10,
+                                 "the policy refresh's first round", poll=0.01)
+            p._active_at = -math.inf  # quiet for long
+            p._mark_active(compute_mod.time.monotonic())  # scheduling work came
+            await turns()
+            assert len(views) == 1, "work after a quiet spell did not wake the load gossip"
+            asked = sched.asked
+            sched.class_list = ["pii"]
+            p._wake_policy_refresh()  # a submit
+            await turns()
+            assert sched.asked == asked + 1, "a submit did not wake the policy refresh"
+        finally:
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    asyncio.run(main())
