@@ -3,6 +3,7 @@ late binding, locality, stealing, re-placement, idempotent results, the wire."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
 
@@ -1031,3 +1032,50 @@ def test_same_seed_same_decisions() -> None:
 
     assert run(5) == run(5)
     assert run(5) != run(6)
+
+
+# --------------------------------------------------------------------------- quiet sweeps
+
+def sweeps_in(s: Scheduler, start: float, span_s: float) -> list[float]:
+    """Drive ``s`` as a driver does (one timer at ``next_deadline``) over ``span_s`` of a
+    fake clock; the times its timer fired."""
+    fired, now = [], start
+    while True:
+        now = max(now, s.next_deadline())
+        if now > start + span_s:
+            return fired
+        s.on_timer(now)
+        fired.append(now)
+
+
+def test_a_quiet_scheduler_sweeps_rarely_and_a_busy_one_at_its_interval() -> None:
+    """Issue #19: an idle node's scheduler woke its driver every ``sweep_interval_s``
+    (240 times a minute) to sweep nothing."""
+    s = Scheduler("me", CAP, config=CFG, rng=random.Random(0), now=0.0)
+    s.set_view([node("me"), node("a"), node("b")], 0.0)
+    assert s.quiet()
+    fired = sweeps_in(s, 0.0, 60.0)
+    assert len(fired) <= 60.0 / CFG.quiet_sweep_max_s + 1, len(fired)
+    # A peer with queued work (something to steal): the sweep keeps its interval.
+    s.set_view([node("me"), node("a", load=Load(4, 3, 0.0)), node("b")], 60.0)
+    assert not s.quiet()
+    fired = sweeps_in(s, 60.0, 10.0)
+    assert len(fired) >= 10.0 / CFG.sweep_interval_s - 1
+    assert all(b - a == pytest.approx(CFG.sweep_interval_s)
+               for a, b in itertools.pairwise(fired[1:]))
+
+
+def test_work_brings_the_next_sweep_back_at_once() -> None:
+    """A task submitted to a quiet scheduler is swept (its probes' timeout checked) within
+    ``sweep_interval_s`` of the last sweep, as before, not ``quiet_sweep_max_s``."""
+    s = Scheduler("me", CAP, config=CFG, rng=random.Random(0), now=0.0)
+    s.set_view([node("me"), node("a")], 0.0)
+    last = CFG.quiet_sweep_max_s
+    assert s.next_deadline() == pytest.approx(last)
+    s.on_timer(last)  # the last sweep
+    assert s.next_deadline() == pytest.approx(last + CFG.quiet_sweep_max_s)
+    s.submit([TaskSpec("t1")], last + 2.0)
+    assert not s.quiet()
+    assert s.next_deadline() == pytest.approx(last + CFG.sweep_interval_s)  # due: at once
+    s.on_timer(last + 2.0)
+    assert s.next_deadline() == pytest.approx(last + 2.0 + CFG.sweep_interval_s)

@@ -4,6 +4,7 @@ heads, and a verifier that names the segment and entry a tampered file broke."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from meshscale.core.api.audit import AuditQuery
 from meshscale.core.audit import HASH_BYTES, BreakKind, HeadClaim, Kind, split_records
 from meshscale.runtime.audit import AuditLog, parse_head, sign_head, verify_head
 from meshscale.runtime.config import AuditConfig
+from waiting import wait_for
 
 SMALL = AuditConfig(segment_bytes=4096, max_segments=1000, flush_entries=16, fsync=False)
 
@@ -219,3 +221,48 @@ def test_the_service_signs_gossips_and_remembers_the_highest_heads(tmp_path: Pat
     again = AuditService(agent)
     again._load_seen()
     assert again.seen == {"n2": h5}
+
+
+class CountingCondition(threading.Condition):
+    """Notes the timeout of each wait of the writer thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        return super().wait(timeout)
+
+
+def test_an_idle_writer_sleeps_until_an_entry_comes(tmp_path: Path) -> None:
+    """Issue #19: with nothing pending the writer thread woke every flush_interval_s
+    (20 times a second). Now it waits with no timeout, and the first entry appended
+    wakes it: on disk within a flush interval (here a day: only the wake-up can do it)."""
+    log = AuditLog(tmp_path / "audit", "n1", AuditConfig(flush_interval_s=0.001, fsync=False))
+    cond = log._cond = CountingCondition()
+    log.open()
+    try:
+        wait_for(lambda: cond.timeouts, 10, "the writer's first wait", poll=0.01)
+        assert cond.timeouts[0] is None, cond.timeouts
+        assert len(cond.timeouts) == 1, "the idle writer woke on a timer"
+        seq = log.append(Kind.PUT, "b3-0", who="admin", role="admin")
+        wait_for(lambda: log.flushed_seq >= seq, 10, "the entry on disk", poll=0.01)
+    finally:
+        log.close()
+
+
+def test_the_first_entry_waits_for_a_batch_at_most_a_flush_interval(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit", "n1", AuditConfig(flush_interval_s=86_400.0,
+                                                         flush_entries=4, fsync=False))
+    log.open()
+    try:
+        for i in range(3):
+            log.append(Kind.PUT, f"b3-{i}", who="admin", role="admin")
+        assert log.flushed_seq == 0  # gathering (a day) until the batch is full
+        log.append(Kind.PUT, "b3-3", who="admin", role="admin")
+        wait_for(lambda: log.flushed_seq >= 4, 10, "the full batch on disk", poll=0.01)
+        log.append(Kind.PUT, "b3-4", who="admin", role="admin")
+        assert log.wait_flushed(10)  # asked: written without gathering
+    finally:
+        log.close()

@@ -116,6 +116,7 @@ from typing import Annotated
 import msgspec
 
 from meshscale.core.outputs import Event
+from meshscale.core.pacing import loop_wait_s
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.policy import ClassPolicy, PolicyError, placement_residency
 from meshscale.core.vivaldi import Coordinate, estimate_rtt
@@ -376,6 +377,11 @@ class SchedulingConfig:
     130 bytes each, so 1.3 MB at most."""
     sweep_interval_s: float = 0.25
     """Period of the timeout sweep."""
+    quiet_sweep_max_s: float = 5.0
+    """Period of the sweep while it has nothing to act on (``Scheduler.quiet``): no task
+    owned, no reservation, ask or run here, no node marked unreachable, nothing to
+    steal in the view. The input that gives it something brings the next sweep back
+    to ``sweep_interval_s`` after the last one (``core.pacing``)."""
     max_message_bytes: int = 4 << 20
 
     @property
@@ -391,7 +397,8 @@ class SchedulingConfig:
             raise ValueError("pool_size must be >= probes_per_task")
         for name in ("sample_temperature_s", "mean_task_s", "probe_timeout_s", "run_timeout_s",
                      "running_beat_s", "reservation_ttl_s", "ask_timeout_s",
-                     "steal_interval_s", "sweep_interval_s", "lost_runner_hold_s"):
+                     "steal_interval_s", "sweep_interval_s", "lost_runner_hold_s",
+                     "quiet_sweep_max_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {v}")
@@ -923,7 +930,7 @@ class Scheduler:
         self._holding: dict[str, float] = {}
         """Cpus each submitter holds here: asks in flight plus running tasks."""
         self._free = capacity
-        self._next_sweep = now + self.config.sweep_interval_s
+        self._swept_at = now
         self._next_steal = now
         self._inbox: deque[tuple[str, SchedulingMessage]] = deque()
         self._delivering = False
@@ -935,13 +942,27 @@ class Scheduler:
         self._outputs = []
         return out
 
+    def quiet(self) -> bool:
+        """Nothing for a sweep to act on: no task owned, no reservation queued, no ask,
+        run or report here, no node marked unreachable, no message queued, and no other
+        node in the view with work queued (to steal)."""
+        if (self._tasks or self._queue or self._asks or self._running or self._running_since
+                or self._reporting or self._unreachable or self._inbox):
+            return False
+        return not any(n.load.queued > 0 for n in self._view.values() if n.name != self.name)
+
     def next_deadline(self) -> float:
-        return self._next_sweep
+        """The next sweep: ``sweep_interval_s`` after the last one, or while ``quiet``
+        up to ``quiet_sweep_max_s`` after it."""
+        cfg = self.config
+        return self._swept_at + loop_wait_s(
+            self._swept_at, idle=self.quiet(), interval_s=cfg.sweep_interval_s,
+            idle_max_s=cfg.quiet_sweep_max_s)
 
     def on_timer(self, now: float) -> None:
-        if now < self._next_sweep:
+        if now < self.next_deadline():
             return
-        self._next_sweep = now + self.config.sweep_interval_s
+        self._swept_at = now
         self._sweep_owner(now)
         self._sweep_worker(now)
         self._pump(now)

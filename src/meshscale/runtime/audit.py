@@ -159,6 +159,8 @@ class AuditLog:
         self.hlc = HybridLogicalClock(node)
         self.stats: Counter[str] = Counter()
         self._cond = threading.Condition()
+        self._flush_now = False
+        """Set by ``wait_flushed``: the writer writes what is pending without gathering."""
         self._io = threading.Lock()
         """Held while the files change (a write, a rotation), and while readers list them."""
         self._pending: list[tuple[int, bytes, bytes]] = []
@@ -249,7 +251,9 @@ class AuditLog:
             self._pending.append((seq, digest, _LEN.pack(len(encoded)) + encoded + digest))
             self.seq, self.hash = seq, digest
             self.stats["appended"] += 1
-            if len(self._pending) >= self.cfg.flush_entries:
+            if len(self._pending) in (1, self.cfg.flush_entries):
+                # The first wakes the writer from its idle wait (it then gathers a batch
+                # for up to flush_interval_s); a full batch is written at once.
                 self._cond.notify_all()
         return seq
 
@@ -257,6 +261,7 @@ class AuditLog:
         """Block until every entry appended so far is on disk (tests, benchmarks, stop)."""
         with self._cond:
             target = self.seq
+            self._flush_now = True
             self._cond.notify_all()
             return self._cond.wait_for(lambda: self.flushed_seq >= target, timeout_s)
 
@@ -266,11 +271,21 @@ class AuditLog:
 
     # -- the writer thread
 
+    def _batch_ready(self) -> bool:
+        return (self._closing or self._flush_now
+                or len(self._pending) >= self.cfg.flush_entries)
+
     def _run(self) -> None:
         while True:
             with self._cond:
                 if not self._pending and not self._closing:
-                    self._cond.wait(self.cfg.flush_interval_s)
+                    # Idle: sleep until the first entry (``append`` notifies), not a
+                    # wake-up every flush_interval_s (issue #19); then gather a batch
+                    # for up to flush_interval_s, so an entry is still on disk within
+                    # that long, as before.
+                    self._cond.wait_for(lambda: self._pending or self._closing)
+                    self._cond.wait_for(self._batch_ready, self.cfg.flush_interval_s)
+                self._flush_now = False
                 batch, self._pending = self._pending, []
                 closing = self._closing
             if batch:

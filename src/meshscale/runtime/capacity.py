@@ -45,7 +45,6 @@ while consolidating (mode ``off`` never counts: nothing uses it there).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -59,6 +58,7 @@ from meshscale.core.capacity import (
 )
 from meshscale.core.membership import State
 from meshscale.runtime.config import CapacitySettings
+from meshscale.runtime.pacing import Wakeup
 from meshscale.runtime.services import NodeServices
 
 __all__ = ["POWER_TAG", "CapacityDriver", "CapacitySettings", "decode_tag", "encode_tag",
@@ -160,7 +160,7 @@ class CapacityDriver:
         self._woken_by_task = False
         self.wake_s: list[float] = []
         """Seconds from each wake to the workers being up (the most recent last, 32 kept)."""
-        self._kick = asyncio.Event()
+        self._kick = Wakeup()
         self._started = time.monotonic()
         self._region_warned = False
         workers.on_demand = self.demand
@@ -271,9 +271,8 @@ class CapacityDriver:
 
     async def _loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.settings.interval_s)
-            self._kick.clear()
+            # (A Wakeup, not wait_for on an Event: no task made per wait, every second.)
+            await self._kick.wait(self.settings.interval_s)
             try:
                 self.step()
                 await self._converge()

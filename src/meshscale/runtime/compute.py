@@ -133,6 +133,7 @@ from meshscale.core.capacity import TaskEnergy
 from meshscale.core.membership import GONE, VIEW_CHANGES, State
 from meshscale.core.objects import OBJECT_ID_PREFIX
 from meshscale.core.outputs import Event
+from meshscale.core.pacing import loop_wait_s
 from meshscale.core.placement import Candidate, Residency
 from meshscale.core.policy import (
     ClassPolicy,
@@ -192,6 +193,7 @@ from meshscale.core.wire import DECODE_ERRORS
 from meshscale.runtime import caller
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.local import LocalCalls, call_node
+from meshscale.runtime.pacing import Wakeup
 from meshscale.runtime.services import NodeServices, refusal
 from meshscale.runtime.workers import (
     FunctionNotCached,
@@ -310,6 +312,9 @@ class ComputeConfig:
     """How often an owner with classed tasks pending reads their classes' policies (from
     its data plane's cache) into its scheduler: a class narrowed after submit binds each
     later placement of its tasks (``core.policy.placement_residency``)."""
+    policy_refresh_idle_max_s: float = 5.0
+    """The longest that loop sleeps while no pending task carries a class (its rounds do
+    nothing then); a submit wakes it at once (``core.pacing``)."""
     runner_check_timeout_s: float = 2.0
     """Bound of the check of a node this owner runs tasks on, made when a connection to
     or from it broke (``_check_runner``). A fresh connection to it that is refused or
@@ -499,6 +504,11 @@ class ComputePlane:
         self._upstream_slots = asyncio.Semaphore(self.cfg.max_upstream_waits)
         self._pool_ready: asyncio.Event | None = None
         self._active_at = float("-inf")
+        self._load_wakeup = Wakeup()
+        """Wakes ``_gossip_load`` from its quiet wait when scheduling work comes."""
+        self._policy_wakeup = Wakeup()
+        """Wakes ``_refresh_policies`` from its idle wait when tasks are submitted."""
+        self._policy_idle = False
         self.on_demand: Callable[[], None] | None = None
         """Called when a task granted here finds the workers stopped (the node is on
         standby): the capacity driver wakes it (``runtime/capacity.py``)."""
@@ -699,7 +709,7 @@ class ComputePlane:
             return
         outs = sched.drain()
         if outs or sched.has_work():
-            self._active_at = time.monotonic()
+            self._mark_active(time.monotonic())
         for out in outs:
             if isinstance(out, SendMessage):
                 self._enqueue(out.dst, out.payload)
@@ -831,7 +841,7 @@ class ComputePlane:
         if self.sched is None:
             raise ValueError("compute plane not running")
         self._note_load(req)
-        self._active_at = time.monotonic()
+        self._mark_active(time.monotonic())
         self.sched.handle_message(req.src, req.payload, time.monotonic())
         self._pump()
         return SchedAck()
@@ -840,7 +850,8 @@ class ComputePlane:
         if self.sched is None:
             raise ValueError("compute plane not running")
         self._note_load(req)
-        now = self._active_at = time.monotonic()
+        now = time.monotonic()
+        self._mark_active(now)
         for payload in req.payloads:
             self.sched.handle_message(req.src, payload, now)
         self._pump()
@@ -852,24 +863,39 @@ class ComputePlane:
         self._note_load(req)
         return self._load_report()
 
+    def _quiet(self, now: float) -> bool:
+        """No scheduling work here for ``gossip_idle_s``: load gossip stops."""
+        return now - self._active_at > self.cfg.gossip_idle_s
+
+    def _mark_active(self, now: float) -> None:
+        if self._quiet(now):
+            self._load_wakeup.set()  # work after a quiet spell: gossip loads again now
+        self._active_at = now
+
     async def _gossip_load(self) -> None:
         runners_at = float("-inf")
+        wait_s = self.cfg.load_interval_s
         while True:
-            await asyncio.sleep(self.cfg.load_interval_s)
+            await self._load_wakeup.wait(wait_s)
+            wait_s = self.cfg.load_interval_s
             if self.sched is None:
                 return
             now = time.monotonic()
-            idle_s = now - self._active_at
             peers = [m.name for m in self.agent.m.members.values()
                      if m.state <= State.SUSPECT and m.name != self.agent.name]
-            if idle_s > self.cfg.gossip_idle_s:
+            if self._quiet(now):
                 # Nothing to schedule: an idle mesh's loads are all zero and stay so; stop
-                # the traffic until work comes, but for the nodes this owner's tasks run
-                # on, now and then (a restarted one tells by its boot).
-                if now - runners_at < self.cfg.runner_exchange_s:
-                    continue
-                runners_at = now
-                peers = [n for n in peers if self.sched.runs_on(n)]
+                # the traffic until work comes (``_mark_active`` wakes this loop), but for
+                # the nodes this owner's tasks run on, now and then (a restarted one tells
+                # by its boot).
+                if now - runners_at >= self.cfg.runner_exchange_s:
+                    runners_at = now
+                    peers = [n for n in peers if self.sched.runs_on(n)]
+                else:
+                    peers = []
+                wait_s = loop_wait_s(now, idle=True, interval_s=self.cfg.load_interval_s,
+                                     idle_max_s=self.cfg.runner_exchange_s,
+                                     next_duty_at=runners_at + self.cfg.runner_exchange_s)
                 if not peers:
                     continue
 
@@ -890,16 +916,28 @@ class ComputePlane:
             await asyncio.gather(*(one(n) for n in peers))
             self._refresh_view()
 
+    def _wake_policy_refresh(self) -> None:
+        """Tasks were submitted: a policy refresh sleeping while none was pending runs now
+        (one already at its interval is left to it: no round per submit)."""
+        if self._policy_idle:
+            self._policy_wakeup.set()
+
     async def _refresh_policies(self) -> None:
         """Feed the current policies of the pending tasks' classes to the scheduler, every
         ``policy_refresh_s``: each placement (the first, a re-placement after a lost
         runner, a queued task's dispatch) goes by them, narrowed, never widened."""
+        wait_s = self.cfg.policy_refresh_s
         while True:
-            await asyncio.sleep(self.cfg.policy_refresh_s)
+            self._policy_idle = wait_s > self.cfg.policy_refresh_s
+            await self._policy_wakeup.wait(wait_s)
+            self._policy_idle = False
             sched = self.sched
             if sched is None:
                 return
             classes = sched.classes()
+            wait_s = loop_wait_s(time.monotonic(), idle=not classes,
+                                 interval_s=self.cfg.policy_refresh_s,
+                                 idle_max_s=self.cfg.policy_refresh_idle_max_s)
             if not classes:
                 continue
             try:
@@ -1248,6 +1286,7 @@ class ComputePlane:
         try:
             if specs:
                 sched.submit(list(specs), time.monotonic())
+                self._wake_policy_refresh()
         except SchedulingError as e:
             raise ValueError(f"refused by the {e.rule} rule: {e}") from None
         except SchedulingOverloaded as e:
@@ -1579,6 +1618,7 @@ class ComputePlane:
             if rec.state in TERMINAL or self.sched is None:
                 return False
             self.sched.submit([spec], time.monotonic())
+            self._wake_policy_refresh()
         except SchedulingError as exc:
             if rec.state not in TERMINAL:
                 self._finish(e, "failed", error=f"refused by the {exc.rule} rule: {exc}",

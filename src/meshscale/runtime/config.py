@@ -55,8 +55,9 @@ class AuditConfig:
     """Entries waiting for the writer thread; beyond it new ones are dropped and counted
     (``audit_dropped``) rather than growing memory."""
     flush_interval_s: float = 0.05
-    """The writer thread writes what is pending at least this often (and at once when
-    ``flush_entries`` are waiting)."""
+    """An entry is written at most this long after it was appended (the writer gathers
+    a batch that long after the first entry, and writes at once when ``flush_entries``
+    are waiting); with nothing pending the writer thread sleeps until an entry comes."""
     flush_entries: int = 512
     fsync: bool = True
     """fsync each batch written."""

@@ -91,6 +91,7 @@ from meshscale.core.api.services import (
 )
 from meshscale.core.membership import State
 from meshscale.core.objects import object_id
+from meshscale.core.pacing import loop_wait_s
 from meshscale.core.placement import Candidate
 from meshscale.core.scheduling import NodeState, Resources
 from meshscale.core.services import (
@@ -118,6 +119,7 @@ from meshscale.core.services import (
 )
 from meshscale.runtime.local import LocalCalls, call_node
 from meshscale.runtime.observe import ServiceCallMetrics
+from meshscale.runtime.pacing import Wakeup
 from meshscale.runtime.replica_main import (
     ActorCall,
     Call,
@@ -162,6 +164,11 @@ class ServicePlaneConfig:
     """A status older than this is not used (its node is slow or gone)."""
     reconcile_interval_s: float = 0.5
     kv_reload_s: float = 5.0
+    idle_max_s: float = 5.0
+    """The longest the status, reconcile and health loops sleep while this node knows no
+    service and runs no replica (``ServicePlane._idle``), when their rounds do nothing
+    but the reconcile loop's read of the KV every ``kv_reload_s``; a service installed
+    here wakes them at once (``core.pacing``)."""
     call_window_s: float = 10.0
     """Calls per source region are counted over this window (as the simulator does)."""
     replica_start_timeout_s: float = 120.0
@@ -202,7 +209,8 @@ class ServicePlaneConfig:
     def __post_init__(self) -> None:
         for name in ("status_interval_s", "status_timeout_s", "reconcile_interval_s",
                      "call_window_s", "replica_start_timeout_s",
-                     "service_health_interval_s", "service_health_timeout_s"):
+                     "service_health_interval_s", "service_health_timeout_s",
+                     "kv_reload_s", "idle_max_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {v!r}")
@@ -565,6 +573,11 @@ class ServicePlane:
         """When the last complete round of status polls began: a service installed
         after it is not placed yet (its call counts and replicas are not all known)."""
         self._stopping = False
+        self._status_wakeup, self._reconcile_wakeup, self._health_wakeup = \
+            Wakeup(), Wakeup(), Wakeup()
+        """Wake the status, reconcile and health loops from their idle waits: set when a
+        service is installed here (``_install``)."""
+        self._wakeups = (self._status_wakeup, self._reconcile_wakeup, self._health_wakeup)
         self.actor_procs: dict[str, Replica] = {}
         """Per actor service, this node's process holding the instances of the keys it
         owns (``core/actors.py``)."""
@@ -604,6 +617,7 @@ class ServicePlane:
 
     async def stop(self) -> None:
         self._stopping = True
+        self._wake_loops()
         for r in list(self.actor_procs.values()):
             if r.task is not None:
                 r.task.cancel()
@@ -703,9 +717,24 @@ class ServicePlane:
     def _rpc_status(self, _: Empty) -> StatusReply:
         return self._status(time.monotonic())
 
+    def _idle(self) -> bool:
+        """No service known here and no replica running: the loops' rounds do nothing
+        (but the reconcile loop's read of the KV)."""
+        return not (self.specs or self.core or self.replicas)
+
+    def _wake_loops(self) -> None:
+        for w in self._wakeups:
+            w.set()
+
+    def _loop_wait_s(self, interval_s: float, next_duty_at: float | None = None) -> float:
+        return loop_wait_s(time.monotonic(), idle=self._idle(), interval_s=interval_s,
+                           idle_max_s=self.cfg.idle_max_s, next_duty_at=next_duty_at)
+
     async def _status_loop(self) -> None:
+        wait_s = self.cfg.status_interval_s
         while not self._stopping:
-            await asyncio.sleep(self.cfg.status_interval_s)
+            await self._status_wakeup.wait(wait_s)
+            wait_s = self._loop_wait_s(self.cfg.status_interval_s)
             if not self.specs or self.agent.membership is None:
                 continue
             others = [m.name for m in self._alive() if m.name != self.agent.name]
@@ -777,6 +806,7 @@ class ServicePlane:
             self._installed_at[w.name] = time.monotonic()
         self.specs[w.name] = w
         self.core[w.name] = spec
+        self._wake_loops()
 
     def _uninstall(self, name: str) -> None:
         proc = self.actor_procs.pop(name, None)
@@ -848,12 +878,14 @@ class ServicePlane:
 
     async def _reconcile_loop(self) -> None:
         loaded_at = -math.inf
+        wait_s = self.cfg.reconcile_interval_s
         while not self._stopping:
-            await asyncio.sleep(self.cfg.reconcile_interval_s)
+            await self._reconcile_wakeup.wait(wait_s)
+            wait_s = self.cfg.reconcile_interval_s
             if self.agent.membership is None:
                 continue
             now = time.monotonic()
-            if now - loaded_at > self.cfg.kv_reload_s:
+            if now - loaded_at >= self.cfg.kv_reload_s:
                 loaded_at = now
                 try:
                     await self._load_from_kv()
@@ -863,6 +895,8 @@ class ServicePlane:
                 self._reconcile(now)
             except Exception as e:  # never let the loop die
                 self.agent.log_limited("service_reconcile_failed", error=str(e)[:300])
+            wait_s = self._loop_wait_s(self.cfg.reconcile_interval_s,
+                                       loaded_at + self.cfg.kv_reload_s)
 
     def _step_autoscalers(self, now: float, tables: dict[str, StatusReply]) -> None:
         for name, spec in self.core.items():
@@ -943,8 +977,10 @@ class ServicePlane:
                 self._stop_replica(name, "placed elsewhere")
 
     async def _health_loop(self) -> None:
+        wait_s = self.cfg.service_health_interval_s
         while not self._stopping:
-            await asyncio.sleep(self.cfg.service_health_interval_s)
+            await self._health_wakeup.wait(wait_s)
+            wait_s = self._loop_wait_s(self.cfg.service_health_interval_s)
             checks = []
             for name, r in list(self.replicas.items()):
                 w = self.specs.get(name)

@@ -18,7 +18,8 @@ backs a shard up, how much a shard may hold); this module moves the records:
   ``streamop/<name>``, the pickled function as a replicated object, a notice to every live
   node). Every ``reconcile_interval_s`` each node starts a *runner* for each (operator,
   shard) that ``core.streams.place_operator`` gives to it, and stops the ones it no longer
-  owns. A runner resumes from the offset checkpointed in the KV
+  owns (a node holding nothing of the plane sleeps until something arrives, or its next
+  read of the operators' index: ``reconcile_idle_max_s``). A runner resumes from the offset checkpointed in the KV
   (``streamoff/<operator>/<source>``), long-polls the shard's holder (``stream.fetch``: the
   source, or its backup once the source is dead), runs the function on a batch in the warm
   worker pool, appends the outputs to its own shard of the output topic (ids derived from
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Coroutine
@@ -72,6 +74,7 @@ from meshscale.core.api.streams import (
 )
 from meshscale.core.audit import Kind
 from meshscale.core.membership import State
+from meshscale.core.pacing import check_wait_bounds, loop_wait_s
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.policy import (
     ClassPolicy,
@@ -118,6 +121,7 @@ from meshscale.core.streams import (
 )
 from meshscale.runtime import caller
 from meshscale.runtime.local import LocalCalls, call_node
+from meshscale.runtime.pacing import Wakeup
 from meshscale.runtime.services import NodeServices, refusal
 from meshscale.runtime.workers import TaskFailed, WorkerPool, pickle_args
 from meshscale.transport.rpc import RemoteError, RpcError
@@ -181,6 +185,15 @@ class StreamConfig:
     read_wait_max_s: float = 5.0
     checkpoint_interval_s: float = 0.25
     reconcile_interval_s: float = 0.5
+    reconcile_idle_max_s: float = 5.0
+    """The longest the reconcile loop sleeps while this node holds nothing of the plane
+    (no operator, shard, mirror or subscription: ``StreamPlane._idle``), when a round
+    does nothing but, every ``ops_reload_s``, read the operators' index; whatever gives
+    it something (an operator installed, a shard's first record, a subscription) wakes
+    it at once (``core.pacing``)."""
+    ops_reload_s: float = 5.0
+    """How often each node reads the operators' index from the KV (the operators it
+    missed the notice of, or missed the removal of)."""
     rpc_timeout_s: float = 15.0
     operator_timeout_s: float = 60.0
     follower_idle_s: float = 30.0
@@ -193,6 +206,11 @@ class StreamConfig:
     fn_replicas: int = 3
     """Copies of an operator's pickled function (an object any runner can read)."""
     log: ShardLogConfig = field(default_factory=ShardLogConfig)
+
+    def __post_init__(self) -> None:
+        check_wait_bounds(self.reconcile_interval_s, self.reconcile_idle_max_s)
+        if not (math.isfinite(self.ops_reload_s) and self.ops_reload_s > 0):
+            raise ValueError(f"ops_reload_s must be finite and > 0, got {self.ops_reload_s!r}")
 
 
 def _held_twice(log: ShardLog) -> int:
@@ -340,6 +358,9 @@ class StreamPlane:
         """Copies to a backup running beside their caller (a runner's outputs,
         ``_copy_outputs``; a publish answered once appended), held until they end."""
         self._stopping = False
+        self._wakeup = Wakeup()
+        """Wakes the reconcile loop from its idle wait: set where the plane gets
+        something to hold (``_install``, ``_log``, ``_rpc_read``)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -359,6 +380,7 @@ class StreamPlane:
 
     async def stop(self) -> None:
         self._stopping = True
+        self._wakeup.set()
         if self._topic_refresh is not None:
             self._topic_refresh.cancel()
         if self._copies_task is not None:
@@ -472,6 +494,7 @@ class StreamPlane:
                 if op.topic == topic:
                     log.register(op.name)
             self.logs[key] = log
+            self._wakeup.set()
         return log
 
     def _refuse(self, rule: str, message: str, /, *, subject: str = "",
@@ -1207,6 +1230,7 @@ class StreamPlane:
         if spec.name not in self.ops:
             self._installed_at[spec.name] = time.monotonic()
         self.ops[spec.name] = spec
+        self._wakeup.set()
         self.op_stats.setdefault(spec.name, Counter())
         for (topic, _), log in self.logs.items():
             if topic == spec.topic:
@@ -1290,12 +1314,21 @@ class StreamPlane:
                     continue
                 self._install(spec)
 
+    def _idle(self) -> bool:
+        """Nothing here for a reconcile round to act on but the operators' index: no
+        operator, runner, shard, mirror, follower or subscription."""
+        return not (self.ops or self.runners or self.logs or self.mirrors
+                    or self.followers or self._follow_used)
+
     async def _reconcile_loop(self) -> None:
-        loaded_at = 0.0
+        loaded_at = -math.inf
+        wait_s = self.cfg.reconcile_interval_s
         while not self._stopping:
-            await asyncio.sleep(self.cfg.reconcile_interval_s)
+            await self._wakeup.wait(wait_s)
+            if self._stopping:
+                return
             now = time.monotonic()
-            if now - loaded_at > 5.0:
+            if now - loaded_at >= self.cfg.ops_reload_s:
                 loaded_at = now
                 with contextlib.suppress(Exception):
                     await self._load_ops_from_kv()
@@ -1318,6 +1351,10 @@ class StreamPlane:
             except Exception as e:
                 self.agent.log("error", "stream_mirror_check_failed", error=str(e)[:200])
             self._expire_followers(now)
+            wait_s = loop_wait_s(time.monotonic(), idle=self._idle(),
+                                 interval_s=self.cfg.reconcile_interval_s,
+                                 idle_max_s=self.cfg.reconcile_idle_max_s,
+                                 next_duty_at=loaded_at + self.cfg.ops_reload_s)
 
     async def _keep_copies_logged(self) -> None:
         try:
@@ -1618,6 +1655,8 @@ class StreamPlane:
         topic, cursors, limit = req.topic, req.cursors, req.limit
         wait = min(req.wait_s, self.cfg.read_wait_max_s)
         await self._check_subscription(topic)
+        if topic not in self._follow_used:
+            self._wakeup.set()
         self._follow_used[topic] = time.monotonic()
         self._ensure_followers(topic)
         deadline = time.monotonic() + wait
