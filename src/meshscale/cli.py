@@ -1265,18 +1265,21 @@ def objects_cmd(
 
     import msgspec
 
-    if prefix and not "b3-".startswith(prefix[:3]):
-        raise CliError(f"--prefix {prefix!r}: object ids start with b3-")
-    start = max(after, prefix) if prefix else after
+    from meshscale.core.objects import listing_start, listing_step, prefix_problem
+
+    bad = prefix_problem(prefix)
+    if bad is not None:
+        raise CliError(f"--prefix {prefix!r}: {bad}")
+    start = listing_start(after, prefix)
     rows: list[Any] = []
     more = False
     with _data_plane(_target(node, mesh_file, bundle), timeout) as mesh:
         for info in mesh.iter_objects(page_size=min(limit + 1, 1000), after=start):
-            if prefix and not info.id.startswith(prefix):
-                if info.id > prefix:
-                    break  # ids sort as strings: none further on has the prefix
-                continue
-            if data_class is not None and info.data_class != data_class:
+            step = listing_step(info.id, info.data_class, prefix=prefix,
+                                want_class=data_class)
+            if step == "stop":
+                break
+            if step == "skip":
                 continue
             if len(rows) == limit:
                 more = True

@@ -175,6 +175,24 @@ def test_tasks_objects_events_and_throughput_have_content(
 
     obj = wait_for(listed, 30, "the object in node-1's listing")
     assert obj["replicas"] and set(obj["holders"]) <= {n.name for n in mesh.nodes}
+    # Paged (issue #24): following next a page of one at a time gives the same ids, in
+    # order; a prefix narrows to the ids that have it.
+    every = get_json(str(mesh.nodes[1].http), "/api/v1/objects?limit=10000", token)
+    assert every["next"] is None and len(every["objects"]) >= 2
+    ids = [o["id"] for o in every["objects"]]
+    paged, after = [], ""
+    while True:
+        page = get_json(str(mesh.nodes[1].http), f"/api/v1/objects?limit=1&after={after}",
+                        token)
+        validate(openapi, "ObjectsResponse", page)
+        paged += [o["id"] for o in page["objects"]]
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert paged == ids == sorted(ids)
+    prefix = work["object"][:6]
+    narrowed = get_json(str(mesh.nodes[1].http), f"/api/v1/objects?prefix={prefix}", token)
+    assert [o["id"] for o in narrowed["objects"]] == [i for i in ids if i.startswith(prefix)]
 
     events = get_json(addr, "/api/v1/events", token)["events"]
     assert any(e["kind"] == "member_joined" for e in events)
@@ -193,6 +211,7 @@ def test_tasks_objects_events_and_throughput_have_content(
     snap = get_json(addr, "/api/v1/snapshot", token)
     validate(openapi, "Snapshot", snap)
     assert any(o["id"] == work["object"] for o in snap["objects"])
+    assert snap["objects_more"] is False  # a handful of objects: the counts are the mesh's
     # What the node used, in its own points; every live node's points in the snapshot
     # (node.points), their tasks summed per second.
     # (a node's first point has no network rate yet: no earlier counter)
@@ -332,6 +351,8 @@ def test_bad_requests_get_json_errors(mesh: LocalMesh, token: str) -> None:
     for path, code in [
         ("/api/v1/nope", 404),
         ("/api/v1/objects?limit=abc", 400),
+        ("/api/v1/objects?prefix=zz", 400),
+        ("/api/v1/objects?after=" + "a" * 300, 400),
         ("/api/v1/tasks?limit=0", 400),
         ("/api/v1/events?since=-1", 400),
         ("/static/..%2Fhttp.py", 404),

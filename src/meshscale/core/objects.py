@@ -12,7 +12,7 @@ core). Ids are validated before they touch a filesystem path or a message.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Final, Literal
 
 from blake3 import blake3
 
@@ -46,3 +46,33 @@ def object_id(data: bytes | bytearray | memoryview) -> str:
 
 def is_object_id(value: object) -> bool:
     return isinstance(value, str) and OBJECT_ID_RE.fullmatch(value) is not None
+
+
+# -- a listing narrowed by id prefix and data class (the CLI's ``objects`` and the HTTP API)
+
+ListStep = Literal["take", "skip", "stop"]
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why ``prefix`` can be the prefix of no object id, or None."""
+    if prefix and not OBJECT_ID_PREFIX.startswith(prefix[:len(OBJECT_ID_PREFIX)]):
+        return f"object ids start with {OBJECT_ID_PREFIX}"
+    return None
+
+
+def listing_start(after: str, prefix: str) -> str:
+    """The cursor a listing of ids after ``after`` that start with ``prefix`` begins at
+    (every id with the prefix sorts after the prefix itself)."""
+    return max(after, prefix) if prefix else after
+
+
+def listing_step(oid: str, data_class: str | None, *, prefix: str,
+                 want_class: str | None) -> ListStep:
+    """What a listing in id order narrowed to ``prefix`` and ``want_class`` (None: any)
+    does with the next object: list it, pass it, or stop (past the prefix, no later id
+    can have it)."""
+    if prefix and not oid.startswith(prefix):
+        return "stop" if oid > prefix else "skip"
+    if want_class is not None and data_class != want_class:
+        return "skip"
+    return "take"

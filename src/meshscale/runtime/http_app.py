@@ -24,7 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from meshscale.core.api import ApiError, Empty, ErrorCode
 from meshscale.core.api import services as services_api
 from meshscale.core.api import streams as streams_api
+from meshscale.core.api.objects import MAX_NAME_LENGTH
 from meshscale.core.api.streams import StreamStats
+from meshscale.core.objects import prefix_problem
 from meshscale.runtime.metrics import MeshCollector
 from meshscale.runtime.observe import SNAPSHOT_POINTS, NodeObserver, ObservedNode
 from meshscale.runtime.openapi import openapi_document
@@ -33,6 +35,10 @@ from meshscale.trust.bundle import is_valid_token
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OBJECTS_TTL_S = 5.0
+SNAPSHOT_OBJECTS = 200
+"""Objects in a snapshot (the dashboard's table); ``objects_more`` says the mesh has more."""
+MAX_QUERY_CHARS = MAX_NAME_LENGTH
+"""Longest value of a listing's text parameter (``after``, ``prefix``, ``class``)."""
 TASKS_TTL_S = 2.0
 """The mesh-wide task table (a fan-out to every node) is reused this long."""
 TASK_ROWS = 200
@@ -103,7 +109,7 @@ class HttpApp:
         self.registry.register(MeshCollector(self.observer))
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Task[Any]] = set()
-        self._objects: tuple[float, int, list[dict[str, Any]]] | None = None
+        self._objects: tuple[float, int, list[dict[str, Any]], str | None] | None = None
         self._objects_lock = asyncio.Lock()
         self._tasks_lock = asyncio.Lock()
         self._tasks_cache: tuple[float, dict[str, Any]] | None = None
@@ -332,19 +338,46 @@ class HttpApp:
         return _json({"members": self.observer.members()})
 
     async def _objects_api(self, request: web.Request) -> web.StreamResponse:
+        """A page of the listing: ``limit``, after the cursor ``after``, narrowed by
+        ``prefix`` and ``class``; ``next`` is the ``after`` of the following page (null:
+        none), as ``meshscale objects`` pages."""
         limit = _int_param(request, "limit", 200, 1, MAX_LIMIT)
-        return _json({"objects": await self._object_list(limit)})
+        q = request.query
+        after, prefix, data_class = q.get("after", ""), q.get("prefix", ""), q.get("class")
+        for name, value in (("after", after), ("prefix", prefix), ("class", data_class)):
+            if value is not None and len(value) > MAX_QUERY_CHARS:
+                raise BadRequest(f"{name} must be at most {MAX_QUERY_CHARS} characters")
+        bad = prefix_problem(prefix)
+        if bad is not None:
+            raise BadRequest(f"prefix {prefix[:40]!r}: {bad}")
+        if after or prefix or data_class is not None:
+            objs, nxt = await self.observer.objects(limit, after=after, prefix=prefix,
+                                                    data_class=data_class)
+        else:
+            objs, nxt = await self._object_list(limit)
+        return _json({"objects": objs, "next": nxt})
 
-    async def _object_list(self, limit: int) -> list[dict[str, Any]]:
-        """The mesh-wide listing (a fan-out), reused for a few seconds."""
+    async def _object_list(self, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+        """The first ``limit`` objects of the mesh-wide listing (a fan-out) and the
+        cursor after them (None: no more), reused for a few seconds."""
         async with self._objects_lock:
             now = time.monotonic()
             cached = self._objects
-            if cached is not None and cached[0] > now and cached[1] >= limit:
-                return cached[2][:limit]
-            objs = await self.observer.objects(max(limit, 200))
-            self._objects = (time.monotonic() + OBJECTS_TTL_S, max(limit, 200), objs)
-            return objs[:limit]
+            if cached is None or cached[0] <= now or cached[1] < limit:
+                asked = max(limit, SNAPSHOT_OBJECTS)
+                objs, nxt = await self.observer.objects(asked)
+                cached = self._objects = (time.monotonic() + OBJECTS_TTL_S, asked, objs, nxt)
+            objs, nxt = cached[2], cached[3]
+            # More than asked for are cached: the cursor is then the last one given.
+            return objs[:limit], objs[limit - 1]["id"] if len(objs) > limit else nxt
+
+    async def _snapshot_objects(self) -> dict[str, Any]:
+        """The snapshot's first ``SNAPSHOT_OBJECTS`` objects, and whether the mesh holds
+        more: the dashboard then says its counts are of the first ones, not of the mesh
+        (issue #24: it said "200 objects, all fully replicated" of a mesh of a million,
+        and under-replicated ones beyond the page went unseen)."""
+        objs, nxt = await self._object_list(SNAPSHOT_OBJECTS)
+        return {"objects": objs, "objects_more": nxt is not None}
 
     async def _tasks(self, request: web.Request) -> web.StreamResponse:
         limit = _int_param(request, "limit", 200, 1, MAX_LIMIT)
@@ -454,7 +487,7 @@ class HttpApp:
             "members": self.observer.members(),
             "throughput": self.observer.throughput(SNAPSHOT_POINTS),
             "mesh_points": await self._mesh_points(),
-            "objects": await self._object_list(200),
+            **await self._snapshot_objects(),
             "tasks": await self._mesh_tasks(),
             "events": self.observer.events(0, last=50),
             "streams": await self._streams_cached(),

@@ -33,6 +33,7 @@ from meshscale.core.api.node import POINTS, EventInfo, NodePoint, NodePoints, Po
 from meshscale.core.api.objects import MAX_LIST_PAGE
 from meshscale.core.api.tasks import TASK_LIST, ListRequest
 from meshscale.core.membership import State
+from meshscale.core.objects import listing_start, listing_step
 from meshscale.core.placement import is_full
 from meshscale.core.tasks import TaskRecord
 from meshscale.runtime.capacity import power_state
@@ -144,6 +145,9 @@ THROUGHPUT_POINTS = 3600
 """One-second points the node keeps: the last hour (``/api/v1/throughput``)."""
 SNAPSHOT_POINTS = 60
 """Newest points in each snapshot (the dashboard loads the rest once, on open)."""
+LIST_SCAN_MAX_OBJECTS = 10_000
+"""Objects one HTTP listing call looks at, at most (a page narrowed by class over a large
+mesh stops there and gives the cursor to go on from)."""
 MESH_POINTS_PER_NODE = 120
 """Newest points asked of each live node for the mesh-wide charts and node table."""
 MESH_POINTS_TIMEOUT_S = 2.0
@@ -644,28 +648,54 @@ class NodeObserver:
             })
         return out
 
-    async def objects(self, limit: int) -> list[dict[str, Any]]:
-        try:
-            page = await self.agent.call_local(objects_api.LIST,
-                                               objects_api.ListRequest(
-                                                   limit=max(1, min(limit, MAX_LIST_PAGE))))
-        except ApiError as e:
-            if e.code == ErrorCode.UNKNOWN_METHOD:  # a node without a data plane
-                return []
-            raise
-        out = []
-        for o in page.objects:
-            res = o.residency
-            out.append({
-                "id": o.id,
-                "size": o.size,
-                "replicas": list(o.replica_set),
-                "holders": list(o.holders),
-                "data_class": None if res is None else res.data_class,
-                "residency": None if res is None else res.regions,
-                "under_replicated": o.health != "ok",
-            })
-        return out
+    async def objects(self, limit: int, *, after: str = "", prefix: str = "",
+                      data_class: str | None = None,
+                      max_scanned: int = LIST_SCAN_MAX_OBJECTS
+                      ) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to ``limit`` objects in id order after ``after``, narrowed to ids starting
+        with ``prefix`` and to ``data_class`` (``core.objects.listing_step``), and the
+        cursor of the next page (None: none left). At most ``max_scanned`` objects are
+        looked at per call: a narrow filter over a large mesh returns a short page and a
+        cursor to go on from, never a scan of every object."""
+        start = listing_start(after, prefix)
+        out: list[dict[str, Any]] = []
+        scanned = 0
+        # One more than the page (to know whether more follow), or whole pages while a
+        # class filter may pass over many.
+        size = max(1, min(MAX_LIST_PAGE, max_scanned,
+                          limit + 1 if data_class is None else MAX_LIST_PAGE))
+        while True:
+            try:
+                page = await self.agent.call_local(objects_api.LIST, objects_api.ListRequest(
+                    after=start, limit=size))
+            except ApiError as e:
+                if e.code == ErrorCode.UNKNOWN_METHOD:  # a node without a data plane
+                    return [], None
+                raise
+            for o in page.objects:
+                res = o.residency
+                cls = None if res is None else res.data_class
+                step = listing_step(o.id, cls, prefix=prefix, want_class=data_class)
+                if step == "stop":
+                    return out, None
+                if step == "take":
+                    if len(out) == limit:
+                        return out, out[-1]["id"]
+                    out.append({
+                        "id": o.id,
+                        "size": o.size,
+                        "replicas": list(o.replica_set),
+                        "holders": list(o.holders),
+                        "data_class": cls,
+                        "residency": None if res is None else res.regions,
+                        "under_replicated": o.health != "ok",
+                    })
+                start = o.id
+                scanned += 1
+                if scanned >= max_scanned:
+                    return out, start
+            if page.next is None or not page.objects:
+                return out, None
 
     # ------------------------------------------------------------------ metric inputs
 

@@ -274,7 +274,14 @@ SCHEMAS["ServicesResponse"] = {
     },
 }
 SCHEMAS["MembersResponse"] = _array_of("members", "Member")
-SCHEMAS["ObjectsResponse"] = _array_of("objects", "Object")
+SCHEMAS["ObjectsResponse"] = {
+    "type": "object",
+    "required": ["objects", "next"],
+    "properties": {
+        "objects": {"type": "array", "items": {"$ref": "#/components/schemas/Object"}},
+        "next": {**_STR_OR_NULL, "description": "The after of the next page (null: none)"},
+    },
+}
 SCHEMAS["TasksResponse"] = _array_of("tasks", "Task")
 SCHEMAS["EventsResponse"] = _array_of("events", "Event")
 SCHEMAS["ThroughputResponse"] = _array_of("points", "ThroughputPoint")
@@ -325,8 +332,8 @@ SCHEMAS["MeshPoints"] = {
 }
 SCHEMAS["Snapshot"] = {
     "type": "object",
-    "required": ["node", "members", "throughput", "mesh_points", "objects", "tasks",
-                 "events", "streams", "services"],
+    "required": ["node", "members", "throughput", "mesh_points", "objects", "objects_more",
+                 "tasks", "events", "streams", "services"],
     "properties": {
         "node": {"$ref": "#/components/schemas/Node"},
         "members": {"type": "array", "items": {"$ref": "#/components/schemas/Member"}},
@@ -337,6 +344,11 @@ SCHEMAS["Snapshot"] = {
         "mesh_points": {"$ref": "#/components/schemas/MeshPoints"},
         "objects": {"type": "array", "maxItems": 200,
                     "items": {"$ref": "#/components/schemas/Object"}},
+        "objects_more": {"type": "boolean",
+                         "description": "The mesh holds more objects than those listed: "
+                                        "counts of objects are of the first ones (all of "
+                                        "them: /api/v1/objects and its next, or "
+                                        "meshscale objects)"},
         "tasks": {"$ref": "#/components/schemas/MeshTasks"},
         "events": {"type": "array", "maxItems": 50,
                    "items": {"$ref": "#/components/schemas/Event"}},
@@ -380,7 +392,19 @@ def _limit_param(default: int) -> dict[str, Any]:
 
 
 _PARAMS: dict[str, list[dict[str, Any]]] = {
-    "/api/v1/objects": [_limit_param(200)],
+    "/api/v1/objects": [
+        _limit_param(200),
+        {"name": "after", "in": "query", "required": False,
+         "description": "Only ids after this one (a page's next).",
+         "schema": {"type": "string", "maxLength": 256}},
+        {"name": "prefix", "in": "query", "required": False,
+         "description": "Only ids that start with this (b3-...).",
+         "schema": {"type": "string", "maxLength": 256}},
+        {"name": "class", "in": "query", "required": False,
+         "description": "Only objects of this data class (at most 10,000 objects are "
+                        "looked at per call: a short page with a next goes on).",
+         "schema": {"type": "string", "maxLength": 256}},
+    ],
     "/api/v1/tasks": [_limit_param(200)],
     "/api/v1/events": [{"name": "since", "in": "query", "required": False,
                         "description": "Only events with a larger seq.",

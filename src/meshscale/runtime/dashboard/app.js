@@ -448,11 +448,15 @@
     }
     if (under) {
       if (level === "ok") level = "warn";
-      msgs.push(`${under} ${under === 1 ? "object" : "objects"} under-replicated`);
+      msgs.push(`${under} ${under === 1 ? "object" : "objects"} under-replicated`
+        + (snap.objects_more ? ` of the first ${objs.length}` : ""));
     }
     if (level === "ok") {
       msgs.push(`All ${c.alive} ${c.alive === 1 ? "node" : "nodes"} alive in ${regions.size} ${regions.size === 1 ? "region" : "regions"}`);
-      if (objs.length) msgs.push(`${objs.length} objects fully replicated`);
+      if (objs.length) {
+        msgs.push(snap.objects_more ? `the first ${objs.length} objects fully replicated`
+          : `${objs.length} objects fully replicated`);
+      }
     } else {
       msgs.push(`${c.alive} alive`);
     }
@@ -1337,8 +1341,13 @@
     objs.sort((a, b) => (b.under_replicated ? 1 : 0) - (a.under_replicated ? 1 : 0) || byName(a.id, b.id));
     const under = objs.filter((o) => o.under_replicated).length;
     const bytes = objs.reduce((s, o) => s + (Number(o.size) || 0), 0);
+    // A mesh with more objects than the snapshot's page: the counts are of that page
+    // (the rest: meshscale objects, or /api/v1/objects and its next).
+    const more = Boolean(snap.objects_more);
     $("objects-summary").textContent = objs.length
-      ? `${objs.length} objects, ${fmtBytes(bytes)}` + (under ? `, ${under} under-replicated` : ", all fully replicated")
+      ? (more ? `The first ${objs.length} objects (more in the mesh: meshscale objects --after), `
+        : `${objs.length} objects, `) + fmtBytes(bytes)
+        + (under ? `, ${under} under-replicated` : more ? ", these fully replicated" : ", all fully replicated")
         + (objs.length > MAX_OBJECT_ROWS ? ` (first ${MAX_OBJECT_ROWS} shown)` : "")
       : "";
     const body = $("objects-body");
