@@ -24,6 +24,11 @@ pytestmark = pytest.mark.timeout(240)
 
 WINDOW_S = 2.0
 """The nodes' ``task_record_window_s``: wide, so an end still waits when the test acts."""
+GRACE_S = 0.2
+"""The nodes' ``task_submit_grace_s``: wide, so a lone no-op is answered with its outcome
+and its one record is its end, which waits for company, even on a loaded machine (at
+the default 5 ms, a CI run beside another mesh test answered every submit after its
+record: each end then joined its own submit's write, 13 batches of one key)."""
 _decode = msgspec.msgpack.Decoder(TaskRecord).decode
 
 
@@ -31,7 +36,8 @@ _decode = msgspec.msgpack.Decoder(TaskRecord).decode
 def mesh() -> Iterator[LocalMesh]:
     with host_like_dir("meshscale-rec-") as directory, \
             LocalMesh(directory, 4, regions=["eu-west", "us-east"],
-                      node_settings={"task_record_window_s": WINDOW_S}) as m:
+                      node_settings={"task_record_window_s": WINDOW_S,
+                                     "task_submit_grace_s": GRACE_S}) as m:
         yield m
 
 

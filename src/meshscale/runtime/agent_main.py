@@ -128,6 +128,10 @@ OPTIONS: tuple[Option, ...] = (
            "to be written to the replicated KV together with others (one batch, one round "
            "per replica); an owner that dies within it leaves the task to run again where "
            "it is taken over."),
+    Option("task_submit_grace_s", "float", 0.005, "How long a small submit of short tasks "
+           "waits for them to end before it is answered, so a task that ends at once is "
+           "answered with its outcome and written once (its final record, which then "
+           "waits up to task_record_window_s for others); 0: never."),
     Option("stream_max_backlog", "int", 2000, "Records a stream shard holds for its slowest "
            "operator before producers wait (backpressure)."),
     Option("power_source", "str", "auto", "Where the node's power figures come from: "
@@ -190,6 +194,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "max_task_records": (1, 10_000_000),
     "task_run_timeout_s": (1, 86400),
     "task_record_window_s": (0, 60),
+    "task_submit_grace_s": (0, 10),
     "cpus": (1, 4096),
     "memory_mb": (1, 1 << 40),
     "audit_segment_bytes": (4096, 1 << 34),
@@ -545,6 +550,7 @@ def start(s: Settings) -> None:
                                      max_task_records=s.max_task_records,
                                      task_run_timeout_s=float(s.task_run_timeout_s),
                                      task_record_window_s=float(s.task_record_window_s),
+                                     task_submit_grace_s=float(s.task_submit_grace_s),
                                      power=power,
                                      energy=energy,
                                      audit=AuditConfig(

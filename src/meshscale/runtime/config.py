@@ -141,6 +141,9 @@ class AgentConfig:
     task_record_window_s: float = 0.05
     """The longest a task's final record waits to be written with others
     (``ComputeConfig.record_window_s``)."""
+    task_submit_grace_s: float = 0.005
+    """How long a small submit of short tasks waits for them to end before its answer
+    (``ComputeConfig.submit_grace_s``)."""
     task_run_timeout_s: float = 60.0
     """A task bound to a worker that neither reports its result nor beats (``Running``)
     for this long is run again elsewhere (``core.scheduling.SchedulingConfig``)."""

@@ -530,6 +530,7 @@ class NodeAgent:
             self.compute = ComputePlane(self, ComputeConfig(
                 max_records=self.cfg.max_task_records,
                 record_window_s=self.cfg.task_record_window_s,
+                submit_grace_s=self.cfg.task_submit_grace_s,
                 scheduling=SchedulingConfig(max_pending_tasks=self.cfg.max_pending_tasks,
                                             run_timeout_s=self.cfg.task_run_timeout_s)))
             await self.compute.start()
