@@ -51,3 +51,34 @@ def loop_wait_s(now: float, *, idle: bool, interval_s: float, idle_max_s: float,
     if next_duty_at is not None:
         wait = min(wait, next_duty_at - now + DUE_SLACK_S)
     return max(interval_s, wait)
+
+
+class ByteRate:
+    """A token bucket of bytes: ``rate_bytes_per_s`` sustained, bursts up to
+    ``burst_bytes``. ``take(now, n)`` spends ``n`` and answers how long to wait before
+    sending them (0 while the bucket holds them). The debt a large piece leaves is paid
+    by the wait, so the rate holds over any window longer than a burst. Sans-I/O: the
+    caller gives the time (monotonic seconds) and does the waiting."""
+
+    __slots__ = ("_at", "_level", "burst_bytes", "rate_bytes_per_s")
+
+    def __init__(self, rate_bytes_per_s: float, burst_bytes: int) -> None:
+        if not (math.isfinite(rate_bytes_per_s) and rate_bytes_per_s > 0):
+            raise ValueError(f"rate_bytes_per_s must be finite and > 0, got {rate_bytes_per_s!r}")
+        if burst_bytes < 1:
+            raise ValueError(f"burst_bytes must be at least 1, got {burst_bytes!r}")
+        self.rate_bytes_per_s = float(rate_bytes_per_s)
+        self.burst_bytes = burst_bytes
+        self._level = float(burst_bytes)
+        self._at: float | None = None
+
+    def take(self, now: float, nbytes: int) -> float:
+        """Spend ``nbytes`` at ``now``; seconds to wait before sending them."""
+        if self._at is not None and now > self._at:
+            self._level = min(float(self.burst_bytes),
+                              self._level + (now - self._at) * self.rate_bytes_per_s)
+        self._at = now if self._at is None else max(self._at, now)
+        self._level -= nbytes
+        if self._level >= 0:
+            return 0.0
+        return -self._level / self.rate_bytes_per_s

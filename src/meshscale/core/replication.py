@@ -102,6 +102,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 import random
 import sys
 from array import array
@@ -114,6 +115,7 @@ import msgspec
 from meshscale.core.hlc import HLCTimestamp
 from meshscale.core.objects import OBJECT_ID_PREFIX, is_object_id
 from meshscale.core.outputs import Event
+from meshscale.core.pacing import ByteRate
 from meshscale.core.placement import (
     MAX_REPLICAS,
     Candidate,
@@ -181,6 +183,24 @@ class ReplicationConfig:
     max_concurrent_transfers: int = 8
     """Repair and handoff transfers in flight from this node (writes not counted: they
     are bounded by ``max_pending_puts``)."""
+    max_concurrent_transfers_busy: int = 1
+    """Repair and handoff transfers in flight from this node while it is busy with
+    foreground work (``ReplicaManager.set_foreground_busy``: tasks running on its
+    workers) and for ``foreground_quiet_s`` after. A crash's re-replication then does
+    not take the cores the remaining tasks need (Ceph's recovery limits: a busy OSD runs
+    fewer recovery ops at once, ``osd_recovery_max_active``, and sleeps between them,
+    ``osd_recovery_sleep``). The repair still goes on, one object at a time, at
+    ``repair_busy_bytes_per_s``."""
+    repair_busy_bytes_per_s: int = 16 << 20
+    """Bytes of repair and handoff copies this node sends per second while busy (as
+    above); 0 sends them unpaced. Idle, a node sends them as fast as the transfers go."""
+    repair_burst_bytes: int = 4 << 20
+    """What a busy node's repair copies may send at once before the rate above applies
+    (one data-plane chunk)."""
+    foreground_quiet_s: float = 2.0
+    """How long after its last foreground work a node stays busy for the limits above:
+    tasks come and go between slots, and a limit lifted in each gap would start every
+    queued transfer at once."""
     max_repair_queue: int = 10_000
     """Queued repair transfers; beyond it the lowest-priority are shed (the next sync
     round finds them again)."""
@@ -220,6 +240,14 @@ class ReplicationConfig:
             raise ValueError("rebuild_slice_entries must be at least 1")
         if self.rebuild_slice_pause_s < 0:
             raise ValueError("rebuild_slice_pause_s must not be negative")
+        if self.max_concurrent_transfers < 1 or self.max_concurrent_transfers_busy < 1:
+            raise ValueError("max_concurrent_transfers and max_concurrent_transfers_busy "
+                             "must be at least 1")
+        if self.repair_busy_bytes_per_s < 0 or self.repair_burst_bytes < 1:
+            raise ValueError("repair_busy_bytes_per_s must not be negative and "
+                             "repair_burst_bytes must be at least 1")
+        if not self.foreground_quiet_s >= 0:
+            raise ValueError("foreground_quiet_s must not be negative")
 
 
 # --------------------------------------------------------------------------- outputs
@@ -1367,6 +1395,12 @@ class ReplicaManager:
         self._repair_heap: list[tuple[tuple[int, float, str, str], str, str]] = []
         self._repair_queued: set[tuple[str, str]] = set()
         self._inflight: dict[tuple[str, str], float] = {}
+        self._busy = False
+        self._quiet_at = -math.inf
+        """When the quiet period after this node's last foreground work ends."""
+        self._repair_rate: ByteRate | None = (
+            ByteRate(self.config.repair_busy_bytes_per_s, self.config.repair_burst_bytes)
+            if self.config.repair_busy_bytes_per_s > 0 else None)
         self._next_sync = now + self.rng.uniform(0.0, self.config.sync_interval_s)
         self._prompt_at: float | None = None
         self._prompt_peers: set[str] = set()
@@ -1448,6 +1482,8 @@ class ReplicaManager:
             times.append(heap[0][0])
         if self._inflight:
             times.append(min(self._inflight.values()) + self.config.transfer_timeout_s)
+        if self._repair_heap and not self._busy and self._quiet_at != -math.inf:
+            times.append(self._quiet_at)  # the queued repairs start in full then
         dheap = self._delete_deadlines
         while dheap and dheap[0][1] not in self._deletes:
             heapq.heappop(dheap)
@@ -2646,9 +2682,39 @@ class ReplicaManager:
         heapq.heappush(self._repair_heap, (prio, dst, oid))
         self._repair_queued.add(key)
 
+    def set_foreground_busy(self, busy: bool, now: float) -> None:
+        """The driver says whether this node runs foreground work (tasks) now. Busy, and
+        for ``foreground_quiet_s`` after, repair transfers are limited (see
+        ``max_concurrent_transfers_busy``); the end of the quiet period is a deadline, at
+        which the queued ones start up to ``max_concurrent_transfers``."""
+        if busy:
+            self._busy = True
+        elif self._busy:
+            self._busy = False
+            self._quiet_at = now + self.config.foreground_quiet_s
+            self._pump(now)
+
+    def throttled(self, now: float) -> bool:
+        """Whether repair transfers are limited now (busy, or within the quiet period)."""
+        return self._busy or now < self._quiet_at
+
+    def repair_delay_s(self, nbytes: int, now: float) -> float:
+        """Seconds a repair or handoff copy waits before sending its next ``nbytes``:
+        0 unless throttled (then ``repair_busy_bytes_per_s``). The driver asks before each
+        chunk of a transfer it reports with ``req_id`` None."""
+        rate = self._repair_rate
+        if rate is None or not self.throttled(now):
+            return 0.0
+        return rate.take(now, nbytes)
+
     def _pump(self, now: float) -> None:
         heap = self._repair_heap
-        while heap and len(self._inflight) < self.config.max_concurrent_transfers:
+        if self.throttled(now):
+            limit = self.config.max_concurrent_transfers_busy
+        else:
+            limit = self.config.max_concurrent_transfers
+            self._quiet_at = -math.inf  # over: no deadline for it any more
+        while heap and len(self._inflight) < limit:
             _, dst, oid = heapq.heappop(heap)
             self._repair_queued.discard((dst, oid))
             loc = self._inv.get(oid)

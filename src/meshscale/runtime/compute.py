@@ -492,6 +492,8 @@ class ComputePlane:
         self._tick: asyncio.Future[None] | None = None
         self._watches: dict[str, list[_Watch]] = {}
         self._running: dict[str, str] = {}  # owner/task_id -> pool task id
+        self._runs_here = 0
+        """``_run`` calls in progress (inputs fetched, running, or sending the outcome)."""
         self._kept_running: set[str] = set()
         """Running here, classed: what they print is kept within their class (no live
         output is served; it is stored with their detail at the end)."""
@@ -2152,6 +2154,19 @@ class ComputePlane:
         outcome.traceback, outcome.exc, outcome.stdout, outcome.stderr = "", None, "", ""
 
     async def _run(self, rt: RunTask) -> None:
+        """One run on this node, counted as foreground work from its first step (its
+        inputs' fetch) to its end: the node's repair copies are limited meanwhile."""
+        self._runs_here += 1
+        if self._runs_here == 1:
+            self.agent.set_foreground_busy(True)
+        try:
+            await self._run_task(rt)
+        finally:
+            self._runs_here -= 1
+            if self._runs_here == 0:
+                self.agent.set_foreground_busy(False)
+
+    async def _run_task(self, rt: RunTask) -> None:
         spec, owner = rt.task, rt.owner
         outcome = DoneRequest(task_id=spec.task_id, node=self.agent.name, attempt=rt.attempt)
         key = f"{owner}/{spec.task_id}"

@@ -392,6 +392,12 @@ class NodeAgent:
     def local_copies(self) -> LocalCopies | None:
         return self.dataplane
 
+    def set_foreground_busy(self, busy: bool) -> None:
+        """Tasks run on this node's workers (``busy``) or no longer do: its repair copies
+        are limited meanwhile (``ReplicationConfig.max_concurrent_transfers_busy``)."""
+        if self.dataplane is not None:
+            self.dataplane.set_foreground_busy(busy)
+
     def worker_pool(self) -> WorkerPool | None:
         compute = self.compute
         return None if compute is None else compute.pool

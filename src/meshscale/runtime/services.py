@@ -124,6 +124,11 @@ class NodeServices(Protocol):
         """The compute plane's warm worker pool, or None before it starts."""
         ...
 
+    def set_foreground_busy(self, busy: bool) -> None:
+        """Tasks run on this node's workers now, or no longer do (the data plane limits
+        its repair copies meanwhile: ``ReplicationConfig.max_concurrent_transfers_busy``)."""
+        ...
+
 
 def refusal(node: NodeServices, count: Callable[[str], None], rule: str, message: str, /,
             *, subject: str = "", data_class: str | None = None,

@@ -116,6 +116,22 @@ class ReplicaDriver(DataPlaneBase):
                                   "(not listed one by one)")
         self._timer.arm(rm.next_deadline())
 
+    def set_foreground_busy(self, busy: bool) -> None:
+        """See ``ReplicaManager.set_foreground_busy``."""
+        if self.rm is not None:
+            self.rm.set_foreground_busy(busy, time.monotonic())
+            self._pump()
+
+    async def _repair_pace(self, nbytes: int) -> None:
+        """Wait as long as ``ReplicaManager.repair_delay_s`` says before a repair copy
+        sends ``nbytes`` more."""
+        assert self.rm is not None
+        wait = self.rm.repair_delay_s(nbytes, time.monotonic())
+        if wait > 0:
+            self._count("repair_paced")
+            self._count("repair_paced_ms", round(wait * 1000))
+            await asyncio.sleep(wait)
+
     def _on_timer(self) -> None:
         if self.rm is not None:
             self.rm.on_timer(time.monotonic())
@@ -198,19 +214,23 @@ class ReplicaDriver(DataPlaneBase):
             return False
         conn = self._checkout(t.dst)
         try:
-            return await self._send_copy(conn, t.oid, header)
+            return await self._send_copy(conn, t.oid, header, paced=t.req_id is None)
         except BaseException:
             await conn.close()
             raise
         finally:
             self.agent.peers.checkin(t.dst, conn)
 
-    async def _send_copy(self, conn: RpcConnection, oid: str, header: api.ReplicaHeader) -> bool:
-        """Our copy of ``oid`` to the node at the other end of ``conn``."""
+    async def _send_copy(self, conn: RpcConnection, oid: str, header: api.ReplicaHeader,
+                         paced: bool = False) -> bool:
+        """Our copy of ``oid`` to the node at the other end of ``conn``; ``paced`` (a
+        repair or handoff copy, not a write's) at the rate ``_repair_pace`` allows."""
         store = self.store
         assert store is not None
         if header.size <= self.cfg.inline_bytes:
             # Small object: one round trip, bytes inline, verified before sending.
+            if paced:
+                await self._repair_pace(header.size)
             data = await asyncio.to_thread(store.read_bytes, oid)
             await conn.request(api.RW_SMALL, _small_copy(header, data))
             self._count("bytes_sent", header.size)
@@ -225,6 +245,8 @@ class ReplicaDriver(DataPlaneBase):
                 chunk = await asyncio.to_thread(next, it, None)
                 if chunk is None:
                     break
+                if paced:
+                    await self._repair_pace(len(chunk))
                 await conn.request(api.RW_CHUNK, api.PutChunkRequest(upload=upload, data=chunk))
         except StorageError:
             # Our copy is corrupt: the receiver's commit would refuse it anyway.
