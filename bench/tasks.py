@@ -375,6 +375,8 @@ class KillRun:
         self.last_ok = 0.0
         self.last_any = 0.0
         self.kill_at = 0.0
+        self.ends: list[float] = []
+        """When each result came (seconds from ``start``), failed or not."""
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
@@ -382,6 +384,7 @@ class KillRun:
     def done(self, ok: bool) -> None:
         now = time.perf_counter() - self.t0
         self.last_any = now
+        self.ends.append(now)
         if ok:
             self.ok += 1
             self.last_ok = now
@@ -396,6 +399,11 @@ class KillRun:
         out[f"kill_one_node_makespan_s{suffix}"] = round(self.last_ok, 2) if self.ok else None
         out[f"kill_failed_tasks{suffix}"] = self.failed
         out[f"kill_all_results_s{suffix}"] = round(self.last_any, 2)
+        # Results per second of the run (where a recovery stalls, or only slows).
+        per_s = [0] * (int(self.last_any) + 1)
+        for t in self.ends:
+            per_s[int(t)] += 1
+        out[f"kill_results_per_s{suffix}"] = per_s
         if self.fired:
             # When the kill came: the makespan less this is the run's recovery.
             out[f"kill_at_s{suffix}"] = round(self.kill_at, 2)
