@@ -224,6 +224,8 @@ def test_only_a_node_bundle_starts_a_node(admin: Bundle, tmp_path: Path) -> None
         ('[labels]\nsite = 3\n', "'labels' must be a table of strings"),
         ('bind = \n', "not valid TOML"),
         ('cpus = 0\n', "--cpus must be in 1..4096"),
+        ('repair_busy_max_transfers = 0\n', "--repair-busy-max-transfers must be in 1..64"),
+        ('repair_busy_mb_per_s = -1.0\n', "--repair-busy-mb-per-s must be in 0..1048576"),
     ],
 )
 def test_a_bad_config_file_names_the_key(bundle: Path, tmp_path: Path, text: str,

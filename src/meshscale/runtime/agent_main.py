@@ -132,6 +132,12 @@ OPTIONS: tuple[Option, ...] = (
            "waits for them to end before it is answered, so a task that ends at once is "
            "answered with its outcome and written once (its final record, which then "
            "waits up to task_record_window_s for others); 0: never."),
+    Option("repair_busy_mb_per_s", "float", 16.0, "While tasks run on this node (and 2 s "
+           "after), the copies it sends to restore replicas (after a node's death, a "
+           "handoff) go at most this fast, in MiB/s, so they do not take the cores the "
+           "tasks need (Ceph's recovery limits); 0: unpaced. Idle, they go at full speed."),
+    Option("repair_busy_max_transfers", "int", 1, "While tasks run on this node, how many "
+           "of those copies it sends at once (idle: 8)."),
     Option("stream_max_backlog", "int", 2000, "Records a stream shard holds for its slowest "
            "operator before producers wait (backpressure)."),
     Option("power_source", "str", "auto", "Where the node's power figures come from: "
@@ -195,6 +201,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "task_run_timeout_s": (1, 86400),
     "task_record_window_s": (0, 60),
     "task_submit_grace_s": (0, 10),
+    "repair_busy_mb_per_s": (0, 1 << 20),
+    "repair_busy_max_transfers": (1, 64),
     "cpus": (1, 4096),
     "memory_mb": (1, 1 << 40),
     "audit_segment_bytes": (4096, 1 << 34),
@@ -551,6 +559,8 @@ def start(s: Settings) -> None:
                                      task_run_timeout_s=float(s.task_run_timeout_s),
                                      task_record_window_s=float(s.task_record_window_s),
                                      task_submit_grace_s=float(s.task_submit_grace_s),
+                                     repair_busy_mb_per_s=float(s.repair_busy_mb_per_s),
+                                     repair_busy_max_transfers=s.repair_busy_max_transfers,
                                      power=power,
                                      energy=energy,
                                      audit=AuditConfig(

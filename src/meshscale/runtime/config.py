@@ -144,6 +144,12 @@ class AgentConfig:
     task_submit_grace_s: float = 0.005
     """How long a small submit of short tasks waits for them to end before its answer
     (``ComputeConfig.submit_grace_s``)."""
+    repair_busy_mb_per_s: float = 16.0
+    """Repair copies' pace while tasks run here, MiB/s; 0 unpaced
+    (``ReplicationConfig.repair_busy_bytes_per_s``)."""
+    repair_busy_max_transfers: int = 1
+    """Repair copies at once while tasks run here
+    (``ReplicationConfig.max_concurrent_transfers_busy``)."""
     task_run_timeout_s: float = 60.0
     """A task bound to a worker that neither reports its result nor beats (``Running``)
     for this long is run again elsewhere (``core.scheduling.SchedulingConfig``)."""

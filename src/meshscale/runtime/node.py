@@ -92,6 +92,7 @@ from meshscale.core.membership import (
 )
 from meshscale.core.outputs import Event, SendDatagram, StreamRequest
 from meshscale.core.placement import is_full
+from meshscale.core.replication import ReplicationConfig
 from meshscale.core.rpc import (
     PushPullFrame,
     RpcRequest,
@@ -108,7 +109,7 @@ from meshscale.runtime.capacity import CapacityDriver, placement_standby, power_
 from meshscale.runtime.compute import ComputeConfig, ComputePlane
 from meshscale.runtime.config import AgentConfig as AgentConfig
 from meshscale.runtime.config import AgentStats
-from meshscale.runtime.data import DataPlane
+from meshscale.runtime.data import DataPlane, DataPlaneConfig
 from meshscale.runtime.deadline import DeadlineTimer
 from meshscale.runtime.identity import Identity, write_identity
 from meshscale.runtime.isolation import Isolation
@@ -116,6 +117,7 @@ from meshscale.runtime.latency import RegionPair
 from meshscale.runtime.power import ENERGY_WINDOW_S, PowerMeter
 from meshscale.runtime.services import Handler, LocalCopies, Rep, Req
 from meshscale.runtime.services_plane import ServicePlane
+from meshscale.runtime.storage import StorageConfig
 from meshscale.runtime.streams import StreamPlane
 from meshscale.runtime.workers import WorkerPool
 from meshscale.transport.credentials import Credentials
@@ -520,17 +522,16 @@ class NodeAgent:
                 bundle_dir=self.bundle.path, data_dir=self.data_dir,
                 cgroup_name=isolation.node_cgroup_name(self.name, self.data_dir),
                 log=self.log)
-            dp_cfg = None
             link_group = None if self.isolation.user is None else self.isolation.user.gid
-            if self.cfg.disk_reserve_mb is not None or link_group is not None:
-                from meshscale.runtime.data import DataPlaneConfig
-                from meshscale.runtime.storage import StorageConfig
-
-                reserve = self.cfg.disk_reserve_mb
-                dp_cfg = DataPlaneConfig(storage=StorageConfig(
+            reserve = self.cfg.disk_reserve_mb
+            dp_cfg = DataPlaneConfig(
+                storage=StorageConfig(
                     min_free_bytes=DataPlaneConfig().storage.min_free_bytes
                     if reserve is None else reserve << 20,
-                    link_group=link_group))
+                    link_group=link_group),
+                replication=ReplicationConfig(
+                    repair_busy_bytes_per_s=round(self.cfg.repair_busy_mb_per_s * (1 << 20)),
+                    max_concurrent_transfers_busy=self.cfg.repair_busy_max_transfers))
             self.dataplane = DataPlane(self, dp_cfg)
             await self.dataplane.start()
             self.compute = ComputePlane(self, ComputeConfig(
