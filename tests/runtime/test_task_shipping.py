@@ -145,6 +145,55 @@ def test_a_worker_forgets_the_shipped_modules_after_the_task(project: ModuleType
         sys.modules.update(saved)
 
 
+class _Watched(ModuleType):
+    """A module that counts how often its ``__spec__`` is read (as a worker's module
+    scan reads it)."""
+
+    looked = 0
+
+    @property  # type: ignore[override]
+    def __spec__(self) -> None:
+        type(self).looked += 1
+        return None
+
+
+@pytest.mark.parametrize("snapshot", [True, False], ids=["snapshot", "older-client"])
+def test_a_worker_looks_only_at_the_modules_that_came_during_the_call(
+        project: ModuleType, snapshot: bool) -> None:
+    """The finder keeps the names of ``sys.modules`` as the call began, so the worker
+    looks only at what came since (the modules already there are not the call's): a
+    module that was there is never read. A finder without that snapshot (pickled by an
+    older client) still has every module looked at, and its modules forgotten."""
+    _, fn_bytes = pickle_function(project.uses_package)
+    payload, _, _ = _pickle_call((2,), {})
+    saved_path = list(sys.path)
+    saved = {n: sys.modules.pop(n) for n in list(sys.modules)
+             if n.split(".")[0] in ("shipjob", "shipmylib", "shiphelper")}
+    sys.path[:] = [p for p in sys.path if not (Path(p) / "shipjob.py").exists()]
+    _Watched.looked = 0
+    sys.modules["shipwatched"] = _Watched("shipwatched")
+    try:
+        call = cloudpickle.loads(fn_bytes)
+        assert call(payload, []) == (40, "v1")
+        if not snapshot:
+            for f in sys.meta_path:
+                if getattr(f, "meshscale_shipped", False):
+                    f.modules_before = None  # type: ignore[attr-defined]
+        worker_main._forget_shipped()
+        assert not [n for n in sys.modules if n.startswith(("shipmylib", "shiphelper"))]
+        assert not [f for f in sys.meta_path if getattr(f, "meshscale_shipped", False)]
+        assert "shipwatched" in sys.modules
+        assert (_Watched.looked == 0) is snapshot
+        # the next call of the same wrapper takes a snapshot of its own again
+        assert call(payload, []) == (40, "v1")
+        worker_main._forget_shipped()
+        assert not [n for n in sys.modules if n.startswith(("shipmylib", "shiphelper"))]
+    finally:
+        sys.modules.pop("shipwatched", None)
+        sys.path[:] = saved_path
+        sys.modules.update(saved)
+
+
 def test_too_much_to_ship_is_refused_naming_the_limit(
         project: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     from meshscale.client import shipping

@@ -274,6 +274,10 @@ class ShippedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.sources = sources
         self.modules: dict[str, types.ModuleType] = {}
         self.code_paths: list[str] = []
+        self.modules_before: set[str] | None = None
+        """The names in ``sys.modules`` when the current call began: the worker then looks
+        only at the modules that came since (and at ``modules``) for the call's own,
+        instead of at every module it has (``worker_main._forget_shipped``)."""
 
     def find_spec(self, name: str, path: object = None,
                   target: object = None) -> importlib.machinery.ModuleSpec | None:
@@ -312,6 +316,7 @@ def shipped_call(call_bytes: bytes, sources: dict[str, tuple[str, str, bool]],
         finder = state.get("finder")
         if finder is None:
             finder = state["finder"] = ShippedModules(sources)
+        finder.modules_before = set(sys.modules)
         code_dir = ""
         if code is not None:
             code_dir = ensure_unpacked(code[0], code[1])
