@@ -376,8 +376,14 @@ def test_quiet_compute_loops_react_at_once_to_work() -> None:
             await turns()
             assert len(views) == 1, "work after a quiet spell did not wake the load gossip"
             asked = sched.asked
+            # A submit of tasks without a class: no round (it would find none to read).
+            plain = SimpleNamespace(residency=None, inputs=())
+            p._wake_policy_refresh([plain])  # type: ignore[list-item]
+            await turns()
+            assert sched.asked == asked, "an unclassed submit woke the policy refresh"
             sched.class_list = ["pii"]
-            p._wake_policy_refresh()  # a submit
+            classed = SimpleNamespace(residency=SimpleNamespace(data_class="pii"), inputs=())
+            p._wake_policy_refresh([plain, classed])  # type: ignore[list-item]  # a submit
             await turns()
             assert sched.asked == asked + 1, "a submit did not wake the policy refresh"
         finally:

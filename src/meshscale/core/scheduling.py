@@ -505,6 +505,14 @@ def exclusion(task: TaskSpec, node: NodeState) -> tuple[str, str] | None:
     return None
 
 
+def task_classes(task: TaskSpec) -> tuple[str, ...]:
+    """The data classes ``task`` carries (its own rule's and its inputs'), sorted: those
+    whose policies narrow where it may run (``Scheduler.classes``)."""
+    return tuple(sorted({r.data_class for r in (task.residency,
+                                                *(i.residency for i in task.inputs))
+                         if r is not None and r.data_class is not None}))
+
+
 def feasible(task: TaskSpec, nodes: Iterable[NodeState]) -> list[NodeState]:
     """The nodes of ``nodes`` that may run ``task`` (sorted by name).
 
@@ -1139,11 +1147,8 @@ class Scheduler:
             self._data_batches.add(batch)
         for t in tasks:
             self._order += 1
-            classes = sorted({r.data_class for r in (t.residency,
-                                                     *(i.residency for i in t.inputs))
-                              if r is not None and r.data_class is not None})
             self._tasks[t.task_id] = _Task(t, batch, self._order, _holders(t, self._view),
-                                           submitted=t.residency, classes=tuple(classes))
+                                           submitted=t.residency, classes=task_classes(t))
             self._count("tasks_submitted")
         for tid in ids:
             # The feasible set just checked is the first placement's (same view, same

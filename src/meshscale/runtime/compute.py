@@ -68,7 +68,7 @@ import os
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -161,6 +161,7 @@ from meshscale.core.scheduling import (
     TaskFinished,
     TaskSpec,
     TaskStopped,
+    task_classes,
 )
 from meshscale.core.tasks import (
     RECORD_WINDOW_S,
@@ -918,10 +919,12 @@ class ComputePlane:
             await asyncio.gather(*(one(n) for n in peers))
             self._refresh_view()
 
-    def _wake_policy_refresh(self) -> None:
+    def _wake_policy_refresh(self, specs: Sequence[TaskSpec]) -> None:
         """Tasks were submitted: a policy refresh sleeping while none was pending runs now
-        (one already at its interval is left to it: no round per submit)."""
-        if self._policy_idle:
+        (one already at its interval is left to it: no round per submit), if one of them
+        carries a data class (``Scheduler.classes``: a round for none finds nothing to
+        read, and cost a lone task two turns of that loop)."""
+        if self._policy_idle and any(task_classes(s) for s in specs):
             self._policy_wakeup.set()
 
     async def _refresh_policies(self) -> None:
@@ -1288,7 +1291,7 @@ class ComputePlane:
         try:
             if specs:
                 sched.submit(list(specs), time.monotonic())
-                self._wake_policy_refresh()
+                self._wake_policy_refresh(specs)
         except SchedulingError as e:
             raise ValueError(f"refused by the {e.rule} rule: {e}") from None
         except SchedulingOverloaded as e:
@@ -1620,7 +1623,7 @@ class ComputePlane:
             if rec.state in TERMINAL or self.sched is None:
                 return False
             self.sched.submit([spec], time.monotonic())
-            self._wake_policy_refresh()
+            self._wake_policy_refresh([spec])
         except SchedulingError as exc:
             if rec.state not in TERMINAL:
                 self._finish(e, "failed", error=f"refused by the {exc.rule} rule: {exc}",
