@@ -26,7 +26,11 @@ backs a shard up, how much a shard may hold); this module moves the records:
   the input ids, so a replay repeats them), then commits the offset.
 - Subscriptions (``stream.read``): the node follows every shard of the topic into a
   bounded local mirror and answers reads from it by per-shard cursors, so a subscriber
-  long-polls one node.
+  long-polls one node. Its answer names the shards another node of its region holds
+  (``holders``, ``core.streams.direct_reads``); the subscriber reads those at their
+  holder (``held``: answered from the holder's own shard log at the append, no mirror
+  between), which saves each record the follower's hop, and leaves them out of its
+  reads through the node (``skip``) until the holder lets go of one (``moved``).
 
 Every send to a node in another region is held for the emulated one-way delay when the
 mesh runs with ``--latency`` (``meshscale up`` / the demo), and its payload bytes are
