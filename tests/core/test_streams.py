@@ -38,6 +38,7 @@ from meshscale.core.streams import (
     candidates_to_states,
     central_region,
     check_source_allowed,
+    direct_reads,
     distance_class,
     frozen_copy_targets,
     operator_now,
@@ -1240,3 +1241,15 @@ def test_ack_window_is_full_at_its_bound_of_batches() -> None:
     assert not w.full()
     with pytest.raises(ValueError):
         AckWindow(max_batches=0)
+
+
+def test_direct_reads_are_shards_held_by_another_node_of_the_readers_region() -> None:
+    """A subscriber reads at the holder what another node of its node's region holds
+    (one hop less per record); its node's own shards, shards held across regions (the
+    mirror is the bounded buffer of reads that cross) and shards with no holder stay
+    with the node; at most ``max_holders`` holders, the first by name."""
+    shards = [("a~1", "a", "r1"), ("b~1", "b", "r1"), ("me~1", "me", "r1"),
+              ("far~1", "far", "r2"), ("gone~1", None, None), ("b~0", "b", "r1")]
+    assert direct_reads("me", "r1", shards) == {"a~1": "a", "b~1": "b", "b~0": "b"}
+    assert direct_reads("me", "r1", shards, max_holders=1) == {"a~1": "a"}
+    assert direct_reads("me", "r2", shards) == {"far~1": "far"}

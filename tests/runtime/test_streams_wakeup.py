@@ -25,7 +25,7 @@ HOUR = 3600.0
 
 
 def plane() -> StreamPlane:
-    agent: Any = SimpleNamespace(name="n0", meta=SimpleNamespace(tags={}),
+    agent: Any = SimpleNamespace(name="n0", meta=SimpleNamespace(tags={}, region="r1"),
                                  m=SimpleNamespace(members={}))
     p = StreamPlane(agent, StreamConfig(read_wait_max_s=HOUR))
 

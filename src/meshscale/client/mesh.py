@@ -1306,6 +1306,15 @@ class _LoopThread:
         try:
             self.loop.run_forever()
         finally:
+            # What still runs (a subscription's read sent ahead, never closed) is
+            # cancelled and given a moment to end, as asyncio.run does, rather than
+            # destroyed pending with the loop.
+            with contextlib.suppress(Exception):
+                tasks = asyncio.all_tasks(self.loop)
+                for t in tasks:
+                    t.cancel()
+                if tasks:
+                    self.loop.run_until_complete(asyncio.wait(tasks, timeout=1.0))
             with contextlib.suppress(Exception):
                 self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()

@@ -68,7 +68,7 @@ from meshscale.core.api.streams import (
 )
 from meshscale.core.backoff import Backoff
 from meshscale.core.placement import Residency
-from meshscale.core.streams import AckWindow, split_source
+from meshscale.core.streams import MAX_DIRECT_HOLDERS, AckWindow, split_source
 
 if TYPE_CHECKING:
     from meshscale.client.mesh import Mesh
@@ -575,8 +575,28 @@ class Stream:
                 await asyncio.sleep(self._copy_backoff.next_delay() or COPY_RETRY_MAX_S)
 
 
+DIRECT_RETRY_S = 5.0
+"""A holder whose direct read failed, or that no longer holds a shard from the cursor on,
+is not read at directly again for this long (its shards come through the node)."""
+READ_SLACK_S = 0.1
+"""How much longer than its ``timeout`` a poll waits for the reads it sent to come back
+(the node answers an empty read at the timeout; its answer then travels)."""
+
+_Read = tuple[list[str] | None, api.ReadReply]
+
+
 class Subscription:
-    """Records of a topic from every shard, at least once, repeats dropped by id."""
+    """Records of a topic from every shard, at least once, repeats dropped by id.
+
+    A subscription reads through its node, which follows every shard of the topic into a
+    mirror; the node names the shards held by another node of its region
+    (``ReadReply.holders``, ``core.streams.direct_reads``), and those are read at their
+    holder directly, one long-poll per holder beside the node's, so a record comes to
+    the subscriber when it is appended, not after the node's follower got it too. A
+    holder that fails or lets go of a shard (``moved``) sends the shard back through
+    the node, from the same cursor. Each poll leaves the next reads sent (read ahead,
+    one per node or holder, each at most ``max_records``): a record that lands while the
+    caller handles the last ones is already on its way."""
 
     def __init__(self, mesh: Mesh, topic: str, *, remember: int = 200_000,
                  timeout: float = 30.0) -> None:
@@ -585,9 +605,21 @@ class Subscription:
         self.cursors: dict[str, int] = {}
         self.duplicates = 0
         self.received = 0
+        self.received_direct = 0
+        """Records read at their shard's holder, not through the node."""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
+        self._timeout = timeout
         self._route = _Failover(mesh, timeout)
+        self._ready: deque[Record] = deque()
+        """Records received and not yet returned by ``poll``."""
+        self._direct: dict[str, str] = {}
+        """Shards read at their holder: source -> the holder's address."""
+        self._shunned: dict[str, float] = {}
+        """Holders not read at directly until then (``DIRECT_RETRY_S``)."""
+        self._conns: dict[str, RpcConnection] = {}
+        self._reads: dict[str, asyncio.Task[_Read]] = {}
+        """The read in flight per route: "" through the node, else at a holder."""
         mesh._run(self._route.learn())
 
     def poll(self, timeout: float = 1.0, max_records: int = 1000) -> list[Record]:
@@ -595,25 +627,107 @@ class Subscription:
         return self.mesh._run(self._poll(timeout, max_records))
 
     async def _poll(self, timeout: float, max_records: int) -> list[Record]:
-        r = await self._route.request(api.READ, ReadRequest(
-            topic=self.topic, cursors=self.cursors,
-            limit=max(1, min(max_records, api.MAX_READ_RECORDS)),
-            wait_s=max(0.0, min(timeout, READ_WAIT_MAX_S))))
-        out: list[Record] = []
-        for x in r.records:
+        limit = max(1, min(max_records, api.MAX_READ_RECORDS))
+        wait_s = max(0.0, min(timeout, READ_WAIT_MAX_S))
+        deadline = time.monotonic() + max(0.0, timeout) + READ_SLACK_S
+        self._collect()
+        while not self._ready:
+            self._send_reads(limit, wait_s)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done, _ = await asyncio.wait(list(self._reads.values()), timeout=left,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            self._collect()
+            if not self._ready and all(not t.done() for t in self._reads.values()) and \
+                    "" not in self._reads:
+                break  # the node's read came back empty: the timeout is up
+        out = [self._ready.popleft() for _ in range(min(limit, len(self._ready)))]
+        self._send_reads(limit, wait_s)  # read ahead
+        return out
+
+    def _send_reads(self, limit: int, wait_s: float) -> None:
+        """Send the reads not in flight: through the node (leaving out the shards read
+        at their holder) and at each holder."""
+        loop = asyncio.get_running_loop()
+        if "" not in self._reads:
+            self._reads[""] = loop.create_task(self._read_node(limit, wait_s))
+        by_holder: dict[str, list[str]] = {}
+        for source, addr in self._direct.items():
+            by_holder.setdefault(addr, []).append(source)
+        for addr, sources in sorted(by_holder.items()):
+            if addr not in self._reads:
+                self._reads[addr] = loop.create_task(
+                    self._read_held(addr, sorted(sources), limit, wait_s))
+
+    async def _read_node(self, limit: int, wait_s: float) -> _Read:
+        return None, await self._route.request(api.READ, ReadRequest(
+            topic=self.topic, cursors=dict(self.cursors), limit=limit, wait_s=wait_s,
+            skip=sorted(self._direct)))
+
+    async def _read_held(self, addr: str, sources: list[str], limit: int,
+                         wait_s: float) -> _Read:
+        conn = self._conns.get(addr)
+        if conn is None:
+            conn = self._conns[addr] = RpcConnection(addr, self._route.creds, self._timeout)
+        return sources, await conn.request(api.READ, ReadRequest(
+            topic=self.topic, cursors={s: self.cursors[s] for s in sources
+                                       if s in self.cursors},
+            limit=limit, wait_s=wait_s, held=sources))
+
+    def _collect(self) -> None:
+        """Take what the reads that came back brought; a read through the node that
+        failed raises here, as the call did; one at a holder sends its shards back
+        through the node."""
+        for route, task in list(self._reads.items()):
+            if not task.done():
+                continue
+            del self._reads[route]
+            if task.cancelled():
+                continue
+            error = task.exception()
+            if error is not None:
+                if not route:
+                    raise error
+                self._shun(route)
+                continue
+            held, r = task.result()
+            self._take(r.records, direct=held is not None)
+            if held is not None:
+                if r.moved:
+                    self._shun(route)
+                continue
+            for source, addr in r.holders.items():
+                if source not in self._direct and \
+                        self._shunned.get(addr, 0.0) <= time.monotonic() and \
+                        (addr in self._direct.values() or
+                         len(set(self._direct.values())) < MAX_DIRECT_HOLDERS):
+                    self._direct[source] = addr
+
+    def _shun(self, addr: str) -> None:
+        """Read the shards of holder ``addr`` through the node again, for a while."""
+        self._shunned[addr] = time.monotonic() + DIRECT_RETRY_S
+        for source in [s for s, a in self._direct.items() if a == addr]:
+            del self._direct[source]
+
+    def _take(self, records: list[api.ReadRecord], *, direct: bool) -> None:
+        for x in records:
             source, off, rid = x.source, x.offset, x.id
             if off + 1 > self.cursors.get(source, 0):
                 self.cursors[source] = off + 1
             self.received += 1
+            if direct:
+                self.received_direct += 1
             if rid in self._seen:
                 self.duplicates += 1
                 continue
             self._seen[rid] = None
             if len(self._seen) > self._remember:
                 self._seen.popitem(last=False)
-            out.append(Record(x.key, _decoder.decode(x.value), rid, x.ts, self.topic, source,
-                              off))
-        return out
+            self._ready.append(Record(x.key, _decoder.decode(x.value), rid, x.ts,
+                                      self.topic, source, off))
 
     def __iter__(self) -> Iterator[Record]:
         while True:
@@ -621,7 +735,18 @@ class Subscription:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.mesh._run(self._route.close())
+            self.mesh._run(self._close())
+
+    async def _close(self) -> None:
+        reads = list(self._reads.values())
+        self._reads.clear()
+        for t in reads:
+            t.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+        for conn in self._conns.values():
+            await conn.close()
+        self._conns.clear()
+        await self._route.close()
 
 
 class Operator(msgspec.Struct, frozen=True):

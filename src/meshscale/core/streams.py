@@ -225,6 +225,41 @@ def shard_copies(topic: str, source: Candidate, source_live: bool,
     return _nearest(topic, source, view, residency, 2)
 
 
+MAX_DIRECT_HOLDERS = 8
+"""The most holders one subscriber reads at directly (``direct_reads``): one long-poll
+(and connection) each; the other shards come through its node."""
+
+
+def direct_reads(me: str, region: str,
+                 shards: Iterable[tuple[str, str | None, str | None]],
+                 max_holders: int = MAX_DIRECT_HOLDERS) -> dict[str, str]:
+    """Which shards a subscriber reading a topic through node ``me`` (in ``region``)
+    should read at their holder instead (source -> holder), from ``shards``: each shard
+    that exists, as ``(source, holder, holder's region)`` in ``me``'s view.
+
+    Through ``me`` a record takes one more hop than it must: the holder answers ``me``'s
+    follower at the append, and ``me`` then answers the subscriber from its mirror (a
+    process wake-up and a TLS hop per record; issue 23). Read at the holder, the record
+    goes to the subscriber at the append. Only a holder in ``me``'s own region is read
+    directly: the read rules are the reading node's region's (``mirror_refusal``,
+    ``core.policy.read_refusal``), so such a holder reads under the rule ``me`` read
+    under (and checks it itself), while a read across regions stays with ``me``'s
+    mirror, the bounded buffer and count (``cross_region_bytes``) of reads that cross.
+    Shards ``me`` holds itself stay with ``me`` (its follower of them is in-process).
+    At most ``max_holders`` holders (the first by name), one long-poll each."""
+    out: dict[str, str] = {}
+    chosen: set[str] = set()
+    for source, holder, holder_region in sorted(shards, key=lambda s: (s[1] or "", s[0])):
+        if holder is None or holder == me or holder_region != region:
+            continue
+        if holder not in chosen:
+            if len(chosen) >= max_holders:
+                continue
+            chosen.add(holder)
+        out[source] = holder
+    return out
+
+
 def frozen_copy_targets(me: str, copies: Sequence[str]) -> tuple[tuple[str, ...], bool]:
     """What node ``me``, holding a copy of a gone source's shard whose copies should be
     ``copies`` (``shard_copies``), does with it: the nodes it sends its records to (the
@@ -841,6 +876,7 @@ __all__ += [
     "candidates_to_states",
     "central_region",
     "check_source_allowed",
+    "direct_reads",
     "mirror_refusal",
     "operator_classes",
     "operator_now",

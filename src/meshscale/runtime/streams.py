@@ -26,7 +26,11 @@ backs a shard up, how much a shard may hold); this module moves the records:
   the input ids, so a replay repeats them), then commits the offset.
 - Subscriptions (``stream.read``): the node follows every shard of the topic into a
   bounded local mirror and answers reads from it by per-shard cursors, so a subscriber
-  long-polls one node.
+  long-polls one node. Its answer names the shards another node of its region holds
+  (``holders``, ``core.streams.direct_reads``); the subscriber reads those at their
+  holder (``held``: answered from the holder's own shard log at the append, no mirror
+  between), which saves each record the follower's hop, and leaves them out of its
+  reads through the node (``skip``) until the holder lets go of one (``moved``).
 
 Every send to a node in another region is held for the emulated one-way delay when the
 mesh runs with ``--latency`` (``meshscale up`` / the demo), and its payload bytes are
@@ -101,6 +105,7 @@ from meshscale.core.streams import (
     backup_for,
     central_region,
     check_source_allowed,
+    direct_reads,
     frozen_copy_targets,
     mirror_refusal,
     operator_classes,
@@ -1655,6 +1660,9 @@ class StreamPlane:
         topic, cursors, limit = req.topic, req.cursors, req.limit
         wait = min(req.wait_s, self.cfg.read_wait_max_s)
         await self._check_subscription(topic)
+        if req.held is not None:
+            return await self._read_held(req, wait)
+        skip = set(req.skip)
         if topic not in self._follow_used:
             self._wakeup.set()
         self._follow_used[topic] = time.monotonic()
@@ -1678,7 +1686,7 @@ class StreamPlane:
                     from_region=self.agent.meta.region)
             out: list[ReadRecord] = []
             for (t, source), mirror in list(self.mirrors.items()):
-                if t != topic:
+                if t != topic or source in skip:
                     continue
                 start = cursors.get(source, 0)
                 if start < mirror.base:
@@ -1689,7 +1697,67 @@ class StreamPlane:
                     break
             return out
 
-        return ReadReply(records=await self._wait_ready(topic, ready, deadline))
+        records = await self._wait_ready(topic, ready, deadline)
+        return ReadReply(records=records, holders=self._direct_holders(topic, skip))
+
+    def _direct_holders(self, topic: str, skip: set[str]) -> dict[str, str]:
+        """The shards of ``topic`` a subscriber reading here should read at their holder
+        (``core.streams.direct_reads``), by the holder's address: those this node's
+        mirrors have seen records of (the shard exists) and the subscriber does not
+        read there already. None while reads of the topic through here are refused."""
+        if topic in self._read_refused or topic in self._mirror_refused:
+            return {}
+        alive = self._alive()
+        shards = []
+        for (t, source), mirror in self.mirrors.items():
+            if t != topic or source in skip or mirror.head == 0:
+                continue
+            holder = self._holder(topic, source, alive)
+            if holder is not None and holder != self.agent.name:
+                shards.append((source, holder, self._region_of(holder)))
+        if not shards:
+            return {}
+        out = {}
+        for source, holder in direct_reads(self.agent.name, self.agent.meta.region,
+                                           shards).items():
+            m = self.agent.m.members.get(holder)
+            if m is not None and m.state <= State.SUSPECT:
+                out[source] = m.addr
+        return out
+
+    async def _read_held(self, req: ReadRequest, wait: float) -> ReadReply:
+        """A subscriber's read at the holder of the shards ``req.held``
+        (``_direct_holders``): answered from this node's own shard logs at the append,
+        with no mirror or follower in between. A shard this node does not hold (it
+        moved: its source died, or the rule moved it), or no longer holds from the
+        subscriber's cursor on (released), is named in ``moved``: the subscriber reads
+        it through its node again, whose mirror may hold more."""
+        topic, cursors, limit = req.topic, req.cursors, req.limit
+        held = req.held or []
+        self.stats["reads_held"] += 1
+
+        def ready() -> tuple[list[ReadRecord], list[str]] | None:
+            alive = self._alive()
+            out: list[ReadRecord] = []
+            moved: list[str] = []
+            for source in held:
+                log = self.logs.get((topic, source))
+                # No cursor is offset 0: what the log released before it, a mirror may
+                # still hold.
+                start = cursors.get(source, 0)
+                if log is None or self._holder(topic, source, alive) != self.agent.name \
+                        or start < log.base:
+                    moved.append(source)
+                    continue
+                if len(out) < limit:
+                    out.extend([ReadRecord(source, e.offset, e.key, e.value, e.rid, e.ts)
+                                for e in log.read(start, limit - len(out))])
+            return (out, moved) if out or moved else None
+
+        got = await self._wait_ready(topic, ready, time.monotonic() + wait)
+        if got is None:
+            return ReadReply(records=[])
+        return ReadReply(records=got[0], moved=got[1])
 
     async def _check_subscription(self, topic: str) -> None:
         """Refuse, before any mirror is made, a subscription through this node to a topic

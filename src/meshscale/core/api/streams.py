@@ -155,10 +155,24 @@ class ReadRequest(Request):
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_READ_RECORDS)] = 1_000
     wait_s: WaitS = 0.0
     """Wait up to this long for a record when none is there yet."""
+    held: Annotated[list[Name], msgspec.Meta(max_length=MAX_CURSORS)] | None = None
+    """A read at these shards' holder (``ReadReply.holders``): answered from the shards
+    this node holds itself, as their holder, not from a mirror (no follower is made);
+    those it does not hold, or no longer holds from the cursor on, come back in
+    ``ReadReply.moved``."""
+    skip: Annotated[list[Name], msgspec.Meta(max_length=MAX_CURSORS)] = []
+    """Shards the subscriber reads at their holder: a read through this node leaves them
+    out."""
 
 
-class ReadReply(msgspec.Struct):
+class ReadReply(msgspec.Struct, omit_defaults=True):
     records: list[ReadRecord]
+    holders: dict[str, str] = {}
+    """Shards of the topic the subscriber may read at their holder (source -> the
+    holder's address; ``core.streams.direct_reads``) instead of through this node."""
+    moved: list[str] = []
+    """A ``held`` read's shards this node does not hold from the cursor on: read them
+    through a node again."""
 
 
 # ------------------------------------------------------------------ node to node
