@@ -150,6 +150,32 @@ def test_a_poll_leaves_its_next_read_sent(net: Any) -> None:
     sub.close()
 
 
+def test_no_read_ahead_while_a_polls_worth_waits_here(net: Any) -> None:
+    """A caller that takes fewer records a poll than come is not read ahead of: what
+    waits here stays bounded, the rest stays at its shards."""
+    mesh, nodes = net
+    a = nodes["a"]
+    sub = client_streams.Subscription(mesh, "t")
+    a.answer(ReadReply(records=[rec(i, "a~1") for i in range(3)]))
+    got = poll_until_one(sub)
+    assert offsets(got) == [0]
+    assert "" not in sub._reads, "read ahead with two records still waiting here"
+    assert offsets(sub.poll(timeout=0.05, max_records=1)) == [1]
+    assert "" not in sub._reads
+    assert offsets(sub.poll(timeout=0.05, max_records=1)) == [2]
+    assert "" in sub._reads  # none waits: the next read is sent
+    wait_for(lambda: len(a.reads) == 2, 10, "the next read")
+    assert a.reads[1].cursors == {"a~1": 3}
+    sub.close()
+
+
+def poll_until_one(sub: client_streams.Subscription) -> list[client_streams.Record]:
+    got: list[client_streams.Record] = []
+    wait_for(lambda: bool(got.extend(sub.poll(timeout=0.05, max_records=1)) or got), 10,
+             "a record")
+    return got
+
+
 def test_a_read_through_the_node_that_fails_raises_from_poll(net: Any) -> None:
     mesh, nodes = net
     a = nodes["a"]

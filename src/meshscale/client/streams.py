@@ -645,7 +645,10 @@ class Subscription:
                     "" not in self._reads:
                 break  # the node's read came back empty: the timeout is up
         out = [self._ready.popleft() for _ in range(min(limit, len(self._ready)))]
-        self._send_reads(limit, wait_s)  # read ahead
+        if len(self._ready) < limit:
+            # Read ahead, while fewer than a poll's worth wait here: records the caller
+            # takes slower than they come stay at their shards (bounded here).
+            self._send_reads(limit, wait_s)
         return out
 
     def _send_reads(self, limit: int, wait_s: float) -> None:
