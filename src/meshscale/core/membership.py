@@ -1085,16 +1085,42 @@ class Membership:
     def _gossip_now(self, now: float) -> None:
         if not self._broadcasts:
             return
-        targets = self._random_members(
-            self.config.gossip_nodes,
-            lambda m: m.state <= _SUSPECT
-            or (m.state == _DEAD and now - m.state_since < self.config.gossip_to_dead_s),
-        )
+        config = self.config
+        k = config.gossip_nodes
+        to_dead_s = config.gossip_to_dead_s
+        # _random_members(k, pred) with pred inlined (it runs every gossip round of every
+        # node): the same draws, the same members, in the same order.
+        names = self._probe_order
+        n = len(names)
+        targets: list[Member] = []
+        if n and k > 0:
+            members = self.members
+            randrange = self.rng.randrange
+            seen: set[str] = set()
+            for _ in range(3 * k + 3):
+                name = names[randrange(n)]
+                if name in seen:
+                    continue
+                seen.add(name)
+                m = members.get(name)
+                if m is not None:
+                    state = m.state
+                    if state <= _SUSPECT or (state == _DEAD and now - m.state_since < to_dead_s):
+                        targets.append(m)
+                        if len(targets) == k:
+                            break
+            else:
+                self._random_fill(
+                    targets, seen, k,
+                    lambda m: m.state <= _SUSPECT
+                    or (m.state == _DEAD and now - m.state_since < to_dead_s),
+                )
+        stats = self.stats
         for m in targets:
             if not self._broadcasts:
                 break
             self._send(m.addr, None, now)
-            self._count("gossip_out")
+            stats["gossip_out"] = stats.get("gossip_out", 0) + 1  # self._count("gossip_out")
 
     def _random_members(self, k: int, pred: Callable[[Member], bool]) -> list[Member]:
         """Up to k distinct random members (not self) satisfying pred."""
@@ -1115,7 +1141,14 @@ class Membership:
                 chosen.append(m)
                 if len(chosen) == k:
                     return chosen
-        # Small or sparse view: fall back to a full scan.
+        self._random_fill(chosen, seen, k, pred)
+        return chosen
+
+    def _random_fill(self, chosen: list[Member], seen: set[str], k: int,
+                     pred: Callable[[Member], bool]) -> None:
+        """The rest of ``_random_members`` after its draws: a small or sparse view is
+        scanned in full."""
+        names = self._probe_order
         rest = [
             self.members[nm]
             for nm in names
@@ -1126,7 +1159,6 @@ class Membership:
             chosen.extend(rest)
         else:
             chosen.extend(self.rng.sample(rest, need))
-        return chosen
 
     # ------------------------------------------------------------------ probing
 
