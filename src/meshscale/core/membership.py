@@ -64,6 +64,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
+from heapq import heappop as _heappop
+from heapq import heappush as _heappush
 from typing import Annotated, Any
 
 import msgspec
@@ -732,14 +734,14 @@ class Membership:
     def next_deadline(self) -> float | None:
         timers = self._timers
         while timers and not timers[0][2].active:
-            heapq.heappop(timers)
+            _heappop(timers)
             self._cancelled -= 1
         return timers[0][0] if timers else None
 
     def on_timer(self, now: float) -> None:
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, _, timer = heapq.heappop(timers)
+            _, _, timer = _heappop(timers)
             if timer.active:
                 timer.active = False
                 self._now = now
@@ -858,7 +860,7 @@ class Membership:
     def _at(self, at: float, fn: Callable[[float], None]) -> _Timer:
         timer = _Timer(at, fn)
         self._timer_seq += 1
-        heapq.heappush(self._timers, (at, self._timer_seq, timer))
+        _heappush(self._timers, (at, self._timer_seq, timer))
         return timer
 
     def _cancel(self, timer: _Timer) -> None:
