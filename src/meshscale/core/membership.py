@@ -64,6 +64,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
+from heapq import heappop as _heappop
+from heapq import heappush as _heappush
 from typing import Annotated, Any
 
 import msgspec
@@ -78,6 +80,7 @@ from meshscale.core.wire import (
     WireError,
     decode_envelope,
     encode_envelope,
+    envelope_head,
 )
 
 # --------------------------------------------------------------------------- config
@@ -455,12 +458,14 @@ class _Timer:
 class _Broadcast:
     __slots__ = ("data", "key", "order", "size", "transmits")
 
-    def __init__(self, key: str, data: bytes, order: int) -> None:
+    def __init__(self, key: str, data: bytes, order: int, transmits: int) -> None:
         self.key = key
         self.data = data
         self.size = len(data) + 2  # what it takes of a datagram's budget
         self.order = order
-        self.transmits = 0
+        self.transmits = transmits
+        """Times sent, less the queue's ``Membership._bpend`` (datagrams that took every
+        queued broadcast, counted once for the queue rather than once per broadcast)."""
 
 
 def _broadcast_rank(b: _Broadcast) -> tuple[int, int]:
@@ -547,6 +552,15 @@ class Membership:
         self._bqueue: list[_Broadcast] = []
         self._bqueue_sorted = True
         self._broadcast_order = 0
+        # Most datagrams of a busy mesh take every queued broadcast. Such a take is
+        # counted once, in _bpend, which every queued broadcast's ``transmits`` leaves
+        # out (a broadcast queued later starts at -_bpend): a uniform offset, so the
+        # sending order is the same. _bsize is the queue's total size, and _bjoined its
+        # data joined in sending order (None: build it when next needed), the same bytes
+        # for every datagram until the queue changes.
+        self._bpend = 0
+        self._bsize = 0
+        self._bjoined: bytes | None = None
         self._limit = 0
         """``retransmit_limit`` for ``_limit_alive`` live members under ``_limit_config``."""
         self._limit_alive = -1
@@ -688,6 +702,8 @@ class Membership:
         self._broadcasts.clear()
         self._bqueue.clear()
         self._bqueue_sorted = True
+        self._bsize = 0
+        self._bjoined = None
         self._joined = True
         # Spread the first full-state exchange over the period this mesh size calls for.
         self._cancel(self._push_pull_timer)
@@ -718,14 +734,14 @@ class Membership:
     def next_deadline(self) -> float | None:
         timers = self._timers
         while timers and not timers[0][2].active:
-            heapq.heappop(timers)
+            _heappop(timers)
             self._cancelled -= 1
         return timers[0][0] if timers else None
 
     def on_timer(self, now: float) -> None:
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, _, timer = heapq.heappop(timers)
+            _, _, timer = _heappop(timers)
             if timer.active:
                 timer.active = False
                 self._now = now
@@ -844,7 +860,7 @@ class Membership:
     def _at(self, at: float, fn: Callable[[float], None]) -> _Timer:
         timer = _Timer(at, fn)
         self._timer_seq += 1
-        heapq.heappush(self._timers, (at, self._timer_seq, timer))
+        _heappush(self._timers, (at, self._timer_seq, timer))
         return timer
 
     def _cancel(self, timer: _Timer) -> None:
@@ -916,14 +932,19 @@ class Membership:
     def _send(self, addr: str, first: bytes | None, now: float) -> None:
         """Send one datagram: ``first`` (if any) plus as many queued broadcasts as fit."""
         budget = self.config.max_payload_bytes - ENVELOPE_OVERHEAD
-        msgs: list[bytes] = []
-        if first is not None:
-            msgs.append(first)
-            budget -= len(first)
-        msgs.extend(self._take_broadcasts(budget))
-        if not msgs:
-            return
-        payload = encode_envelope(msgs)
+        if first is None:
+            if not self._bqueue:
+                return
+            count, joined = self._take_joined(budget)
+            if not count:
+                return
+            payload = envelope_head(count) + joined
+        else:
+            if self._bqueue:
+                count, joined = self._take_joined(budget - len(first))
+                payload = envelope_head(count + 1) + first + joined
+            else:
+                payload = envelope_head(1) + first
         size = len(payload)
         assert size <= self.config.max_payload_bytes, size
         stats = self.stats  # self._count("packets_out"), self._count_n("bytes_out", size)
@@ -931,9 +952,46 @@ class Membership:
         stats["bytes_out"] = stats.get("bytes_out", 0) + size
         self._outputs.append(SendDatagram(addr, payload))
 
-    def _take_broadcasts(self, budget: int) -> list[bytes]:
-        if not self._broadcasts or budget <= 2:
-            return []
+    _fast_broadcasts = True
+    """Take a queue that fits whole in one go (``_take_joined``); False: one broadcast
+    at a time (``_take_broadcasts``), for tests comparing the two."""
+
+    def _take_joined(self, budget: int) -> tuple[int, bytes]:
+        """What ``_take_broadcasts(budget)`` takes, as (how many, their bytes joined),
+        with the same effects on the queue. When the whole queue fits, the usual case,
+        it is taken at once: one transmission counted for the queue (``_bpend``), the
+        expired ones dropped from its end, the bytes joined once per queue change."""
+        queue = self._bqueue
+        if not queue or budget <= 2:
+            return 0, b""
+        if not self._bqueue_sorted:
+            queue.sort(key=_broadcast_rank)
+            self._bqueue_sorted = True
+            self._bjoined = None
+        # The loop of _take_broadcasts takes every broadcast of a queue whose total size
+        # fits and stops early only when 8 bytes or fewer are left before the last one
+        # (then at least the last one's size is left: more than 8 is enough).
+        if self._bsize > budget or queue[-1].size <= 8 or not self._fast_broadcasts:
+            out = self._take_broadcasts(budget)
+            return len(out), b"".join(out)
+        joined = self._bjoined
+        if joined is None:
+            joined = self._bjoined = b"".join([b.data for b in queue])
+        count = len(queue)
+        pend = self._bpend + 1
+        self._bpend = pend
+        limit = self._retransmit_limit()
+        if queue[-1].transmits + pend >= limit:
+            # Sorted by transmissions: the ones reaching the limit are at the end.
+            broadcasts = self._broadcasts
+            while queue and queue[-1].transmits + pend >= limit:
+                b = queue.pop()
+                del broadcasts[b.key]
+                self._bsize -= b.size
+            self._bjoined = None
+        return count, joined
+
+    def _retransmit_limit(self) -> int:
         n = self._alive_count
         config = self.config
         if n != self._limit_alive or config is not self._limit_config:
@@ -942,12 +1000,18 @@ class Membership:
             self._limit = retransmit_limit(config, n)
             self._limit_alive = n
             self._limit_config = config
-        limit = self._limit
+        return self._limit
+
+    def _take_broadcasts(self, budget: int) -> list[bytes]:
+        if not self._broadcasts or budget <= 2:
+            return []
+        limit = self._retransmit_limit() - self._bpend  # in the queue's ``transmits``
         # Fewest transmissions first, newest first among equals (memberlist's order).
         queue = self._bqueue
         if not self._bqueue_sorted:
             queue.sort(key=_broadcast_rank)
             self._bqueue_sorted = True
+            self._bjoined = None
         out: list[bytes] = []
         expired = False
         every = True  # every queued broadcast was taken: their order is unchanged
@@ -962,6 +1026,7 @@ class Membership:
             b.transmits += 1
             if b.transmits >= limit:
                 del self._broadcasts[b.key]
+                self._bsize -= size
                 expired = True
             if budget <= 8:
                 if i < last:
@@ -970,6 +1035,7 @@ class Membership:
         if expired:
             broadcasts = self._broadcasts
             self._bqueue = [b for b in queue if broadcasts.get(b.key) is b]
+            self._bjoined = None
         if not every:
             self._bqueue_sorted = False
         return out
@@ -977,17 +1043,21 @@ class Membership:
     def _queue_broadcast(self, key: str, data: bytes) -> None:
         """Queue an update about member ``key``; it replaces any older one about it."""
         self._broadcast_order += 1
-        b = _Broadcast(key, data, self._broadcast_order)
+        b = _Broadcast(key, data, self._broadcast_order, -self._bpend)
         old = self._broadcasts.get(key)
         self._broadcasts[key] = b
         queue = self._bqueue
         if old is not None:
             queue.remove(old)
+            self._bsize -= old.size
         queue.insert(0, b)  # no transmissions yet and the newest: first in sending order
+        self._bsize += b.size
+        self._bjoined = None
         if len(self._broadcasts) > self.config.max_pending_broadcasts:
             victim = queue[-1] if self._bqueue_sorted else max(queue, key=_broadcast_rank)
             del self._broadcasts[victim.key]
             queue.remove(victim)
+            self._bsize -= victim.size
             self._count("broadcasts_shed")
         if self._gossip_timer is None:
             self._schedule_gossip()
@@ -1017,16 +1087,42 @@ class Membership:
     def _gossip_now(self, now: float) -> None:
         if not self._broadcasts:
             return
-        targets = self._random_members(
-            self.config.gossip_nodes,
-            lambda m: m.state <= _SUSPECT
-            or (m.state == _DEAD and now - m.state_since < self.config.gossip_to_dead_s),
-        )
+        config = self.config
+        k = config.gossip_nodes
+        to_dead_s = config.gossip_to_dead_s
+        # _random_members(k, pred) with pred inlined (it runs every gossip round of every
+        # node): the same draws, the same members, in the same order.
+        names = self._probe_order
+        n = len(names)
+        targets: list[Member] = []
+        if n and k > 0:
+            members = self.members
+            randrange = self.rng.randrange
+            seen: set[str] = set()
+            for _ in range(3 * k + 3):
+                name = names[randrange(n)]
+                if name in seen:
+                    continue
+                seen.add(name)
+                m = members.get(name)
+                if m is not None:
+                    state = m.state
+                    if state <= _SUSPECT or (state == _DEAD and now - m.state_since < to_dead_s):
+                        targets.append(m)
+                        if len(targets) == k:
+                            break
+            else:
+                self._random_fill(
+                    targets, seen, k,
+                    lambda m: m.state <= _SUSPECT
+                    or (m.state == _DEAD and now - m.state_since < to_dead_s),
+                )
+        stats = self.stats
         for m in targets:
             if not self._broadcasts:
                 break
             self._send(m.addr, None, now)
-            self._count("gossip_out")
+            stats["gossip_out"] = stats.get("gossip_out", 0) + 1  # self._count("gossip_out")
 
     def _random_members(self, k: int, pred: Callable[[Member], bool]) -> list[Member]:
         """Up to k distinct random members (not self) satisfying pred."""
@@ -1047,7 +1143,14 @@ class Membership:
                 chosen.append(m)
                 if len(chosen) == k:
                     return chosen
-        # Small or sparse view: fall back to a full scan.
+        self._random_fill(chosen, seen, k, pred)
+        return chosen
+
+    def _random_fill(self, chosen: list[Member], seen: set[str], k: int,
+                     pred: Callable[[Member], bool]) -> None:
+        """The rest of ``_random_members`` after its draws: a small or sparse view is
+        scanned in full."""
+        names = self._probe_order
         rest = [
             self.members[nm]
             for nm in names
@@ -1058,7 +1161,6 @@ class Membership:
             chosen.extend(rest)
         else:
             chosen.extend(self.rng.sample(rest, need))
-        return chosen
 
     # ------------------------------------------------------------------ probing
 
@@ -1095,7 +1197,8 @@ class Membership:
             self._send(addr, first, now)
             return
         budget = self.config.max_payload_bytes - ENVELOPE_OVERHEAD - sum(len(m) + 2 for m in msgs)
-        payload = encode_envelope([*msgs, *self._take_broadcasts(budget)])
+        count, joined = self._take_joined(budget)
+        payload = envelope_head(len(msgs) + count) + b"".join(msgs) + joined
         self._count("packets_out")
         self._count_n("bytes_out", len(payload))
         self._outputs.append(SendDatagram(addr, payload))

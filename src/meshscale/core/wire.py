@@ -66,14 +66,16 @@ def encode_envelope(messages: list[bytes]) -> bytes:
     """Wrap already-encoded messages into one datagram payload: exactly the bytes of
     ``msgspec.msgpack.encode((PROTOCOL_VERSION, [Raw(m) for m in messages]))``, built
     by hand because every datagram of every node goes through here."""
-    n = len(messages)
+    return envelope_head(len(messages)) + b"".join(messages)
+
+
+def envelope_head(n: int) -> bytes:
+    """The bytes an envelope of ``n`` messages starts with (their encodings follow)."""
     if n < 16:
-        head = _ENVELOPE_HEADS[n]
-    elif n <= 0xFFFF:
-        head = _ENVELOPE_PREFIX + b"\xdc" + n.to_bytes(2, "big")
-    else:
-        head = _ENVELOPE_PREFIX + b"\xdd" + n.to_bytes(4, "big")
-    return head + b"".join(messages)
+        return _ENVELOPE_HEADS[n]
+    if n <= 0xFFFF:
+        return _ENVELOPE_PREFIX + b"\xdc" + n.to_bytes(2, "big")
+    return _ENVELOPE_PREFIX + b"\xdd" + n.to_bytes(4, "big")
 
 
 MAX_ENVELOPE_MESSAGES = 256
