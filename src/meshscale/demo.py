@@ -107,17 +107,83 @@ def train_model(seed: int, samples: int = 4000) -> Any:
     return model
 
 
+class ForestScorer:
+    """``IsolationForest.score_samples`` of a fitted forest, from its trees' arrays in a
+    few vectorised steps: every tree walked at once, one level per step, then the same
+    arithmetic in the same order as scikit-learn's (so equal to the last bit:
+    ``tests/runtime/test_demo_detector.py``). scikit-learn walks the trees one call each,
+    ~9 ms a call for the demo's 60 trees here, more than all of a record's hops; this is
+    the same model and the same answers. Needs only numpy where it runs."""
+
+    def __init__(self, model: Any) -> None:
+        import numpy as np
+
+        trees = [e.tree_ for e in model.estimators_]
+        n_features = int(model.n_features_in_)
+        for feats in model.estimators_features_:
+            if list(feats) != list(range(n_features)):
+                raise ValueError("a forest fitted on subsets of features is not supported")
+        sizes = [t.node_count for t in trees]
+        starts = np.cumsum([0, *sizes[:-1]])
+        left, right = [], []
+        for t, start in zip(trees, starts, strict=True):
+            leaf = t.children_left < 0
+            left.append(np.where(leaf, -1, t.children_left + start))
+            right.append(np.where(leaf, -1, t.children_right + start))
+        self.left = np.concatenate(left)
+        self.right = np.concatenate(right)
+        self.feature = np.concatenate([np.maximum(t.feature, 0) for t in trees])
+        self.threshold = np.concatenate([t.threshold for t in trees])
+        # What each leaf adds to a sample's depth, as scikit-learn adds it per tree.
+        self.leaf_depth = np.concatenate([
+            d + a - 1.0 for d, a in zip(model._decision_path_lengths,
+                                        model._average_path_length_per_tree, strict=True)])
+        self.roots = starts
+        self.levels = max(t.max_depth for t in trees)
+        self.n_features = n_features
+        from sklearn.ensemble._iforest import _average_path_length
+
+        self.denominator = len(trees) * _average_path_length([model._max_samples])
+        self.offset = float(model.offset_)
+
+    def score_samples(self, x: Any) -> Any:
+        import numpy as np
+
+        x = np.asarray(x, dtype=np.float32)  # as scikit-learn validates it
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ValueError(f"expected readings of {self.n_features} features")
+        if np.isnan(x).any():
+            raise ValueError("a reading with a missing value (NaN)")
+        n = x.shape[0]
+        node = np.repeat(self.roots[:, None], n, axis=1)  # (trees, samples)
+        cols = np.arange(n)[None, :]
+        for _ in range(self.levels):
+            left = self.left[node]
+            inner = left >= 0
+            if not inner.any():
+                break
+            go_left = x[cols, self.feature[node]] <= self.threshold[node]
+            node = np.where(inner, np.where(go_left, left, self.right[node]), node)
+        depths = np.zeros(n)
+        for row in self.leaf_depth[node]:  # tree by tree, in order: the same sums
+            depths += row
+        denominator = self.denominator
+        # Negated, as scikit-learn's score_samples is (the lower, the more abnormal).
+        return -(2 ** (-np.divide(depths, denominator, out=np.ones_like(depths),
+                                  where=denominator != 0)))
+
+
 def make_detector(model: Any) -> Any:
     """The operator: scores a batch of readings with the model (runs in a worker)."""
+    scorer = ForestScorer(model)
 
     def detect(records: list[Any]) -> list[dict[str, Any]]:
         import numpy as np
 
         x = np.array([r.value["f"] for r in records])
-        # The forest is walked once: predict() is score_samples() less offset_ below 0
-        # (scikit-learn's own definition), and calling both walked it twice.
-        scores = model.score_samples(x)
-        labels = np.where(scores - model.offset_ < 0, -1, 1)
+        # predict() is score_samples() less offset_ below 0 (scikit-learn's definition).
+        scores = scorer.score_samples(x)
+        labels = np.where(scores - scorer.offset < 0, -1, 1)
         return [{"machine": r.key, "anomaly": bool(lab == -1), "score": round(float(s), 4),
                  "site": r.value["site"]}
                 for r, lab, s in zip(records, labels, scores, strict=True)]
