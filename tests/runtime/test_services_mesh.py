@@ -182,8 +182,18 @@ def test_near_caller_constructed_once_per_replica(mesh: LocalMesh, client: TaskM
         return list(await asyncio.gather(*(h.add.call_async(i, 1) for i in range(10)),
                                          h.call_async("add", 7, 8)))
     assert asyncio.run(from_a_loop()) == [i + 1 for i in range(10)] + [15]
+    # The listing is each node's latest polled status: a replica the first calls from
+    # one region moved there stops once its region's replica is ready elsewhere, and the
+    # listing shows it gone a status poll later (on a loaded machine, seconds later).
+    def listed() -> list[str]:
+        info = {s.spec.name: s for s in client.services()}["counted"]
+        return sorted(r.node for r in info.replicas)
+
+    wait_for(lambda: listed() == sorted(nodes), 60,
+             f"the listing settles on the deployed replicas {sorted(nodes)}")
     info = {s.spec.name: s for s in client.services()}["counted"]
     assert sorted(r.node for r in info.replicas) == sorted(nodes)
+    assert sorted(info.placed) == sorted(nodes)
     assert all(r.constructed == 1 and r.ready for r in info.replicas)
     assert set(info.calls_by_region) >= {"a"}
 
