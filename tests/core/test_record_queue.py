@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshscale.core.tasks import RecordQueue
+from meshscale.core.tasks import RecordQueue, Unrecorded
 
 
 def test_an_urgent_record_is_due_at_once_and_takes_every_record_waiting() -> None:
@@ -88,3 +88,37 @@ def test_bad_bounds_are_refused() -> None:
         RecordQueue(-1.0)
     with pytest.raises(ValueError):
         RecordQueue(max_items=0)
+
+
+def test_a_missing_record_is_not_yet_unknown_within_the_grace() -> None:
+    u = Unrecorded(2.05)
+    assert not u.missing("t", 10.0)  # first miss: the wait starts
+    assert not u.missing("t", 12.0)
+    assert u.missing("t", 12.05)  # missing for the whole grace: unknown
+    assert len(u) == 0
+    assert not u.missing("t", 13.0)  # asked again: a new wait
+
+
+def test_a_record_found_ends_its_wait_and_a_clock_gone_back_restarts_it() -> None:
+    u = Unrecorded(1.0)
+    assert not u.missing("a", 5.0)
+    u.found("a")
+    assert not u.missing("a", 5.9)  # its wait started again at 5.9
+    assert not u.missing("a", 6.5)
+    assert not u.missing("a", 3.0)  # the clock went back: from 3.0 now
+    assert not u.missing("a", 3.9)
+    assert u.missing("a", 4.0)
+    u.found("never-missed")  # nothing to forget: no error
+
+
+def test_unrecorded_ids_are_bounded_oldest_first() -> None:
+    u = Unrecorded(1.0, max_ids=2)
+    for tid, t in (("a", 0.0), ("b", 0.1), ("c", 0.2)):
+        assert not u.missing(tid, t)
+    assert len(u) == 2
+    assert not u.missing("a", 1.5)  # dropped: its wait starts again (later, never wrong)
+    assert u.missing("c", 1.5)
+    with pytest.raises(ValueError):
+        Unrecorded(-1.0)
+    with pytest.raises(ValueError):
+        Unrecorded(1.0, max_ids=0)

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from runtime_mesh import host_like_dir, wait_for
 
-from meshscale.client.tasks import TaskMesh, connect
+from meshscale.client.tasks import TaskError, TaskMesh, connect
 from meshscale.core.api import Empty
 from meshscale.core.api.tasks import TASK_STATS
 from meshscale.core.tasks import TaskRecord
@@ -121,6 +121,32 @@ def test_an_owner_dead_before_writing_an_end_leaves_the_task_to_run_again(
             finally:
                 c.close()
         assert adopted == 1
+    finally:
+        owner.close()
+        other.close()
+
+
+def test_a_task_answered_before_its_record_is_written_is_found_from_another_node(
+        mesh: LocalMesh) -> None:
+    """A lone no-op answered with its outcome (the submit grace) has one record, its end,
+    and it waits in its owner's record window (2 s here) for company. Another node asked
+    for the task meanwhile finds no record in the KV: it must not call the task lost (a
+    client would take that as the task's end), but answer once the record is written.
+    An id no node ever had is still answered unknown, once its record has been missing
+    for longer than a record could wait."""
+    owner = connect(mesh.nodes[1].address, bundle=mesh.bundle_path)
+    other = connect(mesh.nodes[2].address, bundle=mesh.bundle_path)
+    try:
+        for k in range(3):  # the owner learns that square ends within the grace
+            assert owner.submit(square, k).result(timeout=60) == k * k
+        f = owner.submit(square, 5)
+        assert f.result(timeout=60) == 25
+        # The premise: the end still waits in the owner's window (2 s).
+        assert other.kv.get(f"task/{f.task_id}", binary=True) is None
+        assert other.future(f.task_id).result(timeout=60) == 25
+        with pytest.raises(TaskError, match="no node knows this task") as e:
+            other.future("0" * 32).result(timeout=60)
+        assert e.value.kind == "unknown"
     finally:
         owner.close()
         other.close()

@@ -99,6 +99,7 @@ __all__ = [
     "TaskPayload",
     "TaskRecord",
     "TaskState",
+    "Unrecorded",
     "UpstreamFailure",
     "Verdict",
     "adopter",
@@ -653,6 +654,49 @@ RECORD_BATCH_ITEMS = 256
 """Records written together at most (``core.api.objects.MAX_KV_BATCH_ITEMS``)."""
 RECORD_BATCH_BYTES = 2 * 1024 * 1024
 """Their bytes at most, beyond the first (``core.api.objects.MAX_KV_BATCH_BYTES``)."""
+
+
+class Unrecorded:
+    """When a node asked about a task it neither owns nor finds in the store may call it
+    unknown.
+
+    A task's only record can still be on its way to the store while its caller already
+    has the outcome: a submit answered with its tasks' outcomes (the submit grace) has no
+    submit record, and its end waits up to the owner's record window (``RecordQueue``)
+    and then for the write itself. Another node asked meanwhile finds nothing; answering
+    "unknown" then is wrong (a client takes it as the task's end: failed, its record
+    lost). So a missing record is "not yet" until it has been missing, as seen by this
+    node, for ``grace_s`` (the record window plus a write's time), then "unknown"; an id
+    no node ever had is answered so after that wait. The first miss of each id is kept
+    for at most ``max_ids`` ids, the oldest dropped first (a dropped id's wait starts
+    again: later, never wrong). Sans-I/O: times are the driver's monotonic clock."""
+
+    def __init__(self, grace_s: float, max_ids: int = 4096) -> None:
+        if not (grace_s >= 0 and max_ids >= 1):
+            raise ValueError(f"bad unrecorded bounds: grace {grace_s} s, {max_ids} ids")
+        self.grace_s = grace_s
+        self.max_ids = max_ids
+        self._since: OrderedDict[str, float] = OrderedDict()
+
+    def missing(self, task_id: str, now: float) -> bool:
+        """The store has no record of ``task_id`` now: True when it is to be answered
+        unknown (missing for ``grace_s`` since its first miss here), else not yet."""
+        first = self._since.get(task_id)
+        if first is None or now < first:  # a clock gone back starts the wait again
+            self._since[task_id] = first = now
+            while len(self._since) > self.max_ids:
+                self._since.popitem(last=False)
+        if now - first >= self.grace_s:
+            del self._since[task_id]
+            return True
+        return False
+
+    def found(self, task_id: str) -> None:
+        """The record (or the task) turned up: its wait is over."""
+        self._since.pop(task_id, None)
+
+    def __len__(self) -> int:
+        return len(self._since)
 
 
 class RecordQueue:

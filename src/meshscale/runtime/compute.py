@@ -175,6 +175,7 @@ from meshscale.core.tasks import (
     TaskPayload,
     TaskRecord,
     TaskState,
+    Unrecorded,
     Verdict,
     decode_function,
     decode_payload,
@@ -322,7 +323,20 @@ class ComputeConfig:
     reset (a crashed process's port) is the evidence ``core.scheduling
     .runner_unreachable`` acts on; no answer within this is not (a loaded node may be
     that slow): membership's verdict decides then, as before."""
+    unrecorded_grace_s: float = 2.0
+    """A task this node neither owns nor finds in the KV is answered unknown only once its
+    record has been missing here for ``record_window_s`` plus this (the write's own time,
+    generous for a loaded machine): until then it may be a task whose owner answered its
+    submit with the outcome and has not written its one record yet
+    (``core.tasks.Unrecorded``). A ``task.wait`` on such a task reads the KV again every
+    ``unrecorded_recheck_s`` meanwhile."""
+    unrecorded_recheck_s: float = 0.1
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.unrecorded_grace_s <= 60 and 0 < self.unrecorded_recheck_s <= 10):
+            raise ValueError(f"bad unrecorded bounds: grace {self.unrecorded_grace_s} s, "
+                             f"recheck {self.unrecorded_recheck_s} s")
 
 
 _record_encoder = msgspec.msgpack.Encoder()
@@ -479,6 +493,7 @@ class ComputePlane:
         self._old_peers: set[str] = set()
         self._timer = DeadlineTimer(self._on_timer)
         self._records = RecordQueue(self.cfg.record_window_s)
+        self._unrecorded = Unrecorded(self.cfg.record_window_s + self.cfg.unrecorded_grace_s)
         """Record writes waiting to go to the KV, in batches (``core.tasks.RecordQueue``)."""
         self._record_waits: dict[str, asyncio.Future[None]] = {}
         """Key -> done once the value waiting for it (or a later one) is written."""
@@ -1953,19 +1968,28 @@ class ComputePlane:
         deadline = time.monotonic() + wait_s
         out: list[TaskView] = []
         unknown: list[str] = []
+        unrecorded = False  # a task with no record yet (``core.tasks.Unrecorded``)
         foreign = [t for t in ids if t not in self.book]
         for tid in foreign:
             found = await self._lookup(tid, 0.0)
+            if found is not None or tid in self.book:
+                self._unrecorded.found(tid)
             if found is not None and found.state in TERMINAL:
                 out.append(found)
             elif found is None and tid not in self.book:
-                unknown.append(tid)
+                if self._unrecorded.missing(tid, time.monotonic()):
+                    unknown.append(tid)
+                else:
+                    unrecorded = True
         local = [t for t in ids if t in self.book]
         pending = [t for t in local if t in self.book.records]  # live: not ended
         need = min_done - (len(out) + len(unknown) + len(local) - len(pending))
         left = deadline - time.monotonic()
         if need > 0 and left > 0 and not pending:
-            await asyncio.sleep(left)  # only tasks owned elsewhere, still running: as before
+            # Only tasks owned elsewhere, still running (as before), or not yet recorded:
+            # the caller asks again after the recheck interval and the KV is read again.
+            await asyncio.sleep(min(left, self.cfg.unrecorded_recheck_s) if unrecorded
+                                else left)
         elif need > 0 and left > 0:
             # Tasks owned elsewhere cannot count down here: wait at most for all local ones.
             w = _Watch(min(need, len(pending)), asyncio.get_running_loop().create_future())
