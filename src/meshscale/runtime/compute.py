@@ -2282,7 +2282,7 @@ class ComputePlane:
             outcome.energy_j = self.energy.end(pool_id, time.monotonic())
             copies = self.agent.local_copies()
             if links and copies is not None:
-                await asyncio.to_thread(copies.release_copy_paths, links)
+                await copies.release_copies(links)
         if self.sched is not None:
             # The slot is free: its next GetTask goes out while the outcome travels (the
             # Result follows the outcome, in task_finished below).

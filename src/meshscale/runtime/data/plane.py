@@ -14,7 +14,8 @@ Reads: a node serves a read from its own copy after checking its hash (a corrupt
 quarantined and reported, so anti-entropy refills it) or, when it has none, proxies the
 bytes from a node that has one. The client checks the hash of the whole object again. A
 copy hash-checked in the last ``verified_ttl_s`` (at its commit or by a read) whose file
-is unchanged (inode, size, mtime, ctime) is not re-hashed: see ``DataPlaneConfig``.
+is unchanged (inode, size, mtime, ctime; the node's own links of it for tasks' workers
+change only its ctime and are excepted) is not re-hashed: see ``DataPlaneConfig``.
 
 Puts: a client that names the object's id up front gets a cut-through put (its chunks
 go on to the replica set as they arrive, see ``_start_forwards``); without it, the

@@ -10,6 +10,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -91,7 +92,8 @@ class DataPlaneConfig:
     verified_ttl_s: float = 60.0
     """A read from offset 0 re-hashes the whole local copy before serving it, unless that
     copy was hash-checked (when it was committed or by an earlier read) less than this long
-    ago and its file's inode, size, mtime and ctime are unchanged since. So a byte flipped
+    ago and its file's inode, size, mtime and ctime are unchanged since (but for the
+    ctime this node's own links of the copy for tasks' workers change). So a byte flipped
     through the filesystem is always caught, and silent bit rot under an unchanged inode is
     caught by the next full check at most this long later; meanwhile the reader's own check
     (the client hashes every object it gets) still refuses it. 0 checks every read."""
@@ -284,6 +286,9 @@ class DataPlaneBase:
         """(caller, object) -> when a read of it was last audited (``audit_range_read_s``)."""
         self._verified: OrderedDict[str, tuple[float, tuple[int, ...]]] = OrderedDict()
         """oid -> (when its local copy was last hash-checked, its file's identity then)."""
+        self._linked: OrderedDict[Path, str] = OrderedDict()
+        """Link lent to a task's worker -> its object (``local_copy_path``), until released;
+        bounded as ``verified_cache`` (a link never released is only forgotten here)."""
         self._transfer_sem = asyncio.Semaphore(self.cfg.max_transfers)
         self._copy_slots: dict[str, asyncio.Semaphore] = {}
         """Member -> small copies to it in flight, at most the peer pool's
