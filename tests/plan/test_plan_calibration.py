@@ -173,3 +173,41 @@ def test_the_real_run_kills_no_node(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(meshscale.demo, "run_live_demo", run)
     plan_calibration.measure(15.0, 60.0, "near-source")
     assert seen and seen[0].kill_at is None and seen[0].only == "near-source"
+
+
+def test_central_runners_are_where_a_local_meshs_stream_plane_runs_them(
+        tmp_path: Path) -> None:
+    """A central stream shard's runner is where ``core.streams.place_operator`` puts it on
+    a local mesh of the plan's regions (``meshscale up``'s names, the demo's producers at
+    each site's first node): on the calibration topology both sites' runners share one
+    cloud node, so their outputs share its one output shard and the one follower that
+    pulls it across the link (issue 17: 30 ms of the real central p50 the model missed
+    while it placed them on two nodes)."""
+    from meshscale.core.placement import Candidate
+    from meshscale.core.scheduling import Central, NodeState, Resources
+    from meshscale.core.streams import OperatorPlacement, place_operator
+    from meshscale.plan import run
+    from meshscale.plan.model import parse_plan
+    from meshscale.runtime.launcher import LocalMesh
+
+    plan = parse_plan(plan_calibration.plan_text(15.0, 60.0))
+    lay = run._layout(plan)
+    flows = [w for w in plan.workloads if isinstance(w, run.Stream)]
+    modes = {w.name: run._modes_all(plan, w, "central") for w in flows}
+    shards, refused = run._place_operators(lay, flows, modes, 1)
+    assert not refused
+    regions = [r.name for r in plan.regions]
+    real = LocalMesh(tmp_path, len(lay.names), regions=regions).nodes
+    alive = [NodeState(member=Candidate(n.name, n.region, n.zone), capacity=Resources(2.0))
+             for n in real]
+    # the plan's k-th node of a region is the local mesh's k-th node of that region
+    up = {p: n.name for r in regions for p, n in zip(
+        lay.by_region[r], [n for n in real if n.region == r], strict=True)}
+    placed = {}
+    for s in shards:
+        first = next(n for n in real if n.region == s.site)  # the demo's producer's node
+        want = place_operator(OperatorPlacement("sensors", mode=Central("cloud")), "sensors",
+                              Candidate(first.name, first.region, first.zone), alive)
+        assert up[s.node] == want, (s, want)
+        placed[s.site] = s.node
+    assert len(placed) == 2 and len(set(placed.values())) == 1

@@ -6,7 +6,11 @@ What comes from the code the nodes run, and what is a model:
   decided by ``core.scheduling.Scheduler`` in a ``sim.compute.ComputeMesh`` laid out as the
   plan's sites (same feasibility rules, residency, near-source / central / data-local
   modes, Sparrow probes and late binding). A placement the residency rule forbids is
-  refused there, as a real node would refuse it.
+  refused there, as a real node would refuse it. A stream shard placed centrally then
+  runs where the stream plane puts its runner, ``core.streams.place_operator`` (each
+  shard on its own, by HRW over the region's nodes, named as ``meshscale up`` names a
+  local mesh of the plan's regions: ``_up_names``), so two shards' runners can share a
+  node, and then its one output shard and the one follower that pulls it (issue 17).
 - What a record then goes through (links with bandwidth, RTT, queues for cores) is
   ``sim.flows``; batch tasks run in the ``ComputeMesh`` in compressed time, each one
   pulling its input over the plan's links (FIFO per link) when it does not run where
@@ -27,17 +31,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from meshscale.core.placement import Residency
+from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.scheduling import (
     Central,
     DataLocal,
     InputRef,
     NearSource,
+    NodeState,
     PlacementMode,
+    Resources,
     SchedulingConfig,
     TaskFinished,
     TaskSpec,
 )
+from meshscale.core.streams import OperatorPlacement, place_operator
 from meshscale.plan.model import Batch, Calls, Plan, Region, Routes, Stream, Workload, routes
 from meshscale.sim.compute import ComputeMesh
 from meshscale.sim.flows import FlowRecord, FlowRun, Path
@@ -253,6 +260,9 @@ class _Shard:
     task_id: str
     cpus: float
     node: str = ""
+    source: str = ""
+    """A central shard's source: the node of its site its records are published to (the
+    shard's holder); "" when the site has no nodes or the shard runs near its source."""
 
 
 def _rate_cpu(w: Stream | Calls) -> tuple[float, float, int, int, float]:
@@ -287,10 +297,13 @@ def _place_operators(lay: _Layout, flows: list[Stream | Calls],
             node_cores = plan.region(target).cores_per_node
             demand = n_src * rate * cpu_s / _SHARD_UTILIZATION
             k = max(1, math.ceil(demand / node_cores))
+            site_nodes = lay.by_region.get(site) or []
             for j in range(k):
                 tid = f"{w.name}/{site}/{j}"
                 cpus = min(node_cores, max(0.01, demand / k))
-                shards.append(_Shard(w.name, site, tid, cpus))
+                source = site_nodes[j % len(site_nodes)] \
+                    if isinstance(w, Stream) and not local and site_nodes else ""
+                shards.append(_Shard(w.name, site, tid, cpus, source=source))
                 pool = lay.by_region[target] or lay.by_region[central]
                 i = rr.get(target, 0)
                 rr[target] = i + 1
@@ -300,11 +313,45 @@ def _place_operators(lay: _Layout, flows: list[Stream | Calls],
                 mesh.sim.at(0.5 + 0.01 * len(shards),
                             partial(_submit_one, mesh, entry, spec, refused, w.name))
     mesh.sim.run_until(_PLACE_SETTLE_S)
+    by_name = {w.name: w for w in flows}
     for s in shards:
         runs = mesh.runs.get(s.task_id)
         if runs:
             s.node = runs[-1]
+            if s.source:
+                s.node = _stream_runner(lay, s, by_name[s.workload])
     return shards, refused
+
+
+def _up_names(lay: _Layout) -> dict[str, str]:
+    """Each node's name as ``meshscale up`` (``runtime.launcher.LocalMesh``) names the
+    nodes of a local mesh of the plan's regions: ``node-i``, dealt round-robin over the
+    regions in the plan's order (regions with fewer nodes drop out of the deal)."""
+    left = {r: list(ns) for r, ns in lay.by_region.items()}
+    out: dict[str, str] = {}
+    while any(left.values()):
+        for r in lay.by_region:
+            if left[r]:
+                out[left[r].pop(0)] = f"node-{len(out)}"
+    return out
+
+
+def _stream_runner(lay: _Layout, s: _Shard, w: Stream | Calls) -> str:
+    """The node the stream plane runs central shard ``s``'s runner on: what
+    ``core.streams.place_operator`` gives for the workload's topic (its name) and the
+    shard's source, every node alive, on the names ``_up_names`` gives the plan's nodes
+    (the scheduler's node when it refuses)."""
+    up = _up_names(lay)
+    back = {v: k for k, v in up.items()}
+    alive = [NodeState(member=Candidate(up[n], lay.region_of(n), f"{lay.region_of(n)}-a"),
+                       capacity=Resources(cpus=lay.cores[n])) for n in lay.names]
+    src = Candidate(up[s.source], lay.region_of(s.source), f"{lay.region_of(s.source)}-a")
+    op = OperatorPlacement(w.name, mode=Central(lay.plan.central_region),
+                           residency=_residency(lay.plan, w), cpus=min(1.0, s.cpus))
+    try:
+        return back[place_operator(op, w.name, src, alive)]
+    except PlacementError:  # SchedulingError is one
+        return s.node
 
 
 def _submit_one(mesh: ComputeMesh, entry: str, spec: TaskSpec, refused: dict[str, str],
