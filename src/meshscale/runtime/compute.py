@@ -493,8 +493,9 @@ class ComputePlane:
         self._old_peers: set[str] = set()
         self._timer = DeadlineTimer(self._on_timer)
         self._records = RecordQueue(self.cfg.record_window_s)
-        self._unrecorded = Unrecorded(self.cfg.record_window_s + self.cfg.unrecorded_grace_s)
         """Record writes waiting to go to the KV, in batches (``core.tasks.RecordQueue``)."""
+        self._unrecorded = Unrecorded(self.cfg.record_window_s + self.cfg.unrecorded_grace_s)
+        """Tasks asked about here whose records are not in the KV (yet)."""
         self._record_waits: dict[str, asyncio.Future[None]] = {}
         """Key -> done once the value waiting for it (or a later one) is written."""
         self._record_timer: asyncio.Handle | None = None
