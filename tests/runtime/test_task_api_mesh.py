@@ -117,8 +117,20 @@ def test_typed_calls_answer_in_contract(mesh: LocalMesh, node_creds: Credentials
     with pytest.raises(RemoteError) as e:
         request(addr, node_creds, api.TASK_FN, api.FnRequest(fn_id=FN), timeout=10)
     assert e.value.code == "not_found"
+    # ``task.result`` likewise: pending while the record may still be on its way.
+    assert request(addr, client, api.TASK_RESULT, api.ResultRequest(task_id="nope-2"),
+                   timeout=10).state == "pending"
+
+    def result_not_found() -> str | None:
+        try:
+            request(addr, client, api.TASK_RESULT, api.ResultRequest(task_id="nope-2"),
+                    timeout=10)
+        except RemoteError as e:
+            return e.code
+        return None
+
+    assert wait_for(result_not_found, 30, "the id with no record not found") == "not_found"
     typed: list[tuple[Any, Any, str]] = [
-        (api.TASK_RESULT, api.ResultRequest(task_id="nope"), "not_found"),
         (api.TASK_CANCEL, api.CancelRequest(task_id="nope"), "not_found"),
         (api.TASK_LOGS, api.LogsRequest(task_id="nope"), "not_found"),
         (api.TASK_SUBMIT, api.SubmitRequest(tasks=[api.TaskWire(task_id="t", fn_id=FN)]),

@@ -143,6 +143,7 @@ def test_a_task_answered_before_its_record_is_written_is_found_from_another_node
         assert f.result(timeout=60) == 25
         # The premise: the end still waits in the owner's window (2 s).
         assert other.kv.get(f"task/{f.task_id}", binary=True) is None
+        assert other.future(f.task_id).running() is False  # not "unknown task"
         assert other.future(f.task_id).result(timeout=60) == 25
         with pytest.raises(TaskError, match="no node knows this task") as e:
             other.future("0" * 32).result(timeout=60)

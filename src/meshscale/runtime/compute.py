@@ -1937,12 +1937,16 @@ class ComputePlane:
         if e is None:
             found = await self._lookup(tid, wait_s, forwarded=req.forwarded)
             if found is not None:
+                self._unrecorded.found(tid)
                 return found
             e = self.book.get(tid)
             if e is None:
                 ended = self.book.ended.get(tid)  # adopted, and failed at once
                 if ended is not None:
                     return self._view_of(ended)
+                if not self._unrecorded.missing(tid, time.monotonic()):
+                    # Its record may not be written yet (``core.tasks.Unrecorded``).
+                    return TaskView(task_id=tid, state=TaskState.PENDING)
                 raise ApiError(ErrorCode.NOT_FOUND, f"unknown task {tid}")
         e.waiters += 1
         try:
