@@ -149,6 +149,7 @@ def test_a_full_window_waits_for_an_ack_and_sends_what_piled_up_in_one_batch(
     a = nodes["a"]
     s = client_streams.Stream(mesh, "t")
     room = s._window.max_batches
+    s._window.min_records = room  # its few records count as a flood's here
     for i in range(room):
         s.publish("k", i, id=f"r{i}")
         wait_for(lambda i=i: len(a.published) == i + 1, 10, f"r{i} sent")
@@ -200,4 +201,24 @@ def test_a_short_copied_answer_is_asked_again_after_a_growing_pause_not_at_once(
     a.copied = a.head
     wait_for(lambda: s.acked == 1, 10, "acknowledged once copied")
     wait_for(lambda: -1.0 in pauses, 10, "the pause reset after the ack")
+    s.close()
+
+
+def test_a_few_records_waiting_for_a_slow_copy_do_not_hold_the_next_one(net: Any) -> None:
+    """A producer of a few records per copy round trip (a backup far away) sends each at
+    once: its window of small batches is not full until it holds
+    ``AckWindow.min_records`` records (bounded by batches alone, the record after
+    ``max_batches`` of them waited for the copy: issue 19's ~100 ms tail)."""
+    mesh, nodes = net
+    a = nodes["a"]
+    s = client_streams.Stream(mesh, "t")
+    n = s._window.max_batches + 2
+    assert n < s._window.min_records
+    for i in range(n):
+        s.publish("k", i, id=f"r{i}")
+        wait_for(lambda i=i: len(a.published) == i + 1, 10, f"r{i} sent while copies wait")
+    assert s.window_waits == 0 and s.acked == 0
+    a.release()
+    wait_for(lambda: s.acked == n, 10, "all acknowledged")
+    assert a.published == [[f"r{i}"] for i in range(n)]
     s.close()

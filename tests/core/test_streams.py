@@ -1232,7 +1232,7 @@ def test_ack_window_gives_back_every_unacknowledged_batch_in_order() -> None:
 
 
 def test_ack_window_is_full_at_its_bound_of_batches() -> None:
-    w: AckWindow[str] = AckWindow(max_batches=2)
+    w: AckWindow[str] = AckWindow(max_batches=2, min_records=1)
     w.appended("A~1", 1, "b0", 1)
     assert not w.full()
     w.appended("A~1", 2, "b1", 1)
@@ -1241,6 +1241,8 @@ def test_ack_window_is_full_at_its_bound_of_batches() -> None:
     assert not w.full()
     with pytest.raises(ValueError):
         AckWindow(max_batches=0)
+    with pytest.raises(ValueError):
+        AckWindow(min_records=0)
 
 
 def test_direct_reads_are_shards_held_by_another_node_of_the_readers_region() -> None:
@@ -1253,3 +1255,17 @@ def test_direct_reads_are_shards_held_by_another_node_of_the_readers_region() ->
     assert direct_reads("me", "r1", shards) == {"a~1": "a", "b~1": "b", "b~0": "b"}
     assert direct_reads("me", "r1", shards, max_holders=1) == {"a~1": "a"}
     assert direct_reads("me", "r2", shards) == {"far~1": "far"}
+
+
+def test_ack_window_of_a_few_small_batches_is_not_full() -> None:
+    """Small batches because records are few (a backup far away, a modest rate) leave
+    the window open until it holds ``min_records`` records: only a flood waits."""
+    w: AckWindow[str] = AckWindow(max_batches=2, min_records=3)
+    w.appended("A~1", 1, "b0", 1)
+    w.appended("A~1", 2, "b1", 1)
+    w.appended("A~1", 3, "b2", 1)
+    assert len(w) == 3 and w.records == 3 and w.full()
+    w.settle("A~1", 1)
+    assert not w.full(), "two batches of one record each: not a flood"
+    w.appended("A~1", 10, "b3", 7)
+    assert w.full()

@@ -150,7 +150,8 @@ def test_runner_runs_the_next_batch_while_its_outputs_copy_travels() -> None:
         async def admit(topic: str, declared: Any) -> None:
             return None
 
-        async def replicate(topic: str, source: str, log: Any) -> None:
+        async def replicate(topic: str, source: str, log: Any, upto: int | None = None
+                            ) -> None:
             assert topic == "out"
             copies.append(log.head)
             await backup_answers.wait()
@@ -238,7 +239,8 @@ def test_runner_reading_a_remote_holder_does_not_long_poll_on_an_uncarried_commi
         async def admit(topic: str, declared: Any) -> None:
             return None
 
-        async def replicate(topic: str, source: str, log: Any) -> None:
+        async def replicate(topic: str, source: str, log: Any, upto: int | None = None
+                            ) -> None:
             await backup_answers.wait()
 
         p._alive = lambda: []  # type: ignore[method-assign]

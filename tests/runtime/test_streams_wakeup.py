@@ -120,7 +120,8 @@ def test_append_answers_the_woken_fetch_before_the_copy_goes_to_the_backup() -> 
         await turns()
         assert not fetch.done()
 
-        async def replicate(topic: str, source: str, log: ShardLog) -> None:
+        async def replicate(topic: str, source: str, log: ShardLog,
+                            upto: int | None = None) -> None:
             seen.append(fetch.done())
             await backup_answers.wait()  # a backup that has not answered yet
 
@@ -147,7 +148,8 @@ def test_producer_held_for_room_wakes_when_the_operator_commits() -> None:
             read_wait_max_s=HOUR, publish_wait_s=HOUR,
             log=ShardLogConfig(max_backlog=1, max_records=10)))
 
-        async def replicate(topic: str, source: str, log: ShardLog) -> None:
+        async def replicate(topic: str, source: str, log: ShardLog,
+                            upto: int | None = None) -> None:
             return None
 
         p._replicate = replicate  # type: ignore[method-assign,assignment]
@@ -251,7 +253,8 @@ def test_producer_held_by_an_operator_goes_on_when_the_operator_is_removed() -> 
             read_wait_max_s=HOUR, publish_wait_s=HOUR,
             log=ShardLogConfig(max_backlog=1, max_records=10)))
 
-        async def replicate(topic: str, source: str, log: ShardLog) -> None:
+        async def replicate(topic: str, source: str, log: ShardLog,
+                            upto: int | None = None) -> None:
             return None
 
         p._replicate = replicate  # type: ignore[method-assign,assignment]
