@@ -49,3 +49,28 @@ def test_lone_tasks_after_a_map_run_on_the_owner(mesh: LocalMesh) -> None:
     delta = {k: after.get(k, 0) - before.get(k, 0)
              for k in ("bound", "bound_here", "probes_sent")}
     assert delta == {"bound": LONE_TASKS, "bound_here": LONE_TASKS, "probes_sent": 0}
+
+
+def compute_stats(c: TaskMesh) -> dict[str, int]:
+    return dict(c._run(c._inner._trequest(TASK_STATS, Empty())).compute)
+
+
+def test_a_map_s_grants_ride_in_the_replies_to_the_asks(mesh: LocalMesh) -> None:
+    """The owner's answers to a worker's ``GetTask`` (its ``Grant`` or ``NoTask``, and the
+    reservations waiting for that worker) go back in the reply to the worker's own call
+    (``sched.exchange``), not in a call of their own: one RPC less per remote task."""
+    clients = [connect(n.address, bundle=mesh.bundle_path) for n in mesh.nodes]
+    try:
+        before = [compute_stats(c) for c in clients]
+        owner = clients[0]
+        assert owner.gather(owner.map(noop, range(300)), timeout=120) == list(range(300))
+        after = [compute_stats(c) for c in clients]
+    finally:
+        for c in clients:
+            c.close()
+    delta = [{k: a.get(k, 0) - b.get(k, 0) for k in ("sched_answers_given",
+                                                     "sched_answers_taken", "tasks_done")}
+             for b, a in zip(before, after, strict=True)]
+    assert delta[0]["tasks_done"] == 300
+    assert delta[0]["sched_answers_given"] > 0
+    assert sum(d["sched_answers_taken"] for d in delta[1:]) > 0
