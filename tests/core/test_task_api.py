@@ -58,8 +58,9 @@ REQUESTS: dict[str, Any] = {
     "sched.batch": api.SchedBatchRequest(src="n1", load=Load(), cap=Resources(),
                                          payloads=[b"a", b"b"]),
     "sched.load": api.LoadReport(src="n1", load=Load(0, 0, 4.0), cap=Resources(4.0, 8192, 1)),
-    "sched.exchange": api.SchedBatchRequest(src="n1", load=Load(), cap=Resources(),
-                                            payloads=[b"c"]),
+    "sched.exchange": api.SchedExchangeRequest(
+        src="n1", load=Load(), cap=Resources(), payloads=[b"c"],
+        outcomes=[api.DoneRequest(task_id="t1", node="n1", attempt=1, ok=True, value=b"v")]),
 }
 
 

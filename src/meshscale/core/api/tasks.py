@@ -86,6 +86,7 @@ __all__ = [
     "ResultRequest",
     "SchedAck",
     "SchedBatchRequest",
+    "SchedExchangeRequest",
     "SchedMsgRequest",
     "SchedReply",
     "SubmitReply",
@@ -459,6 +460,14 @@ class SchedBatchRequest(LoadReport, kw_only=True):
     """Scheduling messages, handled in order."""
 
 
+class SchedExchangeRequest(SchedBatchRequest, kw_only=True):
+    outcomes: Annotated[list[DoneRequest], msgspec.Meta(max_length=MAX_SCHED_BATCH)] = \
+        msgspec.field(default_factory=list)
+    """Outcomes of tasks the caller ran for the answering node (each a ``task.done`` of
+    its own would carry; ``node`` must be the caller), taken before ``payloads``: a
+    task's ``Result`` may follow its outcome in the same call."""
+
+
 class SchedAck(msgspec.Struct):
     """Received (the scheduler answers with messages of its own, later)."""
 
@@ -492,10 +501,11 @@ SCHED_MSG: Method[SchedMsgRequest, SchedAck] = Method("sched.msg", SchedMsgReque
 SCHED_BATCH: Method[SchedBatchRequest, SchedAck] = Method("sched.batch", SchedBatchRequest,
                                                           SchedAck)
 SCHED_LOAD: Method[LoadReport, LoadReport] = Method("sched.load", LoadReport, LoadReport)
-SCHED_EXCHANGE: Method[SchedBatchRequest, SchedReply] = Method(
-    "sched.exchange", SchedBatchRequest, SchedReply)
-"""``sched.batch`` whose reply carries the answering node's messages for the caller: a
-round trip's answer rides back in it instead of in a call of its own."""
+SCHED_EXCHANGE: Method[SchedExchangeRequest, SchedReply] = Method(
+    "sched.exchange", SchedExchangeRequest, SchedReply)
+"""``sched.batch`` with outcomes (``task.done``'s) ahead of its messages, whose reply
+carries the answering node's messages for the caller: a round trip's answer rides back in
+it instead of in a call of its own, and an outcome travels with its ``Result``."""
 
 METHODS: tuple[Method[Any, Any], ...] = (
     TASK_SUBMIT, TASK_RESULT, TASK_WAIT, TASK_CANCEL, TASK_LIST, TASK_STATS, TASK_LOGS,
