@@ -11,8 +11,12 @@ the way ``runtime/data/`` drives ``core.replication``:
   stays the bytes ``core.scheduling`` encoded), several queued for one peer in one call.
   The reply carries the messages the peer then has waiting for us (its answers: a
   ``GetTask``'s ``Grant`` or ``NoTask``, reservations), unless a call of its own to us
-  is on the way: a map's grants cost no call of their own (bench/tasks.py's throughput
-  run: sched calls per task from 2.35 to ~1.56, the owner's own from ~1.6 to 0.01).
+  is on the way; and a worker's outcome for a remote owner goes in the same call, ahead
+  of the task's ``Result`` and with the slot's next ``GetTask`` (``task.done`` only for
+  large outcomes, a failed call's outcomes, and older owners). A remote task of a map
+  thus costs its worker one call and its owner none (issue 19, bench/tasks.py's quick
+  throughput run: node-to-node calls per task from ~3.1, 2.35 ``sched.msg`` and 0.79
+  ``task.done``, to ~0.77).
   Each carries the sender's ``Load`` and capacity, and every ``load_interval_s`` (1 s) a
   node with recent scheduling activity sends its own to every live peer (``sched.load``),
   so the view's loads are at most ~1 s stale while work flows; an idle node stops after
