@@ -869,8 +869,10 @@ class ComputePlane:
             return
         outcomes = self._outcomes.pop(dst, [])
         try:
-            if outcomes and sum(_outcome_bytes(o) for o in outcomes) > OUTCOMES_CALL_BYTES:
-                # Large outcomes go in calls of their own, first (ahead of their Results).
+            if outcomes and (dst in self._no_exchange or sum(
+                    _outcome_bytes(o) for o in outcomes) > OUTCOMES_CALL_BYTES):
+                # Large outcomes (or those queued for an owner since found to be older) go
+                # in calls of their own, first: ahead of their Results.
                 await self._send_outcomes(dst, outcomes)
                 outcomes = []
             if dst not in self._no_exchange:
