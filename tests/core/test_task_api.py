@@ -58,6 +58,9 @@ REQUESTS: dict[str, Any] = {
     "sched.batch": api.SchedBatchRequest(src="n1", load=Load(), cap=Resources(),
                                          payloads=[b"a", b"b"]),
     "sched.load": api.LoadReport(src="n1", load=Load(0, 0, 4.0), cap=Resources(4.0, 8192, 1)),
+    "sched.exchange": api.SchedExchangeRequest(
+        src="n1", load=Load(), cap=Resources(), payloads=[b"c"],
+        outcomes=[api.DoneRequest(task_id="t1", node="n1", attempt=1, ok=True, value=b"v")]),
 }
 
 
@@ -161,6 +164,7 @@ REPLIES: dict[str, Any] = {
     "task.kill": api.KillReply(True),
     "sched.msg": api.SchedAck(),
     "sched.batch": api.SchedAck(),
+    "sched.exchange": api.SchedReply([b"\x92\x04\x90", b"d"]),
     "sched.load": REQUESTS["sched.load"],
 }
 

@@ -39,6 +39,7 @@ CASES: dict[str, tuple[dict[str, Any], str, Any]] = {
     "task.kill": ({"owner": ME, "task_id": "t"}, "task_id", 7),
     "sched.msg": ({**LOAD, "payload": b""}, "load", "busy"),
     "sched.batch": ({**LOAD, "payloads": []}, "payloads", "x"),
+    "sched.exchange": ({**LOAD, "payloads": []}, "payloads", "x"),
     "sched.load": (dict(LOAD), "cap", [-1.0, 0, 0]),
 }
 

@@ -63,7 +63,7 @@ _NODE = (
     "obj.rw_begin", "obj.rw_chunk", "obj.rw_end", "obj.rw_small", "obj.read_local",
     "obj.local_stat", "obj.local_list", "repl.msg", "kv.apply", "kv.apply_batch", "kv.put_batch",
     "kv.read", "kv.scan",
-    "sched.msg", "sched.load", "sched.batch", "task.done", "task.fn", "task.kill",
+    "sched.msg", "sched.load", "sched.batch", "sched.exchange", "task.done", "task.fn", "task.kill",
     "stream.replicate", "stream.fetch", "stream.op_notify",
     "svc.notify", "svc.invoke", "svc.status", "erase.confirm", "policy.migrate_local",
 )
@@ -80,6 +80,7 @@ assert len(METHOD_ACCESS) == len(_READ) + len(_WRITE) + len(_AUDIT) + len(_NODE)
 
 SENDER_FIELD: dict[str, str] = {
     "repl.msg": "src", "sched.msg": "src", "sched.batch": "src", "sched.load": "src",
+    "sched.exchange": "src",
     "task.done": "node", "task.kill": "owner",
 }
 """Node-to-node methods whose request names the node sending it: that name must be the

@@ -6,8 +6,17 @@ the way ``runtime/data/`` drives ``core.replication``:
 
 - one ``Scheduler`` and one ``WorkerPool`` (one warm process per CPU of capacity) per
   node, one timer, ``_pump`` after every call into the scheduler;
-- ``SendMessage`` goes to the peer's ``sched.msg`` / ``sched.batch`` RPC (typed in
-  ``core/api/tasks.py``; the message itself stays the bytes ``core.scheduling`` encoded).
+- ``SendMessage`` goes to the peer's ``sched.exchange`` RPC (``sched.batch`` /
+  ``sched.msg`` to an older agent; typed in ``core/api/tasks.py``; the message itself
+  stays the bytes ``core.scheduling`` encoded), several queued for one peer in one call.
+  The reply carries the messages the peer then has waiting for us (its answers: a
+  ``GetTask``'s ``Grant`` or ``NoTask``, reservations), unless a call of its own to us
+  is on the way; and a worker's outcome for a remote owner goes in the same call, ahead
+  of the task's ``Result`` and with the slot's next ``GetTask`` (``task.done`` only for
+  large outcomes, a failed call's outcomes, and older owners). A remote task of a map
+  thus costs its worker one call and its owner none (issue 19, bench/tasks.py's quick
+  throughput run: node-to-node calls per task from ~3.1, 2.35 ``sched.msg`` and 0.79
+  ``task.done``, to ~0.77).
   Each carries the sender's ``Load`` and capacity, and every ``load_interval_s`` (1 s) a
   node with recent scheduling activity sends its own to every live peer (``sched.load``),
   so the view's loads are at most ~1 s stale while work flows; an idle node stops after
@@ -86,7 +95,9 @@ from meshscale.core.api import (
 )
 from meshscale.core.api import objects as objects_api
 from meshscale.core.api.tasks import (
+    MAX_SCHED_BATCH,
     SCHED_BATCH,
+    SCHED_EXCHANGE,
     SCHED_LOAD,
     SCHED_MSG,
     TASK_CANCEL,
@@ -115,7 +126,9 @@ from meshscale.core.api.tasks import (
     ResultRequest,
     SchedAck,
     SchedBatchRequest,
+    SchedExchangeRequest,
     SchedMsgRequest,
+    SchedReply,
     SubmitReply,
     SubmitRequest,
     TaskLogs,
@@ -215,6 +228,9 @@ _INPUT_ERRORS: tuple[type[BaseException], ...] = (RpcError, *DECODE_ERRORS)
 """Reading or decoding a task's inputs failed: the task fails with kind ``input``."""
 BATCH_BYTES = 4 << 20
 """Scheduling messages to one peer are sent together up to this many bytes per RPC."""
+OUTCOMES_CALL_BYTES = 1 << 20
+"""Outcomes go in a scheduling call up to about this many bytes together (more: each in
+a ``task.done`` of its own first)."""
 KV_PREFIX = "task/"
 MAX_TASK_LOG_BYTES = 256 * 1024
 """Largest ``task_log_bytes``: both streams of a task fit one KV value (1 MiB)."""
@@ -432,6 +448,12 @@ class _Watch:
     fut: asyncio.Future[None]
 
 
+def _outcome_bytes(o: DoneRequest) -> int:
+    """About the wire size of outcome ``o``."""
+    return (256 + len(o.value or b"") + len(o.exc or b"") + len(o.error) + len(o.traceback)
+            + len(o.stdout) + len(o.stderr))
+
+
 def _view_bytes(value: bytes | None, exc: bytes | None, traceback: str) -> int:
     """About what an outcome adds to a ``task.wait`` answer."""
     return len(value or b"") + len(exc or b"") + len(traceback)
@@ -491,6 +513,11 @@ class ComputePlane:
         self._background: set[asyncio.Task[Any]] = set()
         self._flushing: set[str] = set()
         self._old_peers: set[str] = set()
+        self._no_exchange: set[str] = set()  # older agents: no ``sched.exchange``
+        self._sending: set[str] = set()  # peers a scheduling call of ours is on the way to
+        # Outcomes for owners that take ``sched.exchange``, to go in the next call to each
+        # (ahead of the ``Result`` queued with them).
+        self._outcomes: dict[str, list[DoneRequest]] = {}
         self._timer = DeadlineTimer(self._on_timer)
         self._records = RecordQueue(self.cfg.record_window_s)
         """Record writes waiting to go to the KV, in batches (``core.tasks.RecordQueue``)."""
@@ -551,6 +578,7 @@ class ComputePlane:
         agent.serve(SCHED_MSG, self._rpc_sched_msg)
         agent.serve(SCHED_LOAD, self._rpc_sched_load)
         agent.serve(SCHED_BATCH, self._rpc_sched_batch)
+        agent.serve(SCHED_EXCHANGE, self._rpc_sched_exchange)
         agent.serve(TASK_SUBMIT, self._rpc_submit)
         agent.serve(TASK_RESULT, self._rpc_result)
         agent.serve(TASK_WAIT, self._rpc_wait)
@@ -828,14 +856,42 @@ class ComputePlane:
                     n += 1
                 if n < len(q):
                     self._outq[dst] = q[n:] + self._outq.get(dst, [])
-                await self._send(dst, q[:n])
+                self._sending.add(dst)
+                try:
+                    await self._send(dst, q[:n])
+                finally:
+                    self._sending.discard(dst)
         finally:
             self._flushing.discard(dst)
 
     async def _send(self, dst: str, payloads: list[bytes]) -> None:
         if self.sched is None:
             return
+        outcomes = self._outcomes.pop(dst, [])
         try:
+            if outcomes and (dst in self._no_exchange or sum(
+                    _outcome_bytes(o) for o in outcomes) > OUTCOMES_CALL_BYTES):
+                # Large outcomes (or those queued for an owner since found to be older) go
+                # in calls of their own, first: ahead of their Results.
+                await self._send_outcomes(dst, outcomes)
+                outcomes = []
+            if dst not in self._no_exchange:
+                try:
+                    r = self._load_report()
+                    self._count("sched_calls")
+                    reply = await self._call(dst, SCHED_EXCHANGE, SchedExchangeRequest(
+                        src=r.src, load=r.load, cap=r.cap, payloads=payloads,
+                        outcomes=outcomes), lane=SCHED_LANE)
+                except RemoteError as e:
+                    if e.code != ErrorCode.UNKNOWN_METHOD:
+                        raise
+                    self._no_exchange.add(dst)  # an older agent: sched.batch, no answers
+                    await self._send_outcomes(dst, outcomes)
+                    outcomes = []
+                else:
+                    outcomes = []
+                    self._take_answers(dst, reply.payloads)
+                    return
             if len(payloads) > 1 and dst not in self._old_peers:
                 try:
                     r = self._load_report()
@@ -855,6 +911,30 @@ class ComputePlane:
             self.agent.log("debug", "sched_send_failed", peer=dst, error=str(e))
             if isinstance(e, RpcError) and not isinstance(e, RemoteError):
                 self._suspect(dst)
+            if outcomes:
+                # Sent alone again, as ``task.done`` (their Results were in the failed
+                # call: the owner's run timeout re-places those tasks, and the first
+                # outcome of each is the one it keeps).
+                self.agent.spawn(self._send_outcomes(dst, outcomes, tries=2))
+
+    async def _send_outcomes(self, owner: str, outcomes: list[DoneRequest], *,
+                             tries: int = 3) -> None:
+        """Each outcome in a ``task.done`` of its own, in order, up to ``tries`` times."""
+        for outcome in outcomes:
+            await self._send_outcome(owner, outcome, tries=tries)
+
+    async def _send_outcome(self, owner: str, outcome: DoneRequest, *, tries: int = 3) -> None:
+        for attempt in range(tries):
+            try:
+                await self._call(owner, TASK_DONE, outcome)
+                return
+            except (RpcError, ValueError) as e:
+                self._count("outcome_send_failed")
+                if attempt == tries - 1 or owner not in self.agent.m.members:
+                    self.agent.log("warning", "outcome_lost", task=outcome.task_id,
+                                   owner=owner, error=str(e))
+                    return
+                await asyncio.sleep(0.2 * (attempt + 1))
 
     def _rpc_sched_msg(self, req: SchedMsgRequest) -> SchedAck:
         if self.sched is None:
@@ -864,6 +944,48 @@ class ComputePlane:
         self.sched.handle_message(req.src, req.payload, time.monotonic())
         self._pump()
         return SchedAck()
+
+    def _take_answers(self, src: str, payloads: list[bytes]) -> None:
+        """``src``'s messages for us that came in its ``sched.exchange`` reply: handled
+        as a ``sched.batch`` from it would be."""
+        if not payloads or self.sched is None:
+            return
+        self._count("sched_answers_taken", len(payloads))
+        now = time.monotonic()
+        self._mark_active(now)
+        for payload in payloads:
+            self.sched.handle_message(src, payload, now)
+        self._pump()
+
+    def _answers_for(self, dst: str) -> list[bytes]:
+        """The messages waiting to go to ``dst``, taken to ride in the reply to its call
+        (``sched.exchange``), in order; none while a call of ours to it is on the way (they
+        would overtake it). The sender already started for them finds nothing left."""
+        if dst in self._sending or self._outcomes.get(dst):
+            return []  # behind a call of ours, or Results whose outcomes have not gone
+        q = self._outq.get(dst)
+        if not q:
+            return []
+        size, n = 0, 0
+        while n < len(q) and n < MAX_SCHED_BATCH and size + len(q[n]) <= BATCH_BYTES:
+            size += len(q[n])
+            n += 1
+        if n == len(q):
+            del self._outq[dst]
+        else:
+            self._outq[dst] = q[n:]
+        self._count("sched_answers_given", n)
+        return q[:n]
+
+    async def _rpc_sched_exchange(self, req: SchedExchangeRequest) -> SchedReply:
+        for outcome in req.outcomes:
+            if outcome.node != req.src:
+                raise ValueError(f"an outcome from {req.src} names node {outcome.node}")
+        for outcome in req.outcomes:
+            self._count("outcomes_with_messages")
+            await self._rpc_done(outcome)
+        self._rpc_sched_batch(req)
+        return SchedReply(self._answers_for(req.src))
 
     def _rpc_sched_batch(self, req: SchedBatchRequest) -> SchedAck:
         if self.sched is None:
@@ -2295,17 +2417,14 @@ class ComputePlane:
             self._pump()
         if ran_task and (kept is not None or detail_why):
             await self._keep_detail(outcome, kept, detail_why)
-        for attempt in range(3):
-            try:
-                await self._call(owner, TASK_DONE, outcome)
-                break
-            except (RpcError, ValueError) as e:
-                self._count("outcome_send_failed")
-                if attempt == 2 or owner not in self.agent.m.members:
-                    self.agent.log("warning", "outcome_lost", task=spec.task_id, owner=owner,
-                                   error=str(e))
-                    break
-                await asyncio.sleep(0.2 * (attempt + 1))
+        if (self.sched is not None and owner != self.agent.name
+                and owner not in self._no_exchange):
+            # The outcome goes in the next scheduling call to its owner, ahead of its
+            # Result (queued by task_finished below) and with the slot's next GetTask
+            # when that has not gone yet: one call for the three.
+            self._outcomes.setdefault(owner, []).append(outcome)
+        else:
+            await self._send_outcome(owner, outcome)
         if self.sched is not None:
             detail = "" if outcome.ok else outcome.error[:200]
             self.sched.task_finished(owner, spec.task_id, rt.attempt, outcome.ok,

@@ -52,6 +52,7 @@ __all__ = [
     "MAX_WAIT_IDS",
     "METHODS",
     "SCHED_BATCH",
+    "SCHED_EXCHANGE",
     "SCHED_LOAD",
     "SCHED_MSG",
     "TASK_CANCEL",
@@ -85,7 +86,9 @@ __all__ = [
     "ResultRequest",
     "SchedAck",
     "SchedBatchRequest",
+    "SchedExchangeRequest",
     "SchedMsgRequest",
+    "SchedReply",
     "SubmitReply",
     "SubmitRequest",
     "TaskLogs",
@@ -457,8 +460,28 @@ class SchedBatchRequest(LoadReport, kw_only=True):
     """Scheduling messages, handled in order."""
 
 
+class SchedExchangeRequest(SchedBatchRequest, kw_only=True):
+    outcomes: Annotated[list[DoneRequest], msgspec.Meta(max_length=MAX_SCHED_BATCH)] = \
+        msgspec.field(default_factory=list)
+    """Outcomes of tasks the caller ran for the answering node (each a ``task.done`` of
+    its own would carry; ``node`` must be the caller), taken before ``payloads``: a
+    task's ``Result`` may follow its outcome in the same call."""
+
+
 class SchedAck(msgspec.Struct):
     """Received (the scheduler answers with messages of its own, later)."""
+
+
+class SchedReply(msgspec.Struct):
+    """``sched.exchange``'s answer: received, and the answering node's scheduling messages
+    for the caller that were waiting to be sent (its answers to the request's, most
+    often: a ``GetTask`` answered by its ``Grant``), for the caller to handle in order as
+    if they had come in a ``sched.batch`` of their own. None while the answering node has
+    a call of its own to the caller on the way (they follow it, in their own call)."""
+
+    payloads: Annotated[list[Annotated[bytes, msgspec.Meta(
+        max_length=MAX_SCHED_MESSAGE_BYTES)]], msgspec.Meta(
+        max_length=MAX_SCHED_BATCH)] = msgspec.field(default_factory=list)
 
 
 TASK_SUBMIT: Method[SubmitRequest, SubmitReply] = Method("task.submit", SubmitRequest,
@@ -478,8 +501,13 @@ SCHED_MSG: Method[SchedMsgRequest, SchedAck] = Method("sched.msg", SchedMsgReque
 SCHED_BATCH: Method[SchedBatchRequest, SchedAck] = Method("sched.batch", SchedBatchRequest,
                                                           SchedAck)
 SCHED_LOAD: Method[LoadReport, LoadReport] = Method("sched.load", LoadReport, LoadReport)
+SCHED_EXCHANGE: Method[SchedExchangeRequest, SchedReply] = Method(
+    "sched.exchange", SchedExchangeRequest, SchedReply)
+"""``sched.batch`` with outcomes (``task.done``'s) ahead of its messages, whose reply
+carries the answering node's messages for the caller: a round trip's answer rides back in
+it instead of in a call of its own, and an outcome travels with its ``Result``."""
 
 METHODS: tuple[Method[Any, Any], ...] = (
     TASK_SUBMIT, TASK_RESULT, TASK_WAIT, TASK_CANCEL, TASK_LIST, TASK_STATS, TASK_LOGS,
     TASK_DONE,
-    TASK_FN, TASK_KILL, SCHED_MSG, SCHED_BATCH, SCHED_LOAD)
+    TASK_FN, TASK_KILL, SCHED_MSG, SCHED_BATCH, SCHED_LOAD, SCHED_EXCHANGE)
