@@ -1269,3 +1269,17 @@ def test_ack_window_of_a_few_small_batches_is_not_full() -> None:
     assert not w.full(), "two batches of one record each: not a flood"
     w.appended("A~1", 10, "b3", 7)
     assert w.full()
+
+
+def test_a_follower_pauses_only_for_a_shard_read_at_its_holder() -> None:
+    from meshscale.core.streams import follower_pause_s
+
+    # Never left out of a read here: fetched again at once.
+    assert follower_pause_s(None, None, 10.0, 0.05, 2.0) == 0.0
+    # Left out recently, not read here since: gathers records for linger_s.
+    assert follower_pause_s(9.0, None, 10.0, 0.05, 2.0) == 0.05
+    assert follower_pause_s(9.0, 5.0, 10.0, 0.05, 2.0) == 0.05
+    # Read here since it was last left out: at once again.
+    assert follower_pause_s(9.0, 9.5, 10.0, 0.05, 2.0) == 0.0
+    # Left out long ago (the subscriber is gone or reads here): at once.
+    assert follower_pause_s(7.0, None, 10.0, 0.05, 2.0) == 0.0

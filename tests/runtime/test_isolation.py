@@ -140,6 +140,34 @@ def test_v2_parent_and_worker_cgroups(tmp_path: Path, monkeypatch: pytest.Monkey
             os.fstat(fd)  # closed
 
 
+def test_no_memory_limit_after_none_is_not_written_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task with no memory limit after a task with none costs no memory write (issue
+    23: a stream operator's batches go one after another); a limit is always written, and
+    none after a limit is written again."""
+    monkeypatch.setattr(isolation, "_mkdir", fake_cgroup_dir)
+    fake_cgroup_dir(tmp_path / "svc")
+    mountinfo = f"32 24 0:28 / {tmp_path} rw - cgroup2 cgroup2 rw\n"
+    cgs, said = open_cgroups("meshscale-n-1", mountinfo=mountinfo, proc_cgroup="0::/svc\n")
+    assert cgs is not None, said
+    w = cgs.worker("w1")
+    limit = tmp_path / "svc" / "meshscale-n-1" / "w1" / "memory.max"
+    w.set_limits(None, 1.0)
+    assert limit.read_text() == "max"
+    limit.write_text("not written again")
+    w.set_limits(None, 1.0)
+    assert limit.read_text() == "not written again"
+    w.set_limits(100 << 20, 1.0)
+    assert limit.read_text() == str(100 << 20)
+    w.set_limits(100 << 20, 1.0)  # a limit: always written (it is over the usage then)
+    limit.write_text("written again")
+    w.set_limits(100 << 20, 1.0)
+    assert limit.read_text() == str(100 << 20)
+    w.set_limits(None, 1.0)
+    assert limit.read_text() == "max"
+    w.close_files()
+
+
 def test_no_cgroup_is_a_statement_not_an_error(tmp_path: Path) -> None:
     cgs, said = open_cgroups("meshscale-n-1", mountinfo="", proc_cgroup="0::/\n")
     assert cgs is None and said.startswith("no usable cgroup")

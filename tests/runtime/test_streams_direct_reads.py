@@ -12,7 +12,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from meshscale.core.api.streams import ReadRequest
+from meshscale.core.api.streams import FetchReply, ReadRequest
 from meshscale.core.membership import State
 from meshscale.core.streams import ShardLog, ShardLogConfig
 from meshscale.runtime.streams import StreamConfig, StreamPlane
@@ -102,3 +102,103 @@ def test_a_read_through_the_node_skips_shards_read_at_their_holder_and_names_the
         assert r.holders == {}
 
     asyncio.run(main())
+
+
+def follower_plane(linger_s: float) -> tuple[StreamPlane, list[int]]:
+    """A plane whose follower of shard ``n1~0`` fetches from a fake holder: the first
+    fetch brings a record, every later one waits for good. The fetches are counted."""
+    members = {"n1": member("n1", "r1")}
+    agent: Any = SimpleNamespace(name="n0", meta=SimpleNamespace(tags={}, region="r1"),
+                                 m=SimpleNamespace(members=members))
+    p = StreamPlane(agent, StreamConfig(read_wait_max_s=HOUR, follow_linger_s=linger_s,
+                                        direct_recent_s=60.0))
+
+    async def no_record(key: str) -> bytes | None:
+        return None
+
+    p.local.kv_get = no_record  # type: ignore[method-assign]
+    p._alive = lambda: []  # type: ignore[method-assign]
+    p._sources = lambda: ["n1~0"]  # type: ignore[method-assign]
+    p._holder = lambda topic, source, alive: "n1"  # type: ignore[method-assign]
+    p._release = lambda names, lane: None  # type: ignore[method-assign]
+    fed = ShardLog("t", "n1~0", ShardLogConfig())
+    entries = fed.append([("k", b"v", "r0", 0.0)])
+    fetches: list[int] = []
+
+    async def call(name: str, method: Any, req: Any, **kw: Any) -> Any:
+        fetches.append(req.offset)
+        if len(fetches) == 1:
+            return FetchReply(entries=entries, base=0, head=1)
+        await asyncio.Event().wait()  # the next long-poll: nothing more comes
+        raise AssertionError("unreachable")
+
+    p._call = call  # type: ignore[method-assign,assignment]
+    return p, fetches
+
+
+async def stop(p: StreamPlane) -> None:
+    p._stopping = True
+    for t in p.followers.values():
+        t.cancel()
+    await turns()
+
+
+def test_a_follower_of_a_shard_read_at_its_holder_gathers_records_between_fetches() -> None:
+    """While the subscribers reading through this node read a shard at its holder (their
+    reads here leave it out), its follower, after a fetch that brought records, waits
+    ``follow_linger_s`` before it fetches again: one fetch per batch of appends, not one
+    per append (issue 23). A shard read here is fetched again at once."""
+
+    async def main() -> None:
+        p, fetches = follower_plane(linger_s=60.0)
+        try:
+            await p._rpc_read(ReadRequest(topic="t", wait_s=0.0))  # starts the follower
+            await p._rpc_read(ReadRequest(topic="t", skip=["n1~0"], wait_s=0.0))
+            await turns()
+            assert fetches == [0], "the follower fetched again at once"
+            assert p.mirrors[("t", "n1~0")].head == 1  # the record came all the same
+        finally:
+            await stop(p)
+
+        p, fetches = follower_plane(linger_s=60.0)
+        try:
+            await p._rpc_read(ReadRequest(topic="t", wait_s=0.0))  # reads it here
+            await turns()
+            assert fetches == [0, 1]
+        finally:
+            await stop(p)
+
+        # Read here again after being left out: fetched at once again.
+        p, fetches = follower_plane(linger_s=60.0)
+        try:
+            await p._rpc_read(ReadRequest(topic="t", skip=["n1~0"], wait_s=0.0))
+            await p._rpc_read(ReadRequest(topic="t", wait_s=0.0))
+            await turns()
+            assert fetches == [0, 1]
+        finally:
+            await stop(p)
+
+    asyncio.run(main())
+
+
+def test_the_live_view_is_built_again_only_when_the_members_change() -> None:
+    """``_alive`` keeps its candidates while no member comes, goes, changes state or
+    meta (it is asked several times per record), and sees every such change."""
+    members = {"n1": member("n1", "r1"), "n2": member("n2", "r1")}
+    agent: Any = SimpleNamespace(name="n0", meta=SimpleNamespace(tags={}, region="r1"),
+                                 m=SimpleNamespace(members=members))
+    p = StreamPlane(agent, StreamConfig())
+    first = p._alive()
+    assert [c.name for c in first] == ["n1", "n2"]
+    assert p._alive() is first
+    members["n2"].state = State.DEAD
+    assert [c.name for c in p._alive()] == ["n1"]
+    members["n1"].meta = SimpleNamespace(region="r9", zone="z", labels={}, tags={})
+    assert [(c.name, c.region) for c in p._alive()] == [("n1", "r9")]
+    members["n3"] = member("n3", "r1")
+    assert [c.name for c in p._alive()] == ["n1", "n3"]
+    del members["n1"]
+    assert [c.name for c in p._alive()] == ["n3"]
+    members["n2"].state = State.ALIVE
+    view = p._alive()
+    assert [c.name for c in view] == ["n2", "n3"] and p._alive() is view

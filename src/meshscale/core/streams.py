@@ -315,6 +315,23 @@ def runners_wanted(me: str, ops: Iterable[tuple[OperatorPlacement, str, bool]],
     return want
 
 
+def follower_pause_s(skipped_at: float | None, needed_at: float | None, now: float,
+                     linger_s: float, recent_s: float) -> float:
+    """How long a subscription's follower of a shard waits, after a fetch that brought
+    records, before it fetches again. While the subscribers reading through this node
+    read the shard at its holder (direct: they left it out, ``skipped_at``, in the last
+    ``recent_s``, and none read it here since, ``needed_at``), its mirror is only their
+    fallback (a holder gone, a cursor behind what the holder still holds): it gathers
+    ``linger_s`` of records per fetch, rather than one fetch, one answer and one wake-up
+    of the reads here per append at the holder (issue 23). Otherwise 0: a subscriber
+    reading the mirror gets each record at once."""
+    if skipped_at is None or now - skipped_at > recent_s:
+        return 0.0
+    if needed_at is not None and needed_at >= skipped_at:
+        return 0.0
+    return linger_s
+
+
 def central_region(alive: Iterable[Candidate]) -> str:
     """Where ``central`` goes when no region is named: the region with the most live
     nodes (ties: by name). Raises ``PlacementError`` when nothing is alive."""
@@ -478,10 +495,16 @@ class ShardLog:
     def read(self, offset: int, limit: int, max_bytes: int = 4 * 1024 * 1024) -> list[LogEntry]:
         """Entries from ``offset`` (clamped up to the oldest held), at most ``limit``."""
         start = max(offset, self.base) - self.base
+        end = min(len(self.entries), start + limit)
+        entries = self.entries
+        if self.bytes <= max_bytes:
+            # Everything held fits: no entry's size need be summed (a read per long-poll
+            # answer, per copy to the backup and per follower's fetch: issue 23).
+            return [entries[i] for i in range(start, end)]
         out: list[LogEntry] = []
         size = 0
-        for i in range(start, min(len(self.entries), start + limit)):
-            e = self.entries[i]
+        for i in range(start, end):
+            e = entries[i]
             if out and size + e.size > max_bytes:
                 break
             out.append(e)

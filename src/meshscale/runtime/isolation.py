@@ -315,6 +315,20 @@ class WorkerCgroup:
     with the same ``cpus`` as the one before it costs no cpu writes (two files on v1,
     28-36 µs each on this project's test host, on the way of every task: issue #19).
     Only the node writes these files (the worker's user cannot)."""
+    memory_none: bool = False
+    """The memory limit last written here is none (``-1``/``max``): a task with no
+    memory limit after one with none costs no memory writes (one or two files on the
+    way of every task: issue 23). A limit is written afresh each time (it is over the
+    cgroup's usage then)."""
+    paths: dict[str, Path] = field(default_factory=dict, repr=False, compare=False)
+    """The control files' paths by name (each controller's files have their own names),
+    made once: a path built and hashed anew cost more than the read or write (issue 23)."""
+
+    def _path(self, d: Path, name: str) -> Path:
+        p = self.paths.get(name)
+        if p is None:
+            p = self.paths[name] = d / name
+        return p
 
     def _get(self, path: Path) -> str:
         """The content of control file ``path`` (kept open)."""
@@ -369,18 +383,20 @@ class WorkerCgroup:
             return 0
         name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
         try:
-            return int(self._get(self.memory / name).strip() or 0)
+            return int(self._get(self._path(self.memory, name)).strip() or 0)
         except (OSError, ValueError):
             return 0
 
     def set_limits(self, memory_bytes: int | None, cpus: float | None) -> None:
-        if self.memory is not None:
+        if self.memory is not None and not (memory_bytes is None and self.memory_none):
             self.limit_bytes = memory_bytes
+            self.memory_none = False  # until written: a failed write is tried again
             if self.version == 2:
-                self._set(self.memory / "memory.max",
+                self._set(self._path(self.memory, "memory.max"),
                           "max" if memory_bytes is None else str(memory_bytes))
             else:
                 self._v1_memory(memory_bytes)
+            self.memory_none = memory_bytes is None
         if self.cpu is not None:
             quota = None if cpus is None else max(1000, int(cpus * CPU_PERIOD_US))
             key = -1 if quota is None else quota
@@ -388,18 +404,19 @@ class WorkerCgroup:
                 return
             self.cpu_set = None  # until written: a failed write is tried again
             if self.version == 2:
-                self._set(self.cpu / "cpu.max",
+                self._set(self._path(self.cpu, "cpu.max"),
                           f"{'max' if quota is None else quota} {CPU_PERIOD_US}")
             else:
-                self._set(self.cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-                self._set(self.cpu / "cpu.cfs_quota_us", "-1" if quota is None else str(quota))
+                self._set(self._path(self.cpu, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+                self._set(self._path(self.cpu, "cpu.cfs_quota_us"),
+                          "-1" if quota is None else str(quota))
             self.cpu_set = key
 
     def _v1_memory(self, limit: int | None) -> None:
         assert self.memory is not None
         value = "-1" if limit is None else str(limit)
-        mem = self.memory / "memory.limit_in_bytes"
-        memsw = self.memory / "memory.memsw.limit_in_bytes"
+        mem = self._path(self.memory, "memory.limit_in_bytes")
+        memsw = self._path(self.memory, "memory.memsw.limit_in_bytes")
         if self.memsw is None:
             self.memsw = memsw.exists()
         if not self.memsw:  # no swap accounting: the memory limit is what there is
@@ -423,7 +440,7 @@ class WorkerCgroup:
         name, key = (("memory.events", "oom_kill") if self.version == 2
                      else ("memory.oom_control", "oom_kill"))
         try:
-            for line in self._get(self.memory / name).splitlines():
+            for line in self._get(self._path(self.memory, name)).splitlines():
                 k, _, v = line.partition(" ")
                 if k == key:
                     return int(v)

@@ -77,7 +77,7 @@ from meshscale.core.api.streams import (
     StreamStats,
 )
 from meshscale.core.audit import Kind
-from meshscale.core.membership import State
+from meshscale.core.membership import Member, NodeMeta, State
 from meshscale.core.pacing import check_wait_bounds, loop_wait_s
 from meshscale.core.placement import Candidate, PlacementError, Residency
 from meshscale.core.policy import (
@@ -106,6 +106,7 @@ from meshscale.core.streams import (
     central_region,
     check_source_allowed,
     direct_reads,
+    follower_pause_s,
     frozen_copy_targets,
     mirror_refusal,
     operator_classes,
@@ -154,6 +155,8 @@ _clock = time.perf_counter
 
 FOLLOW_BATCH = 1_024
 """Entries a subscription's follower fetches at a time."""
+BACKUP_MEMO_MAX = 4_096
+"""Shards whose backup ``StreamPlane._backup`` keeps (all forgotten past it)."""
 REFUSED_FOLLOW_RETRY_S = 2.0
 """A follower the shard holder refused (cross-region read rule) asks again this often:
 the class's policy may change."""
@@ -206,6 +209,12 @@ class StreamConfig:
     rpc_timeout_s: float = 15.0
     operator_timeout_s: float = 60.0
     follower_idle_s: float = 30.0
+    follow_linger_s: float = 0.05
+    """A follower of a shard its subscribers read at the holder fetches at most this
+    often while records come (``core.streams.follower_pause_s``); 0: at every append."""
+    direct_recent_s: float = 2.0
+    """A shard left out of a read through this node this recently is read at its
+    holder (``core.streams.follower_pause_s``)."""
     mirror_records: int = 20_000
     max_backup_attempts: int = 3
     max_sources: int = 4_096
@@ -220,6 +229,10 @@ class StreamConfig:
         check_wait_bounds(self.reconcile_interval_s, self.reconcile_idle_max_s)
         if not (math.isfinite(self.ops_reload_s) and self.ops_reload_s > 0):
             raise ValueError(f"ops_reload_s must be finite and > 0, got {self.ops_reload_s!r}")
+        for name in ("follow_linger_s", "direct_recent_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and 0 <= v <= 60):
+                raise ValueError(f"{name} must be within [0, 60] s, got {v!r}")
 
 
 def _held_twice(log: ShardLog) -> int:
@@ -337,6 +350,9 @@ class StreamPlane:
         many wait: a change wakes the waiters of its own topic only, and a topic's entry
         goes when its last waiter does (bounded by the waiters)."""
         self._known: dict[str, Candidate] = {}
+        self._alive_seen: list[tuple[Member, State, NodeMeta]] = []
+        """The members (with their state and meta) ``_alive_view`` was built from."""
+        self._alive_view: list[Candidate] = []
         self._op_policies: dict[str, ClassPolicy] = {}
         """The policies of the operators' data classes as this node's policy cache had them
         at its last reconcile (or change of a class): each operator is placed under its
@@ -363,6 +379,15 @@ class StreamPlane:
         """Copies of gone sources' shards (``_keep_copies``): the operators' low water
         last sent to each copy."""
         self._bad_backup: dict[str, float] = {}
+        self._skipped_at: dict[tuple[str, str], float] = {}
+        """Per shard, when a read through this node last left it out (its subscriber
+        reads it at the holder); ``_needed_at``: when one last read it here instead. Both
+        go with the topic's followers (``_expire_followers``)."""
+        self._needed_at: dict[tuple[str, str], float] = {}
+        self._backup_memo: dict[tuple[str, str], tuple[list[Candidate], Candidate,
+                                                      Residency | None, str | None]] = {}
+        """Per shard, the backup ``_backup`` found, with the view, source and rule it
+        found it for (bounded by ``BACKUP_MEMO_MAX``)."""
         self._output_copies: set[asyncio.Task[None]] = set()
         """Copies to a backup running beside their caller (a runner's outputs,
         ``_copy_outputs``; a publish answered once appended), held until they end."""
@@ -400,12 +425,24 @@ class StreamPlane:
     # ------------------------------------------------------------------ view
 
     def _alive(self) -> list[Candidate]:
+        """The live members as placement candidates. Built anew only when a member
+        came, went, changed state or changed its meta (the candidates of one view are
+        the same objects: the list is asked for several times per record, and building
+        it took a Candidate per member each time: issue 23). Callers never change it."""
+        members = self.agent.m.members
+        seen = self._alive_seen
+        if len(seen) == len(members) and all(
+                m is w and m.state is st and m.meta is meta
+                for m, (w, st, meta) in zip(members.values(), seen, strict=True)):
+            return self._alive_view
         out = []
-        for m in self.agent.m.members.values():
+        for m in members.values():
             c = Candidate(m.name, m.meta.region, m.meta.zone, dict(m.meta.labels))
             self._known[m.name] = c
             if m.state <= State.SUSPECT:
                 out.append(c)
+        self._alive_seen = [(m, m.state, m.meta) for m in members.values()]
+        self._alive_view = out
         return out
 
     def _states(self, alive: list[Candidate]) -> list[NodeState]:
@@ -737,11 +774,13 @@ class StreamPlane:
         """Send ``entries`` of shard ``(topic, source)`` to ``target``'s copy, with the
         shard's low water mark and the topic's rule (the receiver checks both), on the
         replication lane; the receiver's reply (its copy's head)."""
+        m = self.agent.m.members.get(target)
+        far = m is not None and m.meta.region != self.agent.meta.region
         return await self._call(target, api.REPLICATE, ReplicateRequest(
             topic=topic, source=source, entries=entries, low=low,
             residency=ResidencyWire.of(self.topic_residency.get(topic)),
         ), lane=LANE_REPL, label=f"{topic}:repl",
-            payload_bytes=sum(e.size for e in entries))
+            payload_bytes=sum(e.size for e in entries) if far else 0)
 
     async def _replicate(self, topic: str, source: str, log: ShardLog,
                          upto: int | None = None) -> None:
@@ -759,12 +798,7 @@ class StreamPlane:
             if upto is not None and log.copied is not None and log.copied >= upto:
                 return
             for _ in range(self.cfg.max_backup_attempts):
-                now = time.monotonic()
-                alive = [c for c in self._alive()
-                         if now - self._bad_backup.get(c.name, -1e9) > self.cfg.bad_backup_s]
-                src = self._source_candidate(source) or Candidate(
-                    self.agent.name, self.agent.meta.region, self.agent.meta.zone)
-                backup = backup_for(topic, src, alive, self.topic_residency.get(topic))
+                backup = self._backup(topic, source)
                 if backup is None:
                     break
                 start = log.base
@@ -789,6 +823,33 @@ class StreamPlane:
                 return
             self.stats["unreplicated_appends"] += 1
             await self._copied(topic, log, None)
+
+    def _backup(self, topic: str, source: str) -> str | None:
+        """The backup ``_replicate`` copies shard ``(topic, source)`` to now
+        (``core.streams.backup_for``), passing over the backups that failed in the last
+        ``bad_backup_s``. The answer for one view of the members (``_alive``), source
+        and rule is kept: it is asked at every copy, and ranking the members took as
+        long as the copy's own bookkeeping (issue 23)."""
+        now = time.monotonic()
+        view = self._alive()
+        res = self.topic_residency.get(topic)
+        src = self._source_candidate(source)
+        bad = self._bad_backup
+        if src is None or (bad and any(
+                now - bad.get(c.name, -1e9) <= self.cfg.bad_backup_s for c in view)):
+            alive = [c for c in view
+                     if now - bad.get(c.name, -1e9) > self.cfg.bad_backup_s]
+            return backup_for(topic, src or Candidate(
+                self.agent.name, self.agent.meta.region, self.agent.meta.zone), alive, res)
+        key = (topic, source)
+        memo = self._backup_memo.get(key)
+        if memo is not None and memo[0] is view and memo[1] is src and memo[2] == res:
+            return memo[3]
+        backup = backup_for(topic, src, view, res)
+        if len(self._backup_memo) >= BACKUP_MEMO_MAX:
+            self._backup_memo.clear()
+        self._backup_memo[key] = (view, src, res, backup)
+        return backup
 
     async def _copied(self, topic: str, log: ShardLog, upto: int | None) -> None:
         """The backup confirmed its copy of ``log`` up to ``upto`` (``None``: there is no
@@ -1099,7 +1160,14 @@ class StreamPlane:
         and its notify could slip in while the waiter queued for the lock, and the waiter
         then slept through ready records until its timer ran out: issue 23's 0.5 s
         stall.) A change wakes only its topic's waiters, and a wait is a plain
-        ``Condition.wait`` under a deadline (no task made per wait)."""
+        ``Condition.wait`` under a deadline (no task made per wait).
+
+        What is ready already is answered at once, without the lock and the topic's
+        condition (no change made under the lock awaits halfway, so none is seen in
+        part): only a wait needs the check under the lock, and it makes it."""
+        got = ready()
+        if got:
+            return got
         async with self._lock:
             entry = self._waits.get(topic)
             cv = asyncio.Condition(self._lock) if entry is None else entry[0]
@@ -1677,10 +1745,16 @@ class StreamPlane:
         if req.held is not None:
             return await self._read_held(req, wait)
         skip = set(req.skip)
+        now = time.monotonic()
         if topic not in self._follow_used:
             self._wakeup.set()
-        self._follow_used[topic] = time.monotonic()
+        self._follow_used[topic] = now
         self._ensure_followers(topic)
+        for source in skip:
+            if (topic, source) in self.mirrors:  # bounded by the mirrors, not the asker
+                self._skipped_at[(topic, source)] = now
+        for key in [k for k in self._skipped_at if k[0] == topic and k[1] not in skip]:
+            self._needed_at[key] = now
         deadline = time.monotonic() + wait
 
         def ready() -> list[ReadRecord]:
@@ -1825,6 +1899,7 @@ class StreamPlane:
         dropped. Reads waiting on them are refused."""
         self._follow_used.pop(topic, None)
         self._read_refused.pop(topic, None)
+        self._forget_direct(topic)
         for key in [k for k in self.followers if k[0] == topic]:
             self.followers.pop(key).cancel()
         async with self._lock:
@@ -1843,6 +1918,12 @@ class StreamPlane:
                           detail=f"subscriber mirror of {held} records dropped: {why}"[:1000])
         self.agent.log("info", "stream_mirror_dropped", topic=topic, source=source,
                        data_class=cls, records=held)
+
+    def _forget_direct(self, topic: str) -> None:
+        """The topic's followers stopped: what its reads here left out goes too."""
+        for key in [k for k in self._skipped_at if k[0] == topic]:
+            del self._skipped_at[key]
+            self._needed_at.pop(key, None)
 
     def _ensure_followers(self, topic: str) -> None:
         for source in self._sources() or [self.source_id]:
@@ -1863,6 +1944,7 @@ class StreamPlane:
                 for key in [k for k in self.followers if k[0] == topic]:
                     self.followers.pop(key).cancel()
                     self.mirrors.pop(key, None)
+                self._forget_direct(topic)
         if self._follow_used:
             for topic in self._follow_used:
                 self._ensure_followers(topic)
@@ -1918,7 +2000,12 @@ class StreamPlane:
                 async with self._lock:
                     mirror.apply(r.entries)
                     self._notify(topic)
-                await asyncio.sleep(0)  # the reads just woken answer before the next fetch
+                # The reads just woken answer before the next fetch; a shard read at its
+                # holder is fetched in batches (``follower_pause_s``).
+                key = (topic, source)
+                await asyncio.sleep(follower_pause_s(
+                    self._skipped_at.get(key), self._needed_at.get(key), time.monotonic(),
+                    self.cfg.follow_linger_s, self.cfg.direct_recent_s))
 
     # ------------------------------------------------------------------ stats
 
