@@ -851,7 +851,9 @@ class ComputePlane:
                 if not q:
                     return
                 size, n = 0, 0
-                while n < len(q) and (n == 0 or size + len(q[n]) <= BATCH_BYTES):
+                # At most MAX_SCHED_BATCH: the receiver refuses a longer call whole.
+                while n < len(q) and n < MAX_SCHED_BATCH and (
+                        n == 0 or size + len(q[n]) <= BATCH_BYTES):
                     size += len(q[n])
                     n += 1
                 if n < len(q):
