@@ -26,6 +26,10 @@ class FakeSched:
     def handle_message(self, src: str, payload: bytes, now: float) -> None:
         self.handled.append((src, payload))
 
+    def peer_boot(self, name: str, boot: str, now: float) -> int:
+        self.handled.append((name, f"boot {boot}".encode()))
+        return 0
+
 
 def plane(old_owner: bool) -> tuple[ComputePlane, FakeSched, list[tuple[str, Any]]]:
     agent = SimpleNamespace(
@@ -233,3 +237,28 @@ def test_the_answering_side_refuses_an_outcome_of_another_node_before_taking_any
         asyncio.run(p._rpc_sched_exchange(exchange([outcome("t1"), forged], [b"result"])))
     assert order == []
     assert p._outq["w"] == [b"grant"]
+
+
+def test_a_replys_boot_is_noted_before_its_messages_and_every_call_carries_ours() -> None:
+    """The answering process's boot comes with its answers and is handed in first (a
+    restarted peer's ``GetTask`` is taken only once its new process is known, as for a
+    request); and every scheduling call of ours carries our boot, as ``sched.load``
+    does (the boot was left out of ``sched.batch`` and ``sched.msg``: an owner learnt a
+    runner's restart only from ``sched.load``, up to a second after its messages)."""
+    p, sched, calls = plane(old_owner=False)
+
+    async def call(name: str, method: Any, req: Any, *, lane: str = "") -> Any:
+        calls.append((method.name, req))
+        return SchedReply([b"grant"], boot="b2")
+
+    p._call = call  # type: ignore[method-assign, assignment]
+    asyncio.run(p._send("o", [b"get"]))
+    assert sched.handled == [("o", b"boot b2"), ("o", b"grant")]
+    assert calls[0][1].boot == p._boot != ""
+    p, sched, calls = plane(old_owner=True)
+    p._outcomes["o"] = [outcome("t1")]
+    asyncio.run(p._send("o", [b"get", b"result"]))
+    asyncio.run(p._send("o", [b"result"]))
+    assert [m for m, _ in calls] == ["sched.exchange", "task.done", "sched.batch",
+                                     "sched.msg"]
+    assert all(r.boot == p._boot for m, r in calls if m.startswith("sched."))

@@ -825,12 +825,16 @@ class ComputePlane:
         """A peer's load, capacity and boot (in every ``sched.*`` request and
         ``sched.load`` reply; a reply's ``src`` is checked by the caller)."""
         self._loads[report.src] = (report.load, report.cap)
+        self._note_boot(report.src, report.boot)
+
+    def _note_boot(self, src: str, boot: str) -> None:
+        """Peer ``src``'s process boot, from a request or reply of its ("": not told)."""
         sched = self.sched
-        if sched is not None and report.boot:
-            moved = sched.peer_boot(report.src, report.boot, time.monotonic())
+        if sched is not None and boot:
+            moved = sched.peer_boot(src, boot, time.monotonic())
             if moved:
                 self._count("runners_restarted_replaced", moved)
-                self.agent.log("info", "runner_restarted", peer=report.src, replaced=moved)
+                self.agent.log("info", "runner_restarted", peer=src, replaced=moved)
                 self._pump()
 
     def _enqueue(self, dst: str, payload: bytes) -> None:
@@ -882,7 +886,7 @@ class ComputePlane:
                     r = self._load_report()
                     self._count("sched_calls")
                     reply = await self._call(dst, SCHED_EXCHANGE, SchedExchangeRequest(
-                        src=r.src, load=r.load, cap=r.cap, payloads=payloads,
+                        src=r.src, load=r.load, cap=r.cap, boot=r.boot, payloads=payloads,
                         outcomes=outcomes), lane=SCHED_LANE)
                 except RemoteError as e:
                     if e.code != ErrorCode.UNKNOWN_METHOD:
@@ -892,13 +896,17 @@ class ComputePlane:
                     outcomes = []
                 else:
                     outcomes = []
+                    # Its boot first, as a request's: a restarted peer's messages are
+                    # taken only once its new process is known.
+                    self._note_boot(dst, reply.boot)
                     self._take_answers(dst, reply.payloads)
                     return
             if len(payloads) > 1 and dst not in self._old_peers:
                 try:
                     r = self._load_report()
                     await self._call(dst, SCHED_BATCH, SchedBatchRequest(
-                        src=r.src, load=r.load, cap=r.cap, payloads=payloads), lane=SCHED_LANE)
+                        src=r.src, load=r.load, cap=r.cap, boot=r.boot, payloads=payloads),
+                        lane=SCHED_LANE)
                     return
                 except RemoteError as e:
                     if e.code != ErrorCode.UNKNOWN_METHOD:
@@ -907,7 +915,8 @@ class ComputePlane:
             for payload in payloads:
                 r = self._load_report()
                 await self._call(dst, SCHED_MSG, SchedMsgRequest(
-                    src=r.src, load=r.load, cap=r.cap, payload=payload), lane=SCHED_LANE)
+                    src=r.src, load=r.load, cap=r.cap, boot=r.boot, payload=payload),
+                    lane=SCHED_LANE)
         except (RpcError, ValueError) as e:
             self._count("sched_send_failed")
             self.agent.log("debug", "sched_send_failed", peer=dst, error=str(e))
@@ -987,7 +996,7 @@ class ComputePlane:
             self._count("outcomes_with_messages")
             await self._rpc_done(outcome)
         self._rpc_sched_batch(req)
-        return SchedReply(self._answers_for(req.src))
+        return SchedReply(self._answers_for(req.src), boot=self._boot)
 
     def _rpc_sched_batch(self, req: SchedBatchRequest) -> SchedAck:
         if self.sched is None:

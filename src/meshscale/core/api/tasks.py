@@ -482,6 +482,9 @@ class SchedReply(msgspec.Struct):
     payloads: Annotated[list[Annotated[bytes, msgspec.Meta(
         max_length=MAX_SCHED_MESSAGE_BYTES)]], msgspec.Meta(
         max_length=MAX_SCHED_BATCH)] = msgspec.field(default_factory=list)
+    boot: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    """The answering process's boot (``LoadReport.boot``): the caller notes it before it
+    handles ``payloads``, as a request's is noted before its messages."""
 
 
 TASK_SUBMIT: Method[SubmitRequest, SubmitReply] = Method("task.submit", SubmitRequest,
