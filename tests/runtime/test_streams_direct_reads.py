@@ -157,6 +157,10 @@ def test_a_follower_of_a_shard_read_at_its_holder_gathers_records_between_fetche
             await turns()
             assert fetches == [0], "the follower fetched again at once"
             assert p.mirrors[("t", "n1~0")].head == 1  # the record came all the same
+            # A read here that needs the shard (its holder gone, say) cuts the wait short.
+            await p._rpc_read(ReadRequest(topic="t", wait_s=0.0))
+            await turns()
+            assert fetches == [0, 1], "the lingering follower was not woken by a read here"
         finally:
             await stop(p)
 

@@ -384,6 +384,9 @@ class StreamPlane:
         reads it at the holder); ``_needed_at``: when one last read it here instead. Both
         go with the topic's followers (``_expire_followers``)."""
         self._needed_at: dict[tuple[str, str], float] = {}
+        self._follow_wake: dict[tuple[str, str], asyncio.Event] = {}
+        """Per shard, what wakes its follower lingering between fetches
+        (``follower_pause_s``); one per running follower at most."""
         self._backup_memo: dict[tuple[str, str], tuple[list[Candidate], Candidate,
                                                       Residency | None, str | None]] = {}
         """Per shard, the backup ``_backup`` found, with the view, source and rule it
@@ -1755,6 +1758,9 @@ class StreamPlane:
                 self._skipped_at[(topic, source)] = now
         for key in [k for k in self._skipped_at if k[0] == topic and k[1] not in skip]:
             self._needed_at[key] = now
+            wake = self._follow_wake.get(key)
+            if wake is not None:
+                wake.set()  # a follower lingering on it fetches at once
         deadline = time.monotonic() + wait
 
         def ready() -> list[ReadRecord]:
@@ -1955,6 +1961,7 @@ class StreamPlane:
         try:
             await self._follow_shard(topic, source, lane, holders)
         finally:
+            self._follow_wake.pop((topic, source), None)
             self._release(holders, lane)
 
     async def _follow_shard(self, topic: str, source: str, lane: str,
@@ -2003,9 +2010,20 @@ class StreamPlane:
                 # The reads just woken answer before the next fetch; a shard read at its
                 # holder is fetched in batches (``follower_pause_s``).
                 key = (topic, source)
-                await asyncio.sleep(follower_pause_s(
+                pause = follower_pause_s(
                     self._skipped_at.get(key), self._needed_at.get(key), time.monotonic(),
-                    self.cfg.follow_linger_s, self.cfg.direct_recent_s))
+                    self.cfg.follow_linger_s, self.cfg.direct_recent_s)
+                if pause <= 0.0:
+                    await asyncio.sleep(0)
+                    continue
+                # Cut short by a read here that needs the shard (``_rpc_read``): the
+                # mirror is then what its subscriber reads (its holder gone, say).
+                wake = self._follow_wake.get(key)
+                if wake is None:
+                    wake = self._follow_wake[key] = asyncio.Event()
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), pause)
 
     # ------------------------------------------------------------------ stats
 
