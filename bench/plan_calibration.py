@@ -9,8 +9,10 @@ the source, then the same operator in the cloud; a controller at edge-a reads th
 results) and prints each checked figure predicted beside measured.
 
 The plan's costs are measured on this machine first, each on its own, never from the
-calibration run: the software time and the CPU of one hop (`bench/stream_hop.py`: a
-two-node pipeline with an operator that does nothing), the demo operator's time per
+calibration run: the software time and the CPU of one hop and the time of a fetch one
+node answers another (`bench/stream_hop.py`: a three-node pipeline with an operator
+that does nothing, read at its holder and through another region's follower, fed at
+one site's rate), the demo operator's time per
 reading (its IsolationForest timed here on batches of 1 and of 128 readings), its CPU
 time per call where the real path runs it (`operator_cost_in_mesh`: the worker's
 process time over the call, in a warm worker of a running two-node mesh fed at one
@@ -35,8 +37,15 @@ CPU. Now the cost is the call's CPU, and the wait for a core is the model's: the
 mesh's jobs and the other work's runnable threads share the host's cores
 (`sim/flows.py`, processor sharing, as the kernel's scheduler shares them among
 runnable threads). The prediction of the model before that change (the call's wall
-time, no other work, the hop CPU over 4 hops) is printed beside it, on the same
-measurements and the same real runs (`old_model` in the JSON).
+time, no other work, the hop CPU over 4 hops, the hop as stream_hop's pipeline over 4,
+a node's fetch answer a hop) is printed beside it, on the same measurements and the
+same real runs, through today's flow model (`old_model` in the JSON).
+
+Per site (`by_site` in the JSON, printed, not checked): each placement's p50 and p99 of
+each site's records, predicted (`p50_by_site_ms`, `p99_by_site_ms` of the plan) and
+measured. The near-source p50 is the median of two equal halves, site A's results
+(read at their holder) and site B's (through edge-a's follower, 4 ms away): it sits
+where the two meet, so a small move of either moves it a lot.
 
 Checked figures: the near-source (mesh) pipeline's latency p50 and p99, the central
 pipeline's latency p50 and p99, and the central pipeline's bytes across regions.
@@ -285,7 +294,7 @@ def operator_cost_in_mesh(duration_s: float, rate: float, record_ms: float,
 
 def plan_text(duration_s: float, rate_per_site: float, hop_ms: float = 1.0,
               batch_ms: float = 0.0, record_ms: float = 1.0, hop_cpu_ms: float = 0.0,
-              background_jobs: float = 0.0) -> str:
+              background_jobs: float = 0.0, fetch_hop_ms: float | None = None) -> str:
     per_source = rate_per_site / MACHINES_PER_SITE
     region = ('[[regions]]\nname = "{n}"\nnodes = 2\ncores_per_node = 2\n'
               'jurisdiction = "DE"\nlan_rtt_ms = 0.05\n')
@@ -295,6 +304,7 @@ def plan_text(duration_s: float, rate_per_site: float, hop_ms: float = 1.0,
         'central_region = "cloud"',
         f"window_s = {min(600.0, duration_s)}",
         f"hop_overhead_ms = {hop_ms:.4f}",
+        "" if fetch_hop_ms is None else f"fetch_hop_ms = {fetch_hop_ms:.4f}",
         f"host_cores = {os.cpu_count() or 1}",
         f"hop_cpu_ms = {hop_cpu_ms:.4f}",
         f"host_background_jobs = {background_jobs:.4f}",
@@ -329,12 +339,24 @@ def measure(duration_s: float, rate_per_site: float, only: str) -> dict[str, Any
     failure to be detected and the backup's runner to take over, seconds: when the
     runner's rounds were slow (a loaded machine) they were over 1% of the records and
     the measured near-source p99 jumped to 3.3 and 3.5 s."""
-    from meshscale.demo import DemoConfig, run_live_demo
+    from meshscale.demo import Demo, DemoConfig
 
     cfg = DemoConfig(duration_s=duration_s, rate_per_site=rate_per_site, kill_at=None,
                      quiet=True, machines_per_site=MACHINES_PER_SITE, only=only)
+    os.environ.setdefault("PYTHONHASHSEED", "0")  # as run_live_demo
+    demo = Demo(cfg)
     with BackgroundJobs() as background:
-        out = run_live_demo(cfg)
+        out = demo.run()
+    for pipe in demo.pipes.values():
+        # Each record's latency (its pipeline's ``latencies``, in the order of ``seen``)
+        # by the site it came from: the model's figures per site beside them.
+        by_site: dict[str, list[float]] = {}
+        for rid, lat in zip(pipe.seen, pipe.latencies, strict=False):
+            by_site.setdefault(demo.site_of.get(rid, "?"), []).append(lat * 1000)
+        out["pipelines"][pipe.name]["by_site"] = {
+            site: {"records": len(xs), "latency_p50_ms": round(stream_hop._pct(xs, 50), 1),
+                   "latency_p99_ms": round(stream_hop._pct(xs, 99), 1)}
+            for site, xs in sorted(by_site.items())}
     out["background_jobs"] = background.jobs
     out["background_spread"] = background.spread()
     out["background_per_s"] = [round(x, 2) for x in background.means()]
@@ -370,7 +392,7 @@ def check_at_run_background(duration: float, rate: float, hop: dict[str, Any],
         with tempfile.TemporaryDirectory(prefix="plan-cal-check-") as tmp:
             path = Path(tmp) / "calibration.toml"
             path.write_text(plan_text(duration, rate, hop["hop_ms"], batch_ms, record_ms,
-                                      hop["hop_cpu_ms"], bg))
+                                      hop["hop_cpu_ms"], bg, hop.get("fetch_hop_ms")))
             w = predict(path, seed)["workloads"][0]["placements"][key]
         for fig, real_key in (("p50_ms", "latency_p50_ms"), ("p99_ms", "latency_p99_ms")):
             e = rel(w[fig], real[real_key])
@@ -388,14 +410,19 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     duration, rate = (15.0, 60.0) if args.quick else (36.0, 100.0)
-    hop = stream_hop.measure(6.0 if args.quick else 10.0)
+    # At one site's rate, as the operator's cost below: the load the mesh's processes
+    # see at each shard's holder.
+    hop = stream_hop.measure(6.0 if args.quick else 10.0, rate)
     alone_ms, record_ms = operator_cost()
     in_mesh = operator_cost_in_mesh(6.0 if args.quick else 10.0, rate, record_ms)
     # The operator's cost is its CPU per call; the time it waits for a core (the mesh's
     # own jobs and the machine's other work, ``host_background_jobs``) is the model's.
     batch_ms, background = in_mesh["call_cpu_ms"], in_mesh["background_jobs"]
     print(f"measured on this machine: hop {hop['hop_ms']:.3f} ms (bench/stream_hop.py, "
-          f"pipeline p50 {hop['pipeline_p50_ms']:.2f} ms / {hop['hops']} hops), "
+          f"pipeline p50 {hop['pipeline_p50_ms']:.2f} ms / {hop['hops']} hops), a node's "
+          f"fetch answer {hop.get('fetch_hop_ms', float('nan')):.3f} ms (a read through "
+          f"a follower less one at the holder, p50 {hop.get('follower_pipeline_p50_ms')} "
+          f"ms), "
           f"{hop['hop_cpu_ms']:.3f} ms of CPU per hop ({hop.get('cpu_hops')} a record); "
           f"operator {batch_ms:.3f} ms of CPU per call in a worker of a running mesh "
           f"(wall {in_mesh['call_ms']:.3f} ms; {in_mesh['calls']} calls, batch p50 "
@@ -404,14 +431,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="plan-cal-") as tmp:
         path = Path(tmp) / "calibration.toml"
         path.write_text(plan_text(duration, rate, hop["hop_ms"], batch_ms, record_ms,
-                                  hop["hop_cpu_ms"], background))
+                                  hop["hop_cpu_ms"], background, hop.get("fetch_hop_ms")))
         pred = predict(path, args.seed)
-        # The model before issue 17's second calibration, on the same measurements: the
-        # call's wall time in the worker as its cost, no other work on the host, and
-        # the CPU of stream_hop's path over its 4 delay hops (5 charged).
-        path.write_text(plan_text(duration, rate, hop["hop_ms"], in_mesh["call_ms"],
-                                  record_ms, hop["hop_cpu_ms"] * hop.get(
-                                      "cpu_hops", stream_hop.CPU_HOPS) / stream_hop.HOPS,
+        # The costs of the model before issue 17's second calibration, on the same
+        # measurements, through today's flow model: the call's wall time in the worker
+        # as its cost, no other work on the host, a lone record's path's CPU over 4
+        # delay hops (5 messages charged), the hop as its pipeline p50 over 4 (its
+        # direct reader's path has 3) and a node's fetch answer a hop.
+        path.write_text(plan_text(duration, rate, hop["hop_ms"] * stream_hop.HOPS / 4,
+                                  in_mesh["call_ms"], record_ms, hop["hop_cpu_ms"] * 5 / 4,
                                   0.0))
         old = predict(path, args.seed)
     w = pred["workloads"][0]["placements"]
@@ -432,6 +460,15 @@ def main() -> int:
     old_pred = [w_old["mesh"]["p50_ms"], w_old["mesh"]["p99_ms"], w_old["central"]["p50_ms"],
                 w_old["central"]["p99_ms"], w_old["central"]["cross_region_bytes_per_day"]]
     old_errs = [rel(p, r) for p, (_, _, r) in zip(old_pred, rows, strict=True)]
+    by_site: dict[str, Any] = {}
+    for label, key, real in (("near-source", "mesh", near), ("central", "central", cent)):
+        for site, got in real.get("by_site", {}).items():
+            by_site.setdefault(label, {})[site] = {
+                "records": got["records"],
+                "p50_pred_ms": w[key].get("p50_by_site_ms", {}).get(site),
+                "p50_real_ms": got["latency_p50_ms"],
+                "p99_pred_ms": w[key].get("p99_by_site_ms", {}).get(site),
+                "p99_real_ms": got["latency_p99_ms"]}
     result = {
         "p50_pred_ms": w["central"]["p50_ms"], "p50_real_ms": cent["latency_p50_ms"],
         "p99_pred_ms": w["central"]["p99_ms"], "p99_real_ms": cent["latency_p99_ms"],
@@ -446,7 +483,9 @@ def main() -> int:
                     for (name, p, r), e in zip(rows, errs, strict=True)],
         "old_model": {name: {"predicted": p, "rel_err": round(e, 4)} for (name, _, _), p, e
                       in zip(rows, old_pred, old_errs, strict=True)},
+        "by_site": by_site,
         "hop_ms": hop["hop_ms"], "hop_cpu_ms": hop["hop_cpu_ms"],
+        "fetch_hop_ms": hop.get("fetch_hop_ms"), "stream_hop": hop,
         "operator_ms_per_call": round(batch_ms, 4),
         "operator_wall_ms_per_call": round(in_mesh["call_ms"], 4),
         "operator_ms_per_call_alone": round(alone_ms, 4), "operator_calls_timed": in_mesh["calls"],
@@ -472,6 +511,14 @@ def main() -> int:
         print(f"{name:<28} {p:>14,.1f} {r:>14,.1f} {e:>8.2f} {po:>14,.1f} {eo:>8.2f}")
     print(f"max_rel_err {result['max_rel_err']:.2f} (target <= 0.2; old model "
           f"{max(old_errs):.2f})")
+    print("per site (not checked figures: where each site's records stand):")
+    for label, sites in by_site.items():
+        for site, v in sites.items():
+            def f(x: float | None) -> str:
+                return "   -" if x is None else f"{x:6.1f}"
+            print(f"  {label:<12} {site:<7} {v['records']:5d} records  p50 predicted "
+                  f"{f(v['p50_pred_ms'])} measured {f(v['p50_real_ms'])}   p99 predicted "
+                  f"{f(v['p99_pred_ms'])} measured {f(v['p99_real_ms'])}")
     result["check_at_run_background"] = check_at_run_background(
         duration, rate, hop, record_ms, args.seed, batch_ms, background,
         {"near-source": (near, near_run.get("background_jobs")),

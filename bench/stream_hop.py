@@ -1,34 +1,44 @@
 """The software time of one hop of the stream plane, measured on this machine.
 
-`meshscale plan` charges ``hop_overhead_ms`` for every hop a record makes between
-processes (``sim/flows.py``). This script measures it, independently of any plan: two
-real node processes in one region (no emulated delay: loopback), an operator that does
-nothing (``lambda rs: rs``'s like, no model), near-source; a producer publishes to
-node-0 at a low rate (no queueing) and a consumer reads the results through node-1.
-A record's time from ``publish`` to the consumer is then software only, over the hops
-the flow model charges on that path (``HOPS``):
+`meshscale plan` charges ``hop_overhead_ms`` for every hop a record makes between a
+client and a node or to a worker, and ``fetch_hop_ms`` for every fetch one node answers
+another (``sim/flows.py``). This script measures both, independently of any plan: three
+real node processes, node-0 and node-2 in one region and node-1 in another (no emulated
+delay: loopback), an operator that does nothing (``lambda rs: rs``'s like, no model),
+near-source; a producer publishes to node-0 at a low rate (no queueing) and two
+consumers read the same results, one through node-2 and one through node-1. As the
+runtime's subscription does (``core.streams.direct_reads``, issue 23), the first reads
+node-0's output shard at node-0 itself (its node's region holds it), the second
+through node-1's follower (another region's holder). The first's time from ``publish``
+is software only, over the hops the flow model charges on that path (``HOPS``):
 
 1. the producer's publish to node-0 (client -> node RPC);
 2. the runner's hand-off of the batch to a worker process and back (the fetch itself
    is an in-process call: the runner runs on node-0, near-source);
-3. node-1's fetch of the result from node-0 (node -> node RPC);
-4. node-1's answer to the consumer's read (node -> client RPC).
+3. node-0's answer to the consumer's read (node -> client RPC).
 
-``hop_ms`` = the median pipeline time / ``HOPS``. Loopback network time (tens of
-microseconds) is left in, so the figure is, if anything, a little high.
+``hop_ms`` = that consumer's median time / ``HOPS``. The second's path has one fetch
+more: node-1's follower's, answered by node-0, before node-1 answers its consumer.
+``fetch_hop_ms`` = the median over records of the second's time less the first's (the
+same record, the same run: the load weighs on both alike). Loopback network time (tens
+of microseconds) is left in, so the figures are, if anything, a little high.
+
+Until issue 17's third calibration a single consumer read through node-1, in node-0's
+region, and ``hop_ms`` was its time over 4 hops, counting a follower's fetch and a
+read at node-1 that the runtime had stopped making (it reads at node-0: 159 of 160
+records in a probe): each hop came out a quarter too short, and the flow model charged
+every read two such hops; a follower's fetch measured 0.1 to 0.5 ms, far less than a
+hop.
 
 ``hop_cpu_ms`` is the CPU the same path costs: the CPU time of the node processes, their
-workers and this process (the producer and the consumer) while the records flow, less
-what they use idle (measured over ``IDLE_S`` before), per record, over ``CPU_HOPS``, the
-messages the flow model charges a hop of CPU for on this path (a record is its own batch
-at a low rate): the publish, the hand-off to a worker, the outputs' copy to their
-backup, node-1's fetch reply and the consumer's read; the last four once a batch when
-the runner takes several records at once (``cpu_messages``, from the runners'
-``batches_applied``), as the model charges them. Until issue 17's second calibration it
-was divided by ``HOPS`` (4) while the model charged 5 hops of CPU on the same path:
-every record's CPU was counted a quarter too high, and more when a loaded machine
-made the runner take records in batches. It is what a shared host loses to moving
-records (``host_cores`` in a plan).
+workers and this process (the producer and the consumers) while the records flow, less
+what they use idle (measured over ``IDLE_S`` before), per message the flow model charges
+a hop of CPU for on these paths (``cpu_messages``): each record's publish, and per batch
+the hand-off to a worker, the outputs' copy to their backup, node-0's answer to the
+direct read, node-0's answer to node-1's fetch and node-1's answer to its consumer's
+read (a batch's results are appended at once, so each reader takes them in one read,
+as the model charges them). It is what a shared host loses to moving records
+(``host_cores`` in a plan).
 
     .venv/bin/python bench/stream_hop.py [--quick] --json out.json
 """
@@ -47,11 +57,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HOPS = 4
-"""Hops ``sim/flows.py`` charges on the measured path (see the module docstring)."""
-CPU_HOPS = 5
-"""Messages ``sim/flows.py`` charges ``hop_cpu_s`` for on the measured path (its
-``_AT_SHARD``, a local ``_BATCH``, ``_APPLIED``'s copy, ``_RESULTS_BACK``'s two)."""
+HOPS = 3
+"""Hops ``sim/flows.py`` charges on the direct reader's path (see the module docstring)."""
+CPU_HOPS = 6
+"""Messages ``sim/flows.py`` charges ``hop_cpu_s`` for on the measured paths for a record
+alone: its ``_AT_SHARD``, a local ``_BATCH``, ``_APPLIED``'s copy, a direct read's
+``_RESULTS_BACK`` (one) and a follower's (two)."""
 IDLE_S = 3.0
 
 
@@ -123,12 +134,13 @@ def _batches_applied(lm: Any, op: str) -> int:
 
 
 def cpu_messages(records: int, batches: int) -> int:
-    """Messages ``sim/flows.py`` charges a hop of CPU for on the measured path: each
+    """Messages ``sim/flows.py`` charges a hop of CPU for on the measured paths: each
     record's publish, and for each batch its hand-off to a worker, its outputs' copy,
-    node-1's fetch reply and the consumer's read (a batch's results are appended at
-    once, so node-1 takes them in one fetch). ``CPU_HOPS`` a record when each record is
-    its own batch; fewer when the runner takes several at once (a loaded machine), as
-    the model charges them. ``batches`` 0 (unread): every record its own batch."""
+    node-0's answer to the direct read, its answer to node-1's fetch and node-1's answer
+    to its consumer (a batch's results are appended at once, so each reader takes them
+    in one read). ``CPU_HOPS`` a record when each record is its own batch; fewer when
+    the runner takes several at once (a loaded machine), as the model charges them.
+    ``batches`` 0 (unread): every record its own batch."""
     if batches <= 0 or batches > records:
         batches = records
     return records + (CPU_HOPS - 1) * batches
@@ -150,32 +162,46 @@ def publish_paced(rate: float, duration_s: float, publish: Callable[[int], objec
     return n
 
 
-def measure(duration_s: float = 10.0, rate: float = 20.0) -> dict[str, Any]:
-    """Run the two-node pipeline; returns the figures (see the module docstring)."""
+def _consume(sub: Any, got: dict[int, float], direct: list[int],
+             stop: threading.Event) -> None:
+    """Each record's time from its publish, by its value (the record's number)."""
+    while not stop.is_set():
+        for r in sub.poll(timeout=0.5):
+            got.setdefault(r.value, time.time() - r.ts)
+        direct[0] = sub.received_direct
+
+
+def measure(duration_s: float = 10.0, rate: float = 20.0,
+            follower: bool = True) -> dict[str, Any]:
+    """Run the three-node pipeline; returns the figures (see the module docstring)."""
+    import statistics
+
     import meshscale
     from meshscale.runtime.launcher import LocalMesh
 
     with tempfile.TemporaryDirectory(prefix="stream-hop-") as tmp:
-        lm = LocalMesh(Path(tmp) / "mesh", 2, regions=["lan"])
+        lm = LocalMesh(Path(tmp) / "mesh", 3, regions=["lan", "lan-2"])
         lm.start()
         try:
             lm.wait_converged(60)
-            entry, other = lm.nodes[0], lm.nodes[1]
-            consumer = meshscale.connect(other.address, bundle=lm.bundle_path)
+            entry = lm.nodes[0]
+            near = next(n for n in lm.nodes[1:] if n.region == entry.region)
+            far = next(n for n in lm.nodes if n.region != entry.region)
+            consumer = meshscale.connect(near.address, bundle=lm.bundle_path)
             consumer.operator("hop-in", _nothing, placement="near-source", output="hop-out",
                               name="hop-op", batch=True, batch_size=128)
             warm = _wait_warm(lm, "hop-op")
-            sub = consumer.subscribe("hop-out")
-            lat: list[float] = []
+            far_consumer = meshscale.connect(far.address, bundle=lm.bundle_path)
+            got: dict[int, float] = {}
+            got_far: dict[int, float] = {}
+            direct, direct_far = [0], [0]
             stop = threading.Event()
-
-            def consume() -> None:
-                while not stop.is_set():
-                    for r in sub.poll(timeout=0.5):
-                        lat.append(time.time() - r.ts)
-
-            th = threading.Thread(target=consume, daemon=True)
-            th.start()
+            threads = [threading.Thread(target=_consume, args=(
+                mesh.subscribe("hop-out"), into, d, stop), daemon=True) for mesh, into, d in (
+                    (consumer, got, direct), (far_consumer, got_far, direct_far))
+                    if follower or into is got]
+            for th in threads:
+                th.start()
             c0, t0 = _mesh_cpu_s(lm), time.monotonic()
             time.sleep(IDLE_S)
             idle_per_s = (_mesh_cpu_s(lm) - c0) / (time.monotonic() - t0)
@@ -185,22 +211,35 @@ def measure(duration_s: float = 10.0, rate: float = 20.0) -> dict[str, Any]:
             n = publish_paced(rate, duration_s, lambda i: s.publish("k", i))
             s.flush(timeout=60)
             deadline = time.monotonic() + 30
-            while len(lat) < n and time.monotonic() < deadline:
+            while (len(got) < n or (follower and len(got_far) < n)) \
+                    and time.monotonic() < deadline:
                 time.sleep(0.05)
             busy = _mesh_cpu_s(lm) - c1 - idle_per_s * (time.monotonic() - t1)
             batches = _batches_applied(lm, "hop-op")
             stop.set()
-            th.join(timeout=5)
+            for th in threads:
+                th.join(timeout=5)
             s.close()
             producer.close()
             consumer.close()
+            far_consumer.close()
         finally:
             lm.stop()
-    ms = [x * 1000 for x in lat]
+    ms = [x * 1000 for x in got.values()]
+    far_ms = [x * 1000 for x in got_far.values()]
+    both = sorted(set(got) & set(got_far))
+    extra = [(got_far[i] - got[i]) * 1000 for i in both]
     p50 = _pct(ms, 50)
-    return {"records": n, "received": len(ms), "warm": warm, "rate_per_s": rate,
+    fetch_ms = max(0.0, statistics.median(extra)) if extra else math.nan
+    return {"records": n, "received": len(ms), "received_direct": direct[0],
+            "received_through_follower": len(far_ms),
+            "received_direct_far": direct_far[0], "warm": warm, "rate_per_s": rate,
             "pipeline_p50_ms": round(p50, 2), "pipeline_p99_ms": round(_pct(ms, 99), 2),
+            "follower_pipeline_p50_ms": round(_pct(far_ms, 50), 2),
+            "follower_pipeline_p99_ms": round(_pct(far_ms, 99), 2),
             "hops": HOPS, "hop_ms": round(p50 / HOPS, 3),
+            "fetch_hop_ms": round(fetch_ms, 3),
+            "fetch_hop_p25_p75_ms": [round(_pct(extra, 25), 3), round(_pct(extra, 75), 3)],
             "idle_cpu_cores": round(idle_per_s, 4),
             "batches": batches, "cpu_hops": round(cpu_messages(len(ms), batches)
                                                   / max(1, len(ms)), 3),

@@ -56,29 +56,47 @@ sys.path.insert(0, str(ROOT / "bench"))
 import plan_calibration  # noqa: E402  (bench/, after its path)
 
 
+def _hop_messages(records: list[FlowRecord], reader: str) -> int:
+    """Hop messages ``sim.flows`` charges for ``records`` (near-source on n0, in region a)
+    with their results read through ``reader``: n1 in region a (the runtime reads at the
+    holder, ``core.streams.direct_reads``) or m0 in region b (through m0's follower)."""
+    nodes = {"n0": "a", "n1": "a", "m0": "b"}
+    for rec in records:
+        rec.result_site = nodes[reader]
+    fr = FlowRun(1, dict.fromkeys(nodes, 1), nodes, lambda a, b: FlowPath(0.1, 1e12),
+                 {"a": 0.002, "b": 0.002}, {"a", "b"}, hop_overhead_s=0.001, jitter=0.0,
+                 host_cores=2.0, hop_cpu_s=1e-6, reader_node={nodes[reader]: reader})
+    fr.run(records)
+    return fr.hop_messages
+
+
 def test_stream_hop_spreads_its_cpu_over_the_hops_the_model_charges() -> None:
-    """``bench/stream_hop.py`` spreads the CPU of its path over ``CPU_HOPS`` messages: as
-    many as ``sim.flows`` charges ``hop_cpu_s`` for on that path (a record alone, the
-    runner near-source, the consumer's node another node of the region). Over its 4
-    delay hops, as until issue 17's second calibration, a record's CPU was counted a
-    quarter too high."""
-    rec = FlowRecord(1.2, "a", "n0", "a", 100, 10, 0.001, runner="r")
-    fr = FlowRun(1, {"n0": 1}, {"n0": "a"}, lambda a, b: FlowPath(0.1, 1e12), {"a": 0.002},
-                 {"a"}, hop_overhead_s=0.001, jitter=0.0, host_cores=2.0, hop_cpu_s=1e-6)
-    fr.run([rec])
-    assert fr.hop_messages == plan_calibration.stream_hop.CPU_HOPS == 5
-    assert plan_calibration.stream_hop.cpu_messages(1, 1) == 5
-    assert plan_calibration.stream_hop.cpu_messages(1, 0) == 5  # batches not read
+    """``bench/stream_hop.py`` spreads the CPU of its paths over ``CPU_HOPS`` messages a
+    lone record: as many as ``sim.flows`` charges ``hop_cpu_s`` for on them (the runner
+    near-source, one consumer reading at the holder, one through another region's
+    node), the publish, hand-off and copy once. Over its 4 delay hops, as until issue
+    17's second calibration, a record's CPU was counted a quarter too high."""
+    def rec() -> FlowRecord:
+        return FlowRecord(1.2, "a", "n0", "a", 100, 10, 0.001, runner="r")
+
+    direct, follower = _hop_messages([rec()], "n1"), _hop_messages([rec()], "m0")
+    assert (direct, follower) == (4, 5)
+    assert plan_calibration.stream_hop.CPU_HOPS == direct + follower - 3 == 6
+    assert plan_calibration.stream_hop.cpu_messages(1, 1) == 6
+    assert plan_calibration.stream_hop.cpu_messages(1, 0) == 6  # batches not read
 
 
 def test_stream_hop_charges_a_batch_its_messages_once() -> None:
-    """Ten records in two batches: ten publishes, then per batch a hand-off, a copy, a
-    fetch reply and a read, as ``sim.flows`` charges them."""
-    recs = [FlowRecord(1.2, "a", "n0", "a", 100, 10, 0.2, runner="r") for _ in range(10)]
-    fr = FlowRun(1, {"n0": 1}, {"n0": "a"}, lambda a, b: FlowPath(0.1, 1e12), {"a": 0.002},
-                 {"a"}, hop_overhead_s=0.001, jitter=0.0, host_cores=2.0, hop_cpu_s=1e-6)
-    fr.run(recs)  # the first alone on the waiting fetch, the nine others in one batch
-    assert fr.hop_messages == plan_calibration.stream_hop.cpu_messages(10, 2) == 18
+    """Ten records in two batches: ten publishes, then per batch a hand-off, a copy, the
+    direct read's answer, and the follower's fetch answer and its node's read answer,
+    as ``sim.flows`` charges them."""
+    def recs() -> list[FlowRecord]:
+        return [FlowRecord(1.2, "a", "n0", "a", 100, 10, 0.2, runner="r") for _ in range(10)]
+
+    # the first alone on the waiting fetch, the nine others in one batch
+    direct, follower = _hop_messages(recs(), "n1"), _hop_messages(recs(), "m0")
+    assert (direct, follower) == (10 + 2 * 3, 10 + 2 * 4)
+    assert plan_calibration.stream_hop.cpu_messages(10, 2) == direct + follower - 10 - 2 * 2
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux /proc")
@@ -131,8 +149,9 @@ def test_the_plan_takes_the_operator_cpu_in_a_worker_and_the_other_work(
         plans.append(path.read_text())
         return {"workloads": [{"placements": {"mesh": placement, "central": placement}}]}
 
-    monkeypatch.setattr(plan_calibration.stream_hop, "measure", lambda s: {
-        "hop_ms": 2.0, "hop_cpu_ms": 0.5, "pipeline_p50_ms": 8.0, "hops": 4})
+    monkeypatch.setattr(plan_calibration.stream_hop, "measure", lambda s, rate: {
+        "hop_ms": 2.0, "hop_cpu_ms": 0.5, "pipeline_p50_ms": 6.0, "hops": 3,
+        "fetch_hop_ms": 0.75})
     monkeypatch.setattr(plan_calibration, "operator_cost", lambda: (3.0, 0.01))
     monkeypatch.setattr(plan_calibration, "operator_cost_in_mesh", lambda d, r, rec: {
         "call_ms": 47.0, "call_cpu_ms": 21.0, "background_jobs": 3.25, "calls": 9,
@@ -146,11 +165,15 @@ def test_the_plan_takes_the_operator_cpu_in_a_worker_and_the_other_work(
     assert "cpu_ms_per_batch = 21.0000" in plans[0]
     assert "host_background_jobs = 3.2500" in plans[0]
     assert "hop_cpu_ms = 0.5000" in plans[0]
+    assert "hop_overhead_ms = 2.0000" in plans[0]
+    assert "fetch_hop_ms = 0.7500" in plans[0]
     # the old model beside it, on the same measurements: wall time, no other work, the
     # path's CPU over its 4 delay hops
     assert "cpu_ms_per_batch = 47.0000" in plans[1]
     assert "host_background_jobs = 0.0000" in plans[1]
     assert "hop_cpu_ms = 0.6250" in plans[1]
+    assert "hop_overhead_ms = 1.5000" in plans[1]  # its pipeline over 4 hops
+    assert "fetch_hop_ms" not in plans[1]
     data = json.loads((tmp_path / "out.json").read_text())
     assert data["operator_ms_per_call"] == 21.0
     assert data["operator_wall_ms_per_call"] == 47.0
@@ -166,11 +189,15 @@ def test_the_real_run_kills_no_node(monkeypatch: pytest.MonkeyPatch) -> None:
 
     seen: list[meshscale.demo.DemoConfig] = []
 
-    def run(cfg: meshscale.demo.DemoConfig) -> dict[str, object]:
-        seen.append(cfg)
-        return {"pipelines": {}}
+    class Demo:
+        def __init__(self, cfg: meshscale.demo.DemoConfig) -> None:
+            seen.append(cfg)
+            self.pipes: dict[str, object] = {}
 
-    monkeypatch.setattr(meshscale.demo, "run_live_demo", run)
+        def run(self) -> dict[str, object]:
+            return {"pipelines": {}}
+
+    monkeypatch.setattr(meshscale.demo, "Demo", Demo)
     plan_calibration.measure(15.0, 60.0, "near-source")
     assert seen and seen[0].kill_at is None and seen[0].only == "near-source"
 

@@ -170,6 +170,11 @@ class Plan(_Strict, kw_only=True, frozen=True):
     hop_overhead_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 1.0
     """Software time of one hop of a record between processes (an RPC, a hand-off to a
     worker: framing, TLS, the event loop); ``bench/stream_hop.py`` measures it."""
+    fetch_hop_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] | None = None
+    """Software time of a fetch one node answers another (a subscriber's node's follower,
+    an operator's runner in another region); ``bench/stream_hop.py`` measures it (what a
+    read through a follower adds to a read at the shard's holder). Unset:
+    ``hop_overhead_ms``."""
     target_utilization: Fraction = 0.7
     """Elastic regions get enough servers to stay below this at peak."""
     hop_cpu_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 0.0
@@ -355,6 +360,7 @@ price_per_kwh = 0.25            # electricity, in `currency`
 currency = "EUR"
 window_s = 20                   # virtual seconds of peak traffic simulated per workload
 hop_overhead_ms = 1.0           # software time of one hop (bench/stream_hop.py measures it)
+# fetch_hop_ms = 0.3            # a fetch one node answers another (unset: hop_overhead_ms)
 target_utilization = 0.7        # elastic regions are sized to stay below this
 
 [[regions]]

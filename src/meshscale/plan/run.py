@@ -110,6 +110,7 @@ class Figures:
     p50_ms: float = math.inf
     p99_ms: float = math.inf
     p99_by_site_ms: dict[str, float] = field(default_factory=dict)
+    p50_by_site_ms: dict[str, float] = field(default_factory=dict)
     makespan_h: float = math.inf
     slo_met: bool = False
     sample_ms: list[float] = field(default_factory=list)
@@ -354,6 +355,16 @@ def _stream_runner(lay: _Layout, s: _Shard, w: Stream | Calls) -> str:
         return s.node
 
 
+def _reader_nodes(lay: _Layout) -> dict[str, str]:
+    """The node a stream's consumer reads its results through, per region: the region's
+    last node (in a local mesh of the plan, ``_up_names``, the live demo's controller
+    reads through its site's second node, its producers enter at the first). The plan
+    names no node for a consumer; with up to ``core.streams.MAX_DIRECT_HOLDERS`` shard
+    holders in the region, every one is read in one hop whichever node it is (at its
+    holder, or the node's own shard through its in-process follower)."""
+    return {r: ns[-1] for r, ns in lay.by_region.items() if ns}
+
+
 def _submit_one(mesh: ComputeMesh, entry: str, spec: TaskSpec, refused: dict[str, str],
                 workload: str) -> None:
     why = mesh.submit(entry, [spec], [1e7])
@@ -414,7 +425,9 @@ def _run_flows(lay: _Layout, flows: list[Stream | Calls], modes: dict[str, dict[
                  {r for r, ns in lay.by_region.items() if ns},
                  hop_overhead_s=plan.hop_overhead_ms / 1000, jitter=lay.topology.jitter,
                  host_cores=plan.host_cores, hop_cpu_s=plan.hop_cpu_ms / 1000,
-                 host_background_jobs=plan.host_background_jobs)
+                 host_background_jobs=plan.host_background_jobs,
+                 fetch_hop_s=None if plan.fetch_hop_ms is None else plan.fetch_hop_ms / 1000,
+                 reader_node=_reader_nodes(lay))
     fr.run([records[i] for i in served])
     for w in flows:
         f = out[w.name]
@@ -427,8 +440,9 @@ def _run_flows(lay: _Layout, flows: list[Stream | Calls], modes: dict[str, dict[
         f.unserved = sum(1 for r in mine if not r.operator_node)
         f.p50_ms, f.p99_ms = _pct(lat, 50), _pct(lat, 99)
         for site in _sites(w):
-            f.p99_by_site_ms[site] = _pct([x for r, x in zip(mine, lat, strict=True)
-                                           if r.site == site], 99)
+            at_site = [x for r, x in zip(mine, lat, strict=True) if r.site == site]
+            f.p99_by_site_ms[site] = _pct(at_site, 99)
+            f.p50_by_site_ms[site] = _pct(at_site, 50)
         f.slo_met = f.p99_ms <= slo
         f.sample_ms = [x for x in lat if math.isfinite(x)][:: max(1, len(lat) // 3000)]
         win = windows[w.name]

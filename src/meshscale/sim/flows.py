@@ -36,18 +36,30 @@ protocol instead, as ``runtime.streams`` runs it:
   (it would carry no commit): when the shard is empty it comes back at once, and the
   runner fetches again, long-polling, once the copy is done: a record landing in
   between waits for that second fetch, up to one RTT more;
-- the results go back the same way, to the record's ``result_site``: the consumer's
-  node long-polls the runner's node for them (``follow_wait_s``, up to
-  ``follow_records`` at once) and hands them to the consumer (one hop each). Runners on
-  one node append to its one shard of the output topic, which one follower pulls: with
-  one runner, the follower's next fetch comes back in step with its batches; with two
+- the results go to the record's ``result_site``, where the consumer reads through a
+  node (``reader_node``); how it reads each output shard is ``core.streams
+  .direct_reads``'s rule, as the runtime's subscription follows it (issue 23): a shard
+  held by another node of the consumer's node's region is read at its holder (the
+  holder answers the subscriber's long-poll at the append: one hop, nothing between);
+  one held by the consumer's node itself comes through its in-process follower (no
+  message) and the node answers the read (one hop); any other (held in another region,
+  or past ``MAX_DIRECT_HOLDERS``) is pulled by the consumer's node's follower
+  (``follow_wait_s``, up to ``follow_records`` at once; a fetch answered node to node,
+  ``fetch_hop_s``) and the node then answers the read (one hop). Runners on one node
+  append to its one shard of the output topic, which one follower (or direct read)
+  pulls: with one runner, the next fetch comes back in step with its batches; with two
   (shards whose runners ``core.streams.place_operator`` put on one node), the other's
-  results land while the follower's fetch travels back and wait for its next one, up
-  to one RTT (issue 17's traces of the live demo: 30 ms on average across 60 ms).
+  results land while the fetch travels back and wait for its next one, up to one RTT
+  (issue 17's traces of the live demo: 30 ms on average across 60 ms).
 
-``hop_overhead_s`` is the software time of one hop (an RPC between processes on one
-machine: framing, TLS, the event loop, pickling to a worker). Its value is not a
-guess: ``bench/stream_hop.py`` measures it on the machine that runs the mesh.
+``hop_overhead_s`` is the software time of one hop (an RPC between a client and a node,
+a hand-off to a worker: framing, TLS, the event loop, pickling). ``fetch_hop_s`` is that
+of a fetch one node answers another (a follower's, a remote runner's: ``stream.fetch``).
+Their values are not guesses: ``bench/stream_hop.py`` measures both on the machine that
+runs the mesh, the first on a path of three such hops (publish, hand-off, a read at the
+holder), the second as what a read through a follower adds to a read at the holder of
+the same records in the same run (issue 17: a follower's path took 0.1 to 0.5 ms more
+than a direct read there, far less than a client's hop).
 
 Events are processed in (time, sequence) order from one heap and every random draw comes
 from one ``random.Random`` seeded by the caller, so a run is a pure function of its inputs.
@@ -60,6 +72,8 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from meshscale.core.streams import direct_reads
 
 __all__ = ["FlowRecord", "FlowRun", "Path"]
 
@@ -115,6 +129,12 @@ class _Puller:
     copied_s: float = -1.0
     """A remote runner's fetch sent while its last outputs' copy travels (until this
     time) does not long-poll (``runtime.streams`` ``_read_shard``); -1: no such copy."""
+    answer_s: float = 0.0
+    """The software time of the holder's answer to a remote fetch: ``fetch_hop_s`` from
+    node to node, ``hop_overhead_s`` to a subscriber reading at the holder."""
+    direct: bool = False
+    """A subscriber reading at the holder (``core.streams.direct_reads``): the answer is
+    the delivery; else a consumer's node's follower, whose node then answers the read."""
 
 
 _ARRIVE_ENTRY, _ARRIVE_OP, _DONE, _ARRIVE_BACK = 0, 1, 2, 3
@@ -143,6 +163,12 @@ class FlowRun:
     follow_records: int = 1024
     """Results a consumer's node fetches at once (``runtime.streams.FOLLOW_BATCH``)."""
     follow_wait_s: float = 0.5
+    fetch_hop_s: float | None = None
+    """Software time of a fetch one node answers another (a follower's, a remote
+    runner's); None: ``hop_overhead_s``. ``bench/stream_hop.py`` measures it."""
+    reader_node: dict[str, str] = field(default_factory=dict)
+    """Result site -> the node its consumer reads through (missing: a node that holds no
+    output shard, of that region)."""
     hop_cpu_s: float = 0.0
     """CPU one hop of a stream message costs the shared host (``host_cores`` above 0):
     publishing a record, a fetch's reply, handing a batch to a worker, a consumer's read.
@@ -205,7 +231,18 @@ class FlowRun:
             return send(t, a, b, nbytes)
 
         # Stream records: one puller per runner (it pulls the site's shard) and one per
-        # (site, runner node) for the results (the consumer's node pulls them).
+        # (result site, runner node) for the results: the consumer's read at the holder,
+        # or its node's follower, by ``core.streams.direct_reads``'s rule.
+        fetch_hop = hop if self.fetch_hop_s is None else self.fetch_hop_s
+        held_for: dict[str, set[str]] = {}
+        for rec in records:
+            if rec.runner:
+                held_for.setdefault(rec.result_site or rec.site, set()).add(rec.operator_node)
+        direct: set[tuple[str, str]] = set()
+        for dest, holders in held_for.items():
+            me = self.reader_node.get(dest, "")
+            shards = [(h, h, self.region_of.get(h)) for h in sorted(holders)]
+            direct |= {(dest, h) for h in direct_reads(me, dest, shards)}
         pullers: list[_Puller] = []
         runner_of: dict[str, int] = {}
         follower_of: dict[tuple[str, str], int] = {}
@@ -222,14 +259,18 @@ class FlowRun:
                 r = runner_of[rec.runner] = len(pullers)
                 pullers.append(_Puller(holder, rec.operator_region,
                                        holder == rec.operator_region, rec.operator_node,
-                                       max(1, rec.batch_records)))
+                                       max(1, rec.batch_records), answer_s=fetch_hop))
             dest = rec.result_site or rec.site
             key = (dest, rec.operator_node)
             f = follower_of.get(key)
             if f is None:
                 f = follower_of[key] = len(pullers)
-                pullers.append(_Puller(rec.operator_region, dest, False,
-                                       rec.operator_node, max(1, self.follow_records)))
+                at_holder = key in direct
+                pullers.append(_Puller(
+                    rec.operator_region, dest,
+                    rec.operator_node == self.reader_node.get(dest), rec.operator_node,
+                    max(1, self.follow_records), answer_s=hop if at_holder else fetch_hop,
+                    direct=at_holder))
             rec_runner.append(r)
             rec_follower.append(f)
         followers = set(follower_of.values())
@@ -322,9 +363,9 @@ class FlowRun:
                 if pl.holder_region != pl.puller_region:
                     rec.cross_region_bytes += b
             if pl.local:
-                push(t, _BATCH, k)
+                push(t, _RESULTS_BACK if k in followers else _BATCH, k)
                 return
-            back = send(t, pl.holder_region, pl.puller_region, nbytes) + hop
+            back = send(t, pl.holder_region, pl.puller_region, nbytes) + pl.answer_s
             push(back, _RESULTS_BACK if k in followers else _BATCH, k)
 
         def arrive(t: float, k: int, js: list[int]) -> None:
@@ -418,15 +459,22 @@ class FlowRun:
                     fetch(t, i, _FOLLOW_TIMEOUT, self.follow_wait_s)
                 elif kind == _FOLLOW_TIMEOUT:
                     timed_out(t, i, _FOLLOW)
-                else:  # _RESULTS_BACK: at the consumer's node; handed to the consumer
+                else:  # _RESULTS_BACK: at the consumer (direct) or at its node
                     pl = pullers[i]
-                    hop_cpu(t, 2)  # the fetch's reply, the consumer's read
+                    if pl.direct:
+                        hop_cpu(t)  # the holder's answer to the subscriber's read
+                        done = t
+                    else:
+                        # (the follower's fetch reply, unless in-process,) the node's
+                        # answer to the consumer's read
+                        hop_cpu(t, 1 if pl.local else 2)
+                        done = t + one_way(pl.puller_region, pl.puller_region) + hop
                     for j in pl.batch:
-                        records[j].done_s = t + one_way(pl.puller_region,
-                                                        pl.puller_region) + hop
+                        records[j].done_s = done
                     left -= len(pl.batch)
                     pl.batch = []
-                    push(t + one_way(pl.puller_region, pl.holder_region), _FOLLOW, i)
+                    push(t if pl.local else t + one_way(pl.puller_region, pl.holder_region),
+                         _FOLLOW, i)
                 continue
             rec = records[i]
             if kind == _ARRIVE_ENTRY:
