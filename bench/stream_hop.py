@@ -27,8 +27,9 @@ Until issue 17's third calibration a single consumer read through node-1, in nod
 region, and ``hop_ms`` was its time over 4 hops, counting a follower's fetch and a
 read at node-1 that the runtime had stopped making (it reads at node-0: 159 of 160
 records in a probe): each hop came out a quarter too short, and the flow model charged
-every read two such hops; a follower's fetch measured 0.1 to 0.5 ms, far less than a
-hop.
+every read two such hops. A first probe put a follower's fetch at 0.1 to 0.5 ms; this
+bench, measuring it per record beside the direct read, has found 0.79 to 1.92 ms
+(median per run, 14 runs under load), with a wide spread between records.
 
 ``hop_cpu_ms`` is the CPU the same path costs: the CPU time of the node processes, their
 workers and this process (the producer and the consumers) while the records flow, less

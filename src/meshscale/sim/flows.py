@@ -58,8 +58,8 @@ of a fetch one node answers another (a follower's, a remote runner's: ``stream.f
 Their values are not guesses: ``bench/stream_hop.py`` measures both on the machine that
 runs the mesh, the first on a path of three such hops (publish, hand-off, a read at the
 holder), the second as what a read through a follower adds to a read at the holder of
-the same records in the same run (issue 17: a follower's path took 0.1 to 0.5 ms more
-than a direct read there, far less than a client's hop).
+the same records in the same run (issue 17's third calibration: 0.79 to 1.92 ms, the
+median of 14 runs each, under load; a client's hop there took 1.0 to 1.9 ms).
 
 Events are processed in (time, sequence) order from one heap and every random draw comes
 from one ``random.Random`` seeded by the caller, so a run is a pure function of its inputs.
