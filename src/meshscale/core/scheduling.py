@@ -1555,7 +1555,8 @@ class Scheduler:
 
     def _bind(self, chosen: _Task, src: str, ask: int, stolen: bool, now: float) -> None:
         state = self._view[src]
-        assert exclusion(chosen.spec, state) is None, "binding would break a placement rule"
+        # The rules, built once per task (``allowed_on``), not once per binding.
+        assert chosen.allowed_on(state), "binding would break a placement rule"
         self._unprobe(chosen)
         chosen.node = src
         chosen.attempt += 1
