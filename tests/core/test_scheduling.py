@@ -325,11 +325,12 @@ def test_a_lone_task_bound_here_scores_this_node_alone(
     import meshscale.core.scheduling as sched
 
     calls: list[str] = []
-    real_score, real_feasible = sched.score, sched.feasible
+    real_terms, real_feasible = sched._load_terms, sched.feasible
 
-    def counting_score(task: TaskSpec, n: NodeState, *a: object, **kw: object) -> object:
+    def counting_terms(task: TaskSpec, n: NodeState, *a: object) -> tuple[float, float]:
+        # Every score of a node (``score`` and the owner's ``_cost``) goes through here.
         calls.append(n.name)
-        return real_score(task, n, *a, **kw)  # type: ignore[arg-type]
+        return real_terms(task, n, *a)  # type: ignore[arg-type]
 
     feasible_calls: list[str] = []
 
@@ -337,7 +338,7 @@ def test_a_lone_task_bound_here_scores_this_node_alone(
         feasible_calls.append(task.task_id)
         return real_feasible(task, nodes)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(sched, "score", counting_score)
+    monkeypatch.setattr(sched, "_load_terms", counting_terms)
     monkeypatch.setattr(sched, "feasible", counting_feasible)
     one = Resources(1.0, 8000, 0)
     net = Net([node(n, cap=one) for n in ("a", "b", "c", "d")])
@@ -352,6 +353,49 @@ def test_a_lone_task_bound_here_scores_this_node_alone(
     net.s["a"].submit([TaskSpec("t1")], 0.1)
     assert sorted(calls) == ["a", "b", "c", "d"]
     assert net.s["a"].stats["probes_sent"] == 2
+
+
+def test_a_batch_of_like_tasks_checks_the_rules_and_node_distances_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A map's tasks have no inputs and the same rules: on one view they have the same
+    feasible set, and each node the same transfer and latency terms. A submit computes
+    those once per kind of task, not once per task (issue #19: placement was the owner's
+    largest cost in a no-op map, a feasible set and a Vivaldi distance to every node per
+    task); the load terms, which every placement changes, are still per task."""
+    import meshscale.core.scheduling as sched
+
+    feasible_calls: list[str] = []
+    rtt_calls: list[int] = []
+    real_feasible, real_rtt = sched.feasible, sched.estimate_rtt
+
+    def counting_feasible(task: TaskSpec, nodes: object) -> list[NodeState]:
+        feasible_calls.append(task.task_id)
+        return real_feasible(task, nodes)  # type: ignore[arg-type]
+
+    def counting_rtt(a: Coordinate, b: Coordinate) -> float:
+        rtt_calls.append(1)
+        return real_rtt(a, b)
+
+    monkeypatch.setattr(sched, "feasible", counting_feasible)
+    monkeypatch.setattr(sched, "estimate_rtt", counting_rtt)
+    one = Resources(1.0, 8000, 0)
+    net = Net([node(n, cap=one, x=x) for n, x in (("a", 0.0), ("b", 0.01), ("c", 0.02),
+                                                    ("d", 0.03))])
+    tasks = [TaskSpec(f"t{i}") for i in range(40)] + \
+        [TaskSpec(f"u{i}", labels={"zone": "x"}) for i in range(3)]
+    with pytest.raises(SchedulingError):
+        net.s["a"].submit(tasks, 0.0)  # no node has the label: the whole batch refused
+    assert feasible_calls == ["t0", "u0"]
+    feasible_calls.clear()
+    net.s["a"].submit(tasks[:40], 0.0)
+    assert feasible_calls == ["t0"]
+    bound_here = net.s["a"].stats["bound_here"]
+    # One distance per node for the placements, one per binding's reported cost.
+    assert len(rtt_calls) == 4 + bound_here
+    assert net.s["a"].stats["probes_sent"] == 2 * (40 - bound_here)
+    net.pump()
+    net.finish_all()
+    assert sorted(e.task_id for e in net.of(TaskFinished)) == sorted(f"t{i}" for i in range(40))
 
 
 def test_an_owner_scores_itself_by_its_own_load_not_its_view_entry() -> None:

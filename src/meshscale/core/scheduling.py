@@ -110,7 +110,7 @@ import math
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import msgspec
@@ -467,6 +467,8 @@ def _fits(demand: Resources) -> Callable[[NodeState], bool]:
 
 
 _Filter = tuple[str, Callable[[], str], Callable[[NodeState], bool]]
+_FixedMemo = dict[tuple[str, Coordinate | None], tuple[float, float]]
+"""``_fixed_terms`` by (node, origin), valid while the view does not change."""
 
 
 def _describe_input(inp: InputRef) -> Callable[[], str]:
@@ -495,6 +497,20 @@ def _filters(task: TaskSpec) -> list[_Filter]:
     demand = task.demand
     out.append(("resources", lambda: f"resources {demand.describe()}", _fits(demand)))
     return out
+
+
+def _shape(task: TaskSpec) -> object | None:
+    """What ``feasible`` reads of ``task`` besides its id, for a task without inputs
+    (``None``: it has inputs, or something unhashable)."""
+    if task.inputs:
+        return None
+    key = (task.residency, task.placement, tuple(sorted(task.labels.items())), task.cpus,
+           task.memory_mb, task.gpus)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def exclusion(task: TaskSpec, node: NodeState) -> tuple[str, str] | None:
@@ -558,6 +574,7 @@ def score(
     config: SchedulingConfig,
     *,
     extra_tasks: float = 0.0,
+    load: Load | None = None,
 ) -> CostBreakdown:
     """Estimated cost of running ``task`` on ``node``.
 
@@ -567,7 +584,19 @@ def score(
     - queue: tasks ahead of this one (gossiped queue + ``extra_tasks`` the caller knows
       about + this one, minus free slots) * ``mean_task_s`` / the node's cpus;
     - energy: ``wake_penalty_s`` for a standby node, ``idle_penalty_s`` for an idle one.
+
+    ``load``: the node's load to score with (default: its gossiped ``node.load``).
     """
+    transfer_s, latency_s = _fixed_terms(task, node, origin)
+    queue_s, energy_s = _load_terms(task, node, node.load if load is None else load,
+                                    config, extra_tasks)
+    return CostBreakdown(transfer_s, latency_s, queue_s, energy_s)
+
+
+def _fixed_terms(task: TaskSpec, node: NodeState, origin: Coordinate | None
+                 ) -> tuple[float, float]:
+    """``score``'s transfer and latency: what does not depend on the node's load (for a
+    task without inputs, the same for every task placed from ``origin`` on one view)."""
     total_in = sum(i.size for i in task.inputs)
     missing = total_in - local_bytes(task, node.name)
     transfer_s = missing * 8.0 / node.bandwidth_bps
@@ -577,7 +606,12 @@ def score(
             latency_s = max(0.0, estimate_rtt(origin, node.coord))
         except ValueError:
             latency_s = 0.0  # coordinates of different dimensionality: unknown
-    load = node.load
+    return transfer_s, latency_s
+
+
+def _load_terms(task: TaskSpec, node: NodeState, load: Load, config: SchedulingConfig,
+                extra_tasks: float) -> tuple[float, float]:
+    """``score``'s queue and energy terms for ``node`` carrying ``load``."""
     slots = max(1.0, node.capacity.cpus)
     free_slots = load.free_cpus / task.cpus
     ahead = load.queued + extra_tasks + 1.0 - free_slots
@@ -588,7 +622,7 @@ def score(
         energy_s = config.idle_penalty_s
     else:
         energy_s = 0.0
-    return CostBreakdown(transfer_s, latency_s, queue_s, energy_s)
+    return queue_s, energy_s
 
 
 # --------------------------------------------------------------------------- outputs
@@ -1134,12 +1168,22 @@ class Scheduler:
                 f"{self.config.max_pending_tasks})")
         view = self._view.values()
         first: dict[str, list[NodeState]] = {}
+        by_shape: dict[object, list[NodeState]] = {}
         for t in tasks:
+            # Tasks alike in every rule ``feasible`` checks (no inputs, same residency,
+            # mode, labels and demand: a map's) have the same feasible set on one view.
+            shape = _shape(t)
+            known = by_shape.get(shape) if shape is not None else None
+            if known is not None:
+                first[t.task_id] = known
+                continue
             try:
                 first[t.task_id] = feasible(t, view)
             except SchedulingError as exc:
                 self._count("submits_refused." + exc.rule)
                 raise
+            if shape is not None:
+                by_shape[shape] = first[t.task_id]
         self._batch_seq += 1
         batch = self._batch_seq
         self._batches[batch] = list(ids)
@@ -1150,10 +1194,11 @@ class Scheduler:
             self._tasks[t.task_id] = _Task(t, batch, self._order, _holders(t, self._view),
                                            submitted=t.residency, classes=task_classes(t))
             self._count("tasks_submitted")
+        memo: _FixedMemo = {}
         for tid in ids:
             # The feasible set just checked is the first placement's (same view, same
             # rule): not computed twice.
-            self._place(self._tasks[tid], now, first.get(tid))
+            self._place(self._tasks[tid], now, first.get(tid), memo)
         self._deliver(now)
         return batch
 
@@ -1289,7 +1334,8 @@ class Scheduler:
         me = self._view.get(self.name)
         return None if me is None else me.coord
 
-    def _cost(self, spec: TaskSpec, n: NodeState, origin: Coordinate | None) -> float:
+    def _cost(self, spec: TaskSpec, n: NodeState, origin: Coordinate | None,
+              memo: _FixedMemo | None = None) -> float:
         """``score``'s total for ``spec`` on ``n`` as this owner places it. Another node
         is scored by its gossiped load plus the work this owner sent it that gossip may
         not show yet (``_extra``); this node by its own load as it is now (``load()``:
@@ -1298,10 +1344,22 @@ class Scheduler:
         the run that has just ended, and the tasks this owner bound here stay counted
         until their ``Result``: either sent a lone task (the next one a caller submits
         after the last one's answer) to a remote node by way of reservations while this
-        node's slot was free (issue #19)."""
+        node's slot was free (issue #19). ``memo``: ``_fixed_terms`` already computed in
+        this submit (same view), by node and origin."""
+        if memo is not None and not spec.inputs:
+            # Without inputs the transfer and latency terms depend only on the node and
+            # ``origin``: the same for every task of a submit (one view), so computed once.
+            fixed = memo.get((n.name, origin))
+            if fixed is None:
+                fixed = memo[(n.name, origin)] = _fixed_terms(spec, n, origin)
+        else:
+            fixed = _fixed_terms(spec, n, origin)
         if n.name == self.name:
-            return score(spec, replace(n, load=self.load()), origin, self.config).total
-        return score(spec, n, origin, self.config, extra_tasks=self._extra(n.name)).total
+            queue_s, energy_s = _load_terms(spec, n, self.load(), self.config, 0.0)
+        else:
+            queue_s, energy_s = _load_terms(spec, n, n.load, self.config, self._extra(n.name))
+        # ``score(...).total``, summed in its order (the same float).
+        return fixed[0] + fixed[1] + queue_s + energy_s
 
     def _extra(self, name: str) -> float:
         """Work this owner sent to ``name`` that gossip may not show yet."""
@@ -1329,11 +1387,12 @@ class Scheduler:
             return False
         return True
 
-    def _place(self, t: _Task, now: float, checked: list[NodeState] | None = None) -> None:
+    def _place(self, t: _Task, now: float, checked: list[NodeState] | None = None,
+               memo: _FixedMemo | None = None) -> None:
         """Send ``probes_per_task`` reservations for unbound task ``t`` (its rule narrowed
         first to its classes' current policies). ``checked``: ``feasible`` of ``t`` on
         the current view, just computed by the caller (used only when no class may have
-        narrowed the rule since)."""
+        narrowed the rule since); ``memo``: the caller's ``_cost`` memo for this view."""
         assert t.node is None
         cfg = self.config
         if not self._narrow(t):
@@ -1376,11 +1435,11 @@ class Scheduler:
             # other nodes need no score (the lone task's common case, issue #19).
             me = next((n for n in pool if n.name == self.name), None)
             if me is not None:
-                mine = self._cost(t.spec, me, origin)
+                mine = self._cost(t.spec, me, origin, memo)
                 if mine <= cfg.sample_temperature_s:
                     self._bind_here(t, [(mine, me.name)], inputs, now)
                     return
-        scored = sorted((self._cost(t.spec, n, origin), n.name) for n in pool)
+        scored = sorted((self._cost(t.spec, n, origin, memo), n.name) for n in pool)
         scored = scored[:keep]
         if self._bind_here(t, scored, inputs, now):
             return
@@ -1496,7 +1555,8 @@ class Scheduler:
 
     def _bind(self, chosen: _Task, src: str, ask: int, stolen: bool, now: float) -> None:
         state = self._view[src]
-        assert exclusion(chosen.spec, state) is None, "binding would break a placement rule"
+        # The rules, built once per task (``allowed_on``), not once per binding.
+        assert chosen.allowed_on(state), "binding would break a placement rule"
         self._unprobe(chosen)
         chosen.node = src
         chosen.attempt += 1
