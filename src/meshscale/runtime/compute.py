@@ -951,9 +951,7 @@ class ComputePlane:
         if self.sched is None:
             raise ValueError("compute plane not running")
         self._note_load(req)
-        self._mark_active(time.monotonic())
-        self.sched.handle_message(req.src, req.payload, time.monotonic())
-        self._pump()
+        self._handle_from(req.src, [req.payload])
         return SchedAck()
 
     def _take_answers(self, src: str, payloads: list[bytes]) -> None:
@@ -962,6 +960,13 @@ class ComputePlane:
         if not payloads or self.sched is None:
             return
         self._count("sched_answers_taken", len(payloads))
+        self._handle_from(src, payloads)
+
+    def _handle_from(self, src: str, payloads: list[bytes]) -> None:
+        """Hand ``src``'s scheduling messages to the scheduler, in order, then pump (a
+        ``sched.msg``, a ``sched.batch``, the messages in a ``sched.exchange`` either way:
+        its request's here, its reply's at the caller)."""
+        assert self.sched is not None
         now = time.monotonic()
         self._mark_active(now)
         for payload in payloads:
@@ -1002,11 +1007,7 @@ class ComputePlane:
         if self.sched is None:
             raise ValueError("compute plane not running")
         self._note_load(req)
-        now = time.monotonic()
-        self._mark_active(now)
-        for payload in req.payloads:
-            self.sched.handle_message(req.src, payload, now)
-        self._pump()
+        self._handle_from(req.src, req.payloads)
         return SchedAck()
 
     def _rpc_sched_load(self, req: LoadReport) -> LoadReport:
