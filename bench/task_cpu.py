@@ -3,9 +3,10 @@
     python bench/task_cpu.py [--n 1000] [--rounds 3] [--stats] [--latency 0]
 
 On a small shared machine throughput follows the CPU each task costs, and that figure
-varies much less with the machine's load than tasks/s. Builds what ``bench/tasks.py``
-builds for meshscale (a ``LocalMesh`` of 4 nodes in 3 regions, one task slot per node,
-HTTP off), connects one client to node-0, warms up with a map of 200 no-ops, then times
+varies much less with the machine's load than tasks/s. Runs on the mesh
+``bench/tasks.py`` builds for meshscale (its ``_ms_cluster``: a ``LocalMesh`` of 4 nodes
+in 3 regions, one task slot per node, HTTP off, a client per node), through node-0's
+client: warms up with a map of 200 no-ops, then times
 ``--rounds`` maps of ``--n`` no-ops. For each round it prints tasks/s and the CPU
 (``/proc`` utime + stime, in µs per task) of the owner (node-0), each other node, each
 worker process, and this client, their total and its kernel part; ``--stats`` adds the
@@ -59,74 +60,60 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     import meshscale
-    from meshscale.runtime.launcher import LocalMesh, children_of, temporary_mesh_dir
+    import tasks  # bench/tasks.py: its mesh, as it builds it
+    from meshscale.runtime.launcher import children_of
 
     t_noop = meshscale.task(noop)
-    with temporary_mesh_dir("bench-task-cpu-") as tmp:
-        lm = LocalMesh(Path(tmp), 4, regions=["eu-west", "us-east", "ap-south"], http=False)
-        old = os.environ.get("MESHSCALE_CPUS")
-        os.environ["MESHSCALE_CPUS"] = "1"  # one task slot per node, as bench/tasks.py
-        try:
-            lm.start()
-        finally:
-            if old is None:
-                os.environ.pop("MESHSCALE_CPUS", None)
-            else:
-                os.environ["MESHSCALE_CPUS"] = old
-        try:
-            lm.wait_converged(60)
-            mesh = meshscale.connect(lm.nodes[0].address, bundle=lm.bundle_path)
-            futs = mesh.map(t_noop, range(200))
-            mesh.wait(futs, timeout=120)
-            assert [f.result() for f in futs] == list(range(200))
-            time.sleep(1.0)
-            nodes = [p.pid for p in lm.processes()]
-            for r in range(a.rounds):
-                before_stats = owner_stats(mesh) if a.stats else {}
-                pids = nodes + sorted(children_of(set(nodes)))
-                c0 = {p: cpu_s(p) for p in pids}
-                me0 = os.times()
+    with tasks._ms_cluster() as (lm, meshes):
+        mesh = meshes[0]
+        futs = mesh.map(t_noop, range(200))
+        mesh.wait(futs, timeout=120)
+        assert [f.result() for f in futs] == list(range(200))
+        time.sleep(1.0)
+        nodes = [p.pid for p in lm.processes()]
+        for r in range(a.rounds):
+            before_stats = owner_stats(mesh) if a.stats else {}
+            pids = nodes + sorted(children_of(set(nodes)))
+            c0 = {p: cpu_s(p) for p in pids}
+            me0 = os.times()
+            t = time.perf_counter()
+            futs = mesh.map(t_noop, range(a.n))
+            _, pending = mesh.wait(futs, timeout=300)
+            assert not pending, f"{len(pending)} tasks not finished"
+            assert [f.result() for f in futs] == list(range(a.n))
+            dt = time.perf_counter() - t
+            me1 = os.times()
+            time.sleep(0.3)  # the records' last writes
+            workers = sorted(children_of(set(nodes)))
+            d = {p: tuple(x - y for x, y in zip(cpu_s(p), c0.get(p, (0.0, 0.0)),
+                                                strict=True))
+                 for p in set(pids) | set(workers)}
+            me = me1.user + me1.system - me0.user - me0.system
+
+            def per(x: float) -> int:
+                return round(x / a.n * 1e6)
+
+            total = per(sum(v[0] for v in d.values()) + me)
+            kernel = per(sum(v[1] for v in d.values()) + me1.system - me0.system)
+            if a.stats:
+                after = owner_stats(mesh)
+                print("owner counters per task",
+                      {k: round((v - before_stats.get(k, 0)) / a.n, 3)
+                       for k, v in sorted(after.items()) if v != before_stats.get(k, 0)})
+            print(f"round {r}: tasks/s {a.n / dt:.1f} cpu_us_per_task total {total} "
+                  f"(kernel {kernel}) owner {per(d[nodes[0]][0])} "
+                  f"nodes {[per(d[p][0]) for p in nodes[1:]]} "
+                  f"workers {[per(d[p][0]) for p in workers]} client {per(me)}",
+                  flush=True)
+        if a.latency:
+            lat = []
+            for i in range(a.latency):
                 t = time.perf_counter()
-                futs = mesh.map(t_noop, range(a.n))
-                _, pending = mesh.wait(futs, timeout=300)
-                assert not pending, f"{len(pending)} tasks not finished"
-                assert [f.result() for f in futs] == list(range(a.n))
-                dt = time.perf_counter() - t
-                me1 = os.times()
-                time.sleep(0.3)  # the records' last writes
-                workers = sorted(children_of(set(nodes)))
-                d = {p: tuple(x - y for x, y in zip(cpu_s(p), c0.get(p, (0.0, 0.0)),
-                                                    strict=True))
-                     for p in set(pids) | set(workers)}
-                me = me1.user + me1.system - me0.user - me0.system
-
-                def per(x: float) -> int:
-                    return round(x / a.n * 1e6)
-
-                total = per(sum(v[0] for v in d.values()) + me)
-                kernel = per(sum(v[1] for v in d.values()) + me1.system - me0.system)
-                if a.stats:
-                    after = owner_stats(mesh)
-                    print("owner counters per task",
-                          {k: round((v - before_stats.get(k, 0)) / a.n, 3)
-                           for k, v in sorted(after.items()) if v != before_stats.get(k, 0)})
-                print(f"round {r}: tasks/s {a.n / dt:.1f} cpu_us_per_task total {total} "
-                      f"(kernel {kernel}) owner {per(d[nodes[0]][0])} "
-                      f"nodes {[per(d[p][0]) for p in nodes[1:]]} "
-                      f"workers {[per(d[p][0]) for p in workers]} client {per(me)}",
-                      flush=True)
-            if a.latency:
-                lat = []
-                for i in range(a.latency):
-                    t = time.perf_counter()
-                    assert mesh.submit(t_noop, i).result(timeout=60) == i
-                    lat.append((time.perf_counter() - t) * 1000)
-                lat.sort()
-                print(f"latency p50 {lat[len(lat) // 2]:.3f} ms "
-                      f"p90 {lat[int(len(lat) * 0.9)]:.3f} ms", flush=True)
-            mesh.close()
-        finally:
-            lm.stop()
+                assert mesh.submit(t_noop, i).result(timeout=60) == i
+                lat.append((time.perf_counter() - t) * 1000)
+            lat.sort()
+            print(f"latency p50 {lat[len(lat) // 2]:.3f} ms "
+                  f"p90 {lat[int(len(lat) * 0.9)]:.3f} ms", flush=True)
     return 0
 
 
