@@ -360,7 +360,7 @@ price_per_kwh = 0.25            # electricity, in `currency`
 currency = "EUR"
 window_s = 20                   # virtual seconds of peak traffic simulated per workload
 hop_overhead_ms = 1.0           # software time of one hop (bench/stream_hop.py measures it)
-# fetch_hop_ms = 0.3            # a fetch one node answers another (unset: hop_overhead_ms)
+# fetch_hop_ms = 1.0            # a fetch one node answers another (unset: hop_overhead_ms)
 target_utilization = 0.7        # elastic regions are sized to stay below this
 
 [[regions]]
