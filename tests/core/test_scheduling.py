@@ -1123,3 +1123,62 @@ def test_work_brings_the_next_sweep_back_at_once() -> None:
     assert s.next_deadline() == pytest.approx(last + CFG.sweep_interval_s)  # due: at once
     s.on_timer(last + 2.0)
     assert s.next_deadline() == pytest.approx(last + 2.0 + CFG.sweep_interval_s)
+
+
+# ------------------------------------------------------------------ a submit's task shapes
+
+# Every field of ``TaskSpec`` is a rule ``feasible`` reads (then ``_shape`` keys on it, or
+# a map's tasks that differ in it would share one feasible set), or it is not.
+SHAPE_FIELDS = {"cpus", "memory_mb", "gpus", "labels", "residency", "placement"}
+NOT_RULES = {"task_id", "payload", "submitter"}
+NO_SHAPE = {"inputs"}  # a task with inputs is placed on its own (``_shape`` is None)
+
+
+def test_every_task_field_is_a_shaped_rule_or_not_a_rule() -> None:
+    """A field added to ``TaskSpec`` fails this until it is placed in one of the sets
+    above (and, if ``feasible`` reads it, in ``core.scheduling._shape``)."""
+    fields = set(TaskSpec.__struct_fields__)
+    assert fields == SHAPE_FIELDS | NOT_RULES | NO_SHAPE, (
+        f"unclassified TaskSpec fields: {sorted(fields - SHAPE_FIELDS - NOT_RULES - NO_SHAPE)}")
+
+
+_GPU = Resources(8.0, 64000, 1)
+_ONE_RULE_PAIRS = [
+    ("residency", Residency(frozenset({"eu"})), Residency(frozenset({"us"}))),
+    ("placement", InRegions(frozenset({"eu"})), Central("us")),
+    ("labels", {"zone": "x"}, {"zone": "y"}),
+    ("gpus", 0, 1),
+    ("cpus", 1.0, 8.0),
+    ("memory_mb", 100, 50_000),
+]
+
+
+@pytest.mark.parametrize(("field", "first", "second"), _ONE_RULE_PAIRS,
+                         ids=[p[0] for p in _ONE_RULE_PAIRS])
+@pytest.mark.parametrize("order", ["first-then-second", "second-then-first"])
+def test_tasks_of_one_submit_differing_in_one_rule_each_keep_their_own(
+        field: str, first: object, second: object, order: str) -> None:
+    """Tasks of one submit that differ in a single rule are each placed by their own
+    rule: the feasible set computed once per shape (issue #19) is never lent to a task
+    whose rule differs. Each kind's nodes are a strict part of the view, so a set lent
+    across kinds would put some task on a node its rule forbids (or leave it unbound)."""
+    from meshscale.core.scheduling import exclusion
+
+    view = [node(f"eu{i}", "eu", labels={"zone": "x"}) for i in range(3)] + \
+        [node(f"us{i}", "us", labels={"zone": "y"}) for i in range(3)] + \
+        [node("big", "ap", cap=_GPU, labels={"zone": "z"})]
+    net = Net(view)
+    a = [TaskSpec(f"a{i}", **{field: first}) for i in range(6)]  # type: ignore[arg-type]
+    b = [TaskSpec(f"b{i}", **{field: second}) for i in range(6)]  # type: ignore[arg-type]
+    tasks = a + b if order == "first-then-second" else b + a
+    net.s["eu0"].submit(tasks, 0.0)
+    net.pump()
+    net.finish_all()
+    by_id = {t.task_id: t for t in tasks}
+    bound = {e.task_id: e.node for e in net.of(TaskBound)}  # type: ignore[attr-defined]
+    assert sorted(bound) == sorted(by_id)
+    places = {n.name: n for n in view}
+    wrong = {tid: (n, exclusion(by_id[tid], places[n])) for tid, n in bound.items()
+             if exclusion(by_id[tid], places[n]) is not None}
+    assert wrong == {}
+    assert sorted(e.task_id for e in net.of(TaskFinished)) == sorted(by_id)  # type: ignore[attr-defined]
