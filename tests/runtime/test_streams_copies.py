@@ -8,26 +8,16 @@ Deterministic: the backup is a fake whose answers the test releases; no clock is
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from typing import Any
+
+from fake_streams import fake_plane, member, turns
 
 from meshscale.core.api.streams import ReplicateReply
-from meshscale.core.membership import State
 from meshscale.core.streams import LogEntry
-from meshscale.runtime.streams import StreamConfig, StreamPlane
+from meshscale.runtime.streams import StreamPlane
 
 
 def plane() -> StreamPlane:
-    meta = SimpleNamespace(tags={}, region="r1", zone="z1", labels={})
-    backup = SimpleNamespace(name="n1", state=State.ALIVE, addr="n1:1",
-                             meta=SimpleNamespace(tags={}, region="r2", zone="z2", labels={}))
-    agent: Any = SimpleNamespace(name="n0", meta=meta, m=SimpleNamespace(members={"n1": backup}))
-    return StreamPlane(agent, StreamConfig())
-
-
-async def turns(n: int = 50) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
+    return fake_plane({"n1": member("n1", "r2")})
 
 
 def test_a_copy_waiting_behind_one_that_carried_its_records_sends_nothing_more() -> None:

@@ -12,6 +12,8 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+from fake_streams import fake_plane, member, turns
+
 from meshscale.core.api.streams import FetchReply, ReadRequest
 from meshscale.core.membership import State
 from meshscale.core.streams import ShardLog, ShardLogConfig
@@ -22,31 +24,23 @@ MINE = "n0~0"
 """The shard of the plane's own node (``n0``, epoch 0)."""
 
 
-def member(name: str, region: str) -> Any:
-    return SimpleNamespace(name=name, state=State.ALIVE, addr=f"{name}.addr:1",
-                           meta=SimpleNamespace(region=region, zone="z", labels={},
-                                                tags={}))
-
-
-def plane(log: ShardLogConfig | None = None) -> StreamPlane:
-    members = {"n1": member("n1", "r1"), "far": member("far", "r2")}
-    agent: Any = SimpleNamespace(name="n0", meta=SimpleNamespace(tags={}, region="r1"),
-                                 m=SimpleNamespace(members=members))
-    p = StreamPlane(agent, StreamConfig(read_wait_max_s=HOUR, log=log or ShardLogConfig()))
+def quiet(p: StreamPlane) -> StreamPlane:
+    """No KV (the topics have no replicated record, so no class) and no live view."""
 
     async def no_record(key: str) -> bytes | None:
-        return None  # no KV here: the topics have no replicated record (no class)
+        return None
 
     p.local.kv_get = no_record  # type: ignore[method-assign]
     p._alive = lambda: []  # type: ignore[method-assign]
-    # Each shard's holder: the node its source names.
-    p._holder = lambda topic, source, alive: source.split("~")[0]  # type: ignore[method-assign]
     return p
 
 
-async def turns(n: int = 50) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
+def plane(log: ShardLogConfig | None = None) -> StreamPlane:
+    p = quiet(fake_plane({"n1": member("n1", "r1"), "far": member("far", "r2")},
+                         StreamConfig(read_wait_max_s=HOUR, log=log or ShardLogConfig())))
+    # Each shard's holder: the node its source names.
+    p._holder = lambda topic, source, alive: source.split("~")[0]  # type: ignore[method-assign]
+    return p
 
 
 def test_a_held_read_is_answered_from_the_shard_log_at_the_append() -> None:
@@ -107,17 +101,9 @@ def test_a_read_through_the_node_skips_shards_read_at_their_holder_and_names_the
 def follower_plane(linger_s: float) -> tuple[StreamPlane, list[int]]:
     """A plane whose follower of shard ``n1~0`` fetches from a fake holder: the first
     fetch brings a record, every later one waits for good. The fetches are counted."""
-    members = {"n1": member("n1", "r1")}
-    agent: Any = SimpleNamespace(name="n0", meta=SimpleNamespace(tags={}, region="r1"),
-                                 m=SimpleNamespace(members=members))
-    p = StreamPlane(agent, StreamConfig(read_wait_max_s=HOUR, follow_linger_s=linger_s,
-                                        direct_recent_s=60.0))
-
-    async def no_record(key: str) -> bytes | None:
-        return None
-
-    p.local.kv_get = no_record  # type: ignore[method-assign]
-    p._alive = lambda: []  # type: ignore[method-assign]
+    p = quiet(fake_plane({"n1": member("n1", "r1")},
+                         StreamConfig(read_wait_max_s=HOUR, follow_linger_s=linger_s,
+                                      direct_recent_s=60.0)))
     p._sources = lambda: ["n1~0"]  # type: ignore[method-assign]
     p._holder = lambda topic, source, alive: "n1"  # type: ignore[method-assign]
     p._release = lambda names, lane: None  # type: ignore[method-assign]
@@ -189,9 +175,7 @@ def test_the_live_view_is_built_again_only_when_the_members_change() -> None:
     """``_alive`` keeps its candidates while no member comes, goes, changes state or
     meta (it is asked several times per record), and sees every such change."""
     members = {"n1": member("n1", "r1"), "n2": member("n2", "r1")}
-    agent: Any = SimpleNamespace(name="n0", meta=SimpleNamespace(tags={}, region="r1"),
-                                 m=SimpleNamespace(members=members))
-    p = StreamPlane(agent, StreamConfig())
+    p = fake_plane(members)
     first = p._alive()
     assert [c.name for c in first] == ["n1", "n2"]
     assert p._alive() is first
