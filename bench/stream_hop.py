@@ -58,8 +58,9 @@ readers' own last hops too).
 ``--producer-process`` runs the producer in a process of its own rather than a thread
 of this one beside the consumers (issue 17: does the GIL this process's threads share
 slow the pipeline? The live demo runs its producers and its consumer as threads of one
-process too). Alternating pairs at load 2 to 4: p50 3.68 ms (threads) against 3.71
-(process) on average of 4 pairs, p99 10.6 to 28.3 against 7.6 to 14.1, lower each time.
+process too). Eight alternating pairs at load average 2 to 10 (issue 17): p50 3.85,
+3.72, 3.72, 3.42, 3.96, 3.32, 5.31, 6.37 ms (threads) against 3.57, 3.62, 3.40, 4.26,
+4.09, 3.79, 3.66, 13.31 (process): no difference the load's swings do not swamp.
 
     .venv/bin/python bench/stream_hop.py [--quick] [--producer-process] --json out.json
 """
