@@ -41,7 +41,28 @@ read (a batch's results are appended at once, so each reader takes them in one r
 as the model charges them). It is what a shared host loses to moving records
 (``host_cores`` in a plan).
 
-    .venv/bin/python bench/stream_hop.py [--quick] --json out.json
+``hop_quantiles_ms`` is a hop's time as a distribution (issue 17: on a loaded machine
+most hops take about the median and a few wait tens of ms for a core, which makes the
+p99 of a path and which a constant ``hop_ms`` leaves out), as ``[level, ms]`` points for
+a plan's ``hop_quantiles_ms``, from the direct reader's times (those of the records
+published after ``SETTLE_S``) by ``hop_quantiles``: the
+lower half is the path's over ``HOPS``; above it a path's excess over its median is
+one hop's (a stall hits one hop of a record, not all of them), so each of the ``HOPS``
+hops takes it ``HOPS`` times less often, and ``HOPS`` hops drawn alike add up to the
+measured path again at the tail (``hop_p50_p90_p99_ms`` gives the path over ``HOPS``
+for comparison: drawn three times, its tail comes out far too short).
+``fetch_hop_quantiles_ms`` is the same for a node's fetch answer: the quantiles of the
+per-record difference between the two readers (which holds the difference of the two
+readers' own last hops too).
+
+``--producer-process`` runs the producer in a process of its own rather than a thread
+of this one beside the consumers (issue 17: does the GIL this process's threads share
+slow the pipeline? The live demo runs its producers and its consumer as threads of one
+process too). Eight alternating pairs at load average 2 to 10 (issue 17): p50 3.85,
+3.72, 3.72, 3.42, 3.96, 3.32, 5.31, 6.37 ms (threads) against 3.57, 3.62, 3.40, 4.26,
+4.09, 3.79, 3.66, 13.31 (process): no difference the load's swings do not swamp.
+
+    .venv/bin/python bench/stream_hop.py [--quick] [--producer-process] --json out.json
 """
 
 from __future__ import annotations
@@ -65,6 +86,13 @@ CPU_HOPS = 6
 alone: its ``_AT_SHARD``, a local ``_BATCH``, ``_APPLIED``'s copy, a direct read's
 ``_RESULTS_BACK`` (one) and a follower's (two)."""
 IDLE_S = 3.0
+SETTLE_S = 1.0
+"""Records published in the first ``SETTLE_S`` are left out of ``hop_quantiles_ms``: the
+pipeline's first records wait for connections and the first rounds (45 to 61 ms for the
+first four in a probe, the steady state's p99 under 10): over 1% of a ``--quick`` run's
+records, they made its whole tail, and the plan's latency is the steady state's."""
+LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999, 1.0)
+"""Quantile levels of ``hop_quantiles_ms`` (a plan takes at most 64 points)."""
 
 
 def _cpu_s(pids: set[int]) -> float:
@@ -94,6 +122,30 @@ def _pct(xs: list[float], p: float) -> float:
         return math.nan
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
+
+
+def hop_quantiles(path_ms: list[float], hops: int = HOPS,
+                  levels: tuple[float, ...] = LEVELS) -> list[list[float]]:
+    """One hop's time as ``[level, ms]`` points, from times of a path of ``hops`` hops
+    (module docstring): at a level up to 1/2 the path's quantile over ``hops``; above it
+    the path's median over ``hops`` plus the path's excess over its median at level
+    ``1 - hops * (1 - level)`` (at least 1/2): a path exceeds its median by ``d`` when one
+    of its hops does, ``hops`` times as often as a single hop (the tail of a sum of
+    independent hops with a heavy tail is its largest hop's)."""
+    if not path_ms:
+        return []
+    med = _pct(path_ms, 50)
+    out: list[list[float]] = []
+    for u in levels:
+        if u <= 0.5:
+            v = _pct(path_ms, 100 * u) / hops
+        else:
+            w = max(0.5, 1.0 - hops * (1.0 - u))
+            v = med / hops + _pct(path_ms, 100 * w) - med
+        out.append([u, round(max(0.0, v), 3)])
+    for i in range(1, len(out)):  # not decreasing (rounding)
+        out[i][1] = max(out[i][1], out[i - 1][1])
+    return out
 
 
 def _nothing(records: list[Any]) -> list[Any]:
@@ -172,8 +224,25 @@ def _consume(sub: Any, got: dict[int, float], direct: list[int],
         direct[0] = sub.received_direct
 
 
+def _produce(address: str, bundle: Path, rate: float, duration_s: float, ready: Any,
+             go: Any, out: Any) -> None:
+    """The producer in a process of its own (``--producer-process``): connect, say so,
+    wait for ``go``, publish as ``measure``'s thread does, put the count in ``out``."""
+    import meshscale
+
+    producer = meshscale.connect(address, bundle=bundle)
+    s = producer.stream("hop-in")
+    ready.set()
+    go.wait(120)
+    n = publish_paced(rate, duration_s, lambda i: s.publish("k", i))
+    s.flush(timeout=60)
+    s.close()
+    producer.close()
+    out.put(n)
+
+
 def measure(duration_s: float = 10.0, rate: float = 20.0,
-            follower: bool = True) -> dict[str, Any]:
+            follower: bool = True, producer_process: bool = False) -> dict[str, Any]:
     """Run the three-node pipeline; returns the figures (see the module docstring)."""
     import statistics
 
@@ -203,25 +272,48 @@ def measure(duration_s: float = 10.0, rate: float = 20.0,
                     if follower or into is got]
             for th in threads:
                 th.start()
-            c0, t0 = _mesh_cpu_s(lm), time.monotonic()
+            child: Any = None
+            if producer_process:
+                import multiprocessing
+
+                ctx = multiprocessing.get_context("spawn")
+                ready, go, count = ctx.Event(), ctx.Event(), ctx.Queue()
+                child = ctx.Process(target=_produce, args=(
+                    entry.address, lm.bundle_path, rate, duration_s, ready, go, count))
+                child.start()
+                ready.wait(120)
+
+            def cpu_now() -> float:
+                return _mesh_cpu_s(lm) + (_cpu_s({child.pid}) if child is not None else 0.0)
+
+            c0, t0 = cpu_now(), time.monotonic()
             time.sleep(IDLE_S)
-            idle_per_s = (_mesh_cpu_s(lm) - c0) / (time.monotonic() - t0)
-            c1, t1 = _mesh_cpu_s(lm), time.monotonic()
-            producer = meshscale.connect(entry.address, bundle=lm.bundle_path)
-            s = producer.stream("hop-in")
-            n = publish_paced(rate, duration_s, lambda i: s.publish("k", i))
-            s.flush(timeout=60)
+            idle_per_s = (cpu_now() - c0) / (time.monotonic() - t0)
+            c1, t1 = cpu_now(), time.monotonic()
+            s: Any = None
+            producer: Any = None
+            if child is not None:
+                go.set()
+                n = int(count.get(timeout=duration_s + 120))
+            else:
+                producer = meshscale.connect(entry.address, bundle=lm.bundle_path)
+                s = producer.stream("hop-in")
+                n = publish_paced(rate, duration_s, lambda i: s.publish("k", i))
+                s.flush(timeout=60)
             deadline = time.monotonic() + 30
             while (len(got) < n or (follower and len(got_far) < n)) \
                     and time.monotonic() < deadline:
                 time.sleep(0.05)
-            busy = _mesh_cpu_s(lm) - c1 - idle_per_s * (time.monotonic() - t1)
+            busy = cpu_now() - c1 - idle_per_s * (time.monotonic() - t1)
             batches = _batches_applied(lm, "hop-op")
             stop.set()
             for th in threads:
                 th.join(timeout=5)
-            s.close()
-            producer.close()
+            if child is not None:
+                child.join(timeout=30)
+            else:
+                s.close()
+                producer.close()
             consumer.close()
             far_consumer.close()
         finally:
@@ -231,6 +323,8 @@ def measure(duration_s: float = 10.0, rate: float = 20.0,
     both = sorted(set(got) & set(got_far))
     extra = [(got_far[i] - got[i]) * 1000 for i in both]
     p50 = _pct(ms, 50)
+    settled = round(rate * SETTLE_S)
+    steady = [got[i] * 1000 for i in sorted(got) if i >= settled]
     fetch_ms = max(0.0, statistics.median(extra)) if extra else math.nan
     return {"records": n, "received": len(ms), "received_direct": direct[0],
             "received_through_follower": len(far_ms),
@@ -241,6 +335,13 @@ def measure(duration_s: float = 10.0, rate: float = 20.0,
             "hops": HOPS, "hop_ms": round(p50 / HOPS, 3),
             "fetch_hop_ms": round(fetch_ms, 3),
             "fetch_hop_p25_p75_ms": [round(_pct(extra, 25), 3), round(_pct(extra, 75), 3)],
+            "hop_quantiles_ms": hop_quantiles(steady),
+            "hop_p50_p90_p99_ms": [round(_pct(ms, p) / HOPS, 3) for p in (50, 90, 99)],
+            "fetch_hop_quantiles_ms": hop_quantiles(
+                [max(0.0, (got_far[i] - got[i]) * 1000) for i in both if i >= settled], 1),
+            "settled_records": len(steady),
+            "producer_process": producer_process,
+            "path_ms": [round(got[i] * 1000, 3) for i in sorted(got)],
             "idle_cpu_cores": round(idle_per_s, 4),
             "batches": batches, "cpu_hops": round(cpu_messages(len(ms), batches)
                                                   / max(1, len(ms)), 3),
@@ -252,10 +353,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="6 s instead of 15 s")
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--producer-process", action="store_true",
+                    help="the producer in a process of its own, not a thread of this one")
+    ap.add_argument("--rate", type=float, default=20.0, help="records a second (20)")
     args = ap.parse_args()
-    r = measure(6.0 if args.quick else 15.0)
+    r = measure(6.0 if args.quick else 15.0, args.rate,
+                producer_process=args.producer_process)
     for k, v in r.items():
-        print(f"{k:<18} {v}")
+        if k != "path_ms":  # each record's, in the JSON
+            print(f"{k:<18} {v}")
     args.json.write_text(json.dumps(r, indent=2) + "\n")
     return 0
 

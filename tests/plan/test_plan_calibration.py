@@ -151,7 +151,8 @@ def test_the_plan_takes_the_operator_cpu_in_a_worker_and_the_other_work(
 
     monkeypatch.setattr(plan_calibration.stream_hop, "measure", lambda s, rate: {
         "hop_ms": 2.0, "hop_cpu_ms": 0.5, "pipeline_p50_ms": 6.0, "hops": 3,
-        "fetch_hop_ms": 0.75})
+        "fetch_hop_ms": 0.75, "hop_quantiles_ms": [[0.5, 2.0], [0.99, 9.5]],
+        "fetch_hop_quantiles_ms": [[0.0, 0.0], [1.0, 3.0]]})
     monkeypatch.setattr(plan_calibration, "operator_cost", lambda: (3.0, 0.01))
     monkeypatch.setattr(plan_calibration, "operator_cost_in_mesh", lambda d, r, rec: {
         "call_ms": 47.0, "call_cpu_ms": 21.0, "background_jobs": 3.25, "calls": 9,
@@ -167,13 +168,14 @@ def test_the_plan_takes_the_operator_cpu_in_a_worker_and_the_other_work(
     assert "hop_cpu_ms = 0.5000" in plans[0]
     assert "hop_overhead_ms = 2.0000" in plans[0]
     assert "fetch_hop_ms = 0.7500" in plans[0]
-    # the old model beside it, on the same measurements: wall time, no other work, the
-    # path's CPU over its 4 delay hops
-    assert "cpu_ms_per_batch = 47.0000" in plans[1]
-    assert "host_background_jobs = 0.0000" in plans[1]
-    assert "hop_cpu_ms = 0.6250" in plans[1]
-    assert "hop_overhead_ms = 1.5000" in plans[1]  # its pipeline over 4 hops
-    assert "fetch_hop_ms" not in plans[1]
+    # each hop drawn from the measured distribution (issue 17's fourth calibration) ...
+    assert "hop_quantiles_ms = [[0.5, 2.0000], [0.99, 9.5000]]" in plans[0]
+    assert "fetch_hop_quantiles_ms = [[0, 0.0000], [1, 3.0000]]" in plans[0]
+    # ... and the model before beside it, on the same measurements: constant hops, every
+    # other input the same
+    assert [line for line in plans[1].splitlines() if line] == [
+        line for line in plans[0].splitlines() if line and "_quantiles_ms" not in line]
+    assert "hop_overhead_ms = 2.0000" in plans[1] and "fetch_hop_ms = 0.7500" in plans[1]
     data = json.loads((tmp_path / "out.json").read_text())
     assert data["operator_ms_per_call"] == 21.0
     assert data["operator_wall_ms_per_call"] == 47.0
@@ -238,3 +240,37 @@ def test_central_runners_are_where_a_local_meshs_stream_plane_runs_them(
         assert up[s.node] == want, (s, want)
         placed[s.site] = s.node
     assert len(placed) == 2 and len(set(placed.values())) == 1
+
+
+def test_hop_quantiles_add_up_to_the_measured_path_at_its_tail() -> None:
+    """``stream_hop.hop_quantiles`` turns a path's times over ``HOPS`` hops into one
+    hop's distribution such that ``HOPS`` hops drawn from it add up to the path again,
+    its tail included (a stall hits one hop of a record); the path's quantiles over
+    ``HOPS``, drawn ``HOPS`` times, give about half its p99."""
+    import random
+    from itertools import pairwise
+
+    from meshscale.sim.flows import draw
+
+    sh = plan_calibration.stream_hop
+    rng = random.Random(1)
+    path = [sum(rng.uniform(0.9, 1.1) for _ in range(3))
+            + (rng.uniform(10.0, 30.0) if rng.random() < 0.03 else 0.0) for _ in range(3000)]
+
+    def p(xs: list[float], q: float) -> float:
+        return float(sh._pct(xs, q))
+
+    def summed(points: list[list[float]]) -> list[float]:
+        pts = tuple((u, v) for u, v in points)
+        return [sum(draw(pts, rng.random()) for _ in range(sh.HOPS)) for _ in range(40000)]
+
+    table = sh.hop_quantiles(path)
+    assert [u for u, _ in table] == list(sh.LEVELS)
+    assert all(a[1] <= b[1] for a, b in pairwise(table))
+    assert table[3][1] == pytest.approx(p(path, 50) / 3, abs=1e-3)
+    ours = summed(table)
+    assert p(ours, 50) == pytest.approx(p(path, 50), rel=0.05)
+    assert p(ours, 99) == pytest.approx(p(path, 99), rel=0.15)
+    naive = summed([[u, p(path, 100 * u) / 3] for u in sh.LEVELS])
+    assert p(naive, 99) < 0.6 * p(path, 99)
+    assert sh.hop_quantiles([]) == []

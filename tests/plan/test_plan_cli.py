@@ -65,6 +65,30 @@ def test_example_prints_a_plan_that_parses(capsys: pytest.CaptureFixture[str]) -
     parse_plan(capsys.readouterr().out)
 
 
+def _with_hop_quantiles(text: str) -> str:
+    """The example with its commented hop distributions set."""
+    out = text.replace("# hop_quantiles_ms = ", "hop_quantiles_ms = ").replace(
+        "# fetch_hop_quantiles_ms = ", "fetch_hop_quantiles_ms = ")
+    assert out != text
+    return out
+
+
+def test_hop_quantiles_widen_the_latency_and_keep_the_seed() -> None:
+    """The example's commented ``hop_quantiles_ms`` parse; with them each hop draws its
+    time (a tail to 9 ms at the p99 where the constant is 1 ms): the calls' p99 near
+    their callers rises, their p50 hardly, and the same seed gives the same report."""
+    plan = parse_plan(_with_hop_quantiles(EXAMPLE))
+    assert plan.hop_quantiles_ms == [(0, 0.8), (0.5, 1.0), (0.9, 1.3), (0.99, 9.0)]
+    assert plan.fetch_hop_quantiles_ms == [(0.5, 1.0), (0.99, 6.0)]
+    assert run_plan(plan, seed=2).to_json() == run_plan(plan, seed=2).to_json()
+    const = run_plan(parse_plan(EXAMPLE), seed=2)
+    drawn = run_plan(plan, seed=2)
+    a = next(w for w in const.workloads if w.name == "recipe-lookup").figures["mesh"]
+    b = next(w for w in drawn.workloads if w.name == "recipe-lookup").figures["mesh"]
+    assert b.p99_ms - a.p99_ms > 4.0  # 8.7 -> 15.5 ms
+    assert abs(b.p50_ms - a.p50_ms) < 1.0  # 7.4 -> 7.7 ms
+
+
 def _drop_link(text: str) -> str:
     block = ('[[links]]\na = "plant-b"\nb = "cloud"\nrtt_ms = 30\nbandwidth_mbps = 100\n'
              'egress_price_per_gb = 0.05\n')
@@ -82,6 +106,18 @@ BAD = [
                          'allowed_regions = ["mars"]'),
      ["workloads[0].data_class", "allows no region"]),
     ("unreachable site", _drop_link, ["regions[1]", "unreachable"]),
+    ("hop quantile levels not increasing",
+     lambda t: t.replace("hop_overhead_ms = 1.0 ",
+                         "hop_quantiles_ms = [[0.5, 1.0], [0.5, 2.0]]\nhop_overhead_ms = 1.0 "),
+     ["hop_quantiles_ms[1]", "levels must increase"]),
+    ("hop quantiles taking less time higher up",
+     lambda t: t.replace("hop_overhead_ms = 1.0 ", "fetch_hop_quantiles_ms = [[0.5, 3.0], "
+                         "[0.9, 2.0]]\nhop_overhead_ms = 1.0 "),
+     ["fetch_hop_quantiles_ms[1]", "cannot take less time"]),
+    ("hop quantile level above 1",
+     lambda t: t.replace("hop_overhead_ms = 1.0 ",
+                         "hop_quantiles_ms = [[1.5, 1.0]]\nhop_overhead_ms = 1.0 "),
+     ["hop_quantiles_ms", "<= 1.0"]),
 ]
 
 

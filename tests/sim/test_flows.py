@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from meshscale.sim.flows import FlowRecord, FlowRun, Path
+from meshscale.sim.flows import FlowRecord, FlowRun, Path, Quantiles, draw
 
 
 def _run(records: list[FlowRecord], *, cores: dict[str, int], region_of: dict[str, str],
          rtt_s: float = 0.1, hop_s: float = 0.0, host_cores: float = 0.0,
          hop_cpu_s: float = 0.0, background: float = 0.0, fetch_hop_s: float | None = None,
-         reader_node: dict[str, str] | None = None) -> FlowRun:
-    fr = FlowRun(1, cores, region_of, lambda a, b: Path(rtt_s, 1e12),
+         reader_node: dict[str, str] | None = None, hops: Quantiles = (),
+         fetch_hops: Quantiles = (), seed: int = 1) -> FlowRun:
+    fr = FlowRun(seed, cores, region_of, lambda a, b: Path(rtt_s, 1e12),
                  {r: 0.002 for r in set(region_of.values())}, set(region_of.values()),
                  hop_overhead_s=hop_s, jitter=0.0, host_cores=host_cores,
                  hop_cpu_s=hop_cpu_s, host_background_jobs=background,
-                 fetch_hop_s=fetch_hop_s, reader_node=reader_node or {})
+                 fetch_hop_s=fetch_hop_s, reader_node=reader_node or {},
+                 hop_quantiles_s=hops, fetch_hop_quantiles_s=fetch_hops)
     fr.run(records)
     return fr
 
@@ -184,3 +188,70 @@ def test_calls_are_still_pushed_and_answered() -> None:
     _run([rec], cores={"s0": 1, "c0": 1}, region_of={"s0": "s", "c0": "c"}, hop_s=0.002)
     # entry (LAN + hop), to the replica (50 ms + hop), 4 ms CPU, back (50 ms + hop).
     assert rec.done_s - rec.created_s == pytest.approx(0.001 + 0.05 + 0.004 + 0.05 + 3 * 0.002)
+
+
+def test_a_draw_is_linear_between_the_points_and_clamped_beyond() -> None:
+    points = ((0.5, 1.0), (0.9, 2.0), (0.99, 11.0))
+    assert draw(points, 0.0) == draw(points, 0.5) == 1.0
+    assert draw(points, 0.7) == pytest.approx(1.5)
+    assert draw(points, 0.945) == pytest.approx(6.5)
+    assert draw(points, 0.999) == draw(points, 1.0) == 11.0
+    assert draw(((0.3, 4.0),), 0.9) == 4.0
+
+
+# A hop of 1 ms at its median and up to 1.5 ms nine times in ten; one in fifty waits
+# 30 to 60 ms (a core taken by other work, issue 17).
+TAIL: Quantiles = ((0.0, 0.0008), (0.5, 0.001), (0.9, 0.0015), (0.98, 0.002),
+                   (0.99, 0.030), (1.0, 0.060))
+
+
+def _near_source_latencies(hops: Quantiles, *, seed: int = 1,
+                           fetch_hops: Quantiles = (), reader: str = "n1") -> list[float]:
+    """600 records of site a, near-source on n0, 20 ms apart (no queueing), read at
+    site a through ``reader`` (n1: at the holder; m0 in region b: through a follower);
+    their latencies (ms), in order."""
+    nodes = {"n0": "a", "n1": "a", "m0": "b"}
+    rng = random.Random(7)
+    recs = [_rec(0.02 * i + 0.01 * rng.random(), "a", "n0", "a", cpu_s=0.002)
+            for i in range(600)]
+    for r in recs:
+        r.result_site = nodes[reader]
+    _run(recs, cores=dict.fromkeys(nodes, 1), region_of=nodes, hop_s=0.001, rtt_s=0.004,
+         reader_node={nodes[reader]: reader}, hops=hops, fetch_hops=fetch_hops, seed=seed)
+    return [(r.done_s - r.created_s) * 1000 for r in recs]
+
+
+def _pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, -(-len(s) * p // 100) - 1))]
+
+
+def test_a_hop_with_a_long_tail_raises_the_p99_and_not_the_p50() -> None:
+    """Each hop draws its own time from ``hop_quantiles_s``: with the median of the
+    constant and a tail of a few slow hops, a record's p50 stays near the constant's
+    and its p99 takes the slow hops (issue 17: constant hops made the model's
+    latencies much narrower than the real ones)."""
+    const = _near_source_latencies(())
+    tail = _near_source_latencies(TAIL)
+    assert abs(_pct(tail, 50) - _pct(const, 50)) < 0.5
+    assert _pct(const, 99) - _pct(const, 50) < 1.0
+    assert _pct(tail, 99) > _pct(const, 99) + 20.0
+    # a distribution of one point is the constant
+    assert _near_source_latencies(((0.5, 0.001),)) == pytest.approx(const)
+
+
+def test_hop_draws_are_the_seeds() -> None:
+    """Same seed, same latencies; another seed draws other hops."""
+    assert _near_source_latencies(TAIL, seed=3) == _near_source_latencies(TAIL, seed=3)
+    assert _near_source_latencies(TAIL, seed=3) != _near_source_latencies(TAIL, seed=4)
+
+
+def test_a_nodes_fetch_answer_draws_from_its_own_distribution() -> None:
+    """Results read through another region's follower: the holder's answer to that
+    fetch draws from ``fetch_hop_quantiles_s`` (its tail raises the p99); the hops
+    around it keep theirs."""
+    base = _near_source_latencies(((0.5, 0.001),), reader="m0")
+    slow = _near_source_latencies(((0.5, 0.001),), reader="m0", fetch_hops=TAIL)
+    assert _pct(slow, 99) > _pct(base, 99) + 20.0
+    assert abs(_pct(slow, 50) - _pct(base, 50)) < 0.5
+    assert _near_source_latencies(TAIL, fetch_hops=TAIL) == _near_source_latencies(TAIL)

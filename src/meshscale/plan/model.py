@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import math
 import tomllib
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +46,11 @@ NonNeg = Annotated[float, msgspec.Meta(ge=0.0, le=1e12)]
 Positive = Annotated[float, msgspec.Meta(gt=0.0, le=1e12)]
 Hour = Annotated[float, msgspec.Meta(ge=0.0, le=24.0)]
 Fraction = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+HopQuantiles = Annotated[
+    list[tuple[Annotated[float, msgspec.Meta(ge=0.0, le=1.0)],
+               Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)]]],
+    msgspec.Meta(min_length=1, max_length=64)]
+"""A hop's time as a distribution: [quantile level, ms] points, levels increasing."""
 
 
 class PlanError(ValueError):
@@ -175,6 +181,16 @@ class Plan(_Strict, kw_only=True, frozen=True):
     an operator's runner in another region); ``bench/stream_hop.py`` measures it (what a
     read through a follower adds to a read at the shard's holder). Unset:
     ``hop_overhead_ms``."""
+    hop_quantiles_ms: HopQuantiles | None = None
+    """A hop's software time as a distribution, ``[[level, ms], ...]`` (e.g. ``[[0.5, 1.2],
+    [0.9, 2.0], [0.99, 9.0]]``): each hop the flow model charges draws its own time from
+    it (linear between the points, the first's below and the last's above), with the
+    run's seed. On a loaded machine a few hops wait for a core for tens of ms and make the
+    p99; a constant does not. ``bench/stream_hop.py`` measures it (its
+    ``hop_quantiles_ms``). Unset: every hop takes ``hop_overhead_ms``."""
+    fetch_hop_quantiles_ms: HopQuantiles | None = None
+    """The same for a fetch one node answers another. Unset: ``fetch_hop_ms`` when set,
+    else as a hop (``hop_quantiles_ms``)."""
     target_utilization: Fraction = 0.7
     """Elastic regions get enough servers to stay below this at peak."""
     hop_cpu_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 0.0
@@ -278,6 +294,15 @@ def load_plan(path: Path) -> Plan:
 
 def check(plan: Plan) -> None:
     """The rules a field alone cannot state."""
+    for key in ("hop_quantiles_ms", "fetch_hop_quantiles_ms"):
+        points = getattr(plan, key)
+        for i, ((l0, v0), (l1, v1)) in enumerate(pairwise(points or [])):
+            if l1 <= l0:
+                raise PlanError(f"{key}[{i + 1}]", f"level {l1} is not above the one "
+                                f"before it ({l0}): levels must increase")
+            if v1 < v0:
+                raise PlanError(f"{key}[{i + 1}]", f"{v1} ms is below the one before it "
+                                f"({v0} ms): a higher level cannot take less time")
     names = [r.name for r in plan.regions]
     seen: set[str] = set()
     for i, n in enumerate(names):
@@ -361,6 +386,10 @@ currency = "EUR"
 window_s = 20                   # virtual seconds of peak traffic simulated per workload
 hop_overhead_ms = 1.0           # software time of one hop (bench/stream_hop.py measures it)
 # fetch_hop_ms = 1.0            # a fetch one node answers another (unset: hop_overhead_ms)
+# hop_quantiles_ms = [[0, 0.8], [0.5, 1.0], [0.9, 1.3], [0.99, 9.0]]
+#                               # a hop's time as [level, ms] points, each hop drawing its
+#                               # own (bench/stream_hop.py; unset: hop_overhead_ms)
+# fetch_hop_quantiles_ms = [[0.5, 1.0], [0.99, 6.0]]  # the same for a node's fetch answer
 target_utilization = 0.7        # elastic regions are sized to stay below this
 
 [[regions]]

@@ -382,6 +382,11 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[k]
 
 
+def _seconds(points: list[tuple[float, float]] | None) -> tuple[tuple[float, float], ...]:
+    """A plan's ``[[level, ms], ...]`` as ``sim.flows``' quantile points in seconds."""
+    return tuple((level, ms / 1000) for level, ms in points or ())
+
+
 def _run_flows(lay: _Layout, flows: list[Stream | Calls], modes: dict[str, dict[str, str]],
                seed: int, out: dict[str, Figures]) -> None:
     plan = lay.plan
@@ -427,6 +432,8 @@ def _run_flows(lay: _Layout, flows: list[Stream | Calls], modes: dict[str, dict[
                  host_cores=plan.host_cores, hop_cpu_s=plan.hop_cpu_ms / 1000,
                  host_background_jobs=plan.host_background_jobs,
                  fetch_hop_s=None if plan.fetch_hop_ms is None else plan.fetch_hop_ms / 1000,
+                 hop_quantiles_s=_seconds(plan.hop_quantiles_ms),
+                 fetch_hop_quantiles_s=_seconds(plan.fetch_hop_quantiles_ms),
                  reader_node=_reader_nodes(lay))
     fr.run([records[i] for i in served])
     for w in flows:

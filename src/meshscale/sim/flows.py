@@ -61,8 +61,17 @@ holder), the second as what a read through a follower adds to a read at the hold
 the same records in the same run (issue 17's third calibration: 0.79 to 1.92 ms, the
 median of 14 runs each, under load; a client's hop there took 1.0 to 1.9 ms).
 
+On a loaded machine a hop's time is not one number: most hops take about the median, a
+few wait for a core for tens of milliseconds (issue 17: the near-source p99 measured
+35.0 ms where constant hops predicted 14.1). ``hop_quantiles_s`` (and
+``fetch_hop_quantiles_s``) give a hop's time as a distribution, points (quantile level,
+seconds) of its inverse CDF: each hop then draws its own time from it (``draw``), from
+a random stream of its own, so the other draws (the links' jitter) are the same with or
+without it. Empty (the default): every hop takes the constant.
+
 Events are processed in (time, sequence) order from one heap and every random draw comes
-from one ``random.Random`` seeded by the caller, so a run is a pure function of its inputs.
+from ``random.Random``s seeded by the caller's seed (one for the links, one for the hops),
+so a run is a pure function of its inputs.
 """
 
 from __future__ import annotations
@@ -72,10 +81,27 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from meshscale.core.streams import direct_reads
 
-__all__ = ["FlowRecord", "FlowRun", "Path"]
+__all__ = ["FlowRecord", "FlowRun", "Path", "Quantiles", "draw"]
+
+Quantiles = tuple[tuple[float, float], ...]
+"""Points (quantile level in [0, 1], value) of an inverse CDF, levels increasing and values
+not decreasing."""
+
+
+def draw(points: Quantiles, u: float) -> float:
+    """The value at quantile level ``u`` of the distribution ``points`` describes: linear
+    between two points, the first point's value below it and the last's above it (no
+    extrapolation beyond what was measured)."""
+    if u <= points[0][0]:
+        return points[0][1]
+    for (l0, v0), (l1, v1) in pairwise(points):
+        if u <= l1:
+            return v0 if l1 <= l0 else v0 + (v1 - v0) * (u - l0) / (l1 - l0)
+    return points[-1][1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +155,10 @@ class _Puller:
     copied_s: float = -1.0
     """A remote runner's fetch sent while its last outputs' copy travels (until this
     time) does not long-poll (``runtime.streams`` ``_read_shard``); -1: no such copy."""
-    answer_s: float = 0.0
-    """The software time of the holder's answer to a remote fetch: ``fetch_hop_s`` from
-    node to node, ``hop_overhead_s`` to a subscriber reading at the holder."""
     direct: bool = False
     """A subscriber reading at the holder (``core.streams.direct_reads``): the answer is
-    the delivery; else a consumer's node's follower, whose node then answers the read."""
+    the delivery, a hop (``hop_overhead_s``); else a runner or a consumer's node's
+    follower, whose fetch the holder answers node to node (``fetch_hop_s``)."""
 
 
 _ARRIVE_ENTRY, _ARRIVE_OP, _DONE, _ARRIVE_BACK = 0, 1, 2, 3
@@ -185,6 +209,13 @@ class FlowRun:
     ``b`` of them and ``n`` jobs running, each job runs at ``host_cores / (n + b)`` of a
     core once ``n + b`` is above ``host_cores``. ``bench/plan_calibration.py`` measures
     it (``background_jobs``). 0: the host runs nothing else."""
+    hop_quantiles_s: Quantiles = ()
+    """A hop's software time as a distribution (``Quantiles``, seconds): each hop draws its
+    own; () (the default): every hop takes ``hop_overhead_s``. ``bench/stream_hop.py``
+    measures it (its ``hop_quantiles_ms``)."""
+    fetch_hop_quantiles_s: Quantiles = ()
+    """The same for a fetch one node answers another; (): ``fetch_hop_s`` when set, else a
+    hop's (its distribution when ``hop_quantiles_s`` is set)."""
     busy_s: dict[str, float] = field(default_factory=dict)
     """Core-seconds each node spent processing."""
     hop_messages: int = 0
@@ -196,12 +227,29 @@ class FlowRun:
     def run(self, records: list[FlowRecord]) -> None:
         """Fill in ``done_s`` and ``cross_region_bytes`` of every record."""
         rng = random.Random(f"flows/{self.seed}")
+        hop_rng = random.Random(f"flows-hops/{self.seed}")
         heap: list[tuple[float, int, int, int]] = []
         seq = 0
         link_free: dict[tuple[str, str], float] = {}
         core_free = {n: [0.0] * c for n, c in self.cores.items()}
-        hop = self.hop_overhead_s
         left = 0
+        hops = self.hop_quantiles_s
+        const_hop = self.hop_overhead_s
+        if self.fetch_hop_quantiles_s:
+            fetch_hops: Quantiles = self.fetch_hop_quantiles_s
+            const_fetch = 0.0
+        elif self.fetch_hop_s is not None:
+            fetch_hops, const_fetch = (), self.fetch_hop_s
+        else:
+            fetch_hops, const_fetch = hops, const_hop
+
+        def hop() -> float:
+            """One hop's software time: drawn when the plan gives its distribution."""
+            return draw(hops, hop_rng.random()) if hops else const_hop
+
+        def fetch_hop() -> float:
+            """One fetch answered node to node."""
+            return draw(fetch_hops, hop_rng.random()) if fetch_hops else const_fetch
 
         def push(t: float, kind: int, i: int) -> None:
             nonlocal seq
@@ -233,7 +281,6 @@ class FlowRun:
         # Stream records: one puller per runner (it pulls the site's shard) and one per
         # (result site, runner node) for the results: the consumer's read at the holder,
         # or its node's follower, by ``core.streams.direct_reads``'s rule.
-        fetch_hop = hop if self.fetch_hop_s is None else self.fetch_hop_s
         held_for: dict[str, set[str]] = {}
         for rec in records:
             if rec.runner:
@@ -259,7 +306,7 @@ class FlowRun:
                 r = runner_of[rec.runner] = len(pullers)
                 pullers.append(_Puller(holder, rec.operator_region,
                                        holder == rec.operator_region, rec.operator_node,
-                                       max(1, rec.batch_records), answer_s=fetch_hop))
+                                       max(1, rec.batch_records)))
             dest = rec.result_site or rec.site
             key = (dest, rec.operator_node)
             f = follower_of.get(key)
@@ -269,8 +316,7 @@ class FlowRun:
                 pullers.append(_Puller(
                     rec.operator_region, dest,
                     rec.operator_node == self.reader_node.get(dest), rec.operator_node,
-                    max(1, self.follow_records), answer_s=hop if at_holder else fetch_hop,
-                    direct=at_holder))
+                    max(1, self.follow_records), direct=at_holder))
             rec_runner.append(r)
             rec_follower.append(f)
         followers = set(follower_of.values())
@@ -365,7 +411,8 @@ class FlowRun:
             if pl.local:
                 push(t, _RESULTS_BACK if k in followers else _BATCH, k)
                 return
-            back = send(t, pl.holder_region, pl.puller_region, nbytes) + pl.answer_s
+            back = send(t, pl.holder_region, pl.puller_region, nbytes) + (
+                hop() if pl.direct else fetch_hop())
             push(back, _RESULTS_BACK if k in followers else _BATCH, k)
 
         def arrive(t: float, k: int, js: list[int]) -> None:
@@ -409,14 +456,14 @@ class FlowRun:
             if rec.runner:
                 pl = pullers[rec_runner[i]]
                 if rec.site in self.site_has_nodes:
-                    t_in = travel(rec.created_s, rec.site, rec.site, rec.in_bytes, rec) + hop
+                    t_in = travel(rec.created_s, rec.site, rec.site, rec.in_bytes, rec) + hop()
                 else:
                     t_in = travel(rec.created_s, rec.site, pl.holder_region, rec.in_bytes,
-                                  rec) + hop
+                                  rec) + hop()
                 push(t_in, _AT_SHARD, i)
             elif rec.site in self.site_has_nodes:
                 push(travel(rec.created_s, rec.site, rec.site, rec.in_bytes, rec)
-                     + self.hop_overhead_s, _ARRIVE_ENTRY, i)
+                     + hop(), _ARRIVE_ENTRY, i)
             else:
                 push(rec.created_s, _ARRIVE_ENTRY, i)
         while heap:
@@ -434,7 +481,7 @@ class FlowRun:
                     hop_cpu(t, 1 if pl.local else 2)  # (the fetch's reply,) the hand-off
                     cpu = records[pl.batch[0]].batch_cpu_s + sum(
                         records[j].cpu_s for j in pl.batch)
-                    run_job(t, pl.node, cpu, hop, _APPLIED, i)
+                    run_job(t, pl.node, cpu, hop(), _APPLIED, i)
                 elif kind == _APPLIED:
                     pl = pullers[i]
                     outputs: dict[int, list[int]] = {}
@@ -450,7 +497,7 @@ class FlowRun:
                     if pl.local:
                         push(t, _FETCH, i)
                     else:
-                        pl.copied_s = t + hop + 2 * one_way(pl.puller_region,
+                        pl.copied_s = t + hop() + 2 * one_way(pl.puller_region,
                                                             pl.puller_region)
                         push(t + one_way(pl.puller_region, pl.holder_region), _FETCH, i)
                 elif kind == _HOST_DONE:
@@ -468,7 +515,7 @@ class FlowRun:
                         # (the follower's fetch reply, unless in-process,) the node's
                         # answer to the consumer's read
                         hop_cpu(t, 1 if pl.local else 2)
-                        done = t + one_way(pl.puller_region, pl.puller_region) + hop
+                        done = t + one_way(pl.puller_region, pl.puller_region) + hop()
                     for j in pl.batch:
                         records[j].done_s = done
                     left -= len(pl.batch)
@@ -482,11 +529,11 @@ class FlowRun:
                     push(t, _ARRIVE_OP, i)  # the site's entry node runs the operator
                     continue
                 push(travel(t, rec.site, rec.operator_region, rec.in_bytes, rec)
-                     + self.hop_overhead_s, _ARRIVE_OP, i)
+                     + hop(), _ARRIVE_OP, i)
             elif kind == _ARRIVE_OP:
                 run_job(t, rec.operator_node, rec.cpu_s, 0.0, _DONE, i)
             elif kind == _DONE:
                 push(travel(t, rec.operator_region, rec.site, rec.out_bytes, rec)
-                     + self.hop_overhead_s, _ARRIVE_BACK, i)
+                     + hop(), _ARRIVE_BACK, i)
             else:
                 rec.done_s = t
