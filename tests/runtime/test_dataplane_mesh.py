@@ -17,6 +17,7 @@ from runtime_mesh import wait_for_async
 
 from meshscale.client.rpc import RemoteError, RpcConnection, RpcError
 from meshscale.runtime.launcher import LocalMesh
+from stored import copy_ids, holds_copy
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -89,9 +90,7 @@ def test_put_200_objects_kill_one_node_read_back_restore_rf_restart(mesh: LocalM
     run(phase1())
     victim = mesh.nodes[3]
     assert victim.proc is not None
-    victim_objects = {
-        p.name for p in (victim.data_dir / "store" / "objects").rglob("b3-*")
-    }
+    victim_objects = copy_ids(victim.data_dir / "store")
     assert victim_objects, "the victim held no objects: nothing is tested"
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
@@ -202,7 +201,7 @@ def test_residency_refusal_and_bad_input(mesh: LocalMesh) -> None:
         assert set(st["holders"]) <= eu
         # ... and on the disks themselves (the outside truth, not the mesh's report).
         on_disk = {n.name for n in mesh.nodes
-                   if any(True for _ in (n.data_dir / "store" / "objects").rglob(res["id"]))}
+                   if holds_copy(n.data_dir / "store", res["id"])}
         assert on_disk and on_disk <= eu
         # Truncated upload: nothing becomes visible.
         data = b"x" * 5000

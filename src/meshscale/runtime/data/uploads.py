@@ -442,7 +442,14 @@ class Uploads(DataPlaneBase):
         await self._settle(key, up)
         if key not in self._uploads:
             raise ValueError(f"unknown or expired upload {key!r}")
-        up.pending = asyncio.ensure_future(asyncio.to_thread(up.writer.write, data))
+        if up.writer.inline:  # into memory: no I/O, no thread hop
+            try:
+                up.writer.write(data)
+            except StorageError as e:
+                self._drop_upload(key, up)  # the writer already aborted itself
+                raise _storage_error(e) from None
+        else:
+            up.pending = asyncio.ensure_future(asyncio.to_thread(up.writer.write, data))
         up.received += len(data)
         if up.forwards:
             await self._feed_forwards(up, data)
@@ -649,7 +656,10 @@ class Uploads(DataPlaneBase):
         key = self._new_upload(self._replica_spec(req), client=False)
         up = self._uploads[key]
         try:
-            await asyncio.to_thread(up.writer.write, data)
+            if up.writer.inline:  # into memory: no I/O, no thread hop
+                up.writer.write(data)
+            else:
+                await asyncio.to_thread(up.writer.write, data)
         except StorageError as e:
             self._uploads.pop(key, None)
             raise _storage_error(e) from None
