@@ -361,6 +361,7 @@ class ObjectWriter:
         self._tmp_path = tmp_path
         self._fd: int | None = fd
         self._buf: bytearray | None = bytearray() if tmp_path is None else None
+        self._inline = tmp_path is None
         self._hash = new_hasher()
         self._declared = declared_size
         self._replicas = replicas
@@ -389,7 +390,7 @@ class ObjectWriter:
     @property
     def inline(self) -> bool:
         """The bytes go to the index, not a file: ``write`` does no I/O (no thread needed)."""
-        return self._buf is not None
+        return self._inline
 
     def defer_hash(self) -> None:
         """Hash the bytes at ``commit`` (reading the file back) instead of as they are
