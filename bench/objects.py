@@ -443,13 +443,16 @@ def run_mesh(directory: Path, work: Any, node_settings: dict[str, Any] | None = 
 def copies_on_disk(node: NodeProcess) -> dict[str, int]:
     """Object id -> size of the copies ``node`` holds, read from its data dir, not asked of
     the node: a row in its object index (``store/meta.sqlite3``, opened read-only) whose
-    file under ``store/objects/`` exists with the row's size. A file is renamed into place
-    only once fsynced and hash-checked, and the row is written after it (runtime/storage)."""
+    file under ``store/objects/`` exists with the row's size, or whose bytes are kept in
+    the index itself (a small object, ``obj_inline``) with that size. A file is renamed
+    into place only once fsynced and hash-checked, and the row is written after it; an
+    inline object's bytes are committed with its row (runtime/storage)."""
     store = node.data_dir / "store"
     uri = f"file:{store / 'meta.sqlite3'}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
         rows = db.execute("SELECT id, size FROM objects").fetchall()
-    files: dict[str, int] = {}
+        inline = dict(db.execute("SELECT id, length(data) FROM obj_inline").fetchall())
+    files: dict[str, int] = {str(k): int(v) for k, v in inline.items()}
     for dirpath, _dirs, names in os.walk(store / "objects"):
         for name in names:
             with contextlib.suppress(FileNotFoundError):

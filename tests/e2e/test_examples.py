@@ -17,6 +17,7 @@ from meshscale.client import connect, object_id
 from meshscale.core.api import Empty
 from meshscale.core.api.tasks import TASK_STATS
 from meshscale.runtime.launcher import LocalMesh
+from stored import copy_ids
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -54,9 +55,10 @@ def tasks_run(mesh: LocalMesh) -> dict[str, int]:
 def files_of(mesh: LocalMesh, oid: str) -> set[str]:
     """The nodes whose data dir holds the file of ``oid`` (a whole id, or a short one
     ending in ".." as the example prints it), read from the disks."""
-    pattern = oid[:-2] + "*" if oid.endswith("..") else oid
+    prefix = oid[:-2] if oid.endswith("..") else None
     return {n.name for n in mesh.nodes
-            if any(True for _ in (n.data_dir / "store" / "objects").rglob(pattern))}
+            if any(i == oid or (prefix is not None and i.startswith(prefix))
+                   for i in copy_ids(n.data_dir / "store"))}
 
 
 def test_batch_residency(mesh: LocalMesh) -> None:

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from hostbed import MESHSCALE, PORT, Sites, cli, wait_until
 
+from stored import holds_copy
+
 pytestmark = pytest.mark.timeout(420)
 
 HEAL_VIEW_S = 10.0
@@ -46,8 +48,7 @@ def files_of(s: Sites, oid: str) -> set[str]:
     outside truth."""
     out = set()
     for node in s.nodes.values():
-        store = node.data_dir / "store" / "objects"
-        if any(p.name == oid for p in store.rglob(oid)):
+        if holds_copy(node.data_dir / "store", oid):
             out.add(node.name)
     return out
 

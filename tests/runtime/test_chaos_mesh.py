@@ -29,6 +29,7 @@ from runtime_mesh import wait_for
 import meshscale
 from meshscale.core.objects import object_id
 from meshscale.runtime.launcher import LocalMesh, NodeProcess, node_command, spawn_node
+from stored import holds_copy
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -61,7 +62,7 @@ def restart(node: NodeProcess, mesh: LocalMesh, extra: dict[str, Any] | None = N
 
 
 def on_disk(node: NodeProcess, oid: str) -> bool:
-    return any(True for _ in Path(node.data_dir, "store", "objects").rglob(oid))
+    return holds_copy(Path(node.data_dir, "store"), oid)
 
 
 def nemesis(mesh: LocalMesh, rng: random.Random, stop: threading.Event,

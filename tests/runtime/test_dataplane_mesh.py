@@ -17,6 +17,7 @@ from runtime_mesh import wait_for_async
 
 from meshscale.client.rpc import RemoteError, RpcConnection, RpcError
 from meshscale.runtime.launcher import LocalMesh
+from stored import copy_ids, holds_copy
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -89,9 +90,7 @@ def test_put_200_objects_kill_one_node_read_back_restore_rf_restart(mesh: LocalM
     run(phase1())
     victim = mesh.nodes[3]
     assert victim.proc is not None
-    victim_objects = {
-        p.name for p in (victim.data_dir / "store" / "objects").rglob("b3-*")
-    }
+    victim_objects = copy_ids(victim.data_dir / "store")
     assert victim_objects, "the victim held no objects: nothing is tested"
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
@@ -202,7 +201,7 @@ def test_residency_refusal_and_bad_input(mesh: LocalMesh) -> None:
         assert set(st["holders"]) <= eu
         # ... and on the disks themselves (the outside truth, not the mesh's report).
         on_disk = {n.name for n in mesh.nodes
-                   if any(True for _ in (n.data_dir / "store" / "objects").rglob(res["id"]))}
+                   if holds_copy(n.data_dir / "store", res["id"])}
         assert on_disk and on_disk <= eu
         # Truncated upload: nothing becomes visible.
         data = b"x" * 5000
@@ -506,3 +505,52 @@ def test_types_and_limits_are_checked_before_anything_is_allocated(mesh: LocalMe
     status = Path(f"/proc/{node.proc.pid}/status").read_text()
     rss_mb = int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS")).split()[1]) >> 10
     assert rss_mb < 300, rss_mb  # no 300 MB of zeros was made
+
+
+def test_small_object_is_kept_inline_and_a_restarted_holder_serves_it_whole(
+        mesh: LocalMesh) -> None:
+    """Issue #19: a small put's copies are kept in each holder's index (no file, one fsync
+    each); a holder SIGKILLed and restarted on its data dir serves the bytes whole."""
+    from meshscale.runtime.launcher import node_command, spawn_node
+
+    data = os.urandom(1000)
+    oid = oid_of(data)
+
+    async def stored() -> list[str]:
+        c = RpcConnection(mesh.nodes[0].address, mesh.credentials(), 60)
+        res = await c.call("obj.put_small", {"data": data, "replicas": 3, "w": 2})
+        assert res["id"] == oid and len(res["nodes"]) >= 2
+        await wait_all_healthy(c, {oid}, 60)
+        st = await c.call("obj.stat", {"id": oid})
+        await c.close()
+        return list(st["holders"])
+
+    holders = run(stored())
+    by_name = {n.name: n for n in mesh.nodes}
+    for name in holders:
+        store = by_name[name].data_dir / "store"
+        assert holds_copy(store, oid), name
+        assert list((store / "objects").rglob(oid)) == [], f"{name} kept a file of it"
+    victim = next(by_name[n] for n in holders if n != mesh.nodes[0].name)
+    assert victim.proc is not None
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    cmd = node_command(victim, [mesh.nodes[0].address], "")
+    victim.proc = spawn_node(cmd, victim.data_dir.parent / f"{victim.name}-inline.log")
+
+    async def served() -> None:
+        c = RpcConnection(victim.address, mesh.node_credentials(0), 60)
+
+        async def whole() -> bytes:
+            try:
+                r = await c.call("obj.read_local", {"id": oid, "offset": 0, "length": 4096})
+            except RpcError:
+                await c.close()  # not up yet: a fresh connection next time
+                raise
+            return bytes(r["data"]) if r["size"] == len(data) else b""
+
+        assert await wait_for_async(whole, 60, "the restarted holder serving it",
+                                    poll=0.5) == data
+        await c.close()
+
+    run(served())

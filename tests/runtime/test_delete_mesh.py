@@ -15,6 +15,7 @@ from runtime_mesh import call_node, wait_for_async
 from meshscale.client.mesh import ObjectNotFoundError, connect
 from meshscale.client.rpc import RpcError
 from meshscale.runtime.launcher import LocalMesh, NodeProcess, node_command, spawn_node
+from stored import holds_copy
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,7 +27,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
 
 
 def files_of(node: NodeProcess, oid: str) -> list[str]:
-    return [p.name for p in (node.data_dir / "store" / "objects").rglob(oid)]
+    return [oid] if holds_copy(node.data_dir / "store", oid) else []
 
 
 async def call(node: NodeProcess, creds: Any, method: str, args: dict[str, Any]) -> Any:

@@ -26,6 +26,7 @@ from meshscale.client.rpc import call
 from meshscale.runtime.launcher import LocalMesh, node_command, spawn_node
 from meshscale.trust.bundle import init_bundle, load_bundle, write_client_bundle
 from meshscale.trust.receipts import verify_receipt
+from stored import holds_copy
 from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -50,9 +51,10 @@ def cli(mesh: LocalMesh, *args: str, node: int = 0, bundle: Path | None = None) 
 
 
 def disk_holders(mesh: LocalMesh, oid: str) -> set[str]:
-    """Nodes with a file of ``oid`` under their store (the disks, not the mesh's word)."""
+    """Nodes with ``oid``'s bytes in their store, a file or inline (the disks, not the
+    mesh's word)."""
     return {n.name for n in mesh.nodes
-            if any(True for _ in (n.data_dir / "store" / "objects").rglob(oid))}
+            if holds_copy(n.data_dir / "store", oid)}
 
 
 def index_holders(mesh: LocalMesh, oid: str) -> set[str]:

@@ -29,6 +29,7 @@ from meshscale.core.kv import kv_replicas
 from meshscale.core.objects import object_id
 from meshscale.core.placement import Candidate, replica_set
 from meshscale.runtime.launcher import LocalMesh, NodeProcess, node_command, spawn_node
+from stored import holds_copy
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -44,7 +45,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
 
 def on_disk(mesh: LocalMesh, oid: str) -> set[str]:
     return {n.name for n in mesh.nodes
-            if any(True for _ in Path(n.data_dir, "store", "objects").rglob(oid))}
+            if holds_copy(Path(n.data_dir, "store"), oid)}
 
 
 def restart(mesh: LocalMesh, node: NodeProcess, extra: dict[str, Any], log: Path) -> None:

@@ -272,7 +272,8 @@ def test_a_store_from_an_older_version_is_one_line_and_left_alone(
 
     store_dir = tmp_path / "d" / "store"
     store_dir.mkdir(parents=True)
-    with LocalStore(store_dir, StorageConfig(min_free_bytes=0)) as s:
+    # As older versions kept every object: as a file (no inline objects before schema 6).
+    with LocalStore(store_dir, StorageConfig(min_free_bytes=0, inline_max_bytes=0)) as s:
         oid = s.put_bytes(b"kept", now=1.0).object_id
     db = sqlite3.connect(store_dir / "meta.sqlite3")
     db.execute("PRAGMA user_version=2")  # as the BLAKE2b-id versions left it

@@ -24,6 +24,7 @@ from meshscale.client.mesh import MeshError
 from meshscale.client.rpc import RemoteError, RpcConnection, call
 from meshscale.runtime.launcher import LocalMesh
 from meshscale.trust.bundle import load_bundle, write_client_bundle
+from stored import copy_ids, holds_copy
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,7 +63,7 @@ def policy_on(mesh: LocalMesh, i: int, name: str) -> dict[str, Any] | None:
 def on_disk(mesh: LocalMesh, oid: str) -> set[str]:
     """Regions whose nodes hold a file of ``oid`` (the disks, not the mesh's report)."""
     return {n.region for n in mesh.nodes
-            if any(True for _ in (n.data_dir / "store" / "objects").rglob(oid))}
+            if holds_copy(n.data_dir / "store", oid)}
 
 
 def test_policy_set_get_list_delete_through_the_cli(
@@ -254,8 +255,7 @@ def test_a_replica_write_to_a_forbidden_region_is_refused_by_the_receiver(
     for row in rows:
         assert row["data_class"] == "pii" and row["from_region"] == "eu-west"
         assert row["to_region"] == "us-east" and "residency rule" in row["detail"]
-    assert oid_of(data) not in {p.name for p in
-                                (mesh.nodes[us].data_dir / "store" / "objects").rglob("b3-*")}
+    assert oid_of(data) not in copy_ids(mesh.nodes[us].data_dir / "store")
     # The same hand-made write to a node of an allowed region is taken (the check is not
     # a blanket refusal).
 
@@ -560,7 +560,7 @@ def test_no_cross_region_reads(mesh: LocalMesh) -> None:
     assert _stats(mesh, us).get("refused_cross_region_read", 0) > before
     # A node of another region relaying by hand (node to node) is refused by the holder.
     holder = next(i for i, n in enumerate(mesh.nodes)
-                  if any(True for _ in (n.data_dir / "store" / "objects").rglob(ref.id)))
+                  if holds_copy(n.data_dir / "store", ref.id))
     with pytest.raises(RemoteError) as e2:
         call(mesh.nodes[holder].address, mesh.node_credentials(us), "obj.read_local",
              {"id": ref.id, "offset": 0, "length": 100}, timeout=10)

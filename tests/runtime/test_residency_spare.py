@@ -15,6 +15,7 @@ import pytest
 from meshscale.client.rpc import RpcConnection, RpcError
 from meshscale.core.objects import object_id
 from meshscale.runtime.launcher import LocalMesh
+from stored import holds_copy
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,7 +30,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
 def on_disk(mesh: LocalMesh, oid: str) -> list[str]:
     """Nodes whose data dir holds a committed copy: the outside truth."""
     return [n.name for n in mesh.nodes
-            if any(True for _ in Path(n.data_dir, "store", "objects").rglob(oid))]
+            if holds_copy(Path(n.data_dir, "store"), oid)]
 
 
 def test_a_failed_put_leaves_nothing_outside_its_rule(mesh: LocalMesh) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -25,11 +26,13 @@ from meshscale.runtime.storage import (
 )
 
 NOW = 1_700_000_000.0
-NO_FREE_LIMIT = StorageConfig(min_free_bytes=0)
+NO_FREE_LIMIT = StorageConfig(min_free_bytes=0, inline_max_bytes=0)
+"""The tests below that do not say otherwise are of objects kept as files (their small
+test objects would be kept inline by default: see the inline tests at the end)."""
 
 
 def open_store(path: Path, **kw: object) -> LocalStore:
-    cfg = StorageConfig(**{"min_free_bytes": 0, **kw})  # type: ignore[arg-type]
+    cfg = StorageConfig(**{"min_free_bytes": 0, "inline_max_bytes": 0, **kw})  # type: ignore[arg-type]
     return LocalStore(path, cfg)
 
 
@@ -982,3 +985,140 @@ def test_object_path_does_not_intern_the_id(store: LocalStore) -> None:
     path = store.object_path(oid)
     assert path.name == oid and path.parent.parent.parent == store.objects_dir
     assert sys.intern("".join([oid[:3], oid[3:]])) is not oid
+
+
+# -- small objects kept inline (issue #19) ------------------------------------------------
+
+
+def inline_rows(store: LocalStore) -> list[str]:
+    db = sqlite3.connect(f"file:{store.data_dir / 'meta.sqlite3'}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in db.execute("SELECT id FROM obj_inline ORDER BY id")]
+    finally:
+        db.close()
+
+
+def test_a_small_object_is_kept_inline_and_survives_a_reopen_whole(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path, StorageConfig(min_free_bytes=0))  # the default inline bound
+    small = os.urandom(1000)
+    big = os.urandom(s.config.inline_max_bytes + 1)
+    m = s.put_bytes(small, now=NOW, replicas=3, expected_id=object_id_of(small))
+    s.put_bytes(big, now=NOW)
+    # No file, no temp file: the bytes went to the index with the row.
+    assert [p.name for p in object_files(s)] == [object_id_of(big)]
+    assert files_under(s.tmp_dir) == []
+    assert inline_rows(s) == [m.object_id]
+    assert s.read_bytes(m.object_id) == small and s.verify(m.object_id)
+    with s.open_read(m.object_id) as f:
+        f.seek(10)
+        assert f.read(5) == small[10:15]
+    assert s.stats()["objects"] == 2 and s.stats()["bytes"] == len(small) + len(big)
+    assert s.sweep_orphans() == {"orphan_files": 0, "missing_files": 0}
+    s.close()
+    s2 = LocalStore(tmp_path, StorageConfig(min_free_bytes=0))  # a restarted node
+    assert s2.meta(m.object_id) == m
+    assert s2.read_bytes(m.object_id) == small and s2.read_bytes(object_id_of(big)) == big
+    assert s2.totals() == (2, len(small) + len(big))
+    s2.close()
+
+
+def test_an_inline_object_committed_in_a_process_that_then_dies_is_whole(
+        tmp_path: Path) -> None:
+    script = f"""
+import os, signal
+from pathlib import Path
+from meshscale.runtime.storage import LocalStore, StorageConfig
+s = LocalStore(Path({str(tmp_path)!r}), StorageConfig(min_free_bytes=0))
+s.put_bytes(b"small" * 100, now=1.0)
+w = s.writer(now=1.0, size=1000)
+w.write(b"y" * 500)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    s = LocalStore(tmp_path, StorageConfig(min_free_bytes=0))
+    assert list(s.ids()) == [object_id_of(b"small" * 100)]
+    assert s.read_bytes(object_id_of(b"small" * 100)) == b"small" * 100
+    assert files_under(s.tmp_dir) == [] and object_files(s) == []
+    s.close()
+
+
+def test_a_failure_between_row_and_bytes_leaves_no_half_inline_object(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path, StorageConfig(min_free_bytes=0))
+    # The bytes' insert fails after the row's, inside the commit's transaction.
+    other = sqlite3.connect(tmp_path / "meta.sqlite3")
+    other.execute("CREATE TRIGGER boom BEFORE INSERT ON obj_inline "
+                  "BEGIN SELECT RAISE(ABORT, 'disk gone'); END")
+    other.commit()
+    data = os.urandom(2000)
+    with pytest.raises(sqlite3.Error):
+        s.put_bytes(data, now=NOW)
+    assert s.meta(object_id_of(data)) is None and not s.has(object_id_of(data))
+    assert s.totals() == (0, 0) and s.stats()["writes_in_flight"] == 0
+    other.execute("DROP TRIGGER boom")
+    other.commit()
+    other.close()
+    s.close()
+    s2 = LocalStore(tmp_path, StorageConfig(min_free_bytes=0))
+    assert list(s2.ids()) == [] and inline_rows(s2) == []
+    m = s2.put_bytes(data, now=NOW)  # and the same write goes through once it can
+    assert s2.read_bytes(m.object_id) == data
+    s2.close()
+
+
+def test_an_inline_object_that_does_not_hash_to_its_id_is_not_kept(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path, StorageConfig(min_free_bytes=0))
+    with pytest.raises(StorageError) as e:
+        s.put_bytes(b"abc", now=NOW, expected_id=object_id_of(b"abd"))
+    assert e.value.reason == "hash_mismatch"
+    w = s.writer(now=NOW, size=10)
+    w.write(b"12345")
+    with pytest.raises(StorageError) as e:
+        w.commit()  # fewer bytes than declared
+    assert e.value.reason == "hash_mismatch"
+    assert_nothing_left(s)
+    assert inline_rows(s) == []
+    s.close()
+
+
+def test_inline_objects_link_delete_drop_and_become_files(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path, StorageConfig(min_free_bytes=0))
+    a, b, c = os.urandom(100), os.urandom(200), os.urandom(300)
+    ma = s.put_bytes(a, now=NOW, pinned=False, ttl_s=1)
+    mb = s.put_bytes(b, now=NOW)
+    mc = s.put_bytes(c, now=NOW)
+    # A local reader (a task's worker) gets a file of its own with the bytes.
+    link = s.link_copy(ma.object_id)
+    assert link.parent == s.links_dir and link.read_bytes() == a
+    s.release_copy(link)
+    # Written again: stored once, metadata merged, bytes still inline.
+    again = s.put_bytes(a, now=NOW + 5, pinned=True)
+    assert again.pinned and inline_rows(s) == sorted([ma.object_id, mb.object_id, mc.object_id])
+    # Written again without a declared size (a file write): the file takes over.
+    with s.writer(now=NOW) as w:
+        w.write(c)
+        w.commit()
+    assert [p.name for p in object_files(s)] == [mc.object_id]
+    assert s.read_bytes(mc.object_id) == c
+    s.delete(ma.object_id)
+    assert s.delete_many([mb.object_id, mc.object_id]) == [mb.object_id, mc.object_id]
+    assert_nothing_left(s)
+    assert inline_rows(s) == []
+    s.close()
+
+
+def test_quarantine_of_an_inline_copy_and_its_bound(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        StorageConfig(inline_max_bytes=-1)
+    with pytest.raises(ValueError):
+        StorageConfig(inline_max_bytes=storage.MAX_INLINE_BYTES + 1)
+    s = LocalStore(tmp_path, StorageConfig(min_free_bytes=0))
+    m = s.put_bytes(b"bits", now=NOW)
+    other = sqlite3.connect(tmp_path / "meta.sqlite3")
+    other.execute("UPDATE obj_inline SET data = ? WHERE id = ?", (b"bats", m.object_id))
+    other.commit()
+    other.close()
+    assert not s.verify(m.object_id)  # rot in the index is caught like rot in a file
+    s.quarantine(m.object_id)
+    assert not s.has(m.object_id) and inline_rows(s) == []
+    s.close()

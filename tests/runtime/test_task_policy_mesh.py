@@ -26,6 +26,7 @@ from meshscale.core.api import Empty
 from meshscale.core.api.tasks import TASK_STATS
 from meshscale.core.tasks import TaskRecord, decode_detail, decode_payload
 from meshscale.runtime.launcher import LocalMesh
+from stored import copy_bytes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -222,7 +223,7 @@ def capturing(secret: str) -> Callable[[str, str], int]:
 
 def stored_bytes(node: Any) -> list[tuple[str, bytes]]:
     """Everything ``node`` keeps of the mesh's data, read from its disk: every KV value
-    (its SQLite store, read-only) and every object file."""
+    (its SQLite store, read-only) and every object's bytes (files and inline)."""
     store = node.data_dir / "store"
     db = sqlite3.connect(f"file:{store / 'meta.sqlite3'}?mode=ro", uri=True)
     try:
@@ -230,8 +231,8 @@ def stored_bytes(node: Any) -> list[tuple[str, bytes]]:
                db.execute("SELECT key, value FROM kv WHERE value IS NOT NULL")]
     finally:
         db.close()
-    for f in sorted((store / "objects").rglob("b3-*")):
-        out.append((f"object {f.name}", f.read_bytes()))
+    for oid, data in copy_bytes(store):  # files and small objects kept inline
+        out.append((f"object {oid}", data))
     return out
 
 
