@@ -127,6 +127,13 @@ def test_erase_a_class_everywhere_with_a_signed_receipt(
         assert disk_holders(mesh, oid) == set(), oid
         assert index_holders(mesh, oid) == set(), oid
     assert disk_holders(mesh, keep)
+    # Nor are the bytes of a small one left anywhere in a store's files: an inline copy
+    # is in the index database, whose freed pages and write-ahead log would keep them.
+    for n in mesh.nodes:
+        for f in (n.data_dir / "store").rglob("*"):
+            if f.is_file():
+                raw = f.read_bytes()
+                assert not [k for k, d in enumerate(datas[:5]) if d[:60] in raw], (n.name, f)
 
     # The receipt lists every copy that existed, each with the node that confirmed it.
     receipt, problems = verify_receipt_file(out, load_bundle(mesh.bundle_path).ca_cert_pem)

@@ -1122,3 +1122,31 @@ def test_quarantine_of_an_inline_copy_and_its_bound(tmp_path: Path) -> None:
     s.quarantine(m.object_id)
     assert not s.has(m.object_id) and inline_rows(s) == []
     s.close()
+
+
+def test_a_deleted_inline_object_leaves_no_byte_in_the_stores_files_once_purged(
+        tmp_path: Path) -> None:
+    """An inline object's bytes are in the index database: a delete frees its pages
+    (zeroed, ``secure_delete``) and the write-ahead log still holds them as they were,
+    until ``purge_freed`` checkpoints and truncates it (what an erasure waits for before
+    it confirms a copy gone, runtime/data/erasure.py). A kept object is untouched."""
+    s = LocalStore(tmp_path, StorageConfig(min_free_bytes=0))
+    secret = b"customer 42: " + os.urandom(16).hex().encode() * 40
+    kept = b"kept " * 100
+    gone = s.put_bytes(secret, now=NOW).object_id
+    stays = s.put_bytes(kept, now=NOW).object_id
+
+    def holding(needle: bytes) -> list[str]:
+        return sorted(p.name for p in files_under(tmp_path) if needle in p.read_bytes())
+
+    assert holding(secret[:64]) != []
+    s.delete(gone)
+    assert s.meta(gone) is None
+    assert holding(secret[:64]) != []  # the log still has the page as it was
+    assert s.purge_freed()
+    assert holding(secret[:64]) == []
+    assert s.read_bytes(stays) == kept and holding(kept[:64]) != []
+    s.close()
+    s = LocalStore(tmp_path, StorageConfig(min_free_bytes=0))
+    assert s.meta(gone) is None and s.read_bytes(stays) == kept
+    s.close()

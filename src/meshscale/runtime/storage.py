@@ -654,6 +654,9 @@ class LocalStore:
             if str(mode).lower() != "wal":
                 raise StorageError("corrupt", f"{path}: cannot use WAL mode (got {mode})")
             db.execute("PRAGMA synchronous=FULL")
+            # What a delete frees is overwritten with zeros, not left in free pages: an
+            # inline object's bytes and a KV value live in this file (``purge_freed``).
+            db.execute("PRAGMA secure_delete=ON")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StorageError(
@@ -684,6 +687,24 @@ class LocalStore:
             db.close()
             raise
         return db
+
+    def purge_freed(self) -> bool:
+        """Leave no copy of deleted rows in the database's files: the write-ahead log,
+        which still holds the pages as they were before each delete, is checkpointed into
+        the database (where ``secure_delete`` zeroed what the deletes freed) and
+        truncated to nothing. So an erased inline object's bytes, or a KV value, are no
+        longer in any file of the store, as an erased object's file is unlinked. False
+        when a reader of the database elsewhere (another process) kept the log from
+        being truncated: try again."""
+        with self._db_lock:
+            self._check_open()
+            try:
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as e:
+                if _is_no_space(e):
+                    raise StorageError("disk_full", f"checkpoint: {e}") from None
+                raise
+        return int(busy) == 0
 
     @staticmethod
     def _holds_ids(db: sqlite3.Connection) -> bool:

@@ -214,11 +214,17 @@ class Erasure(Catalog, KvStore):
                        cert_pem=self.agent.bundle.cert_pem.decode())
 
     def _still_held(self, ids: list[str]) -> list[str]:
-        """Those of ``ids`` in this node's store index or on its disk (in a thread)."""
+        """Those of ``ids`` in this node's store index or on its disk (in a thread). Once
+        none is, the store's files are purged of what the deletes freed
+        (``LocalStore.purge_freed``: an inline copy's bytes stay in the index database's
+        log until then); one that cannot be purged yet counts every id as still held."""
         store = self.store
         assert store is not None
-        return [oid for oid in ids
-                if store.meta(oid) is not None or store.object_path(oid).exists()]
+        still = [oid for oid in ids
+                 if store.meta(oid) is not None or store.object_path(oid).exists()]
+        if still or not ids:
+            return still
+        return [] if store.purge_freed() else list(ids)
 
     async def _rpc_erase_confirm(self, req: eapi.ConfirmRequest) -> NodeConfirmation:
         deadline = time.monotonic() + self.cfg.erase_confirm_wait_s
