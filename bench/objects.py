@@ -37,8 +37,10 @@
 RF 3) on a 3-node mesh, put through the mesh with ``put_small`` from 8 concurrent loops
 per node, each on its own connection (``--preload``: written into every node's store
 through its own API before the nodes start; ``--tmpfs``: data dirs on /dev/shm, or on
-``--tmpfs-dir``: a run that cannot fit its files there, inodes or bytes, is refused at
-once; at 1,000,000 a default /dev/shm lacks the inodes, so mount one, e.g.
+``--tmpfs-dir``: a run that cannot fit there, inodes or bytes, is refused at once; the
+objects are kept inline in each node's index database (``inline_max_bytes``), so they need
+bytes, not files; a store that keeps them as files needs an inode each, and at 1,000,000 a
+default /dev/shm lacks them: mount one, e.g.
 ``mount -t tmpfs -o size=20g,nr_inodes=0 tmpfs DIR``), then
 ``objects_held_per_node``, ``rss_mb_per_node`` (node process, workers not counted),
 ``rss_bytes_per_object`` (over the same nodes empty, or an empty mesh of its own with
@@ -85,6 +87,7 @@ from meshscale.core.api import node as node_api
 from meshscale.core.api import objects as api
 from meshscale.core.api.tasks import TASK_STATS
 from meshscale.runtime.launcher import LocalMesh, NodeProcess, node_command, spawn_node
+from meshscale.runtime.storage import StorageConfig
 from meshscale.transport.tls import client_context, server_context
 from meshscale.trust.bundle import issue_node_cert, load_bundle
 
@@ -759,16 +762,25 @@ SCALE_NODES = 3
 FILE_ROOM_BYTES = 4096
 """What one small object's file takes on a filesystem at least (a page of tmpfs, a block
 of ext4), besides its inode."""
+INLINE_ROOM_BYTES = 2048
+"""What one small object kept inline (``StorageConfig.inline_max_bytes``) takes in its
+node's index database at most: its bytes, its rows in two tables and their index
+entries, in pages partly filled (no file, no inode)."""
 
 
-def room_problem(directory: str, n: int) -> str | None:
+def room_problem(directory: str, n: int, inline: bool | None = None) -> str | None:
     """Why ``directory``'s filesystem cannot hold N small objects on every node of the
     --scale mesh (files and bytes), or None. Checked before a run that may take an hour,
     not found out part-way: a tmpfs of the default size has one inode per page of RAM
-    halved, about 3 million on a 24 GB machine, fewer than 3 nodes x 1,000,000 files."""
+    halved, about 3 million on a 24 GB machine, fewer than 3 nodes x 1,000,000 files.
+    ``inline`` (default: whether the objects' size is within the store's default
+    ``inline_max_bytes``): the objects are kept in the index database, not as files."""
+    if inline is None:
+        inline = StorageConfig().inline_max_bytes >= SCALE_OBJECT_BYTES
     st = os.statvfs(directory)
-    files = SCALE_NODES * n
-    need_bytes = files * FILE_ROOM_BYTES
+    copies = SCALE_NODES * n
+    files = 0 if inline else copies
+    need_bytes = copies * (INLINE_ROOM_BYTES if inline else FILE_ROOM_BYTES)
     if st.f_files and st.f_favail < files:  # f_files 0: no limit (tmpfs nr_inodes=0)
         return (f"{directory} has room for {st.f_favail:,} more files, and {n:,} objects on "
                 f"{SCALE_NODES} nodes need {files:,} (mount a tmpfs with more inodes, e.g. "

@@ -48,7 +48,13 @@ def test_the_room_check_counts_files_and_bytes(monkeypatch: pytest.MonkeyPatch) 
     said = {}
     for name, fs in cases.items():
         monkeypatch.setattr(objects.os, "statvfs", lambda _d, fs=fs: fs)
-        said[name] = objects.room_problem("/x", n)
+        said[name] = objects.room_problem("/x", n, inline=False)
     assert said["inodes"] is not None and "2,603,079 more files" in said["inodes"]
     assert said["unlimited"] is None and said["enough"] is None
     assert said["bytes"] is not None and "2.0 GiB free" in said["bytes"]
+    # Kept inline (the 512-byte objects, by default): no file each, 2 KiB each at most.
+    monkeypatch.setattr(objects.os, "statvfs", lambda _d: cases["inodes"])
+    assert objects.room_problem("/x", n) is None
+    monkeypatch.setattr(objects.os, "statvfs", lambda _d: cases["bytes"])
+    inline = objects.room_problem("/x", n)
+    assert inline is not None and "about 5.7 GiB" in inline
