@@ -997,6 +997,10 @@ class Scheduler:
         """The next sweep: ``sweep_interval_s`` after the last one, or while ``quiet``
         up to ``quiet_sweep_max_s`` after it."""
         cfg = self.config
+        if self._tasks or self._queue or self._running:
+            # Not ``quiet`` (its first tests): ``loop_wait_s``'s busy answer, without its
+            # bounds check (``SchedulingConfig`` checked them). Asked after every event.
+            return self._swept_at + cfg.sweep_interval_s
         return self._swept_at + loop_wait_s(
             self._swept_at, idle=self.quiet(), interval_s=cfg.sweep_interval_s,
             idle_max_s=cfg.quiet_sweep_max_s)
@@ -1748,6 +1752,15 @@ class Scheduler:
         drops the rest."""
         cfg = self.config
         queue = self._queue
+        if not queue:
+            self._queue_min_cpus = math.inf
+            return
+        if (len(self._asks) >= cfg.max_concurrent_asks
+                or self._free.cpus + 1e-9 < self._queue_min_cpus):
+            # The loop below would not take one reservation (its own test): no slot, or
+            # no ask left. Most calls (every message and run end of a busy worker with a
+            # long queue) end here, without building the per-submitter counts.
+            return
         skipped: list[_Reservation] = []
         left = dict(self._waiting)  # per submitter, queued and not scanned yet
         full = self._full()
