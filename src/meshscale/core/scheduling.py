@@ -1363,25 +1363,39 @@ class Scheduler:
     def _cost(self, spec: TaskSpec, n: NodeState, origin: Coordinate | None) -> float:
         """``score``'s total for ``spec`` on ``n`` as this owner places it. Another node
         is scored by its gossiped load plus the work this owner sent it that gossip may
-        not show yet (``_extra``); this node by its own load as it is now (``load()``:
+        not show yet; this node by its own load as it is now (``load()``:
         what it runs, has asked for and has queued, exactly), with nothing added. Its
         entry in the view is a snapshot from the last view update, which can still show
         the run that has just ended, and the tasks this owner bound here stay counted
         until their ``Result``: either sent a lone task (the next one a caller submits
         after the last one's answer) to a remote node by way of reservations while this
         node's slot was free (issue #19)."""
-        fixed = self._fixed_for(spec, n, origin)
-        if n.name == self.name:
-            queue_s, energy_s = _load_terms(spec, n, self.load(), self.config, 0.0)
-        else:
-            queue_s, energy_s = _load_terms(spec, n, n.load, self.config, self._extra(n.name))
-        # ``score(...).total``, summed in its order (the same float).
-        return fixed[0] + fixed[1] + queue_s + energy_s
+        return self._scored(spec, (n,), origin)[0][0]
 
-    def _extra(self, name: str) -> float:
-        """Work this owner sent to ``name`` that gossip may not show yet."""
-        d = self.config.probes_per_task
-        return self._bound_on.get(name, 0) + self._probes_on.get(name, 0) / d
+    def _scored(self, spec: TaskSpec, pool: Iterable[NodeState], origin: Coordinate | None
+                ) -> list[tuple[float, str]]:
+        """(``_cost``, name) of every node of ``pool``, cheapest first, in one loop (a
+        placement scores every feasible node, once per task of a burst)."""
+        cfg = self.config
+        d = cfg.probes_per_task
+        memo, bound_on, probes_on = self._fixed, self._bound_on, self._probes_on
+        no_inputs = not spec.inputs
+        out: list[tuple[float, str]] = []
+        for n in pool:
+            name = n.member.name
+            hit = memo.get((name, origin)) if no_inputs else None
+            fixed = (hit[1] if hit is not None and hit[0] is n
+                     else self._fixed_for(spec, n, origin))
+            if name == self.name:
+                queue_s, energy_s = _load_terms(spec, n, self.load(), cfg, 0.0)
+            else:
+                # Work this owner sent it that gossip may not show yet.
+                extra = bound_on.get(name, 0) + probes_on.get(name, 0) / d
+                queue_s, energy_s = _load_terms(spec, n, n.load, cfg, extra)
+            # ``score(...).total``, summed in its order (the same float).
+            out.append((fixed[0] + fixed[1] + queue_s + energy_s, name))
+        out.sort()
+        return out
 
     def _renarrow(self, t: _Task) -> None:
         """``t.spec``'s rule from its submitted one and the current class policies;
@@ -1455,8 +1469,7 @@ class Scheduler:
                 if mine <= cfg.sample_temperature_s:
                     self._bind_here(t, [(mine, me.name)], inputs, now)
                     return
-        scored = sorted((self._cost(t.spec, n, origin), n.name) for n in pool)
-        scored = scored[:keep]
+        scored = self._scored(t.spec, pool, origin)[:keep]
         if self._bind_here(t, scored, inputs, now):
             return
         picks = _weighted_sample(scored, cfg.probes_per_task, cfg.sample_temperature_s,
