@@ -421,7 +421,16 @@ def _forget_shipped() -> None:
     prefixes = tuple(p.rstrip("/") + "/" for p in paths)
     names: Iterable[str]
     before = [b for f in finders if isinstance(b := getattr(f, "modules_before", None), set)]
-    if len(before) == len(finders):
+    kept = [getattr(f, "modules", None) for f in finders]
+    if not paths and all(isinstance(m, dict) for m in kept):
+        # Without a code archive a module comes with a task only through a shipped
+        # finder (``_brought``), which keeps every module it loaded (``modules``): those
+        # are all there is to look at. A set of the worker's few hundred module names,
+        # and another at the call's start, cost more than a no-op's run (issue #19).
+        names = {n for m in kept if isinstance(m, dict) for n in m}
+        for f in finders:
+            setattr(f, "modules_before", None)  # noqa: B010 (a finder of the task's)
+    elif len(before) == len(finders):
         # A module the call brought came into sys.modules after the call began (the
         # finder's snapshot then) or was put back by its finder (its ``modules``, which
         # may replace a name taken before): only those are looked at, not each of the
