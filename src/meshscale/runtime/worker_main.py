@@ -313,8 +313,11 @@ class Worker:
             if env_len > MAX_ENVELOPE or body_len > self.max_body:
                 # The pool checks the same bounds, so this is a bug or corruption: stop.
                 raise SystemExit(f"frame too large ({env_len}, {body_len})")
-            msg = _to_worker_decoder.decode(_recv_exact(self.sock, env_len))
-            body = _recv_exact(self.sock, body_len) if body_len else memoryview(b"")
+            # The envelope and the body in one read (the pool writes a small frame whole).
+            frame = _recv_exact(self.sock, env_len + body_len)
+            msg = _to_worker_decoder.decode(frame[:env_len])
+            body = frame[env_len:]
+            del frame
             if not isinstance(msg, Task):
                 raise SystemExit("unexpected message")
             limited = msg.memory_mb is not None
