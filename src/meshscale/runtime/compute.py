@@ -2383,7 +2383,8 @@ class ComputePlane:
                 if self.on_demand is not None:
                     self.on_demand()
                 await asyncio.wait_for(self._pool_ready.wait(), self.pool.config.start_timeout_s)
-            inputs = list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
+            inputs = (list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
+                      if p.inputs else [])
             out = p.result_rule
             if out is None and spec.residency is not None and spec.residency.data_class:
                 out = ResidencyWire.of(spec.residency)  # an owner without result rules

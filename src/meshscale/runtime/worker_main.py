@@ -137,6 +137,9 @@ FromWorker = Ready | Done | Failed | Output
 
 _to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
 from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)
+
+_PLAIN_RESULTS = (int, float, str, bytes, bool, type(None))
+"""Result types (exactly these, no subclass) pickled with ``pickle`` itself."""
 encoder = msgspec.msgpack.Encoder()
 
 
@@ -382,7 +385,15 @@ class Worker:
             result = fn(*args, **kwargs)
             del args, kwargs
             try:
-                out = cloudpickle.dumps(result, protocol=5)
+                if type(result) in _PLAIN_RESULTS:
+                    # Pickled alike by both; cloudpickle's pickler costs more to set up
+                    # than a no-op's whole call (issue #19). Imported here: the agent
+                    # imports this module, and an idle one loads no pickle.
+                    import pickle
+
+                    out = pickle.dumps(result, protocol=5)
+                else:
+                    out = cloudpickle.dumps(result, protocol=5)
             except MemoryError:
                 raise
             except BaseException as e:
