@@ -115,11 +115,18 @@ def test_v2_parent_and_worker_cgroups(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (parent / "w1" / "memory.max").read_text() == "max"
     assert (parent / "w1" / "cpu.max").read_text() == "max 100000"
     # The same quota as the last task's is not written again (only the node writes it);
-    # the memory limit always is.
+    # nor the same memory limit (issue #19), and a different one is.
     (parent / "w1" / "cpu.max").write_text("not written again")
     w.set_limits(200 << 20, None)
     assert (parent / "w1" / "memory.max").read_text() == str(200 << 20)
     assert (parent / "w1" / "cpu.max").read_text() == "not written again"
+    (parent / "w1" / "memory.max").write_text("not written again")
+    w.set_limits(200 << 20, None)
+    assert (parent / "w1" / "memory.max").read_text() == "not written again"
+    w.set_limits(201 << 20, None)
+    assert (parent / "w1" / "memory.max").read_text() == str(201 << 20)
+    w.set_limits(200 << 20, None)
+    assert (parent / "w1" / "memory.max").read_text() == str(200 << 20)
     w.set_limits(None, 1.5)
     assert (parent / "w1" / "cpu.max").read_text() == "150000 100000"
     (parent / "w1" / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\n")
@@ -143,8 +150,9 @@ def test_v2_parent_and_worker_cgroups(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_no_memory_limit_after_none_is_not_written_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A task with no memory limit after a task with none costs no memory write (issue
-    23: a stream operator's batches go one after another); a limit is always written, and
-    none after a limit is written again."""
+    23: a stream operator's batches go one after another); nor does the same limit as
+    the last one (issue #19: the pool rounds the usage the limit adds to up to a MiB, so
+    it repeats from task to task); another limit, and none after a limit, are written."""
     monkeypatch.setattr(isolation, "_mkdir", fake_cgroup_dir)
     fake_cgroup_dir(tmp_path / "svc")
     mountinfo = f"32 24 0:28 / {tmp_path} rw - cgroup2 cgroup2 rw\n"
@@ -159,10 +167,11 @@ def test_no_memory_limit_after_none_is_not_written_again(
     assert limit.read_text() == "not written again"
     w.set_limits(100 << 20, 1.0)
     assert limit.read_text() == str(100 << 20)
-    w.set_limits(100 << 20, 1.0)  # a limit: always written (it is over the usage then)
-    limit.write_text("written again")
+    limit.write_text("not written again")
     w.set_limits(100 << 20, 1.0)
-    assert limit.read_text() == str(100 << 20)
+    assert limit.read_text() == "not written again"
+    w.set_limits(101 << 20, 1.0)
+    assert limit.read_text() == str(101 << 20)
     w.set_limits(None, 1.0)
     assert limit.read_text() == "max"
     w.close_files()

@@ -157,13 +157,17 @@ class _Watched(ModuleType):
         return None
 
 
-@pytest.mark.parametrize("snapshot", [True, False], ids=["snapshot", "older-client"])
+@pytest.mark.parametrize("archive,snapshot", [(False, False), (True, True), (True, False)],
+                         ids=["no-archive", "archive-snapshot", "archive-older-client"])
 def test_a_worker_looks_only_at_the_modules_that_came_during_the_call(
-        project: ModuleType, snapshot: bool) -> None:
-    """The finder keeps the names of ``sys.modules`` as the call began, so the worker
-    looks only at what came since (the modules already there are not the call's): a
-    module that was there is never read. A finder without that snapshot (pickled by an
-    older client) still has every module looked at, and its modules forgotten."""
+        project: ModuleType, archive: bool, snapshot: bool) -> None:
+    """Without a code archive every module a call brings is one its finder loaded (its
+    ``modules``): the call takes no snapshot of ``sys.modules`` and the worker looks at
+    no other module (issue #19: the two sets of every module name cost more than a
+    no-op's run). With an archive the finder keeps the names of ``sys.modules`` as the
+    call began, so the worker looks only at what came since; a finder with an archive
+    and without that snapshot (pickled by an older client) still has every module looked
+    at. A module that was there is never the call's; the call's own are forgotten."""
     _, fn_bytes = pickle_function(project.uses_package)
     payload, _, _ = _pickle_call((2,), {})
     saved_path = list(sys.path)
@@ -175,16 +179,22 @@ def test_a_worker_looks_only_at_the_modules_that_came_during_the_call(
     try:
         call = cloudpickle.loads(fn_bytes)
         assert call(payload, []) == (40, "v1")
-        if not snapshot:
-            for f in sys.meta_path:
-                if getattr(f, "meshscale_shipped", False):
-                    f.modules_before = None  # type: ignore[attr-defined]
+        finders = [f for f in sys.meta_path if getattr(f, "meshscale_shipped", False)]
+        assert finders and all(f.modules_before is None for f in finders)
+        if archive:
+            for f in finders:
+                f.code_paths = ["/nonexistent/meshscale-archive"]
+                if snapshot:
+                    f.modules_before = set(sys.modules) - set(f.modules) - {
+                        n for n in sys.modules if n.startswith("shipjob")}
         worker_main._forget_shipped()
         assert not [n for n in sys.modules if n.startswith(("shipmylib", "shiphelper"))]
         assert not [f for f in sys.meta_path if getattr(f, "meshscale_shipped", False)]
         assert "shipwatched" in sys.modules
-        assert (_Watched.looked == 0) is snapshot
-        # the next call of the same wrapper takes a snapshot of its own again
+        assert (_Watched.looked == 0) is (not archive or snapshot)
+        # the next call of the same wrapper finds its modules again
+        for f in finders:
+            f.code_paths = []
         assert call(payload, []) == (40, "v1")
         worker_main._forget_shipped()
         assert not [n for n in sys.modules if n.startswith(("shipmylib", "shiphelper"))]

@@ -275,9 +275,10 @@ class ShippedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.modules: dict[str, types.ModuleType] = {}
         self.code_paths: list[str] = []
         self.modules_before: set[str] | None = None
-        """The names in ``sys.modules`` when the current call began: the worker then looks
-        only at the modules that came since (and at ``modules``) for the call's own,
-        instead of at every module it has (``worker_main._forget_shipped``)."""
+        """With a code archive, the names in ``sys.modules`` when the current call began:
+        the worker then looks only at the modules that came since (and at ``modules``)
+        for the call's own, instead of at every module it has
+        (``worker_main._forget_shipped``). Without one it needs only ``modules``."""
 
     def find_spec(self, name: str, path: object = None,
                   target: object = None) -> importlib.machinery.ModuleSpec | None:
@@ -316,9 +317,13 @@ def shipped_call(call_bytes: bytes, sources: dict[str, tuple[str, str, bool]],
         finder = state.get("finder")
         if finder is None:
             finder = state["finder"] = ShippedModules(sources)
-        finder.modules_before = set(sys.modules)
         code_dir = ""
         if code is not None:
+            # The archive's modules load through the path finders, not this one: only
+            # what came since this snapshot can be theirs. Without an archive every
+            # module the call brings is in ``modules``, and a snapshot of the worker's
+            # few hundred names would cost more than a no-op's run (issue #19).
+            finder.modules_before = set(sys.modules)
             code_dir = ensure_unpacked(code[0], code[1])
             finder.code_paths = [code_dir]
             if code_dir not in sys.path:

@@ -467,8 +467,11 @@ def _fits(demand: Resources) -> Callable[[NodeState], bool]:
 
 
 _Filter = tuple[str, Callable[[], str], Callable[[NodeState], bool]]
-_FixedMemo = dict[tuple[str, Coordinate | None], tuple[float, float]]
-"""``_fixed_terms`` by (node, origin), valid while the view does not change."""
+_FixedMemo = dict[tuple[str, Coordinate | None], tuple[NodeState, tuple[float, float]]]
+"""``_fixed_terms`` of a task without inputs by (node, origin), with the ``NodeState``
+they were computed from (frozen: valid while the view holds that very object)."""
+MAX_FIXED_MEMO = 4096
+"""Entries of ``Scheduler._fixed``; beyond it the memo starts afresh."""
 
 
 def _describe_input(inp: InputRef) -> Callable[[], str]:
@@ -951,6 +954,8 @@ class Scheduler:
         get no reservations from this owner."""
         self._boots: dict[str, str] = {}
         """The boot each node in the view last sent (``peer_boot``)."""
+        self._fixed: _FixedMemo = {}
+        """``_fixed_terms`` already computed on this view (``_fixed_for``)."""
         # worker side
         self._queue: deque[_Reservation] = deque()
         self._queue_min_cpus = math.inf
@@ -997,6 +1002,10 @@ class Scheduler:
         """The next sweep: ``sweep_interval_s`` after the last one, or while ``quiet``
         up to ``quiet_sweep_max_s`` after it."""
         cfg = self.config
+        if self._tasks or self._queue or self._running:
+            # Not ``quiet`` (its first tests): ``loop_wait_s``'s busy answer, without its
+            # bounds check (``SchedulingConfig`` checked them). Asked after every event.
+            return self._swept_at + cfg.sweep_interval_s
         return self._swept_at + loop_wait_s(
             self._swept_at, idle=self.quiet(), interval_s=cfg.sweep_interval_s,
             idle_max_s=cfg.quiet_sweep_max_s)
@@ -1019,6 +1028,7 @@ class Scheduler:
         view = {n.name: n for n in nodes}
         gone = [n for n in self._view if n not in view]
         self._view = view
+        self._fixed.clear()
         for name in gone:
             self._lost(name, now)
 
@@ -1194,11 +1204,10 @@ class Scheduler:
             self._tasks[t.task_id] = _Task(t, batch, self._order, _holders(t, self._view),
                                            submitted=t.residency, classes=task_classes(t))
             self._count("tasks_submitted")
-        memo: _FixedMemo = {}
         for tid in ids:
             # The feasible set just checked is the first placement's (same view, same
             # rule): not computed twice.
-            self._place(self._tasks[tid], now, first.get(tid), memo)
+            self._place(self._tasks[tid], now, first.get(tid))
         self._deliver(now)
         return batch
 
@@ -1334,37 +1343,59 @@ class Scheduler:
         me = self._view.get(self.name)
         return None if me is None else me.coord
 
-    def _cost(self, spec: TaskSpec, n: NodeState, origin: Coordinate | None,
-              memo: _FixedMemo | None = None) -> float:
+    def _fixed_for(self, spec: TaskSpec, n: NodeState, origin: Coordinate | None
+                   ) -> tuple[float, float]:
+        """``_fixed_terms(spec, n, origin)``. Without inputs the transfer and latency terms
+        depend only on the node and ``origin``: the same for every task placed (or bound)
+        on one view, so computed once per node and origin, not once per task."""
+        if spec.inputs:
+            return _fixed_terms(spec, n, origin)
+        key = (n.name, origin)
+        hit = self._fixed.get(key)
+        if hit is not None and hit[0] is n:
+            return hit[1]
+        fixed = _fixed_terms(spec, n, origin)
+        if len(self._fixed) >= MAX_FIXED_MEMO:
+            self._fixed.clear()
+        self._fixed[key] = (n, fixed)
+        return fixed
+
+    def _cost(self, spec: TaskSpec, n: NodeState, origin: Coordinate | None) -> float:
         """``score``'s total for ``spec`` on ``n`` as this owner places it. Another node
         is scored by its gossiped load plus the work this owner sent it that gossip may
-        not show yet (``_extra``); this node by its own load as it is now (``load()``:
+        not show yet; this node by its own load as it is now (``load()``:
         what it runs, has asked for and has queued, exactly), with nothing added. Its
         entry in the view is a snapshot from the last view update, which can still show
         the run that has just ended, and the tasks this owner bound here stay counted
         until their ``Result``: either sent a lone task (the next one a caller submits
         after the last one's answer) to a remote node by way of reservations while this
-        node's slot was free (issue #19). ``memo``: ``_fixed_terms`` already computed in
-        this submit (same view), by node and origin."""
-        if memo is not None and not spec.inputs:
-            # Without inputs the transfer and latency terms depend only on the node and
-            # ``origin``: the same for every task of a submit (one view), so computed once.
-            fixed = memo.get((n.name, origin))
-            if fixed is None:
-                fixed = memo[(n.name, origin)] = _fixed_terms(spec, n, origin)
-        else:
-            fixed = _fixed_terms(spec, n, origin)
-        if n.name == self.name:
-            queue_s, energy_s = _load_terms(spec, n, self.load(), self.config, 0.0)
-        else:
-            queue_s, energy_s = _load_terms(spec, n, n.load, self.config, self._extra(n.name))
-        # ``score(...).total``, summed in its order (the same float).
-        return fixed[0] + fixed[1] + queue_s + energy_s
+        node's slot was free (issue #19)."""
+        return self._scored(spec, (n,), origin)[0][0]
 
-    def _extra(self, name: str) -> float:
-        """Work this owner sent to ``name`` that gossip may not show yet."""
-        d = self.config.probes_per_task
-        return self._bound_on.get(name, 0) + self._probes_on.get(name, 0) / d
+    def _scored(self, spec: TaskSpec, pool: Iterable[NodeState], origin: Coordinate | None
+                ) -> list[tuple[float, str]]:
+        """(``_cost``, name) of every node of ``pool``, cheapest first, in one loop (a
+        placement scores every feasible node, once per task of a burst)."""
+        cfg = self.config
+        d = cfg.probes_per_task
+        memo, bound_on, probes_on = self._fixed, self._bound_on, self._probes_on
+        no_inputs = not spec.inputs
+        out: list[tuple[float, str]] = []
+        for n in pool:
+            name = n.member.name
+            hit = memo.get((name, origin)) if no_inputs else None
+            fixed = (hit[1] if hit is not None and hit[0] is n
+                     else self._fixed_for(spec, n, origin))
+            if name == self.name:
+                queue_s, energy_s = _load_terms(spec, n, self.load(), cfg, 0.0)
+            else:
+                # Work this owner sent it that gossip may not show yet.
+                extra = bound_on.get(name, 0) + probes_on.get(name, 0) / d
+                queue_s, energy_s = _load_terms(spec, n, n.load, cfg, extra)
+            # ``score(...).total``, summed in its order (the same float).
+            out.append((fixed[0] + fixed[1] + queue_s + energy_s, name))
+        out.sort()
+        return out
 
     def _renarrow(self, t: _Task) -> None:
         """``t.spec``'s rule from its submitted one and the current class policies;
@@ -1387,12 +1418,11 @@ class Scheduler:
             return False
         return True
 
-    def _place(self, t: _Task, now: float, checked: list[NodeState] | None = None,
-               memo: _FixedMemo | None = None) -> None:
+    def _place(self, t: _Task, now: float, checked: list[NodeState] | None = None) -> None:
         """Send ``probes_per_task`` reservations for unbound task ``t`` (its rule narrowed
         first to its classes' current policies). ``checked``: ``feasible`` of ``t`` on
         the current view, just computed by the caller (used only when no class may have
-        narrowed the rule since); ``memo``: the caller's ``_cost`` memo for this view."""
+        narrowed the rule since)."""
         assert t.node is None
         cfg = self.config
         if not self._narrow(t):
@@ -1435,12 +1465,11 @@ class Scheduler:
             # other nodes need no score (the lone task's common case, issue #19).
             me = next((n for n in pool if n.name == self.name), None)
             if me is not None:
-                mine = self._cost(t.spec, me, origin, memo)
+                mine = self._cost(t.spec, me, origin)
                 if mine <= cfg.sample_temperature_s:
                     self._bind_here(t, [(mine, me.name)], inputs, now)
                     return
-        scored = sorted((self._cost(t.spec, n, origin, memo), n.name) for n in pool)
-        scored = scored[:keep]
+        scored = self._scored(t.spec, pool, origin)[:keep]
         if self._bind_here(t, scored, inputs, now):
             return
         picks = _weighted_sample(scored, cfg.probes_per_task, cfg.sample_temperature_s,
@@ -1566,7 +1595,10 @@ class Scheduler:
                 chosen.ran_in = {}
             chosen.ran_in[src] = state.region
         self._bound_on[src] = self._bound_on.get(src, 0) + 1
-        cost = score(chosen.spec, state, self._origin(chosen.spec), self.config)
+        # ``score(...)`` with the fixed terms of this view's memo (the same floats).
+        transfer_s, latency_s = self._fixed_for(chosen.spec, state, self._origin(chosen.spec))
+        cost = CostBreakdown(transfer_s, latency_s,
+                             *_load_terms(chosen.spec, state, state.load, self.config, 0.0))
         self._count("bound_stolen" if stolen else "bound")
         self._outputs.append(TaskBound(
             chosen.spec.task_id, src, state.region, chosen.attempt, cost,
@@ -1696,29 +1728,26 @@ class Scheduler:
         # second). ``_tasks`` is in submit order, which is ``order``.
         asking = frozenset(n for n, at in self._asked_at.items()
                            if now - at < cfg.probe_timeout_s)
-        for tid in list(self._tasks):
-            t = self._tasks.get(tid)
-            if t is None:
-                continue
+        probe_s, ttl_s, run_s = (cfg.probe_timeout_s, cfg.reservation_ttl_s,
+                                 cfg.run_timeout_s)
+        tasks = self._tasks
+        for tid, t in list(tasks.items()):
+            if tasks.get(tid) is not t:
+                continue  # ended (or failed) earlier in this sweep
             if t.node is None:
-                if (now - t.probed_at >= cfg.probe_timeout_s
-                        and self._probes_lost(t, now, asking)):
+                # Its reservations look lost once ``probe_timeout_s`` passed since they
+                # were sent, but not while a probed node still asks this owner for work:
+                # its queue is working through our reservations, and late binding hands
+                # any of them ``t`` in turn. Re-probing those (every sweep, for every task
+                # of a long burst) made a 10,000-task submit flood the workers' queues
+                # with duplicate reservations. Still re-probed after
+                # ``reservation_ttl_s``, when the workers drop them anyway.
+                waited = now - t.probed_at
+                if waited >= probe_s and (waited >= ttl_s or t.probes.isdisjoint(asking)):
                     self._count("reprobed")
                     self._place(t, now)
-            elif now - t.bound_at >= cfg.run_timeout_s:
-                self._replace(t, f"no result from {t.node} within {cfg.run_timeout_s} s", now)
-
-    def _probes_lost(self, t: _Task, now: float, asking: frozenset[str]) -> bool:
-        """Whether unbound ``t``'s reservations look lost (``probe_timeout_s`` passed since
-        they were sent). Not while a probed node still asks this owner for work: its
-        queue is working through our reservations, and late binding hands any of them
-        ``t`` in turn. Re-probing those (every sweep, for every task of a long burst) made
-        a 10,000-task submit flood the workers' queues with duplicate reservations. Still
-        re-probed after ``reservation_ttl_s``, when the workers drop them anyway."""
-        cfg = self.config
-        if now - t.probed_at >= cfg.reservation_ttl_s:
-            return True
-        return t.probes.isdisjoint(asking)
+            elif now - t.bound_at >= run_s:
+                self._replace(t, f"no result from {t.node} within {run_s} s", now)
 
     # ------------------------------------------------------------------ worker internals
 
@@ -1748,6 +1777,15 @@ class Scheduler:
         drops the rest."""
         cfg = self.config
         queue = self._queue
+        if not queue:
+            self._queue_min_cpus = math.inf
+            return
+        if (len(self._asks) >= cfg.max_concurrent_asks
+                or self._free.cpus + 1e-9 < self._queue_min_cpus):
+            # The loop below would not take one reservation (its own test): no slot, or
+            # no ask left. Most calls (every message and run end of a busy worker with a
+            # long queue) end here, without building the per-submitter counts.
+            return
         skipped: list[_Reservation] = []
         left = dict(self._waiting)  # per submitter, queued and not scanned yet
         full = self._full()

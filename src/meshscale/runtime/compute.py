@@ -347,12 +347,20 @@ class ComputeConfig:
     (``core.tasks.Unrecorded``). A ``task.wait`` on such a task reads the KV again every
     ``unrecorded_recheck_s`` meanwhile."""
     unrecorded_recheck_s: float = 0.1
+    foreground_linger_s: float = 0.05
+    """The node tells its data plane it is no longer busy with tasks (its repair copies
+    then get their full rate after ``foreground_quiet_s``) only once no task has run here
+    for this long: a worker that runs one task after another (a map's) toggled it twice
+    per task, each time a pump of the replica manager (issue #19)."""
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
 
     def __post_init__(self) -> None:
         if not (0 <= self.unrecorded_grace_s <= 60 and 0 < self.unrecorded_recheck_s <= 10):
             raise ValueError(f"bad unrecorded bounds: grace {self.unrecorded_grace_s} s, "
                              f"recheck {self.unrecorded_recheck_s} s")
+        if not 0 <= self.foreground_linger_s <= 1:
+            raise ValueError(f"foreground_linger_s must be in [0, 1], got "
+                             f"{self.foreground_linger_s}")
 
 
 _record_encoder = msgspec.msgpack.Encoder()
@@ -538,6 +546,12 @@ class ComputePlane:
         self._running: dict[str, str] = {}  # owner/task_id -> pool task id
         self._runs_here = 0
         """``_run`` calls in progress (inputs fetched, running, or sending the outcome)."""
+        self._fg_busy = False
+        """What the data plane was last told (``set_foreground_busy``)."""
+        self._runs_ended_at = 0.0
+        """When ``_runs_here`` last fell to 0 (monotonic)."""
+        self._fg_timer: asyncio.TimerHandle | None = None
+        """Checks, ``foreground_linger_s`` after runs stopped, whether they stayed so."""
         self._kept_running: set[str] = set()
         """Running here, classed: what they print is kept within their class (no live
         output is served; it is stored with their detail at the end)."""
@@ -601,6 +615,9 @@ class ComputePlane:
 
     async def stop(self) -> None:
         self._timer.cancel()
+        if self._fg_timer is not None:
+            self._fg_timer.cancel()
+            self._fg_timer = None
         # Records still waiting for company go now (the KV stops after this plane).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._records_drained(), self.cfg.rpc_timeout_s)
@@ -2321,16 +2338,35 @@ class ComputePlane:
 
     async def _run(self, rt: RunTask) -> None:
         """One run on this node, counted as foreground work from its first step (its
-        inputs' fetch) to its end: the node's repair copies are limited meanwhile."""
+        inputs' fetch) to ``foreground_linger_s`` after the last run's end: the node's
+        repair copies are limited meanwhile."""
         self._runs_here += 1
-        if self._runs_here == 1:
+        if not self._fg_busy:
+            self._fg_busy = True
             self.agent.set_foreground_busy(True)
         try:
             await self._run_task(rt)
         finally:
             self._runs_here -= 1
             if self._runs_here == 0:
-                self.agent.set_foreground_busy(False)
+                self._runs_ended_at = time.monotonic()
+                if self._fg_timer is None:
+                    self._fg_timer = asyncio.get_running_loop().call_later(
+                        self.cfg.foreground_linger_s, self._foreground_check)
+
+    def _foreground_check(self) -> None:
+        """Runs stopped ``foreground_linger_s`` ago, or stopped once since: the data plane
+        hears the node is idle only when none ran for that long."""
+        self._fg_timer = None
+        if self._runs_here or not self._fg_busy:
+            return  # running again: the next end arms this again
+        left = self._runs_ended_at + self.cfg.foreground_linger_s - time.monotonic()
+        if left > 0:
+            self._fg_timer = asyncio.get_running_loop().call_later(
+                left, self._foreground_check)
+            return
+        self._fg_busy = False
+        self.agent.set_foreground_busy(False)
 
     async def _run_task(self, rt: RunTask) -> None:
         spec, owner = rt.task, rt.owner
@@ -2347,7 +2383,8 @@ class ComputePlane:
                 if self.on_demand is not None:
                     self.on_demand()
                 await asyncio.wait_for(self._pool_ready.wait(), self.pool.config.start_timeout_s)
-            inputs = list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
+            inputs = (list(await asyncio.gather(*(self._input(o, links) for o in p.inputs)))
+                      if p.inputs else [])
             out = p.result_rule
             if out is None and spec.residency is not None and spec.residency.data_class:
                 out = ResidencyWire.of(spec.residency)  # an owner without result rules

@@ -318,8 +318,14 @@ class WorkerCgroup:
     memory_none: bool = False
     """The memory limit last written here is none (``-1``/``max``): a task with no
     memory limit after one with none costs no memory writes (one or two files on the
-    way of every task: issue 23). A limit is written afresh each time (it is over the
-    cgroup's usage then)."""
+    way of every task: issue 23). A limit is written again only when it differs from
+    the last one (``memory_set``: it is over the cgroup's usage then)."""
+    memory_set: int | None = None
+    """The memory limit (bytes) last written here, when it was one (None: none, or not
+    known to be written): a task given the same limit as the task before it costs no
+    memory writes (the pool rounds the usage it adds ``memory_mb`` to up to a MiB, so a
+    worker whose usage stays within one MiB between tasks gets the same limit: issue
+    #19, one to two writes of a cgroupfs file per task)."""
     paths: dict[str, Path] = field(default_factory=dict, repr=False, compare=False)
     """The control files' paths by name (each controller's files have their own names),
     made once: a path built and hashed anew cost more than the read or write (issue 23)."""
@@ -388,15 +394,17 @@ class WorkerCgroup:
             return 0
 
     def set_limits(self, memory_bytes: int | None, cpus: float | None) -> None:
-        if self.memory is not None and not (memory_bytes is None and self.memory_none):
+        if self.memory is not None and not (memory_bytes is None and self.memory_none) and not (
+                memory_bytes is not None and memory_bytes == self.memory_set):
             self.limit_bytes = memory_bytes
-            self.memory_none = False  # until written: a failed write is tried again
+            # Until written: a failed write is tried again.
+            self.memory_none, self.memory_set = False, None
             if self.version == 2:
                 self._set(self._path(self.memory, "memory.max"),
                           "max" if memory_bytes is None else str(memory_bytes))
             else:
                 self._v1_memory(memory_bytes)
-            self.memory_none = memory_bytes is None
+            self.memory_none, self.memory_set = memory_bytes is None, memory_bytes
         if self.cpu is not None:
             quota = None if cpus is None else max(1000, int(cpus * CPU_PERIOD_US))
             key = -1 if quota is None else quota

@@ -137,6 +137,9 @@ FromWorker = Ready | Done | Failed | Output
 
 _to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
 from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)
+
+_PLAIN_RESULTS = (int, float, str, bytes, bool, type(None))
+"""Result types (exactly these, no subclass) pickled with ``pickle`` itself."""
 encoder = msgspec.msgpack.Encoder()
 
 
@@ -313,8 +316,11 @@ class Worker:
             if env_len > MAX_ENVELOPE or body_len > self.max_body:
                 # The pool checks the same bounds, so this is a bug or corruption: stop.
                 raise SystemExit(f"frame too large ({env_len}, {body_len})")
-            msg = _to_worker_decoder.decode(_recv_exact(self.sock, env_len))
-            body = _recv_exact(self.sock, body_len) if body_len else memoryview(b"")
+            # The envelope and the body in one read (the pool writes a small frame whole).
+            frame = _recv_exact(self.sock, env_len + body_len)
+            msg = _to_worker_decoder.decode(frame[:env_len])
+            body = frame[env_len:]
+            del frame
             if not isinstance(msg, Task):
                 raise SystemExit("unexpected message")
             limited = msg.memory_mb is not None
@@ -379,7 +385,15 @@ class Worker:
             result = fn(*args, **kwargs)
             del args, kwargs
             try:
-                out = cloudpickle.dumps(result, protocol=5)
+                if type(result) in _PLAIN_RESULTS:
+                    # Pickled alike by both; cloudpickle's pickler costs more to set up
+                    # than a no-op's whole call (issue #19). Imported here: the agent
+                    # imports this module, and an idle one loads no pickle.
+                    import pickle
+
+                    out = pickle.dumps(result, protocol=5)
+                else:
+                    out = cloudpickle.dumps(result, protocol=5)
             except MemoryError:
                 raise
             except BaseException as e:
@@ -421,7 +435,16 @@ def _forget_shipped() -> None:
     prefixes = tuple(p.rstrip("/") + "/" for p in paths)
     names: Iterable[str]
     before = [b for f in finders if isinstance(b := getattr(f, "modules_before", None), set)]
-    if len(before) == len(finders):
+    kept = [getattr(f, "modules", None) for f in finders]
+    if not paths and all(isinstance(m, dict) for m in kept):
+        # Without a code archive a module comes with a task only through a shipped
+        # finder (``_brought``), which keeps every module it loaded (``modules``): those
+        # are all there is to look at. A set of the worker's few hundred module names,
+        # and another at the call's start, cost more than a no-op's run (issue #19).
+        names = {n for m in kept if isinstance(m, dict) for n in m}
+        for f in finders:
+            setattr(f, "modules_before", None)  # noqa: B010 (a finder of the task's)
+    elif len(before) == len(finders):
         # A module the call brought came into sys.modules after the call began (the
         # finder's snapshot then) or was put back by its finder (its ``modules``, which
         # may replace a name taken before): only those are looked at, not each of the

@@ -612,7 +612,11 @@ class WorkerPool:
             try:
                 limit = None
                 if job.memory_mb is not None and cg.memory is not None:
-                    limit = cg.memory_bytes() + (job.memory_mb << 20)
+                    # The usage rounded up to a MiB: the task may still add at least its
+                    # memory_mb, and a worker whose usage moved less than that since its
+                    # last task gets the same limit, not written again (WorkerCgroup).
+                    limit = ((cg.memory_bytes() + (1 << 20) - 1) >> 20 << 20) + (
+                        job.memory_mb << 20)
                     rlimit_mb = None  # the cgroup limits memory, not the address space
                 cg.set_limits(limit, job.cpus or 1.0)
                 w.oom_kills = cg.oom_kills()
