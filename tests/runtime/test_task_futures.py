@@ -26,6 +26,7 @@ from meshscale.client.tasks import (
     connect,
 )
 from meshscale.runtime.launcher import LocalMesh
+from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -107,7 +108,15 @@ def test_the_task_goes_where_the_upstream_result_is(client: TaskMesh,
     big = client.submit(blob, 1 << 20)
     client.wait([big], timeout=120)
     assert big._outcome is not None and big._outcome.ref is not None
-    holders = set(client.stat(big._outcome.ref.id).holders)
+    ref = big._outcome.ref
+
+    def copied() -> set[str] | None:
+        # Acknowledged at W = 2 copies, the third still on its way: until it lands the
+        # nodes listed as holding it are not all that will (a task may run on the third).
+        st = client.stat(ref.id)
+        return set(st.holders) if set(st.replica_set) <= set(st.holders) else None
+
+    holders = wait_for(copied, 60, "the result's copies on its whole replica set")
     assert 0 < len(holders) < 5
     elsewhere = next(n for n in mesh.nodes if n.name not in holders)
     with connect(elsewhere.address, bundle=mesh.bundle_path) as other:
