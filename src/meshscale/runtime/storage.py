@@ -282,6 +282,12 @@ _SYNC_FILE_RANGE_WRITE: Final = 2
 _start_writeback = _writeback_starter()
 
 
+def _raise_if_full(object_id: str, e: BaseException) -> None:
+    """Raise ``disk_full`` for a commit of ``object_id`` that failed for want of room."""
+    if _is_no_space(e):
+        raise StorageError("disk_full", f"disk full committing {object_id}: {e}") from None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -955,36 +961,18 @@ class LocalStore:
                     created_file = True
                     _fsync_dir(final.parent)
                 stored = meta if old is None else self._merge(old, meta)
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.execute(
-                        f"INSERT OR REPLACE INTO objects ({_META_COLUMNS}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        self._row(stored),
-                    )
-                    if created_file and old is not None:
-                        # Its bytes are now this file (an inline copy is dropped with
-                        # the row's update, in the same transaction).
-                        self._db.execute("DELETE FROM obj_inline WHERE id = ?",
-                                         (meta.object_id,))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                    raise
+                # Its bytes are now this file: an inline copy goes with the row's update.
+                self._commit_row(stored, ("DELETE FROM obj_inline WHERE id = ?",
+                                          (meta.object_id,))
+                                 if created_file and old is not None else None)
             except (OSError, sqlite3.Error) as e:
                 if created_file and old is None:
                     with contextlib.suppress(OSError):
                         os.unlink(final)
-                if _is_no_space(e):
-                    raise StorageError(
-                        "disk_full", f"disk full committing {meta.object_id}: {e}"
-                    ) from None
+                _raise_if_full(meta.object_id, e)
                 raise
             if old is None:
-                with self._acct_lock:
-                    self._count += 1
-                    self._committed_bytes += meta.size
+                self._count_new(meta.size)
         return stored
 
     def _publish_inline(self, meta: ObjectMeta, data: bytes) -> ObjectMeta:
@@ -998,33 +986,40 @@ class LocalStore:
             keep = old is not None and (self._inline_locked(meta.object_id) is not None
                                         or self.object_path(meta.object_id).exists())
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.execute(
-                        f"INSERT OR REPLACE INTO objects ({_META_COLUMNS}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        self._row(stored),
-                    )
-                    if not keep:
-                        self._db.execute(
-                            "INSERT OR REPLACE INTO obj_inline (id, data) VALUES (?, ?)",
-                            (meta.object_id, data))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                    raise
+                self._commit_row(stored, None if keep else (
+                    "INSERT OR REPLACE INTO obj_inline (id, data) VALUES (?, ?)",
+                    (meta.object_id, data)))
             except sqlite3.Error as e:
-                if _is_no_space(e):
-                    raise StorageError(
-                        "disk_full", f"disk full committing {meta.object_id}: {e}"
-                    ) from None
+                _raise_if_full(meta.object_id, e)
                 raise
             if old is None:
-                with self._acct_lock:
-                    self._count += 1
-                    self._committed_bytes += meta.size
+                self._count_new(meta.size)
         return stored
+
+    def _commit_row(self, stored: ObjectMeta,
+                    then: tuple[str, tuple[object, ...]] | None) -> None:
+        """``stored``'s index row and the statement ``then``, if any, in one transaction
+        (the caller holds ``_db_lock``), rolled back on any failure."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(
+                f"INSERT OR REPLACE INTO objects ({_META_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                self._row(stored),
+            )
+            if then is not None:
+                self._db.execute(*then)
+            self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _count_new(self, size: int) -> None:
+        """A newly stored object of ``size`` bytes, in the totals."""
+        with self._acct_lock:
+            self._count += 1
+            self._committed_bytes += size
 
     def _inline_locked(self, object_id: str) -> bytes | None:
         row = self._db.execute("SELECT data FROM obj_inline WHERE id = ?",
