@@ -22,7 +22,7 @@ from meshscale.runtime.isolation import (
     resolve_worker_user,
     searchable_by,
 )
-from needs import is_root
+from needs import is_root, require_root
 
 MOUNTINFO = """\
 24 1 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
@@ -188,8 +188,7 @@ def test_no_cgroup_is_a_statement_not_an_error(tmp_path: Path) -> None:
 
 
 def test_v1_worker_cgroup_on_this_host_if_writable() -> None:
-    if not is_root():
-        pytest.skip("cgroups are root's here")
+    require_root("writing cgroups")
     cgs, said = open_cgroups("meshscale-test-isolation")
     if cgs is None:
         pytest.fail(f"root and no usable cgroup: {said}", pytrace=False)
@@ -212,8 +211,7 @@ def test_v1_worker_cgroup_on_this_host_if_writable() -> None:
 
 
 def test_a_crashed_nodes_cgroups_are_cleared_at_start() -> None:
-    if not is_root():
-        pytest.skip("cgroups are root's here")
+    require_root("writing cgroups")
     first, said = open_cgroups("meshscale-test-stale")
     if first is None:
         pytest.fail(f"root and no usable cgroup: {said}", pytrace=False)

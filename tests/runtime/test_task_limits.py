@@ -32,7 +32,7 @@ from meshscale.trust.bundle import (
     load_bundle,
     write_client_bundle,
 )
-from needs import is_root
+from needs import require_root
 
 pytestmark = pytest.mark.timeout(180)
 SLOTS_PER_NODE = 2
@@ -116,9 +116,7 @@ def node_event(mesh: LocalMesh, event: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def rooted() -> Iterator[LocalMesh]:
-    if not is_root():
-        pytest.skip("workers run as another user, in cgroups, only when the agent is root; "
-                    "run as root to include this test")
+    require_root("workers as another user, in cgroups (the agent does that only as root)")
     with host_like_dir("meshscale-isolation-") as directory, \
             LocalMesh(directory, 2, http=False, node_settings={"cpus": 2}) as m:
         yield m
